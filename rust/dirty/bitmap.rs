@@ -1,0 +1,146 @@
+//! The software dirty bitmap: one atomic bit per page.
+//!
+//! Writers copy their data first and set the bit after, with a read-modify-write that orders the
+//! data before the bit. A harvest swaps each word to zero before the pages are read. So a write
+//! racing a harvest lands either in this round (its bit was seen) or the next (its bit is set again
+//! after the swap): never lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct AtomicBitmap {
+    words: Box<[AtomicU64]>,
+    pages: usize,
+}
+
+impl AtomicBitmap {
+    pub fn new(pages: usize) -> AtomicBitmap {
+        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        AtomicBitmap { words, pages }
+    }
+
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    #[inline]
+    pub fn set(&self, page: usize) {
+        debug_assert!(page < self.pages);
+        self.words[page / 64].fetch_or(1 << (page % 64), Ordering::AcqRel);
+    }
+
+    /// Set pages `first..end`.
+    pub fn set_range(&self, first: usize, end: usize) {
+        debug_assert!(end <= self.pages);
+        let mut page = first;
+        while page < end {
+            let bit = page % 64;
+            let n = (64 - bit).min(end - page);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            self.words[page / 64].fetch_or(mask, Ordering::AcqRel);
+            page += n;
+        }
+    }
+
+    #[inline]
+    pub fn is_set(&self, page: usize) -> bool {
+        self.words[page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// OR the set bits into `out` (one u64 per 64 pages) and clear them, word by word atomically.
+    /// Clean words are only read, never written, so harvesting a clean map costs a read of the
+    /// bitmap. Returns the number of pages harvested.
+    pub fn get_and_clear_into(&self, out: &mut [u64]) -> usize {
+        debug_assert!(out.len() >= self.words.len());
+        let mut count = 0usize;
+        for (word, slot) in self.words.iter().zip(out.iter_mut()) {
+            if word.load(Ordering::Relaxed) != 0 {
+                let bits = word.swap(0, Ordering::AcqRel);
+                count += bits.count_ones() as usize;
+                *slot |= bits;
+            }
+        }
+        count
+    }
+
+    /// Pages currently set, without clearing.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
+    }
+
+    /// Copy the bits into `out` without clearing.
+    pub fn peek_into(&self, out: &mut [u64]) {
+        for (word, slot) in self.words.iter().zip(out.iter_mut()) {
+            *slot |= word.load(Ordering::Acquire);
+        }
+    }
+
+    /// Clear pages `first..end` (restore/receive load pages that must not count as written).
+    pub fn clear_range(&self, first: usize, end: usize) {
+        let mut page = first;
+        while page < end {
+            let bit = page % 64;
+            let n = (64 - bit).min(end - page);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            self.words[page / 64].fetch_and(!mask, Ordering::AcqRel);
+            page += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn set_range_sets_exactly_the_range() {
+        let bm = AtomicBitmap::new(300);
+        bm.set_range(5, 200);
+        assert_eq!(bm.count(), 195);
+        assert!(!bm.is_set(4) && bm.is_set(5) && bm.is_set(199) && !bm.is_set(200));
+        bm.clear_range(63, 129);
+        assert_eq!(bm.count(), 195 - 66);
+    }
+
+    #[test]
+    fn harvest_clears_and_reports() {
+        let bm = AtomicBitmap::new(130);
+        bm.set(0);
+        bm.set(129);
+        let mut out = vec![0u64; bm.words()];
+        assert_eq!(bm.get_and_clear_into(&mut out), 2);
+        assert_eq!(out, vec![1, 0, 2]);
+        assert_eq!(bm.count(), 0);
+    }
+
+    #[test]
+    fn concurrent_sets_are_never_lost() {
+        let bm = Arc::new(AtomicBitmap::new(1 << 16));
+        let writer = {
+            let bm = bm.clone();
+            std::thread::spawn(move || {
+                for round in 0..20 {
+                    for p in 0..(1 << 16) {
+                        if (p + round) % 7 == 0 {
+                            bm.set(p);
+                        }
+                    }
+                }
+            })
+        };
+        let mut seen = vec![0u64; bm.words()];
+        while !writer.is_finished() {
+            bm.get_and_clear_into(&mut seen);
+        }
+        writer.join().unwrap();
+        bm.get_and_clear_into(&mut seen);
+        for p in 0..(1usize << 16) {
+            let expected = (0..20).any(|r| (p + r) % 7 == 0);
+            assert_eq!(seen[p / 64] >> (p % 64) & 1 == 1, expected, "page {p}");
+        }
+    }
+}

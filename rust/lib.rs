@@ -1,0 +1,13 @@
+//! vmm_core: the "hardware" under vmmpy.
+//!
+//! Guest memory (`memory`), EPT-like dirty tracking (`dirty`), bulk page work (`pages`) and the
+//! simulated vCPU (`cpu`). Everything here is mechanism, fast and free of the GIL; policy (what to
+//! save, when to migrate) lives in the Python package. The PyO3 bindings (`python`) are compiled
+//! only with the `python` feature, which maturin turns on, so `cargo test` and `cargo bench` never
+//! link libpython.
+
+pub mod dirty;
+pub mod memory;
+
+#[cfg(feature = "python")]
+mod python;

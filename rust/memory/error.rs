@@ -1,0 +1,84 @@
+//! The errors guest memory reports. Each names the thing, the value and what was expected.
+
+use std::fmt;
+
+use super::address::{human_size, GuestAddress};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryError {
+    /// No segment backs `gpa` (it may be in the 3-4 GiB hole or past the end of memory).
+    Unmapped { gpa: GuestAddress, len: u64 },
+    /// The access starts in a segment but runs past its end.
+    CrossesSegment { gpa: GuestAddress, len: u64, segment: String, end: GuestAddress },
+    /// A size that cannot be laid out (zero, not page-aligned, too large).
+    BadSize { what: String, size: u64, why: String },
+    /// mmap/mlock/madvise failed; `errno` is the OS error.
+    Os { what: String, errno: i32, detail: String },
+    /// Memory was closed: the mapping is on its way out and may not be used.
+    Closed { segment: String },
+    /// A requested dirty-tracking backend cannot run here.
+    TrackerUnavailable { backend: String, why: String },
+}
+
+impl MemoryError {
+    pub fn os(what: impl Into<String>, detail: impl Into<String>) -> MemoryError {
+        let err = std::io::Error::last_os_error();
+        MemoryError::Os { what: what.into(), errno: err.raw_os_error().unwrap_or(0), detail: detail.into() }
+    }
+
+    /// The errno a kernel would answer with, for the ioctl layer.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MemoryError::Unmapped { .. } | MemoryError::CrossesSegment { .. } => libc::EFAULT,
+            MemoryError::BadSize { .. } => libc::EINVAL,
+            MemoryError::Os { errno, .. } => *errno,
+            MemoryError::Closed { .. } => libc::EBADF,
+            MemoryError::TrackerUnavailable { .. } => libc::ENOTSUP,
+        }
+    }
+}
+
+fn errno_name(errno: i32) -> String {
+    let name = match errno {
+        libc::ENOMEM => "ENOMEM",
+        libc::EPERM => "EPERM",
+        libc::EAGAIN => "EAGAIN",
+        libc::EINVAL => "EINVAL",
+        libc::EACCES => "EACCES",
+        libc::ENOENT => "ENOENT",
+        libc::ENOTTY => "ENOTTY",
+        libc::ENOSYS => "ENOSYS",
+        _ => return format!("errno {errno}"),
+    };
+    format!("{name} ({})", std::io::Error::from_raw_os_error(errno))
+}
+
+impl fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemoryError::Unmapped { gpa, len } => {
+                write!(f, "guest address {gpa} (+{len} bytes) is not backed by any memory segment")
+            }
+            MemoryError::CrossesSegment { gpa, len, segment, end } => write!(
+                f,
+                "guest access at {gpa} of {len} bytes crosses the end of segment '{segment}' at {end}"
+            ),
+            MemoryError::BadSize { what, size, why } => {
+                write!(f, "{what} of {} ({size} bytes) {why}", human_size(*size))
+            }
+            MemoryError::Os { what, errno, detail } => {
+                write!(f, "{what}: {}", errno_name(*errno))?;
+                if !detail.is_empty() {
+                    write!(f, "; {detail}")?;
+                }
+                Ok(())
+            }
+            MemoryError::Closed { segment } => write!(f, "segment '{segment}' was closed"),
+            MemoryError::TrackerUnavailable { backend, why } => {
+                write!(f, "dirty tracking backend '{backend}' is not available: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for MemoryError {}

@@ -1,0 +1,256 @@
+//! A guest's memory: its segments, address translation, and the dirty-tracking backend.
+
+use std::sync::Arc;
+
+use super::address::{human_size, GuestAddress, PAGE_SIZE};
+use super::error::MemoryError;
+use super::segment::{Backing, Segment, SegmentSpec};
+use crate::dirty::{Backend, KernelTracker, TrackingChoice};
+
+/// bhyve's VM_LOWMEM_LIMIT: lowmem ends here at most, below the PCI hole.
+pub const LOWMEM_LIMIT_DEFAULT: u64 = 3 << 30;
+/// bhyve's VM_HIGHMEM_BASE: memory above the lowmem limit is mapped from 4 GiB up.
+pub const HIGHMEM_BASE: u64 = 4 << 30;
+
+#[derive(Clone, Debug)]
+pub struct MemoryOptions {
+    pub memsize: u64,
+    pub wired: bool,
+    pub lowmem_limit: u64,
+    pub tracking: TrackingChoice,
+}
+
+impl MemoryOptions {
+    pub fn new(memsize: u64) -> MemoryOptions {
+        MemoryOptions { memsize, wired: false, lowmem_limit: LOWMEM_LIMIT_DEFAULT, tracking: TrackingChoice::Soft }
+    }
+
+    /// The segments bhyve's `vm_setup_memory` would create for these options.
+    pub fn layout(&self) -> Result<Vec<SegmentSpec>, MemoryError> {
+        let page = PAGE_SIZE as u64;
+        if self.memsize == 0 || self.memsize % page != 0 {
+            return Err(MemoryError::BadSize { what: "guest memory size".into(), size: self.memsize, why: "is not a positive multiple of 4 KiB".into() });
+        }
+        if self.lowmem_limit == 0 || self.lowmem_limit % page != 0 || self.lowmem_limit > HIGHMEM_BASE {
+            return Err(MemoryError::BadSize {
+                what: "lowmem limit".into(),
+                size: self.lowmem_limit,
+                why: format!("must be a positive multiple of 4 KiB no larger than {}", human_size(HIGHMEM_BASE)),
+            });
+        }
+        let low = self.memsize.min(self.lowmem_limit);
+        let mut specs = vec![SegmentSpec { name: "lowmem".into(), gpa: GuestAddress(0), size: low, wired: self.wired, backing: Backing::Anonymous }];
+        if self.memsize > low {
+            let high = self.memsize - low;
+            if HIGHMEM_BASE.checked_add(high).is_none() {
+                return Err(MemoryError::BadSize { what: "guest memory size".into(), size: self.memsize, why: "does not fit the guest-physical address space".into() });
+            }
+            specs.push(SegmentSpec { name: "highmem".into(), gpa: GuestAddress(HIGHMEM_BASE), size: high, wired: self.wired, backing: Backing::Anonymous });
+        }
+        Ok(specs)
+    }
+}
+
+pub struct GuestMemory {
+    segments: Vec<Arc<Segment>>,
+    memsize: u64,
+    backend: Backend,
+    kernel: Option<KernelTracker>,
+    /// Why "auto" fell back to the soft backend, if it did.
+    fallback_reason: Option<String>,
+}
+
+fn host_page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+impl GuestMemory {
+    pub fn new(opts: &MemoryOptions) -> Result<GuestMemory, MemoryError> {
+        if host_page_size() != PAGE_SIZE {
+            return Err(MemoryError::BadSize {
+                what: "host page size".into(),
+                size: host_page_size() as u64,
+                why: "is not 4 KiB; vmmpy tracks and migrates 4 KiB pages".into(),
+            });
+        }
+        let specs = opts.layout()?;
+        let segments = specs.iter().map(|s| Segment::map(s).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let (backend, kernel, fallback_reason) = match opts.tracking {
+            TrackingChoice::Soft => (Backend::Soft, None, None),
+            TrackingChoice::Kernel | TrackingChoice::Auto => match open_kernel_tracker(&segments) {
+                Ok(t) => (Backend::Kernel, Some(t), None),
+                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, None, Some(why)),
+                Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
+            },
+        };
+        Ok(GuestMemory { segments, memsize: opts.memsize, backend, kernel, fallback_reason })
+    }
+
+    pub fn segments(&self) -> &[Arc<Segment>] {
+        &self.segments
+    }
+    pub fn memsize(&self) -> u64 {
+        self.memsize
+    }
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    /// The segment holding `gpa..gpa+len` and the offset of `gpa` in it.
+    #[inline]
+    pub fn translate(&self, gpa: GuestAddress, len: usize) -> Result<(&Arc<Segment>, usize), MemoryError> {
+        for seg in &self.segments {
+            if let Some(off) = seg.offset_of(gpa, len) {
+                if seg.is_closed() {
+                    return Err(MemoryError::Closed { segment: seg.name().to_string() });
+                }
+                return Ok((seg, off));
+            }
+            if seg.contains(gpa) {
+                let end = GuestAddress(seg.gpa().0 + seg.size() as u64);
+                return Err(MemoryError::CrossesSegment { gpa, len: len as u64, segment: seg.name().to_string(), end });
+            }
+        }
+        Err(MemoryError::Unmapped { gpa, len: len as u64 })
+    }
+
+    pub fn read(&self, gpa: GuestAddress, out: &mut [u8]) -> Result<(), MemoryError> {
+        let (seg, off) = self.translate(gpa, out.len())?;
+        seg.read(off, out);
+        Ok(())
+    }
+
+    pub fn write(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), MemoryError> {
+        let (seg, off) = self.translate(gpa, data.len())?;
+        seg.write(off, data);
+        Ok(())
+    }
+
+    /// Write without marking dirty, for restore and migration receive (the guest is not running).
+    pub fn write_untracked(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), MemoryError> {
+        let (seg, off) = self.translate(gpa, data.len())?;
+        seg.write_untracked(off, data);
+        if let Some(kernel) = &self.kernel {
+            let first = off / PAGE_SIZE * PAGE_SIZE;
+            let end = (off + data.len()).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            // SAFETY-free: pointer arithmetic inside the segment's mapping, checked by translate.
+            let base = seg.as_ptr().wrapping_add(first);
+            kernel.protect(base, end - first).map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
+        }
+        Ok(())
+    }
+
+    /// Harvest segment `index`'s dirty pages into a bitmap (bit i = page i of the segment) and
+    /// clear them: the software bits OR'ed with what the kernel saw. Returns the page count.
+    pub fn get_and_clear_dirty_segment(&self, index: usize, words: &mut [u64]) -> Result<usize, MemoryError> {
+        let seg = &self.segments[index];
+        let mut count = seg.dirty_bitmap().get_and_clear_into(words);
+        if let Some(kernel) = &self.kernel {
+            count = 0;
+            kernel
+                .harvest(seg.as_ptr(), seg.size(), |first, n| set_bits(words, first, n))
+                .map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
+            count += words.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+        }
+        Ok(count)
+    }
+
+    /// The dirty pages of segment `index` without clearing them.
+    pub fn peek_dirty_segment(&self, index: usize, words: &mut [u64]) -> Result<(), MemoryError> {
+        let seg = &self.segments[index];
+        seg.dirty_bitmap().peek_into(words);
+        if let Some(kernel) = &self.kernel {
+            kernel
+                .peek(seg.as_ptr(), seg.size(), |first, n| set_bits(words, first, n))
+                .map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
+        }
+        Ok(())
+    }
+
+    /// Close every segment: refused while Python views exist, because they alias the mapping.
+    pub fn close(&self) -> Result<(), (String, usize)> {
+        for seg in &self.segments {
+            if seg.exports() > 0 {
+                return Err((seg.name().to_string(), seg.exports()));
+            }
+        }
+        for seg in &self.segments {
+            seg.close();
+        }
+        Ok(())
+    }
+}
+
+fn open_kernel_tracker(segments: &[Arc<Segment>]) -> Result<KernelTracker, String> {
+    let tracker = KernelTracker::open().map_err(|e| e.0)?;
+    for seg in segments {
+        tracker.register(seg.as_ptr(), seg.size()).map_err(|e| format!("segment '{}': {}", seg.name(), e.0))?;
+    }
+    Ok(tracker)
+}
+
+fn set_bits(words: &mut [u64], first: u64, count: u64) {
+    for page in first..first + count {
+        words[(page / 64) as usize] |= 1 << (page % 64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn layout_follows_bhyve() {
+        let small = MemoryOptions::new(512 << 20).layout().unwrap();
+        assert_eq!(small.len(), 1);
+        assert_eq!((small[0].gpa, small[0].size), (GuestAddress(0), 512 << 20));
+        let at = MemoryOptions::new(3 * GIB).layout().unwrap();
+        assert_eq!(at.len(), 1);
+        let above = MemoryOptions::new(5 * GIB).layout().unwrap();
+        assert_eq!(above.len(), 2);
+        assert_eq!((above[1].gpa, above[1].size), (GuestAddress(4 * GIB), 2 * GIB));
+    }
+
+    #[test]
+    fn accesses_in_the_hole_and_across_the_end_are_refused() {
+        let mut opts = MemoryOptions::new(8 << 20);
+        opts.lowmem_limit = 4 << 20;
+        let mem = GuestMemory::new(&opts).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(mem.read(GuestAddress(5 << 20), &mut buf), Err(MemoryError::Unmapped { .. })));
+        let err = mem.write(GuestAddress((4 << 20) - 8), &buf).unwrap_err();
+        assert!(matches!(err, MemoryError::CrossesSegment { .. }), "{err}");
+        assert!(err.to_string().contains("0x3ffff8"), "{err}");
+        mem.write(GuestAddress(HIGHMEM_BASE + 100), b"hello").unwrap();
+        let mut back = [0u8; 5];
+        mem.read(GuestAddress(HIGHMEM_BASE + 100), &mut back).unwrap();
+        assert_eq!(&back, b"hello");
+    }
+
+    #[test]
+    fn writes_mark_exactly_their_pages() {
+        let mem = GuestMemory::new(&MemoryOptions::new(1 << 20)).unwrap();
+        mem.write(GuestAddress(4095), &[1, 2]).unwrap(); // straddles pages 0 and 1
+        mem.write(GuestAddress(10 * 4096), &[0; 4096]).unwrap();
+        mem.write_untracked(GuestAddress(20 * 4096), &[9; 8]).unwrap();
+        let mut words = vec![0u64; 4];
+        assert_eq!(mem.get_and_clear_dirty_segment(0, &mut words).unwrap(), 3);
+        assert_eq!(words[0], 0b100_0000_0011);
+        let mut again = vec![0u64; 4];
+        assert_eq!(mem.get_and_clear_dirty_segment(0, &mut again).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_large_unwired_guest_costs_nothing_until_touched() {
+        let mem = GuestMemory::new(&MemoryOptions::new(64 * GIB)).unwrap();
+        assert_eq!(mem.segments().len(), 2);
+        let resident = mem.segments()[1].resident().unwrap();
+        assert_eq!(resident.iter().filter(|&&r| r).count(), 0);
+    }
+}

@@ -1,0 +1,16 @@
+//! Guest memory: segments mapped at guest-physical addresses, laid out as bhyve's
+//! `vm_setup_memory` does (lowmem at GPA 0 up to the lowmem limit, highmem at 4 GiB for the rest).
+//!
+//! This module owns the mappings, address translation and the write paths that mark pages
+//! dirty. It does not decide what to save or send; `pages` does the bulk work and Python the
+//! policy.
+
+mod address;
+mod error;
+mod guest;
+mod segment;
+
+pub use address::{GuestAddress, PAGE_SHIFT, PAGE_SIZE};
+pub use error::MemoryError;
+pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LOWMEM_LIMIT_DEFAULT};
+pub use segment::{Backing, Segment, SegmentSpec};

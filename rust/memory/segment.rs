@@ -1,0 +1,260 @@
+//! One guest memory segment: an anonymous mapping placed at a guest-physical address, wired
+//! (populated and mlock'ed up front) or unwired (faulted on demand), with its own dirty bitmap.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::address::{human_size, GuestAddress, PAGE_SIZE};
+use super::error::MemoryError;
+use crate::dirty::AtomicBitmap;
+
+/// What a segment is mapped from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous memory, zero until written (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`).
+    Anonymous,
+}
+
+/// What to map: the segment's name ("lowmem", "highmem"), where and how large.
+#[derive(Clone, Debug)]
+pub struct SegmentSpec {
+    pub name: String,
+    pub gpa: GuestAddress,
+    pub size: u64,
+    pub wired: bool,
+    pub backing: Backing,
+}
+
+/// A mapped segment. Guest memory is shared and mutable across threads (vCPUs, devices,
+/// Python views), so it is only ever touched through raw pointers, never through `&mut [u8]`.
+pub struct Segment {
+    name: String,
+    gpa: GuestAddress,
+    size: usize,
+    wired: bool,
+    base: NonNull<u8>,
+    dirty: AtomicBitmap,
+    exports: AtomicUsize,
+    closed: AtomicBool,
+}
+
+// SAFETY: the mapping is plain memory owned by this struct until Drop; concurrent access to guest
+// memory is the nature of a VMM (vCPUs and devices race like real hardware) and is done with raw
+// copies, never through Rust references into the mapping.
+unsafe impl Send for Segment {}
+unsafe impl Sync for Segment {}
+
+fn rlimit_memlock() -> String {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return "unknown".to_string();
+    }
+    if lim.rlim_cur == libc::RLIM_INFINITY {
+        "unlimited".to_string()
+    } else {
+        human_size(lim.rlim_cur)
+    }
+}
+
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || page <= 0 {
+        return u64::MAX;
+    }
+    pages as u64 * page as u64
+}
+
+impl Segment {
+    pub fn map(spec: &SegmentSpec) -> Result<Segment, MemoryError> {
+        let what = format!("segment '{}'", spec.name);
+        if spec.size == 0 || spec.size % PAGE_SIZE as u64 != 0 {
+            return Err(MemoryError::BadSize { what, size: spec.size, why: "is not a positive multiple of 4 KiB".into() });
+        }
+        if !spec.gpa.is_page_aligned() {
+            return Err(MemoryError::BadSize { what, size: spec.gpa.0, why: "starts at a GPA that is not page-aligned".into() });
+        }
+        let size = usize::try_from(spec.size)
+            .map_err(|_| MemoryError::BadSize { what: what.clone(), size: spec.size, why: "does not fit the host address space".into() })?;
+        if spec.wired && spec.size > physical_memory() {
+            return Err(MemoryError::BadSize {
+                what: format!("wired {what}"),
+                size: spec.size,
+                why: format!("cannot be wired: the host has {} of memory", human_size(physical_memory())),
+            });
+        }
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::os(format!("cannot map {} for {what}", human_size(spec.size)), ""));
+        }
+        let base = NonNull::new(ptr as *mut u8).expect("mmap returned NULL without MAP_FIXED");
+        // Dirty tracking is per 4 KiB page; a transparent huge page would be tracked as 512 pages
+        // at once by the kernel backend, so keep guest RAM on small pages. Advisory: ignore errors.
+        // SAFETY: the range is the mapping we just created.
+        unsafe { libc::madvise(ptr, size, libc::MADV_NOHUGEPAGE) };
+        let segment = Segment {
+            name: spec.name.clone(),
+            gpa: spec.gpa,
+            size,
+            wired: spec.wired,
+            base,
+            dirty: AtomicBitmap::new(size / PAGE_SIZE),
+            exports: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        };
+        if spec.wired {
+            // mlock populates every page and pins it, as bhyve's -S wires guest memory.
+            // SAFETY: the range is the mapping we own.
+            if unsafe { libc::mlock(ptr, size) } != 0 {
+                return Err(MemoryError::os(
+                    format!("cannot wire {} for {what}: mlock failed", human_size(spec.size)),
+                    format!(
+                        "RLIMIT_MEMLOCK is {}; raise it (ulimit -l) or run with CAP_IPC_LOCK, or use unwired memory",
+                        rlimit_memlock()
+                    ),
+                ));
+                // `segment` drops here and unmaps.
+            }
+        }
+        Ok(segment)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn gpa(&self) -> GuestAddress {
+        self.gpa
+    }
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    pub fn pages(&self) -> usize {
+        self.size / PAGE_SIZE
+    }
+    pub fn wired(&self) -> bool {
+        self.wired
+    }
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+    pub fn dirty_bitmap(&self) -> &AtomicBitmap {
+        &self.dirty
+    }
+
+    /// Whether `gpa..gpa+len` lies inside this segment; on success the offset of `gpa`.
+    #[inline]
+    pub fn offset_of(&self, gpa: GuestAddress, len: usize) -> Option<usize> {
+        let off = gpa.0.checked_sub(self.gpa.0)?;
+        if off < self.size as u64 && len as u64 <= self.size as u64 - off {
+            Some(off as usize)
+        } else {
+            None
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, gpa: GuestAddress) -> bool {
+        gpa.0 >= self.gpa.0 && gpa.0 - self.gpa.0 < self.size as u64
+    }
+
+    /// Copy `out.len()` bytes from `offset`. The caller has checked the range (`offset_of`).
+    #[inline]
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        debug_assert!(offset + out.len() <= self.size);
+        // SAFETY: the range is inside the mapping (checked by the caller) and `out` is ours.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Copy `data` in at `offset` and mark the pages dirty (after the copy, so a harvest that
+    /// clears the bit before the copy lands sees the bit again next round).
+    #[inline]
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        self.write_untracked(offset, data);
+        self.dirty.set_range(offset / PAGE_SIZE, (offset + data.len()).div_ceil(PAGE_SIZE));
+    }
+
+    /// Copy `data` in without marking pages dirty: restore and migration receive, which load
+    /// memory into a guest that is not running.
+    #[inline]
+    pub fn write_untracked(&self, offset: usize, data: &[u8]) {
+        debug_assert!(offset + data.len() <= self.size);
+        // SAFETY: the range is inside the mapping (checked by the caller); `data` cannot alias the
+        // mapping mutably because nothing hands out `&mut` into it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len()) }
+    }
+
+    /// Load an `N`-byte little-endian value (the vCPU's loads).
+    #[inline]
+    pub fn load<const N: usize>(&self, offset: usize) -> [u8; N] {
+        debug_assert!(offset + N <= self.size);
+        // SAFETY: in range (caller-checked); read_unaligned allows any alignment.
+        unsafe { std::ptr::read_unaligned(self.base.as_ptr().add(offset) as *const [u8; N]) }
+    }
+
+    /// Store an `N`-byte value and mark its page(s) dirty (the vCPU's stores).
+    #[inline]
+    pub fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) {
+        debug_assert!(offset + N <= self.size);
+        // SAFETY: in range (caller-checked); write_unaligned allows any alignment.
+        unsafe { std::ptr::write_unaligned(self.base.as_ptr().add(offset) as *mut [u8; N], bytes) }
+        let first = offset / PAGE_SIZE;
+        self.dirty.set(first);
+        let last = (offset + N - 1) / PAGE_SIZE;
+        if last != first {
+            self.dirty.set(last);
+        }
+    }
+
+    /// Count a buffer-protocol export (a memoryview or numpy array over this segment).
+    pub fn add_export(&self) -> Result<(), MemoryError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(MemoryError::Closed { segment: self.name.clone() });
+        }
+        self.exports.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+    pub fn release_export(&self) {
+        self.exports.fetch_sub(1, Ordering::AcqRel);
+    }
+    pub fn exports(&self) -> usize {
+        self.exports.load(Ordering::Acquire)
+    }
+
+    /// Mark the segment closed: no new views, no new accesses through `GuestMemory`. The mapping
+    /// itself goes when the last owner (a running vCPU may hold one) drops it.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Which pages are resident (have been touched), one flag per page, from mincore(2).
+    pub fn resident(&self) -> Result<Vec<bool>, MemoryError> {
+        let mut vec = vec![0u8; self.pages()];
+        // SAFETY: the range is our mapping and `vec` has one byte per page.
+        if unsafe { libc::mincore(self.base.as_ptr() as *mut libc::c_void, self.size, vec.as_mut_ptr()) } != 0 {
+            return Err(MemoryError::os(format!("mincore on segment '{}'", self.name), ""));
+        }
+        Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping and nothing can reach it once the last owner drops.
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.size) };
+    }
+}
