@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::error::MemoryError;
-use super::segment::{Backing, Segment, SegmentSpec};
+use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
 use crate::dirty::{Backend, KernelTracker, TrackingChoice};
 
 /// bhyve's VM_LOWMEM_LIMIT: lowmem ends here at most, below the PCI hole.
@@ -75,6 +75,13 @@ impl GuestMemory {
             });
         }
         let specs = opts.layout()?;
+        if opts.wired && opts.memsize > physical_memory() {
+            return Err(MemoryError::BadSize {
+                what: "wired guest memory".into(),
+                size: opts.memsize,
+                why: format!("cannot be wired: the host has {} of memory", human_size(physical_memory())),
+            });
+        }
         let segments = specs.iter().map(|s| Segment::map(s).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         let (backend, kernel, fallback_reason) = match opts.tracking {
             TrackingChoice::Soft => (Backend::Soft, None, None),

@@ -57,7 +57,7 @@ fn rlimit_memlock() -> String {
     }
 }
 
-fn physical_memory() -> u64 {
+pub(super) fn physical_memory() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

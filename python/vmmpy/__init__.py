@@ -1,0 +1,12 @@
+"""vmmpy: a bhyve-like simulated VMM with save/restore and warm/live migration.
+
+The memory core and the simulated vCPU are Rust (``vmmpy._core``); the vmm surface, devices,
+control tools and the migration protocol are Python on top.
+"""
+
+from .memory import GuestMemory, GuestMemoryError, PAGE_SIZE
+from .units import format_size, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = ["GuestMemory", "GuestMemoryError", "PAGE_SIZE", "format_size", "parse_size", "__version__"]

@@ -1,0 +1,1 @@
+"""The command-line tools: ``vmmrun`` (like bhyve) and ``vmmctl`` (like bhyvectl)."""

@@ -1,0 +1,147 @@
+"""Guest memory for Python: the Rust core's segments, zero-copy numpy views, dirty harvests.
+
+This module is the Python face of ``vmmpy._core.GuestMemory``: it parses sizes, turns harvests
+into numpy arrays, and names segments. It owns no policy: what to save or send, and when, is
+decided by ``snapshot`` and ``migration``.
+
+Layout follows bhyve's ``vm_setup_memory``: a ``lowmem`` segment at GPA 0 of
+``min(memsize, lowmem_limit)`` bytes and, for the rest, a ``highmem`` segment at 4 GiB. The
+3-4 GiB hole is not backed: accesses there fail with ``GuestMemoryError`` (errno EFAULT).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .units import parse_size
+
+PAGE_SIZE: int = _core.PAGE_SIZE
+HIGHMEM_BASE: int = _core.HIGHMEM_BASE
+LOWMEM_LIMIT_DEFAULT: int = _core.LOWMEM_LIMIT_DEFAULT
+GuestMemoryError = _core.GuestMemoryError
+Segment = _core.Segment
+
+DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
+
+
+class GuestMemory:
+    """A guest's physical memory.
+
+    ``GuestMemory("512M")`` maps 512 MiB of unwired memory at GPA 0; ``wired=True`` populates
+    and mlocks it up front as bhyve's ``-S`` does. ``dirty_tracking`` picks the backend:
+    ``"soft"`` (an atomic bitmap set by every write made through vmmpy), ``"kernel"``
+    (userfaultfd write-protect + PAGEMAP_SCAN, which sees writes through any pointer) or
+    ``"auto"`` (kernel where it works, else soft; :attr:`dirty_tracking` says which).
+    """
+
+    def __init__(
+        self,
+        memsize: int | str,
+        *,
+        wired: bool = False,
+        lowmem_limit: int | str = LOWMEM_LIMIT_DEFAULT,
+        dirty_tracking: str = "auto",
+    ) -> None:
+        if dirty_tracking not in DIRTY_TRACKING_CHOICES:
+            raise ValueError(f"dirty_tracking must be one of {', '.join(DIRTY_TRACKING_CHOICES)}; got {dirty_tracking!r}")
+        self.core = _core.GuestMemory(
+            parse_size(memsize, what="memory size"),
+            wired=wired,
+            lowmem_limit=parse_size(lowmem_limit, what="lowmem limit"),
+            dirty_tracking=dirty_tracking,
+        )
+        self.wired = wired
+
+    @classmethod
+    def wrap(cls, core: _core.GuestMemory) -> GuestMemory:
+        """Wrap an existing core object (for code that receives one from the Rust side)."""
+        self = cls.__new__(cls)
+        self.core = core
+        self.wired = all(seg.wired for seg in core.segments)
+        return self
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def memsize(self) -> int:
+        return self.core.memsize
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.core.segments
+
+    def segment(self, name: str) -> Segment:
+        for seg in self.core.segments:
+            if seg.name == name:
+                return seg
+        names = ", ".join(s.name for s in self.core.segments)
+        raise KeyError(f"no segment named {name!r}; this guest has {names}")
+
+    @property
+    def lowmem(self) -> Segment:
+        return self.core.segments[0]
+
+    @property
+    def highmem(self) -> Segment | None:
+        segs = self.core.segments
+        return segs[1] if len(segs) > 1 else None
+
+    def view(self, name: str = "lowmem") -> np.ndarray:
+        """A read-only numpy uint8 array aliasing a segment, with no copy."""
+        return np.frombuffer(self.segment(name), dtype=np.uint8)
+
+    # -- access -----------------------------------------------------------------------------
+    def read(self, gpa: int, size: int) -> bytes:
+        return self.core.read(gpa, size)
+
+    def write(self, gpa: int, data) -> None:
+        """Write ``data`` (any bytes-like object) at ``gpa`` and mark the pages dirty."""
+        self.core.write(gpa, data)
+
+    def write_untracked(self, gpa: int, data) -> None:
+        """Write without marking dirty: for restore and migration receive only."""
+        self.core.write_untracked(gpa, data)
+
+    # -- dirty tracking ---------------------------------------------------------------------
+    @property
+    def dirty_tracking(self) -> str:
+        """The backend in use: ``"soft"`` or ``"kernel"``."""
+        return self.core.dirty_tracking
+
+    @property
+    def dirty_tracking_fallback(self) -> str | None:
+        """Why ``"auto"`` settled for the soft backend, or None."""
+        return self.core.dirty_tracking_fallback
+
+    def get_and_clear_dirty(self) -> np.ndarray:
+        """Dirty page frame numbers (gpa >> 12), sorted, as uint64; their bits are cleared.
+
+        A page written while the harvest runs is reported in this harvest or the next.
+        """
+        return np.frombuffer(self.core.get_and_clear_dirty(), dtype="<u8")
+
+    def get_and_clear_dirty_ranges(self) -> list[tuple[int, int]]:
+        """Dirty memory as merged ``(gpa, length)`` ranges, ascending; bits are cleared."""
+        return self.core.get_and_clear_dirty_ranges()
+
+    def dirty_count(self) -> int:
+        """Dirty pages right now, without clearing."""
+        return self.core.dirty_count()
+
+    def resident_pages(self) -> int:
+        """Pages that have been touched at all, over every segment (never-touched pages cost nothing)."""
+        return sum(seg.resident_pages() for seg in self.core.segments)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the memory; BufferError while views over it exist."""
+        self.core.close()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self.core)

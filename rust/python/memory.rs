@@ -1,0 +1,261 @@
+//! `_core.GuestMemory` and `_core.Segment`: guest memory for Python, with zero-copy read-only
+//! views through the buffer protocol.
+
+use std::ffi::c_int;
+use std::sync::Arc;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::errors::memory_error;
+use crate::dirty::{bitmap_to_pages, bitmap_to_runs, TrackingChoice};
+use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyGuestMemory>()?;
+    m.add_class::<PySegment>()?;
+    Ok(())
+}
+
+#[pyclass(frozen, name = "GuestMemory", module = "vmmpy._core")]
+pub struct PyGuestMemory {
+    pub inner: Arc<GuestMemory>,
+}
+
+/// Borrow a C-contiguous byte buffer's memory for the duration of `f`.
+fn with_bytes<R>(py: Python<'_>, data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
+    let buf = PyBuffer::<u8>::get(data)?;
+    if !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err("data must be a contiguous bytes-like object"));
+    }
+    // SAFETY: the buffer stays acquired (and its memory alive) until `buf` drops after `f`; we
+    // only read from it. Python code could mutate it concurrently, as with any buffer.
+    let slice = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+    let result = f(slice);
+    drop(buf);
+    let _ = py;
+    Ok(result)
+}
+
+impl PyGuestMemory {
+    fn harvest(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u64>)>> {
+        let mem = self.inner.clone();
+        py.detach(move || {
+            let mut out = Vec::with_capacity(mem.segments().len());
+            for (i, seg) in mem.segments().iter().enumerate() {
+                let mut words = vec![0u64; seg.pages().div_ceil(64)];
+                mem.get_and_clear_dirty_segment(i, &mut words)?;
+                out.push((seg.gpa().pfn(), words));
+            }
+            Ok(out)
+        })
+        .map_err(memory_error)
+    }
+}
+
+#[pymethods]
+impl PyGuestMemory {
+    #[new]
+    #[pyo3(signature = (memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "soft"))]
+    fn new(py: Python<'_>, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str) -> PyResult<Self> {
+        let tracking = TrackingChoice::parse(dirty_tracking).ok_or_else(|| {
+            PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}"))
+        })?;
+        let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
+        // Wiring populates every page: release the GIL while the kernel does it.
+        let mem = py.detach(move || GuestMemory::new(&opts)).map_err(memory_error)?;
+        Ok(PyGuestMemory { inner: Arc::new(mem) })
+    }
+
+    #[getter]
+    fn memsize(&self) -> u64 {
+        self.inner.memsize()
+    }
+
+    /// The dirty-tracking backend in use: "soft" or "kernel".
+    #[getter]
+    fn dirty_tracking(&self) -> String {
+        self.inner.backend().to_string()
+    }
+
+    /// Why "auto" fell back to the soft backend, or None.
+    #[getter]
+    fn dirty_tracking_fallback(&self) -> Option<String> {
+        self.inner.fallback_reason().map(str::to_string)
+    }
+
+    #[getter]
+    fn segments(&self) -> Vec<PySegment> {
+        self.inner.segments().iter().map(|s| PySegment { seg: s.clone() }).collect()
+    }
+
+    fn read<'py>(&self, py: Python<'py>, gpa: u64, size: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let (seg, off) = self.inner.translate(GuestAddress(gpa), size).map_err(memory_error)?;
+        PyBytes::new_with(py, size, |out| {
+            seg.read(off, out);
+            Ok(())
+        })
+    }
+
+    /// Write bytes at `gpa` and mark the pages dirty, as a device's DMA would.
+    fn write(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_bytes(py, data, |bytes| self.inner.write(GuestAddress(gpa), bytes))?.map_err(memory_error)
+    }
+
+    /// Write bytes without marking pages dirty (restore and migration receive).
+    fn write_untracked(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_bytes(py, data, |bytes| self.inner.write_untracked(GuestAddress(gpa), bytes))?.map_err(memory_error)
+    }
+
+    /// Harvest and clear the dirty pages of every segment: page frame numbers (gpa >> 12),
+    /// ascending, as little-endian u64 bytes (vmmpy.GuestMemory turns them into a numpy array).
+    fn get_and_clear_dirty<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let harvested = self.harvest(py)?;
+        let pfns = py.detach(move || {
+            let mut pfns = Vec::new();
+            for (first_pfn, words) in &harvested {
+                bitmap_to_pages(words, *first_pfn, &mut pfns);
+            }
+            pfns
+        });
+        PyBytes::new_with(py, pfns.len() * 8, |out| {
+            for (chunk, pfn) in out.chunks_exact_mut(8).zip(&pfns) {
+                chunk.copy_from_slice(&pfn.to_le_bytes());
+            }
+            Ok(())
+        })
+    }
+
+    /// Harvest and clear the dirty pages as (gpa, length) ranges, ascending, runs merged.
+    fn get_and_clear_dirty_ranges(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64)>> {
+        let harvested = self.harvest(py)?;
+        let mut runs = Vec::new();
+        for (first_pfn, words) in &harvested {
+            bitmap_to_runs(words, *first_pfn, &mut runs);
+        }
+        Ok(runs.into_iter().map(|(pfn, n)| (pfn << PAGE_SHIFT, n << PAGE_SHIFT)).collect())
+    }
+
+    /// How many pages are dirty now, without clearing them.
+    fn dirty_count(&self, py: Python<'_>) -> PyResult<u64> {
+        let mem = self.inner.clone();
+        py.detach(move || {
+            let mut total = 0u64;
+            for (i, seg) in mem.segments().iter().enumerate() {
+                let mut words = vec![0u64; seg.pages().div_ceil(64)];
+                mem.peek_dirty_segment(i, &mut words)?;
+                total += words.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+            }
+            Ok(total)
+        })
+        .map_err(memory_error)
+    }
+
+    /// Release guest memory. Refused with BufferError while memoryviews or numpy arrays over a
+    /// segment exist, because they alias the mapping.
+    fn close(&self) -> PyResult<()> {
+        self.inner.close().map_err(|(name, n)| {
+            PyBufferError::new_err(format!("cannot unmap guest memory: segment '{name}' has {n} exported view(s); release them first"))
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let segs: Vec<String> = self.inner.segments().iter().map(|s| format!("{}@{:#x}+{:#x}", s.name(), s.gpa().0, s.size())).collect();
+        format!("<GuestMemory {} bytes [{}] dirty_tracking={}>", self.inner.memsize(), segs.join(", "), self.inner.backend())
+    }
+}
+
+#[pyclass(frozen, name = "Segment", module = "vmmpy._core")]
+pub struct PySegment {
+    seg: Arc<Segment>,
+}
+
+#[pymethods]
+impl PySegment {
+    #[getter]
+    fn name(&self) -> &str {
+        self.seg.name()
+    }
+    #[getter]
+    fn gpa(&self) -> u64 {
+        self.seg.gpa().0
+    }
+    #[getter]
+    fn size(&self) -> usize {
+        self.seg.size()
+    }
+    #[getter]
+    fn pages(&self) -> usize {
+        self.seg.pages()
+    }
+    #[getter]
+    fn wired(&self) -> bool {
+        self.seg.wired()
+    }
+    /// How many memoryviews/arrays currently alias this segment.
+    #[getter]
+    fn exports(&self) -> usize {
+        self.seg.exports()
+    }
+
+    /// How many pages have been touched (are resident), from mincore(2).
+    fn resident_pages(&self, py: Python<'_>) -> PyResult<usize> {
+        let seg = self.seg.clone();
+        py.detach(move || seg.resident()).map(|r| r.into_iter().filter(|&p| p).count()).map_err(memory_error)
+    }
+
+    fn __len__(&self) -> usize {
+        self.seg.size()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Segment {} gpa={:#x} size={:#x} {}>",
+            self.seg.name(),
+            self.seg.gpa().0,
+            self.seg.size(),
+            if self.seg.wired() { "wired" } else { "unwired" }
+        )
+    }
+
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("View is null"));
+        }
+        if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err(
+                "guest memory views are read-only: write through GuestMemory.write so the pages are marked dirty",
+            ));
+        }
+        let seg = &slf.get().seg;
+        seg.add_export().map_err(|e| PyBufferError::new_err(e.to_string()))?;
+        let len = seg.size() as ffi::Py_ssize_t;
+        // SAFETY: `view` is a valid Py_buffer the interpreter handed us. `obj` takes a strong
+        // reference to the segment object, which keeps the Arc<Segment> (and so the mapping)
+        // alive until __releasebuffer__; shape/strides point into the view itself, which the
+        // consumer keeps alive for as long as it uses them.
+        unsafe {
+            (*view).obj = slf.clone().into_any().into_ptr();
+            (*view).buf = seg.as_ptr() as *mut std::ffi::c_void;
+            (*view).len = len;
+            (*view).readonly = 1;
+            (*view).itemsize = 1;
+            (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT { c"B".as_ptr() as *mut _ } else { std::ptr::null_mut() };
+            (*view).ndim = 1;
+            (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND { &mut (*view).len } else { std::ptr::null_mut() };
+            (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES { &mut (*view).itemsize } else { std::ptr::null_mut() };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.seg.release_export();
+    }
+}
+
+const _: () = assert!(PAGE_SIZE == 1 << PAGE_SHIFT);

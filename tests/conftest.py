@@ -1,0 +1,24 @@
+"""Shared fixtures: which dirty-tracking backends this machine offers."""
+
+import pytest
+
+from vmmpy import GuestMemory
+
+
+def kernel_tracking_unavailable_reason() -> str | None:
+    """None when the kernel dirty backend works here, else why not."""
+    mem = GuestMemory("64K", dirty_tracking="auto")
+    reason = mem.dirty_tracking_fallback
+    mem.close()
+    return reason
+
+
+KERNEL_UNAVAILABLE = kernel_tracking_unavailable_reason()
+
+
+@pytest.fixture(params=["soft", "kernel"])
+def tracking(request) -> str:
+    """Run a test once per dirty-tracking backend (kernel skipped, with the reason, where unavailable)."""
+    if request.param == "kernel" and KERNEL_UNAVAILABLE:
+        pytest.skip(f"kernel dirty tracking unavailable here: {KERNEL_UNAVAILABLE}")
+    return request.param
