@@ -1,0 +1,121 @@
+"""A VM's configuration as vmmrun's options describe it, checked before anything is built.
+
+bhyve spellings: ``-s SLOT[:FUNC],EMULATION[,CONF]`` (or ``BUS:SLOT:FUNC``), ``-l com1,stdio|FILE``,
+``-m 512`` (MiB without a suffix), ``-c 2``, ``-S``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..units import MiB, parse_size
+
+VENDORS = ("intel", "amd")
+TSC_MODES = ("instructions", "host")
+DIRTY_TRACKING = ("auto", "soft", "kernel")
+LPC_DEVICES = ("com1", "com2")
+MAX_VCPUS = 16
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built; the message names the option and value."""
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    bus: int
+    slot: int
+    func: int
+    emulation: str
+    conf: str | None = None
+
+    @property
+    def pci_name(self) -> str:
+        """bhyve's device name in state: ``EMU@pci.B.S.F``."""
+        return f"{self.emulation}@pci.{self.bus}.{self.slot}.{self.func}"
+
+
+@dataclass
+class VmConfig:
+    name: str
+    ncpus: int = 1
+    memsize: int = 256 * MiB
+    wired: bool = False
+    slots: list[SlotConfig] = field(default_factory=list)
+    lpc: dict[str, str] = field(default_factory=dict)
+    guest: str | None = None
+    guest_args: dict[str, str] = field(default_factory=dict)
+    tsc: str = "instructions"
+    vendor: str = "intel"
+    dirty_tracking: str = "auto"
+
+    def validate(self) -> None:
+        if not 1 <= self.ncpus <= MAX_VCPUS:
+            raise ConfigError(f"-c {self.ncpus}: the vCPU count must be between 1 and {MAX_VCPUS}")
+        if self.memsize <= 0 or self.memsize % 4096:
+            raise ConfigError(f"-m: memory size {self.memsize} must be a positive multiple of 4 KiB")
+        if self.vendor not in VENDORS:
+            raise ConfigError(f"--vendor {self.vendor!r}: choose one of {', '.join(VENDORS)}")
+        if self.tsc not in TSC_MODES:
+            raise ConfigError(f"--tsc {self.tsc!r}: choose one of {', '.join(TSC_MODES)}")
+        if self.dirty_tracking not in DIRTY_TRACKING:
+            raise ConfigError(f"--dirty-tracking {self.dirty_tracking!r}: choose one of {', '.join(DIRTY_TRACKING)}")
+        seen: dict[tuple[int, int, int], SlotConfig] = {}
+        for slot in self.slots:
+            key = (slot.bus, slot.slot, slot.func)
+            if key in seen:
+                raise ConfigError(
+                    f"-s {slot.bus}:{slot.slot}:{slot.func}: slot already holds {seen[key].emulation}; "
+                    f"cannot also place {slot.emulation} there"
+                )
+            seen[key] = slot
+
+
+def parse_slot(text: str) -> SlotConfig:
+    """``0,hostbridge`` / ``3:1,virtio-blk,disk.img`` / ``0:3:1,virtio-blk,disk.img``."""
+    where, sep, rest = text.partition(",")
+    if not sep or not rest:
+        raise ConfigError(f"-s {text!r}: expected SLOT[:FUNC],EMULATION[,CONF]")
+    emulation, _, conf = rest.partition(",")
+    try:
+        numbers = [int(part, 0) for part in where.split(":")]
+    except ValueError:
+        raise ConfigError(f"-s {text!r}: slot {where!r} is not a number (SLOT, SLOT:FUNC or BUS:SLOT:FUNC)") from None
+    if len(numbers) == 1:
+        bus, slot, func = 0, numbers[0], 0
+    elif len(numbers) == 2:
+        bus, (slot, func) = 0, numbers
+    elif len(numbers) == 3:
+        bus, slot, func = numbers
+    else:
+        raise ConfigError(f"-s {text!r}: expected SLOT, SLOT:FUNC or BUS:SLOT:FUNC")
+    if not 0 <= bus <= 255 or not 0 <= slot <= 31 or not 0 <= func <= 7:
+        raise ConfigError(f"-s {text!r}: bus 0-255, slot 0-31 and function 0-7 only")
+    if not emulation:
+        raise ConfigError(f"-s {text!r}: no emulation named")
+    return SlotConfig(bus, slot, func, emulation, conf or None)
+
+
+def parse_lpc(text: str) -> tuple[str, str]:
+    """``com1,stdio`` or ``com1,/path/to/file`` -> (device, backend)."""
+    device, sep, backend = text.partition(",")
+    device = device.lower()
+    if device not in LPC_DEVICES:
+        raise ConfigError(f"-l {text!r}: LPC device {device!r} is not one of {', '.join(LPC_DEVICES)}")
+    if not sep or not backend:
+        raise ConfigError(f"-l {text!r}: expected {device},stdio or {device},FILE")
+    return device, backend
+
+
+def parse_guest_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--guest-arg {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def parse_memsize(text: str) -> int:
+    try:
+        return parse_size(text, default_unit=MiB, what="-m memory size")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

@@ -1,0 +1,274 @@
+"""The control socket: how ``vmmctl`` talks to a running ``vmmrun``, like bhyve's checkpoint socket.
+
+One Unix stream socket per VM at ``<run dir>/<vmname>.ctl``, mode 0600, refusing peers of another
+user (SO_PEERCRED). Each message is a little-endian u32 length then that many bytes of UTF-8 JSON.
+A request is ``{"cmd": NAME, ...arguments}``; the server answers with zero or more progress
+messages ``{"progress": {...}}`` and then exactly one final message, ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": TEXT, "errno": N}``.
+
+The run directory is ``$VMMPY_RUN_DIR`` if set, else ``/run/vmmpy`` for root, else
+``$XDG_RUNTIME_DIR/vmmpy`` or ``/tmp/vmmpy-<uid>``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_LEN = struct.Struct("<I")
+MAX_MESSAGE = 1 << 20
+SOCKET_SUFFIX = ".ctl"
+
+
+class ControlError(OSError):
+    """A control-socket request failed; ``errno`` and the message say why."""
+
+
+def run_dir() -> Path:
+    env = os.environ.get("VMMPY_RUN_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/vmmpy")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "vmmpy" if xdg else Path(f"/tmp/vmmpy-{os.getuid()}")
+
+
+def socket_path(vmname: str, directory: Path | None = None) -> Path:
+    return (directory or run_dir()) / f"{vmname}{SOCKET_SUFFIX}"
+
+
+def valid_vm_name(name: str) -> bool:
+    return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+
+
+def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"control message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("control socket closed by the peer")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_message(sock: socket.socket) -> dict[str, Any]:
+    (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    if length > MAX_MESSAGE:
+        raise ValueError(f"control message length {length} exceeds the {MAX_MESSAGE}-byte limit")
+    try:
+        message = json.loads(_recv_exact(sock, length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"control message is not JSON: {err}") from None
+    if not isinstance(message, dict):
+        raise ValueError("control message is not a JSON object")
+    return message
+
+
+# A handler gets the request and a `progress(dict)` callback, returns the result (JSON-able) or
+# raises OSError/ValueError, which become error replies.
+Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]
+
+
+class ControlServer:
+    """Serves one VM's control socket on a background thread."""
+
+    def __init__(self, vmname: str, handlers: dict[str, Handler], directory: Path | None = None) -> None:
+        if not valid_vm_name(vmname):
+            raise ValueError(f"VM name {vmname!r} is not valid: use letters, digits, '-', '_' and '.', at most 64")
+        self.vmname = vmname
+        self.handlers = handlers
+        self.path = socket_path(vmname, directory)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if _socket_is_live(self.path):
+                raise ControlError(errno.EEXIST, f"a VM named '{self.vmname}' is already running (control socket {self.path})")
+            self.path.unlink()  # stale: its server died without removing it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        sock.listen(8)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name=f"control-{self.vmname}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle_connection, args=(conn,), daemon=True).start()
+
+    def _handle_connection(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(None)
+            uid = _peer_uid(conn)
+            if uid is not None and uid != os.geteuid():
+                _reply_error(conn, errno.EACCES, f"control socket of VM '{self.vmname}' refuses uid {uid}: only its owner may control it")
+                return
+            try:
+                request = recv_message(conn)
+            except (ValueError, ConnectionError, OSError) as err:
+                _reply_error(conn, errno.EINVAL, f"malformed control request: {err}")
+                return
+            cmd = request.get("cmd")
+            handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
+            if handler is None:
+                known = ", ".join(sorted(self.handlers))
+                _reply_error(conn, errno.EINVAL, f"unknown control command {cmd!r}; this VM understands: {known}")
+                return
+
+            def progress(info: dict[str, Any]) -> None:
+                try:
+                    send_message(conn, {"progress": info})
+                except OSError:
+                    pass  # vmmctl went away; the operation goes on
+
+            try:
+                result = handler(request, progress)
+            except OSError as err:
+                _reply_error(conn, err.errno or errno.EIO, err.strerror or str(err))
+            except (ValueError, TypeError, KeyError) as err:
+                _reply_error(conn, errno.EINVAL, str(err))
+            except Exception as err:  # a bug must answer, not hang vmmctl
+                _reply_error(conn, errno.EIO, f"internal error handling {cmd!r}: {type(err).__name__}: {err}")
+            else:
+                try:
+                    send_message(conn, {"ok": True, "result": result})
+                except OSError:
+                    pass
+
+
+def _reply_error(conn: socket.socket, code: int, text: str) -> None:
+    try:
+        send_message(conn, {"ok": False, "errno": code, "error": text})
+    except OSError:
+        pass
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class ControlClient:
+    """Talks to one VM's control socket."""
+
+    def __init__(self, vmname: str, directory: Path | None = None, timeout: float | None = 30.0) -> None:
+        self.vmname = vmname
+        self.path = socket_path(vmname, directory)
+        self.timeout = timeout
+
+    def _connect(self) -> socket.socket:
+        if not self.path.exists():
+            raise ControlError(errno.ENOENT, f"no VM named '{self.vmname}' is running (no control socket at {self.path})")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except ConnectionRefusedError:
+            sock.close()
+            raise ControlError(
+                errno.ECONNREFUSED,
+                f"VM '{self.vmname}' is not running: its control socket {self.path} is stale (remove it, or start the VM again)",
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise ControlError(errno.EACCES, f"permission denied on {self.path}: VM '{self.vmname}' belongs to another user") from None
+        return sock
+
+    def stream(self, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
+        """Send a request; yield each progress dict; return (StopIteration value) the result."""
+        with self._connect() as sock:
+            send_message(sock, {"cmd": cmd, **args})
+            while True:
+                try:
+                    reply = recv_message(sock)
+                except ConnectionError:
+                    raise ControlError(errno.EPIPE, f"VM '{self.vmname}' closed the control connection before answering {cmd!r}") from None
+                except TimeoutError:
+                    raise ControlError(errno.ETIMEDOUT, f"VM '{self.vmname}' did not answer {cmd!r} within {self.timeout} s") from None
+                if "progress" in reply:
+                    yield reply["progress"]
+                    continue
+                if reply.get("ok"):
+                    return reply.get("result")
+                raise ControlError(int(reply.get("errno") or errno.EIO), str(reply.get("error", "request failed")))
+
+    def request(self, cmd: str, on_progress: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> Any:
+        gen = self.stream(cmd, **args)
+        while True:
+            try:
+                info = next(gen)
+            except StopIteration as done:
+                return done.value
+            if on_progress is not None:
+                on_progress(info)
+
+
+def list_vms(directory: Path | None = None) -> list[tuple[str, bool]]:
+    """(name, live) for every control socket in the run directory."""
+    directory = directory or run_dir()
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in sorted(directory.glob(f"*{SOCKET_SUFFIX}")):
+        found.append((entry.name[: -len(SOCKET_SUFFIX)], _socket_is_live(entry)))
+    return found
