@@ -55,3 +55,6 @@ fn check_bitmap(seg: &Segment, words: &[u64], what: &'static str) -> Result<(), 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod batch_tests;
