@@ -51,10 +51,9 @@ fn build(seg: &Segment, words: &[u64], resident: Option<&[u64]>, detect_zero: bo
     let mut builder = RangeBuilder { seg, out: Vec::with_capacity(runs.len()) };
     let touched = |page: usize| resident.is_none_or(|r| r[page / 64] >> (page % 64) & 1 != 0);
     let kind_of = |page: usize| {
-        if !touched(page) {
-            RangeKind::Zero
         // SAFETY: check_bitmap proved every page of the dirty bitmap lies inside the mapping.
-        } else if detect_zero && unsafe { is_zero_raw(seg.as_ptr().add(page * PAGE_SIZE), PAGE_SIZE) } {
+        let zero = !touched(page) || (detect_zero && unsafe { is_zero_raw(seg.as_ptr().add(page * PAGE_SIZE), PAGE_SIZE) });
+        if zero {
             RangeKind::Zero
         } else {
             RangeKind::Data
