@@ -8,6 +8,7 @@
 
 pub mod dirty;
 pub mod memory;
+pub mod pages;
 
 #[cfg(feature = "python")]
 mod python;

@@ -141,9 +141,18 @@ impl GuestMemory {
     pub fn write_untracked(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), MemoryError> {
         let (seg, off) = self.translate(gpa, data.len())?;
         seg.write_untracked(off, data);
+        self.mark_clean_range(gpa, data.len())
+    }
+
+    /// Forget writes the kernel backend saw to the pages of `gpa..gpa+len`: for restore and
+    /// receive paths that fill memory with read(2)/readv(2) or drop pages with madvise, which the
+    /// kernel counts as writes. The soft bitmap is left alone (those paths never set it). Only
+    /// for a guest that is not running: a guest write to the range meanwhile would be forgotten.
+    pub fn mark_clean_range(&self, gpa: GuestAddress, len: usize) -> Result<(), MemoryError> {
+        let (seg, off) = self.translate(gpa, len)?;
         if let Some(kernel) = &self.kernel {
             let first = off / PAGE_SIZE * PAGE_SIZE;
-            let end = (off + data.len()).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            let end = (off + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
             // SAFETY-free: pointer arithmetic inside the segment's mapping, checked by translate.
             let base = seg.as_ptr().wrapping_add(first);
             kernel.protect(base, end - first).map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;

@@ -1,0 +1,199 @@
+//! The page batch wire format: what one batch of guest pages looks like on a socket or in a file.
+//!
+//! ```text
+//! offset size  field (all little-endian)
+//!  0     4     magic "VMPB"
+//!  4     2     version (1)
+//!  6     2     flags (none defined; a reader refuses any it does not know)
+//!  8     8     segment gpa base: the batch's pages all lie in the segment starting here
+//! 16     4     range count (at most MAX_RANGES)
+//! 20     4     reserved, 0
+//! 24     8     payload length: bytes of page data after the table = 4096 x pages of DATA ranges
+//! 32     8     xxh3-64 of bytes 0..32 followed by the whole range table
+//! 40     16xN  range table, N entries:  gpa u64 | pages u32 | kind u8 (0 DATA, 1 ZERO) | 3 bytes 0
+//! ...          payload: the pages of every DATA range, in table order, 4096 bytes each
+//! ```
+//!
+//! Ranges ascend and do not overlap; a ZERO range carries no bytes and means "these pages are
+//! zero". The checksum covers what the receiver must trust before it writes guest memory (where
+//! the pages go); the page bytes themselves are covered by the migration's memory digest at
+//! commit, and by chunk hashes in a checkpoint, not per batch.
+//!
+//! This file owns the encoding and the validation; `batch_io` moves the bytes.
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::PageError;
+use crate::memory::{GuestAddress, Segment, PAGE_SIZE};
+
+pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"VMPB");
+pub const BATCH_VERSION: u16 = 1;
+pub const BATCH_HEADER_SIZE: usize = 40;
+pub const RANGE_ENTRY_SIZE: usize = 16;
+/// Ranges per batch: bounds the table a receiver allocates (1 MiB) before it can check anything.
+pub const MAX_RANGES: u32 = 65536;
+const CHECKSUMMED_HEADER: usize = 32;
+
+/// What a range of the table carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RangeKind {
+    /// The pages' bytes follow in the payload.
+    Data = 0,
+    /// The pages are zero; nothing follows.
+    Zero = 1,
+}
+
+/// `pages` pages from `gpa`, all of one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRange {
+    pub gpa: GuestAddress,
+    pub pages: u32,
+    pub kind: RangeKind,
+}
+
+impl PageRange {
+    pub fn bytes(&self) -> u64 {
+        self.pages as u64 * PAGE_SIZE as u64
+    }
+}
+
+/// The fixed header, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub segment_gpa: GuestAddress,
+    pub range_count: u32,
+    pub payload_len: u64,
+    pub checksum: u64,
+}
+
+fn checksum(header: &[u8], table: &[u8]) -> u64 {
+    let mut hasher = Xxh3::new();
+    hasher.update(&header[..CHECKSUMMED_HEADER]);
+    hasher.update(table);
+    hasher.digest()
+}
+
+/// Header and range table of a batch, ready to go on the wire before the payload.
+pub(crate) fn encode_batch(segment_gpa: GuestAddress, ranges: &[PageRange]) -> Vec<u8> {
+    let payload: u64 = ranges.iter().filter(|r| r.kind == RangeKind::Data).map(PageRange::bytes).sum();
+    let mut buf = Vec::with_capacity(BATCH_HEADER_SIZE + ranges.len() * RANGE_ENTRY_SIZE);
+    buf.extend_from_slice(&BATCH_MAGIC.to_le_bytes());
+    buf.extend_from_slice(&BATCH_VERSION.to_le_bytes());
+    buf.extend_from_slice(&0u16.to_le_bytes());
+    buf.extend_from_slice(&segment_gpa.0.to_le_bytes());
+    buf.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&payload.to_le_bytes());
+    buf.extend_from_slice(&0u64.to_le_bytes()); // checksum, filled in below
+    for r in ranges {
+        buf.extend_from_slice(&r.gpa.0.to_le_bytes());
+        buf.extend_from_slice(&r.pages.to_le_bytes());
+        buf.extend_from_slice(&[r.kind as u8, 0, 0, 0]);
+    }
+    let sum = checksum(&buf[..BATCH_HEADER_SIZE], &buf[BATCH_HEADER_SIZE..]);
+    buf[CHECKSUMMED_HEADER..BATCH_HEADER_SIZE].copy_from_slice(&sum.to_le_bytes());
+    buf
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Decode the fixed header and check what can be checked before reading the table: magic,
+/// version, flags, reserved bits and the range count limit.
+pub(crate) fn decode_header(bytes: &[u8; BATCH_HEADER_SIZE]) -> Result<BatchHeader, PageError> {
+    let magic = u32_at(bytes, 0);
+    if magic != BATCH_MAGIC {
+        return Err(PageError::BadMagic { got: magic, expected: BATCH_MAGIC });
+    }
+    let version = u16_at(bytes, 4);
+    if version != BATCH_VERSION {
+        return Err(PageError::UnsupportedVersion { got: version, supported: BATCH_VERSION });
+    }
+    let flags = u16_at(bytes, 6);
+    if flags != 0 {
+        return Err(PageError::UnknownFlags { got: flags });
+    }
+    let reserved = u32_at(bytes, 20);
+    if reserved != 0 {
+        return Err(PageError::ReservedNotZero { what: "header word at offset 20", got: reserved as u64 });
+    }
+    let range_count = u32_at(bytes, 16);
+    if range_count > MAX_RANGES {
+        return Err(PageError::TooManyRanges { count: range_count, max: MAX_RANGES });
+    }
+    Ok(BatchHeader { segment_gpa: GuestAddress(u64_at(bytes, 8)), range_count, payload_len: u64_at(bytes, 24), checksum: u64_at(bytes, 32) })
+}
+
+/// Check the checksum over header and table, then decode the table's entries.
+pub(crate) fn decode_table(header_bytes: &[u8; BATCH_HEADER_SIZE], header: &BatchHeader, table: &[u8]) -> Result<Vec<PageRange>, PageError> {
+    debug_assert_eq!(table.len(), header.range_count as usize * RANGE_ENTRY_SIZE);
+    let expected = checksum(header_bytes, table);
+    if header.checksum != expected {
+        return Err(PageError::HeaderChecksum { got: header.checksum, expected });
+    }
+    let mut ranges = Vec::with_capacity(header.range_count as usize);
+    for (index, entry) in table.chunks_exact(RANGE_ENTRY_SIZE).enumerate() {
+        let gpa = GuestAddress(u64_at(entry, 0));
+        let index = index as u32;
+        let kind = match entry[12] {
+            0 => RangeKind::Data,
+            1 => RangeKind::Zero,
+            other => return Err(PageError::RangeBadKind { index, gpa, kind: other }),
+        };
+        if entry[13..16] != [0, 0, 0] {
+            return Err(PageError::ReservedNotZero { what: "range entry padding", got: u32::from_le_bytes([entry[13], entry[14], entry[15], 0]) as u64 });
+        }
+        ranges.push(PageRange { gpa, pages: u32_at(entry, 8), kind });
+    }
+    Ok(ranges)
+}
+
+/// Check that every range is aligned, non-empty, inside `seg`, ascending, and that the DATA
+/// ranges add up to the declared payload. Returns the offset in `seg` of each range.
+pub(crate) fn validate_ranges(seg: &Segment, header: &BatchHeader, ranges: &[PageRange]) -> Result<Vec<usize>, PageError> {
+    let seg_start = seg.gpa().0;
+    let seg_end = seg_start + seg.size() as u64;
+    let mut previous_end = GuestAddress(seg_start);
+    let mut payload = 0u64;
+    let mut offsets = Vec::with_capacity(ranges.len());
+    for (index, r) in ranges.iter().enumerate() {
+        let index = index as u32;
+        if !r.gpa.is_page_aligned() {
+            return Err(PageError::RangeUnaligned { index, gpa: r.gpa });
+        }
+        if r.pages == 0 {
+            return Err(PageError::RangeEmpty { index, gpa: r.gpa });
+        }
+        let end = r.gpa.0.checked_add(r.bytes());
+        if r.gpa.0 < seg_start || end.is_none_or(|e| e > seg_end) {
+            return Err(PageError::RangeOutsideSegment {
+                index,
+                gpa: r.gpa,
+                pages: r.pages,
+                segment: seg.name().to_string(),
+                start: GuestAddress(seg_start),
+                end: GuestAddress(seg_end),
+            });
+        }
+        if index > 0 && r.gpa < previous_end {
+            return Err(PageError::RangeOutOfOrder { index, gpa: r.gpa, previous_end });
+        }
+        previous_end = GuestAddress(end.unwrap_or(seg_end));
+        if r.kind == RangeKind::Data {
+            payload += r.bytes(); // cannot overflow: the ranges are disjoint and inside the segment
+        }
+        offsets.push((r.gpa.0 - seg_start) as usize);
+    }
+    if payload != header.payload_len {
+        return Err(PageError::PayloadLength { declared: header.payload_len, expected: payload });
+    }
+    Ok(offsets)
+}

@@ -1,0 +1,257 @@
+//! Moving batches over file descriptors: `send_batch` writes header, table and page bytes
+//! straight from guest memory with scatter-gather I/O; `recv_batch` validates a batch completely
+//! before it writes guest memory, then reads the page bytes straight into the mapping.
+//!
+//! Both take a blocking fd (socket, pipe or file) that the caller owns and keeps open for the
+//! call. Neither allocates per page: the only allocations are the encoded header and table and
+//! one iovec per DATA range. Received pages are not marked dirty (the guest did not write them):
+//! the soft bitmap is left alone and the kernel backend's protection is restored afterwards.
+//!
+//! ZERO ranges on the receiver: on unwired memory the pages are dropped with
+//! madvise(MADV_DONTNEED), which on private anonymous memory makes them read as zero again and
+//! costs nothing for pages never touched (a fresh destination stays unpopulated). Wired memory is
+//! mlock'ed, where MADV_DONTNEED is refused, so it is cleared with a memset. A future segment
+//! backed by a private file mapping must take the memset path too: there DONTNEED would bring
+//! back the file's bytes, not zeros.
+//!
+//! If a receive fails part way (the stream ends, the peer breaks), pages already read stay written
+//! and may count as dirty with the kernel backend: the destination of a failed transfer is thrown
+//! away, so that is harmless, and nothing at all is written before the header and table check out.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use super::batch::{decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_HEADER_SIZE, MAX_RANGES, RANGE_ENTRY_SIZE};
+use super::PageError;
+use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
+
+/// What one batch moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub ranges: u64,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    /// Page bytes carried (4096 per DATA page).
+    pub data_bytes: u64,
+    /// Everything on the wire: header, table and page bytes.
+    pub wire_bytes: u64,
+}
+
+impl BatchStats {
+    fn of(ranges: &[PageRange]) -> BatchStats {
+        let mut s = BatchStats { ranges: ranges.len() as u64, ..Default::default() };
+        for r in ranges {
+            match r.kind {
+                RangeKind::Data => s.data_pages += r.pages as u64,
+                RangeKind::Zero => s.zero_pages += r.pages as u64,
+            }
+        }
+        s.data_bytes = s.data_pages * PAGE_SIZE as u64;
+        s.wire_bytes = (BATCH_HEADER_SIZE + ranges.len() * RANGE_ENTRY_SIZE) as u64 + s.data_bytes;
+        s
+    }
+}
+
+/// At most this many iovecs per call (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+fn nonblocking_error(fd: RawFd, what: &str) -> PageError {
+    PageError::io(
+        format!("{what}: fd {fd} is non-blocking and would block; page batches need a blocking fd (Python: sock.setblocking(True))"),
+        io::Error::from_raw_os_error(libc::EAGAIN),
+    )
+}
+
+/// Drop the first `n` bytes from `iovs[*idx..]`.
+fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
+    while n > 0 && *idx < iovs.len() {
+        let iov = &mut iovs[*idx];
+        if n >= iov.iov_len {
+            n -= iov.iov_len;
+            *idx += 1;
+        } else {
+            iov.iov_base = (iov.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+            iov.iov_len -= n;
+            n = 0;
+        }
+    }
+    while *idx < iovs.len() && iovs[*idx].iov_len == 0 {
+        *idx += 1;
+    }
+}
+
+/// Write every byte the iovecs describe. Sockets get sendmsg(MSG_NOSIGNAL), so a closed peer is
+/// an EPIPE error rather than a SIGPIPE; anything else (pipe, file) gets writev.
+///
+/// # Safety
+/// Every iovec must describe memory readable for the whole call.
+unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
+    let mut idx = 0;
+    advance(iovs, &mut idx, 0);
+    let mut socket = true;
+    while idx < iovs.len() {
+        let count = (iovs.len() - idx).min(IOV_MAX);
+        let n = if socket {
+            // SAFETY: an all-zero msghdr is valid (no name, no control data).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iovs[idx..].as_mut_ptr();
+            msg.msg_iovlen = count as _;
+            // SAFETY: the iovecs describe readable memory (the caller's contract); the kernel only reads them.
+            unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::writev(fd, iovs[idx..].as_ptr(), count as libc::c_int) }
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOTSOCK) if socket => {
+                    socket = false;
+                    continue;
+                }
+                Some(libc::EAGAIN) => return Err(nonblocking_error(fd, what)),
+                _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
+            }
+        }
+        if n == 0 {
+            return Err(PageError::io(format!("{what} (fd {fd})"), io::Error::from(io::ErrorKind::WriteZero)));
+        }
+        advance(iovs, &mut idx, n as usize);
+    }
+    Ok(())
+}
+
+/// Fill every byte the iovecs describe from `fd`; returns how many bytes arrived before the
+/// stream ended (the total when it did not).
+///
+/// # Safety
+/// Every iovec must describe memory writable for the whole call and not referenced as `&`/`&mut`.
+unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
+    let mut idx = 0;
+    let mut got = 0u64;
+    advance(iovs, &mut idx, 0);
+    while idx < iovs.len() {
+        let count = (iovs.len() - idx).min(IOV_MAX);
+        // SAFETY: the iovecs describe writable memory (the caller's contract).
+        let n = unsafe { libc::readv(fd, iovs[idx..].as_ptr(), count as libc::c_int) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Err(nonblocking_error(fd, what)),
+                _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        advance(iovs, &mut idx, n as usize);
+    }
+    Ok(got)
+}
+
+fn read_exact(fd: RawFd, buf: &mut [u8], what: &'static str) -> Result<(), PageError> {
+    let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() }];
+    // SAFETY: the iovec describes `buf`, which we borrow mutably for the call.
+    let got = unsafe { read_all(fd, &mut iov, &format!("receiving the {what}"))? };
+    if got < buf.len() as u64 {
+        return Err(PageError::Truncated { what, expected: buf.len() as u64, got });
+    }
+    Ok(())
+}
+
+/// The segment the batch's ranges lie in: the one holding the first range, or the first
+/// segment for an empty batch.
+fn batch_segment<'a>(mem: &'a GuestMemory, ranges: &[PageRange]) -> Result<&'a Segment, PageError> {
+    let seg = match ranges.first() {
+        Some(r) => mem.translate(r.gpa, PAGE_SIZE)?.0,
+        None => mem.segments().first().ok_or(PageError::BadSendRanges { why: "guest memory has no segments".into() })?,
+    };
+    if seg.is_closed() {
+        return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
+    }
+    Ok(seg)
+}
+
+/// Write one batch of `ranges` (at most `MAX_RANGES`, ascending, all in one segment, as
+/// `build_ranges_*` make them) to `fd`: header and table, then the DATA pages straight from guest
+/// memory. The ranges are checked exactly as the receiver will check them.
+pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<BatchStats, PageError> {
+    if ranges.len() > MAX_RANGES as usize {
+        return Err(PageError::BadSendRanges {
+            why: format!("{} ranges, more than the {MAX_RANGES} a batch may hold; send ranges.chunks({MAX_RANGES}) as separate batches", ranges.len()),
+        });
+    }
+    let seg = batch_segment(mem, ranges)?;
+    let stats = BatchStats::of(ranges);
+    let header = BatchHeader { segment_gpa: seg.gpa(), range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
+    let offsets = validate_ranges(seg, &header, ranges)?;
+    let encoded = encode_batch(seg.gpa(), ranges);
+    let mut iovs = Vec::with_capacity(1 + ranges.len());
+    iovs.push(libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() });
+    for (r, &off) in ranges.iter().zip(&offsets) {
+        if r.kind == RangeKind::Data {
+            // The kernel only reads through these pointers (sendmsg/writev); `*mut` is the iovec type's.
+            iovs.push(libc::iovec { iov_base: seg.as_ptr().wrapping_add(off) as *mut libc::c_void, iov_len: r.bytes() as usize });
+        }
+    }
+    // SAFETY: the first iovec is `encoded`, alive until the end of this function; the others lie
+    // inside the segment's mapping (validate_ranges checked each range), which `mem` keeps mapped.
+    unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
+    Ok(stats)
+}
+
+/// Make `len` bytes at `off` of `seg` read as zero (see the module doc for why each way).
+fn zero_pages(seg: &Segment, off: usize, len: usize) {
+    // SAFETY: validate_ranges checked the range lies inside the mapping; the guest is not running
+    // while a batch is received, and MADV_DONTNEED on private anonymous memory only replaces the
+    // range's pages with zero-fill-on-demand ones.
+    let dropped = !seg.wired() && unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0;
+    if !dropped {
+        // SAFETY: the range lies inside the mapping; nothing holds a Rust reference into it.
+        unsafe { std::ptr::write_bytes(seg.as_ptr().add(off), 0, len) };
+    }
+}
+
+/// Read one batch from `fd` into guest memory. The header, table, checksum, every range and the
+/// payload length are checked before any guest byte is written; then DATA pages are read straight
+/// into the mapping and ZERO pages cleared, none of them marked dirty.
+pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError> {
+    let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
+    read_exact(fd, &mut header_bytes, "batch header")?;
+    let header = decode_header(&header_bytes)?;
+    // Bounded by MAX_RANGES in decode_header: at most 1 MiB whatever the stream says.
+    let mut table = vec![0u8; header.range_count as usize * RANGE_ENTRY_SIZE];
+    read_exact(fd, &mut table, "range table")?;
+    let ranges = decode_table(&header_bytes, &header, &table)?;
+    let seg = mem.segments().iter().find(|s| s.gpa() == header.segment_gpa).ok_or(PageError::NoSuchSegment { gpa: header.segment_gpa })?;
+    if seg.is_closed() {
+        return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
+    }
+    let offsets = validate_ranges(seg, &header, &ranges)?;
+
+    let mut iovs: Vec<libc::iovec> = ranges
+        .iter()
+        .zip(&offsets)
+        .filter(|(r, _)| r.kind == RangeKind::Data)
+        .map(|(r, &off)| libc::iovec { iov_base: seg.as_ptr().wrapping_add(off) as *mut libc::c_void, iov_len: r.bytes() as usize })
+        .collect();
+    // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which `mem` keeps
+    // mapped; guest memory is never behind a Rust reference, so the kernel writing it aliases nothing.
+    let got = unsafe { read_all(fd, &mut iovs, "receiving page data")? };
+    if got < header.payload_len {
+        return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
+    }
+    for (r, &off) in ranges.iter().zip(&offsets) {
+        if r.kind == RangeKind::Zero {
+            zero_pages(seg, off, r.bytes() as usize);
+        }
+    }
+    if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
+        let end = last.gpa.0 + last.bytes();
+        mem.mark_clean_range(first.gpa, (end - first.gpa.0) as usize)?;
+    }
+    Ok(BatchStats::of(&ranges))
+}

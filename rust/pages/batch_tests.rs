@@ -1,0 +1,355 @@
+//! Tests of the batch format and its fd I/O: round trips are bit-exact and leave received pages
+//! clean; every kind of damaged or hostile stream is refused with its own clear error before
+//! guest memory is touched.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::batch::encode_batch;
+use super::*;
+use crate::dirty::TrackingChoice;
+use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, HIGHMEM_BASE};
+
+const MIB: u64 = 1 << 20;
+
+/// 4 MiB lowmem + 4 MiB highmem, so batches can name either segment.
+fn two_segment_guest(tracking: TrackingChoice) -> Option<GuestMemory> {
+    let mut opts = MemoryOptions::new(8 * MIB);
+    opts.lowmem_limit = 4 * MIB;
+    opts.tracking = tracking;
+    match GuestMemory::new(&opts) {
+        Ok(m) => Some(m),
+        Err(e) if tracking == TrackingChoice::Kernel => {
+            eprintln!("skipping the kernel-backend case: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn socketpair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fresh fds into the array we own.
+    assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fresh fds into the array we own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn write_fd(fd: RawFd, bytes: &[u8]) {
+    let mut done = 0;
+    while done < bytes.len() {
+        // SAFETY: writing from a slice we borrow.
+        let n = unsafe { libc::write(fd, bytes[done..].as_ptr() as *const libc::c_void, bytes.len() - done) };
+        assert!(n > 0, "write: {}", std::io::Error::last_os_error());
+        done += n as usize;
+    }
+}
+
+/// Feed `bytes` to `recv_batch` through a pipe, as a stream that then ends.
+fn recv_bytes(mem: &GuestMemory, bytes: &[u8]) -> Result<BatchStats, PageError> {
+    let (r, w) = pipe();
+    let bytes = bytes.to_vec();
+    let writer = std::thread::spawn(move || {
+        write_fd(w.as_raw_fd(), &bytes);
+        drop(w);
+    });
+    let result = recv_batch(r.as_raw_fd(), mem);
+    drop(r);
+    let _ = writer.join();
+    result
+}
+
+/// A deterministic, incompressible-looking fill for page `page`.
+fn page_fill(page: u64) -> Vec<u8> {
+    let mut x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn read(mem: &GuestMemory, gpa: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    mem.read(GuestAddress(gpa), &mut buf).unwrap();
+    buf
+}
+
+fn harvest(mem: &GuestMemory, index: usize) -> Vec<u64> {
+    let mut words = vec![0u64; mem.segments()[index].pages().div_ceil(64)];
+    mem.get_and_clear_dirty_segment(index, &mut words).unwrap();
+    words
+}
+
+fn round_trip(tracking: TrackingChoice, use_pipe: bool) {
+    let (Some(src), Some(dst)) = (two_segment_guest(tracking), two_segment_guest(tracking)) else { return };
+    let data_pages = [0u64, 1, 2, 9, 63, 64, 200, 1023];
+    let zero_written = [3u64, 4, 100]; // touched on the source, but zero
+    for &p in &data_pages {
+        src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
+    }
+    for &p in &zero_written {
+        src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &[0; 4096]).unwrap();
+    }
+    // The destination already holds data where ZERO ranges will land, and beside them.
+    for p in [3u64, 100, 500] {
+        dst.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(9999)).unwrap();
+    }
+    harvest(&dst, 1);
+
+    let words = harvest(&src, 1);
+    let ranges = build_ranges_from_bitmap(&src.segments()[1], &words, true).unwrap();
+    assert!(ranges.iter().any(|r| r.kind == RangeKind::Zero) && ranges.iter().any(|r| r.kind == RangeKind::Data));
+
+    let (rx, tx) = if use_pipe { pipe() } else { socketpair() };
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| send_batch(tx.as_raw_fd(), &src, &ranges).unwrap());
+        let got = recv_batch(rx.as_raw_fd(), &dst).unwrap();
+        let sent = sender.join().unwrap();
+        assert_eq!(got, sent, "both sides count the same batch");
+        sent
+    });
+    assert_eq!((sent.data_pages, sent.zero_pages, sent.data_bytes), (8, 3, 8 * 4096));
+    assert_eq!(sent.wire_bytes, 40 + 16 * sent.ranges + 8 * 4096);
+
+    for p in data_pages.iter().chain(&zero_written) {
+        assert_eq!(read(&dst, HIGHMEM_BASE + p * 4096, 4096), read(&src, HIGHMEM_BASE + p * 4096, 4096), "page {p}");
+    }
+    assert_eq!(read(&dst, HIGHMEM_BASE + 500 * 4096, 4096), page_fill(9999), "pages outside the batch are left alone");
+    assert!(harvest(&dst, 1).iter().all(|&w| w == 0), "received pages must not be dirty ({tracking:?})");
+    assert!(harvest(&dst, 0).iter().all(|&w| w == 0));
+}
+
+#[test]
+fn round_trip_over_a_socketpair_is_bit_exact_and_leaves_pages_clean() {
+    round_trip(TrackingChoice::Soft, false);
+}
+
+#[test]
+fn round_trip_over_a_pipe_uses_writev_and_is_bit_exact() {
+    round_trip(TrackingChoice::Soft, true);
+}
+
+#[test]
+fn round_trip_with_the_kernel_backend_leaves_received_pages_clean() {
+    round_trip(TrackingChoice::Kernel, false);
+}
+
+#[test]
+fn zero_ranges_on_a_fresh_destination_stay_unpopulated() {
+    let src = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let dst = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let ranges = [PageRange { gpa: GuestAddress(0), pages: 1024, kind: RangeKind::Zero }];
+    let (rx, tx) = socketpair();
+    send_batch(tx.as_raw_fd(), &src, &ranges).unwrap();
+    let stats = recv_batch(rx.as_raw_fd(), &dst).unwrap();
+    assert_eq!((stats.zero_pages, stats.data_bytes, stats.wire_bytes), (1024, 0, 56));
+    let (resident, source) = resident_bitmap(&dst.segments()[0]).unwrap();
+    if source == ResidencySource::Mincore {
+        assert!(resident.iter().all(|&w| w == 0), "4 MiB of zero pages must cost the destination nothing");
+    }
+}
+
+#[test]
+fn an_empty_batch_round_trips() {
+    let mem = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let (rx, tx) = socketpair();
+    send_batch(tx.as_raw_fd(), &mem, &[]).unwrap();
+    assert_eq!(recv_batch(rx.as_raw_fd(), &mem).unwrap(), BatchStats { wire_bytes: 40, ..Default::default() });
+}
+
+#[test]
+fn wired_destination_zero_ranges_are_cleared_by_memset() {
+    let mut opts = MemoryOptions::new(MIB);
+    opts.wired = true;
+    let dst = match GuestMemory::new(&opts) {
+        Ok(m) => m,
+        Err(e) => return eprintln!("skipping: {e}"),
+    };
+    dst.write(GuestAddress(4096), &page_fill(1)).unwrap();
+    let bytes = encode_batch(GuestAddress(0), &[PageRange { gpa: GuestAddress(4096), pages: 2, kind: RangeKind::Zero }]);
+    recv_bytes(&dst, &bytes).unwrap();
+    assert_eq!(read(&dst, 4096, 4096), vec![0u8; 4096]);
+}
+
+// ---- the sender refuses what the receiver would ----
+
+#[test]
+fn send_refuses_ranges_the_receiver_would_refuse() {
+    let mem = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let (_rx, tx) = socketpair();
+    let across = [
+        PageRange { gpa: GuestAddress(0), pages: 1, kind: RangeKind::Data },
+        PageRange { gpa: GuestAddress(HIGHMEM_BASE), pages: 1, kind: RangeKind::Data },
+    ];
+    let err = send_batch(tx.as_raw_fd(), &mem, &across).unwrap_err();
+    assert_eq!(err.to_string(), "range 1 at gpa 0x100000000 of 1 pages runs past segment 'lowmem' (0x0..0x400000)");
+    let too_many: Vec<PageRange> = (0..MAX_RANGES as u64 + 1).map(|i| PageRange { gpa: GuestAddress(i * 4096), pages: 1, kind: RangeKind::Zero }).collect();
+    assert!(matches!(send_batch(tx.as_raw_fd(), &mem, &too_many), Err(PageError::BadSendRanges { .. })));
+    let unmapped = [PageRange { gpa: GuestAddress(3 << 30), pages: 1, kind: RangeKind::Data }];
+    assert!(matches!(send_batch(tx.as_raw_fd(), &mem, &unmapped), Err(PageError::Memory(_))));
+}
+
+#[test]
+fn send_to_a_closed_peer_is_an_error_not_a_signal() {
+    let mem = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let (rx, tx) = socketpair();
+    drop(rx);
+    let ranges = [PageRange { gpa: GuestAddress(0), pages: 1024, kind: RangeKind::Data }];
+    let err = send_batch(tx.as_raw_fd(), &mem, &ranges).unwrap_err();
+    assert_eq!(err.errno(), libc::EPIPE, "{err}");
+}
+
+// ---- hostile and damaged streams ----
+
+/// Recompute the checksum after a test patched header or table bytes.
+fn reseal(bytes: &mut [u8]) {
+    let table_end = 40 + u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize * 16;
+    let mut h = Xxh3::new();
+    h.update(&bytes[..32]);
+    h.update(&bytes[40..table_end.min(bytes.len())]);
+    let sum = h.digest();
+    bytes[32..40].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// A valid two-range batch for lowmem: 2 DATA pages at 0x1000, 3 ZERO pages at 0x10000.
+fn valid_batch() -> Vec<u8> {
+    let ranges = [
+        PageRange { gpa: GuestAddress(0x1000), pages: 2, kind: RangeKind::Data },
+        PageRange { gpa: GuestAddress(0x10000), pages: 3, kind: RangeKind::Zero },
+    ];
+    let mut bytes = encode_batch(GuestAddress(0), &ranges);
+    bytes.extend_from_slice(&page_fill(1));
+    bytes.extend_from_slice(&page_fill(2));
+    bytes
+}
+
+fn refused(mutate: impl FnOnce(&mut Vec<u8>)) -> PageError {
+    let mem = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let before = memory_digest(&mem, true).unwrap();
+    let mut bytes = valid_batch();
+    mutate(&mut bytes);
+    let err = recv_bytes(&mem, &bytes).unwrap_err();
+    if !matches!(err, PageError::Truncated { what: "page data", .. }) {
+        assert_eq!(memory_digest(&mem, true).unwrap(), before, "refused before touching guest memory: {err}");
+    }
+    err
+}
+
+#[test]
+fn the_valid_batch_is_accepted() {
+    let mem = two_segment_guest(TrackingChoice::Soft).unwrap();
+    let stats = recv_bytes(&mem, &valid_batch()).unwrap();
+    assert_eq!((stats.data_pages, stats.zero_pages), (2, 3));
+    assert_eq!(read(&mem, 0x2000, 4096), page_fill(2));
+}
+
+#[test]
+fn a_stream_that_is_not_a_batch_is_refused_by_its_magic() {
+    let err = refused(|b| b[..4].copy_from_slice(b"HTTP"));
+    assert_eq!(err.to_string(), "not a page batch: magic 0x50545448, expected 0x42504d56");
+}
+
+#[test]
+fn a_newer_version_and_unknown_flags_are_refused() {
+    let err = refused(|b| b[4] = 2);
+    assert_eq!(err.to_string(), "page batch version 2 is not one this vmmpy reads (1)");
+    assert!(matches!(refused(|b| b[6] = 1), PageError::UnknownFlags { got: 1 }));
+    assert!(matches!(refused(|b| b[21] = 1), PageError::ReservedNotZero { .. }));
+}
+
+#[test]
+fn a_flipped_bit_in_header_or_table_fails_the_checksum() {
+    for at in [9usize, 25, 40, 48, 60] {
+        let err = refused(|b| b[at] ^= 0x10);
+        assert!(matches!(err, PageError::HeaderChecksum { .. }), "byte {at}: {err}");
+        assert!(err.to_string().starts_with("batch header checksum mismatch: got 0x"), "{err}");
+    }
+}
+
+#[test]
+fn huge_range_counts_are_refused_without_allocating() {
+    let err = refused(|b| b[16..20].copy_from_slice(&u32::MAX.to_le_bytes()));
+    assert_eq!(err.to_string(), "page batch declares 4294967295 ranges, more than the 65536 a batch may hold");
+}
+
+#[test]
+fn truncated_streams_say_where_they_ended() {
+    let err = refused(|b| b.truncate(10));
+    assert_eq!(err.to_string(), "page batch stream ended inside the batch header: got 10 of 40 bytes");
+    let err = refused(|b| b.truncate(50));
+    assert_eq!(err.to_string(), "page batch stream ended inside the range table: got 10 of 32 bytes");
+    let err = refused(|b| b.truncate(72 + 5000));
+    assert_eq!(err.to_string(), "page batch stream ended inside the page data: got 5000 of 8192 bytes");
+    assert!(matches!(refused(|b| b.clear()), PageError::Truncated { got: 0, .. }));
+}
+
+fn set_range(b: &mut [u8], index: usize, gpa: u64, pages: u32, kind: u8) {
+    let at = 40 + index * 16;
+    b[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+    b[at + 8..at + 12].copy_from_slice(&pages.to_le_bytes());
+    b[at + 12] = kind;
+    reseal(b);
+}
+
+#[test]
+fn ranges_outside_the_segment_are_refused_with_their_address() {
+    let err = refused(|b| set_range(b, 1, 0x3ff000, 3, 1));
+    assert_eq!(err.to_string(), "range 1 at gpa 0x3ff000 of 3 pages runs past segment 'lowmem' (0x0..0x400000)");
+    let err = refused(|b| set_range(b, 1, 0x10000, u32::MAX, 1));
+    assert!(matches!(err, PageError::RangeOutsideSegment { .. }), "{err}");
+    let err = refused(|b| set_range(b, 1, u64::MAX - 4095, 2, 1));
+    assert!(matches!(err, PageError::RangeOutsideSegment { .. }), "gpa overflow must not panic: {err}");
+    let err = refused(|b| set_range(b, 0, HIGHMEM_BASE, 2, 0));
+    assert!(matches!(err, PageError::RangeOutsideSegment { .. }), "{err}");
+}
+
+#[test]
+fn malformed_ranges_are_refused() {
+    assert!(matches!(refused(|b| set_range(b, 1, 0x10001, 3, 1)), PageError::RangeUnaligned { index: 1, .. }));
+    assert!(matches!(refused(|b| set_range(b, 1, 0x10000, 0, 1)), PageError::RangeEmpty { index: 1, .. }));
+    assert!(matches!(refused(|b| set_range(b, 1, 0x10000, 3, 7)), PageError::RangeBadKind { kind: 7, .. }));
+    let err = refused(|b| set_range(b, 1, 0x2000, 3, 1));
+    assert_eq!(
+        err.to_string(),
+        "range 1 at gpa 0x2000 starts before the previous range ends at 0x3000; ranges must ascend without overlap"
+    );
+    let err = refused(|b| {
+        b[40 + 16 + 13] = 1;
+        reseal(b);
+    });
+    assert!(matches!(err, PageError::ReservedNotZero { .. }), "{err}");
+}
+
+#[test]
+fn payload_length_must_match_the_data_ranges() {
+    let err = refused(|b| {
+        b[24..32].copy_from_slice(&(u64::MAX).to_le_bytes());
+        reseal(b);
+    });
+    assert_eq!(err.to_string(), "page batch declares 18446744073709551615 payload bytes but its DATA ranges add up to 8192");
+    // A ZERO range relabelled DATA would make the receiver read 3 more pages than were sent.
+    let err = refused(|b| set_range(b, 1, 0x10000, 3, 0));
+    assert!(matches!(err, PageError::PayloadLength { declared: 8192, expected: 20480 }), "{err}");
+}
+
+#[test]
+fn a_batch_for_a_segment_this_guest_lacks_is_refused() {
+    let err = refused(|b| {
+        b[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+        reseal(b);
+    });
+    assert_eq!(err.to_string(), "page batch is for a segment at gpa 0x1000, but no segment starts there");
+}
