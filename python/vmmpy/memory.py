@@ -25,6 +25,13 @@ Segment = _core.Segment
 DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
 
 
+PageBatchError = _core.PageBatchError
+
+
+def _fileno(fd) -> int:
+    return fd if isinstance(fd, int) else fd.fileno()
+
+
 class GuestMemory:
     """A guest's physical memory.
 
@@ -127,6 +134,47 @@ class GuestMemory:
     def dirty_count(self) -> int:
         """Dirty pages right now, without clearing."""
         return self.core.dirty_count()
+
+    # -- bulk page work (Rust, GIL released) ------------------------------------------------
+    def send_dirty_pages(self, fd, *, detect_zero: bool = True) -> dict[str, int]:
+        """Harvest and clear the dirty pages and send them to ``fd`` as page batches.
+
+        ``fd`` is a blocking file descriptor or an object with ``fileno()`` (a socket with a
+        timeout is non-blocking and is refused). Zero pages travel as ranges without data when
+        ``detect_zero``. Returns totals: batches, ranges, data_pages, zero_pages, data_bytes,
+        wire_bytes. One batch per segment that has dirty pages (more past 65,536 ranges).
+        """
+        return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero)
+
+    def send_all_pages(self, fd, *, detect_zero: bool = True) -> dict[str, int]:
+        """Send every page; never-touched pages go as zero ranges without being read."""
+        return _core.send_all_pages(self.core, _fileno(fd), detect_zero=detect_zero)
+
+    def send_pages(self, fd, pfns, *, detect_zero: bool = True) -> dict[str, int]:
+        """Send the pages with these frame numbers (any iterable or numpy array of ints)."""
+        data = np.unique(np.asarray(pfns, dtype="<u8")).tobytes()
+        return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero)
+
+    def recv_pages(self, fd) -> dict[str, int]:
+        """Receive one page batch into memory, checked whole before any byte is written.
+
+        Received pages are not marked dirty. A bad batch raises ``PageBatchError`` naming what
+        was wrong.
+        """
+        return _core.recv_pages(self.core, _fileno(fd))
+
+    def digest(self) -> int:
+        """An xxh3-128 digest of all guest memory (take it with the guest stopped)."""
+        return _core.memory_digest(self.core)
+
+    def hash_pages(self, gpa: int, count: int) -> np.ndarray:
+        """xxh3-64 of each of ``count`` pages from page-aligned ``gpa``, as uint64."""
+        return np.frombuffer(_core.hash_pages(self.core, gpa, count), dtype="<u8")
+
+    def chunk_hashes(self, segment: str, chunk_size: int) -> list[int]:
+        """xxh3-128 of each ``chunk_size`` chunk of a segment (the last may be short)."""
+        index = [s.name for s in self.core.segments].index(self.segment(segment).name)
+        return _core.chunk_hashes(self.core, index, chunk_size)
 
     def resident_pages(self) -> int:
         """Pages that have been touched at all, over every segment (never-touched pages cost nothing)."""

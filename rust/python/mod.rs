@@ -3,6 +3,7 @@
 
 mod errors;
 mod memory;
+mod pages;
 
 use pyo3::prelude::*;
 
@@ -13,6 +14,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LOWMEM_LIMIT_DEFAULT", crate::memory::LOWMEM_LIMIT_DEFAULT)?;
     errors::register(m)?;
     memory::register(m)?;
+    pages::register(m)?;
     Ok(())
 }
 

@@ -1,0 +1,134 @@
+"""Bulk page work from Python: batches sent from guest memory and received straight into another
+guest's memory, bit-exact, without marking pages dirty; bad batches refused before any write."""
+
+import errno
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from vmmpy import GuestMemory, PAGE_SIZE, PageBatchError
+from vmmpy.memory import HIGHMEM_BASE
+from vmmpy.units import GiB, MiB
+
+
+def transfer(send, receiver: GuestMemory, batches_expected=None):
+    """Run `send(fd)` on one end of a socketpair while the receiver takes batches on the other."""
+    a, b = socket.socketpair()
+    sent = {}
+    received = []
+    try:
+        def sender():
+            sent.update(send(a.fileno()))
+            a.shutdown(socket.SHUT_WR)
+
+        thread = threading.Thread(target=sender)
+        thread.start()
+        while True:
+            try:
+                received.append(receiver.recv_pages(b.fileno()))
+            except PageBatchError as err:
+                if err.errno == errno.EPIPE and "0 of 40" in str(err):
+                    break  # the sender finished: a clean end of stream between batches
+                raise
+        thread.join(timeout=60)
+    finally:
+        a.close()
+        b.close()
+    return sent, received
+
+
+def fill_random(mem: GuestMemory, gpa: int, pages: int, seed: int) -> None:
+    mem.write(gpa, np.random.default_rng(seed).integers(0, 256, pages * PAGE_SIZE, dtype=np.uint8))
+
+
+def test_dirty_pages_arrive_bit_exact_and_clean(tracking):
+    src = GuestMemory("5G", dirty_tracking=tracking)
+    dst = GuestMemory("5G", dirty_tracking=tracking)
+    fill_random(src, 0x10000, 64, seed=1)
+    fill_random(src, HIGHMEM_BASE + 0x200000, 16, seed=2)
+    src.write(0x90000, bytes(4 * PAGE_SIZE))  # dirty but all zero: travels without data
+    sent, received = transfer(src.send_dirty_pages, dst)
+    assert sent["data_pages"] == 80 and sent["zero_pages"] == 4
+    assert sum(r["data_pages"] for r in received) == 80
+    assert sent["batches"] == len(received) == 2  # one per segment
+    np.testing.assert_array_equal(src.view("lowmem")[: 1 * MiB], dst.view("lowmem")[: 1 * MiB])
+    assert dst.read(HIGHMEM_BASE + 0x200000, 16 * PAGE_SIZE) == src.read(HIGHMEM_BASE + 0x200000, 16 * PAGE_SIZE)
+    assert src.digest() == dst.digest()
+    assert src.dirty_count() == 0, "sending harvested and cleared the bits"
+    assert dst.dirty_count() == 0, "receiving is not a guest write"
+
+
+def test_zero_ranges_clear_stale_data_on_the_receiver():
+    src = GuestMemory("1M")
+    dst = GuestMemory("1M")
+    dst.write(5 * PAGE_SIZE, b"stale" * 100)
+    dst.get_and_clear_dirty()
+    src.write(5 * PAGE_SIZE, bytes(PAGE_SIZE))
+    sent, _ = transfer(src.send_dirty_pages, dst)
+    assert sent["zero_pages"] == 1 and sent["data_pages"] == 0
+    assert dst.read(5 * PAGE_SIZE, 500) == bytes(500)
+
+
+def test_a_large_mostly_untouched_guest_sends_only_what_it_touched():
+    src = GuestMemory("64G")
+    dst = GuestMemory("64G")
+    fill_random(src, 0x100000, 256, seed=3)  # 1 MiB of data in lowmem
+    fill_random(src, HIGHMEM_BASE + 40 * GiB, 256, seed=4)  # and 1 MiB deep in highmem
+    sent, _ = transfer(src.send_all_pages, dst)
+    assert sent["data_pages"] == 512
+    assert sent["data_bytes"] == 2 * MiB
+    assert sent["wire_bytes"] < 3 * MiB, "untouched memory must cost ranges, not data"
+    assert dst.resident_pages() == 512, "the receiver stays unpopulated where nothing was sent"
+    assert dst.read(HIGHMEM_BASE + 40 * GiB, PAGE_SIZE) == src.read(HIGHMEM_BASE + 40 * GiB, PAGE_SIZE)
+
+
+def test_a_page_list_sends_exactly_those_pages():
+    src = GuestMemory("1M")
+    dst = GuestMemory("1M")
+    fill_random(src, 0, 256, seed=5)
+    sent, _ = transfer(lambda fd: src.send_pages(fd, [7, 3, 4, 200]), dst)
+    assert sent["data_pages"] == 4
+    for pfn in (3, 4, 7, 200):
+        assert dst.read(pfn * PAGE_SIZE, PAGE_SIZE) == src.read(pfn * PAGE_SIZE, PAGE_SIZE)
+    assert dst.read(5 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+
+
+def bad_batch_stream(src: GuestMemory, mutate) -> bytes:
+    """A valid batch from `src`, captured as bytes and then damaged by `mutate`."""
+    a, b = socket.socketpair()
+    with a, b:
+        src.send_pages(a.fileno(), [1])
+        a.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        while chunk := b.recv(1 << 16):
+            data += chunk
+    return bytes(mutate(bytearray(data)))
+
+
+@pytest.mark.parametrize(
+    "name, mutate, message",
+    [
+        ("magic", lambda d: d.__setitem__(slice(0, 4), b"XXXX") or d, "magic"),
+        ("checksum", lambda d: d.__setitem__(slice(40, 48), struct.pack("<Q", 1 << 40)) or d, "checksum"),
+        ("truncated", lambda d: d[: len(d) - 100], "ended"),
+        ("empty", lambda d: d[:10], "ended"),
+    ],
+)
+def test_a_damaged_batch_is_refused_before_memory_is_touched(name, mutate, message):
+    src = GuestMemory("1M")
+    src.write(PAGE_SIZE, b"\xee" * PAGE_SIZE)
+    stream = bad_batch_stream(src, mutate)
+    dst = GuestMemory("1M")
+    dst.write(PAGE_SIZE, b"\x11" * 8)
+    before = dst.digest()
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(stream)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(PageBatchError, match=message):
+            dst.recv_pages(b.fileno())
+    if name != "truncated":  # a stream cut inside page data leaves the pages read so far
+        assert dst.digest() == before
