@@ -25,6 +25,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory_digest, m)?)?;
     m.add_function(wrap_pyfunction!(hash_pages, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(xxh3_64, m)?)?;
     Ok(())
 }
 
@@ -213,4 +214,10 @@ fn chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, index: usize, 
         pages::chunk_hashes_resident(&seg, chunk_size, &resident)
     })
     .map_err(page_error)
+}
+
+/// xxh3-64 of a bytes-like object (state sections and frames use it as their checksum).
+#[pyfunction]
+pub fn xxh3_64(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
 }
