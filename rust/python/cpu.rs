@@ -198,9 +198,10 @@ impl PyVcpu {
         Ok(())
     }
 
+    /// Pending vectors, ascending (a list of ints; Vec<u8> would become bytes).
     #[getter]
-    fn pending_interrupts(&self) -> Vec<u8> {
-        self.handle.pending_interrupts()
+    fn pending_interrupts(&self) -> Vec<u32> {
+        self.handle.pending_interrupts().into_iter().map(u32::from).collect()
     }
 
     #[getter]
@@ -262,7 +263,8 @@ impl PyVcpu {
             }
             dict.set_item(group, g)?;
         }
-        dict.set_item("pending_interrupts", PyList::new(py, vectors_of(&state.pending_interrupts))?)?;
+        let vectors: Vec<u32> = vectors_of(&state.pending_interrupts).into_iter().map(u32::from).collect();
+        dict.set_item("pending_interrupts", PyList::new(py, vectors)?)?;
         dict.set_item("halted", state.halted)?;
         match state.pending_read {
             Some(read) => dict.set_item("pending_read", pending_read_dict(py, &read)?)?,

@@ -279,6 +279,8 @@ def _evaluate(text: str, lookup: Callable[[str], int], here: int, line: _Line) -
     def primary() -> int:
         nonlocal pos
         kind, value = peek()
+        if kind is None:
+            raise AsmError(line.number, f"expression '{text.strip()}' ends where a value was expected", line.context)
         pos += 1
         if kind == "num":
             return int(value.replace("_", ""), 0)
