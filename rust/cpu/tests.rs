@@ -355,7 +355,7 @@ fn rdtsc_counts_instructions_retired_before_it_plus_the_offset() {
     b.emit(op::MOVI, RCX, 0, msr::TSC_AUX as i32).emit(op::MOVI, RAX, 0, 7).emit(op::WRMSR, 0, 0, 0);
     b.emit(op::RDTSCP, 0, 0, 0);
     let mem = memory();
-    let mut cpu = vcpu_with(&mem, &b.emit(op::HLT, 0, 0, 0), Vendor::Intel);
+    let mut cpu = vcpu_with(&mem, b.emit(op::HLT, 0, 0, 0), Vendor::Intel);
     cpu.set_tsc_offset((5u64 << 32) + 1000);
     cpu.set_register("rax", 0).unwrap();
     let mut first = cpu.run(3).unwrap();
@@ -554,7 +554,10 @@ fn memory_image(mem: &GuestMemory) -> Vec<u8> {
     all
 }
 
-fn final_state(cpu: &Vcpu) -> (Vec<(&'static str, u64)>, u64, bool, Vec<u8>, u64) {
+/// Registers, instructions retired, halted, pending vectors, TSC.
+type FinalState = (Vec<(&'static str, u64)>, u64, bool, Vec<u8>, u64);
+
+fn final_state(cpu: &Vcpu) -> FinalState {
     (cpu.registers(), cpu.instructions_retired(), cpu.halted(), cpu.pending_interrupts(), cpu.tsc())
 }
 
