@@ -6,6 +6,7 @@
 //! only with the `python` feature, which maturin turns on, so `cargo test` and `cargo bench` never
 //! link libpython.
 
+pub mod cpu;
 pub mod dirty;
 pub mod memory;
 pub mod pages;

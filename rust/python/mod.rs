@@ -1,6 +1,7 @@
 //! PyO3 bindings: the `vmmpy._core` extension module. No logic lives here, only conversions
 //! between Python objects and the Rust core, and the GIL released around long work.
 
+mod cpu;
 mod errors;
 mod memory;
 mod pages;
@@ -15,6 +16,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     memory::register(m)?;
     pages::register(m)?;
+    cpu::register(m)?;
     Ok(())
 }
 
