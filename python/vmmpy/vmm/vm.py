@@ -1,0 +1,621 @@
+"""The ``Vm``: what vmm.ko is to bhyve — memory, vCPUs, kernel-emulated devices, VM_RUN.
+
+A ``Vm`` is created by name (like ``/dev/vmm/NAME``) and driven through :meth:`Vm.ioctl`, whose
+commands and argument types are in :mod:`vmmpy.vmm.ioctl`. VM_RUN runs a vCPU and handles in the
+"kernel" everything bhyve's vmm.ko handles without leaving it: the local APIC, I/O APIC and HPET
+(MMIO), the 8259s, 8254, RTC and ACPI PM timer (ports), their timers, interrupt delivery, and
+HLT (time skips to the next timer event when the TSC counts instructions; the thread sleeps
+when it follows the host clock). It returns to userspace only for exits a device model must
+handle (other ports and MMIO), a halted guest that can never wake, a suspend, or a pause.
+
+Determinism: with the instruction-count TSC, every point at which the kernel touches devices or
+delivers interrupts is fixed by the instruction count alone: slice boundaries are aligned to
+absolute instruction counts, timer deadlines are absolute guest times, and a pause request (the
+one point that depends on the host) does no device work. So a guest run for N instructions ends
+in the same state however it was paused, suspended or migrated in between.
+
+This module knows nothing of files, sockets or the runtime's threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _core
+from ..memory import HIGHMEM_BASE, LOWMEM_LIMIT_DEFAULT, GuestMemory
+from .interfaces import DeviceAccessError, IsaIrqRouter
+from .ioctl import (
+    ALL_VCPUS,
+    Ioctl,
+    MemsegId,
+    SnapshotOp,
+    SnapshotReq,
+    SuspendHow,
+    VmCpuset,
+    VmDirtyPageList,
+    VmInjectInterrupt,
+    VmMemseg,
+    VmMmapMemseg,
+    VmRegister,
+    VmRestoreTime,
+    VmRun,
+    VmSnapshotMeta,
+    VmStats,
+    VmSuspend,
+    check_arg,
+    vmm_error,
+)
+from .vatpic import Vatpic
+from .vatpit import Vatpit
+from .vhpet import Vhpet
+from .vioapic import Vioapic
+from .vlapic import ApicBus, Vlapic
+from .vpmtmr import Vpmtmr
+from .vrtc import Vrtc
+
+#: Instructions per run slice: the kernel looks at timers and interrupts at least this often.
+#: Slices end at multiples of it in retired instructions, so their ends are deterministic.
+SLICE = 1 << 16
+#: Longest a halted vCPU that follows the host clock sleeps before looking again (seconds).
+HALT_POLL_S = 0.01
+RFLAGS_IF = 1 << 9
+VENDORS = ("intel", "amd")
+TSC_MODES = ("instructions", "host")
+
+_registry: dict[str, Vm] = {}
+_registry_lock = threading.Lock()
+
+
+def vm_create(name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions") -> Vm:
+    """Create a VM by name, as ``vm_create()`` makes ``/dev/vmm/NAME``; EEXIST if it exists."""
+    with _registry_lock:
+        if name in _registry:
+            raise vmm_error(errno.EEXIST, f"a VM named '{name}' already exists")
+        vm = Vm(name, ncpus=ncpus, vendor=vendor, tsc=tsc)
+        _registry[name] = vm
+        return vm
+
+
+def vm_open(name: str) -> Vm:
+    with _registry_lock:
+        vm = _registry.get(name)
+    if vm is None:
+        raise vmm_error(errno.ENOENT, f"no VM named '{name}'")
+    return vm
+
+
+def vm_destroy(name: str) -> None:
+    with _registry_lock:
+        vm = _registry.pop(name, None)
+    if vm is None:
+        raise vmm_error(errno.ENOENT, f"no VM named '{name}'")
+    vm.destroyed = True
+
+
+class VmClock:
+    """Guest time for devices shared by all vCPUs: nanoseconds of the guest TSC (1 GHz).
+
+    With the instruction-count TSC it is the latest TSC any vCPU reached at its last exit (with
+    one vCPU: exactly that vCPU's TSC). With the host TSC it is the host's CLOCK_MONOTONIC plus
+    the VM's TSC offset, readable from any thread.
+    """
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+
+    def now_ns(self) -> int:
+        if self.vm.tsc_mode == "host":
+            return (time.monotonic_ns() + self.vm.host_tsc_offset) & ((1 << 64) - 1)
+        return max(self.vm.last_tsc)
+
+
+class VcpuClock:
+    """One vCPU's own guest time (its local APIC's timer runs on it)."""
+
+    def __init__(self, vm: Vm, vcpuid: int) -> None:
+        self.vm = vm
+        self.vcpuid = vcpuid
+
+    def now_ns(self) -> int:
+        if self.vm.tsc_mode == "host":
+            return (time.monotonic_ns() + self.vm.host_tsc_offset) & ((1 << 64) - 1)
+        return self.vm.last_tsc[self.vcpuid]
+
+
+@dataclass
+class UserExit:
+    """What VM_RUN hands to userspace: the vCPU's exit, or a suspend."""
+
+    kind: str  # "inout", "mmio", "hlt", "suspended", "paused", "fault"
+    vcpuid: int
+    exit: Any = None  # the _core.VmExit, when there is one
+    how: SuspendHow | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "suspended":
+            return f"vcpu {self.vcpuid}: suspended ({self.how.name.lower()})"
+        return f"vcpu {self.vcpuid}: {self.kind} {self.exit!r}" if self.exit is not None else f"vcpu {self.vcpuid}: {self.kind}"
+
+
+class Vm:
+    """One virtual machine. Use :func:`vm_create`; drive it with :meth:`ioctl`."""
+
+    def __init__(self, name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions") -> None:
+        if vendor not in VENDORS:
+            raise vmm_error(errno.EINVAL, f"vendor {vendor!r} is not one of {', '.join(VENDORS)}")
+        if tsc not in TSC_MODES:
+            raise vmm_error(errno.EINVAL, f"TSC mode {tsc!r} is not one of {', '.join(TSC_MODES)}")
+        if not 1 <= ncpus <= 16:
+            raise vmm_error(errno.EINVAL, f"{ncpus} vCPUs: a VM has 1 to 16")
+        self.name = name
+        self.ncpus = ncpus
+        self.vendor = vendor
+        self.tsc_mode = tsc
+        self.destroyed = False
+        self.memory: GuestMemory | None = None
+        self._mapped: dict[str, bool] = {}
+        self.vcpus: list[Any] = []
+        self.last_tsc = [0] * ncpus
+        self.host_tsc_offset = 0
+        self.suspended: SuspendHow | None = None
+        # The kernel lock: device emulation, timers and interrupt delivery happen under it; vCPU
+        # execution does not. Userspace device models take it (through raise_irq) too.
+        self.lock = threading.RLock()
+        self._running = [False] * ncpus
+        self._paused = [False] * ncpus
+        self._at_deterministic_point = [True] * ncpus
+        self._wakeup = threading.Condition(self.lock)
+        self.stats = [Counter() for _ in range(ncpus)]
+        self._build_kernel_devices()
+
+    # ---- kernel-emulated devices --------------------------------------------------------
+    def _build_kernel_devices(self) -> None:
+        self.clock = VmClock(self)
+        self.apic_bus = ApicBus()
+        self.vlapics: list[Vlapic] = []
+        self.vioapic = Vioapic(self.apic_bus.route)
+        self.vatpic = Vatpic(self._atpic_intr)
+        self.isa_irq = IsaIrqRouter(self.vatpic, self.vioapic)
+        self.vatpit = Vatpit(self.clock, self.isa_irq)
+        self.vhpet = Vhpet(self.clock, self.vioapic, self.isa_irq)
+        self.vrtc = Vrtc(self.clock, self.isa_irq)
+        self.vpmtmr = Vpmtmr(self.clock)
+        self._port_devices: dict[int, Any] = {}
+        for device in (self.vatpic, self.vatpit, self.vrtc, self.vpmtmr):
+            for first, count in device.port_ranges:
+                for port in range(first, first + count):
+                    self._port_devices[port] = device
+        self._mmio_devices = [self.vioapic, self.vhpet]
+        self._timer_devices: list[Any] = [self.vatpit, self.vhpet, self.vrtc]
+
+    def _atpic_intr(self, vector: int) -> None:
+        # The 8259's INTR line reaches the BSP as an external interrupt (PIC mode).
+        if self.vcpus:
+            self.vcpus[0].inject_interrupt(vector)
+            self.kick(0)
+
+    def kernel_port(self, port: int) -> bool:
+        return port in self._port_devices
+
+    # ---- ioctl ------------------------------------------------------------------------------
+    def ioctl(self, cmd: int, arg: Any) -> Any:
+        """Dispatch a vmm command; fails with OSError(errno) as vmm.ko would."""
+        if self.destroyed:
+            raise vmm_error(errno.ENXIO, f"VM '{self.name}' was destroyed")
+        command = check_arg(cmd, arg)
+        handler = getattr(self, f"_ioctl_{command.name.lower()}")
+        return handler(arg)
+
+    def _check_vcpu(self, vcpuid: int, *, allow_all: bool = False) -> None:
+        if allow_all and vcpuid == ALL_VCPUS:
+            return
+        if not isinstance(vcpuid, int) or not 0 <= vcpuid < self.ncpus:
+            raise vmm_error(errno.EINVAL, f"vcpu {vcpuid} does not exist (VM '{self.name}' has {self.ncpus})")
+        if not self.vcpus:
+            raise vmm_error(errno.ENXIO, f"VM '{self.name}' has no memory mapped yet, so no vCPUs")
+
+    def _vcpu_ids(self, vcpuid: int) -> range:
+        return range(self.ncpus) if vcpuid == ALL_VCPUS else range(vcpuid, vcpuid + 1)
+
+    # -- memory
+    def _ioctl_vm_alloc_memseg(self, arg: VmMemseg) -> None:
+        if arg.segid != MemsegId.SYSMEM:
+            raise vmm_error(errno.EINVAL, f"memory segment id {arg.segid} is not SYSMEM ({MemsegId.SYSMEM})")
+        if self.memory is not None:
+            raise vmm_error(errno.EEXIST, f"VM '{self.name}' already has system memory ({self.memory.memsize} bytes)")
+        try:
+            self.memory = GuestMemory(arg.len, wired=arg.wired, dirty_tracking=arg.dirty_tracking)
+        except ValueError as err:
+            raise vmm_error(errno.EINVAL, str(err)) from None
+        self._mapped = {seg.name: False for seg in self.memory.segments}
+
+    def _ioctl_vm_mmap_memseg(self, arg: VmMmapMemseg) -> None:
+        if self.memory is None:
+            raise vmm_error(errno.EINVAL, "VM_MMAP_MEMSEG before VM_ALLOC_MEMSEG: there is no segment to map")
+        # System memory is one object: lowmem maps its first bytes at GPA 0, highmem the rest at
+        # 4 GiB, exactly as bhyve's vm_setup_memory maps them.
+        offset = 0
+        for seg in self.memory.segments:
+            if (arg.gpa, arg.segoff, arg.len) == (seg.gpa, offset, seg.size):
+                if self._mapped[seg.name]:
+                    raise vmm_error(errno.EEXIST, f"segment '{seg.name}' is already mapped at {seg.gpa:#x}")
+                self._mapped[seg.name] = True
+                if all(self._mapped.values()):
+                    self._create_vcpus()
+                return
+            offset += seg.size
+        layout = ", ".join(f"{s.name}: gpa {s.gpa:#x} len {s.size:#x}" for s in self.memory.segments)
+        raise vmm_error(
+            errno.EINVAL,
+            f"cannot map {arg.len:#x} bytes of system memory at gpa {arg.gpa:#x} (offset {arg.segoff:#x}); the layout is {layout}",
+        )
+
+    def setup_memory(self, memsize: int, *, wired: bool = False, dirty_tracking: str = "auto") -> GuestMemory:
+        """libvmmapi's ``vm_setup_memory``: allocate system memory and map lowmem and highmem."""
+        self.ioctl(Ioctl.VM_ALLOC_MEMSEG, VmMemseg(MemsegId.SYSMEM, memsize, wired, dirty_tracking))
+        offset = 0
+        for seg in self.memory.segments:
+            self.ioctl(Ioctl.VM_MMAP_MEMSEG, VmMmapMemseg(seg.gpa, MemsegId.SYSMEM, offset, seg.size))
+            offset += seg.size
+        return self.memory
+
+    def adopt_memory(self, memory: GuestMemory) -> None:
+        """Use memory made elsewhere (a restore or a migration receive) as system memory."""
+        if self.memory is not None:
+            raise vmm_error(errno.EEXIST, f"VM '{self.name}' already has system memory")
+        self.memory = memory
+        self._mapped = {seg.name: True for seg in memory.segments}
+        self._create_vcpus()
+
+    def _create_vcpus(self) -> None:
+        self.vcpus = [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
+        for i in range(self.ncpus):
+            lapic = Vlapic(VcpuClock(self, i), self.vcpus[i], apic_id=i, bus=self.apic_bus, eoi_sink=self.vioapic.eoi)
+            self.vlapics.append(lapic)
+        self._timer_devices.extend(self.vlapics)
+
+    # -- registers
+    def _ioctl_vm_get_register(self, arg: VmRegister) -> int:
+        self._check_vcpu(arg.vcpuid)
+        arg.regval = self._vcpu_call(arg.vcpuid, "get_register", arg.regname)
+        return arg.regval
+
+    def _ioctl_vm_set_register(self, arg: VmRegister) -> None:
+        self._check_vcpu(arg.vcpuid)
+        self._vcpu_call(arg.vcpuid, "set_register", arg.regname, arg.regval)
+
+    def _vcpu_call(self, vcpuid: int, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.vcpus[vcpuid], method)(*args)
+        except ValueError as err:
+            raise vmm_error(errno.EINVAL, str(err)) from None
+
+    def _ioctl_vm_inject_interrupt(self, arg: VmInjectInterrupt) -> None:
+        self._check_vcpu(arg.vcpuid)
+        if not 0 <= arg.vector <= 255:
+            raise vmm_error(errno.EINVAL, f"vector {arg.vector} is not 0..255")
+        with self.lock:
+            self.vlapics[arg.vcpuid].set_intr(arg.vector)
+        self.kick(arg.vcpuid)
+
+    # -- run
+    def _ioctl_vm_run(self, arg: VmRun) -> UserExit:
+        self._check_vcpu(arg.vcpuid)
+        arg.exit = self._run(arg.vcpuid, arg.budget)
+        return arg.exit
+
+    def complete_read(self, vcpuid: int, value: int) -> None:
+        """Give a userspace-emulated ``in`` or MMIO load its value before the next VM_RUN."""
+        self._check_vcpu(vcpuid)
+        self.vcpus[vcpuid].complete_read(value)
+
+    def _run(self, vcpuid: int, budget: int) -> UserExit:
+        vcpu = self.vcpus[vcpuid]
+        with self.lock:
+            if self._running[vcpuid]:
+                raise vmm_error(errno.EBUSY, f"vcpu {vcpuid} of VM '{self.name}' is already running")
+            if self.suspended is not None:
+                return UserExit("suspended", vcpuid, how=self.suspended)
+            if self._paused[vcpuid]:
+                return UserExit("paused", vcpuid)
+            self._running[vcpuid] = True
+        stats = self.stats[vcpuid]
+        start = vcpu.instructions_retired
+        try:
+            if self._at_deterministic_point[vcpuid]:
+                self._kernel_work(vcpuid)
+            self._at_deterministic_point[vcpuid] = True
+            while True:
+                used = vcpu.instructions_retired - start
+                if used >= budget:
+                    return UserExit("budget", vcpuid)
+                slice_left = SLICE - vcpu.instructions_retired % SLICE
+                run_for = min(slice_left, budget - used)
+                deadline = self._next_deadline(vcpuid)
+                if deadline is not None and self.tsc_mode == "instructions":
+                    run_for = max(1, min(run_for, deadline - self.last_tsc[vcpuid]))
+                ex = vcpu.run(run_for)
+                self.last_tsc[vcpuid] = vcpu.tsc
+                kind = ex.kind
+                stats[f"exits_{kind}"] += 1
+                if kind == "pause_requested":
+                    # Host-timed: do no device work here, so where it lands changes nothing.
+                    self._at_deterministic_point[vcpuid] = False
+                    with self.lock:
+                        if self.suspended is not None:
+                            return UserExit("suspended", vcpuid, how=self.suspended)
+                    return UserExit("paused", vcpuid, ex)
+                if kind == "inout" and ex.port in self._port_devices:
+                    self._emulate_port(vcpuid, ex)
+                elif kind == "mmio" and self._kernel_mmio(vcpuid, ex.gpa) is not None:
+                    self._emulate_mmio(vcpuid, ex)
+                elif kind == "hlt":
+                    if not self._halt(vcpuid):
+                        stats["halted_forever"] += 1
+                        return UserExit("hlt", vcpuid, ex)
+                elif kind in ("inout", "mmio", "fault"):
+                    stats["userspace_exits"] += 1
+                    return UserExit(kind, vcpuid, ex)
+                self._kernel_work(vcpuid)
+        finally:
+            stats["instructions"] += vcpu.instructions_retired - start
+            with self.lock:
+                self._running[vcpuid] = False
+
+    def _next_deadline(self, vcpuid: int) -> int | None:
+        with self.lock:
+            times = [t for t in (d.next_event_ns() for d in self._timer_devices) if t is not None]
+        return min(times) if times else None
+
+    def _kernel_work(self, vcpuid: int) -> None:
+        """At a deterministic point: fire due timers, then offer the vCPU its interrupts."""
+        with self.lock:
+            now = self.clock.now_ns()
+            for device in self._timer_devices:
+                device.advance(now)
+            self._deliver(vcpuid)
+
+    def _deliver(self, vcpuid: int) -> None:
+        vcpu = self.vcpus[vcpuid]
+        if vcpu.get_register("rflags") & RFLAGS_IF:
+            if self.vlapics[vcpuid].deliver() is not None:
+                self.stats[vcpuid]["interrupts_delivered"] += 1
+
+    def _emulate_port(self, vcpuid: int, ex: Any) -> None:
+        device = self._port_devices[ex.port]
+        with self.lock:
+            try:
+                if ex.is_in:
+                    self.vcpus[vcpuid].complete_read(device.io_read(ex.port, ex.size))
+                else:
+                    device.io_write(ex.port, ex.size, ex.value)
+            except DeviceAccessError:
+                # A malformed access to a device port reads all-ones and writes nothing, as on a PC.
+                if ex.is_in:
+                    self.vcpus[vcpuid].complete_read((1 << (8 * ex.size)) - 1)
+        self.stats[vcpuid]["kernel_port_exits"] += 1
+
+    def _kernel_mmio(self, vcpuid: int, gpa: int) -> Any | None:
+        lapic = self.vlapics[vcpuid]
+        for device in (lapic, *self._mmio_devices):
+            for base, length in device.mmio_ranges:
+                if base <= gpa < base + length:
+                    return device
+        return None
+
+    def _emulate_mmio(self, vcpuid: int, ex: Any) -> None:
+        device = self._kernel_mmio(vcpuid, ex.gpa)
+        with self.lock:
+            try:
+                if ex.is_write:
+                    device.mmio_write(ex.gpa, ex.size, ex.value)
+                else:
+                    self.vcpus[vcpuid].complete_read(device.mmio_read(ex.gpa, ex.size))
+            except DeviceAccessError:
+                if not ex.is_write:
+                    self.vcpus[vcpuid].complete_read((1 << (8 * ex.size)) - 1)
+        self.stats[vcpuid]["kernel_mmio_exits"] += 1
+
+    def _halt(self, vcpuid: int) -> bool:
+        """A vCPU executed hlt with nothing to wake it now. Wait for the next timer event (skip
+        to it, with the instruction TSC) or an interrupt from elsewhere. False if it can never
+        wake: interrupts off and nothing can change that."""
+        vcpu = self.vcpus[vcpuid]
+        interrupts_on = bool(vcpu.get_register("rflags") & RFLAGS_IF)
+        if not interrupts_on:
+            return False
+        while True:
+            with self.lock:
+                if self.vlapics[vcpuid].pending_vector() is not None or vcpu.pending_interrupts:
+                    return True
+                if self.suspended is not None or self._paused[vcpuid]:
+                    return True  # the next run() returns the suspend or pause
+                deadline = self._next_deadline(vcpuid)
+                if self.tsc_mode == "instructions":
+                    if deadline is None:
+                        # Only an interrupt from another thread (a device, an IPI) can wake it.
+                        self._wakeup.wait(HALT_POLL_S)
+                        continue
+                    skip = deadline - self.last_tsc[vcpuid]
+                    if skip > 0:
+                        vcpu.tsc_offset = (vcpu.tsc_offset + skip) & ((1 << 64) - 1)
+                        self.last_tsc[vcpuid] = vcpu.tsc
+                        self.stats[vcpuid]["halt_skipped_ns"] += skip
+                    return True
+                wait = HALT_POLL_S if deadline is None else max(0.0, (deadline - self.clock.now_ns()) / 1e9)
+                if wait == 0.0:
+                    return True
+                self._wakeup.wait(min(wait, HALT_POLL_S))
+                if deadline is not None and self.clock.now_ns() >= deadline:
+                    return True
+
+    def kick(self, vcpuid: int | None = None) -> None:
+        """Wake halted vCPUs to look for interrupts (after a device raised one)."""
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    def raise_irq(self, irq: int, level: bool | None = None) -> None:
+        """A userspace device's ISA interrupt line: True asserts, False deasserts, None pulses."""
+        with self.lock:
+            if level is None:
+                self.isa_irq.pulse_irq(irq)
+            elif level:
+                self.isa_irq.assert_irq(irq)
+            else:
+                self.isa_irq.deassert_irq(irq)
+        self.kick()
+
+    # -- suspend, pause
+    def _ioctl_vm_suspend(self, arg: VmSuspend) -> None:
+        with self.lock:
+            if self.suspended is not None:
+                raise vmm_error(errno.EALREADY, f"VM '{self.name}' is already suspended ({self.suspended.name.lower()})")
+            self.suspended = SuspendHow(arg.how)
+        for vcpu in self.vcpus:
+            vcpu.request_pause()
+        self.kick()
+
+    def _ioctl_vm_reinit(self, arg: Any) -> None:
+        with self.lock:
+            if self.suspended is None or any(self._running):
+                raise vmm_error(errno.EBUSY, f"VM '{self.name}' must be suspended with no vCPU running to reinit")
+            self.suspended = None
+            self._paused = [False] * self.ncpus
+            self._at_deterministic_point = [True] * self.ncpus
+            self.last_tsc = [0] * self.ncpus
+            self._build_kernel_devices()
+            if self.memory is not None:
+                self._create_vcpus()
+
+    def _ioctl_vm_pause_vcpus(self, arg: VmCpuset) -> None:
+        self._check_vcpu(arg.vcpuid, allow_all=True)
+        with self.lock:
+            for i in self._vcpu_ids(arg.vcpuid):
+                self._paused[i] = True
+        for i in self._vcpu_ids(arg.vcpuid):
+            self.vcpus[i].request_pause()
+        self.kick()
+
+    def _ioctl_vm_resume_vcpus(self, arg: VmCpuset) -> None:
+        self._check_vcpu(arg.vcpuid, allow_all=True)
+        with self.lock:
+            for i in self._vcpu_ids(arg.vcpuid):
+                self._paused[i] = False
+        self.kick()
+
+    def vcpu_running(self, vcpuid: int) -> bool:
+        with self.lock:
+            return self._running[vcpuid]
+
+    def vcpu_paused(self, vcpuid: int) -> bool:
+        with self.lock:
+            return self._paused[vcpuid]
+
+    # -- stats, dirty pages
+    def _ioctl_vm_get_stats(self, arg: VmStats) -> dict[str, int]:
+        self._check_vcpu(arg.vcpuid)
+        stats = dict(self.stats[arg.vcpuid])
+        if not self.vcpu_running(arg.vcpuid):
+            stats["instructions_retired"] = self.vcpus[arg.vcpuid].instructions_retired
+            stats["tsc"] = self.vcpus[arg.vcpuid].tsc
+        arg.stats = stats
+        return stats
+
+    def _ioctl_vm_get_dirty_page_list(self, arg: VmDirtyPageList) -> Any:
+        if self.memory is None:
+            raise vmm_error(errno.EINVAL, f"VM '{self.name}' has no memory")
+        arg.pfns = self.memory.get_and_clear_dirty()
+        return arg.pfns
+
+    # -- snapshot
+    _KERNEL_STRUCTS = {
+        SnapshotReq.STRUCT_VIOAPIC: "vioapic",
+        SnapshotReq.STRUCT_VHPET: "vhpet",
+        SnapshotReq.STRUCT_VATPIC: "vatpic",
+        SnapshotReq.STRUCT_VATPIT: "vatpit",
+        SnapshotReq.STRUCT_VPMTMR: "vpmtmr",
+        SnapshotReq.STRUCT_VRTC: "vrtc",
+    }
+
+    def _require_stopped(self, what: str) -> None:
+        if any(self._running):
+            busy = [i for i, r in enumerate(self._running) if r]
+            raise vmm_error(errno.EBUSY, f"{what}: vcpu {busy[0]} of VM '{self.name}' is running; pause the vCPUs first")
+
+    def _ioctl_vm_snapshot_req(self, arg: VmSnapshotMeta) -> Any:
+        with self.lock:
+            self._require_stopped(f"VM_SNAPSHOT_REQ {SnapshotReq(arg.req).name}")
+            req = SnapshotReq(arg.req)
+            if arg.op == SnapshotOp.SAVE:
+                arg.data = self._snapshot_save(req)
+                return arg.data
+            self._snapshot_restore(req, arg.data)
+            return None
+
+    def _snapshot_save(self, req: SnapshotReq) -> Any:
+        if req == SnapshotReq.STRUCT_VM:
+            return {
+                "ncpus": self.ncpus,
+                "vendor": self.vendor,
+                "tsc_mode": self.tsc_mode,
+                "last_tsc": list(self.last_tsc),
+                "host_tsc_offset": self.host_tsc_offset,
+                "at_deterministic_point": list(self._at_deterministic_point),
+                "guest_time_ns": self.clock.now_ns(),
+            }
+        if req == SnapshotReq.STRUCT_VMCX:
+            return [vcpu.save_state() for vcpu in self.vcpus]
+        if req == SnapshotReq.STRUCT_VLAPIC:
+            return [lapic.save().to_dict() for lapic in self.vlapics]
+        return getattr(self, self._KERNEL_STRUCTS[req]).save().to_dict()
+
+    def _snapshot_restore(self, req: SnapshotReq, data: Any) -> None:
+        try:
+            if req == SnapshotReq.STRUCT_VM:
+                if (data["ncpus"], data["vendor"], data["tsc_mode"]) != (self.ncpus, self.vendor, self.tsc_mode):
+                    raise ValueError(
+                        f"vm: saved for {data['ncpus']} vCPUs, vendor {data['vendor']}, TSC {data['tsc_mode']}; "
+                        f"this VM has {self.ncpus}, {self.vendor}, {self.tsc_mode}"
+                    )
+                self.last_tsc = [int(t) for t in data["last_tsc"]]
+                self.host_tsc_offset = int(data["host_tsc_offset"])
+                self._at_deterministic_point = [bool(b) for b in data["at_deterministic_point"]]
+                self._saved_guest_time_ns = int(data["guest_time_ns"])
+            elif req == SnapshotReq.STRUCT_VMCX:
+                if len(data) != self.ncpus:
+                    raise ValueError(f"vmcx: {len(data)} vCPU states for a VM of {self.ncpus}")
+                for vcpu, state in zip(self.vcpus, data):
+                    vcpu.restore_state(state)
+            elif req == SnapshotReq.STRUCT_VLAPIC:
+                if len(data) != self.ncpus:
+                    raise ValueError(f"vlapic: {len(data)} local APIC states for a VM of {self.ncpus}")
+                for lapic, state in zip(self.vlapics, data):
+                    lapic.restore(type(lapic.save()).from_dict(state))
+            else:
+                device = getattr(self, self._KERNEL_STRUCTS[req])
+                device.restore(type(device.save()).from_dict(data))
+        except (KeyError, TypeError, ValueError) as err:
+            raise vmm_error(errno.EINVAL, f"VM_SNAPSHOT_REQ restore of {req.name}: {err}") from None
+
+    def _ioctl_vm_restore_time(self, arg: VmRestoreTime) -> None:
+        """After a restore, make the guest clock continue from the saved value (host TSC mode):
+        it neither runs backwards nor jumps by the time the VM spent suspended."""
+        with self.lock:
+            self._require_stopped("VM_RESTORE_TIME")
+            if self.tsc_mode != "host":
+                return  # the instruction TSC restores exactly with the vCPU state
+            saved = getattr(self, "_saved_guest_time_ns", None)
+            if saved is None:
+                raise vmm_error(errno.EINVAL, "VM_RESTORE_TIME without a restored 'vm' struct")
+            self.host_tsc_offset = (saved - time.monotonic_ns()) & ((1 << 64) - 1)
+            for vcpu in self.vcpus:
+                vcpu.tsc_offset = self.host_tsc_offset
+
+    def __repr__(self) -> str:
+        memsize = self.memory.memsize if self.memory is not None else 0
+        return f"<Vm {self.name} ncpus={self.ncpus} memsize={memsize} vendor={self.vendor} tsc={self.tsc_mode}>"
