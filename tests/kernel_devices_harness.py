@@ -54,17 +54,18 @@ class FakeLapic:
 
 
 def run_until(clock: ManualClock, timers, end_ns: int, after_event=None) -> None:
-    """The run loop's time part: jump to each earliest event, advance every device, repeat."""
+    """The run loop's time part: jump to each earliest event, advance every device, let the
+    guest react (``after_event``), repeat; finally move to ``end_ns`` and advance."""
     while True:
         due = [t for t in (d.next_event_ns() for d in timers) if t is not None and t <= end_ns]
         step = min(due) if due else end_ns
         clock.set_ns(max(step, clock.now_ns()))
         for device in timers:
             device.advance(clock.now_ns())
-        if after_event is not None:
-            after_event()
         if not due:
             return
+        if after_event is not None:
+            after_event()
 
 
 def json_roundtrip(state):

@@ -93,6 +93,8 @@ class VrtcState(DeviceState):
         self.check_int("reg_a", 0, 0x7F)
         self.check_int("reg_b", 0, 0xFF)
         self.check_int("reg_c", 0, 0xF0)
+        if self.reg_c & 0x0F:
+            raise self.fail("reg_c", f"{self.reg_c:#x} sets bits 0-3, which always read 0")
         self.check_list("alarm", 3, 0, 0xFF)
         self.check_hex("nvram", NVRAM_SIZE)
         self.check_hex("stopped_time_regs", len(TIME_REGS))
