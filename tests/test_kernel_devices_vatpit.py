@@ -164,3 +164,26 @@ def test_restore_refuses_bad_state():
     bad = dict(good, fields=dict(good["fields"], gate=[False, True, True]))
     with pytest.raises(DeviceStateError, match=r"vatpit: gate\[0\]: channels 0 and 1 have their gates tied high"):
         VatpitState.from_dict(bad)
+
+
+def test_irq0_reaches_the_8259_and_the_ioapic_pin_2_through_the_isa_router():
+    from vmmpy.vmm.interfaces import IsaIrqRouter
+    from vmmpy.vmm.vatpic import Vatpic
+    from vmmpy.vmm.vioapic import IOAPIC_BASE, Vioapic
+    from .kernel_devices_harness import FakeLapic
+
+    clock = ManualClock()
+    lapic = FakeLapic(0)
+    ioapic = Vioapic(lambda dest, logical: [lapic])
+    ioapic.mmio_write(IOAPIC_BASE, 4, 0x10 + 2 * 2)
+    ioapic.mmio_write(IOAPIC_BASE + 0x10, 4, 0x30)  # pin 2 unmasked, edge, vector 0x30
+    vectors = []
+    atpic = Vatpic(vectors.append)
+    for port, icw2, icw3 in ((0x20, 0x08, 0x04), (0xA0, 0x70, 0x02)):
+        for port_offset, value in ((0, 0x11), (1, icw2), (1, icw3), (1, 0x03)):  # auto-EOI
+            atpic.io_write(port + port_offset, 1, value)
+    pit = Vatpit(clock, IsaIrqRouter(atpic, ioapic))
+    program(pit, 0, 2, 11932)
+    run_until(clock, [pit], 100_000_000)
+    assert vectors == [0x08] * 9  # period 11932 ticks = 10.0002 ms: 9 edges by 100 ms
+    assert lapic.received == [(0x30, False)] * 9
