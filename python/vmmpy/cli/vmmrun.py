@@ -1,0 +1,164 @@
+"""vmmrun: run a vmmpy guest, as bhyve runs one.
+
+    vmmrun [-c NCPUS] [-m MEMSIZE] [-S] [-s SLOT,EMULATION[,CONF]]... [-l com1,stdio|FILE]
+           [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions]
+           [--vendor intel|amd] VMNAME
+
+Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from ..runtime.config import (
+    DIRTY_TRACKING,
+    TSC_MODES,
+    VENDORS,
+    ConfigError,
+    VmConfig,
+    parse_guest_arg,
+    parse_lpc,
+    parse_memsize,
+    parse_slot,
+)
+from ..runtime.control import valid_vm_name
+from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
+from ..vmm.ioctl import SuspendHow
+
+EPILOG = """\
+guests:
+  --guest takes the name of a shipped guest program (see docs/guests.md; `vmmrun --list-guests`)
+  or the path of an assembly file for the simulated ISA (docs/isa.md). --guest-arg KEY=VALUE
+  sets the program's arguments.
+
+examples:
+  vmmrun --guest abtest --guest-arg sweeps=100 -m 256M -l com1,console.log vm0
+  vmmrun -c 2 -m 1G -S -s 0,hostbridge -s 1,lpc -l com1,stdio --guest console vm1
+
+while it runs, `vmmctl --vm=VMNAME ...` controls it through its control socket.
+exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error (bhyve's convention).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmmrun",
+        description="Run a vmmpy guest (like bhyve).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--cpus", dest="ncpus", type=int, default=1, metavar="NCPUS", help="number of vCPUs (default 1)")
+    p.add_argument("-m", "--memory", dest="memsize", default="256M", metavar="MEMSIZE",
+                   help="guest memory: a number of MiB, or with a K/M/G/T suffix (default 256M)")
+    p.add_argument("-S", "--wire", dest="wired", action="store_true", help="wire guest memory (populate and mlock it up front)")
+    p.add_argument("-s", "--slot", dest="slots", action="append", default=[], metavar="SLOT,EMULATION[,CONF]",
+                   help="place a PCI device: SLOT[:FUNC] or BUS:SLOT:FUNC, then the emulation (hostbridge, lpc)")
+    p.add_argument("-l", "--lpc", dest="lpc", action="append", default=[], metavar="com1,stdio|FILE",
+                   help="connect an LPC device: com1 or com2 to stdio or to a file")
+    p.add_argument("--guest", metavar="NAME|FILE", help="the guest program to run (required)")
+    p.add_argument("--guest-arg", dest="guest_args", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument for the guest program (repeatable)")
+    p.add_argument("--list-guests", action="store_true", help="list the shipped guest programs and their arguments, then exit")
+    p.add_argument("--tsc", choices=TSC_MODES, default="instructions",
+                   help="guest TSC source: retired instructions (deterministic, default) or the host clock")
+    p.add_argument("--vendor", choices=VENDORS, default="intel", help="vCPU state layout: intel (VMCS-like) or amd (VMCB-like)")
+    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default="auto",
+                   help="dirty page tracking backend (default auto: kernel where it works, else soft)")
+    p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the VM does")
+    p.add_argument("vmname", nargs="?", metavar="VMNAME", help="the guest's name, used by vmmctl --vm")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    if not args.vmname:
+        raise ConfigError("no VMNAME given: name the guest as the last argument")
+    if not valid_vm_name(args.vmname):
+        raise ConfigError(f"VMNAME {args.vmname!r}: use letters, digits, '-', '_' and '.', at most 64")
+    config = VmConfig(
+        name=args.vmname,
+        ncpus=args.ncpus,
+        memsize=parse_memsize(args.memsize),
+        wired=args.wired,
+        slots=[parse_slot(s) for s in args.slots],
+        guest=args.guest,
+        guest_args=dict(parse_guest_arg(a) for a in args.guest_args),
+        tsc=args.tsc,
+        vendor=args.vendor,
+        dirty_tracking=args.dirty_tracking,
+    )
+    for spec in args.lpc:
+        device, backend = parse_lpc(spec)
+        config.lpc[device] = backend
+    config.validate()
+    return config
+
+
+def list_guests() -> int:
+    from ..guest.programs import PROGRAMS
+
+    for name, program in sorted(PROGRAMS.items()):
+        print(f"{name}: {program.description}")
+        for arg in program.arguments:
+            print(f"    {arg}")
+    return 0
+
+
+def load_guest(machine: Machine, config: VmConfig) -> None:
+    from ..guest.programs import load_program
+
+    memory = machine.vm.memory
+    lowmem = memory.lowmem.size
+    highmem = memory.highmem.size if memory.highmem is not None else 0
+    program = load_program(config.guest, config.guest_args, memsize=config.memsize, lowmem_size=lowmem, highmem_size=highmem)
+    machine.load_program(program)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vmmrun: %(message)s")
+    if args.list_guests:
+        return list_guests()
+    try:
+        config = config_from_args(args)
+        if not config.guest:
+            raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests)")
+        machine = Machine(config)
+    except (ConfigError, ValueError) as err:
+        print(f"vmmrun: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:
+        print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        machine.setup_memory()
+        load_guest(machine, config)
+        machine.start(control_dir=args.run_dir)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"vmmrun: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        machine.close()
+        return EXIT_ERROR
+
+    def on_signal(signum, frame):
+        machine.suspend(SuspendHow.POWEROFF)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while (status := machine.wait(0.5)) is None:
+            pass
+    finally:
+        machine.close()
+    if args.verbose or status not in (0, 1, 2):
+        print(f"vmmrun: {config.name}: {machine.exit_reason or EXIT_NAMES.get(status, status)}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""The bhyve process: a VM built from a :class:`VmConfig`, one thread per vCPU, userspace exits
+dispatched to device models, and the control socket.
+
+A vCPU thread loops on VM_RUN. Exits the kernel hands back go to the userspace devices (the
+LPC UARTs and power management; PCI devices come with the device layer); a halted-forever
+vCPU halts the VM; a fault stops it as bhyve stops on a triple fault. A pause parks the thread
+until resumed, which is how checkpoints and migrations stop the guest (bhyve's
+``vm_vcpu_pause`` rendezvous).
+
+Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..devices.base import PortBus
+from ..devices.lpc import make_uarts
+from ..devices.pm import PowerManagement
+from ..devices.uart import ConsoleBackend
+from ..vmm.ioctl import ALL_VCPUS, Ioctl, SuspendHow, VmCpuset, VmRun, VmStats, VmSuspend, vmm_error
+from ..vmm.vm import Vm, vm_create, vm_destroy
+from .config import ConfigError, VmConfig
+from .control import ControlServer
+
+log = logging.getLogger(__name__)
+
+EXIT_RESET, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
+_STATUS_OF = {
+    SuspendHow.RESET: EXIT_RESET,
+    SuspendHow.POWEROFF: EXIT_POWEROFF,
+    SuspendHow.HALT: EXIT_HALT,
+    SuspendHow.TRIPLEFAULT: EXIT_TRIPLEFAULT,
+}
+EXIT_NAMES = {EXIT_RESET: "reset", EXIT_POWEROFF: "powered off", EXIT_HALT: "halted", EXIT_TRIPLEFAULT: "triple fault", EXIT_ERROR: "error"}
+
+#: Emulations ``-s`` accepts today; the device layer adds the rest.
+SLOT_EMULATIONS = ("hostbridge", "lpc")
+
+#: Where guest programs are loaded and their stack starts (docs/guests.md).
+GUEST_LOAD_ADDRESS = 0x100000
+
+
+class Machine:
+    """A configured guest and the threads that run it."""
+
+    def __init__(self, config: VmConfig, *, consoles: dict[str, ConsoleBackend] | None = None) -> None:
+        config.validate()
+        for slot in config.slots:
+            if slot.emulation not in SLOT_EMULATIONS:
+                raise ConfigError(
+                    f"-s {slot.slot},{slot.emulation}: unknown emulation '{slot.emulation}' "
+                    f"(this vmmpy has: {', '.join(SLOT_EMULATIONS)})"
+                )
+        self.config = config
+        self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc)
+        self.ports = PortBus()
+        self.uarts = make_uarts(config.lpc, self.vm.raise_irq, consoles)
+        self.pm = PowerManagement(self.suspend)
+        for device in (*self.uarts, self.pm):
+            self.ports.register(device)
+        self.devices = [*self.uarts, self.pm]
+        self._threads: list[threading.Thread] = []
+        self._parked = [False] * config.ncpus
+        self._cond = threading.Condition()
+        self._exit_status: int | None = None
+        self._exit_reason = ""
+        self._control: ControlServer | None = None
+        self.started_at: float | None = None
+
+    # ---- construction -------------------------------------------------------------------
+    def setup_memory(self) -> None:
+        self.vm.setup_memory(self.config.memsize, wired=self.config.wired, dirty_tracking=self.config.dirty_tracking)
+
+    def load_program(self, program: Any) -> None:
+        """Load an assembled guest program and point the BSP at its ``start``."""
+        if "start" not in program.symbols:
+            raise ConfigError("guest program has no 'start' label to begin at")
+        self.vm.memory.write(program.origin, program.code)
+        self.vm.vcpus[0].set_register("rip", program.symbols["start"])
+        self.vm.vcpus[0].set_register("rsp", GUEST_LOAD_ADDRESS)
+
+    # ---- running -------------------------------------------------------------------------
+    def start(self, *, control_dir: Path | None = None, serve_control: bool = True) -> None:
+        if serve_control:
+            self._control = ControlServer(self.config.name, self.control_handlers(), directory=control_dir)
+            self._control.start()
+        self.started_at = time.monotonic()
+        for i in range(self.config.ncpus):
+            thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"vcpu{i}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the guest to stop; its bhyve exit status, or None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return None
+        return self._exit_status
+
+    @property
+    def exit_status(self) -> int | None:
+        return self._exit_status
+
+    @property
+    def exit_reason(self) -> str:
+        return self._exit_reason
+
+    def suspend(self, how: SuspendHow) -> None:
+        """Stop the guest for good (power off, reset, halt, triple fault)."""
+        try:
+            self.vm.ioctl(Ioctl.VM_SUSPEND, VmSuspend(how))
+        except OSError as err:
+            if err.errno != errno.EALREADY:
+                raise
+        with self._cond:
+            self._cond.notify_all()
+
+    def _fail(self, vcpuid: int, reason: str, status: int = EXIT_ERROR) -> None:
+        with self._cond:
+            if self._exit_status is None:
+                self._exit_status = status
+                self._exit_reason = f"vcpu {vcpuid}: {reason}"
+        log.error("vcpu %d: %s", vcpuid, reason)
+        self.suspend(SuspendHow.TRIPLEFAULT if status == EXIT_TRIPLEFAULT else SuspendHow.HALT)
+
+    def _vcpu_loop(self, vcpuid: int) -> None:
+        vm = self.vm
+        try:
+            while True:
+                ex = vm.ioctl(Ioctl.VM_RUN, VmRun(vcpuid))
+                kind = ex.kind
+                if kind == "suspended":
+                    with self._cond:
+                        if self._exit_status is None:
+                            self._exit_status = _STATUS_OF[ex.how]
+                            self._exit_reason = EXIT_NAMES[self._exit_status]
+                    return
+                if kind == "paused":
+                    self._park(vcpuid)
+                elif kind == "inout":
+                    self._handle_inout(vcpuid, ex.exit)
+                elif kind == "mmio":
+                    e = ex.exit
+                    self._fail(vcpuid, f"unhandled MMIO {'write' if e.is_write else 'read'} of {e.size} bytes at gpa {e.gpa:#x} (rip {e.rip:#x})")
+                elif kind == "hlt":
+                    self.suspend(SuspendHow.HALT)
+                elif kind == "fault":
+                    e = ex.exit
+                    self._fail(vcpuid, f"guest fault {e.fault} at rip {e.rip:#x}", EXIT_TRIPLEFAULT)
+        except Exception as err:  # a bug in a device model must stop the VM, not hang it
+            log.exception("vcpu %d loop failed", vcpuid)
+            self._fail(vcpuid, f"internal error: {type(err).__name__}: {err}")
+
+    def _handle_inout(self, vcpuid: int, e: Any) -> None:
+        device = self.ports.lookup(e.port)
+        if device is None:
+            self._fail(vcpuid, f"unhandled {'in' if e.is_in else 'out'}{e.size * 8} port {e.port:#x} (rip {e.rip:#x})")
+            return
+        if e.is_in:
+            self.vm.complete_read(vcpuid, device.io_read(e.port, e.size))
+        else:
+            device.io_write(e.port, e.size, e.value)
+
+    def _park(self, vcpuid: int) -> None:
+        with self._cond:
+            self._parked[vcpuid] = True
+            self._cond.notify_all()
+            while self.vm.vcpu_paused(vcpuid) and self.vm.suspended is None:
+                self._cond.wait(0.1)
+            self._parked[vcpuid] = False
+            self._cond.notify_all()
+
+    # ---- pause / resume (bhyve's vm_vcpu_pause rendezvous) ---------------------------------
+    def pause(self, timeout: float = 10.0) -> float:
+        """Stop every vCPU at an instruction boundary; returns how long it took (seconds)."""
+        t0 = time.monotonic()
+        self.vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
+        deadline = t0 + timeout
+        with self._cond:
+            while not all(self._parked[i] or not self._threads[i].is_alive() for i in range(self.config.ncpus)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
+                    raise vmm_error(errno.ETIMEDOUT, f"vCPUs of '{self.config.name}' did not stop within {timeout} s")
+                self._cond.wait(min(left, 0.1))
+        for device in self.devices:
+            device.pause()
+        return time.monotonic() - t0
+
+    def resume(self) -> None:
+        for device in self.devices:
+            device.resume()
+        self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return any(self.vm.vcpu_paused(i) for i in range(self.config.ncpus))
+
+    # ---- teardown ------------------------------------------------------------------------
+    def destroy(self) -> None:
+        self.suspend(SuspendHow.POWEROFF)
+        with self._cond:
+            if self._exit_status is None:
+                self._exit_status = EXIT_POWEROFF
+                self._exit_reason = "destroyed"
+        self.wait(10)
+        self.close()
+
+    def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        for device in self.devices:
+            device.close()
+        try:
+            vm_destroy(self.config.name)
+        except OSError:
+            pass
+
+    # ---- the control socket ----------------------------------------------------------------
+    def control_handlers(self) -> dict[str, Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]]:
+        return {
+            "status": lambda req, progress: self.status(),
+            "stats": lambda req, progress: self.statistics(),
+            "registers": lambda req, progress: self.registers(),
+            "pause": lambda req, progress: {"paused": True, "seconds": round(self.pause(), 6)},
+            "resume": lambda req, progress: (self.resume(), {"paused": False})[1],
+            "destroy": lambda req, progress: self._destroy_from_control(),
+        }
+
+    def _destroy_from_control(self) -> dict[str, Any]:
+        # Answer first, then tear down: the control server thread must not join itself.
+        threading.Thread(target=self.destroy, daemon=True).start()
+        return {"destroyed": self.config.name}
+
+    def status(self) -> dict[str, Any]:
+        c = self.config
+        state = "stopped" if self._exit_status is not None else ("paused" if self.paused else "running")
+        return {
+            "name": c.name,
+            "state": state,
+            "ncpus": c.ncpus,
+            "memsize": c.memsize,
+            "wired": c.wired,
+            "vendor": c.vendor,
+            "tsc": c.tsc,
+            "dirty_tracking": self.vm.memory.dirty_tracking if self.vm.memory else None,
+            "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        vcpus = {}
+        for i in range(self.config.ncpus):
+            vcpus[str(i)] = self.vm.ioctl(Ioctl.VM_GET_STATS, VmStats(i))
+        memory = self.vm.memory
+        return {
+            "vcpus": vcpus,
+            "vm": {
+                "resident_bytes": memory.resident_pages() * 4096 if memory else 0,
+                "dirty_pages": memory.dirty_count() if memory else 0,
+            },
+        }
+
+    def registers(self) -> dict[str, dict[str, int]]:
+        if not self.paused:
+            raise vmm_error(errno.EBUSY, f"VM '{self.config.name}' is running: pause it first (vmmctl --pause) to read registers")
+        return {str(i): dict(self.vm.vcpus[i].registers()) for i in range(self.config.ncpus)}
