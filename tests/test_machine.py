@@ -1,11 +1,17 @@
 """The vmmrun machine in-process: vCPU threads, userspace exits, kernel devices, bhyve exit codes."""
 
+import socket
+import threading
+import time
+
 import pytest
 
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.machine import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
+from vmmpy.runtime.sections import restore_sections, save_sections
+from vmmpy.state import decode_sections, encode_sections
 
 PRELUDE = """
 .equ COM1, 0x3f8
@@ -122,3 +128,77 @@ def test_unknown_emulation_and_slot_clash_are_refused_at_start():
         Machine(VmConfig(name="m-bad", slots=[parse_slot("3,virtio-gpu")]))
     with pytest.raises(ConfigError, match="slot already holds hostbridge"):
         Machine(VmConfig(name="m-bad2", slots=[parse_slot("0,hostbridge"), parse_slot("0,lpc")]))
+
+
+# A long compute loop with timer interrupts: a running sum over a table the handler rewrites.
+BUSY = TICKS.replace("        cmp r15, 5\n", "        cmp r15, 40\n").replace(
+    "idle:   hlt\n",
+    "idle:   mov rcx, 200000\nspin:   add r14, rcx\n        xor r14, r15\n        st64 [rsp - 64], r14\n        dec rcx\n        jnz spin\n        hlt\n",
+)
+
+
+def final_state(machine):
+    vcpu = machine.vm.vcpus[0]
+    return machine.vm.memory.digest(), vcpu.registers(), vcpu.instructions_retired
+
+
+def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
+    """Pause mid-run, save every section and all memory into a fresh machine, finish there:
+    the end is the same as an uninterrupted run's, in memory, registers and console."""
+    reference, ref_console = boot(BUSY, "m-ref")
+    assert run_to_end(reference) == EXIT_POWEROFF
+    expected = final_state(reference)
+    assert ref_console.output == b"T" + bytes([ord("0") + 40])
+
+    for delay in (0.0, 0.003, 0.01, 0.05):
+        source, src_console = boot(BUSY, "m-src")
+        time.sleep(delay)
+        source.pause()
+        sections = decode_sections(encode_sections(save_sections(source)))
+        target_console = CaptureConsole()
+        target = Machine(VmConfig(name="m-dst", memsize=4 << 20), consoles={"com1": target_console})
+        target.setup_memory()
+        a, b = socket.socketpair()
+        with a, b:
+            sender = threading.Thread(target=source.vm.memory.send_all_pages, args=(a.fileno(),))
+            sender.start()
+            target.vm.memory.recv_pages(b.fileno())
+            sender.join()
+        restore_sections(target, sections, what="test")
+        source.destroy()
+        target.start(serve_control=False)
+        assert run_to_end(target) == EXIT_POWEROFF
+        assert final_state(target) == expected, f"paused after {delay} s"
+        assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
+
+
+def test_pausing_and_resuming_at_arbitrary_points_changes_nothing():
+    reference, ref_console = boot(BUSY, "m-ref2")
+    assert run_to_end(reference) == EXIT_POWEROFF
+    expected = final_state(reference)
+    machine, console = boot(BUSY, "m-pauses")
+    pauses = 0
+    for _ in range(200):
+        if machine.exit_status is not None:
+            break
+        try:
+            machine.pause()
+        except OSError:
+            break  # it finished between our check and the pause
+        pauses += 1
+        machine.resume()
+        time.sleep(0.0005)
+    assert run_to_end(machine) == EXIT_POWEROFF
+    assert pauses > 5
+    assert final_state(machine) == expected
+    assert console.output == ref_console.output
+
+
+def test_pausing_a_stopped_machine_is_refused():
+    machine, _ = boot(HELLO, "m-stopped")
+    assert machine.wait(30) == EXIT_POWEROFF
+    try:
+        with pytest.raises(OSError, match="has stopped"):
+            machine.pause()
+    finally:
+        machine.close()

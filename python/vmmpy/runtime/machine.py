@@ -183,6 +183,8 @@ class Machine:
     def pause(self, timeout: float = 10.0) -> float:
         """Stop every vCPU at an instruction boundary; returns how long it took (seconds)."""
         t0 = time.monotonic()
+        if self._exit_status is not None or self.vm.suspended is not None:
+            raise vmm_error(errno.EINVAL, f"VM '{self.config.name}' has stopped ({self._exit_reason or 'suspended'}); there is nothing to pause")
         self.vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
         deadline = t0 + timeout
         with self._cond:
