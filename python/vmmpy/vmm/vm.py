@@ -476,8 +476,9 @@ class Vm:
             if self.suspended is not None:
                 raise vmm_error(errno.EALREADY, f"VM '{self.name}' is already suspended ({self.suspended.name.lower()})")
             self.suspended = SuspendHow(arg.how)
-        for vcpu in self.vcpus:
-            vcpu.request_pause()
+            for i, vcpu in enumerate(self.vcpus):
+                if self._running[i]:
+                    vcpu.request_pause()
         self.kick()
 
     def _ioctl_vm_reinit(self, arg: Any) -> None:
@@ -497,8 +498,10 @@ class Vm:
         with self.lock:
             for i in self._vcpu_ids(arg.vcpuid):
                 self._paused[i] = True
-        for i in self._vcpu_ids(arg.vcpuid):
-            self.vcpus[i].request_pause()
+                # A vCPU not in VM_RUN sees the flag when it enters; only a running one needs
+                # stopping (a request left pending would stop its next run for nothing).
+                if self._running[i]:
+                    self.vcpus[i].request_pause()
         self.kick()
 
     def _ioctl_vm_resume_vcpus(self, arg: VmCpuset) -> None:
