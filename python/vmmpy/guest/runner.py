@@ -173,13 +173,28 @@ def run_bare(
         kwargs = {} if lowmem_limit is None else {"lowmem_limit": lowmem_limit}
         memory = _core.GuestMemory(memsize, **kwargs)
     cpu = boot(program, memory, vendor=vendor, tsc=tsc)
+    return run_vcpu(cpu, memory, budget, lapic=lapic, chunk=chunk)
+
+
+def run_vcpu(
+    cpu: _core.Vcpu,
+    memory: _core.GuestMemory,
+    budget: int,
+    *,
+    lapic: FakeLapic | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> RunResult:
+    """Run an already loaded (or restored) vCPU for at most ``budget`` more instructions,
+    handling the platform's exits as ``run_bare`` does. ``instructions`` in the result counts
+    this call's instructions only; the console holds this call's output only."""
     uart = _Uart()
+    first = cpu.instructions_retired
 
     def done(reason: str) -> RunResult:
-        return RunResult(bytes(uart.output), reason, cpu.instructions_retired, cpu, memory)
+        return RunResult(bytes(uart.output), reason, cpu.instructions_retired - first, cpu, memory)
 
     while True:
-        left = budget - cpu.instructions_retired
+        left = budget - (cpu.instructions_retired - first)
         if left <= 0:
             return done("budget")
         step = min(left, chunk)
