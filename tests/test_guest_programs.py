@@ -369,3 +369,15 @@ def test_uart_status_reads_as_idle(tmp_path):
     source.write_text("start: in8 rax, 0x3fd\n out8 0x3f8, rax\n cli\n hlt\n")
     result = run_bare(load_program(str(source), memsize=MEMSIZE), MEMSIZE, 100)
     assert result.console == bytes([P.LSR_IDLE])
+
+
+def test_abtest_counters_can_be_checked_from_the_host_mid_sweep():
+    from vmmpy.guest.programs import abtest
+
+    ranges = abtest.sweep_ranges(2 * MiB, 4 * MiB, False, 0)
+    result = run_bare(build("abtest", report=0), MEMSIZE, 5_000)  # stopped inside sweep 3
+    done = result.vcpu.get_register(abtest.SWEEP_REGISTER)
+    assert done == 2 and counters(result.memory, 2 * MiB, 2 * MiB + PAGE) == [3]
+    assert abtest.check_counters(result.memory, ranges, done) is None
+    result.memory.write(0x3F0000, struct.pack("<Q", done - 1))  # a page one sweep stale
+    assert abtest.check_counters(result.memory, ranges, done) == 0x3F0000

@@ -32,6 +32,7 @@ ARGUMENTS = (
 )
 
 UNROLL = 8  # pages per loop iteration in the sweep
+SWEEP_REGISTER = "r8"  # sweeps completed so far
 
 
 def sweep_ranges(start: int, end: int, highmem: bool, highmem_size: int) -> list[tuple[int, int]]:
@@ -147,3 +148,33 @@ mismatch:                       ; rsi = the page, rax = its counter, r10 = expec
     body += [f"{label}: .asciz {asm_string(text)}" for label, text in strings.items()]
     constants = {"REPORT": report, "SWEEPS": sweeps, "TOTAL_PAGES": total_pages}
     return assemble_program(NAME, "\n".join(body) + "\n", constants)
+
+
+def check_counters(memory, ranges: list[tuple[int, int]], sweeps_done: int) -> int | None:
+    """Check abtest's counters from the host, with the guest stopped at any instruction.
+
+    ``memory`` is a ``_core.GuestMemory`` (or ``vmmpy.GuestMemory``); ``ranges`` is what
+    :func:`sweep_ranges` gives for the program's arguments; ``sweeps_done`` is the value of the
+    vCPU's ``SWEEP_REGISTER``. Pages are swept in order, so the counters must read
+    sweeps_done + 1 for a prefix of the pages and sweeps_done for the rest. Returns None when
+    they do, else the GPA of the first page that does not. (Weaker than the guest's own final
+    check, which is exact: a lost page at the very end of the prefix looks like a sweep one page
+    less advanced.)
+    """
+    import numpy as np
+
+    core = getattr(memory, "core", memory)
+    step = P.PAGE_SIZE // 8
+    counters, addresses = [], []
+    for base, pages in ranges:
+        seg = next((s for s in core.segments if s.gpa <= base and base + pages * P.PAGE_SIZE <= s.gpa + s.size), None)
+        if seg is None:
+            raise ValueError(f"abtest range {base:#x} + {pages} pages is not inside one memory segment")
+        first = (base - seg.gpa) // 8
+        counters.append(np.frombuffer(seg, dtype="<u8")[first : first + pages * step : step].copy())
+        addresses.append(base + np.arange(pages, dtype=np.uint64) * P.PAGE_SIZE)
+    values, where = np.concatenate(counters), np.concatenate(addresses)
+    ahead = values == sweeps_done + 1
+    prefix = values.size if ahead.all() else int(np.argmin(ahead))
+    bad = np.nonzero(values[prefix:] != sweeps_done)[0]
+    return int(where[prefix + bad[0]]) if bad.size else None
