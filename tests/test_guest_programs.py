@@ -381,3 +381,17 @@ def test_abtest_counters_can_be_checked_from_the_host_mid_sweep():
     assert abtest.check_counters(result.memory, ranges, done) is None
     result.memory.write(0x3F0000, struct.pack("<Q", done - 1))  # a page one sweep stale
     assert abtest.check_counters(result.memory, ranges, done) == 0x3F0000
+
+
+def test_library_prints_numbers_at_their_limits():
+    from vmmpy.guest.programs._common import assemble_program
+
+    body = "start:\n"
+    for value in (0, 7, 10, 2**64 - 1, 0xABC, 2**32):
+        body += f"        movabs rbx, {value}\n        PRINT_DEC rbx\n        PRINT space\n"
+        body += "        PRINT_HEX rbx\n        PRINT space\n        PRINT_HEX16 rbx\n        PRINT newline\n"
+    body += "        mov rbx, 0x1234\n        call poweroff\nspace: .asciz \" \"\nnewline: .asciz \"\\n\"\n"
+    result = run_bare(assemble_program("t", body, {}), MEMSIZE, 10**5)
+    expected = "".join(f"{v} {v:x} {v:016x}\n" for v in (0, 7, 10, 2**64 - 1, 0xABC, 2**32))
+    assert result.console.decode() == expected and result.exit_reason == "poweroff"
+    assert result.vcpu.get_register("rbx") == 0x1234  # routines preserve the caller's registers
