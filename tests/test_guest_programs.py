@@ -44,9 +44,13 @@ def test_platform_poweroff_value_is_s5_with_slp_en():
 
 
 def test_platform_lapic_timer_counts_once_per_guest_ns_at_divide_by_1():
-    assert P.LAPIC_TIMER_HZ_AT_DIVIDE_1 == P.TSC_HZ == 1_000_000_000
-    assert P.lapic_timer_ns_per_count(P.DIVIDE_BY_1) == 1
-    assert P.lapic_timer_ns_per_count(0b0000) == 2 and P.lapic_timer_ns_per_count(0b1010) == 128
+    from vmmpy.vmm.vlapic import BUS_FREQ_HZ
+
+    assert P.LAPIC_TIMER_HZ_AT_DIVIDE_1 == BUS_FREQ_HZ, "guests must count the timer the VM's vlapic counts"
+    assert P.TSC_HZ == 1_000_000_000
+    one = P.lapic_timer_ns_per_count(P.DIVIDE_BY_1)
+    assert one == P.TSC_HZ / BUS_FREQ_HZ
+    assert P.lapic_timer_ns_per_count(0b0000) == 2 * one and P.lapic_timer_ns_per_count(0b1010) == 128 * one
 
 
 def test_every_program_starts_at_start_inside_the_image_window():
@@ -247,6 +251,8 @@ def test_hash_changes_when_a_byte_it_wrote_goes_stale():
 def test_console_programs_the_lapic_timer_and_ticks():
     lapic = FakeLapic()
     image = build("console", period_us=250, every=4, ticks=10)
+    count = 250 * P.LAPIC_TIMER_HZ_AT_DIVIDE_1 // 1_000_000
+    period_ns = count * P.lapic_timer_ns_per_count(P.DIVIDE_BY_1)
     result = run_bare(image, MEMSIZE, 10**6, lapic=lapic)
     assert result.exit_reason == "poweroff"
     assert result.console == b"console: tick 4\nconsole: tick 8\nconsole: done\n"
@@ -255,11 +261,11 @@ def test_console_programs_the_lapic_timer_and_ticks():
         (P.LAPIC_SVR, P.SVR_APIC_ENABLE | 0xFF),
         (P.LAPIC_TIMER_DIVIDE_CONFIG, P.DIVIDE_BY_1),
         (P.LAPIC_LVT_TIMER, P.LVT_TIMER_PERIODIC | 0x40),
-        (P.LAPIC_TIMER_INITIAL_COUNT, 250_000),
+        (P.LAPIC_TIMER_INITIAL_COUNT, count),
     ]
     assert lapic.writes_to(P.LAPIC_EOI) == [0] * 10 and lapic.fired == 10
     # Ten periods of guest time passed (the guest sleeps between ticks), not a tick more.
-    assert 10 * 250_000 <= result.vcpu.tsc < 11 * 250_000
+    assert 10 * period_ns <= result.vcpu.tsc < 11 * period_ns
     table = image.symbols["vector_table"]
     handler = qword(result.memory, table + 8 * 0x40)
     assert handler == image.symbols["timer_handler"] and qword(result.memory, table) == image.symbols["other_interrupt"]
@@ -301,7 +307,7 @@ def test_console_without_a_lapic_is_an_unhandled_mmio_store():
         ("memtouch", {"wss": "1M", "rate": "lots"}, "memtouch: argument rate=lots: is not a whole number"),
         ("hash", {"qwords": "3"}, "hash: argument qwords=3: must be a power of two"),
         ("hash", {"qwords": "1024"}, "hash: argument qwords=1024: must be in 1..512"),
-        ("console", {"period_us": "0"}, "console: argument period_us=0: must be in 1..4294967"),
+        ("console", {"period_us": "0"}, "console: argument period_us=0: must be in 1..31999999"),
         ("console", {"vector": "0x10"}, "console: argument vector=0x10: must be in 32..254"),
     ],
 )

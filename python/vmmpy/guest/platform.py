@@ -56,11 +56,13 @@ def is_poweroff(port: int, size: int, value: int) -> bool:
     )
 
 
+from ..vmm.vlapic import BUS_FREQ_HZ  # noqa: E402  (the platform the VM builds)
+
 # ---- time ----------------------------------------------------------------------------------------
 TSC_HZ = 1_000_000_000  # one TSC tick per guest nanosecond
 # The local APIC timer decrements its current count LAPIC_TIMER_HZ_AT_DIVIDE_1 / divide times a
-# second: at divide-by-1 one count per guest nanosecond (= one TSC tick).
-LAPIC_TIMER_HZ_AT_DIVIDE_1 = 1_000_000_000
+# second of guest time: the vlapic's bus clock (bhyve's VLAPIC_BUS_FREQ, 128 MiHz).
+LAPIC_TIMER_HZ_AT_DIVIDE_1 = BUS_FREQ_HZ
 
 # ---- local APIC (xAPIC, MMIO) -----------------------------------------------------------------------
 LAPIC_BASE = 0xFEE0_0000

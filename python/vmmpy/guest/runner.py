@@ -28,7 +28,8 @@ class FakeLapic:
 
     Every access is recorded in ``accesses`` as (offset, is_write, value) so tests can check what
     the guest wrote. The timer counts ``LAPIC_TIMER_HZ_AT_DIVIDE_1 / divisor`` per second of guest
-    time, and guest time is the TSC (1 GHz), so one count lasts ``divisor`` TSC ticks.
+    time, and guest time is the TSC (1 GHz): ``count`` counts last
+    ``count * divisor * TSC_HZ / LAPIC_TIMER_HZ_AT_DIVIDE_1`` TSC ticks (rounded up).
     """
 
     def __init__(self, apic_id: int = 0):
@@ -48,10 +49,10 @@ class FakeLapic:
         self.fired = 0
 
     # -- timer -------------------------------------------------------------------------------
-    @property
-    def ticks_per_count(self) -> int:
-        per = P.lapic_timer_ns_per_count(self.regs[P.LAPIC_TIMER_DIVIDE_CONFIG]) * P.TSC_HZ // 1_000_000_000
-        return max(1, int(per))
+    def ticks_for(self, count: int) -> int:
+        """TSC ticks that ``count`` timer counts last, in exact integer arithmetic."""
+        divisor = P.timer_divisor(self.regs[P.LAPIC_TIMER_DIVIDE_CONFIG])
+        return -(-count * divisor * P.TSC_HZ // P.LAPIC_TIMER_HZ_AT_DIVIDE_1)
 
     @property
     def enabled(self) -> bool:
@@ -60,7 +61,7 @@ class FakeLapic:
     def _arm(self, now: int) -> None:
         count = self.regs[P.LAPIC_TIMER_INITIAL_COUNT]
         self.armed_at = now
-        self.deadline = now + count * self.ticks_per_count if count else None
+        self.deadline = now + self.ticks_for(count) if count else None
 
     def timer_vector_if_due(self, now: int) -> int | None:
         """If the timer has expired by ``now``: reload (periodic) or stop (one-shot), and return the
@@ -70,7 +71,7 @@ class FakeLapic:
         lvt = self.regs[P.LAPIC_LVT_TIMER]
         if (lvt & P.LVT_TIMER_MODE_MASK) == P.LVT_TIMER_PERIODIC:
             self.armed_at = self.deadline
-            self.deadline += self.regs[P.LAPIC_TIMER_INITIAL_COUNT] * self.ticks_per_count
+            self.deadline += self.ticks_for(self.regs[P.LAPIC_TIMER_INITIAL_COUNT])
         else:
             self.deadline = None
         if lvt & P.LVT_MASKED or not self.enabled:
@@ -81,7 +82,8 @@ class FakeLapic:
     def current_count(self, now: int) -> int:
         if self.deadline is None:
             return 0
-        return max(0, (self.deadline - now) // self.ticks_per_count)
+        divisor = P.timer_divisor(self.regs[P.LAPIC_TIMER_DIVIDE_CONFIG])
+        return max(0, (self.deadline - now) * P.LAPIC_TIMER_HZ_AT_DIVIDE_1 // (divisor * P.TSC_HZ))
 
     # -- MMIO ----------------------------------------------------------------------------------
     def read(self, offset: int, now: int) -> int:
