@@ -102,10 +102,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 def list_guests() -> int:
     from ..guest.programs import PROGRAMS
 
-    for name, program in sorted(PROGRAMS.items()):
-        print(f"{name}: {program.description}")
-        for arg in program.arguments:
-            print(f"    {arg}")
+    for _, program in sorted(PROGRAMS.items()):
+        print(program.usage())
     return 0
 
 

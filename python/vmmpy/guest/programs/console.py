@@ -23,15 +23,15 @@ from ._common import Argument, ArgReader, asm_string, assemble_program, check_me
 
 NAME = "console"
 DESCRIPTION = "sleeps on the local APIC timer and prints a line through COM1 every few ticks"
+MAX_COUNT = 0xFFFF_FFFF  # the initial count register is 32 bits
+LONGEST_PERIOD_US = MAX_COUNT * 1_000_000 // P.LAPIC_TIMER_HZ_AT_DIVIDE_1
+
 ARGUMENTS = (
-    Argument("period_us", "1000", "timer period in guest microseconds (1 .. 4294967)"),
+    Argument("period_us", "1000", f"timer period in guest microseconds (1 .. {LONGEST_PERIOD_US})"),
     Argument("every", "10", "print a line every N ticks; 0 = never"),
     Argument("ticks", "50", "ticks before printing 'console: done' and powering off; 0 = forever"),
     Argument("vector", "0x40", "the timer's interrupt vector (0x20 .. 0xfe)"),
 )
-
-MAX_COUNT = 0xFFFF_FFFF  # the initial count register is 32 bits
-
 
 def initial_count(period_us: int) -> int:
     """The timer count for a period at divide-by-1."""
@@ -40,8 +40,7 @@ def initial_count(period_us: int) -> int:
 
 def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
     a = ArgReader(NAME, args, ARGUMENTS)
-    longest = MAX_COUNT * 1_000_000 // P.LAPIC_TIMER_HZ_AT_DIVIDE_1
-    period_us = a.integer("period_us", minimum=1, maximum=longest)
+    period_us = a.integer("period_us", minimum=1, maximum=LONGEST_PERIOD_US)
     every = a.integer("every", maximum=(1 << 31) - 1)
     ticks = a.integer("ticks", maximum=(1 << 31) - 1)
     vector = a.integer("vector", minimum=0x20, maximum=0xFE)

@@ -1,0 +1,41 @@
+"""Helpers for tests that run vmmrun and vmmctl as real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def vmmrun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vmmpy.cli.vmmrun", *args]
+
+
+def vmmctl(run_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={run_dir}", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def start_vmmrun(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(vmmrun_cmd(f"--run-dir={run_dir}", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_socket(run_dir: Path, name: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait until the VM's control socket answers (bounded), or fail with vmmrun's stderr."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vmmrun exited {proc.returncode} before serving: {proc.stderr.read()}")
+        if (run_dir / f"{name}.ctl").exists() and vmmctl(run_dir, f"--vm={name}", "--status").returncode == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"vmmrun for {name} did not serve its control socket within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)

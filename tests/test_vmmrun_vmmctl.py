@@ -1,0 +1,108 @@
+"""vmmrun and vmmctl as real processes, the way a person runs them."""
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from vmmpy.guest.programs.hash import reference_hash
+
+from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket
+
+MiB = 1 << 20
+
+
+def run(*args, timeout=120):
+    return subprocess.run(vmmrun_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_abtest_runs_to_completion_and_says_what_it_did(tmp_path):
+    console = tmp_path / "console.log"
+    result = run("--guest", "abtest", "--guest-arg", "sweeps=20", "-m", "64M", "-l", f"com1,{console}", "--run-dir", str(tmp_path), "ab0")
+    assert result.returncode == 1, result.stderr  # bhyve: 1 = powered off
+    text = console.read_text()
+    assert "abtest: sweep 20\n" in text
+    pages = (64 * MiB - 2 * MiB) // 4096
+    assert text.endswith(f"abtest: done 20 sweeps over {pages} pages, all counters 20\n")
+
+
+@pytest.mark.parametrize("vendor", ["intel", "amd"])
+def test_hash_guest_prints_the_reference_hash(tmp_path, vendor):
+    console = tmp_path / "console.log"
+    result = run("--guest", "hash", "--guest-arg", "end=4M", "--guest-arg", "rounds=3", "--guest-arg", "seed=7",
+                 "--vendor", vendor, "-m", "8M", "-l", f"com1,{console}", "--run-dir", str(tmp_path), f"h-{vendor}")
+    assert result.returncode == 1, result.stderr
+    expected = reference_hash(2 * MiB, 4 * MiB, rounds=3, seed=7)
+    assert console.read_text() == f"hash: 0x{expected:016x}\n"
+
+
+def test_console_guest_ticks_on_the_vlapic_timer(tmp_path):
+    console = tmp_path / "console.log"
+    result = run("--guest", "console", "--guest-arg", "ticks=30", "--guest-arg", "every=10", "-m", "8M",
+                 "-l", f"com1,{console}", "--run-dir", str(tmp_path), "tick0")
+    assert result.returncode == 1, result.stderr
+    assert console.read_text() == "console: tick 10\nconsole: tick 20\nconsole: tick 30\nconsole: done\n"
+
+
+def test_vmmctl_drives_a_running_guest(tmp_path):
+    console = tmp_path / "console.log"
+    proc = start_vmmrun(tmp_path, "--guest", "console", "--guest-arg", "ticks=0", "--guest-arg", "period_us=100",
+                        "--tsc", "host", "-m", "8M", "-l", f"com1,{console}", "ctl0")
+    try:
+        wait_for_socket(tmp_path, "ctl0", proc)
+        status = json.loads(vmmctl(tmp_path, "--vm=ctl0", "--status", "--json").stdout)
+        assert status["state"] == "running" and status["memsize"] == 8 * MiB
+        listed = vmmctl(tmp_path, "--list")
+        assert "ctl0\trunning" in listed.stdout
+
+        stats = vmmctl(tmp_path, "--vm", "ctl0", "--get-stats")
+        assert stats.returncode == 0 and "instructions" in stats.stdout
+
+        refused = vmmctl(tmp_path, "--vm=ctl0", "--get-all")
+        assert refused.returncode == 1 and "pause it first" in refused.stderr
+
+        assert vmmctl(tmp_path, "--vm=ctl0", "--pause").returncode == 0
+        assert json.loads(vmmctl(tmp_path, "--vm=ctl0", "--status", "--json").stdout)["state"] == "paused"
+        regs = vmmctl(tmp_path, "--vm=ctl0", "--get-all").stdout
+        assert re.search(r"^rip\[0\]\t0x[0-9a-f]{16}$", regs, re.M)
+        ticks_paused = console.read_text().count("tick")
+        assert vmmctl(tmp_path, "--vm=ctl0", "--resume").returncode == 0
+
+        assert vmmctl(tmp_path, "--vm=ctl0", "--destroy").returncode == 0
+        assert proc.wait(timeout=30) == 1
+        assert console.read_text().count("tick") >= ticks_paused
+        assert not (tmp_path / "ctl0.ctl").exists(), "vmmrun removes its socket when it ends"
+        gone = vmmctl(tmp_path, "--vm=ctl0", "--status")
+        assert gone.returncode == 1 and "no VM named 'ctl0' is running" in gone.stderr
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-s", "3,virtio-gpu", "--guest", "abtest", "v0"], "unknown emulation 'virtio-gpu'"),
+        (["-s", "0,hostbridge", "-s", "0,lpc", "--guest", "abtest", "v0"], "slot already holds hostbridge"),
+        (["--guest", "abtest", "-m", "12Q", "v0"], "is not a size"),
+        (["--guest", "nosuch", "v0"], "nosuch"),
+        (["--guest", "abtest", "--guest-arg", "sweeps=many", "v0"], "sweeps"),
+        (["--guest", "abtest", "-l", "com3,stdio", "v0"], "com3"),
+        (["-m", "64M", "v0"], "no guest program"),
+        (["--guest", "abtest"], "no VMNAME"),
+    ],
+)
+def test_bad_configuration_is_refused_at_start_with_status_4(tmp_path, args, message):
+    result = run("--run-dir", str(tmp_path), *args)
+    assert result.returncode == 4
+    assert message in result.stderr
+
+
+def test_a_second_vmmrun_with_the_same_name_is_refused(tmp_path):
+    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "16M", "dup0")
+    try:
+        wait_for_socket(tmp_path, "dup0", proc)
+        second = run("--run-dir", str(tmp_path), "--guest", "abtest", "-m", "16M", "dup0")
+        assert second.returncode == 4 and "already running" in second.stderr
+    finally:
+        stop(proc)
