@@ -153,7 +153,7 @@ impl GuestMemory {
         if let Some(kernel) = &self.kernel {
             let first = off / PAGE_SIZE * PAGE_SIZE;
             let end = (off + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-            // SAFETY-free: pointer arithmetic inside the segment's mapping, checked by translate.
+            // Plain pointer arithmetic (no dereference) inside the mapping `translate` checked.
             let base = seg.as_ptr().wrapping_add(first);
             kernel.protect(base, end - first).map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
         }
@@ -164,15 +164,14 @@ impl GuestMemory {
     /// clear them: the software bits OR'ed with what the kernel saw. Returns the page count.
     pub fn get_and_clear_dirty_segment(&self, index: usize, words: &mut [u64]) -> Result<usize, MemoryError> {
         let seg = &self.segments[index];
-        let mut count = seg.dirty_bitmap().get_and_clear_into(words);
-        if let Some(kernel) = &self.kernel {
-            count = 0;
-            kernel
-                .harvest(seg.as_ptr(), seg.size(), |first, n| set_bits(words, first, n))
-                .map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
-            count += words.iter().map(|w| w.count_ones() as usize).sum::<usize>();
-        }
-        Ok(count)
+        let soft = seg.dirty_bitmap().get_and_clear_into(words);
+        let Some(kernel) = &self.kernel else {
+            return Ok(soft);
+        };
+        kernel
+            .harvest(seg.as_ptr(), seg.size(), |first, n| set_bits(words, first, n))
+            .map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
+        Ok(words.iter().map(|w| w.count_ones() as usize).sum())
     }
 
     /// The dirty pages of segment `index` without clearing them.

@@ -26,7 +26,7 @@ pub struct PyGuestMemory {
 }
 
 /// Borrow a C-contiguous byte buffer's memory for the duration of `f`.
-fn with_bytes<R>(py: Python<'_>, data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
+fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
     let buf = PyBuffer::<u8>::get(data)?;
     if !buf.is_c_contiguous() {
         return Err(PyValueError::new_err("data must be a contiguous bytes-like object"));
@@ -36,7 +36,6 @@ fn with_bytes<R>(py: Python<'_>, data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) 
     let slice = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
     let result = f(slice);
     drop(buf);
-    let _ = py;
     Ok(result)
 }
 
@@ -101,13 +100,13 @@ impl PyGuestMemory {
     }
 
     /// Write bytes at `gpa` and mark the pages dirty, as a device's DMA would.
-    fn write(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_bytes(py, data, |bytes| self.inner.write(GuestAddress(gpa), bytes))?.map_err(memory_error)
+    fn write(&self, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_bytes(data, |bytes| self.inner.write(GuestAddress(gpa), bytes))?.map_err(memory_error)
     }
 
     /// Write bytes without marking pages dirty (restore and migration receive).
-    fn write_untracked(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_bytes(py, data, |bytes| self.inner.write_untracked(GuestAddress(gpa), bytes))?.map_err(memory_error)
+    fn write_untracked(&self, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_bytes(data, |bytes| self.inner.write_untracked(GuestAddress(gpa), bytes))?.map_err(memory_error)
     }
 
     /// Harvest and clear the dirty pages of every segment: page frame numbers (gpa >> 12),
