@@ -39,13 +39,14 @@ class FakeGuest:
 
     def __init__(self, memsize="64M", *, work_gpa: int = 1 << 20, work_pages: int = 2048, rate: float | None = None,
                  chunk_pages: int = 64, wired: bool = False, vendor: str = "intel", vcpus: int = 1,
-                 devices: dict[str, int] | None = None, dirty_tracking: str = "soft", running: bool = True) -> None:
+                 devices: dict[str, int] | None = None, dirty_tracking: str = "soft", running: bool = True, page_size: int = PAGE_SIZE) -> None:
         self.memory = GuestMemory(memsize, wired=wired, dirty_tracking=dirty_tracking)
         self.work_gpa = work_gpa
         self.work_pages = work_pages
         self.rate = rate  # pages/s, None = as fast as it goes
         self.chunk_pages = chunk_pages
         self.vendor = vendor
+        self.page_size = page_size  # what spec() claims: lets a test fake a host with other pages
         self.vcpus = vcpus
         self.devices = dict(devices if devices is not None else {"cpu0": 1, "fakeguest": 1})
         self.sweeps = 0
@@ -149,7 +150,7 @@ class FakeGuest:
     def spec(self) -> dict:
         lowmem = self.memory.lowmem.size
         highmem = self.memory.highmem.size if self.memory.highmem is not None else 0
-        return {"page_size": PAGE_SIZE, "vendor": self.vendor, "vcpus": self.vcpus, "lowmem_size": lowmem,
+        return {"page_size": self.page_size, "vendor": self.vendor, "vcpus": self.vcpus, "lowmem_size": lowmem,
                 "highmem_size": highmem, "wired": self.memory.wired, "devices": dict(self.devices)}
 
     def check_spec(self, remote_spec: dict) -> None:
