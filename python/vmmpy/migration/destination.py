@@ -136,13 +136,11 @@ class _Receiver:
 
     # -- frames ----------------------------------------------------------------------------------
     def _read(self, *expected: P.MessageType) -> P.Frame:
-        frame = P.read_frame(self.conn, max_state=self.params.max_state_bytes)
+        frame = P.read_frame(self.conn, max_state=self.params.max_state_bytes, allowed=expected,
+                             where=f" in state {self.state.value}")
         self.stats.bytes_total += len(frame.raw)
         if frame.type is P.MessageType.ABORT:
             raise Aborted(f"source aborted: {P.decode_abort(frame.payload)}")
-        if expected and frame.type not in expected:
-            names = " or ".join(t.name for t in expected)
-            raise ProtocolError(f"expected {names} in state {self.state.value}, got {frame.type.name}")
         return frame
 
     def _send(self, msg_type: P.MessageType, payload: bytes = b"") -> bytes:
@@ -194,7 +192,8 @@ class _Receiver:
 
         self.state = RxState.READY
         while True:
-            frame = self._read()
+            allowed = (P.MessageType.MEMORY, P.MessageType.STATE) if self.state is RxState.READY else (P.MessageType.COMMIT_REQUEST,)
+            frame = self._read(*allowed)
             if frame.type is P.MessageType.MEMORY and self.state is RxState.READY:
                 self._receive_round(P.decode_memory(frame.payload))
             elif frame.type is P.MessageType.STATE and self.state is RxState.READY:

@@ -178,9 +178,14 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
     return b"".join(parts)
 
 
-def read_frame(sock: socket.socket, *, max_state: int = DEFAULT_MAX_STATE) -> Frame:
+def read_frame(sock: socket.socket, *, max_state: int = DEFAULT_MAX_STATE, allowed=None, where: str = "") -> Frame:
+    """Read one frame. With ``allowed``, a frame of another type (ABORT is always allowed) is
+    refused from its header, before its payload is read."""
     head = _recv_exact(sock, HEADER_SIZE, "a frame header")
     msg_type, length, checksum = decode_header(head, max_state=max_state)
+    if allowed is not None and msg_type not in allowed and msg_type is not MessageType.ABORT:
+        names = " or ".join(t.name for t in allowed)
+        raise ProtocolError(f"expected {names}{where}, got {msg_type.name}")
     payload = _recv_exact(sock, length, f"the {msg_type.name} payload") if length else b""
     actual = _core.xxh3_64(head[:16] + payload)
     if actual != checksum:

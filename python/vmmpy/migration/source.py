@@ -123,7 +123,7 @@ class _Source:
         return frame
 
     def _read(self, *expected: P.MessageType) -> P.Frame:
-        frame = P.read_frame(self.chan.sock)
+        frame = P.read_frame(self.chan.sock, allowed=(*expected, P.MessageType.REFUSE), where=f" from the destination during {self.phase}")
         if frame.type is P.MessageType.REFUSE:
             refusal = P.decode_refuse(frame.payload)
             raise Refused(f"destination refused the migration ({refusal.stage.name.lower()}): {refusal.reason}")
