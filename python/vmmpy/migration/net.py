@@ -15,8 +15,6 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable
-
 from .errors import ConnectionLost, MigrationError, MigrationTimeout
 
 DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
@@ -247,5 +245,3 @@ def _shutdown_write(sock: socket.socket) -> None:
     except OSError:
         pass
 
-
-Clock = Callable[[], float]
