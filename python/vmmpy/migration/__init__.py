@@ -1,0 +1,29 @@
+"""Migration: the wire protocol, the source (warm and live), the destination, convergence and
+statistics. Speaks to VMs only through ``adapter.MigrationAdapter`` and to state only through
+``vmmpy.state``; knows nothing of snapshots. See docs/migration-protocol.md.
+"""
+
+from .adapter import MigrationAdapter, spec_mismatches
+from .convergence import POLICIES, Estimate, MigrationParams, estimate
+from .destination import Destination, receive, serve_connection
+from .errors import (
+    Aborted,
+    AuthenticationError,
+    Cancelled,
+    ConnectionLost,
+    MigrationError,
+    MigrationTimeout,
+    NotConverging,
+    ProtocolError,
+    Refused,
+)
+from .net import DEFAULT_PORT, format_address, parse_address
+from .source import MigrationHandle, migrate
+from .stats import MigrationStats, RoundStats
+
+__all__ = [
+    "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
+    "MigrationAdapter", "MigrationError", "MigrationHandle", "MigrationParams", "MigrationStats", "MigrationTimeout",
+    "NotConverging", "POLICIES", "ProtocolError", "Refused", "RoundStats", "estimate", "format_address", "migrate",
+    "parse_address", "receive", "serve_connection", "spec_mismatches",
+]

@@ -1,0 +1,317 @@
+"""The destination side: listen, accept one connection, run the receiver state machine.
+
+Nothing but HELLO and AUTH (each a few dozen bytes) is read before the source has proven it holds
+the key (when this side has one); nothing but SPEC before it is accepted. Memory rounds go straight
+into guest memory through the memory core; state is restored before the commit, and the guest
+runs only after COMMITTED. Any other ending discards the guest (``adapter.discard()``), after
+telling the source why when the connection still works.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import threading
+import time
+
+from ..memory import PageBatchError
+from ..state import SectionError, decode_sections
+from . import protocol as P
+from .adapter import MigrationAdapter
+from .convergence import MigrationParams
+from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
+from .net import CancelWatcher, format_address, listen, set_io_timeout
+from .stats import MigrationStats, RoundStats
+
+
+class RxState(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    AWAIT_AUTH = "await-auth"
+    AWAIT_SPEC = "await-spec"
+    READY = "ready"
+    RECEIVING = "receiving"
+    HAVE_STATE = "have-state"
+    AWAIT_COMMITTED = "await-committed"
+    RUNNING = "running"
+    DISCARDED = "discarded"
+
+
+class Destination:
+    """A listening destination. ``address`` is known as soon as it is built (port 0 picks one)."""
+
+    def __init__(
+        self,
+        adapter: MigrationAdapter,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        key: bytes | None = None,
+        params: MigrationParams | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.key = key
+        self.params = params or MigrationParams()
+        self.cancel = cancel
+        self.listener = listen(host, port)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+
+    def run(self, accept_timeout: float = 60.0) -> MigrationStats:
+        """Wait for one source (at most ``accept_timeout`` s) and receive its guest."""
+        watcher = CancelWatcher(self.cancel)
+        watcher.watch(self.listener)
+        try:
+            self.listener.settimeout(accept_timeout)
+            try:
+                conn, peer = self.listener.accept()
+            except (TimeoutError, socket.timeout):
+                stats = MigrationStats(role="destination")
+                stats.finish("failed", f"no source connected to {format_address(*self.address)} within {accept_timeout:g} s")
+                self.adapter.discard()
+                return stats
+            except OSError as err:
+                stats = MigrationStats(role="destination")
+                status = "cancelled" if watcher.fired else "failed"
+                stats.finish(status, "cancelled while listening" if watcher.fired else f"accept failed: {err}")
+                self.adapter.discard()
+                return stats
+        finally:
+            watcher.close()
+            self.listener.close()
+        try:
+            return serve_connection(self.adapter, conn, key=self.key, params=self.params, cancel=self.cancel,
+                                    peer=format_address(*peer[:2]))
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def receive(adapter: MigrationAdapter, host: str, port: int, key: bytes | None = None, *, params: MigrationParams | None = None,
+            cancel: threading.Event | None = None, accept_timeout: float = 60.0) -> MigrationStats:
+    """Listen on ``host:port``, accept one source, receive its guest; returns the statistics."""
+    return Destination(adapter, host, port, key=key, params=params, cancel=cancel).run(accept_timeout)
+
+
+def serve_connection(adapter: MigrationAdapter, conn: socket.socket, *, key: bytes | None = None,
+                     params: MigrationParams | None = None, cancel: threading.Event | None = None,
+                     peer: str | None = None) -> MigrationStats:
+    """Run the receiver state machine on an accepted (or any stream) socket."""
+    return _Receiver(adapter, conn, key, params or MigrationParams(), cancel, peer).run()
+
+
+class _Receiver:
+    def __init__(self, adapter, conn, key, params, cancel, peer) -> None:
+        if key is not None and len(key) < 16:
+            raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
+        self.adapter = adapter
+        self.memory = adapter.memory
+        self.conn = conn
+        self.key = key
+        self.params = params
+        self.watcher = CancelWatcher(cancel)
+        self.state = RxState.AWAIT_HELLO
+        self.stats = MigrationStats(role="destination", peer=peer)
+        self.total_pages = sum(seg.pages for seg in self.memory.segments)
+        self.next_round = 0
+        self.have_all_pages = False
+        self.restored = False
+        self.refused_reason: str | None = None
+
+    def run(self) -> MigrationStats:
+        self.watcher.watch(self.conn)
+        try:
+            set_io_timeout(self.conn, self.params.handshake_timeout)
+            self._receive()
+        except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest
+            self._fail(err)
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            self.watcher.close()
+        return self.stats
+
+    # -- frames ----------------------------------------------------------------------------------
+    def _read(self, *expected: P.MessageType) -> P.Frame:
+        frame = P.read_frame(self.conn, max_state=self.params.max_state_bytes, allowed=expected,
+                             where=f" in state {self.state.value}")
+        self.stats.bytes_total += len(frame.raw)
+        if frame.type is P.MessageType.ABORT:
+            raise Aborted(f"source aborted: {P.decode_abort(frame.payload)}")
+        return frame
+
+    def _send(self, msg_type: P.MessageType, payload: bytes = b"") -> bytes:
+        return P.write_frame(self.conn, msg_type, payload)
+
+    def _refuse(self, stage: P.Stage, reason: str) -> None:
+        self.refused_reason = reason
+        try:
+            self._send(P.MessageType.REFUSE, P.encode_refuse(P.Refuse(stage, reason)))
+        except MigrationError:
+            pass
+        raise Refused(f"refused the source ({stage.name.lower()}): {reason}")
+
+    # -- the state machine -----------------------------------------------------------------------
+    def _receive(self) -> None:
+        hello_frame = self._read(P.MessageType.HELLO)
+        hello = P.decode_hello(hello_frame.payload)
+        common = set(hello.versions) & set(P.PROTOCOL_VERSIONS)
+        nonce = os.urandom(P.NONCE_SIZE)
+        version = max(common) if common else P.PROTOCOL_VERSIONS[-1]
+        challenge = self._send(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(version, self.key is not None, nonce)))
+        self.state = RxState.AWAIT_AUTH
+        auth_frame = self._read(P.MessageType.AUTH)
+        mac = P.decode_auth(auth_frame.payload)
+        if not common:
+            self._refuse(P.Stage.AUTH, f"no common protocol version: the source speaks {sorted(hello.versions)}, "
+                                       f"this destination {sorted(P.PROTOCOL_VERSIONS)}")
+        self.stats.protocol_version = version
+        proof = b""
+        if self.key is not None:
+            if not mac:
+                self._refuse(P.Stage.AUTH, "this destination requires a migration key and the source sent none")
+            if not P.proofs_equal(mac, P.source_proof(self.key, hello_frame.raw, challenge)):
+                self._refuse(P.Stage.AUTH, "authentication failed: the source's proof does not match this destination's key")
+            proof = P.destination_proof(self.key, hello_frame.raw, challenge, auth_frame.raw)
+        self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH, proof)))
+
+        self.state = RxState.AWAIT_SPEC
+        spec = P.decode_spec(self._read(P.MessageType.SPEC).payload)
+        self.stats.live = spec.live
+        try:
+            self.adapter.check_spec(spec.to_dict())
+        except Exception as err:  # noqa: BLE001 - the adapter's reason goes to the source as is
+            self._refuse(P.Stage.SPEC, str(err) or type(err).__name__)
+        self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC)))
+        self.stats.setup_time_ms = self.stats.elapsed_ms()
+        self.stats.status = "active"
+        set_io_timeout(self.conn, self.params.io_timeout)
+
+        self.state = RxState.READY
+        while True:
+            allowed = (P.MessageType.MEMORY, P.MessageType.STATE) if self.state is RxState.READY else (P.MessageType.COMMIT_REQUEST,)
+            frame = self._read(*allowed)
+            if frame.type is P.MessageType.MEMORY and self.state is RxState.READY:
+                self._receive_round(P.decode_memory(frame.payload))
+            elif frame.type is P.MessageType.STATE and self.state is RxState.READY:
+                self._restore(frame.payload)
+            elif frame.type is P.MessageType.COMMIT_REQUEST and self.state is RxState.HAVE_STATE:
+                self._commit(P.decode_digest(frame.type, frame.payload))
+                return
+            else:
+                raise ProtocolError(f"unexpected {frame.type.name} in state {self.state.value}")
+
+    def _receive_round(self, memory: P.Memory) -> None:
+        if memory.round != self.next_round:
+            raise ProtocolError(f"MEMORY announces round {memory.round}, expected round {self.next_round}")
+        if memory.round == 0 and not memory.flags & P.MemoryFlags.ALL_PAGES:
+            raise ProtocolError("round 0 must carry all pages (ALL_PAGES flag missing)")
+        self.state = RxState.RECEIVING
+        start = time.monotonic()
+        batches = data_pages = zero_pages = wire = 0
+        fd = self.conn.fileno()
+        while True:
+            if self.watcher.cancelled():
+                raise Cancelled(f"cancelled during round {memory.round}")
+            try:
+                got = self.memory.recv_pages(fd)
+            except PageBatchError as err:
+                raise _batch_error(err, memory.round) from None
+            wire += got["wire_bytes"]
+            if got["ranges"] == 0:
+                break
+            batches += 1
+            data_pages += got["data_pages"]
+            zero_pages += got["zero_pages"]
+            # A round sends each page at most once: more is a broken or hostile source.
+            if data_pages + zero_pages > self.total_pages:
+                raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
+        self.stats.bytes_total += wire
+        end = P.decode_memory_end(self._read(P.MessageType.MEMORY_END).payload)
+        mine = P.MemoryEnd(memory.round, batches, data_pages, zero_pages, wire - P.BATCH_HEADER_SIZE)
+        if end != mine:
+            raise ProtocolError(f"round {memory.round}: the source says it sent {end.batches} batches, {end.data_pages} data and "
+                                f"{end.zero_pages} zero pages in {end.wire_bytes} bytes (round {end.round}); {batches}, "
+                                f"{data_pages}, {zero_pages} and {mine.wire_bytes} arrived")
+        if memory.flags & P.MemoryFlags.ALL_PAGES:
+            if data_pages + zero_pages != self.total_pages:
+                raise ProtocolError(f"round {memory.round} claims all pages but carried {data_pages + zero_pages} of {self.total_pages}")
+            self.have_all_pages = True
+        duration = time.monotonic() - start
+        self.stats.add_round(RoundStats(
+            round=memory.round, final=bool(memory.flags & P.MemoryFlags.FINAL), pages_dirtied=data_pages + zero_pages,
+            pages_sent=data_pages, zero_pages=zero_pages, bytes=wire, duration_ms=duration * 1000,
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0))
+        self.next_round += 1
+        self.state = RxState.READY
+
+    def _restore(self, blob: bytes) -> None:
+        if not self.have_all_pages:
+            raise ProtocolError("STATE arrived before a round carrying all pages")
+        try:
+            sections = decode_sections(blob, what="migration stream")
+        except SectionError as err:
+            raise ProtocolError(str(err)) from None
+        self.stats.state_bytes = len(blob)
+        t = time.monotonic()
+        try:
+            self.adapter.restore_sections(sections)
+        except Exception as err:  # noqa: BLE001 - named and sent to the source as the abort reason
+            raise MigrationError(f"restoring the guest's state failed: {err}") from None
+        self.restored = True
+        self.stats.downtime_breakdown["restore_ms"] = (time.monotonic() - t) * 1000
+        self.state = RxState.HAVE_STATE
+
+    def _commit(self, source_digest: int) -> None:
+        t = time.monotonic()
+        mine = self.memory.digest()
+        self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000
+        if mine != source_digest:
+            raise MigrationError(f"memory digest mismatch: source {source_digest:#034x}, destination {mine:#034x}; "
+                                 "the memory that arrived is not the source's")
+        set_io_timeout(self.conn, self.params.commit_timeout)
+        self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
+        self.state = RxState.AWAIT_COMMITTED
+        frame = self._read(P.MessageType.COMMITTED)
+        P.decode_empty(frame.type, frame.payload)
+        # From here the guest is ours whatever happens: the source has stopped for good.
+        self.state = RxState.RUNNING
+        t = time.monotonic()
+        self.adapter.start_running()
+        self.stats.downtime_breakdown["start_ms"] = (time.monotonic() - t) * 1000
+        self.stats.finish("completed")
+
+    # -- failure ---------------------------------------------------------------------------------
+    def _fail(self, err: BaseException) -> None:
+        cancelled = isinstance(err, Cancelled) or self.watcher.fired
+        if cancelled and not isinstance(err, Cancelled):
+            message = f"cancelled in state {self.state.value}"
+        elif isinstance(err, MigrationError):
+            message = str(err)
+        else:
+            message = f"{type(err).__name__} in state {self.state.value}: {err}"
+        if self.state is RxState.RUNNING:
+            self.stats.notes.append(f"after commit: {message}")
+            self.stats.finish("completed")
+            return
+        if not isinstance(err, (Aborted, Refused, ConnectionLost)) and not self.watcher.fired:
+            try:
+                set_io_timeout(self.conn, 1.0)
+                self._send(P.MessageType.ABORT, P.encode_abort(message))
+            except (MigrationError, OSError):
+                pass
+        self.state = RxState.DISCARDED
+        self.adapter.discard()
+        self.stats.finish("cancelled" if cancelled else "failed", message)
+
+
+def _batch_error(err: PageBatchError, rnd: int) -> MigrationError:
+    what = f"round {rnd}: {err.strerror or err}"
+    if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return MigrationTimeout(f"{what} (timed out waiting for the source)")
+    if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
+        return ConnectionLost(what)
+    return ProtocolError(what)

@@ -1,0 +1,247 @@
+"""Sockets for migration: address parsing, connect/listen on IPv4 and IPv6, kernel-level
+timeouts, cancellation that interrupts a blocked transfer, and bandwidth pacing.
+
+Page batches are moved by the memory core on a raw fd, which must be blocking; a Python socket
+timeout would make it non-blocking. So every socket here is blocking with SO_RCVTIMEO and
+SO_SNDTIMEO set: a stalled peer turns into EAGAIN after the timeout, in Rust and Python alike,
+and the engine reports it as a timeout. Cancellation shuts the socket down from a watcher thread,
+which wakes any blocked send or receive at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+import time
+from .errors import ConnectionLost, MigrationError, MigrationTimeout
+
+DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``HOST,PORT`` (bhyve's form), ``[V6]:PORT``, ``[V6]`` or a bare IPv6
+    address (``::1``, whose colons are not a port separator)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("migration address is empty; expected HOST[:PORT], HOST,PORT or [IPV6]:PORT")
+    host, port_text = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"migration address {text!r}: '[' without a closing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if rest[0] not in ":,":
+                raise ValueError(f"migration address {text!r}: expected ':PORT' after ']', got {rest!r}")
+            port_text = rest[1:]
+    elif "," in text:
+        host, port_text = text.rsplit(",", 1)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host:
+        raise ValueError(f"migration address {text!r} has no host")
+    if port_text is None:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"migration address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"migration address {text!r}: port {port} is out of range 0-65535")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose every send and receive gives up after ``seconds`` (EAGAIN)."""
+    sock.setblocking(True)
+    sec = int(seconds)
+    usec = int((seconds - sec) * 1_000_000)
+    tv = struct.pack("ll", sec, max(usec, 1 if sec == 0 else 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def connect(host: str, port: int, *, timeout: float) -> socket.socket:
+    where = format_address(host, port)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        raise ConnectionLost(f"cannot connect to {where}: connection refused (is the destination listening?)") from None
+    except (TimeoutError, socket.timeout):
+        raise MigrationTimeout(f"cannot connect to {where}: no answer within {timeout:g} s") from None
+    except OSError as err:
+        raise ConnectionLost(f"cannot connect to {where}: {err.strerror or err}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1)
+    except OSError as err:
+        raise MigrationError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
+
+
+class CancelWatcher:
+    """Watches a cancel event; when it fires, shuts the registered sockets down so whatever is
+    blocked on them returns at once. ``commit_point()`` closes the window: after it a cancel no
+    longer touches the connection (the source is committing)."""
+
+    POLL = 0.02
+
+    def __init__(self, cancel: threading.Event | None) -> None:
+        self.cancel = cancel
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._committed = False
+        self._done = threading.Event()
+        self.fired = False
+        self._thread = None
+        if cancel is not None:
+            self._thread = threading.Thread(target=self._watch, name="migration-cancel", daemon=True)
+            self._thread.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            fire = self.fired
+        if fire:
+            _shutdown(sock)
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set() and not self._committed
+
+    def commit_point(self) -> bool:
+        """Atomically: if not cancelled, no cancel will act from now on. Returns False if cancelled."""
+        with self._lock:
+            if self.cancel is not None and self.cancel.is_set():
+                return False
+            self._committed = True
+            return True
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            if self.cancel.wait(self.POLL):
+                with self._lock:
+                    if self._committed:
+                        return
+                    self.fired = True
+                    socks = list(self._sockets)
+                for sock in socks:
+                    _shutdown(sock)
+                return
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Channel:
+    """The source's connection: it reads from the TCP socket and writes to ``out`` (the TCP socket
+    itself, or with a bandwidth cap a local socketpair drained by a pacing relay thread, so that
+    page batches written by the memory core are paced as finely as frames)."""
+
+    def __init__(self, sock: socket.socket, bandwidth_cap: float | None) -> None:
+        self.sock = sock
+        self.relay_error: OSError | None = None
+        self._relay = None
+        self._inner = None
+        self.out = sock
+        if bandwidth_cap:
+            if bandwidth_cap <= 0:
+                raise ValueError(f"bandwidth cap must be positive bytes/s, got {bandwidth_cap}")
+            self.out, self._inner = socket.socketpair()
+            for s, opt in ((self.out, socket.SO_SNDBUF), (self._inner, socket.SO_RCVBUF)):
+                s.setsockopt(socket.SOL_SOCKET, opt, 64 * 1024)
+            self._stop = threading.Event()
+            self._cap = float(bandwidth_cap)
+            self._relay = threading.Thread(target=self._pace, name="migration-pacer", daemon=True)
+            self._relay.start()
+
+    @property
+    def out_fd(self) -> int:
+        return self.out.fileno()
+
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.sock, self.out, self._inner) if s is not None]
+
+    def _pace(self) -> None:
+        chunk = int(min(64 * 1024, max(4096, self._cap / 50)))
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        due = time.monotonic()
+        try:
+            while True:
+                n = self._inner.recv_into(buf)
+                if n == 0:
+                    break
+                now = time.monotonic()
+                if due > now and self._stop.wait(due - now):
+                    break
+                due = max(due, now - 0.05) + n / self._cap  # at most 50 ms of credit
+                self.sock.sendall(view[:n])
+        except OSError as err:
+            self.relay_error = err
+        finally:
+            _shutdown(self._inner)
+
+    def translate(self, err: BaseException, what: str) -> MigrationError:
+        """The relay's own failure, if it is why a write to ``out`` failed."""
+        relay = self.relay_error
+        if relay is not None:
+            if relay.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return MigrationTimeout(f"timed out sending {what}: the peer is not reading")
+            return ConnectionLost(f"connection lost while sending {what}: {relay.strerror or relay}")
+        if isinstance(err, MigrationError):
+            return err
+        if isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return MigrationTimeout(f"timed out sending {what}: the peer is not reading")
+        if isinstance(err, OSError):
+            return ConnectionLost(f"connection lost while sending {what}: {err.strerror or err}")
+        return MigrationError(f"{what}: {err}")
+
+    def flush(self, timeout: float) -> None:
+        """Wait until the relay has handed everything to TCP (no-op without a cap)."""
+        if self._relay is None:
+            return
+        _shutdown_write(self.out)
+        self._relay.join(timeout)
+        if self._relay.is_alive():
+            raise MigrationTimeout(f"pacing relay did not drain within {timeout:g} s")
+        if self.relay_error is not None:
+            raise self.translate(self.relay_error, "the last frames")
+
+    def close(self) -> None:
+        if self._relay is not None:
+            self._stop.set()
+            for s in (self.out, self._inner):
+                _shutdown(s)
+            self._relay.join(timeout=2.0)
+        for s in self.sockets():
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+

@@ -1,0 +1,567 @@
+"""The migration wire protocol: frames, messages, and the order they come in.
+
+This module owns the bytes on the wire and nothing else: no sockets policy, no VM, no rounds.
+``source`` and ``destination`` drive it; ``docs/migration-protocol.md`` is the long form.
+
+Message sequence (S = source, D = destination)::
+
+    S                                              D
+    |---- HELLO (versions, nonce_s) -------------->|  D: AWAIT_HELLO
+    |<--- CHALLENGE (version, key?, nonce_d) ------|
+    |---- AUTH (HMAC over the transcript) -------->|  D: AWAIT_AUTH  (no state read before this)
+    |<--- ACCEPT(auth, D's proof) | REFUSE(why) ---|
+    |---- SPEC (page size, vendor, layout, devs) ->|  D: AWAIT_SPEC
+    |<--- ACCEPT(spec) | REFUSE(why) --------------|
+    |---- MEMORY (round r, flags) ---------------->|  D: READY -> RECEIVING(r)
+    |==== page batches (VMPB), raw, then one =====>|     recv_pages() per batch, in Rust
+    |==== empty batch ending the round ===========>|
+    |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
+    |     ... one MEMORY..MEMORY_END per round ... |
+    |---- STATE (encode_sections container) ------>|  D: restore_sections
+    |---- COMMIT_REQUEST (source digest) --------->|  D: digest own memory, compare
+    |<--- COMMIT_ACK (destination digest) ---------|  D: AWAIT_COMMITTED
+    |---- COMMITTED ------------------------------>|  D: start_running; S: stop_for_good
+    |                                              |
+    |<--- ABORT (why) ---- either way, any time ---|  before COMMITTED: S resumes, D discards
+
+Receiver (destination) state machine::
+
+    AWAIT_HELLO --HELLO--> AWAIT_AUTH --AUTH ok--> AWAIT_SPEC --SPEC ok--> READY
+    READY --MEMORY--> RECEIVING --batches, empty batch, MEMORY_END--> READY
+    READY --STATE--> HAVE_STATE --COMMIT_REQUEST, digest equal--> AWAIT_COMMITTED
+    AWAIT_COMMITTED --COMMITTED--> RUNNING (done)
+    any state --ABORT, bad frame, unexpected message, EOF, timeout--> DISCARDED (done)
+
+Every frame starts with a fixed 24-byte little-endian header::
+
+    offset size field
+     0     4    magic "VMMG"
+     4     2    frame format version (1)
+     6     2    message type
+     8     4    flags (none defined; must be 0)
+    12     4    payload length
+    16     8    xxh3-64 of header bytes 0..16 followed by the payload
+
+Page batches are not frames: they are the memory core's own checksummed format
+(``rust/pages/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
+per-page Python work. Their page bytes are covered by the memory digests compared at commit.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _core
+from .errors import ConnectionLost, MigrationTimeout, ProtocolError
+
+MAGIC = b"VMMG"
+FRAME_VERSION = 1
+PROTOCOL_VERSIONS = (1,)
+HEADER = struct.Struct("<4sHHIIQ")
+HEADER_SIZE = HEADER.size
+NONCE_SIZE = 32
+MAC_SIZE = 32
+MAX_REASON = 4096
+MAX_DEVICES = 1024
+MAX_NAME = 255
+DEFAULT_MAX_STATE = 256 << 20
+_READ_CHUNK = 1 << 20
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    ACCEPT = 4
+    REFUSE = 5
+    SPEC = 6
+    MEMORY = 7
+    MEMORY_END = 8
+    STATE = 9
+    COMMIT_REQUEST = 10
+    COMMIT_ACK = 11
+    COMMITTED = 12
+    ABORT = 13
+
+
+# The largest payload each message may declare; STATE's bound is the receiver's max_state.
+MAX_PAYLOAD = {
+    MessageType.HELLO: 2 + 2 * 16 + NONCE_SIZE + 1 + MAX_NAME,
+    MessageType.CHALLENGE: 2 + 1 + NONCE_SIZE,
+    MessageType.AUTH: 1 + MAC_SIZE,
+    MessageType.ACCEPT: 2 + MAC_SIZE,
+    MessageType.REFUSE: 1 + 2 + MAX_REASON,
+    MessageType.SPEC: 64 * 1024,
+    MessageType.MEMORY: 8,
+    MessageType.MEMORY_END: 4 + 4 * 8,
+    MessageType.STATE: DEFAULT_MAX_STATE,
+    MessageType.COMMIT_REQUEST: 16,
+    MessageType.COMMIT_ACK: 16,
+    MessageType.COMMITTED: 0,
+    MessageType.ABORT: 2 + MAX_REASON,
+}
+
+
+class Stage(enum.IntEnum):
+    """What an ACCEPT or REFUSE answers."""
+
+    AUTH = 1
+    SPEC = 2
+
+
+class MemoryFlags(enum.IntFlag):
+    ALL_PAGES = 1  # the round carries every page (round 0, warm)
+    FINAL = 2  # the guest is paused: the last round
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: MessageType
+    payload: bytes
+    raw: bytes  # header + payload as they were on the wire (the handshake transcript uses it)
+
+
+# -- frames --------------------------------------------------------------------------------------
+
+
+def encode_frame(msg_type: MessageType, payload: bytes = b"", *, version: int = FRAME_VERSION) -> bytes:
+    if len(payload) > MAX_PAYLOAD[msg_type]:
+        raise ProtocolError(f"{msg_type.name}: payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD[msg_type]} allowed")
+    head = struct.pack("<4sHHII", MAGIC, version, int(msg_type), 0, len(payload))
+    return head + struct.pack("<Q", _core.xxh3_64(head + payload)) + payload
+
+
+def decode_header(head: bytes, *, max_state: int = DEFAULT_MAX_STATE) -> tuple[MessageType, int, int]:
+    """Check a frame header; returns (type, payload length, checksum). Raises ProtocolError."""
+    if len(head) != HEADER_SIZE:
+        raise ProtocolError(f"frame header is {len(head)} bytes, expected {HEADER_SIZE}")
+    magic, version, raw_type, flags, length, checksum = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {magic!r}, expected {MAGIC!r} (not a vmmpy migration stream, or out of step)")
+    if version != FRAME_VERSION:
+        raise ProtocolError(f"frame format version {version} is not one this vmmpy speaks ({FRAME_VERSION})")
+    try:
+        msg_type = MessageType(raw_type)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {raw_type}") from None
+    if flags != 0:
+        raise ProtocolError(f"{msg_type.name}: unknown frame flags {flags:#x}")
+    bound = max_state if msg_type is MessageType.STATE else MAX_PAYLOAD[msg_type]
+    if length > bound:
+        raise ProtocolError(f"{msg_type.name}: declared payload of {length} bytes exceeds the {bound} allowed")
+    return msg_type, length, checksum
+
+
+def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
+    """Read exactly ``size`` bytes, growing the buffer only as bytes arrive (a lying length
+    field costs at most one chunk)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        want = min(size - got, _READ_CHUNK)
+        try:
+            chunk = sock.recv(want)
+        except (BlockingIOError, TimeoutError, socket.timeout):
+            raise MigrationTimeout(f"timed out waiting for {what} ({got} of {size} bytes arrived)") from None
+        except OSError as err:
+            raise ConnectionLost(f"connection lost while reading {what}: {err.strerror or err}") from None
+        if not chunk:
+            raise ConnectionLost(f"peer closed the connection while sending {what} ({got} of {size} bytes arrived)")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def read_frame(sock: socket.socket, *, max_state: int = DEFAULT_MAX_STATE, allowed=None, where: str = "") -> Frame:
+    """Read one frame. With ``allowed``, a frame of another type (ABORT is always allowed) is
+    refused from its header, before its payload is read."""
+    head = _recv_exact(sock, HEADER_SIZE, "a frame header")
+    msg_type, length, checksum = decode_header(head, max_state=max_state)
+    if allowed is not None and msg_type not in allowed and msg_type is not MessageType.ABORT:
+        names = " or ".join(t.name for t in allowed)
+        raise ProtocolError(f"expected {names}{where}, got {msg_type.name}")
+    payload = _recv_exact(sock, length, f"the {msg_type.name} payload") if length else b""
+    actual = _core.xxh3_64(head[:16] + payload)
+    if actual != checksum:
+        raise ProtocolError(f"{msg_type.name}: frame checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
+    return Frame(msg_type, payload, head + payload)
+
+
+def send_bytes(sock: socket.socket, data: bytes, what: str) -> None:
+    try:
+        sock.sendall(data)
+    except (BlockingIOError, TimeoutError, socket.timeout):
+        raise MigrationTimeout(f"timed out sending {what}: the peer is not reading") from None
+    except OSError as err:
+        raise ConnectionLost(f"connection lost while sending {what}: {err.strerror or err}") from None
+
+
+def write_frame(sock: socket.socket, msg_type: MessageType, payload: bytes = b"") -> bytes:
+    frame = encode_frame(msg_type, payload)
+    send_bytes(sock, frame, msg_type.name)
+    return frame
+
+
+# -- payload reading helpers -------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, msg_type: MessageType, payload: bytes) -> None:
+        self.name = msg_type.name
+        self.data = payload
+        self.offset = 0
+
+    def take(self, size: int, what: str) -> bytes:
+        if self.offset + size > len(self.data):
+            raise ProtocolError(f"{self.name}: truncated in {what} (needs {size} bytes at offset {self.offset}, payload is {len(self.data)})")
+        out = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        st = struct.Struct("<" + fmt)
+        return st.unpack(self.take(st.size, what))
+
+    def text(self, length: int, what: str) -> str:
+        raw = self.take(length, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{self.name}: {what} is not valid UTF-8") from None
+
+    def done(self) -> None:
+        if self.offset != len(self.data):
+            raise ProtocolError(f"{self.name}: {len(self.data) - self.offset} unexpected bytes after the last field")
+
+
+def _reason_bytes(reason: str) -> bytes:
+    raw = reason.encode("utf-8", errors="replace")
+    if len(raw) > MAX_REASON:
+        raw = raw[: MAX_REASON - 3].decode("utf-8", errors="ignore").encode() + b"..."
+    return raw
+
+
+# -- messages: one encoder and one decoder each ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    versions: tuple[int, ...]
+    nonce: bytes
+    software: str = "vmmpy"
+
+
+def encode_hello(m: Hello) -> bytes:
+    if not 1 <= len(m.versions) <= 16:
+        raise ProtocolError(f"HELLO: {len(m.versions)} protocol versions; 1 to 16 may be offered")
+    sw = m.software.encode()[:MAX_NAME]
+    return struct.pack(f"<H{len(m.versions)}H", len(m.versions), *m.versions) + _nonce(m.nonce, "HELLO") + bytes([len(sw)]) + sw
+
+
+def decode_hello(payload: bytes) -> Hello:
+    r = _Reader(MessageType.HELLO, payload)
+    (count,) = r.unpack("H", "the version count")
+    if not 1 <= count <= 16:
+        raise ProtocolError(f"HELLO: offers {count} protocol versions; 1 to 16 may be offered")
+    versions = r.unpack(f"{count}H", "the version list")
+    nonce = r.take(NONCE_SIZE, "the nonce")
+    (sw_len,) = r.unpack("B", "the software name length")
+    software = r.text(sw_len, "the software name")
+    r.done()
+    return Hello(tuple(versions), nonce, software)
+
+
+def _nonce(nonce: bytes, name: str) -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ProtocolError(f"{name}: nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+    return nonce
+
+
+@dataclass(frozen=True)
+class Challenge:
+    version: int
+    key_required: bool
+    nonce: bytes
+
+
+def encode_challenge(m: Challenge) -> bytes:
+    return struct.pack("<HB", m.version, int(m.key_required)) + _nonce(m.nonce, "CHALLENGE")
+
+
+def decode_challenge(payload: bytes) -> Challenge:
+    r = _Reader(MessageType.CHALLENGE, payload)
+    version, key_required = r.unpack("HB", "version and key flag")
+    if key_required not in (0, 1):
+        raise ProtocolError(f"CHALLENGE: key flag is {key_required}, expected 0 or 1")
+    nonce = r.take(NONCE_SIZE, "the nonce")
+    r.done()
+    return Challenge(version, bool(key_required), nonce)
+
+
+def encode_auth(mac: bytes) -> bytes:
+    if len(mac) not in (0, MAC_SIZE):
+        raise ProtocolError(f"AUTH: a MAC is {MAC_SIZE} bytes (or none), got {len(mac)}")
+    return bytes([len(mac)]) + mac
+
+
+def decode_auth(payload: bytes) -> bytes:
+    r = _Reader(MessageType.AUTH, payload)
+    (size,) = r.unpack("B", "the MAC length")
+    if size not in (0, MAC_SIZE):
+        raise ProtocolError(f"AUTH: MAC length {size}, expected 0 or {MAC_SIZE}")
+    mac = r.take(size, "the MAC")
+    r.done()
+    return mac
+
+
+@dataclass(frozen=True)
+class Accept:
+    stage: Stage
+    proof: bytes = b""  # the destination's HMAC, in the AUTH stage when it holds a key
+
+
+def encode_accept(m: Accept) -> bytes:
+    if len(m.proof) not in (0, MAC_SIZE):
+        raise ProtocolError(f"ACCEPT: a proof is {MAC_SIZE} bytes (or none), got {len(m.proof)}")
+    return bytes([int(m.stage), len(m.proof)]) + m.proof
+
+
+def _stage(raw: int, name: str) -> Stage:
+    try:
+        return Stage(raw)
+    except ValueError:
+        raise ProtocolError(f"{name}: unknown stage {raw}") from None
+
+
+def decode_accept(payload: bytes) -> Accept:
+    r = _Reader(MessageType.ACCEPT, payload)
+    raw_stage, size = r.unpack("BB", "stage and proof length")
+    stage = _stage(raw_stage, "ACCEPT")
+    if size not in (0, MAC_SIZE):
+        raise ProtocolError(f"ACCEPT: proof length {size}, expected 0 or {MAC_SIZE}")
+    proof = r.take(size, "the proof")
+    r.done()
+    return Accept(stage, proof)
+
+
+@dataclass(frozen=True)
+class Refuse:
+    stage: Stage
+    reason: str
+
+
+def encode_refuse(m: Refuse) -> bytes:
+    raw = _reason_bytes(m.reason)
+    return struct.pack("<BH", int(m.stage), len(raw)) + raw
+
+
+def decode_refuse(payload: bytes) -> Refuse:
+    r = _Reader(MessageType.REFUSE, payload)
+    raw_stage, size = r.unpack("BH", "stage and reason length")
+    stage = _stage(raw_stage, "REFUSE")
+    if size > MAX_REASON:
+        raise ProtocolError(f"REFUSE: reason of {size} bytes exceeds {MAX_REASON}")
+    reason = r.text(size, "the reason")
+    r.done()
+    return Refuse(stage, reason)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a destination must match to take the guest."""
+
+    page_size: int
+    vendor: str
+    vcpus: int
+    lowmem_size: int
+    highmem_size: int
+    wired: bool
+    live: bool
+    devices: dict[str, int] = field(default_factory=dict)  # section name -> section version
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, live: bool) -> Spec:
+        try:
+            return cls(
+                page_size=int(d["page_size"]),
+                vendor=str(d["vendor"]),
+                vcpus=int(d["vcpus"]),
+                lowmem_size=int(d["lowmem_size"]),
+                highmem_size=int(d["highmem_size"]),
+                wired=bool(d["wired"]),
+                live=live,
+                devices={str(k): int(v) for k, v in dict(d.get("devices", {})).items()},
+            )
+        except KeyError as err:
+            raise ValueError(f"adapter spec() lacks the field {err.args[0]!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "page_size": self.page_size,
+            "vendor": self.vendor,
+            "vcpus": self.vcpus,
+            "lowmem_size": self.lowmem_size,
+            "highmem_size": self.highmem_size,
+            "wired": self.wired,
+            "live": self.live,
+            "devices": dict(self.devices),
+        }
+
+
+_SPEC_FIXED = struct.Struct("<IIQQBB")
+
+
+def encode_spec(m: Spec) -> bytes:
+    vendor = m.vendor.encode()
+    if len(vendor) > MAX_NAME:
+        raise ProtocolError(f"SPEC: vendor name of {len(vendor)} bytes exceeds {MAX_NAME}")
+    if len(m.devices) > MAX_DEVICES:
+        raise ProtocolError(f"SPEC: {len(m.devices)} devices exceed the {MAX_DEVICES} allowed")
+    parts = [_SPEC_FIXED.pack(m.page_size, m.vcpus, m.lowmem_size, m.highmem_size, int(m.wired), int(m.live))]
+    parts.append(bytes([len(vendor)]) + vendor)
+    parts.append(struct.pack("<H", len(m.devices)))
+    for name, version in sorted(m.devices.items()):
+        raw = name.encode()
+        if not 1 <= len(raw) <= MAX_NAME:
+            raise ProtocolError(f"SPEC: device name {name!r} must be 1 to {MAX_NAME} bytes")
+        parts.append(bytes([len(raw)]) + raw + struct.pack("<I", version))
+    return b"".join(parts)
+
+
+def decode_spec(payload: bytes) -> Spec:
+    r = _Reader(MessageType.SPEC, payload)
+    page_size, vcpus, lowmem, highmem, wired, live = r.unpack(_SPEC_FIXED.format[1:], "the fixed fields")
+    if wired not in (0, 1) or live not in (0, 1):
+        raise ProtocolError(f"SPEC: wired/live flags must be 0 or 1, got {wired}/{live}")
+    (vendor_len,) = r.unpack("B", "the vendor length")
+    vendor = r.text(vendor_len, "the vendor")
+    (count,) = r.unpack("H", "the device count")
+    if count > MAX_DEVICES:
+        raise ProtocolError(f"SPEC: {count} devices exceed the {MAX_DEVICES} allowed")
+    devices: dict[str, int] = {}
+    for index in range(count):
+        (name_len,) = r.unpack("B", f"device {index}'s name length")
+        if name_len == 0:
+            raise ProtocolError(f"SPEC: device {index} has an empty name")
+        name = r.text(name_len, f"device {index}'s name")
+        (version,) = r.unpack("I", f"device '{name}''s version")
+        if name in devices:
+            raise ProtocolError(f"SPEC: device '{name}' is listed twice")
+        devices[name] = version
+    r.done()
+    return Spec(page_size, vendor, vcpus, lowmem, highmem, bool(wired), bool(live), devices)
+
+
+@dataclass(frozen=True)
+class Memory:
+    round: int
+    flags: MemoryFlags
+
+
+def encode_memory(m: Memory) -> bytes:
+    return struct.pack("<II", m.round, int(m.flags))
+
+
+def decode_memory(payload: bytes) -> Memory:
+    r = _Reader(MessageType.MEMORY, payload)
+    rnd, flags = r.unpack("II", "round and flags")
+    r.done()
+    if flags & ~int(MemoryFlags.ALL_PAGES | MemoryFlags.FINAL):
+        raise ProtocolError(f"MEMORY: unknown flags {flags:#x}")
+    return Memory(rnd, MemoryFlags(flags))
+
+
+@dataclass(frozen=True)
+class MemoryEnd:
+    round: int
+    batches: int
+    data_pages: int
+    zero_pages: int
+    wire_bytes: int
+
+
+_MEMORY_END = struct.Struct("<IQQQQ")
+
+
+def encode_memory_end(m: MemoryEnd) -> bytes:
+    return _MEMORY_END.pack(m.round, m.batches, m.data_pages, m.zero_pages, m.wire_bytes)
+
+
+def decode_memory_end(payload: bytes) -> MemoryEnd:
+    r = _Reader(MessageType.MEMORY_END, payload)
+    fields = r.unpack(_MEMORY_END.format[1:], "the round totals")
+    r.done()
+    return MemoryEnd(*fields)
+
+
+def encode_digest(digest: int) -> bytes:
+    if not 0 <= digest < 1 << 128:
+        raise ProtocolError(f"a memory digest is 128 bits; {digest} is out of range")
+    return digest.to_bytes(16, "little")
+
+
+def decode_digest(msg_type: MessageType, payload: bytes) -> int:
+    r = _Reader(msg_type, payload)
+    raw = r.take(16, "the memory digest")
+    r.done()
+    return int.from_bytes(raw, "little")
+
+
+def encode_abort(reason: str) -> bytes:
+    raw = _reason_bytes(reason)
+    return struct.pack("<H", len(raw)) + raw
+
+
+def decode_abort(payload: bytes) -> str:
+    r = _Reader(MessageType.ABORT, payload)
+    (size,) = r.unpack("H", "the reason length")
+    if size > MAX_REASON:
+        raise ProtocolError(f"ABORT: reason of {size} bytes exceeds {MAX_REASON}")
+    reason = r.text(size, "the reason")
+    r.done()
+    return reason
+
+
+def decode_empty(msg_type: MessageType, payload: bytes) -> None:
+    if payload:
+        raise ProtocolError(f"{msg_type.name}: carries no payload, got {len(payload)} bytes")
+
+
+# -- the end-of-round marker: an empty page batch ----------------------------------------------
+
+_BATCH_HEAD = struct.Struct("<4sHHQIIQ")
+BATCH_HEADER_SIZE = _BATCH_HEAD.size + 8
+
+
+def end_of_round_batch(segment_gpa: int) -> bytes:
+    """A page batch with no ranges: the memory core receives it as a no-op, and the receiver
+    takes it as the end of a round's batches (the senders never emit an empty batch)."""
+    head = _BATCH_HEAD.pack(b"VMPB", 1, 0, segment_gpa, 0, 0, 0)
+    return head + struct.pack("<Q", _core.xxh3_64(head))
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+_SOURCE_LABEL = b"vmmpy-migration-v1 source proof\x00"
+_DEST_LABEL = b"vmmpy-migration-v1 destination proof\x00"
+
+
+def source_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes) -> bytes:
+    """HMAC-SHA256 over both frames as sent (so both nonces and the chosen version are bound)."""
+    return hmac.new(key, _SOURCE_LABEL + hello_frame + challenge_frame, hashlib.sha256).digest()
+
+
+def destination_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes, auth_frame: bytes) -> bytes:
+    """The destination's answer: the same transcript plus the source's AUTH, a different label,
+    so a source never sends memory to a peer that does not hold the key too."""
+    return hmac.new(key, _DEST_LABEL + hello_frame + challenge_frame + auth_frame, hashlib.sha256).digest()
+
+
+def proofs_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)

@@ -1,0 +1,322 @@
+"""The source side: handshake, warm or live (pre-copy) memory rounds, state, commit.
+
+Owns the rule that matters most: until COMMITTED is on the wire the source owns the guest. Any
+failure before that (refusal, connection loss, timeout, bad frame, cancel, an exception anywhere)
+ends with the guest running here, memory untouched, and an ABORT sent to the destination when
+the connection still works. After COMMITTED the source stops the guest for good.
+
+Warm: pause, send every page (never-touched pages as zero ranges without data), state, commit.
+Live: round 0 sends every page while the guest runs; each later round harvests-and-clears the
+dirty bits and sends those pages; ``Convergence`` decides when to pause for the final round.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+from ..memory import PageBatchError
+from ..state import encode_sections
+from . import protocol as P
+from .adapter import MigrationAdapter
+from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
+from .errors import Aborted, AuthenticationError, Cancelled, MigrationError, NotConverging, ProtocolError, Refused
+from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
+from .stats import MigrationStats, ProgressCallback, RoundStats
+
+PhaseHook = Callable[[str], None]
+
+
+def migrate(
+    adapter: MigrationAdapter,
+    host: str,
+    port: int,
+    *,
+    live: bool,
+    key: bytes | None = None,
+    params: MigrationParams | None = None,
+    cancel: threading.Event | None = None,
+    progress: ProgressCallback | None = None,
+    on_phase: PhaseHook | None = None,
+) -> MigrationStats:
+    """Migrate the guest behind ``adapter`` to ``host:port``; returns the statistics whatever
+    happened (``status`` is completed, failed or cancelled, ``error`` says why). ``on_phase`` is
+    called with "connect", "handshake", "round 0", "round N", "pause", "final", "state",
+    "commit" as each begins (tests use it to cancel in a given state)."""
+    return _Source(adapter, host, port, live, key, params or MigrationParams(), cancel, progress, on_phase).run()
+
+
+class MigrationHandle:
+    """A migration running in a thread: ``cancel()`` in any state, ``wait()`` for the stats."""
+
+    def __init__(self, adapter: MigrationAdapter, host: str, port: int, **kwargs) -> None:
+        self.cancel_event = kwargs.pop("cancel", None) or threading.Event()
+        self._stats: MigrationStats | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._stats = migrate(adapter, host, port, cancel=self.cancel_event, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - reported through wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="migration-source", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"migration still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._stats is not None
+        return self._stats
+
+
+class _Source:
+    def __init__(self, adapter, host, port, live, key, params, cancel, progress, on_phase) -> None:
+        if key is not None and len(key) < 16:
+            raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
+        self.adapter = adapter
+        self.memory = adapter.memory
+        self.host, self.port = host, port
+        self.live = live
+        self.key = key
+        self.params = params
+        self.progress = progress
+        self.on_phase = on_phase
+        self.watcher = CancelWatcher(cancel)
+        self.stats = MigrationStats(role="source", live=live, policy=params.policy if live else None, peer=format_address(host, port))
+        self.chan: Channel | None = None
+        self.phase = "setup"
+        self.paused = False
+        self.committed = False
+        self.convergence: Convergence | None = None
+        self.rtt_ms = 0.0
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase)
+        self._check_cancel()
+
+    def _check_cancel(self) -> None:
+        if self.watcher.cancelled():
+            raise Cancelled(f"cancelled during {self.phase}")
+
+    def _send(self, msg_type: P.MessageType, payload: bytes = b"") -> bytes:
+        frame = P.encode_frame(msg_type, payload)
+        try:
+            P.send_bytes(self.chan.out, frame, msg_type.name)
+        except MigrationError as err:
+            raise self.chan.translate(err, msg_type.name) from None
+        self.stats.bytes_total += len(frame)
+        return frame
+
+    def _read(self, *expected: P.MessageType) -> P.Frame:
+        frame = P.read_frame(self.chan.sock, allowed=(*expected, P.MessageType.REFUSE), where=f" from the destination during {self.phase}")
+        if frame.type is P.MessageType.REFUSE:
+            refusal = P.decode_refuse(frame.payload)
+            raise Refused(f"destination refused the migration ({refusal.stage.name.lower()}): {refusal.reason}")
+        if frame.type is P.MessageType.ABORT:
+            raise Aborted(f"destination aborted: {P.decode_abort(frame.payload)}")
+        if frame.type not in expected:
+            names = " or ".join(t.name for t in expected)
+            raise ProtocolError(f"expected {names} from the destination during {self.phase}, got {frame.type.name}")
+        return frame
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> MigrationStats:
+        try:
+            self._migrate()
+        except BaseException as err:  # noqa: BLE001 - every failure must leave the guest running here
+            self._fail(err)
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            if self.chan is not None:
+                self.chan.close()
+            self.watcher.close()
+        return self.stats
+
+    def _migrate(self) -> None:
+        p = self.params
+        self._enter("connect")
+        sock = connect(self.host, self.port, timeout=p.connect_timeout)
+        self.watcher.watch(sock)
+        set_io_timeout(sock, p.handshake_timeout)
+        self.chan = Channel(sock, p.bandwidth_cap)
+        for s in self.chan.sockets():
+            self.watcher.watch(s)
+        self._enter("handshake")
+        self._handshake()
+        self._send_spec()
+        self.stats.setup_time_ms = self.stats.elapsed_ms()
+        self.stats.status = "active"
+        set_io_timeout(sock, p.io_timeout)
+        next_round = 0
+        if self.live:
+            next_round = self._precopy()
+        self._enter("pause")
+        self.adapter.pause()
+        self.paused = True
+        paused_at = time.monotonic()
+        self.stats.status = "paused"
+        self._enter("final")
+        t = time.monotonic()
+        self._send_round(next_round, final=True, all_pages=not self.live)
+        self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
+        self._enter("state")
+        t = time.monotonic()
+        blob = encode_sections(self.adapter.save_sections())
+        if len(blob) > p.max_state_bytes:
+            raise MigrationError(f"device state is {len(blob)} bytes, more than max_state_bytes={p.max_state_bytes}")
+        self._send(P.MessageType.STATE, blob)
+        self.stats.state_bytes = len(blob)
+        self.stats.downtime_breakdown["state_ms"] = (time.monotonic() - t) * 1000
+        t = time.monotonic()
+        digest = self.memory.digest()
+        self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000
+        self._enter("commit")
+        t = time.monotonic()
+        self._send(P.MessageType.COMMIT_REQUEST, P.encode_digest(digest))
+        set_io_timeout(sock, p.commit_timeout)
+        ack = self._read(P.MessageType.COMMIT_ACK)
+        theirs = P.decode_digest(ack.type, ack.payload)
+        if theirs != digest:
+            raise ProtocolError(f"COMMIT_ACK carries digest {theirs:#034x}, but the source's memory digest is {digest:#034x}")
+        self._check_cancel()
+        if not self.watcher.commit_point():
+            raise Cancelled("cancelled before commit")
+        # The point of no return: once COMMITTED is sent the destination runs the guest.
+        self.committed = True
+        self._send(P.MessageType.COMMITTED)
+        self.chan.flush(p.commit_timeout)
+        self.stats.downtime_breakdown["commit_ms"] = (time.monotonic() - t) * 1000
+        self.stats.downtime_ms = (time.monotonic() - paused_at) * 1000
+        self.adapter.stop_for_good()
+        self.stats.finish("completed")
+        self._report()
+
+    def _handshake(self) -> None:
+        t = time.monotonic()
+        hello = self._send(P.MessageType.HELLO, P.encode_hello(P.Hello(P.PROTOCOL_VERSIONS, os.urandom(P.NONCE_SIZE))))
+        challenge_frame = self._read(P.MessageType.CHALLENGE)
+        self.rtt_ms = (time.monotonic() - t) * 1000
+        challenge = P.decode_challenge(challenge_frame.payload)
+        if challenge.version not in P.PROTOCOL_VERSIONS:
+            raise ProtocolError(f"destination chose protocol version {challenge.version}, which the source did not offer {list(P.PROTOCOL_VERSIONS)}")
+        self.stats.protocol_version = challenge.version
+        if self.key is not None and not challenge.key_required:
+            raise AuthenticationError("the destination runs without a key but this migration has one: refusing to send the guest to an unauthenticated destination")
+        mac = P.source_proof(self.key, hello, challenge_frame.raw) if self.key is not None else b""
+        auth = self._send(P.MessageType.AUTH, P.encode_auth(mac))
+        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload)
+        if accept.stage is not P.Stage.AUTH:
+            raise ProtocolError(f"expected the destination to accept authentication, got an ACCEPT for {accept.stage.name}")
+        if self.key is not None:
+            expected = P.destination_proof(self.key, hello, challenge_frame.raw, auth)
+            if not P.proofs_equal(accept.proof, expected):
+                raise AuthenticationError("the destination's proof does not match the key: it does not hold the same key")
+
+    def _send_spec(self) -> None:
+        spec = P.Spec.from_dict(self.adapter.spec(), live=self.live)
+        self._send(P.MessageType.SPEC, P.encode_spec(spec))
+        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload)
+        if accept.stage is not P.Stage.SPEC:
+            raise ProtocolError(f"expected the destination to accept the spec, got an ACCEPT for {accept.stage.name}")
+
+    def _send_round(self, number: int, *, final: bool, all_pages: bool) -> RoundStats:
+        """One MEMORY frame, the round's page batches, the end-of-round batch, MEMORY_END."""
+        flags = (P.MemoryFlags.ALL_PAGES if all_pages else P.MemoryFlags(0)) | (P.MemoryFlags.FINAL if final else P.MemoryFlags(0))
+        throttle = self.convergence.throttle if self.convergence else 0.0
+        start = time.monotonic()
+        self._send(P.MessageType.MEMORY, P.encode_memory(P.Memory(number, flags)))
+        fd = self.chan.out_fd
+        detect_zero = self.params.detect_zero
+        try:
+            if all_pages:
+                sent = self.memory.send_all_pages(fd, detect_zero=detect_zero)
+            else:
+                sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero)
+            end = P.end_of_round_batch(self.memory.segments[0].gpa)
+            self.chan.out.sendall(end)
+        except (PageBatchError, OSError) as err:
+            raise self.chan.translate(err, f"round {number}'s page batches") from None
+        wire = sent["wire_bytes"] + len(end)
+        self.stats.bytes_total += wire
+        self._send(P.MessageType.MEMORY_END, P.encode_memory_end(
+            P.MemoryEnd(number, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"])))
+        duration = time.monotonic() - start
+        rnd = RoundStats(
+            round=number, final=final, pages_dirtied=sent["data_pages"] + sent["zero_pages"], pages_sent=sent["data_pages"],
+            zero_pages=sent["zero_pages"], bytes=wire, duration_ms=duration * 1000,
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle)
+        self.stats.add_round(rnd)
+        return rnd
+
+    def _precopy(self) -> int:
+        """Live rounds until the convergence rule says switch over; returns the final round's number."""
+        self.convergence = Convergence(self.params, self.stats, self.adapter.throttle, rtt_ms=self.rtt_ms)
+        self._enter("round 0")
+        self.memory.get_and_clear_dirty()  # round 0 sends everything as it is now; later writes show up in round 1
+        number = 0
+        while True:
+            rnd = self._send_round(number, final=False, all_pages=number == 0)
+            decision = self.convergence.after_round(rnd, self.memory.dirty_count())
+            self._report()
+            if decision == SWITCH:
+                return number + 1
+            if decision == GIVE_UP:
+                raise NotConverging(self.convergence.reason)
+            number += 1
+            self._enter(f"round {number}")
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.stats)
+
+    # -- failure ---------------------------------------------------------------------------------
+    def _fail(self, err: BaseException) -> None:
+        cancelled = isinstance(err, Cancelled) or self.watcher.fired
+        if cancelled and not isinstance(err, Cancelled):
+            message = f"cancelled during {self.phase}"
+        elif isinstance(err, MigrationError):
+            message = str(err)
+        else:
+            message = f"{type(err).__name__} during {self.phase}: {err}"
+        if self.committed:
+            # COMMITTED went out: the guest is the destination's now, whatever failed after.
+            self.stats.notes.append(f"after commit: {message}")
+            try:
+                self.adapter.stop_for_good()
+            finally:
+                self.stats.finish("completed")
+            return
+        if self.chan is not None and not self.watcher.fired and not isinstance(err, (Refused, Aborted)):
+            self._try_abort(message)
+        if self.convergence is not None:
+            self.convergence.release()
+        if self.paused:
+            self.adapter.resume()
+            self.paused = False
+        self.stats.finish("cancelled" if cancelled else "failed", message)
+        self._report()
+
+    def _try_abort(self, reason: str) -> None:
+        """Tell the destination why, if the connection still carries bytes; never block long."""
+        try:
+            set_io_timeout(self.chan.sock, 1.0)
+            P.send_bytes(self.chan.out, P.encode_frame(P.MessageType.ABORT, P.encode_abort(reason)), "ABORT")
+            self.chan.flush(1.0)
+        except (MigrationError, OSError):
+            pass

@@ -1,0 +1,103 @@
+"""What a migration did, as it goes and when it is over: the record both ends return.
+
+Modelled on QEMU's ``query-migrate`` (status, setup/total time, expected and measured downtime,
+bytes, zero pages, dirty rate, throughput, throttle) plus what QEMU does not give: a per-round
+history and a breakdown of the downtime. Times are milliseconds, rates per second, sizes bytes.
+``to_dict()`` is plain JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+STATUSES = ("setup", "active", "paused", "completed", "failed", "cancelled")
+
+
+@dataclass
+class RoundStats:
+    """One pass over memory. Round 0 carries every page; a final round runs with the guest paused."""
+
+    round: int
+    final: bool
+    pages_dirtied: int  # pages this round had to send (all pages for round 0)
+    pages_sent: int  # pages that went with their data
+    zero_pages: int  # pages that went as zero ranges, without data
+    bytes: int  # page batches on the wire: headers, range tables, data
+    duration_ms: float
+    throughput: float  # bytes/s over this round
+    dirty_rate: float  # pages/s the guest dirtied while this round ran (0 for a final round)
+    throttle: float  # the throttle in force during the round
+
+    @property
+    def pages(self) -> int:
+        return self.pages_sent + self.zero_pages
+
+
+@dataclass
+class MigrationStats:
+    role: str  # "source" or "destination"
+    live: bool = False
+    status: str = "setup"
+    error: str | None = None
+    peer: str | None = None
+    protocol_version: int | None = None
+    policy: str | None = None
+    # times
+    setup_time_ms: float = 0.0  # connect + handshake + spec
+    total_time_ms: float = 0.0
+    expected_downtime_ms: float | None = None  # the last estimate before switch-over
+    downtime_ms: float | None = None  # source: paused -> COMMITTED sent; destination: see docs
+    downtime_breakdown: dict[str, float] = field(default_factory=dict)  # final_pages, state, digest, commit
+    # volume
+    bytes_total: int = 0  # every byte this end sent (source) or received (destination) on the wire
+    page_bytes: int = 0  # page batches only
+    pages_sent: int = 0  # with data
+    zero_pages: int = 0
+    state_bytes: int = 0
+    # rates
+    dirty_rate: float = 0.0  # pages/s, last measured
+    throughput: float = 0.0  # bytes/s, bandwidth estimate the convergence decision used last
+    throttle: float = 0.0
+    remaining_bytes: int = 0  # dirty bytes still to send, last measured
+    rounds: list[RoundStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _started: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def dirty_rate_bytes(self) -> float:
+        return self.dirty_rate * 4096
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self._started) * 1000.0
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        assert status in STATUSES, status
+        self.status = status
+        self.error = error
+        self.total_time_ms = self.elapsed_ms()
+
+    def add_round(self, rnd: RoundStats) -> None:
+        self.rounds.append(rnd)
+        self.page_bytes += rnd.bytes
+        self.pages_sent += rnd.pages_sent
+        self.zero_pages += rnd.zero_pages
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("_started", None)
+        out["dirty_rate_bytes"] = self.dirty_rate_bytes
+        out["round_count"] = len(self.rounds)
+        return out
+
+    def summary(self) -> str:
+        """One line for people: status, time, downtime, volume."""
+        down = f"{self.downtime_ms:.1f} ms" if self.downtime_ms is not None else "n/a"
+        text = (f"{self.role} {self.status}: {len(self.rounds)} rounds, total {self.total_time_ms:.0f} ms, "
+                f"downtime {down}, {self.bytes_total / 2**20:.1f} MiB on the wire "
+                f"({self.pages_sent} data pages, {self.zero_pages} zero pages)")
+        return text + (f"; {self.error}" if self.error else "")
+
+
+ProgressCallback = Callable[[MigrationStats], None]

@@ -1,0 +1,205 @@
+"""Every way a migration can fail before the commit leaves the guest running on the source with
+all its memory, the destination discards, and the reason reaches the person at the source."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from vmmpy.migration import MigrationHandle, MigrationParams, migrate
+from vmmpy.units import MiB
+
+from .migration_guest import FakeGuest
+from .migration_helpers import KEY, DestinationThread, migrate_pair
+from .migration_proxy import Proxy
+
+
+@pytest.fixture
+def guests():
+    made = []
+
+    def make(*args, **kwargs):
+        g = FakeGuest(*args, **kwargs)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def assert_source_kept_guest(src: FakeGuest) -> None:
+    """Running, writer progressing, memory exactly what its own counters say."""
+    assert src.running and not src.stopped
+    if "pause" in src.calls:
+        assert src.calls.count("pause") == src.calls.count("resume")
+        assert src.digest_at_resume == src.digest_at_pause, "memory changed while the failed migration held it"
+    assert src.throttle_fraction == 0.0
+    src.wait_for_progress(200)
+    src.stop_writer()
+    assert src.bad_pages() == []
+
+
+REFUSALS = [
+    ({"page_size": 16384}, "page size differs: source 4096, destination 16384"),
+    ({"vendor": "amd"}, "vCPU vendor differs: source 'intel', destination 'amd'"),
+    ({"memsize": "128M"}, "lowmem size differs: source 67108864, destination 134217728"),
+    ({"devices": {"cpu0": 1}}, "devices missing on the destination: fakeguest"),
+    ({"devices": {"cpu0": 1, "fakeguest": 0}}, "device 'fakeguest' state version 1 is newer than the destination reads (0)"),
+    ({"devices": {"cpu0": 1, "fakeguest": 1, "virtio-net": 1}}, "devices only on the destination: virtio-net"),
+]
+
+
+@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.parametrize("dst_kwargs,reason", REFUSALS)
+def test_spec_mismatch_is_refused_with_the_reason_and_guest_untouched(guests, dst_kwargs, reason, live):
+    dst_kwargs = dict(dst_kwargs)
+    memsize = dst_kwargs.pop("memsize", "64M")
+    src = guests("64M", work_pages=1024)
+    dst = guests(memsize, work_pages=1024, running=False, **dst_kwargs)
+    src.wait_for_progress(100)
+    stats, dstats = migrate_pair(src, dst, live=live)
+    assert stats.status == "failed" and "destination refused the migration (spec)" in stats.error
+    assert reason in stats.error, stats.error
+    assert "pause" not in src.calls and stats.page_bytes == 0, "nothing moved before the refusal"
+    assert dstats.status == "failed" and dst.discarded
+    assert_source_kept_guest(src)
+
+
+@pytest.mark.parametrize("src_key,dst_key,reason", [
+    (b"w" * 32, KEY, "authentication failed: the source's proof does not match this destination's key"),
+    (None, KEY, "this destination requires a migration key and the source sent none"),
+    (KEY, None, "the destination runs without a key but this migration has one"),
+])
+def test_wrong_or_missing_key_is_refused_before_any_state(guests, src_key, dst_key, reason):
+    src = guests("64M", work_pages=256)
+    dst = guests("64M", work_pages=256, running=False)
+    stats, dstats = migrate_pair(src, dst, live=True, key=src_key, dst_key=dst_key)
+    assert stats.status == "failed" and reason in stats.error, stats.error
+    assert dstats.status == "failed" and dst.discarded
+    assert dstats.state_bytes == 0 and dstats.rounds == [] and "restore_sections" not in dst.calls
+    assert dstats.bytes_total < 512, "the destination read only HELLO and AUTH"
+    assert_source_kept_guest(src)
+
+
+def test_destination_not_listening_fails_fast(guests):
+    src = guests("64M", work_pages=256)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    t = time.monotonic()
+    stats = migrate(src, "127.0.0.1", port, live=True)
+    assert time.monotonic() - t < 2.0
+    assert stats.status == "failed" and "connection refused" in stats.error
+    assert_source_kept_guest(src)
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_destination_closing_mid_stream_resumes_source_and_discards(guests, live):
+    src = guests("64M", work_pages=2048)
+    dst = guests("64M", work_pages=2048, running=False)
+    d = DestinationThread(dst)
+    proxy = Proxy((d.host, d.port), cut_after=1 * MiB)
+    stats = migrate(src, "127.0.0.1", proxy.port, live=live, params=MigrationParams(io_timeout=5))
+    dstats = d.join()
+    assert stats.status == "failed" and "connection" in stats.error, stats.error
+    assert dstats.status == "failed" and dst.discarded and "start_running" not in dst.calls
+    assert_source_kept_guest(src)
+
+
+@pytest.mark.parametrize("offset,where", [(10, "frame flags"), (17, "frame checksum"), (200, "handshake"), (700_000, "page data")])
+def test_corrupted_stream_is_caught_and_nothing_is_lost(guests, offset, where):
+    src = guests("64M", work_pages=2048)
+    dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(2048)
+    d = DestinationThread(dst, params=MigrationParams(handshake_timeout=3, io_timeout=3))
+    proxy = Proxy((d.host, d.port), flip_at=offset)
+    stats = migrate(src, "127.0.0.1", proxy.port, live=False, params=MigrationParams(handshake_timeout=3, io_timeout=3))
+    dstats = d.join()
+    assert stats.status == "failed", where
+    assert dstats.status == "failed" and dst.discarded and "start_running" not in dst.calls
+    if where == "page data":
+        assert "memory digest mismatch" in dstats.error and "memory digest mismatch" in stats.error
+    if where == "frame flags":
+        assert dstats.error == "HELLO: unknown frame flags 0xff0000"
+        assert stats.error == "destination aborted: HELLO: unknown frame flags 0xff0000"
+    if where == "frame checksum":
+        assert "HELLO: frame checksum mismatch" in dstats.error and "HELLO: frame checksum mismatch" in stats.error
+    assert_source_kept_guest(src)
+
+
+# -- cancel in every state ------------------------------------------------------------------------
+
+
+def test_cancel_during_handshake_with_a_silent_destination(guests):
+    src = guests("64M", work_pages=256)
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+    in_handshake = threading.Event()
+    handle = MigrationHandle(src, "127.0.0.1", silent.getsockname()[1], live=True,
+                             on_phase=lambda p: in_handshake.set() if p == "handshake" else None)
+    assert in_handshake.wait(5)
+    time.sleep(0.1)  # blocked waiting for CHALLENGE
+    t = time.monotonic()
+    handle.cancel()
+    stats = handle.wait(5)
+    assert time.monotonic() - t < 1.0
+    assert stats.status == "cancelled" and "handshake" in stats.error
+    silent.close()
+    for conn, _ in accepted:
+        conn.close()
+    assert_source_kept_guest(src)
+
+
+def test_cancel_during_round_0_while_the_link_is_busy(guests):
+    src = guests("64M", work_pages=2048)
+    dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(2048)
+    d = DestinationThread(dst)
+    in_round = threading.Event()
+    handle = MigrationHandle(src, d.host, d.port, live=True, params=MigrationParams(bandwidth_cap=2 * MiB),
+                             on_phase=lambda p: in_round.set() if p == "round 0" else None)
+    assert in_round.wait(5)
+    time.sleep(0.3)  # 8 MiB at 2 MiB/s: well inside round 0
+    t = time.monotonic()
+    handle.cancel()
+    stats = handle.wait(5)
+    assert time.monotonic() - t < 1.0
+    assert stats.status == "cancelled" and "round 0" in stats.error
+    dstats = d.join()
+    assert dstats.status == "failed" and dst.discarded
+    assert_source_kept_guest(src)
+
+
+@pytest.mark.parametrize("phase", ["round 2", "pause", "final", "state", "commit"])
+def test_cancel_in_each_later_state_leaves_source_running(guests, phase):
+    src = guests("64M", work_pages=2048, rate=6000)
+    dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(2048)
+    cancel = threading.Event()
+    params = MigrationParams(downtime_target_ms=10, bandwidth_cap=32 * MiB, policy="switch-over")
+    phases = []
+
+    def on_phase(p):
+        phases.append(p)
+        if p == phase:
+            cancel.set()
+
+    stats, dstats = migrate_pair(src, dst, live=True, params=params, cancel=cancel, on_phase=on_phase)
+    assert phase in phases
+    assert stats.status == "cancelled", (stats.status, stats.error)
+    assert dstats.status in ("failed", "cancelled") and dst.discarded and "start_running" not in dst.calls
+    assert_source_kept_guest(src)
+
+
+def test_cancelling_the_destination_while_it_listens(guests):
+    dst = guests("64M", work_pages=256, running=False)
+    cancel = threading.Event()
+    d = DestinationThread(dst, cancel=cancel)
+    time.sleep(0.1)
+    cancel.set()
+    dstats = d.join(5)
+    assert dstats.status == "cancelled" and dst.discarded
