@@ -9,6 +9,7 @@
 pub mod dirty;
 pub mod memory;
 pub mod pages;
+pub mod snapshot;
 
 #[cfg(feature = "python")]
 mod python;
