@@ -60,6 +60,7 @@ then walked by every harvest), so restore time would grow with guest size; ask f
 pub struct GuestMemory {
     segments: Vec<Arc<Segment>>,
     memsize: u64,
+    lowmem_limit: u64,
     backend: Backend,
     kernel: Option<KernelTracker>,
     /// Why "auto" fell back to the soft backend, if it did.
@@ -141,7 +142,7 @@ impl GuestMemory {
                 Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
             },
         };
-        Ok(GuestMemory { segments, memsize: opts.memsize, backend, kernel, fallback_reason })
+        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, kernel, fallback_reason })
     }
 
     pub fn segments(&self) -> &[Arc<Segment>] {
@@ -149,6 +150,10 @@ impl GuestMemory {
     }
     pub fn memsize(&self) -> u64 {
         self.memsize
+    }
+    /// The lowmem limit the layout was made with (lowmem ends at min(memsize, this)).
+    pub fn lowmem_limit(&self) -> u64 {
+        self.lowmem_limit
     }
     pub fn backend(&self) -> Backend {
         self.backend

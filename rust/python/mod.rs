@@ -4,6 +4,7 @@
 mod errors;
 mod memory;
 mod pages;
+mod snapshot;
 
 use pyo3::prelude::*;
 
@@ -15,6 +16,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     memory::register(m)?;
     pages::register(m)?;
+    snapshot::register(m)?;
     Ok(())
 }
 
