@@ -366,7 +366,7 @@ mod file_tests {
         // highmem page 0 is file page 1024 (1024 % 3 != 0 -> zero); page 1026 is data.
         mem.read(GuestAddress(HIGHMEM_BASE + 2 * PAGE_SIZE as u64), &mut b).unwrap();
         assert_eq!(b, [(1026 % 251 + 1) as u8; 2]);
-        assert_eq!(mem.segments()[0].mapped_pages().unwrap() >= 1, true);
+        assert!(mem.segments()[0].mapped_pages().unwrap() >= 1);
         mem.write(GuestAddress(3 * PAGE_SIZE as u64), &[9]).unwrap();
         let mut on_disk = [0u8; 1];
         use std::os::unix::fs::FileExt;

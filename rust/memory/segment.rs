@@ -368,7 +368,7 @@ fn open_backing_file(what: &str, spec: &SegmentSpec, fd: RawFd, offset: u64) -> 
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(MemoryError::Unsupported { what: format!("fd {fd} backing {what}"), why: "is not a regular file".into() });
     }
-    let needed = offset.checked_add(spec.size).unwrap_or(u64::MAX);
+    let needed = offset.saturating_add(spec.size);
     if (st.st_size as u64) < needed {
         return Err(MemoryError::BadSize {
             what: format!("file backing {what}"),

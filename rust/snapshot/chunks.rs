@@ -53,8 +53,8 @@ impl ChunkHasher {
         while n > 0 {
             let room = self.chunk_size - self.filled;
             let take = (room as u64).min(n) as usize;
-            if self.hasher.is_some() {
-                feed_zeros(self.hasher.as_mut().unwrap(), take);
+            if let Some(hasher) = &mut self.hasher {
+                feed_zeros(hasher, take);
             } else {
                 self.zeros_owed += take;
             }
