@@ -26,6 +26,7 @@ failure is a :class:`CheckpointError` naming the file, the section and the value
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -136,11 +137,16 @@ def write_checkpoint(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     kern_structs: Collection[str] = KERN_STRUCTS,
+    direct_io: bool = True,
 ) -> dict[str, Any]:
     """Write the checkpoint ``path``, ``path.kern`` and ``path.meta`` atomically.
 
     ``basic`` is bhyve's basic metadata: ``ncpus`` and ``vmname`` (required) and any further
     JSON keys; ``memsize`` and ``memflags`` are taken from ``memory``. The guest must be stopped.
+    The memory file is written with O_DIRECT when ``direct_io`` and the filesystem allows it:
+    every write is whole pages from page-aligned guest memory, and skipping the page cache
+    measured 2 GB/s against 0.3-0.6 GB/s buffered here (tools/bench_checkpoint.py), since
+    buffered writes must first allocate a page-cache page for every guest page.
     Returns statistics: the memory write's (bytes_written, data_pages, zero_pages,
     untouched_pages, pwrite_calls, file_size, seconds) plus kern_bytes, memory_fsync_seconds and
     total_seconds.
@@ -163,10 +169,18 @@ def write_checkpoint(
     temp = {key: os.path.join(directory, "." + os.path.basename(name) + tag) for key, name in final.items()}
     created: list[str] = []
     try:
-        fd = os.open(temp["memory"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(temp["memory"], flags | (os.O_DIRECT if direct_io else 0), 0o600)
+        except OSError as err:
+            if not direct_io or err.errno != errno.EINVAL:
+                raise
+            fd = os.open(temp["memory"], flags, 0o600)  # this filesystem has no O_DIRECT
+            direct_io = False
         created.append(temp["memory"])
         try:
             stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size)
+            stats["direct_io"] = direct_io
             fsync_started = time.perf_counter()
             os.fsync(fd)
             stats["memory_fsync_seconds"] = time.perf_counter() - fsync_started
