@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod dirty;
 pub mod memory;
 pub mod pages;
+pub mod snapshot;
 
 #[cfg(feature = "python")]
 mod python;

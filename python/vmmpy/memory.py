@@ -11,6 +11,8 @@ Layout follows bhyve's ``vm_setup_memory``: a ``lowmem`` segment at GPA 0 of
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import _core
@@ -61,6 +63,41 @@ class GuestMemory:
         self.wired = wired
 
     @classmethod
+    def restore_lazy(
+        cls,
+        path,
+        memsize: int | str,
+        lowmem_limit: int | str = LOWMEM_LIMIT_DEFAULT,
+        *,
+        wired: bool = False,
+        dirty_tracking: str = "auto",
+    ) -> GuestMemory:
+        """Memory mapped lazily (MAP_PRIVATE) from a checkpoint memory file at ``path``.
+
+        Lowmem maps file offset 0, highmem the bytes right after lowmem. Nothing is read now:
+        pages load from the file when first touched, writes make private copies, and the file is
+        never modified, so this costs the same for any guest size. The file must be exactly
+        ``memsize`` bytes and must not change while the memory lives. ``wired=True`` is refused:
+        wiring would read and copy every page up front (restore wired guests eagerly). With
+        ``dirty_tracking="auto"`` the soft backend is used; :attr:`dirty_tracking_fallback` says why.
+        This checks sizes only; ``vmmpy.snapshot`` verifies a checkpoint before calling it.
+        """
+        if dirty_tracking not in DIRTY_TRACKING_CHOICES:
+            raise ValueError(f"dirty_tracking must be one of {', '.join(DIRTY_TRACKING_CHOICES)}; got {dirty_tracking!r}")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            core = _core.GuestMemory.from_file(
+                fd,
+                parse_size(memsize, what="memory size"),
+                wired=wired,
+                lowmem_limit=parse_size(lowmem_limit, what="lowmem limit"),
+                dirty_tracking=dirty_tracking,
+            )
+        finally:
+            os.close(fd)  # each segment keeps its own duplicate
+        return cls.wrap(core)
+
+    @classmethod
     def wrap(cls, core: _core.GuestMemory) -> GuestMemory:
         """Wrap an existing core object (for code that receives one from the Rust side)."""
         self = cls.__new__(cls)
@@ -72,6 +109,11 @@ class GuestMemory:
     @property
     def memsize(self) -> int:
         return self.core.memsize
+
+    @property
+    def lowmem_limit(self) -> int:
+        """Where lowmem ends at most; memory beyond it is highmem at 4 GiB."""
+        return self.core.lowmem_limit
 
     @property
     def segments(self) -> list[Segment]:
@@ -179,6 +221,17 @@ class GuestMemory:
     def resident_pages(self) -> int:
         """Pages that have been touched at all, over every segment (never-touched pages cost nothing)."""
         return sum(seg.resident_pages() for seg in self.core.segments)
+
+    def mapped_pages(self) -> int:
+        """Pages this process has mapped, over every segment (/proc/self/pagemap). For lazily
+        restored memory this is what the guest has faulted in; :meth:`resident_pages` would also
+        count the checkpoint file's pages sitting in the page cache."""
+        return sum(seg.mapped_pages() for seg in self.core.segments)
+
+    @property
+    def file_backed(self) -> bool:
+        """Whether the memory privately maps a checkpoint file (lazy restore)."""
+        return any(seg.file_backed for seg in self.core.segments)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -18,6 +18,8 @@ pub enum MemoryError {
     Closed { segment: String },
     /// A requested dirty-tracking backend cannot run here.
     TrackerUnavailable { backend: String, why: String },
+    /// A combination that cannot work (wired memory mapped lazily from a file, a non-file fd).
+    Unsupported { what: String, why: String },
 }
 
 impl MemoryError {
@@ -33,7 +35,7 @@ impl MemoryError {
             MemoryError::BadSize { .. } => libc::EINVAL,
             MemoryError::Os { errno, .. } => *errno,
             MemoryError::Closed { .. } => libc::EBADF,
-            MemoryError::TrackerUnavailable { .. } => libc::ENOTSUP,
+            MemoryError::TrackerUnavailable { .. } | MemoryError::Unsupported { .. } => libc::ENOTSUP,
         }
     }
 }
@@ -77,6 +79,7 @@ impl fmt::Display for MemoryError {
             MemoryError::TrackerUnavailable { backend, why } => {
                 write!(f, "dirty tracking backend '{backend}' is not available: {why}")
             }
+            MemoryError::Unsupported { what, why } => write!(f, "{what} {why}"),
         }
     }
 }

@@ -10,7 +10,7 @@ mod error;
 mod guest;
 mod segment;
 
-pub use address::{GuestAddress, PAGE_SHIFT, PAGE_SIZE};
+pub use address::{human_size, GuestAddress, PAGE_SHIFT, PAGE_SIZE};
 pub use error::MemoryError;
-pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LOWMEM_LIMIT_DEFAULT};
-pub use segment::{Backing, Segment, SegmentSpec};
+pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_COST, LOWMEM_LIMIT_DEFAULT};
+pub use segment::{file_data_extents, Backing, Segment, SegmentSpec};

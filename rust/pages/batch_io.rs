@@ -10,9 +10,10 @@
 //! ZERO ranges on the receiver: on unwired memory the pages are dropped with
 //! madvise(MADV_DONTNEED), which on private anonymous memory makes them read as zero again and
 //! costs nothing for pages never touched (a fresh destination stays unpopulated). Wired memory is
-//! mlock'ed, where MADV_DONTNEED is refused, so it is cleared with a memset. A future segment
-//! backed by a private file mapping must take the memset path too: there DONTNEED would bring
-//! back the file's bytes, not zeros.
+//! mlock'ed, where MADV_DONTNEED is refused, so it is cleared with a memset. On a segment that
+//! privately maps a checkpoint file (lazy restore) DONTNEED brings back the file's bytes, not
+//! zeros: there the pages are dropped and then cleared with a memset where the file holds data,
+//! so zero ranges over the file's holes still cost nothing.
 //!
 //! If a receive fails part way (the stream ends, the peer breaks), pages already read stay written
 //! and may count as dirty with the kernel backend: the destination of a failed transfer is thrown
@@ -204,15 +205,34 @@ pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<
 }
 
 /// Make `len` bytes at `off` of `seg` read as zero (see the module doc for why each way).
-fn zero_pages(seg: &Segment, off: usize, len: usize) {
-    // SAFETY: validate_ranges checked the range lies inside the mapping; the guest is not running
-    // while a batch is received, and MADV_DONTNEED on private anonymous memory only replaces the
-    // range's pages with zero-fill-on-demand ones.
-    let dropped = !seg.wired() && unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0;
-    if !dropped {
-        // SAFETY: the range lies inside the mapping; nothing holds a Rust reference into it.
+fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
+    if seg.wired() {
+        // SAFETY: validate_ranges checked the range lies inside the mapping; nothing holds a Rust
+        // reference into it.
         unsafe { std::ptr::write_bytes(seg.as_ptr().add(off), 0, len) };
+        return Ok(());
     }
+    // SAFETY: the range lies inside the mapping (validate_ranges); the guest is not running while
+    // a batch is received. On private anonymous memory MADV_DONTNEED replaces the pages with
+    // zero-fill-on-demand ones; on a private file mapping it drops private copies so the pages
+    // show the file again, which the memset below fixes where the file holds data.
+    let dropped = unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0;
+    if !dropped {
+        // SAFETY: as for the wired case.
+        unsafe { std::ptr::write_bytes(seg.as_ptr().add(off), 0, len) };
+        return Ok(());
+    }
+    if let Some(runs) = seg.file_data_runs()? {
+        let (first, end) = (off / PAGE_SIZE, (off + len) / PAGE_SIZE);
+        for (run_first, count) in runs {
+            let (a, b) = (run_first.max(first), (run_first + count).min(end));
+            if a < b {
+                // SAFETY: a..b lies inside first..end, inside the mapping.
+                unsafe { std::ptr::write_bytes(seg.as_ptr().add(a * PAGE_SIZE), 0, (b - a) * PAGE_SIZE) };
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Read one batch from `fd` into guest memory. The header, table, checksum, every range and the
@@ -246,7 +266,7 @@ pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError>
     }
     for (r, &off) in ranges.iter().zip(&offsets) {
         if r.kind == RangeKind::Zero {
-            zero_pages(seg, off, r.bytes() as usize);
+            zero_pages(seg, off, r.bytes() as usize)?;
         }
     }
     if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {

@@ -8,6 +8,10 @@
 //! "every page may hold data" rather than risk sending a swapped page as zero. Pages with only a
 //! userfaultfd write-protect marker (the kernel dirty backend) count as untouched, as they should.
 //!
+//! A segment that privately maps a checkpoint file (lazy restore) holds the file's bytes in pages
+//! it never touched, and mincore there reports the page cache, which may have dropped them; so
+//! for such a segment the pages where the file holds data (SEEK_DATA) are added to the answer.
+//!
 //! This module does not decide what to do with untouched pages; `ranges` and `hash` do.
 
 use super::PageError;
@@ -50,6 +54,13 @@ pub fn resident_bitmap(seg: &Segment) -> Result<(Vec<u64>, ResidencySource), Pag
             words[page / 64] |= ((b & 1) as u64) << (page % 64);
         }
         first += n;
+    }
+    if let Some(runs) = seg.file_data_runs()? {
+        for (run_first, count) in runs {
+            for page in run_first..(run_first + count).min(pages) {
+                words[page / 64] |= 1 << (page % 64);
+            }
+        }
     }
     Ok((words, ResidencySource::Mincore))
 }

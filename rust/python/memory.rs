@@ -69,9 +69,30 @@ impl PyGuestMemory {
         Ok(PyGuestMemory { inner: Arc::new(mem) })
     }
 
+    /// Guest memory mapped lazily (MAP_PRIVATE) from a checkpoint memory file open at `fd`:
+    /// lowmem from file offset 0, highmem right after it. Pages load on first touch; writes are
+    /// private. The file must be exactly `memsize` bytes and stay unchanged while the memory
+    /// lives. `wired=True` is refused (wiring would read everything up front). With
+    /// `dirty_tracking="auto"` the soft backend is used (see `dirty_tracking_fallback` for why).
+    #[staticmethod]
+    #[pyo3(signature = (fd, memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto"))]
+    fn from_file(py: Python<'_>, fd: i32, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str) -> PyResult<Self> {
+        let tracking = TrackingChoice::parse(dirty_tracking).ok_or_else(|| {
+            PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}"))
+        })?;
+        let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
+        let mem = py.detach(move || GuestMemory::from_file(&opts, fd)).map_err(memory_error)?;
+        Ok(PyGuestMemory { inner: Arc::new(mem) })
+    }
+
     #[getter]
     fn memsize(&self) -> u64 {
         self.inner.memsize()
+    }
+
+    #[getter]
+    fn lowmem_limit(&self) -> u64 {
+        self.inner.lowmem_limit()
     }
 
     /// The dirty-tracking backend in use: "soft" or "kernel".
@@ -204,6 +225,19 @@ impl PySegment {
     fn resident_pages(&self, py: Python<'_>) -> PyResult<usize> {
         let seg = self.seg.clone();
         py.detach(move || seg.resident()).map(|r| r.into_iter().filter(|&p| p).count()).map_err(memory_error)
+    }
+
+    /// How many pages this process has mapped in the segment (/proc/self/pagemap): unlike
+    /// resident_pages, a file-backed segment's file pages in the page cache do not count.
+    fn mapped_pages(&self, py: Python<'_>) -> PyResult<usize> {
+        let seg = self.seg.clone();
+        py.detach(move || seg.mapped_pages()).map_err(memory_error)
+    }
+
+    /// Whether the segment privately maps a checkpoint file (lazy restore).
+    #[getter]
+    fn file_backed(&self) -> bool {
+        self.seg.is_file_backed()
     }
 
     fn __len__(&self) -> usize {

@@ -5,6 +5,7 @@ mod cpu;
 mod errors;
 mod memory;
 mod pages;
+mod snapshot;
 
 use pyo3::prelude::*;
 
@@ -16,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     memory::register(m)?;
     pages::register(m)?;
+    snapshot::register(m)?;
     cpu::register(m)?;
     Ok(())
 }

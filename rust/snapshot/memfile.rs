@@ -1,0 +1,427 @@
+//! Writing guest memory to the memory file and reading it back.
+//!
+//! Writing walks each segment once: pages mincore calls never touched, and pages that are all
+//! zero, are not written (the file keeps a hole there); runs of adjacent data pages go out in
+//! one pwrite straight from guest memory. The same pass feeds the chunk hasher, so the hashes
+//! cost no second read. Reading finds the file's data with SEEK_DATA/SEEK_HOLE and preads only
+//! that, straight into guest memory, so holes cost nothing; it hashes each piece while it is
+//! still in cache and compares every chunk before it reports success. Pages it fills are not
+//! dirty: the soft bitmap is never set and the kernel backend's protection is restored.
+//!
+//! Both run with the guest stopped: a page changed during a write is saved at some moment and
+//! its chunk hash may disagree, which a later verification would report.
+
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use super::chunks::ChunkHasher;
+use super::error::SnapshotError;
+use super::image::ImageLayout;
+use crate::memory::{file_data_extents, GuestAddress, GuestMemory, Segment, PAGE_SIZE};
+use crate::pages::{is_zero_page, resident_bitmap};
+
+/// File I/O goes in pieces of this size: large enough that syscall cost vanishes, small enough
+/// that a piece just read is still in cache when it is hashed.
+const PIECE: usize = 8 << 20;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WriteStats {
+    /// Bytes handed to pwrite (data pages only).
+    pub bytes_written: u64,
+    pub data_pages: u64,
+    /// Pages that were touched but hold only zeros: not written.
+    pub zero_pages: u64,
+    /// Pages never touched (mincore): neither read nor written.
+    pub untouched_pages: u64,
+    pub pwrite_calls: u64,
+    /// The file's logical size: lowmem + highmem.
+    pub file_size: u64,
+    pub chunk_size: u64,
+    pub chunk_hashes: Vec<u128>,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadStats {
+    /// Bytes read from the file's data extents.
+    pub bytes_read: u64,
+    /// Bytes the file does not store (holes), which cost nothing.
+    pub hole_bytes: u64,
+    pub data_extents: u64,
+    /// Whether chunk hashes were computed and compared (all matched, or this is an error).
+    pub verified: bool,
+    pub chunk_hashes: Vec<u128>,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageKind {
+    Untouched,
+    Zero,
+    Data,
+}
+
+fn check_chunk_size(chunk_size: u64) -> Result<usize, SnapshotError> {
+    if chunk_size == 0 || chunk_size % PAGE_SIZE as u64 != 0 || usize::try_from(chunk_size).is_err() {
+        return Err(SnapshotError::BadChunkSize { chunk_size });
+    }
+    Ok(chunk_size as usize)
+}
+
+/// Visit pages `first..end` of `seg` as runs of one kind, in order. Pages not set in `resident`
+/// are Untouched (not read); with `detect_zero` the others are read and split Zero/Data, without
+/// it they are all Data.
+fn page_runs<E>(
+    seg: &Segment,
+    resident: &[u64],
+    first: usize,
+    end: usize,
+    detect_zero: bool,
+    mut visit: impl FnMut(PageKind, usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let touched = |p: usize| resident[p / 64] >> (p % 64) & 1 != 0;
+    // is_zero_page only fails for a page outside the segment, which `end <= pages` rules out.
+    let kind_of = |p: usize| {
+        if !touched(p) {
+            PageKind::Untouched
+        } else if detect_zero && is_zero_page(seg, p as u64).unwrap_or(false) {
+            PageKind::Zero
+        } else {
+            PageKind::Data
+        }
+    };
+    if first >= end {
+        return Ok(());
+    }
+    let mut run_start = first;
+    let mut run_kind = kind_of(first);
+    let mut page = first + 1;
+    while page < end {
+        if run_kind == PageKind::Untouched && page % 64 == 0 && page + 64 <= end && resident[page / 64] == 0 {
+            page += 64; // a whole word of untouched pages
+            continue;
+        }
+        let kind = kind_of(page);
+        if kind != run_kind {
+            visit(run_kind, run_start, page - run_start)?;
+            run_start = page;
+            run_kind = kind;
+        }
+        page += 1;
+    }
+    visit(run_kind, run_start, end - run_start)
+}
+
+/// The bytes at `off..off+len` of `seg`.
+///
+/// # Safety
+/// The range must lie inside the mapping, which lives as long as `seg`; the guest must be
+/// stopped or the bytes are a moment's snapshot (the hasher only reads each byte once).
+unsafe fn guest_bytes(seg: &Segment, off: usize, len: usize) -> &[u8] {
+    debug_assert!(off + len <= seg.size());
+    // SAFETY: see the function's contract.
+    unsafe { std::slice::from_raw_parts(seg.as_ptr().add(off), len) }
+}
+
+fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gpa: u64) -> Result<u64, SnapshotError> {
+    let mut calls = 0;
+    while len > 0 {
+        // SAFETY: the caller hands a range inside a live mapping; pwrite only reads it.
+        let n = unsafe { libc::pwrite(fd, ptr as *const libc::c_void, len, offset as libc::off_t) };
+        calls += 1;
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(SnapshotError::io(format!("writing the memory file at offset {offset:#x} (guest-physical {gpa:#x}, {len} bytes)")));
+        }
+        if n == 0 {
+            return Err(SnapshotError::Io { what: format!("writing the memory file at offset {offset:#x}"), source: std::io::ErrorKind::WriteZero.into() });
+        }
+        let n = n as usize;
+        ptr = ptr.wrapping_add(n);
+        len -= n;
+        offset += n as u64;
+    }
+    Ok(calls)
+}
+
+/// Fill `len` bytes at `ptr` from the file at `offset`; an early end of file is an error.
+///
+/// # Safety
+/// `ptr..ptr+len` must be writable memory that no Rust reference points into (guest memory).
+unsafe fn pread_all(fd: RawFd, mut ptr: *mut u8, mut len: usize, mut offset: u64) -> Result<(), SnapshotError> {
+    while len > 0 {
+        // SAFETY: the caller's contract.
+        let n = unsafe { libc::pread(fd, ptr as *mut libc::c_void, len, offset as libc::off_t) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(SnapshotError::io(format!("reading the memory file at offset {offset:#x}")));
+        }
+        if n == 0 {
+            return Err(SnapshotError::Io {
+                what: format!("reading the memory file at offset {offset:#x}: the file ended {len} bytes early (was it changed while being read?)"),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        let n = n as usize;
+        ptr = ptr.wrapping_add(n);
+        len -= n;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+fn file_stat(fd: RawFd, what: &str) -> Result<libc::stat, SnapshotError> {
+    // SAFETY: fstat writes into the struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(SnapshotError::io(format!("{what}: fstat of fd {fd}")));
+    }
+    Ok(st)
+}
+
+/// Feed the image of `layout` to `hasher` the way a writer sees it, calling `on_data` for every
+/// data run (segment, offset, length, file offset) after hashing it. Returns (data, zero,
+/// untouched) page counts.
+fn walk_image(
+    layout: &ImageLayout,
+    hasher: &mut ChunkHasher,
+    mut on_data: impl FnMut(&Segment, usize, usize, u64) -> Result<(), SnapshotError>,
+) -> Result<(u64, u64, u64), SnapshotError> {
+    let (mut data, mut zero, mut untouched) = (0u64, 0u64, 0u64);
+    for (seg, file_off) in layout.segments() {
+        let (resident, _) = resident_bitmap(seg)?;
+        page_runs(seg, &resident, 0, seg.pages(), true, |kind, first, count| {
+            let bytes = count * PAGE_SIZE;
+            match kind {
+                PageKind::Untouched => {
+                    untouched += count as u64;
+                    hasher.zeros(bytes as u64);
+                }
+                PageKind::Zero => {
+                    zero += count as u64;
+                    hasher.zeros(bytes as u64);
+                }
+                PageKind::Data => {
+                    data += count as u64;
+                    let mut off = first * PAGE_SIZE;
+                    let end = off + bytes;
+                    while off < end {
+                        let len = PIECE.min(end - off);
+                        // SAFETY: page_runs stays inside the segment's pages.
+                        hasher.data(unsafe { guest_bytes(seg, off, len) });
+                        on_data(seg, off, len, file_off + off as u64)?;
+                        off += len;
+                    }
+                }
+            }
+            Ok::<(), SnapshotError>(())
+        })?;
+    }
+    Ok((data, zero, untouched))
+}
+
+/// Write guest memory to `fd` (a regular file, truncated first) as the checkpoint memory image,
+/// sparse: never-touched and all-zero pages are left as holes. Returns what was written and the
+/// xxh3-128 hash of every `chunk_size` chunk of the image.
+pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64) -> Result<WriteStats, SnapshotError> {
+    let started = Instant::now();
+    let chunk = check_chunk_size(chunk_size)?;
+    let layout = ImageLayout::of(mem)?;
+    let st = file_stat(fd, "writing the memory file")?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(SnapshotError::Unsupported { why: format!("the memory file (fd {fd}) must be a regular file, so holes can stand for zero pages") });
+    }
+    for (seg, _) in layout.segments() {
+        if seg.backing_file_id() == Some((st.st_dev, st.st_ino)) {
+            return Err(SnapshotError::Unsupported {
+                why: format!("segment '{}' is mapped from the file being written; write the checkpoint to a new file", seg.name()),
+            });
+        }
+    }
+    let total = layout.total();
+    // Truncate to nothing first: pages we skip must read as holes, never as an old file's bytes.
+    // SAFETY: ftruncate has no memory effects.
+    if unsafe { libc::ftruncate(fd, 0) } != 0 || unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 {
+        return Err(SnapshotError::io(format!("sizing the memory file to {total} bytes")));
+    }
+    let mut hasher = ChunkHasher::new(chunk, total);
+    let (mut written, mut calls) = (0u64, 0u64);
+    let (data, zero, untouched) = walk_image(&layout, &mut hasher, |seg, off, len, file_off| {
+        // SAFETY-relevant: the pointer is inside the segment (walk_image stays inside it).
+        calls += pwrite_all(fd, seg.as_ptr().wrapping_add(off), len, file_off, seg.gpa().0 + off as u64)?;
+        written += len as u64;
+        Ok(())
+    })?;
+    Ok(WriteStats {
+        bytes_written: written,
+        data_pages: data,
+        zero_pages: zero,
+        untouched_pages: untouched,
+        pwrite_calls: calls,
+        file_size: total,
+        chunk_size,
+        chunk_hashes: hasher.finish(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The chunk hashes of guest memory as it is now, in image order: what `write_memory_file` would
+/// record. Untouched pages are hashed as zeros without being read.
+pub fn memory_chunk_hashes(mem: &GuestMemory, chunk_size: u64) -> Result<Vec<u128>, SnapshotError> {
+    let chunk = check_chunk_size(chunk_size)?;
+    let layout = ImageLayout::of(mem)?;
+    let mut hasher = ChunkHasher::new(chunk, layout.total());
+    walk_image(&layout, &mut hasher, |_, _, _, _| Ok(()))?;
+    Ok(hasher.finish())
+}
+
+/// The chunk hashes of a memory file on disk, reading only its data extents (holes hash as
+/// zeros). Returns the hashes and the file's size. This reads the whole file's data: it is how a
+/// lazily restored checkpoint is verified, separately from the restore itself.
+pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), SnapshotError> {
+    let chunk = check_chunk_size(chunk_size)?;
+    let size = file_stat(fd, "hashing the memory file")?.st_size as u64;
+    let extents = file_data_extents(fd, 0, size).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file".into(), source: e })?;
+    let mut hasher = ChunkHasher::new(chunk, size);
+    let mut buf = vec![0u8; PIECE];
+    let mut pos = 0;
+    for (start, end) in extents {
+        hasher.zeros(start - pos);
+        let mut off = start;
+        while off < end {
+            let len = (PIECE as u64).min(end - off) as usize;
+            // SAFETY: `buf` is ours and at least `len` bytes long.
+            unsafe { pread_all(fd, buf.as_mut_ptr(), len, off)? };
+            hasher.data(&buf[..len]);
+            off += len as u64;
+        }
+        pos = end;
+    }
+    hasher.zeros(size - pos);
+    Ok((hasher.finish(), size))
+}
+
+/// The file's data extents rounded out to whole pages and merged, so everything between them is
+/// whole pages of hole.
+fn page_extents(fd: RawFd, total: u64) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let page = PAGE_SIZE as u64;
+    let raw = file_data_extents(fd, 0, total).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file (SEEK_DATA)".into(), source: e })?;
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
+    for (s, e) in raw {
+        let (s, e) = (s / page * page, e.div_ceil(page).saturating_mul(page).min(total));
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Read the memory file at `fd` into `mem`, which must be fresh anonymous memory of the same
+/// layout (just created, nothing written). Only the file's data extents are read; holes are left
+/// as the zero pages they already are. Pages are not marked dirty.
+///
+/// With `verify = Some((hashes, chunk_size))` every chunk is hashed as it lands and compared;
+/// a mismatch is an error naming the first bad chunk and its guest-physical range, and the
+/// caller must discard `mem`: nothing is reported restored until every chunk has matched. The
+/// hashes cover what memory holds, holes included (pages resident before the call are read), so
+/// memory that was not fresh fails the check instead of passing with stale bytes.
+pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u64)>) -> Result<ReadStats, SnapshotError> {
+    let started = Instant::now();
+    let layout = ImageLayout::of(mem)?;
+    if let Some((seg, _)) = layout.segments().find(|(s, _)| s.is_file_backed()) {
+        return Err(SnapshotError::Unsupported {
+            why: format!("segment '{}' is mapped from a file; eager restore reads into fresh anonymous memory", seg.name()),
+        });
+    }
+    let total = layout.total();
+    let size = file_stat(fd, "reading the memory file")?.st_size as u64;
+    if size != total {
+        return Err(SnapshotError::FileSize { size, expected: total });
+    }
+    let mut hasher = match verify {
+        Some((hashes, chunk_size)) => {
+            let chunk = check_chunk_size(chunk_size)?;
+            let expected = total.div_ceil(chunk_size) as usize;
+            if hashes.len() != expected {
+                return Err(SnapshotError::ChunkCount { got: hashes.len(), expected, chunk_size });
+            }
+            Some(ChunkHasher::new(chunk, total))
+        }
+        None => None,
+    };
+    // Residency before anything is read: which hole pages must be hashed from memory.
+    let resident: Vec<Vec<u64>> = if hasher.is_some() {
+        layout.segments().map(|(s, _)| resident_bitmap(s).map(|r| r.0)).collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let extents = page_extents(fd, total)?;
+    let mut stats = ReadStats { data_extents: extents.len() as u64, ..Default::default() };
+
+    let hash_hole = |hasher: &mut ChunkHasher, start: u64, end: u64| -> Result<(), SnapshotError> {
+        layout.for_each_part(start, end, |seg, off, len| {
+            let index = layout.segments().position(|(s, _)| std::sync::Arc::ptr_eq(s, seg)).unwrap();
+            page_runs(seg, &resident[index], off / PAGE_SIZE, (off + len) / PAGE_SIZE, false, |kind, first, count| {
+                match kind {
+                    // SAFETY: page_runs stays inside the segment's pages.
+                    PageKind::Data => hasher.data(unsafe { guest_bytes(seg, first * PAGE_SIZE, count * PAGE_SIZE) }),
+                    _ => hasher.zeros((count * PAGE_SIZE) as u64),
+                }
+                Ok::<(), SnapshotError>(())
+            })
+        })
+    };
+
+    let mut pos = 0u64;
+    for &(start, end) in &extents {
+        stats.hole_bytes += start - pos;
+        if let Some(h) = hasher.as_mut() {
+            hash_hole(h, pos, start)?;
+        }
+        let mut off = start;
+        while off < end {
+            let piece_end = (off + PIECE as u64).min(end);
+            let mut file_off = off;
+            layout.for_each_part(off, piece_end, |seg, seg_off, len| {
+                // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping;
+                // guest memory is never behind a Rust reference, and the guest is not running.
+                unsafe { pread_all(fd, seg.as_ptr().add(seg_off), len, file_off)? };
+                if let Some(h) = hasher.as_mut() {
+                    // SAFETY: the same range, just filled.
+                    h.data(unsafe { guest_bytes(seg, seg_off, len) });
+                }
+                file_off += len as u64;
+                Ok::<(), SnapshotError>(())
+            })?;
+            stats.bytes_read += piece_end - off;
+            off = piece_end;
+        }
+        pos = end;
+    }
+    stats.hole_bytes += total - pos;
+    if let Some(h) = hasher.as_mut() {
+        hash_hole(h, pos, total)?;
+    }
+    // read(2) into the mapping counts as a write to the kernel backend: forget those.
+    for (seg, _) in layout.segments() {
+        mem.mark_clean_range(GuestAddress(seg.gpa().0), seg.size())?;
+    }
+    if let (Some(h), Some((expected, chunk_size))) = (hasher, verify) {
+        let got = h.finish();
+        let bad: Vec<usize> = got.iter().zip(expected).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+        if let Some(&index) = bad.first() {
+            let file_start = index as u64 * chunk_size;
+            let file_end = (file_start + chunk_size).min(total);
+            return Err(SnapshotError::ChunkMismatch { index, file_start, file_end, gpa_ranges: layout.gpa_ranges(file_start, file_end), mismatches: bad.len() });
+        }
+        stats.chunk_hashes = got;
+        stats.verified = true;
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}

@@ -1,0 +1,30 @@
+//! The checkpoint memory file: guest memory as bhyve's `FILE` (lowmem at file offset 0, highmem
+//! right after it, the 3-4 GiB hole not stored), written sparse and read back eagerly, with
+//! xxh3-128 hashes of fixed-size chunks of that image so a damaged file is caught before a guest
+//! runs on it. Lazy restore maps the same file privately (`GuestMemory::from_file`).
+//!
+//! This module owns the bytes of the memory file and its chunk hashes. It does not own the
+//! `.kern` and `.meta` files, nor decide where hashes are stored or when to verify: that is the
+//! Python `vmmpy.snapshot` package. Every function takes a raw fd the caller keeps open and
+//! never touches Python, so the bindings run them with the GIL released.
+//!
+//! The image: byte `i` of the file is byte `i - file_offset(seg)` of the segment holding it,
+//! segments in guest-physical order, each at the file offset equal to the sum of the sizes of
+//! the segments before it. Chunk `k` covers image bytes `k*C .. min((k+1)*C, size)` and may span
+//! the lowmem/highmem boundary; its hash is xxh3-128 (seed 0) of those bytes, holes read as zero.
+
+mod chunks;
+mod error;
+mod image;
+mod memfile;
+
+pub use chunks::ChunkHasher;
+pub use error::SnapshotError;
+pub use image::ImageLayout;
+pub use memfile::{hash_memory_file, memory_chunk_hashes, read_memory_file, write_memory_file, ReadStats, WriteStats};
+
+/// The chunk size checkpoints use unless told otherwise: 4 MiB, bhyve's `SNAPSHOT_CHUNK`.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+#[cfg(test)]
+mod tests;

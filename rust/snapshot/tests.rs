@@ -1,0 +1,188 @@
+//! Round trips of the memory file through eager and lazy restore, and what damage looks like.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use super::*;
+use crate::dirty::TrackingChoice;
+use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, HIGHMEM_BASE, PAGE_SIZE};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = MIB;
+
+fn opts(tracking: TrackingChoice) -> MemoryOptions {
+    // lowmem of 6.5 MiB, so one 1 MiB chunk of the image spans lowmem and highmem.
+    MemoryOptions { memsize: 13 * MIB, wired: false, lowmem_limit: 6 * MIB + 512 * 1024, tracking }
+}
+
+/// Pages with data in both segments, a touched-but-zero page, and a run across a chunk boundary.
+fn guest(tracking: TrackingChoice) -> GuestMemory {
+    let mem = GuestMemory::new(&opts(tracking)).unwrap();
+    for (i, gpa) in [0u64, 5 * 4096, 255 * 4096, 256 * 4096, 6 * MIB + 500 * 1024, HIGHMEM_BASE, HIGHMEM_BASE + 6 * MIB].iter().enumerate() {
+        let fill: Vec<u8> = (0..4096).map(|b| (b as u64 * 13 + i as u64 * 101 + 1) as u8 | 1).collect();
+        mem.write(GuestAddress(*gpa), &fill).unwrap();
+    }
+    mem.write(GuestAddress(40 * 4096), &[0u8; 4096]).unwrap();
+    mem
+}
+
+fn temp_file(tag: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("vmm-snap-{}-{tag}", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f
+}
+
+fn digest(mem: &GuestMemory) -> u128 {
+    crate::pages::memory_digest(mem, true).unwrap()
+}
+
+#[test]
+fn the_file_is_sparse_and_hashes_agree_three_ways() {
+    let mem = guest(TrackingChoice::Soft);
+    let f = temp_file("sparse");
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    assert_eq!(stats.file_size, 13 * MIB);
+    assert_eq!(f.metadata().unwrap().len(), 13 * MIB);
+    assert_eq!((stats.data_pages, stats.zero_pages), (7, 1));
+    assert_eq!(stats.bytes_written, 7 * 4096);
+    assert_eq!(stats.pwrite_calls, 6, "pages 255 and 256 go out in one write");
+    assert!(f.metadata().unwrap().blocks() * 512 <= 64 * 4096, "holes where nothing was written");
+    assert_eq!(stats.chunk_hashes.len(), 13);
+    assert_eq!(memory_chunk_hashes(&mem, CHUNK).unwrap(), stats.chunk_hashes);
+    assert_eq!(hash_memory_file(f.as_raw_fd(), CHUNK).unwrap(), (stats.chunk_hashes.clone(), 13 * MIB));
+    // highmem starts right after lowmem in the file.
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, 6 * MIB + 512 * 1024).unwrap();
+    assert_eq!(&b, &mem_bytes(&mem, HIGHMEM_BASE, 4)[..]);
+}
+
+fn mem_bytes(mem: &GuestMemory, gpa: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    mem.read(GuestAddress(gpa), &mut v).unwrap();
+    v
+}
+
+#[test]
+fn eager_restore_is_bit_exact_verified_and_clean() {
+    for tracking in [TrackingChoice::Soft, TrackingChoice::Auto] {
+        let mem = guest(tracking);
+        let f = temp_file("eager");
+        let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+        let fresh = GuestMemory::new(&opts(tracking)).unwrap();
+        let read = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap();
+        assert!(read.verified);
+        assert_eq!(digest(&fresh), digest(&mem));
+        assert!(read.bytes_read < 64 * 4096, "only the data extents are read: {read:?}");
+        for i in 0..fresh.segments().len() {
+            let mut words = vec![0u64; fresh.segments()[i].pages().div_ceil(64)];
+            assert_eq!(fresh.get_and_clear_dirty_segment(i, &mut words).unwrap(), 0, "restored pages are clean ({:?})", fresh.backend());
+        }
+        fresh.write(GuestAddress(HIGHMEM_BASE + 4096), &[1]).unwrap();
+        let mut words = vec![0u64; fresh.segments()[1].pages().div_ceil(64)];
+        assert_eq!(fresh.get_and_clear_dirty_segment(1, &mut words).unwrap(), 1, "and tracking works after it");
+    }
+}
+
+#[test]
+fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
+    let mem = guest(TrackingChoice::Soft);
+    let f = temp_file("damaged");
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    // Chunk 6 spans lowmem's last half MiB and highmem's first half MiB.
+    let mut original = [0u8; 1];
+    f.read_exact_at(&mut original, 6 * MIB + 512 * 1024 + 100).unwrap();
+    f.write_all_at(&[!original[0]], 6 * MIB + 512 * 1024 + 100).unwrap();
+    let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and 0x100000000..0x100080000) does not match its recorded hash"
+    );
+    // A byte written into a hole is caught too.
+    f.write_all_at(&original, 6 * MIB + 512 * 1024 + 100).unwrap();
+    f.write_all_at(&[1], 12 * MIB + 7).unwrap();
+    let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
+    assert!(err.to_string().starts_with("memory chunk 12 "), "{err}");
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes[..3], CHUNK))).unwrap_err();
+    assert_eq!(err.to_string(), "3 chunk hashes given, but the memory image has 13 chunks of 1048576 bytes");
+    f.set_len(MIB).unwrap();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), None).unwrap_err();
+    assert_eq!(err.to_string(), "memory file is 1048576 bytes (1 MiB), the guest's memory is 13631488 bytes (13 MiB)");
+}
+
+#[test]
+fn lazy_memory_reads_the_file_on_touch_and_saves_again_exactly() {
+    let mem = guest(TrackingChoice::Soft);
+    let f = temp_file("lazy");
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let lazy = GuestMemory::from_file(&opts(TrackingChoice::Auto), f.as_raw_fd()).unwrap();
+    let mapped = |m: &GuestMemory| m.segments().iter().map(|s| s.mapped_pages().unwrap()).sum::<usize>();
+    assert_eq!(mapped(&lazy), 0, "mapping reads nothing");
+    assert_eq!(memory_chunk_hashes(&lazy, CHUNK).unwrap(), stats.chunk_hashes);
+    assert_eq!(digest(&lazy), digest(&mem));
+    // Saving lazily restored memory must not take untouched pages for zero: they hold file data.
+    let again = temp_file("lazy-again");
+    let stats2 = write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap();
+    assert_eq!(stats2.chunk_hashes, stats.chunk_hashes);
+    assert_eq!(stats2.data_pages, 7);
+    // ...and never into the file it is mapped from.
+    let err = write_memory_file(&lazy, f.as_raw_fd(), CHUNK).unwrap_err();
+    assert!(err.to_string().contains("is mapped from the file being written"), "{err}");
+    // Eager restore into lazy memory is refused.
+    let err = read_memory_file(&lazy, again.as_raw_fd(), None).unwrap_err();
+    assert!(err.to_string().contains("eager restore reads into fresh anonymous memory"), "{err}");
+}
+
+#[test]
+fn zero_ranges_received_into_lazy_memory_read_as_zero() {
+    use crate::pages::{build_ranges_from_bitmap, recv_batch, send_batch};
+    let mem = guest(TrackingChoice::Soft);
+    let f = temp_file("lazy-zero");
+    write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let lazy = GuestMemory::from_file(&opts(TrackingChoice::Auto), f.as_raw_fd()).unwrap();
+    lazy.write(GuestAddress(7 * 4096), &[5u8; 4096]).unwrap(); // a private copy over a hole
+    // The sender's pages 0, 5, 7 and 255 are now zero: send them as ZERO ranges.
+    let src = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
+    let mut words = vec![0u64; src.segments()[0].pages().div_ceil(64)];
+    for p in [0usize, 5, 7, 255] {
+        words[p / 64] |= 1 << (p % 64);
+    }
+    let ranges = build_ranges_from_bitmap(&src.segments()[0], &words, true).unwrap();
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two fds into the array we own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (rx, tx) = (fds[0], fds[1]);
+    send_batch(tx, &src, &ranges).unwrap();
+    let got = recv_batch(rx, &lazy).unwrap();
+    assert_eq!(got.zero_pages, 4);
+    for p in [0u64, 5, 7, 255] {
+        assert!(mem_bytes(&lazy, p * 4096, 4096).iter().all(|&b| b == 0), "page {p} reads as zero");
+    }
+    assert_eq!(mem_bytes(&lazy, 256 * 4096, 1), mem_bytes(&mem, 256 * 4096, 1), "neighbours keep the file's bytes");
+    // SAFETY: closing the pipe fds we opened.
+    unsafe { libc::close(rx); libc::close(tx) };
+    let _ = PAGE_SIZE;
+}
+
+#[test]
+#[ignore]
+fn lazy_registration_cost() {
+    for gib in [1u64, 16] {
+        let f = temp_file("cost");
+        f.set_len(gib << 30).unwrap();
+        for tracking in [TrackingChoice::Soft, TrackingChoice::Kernel] {
+            let t = std::time::Instant::now();
+            let m = GuestMemory::from_file(&MemoryOptions { memsize: gib << 30, wired: false, lowmem_limit: 3 << 30, tracking }, f.as_raw_fd()).unwrap();
+            let dt = t.elapsed();
+            let mut words = vec![0u64; m.segments()[0].pages().div_ceil(64)];
+            let t2 = std::time::Instant::now();
+            m.get_and_clear_dirty_segment(0, &mut words).unwrap();
+            eprintln!("{gib} GiB {tracking:?}: map {:?}, harvest {:?}", dt, t2.elapsed());
+            let t3 = std::time::Instant::now();
+            drop(m);
+            eprintln!("  drop {:?}", t3.elapsed());
+        }
+    }
+}
