@@ -39,3 +39,19 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=30)
+
+
+def wait_for_state(run_dir: Path, name: str, state: str, timeout: float = 30) -> None:
+    """Wait until vmmctl --status reports ``state`` (bounded)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        result = vmmctl(run_dir, f"--vm={name}", "--status", "--json")
+        if result.returncode == 0:
+            last = json.loads(result.stdout)["state"]
+            if last == state:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not reach state {state!r} within {timeout} s (last: {last!r})")

@@ -10,7 +10,7 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.machine import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
-from vmmpy.runtime.sections import restore_sections, save_sections
+from vmmpy.state.machine import restore_sections, save_sections
 from vmmpy.state import decode_sections, encode_sections
 
 PRELUDE = """

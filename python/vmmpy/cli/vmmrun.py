@@ -2,7 +2,7 @@
 
     vmmrun [-c NCPUS] [-m MEMSIZE] [-S] [-s SLOT,EMULATION[,CONF]]... [-l com1,stdio|FILE]
            [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions]
-           [--vendor intel|amd] VMNAME
+           [--vendor intel|amd] [-r FILE | -R HOST:PORT] VMNAME
 
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
 """
@@ -27,7 +27,13 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
+from ..migration import MigrationError, parse_address, receive
+from ..migration.machine import MachineAdapter
 from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
+from ..snapshot import CheckpointError
+from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
+from ..state import SectionError
+from .services import MachineServices
 from ..vmm.ioctl import SuspendHow
 
 EPILOG = """\
@@ -36,9 +42,17 @@ guests:
   or the path of an assembly file for the simulated ISA (docs/isa.md). --guest-arg KEY=VALUE
   sets the program's arguments.
 
+restore and migration:
+  -r FILE resumes a guest saved by `vmmctl --checkpoint/--suspend FILE`: vCPUs, memory, vendor and
+  TSC come from the checkpoint; -s/-l options must match the saved ones.
+  -R HOST:PORT starts an empty guest that waits for one incoming migration (`vmmctl --migrate` on
+  the source), then runs it. Give the same -m/-c/-s/-l options as the source.
+
 examples:
   vmmrun --guest abtest --guest-arg sweeps=100 -m 256M -l com1,console.log vm0
   vmmrun -c 2 -m 1G -S -s 0,hostbridge -s 1,lpc -l com1,stdio --guest console vm1
+  vmmrun -r /var/tmp/vm0.ckp -l com1,console.log vm0
+  vmmrun -m 256M -l com1,console.log -R 127.0.0.1:24983 --key-file mig.key vm0
 
 while it runs, `vmmctl --vm=VMNAME ...` controls it through its control socket.
 exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error (bhyve's convention).
@@ -70,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default="auto",
                    help="dirty page tracking backend (default auto: kernel where it works, else soft)")
     p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
+    p.add_argument("-r", "--restore", metavar="FILE", help="resume the guest saved in checkpoint FILE (and FILE.kern, FILE.meta)")
+    p.add_argument("--restore-mode", choices=RESTORE_MODES, default="eager",
+                   help="eager: read and verify all memory first (default); lazy: map the file, pages load on first touch")
+    p.add_argument("-R", "--receive", metavar="HOST:PORT",
+                   help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), then run the guest")
+    p.add_argument("--key-file", type=Path, metavar="FILE", help="shared migration key (at least 16 bytes); the source must prove it holds it")
+    p.add_argument("--insecure", action="store_true", help="with -R: allow listening on a non-loopback address without a key")
+    p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with -R: how long to wait for the source to connect (default 300)")
+    p.add_argument("--pause-at", type=int, metavar="N",
+                   help="pause the guest once vCPU 0 has retired N instructions (0: start paused); vmmctl --resume goes on")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the VM does")
     p.add_argument("vmname", nargs="?", metavar="VMNAME", help="the guest's name, used by vmmctl --vm")
     return p
@@ -99,6 +124,9 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     return config
 
 
+log = logging.getLogger("vmmrun")
+
+
 def list_guests() -> int:
     from ..guest.programs import PROGRAMS
 
@@ -117,6 +145,46 @@ def load_guest(machine: Machine, config: VmConfig) -> None:
     machine.load_program(program)
 
 
+def read_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = path.read_bytes().strip()
+    except OSError as err:
+        raise ConfigError(f"--key-file {path}: {err.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"--key-file {path}: a migration key needs at least 16 bytes, this has {len(key)}")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def build_machine(args: argparse.Namespace, config: VmConfig) -> Machine:
+    """The machine for a fresh boot, a restore (-r) or an incoming migration (-R)."""
+    if args.restore:
+        if config.guest:
+            raise ConfigError("-r restores a saved guest: do not also give --guest")
+        return restore_machine(args.restore, config, mode=args.restore_mode)
+    if not args.receive and not config.guest:
+        raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
+    machine = Machine(config)
+    try:
+        machine.setup_memory()
+        if not args.receive:
+            load_guest(machine, config)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,22 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_guests:
         return list_guests()
     try:
+        if args.restore and args.receive:
+            raise ConfigError("-r and -R cannot be combined: restore from a file or receive a migration")
         config = config_from_args(args)
-        if not config.guest:
-            raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests)")
-        machine = Machine(config)
-    except (ConfigError, ValueError) as err:
+        key = read_key(args.key_file)
+        receive_at = parse_address(args.receive) if args.receive else None
+        if receive_at and key is None and not is_loopback(receive_at[0]) and not args.insecure:
+            raise ConfigError(
+                f"-R {args.receive}: listening on a non-loopback address without --key-file lets anyone send a guest; "
+                "give a key, or --insecure to accept that"
+            )
+        machine = build_machine(args, config)
+    except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
+    MachineServices(machine).install()
+    if args.pause_at is not None:
+        machine.pause_at = args.pause_at
     try:
-        machine.setup_memory()
-        load_guest(machine, config)
-        machine.start(control_dir=args.run_dir)
-    except (ConfigError, ValueError, OSError) as err:
-        print(f"vmmrun: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        machine.serve(args.run_dir)
+    except OSError as err:
+        print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         machine.close()
         return EXIT_ERROR
 
@@ -149,8 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        if receive_at:
+            host, port = receive_at
+            log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
+            stats = receive(MachineAdapter(machine), host, port, key, accept_timeout=args.accept_timeout)
+            if stats.status != "completed":
+                print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
+                return EXIT_ERROR
+            log.info("%s: migration received; running. %s", config.name, stats.summary())
+        else:
+            machine.start_vcpus()
         while (status := machine.wait(0.5)) is None:
             pass
+    except (MigrationError, OSError) as err:
+        print(f"vmmrun: {config.name}: {err}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         machine.close()
     if args.verbose or status not in (0, 1, 2):

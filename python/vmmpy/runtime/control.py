@@ -96,6 +96,8 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._active: set[threading.Thread] = set()
+        self._active_lock = threading.Lock()
 
     def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -115,7 +117,9 @@ class ControlServer:
         self._thread = threading.Thread(target=self._serve, name=f"control-{self.vmname}", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, drain_timeout: float = 10.0) -> None:
+        """Stop accepting, let requests in flight send their answer (a suspend ends the VM
+        from inside its own request), then remove the socket."""
         self._closing.set()
         if self._sock is not None:
             try:
@@ -124,6 +128,10 @@ class ControlServer:
                 pass
             self._sock.close()
             self._sock = None
+        with self._active_lock:
+            active = [t for t in self._active if t is not threading.current_thread()]
+        for thread in active:
+            thread.join(drain_timeout)
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -138,9 +146,19 @@ class ControlServer:
                 conn, _ = sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._handle_connection, args=(conn,), daemon=True).start()
+            thread = threading.Thread(target=self._handle_connection, args=(conn,), daemon=True)
+            with self._active_lock:
+                self._active.add(thread)
+            thread.start()
 
     def _handle_connection(self, conn: socket.socket) -> None:
+        try:
+            self._handle_request(conn)
+        finally:
+            with self._active_lock:
+                self._active.discard(threading.current_thread())
+
+    def _handle_request(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(None)
             uid = _peer_uid(conn)

@@ -43,6 +43,9 @@ EXIT_NAMES = {EXIT_RESET: "reset", EXIT_POWEROFF: "powered off", EXIT_HALT: "hal
 #: Emulations ``-s`` accepts today; the device layer adds the rest.
 SLOT_EMULATIONS = ("hostbridge", "lpc")
 
+#: Instructions per VM_RUN while throttled: short enough that sleeps between them are smooth.
+THROTTLE_SLICE = 1 << 18
+
 #: Where guest programs are loaded and their stack starts (docs/guests.md).
 GUEST_LOAD_ADDRESS = 0x100000
 
@@ -72,7 +75,11 @@ class Machine:
         self._exit_status: int | None = None
         self._exit_reason = ""
         self._control: ControlServer | None = None
+        self._extra_handlers: dict[str, Callable[..., Any]] = {}
         self.started_at: float | None = None
+        self.throttle = 0.0
+        #: Pause every vCPU once vCPU 0 has retired this many instructions (``--pause-at``).
+        self.pause_at: int | None = None
 
     # ---- construction -------------------------------------------------------------------
     def setup_memory(self) -> None:
@@ -87,15 +94,23 @@ class Machine:
         self.vm.vcpus[0].set_register("rsp", GUEST_LOAD_ADDRESS)
 
     # ---- running -------------------------------------------------------------------------
-    def start(self, *, control_dir: Path | None = None, serve_control: bool = True) -> None:
-        if serve_control:
-            self._control = ControlServer(self.config.name, self.control_handlers(), directory=control_dir)
-            self._control.start()
+    def serve(self, control_dir: Path | None = None) -> None:
+        """Open the control socket (before the vCPUs start, so a VM waiting for an incoming
+        migration already answers vmmctl)."""
+        self._control = ControlServer(self.config.name, self.control_handlers(), directory=control_dir)
+        self._control.start()
+
+    def start_vcpus(self) -> None:
         self.started_at = time.monotonic()
         for i in range(self.config.ncpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"vcpu{i}", daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def start(self, *, control_dir: Path | None = None, serve_control: bool = True) -> None:
+        if serve_control:
+            self.serve(control_dir)
+        self.start_vcpus()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the guest to stop; its bhyve exit status, or None on timeout."""
@@ -124,6 +139,15 @@ class Machine:
         with self._cond:
             self._cond.notify_all()
 
+    def finish(self, status: int, reason: str) -> None:
+        """Stop the guest for good with this exit status: it was suspended to a file or
+        migrated away (bhyve exits 0 then), or a migration into it failed."""
+        with self._cond:
+            if self._exit_status is None:
+                self._exit_status = status
+                self._exit_reason = reason
+        self.suspend(SuspendHow.POWEROFF)
+
     def _fail(self, vcpuid: int, reason: str, status: int = EXIT_ERROR) -> None:
         with self._cond:
             if self._exit_status is None:
@@ -132,11 +156,36 @@ class Machine:
         log.error("vcpu %d: %s", vcpuid, reason)
         self.suspend(SuspendHow.TRIPLEFAULT if status == EXIT_TRIPLEFAULT else SuspendHow.HALT)
 
+    def set_throttle(self, fraction: float) -> None:
+        """Let the vCPUs run only ``1 - fraction`` of the time (auto-converge); 0 is full speed."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"throttle {fraction} must be in [0, 1)")
+        self.throttle = fraction
+
     def _vcpu_loop(self, vcpuid: int) -> None:
         vm = self.vm
         try:
             while True:
-                ex = vm.ioctl(Ioctl.VM_RUN, VmRun(vcpuid))
+                throttle = self.throttle
+                if throttle:
+                    # Run a short slice, then sleep so that running is 1 - throttle of the time.
+                    t0 = time.monotonic()
+                    ex = vm.ioctl(Ioctl.VM_RUN, VmRun(vcpuid, THROTTLE_SLICE))
+                    ran = time.monotonic() - t0
+                    time.sleep(min(ran * throttle / (1.0 - throttle), 0.1))
+                    if ex.kind == "budget":
+                        continue
+                elif vcpuid == 0 and self.pause_at is not None:
+                    left = self.pause_at - vm.vcpus[0].instructions_retired
+                    if left <= 0:
+                        self.pause_at = None
+                        vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
+                        continue
+                    ex = vm.ioctl(Ioctl.VM_RUN, VmRun(vcpuid, left))
+                    if ex.kind == "budget":
+                        continue
+                else:
+                    ex = vm.ioctl(Ioctl.VM_RUN, VmRun(vcpuid))
                 kind = ex.kind
                 if kind == "suspended":
                     with self._cond:
@@ -231,8 +280,13 @@ class Machine:
             pass
 
     # ---- the control socket ----------------------------------------------------------------
+    def add_control_handler(self, name: str, handler: Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]) -> None:
+        """Serve another control command (checkpoint and migration live in layers above)."""
+        self._extra_handlers[name] = handler
+
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]]:
         return {
+            **self._extra_handlers,
             "status": lambda req, progress: self.status(),
             "stats": lambda req, progress: self.statistics(),
             "registers": lambda req, progress: self.registers(),

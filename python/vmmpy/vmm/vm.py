@@ -333,6 +333,9 @@ class Vm:
             while True:
                 used = vcpu.instructions_retired - start
                 if used >= budget:
+                    # The caller's budget is host policy (throttling), not guest time: like a
+                    # pause, where it ends must not move device work.
+                    self._at_deterministic_point[vcpuid] = False
                     return UserExit("budget", vcpuid)
                 slice_left = SLICE - vcpu.instructions_retired % SLICE
                 run_for = min(slice_left, budget - used)
@@ -350,6 +353,12 @@ class Vm:
                         if self.suspended is not None:
                             return UserExit("suspended", vcpuid, how=self.suspended)
                     return UserExit("paused", vcpuid, ex)
+                if kind == "budget" and vcpu.instructions_retired % SLICE and (
+                    deadline is None or self.tsc_mode != "instructions" or self.last_tsc[vcpuid] < deadline
+                ):
+                    # Neither a slice end nor a timer deadline: the caller's budget ran out.
+                    self._at_deterministic_point[vcpuid] = False
+                    return UserExit("budget", vcpuid)
                 if kind == "inout" and ex.port in self._port_devices:
                     self._emulate_port(vcpuid, ex)
                 elif kind == "mmio" and self._kernel_mmio(vcpuid, ex.gpa) is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ..state import Section, SectionError, SectionRegistry
+from .section import Section, SectionError, SectionRegistry
 from ..vmm.ioctl import Ioctl, SnapshotOp, SnapshotReq, VmRestoreTime, VmSnapshotMeta, vmm_error
 from ..vmm.vatpic import VatpicState
 from ..vmm.vatpit import VatpitState
@@ -25,7 +25,7 @@ from ..vmm.vpmtmr import VpmtmrState
 from ..vmm.vrtc import VrtcState
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..runtime.machine import Machine
 
 VM_SECTION_VERSION = 1
 VCPU_SECTION_VERSION = 1
@@ -33,7 +33,7 @@ VCPU_SECTION_VERSION = 1
 #: (section name, snapshot request, version), in save and restore order.
 KERNEL_SECTIONS: list[tuple[str, SnapshotReq, int]] = [
     ("vm", SnapshotReq.STRUCT_VM, VM_SECTION_VERSION),
-    ("vcpu", SnapshotReq.STRUCT_VMCX, VCPU_SECTION_VERSION),
+    ("vmcx", SnapshotReq.STRUCT_VMCX, VCPU_SECTION_VERSION),
     ("vioapic", SnapshotReq.STRUCT_VIOAPIC, VioapicState.VERSION),
     ("vatpic", SnapshotReq.STRUCT_VATPIC, VatpicState.VERSION),
     ("vlapic", SnapshotReq.STRUCT_VLAPIC, VlapicState.VERSION),
@@ -96,9 +96,9 @@ def restore_sections(machine: Machine, sections: list[Section], *, what: str = "
     vm = machine.vm
     for name, req, _ in KERNEL_SECTIONS:
         payload: Any = by_name[name].payload
-        data = payload["vcpus"] if name in ("vcpu", "vlapic") else payload
+        data = payload["vcpus"] if name in ("vmcx", "vlapic") else payload
         vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(req, SnapshotOp.RESTORE, data))
-        if name == "vcpu":
+        if name == "vmcx":
             # Guest time continues from the saved value before any timer is restored against it.
             vm.ioctl(Ioctl.VM_RESTORE_TIME, VmRestoreTime())
     for device in machine.devices:

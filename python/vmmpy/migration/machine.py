@@ -1,0 +1,75 @@
+"""The migration adapter for a real machine (``runtime.Machine``): what the engine drives.
+
+Source: ``pause``/``resume`` are the machine's vCPU rendezvous; ``stop_for_good`` ends the
+vmmrun process with status 0, as bhyve exits after a migration. Destination: the machine was
+built from the same options with empty memory; ``restore_sections`` loads the state without
+starting vCPUs, ``start_running`` starts them, ``discard`` ends vmmrun with an error status and
+the half-received guest is thrown away.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..runtime.machine import EXIT_ERROR, Machine
+from ..state import Section
+from ..state.machine import restore_sections, save_sections, section_registry
+from .adapter import spec_mismatches
+
+
+class MachineAdapter:
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.memory = machine.vm.memory
+        self._paused_by_us = False
+
+    def spec(self) -> dict[str, Any]:
+        memory = self.memory
+        config = self.machine.config
+        return {
+            "page_size": 4096,
+            "vendor": config.vendor,
+            "vcpus": config.ncpus,
+            "tsc": config.tsc,
+            "lowmem_size": memory.lowmem.size,
+            "highmem_size": memory.highmem.size if memory.highmem is not None else 0,
+            "wired": config.wired,
+            "devices": dict(section_registry(self.machine).versions),
+        }
+
+    def check_spec(self, remote_spec: dict[str, Any]) -> None:
+        local = self.spec()
+        problems = spec_mismatches(local, remote_spec)
+        if remote_spec.get("tsc") != local["tsc"]:
+            problems.append(f"TSC mode differs: source {remote_spec.get('tsc')!r}, destination {local['tsc']!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def pause(self) -> None:
+        if not self.machine.paused:
+            self.machine.pause()
+            self._paused_by_us = True
+
+    def resume(self) -> None:
+        self.machine.set_throttle(0.0)
+        if self._paused_by_us:
+            self._paused_by_us = False
+            self.machine.resume()
+
+    def save_sections(self) -> list[Section]:
+        return save_sections(self.machine)
+
+    def restore_sections(self, sections: list[Section]) -> None:
+        restore_sections(self.machine, sections, what="migration stream")
+
+    def throttle(self, fraction: float) -> None:
+        self.machine.set_throttle(min(fraction, 0.99))
+
+    def stop_for_good(self) -> None:
+        self.machine.finish(0, "migrated away")
+
+    def start_running(self) -> None:
+        self.machine.start_vcpus()
+
+    def discard(self) -> None:
+        self.machine.finish(EXIT_ERROR, "incoming migration failed")
