@@ -150,7 +150,7 @@ class FakeGuest:
     def spec(self) -> dict:
         lowmem = self.memory.lowmem.size
         highmem = self.memory.highmem.size if self.memory.highmem is not None else 0
-        return {"page_size": self.page_size, "vendor": self.vendor, "vcpus": self.vcpus, "lowmem_size": lowmem,
+        return {"page_size": self.page_size, "vendor": self.vendor, "vcpus": self.vcpus, "tsc": "instructions", "lowmem_size": lowmem,
                 "highmem_size": highmem, "wired": self.memory.wired, "devices": dict(self.devices)}
 
     def check_spec(self, remote_spec: dict) -> None:

@@ -19,8 +19,10 @@ def vmmctl(run_dir: Path, *args: str, timeout: float = 60) -> subprocess.Complet
     )
 
 
-def start_vmmrun(run_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(vmmrun_cmd(f"--run-dir={run_dir}", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_vmmrun(run_dir: Path, *args: str, prefix: list[str] | tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start vmmrun (inside a network namespace when ``prefix`` is ``ip netns exec NS``)."""
+    return subprocess.Popen([*prefix, *vmmrun_cmd(f"--run-dir={run_dir}", *args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_socket(run_dir: Path, name: str, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -55,3 +57,28 @@ def wait_for_state(run_dir: Path, name: str, state: str, timeout: float = 30) ->
                 return
         time.sleep(0.05)
     raise AssertionError(f"{name} did not reach state {state!r} within {timeout} s (last: {last!r})")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_listener(host: str, port: int, proc: subprocess.Popen, timeout: float = 30, netns: str | None = None) -> None:
+    """Wait until something listens on host:port (bounded): ss from inside the namespace."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"destination exited {proc.returncode}: {proc.stderr.read()}")
+        cmd = ["ss", "-Hltn", f"sport = :{port}"]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listened on {host}:{port} within {timeout} s")

@@ -24,7 +24,7 @@ class MigrationAdapter(Protocol):
     memory: GuestMemory
 
     def spec(self) -> dict[str, Any]:
-        """The SPEC fields: ``page_size``, ``vendor``, ``vcpus``, ``lowmem_size``,
+        """The SPEC fields: ``page_size``, ``vendor``, ``vcpus``, ``tsc``, ``lowmem_size``,
         ``highmem_size``, ``wired`` and ``devices`` (section name -> section version)."""
 
     def check_spec(self, remote_spec: dict[str, Any]) -> None:
@@ -62,7 +62,7 @@ def spec_mismatches(local: dict[str, Any], remote: dict[str, Any]) -> list[str]:
     guest sees."""
     problems = []
     for key, what in (("page_size", "page size"), ("vendor", "vCPU vendor"), ("vcpus", "vCPU count"),
-                      ("lowmem_size", "lowmem size"), ("highmem_size", "highmem size")):
+                      ("tsc", "TSC mode"), ("lowmem_size", "lowmem size"), ("highmem_size", "highmem size")):
         if local.get(key) != remote.get(key):
             problems.append(f"{what} differs: source {remote.get(key)!r}, destination {local.get(key)!r}")
     mine, theirs = dict(local.get("devices", {})), dict(remote.get("devices", {}))

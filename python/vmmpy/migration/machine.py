@@ -40,8 +40,6 @@ class MachineAdapter:
     def check_spec(self, remote_spec: dict[str, Any]) -> None:
         local = self.spec()
         problems = spec_mismatches(local, remote_spec)
-        if remote_spec.get("tsc") != local["tsc"]:
-            problems.append(f"TSC mode differs: source {remote_spec.get('tsc')!r}, destination {local['tsc']!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -384,6 +384,7 @@ class Spec:
     wired: bool
     live: bool
     devices: dict[str, int] = field(default_factory=dict)  # section name -> section version
+    tsc: str = "instructions"  # the guest TSC's source: "instructions" or "host"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, live: bool) -> Spec:
@@ -397,6 +398,7 @@ class Spec:
                 wired=bool(d["wired"]),
                 live=live,
                 devices={str(k): int(v) for k, v in dict(d.get("devices", {})).items()},
+                tsc=str(d.get("tsc", "instructions")),
             )
         except KeyError as err:
             raise ValueError(f"adapter spec() lacks the field {err.args[0]!r}") from None
@@ -411,6 +413,7 @@ class Spec:
             "wired": self.wired,
             "live": self.live,
             "devices": dict(self.devices),
+            "tsc": self.tsc,
         }
 
 
@@ -425,6 +428,10 @@ def encode_spec(m: Spec) -> bytes:
         raise ProtocolError(f"SPEC: {len(m.devices)} devices exceed the {MAX_DEVICES} allowed")
     parts = [_SPEC_FIXED.pack(m.page_size, m.vcpus, m.lowmem_size, m.highmem_size, int(m.wired), int(m.live))]
     parts.append(bytes([len(vendor)]) + vendor)
+    tsc = m.tsc.encode()
+    if len(tsc) > MAX_NAME:
+        raise ProtocolError(f"SPEC: TSC mode of {len(tsc)} bytes exceeds {MAX_NAME}")
+    parts.append(bytes([len(tsc)]) + tsc)
     parts.append(struct.pack("<H", len(m.devices)))
     for name, version in sorted(m.devices.items()):
         raw = name.encode()
@@ -441,6 +448,8 @@ def decode_spec(payload: bytes) -> Spec:
         raise ProtocolError(f"SPEC: wired/live flags must be 0 or 1, got {wired}/{live}")
     (vendor_len,) = r.unpack("B", "the vendor length")
     vendor = r.text(vendor_len, "the vendor")
+    (tsc_len,) = r.unpack("B", "the TSC mode length")
+    tsc = r.text(tsc_len, "the TSC mode")
     (count,) = r.unpack("H", "the device count")
     if count > MAX_DEVICES:
         raise ProtocolError(f"SPEC: {count} devices exceed the {MAX_DEVICES} allowed")
@@ -455,7 +464,7 @@ def decode_spec(payload: bytes) -> Spec:
             raise ProtocolError(f"SPEC: device '{name}' is listed twice")
         devices[name] = version
     r.done()
-    return Spec(page_size, vendor, vcpus, lowmem, highmem, bool(wired), bool(live), devices)
+    return Spec(page_size, vendor, vcpus, lowmem, highmem, bool(wired), bool(live), devices, tsc)
 
 
 @dataclass(frozen=True)
