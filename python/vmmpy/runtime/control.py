@@ -131,7 +131,8 @@ class ControlServer:
         with self._active_lock:
             active = [t for t in self._active if t is not threading.current_thread()]
         for thread in active:
-            thread.join(drain_timeout)
+            if thread.ident is not None:  # registered but not started yet: nothing to wait for
+                thread.join(drain_timeout)
         try:
             self.path.unlink()
         except FileNotFoundError:
