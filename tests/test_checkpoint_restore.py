@@ -148,3 +148,60 @@ def test_device_options_that_do_not_match_are_refused_naming_the_device(saved_ch
     result = run("-r", str(saved_checkpoint), "-s", "0,hostbridge", "--run-dir", str(tmp_path), "mm0")
     assert result.returncode == 4
     assert "device 'hostbridge@pci.0.0.0' is configured here but was not saved" in result.stderr
+
+
+GUESTS = os.path.join(os.path.dirname(__file__), "guests")
+
+
+def test_host_tsc_continues_across_suspend_without_jumping_or_going_back(tmp_path):
+    """With the host TSC, the guest must not see the time it spent suspended (bhyve's
+    VM_RESTORE_TIME), nor its TSC run backwards, for either vendor's state layout."""
+    import time
+
+    vendors = ("intel", "amd")
+    for vendor in vendors:
+        console = tmp_path / f"tsc-{vendor}.log"
+        args = ["--guest", os.path.join(GUESTS, "tsc_watch.s"), "--guest-arg", "iterations=40000000", "--tsc", "host",
+                "--vendor", vendor, "-m", "4M", "-l", f"com1,{console}"]
+        proc = start_vmmrun(tmp_path, *args, f"tsc-{vendor}")
+        try:
+            wait_for_socket(tmp_path, f"tsc-{vendor}", proc)
+            assert vmmctl(tmp_path, f"--vm=tsc-{vendor}", f"--suspend={tmp_path / vendor}.ckp").returncode == 0
+            assert proc.wait(timeout=60) == 0
+        finally:
+            stop(proc)
+        assert console.read_text() == "", "suspended mid-loop"
+    suspended_for = 2.5
+    time.sleep(suspended_for)
+    for vendor in vendors:
+        console = tmp_path / f"tsc-{vendor}.log"
+        resumed = run("-r", f"{tmp_path / vendor}.ckp", "-l", f"com1,{console}", "--run-dir", str(tmp_path), f"tsc-{vendor}")
+        assert resumed.returncode == 1, resumed.stderr
+        words = console.read_text().split()
+        assert words[0] == "S" and words[2] == "B", words
+        largest_step_ns, backwards = int(words[1], 16), int(words[3], 16)
+        assert backwards == 0, f"{vendor}: the guest TSC went backwards"
+        assert largest_step_ns < suspended_for * 1e9 / 2, f"{vendor}: the guest TSC jumped by {largest_step_ns / 1e9:.3f} s"
+
+
+@pytest.mark.parametrize("at", [17, 601, 1_333, 2_100])  # of about 2,230 instructions in all
+def test_a_timer_driven_guest_resumes_on_the_same_tick(tmp_path, at):
+    """The console guest sleeps in hlt between lapic timer interrupts: suspended with the timer
+    armed (and interrupts possibly pending), it resumes and ticks exactly as if never stopped."""
+    args = ["--guest", "console", "--guest-arg", "ticks=40", "--guest-arg", "every=5", "--guest-arg", "period_us=200", "-m", "8M"]
+    reference = tmp_path / "reference.log"
+    assert run(*args, "-l", f"com1,{reference}", "--run-dir", str(tmp_path), "tick-ref").returncode == 1
+    console = tmp_path / "console.log"
+    proc = start_vmmrun(tmp_path, *args, "-l", f"com1,{console}", f"--pause-at={at}", "tick0")
+    try:
+        wait_for_socket(tmp_path, "tick0", proc)
+        wait_for_state(tmp_path, "tick0", "paused")
+        assert vmmctl(tmp_path, "--vm=tick0", f"--suspend={tmp_path / 'tick.ckp'}").returncode == 0
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    assert "done" not in console.read_text(), "suspended before the end"
+    resumed = run("-r", str(tmp_path / "tick.ckp"), "-l", f"com1,{console}", "--run-dir", str(tmp_path), "tick0")
+    assert resumed.returncode == 1, resumed.stderr
+    assert console.read_text() == reference.read_text()
+    assert reference.read_text().endswith("console: tick 40\nconsole: done\n")

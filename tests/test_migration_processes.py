@@ -260,3 +260,43 @@ def test_live_migration_between_two_network_namespaces(tmp_path, two_hosts):
     assert finish(dest) == 1
     pages = (32 * MiB - 2 * MiB) // 4096
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+
+def test_the_hash_guest_migrated_live_prints_the_reference_hash(tmp_path):
+    from vmmpy.guest.programs.hash import reference_hash
+
+    port = free_port()
+    src_console, dst_console = tmp_path / "src.log", tmp_path / "dst.log"
+    guest = ["--guest", "hash", "--guest-arg", "rounds=60", "--guest-arg", "end=12M", "-m", "16M"]
+    dest = start_vmmrun(tmp_path, "-m", "16M", "-l", f"com1,{dst_console}", "-R", f"127.0.0.1:{port}", "dst0")
+    source = start_vmmrun(tmp_path, *guest, "-l", f"com1,{src_console}", "--pause-at=1", "src0")
+    try:
+        wait_for_listener("127.0.0.1", port, dest)
+        wait_for_socket(tmp_path, "src0", source)
+        wait_for_state(tmp_path, "src0", "paused")
+        result = live_migrate_in_process(tmp_path, "127.0.0.1", port, ["--downtime-ms", "5"])
+        assert result.returncode == 0, result.stderr
+        assert source.wait(timeout=60) == 0
+        assert finish(dest) == 1
+    finally:
+        stop(source)
+        stop(dest)
+    expected = f"hash: 0x{reference_hash(2 * MiB, 12 * MiB, rounds=60, seed=0):016x}\n"
+    assert src_console.read_text() + dst_console.read_text() == expected
+
+
+def test_a_destination_with_another_vendor_refuses(tmp_path):
+    port = free_port()
+    dest = start_vmmrun(tmp_path, "-m", "32M", "--vendor", "amd", "-R", f"127.0.0.1:{port}", "vdst")
+    source = start_vmmrun(tmp_path, *abtest_args(2000), "--pause-at=1000", "vsrc")
+    try:
+        wait_for_listener("127.0.0.1", port, dest)
+        wait_for_socket(tmp_path, "vsrc", source)
+        result = vmmctl(tmp_path, "--vm=vsrc", "--migrate", f"127.0.0.1,{port}", timeout=60)
+        assert result.returncode == 1
+        assert "vCPU vendor differs: source 'intel', destination 'amd'" in result.stderr
+        assert finish(dest) == 4
+        assert json.loads(vmmctl(tmp_path, "--vm=vsrc", "--status", "--json").stdout)["state"] == "paused"
+    finally:
+        stop(source)
+        stop(dest)
