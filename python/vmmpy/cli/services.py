@@ -69,8 +69,11 @@ class MachineServices:
         stats = self._migration.wait()
         self._last_stats = stats.to_dict()
         if stats.status != "completed":
-            raise OSError(errno.ECANCELED if stats.status == "cancelled" else errno.EIO,
-                          f"migration {stats.status}: {stats.error}; the guest keeps running here")
+            code = errno.ECANCELED if stats.status == "cancelled" else errno.EIO
+            if self.machine.exit_status is not None:
+                raise OSError(code, f"migration {stats.status}: the guest stopped ({self.machine.exit_reason}) "
+                                    "while it was being migrated; there is nothing left to migrate")
+            raise OSError(code, f"migration {stats.status}: {stats.error}; the guest keeps running here")
         return self._last_stats
 
     def migrate_status(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
