@@ -22,3 +22,20 @@ def tracking(request) -> str:
     if request.param == "kernel" and KERNEL_UNAVAILABLE:
         pytest.skip(f"kernel dirty tracking unavailable here: {KERNEL_UNAVAILABLE}")
     return request.param
+
+
+@pytest.fixture
+def guests():
+    """Make fake migration guests (tests/migration_guest.py) that are closed after the test."""
+    from .migration_guest import FakeGuest
+
+    made = []
+
+    def make(*args, **kwargs):
+        guest = FakeGuest(*args, **kwargs)
+        made.append(guest)
+        return guest
+
+    yield make
+    for guest in made:
+        guest.close()

@@ -5,22 +5,7 @@ import pytest
 from vmmpy.migration import MigrationParams, estimate
 from vmmpy.units import MiB
 
-from .migration_guest import FakeGuest
 from .migration_helpers import migrate_pair
-
-
-@pytest.fixture
-def guests():
-    made = []
-
-    def make(*args, **kwargs):
-        g = FakeGuest(*args, **kwargs)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
 
 
 def test_auto_converge_throttles_like_qemu_and_still_moves_the_guest_exactly(guests):

@@ -14,20 +14,6 @@ from .migration_guest import FakeGuest
 from .migration_helpers import KEY, migrate_pair
 
 
-@pytest.fixture
-def guests():
-    made = []
-
-    def make(*args, **kwargs):
-        g = FakeGuest(*args, **kwargs)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
-
-
 def assert_arrived_exact(src: FakeGuest, dst: FakeGuest) -> None:
     assert dst.calls[-1] == "start_running" and "discard" not in dst.calls
     assert src.calls[-1] == "stop_for_good" and "resume" not in src.calls

@@ -15,20 +15,6 @@ from .migration_helpers import KEY, DestinationThread, migrate_pair
 from .migration_proxy import Proxy
 
 
-@pytest.fixture
-def guests():
-    made = []
-
-    def make(*args, **kwargs):
-        g = FakeGuest(*args, **kwargs)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
-
-
 def assert_source_kept_guest(src: FakeGuest) -> None:
     """Running, writer progressing, memory exactly what its own counters say."""
     assert src.running and not src.stopped
