@@ -202,3 +202,17 @@ def test_pausing_a_stopped_machine_is_refused():
             machine.pause()
     finally:
         machine.close()
+
+
+def test_throttling_changes_the_pace_not_the_result():
+    """Auto-converge runs the vCPU in short budgets with sleeps between: the guest must end in
+    exactly the state of a full-speed run (budget ends are host policy, not guest events)."""
+    reference, ref_console = boot(BUSY, "m-ref3")
+    assert run_to_end(reference) == EXIT_POWEROFF
+    machine, console = boot(BUSY, "m-throttled")
+    machine.set_throttle(0.3)
+    assert run_to_end(machine, timeout=60) == EXIT_POWEROFF
+    assert machine.vm.stats[0]["budget_returns"] > 10, "it really ran in short budgets"
+    assert reference.vm.stats[0]["budget_returns"] == 0
+    assert final_state(machine) == final_state(reference)
+    assert console.output == ref_console.output

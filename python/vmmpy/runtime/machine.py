@@ -160,7 +160,10 @@ class Machine:
         """Let the vCPUs run only ``1 - fraction`` of the time (auto-converge); 0 is full speed."""
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"throttle {fraction} must be in [0, 1)")
+        changed = fraction != self.throttle
         self.throttle = fraction
+        if changed:
+            self.vm.notify_vcpus()  # a VM_RUN in progress would not see it until its next exit
 
     def _vcpu_loop(self, vcpuid: int) -> None:
         vm = self.vm

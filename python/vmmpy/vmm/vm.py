@@ -336,6 +336,7 @@ class Vm:
                     # The caller's budget is host policy (throttling), not guest time: like a
                     # pause, where it ends must not move device work.
                     self._at_deterministic_point[vcpuid] = False
+                    stats["budget_returns"] += 1
                     return UserExit("budget", vcpuid)
                 slice_left = SLICE - vcpu.instructions_retired % SLICE
                 run_for = min(slice_left, budget - used)
@@ -358,6 +359,7 @@ class Vm:
                 ):
                     # Neither a slice end nor a timer deadline: the caller's budget ran out.
                     self._at_deterministic_point[vcpuid] = False
+                    stats["budget_returns"] += 1
                     return UserExit("budget", vcpuid)
                 if kind == "inout" and ex.port in self._port_devices:
                     self._emulate_port(vcpuid, ex)
@@ -518,6 +520,15 @@ class Vm:
         with self.lock:
             for i in self._vcpu_ids(arg.vcpuid):
                 self._paused[i] = False
+        self.kick()
+
+    def notify_vcpus(self) -> None:
+        """Make running vCPUs return from VM_RUN so userspace sees a changed setting (bhyve's
+        vcpu_notify_event); they come back as ``paused`` exits and simply run again."""
+        with self.lock:
+            for i, running in enumerate(self._running):
+                if running:
+                    self.vcpus[i].request_pause()
         self.kick()
 
     def vcpu_running(self, vcpuid: int) -> bool:
