@@ -72,12 +72,22 @@ vectors:
 """
 
 
-def boot(source, name, **config):
+def boot(source, name, pause_at=None, **config):
+    """Start a guest in-process; with ``pause_at``, it pauses itself at that instruction count
+    and this returns once it has."""
     console = CaptureConsole()
     machine = Machine(VmConfig(name=name, memsize=4 << 20, **config), consoles={"com1": console})
     machine.setup_memory()
     machine.load_program(assemble(source))
+    machine.pause_at = pause_at
     machine.start(serve_control=False)
+    if pause_at is not None:
+        deadline = time.monotonic() + 30
+        while not machine.paused:
+            assert machine.exit_status is None, f"the guest ended before instruction {pause_at}"
+            assert time.monotonic() < deadline, "the guest did not reach its pause point"
+            time.sleep(0.001)
+        machine.pause()  # the rendezvous: every vCPU thread parked
     return machine, console
 
 
@@ -150,10 +160,10 @@ def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
     expected = final_state(reference)
     assert ref_console.output == b"T" + bytes([ord("0") + 40])
 
-    for delay in (0.0, 0.003, 0.01, 0.05):
-        source, src_console = boot(BUSY, "m-src")
-        time.sleep(delay)
-        source.pause()
+    total = expected[2]
+    for at in (1, 999_999, total // 2 + 7, total - 1_000):
+        source, src_console = boot(BUSY, "m-src", pause_at=at)
+        assert source.vm.vcpus[0].instructions_retired == at
         sections = decode_sections(encode_sections(save_sections(source)))
         target_console = CaptureConsole()
         target = Machine(VmConfig(name="m-dst", memsize=4 << 20), consoles={"com1": target_console})
@@ -168,7 +178,7 @@ def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
         source.destroy()
         target.start(serve_control=False)
         assert run_to_end(target) == EXIT_POWEROFF
-        assert final_state(target) == expected, f"paused after {delay} s"
+        assert final_state(target) == expected, f"paused at instruction {at}"
         assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
 
 
@@ -189,7 +199,7 @@ def test_pausing_and_resuming_at_arbitrary_points_changes_nothing():
         machine.resume()
         time.sleep(0.0005)
     assert run_to_end(machine) == EXIT_POWEROFF
-    assert pauses > 5
+    assert pauses > 2
     assert final_state(machine) == expected
     assert console.output == ref_console.output
 
