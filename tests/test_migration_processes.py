@@ -252,16 +252,16 @@ def test_live_migration_between_two_network_namespaces(tmp_path, two_hosts):
     ns_a, ns_b, dest_ip = two_hosts
     key = tmp_path / "mig.key"
     key.write_bytes(os.urandom(32).hex().encode())
-    sweeps = 12000
+    sweeps = 40_000
     result, source, dest, src_status, src_console, dst_console = migrate_pair(
         tmp_path, live=True, sweeps=sweeps, host=dest_ip, source_netns=ns_a, dest_netns=ns_b,
-        ctl_extra=["--key-file", str(key), "--downtime-ms", "5"], dest_key=key, pause_at=1,
+        ctl_extra=["--key-file", str(key), "--downtime-ms", "10"], dest_key=key, pause_at=1, guest_extra={"end": "8M"},
     )
     stats = json.loads(result.stdout)
     assert stats["round_count"] >= 2 and stats["peer"].startswith(dest_ip)
     assert result.returncode == 0, result.stderr
     assert finish(dest) == 1
-    pages = (32 * MiB - 2 * MiB) // 4096
+    pages = (8 * MiB - 2 * MiB) // 4096
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
