@@ -439,3 +439,51 @@ def test_static_registry_knows_every_device_section_from_the_classes(tmp_path):
             registry.check(device.name, device.VERSION, what="test")
     finally:
         machine.close()
+
+
+# ---- through vmmrun and vmmctl -----------------------------------------------------------------------
+
+
+def test_vmmrun_suspends_a_blktest_guest_and_resumes_it_with_the_disk(tmp_path):
+    import json
+    import subprocess
+
+    from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
+
+    img = make_image(tmp_path / "disk.img", 1 << 20)
+    console = tmp_path / "console.log"
+    slots = ["-s", "0,hostbridge", "-s", "1,lpc", "-s", f"3,virtio-blk,{img}"]
+    proc = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{console}", "--pause-at=3000000", "blk0")
+    try:
+        wait_for_socket(tmp_path, "blk0", proc)
+        wait_for_state(tmp_path, "blk0", "paused")
+        ckp = tmp_path / "blk0.ckp"
+        saved = vmmctl(tmp_path, "--vm=blk0", f"--suspend={ckp}", "--json")
+        assert saved.returncode == 0, saved.stderr
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    assert "digest" not in console.read_text(), "suspended mid-run"
+    meta = json.loads((tmp_path / "blk0.ckp.meta").read_text())
+    assert "virtio-blk@pci.0.3.0" in json.dumps(meta)
+    missing = subprocess.run(vmmrun_cmd("-r", str(ckp), "-s", "0,hostbridge", "-s", "1,lpc", "-l", f"com1,{console}",
+                                        "--run-dir", str(tmp_path), "blk0"), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 4 and "virtio-blk@pci.0.3.0" in missing.stderr
+    resumed = subprocess.run(vmmrun_cmd("-r", str(ckp), *slots, "-l", f"com1,{console}", "--run-dir", str(tmp_path), "blk0"),
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 1, resumed.stderr
+    sectors = (1 << 20) // 512
+    assert f"all match, digest 0x{blktest.reference_digest(1, sectors):016x}\n" in console.read_text()
+    assert open(img, "rb").read() == blktest.reference_image(1, sectors)
+
+
+def test_vmmrun_refuses_a_missing_image_at_start(tmp_path):
+    import subprocess
+
+    from .procs import vmmrun_cmd
+
+    result = subprocess.run(vmmrun_cmd("--guest", "blktest", "-m", "8M", "-s", "3,virtio-blk,/no/such.img",
+                                       "--run-dir", str(tmp_path), "nodisk"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4
+    assert "virtio-blk@pci.0.3.0: cannot open image file '/no/such.img'" in result.stderr
+    assert "Traceback" not in result.stderr
