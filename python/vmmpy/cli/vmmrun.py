@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest memory: a number of MiB, or with a K/M/G/T suffix (default 256M)")
     p.add_argument("-S", "--wire", dest="wired", action="store_true", help="wire guest memory (populate and mlock it up front)")
     p.add_argument("-s", "--slot", dest="slots", action="append", default=[], metavar="SLOT,EMULATION[,CONF]",
-                   help="place a PCI device: SLOT[:FUNC] or BUS:SLOT:FUNC, then the emulation (hostbridge, lpc)")
+                   help="place a PCI device: SLOT[:FUNC] or BUS:SLOT:FUNC, then the emulation (hostbridge, lpc, virtio-blk, virtio-rnd, virtio-console; see docs/devices.md)")
     p.add_argument("-l", "--lpc", dest="lpc", action="append", default=[], metavar="com1,stdio|FILE",
                    help="connect an LPC device: com1 or com2 to stdio or to a file")
     p.add_argument("--guest", metavar="NAME|FILE", help="the guest program to run (required)")

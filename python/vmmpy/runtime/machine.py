@@ -1,8 +1,10 @@
 """The bhyve process: a VM built from a :class:`VmConfig`, one thread per vCPU, userspace exits
 dispatched to device models, and the control socket.
 
-A vCPU thread loops on VM_RUN. Exits the kernel hands back go to the userspace devices (the
-LPC UARTs and power management; PCI devices come with the device layer); a halted-forever
+A vCPU thread loops on VM_RUN. Exits the kernel hands back go to the userspace devices: the
+LPC UARTs, power management and the PCI configuration ports by fixed port, then PCI functions
+by their BARs as the guest has them programmed (I/O BARs for port exits, memory BARs in the
+3-4 GiB hole for MMIO exits); a halted-forever
 vCPU halts the VM; a fault stops it as bhyve stops on a triple fault. A pause parks the thread
 until resumed, which is how checkpoints and migrations stop the guest (bhyve's
 ``vm_vcpu_pause`` rendezvous).
@@ -22,7 +24,9 @@ from typing import Any
 
 from ..devices.base import PortBus
 from ..devices.lpc import make_uarts
+from ..devices.pci import PciBus, PciConfigError, PciFunction, PciHost
 from ..devices.pm import PowerManagement
+from ..devices.registry import PCI_EMULATIONS, device_sections
 from ..devices.uart import ConsoleBackend
 from ..vmm.ioctl import ALL_VCPUS, Ioctl, SuspendHow, VmCpuset, VmRun, VmStats, VmSuspend, vmm_error
 from ..vmm.vm import Vm, vm_create, vm_destroy
@@ -40,8 +44,8 @@ _STATUS_OF = {
 }
 EXIT_NAMES = {EXIT_RESET: "reset", EXIT_POWEROFF: "powered off", EXIT_HALT: "halted", EXIT_TRIPLEFAULT: "triple fault", EXIT_ERROR: "error"}
 
-#: Emulations ``-s`` accepts today; the device layer adds the rest.
-SLOT_EMULATIONS = ("hostbridge", "lpc")
+#: Emulations ``-s`` accepts: every complete PCI device model.
+SLOT_EMULATIONS = tuple(PCI_EMULATIONS)
 
 #: Instructions per VM_RUN while throttled: short enough that sleeps between them are smooth.
 THROTTLE_SLICE = 1 << 18
@@ -62,13 +66,23 @@ class Machine:
                     f"(this vmmpy has: {', '.join(SLOT_EMULATIONS)})"
                 )
         self.config = config
-        self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc)
+        self.pci = PciBus(self._set_ioapic_pin)
+        self.pci_functions = self._build_pci_functions(config)
+        try:
+            self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc)
+        except BaseException:
+            for function in self.pci_functions:
+                function.close()
+            raise
         self.ports = PortBus()
         self.uarts = make_uarts(config.lpc, self.vm.raise_irq, consoles)
         self.pm = PowerManagement(self.suspend)
-        for device in (*self.uarts, self.pm):
+        for device in (*self.uarts, self.pm, self.pci):
             self.ports.register(device)
-        self.devices = [*self.uarts, self.pm]
+        for function in self.pci_functions:
+            if consoles and function.name in consoles and hasattr(function, "backend"):
+                function.backend = consoles[function.name]
+        self.devices = [*self.uarts, self.pm, self.pci, *self.pci_functions]
         self._threads: list[threading.Thread] = []
         self._parked = [False] * config.ncpus
         self._cond = threading.Condition()
@@ -82,6 +96,47 @@ class Machine:
         self.pause_at: int | None = None
 
     # ---- construction -------------------------------------------------------------------
+    def _set_ioapic_pin(self, pin: int, level: bool) -> None:
+        self.vm.set_ioapic_pin(pin, level)
+
+    def _guest_memory(self) -> Any:
+        return self.vm.memory
+
+    def _build_pci_functions(self, config: VmConfig) -> list[PciFunction]:
+        """Every ``-s`` device, placed and given BAR addresses; a bad option is a ConfigError
+        naming the slot, with nothing left open."""
+        host = PciHost(self._guest_memory, self._set_ioapic_pin)
+        functions: list[PciFunction] = []
+        try:
+            for slot in config.slots:
+                cls = PCI_EMULATIONS[slot.emulation]
+                where = f"-s {slot.bus}:{slot.slot}:{slot.func},{slot.emulation}{',' + slot.conf if slot.conf else ''}"
+                try:
+                    function = cls(host, slot.bus, slot.slot, slot.func, slot.conf)
+                except PciConfigError as err:
+                    raise ConfigError(f"{where}: {err} (it takes: {cls.OPTIONS_HELP})") from None
+                functions.append(function)
+                self.pci.add(function)
+            try:
+                self.pci.finish()
+            except PciConfigError as err:
+                raise ConfigError(f"-s: {err}") from None
+        except BaseException:
+            for function in functions:
+                function.close()
+            raise
+        functions.sort(key=lambda f: (f.bus_number, f.slot, f.func))
+        return functions
+
+    def device_sections(self) -> dict[str, int]:
+        """Section name -> version of every device this machine has (as the registry plans)."""
+        return device_sections([f.name for f in self.pci_functions])
+
+    def devices_restored(self) -> None:
+        """After every device section is loaded: shared PCI interrupt lines follow the
+        functions' restored levels (the I/O APIC restored its pins from its own section)."""
+        self.pci.resync_pins()
+
     def setup_memory(self) -> None:
         self.vm.setup_memory(self.config.memsize, wired=self.config.wired, dirty_tracking=self.config.dirty_tracking)
 
@@ -201,8 +256,7 @@ class Machine:
                 elif kind == "inout":
                     self._handle_inout(vcpuid, ex.exit)
                 elif kind == "mmio":
-                    e = ex.exit
-                    self._fail(vcpuid, f"unhandled MMIO {'write' if e.is_write else 'read'} of {e.size} bytes at gpa {e.gpa:#x} (rip {e.rip:#x})")
+                    self._handle_mmio(vcpuid, ex.exit)
                 elif kind == "hlt":
                     self.suspend(SuspendHow.HALT)
                 elif kind == "fault":
@@ -212,8 +266,18 @@ class Machine:
             log.exception("vcpu %d loop failed", vcpuid)
             self._fail(vcpuid, f"internal error: {type(err).__name__}: {err}")
 
+    def _handle_mmio(self, vcpuid: int, e: Any) -> None:
+        device = self.pci.mmio_owner(e.gpa)
+        if device is None:
+            self._fail(vcpuid, f"unhandled MMIO {'write' if e.is_write else 'read'} of {e.size} bytes at gpa {e.gpa:#x} (rip {e.rip:#x})")
+            return
+        if e.is_write:
+            device.mmio_write(e.gpa, e.size, e.value)
+        else:
+            self.vm.complete_read(vcpuid, device.mmio_read(e.gpa, e.size))
+
     def _handle_inout(self, vcpuid: int, e: Any) -> None:
-        device = self.ports.lookup(e.port)
+        device = self.ports.lookup(e.port) or self.pci.io_owner(e.port)
         if device is None:
             self._fail(vcpuid, f"unhandled {'in' if e.is_in else 'out'}{e.size * 8} port {e.port:#x} (rip {e.rip:#x})")
             return

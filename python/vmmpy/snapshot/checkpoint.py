@@ -90,14 +90,17 @@ def checkpoint_machine(
 
 
 def static_registry(config: VmConfig) -> SectionRegistry:
-    """What a machine built from ``config`` reads, known before the machine exists."""
-    from ..devices.pm import PowerManagement
-    from ..devices.uart import Uart
+    """What a machine built from ``config`` reads, known before the machine exists: the kernel
+    sections and, from the device classes themselves, every device section its options make."""
+    from ..devices.registry import device_sections
 
     registry = SectionRegistry({name: version for name, _, version in KERNEL_SECTIONS})
-    for com in ("com1", "com2"):
-        registry.register(f"lpc.{com}", Uart.VERSION)
-    registry.register(PowerManagement.SECTION, PowerManagement.VERSION)
+    try:
+        sections = device_sections([slot.pci_name for slot in config.slots])
+    except ValueError as err:
+        raise SectionError(str(err)) from None
+    for name, version in sections.items():
+        registry.register(name, version)
     return registry
 
 

@@ -106,3 +106,4 @@ def restore_sections(machine: Machine, sections: list[Section], *, what: str = "
             device.restore(by_name[device.name].payload)
         except (KeyError, TypeError, ValueError) as err:
             raise vmm_error(errno.EINVAL, f"{what}: device '{device.name}': {err}") from None
+    machine.devices_restored()

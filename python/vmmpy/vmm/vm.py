@@ -481,6 +481,19 @@ class Vm:
                 self.isa_irq.deassert_irq(irq)
         self.kick()
 
+    def set_ioapic_pin(self, pin: int, level: bool) -> None:
+        """Drive an I/O APIC pin directly (bhyve's VM_IOAPIC_ASSERT_IRQ/DEASSERT_IRQ): PCI INTx
+        lines are routed to pins 16-23, which have no 8259 counterpart."""
+        if not 16 <= pin < 24:
+            raise vmm_error(errno.EINVAL, f"I/O APIC pin {pin}: PCI interrupt lines use pins 16-23")
+        with self.lock:
+            if level:
+                self.vioapic.assert_irq(pin)
+            else:
+                self.vioapic.deassert_irq(pin)
+        if level:
+            self.kick()
+
     # -- suspend, pause
     def _ioctl_vm_suspend(self, arg: VmSuspend) -> None:
         with self.lock:
