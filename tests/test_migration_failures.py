@@ -1,6 +1,7 @@
 """Every way a migration can fail before the commit leaves the guest running on the source with
 all its memory, the destination discards, and the reason reaches the person at the source."""
 
+import re
 import socket
 import threading
 import time
@@ -90,7 +91,9 @@ def test_destination_closing_mid_stream_resumes_source_and_discards(guests, live
     proxy = Proxy((d.host, d.port), cut_after=1 * MiB)
     stats = migrate(src, "127.0.0.1", proxy.port, live=live, params=MigrationParams(io_timeout=5))
     dstats = d.join()
-    assert stats.status == "failed" and "connection" in stats.error, stats.error
+    # Whichever end notices first names it: the source's connection breaking, or the
+    # destination's abort over a stream that ended early.
+    assert stats.status == "failed" and re.search(r"connection|closed|aborted|truncated|ended", stats.error), stats.error
     assert dstats.status == "failed" and dst.discarded and "start_running" not in dst.calls
     assert_source_kept_guest(src)
 
