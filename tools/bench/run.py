@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # python tools/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.scenarios import LIMITS, SCENARIOS, Context  # noqa: E402
-from tools.bench.stats import Row  # noqa: E402
+from tools.bench.stats import Figure, Row  # noqa: E402
 
 
 def qemu_status() -> str:
@@ -57,6 +57,13 @@ def machine_info() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem / (1 << 30), 1), "kernel": platform.release(),
             "python": platform.python_version(), "load_average": os.getloadavg()}
+
+
+def row_from_dict(d: dict) -> Row:
+    def fig(x):
+        return Figure(x["runs"], x["unit"]) if x else None
+
+    return Row(**{**d, "figure": fig(d["figure"]), "limit": fig(d["limit"])})
 
 
 def print_table(report: dict, rows: list[Row]) -> None:
@@ -92,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk", default=None, metavar="DIR", help="a directory on disk for checkpoints and O_DIRECT (default: the repository's .bench/)")
     ap.add_argument("--tmpfs", default="/dev/shm", metavar="DIR", help="a tmpfs directory for images and tmpfs checkpoints")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    ap.add_argument("--show", metavar="FILE", help="print the table of a report saved with --json, and exit")
     args = ap.parse_args(argv)
+    if args.show:
+        with open(args.show) as f:
+            saved = json.load(f)
+        print_table(saved, [row_from_dict(r) for r in saved["rows"]])
+        return 0
     if args.list:
         for name, (_, in_quick) in SCENARIOS.items():
             print(f"{name}{'' if in_quick else '   (not in --quick)'}")

@@ -82,7 +82,11 @@ def _warm(ctx: Context, name: str, image: str, memsize: str, runs: int, wired: b
 def warm_random(gib: int, wired: bool = False):
     def scenario(ctx: Context) -> list[Row]:
         image = random_image(ctx, gib, wired)
-        seconds, stats = _warm(ctx, f"warm{gib}", image, f"{gib}G", ctx.runs, wired)
+        try:
+            seconds, stats = _warm(ctx, f"warm{gib}", image, f"{gib}G", ctx.runs, wired)
+        finally:
+            if gib > 1:  # the big image is not reused: give its tmpfs memory back at once
+                remove_image(ctx.images.pop(f"random{gib}g{'-wired' if wired else ''}"))
         tcp = ctx.limit("loopback TCP")
         rate = Figure([gib / s for s in seconds], "GiB/s")
         how = "both sides wired (-S: memory populated up front, as QEMU's prealloc=on)" if wired else "unwired destination"
