@@ -18,6 +18,21 @@ import time
 from .errors import ConnectionLost, MigrationError, MigrationTimeout
 
 DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
+#: Kernel send and receive buffers asked for on migration sockets. With the defaults (16 KiB to
+#: start, autotuned) a round's single large sendmsg and the receiver's readv into guest memory
+#: ping-pong in small steps; 4 MiB buffers measured 1 GiB of pages over loopback at several times
+#: the default's rate (tools/bench, docs/performance.md). The kernel caps the request at
+#: net.core.wmem_max / rmem_max.
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
+    """Ask for ``size``-byte kernel send and receive buffers (best effort: capped by sysctls)."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -78,15 +93,21 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
     except OSError as err:
         raise ConnectionLost(f"cannot connect to {where}: {err.strerror or err}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_buffers(sock)
     return sock
 
 
 def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=1)
+        listener = socket.create_server((host, port), family=family, backlog=1)
     except OSError as err:
         raise MigrationError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
+    set_buffers(listener)  # accepted connections inherit the buffer sizes and TCP_NODELAY
+    # The destination's small replies (CHALLENGE, ACCEPT, COMMIT_ACK) must leave at once: with
+    # Nagle's algorithm COMMIT_ACK waited for the source's delayed ACK, tens of ms of downtime.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listener
 
 
 class CancelWatcher:

@@ -1,0 +1,71 @@
+"""The benchmark suite's own code on tiny sizes: statistics, scenario selection, the random fill
+that builds guest images, and the limit measurements' bookkeeping. No timing is asserted."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tools.bench import limits
+from tools.bench.images import FILL_START, fill_random
+from tools.bench.run import select
+from tools.bench.scenarios import SCENARIOS
+from tools.bench.stats import Figure, Row
+from vmmpy import GuestMemory
+from vmmpy.memory import HIGHMEM_BASE
+
+MIB = 1 << 20
+
+
+def test_figure_reports_median_min_max():
+    fig = Figure([3.0, 1.0, 2.0, 10.0], "GiB/s")
+    assert (fig.median, fig.low, fig.high) == (2.5, 1.0, 10.0)
+    assert fig.text() == "2.50 [1.00-10.0] GiB/s"
+    assert Figure([42.0], "ms").text() == "42.0 ms"
+    row = Row("x", "what", fig).to_dict()
+    assert row["figure"]["runs"] == [3.0, 1.0, 2.0, 10.0] and row["limit"] is None
+
+
+def test_select_by_name_prefix_and_glob_and_quick():
+    assert select("warm-1g", False)[0] == "warm-1g"
+    assert "warm-4g" not in select(None, True) and "warm-4g" in select(None, False)
+    assert set(select("live-*", False)) == {n for n in SCENARIOS if n.startswith("live-")}
+    with pytest.raises(SystemExit, match="no scenario matches"):
+        select("nonesuch", False)
+
+
+def test_fill_random_spans_lowmem_then_highmem_and_stops_at_the_end():
+    mem = GuestMemory(6 * MIB, lowmem_limit=4 * MIB, dirty_tracking="soft")
+    try:
+        written = fill_random(mem, 100 * MIB, seed=3, piece=MIB)
+        assert written == 4 * MIB  # 2 MiB of lowmem after FILL_START, then all 2 MiB of highmem
+        low = np.frombuffer(mem.read(0, 4 * MIB), np.uint8)
+        high = np.frombuffer(mem.read(HIGHMEM_BASE, 2 * MIB), np.uint8)
+        assert not low[:FILL_START].any(), "the image and stack window is left alone"
+        for part in (low[FILL_START:], high):
+            pages = part.reshape(-1, 4096)
+            assert pages.any(axis=1).all(), "every filled page is non-zero"
+        assert len(np.unique(low[FILL_START:].view(np.uint64))) > 0.99 * (2 * MIB // 8)
+    finally:
+        mem.close()
+
+
+def test_fill_random_writes_exactly_what_it_is_asked():
+    mem = GuestMemory(8 * MIB, dirty_tracking="soft")
+    try:
+        assert fill_random(mem, MIB, seed=1, piece=256 * 1024) == MIB
+        data = np.frombuffer(mem.read(FILL_START, 2 * MIB), np.uint8)
+        assert data[:MIB].reshape(-1, 4096).any(axis=1).all() and not data[MIB:].any()
+    finally:
+        mem.close()
+
+
+def test_limits_measure_the_sizes_they_are_given(tmp_path):
+    tcp = limits.loopback_tcp(8 * MIB, 2, chunk=MIB)
+    assert len(tcp.values) == 2 and all(v > 0 for v in tcp.values) and tcp.unit == "GiB/s"
+    assert len(limits.memcpy(MIB, 2).values) == 2
+    try:
+        disk = limits.odirect_write(str(tmp_path), 8 * MIB, 1)
+    except OSError as err:  # a filesystem without O_DIRECT (tmpfs) refuses it: nothing to measure here
+        pytest.skip(f"O_DIRECT not supported under {tmp_path}: {err}")
+    assert len(disk.values) == 1 and not os.listdir(tmp_path), "the probe file is removed"

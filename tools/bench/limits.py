@@ -1,0 +1,99 @@
+"""The machine's limits, measured in the same run as the scenarios and on the same data sizes:
+single-stream loopback TCP with large buffers, memcpy, and O_DIRECT disk writes."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from .stats import Figure
+
+MIB, GIB = 1 << 20, 1 << 30
+SOCKET_BUFFER = 4 * MIB
+
+
+def loopback_tcp(size: int, runs: int, chunk: int = 4 * MIB) -> Figure:
+    """GiB/s of one TCP stream over 127.0.0.1: ``sendall`` of 4 MiB memoryviews of random bytes,
+    a receiver thread with ``recv_into``, both sockets with 4 MiB kernel buffers. Timed from the
+    first send until the receiver has every byte."""
+    payload = memoryview(np.random.default_rng(7).integers(0, 256, 64 * MIB, dtype=np.uint8).tobytes())
+    values = []
+    for _ in range(runs):
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        received = [0]
+        done = threading.Event()
+
+        def receive() -> None:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            buf = memoryview(bytearray(chunk))
+            with conn:
+                while received[0] < size:
+                    n = conn.recv_into(buf)
+                    if n == 0:
+                        break
+                    received[0] += n
+            done.set()
+
+        thread = threading.Thread(target=receive, daemon=True)
+        thread.start()
+        with socket.create_connection(("127.0.0.1", port)) as sender:
+            sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            started = time.perf_counter()
+            sent = 0
+            while sent < size:
+                offset = sent % len(payload)
+                n = min(chunk, size - sent, len(payload) - offset)
+                sender.sendall(payload[offset:offset + n])
+                sent += n
+            done.wait(120)
+            elapsed = time.perf_counter() - started
+        thread.join(5)
+        listener.close()
+        if received[0] != size:
+            raise RuntimeError(f"loopback limit: the receiver got {received[0]} of {size} bytes")
+        values.append(size / elapsed / GIB)
+    return Figure(values, "GiB/s")
+
+
+def memcpy(size: int, runs: int) -> Figure:
+    """GiB/s of ``numpy.copyto`` between two pre-faulted buffers of ``size`` bytes."""
+    src = np.empty(size, dtype=np.uint8)
+    src.fill(3)
+    dst = np.empty_like(src)
+    dst.fill(1)
+    values = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        np.copyto(dst, src)
+        values.append(size / (time.perf_counter() - started) / GIB)
+    del src, dst
+    return Figure(values, "GiB/s")
+
+
+def odirect_write(directory: str, size: int, runs: int, block: int = 8 * MIB) -> Figure:
+    """GiB/s of writing ``size`` bytes with O_DIRECT (8 MiB writes from an aligned buffer) and
+    fsync, to a new file in ``directory``."""
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(block))
+    values = []
+    for _ in range(runs):
+        path = os.path.join(directory, f".bench-odirect-{os.getpid()}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        try:
+            started = time.perf_counter()
+            for _ in range(size // block):
+                os.write(fd, buf)
+            os.fsync(fd)
+            values.append(size / (time.perf_counter() - started) / GIB)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    buf.close()
+    return Figure(values, "GiB/s")

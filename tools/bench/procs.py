@@ -1,0 +1,100 @@
+"""Real vmmrun processes for the scenarios, driven through their control sockets from this
+process (so no vmmctl start-up lands inside a timed region)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vmmpy.runtime.control import ControlClient, ControlError
+
+from .images import LPC
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Vmmrun:
+    """One vmmrun process; ``client`` talks to its control socket."""
+
+    def __init__(self, run_dir: Path, name: str, *args: str) -> None:
+        self.run_dir, self.name = run_dir, name
+        # A file, not /dev/null: pausing a guest fsyncs its console, and fsync of /dev/null is EINVAL.
+        lpc = [a for dev in LPC for a in ("-l", f"{dev},{run_dir / f'{name}.{dev}.log'}")]
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmrun", f"--run-dir={run_dir}", *lpc, *args, name],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def client(self, timeout: float | None = 30.0) -> ControlClient:
+        return ControlClient(self.name, self.run_dir, timeout=timeout)
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"vmmrun {self.name} exited {self.proc.returncode}: {self.proc.stderr.read().strip()}")
+
+    def wait_state(self, states: tuple[str, ...] = ("running", "paused"), timeout: float = 120) -> str:
+        """Wait until the control socket answers with one of ``states``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._alive()
+            if (self.run_dir / f"{self.name}.ctl").exists():
+                try:
+                    state = self.client(5).request("status")["state"]
+                    if state in states:
+                        return state
+                except (ControlError, OSError):
+                    pass
+            time.sleep(0.02)
+        raise RuntimeError(f"vmmrun {self.name} did not reach {states} within {timeout} s")
+
+    def wait_listening(self, port: int, timeout: float = 120) -> None:
+        """Wait until something listens on 127.0.0.1:port (without connecting to it: the
+        destination accepts exactly one connection)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._alive()
+            out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
+            if out.strip():
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"vmmrun {self.name} did not listen on port {port} within {timeout} s")
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: list[str], live: bool,
+            params: dict | None = None, before=None) -> tuple[float, dict]:
+    """Start a destination (``vmmrun -R``) and a source, migrate, and return (wall seconds of the
+    ``migrate`` request, the source's statistics). Both processes are gone on return."""
+    port = free_port()
+    tag = f"{source}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    dest = Vmmrun(run_dir, f"d{tag}", *dest_args, "-R", f"127.0.0.1:{port}")
+    src = Vmmrun(run_dir, f"s{tag}", *source_args)
+    try:
+        dest.wait_listening(port)
+        src.wait_state()
+        if before is not None:
+            before(src)
+        client = src.client(timeout=None)
+        started = time.perf_counter()
+        stats = client.request("migrate", host="127.0.0.1", port=port, live=live, params=params or {})
+        seconds = time.perf_counter() - started
+        src.wait_exit(60)
+        return seconds, stats
+    finally:
+        src.stop()
+        dest.stop()

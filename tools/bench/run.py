@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Run vmmpy's benchmark scenarios and print one table: vmmpy's figure (median [min-max] of N
+runs), the machine limit measured in the same run, the ratio, QEMU's figure (only where Debian's
+qemu-system-x86 is installed), and issue 8's target.
+
+    .venv/bin/python -m tools.bench [--quick] [--json] [--only NAME[,NAME]] [--runs N] [--budget S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # python tools/bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tools.bench.scenarios import LIMITS, SCENARIOS, Context  # noqa: E402
+from tools.bench.stats import Figure, Row  # noqa: E402
+
+
+def qemu_status() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    return f"installed at {path} (not driven by this suite yet)" if path else "not installed"
+
+
+def select(names: str | None, quick: bool) -> list[str]:
+    if not names:
+        return [n for n, (_, in_quick) in SCENARIOS.items() if in_quick or not quick]
+    chosen = []
+    for pattern in names.split(","):
+        hits = [n for n in SCENARIOS if fnmatch.fnmatch(n, pattern) or n == pattern or n.startswith(pattern)]
+        if not hits:
+            raise SystemExit(f"bench: no scenario matches {pattern!r}; scenarios: {', '.join(SCENARIOS)}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem / (1 << 30), 1), "kernel": platform.release(),
+            "python": platform.python_version(), "load_average": os.getloadavg()}
+
+
+def row_from_dict(d: dict) -> Row:
+    def fig(x):
+        return Figure(x["runs"], x["unit"]) if x else None
+
+    return Row(**{**d, "figure": fig(d["figure"]), "limit": fig(d["limit"])})
+
+
+def print_table(report: dict, rows: list[Row]) -> None:
+    m = report["machine"]
+    print(f"vmmpy bench  {report['date']}  {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, "
+          f"load {m['load_average'][0]:.2f}; {report['runs']} runs per figure; QEMU: {report['qemu']}")
+    header = ("scenario", "vmmpy: median [min-max]", "limit (same run)", "ratio", "QEMU", "target", "met")
+    table = [header]
+    for r in rows:
+        limit = f"{r.limit_name} {r.limit.text()}" if r.limit else "-"
+        met = "error" if r.error else ("-" if r.met is None else ("yes" if r.met else "NO"))
+        table.append((r.scenario, r.figure.text() if r.figure else (r.error or "-")[:40], limit,
+                      f"{r.ratio:.2f}" if r.ratio is not None else "-", r.qemu, r.target or "-", met))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for r in rows:
+        line = "; ".join(n for n in r.notes if n)
+        print(f"{r.scenario}: {r.what}" + (f" -- {line}" if line else "") + (f" -- ERROR {r.error}" if r.error else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one run per figure, skip the 4 GiB migration and the 16 GiB restore")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    ap.add_argument("--only", metavar="NAME[,NAME]", help=f"scenarios to run (names, prefixes or globs): {', '.join(SCENARIOS)}")
+    ap.add_argument("--runs", type=int, help="runs per figure (default 3, 1 with --quick)")
+    ap.add_argument("--budget", type=float, default=900.0, metavar="SECONDS",
+                    help="stop starting scenarios after this long (default 900); skipped ones are reported")
+    ap.add_argument("--disk", default=None, metavar="DIR", help="a directory on disk for checkpoints and O_DIRECT (default: the repository's .bench/)")
+    ap.add_argument("--tmpfs", default="/dev/shm", metavar="DIR", help="a tmpfs directory for images and tmpfs checkpoints")
+    ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    ap.add_argument("--show", metavar="FILE", help="print the table of a report saved with --json, and exit")
+    args = ap.parse_args(argv)
+    if args.show:
+        with open(args.show) as f:
+            saved = json.load(f)
+        print_table(saved, [row_from_dict(r) for r in saved["rows"]])
+        return 0
+    if args.list:
+        for name, (_, in_quick) in SCENARIOS.items():
+            print(f"{name}{'' if in_quick else '   (not in --quick)'}")
+        return 0
+    names = select(args.only, args.quick)
+    runs = args.runs or (1 if args.quick else 3)
+    root = Path(__file__).resolve().parents[2]
+    disk = args.disk or str(root / ".bench")
+    os.makedirs(disk, exist_ok=True)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="vmmpy-bench-"))
+    ctx = Context(work=work, shm=args.tmpfs, disk=disk, runs=runs, quick=args.quick, deadline=started + args.budget)
+    report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
+              "runs": runs, "qemu": qemu_status(), "scenarios": names}
+    rows: list[Row] = []
+    try:
+        for name in LIMITS:  # every limit first, so they are all measured in this run
+            print(f"bench: measuring limit {name} ...", file=sys.stderr, flush=True)
+            ctx.limit(name)
+        for name in names:
+            if time.monotonic() > ctx.deadline:
+                rows.append(Row(name, "skipped", error=f"skipped: the {args.budget:g} s budget ran out"))
+                continue
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            t = time.monotonic()
+            try:
+                rows += SCENARIOS[name][0](ctx)
+            except Exception as err:  # noqa: BLE001 - one failing scenario must not hide the others
+                traceback.print_exc(file=sys.stderr)
+                rows.append(Row(name, "failed", error=f"{type(err).__name__}: {err}"))
+            print(f"bench: {name} took {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        ctx.drop_images()
+        shutil.rmtree(work, ignore_errors=True)
+    report["limits"] = {k: v.to_dict() for k, v in ctx.limits.items()}
+    report["rows"] = [r.to_dict() for r in rows]
+    report["seconds"] = round(time.monotonic() - started, 1)
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print_table(report, rows)
+        print(f"\n{report['seconds']} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
