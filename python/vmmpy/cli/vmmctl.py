@@ -248,7 +248,9 @@ class _ProgressPrinter:
                  f"{format_size(stats.get('bytes_total', 0))} sent"]
         if stats.get("live") and rounds:
             parts.append(f"dirty {format_size(stats.get('dirty_rate_bytes', 0))}/s vs link {format_size(stats.get('throughput', 0))}/s")
-            expected, target = stats.get("expected_downtime_ms"), stats.get("downtime_target_ms")
+            live_rounds = [r for r in rounds if r.get("expected_downtime_ms") is not None]
+            expected = live_rounds[-1]["expected_downtime_ms"] if live_rounds else stats.get("expected_downtime_ms")
+            target = stats.get("downtime_target_ms")
             if expected is not None and target:
                 near = min(1.0, target / expected) if expected > 0 else 1.0
                 filled = round(near * self.BAR)
