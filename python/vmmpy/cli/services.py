@@ -11,8 +11,9 @@ import os
 import threading
 from typing import Any, Callable
 
-from ..migration import MigrationHandle, MigrationParams
+from ..migration import MigrationHandle, MigrationParams, estimate, estimate_warm
 from ..migration.machine import MachineAdapter
+from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..runtime.machine import Machine
 from ..snapshot.checkpoint import checkpoint_machine
 
@@ -28,6 +29,7 @@ class MachineServices:
         self._migration: MigrationHandle | None = None
         self._last_stats: dict[str, Any] | None = None
         self._latest: dict[str, Any] | None = None
+        self._estimating = False  # an estimate clears dirty bits: never beside a migration
 
     def install(self) -> None:
         add = self.machine.add_control_handler
@@ -35,6 +37,7 @@ class MachineServices:
         add("migrate", self.migrate)
         add("migrate-status", self.migrate_status)
         add("migrate-cancel", self.migrate_cancel)
+        add("migrate-estimate", self.migrate_estimate)
 
     # -- checkpoint and suspend
     def checkpoint(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -56,6 +59,7 @@ class MachineServices:
         with self._lock:
             if self._migration is not None and not self._migration.done():
                 raise OSError(errno.EBUSY, "a migration is already running")
+            self._estimating_guard()
 
             def on_progress(stats) -> None:
                 snapshot = stats.to_dict()
@@ -91,3 +95,61 @@ class MachineServices:
         handle.cancel()
         stats = handle.wait(60)
         return {"cancelled": stats.status == "cancelled", "status": stats.status}
+
+    # -- estimate: predict without migrating
+    PROBE_SECONDS = 0.3
+
+    def _estimating_guard(self) -> None:
+        if self._estimating:
+            raise OSError(errno.EBUSY, "an estimate is measuring this guest's dirty rate; wait for it to finish")
+
+    def migrate_estimate(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Predict a warm or live migration to host:port without migrating or contacting the
+        destination. Bandwidth: ``params.bandwidth_cap`` when given; otherwise measured with a
+        short TCP probe when the host is an address of this machine; a remote host without a
+        bandwidth is refused (measuring that link would need the destination's cooperation)."""
+        host, port = request.get("host"), request.get("port")
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise ValueError(f"migrate-estimate needs a host and a port, got {host!r} {port!r}")
+        live = bool(request.get("live"))
+        window = float(request.get("window", 1.0))
+        params = MigrationParams(**request.get("params", {}))
+        where = format_address(host, port)
+        notes: list[str] = ["the destination was not contacted: its spec and key are checked only by a real migration"]
+        local = is_local_address(host)
+        measured = None
+        if local:
+            measured = measure_local_throughput(host, self.PROBE_SECONDS)
+        if params.bandwidth_cap is not None:
+            bandwidth = params.bandwidth_cap if measured is None else min(params.bandwidth_cap, measured)
+            source = "--bandwidth" if measured is None or params.bandwidth_cap <= measured else "measured on this host (below --bandwidth)"
+            if measured is None:
+                notes.append(f"{host} is another host: the link was not measured; --bandwidth is taken as what it carries")
+        elif measured is not None:
+            bandwidth, source = measured, f"measured: one TCP stream to {host} on this host for {self.PROBE_SECONDS:g} s"
+        else:
+            raise ValueError(
+                f"cannot measure the link to {where}: {host} is not an address of this host, and probing it would need "
+                "the destination's cooperation; give --bandwidth RATE (what the link carries, e.g. as iperf3 measures it)")
+        with self._lock:
+            if self._migration is not None and not self._migration.done():
+                raise OSError(errno.EBUSY, "a migration is running: its statistics (--migrate-status) hold the live estimate")
+            self._estimating_guard()
+            self._estimating = True
+        try:
+            adapter = MachineAdapter(self.machine)
+            if live:
+                est = estimate(adapter, bandwidth, window, params)
+            else:
+                est = estimate_warm(adapter, bandwidth, params)
+        finally:
+            self._estimating = False
+        if self.machine.paused:
+            notes.append("the guest is paused now, so it dirties nothing: resume it for a live estimate that means something")
+        result = est.to_dict()
+        result.update({
+            "host": host, "port": port, "live": live, "bandwidth_source": source,
+            "measured_bandwidth": measured, "policy": params.policy, "max_rounds": params.max_rounds,
+            "guest_state": "paused" if self.machine.paused else "running", "notes": notes,
+        })
+        return result

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..migration import POLICIES, MigrationParams
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
 from ..units import format_size, parse_size
+from .report import ReportError, write_report
 
 EPILOG = """\
 examples:
@@ -28,8 +30,13 @@ examples:
   vmmctl --vm=vm0 --suspend=vm0.ckp      save, then end the guest (resume: vmmrun -r vm0.ckp ...)
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983        warm migration: stop, copy, commit
   vmmctl --vm=vm0 --migrate-live 10.0.0.2,24983 --key-file mig.key --downtime-ms 50
+  vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --bandwidth 100M --estimate   predict, do not migrate
+  vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --key-file mig.key --report mig.html
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
+  vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
+
+migration: see docs/migration.md for the parameters, the statistics and the policies.
 
 The control socket lives in the run directory ($VMMPY_RUN_DIR, else /run/vmmpy for root, else
 $XDG_RUNTIME_DIR/vmmpy or /tmp/vmmpy-UID); --run-dir overrides it.
@@ -61,13 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--migrate-live", nargs="+", metavar="HOST [PORT]", help="live-migrate (pre-copy) to HOST PORT")
     actions.add_argument("--migrate-status", action="store_true", help="statistics of the running or last migration")
     actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here")
-    mig = parser.add_argument_group("migration parameters")
-    mig.add_argument("--key-file", type=Path, metavar="FILE", help="shared key the destination was started with")
-    mig.add_argument("--downtime-ms", type=float, metavar="MS", help="live: the downtime target (default 300)")
-    mig.add_argument("--bandwidth", metavar="RATE", help="cap the link use, bytes/s with an optional K/M/G suffix (default: none)")
-    mig.add_argument("--max-rounds", type=int, metavar="N", help="live: rounds after the first before the policy acts (default 30)")
-    mig.add_argument("--policy", choices=("auto-converge", "switch-over", "give-up"),
-                     help="live: what to do when the guest dirties memory faster than it can be sent (default auto-converge)")
+    actions.add_argument("--from-json", type=Path, metavar="STATS.json",
+                         help="with --report: draw a report from statistics saved by `--json` (no VM needed)")
+    d = MigrationParams()
+    mig = parser.add_argument_group("migration parameters (with --migrate / --migrate-live)")
+    mig.add_argument("--key-file", type=Path, metavar="FILE", help="shared key the destination was started with (default: none)")
+    mig.add_argument("--downtime-ms", type=float, metavar="MS",
+                     help=f"live: the downtime target; switch over once the dirty memory left would go in this time (default {d.downtime_target_ms:g})")
+    mig.add_argument("--bandwidth", metavar="RATE",
+                     help="cap the link use, bytes/s with an optional K/M/G suffix (default: uncapped); also the link speed --estimate assumes")
+    mig.add_argument("--max-rounds", type=int, metavar="N",
+                     help=f"live: rounds after the first before the policy must act (default {d.max_rounds})")
+    mig.add_argument("--policy", choices=POLICIES,
+                     help=f"live: what to do when the guest dirties memory faster than it can be sent (default {d.policy})")
+    mig.add_argument("--io-timeout", type=float, metavar="SECONDS",
+                     help=f"give up when the peer takes or sends nothing for this long: every send and receive, the commit, "
+                          f"and the handshake (at most {d.handshake_timeout:g} s) (default {d.io_timeout:g})")
+    mig.add_argument("--estimate", action="store_true",
+                     help="predict whether and when the migration would converge, without migrating")
+    mig.add_argument("--estimate-window", type=float, default=1.0, metavar="SECONDS",
+                     help="live --estimate: how long to watch the guest's dirty rate (default %(default)g)")
+    mig.add_argument("--report", type=Path, metavar="FILE.png|FILE.html",
+                     help="draw the per-round history (pages, throughput, downtime against the target) of this migration, "
+                          "or with --migrate-status of the last one, or with --from-json of a saved one")
     return parser
 
 
@@ -117,6 +140,12 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
         params["max_rounds"] = args.max_rounds
     if args.policy is not None:
         params["policy"] = args.policy
+    if args.io_timeout is not None:
+        if args.io_timeout <= 0:
+            raise ValueError(f"--io-timeout must be positive seconds, got {args.io_timeout:g}")
+        params["io_timeout"] = args.io_timeout
+        params["commit_timeout"] = args.io_timeout
+        params["handshake_timeout"] = min(args.io_timeout, MigrationParams().handshake_timeout)
     return params
 
 
@@ -128,45 +157,165 @@ def _print_checkpoint(result: dict) -> None:
           f"({format_size(rate)}/s); guest paused {result['guest_paused_seconds'] * 1e3:.1f} ms")
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else (f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms")
+
+
 def _print_migration(stats: dict) -> None:
     seconds = stats.get("total_time_ms", 0.0) / 1e3
-    down = stats.get("downtime_ms")
+    target = stats.get("downtime_target_ms")
     parts = [
         f"migration {stats.get('status')}" + (" (live)" if stats.get("live") else " (warm)"),
         f"total {seconds * 1e3:.0f} ms",
-        f"downtime {down:.1f} ms" if down is not None else "downtime n/a",
+        f"downtime {_ms(stats.get('downtime_ms'))}" + (f" (target {target:g} ms)" if target is not None else ""),
         f"{stats.get('round_count', 0)} rounds",
         f"{format_size(stats.get('bytes_total', 0))} sent ({stats.get('pages_sent', 0)} data pages, {stats.get('zero_pages', 0)} zero)",
     ]
     if seconds > 0:
         parts.append(f"{format_size(stats.get('bytes_total', 0) / seconds)}/s")
+    if stats.get("throttle"):
+        parts.append(f"throttled to {1 - stats['throttle']:.0%} vCPU time")
     if stats.get("error"):
         parts.append(stats["error"])
     print(", ".join(parts))
+    for note in stats.get("notes") or []:
+        print(f"  note: {note}")
+
+
+def _print_estimate(est: dict) -> None:
+    kind = "live" if est["live"] else "warm"
+    print(f"{kind} migration to {est['host']}:{est['port']} (not started): {est['verdict']}")
+    print(f"  bandwidth        {format_size(est['bandwidth'])}/s ({est['bandwidth_source']})")
+    print(f"  resident memory  {format_size(est['resident_pages'] * 4096)} ({est['resident_pages']} pages)")
+    if est["live"]:
+        print(f"  dirty rate       {format_size(est['dirty_rate'] * 4096)}/s over a {est['window_s']:g} s window; "
+              f"working set {format_size(est['working_set_pages'] * 4096)}{'' if est['saturated'] else ' (not saturated: assumed all resident)'}")
+        print(f"  first round      {est['first_round_s'] * 1e3:.0f} ms; then {est['rounds']} live rounds "
+              f"(policy {est['policy']} acts after {est['max_rounds']})")
+    print(f"  downtime         {_ms(est['expected_downtime_ms'])} expected, target {est['downtime_target_ms']:g} ms"
+          + ("" if est["live"] else " (the target applies to live migration)"))
+    print(f"  total            {est['total_time_s']:.2f} s; converges: {'yes' if est['converges'] else 'no'}"
+          + (f"; throttle needed about {est['throttle_needed']:.0%}" if est["throttle_needed"] else ""))
+    for note in est["notes"]:
+        print(f"  note: {note}")
+
+
+def _round_line(stats: dict, rnd: dict) -> str:
+    """One round, for a log: what went, how fast, what the guest dirtied meanwhile, the outlook."""
+    what = f"round {rnd['round']}" + (" (final, guest paused)" if rnd.get("final") else "")
+    line = (f"{what}: {rnd['pages_sent'] + rnd['zero_pages']} pages ({rnd['zero_pages']} zero), "
+            f"{format_size(rnd['bytes'])} in {_ms(rnd['duration_ms'])} = {format_size(rnd['throughput'])}/s")
+    if not rnd.get("final"):
+        line += f"; dirtied {rnd.get('pages_dirtied_during', 0)} pages meanwhile ({format_size(rnd['dirty_rate'] * 4096)}/s)"
+        if rnd.get("expected_downtime_ms") is not None:
+            target = stats.get("downtime_target_ms")
+            line += f"; expected downtime {_ms(rnd['expected_downtime_ms'])}" + (f" (target {target:g} ms)" if target else "")
+    if rnd.get("throttle"):
+        line += f"; throttle {rnd['throttle']:.0%}"
+    return line
 
 
 class _ProgressPrinter:
-    """One line per round on a log, a redrawn line on a terminal."""
+    """Live progress on ``stream`` (stderr): one line per round when it is a log or a pipe, one
+    redrawn status line with a convergence gauge when it is a terminal."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    BAR = 20
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.printed_rounds = 0
+        self.drawn = False
 
     def __call__(self, info: dict) -> None:
         stats = info.get("migration")
         if stats is None:
             return
         rounds = stats.get("rounds") or []
-        last = rounds[-1] if rounds else {}
-        line = (f"{stats.get('status')}: round {len(rounds)}, {format_size(stats.get('bytes_total', 0))} sent, "
-                f"last round {last.get('pages_sent', 0)} pages, throttle {stats.get('throttle', 0):.0%}")
         if self.tty:
-            print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr)
+            self.stream.write("\r\x1b[K" + self.status_line(stats))
+            self.stream.flush()
+            self.drawn = True
+            return
+        for rnd in rounds[self.printed_rounds:]:
+            print(_round_line(stats, rnd), file=self.stream, flush=True)
+        self.printed_rounds = len(rounds)
+
+    def status_line(self, stats: dict) -> str:
+        rounds = stats.get("rounds") or []
+        parts = [f"{'live' if stats.get('live') else 'warm'} {stats.get('status')}",
+                 f"round {rounds[-1]['round'] if rounds else 0}",
+                 f"{format_size(stats.get('bytes_total', 0))} sent"]
+        if stats.get("live") and rounds:
+            parts.append(f"dirty {format_size(stats.get('dirty_rate_bytes', 0))}/s vs link {format_size(stats.get('throughput', 0))}/s")
+            live_rounds = [r for r in rounds if r.get("expected_downtime_ms") is not None]
+            expected = live_rounds[-1]["expected_downtime_ms"] if live_rounds else stats.get("expected_downtime_ms")
+            target = stats.get("downtime_target_ms")
+            if expected is not None and target:
+                near = min(1.0, target / expected) if expected > 0 else 1.0
+                filled = round(near * self.BAR)
+                parts.append(f"downtime {_ms(expected)}/{target:g} ms [{'#' * filled}{'.' * (self.BAR - filled)}]")
+        if stats.get("throttle"):
+            parts.append(f"throttle {stats['throttle']:.0%}")
+        return " | ".join(parts)
 
     def done(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _write_report(stats: dict, path: Path) -> None:
+    write_report(stats, path)
+    print(f"report written to {path}", file=sys.stderr)
+
+
+def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
+    host, port = _address(args.migrate or args.migrate_live)
+    request = {"host": host, "port": port, "live": bool(args.migrate_live), "params": _migration_params(args)}
+    if args.estimate:
+        if args.report:
+            raise ValueError("--estimate predicts without migrating: there is no round history for --report")
+        client.timeout = args.estimate_window + 60
+        result = client.request("migrate-estimate", window=args.estimate_window, **request)
+        _print(result, True) if args.json else _print_estimate(result)
+        return 0
+    if args.key_file:
+        try:
+            request["key"] = args.key_file.read_bytes().strip().hex()
+        except OSError as err:
+            raise ValueError(f"--key-file {args.key_file}: {err.strerror}") from None
+    printer = _ProgressPrinter()
+    client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
+    try:
+        result = client.request("migrate", on_progress=None if args.json else printer, **request)
+    except ControlError:
+        printer.done()
+        if args.report:  # a failed migration's history says why it failed: draw it too
+            try:
+                client.timeout = 30
+                _write_report(client.request("migrate-status"), args.report)
+            except (ControlError, ReportError) as err:
+                print(f"vmmctl: no report: {err}", file=sys.stderr)
+        raise
+    printer.done()
+    _print(result, True) if args.json else _print_migration(result)
+    if args.report:
+        _write_report(result, args.report)
+    return 0
+
+
+def _report_from_json(args: argparse.Namespace) -> int:
+    if not args.report:
+        raise ValueError("--from-json draws a report: give --report FILE.png or FILE.html")
+    try:
+        stats = json.loads(args.from_json.read_text())
+    except OSError as err:
+        raise ValueError(f"--from-json {args.from_json}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--from-json {args.from_json}: not JSON ({err})") from None
+    _write_report(stats, args.report)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,8 +332,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, live in vms:
                 print(f"{name}\t{'running' if live else 'stale socket'}")
         return 0
+    if args.from_json:
+        try:
+            return _report_from_json(args)
+        except (ValueError, ReportError) as err:
+            print(f"vmmctl: {err}", file=sys.stderr)
+            return 1
     if not args.vm:
         parser.error("this action needs --vm=NAME")
+    if (args.estimate or args.report) and not (args.migrate or args.migrate_live or (args.report and args.migrate_status)):
+        parser.error("--estimate goes with --migrate/--migrate-live; --report with those or --migrate-status")
     client = ControlClient(args.vm, directory)
     try:
         if args.get_stats:
@@ -206,25 +363,20 @@ def main(argv: list[str] | None = None) -> int:
             result = client.request("checkpoint", path=path, suspend=bool(args.suspend))
             _print(result, True) if args.json else _print_checkpoint(result)
         elif args.migrate or args.migrate_live:
-            host, port = _address(args.migrate or args.migrate_live)
-            request = {"host": host, "port": port, "live": bool(args.migrate_live), "params": _migration_params(args)}
-            if args.key_file:
-                request["key"] = args.key_file.read_bytes().strip().hex()
-            printer = _ProgressPrinter()
-            client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
-            try:
-                result = client.request("migrate", on_progress=None if args.json else printer, **request)
-            finally:
-                printer.done()
-            _print(result, True) if args.json else _print_migration(result)
+            return _migrate(client, args)
         elif args.migrate_status:
             result = client.request("migrate-status")
             _print(result, True) if args.json else _print_migration(result)
+            if args.report:
+                _write_report(result, args.report)
         elif args.migrate_cancel:
             _print(client.request("migrate-cancel"), args.json)
     except ValueError as err:
         print(f"vmmctl: {err}", file=sys.stderr)
         return 2
+    except ReportError as err:  # the migration is done; only its drawing failed
+        print(f"vmmctl: {err}", file=sys.stderr)
+        return 1
     except ControlError as err:
         print(f"vmmctl: {err.strerror or err}", file=sys.stderr)
         return 1

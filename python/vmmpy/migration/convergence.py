@@ -100,6 +100,8 @@ class Convergence:
         s.throughput = bw
         s.remaining_bytes = remaining
         s.expected_downtime_ms = expected_ms
+        rnd.expected_downtime_ms = expected_ms
+        rnd.pages_dirtied_during = dirty_pages_now
         if rnd.duration_ms > 0:
             rnd.dirty_rate = dirty_pages_now / (rnd.duration_ms / 1000.0)
             s.dirty_rate = rnd.dirty_rate
@@ -233,3 +235,18 @@ def estimate(adapter, bandwidth: float, seconds: float = 1.0, params: MigrationP
                    f"the final copy would take {downtime_ms:.0f} ms; auto-converge needs about {throttle:.0%} throttle")
     return Estimate(seconds, resident, rate, int(wss), saturated, bandwidth, params.downtime_target_ms, first,
                     converges, rounds, downtime_ms, total, throttle, verdict)
+
+
+def estimate_warm(adapter, bandwidth: float, params: MigrationParams | None = None) -> Estimate:
+    """Predict a warm migration at ``bandwidth`` bytes/s: the guest stays paused while every
+    resident page crosses (never-touched pages go as zero ranges, at almost no cost), so the
+    downtime is the whole copy. No dirty-rate window is needed."""
+    params = params or MigrationParams()
+    if bandwidth <= 0:
+        raise ValueError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+    resident = adapter.memory.resident_pages()
+    copy_s = resident * PAGE_SIZE / bandwidth
+    verdict = (f"warm: the guest would be paused about {copy_s * 1000:.0f} ms while {resident * PAGE_SIZE / 2**20:.0f} MiB "
+               f"of resident memory crosses at {bandwidth / 2**20:.1f} MiB/s (state and commit add a round trip)")
+    return Estimate(0.0, resident, 0.0, resident, False, bandwidth, params.downtime_target_ms, copy_s,
+                    True, 0, copy_s * 1000, copy_s, 0.0, verdict)

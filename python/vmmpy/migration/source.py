@@ -94,7 +94,9 @@ class _Source:
         self.progress = progress
         self.on_phase = on_phase
         self.watcher = CancelWatcher(cancel)
-        self.stats = MigrationStats(role="source", live=live, policy=params.policy if live else None, peer=format_address(host, port))
+        self.stats = MigrationStats(role="source", live=live, policy=params.policy if live else None, peer=format_address(host, port),
+                                    downtime_target_ms=params.downtime_target_ms if live else None,
+                                    bandwidth_cap=params.bandwidth_cap)
         self.chan: Channel | None = None
         self.phase = "setup"
         self.paused = False

@@ -29,6 +29,9 @@ class RoundStats:
     throughput: float  # bytes/s over this round
     dirty_rate: float  # pages/s the guest dirtied while this round ran (0 for a final round)
     throttle: float  # the throttle in force during the round
+    # Live rounds only, set by the convergence decision right after the round:
+    pages_dirtied_during: int = 0  # pages the guest dirtied while this round ran (the next round's work)
+    expected_downtime_ms: float | None = None  # what switching over right after this round would have cost
 
     @property
     def pages(self) -> int:
@@ -44,6 +47,8 @@ class MigrationStats:
     peer: str | None = None
     protocol_version: int | None = None
     policy: str | None = None
+    downtime_target_ms: float | None = None  # live: the target the convergence rule aimed for
+    bandwidth_cap: float | None = None  # bytes/s, None when the link was not capped
     # times
     setup_time_ms: float = 0.0  # connect + handshake + spec
     total_time_ms: float = 0.0
