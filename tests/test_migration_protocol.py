@@ -81,9 +81,10 @@ def _source_guest() -> FakeGuest:
     return _guests["src"]
 
 
-def valid_stream() -> bytes:
+def valid_stream(after_final: bytes = b"") -> bytes:
     """A complete warm migration as the source sends it (no key: AUTH does not depend on the
-    destination's nonce, so the stream can be replayed)."""
+    destination's nonce, so the stream can be replayed); ``after_final`` is slipped in after the
+    final round."""
     src = _source_guest()
     a, b = socket.socketpair()
     out = []
@@ -97,6 +98,7 @@ def valid_stream() -> bytes:
     a.sendall(P.end_of_round_batch(0))
     a.sendall(P.encode_frame(P.MessageType.MEMORY_END, P.encode_memory_end(
         P.MemoryEnd(0, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"]))))
+    a.sendall(after_final)
     a.sendall(P.encode_frame(P.MessageType.STATE, encode_sections(src.save_sections())))
     a.sendall(P.encode_frame(P.MessageType.COMMIT_REQUEST, P.encode_digest(src.memory.digest())))
     a.sendall(P.encode_frame(P.MessageType.COMMITTED))
@@ -176,6 +178,18 @@ def test_the_recorded_stream_is_a_valid_migration():
         assert stats.status == "completed", stats.error
         assert dst.digest_at_start == _source_guest().memory.digest()
         assert dst.state_at_start == (_source_guest().sweeps, _source_guest().position)
+    finally:
+        dst.close()
+
+
+def test_memory_after_the_final_round_is_refused():
+    """Memory is final (and being digested) after the final round: a source that sends more is
+    refused, never allowed to change pages under the digest."""
+    extra = P.encode_frame(P.MessageType.MEMORY, P.encode_memory(P.Memory(1, 0)))
+    stats, dst, _, _ = feed_destination(valid_stream(after_final=extra))
+    try:
+        assert stats.status == "failed" and "MEMORY after the final round" in stats.error, stats.error
+        assert dst.discarded and "start_running" not in dst.calls
     finally:
         dst.close()
 
