@@ -303,3 +303,33 @@ def test_a_destination_with_another_vendor_refuses(tmp_path):
     finally:
         stop(source)
         stop(dest)
+
+
+def test_live_migration_with_the_kernel_dirty_backend_on_both_sides(tmp_path):
+    """The same busy live migration, dirty pages found by userfaultfd write-protect and
+    PAGEMAP_SCAN instead of the soft bitmap."""
+    from .conftest import KERNEL_UNAVAILABLE
+
+    if KERNEL_UNAVAILABLE:
+        pytest.skip(f"kernel dirty tracking unavailable here: {KERNEL_UNAVAILABLE}")
+    sweeps = 40_000
+    port = free_port()
+    src_console, dst_console = tmp_path / "src.log", tmp_path / "dst.log"
+    dest = start_vmmrun(tmp_path, "-m", "32M", "--dirty-tracking", "kernel", "-l", f"com1,{dst_console}", "-R", f"127.0.0.1:{port}", "dst0")
+    source = start_vmmrun(tmp_path, *abtest_args(sweeps, end="8M"), "--dirty-tracking", "kernel", "-l", f"com1,{src_console}",
+                          "--pause-at=1", "src0")
+    try:
+        wait_for_listener("127.0.0.1", port, dest)
+        wait_for_socket(tmp_path, "src0", source)
+        wait_for_state(tmp_path, "src0", "paused")
+        assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["dirty_tracking"] == "kernel"
+        result = live_migrate_in_process(tmp_path, "127.0.0.1", port, ["--downtime-ms", "10"])
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["round_count"] >= 2
+        assert source.wait(timeout=60) == 0
+        assert finish(dest) == 1
+    finally:
+        stop(source)
+        stop(dest)
+    pages = (8 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)

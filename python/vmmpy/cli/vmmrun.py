@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsc", choices=TSC_MODES, default="instructions",
                    help="guest TSC source: retired instructions (deterministic, default) or the host clock")
     p.add_argument("--vendor", choices=VENDORS, default="intel", help="vCPU state layout: intel (VMCS-like) or amd (VMCB-like)")
-    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default="auto",
-                   help="dirty page tracking backend (default auto: kernel where it works, else soft)")
+    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default="soft",
+                   help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
+                        "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), or auto (kernel where it works)")
     p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
     p.add_argument("-r", "--restore", metavar="FILE", help="resume the guest saved in checkpoint FILE (and FILE.kern, FILE.meta)")
     p.add_argument("--restore-mode", choices=RESTORE_MODES, default="eager",

@@ -47,7 +47,10 @@ class VmConfig:
     guest_args: dict[str, str] = field(default_factory=dict)
     tsc: str = "instructions"
     vendor: str = "intel"
-    dirty_tracking: str = "auto"
+    # Every guest write goes through vmmpy (vCPU stores, device DMA), so the soft bitmap is exact;
+    # the kernel backend costs a fault per first write to a page per round and a page-table walk
+    # of all memory per harvest (docs/performance.md), so a VM uses it only when asked.
+    dirty_tracking: str = "soft"
 
     def validate(self) -> None:
         if not 1 <= self.ncpus <= MAX_VCPUS:
