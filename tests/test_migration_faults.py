@@ -24,7 +24,7 @@ from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wai
 from .test_migration_processes import abtest_args, expected_console
 
 MiB = 1 << 20
-SWEEPS = 50000  # about four seconds of a 32 MiB abtest (more on a loaded machine): outlasts the fault
+SWEEPS = 100_000  # about nine seconds of a 32 MiB abtest: outlasts the fault even on a loaded machine
 PAGES = (32 * MiB - 2 * MiB) // 4096
 # Never converges (the guest rewrites its 30 MiB every sweep), rounds of ~0.3 s at the cap.
 IN_ROUNDS = {"downtime_target_ms": 0.001, "bandwidth_cap": 100 * MiB, "max_rounds": 60}
