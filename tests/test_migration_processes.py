@@ -333,3 +333,55 @@ def test_live_migration_with_the_kernel_dirty_backend_on_both_sides(tmp_path):
         stop(dest)
     pages = (8 * MiB - 2 * MiB) // 4096
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+
+def test_a_guest_mid_disk_io_migrates_with_its_shared_disk(tmp_path):
+    """blktest writes and reads back every sector of a virtio-blk disk; migrated warm mid-run,
+    with both sides naming the same image (shared storage, as bhyve requires), it finishes on the
+    destination with the digest an uninterrupted run prints and the same image bytes."""
+    from vmmpy.guest.programs import blktest
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    slots = ["-s", "0,hostbridge", "-s", "1,lpc", "-s", f"3,virtio-blk,{img}"]
+    port = free_port()
+    src_console, dst_console = tmp_path / "src.log", tmp_path / "dst.log"
+    dest = start_vmmrun(tmp_path, "-m", "8M", *slots, "-l", f"com1,{dst_console}", "-R", f"127.0.0.1:{port}", "dst0")
+    source = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{src_console}", "--pause-at=3000000", "src0")
+    try:
+        wait_for_listener("127.0.0.1", port, dest)
+        wait_for_socket(tmp_path, "src0", source)
+        wait_for_state(tmp_path, "src0", "paused")
+        result = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", str(port), timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert source.wait(timeout=60) == 0
+        assert finish(dest) == 1
+    finally:
+        stop(source)
+        stop(dest)
+    sectors = (1 << 20) // 512
+    text = src_console.read_text() + dst_console.read_text()
+    assert "digest" not in src_console.read_text(), "migrated before the guest finished its disk work"
+    assert f"all match, digest 0x{blktest.reference_digest(1, sectors):016x}\n" in text
+    assert img.read_bytes() == blktest.reference_image(1, sectors)
+
+
+def test_a_destination_without_the_disk_refuses_naming_it(tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    port = free_port()
+    dest = start_vmmrun(tmp_path, "-m", "8M", "-s", "0,hostbridge", "-s", "1,lpc", "-R", f"127.0.0.1:{port}", "dst0")
+    source = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", "-s", "0,hostbridge", "-s", "1,lpc",
+                          "-s", f"3,virtio-blk,{img}", "--pause-at=1000", "src0")
+    try:
+        wait_for_listener("127.0.0.1", port, dest)
+        wait_for_socket(tmp_path, "src0", source)
+        wait_for_state(tmp_path, "src0", "paused")
+        result = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", str(port), timeout=60)
+        assert result.returncode == 1
+        assert "virtio-blk@pci.0.3.0" in result.stderr and "keeps running here" in result.stderr
+        assert finish(dest) == 4
+        assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["state"] == "paused"
+    finally:
+        stop(source)
+        stop(dest)

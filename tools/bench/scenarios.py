@@ -149,7 +149,9 @@ def live_idle(ctx: Context) -> list[Row]:
     return [row]
 
 
-def live_memtouch(fraction: float, label: str, target_ms: float = 50.0):
+def live_memtouch(fraction: float, label: str, target_ms: float = 50.0, bound_downtime: bool = True):
+    """Issue 8: at a quarter of the link the migration must converge within the downtime target
+    + 20 %; at half it must converge (with auto-converge), whatever the downtime."""
     def scenario(ctx: Context) -> list[Row]:
         tcp = ctx.limit("loopback TCP")
         rate_bytes = tcp.median * GIB * fraction
@@ -167,11 +169,12 @@ def live_memtouch(fraction: float, label: str, target_ms: float = 50.0):
             downtimes.append(st["downtime_ms"])
             outcomes.append(f"{st['round_count']} rounds, throttle {max((r['throttle'] for r in st['rounds']), default=0):.0%}")
         fig = Figure(downtimes, "ms") if downtimes else None
-        ok = fig is not None and len(downtimes) == len(outcomes) and fig.median <= target_ms * 1.2
+        converged = fig is not None and len(downtimes) == len(outcomes)
+        ok = converged and (not bound_downtime or fig.median <= target_ms * 1.2)
         row = Row(f"live-memtouch-{label}", f"live migration, memtouch dirtying {fraction:g} x link ({pages_per_ms} pages/ms"
                   f" = {pages_per_ms * PAGE * 1000 / GIB:.2f} GiB/s), downtime vs {target_ms:g} ms target", fig,
                   "downtime target", Figure([target_ms], "ms"), fig.median / target_ms if fig else None,
-                  target=f"converges, <= {target_ms * 1.2:g} ms", met=ok)
+                  target=f"converges, <= {target_ms * 1.2:g} ms" if bound_downtime else "converges", met=ok)
         row.notes.append("; ".join(outcomes))
         ctx.results[row.scenario] = row
         return [row]
@@ -320,7 +323,7 @@ SCENARIOS: dict[str, tuple[Callable[[Context], list[Row]], bool]] = {
     "sparse-64g": (sparse_64g, True),
     "live-idle": (live_idle, True),
     "live-memtouch-quarter": (live_memtouch(0.25, "quarter"), True),
-    "live-memtouch-half": (live_memtouch(0.5, "half"), True),
+    "live-memtouch-half": (live_memtouch(0.5, "half", bound_downtime=False), True),
     "checkpoint-disk": (checkpoint("disk"), True),
     "checkpoint-tmpfs": (checkpoint("tmpfs"), True),
     "restore": (restore, True),
