@@ -68,11 +68,13 @@ class Convergence:
     """Decides, after each live round, whether to go on, switch over, or give up; applies the
     auto-converge throttle through the ``throttle`` callable."""
 
-    def __init__(self, params: MigrationParams, stats: MigrationStats, throttle, rtt_ms: float = 0.0) -> None:
+    def __init__(self, params: MigrationParams, stats: MigrationStats, throttle, fixed_ms: float = 0.0) -> None:
+        """``fixed_ms``: downtime that does not shrink with the dirty pages (the commit round trip
+        and the destination's memory digest), added to every prediction."""
         self.params = params
         self.stats = stats
         self.set_throttle = throttle
-        self.rtt_ms = rtt_ms
+        self.fixed_ms = fixed_ms
         self.throttle = 0.0
         self._high_rounds = 0
         self._best_ms = float("inf")
@@ -96,7 +98,8 @@ class Convergence:
         p, s = self.params, self.stats
         bw = self.bandwidth()
         remaining = dirty_pages_now * PAGE_SIZE
-        expected_ms = remaining / bw * 1000.0 + self.rtt_ms
+        pages_ms = remaining / bw * 1000.0
+        expected_ms = pages_ms + self.fixed_ms
         s.throughput = bw
         s.remaining_bytes = remaining
         s.expected_downtime_ms = expected_ms
@@ -107,6 +110,12 @@ class Convergence:
             s.dirty_rate = rnd.dirty_rate
         if expected_ms <= p.downtime_target_ms:
             self.reason = f"converged: {remaining} dirty bytes at {bw / 2**20:.1f} MiB/s = {expected_ms:.1f} ms <= {p.downtime_target_ms:g} ms"
+            return SWITCH
+        if self.fixed_ms >= p.downtime_target_ms and pages_ms <= max(1.0, 0.1 * p.downtime_target_ms):
+            # More rounds cannot help: the part that does not shrink is over the target already.
+            self.reason = (f"switching over: the commit (digest and round trip, {self.fixed_ms:.0f} ms) alone exceeds "
+                           f"the {p.downtime_target_ms:g} ms target; the dirty pages left take {pages_ms:.1f} ms")
+            s.notes.append(self.reason)
             return SWITCH
         if expected_ms < 0.9 * self._best_ms:
             self._best_ms = expected_ms

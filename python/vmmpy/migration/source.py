@@ -271,7 +271,12 @@ class _Source:
 
     def _precopy(self) -> int:
         """Live rounds until the convergence rule says switch over; returns the final round's number."""
-        self.convergence = Convergence(self.params, self.stats, self.adapter.throttle, rtt_ms=self.rtt_ms)
+        # The destination digests its memory during the downtime (the source's digest hides
+        # behind the final transfer): time one here, so switching over prices it, not just pages.
+        t = time.monotonic()
+        self.memory.digest()
+        self.stats.expected_commit_ms = (time.monotonic() - t) * 1000 + self.rtt_ms
+        self.convergence = Convergence(self.params, self.stats, self.adapter.throttle, fixed_ms=self.stats.expected_commit_ms)
         self._enter("round 0")
         self.memory.get_and_clear_dirty()  # round 0 sends everything as it is now; later writes show up in round 1
         number = 0

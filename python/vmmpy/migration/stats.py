@@ -53,6 +53,7 @@ class MigrationStats:
     setup_time_ms: float = 0.0  # connect + handshake + spec
     total_time_ms: float = 0.0
     expected_downtime_ms: float | None = None  # the last estimate before switch-over
+    expected_commit_ms: float = 0.0  # live: the part of downtime that does not shrink (destination digest + round trip)
     downtime_ms: float | None = None  # source: paused -> COMMITTED sent; destination: see docs
     downtime_breakdown: dict[str, float] = field(default_factory=dict)  # final_pages, state, digest, commit
     # volume
