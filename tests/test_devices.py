@@ -5,10 +5,7 @@ hostile virtqueues break the device, never the VMM; bad configuration is refused
 import hashlib
 import logging
 import os
-import socket
 import struct
-import threading
-import time
 
 import pytest
 
@@ -22,8 +19,8 @@ from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
 from vmmpy.snapshot.checkpoint import static_registry
-from vmmpy.state import decode_sections, encode_sections
-from vmmpy.state.machine import restore_sections, save_sections
+
+from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
 MEMSIZE = 8 << 20
 DISK_BYTES = 256 << 10
@@ -46,15 +43,6 @@ def build(name, slots, program, args, consoles=None):
     machine.setup_memory()
     machine.load_program(load_program(program, args, memsize=MEMSIZE))
     return machine, com1
-
-
-def finish(machine, timeout=60):
-    try:
-        status = machine.wait(timeout)
-        assert status is not None, "the guest did not stop in time"
-        return status
-    finally:
-        machine.close()
 
 
 # ---- PCI -----------------------------------------------------------------------------------------
@@ -146,7 +134,7 @@ def test_blktest_writes_reads_and_digests_every_sector(tmp_path, mode):
     slots = [s.format(img=img) for s in BLK_SLOTS]
     machine, com1 = build(f"blk-{mode}", slots, "blktest", {"mode": mode, "seed": "5", "batch": "3", "request_sectors": "7"})
     machine.start(serve_control=False)
-    assert finish(machine) == EXIT_POWEROFF
+    assert run_to_end(machine) == EXIT_POWEROFF
     sectors = DISK_BYTES // 512
     digest = blktest.reference_digest(5, sectors)
     text = com1.output.decode()
@@ -172,14 +160,14 @@ def test_blktest_memory_writes_are_dirty_pages(tmp_path):
 def test_rndtest_with_a_seed_prints_the_reference_digest():
     machine, com1 = build("rnd-seed", ["4,virtio-rnd,seed=99"], "rndtest", {"bytes": "8K", "chunk": "256", "batch": "5"})
     machine.start(serve_control=False)
-    assert finish(machine) == EXIT_POWEROFF
+    assert run_to_end(machine) == EXIT_POWEROFF
     assert com1.output.decode() == f"rndtest: received 8192 bytes in 32 requests, digest 0x{rndtest.reference_digest(99, 8192):016x}\n"
 
 
 def test_rndtest_from_host_entropy_gets_every_byte():
     machine, com1 = build("rnd-host", ["4,virtio-rnd"], "rndtest", {"bytes": "4K"})
     machine.start(serve_control=False)
-    assert finish(machine) == EXIT_POWEROFF
+    assert run_to_end(machine) == EXIT_POWEROFF
     assert com1.output.decode().startswith("rndtest: received 4096 bytes in 8 requests, digest 0x")
 
 
@@ -187,39 +175,13 @@ def test_vconsole_prints_through_the_virtio_console(tmp_path):
     out = tmp_path / "vc.log"
     machine, com1 = build("vc-file", [f"5,virtio-console,{out}"], "vconsole", {"lines": "12"})
     machine.start(serve_control=False)
-    assert finish(machine) == EXIT_POWEROFF
+    assert run_to_end(machine) == EXIT_POWEROFF
     expected = vconsole.reference_output(12)
     assert out.read_bytes() == expected
     assert com1.output.decode() == f"vconsole: sent 12 lines, {len(expected)} bytes\n"
 
 
 # ---- pause mid-I/O, save, restore into a fresh machine ------------------------------------------------
-
-
-def wait_paused(machine, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not machine.paused:
-        assert machine.exit_status is None, f"the guest finished before the pause point: {machine.exit_reason}"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    machine.pause()
-
-
-def move_to_fresh_machine(source, name, slots, consoles):
-    """Save every section and all memory of a paused machine into a new one and start it."""
-    sections = decode_sections(encode_sections(save_sections(source)))
-    target = Machine(VmConfig(name=name, memsize=MEMSIZE, slots=[parse_slot(s) for s in slots]), consoles=consoles)
-    target.setup_memory()
-    a, b = socket.socketpair()
-    with a, b:
-        sender = threading.Thread(target=source.vm.memory.send_all_pages, args=(a.fileno(),))
-        sender.start()
-        target.vm.memory.recv_pages(b.fileno())
-        sender.join()
-    source.destroy()  # closes the image before the target uses it, as a suspend does
-    restore_sections(target, sections, what="test")
-    target.start(serve_control=False)
-    return target
 
 
 def outputs(machine, com1, extra):
@@ -244,7 +206,7 @@ def test_a_run_paused_mid_io_and_restored_elsewhere_finishes_bit_identically(tmp
         machine, com1 = build(f"mid-{case}{tag}", slots, program, args, extra)
         if pause_at is None:
             machine.start(serve_control=False)
-            assert finish(machine) == EXIT_POWEROFF
+            assert run_to_end(machine) == EXIT_POWEROFF
             return outputs(machine, com1, extra), machine.vm.vcpus[0].instructions_retired
         machine.pause_at = pause_at
         machine.start(serve_control=False)
@@ -252,8 +214,9 @@ def test_a_run_paused_mid_io_and_restored_elsewhere_finishes_bit_identically(tmp
         before = outputs(machine, com1, extra)
         extra2 = {vc_name: CaptureConsole()} if vc_name else {}
         com1b = CaptureConsole()
-        target = move_to_fresh_machine(machine, f"mid-{case}{tag}-dst", slots, {"com1": com1b, **extra2})
-        assert finish(target) == EXIT_POWEROFF
+        config = VmConfig(name=f"mid-{case}{tag}-dst", memsize=MEMSIZE, slots=[parse_slot(s) for s in slots])
+        target = move_to_fresh_machine(machine, config, {"com1": com1b, **extra2})
+        assert run_to_end(target) == EXIT_POWEROFF
         after = outputs(target, com1b, extra2)
         return (before[0] + after[0], {k: before[1][k] + after[1][k] for k in before[1]}), None
 
@@ -388,7 +351,7 @@ start:  movabs rax, 0x80001810       ; bus 0 slot 3 BAR 0
     machine.setup_memory()
     machine.load_program(assemble(source))
     machine.start(serve_control=False)
-    assert finish(machine) == EXIT_POWEROFF
+    assert run_to_end(machine) == EXIT_POWEROFF
     assert com1.output[0] & STATUS_NEEDS_RESET
     assert "descriptor loop" in machine.pci_functions[0].error
 

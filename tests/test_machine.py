@@ -1,7 +1,5 @@
 """The vmmrun machine in-process: vCPU threads, userspace exits, kernel devices, bhyve exit codes."""
 
-import socket
-import threading
 import time
 
 import pytest
@@ -10,8 +8,8 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.machine import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
-from vmmpy.state.machine import restore_sections, save_sections
-from vmmpy.state import decode_sections, encode_sections
+
+from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
 PRELUDE = """
 .equ COM1, 0x3f8
@@ -82,22 +80,8 @@ def boot(source, name, pause_at=None, **config):
     machine.pause_at = pause_at
     machine.start(serve_control=False)
     if pause_at is not None:
-        deadline = time.monotonic() + 30
-        while not machine.paused:
-            assert machine.exit_status is None, f"the guest ended before instruction {pause_at}"
-            assert time.monotonic() < deadline, "the guest did not reach its pause point"
-            time.sleep(0.001)
-        machine.pause()  # the rendezvous: every vCPU thread parked
+        wait_paused(machine)
     return machine, console
-
-
-def run_to_end(machine, timeout=30):
-    try:
-        status = machine.wait(timeout)
-        assert status is not None, "the guest did not stop in time"
-        return status
-    finally:
-        machine.close()
 
 
 def test_a_guest_prints_on_com1_and_powers_off():
@@ -164,19 +148,8 @@ def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
     for at in (1, 999_999, total // 2 + 7, total - 1_000):
         source, src_console = boot(BUSY, "m-src", pause_at=at)
         assert source.vm.vcpus[0].instructions_retired == at
-        sections = decode_sections(encode_sections(save_sections(source)))
         target_console = CaptureConsole()
-        target = Machine(VmConfig(name="m-dst", memsize=4 << 20), consoles={"com1": target_console})
-        target.setup_memory()
-        a, b = socket.socketpair()
-        with a, b:
-            sender = threading.Thread(target=source.vm.memory.send_all_pages, args=(a.fileno(),))
-            sender.start()
-            target.vm.memory.recv_pages(b.fileno())
-            sender.join()
-        restore_sections(target, sections, what="test")
-        source.destroy()
-        target.start(serve_control=False)
+        target = move_to_fresh_machine(source, VmConfig(name="m-dst", memsize=4 << 20), {"com1": target_console})
         assert run_to_end(target) == EXIT_POWEROFF
         assert final_state(target) == expected, f"paused at instruction {at}"
         assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output

@@ -1,0 +1,52 @@
+"""Helpers for tests that run machines inside the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from vmmpy.runtime.config import VmConfig
+from vmmpy.runtime.machine import Machine
+from vmmpy.state import decode_sections, encode_sections
+from vmmpy.state.machine import restore_sections, save_sections
+
+
+def run_to_end(machine: Machine, timeout: float = 60) -> int:
+    """Wait for the guest to stop (bounded) and close the machine; its bhyve exit status."""
+    try:
+        status = machine.wait(timeout)
+        assert status is not None, "the guest did not stop in time"
+        return status
+    finally:
+        machine.close()
+
+
+def wait_paused(machine: Machine, timeout: float = 30) -> None:
+    """Wait until a guest started with ``pause_at`` has paused itself, then make every vCPU
+    thread park (the rendezvous a checkpoint or migration does)."""
+    deadline = time.monotonic() + timeout
+    while not machine.paused:
+        assert machine.exit_status is None, f"the guest ended before its pause point: {machine.exit_reason}"
+        assert time.monotonic() < deadline, "the guest did not reach its pause point"
+        time.sleep(0.001)
+    machine.pause()
+
+
+def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict) -> Machine:
+    """Move a paused machine into a new one built from ``config``, as a migration does: every
+    state section (through the encoded container) and all memory (through a page batch stream);
+    the source is destroyed and the target started."""
+    sections = decode_sections(encode_sections(save_sections(source)))
+    target = Machine(config, consoles=consoles)
+    target.setup_memory()
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=source.vm.memory.send_all_pages, args=(a.fileno(),))
+        sender.start()
+        target.vm.memory.recv_pages(b.fileno())
+        sender.join()
+    source.destroy()  # closes backends (disk images) before the target uses them, as a suspend does
+    restore_sections(target, sections, what="test")
+    target.start(serve_control=False)
+    return target
