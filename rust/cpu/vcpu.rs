@@ -471,6 +471,24 @@ impl Vcpu {
         self.load::<8>(gpa).map(u64::from_le_bytes).map_err(stack_fault)
     }
 
+    /// Push a qword: rsp moves only if the store succeeded, so a stack fault changes nothing.
+    #[inline(always)]
+    fn push(&mut self, value: u64) -> Result<(), FaultKind> {
+        let sp = self.gpr[RSP].wrapping_sub(8);
+        self.stack_store(sp, value)?;
+        self.gpr[RSP] = sp;
+        Ok(())
+    }
+
+    /// Pop a qword: rsp moves only if the load succeeded.
+    #[inline(always)]
+    fn pop(&mut self) -> Result<u64, FaultKind> {
+        let sp = self.gpr[RSP];
+        let value = self.stack_load(sp)?;
+        self.gpr[RSP] = sp.wrapping_add(8);
+        Ok(value)
+    }
+
     // ---- flags --------------------------------------------------------------------------------
 
     #[inline(always)]
@@ -694,28 +712,16 @@ impl Vcpu {
                 op::JMPR => rip = self.gpr[a],
                 op::CALL | op::CALLR => {
                     let target = if opcode == op::CALL { next.wrapping_add(imm) } else { self.gpr[a] };
-                    let sp = self.gpr[RSP].wrapping_sub(8);
-                    try_fault!(self.stack_store(sp, next));
-                    self.gpr[RSP] = sp;
+                    try_fault!(self.push(next));
                     rip = target;
                 }
-                op::RET => {
-                    let sp = self.gpr[RSP];
-                    let target = try_fault!(self.stack_load(sp));
-                    self.gpr[RSP] = sp.wrapping_add(8);
-                    rip = target;
-                }
+                op::RET => rip = try_fault!(self.pop()),
                 op::PUSH => {
-                    let value = self.gpr[a];
-                    let sp = self.gpr[RSP].wrapping_sub(8);
-                    try_fault!(self.stack_store(sp, value));
-                    self.gpr[RSP] = sp;
+                    try_fault!(self.push(self.gpr[a]));
                     rip = next;
                 }
                 op::POP => {
-                    let sp = self.gpr[RSP];
-                    let value = try_fault!(self.stack_load(sp));
-                    self.gpr[RSP] = sp.wrapping_add(8);
+                    let value = try_fault!(self.pop());
                     self.gpr[a] = value;
                     rip = next;
                 }
