@@ -8,7 +8,7 @@ the fan-out of an ISA IRQ to the 8259 and the I/O APIC as a PC wires it.
 Does not own any device behaviour, the run loop, or how state sections are framed on disk or
 on the wire (``state/`` does that from ``to_dict()``).
 
-Run-loop contract (what the integrator does):
+Run-loop contract (what ``vm.Vm``'s VM_RUN does):
   1. run the vCPU until min(next_event_ns() over timer devices) or an exit;
   2. on a port/MMIO exit call the owning device's io_*/mmio_* method;
   3. call ``advance(clock.now_ns())`` on every timer device (each fires what is due, in time

@@ -7,7 +7,7 @@ ELCR (IRQ0-2, IRQ8 and IRQ13 are always edge, as on a PIIX).
 
 Output: when an unmasked IRQ outranks everything in service, the pair performs the interrupt
 acknowledge at once -- IRR -> ISR (or nothing in auto-EOI mode), the vector is
-``irq_base + irq`` of the chip that owns it -- and calls ``intr_sink(vector)``. The integrator
+``irq_base + irq`` of the chip that owns it -- and calls ``intr_sink(vector)``. The ``Vm``
 routes that to the BSP as ExtINT and the vCPU queues it; the acknowledge is modelled as
 immediate because the simulated vCPU takes queued vectors in order.
 
