@@ -199,3 +199,58 @@ def test_throttling_changes_the_pace_not_the_result():
     assert reference.vm.stats[0]["budget_returns"] == 0
     assert final_state(machine) == final_state(reference)
     assert console.output == ref_console.output
+
+
+# The BSP starts vCPU 1 with a STARTUP IPI (vector 8: rip = 8 * 4 KiB, below 1 MiB as on a PC).
+# The AP adds to a shared counter in a loop and halts for good; the BSP waits for the count,
+# prints, and powers off.
+SMP = """
+.equ COM1, 0x3f8
+.equ PM1A_CNT, 0x404
+.equ LAPIC, 0xfee00000
+.org 0x8000
+ap:     movabs rsi, counter
+        mov rcx, 1000
+again:  ld64 rax, [rsi + 0]
+        inc rax
+        st64 [rsi + 0], rax
+        dec rcx
+        jnz again
+        cli
+        hlt                         ; this AP is done: halted for good, the BSP goes on
+.org 0x100000
+start:  movabs rbx, LAPIC
+        mov rax, 0x1ff
+        st32 [rbx + 0xf0], rax      ; software-enable the lapic
+        mov rax, 0x01000000
+        st32 [rbx + 0x310], rax     ; ICR high: destination APIC ID 1
+        mov rax, 0x4500
+        st32 [rbx + 0x300], rax     ; INIT
+        mov rax, 0x4608
+        st32 [rbx + 0x300], rax     ; STARTUP, vector 8
+        movabs rsi, counter
+wait:   ld64 rax, [rsi + 0]
+        cmp rax, 1000
+        jb wait
+        mov rax, 'A'
+        out8 COM1, rax
+        mov rax, 0x3400
+        out16 PM1A_CNT, rax
+        hlt
+.align 8
+counter: .qword 0
+"""
+
+
+def test_application_processors_wait_for_a_startup_ipi():
+    machine, console = boot(SMP, "m-smp", ncpus=2)
+    assert run_to_end(machine) == EXIT_POWEROFF
+    assert console.output == b"A"
+    assert machine.vm.stats[1]["startup_ipis"] == 1
+    assert machine.vm.vcpus[1].instructions_retired > 4000
+
+
+def test_a_vm_halts_only_when_every_started_vcpu_has_halted():
+    idle_aps = PRELUDE + "start: cli\nhlt\n"  # the APs are never started: the BSP's halt is the last
+    machine, _ = boot(idle_aps, "m-smp-halt", ncpus=3)
+    assert run_to_end(machine) == EXIT_HALT

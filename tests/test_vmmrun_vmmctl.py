@@ -106,3 +106,27 @@ def test_a_second_vmmrun_with_the_same_name_is_refused(tmp_path):
         assert second.returncode == 4 and "already running" in second.stderr
     finally:
         stop(proc)
+
+
+def test_a_two_vcpu_guest_runs_checkpoints_and_resumes(tmp_path):
+    """-c 2: the application processor waits for a STARTUP IPI (abtest never sends one) while
+    the BSP runs; both vCPUs' state travels through a suspend and resume."""
+    console = tmp_path / "console.log"
+    args = ["--guest", "abtest", "--guest-arg", "sweeps=400", "--guest-arg", "report=400", "-c", "2", "-m", "16M", "-l", f"com1,{console}"]
+    proc = start_vmmrun(tmp_path, *args, "--pause-at=1000000", "smp0")
+    try:
+        wait_for_socket(tmp_path, "smp0", proc)
+        ckp = tmp_path / "smp0.ckp"
+        from .procs import wait_for_state
+
+        wait_for_state(tmp_path, "smp0", "paused")
+        regs = vmmctl(tmp_path, "--vm=smp0", "--get-all").stdout
+        assert "rip[1]\t0x0000000000000000" in regs, "the AP has not started"
+        assert vmmctl(tmp_path, "--vm=smp0", f"--suspend={ckp}").returncode == 0
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    resumed = run("-r", str(ckp), "-l", f"com1,{console}", "--run-dir", str(tmp_path), "smp1")
+    assert resumed.returncode == 1, resumed.stderr
+    pages = (16 * MiB - 2 * MiB) // 4096
+    assert console.read_text().endswith(f"abtest: done 400 sweeps over {pages} pages, all counters 400\n")

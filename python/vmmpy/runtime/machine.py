@@ -85,6 +85,7 @@ class Machine:
         self.devices = [*self.uarts, self.pm, self.pci, *self.pci_functions]
         self._threads: list[threading.Thread] = []
         self._parked = [False] * config.ncpus
+        self._halted: set[int] = set()
         self._cond = threading.Condition()
         self._exit_status: int | None = None
         self._exit_reason = ""
@@ -253,12 +254,14 @@ class Machine:
                     return
                 if kind == "paused":
                     self._park(vcpuid)
+                elif kind == "waiting":
+                    continue  # an AP before its STARTUP IPI: VM_RUN waited a little; ask again
                 elif kind == "inout":
                     self._handle_inout(vcpuid, ex.exit)
                 elif kind == "mmio":
                     self._handle_mmio(vcpuid, ex.exit)
                 elif kind == "hlt":
-                    self.suspend(SuspendHow.HALT)
+                    self._halted_forever(vcpuid)
                 elif kind == "fault":
                     e = ex.exit
                     self._fail(vcpuid, f"guest fault {e.fault} at rip {e.rip:#x}", EXIT_TRIPLEFAULT)
@@ -275,6 +278,19 @@ class Machine:
             device.mmio_write(e.gpa, e.size, e.value)
         else:
             self.vm.complete_read(vcpuid, device.mmio_read(e.gpa, e.size))
+
+    def _halted_forever(self, vcpuid: int) -> None:
+        """``cli; hlt``: this vCPU can never wake. The VM halts when every started vCPU has, as
+        bhyve's vm_handle_hlt does; until then this thread waits for the end."""
+        with self._cond:
+            self._halted.add(vcpuid)
+            everyone = all(i in self._halted for i in range(self.config.ncpus) if self.vm.started[i])
+        if everyone:
+            self.suspend(SuspendHow.HALT)
+            return
+        with self._cond:
+            while self.vm.suspended is None:
+                self._cond.wait(0.1)
 
     def _handle_inout(self, vcpuid: int, e: Any) -> None:
         device = self.ports.lookup(e.port) or self.pci.io_owner(e.port)
@@ -304,7 +320,7 @@ class Machine:
         self.vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
         deadline = t0 + timeout
         with self._cond:
-            while not all(self._parked[i] or not self._threads[i].is_alive() for i in range(self.config.ncpus)):
+            while not all(self._parked[i] or i in self._halted or not self._threads[i].is_alive() for i in range(self.config.ncpus)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))

@@ -7,9 +7,9 @@ I/O APIC), ID/version/LDR/DFR/ESR, and the ICR for fixed and lowest-priority IPI
 vlapics on one ``ApicBus``. Registers live at their xAPIC offsets in the 4 KiB page at
 0xFEE00000 and take aligned 4-byte accesses.
 
-Does not own: x2APIC MSRs, TSC-deadline timer mode, INIT/SIPI/NMI/SMI IPIs (those ICR
-writes are accepted and not delivered), the vCPU's interrupt flag (the run loop calls
-``deliver()`` only when the vCPU can take an interrupt).
+Does not own: x2APIC MSRs, TSC-deadline timer mode, INIT/NMI/SMI IPIs (those ICR writes are
+accepted and not delivered; a STARTUP IPI goes to ``startup_sink``, which starts the AP), the
+vCPU's interrupt flag (the run loop calls ``deliver()`` only when the vCPU can take one).
 
 Delivery: ``deliver()`` takes the highest IRR vector whose priority class is above PPR, moves
 it IRR -> ISR and calls ``vcpu.inject_interrupt(vector)``; it returns that vector or None. It
@@ -69,6 +69,7 @@ ICR_LO_WRITABLE = 0x000CCFFF  # vector, delivery mode, dest mode, level, trigger
 
 DELIVERY_FIXED = 0
 DELIVERY_LOWEST_PRIORITY = 1
+DELIVERY_STARTUP = 6
 
 _MASK32 = 0xFFFFFFFF
 
@@ -166,12 +167,14 @@ class Vlapic:
     mmio_ranges = [(XAPIC_BASE, XAPIC_SIZE)]
 
     def __init__(self, clock: GuestClock, vcpu: Vcpu, apic_id: int = 0, bus: ApicBus | None = None,
-                 eoi_sink: Callable[[int], None] | None = None) -> None:
+                 eoi_sink: Callable[[int], None] | None = None,
+                 startup_sink: Callable[[int, int], None] | None = None) -> None:
         if not 0 <= apic_id <= 0xFE:
             raise ValueError(f"vlapic: APIC ID {apic_id} out of range (0..254)")
         self.clock = clock
         self.vcpu = vcpu
         self.eoi_sink = eoi_sink
+        self.startup_sink = startup_sink  # (apic id, vector) of a STARTUP IPI this APIC sends
         self.apic_id = apic_id
         self.bus = bus if bus is not None else ApicBus()
         self.ldr = 0
@@ -408,23 +411,33 @@ class Vlapic:
         mode = (self.icr_low >> 8) & 7
         logical = bool(self.icr_low & (1 << 11))
         shorthand = (self.icr_low >> 18) & 3
+        if mode == DELIVERY_STARTUP:
+            # A STARTUP IPI starts the addressed application processors at vector * 4 KiB
+            # (bhyve starts APs so); INIT needs no action: an AP waits for STARTUP anyway.
+            if self.startup_sink is not None:
+                for target in self._ipi_targets(shorthand, logical):
+                    if target is not self:
+                        self.startup_sink(target.apic_id, vector)
+            return
         if mode not in (DELIVERY_FIXED, DELIVERY_LOWEST_PRIORITY):
-            return  # NMI/SMI/INIT/SIPI are not emulated here
+            return  # NMI/SMI/INIT are not emulated here
         if vector < 16:
             self._error(ESR_SEND_ILLEGAL_VECTOR)
             return
-        if shorthand == 1:
-            targets: list[LapicTarget] = [self]
-        elif shorthand == 2:
-            targets = list(self.bus.all())
-        elif shorthand == 3:
-            targets = [l for l in self.bus.all() if l is not self]
-        else:
-            targets = list(self.bus.route(self.icr_high >> 24, logical))
+        targets = self._ipi_targets(shorthand, logical)
         if mode == DELIVERY_LOWEST_PRIORITY and targets:
             targets = [min(targets, key=lambda t: t.apic_id)]
         for target in targets:
             target.set_intr(vector, False)
+
+    def _ipi_targets(self, shorthand: int, logical: bool) -> list[LapicTarget]:
+        if shorthand == 1:
+            return [self]
+        if shorthand == 2:
+            return list(self.bus.all())
+        if shorthand == 3:
+            return [l for l in self.bus.all() if l is not self]
+        return list(self.bus.route(self.icr_high >> 24, logical))
 
     # --- state ----------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ class VcpuClock:
 class UserExit:
     """What VM_RUN hands to userspace: the vCPU's exit, or a suspend."""
 
-    kind: str  # "inout", "mmio", "hlt", "suspended", "paused", "fault"
+    kind: str  # "inout", "mmio", "hlt", "suspended", "paused", "waiting" (an AP before STARTUP), "fault", "budget"
     vcpuid: int
     exit: Any = None  # the _core.VmExit, when there is one
     how: SuspendHow | None = None
@@ -168,6 +168,8 @@ class Vm:
         self.lock = threading.RLock()
         self._running = [False] * ncpus
         self._paused = [False] * ncpus
+        # The BSP runs from the start; application processors wait for a STARTUP IPI.
+        self.started = [i == 0 for i in range(ncpus)]
         self._at_deterministic_point = [True] * ncpus
         self._wakeup = threading.Condition(self.lock)
         self.stats = [Counter() for _ in range(ncpus)]
@@ -198,6 +200,15 @@ class Vm:
         if self.vcpus:
             self.vcpus[0].inject_interrupt(vector)
             self.kick(0)
+
+    def _startup_ap(self, apic_id: int, vector: int) -> None:
+        """A STARTUP IPI: a waiting AP begins at ``vector`` * 4 KiB (an AP that runs ignores it)."""
+        if not 0 <= apic_id < self.ncpus or self.started[apic_id]:
+            return
+        self.vcpus[apic_id].set_register("rip", vector << 12)
+        self.started[apic_id] = True
+        self.stats[apic_id]["startup_ipis"] += 1
+        self.kick()
 
     def kernel_port(self, port: int) -> bool:
         return port in self._port_devices
@@ -275,7 +286,8 @@ class Vm:
     def _create_vcpus(self) -> None:
         self.vcpus = [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
         for i in range(self.ncpus):
-            lapic = Vlapic(VcpuClock(self, i), self.vcpus[i], apic_id=i, bus=self.apic_bus, eoi_sink=self.vioapic.eoi)
+            lapic = Vlapic(VcpuClock(self, i), self.vcpus[i], apic_id=i, bus=self.apic_bus, eoi_sink=self.vioapic.eoi,
+                           startup_sink=self._startup_ap)
             self.vlapics.append(lapic)
         self._timer_devices.extend(self.vlapics)
 
@@ -323,6 +335,10 @@ class Vm:
                 return UserExit("suspended", vcpuid, how=self.suspended)
             if self._paused[vcpuid]:
                 return UserExit("paused", vcpuid)
+            if not self.started[vcpuid]:
+                # An AP waiting for its STARTUP IPI, like a halted vCPU: look again shortly.
+                self._wakeup.wait(HALT_POLL_S)
+                return UserExit("waiting", vcpuid)
             self._running[vcpuid] = True
         stats = self.stats[vcpuid]
         start = vcpu.instructions_retired
@@ -513,6 +529,7 @@ class Vm:
             self._paused = [False] * self.ncpus
             self._at_deterministic_point = [True] * self.ncpus
             self.last_tsc = [0] * self.ncpus
+            self.started = [i == 0 for i in range(self.ncpus)]
             self._build_kernel_devices()
             if self.memory is not None:
                 self._create_vcpus()
@@ -602,6 +619,7 @@ class Vm:
                 "last_tsc": list(self.last_tsc),
                 "host_tsc_offset": self.host_tsc_offset,
                 "at_deterministic_point": list(self._at_deterministic_point),
+                "started": list(self.started),
                 "guest_time_ns": self.clock.now_ns(),
             }
         if req == SnapshotReq.STRUCT_VMCX:
@@ -621,6 +639,7 @@ class Vm:
                 self.last_tsc = [int(t) for t in data["last_tsc"]]
                 self.host_tsc_offset = int(data["host_tsc_offset"])
                 self._at_deterministic_point = [bool(b) for b in data["at_deterministic_point"]]
+                self.started = [bool(b) for b in data.get("started", [i == 0 for i in range(self.ncpus)])]
                 self._saved_guest_time_ns = int(data["guest_time_ns"])
             elif req == SnapshotReq.STRUCT_VMCX:
                 if len(data) != self.ncpus:
