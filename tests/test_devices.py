@@ -193,6 +193,7 @@ CASES = {
     "blk-poll": (["3,virtio-blk,{img}"], "blktest", {"mode": "poll", "batch": "2"}, None),
     "rnd": (["4,virtio-rnd,seed=3"], "rndtest", {"bytes": "16K", "chunk": "64", "batch": "7"}, None),
     "vconsole": (["5,virtio-console"], "vconsole", {"lines": "60"}, "virtio-console@pci.0.5.0"),
+    "scsi": (["0,hostbridge", "4,virtio-scsi,{img}"], "scsitest", {"request_sectors": "5", "seed": "4"}, None),
 }
 
 

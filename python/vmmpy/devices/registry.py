@@ -12,10 +12,12 @@ from .pm import PowerManagement
 from .uart import Uart
 from .virtio_blk import VirtioBlock
 from .virtio_console import VirtioConsole
+from .virtio_net import VirtioNet
 from .virtio_rnd import VirtioRandom
+from .virtio_scsi import VirtioScsi
 
 PCI_EMULATIONS: dict[str, type[PciFunction]] = {
-    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole)
+    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole, VirtioNet, VirtioScsi)
 }
 
 #: The machine's legacy devices (always present): section name -> class.
