@@ -16,7 +16,8 @@ from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
 
-from .test_devices import MEMSIZE, Pins, build, finish, make_image
+from .inproc import run_to_end
+from .test_devices import MEMSIZE, Pins, build, make_image
 
 
 @pytest.mark.parametrize("rs", ["1", "8", "128"])
@@ -25,7 +26,7 @@ def test_scsitest_writes_reads_and_digests_every_block(tmp_path, rs):
     machine, com1 = build(f"scsi-{rs}", ["0,hostbridge", "1,lpc", f"4,virtio-scsi,{img}"], "scsitest",
                           {"seed": "9", "request_sectors": rs})
     machine.start(serve_control=False)
-    assert finish(machine) == EXIT_POWEROFF
+    assert run_to_end(machine) == EXIT_POWEROFF
     assert com1.output.decode() == scsitest.reference_output(9, 256, int(rs))
     assert open(img, "rb").read() == scsitest.reference_image(9, 256)
     device = machine.pci_functions[2]
