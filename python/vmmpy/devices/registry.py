@@ -7,6 +7,7 @@ Only complete devices are listed: each emulates its interface, pauses, saves and
 
 from __future__ import annotations
 
+from .nvme import Nvme
 from .pci import HostBridge, LpcBridge, PciBus, PciFunction
 from .pm import PowerManagement
 from .uart import Uart
@@ -15,7 +16,7 @@ from .virtio_console import VirtioConsole
 from .virtio_rnd import VirtioRandom
 
 PCI_EMULATIONS: dict[str, type[PciFunction]] = {
-    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole)
+    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole, Nvme)
 }
 
 #: The machine's legacy devices (always present): section name -> class.
