@@ -416,3 +416,44 @@ def test_static_registry_knows_the_nvme_section(tmp_path):
             registry.check(device.name, device.VERSION, what="test")
     finally:
         machine.close()
+
+
+def test_vmmrun_suspends_an_nvmetest_guest_and_resumes_it_with_the_disk(tmp_path):
+    import json
+    import subprocess
+
+    from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
+
+    img = make_image(tmp_path / "disk.img", 1 << 20)
+    console = tmp_path / "console.log"
+    slots = ["-s", "0,hostbridge", "-s", f"5,nvme,{img}"]
+    proc = start_vmmrun(tmp_path, "--guest", "nvmetest", "-m", "8M", *slots, "-l", f"com1,{console}", "--pause-at=3000000", "nv0")
+    try:
+        wait_for_socket(tmp_path, "nv0", proc)
+        wait_for_state(tmp_path, "nv0", "paused")
+        ckp = tmp_path / "nv0.ckp"
+        saved = vmmctl(tmp_path, "--vm=nv0", f"--suspend={ckp}", "--json")
+        assert saved.returncode == 0, saved.stderr
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    assert "digest" not in console.read_text(), "suspended mid-run"
+    assert "nvme@pci.0.5.0" in json.dumps(json.loads((tmp_path / "nv0.ckp.meta").read_text()))
+    resumed = subprocess.run(vmmrun_cmd("-r", str(ckp), *slots, "-l", f"com1,{console}", "--run-dir", str(tmp_path), "nv0"),
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 1, resumed.stderr
+    blocks = (1 << 20) // 512
+    assert f"all match, digest 0x{blktest.reference_digest(1, blocks):016x}\n" in console.read_text()
+    assert open(img, "rb").read() == blktest.reference_image(1, blocks)
+
+
+def test_vmmrun_refuses_a_missing_nvme_image_at_start(tmp_path):
+    import subprocess
+
+    from .procs import vmmrun_cmd
+
+    result = subprocess.run(vmmrun_cmd("--guest", "nvmetest", "-m", "8M", "-s", "5,nvme,/no/such.img",
+                                       "--run-dir", str(tmp_path), "nonvme"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4
+    assert "nvme@pci.0.5.0: cannot open image file '/no/such.img'" in result.stderr
+    assert "Traceback" not in result.stderr
