@@ -7,6 +7,7 @@ Only complete devices are listed: each emulates its interface, pauses, saves and
 
 from __future__ import annotations
 
+from .ahci import AhciHd
 from .nvme import Nvme
 from .pci import HostBridge, LpcBridge, PciBus, PciFunction
 from .pm import PowerManagement
@@ -16,7 +17,7 @@ from .virtio_console import VirtioConsole
 from .virtio_rnd import VirtioRandom
 
 PCI_EMULATIONS: dict[str, type[PciFunction]] = {
-    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole, Nvme)
+    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole, Nvme, AhciHd)
 }
 
 #: The machine's legacy devices (always present): section name -> class.
