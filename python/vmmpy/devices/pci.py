@@ -11,7 +11,8 @@ What bhyve's pci_emul.c does, in vmmpy's terms:
   header type (bit 7 on function 0 when the slot has other functions), BARs, subsystem IDs
   and interrupt line/pin. Read-only fields ignore writes; the command register keeps the I/O,
   memory, bus-master and INTx-disable bits; status bit 3 is the INTx status.
-* BARs: I/O or 32-bit memory, sizes powers of two. Writing all-ones and reading back gives
+* BARs: I/O, 32-bit memory, or 64-bit memory (the BAR register and the next one hold the low and
+  high address dwords; the machine still places them below 4 GiB), sizes powers of two. Writing all-ones and reading back gives
   ``~(size - 1) | type bits`` (BAR sizing); other writes move the BAR. The machine assigns
   addresses at start like bhyve (I/O from 0x2000, memory from 0xC0000000 in the 3-4 GiB hole,
   which is not RAM so accesses there are MMIO exits) and enables decoding in the command
@@ -72,6 +73,7 @@ HDRTYPE_MULTIFUNCTION = 0x80
 
 BAR_IO_FLAG = 0x1
 BAR_MEM32_FLAGS = 0x0  # 32-bit, not prefetchable
+BAR_MEM64_FLAGS = 0x4  # 64-bit, not prefetchable: the BAR and the next register hold the address
 
 # Where the machine puts BARs (bhyve's PCI_EMUL_IOBASE/IOLIMIT, PCI_EMUL_MEMBASE32/MEMLIMIT32).
 IO_WINDOW = (0x2000, 0x10000)
@@ -92,12 +94,16 @@ def intx_pin_for_slot(slot: int) -> int:
 @dataclass
 class Bar:
     index: int
-    kind: str  # "io" or "mem32"
+    kind: str  # "io", "mem32" or "mem64"
     size: int
     addr: int = 0
 
     def flags(self) -> int:
-        return BAR_IO_FLAG if self.kind == "io" else BAR_MEM32_FLAGS
+        return {"io": BAR_IO_FLAG, "mem32": BAR_MEM32_FLAGS, "mem64": BAR_MEM64_FLAGS}[self.kind]
+
+    @property
+    def is_memory(self) -> bool:
+        return self.kind in ("mem32", "mem64")
 
     def contains(self, address: int) -> bool:
         return self.addr != 0 and self.addr <= address < self.addr + self.size
@@ -196,15 +202,26 @@ class PciFunction(Device):
         return self._get(PCIR_COMMAND, 2)
 
     def add_bar(self, index: int, kind: str, size: int) -> Bar:
-        if kind not in ("io", "mem32") or size < (4 if kind == "io" else 16) or size & (size - 1):
+        if kind not in ("io", "mem32", "mem64") or size < (4 if kind == "io" else 16) or size & (size - 1):
             raise PciConfigError(f"{self.name}: BAR {index}: bad BAR {kind} of size {size:#x}")
+        if kind == "mem64" and index + 1 >= BAR_COUNT:
+            raise PciConfigError(f"{self.name}: BAR {index}: a 64-bit BAR needs the next BAR register too")
+        if index in self.bars or self._upper_half_of(index) is not None or (kind == "mem64" and index + 1 in self.bars):
+            raise PciConfigError(f"{self.name}: BAR {index}: the register is already in use")
         bar = Bar(index, kind, size)
         self.bars[index] = bar
         self._write_bar_register(bar)
         return bar
 
+    def _upper_half_of(self, index: int) -> Bar | None:
+        """The 64-bit BAR whose upper address dword is BAR register ``index``, if any."""
+        bar = self.bars.get(index - 1)
+        return bar if bar is not None and bar.kind == "mem64" else None
+
     def _write_bar_register(self, bar: Bar) -> None:
-        self._set(PCIR_BAR0 + 4 * bar.index, 4, (bar.addr & ~(bar.size - 1)) | bar.flags())
+        self._set(PCIR_BAR0 + 4 * bar.index, 4, (bar.addr & ~(bar.size - 1) & 0xFFFF_FFFF) | bar.flags())
+        if bar.kind == "mem64":
+            self._set(PCIR_BAR0 + 4 * (bar.index + 1), 4, bar.addr >> 32)
 
     def set_bar_address(self, index: int, addr: int) -> None:
         bar = self.bars[index]
@@ -248,12 +265,18 @@ class PciFunction(Device):
         start = offset - register
         raw[start:start + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")[: 4 - start]
         written = int.from_bytes(raw, "little")
+        upper = self._upper_half_of(index)
+        if upper is not None:
+            # The upper dword of a 64-bit BAR: every bit is an address bit (BARs are < 4 GiB).
+            upper.addr = (written << 32) | (upper.addr & 0xFFFF_FFFF)
+            self._set(register, 4, written)
+            return
         bar = self.bars.get(index)
         if bar is None:
             return  # unimplemented BARs are hardwired to zero
         mask = ~(bar.size - 1) & (0xFFFF_FFFC if bar.kind == "io" else 0xFFFF_FFF0)
-        bar.addr = written & mask
-        self._set(register, 4, bar.addr | bar.flags())
+        bar.addr = (bar.addr & ~0xFFFF_FFFF) | (written & mask)
+        self._set(register, 4, (bar.addr & 0xFFFF_FFFF) | bar.flags())
 
     # ---- decoding --------------------------------------------------------------------------
     def io_bar_at(self, port: int) -> Bar | None:
@@ -268,7 +291,7 @@ class PciFunction(Device):
         if not self.command & CMD_MEM:
             return None
         for bar in self.bars.values():
-            if bar.kind == "mem32" and bar.contains(gpa):
+            if bar.is_memory and bar.contains(gpa):
                 return bar
         return None
 
@@ -348,8 +371,9 @@ class PciFunction(Device):
             if bar is None or (bar.kind, bar.size) != (item["kind"], item["size"]):
                 raise ValueError(f"{where}: BAR {item['index']} was saved as {item['kind']} of {item['size']:#x} bytes; "
                                  f"this function has {'none' if bar is None else f'{bar.kind} of {bar.size:#x} bytes'}")
-            if not 0 <= item["addr"] < (1 << 32) or item["addr"] % bar.size:
-                raise ValueError(f"{where}: BAR {item['index']} address {item['addr']:#x} is not a {bar.size:#x}-aligned 32-bit address")
+            width = 64 if bar.kind == "mem64" else 32
+            if not 0 <= item["addr"] < (1 << width) or item["addr"] % bar.size:
+                raise ValueError(f"{where}: BAR {item['index']} address {item['addr']:#x} is not a {bar.size:#x}-aligned {width}-bit address")
         self.config[:] = config
         for item in saved_bars:
             self.bars[item["index"]].addr = item["addr"]

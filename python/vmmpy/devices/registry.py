@@ -7,6 +7,8 @@ Only complete devices are listed: each emulates its interface, pauses, saves and
 
 from __future__ import annotations
 
+from .ahci import AhciHd
+from .nvme import Nvme
 from .pci import HostBridge, LpcBridge, PciBus, PciFunction
 from .pm import PowerManagement
 from .uart import Uart
@@ -17,7 +19,8 @@ from .virtio_rnd import VirtioRandom
 from .virtio_scsi import VirtioScsi
 
 PCI_EMULATIONS: dict[str, type[PciFunction]] = {
-    cls.EMULATION: cls for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole, VirtioNet, VirtioScsi)
+    cls.EMULATION: cls
+    for cls in (HostBridge, LpcBridge, VirtioBlock, VirtioRandom, VirtioConsole, VirtioNet, VirtioScsi, Nvme, AhciHd)
 }
 
 #: The machine's legacy devices (always present): section name -> class.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .. import platform as P
 from ..asm import Program, assemble
 from ._common import Argument
-from . import abtest, blktest, console, hash, memtouch, nettest, rndtest, scsitest, vconsole
+from . import abtest, ahcitest, blktest, console, hash, memtouch, nettest, nvmetest, rndtest, scsitest, vconsole
 
 __all__ = ["Argument", "GuestProgram", "PROGRAMS", "load_program", "memory_layout", "parse_guest_args"]
 
@@ -37,7 +37,7 @@ class GuestProgram:
 
 PROGRAMS: dict[str, GuestProgram] = {
     module.NAME: GuestProgram(module.NAME, module.DESCRIPTION, module.ARGUMENTS, module.build)
-    for module in (abtest, memtouch, hash, console, blktest, rndtest, vconsole, nettest, scsitest)
+    for module in (abtest, memtouch, hash, console, blktest, rndtest, vconsole, nettest, scsitest, nvmetest, ahcitest)
 }
 
 

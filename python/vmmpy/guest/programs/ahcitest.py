@@ -1,0 +1,669 @@
+"""ahcitest: an AHCI driver that writes a pattern to every sector of the SATA disk on port 0,
+flushes, reads everything back, compares, and prints a digest of what it read.
+
+The driver: finds the HBA (8086:2821) on PCI bus 0, takes the ABAR from BAR 5 and the I/O APIC
+pin from the interrupt line register, resets the HBA (GHC.HR), checks port 0 is implemented
+with a disk (PxSSTS.DET = 3, PxSIG = 0x101), points PxCLB at a command list at 2 MiB and PxFB
+at a received-FIS area, clears PxSERR/PxIS/IS, enables interrupts (``mode=irq``: PxIE for
+DHRS/TFES/HBFS and GHC.IE; the handler clears PxIS and IS, which drops the line, then EOIs) and
+starts the port (PxCMD FRE|ST). It IDENTIFYs the disk (serial, 48-bit capacity), then writes
+and reads every sector with blktest's pattern and digest, ``batch`` commands at a time in
+slots 0..batch-1 (one PxCI write issues them all) of ``request_sectors`` sectors each, every
+command a Register H2D FIS (WRITE/READ DMA EXT) and a PRDT of 4 KiB entries; a FLUSH CACHE EXT
+after the writes. ``mode=poll`` leaves interrupts off and polls PxCI. It checks PxTFD after
+every batch and PRDBC after every read.
+
+Console::
+
+    ahcitest: disk SERIAL, N sectors
+    ahcitest: wrote N sectors in R commands, flushed
+    ahcitest: read back N sectors, all match, digest 0x0123456789abcdef
+    ahcitest: done (irq: I interrupts | poll)
+    ahcitest: command failed, tfd 0xT, ci 0xC        (instead, on a task file error)
+    ahcitest: MISMATCH sector S qword K              (instead, on the first bad qword)
+"""
+
+from __future__ import annotations
+
+from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from .hash import MIX_INCREMENT, MIX_MULTIPLIER
+
+NAME = "ahcitest"
+DESCRIPTION = "drives an AHCI SATA disk: writes a pattern to every sector, reads it back, checks it and prints a digest"
+ARGUMENTS = (
+    Argument("seed", "1", "pattern seed"),
+    Argument("batch", "4", "commands issued per PxCI write (1 .. 16)"),
+    Argument("request_sectors", "8", "sectors per command (1 .. 64)"),
+    Argument("mode", "irq", "irq: wait for the INTx interrupt; poll: interrupts off, poll PxCI"),
+    Argument("sectors", "0", "cover only the first N sectors; 0 = the whole disk"),
+)
+
+AHCI_VENDOR = 0x8086
+AHCI_DEVICE = 0x2821
+AHCI_VECTOR = 0x50
+IOAPIC_BASE = 0xFEC0_0000
+CLB = 0x20_0000
+FB = 0x20_1000
+CTBASE = 0x20_2000
+IDBUF = 0x20_4000
+SERBUF = 0x20_4400
+DATA = 0x21_0000
+SLOT_STRIDE = 0x8000
+
+
+def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int):
+    a = ArgReader(NAME, args, ARGUMENTS)
+    seed = a.integer("seed")
+    batch = a.integer("batch", minimum=1, maximum=16)
+    request_sectors = a.integer("request_sectors", minimum=1, maximum=64)
+    mode = a.choice("mode", ("irq", "poll"))
+    limit = a.integer("sectors", maximum=(1 << 48))
+    check_memory(NAME, lowmem_size, DATA + batch * SLOT_STRIDE)
+    irq = 1 if mode == "irq" else 0
+    vectors = "\n".join(f"        .qword {'ah_irq_handler' if v == AHCI_VECTOR else 'ah_spurious'}" for v in range(256))
+    body = f"""
+start:
+        call ah_find
+        test rax, rax
+        jnz found
+        PRINT msg_nodev
+        call poweroff
+found:
+        mov rdi, var_cfgaddr
+        st64 [rdi], rax
+        add rax, 0x24                   ; BAR 5: ABAR
+        call ah_cfg_read
+        and rax, ~15
+        mov rbp, rax                    ; rbp = ABAR, for good
+        mov rax, 1
+        st32 [rbp + 0x04], rax          ; GHC.HR
+wait_reset:
+        ld32 rax, [rbp + 0x04]
+        and rax, 1
+        jnz wait_reset
+        ld32 rax, [rbp + 0x0c]          ; PI: port 0
+        and rax, 1
+        jz no_disk
+        ld32 rax, [rbp + 0x128]         ; PxSSTS.DET = 3: device present, link up
+        and rax, 15
+        cmp rax, 3
+        jne no_disk
+        ld32 rax, [rbp + 0x124]         ; PxSIG: an ATA disk
+        cmp rax, 0x101
+        je disk_ok
+no_disk:
+        PRINT msg_nodisk
+        call poweroff
+disk_ok:
+        mov rax, CLB
+        st32 [rbp + 0x100], rax
+        mov rax, 0
+        st32 [rbp + 0x104], rax
+        mov rax, FB
+        st32 [rbp + 0x108], rax
+        mov rax, 0
+        st32 [rbp + 0x10c], rax
+        movabs rax, 0xffffffff
+        st32 [rbp + 0x130], rax         ; PxSERR
+        st32 [rbp + 0x110], rax         ; PxIS
+        st32 [rbp + 0x08], rax          ; IS
+        mov rax, IRQ
+        test rax, rax
+        jz no_irq
+        call ah_irq_setup
+        mov rax, 0x60000001             ; PxIE: TFES, HBFS, DHRS
+        st32 [rbp + 0x114], rax
+        movabs rax, 0x80000002          ; GHC: AE, IE
+        st32 [rbp + 0x04], rax
+no_irq:
+        mov rax, 0x17                   ; PxCMD: FRE, POD, SUD, ST
+        st32 [rbp + 0x118], rax
+
+        ; IDENTIFY DEVICE in slot 0
+        mov rcx, 0
+        mov rax, 0xec
+        mov rbx, 0
+        mov rdx, 1
+        mov rsi, IDBUF
+        mov r8, 0
+        call build_cmd
+        mov r9, 1
+        call issue
+        mov rdi, CLB + 4                ; PRDBC: 512 bytes
+        ld32 rax, [rdi]
+        cmp rax, 512
+        jne short_transfer
+        mov rcx, 0                      ; serial: words 10-19, bytes swapped in each word
+ser_copy:
+        mov rdi, rcx
+        xor rdi, 1
+        add rdi, IDBUF + 20
+        ld8 rax, [rdi]
+        mov rdi, rcx
+        add rdi, SERBUF
+        st8 [rdi], rax
+        inc rcx
+        cmp rcx, 20
+        jb ser_copy
+        mov rdi, SERBUF + 20
+        mov rax, 0
+        st8 [rdi], rax
+trim:
+        dec rdi
+        ld8 rax, [rdi]
+        cmp rax, 32
+        jne trimmed
+        mov rax, 0
+        st8 [rdi], rax
+        cmp rdi, SERBUF
+        ja trim
+trimmed:
+        mov rdi, IDBUF
+        ld64 rbx, [rdi + 200]           ; words 100-103: 48-bit capacity
+        movabs rax, LIMIT
+        test rax, rax
+        jz no_limit
+        cmp rbx, rax
+        jbe no_limit
+        mov rbx, rax
+no_limit:
+        mov rdi, var_capacity
+        st64 [rdi], rbx
+        PRINT msg_disk
+        PRINT SERBUF
+        PRINT msg_comma
+        PRINT_DEC rbx
+        PRINT msg_sectors
+
+        mov rax, 0x35                   ; WRITE DMA EXT
+        call pass
+        mov rcx, 0                      ; FLUSH CACHE EXT
+        mov rax, 0xea
+        mov rbx, 0
+        mov rdx, 0
+        mov rsi, 0
+        mov r8, 0
+        call build_cmd
+        mov r9, 1
+        call issue
+        PRINT msg_wrote
+        mov rdi, var_capacity
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_in
+        mov rdi, var_commands
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_flushed
+
+        movabs rax, SEED
+        mov rdi, var_digest
+        st64 [rdi], rax
+        mov rax, 0x25                   ; READ DMA EXT
+        call pass
+        PRINT msg_read
+        mov rdi, var_capacity
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_match
+        mov rdi, var_digest
+        ld64 rax, [rdi]
+        PRINT_HEX16 rax
+        PRINT msg_newline
+        mov rax, 0                      ; stop the port
+        st32 [rbp + 0x118], rax
+        mov rax, IRQ
+        test rax, rax
+        jz report_poll
+        PRINT msg_done_irq
+        mov rdi, var_irqs
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_interrupts
+        call poweroff
+report_poll:
+        PRINT msg_done_poll
+        call poweroff
+short_transfer:
+        PRINT msg_short
+        call poweroff
+
+; pass: rax = ATA command (0x35 write, 0x25 read): every sector in batches
+pass:
+        mov rdi, var_type
+        st64 [rdi], rax
+        mov r14, 0                      ; r14 = next sector
+pass_batch:
+        mov rdi, var_capacity
+        ld64 r13, [rdi]
+        cmp r14, r13
+        jae pass_done
+        mov rcx, 0                      ; rcx = slot
+pass_fill:
+        cmp rcx, BATCH
+        jae pass_submit
+        cmp r14, r13
+        jae pass_submit
+        mov r10, r13
+        sub r10, r14
+        cmp r10, REQUEST_SECTORS
+        jbe pass_n_ok
+        mov r10, REQUEST_SECTORS
+pass_n_ok:
+        mov rsi, rcx
+        mul rsi, SLOT_STRIDE
+        add rsi, DATA
+        mov rdi, var_type
+        ld64 rax, [rdi]
+        mov r8, 0
+        cmp rax, 0x35
+        jne pass_no_fill
+        mov r8, 1
+        call fill_buffer
+pass_no_fill:
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_count
+        st64 [rdi], r10
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_first
+        st64 [rdi], r14
+        mov rbx, r14
+        mov rdx, r10
+        call build_cmd
+        mov rdi, var_commands
+        ld64 rax, [rdi]
+        inc rax
+        st64 [rdi], rax
+        add r14, r10
+        inc rcx
+        jmp pass_fill
+pass_submit:
+        mov r9, rcx
+        call issue
+        mov rdi, var_type
+        ld64 rax, [rdi]
+        cmp rax, 0x25
+        jne pass_batch
+        mov rcx, 0
+pass_check:
+        cmp rcx, r9
+        jae pass_batch
+        mov rsi, rcx
+        mul rsi, SLOT_STRIDE
+        add rsi, DATA
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_first
+        ld64 rbx, [rdi]
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_count
+        ld64 r10, [rdi]
+        mov rdi, rcx                    ; PRDBC must be the whole transfer
+        shl rdi, 5
+        add rdi, CLB + 4
+        ld32 rax, [rdi]
+        mov rdx, r10
+        shl rdx, 9
+        cmp rax, rdx
+        jne short_transfer
+        call check_buffer
+        inc rcx
+        jmp pass_check
+pass_done:
+        ret
+
+; build_cmd: rcx = slot, rax = ATA command, rbx = LBA, rdx = sectors (0: no data), rsi = buffer,
+; r8 = 1 for a write. Command header, Register H2D FIS and PRDT (4 KiB entries).
+build_cmd:
+        push rax
+        push rbx
+        push rdx
+        push rdi
+        push rsi
+        push r10
+        push r11
+        mov r11, rcx                    ; r11 = command table
+        shl r11, 8
+        add r11, CTBASE
+        mov r10, rax                    ; FIS dword 0: type, C, command
+        shl r10, 16
+        or r10, 0x8027
+        st32 [r11], r10
+        mov rax, rbx
+        and rax, 0xffffff
+        or rax, 0x40000000              ; device: LBA mode
+        st32 [r11 + 4], rax
+        mov rax, rbx
+        shr rax, 24
+        and rax, 0xffffff
+        st32 [r11 + 8], rax
+        st32 [r11 + 12], rdx            ; count
+        mov rax, 0
+        st32 [r11 + 16], rax
+        mov r10, 0                      ; r10 = PRD count
+        shl rdx, 9                      ; rdx = bytes left
+        mov rdi, r11
+        add rdi, 0x80
+build_prd:
+        test rdx, rdx
+        jz build_header
+        mov rax, rdx
+        cmp rax, 4096
+        jbe build_chunk
+        mov rax, 4096
+build_chunk:
+        st32 [rdi], rsi
+        mov rbx, 0
+        st32 [rdi + 4], rbx
+        st32 [rdi + 8], rbx
+        sub rdx, rax
+        add rsi, rax
+        dec rax
+        st32 [rdi + 12], rax
+        add rdi, 16
+        inc r10
+        jmp build_prd
+build_header:
+        mov rdi, rcx
+        shl rdi, 5
+        add rdi, CLB
+        mov rax, r10
+        shl rax, 16
+        or rax, 5                       ; CFL: 5 dwords
+        test r8, r8
+        jz build_not_write
+        or rax, 0x40                    ; W
+build_not_write:
+        st32 [rdi], rax
+        mov rax, 0
+        st32 [rdi + 4], rax             ; PRDBC
+        st32 [rdi + 8], r11
+        st32 [rdi + 12], rax
+        pop r11
+        pop r10
+        pop rsi
+        pop rdi
+        pop rdx
+        pop rbx
+        pop rax
+        ret
+
+; issue: r9 = commands in slots 0..r9-1: PxCI, then wait (irq or poll) and check PxTFD
+issue:
+        push rax
+        push rbx
+        push rdi
+        mov rax, 1
+        shl rax, r9
+        dec rax
+        st32 [rbp + 0x138], rax
+        mov rbx, IRQ
+        test rbx, rbx
+        jz issue_poll
+issue_wait:
+        cli
+        mov rdi, var_irq_flag
+        ld64 rbx, [rdi]
+        test rbx, rbx
+        jnz issue_got
+        sti
+        hlt
+        jmp issue_wait
+issue_got:
+        mov rbx, 0
+        st64 [rdi], rbx
+        ld32 rbx, [rbp + 0x138]
+        test rbx, rbx
+        jnz issue_failed
+        jmp issue_check
+issue_poll:
+        ld32 rbx, [rbp + 0x120]
+        and rbx, 1
+        jnz issue_failed
+        ld32 rbx, [rbp + 0x138]
+        test rbx, rax
+        jz issue_polled
+        pause
+        jmp issue_poll
+issue_polled:
+        ld32 rbx, [rbp + 0x110]
+        st32 [rbp + 0x110], rbx         ; clear PxIS
+issue_check:
+        ld32 rbx, [rbp + 0x120]
+        and rbx, 1
+        jnz issue_failed
+        pop rdi
+        pop rbx
+        pop rax
+        ret
+issue_failed:
+        PRINT msg_failed
+        ld32 rax, [rbp + 0x120]
+        PRINT_HEX rax
+        PRINT msg_ci
+        ld32 rax, [rbp + 0x138]
+        PRINT_HEX rax
+        PRINT msg_newline
+        call poweroff
+
+; pattern_qword: rax = index -> rax = mix(SEED, index)
+pattern_qword:
+        push rcx
+        movabs rcx, SEED
+        xor rax, rcx
+        movabs rcx, MIX_INCREMENT
+        add rax, rcx
+        movabs rcx, MIX_MULTIPLIER
+        mul rax, rcx
+        mov rcx, rax
+        shr rcx, 31
+        xor rax, rcx
+        pop rcx
+        ret
+
+; fill_buffer: rsi = buffer, r14 = first sector, r10 = sectors
+fill_buffer:
+        push rax
+        push rbx
+        push rdx
+        push rdi
+        mov rbx, r14
+        shl rbx, 6
+        mov rdx, r10
+        shl rdx, 6
+        add rdx, rbx
+        mov rdi, rsi
+fill_next:
+        mov rax, rbx
+        call pattern_qword
+        st64 [rdi], rax
+        add rdi, 8
+        inc rbx
+        cmp rbx, rdx
+        jb fill_next
+        pop rdi
+        pop rdx
+        pop rbx
+        pop rax
+        ret
+
+; check_buffer: rsi = buffer, rbx = first sector, r10 = sectors; compares and folds the digest
+check_buffer:
+        push rax
+        push rbx
+        push rdx
+        push rdi
+        push r11
+        push r13
+        shl rbx, 6
+        mov rdx, r10
+        shl rdx, 6
+        add rdx, rbx
+        mov rdi, rsi
+        mov r11, var_digest
+        ld64 r13, [r11]
+check_next:
+        mov rax, rbx
+        call pattern_qword
+        ld64 r8, [rdi]
+        cmp rax, r8
+        jne check_bad
+        xor r13, r8
+        movabs rax, MIX_INCREMENT
+        add r13, rax
+        movabs rax, MIX_MULTIPLIER
+        mul r13, rax
+        mov rax, r13
+        shr rax, 31
+        xor r13, rax
+        add rdi, 8
+        inc rbx
+        cmp rbx, rdx
+        jb check_next
+        st64 [r11], r13
+        pop r13
+        pop r11
+        pop rdi
+        pop rdx
+        pop rbx
+        pop rax
+        ret
+check_bad:
+        PRINT msg_mismatch
+        mov rax, rbx
+        shr rax, 6
+        PRINT_DEC rax
+        PRINT msg_qword
+        mov rax, rbx
+        and rax, 63
+        PRINT_DEC rax
+        PRINT msg_newline
+        call poweroff
+
+
+; ---- PCI and interrupts ---------------------------------------------------------------------
+ah_find:
+        push rcx
+        push rdx
+        movabs rcx, 0x80000000
+        movabs rdx, 0x80010000
+ah_find_next:
+        mov rax, rcx
+        out32 0xcf8, rax
+        in32 rax, 0xcfc
+        cmp rax, (AHCI_DEVICE << 16) | AHCI_VENDOR
+        je ah_find_hit
+        add rcx, 0x100
+        cmp rcx, rdx
+        jb ah_find_next
+        mov rax, 0
+        jmp ah_find_out
+ah_find_hit:
+        mov rax, rcx
+ah_find_out:
+        pop rdx
+        pop rcx
+        ret
+
+ah_cfg_read:
+        out32 0xcf8, rax
+        in32 rax, 0xcfc
+        ret
+
+ah_irq_setup:
+        push rax
+        push rbx
+        push rcx
+        mov rax, ah_vectors
+        lidt rax
+        movabs rbx, LAPIC_BASE
+        mov rax, SVR_APIC_ENABLE | 0xff
+        st32 [rbx + LAPIC_SVR], rax
+        mov rax, var_cfgaddr
+        ld64 rax, [rax]
+        add rax, 0x3c
+        call ah_cfg_read
+        and rax, 0xff
+        mov rcx, rax
+        shl rcx, 1
+        add rcx, 0x10
+        movabs rbx, IOAPIC_BASE
+        st32 [rbx], rcx
+        mov rax, AHCI_VECTOR | 0x8000   ; fixed, physical, level-triggered, unmasked
+        st32 [rbx + 0x10], rax
+        inc rcx
+        st32 [rbx], rcx
+        mov rax, 0
+        st32 [rbx + 0x10], rax
+        pop rcx
+        pop rbx
+        pop rax
+        ret
+
+; the handler clears PxIS, then IS (the line drops), counts, flags, EOIs
+ah_irq_handler:
+        push rax
+        push rdi
+        ld32 rax, [rbp + 0x110]
+        st32 [rbp + 0x110], rax
+        mov rax, 1
+        st32 [rbp + 0x08], rax
+        mov rdi, var_irqs
+        ld64 rax, [rdi]
+        inc rax
+        st64 [rdi], rax
+        mov rdi, var_irq_flag
+        mov rax, 1
+        st64 [rdi], rax
+        movabs rdi, LAPIC_BASE
+        mov rax, 0
+        st32 [rdi + LAPIC_EOI], rax
+        pop rdi
+        pop rax
+        iret
+ah_spurious:
+        iret
+
+.align 8
+var_cfgaddr:    .qword 0
+var_irq_flag:   .qword 0
+var_irqs:       .qword 0
+var_capacity:   .qword 0
+var_type:       .qword 0
+var_digest:     .qword 0
+var_commands:   .qword 0
+var_first:      .space 8 * 16
+var_count:      .space 8 * 16
+msg_nodev:      .asciz {asm_string("ahcitest: no AHCI controller on PCI bus 0" + chr(10))}
+msg_nodisk:     .asciz {asm_string("ahcitest: no disk on port 0" + chr(10))}
+msg_short:      .asciz {asm_string("ahcitest: a transfer moved too few bytes" + chr(10))}
+msg_disk:       .asciz {asm_string("ahcitest: disk ")}
+msg_comma:      .asciz {asm_string(", ")}
+msg_sectors:    .asciz {asm_string(" sectors" + chr(10))}
+msg_wrote:      .asciz {asm_string("ahcitest: wrote ")}
+msg_in:         .asciz {asm_string(" sectors in ")}
+msg_flushed:    .asciz {asm_string(" commands, flushed" + chr(10))}
+msg_read:       .asciz {asm_string("ahcitest: read back ")}
+msg_match:      .asciz {asm_string(" sectors, all match, digest 0x")}
+msg_done_irq:   .asciz {asm_string("ahcitest: done (irq: ")}
+msg_interrupts: .asciz {asm_string(" interrupts)" + chr(10))}
+msg_done_poll:  .asciz {asm_string("ahcitest: done (poll)" + chr(10))}
+msg_failed:     .asciz {asm_string("ahcitest: command failed, tfd 0x")}
+msg_ci:         .asciz {asm_string(", ci 0x")}
+msg_mismatch:   .asciz {asm_string("ahcitest: MISMATCH sector ")}
+msg_qword:      .asciz {asm_string(" qword ")}
+msg_newline:    .asciz {asm_string(chr(10))}
+.align 8
+ah_vectors:
+{vectors}
+"""
+    constants = {
+        "AHCI_VENDOR": AHCI_VENDOR, "AHCI_DEVICE": AHCI_DEVICE, "AHCI_VECTOR": AHCI_VECTOR, "IOAPIC_BASE": IOAPIC_BASE,
+        "CLB": CLB, "FB": FB, "CTBASE": CTBASE, "IDBUF": IDBUF, "SERBUF": SERBUF, "DATA": DATA, "SLOT_STRIDE": SLOT_STRIDE,
+        "SEED": seed, "MIX_INCREMENT": MIX_INCREMENT, "MIX_MULTIPLIER": MIX_MULTIPLIER,
+        "BATCH": batch, "REQUEST_SECTORS": request_sectors, "LIMIT": limit, "IRQ": irq,
+    }
+    return assemble_program(NAME, body, constants)

@@ -1,0 +1,868 @@
+"""nvmetest: an NVMe driver that writes a pattern to every block of namespace 1, flushes, reads
+everything back, compares, and prints a digest of what it read.
+
+The driver: finds the controller (fb5d:0a0a) on PCI bus 0, takes the register base from the
+64-bit memory BAR 0 (BAR 0 low dword, BAR 1 high dword, which must be 0) and the I/O APIC pin
+from the interrupt line register; disables the controller, sets up an admin queue pair of 8
+entries (AQA, ASQ, ACQ), enables it and waits for CSTS.RDY. It then identifies the controller
+(serial) and namespace 1 (size, 512-byte LBA format), asks for one I/O queue pair (SET FEATURES
+Number of Queues), creates I/O completion queue 1 and I/O submission queue 1 of 16 entries, and
+writes and reads the namespace in batches of ``batch`` commands of ``request_blocks`` blocks
+each: the commands go into the SQ, one tail doorbell write announces the batch, and the driver
+takes the completions by their phase tags and releases them with one CQ head doorbell write.
+Each data buffer starts ``offset`` bytes into a page, so a transfer may use PRP2 for its second
+page. Interrupts (``mode=irq``): pin-based, the handler masks them (INTMS) and the driver
+unmasks (INTMC) after releasing the completions; ``mode=poll`` masks them for good and creates
+the I/O CQ with interrupts off. At the end it deletes the I/O queues and shuts the controller
+down (CC.SHN, CSTS.SHST).
+
+Pattern and digest are blktest's, with LBAs for sectors (``blktest.reference_digest`` and
+``reference_image`` give the expected values).
+
+Console::
+
+    nvmetest: controller SERIAL, namespace 1: N blocks
+    nvmetest: wrote N blocks in R commands, flushed
+    nvmetest: read back N blocks, all match, digest 0x0123456789abcdef
+    nvmetest: done (irq: I interrupts | poll)
+    nvmetest: command failed, queue Q, status 0xS      (instead, on an error completion)
+    nvmetest: MISMATCH block B qword K                 (instead, on the first bad qword)
+"""
+
+from __future__ import annotations
+
+from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from .hash import MIX_INCREMENT, MIX_MULTIPLIER
+
+NAME = "nvmetest"
+DESCRIPTION = "drives an NVMe controller: writes a pattern to every block of namespace 1, reads it back, checks it and prints a digest"
+ARGUMENTS = (
+    Argument("seed", "1", "pattern seed"),
+    Argument("batch", "4", "commands per submission queue doorbell write (1 .. 15)"),
+    Argument("request_blocks", "8", "512-byte blocks per command (1 .. 16; with offset, at most two pages)"),
+    Argument("offset", "0", "byte offset of each data buffer in its page (a multiple of 4)"),
+    Argument("mode", "irq", "irq: wait for the INTx interrupt; poll: interrupts masked, poll the phase tags"),
+    Argument("blocks", "0", "cover only the first N blocks; 0 = the whole namespace"),
+)
+
+NVME_VENDOR = 0xFB5D
+NVME_DEVICE = 0x0A0A
+NVME_VECTOR = 0x50
+IOAPIC_BASE = 0xFEC0_0000
+ADMIN_ENTRIES = 8
+IO_ENTRIES = 16
+ASQ = 0x20_0000
+ACQ = 0x20_1000
+IOSQ = 0x20_2000
+IOCQ = 0x20_3000
+IDBUF = 0x20_4000
+NSBUF = 0x20_5000
+DATA = 0x21_0000
+SLOT_STRIDE = 0x3000
+
+
+def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int):
+    a = ArgReader(NAME, args, ARGUMENTS)
+    seed = a.integer("seed")
+    batch = a.integer("batch", minimum=1, maximum=IO_ENTRIES - 1)
+    request_blocks = a.integer("request_blocks", minimum=1, maximum=16)
+    offset = a.integer("offset", maximum=4092)
+    if offset % 4:
+        raise a.fail("offset", "must be a multiple of 4 (PRP1 is dword aligned)")
+    if offset + request_blocks * 512 > 8192:
+        raise a.fail("offset", f"with request_blocks={request_blocks} a buffer would span more than two pages")
+    mode = a.choice("mode", ("irq", "poll"))
+    limit = a.integer("blocks", maximum=(1 << 48))
+    check_memory(NAME, lowmem_size, DATA + batch * SLOT_STRIDE)
+    irq = 1 if mode == "irq" else 0
+    vectors = "\n".join(f"        .qword {'nv_irq_handler' if v == NVME_VECTOR else 'nv_spurious'}" for v in range(256))
+    body = f"""
+start:
+        call nv_find
+        test rax, rax
+        jnz found
+        PRINT msg_nodev
+        call poweroff
+found:
+        mov rdi, var_cfgaddr
+        st64 [rdi], rax
+        add rax, 0x14                   ; BAR 1: the high dword of the 64-bit BAR 0
+        call nv_cfg_read
+        test rax, rax
+        jz bar_low
+        PRINT msg_highbar
+        call poweroff
+bar_low:
+        mov rdi, var_cfgaddr
+        ld64 rax, [rdi]
+        add rax, 0x10
+        call nv_cfg_read
+        and rax, ~15
+        mov rdi, var_bar
+        st64 [rdi], rax
+        mov rbp, rax                    ; rbp = register base, for good
+        ld64 rax, [rbp]                 ; CAP: DSTRD must be 0
+        shr rax, 32
+        and rax, 15
+        jz cap_ok
+        PRINT msg_stride
+        call poweroff
+cap_ok:
+        mov rax, 0                      ; disable, wait for RDY = 0
+        st32 [rbp + 0x14], rax
+wait_not_ready:
+        ld32 rax, [rbp + 0x1c]
+        and rax, 1
+        jnz wait_not_ready
+        mov rax, ((ADMIN_ENTRIES - 1) << 16) | (ADMIN_ENTRIES - 1)
+        st32 [rbp + 0x24], rax
+        mov rax, ASQ
+        st64 [rbp + 0x28], rax
+        mov rax, ACQ
+        st64 [rbp + 0x30], rax
+        mov rax, IRQ
+        test rax, rax
+        jz mask_all
+        call nv_irq_setup
+        jmp enable
+mask_all:
+        mov rax, 1
+        st32 [rbp + 0x0c], rax          ; INTMS: no interrupts at all
+enable:
+        mov rax, 1 | (6 << 16) | (4 << 20)   ; EN, IOSQES 64 bytes, IOCQES 16 bytes
+        st32 [rbp + 0x14], rax
+wait_ready:
+        ld32 rax, [rbp + 0x1c]
+        mov rbx, rax
+        and rbx, 2                      ; CFS
+        jnz fatal
+        and rax, 1
+        jz wait_ready
+
+        ; IDENTIFY controller (CNS 1): the serial
+        mov rax, 6
+        mov rbx, 0
+        mov rcx, IDBUF
+        mov rdx, 1
+        mov rsi, 0
+        call admin
+        mov rdi, IDBUF + 24
+        mov rax, 0
+        st8 [rdi], rax
+trim:
+        dec rdi
+        ld8 rax, [rdi]
+        cmp rax, 32
+        jne trimmed
+        mov rax, 0
+        st8 [rdi], rax
+        cmp rdi, IDBUF + 4
+        ja trim
+trimmed:
+        ; IDENTIFY namespace 1 (CNS 0): size and LBA format
+        mov rax, 6
+        mov rbx, 1
+        mov rcx, NSBUF
+        mov rdx, 0
+        mov rsi, 0
+        call admin
+        mov rdi, NSBUF
+        ld32 rax, [rdi + 128]
+        shr rax, 16
+        and rax, 0xff
+        cmp rax, 9
+        je lba_ok
+        PRINT msg_lbaf
+        call poweroff
+lba_ok:
+        ld64 rbx, [rdi]
+        movabs rax, LIMIT
+        test rax, rax
+        jz no_limit
+        cmp rbx, rax
+        jbe no_limit
+        mov rbx, rax
+no_limit:
+        mov rdi, var_capacity
+        st64 [rdi], rbx
+        PRINT msg_ctrl
+        PRINT IDBUF + 4
+        PRINT msg_ns
+        PRINT_DEC rbx
+        PRINT msg_blocks
+
+        ; one I/O queue pair: SET FEATURES (Number of Queues), CREATE CQ 1, CREATE SQ 1
+        mov rax, 9
+        mov rbx, 0
+        mov rcx, 0
+        mov rdx, 7
+        mov rsi, 0
+        call admin
+        mov rax, 5
+        mov rbx, 0
+        mov rcx, IOCQ
+        mov rdx, ((IO_ENTRIES - 1) << 16) | 1
+        mov rsi, 1 | (IRQ << 1)         ; physically contiguous, interrupts as the mode says
+        call admin
+        mov rax, 1
+        mov rbx, 0
+        mov rcx, IOSQ
+        mov rdx, ((IO_ENTRIES - 1) << 16) | 1
+        mov rsi, 1 | (1 << 16)          ; physically contiguous, completions to CQ 1
+        call admin
+
+        ; write pass, flush
+        mov rax, 1                      ; WRITE
+        call pass
+        call cmd_clear
+        mov rdi, var_cmd
+        mov rax, 0                      ; FLUSH
+        st32 [rdi], rax
+        mov rax, 1
+        st32 [rdi + 4], rax
+        mov rax, 1
+        call sq_add
+        call sq_ring
+        mov rbx, 1
+        call cq_collect
+        PRINT msg_wrote
+        mov rdi, var_capacity
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_in
+        mov rdi, var_commands
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_flushed
+
+        ; read pass: check and digest
+        movabs rax, SEED
+        mov rdi, var_digest
+        st64 [rdi], rax
+        mov rax, 2                      ; READ
+        call pass
+        PRINT msg_read
+        mov rdi, var_capacity
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_match
+        mov rdi, var_digest
+        ld64 rax, [rdi]
+        PRINT_HEX16 rax
+        PRINT msg_newline
+
+        ; tear down: DELETE SQ 1, DELETE CQ 1, shutdown notification
+        mov rax, 0
+        mov rbx, 0
+        mov rcx, 0
+        mov rdx, 1
+        mov rsi, 0
+        call admin
+        mov rax, 4
+        call admin
+        ld32 rax, [rbp + 0x14]
+        or rax, 1 << 14
+        st32 [rbp + 0x14], rax
+wait_shutdown:
+        ld32 rax, [rbp + 0x1c]
+        shr rax, 2
+        and rax, 3
+        cmp rax, 2
+        jne wait_shutdown
+        mov rax, IRQ
+        test rax, rax
+        jz report_poll
+        PRINT msg_done_irq
+        mov rdi, var_irqs
+        ld64 rax, [rdi]
+        PRINT_DEC rax
+        PRINT msg_interrupts
+        call poweroff
+report_poll:
+        PRINT msg_done_poll
+        call poweroff
+fatal:
+        PRINT msg_fatal
+        call poweroff
+
+; pass: rax = opcode (1 write, 2 read): every block in batches on I/O queue 1
+pass:
+        mov rdi, var_type
+        st64 [rdi], rax
+        mov r14, 0                      ; r14 = next block
+pass_batch:
+        mov rdi, var_capacity
+        ld64 r13, [rdi]
+        cmp r14, r13
+        jae pass_done
+        mov rcx, 0                      ; rcx = command number in the batch
+pass_fill:
+        cmp rcx, BATCH
+        jae pass_submit
+        cmp r14, r13
+        jae pass_submit
+        mov r10, r13                    ; r10 = blocks in this command
+        sub r10, r14
+        cmp r10, REQUEST_BLOCKS
+        jbe pass_n_ok
+        mov r10, REQUEST_BLOCKS
+pass_n_ok:
+        mov rsi, rcx                    ; rsi = data buffer
+        mul rsi, SLOT_STRIDE
+        add rsi, DATA + OFFSET
+        mov rdi, var_type
+        ld64 rax, [rdi]
+        cmp rax, 1
+        jne pass_no_fill
+        call fill_buffer
+pass_no_fill:
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_count
+        st64 [rdi], r10
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_first
+        st64 [rdi], r14
+        call cmd_clear
+        mov rdi, var_cmd
+        mov rax, var_type
+        ld64 rax, [rax]
+        st32 [rdi], rax                 ; opcode
+        mov rax, 1
+        st32 [rdi + 4], rax             ; namespace 1
+        st64 [rdi + 24], rsi            ; PRP1
+        mov rax, rsi
+        and rax, ~4095
+        add rax, 4096
+        st64 [rdi + 32], rax            ; PRP2: the next page, used if the buffer reaches it
+        st32 [rdi + 40], r14            ; SLBA
+        mov rax, r14
+        shr rax, 32
+        st32 [rdi + 44], rax
+        mov rax, r10
+        dec rax
+        st32 [rdi + 48], rax            ; NLB, 0-based
+        mov rax, 1
+        call sq_add
+        mov rdi, var_commands
+        ld64 rax, [rdi]
+        inc rax
+        st64 [rdi], rax
+        add r14, r10
+        inc rcx
+        jmp pass_fill
+pass_submit:
+        mov r9, rcx
+        mov rax, 1
+        call sq_ring
+        mov rbx, r9
+        call cq_collect
+        mov rdi, var_type
+        ld64 rax, [rdi]
+        cmp rax, 2
+        jne pass_batch
+        mov rcx, 0                      ; reads: check each buffer
+pass_check:
+        cmp rcx, r9
+        jae pass_batch
+        mov rsi, rcx
+        mul rsi, SLOT_STRIDE
+        add rsi, DATA + OFFSET
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_first
+        ld64 rbx, [rdi]
+        mov rdi, rcx
+        shl rdi, 3
+        add rdi, var_count
+        ld64 r10, [rdi]
+        call check_buffer
+        inc rcx
+        jmp pass_check
+pass_done:
+        ret
+
+; admin: rax = opcode, rbx = nsid, rcx = PRP1, rdx = CDW10, rsi = CDW11: one admin command,
+; waited for; its DW0 in var_result
+admin:
+        push rax
+        push rdi
+        call cmd_clear
+        mov rdi, var_cmd
+        st32 [rdi], rax
+        st32 [rdi + 4], rbx
+        st64 [rdi + 24], rcx
+        st32 [rdi + 40], rdx
+        st32 [rdi + 44], rsi
+        push rbx
+        mov rax, 0
+        call sq_add
+        call sq_ring
+        mov rbx, 1
+        call cq_collect
+        pop rbx
+        pop rdi
+        pop rax
+        ret
+
+cmd_clear:
+        push rax
+        push rdi
+        mov rdi, var_cmd
+        mov rax, 0
+        st64 [rdi], rax
+        st64 [rdi + 8], rax
+        st64 [rdi + 16], rax
+        st64 [rdi + 24], rax
+        st64 [rdi + 32], rax
+        st64 [rdi + 40], rax
+        st64 [rdi + 48], rax
+        st64 [rdi + 56], rax
+        pop rdi
+        pop rax
+        ret
+
+; sq_add: rax = queue id: var_cmd (with a fresh command id) into the SQ at its tail
+sq_add:
+        push rax
+        push rbx
+        push rcx
+        push rdx
+        push rdi
+        push rsi
+        mov rbx, rax
+        mov rdi, var_cid
+        ld64 rcx, [rdi]
+        inc rcx
+        and rcx, 0xffff
+        st64 [rdi], rcx
+        mov rdi, var_cmd
+        ld32 rdx, [rdi]
+        and rdx, 0xffff
+        shl rcx, 16
+        or rdx, rcx
+        st32 [rdi], rdx
+        mov rdi, rbx
+        shl rdi, 3
+        add rdi, var_sq_tail
+        ld64 rcx, [rdi]                 ; rcx = tail
+        mov rsi, rbx
+        shl rsi, 3
+        add rsi, var_sq_base
+        ld64 rsi, [rsi]
+        mov rdx, rcx
+        shl rdx, 6
+        add rsi, rdx                    ; rsi = the entry
+        mov rdx, var_cmd
+        ld64 rax, [rdx]
+        st64 [rsi], rax
+        ld64 rax, [rdx + 8]
+        st64 [rsi + 8], rax
+        ld64 rax, [rdx + 16]
+        st64 [rsi + 16], rax
+        ld64 rax, [rdx + 24]
+        st64 [rsi + 24], rax
+        ld64 rax, [rdx + 32]
+        st64 [rsi + 32], rax
+        ld64 rax, [rdx + 40]
+        st64 [rsi + 40], rax
+        ld64 rax, [rdx + 48]
+        st64 [rsi + 48], rax
+        ld64 rax, [rdx + 56]
+        st64 [rsi + 56], rax
+        inc rcx
+        mov rax, rbx
+        shl rax, 3
+        add rax, var_q_size
+        ld64 rax, [rax]
+        rem rcx, rax
+        st64 [rdi], rcx
+        pop rsi
+        pop rdi
+        pop rdx
+        pop rcx
+        pop rbx
+        pop rax
+        ret
+
+; sq_ring: rax = queue id: the SQ tail doorbell
+sq_ring:
+        push rbx
+        push rcx
+        push rdi
+        mov rdi, rax
+        shl rdi, 3
+        mov rbx, rdi
+        add rdi, var_sq_tail
+        ld64 rcx, [rdi]
+        add rbx, rbp
+        st32 [rbx + 0x1000], rcx
+        pop rdi
+        pop rcx
+        pop rbx
+        ret
+
+; cq_collect: rax = queue id, rbx = completions expected. Waits (irq) or polls, takes each by
+; its phase tag, checks its status, releases them with the CQ head doorbell.
+cq_collect:
+        push rax
+        push rbx
+        push rcx
+        push rdx
+        push rdi
+        push rsi
+        push r8
+        push r9
+        push r10
+        mov r8, rax
+        mov r9, rbx
+        mov rax, IRQ
+        test rax, rax
+        jz cq_take
+cq_wait:
+        cli
+        mov rdi, var_irq_flag
+        ld64 rax, [rdi]
+        test rax, rax
+        jnz cq_got_irq
+        sti
+        hlt
+        jmp cq_wait
+cq_got_irq:
+        mov rax, 0
+        st64 [rdi], rax
+cq_take:
+        mov r10, 0
+cq_next:
+        cmp r10, r9
+        jae cq_release
+        mov rdi, r8
+        shl rdi, 3
+        add rdi, var_cq_head
+        ld64 rcx, [rdi]                 ; rcx = head
+        mov rsi, r8
+        shl rsi, 3
+        add rsi, var_cq_base
+        ld64 rsi, [rsi]
+        mov rdx, rcx
+        shl rdx, 4
+        add rsi, rdx                    ; rsi = the entry
+        ld32 rdx, [rsi + 12]
+        mov rax, rdx
+        shr rax, 16
+        and rax, 1
+        mov rbx, r8
+        shl rbx, 3
+        add rbx, var_cq_phase
+        ld64 rbx, [rbx]
+        cmp rax, rbx
+        je cq_new
+        mov rax, IRQ
+        test rax, rax
+        jnz cq_missing
+        pause
+        jmp cq_next
+cq_new:
+        shr rdx, 17
+        and rdx, 0x7fff
+        test rdx, rdx
+        jnz cq_failed
+        ld32 rax, [rsi]
+        mov rbx, var_result
+        st64 [rbx], rax
+        inc rcx
+        mov rax, r8
+        shl rax, 3
+        add rax, var_q_size
+        ld64 rax, [rax]
+        cmp rcx, rax
+        jb cq_no_wrap
+        mov rcx, 0
+        mov rax, r8
+        shl rax, 3
+        add rax, var_cq_phase
+        ld64 rbx, [rax]
+        xor rbx, 1
+        st64 [rax], rbx
+cq_no_wrap:
+        st64 [rdi], rcx
+        inc r10
+        jmp cq_next
+cq_release:
+        mov rdi, r8
+        shl rdi, 3
+        mov rbx, rdi
+        add rdi, var_cq_head
+        ld64 rcx, [rdi]
+        add rbx, rbp
+        st32 [rbx + 0x1004], rcx
+        mov rax, IRQ
+        test rax, rax
+        jz cq_out
+        mov rax, 1
+        st32 [rbp + 0x10], rax          ; INTMC: interrupts back on
+cq_out:
+        pop r10
+        pop r9
+        pop r8
+        pop rsi
+        pop rdi
+        pop rdx
+        pop rcx
+        pop rbx
+        pop rax
+        ret
+cq_failed:
+        PRINT msg_failed
+        PRINT_DEC r8
+        PRINT msg_status
+        PRINT_HEX rdx
+        PRINT msg_newline
+        call poweroff
+cq_missing:
+        PRINT msg_missing
+        call poweroff
+
+; pattern_qword: rax = index -> rax = mix(SEED, index)
+pattern_qword:
+        push rcx
+        movabs rcx, SEED
+        xor rax, rcx
+        movabs rcx, MIX_INCREMENT
+        add rax, rcx
+        movabs rcx, MIX_MULTIPLIER
+        mul rax, rcx
+        mov rcx, rax
+        shr rcx, 31
+        xor rax, rcx
+        pop rcx
+        ret
+
+; fill_buffer: rsi = buffer, r14 = first block, r10 = blocks
+fill_buffer:
+        push rax
+        push rbx
+        push rdx
+        push rdi
+        mov rbx, r14
+        shl rbx, 6
+        mov rdx, r10
+        shl rdx, 6
+        add rdx, rbx
+        mov rdi, rsi
+fill_next:
+        mov rax, rbx
+        call pattern_qword
+        st64 [rdi], rax
+        add rdi, 8
+        inc rbx
+        cmp rbx, rdx
+        jb fill_next
+        pop rdi
+        pop rdx
+        pop rbx
+        pop rax
+        ret
+
+; check_buffer: rsi = buffer, rbx = first block, r10 = blocks; compares and folds the digest
+check_buffer:
+        push rax
+        push rbx
+        push rdx
+        push rdi
+        push r11
+        push r13
+        shl rbx, 6
+        mov rdx, r10
+        shl rdx, 6
+        add rdx, rbx
+        mov rdi, rsi
+        mov r11, var_digest
+        ld64 r13, [r11]
+check_next:
+        mov rax, rbx
+        call pattern_qword
+        ld64 r8, [rdi]
+        cmp rax, r8
+        jne check_bad
+        xor r13, r8
+        movabs rax, MIX_INCREMENT
+        add r13, rax
+        movabs rax, MIX_MULTIPLIER
+        mul r13, rax
+        mov rax, r13
+        shr rax, 31
+        xor r13, rax
+        add rdi, 8
+        inc rbx
+        cmp rbx, rdx
+        jb check_next
+        st64 [r11], r13
+        pop r13
+        pop r11
+        pop rdi
+        pop rdx
+        pop rbx
+        pop rax
+        ret
+check_bad:
+        PRINT msg_mismatch
+        mov rax, rbx
+        shr rax, 6
+        PRINT_DEC rax
+        PRINT msg_qword
+        mov rax, rbx
+        and rax, 63
+        PRINT_DEC rax
+        PRINT msg_newline
+        call poweroff
+
+; ---- PCI and interrupts ---------------------------------------------------------------------
+nv_find:
+        push rcx
+        push rdx
+        movabs rcx, 0x80000000
+        movabs rdx, 0x80010000
+nv_find_next:
+        mov rax, rcx
+        out32 0xcf8, rax
+        in32 rax, 0xcfc
+        cmp rax, (NVME_DEVICE << 16) | NVME_VENDOR
+        je nv_find_hit
+        add rcx, 0x100
+        cmp rcx, rdx
+        jb nv_find_next
+        mov rax, 0
+        jmp nv_find_out
+nv_find_hit:
+        mov rax, rcx
+nv_find_out:
+        pop rdx
+        pop rcx
+        ret
+
+nv_cfg_read:
+        out32 0xcf8, rax
+        in32 rax, 0xcfc
+        ret
+
+nv_irq_setup:
+        push rax
+        push rbx
+        push rcx
+        mov rax, nv_vectors
+        lidt rax
+        movabs rbx, LAPIC_BASE
+        mov rax, SVR_APIC_ENABLE | 0xff
+        st32 [rbx + LAPIC_SVR], rax
+        mov rax, var_cfgaddr
+        ld64 rax, [rax]
+        add rax, 0x3c
+        call nv_cfg_read
+        and rax, 0xff
+        mov rcx, rax
+        shl rcx, 1
+        add rcx, 0x10
+        movabs rbx, IOAPIC_BASE
+        st32 [rbx], rcx
+        mov rax, NVME_VECTOR | 0x8000   ; fixed, physical, level-triggered, unmasked
+        st32 [rbx + 0x10], rax
+        inc rcx
+        st32 [rbx], rcx
+        mov rax, 0
+        st32 [rbx + 0x10], rax
+        pop rcx
+        pop rbx
+        pop rax
+        ret
+
+; the handler masks the pin interrupt (INTMS) so the line drops; the driver unmasks it after
+; releasing the completions
+nv_irq_handler:
+        push rax
+        push rdi
+        mov rax, 1
+        st32 [rbp + 0x0c], rax
+        mov rdi, var_irqs
+        ld64 rax, [rdi]
+        inc rax
+        st64 [rdi], rax
+        mov rdi, var_irq_flag
+        mov rax, 1
+        st64 [rdi], rax
+        movabs rdi, LAPIC_BASE
+        mov rax, 0
+        st32 [rdi + LAPIC_EOI], rax
+        pop rdi
+        pop rax
+        iret
+nv_spurious:
+        iret
+
+.align 8
+var_cfgaddr:    .qword 0
+var_bar:        .qword 0
+var_irq_flag:   .qword 0
+var_irqs:       .qword 0
+var_cid:        .qword 0
+var_result:     .qword 0
+var_capacity:   .qword 0
+var_type:       .qword 0
+var_digest:     .qword 0
+var_commands:   .qword 0
+var_sq_base:
+        .qword ASQ
+        .qword IOSQ
+var_cq_base:
+        .qword ACQ
+        .qword IOCQ
+var_q_size:
+        .qword ADMIN_ENTRIES
+        .qword IO_ENTRIES
+var_sq_tail:
+        .qword 0
+        .qword 0
+var_cq_head:
+        .qword 0
+        .qword 0
+var_cq_phase:
+        .qword 1
+        .qword 1
+var_first:      .space 8 * 16
+var_count:      .space 8 * 16
+var_cmd:        .space 64
+msg_nodev:      .asciz {asm_string("nvmetest: no NVMe controller on PCI bus 0" + chr(10))}
+msg_highbar:    .asciz {asm_string("nvmetest: BAR 0 is above 4 GiB" + chr(10))}
+msg_stride:     .asciz {asm_string("nvmetest: doorbell stride is not 0" + chr(10))}
+msg_fatal:      .asciz {asm_string("nvmetest: controller fatal status" + chr(10))}
+msg_lbaf:       .asciz {asm_string("nvmetest: namespace 1 does not have 512-byte blocks" + chr(10))}
+msg_ctrl:       .asciz {asm_string("nvmetest: controller ")}
+msg_ns:         .asciz {asm_string(", namespace 1: ")}
+msg_blocks:     .asciz {asm_string(" blocks" + chr(10))}
+msg_wrote:      .asciz {asm_string("nvmetest: wrote ")}
+msg_in:         .asciz {asm_string(" blocks in ")}
+msg_flushed:    .asciz {asm_string(" commands, flushed" + chr(10))}
+msg_read:       .asciz {asm_string("nvmetest: read back ")}
+msg_match:      .asciz {asm_string(" blocks, all match, digest 0x")}
+msg_done_irq:   .asciz {asm_string("nvmetest: done (irq: ")}
+msg_interrupts: .asciz {asm_string(" interrupts)" + chr(10))}
+msg_done_poll:  .asciz {asm_string("nvmetest: done (poll)" + chr(10))}
+msg_failed:     .asciz {asm_string("nvmetest: command failed, queue ")}
+msg_status:     .asciz {asm_string(", status 0x")}
+msg_missing:    .asciz {asm_string("nvmetest: a completion is missing" + chr(10))}
+msg_mismatch:   .asciz {asm_string("nvmetest: MISMATCH block ")}
+msg_qword:      .asciz {asm_string(" qword ")}
+msg_newline:    .asciz {asm_string(chr(10))}
+.align 8
+nv_vectors:
+{vectors}
+"""
+    constants = {
+        "NVME_VENDOR": NVME_VENDOR, "NVME_DEVICE": NVME_DEVICE, "NVME_VECTOR": NVME_VECTOR, "IOAPIC_BASE": IOAPIC_BASE,
+        "ADMIN_ENTRIES": ADMIN_ENTRIES, "IO_ENTRIES": IO_ENTRIES, "ASQ": ASQ, "ACQ": ACQ, "IOSQ": IOSQ, "IOCQ": IOCQ,
+        "IDBUF": IDBUF, "NSBUF": NSBUF, "DATA": DATA, "SLOT_STRIDE": SLOT_STRIDE, "OFFSET": offset,
+        "SEED": seed, "MIX_INCREMENT": MIX_INCREMENT, "MIX_MULTIPLIER": MIX_MULTIPLIER,
+        "BATCH": batch, "REQUEST_BLOCKS": request_blocks, "LIMIT": limit, "IRQ": irq,
+    }
+    return assemble_program(NAME, body, constants)
