@@ -414,13 +414,6 @@ class VirtioPciDevice(PciFunction):
         self.isr |= bits
         self.set_intx(True)
 
-    def complete(self, queue: Virtqueue, chains: list[tuple[int, int]]) -> None:
-        """Put finished chains (head, bytes written) on the used ring and interrupt the driver
-        unless it asked not to be."""
-        for head, written in chains:
-            queue.push(head, written)
-        self.signal(queue, len(chains))
-
     def signal(self, queue: Virtqueue, completed: int) -> None:
         """``completed`` chains went onto the used ring: interrupt unless suppressed."""
         if completed and queue.wants_interrupt():

@@ -210,9 +210,6 @@ class Vm:
         self.stats[apic_id]["startup_ipis"] += 1
         self.kick()
 
-    def kernel_port(self, port: int) -> bool:
-        return port in self._port_devices
-
     # ---- ioctl ------------------------------------------------------------------------------
     def ioctl(self, cmd: int, arg: Any) -> Any:
         """Dispatch a vmm command; fails with OSError(errno) as vmm.ko would."""

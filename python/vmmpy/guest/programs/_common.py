@@ -42,9 +42,6 @@ class ArgReader:
             if not isinstance(value, str):
                 raise ValueError(f"{program}: argument {key} must be given as a string, got {value!r}")
 
-    def given(self, name: str) -> bool:
-        return name in self.args
-
     def fail(self, name: str, message: str) -> ValueError:
         shown = self.args.get(name, self.arguments[name].default)
         return ValueError(f"{self.program}: argument {name}={shown}: {message}")
