@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..devices.registry import PCI_EMULATIONS
 from ..runtime.config import (
     DIRTY_TRACKING,
     TSC_MODES,
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest memory: a number of MiB, or with a K/M/G/T suffix (default 256M)")
     p.add_argument("-S", "--wire", dest="wired", action="store_true", help="wire guest memory (populate and mlock it up front)")
     p.add_argument("-s", "--slot", dest="slots", action="append", default=[], metavar="SLOT,EMULATION[,CONF]",
-                   help="place a PCI device: SLOT[:FUNC] or BUS:SLOT:FUNC, then the emulation (hostbridge, lpc, virtio-blk, virtio-rnd, virtio-console; see docs/devices.md)")
+                   help=f"place a PCI device: SLOT[:FUNC] or BUS:SLOT:FUNC, then the emulation ({', '.join(PCI_EMULATIONS)}; options in docs/devices.md)")
     p.add_argument("-l", "--lpc", dest="lpc", action="append", default=[], metavar="com1,stdio|FILE",
                    help="connect an LPC device: com1 or com2 to stdio or to a file")
     p.add_argument("--guest", metavar="NAME|FILE", help="the guest program to run (required)")
