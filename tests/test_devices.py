@@ -4,7 +4,6 @@ hostile virtqueues break the device, never the VMM; bad configuration is refused
 
 import hashlib
 import logging
-import os
 import struct
 
 import pytest

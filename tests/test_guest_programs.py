@@ -10,7 +10,6 @@ import pytest
 from vmmpy import _core
 from vmmpy.guest import platform as P
 from vmmpy.guest.programs import PROGRAMS, load_program, memory_layout, parse_guest_args
-from vmmpy.guest.programs import console as console_program
 from vmmpy.guest.programs import hash as hash_program
 from vmmpy.guest.programs import memtouch as memtouch_program
 from vmmpy.guest.runner import FakeLapic, boot, run_bare, run_vcpu

@@ -5,7 +5,7 @@ import calendar
 
 import pytest
 
-from vmmpy.vmm.clock import ManualClock, ns_for_ticks
+from vmmpy.vmm.clock import ManualClock
 from vmmpy.vmm.interfaces import DeviceStateError
 from vmmpy.vmm.vrtc import Vrtc, VrtcState
 

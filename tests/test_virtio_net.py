@@ -18,7 +18,7 @@ from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
 
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
-from .test_devices import MEMSIZE, Pins, build, outputs
+from .test_devices import MEMSIZE, Pins, build
 
 NET = "virtio-net@pci.0.4.0"
 

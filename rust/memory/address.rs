@@ -59,7 +59,7 @@ mod tests {
 
     #[test]
     fn pfn_round_trips_and_overflow_is_caught() {
-        assert_eq!(GuestAddress(0x1_0000_1234).pfn(), 0x10000_1);
+        assert_eq!(GuestAddress(0x1_0000_1234).pfn(), 0x0010_0001);
         assert_eq!(GuestAddress::from_pfn(0x100001), GuestAddress(0x1_0000_1000));
         assert_eq!(GuestAddress(u64::MAX - 1).checked_add(2), None);
         assert!(GuestAddress(0x2000).is_page_aligned());

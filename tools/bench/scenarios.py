@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 
 from vmmpy import GuestMemory
-from vmmpy.memory import HIGHMEM_BASE
 
 from . import limits
 from .images import build_image, remove_image

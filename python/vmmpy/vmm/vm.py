@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _core
-from ..memory import HIGHMEM_BASE, LOWMEM_LIMIT_DEFAULT, GuestMemory
+from ..memory import GuestMemory
 from .interfaces import DeviceAccessError, IsaIrqRouter
 from .ioctl import (
     ALL_VCPUS,

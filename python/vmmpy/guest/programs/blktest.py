@@ -26,7 +26,6 @@ Console::
 
 from __future__ import annotations
 
-from .. import platform as P
 from ..asm import Program
 from . import _virtio as V
 from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
