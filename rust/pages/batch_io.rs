@@ -53,6 +53,9 @@ impl BatchStats {
     }
 }
 
+/// Batches with at least this much page data get their pages populated ahead of the reader.
+const POPULATE_AHEAD_MIN: u64 = 4 << 20;
+
 /// At most this many iovecs per call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
@@ -258,9 +261,27 @@ pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError>
         .filter(|(r, _)| r.kind == RangeKind::Data)
         .map(|(r, &off)| libc::iovec { iov_base: seg.as_ptr().wrapping_add(off) as *mut libc::c_void, iov_len: r.bytes() as usize })
         .collect();
-    // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which `mem` keeps
-    // mapped; guest memory is never behind a Rust reference, so the kernel writing it aliases nothing.
-    let got = unsafe { read_all(fd, &mut iovs, "receiving page data")? };
+    // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
+    // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
+    // failures ignored), so the socket reads mostly land in pages that already exist. Only for
+    // a batch big enough to pay for the thread, and never for wired or file-backed memory.
+    let populate = !seg.wired() && !seg.is_file_backed() && header.payload_len >= POPULATE_AHEAD_MIN;
+    let got = std::thread::scope(|scope| {
+        if populate {
+            let (ranges, offsets) = (&ranges, &offsets);
+            scope.spawn(move || {
+                for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
+                    // SAFETY: validate_ranges keeps the range inside the mapping; POPULATE_WRITE
+                    // only faults pages in and never changes their bytes.
+                    unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, r.bytes() as usize, libc::MADV_POPULATE_WRITE) };
+                }
+            });
+        }
+        // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which `mem`
+        // keeps mapped; guest memory is never behind a Rust reference, so the kernel writing it
+        // aliases nothing.
+        unsafe { read_all(fd, &mut iovs, "receiving page data") }
+    })?;
     if got < header.payload_len {
         return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
     }

@@ -377,36 +377,58 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
         })
     };
 
-    let mut pos = 0u64;
-    for &(start, end) in &extents {
-        stats.hole_bytes += start - pos;
-        if let Some(h) = hasher.as_mut() {
-            hash_hole(h, pos, start)?;
-        }
-        let mut off = start;
-        while off < end {
-            let piece_end = (off + PIECE as u64).min(end);
-            let mut file_off = off;
-            layout.for_each_part(off, piece_end, |seg, seg_off, len| {
-                // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping;
-                // guest memory is never behind a Rust reference, and the guest is not running.
-                unsafe { pread_all(fd, seg.as_ptr().add(seg_off), len, file_off)? };
-                if let Some(h) = hasher.as_mut() {
-                    // SAFETY: the same range, just filled.
-                    h.data(unsafe { guest_bytes(seg, seg_off, len) });
+    // First touch of fresh anonymous memory (allocating and zeroing each page) costs as much as
+    // the read itself on some hosts: a second thread populates the data extents ahead of the
+    // reader (MADV_POPULATE_WRITE, Linux 5.14+; advisory, failures ignored), so pread mostly
+    // fills pages that already exist. It touches only pages the reader fills anyway. Wired
+    // memory is populated already.
+    let populate = !mem.segments().iter().any(|s| s.wired());
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        if populate {
+            let (layout, extents) = (&layout, &extents);
+            scope.spawn(move || {
+                for &(start, end) in extents {
+                    let _ = layout.for_each_part::<()>(start, end, |seg, seg_off, len| {
+                        // SAFETY: for_each_part keeps the range inside the segment's mapping;
+                        // MADV_POPULATE_WRITE only faults pages in and never changes their bytes.
+                        unsafe { libc::madvise(seg.as_ptr().add(seg_off) as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+                        Ok(())
+                    });
                 }
-                file_off += len as u64;
-                Ok::<(), SnapshotError>(())
-            })?;
-            stats.bytes_read += piece_end - off;
-            off = piece_end;
+            });
         }
-        pos = end;
-    }
-    stats.hole_bytes += total - pos;
-    if let Some(h) = hasher.as_mut() {
-        hash_hole(h, pos, total)?;
-    }
+        let mut pos = 0u64;
+        for &(start, end) in &extents {
+            stats.hole_bytes += start - pos;
+            if let Some(h) = hasher.as_mut() {
+                hash_hole(h, pos, start)?;
+            }
+            let mut off = start;
+            while off < end {
+                let piece_end = (off + PIECE as u64).min(end);
+                let mut file_off = off;
+                layout.for_each_part(off, piece_end, |seg, seg_off, len| {
+                    // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping;
+                    // guest memory is never behind a Rust reference, and the guest is not running.
+                    unsafe { pread_all(fd, seg.as_ptr().add(seg_off), len, file_off)? };
+                    if let Some(h) = hasher.as_mut() {
+                        // SAFETY: the same range, just filled.
+                        h.data(unsafe { guest_bytes(seg, seg_off, len) });
+                    }
+                    file_off += len as u64;
+                    Ok::<(), SnapshotError>(())
+                })?;
+                stats.bytes_read += piece_end - off;
+                off = piece_end;
+            }
+            pos = end;
+        }
+        stats.hole_bytes += total - pos;
+        if let Some(h) = hasher.as_mut() {
+            hash_hole(h, pos, total)?;
+        }
+        Ok(())
+    })?;
     // read(2) into the mapping counts as a write to the kernel backend: forget those.
     for (seg, _) in layout.segments() {
         mem.mark_clean_range(GuestAddress(seg.gpa().0), seg.size())?;
