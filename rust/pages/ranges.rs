@@ -70,7 +70,17 @@ fn build(seg: &Segment, words: &[u64], resident: Option<&[u64]>, detect_zero: bo
         while page < end {
             let kind = kind_of(page);
             let mut next = page + 1;
-            while next < end && kind_of(next) == kind {
+            while next < end {
+                // 64 never-touched pages at once: a sparse guest costs its touched memory.
+                if let (RangeKind::Zero, Some(r), 0) = (kind, resident, next % 64) {
+                    if r[next / 64] == 0 && next + 64 <= end {
+                        next += 64;
+                        continue;
+                    }
+                }
+                if kind_of(next) != kind {
+                    break;
+                }
                 next += 1;
             }
             builder.push(page, next - page, kind);
