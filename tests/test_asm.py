@@ -161,3 +161,13 @@ def test_errors_are_value_errors_with_the_line_number():
     with pytest.raises(ValueError) as info:
         assemble("nop\n\n  push rqq")
     assert info.value.line == 3
+
+
+def test_expression_arithmetic_is_exact_c_integer_arithmetic():
+    """Division truncates toward zero exactly at any size (no float rounding), the remainder
+    takes the dividend's sign, and absurd shift counts are refused instead of exhausting memory."""
+    program = assemble(".equ BIG, (1 << 62) / 3\n.equ Q, -7 / 2\n.equ R, -7 % 2\nstart: nop\n")
+    assert program.symbols["BIG"] == (1 << 62) // 3
+    assert (program.symbols["Q"], program.symbols["R"]) == (-3, -1)
+    with pytest.raises(AsmError, match="line 1: shift count 4000000000 out of range"):
+        assemble(".equ X, 1 << 4000000000\n")

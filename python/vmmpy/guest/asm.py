@@ -318,16 +318,37 @@ def _evaluate(text: str, lookup: Callable[[str], int], here: int, line: _Line) -
             right = binary(prec + 1)
             if op in ("/", "%") and right == 0:
                 raise AsmError(line.number, f"division by zero in '{text.strip()}'", line.context)
-            left = {
-                "|": lambda: left | right, "&": lambda: left & right, "<<": lambda: left << right,
-                ">>": lambda: left >> right, "+": lambda: left + right, "-": lambda: left - right,
-                "*": lambda: left * right, "/": lambda: int(left / right), "%": lambda: left % right,
-            }[op]()
+            if op in ("<<", ">>") and not 0 <= right < 128:
+                raise AsmError(line.number, f"shift count {right} out of range (0..127) in '{text.strip()}'", line.context)
+            left = _apply(op, left, right)
 
     result = binary(0)
     if pos != len(tokens):
         raise AsmError(line.number, f"unexpected {tokens[pos][1]!r} in expression '{text.strip()}'", line.context)
     return result
+
+
+def _apply(op: str, left: int, right: int) -> int:
+    """A binary operator with C's integer semantics: division truncates toward zero (exactly, for
+    any size) and the remainder takes the dividend's sign."""
+    if op in ("/", "%"):
+        quotient = abs(left) // abs(right)
+        if (left < 0) != (right < 0):
+            quotient = -quotient
+        return quotient if op == "/" else left - right * quotient
+    if op == "|":
+        return left | right
+    if op == "&":
+        return left & right
+    if op == "<<":
+        return left << right
+    if op == ">>":
+        return left >> right
+    if op == "+":
+        return left + right
+    if op == "-":
+        return left - right
+    return left * right
 
 
 def _unescape(body: str, line: _Line) -> bytes:
