@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import require_fields
+from .disk import open_image
 from .pci import PciConfigError, PciFunction, PciHost, parse_options
 
 log = logging.getLogger(__name__)
@@ -172,16 +173,7 @@ class Nvme(PciFunction):
         if len(serial.encode()) > SERIAL_BYTES or not serial.isascii():
             raise PciConfigError(f"{self.name}: ser={serial}: a serial is at most {SERIAL_BYTES} ASCII characters")
         self.path, self.serial = path, serial
-        try:
-            self.fd = os.open(path, os.O_RDWR)
-        except OSError as err:
-            raise PciConfigError(f"{self.name}: cannot open image file {path!r}: {err.strerror}") from None
-        size = os.fstat(self.fd).st_size
-        self.capacity = size // LBA_SIZE
-        if self.capacity == 0:
-            os.close(self.fd)
-            self.fd = -1
-            raise PciConfigError(f"{self.name}: image file {path!r} is {size} bytes, smaller than one {LBA_SIZE}-byte block")
+        self.fd, self.capacity = open_image(self.name, path, block=LBA_SIZE)
         self.add_bar(0, "mem64", BAR_SIZE)
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0}
         self.aqa = self.asq = self.acq = 0

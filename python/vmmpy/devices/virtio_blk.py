@@ -27,6 +27,7 @@ import struct
 from typing import Any
 
 from .base import require_fields
+from .disk import open_image
 from .pci import PciConfigError, PciHost, parse_options
 from .virtio import Chain, VirtioError, VirtioPciDevice, Virtqueue
 
@@ -73,15 +74,7 @@ class VirtioBlock(VirtioPciDevice):
         if len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
             raise PciConfigError(f"{self.name}: ser={serial}: a serial has at most {VIRTIO_BLK_ID_BYTES} bytes")
         self.serial = serial
-        try:
-            self.fd = os.open(path, os.O_RDONLY if self.read_only else os.O_RDWR)
-        except OSError as err:
-            raise PciConfigError(f"{self.name}: cannot open image file {path!r}: {err.strerror}") from None
-        size = os.fstat(self.fd).st_size
-        self.capacity = size // SECTOR_SIZE
-        if self.capacity == 0:
-            os.close(self.fd)
-            raise PciConfigError(f"{self.name}: image file {path!r} is {size} bytes, smaller than one {SECTOR_SIZE}-byte sector")
+        self.fd, self.capacity = open_image(self.name, path, read_only=self.read_only, block=SECTOR_SIZE)
         self.host_features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | (VIRTIO_BLK_F_RO if self.read_only else 0)
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0}
 

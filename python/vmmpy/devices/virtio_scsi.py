@@ -35,6 +35,7 @@ import struct
 from typing import Any
 
 from .base import require_fields
+from .disk import open_image
 from .pci import PciConfigError, PciHost, parse_options
 from .virtio import VirtioError, VirtioPciDevice, Virtqueue
 
@@ -78,14 +79,7 @@ class VirtioScsi(VirtioPciDevice):
             raise PciConfigError(f"{self.name}: no image file given (it takes {self.OPTIONS_HELP})")
         self.path = path
         self.read_only = "ro" in options
-        try:
-            self.fd = os.open(path, os.O_RDONLY if self.read_only else os.O_RDWR)
-        except OSError as err:
-            raise PciConfigError(f"{self.name}: cannot open image file '{path}': {err.strerror}") from None
-        self.capacity = os.fstat(self.fd).st_size // SECTOR
-        if self.capacity == 0:
-            os.close(self.fd)
-            raise PciConfigError(f"{self.name}: image file '{path}' is smaller than one 512-byte sector")
+        self.fd, self.capacity = open_image(self.name, path, read_only=self.read_only, block=SECTOR)
         self.sense = fixed_sense(KEY_NONE, 0)
         self.stats = {"commands": 0, "check_conditions": 0, "flushes": 0}
 
