@@ -28,13 +28,12 @@ import json
 import os
 import platform
 import re
-import socket
-import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench import limits  # noqa: E402  (the same limit probes as the suite)
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
@@ -92,80 +91,16 @@ def parse_criterion(text: str) -> list[dict]:
     return results
 
 
-def median_of(runs: int, measure) -> tuple[float, float, float]:
-    values = [measure() for _ in range(runs)]
-    return statistics.median(values), min(values), max(values)
-
-
 def memcpy_gib_s(size: int, runs: int) -> tuple[tuple[float, float, float], str]:
-    try:
-        import numpy as np
-    except ImportError:
-        src = bytearray(os.urandom(MIB)) * (size // MIB)
-        dst = bytearray(len(src))
-
-        def once() -> float:
-            t = time.perf_counter()
-            dst[:] = src
-            return size / (time.perf_counter() - t) / GIB
-
-        once()
-        return median_of(runs, once), "bytearray slice copy (numpy not installed)"
-    src = np.frombuffer(os.urandom(MIB), dtype=np.uint8)
-    src = np.tile(src, size // MIB)
-    dst = np.empty_like(src)
-    dst.fill(1)  # pre-fault the destination: measure the copy, not first touch
-
-    def once() -> float:
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        return size / (time.perf_counter() - t) / GIB
-
-    once()
-    return median_of(runs, once), f"numpy.copyto {size // MIB} MiB, both buffers pre-faulted"
+    """The memcpy limit, measured as the benchmark suite measures it (tools/bench/limits.py)."""
+    fig = limits.memcpy(size, runs)
+    return (fig.median, fig.low, fig.high), f"numpy.copyto {size // MIB} MiB, both buffers pre-faulted"
 
 
 def loopback_tcp_gib_s(size: int, runs: int, chunk: int = 4 * MIB) -> tuple[tuple[float, float, float], str]:
-    payload = memoryview(os.urandom(64 * MIB))
-
-    def once() -> float:
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        done = threading.Event()
-        received = [0]
-
-        def receive() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                buf = memoryview(bytearray(chunk))
-                while received[0] < size:
-                    n = conn.recv_into(buf)
-                    if n == 0:
-                        break
-                    received[0] += n
-            done.set()
-
-        thread = threading.Thread(target=receive, daemon=True)
-        thread.start()
-        with socket.create_connection(("127.0.0.1", port)) as sender:
-            t = time.perf_counter()
-            sent = 0
-            while sent < size:
-                n = min(chunk, size - sent)
-                offset = sent % len(payload)
-                n = min(n, len(payload) - offset)
-                sender.sendall(payload[offset:offset + n])
-                sent += n
-            done.wait(timeout=60)
-            elapsed = time.perf_counter() - t
-        thread.join(timeout=5)
-        listener.close()
-        if received[0] != size:
-            raise SystemExit(f"bench_memory: loopback receiver got {received[0]} of {size} bytes")
-        return size / elapsed / GIB
-
-    once()
-    return median_of(runs, once), f"Python sendall/recv_into, 1 stream, {chunk // MIB} MiB buffers, {size // MIB} MiB"
+    """The loopback TCP limit, measured as the benchmark suite measures it."""
+    fig = limits.loopback_tcp(size, runs, chunk)
+    return (fig.median, fig.low, fig.high), f"Python sendall/recv_into, 1 stream, {chunk // MIB} MiB buffers, {size // MIB} MiB"
 
 
 def main() -> int:
