@@ -132,3 +132,41 @@ def test_a_damaged_batch_is_refused_before_memory_is_touched(name, mutate, messa
             dst.recv_pages(b.fileno())
     if name != "truncated":  # a stream cut inside page data leaves the pages read so far
         assert dst.digest() == before
+
+
+def test_trackers_on_both_sides_follow_tracked_sends_and_receives():
+    src, dst = GuestMemory("8M"), GuestMemory("8M")
+    src_tracker, dst_tracker = src.digest_tracker(), dst.digest_tracker()
+    assert src_tracker.stale_pages() == 2048, "a new tracker has every page stale"
+    for rnd, pages in enumerate([(0, 1, 2, 700), (1, 5, 2047), (700,)]):
+        for p in pages:
+            src.write(p * PAGE_SIZE, bytes([rnd + 1]) * (100 + p))
+        if rnd == 2:
+            src.write(700 * PAGE_SIZE, bytes(PAGE_SIZE))  # back to zero: goes as a ZERO range
+        a, b = socket.socketpair()
+        with a, b:
+            sent = src.send_dirty_pages(a, tracker=src_tracker)
+            src_tracker.refresh()  # between rounds, as a migration does
+            for _ in range(sent["batches"]):
+                dst.recv_pages(b, tracker=dst_tracker)
+        assert src_tracker.stale_pages() == 0
+        assert dst_tracker.stale_pages() == (2048 if rnd == 0 else len(pages)), "what arrived is marked"
+        assert src_tracker.digest() == dst_tracker.digest() == src.commit_digest() == dst.commit_digest()
+    assert src.commit_digest() != GuestMemory("8M").commit_digest()
+    with pytest.raises(ValueError, match="other guest memory"):
+        dst.recv_pages(0, tracker=src_tracker)
+
+
+def test_the_commit_digest_sees_one_byte_and_ignores_residency():
+    a, b = GuestMemory("4M"), GuestMemory("4M")
+    assert a.commit_digest() == b.commit_digest()
+    b.write(5 * PAGE_SIZE, bytes(PAGE_SIZE))  # touched, still zero
+    assert a.commit_digest() == b.commit_digest()
+    b.write(3 * PAGE_SIZE + 4095, b"\x01")
+    assert a.commit_digest() != b.commit_digest()
+    tracker = a.digest_tracker()
+    tracker.digest()
+    a.write(3 * PAGE_SIZE + 4095, b"\x01")
+    tracker.mark(3 * PAGE_SIZE, 1)
+    assert tracker.refresh() == (1, 1)
+    assert tracker.digest() == b.commit_digest()

@@ -28,6 +28,7 @@ DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
 
 
 PageBatchError = _core.PageBatchError
+DigestTracker = _core.DigestTracker
 
 
 def _fileno(fd) -> int:
@@ -178,15 +179,16 @@ class GuestMemory:
         return self.core.dirty_count()
 
     # -- bulk page work (Rust, GIL released) ------------------------------------------------
-    def send_dirty_pages(self, fd, *, detect_zero: bool = True) -> dict[str, int]:
+    def send_dirty_pages(self, fd, *, detect_zero: bool = True, tracker: DigestTracker | None = None) -> dict[str, int]:
         """Harvest and clear the dirty pages and send them to ``fd`` as page batches.
 
         ``fd`` is a blocking file descriptor or an object with ``fileno()`` (a socket with a
         timeout is non-blocking and is refused). Zero pages travel as ranges without data when
         ``detect_zero``. Returns totals: batches, ranges, data_pages, zero_pages, data_bytes,
-        wire_bytes. One batch per segment that has dirty pages (more past 65,536 ranges).
+        wire_bytes. One batch per segment that has dirty pages (more past 65,536 ranges). With a
+        ``tracker`` (:meth:`digest_tracker`) the harvested pages are marked stale in it.
         """
-        return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero)
+        return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker)
 
     def send_all_pages(self, fd, *, detect_zero: bool = True) -> dict[str, int]:
         """Send every page; never-touched pages go as zero ranges without being read."""
@@ -197,17 +199,30 @@ class GuestMemory:
         data = np.unique(np.asarray(pfns, dtype="<u8")).tobytes()
         return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero)
 
-    def recv_pages(self, fd) -> dict[str, int]:
+    def recv_pages(self, fd, *, tracker: DigestTracker | None = None) -> dict[str, int]:
         """Receive one page batch into memory, checked whole before any byte is written.
 
         Received pages are not marked dirty. A bad batch raises ``PageBatchError`` naming what
-        was wrong.
+        was wrong. With a ``tracker`` the pages written are marked stale in it.
         """
-        return _core.recv_pages(self.core, _fileno(fd))
+        return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 
     def digest(self) -> int:
         """An xxh3-128 digest of all guest memory (take it with the guest stopped)."""
         return _core.memory_digest(self.core)
+
+    def commit_digest(self) -> int:
+        """The digest a migration commits on, computed from scratch: a different function of
+        memory from :meth:`digest`, built from per-page hashes so a :meth:`digest_tracker` can
+        keep it current (rust/pages/tracker.rs defines it)."""
+        return _core.commit_digest(self.core)
+
+    def digest_tracker(self) -> DigestTracker:
+        """A tracker of :meth:`commit_digest`: every page starts stale; mark pages stale as they
+        change (``send_dirty_pages``/``recv_pages`` do it when given the tracker), and
+        ``tracker.digest()`` rehashes only those. It equals ``commit_digest()`` as long as every
+        change since it was made has been marked."""
+        return _core.DigestTracker(self.core)
 
     def hash_pages(self, gpa: int, count: int) -> np.ndarray:
         """xxh3-64 of each of ``count`` pages from page-aligned ``gpa``, as uint64."""

@@ -58,6 +58,44 @@ impl PageRange {
     }
 }
 
+/// DATA pages a sender puts in one batch at most (16 MiB): the receiver gets control back that
+/// often, to hash what arrived while the rest streams, and one batch never pins more than that.
+pub const BATCH_DATA_PAGES: u32 = 4096;
+
+/// Cut ascending `ranges` into batches of at most `MAX_RANGES` ranges and `max_data_pages` DATA
+/// pages each, splitting a DATA range where a batch fills up (ZERO ranges carry no data and only
+/// count against the range limit).
+pub fn split_batches(ranges: &[PageRange], max_data_pages: u32) -> Vec<Vec<PageRange>> {
+    let max_data_pages = max_data_pages.max(1);
+    let mut batches = Vec::new();
+    let mut current: Vec<PageRange> = Vec::new();
+    let mut data = 0u32;
+    for &r in ranges {
+        let mut r = r;
+        loop {
+            if current.len() == MAX_RANGES as usize || (r.kind == RangeKind::Data && data == max_data_pages) {
+                batches.push(std::mem::take(&mut current));
+                data = 0;
+            }
+            if r.kind == RangeKind::Zero {
+                current.push(r);
+                break;
+            }
+            let take = r.pages.min(max_data_pages - data);
+            current.push(PageRange { gpa: r.gpa, pages: take, kind: RangeKind::Data });
+            data += take;
+            if take == r.pages {
+                break;
+            }
+            r = PageRange { gpa: GuestAddress(r.gpa.0 + take as u64 * PAGE_SIZE as u64), pages: r.pages - take, kind: RangeKind::Data };
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
 /// The fixed header, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchHeader {

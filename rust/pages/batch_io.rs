@@ -23,6 +23,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use super::batch::{decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_HEADER_SIZE, MAX_RANGES, RANGE_ENTRY_SIZE};
+use super::tracker::DigestTracker;
 use super::PageError;
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
 
@@ -242,6 +243,12 @@ fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
 /// payload length are checked before any guest byte is written; then DATA pages are read straight
 /// into the mapping and ZERO pages cleared, none of them marked dirty.
 pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError> {
+    recv_batch_tracked(fd, mem, None)
+}
+
+/// [`recv_batch`], and then every page the batch wrote marked stale in `tracker`, so the commit
+/// digest it keeps stays current (marked after the writes, as the tracker requires).
+pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
     let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
     read_exact(fd, &mut header_bytes, "batch header")?;
     let header = decode_header(&header_bytes)?;
@@ -293,6 +300,9 @@ pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError>
     if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
         let end = last.gpa.0 + last.bytes();
         mem.mark_clean_range(first.gpa, (end - first.gpa.0) as usize)?;
+    }
+    if let Some(tracker) = tracker {
+        tracker.mark_ranges(seg, &ranges)?;
     }
     Ok(BatchStats::of(&ranges))
 }

@@ -133,6 +133,47 @@ fn round_trip(tracking: TrackingChoice, use_pipe: bool) {
 }
 
 #[test]
+fn a_tracked_receive_keeps_the_commit_digest_current() {
+    let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
+    for p in [0u64, 7, 64, 65, 1000] {
+        src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
+    }
+    dst.write(GuestAddress(HIGHMEM_BASE + 8 * 4096), &page_fill(8)).unwrap(); // to be cleared by a ZERO range
+    src.write(GuestAddress(HIGHMEM_BASE + 8 * 4096), &[0; 4096]).unwrap();
+    let tracker = DigestTracker::new(&dst).unwrap();
+    tracker.digest().unwrap(); // everything hashed: from here only marks make it change
+    let words = harvest(&src, 1);
+    let ranges = build_ranges_from_bitmap(&src.segments()[1], &words, true).unwrap();
+    let (rx, tx) = socketpair();
+    std::thread::scope(|s| {
+        s.spawn(|| send_batch(tx.as_raw_fd(), &src, &ranges).unwrap());
+        recv_batch_tracked(rx.as_raw_fd(), &dst, Some(&tracker)).unwrap();
+    });
+    assert_eq!(tracker.stale_pages(), 6, "every page the batch wrote is marked, ZERO ones too");
+    assert_eq!(tracker.digest().unwrap(), commit_digest(&dst).unwrap());
+    assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap());
+}
+
+#[test]
+fn split_batches_bounds_ranges_and_data_and_loses_no_page() {
+    let r = |page: u64, pages: u32, kind| PageRange { gpa: GuestAddress(page * 4096), pages, kind };
+    let ranges = [r(0, 10, RangeKind::Data), r(10, 100, RangeKind::Zero), r(110, 7, RangeKind::Data), r(200, 1, RangeKind::Data)];
+    let batches = split_batches(&ranges, 4);
+    for b in &batches {
+        assert!(b.iter().filter(|x| x.kind == RangeKind::Data).map(|x| x.pages).sum::<u32>() <= 4, "{b:?}");
+    }
+    let flat: Vec<(u64, RangeKind)> = batches.iter().flatten().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
+    let want: Vec<(u64, RangeKind)> = ranges.iter().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
+    assert_eq!(flat, want, "the same pages, in order, of the same kinds");
+    assert_eq!(batches[0], vec![r(0, 4, RangeKind::Data)]);
+    assert_eq!(batches[2], vec![r(8, 2, RangeKind::Data), r(10, 100, RangeKind::Zero), r(110, 2, RangeKind::Data)]);
+    assert!(split_batches(&[], 4).is_empty());
+    let many: Vec<PageRange> = (0..MAX_RANGES as u64 + 5).map(|i| r(2 * i, 1, RangeKind::Zero)).collect();
+    let cut = split_batches(&many, 4);
+    assert_eq!(cut.iter().map(Vec::len).collect::<Vec<_>>(), vec![MAX_RANGES as usize, 5]);
+}
+
+#[test]
 fn round_trip_over_a_socketpair_is_bit_exact_and_leaves_pages_clean() {
     round_trip(TrackingChoice::Soft, false);
 }

@@ -2,6 +2,7 @@
 //! straight into guest memory, hash and digest memory. All of it runs with the GIL released.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -11,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict};
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use crate::memory::{GuestAddress, GuestMemory, PAGE_SHIFT};
-use crate::pages::{self, BatchStats, PageError, PageRange, MAX_RANGES};
+use crate::pages::{self, BatchStats, DigestTracker, PageError, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
 
@@ -23,6 +24,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(send_page_list, m)?)?;
     m.add_function(wrap_pyfunction!(recv_pages, m)?)?;
     m.add_function(wrap_pyfunction!(memory_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(commit_digest, m)?)?;
+    m.add_class::<PyDigestTracker>()?;
+    m.add("DIGEST_CHUNK_PAGES", pages::DIGEST_CHUNK_PAGES)?;
     m.add_function(wrap_pyfunction!(hash_pages, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(xxh3_64, m)?)?;
@@ -65,21 +69,38 @@ impl Totals {
     }
 }
 
-/// Send one segment's ranges as batches of at most MAX_RANGES ranges; a segment with nothing
-/// to send sends nothing.
+/// Send one segment's ranges as batches of at most MAX_RANGES ranges and BATCH_DATA_PAGES data
+/// pages; a segment with nothing to send sends nothing.
 fn send_segment(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], totals: &mut Totals) -> Result<(), PageError> {
-    for chunk in ranges.chunks(MAX_RANGES as usize) {
-        totals.add(pages::send_batch(fd, mem, chunk)?);
+    for batch in pages::split_batches(ranges, pages::BATCH_DATA_PAGES) {
+        totals.add(pages::send_batch(fd, mem, &batch)?);
     }
     Ok(())
 }
 
+/// The tracker of `memory`, or an error if it was made over other memory.
+fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDigestTracker>>) -> PyResult<Option<Arc<DigestTracker>>> {
+    match tracker {
+        Some(t) if !Arc::ptr_eq(&t.memory, &memory.inner) => Err(PyValueError::new_err("the digest tracker belongs to other guest memory")),
+        Some(t) => Ok(Some(t.inner.clone())),
+        None => Ok(None),
+    }
+}
+
 /// Harvest and clear the dirty pages, and send them (zero pages as ranges without data, if
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
-/// write during the send is caught by the next round.
+/// write during the send is caught by the next round. With a `tracker`, the harvested pages are
+/// marked stale in it: the guest changed them since they were last hashed.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, detect_zero = true))]
-fn send_dirty_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, detect_zero: bool) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None))]
+fn send_dirty_pages<'py>(
+    py: Python<'py>,
+    memory: PyRef<'py, PyGuestMemory>,
+    fd: RawFd,
+    detect_zero: bool,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let totals = py
         .detach(move || -> Result<Totals, PageError> {
@@ -88,6 +109,9 @@ fn send_dirty_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd:
                 let mut words = vec![0u64; seg.pages().div_ceil(64)];
                 mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
                 let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
+                if let Some(t) = &tracker {
+                    t.mark_ranges(seg, &ranges)?;
+                }
                 send_segment(fd, &mem, &ranges, &mut totals)?;
             }
             Ok(totals)
@@ -161,14 +185,17 @@ fn send_page_list<'py>(
 }
 
 /// Receive one batch from `fd` straight into guest memory (without marking pages dirty).
-/// Everything is checked before a byte is written.
+/// Everything is checked before a byte is written. With a `tracker`, the pages written are
+/// marked stale in it.
 #[pyfunction]
-fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (memory, fd, *, tracker = None))]
+fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, tracker: Option<PyRef<'py, PyDigestTracker>>) -> PyResult<Bound<'py, PyDict>> {
+    let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let totals = py
         .detach(move || -> Result<Totals, PageError> {
             let mut totals = Totals::default();
-            totals.add(pages::recv_batch(fd, &mem)?);
+            totals.add(pages::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
             Ok(totals)
         })
         .map_err(page_error)?;
@@ -182,6 +209,63 @@ fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd
 fn memory_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, skip_untouched: bool) -> PyResult<u128> {
     let mem = memory.inner.clone();
     py.detach(move || pages::memory_digest(&mem, skip_untouched)).map_err(page_error)
+}
+
+/// The commit digest of all guest memory, computed from scratch (see `DigestTracker`).
+#[pyfunction]
+fn commit_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>) -> PyResult<u128> {
+    let mem = memory.inner.clone();
+    py.detach(move || pages::commit_digest(&mem)).map_err(page_error)
+}
+
+/// Page and chunk hashes of guest memory kept current by marks, so the commit digest costs
+/// what changed. Every page starts stale.
+#[pyclass(frozen, name = "DigestTracker", module = "vmmpy._core")]
+pub struct PyDigestTracker {
+    memory: Arc<GuestMemory>,
+    inner: Arc<DigestTracker>,
+}
+
+#[pymethods]
+impl PyDigestTracker {
+    #[new]
+    fn new(memory: PyRef<'_, PyGuestMemory>) -> PyResult<Self> {
+        let inner = DigestTracker::new(&memory.inner).map_err(page_error)?;
+        Ok(PyDigestTracker { memory: memory.inner.clone(), inner: Arc::new(inner) })
+    }
+
+    /// Mark `count` pages from page-aligned `gpa` stale (they changed, or may have).
+    fn mark(&self, gpa: u64, count: u64) -> PyResult<()> {
+        let (seg, off) = self.memory.translate(GuestAddress(gpa), 1).map_err(memory_error)?;
+        if off % crate::memory::PAGE_SIZE != 0 {
+            return Err(PyValueError::new_err(format!("gpa {gpa:#x} is not page-aligned")));
+        }
+        let count = usize::try_from(count).map_err(|_| PyValueError::new_err(format!("{count} pages is too many")))?;
+        self.inner.mark_pages(seg, off / crate::memory::PAGE_SIZE, count).map_err(page_error)
+    }
+
+    /// Mark every page stale.
+    fn mark_all(&self) {
+        self.inner.mark_all();
+    }
+
+    /// Pages stale right now.
+    fn stale_pages(&self) -> u64 {
+        self.inner.stale_pages()
+    }
+
+    /// Rehash the stale pages (GIL released); returns (pages, chunks) rehashed.
+    fn refresh(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        let inner = self.inner.clone();
+        let stats = py.detach(move || inner.refresh()).map_err(page_error)?;
+        Ok((stats.pages, stats.chunks))
+    }
+
+    /// Refresh and combine: the commit digest (GIL released).
+    fn digest(&self, py: Python<'_>) -> PyResult<u128> {
+        let inner = self.inner.clone();
+        py.detach(move || inner.digest()).map_err(page_error)
+    }
 }
 
 /// xxh3-64 of each of `count` pages from `gpa`, as little-endian u64 bytes.

@@ -1,0 +1,483 @@
+//! The commit digest, kept current as pages change so that taking it costs what changed, not
+//! what the guest has.
+//!
+//! The digest is a function of memory alone, defined so it can be kept up to date piece by piece:
+//!
+//! - each 4 KiB page has a *page hash*: 0 if the page is all zero, otherwise its xxh3-64 (with
+//!   1 standing in for the one-in-2^64 non-zero page whose hash is 0);
+//! - each 64-page *chunk* (one word of the tracker's bitmap; the last chunk of a segment may be
+//!   short) has a *chunk hash*: 0 if all its page hashes are 0, otherwise the xxh3-128 of its page
+//!   hashes as little-endian u64s;
+//! - the digest is the xxh3-128 over, for each segment in order, `b"C" gpa pages` (u64 LE)
+//!   followed by the segment's chunk hashes as little-endian u128s.
+//!
+//! [`commit_digest`] computes it from scratch. A [`DigestTracker`] keeps every page hash and
+//! chunk hash it has computed and a *stale* bit per page; pages start stale, and whoever changes
+//! a page or learns that it changed marks it stale again ([`DigestTracker::mark_ranges`]);
+//! [`DigestTracker::refresh`] rehashes only the stale pages, and [`DigestTracker::digest`]
+//! refreshes and combines. The result equals [`commit_digest`] of the memory as it is, as long as
+//! every change since the tracker was made has been marked: on a migration's destination the
+//! receiver marks what it writes; on the source the dirty harvest says what the guest wrote.
+//!
+//! Refreshing may run while pages are being changed and marked (a running guest on the source,
+//! the receiver on the destination). A writer marks after it writes; `refresh` takes the stale
+//! bits (swap to zero) before it learns anything about the pages: their bytes, and whether they
+//! were ever touched. So a mark either comes before the take, and what refresh reads includes the
+//! write, or after it, and the page is stale again for the next refresh.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, Xxh3};
+
+use super::batch::PageRange;
+use super::zero::is_zero_raw;
+use super::PageError;
+use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
+
+/// Pages per chunk: one word of the stale bitmap.
+pub const DIGEST_CHUNK_PAGES: usize = 64;
+
+/// Above this many stale chunks in a segment, refresh asks mincore which pages were ever touched
+/// instead of reading every stale page (reading an untouched page maps the zero page).
+const RESIDENCY_THRESHOLD_CHUNKS: usize = 1024;
+
+/// The page hash the digest uses (see the module doc).
+///
+/// # Safety
+/// `ptr` must point at a readable, 4 KiB-aligned page.
+unsafe fn page_hash(ptr: *const u8) -> u64 {
+    // SAFETY: the caller's contract.
+    if unsafe { is_zero_raw(ptr, PAGE_SIZE) } {
+        return 0;
+    }
+    // SAFETY: as above; the slice lives for this call only (a running guest may change the bytes,
+    // which only makes this hash a snapshot of some moment, see the module doc).
+    match xxh3_64(unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) }) {
+        0 => 1,
+        h => h,
+    }
+}
+
+fn chunk_hash(page_hashes: &[u64]) -> u128 {
+    if page_hashes.iter().all(|&h| h == 0) {
+        return 0;
+    }
+    let bytes: Vec<u8> = page_hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
+    xxh3_128(&bytes)
+}
+
+/// The hashes of one segment, changed only by a refresh (under the tracker's lock).
+struct Hashes {
+    pages: Vec<u64>,
+    chunks: Vec<u128>,
+}
+
+struct SegmentTrack {
+    seg: Arc<Segment>,
+    /// One bit per page: set when the page may differ from its stored hash.
+    stale: Vec<AtomicU64>,
+    hashes: Mutex<Hashes>,
+}
+
+/// Page and chunk hashes of guest memory, refreshed where pages were marked stale.
+pub struct DigestTracker {
+    segments: Vec<SegmentTrack>,
+    /// Serialises refreshes (and digests) with each other; marking never waits for it.
+    refresh_lock: Mutex<()>,
+}
+
+/// What one refresh did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefreshStats {
+    /// Stale pages rehashed (read, or known untouched).
+    pub pages: u64,
+    /// Chunks whose hash was recomputed.
+    pub chunks: u64,
+}
+
+impl DigestTracker {
+    /// A tracker over `mem` with every page stale: the first refresh hashes everything.
+    pub fn new(mem: &GuestMemory) -> Result<DigestTracker, PageError> {
+        let mut segments = Vec::with_capacity(mem.segments().len());
+        for seg in mem.segments() {
+            if seg.is_closed() {
+                return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
+            }
+            let pages = seg.pages();
+            let words = pages.div_ceil(DIGEST_CHUNK_PAGES);
+            let stale = (0..words)
+                .map(|w| {
+                    let n = (pages - w * DIGEST_CHUNK_PAGES).min(DIGEST_CHUNK_PAGES);
+                    AtomicU64::new(if n == 64 { u64::MAX } else { (1u64 << n) - 1 })
+                })
+                .collect();
+            // Zeroed allocations: for a large sparse guest the kernel hands these out untouched,
+            // and pages that stay zero are never written (see refresh).
+            let hashes = Hashes { pages: vec![0u64; pages], chunks: vec![0u128; words] };
+            segments.push(SegmentTrack { seg: seg.clone(), stale, hashes: Mutex::new(hashes) });
+        }
+        Ok(DigestTracker { segments, refresh_lock: Mutex::new(()) })
+    }
+
+    fn segment_index(&self, seg: &Segment) -> Option<usize> {
+        self.segments.iter().position(|t| t.seg.gpa() == seg.gpa())
+    }
+
+    /// Mark pages `first..first+count` of `seg` stale.
+    pub fn mark_pages(&self, seg: &Segment, first: usize, count: usize) -> Result<(), PageError> {
+        let track = self.segment_index(seg).map(|i| &self.segments[i]).ok_or(PageError::NoSuchSegment { gpa: seg.gpa() })?;
+        if first.checked_add(count).is_none_or(|end| end > seg.pages()) {
+            return Err(PageError::PagesOutsideSegment { first: first as u64, count: count as u64, segment: seg.name().to_string(), pages: seg.pages() as u64 });
+        }
+        let mut page = first;
+        let end = first + count;
+        while page < end {
+            let word = page / 64;
+            let bit = page % 64;
+            let n = (64 - bit).min(end - page);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            track.stale[word].fetch_or(mask, Ordering::Release);
+            page += n;
+        }
+        Ok(())
+    }
+
+    /// Mark every page of `ranges` (all in `seg`, as a batch holds them) stale.
+    pub fn mark_ranges(&self, seg: &Segment, ranges: &[PageRange]) -> Result<(), PageError> {
+        for r in ranges {
+            let first = (r.gpa.0 - seg.gpa().0) as usize / PAGE_SIZE;
+            self.mark_pages(seg, first, r.pages as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Mark every page stale (the next refresh rehashes all memory).
+    pub fn mark_all(&self) {
+        for track in &self.segments {
+            let pages = track.seg.pages();
+            for (w, word) in track.stale.iter().enumerate() {
+                let n = (pages - w * DIGEST_CHUNK_PAGES).min(DIGEST_CHUNK_PAGES);
+                word.fetch_or(if n == 64 { u64::MAX } else { (1u64 << n) - 1 }, Ordering::Release);
+            }
+        }
+    }
+
+    /// Stale pages right now.
+    pub fn stale_pages(&self) -> u64 {
+        self.segments.iter().flat_map(|t| t.stale.iter()).map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+
+    /// Rehash the stale pages and the chunks they are in.
+    pub fn refresh(&self) -> Result<RefreshStats, PageError> {
+        let _serial = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stats = RefreshStats::default();
+        for track in &self.segments {
+            refresh_segment(track, &mut stats, RESIDENCY_THRESHOLD_CHUNKS)?;
+        }
+        Ok(stats)
+    }
+
+    /// Refresh, then combine: the commit digest of memory as it is now (see the module doc).
+    pub fn digest(&self) -> Result<u128, PageError> {
+        self.digest_with(RESIDENCY_THRESHOLD_CHUNKS)
+    }
+
+    fn digest_with(&self, residency_threshold: usize) -> Result<u128, PageError> {
+        let _serial = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stats = RefreshStats::default();
+        let mut hasher = Xxh3::new();
+        for track in &self.segments {
+            refresh_segment(track, &mut stats, residency_threshold)?;
+            let hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());
+            hasher.update(b"C");
+            hasher.update(&track.seg.gpa().0.to_le_bytes());
+            hasher.update(&(track.seg.pages() as u64).to_le_bytes());
+            // SAFETY: u128 has no padding; viewing the slice's memory as bytes reads it only.
+            let bytes = unsafe { std::slice::from_raw_parts(hashes.chunks.as_ptr() as *const u8, hashes.chunks.len() * 16) };
+            if cfg!(target_endian = "little") {
+                hasher.update(bytes);
+            } else {
+                for c in &hashes.chunks {
+                    hasher.update(&c.to_le_bytes());
+                }
+            }
+        }
+        Ok(hasher.digest128())
+    }
+}
+
+/// Rehash `track`'s stale pages; above `residency_threshold` stale chunks, mincore first.
+fn refresh_segment(track: &SegmentTrack, stats: &mut RefreshStats, residency_threshold: usize) -> Result<(), PageError> {
+    let seg = &track.seg;
+    if seg.is_closed() {
+        return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
+    }
+    // Take the stale bits before anything about the pages is read: a mark after this is for the
+    // next refresh, and a write marked before it is visible to what follows, mincore included
+    // (residency asked before the take could call a page untouched that was written since).
+    let mut stale_chunks = 0;
+    let taken: Vec<u64> = track
+        .stale
+        .iter()
+        .map(|w| {
+            if w.load(Ordering::Relaxed) == 0 {
+                return 0;
+            }
+            stale_chunks += 1;
+            w.swap(0, Ordering::Acquire)
+        })
+        .collect();
+    if stale_chunks == 0 {
+        return Ok(());
+    }
+    // For many stale chunks, one mincore pass finds the pages never touched (zero, unread).
+    let resident = if stale_chunks > residency_threshold { Some(super::resident_bitmap(seg)?.0) } else { None };
+    let mut hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());
+    let Hashes { pages, chunks } = &mut *hashes;
+    // Many stale chunks (a first refresh, a warm migration's) are split among a few threads, each
+    // with its own words and hashes; they only read guest memory.
+    let threads = if stale_chunks >= PARALLEL_MIN_CHUNKS {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_THREADS)
+    } else {
+        1
+    };
+    let words_per = taken.len().div_ceil(threads);
+    let parts: Vec<RefreshStats> = std::thread::scope(|scope| {
+        let handles: Vec<_> = taken
+            .chunks(words_per)
+            .zip(pages.chunks_mut(words_per * DIGEST_CHUNK_PAGES))
+            .zip(chunks.chunks_mut(words_per))
+            .enumerate()
+            .map(|(i, ((stale, pages), chunks))| {
+                let first_word = i * words_per;
+                let resident = resident.as_deref().map(|r| &r[first_word..first_word + stale.len()]);
+                let part = Part { seg, first_page: first_word * DIGEST_CHUNK_PAGES, stale, pages, chunks, resident };
+                if threads == 1 { Ok(part.refresh()) } else { Err(scope.spawn(move || part.refresh())) }
+            })
+            .collect();
+        handles.into_iter().map(|h| h.unwrap_or_else(|j| j.join().expect("digest refresh thread panicked"))).collect()
+    });
+    for p in parts {
+        stats.pages += p.pages;
+        stats.chunks += p.chunks;
+    }
+    Ok(())
+}
+
+/// At least this many stale chunks (128 MiB) before a refresh uses more than one thread.
+const PARALLEL_MIN_CHUNKS: usize = 512;
+const MAX_THREADS: usize = 4;
+
+/// A run of whole chunks of one segment, refreshed by one thread.
+struct Part<'a> {
+    seg: &'a Segment,
+    first_page: usize,
+    /// The stale bits taken for these chunks.
+    stale: &'a [u64],
+    pages: &'a mut [u64],
+    chunks: &'a mut [u128],
+    resident: Option<&'a [u64]>,
+}
+
+impl Part<'_> {
+    fn refresh(self) -> RefreshStats {
+        let mut stats = RefreshStats::default();
+        for (w, &bits) in self.stale.iter().enumerate() {
+            if bits == 0 {
+                continue;
+            }
+            let mut bits = bits;
+            let base = w * DIGEST_CHUNK_PAGES;
+            let end = (base + DIGEST_CHUNK_PAGES).min(self.pages.len());
+            stats.pages += bits.count_ones() as u64;
+            stats.chunks += 1;
+            let maybe_data = self.resident.map_or(u64::MAX, |r| r[w]);
+            if maybe_data == 0 {
+                // Nothing in the chunk was ever touched: all zero. A chunk hash of 0 means every
+                // page hash is 0 already, so a sparse guest's hashes are never even read.
+                if self.chunks[w] != 0 {
+                    self.pages[base..end].fill(0);
+                    self.chunks[w] = 0;
+                }
+                continue;
+            }
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let h = if maybe_data >> bit & 1 == 0 {
+                    0
+                } else {
+                    // SAFETY: the page lies in the segment (stale bits are only set for its pages),
+                    // so inside the mapping `seg` keeps alive.
+                    unsafe { page_hash(self.seg.as_ptr().add((self.first_page + base + bit) * PAGE_SIZE)) }
+                };
+                // Untouched pages keep hash 0: don't write (and so allocate) them.
+                if self.pages[base + bit] != h {
+                    self.pages[base + bit] = h;
+                }
+            }
+            let c = chunk_hash(&self.pages[base..end]);
+            if self.chunks[w] != c {
+                self.chunks[w] = c;
+            }
+        }
+        stats
+    }
+}
+
+/// The commit digest of `mem` computed from scratch (the same value a current tracker gives).
+pub fn commit_digest(mem: &GuestMemory) -> Result<u128, PageError> {
+    DigestTracker::new(mem)?.digest()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{GuestAddress, MemoryOptions, HIGHMEM_BASE};
+    use crate::pages::RangeKind;
+
+    fn two_segment_guest() -> GuestMemory {
+        let mut opts = MemoryOptions::new(8 << 20);
+        opts.lowmem_limit = 4 << 20;
+        GuestMemory::new(&opts).unwrap()
+    }
+
+    #[test]
+    fn a_fresh_tracker_agrees_with_the_definition() {
+        let mem = two_segment_guest();
+        mem.write(GuestAddress(4096 * 3), b"hello").unwrap();
+        mem.write(GuestAddress(HIGHMEM_BASE + 4096 * 70), &[7u8; 4096]).unwrap();
+        // Spelled out by hand from the module doc.
+        let mut hasher = Xxh3::new();
+        for seg in mem.segments() {
+            hasher.update(b"C");
+            hasher.update(&seg.gpa().0.to_le_bytes());
+            hasher.update(&(seg.pages() as u64).to_le_bytes());
+            for chunk in 0..seg.pages().div_ceil(64) {
+                let mut page_hashes = Vec::new();
+                for page in chunk * 64..((chunk + 1) * 64).min(seg.pages()) {
+                    let mut buf = vec![0u8; 4096];
+                    mem.read(GuestAddress(seg.gpa().0 + (page * 4096) as u64), &mut buf).unwrap();
+                    page_hashes.push(if buf.iter().all(|&b| b == 0) { 0 } else { xxh3_64(&buf).max(1) });
+                }
+                let c = if page_hashes.iter().all(|&h| h == 0) {
+                    0u128
+                } else {
+                    xxh3_128(&page_hashes.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>())
+                };
+                hasher.update(&c.to_le_bytes());
+            }
+        }
+        assert_eq!(commit_digest(&mem).unwrap(), hasher.digest128());
+    }
+
+    #[test]
+    fn marked_changes_are_seen_and_unmarked_ones_are_not() {
+        let mem = two_segment_guest();
+        mem.write(GuestAddress(0), &[1u8; 100]).unwrap();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        let first = tracker.digest().unwrap();
+        assert_eq!(first, commit_digest(&mem).unwrap());
+        assert_eq!(tracker.stale_pages(), 0);
+        assert_eq!(tracker.refresh().unwrap(), RefreshStats::default(), "nothing stale, nothing done");
+
+        // An unmarked write is invisible to the tracker: that is the contract, marks are the input.
+        mem.write(GuestAddress(4096 * 5), &[9u8; 10]).unwrap();
+        assert_eq!(tracker.digest().unwrap(), first);
+        assert_ne!(commit_digest(&mem).unwrap(), first);
+
+        let seg = mem.segments()[0].clone();
+        tracker.mark_pages(&seg, 5, 1).unwrap();
+        assert_eq!(tracker.stale_pages(), 1);
+        let after = tracker.digest().unwrap();
+        assert_eq!(after, commit_digest(&mem).unwrap());
+        assert_ne!(after, first);
+
+        // Writing zeros back makes the page zero again, equal to the start.
+        mem.write(GuestAddress(4096 * 5), &[0u8; 10]).unwrap();
+        tracker.mark_ranges(&seg, &[PageRange { gpa: GuestAddress(4096 * 4), pages: 3, kind: RangeKind::Data }]).unwrap();
+        let stats = tracker.refresh().unwrap();
+        assert_eq!(stats, RefreshStats { pages: 3, chunks: 1 });
+        assert_eq!(tracker.digest().unwrap(), first);
+    }
+
+    #[test]
+    fn marks_are_checked_and_every_page_of_a_short_chunk_is_covered() {
+        let mem = GuestMemory::new(&MemoryOptions::new(70 * 4096)).unwrap();
+        let seg = mem.segments()[0].clone();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        assert_eq!(tracker.stale_pages(), 70);
+        tracker.digest().unwrap();
+        assert!(matches!(tracker.mark_pages(&seg, 69, 2), Err(PageError::PagesOutsideSegment { .. })));
+        assert!(matches!(tracker.mark_pages(&seg, usize::MAX, 2), Err(PageError::PagesOutsideSegment { .. })));
+        mem.write(GuestAddress(69 * 4096), &[5]).unwrap();
+        tracker.mark_pages(&seg, 60, 10).unwrap();
+        assert_eq!(tracker.stale_pages(), 10);
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        tracker.mark_all();
+        assert_eq!(tracker.stale_pages(), 70);
+    }
+
+    #[test]
+    fn one_byte_anywhere_changes_the_digest_and_position_matters() {
+        let mem = two_segment_guest();
+        let base = commit_digest(&mem).unwrap();
+        mem.write(GuestAddress(HIGHMEM_BASE + (4 << 20) - 1), &[1]).unwrap();
+        let high = commit_digest(&mem).unwrap();
+        assert_ne!(high, base);
+        let other = two_segment_guest();
+        other.write(GuestAddress(HIGHMEM_BASE + (4 << 20) - 4097), &[1]).unwrap();
+        assert_ne!(commit_digest(&other).unwrap(), high);
+        // A page of zeros written is the same memory as a page never touched.
+        let zeros = two_segment_guest();
+        zeros.write(GuestAddress(8192), &[0u8; 4096]).unwrap();
+        assert_eq!(commit_digest(&zeros).unwrap(), base);
+    }
+
+    #[test]
+    fn refreshing_while_pages_are_written_and_marked_misses_nothing() {
+        // A writer fills never-touched pages and marks each after writing it, as the receiver
+        // and the dirty harvest do, while refreshes run on another thread, asking mincore
+        // (threshold 0) so the residency they see races the writes.
+        let mem = GuestMemory::new(&MemoryOptions::new(32 << 20)).unwrap();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        let seg = mem.segments()[0].clone();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for page in 0..seg.pages() {
+                    mem.write(GuestAddress((page * 4096) as u64), &(page as u64 + 1).to_le_bytes()).unwrap();
+                    tracker.mark_pages(&seg, page, 1).unwrap();
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut refreshes = 0;
+            while !done.load(Ordering::Acquire) && refreshes < 100_000 {
+                tracker.digest_with(0).unwrap();
+                refreshes += 1;
+            }
+        });
+        assert_eq!(tracker.digest_with(0).unwrap(), commit_digest(&mem).unwrap());
+    }
+
+    #[test]
+    fn reading_pages_and_asking_mincore_agree_on_one_thread_or_several() {
+        // 768 chunks: past PARALLEL_MIN_CHUNKS, so the first refresh splits among threads.
+        let mem = GuestMemory::new(&MemoryOptions::new(192 << 20)).unwrap();
+        for page in [0u64, 1, 4097, 10_000, 16_383, 49_151] {
+            mem.write(GuestAddress(page * 4096 + 17), &page.to_le_bytes()).unwrap();
+        }
+        let read = DigestTracker::new(&mem).unwrap().digest_with(usize::MAX).unwrap();
+        let asked = DigestTracker::new(&mem).unwrap().digest_with(0).unwrap();
+        assert_eq!(read, asked);
+        assert_eq!(commit_digest(&mem).unwrap(), read);
+        // A single stale chunk is refreshed on the calling thread and must agree too.
+        let tracker = DigestTracker::new(&mem).unwrap();
+        tracker.digest().unwrap();
+        mem.write(GuestAddress(49_151 * 4096), &[0xee; 64]).unwrap();
+        tracker.mark_pages(&mem.segments()[0], 49_151, 1).unwrap();
+        assert_eq!(tracker.refresh().unwrap(), RefreshStats { pages: 1, chunks: 1 });
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+    }
+}
