@@ -136,6 +136,20 @@ def test_a_large_mostly_untouched_guest_sends_only_its_touched_memory(tmp_path):
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+def test_vmmctl_verify_full_checks_all_memory_and_the_guest_finishes_exactly(tmp_path):
+    sweeps = 2000
+    result, source, dest, src_status, src_console, dst_console = migrate_pair(
+        tmp_path, live=True, sweeps=sweeps, ctl_extra=["--verify", "full", "--downtime-ms", "50"], pause_at=4_000_001,
+    )
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["status"] == "completed" and stats["verify"] == "full"
+    assert src_status == 0
+    assert finish(dest) == 1
+    pages = (32 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+
 def test_a_destination_of_another_size_refuses_and_the_source_runs_on(tmp_path):
     sweeps = 2000
     result, source, dest, src_status, src_console, dst_console = migrate_pair(

@@ -90,7 +90,7 @@ def valid_stream(after_final: bytes = b"") -> bytes:
     out = []
     reader = threading.Thread(target=lambda: out.append(b"".join(iter(lambda: b.recv(1 << 16), b""))))
     reader.start()
-    a.sendall(P.encode_frame(P.MessageType.HELLO, P.encode_hello(P.Hello((1,), b"n" * 32))))
+    a.sendall(P.encode_frame(P.MessageType.HELLO, P.encode_hello(P.Hello(P.PROTOCOL_VERSIONS, b"n" * 32))))
     a.sendall(P.encode_frame(P.MessageType.AUTH, P.encode_auth(b"")))
     a.sendall(P.encode_frame(P.MessageType.SPEC, P.encode_spec(P.Spec.from_dict(src.spec(), live=False))))
     a.sendall(P.encode_frame(P.MessageType.MEMORY, P.encode_memory(P.Memory(0, P.MemoryFlags.ALL_PAGES | P.MemoryFlags.FINAL))))
@@ -100,7 +100,7 @@ def valid_stream(after_final: bytes = b"") -> bytes:
         P.MemoryEnd(0, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"]))))
     a.sendall(after_final)
     a.sendall(P.encode_frame(P.MessageType.STATE, encode_sections(src.save_sections())))
-    a.sendall(P.encode_frame(P.MessageType.COMMIT_REQUEST, P.encode_digest(src.memory.digest())))
+    a.sendall(P.encode_frame(P.MessageType.COMMIT_REQUEST, P.encode_digest(src.memory.commit_digest())))
     a.sendall(P.encode_frame(P.MessageType.COMMITTED))
     a.close()
     reader.join()
@@ -223,7 +223,7 @@ def test_mutated_migration_streams_are_refused_cleanly_or_migrate_exactly(data):
 def test_mutations_of_length_fields_never_allocate_their_claim():
     stream = bytearray(_valid())
     # The SPEC frame starts after HELLO and AUTH; claim a 256 MiB STATE there instead.
-    hello_len = P.HEADER_SIZE + len(P.encode_hello(P.Hello((1,), b"n" * 32)))
+    hello_len = P.HEADER_SIZE + len(P.encode_hello(P.Hello(P.PROTOCOL_VERSIONS, b"n" * 32)))
     auth_len = P.HEADER_SIZE + 1
     off = hello_len + auth_len
     stream[off + 6 : off + 8] = int(P.MessageType.STATE).to_bytes(2, "little")

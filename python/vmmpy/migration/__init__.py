@@ -6,6 +6,7 @@ statistics. Speaks to VMs only through ``adapter.MigrationAdapter`` and to state
 from .adapter import MigrationAdapter, spec_mismatches
 from .convergence import POLICIES, Estimate, MigrationParams, estimate, estimate_warm
 from .destination import Destination, receive, serve_connection
+from .digest import VERIFY_MODES
 from .errors import (
     Aborted,
     AuthenticationError,
@@ -24,6 +25,6 @@ from .stats import MigrationStats, RoundStats
 __all__ = [
     "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
     "MigrationAdapter", "MigrationError", "MigrationHandle", "MigrationParams", "MigrationStats", "MigrationTimeout",
-    "NotConverging", "POLICIES", "ProtocolError", "Refused", "RoundStats", "estimate", "estimate_warm", "format_address", "migrate",
+    "NotConverging", "POLICIES", "ProtocolError", "Refused", "RoundStats", "VERIFY_MODES", "estimate", "estimate_warm", "format_address", "migrate",
     "parse_address", "receive", "serve_connection", "spec_mismatches",
 ]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..memory import PAGE_SIZE
+from .digest import VERIFY_MODES
 from .stats import MigrationStats, RoundStats
 
 POLICIES = ("auto-converge", "switch-over", "give-up")
@@ -34,6 +35,7 @@ class MigrationParams:
     max_rounds: int = 30  # live rounds after round 0 before the policy must act
     policy: str = "auto-converge"
     detect_zero: bool = True
+    verify: str = "incremental"  # the commit check: "incremental" (what changed) or "full" (all memory, in the downtime)
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
     throttle_max: float = 0.99
@@ -46,6 +48,8 @@ class MigrationParams:
     max_state_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}; got {self.verify!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         if self.downtime_target_ms <= 0:
@@ -69,12 +73,13 @@ class Convergence:
     auto-converge throttle through the ``throttle`` callable."""
 
     def __init__(self, params: MigrationParams, stats: MigrationStats, throttle, fixed_ms: float = 0.0) -> None:
-        """``fixed_ms``: downtime that does not shrink with the dirty pages (the commit round trip
-        and the destination's memory digest), added to every prediction."""
+        """``fixed_ms``: downtime that does not shrink with the dirty pages (the commit round trip,
+        and with ``verify="full"`` the digest of all memory), added to every prediction."""
         self.params = params
         self.stats = stats
         self.set_throttle = throttle
         self.fixed_ms = fixed_ms
+        self.hash_ms_per_page = 0.0  # the commit hashes the final round's pages (set by the source)
         self.throttle = 0.0
         self._high_rounds = 0
         self._best_ms = float("inf")
@@ -98,7 +103,7 @@ class Convergence:
         p, s = self.params, self.stats
         bw = self.bandwidth()
         remaining = dirty_pages_now * PAGE_SIZE
-        pages_ms = remaining / bw * 1000.0
+        pages_ms = remaining / bw * 1000.0 + dirty_pages_now * self.hash_ms_per_page
         expected_ms = pages_ms + self.fixed_ms
         s.throughput = bw
         s.remaining_bytes = remaining

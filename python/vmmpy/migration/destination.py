@@ -21,7 +21,7 @@ from ..state import SectionError, decode_sections
 from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import MigrationParams
-from .digest import DigestInBackground
+from .digest import InBackground, Refresher
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
 from .net import CancelWatcher, format_address, listen, set_io_timeout
 from .stats import MigrationStats, RoundStats
@@ -119,7 +119,9 @@ class _Receiver:
         self.total_pages = sum(seg.pages for seg in self.memory.segments)
         self.next_round = 0
         self.have_all_pages = False
-        self.digest_job: DigestInBackground | None = None
+        self.tracker = self.memory.digest_tracker()  # marks every page received: exact in both verify modes
+        self.refresher = Refresher(self.tracker)
+        self.digest_job: InBackground[int] | None = None
         self.restored = False
         self.refused_reason: str | None = None
 
@@ -134,7 +136,14 @@ class _Receiver:
                 raise
         finally:
             self.watcher.close()
+            self._join_hashing()
         return self.stats
+
+    def _join_hashing(self) -> None:
+        """No hashing thread outlives the transfer (their errors, after a failure, add nothing)."""
+        self.refresher.join()
+        if self.digest_job is not None:
+            self.digest_job.join()
 
     # -- frames ----------------------------------------------------------------------------------
     def _read(self, *expected: P.MessageType) -> P.Frame:
@@ -221,7 +230,7 @@ class _Receiver:
             if self.watcher.cancelled():
                 raise Cancelled(f"cancelled during round {memory.round}")
             try:
-                got = self.memory.recv_pages(fd)
+                got = self.memory.recv_pages(fd, tracker=self.tracker)
             except PageBatchError as err:
                 raise _batch_error(err, memory.round) from None
             wire += got["wire_bytes"]
@@ -230,6 +239,8 @@ class _Receiver:
             batches += 1
             data_pages += got["data_pages"]
             zero_pages += got["zero_pages"]
+            if not memory.flags & P.MemoryFlags.FINAL:
+                self.refresher.kick()  # hash what arrived while the rest streams
             # A round sends each page at most once: more is a broken or hostile source.
             if data_pages + zero_pages > self.total_pages:
                 raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
@@ -252,8 +263,12 @@ class _Receiver:
         self.next_round += 1
         self.state = RxState.READY
         if memory.flags & P.MemoryFlags.FINAL:
-            # No page changes after the final round: digest while the state and commit arrive.
-            self.digest_job = DigestInBackground(self.memory)
+            # No page changes after the final round: finish the digest while the state and the
+            # commit request arrive.
+            self.refresher.wait()
+            self.digest_job = InBackground(self.tracker.digest)
+        else:
+            self.refresher.kick()  # hash this round's pages while the next one arrives
 
     def _restore(self, blob: bytes) -> None:
         if not self.have_all_pages:
@@ -274,7 +289,7 @@ class _Receiver:
 
     def _commit(self, source_digest: int) -> None:
         t = time.monotonic()
-        mine = self.digest_job.result() if self.digest_job is not None else self.memory.digest()
+        mine = self.digest_job.result() if self.digest_job is not None else self.tracker.digest()
         self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # the wait not hidden by the transfer
         if mine != source_digest:
             raise MigrationError(f"memory digest mismatch: source {source_digest:#034x}, destination {mine:#034x}; "
@@ -311,6 +326,7 @@ class _Receiver:
             except (MigrationError, OSError):
                 pass
         self.state = RxState.DISCARDED
+        self._join_hashing()
         self.adapter.discard()
         self.stats.finish("cancelled" if cancelled else "failed", message)
 

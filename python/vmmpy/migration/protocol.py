@@ -18,7 +18,7 @@ Message sequence (S = source, D = destination)::
     |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
     |     ... one MEMORY..MEMORY_END per round ... |
     |---- STATE (encode_sections container) ------>|  D: restore_sections
-    |---- COMMIT_REQUEST (source digest) --------->|  D: digest own memory, compare
+    |---- COMMIT_REQUEST (source digest) --------->|  D: commit digest of own memory, compare
     |<--- COMMIT_ACK (destination digest) ---------|  D: AWAIT_COMMITTED
     |---- COMMITTED ------------------------------>|  D: start_running; S: stop_for_good
     |                                              |
@@ -62,7 +62,8 @@ from .errors import ConnectionLost, MigrationTimeout, ProtocolError
 
 MAGIC = b"VMMG"
 FRAME_VERSION = 1
-PROTOCOL_VERSIONS = (1,)
+# 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest.
+PROTOCOL_VERSIONS = (2,)
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size
 NONCE_SIZE = 32

@@ -22,7 +22,7 @@ from ..state import encode_sections
 from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
-from .digest import DigestInBackground
+from .digest import InBackground, Refresher
 from .errors import Aborted, AuthenticationError, Cancelled, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
 from .stats import MigrationStats, ProgressCallback, RoundStats
@@ -97,7 +97,9 @@ class _Source:
         self.watcher = CancelWatcher(cancel)
         self.stats = MigrationStats(role="source", live=live, policy=params.policy if live else None, peer=format_address(host, port),
                                     downtime_target_ms=params.downtime_target_ms if live else None,
-                                    bandwidth_cap=params.bandwidth_cap)
+                                    bandwidth_cap=params.bandwidth_cap, verify=params.verify)
+        self.tracker = self.memory.digest_tracker()  # every page stale: the first refresh hashes all
+        self.refresher = Refresher(self.tracker)
         self.chan: Channel | None = None
         self.phase = "setup"
         self.paused = False
@@ -149,6 +151,7 @@ class _Source:
             if self.chan is not None:
                 self.chan.close()
             self.watcher.close()
+            self.refresher.join()  # no hashing thread outlives the migration
         return self.stats
 
     def _migrate(self) -> None:
@@ -169,17 +172,27 @@ class _Source:
         next_round = 0
         if self.live:
             next_round = self._precopy()
+        self.refresher.wait()
         self._enter("pause")
         self.adapter.pause()
         self.paused = True
         paused_at = time.monotonic()
-        # Memory is frozen from here: digest it while the final pages and the state travel.
-        digest_job = DigestInBackground(self.memory)
+        # Memory is frozen from here. A full check hashes all of it beside the final pages and
+        # the state; a warm migration's tracker has every page stale, so the same holds for it.
+        digest_job = None
+        if p.verify == "full":
+            digest_job = InBackground(self.memory.commit_digest)
+        elif not self.live:
+            digest_job = InBackground(self.tracker.digest)
         self.stats.status = "paused"
         self._enter("final")
         t = time.monotonic()
         self._send_round(next_round, final=True, all_pages=not self.live)
         self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
+        if digest_job is None:
+            # The final round marked what the guest wrote since the last refresh: hash those
+            # pages (and combine) while the state is encoded and sent.
+            digest_job = InBackground(self.tracker.digest)
         self._enter("state")
         t = time.monotonic()
         blob = encode_sections(self.adapter.save_sections())
@@ -252,7 +265,7 @@ class _Source:
             if all_pages:
                 sent = self.memory.send_all_pages(fd, detect_zero=detect_zero)
             else:
-                sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero)
+                sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero, tracker=self.tracker)
             end = P.end_of_round_batch(self.memory.segments[0].gpa)
             self.chan.out.sendall(end)
         except (PageBatchError, OSError) as err:
@@ -271,17 +284,24 @@ class _Source:
 
     def _precopy(self) -> int:
         """Live rounds until the convergence rule says switch over; returns the final round's number."""
-        # The destination digests its memory during the downtime (the source's digest hides
-        # behind the final transfer): time one here, so switching over prices it, not just pages.
+        # The commit costs a round trip and the digest work that cannot hide behind the final
+        # transfer: with verify="full", hashing all memory (timed here); incrementally, hashing
+        # the final round's pages, priced per page from the refreshes between rounds.
         t = time.monotonic()
-        self.memory.digest()
-        self.stats.expected_commit_ms = (time.monotonic() - t) * 1000 + self.rtt_ms
+        full_ms = 0.0
+        if self.params.verify == "full":
+            self.memory.commit_digest()
+            full_ms = (time.monotonic() - t) * 1000
+        self.stats.expected_commit_ms = full_ms + self.rtt_ms
         self.convergence = Convergence(self.params, self.stats, self.adapter.throttle, fixed_ms=self.stats.expected_commit_ms)
         self._enter("round 0")
         self.memory.get_and_clear_dirty()  # round 0 sends everything as it is now; later writes show up in round 1
         number = 0
         while True:
             rnd = self._send_round(number, final=False, all_pages=number == 0)
+            # Hash what this round marked while the next one streams.
+            self.refresher.kick()
+            self.convergence.hash_ms_per_page = self.refresher.ms_per_page
             decision = self.convergence.after_round(rnd, self.memory.dirty_count())
             self._report()
             if decision == SWITCH:

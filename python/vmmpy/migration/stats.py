@@ -49,11 +49,12 @@ class MigrationStats:
     policy: str | None = None
     downtime_target_ms: float | None = None  # live: the target the convergence rule aimed for
     bandwidth_cap: float | None = None  # bytes/s, None when the link was not capped
+    verify: str | None = None  # source: the commit check, "incremental" or "full"
     # times
     setup_time_ms: float = 0.0  # connect + handshake + spec
     total_time_ms: float = 0.0
     expected_downtime_ms: float | None = None  # the last estimate before switch-over
-    expected_commit_ms: float = 0.0  # live: the part of downtime that does not shrink (destination digest + round trip)
+    expected_commit_ms: float = 0.0  # live: the part of downtime that does not shrink (round trip; with verify="full" the digest)
     downtime_ms: float | None = None  # source: paused -> COMMITTED sent; destination: see docs
     downtime_breakdown: dict[str, float] = field(default_factory=dict)  # final_pages, state, digest, commit
     # volume
