@@ -450,3 +450,16 @@ def test_vmmrun_refuses_a_missing_image_at_start(tmp_path):
     assert result.returncode == 4
     assert "virtio-blk@pci.0.3.0: cannot open image file '/no/such.img'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_console_file_on_a_full_disk_drops_output_and_says_so_once(capsys):
+    from vmmpy.devices.uart import FileConsole
+
+    console = FileConsole("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    console.write(b"hello")
+    console.write(b", world")
+    console.flush()
+    assert console.dropped == 12 and console.error is not None
+    err = capsys.readouterr().err
+    assert err.count("/dev/full") == 1 and "No space left on device" in err and "keeps running" in err
+    console.close()

@@ -209,3 +209,26 @@ def test_cancel_during_the_rounds_leaves_the_source_running(pair, tmp_path):
     assert "migration cancelled" in error and "the guest keeps running here" in error
     assert p.dest.wait(timeout=30) == 4
     p.assert_source_finishes_alone()
+
+
+def test_a_destination_whose_disk_is_full_takes_the_guest_and_runs_it(tmp_path):
+    """The destination writes nothing to disk while it receives; after the commit its guest's
+    console output goes to a file that cannot take it (/dev/full: ENOSPC on every write). The
+    guest must run to its own end there, its console output dropped with one warning."""
+    from .test_migration_processes import migrate_pair
+
+    sweeps = 2000
+    result, source, dest, src_status, src_console, _ = migrate_pair(
+        tmp_path, live=False, sweeps=sweeps, pause_at=4_000_001, dest_console="/dev/full")
+    try:
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["status"] == "completed"
+        assert src_status == 0, "the source hands the guest over and exits"
+        assert dest.wait(timeout=120) == 1, "the guest ran to its normal end on the destination"
+        assert "No space left on device" in dest.stderr.read()
+        # What the source printed before the pause is intact; the rest went to /dev/full.
+        assert expected_console(sweeps, PAGES).startswith(src_console.read_text())
+    finally:
+        stop(source)
+        stop(dest)
+

@@ -29,10 +29,10 @@ def expected_console(sweeps, pages):
 
 
 def migrate_pair(tmp_path, *, live, sweeps, memory="32M", pause_at=None, dest_memory=None, ctl_extra=(), host="127.0.0.1",
-                 guest_extra=None, source_netns=None, dest_netns=None, dest_key=None):
+                 guest_extra=None, source_netns=None, dest_netns=None, dest_key=None, dest_console=None):
     """Run a source and a destination vmmrun, migrate between them; returns what happened."""
     port = free_port(host) if dest_netns is None else 24983
-    src_console, dst_console = tmp_path / "src.log", tmp_path / "dst.log"
+    src_console, dst_console = tmp_path / "src.log", dest_console or tmp_path / "dst.log"
     guest = abtest_args(sweeps, memory, **(guest_extra or {}))
     src_args = [*guest, "-l", f"com1,{src_console}"]
     if pause_at is not None:

@@ -389,6 +389,7 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
             scope.spawn(move || {
                 for &(start, end) in extents {
                     let _ = layout.for_each_part::<()>(start, end, |seg, seg_off, len| {
+                        seg.advise_huge(seg_off, len);
                         // SAFETY: for_each_part keeps the range inside the segment's mapping;
                         // MADV_POPULATE_WRITE only faults pages in and never changes their bytes.
                         unsafe { libc::madvise(seg.as_ptr().add(seg_off) as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };

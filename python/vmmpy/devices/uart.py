@@ -11,6 +11,7 @@ transmit-empty interrupt is owed. Output already sent to the backend is the back
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import sys
 import threading
@@ -48,17 +49,41 @@ class ConsoleBackend:
 
 
 class FileConsole(ConsoleBackend):
-    """Appends output to a file (``-l com1,FILE``); no input."""
+    """Appends output to a file (``-l com1,FILE``); no input.
+
+    A serial line does not fail: when the file cannot take more (a full disk, a quota, an I/O
+    error) the output is dropped, as on a line nobody listens to, and the guest runs on. The
+    first failure is reported once on stderr; ``dropped`` counts the bytes lost.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: BinaryIO = open(path, "ab", buffering=0)
+        self.dropped = 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            written = self._file.write(data) or 0
+        except OSError as err:
+            self._lost(err, len(data))
+            return
+        if written < len(data):  # a short write to a file that is filling up
+            self._lost(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), len(data) - written)
+
+    def _lost(self, err: OSError, count: int) -> None:
+        self.dropped += count
+        if self.error is None:
+            self.error = err
+            print(f"vmmpy: console {self.path}: {err.strerror or err}; dropping console output while writes fail "
+                  "(the guest keeps running)", file=sys.stderr)
 
     def flush(self) -> None:
-        os.fsync(self._file.fileno())
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EROFS):  # a device or pipe has nothing to sync
+                self._lost(err, 0)
 
     def close(self) -> None:
         self._file.close()

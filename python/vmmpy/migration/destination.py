@@ -239,8 +239,7 @@ class _Receiver:
             batches += 1
             data_pages += got["data_pages"]
             zero_pages += got["zero_pages"]
-            if not memory.flags & P.MemoryFlags.FINAL:
-                self.refresher.kick()  # hash what arrived while the rest streams
+            self.refresher.kick()  # hash what arrived while the rest streams
             # A round sends each page at most once: more is a broken or hostile source.
             if data_pages + zero_pages > self.total_pages:
                 raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
@@ -268,7 +267,7 @@ class _Receiver:
             self.refresher.wait()
             self.digest_job = InBackground(self.tracker.digest)
         else:
-            self.refresher.kick()  # hash this round's pages while the next one arrives
+            self.refresher.kick()  # hash the rest of this round's pages while the next one arrives
 
     def _restore(self, blob: bytes) -> None:
         if not self.have_all_pages:
