@@ -21,9 +21,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -190,8 +191,8 @@ class QemuBench:
     removes them in ``close``; warm migration runs are cached so rows comparing with the same
     QEMU work (warm-1g and warm-1g-wired) share one measurement."""
 
-    def __init__(self, binary: str, work: Path, shm: str, runs: int, quick: bool) -> None:
-        self.binary, self.work, self.shm, self.runs, self.quick = binary, work, shm, runs, quick
+    def __init__(self, binary: str, work: Path, shm: str, runs: int) -> None:
+        self.binary, self.work, self.shm, self.runs = binary, work, shm, runs
         self.files: dict[int, str] = {}
         self.cache: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (GiB, channels) -> warm migration runs
 
@@ -270,8 +271,8 @@ class QemuBench:
         try:
             src = self._vm("save", size, self._source_memory(gib), ["-S"])
             _prepare(src, 0)
-            q = shlex.quote
-            command = f"cat > {q(path)} && sync {q(path)} && date +%s.%N > {q(stamp + '.part')} && mv {q(stamp + '.part')} {q(stamp)}"
+            file, part, done = (shlex.quote(p) for p in (path, stamp + ".part", stamp))
+            command = f"cat > {file} && sync {file} && date +%s.%N > {part} && mv {part} {done}"
             started = time.time()
             src.execute("migrate", {"uri": f"exec:{command}"})
             try:
@@ -402,7 +403,7 @@ def _unlink(path: str) -> None:
 # vmmpy row -> the QEMU work it is compared with (what is the same work is argued in
 # docs/performance.md); rows not listed have no QEMU equivalent here. A vmmpy row with N
 # streams compares with ``q.warm(1, channels=N, compare=1)``.
-WORK: dict[str, Callable[["QemuBench", Any], QemuFigure]] = {
+WORK: dict[str, Callable[[QemuBench, Any], QemuFigure]] = {
     "warm-1g": lambda q, ctx: q.warm(1),
     "warm-1g-wired": lambda q, ctx: q.warm(1),
     "warm-4g": lambda q, ctx: q.warm(4),

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 MAX_MESSAGE = 1 << 20  # no QMP reply the bench asks for comes near this
 
@@ -126,7 +127,7 @@ class Qmp:
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout as err:
+            except TimeoutError as err:
                 raise QmpError(f"QMP {self.path}: no complete message before the deadline") from err
             if not data:
                 raise QmpError(f"QMP {self.path}: QEMU closed the connection")

@@ -38,7 +38,7 @@ def qemu_status(binary: str | None, skipped: bool) -> str:
         return "skipped (--no-qemu)"
     if binary is None:
         return f"not installed ({qemu.INSTALL})"
-    return f"{qemu.version(binary)}, measured in this run"
+    return f"{qemu.version(binary)}, measured beside the rows it has an equivalent for"
 
 
 def attach_qemu(bench: qemu.QemuBench, ctx: Context, rows: list[Row]) -> None:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     binary = None if args.no_qemu else qemu.find_binary()
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
               "runs": runs, "qemu": qemu_status(binary, args.no_qemu), "scenarios": names}
-    bench = qemu.QemuBench(binary, work, args.tmpfs, runs, args.quick) if binary else None
+    bench = qemu.QemuBench(binary, work, args.tmpfs, runs) if binary else None
     rows: list[Row] = []
     try:
         for name in LIMITS:  # every limit first, so they are all measured in this run
