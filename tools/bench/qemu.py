@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .procs import free_port
-from .qmp import MigrateInfo, Qmp, QmpError, event_time, migrate_info
+from .qmp import MigrateInfo, Qmp, QmpError, QmpTimeout, event_time, migrate_info
 from .stats import Figure
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -179,10 +179,26 @@ def _finished(vm: QemuVm, timeout: float) -> MigrateInfo:
         time.sleep(0.005)
 
 
-def _completed_at(vm: QemuVm, timeout: float) -> float:
-    event = vm.qmp.wait_event("MIGRATION", _migration_status("completed"), timeout)
+def _completed_at(dst: QemuVm, timeout: float, src: QemuVm | None = None) -> float:
+    """Host time of the destination's MIGRATION ``completed`` event. Looks at the source every
+    half second meanwhile, so a source that failed (the destination then just waits) ends the
+    wait at once with the source's reason."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait = min(0.5, max(0.01, deadline - time.monotonic()))
+            event = dst.qmp.wait_event("MIGRATION", _migration_status("completed"), wait)
+            break
+        except QmpTimeout:
+            if time.monotonic() > deadline:
+                raise
+        dst._alive()
+        if src is not None:
+            info = src.query_migrate()
+            if info.status in ("failed", "cancelled"):
+                raise QmpError(f"QEMU {src.name}: migration {info.status}: {info.error or 'no reason given'}")
     if event["data"]["status"] != "completed":
-        raise QmpError(f"QEMU {vm.name}: incoming migration {event['data']['status']}: {vm._log_tail()}")
+        raise QmpError(f"QEMU {dst.name}: incoming migration {event['data']['status']}: {dst._log_tail()}")
     return event_time(event)
 
 
@@ -246,7 +262,7 @@ class QemuBench:
             timeout = 120 + 60 * size / GIB
             started = time.time()
             src.execute("migrate", {"uri": uri})
-            done = _completed_at(dst, timeout)
+            done = _completed_at(dst, timeout, src)
             info = _finished(src, 30)
             result = {"seconds": done - started, "total_time_ms": info.total_time_ms, "downtime_ms": info.downtime_ms,
                       "setup_time_ms": info.setup_time_ms, "transferred": info.transferred,

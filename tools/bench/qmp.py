@@ -19,6 +19,10 @@ class QmpError(RuntimeError):
     """QEMU answered a command with an error, or the conversation broke."""
 
 
+class QmpTimeout(QmpError):
+    """Nothing (or nothing wanted) arrived before the deadline; the connection is still usable."""
+
+
 def parse_message(line: bytes) -> dict[str, Any]:
     """One QMP message from one line of the stream."""
     try:
@@ -121,14 +125,14 @@ class Qmp:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise QmpError(f"QMP {self.path}: no complete message before the deadline")
+                raise QmpTimeout(f"QMP {self.path}: no complete message before the deadline")
             if len(self._buffer) > MAX_MESSAGE:
                 raise QmpError(f"QMP {self.path}: a message longer than {MAX_MESSAGE} bytes")
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
             except TimeoutError as err:
-                raise QmpError(f"QMP {self.path}: no complete message before the deadline") from err
+                raise QmpTimeout(f"QMP {self.path}: no complete message before the deadline") from err
             if not data:
                 raise QmpError(f"QMP {self.path}: QEMU closed the connection")
             self._buffer += data
@@ -170,7 +174,7 @@ class Qmp:
             try:
                 self.events.append(self._read(deadline))
             except QmpError as err:
-                raise QmpError(f"QMP {self.path}: no {name} event within {timeout:g} s ({err})") from err
+                raise type(err)(f"QMP {self.path}: no {name} event within {timeout:g} s ({err})") from err
 
     def close(self) -> None:
         self.sock.close()
