@@ -11,7 +11,7 @@ import types
 import pytest
 
 from tools.bench import qemu, run
-from tools.bench.qmp import Qmp, QmpError, event_time, migrate_info, parse_message
+from tools.bench.qmp import Qmp, QmpError, QmpTimeout, event_time, migrate_info, parse_message
 from tools.bench.stats import Figure, Row
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}}, "capabilities": []}}
@@ -117,12 +117,13 @@ def test_client_gives_up_at_its_deadline_and_when_qemu_hangs_up(tmp_path):
           else ([] if cmd["execute"] == "silent" else [None]))
     qmp = Qmp(str(path), timeout=10)
     try:
-        with pytest.raises(QmpError, match="before the deadline"):
+        with pytest.raises(QmpTimeout, match="before the deadline"):
             qmp.execute("silent", timeout=0.2)
-        with pytest.raises(QmpError, match="no STOP event within 0.2 s"):
+        with pytest.raises(QmpTimeout, match="no STOP event within 0.2 s"):
             qmp.wait_event("STOP", timeout=0.2)
-        with pytest.raises(QmpError, match="closed the connection"):
+        with pytest.raises(QmpError, match="closed the connection") as broken:
             qmp.execute("hang-up", timeout=5)
+        assert not isinstance(broken.value, QmpTimeout), "a closed socket is not a quiet one"
     finally:
         qmp.close()
     with pytest.raises(QmpError, match="no QEMU listening"):
