@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Run vmmpy's benchmark scenarios and print one table: vmmpy's figure (median [min-max] of N
-runs), the machine limit measured in the same run, the ratio, QEMU's figure (only where Debian's
-qemu-system-x86 is installed), and issue 8's target.
+runs), the machine limit measured in the same run, the ratio, QEMU's figure for the same work
+measured in the same run with the ratio to it (only where Debian's qemu-system-x86 is installed;
+``tools/bench/qemu.py``), and issue 8's target.
 
-    .venv/bin/python -m tools.bench [--quick] [--json] [--only NAME[,NAME]] [--runs N] [--budget S]
+    .venv/bin/python -m tools.bench [--quick] [--json] [--only NAME[,NAME]] [--runs N] [--budget S] [--no-qemu]
 """
 
 from __future__ import annotations
@@ -24,13 +25,43 @@ from pathlib import Path
 if __package__ in (None, ""):  # python tools/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tools.bench import qemu  # noqa: E402
 from tools.bench.scenarios import LIMITS, SCENARIOS, Context  # noqa: E402
 from tools.bench.stats import Figure, Row  # noqa: E402
 
+SPEEDUP_LEGEND = ("x QEMU: how many times better vmmpy did than QEMU on the same work, measured in this run "
+                  "(rates: vmmpy / QEMU; times: QEMU / vmmpy); above 1 vmmpy is faster")
 
-def qemu_status() -> str:
-    path = shutil.which("qemu-system-x86_64")
-    return f"installed at {path} (not driven by this suite yet)" if path else "not installed"
+
+def qemu_status(binary: str | None, skipped: bool) -> str:
+    if skipped:
+        return "skipped (--no-qemu)"
+    if binary is None:
+        return f"not installed ({qemu.INSTALL})"
+    return f"{qemu.version(binary)}, measured beside the rows it has an equivalent for"
+
+
+def attach_qemu(bench: qemu.QemuBench, ctx: Context, rows: list[Row]) -> None:
+    """Measure QEMU doing each row's work (once per kind of work) and put it beside the row."""
+    for row in rows:
+        work = qemu.WORK.get(row.scenario)
+        if work is None:
+            row.qemu_note = "no QEMU equivalent"
+            continue
+        if time.monotonic() > ctx.deadline:
+            row.qemu_note = "skipped: the budget ran out"
+            continue
+        print(f"bench: QEMU for {row.scenario} ...", file=sys.stderr, flush=True)
+        try:
+            result = work(bench, ctx)
+        except Exception as err:  # noqa: BLE001 - QEMU failing must not hide vmmpy's figures
+            traceback.print_exc(file=sys.stderr)
+            row.qemu_note = f"QEMU failed: {type(err).__name__}: {err}"
+            continue
+        row.qemu, row.qemu_detail = result.figure, result.to_dict()
+        row.qemu_ratio = qemu.speedup(row.figure, result.figure) if row.figure else None
+        others = ", ".join(f"{label} {fig.text()}" for label, fig in result.others.items())
+        row.notes.append(f"QEMU (same run): {result.how}" + (f"; {others}" if others else ""))
 
 
 def select(names: str | None, quick: bool) -> list[str]:
@@ -63,28 +94,44 @@ def row_from_dict(d: dict) -> Row:
     def fig(x):
         return Figure(x["runs"], x["unit"]) if x else None
 
-    return Row(**{**d, "figure": fig(d["figure"]), "limit": fig(d["limit"])})
+    d = dict(d)
+    if isinstance(d.get("qemu"), str):  # reports from before the QEMU column: the status text
+        d["qemu_note"], d["qemu"] = d.pop("qemu"), None
+    return Row(**{**d, "figure": fig(d["figure"]), "limit": fig(d["limit"]), "qemu": fig(d.get("qemu"))})
+
+
+def qemu_measured(rows: list[Row]) -> bool:
+    return any(r.qemu is not None or r.qemu_note.startswith("QEMU failed") for r in rows)
 
 
 def print_table(report: dict, rows: list[Row]) -> None:
     m = report["machine"]
+    with_qemu = qemu_measured(rows)  # else the header line says why, once, and the columns are left out
     print(f"vmmpy bench  {report['date']}  {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, "
-          f"load {m['load_average'][0]:.2f}; {report['runs']} runs per figure; QEMU: {report['qemu']}")
-    header = ("scenario", "vmmpy: median [min-max]", "limit (same run)", "ratio", "QEMU", "target", "met")
+          f"load {m['load_average'][0]:.2f}; {report['runs']} runs per figure; QEMU: {report['qemu']}"
+          + ("" if with_qemu else "; no QEMU column"))
+    header = ("scenario", "vmmpy: median [min-max]", "limit (same run)", "ratio",
+              *(("QEMU (same run)", "x QEMU") if with_qemu else ()), "target", "met")
     table = [header]
     for r in rows:
         limit = f"{r.limit_name} {r.limit.text()}" if r.limit else "-"
         met = "error" if r.error else ("-" if r.met is None else ("yes" if r.met else "NO"))
+        qemu_cells: tuple[str, ...] = ()
+        if with_qemu:
+            qemu_text = r.qemu.text() if r.qemu else ("failed" if r.qemu_note.startswith("QEMU failed") else "-")
+            qemu_cells = (qemu_text, f"{r.qemu_ratio:.2f}" if r.qemu_ratio is not None else "-")
         table.append((r.scenario, r.figure.text() if r.figure else (r.error or "-")[:40], limit,
-                      f"{r.ratio:.2f}" if r.ratio is not None else "-", r.qemu, r.target or "-", met))
+                      f"{r.ratio:.2f}" if r.ratio is not None else "-", *qemu_cells, r.target or "-", met))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if with_qemu:
+        print(SPEEDUP_LEGEND)
     print()
     for r in rows:
-        line = "; ".join(n for n in r.notes if n)
+        line = "; ".join(n for n in r.notes + ([r.qemu_note] if r.qemu_note.startswith("QEMU failed") else []) if n)
         print(f"{r.scenario}: {r.what}" + (f" -- {line}" if line else "") + (f" -- ERROR {r.error}" if r.error else ""))
 
 
@@ -100,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmpfs", default="/dev/shm", metavar="DIR", help="a tmpfs directory for images and tmpfs checkpoints")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     ap.add_argument("--show", metavar="FILE", help="print the table of a report saved with --json, and exit")
+    ap.add_argument("--no-qemu", action="store_true", help="do not measure QEMU even where qemu-system-x86_64 is on PATH")
     args = ap.parse_args(argv)
     if args.show:
         with open(args.show) as f:
@@ -118,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="vmmpy-bench-"))
     ctx = Context(work=work, shm=args.tmpfs, disk=disk, runs=runs, quick=args.quick, deadline=started + args.budget)
+    binary = None if args.no_qemu else qemu.find_binary()
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
-              "runs": runs, "qemu": qemu_status(), "scenarios": names}
+              "runs": runs, "qemu": qemu_status(binary, args.no_qemu), "scenarios": names}
+    bench = qemu.QemuBench(binary, work, args.tmpfs, runs) if binary else None
     rows: list[Row] = []
     try:
         for name in LIMITS:  # every limit first, so they are all measured in this run
@@ -132,12 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             t = time.monotonic()
             try:
-                rows += SCENARIOS[name][0](ctx)
+                new = SCENARIOS[name][0](ctx)
             except Exception as err:  # noqa: BLE001 - one failing scenario must not hide the others
                 traceback.print_exc(file=sys.stderr)
-                rows.append(Row(name, "failed", error=f"{type(err).__name__}: {err}"))
+                new = [Row(name, "failed", error=f"{type(err).__name__}: {err}")]
+            if bench is not None:
+                attach_qemu(bench, ctx, new)
+            rows += new
             print(f"bench: {name} took {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
     finally:
+        if bench is not None:
+            bench.close()
         ctx.drop_images()
         shutil.rmtree(work, ignore_errors=True)
     report["limits"] = {k: v.to_dict() for k, v in ctx.limits.items()}

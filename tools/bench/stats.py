@@ -54,7 +54,10 @@ def _fmt(x: float) -> str:
 class Row:
     """One line of the table. ``ratio`` is figure / limit (both in the same unit), or a ratio to
     another scenario where ``limit`` says so; ``met`` is True/False against ``target``, None when
-    the scenario has no target or did not run."""
+    the scenario has no target or did not run. ``qemu`` is QEMU's figure for the same work in
+    the same unit, measured in the same run (``tools/bench/qemu.py``), ``qemu_ratio`` how many
+    times better vmmpy did (``qemu.speedup``), ``qemu_note`` why there is no figure or how it
+    failed, ``qemu_detail`` QEMU's other figures and raw runs."""
 
     scenario: str
     what: str
@@ -62,7 +65,10 @@ class Row:
     limit_name: str = ""
     limit: Figure | None = None
     ratio: float | None = None
-    qemu: str = "not installed"
+    qemu: Figure | None = None
+    qemu_ratio: float | None = None
+    qemu_note: str = ""
+    qemu_detail: dict[str, Any] = field(default_factory=dict)
     target: str = ""
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
@@ -73,4 +79,5 @@ class Row:
         d = asdict(self)
         d["figure"] = self.figure.to_dict() if self.figure else None
         d["limit"] = self.limit.to_dict() if self.limit else None
+        d["qemu"] = self.qemu.to_dict() if self.qemu else None
         return d
