@@ -84,6 +84,22 @@ def boot(source, name, pause_at=None, **config):
     return machine, console
 
 
+def test_a_pause_before_the_vcpus_start_holds_them_until_resume():
+    # A control request may arrive between serving the socket and starting the vCPUs (a
+    # migration asked for as soon as vmmrun answers): pausing then must work, not fail.
+    console = CaptureConsole()
+    machine = Machine(VmConfig(name="m-early", memsize=4 << 20), consoles={"com1": console})
+    machine.setup_memory()
+    machine.load_program(assemble(HELLO))
+    machine.pause()
+    machine.start_vcpus()
+    assert machine.wait(0.3) is None and console.output == b"", "paused before it ran: nothing printed"
+    assert machine.vm.vcpus[0].instructions_retired == 0
+    machine.resume()
+    assert run_to_end(machine) == EXIT_POWEROFF
+    assert console.output == b"hello from the guest\n"
+
+
 def test_a_guest_prints_on_com1_and_powers_off():
     machine, console = boot(HELLO, "m-hello")
     assert run_to_end(machine) == EXIT_POWEROFF

@@ -320,7 +320,10 @@ class Machine:
         self.vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
         deadline = t0 + timeout
         with self._cond:
-            while not all(self._parked[i] or i in self._halted or not self._threads[i].is_alive() for i in range(self.config.ncpus)):
+            # A vCPU whose thread has not started (a control request can come between serving
+            # the socket and start_vcpus) is stopped too: it sees the pause when it starts.
+            while not all(self._parked[i] or i in self._halted or i >= len(self._threads) or not self._threads[i].is_alive()
+                          for i in range(self.config.ncpus)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
