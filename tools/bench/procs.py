@@ -3,7 +3,9 @@ process (so no vmmctl start-up lands inside a timed region)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +15,17 @@ from pathlib import Path
 from vmmpy.runtime.control import ControlClient, ControlError
 
 from .images import LPC
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the bench dies, even by SIGKILL (the OOM killer
+    takes the bench first: it holds the most memory), so no vmmrun or QEMU outlives it holding
+    gigabytes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -29,7 +42,7 @@ class Vmmrun:
         # A file, not /dev/null: pausing a guest fsyncs its console, and fsync of /dev/null is EINVAL.
         lpc = [a for dev in LPC for a in ("-l", f"{dev},{run_dir / f'{name}.{dev}.log'}")]
         self.proc = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmrun", f"--run-dir={run_dir}", *lpc, *args, name],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
 
     def client(self, timeout: float | None = 30.0) -> ControlClient:
         return ControlClient(self.name, self.run_dir, timeout=timeout)

@@ -14,7 +14,6 @@ Not here: vmmpy's processes, the table (``run.py``), any scenario without a QEMU
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .procs import free_port
+from .procs import die_with_parent, free_port
 from .qmp import MigrateInfo, Qmp, QmpError, QmpTimeout, event_time, migrate_info
 from .stats import Figure
 
@@ -36,7 +35,6 @@ MIB, GIB = 1 << 20, 1 << 30
 BINARY = "qemu-system-x86_64"
 INSTALL = "apt-get install -y qemu-system-x86"
 MAX_BANDWIDTH = 100_000_000_000  # bytes/s: QEMU 7.2's default cap is 128 MiB/s
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 IDLE_SETTLE_S = 3.0  # let SeaBIOS finish POST before a live migration (see docs/performance.md)
 
 
@@ -90,7 +88,7 @@ class QemuVm:
         self.argv = argv
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         self.qmp: Qmp | None = None
         try:
             # the greeting comes once the main loop runs, i.e. after prealloc=on has populated RAM
@@ -141,13 +139,6 @@ class QemuVm:
                 path.unlink()
             except FileNotFoundError:
                 pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the bench dies, even by SIGKILL (the OOM killer
-    takes the bench first: it holds the most memory), so no QEMU outlives it holding gigabytes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _prepare(vm: QemuVm, multifd: int, downtime_ms: int | None = None) -> None:
