@@ -302,7 +302,13 @@ class _Receiver:
         self.state = RxState.RUNNING
         t = time.monotonic()
         self.adapter.start_running()
-        self.stats.downtime_breakdown["start_ms"] = (time.monotonic() - t) * 1000
+        started = time.monotonic() - t
+        self.stats.downtime_breakdown["start_ms"] = started * 1000
+        try:
+            # Tells the source when the downtime ended; the guest runs whether or not it arrives.
+            self._send(P.MessageType.RESUMED, P.encode_resumed(int(started * 1e6)))
+        except (MigrationError, OSError):
+            self.stats.notes.append("could not tell the source the guest runs (RESUMED); it runs")
         self.stats.finish("completed")
 
     # -- failure ---------------------------------------------------------------------------------

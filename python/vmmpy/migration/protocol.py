@@ -21,6 +21,7 @@ Message sequence (S = source, D = destination)::
     |---- COMMIT_REQUEST (source digest) --------->|  D: commit digest of own memory, compare
     |<--- COMMIT_ACK (destination digest) ---------|  D: AWAIT_COMMITTED
     |---- COMMITTED ------------------------------>|  D: start_running; S: stop_for_good
+    |<--- RESUMED (start time) --------------------|  S: the downtime ends (best effort)
     |                                              |
     |<--- ABORT (why) ---- either way, any time ---|  before COMMITTED: S resumes, D discards
 
@@ -62,7 +63,8 @@ from .errors import ConnectionLost, MigrationTimeout, ProtocolError
 
 MAGIC = b"VMMG"
 FRAME_VERSION = 1
-# 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest.
+# 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest;
+# the destination answers COMMITTED with RESUMED once the guest runs.
 PROTOCOL_VERSIONS = (2,)
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size
@@ -89,6 +91,7 @@ class MessageType(enum.IntEnum):
     COMMIT_ACK = 11
     COMMITTED = 12
     ABORT = 13
+    RESUMED = 14
 
 
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -106,6 +109,7 @@ MAX_PAYLOAD = {
     MessageType.COMMIT_ACK: 16,
     MessageType.COMMITTED: 0,
     MessageType.ABORT: 2 + MAX_REASON,
+    MessageType.RESUMED: 4,
 }
 
 
@@ -536,6 +540,19 @@ def decode_abort(payload: bytes) -> str:
     reason = r.text(size, "the reason")
     r.done()
     return reason
+
+
+def encode_resumed(start_us: int) -> bytes:
+    """RESUMED: the guest runs on the destination; how long starting it took after COMMITTED
+    was read (microseconds, saturating)."""
+    return struct.pack("<I", max(0, min(start_us, 0xFFFFFFFF)))
+
+
+def decode_resumed(payload: bytes) -> int:
+    r = _Reader(MessageType.RESUMED, payload)
+    (start_us,) = r.unpack("I", "the start time")
+    r.done()
+    return start_us
 
 
 def decode_empty(msg_type: MessageType, payload: bytes) -> None:

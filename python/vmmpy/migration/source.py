@@ -29,6 +29,10 @@ from .stats import MigrationStats, ProgressCallback, RoundStats
 
 PhaseHook = Callable[[str], None]
 
+# After the commit, how long to wait for the destination to say the guest runs (only the
+# downtime figure depends on it: the guest is the destination's either way).
+RESUMED_WAIT_S = 2.0
+
 
 def migrate(
     adapter: MigrationAdapter,
@@ -219,11 +223,28 @@ class _Source:
         self.committed = True
         self._send(P.MessageType.COMMITTED)
         self.chan.flush(p.commit_timeout)
-        self.stats.downtime_breakdown["commit_ms"] = (time.monotonic() - t) * 1000
-        self.stats.downtime_ms = (time.monotonic() - paused_at) * 1000
+        committed_at = time.monotonic()
+        self.stats.downtime_breakdown["commit_ms"] = (committed_at - t) * 1000
         self.adapter.stop_for_good()
+        self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at)
         self.stats.finish("completed")
         self._report()
+
+    def _downtime_until_resumed(self, paused_at: float, committed_at: float) -> float:
+        """The guest's downtime, paused here to running there: until RESUMED arrives, less the
+        half round trip it spent on the wire. Without RESUMED (the link died after the commit,
+        or the destination is slow to start) it ends at COMMITTED sent, with a note."""
+        try:
+            set_io_timeout(self.chan.sock, RESUMED_WAIT_S)
+            frame = self._read(P.MessageType.RESUMED)
+            start_us = P.decode_resumed(frame.payload)
+        except (MigrationError, OSError) as err:
+            self.stats.notes.append(f"the destination did not confirm the guest runs ({err}); downtime measured to COMMITTED sent")
+            return (committed_at - paused_at) * 1000
+        resumed_at = max(committed_at, time.monotonic() - self.rtt_ms / 2000)
+        self.stats.downtime_breakdown["resume_ms"] = (resumed_at - committed_at) * 1000
+        self.stats.destination_start_ms = start_us / 1000
+        return (resumed_at - paused_at) * 1000
 
     def _handshake(self) -> None:
         t = time.monotonic()

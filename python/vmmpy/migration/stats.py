@@ -55,7 +55,8 @@ class MigrationStats:
     total_time_ms: float = 0.0
     expected_downtime_ms: float | None = None  # the last estimate before switch-over
     expected_commit_ms: float = 0.0  # live: the part of downtime that does not shrink (round trip; with verify="full" the digest)
-    downtime_ms: float | None = None  # source: paused -> COMMITTED sent; destination: see docs
+    downtime_ms: float | None = None  # source: paused here -> running on the destination (RESUMED); see docs
+    destination_start_ms: float | None = None  # source: what starting the guest took the destination
     downtime_breakdown: dict[str, float] = field(default_factory=dict)  # final_pages, state, digest, commit
     # volume
     bytes_total: int = 0  # every byte this end sent (source) or received (destination) on the wire

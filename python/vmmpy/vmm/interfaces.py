@@ -19,6 +19,7 @@ Run-loop contract (what ``vm.Vm``'s VM_RUN does):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
@@ -215,8 +216,7 @@ class DeviceState:
         fields = data.get("fields")
         if not isinstance(fields, dict):
             raise DeviceStateError(f"{section}: 'fields' must be a dict, got {type(fields).__name__}")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
+        hints, names = _field_types(cls)
         unknown = sorted(set(fields) - set(names))
         if unknown:
             raise DeviceStateError(f"{section}: unknown field {unknown[0]!r}")
@@ -249,3 +249,11 @@ def check_access(device: str, what: str, size: int, allowed: tuple[int, ...]) ->
     if size not in allowed:
         sizes = "/".join(str(s) for s in allowed)
         raise DeviceAccessError(f"{device}: {size}-byte access to {what}; it takes {sizes}-byte accesses")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A state class's field types and names, resolved once: get_type_hints evaluates every
+    annotation string on each call, which was most of restoring a guest's state (and so of a
+    migration's downtime)."""
+    return typing.get_type_hints(cls), tuple(f.name for f in dataclasses.fields(cls))
