@@ -38,7 +38,27 @@ def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     # Untouched memory went as zero ranges: the wire carried about the work area, not 64 MiB.
     assert stats.bytes_total < 2048 * PAGE_SIZE + 1 * MiB
     assert stats.downtime_ms is not None and stats.downtime_ms > 0
+    # The downtime runs until the destination said the guest runs there (RESUMED).
+    assert stats.destination_start_ms is not None and stats.downtime_breakdown["resume_ms"] >= 0
+    assert not stats.notes, stats.notes
     json.dumps(stats.to_dict()), json.dumps(dstats.to_dict())
+
+
+def test_without_resumed_the_downtime_ends_at_committed_and_a_note_says_so(guests, monkeypatch):
+    from vmmpy.migration import protocol as P
+
+    def lost(start_us):
+        raise OSError("RESUMED lost on the way")
+
+    monkeypatch.setattr(P, "encode_resumed", lost)
+    src = guests("16M", work_pages=256)
+    dst = guests("16M", work_pages=256, running=False)
+    stats, dstats = migrate_pair(src, dst, live=False)
+    assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
+    assert "resume_ms" not in stats.downtime_breakdown and stats.destination_start_ms is None
+    assert any("did not confirm the guest runs" in n for n in stats.notes), stats.notes
+    assert any("RESUMED" in n for n in dstats.notes), dstats.notes
+    assert_arrived_exact(src, dst)
 
 
 def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):

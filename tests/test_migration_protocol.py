@@ -56,6 +56,10 @@ def test_every_message_round_trips():
     assert P.decode_memory_end(P.encode_memory_end(end)) == end
     assert P.decode_digest(P.MessageType.COMMIT_ACK, P.encode_digest((1 << 128) - 3)) == (1 << 128) - 3
     assert P.decode_abort(P.encode_abort("x" * 10000)).endswith("...")
+    assert P.decode_resumed(P.encode_resumed(1234)) == 1234
+    assert P.decode_resumed(P.encode_resumed(1 << 40)) == 0xFFFFFFFF, "saturates, never wraps"
+    with pytest.raises(ProtocolError, match="RESUMED"):
+        P.decode_resumed(b"\x01\x02")
 
 
 def test_a_lying_length_is_refused_before_anything_is_allocated():
