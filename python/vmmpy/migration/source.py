@@ -320,9 +320,10 @@ class _Source:
         number = 0
         while True:
             rnd = self._send_round(number, final=False, all_pages=number == 0)
-            # Hash what this round marked while the next one streams.
-            self.refresher.kick()
-            self.convergence.hash_ms_per_page = self.refresher.ms_per_page
+            if self.params.verify != "full":  # the full check rehashes everything anyway
+                # Hash what this round marked while the next one streams.
+                self.refresher.kick()
+                self.convergence.hash_ms_per_page = self.refresher.ms_per_page
             decision = self.convergence.after_round(rnd, self.memory.dirty_count())
             self._report()
             if decision == SWITCH:
