@@ -23,11 +23,14 @@ socket), the shared-key authentication (protocol.py), which still runs inside TL
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -310,13 +313,12 @@ class _Handshake:
                 return AuthenticationError(f"the destination's TLS certificate is not trusted: {why}; it must be signed by "
                                            f"the CA in --tls-ca and name the host connected to{hint}")
             return Refused(f"the source's TLS certificate is not trusted: {why}; it must be signed by this destination's --tls-ca")
-        alert = str(err.reason or "").lower()
-        if "alert" in alert and any(word in alert for word in ("unknown_ca", "unknown ca", "bad_certificate", "bad certificate",
-                                                              "certificate_unknown", "certificate unknown", "certificate required",
-                                                              "certificate_required", "decrypt error", "decrypt_error")):
+        alert = str(err.reason or err).lower().replace("_", " ")
+        if "alert" in alert and any(word in alert for word in ("unknown ca", "bad certificate", "certificate unknown",
+                                                              "certificate required", "decrypt error")):
             return Refused(f"the {self.peer_role} refused this host's TLS certificate ({why}): it must be signed by the CA "
                            f"the {self.peer_role} trusts (its --tls-ca)")
-        if "protocol_version" in alert or "unsupported protocol" in alert or "protocol version" in alert:
+        if "unsupported protocol" in alert or "protocol version" in alert:
             return ProtocolError(f"TLS handshake with the {self.peer_role} failed: {why} (vmmpy requires TLS 1.3)")
         if "wrong version number" in alert or "http request" in alert or "unexpected eof" in alert or "record layer" in alert:
             return ProtocolError(f"TLS handshake with the {self.peer_role} failed: {why}; does the {self.peer_role} use TLS?")
@@ -374,6 +376,7 @@ class _Relay:
         self.summary = f"{sslobj.version()} {cipher[0] if cipher else '?'}"
         self._early = early
         self._stop = threading.Event()
+        self._sent_all = threading.Event()  # close_notify and FIN handed to TCP, or the pump ended
         self._thread = threading.Thread(target=self._run, name=f"migration-tls-{peer_role}", daemon=True)
         self._thread.start()
 
@@ -390,6 +393,7 @@ class _Relay:
         except Exception as err:  # noqa: BLE001 - a bug must still end the stream, not hang the caller
             self.error = f"TLS relay: {type(err).__name__}: {err}"
         finally:
+            self._sent_all.set()
             if self.error is not None:
                 log.info("migration TLS relay stopped: %s", self.error)
             _shutdown(self.inner)
@@ -405,18 +409,30 @@ class _Relay:
         to_app = memoryview(bytes(self._early))  # plaintext not yet taken by the caller's end
         up_open = True  # still reading the caller's end
         down_open = True  # still reading the peer
-        fin_due = False  # the caller's end ended: FIN once to_raw is out
+        notify_due = False  # the caller's end ended: close_notify as soon as it is safe
+        fin_due = False  # close_notify is queued: FIN once to_raw is out
         app_told = False  # the caller has been given end of stream (or has closed its end)
         raw_eof = False
         poller = select.poll()
         while not self._stop.is_set():
+            # CPython's unwrap() calls SSL_shutdown twice; the second call reads the peer's
+            # records waiting for its close_notify and throws application data away. So send
+            # ours only when OpenSSL holds no unread record: nothing then is lost.
+            if notify_due and (not down_open or (not self.incoming.pending and not sslobj.pending())):
+                try:
+                    sslobj.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    pass
+                to_raw = _append(to_raw, self.outgoing.read())
+                notify_due, fin_due = False, True
             if fin_due and not to_raw:
                 _shutdown(raw, socket.SHUT_WR)
                 fin_due = False
+                self._sent_all.set()
             if not down_open and not to_app and not app_told:
                 _shutdown(inner, socket.SHUT_WR)
                 app_told = True
-            if not up_open and not fin_due and not to_raw and not down_open:
+            if not up_open and not notify_due and not fin_due and not to_raw and not down_open and app_told:
                 return
             # Decrypt what has arrived before waiting for more.
             if down_open and not to_app and (self.incoming.pending or sslobj.pending() or raw_eof):
@@ -450,6 +466,14 @@ class _Relay:
                     n = raw.recv_into(raw_buf)
                 except BlockingIOError:
                     n = -1
+                except OSError as err:
+                    # Reset: what was decrypted still reaches the caller, then end of stream;
+                    # nothing more can be sent, so its writes fail (EPIPE).
+                    self.error = f"connection to the {self.peer_role}: {err.strerror or err}"
+                    n = 0
+                    up_open = notify_due = fin_due = False
+                    to_raw = memoryview(b"")
+                    _shutdown(inner, socket.SHUT_RD)
                 if n == 0:
                     raw_eof = True
                     self.incoming.write_eof()
@@ -472,12 +496,7 @@ class _Relay:
                     n = 0
                 if n == 0:
                     up_open = False
-                    fin_due = True
-                    try:
-                        sslobj.unwrap()  # sends close_notify; the peer's own comes later, or never
-                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                        pass
-                    to_raw = _append(to_raw, self.outgoing.read())
+                    notify_due = True
                 elif n > 0:
                     sslobj.write(up_view[:n])
                     to_raw = _append(to_raw, self.outgoing.read())
@@ -500,19 +519,26 @@ class _Relay:
             self.clean_end = True
             return got, False
         except ssl.SSLEOFError:
-            self.error = f"the {self.peer_role} closed the connection without ending TLS (close_notify)"
+            if self.error is None:
+                self.error = f"the {self.peer_role} closed the connection without ending TLS (close_notify)"
             return got, False
         return got, True
 
     def close(self) -> None:
-        """Wait (at most ``linger`` s) for the pump to finish after the caller's end closed; then
-        cut the connection. Bounded whatever the peer does."""
-        self._thread.join(self.linger)
-        if self._thread.is_alive():
-            self._stop.set()
-            _shutdown(self.raw)
-            _shutdown(self.inner)
-            self._thread.join(2.0)
+        """Called once the caller's end is closed. Waits (at most ``linger`` s in all) until the
+        pump has handed the last bytes, close_notify and FIN to TCP and the peer's kernel has
+        acknowledged every byte; then stops the pump and closes. It never waits for the peer to
+        close its side: once acknowledged, the bytes reach the peer even if this end resets."""
+        deadline = time.monotonic() + self.linger
+        self._sent_all.wait(self.linger)
+        for _ in range(int(self.linger / 0.005) + 1):  # bounded: linger in 5 ms steps
+            if not self._thread.is_alive() or _unacknowledged(self.raw) == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        self._stop.set()
+        _shutdown(self.raw)
+        _shutdown(self.inner)
+        self._thread.join(2.0)
         for s in (self.inner, self.raw):
             try:
                 s.close()
@@ -525,6 +551,14 @@ def with_relay_error(message: str, sock: socket.socket | None) -> str:
     (an alert, a record that failed its check, a reset): the engine saw only end of stream."""
     why = getattr(sock, "relay_error", None)
     return f"{message} ({why})" if why and why not in message else message
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes in the TCP send queue not yet acknowledged by the peer (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 def _append(pending: memoryview, data: bytes) -> memoryview:
