@@ -2,6 +2,7 @@
 mode is refused before any state moves and the source runs on, the shared key composes with TLS,
 and a byte altered on the wire is caught by TLS itself."""
 
+import socket
 import threading
 
 import pytest
@@ -61,6 +62,8 @@ def test_migration_over_tls_arrives_exact(guests, pki, live):
     assert dstats.status == "completed", dstats.error
     if live:
         assert len(stats.rounds) >= 2
+    assert any(n.startswith("encrypted with TLSv1.3") and "127.0.0.1" in n for n in stats.notes), stats.notes
+    assert any(n.startswith("encrypted with TLSv1.3") and "source.migration.test" in n for n in dstats.notes), dstats.notes
     dst.wait_for_progress(500)
     assert_arrived_exact(src, dst)
 
@@ -204,3 +207,37 @@ def test_a_key_of_another_certificate_is_named(pki):
     a, b = pki.source(), pki.destination()
     with pytest.raises(ValueError, match="is not the private key of the certificate"):
         TlsConfig(a.cert, b.key, a.ca)
+
+
+def test_migration_over_tls_on_ipv6_loopback(guests, pki):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    src = guests("64M", work_pages=256)
+    dst = guests("64M", work_pages=256, running=False)
+    d = TlsDestination(dst, tls=pki.destination(), host="::1")
+    stats = migrate(src, "::1", d.port, live=False, tls=pki.source())
+    assert stats.status == "completed", stats.error
+    assert d.join().status == "completed"
+    assert_arrived_exact(src, dst)
+
+
+def test_cancel_during_the_tls_handshake_with_a_silent_destination(guests, pki):
+    src = guests("64M", work_pages=256)
+    silent = socket.create_server(("127.0.0.1", 0))
+    # Without the cancel the handshake would wait 600 s for a ServerHello.
+    handle = MigrationHandle(src, "127.0.0.1", silent.getsockname()[1], live=True, tls=pki.source(),
+                             params=MigrationParams(handshake_timeout=600))
+    silent.settimeout(10)
+    conn, _ = silent.accept()
+    conn.settimeout(10)
+    assert conn.recv(1, socket.MSG_PEEK) == b"\x16", "the source sent its ClientHello and waits for an answer"
+    accepted = [(conn, None)]
+    handle.cancel()
+    stats = handle.wait(60)
+    assert stats.status == "cancelled", stats.error
+    silent.close()
+    for conn, _ in accepted:
+        conn.close()
+    assert_source_kept_guest(src)

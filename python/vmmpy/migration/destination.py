@@ -138,6 +138,7 @@ class _Receiver:
                 self.conn = wrap_tls(self.conn, self.tls.context(server_side=True), server_side=True,
                                      timeout=self.params.handshake_timeout)
                 self.watcher.watch(self.conn)
+                self.stats.notes.append(self.conn.tls_summary())
                 set_io_timeout(self.conn, self.params.handshake_timeout)
             else:
                 reject_tls_client(self.conn)

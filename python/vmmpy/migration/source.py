@@ -164,6 +164,7 @@ class _Source:
             sock = wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
                             server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
             self.watcher.watch(sock)
+            self.stats.notes.append(sock.tls_summary())
         set_io_timeout(sock, p.handshake_timeout)
         self.chan = Channel(sock, p.bandwidth_cap)
         for s in self.chan.sockets():

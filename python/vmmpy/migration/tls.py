@@ -106,6 +106,9 @@ class TlsConfig:
         except ssl.SSLError as err:
             raise ValueError(f"--tls-ca {self.ca}: OpenSSL cannot load it ({_reason(err)})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED  # the server side too: mutual TLS
+        if server_side:
+            # The source learns its certificate was accepted from the first ticket (wrap_tls).
+            ctx.num_tickets = 1
         return ctx
 
 
@@ -136,6 +139,7 @@ class TlsSocket(socket.socket):
         return self.relay.error if self.relay is not None else None
 
     def tls_summary(self) -> str:
+        """For the statistics' notes: protocol, cipher, and whose certificate the peer showed."""
         relay = self.relay
         return relay.summary if relay is not None else "closed"
 
@@ -325,6 +329,15 @@ class _Handshake:
         return ProtocolError(f"TLS handshake with the {self.peer_role} failed: {why}")
 
 
+def _subject(sslobj: ssl.SSLObject) -> str:
+    cert = sslobj.getpeercert() or {}
+    names = [f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    alt = [v for kind, v in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+    issuer = [v for rdn in cert.get("issuer", ()) for k, v in rdn if k == "commonName"]
+    text = ", ".join(names + alt) or "no names"
+    return text + (f" (issued by {issuer[0]})" if issuer else "")
+
+
 def _drain(sock: socket.socket, limit: int = 1 << 16) -> None:
     try:
         sock.settimeout(0.2)
@@ -373,7 +386,7 @@ class _Relay:
         self.error: str | None = None
         self.clean_end = False  # the peer's close_notify arrived
         cipher = sslobj.cipher()
-        self.summary = f"{sslobj.version()} {cipher[0] if cipher else '?'}"
+        self.summary = f"encrypted with {sslobj.version()} ({cipher[0] if cipher else '?'}); the {peer_role}'s certificate: {_subject(sslobj)}"
         self._early = early
         self._stop = threading.Event()
         self._sent_all = threading.Event()  # close_notify and FIN handed to TCP, or the pump ended
