@@ -22,10 +22,8 @@ socket), the shared-key authentication (protocol.py), which still runs inside TL
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
-import os
 import select
 import socket
 import ssl
@@ -35,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import protocol as P
 from .errors import AuthenticationError, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
 
 log = logging.getLogger("vmmpy.migration.tls")
@@ -44,12 +43,12 @@ log = logging.getLogger("vmmpy.migration.tls")
 RELAY_CHUNK = 1 << 20
 #: Kernel buffers asked for on the socketpair between the caller and the pump.
 PAIR_BUFFER_BYTES = 4 << 20
-#: How long closing the returned socket waits for the pump to pass the last bytes on, send
-#: close_notify and see the peer's end, before it cuts the connection.
+#: How long closing the returned socket waits for the pump to pass the last bytes, close_notify
+#: and FIN on and for the peer's kernel to acknowledge them, before it cuts the connection.
 CLOSE_LINGER = 5.0
 
 _TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a ClientHello
-_PLAINTEXT_MAGIC = b"VMMG"  # the first bytes of a plaintext vmmpy frame
+_PLAINTEXT_MAGIC = P.MAGIC  # the first bytes of a plaintext vmmpy frame
 
 
 # -- certificates -------------------------------------------------------------------------------
@@ -239,8 +238,6 @@ class _Handshake:
         except OSError as err:
             raise ConnectionLost(f"TLS handshake: connection lost: {err.strerror or err}") from None
         if first and _PLAINTEXT_MAGIC.startswith(first):
-            from . import protocol as P
-
             why = ("the source speaks plaintext, but this destination requires TLS "
                    "(give vmmctl --tls-cert, --tls-key and --tls-ca)")
             _drain(self.sock)  # read its HELLO, so that closing does not reset the connection under the ABORT
@@ -296,8 +293,6 @@ class _Handshake:
         """Client side: a plaintext vmmpy destination answers a ClientHello with ABORT."""
         if self.peer_role != "destination" or not self.received.startswith(_PLAINTEXT_MAGIC):
             return
-        from . import protocol as P
-
         reason = "it answered in plaintext"
         try:
             head = bytes(self.received[:P.HEADER_SIZE])
@@ -585,7 +580,3 @@ def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
         sock.shutdown(how)
     except OSError:
         pass
-
-
-def describe_errno(err: OSError) -> str:
-    return err.strerror or os.strerror(err.errno or errno.EIO)
