@@ -69,3 +69,15 @@ def test_limits_measure_the_sizes_they_are_given(tmp_path):
     except OSError as err:  # a filesystem without O_DIRECT (tmpfs) refuses it: nothing to measure here
         pytest.skip(f"O_DIRECT not supported under {tmp_path}: {err}")
     assert len(disk.values) == 1 and not os.listdir(tmp_path), "the probe file is removed"
+
+
+def test_the_tls_scenario_makes_certificates_vmmrun_and_vmmctl_accept(tmp_path):
+    from tools.bench.scenarios import _throwaway_pki, tls_encrypt_one_core
+    from vmmpy.cli.vmmrun import build_parser, read_tls
+    from vmmpy.migration.tls import TlsConfig
+
+    dest_args, source = _throwaway_pki(tmp_path)
+    assert read_tls(build_parser().parse_args(["-R", "127.0.0.1:1", *dest_args, "vm0"])) is not None
+    TlsConfig.from_dict(source)
+    assert "warm-1g-tls" in SCENARIOS
+    assert tls_encrypt_one_core(size=4 * MIB) > 0

@@ -90,9 +90,10 @@ class Vmmrun:
 
 
 def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: list[str], live: bool,
-            params: dict | None = None, before=None) -> tuple[float, dict]:
+            params: dict | None = None, before=None, request: dict | None = None) -> tuple[float, dict]:
     """Start a destination (``vmmrun -R``) and a source, migrate, and return (wall seconds of the
-    ``migrate`` request, the source's statistics). Both processes are gone on return."""
+    ``migrate`` request, the source's statistics). Both processes are gone on return. ``request``
+    adds fields to the migrate request (``tls``, ``key``) as vmmctl would."""
     port = free_port()
     tag = f"{source}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     dest = Vmmrun(run_dir, f"d{tag}", *dest_args, "-R", f"127.0.0.1:{port}")
@@ -104,7 +105,7 @@ def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: li
             before(src)
         client = src.client(timeout=None)
         started = time.perf_counter()
-        stats = client.request("migrate", host="127.0.0.1", port=port, live=live, params=params or {})
+        stats = client.request("migrate", host="127.0.0.1", port=port, live=live, params=params or {}, **(request or {}))
         seconds = time.perf_counter() - started
         src.wait_exit(60)
         return seconds, stats

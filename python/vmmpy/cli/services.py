@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ..migration import MigrationHandle, MigrationParams, estimate, estimate_warm
 from ..migration.machine import MachineAdapter
 from ..migration.net import format_address, is_local_address, measure_local_throughput
+from ..migration.tls import TlsConfig
 from ..runtime.machine import Machine
 from ..snapshot.checkpoint import checkpoint_machine
 
@@ -55,6 +56,7 @@ class MachineServices:
         if not isinstance(host, str) or not isinstance(port, int):
             raise ValueError(f"migrate needs a host and a port, got {host!r} {port!r}")
         key = bytes.fromhex(request["key"]) if request.get("key") else None
+        tls = TlsConfig.from_dict(request["tls"]) if request.get("tls") else None  # vmmctl's paths, read here
         params = MigrationParams(**request.get("params", {}))
         with self._lock:
             if self._migration is not None and not self._migration.done():
@@ -68,7 +70,7 @@ class MachineServices:
 
             self._migration = MigrationHandle(
                 MachineAdapter(self.machine), host, port, live=bool(request.get("live")), key=key,
-                params=params, progress=on_progress,
+                params=params, progress=on_progress, tls=tls,
             )
         stats = self._migration.wait()
         self._last_stats = stats.to_dict()

@@ -32,11 +32,16 @@ examples:
   vmmctl --vm=vm0 --migrate-live 10.0.0.2,24983 --key-file mig.key --downtime-ms 50
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --bandwidth 100M --estimate   predict, do not migrate
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --key-file mig.key --report mig.html
+  vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --tls-cert src.crt --tls-key src.key --tls-ca ca.pem --key-file mig.key
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
   vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
 
 migration: see docs/migration.md for the parameters, the statistics and the policies.
+  --key-file proves to the destination that this host holds the shared key (and the destination
+  proves it back); --tls-cert/--tls-key/--tls-ca encrypt the stream with mutual TLS 1.3 and check
+  the destination's certificate against the CA and HOST (or --tls-hostname). They compose; see
+  docs/migration.md, "Setting up keys and certificates".
 
 The control socket lives in the run directory ($VMMPY_RUN_DIR, else /run/vmmpy for root, else
 $XDG_RUNTIME_DIR/vmmpy or /tmp/vmmpy-UID); --run-dir overrides it.
@@ -73,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = MigrationParams()
     mig = parser.add_argument_group("migration parameters (with --migrate / --migrate-live)")
     mig.add_argument("--key-file", type=Path, metavar="FILE", help="shared key the destination was started with (default: none)")
+    mig.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="this host's certificate (PEM): with --tls-key and --tls-ca the migration runs over mutual TLS 1.3 "
+                          "(the destination must be started with its own --tls-cert/--tls-key/--tls-ca)")
+    mig.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert (PEM, not encrypted; keep it mode 0600)")
+    mig.add_argument("--tls-ca", type=Path, metavar="FILE",
+                     help="the CA certificate(s) (PEM) that must have signed the destination's certificate")
+    mig.add_argument("--tls-hostname", metavar="NAME",
+                     help="the name the destination's certificate must carry (default: HOST as given, a name or an IP address)")
     mig.add_argument("--downtime-ms", type=float, metavar="MS",
                      help=f"live: the downtime target; switch over once the dirty memory left would go in this time (default {d.downtime_target_ms:g})")
     mig.add_argument("--bandwidth", metavar="RATE",
@@ -154,6 +167,24 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
         params["commit_timeout"] = args.io_timeout
         params["handshake_timeout"] = min(args.io_timeout, MigrationParams().handshake_timeout)
     return params
+
+
+def _tls_request(args: argparse.Namespace) -> dict[str, str | None] | None:
+    """The source's mutual TLS: absolute paths (vmmrun reads the files), checked here first so a
+    wrong file is named before anything is asked of vmmrun."""
+    from ..migration.tls import TlsConfig
+
+    given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    if not any(given.values()):
+        if args.tls_hostname:
+            raise ValueError("--tls-hostname names the destination's certificate: it goes with --tls-cert, --tls-key and --tls-ca")
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise ValueError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca together; missing {', '.join(missing)}")
+    config = TlsConfig(os.path.abspath(args.tls_cert), os.path.abspath(args.tls_key), os.path.abspath(args.tls_ca),
+                       args.tls_hostname)
+    return config.to_dict()
 
 
 def _print_checkpoint(result: dict) -> None:
@@ -280,11 +311,15 @@ def _write_report(stats: dict, path: Path) -> None:
 def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     host, port = _address(args.migrate or args.migrate_live)
     request = {"host": host, "port": port, "live": bool(args.migrate_live), "params": _migration_params(args)}
+    tls = _tls_request(args)
     if args.estimate:
         if args.report:
             raise ValueError("--estimate predicts without migrating: there is no round history for --report")
         client.timeout = args.estimate_window + 60
         result = client.request("migrate-estimate", window=args.estimate_window, **request)
+        if tls is not None and result.get("bandwidth_source", "").startswith("measured"):
+            result["notes"].append("the probe measured plain TCP: over TLS the relay's encryption carries less "
+                                   "(tools/bench warm-1g-tls against warm-1g), so give --bandwidth for a TLS estimate")
         _print(result, True) if args.json else _print_estimate(result)
         return 0
     if args.key_file:
@@ -292,6 +327,8 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
             request["key"] = args.key_file.read_bytes().strip().hex()
         except OSError as err:
             raise ValueError(f"--key-file {args.key_file}: {err.strerror}") from None
+    if tls is not None:
+        request["tls"] = tls
     printer = _ProgressPrinter()
     client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
     try:

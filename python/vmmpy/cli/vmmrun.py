@@ -2,7 +2,8 @@
 
     vmmrun [-c NCPUS] [-m MEMSIZE] [-S] [-s SLOT,EMULATION[,CONF]]... [-l com1,stdio|FILE]
            [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions]
-           [--vendor intel|amd] [-r FILE | -R HOST:PORT] VMNAME
+           [--vendor intel|amd] [-r FILE | -R HOST:PORT [--key-file FILE]
+           [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure]] VMNAME
 
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from ..runtime.config import (
 from ..runtime.control import valid_vm_name
 from ..migration import MigrationError, parse_address, receive
 from ..migration.machine import MachineAdapter
+from ..migration.tls import TlsConfig
 from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
@@ -49,11 +52,22 @@ restore and migration:
   -R HOST:PORT starts an empty guest that waits for one incoming migration (`vmmctl --migrate` on
   the source), then runs it. Give the same -m/-c/-s/-l options as the source.
 
+securing a migration (docs/migration.md, "Setting up keys and certificates"):
+  --key-file FILE   a shared secret: only a source holding it may send a guest, and this vmmrun
+                    proves it holds it too. It does not hide the guest's memory on the wire.
+  --tls-cert FILE --tls-key FILE --tls-ca FILE
+                    mutual TLS 1.3: the stream is encrypted and integrity-protected, and the source
+                    must present a certificate signed by the CA in --tls-ca (the source checks this
+                    host's certificate the same way). Use a CA that signs only migration hosts.
+  Both together: TLS protects the stream, the key limits who may migrate to those who hold it.
+  Listening on a non-loopback address needs one of them, or --insecure.
+
 examples:
   vmmrun --guest abtest --guest-arg sweeps=100 -m 256M -l com1,console.log vm0
   vmmrun -c 2 -m 1G -S -s 0,hostbridge -s 1,lpc -l com1,stdio --guest console vm1
   vmmrun -r /var/tmp/vm0.ckp -l com1,console.log vm0
   vmmrun -m 256M -l com1,console.log -R 127.0.0.1:24983 --key-file mig.key vm0
+  vmmrun -m 1G -R 10.0.0.2:24983 --tls-cert dst.crt --tls-key dst.key --tls-ca ca.pem --key-file mig.key vm0
 
 while it runs, `vmmctl --vm=VMNAME ...` controls it through its control socket.
 exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error (bhyve's convention).
@@ -92,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-R", "--receive", metavar="HOST:PORT",
                    help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), then run the guest")
     p.add_argument("--key-file", type=Path, metavar="FILE", help="shared migration key (at least 16 bytes); the source must prove it holds it")
-    p.add_argument("--insecure", action="store_true", help="with -R: allow listening on a non-loopback address without a key")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="with -R: this host's certificate (PEM); with --tls-key and --tls-ca the source must connect "
+                        "over mutual TLS 1.3")
+    p.add_argument("--tls-key", metavar="FILE", help="with -R: the private key of --tls-cert (PEM, not encrypted; keep it mode 0600)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="with -R: the CA certificate(s) (PEM) that must have signed the source's certificate")
+    p.add_argument("--insecure", action="store_true",
+                   help="with -R: allow listening on a non-loopback address with neither a key nor TLS")
     p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with -R: how long to wait for the source to connect (default 300)")
     p.add_argument("--pause-at", type=int, metavar="N",
@@ -159,6 +180,29 @@ def read_key(path: Path | None) -> bytes | None:
     return key
 
 
+def read_tls(args: argparse.Namespace) -> TlsConfig | None:
+    """The destination's mutual TLS from --tls-cert/--tls-key/--tls-ca: all three or none."""
+    given = {name: getattr(args, name.replace("-", "_")) for name in ("tls-cert", "tls-key", "tls-ca")}
+    if not any(given.values()):
+        return None
+    if not args.receive:
+        raise ConfigError("--tls-cert, --tls-key and --tls-ca secure an incoming migration: they go with -R HOST:PORT")
+    missing = [f"--{name}" for name, value in given.items() if not value]
+    if missing:
+        raise ConfigError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca together; missing {', '.join(missing)}")
+    return TlsConfig(os.path.abspath(args.tls_cert), os.path.abspath(args.tls_key), os.path.abspath(args.tls_ca))
+
+
+def listen_policy_error(host: str, *, key: bytes | None, tls: TlsConfig | None, insecure: bool) -> str | None:
+    """Why listening on ``host`` is refused, or None. A non-loopback address needs the source to
+    authenticate: by the shared key, or by a certificate under mutual TLS (either will do: with
+    TLS the CA vouches for the source). ``--insecure`` accepts neither."""
+    if key is not None or tls is not None or insecure or is_loopback(host):
+        return None
+    return ("listening on a non-loopback address without --key-file or TLS (--tls-cert, --tls-key, --tls-ca) lets "
+            "anyone send a guest; give a key or certificates, or --insecure to accept that")
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -198,12 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("-r and -R cannot be combined: restore from a file or receive a migration")
         config = config_from_args(args)
         key = read_key(args.key_file)
+        tls = read_tls(args)
         receive_at = parse_address(args.receive) if args.receive else None
-        if receive_at and key is None and not is_loopback(receive_at[0]) and not args.insecure:
-            raise ConfigError(
-                f"-R {args.receive}: listening on a non-loopback address without --key-file lets anyone send a guest; "
-                "give a key, or --insecure to accept that"
-            )
+        refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
+        if refusal:
+            raise ConfigError(f"-R {args.receive}: {refusal}")
         machine = build_machine(args, config)
     except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
@@ -230,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            stats = receive(MachineAdapter(machine), host, port, key, accept_timeout=args.accept_timeout)
+            stats = receive(MachineAdapter(machine), host, port, key, accept_timeout=args.accept_timeout, tls=tls)
             if stats.status != "completed":
                 print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
                 return EXIT_ERROR

@@ -21,10 +21,11 @@ from .errors import (
 from .net import DEFAULT_PORT, format_address, parse_address
 from .source import MigrationHandle, migrate
 from .stats import MigrationStats, RoundStats
+from .tls import TlsConfig, wrap_tls
 
 __all__ = [
     "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
     "MigrationAdapter", "MigrationError", "MigrationHandle", "MigrationParams", "MigrationStats", "MigrationTimeout",
     "NotConverging", "POLICIES", "ProtocolError", "Refused", "RoundStats", "VERIFY_MODES", "estimate", "estimate_warm", "format_address", "migrate",
-    "parse_address", "receive", "serve_connection", "spec_mismatches",
+    "parse_address", "receive", "serve_connection", "spec_mismatches", "TlsConfig", "wrap_tls",
 ]

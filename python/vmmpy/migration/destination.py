@@ -25,6 +25,7 @@ from .digest import InBackground, Refresher
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
 from .net import CancelWatcher, format_address, listen, set_io_timeout
 from .stats import MigrationStats, RoundStats
+from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
 
 
 class RxState(enum.Enum):
@@ -51,9 +52,11 @@ class Destination:
         key: bytes | None = None,
         params: MigrationParams | None = None,
         cancel: threading.Event | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.adapter = adapter
         self.key = key
+        self.tls = tls
         self.params = params or MigrationParams()
         self.cancel = cancel
         self.listener = listen(host, port)
@@ -83,7 +86,7 @@ class Destination:
             self.listener.close()
         try:
             return serve_connection(self.adapter, conn, key=self.key, params=self.params, cancel=self.cancel,
-                                    peer=format_address(*peer[:2]))
+                                    peer=format_address(*peer[:2]), tls=self.tls)
         finally:
             conn.close()
 
@@ -92,26 +95,29 @@ class Destination:
 
 
 def receive(adapter: MigrationAdapter, host: str, port: int, key: bytes | None = None, *, params: MigrationParams | None = None,
-            cancel: threading.Event | None = None, accept_timeout: float = 60.0) -> MigrationStats:
+            cancel: threading.Event | None = None, accept_timeout: float = 60.0, tls: TlsConfig | None = None) -> MigrationStats:
     """Listen on ``host:port``, accept one source, receive its guest; returns the statistics."""
-    return Destination(adapter, host, port, key=key, params=params, cancel=cancel).run(accept_timeout)
+    return Destination(adapter, host, port, key=key, params=params, cancel=cancel, tls=tls).run(accept_timeout)
 
 
 def serve_connection(adapter: MigrationAdapter, conn: socket.socket, *, key: bytes | None = None,
                      params: MigrationParams | None = None, cancel: threading.Event | None = None,
-                     peer: str | None = None) -> MigrationStats:
-    """Run the receiver state machine on an accepted (or any stream) socket."""
-    return _Receiver(adapter, conn, key, params or MigrationParams(), cancel, peer).run()
+                     peer: str | None = None, tls: TlsConfig | None = None) -> MigrationStats:
+    """Run the receiver state machine on an accepted (or any stream) socket. With ``tls`` the
+    source must first complete mutual TLS 1.3 on it (``vmmpy.migration.tls``); without, a source
+    that opens a TLS handshake is refused by name."""
+    return _Receiver(adapter, conn, key, params or MigrationParams(), cancel, peer, tls).run()
 
 
 class _Receiver:
-    def __init__(self, adapter, conn, key, params, cancel, peer) -> None:
+    def __init__(self, adapter, conn, key, params, cancel, peer, tls=None) -> None:
         if key is not None and len(key) < 16:
             raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
         self.adapter = adapter
         self.memory = adapter.memory
         self.conn = conn
         self.key = key
+        self.tls = tls
         self.params = params
         self.watcher = CancelWatcher(cancel)
         self.state = RxState.AWAIT_HELLO
@@ -129,6 +135,15 @@ class _Receiver:
         self.watcher.watch(self.conn)
         try:
             set_io_timeout(self.conn, self.params.handshake_timeout)
+            if self.tls is not None:
+                # The relay owns the TCP socket from here; closing self.conn closes both.
+                self.conn = wrap_tls(self.conn, self.tls.context(server_side=True), server_side=True,
+                                     timeout=self.params.handshake_timeout)
+                self.watcher.watch(self.conn)
+                self.stats.notes.append(self.conn.tls_summary())
+                set_io_timeout(self.conn, self.params.handshake_timeout)
+            else:
+                reject_tls_client(self.conn)
             self._receive()
         except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest
             self._fail(err)
@@ -137,6 +152,8 @@ class _Receiver:
         finally:
             self.watcher.close()
             self._join_hashing()
+            if isinstance(self.conn, TlsSocket):
+                self.conn.close()
         return self.stats
 
     def _join_hashing(self) -> None:
@@ -320,6 +337,8 @@ class _Receiver:
             message = str(err)
         else:
             message = f"{type(err).__name__} in state {self.state.value}: {err}"
+        if not cancelled:
+            message = with_relay_error(message, self.conn)
         if self.state is RxState.RUNNING:
             self.stats.notes.append(f"after commit: {message}")
             self.stats.finish("completed")

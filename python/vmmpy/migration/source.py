@@ -26,6 +26,7 @@ from .digest import InBackground, Refresher
 from .errors import Aborted, AuthenticationError, Cancelled, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
 from .stats import MigrationStats, ProgressCallback, RoundStats
+from .tls import TlsConfig, with_relay_error, wrap_tls
 
 PhaseHook = Callable[[str], None]
 
@@ -45,12 +46,14 @@ def migrate(
     cancel: threading.Event | None = None,
     progress: ProgressCallback | None = None,
     on_phase: PhaseHook | None = None,
+    tls: TlsConfig | None = None,
 ) -> MigrationStats:
     """Migrate the guest behind ``adapter`` to ``host:port``; returns the statistics whatever
     happened (``status`` is completed, failed or cancelled, ``error`` says why). ``on_phase`` is
     called with "connect", "handshake", "round 0", "round N", "pause", "final", "state",
-    "commit" as each begins (tests use it to cancel in a given state)."""
-    return _Source(adapter, host, port, live, key, params or MigrationParams(), cancel, progress, on_phase).run()
+    "commit" as each begins (tests use it to cancel in a given state). With ``tls`` the connection
+    is mutual TLS 1.3 (``vmmpy.migration.tls``), the key's challenge-response running inside it."""
+    return _Source(adapter, host, port, live, key, params or MigrationParams(), cancel, progress, on_phase, tls).run()
 
 
 class MigrationHandle:
@@ -87,7 +90,7 @@ class MigrationHandle:
 
 
 class _Source:
-    def __init__(self, adapter, host, port, live, key, params, cancel, progress, on_phase) -> None:
+    def __init__(self, adapter, host, port, live, key, params, cancel, progress, on_phase, tls=None) -> None:
         if key is not None and len(key) < 16:
             raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
         self.adapter = adapter
@@ -95,6 +98,7 @@ class _Source:
         self.host, self.port = host, port
         self.live = live
         self.key = key
+        self.tls = tls
         self.params = params
         self.progress = progress
         self.on_phase = on_phase
@@ -163,6 +167,11 @@ class _Source:
         self._enter("connect")
         sock = connect(self.host, self.port, timeout=p.connect_timeout)
         self.watcher.watch(sock)
+        if self.tls is not None:
+            sock = wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+                            server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
+            self.watcher.watch(sock)
+            self.stats.notes.append(sock.tls_summary())
         set_io_timeout(sock, p.handshake_timeout)
         self.chan = Channel(sock, p.bandwidth_cap)
         for s in self.chan.sockets():
@@ -346,6 +355,8 @@ class _Source:
             message = str(err)
         else:
             message = f"{type(err).__name__} during {self.phase}: {err}"
+        if not cancelled and self.chan is not None:
+            message = with_relay_error(message, self.chan.sock)
         if self.committed:
             # COMMITTED went out: the guest is the destination's now, whatever failed after.
             self.stats.notes.append(f"after commit: {message}")

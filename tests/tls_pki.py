@@ -1,0 +1,46 @@
+"""Throwaway certificate authorities and certificates for the TLS tests, made with trustme and
+written as PEM files under the test's tmp_path (nothing is committed; every run makes new keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trustme
+
+from vmmpy.migration.tls import TlsConfig
+
+
+class Pki:
+    """A CA (``ca``), a second unrelated one (``other_ca``), and certificates on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA(organization_name="vmmpy test migration CA")
+        self.other_ca = trustme.CA(organization_name="vmmpy test unrelated CA")
+        self.ca_file = self._write("ca.pem", self.ca.cert_pem.bytes())
+        self.other_ca_file = self._write("other-ca.pem", self.other_ca.cert_pem.bytes())
+
+    def _write(self, name: str, data: bytes) -> str:
+        path = self.dir / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return str(path)
+
+    def files(self, name: str, *identities: str, ca: trustme.CA | None = None) -> tuple[str, str]:
+        """(certificate file, key file) for ``identities`` (IP addresses or DNS names)."""
+        cert = (ca or self.ca).issue_cert(*identities)
+        crt = self._write(f"{name}.crt", b"".join(p.bytes() for p in cert.cert_chain_pems))
+        key = self._write(f"{name}.key", cert.private_key_pem.bytes())
+        return crt, key
+
+    def config(self, name: str, *identities: str, ca: trustme.CA | None = None, trust: str | None = None,
+               hostname: str | None = None) -> TlsConfig:
+        crt, key = self.files(name, *identities, ca=ca)
+        return TlsConfig(crt, key, trust or self.ca_file, hostname)
+
+    def destination(self) -> TlsConfig:
+        return self.config("destination", "127.0.0.1", "::1", "localhost")
+
+    def source(self) -> TlsConfig:
+        return self.config("source", "source.migration.test")
