@@ -63,7 +63,7 @@ class Pair:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def wait_in_rounds(self, rounds=1, timeout=20) -> dict:
+    def wait_in_rounds(self, rounds=1, timeout=60) -> dict:
         """Until the running migration has finished ``rounds`` rounds (bounded); returns its record."""
         deadline = time.monotonic() + timeout
         status = None
