@@ -63,3 +63,83 @@ class Proxy:
                 client.sendall(data)
         except OSError:
             pass
+
+
+class StreamProxy:
+    """A loopback TCP proxy for every connection of a migration (the main one and its parallel
+    streams, in the order they connect): connection ``victim`` is cut after ``cut_after`` bytes,
+    or with ``stall`` stops being forwarded (held open) once it has carried that many."""
+
+    def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, connections: int = 16) -> None:
+        self.target = target
+        self.victim, self.cut_after, self.stall = victim, cut_after, stall
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.released = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, args=(connections,), daemon=True)
+        self._accepting.start()
+
+    def _accept(self, connections: int) -> None:
+        for index in range(connections):
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=30)
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            forward = threading.Thread(target=self._forward, args=(client, upstream, index == self.victim), daemon=True)
+            back = threading.Thread(target=self._back, args=(upstream, client), daemon=True)
+            self._threads += [forward, back]
+            forward.start()
+            back.start()
+
+    def _forward(self, client: socket.socket, upstream: socket.socket, victim: bool) -> None:
+        carried = 0
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                if victim and carried + len(data) >= self.cut_after:
+                    upstream.sendall(data[: self.cut_after - carried])
+                    if self.stall:
+                        self.released.wait(60)  # hold both ends open, forwarding nothing
+                    break
+                upstream.sendall(data)
+                carried += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _back(upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.released.set()
+        self.listener.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
+        for s in self._sockets:
+            s.close()

@@ -129,8 +129,9 @@ class JoinWindow:
                 sock.close()
             raise
         finally:
-            for sock in list(self._pending):
+            for sock, (_, peer) in list(self._pending.items()):
                 sock.close()
+                self._note(peer, "closed when the join window ended, before it had sent a whole JOIN")
             self._pending.clear()
             sel.close()
 
@@ -311,3 +312,40 @@ def _stream_error(err: BaseException, index: int, rnd: int) -> BaseException:
     if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
         return ConnectionLost(what)
     return ProtocolError(what)
+
+
+# -- the bandwidth probe behind ``vmmctl --estimate --streams N`` ------------------------------------
+
+
+def measure_local_throughput_streams(host: str, streams: int, seconds: float = 0.3) -> float:
+    """Bytes/s that ``streams`` TCP connections carry together from this process to listeners on
+    ``host`` (an address of this machine): ``net.measure_local_throughput`` run ``streams`` times
+    at once, the rates added. One stream is exactly that probe."""
+    from .net import measure_local_throughput
+
+    if not 1 <= streams <= P.MAX_STREAMS:
+        raise ValueError(f"the probe uses 1 to {P.MAX_STREAMS} streams, got {streams}")
+    if streams == 1:
+        return measure_local_throughput(host, seconds)
+    rates: list[float] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def probe() -> None:
+        try:
+            rate = measure_local_throughput(host, seconds)
+            with lock:
+                rates.append(rate)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            with lock:
+                failures.append(err)
+
+    threads = [threading.Thread(target=probe, name=f"bandwidth-probe-{i}", daemon=True) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 15)
+    if failures or len(rates) != streams:
+        why = failures[0] if failures else "a probe did not finish"
+        raise MigrationError(f"bandwidth probe over {streams} streams on {host} failed: {why}")
+    return sum(rates)
