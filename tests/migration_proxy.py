@@ -67,8 +67,9 @@ class Proxy:
 
 class StreamProxy:
     """A loopback TCP proxy for every connection of a migration (the main one and its parallel
-    streams, in the order they connect): connection ``victim`` is cut after ``cut_after`` bytes,
-    or with ``stall`` stops being forwarded (held open) once it has carried that many."""
+    streams, in the order they connect): connection ``victim`` is cut after ``cut_after`` bytes
+    (both of its ends closed, as a dead peer's would be), or with ``stall`` stops being forwarded
+    (held open) once it has carried that many."""
 
     def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, connections: int = 16) -> None:
         self.target = target
@@ -77,7 +78,8 @@ class StreamProxy:
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
         self.released = threading.Event()
-        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._accepting = threading.Thread(target=self._accept, args=(connections,), daemon=True)
         self._accepting.start()
@@ -93,14 +95,15 @@ class StreamProxy:
             except OSError:
                 client.close()
                 continue
-            self._sockets += [client, upstream]
-            forward = threading.Thread(target=self._forward, args=(client, upstream, index == self.victim), daemon=True)
-            back = threading.Thread(target=self._back, args=(upstream, client), daemon=True)
-            self._threads += [forward, back]
-            forward.start()
-            back.start()
+            with self._lock:
+                self._open += [client, upstream]
+            thread = threading.Thread(target=self._relay, args=(client, upstream, index == self.victim), daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
-    def _forward(self, client: socket.socket, upstream: socket.socket, victim: bool) -> None:
+    def _relay(self, client: socket.socket, upstream: socket.socket, victim: bool) -> None:
+        back = threading.Thread(target=self._back, args=(upstream, client), daemon=True)
+        back.start()
         carried = 0
         try:
             while True:
@@ -122,6 +125,12 @@ class StreamProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            back.join(5)
+            with self._lock:
+                for s in (client, upstream):
+                    if s in self._open:
+                        self._open.remove(s)
+                        s.close()  # unread bytes make this a reset, which a writer blocked on it sees at once
 
     @staticmethod
     def _back(upstream: socket.socket, client: socket.socket) -> None:
@@ -134,12 +143,15 @@ class StreamProxy:
     def close(self) -> None:
         self.released.set()
         self.listener.close()
-        for s in self._sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            for s in self._open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for t in self._threads:
-            t.join(5)
-        for s in self._sockets:
-            s.close()
+            t.join(10)
+        with self._lock:
+            for s in self._open:
+                s.close()
+            self._open.clear()
