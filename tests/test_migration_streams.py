@@ -383,3 +383,32 @@ def test_a_destination_cancelled_while_streams_join_discards(guests):
     finally:
         main.close()
     assert result and result[0].status == "cancelled" and dst.discarded
+
+
+# -- the command line, with real vmmrun and vmmctl processes -------------------------------------------
+
+
+def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
+    from .procs import vmmctl
+    from .test_migration_processes import expected_console, finish
+    from .test_migration_processes import migrate_pair as migrate_processes
+
+    key = tmp_path / "mig.key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    sweeps = 2000
+    result, source, dest, src_status, src_console, dst_console = migrate_processes(
+        tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, dest_key=key,
+        ctl_extra=["--key-file", str(key), "--streams", "3"])
+    assert result.returncode == 0, result.stderr
+    import json
+    stats = json.loads(result.stdout)
+    assert stats["status"] == "completed" and stats["streams"] == 3 and stats["protocol_version"] == 2
+    assert all(len(r["stream_bytes"]) == 3 for r in stats["rounds"])
+    assert src_status == 0
+    assert finish(dest) == 1
+    pages = (32 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+    bad = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", "1", "--streams", "17")
+    assert bad.returncode == 2 and "--streams must be 1 to 16 connections, got 17" in bad.stderr
+    assert "--streams N" in vmmctl(tmp_path, "--help").stdout
