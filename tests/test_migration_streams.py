@@ -2,6 +2,7 @@
 moved over several connections arrives exactly; a data connection must prove it belongs to the
 session before anything it carries is read; any stream failing leaves the guest on the source."""
 
+import json
 import os
 import socket
 import threading
@@ -24,9 +25,9 @@ from vmmpy.units import MiB
 from .inproc import run_to_end, wait_paused
 from .migration_helpers import KEY, DestinationThread, migrate_pair
 from .migration_proxy import StreamProxy
+from .test_machine import BUSY, final_state
 from .test_migration_engine import assert_arrived_exact
 from .test_migration_failures import assert_source_kept_guest
-from .test_machine import BUSY, final_state
 
 # -- a real machine, in-process: the end is an unmigrated run's -------------------------------------
 
@@ -103,7 +104,7 @@ def test_live_rounds_over_parallel_streams_keep_every_page_exact(guests, streams
     assert stats.status == "completed", stats.error
     assert dstats.status == "completed", dstats.error
     assert len([r for r in stats.rounds if not r.final]) >= 2, [(r.round, r.pages) for r in stats.rounds]
-    for rnd, drnd in zip(stats.rounds, dstats.rounds):
+    for rnd, drnd in zip(stats.rounds, dstats.rounds, strict=True):
         assert len(rnd.stream_bytes) == streams and sum(rnd.stream_bytes) == rnd.bytes
         assert (drnd.pages_sent, drnd.zero_pages, drnd.bytes) == (rnd.pages_sent, rnd.zero_pages, rnd.bytes)
     assert_arrived_exact(src, dst)
@@ -396,11 +397,10 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
     key = tmp_path / "mig.key"
     key.write_bytes(os.urandom(32).hex().encode())
     sweeps = 2000
-    result, source, dest, src_status, src_console, dst_console = migrate_processes(
+    result, _source, dest, src_status, src_console, dst_console = migrate_processes(
         tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, dest_key=key,
         ctl_extra=["--key-file", str(key), "--streams", "3"])
     assert result.returncode == 0, result.stderr
-    import json
     stats = json.loads(result.stdout)
     assert stats["status"] == "completed" and stats["streams"] == 3 and stats["protocol_version"] == 2
     assert all(len(r["stream_bytes"]) == 3 for r in stats["rounds"])

@@ -30,7 +30,16 @@ from typing import Callable
 
 from ..memory import PageBatchError
 from . import protocol as P
-from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
+from .errors import (
+    Aborted,
+    AuthenticationError,
+    Cancelled,
+    ConnectionLost,
+    MigrationError,
+    MigrationTimeout,
+    ProtocolError,
+    Refused,
+)
 from .net import CancelWatcher, connect, format_address, set_io_timeout
 
 #: Data connections the destination holds at once while waiting for their JOIN; more are closed.
