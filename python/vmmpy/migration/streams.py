@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import socket
 import threading
@@ -288,10 +289,18 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                     if other != index:
                         _shutdown_read(sock)
 
+    def fail_all(index: int, err: BaseException) -> None:
+        with lock:
+            failures.insert(0, (index, err))
+        for sock in socks:
+            _shutdown_read(sock)
+
     threads = [threading.Thread(target=one, args=(i,), name=f"migration-stream-{i}", daemon=True) for i in range(1, len(socks))]
     for thread in threads:
         thread.start()
     one(0)
+    if not failures:
+        _watch_main(socks[0], threads, fail_all)
     for thread in threads:
         thread.join(join_timeout)
         if thread.is_alive():
@@ -303,6 +312,39 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
         index, err = failures[0]
         raise _stream_error(err, index, round_number)
     return [r for r in results if r is not None]
+
+
+def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: Callable[[int, BaseException], None]) -> None:
+    """While the other streams still read, watch the main connection, whose share of the round is
+    in: if the source gives up there (an ABORT, or it closed), end the round now rather than after
+    the other streams' receive timeout. Anything else on it (MEMORY_END, sent as soon as the
+    source has written every batch) is left for the caller."""
+    deadline = time.monotonic() + 3600  # bounded: the threads end by their own receive timeouts well before
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        readable, _, _ = select.select([main], [], [], 0.05)
+        if not readable:
+            continue
+        try:
+            head = main.recv(P.HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError as err:
+            fail_all(0, ConnectionLost(f"connection lost while the other streams carried the round: {err.strerror or err}"))
+            return
+        if not head:
+            fail_all(0, ConnectionLost("the source closed the main connection while the other streams carried the round"))
+            return
+        if len(head) < 8:
+            time.sleep(0.005)  # the rest of the header is on its way
+            continue
+        if int.from_bytes(head[6:8], "little") != P.MessageType.ABORT:
+            return
+        try:
+            frame = P.read_frame(main, allowed=(P.MessageType.ABORT,))
+            fail_all(0, Aborted(f"source aborted: {P.decode_abort(frame.payload)}"))
+        except MigrationError as err:
+            fail_all(0, err)
+        return
 
 
 def _shutdown_read(sock: socket.socket) -> None:
