@@ -151,6 +151,38 @@ def test_a_source_asking_for_streams_is_refused_by_a_destination_without_a_liste
     assert_source_kept_guest(src)
 
 
+def test_streams_need_a_destination_that_speaks_protocol_2(guests):
+    """A version 1 destination (played here frame by frame) never sees STREAMS: the source stops
+    before any page moves and says what to do."""
+    src = guests("64M", work_pages=512)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = []
+
+    def version_1_destination():
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            P.read_frame(conn)
+            conn.sendall(_frame(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(1, False, b"d" * 32))))
+            P.read_frame(conn)
+            conn.sendall(_frame(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH))))
+            P.read_frame(conn)
+            conn.sendall(_frame(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC))))
+            seen.append(P.read_frame(conn).type)
+
+    server = threading.Thread(target=version_1_destination, daemon=True)
+    server.start()
+    stats = migrate(src, "127.0.0.1", listener.getsockname()[1], live=False, params=MigrationParams(streams=2))
+    server.join(10)
+    listener.close()
+    assert stats.status == "failed" and stats.protocol_version == 1
+    assert "the destination speaks migration protocol 1, which has no parallel streams" in stats.error
+    assert "migrate with one stream (--streams 1)" in stats.error
+    assert seen == [P.MessageType.ABORT] and stats.page_bytes == 0
+    assert_source_kept_guest(src)
+
+
 # -- joining: only the session's own connections ------------------------------------------------------
 
 
