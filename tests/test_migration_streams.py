@@ -31,7 +31,7 @@ from .test_migration_failures import assert_source_kept_guest
 
 # -- a real machine, in-process: the end is an unmigrated run's -------------------------------------
 
-BALLAST_GPA, BALLAST = 8 * MiB, 24 * MiB  # data the guest never touches: 3 chunks' worth of pages to spread
+BALLAST_GPA, BALLAST = 8 * MiB, 56 * MiB  # data the guest never touches: several batches' worth of pages to spread
 
 
 def _ballast() -> np.ndarray:
@@ -45,7 +45,7 @@ assert LONG_BUSY != BUSY
 
 def _boot_with_ballast(name: str, program: str, pause_at=None):
     console = CaptureConsole()
-    machine = Machine(VmConfig(name=name, memsize=32 << 20), consoles={"com1": console})
+    machine = Machine(VmConfig(name=name, memsize=64 << 20), consoles={"com1": console})
     machine.setup_memory()
     machine.vm.memory.write(BALLAST_GPA, _ballast())
     machine.load_program(assemble(program))
@@ -66,7 +66,7 @@ def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, s
     # Paused early; a live migration lets it run again right as the migration starts.
     source, src_console = _boot_with_ballast(f"st-src-{streams}", program, pause_at=1_000_001 if live else 2_000_001)
     dst_console = CaptureConsole()
-    target = Machine(VmConfig(name=f"st-dst-{streams}", memsize=32 << 20), consoles={"com1": dst_console})
+    target = Machine(VmConfig(name=f"st-dst-{streams}", memsize=64 << 20), consoles={"com1": dst_console})
     target.setup_memory()
     try:
         d = DestinationThread(MachineAdapter(target), key=KEY)
@@ -76,7 +76,7 @@ def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, s
         dstats = d.join()
         assert stats.status == "completed", stats.error
         assert dstats.status == "completed", dstats.error
-        assert stats.streams == dstats.streams == streams and stats.protocol_version == 2
+        assert stats.streams == dstats.streams == streams and stats.protocol_version == 3
         round0 = stats.rounds[0]
         assert len(round0.stream_bytes) == streams and sum(round0.stream_bytes) == round0.bytes
         assert sum(1 for b in round0.stream_bytes if b > 4 * MiB) >= 2, f"round 0 was not spread: {round0.stream_bytes}"
@@ -151,8 +151,8 @@ def test_a_source_asking_for_streams_is_refused_by_a_destination_without_a_liste
     assert_source_kept_guest(src)
 
 
-def test_streams_need_a_destination_that_speaks_protocol_2(guests):
-    """A version 1 destination (played here frame by frame) never sees STREAMS: the source stops
+def test_streams_need_a_destination_that_speaks_protocol_3(guests):
+    """A version 2 destination (played here frame by frame) never sees STREAMS: the source stops
     before any page moves and says what to do."""
     src = guests("64M", work_pages=512)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -164,7 +164,7 @@ def test_streams_need_a_destination_that_speaks_protocol_2(guests):
         with conn:
             conn.settimeout(10)
             P.read_frame(conn)
-            conn.sendall(_frame(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(1, False, b"d" * 32))))
+            conn.sendall(_frame(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(2, False, b"d" * 32))))
             P.read_frame(conn)
             conn.sendall(_frame(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH))))
             P.read_frame(conn)
@@ -176,8 +176,8 @@ def test_streams_need_a_destination_that_speaks_protocol_2(guests):
     stats = migrate(src, "127.0.0.1", listener.getsockname()[1], live=False, params=MigrationParams(streams=2))
     server.join(10)
     listener.close()
-    assert stats.status == "failed" and stats.protocol_version == 1
-    assert "the destination speaks migration protocol 1, which has no parallel streams" in stats.error
+    assert stats.status == "failed" and stats.protocol_version == 2
+    assert "the destination speaks migration protocol 2, which has no parallel streams (they need 3)" in stats.error
     assert "migrate with one stream (--streams 1)" in stats.error
     assert seen == [P.MessageType.ABORT] and stats.page_bytes == 0
     assert_source_kept_guest(src)
@@ -200,7 +200,7 @@ def _answer(sock: socket.socket) -> P.Frame | None:
 
 STRANGERS = {
     "wrong token": _frame(P.MessageType.JOIN, P.encode_join(P.Join(1, os.urandom(32), os.urandom(32)))),
-    "a HELLO instead of a JOIN": _frame(P.MessageType.HELLO, P.encode_hello(P.Hello((1, 2), b"n" * 32))),
+    "a HELLO instead of a JOIN": _frame(P.MessageType.HELLO, P.encode_hello(P.Hello((2, 3), b"n" * 32))),
     "random bytes": os.urandom(200),
 }
 
@@ -341,9 +341,10 @@ def test_an_abort_on_the_main_connection_ends_the_join_window_at_once():
 @pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
 @pytest.mark.parametrize("victim", [0, 2], ids=["main", "data"])
 def test_a_stream_cut_mid_round_leaves_the_guest_running_on_the_source(guests, live, victim):
-    src = guests("64M", work_pages=8192)
-    dst = guests("64M", work_pages=8192, running=False)
-    src.wait_for_progress(8192)
+    # 96 MiB of pages: six 16 MiB batches, so every stream takes at least one in round 0.
+    src = guests("128M", work_pages=24576)
+    dst = guests("128M", work_pages=24576, running=False)
+    src.wait_for_progress(24576)
     params = MigrationParams(streams=3, io_timeout=5, handshake_timeout=5)
     d = DestinationThread(dst, key=KEY, params=params)
     # Connection 0 is the main one, 1 and 2 the data streams; a data stream's cut lands in its pages.
@@ -406,7 +407,7 @@ def test_a_destination_cancelled_while_streams_join_discards(guests):
     runner.start()
     main = socket.create_connection(dest.address, timeout=5)
     try:
-        main.sendall(_frame(P.MessageType.HELLO, P.encode_hello(P.Hello((1, 2), b"n" * 32))))
+        main.sendall(_frame(P.MessageType.HELLO, P.encode_hello(P.Hello((2, 3), b"n" * 32))))
         assert P.read_frame(main).type is P.MessageType.CHALLENGE
         main.sendall(_frame(P.MessageType.AUTH, P.encode_auth(b"")))
         assert P.read_frame(main).type is P.MessageType.ACCEPT
@@ -437,7 +438,7 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
         ctl_extra=["--key-file", str(key), "--streams", "3"])
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
-    assert stats["status"] == "completed" and stats["streams"] == 3 and stats["protocol_version"] == 2
+    assert stats["status"] == "completed" and stats["streams"] == 3 and stats["protocol_version"] == 3
     assert all(len(r["stream_bytes"]) == 3 for r in stats["rounds"])
     assert src_status == 0
     assert finish(dest) == 1

@@ -1,10 +1,10 @@
 //! One round's pages over several file descriptors at once (parallel migration streams).
 //!
-//! The caller harvests the round once and hands over its ranges; `split_into_chunks` cuts them
-//! into chunks of at most `chunk_pages` DATA pages and `MAX_RANGES` ranges, each inside one
-//! segment; `send_chunks` then runs one thread per fd, each taking the next unsent chunk and
-//! writing it as one ordinary page batch (`send_batch`), until none is left, and ends its fd's
-//! share with an empty batch (the end-of-round marker a migration receiver waits for).
+//! The caller harvests the round once and cuts its ranges into chunks, each one batch's worth
+//! inside one segment (`split_batches`); `send_chunks` then runs one thread per fd, each taking
+//! the next unsent chunk and writing it as one ordinary page batch (`send_batch`), until none is
+//! left, and ends its fd's share with an empty batch (the end-of-round marker a migration
+//! receiver waits for).
 //!
 //! Chunks are taken as streams become free rather than dealt out in equal shares up front, so a
 //! stream whose reader is slower carries less and the round ends when the last chunk lands, not
@@ -17,10 +17,10 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::batch::{PageRange, RangeKind, MAX_RANGES};
+use super::batch::PageRange;
 use super::batch_io::{send_batch, BatchStats};
 use super::PageError;
-use crate::memory::{GuestAddress, GuestMemory, PAGE_SIZE};
+use crate::memory::GuestMemory;
 
 /// The most fds `send_chunks` drives at once.
 pub const MAX_STREAMS: usize = 16;
@@ -41,50 +41,6 @@ impl StreamTotals {
         self.stats.data_bytes += s.data_bytes;
         self.stats.wire_bytes += s.wire_bytes;
     }
-}
-
-/// Cut one segment's ascending ranges into chunks of at most `chunk_pages` DATA pages and at most
-/// `MAX_RANGES` ranges, splitting a DATA range where a chunk fills up. ZERO ranges carry no bytes
-/// and count only against the range limit. The chunks, in order, hold exactly the input pages.
-pub fn split_into_chunks(ranges: &[PageRange], chunk_pages: u32) -> Result<Vec<Vec<PageRange>>, PageError> {
-    if chunk_pages == 0 {
-        return Err(PageError::BadSendRanges { why: "chunk_pages must be at least 1".into() });
-    }
-    let mut chunks = Vec::new();
-    let mut current: Vec<PageRange> = Vec::new();
-    let mut data_in_current = 0u32;
-    let mut flush = |current: &mut Vec<PageRange>, data: &mut u32| {
-        if !current.is_empty() {
-            chunks.push(std::mem::take(current));
-        }
-        *data = 0;
-    };
-    for r in ranges {
-        match r.kind {
-            RangeKind::Zero => {
-                current.push(*r);
-                if current.len() == MAX_RANGES as usize {
-                    flush(&mut current, &mut data_in_current);
-                }
-            }
-            RangeKind::Data => {
-                let mut gpa = r.gpa.0;
-                let mut left = r.pages;
-                while left > 0 {
-                    let take = left.min(chunk_pages - data_in_current);
-                    current.push(PageRange { gpa: GuestAddress(gpa), pages: take, kind: RangeKind::Data });
-                    data_in_current += take;
-                    gpa += take as u64 * PAGE_SIZE as u64;
-                    left -= take;
-                    if data_in_current == chunk_pages || current.len() == MAX_RANGES as usize {
-                        flush(&mut current, &mut data_in_current);
-                    }
-                }
-            }
-        }
-    }
-    flush(&mut current, &mut data_in_current);
-    Ok(chunks)
 }
 
 /// Name the stream in an OS error, so "connection reset" says which connection.

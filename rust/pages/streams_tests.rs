@@ -1,11 +1,11 @@
-//! Tests of parallel streams: chunks hold exactly the round's pages within the limits, and a
-//! round sent over several fds arrives bit-exact, each fd's share ended by an empty batch.
+//! Tests of parallel streams: a round sent over several fds arrives bit-exact, each fd's share
+//! ended by an empty batch; a stream that fails names itself.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::*;
-use crate::memory::{GuestMemory, MemoryOptions};
-use crate::pages::{build_ranges_from_bitmap, recv_batch};
+use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
+use crate::pages::{build_ranges_from_bitmap, recv_batch, split_batches};
 
 const MIB: u64 = 1 << 20;
 
@@ -21,43 +21,6 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
-fn pages_of(chunks: &[Vec<PageRange>]) -> Vec<(u64, RangeKind)> {
-    chunks.iter().flatten().flat_map(|r| (0..r.pages as u64).map(move |i| (r.gpa.0 / PAGE_SIZE as u64 + i, r.kind))).collect()
-}
-
-#[test]
-fn chunks_hold_exactly_the_pages_and_respect_the_limits() {
-    let ranges = vec![
-        PageRange { gpa: GuestAddress(0), pages: 10, kind: RangeKind::Data },
-        PageRange { gpa: GuestAddress(10 * 4096), pages: 1000, kind: RangeKind::Zero },
-        PageRange { gpa: GuestAddress(1010 * 4096), pages: 7, kind: RangeKind::Data },
-        PageRange { gpa: GuestAddress(2000 * 4096), pages: 1, kind: RangeKind::Data },
-    ];
-    let chunks = split_into_chunks(&ranges, 4).unwrap();
-    let flat: Vec<_> = ranges.iter().flat_map(|r| (0..r.pages as u64).map(move |i| (r.gpa.0 / 4096 + i, r.kind))).collect();
-    assert_eq!(pages_of(&chunks), flat);
-    for c in &chunks {
-        let data: u32 = c.iter().filter(|r| r.kind == RangeKind::Data).map(|r| r.pages).sum();
-        assert!(data <= 4, "{c:?}");
-        assert!(!c.is_empty());
-    }
-    // 18 DATA pages in chunks of at most 4: at least 5 chunks.
-    assert!(chunks.len() >= 5);
-    assert!(split_into_chunks(&ranges, 0).is_err());
-    assert!(split_into_chunks(&[], 4).unwrap().is_empty());
-}
-
-#[test]
-fn many_zero_ranges_are_cut_at_the_range_limit() {
-    let ranges: Vec<_> = (0..(MAX_RANGES as u64 + 5))
-        .map(|i| PageRange { gpa: GuestAddress(i * 2 * 4096), pages: 1, kind: RangeKind::Zero })
-        .collect();
-    let chunks = split_into_chunks(&ranges, 2048).unwrap();
-    assert_eq!(chunks.len(), 2);
-    assert_eq!(chunks[0].len(), MAX_RANGES as usize);
-    assert_eq!(chunks[1].len(), 5);
-}
-
 #[test]
 fn a_round_over_three_streams_arrives_exactly() {
     let src = guest(16 * MIB);
@@ -70,7 +33,7 @@ fn a_round_over_three_streams_arrives_exactly() {
     let mut words = vec![0u64; seg.pages().div_ceil(64)];
     src.get_and_clear_dirty_segment(0, &mut words).unwrap();
     let ranges = build_ranges_from_bitmap(seg, &words, true).unwrap();
-    let chunks = split_into_chunks(&ranges, 64).unwrap();
+    let chunks = split_batches(&ranges, 64);
     let pairs: Vec<_> = (0..3).map(|_| socketpair()).collect();
     let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
     let received = std::thread::scope(|scope| {
@@ -111,7 +74,7 @@ fn a_closed_stream_fails_the_round_and_names_it() {
     let seg = &src.segments()[0];
     let mut words = vec![0u64; seg.pages().div_ceil(64)];
     src.get_and_clear_dirty_segment(0, &mut words).unwrap();
-    let chunks = split_into_chunks(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 16).unwrap();
+    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 16);
     let (a0, b0) = socketpair();
     let (a1, b1) = socketpair();
     drop(b1); // stream 1's peer is gone

@@ -2,6 +2,7 @@
 //! with the GIL released for the whole round.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -9,7 +10,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
-use super::pages::PageBatchError;
+use super::pages::{PageBatchError, PyDigestTracker};
 use crate::pages::{self, PageError, PageRange, StreamTotals, MAX_STREAMS};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -38,12 +39,12 @@ fn totals_dict<'py>(py: Python<'py>, t: &StreamTotals) -> PyResult<Bound<'py, Py
 
 /// One round over every fd in `fds` at once. With `all_pages`, every page (never-touched ones as
 /// zero ranges without reading them, as `send_all_pages`); otherwise harvest-and-clear the dirty
-/// pages first (as `send_dirty_pages`). The round is cut into chunks of at most `chunk_pages`
-/// DATA pages, each sent as one batch on whichever fd is free, and every fd's share ends with an
-/// empty batch. Returns the totals over all fds (end markers not counted) and `streams`, the
-/// same per fd.
+/// pages first (as `send_dirty_pages`, marking them stale in `tracker` when given). The round is
+/// cut into chunks of at most `chunk_pages` DATA pages (and 65,536 ranges), each sent as one
+/// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
+/// totals over all fds (end markers not counted) and `streams`, the same per fd.
 #[pyfunction]
-#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = 2048))]
+#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = pages::BATCH_DATA_PAGES, tracker = None))]
 fn send_pages_multi<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -51,6 +52,7 @@ fn send_pages_multi<'py>(
     all_pages: bool,
     detect_zero: bool,
     chunk_pages: u32,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PyValueError::new_err(format!("{} fds given; 1 to {MAX_STREAMS} streams may be used", fds.len())));
@@ -58,6 +60,11 @@ fn send_pages_multi<'py>(
     if chunk_pages == 0 {
         return Err(PyValueError::new_err("chunk_pages must be at least 1"));
     }
+    let tracker = match tracker {
+        Some(t) if !Arc::ptr_eq(&t.memory, &memory.inner) => return Err(PyValueError::new_err("the digest tracker belongs to other guest memory")),
+        Some(t) => Some(t.inner.clone()),
+        None => None,
+    };
     let mem = memory.inner.clone();
     let per_stream = py
         .detach(move || -> Result<Vec<StreamTotals>, PageError> {
@@ -74,9 +81,13 @@ fn send_pages_multi<'py>(
                 } else {
                     let mut words = vec![0u64; pages_in.div_ceil(64)];
                     mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-                    pages::build_ranges_from_bitmap(seg, &words, detect_zero)?
+                    let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
+                    if let Some(t) = &tracker {
+                        t.mark_ranges(seg, &ranges)?;
+                    }
+                    ranges
                 };
-                chunks.extend(pages::split_into_chunks(&ranges, chunk_pages)?);
+                chunks.extend(pages::split_batches(&ranges, chunk_pages));
             }
             pages::send_chunks(&fds, &mem, &chunks)
         })

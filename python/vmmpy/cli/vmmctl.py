@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"and the handshake (at most {d.handshake_timeout:g} s) (default {d.io_timeout:g})")
     mig.add_argument("--streams", type=int, metavar="N",
                      help=f"send pages over N TCP connections at once, the main one included (1 to {MAX_STREAMS}; needs a destination "
-                          f"speaking protocol 2); helps when one connection cannot fill the link, see docs/migration.md (default {d.streams})")
+                          f"speaking protocol 3); helps when one connection cannot fill the link, see docs/migration.md (default {d.streams})")
     mig.add_argument("--estimate", action="store_true",
                      help="predict whether and when the migration would converge, without migrating")
     mig.add_argument("--estimate-window", type=float, default=1.0, metavar="SECONDS",

@@ -34,7 +34,7 @@ class RxState(enum.Enum):
     AWAIT_AUTH = "await-auth"
     AWAIT_SPEC = "await-spec"
     READY = "ready"
-    JOINING = "joining"  # v2: data streams connecting after STREAMS
+    JOINING = "joining"  # v3: data streams connecting after STREAMS
     RECEIVING = "receiving"
     HAVE_STATE = "have-state"
     AWAIT_COMMITTED = "await-committed"
@@ -90,7 +90,7 @@ class Destination:
             raise
         finally:
             watcher.close()
-        # The listener stays open for the data streams a version 2 source may ask for; the
+        # The listener stays open for the data streams a version 3 source may ask for; the
         # receiver closes it as soon as they have joined or the first round begins.
         try:
             return serve_connection(self.adapter, conn, key=self.key, params=self.params, cancel=self.cancel,
@@ -143,7 +143,7 @@ class _Receiver:
         self.restored = False
         self.refused_reason: str | None = None
         self.listener = listener  # open only until the data streams have joined or round 0 begins
-        self.data_conns: list[socket.socket] = []  # streams 1..n-1 (protocol v2)
+        self.data_conns: list[socket.socket] = []  # streams 1..n-1 (protocol v3)
         self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
 
     def run(self) -> MigrationStats:
@@ -295,9 +295,13 @@ class _Receiver:
     def _receive_round_streams(self, memory: P.Memory) -> tuple[int, int, int, int, list[int]]:
         """One round on every stream at once; returns (batches, data pages, zero pages, wire bytes
         with the end markers, wire bytes per stream)."""
-        per = receive_round(self.memory.recv_pages, [self.conn, *self.data_conns], round_number=memory.round,
+        def recv(sock: socket.socket) -> dict[str, int]:
+            return self.memory.recv_pages(sock, tracker=self.tracker)
+
+        # The refresher hashes what arrived while the rest streams; it is kicked from this thread only.
+        per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
                             page_limit=self.total_pages, cancelled=self.watcher.cancelled,
-                            join_timeout=self.params.io_timeout + 10)
+                            join_timeout=self.params.io_timeout + 10, kick=self.refresher.kick)
         return (sum(s["batches"] for s in per), sum(s["data_pages"] for s in per), sum(s["zero_pages"] for s in per),
                 sum(s["wire_bytes"] for s in per), [s["wire_bytes"] for s in per])
 

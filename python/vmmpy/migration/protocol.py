@@ -12,7 +12,7 @@ Message sequence (S = source, D = destination)::
     |<--- ACCEPT(auth, D's proof) | REFUSE(why) ---|
     |---- SPEC (page size, vendor, layout, devs) ->|  D: AWAIT_SPEC
     |<--- ACCEPT(spec) | REFUSE(why) --------------|
-    |---- STREAMS (n) ---------------------------->|  D: READY -> JOINING (v2, only with n > 1)
+    |---- STREAMS (n) ---------------------------->|  D: READY -> JOINING (v3, only with n > 1)
     |<--- STREAMS_TOKEN (n, token) | REFUSE(why) --|
     |  data connections 1..n-1, each to the same listener:
     |---- JOIN (index, token, HMAC) -------------->|  D: nothing else read from it before this
@@ -33,7 +33,7 @@ Message sequence (S = source, D = destination)::
 Receiver (destination) state machine::
 
     AWAIT_HELLO --HELLO--> AWAIT_AUTH --AUTH ok--> AWAIT_SPEC --SPEC ok--> READY
-    READY --STREAMS (v2, before round 0, once)--> JOINING --n-1 JOINs accepted--> READY
+    READY --STREAMS (v3, before round 0, once)--> JOINING --n-1 JOINs accepted--> READY
     READY --MEMORY--> RECEIVING --batches, empty batch, MEMORY_END--> READY
     READY --STATE--> HAVE_STATE --COMMIT_REQUEST, digest equal--> AWAIT_COMMITTED
     AWAIT_COMMITTED --COMMITTED--> RUNNING (done)
@@ -53,8 +53,8 @@ Page batches are not frames: they are the memory core's own checksummed format
 (``rust/pages/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
 per-page Python work. Their page bytes are covered by the memory digests compared at commit.
 
-Version 2 adds parallel streams and nothing else: a version 2 session that asks for one stream
-is byte for byte a version 1 session with a different version number. With n streams the main
+Version 3 adds parallel streams and nothing else: a version 3 session that asks for one stream
+is byte for byte a version 2 session with a different version number. With n streams the main
 connection is stream 0 and carries every frame; streams 1..n-1 carry only page batches after
 their JOIN. A round's batches are spread over all n; each stream ends the round with its own
 empty batch, and MEMORY_END carries the totals over all of them.
@@ -108,9 +108,9 @@ class MessageType(enum.IntEnum):
     COMMITTED = 12
     ABORT = 13
     RESUMED = 14
-    STREAMS = 15  # v2: the source asks for n page streams
-    STREAMS_TOKEN = 16  # v2: the destination grants them and hands out the session token
-    JOIN = 17  # v2: the first frame on a data connection
+    STREAMS = 15  # v3: the source asks for n page streams
+    STREAMS_TOKEN = 16  # v3: the destination grants them and hands out the session token
+    JOIN = 17  # v3: the first frame on a data connection
 
 
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -693,8 +693,8 @@ def destination_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes, au
     return hmac.new(key, _DEST_LABEL + hello_frame + challenge_frame + auth_frame, hashlib.sha256).digest()
 
 
-_JOIN_LABEL = b"vmmpy-migration-v2 join\x00"
-_JOINED_LABEL = b"vmmpy-migration-v2 join accepted\x00"
+_JOIN_LABEL = b"vmmpy-migration-v3 join\x00"
+_JOINED_LABEL = b"vmmpy-migration-v3 join accepted\x00"
 
 
 def join_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes, index: int, token: bytes) -> bytes:

@@ -111,7 +111,7 @@ class _Source:
         self.tracker = self.memory.digest_tracker()  # every page stale: the first refresh hashes all
         self.refresher = Refresher(self.tracker)
         self.chan: Channel | None = None
-        self.data: list[Channel] = []  # parallel streams 1..n-1 (protocol v2), beside the main channel
+        self.data: list[Channel] = []  # parallel streams 1..n-1 (protocol v3), beside the main channel
         self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
         self.phase = "setup"
         self.paused = False
@@ -336,7 +336,8 @@ class _Source:
             if self.data:
                 # Harvested once, spread over every stream; each stream's share ends with its own empty batch.
                 fds = [fd, *(chan.out_fd for chan in self.data)]
-                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero)
+                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero,
+                                                    tracker=None if all_pages else self.tracker)
                 end_bytes = len(fds) * P.BATCH_HEADER_SIZE
                 stream_bytes = [s["wire_bytes"] + P.BATCH_HEADER_SIZE for s in sent["streams"]]
             else:

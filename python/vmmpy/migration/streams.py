@@ -1,4 +1,4 @@
-"""Parallel page streams (protocol version 2): the data connections beside the main one.
+"""Parallel page streams (protocol version 3): the data connections beside the main one.
 
 The main connection does the handshake, authentication and spec check, then asks for n streams
 (STREAMS); the destination grants them with a random session token (STREAMS_TOKEN). The source
@@ -251,12 +251,14 @@ def new_token() -> bytes:
 
 
 def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.socket], *, round_number: int, page_limit: int,
-                  cancelled: Callable[[], bool], join_timeout: float) -> list[dict[str, int]]:
+                  cancelled: Callable[[], bool], join_timeout: float, kick: Callable[[], None] | None = None) -> list[dict[str, int]]:
     """Receive one round's batches on every socket at once, each until its empty batch; ``recv``
     is ``GuestMemory.recv_pages`` (GIL released while it reads). Returns per stream: batches,
     data_pages, zero_pages, wire_bytes (the end marker included). Over all streams together the
     round may not carry more than ``page_limit`` pages. On the first failure the other streams'
-    reads are shut down so the call returns at once; the first failure is raised."""
+    reads are shut down so the call returns at once; the first failure is raised. ``kick`` is
+    called on the calling thread only: after each batch of stream 0, then now and then while the
+    other streams finish."""
     lock = threading.Lock()
     carried = [0]
     failures: list[tuple[int, BaseException]] = []
@@ -279,6 +281,8 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                     carried[0] += got["data_pages"] + got["zero_pages"]
                     if carried[0] > page_limit:
                         raise ProtocolError(f"round {round_number} carried more pages ({carried[0]}) than the guest has ({page_limit})")
+                if index == 0 and kick is not None:
+                    kick()
             results[index] = t
         except BaseException as err:  # noqa: BLE001 - handed to the caller below
             with lock:
@@ -300,7 +304,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
         thread.start()
     one(0)
     if not failures:
-        _watch_main(socks[0], threads, fail_all)
+        _watch_main(socks[0], threads, fail_all, kick)
     for thread in threads:
         thread.join(join_timeout)
         if thread.is_alive():
@@ -314,7 +318,8 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
     return [r for r in results if r is not None]
 
 
-def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: Callable[[int, BaseException], None]) -> None:
+def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: Callable[[int, BaseException], None],
+                kick: Callable[[], None] | None) -> None:
     """While the other streams still read, watch the main connection, whose share of the round is
     in: if the source gives up there (an ABORT, or it closed), end the round now rather than after
     the other streams' receive timeout. Anything else on it (MEMORY_END, sent as soon as the
@@ -322,6 +327,8 @@ def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: 
     deadline = time.monotonic() + 3600  # bounded: the threads end by their own receive timeouts well before
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
         readable, _, _ = select.select([main], [], [], 0.05)
+        if kick is not None:
+            kick()
         if not readable:
             continue
         try:
