@@ -298,7 +298,7 @@ class _Receiver:
         def recv(sock: socket.socket) -> dict[str, int]:
             return self.memory.recv_pages(sock, tracker=self.tracker)
 
-        # The refresher hashes what arrived while the rest streams; it is kicked from this thread only.
+        # The refresher hashes what arrived while the rest streams (kicked after every batch, one kick at a time).
         per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
                             page_limit=self.total_pages, cancelled=self.watcher.cancelled,
                             join_timeout=self.params.io_timeout + 10, kick=self.refresher.kick)

@@ -257,9 +257,9 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
     data_pages, zero_pages, wire_bytes (the end marker included). Over all streams together the
     round may not carry more than ``page_limit`` pages. On the first failure the other streams'
     reads are shut down so the call returns at once; the first failure is raised. ``kick`` is
-    called on the calling thread only: after each batch of stream 0, then now and then while the
-    other streams finish."""
+    called after every batch, from whichever stream's thread received it, one call at a time."""
     lock = threading.Lock()
+    kick_lock = threading.Lock()
     carried = [0]
     failures: list[tuple[int, BaseException]] = []
     results: list[dict[str, int] | None] = [None] * len(socks)
@@ -281,8 +281,9 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                     carried[0] += got["data_pages"] + got["zero_pages"]
                     if carried[0] > page_limit:
                         raise ProtocolError(f"round {round_number} carried more pages ({carried[0]}) than the guest has ({page_limit})")
-                if index == 0 and kick is not None:
-                    kick()
+                if kick is not None:
+                    with kick_lock:
+                        kick()
             results[index] = t
         except BaseException as err:  # noqa: BLE001 - handed to the caller below
             with lock:
@@ -304,7 +305,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
         thread.start()
     one(0)
     if not failures:
-        _watch_main(socks[0], threads, fail_all, kick)
+        _watch_main(socks[0], threads, fail_all)
     for thread in threads:
         thread.join(join_timeout)
         if thread.is_alive():
@@ -318,8 +319,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
     return [r for r in results if r is not None]
 
 
-def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: Callable[[int, BaseException], None],
-                kick: Callable[[], None] | None) -> None:
+def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: Callable[[int, BaseException], None]) -> None:
     """While the other streams still read, watch the main connection, whose share of the round is
     in: if the source gives up there (an ABORT, or it closed), end the round now rather than after
     the other streams' receive timeout. Anything else on it (MEMORY_END, sent as soon as the
@@ -327,8 +327,6 @@ def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: 
     deadline = time.monotonic() + 3600  # bounded: the threads end by their own receive timeouts well before
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
         readable, _, _ = select.select([main], [], [], 0.05)
-        if kick is not None:
-            kick()
         if not readable:
             continue
         try:
