@@ -448,3 +448,35 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
     bad = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", "1", "--streams", "17")
     assert bad.returncode == 2 and "--streams must be 1 to 16 connections, got 17" in bad.stderr
     assert "--streams N" in vmmctl(tmp_path, "--help").stdout
+
+
+# -- with mutual TLS: every connection is TLS ----------------------------------------------------------
+
+
+def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is_refused(guests, tmp_path):
+    from .test_migration_tls import TlsDestination
+    from .tls_pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    src = guests("64M", work_pages=8192)
+    dst = guests("64M", work_pages=8192, running=False)
+    src.wait_for_progress(8192)
+    d = TlsDestination(dst, tls=pki.destination(), key=KEY)
+
+    def intrude(phase):
+        if phase == "streams":  # a plaintext JOIN cannot pass the TLS handshake in front of it
+            conn = socket.create_connection((d.host, d.port), timeout=5)
+            conn.sendall(STRANGERS["wrong token"])
+            threading.Thread(target=lambda: (_answer(conn), conn.close()), daemon=True).start()
+
+    stats = migrate(src, d.host, d.port, live=True, key=KEY, tls=pki.source(), params=MigrationParams(streams=3, max_rounds=5),
+                    on_phase=intrude)
+    dstats = d.join()
+    assert stats.status == "completed", stats.error
+    assert dstats.status == "completed", dstats.error
+    assert stats.streams == dstats.streams == 3
+    assert sum(1 for n in dstats.notes if n.startswith("encrypted with TLSv1.3")) == 1, dstats.notes
+    refusals = [n for n in dstats.notes if n.startswith("refused a data connection")]
+    assert len(refusals) == 1 and "TLS handshake failed" in refusals[0], dstats.notes
+    dst.wait_for_progress(500)
+    assert_arrived_exact(src, dst)

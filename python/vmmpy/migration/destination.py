@@ -279,8 +279,12 @@ class _Receiver:
         self._send(P.MessageType.STREAMS_TOKEN, P.encode_streams_token(P.StreamsToken(count, token)))
         self.state = RxState.JOINING
         hello, challenge = self.transcript
+        wrap = None
+        if self.tls is not None:  # each data connection must pass mutual TLS too before its JOIN is read
+            def wrap(sock: socket.socket) -> socket.socket:
+                return wrap_tls(sock, self.tls.context(server_side=True), server_side=True, timeout=self.params.handshake_timeout)
         window = JoinWindow(self.listener, self.conn, count=count, token=token, key=self.key, hello=hello, challenge=challenge,
-                            timeout=self.params.handshake_timeout, watcher=self.watcher, notes=self.stats.notes)
+                            timeout=self.params.handshake_timeout, watcher=self.watcher, notes=self.stats.notes, wrap=wrap)
         try:
             socks = window.run()
         finally:

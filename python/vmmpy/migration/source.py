@@ -13,6 +13,7 @@ dirty bits and sends those pages; ``Convergence`` decides when to pause for the 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from typing import Callable
@@ -306,8 +307,14 @@ class _Source:
         if grant.count != p.streams:
             raise ProtocolError(f"STREAMS_TOKEN grants {grant.count} streams, the source asked for {p.streams}")
         hello, challenge = self.transcript
+        wrap = None
+        if self.tls is not None:  # each data connection is mutual TLS too, as the main one
+            def wrap(sock: socket.socket) -> socket.socket:
+                return wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+                                server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
         socks = open_data_streams(self.host, self.port, grant, key=self.key, hello=hello, challenge=challenge,
-                                  connect_timeout=p.connect_timeout, handshake_timeout=p.handshake_timeout, watcher=self.watcher)
+                                  connect_timeout=p.connect_timeout, handshake_timeout=p.handshake_timeout, watcher=self.watcher,
+                                  wrap=wrap)
         for sock in socks:
             set_io_timeout(sock, p.io_timeout)
             chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)

@@ -54,15 +54,20 @@ _JOIN_FRAME_MAX = P.HEADER_SIZE + P.MAX_PAYLOAD[P.MessageType.JOIN]
 
 
 def open_data_streams(host: str, port: int, grant: P.StreamsToken, *, key: bytes | None, hello: bytes, challenge: bytes,
-                      connect_timeout: float, handshake_timeout: float, watcher: CancelWatcher) -> list[socket.socket]:
+                      connect_timeout: float, handshake_timeout: float, watcher: CancelWatcher,
+                      wrap: Callable[[socket.socket], socket.socket] | None = None) -> list[socket.socket]:
     """Connect streams 1..n-1 and have each accepted by the destination; returns the connected
-    sockets (blocking, handshake timeout set). Raises, with every socket closed, if one fails."""
+    sockets (blocking, handshake timeout set). ``wrap`` (TLS: ``tls.wrap_tls``) runs on each
+    connection before its JOIN, as on the main one. Raises, with every socket closed, if one fails."""
     socks: list[socket.socket] = []
     try:
         for index in range(1, grant.count):
             if watcher.cancelled():
                 raise Cancelled(f"cancelled while opening data stream {index}")
             sock = connect(host, port, timeout=connect_timeout)
+            watcher.watch(sock)
+            if wrap is not None:
+                sock = wrap(sock)  # on failure the TCP socket is closed by the handshake
             socks.append(sock)
             watcher.watch(sock)
             set_io_timeout(sock, handshake_timeout)
@@ -95,10 +100,13 @@ class JoinWindow:
     """Accepts data connections on ``listener`` until ``count - 1`` have joined the session.
 
     ``main`` is watched too: if the source speaks on it during the window (an ABORT, or it
-    closed), the window ends at once with that."""
+    closed), the window ends at once with that. With ``wrap`` (TLS: a server-side ``wrap_tls``)
+    each connection first completes that handshake, on a thread of its own so a slow or silent
+    one holds up nobody; its JOIN is then read from the plain end it returns."""
 
     def __init__(self, listener: socket.socket, main: socket.socket, *, count: int, token: bytes, key: bytes | None,
-                 hello: bytes, challenge: bytes, timeout: float, watcher: CancelWatcher, notes: list[str]) -> None:
+                 hello: bytes, challenge: bytes, timeout: float, watcher: CancelWatcher, notes: list[str],
+                 wrap: Callable[[socket.socket], socket.socket] | None = None) -> None:
         self.listener, self.main = listener, main
         self.count, self.token, self.key = count, token, key
         self.hello, self.challenge = hello, challenge
@@ -108,6 +116,12 @@ class JoinWindow:
         self.joined: dict[int, socket.socket] = {}
         self.refused = 0
         self._pending: dict[socket.socket, tuple[bytearray, str]] = {}
+        self.wrap = wrap
+        self._lock = threading.Lock()
+        self._handshaking: dict[socket.socket, threading.Thread] = {}  # raw connection -> its TLS handshake
+        self._handshaken: list[tuple[socket.socket | None, str, BaseException | None]] = []
+        self._closed = False
+        self._wake_r, self._wake_w = socket.socketpair()
 
     def run(self) -> list[socket.socket]:
         """The data sockets in stream order (1..n-1), blocking. Raises MigrationTimeout when the
@@ -117,6 +131,7 @@ class JoinWindow:
         self.listener.setblocking(False)
         sel.register(self.listener, selectors.EVENT_READ, "listener")
         sel.register(self.main, selectors.EVENT_READ, "main")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while len(self.joined) < self.count - 1:
                 if self.watcher.cancelled():
@@ -131,6 +146,8 @@ class JoinWindow:
                         self._accept(sel)
                     elif key.data == "main":
                         self._main_spoke()
+                    elif key.data == "wake":
+                        self._take_handshaken(sel)
                     else:
                         self._read_join(sel, key.fileobj)
             return [self.joined[i] for i in range(1, self.count)]
@@ -139,11 +156,14 @@ class JoinWindow:
                 sock.close()
             raise
         finally:
+            self._end_handshakes()
             for sock, (_, peer) in list(self._pending.items()):
                 sock.close()
                 self._note(peer, "closed when the join window ended, before it had sent a whole JOIN")
             self._pending.clear()
             sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         try:
@@ -154,13 +174,71 @@ class JoinWindow:
             if self.watcher.fired:
                 raise Cancelled("cancelled while data streams joined") from None
             raise MigrationError(f"accepting a data connection failed: {err.strerror or err}") from None
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) + len(self._handshaking) >= MAX_PENDING:
             self._note(format_address(*peer[:2]), f"more than {MAX_PENDING} connections waiting to join")
             conn.close()
             return
+        if self.wrap is not None:
+            thread = threading.Thread(target=self._handshake, args=(conn, format_address(*peer[:2])), name="join-tls", daemon=True)
+            with self._lock:
+                self._handshaking[conn] = thread
+            thread.start()
+            return
+        self._add_pending(sel, conn, format_address(*peer[:2]))
+
+    def _add_pending(self, sel: selectors.BaseSelector, conn: socket.socket, peer: str) -> None:
         conn.setblocking(False)
-        self._pending[conn] = (bytearray(), format_address(*peer[:2]))
+        self._pending[conn] = (bytearray(), peer)
         sel.register(conn, selectors.EVENT_READ, "join")
+
+    def _handshake(self, conn: socket.socket, peer: str) -> None:
+        try:
+            wrapped, error = self.wrap(conn), None
+        except BaseException as err:  # noqa: BLE001 - noted by the window's thread
+            wrapped, error = None, err
+        with self._lock:
+            self._handshaking.pop(conn, None)
+            if self._closed:  # the window ended meanwhile
+                if wrapped is not None:
+                    wrapped.close()
+                return
+            self._handshaken.append((wrapped, peer, error))
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _take_handshaken(self, sel: selectors.BaseSelector) -> None:
+        try:
+            self._wake_r.recv(4096)
+        except OSError:
+            pass
+        with self._lock:
+            done, self._handshaken = self._handshaken, []
+        for wrapped, peer, error in done:
+            if wrapped is None:
+                self._note(peer, f"TLS handshake failed: {error}")
+            else:
+                self._add_pending(sel, wrapped, peer)
+
+    def _end_handshakes(self) -> None:
+        """Handshakes still running when the window ends are cut short (their TCP shut down) and
+        waited for; ones that finished unread are closed."""
+        with self._lock:
+            self._closed = True
+            running = dict(self._handshaking)
+            done, self._handshaken = self._handshaken, []
+        for conn in running:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for conn, thread in running.items():
+            thread.join(5)
+            self._note("a data connection", "its TLS handshake was not done when the join window ended")
+        for wrapped, _, _ in done:
+            if wrapped is not None:
+                wrapped.close()
 
     def _main_spoke(self) -> None:
         set_io_timeout(self.main, 1.0)
