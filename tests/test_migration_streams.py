@@ -110,7 +110,7 @@ def test_live_rounds_over_parallel_streams_keep_every_page_exact(guests, streams
     assert_arrived_exact(src, dst)
 
 
-def test_one_stream_is_the_version_1_wire_and_a_stream_count_out_of_bounds_is_refused():
+def test_stream_messages_round_trip_and_a_stream_count_out_of_bounds_is_refused():
     with pytest.raises(ValueError, match=r"streams must be a whole number from 1 to 16, got 0"):
         MigrationParams(streams=0)
     with pytest.raises(ValueError, match=r"streams must be a whole number from 1 to 16, got 17"):
