@@ -63,3 +63,95 @@ class Proxy:
                 client.sendall(data)
         except OSError:
             pass
+
+
+class StreamProxy:
+    """A loopback TCP proxy for every connection of a migration (the main one and its parallel
+    streams, in the order they connect): connection ``victim`` is cut after ``cut_after`` bytes
+    (both of its ends closed, as a dead peer's would be), or with ``stall`` stops being forwarded
+    (held open) once it has carried that many."""
+
+    def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, connections: int = 16) -> None:
+        self.target = target
+        self.victim, self.cut_after, self.stall = victim, cut_after, stall
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, args=(connections,), daemon=True)
+        self._accepting.start()
+
+    def _accept(self, connections: int) -> None:
+        for index in range(connections):
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=30)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            thread = threading.Thread(target=self._relay, args=(client, upstream, index == self.victim), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _relay(self, client: socket.socket, upstream: socket.socket, victim: bool) -> None:
+        back = threading.Thread(target=self._back, args=(upstream, client), daemon=True)
+        back.start()
+        carried = 0
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                if victim and carried + len(data) >= self.cut_after:
+                    upstream.sendall(data[: self.cut_after - carried])
+                    if self.stall:
+                        self.released.wait(60)  # hold both ends open, forwarding nothing
+                    break
+                upstream.sendall(data)
+                carried += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            back.join(5)
+            with self._lock:
+                for s in (client, upstream):
+                    if s in self._open:
+                        self._open.remove(s)
+                        s.close()  # unread bytes make this a reset, which a writer blocked on it sees at once
+
+    @staticmethod
+    def _back(upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.released.set()
+        self.listener.close()
+        with self._lock:
+            for s in self._open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self._threads:
+            t.join(10)
+        with self._lock:
+            for s in self._open:
+                s.close()
+            self._open.clear()

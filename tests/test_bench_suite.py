@@ -81,3 +81,9 @@ def test_the_tls_scenario_makes_certificates_vmmrun_and_vmmctl_accept(tmp_path):
     TlsConfig.from_dict(source)
     assert "warm-1g-tls" in SCENARIOS
     assert tls_encrypt_one_core(size=4 * MIB) > 0
+
+
+def test_the_parallel_loopback_limit_carries_every_byte_over_each_stream():
+    fig = limits.loopback_tcp_streams(8 * MIB, 2, 4, chunk=MIB)
+    assert len(fig.values) == 2 and all(v > 0 for v in fig.values) and fig.unit == "GiB/s"
+    assert {"warm-1g-streams2", "warm-1g-streams4"} <= set(SCENARIOS)

@@ -199,6 +199,18 @@ class GuestMemory:
         data = np.unique(np.asarray(pfns, dtype="<u8")).tobytes()
         return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero)
 
+    def send_pages_multi(self, fds, *, all_pages: bool, detect_zero: bool = True, chunk_pages: int | None = None,
+                         tracker: DigestTracker | None = None) -> dict:
+        """One round over several fds at once (parallel streams): every page (``all_pages``, as
+        ``send_all_pages``) or the dirty pages harvested and cleared once (as
+        ``send_dirty_pages``, marked stale in ``tracker`` when given), cut into batches of at most
+        ``chunk_pages`` data pages (default 16 MiB's worth) that each fd takes as it becomes free;
+        every fd's share ends with an empty batch. Returns the totals (end markers not counted)
+        and ``streams``, the same per fd."""
+        kwargs = {} if chunk_pages is None else {"chunk_pages": chunk_pages}
+        return _core.send_pages_multi(self.core, [_fileno(fd) for fd in fds], all_pages=all_pages,
+                                      detect_zero=detect_zero, tracker=tracker, **kwargs)
+
     def recv_pages(self, fd, *, tracker: DigestTracker | None = None) -> dict[str, int]:
         """Receive one page batch into memory, checked whole before any byte is written.
 

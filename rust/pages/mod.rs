@@ -18,6 +18,7 @@ mod error;
 mod hash;
 mod ranges;
 mod resident;
+mod streams;
 mod tracker;
 mod zero;
 
@@ -27,6 +28,7 @@ pub use error::PageError;
 pub use hash::{chunk_hashes, chunk_hashes_resident, hash_page_list, hash_pages, memory_digest, ranges_digest};
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
 pub use resident::{resident_bitmap, ResidencySource};
+pub use streams::{send_chunks, StreamTotals, MAX_STREAMS};
 pub use tracker::{commit_digest, DigestTracker, RefreshStats, DIGEST_CHUNK_PAGES};
 pub use zero::{is_zero_page, split_zero_pages, ZeroSplit};
 

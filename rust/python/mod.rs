@@ -6,6 +6,7 @@ mod errors;
 mod memory;
 mod pages;
 mod snapshot;
+mod streams;
 
 use pyo3::prelude::*;
 
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     memory::register(m)?;
     pages::register(m)?;
     snapshot::register(m)?;
+    streams::register(m)?;
     cpu::register(m)?;
     Ok(())
 }

@@ -222,8 +222,8 @@ fn commit_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>) -> PyResult<u
 /// what changed. Every page starts stale.
 #[pyclass(frozen, name = "DigestTracker", module = "vmmpy._core")]
 pub struct PyDigestTracker {
-    memory: Arc<GuestMemory>,
-    inner: Arc<DigestTracker>,
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) inner: Arc<DigestTracker>,
 }
 
 #[pymethods]

@@ -1,5 +1,6 @@
 """The machine's limits, measured in the same run as the scenarios and on the same data sizes:
-single-stream loopback TCP with large buffers, memcpy, and O_DIRECT disk writes."""
+loopback TCP with large buffers (one stream, and several at once for the parallel-stream
+scenarios), memcpy, and O_DIRECT disk writes."""
 
 from __future__ import annotations
 
@@ -59,6 +60,73 @@ def loopback_tcp(size: int, runs: int, chunk: int = 4 * MIB) -> Figure:
         if received[0] != size:
             raise RuntimeError(f"loopback limit: the receiver got {received[0]} of {size} bytes")
         values.append(size / elapsed / GIB)
+    return Figure(values, "GiB/s")
+
+
+def loopback_tcp_streams(size: int, runs: int, streams: int, chunk: int = 4 * MIB) -> Figure:
+    """GiB/s of ``streams`` TCP connections over 127.0.0.1 at once, ``size`` bytes in all (an even
+    share each), as ``loopback_tcp`` sends and receives them: one sender and one receiver thread
+    per connection. Timed from the first send until every receiver has its share."""
+    payload = memoryview(np.random.default_rng(7).integers(0, 256, 64 * MIB, dtype=np.uint8).tobytes())
+    share = size // streams
+    values = []
+    for _ in range(runs):
+        listener = socket.create_server(("127.0.0.1", 0), backlog=streams)
+        port = listener.getsockname()[1]
+        received = [0] * streams
+        ready = threading.Barrier(streams + 1)
+        failures: list[BaseException] = []
+
+        def receive(index: int) -> None:
+            try:
+                conn, _ = listener.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                buf = memoryview(bytearray(chunk))
+                with conn:
+                    while (n := conn.recv_into(buf)) > 0:
+                        received[index] += n
+            except OSError as err:
+                failures.append(err)
+
+        def send(sock: socket.socket) -> None:
+            try:
+                ready.wait(30)
+                sent = 0
+                while sent < share:
+                    offset = sent % len(payload)
+                    n = min(chunk, share - sent, len(payload) - offset)
+                    sock.sendall(payload[offset:offset + n])
+                    sent += n
+                sock.shutdown(socket.SHUT_WR)
+            except (OSError, threading.BrokenBarrierError) as err:
+                failures.append(err)
+
+        receivers = [threading.Thread(target=receive, args=(i,), daemon=True) for i in range(streams)]
+        for t in receivers:
+            t.start()
+        senders = []
+        socks = []
+        for _ in range(streams):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            socks.append(sock)
+            senders.append(threading.Thread(target=send, args=(sock,), daemon=True))
+        for t in senders:
+            t.start()
+        ready.wait(30)
+        started = time.perf_counter()
+        for t in receivers:
+            t.join(120)
+        elapsed = time.perf_counter() - started
+        for t in senders:
+            t.join(5)
+        for sock in socks:
+            sock.close()
+        listener.close()
+        if failures or sum(received) != share * streams:
+            raise RuntimeError(f"loopback limit over {streams} streams: received {sum(received)} of {share * streams} bytes"
+                               + (f" ({failures[0]})" if failures else ""))
+        values.append(share * streams / elapsed / GIB)
     return Figure(values, "GiB/s")
 
 

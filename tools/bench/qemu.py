@@ -413,6 +413,10 @@ def _unlink(path: str) -> None:
 WORK: dict[str, Callable[[QemuBench, Any], QemuFigure]] = {
     "warm-1g": lambda q, ctx: q.warm(1),
     "warm-1g-wired": lambda q, ctx: q.warm(1),
+    "warm-1g-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
+    "warm-1g-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
+    "warm-1g-wired-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
+    "warm-1g-wired-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
     "warm-4g": lambda q, ctx: q.warm(4),
     "zero-1g": lambda q, ctx: q.zero(),
     "live-idle": lambda q, ctx: q.live_idle(10),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ..migration import MigrationHandle, MigrationParams, estimate, estimate_warm
 from ..migration.machine import MachineAdapter
 from ..migration.net import format_address, is_local_address, measure_local_throughput
+from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
 from ..runtime.machine import Machine
 from ..snapshot.checkpoint import checkpoint_machine
@@ -121,14 +122,18 @@ class MachineServices:
         local = is_local_address(host)
         measured = None
         if local:
-            measured = measure_local_throughput(host, self.PROBE_SECONDS)
+            if params.streams > 1:  # the link the migration will use: that many connections at once
+                measured = measure_local_throughput_streams(host, params.streams, self.PROBE_SECONDS)
+            else:
+                measured = measure_local_throughput(host, self.PROBE_SECONDS)
         if params.bandwidth_cap is not None:
             bandwidth = params.bandwidth_cap if measured is None else min(params.bandwidth_cap, measured)
             source = "--bandwidth" if measured is None or params.bandwidth_cap <= measured else "measured on this host (below --bandwidth)"
             if measured is None:
                 notes.append(f"{host} is another host: the link was not measured; --bandwidth is taken as what it carries")
         elif measured is not None:
-            bandwidth, source = measured, f"measured: one TCP stream to {host} on this host for {self.PROBE_SECONDS:g} s"
+            streams = "one TCP stream" if params.streams == 1 else f"{params.streams} TCP streams at once"
+            bandwidth, source = measured, f"measured: {streams} to {host} on this host for {self.PROBE_SECONDS:g} s"
         else:
             raise ValueError(
                 f"cannot measure the link to {where}: {host} is not an address of this host, and probing it would need "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..migration import POLICIES, VERIFY_MODES, MigrationParams
+from ..migration.protocol import MAX_STREAMS
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
 from ..units import format_size, parse_size
 from .report import ReportError, write_report
@@ -33,6 +34,7 @@ examples:
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --bandwidth 100M --estimate   predict, do not migrate
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --key-file mig.key --report mig.html
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --tls-cert src.crt --tls-key src.key --tls-ca ca.pem --key-file mig.key
+  vmmctl --vm=vm0 --migrate 10.0.0.2 24983 --key-file mig.key --streams 4   pages over 4 connections at once
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
   vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--io-timeout", type=float, metavar="SECONDS",
                      help=f"give up when the peer takes or sends nothing for this long: every send and receive, the commit, "
                           f"and the handshake (at most {d.handshake_timeout:g} s) (default {d.io_timeout:g})")
+    mig.add_argument("--streams", type=int, metavar="N",
+                     help=f"send pages over N TCP connections at once, the main one included (1 to {MAX_STREAMS}; needs a destination "
+                          f"speaking protocol 3); helps when one connection cannot fill the link, see docs/migration.md (default {d.streams})")
     mig.add_argument("--estimate", action="store_true",
                      help="predict whether and when the migration would converge, without migrating")
     mig.add_argument("--estimate-window", type=float, default=1.0, metavar="SECONDS",
@@ -160,6 +165,10 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
         params["policy"] = args.policy
     if args.verify is not None:
         params["verify"] = args.verify
+    if args.streams is not None:
+        if not 1 <= args.streams <= MAX_STREAMS:
+            raise ValueError(f"--streams must be 1 to {MAX_STREAMS} connections, got {args.streams}")
+        params["streams"] = args.streams
     if args.io_timeout is not None:
         if args.io_timeout <= 0:
             raise ValueError(f"--io-timeout must be positive seconds, got {args.io_timeout:g}")
@@ -206,7 +215,7 @@ def _print_migration(stats: dict) -> None:
         f"migration {stats.get('status')}" + (" (live)" if stats.get("live") else " (warm)"),
         f"total {seconds * 1e3:.0f} ms",
         f"downtime {_ms(stats.get('downtime_ms'))}" + (f" (target {target:g} ms)" if target is not None else ""),
-        f"{stats.get('round_count', 0)} rounds",
+        f"{stats.get('round_count', 0)} rounds" + (f" over {stats['streams']} streams" if stats.get("streams", 1) > 1 else ""),
         f"{format_size(stats.get('bytes_total', 0))} sent ({stats.get('pages_sent', 0)} data pages, {stats.get('zero_pages', 0)} zero)",
     ]
     if seconds > 0:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..memory import PAGE_SIZE
 from .digest import VERIFY_MODES
+from .protocol import MAX_STREAMS
 from .stats import MigrationStats, RoundStats
 
 POLICIES = ("auto-converge", "switch-over", "give-up")
@@ -46,6 +47,7 @@ class MigrationParams:
     io_timeout: float = 30.0  # any single blocking send or receive while memory streams
     commit_timeout: float = 30.0
     max_state_bytes: int = 256 << 20
+    streams: int = 1  # TCP connections carrying page batches, the main one included (protocol v2 for more than one)
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -58,6 +60,8 @@ class MigrationParams:
             raise ValueError(f"max_rounds must not be negative, got {self.max_rounds}")
         if self.bandwidth_cap is not None and self.bandwidth_cap <= 0:
             raise ValueError(f"bandwidth_cap must be positive bytes/s or None, got {self.bandwidth_cap}")
+        if isinstance(self.streams, bool) or not isinstance(self.streams, int) or not 1 <= self.streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be a whole number from 1 to {MAX_STREAMS}, got {self.streams!r}")
         for name in ("throttle_initial", "throttle_increment", "throttle_max"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -25,6 +25,7 @@ from .digest import InBackground, Refresher
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
 from .net import CancelWatcher, format_address, listen, set_io_timeout
 from .stats import MigrationStats, RoundStats
+from .streams import JoinWindow, new_token, receive_round
 from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
 
 
@@ -33,6 +34,7 @@ class RxState(enum.Enum):
     AWAIT_AUTH = "await-auth"
     AWAIT_SPEC = "await-spec"
     READY = "ready"
+    JOINING = "joining"  # v3: data streams connecting after STREAMS
     RECEIVING = "receiving"
     HAVE_STATE = "have-state"
     AWAIT_COMMITTED = "await-committed"
@@ -71,24 +73,31 @@ class Destination:
             try:
                 conn, peer = self.listener.accept()
             except (TimeoutError, socket.timeout):
+                self.listener.close()
                 stats = MigrationStats(role="destination")
                 stats.finish("failed", f"no source connected to {format_address(*self.address)} within {accept_timeout:g} s")
                 self.adapter.discard()
                 return stats
             except OSError as err:
+                self.listener.close()
                 stats = MigrationStats(role="destination")
                 status = "cancelled" if watcher.fired else "failed"
                 stats.finish(status, "cancelled while listening" if watcher.fired else f"accept failed: {err}")
                 self.adapter.discard()
                 return stats
+        except BaseException:
+            self.listener.close()
+            raise
         finally:
             watcher.close()
-            self.listener.close()
+        # The listener stays open for the data streams a version 3 source may ask for; the
+        # receiver closes it as soon as they have joined or the first round begins.
         try:
             return serve_connection(self.adapter, conn, key=self.key, params=self.params, cancel=self.cancel,
-                                    peer=format_address(*peer[:2]), tls=self.tls)
+                                    peer=format_address(*peer[:2]), tls=self.tls, listener=self.listener)
         finally:
             conn.close()
+            self.listener.close()
 
     def close(self) -> None:
         self.listener.close()
@@ -102,15 +111,18 @@ def receive(adapter: MigrationAdapter, host: str, port: int, key: bytes | None =
 
 def serve_connection(adapter: MigrationAdapter, conn: socket.socket, *, key: bytes | None = None,
                      params: MigrationParams | None = None, cancel: threading.Event | None = None,
-                     peer: str | None = None, tls: TlsConfig | None = None) -> MigrationStats:
+                     peer: str | None = None, tls: TlsConfig | None = None,
+                     listener: socket.socket | None = None) -> MigrationStats:
     """Run the receiver state machine on an accepted (or any stream) socket. With ``tls`` the
     source must first complete mutual TLS 1.3 on it (``vmmpy.migration.tls``); without, a source
-    that opens a TLS handshake is refused by name."""
-    return _Receiver(adapter, conn, key, params or MigrationParams(), cancel, peer, tls).run()
+    that opens a TLS handshake is refused by name. With ``listener`` (the one ``conn`` came from)
+    a version 3 source may open parallel data streams on it; the receiver closes it when the join
+    window ends. Without one, STREAMS is refused."""
+    return _Receiver(adapter, conn, key, params or MigrationParams(), cancel, peer, tls, listener).run()
 
 
 class _Receiver:
-    def __init__(self, adapter, conn, key, params, cancel, peer, tls=None) -> None:
+    def __init__(self, adapter, conn, key, params, cancel, peer, tls=None, listener=None) -> None:
         if key is not None and len(key) < 16:
             raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
         self.adapter = adapter
@@ -130,9 +142,14 @@ class _Receiver:
         self.digest_job: InBackground[int] | None = None
         self.restored = False
         self.refused_reason: str | None = None
+        self.listener = listener  # open only until the data streams have joined or round 0 begins
+        self.data_conns: list[socket.socket] = []  # streams 1..n-1 (protocol v3)
+        self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
 
     def run(self) -> MigrationStats:
         self.watcher.watch(self.conn)
+        if self.listener is not None:
+            self.watcher.watch(self.listener)
         try:
             set_io_timeout(self.conn, self.params.handshake_timeout)
             if self.tls is not None:
@@ -154,6 +171,9 @@ class _Receiver:
             self._join_hashing()
             if isinstance(self.conn, TlsSocket):
                 self.conn.close()
+            self._close_listener()
+            for sock in self.data_conns:
+                sock.close()
         return self.stats
 
     def _join_hashing(self) -> None:
@@ -161,6 +181,11 @@ class _Receiver:
         self.refresher.join()
         if self.digest_job is not None:
             self.digest_job.join()
+
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
     # -- frames ----------------------------------------------------------------------------------
     def _read(self, *expected: P.MessageType) -> P.Frame:
@@ -190,6 +215,7 @@ class _Receiver:
         nonce = os.urandom(P.NONCE_SIZE)
         version = max(common) if common else P.PROTOCOL_VERSIONS[-1]
         challenge = self._send(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(version, self.key is not None, nonce)))
+        self.transcript = (hello_frame.raw, challenge)
         self.state = RxState.AWAIT_AUTH
         auth_frame = self._read(P.MessageType.AUTH)
         mac = P.decode_auth(auth_frame.payload)
@@ -221,7 +247,13 @@ class _Receiver:
         self.state = RxState.READY
         while True:
             allowed = (P.MessageType.MEMORY, P.MessageType.STATE) if self.state is RxState.READY else (P.MessageType.COMMIT_REQUEST,)
+            if self._may_ask_streams():
+                allowed = (*allowed, P.MessageType.STREAMS)
             frame = self._read(*allowed)
+            if frame.type is P.MessageType.STREAMS and self._may_ask_streams():
+                self._join_streams(P.decode_streams(frame.payload))
+                continue
+            self._close_listener()  # the join window is over for good
             if frame.type is P.MessageType.MEMORY and self.state is RxState.READY:
                 if self.digest_job is not None:
                     raise ProtocolError("MEMORY after the final round: nothing may change memory once it is final")
@@ -234,6 +266,49 @@ class _Receiver:
             else:
                 raise ProtocolError(f"unexpected {frame.type.name} in state {self.state.value}")
 
+    def _may_ask_streams(self) -> bool:
+        return (self.state is RxState.READY and (self.stats.protocol_version or 1) >= P.STREAMS_VERSION
+                and self.next_round == 0 and not self.data_conns)
+
+    def _join_streams(self, count: int) -> None:
+        """STREAMS: hand out a session token, then accept count-1 data connections that prove
+        they belong to this session (``streams.JoinWindow``)."""
+        if self.listener is None:
+            self._refuse(P.Stage.STREAMS, "this destination was handed one connection, not a listener: it takes one stream only")
+        token = new_token()
+        self._send(P.MessageType.STREAMS_TOKEN, P.encode_streams_token(P.StreamsToken(count, token)))
+        self.state = RxState.JOINING
+        hello, challenge = self.transcript
+        wrap = None
+        if self.tls is not None:  # each data connection must pass mutual TLS too before its JOIN is read
+            def wrap(sock: socket.socket) -> socket.socket:
+                return wrap_tls(sock, self.tls.context(server_side=True), server_side=True, timeout=self.params.handshake_timeout)
+        window = JoinWindow(self.listener, self.conn, count=count, token=token, key=self.key, hello=hello, challenge=challenge,
+                            timeout=self.params.handshake_timeout, watcher=self.watcher, notes=self.stats.notes, wrap=wrap)
+        try:
+            socks = window.run()
+        finally:
+            self._close_listener()
+        for sock in socks:
+            self.watcher.watch(sock)
+            set_io_timeout(sock, self.params.io_timeout)
+        self.data_conns = socks
+        self.stats.streams = count
+        self.state = RxState.READY
+
+    def _receive_round_streams(self, memory: P.Memory) -> tuple[int, int, int, int, list[int]]:
+        """One round on every stream at once; returns (batches, data pages, zero pages, wire bytes
+        with the end markers, wire bytes per stream)."""
+        def recv(sock: socket.socket) -> dict[str, int]:
+            return self.memory.recv_pages(sock, tracker=self.tracker)
+
+        # The refresher hashes what arrived while the rest streams (kicked after every batch, one kick at a time).
+        per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
+                            page_limit=self.total_pages, cancelled=self.watcher.cancelled,
+                            join_timeout=self.params.io_timeout + 10, kick=self.refresher.kick)
+        return (sum(s["batches"] for s in per), sum(s["data_pages"] for s in per), sum(s["zero_pages"] for s in per),
+                sum(s["wire_bytes"] for s in per), [s["wire_bytes"] for s in per])
+
     def _receive_round(self, memory: P.Memory) -> None:
         if memory.round != self.next_round:
             raise ProtocolError(f"MEMORY announces round {memory.round}, expected round {self.next_round}")
@@ -242,8 +317,11 @@ class _Receiver:
         self.state = RxState.RECEIVING
         start = time.monotonic()
         batches = data_pages = zero_pages = wire = 0
+        stream_bytes: list[int] = []
         fd = self.conn.fileno()
-        while True:
+        if self.data_conns:
+            batches, data_pages, zero_pages, wire, stream_bytes = self._receive_round_streams(memory)
+        while not self.data_conns:  # one stream: its batches, one at a time, until the empty one
             if self.watcher.cancelled():
                 raise Cancelled(f"cancelled during round {memory.round}")
             try:
@@ -262,7 +340,8 @@ class _Receiver:
                 raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
         self.stats.bytes_total += wire
         end = P.decode_memory_end(self._read(P.MessageType.MEMORY_END).payload)
-        mine = P.MemoryEnd(memory.round, batches, data_pages, zero_pages, wire - P.BATCH_HEADER_SIZE)
+        ends = P.BATCH_HEADER_SIZE * (1 + len(self.data_conns))  # one end-of-round batch per stream
+        mine = P.MemoryEnd(memory.round, batches, data_pages, zero_pages, wire - ends)
         if end != mine:
             raise ProtocolError(f"round {memory.round}: the source says it sent {end.batches} batches, {end.data_pages} data and "
                                 f"{end.zero_pages} zero pages in {end.wire_bytes} bytes (round {end.round}); {batches}, "
@@ -275,7 +354,7 @@ class _Receiver:
         self.stats.add_round(RoundStats(
             round=memory.round, final=bool(memory.flags & P.MemoryFlags.FINAL), pages_dirtied=data_pages + zero_pages,
             pages_sent=data_pages, zero_pages=zero_pages, bytes=wire, duration_ms=duration * 1000,
-            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0))
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0, stream_bytes=stream_bytes))
         self.next_round += 1
         self.state = RxState.READY
         if memory.flags & P.MemoryFlags.FINAL:

@@ -12,9 +12,14 @@ Message sequence (S = source, D = destination)::
     |<--- ACCEPT(auth, D's proof) | REFUSE(why) ---|
     |---- SPEC (page size, vendor, layout, devs) ->|  D: AWAIT_SPEC
     |<--- ACCEPT(spec) | REFUSE(why) --------------|
+    |---- STREAMS (n) ---------------------------->|  D: READY -> JOINING (v3, only with n > 1)
+    |<--- STREAMS_TOKEN (n, token) | REFUSE(why) --|
+    |  data connections 1..n-1, each to the same listener:
+    |---- JOIN (index, token, HMAC) -------------->|  D: nothing else read from it before this
+    |<--- ACCEPT(join, D's proof) | REFUSE(why) ---|  D: JOINING -> READY once all n-1 joined
     |---- MEMORY (round r, flags) ---------------->|  D: READY -> RECEIVING(r)
     |==== page batches (VMPB), raw, then one =====>|     recv_pages() per batch, in Rust
-    |==== empty batch ending the round ===========>|
+    |==== empty batch ending the round ===========>|     (with n streams: on every stream)
     |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
     |     ... one MEMORY..MEMORY_END per round ... |
     |---- STATE (encode_sections container) ------>|  D: restore_sections
@@ -28,6 +33,7 @@ Message sequence (S = source, D = destination)::
 Receiver (destination) state machine::
 
     AWAIT_HELLO --HELLO--> AWAIT_AUTH --AUTH ok--> AWAIT_SPEC --SPEC ok--> READY
+    READY --STREAMS (v3, before round 0, once)--> JOINING --n-1 JOINs accepted--> READY
     READY --MEMORY--> RECEIVING --batches, empty batch, MEMORY_END--> READY
     READY --STATE--> HAVE_STATE --COMMIT_REQUEST, digest equal--> AWAIT_COMMITTED
     AWAIT_COMMITTED --COMMITTED--> RUNNING (done)
@@ -46,6 +52,12 @@ Every frame starts with a fixed 24-byte little-endian header::
 Page batches are not frames: they are the memory core's own checksummed format
 (``rust/pages/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
 per-page Python work. Their page bytes are covered by the memory digests compared at commit.
+
+Version 3 adds parallel streams and nothing else: a version 3 session that asks for one stream
+is byte for byte a version 2 session with a different version number. With n streams the main
+connection is stream 0 and carries every frame; streams 1..n-1 carry only page batches after
+their JOIN. A round's batches are spread over all n; each stream ends the round with its own
+empty batch, and MEMORY_END carries the totals over all of them.
 """
 
 from __future__ import annotations
@@ -65,7 +77,11 @@ MAGIC = b"VMMG"
 FRAME_VERSION = 1
 # 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest;
 # the destination answers COMMITTED with RESUMED once the guest runs.
-PROTOCOL_VERSIONS = (2,)
+# 3: parallel page streams (STREAMS, STREAMS_TOKEN, JOIN); a session with one stream is a version 2 session.
+PROTOCOL_VERSIONS = (2, 3)
+STREAMS_VERSION = 3  # the first protocol version with parallel streams
+MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
+TOKEN_SIZE = 32
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size
 NONCE_SIZE = 32
@@ -92,6 +108,9 @@ class MessageType(enum.IntEnum):
     COMMITTED = 12
     ABORT = 13
     RESUMED = 14
+    STREAMS = 15  # v3: the source asks for n page streams
+    STREAMS_TOKEN = 16  # v3: the destination grants them and hands out the session token
+    JOIN = 17  # v3: the first frame on a data connection
 
 
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -110,6 +129,9 @@ MAX_PAYLOAD = {
     MessageType.COMMITTED: 0,
     MessageType.ABORT: 2 + MAX_REASON,
     MessageType.RESUMED: 4,
+    MessageType.STREAMS: 2,
+    MessageType.STREAMS_TOKEN: 2 + TOKEN_SIZE,
+    MessageType.JOIN: 2 + TOKEN_SIZE + 1 + MAC_SIZE,
 }
 
 
@@ -118,6 +140,8 @@ class Stage(enum.IntEnum):
 
     AUTH = 1
     SPEC = 2
+    STREAMS = 3
+    JOIN = 4
 
 
 class MemoryFlags(enum.IntFlag):
@@ -196,6 +220,17 @@ def read_frame(sock: socket.socket, *, max_state: int = DEFAULT_MAX_STATE, allow
     if actual != checksum:
         raise ProtocolError(f"{msg_type.name}: frame checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
     return Frame(msg_type, payload, head + payload)
+
+
+def decode_frame(data: bytes) -> Frame:
+    """A whole frame already read (header and exactly its payload), checked as ``read_frame`` does."""
+    msg_type, length, checksum = decode_header(data[:HEADER_SIZE])
+    if len(data) != HEADER_SIZE + length:
+        raise ProtocolError(f"{msg_type.name}: frame of {len(data)} bytes, its header says {HEADER_SIZE + length}")
+    actual = _core.xxh3_64(data[:16] + data[HEADER_SIZE:])
+    if actual != checksum:
+        raise ProtocolError(f"{msg_type.name}: frame checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
+    return Frame(msg_type, data[HEADER_SIZE:], data)
 
 
 def send_bytes(sock: socket.socket, data: bytes, what: str) -> None:
@@ -514,6 +549,74 @@ def decode_memory_end(payload: bytes) -> MemoryEnd:
     return MemoryEnd(*fields)
 
 
+def _stream_count(count: int, name: str) -> int:
+    if not 2 <= count <= MAX_STREAMS:
+        raise ProtocolError(f"{name}: {count} streams; 2 to {MAX_STREAMS} may be asked for (one stream needs no STREAMS)")
+    return count
+
+
+def encode_streams(count: int) -> bytes:
+    return struct.pack("<H", _stream_count(count, "STREAMS"))
+
+
+def decode_streams(payload: bytes) -> int:
+    r = _Reader(MessageType.STREAMS, payload)
+    (count,) = r.unpack("H", "the stream count")
+    r.done()
+    return _stream_count(count, "STREAMS")
+
+
+@dataclass(frozen=True)
+class StreamsToken:
+    count: int
+    token: bytes  # random, per session: a data connection must present it in its JOIN
+
+
+def _token(token: bytes, name: str) -> bytes:
+    if len(token) != TOKEN_SIZE:
+        raise ProtocolError(f"{name}: a session token is {TOKEN_SIZE} bytes, got {len(token)}")
+    return token
+
+
+def encode_streams_token(m: StreamsToken) -> bytes:
+    return struct.pack("<H", _stream_count(m.count, "STREAMS_TOKEN")) + _token(m.token, "STREAMS_TOKEN")
+
+
+def decode_streams_token(payload: bytes) -> StreamsToken:
+    r = _Reader(MessageType.STREAMS_TOKEN, payload)
+    (count,) = r.unpack("H", "the stream count")
+    token = r.take(TOKEN_SIZE, "the session token")
+    r.done()
+    return StreamsToken(_stream_count(count, "STREAMS_TOKEN"), token)
+
+
+@dataclass(frozen=True)
+class Join:
+    index: int  # 1..n-1: the main connection is stream 0
+    token: bytes
+    mac: bytes = b""  # HMAC over the session's handshake when a key is used
+
+
+def encode_join(m: Join) -> bytes:
+    if not 1 <= m.index < MAX_STREAMS:
+        raise ProtocolError(f"JOIN: stream index {m.index}; data streams are 1 to {MAX_STREAMS - 1}")
+    if len(m.mac) not in (0, MAC_SIZE):
+        raise ProtocolError(f"JOIN: a MAC is {MAC_SIZE} bytes (or none), got {len(m.mac)}")
+    return struct.pack("<H", m.index) + _token(m.token, "JOIN") + bytes([len(m.mac)]) + m.mac
+
+
+def decode_join(payload: bytes) -> Join:
+    r = _Reader(MessageType.JOIN, payload)
+    (index,) = r.unpack("H", "the stream index")
+    token = r.take(TOKEN_SIZE, "the session token")
+    (size,) = r.unpack("B", "the MAC length")
+    if size not in (0, MAC_SIZE):
+        raise ProtocolError(f"JOIN: MAC length {size}, expected 0 or {MAC_SIZE}")
+    mac = r.take(size, "the MAC")
+    r.done()
+    return Join(index, token, mac)
+
+
 def encode_digest(digest: int) -> bytes:
     if not 0 <= digest < 1 << 128:
         raise ProtocolError(f"a memory digest is 128 bits; {digest} is out of range")
@@ -588,6 +691,21 @@ def destination_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes, au
     """The destination's answer: the same transcript plus the source's AUTH, a different label,
     so a source never sends memory to a peer that does not hold the key too."""
     return hmac.new(key, _DEST_LABEL + hello_frame + challenge_frame + auth_frame, hashlib.sha256).digest()
+
+
+_JOIN_LABEL = b"vmmpy-migration-v3 join\x00"
+_JOINED_LABEL = b"vmmpy-migration-v3 join accepted\x00"
+
+
+def join_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes, index: int, token: bytes) -> bytes:
+    """A data connection's proof that it belongs to the session: HMAC over the session's HELLO and
+    CHALLENGE (both nonces), the stream index and the session token."""
+    return hmac.new(key, _JOIN_LABEL + hello_frame + challenge_frame + struct.pack("<H", index) + token, hashlib.sha256).digest()
+
+
+def joined_proof(key: bytes, hello_frame: bytes, challenge_frame: bytes, join_frame: bytes) -> bytes:
+    """The destination's answer on a data connection, so pages never go to a peer without the key."""
+    return hmac.new(key, _JOINED_LABEL + hello_frame + challenge_frame + join_frame, hashlib.sha256).digest()
 
 
 def proofs_equal(a: bytes, b: bytes) -> bool:

@@ -13,6 +13,7 @@ dirty bits and sends those pages; ``Convergence`` decides when to pause for the 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from typing import Callable
@@ -26,6 +27,7 @@ from .digest import InBackground, Refresher
 from .errors import Aborted, AuthenticationError, Cancelled, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
 from .stats import MigrationStats, ProgressCallback, RoundStats
+from .streams import open_data_streams
 from .tls import TlsConfig, with_relay_error, wrap_tls
 
 PhaseHook = Callable[[str], None]
@@ -50,9 +52,10 @@ def migrate(
 ) -> MigrationStats:
     """Migrate the guest behind ``adapter`` to ``host:port``; returns the statistics whatever
     happened (``status`` is completed, failed or cancelled, ``error`` says why). ``on_phase`` is
-    called with "connect", "handshake", "round 0", "round N", "pause", "final", "state",
-    "commit" as each begins (tests use it to cancel in a given state). With ``tls`` the connection
-    is mutual TLS 1.3 (``vmmpy.migration.tls``), the key's challenge-response running inside it."""
+    called with "connect", "handshake", "streams" (with more than one), "round 0", "round N", "pause",
+    "final", "state", "commit" as each begins (tests use it to cancel in a given state). With
+    ``tls`` the connection is mutual TLS 1.3 (``vmmpy.migration.tls``), the key's
+    challenge-response running inside it."""
     return _Source(adapter, host, port, live, key, params or MigrationParams(), cancel, progress, on_phase, tls).run()
 
 
@@ -109,6 +112,8 @@ class _Source:
         self.tracker = self.memory.digest_tracker()  # every page stale: the first refresh hashes all
         self.refresher = Refresher(self.tracker)
         self.chan: Channel | None = None
+        self.data: list[Channel] = []  # parallel streams 1..n-1 (protocol v3), beside the main channel
+        self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
         self.phase = "setup"
         self.paused = False
         self.committed = False
@@ -156,8 +161,9 @@ class _Source:
             if not isinstance(err, Exception):
                 raise
         finally:
-            if self.chan is not None:
-                self.chan.close()
+            for chan in (self.chan, *self.data):
+                if chan is not None:
+                    chan.close()
             self.watcher.close()
             self.refresher.join()  # no hashing thread outlives the migration
         return self.stats
@@ -173,12 +179,16 @@ class _Source:
             self.watcher.watch(sock)
             self.stats.notes.append(sock.tls_summary())
         set_io_timeout(sock, p.handshake_timeout)
-        self.chan = Channel(sock, p.bandwidth_cap)
+        # With parallel streams each connection gets an even share of the cap: together they keep to it.
+        self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
         for s in self.chan.sockets():
             self.watcher.watch(s)
         self._enter("handshake")
         self._handshake()
         self._send_spec()
+        if p.streams > 1:
+            self._enter("streams")
+            self._open_streams()
         self.stats.setup_time_ms = self.stats.elapsed_ms()
         self.stats.status = "active"
         set_io_timeout(sock, p.io_timeout)
@@ -268,6 +278,7 @@ class _Source:
             raise AuthenticationError("the destination runs without a key but this migration has one: refusing to send the guest to an unauthenticated destination")
         mac = P.source_proof(self.key, hello, challenge_frame.raw) if self.key is not None else b""
         auth = self._send(P.MessageType.AUTH, P.encode_auth(mac))
+        self.transcript = (hello, challenge_frame.raw)
         accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload)
         if accept.stage is not P.Stage.AUTH:
             raise ProtocolError(f"expected the destination to accept authentication, got an ACCEPT for {accept.stage.name}")
@@ -283,6 +294,42 @@ class _Source:
         if accept.stage is not P.Stage.SPEC:
             raise ProtocolError(f"expected the destination to accept the spec, got an ACCEPT for {accept.stage.name}")
 
+    def _open_streams(self) -> None:
+        """Ask for ``params.streams`` streams on the main connection, then open and join the data
+        connections (each proves it belongs to this session; the destination proves it holds the key)."""
+        p = self.params
+        version = self.stats.protocol_version or 1
+        if version < P.STREAMS_VERSION:
+            raise ProtocolError(f"the destination speaks migration protocol {version}, which has no parallel streams "
+                                f"(they need {P.STREAMS_VERSION}); migrate with one stream (--streams 1)")
+        self._send(P.MessageType.STREAMS, P.encode_streams(p.streams))
+        grant = P.decode_streams_token(self._read(P.MessageType.STREAMS_TOKEN).payload)
+        if grant.count != p.streams:
+            raise ProtocolError(f"STREAMS_TOKEN grants {grant.count} streams, the source asked for {p.streams}")
+        hello, challenge = self.transcript
+        wrap = None
+        if self.tls is not None:  # each data connection is mutual TLS too, as the main one
+            def wrap(sock: socket.socket) -> socket.socket:
+                return wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+                                server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
+        socks = open_data_streams(self.host, self.port, grant, key=self.key, hello=hello, challenge=challenge,
+                                  connect_timeout=p.connect_timeout, handshake_timeout=p.handshake_timeout, watcher=self.watcher,
+                                  wrap=wrap)
+        for sock in socks:
+            set_io_timeout(sock, p.io_timeout)
+            chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
+            self.data.append(chan)
+            for s in chan.sockets():
+                self.watcher.watch(s)
+        self.stats.streams = p.streams
+
+    def _translate(self, err: BaseException, what: str) -> MigrationError:
+        """A pacing relay's own failure, on whichever stream, explains a failed write best."""
+        for chan in self.data:
+            if chan.relay_error is not None:
+                return chan.translate(err, what)
+        return self.chan.translate(err, what)
+
     def _send_round(self, number: int, *, final: bool, all_pages: bool) -> RoundStats:
         """One MEMORY frame, the round's page batches, the end-of-round batch, MEMORY_END."""
         flags = (P.MemoryFlags.ALL_PAGES if all_pages else P.MemoryFlags(0)) | (P.MemoryFlags.FINAL if final else P.MemoryFlags(0))
@@ -291,16 +338,26 @@ class _Source:
         self._send(P.MessageType.MEMORY, P.encode_memory(P.Memory(number, flags)))
         fd = self.chan.out_fd
         detect_zero = self.params.detect_zero
+        stream_bytes: list[int] = []
         try:
-            if all_pages:
-                sent = self.memory.send_all_pages(fd, detect_zero=detect_zero)
+            if self.data:
+                # Harvested once, spread over every stream; each stream's share ends with its own empty batch.
+                fds = [fd, *(chan.out_fd for chan in self.data)]
+                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero,
+                                                    tracker=None if all_pages else self.tracker)
+                end_bytes = len(fds) * P.BATCH_HEADER_SIZE
+                stream_bytes = [s["wire_bytes"] + P.BATCH_HEADER_SIZE for s in sent["streams"]]
             else:
-                sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero, tracker=self.tracker)
-            end = P.end_of_round_batch(self.memory.segments[0].gpa)
-            self.chan.out.sendall(end)
+                if all_pages:
+                    sent = self.memory.send_all_pages(fd, detect_zero=detect_zero)
+                else:
+                    sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero, tracker=self.tracker)
+                end = P.end_of_round_batch(self.memory.segments[0].gpa)
+                self.chan.out.sendall(end)
+                end_bytes = len(end)
         except (PageBatchError, OSError) as err:
-            raise self.chan.translate(err, f"round {number}'s page batches") from None
-        wire = sent["wire_bytes"] + len(end)
+            raise self._translate(err, f"round {number}'s page batches") from None
+        wire = sent["wire_bytes"] + end_bytes
         self.stats.bytes_total += wire
         self._send(P.MessageType.MEMORY_END, P.encode_memory_end(
             P.MemoryEnd(number, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"])))
@@ -308,7 +365,7 @@ class _Source:
         rnd = RoundStats(
             round=number, final=final, pages_dirtied=sent["data_pages"] + sent["zero_pages"], pages_sent=sent["data_pages"],
             zero_pages=sent["zero_pages"], bytes=wire, duration_ms=duration * 1000,
-            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle)
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle, stream_bytes=stream_bytes)
         self.stats.add_round(rnd)
         return rnd
 

@@ -32,6 +32,7 @@ class RoundStats:
     # Live rounds only, set by the convergence decision right after the round:
     pages_dirtied_during: int = 0  # pages the guest dirtied while this round ran (the next round's work)
     expected_downtime_ms: float | None = None  # what switching over right after this round would have cost
+    stream_bytes: list[int] = field(default_factory=list)  # with parallel streams: page batch bytes per stream
 
     @property
     def pages(self) -> int:
@@ -46,6 +47,7 @@ class MigrationStats:
     error: str | None = None
     peer: str | None = None
     protocol_version: int | None = None
+    streams: int = 1  # connections that carried page batches
     policy: str | None = None
     downtime_target_ms: float | None = None  # live: the target the convergence rule aimed for
     bandwidth_cap: float | None = None  # bytes/s, None when the link was not capped

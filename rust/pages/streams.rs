@@ -1,0 +1,126 @@
+//! One round's pages over several file descriptors at once (parallel migration streams).
+//!
+//! The caller harvests the round once and cuts its ranges into chunks, each one batch's worth
+//! inside one segment (`split_batches`); `send_chunks` then runs one thread per fd, each taking
+//! the next unsent chunk and writing it as one ordinary page batch (`send_batch`), until none is
+//! left, and ends its fd's share with an empty batch (the end-of-round marker a migration
+//! receiver waits for).
+//!
+//! Chunks are taken as streams become free rather than dealt out in equal shares up front, so a
+//! stream whose reader is slower carries less and the round ends when the last chunk lands, not
+//! when the slowest stream's fixed share does. Every page of the round goes in exactly one chunk,
+//! so the receivers may write them in any order.
+//!
+//! This file decides nothing about which pages a round carries (the caller harvests), nor what a
+//! stream is beyond an fd the caller owns and keeps open for the call.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::batch::PageRange;
+use super::batch_io::{send_batch, BatchStats};
+use super::PageError;
+use crate::memory::GuestMemory;
+
+/// The most fds `send_chunks` drives at once.
+pub const MAX_STREAMS: usize = 16;
+
+/// What one stream carried in a round, end-of-round marker not included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamTotals {
+    pub batches: u64,
+    pub stats: BatchStats,
+}
+
+impl StreamTotals {
+    pub fn add(&mut self, s: BatchStats) {
+        self.batches += 1;
+        self.stats.ranges += s.ranges;
+        self.stats.data_pages += s.data_pages;
+        self.stats.zero_pages += s.zero_pages;
+        self.stats.data_bytes += s.data_bytes;
+        self.stats.wire_bytes += s.wire_bytes;
+    }
+}
+
+/// Name the stream in an OS error, so "connection reset" says which connection.
+fn on_stream(index: usize, err: PageError) -> PageError {
+    match err {
+        PageError::Io { what, source } => PageError::Io { what: format!("stream {index}: {what}"), source },
+        other => other,
+    }
+}
+
+/// Send `chunks` over `fds` in parallel, one thread per fd, each taking the next unsent chunk as
+/// one batch; then each fd gets an empty batch ending its share of the round. Returns what each
+/// fd carried (in `fds` order). On the first failure the other streams take no further chunk and
+/// send no end marker; the error of the stream that failed first is returned, once every thread
+/// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
+pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>]) -> Result<Vec<StreamTotals>, PageError> {
+    if fds.is_empty() || fds.len() > MAX_STREAMS {
+        return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_failure = AtomicUsize::new(usize::MAX);
+    let results: Vec<Result<StreamTotals, PageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = fds
+            .iter()
+            .enumerate()
+            .map(|(index, &fd)| {
+                let (next, failed, first_failure) = (&next, &failed, &first_failure);
+                scope.spawn(move || {
+                    let mut totals = StreamTotals::default();
+                    let outcome = (|| {
+                        while !failed.load(Ordering::Relaxed) {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(chunk) = chunks.get(i) else {
+                                // The end-of-round marker: an empty batch.
+                                send_batch(fd, mem, &[])?;
+                                return Ok(());
+                            };
+                            totals.add(send_batch(fd, mem, chunk)?);
+                        }
+                        Ok(())
+                    })();
+                    match outcome {
+                        Ok(()) => Ok(totals),
+                        Err(err) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let _ = first_failure.compare_exchange(usize::MAX, index, Ordering::AcqRel, Ordering::Acquire);
+                            Err(on_stream(index, err))
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(index, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(PageError::io(format!("stream {index}: the sending thread panicked"), std::io::Error::from(std::io::ErrorKind::Other)))
+                })
+            })
+            .collect()
+    });
+    // The stream that failed first names the cause; the others' errors are its consequences.
+    let first = first_failure.load(Ordering::Acquire);
+    let mut out = Vec::with_capacity(results.len());
+    let mut error = None;
+    for (index, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(t) => out.push(t),
+            Err(e) if index == first || (first == usize::MAX && error.is_none()) => error = Some(e),
+            Err(_) => {}
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+#[cfg(test)]
+#[path = "streams_tests.rs"]
+mod tests;

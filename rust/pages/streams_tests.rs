@@ -1,0 +1,92 @@
+//! Tests of parallel streams: a round sent over several fds arrives bit-exact, each fd's share
+//! ended by an empty batch; a stream that fails names itself.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::*;
+use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
+use crate::pages::{build_ranges_from_bitmap, recv_batch, split_batches};
+
+const MIB: u64 = 1 << 20;
+
+fn guest(size: u64) -> GuestMemory {
+    GuestMemory::new(&MemoryOptions::new(size)).unwrap()
+}
+
+fn socketpair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fresh fds into the array we own.
+    assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn a_round_over_three_streams_arrives_exactly() {
+    let src = guest(16 * MIB);
+    let dst = guest(16 * MIB);
+    for p in (0..4096u64).filter(|p| p % 3 != 1) {
+        let fill = if p % 7 == 0 { [0u8; 4096] } else { [(p % 251) as u8 + 1; 4096] };
+        src.write(GuestAddress(p * 4096), &fill).unwrap();
+    }
+    let seg = &src.segments()[0];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    let ranges = build_ranges_from_bitmap(seg, &words, true).unwrap();
+    let chunks = split_batches(&ranges, 64);
+    let pairs: Vec<_> = (0..3).map(|_| socketpair()).collect();
+    let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
+    let received = std::thread::scope(|scope| {
+        let readers: Vec<_> = pairs
+            .iter()
+            .map(|(_, b)| {
+                let (fd, dst) = (b.as_raw_fd(), &dst);
+                scope.spawn(move || {
+                    let mut t = StreamTotals::default();
+                    loop {
+                        let s = recv_batch(fd, dst).unwrap();
+                        if s.ranges == 0 {
+                            return t;
+                        }
+                        t.add(s);
+                    }
+                })
+            })
+            .collect();
+        let sent = send_chunks(&send_fds, &src, &chunks).unwrap();
+        let got: Vec<_> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(sent, got);
+        got
+    });
+    let total: u64 = received.iter().map(|t| t.stats.data_pages + t.stats.zero_pages).sum();
+    assert_eq!(total, ranges.iter().map(|r| r.pages as u64).sum::<u64>());
+    assert!(received.iter().filter(|t| t.batches > 0).count() >= 2, "the chunks were shared out: {received:?}");
+    let (mut a, mut b) = (vec![0u8; 16 * MIB as usize], vec![0u8; 16 * MIB as usize]);
+    src.read(GuestAddress(0), &mut a).unwrap();
+    dst.read(GuestAddress(0), &mut b).unwrap();
+    assert!(a == b, "destination memory differs");
+}
+
+#[test]
+fn a_closed_stream_fails_the_round_and_names_it() {
+    let src = guest(4 * MIB);
+    src.write(GuestAddress(0), &vec![5u8; 4 * MIB as usize]).unwrap();
+    let seg = &src.segments()[0];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 16);
+    let (a0, b0) = socketpair();
+    let (a1, b1) = socketpair();
+    drop(b1); // stream 1's peer is gone
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: reading into a buffer we own.
+        while unsafe { libc::read(b0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
+    });
+    let err = send_chunks(&[a0.as_raw_fd(), a1.as_raw_fd()], &src, &chunks).unwrap_err();
+    assert!(err.to_string().starts_with("stream 1: "), "{err}");
+    assert_eq!(err.errno(), libc::EPIPE);
+    drop(a0);
+    drain.join().unwrap();
+    assert!(send_chunks(&[], &src, &chunks).is_err());
+}

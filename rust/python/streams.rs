@@ -1,0 +1,109 @@
+//! Bindings for parallel streams: harvest a round once and send it over several fds at once,
+//! with the GIL released for the whole round.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use super::errors::memory_error;
+use super::memory::PyGuestMemory;
+use super::pages::{PageBatchError, PyDigestTracker};
+use crate::pages::{self, PageError, PageRange, StreamTotals, MAX_STREAMS};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("MAX_STREAMS", MAX_STREAMS)?;
+    m.add_function(wrap_pyfunction!(send_pages_multi, m)?)?;
+    Ok(())
+}
+
+fn page_error(err: PageError) -> PyErr {
+    match err {
+        PageError::Memory(e) => memory_error(e),
+        other => PageBatchError::new_err((other.errno(), other.to_string())),
+    }
+}
+
+fn totals_dict<'py>(py: Python<'py>, t: &StreamTotals) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("batches", t.batches)?;
+    d.set_item("ranges", t.stats.ranges)?;
+    d.set_item("data_pages", t.stats.data_pages)?;
+    d.set_item("zero_pages", t.stats.zero_pages)?;
+    d.set_item("data_bytes", t.stats.data_bytes)?;
+    d.set_item("wire_bytes", t.stats.wire_bytes)?;
+    Ok(d)
+}
+
+/// One round over every fd in `fds` at once. With `all_pages`, every page (never-touched ones as
+/// zero ranges without reading them, as `send_all_pages`); otherwise harvest-and-clear the dirty
+/// pages first (as `send_dirty_pages`, marking them stale in `tracker` when given). The round is
+/// cut into chunks of at most `chunk_pages` DATA pages (and 65,536 ranges), each sent as one
+/// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
+/// totals over all fds (end markers not counted) and `streams`, the same per fd.
+#[pyfunction]
+#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = pages::BATCH_DATA_PAGES, tracker = None))]
+fn send_pages_multi<'py>(
+    py: Python<'py>,
+    memory: PyRef<'py, PyGuestMemory>,
+    fds: Vec<RawFd>,
+    all_pages: bool,
+    detect_zero: bool,
+    chunk_pages: u32,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    if fds.is_empty() || fds.len() > MAX_STREAMS {
+        return Err(PyValueError::new_err(format!("{} fds given; 1 to {MAX_STREAMS} streams may be used", fds.len())));
+    }
+    if chunk_pages == 0 {
+        return Err(PyValueError::new_err("chunk_pages must be at least 1"));
+    }
+    let tracker = match tracker {
+        Some(t) if !Arc::ptr_eq(&t.memory, &memory.inner) => return Err(PyValueError::new_err("the digest tracker belongs to other guest memory")),
+        Some(t) => Some(t.inner.clone()),
+        None => None,
+    };
+    let mem = memory.inner.clone();
+    let per_stream = py
+        .detach(move || -> Result<Vec<StreamTotals>, PageError> {
+            let mut chunks: Vec<Vec<PageRange>> = Vec::new();
+            for (i, seg) in mem.segments().iter().enumerate() {
+                let pages_in = seg.pages();
+                let ranges = if all_pages {
+                    let mut all = vec![u64::MAX; pages_in.div_ceil(64)];
+                    if pages_in % 64 != 0 {
+                        *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
+                    }
+                    let (resident, _) = pages::resident_bitmap(seg)?;
+                    pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)?
+                } else {
+                    let mut words = vec![0u64; pages_in.div_ceil(64)];
+                    mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
+                    let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
+                    if let Some(t) = &tracker {
+                        t.mark_ranges(seg, &ranges)?;
+                    }
+                    ranges
+                };
+                chunks.extend(pages::split_batches(&ranges, chunk_pages));
+            }
+            pages::send_chunks(&fds, &mem, &chunks)
+        })
+        .map_err(page_error)?;
+    let mut total = StreamTotals::default();
+    let list = PyList::empty(py);
+    for t in &per_stream {
+        total.batches += t.batches;
+        total.stats.ranges += t.stats.ranges;
+        total.stats.data_pages += t.stats.data_pages;
+        total.stats.zero_pages += t.stats.zero_pages;
+        total.stats.data_bytes += t.stats.data_bytes;
+        total.stats.wire_bytes += t.stats.wire_bytes;
+        list.append(totals_dict(py, t)?)?;
+    }
+    let d = totals_dict(py, &total)?;
+    d.set_item("streams", list)?;
+    Ok(d)
+}

@@ -1,0 +1,482 @@
+"""Parallel page streams (``MigrationParams.streams``, ``--streams N``, protocol version 2): a guest
+moved over several connections arrives exactly; a data connection must prove it belongs to the
+session before anything it carries is read; any stream failing leaves the guest on the source."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vmmpy.devices.uart import CaptureConsole
+from vmmpy.guest import assemble
+from vmmpy.migration import Aborted, Destination, MigrationHandle, MigrationParams, MigrationTimeout, migrate, serve_connection
+from vmmpy.migration import protocol as P
+from vmmpy.migration.machine import MachineAdapter
+from vmmpy.migration.net import CancelWatcher
+from vmmpy.migration.streams import JoinWindow
+from vmmpy.runtime.config import VmConfig
+from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
+from vmmpy.units import MiB
+
+from .inproc import run_to_end, wait_paused
+from .migration_helpers import KEY, DestinationThread, migrate_pair
+from .migration_proxy import StreamProxy
+from .test_machine import BUSY, final_state
+from .test_migration_engine import assert_arrived_exact
+from .test_migration_failures import assert_source_kept_guest
+
+# -- a real machine, in-process: the end is an unmigrated run's -------------------------------------
+
+BALLAST_GPA, BALLAST = 8 * MiB, 56 * MiB  # data the guest never touches: several batches' worth of pages to spread
+
+
+def _ballast() -> np.ndarray:
+    return np.random.default_rng(8).integers(0, 256, BALLAST, dtype=np.uint8)
+
+
+# Long enough (800 timer ticks) that a live migration started at its beginning ends before it does.
+LONG_BUSY = BUSY.replace("        cmp r15, 40\n", "        cmp r15, 800\n")
+assert LONG_BUSY != BUSY
+
+
+def _boot_with_ballast(name: str, program: str, pause_at=None):
+    console = CaptureConsole()
+    machine = Machine(VmConfig(name=name, memsize=64 << 20), consoles={"com1": console})
+    machine.setup_memory()
+    machine.vm.memory.write(BALLAST_GPA, _ballast())
+    machine.load_program(assemble(program))
+    machine.pause_at = pause_at
+    machine.start(serve_control=False)
+    if pause_at is not None:
+        wait_paused(machine)
+    return machine, console
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, streams):
+    program = LONG_BUSY if live else BUSY
+    reference, ref_console = _boot_with_ballast("st-ref", program)
+    assert run_to_end(reference, timeout=120) == EXIT_POWEROFF
+    expected = final_state(reference)
+    # Paused early; a live migration lets it run again right as the migration starts.
+    source, src_console = _boot_with_ballast(f"st-src-{streams}", program, pause_at=1_000_001 if live else 2_000_001)
+    dst_console = CaptureConsole()
+    target = Machine(VmConfig(name=f"st-dst-{streams}", memsize=64 << 20), consoles={"com1": dst_console})
+    target.setup_memory()
+    try:
+        d = DestinationThread(MachineAdapter(target), key=KEY)
+        if live:
+            source.resume()
+        stats = migrate(MachineAdapter(source), d.host, d.port, live=live, key=KEY, params=MigrationParams(streams=streams))
+        dstats = d.join()
+        assert stats.status == "completed", stats.error
+        assert dstats.status == "completed", dstats.error
+        assert stats.streams == dstats.streams == streams and stats.protocol_version == 3
+        round0 = stats.rounds[0]
+        assert len(round0.stream_bytes) == streams and sum(round0.stream_bytes) == round0.bytes
+        assert sum(1 for b in round0.stream_bytes if b > 4 * MiB) >= 2, f"round 0 was not spread: {round0.stream_bytes}"
+        assert [r.stream_bytes for r in dstats.rounds] == [r.stream_bytes for r in stats.rounds]
+        assert source.wait(10) == 0, "the source machine stops once the guest lives on the destination"
+        assert run_to_end(target, timeout=120) == EXIT_POWEROFF
+        assert final_state(target) == expected
+        assert bytes(src_console.output) + bytes(dst_console.output) == ref_console.output
+    finally:
+        source.close()
+        target.close()
+
+
+# -- the migration test guest: exact over several live rounds ---------------------------------------
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+def test_live_rounds_over_parallel_streams_keep_every_page_exact(guests, streams):
+    src = guests("64M", work_pages=8192, rate=12000)
+    dst = guests("64M", work_pages=8192, running=False)
+    src.wait_for_progress(8192)
+    # A capped link (shared out among the streams) and a tight target force real iterations.
+    params = MigrationParams(streams=streams, downtime_target_ms=10, bandwidth_cap=64 * MiB, max_rounds=20, policy="switch-over")
+    stats, dstats = migrate_pair(src, dst, live=True, key=KEY, dst_key=KEY, params=params)
+    assert stats.status == "completed", stats.error
+    assert dstats.status == "completed", dstats.error
+    assert len([r for r in stats.rounds if not r.final]) >= 2, [(r.round, r.pages) for r in stats.rounds]
+    for rnd, drnd in zip(stats.rounds, dstats.rounds, strict=True):
+        assert len(rnd.stream_bytes) == streams and sum(rnd.stream_bytes) == rnd.bytes
+        assert (drnd.pages_sent, drnd.zero_pages, drnd.bytes) == (rnd.pages_sent, rnd.zero_pages, rnd.bytes)
+    assert_arrived_exact(src, dst)
+
+
+def test_stream_messages_round_trip_and_a_stream_count_out_of_bounds_is_refused():
+    with pytest.raises(ValueError, match=r"streams must be a whole number from 1 to 16, got 0"):
+        MigrationParams(streams=0)
+    with pytest.raises(ValueError, match=r"streams must be a whole number from 1 to 16, got 17"):
+        MigrationParams(streams=17)
+    with pytest.raises(P.ProtocolError, match="STREAMS: 1 streams; 2 to 16 may be asked for"):
+        P.encode_streams(1)
+    with pytest.raises(P.ProtocolError, match="STREAMS: 99 streams"):
+        P.decode_streams((99).to_bytes(2, "little"))
+    grant = P.StreamsToken(4, b"t" * 32)
+    assert P.decode_streams_token(P.encode_streams_token(grant)) == grant
+    join = P.Join(3, b"t" * 32, b"m" * 32)
+    assert P.decode_join(P.encode_join(join)) == join
+    with pytest.raises(P.ProtocolError, match="JOIN: MAC length 7"):
+        P.decode_join((1).to_bytes(2, "little") + b"t" * 32 + bytes([7]) + b"m" * 7)
+
+
+def test_a_source_asking_for_streams_is_refused_by_a_destination_without_a_listener(guests):
+    src = guests("64M", work_pages=512)
+    dst = guests("64M", work_pages=512, running=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    result = []
+
+    def serve():
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            result.append(serve_connection(dst, conn))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    stats = migrate(src, "127.0.0.1", listener.getsockname()[1], live=True, params=MigrationParams(streams=2))
+    server.join(10)
+    assert stats.status == "failed"
+    assert "destination refused the migration (streams): this destination was handed one connection" in stats.error
+    assert result and result[0].status == "failed" and dst.discarded
+    assert stats.page_bytes == 0
+    assert_source_kept_guest(src)
+
+
+def test_streams_need_a_destination_that_speaks_protocol_3(guests):
+    """A version 2 destination (played here frame by frame) never sees STREAMS: the source stops
+    before any page moves and says what to do."""
+    src = guests("64M", work_pages=512)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = []
+
+    def version_1_destination():
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            P.read_frame(conn)
+            conn.sendall(_frame(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(2, False, b"d" * 32))))
+            P.read_frame(conn)
+            conn.sendall(_frame(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH))))
+            P.read_frame(conn)
+            conn.sendall(_frame(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC))))
+            seen.append(P.read_frame(conn).type)
+
+    server = threading.Thread(target=version_1_destination, daemon=True)
+    server.start()
+    stats = migrate(src, "127.0.0.1", listener.getsockname()[1], live=False, params=MigrationParams(streams=2))
+    server.join(10)
+    listener.close()
+    assert stats.status == "failed" and stats.protocol_version == 2
+    assert "the destination speaks migration protocol 2, which has no parallel streams (they need 3)" in stats.error
+    assert "migrate with one stream (--streams 1)" in stats.error
+    assert seen == [P.MessageType.ABORT] and stats.page_bytes == 0
+    assert_source_kept_guest(src)
+
+
+# -- joining: only the session's own connections ------------------------------------------------------
+
+
+def _frame(msg_type, payload=b""):
+    return P.encode_frame(msg_type, payload)
+
+
+def _answer(sock: socket.socket) -> P.Frame | None:
+    sock.settimeout(5)
+    try:
+        return P.read_frame(sock)
+    except (P.ProtocolError, OSError, Exception):  # noqa: BLE001 - a closed connection is an answer too
+        return None
+
+
+STRANGERS = {
+    "wrong token": _frame(P.MessageType.JOIN, P.encode_join(P.Join(1, os.urandom(32), os.urandom(32)))),
+    "a HELLO instead of a JOIN": _frame(P.MessageType.HELLO, P.encode_hello(P.Hello((2, 3), b"n" * 32))),
+    "random bytes": os.urandom(200),
+}
+
+
+@pytest.mark.parametrize("stranger", list(STRANGERS))
+def test_a_stranger_joining_is_refused_and_the_migration_completes(guests, stranger):
+    src = guests("64M", work_pages=4096)
+    dst = guests("64M", work_pages=4096, running=False)
+    src.wait_for_progress(4096)
+    d = DestinationThread(dst, key=KEY)
+    answers = []
+
+    def intrude(phase):
+        if phase != "streams":
+            return
+        # Connected before the source asks for streams: the destination meets it inside the window.
+        conn = socket.create_connection((d.host, d.port), timeout=5)
+        conn.sendall(STRANGERS[stranger])
+
+        def talk():
+            with conn:
+                answers.append(_answer(conn))
+
+        threading.Thread(target=talk, daemon=True).start()
+
+    stats = migrate(src, d.host, d.port, live=False, key=KEY, params=MigrationParams(streams=3), on_phase=intrude)
+    dstats = d.join()
+    assert stats.status == "completed", stats.error
+    assert dstats.status == "completed", dstats.error
+    assert_arrived_exact(src, dst)
+    deadline = time.monotonic() + 10
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refusals = [n for n in dstats.notes if n.startswith("refused a data connection")]
+    assert len(refusals) == 1, dstats.notes
+    if stranger == "wrong token":
+        assert refusals[0].endswith("JOIN: wrong session token")
+        assert answers[0] is not None and answers[0].type is P.MessageType.REFUSE
+        refusal = P.decode_refuse(answers[0].payload)
+        assert (refusal.stage, refusal.reason) == (P.Stage.JOIN, "JOIN: wrong session token")
+    elif stranger == "a HELLO instead of a JOIN":
+        assert refusals[0].endswith("expected JOIN on a data connection, got HELLO")
+    # After the window the listener is gone: a late joiner is refused by the kernel.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((d.host, d.port), timeout=5).close()
+
+
+def _window(count=3, key=KEY, timeout=10.0):
+    listener = socket.create_server(("127.0.0.1", 0))
+    main_here, main_there = socket.socketpair()
+    token = os.urandom(32)
+    hello, challenge = b"HELLO-frame", b"CHALLENGE-frame"
+    notes = []
+    window = JoinWindow(listener, main_here, count=count, token=token, key=key, hello=hello, challenge=challenge,
+                        timeout=timeout, watcher=CancelWatcher(None), notes=notes)
+    return window, listener, (main_here, main_there), token, hello, challenge, notes
+
+
+def test_the_join_window_takes_only_proven_joins_of_this_session_each_once():
+    window, listener, mains, token, hello, challenge, notes = _window()
+    got = []
+    runner = threading.Thread(target=lambda: got.append(window.run()), daemon=True)
+    runner.start()
+    port = listener.getsockname()[1]
+
+    def join(index, *, tok=token, mac=None):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        mac = P.join_proof(KEY, hello, challenge, index, tok) if mac is None else mac
+        frame = _frame(P.MessageType.JOIN, P.encode_join(P.Join(index, tok, mac)))
+        sock.sendall(frame)
+        return sock, frame, _answer(sock)
+
+    def refused(answer, reason):
+        assert answer is not None and answer.type is P.MessageType.REFUSE, answer
+        assert P.decode_refuse(answer.payload).reason == reason
+
+    kept = []
+    try:
+        sock, _, answer = join(5)
+        refused(answer, "JOIN: stream index 5 is out of range: this session has data streams 1 to 2")
+        sock.close()
+        sock, frame, answer = join(1)
+        assert answer.type is P.MessageType.ACCEPT
+        accept = P.decode_accept(answer.payload)
+        assert accept.stage is P.Stage.JOIN and accept.proof == P.joined_proof(KEY, hello, challenge, frame)
+        kept.append(sock)
+        sock, _, answer = join(1)
+        refused(answer, "JOIN: stream 1 has already joined")
+        sock.close()
+        sock, _, answer = join(2, mac=b"\x00" * 32)
+        refused(answer, "JOIN: authentication failed: the proof does not match this destination's key")
+        sock.close()
+        sock, _, answer = join(2, mac=b"")
+        refused(answer, "JOIN: this destination requires a key and the JOIN carries no proof")
+        sock.close()
+        sock, _, answer = join(2)
+        assert answer.type is P.MessageType.ACCEPT
+        kept.append(sock)
+        runner.join(10)
+        assert got and len(got[0]) == 2
+        assert len(notes) == 4, notes
+        # The accepted sockets carry on as data streams: a byte sent on stream 2 arrives on got[0][1].
+        kept[1].sendall(b"x")
+        got[0][1].settimeout(5)
+        assert got[0][1].recv(1) == b"x"
+    finally:
+        for s in kept + (got[0] if got else []) + list(mains):
+            s.close()
+        listener.close()
+
+
+def test_a_join_window_that_closes_before_every_stream_joined_fails_the_migration():
+    window, listener, mains, *_ = _window(count=3, timeout=0.5)
+    try:
+        with pytest.raises(MigrationTimeout, match=r"only 0 of 2 data streams joined within 0.5 s"):
+            window.run()
+    finally:
+        for s in mains:
+            s.close()
+        listener.close()
+
+
+def test_an_abort_on_the_main_connection_ends_the_join_window_at_once():
+    window, listener, (main_here, main_there), *_ = _window(count=3)
+    try:
+        main_there.sendall(_frame(P.MessageType.ABORT, P.encode_abort("operator cancelled")))
+        with pytest.raises(Aborted, match="source aborted: operator cancelled"):
+            window.run()
+    finally:
+        for s in (main_here, main_there):
+            s.close()
+        listener.close()
+
+
+# -- failure: any stream, any time, and the guest stays on the source --------------------------------
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+@pytest.mark.parametrize("victim", [0, 2], ids=["main", "data"])
+def test_a_stream_cut_mid_round_leaves_the_guest_running_on_the_source(guests, live, victim):
+    # 96 MiB of pages: six 16 MiB batches, so every stream takes at least one in round 0.
+    src = guests("128M", work_pages=24576)
+    dst = guests("128M", work_pages=24576, running=False)
+    src.wait_for_progress(24576)
+    params = MigrationParams(streams=3, io_timeout=5, handshake_timeout=5)
+    d = DestinationThread(dst, key=KEY, params=params)
+    # Connection 0 is the main one, 1 and 2 the data streams; a data stream's cut lands in its pages.
+    proxy = StreamProxy((d.host, d.port), victim=victim, cut_after=3 * MiB)
+    try:
+        stats = migrate(src, "127.0.0.1", proxy.port, live=live, key=KEY, params=params)
+        dstats = d.join()
+    finally:
+        proxy.close()
+    assert stats.status == "failed", stats.error
+    assert dstats.status == "failed" and dst.discarded and "start_running" not in dst.calls
+    assert_source_kept_guest(src)
+
+
+def test_a_stalled_stream_times_out_and_the_source_runs_on(guests):
+    src = guests("64M", work_pages=8192)
+    dst = guests("64M", work_pages=8192, running=False)
+    src.wait_for_progress(8192)
+    params = MigrationParams(streams=2, io_timeout=2, handshake_timeout=2)
+    # The destination waits longer, so the stall is the source's to notice: its send times out.
+    d = DestinationThread(dst, params=MigrationParams(streams=2, io_timeout=8, handshake_timeout=2))
+    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=2 * MiB, stall=True)
+    try:
+        stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
+        dstats = d.join()
+    finally:
+        proxy.close()
+    assert stats.status == "failed" and "timed out" in stats.error, stats.error
+    # The destination's main stream had its share: it saw the ABORT there without waiting out its own timeout.
+    assert dstats.status == "failed" and dstats.error.startswith("source aborted: timed out"), dstats.error
+    assert dst.discarded
+    assert_source_kept_guest(src)
+
+
+@pytest.mark.parametrize("phase", ["streams", "round 0"])
+def test_cancel_while_streams_join_or_carry_pages_leaves_the_source_running(guests, phase):
+    src = guests("64M", work_pages=8192)
+    dst = guests("64M", work_pages=8192, running=False)
+    src.wait_for_progress(8192)
+    d = DestinationThread(dst)
+    reached = threading.Event()
+    handle = MigrationHandle(src, d.host, d.port, live=True, params=MigrationParams(streams=4, bandwidth_cap=4 * MiB),
+                             on_phase=lambda p: reached.set() if p == phase else None)
+    assert reached.wait(10)
+    time.sleep(0.2)
+    handle.cancel()
+    stats = handle.wait(10)
+    dstats = d.join()
+    assert stats.status == "cancelled", (stats.status, stats.error)
+    assert dstats.status in ("failed", "cancelled") and dst.discarded
+    assert_source_kept_guest(src)
+
+
+def test_a_destination_cancelled_while_streams_join_discards(guests):
+    dst = guests("64M", work_pages=256, running=False)
+    cancel = threading.Event()
+    dest = Destination(dst, "127.0.0.1", 0, cancel=cancel)
+    result = []
+    runner = threading.Thread(target=lambda: result.append(dest.run(accept_timeout=10)), daemon=True)
+    runner.start()
+    main = socket.create_connection(dest.address, timeout=5)
+    try:
+        main.sendall(_frame(P.MessageType.HELLO, P.encode_hello(P.Hello((2, 3), b"n" * 32))))
+        assert P.read_frame(main).type is P.MessageType.CHALLENGE
+        main.sendall(_frame(P.MessageType.AUTH, P.encode_auth(b"")))
+        assert P.read_frame(main).type is P.MessageType.ACCEPT
+        main.sendall(_frame(P.MessageType.SPEC, P.encode_spec(P.Spec.from_dict(dst.spec(), live=True))))
+        assert P.read_frame(main).type is P.MessageType.ACCEPT
+        main.sendall(_frame(P.MessageType.STREAMS, P.encode_streams(2)))
+        assert P.read_frame(main).type is P.MessageType.STREAMS_TOKEN
+        cancel.set()  # nobody joins: the cancel ends the window
+        runner.join(10)
+    finally:
+        main.close()
+    assert result and result[0].status == "cancelled" and dst.discarded
+
+
+# -- the command line, with real vmmrun and vmmctl processes -------------------------------------------
+
+
+def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
+    from .procs import vmmctl
+    from .test_migration_processes import expected_console, finish
+    from .test_migration_processes import migrate_pair as migrate_processes
+
+    key = tmp_path / "mig.key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    sweeps = 2000
+    result, _source, dest, src_status, src_console, dst_console = migrate_processes(
+        tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, dest_key=key,
+        ctl_extra=["--key-file", str(key), "--streams", "3"])
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["status"] == "completed" and stats["streams"] == 3 and stats["protocol_version"] == 3
+    assert all(len(r["stream_bytes"]) == 3 for r in stats["rounds"])
+    assert src_status == 0
+    assert finish(dest) == 1
+    pages = (32 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+    bad = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", "1", "--streams", "17")
+    assert bad.returncode == 2 and "--streams must be 1 to 16 connections, got 17" in bad.stderr
+    assert "--streams N" in vmmctl(tmp_path, "--help").stdout
+
+
+# -- with mutual TLS: every connection is TLS ----------------------------------------------------------
+
+
+def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is_refused(guests, tmp_path):
+    from .test_migration_tls import TlsDestination
+    from .tls_pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    src = guests("64M", work_pages=8192)
+    dst = guests("64M", work_pages=8192, running=False)
+    src.wait_for_progress(8192)
+    d = TlsDestination(dst, tls=pki.destination(), key=KEY)
+
+    def intrude(phase):
+        if phase == "streams":  # a plaintext JOIN cannot pass the TLS handshake in front of it
+            conn = socket.create_connection((d.host, d.port), timeout=5)
+            conn.sendall(STRANGERS["wrong token"])
+            threading.Thread(target=lambda: (_answer(conn), conn.close()), daemon=True).start()
+
+    stats = migrate(src, d.host, d.port, live=True, key=KEY, tls=pki.source(), params=MigrationParams(streams=3, max_rounds=5),
+                    on_phase=intrude)
+    dstats = d.join()
+    assert stats.status == "completed", stats.error
+    assert dstats.status == "completed", dstats.error
+    assert stats.streams == dstats.streams == 3
+    assert sum(1 for n in dstats.notes if n.startswith("encrypted with TLSv1.3")) == 1, dstats.notes
+    refusals = [n for n in dstats.notes if n.startswith("refused a data connection")]
+    assert len(refusals) == 1 and "TLS handshake failed" in refusals[0], dstats.notes
+    dst.wait_for_progress(500)
+    assert_arrived_exact(src, dst)
