@@ -54,6 +54,35 @@ impl BatchStats {
     }
 }
 
+/// What a run of batches carried: their count and the sum of their stats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchTotals {
+    pub batches: u64,
+    pub stats: BatchStats,
+}
+
+impl BatchTotals {
+    /// Count one more batch.
+    pub fn add(&mut self, s: BatchStats) {
+        self.batches += 1;
+        self.add_stats(&s);
+    }
+
+    /// Fold in another run's totals (the streams of one round).
+    pub fn merge(&mut self, other: &BatchTotals) {
+        self.batches += other.batches;
+        self.add_stats(&other.stats);
+    }
+
+    fn add_stats(&mut self, s: &BatchStats) {
+        self.stats.ranges += s.ranges;
+        self.stats.data_pages += s.data_pages;
+        self.stats.zero_pages += s.zero_pages;
+        self.stats.data_bytes += s.data_bytes;
+        self.stats.wire_bytes += s.wire_bytes;
+    }
+}
+
 /// Batches with at least this much page data get their pages populated ahead of the reader.
 const POPULATE_AHEAD_MIN: u64 = 4 << 20;
 

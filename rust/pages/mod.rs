@@ -23,12 +23,12 @@ mod tracker;
 mod zero;
 
 pub use batch::{split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, MAX_RANGES, RANGE_ENTRY_SIZE};
-pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, BatchStats};
+pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, BatchStats, BatchTotals};
 pub use error::PageError;
 pub use hash::{chunk_hashes, chunk_hashes_resident, hash_page_list, hash_pages, memory_digest, ranges_digest};
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
 pub use resident::{resident_bitmap, ResidencySource};
-pub use streams::{send_chunks, StreamTotals, MAX_STREAMS};
+pub use streams::{send_chunks, MAX_STREAMS};
 pub use tracker::{commit_digest, DigestTracker, RefreshStats, DIGEST_CHUNK_PAGES};
 pub use zero::{is_zero_page, split_zero_pages, ZeroSplit};
 

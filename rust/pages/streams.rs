@@ -18,30 +18,12 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{send_batch, BatchStats};
+use super::batch_io::{send_batch, BatchTotals};
 use super::PageError;
 use crate::memory::GuestMemory;
 
 /// The most fds `send_chunks` drives at once.
 pub const MAX_STREAMS: usize = 16;
-
-/// What one stream carried in a round, end-of-round marker not included.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StreamTotals {
-    pub batches: u64,
-    pub stats: BatchStats,
-}
-
-impl StreamTotals {
-    pub fn add(&mut self, s: BatchStats) {
-        self.batches += 1;
-        self.stats.ranges += s.ranges;
-        self.stats.data_pages += s.data_pages;
-        self.stats.zero_pages += s.zero_pages;
-        self.stats.data_bytes += s.data_bytes;
-        self.stats.wire_bytes += s.wire_bytes;
-    }
-}
 
 /// Name the stream in an OS error, so "connection reset" says which connection.
 fn on_stream(index: usize, err: PageError) -> PageError {
@@ -56,21 +38,21 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 /// fd carried (in `fds` order). On the first failure the other streams take no further chunk and
 /// send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
-pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>]) -> Result<Vec<StreamTotals>, PageError> {
+pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>]) -> Result<Vec<BatchTotals>, PageError> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
     }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
-    let results: Vec<Result<StreamTotals, PageError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<BatchTotals, PageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = fds
             .iter()
             .enumerate()
             .map(|(index, &fd)| {
                 let (next, failed, first_failure) = (&next, &failed, &first_failure);
                 scope.spawn(move || {
-                    let mut totals = StreamTotals::default();
+                    let mut totals = BatchTotals::default();
                     let outcome = (|| {
                         while !failed.load(Ordering::Relaxed) {
                             let i = next.fetch_add(1, Ordering::Relaxed);

@@ -42,7 +42,7 @@ fn a_round_over_three_streams_arrives_exactly() {
             .map(|(_, b)| {
                 let (fd, dst) = (b.as_raw_fd(), &dst);
                 scope.spawn(move || {
-                    let mut t = StreamTotals::default();
+                    let mut t = BatchTotals::default();
                     loop {
                         let s = recv_batch(fd, dst).unwrap();
                         if s.ranges == 0 {

@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict};
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use crate::memory::{GuestAddress, GuestMemory, PAGE_SHIFT};
-use crate::pages::{self, BatchStats, DigestTracker, PageError, PageRange, MAX_RANGES};
+use crate::pages::{self, BatchTotals, DigestTracker, PageError, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
 
@@ -33,45 +33,29 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn page_error(err: PageError) -> PyErr {
+pub(super) fn page_error(err: PageError) -> PyErr {
     match err {
         PageError::Memory(e) => memory_error(e),
         other => PageBatchError::new_err((other.errno(), other.to_string())),
     }
 }
 
-/// Totals over every batch one call sent or received.
-#[derive(Default)]
-struct Totals {
-    batches: u64,
-    stats: BatchStats,
-}
-
-impl Totals {
-    fn add(&mut self, s: BatchStats) {
-        self.batches += 1;
-        self.stats.ranges += s.ranges;
-        self.stats.data_pages += s.data_pages;
-        self.stats.zero_pages += s.zero_pages;
-        self.stats.data_bytes += s.data_bytes;
-        self.stats.wire_bytes += s.wire_bytes;
-    }
-
-    fn into_dict(self, py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-        let d = PyDict::new(py);
-        d.set_item("batches", self.batches)?;
-        d.set_item("ranges", self.stats.ranges)?;
-        d.set_item("data_pages", self.stats.data_pages)?;
-        d.set_item("zero_pages", self.stats.zero_pages)?;
-        d.set_item("data_bytes", self.stats.data_bytes)?;
-        d.set_item("wire_bytes", self.stats.wire_bytes)?;
-        Ok(d)
-    }
+/// A call's totals as the dict Python gets: batches, ranges, data_pages, zero_pages,
+/// data_bytes, wire_bytes.
+pub(super) fn totals_dict<'py>(py: Python<'py>, t: &BatchTotals) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("batches", t.batches)?;
+    d.set_item("ranges", t.stats.ranges)?;
+    d.set_item("data_pages", t.stats.data_pages)?;
+    d.set_item("zero_pages", t.stats.zero_pages)?;
+    d.set_item("data_bytes", t.stats.data_bytes)?;
+    d.set_item("wire_bytes", t.stats.wire_bytes)?;
+    Ok(d)
 }
 
 /// Send one segment's ranges as batches of at most MAX_RANGES ranges and BATCH_DATA_PAGES data
 /// pages; a segment with nothing to send sends nothing.
-fn send_segment(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], totals: &mut Totals) -> Result<(), PageError> {
+fn send_segment(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], totals: &mut BatchTotals) -> Result<(), PageError> {
     for batch in pages::split_batches(ranges, pages::BATCH_DATA_PAGES) {
         totals.add(pages::send_batch(fd, mem, &batch)?);
     }
@@ -103,8 +87,8 @@ fn send_dirty_pages<'py>(
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let totals = py
-        .detach(move || -> Result<Totals, PageError> {
-            let mut totals = Totals::default();
+        .detach(move || -> Result<BatchTotals, PageError> {
+            let mut totals = BatchTotals::default();
             for (i, seg) in mem.segments().iter().enumerate() {
                 let mut words = vec![0u64; seg.pages().div_ceil(64)];
                 mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
@@ -117,7 +101,7 @@ fn send_dirty_pages<'py>(
             Ok(totals)
         })
         .map_err(page_error)?;
-    totals.into_dict(py)
+    totals_dict(py, &totals)
 }
 
 /// Send every page of guest memory: pages never touched (mincore) as zero ranges without reading
@@ -127,8 +111,8 @@ fn send_dirty_pages<'py>(
 fn send_all_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, detect_zero: bool) -> PyResult<Bound<'py, PyDict>> {
     let mem = memory.inner.clone();
     let totals = py
-        .detach(move || -> Result<Totals, PageError> {
-            let mut totals = Totals::default();
+        .detach(move || -> Result<BatchTotals, PageError> {
+            let mut totals = BatchTotals::default();
             for seg in mem.segments() {
                 let pages_in = seg.pages();
                 let mut all = vec![u64::MAX; pages_in.div_ceil(64)];
@@ -142,7 +126,7 @@ fn send_all_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: R
             Ok(totals)
         })
         .map_err(page_error)?;
-    totals.into_dict(py)
+    totals_dict(py, &totals)
 }
 
 /// Send the pages whose frame numbers (little-endian u64, ascending) are in `pfns`.
@@ -161,8 +145,8 @@ fn send_page_list<'py>(
     let list: Vec<u64> = pfns.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     let mem = memory.inner.clone();
     let totals = py
-        .detach(move || -> Result<Totals, PageError> {
-            let mut totals = Totals::default();
+        .detach(move || -> Result<BatchTotals, PageError> {
+            let mut totals = BatchTotals::default();
             for seg in mem.segments() {
                 let first_pfn = seg.gpa().pfn();
                 let end_pfn = first_pfn + seg.pages() as u64;
@@ -181,7 +165,7 @@ fn send_page_list<'py>(
             Ok(totals)
         })
         .map_err(page_error)?;
-    totals.into_dict(py)
+    totals_dict(py, &totals)
 }
 
 /// Receive one batch from `fd` straight into guest memory (without marking pages dirty).
@@ -193,13 +177,13 @@ fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let totals = py
-        .detach(move || -> Result<Totals, PageError> {
-            let mut totals = Totals::default();
+        .detach(move || -> Result<BatchTotals, PageError> {
+            let mut totals = BatchTotals::default();
             totals.add(pages::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
             Ok(totals)
         })
         .map_err(page_error)?;
-    totals.into_dict(py)
+    totals_dict(py, &totals)
 }
 
 /// An xxh3-128 digest of all guest memory, segments in order. With `skip_untouched`, pages

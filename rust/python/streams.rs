@@ -8,33 +8,14 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use super::errors::memory_error;
 use super::memory::PyGuestMemory;
-use super::pages::{PageBatchError, PyDigestTracker};
-use crate::pages::{self, PageError, PageRange, StreamTotals, MAX_STREAMS};
+use super::pages::{page_error, totals_dict, PyDigestTracker};
+use crate::pages::{self, PageError, PageRange, BatchTotals, MAX_STREAMS};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_STREAMS", MAX_STREAMS)?;
     m.add_function(wrap_pyfunction!(send_pages_multi, m)?)?;
     Ok(())
-}
-
-fn page_error(err: PageError) -> PyErr {
-    match err {
-        PageError::Memory(e) => memory_error(e),
-        other => PageBatchError::new_err((other.errno(), other.to_string())),
-    }
-}
-
-fn totals_dict<'py>(py: Python<'py>, t: &StreamTotals) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("batches", t.batches)?;
-    d.set_item("ranges", t.stats.ranges)?;
-    d.set_item("data_pages", t.stats.data_pages)?;
-    d.set_item("zero_pages", t.stats.zero_pages)?;
-    d.set_item("data_bytes", t.stats.data_bytes)?;
-    d.set_item("wire_bytes", t.stats.wire_bytes)?;
-    Ok(d)
 }
 
 /// One round over every fd in `fds` at once. With `all_pages`, every page (never-touched ones as
@@ -67,7 +48,7 @@ fn send_pages_multi<'py>(
     };
     let mem = memory.inner.clone();
     let per_stream = py
-        .detach(move || -> Result<Vec<StreamTotals>, PageError> {
+        .detach(move || -> Result<Vec<BatchTotals>, PageError> {
             let mut chunks: Vec<Vec<PageRange>> = Vec::new();
             for (i, seg) in mem.segments().iter().enumerate() {
                 let pages_in = seg.pages();
@@ -92,15 +73,10 @@ fn send_pages_multi<'py>(
             pages::send_chunks(&fds, &mem, &chunks)
         })
         .map_err(page_error)?;
-    let mut total = StreamTotals::default();
+    let mut total = BatchTotals::default();
     let list = PyList::empty(py);
     for t in &per_stream {
-        total.batches += t.batches;
-        total.stats.ranges += t.stats.ranges;
-        total.stats.data_pages += t.stats.data_pages;
-        total.stats.zero_pages += t.stats.zero_pages;
-        total.stats.data_bytes += t.stats.data_bytes;
-        total.stats.wire_bytes += t.stats.wire_bytes;
+        total.merge(t);
         list.append(totals_dict(py, t)?)?;
     }
     let d = totals_dict(py, &total)?;
