@@ -10,7 +10,6 @@ telling the source why when the connection still works.
 from __future__ import annotations
 
 import enum
-import errno
 import os
 import socket
 import threading
@@ -22,7 +21,7 @@ from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import MigrationParams
 from .digest import InBackground, Refresher
-from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
+from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, ProtocolError, Refused, receive_error
 from .net import CancelWatcher, format_address, listen, set_io_timeout
 from .stats import MigrationStats, RoundStats
 from .streams import JoinWindow, new_token, receive_round
@@ -327,7 +326,7 @@ class _Receiver:
             try:
                 got = self.memory.recv_pages(fd, tracker=self.tracker)
             except PageBatchError as err:
-                raise _batch_error(err, memory.round) from None
+                raise receive_error(err, f"round {memory.round}") from None
             wire += got["wire_bytes"]
             if got["ranges"] == 0:
                 break
@@ -432,12 +431,3 @@ class _Receiver:
         self._join_hashing()
         self.adapter.discard()
         self.stats.finish("cancelled" if cancelled else "failed", message)
-
-
-def _batch_error(err: PageBatchError, rnd: int) -> MigrationError:
-    what = f"round {rnd}: {err.strerror or err}"
-    if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return MigrationTimeout(f"{what} (timed out waiting for the source)")
-    if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
-        return ConnectionLost(what)
-    return ProtocolError(what)

@@ -6,6 +6,8 @@ The engine turns every one of them into a failed or cancelled MigrationStats wit
 
 from __future__ import annotations
 
+import errno
+
 
 class MigrationError(Exception):
     """A migration failed; the message says what and where."""
@@ -41,3 +43,14 @@ class NotConverging(MigrationError):
 
 class AuthenticationError(MigrationError):
     """The source will not go on: the destination cannot prove it holds the key, or holds none."""
+
+
+def receive_error(err: OSError, what: str) -> MigrationError:
+    """A page batch receive that failed (``PageBatchError``, an OSError with errno), as the
+    migration error that says why: timed out, connection lost, or a bad stream."""
+    text = f"{what}: {err.strerror or err}"
+    if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return MigrationTimeout(f"{text} (timed out waiting for the source)")
+    if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
+        return ConnectionLost(text)
+    return ProtocolError(text)

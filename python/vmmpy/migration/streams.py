@@ -20,7 +20,6 @@ migration. The migration fails if the window closes before every stream has join
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import selectors
@@ -40,6 +39,7 @@ from .errors import (
     MigrationTimeout,
     ProtocolError,
     Refused,
+    receive_error,
 )
 from .net import CancelWatcher, connect, format_address, set_io_timeout
 
@@ -393,7 +393,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                 _shutdown_read(sock)
     if failures:
         index, err = failures[0]
-        raise _stream_error(err, index, round_number)
+        raise receive_error(err, f"round {round_number}, stream {index}") if isinstance(err, PageBatchError) else err
     return [r for r in results if r is not None]
 
 
@@ -435,20 +435,6 @@ def _shutdown_read(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
-
-
-def _stream_error(err: BaseException, index: int, rnd: int) -> BaseException:
-    if not isinstance(err, PageBatchError):
-        return err
-    what = f"round {rnd}, stream {index}: {err.strerror or err}"
-    if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return MigrationTimeout(f"{what} (timed out waiting for the source)")
-    if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
-        return ConnectionLost(what)
-    return ProtocolError(what)
-
-
-# -- the bandwidth probe behind ``vmmctl --estimate --streams N`` ------------------------------------
 
 
 def measure_local_throughput_streams(host: str, streams: int, seconds: float = 0.3) -> float:
