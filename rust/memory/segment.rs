@@ -179,10 +179,15 @@ impl Segment {
     }
 
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller
-    /// about to fill every byte of that range (a received DATA range, a restored file extent):
-    /// one fault and one clear per 2 MiB instead of 512 of each. Only ranges filled whole, so a
-    /// sparse guest never grows by a huge page it did not fill. Advisory and anonymous memory
-    /// only (THP may be off, or `madvise` as Debian ships it); errors are ignored.
+    /// about to fill every byte of that range (a restored file extent): one fault and one clear
+    /// per 2 MiB instead of 512 of each. Only ranges filled whole, so a sparse guest never grows
+    /// by a huge page it did not fill. Advisory and anonymous memory only (THP may be off, or
+    /// `madvise` as Debian ships it); errors are ignored.
+    ///
+    /// Measured on this VM: an eager 1 GiB restore from tmpfs went from 0.55 s to 0.15 s of
+    /// system time when the memory had been used before, but took longer on memory the
+    /// hypervisor had never backed (a first huge-page touch there costs more than 512 small
+    /// ones). Receiving a migration showed no difference either way, so it does not ask.
     pub fn advise_huge(&self, off: usize, len: usize) {
         const HUGE_PAGE: usize = 2 << 20;
         if self.file.is_some() || self.wired || off.checked_add(len).is_none_or(|end| end > self.size) {

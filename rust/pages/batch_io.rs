@@ -307,7 +307,6 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
             let (ranges, offsets) = (&ranges, &offsets);
             scope.spawn(move || {
                 for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
-                    seg.advise_huge(off, r.bytes() as usize);
                     // SAFETY: validate_ranges keeps the range inside the mapping; POPULATE_WRITE
                     // only faults pages in and never changes their bytes.
                     unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, r.bytes() as usize, libc::MADV_POPULATE_WRITE) };
