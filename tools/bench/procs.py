@@ -39,7 +39,7 @@ class Vmmrun:
 
     def __init__(self, run_dir: Path, name: str, *args: str) -> None:
         self.run_dir, self.name = run_dir, name
-        # A file, not /dev/null: pausing a guest fsyncs its console, and fsync of /dev/null is EINVAL.
+        # Consoles go to files in the run directory, where a failed scenario's output can be read.
         lpc = [a for dev in LPC for a in ("-l", f"{dev},{run_dir / f'{name}.{dev}.log'}")]
         self.proc = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmrun", f"--run-dir={run_dir}", *lpc, *args, name],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)

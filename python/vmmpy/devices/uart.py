@@ -54,6 +54,10 @@ class FileConsole(ConsoleBackend):
     A serial line does not fail: when the file cannot take more (a full disk, a quota, an I/O
     error) the output is dropped, as on a line nobody listens to, and the guest runs on. The
     first failure is reported once on stderr; ``dropped`` counts the bytes lost.
+
+    Writes are unbuffered, so every byte is in the file the moment the guest sends it; pausing
+    does not fsync (a serial line promises no durability, and a migration's downtime or a
+    checkpoint should not wait for a disk).
     """
 
     def __init__(self, path: str) -> None:
@@ -78,12 +82,6 @@ class FileConsole(ConsoleBackend):
             print(f"vmmpy: console {self.path}: {err.strerror or err}; dropping console output while writes fail "
                   "(the guest keeps running)", file=sys.stderr)
 
-    def flush(self) -> None:
-        try:
-            os.fsync(self._file.fileno())
-        except OSError as err:
-            if err.errno not in (errno.EINVAL, errno.EROFS):  # a device or pipe has nothing to sync
-                self._lost(err, 0)
 
     def close(self) -> None:
         self._file.close()
