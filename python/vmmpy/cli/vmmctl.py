@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..migration import POLICIES, MigrationParams
+from ..migration import COMPRESS_MODES, POLICIES, MigrationParams
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
 from ..units import format_size, parse_size
 from .report import ReportError, write_report
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"live: rounds after the first before the policy must act (default {d.max_rounds})")
     mig.add_argument("--policy", choices=POLICIES,
                      help=f"live: what to do when the guest dirties memory faster than it can be sent (default {d.policy})")
+    mig.add_argument("--compress", choices=COMPRESS_MODES,
+                     help="page batch compression, used only if the destination agrees: off; lz4 = every batch that "
+                          "shrinks to 3/4; auto = only while it saves more time on the link than it costs "
+                          f"(default {d.compress})")
     mig.add_argument("--io-timeout", type=float, metavar="SECONDS",
                      help=f"give up when the peer takes or sends nothing for this long: every send and receive, the commit, "
                           f"and the handshake (at most {d.handshake_timeout:g} s) (default {d.io_timeout:g})")
@@ -140,6 +144,8 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
         params["max_rounds"] = args.max_rounds
     if args.policy is not None:
         params["policy"] = args.policy
+    if args.compress is not None:
+        params["compress"] = args.compress
     if args.io_timeout is not None:
         if args.io_timeout <= 0:
             raise ValueError(f"--io-timeout must be positive seconds, got {args.io_timeout:g}")
@@ -173,6 +179,9 @@ def _print_migration(stats: dict) -> None:
     ]
     if seconds > 0:
         parts.append(f"{format_size(stats.get('bytes_total', 0) / seconds)}/s")
+    if stats.get("compressed_batches"):
+        parts.append(f"{stats['compressed_batches']} batches compressed ({stats.get('compression')}), "
+                     f"{format_size(stats.get('compression_saved_bytes', 0))} saved")
     if stats.get("throttle"):
         parts.append(f"throttled to {1 - stats['throttle']:.0%} vCPU time")
     if stats.get("error"):
@@ -210,6 +219,8 @@ def _round_line(stats: dict, rnd: dict) -> str:
         if rnd.get("expected_downtime_ms") is not None:
             target = stats.get("downtime_target_ms")
             line += f"; expected downtime {_ms(rnd['expected_downtime_ms'])}" + (f" (target {target:g} ms)" if target else "")
+    if rnd.get("compressed_batches"):
+        line += f"; {rnd['compressed_batches']} batches compressed, {format_size(rnd.get('saved_bytes', 0))} saved"
     if rnd.get("throttle"):
         line += f"; throttle {rnd['throttle']:.0%}"
     return line

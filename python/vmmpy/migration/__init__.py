@@ -4,7 +4,7 @@ statistics. Speaks to VMs only through ``adapter.MigrationAdapter`` and to state
 """
 
 from .adapter import MigrationAdapter, spec_mismatches
-from .convergence import POLICIES, Estimate, MigrationParams, estimate, estimate_warm
+from .convergence import COMPRESS_MODES, POLICIES, Estimate, MigrationParams, estimate, estimate_warm
 from .destination import Destination, receive, serve_connection
 from .errors import (
     Aborted,
@@ -22,7 +22,7 @@ from .source import MigrationHandle, migrate
 from .stats import MigrationStats, RoundStats
 
 __all__ = [
-    "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
+    "COMPRESS_MODES", "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
     "MigrationAdapter", "MigrationError", "MigrationHandle", "MigrationParams", "MigrationStats", "MigrationTimeout",
     "NotConverging", "POLICIES", "ProtocolError", "Refused", "RoundStats", "estimate", "estimate_warm", "format_address", "migrate",
     "parse_address", "receive", "serve_connection", "spec_mismatches",

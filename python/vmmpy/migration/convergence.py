@@ -25,6 +25,7 @@ from ..memory import PAGE_SIZE
 from .stats import MigrationStats, RoundStats
 
 POLICIES = ("auto-converge", "switch-over", "give-up")
+COMPRESS_MODES = ("off", "lz4", "auto")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class MigrationParams:
     max_rounds: int = 30  # live rounds after round 0 before the policy must act
     policy: str = "auto-converge"
     detect_zero: bool = True
+    # Page batch compression (docs/migration.md): "off"; "lz4" = every batch that shrinks to 3/4;
+    # "auto" = only while it pays on this link, backing off after batches that do not. Used only
+    # when the destination agrees (protocol version 2); on a destination, "off" declines it.
+    compress: str = "auto"
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
     throttle_max: float = 0.99
@@ -48,6 +53,8 @@ class MigrationParams:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}; got {self.compress!r}")
         if self.downtime_target_ms <= 0:
             raise ValueError(f"downtime_target_ms must be positive, got {self.downtime_target_ms}")
         if self.max_rounds < 0:

@@ -105,6 +105,9 @@ def serve_connection(adapter: MigrationAdapter, conn: socket.socket, *, key: byt
 
 
 class _Receiver:
+    #: The protocol versions this destination speaks (a test plays an older destination with (1,)).
+    versions: tuple[int, ...] = P.PROTOCOL_VERSIONS
+
     def __init__(self, adapter, conn, key, params, cancel, peer) -> None:
         if key is not None and len(key) < 16:
             raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
@@ -122,6 +125,8 @@ class _Receiver:
         self.digest_job: DigestInBackground | None = None
         self.restored = False
         self.refused_reason: str | None = None
+        self.version = 1
+        self.compression: str | None = None  # the codec agreed for page batches
 
     def run(self) -> MigrationStats:
         self.watcher.watch(self.conn)
@@ -160,17 +165,18 @@ class _Receiver:
     def _receive(self) -> None:
         hello_frame = self._read(P.MessageType.HELLO)
         hello = P.decode_hello(hello_frame.payload)
-        common = set(hello.versions) & set(P.PROTOCOL_VERSIONS)
+        common = set(hello.versions) & set(self.versions)
         nonce = os.urandom(P.NONCE_SIZE)
-        version = max(common) if common else P.PROTOCOL_VERSIONS[-1]
+        version = max(common) if common else self.versions[-1]
         challenge = self._send(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(version, self.key is not None, nonce)))
         self.state = RxState.AWAIT_AUTH
         auth_frame = self._read(P.MessageType.AUTH)
         mac = P.decode_auth(auth_frame.payload)
         if not common:
             self._refuse(P.Stage.AUTH, f"no common protocol version: the source speaks {sorted(hello.versions)}, "
-                                       f"this destination {sorted(P.PROTOCOL_VERSIONS)}")
+                                       f"this destination {sorted(self.versions)}")
         self.stats.protocol_version = version
+        self.version = version
         proof = b""
         if self.key is not None:
             if not mac:
@@ -181,13 +187,17 @@ class _Receiver:
         self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH, proof)))
 
         self.state = RxState.AWAIT_SPEC
-        spec = P.decode_spec(self._read(P.MessageType.SPEC).payload)
+        spec = P.decode_spec(self._read(P.MessageType.SPEC).payload, self.version)
         self.stats.live = spec.live
         try:
             self.adapter.check_spec(spec.to_dict())
         except Exception as err:  # noqa: BLE001 - the adapter's reason goes to the source as is
             self._refuse(P.Stage.SPEC, str(err) or type(err).__name__)
-        self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC)))
+        # Take the source's first offered codec this side knows, unless told not to compress.
+        if self.params.compress != "off":
+            self.compression = next((c for c in spec.compression if c in P.CODECS), None)
+        self.stats.compression = self.compression
+        self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC, compression=self.compression), self.version))
         self.stats.setup_time_ms = self.stats.elapsed_ms()
         self.stats.status = "active"
         set_io_timeout(self.conn, self.params.io_timeout)
@@ -215,7 +225,7 @@ class _Receiver:
             raise ProtocolError("round 0 must carry all pages (ALL_PAGES flag missing)")
         self.state = RxState.RECEIVING
         start = time.monotonic()
-        batches = data_pages = zero_pages = wire = 0
+        batches = data_pages = zero_pages = wire = compressed = saved = 0
         fd = self.conn.fileno()
         while True:
             if self.watcher.cancelled():
@@ -230,6 +240,10 @@ class _Receiver:
             batches += 1
             data_pages += got["data_pages"]
             zero_pages += got["zero_pages"]
+            if got["compressed_batches"] and self.compression is None:
+                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
+            compressed += got["compressed_batches"]
+            saved += got["saved_bytes"]
             # A round sends each page at most once: more is a broken or hostile source.
             if data_pages + zero_pages > self.total_pages:
                 raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
@@ -248,7 +262,8 @@ class _Receiver:
         self.stats.add_round(RoundStats(
             round=memory.round, final=bool(memory.flags & P.MemoryFlags.FINAL), pages_dirtied=data_pages + zero_pages,
             pages_sent=data_pages, zero_pages=zero_pages, bytes=wire, duration_ms=duration * 1000,
-            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0))
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0,
+            compressed_batches=compressed, saved_bytes=saved))
         self.next_round += 1
         self.state = RxState.READY
         if memory.flags & P.MemoryFlags.FINAL:

@@ -12,6 +12,7 @@ dirty bits and sends those pages; ``Convergence`` decides when to pause for the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -97,7 +98,12 @@ class _Source:
         self.watcher = CancelWatcher(cancel)
         self.stats = MigrationStats(role="source", live=live, policy=params.policy if live else None, peer=format_address(host, port),
                                     downtime_target_ms=params.downtime_target_ms if live else None,
-                                    bandwidth_cap=params.bandwidth_cap)
+                                    bandwidth_cap=params.bandwidth_cap, compress=params.compress)
+        # What the page batches use once the destination has answered the offer ("off" until then),
+        # and the link speed the "auto" rule starts each round with: the cap, then what the last
+        # round measured.
+        self.compress = "off"
+        self.link_rate: float | None = params.bandwidth_cap
         self.chan: Channel | None = None
         self.phase = "setup"
         self.paused = False
@@ -234,11 +240,22 @@ class _Source:
                 raise AuthenticationError("the destination's proof does not match the key: it does not hold the same key")
 
     def _send_spec(self) -> None:
-        spec = P.Spec.from_dict(self.adapter.spec(), live=self.live)
-        self._send(P.MessageType.SPEC, P.encode_spec(spec))
-        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload)
+        version = self.stats.protocol_version or 1
+        offer = ("lz4",) if self.params.compress != "off" and version >= P.COMPRESSION_VERSION else ()
+        spec = dataclasses.replace(P.Spec.from_dict(self.adapter.spec(), live=self.live), compression=offer)
+        self._send(P.MessageType.SPEC, P.encode_spec(spec, version))
+        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload, version)
         if accept.stage is not P.Stage.SPEC:
             raise ProtocolError(f"expected the destination to accept the spec, got an ACCEPT for {accept.stage.name}")
+        if accept.compression is not None and accept.compression not in offer:
+            raise ProtocolError(f"the destination chose compression {accept.compression!r}, which the source did not offer {list(offer)}")
+        self.stats.compression = accept.compression
+        if accept.compression is not None:
+            self.compress = self.params.compress
+        elif self.params.compress != "off":
+            why = (f"it speaks protocol version {version}" if version < P.COMPRESSION_VERSION
+                   else "it declined the offer")
+            self.stats.notes.append(f"page batches go uncompressed: the destination cannot take compression ({why})")
 
     def _send_round(self, number: int, *, final: bool, all_pages: bool) -> RoundStats:
         """One MEMORY frame, the round's page batches, the end-of-round batch, MEMORY_END."""
@@ -248,24 +265,30 @@ class _Source:
         self._send(P.MessageType.MEMORY, P.encode_memory(P.Memory(number, flags)))
         fd = self.chan.out_fd
         detect_zero = self.params.detect_zero
+        how = {"detect_zero": detect_zero, "compress": self.compress, "link_rate": self.link_rate}
         try:
             if all_pages:
-                sent = self.memory.send_all_pages(fd, detect_zero=detect_zero)
+                sent = self.memory.send_all_pages(fd, **how)
             else:
-                sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero)
+                sent = self.memory.send_dirty_pages(fd, **how)
             end = P.end_of_round_batch(self.memory.segments[0].gpa)
             self.chan.out.sendall(end)
         except (PageBatchError, OSError) as err:
             raise self.chan.translate(err, f"round {number}'s page batches") from None
         wire = sent["wire_bytes"] + len(end)
         self.stats.bytes_total += wire
+        if sent["link_rate"]:
+            cap = self.params.bandwidth_cap
+            self.link_rate = min(cap, sent["link_rate"]) if cap else sent["link_rate"]
         self._send(P.MessageType.MEMORY_END, P.encode_memory_end(
             P.MemoryEnd(number, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"])))
         duration = time.monotonic() - start
         rnd = RoundStats(
             round=number, final=final, pages_dirtied=sent["data_pages"] + sent["zero_pages"], pages_sent=sent["data_pages"],
             zero_pages=sent["zero_pages"], bytes=wire, duration_ms=duration * 1000,
-            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle)
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle,
+            compressed_batches=sent["compressed_batches"], saved_bytes=sent["saved_bytes"],
+            compress_attempts=sent["compress_attempts"])
         self.stats.add_round(rnd)
         return rnd
 
