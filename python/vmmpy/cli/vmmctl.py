@@ -31,6 +31,7 @@ examples:
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983        warm migration: stop, copy, commit
   vmmctl --vm=vm0 --migrate-live 10.0.0.2,24983 --key-file mig.key --downtime-ms 50
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --bandwidth 100M --estimate   predict, do not migrate
+  vmmctl --vm=vm0 --migrate 10.0.0.2 24983 --bandwidth 100M --compress lz4   compress every batch that shrinks
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --key-file mig.key --report mig.html
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
