@@ -1,5 +1,5 @@
-//! Memory-core microbenchmarks: dirty harvest, page hashing, zero and residency detection, and
-//! page batches over a socketpair and loopback TCP. Throughput is in bytes of guest memory
+//! Memory-core microbenchmarks: dirty harvest, page hashing, zero and residency detection,
+//! page batches over a socketpair and loopback TCP, and the LZ4 block work of a compressed batch. Throughput is in bytes of guest memory
 //! covered (harvest, residency) or read/moved (hash, zero, batch), so figures compare directly
 //! with the machine's memcpy and loopback limits that tools/bench_memory.py prints beside them.
 //!
@@ -271,5 +271,46 @@ fn batches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dirty_harvest, hashing_and_zero, commit_digests, batches);
+/// `len` bytes of text-like content (words of a small vocabulary): LZ4 takes it to about half.
+fn text_bytes(len: usize) -> Vec<u8> {
+    let words = ["the ", "guest ", "memory ", "page ", "dirty ", "round ", "bhyve ", "return ", "struct ", "0x7f3a ", "INFO ", "\n    "];
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The per-batch hot path of `pages::compress`: compressing one 1 MiB batch (text-like and
+/// random: what a trial costs when it does not pay) and decompressing it on the receiver.
+fn compression(c: &mut Criterion) {
+    let block = (256 * PAGE_SIZE) as usize;
+    let text = text_bytes(block);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let random: Vec<u8> = (0..block / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(block)];
+    let mut back = vec![0u8; block];
+    let mut g = configure(c, "lz4_1MiB_batch");
+    g.throughput(Throughput::Bytes(block as u64));
+    g.bench_function("compress_text", |b| b.iter(|| lz4_flex::block::compress_into(black_box(&text), &mut out).unwrap()));
+    g.bench_function("compress_random", |b| b.iter(|| lz4_flex::block::compress_into(black_box(&random), &mut out).unwrap()));
+    let n = lz4_flex::block::compress_into(&text, &mut out).unwrap();
+    let packed = out[..n].to_vec();
+    g.bench_function("decompress_text", |b| b.iter(|| lz4_flex::block::decompress_into(black_box(&packed), &mut back).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, dirty_harvest, hashing_and_zero, commit_digests, compression, batches);
 criterion_main!(benches);

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 
+from vmmpy.memory import PageBatchError
 from vmmpy.runtime.config import VmConfig
 from vmmpy.runtime.machine import Machine
 from vmmpy.state import decode_sections, encode_sections
@@ -33,19 +34,36 @@ def wait_paused(machine: Machine, timeout: float = 30) -> None:
     machine.pause()
 
 
-def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict) -> Machine:
+def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict, compress: str = "off") -> Machine:
     """Move a paused machine into a new one built from ``config``, as a migration does: every
-    state section (through the encoded container) and all memory (through a page batch stream);
-    the source is destroyed and the target started."""
+    state section (through the encoded container) and all memory (through a page batch stream,
+    ``compress``ed as a migration source would); the source is destroyed and the target started."""
     sections = decode_sections(encode_sections(save_sections(source)))
     target = Machine(config, consoles=consoles)
     target.setup_memory()
     a, b = socket.socketpair()
     with a, b:
-        sender = threading.Thread(target=source.vm.memory.send_all_pages, args=(a.fileno(),))
+        sent = {}
+
+        def send() -> None:
+            try:
+                sent.update(source.vm.memory.send_all_pages(a.fileno(), compress=compress))
+            finally:
+                a.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
-        target.vm.memory.recv_pages(b.fileno())
+        received = 0
+        while sender.is_alive() or received < sent.get("batches", 0):
+            try:
+                target.vm.memory.recv_pages(b.fileno())
+            except PageBatchError as err:
+                if "got 0 of 40" in str(err):  # the stream ended between batches
+                    break
+                raise
+            received += 1
         sender.join()
+        assert received == sent["batches"], f"{received} of {sent['batches']} batches arrived"
     source.destroy()  # closes backends (disk images) before the target uses them, as a suspend does
     restore_sections(target, sections, what="test")
     target.start(serve_control=False)

@@ -200,6 +200,21 @@ def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
         assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
 
 
+def test_a_guest_moved_with_compressed_pages_ends_exactly_as_an_unmigrated_run():
+    """The same move with every page batch LZ4-compressed: memory, registers, instruction count
+    and console end as in the run that never moved."""
+    reference, ref_console = boot(BUSY, "m-refz")
+    assert run_to_end(reference) == EXIT_POWEROFF
+    expected = final_state(reference)
+    for at in (999_999, expected[2] // 2 + 7):
+        source, src_console = boot(BUSY, "m-srcz", pause_at=at)
+        target_console = CaptureConsole()
+        target = move_to_fresh_machine(source, VmConfig(name="m-dstz", memsize=4 << 20), {"com1": target_console}, compress="lz4")
+        assert run_to_end(target) == EXIT_POWEROFF
+        assert final_state(target) == expected, f"paused at instruction {at}"
+        assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
+
+
 def test_pausing_and_resuming_at_arbitrary_points_changes_nothing():
     reference, ref_console = boot(BUSY, "m-ref2")
     assert run_to_end(reference) == EXIT_POWEROFF

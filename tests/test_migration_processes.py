@@ -73,6 +73,8 @@ def live_migrate_in_process(run_dir, host, port, ctl_extra):
     extra = list(ctl_extra)
     if "--downtime-ms" in extra:
         request["params"]["downtime_target_ms"] = float(extra[extra.index("--downtime-ms") + 1])
+    if "--compress" in extra:
+        request["params"]["compress"] = extra[extra.index("--compress") + 1]
     if "--key-file" in extra:
         request["key"] = open(extra[extra.index("--key-file") + 1], "rb").read().strip().hex()
     client.request("resume")
@@ -115,6 +117,24 @@ def test_live_migration_of_a_busy_guest_takes_rounds_and_loses_nothing(tmp_path)
     assert stats["status"] == "completed" and stats["live"] is True
     assert stats["round_count"] >= 2, stats["rounds"]
     assert stats["rounds"][-1]["final"] and stats["rounds"][-1]["pages_dirtied"] > 0, "the guest dirtied pages during the rounds"
+    assert src_status == 0
+    assert finish(dest) == 1
+    pages = (8 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+def test_migration_with_lz4_compression_finishes_exactly_as_an_unmigrated_run(tmp_path, live):
+    # abtest's pages hold its counters: very compressible, so every round goes mostly compressed.
+    sweeps = 40_000 if live else 2000
+    result, source, dest, src_status, src_console, dst_console = migrate_pair(
+        tmp_path, live=live, sweeps=sweeps, pause_at=1 if live else 4_000_001, guest_extra={"end": "8M"},
+        ctl_extra=["--compress", "lz4", *(["--downtime-ms", "10"] if live else [])],
+    )
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["status"] == "completed" and stats["compression"] == "lz4"
+    assert stats["compressed_batches"] > 0 and stats["compression_saved_bytes"] > 3 * MiB, stats
     assert src_status == 0
     assert finish(dest) == 1
     pages = (8 * MiB - 2 * MiB) // 4096

@@ -170,3 +170,146 @@ def test_the_commit_digest_sees_one_byte_and_ignores_residency():
     tracker.mark(3 * PAGE_SIZE, 1)
     assert tracker.refresh() == (1, 1)
     assert tracker.digest() == b.commit_digest()
+
+
+# -- compressed batches ------------------------------------------------------------------------
+
+WORDS = b"guest memory page dirty round bhyve return struct 0x7f3a INFO value buffer socket".split()
+
+
+def fill_text(mem: GuestMemory, gpa: int, pages: int, seed: int) -> None:
+    """Text-like pages: words of a small vocabulary, different on every page (LZ4 halves them)."""
+    rng = np.random.default_rng(seed)
+    text = b" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), pages * PAGE_SIZE // 4))
+    mem.write(gpa, text[: pages * PAGE_SIZE])
+
+
+def test_compressible_zero_and_random_pages_round_trip_exactly_when_compressed():
+    src = GuestMemory("5G")
+    dst = GuestMemory("5G")
+    fill_text(src, 0x100000, 600, seed=1)  # 2.3 MiB of text in lowmem
+    src.write(0x400000, bytes(50 * PAGE_SIZE))  # written zeros: zero ranges, no data
+    fill_random(src, 0x500000, 300, seed=2)  # incompressible: tried, sent plain
+    fill_text(src, HIGHMEM_BASE + 0x10000, 300, seed=3)
+    dst.write(0x400000, b"stale" * 1000)  # the zero range must clear this
+    dst.get_and_clear_dirty()
+    sent, received = transfer(lambda fd: src.send_dirty_pages(fd, compress="lz4"), dst)
+    assert sent["data_pages"] == 1200 and sent["zero_pages"] == 50
+    assert sent["compressed_batches"] >= 3, sent
+    assert sent["compress_attempts"] > sent["compressed_batches"], "the random pages were tried and went plain"
+    assert sent["saved_bytes"] > 900 * PAGE_SIZE // 3, sent
+    assert sent["wire_bytes"] == sum(r["wire_bytes"] for r in received)
+    assert sent["compressed_batches"] == sum(r["compressed_batches"] for r in received)
+    assert sent["saved_bytes"] == sum(r["saved_bytes"] for r in received)
+    assert src.digest() == dst.digest()
+    assert dst.dirty_count() == 0, "receiving is not a guest write"
+
+
+def test_compression_off_sends_exactly_what_it_always_did():
+    src = GuestMemory("1M")
+    fill_text(src, 0, 100, seed=4)
+    plain, _ = transfer(lambda fd: src.send_pages(fd, range(100)), GuestMemory("1M"))
+    again, _ = transfer(lambda fd: src.send_pages(fd, range(100), compress="off"), GuestMemory("1M"))
+    assert plain == again and plain["compressed_batches"] == 0 and plain["compress_attempts"] == 0
+    assert plain["batches"] == 1 and plain["wire_bytes"] == 40 + 16 + 100 * PAGE_SIZE
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(ValueError, match="compression mode must be off, lz4 or auto; got \"zstd\""):
+        src.send_pages(a.fileno(), [1], compress="zstd")
+
+
+BATCH = struct.Struct("<4sHHQIIQQ")
+ENTRY = struct.Struct("<QIB3x")
+
+
+def batch_bytes(ranges, payload: bytes, *, flags=1, payload_len=None) -> bytes:
+    """A page batch for segment 0 with ``ranges`` [(gpa, pages, kind)] and ``payload``, sealed with
+    a correct header checksum (so only what a test breaks on purpose is wrong)."""
+    from vmmpy import _core
+
+    table = b"".join(ENTRY.pack(gpa, pages, kind) for gpa, pages, kind in ranges)
+    length = len(payload) if payload_len is None else payload_len
+    head = BATCH.pack(b"VMPB", 1, flags, 0, len(ranges), 0, length, 0)
+    head = head[:32] + struct.pack("<Q", _core.xxh3_64(head[:32] + table))
+    return head + table + payload
+
+
+def lz4_block(content: bytes) -> bytes:
+    """The LZ4 block the memory core makes of ``content`` (whole pages of one batch)."""
+    src = GuestMemory("1M")
+    src.write(PAGE_SIZE, content)
+    a, b = socket.socketpair()
+    with a, b:
+        sent = src.send_pages(a.fileno(), range(1, 1 + len(content) // PAGE_SIZE), compress="lz4")
+        a.shutdown(socket.SHUT_WR)
+        stream = b"".join(iter(lambda: b.recv(1 << 16), b""))
+    assert sent["compressed_batches"] == 1
+    return stream[40 + 16 + 8:]
+
+
+def sealed(block: bytes) -> bytes:
+    from vmmpy import _core
+
+    return struct.pack("<Q", _core.xxh3_64(block)) + block
+
+
+TWO_PAGES = b"migrate me " * (2 * PAGE_SIZE // 11) + b"!" * (2 * PAGE_SIZE % 11)
+
+
+def _hostile(name: str) -> bytes:
+    block = lz4_block(TWO_PAGES)
+    data = [(PAGE_SIZE, 2, 0)]
+    if name == "good":
+        return batch_bytes(data, sealed(block))
+    if name == "checksum":  # a byte of the block flipped in flight
+        payload = bytearray(sealed(block))
+        payload[-3] ^= 0x10
+        return batch_bytes(data, bytes(payload))
+    if name == "garbage":  # not LZ4 at all, with a checksum that matches it
+        return batch_bytes(data, sealed(bytes(np.random.default_rng(7).integers(0, 256, 300, dtype=np.uint8))))
+    if name == "bomb":  # decompresses to more than the table's one page
+        return batch_bytes([(PAGE_SIZE, 1, 0)], sealed(block))
+    if name == "short":  # decompresses to fewer bytes than the table's three pages
+        return batch_bytes([(PAGE_SIZE, 3, 0)], sealed(block))
+    if name == "truncated":
+        return batch_bytes(data, sealed(block))[:-5]
+    if name == "lying-length":  # a payload longer than the pages it claims to compress
+        return batch_bytes(data, sealed(block), payload_len=8 + 2 * PAGE_SIZE + 1)
+    if name == "no-data":  # compressed flag on a batch of zero ranges only
+        return batch_bytes([(PAGE_SIZE, 1, 1)], sealed(block))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("checksum", "compressed page data checksum mismatch"),
+        ("garbage", "compressed page data is not a valid LZ4 block of 8192 bytes"),
+        ("bomb", "compressed page data is not a valid LZ4 block of 4096 bytes"),
+        ("short", "compressed page data decompressed to 8192 bytes but the batch's DATA ranges hold 12288"),
+        ("truncated", "page batch stream ended inside the compressed page data"),
+        ("lying-length", "declares a 8201-byte payload for 8192 bytes of page data"),
+        ("no-data", "compressed page batch carries 0 bytes of page data"),
+    ],
+)
+def test_a_damaged_compressed_batch_is_refused_before_memory_is_touched(name, message):
+    dst = GuestMemory("1M")
+    dst.write(0, b"\x11" * 4 * PAGE_SIZE)
+    before = dst.digest()
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(_hostile(name))
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(PageBatchError, match=message) as caught:
+            dst.recv_pages(b.fileno())
+    assert caught.value.errno in (errno.EBADMSG, errno.EPIPE)
+    assert dst.digest() == before, "nothing of a refused compressed batch is written, even when cut short"
+
+
+def test_a_well_formed_handmade_compressed_batch_is_received():
+    dst = GuestMemory("1M")
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(_hostile("good"))
+        got = dst.recv_pages(b.fileno())
+    assert got["compressed_batches"] == 1 and got["data_pages"] == 2
+    assert dst.read(PAGE_SIZE, 2 * PAGE_SIZE) == TWO_PAGES

@@ -179,25 +179,37 @@ class GuestMemory:
         return self.core.dirty_count()
 
     # -- bulk page work (Rust, GIL released) ------------------------------------------------
-    def send_dirty_pages(self, fd, *, detect_zero: bool = True, tracker: DigestTracker | None = None) -> dict[str, int]:
+    def send_dirty_pages(self, fd, *, detect_zero: bool = True, tracker: DigestTracker | None = None, compress: str = "off",
+                         link_rate: float | None = None) -> dict[str, int]:
         """Harvest and clear the dirty pages and send them to ``fd`` as page batches.
 
         ``fd`` is a blocking file descriptor or an object with ``fileno()`` (a socket with a
         timeout is non-blocking and is refused). Zero pages travel as ranges without data when
         ``detect_zero``. Returns totals: batches, ranges, data_pages, zero_pages, data_bytes,
-        wire_bytes. One batch per segment that has dirty pages (more past 65,536 ranges). With a
-        ``tracker`` (:meth:`digest_tracker`) the harvested pages are marked stale in it.
+        wire_bytes, compressed_batches, saved_bytes, compress_attempts, link_rate. One batch per
+        segment that has dirty pages (more past 65,536 ranges or 16 MiB of data) without
+        compression. With a ``tracker`` (:meth:`digest_tracker`) the harvested pages are marked
+        stale in it.
+
+        ``compress``: ``"off"``; ``"lz4"`` tries every 1 MiB batch and sends it as an LZ4 block
+        when that is at most 3/4 of its size; ``"auto"`` does so only while it pays on a link
+        of ``link_rate`` bytes/s (or the rate it measures), backing off after batches that do
+        not (docs/migration-protocol.md). Only a receiver that agreed to it reads compressed
+        batches: the migration protocol negotiates it.
         """
-        return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker)
+        return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker, compress=compress,
+                                      link_rate=link_rate)
 
-    def send_all_pages(self, fd, *, detect_zero: bool = True) -> dict[str, int]:
+    def send_all_pages(self, fd, *, detect_zero: bool = True, compress: str = "off",
+                       link_rate: float | None = None) -> dict[str, int]:
         """Send every page; never-touched pages go as zero ranges without being read."""
-        return _core.send_all_pages(self.core, _fileno(fd), detect_zero=detect_zero)
+        return _core.send_all_pages(self.core, _fileno(fd), detect_zero=detect_zero, compress=compress, link_rate=link_rate)
 
-    def send_pages(self, fd, pfns, *, detect_zero: bool = True) -> dict[str, int]:
+    def send_pages(self, fd, pfns, *, detect_zero: bool = True, compress: str = "off",
+                   link_rate: float | None = None) -> dict[str, int]:
         """Send the pages with these frame numbers (any iterable or numpy array of ints)."""
         data = np.unique(np.asarray(pfns, dtype="<u8")).tobytes()
-        return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero)
+        return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero, compress=compress, link_rate=link_rate)
 
     def send_pages_multi(self, fds, *, all_pages: bool, detect_zero: bool = True, chunk_pages: int | None = None,
                          tracker: DigestTracker | None = None) -> dict:
@@ -215,7 +227,9 @@ class GuestMemory:
         """Receive one page batch into memory, checked whole before any byte is written.
 
         Received pages are not marked dirty. A bad batch raises ``PageBatchError`` naming what
-        was wrong. With a ``tracker`` the pages written are marked stale in it.
+        was wrong. A compressed batch (``compressed_batches`` = 1 in the result) is checked and
+        decompressed whole into a bounded scratch buffer before any page is written. With a
+        ``tracker`` the pages written are marked stale in it.
         """
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 

@@ -4,11 +4,11 @@
 //! offset size  field (all little-endian)
 //!  0     4     magic "VMPB"
 //!  4     2     version (1)
-//!  6     2     flags (none defined; a reader refuses any it does not know)
+//!  6     2     flags: 0x0001 LZ4 (below); a reader refuses any it does not know
 //!  8     8     segment gpa base: the batch's pages all lie in the segment starting here
 //! 16     4     range count (at most MAX_RANGES)
 //! 20     4     reserved, 0
-//! 24     8     payload length: bytes of page data after the table = 4096 x pages of DATA ranges
+//! 24     8     payload length: bytes after the table = 4096 x pages of DATA ranges (LZ4: see below)
 //! 32     8     xxh3-64 of bytes 0..32 followed by the whole range table
 //! 40     16xN  range table, N entries:  gpa u64 | pages u32 | kind u8 (0 DATA, 1 ZERO) | 3 bytes 0
 //! ...          payload: the pages of every DATA range, in table order, 4096 bytes each
@@ -18,6 +18,23 @@
 //! zero". The checksum covers what the receiver must trust before it writes guest memory (where
 //! the pages go); the page bytes themselves are covered by the migration's memory digest at
 //! commit, and by chunk hashes in a checkpoint, not per batch.
+//!
+//! **Compressed batches (flag 0x0001 LZ4).** The pages of the DATA ranges, in table order, travel
+//! as one LZ4 block (the raw block format, no frame, no size prefix) instead of as themselves:
+//!
+//! ```text
+//! 40+16N  8    xxh3-64 of the LZ4 block
+//! 48+16N  L    the LZ4 block; it decompresses to exactly 4096 x pages of DATA ranges
+//! ```
+//!
+//! The payload length is then 8 + L, with 0 < L <= the raw size, and the raw size (4096 x DATA
+//! pages) is between one page and [`MAX_COMPRESSED_DATA`] (4 MiB). ZERO ranges are as always.
+//! The header checksum covers the flag and the length, the block checksum covers the compressed
+//! bytes, so every byte of a compressed batch on the wire is checked before it is decompressed;
+//! the receiver decompresses into a scratch buffer of exactly the raw size and writes guest
+//! memory only once the block decompressed to exactly that many bytes (`compress.rs`). An
+//! older reader refuses the flag ("unknown flags 0x0001"), so a sender uses it only when the
+//! stream above has agreed to it (the migration protocol's version 2, SPEC and ACCEPT).
 //!
 //! This file owns the encoding and the validation; `batch_io` moves the bytes.
 
@@ -32,6 +49,13 @@ pub const BATCH_HEADER_SIZE: usize = 40;
 pub const RANGE_ENTRY_SIZE: usize = 16;
 /// Ranges per batch: bounds the table a receiver allocates (1 MiB) before it can check anything.
 pub const MAX_RANGES: u32 = 65536;
+/// Header flag: the DATA pages travel as one checksummed LZ4 block.
+pub const BATCH_FLAG_LZ4: u16 = 0x0001;
+const KNOWN_FLAGS: u16 = BATCH_FLAG_LZ4;
+/// The most page data one compressed batch may carry: bounds the receiver's scratch buffers.
+pub const MAX_COMPRESSED_DATA: u64 = 4 << 20;
+/// Bytes before the LZ4 block in a compressed payload: its xxh3-64.
+pub const COMPRESSED_PREFIX: u64 = 8;
 const CHECKSUMMED_HEADER: usize = 32;
 
 /// What a range of the table carries.
@@ -100,6 +124,8 @@ pub fn split_batches(ranges: &[PageRange], max_data_pages: u32) -> Vec<Vec<PageR
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchHeader {
     pub segment_gpa: GuestAddress,
+    /// 0, or [`BATCH_FLAG_LZ4`].
+    pub flags: u16,
     pub range_count: u32,
     pub payload_len: u64,
     pub checksum: u64,
@@ -115,10 +141,15 @@ fn checksum(header: &[u8], table: &[u8]) -> u64 {
 /// Header and range table of a batch, ready to go on the wire before the payload.
 pub(crate) fn encode_batch(segment_gpa: GuestAddress, ranges: &[PageRange]) -> Vec<u8> {
     let payload: u64 = ranges.iter().filter(|r| r.kind == RangeKind::Data).map(PageRange::bytes).sum();
+    encode_batch_with(segment_gpa, ranges, 0, payload)
+}
+
+/// As [`encode_batch`] with explicit flags and payload length (a compressed batch's).
+pub(crate) fn encode_batch_with(segment_gpa: GuestAddress, ranges: &[PageRange], flags: u16, payload: u64) -> Vec<u8> {
     let mut buf = Vec::with_capacity(BATCH_HEADER_SIZE + ranges.len() * RANGE_ENTRY_SIZE);
     buf.extend_from_slice(&BATCH_MAGIC.to_le_bytes());
     buf.extend_from_slice(&BATCH_VERSION.to_le_bytes());
-    buf.extend_from_slice(&0u16.to_le_bytes());
+    buf.extend_from_slice(&flags.to_le_bytes());
     buf.extend_from_slice(&segment_gpa.0.to_le_bytes());
     buf.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
     buf.extend_from_slice(&0u32.to_le_bytes());
@@ -156,7 +187,7 @@ pub(crate) fn decode_header(bytes: &[u8; BATCH_HEADER_SIZE]) -> Result<BatchHead
         return Err(PageError::UnsupportedVersion { got: version, supported: BATCH_VERSION });
     }
     let flags = u16_at(bytes, 6);
-    if flags != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(PageError::UnknownFlags { got: flags });
     }
     let reserved = u32_at(bytes, 20);
@@ -167,7 +198,7 @@ pub(crate) fn decode_header(bytes: &[u8; BATCH_HEADER_SIZE]) -> Result<BatchHead
     if range_count > MAX_RANGES {
         return Err(PageError::TooManyRanges { count: range_count, max: MAX_RANGES });
     }
-    Ok(BatchHeader { segment_gpa: GuestAddress(u64_at(bytes, 8)), range_count, payload_len: u64_at(bytes, 24), checksum: u64_at(bytes, 32) })
+    Ok(BatchHeader { segment_gpa: GuestAddress(u64_at(bytes, 8)), flags, range_count, payload_len: u64_at(bytes, 24), checksum: u64_at(bytes, 32) })
 }
 
 /// Check the checksum over header and table, then decode the table's entries.
@@ -230,8 +261,25 @@ pub(crate) fn validate_ranges(seg: &Segment, header: &BatchHeader, ranges: &[Pag
         }
         offsets.push((r.gpa.0 - seg_start) as usize);
     }
-    if payload != header.payload_len {
-        return Err(PageError::PayloadLength { declared: header.payload_len, expected: payload });
-    }
+    check_payload_length(header, payload)?;
     Ok(offsets)
+}
+
+/// The declared payload length against the DATA ranges' `data` bytes: equal for a plain batch;
+/// for a compressed one, a block no bigger than the data, of data no bigger than the bound.
+fn check_payload_length(header: &BatchHeader, data: u64) -> Result<(), PageError> {
+    if header.flags & BATCH_FLAG_LZ4 == 0 {
+        if data != header.payload_len {
+            return Err(PageError::PayloadLength { declared: header.payload_len, expected: data });
+        }
+        return Ok(());
+    }
+    if data == 0 || data > MAX_COMPRESSED_DATA {
+        return Err(PageError::CompressedDataSize { data, max: MAX_COMPRESSED_DATA });
+    }
+    let block = header.payload_len.checked_sub(COMPRESSED_PREFIX).unwrap_or(0);
+    if block == 0 || block > data {
+        return Err(PageError::CompressedPayloadLength { declared: header.payload_len, data });
+    }
+    Ok(())
 }

@@ -22,7 +22,10 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use super::batch::{decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_HEADER_SIZE, MAX_RANGES, RANGE_ENTRY_SIZE};
+use super::batch::{
+    decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, MAX_RANGES,
+    RANGE_ENTRY_SIZE,
+};
 use super::tracker::DigestTracker;
 use super::PageError;
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
@@ -37,10 +40,14 @@ pub struct BatchStats {
     pub data_bytes: u64,
     /// Everything on the wire: header, table and page bytes.
     pub wire_bytes: u64,
+    /// Batches whose DATA pages went as an LZ4 block (`compress`), and what that saved:
+    /// `data_bytes` minus the compressed payloads, summed over those batches.
+    pub compressed_batches: u64,
+    pub saved_bytes: u64,
 }
 
 impl BatchStats {
-    fn of(ranges: &[PageRange]) -> BatchStats {
+    pub(super) fn of(ranges: &[PageRange]) -> BatchStats {
         let mut s = BatchStats { ranges: ranges.len() as u64, ..Default::default() };
         for r in ranges {
             match r.kind {
@@ -80,6 +87,8 @@ impl BatchTotals {
         self.stats.zero_pages += s.zero_pages;
         self.stats.data_bytes += s.data_bytes;
         self.stats.wire_bytes += s.wire_bytes;
+        self.stats.compressed_batches += s.compressed_batches;
+        self.stats.saved_bytes += s.saved_bytes;
     }
 }
 
@@ -119,7 +128,7 @@ fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
 ///
 /// # Safety
 /// Every iovec must describe memory readable for the whole call.
-unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
+pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
     let mut idx = 0;
     advance(iovs, &mut idx, 0);
     let mut socket = true;
@@ -161,7 +170,7 @@ unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<(
 ///
 /// # Safety
 /// Every iovec must describe memory writable for the whole call and not referenced as `&`/`&mut`.
-unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
+pub(super) unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
     let mut idx = 0;
     let mut got = 0u64;
     advance(iovs, &mut idx, 0);
@@ -198,7 +207,7 @@ fn read_exact(fd: RawFd, buf: &mut [u8], what: &'static str) -> Result<(), PageE
 
 /// The segment the batch's ranges lie in: the one holding the first range, or the first
 /// segment for an empty batch.
-fn batch_segment<'a>(mem: &'a GuestMemory, ranges: &[PageRange]) -> Result<&'a Segment, PageError> {
+pub(super) fn batch_segment<'a>(mem: &'a GuestMemory, ranges: &[PageRange]) -> Result<&'a Segment, PageError> {
     let seg = match ranges.first() {
         Some(r) => mem.translate(r.gpa, PAGE_SIZE)?.0,
         None => mem.segments().first().ok_or(PageError::BadSendRanges { why: "guest memory has no segments".into() })?,
@@ -220,7 +229,7 @@ pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<
     }
     let seg = batch_segment(mem, ranges)?;
     let stats = BatchStats::of(ranges);
-    let header = BatchHeader { segment_gpa: seg.gpa(), range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
+    let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
     let offsets = validate_ranges(seg, &header, ranges)?;
     let encoded = encode_batch(seg.gpa(), ranges);
     let mut iovs = Vec::with_capacity(1 + ranges.len());
@@ -270,7 +279,8 @@ fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
 
 /// Read one batch from `fd` into guest memory. The header, table, checksum, every range and the
 /// payload length are checked before any guest byte is written; then DATA pages are read straight
-/// into the mapping and ZERO pages cleared, none of them marked dirty.
+/// into the mapping (a compressed batch's block is read, checked and decompressed whole into a
+/// scratch buffer first, see `compress`) and ZERO pages cleared, none of them marked dirty.
 pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError> {
     recv_batch_tracked(fd, mem, None)
 }
@@ -290,10 +300,35 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
     }
     let offsets = validate_ranges(seg, &header, &ranges)?;
+    let mut stats = BatchStats::of(&ranges);
+    if header.flags & BATCH_FLAG_LZ4 != 0 {
+        super::compress::recv_lz4_payload(fd, seg, &header, &ranges, &offsets)?;
+        stats.compressed_batches = 1;
+        stats.saved_bytes = stats.data_bytes - header.payload_len;
+        stats.wire_bytes -= stats.saved_bytes;
+    } else {
+        read_data_pages(fd, seg, &header, &ranges, &offsets)?;
+    }
+    for (r, &off) in ranges.iter().zip(&offsets) {
+        if r.kind == RangeKind::Zero {
+            zero_pages(seg, off, r.bytes() as usize)?;
+        }
+    }
+    if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
+        let end = last.gpa.0 + last.bytes();
+        mem.mark_clean_range(first.gpa, (end - first.gpa.0) as usize)?;
+    }
+    if let Some(tracker) = tracker {
+        tracker.mark_ranges(seg, &ranges)?;
+    }
+    Ok(stats)
+}
 
+/// Read a plain batch's DATA pages straight into the segment.
+fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[PageRange], offsets: &[usize]) -> Result<(), PageError> {
     let mut iovs: Vec<libc::iovec> = ranges
         .iter()
-        .zip(&offsets)
+        .zip(offsets)
         .filter(|(r, _)| r.kind == RangeKind::Data)
         .map(|(r, &off)| libc::iovec { iov_base: seg.as_ptr().wrapping_add(off) as *mut libc::c_void, iov_len: r.bytes() as usize })
         .collect();
@@ -304,7 +339,6 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
     let populate = !seg.wired() && !seg.is_file_backed() && header.payload_len >= POPULATE_AHEAD_MIN;
     let got = std::thread::scope(|scope| {
         if populate {
-            let (ranges, offsets) = (&ranges, &offsets);
             scope.spawn(move || {
                 for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
                     // SAFETY: validate_ranges keeps the range inside the mapping; POPULATE_WRITE
@@ -321,17 +355,5 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
     if got < header.payload_len {
         return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
     }
-    for (r, &off) in ranges.iter().zip(&offsets) {
-        if r.kind == RangeKind::Zero {
-            zero_pages(seg, off, r.bytes() as usize)?;
-        }
-    }
-    if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
-        let end = last.gpa.0 + last.bytes();
-        mem.mark_clean_range(first.gpa, (end - first.gpa.0) as usize)?;
-    }
-    if let Some(tracker) = tracker {
-        tracker.mark_ranges(seg, &ranges)?;
-    }
-    Ok(BatchStats::of(&ranges))
+    Ok(())
 }

@@ -35,6 +35,16 @@ pub enum PageError {
     /// Ranges must ascend and not overlap.
     RangeOutOfOrder { index: u32, gpa: GuestAddress, previous_end: GuestAddress },
     PayloadLength { declared: u64, expected: u64 },
+    /// A compressed batch must carry 1 page to `max` bytes of page data.
+    CompressedDataSize { data: u64, max: u64 },
+    /// A compressed payload is its 8-byte checksum and a non-empty block no bigger than the data.
+    CompressedPayloadLength { declared: u64, data: u64 },
+    /// The LZ4 block does not match the checksum before it.
+    CompressedChecksum { got: u64, expected: u64 },
+    /// The LZ4 block is not a valid block, or decompresses to more than the table says.
+    Decompress { data: u64, why: String },
+    /// The LZ4 block decompressed to fewer bytes than the table's DATA ranges.
+    DecompressedLength { got: u64, expected: u64 },
     /// The stream ended inside `what`.
     Truncated { what: &'static str, expected: u64, got: u64 },
     /// An OS call failed.
@@ -109,6 +119,25 @@ impl fmt::Display for PageError {
             PageError::PayloadLength { declared, expected } => write!(
                 f,
                 "page batch declares {declared} payload bytes but its DATA ranges add up to {expected}"
+            ),
+            PageError::CompressedDataSize { data, max } => write!(
+                f,
+                "compressed page batch carries {data} bytes of page data; a compressed batch carries 4096 to {max}"
+            ),
+            PageError::CompressedPayloadLength { declared, data } => write!(
+                f,
+                "compressed page batch declares a {declared}-byte payload for {data} bytes of page data; \
+                 expected an 8-byte checksum and a block of 1 to {data} bytes"
+            ),
+            PageError::CompressedChecksum { got, expected } => {
+                write!(f, "compressed page data checksum mismatch: got {got:#018x}, expected {expected:#018x}")
+            }
+            PageError::Decompress { data, why } => {
+                write!(f, "compressed page data is not a valid LZ4 block of {data} bytes: {why}")
+            }
+            PageError::DecompressedLength { got, expected } => write!(
+                f,
+                "compressed page data decompressed to {got} bytes but the batch's DATA ranges hold {expected}"
             ),
             PageError::Truncated { what, expected, got } => {
                 write!(f, "page batch stream ended inside the {what}: got {got} of {expected} bytes")

@@ -1,5 +1,6 @@
 //! Bulk page work on guest memory: hashing, zero and residency detection, and the batch wire
-//! format with its fd I/O (send pages straight from guest memory, receive straight into it).
+//! format with its fd I/O (send pages straight from guest memory, receive straight into it),
+//! optionally LZ4-compressed per batch (`compress`).
 //!
 //! This module owns the per-page codecs and the bytes of a page batch on the wire. It does not
 //! own the mappings or the dirty bits (`memory`, `dirty`), nor decide which pages to send, when,
@@ -14,6 +15,7 @@
 
 mod batch;
 mod batch_io;
+mod compress;
 mod error;
 mod hash;
 mod ranges;
@@ -22,8 +24,12 @@ mod streams;
 mod tracker;
 mod zero;
 
-pub use batch::{split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, MAX_RANGES, RANGE_ENTRY_SIZE};
+pub use batch::{
+    split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, COMPRESSED_PREFIX,
+    MAX_COMPRESSED_DATA, MAX_RANGES, RANGE_ENTRY_SIZE,
+};
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, BatchStats, BatchTotals};
+pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
 pub use error::PageError;
 pub use hash::{chunk_hashes, chunk_hashes_resident, hash_page_list, hash_pages, memory_digest, ranges_digest};
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
@@ -62,3 +68,5 @@ fn check_bitmap(seg: &Segment, words: &[u64], what: &'static str) -> Result<(), 
 
 #[cfg(test)]
 mod batch_tests;
+#[cfg(test)]
+mod compress_tests;

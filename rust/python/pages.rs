@@ -1,5 +1,6 @@
-//! Bindings for bulk page work: send pages to a file descriptor as framed batches, receive them
-//! straight into guest memory, hash and digest memory. All of it runs with the GIL released.
+//! Bindings for bulk page work: send pages to a file descriptor as framed batches (optionally
+//! LZ4-compressed, `compress=`), receive them straight into guest memory, hash and digest memory.
+//! All of it runs with the GIL released.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -12,13 +13,15 @@ use pyo3::types::{PyBytes, PyDict};
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use crate::memory::{GuestAddress, GuestMemory, PAGE_SHIFT};
-use crate::pages::{self, BatchTotals, DigestTracker, PageError, PageRange, MAX_RANGES};
+use crate::pages::{self, BatchTotals, CompressMode, Compressor, DigestTracker, PageError, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PageBatchError", m.py().get_type::<PageBatchError>())?;
     m.add("MAX_BATCH_RANGES", MAX_RANGES)?;
+    m.add("MAX_COMPRESSED_BATCH_DATA", pages::MAX_COMPRESSED_DATA)?;
+    m.add("COMPRESS_BLOCK_PAGES", pages::COMPRESS_BLOCK_PAGES)?;
     m.add_function(wrap_pyfunction!(send_dirty_pages, m)?)?;
     m.add_function(wrap_pyfunction!(send_all_pages, m)?)?;
     m.add_function(wrap_pyfunction!(send_page_list, m)?)?;
@@ -41,7 +44,7 @@ pub(super) fn page_error(err: PageError) -> PyErr {
 }
 
 /// A call's totals as the dict Python gets: batches, ranges, data_pages, zero_pages,
-/// data_bytes, wire_bytes.
+/// data_bytes, wire_bytes, compressed_batches, saved_bytes.
 pub(super) fn totals_dict<'py>(py: Python<'py>, t: &BatchTotals) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("batches", t.batches)?;
@@ -50,12 +53,40 @@ pub(super) fn totals_dict<'py>(py: Python<'py>, t: &BatchTotals) -> PyResult<Bou
     d.set_item("zero_pages", t.stats.zero_pages)?;
     d.set_item("data_bytes", t.stats.data_bytes)?;
     d.set_item("wire_bytes", t.stats.wire_bytes)?;
+    d.set_item("compressed_batches", t.stats.compressed_batches)?;
+    d.set_item("saved_bytes", t.stats.saved_bytes)?;
     Ok(d)
 }
 
+/// A send's totals, and with a compressor the batches it tried (`compress_attempts`) and the
+/// link speed its time rule ended with (`link_rate`, None when unknown).
+fn sent_dict<'py>(py: Python<'py>, t: &BatchTotals, compressor: &Option<(u64, Option<f64>)>) -> PyResult<Bound<'py, PyDict>> {
+    let d = totals_dict(py, t)?;
+    let (attempts, rate) = compressor.unwrap_or((0, None));
+    d.set_item("compress_attempts", attempts)?;
+    d.set_item("link_rate", rate)?;
+    Ok(d)
+}
+
+/// The sender's compressor for `compress` ("off", "lz4", "auto"; None for off) and a link
+/// speed hint in bytes/s.
+fn compressor(compress: &str, link_rate: Option<f64>) -> PyResult<Option<Compressor>> {
+    let mode = CompressMode::parse(compress).map_err(PyValueError::new_err)?;
+    Ok((mode != CompressMode::Off).then(|| Compressor::new(mode, link_rate)))
+}
+
+/// What a compressor reports after a send: attempts and link rate.
+fn compressor_report(c: &Option<Compressor>) -> Option<(u64, Option<f64>)> {
+    c.as_ref().map(|c| (c.attempts, c.link_rate()))
+}
+
 /// Send one segment's ranges as batches of at most MAX_RANGES ranges and BATCH_DATA_PAGES data
-/// pages; a segment with nothing to send sends nothing.
-fn send_segment(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], totals: &mut BatchTotals) -> Result<(), PageError> {
+/// pages (through the compressor, which cuts them smaller, when there is one); a segment with
+/// nothing to send sends nothing.
+fn send_segment(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], totals: &mut BatchTotals, compressor: &mut Option<Compressor>) -> Result<(), PageError> {
+    if let Some(c) = compressor {
+        return c.send_ranges(fd, mem, ranges, |s| totals.add(s));
+    }
     for batch in pages::split_batches(ranges, pages::BATCH_DATA_PAGES) {
         totals.add(pages::send_batch(fd, mem, &batch)?);
     }
@@ -74,20 +105,24 @@ fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDigestTracker>
 /// Harvest and clear the dirty pages, and send them (zero pages as ranges without data, if
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
 /// write during the send is caught by the next round. With a `tracker`, the harvested pages are
-/// marked stale in it: the guest changed them since they were last hashed.
+/// marked stale in it: the guest changed them since they were last hashed. `compress` ("off",
+/// "lz4", "auto") and `link_rate` (bytes/s the link is believed to carry) as in `pages::compress`.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None))]
+#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
 fn send_dirty_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
     fd: RawFd,
     detect_zero: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
+    compress: &str,
+    link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
-    let totals = py
-        .detach(move || -> Result<BatchTotals, PageError> {
+    let mut compressor = compressor(compress, link_rate)?;
+    let (totals, report) = py
+        .detach(move || -> Result<_, PageError> {
             let mut totals = BatchTotals::default();
             for (i, seg) in mem.segments().iter().enumerate() {
                 let mut words = vec![0u64; seg.pages().div_ceil(64)];
@@ -96,22 +131,31 @@ fn send_dirty_pages<'py>(
                 if let Some(t) = &tracker {
                     t.mark_ranges(seg, &ranges)?;
                 }
-                send_segment(fd, &mem, &ranges, &mut totals)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor)?;
             }
-            Ok(totals)
+            Ok((totals, compressor_report(&compressor)))
         })
         .map_err(page_error)?;
-    totals_dict(py, &totals)
+    sent_dict(py, &totals, &report)
 }
 
 /// Send every page of guest memory: pages never touched (mincore) as zero ranges without reading
-/// them, all-zero pages as zero ranges if `detect_zero`, the rest with their data.
+/// them, all-zero pages as zero ranges if `detect_zero`, the rest with their data (`compress`
+/// and `link_rate` as for `send_dirty_pages`).
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, detect_zero = true))]
-fn send_all_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, detect_zero: bool) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (memory, fd, *, detect_zero = true, compress = "off", link_rate = None))]
+fn send_all_pages<'py>(
+    py: Python<'py>,
+    memory: PyRef<'py, PyGuestMemory>,
+    fd: RawFd,
+    detect_zero: bool,
+    compress: &str,
+    link_rate: Option<f64>,
+) -> PyResult<Bound<'py, PyDict>> {
     let mem = memory.inner.clone();
-    let totals = py
-        .detach(move || -> Result<BatchTotals, PageError> {
+    let mut compressor = compressor(compress, link_rate)?;
+    let (totals, report) = py
+        .detach(move || -> Result<_, PageError> {
             let mut totals = BatchTotals::default();
             for seg in mem.segments() {
                 let pages_in = seg.pages();
@@ -121,31 +165,34 @@ fn send_all_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: R
                 }
                 let (resident, _) = pages::resident_bitmap(seg)?;
                 let ranges = pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor)?;
             }
-            Ok(totals)
+            Ok((totals, compressor_report(&compressor)))
         })
         .map_err(page_error)?;
-    totals_dict(py, &totals)
+    sent_dict(py, &totals, &report)
 }
 
 /// Send the pages whose frame numbers (little-endian u64, ascending) are in `pfns`.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, pfns, *, detect_zero = true))]
+#[pyo3(signature = (memory, fd, pfns, *, detect_zero = true, compress = "off", link_rate = None))]
 fn send_page_list<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
     fd: RawFd,
     pfns: &[u8],
     detect_zero: bool,
+    compress: &str,
+    link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     if pfns.len() % 8 != 0 {
         return Err(PyValueError::new_err(format!("pfns must be little-endian u64s; {} bytes is not a multiple of 8", pfns.len())));
     }
     let list: Vec<u64> = pfns.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     let mem = memory.inner.clone();
-    let totals = py
-        .detach(move || -> Result<BatchTotals, PageError> {
+    let mut compressor = compressor(compress, link_rate)?;
+    let (totals, report) = py
+        .detach(move || -> Result<_, PageError> {
             let mut totals = BatchTotals::default();
             for seg in mem.segments() {
                 let first_pfn = seg.gpa().pfn();
@@ -156,21 +203,21 @@ fn send_page_list<'py>(
                     words[page / 64] |= 1 << (page % 64);
                 }
                 let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor)?;
             }
             let outside = list.iter().find(|&&p| mem.translate(GuestAddress(p << PAGE_SHIFT), 1).is_err());
             if let Some(&pfn) = outside {
                 return Err(PageError::Memory(mem.translate(GuestAddress(pfn << PAGE_SHIFT), 1).err().unwrap()));
             }
-            Ok(totals)
+            Ok((totals, compressor_report(&compressor)))
         })
         .map_err(page_error)?;
-    totals_dict(py, &totals)
+    sent_dict(py, &totals, &report)
 }
 
 /// Receive one batch from `fd` straight into guest memory (without marking pages dirty).
-/// Everything is checked before a byte is written. With a `tracker`, the pages written are
-/// marked stale in it.
+/// Everything is checked before a byte is written; a compressed batch is decompressed whole into
+/// a bounded scratch buffer first. With a `tracker`, the pages written are marked stale in it.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, tracker = None))]
 fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, tracker: Option<PyRef<'py, PyDigestTracker>>) -> PyResult<Bound<'py, PyDict>> {

@@ -424,6 +424,50 @@ def vcpu_ips(ctx: Context) -> list[Row]:
     return [row]
 
 
+def text_image(ctx: Context, gib: int) -> str:
+    return ctx.image(f"text{gib}g", memsize=gib * GIB, guest="console", guest_args=CONSOLE_IDLE, random_bytes=gib * GIB, fill="text")
+
+
+def compression(content: str, cap_mib: int | None = None, gib: int = 1):
+    """Issue 8's compression rows: a warm migration of ``gib`` GiB of ``content`` (text-like or
+    random pages) with compression off and auto (and lz4 forced, to show what trying every batch
+    costs), optionally over a link capped at ``cap_mib`` MiB/s. The figure is guest memory moved
+    per second (it can beat the link when compression pays); the limit is loopback TCP, or the cap."""
+    def scenario(ctx: Context) -> list[Row]:
+        image = text_image(ctx, gib) if content == "text" else random_image(ctx, gib)
+        cap = cap_mib * MIB if cap_mib else None
+        limit_name, limit = ("link cap", Figure([cap / GIB], "GiB/s")) if cap else ("loopback TCP", ctx.limit("loopback TCP"))
+        modes = ("off", "auto") if cap else ("off", "auto", "lz4")
+        tag = f"compress-{content}-{gib}g" + (f"-cap{cap_mib}m" if cap_mib else "")
+        rows = []
+        for mode in modes:
+            params: dict = {"compress": mode}
+            if cap:
+                params["bandwidth_cap"] = cap
+            seconds, stats = [], []
+            for _ in range(ctx.runs):
+                s, st = migrate(ctx.work, f"cz{content[0]}{mode}", source_args=["-r", image, "--pause-at=0"], dest_args=["-m", f"{gib}G"],
+                                live=False, params=params)
+                seconds.append(s)
+                stats.append(st)
+            rate = Figure([gib / s for s in seconds], "GiB/s")
+            what = (f"warm migration, {gib} GiB {'text-like' if content == 'text' else 'random'} memory, compress={mode}"
+                    + (f", link capped at {cap_mib} MiB/s" if cap else ""))
+            row = Row(f"{tag}-{mode}", what, rate, limit_name, limit, rate.median / limit.median)
+            last = stats[-1]
+            row.extra = {"seconds": seconds, "bytes_total": [st["bytes_total"] for st in stats],
+                         "compressed_batches": [st["compressed_batches"] for st in stats],
+                         "compress_attempts": [st["compress_attempts"] for st in stats],
+                         "saved_bytes": [st["compression_saved_bytes"] for st in stats]}
+            row.notes.append(f"wall {Figure(seconds, 's').text()}; {last['bytes_total'] / GIB:.2f} GiB on the wire, "
+                             f"{last['compressed_batches']} of {last['compress_attempts']} tried batches compressed, "
+                             f"{last['compression_saved_bytes'] / GIB:.2f} GiB saved (last run)")
+            ctx.results[row.scenario] = row
+            rows.append(row)
+        return rows
+    return scenario
+
+
 def _args(d: dict[str, str]) -> list[str]:
     return [a for k, v in d.items() for a in ("--guest-arg", f"{k}={v}")]
 
@@ -448,4 +492,8 @@ SCENARIOS: dict[str, tuple[Callable[[Context], list[Row]], bool]] = {
     "restore": (restore, True),
     "harvest": (harvest, True),
     "vcpu-ips": (vcpu_ips, True),
+    "compress-text-1g": (compression("text"), True),
+    "compress-random-1g": (compression("random"), True),
+    "compress-text-1g-cap": (compression("text", cap_mib=256), True),
+    "compress-random-1g-cap": (compression("random", cap_mib=256), False),
 }

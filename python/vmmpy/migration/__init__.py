@@ -4,7 +4,7 @@ statistics. Speaks to VMs only through ``adapter.MigrationAdapter`` and to state
 """
 
 from .adapter import MigrationAdapter, spec_mismatches
-from .convergence import POLICIES, Estimate, MigrationParams, estimate, estimate_warm
+from .convergence import COMPRESS_MODES, POLICIES, Estimate, MigrationParams, estimate, estimate_warm
 from .destination import Destination, receive, serve_connection
 from .digest import VERIFY_MODES
 from .errors import (
@@ -24,7 +24,7 @@ from .stats import MigrationStats, RoundStats
 from .tls import TlsConfig, wrap_tls
 
 __all__ = [
-    "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
+    "COMPRESS_MODES", "Aborted", "AuthenticationError", "Cancelled", "ConnectionLost", "DEFAULT_PORT", "Destination", "Estimate",
     "MigrationAdapter", "MigrationError", "MigrationHandle", "MigrationParams", "MigrationStats", "MigrationTimeout",
     "NotConverging", "POLICIES", "ProtocolError", "Refused", "RoundStats", "VERIFY_MODES", "estimate", "estimate_warm", "format_address", "migrate",
     "parse_address", "receive", "serve_connection", "spec_mismatches", "TlsConfig", "wrap_tls",

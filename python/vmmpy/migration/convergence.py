@@ -27,6 +27,7 @@ from .protocol import MAX_STREAMS
 from .stats import MigrationStats, RoundStats
 
 POLICIES = ("auto-converge", "switch-over", "give-up")
+COMPRESS_MODES = ("off", "lz4", "auto")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class MigrationParams:
     policy: str = "auto-converge"
     detect_zero: bool = True
     verify: str = "incremental"  # the commit check: "incremental" (what changed) or "full" (all memory, in the downtime)
+    # Page batch compression (docs/migration.md): "off"; "lz4" = every batch that shrinks to 3/4;
+    # "auto" = only while it pays on this link, backing off after batches that do not. Used only
+    # when the destination agrees (protocol version 2); on a destination, "off" declines it.
+    compress: str = "auto"
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
     throttle_max: float = 0.99
@@ -54,6 +59,8 @@ class MigrationParams:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}; got {self.verify!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}; got {self.compress!r}")
         if self.downtime_target_ms <= 0:
             raise ValueError(f"downtime_target_ms must be positive, got {self.downtime_target_ms}")
         if self.max_rounds < 0:

@@ -121,6 +121,9 @@ def serve_connection(adapter: MigrationAdapter, conn: socket.socket, *, key: byt
 
 
 class _Receiver:
+    #: The protocol versions this destination speaks (a test plays an older destination).
+    versions: tuple[int, ...] = P.PROTOCOL_VERSIONS
+
     def __init__(self, adapter, conn, key, params, cancel, peer, tls=None, listener=None) -> None:
         if key is not None and len(key) < 16:
             raise ValueError(f"migration key must be at least 16 bytes, got {len(key)}")
@@ -144,6 +147,8 @@ class _Receiver:
         self.listener = listener  # open only until the data streams have joined or round 0 begins
         self.data_conns: list[socket.socket] = []  # streams 1..n-1 (protocol v3)
         self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
+        self.version = P.PROTOCOL_VERSIONS[0]
+        self.compression: str | None = None  # the codec agreed for page batches
 
     def run(self) -> MigrationStats:
         self.watcher.watch(self.conn)
@@ -210,9 +215,9 @@ class _Receiver:
     def _receive(self) -> None:
         hello_frame = self._read(P.MessageType.HELLO)
         hello = P.decode_hello(hello_frame.payload)
-        common = set(hello.versions) & set(P.PROTOCOL_VERSIONS)
+        common = set(hello.versions) & set(self.versions)
         nonce = os.urandom(P.NONCE_SIZE)
-        version = max(common) if common else P.PROTOCOL_VERSIONS[-1]
+        version = max(common) if common else self.versions[-1]
         challenge = self._send(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(version, self.key is not None, nonce)))
         self.transcript = (hello_frame.raw, challenge)
         self.state = RxState.AWAIT_AUTH
@@ -220,8 +225,9 @@ class _Receiver:
         mac = P.decode_auth(auth_frame.payload)
         if not common:
             self._refuse(P.Stage.AUTH, f"no common protocol version: the source speaks {sorted(hello.versions)}, "
-                                       f"this destination {sorted(P.PROTOCOL_VERSIONS)}")
+                                       f"this destination {sorted(self.versions)}")
         self.stats.protocol_version = version
+        self.version = version
         proof = b""
         if self.key is not None:
             if not mac:
@@ -232,13 +238,17 @@ class _Receiver:
         self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH, proof)))
 
         self.state = RxState.AWAIT_SPEC
-        spec = P.decode_spec(self._read(P.MessageType.SPEC).payload)
+        spec = P.decode_spec(self._read(P.MessageType.SPEC).payload, self.version)
         self.stats.live = spec.live
         try:
             self.adapter.check_spec(spec.to_dict())
         except Exception as err:  # noqa: BLE001 - the adapter's reason goes to the source as is
             self._refuse(P.Stage.SPEC, str(err) or type(err).__name__)
-        self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC)))
+        # Take the source's first offered codec this side knows, unless told not to compress.
+        if self.params.compress != "off":
+            self.compression = next((c for c in spec.compression if c in P.CODECS), None)
+        self.stats.compression = self.compression
+        self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC, compression=self.compression), self.version))
         self.stats.setup_time_ms = self.stats.elapsed_ms()
         self.stats.status = "active"
         set_io_timeout(self.conn, self.params.io_timeout)
@@ -299,7 +309,10 @@ class _Receiver:
         """One round on every stream at once; returns (batches, data pages, zero pages, wire bytes
         with the end markers, wire bytes per stream)."""
         def recv(sock: socket.socket) -> dict[str, int]:
-            return self.memory.recv_pages(sock, tracker=self.tracker)
+            got = self.memory.recv_pages(sock, tracker=self.tracker)
+            if got["compressed_batches"] and self.compression is None:
+                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
+            return got
 
         # The refresher hashes what arrived while the rest streams (kicked after every batch, one kick at a time).
         per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
@@ -315,7 +328,7 @@ class _Receiver:
             raise ProtocolError("round 0 must carry all pages (ALL_PAGES flag missing)")
         self.state = RxState.RECEIVING
         start = time.monotonic()
-        batches = data_pages = zero_pages = wire = 0
+        batches = data_pages = zero_pages = wire = compressed = saved = 0
         stream_bytes: list[int] = []
         fd = self.conn.fileno()
         if self.data_conns:
@@ -333,6 +346,10 @@ class _Receiver:
             batches += 1
             data_pages += got["data_pages"]
             zero_pages += got["zero_pages"]
+            if got["compressed_batches"] and self.compression is None:
+                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
+            compressed += got["compressed_batches"]
+            saved += got["saved_bytes"]
             self.refresher.kick()  # hash what arrived while the rest streams
             # A round sends each page at most once: more is a broken or hostile source.
             if data_pages + zero_pages > self.total_pages:
@@ -353,7 +370,8 @@ class _Receiver:
         self.stats.add_round(RoundStats(
             round=memory.round, final=bool(memory.flags & P.MemoryFlags.FINAL), pages_dirtied=data_pages + zero_pages,
             pages_sent=data_pages, zero_pages=zero_pages, bytes=wire, duration_ms=duration * 1000,
-            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0, stream_bytes=stream_bytes))
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0, stream_bytes=stream_bytes,
+            compressed_batches=compressed, saved_bytes=saved))
         self.next_round += 1
         self.state = RxState.READY
         if memory.flags & P.MemoryFlags.FINAL:

@@ -58,6 +58,11 @@ is byte for byte a version 2 session with a different version number. With n str
 connection is stream 0 and carries every frame; streams 1..n-1 carry only page batches after
 their JOIN. A round's batches are spread over all n; each stream ends the round with its own
 empty batch, and MEMORY_END carries the totals over all of them.
+
+Version 4 adds compression: SPEC ends with the codecs the source offers (``u8 n, n x u8
+codec``; 1 = LZ4) and the destination's ACCEPT of the spec ends with the one it takes (``u8
+codec``, 0 = none). Only then may page batches carry the LZ4 flag; an older peer never sees
+either field, nor a compressed batch.
 """
 
 from __future__ import annotations
@@ -78,10 +83,17 @@ FRAME_VERSION = 1
 # 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest;
 # the destination answers COMMITTED with RESUMED once the guest runs.
 # 3: parallel page streams (STREAMS, STREAMS_TOKEN, JOIN); a session with one stream is a version 2 session.
-PROTOCOL_VERSIONS = (2, 3)
+# 4: page batch compression, offered in SPEC and answered in ACCEPT.
+PROTOCOL_VERSIONS = (2, 3, 4)
 STREAMS_VERSION = 3  # the first protocol version with parallel streams
 MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
 TOKEN_SIZE = 32
+#: The first protocol version whose SPEC and ACCEPT carry the compression offer and answer.
+COMPRESSION_VERSION = 4
+#: Page batch codecs by wire id (the batch flag of that codec: rust/pages/batch.rs).
+CODECS = {"lz4": 1}
+_CODEC_NAMES = {v: k for k, v in CODECS.items()}
+MAX_CODECS = 4
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size
 NONCE_SIZE = 32
@@ -118,7 +130,7 @@ MAX_PAYLOAD = {
     MessageType.HELLO: 2 + 2 * 16 + NONCE_SIZE + 1 + MAX_NAME,
     MessageType.CHALLENGE: 2 + 1 + NONCE_SIZE,
     MessageType.AUTH: 1 + MAC_SIZE,
-    MessageType.ACCEPT: 2 + MAC_SIZE,
+    MessageType.ACCEPT: 2 + MAC_SIZE + 1,
     MessageType.REFUSE: 1 + 2 + MAX_REASON,
     MessageType.SPEC: 64 * 1024,
     MessageType.MEMORY: 8,
@@ -364,12 +376,33 @@ def decode_auth(payload: bytes) -> bytes:
 class Accept:
     stage: Stage
     proof: bytes = b""  # the destination's HMAC, in the AUTH stage when it holds a key
+    compression: str | None = None  # version >= 4, SPEC stage: the codec taken, None for none
 
 
-def encode_accept(m: Accept) -> bytes:
+def encode_accept(m: Accept, version: int = 1) -> bytes:
     if len(m.proof) not in (0, MAC_SIZE):
         raise ProtocolError(f"ACCEPT: a proof is {MAC_SIZE} bytes (or none), got {len(m.proof)}")
-    return bytes([int(m.stage), len(m.proof)]) + m.proof
+    out = bytes([int(m.stage), len(m.proof)]) + m.proof
+    if version >= COMPRESSION_VERSION and m.stage is Stage.SPEC:
+        out += bytes([_codec_id(m.compression, "ACCEPT") if m.compression else 0])
+    elif m.compression:
+        raise ProtocolError(f"ACCEPT: protocol version {version} cannot carry a compression answer")
+    return out
+
+
+def _codec_id(name: str, message: str) -> int:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ProtocolError(f"{message}: unknown compression codec {name!r} (known: {', '.join(CODECS)})") from None
+
+
+def _codec_name(raw: int, message: str) -> str:
+    try:
+        return _CODEC_NAMES[raw]
+    except KeyError:
+        raise ProtocolError(f"{message}: unknown compression codec id {raw} (known: "
+                            f"{', '.join(f'{v} {k}' for k, v in CODECS.items())})") from None
 
 
 def _stage(raw: int, name: str) -> Stage:
@@ -379,15 +412,19 @@ def _stage(raw: int, name: str) -> Stage:
         raise ProtocolError(f"{name}: unknown stage {raw}") from None
 
 
-def decode_accept(payload: bytes) -> Accept:
+def decode_accept(payload: bytes, version: int = 1) -> Accept:
     r = _Reader(MessageType.ACCEPT, payload)
     raw_stage, size = r.unpack("BB", "stage and proof length")
     stage = _stage(raw_stage, "ACCEPT")
     if size not in (0, MAC_SIZE):
         raise ProtocolError(f"ACCEPT: proof length {size}, expected 0 or {MAC_SIZE}")
     proof = r.take(size, "the proof")
+    compression = None
+    if version >= COMPRESSION_VERSION and stage is Stage.SPEC:
+        (codec,) = r.unpack("B", "the compression answer")
+        compression = _codec_name(codec, "ACCEPT") if codec else None
     r.done()
-    return Accept(stage, proof)
+    return Accept(stage, proof, compression)
 
 
 @dataclass(frozen=True)
@@ -425,6 +462,7 @@ class Spec:
     live: bool
     devices: dict[str, int] = field(default_factory=dict)  # section name -> section version
     tsc: str = "instructions"  # the guest TSC's source: "instructions" or "host"
+    compression: tuple[str, ...] = ()  # version >= 4: page batch codecs the source offers, preferred first
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, live: bool) -> Spec:
@@ -460,7 +498,7 @@ class Spec:
 _SPEC_FIXED = struct.Struct("<IIQQBB")
 
 
-def encode_spec(m: Spec) -> bytes:
+def encode_spec(m: Spec, version: int = 1) -> bytes:
     vendor = m.vendor.encode()
     if len(vendor) > MAX_NAME:
         raise ProtocolError(f"SPEC: vendor name of {len(vendor)} bytes exceeds {MAX_NAME}")
@@ -473,15 +511,21 @@ def encode_spec(m: Spec) -> bytes:
         raise ProtocolError(f"SPEC: TSC mode of {len(tsc)} bytes exceeds {MAX_NAME}")
     parts.append(bytes([len(tsc)]) + tsc)
     parts.append(struct.pack("<H", len(m.devices)))
-    for name, version in sorted(m.devices.items()):
+    for name, section_version in sorted(m.devices.items()):
         raw = name.encode()
         if not 1 <= len(raw) <= MAX_NAME:
             raise ProtocolError(f"SPEC: device name {name!r} must be 1 to {MAX_NAME} bytes")
-        parts.append(bytes([len(raw)]) + raw + struct.pack("<I", version))
+        parts.append(bytes([len(raw)]) + raw + struct.pack("<I", section_version))
+    if version >= COMPRESSION_VERSION:
+        if len(m.compression) > MAX_CODECS:
+            raise ProtocolError(f"SPEC: {len(m.compression)} compression codecs offered; at most {MAX_CODECS}")
+        parts.append(bytes([len(m.compression), *(_codec_id(c, "SPEC") for c in m.compression)]))
+    elif m.compression:
+        raise ProtocolError(f"SPEC: protocol version {version} cannot carry a compression offer")
     return b"".join(parts)
 
 
-def decode_spec(payload: bytes) -> Spec:
+def decode_spec(payload: bytes, protocol_version: int = 1) -> Spec:
     r = _Reader(MessageType.SPEC, payload)
     page_size, vcpus, lowmem, highmem, wired, live = r.unpack(_SPEC_FIXED.format[1:], "the fixed fields")
     if wired not in (0, 1) or live not in (0, 1):
@@ -503,8 +547,17 @@ def decode_spec(payload: bytes) -> Spec:
         if name in devices:
             raise ProtocolError(f"SPEC: device '{name}' is listed twice")
         devices[name] = version
+    compression: tuple[str, ...] = ()
+    if protocol_version >= COMPRESSION_VERSION:
+        (offered,) = r.unpack("B", "the compression codec count")
+        if offered > MAX_CODECS:
+            raise ProtocolError(f"SPEC: {offered} compression codecs offered; at most {MAX_CODECS}")
+        codecs = r.unpack(f"{offered}B", "the compression codecs")
+        compression = tuple(_codec_name(c, "SPEC") for c in codecs)
+        if len(set(compression)) != len(compression):
+            raise ProtocolError(f"SPEC: a compression codec is offered twice: {list(compression)}")
     r.done()
-    return Spec(page_size, vendor, vcpus, lowmem, highmem, bool(wired), bool(live), devices, tsc)
+    return Spec(page_size, vendor, vcpus, lowmem, highmem, bool(wired), bool(live), devices, tsc, compression)
 
 
 @dataclass(frozen=True)

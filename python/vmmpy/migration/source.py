@@ -12,6 +12,7 @@ dirty bits and sends those pages; ``Convergence`` decides when to pause for the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -108,9 +109,15 @@ class _Source:
         self.watcher = CancelWatcher(cancel)
         self.stats = MigrationStats(role="source", live=live, policy=params.policy if live else None, peer=format_address(host, port),
                                     downtime_target_ms=params.downtime_target_ms if live else None,
-                                    bandwidth_cap=params.bandwidth_cap, verify=params.verify)
+                                    bandwidth_cap=params.bandwidth_cap, verify=params.verify,
+                                    compress=params.compress)
         self.tracker = self.memory.digest_tracker()  # every page stale: the first refresh hashes all
         self.refresher = Refresher(self.tracker)
+        # What the page batches use once the destination has answered the offer ("off" until then),
+        # and the link speed the "auto" rule starts each round with: the cap, then what the last
+        # round measured.
+        self.compress = "off"
+        self.link_rate: float | None = params.bandwidth_cap
         self.chan: Channel | None = None
         self.data: list[Channel] = []  # parallel streams 1..n-1 (protocol v3), beside the main channel
         self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
@@ -288,11 +295,26 @@ class _Source:
                 raise AuthenticationError("the destination's proof does not match the key: it does not hold the same key")
 
     def _send_spec(self) -> None:
-        spec = P.Spec.from_dict(self.adapter.spec(), live=self.live)
-        self._send(P.MessageType.SPEC, P.encode_spec(spec))
-        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload)
+        version = self.stats.protocol_version or 1
+        # Parallel streams send plain batches (each stream would need a compressor of its own).
+        offer = ("lz4",) if self.params.compress != "off" and version >= P.COMPRESSION_VERSION and self.params.streams == 1 else ()
+        spec = dataclasses.replace(P.Spec.from_dict(self.adapter.spec(), live=self.live), compression=offer)
+        self._send(P.MessageType.SPEC, P.encode_spec(spec, version))
+        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload, version)
         if accept.stage is not P.Stage.SPEC:
             raise ProtocolError(f"expected the destination to accept the spec, got an ACCEPT for {accept.stage.name}")
+        if accept.compression is not None and accept.compression not in offer:
+            raise ProtocolError(f"the destination chose compression {accept.compression!r}, which the source did not offer {list(offer)}")
+        self.stats.compression = accept.compression
+        if accept.compression is not None:
+            self.compress = self.params.compress
+        elif self.params.compress != "off":
+            if self.params.streams > 1:
+                why = "parallel streams send plain batches"
+            else:
+                why = "the destination cannot take compression (" + (
+                    f"it speaks protocol version {version}" if version < P.COMPRESSION_VERSION else "it declined the offer") + ")"
+            self.stats.notes.append(f"page batches go uncompressed: {why}")
 
     def _open_streams(self) -> None:
         """Ask for ``params.streams`` streams on the main connection, then open and join the data
@@ -348,10 +370,13 @@ class _Source:
                 end_bytes = len(fds) * P.BATCH_HEADER_SIZE
                 stream_bytes = [s["wire_bytes"] + P.BATCH_HEADER_SIZE for s in sent["streams"]]
             else:
+                # One stream: batches may be compressed where the destination agreed (parallel
+                # streams send plain batches).
+                how = {"detect_zero": detect_zero, "compress": self.compress, "link_rate": self.link_rate}
                 if all_pages:
-                    sent = self.memory.send_all_pages(fd, detect_zero=detect_zero)
+                    sent = self.memory.send_all_pages(fd, **how)
                 else:
-                    sent = self.memory.send_dirty_pages(fd, detect_zero=detect_zero, tracker=self.tracker)
+                    sent = self.memory.send_dirty_pages(fd, tracker=self.tracker, **how)
                 end = P.end_of_round_batch(self.memory.segments[0].gpa)
                 self.chan.out.sendall(end)
                 end_bytes = len(end)
@@ -359,13 +384,18 @@ class _Source:
             raise self._translate(err, f"round {number}'s page batches") from None
         wire = sent["wire_bytes"] + end_bytes
         self.stats.bytes_total += wire
+        if sent.get("link_rate"):
+            cap = self.params.bandwidth_cap
+            self.link_rate = min(cap, sent["link_rate"]) if cap else sent["link_rate"]
         self._send(P.MessageType.MEMORY_END, P.encode_memory_end(
             P.MemoryEnd(number, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"])))
         duration = time.monotonic() - start
         rnd = RoundStats(
             round=number, final=final, pages_dirtied=sent["data_pages"] + sent["zero_pages"], pages_sent=sent["data_pages"],
             zero_pages=sent["zero_pages"], bytes=wire, duration_ms=duration * 1000,
-            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle, stream_bytes=stream_bytes)
+            throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle, stream_bytes=stream_bytes,
+            compressed_batches=sent.get("compressed_batches", 0), saved_bytes=sent.get("saved_bytes", 0),
+            compress_attempts=sent.get("compress_attempts", 0))
         self.stats.add_round(rnd)
         return rnd
 

@@ -33,6 +33,10 @@ class RoundStats:
     pages_dirtied_during: int = 0  # pages the guest dirtied while this round ran (the next round's work)
     expected_downtime_ms: float | None = None  # what switching over right after this round would have cost
     stream_bytes: list[int] = field(default_factory=list)  # with parallel streams: page batch bytes per stream
+    # Compression (0 when off or not agreed):
+    compressed_batches: int = 0  # batches whose pages went as an LZ4 block
+    saved_bytes: int = 0  # page bytes those batches did not put on the wire
+    compress_attempts: int = 0  # source: batches compressed to see whether they shrink
 
     @property
     def pages(self) -> int:
@@ -52,6 +56,8 @@ class MigrationStats:
     downtime_target_ms: float | None = None  # live: the target the convergence rule aimed for
     bandwidth_cap: float | None = None  # bytes/s, None when the link was not capped
     verify: str | None = None  # source: the commit check, "incremental" or "full"
+    compress: str | None = None  # source: the compression mode asked for (off, lz4, auto)
+    compression: str | None = None  # the codec both ends agreed on for page batches, None for none
     # times
     setup_time_ms: float = 0.0  # connect + handshake + spec
     total_time_ms: float = 0.0
@@ -66,6 +72,9 @@ class MigrationStats:
     pages_sent: int = 0  # with data
     zero_pages: int = 0
     state_bytes: int = 0
+    compressed_batches: int = 0  # page batches that went compressed
+    compression_saved_bytes: int = 0  # page bytes compression kept off the wire
+    compress_attempts: int = 0  # source: batches compressed to see whether they shrink
     # rates
     dirty_rate: float = 0.0  # pages/s, last measured
     throughput: float = 0.0  # bytes/s, bandwidth estimate the convergence decision used last
@@ -93,6 +102,9 @@ class MigrationStats:
         self.page_bytes += rnd.bytes
         self.pages_sent += rnd.pages_sent
         self.zero_pages += rnd.zero_pages
+        self.compressed_batches += rnd.compressed_batches
+        self.compression_saved_bytes += rnd.saved_bytes
+        self.compress_attempts += rnd.compress_attempts
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -107,6 +119,9 @@ class MigrationStats:
         text = (f"{self.role} {self.status}: {len(self.rounds)} rounds, total {self.total_time_ms:.0f} ms, "
                 f"downtime {down}, {self.bytes_total / 2**20:.1f} MiB on the wire "
                 f"({self.pages_sent} data pages, {self.zero_pages} zero pages)")
+        if self.compressed_batches:
+            text += (f"; {self.compressed_batches} batches compressed ({self.compression}), "
+                     f"{self.compression_saved_bytes / 2**20:.1f} MiB saved")
         return text + (f"; {self.error}" if self.error else "")
 
 
