@@ -28,7 +28,7 @@ fn two_segment_guest(tracking: TrackingChoice) -> Option<GuestMemory> {
     }
 }
 
-fn socketpair() -> (OwnedFd, OwnedFd) {
+pub(super) fn socketpair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fresh fds into the array we own.
     assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }, 0);
@@ -44,7 +44,7 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
-fn write_fd(fd: RawFd, bytes: &[u8]) {
+pub(super) fn write_fd(fd: RawFd, bytes: &[u8]) {
     let mut done = 0;
     while done < bytes.len() {
         // SAFETY: writing from a slice we borrow.
@@ -55,7 +55,7 @@ fn write_fd(fd: RawFd, bytes: &[u8]) {
 }
 
 /// Feed `bytes` to `recv_batch` through a pipe, as a stream that then ends.
-fn recv_bytes(mem: &GuestMemory, bytes: &[u8]) -> Result<BatchStats, PageError> {
+pub(super) fn recv_bytes(mem: &GuestMemory, bytes: &[u8]) -> Result<BatchStats, PageError> {
     let (r, w) = pipe();
     let bytes = bytes.to_vec();
     let writer = std::thread::spawn(move || {

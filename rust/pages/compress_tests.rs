@@ -3,48 +3,17 @@
 //! compressed payload (bad checksum, garbage, a bomb, short output, truncation, lying lengths)
 //! is refused with its own error before a guest byte is written.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::batch::encode_batch_with;
+use super::batch_tests::{recv_bytes, socketpair};
 use super::*;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-fn socketpair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fresh fds into the array we own.
-    assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }, 0);
-    // SAFETY: both fds are fresh and owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-fn write_fd(fd: RawFd, bytes: &[u8]) {
-    let mut done = 0;
-    while done < bytes.len() {
-        // SAFETY: writing from a slice we borrow.
-        let n = unsafe { libc::write(fd, bytes[done..].as_ptr() as *const libc::c_void, bytes.len() - done) };
-        assert!(n > 0, "write: {}", std::io::Error::last_os_error());
-        done += n as usize;
-    }
-}
-
-/// Feed `bytes` to `recv_batch` as a stream that then ends.
-fn recv_bytes(mem: &GuestMemory, bytes: &[u8]) -> Result<BatchStats, PageError> {
-    let (a, b) = socketpair();
-    let bytes = bytes.to_vec();
-    let writer = std::thread::spawn(move || {
-        write_fd(a.as_raw_fd(), &bytes);
-        drop(a);
-    });
-    let result = recv_batch(b.as_raw_fd(), mem);
-    drop(b);
-    writer.join().unwrap();
-    result
-}
 
 /// Text-like page content: words from a small vocabulary, different on every page.
 fn text_page(page: u64) -> Vec<u8> {
