@@ -184,3 +184,42 @@ def test_vmmctl_needs_an_action(capsys):
         vmmctl.main(["--vm=vm0"])
     assert exit_.value.code == 2
     assert "one of the arguments" in capsys.readouterr().err
+
+
+def test_two_threads_closing_at_once_both_finish_and_the_socket_goes(tmp_path):
+    # vmmrun's main thread and a destroy request's teardown thread close the server together;
+    # neither may fail half way (which once left the socket file behind a finished vmmrun). A
+    # slow shutdown holds the first closer inside it while the second arrives.
+    import threading
+    import time
+
+    class SlowShutdown:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def shutdown(self, how):
+            time.sleep(0.1)
+            self.sock.shutdown(how)
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    srv = ControlServer("vm0", {"status": lambda req, progress: {}}, directory=tmp_path)
+    srv.start()
+    srv._sock = SlowShutdown(srv._sock)
+    errors = []
+
+    def close():
+        try:
+            srv.close()
+        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=close) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(10)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    assert not srv.path.exists(), "the socket file is removed"

@@ -121,13 +121,16 @@ class ControlServer:
         """Stop accepting, let requests in flight send their answer (a suspend ends the VM
         from inside its own request), then remove the socket."""
         self._closing.set()
-        if self._sock is not None:
+        # Two threads may close at once (a destroy request's teardown and vmmrun's main thread):
+        # take the socket atomically, so neither finds it half closed and fails before unlinking.
+        with self._active_lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
             try:
-                self._sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._sock.close()
-            self._sock = None
+            sock.close()
         with self._active_lock:
             active = [t for t in self._active if t is not threading.current_thread()]
         for thread in active:

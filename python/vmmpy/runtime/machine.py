@@ -355,8 +355,12 @@ class Machine:
         self.close()
 
     def close(self) -> None:
-        if self._control is not None:
-            self._control.close()
+        # May run in two threads at once (a destroy request's teardown and vmmrun's main thread):
+        # both close the control server (it is safe to), so whichever ends the process has
+        # removed the socket first.
+        control = self._control
+        if control is not None:
+            control.close()
             self._control = None
         for device in self.devices:
             device.close()
