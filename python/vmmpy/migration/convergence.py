@@ -40,7 +40,7 @@ class MigrationParams:
     verify: str = "incremental"  # the commit check: "incremental" (what changed) or "full" (all memory, in the downtime)
     # Page batch compression (docs/migration.md): "off"; "lz4" = every batch that shrinks to 3/4;
     # "auto" = only while it pays on this link, backing off after batches that do not. Used only
-    # when the destination agrees (protocol version 2); on a destination, "off" declines it.
+    # when the destination agrees (protocol version 4, one stream); on a destination, "off" declines it.
     compress: str = "auto"
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
