@@ -69,7 +69,7 @@ def test_a_destination_that_declines_gets_plain_batches(guests):
     dst = guests("16M", work_pages=1024, running=False)
     src.wait_for_progress(1500)
     stats, dstats = migrate_pair(src, dst, live=False, params=MigrationParams(compress="lz4"),
-                                 dst_params=MigrationParams(compress="off"))
+                                 dst_params=MigrationParams(accept_compression=False))
     assert stats.status == "completed", stats.error
     assert stats.compression is None and stats.compressed_batches == 0 and stats.compress_attempts == 0
     assert any("destination cannot take compression (it declined the offer)" in n for n in stats.notes), stats.notes
@@ -101,7 +101,7 @@ def test_compressed_batches_the_destination_did_not_agree_to_are_refused(guests,
     dst = guests("16M", work_pages=1024, running=False)
     src.wait_for_progress(1500)
     stats, dstats = migrate_pair(src, dst, live=False, params=MigrationParams(compress="lz4"),
-                                 dst_params=MigrationParams(compress="off"))
+                                 dst_params=MigrationParams(accept_compression=False))
     assert dstats.status == "failed" and "compressed page batch, but no compression was agreed" in dstats.error, dstats.error
     assert dst.discarded and "start_running" not in dst.calls
     assert stats.status == "failed" and src.calls[-1] == "resume", "the source keeps its guest"

@@ -38,10 +38,11 @@ class MigrationParams:
     policy: str = "auto-converge"
     detect_zero: bool = True
     verify: str = "incremental"  # the commit check: "incremental" (what changed) or "full" (all memory, in the downtime)
-    # Page batch compression (docs/migration.md): "off"; "lz4" = every batch that shrinks to 3/4;
-    # "auto" = only while it pays on this link, backing off after batches that do not. Used only
-    # when the destination agrees (protocol version 4, one stream); on a destination, "off" declines it.
-    compress: str = "auto"
+    # Page batch compression (docs/migration.md), source side: "off" (the default); "lz4" = every
+    # batch that shrinks to 3/4; "auto" = only while it pays on this link, backing off after
+    # batches that do not. Used only when the destination agrees (protocol version 4, one stream).
+    compress: str = "off"
+    accept_compression: bool = True  # destination: take a codec the source offers
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
     throttle_max: float = 0.99

@@ -244,8 +244,8 @@ class _Receiver:
             self.adapter.check_spec(spec.to_dict())
         except Exception as err:  # noqa: BLE001 - the adapter's reason goes to the source as is
             self._refuse(P.Stage.SPEC, str(err) or type(err).__name__)
-        # Take the source's first offered codec this side knows, unless told not to compress.
-        if self.params.compress != "off":
+        # Take the source's first offered codec this side knows, unless told not to.
+        if self.params.accept_compression:
             self.compression = next((c for c in spec.compression if c in P.CODECS), None)
         self.stats.compression = self.compression
         self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC, compression=self.compression), self.version))
