@@ -43,12 +43,7 @@ class Proxy:
         except OSError:
             pass
         finally:
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            back.join(5)
+            _shut_both(client, upstream, back)
             client.close()
             upstream.close()
             self.listener.close()
@@ -120,12 +115,7 @@ class StreamProxy:
         except OSError:
             pass
         finally:
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            back.join(5)
+            _shut_both(client, upstream, back)
             with self._lock:
                 for s in (client, upstream):
                     if s in self._open:
@@ -155,3 +145,13 @@ class StreamProxy:
             for s in self._open:
                 s.close()
             self._open.clear()
+
+
+def _shut_both(client: socket.socket, upstream: socket.socket, back: threading.Thread) -> None:
+    """End a forwarded connection both ways (as a dead peer would) and wait for its back thread."""
+    for s in (client, upstream):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    back.join(5)
