@@ -134,7 +134,7 @@ class CancelWatcher:
             self._sockets.append(sock)
             fire = self.fired
         if fire:
-            _shutdown(sock)
+            shutdown_quietly(sock)
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set() and not self._committed
@@ -158,7 +158,7 @@ class CancelWatcher:
                     self.fired = True
                     socks = list(self._sockets)
                 for sock in socks:
-                    _shutdown(sock)
+                    shutdown_quietly(sock)
                 return
 
     def close(self) -> None:
@@ -167,9 +167,11 @@ class CancelWatcher:
             self._thread.join(timeout=1.0)
 
 
-def _shutdown(sock: socket.socket) -> None:
+def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """shutdown(2) one or both directions, ignoring a socket already shut or closed: what
+    cancelling, failing and closing do to wake whatever is blocked on it."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(how)
     except OSError:
         pass
 
@@ -221,7 +223,7 @@ class Channel:
         except OSError as err:
             self.relay_error = err
         finally:
-            _shutdown(self._inner)
+            shutdown_quietly(self._inner)
 
     def translate(self, err: BaseException, what: str) -> MigrationError:
         """The relay's own failure, if it is why a write to ``out`` failed."""
@@ -242,7 +244,7 @@ class Channel:
         """Wait until the relay has handed everything to TCP (no-op without a cap)."""
         if self._relay is None:
             return
-        _shutdown_write(self.out)
+        shutdown_quietly(self.out, socket.SHUT_WR)
         self._relay.join(timeout)
         if self._relay.is_alive():
             raise MigrationTimeout(f"pacing relay did not drain within {timeout:g} s")
@@ -253,21 +255,13 @@ class Channel:
         if self._relay is not None:
             self._stop.set()
             for s in (self.out, self._inner):
-                _shutdown(s)
+                shutdown_quietly(s)
             self._relay.join(timeout=2.0)
         for s in self.sockets():
             try:
                 s.close()
             except OSError:
                 pass
-
-
-def _shutdown_write(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-
 
 
 # -- the bandwidth probe behind ``vmmctl --estimate`` --------------------------------------------

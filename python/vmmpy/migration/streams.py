@@ -41,7 +41,7 @@ from .errors import (
     Refused,
     receive_error,
 )
-from .net import CancelWatcher, connect, format_address, set_io_timeout
+from .net import CancelWatcher, connect, format_address, set_io_timeout, shutdown_quietly
 
 #: Data connections the destination holds at once while waiting for their JOIN; more are closed.
 MAX_PENDING = 32
@@ -370,13 +370,13 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
             if first:
                 for other, sock in enumerate(socks):
                     if other != index:
-                        _shutdown_read(sock)
+                        shutdown_quietly(sock, socket.SHUT_RD)
 
     def fail_all(index: int, err: BaseException) -> None:
         with lock:
             failures.insert(0, (index, err))
         for sock in socks:
-            _shutdown_read(sock)
+            shutdown_quietly(sock, socket.SHUT_RD)
 
     threads = [threading.Thread(target=one, args=(i,), name=f"migration-stream-{i}", daemon=True) for i in range(1, len(socks))]
     for thread in threads:
@@ -390,7 +390,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
             # Cannot happen while every read has a timeout (SO_RCVTIMEO) shorter than join_timeout.
             failures.append((threads.index(thread) + 1, MigrationTimeout(f"round {round_number}: a stream's receive did not end within {join_timeout:g} s")))
             for sock in socks:
-                _shutdown_read(sock)
+                shutdown_quietly(sock, socket.SHUT_RD)
     if failures:
         index, err = failures[0]
         raise receive_error(err, f"round {round_number}, stream {index}") if isinstance(err, PageBatchError) else err
@@ -428,13 +428,6 @@ def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: 
         except MigrationError as err:
             fail_all(0, err)
         return
-
-
-def _shutdown_read(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
 
 
 def measure_local_throughput_streams(host: str, streams: int, seconds: float = 0.3) -> float:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from . import protocol as P
 from .errors import AuthenticationError, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
+from .net import shutdown_quietly
 
 log = logging.getLogger("vmmpy.migration.tls")
 
@@ -173,7 +174,7 @@ def wrap_tls(sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
         hs.run()
         early = b"" if server_side else hs.wait_for_acceptance()
     except BaseException:
-        _shutdown(sock)
+        shutdown_quietly(sock)
         sock.close()
         raise
     sock.settimeout(None)
@@ -404,8 +405,8 @@ class _Relay:
             self._sent_all.set()
             if self.error is not None:
                 log.info("migration TLS relay stopped: %s", self.error)
-            _shutdown(self.inner)
-            _shutdown(self.raw)
+            shutdown_quietly(self.inner)
+            shutdown_quietly(self.raw)
 
     def _pump(self) -> None:
         raw, inner, sslobj = self.raw, self.inner, self.sslobj
@@ -434,11 +435,11 @@ class _Relay:
                 to_raw = _append(to_raw, self.outgoing.read())
                 notify_due, fin_due = False, True
             if fin_due and not to_raw:
-                _shutdown(raw, socket.SHUT_WR)
+                shutdown_quietly(raw, socket.SHUT_WR)
                 fin_due = False
                 self._sent_all.set()
             if not down_open and not to_app and not app_told:
-                _shutdown(inner, socket.SHUT_WR)
+                shutdown_quietly(inner, socket.SHUT_WR)
                 app_told = True
             if not up_open and not notify_due and not fin_due and not to_raw and not down_open and app_told:
                 return
@@ -481,7 +482,7 @@ class _Relay:
                     n = 0
                     up_open = notify_due = fin_due = False
                     to_raw = memoryview(b"")
-                    _shutdown(inner, socket.SHUT_RD)
+                    shutdown_quietly(inner, socket.SHUT_RD)
                 if n == 0:
                     raw_eof = True
                     self.incoming.write_eof()
@@ -544,8 +545,8 @@ class _Relay:
                 break
             time.sleep(0.005)
         self._stop.set()
-        _shutdown(self.raw)
-        _shutdown(self.inner)
+        shutdown_quietly(self.raw)
+        shutdown_quietly(self.inner)
         self._thread.join(2.0)
         for s in (self.inner, self.raw):
             try:
@@ -573,10 +574,3 @@ def _append(pending: memoryview, data: bytes) -> memoryview:
     if not pending:
         return memoryview(data)
     return memoryview(bytes(pending) + data)
-
-
-def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass
