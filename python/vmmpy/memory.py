@@ -188,8 +188,8 @@ class GuestMemory:
         ``detect_zero``. Returns totals: batches, ranges, data_pages, zero_pages, data_bytes,
         wire_bytes, compressed_batches, saved_bytes, compress_attempts, link_rate. One batch per
         segment that has dirty pages (more past 65,536 ranges or 16 MiB of data) without
-        compression. With a ``tracker`` (:meth:`digest_tracker`) the harvested pages are marked
-        stale in it.
+        compression. With a ``tracker`` (:meth:`digest_tracker`) every page sent is hashed into it
+        on the way.
 
         ``compress``: ``"off"``; ``"lz4"`` tries every 1 MiB batch and sends it as an LZ4 block
         when that is at most 3/4 of its size; ``"auto"`` does so only while it pays on a link
@@ -200,10 +200,12 @@ class GuestMemory:
         return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker, compress=compress,
                                       link_rate=link_rate)
 
-    def send_all_pages(self, fd, *, detect_zero: bool = True, compress: str = "off",
+    def send_all_pages(self, fd, *, detect_zero: bool = True, tracker: DigestTracker | None = None, compress: str = "off",
                        link_rate: float | None = None) -> dict[str, int]:
-        """Send every page; never-touched pages go as zero ranges without being read."""
-        return _core.send_all_pages(self.core, _fileno(fd), detect_zero=detect_zero, compress=compress, link_rate=link_rate)
+        """Send every page; never-touched pages go as zero ranges without being read. The other
+        arguments as for :meth:`send_dirty_pages`."""
+        return _core.send_all_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker, compress=compress,
+                                    link_rate=link_rate)
 
     def send_pages(self, fd, pfns, *, detect_zero: bool = True, compress: str = "off",
                    link_rate: float | None = None) -> dict[str, int]:
@@ -215,7 +217,7 @@ class GuestMemory:
                          tracker: DigestTracker | None = None) -> dict:
         """One round over several fds at once (parallel streams): every page (``all_pages``, as
         ``send_all_pages``) or the dirty pages harvested and cleared once (as
-        ``send_dirty_pages``, marked stale in ``tracker`` when given), cut into batches of at most
+        ``send_dirty_pages``, hashed into ``tracker`` on the way when given), cut into batches of at most
         ``chunk_pages`` data pages (default 16 MiB's worth) that each fd takes as it becomes free;
         every fd's share ends with an empty batch. Returns the totals (end markers not counted)
         and ``streams``, the same per fd."""
@@ -229,7 +231,8 @@ class GuestMemory:
         Received pages are not marked dirty. A bad batch raises ``PageBatchError`` naming what
         was wrong. A compressed batch (``compressed_batches`` = 1 in the result) is checked and
         decompressed whole into a bounded scratch buffer before any page is written. With a
-        ``tracker`` the pages written are marked stale in it.
+        ``tracker`` the pages written are hashed into it as they arrive (a compressed batch's are
+        marked stale in it instead, for its next refresh).
         """
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 
@@ -244,10 +247,11 @@ class GuestMemory:
         return _core.commit_digest(self.core)
 
     def digest_tracker(self) -> DigestTracker:
-        """A tracker of :meth:`commit_digest`: every page starts stale; mark pages stale as they
-        change (``send_dirty_pages``/``recv_pages`` do it when given the tracker), and
-        ``tracker.digest()`` rehashes only those. It equals ``commit_digest()`` as long as every
-        change since it was made has been marked."""
+        """A tracker of :meth:`commit_digest`: every page starts stale; pages are hashed into it as
+        they move (``send_*_pages``/``recv_pages`` do it when given the tracker) or marked stale
+        when they change (``tracker.mark_pages``), and ``tracker.digest()`` rehashes only the
+        stale ones. It equals ``commit_digest()`` as long as every page changed since it was
+        made has been hashed or marked since."""
         return _core.DigestTracker(self.core)
 
     def hash_pages(self, gpa: int, count: int) -> np.ndarray:

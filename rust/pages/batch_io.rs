@@ -98,6 +98,44 @@ const POPULATE_AHEAD_MIN: u64 = 4 << 20;
 /// At most this many iovecs per call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
+/// With a digest tracker, page bytes are hashed and moved this much at a time: small enough to
+/// stay in a core's L2 cache between the hash and the copy, so the sender's copy to the socket
+/// and the receiver's hash read the cache instead of memory.
+const HASH_WINDOW_PAGES: usize = 64;
+
+/// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
+/// windows of at most `HASH_WINDOW_PAGES` pages.
+fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usize)>> {
+    let mut windows = Vec::new();
+    let mut window: Vec<(usize, usize)> = Vec::new();
+    let mut room = HASH_WINDOW_PAGES;
+    for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
+        let (mut first, mut left) = (off / PAGE_SIZE, r.pages as usize);
+        while left > 0 {
+            let n = left.min(room);
+            window.push((first, n));
+            (first, left, room) = (first + n, left - n, room - n);
+            if room == 0 {
+                windows.push(std::mem::take(&mut window));
+                room = HASH_WINDOW_PAGES;
+            }
+        }
+    }
+    if !window.is_empty() {
+        windows.push(window);
+    }
+    windows
+}
+
+/// The ZERO ranges of a batch as runs of `(first page in the segment, pages)`.
+fn zero_runs(ranges: &[PageRange], offsets: &[usize]) -> Vec<(usize, usize)> {
+    ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Zero).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect()
+}
+
+fn run_iovec(seg: &Segment, (first, pages): (usize, usize)) -> libc::iovec {
+    libc::iovec { iov_base: seg.as_ptr().wrapping_add(first * PAGE_SIZE) as *mut libc::c_void, iov_len: pages * PAGE_SIZE }
+}
+
 fn nonblocking_error(fd: RawFd, what: &str) -> PageError {
     PageError::io(
         format!("{what}: fd {fd} is non-blocking and would block; page batches need a blocking fd (Python: sock.setblocking(True))"),
@@ -222,6 +260,13 @@ pub(super) fn batch_segment<'a>(mem: &'a GuestMemory, ranges: &[PageRange]) -> R
 /// `build_ranges_*` make them) to `fd`: header and table, then the DATA pages straight from guest
 /// memory. The ranges are checked exactly as the receiver will check them.
 pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<BatchStats, PageError> {
+    send_batch_tracked(fd, mem, ranges, None)
+}
+
+/// [`send_batch`], and with a `tracker` every page of the batch hashed into it as it goes: each
+/// window of DATA pages is hashed right before it is written (see [`DigestTracker::hash_now`]),
+/// ZERO pages are stored as zero.
+pub fn send_batch_tracked(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
     if ranges.len() > MAX_RANGES as usize {
         return Err(PageError::BadSendRanges {
             why: format!("{} ranges, more than the {MAX_RANGES} a batch may hold; send ranges.chunks({MAX_RANGES}) as separate batches", ranges.len()),
@@ -232,17 +277,33 @@ pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<
     let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
     let offsets = validate_ranges(seg, &header, ranges)?;
     let encoded = encode_batch(seg.gpa(), ranges);
-    let mut iovs = Vec::with_capacity(1 + ranges.len());
-    iovs.push(libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() });
-    for (r, &off) in ranges.iter().zip(&offsets) {
-        if r.kind == RangeKind::Data {
-            // The kernel only reads through these pointers (sendmsg/writev); `*mut` is the iovec type's.
-            iovs.push(libc::iovec { iov_base: seg.as_ptr().wrapping_add(off) as *mut libc::c_void, iov_len: r.bytes() as usize });
+    let encoded_iov = libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() };
+    let Some(tracker) = tracker else {
+        let mut iovs = Vec::with_capacity(1 + ranges.len());
+        iovs.push(encoded_iov);
+        for (r, &off) in ranges.iter().zip(&offsets) {
+            if r.kind == RangeKind::Data {
+                iovs.push(run_iovec(seg, (off / PAGE_SIZE, r.pages as usize)));
+            }
         }
+        // SAFETY: the first iovec is `encoded`, alive until the end of this function; the others
+        // lie inside the segment's mapping (validate_ranges checked each range), which `mem`
+        // keeps mapped. The kernel only reads through them; `*mut` is the iovec type's.
+        unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
+        return Ok(stats);
+    };
+    tracker.hash_now(seg, &zero_runs(ranges, &offsets), true)?;
+    let mut header_iov = Some(encoded_iov);
+    for window in data_windows(ranges, &offsets) {
+        tracker.hash_now(seg, &window, false)?;
+        let mut iovs: Vec<libc::iovec> = header_iov.take().into_iter().chain(window.iter().map(|&run| run_iovec(seg, run))).collect();
+        // SAFETY: as above.
+        unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
     }
-    // SAFETY: the first iovec is `encoded`, alive until the end of this function; the others lie
-    // inside the segment's mapping (validate_ranges checked each range), which `mem` keeps mapped.
-    unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
+    if let Some(iov) = header_iov {
+        // SAFETY: as above: `encoded` is alive until the end of this function.
+        unsafe { write_all(fd, &mut [iov], "sending a page batch")? };
+    }
     Ok(stats)
 }
 
@@ -306,38 +367,42 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         stats.compressed_batches = 1;
         stats.saved_bytes = stats.data_bytes - header.payload_len;
         stats.wire_bytes -= stats.saved_bytes;
+        if let Some(tracker) = tracker {
+            // Decompressed through a scratch buffer: the pages are no longer in the cache, so
+            // they are left for the next refresh.
+            tracker.mark_ranges(seg, &ranges.iter().copied().filter(|r| r.kind == RangeKind::Data).collect::<Vec<_>>())?;
+        }
     } else {
-        read_data_pages(fd, seg, &header, &ranges, &offsets)?;
+        read_data_pages(fd, seg, &header, &ranges, &offsets, tracker)?;
     }
     for (r, &off) in ranges.iter().zip(&offsets) {
         if r.kind == RangeKind::Zero {
             zero_pages(seg, off, r.bytes() as usize)?;
         }
     }
+    if let Some(tracker) = tracker {
+        tracker.hash_now(seg, &zero_runs(&ranges, &offsets), true)?;
+    }
     if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
         let end = last.gpa.0 + last.bytes();
         mem.mark_clean_range(first.gpa, (end - first.gpa.0) as usize)?;
     }
-    if let Some(tracker) = tracker {
-        tracker.mark_ranges(seg, &ranges)?;
-    }
     Ok(stats)
 }
 
-/// Read a plain batch's DATA pages straight into the segment.
-fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[PageRange], offsets: &[usize]) -> Result<(), PageError> {
-    let mut iovs: Vec<libc::iovec> = ranges
-        .iter()
-        .zip(offsets)
-        .filter(|(r, _)| r.kind == RangeKind::Data)
-        .map(|(r, &off)| libc::iovec { iov_base: seg.as_ptr().wrapping_add(off) as *mut libc::c_void, iov_len: r.bytes() as usize })
-        .collect();
+/// Read a plain batch's DATA pages straight into the segment; with a `tracker`, a window at a
+/// time, each hashed into it right after it arrives.
+fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[PageRange], offsets: &[usize], tracker: Option<&DigestTracker>) -> Result<(), PageError> {
+    let windows = match tracker {
+        Some(_) => data_windows(ranges, offsets),
+        None => vec![ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect()],
+    };
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
     // failures ignored), so the socket reads mostly land in pages that already exist. Only for
     // a batch big enough to pay for the thread, and never for wired or file-backed memory.
     let populate = !seg.wired() && !seg.is_file_backed() && header.payload_len >= POPULATE_AHEAD_MIN;
-    let got = std::thread::scope(|scope| {
+    let got = std::thread::scope(|scope| -> Result<u64, PageError> {
         if populate {
             scope.spawn(move || {
                 for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
@@ -347,10 +412,23 @@ fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[Pag
                 }
             });
         }
-        // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which `mem`
-        // keeps mapped; guest memory is never behind a Rust reference, so the kernel writing it
-        // aliases nothing.
-        unsafe { read_all(fd, &mut iovs, "receiving page data") }
+        let mut got = 0;
+        for window in &windows {
+            let mut iovs: Vec<libc::iovec> = window.iter().map(|&run| run_iovec(seg, run)).collect();
+            let want: u64 = iovs.iter().map(|v| v.iov_len as u64).sum();
+            // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which the
+            // caller's `mem` keeps mapped; guest memory is never behind a Rust reference, so the
+            // kernel writing it aliases nothing.
+            let n = unsafe { read_all(fd, &mut iovs, "receiving page data")? };
+            got += n;
+            if n < want {
+                break;
+            }
+            if let Some(tracker) = tracker {
+                tracker.hash_now(seg, window, false)?;
+            }
+        }
+        Ok(got)
     })?;
     if got < header.payload_len {
         return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });

@@ -133,25 +133,33 @@ fn round_trip(tracking: TrackingChoice, use_pipe: bool) {
 }
 
 #[test]
-fn a_tracked_receive_keeps_the_commit_digest_current() {
+fn tracked_batches_hash_every_page_they_move_on_both_sides() {
     let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
-    for p in [0u64, 7, 64, 65, 1000] {
+    // 130 pages in a row (three hash windows, across chunk boundaries), and scattered pages, two
+    // of them in one chunk and in one window.
+    for p in (3..133).chain([140, 150, 1000]) {
         src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
     }
-    dst.write(GuestAddress(HIGHMEM_BASE + 8 * 4096), &page_fill(8)).unwrap(); // to be cleared by a ZERO range
-    src.write(GuestAddress(HIGHMEM_BASE + 8 * 4096), &[0; 4096]).unwrap();
-    let tracker = DigestTracker::new(&dst).unwrap();
-    tracker.digest().unwrap(); // everything hashed: from here only marks make it change
+    dst.write(GuestAddress(HIGHMEM_BASE + 200 * 4096), &page_fill(200)).unwrap(); // to be cleared by a ZERO range
+    src.write(GuestAddress(HIGHMEM_BASE + 200 * 4096), &[0; 4096]).unwrap();
+    let theirs = DigestTracker::new(&src).unwrap(); // all stale: only what is sent gets hashed
+    let mine = DigestTracker::new(&dst).unwrap();
+    mine.digest().unwrap(); // everything hashed: from here only what arrives makes it change
     let words = harvest(&src, 1);
     let ranges = build_ranges_from_bitmap(&src.segments()[1], &words, true).unwrap();
+    assert!(ranges.iter().any(|r| r.kind == RangeKind::Zero));
     let (rx, tx) = socketpair();
-    std::thread::scope(|s| {
-        s.spawn(|| send_batch(tx.as_raw_fd(), &src, &ranges).unwrap());
-        recv_batch_tracked(rx.as_raw_fd(), &dst, Some(&tracker)).unwrap();
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| send_batch_tracked(tx.as_raw_fd(), &src, &ranges, Some(&theirs)).unwrap());
+        recv_batch_tracked(rx.as_raw_fd(), &dst, Some(&mine)).unwrap();
+        sender.join().unwrap()
     });
-    assert_eq!(tracker.stale_pages(), 6, "every page the batch wrote is marked, ZERO ones too");
-    assert_eq!(tracker.digest().unwrap(), commit_digest(&dst).unwrap());
-    assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap());
+    let all_pages: u64 = src.segments().iter().map(|s| s.pages() as u64).sum();
+    assert_eq!(theirs.stale_pages(), all_pages - sent.data_pages - sent.zero_pages, "the sender hashed exactly what it sent");
+    assert_eq!(mine.stale_pages(), 0, "the receiver hashed every page it wrote, ZERO ones too");
+    assert_eq!(mine.digest().unwrap(), commit_digest(&dst).unwrap());
+    assert_eq!(mine.digest().unwrap(), commit_digest(&src).unwrap());
+    assert_eq!(theirs.digest().unwrap(), commit_digest(&src).unwrap());
 }
 
 #[test]

@@ -36,7 +36,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::batch::{
     encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES,
 };
-use super::batch_io::{batch_segment, read_all, send_batch, write_all, BatchStats};
+use super::batch_io::{batch_segment, read_all, send_batch_tracked, write_all, BatchStats};
+use super::tracker::DigestTracker;
 use super::PageError;
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 
@@ -122,7 +123,7 @@ impl Compressor {
 
     /// Send one segment's `ranges` (ascending, as `build_ranges_*` make them) as batches,
     /// calling `each` with every batch's statistics.
-    pub fn send_ranges(&mut self, fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], mut each: impl FnMut(BatchStats)) -> Result<(), PageError> {
+    pub fn send_ranges(&mut self, fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], tracker: Option<&DigestTracker>, mut each: impl FnMut(BatchStats)) -> Result<(), PageError> {
         let mut queue = ranges.iter().copied();
         let mut carry: Option<PageRange> = None;
         loop {
@@ -159,10 +160,10 @@ impl Compressor {
                 return Ok(());
             }
             let stats = if trying && data_pages > 0 {
-                self.try_compressed(fd, mem, &batch, data_pages)?
+                self.try_compressed(fd, mem, &batch, data_pages, tracker)?
             } else {
                 self.skip_pages = self.skip_pages.saturating_sub(data_pages);
-                self.send_plain(fd, mem, &batch)?
+                self.send_plain(fd, mem, &batch, tracker)?
             };
             each(stats);
         }
@@ -173,20 +174,26 @@ impl Compressor {
         self.write_secs += started.elapsed().as_secs_f64();
     }
 
-    fn send_plain(&mut self, fd: RawFd, mem: &GuestMemory, batch: &[PageRange]) -> Result<BatchStats, PageError> {
+    fn send_plain(&mut self, fd: RawFd, mem: &GuestMemory, batch: &[PageRange], tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
         let started = Instant::now();
-        let stats = send_batch(fd, mem, batch)?;
+        let stats = send_batch_tracked(fd, mem, batch, tracker)?;
         self.note_write(stats.wire_bytes, started);
         Ok(stats)
     }
 
     /// Compress the batch's pages; send them compressed if the block is worth it, plain if not;
     /// update the back-off (Auto).
-    fn try_compressed(&mut self, fd: RawFd, mem: &GuestMemory, batch: &[PageRange], data_pages: u64) -> Result<BatchStats, PageError> {
+    fn try_compressed(&mut self, fd: RawFd, mem: &GuestMemory, batch: &[PageRange], data_pages: u64, tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
         let seg = batch_segment(mem, batch)?;
         let raw = (data_pages * PAGE_SIZE as u64) as usize;
         let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: batch.len() as u32, payload_len: raw as u64, checksum: 0 };
         let offsets = validate_ranges(seg, &header, batch)?;
+        if let Some(tracker) = tracker {
+            // Hashed before the copy below reads the pages again, from the cache.
+            let runs = |kind| batch.iter().zip(&offsets).filter(|(r, _)| r.kind == kind).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect::<Vec<_>>();
+            tracker.hash_now(seg, &runs(RangeKind::Zero), true)?;
+            tracker.hash_now(seg, &runs(RangeKind::Data), false)?;
+        }
         if self.input.len() < raw {
             self.input.resize(raw, 0);
             self.output.resize(COMPRESSED_PREFIX as usize + lz4_flex::block::get_maximum_output_size(raw), 0);
@@ -217,7 +224,7 @@ impl Compressor {
             }
         }
         if !worth {
-            return self.send_plain(fd, mem, batch);
+            return self.send_plain(fd, mem, batch, None); // hashed above
         }
         let prefix = COMPRESSED_PREFIX as usize;
         let sum = xxh3_64(&self.output[prefix..prefix + block]);

@@ -89,7 +89,7 @@ fn round_trip(src: &GuestMemory, mode: CompressMode, hint: Option<f64>) -> (Batc
             let _end = ShutdownOnDrop(a.as_raw_fd());
             let mut c = Compressor::new(mode, hint);
             let mut total = BatchStats::default();
-            let sent = c.send_ranges(a.as_raw_fd(), src, &ranges, |s| add(&mut total, s));
+            let sent = c.send_ranges(a.as_raw_fd(), src, &ranges, None, |s| add(&mut total, s));
             sent.map(|()| (total, c.attempts)).map_err(|e| e.to_string())
         });
         let mut got = BatchStats::default();

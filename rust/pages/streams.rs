@@ -18,7 +18,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{send_batch, BatchTotals};
+use super::batch_io::{send_batch, send_batch_tracked, BatchTotals};
+use super::tracker::DigestTracker;
 use super::PageError;
 use crate::memory::GuestMemory;
 
@@ -34,11 +35,11 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 }
 
 /// Send `chunks` over `fds` in parallel, one thread per fd, each taking the next unsent chunk as
-/// one batch; then each fd gets an empty batch ending its share of the round. Returns what each
+/// one batch (hashing its pages into `tracker` on the way, when given); then each fd gets an empty batch ending its share of the round. Returns what each
 /// fd carried (in `fds` order). On the first failure the other streams take no further chunk and
 /// send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
-pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>]) -> Result<Vec<BatchTotals>, PageError> {
+pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>], tracker: Option<&DigestTracker>) -> Result<Vec<BatchTotals>, PageError> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
     }
@@ -61,7 +62,7 @@ pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>]) 
                                 send_batch(fd, mem, &[])?;
                                 return Ok(());
                             };
-                            totals.add(send_batch(fd, mem, chunk)?);
+                            totals.add(send_batch_tracked(fd, mem, chunk, tracker)?);
                         }
                         Ok(())
                     })();

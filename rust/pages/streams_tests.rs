@@ -53,7 +53,7 @@ fn a_round_over_three_streams_arrives_exactly() {
                 })
             })
             .collect();
-        let sent = send_chunks(&send_fds, &src, &chunks).unwrap();
+        let sent = send_chunks(&send_fds, &src, &chunks, None).unwrap();
         let got: Vec<_> = readers.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(sent, got);
         got
@@ -83,10 +83,10 @@ fn a_closed_stream_fails_the_round_and_names_it() {
         // SAFETY: reading into a buffer we own.
         while unsafe { libc::read(b0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
     });
-    let err = send_chunks(&[a0.as_raw_fd(), a1.as_raw_fd()], &src, &chunks).unwrap_err();
+    let err = send_chunks(&[a0.as_raw_fd(), a1.as_raw_fd()], &src, &chunks, None).unwrap_err();
     assert!(err.to_string().starts_with("stream 1: "), "{err}");
     assert_eq!(err.errno(), libc::EPIPE);
     drop(a0);
     drain.join().unwrap();
-    assert!(send_chunks(&[], &src, &chunks).is_err());
+    assert!(send_chunks(&[], &src, &chunks, None).is_err());
 }

@@ -59,6 +59,26 @@ unsafe fn page_hash(ptr: *const u8) -> u64 {
     }
 }
 
+fn check_run(seg: &Segment, first: usize, count: usize) -> Result<(), PageError> {
+    if first.checked_add(count).is_none_or(|end| end > seg.pages()) {
+        return Err(PageError::PagesOutsideSegment { first: first as u64, count: count as u64, segment: seg.name().to_string(), pages: seg.pages() as u64 });
+    }
+    Ok(())
+}
+
+/// Call `f(word, mask)` for each stale-bitmap word that pages `first..first+count` fall in, with
+/// the bits of those pages.
+fn for_each_word(first: usize, count: usize, mut f: impl FnMut(usize, u64)) {
+    let mut page = first;
+    let end = first + count;
+    while page < end {
+        let bit = page % 64;
+        let n = (64 - bit).min(end - page);
+        f(page / 64, if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit });
+        page += n;
+    }
+}
+
 fn chunk_hash(page_hashes: &[u64]) -> u128 {
     if page_hashes.iter().all(|&h| h == 0) {
         return 0;
@@ -120,25 +140,72 @@ impl DigestTracker {
         Ok(DigestTracker { segments, refresh_lock: Mutex::new(()) })
     }
 
-    fn segment_index(&self, seg: &Segment) -> Option<usize> {
-        self.segments.iter().position(|t| t.seg.gpa() == seg.gpa())
+    fn track(&self, seg: &Segment) -> Result<&SegmentTrack, PageError> {
+        self.segments.iter().find(|t| t.seg.gpa() == seg.gpa()).ok_or(PageError::NoSuchSegment { gpa: seg.gpa() })
     }
 
     /// Mark pages `first..first+count` of `seg` stale.
     pub fn mark_pages(&self, seg: &Segment, first: usize, count: usize) -> Result<(), PageError> {
-        let track = self.segment_index(seg).map(|i| &self.segments[i]).ok_or(PageError::NoSuchSegment { gpa: seg.gpa() })?;
-        if first.checked_add(count).is_none_or(|end| end > seg.pages()) {
-            return Err(PageError::PagesOutsideSegment { first: first as u64, count: count as u64, segment: seg.name().to_string(), pages: seg.pages() as u64 });
-        }
-        let mut page = first;
-        let end = first + count;
-        while page < end {
-            let word = page / 64;
-            let bit = page % 64;
-            let n = (64 - bit).min(end - page);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+        let track = self.track(seg)?;
+        check_run(seg, first, count)?;
+        for_each_word(first, count, |word, mask| {
             track.stale[word].fetch_or(mask, Ordering::Release);
-            page += n;
+        });
+        Ok(())
+    }
+
+    /// Hash the pages of `runs` (`(first page, count)` in `seg`) now, on the calling thread, and
+    /// store their hashes: for whoever just wrote them (the receiver, right after a read, while
+    /// they are still in the CPU's cache) or is about to send them (the sender, which then copies
+    /// them to the socket from the cache). Pages of `Zero` runs (`zero`) are known to read as
+    /// zero and are stored as hash 0 without being read.
+    ///
+    /// Same discipline as [`refresh`](Self::refresh): the pages' stale bits are taken before
+    /// their bytes are read, so a write marked after the take leaves them stale for the next
+    /// refresh. Hashes are stored under the lock a refresh holds while it reads pages, so when
+    /// both hash a page the later store is of bytes at least as new, unless the page is written
+    /// again in between, which only a running guest does, and then the dirty bit that write set
+    /// sends (and hashes) the page again in a later round; the final round runs with the guest
+    /// stopped.
+    pub fn hash_now(&self, seg: &Segment, runs: &[(usize, usize)], zero: bool) -> Result<(), PageError> {
+        let track = self.track(seg)?;
+        let mut found = Vec::with_capacity(if zero { 0 } else { runs.iter().map(|r| r.1).sum() });
+        for &(first, count) in runs {
+            check_run(seg, first, count)?;
+            for_each_word(first, count, |word, mask| {
+                track.stale[word].fetch_and(!mask, Ordering::Acquire);
+            });
+            if !zero {
+                // SAFETY: the run lies in the segment (checked above), inside the mapping `seg`
+                // keeps alive; each page is 4 KiB-aligned.
+                found.extend((first..first + count).map(|page| unsafe { page_hash(seg.as_ptr().add(page * PAGE_SIZE)) }));
+            }
+        }
+        let mut hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        let Hashes { pages, chunks } = &mut *hashes;
+        let mut found = found.into_iter();
+        for &(first, count) in runs {
+            for page in first..first + count {
+                let h = found.next().unwrap_or(0);
+                // As in refresh: a zero hash over a zero hash is not written (nor allocated).
+                if pages[page] != h {
+                    pages[page] = h;
+                }
+            }
+        }
+        // Then each chunk the runs touch, once (runs are ascending, as batches hold them).
+        let mut last_chunk = usize::MAX;
+        for &(first, count) in runs {
+            for chunk in first / DIGEST_CHUNK_PAGES..(first + count).div_ceil(DIGEST_CHUNK_PAGES) {
+                if chunk != last_chunk {
+                    let end = ((chunk + 1) * DIGEST_CHUNK_PAGES).min(pages.len());
+                    let c = chunk_hash(&pages[chunk * DIGEST_CHUNK_PAGES..end]);
+                    if chunks[chunk] != c {
+                        chunks[chunk] = c;
+                    }
+                    last_chunk = chunk;
+                }
+            }
         }
         Ok(())
     }
@@ -468,6 +535,61 @@ mod tests {
             }
         });
         assert_eq!(tracker.digest_with(0, 1).unwrap(), commit_digest(&mem).unwrap());
+    }
+
+    #[test]
+    fn hashing_pages_as_they_move_agrees_with_the_definition() {
+        let mem = GuestMemory::new(&MemoryOptions::new(256 * 4096)).unwrap();
+        let seg = mem.segments()[0].clone();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        tracker.digest().unwrap();
+        for page in [3u64, 4, 10, 70, 71, 72, 200] {
+            mem.write(GuestAddress(page * 4096 + 9), &(page + 1).to_le_bytes()).unwrap();
+        }
+        // Several runs in one chunk and one across a chunk boundary, in one call.
+        tracker.hash_now(&seg, &[(3, 2), (10, 1), (62, 11)], false).unwrap();
+        assert_ne!(tracker.digest().unwrap(), commit_digest(&mem).unwrap(), "page 200 was neither hashed nor marked");
+        tracker.hash_now(&seg, &[(200, 1)], false).unwrap();
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        // Known-zero runs are stored as zero without being read.
+        mem.write(GuestAddress(71 * 4096), &[0u8; 4096]).unwrap();
+        tracker.hash_now(&seg, &[(71, 1)], true).unwrap();
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        // A stale mark is taken by the hash: nothing is left for the next refresh.
+        tracker.mark_pages(&seg, 100, 5).unwrap();
+        mem.write(GuestAddress(102 * 4096), &[1]).unwrap();
+        tracker.hash_now(&seg, &[(100, 5)], false).unwrap();
+        assert_eq!(tracker.stale_pages(), 0);
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        assert!(matches!(tracker.hash_now(&seg, &[(250, 7)], false), Err(PageError::PagesOutsideSegment { .. })));
+    }
+
+    #[test]
+    fn hashing_as_pages_arrive_while_refreshes_run_misses_nothing() {
+        // As on a destination: the receiver writes pages and hashes them right away, while
+        // refreshes of the pages still stale from the start run on another thread.
+        let mem = GuestMemory::new(&MemoryOptions::new(32 << 20)).unwrap();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        let seg = mem.segments()[0].clone();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for first in (0..seg.pages()).step_by(16) {
+                    for page in first..first + 16 {
+                        mem.write(GuestAddress((page * 4096) as u64), &(page as u64 + 1).to_le_bytes()).unwrap();
+                    }
+                    tracker.hash_now(&seg, &[(first, 16)], false).unwrap();
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut refreshes = 0;
+            while !done.load(Ordering::Acquire) && refreshes < 100_000 {
+                tracker.refresh().unwrap();
+                refreshes += 1;
+            }
+        });
+        assert_eq!(tracker.stale_pages(), 0);
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
-use crate::memory::{GuestAddress, GuestMemory, PAGE_SHIFT};
+use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SHIFT};
 use crate::pages::{self, BatchTotals, CompressMode, Compressor, DigestTracker, PageError, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
@@ -83,18 +83,37 @@ fn compressor_report(c: &Option<Compressor>) -> Option<(u64, Option<f64>)> {
 /// Send one segment's ranges as batches of at most MAX_RANGES ranges and BATCH_DATA_PAGES data
 /// pages (through the compressor, which cuts them smaller, when there is one); a segment with
 /// nothing to send sends nothing.
-fn send_segment(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], totals: &mut BatchTotals, compressor: &mut Option<Compressor>) -> Result<(), PageError> {
+fn send_segment(
+    fd: RawFd,
+    mem: &GuestMemory,
+    ranges: &[PageRange],
+    totals: &mut BatchTotals,
+    compressor: &mut Option<Compressor>,
+    tracker: Option<&DigestTracker>,
+) -> Result<(), PageError> {
     if let Some(c) = compressor {
-        return c.send_ranges(fd, mem, ranges, |s| totals.add(s));
+        return c.send_ranges(fd, mem, ranges, tracker, |s| totals.add(s));
     }
     for batch in pages::split_batches(ranges, pages::BATCH_DATA_PAGES) {
-        totals.add(pages::send_batch(fd, mem, &batch)?);
+        totals.add(pages::send_batch_tracked(fd, mem, &batch, tracker)?);
     }
     Ok(())
 }
 
+/// Every page of `seg` as ranges: never-touched pages (mincore) as ZERO without reading them,
+/// all-zero ones as ZERO too if `detect_zero`.
+pub(super) fn all_page_ranges(seg: &Segment, detect_zero: bool) -> Result<Vec<PageRange>, PageError> {
+    let pages_in = seg.pages();
+    let mut all = vec![u64::MAX; pages_in.div_ceil(64)];
+    if pages_in % 64 != 0 {
+        *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
+    }
+    let (resident, _) = pages::resident_bitmap(seg)?;
+    pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)
+}
+
 /// The tracker of `memory`, or an error if it was made over other memory.
-fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDigestTracker>>) -> PyResult<Option<Arc<DigestTracker>>> {
+pub(super) fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDigestTracker>>) -> PyResult<Option<Arc<DigestTracker>>> {
     match tracker {
         Some(t) if !Arc::ptr_eq(&t.memory, &memory.inner) => Err(PyValueError::new_err("the digest tracker belongs to other guest memory")),
         Some(t) => Ok(Some(t.inner.clone())),
@@ -104,9 +123,9 @@ fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDigestTracker>
 
 /// Harvest and clear the dirty pages, and send them (zero pages as ranges without data, if
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
-/// write during the send is caught by the next round. With a `tracker`, the harvested pages are
-/// marked stale in it: the guest changed them since they were last hashed. `compress` ("off",
-/// "lz4", "auto") and `link_rate` (bytes/s the link is believed to carry) as in `pages::compress`.
+/// write during the send is caught by the next round. With a `tracker`, every page sent is hashed
+/// into it on the way (`DigestTracker::hash_now`). `compress` ("off", "lz4", "auto") and
+/// `link_rate` (bytes/s the link is believed to carry) as in `pages::compress`.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
 fn send_dirty_pages<'py>(
@@ -128,10 +147,7 @@ fn send_dirty_pages<'py>(
                 let mut words = vec![0u64; seg.pages().div_ceil(64)];
                 mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
                 let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
-                if let Some(t) = &tracker {
-                    t.mark_ranges(seg, &ranges)?;
-                }
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, tracker.as_deref())?;
             }
             Ok((totals, compressor_report(&compressor)))
         })
@@ -140,32 +156,28 @@ fn send_dirty_pages<'py>(
 }
 
 /// Send every page of guest memory: pages never touched (mincore) as zero ranges without reading
-/// them, all-zero pages as zero ranges if `detect_zero`, the rest with their data (`compress`
-/// and `link_rate` as for `send_dirty_pages`).
+/// them, all-zero pages as zero ranges if `detect_zero`, the rest with their data (`tracker`,
+/// `compress` and `link_rate` as for `send_dirty_pages`).
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, detect_zero = true, compress = "off", link_rate = None))]
+#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
 fn send_all_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
     fd: RawFd,
     detect_zero: bool,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
     compress: &str,
     link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let mut compressor = compressor(compress, link_rate)?;
     let (totals, report) = py
         .detach(move || -> Result<_, PageError> {
             let mut totals = BatchTotals::default();
             for seg in mem.segments() {
-                let pages_in = seg.pages();
-                let mut all = vec![u64::MAX; pages_in.div_ceil(64)];
-                if pages_in % 64 != 0 {
-                    *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
-                }
-                let (resident, _) = pages::resident_bitmap(seg)?;
-                let ranges = pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor)?;
+                let ranges = all_page_ranges(seg, detect_zero)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, tracker.as_deref())?;
             }
             Ok((totals, compressor_report(&compressor)))
         })
@@ -203,7 +215,7 @@ fn send_page_list<'py>(
                     words[page / 64] |= 1 << (page % 64);
                 }
                 let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, None)?;
             }
             let outside = list.iter().find(|&&p| mem.translate(GuestAddress(p << PAGE_SHIFT), 1).is_err());
             if let Some(&pfn) = outside {
@@ -217,7 +229,8 @@ fn send_page_list<'py>(
 
 /// Receive one batch from `fd` straight into guest memory (without marking pages dirty).
 /// Everything is checked before a byte is written; a compressed batch is decompressed whole into
-/// a bounded scratch buffer first. With a `tracker`, the pages written are marked stale in it.
+/// a bounded scratch buffer first. With a `tracker`, the pages written are hashed into it as they
+/// arrive (a compressed batch's are marked stale instead, for its next refresh).
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, tracker = None))]
 fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, tracker: Option<PyRef<'py, PyDigestTracker>>) -> PyResult<Bound<'py, PyDict>> {

@@ -2,14 +2,13 @@
 //! with the GIL released for the whole round.
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use super::memory::PyGuestMemory;
-use super::pages::{page_error, totals_dict, PyDigestTracker};
+use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
 use crate::pages::{self, PageError, PageRange, BatchTotals, MAX_STREAMS};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -20,7 +19,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// One round over every fd in `fds` at once. With `all_pages`, every page (never-touched ones as
 /// zero ranges without reading them, as `send_all_pages`); otherwise harvest-and-clear the dirty
-/// pages first (as `send_dirty_pages`, marking them stale in `tracker` when given). The round is
+/// pages first (as `send_dirty_pages`, hashing them into `tracker` on the way when given). The round is
 /// cut into chunks of at most `chunk_pages` DATA pages (and 65,536 ranges), each sent as one
 /// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
 /// totals over all fds (end markers not counted) and `streams`, the same per fd.
@@ -41,36 +40,22 @@ fn send_pages_multi<'py>(
     if chunk_pages == 0 {
         return Err(PyValueError::new_err("chunk_pages must be at least 1"));
     }
-    let tracker = match tracker {
-        Some(t) if !Arc::ptr_eq(&t.memory, &memory.inner) => return Err(PyValueError::new_err("the digest tracker belongs to other guest memory")),
-        Some(t) => Some(t.inner.clone()),
-        None => None,
-    };
+    let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let per_stream = py
         .detach(move || -> Result<Vec<BatchTotals>, PageError> {
             let mut chunks: Vec<Vec<PageRange>> = Vec::new();
             for (i, seg) in mem.segments().iter().enumerate() {
-                let pages_in = seg.pages();
                 let ranges = if all_pages {
-                    let mut all = vec![u64::MAX; pages_in.div_ceil(64)];
-                    if pages_in % 64 != 0 {
-                        *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
-                    }
-                    let (resident, _) = pages::resident_bitmap(seg)?;
-                    pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)?
+                    all_page_ranges(seg, detect_zero)?
                 } else {
-                    let mut words = vec![0u64; pages_in.div_ceil(64)];
+                    let mut words = vec![0u64; seg.pages().div_ceil(64)];
                     mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-                    let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
-                    if let Some(t) = &tracker {
-                        t.mark_ranges(seg, &ranges)?;
-                    }
-                    ranges
+                    pages::build_ranges_from_bitmap(seg, &words, detect_zero)?
                 };
                 chunks.extend(pages::split_batches(&ranges, chunk_pages));
             }
-            pages::send_chunks(&fds, &mem, &chunks)
+            pages::send_chunks(&fds, &mem, &chunks, tracker.as_deref())
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();

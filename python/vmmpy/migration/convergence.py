@@ -91,7 +91,6 @@ class Convergence:
         self.stats = stats
         self.set_throttle = throttle
         self.fixed_ms = fixed_ms
-        self.hash_ms_per_page = 0.0  # the commit hashes the final round's pages (set by the source)
         self.throttle = 0.0
         self._high_rounds = 0
         self._best_ms = float("inf")
@@ -115,7 +114,7 @@ class Convergence:
         p, s = self.params, self.stats
         bw = self.bandwidth()
         remaining = dirty_pages_now * PAGE_SIZE
-        pages_ms = remaining / bw * 1000.0 + dirty_pages_now * self.hash_ms_per_page
+        pages_ms = remaining / bw * 1000.0
         expected_ms = pages_ms + self.fixed_ms
         s.throughput = bw
         s.remaining_bytes = remaining

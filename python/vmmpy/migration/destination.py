@@ -139,7 +139,7 @@ class _Receiver:
         self.total_pages = sum(seg.pages for seg in self.memory.segments)
         self.next_round = 0
         self.have_all_pages = False
-        self.tracker = self.memory.digest_tracker()  # marks every page received: exact in both verify modes
+        self.tracker = self.memory.digest_tracker()  # hashes (or marks) every page received: exact in both verify modes
         self.refresher = Refresher(self.tracker)
         self.digest_job: InBackground[int] | None = None
         self.restored = False
@@ -314,10 +314,10 @@ class _Receiver:
                 raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
             return got
 
-        # The refresher hashes what arrived while the rest streams (kicked after every batch, one kick at a time).
+        # Streams carry plain batches only, hashed as they arrive: nothing for the refresher.
         per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
                             page_limit=self.total_pages, cancelled=self.watcher.cancelled,
-                            join_timeout=self.params.io_timeout + 10, kick=self.refresher.kick)
+                            join_timeout=self.params.io_timeout + 10)
         return (sum(s["batches"] for s in per), sum(s["data_pages"] for s in per), sum(s["zero_pages"] for s in per),
                 sum(s["wire_bytes"] for s in per), [s["wire_bytes"] for s in per])
 
@@ -350,7 +350,10 @@ class _Receiver:
                 raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
             compressed += got["compressed_batches"]
             saved += got["saved_bytes"]
-            self.refresher.kick()  # hash what arrived while the rest streams
+            if got["compressed_batches"] and self.have_all_pages:
+                # Its pages were marked stale, not hashed: hash them while the rest streams. (Not
+                # in round 0, where the pages still to come are stale too and arrive hashed.)
+                self.refresher.kick()
             # A round sends each page at most once: more is a broken or hostile source.
             if data_pages + zero_pages > self.total_pages:
                 raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
@@ -379,8 +382,8 @@ class _Receiver:
             # commit request arrive.
             self.refresher.wait()
             self.digest_job = InBackground(self.tracker.digest)
-        else:
-            self.refresher.kick()  # hash the rest of this round's pages while the next one arrives
+        elif compressed:
+            self.refresher.kick()  # hash this round's compressed pages while the next one arrives
 
     def _restore(self, blob: bytes) -> None:
         if not self.have_all_pages:

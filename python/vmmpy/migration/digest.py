@@ -1,22 +1,22 @@
-"""The commit's memory digest: kept current as pages move, and finished beside the transfer.
+"""The commit's memory digest: kept current as pages move, so the commit costs what changed.
 
 Both sides keep a ``DigestTracker`` (rust/pages/tracker.rs): per-page hashes with a stale bit
-per page. The destination marks every page it receives; the source marks every page its dirty
-harvest sends, since those are the pages the guest wrote. Between rounds each side rehashes its
-stale pages on a thread, while the next round streams; at the commit only the final round's pages
-are left to hash, so the commit check costs what changed, not what the guest has.
+per page. Pages are hashed as they move, a window of 256 KiB at a time while it is in the CPU's
+cache: the source hashes each window right before it sends it, the destination right after it
+arrives. At the commit each side only combines, plus whatever is still stale: on the destination
+the pages of compressed batches (decompressed through a scratch buffer, so no longer in the
+cache), which a ``Refresher`` rehashes between rounds.
 
 ``verify="full"`` has the source recompute the digest from all of its memory instead, after
 pausing the guest. That also proves the dirty tracking missed no write (a page the guest wrote
 but the harvest never reported would differ on the two sides), at the price of hashing all
 memory inside the downtime, about 50-70 ms per GiB here. The destination's tracker is exact in
-both modes: it marks everything it writes.
+both modes: it hashes or marks everything it writes.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -54,27 +54,17 @@ class InBackground(Generic[T]):
 
 
 class Refresher:
-    """Rehashes a tracker's stale pages on a thread between rounds, one refresh at a time, and
-    measures what a page costs to hash (the commit will hash the final round's pages)."""
+    """Rehashes a tracker's stale pages on a thread between rounds, one refresh at a time."""
 
     def __init__(self, tracker) -> None:
         self.tracker = tracker
         self._job: InBackground | None = None
-        self._started = 0.0
-        self.ms_per_page = 0.0
 
     def kick(self) -> None:
         """Start a refresh unless one is still running (the next kick catches up)."""
         if self._job is None or self._job.done():
             self.wait()
-            self._started = time.monotonic()
-            self._job = InBackground(self._refresh, name="digest-refresh")
-
-    def _refresh(self) -> tuple[int, int]:
-        pages, chunks = self.tracker.refresh()
-        if pages >= 1024:  # enough to time; a handful of pages measures the thread's start-up
-            self.ms_per_page = (time.monotonic() - self._started) * 1000 / pages
-        return pages, chunks
+            self._job = InBackground(self.tracker.refresh, name="digest-refresh")
 
     def wait(self) -> None:
         """Wait for the running refresh, if any; its error, if it had one, is raised here."""

@@ -24,7 +24,7 @@ from ..state import encode_sections
 from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
-from .digest import InBackground, Refresher
+from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
 from .stats import MigrationStats, ProgressCallback, RoundStats
@@ -111,8 +111,9 @@ class _Source:
                                     downtime_target_ms=params.downtime_target_ms if live else None,
                                     bandwidth_cap=params.bandwidth_cap, verify=params.verify,
                                     compress=params.compress)
-        self.tracker = self.memory.digest_tracker()  # every page stale: the first refresh hashes all
-        self.refresher = Refresher(self.tracker)
+        # Every page starts stale; each round hashes the pages it sends into it on the way, and
+        # the first round sends them all. Not used (None) when verify="full" recomputes it all.
+        self.tracker = self.memory.digest_tracker() if params.verify != "full" else None
         # What the page batches use once the destination has answered the offer ("off" until then),
         # and the link speed the "auto" rule starts each round with: the cap, then what the last
         # round measured.
@@ -172,7 +173,6 @@ class _Source:
                 if chan is not None:
                     chan.close()
             self.watcher.close()
-            self.refresher.join()  # no hashing thread outlives the migration
         return self.stats
 
     def _migrate(self) -> None:
@@ -202,26 +202,21 @@ class _Source:
         next_round = 0
         if self.live:
             next_round = self._precopy()
-        self.refresher.wait()
         self._enter("pause")
         self.adapter.pause()
         self.paused = True
         paused_at = time.monotonic()
         # Memory is frozen from here. A full check hashes all of it beside the final pages and
-        # the state; a warm migration's tracker has every page stale, so the same holds for it.
-        digest_job = None
-        if p.verify == "full":
-            digest_job = InBackground(self.memory.commit_digest)
-        elif not self.live:
-            digest_job = InBackground(self.tracker.digest)
+        # the state.
+        digest_job = InBackground(self.memory.commit_digest) if self.tracker is None else None
         self.stats.status = "paused"
         self._enter("final")
         t = time.monotonic()
         self._send_round(next_round, final=True, all_pages=not self.live)
         self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
         if digest_job is None:
-            # The final round marked what the guest wrote since the last refresh: hash those
-            # pages (and combine) while the state is encoded and sent.
+            # Every page the guest wrote was sent, and hashed as it went: combine while the state
+            # is encoded and sent.
             digest_job = InBackground(self.tracker.digest)
         self._enter("state")
         t = time.monotonic()
@@ -365,18 +360,14 @@ class _Source:
             if self.data:
                 # Harvested once, spread over every stream; each stream's share ends with its own empty batch.
                 fds = [fd, *(chan.out_fd for chan in self.data)]
-                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero,
-                                                    tracker=None if all_pages else self.tracker)
+                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero, tracker=self.tracker)
                 end_bytes = len(fds) * P.BATCH_HEADER_SIZE
                 stream_bytes = [s["wire_bytes"] + P.BATCH_HEADER_SIZE for s in sent["streams"]]
             else:
                 # One stream: batches may be compressed where the destination agreed (parallel
                 # streams send plain batches).
-                how = {"detect_zero": detect_zero, "compress": self.compress, "link_rate": self.link_rate}
-                if all_pages:
-                    sent = self.memory.send_all_pages(fd, **how)
-                else:
-                    sent = self.memory.send_dirty_pages(fd, tracker=self.tracker, **how)
+                how = {"detect_zero": detect_zero, "tracker": self.tracker, "compress": self.compress, "link_rate": self.link_rate}
+                sent = self.memory.send_all_pages(fd, **how) if all_pages else self.memory.send_dirty_pages(fd, **how)
                 end = P.end_of_round_batch(self.memory.segments[0].gpa)
                 self.chan.out.sendall(end)
                 end_bytes = len(end)
@@ -402,8 +393,9 @@ class _Source:
     def _precopy(self) -> int:
         """Live rounds until the convergence rule says switch over; returns the final round's number."""
         # The commit costs a round trip and the digest work that cannot hide behind the final
-        # transfer: with verify="full", hashing all memory (timed here); incrementally, hashing
-        # the final round's pages, priced per page from the refreshes between rounds.
+        # transfer: with verify="full", hashing all memory (timed here); incrementally, only
+        # combining, since each round hashes its pages as it sends them (so a round's measured
+        # throughput already includes the hashing).
         t = time.monotonic()
         full_ms = 0.0
         if self.params.verify == "full":
@@ -416,10 +408,6 @@ class _Source:
         number = 0
         while True:
             rnd = self._send_round(number, final=False, all_pages=number == 0)
-            if self.params.verify != "full":  # the full check rehashes everything anyway
-                # Hash what this round marked while the next one streams.
-                self.refresher.kick()
-                self.convergence.hash_ms_per_page = self.refresher.ms_per_page
             decision = self.convergence.after_round(rnd, self.memory.dirty_count())
             self._report()
             if decision == SWITCH:
