@@ -404,3 +404,107 @@ fn a_batch_for_a_segment_this_guest_lacks_is_refused() {
     });
     assert_eq!(err.to_string(), "page batch is for a segment at gpa 0x1000, but no segment starts there");
 }
+
+/// A connected loopback TCP pair (sender, receiver) with 4 MiB buffers, as migration sockets
+/// have (so no memory pressure wakes a reader early); the receiver gives up after `timeout`.
+fn tcp_pair(timeout: std::time::Duration) -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (rx, _) = listener.accept().unwrap();
+    let size: libc::c_int = 4 << 20;
+    for (fd, opt) in [(tx.as_raw_fd(), libc::SO_SNDBUF), (rx.as_raw_fd(), libc::SO_RCVBUF)] {
+        // SAFETY: the option value is a c_int on our stack, passed with its size.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    }
+    rx.set_read_timeout(Some(timeout)).unwrap();
+    (tx, rx)
+}
+
+/// The bytes `send_batch` writes for `ranges` of `mem`.
+fn batch_bytes(mem: &GuestMemory, ranges: &[PageRange]) -> Vec<u8> {
+    let (rx, tx) = socketpair();
+    std::thread::scope(|s| {
+        s.spawn(move || send_batch(tx.as_raw_fd(), mem, ranges).unwrap()); // tx closes when done
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(rx), &mut out).unwrap();
+        out
+    })
+}
+
+#[test]
+fn over_tcp_the_reader_waits_for_whole_windows_and_then_for_single_bytes_again() {
+    use std::io::{Read, Write};
+    let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
+    for p in 0..700u64 {
+        src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
+    }
+    let (theirs, mine) = (DigestTracker::new(&src).unwrap(), DigestTracker::new(&dst).unwrap());
+    let ranges = build_ranges_from_bitmap(&src.segments()[1], &harvest(&src, 1), true).unwrap();
+    let (mut tx, mut rx) = tcp_pair(std::time::Duration::from_secs(20));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            send_batch_tracked(tx.as_raw_fd(), &src, &ranges, Some(&theirs)).unwrap();
+            tx.write_all(b"!").unwrap(); // a one-byte frame after the batch
+        });
+        recv_batch_tracked(rx.as_raw_fd(), &dst, Some(&mine)).unwrap();
+        let mut lowat: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the c_int we own.
+        let rc = unsafe { libc::getsockopt(rx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut lowat as *mut libc::c_int).cast(), &mut len) };
+        assert_eq!((rc, lowat), (0, 1), "the receiver must not wait for a window's worth of the frames after a batch");
+        let mut one = [0u8; 1];
+        rx.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"!");
+    });
+    assert_eq!(mine.digest().unwrap(), commit_digest(&src).unwrap());
+    assert_eq!(theirs.digest().unwrap(), commit_digest(&src).unwrap());
+}
+
+#[test]
+fn a_window_half_there_when_the_read_starts_still_completes_when_the_stream_then_pauses() {
+    // The reader finds half of a window queued, and the rest comes only after a pause, with
+    // nothing behind it: the sender then waits for an answer. A reader that copied the first half
+    // and slept for a low-water mark of new bytes would wait forever here.
+    use std::io::{Read, Write};
+    let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
+    for p in 0..50u64 {
+        src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
+    }
+    let ranges = build_ranges_from_bitmap(&src.segments()[1], &harvest(&src, 1), true).unwrap();
+    let bytes = batch_bytes(&src, &ranges);
+    let half = bytes.len() / 2;
+    // A stuck reader would sit until its own timeout (20 s); the sender gives up on the answer
+    // well before that (3 s), which fails the test.
+    let (mut tx, mut rx) = tcp_pair(std::time::Duration::from_secs(20));
+    tx.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    let tracker = DigestTracker::new(&dst).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tx.write_all(&bytes[..half]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            tx.write_all(&bytes[half..]).unwrap();
+            let mut answer = [0u8; 1];
+            tx.read_exact(&mut answer).expect("the receiver answers once the batch is complete");
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20)); // let the first half arrive
+        recv_batch_tracked(rx.as_raw_fd(), &dst, Some(&tracker)).unwrap();
+        rx.write_all(b"k").unwrap();
+    });
+    assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap());
+}
+
+#[test]
+fn a_socket_that_goes_quiet_times_out_with_eagain() {
+    use std::io::Write;
+    let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
+    for p in 0..10u64 {
+        src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
+    }
+    let ranges = build_ranges_from_bitmap(&src.segments()[1], &harvest(&src, 1), true).unwrap();
+    let bytes = batch_bytes(&src, &ranges);
+    let (mut tx, rx) = tcp_pair(std::time::Duration::from_millis(200));
+    tx.write_all(&bytes[..bytes.len() - 100]).unwrap(); // and then nothing, the connection open
+    let err = recv_batch(rx.as_raw_fd(), &dst).unwrap_err();
+    assert_eq!(err.errno(), libc::EAGAIN, "{err}");
+    drop(tx);
+}
