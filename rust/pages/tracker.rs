@@ -83,8 +83,11 @@ fn chunk_hash(page_hashes: &[u64]) -> u128 {
     if page_hashes.iter().all(|&h| h == 0) {
         return 0;
     }
-    let bytes: Vec<u8> = page_hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
-    xxh3_128(&bytes)
+    let mut bytes = [0u8; DIGEST_CHUNK_PAGES * 8];
+    for (out, h) in bytes.chunks_exact_mut(8).zip(page_hashes) {
+        out.copy_from_slice(&h.to_le_bytes());
+    }
+    xxh3_128(&bytes[..page_hashes.len() * 8])
 }
 
 /// The hashes of one segment, changed only by a refresh (under the tracker's lock).
@@ -173,7 +176,10 @@ impl DigestTracker {
         for &(first, count) in runs {
             check_run(seg, first, count)?;
             for_each_word(first, count, |word, mask| {
-                track.stale[word].fetch_and(!mask, Ordering::Acquire);
+                // Only words with a bit to take are written (a big zero run's are mostly clear).
+                if track.stale[word].load(Ordering::Relaxed) & mask != 0 {
+                    track.stale[word].fetch_and(!mask, Ordering::Acquire);
+                }
             });
             if !zero {
                 // SAFETY: the run lies in the segment (checked above), inside the mapping `seg`
@@ -184,27 +190,42 @@ impl DigestTracker {
         let mut hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());
         let Hashes { pages, chunks } = &mut *hashes;
         let mut found = found.into_iter();
+        // Store the page hashes, one chunk's share of a run at a time, noting the chunks to
+        // rehash once each (runs are ascending, as batches hold them).
+        let mut rehash: Vec<usize> = Vec::new();
         for &(first, count) in runs {
-            for page in first..first + count {
-                let h = found.next().unwrap_or(0);
-                // As in refresh: a zero hash over a zero hash is not written (nor allocated).
-                if pages[page] != h {
-                    pages[page] = h;
+            let (mut page, end) = (first, first + count);
+            while page < end {
+                let chunk = page / DIGEST_CHUNK_PAGES;
+                let chunk_end = ((chunk + 1) * DIGEST_CHUNK_PAGES).min(pages.len());
+                let stop = chunk_end.min(end);
+                if zero && page == chunk * DIGEST_CHUNK_PAGES && stop == chunk_end {
+                    // A whole chunk of zeros. A chunk hash of 0 means its page hashes are all 0
+                    // already, so a sparse guest's untouched chunks cost a look at one entry.
+                    if chunks[chunk] != 0 {
+                        pages[page..stop].fill(0);
+                        chunks[chunk] = 0;
+                    }
+                } else {
+                    for slot in &mut pages[page..stop] {
+                        let h = found.next().unwrap_or(0);
+                        // As in refresh: a zero hash over a zero hash is not written (nor allocated).
+                        if *slot != h {
+                            *slot = h;
+                        }
+                    }
+                    if rehash.last() != Some(&chunk) {
+                        rehash.push(chunk);
+                    }
                 }
+                page = stop;
             }
         }
-        // Then each chunk the runs touch, once (runs are ascending, as batches hold them).
-        let mut last_chunk = usize::MAX;
-        for &(first, count) in runs {
-            for chunk in first / DIGEST_CHUNK_PAGES..(first + count).div_ceil(DIGEST_CHUNK_PAGES) {
-                if chunk != last_chunk {
-                    let end = ((chunk + 1) * DIGEST_CHUNK_PAGES).min(pages.len());
-                    let c = chunk_hash(&pages[chunk * DIGEST_CHUNK_PAGES..end]);
-                    if chunks[chunk] != c {
-                        chunks[chunk] = c;
-                    }
-                    last_chunk = chunk;
-                }
+        for chunk in rehash {
+            let end = ((chunk + 1) * DIGEST_CHUNK_PAGES).min(pages.len());
+            let c = chunk_hash(&pages[chunk * DIGEST_CHUNK_PAGES..end]);
+            if chunks[chunk] != c {
+                chunks[chunk] = c;
             }
         }
         Ok(())
@@ -554,6 +575,17 @@ mod tests {
         // Known-zero runs are stored as zero without being read.
         mem.write(GuestAddress(71 * 4096), &[0u8; 4096]).unwrap();
         tracker.hash_now(&seg, &[(71, 1)], true).unwrap();
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        // A zero run over part of a chunk, a whole chunk with data in it, and part of the next.
+        for page in 60..200u64 {
+            mem.write(GuestAddress(page * 4096), &[0u8; 4096]).unwrap();
+        }
+        tracker.hash_now(&seg, &[(60, 140)], true).unwrap();
+        assert_eq!(tracker.stale_pages(), 0);
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        tracker.hash_now(&seg, &[(0, 256)], true).unwrap(); // pages 3, 4 and 10 still hold data
+        assert_ne!(tracker.digest().unwrap(), commit_digest(&mem).unwrap(), "the caller vouches for zero runs");
+        tracker.hash_now(&seg, &[(0, 256)], false).unwrap();
         assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
         // A stale mark is taken by the hash: nothing is left for the next refresh.
         tracker.mark_pages(&seg, 100, 5).unwrap();
