@@ -418,6 +418,7 @@ WORK: dict[str, Callable[[QemuBench, Any], QemuFigure]] = {
     "warm-1g-wired-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
     "warm-1g-wired-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
     "warm-4g": lambda q, ctx: q.warm(4),
+    "warm-4g-wired": lambda q, ctx: q.warm(4),
     "zero-1g": lambda q, ctx: q.zero(),
     "live-idle": lambda q, ctx: q.live_idle(10),
     "checkpoint-disk": lambda q, ctx: q.checkpoint(ctx.disk),

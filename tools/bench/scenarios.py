@@ -481,6 +481,7 @@ SCENARIOS: dict[str, tuple[Callable[[Context], list[Row]], bool]] = {
     "warm-1g-wired-streams2": (warm_streams(2, wired=True), True),
     "warm-1g-wired-streams4": (warm_streams(4, wired=True), True),
     "warm-4g": (warm_random(4), False),
+    "warm-4g-wired": (warm_random(4, wired=True), False),
     "warm-1g-tls": (warm_tls, True),
     "zero-1g": (zero_1g, True),
     "sparse-64g": (sparse_64g, True),
