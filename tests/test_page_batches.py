@@ -14,8 +14,9 @@ from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.units import GiB, MiB
 
 
-def transfer(send, receiver: GuestMemory, batches_expected=None):
-    """Run `send(fd)` on one end of a socketpair while the receiver takes batches on the other."""
+def transfer(send, receiver: GuestMemory, batches_expected=None, tracker=None):
+    """Run `send(fd)` on one end of a socketpair while the receiver takes batches on the other
+    (hashing them into `tracker` when given)."""
     a, b = socket.socketpair()
     sent = {}
     received = []
@@ -28,7 +29,7 @@ def transfer(send, receiver: GuestMemory, batches_expected=None):
         thread.start()
         while True:
             try:
-                received.append(receiver.recv_pages(b.fileno()))
+                received.append(receiver.recv_pages(b.fileno(), tracker=tracker))
             except PageBatchError as err:
                 if err.errno == errno.EPIPE and "0 of 40" in str(err):
                     break  # the sender finished: a clean end of stream between batches
@@ -195,7 +196,12 @@ def test_compressible_zero_and_random_pages_round_trip_exactly_when_compressed()
     fill_text(src, HIGHMEM_BASE + 0x10000, 300, seed=3)
     dst.write(0x400000, b"stale" * 1000)  # the zero range must clear this
     dst.get_and_clear_dirty()
-    sent, received = transfer(lambda fd: src.send_dirty_pages(fd, compress="lz4"), dst)
+    src_tracker, dst_tracker = src.digest_tracker(), dst.digest_tracker()
+    src_tracker.digest(), dst_tracker.digest()  # all hashed: from here only what moves changes them
+    sent, received = transfer(lambda fd: src.send_dirty_pages(fd, compress="lz4", tracker=src_tracker), dst,
+                              tracker=dst_tracker)
+    assert src_tracker.stale_pages() == dst_tracker.stale_pages() == 0, "compressed or not, every page was hashed as it moved"
+    assert src_tracker.digest() == dst_tracker.digest() == src.commit_digest() == dst.commit_digest()
     assert sent["data_pages"] == 1200 and sent["zero_pages"] == 50
     assert sent["compressed_batches"] >= 3, sent
     assert sent["compress_attempts"] > sent["compressed_batches"], "the random pages were tried and went plain"

@@ -231,8 +231,7 @@ class GuestMemory:
         Received pages are not marked dirty. A bad batch raises ``PageBatchError`` naming what
         was wrong. A compressed batch (``compressed_batches`` = 1 in the result) is checked and
         decompressed whole into a bounded scratch buffer before any page is written. With a
-        ``tracker`` the pages written are hashed into it as they arrive (a compressed batch's are
-        marked stale in it instead, for its next refresh).
+        ``tracker`` the pages written are hashed into it as they arrive.
         """
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 

@@ -368,9 +368,9 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         stats.saved_bytes = stats.data_bytes - header.payload_len;
         stats.wire_bytes -= stats.saved_bytes;
         if let Some(tracker) = tracker {
-            // Decompressed through a scratch buffer: the pages are no longer in the cache, so
-            // they are left for the next refresh.
-            tracker.mark_ranges(seg, &ranges.iter().copied().filter(|r| r.kind == RangeKind::Data).collect::<Vec<_>>())?;
+            // A block is at most a few MiB, just copied into place: still in the cache.
+            let data: Vec<(usize, usize)> = data_windows(&ranges, &offsets).concat();
+            tracker.hash_now(seg, &data, false)?;
         }
     } else {
         read_data_pages(fd, seg, &header, &ranges, &offsets, tracker)?;

@@ -12,12 +12,14 @@
 //!   followed by the segment's chunk hashes as little-endian u128s.
 //!
 //! [`commit_digest`] computes it from scratch. A [`DigestTracker`] keeps every page hash and
-//! chunk hash it has computed and a *stale* bit per page; pages start stale, and whoever changes
-//! a page or learns that it changed marks it stale again ([`DigestTracker::mark_ranges`]);
-//! [`DigestTracker::refresh`] rehashes only the stale pages, and [`DigestTracker::digest`]
-//! refreshes and combines. The result equals [`commit_digest`] of the memory as it is, as long as
-//! every change since the tracker was made has been marked: on a migration's destination the
-//! receiver marks what it writes; on the source the dirty harvest says what the guest wrote.
+//! chunk hash it has computed and a *stale* bit per page; pages start stale. Whoever changes a
+//! page either marks it stale again ([`DigestTracker::mark_pages`]) or hashes it on the spot
+//! ([`DigestTracker::hash_now`], while it is in the cache); [`DigestTracker::refresh`] rehashes
+//! only the stale pages, and [`DigestTracker::digest`] refreshes and combines. The result equals
+//! [`commit_digest`] of the memory as it is, as long as every page changed since the tracker was
+//! made has been marked or hashed since: on a migration's destination the receiver hashes what it
+//! writes; on the source the sender hashes what it sends, which is every page in the first round
+//! and then every page the dirty harvest says the guest wrote.
 //!
 //! Refreshing may run while pages are being changed and marked (a running guest on the source,
 //! the receiver on the destination). A writer marks after it writes; `refresh` takes the stale
@@ -30,7 +32,6 @@ use std::sync::{Arc, Mutex};
 
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64, Xxh3};
 
-use super::batch::PageRange;
 use super::zero::is_zero_raw;
 use super::PageError;
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
@@ -231,15 +232,6 @@ impl DigestTracker {
         Ok(())
     }
 
-    /// Mark every page of `ranges` (all in `seg`, as a batch holds them) stale.
-    pub fn mark_ranges(&self, seg: &Segment, ranges: &[PageRange]) -> Result<(), PageError> {
-        for r in ranges {
-            let first = (r.gpa.0 - seg.gpa().0) as usize / PAGE_SIZE;
-            self.mark_pages(seg, first, r.pages as usize)?;
-        }
-        Ok(())
-    }
-
     /// Mark every page stale (the next refresh rehashes all memory).
     pub fn mark_all(&self) {
         for track in &self.segments {
@@ -432,7 +424,6 @@ pub fn commit_digest(mem: &GuestMemory) -> Result<u128, PageError> {
 mod tests {
     use super::*;
     use crate::memory::{GuestAddress, MemoryOptions, HIGHMEM_BASE};
-    use crate::pages::RangeKind;
 
     fn two_segment_guest() -> GuestMemory {
         let mut opts = MemoryOptions::new(8 << 20);
@@ -493,7 +484,7 @@ mod tests {
 
         // Writing zeros back makes the page zero again, equal to the start.
         mem.write(GuestAddress(4096 * 5), &[0u8; 10]).unwrap();
-        tracker.mark_ranges(&seg, &[PageRange { gpa: GuestAddress(4096 * 4), pages: 3, kind: RangeKind::Data }]).unwrap();
+        tracker.mark_pages(&seg, 4, 3).unwrap();
         let stats = tracker.refresh().unwrap();
         assert_eq!(stats, RefreshStats { pages: 3, chunks: 1 });
         assert_eq!(tracker.digest().unwrap(), first);

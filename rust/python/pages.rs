@@ -230,7 +230,7 @@ fn send_page_list<'py>(
 /// Receive one batch from `fd` straight into guest memory (without marking pages dirty).
 /// Everything is checked before a byte is written; a compressed batch is decompressed whole into
 /// a bounded scratch buffer first. With a `tracker`, the pages written are hashed into it as they
-/// arrive (a compressed batch's are marked stale instead, for its next refresh).
+/// arrive.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, tracker = None))]
 fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, tracker: Option<PyRef<'py, PyDigestTracker>>) -> PyResult<Bound<'py, PyDict>> {

@@ -20,7 +20,7 @@ from ..state import SectionError, decode_sections
 from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import MigrationParams
-from .digest import InBackground, Refresher
+from .digest import InBackground
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, ProtocolError, Refused, receive_error
 from .net import CancelWatcher, format_address, listen, set_io_timeout
 from .stats import MigrationStats, RoundStats
@@ -140,7 +140,6 @@ class _Receiver:
         self.next_round = 0
         self.have_all_pages = False
         self.tracker = self.memory.digest_tracker()  # hashes (or marks) every page received: exact in both verify modes
-        self.refresher = Refresher(self.tracker)
         self.digest_job: InBackground[int] | None = None
         self.restored = False
         self.refused_reason: str | None = None
@@ -181,8 +180,7 @@ class _Receiver:
         return self.stats
 
     def _join_hashing(self) -> None:
-        """No hashing thread outlives the transfer (their errors, after a failure, add nothing)."""
-        self.refresher.join()
+        """No hashing thread outlives the transfer (its error, after a failure, adds nothing)."""
         if self.digest_job is not None:
             self.digest_job.join()
 
@@ -314,7 +312,6 @@ class _Receiver:
                 raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
             return got
 
-        # Streams carry plain batches only, hashed as they arrive: nothing for the refresher.
         per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
                             page_limit=self.total_pages, cancelled=self.watcher.cancelled,
                             join_timeout=self.params.io_timeout + 10)
@@ -350,10 +347,6 @@ class _Receiver:
                 raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
             compressed += got["compressed_batches"]
             saved += got["saved_bytes"]
-            if got["compressed_batches"] and self.have_all_pages:
-                # Its pages were marked stale, not hashed: hash them while the rest streams. (Not
-                # in round 0, where the pages still to come are stale too and arrive hashed.)
-                self.refresher.kick()
             # A round sends each page at most once: more is a broken or hostile source.
             if data_pages + zero_pages > self.total_pages:
                 raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
@@ -378,12 +371,9 @@ class _Receiver:
         self.next_round += 1
         self.state = RxState.READY
         if memory.flags & P.MemoryFlags.FINAL:
-            # No page changes after the final round: finish the digest while the state and the
-            # commit request arrive.
-            self.refresher.wait()
+            # No page changes after the final round, and every page was hashed as it arrived:
+            # combine while the state and the commit request arrive.
             self.digest_job = InBackground(self.tracker.digest)
-        elif compressed:
-            self.refresher.kick()  # hash this round's compressed pages while the next one arrives
 
     def _restore(self, blob: bytes) -> None:
         if not self.have_all_pages:

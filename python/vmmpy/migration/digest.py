@@ -1,11 +1,10 @@
 """The commit's memory digest: kept current as pages move, so the commit costs what changed.
 
 Both sides keep a ``DigestTracker`` (rust/pages/tracker.rs): per-page hashes with a stale bit
-per page. Pages are hashed as they move, a window of 256 KiB at a time while it is in the CPU's
-cache: the source hashes each window right before it sends it, the destination right after it
-arrives. At the commit each side only combines, plus whatever is still stale: on the destination
-the pages of compressed batches (decompressed through a scratch buffer, so no longer in the
-cache), which a ``Refresher`` rehashes between rounds.
+per page. Pages are hashed as they move, while they are in the CPU's cache: the source hashes
+each 256 KiB window of a batch right before it sends it, the destination right after it arrives
+(a compressed batch's pages right after they are decompressed into place). The first round
+carries every page, so at the commit each side only combines the hashes it has.
 
 ``verify="full"`` has the source recompute the digest from all of its memory instead, after
 pausing the guest. That also proves the dirty tracking missed no write (a page the guest wrote
@@ -51,29 +50,3 @@ class InBackground(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
-
-
-class Refresher:
-    """Rehashes a tracker's stale pages on a thread between rounds, one refresh at a time."""
-
-    def __init__(self, tracker) -> None:
-        self.tracker = tracker
-        self._job: InBackground | None = None
-
-    def kick(self) -> None:
-        """Start a refresh unless one is still running (the next kick catches up)."""
-        if self._job is None or self._job.done():
-            self.wait()
-            self._job = InBackground(self.tracker.refresh, name="digest-refresh")
-
-    def wait(self) -> None:
-        """Wait for the running refresh, if any; its error, if it had one, is raised here."""
-        job, self._job = self._job, None
-        if job is not None:
-            job.result()
-
-    def join(self) -> None:
-        """Wait for the running refresh, ignoring its outcome."""
-        job, self._job = self._job, None
-        if job is not None:
-            job.join()
