@@ -17,8 +17,8 @@ use criterion::measurement::WallTime;
 use vmm_core::dirty::TrackingChoice;
 use vmm_core::memory::{GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
 use vmm_core::pages::{
-    build_ranges_from_bitmap, chunk_hashes, commit_digest, hash_pages, memory_digest, recv_batch, resident_bitmap, send_batch, split_zero_pages,
-    DigestTracker, PageRange, RangeKind,
+    build_ranges_from_bitmap, chunk_hashes, commit_digest, hash_pages, memory_digest, recv_batch_tracked, resident_bitmap, send_batch, send_batch_tracked,
+    split_zero_pages, DigestTracker, PageRange, RangeKind,
 };
 
 const MIB: u64 = 1 << 20;
@@ -181,7 +181,9 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
 }
 
 /// Send `ranges` from `src` through `tx` while a thread receives them into `dst` through `rx`
-/// and acknowledges each batch with one byte, so each timed send includes full delivery.
+/// and acknowledges each batch with one byte, so each timed send includes full delivery. With
+/// `trackers` (source's, destination's), both ends hash the pages as they move, as a migration does.
+#[allow(clippy::too_many_arguments)]
 fn bench_transfer(
     g: &mut BenchmarkGroup<'_, WallTime>,
     name: &str,
@@ -190,14 +192,16 @@ fn bench_transfer(
     ranges: &[PageRange],
     tx: &mut (impl Write + AsRawFd),
     rx: &mut (impl Read + Write + AsRawFd + Send),
+    trackers: Option<(&DigestTracker, &DigestTracker)>,
 ) {
+    let (theirs, mine) = trackers.unzip();
     let tx_fd: RawFd = tx.as_raw_fd();
     std::thread::scope(|s| {
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let receiver = s.spawn(move || {
             let fd = rx.as_raw_fd();
             while stop_rx.try_recv().is_err() {
-                match recv_batch(fd, dst) {
+                match recv_batch_tracked(fd, dst, mine) {
                     Ok(_) => rx.write_all(&[1]).unwrap(),
                     Err(_) => break, // the sender closed the stream: the benchmark is over
                 }
@@ -205,7 +209,7 @@ fn bench_transfer(
         });
         g.bench_function(name, |b| {
             b.iter(|| {
-                send_batch(tx_fd, src, ranges).unwrap();
+                send_batch_tracked(tx_fd, src, ranges, theirs).unwrap();
                 let mut ack = [0u8; 1];
                 // SAFETY: reading one byte into a local buffer.
                 let n = unsafe { libc::read(tx_fd, ack.as_mut_ptr() as *mut libc::c_void, 1) };
@@ -259,15 +263,19 @@ fn batches(c: &mut Criterion) {
     let mut g = configure(c, "batch_send_recv_64MiB_random");
     g.throughput(Throughput::Bytes(BUF));
     let (a, b) = socketpair();
-    bench_transfer(&mut g, "unix_socketpair_contiguous", &src, &dst, &contiguous, &mut Fd(a), &mut Fd(b));
+    bench_transfer(&mut g, "unix_socketpair_contiguous", &src, &dst, &contiguous, &mut Fd(a), &mut Fd(b), None);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     client.set_nodelay(true).unwrap();
     server.set_nodelay(true).unwrap();
-    bench_transfer(&mut g, "tcp_loopback_contiguous", &src, &dst, &contiguous, &mut client, &mut server);
+    bench_transfer(&mut g, "tcp_loopback_contiguous", &src, &dst, &contiguous, &mut client, &mut server, None);
+    // The same with the commit digest kept on both ends, a hash window at a time while it is in
+    // the cache: what hashing adds to a migration's copies.
+    let (theirs, mine) = (DigestTracker::new(&src).unwrap(), DigestTracker::new(&dst).unwrap());
+    bench_transfer(&mut g, "tcp_loopback_contiguous_hashed", &src, &dst, &contiguous, &mut client, &mut server, Some((&theirs, &mine)));
     g.throughput(Throughput::Bytes(BUF / 2));
-    bench_transfer(&mut g, "tcp_loopback_scattered_1page_ranges", &src, &dst, &scattered, &mut client, &mut server);
+    bench_transfer(&mut g, "tcp_loopback_scattered_1page_ranges", &src, &dst, &scattered, &mut client, &mut server, None);
     g.finish();
 }
 
