@@ -201,7 +201,7 @@ class QemuBench:
     def __init__(self, binary: str, work: Path, shm: str, runs: int) -> None:
         self.binary, self.work, self.shm, self.runs = binary, work, shm, runs
         self.files: dict[int, str] = {}
-        self.cache: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (GiB, channels) -> warm migration runs
+        self.cache: dict[tuple[int, int, bool], list[dict[str, Any]]] = {}  # (GiB, channels, prealloc) -> warm migration runs
 
     def close(self) -> None:
         for gib in list(self.files):
@@ -236,12 +236,14 @@ class QemuBench:
         return f"memory-backend-file,mem-path={self._random_file(gib)},share=off"
 
     def migrate_once(self, size: int, source_gib: int | None, *, multifd: int = 0, live: bool = False,
-                     downtime_ms: int | None = None) -> dict[str, Any]:
+                     downtime_ms: int | None = None, prealloc: bool = True) -> dict[str, Any]:
         """One migration over 127.0.0.1; wall seconds from ``migrate`` to the destination's
-        MIGRATION ``completed`` event, plus the source's ``query-migrate`` figures."""
+        MIGRATION ``completed`` event, plus the source's ``query-migrate`` figures. The
+        destination's RAM is preallocated unless ``prealloc`` is false."""
         src = dst = None
         try:
-            dst = self._vm("dst", size, "memory-backend-ram,prealloc=on", ([] if live else ["-S"]) + ["-incoming", "defer"])
+            memory = "memory-backend-ram" + (",prealloc=on" if prealloc else "")
+            dst = self._vm("dst", size, memory, ([] if live else ["-S"]) + ["-incoming", "defer"])
             src = self._vm("src", size, self._source_memory(source_gib), [] if live else ["-S"])
             for vm in (src, dst):
                 _prepare(vm, multifd, downtime_ms if vm is src else None)
@@ -321,13 +323,16 @@ class QemuBench:
 
     # --- the measurements vmmpy's rows compare with -------------------------------------------
 
-    def warm(self, gib: int, channels: int = 1, compare: int = 4) -> QemuFigure:
+    def warm(self, gib: int, channels: int = 1, compare: int = 4, unpreallocated: bool = False) -> QemuFigure:
         """Paused ``gib`` GiB random guest over one channel (``channels`` 1) or multifd with
-        ``channels``; the figure is that case, the notes carry the other (``compare``). Runs
-        are kept per case, so rows sharing a case share one measurement."""
+        ``channels``; the figure is that case, the notes carry the other (``compare``), and with
+        ``unpreallocated`` one channel into a destination whose RAM is not preallocated (what an
+        unwired vmmpy destination does). Runs are kept per case, so rows sharing a case share one
+        measurement."""
         try:
             mine = self._warm_runs(gib, channels)
             theirs = self._warm_runs(gib, compare) if compare != channels else None
+            fresh = self._warm_runs(gib, 1, prealloc=False) if unpreallocated else None
         finally:
             if gib > 1:
                 self._drop_random(gib)
@@ -341,15 +346,18 @@ class QemuBench:
         if theirs:
             others[label(compare)] = Figure([gib / r["seconds"] for r in theirs], "GiB/s")
             others[f"{label(compare)} wall"] = Figure([r["seconds"] for r in theirs], "s")
+        if fresh:
+            others["one channel, dst not preallocated"] = Figure([gib / r["seconds"] for r in fresh], "GiB/s")
         return QemuFigure(fig, f"paused {gib} GiB random guest, {label(channels)}, tcp 127.0.0.1, dst prealloc; "
                                "migrate -> destination completed", others,
-                          [{"channels": channels, **r} for r in mine] + [{"channels": compare, **r} for r in theirs or []])
+                          [{"channels": channels, **r} for r in mine] + [{"channels": compare, **r} for r in theirs or []]
+                          + [{"channels": 1, "prealloc": False, **r} for r in fresh or []])
 
-    def _warm_runs(self, gib: int, channels: int) -> list[dict[str, Any]]:
-        key = (gib, channels)
+    def _warm_runs(self, gib: int, channels: int, prealloc: bool = True) -> list[dict[str, Any]]:
+        key = (gib, channels, prealloc)
         if key not in self.cache:
             multifd = channels if channels > 1 else 0
-            self.cache[key] = [self.migrate_once(gib * GIB, gib, multifd=multifd) for _ in range(self.runs)]
+            self.cache[key] = [self.migrate_once(gib * GIB, gib, multifd=multifd, prealloc=prealloc) for _ in range(self.runs)]
         return self.cache[key]
 
     def zero(self) -> QemuFigure:
@@ -411,13 +419,13 @@ def _unlink(path: str) -> None:
 # docs/performance.md); rows not listed have no QEMU equivalent here. A vmmpy row with N
 # streams compares with ``q.warm(1, channels=N, compare=1)``.
 WORK: dict[str, Callable[[QemuBench, Any], QemuFigure]] = {
-    "warm-1g": lambda q, ctx: q.warm(1),
+    "warm-1g": lambda q, ctx: q.warm(1, unpreallocated=True),
     "warm-1g-wired": lambda q, ctx: q.warm(1),
     "warm-1g-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
     "warm-1g-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
     "warm-1g-wired-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
     "warm-1g-wired-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
-    "warm-4g": lambda q, ctx: q.warm(4),
+    "warm-4g": lambda q, ctx: q.warm(4, unpreallocated=True),
     "warm-4g-wired": lambda q, ctx: q.warm(4),
     "zero-1g": lambda q, ctx: q.zero(),
     "live-idle": lambda q, ctx: q.live_idle(10),
