@@ -209,17 +209,43 @@ pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) 
 /// # Safety
 /// Every iovec must describe memory writable for the whole call and not referenced as `&`/`&mut`.
 pub(super) unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
+    // SAFETY: the caller's contract.
+    unsafe { read_all_with(fd, iovs, what, None) }
+}
+
+/// [`read_all`], with readv; or with `whole`, a poll for everything still missing and then a
+/// non-blocking recvmsg, until the iovecs are full (see [`WholeReads`]).
+///
+/// # Safety
+/// As for [`read_all`].
+unsafe fn read_all_with(fd: RawFd, iovs: &mut [libc::iovec], what: &str, mut whole: Option<&mut WholeReads>) -> Result<u64, PageError> {
     let mut idx = 0;
     let mut got = 0u64;
     advance(iovs, &mut idx, 0);
     while idx < iovs.len() {
         let count = (iovs.len() - idx).min(IOV_MAX);
-        // SAFETY: the iovecs describe writable memory (the caller's contract).
-        let n = unsafe { libc::readv(fd, iovs[idx..].as_ptr(), count as libc::c_int) };
+        let n = match whole.as_deref_mut() {
+            None => {
+                // SAFETY: the iovecs describe writable memory (the caller's contract).
+                unsafe { libc::readv(fd, iovs[idx..].as_ptr(), count as libc::c_int) }
+            }
+            Some(w) => {
+                if !w.wait(iovs[idx..].iter().map(|v| v.iov_len).sum(), what)? {
+                    continue; // interrupted
+                }
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = iovs[idx..].as_mut_ptr();
+                msg.msg_iovlen = count as _;
+                // SAFETY: as for readv.
+                unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) }
+            }
+        };
         if n < 0 {
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) if whole.is_some() => continue, // woken early: wait again
                 Some(libc::EAGAIN) => return Err(nonblocking_error(fd, what)),
                 _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
             }
@@ -437,53 +463,27 @@ impl WholeReads {
         }
     }
 
-    /// Like [`read_all`]: fill the iovecs, return how many bytes arrived before the stream ended.
-    ///
-    /// # Safety
-    /// As for [`read_all`].
-    unsafe fn read_all(&mut self, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
-        let fd = self.fd;
-        let mut idx = 0;
-        let mut got = 0u64;
-        advance(iovs, &mut idx, 0);
-        while idx < iovs.len() {
-            self.set_lowat(iovs[idx..].iter().map(|v| v.iov_len).sum());
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one pollfd of ours.
-            match unsafe { libc::poll(&mut pfd, 1, self.timeout_ms) } {
-                0 => {
-                    let err = io::Error::from_raw_os_error(libc::EAGAIN);
-                    return Err(PageError::io(format!("{what} (fd {fd}): nothing for {} ms", self.timeout_ms), err));
-                }
-                n if n < 0 => {
-                    let err = io::Error::last_os_error();
-                    if err.raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
-                    return Err(PageError::io(format!("{what} (fd {fd})"), err));
-                }
-                _ => {}
+    /// Sleep until `missing` bytes (at most `RCVLOWAT_MAX`) are queued, or the stream ends,
+    /// fails or is shut down; false if a signal interrupted the wait. No data within the
+    /// socket's SO_RCVTIMEO is an EAGAIN error, as a blocking read would give.
+    fn wait(&mut self, missing: usize, what: &str) -> Result<bool, PageError> {
+        self.set_lowat(missing);
+        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours.
+        match unsafe { libc::poll(&mut pfd, 1, self.timeout_ms) } {
+            0 => {
+                let err = io::Error::from_raw_os_error(libc::EAGAIN);
+                Err(PageError::io(format!("{what} (fd {}): nothing for {} ms", self.fd, self.timeout_ms), err))
             }
-            // SAFETY: an all-zero msghdr is valid (no name, no control data).
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iovs[idx..].as_mut_ptr();
-            msg.msg_iovlen = (iovs.len() - idx).min(IOV_MAX) as _;
-            // SAFETY: the iovecs describe writable memory (the caller's contract).
-            let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-            if n < 0 {
+            n if n < 0 => {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
-                    Some(libc::EINTR) | Some(libc::EAGAIN) => continue, // woken early: wait again
-                    _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
+                    Some(libc::EINTR) => Ok(false),
+                    _ => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
                 }
             }
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-            advance(iovs, &mut idx, n as usize);
+            _ => Ok(true),
         }
-        Ok(got)
     }
 }
 
@@ -525,12 +525,7 @@ fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[Pag
             // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which the
             // caller's `mem` keeps mapped; guest memory is never behind a Rust reference, so the
             // kernel writing it aliases nothing.
-            let n = unsafe {
-                match whole.as_mut() {
-                    Some(w) => w.read_all(&mut iovs, "receiving page data")?,
-                    None => read_all(fd, &mut iovs, "receiving page data")?,
-                }
-            };
+            let n = unsafe { read_all_with(fd, &mut iovs, "receiving page data", whole.as_mut())? };
             got += n;
             if n < want {
                 break;

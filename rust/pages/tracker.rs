@@ -523,20 +523,22 @@ mod tests {
         assert_eq!(commit_digest(&zeros).unwrap(), base);
     }
 
-    #[test]
-    fn refreshing_while_pages_are_written_and_marked_misses_nothing() {
-        // A writer fills never-touched pages and marks each after writing it, as the receiver
-        // and the dirty harvest do, while refreshes run on another thread, asking mincore
-        // (threshold 0) so the residency they see races the writes.
+    /// A writer fills the never-touched pages of a 32 MiB guest `step` at a time and then
+    /// `record`s each group (marks or hashes it), while refreshes run on another thread, asking
+    /// mincore (threshold 0) so the residency they see races the writes. Returns the tracker and
+    /// the memory for the caller to check.
+    fn race_writes_with_refreshes(step: usize, record: impl Fn(&DigestTracker, &Segment, usize, usize) + Sync) -> (DigestTracker, GuestMemory) {
         let mem = GuestMemory::new(&MemoryOptions::new(32 << 20)).unwrap();
         let tracker = DigestTracker::new(&mem).unwrap();
         let seg = mem.segments()[0].clone();
         let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
-                for page in 0..seg.pages() {
-                    mem.write(GuestAddress((page * 4096) as u64), &(page as u64 + 1).to_le_bytes()).unwrap();
-                    tracker.mark_pages(&seg, page, 1).unwrap();
+                for first in (0..seg.pages()).step_by(step) {
+                    for page in first..first + step {
+                        mem.write(GuestAddress((page * 4096) as u64), &(page as u64 + 1).to_le_bytes()).unwrap();
+                    }
+                    record(&tracker, &seg, first, step);
                 }
                 done.store(true, Ordering::Release);
             });
@@ -546,6 +548,13 @@ mod tests {
                 refreshes += 1;
             }
         });
+        (tracker, mem)
+    }
+
+    #[test]
+    fn refreshing_while_pages_are_written_and_marked_misses_nothing() {
+        // Each page marked after it is written, as the dirty harvest does.
+        let (tracker, mem) = race_writes_with_refreshes(1, |t, seg, first, count| t.mark_pages(seg, first, count).unwrap());
         assert_eq!(tracker.digest_with(0, 1).unwrap(), commit_digest(&mem).unwrap());
     }
 
@@ -591,26 +600,7 @@ mod tests {
     fn hashing_as_pages_arrive_while_refreshes_run_misses_nothing() {
         // As on a destination: the receiver writes pages and hashes them right away, while
         // refreshes of the pages still stale from the start run on another thread.
-        let mem = GuestMemory::new(&MemoryOptions::new(32 << 20)).unwrap();
-        let tracker = DigestTracker::new(&mem).unwrap();
-        let seg = mem.segments()[0].clone();
-        let done = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for first in (0..seg.pages()).step_by(16) {
-                    for page in first..first + 16 {
-                        mem.write(GuestAddress((page * 4096) as u64), &(page as u64 + 1).to_le_bytes()).unwrap();
-                    }
-                    tracker.hash_now(&seg, &[(first, 16)], false).unwrap();
-                }
-                done.store(true, Ordering::Release);
-            });
-            let mut refreshes = 0;
-            while !done.load(Ordering::Acquire) && refreshes < 100_000 {
-                tracker.refresh().unwrap();
-                refreshes += 1;
-            }
-        });
+        let (tracker, mem) = race_writes_with_refreshes(16, |t, seg, first, count| t.hash_now(seg, &[(first, count)], false).unwrap());
         assert_eq!(tracker.stale_pages(), 0);
         assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
     }
