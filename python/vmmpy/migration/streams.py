@@ -329,15 +329,13 @@ def new_token() -> bytes:
 
 
 def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.socket], *, round_number: int, page_limit: int,
-                  cancelled: Callable[[], bool], join_timeout: float, kick: Callable[[], None] | None = None) -> list[dict[str, int]]:
+                  cancelled: Callable[[], bool], join_timeout: float) -> list[dict[str, int]]:
     """Receive one round's batches on every socket at once, each until its empty batch; ``recv``
     is ``GuestMemory.recv_pages`` (GIL released while it reads). Returns per stream: batches,
     data_pages, zero_pages, wire_bytes (the end marker included). Over all streams together the
     round may not carry more than ``page_limit`` pages. On the first failure the other streams'
-    reads are shut down so the call returns at once; the first failure is raised. ``kick`` is
-    called after every batch, from whichever stream's thread received it, one call at a time."""
+    reads are shut down so the call returns at once; the first failure is raised."""
     lock = threading.Lock()
-    kick_lock = threading.Lock()
     carried = [0]
     failures: list[tuple[int, BaseException]] = []
     results: list[dict[str, int] | None] = [None] * len(socks)
@@ -359,9 +357,6 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                     carried[0] += got["data_pages"] + got["zero_pages"]
                     if carried[0] > page_limit:
                         raise ProtocolError(f"round {round_number} carried more pages ({carried[0]}) than the guest has ({page_limit})")
-                if kick is not None:
-                    with kick_lock:
-                        kick()
             results[index] = t
         except BaseException as err:  # noqa: BLE001 - handed to the caller below
             with lock:
