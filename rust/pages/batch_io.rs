@@ -109,8 +109,7 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usiz
     let mut windows = Vec::new();
     let mut window: Vec<(usize, usize)> = Vec::new();
     let mut room = HASH_WINDOW_PAGES;
-    for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
-        let (mut first, mut left) = (off / PAGE_SIZE, r.pages as usize);
+    for (mut first, mut left) in runs_of(RangeKind::Data, ranges, offsets) {
         while left > 0 {
             let n = left.min(room);
             window.push((first, n));
@@ -127,9 +126,9 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usiz
     windows
 }
 
-/// The ZERO ranges of a batch as runs of `(first page in the segment, pages)`.
-fn zero_runs(ranges: &[PageRange], offsets: &[usize]) -> Vec<(usize, usize)> {
-    ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Zero).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect()
+/// A batch's ranges of one `kind` as runs of `(first page in the segment, pages)`.
+pub(super) fn runs_of(kind: RangeKind, ranges: &[PageRange], offsets: &[usize]) -> Vec<(usize, usize)> {
+    ranges.iter().zip(offsets).filter(|(r, _)| r.kind == kind).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect()
 }
 
 fn run_iovec(seg: &Segment, (first, pages): (usize, usize)) -> libc::iovec {
@@ -305,20 +304,14 @@ pub fn send_batch_tracked(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], tr
     let encoded = encode_batch(seg.gpa(), ranges);
     let encoded_iov = libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() };
     let Some(tracker) = tracker else {
-        let mut iovs = Vec::with_capacity(1 + ranges.len());
-        iovs.push(encoded_iov);
-        for (r, &off) in ranges.iter().zip(&offsets) {
-            if r.kind == RangeKind::Data {
-                iovs.push(run_iovec(seg, (off / PAGE_SIZE, r.pages as usize)));
-            }
-        }
+        let mut iovs: Vec<libc::iovec> = std::iter::once(encoded_iov).chain(runs_of(RangeKind::Data, ranges, &offsets).into_iter().map(|run| run_iovec(seg, run))).collect();
         // SAFETY: the first iovec is `encoded`, alive until the end of this function; the others
         // lie inside the segment's mapping (validate_ranges checked each range), which `mem`
         // keeps mapped. The kernel only reads through them; `*mut` is the iovec type's.
         unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
         return Ok(stats);
     };
-    tracker.hash_now(seg, &zero_runs(ranges, &offsets), true)?;
+    tracker.hash_now(seg, &runs_of(RangeKind::Zero, ranges, &offsets), true)?;
     let mut header_iov = Some(encoded_iov);
     for window in data_windows(ranges, &offsets) {
         tracker.hash_now(seg, &window, false)?;
@@ -395,8 +388,7 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         stats.wire_bytes -= stats.saved_bytes;
         if let Some(tracker) = tracker {
             // A block is at most a few MiB, just copied into place: still in the cache.
-            let data: Vec<(usize, usize)> = data_windows(&ranges, &offsets).concat();
-            tracker.hash_now(seg, &data, false)?;
+            tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
         read_data_pages(fd, seg, &header, &ranges, &offsets, tracker)?;
@@ -407,7 +399,7 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         }
     }
     if let Some(tracker) = tracker {
-        tracker.hash_now(seg, &zero_runs(&ranges, &offsets), true)?;
+        tracker.hash_now(seg, &runs_of(RangeKind::Zero, &ranges, &offsets), true)?;
     }
     if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
         let end = last.gpa.0 + last.bytes();
@@ -495,12 +487,12 @@ impl Drop for WholeReads {
 }
 
 /// Read a plain batch's DATA pages straight into the segment; with a `tracker`, a window at a
-/// time, each hashed into it right after it arrives. A socket is read a window at a time
-/// whatever the tracker ([`WholeReads`]).
+/// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
+/// ([`WholeReads`]).
 fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[PageRange], offsets: &[usize], tracker: Option<&DigestTracker>) -> Result<(), PageError> {
     let windows = match tracker {
         Some(_) => data_windows(ranges, offsets),
-        None => vec![ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect()],
+        None => vec![runs_of(RangeKind::Data, ranges, offsets)],
     };
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,

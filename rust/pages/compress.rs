@@ -36,7 +36,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::batch::{
     encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES,
 };
-use super::batch_io::{batch_segment, read_all, send_batch_tracked, write_all, BatchStats};
+use super::batch_io::{batch_segment, read_all, runs_of, send_batch_tracked, write_all, BatchStats};
 use super::tracker::DigestTracker;
 use super::PageError;
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
@@ -190,9 +190,8 @@ impl Compressor {
         let offsets = validate_ranges(seg, &header, batch)?;
         if let Some(tracker) = tracker {
             // Hashed before the copy below reads the pages again, from the cache.
-            let runs = |kind| batch.iter().zip(&offsets).filter(|(r, _)| r.kind == kind).map(|(r, &off)| (off / PAGE_SIZE, r.pages as usize)).collect::<Vec<_>>();
-            tracker.hash_now(seg, &runs(RangeKind::Zero), true)?;
-            tracker.hash_now(seg, &runs(RangeKind::Data), false)?;
+            tracker.hash_now(seg, &runs_of(RangeKind::Zero, batch, &offsets), true)?;
+            tracker.hash_now(seg, &runs_of(RangeKind::Data, batch, &offsets), false)?;
         }
         if self.input.len() < raw {
             self.input.resize(raw, 0);
