@@ -248,7 +248,7 @@ class GuestMemory:
     def digest_tracker(self) -> DigestTracker:
         """A tracker of :meth:`commit_digest`: every page starts stale; pages are hashed into it as
         they move (``send_*_pages``/``recv_pages`` do it when given the tracker) or marked stale
-        when they change (``tracker.mark_pages``), and ``tracker.digest()`` rehashes only the
+        when they change (``tracker.mark(gpa, pages)``), and ``tracker.digest()`` rehashes only the
         stale ones. It equals ``commit_digest()`` as long as every page changed since it was
         made has been hashed or marked since."""
         return _core.DigestTracker(self.core)

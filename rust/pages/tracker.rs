@@ -91,7 +91,7 @@ fn chunk_hash(page_hashes: &[u64]) -> u128 {
     xxh3_128(&bytes[..page_hashes.len() * 8])
 }
 
-/// The hashes of one segment, changed only by a refresh (under the tracker's lock).
+/// The hashes of one segment, changed only under this lock (by a refresh or `hash_now`).
 struct Hashes {
     pages: Vec<u64>,
     chunks: Vec<u128>,
