@@ -121,6 +121,33 @@ pub(super) fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDig
     }
 }
 
+/// Send each segment's ranges, as `ranges_of(memory, segment index, segment)` builds them, with
+/// the GIL released: through the compressor for `compress`/`link_rate` when there is one, hashing
+/// into `tracker` when given. Returns the totals as Python's dict.
+fn send_segments<'py>(
+    py: Python<'py>,
+    memory: &PyGuestMemory,
+    fd: RawFd,
+    tracker: Option<Arc<DigestTracker>>,
+    compress: &str,
+    link_rate: Option<f64>,
+    ranges_of: impl Fn(&GuestMemory, usize, &Segment) -> Result<Vec<PageRange>, PageError> + Send,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mem = memory.inner.clone();
+    let mut compressor = compressor(compress, link_rate)?;
+    let (totals, report) = py
+        .detach(move || -> Result<_, PageError> {
+            let mut totals = BatchTotals::default();
+            for (i, seg) in mem.segments().iter().enumerate() {
+                let ranges = ranges_of(&mem, i, seg)?;
+                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, tracker.as_deref())?;
+            }
+            Ok((totals, compressor_report(&compressor)))
+        })
+        .map_err(page_error)?;
+    sent_dict(py, &totals, &report)
+}
+
 /// Harvest and clear the dirty pages, and send them (zero pages as ranges without data, if
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
 /// write during the send is caught by the next round. With a `tracker`, every page sent is hashed
@@ -138,21 +165,11 @@ fn send_dirty_pages<'py>(
     link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
-    let mem = memory.inner.clone();
-    let mut compressor = compressor(compress, link_rate)?;
-    let (totals, report) = py
-        .detach(move || -> Result<_, PageError> {
-            let mut totals = BatchTotals::default();
-            for (i, seg) in mem.segments().iter().enumerate() {
-                let mut words = vec![0u64; seg.pages().div_ceil(64)];
-                mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-                let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, tracker.as_deref())?;
-            }
-            Ok((totals, compressor_report(&compressor)))
-        })
-        .map_err(page_error)?;
-    sent_dict(py, &totals, &report)
+    send_segments(py, &memory, fd, tracker, compress, link_rate, |mem, i, seg| {
+        let mut words = vec![0u64; seg.pages().div_ceil(64)];
+        mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
+        pages::build_ranges_from_bitmap(seg, &words, detect_zero)
+    })
 }
 
 /// Send every page of guest memory: pages never touched (mincore) as zero ranges without reading
@@ -170,19 +187,7 @@ fn send_all_pages<'py>(
     link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
-    let mem = memory.inner.clone();
-    let mut compressor = compressor(compress, link_rate)?;
-    let (totals, report) = py
-        .detach(move || -> Result<_, PageError> {
-            let mut totals = BatchTotals::default();
-            for seg in mem.segments() {
-                let ranges = all_page_ranges(seg, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, tracker.as_deref())?;
-            }
-            Ok((totals, compressor_report(&compressor)))
-        })
-        .map_err(page_error)?;
-    sent_dict(py, &totals, &report)
+    send_segments(py, &memory, fd, tracker, compress, link_rate, |_, _, seg| all_page_ranges(seg, detect_zero))
 }
 
 /// Send the pages whose frame numbers (little-endian u64, ascending) are in `pfns`.
@@ -201,30 +206,21 @@ fn send_page_list<'py>(
         return Err(PyValueError::new_err(format!("pfns must be little-endian u64s; {} bytes is not a multiple of 8", pfns.len())));
     }
     let list: Vec<u64> = pfns.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
-    let mem = memory.inner.clone();
-    let mut compressor = compressor(compress, link_rate)?;
-    let (totals, report) = py
-        .detach(move || -> Result<_, PageError> {
-            let mut totals = BatchTotals::default();
-            for seg in mem.segments() {
-                let first_pfn = seg.gpa().pfn();
-                let end_pfn = first_pfn + seg.pages() as u64;
-                let mut words = vec![0u64; seg.pages().div_ceil(64)];
-                for &pfn in list.iter().filter(|&&p| p >= first_pfn && p < end_pfn) {
-                    let page = (pfn - first_pfn) as usize;
-                    words[page / 64] |= 1 << (page % 64);
-                }
-                let ranges = pages::build_ranges_from_bitmap(seg, &words, detect_zero)?;
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, None)?;
-            }
-            let outside = list.iter().find(|&&p| mem.translate(GuestAddress(p << PAGE_SHIFT), 1).is_err());
-            if let Some(&pfn) = outside {
-                return Err(PageError::Memory(mem.translate(GuestAddress(pfn << PAGE_SHIFT), 1).err().unwrap()));
-            }
-            Ok((totals, compressor_report(&compressor)))
-        })
-        .map_err(page_error)?;
-    sent_dict(py, &totals, &report)
+    let sent = send_segments(py, &memory, fd, None, compress, link_rate, |_, _, seg| {
+        let first_pfn = seg.gpa().pfn();
+        let end_pfn = first_pfn + seg.pages() as u64;
+        let mut words = vec![0u64; seg.pages().div_ceil(64)];
+        for &pfn in list.iter().filter(|&&p| p >= first_pfn && p < end_pfn) {
+            let page = (pfn - first_pfn) as usize;
+            words[page / 64] |= 1 << (page % 64);
+        }
+        pages::build_ranges_from_bitmap(seg, &words, detect_zero)
+    })?;
+    // A frame outside guest memory is an error once the others have gone, as before.
+    if let Some(err) = list.iter().find_map(|&p| memory.inner.translate(GuestAddress(p << PAGE_SHIFT), 1).err()) {
+        return Err(memory_error(err));
+    }
+    Ok(sent)
 }
 
 /// Receive one batch from `fd` straight into guest memory (without marking pages dirty).
