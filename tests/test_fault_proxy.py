@@ -1,10 +1,10 @@
-"""The fault proxy (tests/fault_proxy.py).
+"""The fault proxy (tests/fault_proxy.py) and its case helpers (tests/fault_cases.py).
 
 First on scripted streams of real frames and real page batches (the encoders' own bytes), where
 the exact bytes each end received are known: every action lands at exactly the point asked for.
 Then on live migrations between real vmmrun processes: a dry run logs the whole protocol with
-the right lengths and changes nothing; a cut and a reset land where asked and the source's guest
-runs on."""
+the right lengths and changes nothing; a cut, a reset and a kill -9 at a named phase land where
+asked and the source's guest runs on."""
 
 import json
 import os
@@ -18,7 +18,8 @@ from vmmpy import _core
 from vmmpy.memory import GuestMemory
 from vmmpy.migration import protocol as P
 
-from .fault_proxy import FaultProxy
+from .fault_cases import fault_points, kill_at_phase, phase_point
+from .fault_proxy import FaultProxy, Message
 from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state
 from .test_migration_processes import abtest_args, expected_console, live_migrate_in_process
 
@@ -343,6 +344,21 @@ def test_bad_arguments_are_refused_with_what_was_wrong(kwargs, message):
     assert str(err.value) == message
 
 
+def test_fault_points_list_every_boundary_and_a_byte_inside_each_large_message(script):
+    log = [Message(d, i, kind, len(data)) for d in ("s2d", "d2s") for i, (kind, data) in enumerate(script[d], 1)]
+    points = fault_points(log, actions=("cut",))
+    boundaries = [(p.direction, p.after_message) for p in points if p.inside_bytes is None]
+    assert boundaries == [("s2d", k) for k in range(12)] + [("d2s", k) for k in range(1, 5)]
+    inside = [(p.direction, p.after_message + 1, p.label) for p in points if p.inside_bytes is not None]
+    large = [(m.direction, m.index) for m in log if m.length > 4096]
+    assert [(d, i) for d, i, _ in inside] == large == [("s2d", 3), ("s2d", 6), ("s2d", 10)]
+    assert inside[0][2] == f"cut at byte {len(script['s2d'][2][1]) // 2} of s2d 3 BATCH"
+    assert all(0 < p.inside_bytes < log[p.after_message].length for p in points if p.inside_bytes)
+    assert len(fault_points(log)) == 3 * len(points)
+    with pytest.raises(ValueError, match="action must be one of cut, reset, stall; got 'kill'"):
+        fault_points(log, actions=("kill",))
+
+
 # ---- real vmmrun processes --------------------------------------------------------------------
 class Pair:
     """A source vmmrun (src0, abtest) and a destination (dst0) listening on loopback."""
@@ -454,6 +470,55 @@ def test_a_reset_inside_round_0s_first_batch_leaves_the_source_running(tmp_path)
         status, line = pair.dest_failure()
         assert status == 4 and line.startswith("vmmrun: dst0: incoming migration failed: round 0: receiving page data")
         assert "reset" in line
+    finally:
+        pair.stop()
+
+
+@pytest.fixture(scope="module")
+def paused_log(tmp_path_factory):
+    """The message log of a live migration of a paused guest: the same messages every run."""
+    tmp = tmp_path_factory.mktemp("paused")
+    pair = Pair(tmp, sweeps=2000, source_args=("--pause-at=1000000",))
+    try:
+        wait_for_state(tmp, "src0", "paused")
+        with FaultProxy(pair.target) as proxy:
+            assert pair.migrate(proxy).returncode == 0
+            assert proxy.wait_quiet(30)
+            return proxy.log
+    finally:
+        pair.stop()
+
+
+def test_kill_9_of_the_destination_at_the_state_phase_leaves_the_source_guest(tmp_path, paused_log):
+    point = phase_point(paused_log, "state")
+    assert paused_log[[m[:2] for m in paused_log].index(("s2d", point["after_message"] + 1))].kind == "STATE"
+    pair = Pair(tmp_path, sweeps=2000, source_args=("--pause-at=1000000",))
+    try:
+        wait_for_state(tmp_path, "src0", "paused")
+        with kill_at_phase(pair.target, pair.dest, paused_log, "state") as proxy:
+            result = pair.migrate(proxy)
+            assert proxy.fired and proxy.fired_at.kind == "MEMORY_END", "the destination died with the final round, before STATE"
+            assert pair.dest.returncode == -9
+        assert result.returncode == 1 and "the guest keeps running here" in result.stderr
+        assert pair.source_state() == "paused", "the source owns its guest again, as it was"
+        assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
+        assert pair.source.wait(timeout=120) == 1
+        assert pair.src_console.read_text().endswith("all counters 2000\n"), "and it runs to its end, nothing lost"
+    finally:
+        pair.stop()
+
+
+def test_kill_9_of_the_source_at_the_commit_phase_makes_the_destination_discard(tmp_path, paused_log):
+    pair = Pair(tmp_path, sweeps=2000, source_args=("--pause-at=1000000",))
+    try:
+        wait_for_state(tmp_path, "src0", "paused")
+        with kill_at_phase(pair.target, pair.source, paused_log, "commit") as proxy:
+            result = pair.migrate(proxy)
+            assert proxy.fired and proxy.fired_at.kind == "STATE"
+        assert result.returncode == 1 and pair.source.returncode == -9
+        status, line = pair.dest_failure()
+        assert status == 4 and line.startswith("vmmrun: dst0: incoming migration failed:")
+        assert not pair.dst_console.exists() or pair.dst_console.read_text() == "", "the destination never ran the guest"
     finally:
         pair.stop()
 
