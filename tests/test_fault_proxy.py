@@ -361,20 +361,45 @@ def test_fault_points_list_every_boundary_and_a_byte_inside_each_large_message(s
 
 # ---- real vmmrun processes --------------------------------------------------------------------
 class Pair:
-    """A source vmmrun (src0, abtest) and a destination (dst0) listening on loopback."""
+    """A source vmmrun (src0, abtest) and a destination (dst0) listening on loopback; a context
+    manager that kills both at its end. ``paused``: the guest starts paused at an instruction
+    count (as --pause-at=N), so a migration of it sends the same messages every run."""
 
-    def __init__(self, tmp_path, *, sweeps, source_args=(), **guest_extra):
+    def __init__(self, tmp_path, *, sweeps=2000, paused=None, **guest_extra):
         self.tmp, self.sweeps = tmp_path, sweeps
         self.port = free_port()
-        self.src_console, self.dst_console = tmp_path / "src.log", tmp_path / "dst.log"
-        self.dest = start_vmmrun(tmp_path, "-m", "32M", "-l", f"com1,{self.dst_console}", "-R", f"127.0.0.1:{self.port}", "dst0")
-        self.source = start_vmmrun(tmp_path, *abtest_args(sweeps, **guest_extra), "-l", f"com1,{self.src_console}", *source_args, "src0")
-        wait_for_listener("127.0.0.1", self.port, self.dest)
-        wait_for_socket(tmp_path, "src0", self.source)
         self.target = ("127.0.0.1", self.port)
+        self.src_console, self.dst_console = tmp_path / "src.log", tmp_path / "dst.log"
+        pause = [f"--pause-at={paused}"] if paused else []
+        self.dest = start_vmmrun(tmp_path, "-m", "32M", "-l", f"com1,{self.dst_console}", "-R", f"127.0.0.1:{self.port}", "dst0")
+        self.source = start_vmmrun(tmp_path, *abtest_args(sweeps, **guest_extra), "-l", f"com1,{self.src_console}", *pause, "src0")
+        try:
+            wait_for_listener("127.0.0.1", self.port, self.dest)
+            wait_for_socket(tmp_path, "src0", self.source)
+            if paused:
+                wait_for_state(tmp_path, "src0", "paused")
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def migrate(self, proxy, *flags):
         return vmmctl(self.tmp, "--vm=src0", "--migrate-live", "127.0.0.1", str(proxy.port), "--json", *flags, timeout=180)
+
+    def dry_run(self, migrate=None):
+        """Migrate through a proxy that faults nothing (``migrate(proxy)``, default ``self.migrate``);
+        returns the result and the proxy's log, once every connection ended."""
+        with FaultProxy(self.target) as proxy:
+            result = (migrate or self.migrate)(proxy)
+            assert result.returncode == 0, result.stderr
+            assert proxy.wait_quiet(30)
+            assert proxy.errors == [] and not proxy.fired
+            return result, proxy.log
 
     def source_state(self):
         return json.loads(vmmctl(self.tmp, "--vm=src0", "--status", "--json").stdout)["state"]
@@ -420,15 +445,9 @@ def test_a_dry_run_of_a_live_migration_logs_the_protocol_and_changes_nothing(tmp
     # abtest rewrites 2M..8M flat out from the moment it is resumed, right before the migration
     # starts: the rounds carry dirty pages; with lz4 (one stream, the default) most go compressed.
     sweeps = 40_000
-    pair = Pair(tmp_path, sweeps=sweeps, source_args=("--pause-at=1",), end="8M")
-    try:
-        wait_for_state(tmp_path, "src0", "paused")
-        with FaultProxy(pair.target) as proxy:
-            result = live_migrate_in_process(tmp_path, "127.0.0.1", proxy.port, ["--downtime-ms", "10", *flags])
-            assert result.returncode == 0, result.stderr
-            assert proxy.wait_quiet(30)
-            log = proxy.log
-            assert proxy.errors == [] and not proxy.fired
+    with Pair(tmp_path, sweeps=sweeps, paused=1, end="8M") as pair:
+        result, log = pair.dry_run(lambda proxy: live_migrate_in_process(
+            tmp_path, "127.0.0.1", proxy.port, ["--downtime-ms", "10", *flags]))
         stats = json.loads(result.stdout)
         rounds = check_log_against_the_engines(log, stats)
         batch_kinds = [b.kind for _, batches in rounds for b in batches]
@@ -439,13 +458,10 @@ def test_a_dry_run_of_a_live_migration_logs_the_protocol_and_changes_nothing(tmp
         assert pair.dest.wait(timeout=120) == 1
         pages = (8 * MiB - 2 * MiB) // 4096
         assert pair.src_console.read_text() + pair.dst_console.read_text() == expected_console(sweeps, pages)
-    finally:
-        pair.stop()
 
 
 def test_a_cut_after_auth_leaves_the_destination_at_eof_and_the_source_running(tmp_path):
-    pair = Pair(tmp_path, sweeps=100_000)
-    try:
+    with Pair(tmp_path, sweeps=100_000) as pair:
         with FaultProxy(pair.target, direction="s2d", after_message=2, action="cut") as proxy:
             result = pair.migrate(proxy)
             assert proxy.fired and proxy.fired_at[:3] == ("s2d", 2, "AUTH")
@@ -454,13 +470,10 @@ def test_a_cut_after_auth_leaves_the_destination_at_eof_and_the_source_running(t
         assert pair.source_state() == "running"
         assert pair.dest_failure() == (4, "vmmrun: dst0: incoming migration failed: peer closed the connection while "
                                           "sending a frame header (0 of 24 bytes arrived)")
-    finally:
-        pair.stop()
 
 
 def test_a_reset_inside_round_0s_first_batch_leaves_the_source_running(tmp_path):
-    pair = Pair(tmp_path, sweeps=100_000)
-    try:
+    with Pair(tmp_path, sweeps=100_000) as pair:
         # s2d 4 is round 0's MEMORY; a megabyte into the batch after it the connection is reset.
         with FaultProxy(pair.target, direction="s2d", after_message=4, inside_bytes=MiB, action="reset") as proxy:
             result = pair.migrate(proxy)
@@ -470,31 +483,22 @@ def test_a_reset_inside_round_0s_first_batch_leaves_the_source_running(tmp_path)
         status, line = pair.dest_failure()
         assert status == 4 and line.startswith("vmmrun: dst0: incoming migration failed: round 0: receiving page data")
         assert "reset" in line
-    finally:
-        pair.stop()
+
+
+PAUSED_AT = 1_000_000
 
 
 @pytest.fixture(scope="module")
 def paused_log(tmp_path_factory):
     """The message log of a live migration of a paused guest: the same messages every run."""
-    tmp = tmp_path_factory.mktemp("paused")
-    pair = Pair(tmp, sweeps=2000, source_args=("--pause-at=1000000",))
-    try:
-        wait_for_state(tmp, "src0", "paused")
-        with FaultProxy(pair.target) as proxy:
-            assert pair.migrate(proxy).returncode == 0
-            assert proxy.wait_quiet(30)
-            return proxy.log
-    finally:
-        pair.stop()
+    with Pair(tmp_path_factory.mktemp("paused"), paused=PAUSED_AT) as pair:
+        return pair.dry_run()[1]
 
 
 def test_kill_9_of_the_destination_at_the_state_phase_leaves_the_source_guest(tmp_path, paused_log):
     point = phase_point(paused_log, "state")
     assert paused_log[[m[:2] for m in paused_log].index(("s2d", point["after_message"] + 1))].kind == "STATE"
-    pair = Pair(tmp_path, sweeps=2000, source_args=("--pause-at=1000000",))
-    try:
-        wait_for_state(tmp_path, "src0", "paused")
+    with Pair(tmp_path, paused=PAUSED_AT) as pair:
         with kill_at_phase(pair.target, pair.dest, paused_log, "state") as proxy:
             result = pair.migrate(proxy)
             assert proxy.fired and proxy.fired_at.kind == "MEMORY_END", "the destination died with the final round, before STATE"
@@ -504,14 +508,10 @@ def test_kill_9_of_the_destination_at_the_state_phase_leaves_the_source_guest(tm
         assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
         assert pair.source.wait(timeout=120) == 1
         assert pair.src_console.read_text().endswith("all counters 2000\n"), "and it runs to its end, nothing lost"
-    finally:
-        pair.stop()
 
 
 def test_kill_9_of_the_source_at_the_commit_phase_makes_the_destination_discard(tmp_path, paused_log):
-    pair = Pair(tmp_path, sweeps=2000, source_args=("--pause-at=1000000",))
-    try:
-        wait_for_state(tmp_path, "src0", "paused")
+    with Pair(tmp_path, paused=PAUSED_AT) as pair:
         with kill_at_phase(pair.target, pair.source, paused_log, "commit") as proxy:
             result = pair.migrate(proxy)
             assert proxy.fired and proxy.fired_at.kind == "STATE"
@@ -519,27 +519,18 @@ def test_kill_9_of_the_source_at_the_commit_phase_makes_the_destination_discard(
         status, line = pair.dest_failure()
         assert status == 4 and line.startswith("vmmrun: dst0: incoming migration failed:")
         assert not pair.dst_console.exists() or pair.dst_console.read_text() == "", "the destination never ran the guest"
-    finally:
-        pair.stop()
 
 
 def test_parallel_streams_are_logged_per_connection_and_add_up_to_the_rounds(tmp_path):
-    pair = Pair(tmp_path, sweeps=2000, source_args=("--pause-at=1000000",))
-    try:
-        wait_for_state(tmp_path, "src0", "paused")
-        with FaultProxy(pair.target) as proxy:
-            result = pair.migrate(proxy, "--streams", "3")
-            assert result.returncode == 0, result.stderr
-            assert proxy.wait_quiet(30)
-            log = proxy.log
-            assert proxy.errors == []
+    with Pair(tmp_path, paused=PAUSED_AT) as pair:
+        result, log = pair.dry_run(lambda proxy: pair.migrate(proxy, "--streams", "3"))
         stats = json.loads(result.stdout)
         main = [m.kind for m in log if m.connection == 0]
         assert main[:8] == ["HELLO", "CHALLENGE", "AUTH", "ACCEPT", "SPEC", "ACCEPT", "STREAMS", "STREAMS_TOKEN"]
         for c in (1, 2):
             s2d = [m for m in log if m.connection == c and m.direction == "s2d"]
-            assert s2d[0].kind == "JOIN" and [(m.kind, m.detail) for m in log if m.connection == c and m.direction == "d2s"] == [
-                ("ACCEPT", "stage join")]
+            d2s = [(m.kind, m.detail) for m in log if m.connection == c and m.direction == "d2s"]
+            assert s2d[0].kind == "JOIN" and d2s == [("ACCEPT", "stage join")]
             assert [m.kind for m in s2d[1:]].count("EMPTY_BATCH") == stats["round_count"], "each stream ends each round"
         totals = [P.decode_memory_end(m.payload) for m in log if m.kind == "MEMORY_END"]
         batches = [m for m in log if m.kind.startswith("BATCH")]
@@ -547,14 +538,10 @@ def test_parallel_streams_are_logged_per_connection_and_add_up_to_the_rounds(tmp
         assert sum(m.length for m in batches) == sum(t.wire_bytes for t in totals)
         assert len(batches) == sum(t.batches for t in totals)
         assert pair.source.wait(timeout=120) == 0
-    finally:
-        pair.stop()
 
 
 def test_a_reset_of_one_data_stream_fails_the_round_and_the_source_keeps_its_guest(tmp_path):
-    pair = Pair(tmp_path, sweeps=2000, source_args=("--pause-at=1000000",))
-    try:
-        wait_for_state(tmp_path, "src0", "paused")
+    with Pair(tmp_path, paused=PAUSED_AT) as pair:
         # Stream 1 (the second connection): after its JOIN, 20 bytes into the header of what follows
         # (a batch, or only the round's empty one: which stream takes which batch is a race).
         with FaultProxy(pair.target, connection=1, after_message=1, inside_bytes=20, action="reset") as proxy:
@@ -564,5 +551,3 @@ def test_a_reset_of_one_data_stream_fails_the_round_and_the_source_keeps_its_gue
         assert pair.source_state() == "paused"
         status, line = pair.dest_failure()
         assert status == 4 and line.startswith("vmmrun: dst0: incoming migration failed: round 0, stream 1:")
-    finally:
-        pair.stop()
