@@ -211,7 +211,10 @@ class FakeGuest:
         self._park()
 
     def close(self) -> None:
+        """Idempotent: a test may close its guests early, the fixture closes them all again."""
         with self._cond:
+            if self._exit:
+                return
             self._exit = True
             self._cond.notify_all()
         self._writer.join(timeout=10)

@@ -28,6 +28,12 @@ class DestinationThread:
         self.thread = threading.Thread(target=run, name="migration-destination", daemon=True)
         self.thread.start()
 
+    def stop_waiting(self, timeout: float = 60.0):
+        """A destination still waiting after its source failed before its SPEC was accepted (a
+        stranger, to the destination) waits on: end the wait, then join."""
+        self.dest.stop_waiting()
+        return self.join(timeout)
+
     def join(self, timeout: float = 60.0):
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "destination did not finish"

@@ -2,6 +2,7 @@
 destination ends with exactly the memory and writer state the source had when it paused."""
 
 import json
+import time
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     json.dumps(stats.to_dict()), json.dumps(dstats.to_dict())
 
 
-def test_without_resumed_the_downtime_ends_at_committed_and_a_note_says_so(guests, monkeypatch):
+def test_without_resumed_the_source_holds_the_guest_until_a_reconnect_confirms_it_runs_there(guests, monkeypatch):
     from vmmpy.migration import protocol as P
 
     def lost(start_us):
@@ -53,10 +54,18 @@ def test_without_resumed_the_downtime_ends_at_committed_and_a_note_says_so(guest
     monkeypatch.setattr(P, "encode_resumed", lost)
     src = guests("16M", work_pages=256)
     dst = guests("16M", work_pages=256, running=False)
-    stats, dstats = migrate_pair(src, dst, live=False)
+    stops = []
+    original = src.stop_for_good
+    monkeypatch.setattr(src, "stop_for_good", lambda: (stops.append(time.monotonic()), original()))
+    params = MigrationParams(commit_timeout=1.0)
+    stats, dstats = migrate_pair(src, dst, live=False, params=params)
     assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
+    # No RESUMED: the source was in doubt, kept its guest paused, and stopped it only once a new
+    # connection's RESOLVE was answered "running".
+    assert any(n.startswith("in doubt:") for n in stats.notes), stats.notes
+    assert any("confirmed it runs the guest (reconnecting)" in n for n in stats.notes), stats.notes
+    assert len(stops) == 1 and stats.owner == "destination"
     assert "resume_ms" not in stats.downtime_breakdown and stats.destination_start_ms is None
-    assert any("did not confirm the guest runs" in n for n in stats.notes), stats.notes
     assert any("RESUMED" in n for n in dstats.notes), dstats.notes
     assert_arrived_exact(src, dst)
 

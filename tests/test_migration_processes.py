@@ -3,6 +3,7 @@ network namespaces joined by a veth pair), proved by the guest: abtest's counter
 output end exactly as in a run that was never migrated."""
 
 import json
+import time
 import os
 import shutil
 import subprocess
@@ -83,6 +84,15 @@ def live_migrate_in_process(run_dir, host, port, ctl_extra):
     except ControlError as err:
         return subprocess.CompletedProcess([], 1, "", str(err))
     return subprocess.CompletedProcess([], 0, json.dumps(stats), "")
+
+
+def assert_still_waiting(run_dir, dest, name):
+    """A destination that refused a source that did not prove itself (no key, no TLS) keeps
+    waiting for the real one: one wrong SPEC from anyone must not spend it."""
+    time.sleep(0.3)
+    assert dest.poll() is None, "the destination stopped waiting after refusing an unauthenticated source"
+    status = json.loads(vmmctl(run_dir, f"--vm={name}", "--status", "--json").stdout)
+    assert status["state"] == "incoming" and status["migration"] == "destination waiting", status
 
 
 def finish(proc, timeout=120):
@@ -179,7 +189,7 @@ def test_a_destination_of_another_size_refuses_and_the_source_runs_on(tmp_path):
         assert result.returncode == 1
         assert "lowmem size differs: source 33554432, destination 67108864" in result.stderr
         assert "the guest keeps running here" in result.stderr
-        assert finish(dest) == 4
+        assert_still_waiting(tmp_path, dest, "dst0")
         assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
         assert source.wait(timeout=120) == 1
         pages = (32 * MiB - 2 * MiB) // 4096
@@ -219,8 +229,14 @@ def test_a_wrong_key_is_refused_before_any_state_moves(tmp_path):
         result = vmmctl(tmp_path, "--vm=ksrc", "--migrate", "127.0.0.1", str(port), "--key-file", str(bad), timeout=60)
         assert result.returncode == 1
         assert "key" in result.stderr.lower() or "authentic" in result.stderr.lower()
-        assert finish(dest) == 4
         assert json.loads(vmmctl(tmp_path, "--vm=ksrc", "--status", "--json").stdout)["state"] == "paused"
+        # A wrong key proves nothing, so the destination is not spent: the right key still migrates.
+        assert_still_waiting(tmp_path, dest, "kdst")
+        result = vmmctl(tmp_path, "--vm=ksrc", "--migrate", "127.0.0.1", str(port), "--key-file", str(good), timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert source.wait(timeout=60) == 0
+        status = json.loads(vmmctl(tmp_path, "--vm=kdst", "--status", "--json").stdout)
+        assert status["state"] in ("running", "paused"), status
     finally:
         stop(source)
         stop(dest)
@@ -332,7 +348,7 @@ def test_a_destination_with_another_vendor_refuses(tmp_path):
         result = vmmctl(tmp_path, "--vm=vsrc", "--migrate", f"127.0.0.1,{port}", timeout=60)
         assert result.returncode == 1
         assert "vCPU vendor differs: source 'intel', destination 'amd'" in result.stderr
-        assert finish(dest) == 4
+        assert_still_waiting(tmp_path, dest, "vdst")
         assert json.loads(vmmctl(tmp_path, "--vm=vsrc", "--status", "--json").stdout)["state"] == "paused"
     finally:
         stop(source)
@@ -414,7 +430,7 @@ def test_a_destination_without_the_disk_refuses_naming_it(tmp_path):
         result = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", str(port), timeout=60)
         assert result.returncode == 1
         assert "virtio-blk@pci.0.3.0" in result.stderr and "keeps running here" in result.stderr
-        assert finish(dest) == 4
+        assert_still_waiting(tmp_path, dest, "dst0")
         assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["state"] == "paused"
     finally:
         stop(source)

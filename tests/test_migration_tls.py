@@ -37,6 +37,11 @@ class TlsDestination:
     def _run(self) -> None:
         self.stats = self.dest.run(accept_timeout=30)
 
+    def stop_waiting(self):
+        """A source refused in TLS is a stranger: the destination waits on for the real one."""
+        self.dest.stop_waiting()
+        return self.join()
+
     def join(self, timeout: float = 60.0):
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "destination did not finish"
@@ -44,7 +49,7 @@ class TlsDestination:
 
 
 def assert_nothing_received(dst: FakeGuest, dstats) -> None:
-    assert dstats.status == "failed" and dst.discarded and "start_running" not in dst.calls
+    assert dstats.status in ("failed", "cancelled") and dst.discarded and "start_running" not in dst.calls
     assert dstats.state_bytes == 0 and dstats.rounds == [] and "restore_sections" not in dst.calls
     assert dstats.bytes_total == 0, "no frame was read from a source that did not pass TLS"
 
@@ -110,9 +115,9 @@ def test_an_untrusted_source_certificate_is_refused_before_any_state(guests, pki
     d = TlsDestination(dst, tls=pki.destination())
     stranger = pki.config("stranger", "source.migration.test", ca=pki.other_ca)  # trusts the right CA, signed by another
     stats = migrate(src, d.host, d.port, live=True, tls=stranger)
-    dstats = d.join()
+    dstats = d.stop_waiting()
     assert stats.status == "failed" and "the destination refused this host's TLS certificate" in stats.error, stats.error
-    assert "the source's TLS certificate is not trusted" in dstats.error, dstats.error
+    assert any("the source's TLS certificate is not trusted" in n for n in dstats.notes), dstats.notes
     assert stats.page_bytes == 0
     assert_nothing_received(dst, dstats)
     assert_source_kept_guest(src)
@@ -140,9 +145,9 @@ def test_a_plaintext_source_is_refused_by_a_tls_destination(guests, pki):
     dst = guests("64M", work_pages=256, running=False)
     d = TlsDestination(dst, tls=pki.destination())
     stats = migrate(src, d.host, d.port, live=True)
-    dstats = d.join()
+    dstats = d.stop_waiting()
     assert stats.status == "failed" and "this destination requires TLS" in stats.error, stats.error
-    assert "the source speaks plaintext" in dstats.error
+    assert any("the source speaks plaintext" in n for n in dstats.notes), dstats.notes
     assert_nothing_received(dst, dstats)
     assert_source_kept_guest(src)
 
@@ -152,7 +157,7 @@ def test_a_tls_source_is_refused_by_a_plaintext_destination(guests, pki):
     dst = guests("64M", work_pages=256, running=False)
     d = TlsDestination(dst)
     stats = migrate(src, d.host, d.port, live=True, tls=pki.source())
-    dstats = d.join()
+    dstats = d.stop_waiting()
     assert stats.status == "failed" and "the destination does not speak TLS" in stats.error, stats.error
     assert "the source started a TLS handshake, but this destination does not use TLS" in stats.error
     assert_nothing_received(dst, dstats)

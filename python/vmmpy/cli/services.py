@@ -11,7 +11,7 @@ import os
 import threading
 from typing import Any, Callable
 
-from ..migration import MigrationHandle, MigrationParams, estimate, estimate_warm
+from ..migration import Destination, MigrationHandle, MigrationParams, estimate, estimate_warm
 from ..migration.machine import MachineAdapter
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
@@ -32,6 +32,7 @@ class MachineServices:
         self._last_stats: dict[str, Any] | None = None
         self._latest: dict[str, Any] | None = None
         self._estimating = False  # an estimate clears dirty bits: never beside a migration
+        self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
 
     def install(self) -> None:
         add = self.machine.add_control_handler
@@ -40,6 +41,51 @@ class MachineServices:
         add("migrate-status", self.migrate_status)
         add("migrate-cancel", self.migrate_cancel)
         add("migrate-estimate", self.migrate_estimate)
+        add("migrate-resolve", self.migrate_resolve)
+        add("status", self.status)
+        add("resume", self.resume)
+
+    # -- a migration in doubt holds the guest: nothing may run it but the resolution
+    def in_doubt(self) -> str | None:
+        """Which side of a migration in doubt this VM is, or None."""
+        if self._migration is not None and self._migration.in_doubt:
+            return "source"
+        if self.incoming is not None and self.incoming.state == "in-doubt":
+            return "destination"
+        return None
+
+    def status(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        result = self.machine.status()
+        side = self.in_doubt()
+        if side is not None:
+            result["state"] = "in-doubt"
+            result["migration"] = f"in doubt ({side}): the guest is held paused until `vmmctl --migrate-resolve` settles it"
+        elif self.incoming is not None and self.incoming.state in ("waiting", "migrating"):
+            result["state"] = "incoming"
+            result["migration"] = f"destination {self.incoming.state}"
+        return result
+
+    def resume(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        side = self.in_doubt()
+        if side is not None:
+            raise OSError(errno.EBUSY, f"this guest's migration is in doubt ({side}); resuming it here could run it twice: "
+                                       "settle it with --migrate-resolve")
+        self.machine.resume()
+        return {"paused": False}
+
+    def migrate_resolve(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Settle a migration in doubt: ``action`` ask (default), run-here or discard-here; ``force``."""
+        action = request.get("action", "ask")
+        force = bool(request.get("force"))
+        if action not in ("ask", "run-here", "discard-here"):
+            raise ValueError(f"unknown resolve action {action!r}: ask, run-here or discard-here")
+        if self._migration is not None and self._migration.in_doubt:
+            stats = self._migration.resolve(action, force=force).to_dict()
+            self._last_stats = stats
+            return stats
+        if self.incoming is not None and self.incoming.state in ("in-doubt", "running", "discarded"):
+            return self.incoming.resolve(action, force=force)
+        raise OSError(errno.ENOENT, "no migration of this guest is in doubt")
 
     # -- checkpoint and suspend
     def checkpoint(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -49,6 +95,9 @@ class MachineServices:
         with self._lock:
             if self._migration is not None and not self._migration.done():
                 raise OSError(errno.EBUSY, "a migration is running; cancel it or wait before checkpointing")
+            if request.get("suspend") and self.in_doubt() is not None:
+                raise OSError(errno.EBUSY, "the guest's migration is in doubt: suspending would end this copy; settle it "
+                                           "with --migrate-resolve (a --checkpoint is allowed)")
             return checkpoint_machine(self.machine, path, suspend=bool(request.get("suspend")), progress=progress)
 
     # -- migration
@@ -62,6 +111,8 @@ class MachineServices:
         with self._lock:
             if self._migration is not None and not self._migration.done():
                 raise OSError(errno.EBUSY, "a migration is already running")
+            if self.in_doubt() is not None:
+                raise OSError(errno.EBUSY, "the last migration is in doubt: settle it with --migrate-resolve first")
             self._estimating_guard()
 
             def on_progress(stats) -> None:
@@ -75,6 +126,8 @@ class MachineServices:
             )
         stats = self._migration.wait()
         self._last_stats = stats.to_dict()
+        if stats.status == "in-doubt":
+            raise OSError(errno.EINPROGRESS, in_doubt_message(stats.to_dict(), self.machine.config.name))
         if stats.status != "completed":
             code = errno.ECANCELED if stats.status == "cancelled" else errno.EIO
             if self.machine.exit_status is not None:
@@ -160,3 +213,11 @@ class MachineServices:
             "guest_state": "paused" if self.machine.paused else "running", "notes": notes,
         })
         return result
+
+
+def in_doubt_message(stats: dict[str, Any], vmname: str) -> str:
+    """What an operator must know about a migration that ended in doubt, and what to do."""
+    return (f"migration in doubt: {stats.get('error')}. The guest is held paused here; the destination "
+            f"{stats.get('peer')} holds it paused or runs it, and never runs it unless this source said commit. "
+            f"Run `vmmctl --vm={vmname} --migrate-resolve` to ask it again (it settles without ever running both); "
+            "see docs/migration.md, \"When a migration is in doubt\"")

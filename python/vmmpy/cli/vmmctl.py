@@ -7,6 +7,7 @@ Every action talks to the guest's ``vmmrun`` process through its control socket 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -38,6 +39,8 @@ examples:
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983 --key-file mig.key --streams 4   pages over 4 connections at once
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
+  vmmctl --vm=vm0 --migrate-resolve      a migration in doubt (exit 3): ask the other side again and settle it
+  vmmctl --vm=vm0 --migrate-resolve=run-here --force    the other side is gone: run the guest here (see docs)
   vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
 
 migration: see docs/migration.md for the parameters, the statistics and the policies.
@@ -48,8 +51,13 @@ migration: see docs/migration.md for the parameters, the statistics and the poli
 
 The control socket lives in the run directory ($VMMPY_RUN_DIR, else /run/vmmpy for root, else
 $XDG_RUNTIME_DIR/vmmpy or /tmp/vmmpy-UID); --run-dir overrides it.
-exit status: 0 on success, 1 when the request failed (the message says why), 2 on bad usage.
+exit status: 0 on success, 1 when the request failed (the message says why), 2 on bad usage,
+3 when a migration ended in doubt: the link failed after the commit was decided and the other
+side did not confirm; the guest is held paused (never lost, never run twice) until
+--migrate-resolve settles it.
 """
+
+EXIT_IN_DOUBT = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--migrate-live", nargs="+", metavar="HOST [PORT]", help="live-migrate (pre-copy) to HOST PORT")
     actions.add_argument("--migrate-status", action="store_true", help="statistics of the running or last migration")
     actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here")
+    actions.add_argument("--migrate-resolve", nargs="?", const="ask", choices=("ask", "run-here", "discard-here"),
+                         metavar="ask|run-here|discard-here",
+                         help="settle a migration in doubt. ask (default): the source delivers its decision to the "
+                              "destination again (on the destination: says where things stand); run-here / discard-here: "
+                              "the operator decides for this side, with --force when the other side cannot be asked")
     actions.add_argument("--from-json", type=Path, metavar="STATS.json",
                          help="with --report: draw a report from statistics saved by `--json` (no VM needed)")
     d = MigrationParams()
@@ -112,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--streams", type=int, metavar="N",
                      help=f"send pages over N TCP connections at once, the main one included (1 to {MAX_STREAMS}; needs a destination "
                           f"speaking protocol 3); helps when one connection cannot fill the link, see docs/migration.md (default {d.streams})")
+    mig.add_argument("--resolve-timeout", type=float, metavar="SECONDS",
+                     help=f"how long the source keeps reconnecting to settle a commit the destination did not confirm, "
+                          f"before it reports the migration in doubt (exit 3) (default {d.resolve_timeout:g})")
+    mig.add_argument("--force", action="store_true",
+                     help="with --migrate-resolve run-here/discard-here: act even though the other side cannot confirm "
+                          "(only when you know what it does: its process is gone, or it runs the guest)")
     mig.add_argument("--estimate", action="store_true",
                      help="predict whether and when the migration would converge, without migrating")
     mig.add_argument("--estimate-window", type=float, default=1.0, metavar="SECONDS",
@@ -176,6 +195,10 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
         params["streams"] = args.streams
     if args.compress is not None:
         params["compress"] = args.compress
+    if args.resolve_timeout is not None:
+        if args.resolve_timeout < 0:
+            raise ValueError(f"--resolve-timeout must not be negative, got {args.resolve_timeout:g}")
+        params["resolve_timeout"] = args.resolve_timeout
     if args.io_timeout is not None:
         if args.io_timeout <= 0:
             raise ValueError(f"--io-timeout must be positive seconds, got {args.io_timeout:g}")
@@ -436,6 +459,17 @@ def main(argv: list[str] | None = None) -> int:
                 _write_report(result, args.report)
         elif args.migrate_cancel:
             _print(client.request("migrate-cancel"), args.json)
+        elif args.migrate_resolve:
+            client.timeout = None  # it reconnects for at most the migration's resolve_timeout
+            result = client.request("migrate-resolve", action=args.migrate_resolve, force=args.force)
+            if args.json:
+                _print(result, True)
+            elif "status" in result:
+                _print_migration(result)
+            else:
+                _print(result, False)
+            if result.get("status") == "in-doubt" or result.get("state") == "in-doubt":
+                return EXIT_IN_DOUBT
     except ValueError as err:
         print(f"vmmctl: {err}", file=sys.stderr)
         return 2
@@ -444,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ControlError as err:
         print(f"vmmctl: {err.strerror or err}", file=sys.stderr)
-        return 1
+        return EXIT_IN_DOUBT if err.errno == errno.EINPROGRESS else 1
     return 0
 
 

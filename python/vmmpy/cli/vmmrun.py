@@ -30,7 +30,7 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..migration import MigrationError, parse_address, receive
+from ..migration import Destination, MigrationError, parse_address
 from ..migration.machine import MachineAdapter
 from ..migration.tls import TlsConfig
 from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
-    MachineServices(machine).install()
+    services = MachineServices(machine)
+    services.install()
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
     try:
@@ -265,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
     def on_signal(signum, frame):
+        incoming = services.incoming
+        if incoming is not None and incoming.state == "waiting":
+            incoming.stop_waiting()  # no guest yet: stop listening, exit 4 saying why
+            return
+        if services.in_doubt() is not None:
+            # Powering off now could lose the guest: the other side may hold nothing.
+            print(f"vmmrun: {config.name}: not stopping: this guest's migration is in doubt; settle it with "
+                  f"`vmmctl --vm={config.name} --migrate-resolve` (SIGKILL ends this process and its copy)",
+                  file=sys.stderr, flush=True)
+            return
         machine.suspend(SuspendHow.POWEROFF)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -273,9 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            stats = receive(MachineAdapter(machine), host, port, key, accept_timeout=args.accept_timeout, tls=tls)
+            destination = Destination(MachineAdapter(machine), host, port, key=key, tls=tls)
+            services.incoming = destination  # vmmctl --status and --migrate-resolve reach it
+            stats = destination.run(args.accept_timeout)
             if stats.status != "completed":
                 print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
+                for note in stats.notes:
+                    print(f"vmmrun: {config.name}:   note: {note}", file=sys.stderr)
                 return EXIT_ERROR
             log.info("%s: migration received; running. %s", config.name, stats.summary())
         else:

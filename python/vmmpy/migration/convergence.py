@@ -52,6 +52,12 @@ class MigrationParams:
     handshake_timeout: float = 10.0
     io_timeout: float = 30.0  # any single blocking send or receive while memory streams
     commit_timeout: float = 30.0
+    # Ownership through the commit (protocol version 5, docs/migration-protocol.md): how long a
+    # source whose COMMITTED went unconfirmed keeps reconnecting to settle it before it reports
+    # "in doubt" and waits for the operator; and how long a destination holds a guest in doubt
+    # (None: until the source or the operator settles it, however long that takes).
+    resolve_timeout: float = 30.0
+    in_doubt_timeout: float | None = None
     max_state_bytes: int = 256 << 20
     streams: int = 1  # TCP connections carrying page batches, the main one included (protocol v2 for more than one)
 
@@ -70,6 +76,10 @@ class MigrationParams:
             raise ValueError(f"bandwidth_cap must be positive bytes/s or None, got {self.bandwidth_cap}")
         if isinstance(self.streams, bool) or not isinstance(self.streams, int) or not 1 <= self.streams <= MAX_STREAMS:
             raise ValueError(f"streams must be a whole number from 1 to {MAX_STREAMS}, got {self.streams!r}")
+        if self.resolve_timeout < 0:
+            raise ValueError(f"resolve_timeout must not be negative, got {self.resolve_timeout}")
+        if self.in_doubt_timeout is not None and self.in_doubt_timeout <= 0:
+            raise ValueError(f"in_doubt_timeout must be positive seconds or None, got {self.in_doubt_timeout}")
         for name in ("throttle_initial", "throttle_increment", "throttle_max"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

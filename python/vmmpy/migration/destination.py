@@ -1,16 +1,26 @@
-"""The destination side: listen, accept one connection, run the receiver state machine.
+"""The destination side: listen, take one source, run the receiver state machine, own the result.
 
 Nothing but HELLO and AUTH (each a few dozen bytes) is read before the source has proven it holds
-the key (when this side has one); nothing but SPEC before it is accepted. Memory rounds go straight
-into guest memory through the memory core; state is restored before the commit, and the guest
-runs only after COMMITTED. Any other ending discards the guest (``adapter.discard()``), after
-telling the source why when the connection still works.
+the key (when this side has one); nothing but SPEC before it is accepted. While it waits, the
+destination serves every connection on a thread of its own under one deadline for the whole
+handshake: a stranger that sends garbage, stays silent or fails to authenticate is noted and
+closed, and the wait goes on; the first source whose SPEC is accepted takes the destination.
+
+Memory rounds go straight into guest memory through the memory core; state is restored before
+the commit, and the guest runs only after COMMITTED. Before COMMIT_ACK any failure discards the
+guest (``adapter.discard()``), after telling the source why when the connection still works:
+the source cannot have committed without that answer. After COMMIT_ACK (protocol version 5) the
+destination cannot know what the source decided, so a failure there does not discard: the guest
+is held paused **in doubt**, and the destination listens again on its address until the source
+reconnects and says (RESOLVE), or the operator settles it. It runs the guest only on COMMITTED
+or a RESOLVE that says commit, and discards it only on ABORT or a RESOLVE that says abort.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import selectors
 import socket
 import threading
 import time
@@ -21,8 +31,8 @@ from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import MigrationParams
 from .digest import InBackground
-from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, ProtocolError, Refused, receive_error
-from .net import CancelWatcher, format_address, listen, set_io_timeout
+from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
+from .net import CancelWatcher, format_address, listen, set_io_timeout, shutdown_quietly
 from .stats import MigrationStats, RoundStats
 from .streams import JoinWindow, new_token, receive_round
 from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
@@ -37,12 +47,29 @@ class RxState(enum.Enum):
     RECEIVING = "receiving"
     HAVE_STATE = "have-state"
     AWAIT_COMMITTED = "await-committed"
+    IN_DOUBT = "in-doubt"  # v5: COMMIT_ACK sent, then the link failed: held paused until settled
     RUNNING = "running"
     DISCARDED = "discarded"
 
 
+class InDoubt(MigrationError):
+    """The link failed after COMMIT_ACK (protocol version 5): the source may have committed."""
+
+
+#: Connections a waiting destination serves at once before it closes new ones unread.
+MAX_PENDING = 16
+#: Strangers named one by one in the record's notes; the rest are counted.
+MAX_NOTED = 8
+
+
 class Destination:
-    """A listening destination. ``address`` is known as soon as it is built (port 0 picks one)."""
+    """A listening destination. ``address`` is known as soon as it is built (port 0 picks one).
+
+    ``run()`` waits for one source and receives its guest. It owns what happens after the
+    commit too (protocol version 5): ``state`` is ``waiting``, ``migrating``, ``in-doubt``,
+    ``running`` or ``discarded``; while in doubt (or running but not yet known to the source to
+    run) it answers the source's RESOLVE on its address, and ``resolve()`` lets the operator
+    settle a guest in doubt when the source can no longer."""
 
     def __init__(
         self,
@@ -60,46 +87,373 @@ class Destination:
         self.tls = tls
         self.params = params or MigrationParams()
         self.cancel = cancel
-        self.listener = listen(host, port)
+        self.host = host
+        self.listener: socket.socket | None = listen(host, port)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.state = "waiting"
+        self.stats: MigrationStats | None = None
+        self.session: bytes | None = None
+        self._cond = threading.Condition()
+        self._strangers: list[str] = []
+        self._stranger_count = 0
+        self._winner: _Receiver | None = None  # the connection whose SPEC was accepted
+        self._refused: str | None = None  # an authenticated source was refused: the wait is over
+        self._stop_waiting = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._claimed = False
+        self._pending: dict[socket.socket, threading.Thread] = {}
+        self._closed = False
+        self._service: threading.Thread | None = None
+        self.released = False
 
+    # -- waiting for the source ------------------------------------------------------------------
     def run(self, accept_timeout: float = 60.0) -> MigrationStats:
-        """Wait for one source (at most ``accept_timeout`` s) and receive its guest."""
+        """Wait for one source (at most ``accept_timeout`` s until its SPEC is accepted) and
+        receive its guest. Returns when the guest runs here, is discarded, or (with
+        ``params.in_doubt_timeout``) stays in doubt past that time."""
         watcher = CancelWatcher(self.cancel)
-        watcher.watch(self.listener)
         try:
-            self.listener.settimeout(accept_timeout)
-            try:
-                conn, peer = self.listener.accept()
-            except (TimeoutError, socket.timeout):
-                self.listener.close()
-                stats = MigrationStats(role="destination")
-                stats.finish("failed", f"no source connected to {format_address(*self.address)} within {accept_timeout:g} s")
-                self.adapter.discard()
-                return stats
-            except OSError as err:
-                self.listener.close()
-                stats = MigrationStats(role="destination")
-                status = "cancelled" if watcher.fired else "failed"
-                stats.finish(status, "cancelled while listening" if watcher.fired else f"accept failed: {err}")
-                self.adapter.discard()
-                return stats
-        except BaseException:
-            self.listener.close()
-            raise
+            receiver, failure = self._wait_for_source(accept_timeout, watcher)
         finally:
             watcher.close()
-        # The listener stays open for the data streams a version 3 source may ask for; the
-        # receiver closes it as soon as they have joined or the first round begins.
+        if receiver is None:
+            self._close_listener()
+            stats = MigrationStats(role="destination", owner="nowhere")
+            notes = self._stranger_notes()
+            if failure == self._refused:  # its refusal is the error; the other strangers stay noted
+                notes = [n for n in notes if failure not in n]
+            stats.notes.extend(notes)
+            stats.finish("cancelled" if failure == "cancelled while listening" else "failed", failure)
+            self.stats = stats
+            with self._cond:
+                self.state = "discarded"
+            self.adapter.discard()
+            return stats
+        with self._cond:
+            self.state = "migrating"
+        receiver.before_commit_ack = self._listen_again
         try:
-            return serve_connection(self.adapter, conn, key=self.key, params=self.params, cancel=self.cancel,
-                                    peer=format_address(*peer[:2]), tls=self.tls, listener=self.listener)
+            # Only now, with nobody else accepting on the listener, may the source go on (its
+            # data streams connect right after this ACCEPT).
+            receiver.send_spec_accept()
+        except BaseException as err:  # noqa: BLE001 - handled as any failure of the session
+            receiver.fail_now(err)
+        try:
+            stats = receiver.run_after_spec()
         finally:
-            conn.close()
-            self.listener.close()
+            receiver.close_quietly()
+        stats.notes[:0] = self._stranger_notes()
+        self.stats = stats
+        self.session = receiver.session
+        if stats.status == "in-doubt":
+            return self._hold_in_doubt(receiver)
+        with self._cond:
+            self.state = "running" if stats.status == "completed" else "discarded"
+            self.released = receiver.released
+        if stats.status == "completed" and not receiver.released and receiver.version >= P.OWNERSHIP_VERSION:
+            # The source may not know the guest runs here: answer its questions until it does.
+            stats.notes.append(f"the source has not confirmed it knows the guest runs here; answering on "
+                               f"{format_address(*self.address)} until it does")
+            self._start_service()
+        else:
+            self._close_listener()
+        return stats
+
+    def _wait_for_source(self, accept_timeout: float, watcher: CancelWatcher) -> tuple[_Receiver | None, str]:
+        """Serve connections until one source's SPEC is accepted; returns it, or None and why not."""
+        deadline = time.monotonic() + accept_timeout
+        listener = self.listener
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, "listener")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while True:
+                with self._cond:
+                    if self._winner is not None:
+                        return self._winner, ""
+                    if self._refused is not None:
+                        return None, self._refused
+                    if self._stop_waiting:
+                        return None, "cancelled while listening"
+                if watcher.cancelled():
+                    return None, "cancelled while listening"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tried = f"; {self._stranger_count} connection(s) failed before a migration began" if self._stranger_count else ""
+                    return None, f"no source connected to {format_address(*self.address)} within {accept_timeout:g} s{tried}"
+                for key, _ in sel.select(min(left, 0.1)):
+                    if key.data == "wake":
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                        continue
+                    try:
+                        conn, peer = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as err:
+                        if watcher.cancelled():
+                            return None, "cancelled while listening"
+                        return None, f"accept failed: {err.strerror or err}"
+                    conn.setblocking(True)
+                    self._serve_pending(conn, format_address(*peer[:2]))
+        finally:
+            sel.close()
+            self._end_pending()
+            with self._cond:
+                self._wake_r.close()
+                self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def stop_waiting(self) -> None:
+        """End the wait for a source (as a cancel does, but never touching a migration that has
+        begun): ``run()`` returns "cancelled"."""
+        with self._cond:
+            self._stop_waiting = True
+        self._wake()
+
+    def _serve_pending(self, conn: socket.socket, peer: str) -> None:
+        with self._cond:
+            if len(self._pending) >= MAX_PENDING:
+                self._note_stranger(peer, f"closed unread: {MAX_PENDING} connections were already being served")
+                conn.close()
+                return
+            thread = threading.Thread(target=self._pending_connection, args=(conn, peer), name="migration-pending", daemon=True)
+            self._pending[conn] = thread
+        thread.start()
+
+    def _pending_connection(self, conn: socket.socket, peer: str) -> None:
+        """One connection while waiting: its whole handshake under one deadline; then a SPEC
+        (a source: the first accepted takes the destination) or a RESOLVE (none is in doubt yet)."""
+        receiver = _Receiver(self.adapter, conn, self.key, self.params, self.cancel, peer, self.tls, self.listener)
+        timer = threading.Timer(self.params.handshake_timeout, shutdown_quietly, args=(conn,))
+        timer.daemon = True
+        timer.start()
+        won = False
+        try:
+            receiver.start()
+            frame = receiver.read_request()
+            if frame.type is P.MessageType.RESOLVE:
+                receiver.answer_resolve(frame, lambda resolve: P.Outcome.UNKNOWN)
+                raise Refused("asked to resolve a session this destination does not hold")
+            with self._cond:
+                busy = self._claimed
+                self._claimed = True
+            if busy:
+                receiver.refuse(P.Stage.SPEC, "another source is already migrating to this destination")
+            try:
+                receiver.check_spec(frame)
+            except Refused as err:
+                with self._cond:
+                    self._claimed = False
+                    if self.key is not None or self.tls is not None:
+                        # It proved itself (key or certificate), so it is the source the operator
+                        # meant, and no other will come: its refusal ends the wait. Without
+                        # authentication anyone could send a wrong SPEC, so the wait goes on.
+                        self._refused = str(err)
+                raise
+            except BaseException:
+                with self._cond:
+                    self._claimed = False
+                raise
+            timer.cancel()
+            with self._cond:
+                if self._closed:  # the wait ended meanwhile (cancel, accept timeout)
+                    raise Cancelled("the destination stopped waiting")
+                self._winner = receiver
+                won = True
+                self._pending.pop(conn, None)
+            self._wake()  # the waiting loop stops accepting, then answers its SPEC
+        except BaseException as err:  # noqa: BLE001 - a stranger never ends the wait
+            self._note_stranger(peer, receiver.failure_text(err))
+            receiver.tell_why(err)
+        finally:
+            timer.cancel()
+            if not won:
+                receiver.close_quietly()
+                with self._cond:
+                    self._pending.pop(conn, None)
+
+    def _end_pending(self) -> None:
+        """Connections still in their handshake when the wait ends are cut and waited for."""
+        with self._cond:
+            self._closed = True
+            pending = dict(self._pending)
+        for conn in pending:
+            shutdown_quietly(conn)
+        for thread in pending.values():
+            thread.join(5)
+
+    def _note_stranger(self, peer: str, why: str) -> None:
+        with self._cond:
+            self._stranger_count += 1
+            if len(self._strangers) < MAX_NOTED:
+                self._strangers.append(f"{peer}: {why}")
+
+    def _stranger_notes(self) -> list[str]:
+        with self._cond:
+            notes = [f"a connection that did not become the migration: {s}" for s in self._strangers]
+            if self._stranger_count > len(self._strangers):
+                notes.append(f"... and {self._stranger_count - len(self._strangers)} more such connections")
+        return notes
+
+    # -- after the commit: in doubt, or running but not yet known to the source ----------------
+    def _hold_in_doubt(self, receiver: _Receiver) -> MigrationStats:
+        stats = self.stats
+        with self._cond:
+            self.state = "in-doubt"
+        self._start_service()
+        limit = self.params.in_doubt_timeout
+        give_up_at = None if limit is None else time.monotonic() + limit
+        with self._cond:
+            while self.state == "in-doubt":
+                left = None if give_up_at is None else give_up_at - time.monotonic()
+                if left is not None and left <= 0:
+                    stats.notes.append(f"still in doubt after in_doubt_timeout={limit:g} s: the guest stays held paused")
+                    return stats
+                self._cond.wait(0.5 if left is None else min(left, 0.5))
+        return stats
+
+    def _listen_again(self) -> str | None:
+        """Before COMMIT_ACK goes out (the join window closed the listener): from then on the
+        source may need to reach us, and a connection that finds no listener tells it we hold
+        nothing. Returns why it could not, or None."""
+        with self._cond:
+            if self.listener is not None and self.listener.fileno() != -1:
+                return None
+            try:
+                self.listener = listen(self.host, self.address[1])
+            except MigrationError as err:
+                self.listener = None
+                return str(err)
+        return None
+
+    def _start_service(self) -> None:
+        """Answer RESOLVE on our address (listening again if need be)."""
+        why = self._listen_again()
+        if why is not None:
+            self.stats.notes.append(f"cannot listen again for the source's RESOLVE: {why}; settle with the operator's resolve")
+            return
+        self._service = threading.Thread(target=self._serve_resolves, name="migration-resolve", daemon=True)
+        self._service.start()
+
+    def _serve_resolves(self) -> None:
+        listener = self.listener
+        listener.settimeout(0.2)
+        while True:
+            with self._cond:
+                if self.released or self.state == "discarded" or self.listener is not listener:
+                    break
+            try:
+                conn, peer = listener.accept()
+            except (TimeoutError, socket.timeout, BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._resolve_connection, args=(conn, format_address(*peer[:2])),
+                             name="migration-resolve-conn", daemon=True).start()
+        self._close_listener()
+
+    def _resolve_connection(self, conn: socket.socket, peer: str) -> None:
+        receiver = _Receiver(self.adapter, conn, self.key, self.params, None, peer, self.tls, None)
+        timer = threading.Timer(self.params.handshake_timeout, shutdown_quietly, args=(conn,))
+        timer.daemon = True
+        timer.start()
+        try:
+            receiver.start()
+            frame = receiver.read_request()
+            if frame.type is not P.MessageType.RESOLVE:
+                receiver.refuse(P.Stage.SPEC, f"this destination is {self.state} with a migrated guest; it takes no other")
+            if receiver.version < P.OWNERSHIP_VERSION:
+                raise ProtocolError(f"RESOLVE needs protocol version {P.OWNERSHIP_VERSION}, the session chose {receiver.version}")
+            outcome = receiver.answer_resolve(frame, self._resolve_from_source)
+            if outcome is P.Outcome.RUNNING:
+                P.decode_empty(P.MessageType.RELEASED, receiver.read(P.MessageType.RELEASED).payload)
+                with self._cond:
+                    self.released = True
+                    self.stats.notes.append("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
+        except BaseException as err:  # noqa: BLE001 - a failed RESOLVE connection changes nothing
+            self.stats.notes.append(f"a RESOLVE connection from {peer} failed: {receiver.failure_text(err)}")
+        finally:
+            timer.cancel()
+            receiver.close_quietly()
+
+    def _resolve_from_source(self, resolve: P.Resolve) -> P.Outcome:
+        if resolve.session != self.session:
+            return P.Outcome.UNKNOWN
+        commit = resolve.decision is P.Decision.COMMIT
+        return self._settle(commit, "the source's RESOLVE after the link failed")
+
+    def _settle(self, commit: bool, by: str) -> P.Outcome:
+        """Act on a decision for the guest in doubt; returns what this destination now does."""
+        with self._cond:
+            if self.state == "in-doubt":
+                stats = self.stats
+                if commit:
+                    t = time.monotonic()
+                    self.adapter.start_running()
+                    stats.downtime_breakdown["start_ms"] = (time.monotonic() - t) * 1000
+                    self.state = "running"
+                    stats.owner = "destination"
+                    stats.notes.append(f"committed by {by}: the guest runs here")
+                    stats.finish("completed")
+                else:
+                    self.state = "discarded"
+                    stats.owner = "source"
+                    stats.finish("failed", f"{stats.error}; aborted by {by}: the guest was discarded here")
+                self._cond.notify_all()
+                if not commit:
+                    self.adapter.discard()
+            if self.state == "running":
+                return P.Outcome.RUNNING
+            return P.Outcome.DISCARDED if self.state == "discarded" else P.Outcome.UNKNOWN
+
+    def resolve(self, action: str, *, force: bool = False) -> dict[str, object]:
+        """The operator's word on a guest in doubt here: ``"run-here"`` or ``"discard-here"``.
+        Only the source knows what it decided, so either needs ``force``: use it when the source
+        cannot be asked (its host or process is gone) and you know what it did. Without an
+        action (``"ask"``), returns where things stand and what to do."""
+        with self._cond:
+            state = self.state
+        info: dict[str, object] = {"role": "destination", "state": state,
+                                   "session": self.session.hex() if self.session else None}
+        if action == "ask" or state != "in-doubt":
+            if action != "ask":
+                raise ValueError(f"nothing to resolve: this destination is {state}, not in doubt")
+            if state == "in-doubt":
+                info["advice"] = ("the source decides: `vmmctl --migrate-resolve` on the source delivers its decision; if the "
+                                  "source is gone, `--migrate-resolve=run-here --force` here runs the guest (it never ran "
+                                  "there after it paused), or `--migrate-resolve=discard-here --force` if the source runs it")
+            return info
+        if action not in ("run-here", "discard-here"):
+            raise ValueError(f"unknown resolve action {action!r}: ask, run-here or discard-here")
+        if not force:
+            raise ValueError(f"{action} on the destination needs --force: only the source knows whether it committed; "
+                             "make sure the source does not run the guest (run-here) or that it does (discard-here)")
+        outcome = self._settle(action == "run-here", "the operator")
+        info["state"] = self.state
+        info["outcome"] = outcome.name.lower()
+        return info
+
+    def _close_listener(self) -> None:
+        with self._cond:
+            listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
 
     def close(self) -> None:
-        self.listener.close()
+        with self._cond:
+            self.released = True
+        self._close_listener()
+        if self._service is not None:
+            self._service.join(2)
 
 
 def receive(adapter: MigrationAdapter, host: str, port: int, key: bytes | None = None, *, params: MigrationParams | None = None,
@@ -148,36 +502,86 @@ class _Receiver:
         self.transcript: tuple[bytes, bytes] = (b"", b"")  # HELLO and CHALLENGE as sent: the JOIN proofs bind them
         self.version = P.PROTOCOL_VERSIONS[0]
         self.compression: str | None = None  # the codec agreed for page batches
+        self.session = b""  # session_id() of this connection's handshake
+        self.released = False  # v5: the source said RELEASED (it knows the guest runs here)
+        self.before_commit_ack = None  # Destination: listen again before COMMIT_ACK (v5), returns why not or None
 
     def run(self) -> MigrationStats:
+        """The whole session on this one connection (``serve_connection``)."""
+        try:
+            self.start()
+            self.accept_spec(self.read_request(P.MessageType.SPEC))
+        except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest
+            self._fail(err)
+            self._cleanup()
+            if not isinstance(err, Exception):
+                raise
+            return self.stats
+        return self.run_after_spec()
+
+    def start(self) -> None:
+        """TLS (when configured) and the handshake, up to the ACCEPT of the source's proof."""
         self.watcher.watch(self.conn)
+        set_io_timeout(self.conn, self.params.handshake_timeout)
+        if self.tls is not None:
+            # The relay owns the TCP socket from here; closing self.conn closes both.
+            self.conn = wrap_tls(self.conn, self.tls.context(server_side=True), server_side=True,
+                                 timeout=self.params.handshake_timeout)
+            self.watcher.watch(self.conn)
+            self.stats.notes.append(self.conn.tls_summary())
+            set_io_timeout(self.conn, self.params.handshake_timeout)
+        else:
+            reject_tls_client(self.conn)
+        self._handshake()
+
+    def run_after_spec(self) -> MigrationStats:
+        """Rounds, state and the commit, once the spec is accepted; every failure handled here."""
         if self.listener is not None:
             self.watcher.watch(self.listener)
         try:
-            set_io_timeout(self.conn, self.params.handshake_timeout)
-            if self.tls is not None:
-                # The relay owns the TCP socket from here; closing self.conn closes both.
-                self.conn = wrap_tls(self.conn, self.tls.context(server_side=True), server_side=True,
-                                     timeout=self.params.handshake_timeout)
-                self.watcher.watch(self.conn)
-                self.stats.notes.append(self.conn.tls_summary())
-                set_io_timeout(self.conn, self.params.handshake_timeout)
-            else:
-                reject_tls_client(self.conn)
-            self._receive()
-        except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest
+            if self.state is not RxState.DISCARDED:
+                self._rounds()
+        except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest (or holds it in doubt)
             self._fail(err)
             if not isinstance(err, Exception):
                 raise
         finally:
-            self.watcher.close()
-            self._join_hashing()
-            if isinstance(self.conn, TlsSocket):
-                self.conn.close()
-            self._close_listener()
-            for sock in self.data_conns:
-                sock.close()
+            self._cleanup()
         return self.stats
+
+    def _cleanup(self) -> None:
+        self.watcher.close()
+        self._join_hashing()
+        if isinstance(self.conn, TlsSocket):
+            self.conn.close()
+        self._close_listener()
+        for sock in self.data_conns:
+            sock.close()
+
+    def fail_now(self, err: BaseException) -> None:
+        self._fail(err)
+
+    def tell_why(self, err: BaseException) -> None:
+        """A connection that did not become the migration: send it ABORT with the reason when
+        it was not refused already and the connection still works (best effort, 1 s)."""
+        if isinstance(err, (Aborted, Refused, ConnectionLost, Cancelled)):
+            return
+        try:
+            set_io_timeout(self.conn, 1.0)
+            self._send(P.MessageType.ABORT, P.encode_abort(self.failure_text(err)))
+        except (MigrationError, OSError):
+            pass
+
+    def close_quietly(self) -> None:
+        """A connection that did not become the migration: close it, TLS relay and all."""
+        self.watcher.close()
+        shutdown_quietly(self.conn)
+        self.conn.close()
+
+    def failure_text(self, err: BaseException) -> str:
+        if isinstance(err, MigrationError):
+            return with_relay_error(str(err), self.conn)
+        return f"{type(err).__name__} in state {self.state.value}: {err}"
 
     def _join_hashing(self) -> None:
         """No hashing thread outlives the transfer (its error, after a failure, adds nothing)."""
@@ -210,7 +614,7 @@ class _Receiver:
         raise Refused(f"refused the source ({stage.name.lower()}): {reason}")
 
     # -- the state machine -----------------------------------------------------------------------
-    def _receive(self) -> None:
+    def _handshake(self) -> None:
         hello_frame = self._read(P.MessageType.HELLO)
         hello = P.decode_hello(hello_frame.payload)
         common = set(hello.versions) & set(self.versions)
@@ -234,9 +638,37 @@ class _Receiver:
                 self._refuse(P.Stage.AUTH, "authentication failed: the source's proof does not match this destination's key")
             proof = P.destination_proof(self.key, hello_frame.raw, challenge, auth_frame.raw)
         self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH, proof)))
-
+        self.session = P.session_id(hello_frame.raw, challenge)
         self.state = RxState.AWAIT_SPEC
-        spec = P.decode_spec(self._read(P.MessageType.SPEC).payload, self.version)
+
+    def read_request(self, *types: P.MessageType) -> P.Frame:
+        """What the authenticated peer wants: a SPEC (a migration), or on version 5 a RESOLVE
+        (a question about a session in doubt)."""
+        if not types:
+            types = (P.MessageType.SPEC, P.MessageType.RESOLVE) if self.version >= P.OWNERSHIP_VERSION else (P.MessageType.SPEC,)
+        return self._read(*types)
+
+    def read(self, *types: P.MessageType) -> P.Frame:
+        return self._read(*types)
+
+    def refuse(self, stage: P.Stage, reason: str) -> None:
+        self._refuse(stage, reason)
+
+    def answer_resolve(self, frame: P.Frame, decide) -> P.Outcome:
+        """RESOLVE: ``decide(resolve)`` acts on it and says what this side now does; answered
+        with RESOLVED."""
+        resolve = P.decode_resolve(frame.payload)
+        outcome = decide(resolve)
+        self._send(P.MessageType.RESOLVED, P.encode_resolved(P.Resolved(outcome)))
+        return outcome
+
+    def accept_spec(self, frame: P.Frame) -> None:
+        self.check_spec(frame)
+        self.send_spec_accept()
+
+    def check_spec(self, frame: P.Frame) -> None:
+        """Decode and check the SPEC (refusing it by name); nothing is answered yet."""
+        spec = P.decode_spec(frame.payload, self.version)
         self.stats.live = spec.live
         try:
             self.adapter.check_spec(spec.to_dict())
@@ -246,12 +678,17 @@ class _Receiver:
         if self.params.accept_compression:
             self.compression = next((c for c in spec.compression if c in P.CODECS), None)
         self.stats.compression = self.compression
+
+    def send_spec_accept(self) -> None:
+        """ACCEPT the checked SPEC: from here the migration owns this destination."""
         self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.SPEC, compression=self.compression), self.version))
         self.stats.setup_time_ms = self.stats.elapsed_ms()
         self.stats.status = "active"
+        self.stats.session = self.session.hex() if self.version >= P.OWNERSHIP_VERSION else None
         set_io_timeout(self.conn, self.params.io_timeout)
-
         self.state = RxState.READY
+
+    def _rounds(self) -> None:
         while True:
             allowed = (P.MessageType.MEMORY, P.MessageType.STATE) if self.state is RxState.READY else (P.MessageType.COMMIT_REQUEST,)
             if self._may_ask_streams():
@@ -400,12 +837,19 @@ class _Receiver:
             raise MigrationError(f"memory digest mismatch: source {source_digest:#034x}, destination {mine:#034x}; "
                                  "the memory that arrived is not the source's")
         set_io_timeout(self.conn, self.params.commit_timeout)
-        self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
+        if self.version >= P.OWNERSHIP_VERSION and self.before_commit_ack is not None:
+            why = self.before_commit_ack()
+            if why is not None:
+                self.stats.notes.append(f"cannot listen for a RESOLVE should the link fail: {why}")
+        # From the first byte of COMMIT_ACK the source may commit: a failure from here on
+        # (version 5) holds the guest in doubt instead of discarding it.
         self.state = RxState.AWAIT_COMMITTED
+        self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
         frame = self._read(P.MessageType.COMMITTED)
         P.decode_empty(frame.type, frame.payload)
-        # From here the guest is ours whatever happens: the source has stopped for good.
+        # From here the guest is ours whatever happens: the source has decided to commit.
         self.state = RxState.RUNNING
+        self.stats.owner = "destination"
         t = time.monotonic()
         self.adapter.start_running()
         started = time.monotonic() - t
@@ -416,6 +860,13 @@ class _Receiver:
         except (MigrationError, OSError):
             self.stats.notes.append("could not tell the source the guest runs (RESUMED); it runs")
         self.stats.finish("completed")
+        if self.version >= P.OWNERSHIP_VERSION:
+            try:
+                # The source holds its paused copy until it knows: RELEASED says it does.
+                P.decode_empty(P.MessageType.RELEASED, self._read(P.MessageType.RELEASED).payload)
+                self.released = True
+            except (MigrationError, OSError) as err:
+                self.stats.notes.append(f"the source did not say RELEASED ({err})")
 
     # -- failure ---------------------------------------------------------------------------------
     def _fail(self, err: BaseException) -> None:
@@ -432,6 +883,15 @@ class _Receiver:
             self.stats.notes.append(f"after commit: {message}")
             self.stats.finish("completed")
             return
+        if self.state is RxState.AWAIT_COMMITTED and self.version >= P.OWNERSHIP_VERSION and not isinstance(err, Aborted):
+            # The source may have sent COMMITTED: neither run nor discard until it (or the
+            # operator) says which. The vCPU threads stay held at the pause rendezvous.
+            self.state = RxState.IN_DOUBT
+            self.stats.owner = "in doubt"
+            self._join_hashing()
+            self.stats.finish("in-doubt", f"the link failed after COMMIT_ACK ({message}); the source may have committed, "
+                                          "so the guest is held paused here until it is settled")
+            return
         if not isinstance(err, (Aborted, Refused, ConnectionLost)) and not self.watcher.fired:
             try:
                 set_io_timeout(self.conn, 1.0)
@@ -439,6 +899,7 @@ class _Receiver:
             except (MigrationError, OSError):
                 pass
         self.state = RxState.DISCARDED
+        self.stats.owner = "source"
         self._join_hashing()
         self.adapter.discard()
         self.stats.finish("cancelled" if cancelled else "failed", message)

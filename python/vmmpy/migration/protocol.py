@@ -84,7 +84,10 @@ FRAME_VERSION = 1
 # the destination answers COMMITTED with RESUMED once the guest runs.
 # 3: parallel page streams (STREAMS, STREAMS_TOKEN, JOIN); a session with one stream is a version 2 session.
 # 4: page batch compression, offered in SPEC and answered in ACCEPT.
-PROTOCOL_VERSIONS = (2, 3, 4)
+# 5: ownership through the commit: a destination that has sent COMMIT_ACK holds the guest paused
+#    "in doubt" when the link fails, the source settles it by reconnecting (RESOLVE/RESOLVED), and
+#    the source says RELEASED once it knows the guest runs there.
+PROTOCOL_VERSIONS = (2, 3, 4, 5)
 STREAMS_VERSION = 3  # the first protocol version with parallel streams
 MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
 TOKEN_SIZE = 32
@@ -94,6 +97,9 @@ COMPRESSION_VERSION = 4
 CODECS = {"lz4": 1}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 MAX_CODECS = 4
+#: The first protocol version with in-doubt ownership: RESOLVE, RESOLVED and RELEASED.
+OWNERSHIP_VERSION = 5
+SESSION_ID_SIZE = 16
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size
 NONCE_SIZE = 32
@@ -123,6 +129,9 @@ class MessageType(enum.IntEnum):
     STREAMS = 15  # v3: the source asks for n page streams
     STREAMS_TOKEN = 16  # v3: the destination grants them and hands out the session token
     JOIN = 17  # v3: the first frame on a data connection
+    RESOLVE = 18  # v5: on a new connection after the handshake, the source's decision for a session in doubt
+    RESOLVED = 19  # v5: the destination's answer: what it now does with that session's guest
+    RELEASED = 20  # v5: the source knows the guest runs on the destination; nothing more will be asked
 
 
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -144,6 +153,9 @@ MAX_PAYLOAD = {
     MessageType.STREAMS: 2,
     MessageType.STREAMS_TOKEN: 2 + TOKEN_SIZE,
     MessageType.JOIN: 2 + TOKEN_SIZE + 1 + MAC_SIZE,
+    MessageType.RESOLVE: SESSION_ID_SIZE + 1,
+    MessageType.RESOLVED: 1 + 4,
+    MessageType.RELEASED: 0,
 }
 
 
@@ -709,6 +721,75 @@ def decode_resumed(payload: bytes) -> int:
     (start_us,) = r.unpack("I", "the start time")
     r.done()
     return start_us
+
+
+class Decision(enum.IntEnum):
+    """What the source decided for a session: it commits exactly when it sent COMMITTED."""
+
+    COMMIT = 1
+    ABORT = 2
+
+
+class Outcome(enum.IntEnum):
+    """What the destination does with a session's guest after a RESOLVE."""
+
+    RUNNING = 1  # it runs the guest (it read COMMITTED, or this RESOLVE said commit)
+    DISCARDED = 2  # it threw the guest away (an ABORT, this RESOLVE said abort, or its operator did)
+    UNKNOWN = 3  # it holds no such session (another process, or one that never reached COMMIT_ACK)
+
+
+@dataclass(frozen=True)
+class Resolve:
+    session: bytes  # session_id() of the migration in doubt
+    decision: Decision
+
+
+def encode_resolve(m: Resolve) -> bytes:
+    if len(m.session) != SESSION_ID_SIZE:
+        raise ProtocolError(f"RESOLVE: a session id is {SESSION_ID_SIZE} bytes, got {len(m.session)}")
+    return m.session + bytes([int(m.decision)])
+
+
+def decode_resolve(payload: bytes) -> Resolve:
+    r = _Reader(MessageType.RESOLVE, payload)
+    session = r.take(SESSION_ID_SIZE, "the session id")
+    (raw,) = r.unpack("B", "the decision")
+    r.done()
+    try:
+        return Resolve(session, Decision(raw))
+    except ValueError:
+        raise ProtocolError(f"RESOLVE: unknown decision {raw} (1 commit, 2 abort)") from None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    outcome: Outcome
+    start_us: int = 0  # RUNNING because of this RESOLVE: what starting the guest took
+
+
+def encode_resolved(m: Resolved) -> bytes:
+    return bytes([int(m.outcome)]) + struct.pack("<I", max(0, min(m.start_us, 0xFFFFFFFF)))
+
+
+def decode_resolved(payload: bytes) -> Resolved:
+    r = _Reader(MessageType.RESOLVED, payload)
+    (raw,) = r.unpack("B", "the outcome")
+    (start_us,) = r.unpack("I", "the start time")
+    r.done()
+    try:
+        return Resolved(Outcome(raw), start_us)
+    except ValueError:
+        raise ProtocolError(f"RESOLVED: unknown outcome {raw} (1 running, 2 discarded, 3 unknown)") from None
+
+
+_SESSION_LABEL = b"vmmpy-migration-v5 session\x00"
+
+
+def session_id(hello_frame: bytes, challenge_frame: bytes) -> bytes:
+    """The name both ends give a session: a hash of its HELLO and CHALLENGE as sent (both
+    nonces), so it is fresh for every migration and needs no field of its own. It names the
+    session; it proves nothing (the RESOLVE connection's own handshake does)."""
+    return hashlib.sha256(_SESSION_LABEL + hello_frame + challenge_frame).digest()[:SESSION_ID_SIZE]
 
 
 def decode_empty(msg_type: MessageType, payload: bytes) -> None:

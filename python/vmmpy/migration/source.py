@@ -3,7 +3,13 @@
 Owns the rule that matters most: until COMMITTED is on the wire the source owns the guest. Any
 failure before that (refusal, connection loss, timeout, bad frame, cancel, an exception anywhere)
 ends with the guest running here, memory untouched, and an ABORT sent to the destination when
-the connection still works. After COMMITTED the source stops the guest for good.
+the connection still works. Sending COMMITTED is the decision to commit; with protocol version 5
+the source then holds its paused guest until the destination confirms it runs the guest
+(RESUMED, answered with RELEASED), and only then stops it for good. A link that fails in between
+leaves the question open ("in doubt"): the source reconnects for ``resolve_timeout`` seconds to
+deliver its decision (RESOLVE), then waits for the operator (``MigrationHandle.resolve``). A
+failure after COMMIT_REQUEST but before COMMITTED is an abort, delivered the same way, so a
+destination holding the guest in doubt can let it go.
 
 Warm: pause, send every page (never-touched pages as zero ranges without data), state, commit.
 Live: round 0 sends every page while the guest runs; each later round harvests-and-clears the
@@ -25,7 +31,7 @@ from . import protocol as P
 from .adapter import MigrationAdapter
 from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
-from .errors import Aborted, AuthenticationError, Cancelled, MigrationError, NotConverging, ProtocolError, Refused
+from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
 from .stats import MigrationStats, ProgressCallback, RoundStats
 from .streams import open_data_streams
@@ -36,6 +42,9 @@ PhaseHook = Callable[[str], None]
 # After the commit, how long to wait for the destination to say the guest runs (only the
 # downtime figure depends on it: the guest is the destination's either way).
 RESUMED_WAIT_S = 2.0
+# After a failure between COMMIT_REQUEST and COMMITTED, how long to try telling a destination that
+# may hold the guest in doubt that the migration was aborted (the guest already runs here).
+ABORT_RESOLVE_S = 10.0
 
 
 def migrate(
@@ -67,10 +76,15 @@ class MigrationHandle:
         self.cancel_event = kwargs.pop("cancel", None) or threading.Event()
         self._stats: MigrationStats | None = None
         self._error: BaseException | None = None
+        live = kwargs.pop("live")
+        self._source = _Source(adapter, host, port, live, kwargs.pop("key", None), kwargs.pop("params", None) or MigrationParams(),
+                               self.cancel_event, kwargs.pop("progress", None), kwargs.pop("on_phase", None), kwargs.pop("tls", None))
+        if kwargs:
+            raise TypeError(f"MigrationHandle got unexpected arguments {sorted(kwargs)}")
 
         def run() -> None:
             try:
-                self._stats = migrate(adapter, host, port, cancel=self.cancel_event, **kwargs)
+                self._stats = self._source.run()
             except BaseException as err:  # noqa: BLE001 - reported through wait()
                 self._error = err
 
@@ -91,6 +105,18 @@ class MigrationHandle:
             raise self._error
         assert self._stats is not None
         return self._stats
+
+    @property
+    def in_doubt(self) -> bool:
+        """The migration ended in doubt: the guest is held paused here until ``resolve``."""
+        return self.done() and self._stats is not None and self._stats.status == "in-doubt"
+
+    def resolve(self, action: str = "ask", *, force: bool = False, timeout: float | None = None) -> MigrationStats:
+        """Settle a migration that ended in doubt (see ``_Source.resolve``); returns the record."""
+        if not self.in_doubt:
+            status = self._stats.status if self._stats is not None else "running"
+            raise ValueError(f"nothing to resolve: the migration is {status}, not in doubt")
+        return self._source.resolve(action, force=force, timeout=timeout)
 
 
 class _Source:
@@ -125,6 +151,9 @@ class _Source:
         self.phase = "setup"
         self.paused = False
         self.committed = False
+        self.commit_requested = False  # COMMIT_REQUEST went out: the destination may hold the guest in doubt
+        self.session = b""  # session_id() of the handshake (protocol version 5)
+        self.paused_at = 0.0
         self.convergence: Convergence | None = None
         self.rtt_ms = 0.0
 
@@ -169,29 +198,25 @@ class _Source:
             if not isinstance(err, Exception):
                 raise
         finally:
-            for chan in (self.chan, *self.data):
-                if chan is not None:
-                    chan.close()
+            self._close_channels()
             self.watcher.close()
         return self.stats
+
+    def _close_channels(self) -> None:
+        for chan in (self.chan, *self.data):
+            if chan is not None:
+                chan.close()
+        self.chan, self.data = None, []
 
     def _migrate(self) -> None:
         p = self.params
         self._enter("connect")
-        sock = connect(self.host, self.port, timeout=p.connect_timeout)
-        self.watcher.watch(sock)
-        if self.tls is not None:
-            sock = wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
-                            server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
-            self.watcher.watch(sock)
-            self.stats.notes.append(sock.tls_summary())
-        set_io_timeout(sock, p.handshake_timeout)
-        # With parallel streams each connection gets an even share of the cap: together they keep to it.
-        self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
-        for s in self.chan.sockets():
-            self.watcher.watch(s)
+        sock = self._connect(self.watcher)
         self._enter("handshake")
         self._handshake()
+        self.session = P.session_id(*self.transcript)
+        if (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION:
+            self.stats.session = self.session.hex()
         self._send_spec()
         if p.streams > 1:
             self._enter("streams")
@@ -205,7 +230,7 @@ class _Source:
         self._enter("pause")
         self.adapter.pause()
         self.paused = True
-        paused_at = time.monotonic()
+        paused_at = self.paused_at = time.monotonic()
         # Memory is frozen from here. A full check hashes all of it beside the final pages and
         # the state.
         digest_job = InBackground(self.memory.commit_digest) if self.tracker is None else None
@@ -231,6 +256,7 @@ class _Source:
         self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # the wait not hidden by the transfer
         self._enter("commit")
         t = time.monotonic()
+        self.commit_requested = True
         self._send(P.MessageType.COMMIT_REQUEST, P.encode_digest(digest))
         set_io_timeout(sock, p.commit_timeout)
         ack = self._read(P.MessageType.COMMIT_ACK)
@@ -240,26 +266,228 @@ class _Source:
         self._check_cancel()
         if not self.watcher.commit_point():
             raise Cancelled("cancelled before commit")
-        # The point of no return: once COMMITTED is sent the destination runs the guest.
+        # The point of no return: from the first byte of COMMITTED the destination may run the guest.
         self.committed = True
-        self._send(P.MessageType.COMMITTED)
-        self.chan.flush(p.commit_timeout)
+        ownership = (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION
+        try:
+            self._send(P.MessageType.COMMITTED)
+            self.chan.flush(p.commit_timeout)
+        except MigrationError as err:
+            if not ownership:
+                raise
+            self._in_doubt(f"sending COMMITTED failed ({err})")
+            return
         committed_at = time.monotonic()
         self.stats.downtime_breakdown["commit_ms"] = (committed_at - t) * 1000
-        self.adapter.stop_for_good()
-        self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at)
-        self.stats.finish("completed")
+        if not ownership:
+            # An older destination: it runs the guest once it reads COMMITTED and nothing can ask it.
+            self.adapter.stop_for_good()
+            self.paused = False
+            self.stats.owner = "destination"
+            self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, RESUMED_WAIT_S)
+            self.stats.finish("completed")
+            self._report()
+            return
+        try:
+            self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, p.commit_timeout, strict=True)
+        except (MigrationError, OSError) as err:
+            self._in_doubt(f"the destination did not confirm it runs the guest ({err})")
+            return
+        try:
+            self._send(P.MessageType.RELEASED)
+            self.chan.flush(1.0)
+        except (MigrationError, OSError) as err:  # it keeps asking-answering until it hears; nothing is at stake
+            self.stats.notes.append(f"could not say RELEASED ({err}); the destination keeps answering on its address")
+        self._give_up_guest("destination confirmed it runs the guest (RESUMED)")
         self._report()
 
-    def _downtime_until_resumed(self, paused_at: float, committed_at: float) -> float:
+    # -- ownership: in doubt and its resolution (protocol version 5) ----------------------------
+    def _give_up_guest(self, why: str) -> None:
+        self.adapter.stop_for_good()
+        self.paused = False
+        self.stats.owner = "destination"
+        self.stats.finish("completed")
+
+    def _in_doubt(self, why: str) -> None:
+        """COMMITTED went (or may have gone) out and the destination did not confirm: hold the
+        guest paused and deliver the decision by reconnecting, for resolve_timeout seconds."""
+        self.stats.owner = "in doubt"
+        self.stats.notes.append(f"in doubt: {why}; asking the destination again for up to {self.params.resolve_timeout:g} s")
+        self.stats.finish("in-doubt", f"{why}; the guest is held paused here until the destination confirms it runs it")
+        self._report()
+        self._close_channels()
+        self._settle(P.Decision.COMMIT, self.params.resolve_timeout, by="reconnecting")
+
+    def _settle(self, decision: P.Decision, timeout: float, *, by: str, refused_means_nothing: bool = False) -> P.Outcome | None:
+        """Deliver ``decision`` on new connections until the destination answers or ``timeout``
+        passes; act on the answer. Returns the outcome, or None when it could not be asked."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        last = "no attempt was made"
+        refused_since: float | None = None
+        while True:
+            try:
+                outcome = self._resolve_once(decision)
+                break
+            except (MigrationError, OSError) as err:
+                last = str(err)
+                if isinstance(err, ConnectionLost) and "connection refused" in last:
+                    refused_since = refused_since or time.monotonic()
+                    # Nobody listens there: a version 5 destination listens from before it sends
+                    # COMMIT_ACK until it is settled, so it holds nothing in doubt.
+                    if refused_means_nothing and time.monotonic() - refused_since > 0.5:
+                        self.stats.notes.append("the destination does not listen any more: it holds no copy in doubt")
+                        return None
+                else:
+                    refused_since = None
+            if time.monotonic() + delay > deadline:
+                self.stats.notes.append(f"could not reach the destination to say {decision.name.lower()} ({by}): {last}")
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        self._apply(decision, outcome, by)
+        return outcome
+
+    def _resolve_once(self, decision: P.Decision) -> P.Outcome:
+        self._close_channels()
+        try:
+            self._connect(None)
+            self._handshake()
+            if (self.stats.protocol_version or 1) < P.OWNERSHIP_VERSION:
+                raise ProtocolError(f"the destination now speaks protocol {self.stats.protocol_version}, which cannot resolve")
+            self._send(P.MessageType.RESOLVE, P.encode_resolve(P.Resolve(self.session, decision)))
+            answer = P.decode_resolved(self._read(P.MessageType.RESOLVED).payload)
+            if answer.outcome is P.Outcome.RUNNING:
+                try:
+                    self._send(P.MessageType.RELEASED)
+                    self.chan.flush(1.0)
+                except MigrationError:
+                    pass  # it answers again if asked; the guest is its own either way
+            return answer.outcome
+        finally:
+            self._close_channels()
+
+    def _apply(self, decision: P.Decision, outcome: P.Outcome, by: str) -> None:
+        where = format_address(self.host, self.port)
+        if decision is P.Decision.ABORT:
+            # The guest already runs here again; this only frees a copy held in doubt there.
+            if outcome is P.Outcome.RUNNING:
+                # Cannot happen with a correct destination (it runs only on COMMITTED or a commit RESOLVE).
+                self.stats.notes.append(f"DANGER: the destination {where} says it runs the guest though this source "
+                                        "never committed; two copies may run")
+            else:
+                self.stats.notes.append(f"told the destination {where} the migration was aborted ({by}): "
+                                        f"it {'discarded its copy' if outcome is P.Outcome.DISCARDED else 'holds no copy'}")
+            return
+        if outcome is P.Outcome.RUNNING:
+            self.stats.notes.append(f"the destination {where} confirmed it runs the guest ({by})")
+            self.stats.downtime_ms = (time.monotonic() - self.paused_at) * 1000
+            self.stats.notes.append("downtime measured to that confirmation")
+            self._give_up_guest(by)
+        elif outcome is P.Outcome.DISCARDED:
+            # Its operator discarded the copy in doubt: the guest is ours again.
+            self.adapter.resume()
+            self.paused = False
+            self.stats.owner = "source"
+            self.stats.finish("failed", f"the destination {where} discarded the guest before it learned of the commit; "
+                                        "the guest runs here again")
+        else:
+            self.stats.notes.append(f"the destination {where} holds no such session: the process that held it is gone "
+                                    "or another one listens there")
+        self._report()
+
+    def resolve(self, action: str = "ask", *, force: bool = False, timeout: float | None = None) -> MigrationStats:
+        """The operator's word on a migration in doubt. ``ask`` delivers the decision (commit)
+        again; ``run-here`` asks the destination to abort and resumes the guest here once it has
+        discarded its copy (with ``force``, also when it cannot be reached: only if you know it
+        does not run the guest); ``discard-here`` stops the guest here for good (needs ``force``
+        unless the destination confirms it runs it)."""
+        if self.stats.status != "in-doubt":
+            raise ValueError(f"nothing to resolve: the migration is {self.stats.status}, not in doubt")
+        timeout = self.params.resolve_timeout if timeout is None else timeout
+        if action == "ask":
+            self._settle(P.Decision.COMMIT, timeout, by="the operator's resolve")
+        elif action == "run-here":
+            outcome = None if timeout <= 0 else self._settle_abort_for_operator(timeout)
+            if outcome is None and self.stats.status == "in-doubt":
+                if not force:
+                    raise ValueError("the destination cannot be reached, so it may run the guest: run-here needs --force "
+                                     "(only when you know the destination does not run it)")
+                self.adapter.resume()
+                self.paused = False
+                self.stats.owner = "source"
+                self.stats.finish("failed", "settled by the operator (run-here, forced): the guest runs here again")
+        elif action == "discard-here":
+            outcome = None if timeout <= 0 else self._settle(P.Decision.COMMIT, timeout, by="the operator's resolve")
+            if self.stats.status == "in-doubt":
+                if not force:
+                    raise ValueError("the destination did not confirm it runs the guest: discard-here needs --force "
+                                     "(only when you know it runs there)")
+                self.stats.notes.append("settled by the operator (discard-here, forced)")
+                self._give_up_guest("the operator")
+        else:
+            raise ValueError(f"unknown resolve action {action!r}: ask, run-here or discard-here")
+        self._report()
+        return self.stats
+
+    def _settle_abort_for_operator(self, timeout: float) -> P.Outcome | None:
+        """run-here: the source changes its mind, which is safe only while the destination has
+        not run the guest; its answer decides."""
+        outcome = None
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while outcome is None:
+            try:
+                outcome = self._resolve_once(P.Decision.ABORT)
+            except (MigrationError, OSError):
+                if time.monotonic() + delay > deadline:
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if outcome is P.Outcome.RUNNING:
+            self.stats.notes.append("run-here refused: the destination runs the guest; stopped it here")
+            self._apply(P.Decision.COMMIT, outcome, "the operator's resolve")
+        elif outcome is P.Outcome.DISCARDED:
+            self.adapter.resume()
+            self.paused = False
+            self.stats.owner = "source"
+            self.stats.finish("failed", "settled by the operator (run-here): the destination discarded its copy; the guest runs here")
+        else:
+            return None
+        return outcome
+
+    def _connect(self, watcher: CancelWatcher | None) -> socket.socket:
+        """A new main connection (TLS when configured) as ``self.chan``; returns its socket."""
+        p = self.params
+        sock = connect(self.host, self.port, timeout=p.connect_timeout)
+        if watcher is not None:
+            watcher.watch(sock)
+        if self.tls is not None:
+            sock = wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+                            server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
+            if watcher is not None:
+                watcher.watch(sock)
+            self.stats.notes.append(sock.tls_summary())
+        set_io_timeout(sock, p.handshake_timeout)
+        # With parallel streams each connection gets an even share of the cap: together they keep to it.
+        self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
+        if watcher is not None:
+            for s in self.chan.sockets():
+                watcher.watch(s)
+        return sock
+
+    def _downtime_until_resumed(self, paused_at: float, committed_at: float, wait: float, *, strict: bool = False) -> float:
         """The guest's downtime, paused here to running there: until RESUMED arrives, less the
         half round trip it spent on the wire. Without RESUMED (the link died after the commit,
-        or the destination is slow to start) it ends at COMMITTED sent, with a note."""
+        or the destination is slow to start) it ends at COMMITTED sent, with a note; ``strict``
+        raises instead (version 5: no RESUMED means the outcome is in doubt)."""
         try:
-            set_io_timeout(self.chan.sock, RESUMED_WAIT_S)
+            set_io_timeout(self.chan.sock, wait)
             frame = self._read(P.MessageType.RESUMED)
             start_us = P.decode_resumed(frame.payload)
         except (MigrationError, OSError) as err:
+            if strict:
+                raise
             self.stats.notes.append(f"the destination did not confirm the guest runs ({err}); downtime measured to COMMITTED sent")
             return (committed_at - paused_at) * 1000
         resumed_at = max(committed_at, time.monotonic() - self.rtt_ms / 2000)
@@ -433,11 +661,18 @@ class _Source:
         if not cancelled and self.chan is not None:
             message = with_relay_error(message, self.chan.sock)
         if self.committed:
-            # COMMITTED went out: the guest is the destination's now, whatever failed after.
+            if (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION:
+                # The decision was commit but nothing confirmed it: never resume, never stop.
+                if self.stats.status not in ("completed", "in-doubt", "failed"):
+                    self.stats.owner = "in doubt"
+                    self.stats.finish("in-doubt", f"after commit: {message}; the guest is held paused here")
+                return
+            # An older destination: COMMITTED went out, the guest is its own now.
             self.stats.notes.append(f"after commit: {message}")
             try:
                 self.adapter.stop_for_good()
             finally:
+                self.stats.owner = "destination"
                 self.stats.finish("completed")
             return
         if self.chan is not None and not self.watcher.fired and not isinstance(err, (Refused, Aborted)):
@@ -447,7 +682,15 @@ class _Source:
         if self.paused:
             self.adapter.resume()
             self.paused = False
+        self.stats.owner = "source"
         self.stats.finish("cancelled" if cancelled else "failed", message)
+        if self.commit_requested and (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION \
+                and not isinstance(err, (Refused, Aborted)):
+            # The destination may have answered COMMIT_ACK and now hold the guest in doubt: tell it
+            # the migration was aborted, so it lets its copy go (it never runs it without our word).
+            self._close_channels()
+            self._settle(P.Decision.ABORT, min(self.params.resolve_timeout, ABORT_RESOLVE_S), by="after the failure",
+                         refused_means_nothing=True)
         self._report()
 
     def _try_abort(self, reason: str) -> None:

@@ -12,7 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-STATUSES = ("setup", "active", "paused", "completed", "failed", "cancelled")
+# "in-doubt": the commit was decided but not confirmed (protocol version 5); the guest is held
+# paused on this side until the question is settled (docs/migration-protocol.md, "Ownership").
+STATUSES = ("setup", "active", "paused", "completed", "failed", "cancelled", "in-doubt")
 
 
 @dataclass
@@ -80,6 +82,11 @@ class MigrationStats:
     throughput: float = 0.0  # bytes/s, bandwidth estimate the convergence decision used last
     throttle: float = 0.0
     remaining_bytes: int = 0  # dirty bytes still to send, last measured
+    # ownership (protocol version 5): the session's name (hex), and where the guest is when the
+    # record ends: "source" (runs or is paused here), "destination", "nowhere" (it stopped
+    # running, e.g. powered off), or "in doubt" (held paused until settled)
+    session: str | None = None
+    owner: str | None = None
     rounds: list[RoundStats] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic, repr=False)

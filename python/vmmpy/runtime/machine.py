@@ -371,18 +371,19 @@ class Machine:
 
     # ---- the control socket ----------------------------------------------------------------
     def add_control_handler(self, name: str, handler: Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]) -> None:
-        """Serve another control command (checkpoint and migration live in layers above)."""
+        """Serve another control command (checkpoint and migration live in layers above), or
+        wrap a built-in one (the migration layer refuses ``resume`` while a migration is in doubt)."""
         self._extra_handlers[name] = handler
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]]:
         return {
-            **self._extra_handlers,
             "status": lambda req, progress: self.status(),
             "stats": lambda req, progress: self.statistics(),
             "registers": lambda req, progress: self.registers(),
             "pause": lambda req, progress: {"paused": True, "seconds": round(self.pause(), 6)},
             "resume": lambda req, progress: (self.resume(), {"paused": False})[1],
             "destroy": lambda req, progress: self._destroy_from_control(),
+            **self._extra_handlers,
         }
 
     def _destroy_from_control(self) -> dict[str, Any]:
