@@ -23,7 +23,7 @@ import pytest
 from vmmpy.migration import Destination, MigrationHandle, MigrationParams, migrate
 from vmmpy.migration import protocol as P
 
-from .fault_cases import fault_points
+from .fault_cases import FaultPoint, fault_points
 from .fault_proxy import FaultProxy
 from .migration_helpers import KEY, DestinationThread
 
@@ -92,7 +92,13 @@ def commit_window_points(guests) -> list:
             start["s2d"] = m.index - 1
         if m.connection == 0 and m.kind == "COMMIT_ACK":
             start["d2s"] = m.index - 1
-    return [p for p in fault_points(log) if p.inside_bytes is None and p.after_message >= start[p.direction]]
+    points = [p for p in fault_points(log) if p.inside_bytes is None and p.after_message >= start[p.direction]]
+    # And each message of the commit cut after its first byte: sent, but not whole at the peer.
+    for m in log:
+        if m.connection == 0 and m.kind in ("COMMIT_REQUEST", "COMMIT_ACK", "COMMITTED", "RESUMED", "RELEASED"):
+            for action in ("cut", "reset"):
+                points.append(FaultPoint(m.direction, m.index - 1, 1, action, f"{action} at byte 1 of {m.direction} {m.index} {m.kind}"))
+    return points
 
 
 def test_a_cut_after_every_message_of_the_commit_leaves_exactly_one_guest(guests):
@@ -180,9 +186,10 @@ def test_source_gone_the_destination_operator_runs_the_guest_with_force(guests):
     log = recorded_log(guests)
     ack = next(m for m in log if m.kind == "COMMIT_ACK")
     d = DestinationThread(dst, key=KEY, params=PARAMS)
-    # COMMIT_ACK never reaches the source: it aborts (resumes) and tries to tell the destination;
-    # the proxy takes no second connection, so the destination stays in doubt.
-    proxy = FaultProxy((d.host, d.port), direction="d2s", after_message=ack.index - 1, action="cut", accept_many=False)
+    # COMMIT_ACK never reaches the source whole: it aborts (resumes) and tries to tell the
+    # destination; the proxy takes no second connection, so the destination stays in doubt.
+    proxy = FaultProxy((d.host, d.port), direction="d2s", after_message=ack.index - 1, inside_bytes=1, action="cut",
+                       accept_many=False)
     stats = migrate(src, "127.0.0.1", proxy.port, live=False, key=KEY,
                     params=MigrationParams(handshake_timeout=3, io_timeout=3, commit_timeout=1.0, resolve_timeout=1.0))
     proxy.close()
@@ -208,7 +215,8 @@ def test_an_abort_after_commit_ack_is_delivered_so_the_destination_lets_its_copy
     log = recorded_log(guests)
     ack = next(m for m in log if m.kind == "COMMIT_ACK")
     d = DestinationThread(dst, key=KEY, params=PARAMS)
-    with FaultProxy((d.host, d.port), direction="d2s", after_message=ack.index - 1, action="reset") as proxy:
+    # The destination sent COMMIT_ACK (so it may be in doubt); the source gets one byte of it.
+    with FaultProxy((d.host, d.port), direction="d2s", after_message=ack.index - 1, inside_bytes=1, action="reset") as proxy:
         stats = migrate(src, "127.0.0.1", proxy.port, live=False, key=KEY, params=PARAMS)
         dstats = d.join(30)
         assert proxy.fired

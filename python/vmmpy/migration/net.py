@@ -97,10 +97,15 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
     return sock
 
 
+#: Connections the kernel completes before the destination accepts them: a waiting destination
+#: accepts strangers and its source alike (each on its own thread), so many may arrive at once.
+LISTEN_BACKLOG = 64
+
+
 def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        listener = socket.create_server((host, port), family=family, backlog=1)
+        listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
     except OSError as err:
         raise MigrationError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
     set_buffers(listener)  # accepted connections inherit the buffer sizes and TCP_NODELAY
