@@ -154,7 +154,7 @@ def feed_destination(stream: bytes):
         except OSError:
             pass  # the destination closed with bytes unread: a reset, as a real peer would see
 
-    drain = threading.Thread(target=collect, daemon=True)
+    drain = threading.Thread(target=collect, name="drain", daemon=True)
 
     def push():
         try:
@@ -163,7 +163,7 @@ def feed_destination(stream: bytes):
         except OSError:
             pass
 
-    pusher = threading.Thread(target=push, daemon=True)
+    pusher = threading.Thread(target=push, name="pusher", daemon=True)
     tracemalloc.start()
     t = time.monotonic()
     try:
@@ -173,12 +173,25 @@ def feed_destination(stream: bytes):
         elapsed = time.monotonic() - t
         _, peak = tracemalloc.get_traced_memory()
     finally:
-        tracemalloc.stop()
-        b.close()
-        pusher.join(5)
-        drain.join(5)
-        a.close()
+        try:
+            _quiesce(dst, b, pusher, drain)
+        finally:
+            tracemalloc.stop()
+            a.close()
     return stats, dst, elapsed, peak
+
+
+def _quiesce(dst: FakeGuest, conn: socket.socket, *threads: threading.Thread) -> None:
+    """Stop every thread this test started before tracing stops: on CPython 3.11 stopping
+    tracemalloc while another thread allocates can crash the process (gh-128679, fixed in 3.12).
+    A completed migration has started the destination's writer, so park it; closing our end
+    ends the pusher and the drain."""
+    dst.stop_writer()
+    conn.close()
+    for thread in threads:
+        thread.join(10)
+    alive = [thread.name for thread in threads if thread.is_alive()]
+    assert not alive, f"threads {alive} still run: stopping tracemalloc now could crash"
 
 
 def check_outcome(stream: bytes) -> None:
