@@ -17,6 +17,7 @@ from vmmpy.migration import protocol as P
 from vmmpy.state import encode_sections
 
 from .migration_guest import FakeGuest
+from .migration_helpers import assert_migrated_memory_exact
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -201,6 +202,7 @@ def check_outcome(stream: bytes) -> None:
         assert peak < 8 << 20, f"peak Python allocation {peak} bytes"
         if stats.status == "completed":
             assert dst.digest_at_start == _source_guest().memory.digest(), "a completed migration must be exact"
+            assert_migrated_memory_exact(_source_guest(), dst)
             assert dst.calls[-1] == "start_running"
         else:
             assert stats.status == "failed" and stats.error, stats
@@ -222,6 +224,7 @@ def test_the_recorded_stream_is_a_valid_migration(compressed):
         assert stats.status == "completed", stats.error
         assert stats.compressed_batches == (1 if compressed else 0) and stats.protocol_version == (4 if compressed else 2)
         assert dst.digest_at_start == _source_guest().memory.digest()
+        assert_migrated_memory_exact(_source_guest(), dst)
         assert dst.state_at_start == (_source_guest().sweeps, _source_guest().position)
     finally:
         dst.close()
