@@ -20,6 +20,8 @@ from vmmpy import PAGE_SIZE, GuestMemory
 from vmmpy.migration import spec_mismatches
 from vmmpy.state import Section
 
+from .memory_image import MemoryImage
+
 WORDS = PAGE_SIZE // 8
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -59,6 +61,7 @@ class FakeGuest:
         self.digest_at_resume: int | None = None
         self.digest_at_start: int | None = None
         self.state_at_start: tuple[int, int] | None = None
+        self.memory_at_start: MemoryImage | None = None  # a copy of every resident page, for the byte check
         self.discarded = False
         self.stopped = False
         self._cond = threading.Condition()
@@ -199,6 +202,7 @@ class FakeGuest:
     def start_running(self) -> None:
         self.calls.append("start_running")
         self.digest_at_start = self.memory.digest()
+        self.memory_at_start = MemoryImage.of(self.memory)
         self.state_at_start = (self.sweeps, self.position)
         self._unpark()
 

@@ -1,10 +1,13 @@
-"""Run a source and a destination against each other on loopback, in threads of the test process."""
+"""Run a source and a destination against each other on loopback, in threads of the test process,
+and check every byte that arrived."""
 
 from __future__ import annotations
 
 import threading
 
 from vmmpy.migration import Destination, MigrationParams, migrate
+
+from .memory_image import memory_differences
 
 KEY = b"k" * 32
 
@@ -42,8 +45,30 @@ class DestinationThread:
         return self.stats
 
 
+def migrated_memory_differences(src, dst) -> list[str]:
+    """The pages where the destination's memory when it started differs from the source's at
+    the pause, compared byte for byte without vmmpy's digests (``tests/memory_image.py``). After
+    a completed migration the source (a FakeGuest) stays paused, so its memory is still what it
+    was at the pause."""
+    assert dst.memory_at_start is not None, "the destination guest never started"
+    return memory_differences(src.memory, dst.memory_at_start, labels=("on the source", "on the destination"))
+
+
+def assert_migrated_memory_exact(src, dst) -> None:
+    wrong = migrated_memory_differences(src, dst)
+    assert not wrong, ("the migration completed, but the destination started with memory that differs from the "
+                       "source's at the pause: " + "; ".join(wrong))
+
+
 def migrate_pair(src, dst, *, live: bool, key: bytes | None = None, dst_key: bytes | None = None,
-                 params: MigrationParams | None = None, dst_params: MigrationParams | None = None, **kwargs):
+                 params: MigrationParams | None = None, dst_params: MigrationParams | None = None,
+                 check_memory: bool = True, **kwargs):
+    """Migrate FakeGuest ``src`` to ``dst``; returns both sides' statistics. When both say
+    completed, every byte is checked too (``check_memory=False`` leaves that to the test), so a
+    wrong page fails the test whatever the commit check let through."""
     d = DestinationThread(dst, key=dst_key, params=dst_params or params)
     stats = migrate(src, d.host, d.port, live=live, key=key, params=params, **kwargs)
-    return stats, d.join()
+    dstats = d.join()
+    if check_memory and stats.status == "completed" and dstats.status == "completed":
+        assert_migrated_memory_exact(src, dst)
+    return stats, dstats

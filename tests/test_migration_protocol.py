@@ -17,6 +17,7 @@ from vmmpy.migration import protocol as P
 from vmmpy.state import encode_sections
 
 from .migration_guest import FakeGuest
+from .migration_helpers import assert_migrated_memory_exact
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -154,7 +155,7 @@ def feed_destination(stream: bytes):
         except OSError:
             pass  # the destination closed with bytes unread: a reset, as a real peer would see
 
-    drain = threading.Thread(target=collect, daemon=True)
+    drain = threading.Thread(target=collect, name="drain", daemon=True)
 
     def push():
         try:
@@ -163,7 +164,7 @@ def feed_destination(stream: bytes):
         except OSError:
             pass
 
-    pusher = threading.Thread(target=push, daemon=True)
+    pusher = threading.Thread(target=push, name="pusher", daemon=True)
     tracemalloc.start()
     t = time.monotonic()
     try:
@@ -173,12 +174,25 @@ def feed_destination(stream: bytes):
         elapsed = time.monotonic() - t
         _, peak = tracemalloc.get_traced_memory()
     finally:
-        tracemalloc.stop()
-        b.close()
-        pusher.join(5)
-        drain.join(5)
-        a.close()
+        try:
+            _quiesce(dst, b, pusher, drain)
+        finally:
+            tracemalloc.stop()
+            a.close()
     return stats, dst, elapsed, peak
+
+
+def _quiesce(dst: FakeGuest, conn: socket.socket, *threads: threading.Thread) -> None:
+    """Stop every thread this test started before tracing stops: on CPython 3.11 stopping
+    tracemalloc while another thread allocates can crash the process (gh-128679, fixed in 3.12).
+    A completed migration has started the destination's writer, so park it; closing our end
+    ends the pusher and the drain."""
+    dst.stop_writer()
+    conn.close()
+    for thread in threads:
+        thread.join(10)
+    alive = [thread.name for thread in threads if thread.is_alive()]
+    assert not alive, f"threads {alive} still run: stopping tracemalloc now could crash"
 
 
 def check_outcome(stream: bytes) -> None:
@@ -188,6 +202,7 @@ def check_outcome(stream: bytes) -> None:
         assert peak < 8 << 20, f"peak Python allocation {peak} bytes"
         if stats.status == "completed":
             assert dst.digest_at_start == _source_guest().memory.digest(), "a completed migration must be exact"
+            assert_migrated_memory_exact(_source_guest(), dst)
             assert dst.calls[-1] == "start_running"
         else:
             assert stats.status == "failed" and stats.error, stats
@@ -209,6 +224,7 @@ def test_the_recorded_stream_is_a_valid_migration(compressed):
         assert stats.status == "completed", stats.error
         assert stats.compressed_batches == (1 if compressed else 0) and stats.protocol_version == (4 if compressed else 2)
         assert dst.digest_at_start == _source_guest().memory.digest()
+        assert_migrated_memory_exact(_source_guest(), dst)
         assert dst.state_at_start == (_source_guest().sweeps, _source_guest().position)
     finally:
         dst.close()

@@ -1,7 +1,7 @@
 """Mutual TLS between real vmmrun processes, driven by vmmctl's flags: the guest finishes exactly
-as if never migrated, a source with an untrusted certificate is refused and its guest runs on,
-bad TLS options are named, and the rule for listening beyond loopback counts TLS as
-authentication."""
+as if never migrated, a source with an untrusted certificate or none is refused (its guest runs
+on, the destination exits with nothing), bad TLS options are named, and the rule for listening
+beyond loopback counts TLS as authentication."""
 
 import json
 import os
@@ -10,8 +10,10 @@ import time
 import pytest
 
 from vmmpy.cli.vmmrun import listen_policy_error
+from vmmpy.migration import migrate
 
 from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state
+from .test_migration_failures import assert_source_kept_guest
 from .test_migration_processes import abtest_args, expected_console, finish
 from .tls_pki import Pki
 
@@ -92,6 +94,26 @@ def test_vmmrun_refuses_a_source_certificate_from_another_ca_and_the_source_runs
         assert console.read_text() == expected_console(sweeps, pages), "the source guest ran on, unchanged"
     finally:
         stop(source)
+        stop(dest)
+
+
+def test_vmmrun_refuses_a_source_without_a_certificate_and_keeps_nothing(tmp_path, pki, guests):
+    # vmmctl cannot leave out --tls-cert, so the stranger is a source in this process: it trusts
+    # the destination's CA but shows no certificate of its own.
+    port = free_port()
+    dst_crt, dst_key = pki.files("dst", "127.0.0.1")
+    dest = start_vmmrun(tmp_path, "-m", "32M", "-R", f"127.0.0.1:{port}", *tls_args(dst_crt, dst_key, pki.ca_file), "tdst")
+    try:
+        wait_for_listener("127.0.0.1", port, dest)
+        src = guests("32M", work_pages=256)
+        stats = migrate(src, "127.0.0.1", port, live=False, tls=pki.source_without_certificate())
+        assert stats.status == "failed" and "CERTIFICATE_REQUIRED" in stats.error, stats.error
+        assert stats.page_bytes == 0 and "pause" not in src.calls
+        assert finish(dest) == 4, "the destination received no guest"
+        err = dest.stderr.read()
+        assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in err, err
+        assert_source_kept_guest(src)
+    finally:
         stop(dest)
 
 

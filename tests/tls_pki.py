@@ -3,6 +3,8 @@ written as PEM files under the test's tmp_path (nothing is committed; every run 
 
 from __future__ import annotations
 
+import datetime
+import ssl
 from pathlib import Path
 
 import trustme
@@ -27,16 +29,21 @@ class Pki:
         path.chmod(0o600)
         return str(path)
 
-    def files(self, name: str, *identities: str, ca: trustme.CA | None = None) -> tuple[str, str]:
-        """(certificate file, key file) for ``identities`` (IP addresses or DNS names)."""
-        cert = (ca or self.ca).issue_cert(*identities)
+    def files(self, name: str, *identities: str, ca: trustme.CA | None = None, expired: bool = False) -> tuple[str, str]:
+        """(certificate file, key file) for ``identities`` (IP addresses or DNS names);
+        ``expired``: valid for one day that ended yesterday."""
+        validity = {}
+        if expired:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            validity = {"not_before": now - datetime.timedelta(days=2), "not_after": now - datetime.timedelta(days=1)}
+        cert = (ca or self.ca).issue_cert(*identities, **validity)
         crt = self._write(f"{name}.crt", b"".join(p.bytes() for p in cert.cert_chain_pems))
         key = self._write(f"{name}.key", cert.private_key_pem.bytes())
         return crt, key
 
     def config(self, name: str, *identities: str, ca: trustme.CA | None = None, trust: str | None = None,
-               hostname: str | None = None) -> TlsConfig:
-        crt, key = self.files(name, *identities, ca=ca)
+               hostname: str | None = None, expired: bool = False) -> TlsConfig:
+        crt, key = self.files(name, *identities, ca=ca, expired=expired)
         return TlsConfig(crt, key, trust or self.ca_file, hostname)
 
     def destination(self) -> TlsConfig:
@@ -44,3 +51,19 @@ class Pki:
 
     def source(self) -> TlsConfig:
         return self.config("source", "source.migration.test")
+
+    def source_without_certificate(self) -> TlsConfig:
+        """A source that trusts the right CA but presents no certificate of its own."""
+        return NoCertificate("", "", self.ca_file)
+
+
+class NoCertificate(TlsConfig):
+    """What vmmctl never builds (it requires --tls-cert): a TLS 1.3 client that checks the
+    destination against ``ca`` and shows none of its own, as a stranger's client would."""
+
+    def context(self, *, server_side: bool) -> ssl.SSLContext:
+        assert not server_side, "only a source goes without a certificate"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(cafile=self.ca)
+        return ctx

@@ -249,15 +249,58 @@ fn open_userfaultfd() -> Result<OwnedFd, KernelTrackerError> {
 mod tests {
     use super::*;
 
+    const PAGE_IS_PRESENT: u64 = 1 << 3;
+
+    /// Whether this kernel offers what the tracker needs (Linux 6.7+, a userfaultfd that takes
+    /// asynchronous write-protect, PAGEMAP_SCAN), asked of the kernel directly: never through
+    /// `KernelTracker::open`, whose self-check would turn a broken tracker into a skip.
+    fn kernel_offers_tracking() -> Result<(), String> {
+        // SAFETY: uname fills the zeroed struct we pass; release is NUL-terminated.
+        let release = unsafe {
+            let mut uts: libc::utsname = std::mem::zeroed();
+            libc::uname(&mut uts);
+            std::ffi::CStr::from_ptr(uts.release.as_ptr()).to_string_lossy().into_owned()
+        };
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+        if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) < (6, 7) {
+            return Err(format!("Linux {release} is older than 6.7"));
+        }
+        let uffd = open_userfaultfd().map_err(|e| e.0)?;
+        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
+        // SAFETY: UFFDIO_API on a userfaultfd we own, with a struct we own.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(format!("UFFDIO_API with WP_ASYNC: {}", std::io::Error::last_os_error()));
+        }
+        let pagemap = File::open("/proc/self/pagemap").map_err(|e| e.to_string())?;
+        let mut region = PageRegion::default();
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: 0,
+            end: 4096,
+            walk_end: 0,
+            vec: &mut region as *mut PageRegion as u64,
+            vec_len: 1,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: PAGE_IS_PRESENT,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_PRESENT,
+        };
+        // SAFETY: a read-only scan of page 0 (never mapped) into one region we own.
+        if unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) } < 0 {
+            return Err(format!("PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     #[test]
     fn tracks_writes_through_raw_pointers_where_available() {
-        let tracker = match KernelTracker::open() {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("skipping: {e}");
-                return;
-            }
-        };
+        if let Err(why) = kernel_offers_tracking() {
+            eprintln!("skipping: the kernel does not offer it: {why}");
+            return;
+        }
+        let tracker = KernelTracker::open().expect("the kernel offers userfaultfd WP_ASYNC and PAGEMAP_SCAN, yet the tracker fails");
         let len = 4096 * 256;
         // SAFETY: a scratch mapping for the test, unmapped at the end.
         let ptr = unsafe {
