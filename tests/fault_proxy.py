@@ -439,7 +439,6 @@ class FaultProxy:
         if link.armed:
             self._advance(link, link.pipes[self.direction])  # a fault before any byte (k = 0)
 
-
     def _interest(self, sock: socket.socket, mask: int, data) -> None:
         """Selectors refuse an empty mask: a socket without interest is unregistered."""
         old = self._masks.get(sock, 0)
