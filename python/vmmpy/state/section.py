@@ -98,13 +98,15 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     return json.dumps(_to_json(payload), sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode_payload(name: str, data: bytes) -> dict[str, Any]:
+def decode_payload(name: str, data: bytes, *, what: str | None = None) -> dict[str, Any]:
+    """A section's payload; ``what`` (the container's name) prefixes errors when given."""
+    where = f"{what}: section '{name}'" if what else f"section '{name}'"
     try:
         value = _from_json(parse(data, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH))
     except (BoundedJsonError, ValueError) as err:
-        raise SectionError(f"section '{name}': payload is not valid state encoding ({err})") from None
+        raise SectionError(f"{where}: payload is not valid state encoding ({err})") from None
     if not isinstance(value, dict):
-        raise SectionError(f"section '{name}': payload is a {type(value).__name__}, not a mapping")
+        raise SectionError(f"{where}: payload is a {type(value).__name__}, not a mapping")
     return value
 
 
@@ -215,7 +217,7 @@ def read_container(data: bytes, *, what: str = "state") -> list[tuple[SectionRec
             raise SectionError(f"{what}: section '{name}' has invalid version {sec_version}")
         seen.add(name)
         record = SectionRecord(name, sec_version, start, offset - start, checksum)
-        out.append((record, Section(name, sec_version, decode_payload(name, payload))))
+        out.append((record, Section(name, sec_version, decode_payload(name, payload, what=what))))
     if offset != len(view):
         raise SectionError(f"{what}: {len(view) - offset} unexpected bytes after the last section")
     return out
