@@ -132,6 +132,28 @@ def _basic_metadata(memory: GuestMemory, basic: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+def _written_chunk_sha256(path: str, memory: GuestMemory, size: int, chunk_size: int) -> list[str]:
+    """SHA-256 of each chunk of the memory file just written from ``memory``: the file's extent
+    map says where data lies, the stopped guest's memory (the same bytes) supplies it."""
+    segments = [(0, memoryview(memory.lowmem))]
+    if memory.highmem is not None:
+        segments.append((memory.lowmem.size, memoryview(memory.highmem)))
+
+    def feed(digest, start: int, end: int) -> None:
+        for base, view in segments:
+            a, b = max(start, base), min(end, base + len(view))
+            if a < b:
+                digest.update(view[a - base : b - base])
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return memory_chunk_sha256(fd, size, chunk_size, feed)
+    finally:
+        os.close(fd)
+        for _, view in segments:
+            view.release()  # a segment with exported views cannot be unmapped
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     memory: GuestMemory,
@@ -225,11 +247,7 @@ def write_checkpoint(
         if key is not None:
             sha_started = time.perf_counter()
             meta["kern"]["sha256"] = kern_sha256(kern)
-            fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                meta["memory"]["chunk_sha256"] = memory_chunk_sha256(fd, stats["file_size"], chunk_size)
-            finally:
-                os.close(fd)
+            meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
             stats["sha256_seconds"] = time.perf_counter() - sha_started
         created.append(temp["meta"])
         _write_file(temp["meta"], seal(meta, key, final["meta"]))
