@@ -23,6 +23,7 @@ from vmmpy.snapshot import KERN_STRUCTS
 from vmmpy.snapshot import meta as ckmeta
 
 from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
+from .test_checkpoint_restore import flip
 
 MiB = 1 << 20
 ABTEST = ["--guest", "abtest", "--guest-arg", "sweeps=400", "--guest-arg", "report=50", "-m", "32M"]
@@ -389,14 +390,6 @@ def test_a_keyed_checkpoint_restores_with_its_key_and_the_guest_ends_as_an_unint
     assert console.read_text() == EXPECTED_CONSOLE
 
 
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-
-
 def strip_mac(ckp):
     meta = load_meta(ckp)
     del meta["meta_mac"], meta["kern"]["sha256"], meta["memory"]["chunk_sha256"]
@@ -422,9 +415,9 @@ KEYED_CASES = [
      ".meta", r"field 'meta_mac' must be 64 lowercase hex digits, got the integer 5"),
     ("mac-missing", change_meta(lambda m: m.pop("meta_mac")), KEY,
      ".meta", r"field 'meta_mac' must be 64 lowercase hex digits, got null"),
-    ("kern-byte-flipped", lambda ckp: flip_byte(f"{ckp}.kern", 100), KEY,
+    ("kern-byte-flipped", lambda ckp: flip(f"{ckp}.kern", 100), KEY,
      ".kern", r"SHA-256 does not match the metadata's: the file was changed or damaged after the checkpoint was written"),
-    ("memory-byte-flipped-lazy", lambda ckp: flip_byte(ckp, 5 * MiB + 7), KEY,
+    ("memory-byte-flipped-lazy", lambda ckp: flip(ckp, 5 * MiB + 7), KEY,
      "", r"memory chunk 1 \(file bytes 0x400000\.\.0x800000, guest-physical 0x400000\.\.0x800000\) does not match its recorded SHA-256"),
 ]
 
@@ -461,7 +454,7 @@ def test_without_a_key_a_lazy_restore_maps_a_flipped_memory_byte_that_a_keyed_on
     plain = copy_checkpoint(saved / "plain.ckp", tmp_path, "plain.ckp")
     keyed = copy_checkpoint(saved / "keyed.ckp", tmp_path, "keyed.ckp")
     for ckp in (plain, keyed):
-        flip_byte(ckp, 5 * MiB + 7)
+        flip(ckp, 5 * MiB + 7)
     memory = restore_memory(read_checkpoint(plain, registry), "lazy")
     memory.close()
     with pytest.raises(CheckpointError, match=r"memory chunk 1 .* does not match its recorded SHA-256"):

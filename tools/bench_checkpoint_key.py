@@ -88,11 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     results = run(args.dir)
-    if args.json:
-        json.dump(results, sys.stdout, indent=1)
-        print()
-    else:
-        print_table(results)
+    print(json.dumps(results, indent=1)) if args.json else print_table(results)
     return 0
 
 

@@ -28,7 +28,8 @@ from ..runtime.config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfi
 from ..runtime.machine import Machine
 from ..state import SectionError, SectionRegistry
 from ..state.machine import KERNEL_SECTIONS, check_sections, restore_sections, save_sections
-from .files import Checkpoint, CheckpointError, read_checkpoint, restore_memory, write_checkpoint
+from .errors import CheckpointError
+from .files import Checkpoint, read_checkpoint, restore_memory, write_checkpoint
 from .meta import check_field
 from .schema import array, integer, record, string
 
