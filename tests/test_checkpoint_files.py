@@ -13,6 +13,7 @@ from vmmpy import GuestMemory
 from vmmpy.memory import HIGHMEM_BASE, PAGE_SIZE
 from vmmpy.snapshot import CheckpointError, read_checkpoint, restore_memory, verify_memory, write_checkpoint
 from vmmpy.snapshot import files as ckfiles
+from vmmpy.snapshot import meta as ckmeta
 from vmmpy.state import Section, SectionRegistry
 
 GIB = 1 << 30
@@ -287,7 +288,7 @@ def refused(path, pattern, monkeypatch, registry=REGISTRY):
 def rewrite_meta(path, change):
     meta = json.loads(open(path + ".meta").read())
     change(meta)
-    meta["meta_checksum"] = ckfiles._meta_checksum(meta)
+    meta["meta_checksum"] = ckmeta.meta_checksum(meta)
     with open(path + ".meta", "w") as f:
         json.dump(meta, f)
 
@@ -397,10 +398,10 @@ def test_an_unknown_section_is_refused_by_name(checkpoint, monkeypatch):
     "change,pattern",
     [
         (lambda m: m.update(format="bhyve"), r"format is 'bhyve', expected 'vmmpy-checkpoint'"),
-        (lambda m: m.update(format_version=2), r"format version 2 is not one this vmmpy reads \(1\)"),
+        (lambda m: m.update(format_version=3), r"format version 3 is not one this vmmpy reads \(1, 2\)"),
         (lambda m: m.update(byte_order="big"), r"byte order 'big' is not one this vmmpy reads"),
         (lambda m: m["memory"].update(page_size=16384), r"page size 16384 is not this vmmpy's 4096"),
-        (lambda m: m["devices"][0].update(file_offset=3), r"'devices' entry .* does not match a section"),
+        (lambda m: m["devices"][0].update(file_offset=3), r"'devices' does not match the sections of '.*vm0\.ckp\.kern': entry 0 is .*'file_offset': 3}, the file has"),
     ],
 )
 def test_unknown_formats_and_inconsistent_metadata_are_refused(checkpoint, monkeypatch, change, pattern):
@@ -434,3 +435,62 @@ def test_wired_checkpoints_restore_eagerly_and_refuse_lazy(tmp_path):
     assert restored.wired and restored.digest() == mem.digest()
     restored.close()
     mem.close()
+
+
+# -- keyed checkpoints -------------------------------------------------------------------------
+
+KEY = b"a checkpoint key of 32 bytes...."
+V1_KEYS = {"format", "format_version", "byte_order", "writer", "basic metadata", "kern_structs", "devices", "sections",
+           "kern", "memory", "meta_checksum"}
+
+
+def test_an_unkeyed_checkpoint_is_still_format_version_1(checkpoint):
+    """Unkeyed checkpoints keep the format every vmmpy wrote, so older readers still read them."""
+    path, _ = checkpoint
+    meta = json.loads(open(path + ".meta").read())
+    assert meta["format_version"] == 1 and set(meta) == V1_KEYS
+    assert set(meta["kern"]) == {"size", "checksum"} and "chunk_sha256" not in meta["memory"]
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_a_keyed_checkpoint_round_trips_with_its_key(tmp_path, guest, mode):
+    mem, _ = guest
+    path = tmp_path / "k.ckp"
+    stats = write_checkpoint(path, mem, SECTIONS, BASIC, key=KEY)
+    assert stats["sha256_seconds"] > 0
+    meta = json.loads(open(f"{path}.meta").read())
+    assert meta["format_version"] == 2 and set(meta) == V1_KEYS | {"meta_mac"}
+    assert len(meta["memory"]["chunk_sha256"]) == 5 * GIB // (4 << 20)
+    ckpt = read_checkpoint(path, REGISTRY, key=KEY)
+    assert ckpt.keyed and ckpt.sections == SECTIONS
+    restored = restore_memory(ckpt, mode)
+    try:
+        assert restored.digest() == mem.digest()
+    finally:
+        restored.close()
+
+
+def test_the_mac_is_hmac_sha256_of_the_canonical_metadata_as_documented(tmp_path, guest):
+    """An independent check of docs/checkpoint-format.md: the label, then the canonical JSON of
+    every field but meta_checksum and meta_mac."""
+    import hashlib
+    import hmac
+
+    mem, _ = guest
+    path = tmp_path / "k.ckp"
+    write_checkpoint(path, mem, SECTIONS[:1], BASIC, key=KEY)
+    meta = json.loads(open(f"{path}.meta").read())
+    body = {k: v for k, v in meta.items() if k not in ("meta_checksum", "meta_mac")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert meta["meta_mac"] == hmac.new(KEY, b"vmmpy checkpoint metadata\x00" + canonical, hashlib.sha256).hexdigest()
+    assert meta["kern"]["sha256"] == hashlib.sha256(open(f"{path}.kern", "rb").read()).hexdigest()
+    with open(path, "rb") as f:
+        assert meta["memory"]["chunk_sha256"][0] == hashlib.sha256(f.read(4 << 20)).hexdigest()
+
+
+def test_a_short_key_writes_nothing(tmp_path, guest):
+    mem, _ = guest
+    with pytest.raises(CheckpointError, match="a checkpoint key needs at least 16 bytes, this has 5"):
+        write_checkpoint(tmp_path / "k.ckp", mem, SECTIONS, BASIC, key=b"short")
+    assert names(tmp_path) == []
+

@@ -54,3 +54,60 @@ def test_registry_refuses_unknown_and_newer_sections():
 def test_payloads_must_be_plain_data():
     with pytest.raises(TypeError, match="JSON types or bytes"):
         encode_sections([Section("x", 1, {"obj": object()})])
+
+
+def raw_container(name: bytes, payload: bytes, version: int = 1) -> bytes:
+    """A one-section container as a forger writes it, with a correct checksum."""
+    import struct
+
+    from vmmpy import _core
+
+    checksum = _core.xxh3_64(name + struct.pack("<IQ", version, len(payload)) + payload)
+    return (struct.pack("<8sII", b"VMMPYSEC", 1, 1) + struct.pack("<H", len(name)) + name
+            + struct.pack("<IQQ", version, len(payload), checksum) + payload)
+
+
+@pytest.mark.parametrize(
+    "name, payload, version, message",
+    [
+        (b"x", b"[" * 100_000 + b"]" * 100_000, 1, r"section 'x': payload is not valid state encoding \(arrays and objects nest more than the 64 levels allowed\)"),
+        (b"x", b'{"a": NaN}', 1, r"section 'x': payload is not valid state encoding \(NaN is not a JSON number\)"),
+        (b"x", b'{"a": 1, "a": 2}', 1, r"key 'a' appears twice in one object"),
+        (b"x", b'{"b": {"$bytes": 7}}', 1, r"a \$bytes value must be a base64 string, not int"),
+        (b"x", b'{"b": {"$bytes": "!!"}}', 1, r"a \$bytes value is not base64"),
+        (b"x", b'"text"', 1, r"section 'x': payload is a str, not a mapping"),
+        (b"x", b"{}", 0, r"section 'x' has invalid version 0"),
+        (b"", b"{}", 1, r"section 0 of 1 has a name of 0 bytes \(1 to 255 allowed\)"),
+        (b"n" * 256, b"{}", 1, r"section 0 of 1 has a name of 256 bytes"),
+        (b"\xff\xfe", b"{}", 1, r"section 0 of 1 has a name that is not UTF-8"),
+        (b"a\nb", b"{}", 1, r"section 0 of 1 has a name with unprintable characters \('a\\nb'\)"),
+    ],
+    ids=["100k-nested", "nan", "repeated-key", "bytes-not-a-string", "bytes-not-base64", "not-an-object",
+         "version-zero", "empty-name", "long-name", "name-not-utf8", "name-unprintable"],
+)
+def test_a_forged_record_with_a_correct_checksum_is_refused_by_name(name, payload, version, message):
+    with pytest.raises(SectionError, match=r"^vm0\.ckp\.kern: (section 'x': payload is not valid state encoding \()?" + message):
+        decode_sections(raw_container(name, payload, version), what="vm0.ckp.kern")
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        (Section("", 1, {}), r"section '': a name of 0 bytes"),
+        (Section("x", 0, {}), r"section 'x': version 0 is not 1 to 4294967295"),
+        (Section("x", 1, {"deep": nested(64)}), r"section 'x': payload arrays and objects nest more than the 64 levels allowed"),
+    ],
+    ids=["empty-name", "version-zero", "too-deep"],
+)
+def test_the_encoder_refuses_what_a_reader_would_refuse(section, message):
+    with pytest.raises(ValueError, match=message):
+        encode_sections([section])
+    with pytest.raises(ValueError, match="appears twice"):
+        encode_sections([Section("x", 1, {}), Section("x", 1, {})])

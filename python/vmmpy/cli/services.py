@@ -17,9 +17,21 @@ from ..migration.net import format_address, is_local_address, measure_local_thro
 from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
 from ..runtime.machine import Machine
+from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import checkpoint_machine
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+def _request_key(request: dict[str, Any]) -> bytes | None:
+    """The key vmmctl read from --key-file, sent as hex in the request (None when not given)."""
+    key = request.get("key")
+    if key is None:
+        return None
+    try:
+        return bytes.fromhex(key)
+    except (TypeError, ValueError):
+        raise ValueError("the request's key must be hex digits (vmmctl sends --key-file's bytes so)") from None
 
 
 class MachineServices:
@@ -92,20 +104,24 @@ class MachineServices:
         path = request.get("path")
         if not isinstance(path, str) or not os.path.isabs(path):
             raise ValueError(f"checkpoint path must be an absolute path (vmmctl makes it so), got {path!r}")
+        key = _request_key(request)
         with self._lock:
             if self._migration is not None and not self._migration.done():
                 raise OSError(errno.EBUSY, "a migration is running; cancel it or wait before checkpointing")
             if request.get("suspend") and self.in_doubt() is not None:
                 raise OSError(errno.EBUSY, "the guest's migration is in doubt: suspending would end this copy; settle it "
                                            "with --migrate-resolve (a --checkpoint is allowed)")
-            return checkpoint_machine(self.machine, path, suspend=bool(request.get("suspend")), progress=progress)
+            try:
+                return checkpoint_machine(self.machine, path, suspend=bool(request.get("suspend")), progress=progress, key=key)
+            except CheckpointError as err:
+                raise OSError(errno.EIO, str(err)) from None
 
     # -- migration
     def migrate(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         host, port = request.get("host"), request.get("port")
         if not isinstance(host, str) or not isinstance(port, int):
             raise ValueError(f"migrate needs a host and a port, got {host!r} {port!r}")
-        key = bytes.fromhex(request["key"]) if request.get("key") else None
+        key = _request_key(request)
         tls = TlsConfig.from_dict(request["tls"]) if request.get("tls") else None  # vmmctl's paths, read here
         params = MigrationParams(**request.get("params", {}))
         with self._lock:

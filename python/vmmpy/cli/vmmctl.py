@@ -18,6 +18,7 @@ from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
 from ..units import format_size, parse_size
+from .keyfile import read_key
 from .report import ReportError, write_report
 
 EPILOG = """\
@@ -30,6 +31,7 @@ examples:
   vmmctl --vm=vm0 --destroy              power the guest off and end its vmmrun
   vmmctl --vm=vm0 --checkpoint=vm0.ckp   save vm0.ckp, .kern, .meta; the guest keeps running
   vmmctl --vm=vm0 --suspend=vm0.ckp      save, then end the guest (resume: vmmrun -r vm0.ckp ...)
+  vmmctl --vm=vm0 --suspend=vm0.ckp --key-file ckp.key   keyed: vmmrun -r vm0.ckp --key-file ckp.key
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983        warm migration: stop, copy, commit
   vmmctl --vm=vm0 --migrate-live 10.0.0.2,24983 --key-file mig.key --downtime-ms 50
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --bandwidth 100M --estimate   predict, do not migrate
@@ -42,6 +44,10 @@ examples:
   vmmctl --vm=vm0 --migrate-resolve      a migration in doubt (exit 3): ask the other side again and settle it
   vmmctl --vm=vm0 --migrate-resolve=run-here --force    the other side is gone: run the guest here (see docs)
   vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
+
+checkpoints: with --key-file the metadata carries an HMAC-SHA256 under the key (and SHA-256 digests
+  of the state and of every memory chunk), so a changed checkpoint is refused on restore, which
+  needs the same key (vmmrun -r FILE --key-file FILE). See docs/checkpoint-format.md.
 
 migration: see docs/migration.md for the parameters, the statistics and the policies.
   --key-file proves to the destination that this host holds the shared key (and the destination
@@ -78,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--pause", action="store_true", help="pause all vCPUs")
     actions.add_argument("--resume", action="store_true", help="resume paused vCPUs")
     actions.add_argument("--destroy", action="store_true", help="power off the guest and end its vmmrun process")
-    actions.add_argument("--checkpoint", metavar="FILE", help="save the guest to FILE, FILE.kern and FILE.meta; it keeps running")
+    actions.add_argument("--checkpoint", metavar="FILE",
+                         help="save the guest to FILE, FILE.kern and FILE.meta; it keeps running (keyed with --key-file)")
     actions.add_argument("--suspend", metavar="FILE", help="save the guest to FILE (as --checkpoint), then end it")
     actions.add_argument("--migrate", nargs="+", metavar="HOST [PORT]", help="warm-migrate to HOST PORT (or HOST:PORT, HOST,PORT)")
     actions.add_argument("--migrate-live", nargs="+", metavar="HOST [PORT]", help="live-migrate (pre-copy) to HOST PORT")
@@ -93,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --report: draw a report from statistics saved by `--json` (no VM needed)")
     d = MigrationParams()
     mig = parser.add_argument_group("migration parameters (with --migrate / --migrate-live)")
-    mig.add_argument("--key-file", type=Path, metavar="FILE", help="shared key the destination was started with (default: none)")
+    mig.add_argument("--key-file", type=Path, metavar="FILE",
+                     help="shared key (at least 16 bytes): for a migration, the one the destination was started with; "
+                          "with --checkpoint/--suspend, the key whose HMAC-SHA256 seals the checkpoint (default: none)")
     mig.add_argument("--tls-cert", type=Path, metavar="FILE",
                      help="this host's certificate (PEM): with --tls-key and --tls-ca the migration runs over mutual TLS 1.3 "
                           "(the destination must be started with its own --tls-cert/--tls-key/--tls-ca)")
@@ -228,8 +237,9 @@ def _tls_request(args: argparse.Namespace) -> dict[str, str | None] | None:
 
 def _print_checkpoint(result: dict) -> None:
     verb = "suspended to" if result["suspended"] else "checkpointed to"
+    keyed = " (keyed: HMAC-SHA256)" if result.get("keyed") else ""
     rate = result["throughput_bytes_per_s"]
-    print(f"{verb} {result['path']}: {format_size(result['memory_bytes'])} guest, "
+    print(f"{verb} {result['path']}{keyed}: {format_size(result['memory_bytes'])} guest, "
           f"{format_size(result['bytes_written'])} written in {result['write_seconds']:.3f} s "
           f"({format_size(rate)}/s); guest paused {result['guest_paused_seconds'] * 1e3:.1f} ms")
 
@@ -366,11 +376,9 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
                                    "(tools/bench warm-1g-tls against warm-1g), so give --bandwidth for a TLS estimate")
         _print(result, True) if args.json else _print_estimate(result)
         return 0
-    if args.key_file:
-        try:
-            request["key"] = args.key_file.read_bytes().strip().hex()
-        except OSError as err:
-            raise ValueError(f"--key-file {args.key_file}: {err.strerror}") from None
+    key = read_key(args.key_file)
+    if key is not None:
+        request["key"] = key.hex()
     if tls is not None:
         request["tls"] = tls
     printer = _ProgressPrinter()
@@ -448,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             _print(client.request("destroy"), args.json)
         elif args.checkpoint or args.suspend:
             path = os.path.abspath(args.checkpoint or args.suspend)  # relative to vmmctl's directory
-            result = client.request("checkpoint", path=path, suspend=bool(args.suspend))
+            request = {"path": path, "suspend": bool(args.suspend)}
+            key = read_key(args.key_file)
+            if key is not None:  # as a migration's: hex in the request, over the owner-only socket
+                request["key"] = key.hex()
+            result = client.request("checkpoint", **request)
             _print(result, True) if args.json else _print_checkpoint(result)
         elif args.migrate or args.migrate_live:
             return _migrate(client, args)

@@ -2,7 +2,7 @@
 
     vmmrun [-c NCPUS] [-m MEMSIZE] [-S] [-s SLOT,EMULATION[,CONF]]... [-l com1,stdio|FILE]
            [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions]
-           [--vendor intel|amd] [-r FILE | -R HOST:PORT [--key-file FILE]
+           [--vendor intel|amd] [-r FILE [--key-file FILE] | -R HOST:PORT [--key-file FILE]
            [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure]] VMNAME
 
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
@@ -37,6 +37,7 @@ from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
 from ..state import SectionError
+from .keyfile import read_key
 from .services import MachineServices
 from ..vmm.ioctl import SuspendHow
 
@@ -48,7 +49,9 @@ guests:
 
 restore and migration:
   -r FILE resumes a guest saved by `vmmctl --checkpoint/--suspend FILE`: vCPUs, memory, vendor and
-  TSC come from the checkpoint; -s/-l options must match the saved ones.
+  TSC come from the checkpoint; -s/-l options must match the saved ones. A checkpoint saved with
+  --key-file restores only with the same --key-file (its metadata carries an HMAC-SHA256); one
+  saved without a key is refused with --key-file, since the key cannot authenticate it.
   -R HOST:PORT starts an empty guest that waits for one incoming migration (`vmmctl --migrate` on
   the source), then runs it. Give the same -m/-c/-s/-l options as the source.
 
@@ -66,6 +69,7 @@ examples:
   vmmrun --guest abtest --guest-arg sweeps=100 -m 256M -l com1,console.log vm0
   vmmrun -c 2 -m 1G -S -s 0,hostbridge -s 1,lpc -l com1,stdio --guest console vm1
   vmmrun -r /var/tmp/vm0.ckp -l com1,console.log vm0
+  vmmrun -r /var/tmp/vm0.ckp --key-file ckp.key -l com1,console.log vm0
   vmmrun -m 256M -l com1,console.log -R 127.0.0.1:24983 --key-file mig.key vm0
   vmmrun -m 1G -R 10.0.0.2:24983 --tls-cert dst.crt --tls-key dst.key --tls-ca ca.pem --key-file mig.key vm0
 
@@ -105,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: read and verify all memory first (default); lazy: map the file, pages load on first touch")
     p.add_argument("-R", "--receive", metavar="HOST:PORT",
                    help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), then run the guest")
-    p.add_argument("--key-file", type=Path, metavar="FILE", help="shared migration key (at least 16 bytes); the source must prove it holds it")
+    p.add_argument("--key-file", type=Path, metavar="FILE",
+                   help="a shared key (at least 16 bytes). With -R: the source must prove it holds it. With -r: the "
+                        "checkpoint's MAC must verify under it (the key it was saved with)")
     p.add_argument("--tls-cert", metavar="FILE",
                    help="with -R: this host's certificate (PEM); with --tls-key and --tls-ca the source must connect "
                         "over mutual TLS 1.3")
@@ -168,18 +174,6 @@ def load_guest(machine: Machine, config: VmConfig) -> None:
     machine.load_program(program)
 
 
-def read_key(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        key = path.read_bytes().strip()
-    except OSError as err:
-        raise ConfigError(f"--key-file {path}: {err.strerror}") from None
-    if len(key) < 16:
-        raise ConfigError(f"--key-file {path}: a migration key needs at least 16 bytes, this has {len(key)}")
-    return key
-
-
 def read_tls(args: argparse.Namespace) -> TlsConfig | None:
     """The destination's mutual TLS from --tls-cert/--tls-key/--tls-ca: all three or none."""
     given = {name: getattr(args, name.replace("-", "_")) for name in ("tls-cert", "tls-key", "tls-ca")}
@@ -212,12 +206,12 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def build_machine(args: argparse.Namespace, config: VmConfig) -> Machine:
+def build_machine(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:
     """The machine for a fresh boot, a restore (-r) or an incoming migration (-R)."""
     if args.restore:
         if config.guest:
             raise ConfigError("-r restores a saved guest: do not also give --guest")
-        return restore_machine(args.restore, config, mode=args.restore_mode)
+        return restore_machine(args.restore, config, mode=args.restore_mode, key=key)
     if not args.receive and not config.guest:
         raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
     machine = Machine(config)
@@ -242,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("-r and -R cannot be combined: restore from a file or receive a migration")
         config = config_from_args(args)
         key = read_key(args.key_file)
+        if key is not None and not (args.restore or args.receive):
+            raise ConfigError("--key-file goes with -r FILE (a keyed checkpoint) or -R HOST:PORT (a migration)")
         tls = read_tls(args)
         receive_at = parse_address(args.receive) if args.receive else None
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
-        machine = build_machine(args, config)
+        machine = build_machine(args, config, key)
     except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,32 +1,37 @@
 """Checkpoint files: write, read and verify bhyve's three files, restore memory eagerly or lazily.
 
 ``files`` owns the files and their verification; it knows nothing of VMs (it takes guest memory,
-state sections and basic metadata, and gives the same back). Save/restore orchestration, which
+state sections and basic metadata, and gives the same back). ``meta`` owns the metadata
+document (fields, checksum, MAC), ``schema`` the typed field checks it is written in,
+``digests`` the SHA-256 digests a keyed checkpoint adds. Save/restore orchestration, which
 pauses vCPUs and asks devices for their sections, sits on top of it.
 """
 
+from .errors import CheckpointError
 from .files import (
     DEFAULT_CHUNK_SIZE,
-    FORMAT_MAGIC,
-    FORMAT_VERSION,
     KERN_STRUCTS,
     Checkpoint,
-    CheckpointError,
     read_checkpoint,
     restore_memory,
     verify_memory,
+    verify_memory_sha256,
     write_checkpoint,
 )
+from .meta import FORMAT_MAGIC, FORMAT_VERSION, KEYED_FORMAT_VERSION, MIN_KEY_BYTES
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FORMAT_MAGIC",
     "FORMAT_VERSION",
+    "KEYED_FORMAT_VERSION",
     "KERN_STRUCTS",
+    "MIN_KEY_BYTES",
     "Checkpoint",
     "CheckpointError",
     "read_checkpoint",
     "restore_memory",
     "verify_memory",
+    "verify_memory_sha256",
     "write_checkpoint",
 ]

@@ -5,11 +5,14 @@ every state section, write the files atomically, then resume the guest — or, f
 stop it for good (vmmrun then exits 0, as bhyve does). A failure leaves the guest running as it
 was and no files behind.
 
-Restore (bhyve's ``-r``): read and verify all three files before anything is created; take the
-vCPU count, memory size and wiring from the checkpoint and vendor and TSC from its ``vm``
-section; refuse device options that do not match the saved ones, naming the device; restore
-memory eagerly (verified against the chunk hashes) or lazily (mapped from the file); load the
-sections; only then may the vCPUs start.
+Restore (bhyve's ``-r``): read and verify all three files before anything is created (with the
+checkpoint key when it was written with one); check the basic metadata this module wrote
+(vendor, TSC, device options) and the ``vm`` section's fields it reads, by field; take the vCPU
+count, memory size and wiring from the checkpoint and vendor and TSC from its ``vm`` section;
+refuse device options that do not match the saved ones, naming the device; restore memory
+eagerly (verified against the chunk hashes) or lazily (mapped from the file); load the
+sections; only then are the console files opened and may the vCPUs start, so a checkpoint
+refused at any step leaves no file written.
 """
 
 from __future__ import annotations
@@ -19,13 +22,39 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..runtime.config import VmConfig
+from ..devices.lpc import console_backend
+from ..devices.uart import CaptureConsole
+from ..runtime.config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
 from ..runtime.machine import Machine
 from ..state import SectionError, SectionRegistry
 from ..state.machine import KERNEL_SECTIONS, check_sections, restore_sections, save_sections
-from .files import CheckpointError, read_checkpoint, restore_memory, write_checkpoint
+from .errors import CheckpointError
+from .files import Checkpoint, read_checkpoint, restore_memory, write_checkpoint
+from .meta import check_field
+from .schema import array, integer, record, string
 
 RESTORE_MODES = ("eager", "lazy")
+
+#: The basic metadata keys this module writes beside bhyve's (files checks those): older
+#: checkpoints may lack the optional ones.
+_BASIC_FIELDS = record(
+    {"ncpus": integer(1, MAX_VCPUS)},
+    {
+        "vendor": string(choices=VENDORS),
+        "tsc": string(choices=TSC_MODES),
+        "devices_config": record({
+            "slots": array(string(), max_len=256 * 32 * 8),
+            "lpc": array(string(choices=LPC_DEVICES), max_len=len(LPC_DEVICES)),
+        }),
+    },
+    open=True,
+)
+#: The ``vm`` section's fields read before the machine is built; the kernel checks the rest
+#: when it restores the section.
+_VM_FIELDS = record(
+    {"ncpus": integer(1, MAX_VCPUS), "vendor": string(choices=VENDORS), "tsc_mode": string(choices=TSC_MODES)},
+    open=True,
+)
 
 
 def _device_config(config: VmConfig) -> dict[str, Any]:
@@ -42,8 +71,10 @@ def checkpoint_machine(
     *,
     suspend: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Save ``machine`` to ``path`` (+ ``.kern``, ``.meta``); keep it running unless ``suspend``."""
+    """Save ``machine`` to ``path`` (+ ``.kern``, ``.meta``); keep it running unless ``suspend``.
+    With ``key`` the checkpoint is keyed (HMAC-SHA256): only a restore with the same key takes it."""
     path = str(path)
     started = time.perf_counter()
     was_paused = machine.paused
@@ -60,7 +91,7 @@ def checkpoint_machine(
             "tsc": config.tsc,
             "devices_config": _device_config(config),
         }
-        stats = write_checkpoint(path, machine.vm.memory, sections, basic)
+        stats = write_checkpoint(path, machine.vm.memory, sections, basic, key=key)
     except Exception:
         if not was_paused:
             machine.resume()
@@ -74,6 +105,7 @@ def checkpoint_machine(
     result = {
         "path": path,
         "suspended": suspend,
+        "keyed": key is not None,
         "memory_bytes": machine.vm.memory.memsize,
         "bytes_written": stats["bytes_written"],
         "kern_bytes": stats["kern_bytes"],
@@ -109,36 +141,58 @@ def restore_machine(
     config: VmConfig,
     *,
     mode: str = "eager",
+    key: bytes | None = None,
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
-    the vCPU count, memory, vendor and TSC come from the checkpoint. Raises CheckpointError or
-    SectionError, with nothing left created, if anything does not fit."""
+    the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
+    key: required for a keyed checkpoint, refused for an unkeyed one. Raises CheckpointError or
+    SectionError, with nothing left created and no console file opened, if anything does not fit."""
     if mode not in RESTORE_MODES:
         raise ValueError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
-    checkpoint = read_checkpoint(path, static_registry(config))
-    basic = checkpoint.basic
-    vm_section = next(s for s in checkpoint.sections if s.name == "vm")
+    checkpoint = read_checkpoint(path, static_registry(config), key=key)
+    basic, vm_payload = _checked_machine_fields(checkpoint)
     saved_devices = basic.get("devices_config")
     if saved_devices is not None and saved_devices != _device_config(config):
         raise SectionError(_device_mismatch(checkpoint.path, saved_devices, _device_config(config)))
     config = replace(
         config,
-        ncpus=int(basic["ncpus"]),
+        ncpus=basic["ncpus"],
         memsize=checkpoint.memsize,
         wired=checkpoint.wired,
-        vendor=str(vm_section.payload.get("vendor", config.vendor)),
-        tsc=str(vm_section.payload.get("tsc_mode", config.tsc)),
+        vendor=vm_payload["vendor"],
+        tsc=vm_payload["tsc_mode"],
     )
-    machine = Machine(config)
+    # Consoles stay in memory until everything is restored: a refused checkpoint opens no file.
+    machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
     try:
         check_sections(machine, checkpoint.sections, what=f"checkpoint '{checkpoint.kern_path}'")
         memory = restore_memory(checkpoint, mode, dirty_tracking=config.dirty_tracking)
         machine.vm.adopt_memory(memory)
         restore_sections(machine, checkpoint.sections, what=f"checkpoint '{checkpoint.kern_path}'")
+        for uart in machine.uarts:
+            device = uart.name.split(".", 1)[1]  # "lpc.com1"
+            if device in config.lpc:
+                uart.backend = console_backend(config.lpc[device], on_input=uart.receive)
     except BaseException:
         machine.close()
         raise
     return machine
+
+
+def _checked_machine_fields(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The basic metadata and the ``vm`` section's payload, each field this module reads
+    checked and named, before any of it builds a machine."""
+    basic = check_field(checkpoint.basic, _BASIC_FIELDS, checkpoint.meta_path, "basic metadata")
+    vm_section = next((s for s in checkpoint.sections if s.name == "vm"), None)
+    if vm_section is None:
+        raise CheckpointError(f"checkpoint '{checkpoint.kern_path}': kernel section 'vm' is missing")
+    vm_payload = check_field(vm_section.payload, _VM_FIELDS, checkpoint.kern_path, "vm")
+    if vm_payload["ncpus"] != basic["ncpus"]:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.kern_path}': section 'vm' is for {vm_payload['ncpus']} vCPUs, "
+            f"the metadata ('{checkpoint.meta_path}') says {basic['ncpus']}"
+        )
+    return basic, vm_payload
 
 
 def _device_mismatch(path: str, saved: dict[str, Any], mine: dict[str, Any]) -> str:

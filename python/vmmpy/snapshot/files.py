@@ -7,7 +7,9 @@ A checkpoint at ``PATH`` is bhyve's three files (docs/checkpoint-format.md has e
 - ``PATH.meta``  JSON: bhyve's keys ("basic metadata", "kern_structs", "devices") plus a format
                  magic and version, byte order, the memory layout, per-section offsets, versions and
                  checksums, the .kern checksum, the memory file's chunk hashes, and a checksum of
-                 the metadata itself.
+                 the metadata itself (``meta`` owns this document). Written with a key, it also
+                 holds SHA-256 digests of the .kern file and of each memory chunk, and an
+                 HMAC-SHA256 over itself: restore then needs the same key (``digests``, ``meta``).
 
 This module knows nothing of VMs: it takes a GuestMemory, a list of Sections and the basic
 metadata, and gives back the same. Orchestration (pausing vCPUs, asking devices for state,
@@ -21,28 +23,38 @@ A reader refuses a checkpoint without ``.meta``, and the .meta's checksums tie i
 a checkpoint that is refused, or the new one. On failure the temporary files are removed.
 
 Reading checks everything before a byte of guest memory exists (:func:`read_checkpoint`): every
-failure is a :class:`CheckpointError` naming the file, the section and the value expected.
+failure is a :class:`CheckpointError` naming the file, the section or field and the value
+expected.
 """
 
 from __future__ import annotations
 
 import errno
-import json
+import hmac
 import os
 import secrets
+import stat
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _core
 from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
-from ..state import Section, SectionError, SectionRegistry, decode_sections, encode_sections
-from ..state.section import _HEAD, _NAME_LEN, _SECTION
+from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_sections, read_container
+from .digests import kern_sha256, memory_chunk_sha256
+from .errors import CheckpointError
+from .meta import (
+    BYTE_ORDER,
+    FORMAT_MAGIC,
+    FORMAT_VERSION,
+    MAX_KERN_BYTES,
+    MAX_META_BYTES,
+    check_key,
+    open_meta,
+    seal,
+)
 
-FORMAT_MAGIC = "vmmpy-checkpoint"
-FORMAT_VERSION = 1
-BYTE_ORDER = "little"
 DEFAULT_CHUNK_SIZE: int = _core.DEFAULT_CHUNK_SIZE
 #: bhyve's VM_MEM_F_WIRED, the "memflags" bit of a wired guest.
 MEMFLAG_WIRED = 0x02
@@ -51,10 +63,6 @@ MEMFLAG_WIRED = 0x02
 KERN_STRUCTS = ("vhpet", "vm", "vioapic", "vlapic", "vmcx", "vatpit", "vatpic", "vpmtmr", "vrtc")
 META_SUFFIX = ".meta"
 KERN_SUFFIX = ".kern"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be written or read; the message names the file and what is wrong."""
 
 
 def _writer() -> str:
@@ -71,30 +79,25 @@ def _hex128(value: int) -> str:
     return f"{value:032x}"
 
 
-def _meta_checksum(meta: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != "meta_checksum"}
-    return _hex64(_core.xxh3_64(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()))
+def _is_kern_struct(name: str) -> bool:
+    return name.split("@", 1)[0].split(".", 1)[0] in KERN_STRUCTS
 
 
-def _family(name: str) -> str:
-    return name.split("@", 1)[0].split(".", 1)[0]
+def _section_table(records: list[SectionRecord]) -> list[dict[str, Any]]:
+    """The metadata's "sections": every record of the .kern file, in file order."""
+    return [
+        {"name": r.name, "version": r.version, "offset": r.offset, "size": r.size, "checksum": _hex64(r.checksum)}
+        for r in records
+    ]
 
 
-def _section_table(kern: bytes) -> list[dict[str, Any]]:
-    """Where each section's record lies in an encoded container, as the metadata lists it."""
-    _, _, count = _HEAD.unpack_from(kern, 0)
-    offset = _HEAD.size
-    table = []
-    for _ in range(count):
-        start = offset
-        (name_len,) = _NAME_LEN.unpack_from(kern, offset)
-        offset += _NAME_LEN.size
-        name = kern[offset : offset + name_len].decode()
-        offset += name_len
-        version, length, checksum = _SECTION.unpack_from(kern, offset)
-        offset += _SECTION.size + length
-        table.append({"name": name, "version": version, "offset": start, "size": offset - start, "checksum": _hex64(checksum)})
-    return table
+def _listing(records: list[SectionRecord], kern_structs: bool) -> list[dict[str, Any]]:
+    """bhyve's "kern_structs" (``kern_structs=True``) or "devices" list of the .kern records."""
+    return [
+        {"device": r.name, "size": r.size, "file_offset": r.offset}
+        for r in records
+        if _is_kern_struct(r.name) == kern_structs
+    ]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -129,6 +132,28 @@ def _basic_metadata(memory: GuestMemory, basic: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+def _written_chunk_sha256(path: str, memory: GuestMemory, size: int, chunk_size: int) -> list[str]:
+    """SHA-256 of each chunk of the memory file just written from ``memory``: the file's extent
+    map says where data lies, the stopped guest's memory (the same bytes) supplies it."""
+    segments = [(0, memoryview(memory.lowmem))]
+    if memory.highmem is not None:
+        segments.append((memory.lowmem.size, memoryview(memory.highmem)))
+
+    def feed(digest, start: int, end: int) -> None:
+        for base, view in segments:
+            a, b = max(start, base), min(end, base + len(view))
+            if a < b:
+                digest.update(view[a - base : b - base])
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return memory_chunk_sha256(fd, size, chunk_size, feed)
+    finally:
+        os.close(fd)
+        for _, view in segments:
+            view.release()  # a segment with exported views cannot be unmapped
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     memory: GuestMemory,
@@ -136,8 +161,8 @@ def write_checkpoint(
     basic: Mapping[str, Any],
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    kern_structs: Collection[str] = KERN_STRUCTS,
     direct_io: bool = True,
+    key: bytes | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint ``path``, ``path.kern`` and ``path.meta`` atomically.
 
@@ -147,20 +172,27 @@ def write_checkpoint(
     every write is whole pages from page-aligned guest memory, and skipping the page cache
     measured 2 GB/s against 0.3-0.6 GB/s buffered here (tools/bench_checkpoint.py), since
     buffered writes must first allocate a page-cache page for every guest page.
+    With a ``key`` (at least 16 bytes) the checkpoint is keyed: the metadata also records SHA-256
+    of the .kern file and of every memory chunk (read back from the written file) and carries an
+    HMAC-SHA256 under the key, and only a restore given the same key accepts it.
     Returns statistics: the memory write's (bytes_written, data_pages, zero_pages,
-    untouched_pages, pwrite_calls, file_size, seconds) plus kern_bytes, memory_fsync_seconds and
-    total_seconds.
+    untouched_pages, pwrite_calls, file_size, seconds) plus kern_bytes, memory_fsync_seconds,
+    sha256_seconds (0 unkeyed) and total_seconds.
     """
     started = time.perf_counter()
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     sections = list(sections)
     basic_meta = _basic_metadata(memory, basic)
+    if key is not None:
+        check_key(key)
     try:
         kern = encode_sections(sections)
-    except (TypeError, ValueError) as err:
+        records = [record for record, _ in read_container(kern, what="state")]
+    except (TypeError, ValueError) as err:  # SectionError is a ValueError
         raise CheckpointError(f"checkpoint '{path}{KERN_SUFFIX}': cannot encode the state sections: {err}") from None
-    table = _section_table(kern)
+    if len(kern) > MAX_KERN_BYTES:
+        raise CheckpointError(f"checkpoint '{path}{KERN_SUFFIX}': the state sections take {len(kern)} bytes, more than the {MAX_KERN_BYTES} a reader takes")
     lowmem = memory.lowmem.size
     highmem = memory.highmem.size if memory.highmem is not None else 0
 
@@ -189,22 +221,15 @@ def write_checkpoint(
         created.append(temp["kern"])
         _write_file(temp["kern"], kern)
 
-        def listing(kern_struct: bool) -> list[dict[str, Any]]:
-            return [
-                {"device": e["name"], "size": e["size"], "file_offset": e["offset"]}
-                for e in table
-                if (e["name"] in kern_structs or _family(e["name"]) in kern_structs) == kern_struct
-            ]
-
         meta: dict[str, Any] = {
             "format": FORMAT_MAGIC,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,  # seal() makes it the keyed version when keyed
             "byte_order": BYTE_ORDER,
             "writer": _writer(),
             "basic metadata": basic_meta,
-            "kern_structs": listing(True),
-            "devices": listing(False),
-            "sections": table,
+            "kern_structs": _listing(records, True),
+            "devices": _listing(records, False),
+            "sections": _section_table(records),
             "kern": {"size": len(kern), "checksum": _hex64(_core.xxh3_64(kern))},
             "memory": {
                 "lowmem": lowmem,
@@ -218,9 +243,14 @@ def write_checkpoint(
                 "chunk_hashes": [_hex128(h) for h in stats.pop("chunk_hashes")],
             },
         }
-        meta["meta_checksum"] = _meta_checksum(meta)
+        stats["sha256_seconds"] = 0.0
+        if key is not None:
+            sha_started = time.perf_counter()
+            meta["kern"]["sha256"] = kern_sha256(kern)
+            meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
+            stats["sha256_seconds"] = time.perf_counter() - sha_started
         created.append(temp["meta"])
-        _write_file(temp["meta"], (json.dumps(meta, indent=1) + "\n").encode())
+        _write_file(temp["meta"], seal(meta, key, final["meta"]))
 
         # Commit: no .meta means "no checkpoint", so remove the old one before replacing the
         # files it vouches for, and put the new one in place last.
@@ -265,6 +295,13 @@ class Checkpoint:
     #: (st_dev, st_ino, st_size, st_mtime_ns) of the memory file when it was read: a restore
     #: refuses a file that changed since.
     memory_file_identity: tuple[int, int, int, int] = field(repr=False)
+    #: A keyed checkpoint's SHA-256 of each memory chunk (hex), which the MAC vouches for;
+    #: None for an unkeyed one.
+    chunk_sha256: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def keyed(self) -> bool:
+        return self.chunk_sha256 is not None
 
     @property
     def kern_path(self) -> str:
@@ -293,125 +330,125 @@ def _require(cond: bool, where: str, message: str) -> None:
         raise CheckpointError(f"checkpoint '{where}': {message}")
 
 
-def _int_field(obj: Mapping[str, Any], key: str, where: str, context: str) -> int:
-    value = obj.get(key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where, f"{context} '{key}' must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _read_meta(meta_path: str) -> dict[str, Any]:
+def _read_file(path: str, role: str, limit: int, expected_size: int | None = None) -> bytes:
+    """The whole of a small checkpoint file, refused unread when it is not a regular file, is
+    larger than ``limit`` or is not ``expected_size`` bytes."""
     try:
-        with open(meta_path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block us
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint '{meta_path}': missing; without its metadata a checkpoint is incomplete") from None
+        raise CheckpointError(f"checkpoint '{path}': missing ({role} of this checkpoint)") from None
     except OSError as err:
-        raise CheckpointError(f"checkpoint '{meta_path}': cannot be read: {err}") from None
+        raise CheckpointError(f"checkpoint '{path}': cannot be read: {err.strerror or err}") from None
     try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint '{meta_path}': not valid JSON ({err}); the file is damaged or truncated") from None
-    _require(isinstance(meta, dict), meta_path, f"metadata is a {type(meta).__name__}, expected a JSON object")
-    fmt = meta.get("format")
-    _require(fmt == FORMAT_MAGIC, meta_path, f"format is {fmt!r}, expected {FORMAT_MAGIC!r}: not a vmmpy checkpoint")
-    version = meta.get("format_version")
-    _require(version == FORMAT_VERSION, meta_path, f"format version {version!r} is not one this vmmpy reads ({FORMAT_VERSION})")
-    order = meta.get("byte_order")
-    _require(order == BYTE_ORDER, meta_path, f"byte order {order!r} is not one this vmmpy reads ({BYTE_ORDER!r})")
-    stored = meta.get("meta_checksum")
-    computed = _meta_checksum(meta)
-    _require(stored == computed, meta_path, f"metadata checksum mismatch (stored {stored!r}, computed {computed!r}); the file was changed or damaged")
-    return meta
+        st = os.fstat(fd)
+        _require(stat.S_ISREG(st.st_mode), path, f"{role} is not a regular file")
+        if expected_size is not None:
+            _require(st.st_size == expected_size, path, f"file is {st.st_size} bytes, metadata says {expected_size}")
+        _require(st.st_size <= limit, path, f"file is {st.st_size} bytes, more than the {limit} a checkpoint's {role} may be")
+        parts, left = [], st.st_size
+        while left > 0:
+            part = os.read(fd, min(left, 1 << 24))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint '{path}': cannot be read: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_meta(meta_path: str, key: bytes | None) -> dict[str, Any]:
+    raw = _read_file(meta_path, "the metadata", MAX_META_BYTES)
+    return open_meta(raw, meta_path, key)
 
 
 def _check_layout(meta: dict[str, Any], meta_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    basic = meta.get("basic metadata")
-    _require(isinstance(basic, dict), meta_path, "'basic metadata' is missing or not an object")
-    for key in ("ncpus", "memsize", "memflags"):
-        _int_field(basic, key, meta_path, "basic metadata")
-    _require(basic["ncpus"] >= 1, meta_path, f"basic metadata 'ncpus' must be at least 1, got {basic['ncpus']}")
-    _require(isinstance(basic.get("vmname"), str) and basic["vmname"], meta_path, f"basic metadata 'vmname' must be a non-empty string, got {basic.get('vmname')!r}")
-    mem = meta.get("memory")
-    _require(isinstance(mem, dict), meta_path, "'memory' is missing or not an object")
-    for key in ("lowmem", "highmem", "lowmem_limit", "highmem_base", "page_size", "file_size", "chunk_size"):
-        _int_field(mem, key, meta_path, "memory")
+    """Relations between fields whose types and ranges ``open_meta`` checked already."""
+    basic, mem = meta["basic metadata"], meta["memory"]
     _require(mem["page_size"] == PAGE_SIZE, meta_path, f"page size {mem['page_size']} is not this vmmpy's {PAGE_SIZE}")
     _require(mem["highmem_base"] == HIGHMEM_BASE, meta_path, f"highmem base {mem['highmem_base']:#x} is not this vmmpy's {HIGHMEM_BASE:#x}")
     memsize, low, high, limit = basic["memsize"], mem["lowmem"], mem["highmem"], mem["lowmem_limit"]
-    _require(memsize > 0 and memsize % PAGE_SIZE == 0, meta_path, f"memsize {memsize} is not a positive multiple of {PAGE_SIZE}")
-    _require(0 < limit <= HIGHMEM_BASE and limit % PAGE_SIZE == 0, meta_path, f"lowmem limit {limit:#x} must be a positive multiple of {PAGE_SIZE} up to {HIGHMEM_BASE:#x}")
     _require(low == min(memsize, limit) and low + high == memsize, meta_path, f"memory layout lowmem {low} + highmem {high} does not fit memsize {memsize} with lowmem limit {limit}")
     _require(mem["file_size"] == memsize, meta_path, f"memory file size {mem['file_size']} is not memsize {memsize}")
     chunk = mem["chunk_size"]
-    _require(chunk > 0 and chunk % PAGE_SIZE == 0, meta_path, f"chunk size {chunk} is not a positive multiple of {PAGE_SIZE}")
-    _require(mem.get("chunk_hash") == "xxh3-128", meta_path, f"chunk hash {mem.get('chunk_hash')!r} is not one this vmmpy reads ('xxh3-128')")
-    hashes = mem.get("chunk_hashes")
     expected = -(-memsize // chunk)
-    _require(isinstance(hashes, list) and len(hashes) == expected, meta_path, f"{len(hashes) if isinstance(hashes, list) else hashes!r} chunk hashes, expected {expected} ({memsize} bytes in chunks of {chunk})")
+    for key in ("chunk_hashes", "chunk_sha256"):
+        if key in mem:
+            count = len(mem[key])
+            _require(count == expected, meta_path, f"{count} {key.replace('_', ' ')}, expected {expected} ({memsize} bytes in chunks of {chunk})")
     return basic, mem
 
 
+def _first_difference(listed: list[dict[str, Any]], actual: list[dict[str, Any]]) -> str:
+    for index, (a, b) in enumerate(zip(listed, actual)):
+        if a != b:
+            return f"entry {index} is {a}, the file has {b}"
+    if len(listed) > len(actual):
+        return f"entry {len(actual)} ({listed[len(actual)]}) is not in the file"
+    return f"it lacks {actual[len(listed)]}" + (f" and {len(actual) - len(listed) - 1} more" if len(actual) - len(listed) > 1 else "")
+
+
 def _check_kern(meta: dict[str, Any], kern_path: str, meta_path: str, registry: SectionRegistry) -> list[Section]:
-    kern_meta = meta.get("kern")
-    _require(isinstance(kern_meta, dict), meta_path, "'kern' is missing or not an object")
-    size = _int_field(kern_meta, "size", meta_path, "kern")
-    try:
-        with open(kern_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint '{kern_path}': missing (the state file of this checkpoint)") from None
-    except OSError as err:
-        raise CheckpointError(f"checkpoint '{kern_path}': cannot be read: {err}") from None
-    _require(len(data) == size, kern_path, f"file is {len(data)} bytes, metadata says {size}")
+    kern_meta = meta["kern"]
+    data = _read_file(kern_path, "the state file", MAX_KERN_BYTES, expected_size=kern_meta["size"])
+    _require(len(data) == kern_meta["size"], kern_path, f"file is {len(data)} bytes, metadata says {kern_meta['size']}")
+    if "sha256" in kern_meta:  # keyed: the MAC vouches for this digest, which no forger can match
+        _require(
+            hmac.compare_digest(kern_sha256(data), kern_meta["sha256"]),
+            kern_path,
+            "SHA-256 does not match the metadata's: the file was changed or damaged after the checkpoint was written",
+        )
     checksum = _hex64(_core.xxh3_64(data))
     _require(
-        checksum == kern_meta.get("checksum"),
+        checksum == kern_meta["checksum"],
         kern_path,
-        f"checksum {checksum} does not match the metadata's {kern_meta.get('checksum')!r}: damaged, or from another checkpoint",
+        f"checksum {checksum} does not match the metadata's {kern_meta['checksum']!r}: damaged, or from another checkpoint",
     )
     what = f"checkpoint '{kern_path}'"
     try:
-        sections = decode_sections(data, what=what)
-        for section in sections:
+        contents = read_container(data, what=what)
+        for _, section in contents:
             registry.check(section.name, section.version, what=what)
     except SectionError as err:
         raise CheckpointError(str(err)) from None
-    listed = meta.get("sections")
-    _require(isinstance(listed, list), meta_path, "'sections' is missing or not a list")
-    try:
-        table = _section_table(data)
-    except (ValueError, IndexError, UnicodeDecodeError) as err:  # decode_sections passed, so only a bug lands here
-        raise CheckpointError(f"{what}: section table unreadable: {err}") from None
-    _require(listed == table, meta_path, f"section list does not match '{kern_path}' ({[e.get('name') for e in listed if isinstance(e, dict)]} vs {[e['name'] for e in table]})")
-    by_name = {e["name"]: e for e in table}
-    for key in ("kern_structs", "devices"):
-        entries = meta.get(key)
-        _require(isinstance(entries, list), meta_path, f"'{key}' is missing or not a list")
-        for entry in entries:
-            name = entry.get("device") if isinstance(entry, dict) else None
-            sec = by_name.get(name)
-            _require(
-                sec is not None and entry.get("size") == sec["size"] and entry.get("file_offset") == sec["offset"],
-                meta_path,
-                f"'{key}' entry {entry!r} does not match a section of '{kern_path}'",
+    records = [record for record, _ in contents]
+    # Both ways: each list names exactly the file's sections of its kind, in file order, with
+    # their offsets, sizes, versions and checksums ("sections" has the last two for all).
+    for key, actual in (
+        ("sections", _section_table(records)),
+        ("kern_structs", _listing(records, True)),
+        ("devices", _listing(records, False)),
+    ):
+        if meta[key] != actual:
+            raise CheckpointError(
+                f"checkpoint '{meta_path}': '{key}' does not match the sections of '{kern_path}': {_first_difference(meta[key], actual)}"
             )
-    return sections
+    return [section for _, section in contents]
 
 
-def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: bytes | None = None) -> Checkpoint:
     """Read and verify the checkpoint ``path`` (and ``path.kern``, ``path.meta``).
 
-    Checks, in order, before anything is created: the metadata parses, has this format's magic,
-    version and byte order and its own checksum matches; the memory layout is sane; the .kern
-    file has the recorded size and checksum, every section decodes with its checksum and this
-    vmmpy reads its name and version (``registry``); the section lists match the .kern file; the
-    memory file exists, is a regular file, and its size is lowmem + highmem. The memory file's
-    bytes are checked against the chunk hashes when it is restored eagerly, or by
-    :func:`verify_memory`. Any failure raises :class:`CheckpointError` naming the file.
+    Checks, in order, before anything is created: the metadata is at most 64 MiB, nested at
+    most 16 deep, parses, has this format's magic, a version this vmmpy reads and the byte
+    order, and its own checksum matches; the key: a keyed checkpoint (format version 2) needs
+    ``key`` and its MAC must match, an unkeyed one is refused when a ``key`` is given; every
+    field has its type and range; the memory layout is sane; the .kern file is a regular file of
+    the recorded size, checksum (and SHA-256 when keyed), every section decodes with its checksum
+    and this vmmpy reads its name and version (``registry``); "sections", "kern_structs" and
+    "devices" list exactly the .kern file's sections; the memory file exists, is a regular file,
+    and its size is lowmem + highmem. The memory file's bytes are checked against the chunk
+    hashes when it is restored eagerly, or by :func:`verify_memory` (and against the chunk
+    SHA-256 digests, when keyed, by any restore). Any failure raises :class:`CheckpointError`
+    naming the file and the field.
     """
     path = os.fspath(path)
     meta_path, kern_path = path + META_SUFFIX, path + KERN_SUFFIX
-    meta = _read_meta(meta_path)
+    if key is not None:
+        check_key(key)
+    meta = _read_meta(meta_path, key)
     basic, mem = _check_layout(meta, meta_path)
     sections = _check_kern(meta, kern_path, meta_path, registry)
     try:
@@ -420,12 +457,8 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry) -> Check
         raise CheckpointError(f"checkpoint '{path}': missing (the memory file of this checkpoint)") from None
     except OSError as err:
         raise CheckpointError(f"checkpoint '{path}': cannot be read: {err}") from None
-    _require(os.path.isfile(path), path, "the memory file is not a regular file")
+    _require(stat.S_ISREG(st.st_mode), path, "the memory file is not a regular file")
     _require(st.st_size == basic["memsize"], path, f"memory file is {st.st_size} bytes, metadata says {basic['memsize']}")
-    try:
-        hashes = [int(h, 16) for h in mem["chunk_hashes"]]
-    except (TypeError, ValueError):
-        raise CheckpointError(f"checkpoint '{meta_path}': chunk hashes must be hex strings") from None
     return Checkpoint(
         path=path,
         meta=meta,
@@ -437,8 +470,9 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry) -> Check
         lowmem_limit=mem["lowmem_limit"],
         wired=bool(basic["memflags"] & MEMFLAG_WIRED),
         chunk_size=mem["chunk_size"],
-        chunk_hashes=hashes,
+        chunk_hashes=[int(h, 16) for h in mem["chunk_hashes"]],
         memory_file_identity=_identity(st),
+        chunk_sha256=mem.get("chunk_sha256"),
     )
 
 
@@ -470,8 +504,13 @@ def restore_memory(
     restore cannot verify the bytes without reading them all, so it checks sizes only; call
     :func:`verify_memory` to check the chunk hashes (it reads the file, not the guest's mapping).
     ``wired`` defaults to the checkpoint's memflags; wired memory cannot be restored lazily.
+    A keyed checkpoint's memory file is first checked against its SHA-256 digests, in either
+    mode (:func:`verify_memory_sha256`: it reads the file's data once, so a keyed lazy restore
+    is no longer constant time).
     """
     wired = checkpoint.wired if wired is None else wired
+    if checkpoint.keyed:
+        verify_memory_sha256(checkpoint)
     if mode == "lazy":
         if wired:
             raise CheckpointError(
@@ -506,9 +545,9 @@ def restore_memory(
 
 
 def verify_memory(checkpoint: Checkpoint) -> None:
-    """Check the memory file's bytes against the chunk hashes in the metadata, reading only its
-    data extents (at disk or page-cache speed). Raises :class:`CheckpointError` naming the first
-    bad chunk and its guest-physical range. For a lazy restore, call it before the guest runs."""
+    """Check the memory file's bytes against the chunk hashes in the metadata (and, keyed, the
+    SHA-256 digests), reading only its data extents (at disk or page-cache speed). Raises
+    :class:`CheckpointError` naming the first bad chunk and its guest-physical range."""
     fd = _open_memory_file(checkpoint)
     try:
         hashes, _ = _core.hash_memory_file(fd, chunk_size=checkpoint.chunk_size)
@@ -516,9 +555,16 @@ def verify_memory(checkpoint: Checkpoint) -> None:
         raise CheckpointError(f"checkpoint '{checkpoint.path}': {err.strerror or err}") from None
     finally:
         os.close(fd)
-    bad = [i for i, (got, want) in enumerate(zip(hashes, checkpoint.chunk_hashes)) if got != want]
-    if len(hashes) != len(checkpoint.chunk_hashes):
-        bad = bad or [min(len(hashes), len(checkpoint.chunk_hashes))]
+    _compare_chunks(checkpoint, hashes, checkpoint.chunk_hashes, "hash")
+    if checkpoint.keyed:
+        verify_memory_sha256(checkpoint)
+
+
+def _compare_chunks(checkpoint: Checkpoint, got: list, want: list, kind: str) -> None:
+    """Refuse, naming the first differing chunk and its guest-physical range(s)."""
+    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    if len(got) != len(want):
+        bad = bad or [min(len(got), len(want))]
     if bad:
         index = bad[0]
         start = index * checkpoint.chunk_size
@@ -527,5 +573,21 @@ def verify_memory(checkpoint: Checkpoint) -> None:
         more = f" ({len(bad)} chunks differ in all)" if len(bad) > 1 else ""
         raise CheckpointError(
             f"checkpoint '{checkpoint.path}': memory chunk {index} (file bytes {start:#x}..{end:#x}, guest-physical {gpas}) "
-            f"does not match its recorded hash{more}"
+            f"does not match its recorded {kind}{more}"
         )
+
+
+def verify_memory_sha256(checkpoint: Checkpoint) -> None:
+    """A keyed checkpoint's memory file against the SHA-256 digests its MAC vouches for,
+    reading the file's data extents; every restore of a keyed checkpoint does this before any
+    guest memory exists. Raises :class:`CheckpointError` naming the first bad chunk."""
+    if checkpoint.chunk_sha256 is None:
+        raise CheckpointError(f"checkpoint '{checkpoint.path}': not keyed: it records no SHA-256 digests")
+    fd = _open_memory_file(checkpoint)
+    try:
+        digests = memory_chunk_sha256(fd, checkpoint.memsize, checkpoint.chunk_size)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint '{checkpoint.path}': {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    _compare_chunks(checkpoint, digests, checkpoint.chunk_sha256, "SHA-256")

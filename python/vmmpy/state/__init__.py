@@ -10,21 +10,25 @@ other, both speak through here.
 from .section import (
     Section,
     SectionError,
+    SectionRecord,
     SectionRegistry,
     decode_payload,
     decode_sections,
     encode_payload,
     encode_sections,
+    read_container,
     section_checksum,
 )
 
 __all__ = [
     "Section",
     "SectionError",
+    "SectionRecord",
     "SectionRegistry",
     "decode_payload",
     "decode_sections",
     "encode_payload",
     "encode_sections",
+    "read_container",
     "section_checksum",
 ]

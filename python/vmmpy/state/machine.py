@@ -97,7 +97,10 @@ def restore_sections(machine: Machine, sections: list[Section], *, what: str = "
     for name, req, _ in KERNEL_SECTIONS:
         payload: Any = by_name[name].payload
         data = payload["vcpus"] if name in ("vmcx", "vlapic") else payload
-        vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(req, SnapshotOp.RESTORE, data))
+        try:
+            vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(req, SnapshotOp.RESTORE, data))
+        except OSError as err:
+            raise vmm_error(err.errno or errno.EINVAL, f"{what}: section '{name}': {err.strerror or err}") from None
         if name == "vmcx":
             # Guest time continues from the saved value before any timer is restored against it.
             vm.ioctl(Ioctl.VM_RESTORE_TIME, VmRestoreTime())

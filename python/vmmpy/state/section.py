@@ -12,6 +12,12 @@ Container (little-endian), used for ``FILE.kern`` and for the migration stream's
 The checksum is xxh3-64 over the name, the version, the length and the payload, so a flipped
 bit anywhere in a section is caught and the section is named.
 
+Bounds, checked before writing and when reading: at most ``MAX_SECTIONS`` sections; a name is
+1 to ``MAX_NAME`` bytes of printable UTF-8, unique in its container; a version is at least 1;
+a payload is at most ``MAX_PAYLOAD`` bytes, a JSON object nested at most ``MAX_PAYLOAD_DEPTH``
+deep (checked before parsing, so no nesting can exhaust the parser's stack), without NaN or a
+repeated key, whose ``$bytes`` values are base64 strings.
+
 Decoding checks everything and names the section at fault: a bad magic, a truncated section,
 a checksum mismatch, a payload that is not the encoding above.
 """
@@ -19,6 +25,7 @@ a checksum mismatch, a payload that is not the encoding above.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import struct
 from collections.abc import Iterable
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _core
+from ..boundedjson import BoundedJsonError, check_bounds, parse
 
 MAGIC = b"VMMPYSEC"
 CONTAINER_VERSION = 1
@@ -33,7 +41,10 @@ _HEAD = struct.Struct("<8sII")
 _NAME_LEN = struct.Struct("<H")
 _SECTION = struct.Struct("<IQQ")
 MAX_SECTIONS = 4096
+MAX_NAME = 255
 MAX_PAYLOAD = 64 << 20
+#: Real payloads nest 5 levels at most (a vCPU's registers in a list in an object).
+MAX_PAYLOAD_DEPTH = 64
 
 
 class SectionError(ValueError):
@@ -70,7 +81,13 @@ def _to_json(value: Any) -> Any:
 def _from_json(value: Any) -> Any:
     if isinstance(value, dict):
         if len(value) == 1 and "$bytes" in value:
-            return base64.b64decode(value["$bytes"], validate=True)
+            encoded = value["$bytes"]
+            if not isinstance(encoded, str):
+                raise ValueError(f"a $bytes value must be a base64 string, not {type(encoded).__name__}")
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except binascii.Error as err:
+                raise ValueError(f"a $bytes value is not base64 ({err})") from None
         return {key: _from_json(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_from_json(item) for item in value]
@@ -81,22 +98,51 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     return json.dumps(_to_json(payload), sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode_payload(name: str, data: bytes) -> dict[str, Any]:
+def decode_payload(name: str, data: bytes, *, what: str | None = None) -> dict[str, Any]:
+    """A section's payload; ``what`` (the container's name) prefixes errors when given."""
+    where = f"{what}: section '{name}'" if what else f"section '{name}'"
     try:
-        value = _from_json(json.loads(data))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise SectionError(f"section '{name}': payload is not valid state encoding ({err})") from None
+        value = _from_json(parse(data, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH))
+    except (BoundedJsonError, ValueError) as err:
+        raise SectionError(f"{where}: payload is not valid state encoding ({err})") from None
     if not isinstance(value, dict):
-        raise SectionError(f"section '{name}': payload is a {type(value).__name__}, not a mapping")
+        raise SectionError(f"{where}: payload is a {type(value).__name__}, not a mapping")
     return value
 
 
+def _name_problem(raw: bytes) -> str | None:
+    """Why ``raw`` cannot be a section name, or None."""
+    if not 1 <= len(raw) <= MAX_NAME:
+        return f"a name of {len(raw)} bytes (1 to {MAX_NAME} allowed)"
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"a name that is not UTF-8 ({raw[:40]!r})"
+    if not name.isprintable():
+        return f"a name with unprintable characters ({name[:40]!r})"
+    return None
+
+
 def encode_sections(sections: Iterable[Section]) -> bytes:
+    """The container of ``sections``; ValueError (naming the section) for any a reader would refuse."""
     sections = list(sections)
+    if len(sections) > MAX_SECTIONS:
+        raise ValueError(f"{len(sections)} sections is more than the {MAX_SECTIONS} a reader takes")
     parts = [_HEAD.pack(MAGIC, CONTAINER_VERSION, len(sections))]
+    seen: set[str] = set()
     for section in sections:
         name = section.name.encode()
+        problem = _name_problem(name)
+        if problem or section.name in seen:
+            raise ValueError(f"section {section.name!r}: {problem or 'appears twice'}")
+        seen.add(section.name)
+        if not 1 <= section.version < 1 << 32:
+            raise ValueError(f"section '{section.name}': version {section.version} is not 1 to {(1 << 32) - 1}")
         payload = section.encode()
+        try:
+            check_bounds(payload, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH)
+        except BoundedJsonError as err:
+            raise ValueError(f"section '{section.name}': payload {err}") from None
         parts.append(_NAME_LEN.pack(len(name)) + name)
         parts.append(_SECTION.pack(section.version, len(payload), _checksum(name, section.version, payload)))
         parts.append(payload)
@@ -112,8 +158,21 @@ def section_checksum(section: Section) -> int:
     return _checksum(section.name.encode(), section.version, section.encode())
 
 
-def decode_sections(data: bytes, *, what: str = "state") -> list[Section]:
-    """Decode a container; ``what`` names it in errors (a file name, "migration stream")."""
+@dataclass(frozen=True)
+class SectionRecord:
+    """Where a section lies in its container: ``offset`` and ``size`` span its whole record,
+    from the name-length field to the end of the payload."""
+
+    name: str
+    version: int
+    offset: int
+    size: int
+    checksum: int
+
+
+def read_container(data: bytes, *, what: str = "state") -> list[tuple[SectionRecord, Section]]:
+    """Decode a container into its records and sections, checking every field (module doc);
+    ``what`` names it in errors (a file name, "migration stream")."""
     view = memoryview(data)
     if len(view) < _HEAD.size:
         raise SectionError(f"{what}: {len(view)} bytes is too short for a state container")
@@ -125,9 +184,10 @@ def decode_sections(data: bytes, *, what: str = "state") -> list[Section]:
     if count > MAX_SECTIONS:
         raise SectionError(f"{what}: {count} sections is more than the {MAX_SECTIONS} allowed")
     offset = _HEAD.size
-    sections: list[Section] = []
+    out: list[tuple[SectionRecord, Section]] = []
     seen: set[str] = set()
     for index in range(count):
+        start = offset
         if offset + _NAME_LEN.size > len(view):
             raise SectionError(f"{what}: truncated before section {index} of {count}")
         (name_len,) = _NAME_LEN.unpack_from(view, offset)
@@ -135,7 +195,10 @@ def decode_sections(data: bytes, *, what: str = "state") -> list[Section]:
         if offset + name_len + _SECTION.size > len(view):
             raise SectionError(f"{what}: truncated in the header of section {index} of {count}")
         raw_name = bytes(view[offset : offset + name_len])
-        name = raw_name.decode(errors="replace")
+        problem = _name_problem(raw_name)
+        if problem:
+            raise SectionError(f"{what}: section {index} of {count} has {problem}")
+        name = raw_name.decode()
         offset += name_len
         sec_version, length, checksum = _SECTION.unpack_from(view, offset)
         offset += _SECTION.size
@@ -150,11 +213,19 @@ def decode_sections(data: bytes, *, what: str = "state") -> list[Section]:
             raise SectionError(f"{what}: section '{name}' checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
         if name in seen:
             raise SectionError(f"{what}: section '{name}' appears twice")
+        if sec_version < 1:
+            raise SectionError(f"{what}: section '{name}' has invalid version {sec_version}")
         seen.add(name)
-        sections.append(Section(name, sec_version, decode_payload(name, payload)))
+        record = SectionRecord(name, sec_version, start, offset - start, checksum)
+        out.append((record, Section(name, sec_version, decode_payload(name, payload, what=what))))
     if offset != len(view):
         raise SectionError(f"{what}: {len(view) - offset} unexpected bytes after the last section")
-    return sections
+    return out
+
+
+def decode_sections(data: bytes, *, what: str = "state") -> list[Section]:
+    """Decode a container; ``what`` names it in errors (a file name, "migration stream")."""
+    return [section for _, section in read_container(data, what=what)]
 
 
 class SectionRegistry:

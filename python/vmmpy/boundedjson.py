@@ -1,0 +1,101 @@
+"""JSON from files and peers that are not trusted: size and nesting bounded before parsing.
+
+Python's ``json`` recurses once per nesting level, so ``[`` repeated 100,000 times raises
+RecursionError from inside the parser (and anything that walks the result recurses too).
+:func:`parse` therefore measures the nesting depth first, without recursion and without
+parsing (a vectorised scan that skips string contents), and refuses a document deeper or larger
+than its caller allows. It also refuses what ``json`` would otherwise accept silently: bytes that
+are not UTF-8, ``NaN``/``Infinity`` (not JSON), and an object that repeats a key (the last one
+would win, unseen). Every refusal is a :class:`BoundedJsonError` whose message says what was
+wrong; the caller prefixes the file or message it came from.
+
+This module owns no format: the checkpoint metadata and the state-section payloads use it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+#: What each byte means to the scan: 2 a quote, 1 an opening bracket, -1 a closing one.
+_CODES = np.zeros(256, np.int8)
+_CODES[ord('"')] = 2
+_CODES[[ord("["), ord("{")]] = 1
+_CODES[[ord("]"), ord("}")]] = -1
+#: Bytes scanned per numpy step: bounds the scan's scratch memory.
+_BLOCK = 1 << 20
+
+
+class BoundedJsonError(ValueError):
+    """A JSON document refused before or while parsing; the message says why."""
+
+
+def nesting_depth(data: bytes, stop_above: int = 1 << 62) -> int:
+    """The deepest nesting of arrays and objects in ``data``, brackets inside strings excluded.
+
+    Exact for valid JSON; for invalid JSON it is exact up to the first error, which is as far as
+    a parser gets, so a parse that follows this check never recurses deeper than it says. The
+    scan stops early, returning a depth above ``stop_above``, once it has seen that deep.
+    """
+    # Inside strings, an escaped backslash or an escaped quote are the only sequences that could
+    # be mistaken for a string's end: drop them (pairs first, so "\\\"" reads right), and every
+    # remaining quote toggles in and out of a string.
+    flat = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    arr = np.frombuffer(flat, dtype=np.uint8)
+    depth = deepest = in_string = 0
+    for start in range(0, len(arr), _BLOCK):
+        codes = _CODES[arr[start : start + _BLOCK]]
+        codes = codes[codes != 0]
+        if not codes.size:
+            continue
+        quotes = codes == 2
+        outside = ((np.cumsum(quotes, dtype=np.int64) + in_string) & 1) == 0
+        running = np.cumsum(np.where(outside & ~quotes, codes, 0), dtype=np.int64) + depth
+        deepest = max(deepest, int(running.max()))
+        if deepest > stop_above:
+            break
+        depth = int(running[-1])
+        in_string = (in_string + int(quotes.sum())) & 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BoundedJsonError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise BoundedJsonError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def check_bounds(data: bytes, *, max_bytes: int, max_depth: int) -> None:
+    """Refuse ``data`` longer than ``max_bytes`` or nested deeper than ``max_depth`` (``[[1]]``
+    is 2): what :func:`parse` checks first, for writers that check before they write."""
+    if len(data) > max_bytes:
+        raise BoundedJsonError(f"{len(data)} bytes is more than the {max_bytes} allowed")
+    # A document with no more opening brackets than the limit cannot nest deeper: skip the scan.
+    depth = 0 if data.count(b"[") + data.count(b"{") <= max_depth else nesting_depth(data, max_depth)
+    if depth > max_depth:
+        raise BoundedJsonError(f"arrays and objects nest more than the {max_depth} levels allowed")
+
+
+def parse(data: bytes, *, max_bytes: int, max_depth: int) -> Any:
+    """Parse UTF-8 JSON ``data`` within the bounds of :func:`check_bounds`, or raise
+    :class:`BoundedJsonError`."""
+    check_bounds(data, max_bytes=max_bytes, max_depth=max_depth)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BoundedJsonError(f"not UTF-8 (byte {err.start})") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except BoundedJsonError:
+        raise
+    except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise BoundedJsonError(f"not valid JSON ({err})") from None

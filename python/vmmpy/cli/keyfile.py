@@ -1,0 +1,25 @@
+"""``--key-file FILE``: the shared secret of a migration or a keyed checkpoint.
+
+The file holds the key's bytes; surrounding whitespace is dropped (a key written by
+``openssl rand -hex 32 > mig.key`` works). A key shorter than 16 bytes is refused: both the
+migration handshake and the checkpoint MAC need at least that much secret.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MIN_KEY_BYTES = 16
+
+
+def read_key(path: Path | None) -> bytes | None:
+    """The key in ``path`` (None when no --key-file was given); ValueError naming the file."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as err:
+        raise ValueError(f"--key-file {path}: {err.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"--key-file {path}: a key needs at least {MIN_KEY_BYTES} bytes, this has {len(key)}")
+    return key
