@@ -155,6 +155,11 @@ class MachineServices:
     def migrate_status(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         handle = self._migration
         if handle is None:
+            incoming = self.incoming
+            if incoming is not None and incoming.stats is not None:
+                return incoming.stats.to_dict()  # this VM received a migration: the destination's record
+            if incoming is not None:
+                return {"role": "destination", "status": "setup" if incoming.state == "waiting" else incoming.state}
             raise OSError(errno.ENOENT, "no migration has run on this VM")
         if handle.done():
             return self._last_stats or self._latest or {}

@@ -467,7 +467,8 @@ class _Source:
                             server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
             if watcher is not None:
                 watcher.watch(sock)
-            self.stats.notes.append(sock.tls_summary())
+            if self.chan is None and not self.committed and not self.commit_requested:  # the migration's own connection
+                self.stats.notes.append(sock.tls_summary())
         set_io_timeout(sock, p.handshake_timeout)
         # With parallel streams each connection gets an even share of the cap: together they keep to it.
         self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
