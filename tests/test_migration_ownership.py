@@ -67,6 +67,18 @@ def assert_exactly_one_runs(src, dst, stats, dstats, label: str) -> None:
         assert src.bad_pages() == [], label
 
 
+def busy_pair(guests):
+    """A source guest writing its work area and an empty destination guest."""
+    src = guests("16M", work_pages=64, rate=2000)
+    dst = guests("16M", work_pages=64, running=False)
+    src.wait_for_progress(64)
+    return src, dst
+
+
+def first(log, kind: str):
+    return next(m for m in log if m.kind == kind and m.connection == 0)
+
+
 def recorded_log(guests) -> list:
     src = guests("16M", work_pages=64, rate=2000)
     dst = guests("16M", work_pages=64, running=False)
@@ -105,9 +117,7 @@ def test_a_cut_after_every_message_of_the_commit_leaves_exactly_one_guest(guests
     points = commit_window_points(guests)
     assert len(points) >= 15, points
     for point in points:
-        src = guests("16M", work_pages=64, rate=2000)
-        dst = guests("16M", work_pages=64, running=False)
-        src.wait_for_progress(64)
+        src, dst = busy_pair(guests)
         d = DestinationThread(dst, key=KEY, params=PARAMS)
         with FaultProxy((d.host, d.port), **point.proxy_args()) as proxy:
             if point.action == "stall":
@@ -129,11 +139,8 @@ def test_the_issue_case_committed_replaced_by_a_reset_completes_by_reconnecting(
     # The proxy relays everything, then resets both connections in place of COMMITTED: the
     # destination never reads it. The source must not stop for good on a guess, the destination
     # must not discard: the source reconnects and the guest runs there, once.
-    src = guests("16M", work_pages=64, rate=2000)
-    dst = guests("16M", work_pages=64, running=False)
-    src.wait_for_progress(64)
-    log = recorded_log(guests)
-    ack = next(m for m in log if m.kind == "COMMIT_ACK")
+    src, dst = busy_pair(guests)
+    ack = first(recorded_log(guests), "COMMIT_ACK")
     d = DestinationThread(dst, key=KEY, params=PARAMS)
     # COMMIT_ACK reaches the source; then both connections are reset: COMMITTED goes nowhere.
     with FaultProxy((d.host, d.port), direction="d2s", after_message=ack.index, action="reset") as proxy:
@@ -149,11 +156,8 @@ def test_the_issue_case_committed_replaced_by_a_reset_completes_by_reconnecting(
 
 
 def test_unreachable_destination_leaves_both_in_doubt_until_the_operator_asks_again(guests):
-    src = guests("16M", work_pages=64, rate=2000)
-    dst = guests("16M", work_pages=64, running=False)
-    src.wait_for_progress(64)
-    log = recorded_log(guests)
-    ack = next(m for m in log if m.kind == "COMMIT_ACK")
+    src, dst = busy_pair(guests)
+    ack = first(recorded_log(guests), "COMMIT_ACK")
     d = DestinationThread(dst, key=KEY, params=PARAMS)
     # The source reconnects to the proxy's address: a proxy that takes one connection only
     # makes the destination unreachable for the source's automatic tries.
@@ -180,11 +184,8 @@ def test_unreachable_destination_leaves_both_in_doubt_until_the_operator_asks_ag
 
 
 def test_source_gone_the_destination_operator_runs_the_guest_with_force(guests):
-    src = guests("16M", work_pages=64, rate=2000)
-    dst = guests("16M", work_pages=64, running=False)
-    src.wait_for_progress(64)
-    log = recorded_log(guests)
-    ack = next(m for m in log if m.kind == "COMMIT_ACK")
+    src, dst = busy_pair(guests)
+    ack = first(recorded_log(guests), "COMMIT_ACK")
     d = DestinationThread(dst, key=KEY, params=PARAMS)
     # COMMIT_ACK never reaches the source whole: it aborts (resumes) and tries to tell the
     # destination; the proxy takes no second connection, so the destination stays in doubt.
@@ -209,11 +210,8 @@ def test_source_gone_the_destination_operator_runs_the_guest_with_force(guests):
 
 
 def test_an_abort_after_commit_ack_is_delivered_so_the_destination_lets_its_copy_go(guests):
-    src = guests("16M", work_pages=64, rate=2000)
-    dst = guests("16M", work_pages=64, running=False)
-    src.wait_for_progress(64)
-    log = recorded_log(guests)
-    ack = next(m for m in log if m.kind == "COMMIT_ACK")
+    src, dst = busy_pair(guests)
+    ack = first(recorded_log(guests), "COMMIT_ACK")
     d = DestinationThread(dst, key=KEY, params=PARAMS)
     # The destination sent COMMIT_ACK (so it may be in doubt); the source gets one byte of it.
     with FaultProxy((d.host, d.port), direction="d2s", after_message=ack.index - 1, inside_bytes=1, action="reset") as proxy:
@@ -252,9 +250,7 @@ def _truncated_hello(addr):
 
 
 def test_strangers_do_not_end_the_wait_and_a_slow_one_is_cut_at_the_handshake_deadline(guests):
-    src = guests("16M", work_pages=64, rate=2000)
-    dst = guests("16M", work_pages=64, running=False)
-    src.wait_for_progress(64)
+    src, dst = busy_pair(guests)
     params = MigrationParams(handshake_timeout=1.5, io_timeout=3, commit_timeout=3)
     d = DestinationThread(dst, key=KEY, params=params, accept_timeout=30)
     addr = (d.host, d.port)
