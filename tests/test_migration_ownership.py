@@ -104,7 +104,9 @@ def commit_window_points(guests) -> list:
             start["s2d"] = m.index - 1
         if m.connection == 0 and m.kind == "COMMIT_ACK":
             start["d2s"] = m.index - 1
-    points = [p for p in fault_points(log) if p.inside_bytes is None and p.after_message >= start[p.direction]]
+    # After the last message of a direction there is nothing left to break: the session is over.
+    last = {d: max(m.index for m in log if m.connection == 0 and m.direction == d) for d in ("s2d", "d2s")}
+    points = [p for p in fault_points(log) if p.inside_bytes is None and start[p.direction] <= p.after_message < last[p.direction]]
     # And each message of the commit cut after its first byte: sent, but not whole at the peer.
     for m in log:
         if m.connection == 0 and m.kind in ("COMMIT_REQUEST", "COMMIT_ACK", "COMMITTED", "RESUMED", "RELEASED"):

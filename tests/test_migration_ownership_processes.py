@@ -156,11 +156,15 @@ def test_kill_9_of_either_side_at_each_phase_leaves_one_guest(pair, victim, afte
             # process (kill -9 of the only copy); nothing ran twice.
             assert p.dest.wait(timeout=60) == 4
             return
-        # After COMMIT_ACK the source may have committed: the destination holds the guest in
-        # doubt; the source is gone, so its operator runs it there.
-        p.wait_state(survivor, "in-doubt")
-        ran = vmmctl(p.tmp, f"--vm={survivor}", "--migrate-resolve=run-here", "--force")
-        assert ran.returncode == 0, ran.stderr
+        # After COMMIT_ACK the source may have committed: if its COMMITTED left before it died
+        # the destination runs the guest; if not it holds it in doubt, and as the source is gone
+        # its operator runs it there.
+        deadline = time.monotonic() + 30
+        while p.dest.poll() is None and p.state(survivor) not in ("in-doubt", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if p.dest.poll() is None and p.state(survivor) == "in-doubt":
+            ran = vmmctl(p.tmp, f"--vm={survivor}", "--migrate-resolve=run-here", "--force")
+            assert ran.returncode == 0, ran.stderr
     elif after == AFTER_SPEC_ACCEPT:
         assert result.returncode == 1 and "the guest keeps running here" in result.stderr, result.stderr
     elif after == AFTER_COMMIT_ACK:

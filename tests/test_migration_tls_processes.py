@@ -109,6 +109,10 @@ def test_vmmrun_refuses_a_source_without_a_certificate_and_keeps_nothing(tmp_pat
         stats = migrate(src, "127.0.0.1", port, live=False, tls=pki.source_without_certificate())
         assert stats.status == "failed" and "CERTIFICATE_REQUIRED" in stats.error, stats.error
         assert stats.page_bytes == 0 and "pause" not in src.calls
+        # It proved nothing, so the destination waits on for its source; told to stop, it names it.
+        time.sleep(0.3)
+        assert dest.poll() is None
+        dest.terminate()
         assert finish(dest) == 4, "the destination received no guest"
         err = dest.stderr.read()
         assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in err, err
