@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -98,14 +99,50 @@ def test_bad_configuration_is_refused_at_start_with_status_4(tmp_path, args, mes
     assert message in result.stderr
 
 
-def test_a_second_vmmrun_with_the_same_name_is_refused(tmp_path):
-    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "16M", "dup0")
+FOREVER = ["--guest", "console", "--guest-arg", "ticks=0", "--guest-arg", "period_us=1000", "--tsc", "host", "-m", "8M"]
+
+
+def test_a_second_vmmrun_with_the_same_name_is_refused_and_the_first_stays_reachable(tmp_path):
+    """The refused duplicate touches nothing of the running guest: its control socket stays, so
+    vmmctl still reaches it (status, checkpoint, destroy), and no third vmmrun can take the name."""
+    proc = start_vmmrun(tmp_path, *FOREVER, "-l", f"com1,{tmp_path / 'first.log'}", "dup0")
     try:
         wait_for_socket(tmp_path, "dup0", proc)
-        second = run("--run-dir", str(tmp_path), "--guest", "abtest", "-m", "16M", "dup0")
-        assert second.returncode == 4 and "already running" in second.stderr
+        for _ in range(2):  # a third start is refused as the second was: the name is still held
+            second = run("--run-dir", str(tmp_path), *FOREVER, "dup0", timeout=60)
+            assert second.returncode == 4 and "already running" in second.stderr, second.stderr
+            status = vmmctl(tmp_path, "--vm=dup0", "--status", "--json")
+            assert status.returncode == 0 and json.loads(status.stdout)["state"] == "running", status.stderr
+            assert f"a VM named 'dup0' is already running (process {proc.pid}, control socket" in second.stderr
+        ckp = tmp_path / "dup0.ckp"
+        saved = vmmctl(tmp_path, "--vm=dup0", f"--checkpoint={ckp}")
+        assert saved.returncode == 0 and ckp.with_name("dup0.ckp.meta").exists(), saved.stderr
+        assert vmmctl(tmp_path, "--vm=dup0", "--destroy").returncode == 0
+        assert proc.wait(timeout=30) == 1
+        assert sorted(p.name for p in tmp_path.glob("dup0.*") if not p.name.startswith("dup0.ckp")) == [], \
+            "the socket and the lock file are gone with the guest"
     finally:
         stop(proc)
+
+
+def test_two_vmmruns_started_at_once_with_one_name_yield_exactly_one(tmp_path):
+    for attempt in range(3):
+        run_dir = tmp_path / f"try{attempt}"
+        procs = [start_vmmrun(run_dir, *FOREVER, "twin0") for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 60
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the loser ends as soon as it finds the name taken
+            refused = [p for p in procs if p.poll() is not None]
+            assert len(refused) == 1, [(p.returncode, p.stderr.read()) for p in refused]
+            assert refused[0].returncode == 4 and "already running" in refused[0].stderr.read()
+            winner = next(p for p in procs if p is not refused[0])
+            wait_for_socket(run_dir, "twin0", winner)
+            assert vmmctl(run_dir, "--vm=twin0", "--destroy").returncode == 0
+            assert winner.wait(timeout=30) == 1
+        finally:
+            for p in procs:
+                stop(p)
 
 
 def test_a_two_vcpu_guest_runs_checkpoints_and_resumes(tmp_path):
