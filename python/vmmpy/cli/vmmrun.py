@@ -6,6 +6,8 @@
            [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure]] VMNAME
 
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
+SIGINT and SIGTERM power the guest off; with -R, before the guest runs, they end the wait or the
+transfer at once (exit 4, "stopped by SIGTERM ...").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..devices.registry import PCI_EMULATIONS
@@ -31,6 +34,7 @@ from ..runtime.config import (
 )
 from ..runtime.control import valid_vm_name
 from ..migration import MigrationError, parse_address, receive
+from ..migration.net import format_address
 from ..migration.machine import MachineAdapter
 from ..migration.tls import TlsConfig
 from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
@@ -71,6 +75,8 @@ examples:
 
 while it runs, `vmmctl --vm=VMNAME ...` controls it through its control socket.
 exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error (bhyve's convention).
+SIGINT and SIGTERM power the guest off; with -R they end a wait for the source (or a transfer) at
+once, and vmmrun exits 4 saying so.
 """
 
 
@@ -231,6 +237,13 @@ def build_machine(args: argparse.Namespace, config: VmConfig) -> Machine:
     return machine
 
 
+def stopped_while_receiving(signum: int, listen_at: str, peer: str | None) -> str:
+    name = signal.Signals(signum).name
+    if peer is None:
+        return f"stopped by {name} while waiting on {listen_at} for a source to connect; no guest was received"
+    return f"stopped by {name} during the incoming migration from {peer}; the half-received guest is discarded"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -254,6 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
+    # A signal powers the guest off; a destination still waiting for (or receiving) its guest
+    # cancels the migration, which wakes the accept or the transfer at once.
+    stopped_by: list[int] = []
+    cancel = threading.Event()
+
+    def on_signal(signum, frame):
+        stopped_by.append(signum)
+        cancel.set()
+        machine.suspend(SuspendHow.POWEROFF)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     MachineServices(machine).install()
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
@@ -263,19 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         machine.close()
         return EXIT_ERROR
-
-    def on_signal(signum, frame):
-        machine.suspend(SuspendHow.POWEROFF)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            stats = receive(MachineAdapter(machine), host, port, key, accept_timeout=args.accept_timeout, tls=tls)
+            stats = receive(MachineAdapter(machine), host, port, key, accept_timeout=args.accept_timeout, tls=tls,
+                            cancel=cancel)
             if stats.status != "completed":
-                print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
+                if stopped_by:
+                    print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",
+                          file=sys.stderr)
+                else:
+                    print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
                 return EXIT_ERROR
             log.info("%s: migration received; running. %s", config.name, stats.summary())
         else:
