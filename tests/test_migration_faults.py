@@ -267,3 +267,27 @@ def test_sigterm_to_a_destination_mid_transfer_discards_and_the_source_runs_on(p
     assert "the half-received guest is discarded" in err
     assert "the guest keeps running here" in p.migration_error()
     p.assert_source_finishes_alone()
+
+
+def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path):
+    p = pair()
+    cmd = [sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate-live", "127.0.0.1",
+           str(p.port), *IN_ROUNDS_FLAGS]
+    assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
+    ctl = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        p.wait_in_rounds(1)
+        ctl.send_signal(signal.SIGINT)
+        out, err = ctl.communicate(timeout=90)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait(timeout=10)
+    assert ctl.returncode == 130, out + err
+    assert "vmmctl: interrupted: cancelling the migration" in err
+    assert "vmmctl: migration cancelled; the guest keeps running here" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    record = json.loads(vmmctl(tmp_path, "--vm=src0", "--migrate-status", "--json").stdout)
+    assert record["status"] == "cancelled"
+    assert p.dest.wait(timeout=30) == 4
+    p.assert_source_finishes_alone()

@@ -9,7 +9,7 @@ import pytest
 
 from vmmpy.guest.programs.hash import reference_hash
 
-from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket
+from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
 
 MiB = 1 << 20
 
@@ -167,3 +167,29 @@ def test_a_two_vcpu_guest_runs_checkpoints_and_resumes(tmp_path):
     assert resumed.returncode == 1, resumed.stderr
     pages = (16 * MiB - 2 * MiB) // 4096
     assert console.read_text().endswith(f"abtest: done 400 sweeps over {pages} pages, all counters 400\n")
+
+
+def test_vmmctl_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
+    """`vmmctl --get-all | head -1`: the reader leaves early; vmmctl stops printing quietly."""
+    import os
+    import sys
+
+    proc = start_vmmrun(tmp_path, *FOREVER, "-c", "4", "--pause-at=0", "pipe0")
+    try:
+        wait_for_socket(tmp_path, "pipe0", proc)
+        wait_for_state(tmp_path, "pipe0", "paused")
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # as `head -1` is once it has its line: every write now fails (EPIPE)
+        try:
+            cut = subprocess.run([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=pipe0", "--get-all"],
+                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert cut.returncode == 0 and cut.stderr == "", cut.stderr
+        headed = subprocess.run(f"{sys.executable} -m vmmpy.cli.vmmctl --run-dir={tmp_path} "
+                                "--vm=pipe0 --get-all | head -1", shell=True, capture_output=True, text=True, timeout=60)
+        assert headed.stdout.startswith("rax[0]\t0x") and headed.stdout.count("\n") == 1
+        assert "Traceback" not in headed.stderr and "Error" not in headed.stderr, headed.stderr
+        assert vmmctl(tmp_path, "--vm=pipe0", "--destroy").returncode == 0
+    finally:
+        stop(proc)
