@@ -408,15 +408,20 @@ fn a_batch_for_a_segment_this_guest_lacks_is_refused() {
 /// A connected loopback TCP pair (sender, receiver) with 4 MiB buffers, as migration sockets
 /// have (so no memory pressure wakes a reader early); the receiver gives up after `timeout`.
 fn tcp_pair(timeout: std::time::Duration) -> (std::net::TcpStream, std::net::TcpStream) {
+    let (tx, rx) = tcp_pair_with_buffers(4 << 20);
+    rx.set_read_timeout(Some(timeout)).unwrap();
+    (tx, rx)
+}
+
+/// A loopback TCP pair whose sender and receiver buffers are `size` bytes (no autotuning).
+fn tcp_pair_with_buffers(size: libc::c_int) -> (std::net::TcpStream, std::net::TcpStream) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (rx, _) = listener.accept().unwrap();
-    let size: libc::c_int = 4 << 20;
     for (fd, opt) in [(tx.as_raw_fd(), libc::SO_SNDBUF), (rx.as_raw_fd(), libc::SO_RCVBUF)] {
         // SAFETY: the option value is a c_int on our stack, passed with its size.
         unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
     }
-    rx.set_read_timeout(Some(timeout)).unwrap();
     (tx, rx)
 }
 
@@ -517,23 +522,10 @@ fn a_socket_that_goes_quiet_times_out_with_eagain() {
     drop(tx);
 }
 
-/// A TCP pair with small kernel buffers (no autotuning), so a sender fills them quickly.
-fn small_buffer_tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (rx, _) = listener.accept().unwrap();
-    let size: libc::c_int = 64 << 10;
-    for (fd, opt) in [(tx.as_raw_fd(), libc::SO_SNDBUF), (rx.as_raw_fd(), libc::SO_RCVBUF)] {
-        // SAFETY: the option value is a c_int on our stack, passed with its size.
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
-    }
-    (tx, rx)
-}
-
 #[test]
 fn a_peer_that_takes_nothing_times_out_the_send_one_timeout_after_its_last_byte() {
     let Some(src) = two_segment_guest(TrackingChoice::Soft) else { return };
-    let (tx, rx) = small_buffer_tcp_pair();
+    let (tx, rx) = tcp_pair_with_buffers(64 << 10); // small: the sender fills them at once
     let timeout = std::time::Duration::from_secs(2);
     tx.set_write_timeout(Some(timeout)).unwrap();
     let ranges = [PageRange { gpa: GuestAddress(0), pages: 1024, kind: RangeKind::Data }]; // 4 MiB; rx never reads
