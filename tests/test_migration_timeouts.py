@@ -68,3 +68,31 @@ def test_a_source_that_sends_nothing_fails_the_destination_naming_it(guests, str
     assert "non-blocking" not in dstats.error
     assert stats.status == "failed"
     assert_source_kept_guest(src)
+
+
+@pytest.mark.parametrize("cap", [None, 50 * MiB], ids=["uncapped", "capped"])
+def test_a_frame_the_destination_does_not_take_is_named_with_the_peer_and_seconds(cap):
+    """The source's frames (not only its page batches) time out in the user's terms, through the
+    pacing relay or straight on TCP."""
+    import socket
+
+    from vmmpy.migration import MigrationError
+    from vmmpy.migration import protocol as P
+    from vmmpy.migration.net import Channel, set_io_timeout
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    sock = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()  # never reads
+    set_io_timeout(sock, 0.5)
+    chan = Channel(sock, cap)
+    try:
+        with pytest.raises(MigrationError) as failed:
+            for _ in range(200):  # bounded: the buffers hold a few MiB
+                P.send_bytes(chan.out, bytes(1 << 20), "STATE")
+        error = chan.translate(failed.value, "STATE")
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        assert str(error) == f"timed out: the destination ({address}) took nothing for 0.5 s during the STATE message"
+    finally:
+        chan.close()
+        peer.close()
+        listener.close()

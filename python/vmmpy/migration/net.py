@@ -298,7 +298,8 @@ class Channel:
         if _is_timeout(cause):
             seconds = getattr(cause, "timeout", None) or send_timeout(self.sock)
             peer = self.peer or getattr(cause, "peer", None)
-            return MigrationTimeout(peer_stalled(self.PEER_ROLE, peer, seconds, sending=True, during=what))
+            during = f"the {what} message" if what.isupper() else what  # a frame's type, or "round 2's page batches"
+            return MigrationTimeout(peer_stalled(self.PEER_ROLE, peer, seconds, sending=True, during=during))
         if cause is self.relay_error:
             return ConnectionLost(f"connection lost while sending {what}: {cause.strerror or cause}")
         if isinstance(err, MigrationError):
