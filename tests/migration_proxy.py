@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -73,6 +74,7 @@ class StreamProxy:
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
         self.released = threading.Event()
+        self.stalled_at: float | None = None  # time.monotonic() when the victim stopped being forwarded
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -108,6 +110,7 @@ class StreamProxy:
                 if victim and carried + len(data) >= self.cut_after:
                     upstream.sendall(data[: self.cut_after - carried])
                     if self.stall:
+                        self.stalled_at = time.monotonic()
                         self.released.wait(60)  # hold both ends open, forwarding nothing
                     break
                 upstream.sendall(data)

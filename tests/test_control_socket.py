@@ -119,6 +119,90 @@ def test_a_second_server_for_a_live_name_is_refused(server, tmp_path):
     assert err.value.errno == errno.EEXIST
 
 
+def test_a_refused_second_server_leaves_the_first_ones_socket(server, tmp_path):
+    second = ControlServer("vm0", {}, directory=tmp_path)
+    with pytest.raises(ControlError) as refused:
+        second.start()
+    second.close()  # what vmmrun's cleanup does after the refusal
+    assert ControlClient("vm0", tmp_path).request("status") == {"state": "running", "echo": None}
+    assert refused.value.errno == errno.EEXIST
+    assert f"a VM named 'vm0' is already running (process {os.getpid()}, control socket {server.path})" in str(refused.value)
+
+
+def test_close_leaves_a_socket_it_did_not_bind(tmp_path):
+    srv = ControlServer("vm0", {}, directory=tmp_path)
+    srv.start()
+    srv.path.unlink()  # someone else's file takes the path now
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(srv.path))
+    try:
+        srv.close()
+        assert srv.path.exists(), "close() removes only the socket it bound"
+    finally:
+        other.close()
+
+
+def test_servers_started_at_the_same_instant_yield_exactly_one(tmp_path):
+    import threading
+
+    for attempt in range(5):
+        barrier = threading.Barrier(4)
+        won, lost = [], []
+
+        def start(server):
+            barrier.wait(10)
+            try:
+                server.start()
+                won.append(server)
+            except ControlError as err:
+                lost.append(err)
+
+        servers = [ControlServer(f"race{attempt}", {"status": lambda r, p: "up"}, directory=tmp_path) for _ in range(4)]
+        threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        try:
+            assert len(won) == 1 and len(lost) == 3, (won, lost)
+            assert all(err.errno == errno.EEXIST for err in lost)
+            assert ControlClient(f"race{attempt}", tmp_path).request("status") == "up"
+        finally:
+            for s in servers:
+                s.close()
+        assert not (tmp_path / f"race{attempt}.ctl").exists() and not (tmp_path / f"race{attempt}.lock").exists()
+
+
+def test_a_name_released_between_open_and_lock_is_claimed_once(tmp_path, monkeypatch):
+    """Server B opens the lock file, then A closes (removing that file) before B locks it: B's
+    lock on the unlinked file must not count, or C, creating a fresh file, would win as well."""
+    from vmmpy.runtime import control
+
+    a = ControlServer("vm0", {}, directory=tmp_path)
+    a.start()
+    real_flock = control.fcntl.flock
+    calls = []
+
+    def flock_after_a_closes(fd, how):
+        if not calls:
+            a.close()
+        calls.append(fd)
+        return real_flock(fd, how)
+
+    monkeypatch.setattr(control.fcntl, "flock", flock_after_a_closes)
+    b = ControlServer("vm0", {"status": lambda r, p: "b"}, directory=tmp_path)
+    c = ControlServer("vm0", {}, directory=tmp_path)
+    try:
+        b.start()
+        assert len(calls) == 2, "B tried again on a fresh lock file"
+        with pytest.raises(ControlError, match="already running"):
+            c.start()
+        assert ControlClient("vm0", tmp_path).request("status") == "b"
+    finally:
+        for srv in (a, b, c):
+            srv.close()
+
+
 CLIENT_AS_ANOTHER_USER = """
 import json, socket, struct, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

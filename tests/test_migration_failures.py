@@ -87,6 +87,7 @@ def test_destination_not_listening_fails_fast(guests):
 def test_destination_closing_mid_stream_resumes_source_and_discards(guests, live):
     src = guests("64M", work_pages=2048)
     dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(2048)  # 8 MiB of written pages: the stream is longer than the cut
     d = DestinationThread(dst)
     proxy = Proxy((d.host, d.port), cut_after=1 * MiB)
     stats = migrate(src, "127.0.0.1", proxy.port, live=live, params=MigrationParams(io_timeout=5))

@@ -160,7 +160,7 @@ def test_timeouts_set_on_the_relay_socket_hold(pki):
     with pytest.raises((BlockingIOError, TimeoutError)):
         server.recv(10)  # the client sends nothing
     # The client never reads: the server's sends fill the buffers and then time out (EAGAIN),
-    # which the engine reports as "the peer is not reading".
+    # which the engine reports as "the destination (ADDR) took nothing for N s".
     with pytest.raises((BlockingIOError, TimeoutError)):
         for _ in range(4096):
             server.sendall(b"s" * MiB)

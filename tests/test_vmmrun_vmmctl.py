@@ -3,12 +3,13 @@
 import json
 import re
 import subprocess
+import time
 
 import pytest
 
 from vmmpy.guest.programs.hash import reference_hash
 
-from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket
+from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
 
 MiB = 1 << 20
 
@@ -98,14 +99,50 @@ def test_bad_configuration_is_refused_at_start_with_status_4(tmp_path, args, mes
     assert message in result.stderr
 
 
-def test_a_second_vmmrun_with_the_same_name_is_refused(tmp_path):
-    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "16M", "dup0")
+FOREVER = ["--guest", "console", "--guest-arg", "ticks=0", "--guest-arg", "period_us=1000", "--tsc", "host", "-m", "8M"]
+
+
+def test_a_second_vmmrun_with_the_same_name_is_refused_and_the_first_stays_reachable(tmp_path):
+    """The refused duplicate touches nothing of the running guest: its control socket stays, so
+    vmmctl still reaches it (status, checkpoint, destroy), and no third vmmrun can take the name."""
+    proc = start_vmmrun(tmp_path, *FOREVER, "-l", f"com1,{tmp_path / 'first.log'}", "dup0")
     try:
         wait_for_socket(tmp_path, "dup0", proc)
-        second = run("--run-dir", str(tmp_path), "--guest", "abtest", "-m", "16M", "dup0")
-        assert second.returncode == 4 and "already running" in second.stderr
+        for _ in range(2):  # a third start is refused as the second was: the name is still held
+            second = run("--run-dir", str(tmp_path), *FOREVER, "dup0", timeout=60)
+            assert second.returncode == 4 and "already running" in second.stderr, second.stderr
+            status = vmmctl(tmp_path, "--vm=dup0", "--status", "--json")
+            assert status.returncode == 0 and json.loads(status.stdout)["state"] == "running", status.stderr
+            assert f"a VM named 'dup0' is already running (process {proc.pid}, control socket" in second.stderr
+        ckp = tmp_path / "dup0.ckp"
+        saved = vmmctl(tmp_path, "--vm=dup0", f"--checkpoint={ckp}")
+        assert saved.returncode == 0 and ckp.with_name("dup0.ckp.meta").exists(), saved.stderr
+        assert vmmctl(tmp_path, "--vm=dup0", "--destroy").returncode == 0
+        assert proc.wait(timeout=30) == 1
+        assert sorted(p.name for p in tmp_path.glob("dup0.*") if not p.name.startswith("dup0.ckp")) == [], \
+            "the socket and the lock file are gone with the guest"
     finally:
         stop(proc)
+
+
+def test_two_vmmruns_started_at_once_with_one_name_yield_exactly_one(tmp_path):
+    for attempt in range(3):
+        run_dir = tmp_path / f"try{attempt}"
+        procs = [start_vmmrun(run_dir, *FOREVER, "twin0") for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 60
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the loser ends as soon as it finds the name taken
+            refused = [p for p in procs if p.poll() is not None]
+            assert len(refused) == 1, [(p.returncode, p.stderr.read()) for p in refused]
+            assert refused[0].returncode == 4 and "already running" in refused[0].stderr.read()
+            winner = next(p for p in procs if p is not refused[0])
+            wait_for_socket(run_dir, "twin0", winner)
+            assert vmmctl(run_dir, "--vm=twin0", "--destroy").returncode == 0
+            assert winner.wait(timeout=30) == 1
+        finally:
+            for p in procs:
+                stop(p)
 
 
 def test_a_two_vcpu_guest_runs_checkpoints_and_resumes(tmp_path):
@@ -130,3 +167,29 @@ def test_a_two_vcpu_guest_runs_checkpoints_and_resumes(tmp_path):
     assert resumed.returncode == 1, resumed.stderr
     pages = (16 * MiB - 2 * MiB) // 4096
     assert console.read_text().endswith(f"abtest: done 400 sweeps over {pages} pages, all counters 400\n")
+
+
+def test_vmmctl_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
+    """`vmmctl --get-all | head -1`: the reader leaves early; vmmctl stops printing quietly."""
+    import os
+    import sys
+
+    proc = start_vmmrun(tmp_path, *FOREVER, "-c", "4", "--pause-at=0", "pipe0")
+    try:
+        wait_for_socket(tmp_path, "pipe0", proc)
+        wait_for_state(tmp_path, "pipe0", "paused")
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # as `head -1` is once it has its line: every write now fails (EPIPE)
+        try:
+            cut = subprocess.run([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=pipe0", "--get-all"],
+                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert cut.returncode == 0 and cut.stderr == "", cut.stderr
+        headed = subprocess.run(f"{sys.executable} -m vmmpy.cli.vmmctl --run-dir={tmp_path} "
+                                "--vm=pipe0 --get-all | head -1", shell=True, capture_output=True, text=True, timeout=60)
+        assert headed.stdout.startswith("rax[0]\t0x") and headed.stdout.count("\n") == 1
+        assert "Traceback" not in headed.stderr and "Error" not in headed.stderr, headed.stderr
+        assert vmmctl(tmp_path, "--vm=pipe0", "--destroy").returncode == 0
+    finally:
+        stop(proc)

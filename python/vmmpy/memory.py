@@ -184,7 +184,8 @@ class GuestMemory:
         """Harvest and clear the dirty pages and send them to ``fd`` as page batches.
 
         ``fd`` is a blocking file descriptor or an object with ``fileno()`` (a socket with a
-        timeout is non-blocking and is refused). Zero pages travel as ranges without data when
+        Python timeout is non-blocking and is refused; bound the wait with SO_SNDTIMEO instead,
+        counted from the last byte the peer took). Zero pages travel as ranges without data when
         ``detect_zero``. Returns totals: batches, ranges, data_pages, zero_pages, data_bytes,
         wire_bytes, compressed_batches, saved_bytes, compress_attempts, link_rate. One batch per
         segment that has dirty pages (more past 65,536 ranges or 16 MiB of data) without

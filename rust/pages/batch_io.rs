@@ -21,11 +21,13 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use super::batch::{
     decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, MAX_RANGES,
     RANGE_ENTRY_SIZE,
 };
+use super::stall::{poll_ms, socket_timeout, timed_out, would_block, Direction, SendDeadline};
 use super::tracker::DigestTracker;
 use super::PageError;
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
@@ -135,13 +137,6 @@ fn run_iovec(seg: &Segment, (first, pages): (usize, usize)) -> libc::iovec {
     libc::iovec { iov_base: seg.as_ptr().wrapping_add(first * PAGE_SIZE) as *mut libc::c_void, iov_len: pages * PAGE_SIZE }
 }
 
-fn nonblocking_error(fd: RawFd, what: &str) -> PageError {
-    PageError::io(
-        format!("{what}: fd {fd} is non-blocking and would block; page batches need a blocking fd (Python: sock.setblocking(True))"),
-        io::Error::from_raw_os_error(libc::EAGAIN),
-    )
-}
-
 /// Drop the first `n` bytes from `iovs[*idx..]`.
 fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
     while n > 0 && *idx < iovs.len() {
@@ -161,7 +156,9 @@ fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
 }
 
 /// Write every byte the iovecs describe. Sockets get sendmsg(MSG_NOSIGNAL), so a closed peer is
-/// an EPIPE error rather than a SIGPIPE; anything else (pipe, file) gets writev.
+/// an EPIPE error rather than a SIGPIPE; anything else (pipe, file) gets writev. A socket with a
+/// send timeout is written without sleeping in the kernel, waiting for room in poll(), so the
+/// timeout counts from the last byte the peer took ([`SendDeadline`]).
 ///
 /// # Safety
 /// Every iovec must describe memory readable for the whole call.
@@ -169,6 +166,7 @@ pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) 
     let mut idx = 0;
     advance(iovs, &mut idx, 0);
     let mut socket = true;
+    let mut deadline = SendDeadline::new(fd);
     while idx < iovs.len() {
         let count = (iovs.len() - idx).min(IOV_MAX);
         let n = if socket {
@@ -176,8 +174,9 @@ pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) 
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iovs[idx..].as_mut_ptr();
             msg.msg_iovlen = count as _;
+            let flags = libc::MSG_NOSIGNAL | if deadline.is_some() { libc::MSG_DONTWAIT } else { 0 };
             // SAFETY: the iovecs describe readable memory (the caller's contract); the kernel only reads them.
-            unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
+            unsafe { libc::sendmsg(fd, &msg, flags) }
         } else {
             // SAFETY: as above.
             unsafe { libc::writev(fd, iovs[idx..].as_ptr(), count as libc::c_int) }
@@ -188,14 +187,24 @@ pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) 
                 Some(libc::EINTR) => continue,
                 Some(libc::ENOTSOCK) if socket => {
                     socket = false;
+                    deadline = None;
                     continue;
                 }
-                Some(libc::EAGAIN) => return Err(nonblocking_error(fd, what)),
+                Some(libc::EAGAIN) => match deadline.as_mut() {
+                    Some(d) => {
+                        d.wait(what)?;
+                        continue;
+                    }
+                    None => return Err(would_block(fd, what, Direction::Send)),
+                },
                 _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
             }
         }
         if n == 0 {
             return Err(PageError::io(format!("{what} (fd {fd})"), io::Error::from(io::ErrorKind::WriteZero)));
+        }
+        if let Some(d) = deadline.as_mut() {
+            d.progressed();
         }
         advance(iovs, &mut idx, n as usize);
     }
@@ -245,7 +254,7 @@ unsafe fn read_all_with(fd: RawFd, iovs: &mut [libc::iovec], what: &str, mut who
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) if whole.is_some() => continue, // woken early: wait again
-                Some(libc::EAGAIN) => return Err(nonblocking_error(fd, what)),
+                Some(libc::EAGAIN) => return Err(would_block(fd, what, Direction::Receive)),
                 _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
             }
         }
@@ -426,23 +435,21 @@ const RCVLOWAT_MAX: usize = HASH_WINDOW_PAGES * PAGE_SIZE;
 /// memory pressure) and then reads without blocking, until the iovecs are full.
 struct WholeReads {
     fd: RawFd,
-    /// The socket's SO_RCVTIMEO in ms for poll (-1: none).
-    timeout_ms: libc::c_int,
+    /// The socket's SO_RCVTIMEO (None: it has none).
+    timeout: Option<Duration>,
     lowat: libc::c_int,
 }
 
 impl WholeReads {
     /// For a socket `fd`, None for anything else (which is read with plain readv).
     fn new(fd: RawFd) -> Option<WholeReads> {
-        let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
-        let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into the timeval we own.
-        if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&mut tv as *mut libc::timeval).cast(), &mut len) } != 0 {
+        let mut kind: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the c_int we own; it fails for a non-socket.
+        if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) } != 0 {
             return None;
         }
-        let ms = tv.tv_sec as i64 * 1000 + (tv.tv_usec as i64 + 999) / 1000;
-        let timeout_ms = if ms == 0 { -1 } else { ms.min(libc::c_int::MAX as i64) as libc::c_int };
-        Some(WholeReads { fd, timeout_ms, lowat: 1 })
+        Some(WholeReads { fd, timeout: socket_timeout(fd, Direction::Receive), lowat: 1 })
     }
 
     fn set_lowat(&mut self, bytes: usize) {
@@ -455,26 +462,47 @@ impl WholeReads {
         }
     }
 
+    /// Bytes queued on the socket, not yet read (FIONREAD).
+    fn queued(&self) -> libc::c_int {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int into ours.
+        if unsafe { libc::ioctl(self.fd, libc::FIONREAD, &mut n) } != 0 {
+            return 0;
+        }
+        n
+    }
+
     /// Sleep until `missing` bytes (at most `RCVLOWAT_MAX`) are queued, or the stream ends,
-    /// fails or is shut down; false if a signal interrupted the wait. No data within the
-    /// socket's SO_RCVTIMEO is an EAGAIN error, as a blocking read would give.
+    /// fails or is shut down; false if a signal interrupted the wait. The socket's SO_RCVTIMEO
+    /// without a byte arriving is a [`PageError::TimedOut`]. Bytes trickling in below the
+    /// low-water mark are the peer sending: the wait looks at the queue every quarter timeout, so
+    /// the timeout counts from (at most a quarter after) the last byte that arrived.
     fn wait(&mut self, missing: usize, what: &str) -> Result<bool, PageError> {
         self.set_lowat(missing);
-        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd of ours.
-        match unsafe { libc::poll(&mut pfd, 1, self.timeout_ms) } {
-            0 => {
-                let err = io::Error::from_raw_os_error(libc::EAGAIN);
-                Err(PageError::io(format!("{what} (fd {}): nothing for {} ms", self.fd, self.timeout_ms), err))
-            }
-            n if n < 0 => {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EINTR) => Ok(false),
-                    _ => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
+        let mut queued = self.queued();
+        let mut since = Instant::now();
+        loop {
+            let ms = self.timeout.map_or(-1, |t| poll_ms((t / 4).min(t.saturating_sub(since.elapsed()))));
+            let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd of ours.
+            match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                0 => {
+                    let (now, timeout) = (self.queued(), self.timeout.unwrap_or_default());
+                    if now != queued {
+                        (queued, since) = (now, Instant::now());
+                    } else if since.elapsed() >= timeout {
+                        return Err(timed_out(self.fd, what, Direction::Receive, timeout));
+                    }
                 }
+                n if n < 0 => {
+                    let err = io::Error::last_os_error();
+                    return match err.raw_os_error() {
+                        Some(libc::EINTR) => Ok(false),
+                        _ => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
+                    };
+                }
+                _ => return Ok(true),
             }
-            _ => Ok(true),
         }
     }
 }

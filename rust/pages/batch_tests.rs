@@ -408,15 +408,20 @@ fn a_batch_for_a_segment_this_guest_lacks_is_refused() {
 /// A connected loopback TCP pair (sender, receiver) with 4 MiB buffers, as migration sockets
 /// have (so no memory pressure wakes a reader early); the receiver gives up after `timeout`.
 fn tcp_pair(timeout: std::time::Duration) -> (std::net::TcpStream, std::net::TcpStream) {
+    let (tx, rx) = tcp_pair_with_buffers(4 << 20);
+    rx.set_read_timeout(Some(timeout)).unwrap();
+    (tx, rx)
+}
+
+/// A loopback TCP pair whose sender and receiver buffers are `size` bytes (no autotuning).
+fn tcp_pair_with_buffers(size: libc::c_int) -> (std::net::TcpStream, std::net::TcpStream) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (rx, _) = listener.accept().unwrap();
-    let size: libc::c_int = 4 << 20;
     for (fd, opt) in [(tx.as_raw_fd(), libc::SO_SNDBUF), (rx.as_raw_fd(), libc::SO_RCVBUF)] {
         // SAFETY: the option value is a c_int on our stack, passed with its size.
         unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
     }
-    rx.set_read_timeout(Some(timeout)).unwrap();
     (tx, rx)
 }
 
@@ -506,5 +511,62 @@ fn a_socket_that_goes_quiet_times_out_with_eagain() {
     tx.write_all(&bytes[..bytes.len() - 100]).unwrap(); // and then nothing, the connection open
     let err = recv_batch(rx.as_raw_fd(), &dst).unwrap_err();
     assert_eq!(err.errno(), libc::EAGAIN, "{err}");
+    let peer = tx.local_addr().unwrap().to_string();
+    match &err {
+        PageError::TimedOut { direction: Direction::Receive, peer: Some(p), timeout, .. } => {
+            assert_eq!((p, *timeout), (&peer, std::time::Duration::from_millis(200)));
+        }
+        other => panic!("expected a receive timeout, got {other}"),
+    }
+    assert!(err.to_string().contains(&format!("timed out: the peer {peer} sent nothing for 0.2 s")), "{err}");
     drop(tx);
+}
+
+#[test]
+fn a_peer_that_takes_nothing_times_out_the_send_one_timeout_after_its_last_byte() {
+    let Some(src) = two_segment_guest(TrackingChoice::Soft) else { return };
+    let (tx, rx) = tcp_pair_with_buffers(64 << 10); // small: the sender fills them at once
+    let timeout = std::time::Duration::from_secs(2);
+    tx.set_write_timeout(Some(timeout)).unwrap();
+    let ranges = [PageRange { gpa: GuestAddress(0), pages: 1024, kind: RangeKind::Data }]; // 4 MiB; rx never reads
+    let start = std::time::Instant::now();
+    let err = send_batch(tx.as_raw_fd(), &src, &ranges).unwrap_err();
+    let took = start.elapsed();
+    let peer = rx.local_addr().unwrap().to_string();
+    match &err {
+        PageError::TimedOut { direction: Direction::Send, peer: Some(p), timeout: t, .. } => assert_eq!((p, *t), (&peer, timeout)),
+        other => panic!("expected a send timeout, got {other}"),
+    }
+    assert!(err.to_string().contains(&format!("timed out: the peer {peer} took nothing for 2 s")), "{err}");
+    // A sleeping sendmsg that copied part of its bytes returns them only when its timeout runs
+    // out, and the next call waits a whole timeout again: at least twice the timeout. Waiting
+    // in poll() from the last byte taken gives up one timeout after it.
+    assert!(took < 2 * timeout - std::time::Duration::from_millis(500), "gave up after {took:?}");
+    drop(rx);
+}
+
+#[test]
+fn a_slow_trickle_below_the_low_water_mark_is_not_a_timeout() {
+    use std::io::Write;
+    let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
+    for p in 0..64u64 {
+        src.write(GuestAddress(p * 4096), &page_fill(p)).unwrap();
+    }
+    let ranges = build_ranges_from_bitmap(&src.segments()[0], &harvest(&src, 0), true).unwrap();
+    let bytes = batch_bytes(&src, &ranges);
+    // 200 ms receive timeout; the bytes come in pieces 120 ms apart, each far below the
+    // whole-window low-water mark: the peer is sending, so the receive waits on.
+    let (mut tx, rx) = tcp_pair(std::time::Duration::from_millis(200));
+    let sender = std::thread::spawn(move || {
+        let head = bytes.len() - 6 * 4096;
+        tx.write_all(&bytes[..head]).unwrap();
+        for piece in bytes[head..].chunks(4096) {
+            std::thread::sleep(std::time::Duration::from_millis(120));
+            tx.write_all(piece).unwrap();
+        }
+        tx
+    });
+    let got = recv_batch(rx.as_raw_fd(), &dst).unwrap();
+    assert_eq!(got.data_pages, 64);
+    drop(sender.join().unwrap());
 }

@@ -3,7 +3,10 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
 
+use super::stall::{seconds, Direction};
 use crate::memory::{GuestAddress, MemoryError};
 
 #[derive(Debug)]
@@ -47,6 +50,9 @@ pub enum PageError {
     DecompressedLength { got: u64, expected: u64 },
     /// The stream ended inside `what`.
     Truncated { what: &'static str, expected: u64, got: u64 },
+    /// A blocking socket moved nothing for its whole SO_SNDTIMEO / SO_RCVTIMEO: the peer stopped
+    /// taking (`Send`) or sending (`Receive`). `peer` is its address when `fd` is TCP.
+    TimedOut { what: String, fd: RawFd, direction: Direction, timeout: Duration, peer: Option<String> },
     /// An OS call failed.
     Io { what: String, source: io::Error },
     Memory(MemoryError),
@@ -63,6 +69,7 @@ impl PageError {
             PageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             PageError::Memory(e) => e.errno(),
             PageError::Truncated { .. } => libc::EPIPE,
+            PageError::TimedOut { .. } => libc::EAGAIN,
             PageError::PagesOutsideSegment { .. } => libc::EFAULT,
             PageError::BadChunkSize { .. } | PageError::BitmapSize { .. } | PageError::BitmapPastEnd { .. } | PageError::BadSendRanges { .. } => {
                 libc::EINVAL
@@ -141,6 +148,14 @@ impl fmt::Display for PageError {
             ),
             PageError::Truncated { what, expected, got } => {
                 write!(f, "page batch stream ended inside the {what}: got {got} of {expected} bytes")
+            }
+            PageError::TimedOut { what, fd, direction, timeout, peer } => {
+                let peer = peer.as_deref().map_or_else(|| "the peer".to_string(), |p| format!("the peer {p}"));
+                let (did, limit) = match direction {
+                    Direction::Send => ("took", "SO_SNDTIMEO"),
+                    Direction::Receive => ("sent", "SO_RCVTIMEO"),
+                };
+                write!(f, "{what} (fd {fd}): timed out: {peer} {did} nothing for {} s (the socket's {limit})", seconds(*timeout))
             }
             PageError::Io { what, source } => write!(f, "{what}: {source}"),
             PageError::Memory(e) => e.fmt(f),

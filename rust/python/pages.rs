@@ -36,9 +36,19 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// A `PageBatchError` (or the memory error inside). A timeout also carries `timeout` (seconds)
+/// and `peer` (the TCP peer's address, or None), so the caller can say who stopped in its own terms.
 pub(super) fn page_error(err: PageError) -> PyErr {
     match err {
         PageError::Memory(e) => memory_error(e),
+        PageError::TimedOut { timeout, ref peer, .. } => Python::attach(|py| {
+            let made = py.get_type::<PageBatchError>().call1((err.errno(), err.to_string())).and_then(|exc| {
+                exc.setattr("timeout", timeout.as_secs_f64())?;
+                exc.setattr("peer", peer.clone())?;
+                Ok(PyErr::from_value(exc))
+            });
+            made.unwrap_or_else(|e| e)
+        }),
         other => PageBatchError::new_err((other.errno(), other.to_string())),
     }
 }

@@ -10,7 +10,10 @@ import argparse
 import errno
 import json
 import os
+import select
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +63,9 @@ $XDG_RUNTIME_DIR/vmmpy or /tmp/vmmpy-UID); --run-dir overrides it.
 exit status: 0 on success, 1 when the request failed (the message says why), 2 on bad usage,
 3 when a migration ended in doubt: the link failed after the commit was decided and the other
 side did not confirm; the guest is held paused (never lost, never run twice) until
---migrate-resolve settles it.
+--migrate-resolve settles it; 130 when interrupted (Ctrl-C): a running --migrate/--migrate-live
+is cancelled first and the guest keeps running here. Output cut short by its reader (`| head`)
+is not an error.
 """
 
 EXIT_IN_DOUBT = 3
@@ -385,6 +390,9 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
     try:
         result = client.request("migrate", on_progress=None if args.json else printer, **request)
+    except KeyboardInterrupt:
+        printer.done()
+        return _cancel_on_interrupt(client)
     except ControlError:
         printer.done()
         if args.report:  # a failed migration's history says why it failed: draw it too
@@ -401,6 +409,54 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cancel_on_interrupt(client: ControlClient) -> int:
+    """Ctrl-C while a migration runs: ask vmmrun to cancel it (the guest stays on the source)
+    and say how it ended. A second Ctrl-C is ignored meanwhile: it must not leave the cancel
+    half asked. The migrate request may still be on its way to vmmrun, so a cancel that finds
+    no migration yet is asked again, a few times."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("vmmctl: interrupted: cancelling the migration", file=sys.stderr)
+    canceller = ControlClient(client.vmname, client.path.parent, timeout=90)
+    answer = None
+    for _ in range(10):
+        try:
+            answer = canceller.request("migrate-cancel")
+            break
+        except ControlError as err:
+            if err.errno != errno.ENOENT:
+                print(f"vmmctl: could not cancel the migration: {err.strerror or err}", file=sys.stderr)
+                return 1
+        time.sleep(0.2)
+    if answer is None:
+        try:
+            status = canceller.request("migrate-status").get("status")
+        except ControlError:
+            status = None
+        if status is None:
+            print("vmmctl: no migration was started; the guest keeps running here", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        answer = {"status": status}
+    if answer["status"] == "cancelled":
+        print("vmmctl: migration cancelled; the guest keeps running here", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if answer["status"] == "completed":
+        print("vmmctl: interrupted too late: the migration had completed; the guest runs on the destination", file=sys.stderr)
+        return 0
+    print(f"vmmctl: migration {answer['status']} before the cancel; the guest keeps running here (--migrate-status says why)",
+          file=sys.stderr)
+    return 1
+
+
+def _stdout_is_closed() -> bool:
+    """The reader of stdout went away (``vmmctl ... | head -1``)."""
+    poller = select.poll()
+    try:
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (OSError, ValueError):
+        return False
+    return any(revents & select.POLLERR for _, revents in poller.poll(0))
+
+
 def _report_from_json(args: argparse.Namespace) -> int:
     if not args.report:
         raise ValueError("--from-json draws a report: give --report FILE.png or FILE.html")
@@ -414,7 +470,27 @@ def _report_from_json(args: argparse.Namespace) -> int:
     return 0
 
 
+#: vmmctl's exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("vmmctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError as err:
+        if not _stdout_is_closed():
+            print(f"vmmctl: {err.strerror or err}", file=sys.stderr)
+            return 1
+        # The reader has what it wanted: nothing more to print, and nothing left for the
+        # interpreter's last flush to fail on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     directory = args.run_dir or run_dir()

@@ -6,6 +6,8 @@
            [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure]] VMNAME
 
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
+SIGINT and SIGTERM power the guest off; with -R, before the guest runs, they end the wait or the
+transfer at once (exit 4, "stopped by SIGTERM ...").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..devices.registry import PCI_EMULATIONS
@@ -31,6 +34,7 @@ from ..runtime.config import (
 )
 from ..runtime.control import valid_vm_name
 from ..migration import Destination, MigrationError, parse_address
+from ..migration.net import format_address
 from ..migration.machine import MachineAdapter
 from ..migration.tls import TlsConfig
 from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
@@ -75,6 +79,8 @@ examples:
 
 while it runs, `vmmctl --vm=VMNAME ...` controls it through its control socket.
 exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error (bhyve's convention).
+SIGINT and SIGTERM power the guest off; with -R they end a wait for the source (or a transfer) at
+once, and vmmrun exits 4 saying so.
 """
 
 
@@ -225,6 +231,13 @@ def build_machine(args: argparse.Namespace, config: VmConfig, key: bytes | None 
     return machine
 
 
+def stopped_while_receiving(signum: int, listen_at: str, peer: str | None) -> str:
+    name = signal.Signals(signum).name
+    if peer is None:
+        return f"stopped by {name} while waiting on {listen_at} for a source to connect; no guest was received"
+    return f"stopped by {name} during the incoming migration from {peer}; the half-received guest is discarded"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -261,16 +274,22 @@ def main(argv: list[str] | None = None) -> int:
         machine.close()
         return EXIT_ERROR
 
+    # A signal powers the guest off. A destination still waiting for, or receiving, its guest
+    # is cancelled instead (which wakes the accept or the transfer at once, and discards a
+    # half-received guest); one holding the guest in doubt refuses: only the resolution may end it.
+    stopped_by: list[int] = []
+    cancel = threading.Event()
+
     def on_signal(signum, frame):
-        incoming = services.incoming
-        if incoming is not None and incoming.state == "waiting":
-            incoming.stop_waiting()  # no guest yet: stop listening, exit 4 saying why
-            return
         if services.in_doubt() is not None:
-            # Powering off now could lose the guest: the other side may hold nothing.
             print(f"vmmrun: {config.name}: not stopping: this guest's migration is in doubt; settle it with "
                   f"`vmmctl --vm={config.name} --migrate-resolve` (SIGKILL ends this process and its copy)",
                   file=sys.stderr, flush=True)
+            return
+        stopped_by.append(signum)
+        incoming = services.incoming
+        if incoming is not None and incoming.state in ("waiting", "migrating"):
+            cancel.set()
             return
         machine.suspend(SuspendHow.POWEROFF)
 
@@ -280,11 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            destination = Destination(MachineAdapter(machine), host, port, key=key, tls=tls)
+            destination = Destination(MachineAdapter(machine), host, port, key=key, tls=tls, cancel=cancel)
             services.incoming = destination  # vmmctl --status and --migrate-resolve reach it
             stats = destination.run(args.accept_timeout)
             if stats.status != "completed":
-                print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
+                if stopped_by:
+                    print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",
+                          file=sys.stderr)
+                else:
+                    print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
                 for note in stats.notes:
                     print(f"vmmrun: {config.name}:   note: {note}", file=sys.stderr)
                 return EXIT_ERROR

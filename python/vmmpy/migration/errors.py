@@ -45,12 +45,26 @@ class AuthenticationError(MigrationError):
     """The source will not go on: the destination cannot prove it holds the key, or holds none."""
 
 
-def receive_error(err: OSError, what: str) -> MigrationError:
-    """A page batch receive that failed (``PageBatchError``, an OSError with errno), as the
-    migration error that says why: timed out, connection lost, or a bad stream."""
-    text = f"{what}: {err.strerror or err}"
+def peer_stalled(role: str, peer: str | None, seconds: float | None, *, sending: bool, during: str) -> str:
+    """How a timeout reads: which peer stopped, after how long, and during what, e.g. ``timed
+    out: the source (10.0.0.1:40022) sent nothing for 30 s during round 2's page batches``."""
+    who = f"the {role} ({peer})" if peer else f"the {role}"
+    did = "took" if sending else "sent"
+    how_long = f" for {seconds:g} s" if seconds else ""
+    return f"timed out: {who} {did} nothing{how_long} during {during}"
+
+
+def receive_error(err: OSError, what: str, *, stream: int | None = None) -> MigrationError:
+    """A page batch receive from the source that failed (``PageBatchError``, an OSError with
+    errno; a timeout carries ``timeout`` and ``peer``), as the migration error that says why:
+    timed out, connection lost, or a bad stream. ``what`` names the round (``round 2``),
+    ``stream`` the parallel stream it came on."""
+    on = f", stream {stream}" if stream is not None else ""
     if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return MigrationTimeout(f"{text} (timed out waiting for the source)")
+        during = f"{what}'s page batches" + (f" (stream {stream})" if stream is not None else "")
+        return MigrationTimeout(peer_stalled("source", getattr(err, "peer", None), getattr(err, "timeout", None),
+                                             sending=False, during=during))
+    text = f"{what}{on}: {err.strerror or err}"
     if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
         return ConnectionLost(text)
     return ProtocolError(text)

@@ -4,18 +4,22 @@ timeouts, cancellation that interrupts a blocked transfer, and bandwidth pacing.
 Page batches are moved by the memory core on a raw fd, which must be blocking; a Python socket
 timeout would make it non-blocking. So every socket here is blocking with SO_RCVTIMEO and
 SO_SNDTIMEO set: a stalled peer turns into EAGAIN after the timeout, in Rust and Python alike,
-and the engine reports it as a timeout. Cancellation shuts the socket down from a watcher thread,
-which wakes any blocked send or receive at once.
+and the engine reports it as a timeout naming the peer and the seconds (``errors.peer_stalled``).
+Where bytes are handed on in a loop (the memory core's sends, the pacing relay) the timeout counts
+from the last byte the peer took: a sleeping send that copied part of its bytes returns only when
+its timeout runs out, and the next one would wait the whole timeout again. Cancellation shuts the
+socket down from a watcher thread, which wakes any blocked send or receive at once.
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 import threading
 import time
-from .errors import ConnectionLost, MigrationError, MigrationTimeout
+from .errors import ConnectionLost, MigrationError, MigrationTimeout, peer_stalled
 
 DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
 #: Kernel send and receive buffers asked for on migration sockets. With the defaults (16 KiB to
@@ -80,6 +84,62 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     tv = struct.pack("ll", sec, max(usec, 1 if sec == 0 else 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def send_timeout(sock: socket.socket) -> float | None:
+    """The socket's SO_SNDTIMEO in seconds, None when it has none."""
+    try:
+        sec, usec = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.calcsize("ll")))
+    except OSError:
+        return None
+    return (sec + usec / 1e6) or None
+
+
+def peer_address(sock: socket.socket) -> str | None:
+    """``HOST:PORT`` of the TCP peer, also under a TLS relay (whose socket is one end of a
+    socketpair, the TCP connection beside it); None when there is none."""
+    raw = getattr(getattr(sock, "relay", None), "raw", None)
+    for s in (raw, sock):
+        if s is None:
+            continue
+        try:
+            addr = s.getpeername()
+        except OSError:
+            continue
+        if isinstance(addr, tuple):
+            return format_address(addr[0], addr[1])
+    return None
+
+
+class PeerStalled(OSError):
+    """The peer took nothing for the socket's whole send timeout (``timeout`` seconds)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        super().__init__(errno.EAGAIN, "the peer took nothing within the send timeout")
+        self.timeout = timeout
+
+
+def send_within_timeout(sock: socket.socket, data: memoryview, stop: threading.Event | None = None) -> None:
+    """``sock.sendall(data)`` on a blocking socket, except that its SO_SNDTIMEO counts from the
+    last byte the peer took (PeerStalled after that long without one). Never sleeps in the kernel,
+    so it sees ``stop`` within a fifth of a second."""
+    last = time.monotonic()
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while data:
+        try:
+            n = sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            timeout = send_timeout(sock)
+            left = None if timeout is None else timeout - (time.monotonic() - last)
+            if left is not None and left <= 0:
+                raise PeerStalled(timeout) from None
+            if stop is not None and stop.is_set():
+                raise InterruptedError(errno.EINTR, "the relay was stopped") from None
+            poller.poll(int(min(0.2, left if left is not None else 0.2) * 1000) + 1)
+            continue
+        data = data[n:]
+        last = time.monotonic()
 
 
 def connect(host: str, port: int, *, timeout: float) -> socket.socket:
@@ -184,10 +244,14 @@ def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
 class Channel:
     """The source's connection: it reads from the TCP socket and writes to ``out`` (the TCP socket
     itself, or with a bandwidth cap a local socketpair drained by a pacing relay thread, so that
-    page batches written by the memory core are paced as finely as frames)."""
+    page batches written by the memory core are paced as finely as frames). ``peer`` is the
+    destination's address, for the errors."""
+
+    PEER_ROLE = "destination"
 
     def __init__(self, sock: socket.socket, bandwidth_cap: float | None) -> None:
         self.sock = sock
+        self.peer = peer_address(sock)
         self.relay_error: OSError | None = None
         self._relay = None
         self._inner = None
@@ -224,23 +288,27 @@ class Channel:
                 if due > now and self._stop.wait(due - now):
                     break
                 due = max(due, now - 0.05) + n / self._cap  # at most 50 ms of credit
-                self.sock.sendall(view[:n])
+                # Not sendall: after each partial copy it would wait the whole send timeout again.
+                send_within_timeout(self.sock, view[:n], self._stop)
         except OSError as err:
             self.relay_error = err
         finally:
+            # The writer blocked on ``out`` wakes with EPIPE and asks translate() why.
             shutdown_quietly(self._inner)
 
     def translate(self, err: BaseException, what: str) -> MigrationError:
-        """The relay's own failure, if it is why a write to ``out`` failed."""
-        relay = self.relay_error
-        if relay is not None:
-            if relay.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return MigrationTimeout(f"timed out sending {what}: the peer is not reading")
-            return ConnectionLost(f"connection lost while sending {what}: {relay.strerror or relay}")
+        """Why a write to ``out`` failed, in the user's terms: the relay's own failure if it is
+        the cause, and a timeout as which peer took nothing for how long during ``what``."""
+        cause = self.relay_error if self.relay_error is not None else err
+        if _is_timeout(cause):
+            seconds = getattr(cause, "timeout", None) or send_timeout(self.sock)
+            peer = self.peer or getattr(cause, "peer", None)
+            during = f"the {what} message" if what.isupper() else what  # a frame's type, or "round 2's page batches"
+            return MigrationTimeout(peer_stalled(self.PEER_ROLE, peer, seconds, sending=True, during=during))
+        if cause is self.relay_error:
+            return ConnectionLost(f"connection lost while sending {what}: {cause.strerror or cause}")
         if isinstance(err, MigrationError):
             return err
-        if isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-            return MigrationTimeout(f"timed out sending {what}: the peer is not reading")
         if isinstance(err, OSError):
             return ConnectionLost(f"connection lost while sending {what}: {err.strerror or err}")
         return MigrationError(f"{what}: {err}")
@@ -267,6 +335,14 @@ class Channel:
                 s.close()
             except OSError:
                 pass
+
+
+def _is_timeout(err: BaseException) -> bool:
+    """A send that ran out of time: EAGAIN on a blocking socket (from the memory core or Python)
+    or the frame layer's own timeout."""
+    if isinstance(err, MigrationTimeout):
+        return True
+    return isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 # -- the bandwidth probe behind ``vmmctl --estimate`` --------------------------------------------

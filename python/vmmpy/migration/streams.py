@@ -368,8 +368,14 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                         shutdown_quietly(sock, socket.SHUT_RD)
 
     def fail_all(index: int, err: BaseException) -> None:
+        # The source's ABORT on the main connection explains whatever the other streams saw.
+        # The main connection looking closed does not, once a stream has failed: that stream's
+        # failure shut the main connection's reads down itself.
         with lock:
-            failures.insert(0, (index, err))
+            if isinstance(err, Aborted) or not failures:
+                failures.insert(0, (index, err))
+            else:
+                failures.append((index, err))
         for sock in socks:
             shutdown_quietly(sock, socket.SHUT_RD)
 
@@ -388,7 +394,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                 shutdown_quietly(sock, socket.SHUT_RD)
     if failures:
         index, err = failures[0]
-        raise receive_error(err, f"round {round_number}, stream {index}") if isinstance(err, PageBatchError) else err
+        raise receive_error(err, f"round {round_number}", stream=index) if isinstance(err, PageBatchError) else err
     return [r for r in results if r is not None]
 
 

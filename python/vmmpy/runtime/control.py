@@ -1,7 +1,9 @@
 """The control socket: how ``vmmctl`` talks to a running ``vmmrun``, like bhyve's checkpoint socket.
 
 One Unix stream socket per VM at ``<run dir>/<vmname>.ctl``, mode 0600, refusing peers of another
-user (SO_PEERCRED). Each message is a little-endian u32 length then that many bytes of UTF-8 JSON.
+user (SO_PEERCRED). The name is claimed first by an exclusive flock on ``<run dir>/<vmname>.lock``,
+held for the server's life: of two servers started for one name at the same instant exactly one
+wins, and a refused one touches nothing of the running one (its socket stays where it is). Each message is a little-endian u32 length then that many bytes of UTF-8 JSON.
 A request is ``{"cmd": NAME, ...arguments}``; the server answers with zero or more progress
 messages ``{"progress": {...}}`` and then exactly one final message, ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": TEXT, "errno": N}``.
@@ -13,6 +15,7 @@ The run directory is ``$VMMPY_RUN_DIR`` if set, else ``/run/vmmpy`` for root, el
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -25,6 +28,7 @@ from typing import Any
 _LEN = struct.Struct("<I")
 MAX_MESSAGE = 1 << 20
 SOCKET_SUFFIX = ".ctl"
+LOCK_SUFFIX = ".lock"
 
 
 class ControlError(OSError):
@@ -93,7 +97,10 @@ class ControlServer:
         self.vmname = vmname
         self.handlers = handlers
         self.path = socket_path(vmname, directory)
+        self.lock_path = self.path.with_name(f"{vmname}{LOCK_SUFFIX}")
         self._sock: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket this server bound
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._active: set[threading.Thread] = set()
@@ -101,25 +108,41 @@ class ControlServer:
 
     def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = _claim_name(self.lock_path, self.vmname, self.path)
+        try:
+            self._bind()
+        except BaseException:
+            self._release_name()
+            raise
+        self._thread = threading.Thread(target=self._serve, name=f"control-{self.vmname}", daemon=True)
+        self._thread.start()
+
+    def _bind(self) -> None:
+        # Holding the name's lock, any socket file at the path is a dead server's (it was killed
+        # before it could remove it), unless a server that takes no lock answers on it.
         if self.path.exists() or self.path.is_symlink():
             if _socket_is_live(self.path):
                 raise ControlError(errno.EEXIST, f"a VM named '{self.vmname}' is already running (control socket {self.path})")
-            self.path.unlink()  # stale: its server died without removing it
+            self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
             sock.bind(str(self.path))
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.umask(old_umask)
+        st = os.stat(self.path)
+        self._bound = (st.st_dev, st.st_ino)
         os.chmod(self.path, 0o600)
         sock.listen(8)
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, name=f"control-{self.vmname}", daemon=True)
-        self._thread.start()
 
     def close(self, drain_timeout: float = 10.0) -> None:
         """Stop accepting, let requests in flight send their answer (a suspend ends the VM
-        from inside its own request), then remove the socket."""
+        from inside its own request), then remove the socket (only the one this server bound,
+        and only while the path still is that socket) and give up the name."""
         self._closing.set()
         # Two threads may close at once (a destroy request's teardown and vmmrun's main thread):
         # take the socket atomically, so neither finds it half closed and fails before unlinking.
@@ -136,10 +159,24 @@ class ControlServer:
         for thread in active:
             if thread.ident is not None:  # registered but not started yet: nothing to wait for
                 thread.join(drain_timeout)
+        with self._active_lock:
+            bound, self._bound = self._bound, None
+        if bound is not None:
+            _unlink_if_same(self.path, bound)
+        self._release_name()
+
+    def _release_name(self) -> None:
+        """Remove the lock file while still holding its lock, then drop the lock: a server
+        waiting on the old file finds it unlinked and claims a fresh one (``_claim_name``)."""
+        with self._active_lock:
+            fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            st = os.fstat(fd)
+            _unlink_if_same(self.lock_path, (st.st_dev, st.st_ino))
+        finally:
+            os.close(fd)
 
     def _serve(self) -> None:
         while not self._closing.is_set():
@@ -216,6 +253,57 @@ def _peer_uid(conn: socket.socket) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid
+
+
+def _claim_name(lock_path: Path, vmname: str, sock_path: Path) -> int:
+    """An fd holding an exclusive flock on ``lock_path``, or ControlError(EEXIST) when another
+    server holds it. After taking the lock the path must still name the locked file: a server
+    that was closing may have unlinked it in between, and a lock on an unlinked file claims
+    nothing (the next server would create a new file and lock that too)."""
+    for _ in range(100):  # each retry means another server released the name meanwhile
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            by = f"process {holder}, " if holder else ""
+            raise ControlError(errno.EEXIST, f"a VM named '{vmname}' is already running ({by}control socket {sock_path})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        st = os.fstat(fd)
+        try:
+            now = os.stat(lock_path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise ControlError(errno.EAGAIN, f"could not claim the name '{vmname}': its lock file {lock_path} kept changing")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _unlink_if_same(path: Path, identity: tuple[int, int]) -> None:
+    """Remove ``path`` only if it still is the file ``identity`` (st_dev, st_ino) names."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == identity:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _socket_is_live(path: Path) -> bool:

@@ -1,0 +1,131 @@
+//! A peer that stops moving bytes: how batch I/O on a blocking socket waits for it and how it
+//! reports giving up.
+//!
+//! Callers bound every socket send and receive with SO_SNDTIMEO / SO_RCVTIMEO; the kernel then
+//! answers a stalled transfer with EAGAIN on a blocking fd, which is a timeout, not a
+//! non-blocking fd. A blocking send gives the timeout away twice over: when it copies part of its
+//! bytes and then waits, it returns that part only when the timeout expires, and the next call
+//! waits the whole timeout again. So sends to a socket with a send timeout never sleep in the
+//! kernel: they send what fits (MSG_DONTWAIT) and wait in poll() for room, the timeout counting
+//! from the last byte the peer took ([`SendDeadline`]).
+//!
+//! What is reported is fact, not policy: which fd, the peer's address when it is a TCP socket,
+//! the direction, and the timeout that ran out ([`PageError::TimedOut`]).
+
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{FromRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::PageError;
+
+/// Which way the bytes were not moving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This side was sending and the peer took nothing.
+    Send,
+    /// This side was receiving and the peer sent nothing.
+    Receive,
+}
+
+/// The socket's SO_SNDTIMEO or SO_RCVTIMEO, None when it has none (or `fd` is no socket).
+pub(super) fn socket_timeout(fd: RawFd, direction: Direction) -> Option<Duration> {
+    let opt = match direction {
+        Direction::Send => libc::SO_SNDTIMEO,
+        Direction::Receive => libc::SO_RCVTIMEO,
+    };
+    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the timeval we own.
+    if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut tv as *mut libc::timeval).cast(), &mut len) } != 0 {
+        return None;
+    }
+    let timeout = Duration::new(tv.tv_sec.max(0) as u64, (tv.tv_usec.max(0) as u32) * 1000);
+    (!timeout.is_zero()).then_some(timeout)
+}
+
+/// A duration as poll()'s milliseconds, rounded up (a timeout never ends early), at least 1.
+pub(super) fn poll_ms(d: Duration) -> libc::c_int {
+    (d.as_micros().div_ceil(1000)).clamp(1, libc::c_int::MAX as u128) as libc::c_int
+}
+
+fn is_nonblocking(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// The TCP peer's address (`1.2.3.4:5`, `[::1]:5`), None for anything else.
+fn peer_of(fd: RawFd) -> Option<String> {
+    // SAFETY: the fd is the caller's and stays open for the call; ManuallyDrop never closes it.
+    let stream = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    stream.peer_addr().ok().map(|a| a.to_string())
+}
+
+/// The error for EAGAIN from `fd`: a timeout when the fd is blocking (its SO_SNDTIMEO or
+/// SO_RCVTIMEO ran out), a misuse when it is non-blocking.
+pub(super) fn would_block(fd: RawFd, what: &str, direction: Direction) -> PageError {
+    if is_nonblocking(fd) {
+        return PageError::io(
+            format!("{what}: fd {fd} is non-blocking and would block; page batches need a blocking fd (Python: sock.setblocking(True))"),
+            io::Error::from_raw_os_error(libc::EAGAIN),
+        );
+    }
+    timed_out(fd, what, direction, socket_timeout(fd, direction).unwrap_or_default())
+}
+
+pub(super) fn timed_out(fd: RawFd, what: &str, direction: Direction, timeout: Duration) -> PageError {
+    PageError::TimedOut { what: what.to_string(), fd, direction, timeout, peer: peer_of(fd) }
+}
+
+/// Sends on a socket with a send timeout: each send takes what fits without sleeping, and
+/// between them [`SendDeadline::wait`] sleeps in poll() until there is room, failing once the
+/// peer has taken nothing for the whole timeout.
+pub(super) struct SendDeadline {
+    fd: RawFd,
+    timeout: Duration,
+    last_progress: Instant,
+}
+
+impl SendDeadline {
+    /// For a blocking socket with SO_SNDTIMEO; None otherwise (plain blocking writes then).
+    pub(super) fn new(fd: RawFd) -> Option<SendDeadline> {
+        if is_nonblocking(fd) {
+            return None;
+        }
+        socket_timeout(fd, Direction::Send).map(|timeout| SendDeadline { fd, timeout, last_progress: Instant::now() })
+    }
+
+    pub(super) fn progressed(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Sleep until the socket takes bytes again (or fails, or is shut down: the next send says
+    /// which). A [`PageError::TimedOut`] once the timeout has passed since the last progress.
+    pub(super) fn wait(&mut self, what: &str) -> Result<(), PageError> {
+        loop {
+            let left = self.timeout.saturating_sub(self.last_progress.elapsed());
+            if left.is_zero() {
+                return Err(timed_out(self.fd, what, Direction::Send, self.timeout));
+            }
+            let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 };
+            // SAFETY: one pollfd of ours.
+            match unsafe { libc::poll(&mut pfd, 1, poll_ms(left)) } {
+                0 => continue, // the loop above decides: the deadline has passed
+                n if n < 0 => {
+                    let err = io::Error::last_os_error();
+                    if err.raw_os_error() != Some(libc::EINTR) {
+                        return Err(PageError::io(format!("{what} (fd {})", self.fd), err));
+                    }
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+/// A timeout for messages: whole seconds as `30`, fractions as `0.25`.
+pub(super) fn seconds(d: Duration) -> String {
+    let text = format!("{:.3}", d.as_secs_f64());
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
