@@ -358,7 +358,8 @@ class Soak:
         cmd = ["--migrate-live", LOOPBACK, str(port), "--json", "--key-file", str(self.key), "--streams", str(a.streams),
                "--compress", a.compress, *tls_args(self.tls, src)]
         if a.downtime_ms is not None:
-            cmd += ["--downtime-ms", str(a.downtime_ms)]
+            cmd += ["--downtime-ms", f"{a.downtime_ms:g}"]
+        cmd += a.migrate_opt
         result = self.hosts[src].vmmctl(*cmd)
         out, err = self.runs_dir / f"{record.run:04d}-migrate.json", self.runs_dir / f"{record.run:04d}-migrate.err"
         out.write_text(result.stdout)
@@ -428,16 +429,33 @@ class Soak:
         return record
 
     def recover(self, record: Run, src: str, dst: str) -> str:
-        """After a failed run: where the guest is now, with a fresh one started if it was lost or
-        damaged. A failed migration leaves the source running, with nothing lost: go on from there."""
+        """After a failed run: find the one guest, check its memory, and go on from there. A
+        failed migration must leave the guest running on the source with nothing lost; a guest
+        that is lost, doubled or damaged is replaced by a fresh one on host A."""
         s, d = self.hosts[src], self.hosts[dst]
-        damaged = record.checked is not None and not record.checked["ok"]
-        if not damaged and s.exited() is None and s.proc is not None and s.state() == "running":
-            d.kill()
-            return src
-        if not damaged and d.exited() is None and d.proc is not None and d.state() == "running" and s.exited() is not None:
-            s.proc = None
-            return dst
+        where = None
+        if record.checked is None or record.checked["ok"]:
+            on_src = s.state() if s.proc is not None and s.exited() is None else None
+            on_dst = d.state() if d.proc is not None and d.exited() is None else None
+            if on_src == "running" and on_dst == "running":
+                record.error += f"; then: a guest runs on both {src} and {dst}"
+            elif on_src == "running":
+                d.kill()
+                where = src
+            elif on_dst == "running":
+                s.proc = None
+                where = dst
+            else:
+                record.error += f"; then: no guest runs on {src} ({on_src}) nor on {dst} ({on_dst})"
+        if where is not None and record.checked is None:
+            try:
+                self.check_memory(record, where)
+            except SoakError as err:
+                record.error += f"; then: {err}"
+                where = None
+        if where is not None:
+            print(f"         the guest runs on host {where}, its memory exact: going on from there", flush=True)
+            return where
         s.kill()
         d.kill()
         self.restarts += 1
@@ -464,6 +482,8 @@ class Soak:
                 if not a.keep_going:
                     break
                 where = self.recover(record, where, dst)
+                if "; then: " in record.error:
+                    print(f"         {record.error[record.error.index('; then: ') + 2:]}", flush=True)
             self.write_json()
         self.finish()
         summary = self.summary()
@@ -523,7 +543,7 @@ class Soak:
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
             "machine": machine_summary(),
             "options": {"runs": a.runs, "mem": a.mem, "dirty_size": self.ranges[0][1] * P.PAGE_SIZE, "rate": a.rate, "tsc": a.tsc,
-                        "streams": a.streams, "tls": a.tls, "compress": a.compress, "downtime_ms": a.downtime_ms, "seed": a.seed,
+                        "streams": a.streams, "tls": a.tls, "compress": a.compress, "downtime_ms": a.downtime_ms, "migrate_opt": a.migrate_opt, "seed": a.seed,
                         "dwell": a.dwell, "check_every": a.check_every, "key_file": "given" if a.key_file else "generated"},
             "directory": str(self.dir),
             "guest_args": self.guest_args,
@@ -568,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="mutual TLS too, with a throwaway CA and host certificates made by openssl")
     p.add_argument("--compress", choices=("off", "lz4", "auto"), default="off", help="vmmctl --compress (default off)")
     p.add_argument("--downtime-ms", type=float, help="vmmctl --downtime-ms (default: vmmctl's)")
+    p.add_argument("--migrate-opt", action="append", default=[], metavar="OPTION",
+                   help="another vmmctl --migrate-live option, as is (repeatable; write it --migrate-opt=--verify=full)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random dwell before each migration (default 0)")
     p.add_argument("--dwell", type=float, default=0.5, help="the guest runs a random 0..DWELL s on a host before it moves on (default 0.5)")
     p.add_argument("--check-every", type=positive, default=1, help="checkpoint and check memory after every Nth migration and the last (default 1)")
