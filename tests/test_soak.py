@@ -69,11 +69,11 @@ def test_failed_migrations_are_reported_the_guest_checked_where_it_stayed_and_th
     for r in record["runs"]:
         assert not r["ok"] and "elsewhere.example" in r["error"] and "keeps running here" in r["error"]
         assert r["checked"]["ok"], "the source's guest is checked after the failure: nothing lost"
-        assert Path(r["logs"]["source"]).exists() and Path(r["logs"]["migrate"]).exists()
+        assert (tmp_path / "soak" / r["logs"]["source"]).exists() and (tmp_path / "soak" / r["logs"]["migrate"]).exists()
     assert (record["summary"]["failures"], record["summary"]["restarts"]) == (2, 0)
     assert result.stdout.count("FAILED: vmmctl --migrate-live A->B exited 1") == 2
     assert "the guest runs on host A, its memory exact" in result.stdout
-    assert f"kept {tmp_path / 'soak'}" in result.stderr
+    assert f"kept {tmp_path / 'soak'}" in result.stderr and record["directory"] == str(tmp_path / "soak")
 
 
 def test_percentile_is_nearest_rank():

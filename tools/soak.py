@@ -335,6 +335,9 @@ class Soak:
         self.restarts = 0
         self.started = time.time()
 
+    def relative(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.dir))
+
     # -- the guest's life ---------------------------------------------------------------------
     def machine_args(self) -> list[str]:
         """What source and destination must agree on."""
@@ -364,7 +367,7 @@ class Soak:
         out, err = self.runs_dir / f"{record.run:04d}-migrate.json", self.runs_dir / f"{record.run:04d}-migrate.err"
         out.write_text(result.stdout)
         err.write_text(result.stderr)
-        record.logs["migrate"] = str(out)
+        record.logs["migrate"] = self.relative(out)
         if result.returncode != 0:
             raise SoakError(f"vmmctl --migrate-live {src}->{dst} exited {result.returncode}: {result.stderr.strip()[-800:]}")
         return json.loads(result.stdout)
@@ -399,7 +402,7 @@ class Soak:
         record.checked = {"sweeps": verdict.sweeps, "instructions": verdict.instructions, "ok": verdict.ok,
                           "problems": verdict.problems, "checkpoint_paused_ms": round(paused_ms, 3)}
         if not verdict.ok:
-            record.logs["checkpoint"] = str(path)
+            record.logs["checkpoint"] = self.relative(path)
             raise SoakError(f"host {host}: the guest's memory is not exact (checkpoint {path} kept): " + "; ".join(verdict.problems))
         self.last_check = verdict
         if not self.args.keep:
@@ -413,7 +416,7 @@ class Soak:
         try:
             port = free_port()
             self.start_destination(dst, port)
-            record.logs = {"source": str(self.hosts[src].log), "destination": str(self.hosts[dst].log)}
+            record.logs = {"source": self.relative(self.hosts[src].log), "destination": self.relative(self.hosts[dst].log)}
             record.dwell_s = round(self.random.uniform(0, self.args.dwell), 3)
             time.sleep(record.dwell_s)
             stats = self.migrate(record, src, dst, port)
@@ -478,7 +481,7 @@ class Soak:
                 where = dst
             else:
                 print(f"         FAILED: {record.error}", flush=True)
-                print(f"         logs: {self.dir} ({', '.join(f'{k} {v}' for k, v in record.logs.items())})", flush=True)
+                print(f"         logs in {self.dir}: {', '.join(f'{k} {v}' for k, v in record.logs.items())}", flush=True)
                 if not a.keep_going:
                     break
                 where = self.recover(record, where, dst)
@@ -545,7 +548,8 @@ class Soak:
             "options": {"runs": a.runs, "mem": a.mem, "dirty_size": self.ranges[0][1] * P.PAGE_SIZE, "rate": a.rate, "tsc": a.tsc,
                         "streams": a.streams, "tls": a.tls, "compress": a.compress, "downtime_ms": a.downtime_ms, "migrate_opt": a.migrate_opt, "seed": a.seed,
                         "dwell": a.dwell, "check_every": a.check_every, "key_file": "given" if a.key_file else "generated"},
-            "directory": str(self.dir),
+            # Logs are named relative to it; a soak that passed in a temporary directory removes it.
+            "directory": str(self.dir) if self.args.dir or self.args.keep or self.summary()["failures"] else None,
             "guest_args": self.guest_args,
             "runs": [asdict(r) for r in self.records],
             "summary": self.summary(),
