@@ -303,6 +303,9 @@ class Run:
     zero_pages: int | None = None
     bytes_total: int | None = None
     throttle: float | None = None
+    expected_downtime_ms: float | None = None
+    downtime_breakdown: dict | None = None
+    notes: list = field(default_factory=list)
     checked: dict | None = None
     logs: dict = field(default_factory=dict)
 
@@ -334,6 +337,7 @@ class Soak:
         self.last_check: Verdict | None = None
         self.restarts = 0
         self.started = time.time()
+        self.machine = machine_summary()  # the load before the soak adds its own
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.dir))
@@ -423,12 +427,16 @@ class Soak:
             record.total_ms, record.downtime_ms = stats.get("total_time_ms"), stats.get("downtime_ms")
             record.rounds, record.pages_sent, record.zero_pages = stats.get("round_count"), stats.get("pages_sent"), stats.get("zero_pages")
             record.bytes_total, record.throttle = stats.get("bytes_total"), stats.get("throttle")
+            record.expected_downtime_ms, record.downtime_breakdown = stats.get("expected_downtime_ms"), stats.get("downtime_breakdown")
+            record.notes = stats.get("notes") or []
             self.check_one_guest(src, dst)
             if i % self.args.check_every == 0 or i == self.args.runs:
                 self.check_memory(record, dst)
             record.ok = True
         except SoakError as err:
             record.error = str(err)
+        except (OSError, ValueError, KeyError) as err:  # an answer the soak did not expect: record it, keep the evidence
+            record.error = f"unexpected {type(err).__name__}: {err}"
         return record
 
     def recover(self, record: Run, src: str, dst: str) -> str:
@@ -544,7 +552,7 @@ class Soak:
         record = {
             "command": " ".join([Path(sys.executable).name, "-m", "tools.soak", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
-            "machine": machine_summary(),
+            "machine": self.machine,
             "options": {"runs": a.runs, "mem": a.mem, "dirty_size": self.ranges[0][1] * P.PAGE_SIZE, "rate": a.rate, "tsc": a.tsc,
                         "streams": a.streams, "tls": a.tls, "compress": a.compress, "downtime_ms": a.downtime_ms, "migrate_opt": a.migrate_opt, "seed": a.seed,
                         "dwell": a.dwell, "check_every": a.check_every, "key_file": "given" if a.key_file else "generated"},
@@ -560,7 +568,7 @@ class Soak:
 def machine_summary() -> dict:
     mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")), 0)
     return {"nproc": os.cpu_count(), "memory": format_size(mem_kib * 1024), "kernel": platform.release(),
-            "python": platform.python_version(), "load": [round(x, 2) for x in os.getloadavg()]}
+            "python": platform.python_version(), "load_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
 
 
 def build_parser() -> argparse.ArgumentParser:
