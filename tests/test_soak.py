@@ -76,6 +76,18 @@ def test_failed_migrations_are_reported_the_guest_checked_where_it_stayed_and_th
     assert f"kept {tmp_path / 'soak'}" in result.stderr and record["directory"] == str(tmp_path / "soak")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "argument --runs: 0 must be at least 1"),
+    (["--mem", "12Q"], "argument --mem: size '12Q' is not a size"),
+    (["--dwell", "-1"], "argument --dwell: -1 must be 0 or more seconds"),
+    (["--key-file", "no-such.key"], "--key-file no-such.key: no such file"),
+])
+def test_bad_options_are_refused_by_name_before_anything_starts(args, message, tmp_path):
+    result = soak(*args, "--dir", str(tmp_path / "soak"), timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "soak").exists()
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50.0, 99.0, 100.0)

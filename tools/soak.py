@@ -587,6 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
             raise argparse.ArgumentTypeError(f"{value} must be at least 1")
         return value
 
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{value:g} must be 0 or more seconds")
+        return value
+
     p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=positive, default=10, help="live migrations to do, alternating A->B and B->A (default 10)")
@@ -603,9 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migrate-opt", action="append", default=[], metavar="OPTION",
                    help="another vmmctl --migrate-live option, as is (repeatable; write it --migrate-opt=--verify=full)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random dwell before each migration (default 0)")
-    p.add_argument("--dwell", type=float, default=0.5, help="the guest runs a random 0..DWELL s on a host before it moves on (default 0.5)")
+    p.add_argument("--dwell", type=seconds, default=0.5, help="the guest runs a random 0..DWELL s on a host before it moves on (default 0.5)")
     p.add_argument("--check-every", type=positive, default=1, help="checkpoint and check memory after every Nth migration and the last (default 1)")
-    p.add_argument("--timeout", type=float, default=120.0, help="bound of every wait, in seconds (default 120)")
+    p.add_argument("--timeout", type=seconds, default=120.0, help="bound of every wait, in seconds (default 120)")
     p.add_argument("--dir", help="the soak directory (default: a new one under the temp directory, removed if every run passes)")
     p.add_argument("--keep", action="store_true", help="keep the soak directory and every checkpoint even if every run passes")
     p.add_argument("--json", help="write the machine-readable record here")
