@@ -116,6 +116,31 @@ def test_abtest_names_a_page_whose_counter_is_wrong():
     assert result.console == b"abtest: MISMATCH page 0x234000 counter 11 expected 4\n"
 
 
+@pytest.mark.parametrize("rate", [100, 7, 5000])
+def test_abtest_rate_paces_its_sweep_by_the_tsc_and_still_checks_every_counter(rate):
+    pages, sweeps = 11, 3  # 33 page increments; the group-of-8 sweep is replaced by a paced one
+    image = build("abtest", end=hex(2 * MiB + pages * PAGE), sweeps=sweeps, report=0, rate=rate)
+    result = run_bare(image, MEMSIZE, 10**8)
+    assert result.console == b"abtest: done 3 sweeps over 11 pages, all counters 3\n"
+    # Increment n waits for t0 + n * 1e6/rate; the last one is n = 32, then comes the final check
+    # (a few instructions per page) and its line, one TSC tick per instruction.
+    ns_per_page = 1_000_000 / rate
+    assert 32 * ns_per_page <= result.vcpu.tsc <= 32 * ns_per_page + 2000
+    unpaced = run_bare(build("abtest", end=hex(2 * MiB + pages * PAGE), sweeps=sweeps, report=0), MEMSIZE, 10**8)
+    assert unpaced.vcpu.tsc < 2000
+
+
+def test_abtest_paced_restarts_its_schedule_after_falling_behind():
+    image = build("abtest", end=hex(2 * MiB + 64 * PAGE), report=0, rate=1000)  # a page per 1000 ns
+    first = run_bare(image, MEMSIZE, 20_000)
+    pages_before = sum(counters(first.memory, 2 * MiB, 2 * MiB + 64 * PAGE))
+    first.vcpu.tsc_offset = 50_000_000  # 50 ms pass while the guest is stopped (a migration)
+    run_vcpu(first.vcpu, first.memory, 20_000)
+    pages_after = sum(counters(first.memory, 2 * MiB, 2 * MiB + 64 * PAGE))
+    # No burst of 50 000 catch-up increments: the pace stays about one page per 1000 TSC ticks.
+    assert 10 <= pages_after - pages_before < 40
+
+
 def _migrate(cpu, memory, lose_page=None, stale_copy=None):
     """Copy memory and vCPU state into fresh objects, as a migration does; optionally put back
     an older copy of one page (a page the migration lost)."""
@@ -290,7 +315,7 @@ def test_console_without_a_lapic_is_an_unhandled_mmio_store():
 @pytest.mark.parametrize(
     "name,args,message",
     [
-        ("abtest", {"sweep": "3"}, "abtest: unknown argument 'sweep' (it takes start, end, highmem, sweeps, report)"),
+        ("abtest", {"sweep": "3"}, "abtest: unknown argument 'sweep' (it takes start, end, highmem, sweeps, report, rate)"),
         ("abtest", {"sweeps": "many"}, "abtest: argument sweeps=many: is not a whole number"),
         ("abtest", {"sweeps": "-1"}, "abtest: argument sweeps=-1: must be in 0..18446744073709551615"),
         ("abtest", {"start": "0x1000"}, "abtest: argument start=0x1000: must be at least 0x200000"),
@@ -304,6 +329,7 @@ def test_console_without_a_lapic_is_an_unhandled_mmio_store():
         ("memtouch", {"wss": "5000"}, "memtouch: argument wss=5000: must be a multiple of the page size"),
         ("memtouch", {"wss": "4K", "pattern": "hotcold"}, "memtouch: argument wss=4K: must be at least 2 pages"),
         ("memtouch", {"wss": "1M", "rate": "lots"}, "memtouch: argument rate=lots: is not a whole number"),
+        ("abtest", {"rate": "2000000000"}, "abtest: argument rate=2000000000: must be in 0..1000000000"),
         ("hash", {"qwords": "3"}, "hash: argument qwords=3: must be a power of two"),
         ("hash", {"qwords": "1024"}, "hash: argument qwords=1024: must be in 1..512"),
         ("console", {"period_us": "0"}, "console: argument period_us=0: must be in 1..31999999"),

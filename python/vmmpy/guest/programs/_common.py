@@ -260,7 +260,48 @@ MACROS = r"""
         call print_hex16
         pop rax
 .endm
+.macro READ_TSC dst             ; dst = the 64-bit TSC, clobbers rax, rdx
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        mov \dst, rax
+.endm
+.macro PACE deadline, fraction, scratch ; wait for the TSC to reach deadline, then move it on by
+                                ; 1e6 / RATE ns (the fraction carried in 1/RATE ns); clobbers
+                                ; rax, rdx, scratch. Needs pace_constants(rate) (program side)
+pace_wait\@:
+        READ_TSC \scratch
+        cmp \scratch, \deadline
+        jae pace_late\@
+        pause
+        jmp pace_wait\@
+pace_late\@:                    ; more than RESYNC_NS behind: restart the schedule from now
+        mov rax, \scratch
+        sub rax, \deadline
+        cmp rax, RESYNC_NS
+        jbe pace_next\@
+        mov \deadline, \scratch
+        mov \fraction, 0
+pace_next\@:
+        add \deadline, NS_WHOLE
+        add \fraction, NS_FRACTION
+        cmp \fraction, RATE
+        jb pace_done\@
+        sub \fraction, RATE
+        inc \deadline
+pace_done\@:
+.endm
 """
+
+#: A paced program that falls further behind its schedule than this restarts it from now,
+#: instead of catching up in a burst (a guest stopped for a checkpoint or a migration).
+RESYNC_NS = 1_000_000
+
+
+def pace_constants(rate: int) -> dict[str, int]:
+    """The constants the PACE macro reads, for ``rate`` events per guest millisecond (1 GHz TSC)."""
+    rate = max(rate, 1)
+    return {"RATE": rate, "NS_WHOLE": 1_000_000 // rate, "NS_FRACTION": 1_000_000 % rate, "RESYNC_NS": RESYNC_NS}
 
 
 def asm_string(text: str) -> str:

@@ -8,6 +8,11 @@ across a checkpoint or a migration leaves a counter behind or ahead of the other
 final check reports it. The sweep counter itself lives in a register (r8), so it travels with
 the vCPU state.
 
+``rate`` paces the sweep as memtouch paces its writes: page n of the run (from 0) waits until the
+TSC (1 GHz) reaches t0 + n * 1e6 / rate, so ``rate`` pages are incremented per guest millisecond,
+and a guest that falls more than 1 ms behind restarts its schedule from now. Unpaced (0), it
+rewrites pages as fast as the vCPU runs.
+
 Console::
 
     abtest: sweep N                                 every `report` sweeps
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 from .. import platform as P
 from ..asm import Program
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory, pace_constants
 
 NAME = "abtest"
 DESCRIPTION = "migration oracle: per-page u64 counters incremented every sweep, verified at the end"
@@ -29,6 +34,7 @@ ARGUMENTS = (
     Argument("highmem", "no", "yes: also sweep all of highmem (4G .. 4G + highmem size) after the lowmem range"),
     Argument("sweeps", "0", "number of sweeps, then verify and power off; 0 = sweep forever"),
     Argument("report", "1", "print a progress line every N sweeps; 0 = never"),
+    Argument("rate", "0", "pages incremented per guest millisecond; 0 = as fast as possible"),
 )
 
 UNROLL = 8  # pages per loop iteration in the sweep
@@ -67,6 +73,23 @@ def _sweep_range(index: int, base: int, pages: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sweep_range_paced(index: int, base: int, pages: int) -> str:
+    """Increment the counter of every page in one range, one page per PACE (rbp the deadline,
+    r12 its fraction)."""
+    return f"""
+        movabs rsi, {base:#x}
+        movabs rdi, {base + pages * P.PAGE_SIZE:#x}
+sweep_range{index}:
+        PACE rbp, r12, r11
+        ld64 rax, [rsi]
+        inc rax
+        st64 [rsi], rax
+        add rsi, PAGE_SIZE
+        cmp rsi, rdi
+        jb sweep_range{index}
+"""
+
+
 def _verify_range(index: int, base: int, pages: int) -> str:
     """Check every counter of one range equals r10 (the sweep count); jump to mismatch if not."""
     return f"""
@@ -89,6 +112,7 @@ def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: in
     highmem = a.yes_no("highmem")
     sweeps = a.integer("sweeps")
     report = a.integer("report", maximum=(1 << 31) - 1)
+    rate = a.integer("rate", maximum=1_000_000_000)
     check_memory(NAME, lowmem_size)
     if start < P.WORKLOAD_BASE:
         raise a.fail("start", f"must be at least {P.WORKLOAD_BASE:#x} (below it are the stack and the program image)")
@@ -101,8 +125,12 @@ def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: in
 
     ranges = sweep_ranges(start, end, highmem, highmem_size)
     total_pages = sum(pages for _, pages in ranges)
-    body = ["start:", "        mov r8, 0               ; sweeps done", "        mov r9, REPORT          ; sweeps to the next report", "sweep:"]
-    body += [_sweep_range(i, base, pages) for i, (base, pages) in enumerate(ranges)]
+    body = ["start:", "        mov r8, 0               ; sweeps done", "        mov r9, REPORT          ; sweeps to the next report"]
+    if rate:
+        body += ["        READ_TSC rbp            ; deadline of the next page", "        mov r12, 0              ; its fraction, in 1/RATE ns"]
+    body.append("sweep:")
+    sweep_range = _sweep_range_paced if rate else _sweep_range
+    body += [sweep_range(i, base, pages) for i, (base, pages) in enumerate(ranges)]
     body.append("        inc r8")
     if report:
         body.append("""
@@ -146,7 +174,7 @@ mismatch:                       ; rsi = the page, rax = its counter, r10 = expec
         "msg_counter": " counter ", "msg_expected": " expected ",
     }
     body += [f"{label}: .asciz {asm_string(text)}" for label, text in strings.items()]
-    constants = {"REPORT": report, "SWEEPS": sweeps, "TOTAL_PAGES": total_pages}
+    constants = {"REPORT": report, "SWEEPS": sweeps, "TOTAL_PAGES": total_pages, **pace_constants(rate)}
     return assemble_program(NAME, "\n".join(body) + "\n", constants)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from .. import platform as P
 from ..asm import Program
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory, pace_constants
 
 NAME = "memtouch"
 DESCRIPTION = "dirties memory at a set rate, working-set size and pattern, deterministic from a seed"
@@ -41,7 +41,6 @@ ARGUMENTS = (
 )
 
 MASK64 = (1 << 64) - 1
-RESYNC_NS = 1_000_000  # fall further behind than this and the schedule restarts from now
 
 
 def splitmix64(seed: int) -> int:
@@ -125,36 +124,6 @@ _NEXT_RANDOM = """
         shl rax, 17
         xor r12, rax
 .endm
-.macro READ_TSC dst             ; dst = the 64-bit TSC, clobbers rax, rdx
-        rdtsc
-        shl rdx, 32
-        or rax, rdx
-        mov \\dst, rax
-.endm
-"""
-
-_PACE = """
-pace_wait:                      ; wait for the TSC to reach the deadline in rbp
-        READ_TSC r11
-        cmp r11, rbp
-        jae pace_late
-        pause
-        jmp pace_wait
-pace_late:                      ; more than RESYNC_NS behind: restart the schedule from now
-        mov rax, r11
-        sub rax, rbp
-        cmp rax, RESYNC_NS
-        jbe pace_next
-        mov rbp, r11
-        mov rsi, 0
-pace_next:                      ; rbp += 1e6 / RATE, carrying the remainder in rsi
-        add rbp, NS_WHOLE
-        add rsi, NS_FRACTION
-        cmp rsi, RATE
-        jb pace_done
-        sub rsi, RATE
-        inc rbp
-pace_done:
 """
 
 
@@ -190,7 +159,7 @@ write:"""]
     body.append(_PICK[pattern])
     body.append("pick_done:")
     if rate:
-        body.append(_PACE)
+        body.append("        PACE rbp, rsi, r11")
     body.append("""
         inc r13
         mov rax, rbx
@@ -222,7 +191,6 @@ write_reported:""")
     hot = hot_pages(pages)
     constants = {
         "STATE0": initial_state(seed), "REPORT": report, "WORKLOAD_BASE": P.WORKLOAD_BASE, "PAGES": pages,
-        "HOT_PAGES": hot, "COLD_PAGES": max(1, pages - hot), "WRITES": writes, "RATE": max(rate, 1),
-        "NS_WHOLE": 1_000_000 // max(rate, 1), "NS_FRACTION": 1_000_000 % max(rate, 1), "RESYNC_NS": RESYNC_NS,
+        "HOT_PAGES": hot, "COLD_PAGES": max(1, pages - hot), "WRITES": writes, **pace_constants(rate),
     }
     return assemble_program(NAME, "\n".join(body) + "\n", constants)
