@@ -60,9 +60,9 @@ class MachineServices:
     # -- a migration in doubt holds the guest: nothing may run it but the resolution
     def in_doubt(self) -> str | None:
         """Which side of a migration in doubt this VM is, or None."""
-        if self._migration is not None and self._migration.in_doubt:
+        if self._migration is not None and (self._migration.in_doubt or self._migration.committing):
             return "source"
-        if self.incoming is not None and self.incoming.state == "in-doubt":
+        if self.incoming is not None and (self.incoming.state == "in-doubt" or self.incoming.committing):
             return "destination"
         return None
 
@@ -78,6 +78,8 @@ class MachineServices:
         return result
 
     def resume(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        if self._migration is not None and not self._migration.done():
+            raise OSError(errno.EBUSY, "a migration is running and holds the guest's pause; --migrate-cancel it first")
         side = self.in_doubt()
         if side is not None:
             raise OSError(errno.EBUSY, f"this guest's migration is in doubt ({side}); resuming it here could run it twice: "
@@ -91,6 +93,9 @@ class MachineServices:
         force = bool(request.get("force"))
         if action not in ("ask", "run-here", "discard-here"):
             raise ValueError(f"unknown resolve action {action!r}: ask, run-here or discard-here")
+        if self._migration is not None and self._migration.committing:
+            raise OSError(errno.EBUSY, "the migration is still settling its commit by itself (it reconnects for up to "
+                                       "its resolve timeout); wait for vmmctl's answer, then resolve if it is in doubt")
         if self._migration is not None and self._migration.in_doubt:
             stats = self._migration.resolve(action, force=force).to_dict()
             self._last_stats = stats

@@ -104,6 +104,7 @@ class Destination:
         self._pending: dict[socket.socket, threading.Thread] = {}
         self._closed = False
         self._service: threading.Thread | None = None
+        self._receiver: _Receiver | None = None
         self.released = False
 
     # -- waiting for the source ------------------------------------------------------------------
@@ -132,6 +133,9 @@ class Destination:
         with self._cond:
             self.state = "migrating"
         receiver.before_commit_ack = self._listen_again
+        receiver.listener_done = self._start_service
+        self.session = receiver.session
+        self._receiver = receiver
         try:
             # Only now, with nobody else accepting on the listener, may the source go on (its
             # data streams connect right after this ACCEPT).
@@ -150,6 +154,7 @@ class Destination:
         with self._cond:
             self.state = "running" if stats.status == "completed" else "discarded"
             self.released = receiver.released
+            self._cond.notify_all()
         if stats.status == "completed" and not receiver.released and receiver.version >= P.OWNERSHIP_VERSION:
             # The source may not know the guest runs here: answer its questions until it does.
             stats.notes.append(f"the source has not confirmed it knows the guest runs here; answering on "
@@ -309,6 +314,7 @@ class Destination:
         stats = self.stats
         with self._cond:
             self.state = "in-doubt"
+            self._cond.notify_all()
         self._start_service()
         limit = self.params.in_doubt_timeout
         give_up_at = None if limit is None else time.monotonic() + limit
@@ -320,6 +326,13 @@ class Destination:
                     return stats
                 self._cond.wait(0.5 if left is None else min(left, 0.5))
         return stats
+
+    @property
+    def committing(self) -> bool:
+        """COMMIT_ACK is about to go or went out and the session is not settled: the source may
+        have committed, so nothing but the migration may end or run this guest."""
+        receiver = self._receiver
+        return self.state == "migrating" and receiver is not None and receiver.state in (RxState.AWAIT_COMMITTED, RxState.IN_DOUBT)
 
     def _listen_again(self) -> str | None:
         """Before COMMIT_ACK goes out (the join window closed the listener): from then on the
@@ -336,10 +349,15 @@ class Destination:
         return None
 
     def _start_service(self) -> None:
-        """Answer RESOLVE on our address (listening again if need be)."""
+        """Answer RESOLVE on our address (listening again if need be), from the end of the join
+        window until the guest is settled: a source that aborts is heard even by a destination
+        still on its way to COMMIT_ACK, and a connection that finds nobody listening means
+        nothing is held here."""
+        if self._service is not None and self._service.is_alive():
+            return
         why = self._listen_again()
         if why is not None:
-            self.stats.notes.append(f"cannot listen again for the source's RESOLVE: {why}; settle with the operator's resolve")
+            self._note(f"cannot listen again for the source's RESOLVE: {why}; settle with the operator's resolve")
             return
         self._service = threading.Thread(target=self._serve_resolves, name="migration-resolve", daemon=True)
         self._service.start()
@@ -347,6 +365,7 @@ class Destination:
     def _serve_resolves(self) -> None:
         listener = self.listener
         listener.settimeout(0.2)
+        slots = threading.BoundedSemaphore(MAX_PENDING)
         while True:
             with self._cond:
                 if self.released or self.state == "discarded" or self.listener is not listener:
@@ -356,10 +375,34 @@ class Destination:
             except (TimeoutError, socket.timeout, BlockingIOError, InterruptedError):
                 continue
             except OSError:
-                break
-            threading.Thread(target=self._resolve_connection, args=(conn, format_address(*peer[:2])),
-                             name="migration-resolve-conn", daemon=True).start()
-        self._close_listener()
+                if listener.fileno() == -1:
+                    break
+                time.sleep(0.1)  # out of descriptors or memory for now: the source will try again
+                continue
+            if not slots.acquire(blocking=False):
+                conn.close()  # as many as the waiting phase serves at once: a flood holds nothing
+                continue
+
+            def serve(conn=conn, peer=format_address(*peer[:2])) -> None:
+                try:
+                    self._resolve_connection(conn, peer)
+                finally:
+                    slots.release()
+
+            try:
+                threading.Thread(target=serve, name="migration-resolve-conn", daemon=True).start()
+            except RuntimeError:
+                slots.release()
+                conn.close()
+        with self._cond:
+            if self.listener is listener:
+                self.listener = None
+        listener.close()
+
+    def _note(self, text: str) -> None:
+        target = self.stats if self.stats is not None else (self._receiver.stats if self._receiver is not None else None)
+        if target is not None:
+            target.notes.append(text)
 
     def _resolve_connection(self, conn: socket.socket, peer: str) -> None:
         receiver = _Receiver(self.adapter, conn, self.key, self.params, None, peer, self.tls, None)
@@ -378,9 +421,9 @@ class Destination:
                 P.decode_empty(P.MessageType.RELEASED, receiver.read(P.MessageType.RELEASED).payload)
                 with self._cond:
                     self.released = True
-                    self.stats.notes.append("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
+                self._note("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
         except BaseException as err:  # noqa: BLE001 - a failed RESOLVE connection changes nothing
-            self.stats.notes.append(f"a RESOLVE connection from {peer} failed: {receiver.failure_text(err)}")
+            self._note(f"a RESOLVE connection from {peer} failed: {receiver.failure_text(err)}")
         finally:
             timer.cancel()
             receiver.close_quietly()
@@ -389,6 +432,14 @@ class Destination:
         if resolve.session != self.session:
             return P.Outcome.UNKNOWN
         commit = resolve.decision is P.Decision.COMMIT
+        with self._cond:
+            if self.state == "migrating" and not commit:
+                # Still receiving (or slow to reach COMMIT_ACK): the source will never commit.
+                self._receiver.abort_from_source()
+            # Whatever the receiver does with the session decides the answer: wait for it.
+            self._cond.wait_for(lambda: self.state != "migrating", timeout=self.params.commit_timeout)
+            if self.state == "migrating":
+                raise MigrationTimeout(f"the session is still being received after {self.params.commit_timeout:g} s")
         return self._settle(commit, "the source's RESOLVE after the link failed")
 
     def _settle(self, commit: bool, by: str) -> P.Outcome:
@@ -398,7 +449,14 @@ class Destination:
                 stats = self.stats
                 if commit:
                     t = time.monotonic()
-                    self.adapter.start_running()
+                    try:
+                        self.adapter.start_running()
+                    except Exception as err:  # noqa: BLE001 - it cannot run here: the source keeps it
+                        self.state = "discarded"
+                        stats.owner = "source"
+                        stats.finish("failed", f"{stats.error}; the guest could not be started here ({err})")
+                        self._cond.notify_all()
+                        return P.Outcome.DISCARDED
                     stats.downtime_breakdown["start_ms"] = (time.monotonic() - t) * 1000
                     self.state = "running"
                     stats.owner = "destination"
@@ -505,6 +563,8 @@ class _Receiver:
         self.session = b""  # session_id() of this connection's handshake
         self.released = False  # v5: the source said RELEASED (it knows the guest runs here)
         self.before_commit_ack = None  # Destination: listen again before COMMIT_ACK (v5), returns why not or None
+        self.listener_done = None  # Destination: takes the listener back when the join window ends
+        self.source_aborted = False  # a RESOLVE(abort) for this session came on another connection
 
     def run(self) -> MigrationStats:
         """The whole session on this one connection (``serve_connection``)."""
@@ -589,9 +649,20 @@ class _Receiver:
             self.digest_job.join()
 
     def _close_listener(self) -> None:
+        """The join window is over: hand the listener back to its owner (a Destination answers
+        RESOLVE on it from here on), or close it."""
         if self.listener is not None:
-            self.listener.close()
+            if self.listener_done is not None:
+                self.listener_done()
+            else:
+                self.listener.close()
             self.listener = None
+
+    def abort_from_source(self) -> None:
+        """A RESOLVE(abort) for this session arrived on another connection while this one is
+        still receiving: the source will never commit, so end here and discard (never in doubt)."""
+        self.source_aborted = True
+        shutdown_quietly(self.conn)
 
     # -- frames ----------------------------------------------------------------------------------
     def _read(self, *expected: P.MessageType) -> P.Frame:
@@ -847,12 +918,13 @@ class _Receiver:
         self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
         frame = self._read(P.MessageType.COMMITTED)
         P.decode_empty(frame.type, frame.payload)
-        # From here the guest is ours whatever happens: the source has decided to commit.
-        self.state = RxState.RUNNING
-        self.stats.owner = "destination"
+        # The source has decided to commit: the guest is ours once it runs. Should it fail to
+        # start (powered off meanwhile), no RESUMED goes back: the source keeps its copy.
         t = time.monotonic()
         self.adapter.start_running()
         started = time.monotonic() - t
+        self.state = RxState.RUNNING
+        self.stats.owner = "destination"
         self.stats.downtime_breakdown["start_ms"] = started * 1000
         try:
             # Tells the source when the downtime ended; the guest runs whether or not it arrives.
@@ -883,7 +955,9 @@ class _Receiver:
             self.stats.notes.append(f"after commit: {message}")
             self.stats.finish("completed")
             return
-        if self.state is RxState.AWAIT_COMMITTED and self.version >= P.OWNERSHIP_VERSION and not isinstance(err, Aborted):
+        if self.source_aborted:
+            message = f"the source aborted (RESOLVE on another connection) in state {self.state.value}"
+        elif self.state is RxState.AWAIT_COMMITTED and self.version >= P.OWNERSHIP_VERSION and not isinstance(err, Aborted):
             # The source may have sent COMMITTED: neither run nor discard until it (or the
             # operator) says which. The vCPU threads stay held at the pause rendezvous.
             self.state = RxState.IN_DOUBT

@@ -76,6 +76,9 @@ class MachineAdapter:
         self.machine.finish(0, "migrated away")
 
     def start_running(self) -> None:
+        if self.machine.exit_status is not None:
+            # Powered off or failed while the migration ran: there is no guest left to start here.
+            raise RuntimeError(f"the guest stopped here ({self.machine.exit_reason}) before it could run")
         if self._held:
             self._held = False
             self.machine.resume()

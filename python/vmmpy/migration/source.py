@@ -107,6 +107,12 @@ class MigrationHandle:
         return self._stats
 
     @property
+    def committing(self) -> bool:
+        """COMMIT_REQUEST went out and the migration is not over: the guest is held paused for
+        the commit; nothing but the migration may resume or stop it."""
+        return not self.done() and self._source.commit_requested
+
+    @property
     def in_doubt(self) -> bool:
         """The migration ended in doubt: the guest is held paused here until ``resolve``."""
         return self.done() and self._stats is not None and self._stats.status == "in-doubt"
