@@ -9,6 +9,7 @@
 //! "truncated", and since the file is never mapped nothing can fault.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
@@ -22,6 +23,8 @@ struct FileChunks {
     size: u64,
     chunk_size: usize,
     hashes: Vec<u128>,
+    /// The hash of a whole chunk of zeros: most chunks of a sparse guest are all hole.
+    zero_chunk: OnceLock<u128>,
 }
 
 /// Guest memory restored lazily from the memory file open at `fd` (a duplicate is kept): lowmem
@@ -46,7 +49,7 @@ pub fn lazy_memory(opts: &MemoryOptions, fd: RawFd, hashes: Vec<u128>, chunk_siz
     }
     // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-    let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes };
+    let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes, zero_chunk: OnceLock::new() };
     Ok(GuestMemory::lazy(opts, chunk, Box::new(source))?)
 }
 
@@ -67,6 +70,10 @@ impl ChunkSource for FileChunks {
             return Err(fault);
         }
         let extents = page_extents(fd, start, end).map_err(fault_of)?;
+        if extents.is_empty() && end - start == self.chunk_size as u64 {
+            let zero = *self.zero_chunk.get_or_init(|| ChunkHasher::zero_hash(self.chunk_size));
+            return if zero == self.hashes[index] { Ok(()) } else { Err(ChunkFault::Mismatch) };
+        }
         let mut hasher = ChunkHasher::new(self.chunk_size, end - start);
         let mut pos = start;
         for (a, b) in extents {
@@ -79,6 +86,8 @@ impl ChunkSource for FileChunks {
                 }
                 let dst = part.ptr.wrapping_add((x - p_start) as usize);
                 let len = (y - x) as usize;
+                // SAFETY: as below; POPULATE_WRITE only faults the pages in, advisory.
+                unsafe { libc::madvise(dst as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
                 // SAFETY: dst..dst+len lies inside the part, which the caller gives us writable
                 // and untouched by anyone else until we return.
                 if let Err(err) = unsafe { pread_all(fd, dst, len, x) } {
