@@ -1,6 +1,7 @@
 //! vCPU throughput: a tight `dec; jnz` loop (instructions per second) and a loop that stores
 //! one qword into each page of a 16 MiB buffer (pages dirtied per second, every store going
-//! through the dirty bitmap). Run with `cargo bench --bench cpu`.
+//! through the dirty bitmap); and the tight loop on lazily restored memory that is still loading
+//! (every access checks its chunk) and once it is complete. Run with `cargo bench --bench cpu`.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use vmm_core::cpu::encode::Builder;
 use vmm_core::cpu::isa::op;
 use vmm_core::cpu::{Exit, TscMode, Vcpu, Vendor};
-use vmm_core::memory::{GuestAddress, GuestMemory, MemoryOptions};
+use vmm_core::memory::{ChunkFault, ChunkPart, ChunkSource, GuestAddress, GuestMemory, MemoryOptions};
 
 const CODE: u64 = 0x1000;
 const RCX: usize = 1;
@@ -78,5 +79,53 @@ fn dirtying_loop(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, tight_loop, dirtying_loop);
+/// A lazy image copied from eager memory (lowmem only, 4 MiB chunks).
+struct CopyOf(Arc<GuestMemory>);
+
+impl ChunkSource for CopyOf {
+    fn name(&self) -> &str {
+        "bench"
+    }
+    unsafe fn load(&self, index: usize, parts: &[ChunkPart]) -> Result<(), ChunkFault> {
+        for part in parts {
+            // SAFETY: the part is writable and ours for the call.
+            let out = unsafe { std::slice::from_raw_parts_mut(part.ptr, part.len) };
+            self.0.read(GuestAddress(((index << 22) + part.chunk_offset) as u64), out).unwrap();
+        }
+        Ok(())
+    }
+}
+
+fn lazy_tight_loop(c: &mut Criterion) {
+    let mut b = Builder::new();
+    b.emit(op::MOVI, RCX, 0, LOOPS as i32);
+    let top = b.here();
+    b.emit(op::DEC, RCX, 0, 0);
+    b.branch(op::JNE, top);
+    b.emit(op::OUT8, 0, RCX, 0x80);
+    b.branch(op::JMP, 0);
+    let (image, _) = vcpu(&b);
+    let mut group = c.benchmark_group("vcpu");
+    group.throughput(Throughput::Elements(2 * LOOPS + 2));
+    group.sample_size(20);
+    for complete in [false, true] {
+        let mem = Arc::new(GuestMemory::lazy(&MemoryOptions::new(64 << 20), 4 << 20, Box::new(CopyOf(image.clone()))).unwrap());
+        if complete {
+            mem.ensure_all().unwrap();
+        }
+        let mut cpu = Vcpu::new(mem.clone(), 0, Vendor::Intel, TscMode::Instructions);
+        cpu.set_register("rip", CODE).unwrap();
+        let name = if complete { "dec_jnz_loop_lazy_memory_complete" } else { "dec_jnz_loop_lazy_memory_loading" };
+        group.bench_function(name, |bench| {
+            bench.iter(|| {
+                let exit = cpu.run(u64::MAX).unwrap();
+                assert!(matches!(exit, Exit::Inout { port: 0x80, .. }), "{exit}");
+            })
+        });
+        assert_eq!(mem.is_complete(), complete);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, tight_loop, dirtying_loop, lazy_tight_loop);
 criterion_main!(benches);

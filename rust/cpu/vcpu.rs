@@ -116,9 +116,10 @@ pub struct Vcpu {
     /// The segment at GPA 0 (lowmem), cached so the common access needs no search.
     low: Arc<Segment>,
     low_size: u64,
-    /// How much of lowmem the fast path may touch unchecked: all of it, or none while lazily
-    /// restored memory is still loading (every access then goes through `translate`, which loads
-    /// and checks its chunk). Raised to `low_size` once memory is complete.
+    /// How much of lowmem the fast path may touch unchecked: all of it, or while lazily restored
+    /// memory is still loading, the chunks from GPA 0 on that are loaded (other accesses go
+    /// through `translate`, which loads and checks their chunk). Raised as chunks load, every
+    /// POLL_INTERVAL instructions; it never needs lowering (a loaded chunk stays loaded).
     fast_end: u64,
     /// Why the last access that found lazily restored memory unusable failed, for `run`'s error.
     unavailable: Cell<Option<MemoryError>>,
@@ -160,7 +161,7 @@ impl Vcpu {
             .cloned()
             .expect("guest memory always has a lowmem segment at GPA 0");
         let low_size = low.size() as u64;
-        let fast_end = if memory.is_complete() { low_size } else { 0 };
+        let fast_end = memory.loaded_prefix().min(low_size);
         let apic_base = isa::APIC_BASE_DEFAULT | if id == 0 { isa::APIC_BASE_BSP } else { 0 };
         Vcpu {
             id,
@@ -366,8 +367,8 @@ impl Vcpu {
     fn run_to_exit(&mut self, budget: u64) -> Exit {
         let mut left = budget;
         loop {
-            if self.fast_end != self.low_size && self.memory.is_complete() {
-                self.fast_end = self.low_size;
+            if self.fast_end != self.low_size {
+                self.fast_end = self.memory.loaded_prefix().min(self.low_size);
             }
             if self.shared.pause_requested.load(Ordering::Relaxed) && self.shared.pause_requested.swap(false, Ordering::AcqRel) {
                 return Exit::PauseRequested;

@@ -171,6 +171,17 @@ impl GuestMemory {
         self.lazy.as_ref().is_none_or(|image| image.is_complete())
     }
 
+    /// Guest-physical bytes from 0 that may be used without a check: all of them (u64::MAX) unless
+    /// lazily restored memory is still loading, then the loaded chunks from chunk 0 on (lowmem
+    /// starts the image at GPA 0).
+    #[inline]
+    pub fn loaded_prefix(&self) -> u64 {
+        match &self.lazy {
+            Some(image) if !image.is_complete() => image.loaded_prefix(),
+            _ => u64::MAX,
+        }
+    }
+
     /// Load and check every chunk of lazily restored memory not loaded yet (nothing for other
     /// memory): whole-memory readers (checkpoint, migration, digests) call it first.
     pub fn ensure_all(&self) -> Result<(), MemoryError> {

@@ -115,6 +115,9 @@ pub struct LazyImage {
     /// Chunks neither loaded nor failed; `complete` once none are left and none failed.
     unloaded: AtomicUsize,
     complete: AtomicBool,
+    /// How many chunks from chunk 0 on are all loaded: image bytes below `prefix * chunk_size`
+    /// need no check (the vCPU's fast path covers them).
+    prefix: AtomicUsize,
     members: Vec<Member>,
     /// Loads run one at a time: a second thread wanting the same chunk waits for the first.
     load_lock: Mutex<()>,
@@ -148,6 +151,7 @@ impl LazyImage {
             states: (0..chunks).map(|_| AtomicU8::new(UNLOADED)).collect(),
             unloaded: AtomicUsize::new(chunks),
             complete: AtomicBool::new(chunks == 0),
+            prefix: AtomicUsize::new(0),
             members,
             load_lock: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
@@ -175,6 +179,12 @@ impl LazyImage {
     #[inline]
     pub fn is_complete(&self) -> bool {
         self.complete.load(Ordering::Acquire)
+    }
+
+    /// Image bytes from offset 0 that are all loaded and checked (only grows).
+    #[inline]
+    pub fn loaded_prefix(&self) -> u64 {
+        (self.prefix.load(Ordering::Acquire) as u64 * self.chunk_size as u64).min(self.total)
     }
 
     /// (loaded, failed) chunk counts.
@@ -279,6 +289,11 @@ impl LazyImage {
                     }
                 }
                 self.states[index].store(LOADED, Ordering::Release);
+                let mut prefix = self.prefix.load(Ordering::Acquire);
+                while prefix < self.states.len() && self.states[prefix].load(Ordering::Acquire) == LOADED {
+                    prefix += 1;
+                }
+                self.prefix.store(prefix, Ordering::Release);
                 if self.unloaded.fetch_sub(1, Ordering::AcqRel) == 1 && self.first_failure().is_none() {
                     self.complete.store(true, Ordering::Release);
                 }

@@ -107,6 +107,21 @@ fn chunks_load_once_when_first_needed_and_not_before() {
 }
 
 #[test]
+fn the_loaded_prefix_grows_only_over_chunks_loaded_from_zero_on() {
+    let (mem, _) = lazy(&[], TrackingChoice::Soft);
+    assert_eq!(mem.loaded_prefix(), 0);
+    read(&mem, 1 << 20).unwrap(); // chunk 1: not a prefix while chunk 0 is not loaded
+    assert_eq!(mem.loaded_prefix(), 0);
+    read(&mem, HIGHMEM_BASE + MIB / 2).unwrap(); // chunk 3 (in highmem)
+    read(&mem, 0).unwrap();
+    assert_eq!(mem.loaded_prefix(), 2 * CHUNK as u64);
+    read(&mem, 2 * (1 << 20)).unwrap(); // chunk 2 closes the gap: 0..4 are all loaded
+    assert_eq!(mem.loaded_prefix(), 4 * CHUNK as u64);
+    mem.ensure_all().unwrap();
+    assert_eq!(mem.loaded_prefix(), u64::MAX, "complete memory needs no check anywhere");
+}
+
+#[test]
 fn threads_racing_for_one_chunk_load_it_once() {
     let (mem, loads) = lazy(&[], TrackingChoice::Soft);
     let mem = Arc::new(mem);
