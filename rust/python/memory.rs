@@ -293,8 +293,8 @@ impl PySegment {
         py.detach(move || seg.resident()).map(|r| r.into_iter().filter(|&p| p).count()).map_err(memory_error)
     }
 
-    /// How many pages this process has mapped in the segment (/proc/self/pagemap): unlike
-    /// resident_pages, a file-backed segment's file pages in the page cache do not count.
+    /// How many pages this process has mapped in the segment (/proc/self/pagemap): what has been
+    /// touched or, for lazily restored memory, loaded.
     fn mapped_pages(&self, py: Python<'_>) -> PyResult<usize> {
         let seg = self.seg.clone();
         py.detach(move || seg.mapped_pages()).map_err(memory_error)

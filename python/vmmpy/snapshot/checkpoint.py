@@ -8,8 +8,9 @@ was and no files behind.
 Restore (bhyve's ``-r``): read and verify all three files before anything is created; take the
 vCPU count, memory size and wiring from the checkpoint and vendor and TSC from its ``vm``
 section; refuse device options that do not match the saved ones, naming the device; restore
-memory eagerly (verified against the chunk hashes) or lazily (mapped from the file); load the
-sections; only then may the vCPUs start.
+memory eagerly (verified against the chunk hashes before anything runs) or lazily (each chunk
+verified against its hash when first needed; a bad one stops the guest); load the sections; only
+then may the vCPUs start.
 """
 
 from __future__ import annotations
