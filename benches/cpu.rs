@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use vmm_core::cpu::encode::Builder;
 use vmm_core::cpu::isa::op;
 use vmm_core::cpu::{Exit, TscMode, Vcpu, Vendor};
@@ -25,8 +26,8 @@ fn vcpu(code: &Builder) -> (Arc<GuestMemory>, Vcpu) {
     (mem, cpu)
 }
 
-fn tight_loop(c: &mut Criterion) {
-    // start: mov rcx, LOOPS; top: dec rcx; jnz top; out 0x80, rcx; jmp start
+/// start: mov rcx, LOOPS; top: dec rcx; jnz top; out 0x80, rcx; jmp start
+fn dec_jnz_loop() -> Builder {
     let mut b = Builder::new();
     b.emit(op::MOVI, RCX, 0, LOOPS as i32);
     let top = b.here();
@@ -34,17 +35,26 @@ fn tight_loop(c: &mut Criterion) {
     b.branch(op::JNE, top);
     b.emit(op::OUT8, 0, RCX, 0x80);
     b.branch(op::JMP, 0);
-    let (_mem, mut cpu) = vcpu(&b);
-    let mut group = c.benchmark_group("vcpu");
-    group.throughput(Throughput::Elements(2 * LOOPS + 2));
-    group.sample_size(20);
+    b
+}
+
+/// Time `cpu` from where it is to its next `out 0x80` (one pass of the loop), as `name`.
+fn bench_one_pass(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: &mut Vcpu) {
     cpu.set_register("rip", CODE).unwrap();
-    group.bench_function("dec_jnz_loop", |bench| {
+    group.bench_function(name, |bench| {
         bench.iter(|| {
             let exit = cpu.run(u64::MAX).unwrap();
             assert!(matches!(exit, Exit::Inout { port: 0x80, .. }), "{exit}");
         })
     });
+}
+
+fn tight_loop(c: &mut Criterion) {
+    let (_mem, mut cpu) = vcpu(&dec_jnz_loop());
+    let mut group = c.benchmark_group("vcpu");
+    group.throughput(Throughput::Elements(2 * LOOPS + 2));
+    group.sample_size(20);
+    bench_one_pass(&mut group, "dec_jnz_loop", &mut cpu);
     group.finish();
 }
 
@@ -97,14 +107,7 @@ impl ChunkSource for CopyOf {
 }
 
 fn lazy_tight_loop(c: &mut Criterion) {
-    let mut b = Builder::new();
-    b.emit(op::MOVI, RCX, 0, LOOPS as i32);
-    let top = b.here();
-    b.emit(op::DEC, RCX, 0, 0);
-    b.branch(op::JNE, top);
-    b.emit(op::OUT8, 0, RCX, 0x80);
-    b.branch(op::JMP, 0);
-    let (image, _) = vcpu(&b);
+    let (image, _) = vcpu(&dec_jnz_loop());
     let mut group = c.benchmark_group("vcpu");
     group.throughput(Throughput::Elements(2 * LOOPS + 2));
     group.sample_size(20);
@@ -114,14 +117,8 @@ fn lazy_tight_loop(c: &mut Criterion) {
             mem.ensure_all().unwrap();
         }
         let mut cpu = Vcpu::new(mem.clone(), 0, Vendor::Intel, TscMode::Instructions);
-        cpu.set_register("rip", CODE).unwrap();
         let name = if complete { "dec_jnz_loop_lazy_memory_complete" } else { "dec_jnz_loop_lazy_memory_loading" };
-        group.bench_function(name, |bench| {
-            bench.iter(|| {
-                let exit = cpu.run(u64::MAX).unwrap();
-                assert!(matches!(exit, Exit::Inout { port: 0x80, .. }), "{exit}");
-            })
-        });
+        bench_one_pass(&mut group, name, &mut cpu);
         assert_eq!(mem.is_complete(), complete);
     }
     group.finish();

@@ -84,15 +84,31 @@ fn eager_restore_is_bit_exact_verified_and_clean() {
     }
 }
 
+/// The test guest saved to a fresh file named after `tag`.
+fn saved(tag: &str) -> (GuestMemory, std::fs::File, WriteStats) {
+    let mem = guest(TrackingChoice::Soft);
+    let f = temp_file(tag);
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    (mem, f, stats)
+}
+
+/// Where a byte of chunk 6 lies in the file: the chunk spans lowmem's last half MiB and
+/// highmem's first half MiB.
+const IN_CHUNK_6: u64 = 6 * MIB + 512 * 1024 + 100;
+
+/// The test guest saved to a fresh file, then the file's byte at `IN_CHUNK_6` inverted; returns
+/// the byte as it was.
+fn saved_with_chunk_6_damaged(tag: &str) -> (GuestMemory, std::fs::File, WriteStats, u8) {
+    let (mem, f, stats) = saved(tag);
+    let mut original = [0u8; 1];
+    f.read_exact_at(&mut original, IN_CHUNK_6).unwrap();
+    f.write_all_at(&[!original[0]], IN_CHUNK_6).unwrap();
+    (mem, f, stats, original[0])
+}
+
 #[test]
 fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
-    let mem = guest(TrackingChoice::Soft);
-    let f = temp_file("damaged");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
-    // Chunk 6 spans lowmem's last half MiB and highmem's first half MiB.
-    let mut original = [0u8; 1];
-    f.read_exact_at(&mut original, 6 * MIB + 512 * 1024 + 100).unwrap();
-    f.write_all_at(&[!original[0]], 6 * MIB + 512 * 1024 + 100).unwrap();
+    let (_, f, stats, original) = saved_with_chunk_6_damaged("damaged");
     let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
     let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
     assert_eq!(
@@ -100,7 +116,7 @@ fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
         "memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and 0x100000000..0x100080000) does not match its recorded hash"
     );
     // A byte written into a hole is caught too.
-    f.write_all_at(&original, 6 * MIB + 512 * 1024 + 100).unwrap();
+    f.write_all_at(&[original], IN_CHUNK_6).unwrap();
     f.write_all_at(&[1], 12 * MIB + 7).unwrap();
     let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
     let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
@@ -122,9 +138,7 @@ fn lazy_counts(mem: &GuestMemory) -> (usize, usize) {
 
 #[test]
 fn lazy_memory_loads_chunks_on_touch_and_saves_again_exactly() {
-    let mem = guest(TrackingChoice::Soft);
-    let f = temp_file("lazy");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let (mem, f, stats) = saved("lazy");
     let lazy = lazy(&f, &stats.chunk_hashes);
     let mapped = |m: &GuestMemory| m.segments().iter().map(|s| s.mapped_pages().unwrap()).sum::<usize>();
     assert_eq!((mapped(&lazy), lazy_counts(&lazy)), (0, (0, 0)), "restoring reads nothing");
@@ -146,12 +160,8 @@ fn lazy_memory_loads_chunks_on_touch_and_saves_again_exactly() {
 
 #[test]
 fn a_damaged_lazy_chunk_is_refused_by_name_and_the_rest_still_loads() {
-    let mem = guest(TrackingChoice::Soft);
-    let f = temp_file("lazy-damaged");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let (mem, f, stats, _) = saved_with_chunk_6_damaged("lazy-damaged");
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 6 * MIB + 512 * 1024 + 100).unwrap();
-    f.write_all_at(&[!b[0]], 6 * MIB + 512 * 1024 + 100).unwrap(); // chunk 6: both segments
     f.write_all_at(&[1], 12 * MIB + 7).unwrap(); // chunk 12: a byte where the file had a hole
     let lazy = lazy(&f, &stats.chunk_hashes);
     let expected = "checkpoint 'test.ckp': memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and \
@@ -174,9 +184,7 @@ fn a_damaged_lazy_chunk_is_refused_by_name_and_the_rest_still_loads() {
 
 #[test]
 fn a_memory_file_truncated_under_lazy_memory_fails_the_chunks_not_yet_loaded() {
-    let mem = guest(TrackingChoice::Soft);
-    let f = temp_file("lazy-truncated");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let (mem, f, stats) = saved("lazy-truncated");
     let lazy = lazy(&f, &stats.chunk_hashes);
     assert_eq!(mem_bytes(&lazy, 5 * 4096, 8), mem_bytes(&mem, 5 * 4096, 8));
     f.set_len(4096).unwrap();
