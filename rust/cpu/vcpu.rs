@@ -122,7 +122,11 @@ pub struct Vcpu {
     /// POLL_INTERVAL instructions; it never needs lowering (a loaded chunk stays loaded).
     fast_end: u64,
     /// Why the last access that found lazily restored memory unusable failed, for `run`'s error.
-    unavailable: Cell<Option<MemoryError>>,
+    /// Behind a Box so the Vcpu itself holds no interior mutability: then the compiler knows a
+    /// `&self` call on the slow path leaves the register file alone. A Cell in the struct cost
+    /// one host instruction per guest instruction of the dec/jnz loop (valgrind: 3.012e9 against
+    /// 2.952e9 for 60M guest instructions).
+    unavailable: Box<Cell<Option<MemoryError>>>,
 
     gpr: [u64; 16],
     rip: u64,
@@ -171,7 +175,7 @@ impl Vcpu {
             low,
             low_size,
             fast_end,
-            unavailable: Cell::new(None),
+            unavailable: Box::new(Cell::new(None)),
             gpr: [0; 16],
             rip: 0,
             cf: false,
