@@ -30,7 +30,7 @@ struct FileChunks {
 /// Guest memory restored lazily from the memory file open at `fd` (a duplicate is kept): lowmem
 /// from file offset 0, highmem right after it; each chunk is read and compared with
 /// `hashes[chunk]` when first needed. Nothing is read now. `name` is how errors refer to the file
-/// (e.g. "checkpoint memory file 'vm0.ckp'"). The file must be exactly `opts.memsize` bytes, and
+/// (e.g. "checkpoint 'vm0.ckp'"). The file must be exactly `opts.memsize` bytes, and
 /// there must be one hash per `chunk_size` chunk.
 pub fn lazy_memory(opts: &MemoryOptions, fd: RawFd, hashes: Vec<u128>, chunk_size: u64, name: &str) -> Result<GuestMemory, SnapshotError> {
     let chunk = check_chunk_size(chunk_size)?;
