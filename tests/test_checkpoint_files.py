@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from vmmpy import GuestMemory
+from vmmpy import GuestMemory, LazyMemoryError
 from vmmpy.memory import HIGHMEM_BASE, PAGE_SIZE
 from vmmpy.snapshot import CheckpointError, read_checkpoint, restore_memory, verify_memory, write_checkpoint
 from vmmpy.snapshot import files as ckfiles
@@ -97,7 +97,7 @@ def test_round_trip_is_bit_exact(checkpoint, guest, mode):
     assert ckpt.basic["vmname"] == "vm0" and ckpt.basic["ncpus"] == 2
     restored = restore_memory(ckpt, mode)
     try:
-        assert restored.file_backed == (mode == "lazy")
+        assert restored.lazy == (mode == "lazy")
         assert restored.digest() == mem.digest()
         for gpa, data in list(written.items())[:10]:
             assert restored.read(gpa, len(data)) == data
@@ -116,15 +116,19 @@ def test_eager_restore_reads_only_data_and_leaves_holes_untouched(checkpoint, gu
         restored.close()
 
 
-def test_lazy_restore_reads_nothing_until_touched(checkpoint, guest):
+def test_lazy_restore_reads_nothing_until_touched_then_one_chunk(checkpoint, guest):
     path, _ = checkpoint
     mem, written = guest
     restored = restore_memory(read_checkpoint(path, REGISTRY), "lazy")
     try:
         assert restored.mapped_pages() == 0
+        assert restored.lazy_status()["loaded"] == 0
         gpa, data = next(iter(written.items()))
         restored.write(gpa + 1, b"\x5a")
-        assert restored.mapped_pages() == 1
+        chunk = restored.lazy_status()["chunk_size"]
+        in_chunk = sum(len(d) for g, d in written.items() if g // chunk == gpa // chunk) // PAGE_SIZE
+        assert restored.lazy_status()["loaded"] == 1, "touching a page loads (and checks) its chunk only"
+        assert restored.mapped_pages() == in_chunk, "the chunk's data pages, not its holes"
         assert restored.read(gpa, 3) == data[:1] + b"\x5a" + data[2:3]
         with open(path, "rb") as f:  # writes are private copies: the checkpoint is unchanged
             f.seek(gpa if gpa < HIGHMEM_BASE else gpa - HIGHMEM_BASE + 3 * GIB)
@@ -160,7 +164,7 @@ def test_auto_tracking_on_lazy_memory_is_soft_and_says_why(checkpoint):
     restored = restore_memory(read_checkpoint(path, REGISTRY), "lazy", dirty_tracking="auto")
     try:
         assert restored.dirty_tracking == "soft"
-        assert "page-table entry" in restored.dirty_tracking_fallback
+        assert "restore time would grow with guest size" in restored.dirty_tracking_fallback
     finally:
         restored.close()
 
@@ -188,18 +192,33 @@ def test_page_batch_zero_ranges_into_lazy_memory_read_as_zero(checkpoint, guest)
         restored.close()
 
 
-def test_verify_memory_catches_a_bad_byte_that_lazy_restore_cannot(checkpoint):
+def test_a_bad_byte_is_caught_by_verify_eager_and_lazy_restore_alike(checkpoint, guest):
     path, _ = checkpoint
+    _, written = guest
     ckpt = read_checkpoint(path, REGISTRY)
     verify_memory(ckpt)
     with open(path, "r+b") as f:
         f.seek(3 * GIB + 1234)  # highmem's first chunk
         f.write(b"\xff")
     ckpt = read_checkpoint(path, REGISTRY)  # sizes still fine: the damage is inside the image
-    with pytest.raises(CheckpointError, match=r"memory chunk 768 \(file bytes 0xc0000000\.\.0xc0400000, guest-physical 0x100000000\.\.0x100400000\)"):
+    where = r"memory chunk 768 \(file bytes 0xc0000000\.\.0xc0400000, guest-physical 0x100000000\.\.0x100400000\)"
+    with pytest.raises(CheckpointError, match=where):
         verify_memory(ckpt)
     with pytest.raises(CheckpointError, match=r"vm0\.ckp': memory chunk 768 .* does not match its recorded hash"):
         restore_memory(ckpt, "eager")
+    restored = restore_memory(ckpt, "lazy")  # starts: nothing is read yet
+    try:
+        elsewhere = next(g for g in written if g < 3 * GIB)
+        assert restored.read(elsewhere, 16) == written[elsewhere][:16], "good chunks load"
+        for attempt in range(2):  # and the bad one never does
+            with pytest.raises(LazyMemoryError, match=r"checkpoint '.*vm0\.ckp': " + where + " does not match its recorded hash"):
+                restored.read(HIGHMEM_BASE + 4096, 1)
+        with pytest.raises(LazyMemoryError, match=where):
+            restored.write(HIGHMEM_BASE, b"x")
+        assert "memory chunk 768" in restored.lazy_failure
+        assert restored.lazy_status()["failed"] == 1
+    finally:
+        restored.close()
 
 
 def test_overwriting_a_checkpoint_replaces_all_three_files(checkpoint, guest, tmp_path):

@@ -4,9 +4,9 @@ The memory core and the simulated vCPU are Rust (``vmmpy._core``); the vmm surfa
 control tools and the migration protocol are Python on top.
 """
 
-from .memory import PAGE_SIZE, GuestMemory, GuestMemoryError, PageBatchError
+from .memory import PAGE_SIZE, GuestMemory, GuestMemoryError, LazyMemoryError, PageBatchError
 from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 
-__all__ = ["GuestMemory", "GuestMemoryError", "PageBatchError", "PAGE_SIZE", "format_size", "parse_size", "__version__"]
+__all__ = ["GuestMemory", "GuestMemoryError", "LazyMemoryError", "PageBatchError", "PAGE_SIZE", "format_size", "parse_size", "__version__"]

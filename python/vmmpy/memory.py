@@ -22,6 +22,9 @@ PAGE_SIZE: int = _core.PAGE_SIZE
 HIGHMEM_BASE: int = _core.HIGHMEM_BASE
 LOWMEM_LIMIT_DEFAULT: int = _core.LOWMEM_LIMIT_DEFAULT
 GuestMemoryError = _core.GuestMemoryError
+#: Lazily restored memory that could not be loaded and checked (a GuestMemoryError): the message
+#: names the checkpoint, the chunk and its guest-physical range, and what was wrong.
+LazyMemoryError = _core.LazyMemoryError
 Segment = _core.Segment
 
 DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
@@ -68,20 +71,26 @@ class GuestMemory:
         cls,
         path,
         memsize: int | str,
+        chunk_hashes: list[int],
+        chunk_size: int,
         lowmem_limit: int | str = LOWMEM_LIMIT_DEFAULT,
         *,
         wired: bool = False,
         dirty_tracking: str = "auto",
     ) -> GuestMemory:
-        """Memory mapped lazily (MAP_PRIVATE) from a checkpoint memory file at ``path``.
+        """Memory restored lazily from a checkpoint memory file at ``path``, checked chunk by chunk.
 
-        Lowmem maps file offset 0, highmem the bytes right after lowmem. Nothing is read now:
-        pages load from the file when first touched, writes make private copies, and the file is
-        never modified, so this costs the same for any guest size. The file must be exactly
-        ``memsize`` bytes and must not change while the memory lives. ``wired=True`` is refused:
-        wiring would read and copy every page up front (restore wired guests eagerly). With
-        ``dirty_tracking="auto"`` the soft backend is used; :attr:`dirty_tracking_fallback` says why.
-        This checks sizes only; ``vmmpy.snapshot`` verifies a checkpoint before calling it.
+        Lowmem comes from file offset 0, highmem from the bytes right after lowmem, in chunks of
+        ``chunk_size`` bytes. Nothing is read now, so this costs the same for any guest size. The
+        first time anything needs a byte of a chunk (the vCPU, device DMA through :meth:`read` /
+        :meth:`write`, a bulk operation, a numpy view), the whole chunk is read from the file and
+        its xxh3-128 compared with ``chunk_hashes[i]``; until then it cannot be seen at all. A
+        chunk that does not match, or cannot be read (the file was truncated), raises
+        :class:`LazyMemoryError` on every access to it. The file is never mapped or written; it
+        must be exactly ``memsize`` bytes. ``wired=True`` is refused: wiring would read and copy
+        every page up front (restore wired guests eagerly). With ``dirty_tracking="auto"`` the
+        soft backend is used; :attr:`dirty_tracking_fallback` says why. ``vmmpy.snapshot`` reads
+        the hashes from a verified ``.meta`` and calls this.
         """
         if dirty_tracking not in DIRTY_TRACKING_CHOICES:
             raise ValueError(f"dirty_tracking must be one of {', '.join(DIRTY_TRACKING_CHOICES)}; got {dirty_tracking!r}")
@@ -90,12 +99,15 @@ class GuestMemory:
             core = _core.GuestMemory.from_file(
                 fd,
                 parse_size(memsize, what="memory size"),
+                chunk_hashes=list(chunk_hashes),
+                chunk_size=chunk_size,
+                name=f"checkpoint '{os.fspath(path)}'",
                 wired=wired,
                 lowmem_limit=parse_size(lowmem_limit, what="lowmem limit"),
                 dirty_tracking=dirty_tracking,
             )
         finally:
-            os.close(fd)  # each segment keeps its own duplicate
+            os.close(fd)  # the memory keeps its own duplicate
         return cls.wrap(core)
 
     @classmethod
@@ -137,7 +149,8 @@ class GuestMemory:
         return segs[1] if len(segs) > 1 else None
 
     def view(self, name: str = "lowmem") -> np.ndarray:
-        """A read-only numpy uint8 array aliasing a segment, with no copy."""
+        """A read-only numpy uint8 array aliasing a segment, with no copy. On lazily restored
+        memory the segment is loaded and checked whole first (LazyMemoryError if it cannot be)."""
         return np.frombuffer(self.segment(name), dtype=np.uint8)
 
     # -- access -----------------------------------------------------------------------------
@@ -268,15 +281,36 @@ class GuestMemory:
         return sum(seg.resident_pages() for seg in self.core.segments)
 
     def mapped_pages(self) -> int:
-        """Pages this process has mapped, over every segment (/proc/self/pagemap). For lazily
-        restored memory this is what the guest has faulted in; :meth:`resident_pages` would also
-        count the checkpoint file's pages sitting in the page cache."""
+        """Pages this process has mapped, over every segment (/proc/self/pagemap): what has been
+        touched or, for lazily restored memory, loaded."""
         return sum(seg.mapped_pages() for seg in self.core.segments)
 
+    # -- lazy restore -----------------------------------------------------------------------
     @property
-    def file_backed(self) -> bool:
-        """Whether the memory privately maps a checkpoint file (lazy restore)."""
-        return any(seg.file_backed for seg in self.core.segments)
+    def lazy(self) -> bool:
+        """Whether the memory was restored lazily (:meth:`restore_lazy`)."""
+        return self.core.lazy
+
+    def lazy_status(self) -> dict | None:
+        """For lazily restored memory: ``source``, ``chunk_size``, ``chunks``, ``loaded``,
+        ``failed`` and ``complete`` (every chunk loaded and checked); None otherwise."""
+        return self.core.lazy_status()
+
+    @property
+    def lazy_failure(self) -> str | None:
+        """The error of the first chunk of lazily restored memory that could not be loaded."""
+        return self.core.lazy_failure
+
+    def load_all(self) -> None:
+        """Load and check every chunk of lazily restored memory not loaded yet (nothing for other
+        memory); :class:`LazyMemoryError` for the first that cannot be. After it the memory no
+        longer needs its checkpoint file."""
+        self.core.load_all()
+
+    def notify_lazy_failure(self, fd: int) -> None:
+        """Have one byte written to ``fd`` when a chunk of lazily restored memory first fails
+        (at once if one has), from whichever thread found it."""
+        self.core.notify_lazy_failure(fd)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

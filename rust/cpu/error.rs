@@ -22,6 +22,9 @@ pub enum CpuError {
     BadState { vcpu: u32, field: String, value: u64, why: String },
     /// Guest memory was closed; the vCPU cannot run on it.
     MemoryClosed { vcpu: u32, segment: String },
+    /// The instruction at `rip` needs lazily restored memory that could not be loaded and
+    /// checked (`why`, naming the file and the chunk); it did not retire, and the guest must stop.
+    MemoryUnavailable { vcpu: u32, rip: u64, why: String },
 }
 
 impl fmt::Display for CpuError {
@@ -57,6 +60,7 @@ impl fmt::Display for CpuError {
             CpuError::MemoryClosed { vcpu, segment } => {
                 write!(f, "vcpu {vcpu} cannot run: guest memory segment '{segment}' was closed")
             }
+            CpuError::MemoryUnavailable { vcpu, rip, why } => write!(f, "vcpu {vcpu} stopped at rip {rip:#x}: {why}"),
         }
     }
 }

@@ -66,6 +66,9 @@ pub enum FaultKind {
     UnknownControlRegister,
     /// Guest memory was closed while the vCPU was running.
     MemoryClosed,
+    /// Lazily restored memory the instruction needs could not be loaded and checked. Never an
+    /// exit: `Vcpu::run` turns it into `CpuError::MemoryUnavailable`, which stops the guest.
+    MemoryUnavailable,
 }
 
 impl FaultKind {
@@ -81,6 +84,7 @@ impl FaultKind {
             FaultKind::UnknownMsr => "unknown_msr",
             FaultKind::UnknownControlRegister => "unknown_control_register",
             FaultKind::MemoryClosed => "memory_closed",
+            FaultKind::MemoryUnavailable => "memory_unavailable",
         }
     }
 }

@@ -715,3 +715,84 @@ fn guest_code_rewritten_by_a_store_runs_as_rewritten() {
     let cpu = run_to_hlt(&mut b);
     assert_eq!(reg(&cpu, "rcx"), 7);
 }
+
+// ---- lazily restored memory -----------------------------------------------------------------
+
+/// A lazy image of `from` (lowmem 4 MiB then highmem, 1 MiB chunks) whose `bad` chunk fails.
+struct CopyOf {
+    from: Arc<GuestMemory>,
+    bad: Option<usize>,
+}
+
+impl crate::memory::ChunkSource for CopyOf {
+    fn name(&self) -> &str {
+        "copy"
+    }
+    unsafe fn load(&self, index: usize, parts: &[crate::memory::ChunkPart]) -> Result<(), crate::memory::ChunkFault> {
+        if self.bad == Some(index) {
+            return Err(crate::memory::ChunkFault::Mismatch);
+        }
+        for part in parts {
+            let image = (index << 20) + part.chunk_offset;
+            let gpa = if image < 4 << 20 { image as u64 } else { crate::memory::HIGHMEM_BASE + (image - (4 << 20)) as u64 };
+            // SAFETY: the part is writable and ours for the call.
+            let out = unsafe { std::slice::from_raw_parts_mut(part.ptr, part.len) };
+            self.from.read(GuestAddress(gpa), out).unwrap();
+        }
+        Ok(())
+    }
+}
+
+fn lazy_copy(from: &Arc<GuestMemory>, bad: Option<usize>) -> Arc<GuestMemory> {
+    let mut opts = MemoryOptions::new(8 << 20);
+    opts.lowmem_limit = 4 << 20;
+    Arc::new(GuestMemory::lazy(&opts, 1 << 20, Box::new(CopyOf { from: from.clone(), bad })).unwrap())
+}
+
+#[test]
+fn a_guest_on_lazily_restored_memory_ends_exactly_as_on_the_original() {
+    let original = memory();
+    let mut a = busy_guest(&original, Vendor::Intel);
+    let saved = a.save_state();
+    let lazy = lazy_copy(&original, None);
+    assert!(!lazy.is_complete());
+    let mut b = Vcpu::new(lazy.clone(), 0, Vendor::Intel, TscMode::Instructions);
+    b.restore_state(&saved).unwrap();
+    // The lazy guest first, and its memory read whole: chunks load from the original as saved.
+    b.inject_interrupt(0x30);
+    assert!(matches!(b.run(u64::MAX).unwrap(), Exit::Hlt { .. }));
+    assert_eq!(lazy.lazy_image().unwrap().counts(), (2, 0), "the chunks the guest touched");
+    let lazy_image = memory_image(&lazy);
+    a.inject_interrupt(0x30);
+    assert!(matches!(a.run(u64::MAX).unwrap(), Exit::Hlt { .. }));
+    assert_eq!(final_state(&b), final_state(&a));
+    assert!(lazy_image == memory_image(&original), "the same memory");
+}
+
+#[test]
+fn a_bad_chunk_stops_the_vcpu_at_the_instruction_that_needs_it() {
+    let original = memory();
+    let mut code = Builder::new();
+    code.emit(op::MOVI, RCX, 0, 5).emit(op::MOVI, RSI, 0, 0x20_0010).emit(op::LD64, RAX, RSI, 0).emit(op::HLT, 0, 0, 0);
+    let saved = vcpu_with(&original, &code, Vendor::Intel).save_state();
+    let lazy = lazy_copy(&original, Some(2)); // the load's chunk
+    let mut cpu = Vcpu::new(lazy, 0, Vendor::Intel, TscMode::Instructions);
+    cpu.restore_state(&saved).unwrap();
+    let before = cpu.registers();
+    let err = cpu.run(u64::MAX).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "vcpu 0 stopped at rip 0x1010: copy: memory chunk 2 (file bytes 0x200000..0x300000, guest-physical 0x200000..0x300000) \
+         does not match its recorded hash; the guest may not use it"
+    );
+    assert_eq!(cpu.instructions_retired(), 2, "the load did not retire");
+    assert_eq!(reg(&cpu, "rip"), CODE + 16);
+    assert_eq!(reg(&cpu, "rax"), before.iter().find(|(n, _)| *n == "rax").unwrap().1);
+    assert!(cpu.run(u64::MAX).is_err(), "and it never goes on");
+    // Code in a bad chunk does not run at all.
+    let lazy = lazy_copy(&original, Some(0));
+    let mut cpu = Vcpu::new(lazy, 0, Vendor::Intel, TscMode::Instructions);
+    cpu.restore_state(&saved).unwrap();
+    assert!(matches!(cpu.run(u64::MAX), Err(CpuError::MemoryUnavailable { rip: CODE, .. })));
+    assert_eq!(cpu.instructions_retired(), 0);
+}

@@ -6,6 +6,7 @@
 //! is no decoded-instruction cache to invalidate.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::Cell;
 use std::sync::Arc;
 
 use super::error::CpuError;
@@ -103,14 +104,6 @@ enum Access {
     Fault(FaultKind),
 }
 
-fn access_error(err: MemoryError) -> Access {
-    match err {
-        MemoryError::Unmapped { .. } => Access::Unmapped,
-        MemoryError::CrossesSegment { .. } => Access::Fault(FaultKind::CrossesSegment),
-        // Closed memory is refused at `run` entry; a close racing a running vCPU is seen here.
-        _ => Access::Fault(FaultKind::MemoryClosed),
-    }
-}
 
 /// Result of one chunk of execution: instructions retired and, if the chunk stopped early, why.
 type Chunk = (u64, Option<Exit>);
@@ -123,6 +116,17 @@ pub struct Vcpu {
     /// The segment at GPA 0 (lowmem), cached so the common access needs no search.
     low: Arc<Segment>,
     low_size: u64,
+    /// How much of lowmem the fast path may touch unchecked: all of it, or while lazily restored
+    /// memory is still loading, the chunks from GPA 0 on that are loaded (other accesses go
+    /// through `translate`, which loads and checks their chunk). Raised as chunks load, every
+    /// POLL_INTERVAL instructions; it never needs lowering (a loaded chunk stays loaded).
+    fast_end: u64,
+    /// Why the last access that found lazily restored memory unusable failed, for `run`'s error.
+    /// Behind a Box so the Vcpu itself holds no interior mutability: then the compiler knows a
+    /// `&self` call on the slow path leaves the register file alone. A Cell in the struct cost
+    /// one host instruction per guest instruction of the dec/jnz loop (valgrind: 3.012e9 against
+    /// 2.952e9 for 60M guest instructions).
+    unavailable: Box<Cell<Option<MemoryError>>>,
 
     gpr: [u64; 16],
     rip: u64,
@@ -161,6 +165,7 @@ impl Vcpu {
             .cloned()
             .expect("guest memory always has a lowmem segment at GPA 0");
         let low_size = low.size() as u64;
+        let fast_end = memory.loaded_prefix().min(low_size);
         let apic_base = isa::APIC_BASE_DEFAULT | if id == 0 { isa::APIC_BASE_BSP } else { 0 };
         Vcpu {
             id,
@@ -169,6 +174,8 @@ impl Vcpu {
             memory,
             low,
             low_size,
+            fast_end,
+            unavailable: Box::new(Cell::new(None)),
             gpr: [0; 16],
             rip: 0,
             cf: false,
@@ -354,26 +361,37 @@ impl Vcpu {
         if let Some(seg) = self.memory.segments().iter().find(|s| s.is_closed()) {
             return Err(CpuError::MemoryClosed { vcpu: self.id, segment: seg.name().to_string() });
         }
+        match self.run_to_exit(budget) {
+            // Not a guest fault: the host could not give it its memory. The guest must not go on.
+            Exit::Fault { kind: FaultKind::MemoryUnavailable, rip } => Err(self.memory_unavailable(rip)),
+            exit => Ok(exit),
+        }
+    }
+
+    fn run_to_exit(&mut self, budget: u64) -> Exit {
         let mut left = budget;
         loop {
+            if self.fast_end != self.low_size {
+                self.fast_end = self.memory.loaded_prefix().min(self.low_size);
+            }
             if self.shared.pause_requested.load(Ordering::Relaxed) && self.shared.pause_requested.swap(false, Ordering::AcqRel) {
-                return Ok(Exit::PauseRequested);
+                return Exit::PauseRequested;
             }
             if let Some(exit) = self.deliver_if_ready() {
-                return Ok(exit);
+                return exit;
             }
             if self.halted {
-                return Ok(Exit::Hlt { rip: self.rip });
+                return Exit::Hlt { rip: self.rip };
             }
             if left == 0 {
-                return Ok(Exit::Budget);
+                return Exit::Budget;
             }
             let chunk = left.min(POLL_INTERVAL);
             let (done, exit) = self.execute(chunk);
             self.retired += done;
             left -= done;
             if let Some(exit) = exit {
-                return Ok(exit);
+                return exit;
             }
         }
     }
@@ -388,6 +406,28 @@ impl Vcpu {
         match self.deliver(vector) {
             Ok(()) => None,
             Err(kind) => Some(Exit::Fault { kind, rip: self.rip }),
+        }
+    }
+
+    /// The error that stops a vCPU whose instruction at `rip` needed lazily restored memory that
+    /// could not be loaded: nothing retired, and the guest must not go on.
+    #[cold]
+    fn memory_unavailable(&self, rip: u64) -> CpuError {
+        let why = self.unavailable.take().map(|e| e.to_string()).unwrap_or_default();
+        CpuError::MemoryUnavailable { vcpu: self.id, rip, why }
+    }
+
+    #[cold]
+    fn access_error(&self, err: MemoryError) -> Access {
+        match err {
+            MemoryError::Unmapped { .. } => Access::Unmapped,
+            MemoryError::CrossesSegment { .. } => Access::Fault(FaultKind::CrossesSegment),
+            MemoryError::ChunkUnavailable { .. } => {
+                self.unavailable.set(Some(err));
+                Access::Fault(FaultKind::MemoryUnavailable)
+            }
+            // Closed memory is refused at `run` entry; a close racing a running vCPU is seen here.
+            _ => Access::Fault(FaultKind::MemoryClosed),
         }
     }
 
@@ -415,7 +455,7 @@ impl Vcpu {
 
     #[inline(always)]
     fn load<const N: usize>(&self, gpa: u64) -> Result<[u8; N], Access> {
-        if gpa < self.low_size && self.low_size - gpa >= N as u64 {
+        if gpa < self.fast_end && self.fast_end - gpa >= N as u64 {
             return Ok(self.low.load::<N>(gpa as usize));
         }
         self.load_slow::<N>(gpa)
@@ -423,13 +463,13 @@ impl Vcpu {
 
     #[inline(never)]
     fn load_slow<const N: usize>(&self, gpa: u64) -> Result<[u8; N], Access> {
-        let (seg, off) = self.memory.translate(GuestAddress(gpa), N).map_err(access_error)?;
+        let (seg, off) = self.memory.translate(GuestAddress(gpa), N).map_err(|e| self.access_error(e))?;
         Ok(seg.load::<N>(off))
     }
 
     #[inline(always)]
     fn store<const N: usize>(&self, gpa: u64, bytes: [u8; N]) -> Result<(), Access> {
-        if gpa < self.low_size && self.low_size - gpa >= N as u64 {
+        if gpa < self.fast_end && self.fast_end - gpa >= N as u64 {
             self.low.store::<N>(gpa as usize, bytes);
             return Ok(());
         }
@@ -438,7 +478,7 @@ impl Vcpu {
 
     #[inline(never)]
     fn store_slow<const N: usize>(&self, gpa: u64, bytes: [u8; N]) -> Result<(), Access> {
-        let (seg, off) = self.memory.translate(GuestAddress(gpa), N).map_err(access_error)?;
+        let (seg, off) = self.memory.translate(GuestAddress(gpa), N).map_err(|e| self.access_error(e))?;
         seg.store::<N>(off, bytes);
         Ok(())
     }
@@ -457,7 +497,7 @@ impl Vcpu {
     fn stack_ram(&self, gpa: u64, len: usize) -> Result<(), FaultKind> {
         match self.memory.translate(GuestAddress(gpa), len) {
             Ok(_) => Ok(()),
-            Err(err) => Err(stack_fault(access_error(err))),
+            Err(err) => Err(stack_fault(self.access_error(err))),
         }
     }
 

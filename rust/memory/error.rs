@@ -18,8 +18,11 @@ pub enum MemoryError {
     Closed { segment: String },
     /// A requested dirty-tracking backend cannot run here.
     TrackerUnavailable { backend: String, why: String },
-    /// A combination that cannot work (wired memory mapped lazily from a file, a non-file fd).
+    /// A combination that cannot work (wired memory restored lazily).
     Unsupported { what: String, why: String },
+    /// A chunk of lazily restored memory could not be loaded and checked, so it may not be used:
+    /// `source` names where it comes from, `why` what was wrong.
+    ChunkUnavailable { source: String, chunk: usize, file_start: u64, file_end: u64, gpa_ranges: Vec<(u64, u64)>, why: String, errno: i32 },
 }
 
 impl MemoryError {
@@ -36,6 +39,7 @@ impl MemoryError {
             MemoryError::Os { errno, .. } => *errno,
             MemoryError::Closed { .. } => libc::EBADF,
             MemoryError::TrackerUnavailable { .. } | MemoryError::Unsupported { .. } => libc::ENOTSUP,
+            MemoryError::ChunkUnavailable { errno, .. } => *errno,
         }
     }
 }
@@ -80,6 +84,15 @@ impl fmt::Display for MemoryError {
                 write!(f, "dirty tracking backend '{backend}' is not available: {why}")
             }
             MemoryError::Unsupported { what, why } => write!(f, "{what} {why}"),
+            MemoryError::ChunkUnavailable { source, chunk, file_start, file_end, gpa_ranges, why, .. } => {
+                let gpas: Vec<String> = gpa_ranges.iter().map(|(a, b)| format!("{a:#x}..{b:#x}")).collect();
+                write!(
+                    f,
+                    "{source}: memory chunk {chunk} (file bytes {file_start:#x}..{file_end:#x}, guest-physical {}) {why}; \
+                     the guest may not use it",
+                    gpas.join(" and ")
+                )
+            }
         }
     }
 }

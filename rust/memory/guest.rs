@@ -1,10 +1,10 @@
 //! A guest's memory: its segments, address translation, and the dirty-tracking backend.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::error::MemoryError;
+use super::lazy::{ChunkSource, LazyImage};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
 use crate::dirty::{Backend, KernelTracker, TrackingChoice};
 
@@ -52,19 +52,21 @@ impl MemoryOptions {
     }
 }
 
-/// Why "auto" picks the soft backend for memory mapped from a file (measured on Linux 6.18).
-pub const LAZY_KERNEL_TRACKING_COST: &str = "memory mapped lazily from a checkpoint file: userfaultfd write-protect on a private file \
-mapping installs a marker in every page-table entry when it registers (about 4 ms and 2 MiB of page tables per GiB of guest, \
-then walked by every harvest), so restore time would grow with guest size; ask for 'kernel' explicitly to have it anyway";
+/// Why "auto" picks the soft backend for lazily restored memory (measured on Linux 6.18).
+pub const LAZY_KERNEL_TRACKING_COST: &str = "memory restored lazily from a checkpoint: setting up the kernel backend \
+(userfaultfd write-protect registration and its first scan) costs about 2-3 ms per GiB of guest (34-41 ms for 16 GiB), \
+so restore time would grow with guest size, which lazy restore exists to avoid; ask for 'kernel' explicitly to have it anyway";
 
 pub struct GuestMemory {
     segments: Vec<Arc<Segment>>,
     memsize: u64,
     lowmem_limit: u64,
     backend: Backend,
-    kernel: Option<KernelTracker>,
+    kernel: Option<Arc<KernelTracker>>,
     /// Why "auto" fell back to the soft backend, if it did.
     fallback_reason: Option<String>,
+    /// For lazily restored memory: the chunk states every segment shares.
+    lazy: Option<Arc<LazyImage>>,
 }
 
 fn host_page_size() -> usize {
@@ -90,37 +92,32 @@ impl GuestMemory {
         Self::build(opts, &specs)
     }
 
-    /// Guest memory mapped lazily from a checkpoint memory file (lowmem at file offset 0, highmem
-    /// at file offset `lowmem size`): pages load from the file when first touched and writes make
-    /// private copies, so mapping costs the same for any guest size and the file is never
-    /// modified. The file's size must be exactly `opts.memsize`, and it must stay unchanged while
-    /// this memory lives. Wired memory is refused (wiring would read everything up front).
-    pub fn from_file(opts: &MemoryOptions, fd: RawFd) -> Result<GuestMemory, MemoryError> {
+    /// Guest memory restored lazily from `source`, an image of lowmem then highmem cut into
+    /// chunks of `chunk_size` bytes: nothing is read now, so this costs the same for any guest
+    /// size; each chunk is loaded and checked by the source the first time anything asks for a
+    /// byte of it, and is inaccessible until then (`lazy.rs` says how and why). Wired memory is
+    /// refused (wiring would read everything up front).
+    pub fn lazy(opts: &MemoryOptions, chunk_size: usize, source: Box<dyn ChunkSource>) -> Result<GuestMemory, MemoryError> {
         check_host_page_size()?;
         let mut specs = opts.layout()?;
-        // SAFETY: fstat writes into the struct we own; a bad fd is an error return.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(fd, &mut st) } != 0 {
-            return Err(MemoryError::os(format!("cannot stat checkpoint memory file (fd {fd})"), ""));
-        }
-        if st.st_size as u64 != opts.memsize {
-            return Err(MemoryError::BadSize {
-                what: "checkpoint memory file".into(),
-                size: st.st_size as u64,
-                why: format!("does not match the guest memory size of {} ({} bytes)", human_size(opts.memsize), opts.memsize),
-            });
-        }
-        let mut file_offset = 0;
         for spec in &mut specs {
-            spec.backing = Backing::PrivateFile { fd, offset: file_offset };
-            file_offset += spec.size;
+            spec.backing = Backing::Lazy;
         }
-        if opts.tracking != TrackingChoice::Auto {
-            return Self::build(opts, &specs);
+        let tracking = if opts.tracking == TrackingChoice::Auto { TrackingChoice::Soft } else { opts.tracking };
+        let mut mem = Self::build(&MemoryOptions { tracking, ..opts.clone() }, &specs)?;
+        if opts.tracking == TrackingChoice::Auto {
+            mem.fallback_reason = Some(LAZY_KERNEL_TRACKING_COST.to_string());
         }
-        let soft = MemoryOptions { tracking: TrackingChoice::Soft, ..opts.clone() };
-        let mut mem = Self::build(&soft, &specs)?;
-        mem.fallback_reason = Some(LAZY_KERNEL_TRACKING_COST.to_string());
+        let image = Arc::new(LazyImage::new(&mem.segments, chunk_size, source)?);
+        if let Some(tracker) = &mem.kernel {
+            image.set_tracker(tracker.clone());
+        }
+        let mut offset = 0u64;
+        for seg in &mem.segments {
+            seg.set_lazy(image.clone(), offset);
+            offset += seg.size() as u64;
+        }
+        mem.lazy = Some(image);
         Ok(mem)
     }
 
@@ -137,12 +134,12 @@ impl GuestMemory {
         let (backend, kernel, fallback_reason) = match opts.tracking {
             TrackingChoice::Soft => (Backend::Soft, None, None),
             TrackingChoice::Kernel | TrackingChoice::Auto => match open_kernel_tracker(&segments) {
-                Ok(t) => (Backend::Kernel, Some(t), None),
+                Ok(t) => (Backend::Kernel, Some(Arc::new(t)), None),
                 Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, None, Some(why)),
                 Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
             },
         };
-        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, kernel, fallback_reason })
+        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, kernel, fallback_reason, lazy: None })
     }
 
     pub fn segments(&self) -> &[Arc<Segment>] {
@@ -162,7 +159,40 @@ impl GuestMemory {
         self.fallback_reason.as_deref()
     }
 
-    /// The segment holding `gpa..gpa+len` and the offset of `gpa` in it.
+    /// The chunk states of lazily restored memory; None for memory that was not.
+    pub fn lazy_image(&self) -> Option<&Arc<LazyImage>> {
+        self.lazy.as_ref()
+    }
+
+    /// Whether every byte may be used without a check: memory that was not restored lazily, or
+    /// whose every chunk has been loaded and checked.
+    #[inline]
+    pub fn is_complete(&self) -> bool {
+        self.lazy.as_ref().is_none_or(|image| image.is_complete())
+    }
+
+    /// Guest-physical bytes from 0 that may be used without a check: all of them (u64::MAX) unless
+    /// lazily restored memory is still loading, then the loaded chunks from chunk 0 on (lowmem
+    /// starts the image at GPA 0).
+    #[inline]
+    pub fn loaded_prefix(&self) -> u64 {
+        match &self.lazy {
+            Some(image) if !image.is_complete() => image.loaded_prefix(),
+            _ => u64::MAX,
+        }
+    }
+
+    /// Load and check every chunk of lazily restored memory not loaded yet (nothing for other
+    /// memory): whole-memory readers (checkpoint, migration, digests) call it first.
+    pub fn ensure_all(&self) -> Result<(), MemoryError> {
+        match &self.lazy {
+            None => Ok(()),
+            Some(image) => image.ensure_all(),
+        }
+    }
+
+    /// The segment holding `gpa..gpa+len` and the offset of `gpa` in it, ready to be read or
+    /// written (for lazily restored memory, the chunks holding the range are loaded and checked).
     #[inline]
     pub fn translate(&self, gpa: GuestAddress, len: usize) -> Result<(&Arc<Segment>, usize), MemoryError> {
         for seg in &self.segments {
@@ -170,6 +200,7 @@ impl GuestMemory {
                 if seg.is_closed() {
                     return Err(MemoryError::Closed { segment: seg.name().to_string() });
                 }
+                seg.ensure(off, len)?;
                 return Ok((seg, off));
             }
             if seg.contains(gpa) {
@@ -322,100 +353,5 @@ mod tests {
         assert_eq!(mem.segments().len(), 2);
         let resident = mem.segments()[1].resident().unwrap();
         assert_eq!(resident.iter().filter(|&&r| r).count(), 0);
-    }
-}
-
-#[cfg(test)]
-mod file_tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-
-    const MIB: u64 = 1 << 20;
-
-    /// A 8 MiB file: lowmem 4 MiB, highmem 4 MiB; page p holds byte (p % 251 + 1) when p % 3 == 0.
-    fn memory_file() -> std::fs::File {
-        let mut f = tempfile_in_tmp();
-        let mut buf = vec![0u8; 8 * MIB as usize];
-        for p in (0..2048).step_by(3) {
-            buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill((p % 251 + 1) as u8);
-        }
-        f.write_all(&buf).unwrap();
-        f
-    }
-
-    fn tempfile_in_tmp() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("vmm-core-test-{}-{:?}", std::process::id(), std::thread::current().id()));
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
-    }
-
-    fn opts(tracking: TrackingChoice) -> MemoryOptions {
-        MemoryOptions { memsize: 8 * MIB, wired: false, lowmem_limit: 4 * MIB, tracking }
-    }
-
-    #[test]
-    fn a_file_mapping_reads_the_file_and_never_writes_it() {
-        let f = memory_file();
-        let mem = GuestMemory::from_file(&opts(TrackingChoice::Soft), f.as_raw_fd()).unwrap();
-        let mut b = [0u8; 2];
-        mem.read(GuestAddress(3 * PAGE_SIZE as u64), &mut b).unwrap();
-        assert_eq!(b, [4, 4]);
-        // highmem page 0 is file page 1024 (1024 % 3 != 0 -> zero); page 1026 is data.
-        mem.read(GuestAddress(HIGHMEM_BASE + 2 * PAGE_SIZE as u64), &mut b).unwrap();
-        assert_eq!(b, [(1026 % 251 + 1) as u8; 2]);
-        assert!(mem.segments()[0].mapped_pages().unwrap() >= 1);
-        mem.write(GuestAddress(3 * PAGE_SIZE as u64), &[9]).unwrap();
-        let mut on_disk = [0u8; 1];
-        use std::os::unix::fs::FileExt;
-        f.read_exact_at(&mut on_disk, 3 * PAGE_SIZE as u64).unwrap();
-        assert_eq!(on_disk, [4], "writes are private copy-on-write");
-        mem.read(GuestAddress(3 * PAGE_SIZE as u64), &mut b).unwrap();
-        assert_eq!(b, [9, 4]);
-    }
-
-    #[test]
-    fn a_file_of_the_wrong_size_or_wired_memory_is_refused() {
-        let f = memory_file();
-        let mut o = opts(TrackingChoice::Soft);
-        o.memsize = 16 * MIB;
-        let err = GuestMemory::from_file(&o, f.as_raw_fd()).err().unwrap();
-        assert!(err.to_string().contains("does not match the guest memory size of 16 MiB"), "{err}");
-        let mut o = opts(TrackingChoice::Soft);
-        o.wired = true;
-        let err = GuestMemory::from_file(&o, f.as_raw_fd()).err().unwrap();
-        assert!(err.to_string().contains("cannot be mapped lazily"), "{err}");
-    }
-
-    #[test]
-    fn the_kernel_backend_sees_raw_writes_to_a_file_mapping() {
-        let f = memory_file();
-        let mem = match GuestMemory::from_file(&opts(TrackingChoice::Kernel), f.as_raw_fd()) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("kernel backend on a file mapping: {e}");
-                return;
-            }
-        };
-        let mut words = vec![0u64; 16];
-        assert_eq!(mem.get_and_clear_dirty_segment(0, &mut words).unwrap(), 0, "nothing written yet");
-        let seg = &mem.segments()[0];
-        let mut b = [0u8; 1];
-        mem.read(GuestAddress(6 * PAGE_SIZE as u64), &mut b).unwrap(); // a read fault is not a write
-        // SAFETY: page 9 and 10 lie inside the segment's mapping.
-        unsafe {
-            *seg.as_ptr().add(9 * PAGE_SIZE) = 1; // a file data page
-            *seg.as_ptr().add(10 * PAGE_SIZE) = 1; // a hole page of the file
-        }
-        let mut words = vec![0u64; 16];
-        let n = mem.get_and_clear_dirty_segment(0, &mut words).unwrap();
-        assert_eq!((n, words[0]), (2, (1 << 9) | (1 << 10)));
-        let mut words = vec![0u64; 16];
-        assert_eq!(mem.get_and_clear_dirty_segment(0, &mut words).unwrap(), 0);
-        // SAFETY: as above.
-        unsafe { *seg.as_ptr().add(9 * PAGE_SIZE + 1) = 2 };
-        let mut words = vec![0u64; 16];
-        assert_eq!(mem.get_and_clear_dirty_segment(0, &mut words).unwrap(), 1, "a page is tracked again after a harvest");
     }
 }

@@ -1,16 +1,22 @@
 //! Guest memory: segments mapped at guest-physical addresses, laid out as bhyve's
 //! `vm_setup_memory` does (lowmem at GPA 0 up to the lowmem limit, highmem at 4 GiB for the rest).
 //!
-//! This module owns the mappings, address translation and the write paths that mark pages
-//! dirty. It does not decide what to save or send; `pages` does the bulk work and Python the
-//! policy.
+//! This module owns the mappings, address translation, the write paths that mark pages dirty,
+//! and the chunk states of lazily restored memory (`lazy`). It does not decide what to save or
+//! send, and knows no files: `pages` does the bulk work, `snapshot` reads checkpoint files, and
+//! Python holds the policy.
 
 mod address;
 mod error;
 mod guest;
+mod lazy;
 mod segment;
 
 pub use address::{human_size, GuestAddress, PAGE_SHIFT, PAGE_SIZE};
 pub use error::MemoryError;
 pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_COST, LOWMEM_LIMIT_DEFAULT};
-pub use segment::{file_data_extents, Backing, Segment, SegmentSpec};
+pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage};
+pub use segment::{Backing, Segment, SegmentSpec};
+
+#[cfg(test)]
+mod lazy_tests;

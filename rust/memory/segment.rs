@@ -1,29 +1,27 @@
 //! One guest memory segment: a mapping placed at a guest-physical address, wired (populated and
 //! mlock'ed up front) or unwired (faulted on demand), with its own dirty bitmap.
 //!
-//! A segment is anonymous memory, or a private mapping of a checkpoint memory file (lazy
-//! restore): pages load from the file on first touch and a write makes a private copy, so the
-//! file is never modified. Such a segment keeps its own descriptor of the file (a `dup`) to ask
-//! where the file holds data (SEEK_DATA), because there "never touched" does not mean "zero".
+//! A segment is anonymous memory. A lazily restored one starts inaccessible and its chunks are
+//! filled and opened one by one by the guest's [`LazyImage`] (`lazy.rs`), which every accessor
+//! asks first ([`Segment::ensure`]).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::error::MemoryError;
+use super::lazy::LazyImage;
 use crate::dirty::AtomicBitmap;
 
-/// What a segment is mapped from.
+/// How a segment starts out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
     /// Anonymous memory, zero until written (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`).
     Anonymous,
-    /// `size` bytes of the file open at `fd` from byte `offset`, mapped `MAP_PRIVATE`: reads load
-    /// the file's pages on demand, writes go to private copy-on-write pages. The fd is borrowed for
-    /// the call to [`Segment::map`], which keeps a duplicate. The file must not be truncated or
-    /// written while the segment lives (a truncation would make guest accesses fault with SIGBUS).
-    PrivateFile { fd: RawFd, offset: u64 },
+    /// Anonymous memory mapped PROT_NONE, for a lazy restore: its [`LazyImage`] fills and opens it
+    /// chunk by chunk.
+    Lazy,
 }
 
 /// What to map: the segment's name ("lowmem", "highmem"), where and how large.
@@ -47,13 +45,9 @@ pub struct Segment {
     dirty: AtomicBitmap,
     exports: AtomicUsize,
     closed: AtomicBool,
-    file: Option<FileBacking>,
-}
-
-/// The file behind a `PrivateFile` segment: our own descriptor and where the segment starts in it.
-struct FileBacking {
-    fd: OwnedFd,
-    offset: u64,
+    /// For a lazily restored segment: the guest's chunk states and where this segment starts in
+    /// the image. Set once, right after the segments are mapped.
+    lazy: OnceLock<(Arc<LazyImage>, u64)>,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct until Drop; concurrent access to guest
@@ -103,17 +97,20 @@ impl Segment {
                 why: format!("cannot be wired: the host has {} of memory", human_size(physical_memory())),
             });
         }
-        let file = match spec.backing {
-            Backing::Anonymous => None,
-            Backing::PrivateFile { fd, offset } => Some(open_backing_file(&what, spec, fd, offset)?),
+        let prot = match spec.backing {
+            Backing::Anonymous => libc::PROT_READ | libc::PROT_WRITE,
+            Backing::Lazy if spec.wired => {
+                return Err(MemoryError::Unsupported {
+                    what: format!("wired {what}"),
+                    why: "cannot be restored lazily: wiring would read and copy every page up front; restore wired memory eagerly".into(),
+                })
+            }
+            Backing::Lazy => libc::PROT_NONE,
         };
-        let (flags, fd, offset) = match &file {
-            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0),
-            Some(f) => (libc::MAP_PRIVATE | libc::MAP_NORESERVE, f.fd.as_raw_fd(), f.offset as libc::off_t),
-        };
-        // SAFETY: a fresh mapping at an address the kernel chooses (anonymous, or a private view of
-        // a file we hold open), so no existing memory is affected.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, flags, fd, offset) };
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses, so no existing memory
+        // is affected.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), size, prot, flags, -1, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(MemoryError::os(format!("cannot map {} for {what}", human_size(spec.size)), ""));
         }
@@ -131,7 +128,7 @@ impl Segment {
             dirty: AtomicBitmap::new(size / PAGE_SIZE),
             exports: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
-            file,
+            lazy: OnceLock::new(),
         };
         if spec.wired {
             // mlock populates every page and pins it, as bhyve's -S wires guest memory.
@@ -165,6 +162,8 @@ impl Segment {
     pub fn wired(&self) -> bool {
         self.wired
     }
+    /// The mapping's base. Whoever reads or writes guest bytes through it asks [`Segment::ensure`]
+    /// for the range first (a lazily restored chunk is inaccessible until loaded and checked).
     pub fn as_ptr(&self) -> *mut u8 {
         self.base.as_ptr()
     }
@@ -172,10 +171,30 @@ impl Segment {
         &self.dirty
     }
 
-    /// Whether the segment is a private mapping of a file (lazy restore) rather than anonymous.
-    /// There, MADV_DONTNEED brings back the file's bytes, not zeros.
-    pub fn is_file_backed(&self) -> bool {
-        self.file.is_some()
+    /// Tie the segment to its guest's lazy image, `image_offset` bytes into it.
+    pub(super) fn set_lazy(&self, image: Arc<LazyImage>, image_offset: u64) {
+        let _ = self.lazy.set((image, image_offset));
+    }
+
+    /// The lazy image this segment is restored from, if it was restored lazily.
+    pub fn lazy_image(&self) -> Option<&Arc<LazyImage>> {
+        self.lazy.get().map(|(image, _)| image)
+    }
+
+    /// Make bytes `offset..offset+len` of the segment safe to read or write: for a lazily restored
+    /// segment, load and check the chunks holding them (an error names the bad chunk); for any
+    /// other, nothing. Every accessor of guest bytes calls this (or [`Segment::ensure_all`]) first.
+    #[inline]
+    pub fn ensure(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        match self.lazy.get() {
+            None => Ok(()),
+            Some((image, image_offset)) => image.ensure(image_offset + offset as u64, len),
+        }
+    }
+
+    /// [`Segment::ensure`] for the whole segment.
+    pub fn ensure_all(&self) -> Result<(), MemoryError> {
+        self.ensure(0, self.size)
     }
 
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller
@@ -190,7 +209,7 @@ impl Segment {
     /// ones). Receiving a migration showed no difference either way, so it does not ask.
     pub fn advise_huge(&self, off: usize, len: usize) {
         const HUGE_PAGE: usize = 2 << 20;
-        if self.file.is_some() || self.wired || off.checked_add(len).is_none_or(|end| end > self.size) {
+        if self.wired || off.checked_add(len).is_none_or(|end| end > self.size) {
             return;
         }
         let start = self.base.as_ptr() as usize + off;
@@ -202,47 +221,14 @@ impl Segment {
         }
     }
 
-    /// For a file-backed segment, the (device, inode) of its file: a writer must never truncate
-    /// the file a guest is mapped from.
-    pub fn backing_file_id(&self) -> Option<(u64, u64)> {
-        let file = self.file.as_ref()?;
-        // SAFETY: fstat writes into the struct we own.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(file.fd.as_raw_fd(), &mut st) } != 0 {
-            return None;
-        }
-        Some((st.st_dev, st.st_ino))
-    }
-
-    /// For a file-backed segment, the page runs `(first_page, count)` of the segment where the
-    /// backing file holds data (SEEK_DATA); pages outside them read as zero until written.
-    /// `None` for anonymous memory.
-    pub fn file_data_runs(&self) -> Result<Option<Vec<(usize, usize)>>, MemoryError> {
-        let Some(file) = &self.file else { return Ok(None) };
-        let extents = file_data_extents(file.fd.as_raw_fd(), file.offset, file.offset + self.size as u64)
-            .map_err(|e| MemoryError::Os { what: format!("finding the data in the file behind segment '{}'", self.name), errno: e.raw_os_error().unwrap_or(0), detail: String::new() })?;
-        let page = PAGE_SIZE as u64;
-        Ok(Some(
-            extents
-                .into_iter()
-                .map(|(start, end)| {
-                    let first = (start - file.offset) / page;
-                    let last = (end - file.offset).div_ceil(page);
-                    (first as usize, (last - first) as usize)
-                })
-                .collect(),
-        ))
-    }
-
     /// How many pages this process has mapped in the segment (present or swapped PTEs, from
-    /// /proc/self/pagemap). Unlike [`Segment::resident`], which for a file mapping also counts
-    /// file pages sitting in the page cache, this counts only what the guest has faulted in.
+    /// /proc/self/pagemap): what has been faulted in or loaded.
     pub fn mapped_pages(&self) -> Result<usize, MemoryError> {
         use std::os::unix::fs::FileExt;
         const PM_PRESENT: u64 = 1 << 63;
         const PM_SWAP: u64 = 1 << 62;
         // A swap entry with the uffd-wp bit is, in practice, the marker the kernel dirty backend
-        // puts in never-touched entries of a file mapping: not a page the guest has.
+        // puts in never-touched entries: not a page the guest has.
         const PM_UFFD_WP: u64 = 1 << 57;
         const BATCH: usize = 64 * 1024;
         let pagemap = std::fs::File::open("/proc/self/pagemap")
@@ -363,75 +349,6 @@ impl Segment {
         }
         Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
     }
-}
-
-/// Duplicate the caller's descriptor for a `PrivateFile` segment and check that the file covers
-/// the whole segment, so no guest access can run past its end (SIGBUS).
-fn open_backing_file(what: &str, spec: &SegmentSpec, fd: RawFd, offset: u64) -> Result<FileBacking, MemoryError> {
-    if spec.wired {
-        return Err(MemoryError::Unsupported {
-            what: format!("wired {what}"),
-            why: "cannot be mapped lazily from a file: wiring would read and copy every page up front; restore wired memory eagerly".into(),
-        });
-    }
-    if offset % PAGE_SIZE as u64 != 0 {
-        return Err(MemoryError::BadSize { what: format!("file offset of {what}"), size: offset, why: "is not page-aligned".into() });
-    }
-    // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; a bad fd is reported as EBADF.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return Err(MemoryError::os(format!("cannot duplicate fd {fd} backing {what}"), ""));
-    }
-    // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
-    let file = FileBacking { fd: unsafe { OwnedFd::from_raw_fd(dup) }, offset };
-    // SAFETY: fstat writes into the struct we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(dup, &mut st) } != 0 {
-        return Err(MemoryError::os(format!("cannot stat the file backing {what}"), ""));
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(MemoryError::Unsupported { what: format!("fd {fd} backing {what}"), why: "is not a regular file".into() });
-    }
-    let needed = offset.saturating_add(spec.size);
-    if (st.st_size as u64) < needed {
-        return Err(MemoryError::BadSize {
-            what: format!("file backing {what}"),
-            size: st.st_size as u64,
-            why: format!("is too short: the segment needs bytes {offset}..{needed} of it"),
-        });
-    }
-    Ok(file)
-}
-
-/// The data extents `(start, end)` of the file at `fd` within `start..end`, from
-/// SEEK_DATA/SEEK_HOLE. Filesystems without hole support report one extent for everything.
-pub fn file_data_extents(fd: RawFd, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        // SAFETY: lseek has no memory effects; a bad fd is an error return.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data at or after `pos`
-            }
-            return Err(err);
-        }
-        let data = data as u64;
-        if data >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hole = (hole as u64).min(end);
-        out.push((data, hole));
-        pos = hole;
-    }
-    Ok(out)
 }
 
 impl Drop for Segment {

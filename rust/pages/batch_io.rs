@@ -10,10 +10,9 @@
 //! ZERO ranges on the receiver: on unwired memory the pages are dropped with
 //! madvise(MADV_DONTNEED), which on private anonymous memory makes them read as zero again and
 //! costs nothing for pages never touched (a fresh destination stays unpopulated). Wired memory is
-//! mlock'ed, where MADV_DONTNEED is refused, so it is cleared with a memset. On a segment that
-//! privately maps a checkpoint file (lazy restore) DONTNEED brings back the file's bytes, not
-//! zeros: there the pages are dropped and then cleared with a memset where the file holds data,
-//! so zero ranges over the file's holes still cost nothing.
+//! mlock'ed, where MADV_DONTNEED is refused, so it is cleared with a memset. Lazily restored
+//! memory is anonymous too; the chunks a batch touches are loaded (and checked) before it is
+//! sent from or written into (`ready_ranges`).
 //!
 //! If a receive fails part way (the stream ends, the peer breaks), pages already read stay written
 //! and may count as dirty with the kernel backend: the destination of a failed transfer is thrown
@@ -29,7 +28,7 @@ use super::batch::{
 };
 use super::stall::{poll_ms, socket_timeout, timed_out, would_block, Direction, SendDeadline};
 use super::tracker::DigestTracker;
-use super::PageError;
+use super::{ready_ranges, PageError};
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
 
 /// What one batch moved.
@@ -310,6 +309,7 @@ pub fn send_batch_tracked(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], tr
     let stats = BatchStats::of(ranges);
     let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
     let offsets = validate_ranges(seg, &header, ranges)?;
+    ready_ranges(seg, ranges, &offsets)?;
     let encoded = encode_batch(seg.gpa(), ranges);
     let encoded_iov = libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() };
     let Some(tracker) = tracker else {
@@ -345,23 +345,11 @@ fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
     }
     // SAFETY: the range lies inside the mapping (validate_ranges); the guest is not running while
     // a batch is received. On private anonymous memory MADV_DONTNEED replaces the pages with
-    // zero-fill-on-demand ones; on a private file mapping it drops private copies so the pages
-    // show the file again, which the memset below fixes where the file holds data.
+    // zero-fill-on-demand ones.
     let dropped = unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0;
     if !dropped {
         // SAFETY: as for the wired case.
         unsafe { std::ptr::write_bytes(seg.as_ptr().add(off), 0, len) };
-        return Ok(());
-    }
-    if let Some(runs) = seg.file_data_runs()? {
-        let (first, end) = (off / PAGE_SIZE, (off + len) / PAGE_SIZE);
-        for (run_first, count) in runs {
-            let (a, b) = (run_first.max(first), (run_first + count).min(end));
-            if a < b {
-                // SAFETY: a..b lies inside first..end, inside the mapping.
-                unsafe { std::ptr::write_bytes(seg.as_ptr().add(a * PAGE_SIZE), 0, (b - a) * PAGE_SIZE) };
-            }
-        }
     }
     Ok(())
 }
@@ -389,6 +377,7 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
     }
     let offsets = validate_ranges(seg, &header, &ranges)?;
+    ready_ranges(seg, &ranges, &offsets)?;
     let mut stats = BatchStats::of(&ranges);
     if header.flags & BATCH_FLAG_LZ4 != 0 {
         super::compress::recv_lz4_payload(fd, seg, &header, &ranges, &offsets)?;
@@ -525,8 +514,8 @@ fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[Pag
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
     // failures ignored), so the socket reads mostly land in pages that already exist. Only for
-    // a batch big enough to pay for the thread, and never for wired or file-backed memory.
-    let populate = !seg.wired() && !seg.is_file_backed() && header.payload_len >= POPULATE_AHEAD_MIN;
+    // a batch big enough to pay for the thread, and never for wired memory.
+    let populate = !seg.wired() && header.payload_len >= POPULATE_AHEAD_MIN;
     let got = std::thread::scope(|scope| -> Result<u64, PageError> {
         if populate {
             scope.spawn(move || {

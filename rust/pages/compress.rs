@@ -188,6 +188,7 @@ impl Compressor {
         let raw = (data_pages * PAGE_SIZE as u64) as usize;
         let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: batch.len() as u32, payload_len: raw as u64, checksum: 0 };
         let offsets = validate_ranges(seg, &header, batch)?;
+        super::ready_ranges(seg, batch, &offsets)?;
         if let Some(tracker) = tracker {
             // Hashed before the copy below reads the pages again, from the cache.
             tracker.hash_now(seg, &runs_of(RangeKind::Zero, batch, &offsets), true)?;

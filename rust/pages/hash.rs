@@ -97,6 +97,7 @@ fn chunk_hashes_inner(seg: &Segment, chunk_size: u64, resident: Option<&[u64]>) 
 
 /// xxh3-128 of each `chunk_size`-byte chunk of `seg`, in order; the last chunk may be shorter.
 pub fn chunk_hashes(seg: &Segment, chunk_size: u64) -> Result<Vec<u128>, PageError> {
+    seg.ensure_all()?;
     chunk_hashes_inner(seg, chunk_size, None)
 }
 
@@ -127,6 +128,7 @@ pub fn ranges_digest(mem: &GuestMemory, ranges: &[(GuestAddress, u64)]) -> Resul
 /// never touched (mincore) are zero without being read, so the cost follows touched memory, not
 /// guest size. With `skip_untouched` false every page is read; the digest is the same.
 pub fn memory_digest(mem: &GuestMemory, skip_untouched: bool) -> Result<u128, PageError> {
+    mem.ensure_all()?;
     let mut hasher = Xxh3::new();
     for seg in mem.segments() {
         if seg.is_closed() {

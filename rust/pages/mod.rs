@@ -42,15 +42,29 @@ pub use zero::{is_zero_page, split_zero_pages, ZeroSplit};
 
 use crate::memory::{Segment, PAGE_SIZE};
 
-/// Check that pages `first..first+count` lie in `seg`; return the byte offset of `first`.
+/// Check that pages `first..first+count` lie in `seg` and make them ready to read (a lazily
+/// restored chunk is loaded and checked first); return the byte offset of `first`.
 fn page_span(seg: &Segment, first: u64, count: u64) -> Result<usize, PageError> {
     match first.checked_add(count) {
-        Some(end) if end <= seg.pages() as u64 => Ok(first as usize * PAGE_SIZE),
+        Some(end) if end <= seg.pages() as u64 => {
+            seg.ensure(first as usize * PAGE_SIZE, count as usize * PAGE_SIZE)?;
+            Ok(first as usize * PAGE_SIZE)
+        }
         _ => Err(PageError::PagesOutsideSegment { first, count, segment: seg.name().to_string(), pages: seg.pages() as u64 }),
     }
 }
 
-/// Check that a bitmap covers `seg` and marks no page past its end.
+/// Make the ranges of a checked batch (`batch::validate_ranges` gave their offsets in `seg`) ready
+/// to be read or written: on lazily restored memory, their chunks are loaded and checked first.
+fn ready_ranges(seg: &Segment, ranges: &[PageRange], offsets: &[usize]) -> Result<(), PageError> {
+    for (r, &off) in ranges.iter().zip(offsets) {
+        seg.ensure(off, r.bytes() as usize)?;
+    }
+    Ok(())
+}
+
+/// Check that a bitmap covers `seg` and marks no page past its end, and make the marked pages
+/// ready to read (on lazily restored memory not loaded whole yet, their chunks are loaded).
 fn check_bitmap(seg: &Segment, words: &[u64], what: &'static str) -> Result<(), PageError> {
     let pages = seg.pages();
     let needed = pages.div_ceil(64);
@@ -64,6 +78,13 @@ fn check_bitmap(seg: &Segment, words: &[u64], what: &'static str) -> Result<(), 
     }
     if let Some(i) = words[needed..].iter().position(|&w| w != 0) {
         return Err(past_end(((needed + i) * 64) as u64 + words[needed + i].trailing_zeros() as u64));
+    }
+    if seg.lazy_image().is_some_and(|image| !image.is_complete()) {
+        let mut runs = Vec::new();
+        crate::dirty::bitmap_to_runs(&words[..needed], 0, &mut runs);
+        for (first, count) in runs {
+            seg.ensure(first as usize * PAGE_SIZE, count as usize * PAGE_SIZE)?;
+        }
     }
     Ok(())
 }

@@ -8,9 +8,8 @@
 //! "every page may hold data" rather than risk sending a swapped page as zero. Pages with only a
 //! userfaultfd write-protect marker (the kernel dirty backend) count as untouched, as they should.
 //!
-//! A segment that privately maps a checkpoint file (lazy restore) holds the file's bytes in pages
-//! it never touched, and mincore there reports the page cache, which may have dropped them; so
-//! for such a segment the pages where the file holds data (SEEK_DATA) are added to the answer.
+//! A lazily restored segment holds data in chunks it has not loaded yet, which mincore cannot
+//! see: it is loaded (and checked) whole before it is asked.
 //!
 //! This module does not decide what to do with untouched pages; `ranges` and `hash` do.
 
@@ -31,6 +30,7 @@ const MINCORE_CHUNK_PAGES: usize = 64 * 1024;
 
 /// A bitmap (bit i of word i/64 = page i of `seg`) of the pages that may hold data.
 pub fn resident_bitmap(seg: &Segment) -> Result<(Vec<u64>, ResidencySource), PageError> {
+    seg.ensure_all()?;
     let pages = seg.pages();
     let mut words = vec![0u64; pages.div_ceil(64)];
     if swap_active() {
@@ -54,13 +54,6 @@ pub fn resident_bitmap(seg: &Segment) -> Result<(Vec<u64>, ResidencySource), Pag
             words[page / 64] |= ((b & 1) as u64) << (page % 64);
         }
         first += n;
-    }
-    if let Some(runs) = seg.file_data_runs()? {
-        for (run_first, count) in runs {
-            for page in run_first..(run_first + count).min(pages) {
-                words[page / 64] |= 1 << (page % 64);
-            }
-        }
     }
     Ok((words, ResidencySource::Mincore))
 }

@@ -176,6 +176,9 @@ impl DigestTracker {
         let mut found = Vec::with_capacity(if zero { 0 } else { runs.iter().map(|r| r.1).sum() });
         for &(first, count) in runs {
             check_run(seg, first, count)?;
+            if !zero {
+                seg.ensure(first * PAGE_SIZE, count * PAGE_SIZE)?;
+            }
             for_each_word(first, count, |word, mask| {
                 // Only words with a bit to take are written (a big zero run's are mostly clear).
                 if track.stale[word].load(Ordering::Relaxed) & mask != 0 {
@@ -294,6 +297,7 @@ fn refresh_segment(track: &SegmentTrack, stats: &mut RefreshStats, residency_thr
     if seg.is_closed() {
         return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
     }
+    seg.ensure_all()?;
     // Take the stale bits before anything about the pages is read: a mark after this is for the
     // next refresh, and a write marked before it is visible to what follows, mincore included
     // (residency asked before the take could call a page untouched that was written since).

@@ -24,6 +24,7 @@ const STATE_FORMAT: u64 = 1;
 fn cpu_error(err: CpuError) -> PyErr {
     match err {
         CpuError::MemoryClosed { .. } => PyOSError::new_err((libc::EBADF, err.to_string())),
+        CpuError::MemoryUnavailable { .. } => super::errors::LazyMemoryError::new_err((libc::EIO, err.to_string())),
         CpuError::ReadPending { .. } | CpuError::NoReadPending { .. } => PyOSError::new_err((libc::EINVAL, err.to_string())),
         _ => PyValueError::new_err(err.to_string()),
     }

@@ -2,15 +2,17 @@
 //! views through the buffer protocol.
 
 use std::ffi::c_int;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
 use super::errors::memory_error;
+use super::snapshot::snapshot_error;
 use crate::dirty::{bitmap_to_pages, bitmap_to_runs, TrackingChoice};
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
 
@@ -69,20 +71,84 @@ impl PyGuestMemory {
         Ok(PyGuestMemory { inner: Arc::new(mem) })
     }
 
-    /// Guest memory mapped lazily (MAP_PRIVATE) from a checkpoint memory file open at `fd`:
-    /// lowmem from file offset 0, highmem right after it. Pages load on first touch; writes are
-    /// private. The file must be exactly `memsize` bytes and stay unchanged while the memory
-    /// lives. `wired=True` is refused (wiring would read everything up front). With
-    /// `dirty_tracking="auto"` the soft backend is used (see `dirty_tracking_fallback` for why).
+    /// Guest memory restored lazily from a checkpoint memory file open at `fd` (a duplicate is
+    /// kept): lowmem from file offset 0, highmem right after it, cut into `chunk_size` chunks.
+    /// Nothing is read now; each chunk is read and compared with `chunk_hashes[i]` the first time
+    /// anything needs a byte of it, and cannot be seen before. A chunk that fails raises
+    /// LazyMemoryError (naming `name`, the chunk and its guest-physical range) on every access.
+    /// The file must be exactly `memsize` bytes. `wired=True` is refused. With
+    /// `dirty_tracking="auto"` the soft backend is used (see `dirty_tracking_fallback`).
     #[staticmethod]
-    #[pyo3(signature = (fd, memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto"))]
-    fn from_file(py: Python<'_>, fd: i32, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str) -> PyResult<Self> {
+    #[pyo3(signature = (fd, memsize, *, chunk_hashes, chunk_size = crate::snapshot::DEFAULT_CHUNK_SIZE, name = "checkpoint memory file".to_string(),
+                        wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto"))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_file(
+        py: Python<'_>,
+        fd: i32,
+        memsize: u64,
+        chunk_hashes: Vec<u128>,
+        chunk_size: u64,
+        name: String,
+        wired: bool,
+        lowmem_limit: u64,
+        dirty_tracking: &str,
+    ) -> PyResult<Self> {
         let tracking = TrackingChoice::parse(dirty_tracking).ok_or_else(|| {
             PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}"))
         })?;
         let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
-        let mem = py.detach(move || GuestMemory::from_file(&opts, fd)).map_err(memory_error)?;
+        let mem = py
+            .detach(move || crate::snapshot::lazy_memory(&opts, fd, chunk_hashes, chunk_size, &name))
+            .map_err(snapshot_error)?;
         Ok(PyGuestMemory { inner: Arc::new(mem) })
+    }
+
+    /// Whether this memory was restored lazily (its chunks load and are checked on first use).
+    #[getter]
+    fn lazy(&self) -> bool {
+        self.inner.lazy_image().is_some()
+    }
+
+    /// For lazily restored memory: a dict of source, chunk_size, chunks, loaded, failed and
+    /// complete (every chunk loaded and checked); None for other memory.
+    fn lazy_status<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(image) = self.inner.lazy_image() else { return Ok(None) };
+        let (loaded, failed) = image.counts();
+        let d = PyDict::new(py);
+        d.set_item("source", image.source_name())?;
+        d.set_item("chunk_size", image.chunk_size())?;
+        d.set_item("chunks", image.chunks())?;
+        d.set_item("loaded", loaded)?;
+        d.set_item("failed", failed)?;
+        d.set_item("complete", image.is_complete())?;
+        Ok(Some(d))
+    }
+
+    /// The error of the first chunk of lazily restored memory that could not be loaded, or None.
+    #[getter]
+    fn lazy_failure(&self) -> Option<String> {
+        self.inner.lazy_image().and_then(|image| image.first_failure()).map(|e| e.to_string())
+    }
+
+    /// Have one byte written to `fd` (a duplicate is kept) when the first chunk of lazily
+    /// restored memory fails, or at once if one has; nothing for other memory.
+    fn notify_lazy_failure(&self, fd: i32) -> PyResult<()> {
+        let Some(image) = self.inner.lazy_image() else { return Ok(()) };
+        // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; a bad fd is an error return.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
+        image.notify_on_failure(unsafe { OwnedFd::from_raw_fd(dup) });
+        Ok(())
+    }
+
+    /// Load and check every chunk of lazily restored memory not loaded yet (GIL released);
+    /// LazyMemoryError for the first that cannot be. Nothing for other memory.
+    fn load_all(&self, py: Python<'_>) -> PyResult<()> {
+        let mem = self.inner.clone();
+        py.detach(move || mem.ensure_all()).map_err(memory_error)
     }
 
     #[getter]
@@ -227,17 +293,17 @@ impl PySegment {
         py.detach(move || seg.resident()).map(|r| r.into_iter().filter(|&p| p).count()).map_err(memory_error)
     }
 
-    /// How many pages this process has mapped in the segment (/proc/self/pagemap): unlike
-    /// resident_pages, a file-backed segment's file pages in the page cache do not count.
+    /// How many pages this process has mapped in the segment (/proc/self/pagemap): what has been
+    /// touched or, for lazily restored memory, loaded.
     fn mapped_pages(&self, py: Python<'_>) -> PyResult<usize> {
         let seg = self.seg.clone();
         py.detach(move || seg.mapped_pages()).map_err(memory_error)
     }
 
-    /// Whether the segment privately maps a checkpoint file (lazy restore).
+    /// Whether the segment was restored lazily (its chunks load and are checked on first use).
     #[getter]
-    fn file_backed(&self) -> bool {
-        self.seg.is_file_backed()
+    fn lazy(&self) -> bool {
+        self.seg.lazy_image().is_some()
     }
 
     fn __len__(&self) -> usize {
@@ -263,7 +329,11 @@ impl PySegment {
                 "guest memory views are read-only: write through GuestMemory.write so the pages are marked dirty",
             ));
         }
-        let seg = &slf.get().seg;
+        let seg = slf.get().seg.clone();
+        // A view sees every byte at once: lazily restored memory is loaded and checked whole
+        // first (GIL released), and a bad chunk refuses the view.
+        let loading = seg.clone();
+        slf.py().detach(move || loading.ensure_all()).map_err(memory_error)?;
         seg.add_export().map_err(|e| PyBufferError::new_err(e.to_string()))?;
         let len = seg.size() as ffi::Py_ssize_t;
         // SAFETY: `view` is a valid Py_buffer the interpreter handed us. `obj` takes a strong

@@ -24,7 +24,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn snapshot_error(err: SnapshotError) -> PyErr {
+pub(super) fn snapshot_error(err: SnapshotError) -> PyErr {
     match err {
         SnapshotError::Memory(e) => memory_error(e),
         other => MemoryFileError::new_err((other.errno(), other.to_string())),

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use xxhash_rust::xxh3::{xxh3_128, Xxh3};
+use xxhash_rust::xxh3::Xxh3;
 
 /// Zeros fed to the hasher for the zero runs inside a chunk that also holds data.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -34,6 +34,13 @@ impl ChunkHasher {
         }
     }
 
+    /// The hash of `len` zero bytes (a chunk that is all hole).
+    pub fn zero_hash(len: usize) -> u128 {
+        let mut h = Xxh3::new();
+        feed_zeros(&mut h, len);
+        h.digest128()
+    }
+
     fn close_chunk(&mut self) {
         let len = self.filled;
         let hash = match self.hasher.take() {
@@ -41,7 +48,7 @@ impl ChunkHasher {
                 feed_zeros(&mut h, self.zeros_owed);
                 h.digest128()
             }
-            None => *self.zero_chunk.entry(len).or_insert_with(|| xxh3_128(&vec![0u8; len])),
+            None => *self.zero_chunk.entry(len).or_insert_with(|| Self::zero_hash(len)),
         };
         self.hashes.push(hash);
         self.filled = 0;
@@ -103,6 +110,7 @@ fn feed_zeros(hasher: &mut Xxh3, mut n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xxhash_rust::xxh3::xxh3_128;
 
     #[test]
     fn streamed_hashes_equal_one_shot_hashes_of_each_chunk() {

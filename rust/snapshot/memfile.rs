@@ -17,7 +17,7 @@ use std::time::Instant;
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::image::ImageLayout;
-use crate::memory::{file_data_extents, GuestAddress, GuestMemory, Segment, PAGE_SIZE};
+use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 use crate::pages::{is_zero_page, resident_bitmap};
 
 /// File I/O goes in pieces of this size: large enough that syscall cost vanishes, small enough
@@ -61,7 +61,7 @@ enum PageKind {
     Data,
 }
 
-fn check_chunk_size(chunk_size: u64) -> Result<usize, SnapshotError> {
+pub(super) fn check_chunk_size(chunk_size: u64) -> Result<usize, SnapshotError> {
     if chunk_size == 0 || chunk_size % PAGE_SIZE as u64 != 0 || usize::try_from(chunk_size).is_err() {
         return Err(SnapshotError::BadChunkSize { chunk_size });
     }
@@ -150,7 +150,7 @@ fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gp
 ///
 /// # Safety
 /// `ptr..ptr+len` must be writable memory that no Rust reference points into (guest memory).
-unsafe fn pread_all(fd: RawFd, mut ptr: *mut u8, mut len: usize, mut offset: u64) -> Result<(), SnapshotError> {
+pub(super) unsafe fn pread_all(fd: RawFd, mut ptr: *mut u8, mut len: usize, mut offset: u64) -> Result<(), SnapshotError> {
     while len > 0 {
         // SAFETY: the caller's contract.
         let n = unsafe { libc::pread(fd, ptr as *mut libc::c_void, len, offset as libc::off_t) };
@@ -174,7 +174,7 @@ unsafe fn pread_all(fd: RawFd, mut ptr: *mut u8, mut len: usize, mut offset: u64
     Ok(())
 }
 
-fn file_stat(fd: RawFd, what: &str) -> Result<libc::stat, SnapshotError> {
+pub(super) fn file_stat(fd: RawFd, what: &str) -> Result<libc::stat, SnapshotError> {
     // SAFETY: fstat writes into the struct we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
@@ -235,13 +235,9 @@ pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64) -> Resul
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(SnapshotError::Unsupported { why: format!("the memory file (fd {fd}) must be a regular file, so holes can stand for zero pages") });
     }
-    for (seg, _) in layout.segments() {
-        if seg.backing_file_id() == Some((st.st_dev, st.st_ino)) {
-            return Err(SnapshotError::Unsupported {
-                why: format!("segment '{}' is mapped from the file being written; write the checkpoint to a new file", seg.name()),
-            });
-        }
-    }
+    // Lazily restored memory is loaded and checked whole first: nothing is saved that was not
+    // verified, and nothing is left needing the file it came from (which may be this one).
+    mem.ensure_all()?;
     let total = layout.total();
     // Truncate to nothing first: pages we skip must read as holes, never as an old file's bytes.
     // SAFETY: ftruncate has no memory effects.
@@ -274,6 +270,7 @@ pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64) -> Resul
 pub fn memory_chunk_hashes(mem: &GuestMemory, chunk_size: u64) -> Result<Vec<u128>, SnapshotError> {
     let chunk = check_chunk_size(chunk_size)?;
     let layout = ImageLayout::of(mem)?;
+    mem.ensure_all()?;
     let mut hasher = ChunkHasher::new(chunk, layout.total());
     walk_image(&layout, &mut hasher, |_, _, _, _| Ok(()))?;
     Ok(hasher.finish())
@@ -305,14 +302,14 @@ pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), 
     Ok((hasher.finish(), size))
 }
 
-/// The file's data extents rounded out to whole pages and merged, so everything between them is
-/// whole pages of hole.
-fn page_extents(fd: RawFd, total: u64) -> Result<Vec<(u64, u64)>, SnapshotError> {
+/// The file's data extents inside `start..end` (page-aligned), rounded out to whole pages and
+/// merged, so everything between them is whole pages of hole.
+pub(super) fn page_extents(fd: RawFd, start: u64, end: u64) -> Result<Vec<(u64, u64)>, SnapshotError> {
     let page = PAGE_SIZE as u64;
-    let raw = file_data_extents(fd, 0, total).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file (SEEK_DATA)".into(), source: e })?;
+    let raw = file_data_extents(fd, start, end).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file (SEEK_DATA)".into(), source: e })?;
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
     for (s, e) in raw {
-        let (s, e) = (s / page * page, e.div_ceil(page).saturating_mul(page).min(total));
+        let (s, e) = (s / page * page, e.div_ceil(page).saturating_mul(page).min(end));
         match out.last_mut() {
             Some(last) if s <= last.1 => last.1 = last.1.max(e),
             _ => out.push((s, e)),
@@ -333,9 +330,9 @@ fn page_extents(fd: RawFd, total: u64) -> Result<Vec<(u64, u64)>, SnapshotError>
 pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u64)>) -> Result<ReadStats, SnapshotError> {
     let started = Instant::now();
     let layout = ImageLayout::of(mem)?;
-    if let Some((seg, _)) = layout.segments().find(|(s, _)| s.is_file_backed()) {
+    if let Some((seg, _)) = layout.segments().find(|(s, _)| s.lazy_image().is_some()) {
         return Err(SnapshotError::Unsupported {
-            why: format!("segment '{}' is mapped from a file; eager restore reads into fresh anonymous memory", seg.name()),
+            why: format!("segment '{}' is restored lazily; eager restore reads into fresh anonymous memory", seg.name()),
         });
     }
     let total = layout.total();
@@ -360,7 +357,7 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
     } else {
         Vec::new()
     };
-    let extents = page_extents(fd, total)?;
+    let extents = page_extents(fd, 0, total)?;
     let mut stats = ReadStats { data_extents: extents.len() as u64, ..Default::default() };
 
     let hash_hole = |hasher: &mut ChunkHasher, start: u64, end: u64| -> Result<(), SnapshotError> {
@@ -447,4 +444,35 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// The data extents `(start, end)` of the file at `fd` within `start..end`, from
+/// SEEK_DATA/SEEK_HOLE. Filesystems without hole support report one extent for everything.
+pub(super) fn file_data_extents(fd: RawFd, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek has no memory effects; a bad fd is an error return.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data at or after `pos`
+            }
+            return Err(err);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        out.push((data, hole));
+        pos = hole;
+    }
+    Ok(out)
 }

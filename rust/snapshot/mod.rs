@@ -1,7 +1,8 @@
 //! The checkpoint memory file: guest memory as bhyve's `FILE` (lowmem at file offset 0, highmem
 //! right after it, the 3-4 GiB hole not stored), written sparse and read back eagerly, with
 //! xxh3-128 hashes of fixed-size chunks of that image so a damaged file is caught before a guest
-//! runs on it. Lazy restore maps the same file privately (`GuestMemory::from_file`).
+//! runs on it. Lazy restore (`lazy_memory`) reads and checks one chunk at a time, when the guest
+//! first needs it.
 //!
 //! This module owns the bytes of the memory file and its chunk hashes. It does not own the
 //! `.kern` and `.meta` files, nor decide where hashes are stored or when to verify: that is the
@@ -16,11 +17,13 @@
 mod chunks;
 mod error;
 mod image;
+mod lazy;
 mod memfile;
 
 pub use chunks::ChunkHasher;
 pub use error::SnapshotError;
 pub use image::ImageLayout;
+pub use lazy::lazy_memory;
 pub use memfile::{hash_memory_file, memory_chunk_hashes, read_memory_file, write_memory_file, ReadStats, WriteStats};
 
 /// The chunk size checkpoints use unless told otherwise: 4 MiB, bhyve's `SNAPSHOT_CHUNK`.

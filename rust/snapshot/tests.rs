@@ -84,15 +84,31 @@ fn eager_restore_is_bit_exact_verified_and_clean() {
     }
 }
 
+/// The test guest saved to a fresh file named after `tag`.
+fn saved(tag: &str) -> (GuestMemory, std::fs::File, WriteStats) {
+    let mem = guest(TrackingChoice::Soft);
+    let f = temp_file(tag);
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    (mem, f, stats)
+}
+
+/// Where a byte of chunk 6 lies in the file: the chunk spans lowmem's last half MiB and
+/// highmem's first half MiB.
+const IN_CHUNK_6: u64 = 6 * MIB + 512 * 1024 + 100;
+
+/// The test guest saved to a fresh file, then the file's byte at `IN_CHUNK_6` inverted; returns
+/// the byte as it was.
+fn saved_with_chunk_6_damaged(tag: &str) -> (GuestMemory, std::fs::File, WriteStats, u8) {
+    let (mem, f, stats) = saved(tag);
+    let mut original = [0u8; 1];
+    f.read_exact_at(&mut original, IN_CHUNK_6).unwrap();
+    f.write_all_at(&[!original[0]], IN_CHUNK_6).unwrap();
+    (mem, f, stats, original[0])
+}
+
 #[test]
 fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
-    let mem = guest(TrackingChoice::Soft);
-    let f = temp_file("damaged");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
-    // Chunk 6 spans lowmem's last half MiB and highmem's first half MiB.
-    let mut original = [0u8; 1];
-    f.read_exact_at(&mut original, 6 * MIB + 512 * 1024 + 100).unwrap();
-    f.write_all_at(&[!original[0]], 6 * MIB + 512 * 1024 + 100).unwrap();
+    let (_, f, stats, original) = saved_with_chunk_6_damaged("damaged");
     let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
     let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
     assert_eq!(
@@ -100,7 +116,7 @@ fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
         "memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and 0x100000000..0x100080000) does not match its recorded hash"
     );
     // A byte written into a hole is caught too.
-    f.write_all_at(&original, 6 * MIB + 512 * 1024 + 100).unwrap();
+    f.write_all_at(&[original], IN_CHUNK_6).unwrap();
     f.write_all_at(&[1], 12 * MIB + 7).unwrap();
     let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
     let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
@@ -112,27 +128,74 @@ fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
     assert_eq!(err.to_string(), "memory file is 1048576 bytes (1 MiB), the guest's memory is 13631488 bytes (13 MiB)");
 }
 
+fn lazy(f: &std::fs::File, hashes: &[u128]) -> GuestMemory {
+    lazy_memory(&opts(TrackingChoice::Auto), f.as_raw_fd(), hashes.to_vec(), CHUNK, "checkpoint 'test.ckp'").unwrap()
+}
+
+fn lazy_counts(mem: &GuestMemory) -> (usize, usize) {
+    mem.lazy_image().unwrap().counts()
+}
+
 #[test]
-fn lazy_memory_reads_the_file_on_touch_and_saves_again_exactly() {
-    let mem = guest(TrackingChoice::Soft);
-    let f = temp_file("lazy");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
-    let lazy = GuestMemory::from_file(&opts(TrackingChoice::Auto), f.as_raw_fd()).unwrap();
+fn lazy_memory_loads_chunks_on_touch_and_saves_again_exactly() {
+    let (mem, f, stats) = saved("lazy");
+    let lazy = lazy(&f, &stats.chunk_hashes);
     let mapped = |m: &GuestMemory| m.segments().iter().map(|s| s.mapped_pages().unwrap()).sum::<usize>();
-    assert_eq!(mapped(&lazy), 0, "mapping reads nothing");
+    assert_eq!((mapped(&lazy), lazy_counts(&lazy)), (0, (0, 0)), "restoring reads nothing");
+    assert_eq!(mem_bytes(&lazy, 5 * 4096, 8), mem_bytes(&mem, 5 * 4096, 8));
+    assert_eq!(lazy_counts(&lazy), (1, 0), "one chunk loaded for one read");
+    assert_eq!(mapped(&lazy), 3, "its data pages (0, 5, 255), not its holes");
     assert_eq!(memory_chunk_hashes(&lazy, CHUNK).unwrap(), stats.chunk_hashes);
+    assert!(lazy.is_complete());
     assert_eq!(digest(&lazy), digest(&mem));
-    // Saving lazily restored memory must not take untouched pages for zero: they hold file data.
     let again = temp_file("lazy-again");
     let stats2 = write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap();
-    assert_eq!(stats2.chunk_hashes, stats.chunk_hashes);
-    assert_eq!(stats2.data_pages, 7);
-    // ...and never into the file it is mapped from.
-    let err = write_memory_file(&lazy, f.as_raw_fd(), CHUNK).unwrap_err();
-    assert!(err.to_string().contains("is mapped from the file being written"), "{err}");
-    // Eager restore into lazy memory is refused.
+    assert_eq!((stats2.chunk_hashes, stats2.data_pages), (stats.chunk_hashes.clone(), 7));
+    // Complete memory no longer needs its file: it may even be saved over it.
+    let stats3 = write_memory_file(&lazy, f.as_raw_fd(), CHUNK).unwrap();
+    assert_eq!(stats3.chunk_hashes, stats.chunk_hashes);
     let err = read_memory_file(&lazy, again.as_raw_fd(), None).unwrap_err();
-    assert!(err.to_string().contains("eager restore reads into fresh anonymous memory"), "{err}");
+    assert!(err.to_string().contains("is restored lazily; eager restore reads into fresh anonymous memory"), "{err}");
+}
+
+#[test]
+fn a_damaged_lazy_chunk_is_refused_by_name_and_the_rest_still_loads() {
+    let (mem, f, stats, _) = saved_with_chunk_6_damaged("lazy-damaged");
+    let mut b = [0u8; 1];
+    f.write_all_at(&[1], 12 * MIB + 7).unwrap(); // chunk 12: a byte where the file had a hole
+    let lazy = lazy(&f, &stats.chunk_hashes);
+    let expected = "checkpoint 'test.ckp': memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and \
+                    0x100000000..0x100080000) does not match its recorded hash; the guest may not use it";
+    for gpa in [6 * MIB + 500 * 1024, HIGHMEM_BASE + 7] {
+        let err = lazy.read(GuestAddress(gpa), &mut b).unwrap_err();
+        assert_eq!(err.to_string(), expected);
+        assert_eq!(err.errno(), libc::EBADMSG);
+    }
+    assert!(lazy.write(GuestAddress(HIGHMEM_BASE), &[1]).is_err(), "nor written");
+    let err = lazy.read(GuestAddress(HIGHMEM_BASE + 6 * MIB - 512 * 1024 + 7), &mut b).unwrap_err();
+    assert!(err.to_string().contains("memory chunk 12 "), "{err}");
+    assert_eq!(mem_bytes(&lazy, 0, 16), mem_bytes(&mem, 0, 16), "good chunks load");
+    assert_eq!(lazy_counts(&lazy), (1, 2));
+    assert!(!lazy.is_complete());
+    assert_eq!(lazy.lazy_image().unwrap().first_failure().unwrap().to_string(), expected);
+    let again = temp_file("lazy-damaged-again");
+    assert!(write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap_err().to_string().contains("memory chunk 6 "), "nothing unverified is saved");
+}
+
+#[test]
+fn a_memory_file_truncated_under_lazy_memory_fails_the_chunks_not_yet_loaded() {
+    let (mem, f, stats) = saved("lazy-truncated");
+    let lazy = lazy(&f, &stats.chunk_hashes);
+    assert_eq!(mem_bytes(&lazy, 5 * 4096, 8), mem_bytes(&mem, 5 * 4096, 8));
+    f.set_len(4096).unwrap();
+    let err = lazy.read(GuestAddress(HIGHMEM_BASE), &mut [0u8; 8]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "checkpoint 'test.ckp': memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and \
+         0x100000000..0x100080000) cannot be read: the file was truncated to 4096 bytes; the guest may not use it"
+    );
+    assert_eq!(err.errno(), libc::EIO);
+    assert_eq!(mem_bytes(&lazy, 5 * 4096, 8), mem_bytes(&mem, 5 * 4096, 8), "a chunk already loaded is the guest's own");
 }
 
 #[test]
@@ -140,9 +203,9 @@ fn zero_ranges_received_into_lazy_memory_read_as_zero() {
     use crate::pages::{build_ranges_from_bitmap, recv_batch, send_batch};
     let mem = guest(TrackingChoice::Soft);
     let f = temp_file("lazy-zero");
-    write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
-    let lazy = GuestMemory::from_file(&opts(TrackingChoice::Auto), f.as_raw_fd()).unwrap();
-    lazy.write(GuestAddress(7 * 4096), &[5u8; 4096]).unwrap(); // a private copy over a hole
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let lazy = lazy(&f, &stats.chunk_hashes);
+    lazy.write(GuestAddress(7 * 4096), &[5u8; 4096]).unwrap(); // a guest write over a hole
     // The sender's pages 0, 5, 7 and 255 are now zero: send them as ZERO ranges.
     let src = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
     let mut words = vec![0u64; src.segments()[0].pages().div_ceil(64)];
@@ -164,25 +227,4 @@ fn zero_ranges_received_into_lazy_memory_read_as_zero() {
     // SAFETY: closing the pipe fds we opened.
     unsafe { libc::close(rx); libc::close(tx) };
     let _ = PAGE_SIZE;
-}
-
-#[test]
-#[ignore]
-fn lazy_registration_cost() {
-    for gib in [1u64, 16] {
-        let f = temp_file("cost");
-        f.set_len(gib << 30).unwrap();
-        for tracking in [TrackingChoice::Soft, TrackingChoice::Kernel] {
-            let t = std::time::Instant::now();
-            let m = GuestMemory::from_file(&MemoryOptions { memsize: gib << 30, wired: false, lowmem_limit: 3 << 30, tracking }, f.as_raw_fd()).unwrap();
-            let dt = t.elapsed();
-            let mut words = vec![0u64; m.segments()[0].pages().div_ceil(64)];
-            let t2 = std::time::Instant::now();
-            m.get_and_clear_dirty_segment(0, &mut words).unwrap();
-            eprintln!("{gib} GiB {tracking:?}: map {:?}, harvest {:?}", dt, t2.elapsed());
-            let t3 = std::time::Instant::now();
-            drop(m);
-            eprintln!("  drop {:?}", t3.elapsed());
-        }
-    }
 }

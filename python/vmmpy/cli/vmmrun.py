@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
     p.add_argument("-r", "--restore", metavar="FILE", help="resume the guest saved in checkpoint FILE (and FILE.kern, FILE.meta)")
     p.add_argument("--restore-mode", choices=RESTORE_MODES, default="eager",
-                   help="eager: read and verify all memory first (default); lazy: map the file, pages load on first touch")
+                   help="eager: read and verify all memory first (default); lazy: read nothing up front, each chunk is read "
+                        "and verified the first time it is needed (a bad one stops the guest)")
     p.add_argument("-R", "--receive", metavar="HOST:PORT",
                    help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), then run the guest")
     p.add_argument("--key-file", type=Path, metavar="FILE",

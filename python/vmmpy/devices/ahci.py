@@ -50,6 +50,7 @@ import os
 import struct
 from typing import Any
 
+from ..memory import LazyMemoryError
 from .base import require_fields
 from .disk import open_image
 from .pci import PciConfigError, PciFunction, PciHost, parse_options
@@ -307,6 +308,8 @@ class AhciHd(PciFunction):
                     os.pwrite(self.fd, bytes(data), lba * SECTOR)
                     moved = length
                     self.stats["writes"] += 1
+            except LazyMemoryError:
+                raise  # the host's failure, not the guest's: it stops the VM
             except OSError as err:
                 raise CommandError(f"image I/O at sector {lba} failed: {err}") from None
         elif command in (ATA_FLUSH, ATA_FLUSH_EXT):

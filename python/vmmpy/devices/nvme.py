@@ -64,6 +64,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..memory import LazyMemoryError
 from .base import require_fields
 from .disk import open_image
 from .pci import PciConfigError, PciFunction, PciHost, parse_options
@@ -197,12 +198,16 @@ class Nvme(PciFunction):
     def _read(self, gpa: int, size: int) -> bytes:
         try:
             return self.host.memory.read(gpa, size)
+        except LazyMemoryError:
+            raise  # the host's failure, not the guest's: it stops the VM
         except (OSError, OverflowError, ValueError):
             raise GuestMemoryError(f"{self.name}: read of {size} bytes at gpa {gpa:#x} is outside guest memory") from None
 
     def _write(self, gpa: int, data: bytes) -> None:
         try:
             self.host.memory.write(gpa, data)
+        except LazyMemoryError:
+            raise
         except (OSError, OverflowError, ValueError):
             raise GuestMemoryError(f"{self.name}: write of {len(data)} bytes at gpa {gpa:#x} is outside guest memory") from None
 

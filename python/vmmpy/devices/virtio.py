@@ -53,6 +53,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..memory import LazyMemoryError
 from .base import require_fields
 from .pci import PciFunction, PciHost
 
@@ -161,15 +162,21 @@ class Virtqueue:
         return f"{self.device.name}: queue {self.index}"
 
     # ---- guest memory ------------------------------------------------------------------------
+    # A chunk of lazily restored memory that cannot be loaded is the host's failure, not the
+    # guest's: it goes on up and stops the VM, instead of becoming a device error the guest sees.
     def _read(self, gpa: int, size: int, what: str) -> bytes:
         try:
             return self.device.host.memory.read(gpa, size)
+        except LazyMemoryError:
+            raise
         except (OSError, OverflowError, ValueError):
             raise VirtioError(f"{self._where()}: {what} at gpa {gpa:#x} (+{size}) is outside guest memory") from None
 
     def _write(self, gpa: int, data: bytes, what: str) -> None:
         try:
             self.device.host.memory.write(gpa, data)
+        except LazyMemoryError:
+            raise
         except (OSError, OverflowError, ValueError):
             raise VirtioError(f"{self._where()}: {what} at gpa {gpa:#x} (+{len(data)}) is outside guest memory") from None
 

@@ -9,6 +9,11 @@ vCPU halts the VM; a fault stops it as bhyve stops on a triple fault. A pause pa
 until resumed, which is how checkpoints and migrations stop the guest (bhyve's
 ``vm_vcpu_pause`` rendezvous).
 
+Lazily restored memory that cannot be loaded and checked (``LazyMemoryError``: a damaged or
+truncated checkpoint) stops the guest with exit status 4 and the error as the reason, whoever
+finds it: the vCPU that needed it, a device's DMA on a vCPU thread, or any other thread (a
+checkpoint, a migration, a view), which the memory reports through a pipe a watcher thread reads.
+
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +34,7 @@ from ..devices.pci import PciBus, PciConfigError, PciFunction, PciHost
 from ..devices.pm import PowerManagement
 from ..devices.registry import PCI_EMULATIONS, device_sections
 from ..devices.uart import ConsoleBackend
+from ..memory import LazyMemoryError
 from ..vmm.ioctl import ALL_VCPUS, Ioctl, SuspendHow, VmCpuset, VmRun, VmStats, VmSuspend, vmm_error
 from ..vmm.vm import Vm, vm_create, vm_destroy
 from .config import ConfigError, VmConfig
@@ -91,6 +98,7 @@ class Machine:
         self._exit_reason = ""
         self._control: ControlServer | None = None
         self._extra_handlers: dict[str, Callable[..., Any]] = {}
+        self._memory_watch: int | None = None  # write end of the lazy-failure pipe
         self.started_at: float | None = None
         self.throttle = 0.0
         #: Pause every vCPU once vCPU 0 has retired this many instructions (``--pause-at``).
@@ -158,6 +166,7 @@ class Machine:
 
     def start_vcpus(self) -> None:
         self.started_at = time.monotonic()
+        self._watch_lazy_memory()
         for i in range(self.config.ncpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"vcpu{i}", daemon=True)
             self._threads.append(thread)
@@ -205,12 +214,40 @@ class Machine:
         self.suspend(SuspendHow.POWEROFF)
 
     def _fail(self, vcpuid: int, reason: str, status: int = EXIT_ERROR) -> None:
+        self._stop(f"vcpu {vcpuid}: {reason}", status)
+
+    def _stop(self, reason: str, status: int = EXIT_ERROR) -> None:
         with self._cond:
             if self._exit_status is None:
                 self._exit_status = status
-                self._exit_reason = f"vcpu {vcpuid}: {reason}"
-        log.error("vcpu %d: %s", vcpuid, reason)
+                self._exit_reason = reason
+        log.error("%s", reason)
         self.suspend(SuspendHow.TRIPLEFAULT if status == EXIT_TRIPLEFAULT else SuspendHow.HALT)
+
+    def _memory_unavailable(self, err: LazyMemoryError) -> None:
+        """Lazily restored memory the guest needs cannot be had: it must not run on."""
+        self._stop(f"guest stopped: {err.strerror or err}")
+
+    def _watch_lazy_memory(self) -> None:
+        """For lazily restored memory not loaded whole: a thread that stops the guest as soon as
+        any thread finds a chunk that cannot be loaded (the memory writes to a pipe)."""
+        memory = self.vm.memory
+        if memory is None or not memory.lazy or self._memory_watch is not None:
+            return
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        memory.notify_lazy_failure(write_end)
+        self._memory_watch = write_end
+
+        def watch() -> None:
+            try:
+                os.read(read_end, 1)
+            finally:
+                os.close(read_end)
+            failure = memory.lazy_failure
+            if failure is not None:
+                self._stop(f"guest stopped: {failure}")
+
+        threading.Thread(target=watch, name="lazy-memory-watch", daemon=True).start()
 
     def set_throttle(self, fraction: float) -> None:
         """Let the vCPUs run only ``1 - fraction`` of the time (auto-converge); 0 is full speed."""
@@ -265,6 +302,8 @@ class Machine:
                 elif kind == "fault":
                     e = ex.exit
                     self._fail(vcpuid, f"guest fault {e.fault} at rip {e.rip:#x}", EXIT_TRIPLEFAULT)
+        except LazyMemoryError as err:  # the vCPU or a device's DMA needed a chunk that is bad
+            self._memory_unavailable(err)
         except Exception as err:  # a bug in a device model must stop the VM, not hang it
             log.exception("vcpu %d loop failed", vcpuid)
             self._fail(vcpuid, f"internal error: {type(err).__name__}: {err}")
@@ -362,6 +401,14 @@ class Machine:
         if control is not None:
             control.close()
             self._control = None
+        with self._cond:
+            watch, self._memory_watch = self._memory_watch, None
+        if watch is not None:
+            try:
+                os.write(watch, b"c")  # wake the watcher: it finds no failure and ends
+            except BrokenPipeError:
+                pass  # it has ended already
+            os.close(watch)
         for device in self.devices:
             device.close()
         try:

@@ -10,8 +10,8 @@ checkpoint key when it was written with one); check the basic metadata this modu
 (vendor, TSC, device options) and the ``vm`` section's fields it reads, by field; take the vCPU
 count, memory size and wiring from the checkpoint and vendor and TSC from its ``vm`` section;
 refuse device options that do not match the saved ones, naming the device; restore memory
-eagerly (verified against the chunk hashes) or lazily (mapped from the file); load the
-sections; only then are the console files opened and may the vCPUs start, so a checkpoint
+eagerly (verified against the chunk hashes before anything runs) or lazily (each chunk verified
+against its hash when first needed; a bad one stops the guest); load the sections; only then are the console files opened and may the vCPUs start, so a checkpoint
 refused at any step leaves no file written.
 """
 

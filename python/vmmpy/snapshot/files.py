@@ -279,7 +279,8 @@ def write_checkpoint(
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint that :func:`read_checkpoint` has verified, except the memory file's bytes
-    (checked against the chunk hashes by an eager restore or by :func:`verify_memory`)."""
+    (checked against the chunk hashes by an eager restore, by a lazy restore chunk by chunk as
+    they are first needed, or all at once by :func:`verify_memory`)."""
 
     path: str
     meta: dict[str, Any]
@@ -440,8 +441,9 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
     and this vmmpy reads its name and version (``registry``); "sections", "kern_structs" and
     "devices" list exactly the .kern file's sections; the memory file exists, is a regular file,
     and its size is lowmem + highmem. The memory file's bytes are checked against the chunk
-    hashes when it is restored eagerly, or by :func:`verify_memory` (and against the chunk
-    SHA-256 digests, when keyed, by any restore). Any failure raises :class:`CheckpointError`
+    hashes when they are restored (eagerly: all before returning; lazily: each chunk before it
+    can be used), or by :func:`verify_memory` (and against the chunk SHA-256 digests, when keyed,
+    by any restore). Any failure raises :class:`CheckpointError`
     naming the file and the field.
     """
     path = os.fspath(path)
@@ -498,12 +500,14 @@ def restore_memory(
 
     ``mode="eager"`` creates fresh memory, reads only the file's data (holes cost nothing), and
     compares every chunk's hash before returning: on a mismatch the memory is released and
-    :class:`CheckpointError` names the chunk and its guest-physical range. ``mode="lazy"`` maps
-    the file privately: constant time whatever the guest's size, pages load on first touch, the
-    file is never written and must stay in place, unchanged, while the memory lives. A lazy
-    restore cannot verify the bytes without reading them all, so it checks sizes only; call
-    :func:`verify_memory` to check the chunk hashes (it reads the file, not the guest's mapping).
-    ``wired`` defaults to the checkpoint's memflags; wired memory cannot be restored lazily.
+    :class:`CheckpointError` names the chunk and its guest-physical range. ``mode="lazy"`` reads
+    nothing now (constant time whatever the guest's size): each chunk is read from the file and
+    compared with its hash the first time anything needs a byte of it, and cannot be seen before
+    (``GuestMemory.restore_lazy``). A chunk that fails raises ``vmmpy.LazyMemoryError`` on every
+    access, naming this checkpoint, the chunk and its guest-physical range. The memory keeps the
+    file open and never writes it; a file changed or truncated later fails the chunks not loaded
+    yet, never the process. ``wired`` defaults to the checkpoint's memflags; wired memory cannot
+    be restored lazily.
     A keyed checkpoint's memory file is first checked against its SHA-256 digests, in either
     mode (:func:`verify_memory_sha256`: it reads the file's data once, so a keyed lazy restore
     is no longer constant time).
@@ -520,7 +524,14 @@ def restore_memory(
         fd = _open_memory_file(checkpoint)
         try:
             core = _core.GuestMemory.from_file(
-                fd, checkpoint.memsize, wired=False, lowmem_limit=checkpoint.lowmem_limit, dirty_tracking=dirty_tracking
+                fd,
+                checkpoint.memsize,
+                chunk_hashes=checkpoint.chunk_hashes,
+                chunk_size=checkpoint.chunk_size,
+                name=f"checkpoint '{checkpoint.path}'",
+                wired=False,
+                lowmem_limit=checkpoint.lowmem_limit,
+                dirty_tracking=dirty_tracking,
             )
         except (OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint '{checkpoint.path}': lazy restore failed: {err}") from None
@@ -547,7 +558,9 @@ def restore_memory(
 def verify_memory(checkpoint: Checkpoint) -> None:
     """Check the memory file's bytes against the chunk hashes in the metadata (and, keyed, the
     SHA-256 digests), reading only its data extents (at disk or page-cache speed). Raises
-    :class:`CheckpointError` naming the first bad chunk and its guest-physical range."""
+    :class:`CheckpointError` naming the first bad chunk and its guest-physical range. A lazy
+    restore checks each chunk as it is loaded; call this first to refuse a damaged file before the
+    guest starts rather than when it gets there."""
     fd = _open_memory_file(checkpoint)
     try:
         hashes, _ = _core.hash_memory_file(fd, chunk_size=checkpoint.chunk_size)
