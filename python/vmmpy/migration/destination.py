@@ -148,7 +148,6 @@ class Destination:
             receiver.close_quietly()
         stats.notes[:0] = self._stranger_notes()
         self.stats = stats
-        self.session = receiver.session
         if stats.status == "in-doubt":
             return self._hold_in_doubt(receiver)
         with self._cond:
@@ -413,7 +412,7 @@ class Destination:
             receiver.start()
             frame = receiver.read_request()
             if frame.type is not P.MessageType.RESOLVE:
-                receiver.refuse(P.Stage.SPEC, f"this destination is {self.state} with a migrated guest; it takes no other")
+                receiver.refuse(P.Stage.SPEC, f"this destination is busy ({self.state}): it takes no other migration")
             if receiver.version < P.OWNERSHIP_VERSION:
                 raise ProtocolError(f"RESOLVE needs protocol version {P.OWNERSHIP_VERSION}, the session chose {receiver.version}")
             outcome = receiver.answer_resolve(frame, self._resolve_from_source)
