@@ -18,7 +18,7 @@ import pytest
 from vmmpy import LazyMemoryError
 from vmmpy.devices.virtio_blk import VirtioBlock
 from vmmpy.memory import GuestMemory
-from vmmpy.snapshot import files as ckfiles
+from vmmpy.snapshot import meta as ckmeta
 from vmmpy.snapshot import read_checkpoint, restore_memory, write_checkpoint
 from vmmpy.state import Section, SectionRegistry
 
@@ -71,7 +71,7 @@ def change_chunk_hash(path, index):
     meta = json.loads(open(meta_path).read())
     hashes = meta["memory"]["chunk_hashes"]
     hashes[index] = f"{int(hashes[index], 16) ^ 1:032x}"
-    meta["meta_checksum"] = ckfiles._meta_checksum(meta)
+    meta["meta_checksum"] = ckmeta.meta_checksum(meta)
     open(meta_path, "w").write(json.dumps(meta, indent=1))
 
 

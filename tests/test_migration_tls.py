@@ -89,9 +89,9 @@ def test_a_wrong_key_inside_tls_is_still_refused(guests, pki):
     dst = guests("64M", work_pages=256, running=False)
     d = TlsDestination(dst, tls=pki.destination(), key=KEY)
     stats = migrate(src, d.host, d.port, live=True, key=b"w" * 32, tls=pki.source())
-    dstats = d.join()
+    dstats = d.stop_waiting()  # a wrong key proves nothing: the destination waits on
     assert stats.status == "failed" and "the source's proof does not match this destination's key" in stats.error, stats.error
-    assert dstats.status == "failed" and dstats.rounds == [] and dst.discarded
+    assert dstats.status == "cancelled" and dstats.rounds == [] and dst.discarded
     assert_source_kept_guest(src)
 
 
