@@ -503,6 +503,9 @@ class Destination:
         with self._cond:
             listener, self.listener = self.listener, None
         if listener is not None:
+            # shutdown first: the resolve service may sit in poll() on it, which a bare close
+            # neither wakes nor ends (the kernel would go on accepting until it returned).
+            shutdown_quietly(listener)
             listener.close()
 
     def close(self) -> None:
