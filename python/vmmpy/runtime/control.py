@@ -103,6 +103,7 @@ class ControlServer:
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket this server bound
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._closed = threading.Event()  # the first close() has finished
         self._active: set[threading.Thread] = set()
         self._active_lock = threading.Lock()
 
@@ -143,9 +144,21 @@ class ControlServer:
         """Stop accepting, let requests in flight send their answer (a suspend ends the VM
         from inside its own request), then remove the socket (only the one this server bound,
         and only while the path still is that socket) and give up the name."""
-        self._closing.set()
-        # Two threads may close at once (a destroy request's teardown and vmmrun's main thread):
-        # take the socket atomically, so neither finds it half closed and fails before unlinking.
+        # Two threads may close at once (a destroy request's teardown and vmmrun's main thread).
+        # The second waits for the first to finish: returning at once would let vmmrun's main
+        # thread end the process while the other is between removing the socket and the lock file.
+        with self._active_lock:
+            first = not self._closing.is_set()
+            self._closing.set()
+        if not first:
+            self._closed.wait(drain_timeout + 5)
+            return
+        try:
+            self._close(drain_timeout)
+        finally:
+            self._closed.set()
+
+    def _close(self, drain_timeout: float) -> None:
         with self._active_lock:
             sock, self._sock = self._sock, None
         if sock is not None:
