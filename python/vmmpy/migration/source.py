@@ -304,11 +304,11 @@ class _Source:
             self.chan.flush(1.0)
         except (MigrationError, OSError) as err:  # it keeps asking-answering until it hears; nothing is at stake
             self.stats.notes.append(f"could not say RELEASED ({err}); the destination keeps answering on its address")
-        self._give_up_guest("destination confirmed it runs the guest (RESUMED)")
+        self._give_up_guest()
         self._report()
 
     # -- ownership: in doubt and its resolution (protocol version 5) ----------------------------
-    def _give_up_guest(self, why: str) -> None:
+    def _give_up_guest(self) -> None:
         self.adapter.stop_for_good()
         self.paused = False
         self.stats.owner = "destination"
@@ -325,22 +325,29 @@ class _Source:
         self._settle(P.Decision.COMMIT, self.params.resolve_timeout, by="reconnecting")
 
     def _settle(self, decision: P.Decision, timeout: float, *, by: str, refused_means_nothing: bool = False) -> P.Outcome | None:
-        """Deliver ``decision`` on new connections until the destination answers or ``timeout``
-        passes; act on the answer. Returns the outcome, or None when it could not be asked."""
+        """Deliver ``decision`` until the destination answers or ``timeout`` passes; act on the
+        answer. Returns the outcome, or None when it could not be asked."""
+        outcome = self._ask(decision, timeout, by=by, refused_means_nothing=refused_means_nothing)
+        if outcome is not None:
+            self._apply(decision, outcome, by)
+        return outcome
+
+    def _ask(self, decision: P.Decision, timeout: float, *, by: str, refused_means_nothing: bool = False) -> P.Outcome | None:
+        """RESOLVE(decision) on new connections, with backoff, until one is answered or
+        ``timeout`` passes (None, noted)."""
         deadline = time.monotonic() + timeout
         delay = 0.05
         last = "no attempt was made"
         refused_since: float | None = None
         while True:
             try:
-                outcome = self._resolve_once(decision)
-                break
+                return self._resolve_once(decision)
             except (MigrationError, OSError) as err:
                 last = str(err)
                 if isinstance(err, ConnectionLost) and "connection refused" in last:
                     refused_since = refused_since or time.monotonic()
-                    # Nobody listens there: a version 5 destination listens from before it sends
-                    # COMMIT_ACK until it is settled, so it holds nothing in doubt.
+                    # Nobody listens there: a version 5 destination listens from the end of the
+                    # join window until it is settled, so it holds nothing in doubt.
                     if refused_means_nothing and time.monotonic() - refused_since > 0.5:
                         self.stats.notes.append("the destination does not listen any more: it holds no copy in doubt")
                         return None
@@ -351,8 +358,6 @@ class _Source:
                 return None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
-        self._apply(decision, outcome, by)
-        return outcome
 
     def _resolve_once(self, decision: P.Decision) -> P.Outcome:
         self._close_channels()
@@ -389,7 +394,7 @@ class _Source:
             self.stats.notes.append(f"the destination {where} confirmed it runs the guest ({by})")
             self.stats.downtime_ms = (time.monotonic() - self.paused_at) * 1000
             self.stats.notes.append("downtime measured to that confirmation")
-            self._give_up_guest(by)
+            self._give_up_guest()
         elif outcome is P.Outcome.DISCARDED:
             # Its operator discarded the copy in doubt: the guest is ours again.
             self.adapter.resume()
@@ -430,7 +435,7 @@ class _Source:
                     raise ValueError("the destination did not confirm it runs the guest: discard-here needs --force "
                                      "(only when you know it runs there)")
                 self.stats.notes.append("settled by the operator (discard-here, forced)")
-                self._give_up_guest("the operator")
+                self._give_up_guest()
         else:
             raise ValueError(f"unknown resolve action {action!r}: ask, run-here or discard-here")
         self._report()
@@ -439,17 +444,7 @@ class _Source:
     def _settle_abort_for_operator(self, timeout: float) -> P.Outcome | None:
         """run-here: the source changes its mind, which is safe only while the destination has
         not run the guest; its answer decides."""
-        outcome = None
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while outcome is None:
-            try:
-                outcome = self._resolve_once(P.Decision.ABORT)
-            except (MigrationError, OSError):
-                if time.monotonic() + delay > deadline:
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        outcome = self._ask(P.Decision.ABORT, timeout, by="the operator's run-here")
         if outcome is P.Outcome.RUNNING:
             self.stats.notes.append("run-here refused: the destination runs the guest; stopped it here")
             self._apply(P.Decision.COMMIT, outcome, "the operator's resolve")
