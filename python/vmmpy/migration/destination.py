@@ -362,8 +362,14 @@ class Destination:
         self._service.start()
 
     def _serve_resolves(self) -> None:
-        listener = self.listener
-        listener.settimeout(0.2)
+        with self._cond:
+            listener = self.listener
+        if listener is None:
+            return
+        try:
+            listener.settimeout(0.2)
+        except OSError:  # closed meanwhile: the session ended before the service began
+            return
         slots = threading.BoundedSemaphore(MAX_PENDING)
         while True:
             with self._cond:
