@@ -475,7 +475,7 @@ def test_a_cut_after_auth_leaves_the_source_running_and_the_destination_waiting(
         pair.dest.terminate()
         status, line = pair.dest_failure()
         assert status == 4 and line.startswith("vmmrun: dst0:   note: a connection that did not become the migration: 127.0.0.1:")
-        assert line.endswith("peer closed the connection while sending a frame header (0 of 24 bytes arrived)"), line
+        assert line.endswith("peer closed the connection while sending a frame header in state await-spec (0 of 24 bytes arrived)"), line
 
 
 def test_a_reset_inside_round_0s_first_batch_leaves_the_source_running(tmp_path):

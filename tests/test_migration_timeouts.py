@@ -7,6 +7,8 @@ forwarding nothing (the peer is alive, just silent), as a stopped (SIGSTOP) or w
 """
 
 import re
+import socket
+import threading
 import time
 
 import pytest
@@ -96,3 +98,19 @@ def test_a_frame_the_destination_does_not_take_is_named_with_the_peer_and_second
         chan.close()
         peer.close()
         listener.close()
+
+
+def test_a_silent_peer_during_the_handshake_is_named_with_the_seconds(guests):
+    # A destination that accepts and then says nothing: the source's frame read times out, and
+    # the message names the peer, the seconds and what was awaited.
+    src = guests("16M", work_pages=64)
+    silent = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
+    stats = migrate(src, "127.0.0.1", silent.getsockname()[1], live=False, params=MigrationParams(handshake_timeout=1))
+    silent.close()
+    for conn, _ in held:
+        conn.close()
+    assert stats.status == "failed" and src.running, stats.error
+    assert re.search(r"timed out: the peer 127\.0\.0\.1:\d+ sent nothing for 1 s while a frame header from the "
+                     r"destination during handshake was awaited \(0 of 24 bytes arrived\)", stats.error), stats.error

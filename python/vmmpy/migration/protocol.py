@@ -221,7 +221,8 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
         try:
             chunk = sock.recv(want)
         except (BlockingIOError, TimeoutError, socket.timeout):
-            raise MigrationTimeout(f"timed out waiting for {what} ({got} of {size} bytes arrived)") from None
+            raise MigrationTimeout(f"timed out: {_peer_name(sock)} sent nothing for {_receive_timeout(sock):g} s while "
+                                   f"{what} was awaited ({got} of {size} bytes arrived)") from None
         except OSError as err:
             raise ConnectionLost(f"connection lost while reading {what}: {err.strerror or err}") from None
         if not chunk:
@@ -231,10 +232,32 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
     return b"".join(parts)
 
 
+def _peer_name(sock: socket.socket) -> str:
+    """The peer's address for a message (a TLS relay's local end has none: "the peer")."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "the peer"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"the peer [{host}]:{port}" if ":" in host else f"the peer {host}:{port}"
+    return "the peer"
+
+
+def _receive_timeout(sock: socket.socket) -> float:
+    """The socket's receive timeout (SO_RCVTIMEO, as net.set_io_timeout sets it), in seconds."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
+        sec, usec = struct.unpack("ll", raw)
+        return round(sec + usec / 1e6, 3)
+    except (OSError, struct.error):
+        return float(sock.gettimeout() or 0)
+
+
 def read_frame(sock: socket.socket, *, max_state: int = DEFAULT_MAX_STATE, allowed=None, where: str = "") -> Frame:
     """Read one frame. With ``allowed``, a frame of another type (ABORT is always allowed) is
     refused from its header, before its payload is read."""
-    head = _recv_exact(sock, HEADER_SIZE, "a frame header")
+    head = _recv_exact(sock, HEADER_SIZE, f"a frame header{where}")
     msg_type, length, checksum = decode_header(head, max_state=max_state)
     if allowed is not None and msg_type not in allowed and msg_type is not MessageType.ABORT:
         names = " or ".join(t.name for t in allowed)
