@@ -126,7 +126,10 @@ def test_live_migration_of_a_busy_guest_takes_rounds_and_loses_nothing(tmp_path)
     stats = json.loads(result.stdout)
     assert stats["status"] == "completed" and stats["live"] is True
     assert stats["round_count"] >= 2, stats["rounds"]
-    assert stats["rounds"][-1]["final"] and stats["rounds"][-1]["pages_dirtied"] > 0, "the guest dirtied pages during the rounds"
+    # Later rounds carry what the guest dirtied meanwhile. Not necessarily the final one: a round
+    # of a millisecond or two may pass while the guest's thread waits for a CPU.
+    assert stats["rounds"][-1]["final"] and any(r["pages_dirtied"] > 0 for r in stats["rounds"][1:]), \
+        ("the guest dirtied pages during the rounds", stats["rounds"])
     assert src_status == 0
     assert finish(dest) == 1
     pages = (8 * MiB - 2 * MiB) // 4096
