@@ -12,13 +12,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use vmm_core::dirty::TrackingChoice;
 use vmm_core::memory::{GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
 use vmm_core::pages::{
-    build_ranges_from_bitmap, chunk_hashes, commit_digest, hash_pages, memory_digest, recv_batch_tracked, resident_bitmap, send_batch, send_batch_tracked,
-    split_zero_pages, DigestTracker, PageRange, RangeKind,
+    build_ranges_from_bitmap, chunk_hashes, commit_digest, hash_pages, memory_digest, recv_batch_tracked, resident_bitmap, send_batch,
+    send_batch_tracked, split_zero_pages, DigestTracker, PageRange, RangeKind,
 };
 
 const MIB: u64 = 1 << 20;
@@ -232,14 +232,22 @@ impl Read for Fd {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         // SAFETY: reading into a buffer we borrow mutably.
         let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-        if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 }
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // SAFETY: writing from a buffer we borrow.
         let n = unsafe { libc::write(self.0.as_raw_fd(), buf.as_ptr() as *const libc::c_void, buf.len()) };
-        if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -297,7 +305,7 @@ fn text_bytes(len: usize) -> Vec<u8> {
 /// The per-batch hot path of `pages::compress`: compressing one 1 MiB batch (text-like and
 /// random: what a trial costs when it does not pay) and decompressing it on the receiver.
 fn compression(c: &mut Criterion) {
-    let block = (256 * PAGE_SIZE) as usize;
+    let block = 256 * PAGE_SIZE;
     let text = text_bytes(block);
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let random: Vec<u8> = (0..block / 8)

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from vmmpy.migration import protocol as P
 

@@ -67,7 +67,8 @@ import struct
 import termios
 import threading
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from vmmpy import _core
 from vmmpy.migration import protocol as P

@@ -25,7 +25,7 @@ class DestinationThread:
         def run() -> None:
             try:
                 self.stats = self.dest.run(accept_timeout=accept_timeout)
-            except BaseException as err:  # noqa: BLE001 - re-raised in join()
+            except BaseException as err:
                 self.error = err
 
         self.thread = threading.Thread(target=run, name="migration-destination", daemon=True)

@@ -210,7 +210,7 @@ def test_a_bad_byte_is_caught_by_verify_eager_and_lazy_restore_alike(checkpoint,
     try:
         elsewhere = next(g for g in written if g < 3 * GIB)
         assert restored.read(elsewhere, 16) == written[elsewhere][:16], "good chunks load"
-        for attempt in range(2):  # and the bad one never does
+        for _attempt in range(2):  # and the bad one never does
             with pytest.raises(LazyMemoryError, match=r"checkpoint '.*vm0\.ckp': " + where + " does not match its recorded hash"):
                 restored.read(HIGHMEM_BASE + 4096, 1)
         with pytest.raises(LazyMemoryError, match=where):

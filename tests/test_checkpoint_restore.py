@@ -42,7 +42,7 @@ def test_suspend_then_resume_finishes_exactly_as_an_uninterrupted_run(tmp_path, 
         assert proc.wait(timeout=60) == 0, "bhyve exits 0 after a suspend"
     finally:
         stop(proc)
-    assert not DONE in console.read_text(), "the guest was suspended before it finished"
+    assert DONE not in console.read_text(), "the guest was suspended before it finished"
     for suffix in ("", ".kern", ".meta"):
         assert (tmp_path / f"sr0.ckp{suffix}").exists()
     resumed = run("-r", str(ckp), "--restore-mode", mode, "-l", f"com1,{console}", "--run-dir", str(tmp_path), "sr0")

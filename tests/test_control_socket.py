@@ -296,7 +296,7 @@ def test_two_threads_closing_at_once_both_finish_and_the_socket_goes(tmp_path):
     def close():
         try:
             srv.close()
-        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+        except BaseException as err:
             errors.append(err)
 
     threads = [threading.Thread(target=close) for _ in range(2)]

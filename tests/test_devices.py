@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from vmmpy.devices.pci import PciBus, PciHost, HostBridge, LpcBridge
+from vmmpy.devices.pci import HostBridge, LpcBridge, PciBus, PciHost
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.devices.virtio import STATUS_NEEDS_RESET, vring_size
 from vmmpy.devices.virtio_blk import VirtioBlock

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from vmmpy import GuestMemory, PAGE_SIZE
+from vmmpy import PAGE_SIZE, GuestMemory
 from vmmpy.memory import HIGHMEM_BASE
 
 from .conftest import KERNEL_UNAVAILABLE

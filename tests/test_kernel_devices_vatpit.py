@@ -170,6 +170,7 @@ def test_irq0_reaches_the_8259_and_the_ioapic_pin_2_through_the_isa_router():
     from vmmpy.vmm.interfaces import IsaIrqRouter
     from vmmpy.vmm.vatpic import Vatpic
     from vmmpy.vmm.vioapic import IOAPIC_BASE, Vioapic
+
     from .kernel_devices_harness import FakeLapic
 
     clock = ManualClock()

@@ -6,7 +6,7 @@ import pytest
 from vmmpy.vmm.clock import ManualClock
 from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
 from vmmpy.vmm.vioapic import IOAPIC_BASE, Vioapic, VioapicState
-from vmmpy.vmm.vlapic import ApicBus, Vlapic, XAPIC_BASE
+from vmmpy.vmm.vlapic import XAPIC_BASE, ApicBus, Vlapic
 
 from .kernel_devices_harness import FakeLapic, FakeVcpu, json_roundtrip
 

@@ -5,7 +5,7 @@ import pytest
 
 from vmmpy.vmm.clock import ManualClock, ns_for_ticks
 from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
-from vmmpy.vmm.vlapic import (ApicBus, BUS_FREQ_HZ, Vlapic, VlapicState, XAPIC_BASE, timer_divisor)
+from vmmpy.vmm.vlapic import BUS_FREQ_HZ, XAPIC_BASE, ApicBus, Vlapic, VlapicState, timer_divisor
 
 from .kernel_devices_harness import FakeVcpu, json_roundtrip, run_until
 
@@ -192,9 +192,9 @@ def test_fixed_ipi_reaches_only_the_destination_apic():
         enable(lapic)
     wr(lapic0, ICR_HI, 1 << 24)
     wr(lapic0, ICR_LO, 0x70)
-    assert [l.deliver() for l in (lapic0, lapic1, lapic2)] == [None, 0x70, None]
+    assert [apic.deliver() for apic in (lapic0, lapic1, lapic2)] == [None, 0x70, None]
     wr(lapic1, ICR_LO, (3 << 18) | 0x71)  # all excluding self
-    assert [l.deliver() for l in (lapic0, lapic1, lapic2)] == [0x71, None, 0x71]
+    assert [apic.deliver() for apic in (lapic0, lapic1, lapic2)] == [0x71, None, 0x71]
     wr(lapic2, ICR_LO, (1 << 18) | 0x72)  # self
     wr(lapic2, EOI, 0)
     assert lapic2.deliver() == 0x72

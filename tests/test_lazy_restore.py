@@ -187,7 +187,7 @@ def test_device_dma_from_a_chunk_not_yet_loaded_gets_verified_bytes(tmp_path, da
     driver.memory = lazy  # the device now sees the lazily restored memory
     assert lazy.lazy_status()["loaded"] == 0
     if damaged:
-        with pytest.raises(LazyMemoryError, match=rf"dma\.ckp': memory chunk 1 .* does not match its recorded hash"):
+        with pytest.raises(LazyMemoryError, match=r"dma\.ckp': memory chunk 1 .* does not match its recorded hash"):
             driver.publish(0)
         assert open(img, "rb").read(len(data)) == bytes(len(data)), "nothing unverified reached the disk"
         assert driver.device.error is None, "the host's failure is not made a guest-visible device error"

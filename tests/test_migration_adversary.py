@@ -12,8 +12,6 @@ import socket
 import threading
 import time
 
-import pytest
-
 from vmmpy.migration import MigrationHandle, MigrationParams
 from vmmpy.migration import protocol as P
 
@@ -22,7 +20,6 @@ from .migration_helpers import KEY, DestinationThread
 from .procs import vmmctl
 from .test_migration_ownership import PARAMS, assert_exactly_one_runs, busy_pair, first, ran, recorded_log
 from .test_migration_ownership_processes import AFTER_COMMIT_ACK, pair  # noqa: F401 - the fixture
-
 
 # -- processes: the commit window before the source's migration thread has ended -----------------
 

@@ -101,14 +101,15 @@ def test_live_migration_at_full_speed_over_ipv6(guests):
     import socket
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
-    from .migration_helpers import DestinationThread
     from vmmpy.migration import migrate
+
+    from .migration_helpers import DestinationThread
     src = guests("64M", work_pages=4096)
     dst = guests("64M", work_pages=4096, running=False)
     src.wait_for_progress(4096)
     try:
         d = DestinationThread(dst, host="::1")
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         pytest.skip(f"cannot listen on ::1: {err}")
     stats = migrate(src, d.host, d.port, live=True, params=MigrationParams(max_rounds=5))
     dstats = d.join()

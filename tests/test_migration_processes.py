@@ -3,10 +3,10 @@ network namespaces joined by a veth pair), proved by the guest: abtest's counter
 output end exactly as in a run that was never migrated."""
 
 import json
-import time
 import os
 import shutil
 import subprocess
+import time
 import uuid
 
 import pytest

@@ -92,7 +92,7 @@ def test_a_frame_the_destination_does_not_take_is_named_with_the_peer_and_second
             for _ in range(200):  # bounded: the buffers hold a few MiB
                 P.send_bytes(chan.out, bytes(1 << 20), "STATE")
         error = chan.translate(failed.value, "STATE")
-        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
         assert str(error) == f"timed out: the destination ({address}) took nothing for 0.5 s during the STATE message"
     finally:
         chan.close()

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from vmmpy import GuestMemory, PAGE_SIZE, PageBatchError
+from vmmpy import PAGE_SIZE, GuestMemory, PageBatchError
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.units import GiB, MiB
 

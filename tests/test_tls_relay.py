@@ -199,7 +199,11 @@ def test_a_client_offering_only_tls_1_2_is_refused(pki):
     ctx = pki.source().context(server_side=False)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    t = threading.Thread(target=lambda: pytest.raises(ssl.SSLError, ctx.wrap_socket, client_raw, server_hostname="127.0.0.1"))
+    def refused() -> None:
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(client_raw, server_hostname="127.0.0.1")
+
+    t = threading.Thread(target=refused)
     t.start()
     with pytest.raises(ProtocolError, match="TLS 1.3"):
         wrap_tls(server_raw, pki.destination().context(server_side=True), server_side=True, timeout=5)

@@ -40,7 +40,7 @@ class EchoPeer:
         while not self.stopping.is_set():
             try:
                 data, addr = self.sock.recvfrom(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

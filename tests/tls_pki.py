@@ -34,7 +34,7 @@ class Pki:
         ``expired``: valid for one day that ended yesterday."""
         validity = {}
         if expired:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             validity = {"not_before": now - datetime.timedelta(days=2), "not_after": now - datetime.timedelta(days=1)}
         cert = (ca or self.ca).issue_cert(*identities, **validity)
         crt = self._write(f"{name}.crt", b"".join(p.bytes() for p in cert.cert_chain_pems))

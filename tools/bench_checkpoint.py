@@ -177,7 +177,7 @@ def run(disk_dir: str, tmpfs_dir: str) -> dict:
                 first_chunk.append(timed(lambda: lazy.read(0, 8))[1])  # loads and verifies chunk 0
                 load_all.append(timed(lazy.load_all)[1])
                 lazy.close()
-                del lazy  # unmap now, not inside the next restore's timing
+                lazy = None  # unmap now, not inside the next restore's timing
             row["lazy_s"], row["lazy_first_chunk_s"], row["lazy_load_all_s"] = map(statistics.median, (lazy_times, first_chunk, load_all))
             _, row["verify_memory_s"] = timed(lambda: verify_memory(ckpt))
             restore[f"{gib}g"] = row

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.bench import limits  # noqa: E402  (the same limit probes as the suite)
+from tools.bench import limits
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30

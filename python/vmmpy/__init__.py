@@ -9,4 +9,4 @@ from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 
-__all__ = ["GuestMemory", "GuestMemoryError", "LazyMemoryError", "PageBatchError", "PAGE_SIZE", "format_size", "parse_size", "__version__"]
+__all__ = ["PAGE_SIZE", "GuestMemory", "GuestMemoryError", "LazyMemoryError", "PageBatchError", "__version__", "format_size", "parse_size"]

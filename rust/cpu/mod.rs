@@ -20,7 +20,6 @@ mod tests;
 pub use error::CpuError;
 pub use exit::{Exit, FaultKind};
 pub use state::{
-    AmdMsrs, IntelMsrs, PendingRead, ReadSource, SvmSwCtx, TscMode, VcpuState, Vendor, VendorState, VmcbControl, VmcbSave, Vmcs,
-    VmxCtx,
+    AmdMsrs, IntelMsrs, PendingRead, ReadSource, SvmSwCtx, TscMode, VcpuState, Vendor, VendorState, VmcbControl, VmcbSave, Vmcs, VmxCtx,
 };
 pub use vcpu::{vectors_of, Vcpu, VcpuHandle, POLL_INTERVAL, REGISTER_NAMES};

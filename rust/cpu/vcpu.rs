@@ -5,16 +5,15 @@
 //! rewrites itself (or is rewritten by a device or a restore) is always seen as it is now; there
 //! is no decoded-instruction cache to invalidate.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::error::CpuError;
 use super::exit::{Exit, FaultKind};
 use super::isa::{self, msr, op, rflags, INSN_SIZE, RAX, RCX, RDX, RESERVED_MASK, RSP};
 use super::state::{
-    AmdMsrs, IntelMsrs, PendingRead, ReadSource, SvmSwCtx, TscMode, VcpuState, Vendor, VendorState, VmcbControl, VmcbSave, Vmcs,
-    VmxCtx,
+    AmdMsrs, IntelMsrs, PendingRead, ReadSource, SvmSwCtx, TscMode, VcpuState, Vendor, VendorState, VmcbControl, VmcbSave, Vmcs, VmxCtx,
 };
 use crate::memory::{GuestAddress, GuestMemory, MemoryError, Segment};
 
@@ -27,8 +26,35 @@ const PAT_MSR: u32 = 0x277;
 
 /// Registers `get_register`/`set_register` know, by their amd64 names.
 pub const REGISTER_NAMES: &[&str] = &[
-    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip",
-    "rflags", "cr0", "cr3", "cr4", "efer", "idtr", "fs_base", "gs_base", "kernel_gs_base", "tsc_aux", "apic_base", "pat",
+    "rax",
+    "rcx",
+    "rdx",
+    "rbx",
+    "rsp",
+    "rbp",
+    "rsi",
+    "rdi",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+    "cr0",
+    "cr3",
+    "cr4",
+    "efer",
+    "idtr",
+    "fs_base",
+    "gs_base",
+    "kernel_gs_base",
+    "tsc_aux",
+    "apic_base",
+    "pat",
 ];
 
 /// What other threads may touch while the vCPU runs: a pause request and the pending-interrupt
@@ -103,7 +129,6 @@ enum Access {
     Unmapped,
     Fault(FaultKind),
 }
-
 
 /// Result of one chunk of execution: instructions retired and, if the chunk stopped early, why.
 type Chunk = (u64, Option<Exit>);
@@ -1050,8 +1075,22 @@ impl Vcpu {
         let (gpr, rip, flags, cr, efer, pat, idtr, fs, gs, kgs, aux, apic, offset) = match &state.registers {
             VendorState::Intel { vmcs: v, vmxctx: x, guest_msrs: m } => (
                 [
-                    x.guest_rax, x.guest_rcx, x.guest_rdx, x.guest_rbx, v.guest_rsp, x.guest_rbp, x.guest_rsi, x.guest_rdi,
-                    x.guest_r8, x.guest_r9, x.guest_r10, x.guest_r11, x.guest_r12, x.guest_r13, x.guest_r14, x.guest_r15,
+                    x.guest_rax,
+                    x.guest_rcx,
+                    x.guest_rdx,
+                    x.guest_rbx,
+                    v.guest_rsp,
+                    x.guest_rbp,
+                    x.guest_rsi,
+                    x.guest_rdi,
+                    x.guest_r8,
+                    x.guest_r9,
+                    x.guest_r10,
+                    x.guest_r11,
+                    x.guest_r12,
+                    x.guest_r13,
+                    x.guest_r14,
+                    x.guest_r15,
                 ],
                 v.guest_rip,
                 v.guest_rflags,
@@ -1072,8 +1111,8 @@ impl Vcpu {
                 }
                 (
                     [
-                        s.rax, x.sctx_rcx, x.sctx_rdx, x.sctx_rbx, s.rsp, x.sctx_rbp, x.sctx_rsi, x.sctx_rdi, x.sctx_r8,
-                        x.sctx_r9, x.sctx_r10, x.sctx_r11, x.sctx_r12, x.sctx_r13, x.sctx_r14, x.sctx_r15,
+                        s.rax, x.sctx_rcx, x.sctx_rdx, x.sctx_rbx, s.rsp, x.sctx_rbp, x.sctx_rsi, x.sctx_rdi, x.sctx_r8, x.sctx_r9,
+                        x.sctx_r10, x.sctx_r11, x.sctx_r12, x.sctx_r13, x.sctx_r14, x.sctx_r15,
                     ],
                     s.rip,
                     s.rflags,

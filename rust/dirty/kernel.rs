@@ -146,7 +146,8 @@ impl KernelTracker {
     /// Write-protect `base..base+len` and start tracking writes to it. Pages already populated
     /// (wired memory) are protected now; unpopulated pages count as protected by themselves.
     pub fn register(&self, base: *mut u8, len: usize) -> Result<(), KernelTrackerError> {
-        let mut reg = UffdioRegister { range: UffdioRange { start: base as u64, len: len as u64 }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let mut reg =
+            UffdioRegister { range: UffdioRange { start: base as u64, len: len as u64 }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
         // SAFETY: registering a range of our own mapping on our userfaultfd.
         if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
             return Err(last_os_error("UFFDIO_REGISTER (write-protect mode)"));

@@ -65,10 +65,9 @@ impl fmt::Display for MemoryError {
             MemoryError::Unmapped { gpa, len } => {
                 write!(f, "guest address {gpa} (+{len} bytes) is not backed by any memory segment")
             }
-            MemoryError::CrossesSegment { gpa, len, segment, end } => write!(
-                f,
-                "guest access at {gpa} of {len} bytes crosses the end of segment '{segment}' at {end}"
-            ),
+            MemoryError::CrossesSegment { gpa, len, segment, end } => {
+                write!(f, "guest access at {gpa} of {len} bytes crosses the end of segment '{segment}' at {end}")
+            }
             MemoryError::BadSize { what, size, why } => {
                 write!(f, "{what} of {} ({size} bytes) {why}", human_size(*size))
             }

@@ -30,7 +30,11 @@ impl MemoryOptions {
     pub fn layout(&self) -> Result<Vec<SegmentSpec>, MemoryError> {
         let page = PAGE_SIZE as u64;
         if self.memsize == 0 || self.memsize % page != 0 {
-            return Err(MemoryError::BadSize { what: "guest memory size".into(), size: self.memsize, why: "is not a positive multiple of 4 KiB".into() });
+            return Err(MemoryError::BadSize {
+                what: "guest memory size".into(),
+                size: self.memsize,
+                why: "is not a positive multiple of 4 KiB".into(),
+            });
         }
         if self.lowmem_limit == 0 || self.lowmem_limit % page != 0 || self.lowmem_limit > HIGHMEM_BASE {
             return Err(MemoryError::BadSize {
@@ -40,13 +44,24 @@ impl MemoryOptions {
             });
         }
         let low = self.memsize.min(self.lowmem_limit);
-        let mut specs = vec![SegmentSpec { name: "lowmem".into(), gpa: GuestAddress(0), size: low, wired: self.wired, backing: Backing::Anonymous }];
+        let mut specs =
+            vec![SegmentSpec { name: "lowmem".into(), gpa: GuestAddress(0), size: low, wired: self.wired, backing: Backing::Anonymous }];
         if self.memsize > low {
             let high = self.memsize - low;
             if HIGHMEM_BASE.checked_add(high).is_none() {
-                return Err(MemoryError::BadSize { what: "guest memory size".into(), size: self.memsize, why: "does not fit the guest-physical address space".into() });
+                return Err(MemoryError::BadSize {
+                    what: "guest memory size".into(),
+                    size: self.memsize,
+                    why: "does not fit the guest-physical address space".into(),
+                });
             }
-            specs.push(SegmentSpec { name: "highmem".into(), gpa: GuestAddress(HIGHMEM_BASE), size: high, wired: self.wired, backing: Backing::Anonymous });
+            specs.push(SegmentSpec {
+                name: "highmem".into(),
+                gpa: GuestAddress(HIGHMEM_BASE),
+                size: high,
+                wired: self.wired,
+                backing: Backing::Anonymous,
+            });
         }
         Ok(specs)
     }

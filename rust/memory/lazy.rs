@@ -135,7 +135,11 @@ impl LazyImage {
     /// unloaded.
     pub(super) fn new(segments: &[Arc<Segment>], chunk_size: usize, source: Box<dyn ChunkSource>) -> Result<LazyImage, MemoryError> {
         if chunk_size == 0 || chunk_size % PAGE_SIZE != 0 {
-            return Err(MemoryError::BadSize { what: "lazy restore chunk size".into(), size: chunk_size as u64, why: "is not a positive multiple of 4 KiB".into() });
+            return Err(MemoryError::BadSize {
+                what: "lazy restore chunk size".into(),
+                size: chunk_size as u64,
+                why: "is not a positive multiple of 4 KiB".into(),
+            });
         }
         let mut members = Vec::with_capacity(segments.len());
         let mut offset = 0u64;
@@ -339,7 +343,8 @@ impl LazyImage {
             return Ok(());
         }
         // SAFETY: each part lies inside a live mapping of ours; protection changes no bytes.
-        let refused = parts.iter().any(|p| unsafe { libc::mprotect(p.ptr as *mut libc::c_void, p.len, libc::PROT_READ | libc::PROT_WRITE) } != 0);
+        let refused =
+            parts.iter().any(|p| unsafe { libc::mprotect(p.ptr as *mut libc::c_void, p.len, libc::PROT_READ | libc::PROT_WRITE) } != 0);
         if !refused {
             return Ok(());
         }
@@ -347,7 +352,10 @@ impl LazyImage {
             if let Some(seg) = m.segment.upgrade() {
                 // SAFETY: the whole mapping of a live segment.
                 if unsafe { libc::mprotect(seg.as_ptr() as *mut libc::c_void, seg.size(), libc::PROT_READ | libc::PROT_WRITE) } != 0 {
-                    return Err(MemoryError::os(format!("cannot make lazily restored segment '{}' accessible", seg.name()), "mprotect failed"));
+                    return Err(MemoryError::os(
+                        format!("cannot make lazily restored segment '{}' accessible", seg.name()),
+                        "mprotect failed",
+                    ));
                 }
             }
         }

@@ -88,8 +88,11 @@ impl Segment {
         if !spec.gpa.is_page_aligned() {
             return Err(MemoryError::BadSize { what, size: spec.gpa.0, why: "starts at a GPA that is not page-aligned".into() });
         }
-        let size = usize::try_from(spec.size)
-            .map_err(|_| MemoryError::BadSize { what: what.clone(), size: spec.size, why: "does not fit the host address space".into() })?;
+        let size = usize::try_from(spec.size).map_err(|_| MemoryError::BadSize {
+            what: what.clone(),
+            size: spec.size,
+            why: "does not fit the host address space".into(),
+        })?;
         if spec.wired && spec.size > physical_memory() {
             return Err(MemoryError::BadSize {
                 what: format!("wired {what}"),
@@ -136,10 +139,7 @@ impl Segment {
             if unsafe { libc::mlock(ptr, size) } != 0 {
                 return Err(MemoryError::os(
                     format!("cannot wire {} for {what}: mlock failed", human_size(spec.size)),
-                    format!(
-                        "RLIMIT_MEMLOCK is {}; raise it (ulimit -l) or run with CAP_IPC_LOCK, or use unwired memory",
-                        rlimit_memlock()
-                    ),
+                    format!("RLIMIT_MEMLOCK is {}; raise it (ulimit -l) or run with CAP_IPC_LOCK, or use unwired memory", rlimit_memlock()),
                 ));
                 // `segment` drops here and unmaps.
             }
@@ -231,18 +231,25 @@ impl Segment {
         // puts in never-touched entries: not a page the guest has.
         const PM_UFFD_WP: u64 = 1 << 57;
         const BATCH: usize = 64 * 1024;
-        let pagemap = std::fs::File::open("/proc/self/pagemap")
-            .map_err(|e| MemoryError::Os { what: "opening /proc/self/pagemap".into(), errno: e.raw_os_error().unwrap_or(0), detail: String::new() })?;
+        let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(|e| MemoryError::Os {
+            what: "opening /proc/self/pagemap".into(),
+            errno: e.raw_os_error().unwrap_or(0),
+            detail: String::new(),
+        })?;
         let mut buf = vec![0u8; BATCH * 8];
         let first_vpn = self.base.as_ptr() as u64 / PAGE_SIZE as u64;
         let mut count = 0;
         let mut page = 0;
         while page < self.pages() {
             let n = BATCH.min(self.pages() - page);
-            pagemap
-                .read_exact_at(&mut buf[..n * 8], (first_vpn + page as u64) * 8)
-                .map_err(|e| MemoryError::Os { what: format!("reading /proc/self/pagemap for segment '{}'", self.name), errno: e.raw_os_error().unwrap_or(0), detail: String::new() })?;
-            count += buf[..n * 8].chunks_exact(8).filter(|e| {
+            pagemap.read_exact_at(&mut buf[..n * 8], (first_vpn + page as u64) * 8).map_err(|e| MemoryError::Os {
+                what: format!("reading /proc/self/pagemap for segment '{}'", self.name),
+                errno: e.raw_os_error().unwrap_or(0),
+                detail: String::new(),
+            })?;
+            count += buf[..n * 8]
+                .chunks_exact(8)
+                .filter(|e| {
                     let entry = u64::from_le_bytes((*e).try_into().unwrap());
                     entry & PM_PRESENT != 0 || (entry & PM_SWAP != 0 && entry & PM_UFFD_WP == 0)
                 })

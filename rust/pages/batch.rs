@@ -198,11 +198,21 @@ pub(crate) fn decode_header(bytes: &[u8; BATCH_HEADER_SIZE]) -> Result<BatchHead
     if range_count > MAX_RANGES {
         return Err(PageError::TooManyRanges { count: range_count, max: MAX_RANGES });
     }
-    Ok(BatchHeader { segment_gpa: GuestAddress(u64_at(bytes, 8)), flags, range_count, payload_len: u64_at(bytes, 24), checksum: u64_at(bytes, 32) })
+    Ok(BatchHeader {
+        segment_gpa: GuestAddress(u64_at(bytes, 8)),
+        flags,
+        range_count,
+        payload_len: u64_at(bytes, 24),
+        checksum: u64_at(bytes, 32),
+    })
 }
 
 /// Check the checksum over header and table, then decode the table's entries.
-pub(crate) fn decode_table(header_bytes: &[u8; BATCH_HEADER_SIZE], header: &BatchHeader, table: &[u8]) -> Result<Vec<PageRange>, PageError> {
+pub(crate) fn decode_table(
+    header_bytes: &[u8; BATCH_HEADER_SIZE],
+    header: &BatchHeader,
+    table: &[u8],
+) -> Result<Vec<PageRange>, PageError> {
     debug_assert_eq!(table.len(), header.range_count as usize * RANGE_ENTRY_SIZE);
     let expected = checksum(header_bytes, table);
     if header.checksum != expected {
@@ -218,7 +228,10 @@ pub(crate) fn decode_table(header_bytes: &[u8; BATCH_HEADER_SIZE], header: &Batc
             other => return Err(PageError::RangeBadKind { index, gpa, kind: other }),
         };
         if entry[13..16] != [0, 0, 0] {
-            return Err(PageError::ReservedNotZero { what: "range entry padding", got: u32::from_le_bytes([entry[13], entry[14], entry[15], 0]) as u64 });
+            return Err(PageError::ReservedNotZero {
+                what: "range entry padding",
+                got: u32::from_le_bytes([entry[13], entry[14], entry[15], 0]) as u64,
+            });
         }
         ranges.push(PageRange { gpa, pages: u32_at(entry, 8), kind });
     }
@@ -277,7 +290,7 @@ fn check_payload_length(header: &BatchHeader, data: u64) -> Result<(), PageError
     if data == 0 || data > MAX_COMPRESSED_DATA {
         return Err(PageError::CompressedDataSize { data, max: MAX_COMPRESSED_DATA });
     }
-    let block = header.payload_len.checked_sub(COMPRESSED_PREFIX).unwrap_or(0);
+    let block = header.payload_len.saturating_sub(COMPRESSED_PREFIX);
     if block == 0 || block > data {
         return Err(PageError::CompressedPayloadLength { declared: header.payload_len, data });
     }

@@ -23,8 +23,8 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use super::batch::{
-    decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, MAX_RANGES,
-    RANGE_ENTRY_SIZE,
+    decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE,
+    MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 use super::stall::{poll_ms, socket_timeout, timed_out, would_block, Direction, SendDeadline};
 use super::tracker::DigestTracker;
@@ -299,21 +299,32 @@ pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<
 /// [`send_batch`], and with a `tracker` every page of the batch hashed into it as it goes: each
 /// window of DATA pages is hashed right before it is written (see [`DigestTracker::hash_now`]),
 /// ZERO pages are stored as zero.
-pub fn send_batch_tracked(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
+pub fn send_batch_tracked(
+    fd: RawFd,
+    mem: &GuestMemory,
+    ranges: &[PageRange],
+    tracker: Option<&DigestTracker>,
+) -> Result<BatchStats, PageError> {
     if ranges.len() > MAX_RANGES as usize {
         return Err(PageError::BadSendRanges {
-            why: format!("{} ranges, more than the {MAX_RANGES} a batch may hold; send ranges.chunks({MAX_RANGES}) as separate batches", ranges.len()),
+            why: format!(
+                "{} ranges, more than the {MAX_RANGES} a batch may hold; send ranges.chunks({MAX_RANGES}) as separate batches",
+                ranges.len()
+            ),
         });
     }
     let seg = batch_segment(mem, ranges)?;
     let stats = BatchStats::of(ranges);
-    let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
+    let header =
+        BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: ranges.len() as u32, payload_len: stats.data_bytes, checksum: 0 };
     let offsets = validate_ranges(seg, &header, ranges)?;
     ready_ranges(seg, ranges, &offsets)?;
     let encoded = encode_batch(seg.gpa(), ranges);
     let encoded_iov = libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() };
     let Some(tracker) = tracker else {
-        let mut iovs: Vec<libc::iovec> = std::iter::once(encoded_iov).chain(runs_of(RangeKind::Data, ranges, &offsets).into_iter().map(|run| run_iovec(seg, run))).collect();
+        let mut iovs: Vec<libc::iovec> = std::iter::once(encoded_iov)
+            .chain(runs_of(RangeKind::Data, ranges, &offsets).into_iter().map(|run| run_iovec(seg, run)))
+            .collect();
         // SAFETY: the first iovec is `encoded`, alive until the end of this function; the others
         // lie inside the segment's mapping (validate_ranges checked each range), which `mem`
         // keeps mapped. The kernel only reads through them; `*mut` is the iovec type's.
@@ -446,7 +457,15 @@ impl WholeReads {
         if bytes != self.lowat {
             // SAFETY: the option value is a c_int on our stack, passed with its size. A refusal
             // only means the reader is woken earlier (poll then returns sooner; nothing hangs).
-            unsafe { libc::setsockopt(self.fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&bytes as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+            unsafe {
+                libc::setsockopt(
+                    self.fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVLOWAT,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
             self.lowat = bytes;
         }
     }
@@ -506,7 +525,14 @@ impl Drop for WholeReads {
 /// Read a plain batch's DATA pages straight into the segment; with a `tracker`, a window at a
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
 /// ([`WholeReads`]).
-fn read_data_pages(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[PageRange], offsets: &[usize], tracker: Option<&DigestTracker>) -> Result<(), PageError> {
+fn read_data_pages(
+    fd: RawFd,
+    seg: &Segment,
+    header: &BatchHeader,
+    ranges: &[PageRange],
+    offsets: &[usize],
+    tracker: Option<&DigestTracker>,
+) -> Result<(), PageError> {
     let windows = match tracker {
         Some(_) => data_windows(ranges, offsets),
         None => vec![runs_of(RangeKind::Data, ranges, offsets)],

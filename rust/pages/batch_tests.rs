@@ -170,7 +170,8 @@ fn split_batches_bounds_ranges_and_data_and_loses_no_page() {
     for b in &batches {
         assert!(b.iter().filter(|x| x.kind == RangeKind::Data).map(|x| x.pages).sum::<u32>() <= 4, "{b:?}");
     }
-    let flat: Vec<(u64, RangeKind)> = batches.iter().flatten().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
+    let flat: Vec<(u64, RangeKind)> =
+        batches.iter().flatten().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
     let want: Vec<(u64, RangeKind)> = ranges.iter().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
     assert_eq!(flat, want, "the same pages, in order, of the same kinds");
     assert_eq!(batches[0], vec![r(0, 4, RangeKind::Data)]);
@@ -245,7 +246,8 @@ fn send_refuses_ranges_the_receiver_would_refuse() {
     ];
     let err = send_batch(tx.as_raw_fd(), &mem, &across).unwrap_err();
     assert_eq!(err.to_string(), "range 1 at gpa 0x100000000 of 1 pages runs past segment 'lowmem' (0x0..0x400000)");
-    let too_many: Vec<PageRange> = (0..MAX_RANGES as u64 + 1).map(|i| PageRange { gpa: GuestAddress(i * 4096), pages: 1, kind: RangeKind::Zero }).collect();
+    let too_many: Vec<PageRange> =
+        (0..MAX_RANGES as u64 + 1).map(|i| PageRange { gpa: GuestAddress(i * 4096), pages: 1, kind: RangeKind::Zero }).collect();
     assert!(matches!(send_batch(tx.as_raw_fd(), &mem, &too_many), Err(PageError::BadSendRanges { .. })));
     let unmapped = [PageRange { gpa: GuestAddress(3 << 30), pages: 1, kind: RangeKind::Data }];
     assert!(matches!(send_batch(tx.as_raw_fd(), &mem, &unmapped), Err(PageError::Memory(_))));
@@ -420,7 +422,15 @@ fn tcp_pair_with_buffers(size: libc::c_int) -> (std::net::TcpStream, std::net::T
     let (rx, _) = listener.accept().unwrap();
     for (fd, opt) in [(tx.as_raw_fd(), libc::SO_SNDBUF), (rx.as_raw_fd(), libc::SO_RCVBUF)] {
         // SAFETY: the option value is a c_int on our stack, passed with its size.
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
     (tx, rx)
 }
@@ -455,7 +465,9 @@ fn over_tcp_the_reader_waits_for_whole_windows_and_then_for_single_bytes_again()
         let mut lowat: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into the c_int we own.
-        let rc = unsafe { libc::getsockopt(rx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut lowat as *mut libc::c_int).cast(), &mut len) };
+        let rc = unsafe {
+            libc::getsockopt(rx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut lowat as *mut libc::c_int).cast(), &mut len)
+        };
         assert_eq!((rc, lowat), (0, 1), "the receiver must not wait for a window's worth of the frames after a batch");
         let mut one = [0u8; 1];
         rx.read_exact(&mut one).unwrap();

@@ -34,7 +34,8 @@ use std::time::Instant;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::batch::{
-    encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES,
+    encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA,
+    MAX_RANGES,
 };
 use super::batch_io::{batch_segment, read_all, runs_of, send_batch_tracked, write_all, BatchStats};
 use super::tracker::DigestTracker;
@@ -123,7 +124,14 @@ impl Compressor {
 
     /// Send one segment's `ranges` (ascending, as `build_ranges_*` make them) as batches,
     /// calling `each` with every batch's statistics.
-    pub fn send_ranges(&mut self, fd: RawFd, mem: &GuestMemory, ranges: &[PageRange], tracker: Option<&DigestTracker>, mut each: impl FnMut(BatchStats)) -> Result<(), PageError> {
+    pub fn send_ranges(
+        &mut self,
+        fd: RawFd,
+        mem: &GuestMemory,
+        ranges: &[PageRange],
+        tracker: Option<&DigestTracker>,
+        mut each: impl FnMut(BatchStats),
+    ) -> Result<(), PageError> {
         let mut queue = ranges.iter().copied();
         let mut carry: Option<PageRange> = None;
         loop {
@@ -152,7 +160,11 @@ impl Compressor {
                 } else {
                     // left < r.pages <= u32::MAX, so both halves fit a u32.
                     batch.push(PageRange { pages: left as u32, ..r });
-                    carry = Some(PageRange { gpa: GuestAddress(r.gpa.0 + left * PAGE_SIZE as u64), pages: r.pages - left as u32, kind: r.kind });
+                    carry = Some(PageRange {
+                        gpa: GuestAddress(r.gpa.0 + left * PAGE_SIZE as u64),
+                        pages: r.pages - left as u32,
+                        kind: r.kind,
+                    });
                     data_pages += left;
                 }
             }
@@ -174,7 +186,13 @@ impl Compressor {
         self.write_secs += started.elapsed().as_secs_f64();
     }
 
-    fn send_plain(&mut self, fd: RawFd, mem: &GuestMemory, batch: &[PageRange], tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
+    fn send_plain(
+        &mut self,
+        fd: RawFd,
+        mem: &GuestMemory,
+        batch: &[PageRange],
+        tracker: Option<&DigestTracker>,
+    ) -> Result<BatchStats, PageError> {
         let started = Instant::now();
         let stats = send_batch_tracked(fd, mem, batch, tracker)?;
         self.note_write(stats.wire_bytes, started);
@@ -183,10 +201,18 @@ impl Compressor {
 
     /// Compress the batch's pages; send them compressed if the block is worth it, plain if not;
     /// update the back-off (Auto).
-    fn try_compressed(&mut self, fd: RawFd, mem: &GuestMemory, batch: &[PageRange], data_pages: u64, tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
+    fn try_compressed(
+        &mut self,
+        fd: RawFd,
+        mem: &GuestMemory,
+        batch: &[PageRange],
+        data_pages: u64,
+        tracker: Option<&DigestTracker>,
+    ) -> Result<BatchStats, PageError> {
         let seg = batch_segment(mem, batch)?;
         let raw = (data_pages * PAGE_SIZE as u64) as usize;
-        let header = BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: batch.len() as u32, payload_len: raw as u64, checksum: 0 };
+        let header =
+            BatchHeader { segment_gpa: seg.gpa(), flags: 0, range_count: batch.len() as u32, payload_len: raw as u64, checksum: 0 };
         let offsets = validate_ranges(seg, &header, batch)?;
         super::ready_ranges(seg, batch, &offsets)?;
         if let Some(tracker) = tracker {
@@ -257,7 +283,13 @@ thread_local! {
 /// Read a compressed batch's payload, check it, decompress it whole and only then copy the pages
 /// into `seg`. `header`, `ranges` and `offsets` are validated (`validate_ranges`): the payload and
 /// the data are within their bounds.
-pub(super) fn recv_lz4_payload(fd: RawFd, seg: &Segment, header: &BatchHeader, ranges: &[PageRange], offsets: &[usize]) -> Result<(), PageError> {
+pub(super) fn recv_lz4_payload(
+    fd: RawFd,
+    seg: &Segment,
+    header: &BatchHeader,
+    ranges: &[PageRange],
+    offsets: &[usize],
+) -> Result<(), PageError> {
     let data: u64 = ranges.iter().filter(|r| r.kind == RangeKind::Data).map(PageRange::bytes).sum();
     if header.flags & BATCH_FLAG_LZ4 == 0 || data == 0 || data > MAX_COMPRESSED_DATA || header.payload_len > COMPRESSED_PREFIX + data {
         return Err(PageError::CompressedPayloadLength { declared: header.payload_len, data });

@@ -12,49 +12,139 @@ use crate::memory::{GuestAddress, MemoryError};
 #[derive(Debug)]
 pub enum PageError {
     /// Pages `first..first+count` are not all inside the segment.
-    PagesOutsideSegment { first: u64, count: u64, segment: String, pages: u64 },
+    PagesOutsideSegment {
+        first: u64,
+        count: u64,
+        segment: String,
+        pages: u64,
+    },
     /// A bitmap has fewer words than the segment has pages / 64.
-    BitmapSize { what: &'static str, words: usize, needed: usize, segment: String },
+    BitmapSize {
+        what: &'static str,
+        words: usize,
+        needed: usize,
+        segment: String,
+    },
     /// A bitmap marks a page past the end of the segment.
-    BitmapPastEnd { what: &'static str, page: u64, segment: String, pages: u64 },
+    BitmapPastEnd {
+        what: &'static str,
+        page: u64,
+        segment: String,
+        pages: u64,
+    },
     /// A chunk size that is zero or not a multiple of the page size.
-    BadChunkSize { chunk_size: u64 },
+    BadChunkSize {
+        chunk_size: u64,
+    },
     /// Ranges handed to `send_batch` that it cannot encode.
-    BadSendRanges { why: String },
+    BadSendRanges {
+        why: String,
+    },
     /// The first four bytes are not a page batch's.
-    BadMagic { got: u32, expected: u32 },
-    UnsupportedVersion { got: u16, supported: u16 },
-    UnknownFlags { got: u16 },
-    ReservedNotZero { what: &'static str, got: u64 },
-    TooManyRanges { count: u32, max: u32 },
-    HeaderChecksum { got: u64, expected: u64 },
+    BadMagic {
+        got: u32,
+        expected: u32,
+    },
+    UnsupportedVersion {
+        got: u16,
+        supported: u16,
+    },
+    UnknownFlags {
+        got: u16,
+    },
+    ReservedNotZero {
+        what: &'static str,
+        got: u64,
+    },
+    TooManyRanges {
+        count: u32,
+        max: u32,
+    },
+    HeaderChecksum {
+        got: u64,
+        expected: u64,
+    },
     /// The header's segment base is not the base of any segment of this guest.
-    NoSuchSegment { gpa: GuestAddress },
-    RangeUnaligned { index: u32, gpa: GuestAddress },
-    RangeEmpty { index: u32, gpa: GuestAddress },
-    RangeBadKind { index: u32, gpa: GuestAddress, kind: u8 },
+    NoSuchSegment {
+        gpa: GuestAddress,
+    },
+    RangeUnaligned {
+        index: u32,
+        gpa: GuestAddress,
+    },
+    RangeEmpty {
+        index: u32,
+        gpa: GuestAddress,
+    },
+    RangeBadKind {
+        index: u32,
+        gpa: GuestAddress,
+        kind: u8,
+    },
     /// A range starts before its segment or runs past its end.
-    RangeOutsideSegment { index: u32, gpa: GuestAddress, pages: u32, segment: String, start: GuestAddress, end: GuestAddress },
+    RangeOutsideSegment {
+        index: u32,
+        gpa: GuestAddress,
+        pages: u32,
+        segment: String,
+        start: GuestAddress,
+        end: GuestAddress,
+    },
     /// Ranges must ascend and not overlap.
-    RangeOutOfOrder { index: u32, gpa: GuestAddress, previous_end: GuestAddress },
-    PayloadLength { declared: u64, expected: u64 },
+    RangeOutOfOrder {
+        index: u32,
+        gpa: GuestAddress,
+        previous_end: GuestAddress,
+    },
+    PayloadLength {
+        declared: u64,
+        expected: u64,
+    },
     /// A compressed batch must carry 1 page to `max` bytes of page data.
-    CompressedDataSize { data: u64, max: u64 },
+    CompressedDataSize {
+        data: u64,
+        max: u64,
+    },
     /// A compressed payload is its 8-byte checksum and a non-empty block no bigger than the data.
-    CompressedPayloadLength { declared: u64, data: u64 },
+    CompressedPayloadLength {
+        declared: u64,
+        data: u64,
+    },
     /// The LZ4 block does not match the checksum before it.
-    CompressedChecksum { got: u64, expected: u64 },
+    CompressedChecksum {
+        got: u64,
+        expected: u64,
+    },
     /// The LZ4 block is not a valid block, or decompresses to more than the table says.
-    Decompress { data: u64, why: String },
+    Decompress {
+        data: u64,
+        why: String,
+    },
     /// The LZ4 block decompressed to fewer bytes than the table's DATA ranges.
-    DecompressedLength { got: u64, expected: u64 },
+    DecompressedLength {
+        got: u64,
+        expected: u64,
+    },
     /// The stream ended inside `what`.
-    Truncated { what: &'static str, expected: u64, got: u64 },
+    Truncated {
+        what: &'static str,
+        expected: u64,
+        got: u64,
+    },
     /// A blocking socket moved nothing for its whole SO_SNDTIMEO / SO_RCVTIMEO: the peer stopped
     /// taking (`Send`) or sending (`Receive`). `peer` is its address when `fd` is TCP.
-    TimedOut { what: String, fd: RawFd, direction: Direction, timeout: Duration, peer: Option<String> },
+    TimedOut {
+        what: String,
+        fd: RawFd,
+        direction: Direction,
+        timeout: Duration,
+        peer: Option<String>,
+    },
     /// An OS call failed.
-    Io { what: String, source: io::Error },
+    Io {
+        what: String,
+        source: io::Error,
+    },
     Memory(MemoryError),
 }
 
@@ -71,9 +161,10 @@ impl PageError {
             PageError::Truncated { .. } => libc::EPIPE,
             PageError::TimedOut { .. } => libc::EAGAIN,
             PageError::PagesOutsideSegment { .. } => libc::EFAULT,
-            PageError::BadChunkSize { .. } | PageError::BitmapSize { .. } | PageError::BitmapPastEnd { .. } | PageError::BadSendRanges { .. } => {
-                libc::EINVAL
-            }
+            PageError::BadChunkSize { .. }
+            | PageError::BitmapSize { .. }
+            | PageError::BitmapPastEnd { .. }
+            | PageError::BadSendRanges { .. } => libc::EINVAL,
             _ => libc::EBADMSG,
         }
     }
@@ -115,22 +206,19 @@ impl fmt::Display for PageError {
             PageError::RangeBadKind { index, gpa, kind } => {
                 write!(f, "range {index} at gpa {gpa} has unknown kind {kind} (expected 0 DATA or 1 ZERO)")
             }
-            PageError::RangeOutsideSegment { index, gpa, pages, segment, start, end } => write!(
-                f,
-                "range {index} at gpa {gpa} of {pages} pages runs past segment '{segment}' ({start}..{end})"
-            ),
+            PageError::RangeOutsideSegment { index, gpa, pages, segment, start, end } => {
+                write!(f, "range {index} at gpa {gpa} of {pages} pages runs past segment '{segment}' ({start}..{end})")
+            }
             PageError::RangeOutOfOrder { index, gpa, previous_end } => write!(
                 f,
                 "range {index} at gpa {gpa} starts before the previous range ends at {previous_end}; ranges must ascend without overlap"
             ),
-            PageError::PayloadLength { declared, expected } => write!(
-                f,
-                "page batch declares {declared} payload bytes but its DATA ranges add up to {expected}"
-            ),
-            PageError::CompressedDataSize { data, max } => write!(
-                f,
-                "compressed page batch carries {data} bytes of page data; a compressed batch carries 4096 to {max}"
-            ),
+            PageError::PayloadLength { declared, expected } => {
+                write!(f, "page batch declares {declared} payload bytes but its DATA ranges add up to {expected}")
+            }
+            PageError::CompressedDataSize { data, max } => {
+                write!(f, "compressed page batch carries {data} bytes of page data; a compressed batch carries 4096 to {max}")
+            }
             PageError::CompressedPayloadLength { declared, data } => write!(
                 f,
                 "compressed page batch declares a {declared}-byte payload for {data} bytes of page data; \
@@ -142,10 +230,9 @@ impl fmt::Display for PageError {
             PageError::Decompress { data, why } => {
                 write!(f, "compressed page data is not a valid LZ4 block of {data} bytes: {why}")
             }
-            PageError::DecompressedLength { got, expected } => write!(
-                f,
-                "compressed page data decompressed to {got} bytes but the batch's DATA ranges hold {expected}"
-            ),
+            PageError::DecompressedLength { got, expected } => {
+                write!(f, "compressed page data decompressed to {got} bytes but the batch's DATA ranges hold {expected}")
+            }
             PageError::Truncated { what, expected, got } => {
                 write!(f, "page batch stream ended inside the {what}: got {got} of {expected} bytes")
             }

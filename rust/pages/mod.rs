@@ -26,8 +26,8 @@ mod tracker;
 mod zero;
 
 pub use batch::{
-    split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, COMPRESSED_PREFIX,
-    MAX_COMPRESSED_DATA, MAX_RANGES, RANGE_ENTRY_SIZE,
+    split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION,
+    COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};

@@ -127,7 +127,10 @@ mod tests {
         let words = bits(&[10, 11, 12, 13, 14, 63, 64, 65], 16);
         let at = |p: u64| GuestAddress(HIGHMEM_BASE + p * 4096);
         let plain = build_ranges_from_bitmap(seg, &words, false).unwrap();
-        assert_eq!(plain, vec![PageRange { gpa: at(10), pages: 5, kind: RangeKind::Data }, PageRange { gpa: at(63), pages: 3, kind: RangeKind::Data }]);
+        assert_eq!(
+            plain,
+            vec![PageRange { gpa: at(10), pages: 5, kind: RangeKind::Data }, PageRange { gpa: at(63), pages: 3, kind: RangeKind::Data }]
+        );
         let zeroed = build_ranges_from_bitmap(seg, &words, true).unwrap();
         let kinds: Vec<(u64, u32, RangeKind)> = zeroed.iter().map(|r| ((r.gpa.0 - HIGHMEM_BASE) / 4096, r.pages, r.kind)).collect();
         use RangeKind::{Data, Zero};

@@ -39,7 +39,12 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 /// fd carried (in `fds` order). On the first failure the other streams take no further chunk and
 /// send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
-pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>], tracker: Option<&DigestTracker>) -> Result<Vec<BatchTotals>, PageError> {
+pub fn send_chunks(
+    fds: &[RawFd],
+    mem: &GuestMemory,
+    chunks: &[Vec<PageRange>],
+    tracker: Option<&DigestTracker>,
+) -> Result<Vec<BatchTotals>, PageError> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
     }
@@ -82,7 +87,10 @@ pub fn send_chunks(fds: &[RawFd], mem: &GuestMemory, chunks: &[Vec<PageRange>], 
             .enumerate()
             .map(|(index, h)| {
                 h.join().unwrap_or_else(|_| {
-                    Err(PageError::io(format!("stream {index}: the sending thread panicked"), std::io::Error::from(std::io::ErrorKind::Other)))
+                    Err(PageError::io(
+                        format!("stream {index}: the sending thread panicked"),
+                        std::io::Error::from(std::io::ErrorKind::Other),
+                    ))
                 })
             })
             .collect()

@@ -62,7 +62,12 @@ unsafe fn page_hash(ptr: *const u8) -> u64 {
 
 fn check_run(seg: &Segment, first: usize, count: usize) -> Result<(), PageError> {
     if first.checked_add(count).is_none_or(|end| end > seg.pages()) {
-        return Err(PageError::PagesOutsideSegment { first: first as u64, count: count as u64, segment: seg.name().to_string(), pages: seg.pages() as u64 });
+        return Err(PageError::PagesOutsideSegment {
+            first: first as u64,
+            count: count as u64,
+            segment: seg.name().to_string(),
+            pages: seg.pages() as u64,
+        });
     }
     Ok(())
 }
@@ -292,7 +297,12 @@ impl DigestTracker {
 
 /// Rehash `track`'s stale pages; above `residency_threshold` stale chunks, mincore first; from
 /// PARALLEL_MIN_CHUNKS on, on `big_threads` threads.
-fn refresh_segment(track: &SegmentTrack, stats: &mut RefreshStats, residency_threshold: usize, big_threads: usize) -> Result<(), PageError> {
+fn refresh_segment(
+    track: &SegmentTrack,
+    stats: &mut RefreshStats,
+    residency_threshold: usize,
+    big_threads: usize,
+) -> Result<(), PageError> {
     let seg = &track.seg;
     if seg.is_closed() {
         return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
@@ -334,7 +344,11 @@ fn refresh_segment(track: &SegmentTrack, stats: &mut RefreshStats, residency_thr
                 let first_word = i * words_per;
                 let resident = resident.as_deref().map(|r| &r[first_word..first_word + stale.len()]);
                 let part = Part { seg, first_page: first_word * DIGEST_CHUNK_PAGES, stale, pages, chunks, resident };
-                if threads == 1 { Ok(part.refresh()) } else { Err(scope.spawn(move || part.refresh())) }
+                if threads == 1 {
+                    Ok(part.refresh())
+                } else {
+                    Err(scope.spawn(move || part.refresh()))
+                }
             })
             .collect();
         handles.into_iter().map(|h| h.unwrap_or_else(|j| j.join().expect("digest refresh thread panicked"))).collect()
@@ -531,7 +545,10 @@ mod tests {
     /// `record`s each group (marks or hashes it), while refreshes run on another thread, asking
     /// mincore (threshold 0) so the residency they see races the writes. Returns the tracker and
     /// the memory for the caller to check.
-    fn race_writes_with_refreshes(step: usize, record: impl Fn(&DigestTracker, &Segment, usize, usize) + Sync) -> (DigestTracker, GuestMemory) {
+    fn race_writes_with_refreshes(
+        step: usize,
+        record: impl Fn(&DigestTracker, &Segment, usize, usize) + Sync,
+    ) -> (DigestTracker, GuestMemory) {
         let mem = GuestMemory::new(&MemoryOptions::new(32 << 20)).unwrap();
         let tracker = DigestTracker::new(&mem).unwrap();
         let seg = mem.segments()[0].clone();

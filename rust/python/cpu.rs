@@ -14,9 +14,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::memory::PyGuestMemory;
 use crate::cpu::isa::{self, GPR_NAMES};
-use crate::cpu::{
-    vectors_of, CpuError, Exit, PendingRead, ReadSource, TscMode, Vcpu, VcpuHandle, VcpuState, Vendor, VendorState,
-};
+use crate::cpu::{vectors_of, CpuError, Exit, PendingRead, ReadSource, TscMode, Vcpu, VcpuHandle, VcpuState, Vendor, VendorState};
 
 /// Version of the dict `save_state` produces; `restore_state` refuses any other.
 const STATE_FORMAT: u64 = 1;
@@ -286,17 +284,27 @@ impl PyVcpu {
             return Err(bad(format!("saved state format {format} is not the one this vmmpy reads ({STATE_FORMAT})")));
         }
         let vendor_name = str_of(&item(state, "vendor", "", id)?, "vendor", id)?;
-        let vendor = Vendor::parse(&vendor_name).ok_or_else(|| bad(format!("saved state vendor '{vendor_name}' is not 'intel' or 'amd'")))?;
+        let vendor =
+            Vendor::parse(&vendor_name).ok_or_else(|| bad(format!("saved state vendor '{vendor_name}' is not 'intel' or 'amd'")))?;
         if vendor != self.vendor {
             return Err(cpu_error(CpuError::VendorMismatch { vcpu: id, ours: self.vendor, theirs: vendor }));
         }
         let tsc_name = str_of(&item(state, "tsc_mode", "", id)?, "tsc_mode", id)?;
-        let tsc_mode = TscMode::parse(&tsc_name).ok_or_else(|| bad(format!("saved state tsc_mode '{tsc_name}' is not 'instructions' or 'host'")))?;
+        let tsc_mode =
+            TscMode::parse(&tsc_name).ok_or_else(|| bad(format!("saved state tsc_mode '{tsc_name}' is not 'instructions' or 'host'")))?;
         let vcpu_id = u64_of(&item(state, "vcpu_id", "", id)?, "vcpu_id", id)?;
         let vcpu_id = u32::try_from(vcpu_id).map_err(|_| bad(format!("saved state vcpu_id {vcpu_id} is out of range")))?;
 
         let mut known: Vec<&str> = vec![
-            "format", "vcpu_id", "vendor", "tsc_mode", "pending_interrupts", "halted", "pending_read", "instructions_retired", "guest_tsc",
+            "format",
+            "vcpu_id",
+            "vendor",
+            "tsc_mode",
+            "pending_interrupts",
+            "halted",
+            "pending_read",
+            "instructions_retired",
+            "guest_tsc",
         ];
         let group_names = VendorState::group_names(vendor);
         known.extend_from_slice(group_names);
@@ -335,9 +343,7 @@ impl PyVcpu {
             }
             pending_interrupts[v as usize / 64] |= 1 << (v % 64);
         }
-        let halted = item(state, "halted", "", id)?
-            .extract::<bool>()
-            .map_err(|_| bad("'halted' must be a bool".into()))?;
+        let halted = item(state, "halted", "", id)?.extract::<bool>().map_err(|_| bad("'halted' must be a bool".into()))?;
         let read_obj = item(state, "pending_read", "", id)?;
         let pending_read = if read_obj.is_none() { None } else { Some(pending_read_from(dict_of(read_obj, "pending_read", id)?, id)?) };
         let instructions_retired = u64_of(&item(state, "instructions_retired", "", id)?, "instructions_retired", id)?;

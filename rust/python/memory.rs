@@ -62,9 +62,8 @@ impl PyGuestMemory {
     #[new]
     #[pyo3(signature = (memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "soft"))]
     fn new(py: Python<'_>, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str) -> PyResult<Self> {
-        let tracking = TrackingChoice::parse(dirty_tracking).ok_or_else(|| {
-            PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}"))
-        })?;
+        let tracking = TrackingChoice::parse(dirty_tracking)
+            .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))?;
         let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
         // Wiring populates every page: release the GIL while the kernel does it.
         let mem = py.detach(move || GuestMemory::new(&opts)).map_err(memory_error)?;
@@ -93,13 +92,10 @@ impl PyGuestMemory {
         lowmem_limit: u64,
         dirty_tracking: &str,
     ) -> PyResult<Self> {
-        let tracking = TrackingChoice::parse(dirty_tracking).ok_or_else(|| {
-            PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}"))
-        })?;
+        let tracking = TrackingChoice::parse(dirty_tracking)
+            .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))?;
         let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
-        let mem = py
-            .detach(move || crate::snapshot::lazy_memory(&opts, fd, chunk_hashes, chunk_size, &name))
-            .map_err(snapshot_error)?;
+        let mem = py.detach(move || crate::snapshot::lazy_memory(&opts, fd, chunk_hashes, chunk_size, &name)).map_err(snapshot_error)?;
         Ok(PyGuestMemory { inner: Arc::new(mem) })
     }
 

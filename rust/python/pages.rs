@@ -239,7 +239,12 @@ fn send_page_list<'py>(
 /// arrive.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, tracker = None))]
-fn recv_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, tracker: Option<PyRef<'py, PyDigestTracker>>) -> PyResult<Bound<'py, PyDict>> {
+fn recv_pages<'py>(
+    py: Python<'py>,
+    memory: PyRef<'py, PyGuestMemory>,
+    fd: RawFd,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let totals = py

@@ -12,7 +12,12 @@ use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use crate::snapshot::{self, SnapshotError, DEFAULT_CHUNK_SIZE};
 
-create_exception!(_core, MemoryFileError, PyOSError, "Writing, reading or verifying a checkpoint memory file failed; the message says where.");
+create_exception!(
+    _core,
+    MemoryFileError,
+    PyOSError,
+    "Writing, reading or verifying a checkpoint memory file failed; the message says where."
+);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MemoryFileError", m.py().get_type::<MemoryFileError>())?;

@@ -9,7 +9,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::memory::PyGuestMemory;
 use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
-use crate::pages::{self, PageError, PageRange, BatchTotals, MAX_STREAMS};
+use crate::pages::{self, BatchTotals, PageError, PageRange, MAX_STREAMS};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_STREAMS", MAX_STREAMS)?;

@@ -10,16 +10,36 @@ use crate::pages::PageError;
 #[derive(Debug)]
 pub enum SnapshotError {
     /// An OS call on the memory file failed.
-    Io { what: String, source: io::Error },
+    Io {
+        what: String,
+        source: io::Error,
+    },
     /// The file's size is not the guest's memory size.
-    FileSize { size: u64, expected: u64 },
+    FileSize {
+        size: u64,
+        expected: u64,
+    },
     /// The caller's list of expected chunk hashes does not fit the image.
-    ChunkCount { got: usize, expected: usize, chunk_size: u64 },
-    BadChunkSize { chunk_size: u64 },
+    ChunkCount {
+        got: usize,
+        expected: usize,
+        chunk_size: u64,
+    },
+    BadChunkSize {
+        chunk_size: u64,
+    },
     /// A chunk's bytes do not hash to what the checkpoint recorded.
-    ChunkMismatch { index: usize, file_start: u64, file_end: u64, gpa_ranges: Vec<(u64, u64)>, mismatches: usize },
+    ChunkMismatch {
+        index: usize,
+        file_start: u64,
+        file_end: u64,
+        gpa_ranges: Vec<(u64, u64)>,
+        mismatches: usize,
+    },
     /// Eager restore into memory that maps a file.
-    Unsupported { why: String },
+    Unsupported {
+        why: String,
+    },
     Memory(MemoryError),
     Page(PageError),
 }
@@ -51,10 +71,9 @@ impl fmt::Display for SnapshotError {
                 human_size(*size),
                 human_size(*expected)
             ),
-            SnapshotError::ChunkCount { got, expected, chunk_size } => write!(
-                f,
-                "{got} chunk hashes given, but the memory image has {expected} chunks of {chunk_size} bytes"
-            ),
+            SnapshotError::ChunkCount { got, expected, chunk_size } => {
+                write!(f, "{got} chunk hashes given, but the memory image has {expected} chunks of {chunk_size} bytes")
+            }
             SnapshotError::BadChunkSize { chunk_size } => {
                 write!(f, "chunk size {chunk_size} is not a positive multiple of the 4096-byte page")
             }

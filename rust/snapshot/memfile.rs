@@ -136,7 +136,10 @@ fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gp
             return Err(SnapshotError::io(format!("writing the memory file at offset {offset:#x} (guest-physical {gpa:#x}, {len} bytes)")));
         }
         if n == 0 {
-            return Err(SnapshotError::Io { what: format!("writing the memory file at offset {offset:#x}"), source: std::io::ErrorKind::WriteZero.into() });
+            return Err(SnapshotError::Io {
+                what: format!("writing the memory file at offset {offset:#x}"),
+                source: std::io::ErrorKind::WriteZero.into(),
+            });
         }
         let n = n as usize;
         ptr = ptr.wrapping_add(n);
@@ -162,7 +165,9 @@ pub(super) unsafe fn pread_all(fd: RawFd, mut ptr: *mut u8, mut len: usize, mut 
         }
         if n == 0 {
             return Err(SnapshotError::Io {
-                what: format!("reading the memory file at offset {offset:#x}: the file ended {len} bytes early (was it changed while being read?)"),
+                what: format!(
+                    "reading the memory file at offset {offset:#x}: the file ended {len} bytes early (was it changed while being read?)"
+                ),
                 source: std::io::ErrorKind::UnexpectedEof.into(),
             });
         }
@@ -233,7 +238,9 @@ pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64) -> Resul
     let layout = ImageLayout::of(mem)?;
     let st = file_stat(fd, "writing the memory file")?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(SnapshotError::Unsupported { why: format!("the memory file (fd {fd}) must be a regular file, so holes can stand for zero pages") });
+        return Err(SnapshotError::Unsupported {
+            why: format!("the memory file (fd {fd}) must be a regular file, so holes can stand for zero pages"),
+        });
     }
     // Lazily restored memory is loaded and checked whole first: nothing is saved that was not
     // verified, and nothing is left needing the file it came from (which may be this one).
@@ -282,7 +289,8 @@ pub fn memory_chunk_hashes(mem: &GuestMemory, chunk_size: u64) -> Result<Vec<u12
 pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), SnapshotError> {
     let chunk = check_chunk_size(chunk_size)?;
     let size = file_stat(fd, "hashing the memory file")?.st_size as u64;
-    let extents = file_data_extents(fd, 0, size).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file".into(), source: e })?;
+    let extents =
+        file_data_extents(fd, 0, size).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file".into(), source: e })?;
     let mut hasher = ChunkHasher::new(chunk, size);
     let mut buf = vec![0u8; PIECE];
     let mut pos = 0;
@@ -306,7 +314,8 @@ pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), 
 /// merged, so everything between them is whole pages of hole.
 pub(super) fn page_extents(fd: RawFd, start: u64, end: u64) -> Result<Vec<(u64, u64)>, SnapshotError> {
     let page = PAGE_SIZE as u64;
-    let raw = file_data_extents(fd, start, end).map_err(|e| SnapshotError::Io { what: "finding the data in the memory file (SEEK_DATA)".into(), source: e })?;
+    let raw = file_data_extents(fd, start, end)
+        .map_err(|e| SnapshotError::Io { what: "finding the data in the memory file (SEEK_DATA)".into(), source: e })?;
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
     for (s, e) in raw {
         let (s, e) = (s / page * page, e.div_ceil(page).saturating_mul(page).min(end));
@@ -437,7 +446,13 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
         if let Some(&index) = bad.first() {
             let file_start = index as u64 * chunk_size;
             let file_end = (file_start + chunk_size).min(total);
-            return Err(SnapshotError::ChunkMismatch { index, file_start, file_end, gpa_ranges: layout.gpa_ranges(file_start, file_end), mismatches: bad.len() });
+            return Err(SnapshotError::ChunkMismatch {
+                index,
+                file_start,
+                file_end,
+                gpa_ranges: layout.gpa_ranges(file_start, file_end),
+                mismatches: bad.len(),
+            });
         }
         stats.chunk_hashes = got;
         stats.verified = true;

@@ -18,7 +18,8 @@ fn opts(tracking: TrackingChoice) -> MemoryOptions {
 /// Pages with data in both segments, a touched-but-zero page, and a run across a chunk boundary.
 fn guest(tracking: TrackingChoice) -> GuestMemory {
     let mem = GuestMemory::new(&opts(tracking)).unwrap();
-    for (i, gpa) in [0u64, 5 * 4096, 255 * 4096, 256 * 4096, 6 * MIB + 500 * 1024, HIGHMEM_BASE, HIGHMEM_BASE + 6 * MIB].iter().enumerate() {
+    for (i, gpa) in [0u64, 5 * 4096, 255 * 4096, 256 * 4096, 6 * MIB + 500 * 1024, HIGHMEM_BASE, HIGHMEM_BASE + 6 * MIB].iter().enumerate()
+    {
         let fill: Vec<u8> = (0..4096).map(|b| (b as u64 * 13 + i as u64 * 101 + 1) as u8 | 1).collect();
         mem.write(GuestAddress(*gpa), &fill).unwrap();
     }
@@ -179,7 +180,10 @@ fn a_damaged_lazy_chunk_is_refused_by_name_and_the_rest_still_loads() {
     assert!(!lazy.is_complete());
     assert_eq!(lazy.lazy_image().unwrap().first_failure().unwrap().to_string(), expected);
     let again = temp_file("lazy-damaged-again");
-    assert!(write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap_err().to_string().contains("memory chunk 6 "), "nothing unverified is saved");
+    assert!(
+        write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap_err().to_string().contains("memory chunk 6 "),
+        "nothing unverified is saved"
+    );
 }
 
 #[test]
@@ -206,7 +210,7 @@ fn zero_ranges_received_into_lazy_memory_read_as_zero() {
     let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
     let lazy = lazy(&f, &stats.chunk_hashes);
     lazy.write(GuestAddress(7 * 4096), &[5u8; 4096]).unwrap(); // a guest write over a hole
-    // The sender's pages 0, 5, 7 and 255 are now zero: send them as ZERO ranges.
+                                                               // The sender's pages 0, 5, 7 and 255 are now zero: send them as ZERO ranges.
     let src = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
     let mut words = vec![0u64; src.segments()[0].pages().div_ceil(64)];
     for p in [0usize, 5, 7, 255] {
@@ -225,6 +229,9 @@ fn zero_ranges_received_into_lazy_memory_read_as_zero() {
     }
     assert_eq!(mem_bytes(&lazy, 256 * 4096, 1), mem_bytes(&mem, 256 * 4096, 1), "neighbours keep the file's bytes");
     // SAFETY: closing the pipe fds we opened.
-    unsafe { libc::close(rx); libc::close(tx) };
+    unsafe {
+        libc::close(rx);
+        libc::close(tx)
+    };
     let _ = PAGE_SIZE;
 }

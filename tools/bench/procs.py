@@ -16,7 +16,6 @@ from vmmpy.runtime.control import ControlClient, ControlError
 
 from .images import LPC
 
-
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # python tools/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench import qemu  # noqa: E402
-from tools.bench.scenarios import LIMITS, SCENARIOS, Context  # noqa: E402
-from tools.bench.stats import Figure, Row  # noqa: E402
+from tools.bench import qemu
+from tools.bench.scenarios import LIMITS, SCENARIOS, Context
+from tools.bench.stats import Figure, Row
 
 SPEEDUP_LEGEND = ("x QEMU: how many times better vmmpy did than QEMU on the same work, measured in this run "
                   "(rates: vmmpy / QEMU; times: QEMU / vmmpy); above 1 vmmpy is faster")
@@ -54,7 +54,7 @@ def attach_qemu(bench: qemu.QemuBench, ctx: Context, rows: list[Row]) -> None:
         print(f"bench: QEMU for {row.scenario} ...", file=sys.stderr, flush=True)
         try:
             result = work(bench, ctx)
-        except Exception as err:  # noqa: BLE001 - QEMU failing must not hide vmmpy's figures
+        except Exception as err:
             traceback.print_exc(file=sys.stderr)
             row.qemu_note = f"QEMU failed: {type(err).__name__}: {err}"
             continue
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic()
             try:
                 new = SCENARIOS[name][0](ctx)
-            except Exception as err:  # noqa: BLE001 - one failing scenario must not hide the others
+            except Exception as err:
                 traceback.print_exc(file=sys.stderr)
                 new = [Row(name, "failed", error=f"{type(err).__name__}: {err}")]
             if bench is not None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -276,7 +276,7 @@ def live_memtouch(fraction: float, label: str, target_ms: float = 50.0, bound_do
             try:
                 _, st = migrate(ctx.work, f"mt{label}", source_args=["-r", image], dest_args=["-m", "1G", "--tsc", "host"],
                                 live=True, params={"downtime_target_ms": target_ms, "policy": "auto-converge"})
-            except Exception as err:  # noqa: BLE001 - a failed migration is a result here
+            except Exception as err:
                 outcomes.append(f"failed: {err}")
                 continue
             downtimes.append(st["downtime_ms"])

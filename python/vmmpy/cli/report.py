@@ -312,12 +312,12 @@ def svg_chart(title: str, labels: list[str], ylabel: str, *, bars=(), stacked=()
             v = vs[i]
             if v:
                 out.append(rect(left0(i) + (g + k) * bar_w, 0.0, v, color, f"round {labels[i]}: {name} {_fmt(v)}"))
-    for name, color, vs in lines:
+    for _name, color, vs in lines:
         pts = [(cx(i), ax.y(v)) for i, v in enumerate(vs) if v is not None and (v > 0 or not ax.log)]
         if pts:
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}"/>')
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts]
-    for name, color, v in hlines:
+    for _name, color, v in hlines:
         y = ax.y(v)
         out.append(f'<line x1="{MARGIN_L}" x2="{W - MARGIN_R}" y1="{y:.1f}" y2="{y:.1f}" stroke="{color}" stroke-dasharray="6,4" stroke-width="1.5"/>')
     out.append(f'<line x1="{MARGIN_L}" x2="{W - MARGIN_R}" y1="{H - MARGIN_B}" y2="{H - MARGIN_B}" stroke="#333"/>')

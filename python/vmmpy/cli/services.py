@@ -9,7 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..migration import Destination, MigrationHandle, MigrationParams, estimate, estimate_warm
 from ..migration.machine import MachineAdapter

@@ -21,6 +21,10 @@ import threading
 from pathlib import Path
 
 from ..devices.registry import PCI_EMULATIONS
+from ..migration import Destination, MigrationError, parse_address
+from ..migration.machine import MachineAdapter
+from ..migration.net import format_address
+from ..migration.tls import TlsConfig
 from ..runtime.config import (
     DIRTY_TRACKING,
     TSC_MODES,
@@ -33,17 +37,13 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..migration import Destination, MigrationError, parse_address
-from ..migration.net import format_address
-from ..migration.machine import MachineAdapter
-from ..migration.tls import TlsConfig
 from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
 from ..state import SectionError
+from ..vmm.ioctl import SuspendHow
 from .keyfile import read_key
 from .services import MachineServices
-from ..vmm.ioctl import SuspendHow
 
 EPILOG = """\
 guests:

@@ -33,10 +33,10 @@ register 'rxx'``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-__all__ = ["AsmError", "Program", "assemble", "OPCODES", "REGISTERS"]
+__all__ = ["OPCODES", "REGISTERS", "AsmError", "Program", "assemble"]
 
 REGISTERS = {
     name: number

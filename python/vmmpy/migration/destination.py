@@ -140,7 +140,7 @@ class Destination:
             # Only now, with nobody else accepting on the listener, may the source go on (its
             # data streams connect right after this ACCEPT).
             receiver.send_spec_accept()
-        except BaseException as err:  # noqa: BLE001 - handled as any failure of the session
+        except BaseException as err:
             receiver.fail_now(err)
         try:
             stats = receiver.run_after_spec()
@@ -275,7 +275,7 @@ class Destination:
                 won = True
                 self._pending.pop(conn, None)
             self._wake()  # the waiting loop stops accepting, then answers its SPEC
-        except BaseException as err:  # noqa: BLE001 - a stranger never ends the wait
+        except BaseException as err:
             self._note_stranger(peer, receiver.failure_text(err))
             receiver.tell_why(err)
         finally:
@@ -377,7 +377,7 @@ class Destination:
                     break
             try:
                 conn, peer = listener.accept()
-            except (TimeoutError, socket.timeout, BlockingIOError, InterruptedError):
+            except (TimeoutError, BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 if listener.fileno() == -1:
@@ -388,7 +388,9 @@ class Destination:
                 conn.close()  # as many as the waiting phase serves at once: a flood holds nothing
                 continue
 
-            def serve(conn=conn, peer=format_address(*peer[:2])) -> None:
+            peer_name = format_address(*peer[:2])
+
+            def serve(conn=conn, peer=peer_name) -> None:
                 try:
                     self._resolve_connection(conn, peer)
                 finally:
@@ -427,7 +429,7 @@ class Destination:
                 with self._cond:
                     self.released = True
                 self._note("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
-        except BaseException as err:  # noqa: BLE001 - a failed RESOLVE connection changes nothing
+        except BaseException as err:
             self._note(f"a RESOLVE connection from {peer} failed: {receiver.failure_text(err)}")
         finally:
             timer.cancel()
@@ -456,7 +458,7 @@ class Destination:
                     t = time.monotonic()
                     try:
                         self.adapter.start_running()
-                    except Exception as err:  # noqa: BLE001 - it cannot run here: the source keeps it
+                    except Exception as err:
                         self.state = "discarded"
                         stats.owner = "source"
                         stats.finish("failed", f"{stats.error}; the guest could not be started here ({err})")
@@ -579,7 +581,7 @@ class _Receiver:
         try:
             self.start()
             self.accept_spec(self.read_request(P.MessageType.SPEC))
-        except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest
+        except BaseException as err:
             self._fail(err)
             self._cleanup()
             if not isinstance(err, Exception):
@@ -609,7 +611,7 @@ class _Receiver:
         try:
             if self.state is not RxState.DISCARDED:
                 self._rounds()
-        except BaseException as err:  # noqa: BLE001 - every failure discards the half-received guest (or holds it in doubt)
+        except BaseException as err:
             self._fail(err)
             if not isinstance(err, Exception):
                 raise
@@ -751,7 +753,7 @@ class _Receiver:
         self.stats.live = spec.live
         try:
             self.adapter.check_spec(spec.to_dict())
-        except Exception as err:  # noqa: BLE001 - the adapter's reason goes to the source as is
+        except Exception as err:
             self._refuse(P.Stage.SPEC, str(err) or type(err).__name__)
         # Take the source's first offered codec this side knows, unless told not to.
         if self.params.accept_compression:
@@ -902,7 +904,7 @@ class _Receiver:
         t = time.monotonic()
         try:
             self.adapter.restore_sections(sections)
-        except Exception as err:  # noqa: BLE001 - named and sent to the source as the abort reason
+        except Exception as err:
             raise MigrationError(f"restoring the guest's state failed: {err}") from None
         self.restored = True
         self.stats.downtime_breakdown["restore_ms"] = (time.monotonic() - t) * 1000

@@ -16,7 +16,8 @@ both modes: it hashes or marks everything it writes.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ class InBackground(Generic[T]):
     def _run(self, fn: Callable[[], T]) -> None:
         try:
             self._value = fn()
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread by result()
+        except BaseException as err:
             self._error = err
 
     def done(self) -> bool:

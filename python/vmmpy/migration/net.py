@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+
 from .errors import ConnectionLost, MigrationError, MigrationTimeout, peer_stalled
 
 DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
@@ -148,7 +149,7 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
         raise ConnectionLost(f"cannot connect to {where}: connection refused (is the destination listening?)") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise MigrationTimeout(f"cannot connect to {where}: no answer within {timeout:g} s") from None
     except OSError as err:
         raise ConnectionLost(f"cannot connect to {where}: {err.strerror or err}") from None

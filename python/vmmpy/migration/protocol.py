@@ -220,7 +220,7 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
         want = min(size - got, _READ_CHUNK)
         try:
             chunk = sock.recv(want)
-        except (BlockingIOError, TimeoutError, socket.timeout):
+        except (BlockingIOError, TimeoutError):
             raise MigrationTimeout(f"timed out: {_peer_name(sock)} sent nothing for {_receive_timeout(sock):g} s while "
                                    f"{what} was awaited ({got} of {size} bytes arrived)") from None
         except OSError as err:
@@ -283,7 +283,7 @@ def decode_frame(data: bytes) -> Frame:
 def send_bytes(sock: socket.socket, data: bytes, what: str) -> None:
     try:
         sock.sendall(data)
-    except (BlockingIOError, TimeoutError, socket.timeout):
+    except (BlockingIOError, TimeoutError):
         raise MigrationTimeout(f"timed out sending {what}: the peer is not reading") from None
     except OSError as err:
         raise ConnectionLost(f"connection lost while sending {what}: {err.strerror or err}") from None

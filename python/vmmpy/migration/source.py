@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..memory import PageBatchError
 from ..state import encode_sections
@@ -85,7 +85,7 @@ class MigrationHandle:
         def run() -> None:
             try:
                 self._stats = self._source.run()
-            except BaseException as err:  # noqa: BLE001 - reported through wait()
+            except BaseException as err:
                 self._error = err
 
         self._thread = threading.Thread(target=run, name="migration-source", daemon=True)
@@ -199,7 +199,7 @@ class _Source:
     def run(self) -> MigrationStats:
         try:
             self._migrate()
-        except BaseException as err:  # noqa: BLE001 - every failure must leave the guest running here
+        except BaseException as err:
             self._fail(err)
             if not isinstance(err, Exception):
                 raise

@@ -9,8 +9,9 @@ history and a breakdown of the downtime. Times are milliseconds, rates per secon
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # "in-doubt": the commit was decided but not confirmed (protocol version 5); the guest is held
 # paused on this side until the question is settled (docs/migration-protocol.md, "Ownership").

@@ -26,7 +26,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..memory import PageBatchError
 from . import protocol as P
@@ -194,7 +194,7 @@ class JoinWindow:
     def _handshake(self, conn: socket.socket, peer: str) -> None:
         try:
             wrapped, error = self.wrap(conn), None
-        except BaseException as err:  # noqa: BLE001 - noted by the window's thread
+        except BaseException as err:
             wrapped, error = None, err
         with self._lock:
             self._handshaking.pop(conn, None)
@@ -233,7 +233,7 @@ class JoinWindow:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for conn, thread in running.items():
+        for thread in running.values():
             thread.join(5)
             self._note("a data connection", "its TLS handshake was not done when the join window ended")
         for wrapped, _, _ in done:
@@ -358,7 +358,7 @@ def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.sock
                     if carried[0] > page_limit:
                         raise ProtocolError(f"round {round_number} carried more pages ({carried[0]}) than the guest has ({page_limit})")
             results[index] = t
-        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+        except BaseException as err:
             with lock:
                 failures.append((index, err))
                 first = len(failures) == 1
@@ -450,7 +450,7 @@ def measure_local_throughput_streams(host: str, streams: int, seconds: float = 0
             rate = measure_local_throughput(host, seconds)
             with lock:
                 rates.append(rate)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:
             with lock:
                 failures.append(err)
 

@@ -18,9 +18,10 @@ refused at any step leaves no file written.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..devices.lpc import console_backend
 from ..devices.uart import CaptureConsole

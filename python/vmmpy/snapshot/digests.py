@@ -43,7 +43,7 @@ def _zero_chunk_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
-def _feed_zeros(digest: "hashlib._Hash", count: int) -> None:
+def _feed_zeros(digest: hashlib._Hash, count: int) -> None:
     while count:
         step = min(count, _READ)
         digest.update(_ZEROS[:step])
@@ -67,7 +67,7 @@ def file_reader(fd: int) -> DataReader:
     """Data from the file itself."""
     buffer = memoryview(bytearray(_READ))
 
-    def feed(digest: "hashlib._Hash", start: int, end: int) -> None:
+    def feed(digest: hashlib._Hash, start: int, end: int) -> None:
         while start < end:
             got = os.preadv(fd, [buffer[: min(_READ, end - start)]], start)
             if got <= 0:
@@ -78,7 +78,7 @@ def file_reader(fd: int) -> DataReader:
     return feed
 
 
-def _feed_chunk(digest: "hashlib._Hash", fd: int, start: int, end: int, feed_data: DataReader) -> None:
+def _feed_chunk(digest: hashlib._Hash, fd: int, start: int, end: int, feed_data: DataReader) -> None:
     offset = start
     while offset < end:
         data = _next_data(fd, offset, end)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from .section import Section, SectionError, SectionRegistry
 from ..vmm.ioctl import Ioctl, SnapshotOp, SnapshotReq, VmRestoreTime, VmSnapshotMeta, vmm_error
 from ..vmm.vatpic import VatpicState
 from ..vmm.vatpit import VatpitState
@@ -23,6 +22,7 @@ from ..vmm.vioapic import VioapicState
 from ..vmm.vlapic import VlapicState
 from ..vmm.vpmtmr import VpmtmrState
 from ..vmm.vrtc import VrtcState
+from .section import Section, SectionError, SectionRegistry
 
 if TYPE_CHECKING:
     from ..runtime.machine import Machine

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -251,7 +252,7 @@ def check_access(device: str, what: str, size: int, allowed: tuple[int, ...]) ->
         raise DeviceAccessError(f"{device}: {size}-byte access to {what}; it takes {sizes}-byte accesses")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(cls: type) -> tuple[dict[str, Any], tuple[str, ...]]:
     """A state class's field types and names, resolved once: get_type_hints evaluates every
     annotation string on each call, which was most of restoring a guest's state (and so of a

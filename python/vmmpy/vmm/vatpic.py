@@ -18,7 +18,7 @@ nested mode (stored, not acted on), 8080 mode (stored; vectors are always 8086-s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .interfaces import DeviceAccessError, DeviceState, check_access
 

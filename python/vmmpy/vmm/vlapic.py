@@ -23,7 +23,7 @@ order; expiries not yet delivered coalesce in the IRR bit, as on hardware.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .clock import ns_for_ticks, ticks_in
 from .interfaces import DeviceAccessError, DeviceState, GuestClock, LapicTarget, Vcpu, check_access
@@ -96,24 +96,24 @@ class ApicBus:
     """The local APICs of one VM, addressed by physical APIC ID or flat logical destination."""
 
     def __init__(self) -> None:
-        self._lapics: list["Vlapic"] = []
+        self._lapics: list[Vlapic] = []
 
-    def register(self, lapic: "Vlapic") -> None:
+    def register(self, lapic: Vlapic) -> None:
         if any(other.apic_id == lapic.apic_id for other in self._lapics):
             raise ValueError(f"apic bus: APIC ID {lapic.apic_id} is already registered")
         self._lapics.append(lapic)
 
-    def all(self) -> list["Vlapic"]:
+    def all(self) -> list[Vlapic]:
         return sorted(self._lapics, key=lambda lapic: lapic.apic_id)
 
     def route(self, dest: int, logical: bool) -> list[LapicTarget]:
         """Physical: dest is an APIC ID, 0xFF broadcasts. Logical (flat model): dest is a
         bitmask matched against each LDR's bits 31:24."""
         if logical:
-            return [l for l in self.all() if (l.ldr >> 24) & dest]
+            return [apic for apic in self.all() if (apic.ldr >> 24) & dest]
         if dest == 0xFF:
             return list(self.all())
-        return [l for l in self.all() if l.apic_id == dest]
+        return [apic for apic in self.all() if apic.apic_id == dest]
 
 
 @dataclasses.dataclass
@@ -436,7 +436,7 @@ class Vlapic:
         if shorthand == 2:
             return list(self.bus.all())
         if shorthand == 3:
-            return [l for l in self.bus.all() if l is not self]
+            return [apic for apic in self.bus.all() if apic is not self]
         return list(self.bus.route(self.icr_high >> 24, logical))
 
     # --- state ----------------------------------------------------------------------------

@@ -228,7 +228,7 @@ class Vrtc:
 
     def _alarm_matches(self, secs: int) -> bool:
         regs = self._time_regs(secs)
-        for alarm_reg, time_reg, value in zip(ALARM_REGS, (REG_SEC, REG_MIN, REG_HOUR), self.alarm):
+        for _alarm_reg, time_reg, value in zip(ALARM_REGS, (REG_SEC, REG_MIN, REG_HOUR), self.alarm):
             if value & 0xC0 != 0xC0 and value != regs[time_reg]:
                 return False
         return True

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from .. import platform as P
 from ..asm import Program, assemble
-from ._common import Argument
 from . import abtest, ahcitest, blktest, console, hash, memtouch, nettest, nvmetest, rndtest, scsitest, vconsole
+from ._common import Argument
 
-__all__ = ["Argument", "GuestProgram", "PROGRAMS", "load_program", "memory_layout", "parse_guest_args"]
+__all__ = ["PROGRAMS", "Argument", "GuestProgram", "load_program", "memory_layout", "parse_guest_args"]
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ...units import parse_size
 from .. import platform as P
 from ..asm import Program, assemble
-from ...units import parse_size
 
 U64_MAX = (1 << 64) - 1
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .. import platform as P
 from ..asm import Program
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory, pace_constants
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory, pace_constants
 
 NAME = "abtest"
 DESCRIPTION = "migration oracle: per-page u64 counters incremented every sweep, verified at the end"

@@ -25,7 +25,7 @@ Console::
 
 from __future__ import annotations
 
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
 from ._pattern import ROUTINES as PATTERN_ROUTINES
 from .hash import MIX_INCREMENT, MIX_MULTIPLIER
 

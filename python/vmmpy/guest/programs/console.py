@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .. import platform as P
 from ..asm import Program
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
 
 NAME = "console"
 DESCRIPTION = "sleeps on the local APIC timer and prints a line through COM1 every few ticks"

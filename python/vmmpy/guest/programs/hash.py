@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from .. import platform as P
 from ..asm import Program
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
 
 NAME = "hash"
 DESCRIPTION = "reads and rewrites its memory round after round, printing a 64-bit hash of it all at the end"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from .. import platform as P
 from ..asm import Program
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory, pace_constants
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory, pace_constants
 
 NAME = "memtouch"
 DESCRIPTION = "dirties memory at a set rate, working-set size and pattern, deterministic from a seed"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from ...devices.virtio_rnd import SeededStream
 from ..asm import Program
 from . import _virtio as V
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
 from .hash import MIX_INCREMENT, MIX_MULTIPLIER, mix
 
 NAME = "rndtest"

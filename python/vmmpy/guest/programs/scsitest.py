@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..asm import Program
 from . import _virtio as V
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
 from .blktest import reference_digest, reference_image  # noqa: F401  (the same pattern and digest)
 from .hash import MIX_INCREMENT, MIX_MULTIPLIER
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..asm import Program
 from . import _virtio as V
-from ._common import Argument, ArgReader, asm_string, assemble_program, check_memory
+from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
 
 NAME = "vconsole"
 DESCRIPTION = "drives a virtio-console port: prints numbered lines through its transmit queue"
