@@ -8,9 +8,9 @@ import time
 
 from vmmpy.memory import PageBatchError
 from vmmpy.runtime.config import VmConfig
-from vmmpy.runtime.machine import Machine
+from vmmpy.runtime.process import Machine
 from vmmpy.state import decode_sections, encode_sections
-from vmmpy.state.machine import restore_sections, save_sections
+from vmmpy.state.kernel import restore_sections, save_sections
 
 
 def run_to_end(machine: Machine, timeout: float = 60) -> int:

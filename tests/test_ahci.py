@@ -14,7 +14,7 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest.programs import blktest
 from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
-from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
+from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 from vmmpy.snapshot.checkpoint import static_registry
 
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused

@@ -7,7 +7,7 @@ import pytest
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
-from vmmpy.runtime.machine import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
+from vmmpy.runtime.process import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
 
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
@@ -102,8 +102,8 @@ def test_a_pause_before_the_vcpus_start_holds_them_until_resume():
 
 @pytest.mark.parametrize("outcome", ["commit", "discard"])
 def test_a_migration_destination_holds_its_vcpus_until_the_commit(outcome):
-    from vmmpy.migration.machine import MachineAdapter
-    from vmmpy.state.machine import save_sections
+    from vmmpy.runtime.guest_handle import MachineAdapter
+    from vmmpy.state.kernel import save_sections
 
     source, _ = boot(HELLO, f"m-held-src-{outcome}", pause_at=5)
     sections = save_sections(source)

@@ -15,11 +15,11 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.migration import Aborted, Destination, MigrationHandle, MigrationParams, MigrationTimeout, migrate, serve_connection
 from vmmpy.migration import protocol as P
-from vmmpy.migration.machine import MachineAdapter
 from vmmpy.migration.net import CancelWatcher
 from vmmpy.migration.streams import JoinWindow
 from vmmpy.runtime.config import VmConfig
-from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
+from vmmpy.runtime.guest_handle import MachineAdapter
+from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 from vmmpy.units import MiB
 
 from .inproc import run_to_end, wait_paused

@@ -15,7 +15,7 @@ from vmmpy.devices.virtio_net import VirtioNet
 from vmmpy.guest.programs import nettest
 from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
-from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
+from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 from .test_devices import MEMSIZE, Pins, build

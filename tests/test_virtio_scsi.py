@@ -14,7 +14,7 @@ from vmmpy.devices.virtio_scsi import VirtioScsi
 from vmmpy.guest.programs import scsitest
 from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
-from vmmpy.runtime.machine import EXIT_POWEROFF, Machine
+from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
 from .inproc import run_to_end
 from .test_devices import MEMSIZE, Pins, build, make_image

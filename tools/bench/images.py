@@ -12,10 +12,10 @@ import numpy as np
 
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.runtime.config import VmConfig
-from vmmpy.runtime.machine import Machine
+from vmmpy.runtime.process import Machine
 from vmmpy.snapshot.checkpoint import _device_config
 from vmmpy.snapshot.files import write_checkpoint
-from vmmpy.state.machine import save_sections
+from vmmpy.state.kernel import save_sections
 
 MIB, GIB = 1 << 20, 1 << 30
 FILL_START = 2 * MIB  # below it: the guest image and its stack (docs/guests.md)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..migration import Destination, MigrationHandle, MigrationParams, estimate, estimate_warm
-from ..migration.machine import MachineAdapter
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
-from ..runtime.machine import Machine
+from ..runtime.guest_handle import MachineAdapter
+from ..runtime.process import Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import checkpoint_machine
 

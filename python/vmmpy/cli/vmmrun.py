@@ -22,7 +22,6 @@ from pathlib import Path
 
 from ..devices.registry import PCI_EMULATIONS
 from ..migration import Destination, MigrationError, parse_address
-from ..migration.machine import MachineAdapter
 from ..migration.net import format_address
 from ..migration.tls import TlsConfig
 from ..runtime.config import (
@@ -37,7 +36,8 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..runtime.machine import EXIT_ERROR, EXIT_NAMES, Machine
+from ..runtime.guest_handle import MachineAdapter
+from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
 from ..state import SectionError

@@ -26,9 +26,9 @@ from typing import Any
 from ..devices.lpc import console_backend
 from ..devices.uart import CaptureConsole
 from ..runtime.config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
-from ..runtime.machine import Machine
+from ..runtime.process import Machine
 from ..state import SectionError, SectionRegistry
-from ..state.machine import KERNEL_SECTIONS, check_sections, restore_sections, save_sections
+from ..state.kernel import KERNEL_SECTIONS, check_sections, restore_sections, save_sections
 from .errors import CheckpointError
 from .files import Checkpoint, read_checkpoint, restore_memory, write_checkpoint
 from .meta import check_field

@@ -1,4 +1,4 @@
-"""A running machine as state sections, and back: what checkpoints write and migrations send.
+"""The kernel and device state of a running machine as sections, and back: what checkpoints write and migrations send.
 
 Order follows bhyve's (kernel structs, then devices), with the restore dependencies made
 explicit: the ``vm`` struct first (it carries guest time), then the vCPUs, then the interrupt
@@ -25,7 +25,7 @@ from ..vmm.vrtc import VrtcState
 from .section import Section, SectionError, SectionRegistry
 
 if TYPE_CHECKING:
-    from ..runtime.machine import Machine
+    from ..runtime.process import Machine
 
 VM_SECTION_VERSION = 1
 VCPU_SECTION_VERSION = 1

@@ -1,4 +1,4 @@
-"""The migration adapter for a real machine (``runtime.Machine``): what the engine drives.
+"""The guest handle for a real machine (``runtime.process.Machine``): what the migration engine drives.
 
 Source: ``pause``/``resume`` are the machine's vCPU rendezvous; ``stop_for_good`` ends the
 vmmrun process with status 0, as bhyve exits after a migration. Destination: the machine was
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..runtime.machine import EXIT_ERROR, Machine
+from ..migration.adapter import spec_mismatches
 from ..state import Section
-from ..state.machine import restore_sections, save_sections, section_registry
+from ..state.kernel import restore_sections, save_sections, section_registry
 from ..vmm.interfaces import resolve_state_types
-from .adapter import spec_mismatches
+from .process import EXIT_ERROR, Machine
 
 
 class MachineAdapter:
