@@ -387,6 +387,7 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     if tls is not None:
         request["tls"] = tls
     printer = _ProgressPrinter()
+    holder = client.name_holder()
     client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
     try:
         result = client.request("migrate", on_progress=None if args.json else printer, **request)
@@ -406,7 +407,17 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     _print(result, True) if args.json else _print_migration(result)
     if args.report:
         _write_report(result, args.report)
+    if result.get("status") == "completed":  # the guest runs there: this vmmrun ends
+        _wait_gone(client, holder)
     return 0
+
+
+def _wait_gone(client: ControlClient, holder: tuple[int, int, int | None] | None) -> None:
+    """Return once the vmmrun that held the guest's name has let it go, so the next command may
+    start a guest of that name (a few ms after its answer; say so if it takes 30 s)."""
+    if not client.wait_gone(holder, timeout=30.0):
+        print(f"vmmctl: note: the vmmrun of '{client.vmname}' answered but still holds its name after 30 s",
+              file=sys.stderr)
 
 
 def _cancel_on_interrupt(client: ControlClient) -> int:
@@ -529,15 +540,20 @@ def _main(argv: list[str] | None = None) -> int:
         elif args.resume:
             _print(client.request("resume"), args.json)
         elif args.destroy:
+            holder = client.name_holder()
             _print(client.request("destroy"), args.json)
+            _wait_gone(client, holder)
         elif args.checkpoint or args.suspend:
             path = os.path.abspath(args.checkpoint or args.suspend)  # relative to vmmctl's directory
             request = {"path": path, "suspend": bool(args.suspend)}
             key = read_key(args.key_file)
             if key is not None:  # as a migration's: hex in the request, over the owner-only socket
                 request["key"] = key.hex()
+            holder = client.name_holder()
             result = client.request("checkpoint", **request)
             _print(result, True) if args.json else _print_checkpoint(result)
+            if result.get("suspended"):
+                _wait_gone(client, holder)
         elif args.migrate or args.migrate_live:
             return _migrate(client, args)
         elif args.migrate_status:
