@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state
+from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state, write_key
 
 MiB = 1 << 20
 
@@ -221,8 +221,8 @@ def test_nothing_listening_is_a_clear_error_and_the_source_runs_on(tmp_path):
 
 def test_a_wrong_key_is_refused_before_any_state_moves(tmp_path):
     good, bad = tmp_path / "good.key", tmp_path / "bad.key"
-    good.write_bytes(os.urandom(32).hex().encode())
-    bad.write_bytes(os.urandom(32).hex().encode())
+    write_key(good, os.urandom(32).hex().encode())
+    write_key(bad, os.urandom(32).hex().encode())
     port = free_port()
     dest = start_vmmrun(tmp_path, "-m", "32M", "-R", f"127.0.0.1:{port}", "--key-file", str(good), "kdst")
     source = start_vmmrun(tmp_path, *abtest_args(2000), "--pause-at=1000", "ksrc")
@@ -304,7 +304,7 @@ def two_hosts():
 def test_live_migration_between_two_network_namespaces(tmp_path, two_hosts):
     ns_a, ns_b, dest_ip = two_hosts
     key = tmp_path / "mig.key"
-    key.write_bytes(os.urandom(32).hex().encode())
+    write_key(key, os.urandom(32).hex().encode())
     sweeps = 40_000
     result, source, dest, src_status, src_console, dst_console = migrate_pair(
         tmp_path, live=True, sweeps=sweeps, host=dest_ip, source_netns=ns_a, dest_netns=ns_b,

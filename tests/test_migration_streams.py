@@ -25,6 +25,7 @@ from vmmpy.units import MiB
 from .inproc import run_to_end, wait_paused
 from .migration_helpers import KEY, DestinationThread, migrate_pair
 from .migration_proxy import StreamProxy
+from .procs import write_key
 from .test_machine import BUSY, final_state
 from .test_migration_engine import assert_arrived_exact
 from .test_migration_failures import assert_source_kept_guest
@@ -431,7 +432,7 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
     from .test_migration_processes import migrate_pair as migrate_processes
 
     key = tmp_path / "mig.key"
-    key.write_bytes(os.urandom(32).hex().encode())
+    write_key(key, os.urandom(32).hex().encode())
     sweeps = 2000
     result, _source, dest, src_status, src_console, dst_console = migrate_processes(
         tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, dest_key=key,
