@@ -43,6 +43,7 @@ from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
 from ..state import SectionError
 from ..vmm.ioctl import SuspendHow
+from . import vmmrun_config
 from .about import version_line
 from .keyfile import read_key
 from .services import MachineServices
@@ -117,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsc", choices=TSC_MODES, default=None,
                    help="guest TSC source: retired instructions (deterministic, default) or the host clock")
     p.add_argument("--vendor", choices=VENDORS, default=None, help="vCPU state layout: intel (VMCS-like, default) or amd (VMCB-like)")
-    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default="soft",
+    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
                         "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), or auto (kernel where it works)")
+    p.add_argument("-k", "--config", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="FILE",
+                   help="read configuration variables (key=value lines, as bhyve's -k) from FILE; repeatable")
+    p.add_argument("-o", "--option", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="KEY=VALUE",
+                   help="set a configuration variable (as bhyve's -o), e.g. -o memory.size=1G; -k and -o apply in "
+                        "order, and an option given on the command line wins over both")
     p.add_argument("--version", action="version", version=version_line("vmmrun"))
     p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
     p.add_argument("-r", "--restore", metavar="FILE", help="resume the guest saved in checkpoint FILE (and FILE.kern, FILE.meta)")
@@ -163,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         guest_args=dict(parse_guest_arg(a) for a in args.guest_args),
         tsc=args.tsc or VmConfig.tsc,
         vendor=args.vendor or VmConfig.vendor,
-        dirty_tracking=args.dirty_tracking,
+        dirty_tracking=args.dirty_tracking or VmConfig.dirty_tracking,
     )
     for spec in args.lpc:
         device, backend = parse_lpc(spec)
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_guests:
         return list_guests()
     try:
+        vmmrun_config.apply(args, vmmrun_config.read_sources(args.config_sources or []))
         if args.restore and args.receive:
             raise ConfigError("-r and -R cannot be combined: restore from a file or receive a migration")
         config = config_from_args(args)
