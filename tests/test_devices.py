@@ -19,6 +19,7 @@ from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 from vmmpy.snapshot.checkpoint import static_registry
 
+from .guest_points import pause_in_write_pass
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
 MEMSIZE = 8 << 20
@@ -416,7 +417,9 @@ def test_vmmrun_suspends_a_blktest_guest_and_resumes_it_with_the_disk(tmp_path):
     img = make_image(tmp_path / "disk.img", 1 << 20)
     console = tmp_path / "console.log"
     slots = ["-s", "0,hostbridge", "-s", "1,lpc", "-s", f"3,virtio-blk,{img}"]
-    proc = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{console}", "--pause-at=3000000", "blk0")
+    probe = make_image(tmp_path / "probe.img", 1 << 20)  # the same disk, for the in-process run
+    at, first_line = pause_in_write_pass("blktest", [s.replace(img, probe) for s in slots[1::2]])
+    proc = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{console}", f"--pause-at={at}", "blk0")
     try:
         wait_for_socket(tmp_path, "blk0", proc)
         wait_for_state(tmp_path, "blk0", "paused")
@@ -426,7 +429,7 @@ def test_vmmrun_suspends_a_blktest_guest_and_resumes_it_with_the_disk(tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         stop(proc)
-    assert "digest" not in console.read_text(), "suspended mid-run"
+    assert console.read_text() == first_line, "suspended halfway through the write pass"
     meta = json.loads((tmp_path / "blk0.ckp.meta").read_text())
     assert "virtio-blk@pci.0.3.0" in json.dumps(meta)
     missing = subprocess.run(vmmrun_cmd("-r", str(ckp), "-s", "0,hostbridge", "-s", "1,lpc", "-l", f"com1,{console}",
