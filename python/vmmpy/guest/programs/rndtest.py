@@ -70,7 +70,7 @@ found:
         PRINT msg_smallq
         call poweroff
 queue_ok:
-        call vio_irq_setup
+        call intx_setup
         call vio_driver_ok
         mov r15, 0                      ; avail index
         mov r14, 0                      ; bytes received
