@@ -20,7 +20,8 @@ rcx, rsi, r9, r10, r13, r14):
                    compared): any per-request check, e.g. the bytes the device says it moved
     dev_flush      flush the device's write cache, waited for and checked
 
-and prints its own first line (``storage_capacity`` caps the size it found by LIMIT first).
+and prints its own first line (``storage_capacity`` caps the size it found by LIMIT first;
+``storage_trim`` drops a serial number's padding).
 Console lines (UNIT, REQUESTS and FLUSHED are the program's words)::
 
     PROGRAM: wrote N UNIT in R REQUESTS, FLUSHED
@@ -107,6 +108,23 @@ sto_no_limit:
         st64 [rdi], rbx
         pop rdi
         pop rax
+        ret
+
+; storage_trim: rsi = a string's first byte, rdi = one past its last: NUL-terminate it there
+; and drop its trailing spaces (a serial number, space-padded by the device); clobbers rax, rdi
+storage_trim:
+        mov rax, 0
+        st8 [rdi], rax
+sto_trim_next:
+        dec rdi
+        ld8 rax, [rdi]
+        cmp rax, 32
+        jne sto_trim_done
+        mov rax, 0
+        st8 [rdi], rax
+        cmp rdi, rsi
+        ja sto_trim_next
+sto_trim_done:
         ret
 
 ; storage_run: the write pass, dev_flush, the "wrote" line, the read pass, the "read back" line
