@@ -505,11 +505,9 @@ cq_missing:
 ; releasing the completions
 nv_irq_handler:
         push rax
-        push rdi
         mov rax, 1
         st32 [rbp + 0x0c], rax
         call intx_taken
-        pop rdi
         pop rax
         iret
 
