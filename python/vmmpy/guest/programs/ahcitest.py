@@ -11,7 +11,9 @@ and reads every sector with blktest's pattern and digest, ``batch`` commands at 
 slots 0..batch-1 (one PxCI write issues them all) of ``request_sectors`` sectors each, every
 command a Register H2D FIS (WRITE/READ DMA EXT) and a PRDT of 4 KiB entries; a FLUSH CACHE EXT
 after the writes. ``mode=poll`` leaves interrupts off and polls PxCI. It checks PxTFD after
-every batch and PRDBC after every read.
+every batch and PRDBC after every read (its ``dev_check``). Pattern, digest, the two passes and
+their console lines are ``_storage``'s (shared with blktest, nvmetest and scsitest); bus-0 lookup
+and INTx are ``_pci``'s. This module states the HBA: its command slots, FISes and PRDTs.
 
 Console::
 

@@ -12,7 +12,10 @@ driver checks by reading the ISR at the end).
 
 Pattern: qword ``k`` of sector ``s`` is ``mix(seed, s * 64 + k)``. Digest: ``h = seed``, then
 ``h = mix(h, q)`` for every qword read back in disk order (``mix`` as in the hash program).
-``reference_digest`` computes it; ``reference_image`` the disk's expected contents.
+``reference_digest`` computes it; ``reference_image`` the disk's expected contents. Pattern,
+digest, the two passes and the console lines they print are ``_storage``'s, shared with
+nvmetest, ahcitest and scsitest; this module states the virtio-blk requests (``dev_queue``,
+``dev_submit``, ``dev_flush``). PCI and INTx come from ``_pci`` through ``_virtio``.
 
 Console::
 

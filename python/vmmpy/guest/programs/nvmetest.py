@@ -16,8 +16,10 @@ unmasks (INTMC) after releasing the completions; ``mode=poll`` masks them for go
 the I/O CQ with interrupts off. At the end it deletes the I/O queues and shuts the controller
 down (CC.SHN, CSTS.SHST).
 
-Pattern and digest are blktest's, with LBAs for sectors (``blktest.reference_digest`` and
-``reference_image`` give the expected values).
+Pattern, digest, the two passes and their console lines are ``_storage``'s (shared with
+blktest, ahcitest and scsitest), with LBAs for sectors (``blktest.reference_digest`` and
+``reference_image`` give the expected values); bus-0 lookup and INTx are ``_pci``'s. This module
+states the controller: its queues, commands and doorbells.
 
 Console::
 

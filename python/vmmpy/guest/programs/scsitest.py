@@ -4,7 +4,9 @@ product) and READ CAPACITY(10); writes the blktest pattern (qword k of block s =
 ``mix(seed, s * 64 + k)``) to every block with WRITE(10) in commands of ``request_sectors``
 blocks, SYNCHRONIZE CACHE, reads everything back with READ(10), compares, and prints a digest
 (``h = seed; h = mix(h, q)`` over every qword read: ``blktest.reference_digest``); finally it
-sends MODE SENSE(6), which the device does not implement, and reports the sense data.
+sends MODE SENSE(6), which the device does not implement, and reports the sense data. Pattern,
+digest, the two passes and their console lines are ``_storage``'s (shared with blktest,
+nvmetest and ahcitest); each READ(10)/WRITE(10) is sent and completed on its own, a batch of one.
 
 Console::
 
@@ -12,6 +14,8 @@ Console::
     scsitest: wrote N blocks in R commands, synchronized
     scsitest: read back N blocks, all match, digest 0x0123456789abcdef
     scsitest: unsupported command: sense key 5, asc 0x20
+    scsitest: MISMATCH block B qword K             (instead, on the first bad qword)
+    scsitest: command failed: 0xS                  (instead, on a failed command)
 """
 
 from __future__ import annotations
