@@ -244,14 +244,7 @@ sto_done:
 pattern_qword:
         push rcx
         movabs rcx, SEED
-        xor rax, rcx
-        movabs rcx, MIX_INCREMENT
-        add rax, rcx
-        movabs rcx, MIX_MULTIPLIER
-        mul rax, rcx
-        mov rcx, rax
-        shr rcx, 31
-        xor rax, rcx
+        MIX rax, rcx, rcx
         pop rcx
         ret
 
@@ -303,14 +296,7 @@ sto_check_next:
         ld64 r8, [rdi]
         cmp rax, r8
         jne sto_check_bad
-        xor r13, r8                     ; digest = mix(digest, value)
-        movabs rax, MIX_INCREMENT
-        add r13, rax
-        movabs rax, MIX_MULTIPLIER
-        mul r13, rax
-        mov rax, r13
-        shr rax, 31
-        xor r13, rax
+        MIX r13, r8, rax                ; digest = mix(digest, value)
         add rdi, 8
         inc rbx
         cmp rbx, rdx
