@@ -2,6 +2,7 @@
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -88,8 +89,12 @@ def test_get_and_clear_loses_nothing_under_a_concurrent_writer(tracking):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        for _ in range(100):  # pre-copy rounds racing the writer
+        # Pre-copy rounds racing the writer: at least 100, and on until the writer has made 10,000
+        # writes alongside them (on a loaded machine it may get little CPU), for at most 60 s.
+        deadline, rounds = time.monotonic() + 60, 0
+        while rounds < 100 or (writes <= 10_000 and time.monotonic() < deadline):
             copy_dirty_pages()
+            rounds += 1
     finally:
         stop.set()
         thread.join(timeout=60)
