@@ -16,7 +16,7 @@ from ..migration import Destination, MigrationHandle, MigrationParams, estimate,
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
-from ..runtime.guest_handle import MachineAdapter
+from ..runtime.guest_handle import MachineHandle
 from ..runtime.process import Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import checkpoint_machine
@@ -143,7 +143,7 @@ class MachineServices:
                 progress({"migration": snapshot})
 
             self._migration = MigrationHandle(
-                MachineAdapter(self.machine), host, port, live=bool(request.get("live")), key=key,
+                MachineHandle(self.machine), host, port, live=bool(request.get("live")), key=key,
                 params=params, progress=on_progress, tls=tls,
             )
         stats = self._migration.wait()
@@ -224,7 +224,7 @@ class MachineServices:
             self._estimating_guard()
             self._estimating = True
         try:
-            adapter = MachineAdapter(self.machine)
+            adapter = MachineHandle(self.machine)
             if live:
                 est = estimate(adapter, bandwidth, window, params)
             else:

@@ -36,7 +36,7 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..runtime.guest_handle import MachineAdapter
+from ..runtime.guest_handle import MachineHandle
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            destination = Destination(MachineAdapter(machine), host, port, key=key, tls=tls, cancel=cancel)
+            destination = Destination(MachineHandle(machine), host, port, key=key, tls=tls, cancel=cancel)
             services.incoming = destination  # vmmctl --status and --migrate-resolve reach it
             stats = destination.run(args.accept_timeout)
             if stats.status != "completed":
