@@ -21,9 +21,10 @@ import threading
 from pathlib import Path
 
 from ..devices.registry import PCI_EMULATIONS
-from ..migration import Destination, MigrationError, parse_address
+from ..migration import MigrationError, parse_address
 from ..migration.net import format_address
 from ..migration.tls import TlsConfig
+from ..runtime.commands import MachineCommands, restore_machine
 from ..runtime.config import (
     DIRTY_TRACKING,
     TSC_MODES,
@@ -36,14 +37,12 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..runtime.guest_handle import MachineHandle
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
+from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
 from ..vmm.ioctl import SuspendHow
 from .keyfile import read_key
-from .services import MachineServices
 
 EPILOG = """\
 guests:
@@ -264,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
-    services = MachineServices(machine)
-    services.install()
+    commands = MachineCommands(machine)
+    commands.install()
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
     try:
@@ -282,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     cancel = threading.Event()
 
     def on_signal(signum, frame):
-        if services.in_doubt() is not None:
+        if commands.in_doubt() is not None:
             print(f"vmmrun: {config.name}: not stopping: this guest's migration is in doubt; settle it with "
                   f"`vmmctl --vm={config.name} --migrate-resolve` (SIGKILL ends this process and its copy)",
                   file=sys.stderr, flush=True)
             return
         stopped_by.append(signum)
-        incoming = services.incoming
+        incoming = commands.incoming
         if incoming is not None and incoming.state in ("waiting", "migrating"):
             cancel.set()
             return
@@ -300,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            destination = Destination(MachineHandle(machine), host, port, key=key, tls=tls, cancel=cancel)
-            services.incoming = destination  # vmmctl --status and --migrate-resolve reach it
-            stats = destination.run(args.accept_timeout)
+            stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
             if stats.status != "completed":
                 if stopped_by:
                     print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",
