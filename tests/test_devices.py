@@ -15,9 +15,9 @@ from vmmpy.devices.virtio_blk import VirtioBlock
 from vmmpy.devices.virtio_rnd import VirtioRandom
 from vmmpy.guest.programs import blktest, load_program, rndtest, vconsole
 from vmmpy.memory import GuestMemory
+from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
-from vmmpy.snapshot.checkpoint import static_registry
 
 from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused

@@ -18,7 +18,7 @@ from vmmpy.migration import protocol as P
 from vmmpy.migration.net import CancelWatcher
 from vmmpy.migration.streams import JoinWindow
 from vmmpy.runtime.config import VmConfig
-from vmmpy.runtime.guest_handle import MachineAdapter
+from vmmpy.runtime.guest_handle import MachineHandle
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 from vmmpy.units import MiB
 
@@ -70,10 +70,10 @@ def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, s
     target = Machine(VmConfig(name=f"st-dst-{streams}", memsize=64 << 20), consoles={"com1": dst_console})
     target.setup_memory()
     try:
-        d = DestinationThread(MachineAdapter(target), key=KEY)
+        d = DestinationThread(MachineHandle(target), key=KEY)
         if live:
             source.resume()
-        stats = migrate(MachineAdapter(source), d.host, d.port, live=live, key=KEY, params=MigrationParams(streams=streams))
+        stats = migrate(MachineHandle(source), d.host, d.port, live=live, key=KEY, params=MigrationParams(streams=streams))
         dstats = d.join()
         assert stats.status == "completed", stats.error
         assert dstats.status == "completed", dstats.error

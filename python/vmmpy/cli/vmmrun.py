@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..devices.registry import PCI_EMULATIONS
-from ..migration import Destination, MigrationError, parse_address
+from ..migration import MigrationError, parse_address
 from ..migration.net import format_address
 from ..migration.tls import TlsConfig
+from ..runtime.commands import MachineCommands, restore_machine
 from ..runtime.config import (
     DIRTY_TRACKING,
     TSC_MODES,
@@ -37,16 +38,14 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..runtime.guest_handle import MachineAdapter
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
+from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
 from ..vmm.ioctl import SuspendHow
 from . import vmmrun_config
 from .about import version_line
 from .keyfile import read_key
-from .services import MachineServices
 
 EPILOG = """\
 guests:
@@ -313,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
-    services = MachineServices(machine)
-    services.install()
+    commands = MachineCommands(machine)
+    commands.install()
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
     try:
@@ -331,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     cancel = threading.Event()
 
     def on_signal(signum, frame):
-        if services.in_doubt() is not None:
+        if commands.in_doubt() is not None:
             print(f"vmmrun: {config.name}: not stopping: this guest's migration is in doubt; settle it with "
                   f"`vmmctl --vm={config.name} --migrate-resolve` (SIGKILL ends this process and its copy)",
                   file=sys.stderr, flush=True)
             return
         stopped_by.append(signum)
-        incoming = services.incoming
+        incoming = commands.incoming
         if incoming is not None and incoming.state in ("waiting", "migrating"):
             cancel.set()
             return
@@ -349,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            destination = Destination(MachineAdapter(machine), host, port, key=key, tls=tls, cancel=cancel)
-            services.incoming = destination  # vmmctl --status and --migrate-resolve reach it
-            stats = destination.run(args.accept_timeout)
+            stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
             if stats.status != "completed":
                 if stopped_by:
                     print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",
