@@ -175,11 +175,7 @@ impl PyGuestMemory {
     }
 
     fn read<'py>(&self, py: Python<'py>, gpa: u64, size: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let (seg, off) = self.inner.translate(GuestAddress(gpa), size).map_err(memory_error)?;
-        PyBytes::new_with(py, size, |out| {
-            seg.read(off, out);
-            Ok(())
-        })
+        PyBytes::new_with(py, size, |out| self.inner.read(GuestAddress(gpa), out).map_err(memory_error))
     }
 
     /// Write bytes at `gpa` and mark the pages dirty, as a device's DMA would.
@@ -224,16 +220,7 @@ impl PyGuestMemory {
     /// How many pages are dirty now, without clearing them.
     fn dirty_count(&self, py: Python<'_>) -> PyResult<u64> {
         let mem = self.inner.clone();
-        py.detach(move || {
-            let mut total = 0u64;
-            for (i, seg) in mem.segments().iter().enumerate() {
-                let mut words = vec![0u64; seg.pages().div_ceil(64)];
-                mem.peek_dirty_segment(i, &mut words)?;
-                total += words.iter().map(|w| w.count_ones() as u64).sum::<u64>();
-            }
-            Ok(total)
-        })
-        .map_err(memory_error)
+        py.detach(move || mem.dirty_count()).map_err(memory_error)
     }
 
     /// Release guest memory. Refused with BufferError while memoryviews or numpy arrays over a
