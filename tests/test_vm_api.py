@@ -175,3 +175,44 @@ def test_close_releases_guest_memory_at_once_without_the_cycle_collector():
     finally:
         gc.enable()
     assert released >= 200, f"close released {released} MiB of a guest that touched 254 MiB"
+
+
+def test_a_migration_in_doubt_raises_holds_the_guest_and_resolve_migration_settles_it():
+    """The destination's COMMIT_ACK is cut and the destination made unreachable: the source
+    cannot know whether its COMMITTED arrived, so migrate() raises "in doubt" with the guest held
+    paused here; resolve_migration("ask") reaches the destination and the guest runs there."""
+    from .fault_proxy import FaultProxy
+    from .migration_helpers import KEY
+
+    params = {"handshake_timeout": 3, "io_timeout": 3, "commit_timeout": 1.0, "resolve_timeout": 1.0}
+
+    def pair() -> tuple[Vm, Vm]:
+        return Vm(GUEST, args={"sweeps": 0}, memory="16M"), Vm.receive(memory="16M", key=KEY, params=params)
+
+    src, dst = pair()  # a dry run finds the COMMIT_ACK on the wire
+    with src, dst, FaultProxy(dst.address) as proxy:
+        src.start()
+        src.migrate("127.0.0.1", proxy.port, live=False, key=KEY, params=params)
+        dst.received(30)
+        assert proxy.wait_quiet(10)
+        ack = next(m for m in proxy.log if m.kind == "COMMIT_ACK" and m.connection == 0)
+    src, dst = pair()
+    with src, dst:
+        proxy = FaultProxy(dst.address, direction="d2s", after_message=ack.index, action="reset", accept_many=False)
+        src.start()
+        with pytest.raises(MigrationError, match="in doubt.*resolve_migration") as caught:
+            src.migrate("127.0.0.1", proxy.port, live=False, key=KEY, params=params)
+        proxy.close()
+        assert caught.value.stats.status == "in-doubt"
+        assert src.state == "in-doubt" and src.machine.paused
+        with pytest.raises(TimeoutError):
+            dst.received(0.5)  # held in doubt there too: neither side runs it
+        # The operator asks again; the source's record names the proxy's address, which is gone,
+        # so (as test_migration_ownership does) the test points the source at the destination.
+        src._migration._source.port = dst.address[1]
+        stats = src.resolve_migration("ask", timeout=5)
+        assert stats.status == "completed", stats.error
+        assert dst.received(30).status == "completed" and dst.state == "running"
+        assert src.wait(10) == 0
+        with pytest.raises(VmStateError, match="no migration .* is in doubt"):
+            src.resolve_migration()

@@ -170,11 +170,14 @@ class Vm:
     @property
     def state(self) -> str:
         """``created`` (built, not started), ``incoming`` (waiting for or receiving a migration),
-        ``running``, ``paused``, ``stopped`` or ``closed``."""
+        ``running``, ``paused``, ``in-doubt`` (held paused until :meth:`resolve_migration`),
+        ``stopped`` or ``closed``."""
         if self._machine is None:
             return "closed"
         if self._incoming is not None and self._incoming.state in ("waiting", "migrating"):
             return "incoming"
+        if self._migration is not None and self._migration.in_doubt:
+            return "in-doubt"
         if self._machine.exit_status is not None:
             return "stopped"
         if not self._started:
@@ -308,6 +311,17 @@ class Vm:
             raise _failed(f"migration of '{self.name}' to {host}:{port}", stats, machine)
         return stats
 
+    def resolve_migration(self, action: str = "ask", *, force: bool = False, timeout: float | None = None) -> MigrationStats:
+        """Settle this source's migration that ended in doubt (what ``vmmctl --migrate-resolve``
+        does): ``ask`` delivers the decision to the destination again (the guest then runs
+        there, or here if it never committed); ``run-here`` (with ``force``, when the
+        destination is known not to run it) runs it here. Returns the migration's record;
+        raises VmStateError when no migration of this Vm is in doubt."""
+        handle = self._migration
+        if handle is None or not handle.in_doubt:
+            raise VmStateError(f"no migration of VM '{self.name}' is in doubt")
+        return handle.resolve(action, force=force, timeout=timeout)
+
     @classmethod
     def receive(cls, host: str = "127.0.0.1", port: int = 0, *, memory: int | str = "256M", cpus: int = 1,
                 slots: Sequence[str] = (), lpc: Mapping[str, str | None] | None = None, vendor: str = "intel",
@@ -392,7 +406,8 @@ def _failed(what: str, stats: MigrationStats | None, machine: Machine) -> Migrat
         err = MigrationError(f"{what}: no statistics (it did not run)")
     elif stats.status == "in-doubt":
         err = MigrationError(f"{what} is in doubt: {stats.error}. The guest is held paused here until the migration is "
-                             "settled (see docs/migration.md, \"When a migration is in doubt\")")
+                             "settled: Vm.resolve_migration() asks the destination again (docs/migration.md, \"When a "
+                             "migration is in doubt\")")
     else:
         why = stats.error or stats.status
         if machine.exit_status is not None and stats.role == "source":
