@@ -258,6 +258,8 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
             raise ConfigError(f"-r {args.restore}: {conflict}; leave it out with -r (memory, vCPUs, vendor and TSC "
                               "come from the checkpoint)")
         return machine
+    if not args.receive and not config.guest:
+        raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
     return build_machine(config, boot=not args.receive)
 
 

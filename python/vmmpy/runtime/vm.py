@@ -46,7 +46,7 @@ def build_machine(config: VmConfig, *, consoles: Mapping[str, ConsoleBackend] | 
     loaded: ready for ``start_vcpus``. Without ``boot`` the memory stays empty for an incoming
     migration. Nothing is left open if any step fails."""
     if boot and not config.guest:
-        raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
+        raise ConfigError("no guest program: name a shipped one (vmmrun --list-guests) or an assembly file")
     machine = Machine(config, consoles=dict(consoles) if consoles else None)
     try:
         machine.setup_memory()
