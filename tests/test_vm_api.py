@@ -216,3 +216,32 @@ def test_a_migration_in_doubt_raises_holds_the_guest_and_resolve_migration_settl
         assert src.wait(10) == 0
         with pytest.raises(VmStateError, match="no migration .* is in doubt"):
             src.resolve_migration()
+
+
+def test_a_guest_with_a_disk_restores_with_its_slots_and_is_refused_without_them(tmp_path):
+    """``slots`` are vmmrun's -s options: blktest drives a virtio-blk disk through a checkpoint
+    taken halfway and ends as an uninterrupted run; a restore that leaves the devices out is
+    refused, naming the file and a device section, with nothing started."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(256 * 1024)
+    slots = ["0,hostbridge", "1,lpc", f"3,virtio-blk,{image},ser=disk-7"]
+    options = {"args": {"mode": "poll", "seed": "5"}, "memory": "16M", "slots": slots}
+    with Vm("blktest", **options) as vm:
+        vm.start()
+        assert vm.wait(60) == 1
+        expected, total = vm.console, vm.machine.vm.vcpus[0].instructions_retired
+    assert "read back 512 sectors, all match" in expected, expected
+    with Vm("blktest", **options) as vm:
+        vm.start(pause_at=total // 2)
+        vm.wait_paused(60)
+        vm.checkpoint(tmp_path / "blk.ckp")
+        first = vm.console
+    assert "read back" not in first, "the checkpoint was to be taken halfway"
+    with pytest.raises(VmmpyError, match=r"blk\.ckp\.kern.*@pci\.0\.") as refused:
+        Vm.restore(tmp_path / "blk.ckp")
+    assert isinstance(refused.value, (CheckpointError, SectionError))
+    with Vm.restore(tmp_path / "blk.ckp", slots=slots) as vm:
+        vm.start()
+        assert vm.wait(60) == 1
+        assert first + vm.console == expected
