@@ -369,7 +369,9 @@ class Vm:
     # -- the end
     def close(self) -> None:
         """Power the guest off if it runs (or stop waiting for a migration), stop its threads
-        and release its memory now. Closing twice is harmless."""
+        and release its memory now. Closing twice is harmless. A guest held in doubt is ended
+        too, as SIGKILL ends vmmrun's: settle it first (:meth:`resolve_migration`), or the
+        destination's copy is the only one left (its operator can run it with ``run-here``)."""
         machine = self._machine
         if machine is None:
             return
