@@ -1,6 +1,6 @@
 """The imports follow the design's layers: each layer imports only the layers below it, peers on
 one line never import each other, snapshot/ and migration/ see a guest only through the
-guest-handle protocol (state/), and guest/ is imported by cli/ alone.
+guest-handle protocol (state/), and guest/ is imported by cli/ and runtime/ alone.
 
 Every module under python/vmmpy is parsed with ``ast`` (no module is imported, so an import
 inside a function or under ``TYPE_CHECKING`` counts like any other), each import is resolved to
@@ -25,7 +25,8 @@ PACKAGE = Path(vmmpy.__file__).resolve().parent
 ALLOWED: dict[str, frozenset[str]] = {
     "cli": frozenset({"runtime", "snapshot", "migration", "state", "devices", "vmm", "memory", "guest"}),
     # the process: builds the VM and hands it to snapshot/ and migration/ through the guest handle
-    "runtime": frozenset({"snapshot", "migration", "state", "devices", "vmm", "memory"}),
+    # and loads guest programs into it (the library's Vm and vmmrun build a guest the same way)
+    "runtime": frozenset({"snapshot", "migration", "state", "devices", "vmm", "memory", "guest"}),
     # peers; both see a guest only through state/'s guest-handle protocol, never devices or the kernel
     "snapshot": frozenset({"state", "memory"}),
     "migration": frozenset({"state", "memory"}),
@@ -33,14 +34,17 @@ ALLOWED: dict[str, frozenset[str]] = {
     "devices": frozenset({"vmm", "memory"}),
     "vmm": frozenset({"memory"}),
     "memory": frozenset(),
+    # the package's __init__: what ``import vmmpy`` offers (the runtime only on first use of vmmpy.Vm)
+    "face": frozenset({"runtime", "snapshot", "migration", "state", "memory"}),
     # beside the stack: programs for the platform the VM builds (its constants), never the layers above it
     "guest": frozenset({"devices", "vmm", "memory"}),
 }
 #: Below everything and importable from anywhere: the Rust core and pure helpers.
-FOUNDATION = frozenset({"_core", "units", "boundedjson"})
+FOUNDATION = frozenset({"_core", "units", "boundedjson", "errors"})
 #: Top-level modules that belong to a layer of another name: the package's own face
-#: (``vmmpy/__init__.py`` exports GuestMemory and the size helpers) sits with memory.py.
-ALIASES = {"__init__": "memory"}
+#: (``vmmpy/__init__.py``) exports GuestMemory, the size helpers, the errors and, on first use,
+#: the library's ``Vm`` (runtime/vm.py); importing ``vmmpy`` itself stays as light as memory.py.
+ALIASES = {"__init__": "face"}
 
 
 def layer_of(parts: tuple[str, ...]) -> str:
@@ -136,7 +140,7 @@ def test_every_layer_of_the_table_exists():
      "python/vmmpy/state/kernel.py line 3: `from ..runtime.process import Machine`: state imports runtime"),
     # imports inside functions, absolute spellings, ``from .. import module``
     ("vmm/vm.py", "def f():\n    from vmmpy.devices import pci\n", "line 2: `from vmmpy.devices import pci`: vmm imports devices"),
-    ("runtime/process.py", "from .. import guest\n", "`from .. import guest`: runtime imports guest"),
+    ("runtime/process.py", "from .. import cli\n", "`from .. import cli`: runtime imports cli"),
     ("devices/uart.py", "from ..guest.programs import PROGRAMS\n", "devices imports guest"),
     ("guest/runner.py", "from ..runtime.config import VmConfig\n", "guest imports runtime"),
     ("memory.py", "from .vmm import ioctl\n", "`from .vmm import ioctl`: memory imports vmm"),

@@ -33,10 +33,10 @@ WALK_TIMEOUT_S = 240
 READY_TIMEOUT_S = 30
 
 
-def blocks(language: str) -> list[tuple[str, str]]:
-    """(section title, code) for each fenced block of ``language``, in README order."""
+def blocks(language: str, document: Path = README) -> list[tuple[str, str]]:
+    """(section title, code) for each fenced block of ``language``, in the document's order."""
     found, section = [], ""
-    lines = README.read_text().splitlines()
+    lines = document.read_text().splitlines()
     i = 0
     while i < len(lines):
         line = lines[i]

@@ -2,11 +2,70 @@
 
 The memory core and the simulated vCPU are Rust (``vmmpy._core``); the vmm surface, devices,
 control tools and the migration protocol are Python on top.
+
+The library's entry is :class:`vmmpy.Vm` (``vmmpy.runtime.vm``, docs/api.md): a guest built from
+vmmrun's options that starts, pauses, checkpoints, restores, migrates and closes. Every error
+vmmpy raises on purpose is a :class:`vmmpy.VmmpyError`. ``Vm``, ``VmConfig``, the migration
+types and the errors of the layers above memory are imported on first use, so ``import vmmpy``
+stays as light as guest memory.
 """
 
+from importlib import import_module
+from typing import Any
+
+from .errors import VmmpyError
 from .memory import PAGE_SIZE, GuestMemory, GuestMemoryError, LazyMemoryError, PageBatchError
 from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 
-__all__ = ["PAGE_SIZE", "GuestMemory", "GuestMemoryError", "LazyMemoryError", "PageBatchError", "__version__", "format_size", "parse_size"]
+#: Names offered here but defined above memory: (module, name), imported on first use.
+_LAZY = {
+    "Vm": (".runtime.vm", "Vm"),
+    "VmStateError": (".runtime.vm", "VmStateError"),
+    "VmConfig": (".runtime.config", "VmConfig"),
+    "ConfigError": (".runtime.config", "ConfigError"),
+    "ControlError": (".runtime.control", "ControlError"),
+    "CheckpointError": (".snapshot.errors", "CheckpointError"),
+    "SectionError": (".state.section", "SectionError"),
+    "MigrationError": (".migration.errors", "MigrationError"),
+    "MigrationParams": (".migration.convergence", "MigrationParams"),
+    "MigrationStats": (".migration.stats", "MigrationStats"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'vmmpy' has no attribute {name!r}") from None
+    value = getattr(import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = [
+    "PAGE_SIZE",
+    "CheckpointError",
+    "ConfigError",
+    "ControlError",
+    "GuestMemory",
+    "GuestMemoryError",
+    "LazyMemoryError",
+    "MigrationError",
+    "MigrationParams",
+    "MigrationStats",
+    "PageBatchError",
+    "SectionError",
+    "Vm",
+    "VmConfig",
+    "VmStateError",
+    "VmmpyError",
+    "__version__",
+    "format_size",
+    "parse_size",
+]

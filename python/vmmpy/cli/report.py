@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import VmmpyError
+
 PAGE_SIZE = 4096
 MiB = float(1 << 20)
 FORMATS = (".png", ".html", ".htm")
@@ -30,7 +32,7 @@ COLORS = {
 BREAKDOWN = ("final_pages_ms", "state_ms", "digest_ms", "commit_ms")
 
 
-class ReportError(Exception):
+class ReportError(VmmpyError):
     """The report could not be drawn or written; the message says why."""
 
 

@@ -39,6 +39,7 @@ from ..runtime.config import (
 )
 from ..runtime.control import valid_vm_name
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
+from ..runtime.vm import build_machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
@@ -188,16 +189,6 @@ def list_guests() -> int:
     return 0
 
 
-def load_guest(machine: Machine, config: VmConfig) -> None:
-    from ..guest.programs import load_program
-
-    memory = machine.vm.memory
-    lowmem = memory.lowmem.size
-    highmem = memory.highmem.size if memory.highmem is not None else 0
-    program = load_program(config.guest, config.guest_args, memsize=config.memsize, lowmem_size=lowmem, highmem_size=highmem)
-    machine.load_program(program)
-
-
 def read_tls(args: argparse.Namespace) -> TlsConfig | None:
     """The destination's mutual TLS from --tls-cert/--tls-key/--tls-ca: all three or none."""
     given = {name: getattr(args, name.replace("-", "_")) for name in ("tls-cert", "tls-key", "tls-ca")}
@@ -254,8 +245,9 @@ def format_memsize(nbytes: int) -> str:
     return str(nbytes)
 
 
-def build_machine(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:
-    """The machine for a fresh boot, a restore (-r) or an incoming migration (-R)."""
+def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:
+    """The machine for a fresh boot, a restore (-r) or an incoming migration (-R), built as the
+    library's ``vmmpy.Vm`` builds one (``runtime.vm.build_machine``)."""
     if args.restore:
         if config.guest:
             raise ConfigError("-r restores a saved guest: do not also give --guest")
@@ -268,15 +260,7 @@ def build_machine(args: argparse.Namespace, config: VmConfig, key: bytes | None 
         return machine
     if not args.receive and not config.guest:
         raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
-    machine = Machine(config)
-    try:
-        machine.setup_memory()
-        if not args.receive:
-            load_guest(machine, config)
-    except BaseException:
-        machine.close()
-        raise
-    return machine
+    return build_machine(config, boot=not args.receive)
 
 
 def stopped_while_receiving(signum: int, listen_at: str, peer: str | None) -> str:
@@ -305,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
-        machine = build_machine(args, config, key)
+        machine = machine_for(args, config, key)
     except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
         return EXIT_ERROR

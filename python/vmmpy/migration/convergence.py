@@ -32,6 +32,19 @@ COMPRESS_MODES = ("off", "lz4", "auto")
 
 @dataclass
 class MigrationParams:
+    """How a migration runs: what vmmctl's ``--migrate`` options set, and what
+    ``vmmpy.Vm.migrate(params=...)`` takes (this class or a dict of its fields).
+
+    Convergence (live): ``downtime_target_ms`` the downtime to switch over at, ``max_rounds`` and
+    ``policy`` (``auto-converge``, ``switch-over``, ``give-up``) for a guest that dirties faster
+    than the link carries, with the ``throttle_*`` steps auto-converge takes. The link:
+    ``bandwidth_cap`` (bytes/s, None for as fast as it goes), ``streams`` (parallel TCP
+    connections), ``compress`` (``off``, ``lz4``, ``auto``), ``detect_zero``. Checks and limits:
+    ``verify`` (``incremental`` or ``full``), the ``*_timeout`` seconds for each wait,
+    ``max_state_bytes``. Bad values raise ValueError naming the field. docs/migration.md,
+    "Parameters", says what each does and its default.
+    """
+
     downtime_target_ms: float = 300.0  # QEMU's downtime-limit and Cloud Hypervisor's downtime_ms default
     bandwidth_cap: float | None = None  # bytes/s; None = as fast as the link goes
     max_rounds: int = 30  # live rounds after round 0 before the policy must act

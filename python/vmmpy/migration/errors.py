@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import errno
 
+from ..errors import VmmpyError
 
-class MigrationError(Exception):
-    """A migration failed; the message says what and where."""
+
+class MigrationError(VmmpyError):
+    """A migration failed; the message says what and where. Raised by ``vmmpy.Vm.migrate`` and
+    ``Vm.received`` with ``stats``: the :class:`~vmmpy.migration.MigrationStats` of the attempt
+    (how far it got); None where no statistics exist."""
+
+    stats = None
 
 
 class ProtocolError(MigrationError):

@@ -48,6 +48,19 @@ class RoundStats:
 
 @dataclass
 class MigrationStats:
+    """The record of one migration, as either end sees it (``role``), live while it runs and
+    final when it ends: what ``vmmpy.Vm.migrate``, ``vmmctl --migrate-status`` and the engine's
+    progress callback give.
+
+    ``status`` is one of ``setup``, ``active``, ``paused``, ``completed``, ``failed``,
+    ``cancelled`` or ``in-doubt`` and ``error`` says why it did not complete; ``owner`` where the
+    guest is when the record ends. Then times (milliseconds: ``total_time_ms``, ``downtime_ms``
+    and its ``downtime_breakdown``), volume (bytes and pages on the wire), rates (per second:
+    ``dirty_rate`` in pages, ``throughput`` in bytes), ``rounds`` (one :class:`RoundStats` per pass
+    over memory) and ``notes`` for the operator. ``summary()`` is one line for people,
+    ``to_dict()`` plain JSON. docs/migration.md, "Statistics", describes every field.
+    """
+
     role: str  # "source" or "destination"
     live: bool = False
     status: str = "setup"

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..devices.lpc import console_backend
 from ..devices.registry import device_sections
-from ..devices.uart import CaptureConsole
+from ..devices.uart import CaptureConsole, ConsoleBackend
 from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats, estimate, estimate_warm
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
@@ -104,10 +104,13 @@ def restore_machine(
     *,
     mode: str = "eager",
     key: bytes | None = None,
+    consoles: dict[str, ConsoleBackend] | None = None,
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
     the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
-    key: required for a keyed checkpoint, refused for an unkeyed one. The vCPUs are not started.
+    key: required for a keyed checkpoint, refused for an unkeyed one. ``consoles``: backends for
+    LPC devices to use instead of opening ``config.lpc``'s (the library keeps output in memory).
+    The vCPUs are not started.
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
     checkpoint = read_checkpoint(path, static_registry(config), key=key)
@@ -129,7 +132,9 @@ def restore_machine(
         restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
-            if device in config.lpc:
+            if consoles and device in consoles:
+                uart.backend = consoles[device]
+            elif device in config.lpc:
                 uart.backend = console_backend(config.lpc[device], on_input=uart.receive)
     except BaseException:
         machine.close()

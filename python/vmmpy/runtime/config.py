@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import VmmpyError
 from ..units import MiB, parse_size
 
 VENDORS = ("intel", "amd")
@@ -17,12 +18,15 @@ LPC_DEVICES = ("com1", "com2")
 MAX_VCPUS = 16
 
 
-class ConfigError(ValueError):
+class ConfigError(VmmpyError, ValueError):
     """A configuration that cannot be built; the message names the option and value."""
 
 
 @dataclass(frozen=True)
 class SlotConfig:
+    """One ``-s`` option: a PCI device model at ``bus:slot.func`` with its options (``conf``);
+    :func:`parse_slot` reads bhyve's spelling."""
+
     bus: int
     slot: int
     func: int
@@ -37,6 +41,14 @@ class SlotConfig:
 
 @dataclass
 class VmConfig:
+    """A guest as vmmrun's options describe it: ``name`` (``VMNAME``), ``ncpus`` (``-c``),
+    ``memsize`` in bytes (``-m``), ``wired`` (``-S``), ``slots`` (``-s``, :class:`SlotConfig`),
+    ``lpc`` (``-l``: device -> ``stdio`` or a file path), ``guest`` and ``guest_args``
+    (``--guest``, ``--guest-arg``), ``tsc``, ``vendor`` and ``dirty_tracking``. ``validate()``
+    checks it, raising :class:`ConfigError` that names the option. ``vmmpy.Vm`` builds one from
+    keyword options; the runtime's ``Machine`` and ``build_machine`` take one.
+    """
+
     name: str
     ncpus: int = 1
     memsize: int = 256 * MiB

@@ -26,13 +26,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import VmmpyError
+
 _LEN = struct.Struct("<I")
 MAX_MESSAGE = 1 << 20
 SOCKET_SUFFIX = ".ctl"
 LOCK_SUFFIX = ".lock"
 
 
-class ControlError(OSError):
+class ControlError(VmmpyError, OSError):
     """A control-socket request failed; ``errno`` and the message say why."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from .. import _core
 from ..boundedjson import BoundedJsonError, check_bounds, parse
+from ..errors import VmmpyError
 
 MAGIC = b"VMMPYSEC"
 CONTAINER_VERSION = 1
@@ -47,7 +48,7 @@ MAX_PAYLOAD = 64 << 20
 MAX_PAYLOAD_DEPTH = 64
 
 
-class SectionError(ValueError):
+class SectionError(VmmpyError, ValueError):
     """State that cannot be read: the message names the section (or container) and the problem."""
 
 

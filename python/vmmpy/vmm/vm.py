@@ -280,6 +280,18 @@ class Vm:
         self._mapped = {seg.name: True for seg in memory.segments}
         self._create_vcpus()
 
+    def release_memory(self) -> GuestMemory | None:
+        """After the VM is destroyed and no vCPU runs: drop every reference this VM holds to its
+        system memory (the memory itself and the vCPUs and local APICs that point into it), so
+        the mapping goes as soon as its last user lets go, not when the cycle collector runs.
+        Returns the memory (None if it had none) for its owner to close."""
+        memory, self.memory = self.memory, None
+        for lapic in self.vlapics:
+            lapic.vcpu = None
+        self.vcpus = []
+        self._mapped = {}
+        return memory
+
     def _create_vcpus(self) -> None:
         self.vcpus = [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
         for i in range(self.ncpus):
