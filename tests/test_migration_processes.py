@@ -238,8 +238,9 @@ def test_a_wrong_key_is_refused_before_any_state_moves(tmp_path):
         result = vmmctl(tmp_path, "--vm=ksrc", "--migrate", "127.0.0.1", str(port), "--key-file", str(good), timeout=60)
         assert result.returncode == 0, result.stderr
         assert source.wait(timeout=60) == 0
-        status = json.loads(vmmctl(tmp_path, "--vm=kdst", "--status", "--json").stdout)
-        assert status["state"] in ("running", "paused"), status
+        # The destination runs the guest on to its end (it may already be there: asking its state
+        # instead raced the guest's last sweeps).
+        assert finish(dest) == 1
     finally:
         stop(source)
         stop(dest)
