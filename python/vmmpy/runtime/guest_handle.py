@@ -14,8 +14,7 @@ from typing import Any
 
 from ..migration.adapter import spec_mismatches
 from ..state import Section
-from ..state.kernel import restore_sections, save_sections, section_registry
-from ..vmm.interfaces import resolve_state_types
+from ..state.kernel import prepare_declarations, restore_sections, save_sections, section_registry
 from .process import EXIT_ERROR, Machine
 
 
@@ -45,7 +44,7 @@ class MachineAdapter:
         problems = spec_mismatches(local, remote_spec)
         if problems:
             raise ValueError("; ".join(problems))
-        resolve_state_types()  # now, not when the state arrives inside the downtime
+        prepare_declarations()  # now, not when the state arrives inside the downtime
 
     def pause(self) -> None:
         if not self.machine.paused:

@@ -28,7 +28,8 @@ from ..devices.uart import CaptureConsole
 from ..runtime.config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
 from ..runtime.process import Machine
 from ..state import SectionError, SectionRegistry
-from ..state.kernel import KERNEL_SECTIONS, check_sections, restore_sections, save_sections
+from ..state.kernel import check_sections, kernel_registry, restore_sections, save_sections
+from ..state.persist import min_version_of
 from .errors import CheckpointError
 from .files import Checkpoint, read_checkpoint, restore_memory, write_checkpoint
 from .meta import check_field
@@ -125,15 +126,15 @@ def checkpoint_machine(
 def static_registry(config: VmConfig) -> SectionRegistry:
     """What a machine built from ``config`` reads, known before the machine exists: the kernel
     sections and, from the device classes themselves, every device section its options make."""
-    from ..devices.registry import device_sections
+    from ..devices.registry import device_states
 
-    registry = SectionRegistry({name: version for name, _, version in KERNEL_SECTIONS})
+    registry = kernel_registry()
     try:
-        sections = device_sections([slot.pci_name for slot in config.slots])
+        states = device_states([slot.pci_name for slot in config.slots])
     except ValueError as err:
         raise SectionError(str(err)) from None
-    for name, version in sections.items():
-        registry.register(name, version)
+    for name, state in states.items():
+        registry.register(name, state.VERSION, min_version_of(state))
     return registry
 
 
