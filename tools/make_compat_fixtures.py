@@ -1,12 +1,19 @@
-"""Make a compatibility fixture set: a suspended checkpoint of a deterministic guest, in the
-format this vmmpy writes now, checked in under ``tests/fixtures/compat/<NAME>/``.
+"""Make a compatibility fixture set: a checkpoint and a recorded migration stream of a
+deterministic guest, in the formats this vmmpy writes now, under ``tests/fixtures/compat/<NAME>/``.
 
     .venv/bin/python tools/make_compat_fixtures.py v1
 
-The guest is ``abtest`` (16 MiB, 200 sweeps, a line every 20), paused by ``--pause-at`` partway
-and suspended with vmmctl; the three checkpoint files are stored xz-compressed (the memory file
-is sparse and its counter pages repeat, so the set stays small). ``expected-console.txt`` holds
-what the resumed guest must print.
+The guest is ``abtest`` (16 MiB, 200 sweeps, a line every 20), paused by ``--pause-at`` partway.
+
+- Checkpoint: vmmrun runs it, vmmctl suspends it; the three files are stored xz-compressed (the
+  memory file is sparse and its counter pages repeat, so the set stays a few KiB).
+- Migration stream: the same guest run in-process to the same point, and what a migration source
+  sends of it recorded: round 0's page batches (the batch wire format, exactly the bytes
+  ``send_all_pages`` writes to the socket) and the STATE message's payload (the section
+  container). The handshake, framing and commit around them are left out on purpose: they carry
+  per-session nonces and an HMAC, so a recording of them could never be replayed, and their
+  compatibility is the handshake's own business (version and spec checks).
+- ``console-before.txt`` is what the guest printed before the pause; the tests derive the rest.
 
 NEVER regenerate an existing set: it stands for checkpoints users already have. When a format
 or a section version changes, make a new set under a new name (v2, ...) and keep the old ones;
@@ -70,10 +77,60 @@ def main(argv: list[str]) -> int:
         for suffix in ("", ".kern", ".meta"):
             data = (run_dir / f"{NAME}.ckp{suffix}").read_bytes()
             (out / f"{NAME}.ckp{suffix}.xz").write_bytes(lzma.compress(data, preset=9))
-        (out / "console-before.txt").write_text(console.read_text())
-        (out / "args.json").write_text(json.dumps({"guest": GUEST, "pause_at": PAUSE_AT, "name": NAME}, indent=1) + "\n")
+        before = console.read_text()
+        (out / "console-before.txt").write_text(before)
+        pages, state, batches, digest, console_output = record_migration(run_dir / "pages.bin")
+        if console_output != before:
+            raise SystemExit(f"the in-process run printed {console_output!r} before the pause, vmmrun {before!r}")
+        (out / "migration-pages.bin.xz").write_bytes(lzma.compress(pages, preset=9))
+        (out / "migration-state.bin.xz").write_bytes(lzma.compress(state, preset=9))
+        args = {"guest": GUEST, "pause_at": PAUSE_AT, "name": NAME, "migration_batches": batches,
+                "memory_digest": f"{digest:032x}"}
+        (out / "args.json").write_text(json.dumps(args, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def machine_config():
+    from vmmpy.runtime.config import VmConfig
+
+    memsize = int(GUEST[GUEST.index("-m") + 1].rstrip("M")) << 20
+    guest_args = dict(a.split("=", 1) for a in GUEST[GUEST.index("--guest-arg") + 1::2] if "=" in a)
+    return VmConfig(name=NAME, memsize=memsize, guest=GUEST[1], guest_args=guest_args)
+
+
+def record_migration(scratch: Path) -> tuple[bytes, bytes, int, int, str]:
+    """Run the guest in-process to PAUSE_AT and record what a migration source sends of it (and
+    the memory digest its COMMIT_REQUEST would carry)."""
+    from vmmpy.devices.uart import CaptureConsole
+    from vmmpy.guest.programs import load_program
+    from vmmpy.runtime.process import Machine
+    from vmmpy.state import encode_sections
+    from vmmpy.state.kernel import save_sections
+
+    config = machine_config()
+    console = CaptureConsole()
+    machine = Machine(config, consoles={"com1": console})
+    try:
+        machine.setup_memory()
+        memory = machine.vm.memory
+        highmem = memory.highmem.size if memory.highmem is not None else 0
+        machine.load_program(load_program(config.guest, config.guest_args, memsize=config.memsize,
+                                          lowmem_size=memory.lowmem.size, highmem_size=highmem))
+        machine.pause_at = PAUSE_AT
+        machine.start(serve_control=False)
+        deadline = time.monotonic() + 60
+        while not machine.paused:
+            if machine.exit_status is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the in-process guest did not pause: {machine.exit_reason}")
+            time.sleep(0.001)
+        machine.pause()
+        with open(scratch, "wb") as f:
+            sent = memory.send_all_pages(f.fileno())
+        state = encode_sections(save_sections(machine))
+        return scratch.read_bytes(), state, sent["batches"], memory.commit_digest(), bytes(console.output).decode()
+    finally:
+        machine.destroy()
 
 
 if __name__ == "__main__":
