@@ -91,3 +91,21 @@ def test_a_declaration_adding_a_field_without_a_default_is_refused():
 
     with pytest.raises(TypeError, match=r"Bad.added: a field added in version 2 needs a default"):
         persist.fields_of(Bad)
+
+
+def test_the_vcpu_section_is_declared_too_and_refuses_a_bad_register_by_path():
+    from vmmpy import _core
+    from vmmpy.memory import GuestMemory
+    from vmmpy.vmm.vm import VcpusState, VcpuState
+
+    memory = GuestMemory(1 << 20)
+    saved = VcpusState([VcpuState.from_core(_core.Vcpu(memory.core, vendor=vendor).save_state()) for vendor in ("intel", "amd")])
+    payload = persist.dump(saved)
+    assert persist.load(VcpusState, payload, 1, where="vmcx") == saved
+    group = next(iter(payload["vcpus"][0]["registers"]))
+    register = next(iter(payload["vcpus"][0]["registers"][group]))
+    payload["vcpus"][0]["registers"][group][register] = "0x10"
+    with pytest.raises(persist.PersistError, match=rf"vmcx: vcpus\[0\]\.registers\.{group}\.{register}: expected an int, got '0x10'"):
+        persist.load(VcpusState, payload, 1, where="vmcx")
+    back = saved.vcpus[1].to_core()
+    assert back == _core.Vcpu(memory.core, vendor="amd").save_state(), "the core's own layout comes back"

@@ -16,8 +16,9 @@ A declaration is a plain dataclass (the standard library's vocabulary, so ``vmm/
         def validate(self) -> None:     # optional: ranges and consistency, raising ValueError
             ...
 
-Field types: ``int``, ``bool``, ``str``, ``bytes``, ``dict`` (any JSON mapping, checked by its
-owner), another declaration (a nested struct), ``list[T]`` of any of these, and ``T | None``.
+Field types: ``int``, ``bool``, ``str``, ``bytes``, another declaration (a nested struct),
+``list[T]`` and ``dict[str, T]`` of any of these, ``T | None``, and a bare ``dict`` (any mapping,
+for a layout its owner checks, such as a vCPU's pending read).
 A nested struct's fields follow the section's version: ``since`` on a nested field is the
 version of the whole section that added it.
 
@@ -133,6 +134,8 @@ def dump(obj: Any) -> dict[str, Any]:
 def _dump_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dump(value)
+    if isinstance(value, dict):
+        return {k: _dump_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_dump_value(v) for v in value]
     if isinstance(value, (bytearray, memoryview)):
@@ -186,6 +189,11 @@ def _load_struct(cls: type, payload: Any, version: int, where: str, path: str) -
 
 def _load_value(kind: Any, value: Any, version: int, where: str, path: str) -> Any:
     origin = typing.get_origin(kind)
+    if origin is dict:
+        _, item = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise PersistError(f"{where}: {path}: expected a mapping, got {_show(value)}")
+        return {k: _load_value(item, v, version, where, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):

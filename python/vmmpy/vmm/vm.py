@@ -19,6 +19,7 @@ This module knows nothing of files, sockets or the runtime's threads.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import threading
 import time
@@ -99,16 +100,46 @@ class VmState:
 
 
 @dataclass
+class VcpuState:
+    """One saved vCPU, as the vCPU core's ``save_state()`` gives it (docs/isa.md "Saved state").
+
+    The register file is a vendor's layout, declared where it lives (``rust/cpu/state.rs``): here
+    it is ``registers``, group name -> register name -> value, and the core's binding checks every
+    group and register by name on restore. ``format`` is the core's own layout number."""
+
+    format: int
+    vcpu_id: int
+    vendor: str
+    tsc_mode: str
+    registers: dict[str, dict[str, int]]
+    pending_interrupts: list[int]
+    halted: bool
+    pending_read: dict | None  # {"source", "port" or "gpa", "size", "register"}, checked by the core
+    instructions_retired: int
+    guest_tsc: int
+
+    @classmethod
+    def from_core(cls, saved: dict[str, Any]) -> VcpuState:
+        """From ``Vcpu.save_state()``: its register groups are the keys beside the common ones."""
+        common = {f.name for f in dataclasses.fields(cls)} - {"registers"}
+        return cls(**{k: saved[k] for k in common}, registers={k: v for k, v in saved.items() if k not in common})
+
+    def to_core(self) -> dict[str, Any]:
+        """What ``Vcpu.restore_state()`` takes."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "registers"}
+        out.update(self.registers)
+        return out
+
+
+@dataclass
 class VcpusState:
-    """The ``vmcx`` section: one saved vCPU per entry. Each entry's layout (register groups of
-    the vendor, pending interrupts, TSC) is declared by the vCPU core (``rust/cpu/state.rs``,
-    docs/isa.md "Saved state"), whose binding checks every field by name on restore."""
+    """The ``vmcx`` section: one saved vCPU per entry."""
 
     VERSION: ClassVar[int] = 1
     MIN_VERSION: ClassVar[int] = 1
     SECTION: ClassVar[str] = "vmcx"
 
-    vcpus: list[dict]
+    vcpus: list[VcpuState]
 
 
 @dataclass
@@ -679,7 +710,7 @@ class Vm:
                 guest_time_ns=self.clock.now_ns(),
             )
         if req == SnapshotReq.STRUCT_VMCX:
-            return VcpusState([vcpu.save_state() for vcpu in self.vcpus])
+            return VcpusState([VcpuState.from_core(vcpu.save_state()) for vcpu in self.vcpus])
         if req == SnapshotReq.STRUCT_VLAPIC:
             return VlapicsState([lapic.save() for lapic in self.vlapics])
         return getattr(self, self._KERNEL_STRUCTS[req]).save()
@@ -702,7 +733,7 @@ class Vm:
                 if len(data.vcpus) != self.ncpus:
                     raise ValueError(f"vmcx: {len(data.vcpus)} vCPU states for a VM of {self.ncpus}")
                 for vcpu, state in zip(self.vcpus, data.vcpus):
-                    vcpu.restore_state(state)
+                    vcpu.restore_state(state.to_core())
             elif req == SnapshotReq.STRUCT_VLAPIC:
                 if len(data.vcpus) != self.ncpus:
                     raise ValueError(f"vlapic: {len(data.vcpus)} local APIC states for a VM of {self.ncpus}")
