@@ -109,3 +109,16 @@ def test_the_vcpu_section_is_declared_too_and_refuses_a_bad_register_by_path():
         persist.load(VcpusState, payload, 1, where="vmcx")
     back = saved.vcpus[1].to_core()
     assert back == _core.Vcpu(memory.core, vendor="amd").save_state(), "the core's own layout comes back"
+
+
+def test_a_default_made_by_a_factory_is_fresh_for_every_section_read():
+    @dataclasses.dataclass
+    class WithQueue:
+        VERSION: ClassVar[int] = 2
+        MIN_VERSION: ClassVar[int] = 1
+        pending: list[int] = dataclasses.field(default_factory=list, metadata={"since": 2})
+
+    first = persist.load(WithQueue, {}, 1, where="q")
+    second = persist.load(WithQueue, {}, 1, where="q")
+    first.pending.append(1)
+    assert second.pending == [], "two restored objects never share a default"

@@ -79,6 +79,10 @@ class _Field:
     kind: Any
     since: int
     default: Any  # MISSING when the field has no default
+    factory: Any  # or a default_factory, called for each object read (never shared between them)
+
+    def default_value(self) -> Any:
+        return self.factory() if self.factory is not MISSING else self.default
 
 
 @functools.cache
@@ -89,15 +93,9 @@ def fields_of(cls: type) -> tuple[_Field, ...]:
     out = []
     for f in dataclasses.fields(cls):
         since = f.metadata.get("since", 1)
-        if f.default is not MISSING:
-            default = f.default
-        elif f.default_factory is not MISSING:
-            default = f.default_factory()
-        else:
-            default = MISSING
-        if since > 1 and default is MISSING:
+        if since > 1 and f.default is MISSING and f.default_factory is MISSING:
             raise TypeError(f"{cls.__name__}.{f.name}: a field added in version {since} needs a default for older sections")
-        out.append(_Field(f.name, hints[f.name], since, default))
+        out.append(_Field(f.name, hints[f.name], since, f.default, f.default_factory))
     return tuple(out)
 
 
@@ -179,7 +177,7 @@ def _load_struct(cls: type, payload: Any, version: int, where: str, path: str) -
         if f.since > version:
             if f.name in payload:
                 raise PersistError(f"{where}: field '{field_path}' was added in version {f.since}; a version {version} section cannot have it")
-            values[f.name] = f.default
+            values[f.name] = f.default_value()
             continue
         if f.name not in payload:
             raise PersistError(f"{where}: missing field '{field_path}'")
