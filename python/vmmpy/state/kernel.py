@@ -29,7 +29,7 @@ from . import persist
 from .section import Section, SectionError, SectionRegistry
 
 if TYPE_CHECKING:
-    from ..runtime.process import Machine
+    from .handle import SavableMachine as Machine  # the protocol, not runtime's Machine: state never imports runtime
 
 
 class KernelSection(NamedTuple):
@@ -63,6 +63,18 @@ def kernel_registry() -> SectionRegistry:
     registry = SectionRegistry()
     for k in KERNEL_SECTIONS:
         registry.register(k.name, k.version, persist.min_version_of(k.state))
+    return registry
+
+
+def configured_registry(pci_names: list[str]) -> SectionRegistry:
+    """What a machine with these PCI functions (``EMU@pci.B.S.F``) reads, known before it exists:
+    the kernel sections and, from the device classes' declarations, every device section.
+    ValueError names an unknown emulation."""
+    from ..devices.registry import device_states
+
+    registry = kernel_registry()
+    for name, state in device_states(pci_names).items():
+        registry.register(name, state.VERSION, persist.min_version_of(state))
     return registry
 
 
