@@ -3,8 +3,7 @@ the save -> JSON -> restore round trip every device's continuity test uses."""
 
 from __future__ import annotations
 
-import json
-
+from vmmpy.state import decode_payload, encode_payload, persist
 from vmmpy.vmm.clock import ManualClock
 
 
@@ -69,6 +68,11 @@ def run_until(clock: ManualClock, timers, end_ns: int, after_event=None) -> None
 
 
 def json_roundtrip(state):
-    """save() -> to_dict -> JSON text -> from_dict, as a snapshot file or migration would."""
-    text = json.dumps(state.to_dict())
-    return type(state).from_dict(json.loads(text))
+    """save() -> section payload -> encoded bytes -> payload -> state, as a snapshot file or migration would."""
+    data = encode_payload(persist.dump(state))
+    return persist.load(type(state), decode_payload(state.SECTION, data), state.VERSION, where=state.SECTION)
+
+
+def load_state(cls, payload, version=None):
+    """A state declaration read from a payload, as restoring a section of ``version`` does."""
+    return persist.load(cls, payload, cls.VERSION if version is None else version, where=cls.SECTION)

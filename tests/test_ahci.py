@@ -17,6 +17,7 @@ from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
+from .device_state import payload_of, restore_payload
 from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 from .test_devices import MEMSIZE, Pins, build, make_image, outputs, sha
@@ -116,8 +117,8 @@ def test_a_pause_right_after_issuing_carries_the_pending_interrupt(tmp_path):
     m.pause_at = at
     m.start(serve_control=False)
     wait_paused(m)
-    state = m.pci_functions[0].save()
-    assert state["hba"]["is"] == 1 and state["hba"]["port"]["is"] & 1 and state["pci"]["intx_level"]
+    state = payload_of(m.pci_functions[0])
+    assert state["hba"]["irq_status"] == 1 and state["hba"]["port"]["irq_status"] & 1 and state["pci"]["intx_level"]
     before = bytes(c.output)
     com1b = CaptureConsole()
     config = VmConfig(name="ahci-step-dst", memsize=MEMSIZE, slots=[parse_slot(f"6,ahci-hd,{img2}")])
@@ -204,7 +205,7 @@ def test_hostile_commands_get_task_file_errors_and_the_port_recovers(tmp_path, a
     assert tfd == 0x0441, "DRDY | ERR, error ABRT"
     assert h.r(0x138) == 0b11 and h.dev.halted
     assert h.dev.intx_level is False  # IS was cleared after PxIS
-    state = h.dev.save()
+    state = payload_of(h.dev)
     assert state["hba"]["port"]["halted"] and state["hba"]["port"]["ci"] == 0b11
     # Recovery: stop (drops the issued commands), start (clears the error), then a write and a read.
     h.w(0x118, 0x16)
@@ -254,28 +255,28 @@ def test_identify_reports_serial_and_capacity(tmp_path):
 def test_restore_refuses_bad_state_and_changes_nothing(tmp_path):
     a, b = make_image(tmp_path / "a.img", DISK_BYTES), make_image(tmp_path / "b.img", 128 << 10)
     h = Hba(a)
-    saved = h.dev.save()
+    saved = payload_of(h.dev)
     other = Hba(b, start=False)
-    before = other.dev.save()
+    before = payload_of(other.dev)
     with pytest.raises(ValueError, match=r"ahci-hd@pci\.0\.6\.0: device: saved with an image of 512 sectors; .* has 256"):
-        other.dev.restore(saved)
-    assert other.dev.save() == before
+        restore_payload(other.dev, saved)
+    assert payload_of(other.dev) == before
     fresh = Hba(a, start=False)
-    before = fresh.dev.save()
+    before = payload_of(fresh.dev)
     for mutate, message in (
         (lambda s: s["hba"]["port"].update(ci=3), "commands issued (ci 0x3) but not halted"),
         (lambda s: s["hba"]["port"].update(clb=0x200010), "field 'port clb' value 0x200010"),
         (lambda s: s["hba"].update(ghc=2), "lacks AHCI enable"),
-        (lambda s: s["hba"].update(**{"is": 1}), "saved INTx level False disagrees"),
-        (lambda s: s["hba"]["port"].update(halted="yes"), "field 'halted' must be bool"),
+        (lambda s: s["hba"].update(irq_status=1), "saved INTx level False disagrees"),
+        (lambda s: s["hba"]["port"].update(halted="yes"), "hba.port.halted: expected a bool, got 'yes'"),
     ):
         bad = copy.deepcopy(saved)
         mutate(bad)
         with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
-            fresh.dev.restore(bad)
-        assert fresh.dev.save() == before, message
-    fresh.dev.restore(saved)
-    assert fresh.dev.save() == saved
+            restore_payload(fresh.dev, bad)
+        assert payload_of(fresh.dev) == before, message
+    restore_payload(fresh.dev, saved)
+    assert payload_of(fresh.dev) == saved
     for x in (h, other, fresh):
         x.dev.close()
 
@@ -298,9 +299,9 @@ def test_static_registry_knows_the_ahci_section(tmp_path):
     registry = static_registry(config)
     machine = Machine(config)
     try:
-        assert machine.device_sections()["ahci-hd@pci.0.6.0"] == AhciHd.VERSION
+        assert machine.device_sections()["ahci-hd@pci.0.6.0"] == AhciHd.STATE.VERSION
         for device in machine.devices:
-            registry.check(device.name, device.VERSION, what="test")
+            registry.check(device.name, device.STATE.VERSION, what="test")
     finally:
         machine.close()
 

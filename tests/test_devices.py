@@ -19,6 +19,7 @@ from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
+from .device_state import payload_of, restore_payload
 from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
@@ -330,7 +331,7 @@ def test_hostile_virtqueues_put_the_device_in_error_never_crash(tmp_path, attack
     assert d.inp(0x12, 1) & STATUS_NEEDS_RESET, "DEVICE_NEEDS_RESET is set"
     assert d.device.error and "virtio-blk@pci.0.3.0: " in d.device.error
     assert any("needs reset" in r.message for r in caplog.records)
-    state = d.device.save()
+    state = payload_of(d.device)
     assert state["virtio"]["error"] == d.device.error, "the error state is saved"
     d.out(0x10, 2, 0)  # further notifies do nothing
     # A reset brings it back: a good request then works.
@@ -414,15 +415,15 @@ def test_restore_refuses_a_different_disk_naming_device_and_field(tmp_path):
     a, b = make_image(tmp_path / "a.img"), make_image(tmp_path / "b.img", 128 << 10)
     memory = GuestMemory(MEMSIZE)
     host = PciHost(lambda: memory, Pins())
-    saved = VirtioBlock(host, 0, 3, 0, a).save()
+    saved = payload_of(VirtioBlock(host, 0, 3, 0, a))
     other = VirtioBlock(host, 0, 3, 0, b)
-    before = other.save()
+    before = payload_of(other)
     with pytest.raises(ValueError, match=r"virtio-blk@pci\.0\.3\.0: device: saved with an image of 512 sectors; .* has 256"):
-        other.restore(saved)
-    assert other.save() == before, "a refused restore changes nothing"
+        restore_payload(other, saved)
+    assert payload_of(other) == before, "a refused restore changes nothing"
     saved["virtio"]["queues"][0]["last_avail"] = 70000
     with pytest.raises(ValueError, match="field 'last_avail' value 70000"):
-        VirtioBlock(host, 0, 3, 0, a).restore(saved)
+        restore_payload(VirtioBlock(host, 0, 3, 0, a), saved)
 
 
 def test_static_registry_knows_every_device_section_from_the_classes(tmp_path):
@@ -431,9 +432,9 @@ def test_static_registry_knows_every_device_section_from_the_classes(tmp_path):
     registry = static_registry(config)
     machine = Machine(config)
     try:
-        assert {d.name: d.VERSION for d in machine.devices} == machine.device_sections()
+        assert {d.name: d.STATE.VERSION for d in machine.devices} == machine.device_sections()
         for device in machine.devices:
-            registry.check(device.name, device.VERSION, what="test")
+            registry.check(device.name, device.STATE.VERSION, what="test")
     finally:
         machine.close()
 

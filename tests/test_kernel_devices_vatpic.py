@@ -3,10 +3,12 @@ auto-EOI, and save/restore continuity."""
 
 import pytest
 
-from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
+from vmmpy.vmm.interfaces import DeviceAccessError
 from vmmpy.vmm.vatpic import Vatpic, VatpicState
 
-from .kernel_devices_harness import json_roundtrip
+from .kernel_devices_harness import json_roundtrip, load_state
 
 
 def make(aeoi=False):
@@ -198,13 +200,13 @@ def test_save_restore_mid_activity_continues_exactly():
 
 def test_restore_refuses_bad_state():
     pic, _ = make()
-    good = pic.save().to_dict()
-    bad = dict(good, fields=dict(good["fields"], irq_base=[0x20, 0x2C]))
-    with pytest.raises(DeviceStateError, match=r"vatpic: irq_base\[1\]: 0x2c is not a multiple of 8"):
-        VatpicState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], elcr=[0x01, 0]))
-    with pytest.raises(DeviceStateError, match=r"vatpic: elcr\[0\]: 0x1 makes an always-edge IRQ level"):
-        VatpicState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], read_isr=[1, 0]))
-    with pytest.raises(DeviceStateError, match=r"vatpic: read_isr\[0\]: expected a bool, got 1"):
-        VatpicState.from_dict(bad)
+    good = persist.dump(pic.save())
+    bad = dict(good, irq_base=[0x20, 0x2C])
+    with pytest.raises(PersistError, match=r"vatpic: irq_base\[1\]: 0x2c is not a multiple of 8"):
+        load_state(VatpicState, bad)
+    bad = dict(good, elcr=[0x01, 0])
+    with pytest.raises(PersistError, match=r"vatpic: elcr\[0\]: 0x1 makes an always-edge IRQ level"):
+        load_state(VatpicState, bad)
+    bad = dict(good, read_isr=[1, 0])
+    with pytest.raises(PersistError, match=r"vatpic: read_isr\[0\]: expected a bool, got 1"):
+        load_state(VatpicState, bad)

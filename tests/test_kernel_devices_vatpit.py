@@ -3,11 +3,13 @@ channel 2 gate/output via port 0x61, catch-up, and save/restore continuity."""
 
 import pytest
 
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
 from vmmpy.vmm.clock import ManualClock, ns_for_ticks
-from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
+from vmmpy.vmm.interfaces import DeviceAccessError
 from vmmpy.vmm.vatpit import PIT_FREQ_HZ, Vatpit, VatpitState
 
-from .kernel_devices_harness import RecordingIrq, json_roundtrip, run_until
+from .kernel_devices_harness import RecordingIrq, json_roundtrip, load_state, run_until
 
 
 def make(start_ns=0):
@@ -157,13 +159,13 @@ def test_save_restore_mid_run_continues_exactly():
 
 def test_restore_refuses_bad_state():
     _, _, pit = make()
-    good = pit.save().to_dict()
-    bad = dict(good, fields=dict(good["fields"], mode=[0, 6, 0]))
-    with pytest.raises(DeviceStateError, match=r"vatpit: mode\[1\]: 6 out of range \(0..5\)"):
-        VatpitState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], gate=[False, True, True]))
-    with pytest.raises(DeviceStateError, match=r"vatpit: gate\[0\]: channels 0 and 1 have their gates tied high"):
-        VatpitState.from_dict(bad)
+    good = persist.dump(pit.save())
+    bad = dict(good, mode=[0, 6, 0])
+    with pytest.raises(PersistError, match=r"vatpit: mode\[1\]: 6 out of range \(0..5\)"):
+        load_state(VatpitState, bad)
+    bad = dict(good, gate=[False, True, True])
+    with pytest.raises(PersistError, match=r"vatpit: gate\[0\]: channels 0 and 1 have their gates tied high"):
+        load_state(VatpitState, bad)
 
 
 def test_irq0_reaches_the_8259_and_the_ioapic_pin_2_through_the_isa_router():

@@ -3,11 +3,13 @@ legacy replacement, 32-bit mode, and save/restore continuity."""
 
 import pytest
 
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
 from vmmpy.vmm.clock import ManualClock, ns_for_ticks
-from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
+from vmmpy.vmm.interfaces import DeviceAccessError
 from vmmpy.vmm.vhpet import HPET_BASE, HPET_FREQ_HZ, Vhpet, VhpetState
 
-from .kernel_devices_harness import RecordingIrq, json_roundtrip, run_until
+from .kernel_devices_harness import RecordingIrq, json_roundtrip, load_state, run_until
 
 CONF, ISR, COUNTER = 0x10, 0x20, 0xF0
 LEVEL, ENABLE, PERIODIC, VAL_SET, MODE32 = 1 << 1, 1 << 2, 1 << 3, 1 << 6, 1 << 8
@@ -165,10 +167,10 @@ def test_save_restore_mid_run_continues_exactly():
 
 def test_restore_refuses_bad_state():
     _, _, _, hpet = make()
-    good = hpet.save().to_dict()
-    bad = dict(good, fields=dict(good["fields"], timer_config=[1 << 4] + [0] * 7))
-    with pytest.raises(DeviceStateError, match=r"vhpet: timer_config\[0\]: 0x10 sets read-only or reserved bits"):
-        VhpetState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], ticks_processed=5, anchor_ago_ns=0))
-    with pytest.raises(DeviceStateError, match=r"vhpet: ticks_processed: 5 is ahead of the counter"):
-        VhpetState.from_dict(bad)
+    good = persist.dump(hpet.save())
+    bad = dict(good, timer_config=[1 << 4] + [0] * 7)
+    with pytest.raises(PersistError, match=r"vhpet: timer_config\[0\]: 0x10 sets read-only or reserved bits"):
+        load_state(VhpetState, bad)
+    bad = dict(good, ticks_processed=5, anchor_ago_ns=0)
+    with pytest.raises(PersistError, match=r"vhpet: ticks_processed: 5 is ahead of the counter"):
+        load_state(VhpetState, bad)

@@ -3,12 +3,14 @@ routing by destination, and save/restore continuity."""
 
 import pytest
 
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
 from vmmpy.vmm.clock import ManualClock
-from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
+from vmmpy.vmm.interfaces import DeviceAccessError
 from vmmpy.vmm.vioapic import IOAPIC_BASE, Vioapic, VioapicState
 from vmmpy.vmm.vlapic import XAPIC_BASE, ApicBus, Vlapic
 
-from .kernel_devices_harness import FakeLapic, FakeVcpu, json_roundtrip
+from .kernel_devices_harness import FakeLapic, FakeVcpu, json_roundtrip, load_state
 
 LEVEL, MASKED, LOGICAL = 1 << 15, 1 << 16, 1 << 11
 
@@ -176,12 +178,12 @@ def test_save_restore_mid_activity_continues_exactly():
 
 def test_restore_refuses_bad_state():
     ioapic, _ = make()
-    good = ioapic.save().to_dict()
-    bad = dict(good, fields=dict(good["fields"], redirection=[0x10000] * 26))
-    with pytest.raises(DeviceStateError, match=r"vioapic: redirection: redirection entry 25 out of range \(24 pins\)"):
-        VioapicState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], pin_levels=[2] + [0] * 23))
-    with pytest.raises(DeviceStateError, match=r"vioapic: pin_levels\[0\]: 2 out of range \(0..1\)"):
-        VioapicState.from_dict(bad)
-    with pytest.raises(DeviceStateError, match="vioapic: state must be a dict"):
-        VioapicState.from_dict([1, 2])
+    good = persist.dump(ioapic.save())
+    bad = dict(good, redirection=[0x10000] * 26)
+    with pytest.raises(PersistError, match=r"vioapic: redirection: redirection entry 25 out of range \(24 pins\)"):
+        load_state(VioapicState, bad)
+    bad = dict(good, pin_levels=[2] + [0] * 23)
+    with pytest.raises(PersistError, match=r"vioapic: pin_levels\[0\]: 2 out of range \(0..1\)"):
+        load_state(VioapicState, bad)
+    with pytest.raises(PersistError, match="vioapic: payload: expected a mapping, got list"):
+        load_state(VioapicState, [1, 2])

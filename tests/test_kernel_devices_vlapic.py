@@ -3,11 +3,13 @@ and save/restore continuity."""
 
 import pytest
 
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
 from vmmpy.vmm.clock import ManualClock, ns_for_ticks
 from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
 from vmmpy.vmm.vlapic import BUS_FREQ_HZ, XAPIC_BASE, ApicBus, Vlapic, VlapicState, timer_divisor
 
-from .kernel_devices_harness import FakeVcpu, json_roundtrip, run_until
+from .kernel_devices_harness import FakeVcpu, json_roundtrip, load_state, run_until
 
 ID, VER, TPR, PPR, EOI, SVR, ESR = 0x20, 0x30, 0x80, 0xA0, 0xB0, 0xF0, 0x280
 ICR_LO, ICR_HI, LVT_TIMER, LVT_ERROR, TICR, TCCR, TDCR = 0x300, 0x310, 0x320, 0x370, 0x380, 0x390, 0x3E0
@@ -265,26 +267,24 @@ def test_save_restore_mid_run_continues_exactly():
 
 def test_restore_refuses_bad_state_naming_section_and_field():
     _, _, lapic = make()
-    good = lapic.save().to_dict()
-    bad = dict(good, fields=dict(good["fields"], irr=[0] * 7))
-    with pytest.raises(DeviceStateError, match=r"vlapic: irr: has 7 entries, expected 8"):
-        VlapicState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], tpr=256))
-    with pytest.raises(DeviceStateError, match=r"vlapic: tpr: 256 out of range \(0..255\)"):
-        VlapicState.from_dict(bad)
-    bad = dict(good, fields=dict(good["fields"], svr="0xff"))
-    with pytest.raises(DeviceStateError, match=r"vlapic: svr: expected an int, got '0xff'"):
-        VlapicState.from_dict(bad)
-    with pytest.raises(DeviceStateError, match=r"vlapic: state version 2 is newer than this vmmpy reads \(1\)"):
-        VlapicState.from_dict(dict(good, version=2))
-    with pytest.raises(DeviceStateError, match=r"vlapic: state is for section 'vioapic'"):
-        VlapicState.from_dict(dict(good, section="vioapic"))
-    fields = dict(good["fields"])
+    good = persist.dump(lapic.save())
+    bad = dict(good, irr=[0] * 7)
+    with pytest.raises(PersistError, match=r"vlapic: irr: has 7 entries, expected 8"):
+        load_state(VlapicState, bad)
+    bad = dict(good, tpr=256)
+    with pytest.raises(PersistError, match=r"vlapic: tpr: 256 out of range \(0..255\)"):
+        load_state(VlapicState, bad)
+    bad = dict(good, svr="0xff")
+    with pytest.raises(PersistError, match=r"vlapic: svr: expected an int, got '0xff'"):
+        load_state(VlapicState, bad)
+    with pytest.raises(PersistError, match=r"vlapic: section version 2 is newer than this vmmpy reads \(versions 1 to 1\)"):
+        load_state(VlapicState, good, version=2)
+    fields = dict(good)
     del fields["lvt"]
-    with pytest.raises(DeviceStateError, match=r"vlapic: missing field 'lvt'"):
-        VlapicState.from_dict(dict(good, fields=fields))
-    with pytest.raises(DeviceStateError, match=r"vlapic: unknown field 'x2apic'"):
-        VlapicState.from_dict(dict(good, fields=dict(good["fields"], x2apic=1)))
+    with pytest.raises(PersistError, match=r"vlapic: missing field 'lvt'"):
+        load_state(VlapicState, fields)
+    with pytest.raises(PersistError, match=r"vlapic: unknown field 'x2apic'"):
+        load_state(VlapicState, dict(good, x2apic=1))
     _, _, other = make(apic_id=4)
     with pytest.raises(DeviceStateError, match="apic_id: saved APIC ID 0 does not match this vlapic's 4"):
-        other.restore(VlapicState.from_dict(good))
+        other.restore(load_state(VlapicState, good))

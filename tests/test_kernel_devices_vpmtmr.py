@@ -2,11 +2,13 @@
 
 import pytest
 
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
 from vmmpy.vmm.clock import ManualClock, ns_for_ticks
-from vmmpy.vmm.interfaces import DeviceAccessError, DeviceStateError
+from vmmpy.vmm.interfaces import DeviceAccessError
 from vmmpy.vmm.vpmtmr import PMTMR_FREQ_HZ, Vpmtmr, VpmtmrState
 
-from .kernel_devices_harness import json_roundtrip
+from .kernel_devices_harness import json_roundtrip, load_state
 
 
 def test_counter_runs_at_3_579545_mhz_of_guest_time():
@@ -58,8 +60,8 @@ def test_save_restore_continues_the_same_count():
 
 
 def test_restore_refuses_bad_state():
-    good = Vpmtmr(ManualClock()).save().to_dict()
-    with pytest.raises(DeviceStateError, match=r"vpmtmr: base_value: 4294967296 out of range"):
-        VpmtmrState.from_dict(dict(good, fields=dict(good["fields"], base_value=2**32)))
-    with pytest.raises(DeviceStateError, match=r"vpmtmr: anchor_ago_ns: -1 out of range"):
-        VpmtmrState.from_dict(dict(good, fields=dict(good["fields"], anchor_ago_ns=-1)))
+    good = persist.dump(Vpmtmr(ManualClock()).save())
+    with pytest.raises(PersistError, match=r"vpmtmr: base_value: 4294967296 out of range"):
+        load_state(VpmtmrState, dict(good, base_value=2**32))
+    with pytest.raises(PersistError, match=r"vpmtmr: anchor_ago_ns: -1 out of range"):
+        load_state(VpmtmrState, dict(good, anchor_ago_ns=-1))

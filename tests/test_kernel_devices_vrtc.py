@@ -5,11 +5,12 @@ import calendar
 
 import pytest
 
+from vmmpy.state import persist
+from vmmpy.state.persist import PersistError
 from vmmpy.vmm.clock import ManualClock
-from vmmpy.vmm.interfaces import DeviceStateError
 from vmmpy.vmm.vrtc import Vrtc, VrtcState
 
-from .kernel_devices_harness import RecordingIrq, json_roundtrip, run_until
+from .kernel_devices_harness import RecordingIrq, json_roundtrip, load_state, run_until
 
 LEAP_EVE = calendar.timegm((2024, 2, 29, 23, 59, 58))
 S = 1_000_000_000
@@ -188,10 +189,10 @@ def test_save_restore_mid_run_continues_exactly():
 
 def test_restore_refuses_bad_state():
     _, _, rtc = make()
-    good = rtc.save().to_dict()
-    with pytest.raises(DeviceStateError, match=r"vrtc: nvram: holds 113 bytes, expected 114"):
-        VrtcState.from_dict(dict(good, fields=dict(good["fields"], nvram="00" * 113)))
-    with pytest.raises(DeviceStateError, match=r"vrtc: nvram: not a hex string"):
-        VrtcState.from_dict(dict(good, fields=dict(good["fields"], nvram="zz" * 114)))
-    with pytest.raises(DeviceStateError, match=r"vrtc: reg_c: 0xf sets bits 0-3"):
-        VrtcState.from_dict(dict(good, fields=dict(good["fields"], reg_c=0x0F)))
+    good = persist.dump(rtc.save())
+    with pytest.raises(PersistError, match=r"vrtc: nvram: holds 113 bytes, expected 114"):
+        load_state(VrtcState, dict(good, nvram="00" * 113))
+    with pytest.raises(PersistError, match=r"vrtc: nvram: not a hex string"):
+        load_state(VrtcState, dict(good, nvram="zz" * 114))
+    with pytest.raises(PersistError, match=r"vrtc: reg_c: 0xf sets bits 0-3"):
+        load_state(VrtcState, dict(good, reg_c=0x0F))

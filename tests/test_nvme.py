@@ -17,6 +17,7 @@ from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
+from .device_state import payload_of, restore_payload
 from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 from .test_devices import MEMSIZE, Pins, build, make_image, outputs, sha
@@ -47,7 +48,7 @@ def test_nvme_function_has_a_64bit_mmio_bar_the_bus_routes(tmp_path):
     dev.cfg_write(0x10, 4, 0xD000_0000)
     dev.cfg_write(0x14, 4, 0)
     assert bus.mmio_owner(0xD000_0000 + 0x1c) is dev and bus.mmio_owner(BAR) is None
-    saved = dev.save()
+    saved = payload_of(dev)
     assert saved["pci"]["bars"] == [{"index": 0, "kind": "mem64", "size": 0x4000, "addr": 0xD000_0000}]
     dev.cfg_write(0x04, 2, 0)
     assert bus.mmio_owner(0xD000_0000) is None, "memory decoding off hides the BAR"
@@ -98,7 +99,7 @@ def test_nvmetest_paused_mid_io_and_restored_elsewhere_finishes_identically(tmp_
         machine.start(serve_control=False)
         wait_paused(machine)
         before = outputs(machine, com1, {})
-        saved = machine.pci_functions[-1].save()
+        saved = payload_of(machine.pci_functions[-1])
         com1b = CaptureConsole()
         config = VmConfig(name=f"nvmid-{case}{tag}-dst", memsize=MEMSIZE, slots=[parse_slot(s) for s in slots])
         target = move_to_fresh_machine(machine, config, {"com1": com1b})
@@ -135,7 +136,7 @@ def test_a_pause_right_after_a_doorbell_carries_unreleased_completions_and_the_i
     m.pause_at = at
     m.start(serve_control=False)
     wait_paused(m)
-    state = m.pci_functions[0].save()
+    state = payload_of(m.pci_functions[0])
     cq1 = [q for q in state["nvme"]["cqs"] if q["qid"] == 1][0]
     assert (cq1["tail"] - cq1["head"]) % cq1["size"] == 4, "the batch's completions are not yet released"
     assert state["pci"]["intx_level"] or state["nvme"]["intms"], "the interrupt is owed or being handled"
@@ -329,7 +330,7 @@ def test_a_full_completion_queue_holds_commands_across_save_and_restore(tmp_path
         op, cdw = rw(10 + i, 1, True)
         c.put(1, op, prp1=Ctl.BUF + 0x1000 * i, cdw=cdw)
     c.ring(1)
-    state = c.dev.save()
+    state = payload_of(c.dev)
     sq1 = [q for q in state["nvme"]["sqs"] if q["qid"] == 1][0]
     cq1 = [q for q in state["nvme"]["cqs"] if q["qid"] == 1][0]
     assert (sq1["head"], sq1["tail"]) == (1, 3) and (cq1["head"], cq1["tail"], cq1["phase"]) == (0, 1, 1)
@@ -339,9 +340,9 @@ def test_a_full_completion_queue_holds_commands_across_save_and_restore(tmp_path
     memory.write(0, c.memory.read(0, MEMSIZE))
     c.dev.close()
     d = Ctl(img, memory=memory, enable=False)
-    d.dev.restore(state)
+    restore_payload(d.dev, state)
     d.tail, d.head, d.phase, d.sqsize, d.cqsize, d.cid = c.tail, c.head, c.phase, c.sqsize, c.cqsize, c.cid
-    assert d.dev.save() == state
+    assert payload_of(d.dev) == state
     got = []
     while len(got) < 3:
         done = d.take(1)  # each release lets the next held command run
@@ -358,14 +359,14 @@ def test_restore_refuses_bad_state_naming_device_and_field_and_changes_nothing(t
     a, b = make_image(tmp_path / "a.img", DISK_BYTES), make_image(tmp_path / "b.img", 128 << 10)
     c = Ctl(a)
     c.io_queues()
-    saved = c.dev.save()
+    saved = payload_of(c.dev)
     other = Ctl(b, enable=False)
-    before = other.dev.save()
+    before = payload_of(other.dev)
     with pytest.raises(ValueError, match=r"nvme@pci\.0\.5\.0: device: saved with an image of 512 blocks; .* has 256"):
-        other.dev.restore(saved)
-    assert other.dev.save() == before
+        restore_payload(other.dev, saved)
+    assert payload_of(other.dev) == before
     fresh = Ctl(a, enable=False)
-    before = fresh.dev.save()
+    before = payload_of(fresh.dev)
     for mutate, message in (
         (lambda s: s["nvme"]["cqs"][1].update(head=8), "CQ 1 field 'head' value 8 is outside the queue of 8"),
         (lambda s: s["nvme"]["cqs"][1].update(phase=2), "field 'phase' value 2"),
@@ -378,10 +379,10 @@ def test_restore_refuses_bad_state_naming_device_and_field_and_changes_nothing(t
         bad = copy.deepcopy(saved)
         mutate(bad)
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-            fresh.dev.restore(bad)
-        assert fresh.dev.save() == before, message
-    fresh.dev.restore(saved)
-    assert fresh.dev.save() == saved
+            restore_payload(fresh.dev, bad)
+        assert payload_of(fresh.dev) == before, message
+    restore_payload(fresh.dev, saved)
+    assert payload_of(fresh.dev) == saved
     for ctl in (c, other, fresh):
         ctl.dev.close()
 
@@ -408,9 +409,9 @@ def test_static_registry_knows_the_nvme_section(tmp_path):
     registry = static_registry(config)
     machine = Machine(config)
     try:
-        assert machine.device_sections()["nvme@pci.0.5.0"] == Nvme.VERSION
+        assert machine.device_sections()["nvme@pci.0.5.0"] == Nvme.STATE.VERSION
         for device in machine.devices:
-            registry.check(device.name, device.VERSION, what="test")
+            registry.check(device.name, device.STATE.VERSION, what="test")
     finally:
         machine.close()
 

@@ -41,12 +41,16 @@ def test_truncation_is_refused_at_every_length():
             decode_sections(data[:length])
 
 
-def test_registry_refuses_unknown_and_newer_sections():
-    registry = SectionRegistry({"vlapic": 2, "virtio-blk": 1})
+def test_registry_refuses_unknown_newer_and_too_old_sections():
+    registry = SectionRegistry({"virtio-blk": 1})
+    registry.register("vlapic", 3, oldest=2)
     registry.check("vlapic", 2)
+    registry.check("vlapic", 3)
     registry.check("virtio-blk@pci.0.3.0", 1)
-    with pytest.raises(SectionError, match=r"section 'vlapic' version 3 is newer than this vmmpy reads \(2\)"):
-        registry.check("vlapic", 3, what="vm0.ckp.kern")
+    with pytest.raises(SectionError, match=r"vm0.ckp.kern: section 'vlapic' version 4 is newer than this vmmpy reads \(versions 2 to 3\)"):
+        registry.check("vlapic", 4, what="vm0.ckp.kern")
+    with pytest.raises(SectionError, match=r"section 'vlapic' version 1 is older than this vmmpy still reads \(versions 2 to 3\)"):
+        registry.check("vlapic", 1)
     with pytest.raises(SectionError, match="section 'gpu@pci.0.5.0' is unknown"):
         registry.check("gpu@pci.0.5.0", 1)
 

@@ -17,6 +17,7 @@ from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
+from .device_state import payload_of, restore_payload
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 from .test_devices import MEMSIZE, Pins, build
 
@@ -115,16 +116,16 @@ def test_frames_pending_at_a_save_travel_in_the_state_and_are_delivered_after_re
     for f in frames:
         a.receive_frame(f)
     a.set_link(False)
-    state = a.save()
+    state = payload_of(a)
     assert state["device"]["pending"] == frames and state["device"]["link_up"] is False
     b = VirtioNet(host, 0, 4, 0, f"peer=127.0.0.1:{peer.port}")
-    b.restore(state)
+    restore_payload(b, state)
     assert list(b.pending) == frames and not b.link_up and b.config_bytes()[6:] == b"\0\0"
     other = VirtioNet(host, 0, 4, 0, f"peer=127.0.0.1:{peer.port},mac=02:00:00:00:00:01")
-    before = other.save()
+    before = payload_of(other)
     with pytest.raises(ValueError, match=r"virtio-net@pci\.0\.4\.0: device: saved with mac 02:76:6d:00:04:00"):
-        other.restore(state)
-    assert other.save() == before, "a refused restore changes nothing"
+        restore_payload(other, state)
+    assert payload_of(other) == before, "a refused restore changes nothing"
     for d in (a, b, other):
         d.close()
 
@@ -202,7 +203,7 @@ def test_hostile_rings_put_the_device_in_error_never_crash(peer, attack, caplog)
         (TX_HOSTILE.get(attack) or RX_HOSTILE[attack])(d)
     assert d.inp(0x12, 1) & STATUS_NEEDS_RESET
     assert d.device.error and "virtio-net@pci.0.3.0: " in d.device.error
-    assert d.device.save()["virtio"]["error"] == d.device.error
+    assert payload_of(d.device)["virtio"]["error"] == d.device.error
     d.out(0x12, 1, 0)
     assert d.device.error is None
     d.device.close()

@@ -16,6 +16,7 @@ from vmmpy.memory import GuestMemory
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
+from .device_state import payload_of, restore_payload
 from .inproc import run_to_end
 from .test_devices import MEMSIZE, Pins, build, make_image
 
@@ -107,7 +108,7 @@ def test_hostile_request_chains_put_the_device_in_error_never_crash(tmp_path, at
         HOSTILE[attack](d)
     assert d.device.io_read(0x2012, 1) & STATUS_NEEDS_RESET
     assert d.device.error and "virtio-scsi@pci.0.3.0: " in d.device.error
-    assert d.device.save()["virtio"]["error"] == d.device.error
+    assert payload_of(d.device)["virtio"]["error"] == d.device.error
     d.device.io_write(0x2012, 1, 0)
     assert d.device.error is None
     d.device.close()
@@ -120,14 +121,14 @@ def test_restore_refuses_another_disk_and_changes_nothing(tmp_path):
     a, b = make_image(tmp_path / "a.img", 64 << 10), make_image(tmp_path / "b.img", 32 << 10)
     memory = GuestMemory(MEMSIZE)
     host = PciHost(lambda: memory, Pins())
-    saved = VirtioScsi(host, 0, 3, 0, a).save()
+    saved = payload_of(VirtioScsi(host, 0, 3, 0, a))
     other = VirtioScsi(host, 0, 3, 0, b)
-    before = other.save()
+    before = payload_of(other)
     with pytest.raises(ValueError, match=r"virtio-scsi@pci\.0\.3\.0: device: saved with an image of 128 sectors"):
-        other.restore(saved)
-    assert other.save() == before
+        restore_payload(other, saved)
+    assert payload_of(other) == before
     with pytest.raises(ValueError, match="saved read-write, this device is read-only"):
-        VirtioScsi(host, 0, 3, 0, a + ",ro").restore(saved)
+        restore_payload(VirtioScsi(host, 0, 3, 0, a + ",ro"), saved)
 
 
 @pytest.mark.parametrize("conf, message", [

@@ -23,6 +23,7 @@ from vmmpy.vmm.ioctl import (
     VmStats,
     VmSuspend,
 )
+from vmmpy.vmm.vioapic import VioapicState
 from vmmpy.vmm.vm import vm_create, vm_destroy, vm_open
 
 
@@ -75,12 +76,12 @@ def test_registers_by_name(vm):
 def test_snapshot_requests_need_stopped_vcpus_and_refuse_bad_state(vm):
     vm.setup_memory(4 << 20)
     data = vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(SnapshotReq.STRUCT_VIOAPIC, SnapshotOp.SAVE))
-    assert data["section"] == "vioapic"
-    data["fields"]["redirection"] = data["fields"]["redirection"][:3]
+    assert isinstance(data, VioapicState), "the kernel hands out typed state; state/ makes it a section"
+    data.redirection = data.redirection[:3]
     expect(errno.EINVAL, "STRUCT_VIOAPIC.*redirection", vm.ioctl, Ioctl.VM_SNAPSHOT_REQ,
            VmSnapshotMeta(SnapshotReq.STRUCT_VIOAPIC, SnapshotOp.RESTORE, data))
     vm_state = vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(SnapshotReq.STRUCT_VM, SnapshotOp.SAVE))
-    vm_state["vendor"] = "amd"
+    vm_state.vendor = "amd"
     expect(errno.EINVAL, "vendor amd", vm.ioctl, Ioctl.VM_SNAPSHOT_REQ,
            VmSnapshotMeta(SnapshotReq.STRUCT_VM, SnapshotOp.RESTORE, vm_state))
 

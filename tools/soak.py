@@ -69,8 +69,9 @@ class Verdict:
 
 
 def saved_register(vcpu_state: dict, name: str) -> int:
-    """A register from a saved vCPU state, in either vendor's layout (docs/isa.md, "Saved state")."""
-    for group in vcpu_state.values():
+    """A register from a saved vCPU (an entry of section 'vmcx': its ``registers`` are the vendor's
+    groups, docs/isa.md "Saved state"), in either vendor's layout."""
+    for group in vcpu_state["registers"].values():
         if isinstance(group, dict):
             for key in (f"guest_{name}", f"sctx_{name}", name):
                 if key in group:

@@ -48,12 +48,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ..memory import LazyMemoryError
-from .base import require_fields
 from .disk import open_image
-from .pci import PciConfigError, PciFunction, PciHost, parse_options
+from .pci import PciConfigError, PciFunction, PciHost, PciState, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,44 @@ def ata_string(text: str, length: int) -> bytes:
     return bytes(raw[i ^ 1] for i in range(length))
 
 
+@dataclass
+class AhciPortState:
+    clb: int
+    fb: int
+    irq_status: int  # PxIS
+    ie: int
+    cmd: int
+    tfd: int
+    serr: int
+    sctl: int
+    ci: int
+    halted: bool
+
+
+@dataclass
+class AhciHbaState:
+    ghc: int
+    irq_status: int  # IS
+    port: AhciPortState
+
+
+@dataclass
+class AhciDiskState:
+    path: str
+    capacity_sectors: int
+    serial: str
+
+
+@dataclass
+class AhciState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    hba: AhciHbaState
+    device: AhciDiskState
+
+
 class AhciHd(PciFunction):
     EMULATION = "ahci-hd"
     VENDOR_ID = 0x8086
@@ -105,7 +143,7 @@ class AhciHd(PciFunction):
     SUBCLASS = 0x06  # SATA
     PROGIF = 0x01  # AHCI 1.0
     USES_INTX = True
-    VERSION = 1
+    STATE = AhciState
     OPTIONS_HELP = "PATH[,ser=SERIAL]"
 
     def __init__(self, host: PciHost, bus: int, slot: int, func: int, conf: str | None = None) -> None:
@@ -358,52 +396,43 @@ class AhciHd(PciFunction):
     def pause(self) -> None:
         self._flush()
 
-    def save(self) -> dict[str, Any]:
-        return {
-            "pci": self.save_pci(),
-            "hba": {"ghc": self.ghc, "is": self.is_, "port": {
-                "clb": self.clb, "fb": self.fb, "is": self.px_is, "ie": self.px_ie, "cmd": self.cmd, "tfd": self.tfd,
-                "serr": self.serr, "sctl": self.sctl, "ci": self.ci, "halted": self.halted}},
-            "device": {"path": self.path, "capacity_sectors": self.capacity, "serial": self.serial},
-        }
+    def save(self) -> AhciState:
+        port = AhciPortState(self.clb, self.fb, self.px_is, self.px_ie, self.cmd, self.tfd, self.serr, self.sctl, self.ci, self.halted)
+        return AhciState(pci=self.save_pci(), hba=AhciHbaState(self.ghc, self.is_, port),
+                         device=AhciDiskState(self.path, self.capacity, self.serial))
 
-    def restore(self, state: dict[str, Any]) -> None:
-        require_fields(self.name, state, {"pci": dict, "hba": dict, "device": dict})
+    def restore(self, state: AhciState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state["device"], {"path": str, "capacity_sectors": int, "serial": str})
-        if state["device"]["capacity_sectors"] != self.capacity:
-            raise ValueError(f"{where}: saved with an image of {state['device']['capacity_sectors']} sectors; {self.path!r} has {self.capacity}")
-        if state["device"]["serial"] != self.serial:
-            raise ValueError(f"{where}: saved with serial {state['device']['serial']!r}; configured {self.serial!r} (the 'ser' option)")
-        hba = state["hba"]
+        if state.device.capacity_sectors != self.capacity:
+            raise ValueError(f"{where}: saved with an image of {state.device.capacity_sectors} sectors; {self.path!r} has {self.capacity}")
+        if state.device.serial != self.serial:
+            raise ValueError(f"{where}: saved with serial {state.device.serial!r}; configured {self.serial!r} (the 'ser' option)")
+        hba = state.hba
         where = f"{self.name}: hba"
-        require_fields(where, hba, {"ghc": int, "is": int, "port": dict})
-        port = hba["port"]
-        require_fields(f"{where}: port", port, {"clb": int, "fb": int, "is": int, "ie": int, "cmd": int, "tfd": int,
-                                                "serr": int, "sctl": int, "ci": int, "halted": bool})
-        limits = {"ghc": (hba["ghc"], GHC_AE | GHC_IE), "is": (hba["is"], 1), "port clb": (port["clb"], (1 << 64) - 1024),
-                  "port fb": (port["fb"], (1 << 64) - 256), "port is": (port["is"], 0xFFFF_FFFF), "port ie": (port["ie"], IE_WRITABLE),
-                  "port cmd": (port["cmd"], CMD_WRITABLE), "port tfd": (port["tfd"], 0xFFFF), "port serr": (port["serr"], 0xFFFF_FFFF),
-                  "port sctl": (port["sctl"], 0xFFF), "port ci": (port["ci"], 0xFFFF_FFFF)}
+        port = hba.port
+        limits = {"ghc": (hba.ghc, GHC_AE | GHC_IE), "irq_status": (hba.irq_status, 1), "port clb": (port.clb, (1 << 64) - 1024),
+                  "port fb": (port.fb, (1 << 64) - 256), "port irq_status": (port.irq_status, 0xFFFF_FFFF), "port ie": (port.ie, IE_WRITABLE),
+                  "port cmd": (port.cmd, CMD_WRITABLE), "port tfd": (port.tfd, 0xFFFF), "port serr": (port.serr, 0xFFFF_FFFF),
+                  "port sctl": (port.sctl, 0xFFF), "port ci": (port.ci, 0xFFFF_FFFF)}
         for key, (value, mask) in limits.items():
             if value < 0 or value & ~mask:
                 raise ValueError(f"{where}: field '{key}' value {value:#x} has bits the register cannot hold")
-        if not hba["ghc"] & GHC_AE:
-            raise ValueError(f"{where}: field 'ghc' value {hba['ghc']:#x} lacks AHCI enable, which is always set")
-        if port["ci"] and not port["cmd"] & CMD_ST:
-            raise ValueError(f"{where}: commands issued (ci {port['ci']:#x}) on a stopped port")
-        if port["ci"] and not port["halted"]:
-            raise ValueError(f"{where}: commands issued (ci {port['ci']:#x}) but not halted: commands complete synchronously")
+        if not hba.ghc & GHC_AE:
+            raise ValueError(f"{where}: field 'ghc' value {hba.ghc:#x} lacks AHCI enable, which is always set")
+        if port.ci and not port.cmd & CMD_ST:
+            raise ValueError(f"{where}: commands issued (ci {port.ci:#x}) on a stopped port")
+        if port.ci and not port.halted:
+            raise ValueError(f"{where}: commands issued (ci {port.ci:#x}) but not halted: commands complete synchronously")
         before = self.save_pci()
-        self.restore_pci(state["pci"])
-        level = bool(hba["ghc"] & GHC_IE and hba["is"] & 1)
+        self.restore_pci(state.pci)
+        level = bool(hba.ghc & GHC_IE and hba.irq_status & 1)
         if level != self.intx_level:
             saved_level = self.intx_level
             self.restore_pci(before)
             raise ValueError(f"{self.name}: saved INTx level {saved_level} disagrees with GHC and IS (level {level})")
-        self.ghc, self.is_ = hba["ghc"], hba["is"]
-        self.clb, self.fb, self.px_is, self.px_ie, self.cmd, self.tfd = (port[k] for k in ("clb", "fb", "is", "ie", "cmd", "tfd"))
-        self.serr, self.sctl, self.ci, self.halted = port["serr"], port["sctl"], port["ci"], port["halted"]
+        self.ghc, self.is_ = hba.ghc, hba.irq_status
+        self.clb, self.fb, self.px_is, self.px_ie, self.cmd, self.tfd = port.clb, port.fb, port.irq_status, port.ie, port.cmd, port.tfd
+        self.serr, self.sctl, self.ci, self.halted = port.serr, port.sctl, port.ci, port.halted
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -2,7 +2,10 @@
 
 A device claims port ranges and/or MMIO ranges and emulates accesses to them; it can be paused
 (in-flight work finished or held, backends flushed), resumed, and saved and restored as a state
-section (name, version, JSON-friendly dict). A device that cannot save raises
+section. Its state is declared once, as a dataclass in ``state/persist.py``'s pattern (fields and
+their types, ``VERSION``, ``MIN_VERSION``, defaults for fields added later), named by the device's
+``STATE``: ``save()`` returns one, ``restore()`` gets one already checked against the
+declaration and read at the section's version. A device that cannot save raises
 :class:`DeviceSaveError` naming itself, so a checkpoint fails rather than skipping it.
 """
 
@@ -17,10 +20,11 @@ class DeviceSaveError(OSError):
 
 
 class Device:
-    """Base class: subclasses set SECTION/VERSION and override what they emulate."""
+    """Base class: subclasses set SECTION and STATE and override what they emulate."""
 
     SECTION: ClassVar[str] = ""
-    VERSION: ClassVar[int] = 1
+    #: The declaration of this device's saved state (its VERSION is the section's).
+    STATE: ClassVar[type]
 
     #: (first port, count) pairs this device answers.
     port_ranges: list[tuple[int, int]] = []
@@ -49,25 +53,14 @@ class Device:
     def resume(self) -> None:
         """Undo :meth:`pause`."""
 
-    def save(self) -> dict[str, Any]:
+    def save(self) -> Any:
         raise DeviceSaveError(errno.ENOTSUP, f"device '{self.name}' cannot save its state")
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: Any) -> None:
         raise DeviceSaveError(errno.ENOTSUP, f"device '{self.name}' cannot restore state")
 
     def close(self) -> None:
         """Release backends (files, sockets)."""
-
-
-def require_fields(section: str, state: dict[str, Any], fields: dict[str, type]) -> None:
-    """Refuse a state dict that lacks a field or has one of the wrong type, naming both."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{section}: state must be a mapping, got {type(state).__name__}")
-    for field, kind in fields.items():
-        if field not in state:
-            raise ValueError(f"{section}: state lacks field '{field}'")
-        if not isinstance(state[field], kind) or (kind is int and isinstance(state[field], bool)):
-            raise ValueError(f"{section}: field '{field}' must be {kind.__name__}, got {state[field]!r}")
 
 
 class PortBus:

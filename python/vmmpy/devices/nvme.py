@@ -58,16 +58,16 @@ between head and tail, in guest memory, which is saved with memory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 from ..memory import LazyMemoryError
-from .base import require_fields
 from .disk import open_image
-from .pci import PciConfigError, PciFunction, PciHost, parse_options
+from .pci import PciConfigError, PciFunction, PciHost, PciState, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,6 @@ class SubmissionQueue:
     head: int = 0
     tail: int = 0
 
-    def save(self) -> dict[str, Any]:
-        return {"qid": self.qid, "base": self.base, "size": self.size, "cqid": self.cqid, "head": self.head, "tail": self.tail}
 
 
 @dataclass
@@ -146,9 +144,38 @@ class CompletionQueue:
     def unreleased(self) -> bool:
         return self.head != self.tail
 
-    def save(self) -> dict[str, Any]:
-        return {"qid": self.qid, "base": self.base, "size": self.size, "ien": self.ien, "head": self.head,
-                "tail": self.tail, "phase": self.phase}
+
+
+@dataclass
+class NvmeRegisters:
+    """The controller part of the section (under ``"nvme"``); queues are saved as they are."""
+
+    cc: int
+    csts: int
+    aqa: int
+    asq: int
+    acq: int
+    intms: int
+    error: str | None
+    sqs: list[SubmissionQueue]
+    cqs: list[CompletionQueue]
+
+
+@dataclass
+class NvmeDiskState:
+    path: str
+    capacity_lbas: int
+    serial: str
+
+
+@dataclass
+class NvmeState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    nvme: NvmeRegisters
+    device: NvmeDiskState
 
 
 class Nvme(PciFunction):
@@ -161,7 +188,7 @@ class Nvme(PciFunction):
     SUBCLASS = 0x08  # non-volatile memory
     PROGIF = 0x02  # NVM Express
     USES_INTX = True
-    VERSION = 1
+    STATE = NvmeState
     OPTIONS_HELP = "PATH[,ser=SERIAL]"
 
     def __init__(self, host: PciHost, bus: int, slot: int, func: int, conf: str | None = None) -> None:
@@ -537,78 +564,70 @@ class Nvme(PciFunction):
     def pause(self) -> None:
         self._flush()
 
-    def save(self) -> dict[str, Any]:
-        return {
-            "pci": self.save_pci(),
-            "nvme": {
-                "cc": self.cc, "csts": self.csts, "aqa": self.aqa, "asq": self.asq, "acq": self.acq, "intms": self.intms,
-                "error": self.error,
-                "sqs": [q.save() for _, q in sorted(self.sqs.items())],
-                "cqs": [q.save() for _, q in sorted(self.cqs.items())],
-            },
-            "device": {"path": self.path, "capacity_lbas": self.capacity, "serial": self.serial},
-        }
+    def save(self) -> NvmeState:
+        return NvmeState(
+            pci=self.save_pci(),
+            nvme=NvmeRegisters(
+                self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms, self.error,
+                sqs=[dataclasses.replace(q) for _, q in sorted(self.sqs.items())],
+                cqs=[dataclasses.replace(q) for _, q in sorted(self.cqs.items())],
+            ),
+            device=NvmeDiskState(self.path, self.capacity, self.serial),
+        )
 
-    def _check_nvme(self, state: dict[str, Any]) -> tuple[dict[int, SubmissionQueue], dict[int, CompletionQueue]]:
+    def _check_nvme(self, state: NvmeRegisters) -> tuple[dict[int, SubmissionQueue], dict[int, CompletionQueue]]:
         where = f"{self.name}: nvme"
-        require_fields(where, state, {"cc": int, "csts": int, "aqa": int, "asq": int, "acq": int, "intms": int, "sqs": list, "cqs": list})
         for key, limit in (("cc", 0x00FF_FFF1), ("csts", 0xF), ("aqa", 0x0FFF_0FFF), ("intms", 1),
                            ("asq", 0xFFFF_FFFF_FFFF_F000), ("acq", 0xFFFF_FFFF_FFFF_F000)):
-            if state[key] < 0 or state[key] & ~limit:
-                raise ValueError(f"{where}: field '{key}' value {state[key]:#x} has bits the register cannot hold")
-        error = state.get("error")
-        if error is not None and not isinstance(error, str):
-            raise ValueError(f"{where}: field 'error' must be a string or null, got {error!r}")
+            value = getattr(state, key)
+            if value < 0 or value & ~limit:
+                raise ValueError(f"{where}: field '{key}' value {value:#x} has bits the register cannot hold")
         cqs: dict[int, CompletionQueue] = {}
-        for item in state["cqs"]:
-            require_fields(f"{where}: cqs", item, {"qid": int, "base": int, "size": int, "ien": bool, "head": int, "tail": int, "phase": int})
-            self._check_queue(where, "CQ", item, cqs, CQE_SIZE)
-            if item["phase"] not in (0, 1):
-                raise ValueError(f"{where}: CQ {item['qid']} field 'phase' value {item['phase']} is not 0 or 1")
-            cqs[item["qid"]] = CompletionQueue(item["qid"], item["base"], item["size"], item["ien"], item["head"], item["tail"], item["phase"])
+        for cq in state.cqs:
+            self._check_queue(where, "CQ", cq, cqs, CQE_SIZE)
+            if cq.phase not in (0, 1):
+                raise ValueError(f"{where}: CQ {cq.qid} field 'phase' value {cq.phase} is not 0 or 1")
+            cqs[cq.qid] = dataclasses.replace(cq)
         sqs: dict[int, SubmissionQueue] = {}
-        for item in state["sqs"]:
-            require_fields(f"{where}: sqs", item, {"qid": int, "base": int, "size": int, "cqid": int, "head": int, "tail": int})
-            self._check_queue(where, "SQ", item, sqs, SQE_SIZE)
-            if item["cqid"] not in cqs or (item["cqid"] == 0) != (item["qid"] == 0):
-                raise ValueError(f"{where}: SQ {item['qid']} field 'cqid' value {item['cqid']} names no suitable completion queue")
-            sqs[item["qid"]] = SubmissionQueue(item["qid"], item["base"], item["size"], item["cqid"], item["head"], item["tail"])
-        if bool(sqs) != bool(state["csts"] & CSTS_RDY) or (sqs and 0 not in sqs) or bool(sqs) != bool(cqs):
-            raise ValueError(f"{where}: the queues saved ({sorted(sqs)} / {sorted(cqs)}) do not fit CSTS {state['csts']:#x}")
+        for sq in state.sqs:
+            self._check_queue(where, "SQ", sq, sqs, SQE_SIZE)
+            if sq.cqid not in cqs or (sq.cqid == 0) != (sq.qid == 0):
+                raise ValueError(f"{where}: SQ {sq.qid} field 'cqid' value {sq.cqid} names no suitable completion queue")
+            sqs[sq.qid] = dataclasses.replace(sq)
+        if bool(sqs) != bool(state.csts & CSTS_RDY) or (sqs and 0 not in sqs) or bool(sqs) != bool(cqs):
+            raise ValueError(f"{where}: the queues saved ({sorted(sqs)} / {sorted(cqs)}) do not fit CSTS {state.csts:#x}")
         return sqs, cqs
 
     @staticmethod
-    def _check_queue(where: str, kind: str, item: dict[str, Any], seen: dict[int, Any], entry: int) -> None:
-        qid = item["qid"]
+    def _check_queue(where: str, kind: str, queue: SubmissionQueue | CompletionQueue, seen: dict[int, object], entry: int) -> None:
+        qid = queue.qid
         if not 0 <= qid <= MAX_IO_QUEUES or qid in seen:
             raise ValueError(f"{where}: {kind} field 'qid' value {qid} is not a free queue id (0..{MAX_IO_QUEUES})")
-        if not 2 <= item["size"] <= (4096 if qid == 0 else MAX_QUEUE_ENTRIES):
-            raise ValueError(f"{where}: {kind} {qid} field 'size' value {item['size']} is out of range")
+        if not 2 <= queue.size <= (4096 if qid == 0 else MAX_QUEUE_ENTRIES):
+            raise ValueError(f"{where}: {kind} {qid} field 'size' value {queue.size} is out of range")
         for key in ("head", "tail"):
-            if not 0 <= item[key] < item["size"]:
-                raise ValueError(f"{where}: {kind} {qid} field '{key}' value {item[key]} is outside the queue of {item['size']}")
-        if item["base"] <= 0 or item["base"] % PAGE or item["base"] + item["size"] * entry > 1 << 64:
-            raise ValueError(f"{where}: {kind} {qid} field 'base' value {item['base']:#x} is not a page-aligned address")
+            if not 0 <= getattr(queue, key) < queue.size:
+                raise ValueError(f"{where}: {kind} {qid} field '{key}' value {getattr(queue, key)} is outside the queue of {queue.size}")
+        if queue.base <= 0 or queue.base % PAGE or queue.base + queue.size * entry > 1 << 64:
+            raise ValueError(f"{where}: {kind} {qid} field 'base' value {queue.base:#x} is not a page-aligned address")
 
-    def restore(self, state: dict[str, Any]) -> None:
-        require_fields(self.name, state, {"pci": dict, "nvme": dict, "device": dict})
+    def restore(self, state: NvmeState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state["device"], {"path": str, "capacity_lbas": int, "serial": str})
-        if state["device"]["capacity_lbas"] != self.capacity:
-            raise ValueError(f"{where}: saved with an image of {state['device']['capacity_lbas']} blocks; {self.path!r} has {self.capacity}")
-        if state["device"]["serial"] != self.serial:
-            raise ValueError(f"{where}: saved with serial {state['device']['serial']!r}; configured {self.serial!r} (the 'ser' option)")
-        sqs, cqs = self._check_nvme(state["nvme"])
+        if state.device.capacity_lbas != self.capacity:
+            raise ValueError(f"{where}: saved with an image of {state.device.capacity_lbas} blocks; {self.path!r} has {self.capacity}")
+        if state.device.serial != self.serial:
+            raise ValueError(f"{where}: saved with serial {state.device.serial!r}; configured {self.serial!r} (the 'ser' option)")
+        sqs, cqs = self._check_nvme(state.nvme)
         before = self.save_pci()
-        self.restore_pci(state["pci"])
-        nvme = state["nvme"]
-        level = not nvme["intms"] & 1 and any(cq.ien and cq.unreleased for cq in cqs.values())
+        self.restore_pci(state.pci)
+        nvme = state.nvme
+        level = not nvme.intms & 1 and any(cq.ien and cq.unreleased for cq in cqs.values())
         if level != self.intx_level:
             saved_level = self.intx_level
             self.restore_pci(before)
             raise ValueError(f"{self.name}: saved INTx level {saved_level} disagrees with the completion queues and mask (level {level})")
-        self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms = (nvme[k] for k in ("cc", "csts", "aqa", "asq", "acq", "intms"))
-        self.error = nvme.get("error")
+        self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms = nvme.cc, nvme.csts, nvme.aqa, nvme.asq, nvme.acq, nvme.intms
+        self.error = nvme.error
         self.sqs, self.cqs = sqs, cqs
 
     def close(self) -> None:

@@ -23,8 +23,8 @@ What bhyve's pci_emul.c does, in vmmpy's terms:
   Lines are shared: a pin is asserted while any function on it asserts (and has INTx enabled).
 
 State: every PCI function saves its config space, its BARs ``{kind, size, addr}`` and its INTx
-level under ``"pci"`` in its section; device models add their own fields beside it. The bus
-saves the configuration address latch as section ``pci``.
+level (``PciState``) under ``"pci"`` in its section; device models add their own fields beside
+it. The bus saves the configuration address latch as section ``pci``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Device, require_fields
+from .base import Device
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,41 @@ IO_WINDOW = (0x2000, 0x10000)
 MMIO_WINDOW = (0xC000_0000, 0xE000_0000)
 INTX_FIRST_PIN = 16
 INTX_PINS = 8
+
+
+@dataclass
+class BarState:
+    index: int
+    kind: str
+    size: int
+    addr: int
+
+
+@dataclass
+class PciState:
+    """A function's PCI part, nested in its device's section (versioned with it)."""
+
+    config: bytes
+    bars: list[BarState]
+    intx_level: bool
+
+
+@dataclass
+class PciFunctionState:
+    """The section of a function with nothing but its PCI part (hostbridge, lpc)."""
+
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+
+
+@dataclass
+class PciBusState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    config_address: int
 
 
 class PciConfigError(ValueError):
@@ -148,6 +183,7 @@ class PciFunction(Device):
     IDs, add BARs in ``__init__`` and override :meth:`bar_read` / :meth:`bar_write`."""
 
     EMULATION: ClassVar[str] = ""
+    STATE: ClassVar[type] = PciFunctionState
     VENDOR_ID: ClassVar[int] = 0
     DEVICE_ID: ClassVar[int] = 0
     CLASS: ClassVar[int] = 0
@@ -344,47 +380,44 @@ class PciFunction(Device):
             self._intx_listener(self)
 
     # ---- state -------------------------------------------------------------------------------
-    def save_pci(self) -> dict[str, Any]:
-        return {
-            "config": bytes(self.config),
-            "bars": [{"index": b.index, "kind": b.kind, "size": b.size, "addr": b.addr} for b in sorted(self.bars.values(), key=lambda b: b.index)],
-            "intx_level": self.intx_level,
-        }
+    def save_pci(self) -> PciState:
+        return PciState(
+            config=bytes(self.config),
+            bars=[BarState(b.index, b.kind, b.size, b.addr) for b in sorted(self.bars.values(), key=lambda b: b.index)],
+            intx_level=self.intx_level,
+        )
 
-    def restore_pci(self, state: dict[str, Any]) -> None:
+    def restore_pci(self, state: PciState) -> None:
         """Check a saved ``pci`` field against this function, then load it."""
         where = f"{self.name}: pci"
-        require_fields(where, state, {"config": bytes, "bars": list, "intx_level": bool})
-        config = state["config"]
+        config = state.config
         if len(config) != CONFIG_SPACE_SIZE:
             raise ValueError(f"{where}: field 'config' holds {len(config)} bytes, expected {CONFIG_SPACE_SIZE}")
         ids = int.from_bytes(config[0:4], "little")
         mine = self._get(0, 4)
         if ids != mine:
             raise ValueError(f"{where}: saved vendor/device {ids:#010x} is not this function's {mine:#010x}")
-        saved_bars = state["bars"]
+        saved_bars = state.bars
         if len(saved_bars) != len(self.bars):
             raise ValueError(f"{where}: field 'bars' has {len(saved_bars)} BARs, this function has {len(self.bars)}")
         for item in saved_bars:
-            require_fields(f"{where}: bars", item, {"index": int, "kind": str, "size": int, "addr": int})
-            bar = self.bars.get(item["index"])
-            if bar is None or (bar.kind, bar.size) != (item["kind"], item["size"]):
-                raise ValueError(f"{where}: BAR {item['index']} was saved as {item['kind']} of {item['size']:#x} bytes; "
+            bar = self.bars.get(item.index)
+            if bar is None or (bar.kind, bar.size) != (item.kind, item.size):
+                raise ValueError(f"{where}: BAR {item.index} was saved as {item.kind} of {item.size:#x} bytes; "
                                  f"this function has {'none' if bar is None else f'{bar.kind} of {bar.size:#x} bytes'}")
             width = 64 if bar.kind == "mem64" else 32
-            if not 0 <= item["addr"] < (1 << width) or item["addr"] % bar.size:
-                raise ValueError(f"{where}: BAR {item['index']} address {item['addr']:#x} is not a {bar.size:#x}-aligned {width}-bit address")
+            if not 0 <= item.addr < (1 << width) or item.addr % bar.size:
+                raise ValueError(f"{where}: BAR {item.index} address {item.addr:#x} is not a {bar.size:#x}-aligned {width}-bit address")
         self.config[:] = config
         for item in saved_bars:
-            self.bars[item["index"]].addr = item["addr"]
-        self.intx_level = state["intx_level"]
+            self.bars[item.index].addr = item.addr
+        self.intx_level = state.intx_level
 
-    def save(self) -> dict[str, Any]:
-        return {"pci": self.save_pci()}
+    def save(self) -> Any:
+        return PciFunctionState(self.save_pci())
 
-    def restore(self, state: dict[str, Any]) -> None:
-        require_fields(self.name, state, {"pci": dict})
-        self.restore_pci(state["pci"])
+    def restore(self, state: Any) -> None:
+        self.restore_pci(state.pci)
 
 
 class HostBridge(PciFunction):
@@ -395,7 +428,6 @@ class HostBridge(PciFunction):
     DEVICE_ID = 0x1275
     CLASS = 0x06
     SUBCLASS = 0x00
-    VERSION = 1
 
     def __init__(self, host: PciHost, bus: int, slot: int, func: int, conf: str | None = None) -> None:
         super().__init__(host, bus, slot, func, conf)
@@ -412,7 +444,6 @@ class LpcBridge(PciFunction):
     DEVICE_ID = 0x7000
     CLASS = 0x06
     SUBCLASS = 0x01
-    VERSION = 1
 
     def __init__(self, host: PciHost, bus: int, slot: int, func: int, conf: str | None = None) -> None:
         if bus != 0:
@@ -425,7 +456,7 @@ class PciBus(Device):
     """Configuration mechanism #1 and the set of functions; routes INTx to I/O APIC pins."""
 
     SECTION = "pci"
-    VERSION = 1
+    STATE = PciBusState
 
     def __init__(self, set_pin: Callable[[int, bool], None]) -> None:
         self.port_ranges = [(CONFIG_ADDRESS_PORT, 1), (CONFIG_DATA_PORT, 4)]
@@ -535,12 +566,11 @@ class PciBus(Device):
         self._pin_levels = {pin: self._level_of(pin) for pin in range(INTX_FIRST_PIN, INTX_FIRST_PIN + INTX_PINS)}
 
     # ---- state -------------------------------------------------------------------------------
-    def save(self) -> dict[str, Any]:
-        return {"config_address": self.config_address}
+    def save(self) -> PciBusState:
+        return PciBusState(self.config_address)
 
-    def restore(self, state: dict[str, Any]) -> None:
-        require_fields(self.name, state, {"config_address": int})
-        value = state["config_address"]
+    def restore(self, state: PciBusState) -> None:
+        value = state.config_address
         if value & ~0x80FF_FFFC or value < 0:
             raise ValueError(f"{self.name}: field 'config_address' value {value:#x} has bits a config address cannot have")
         self.config_address = value

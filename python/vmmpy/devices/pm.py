@@ -7,10 +7,11 @@ The device only tells its ``suspend(how)`` callback; the VM does the suspending.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ..vmm.ioctl import SuspendHow
-from .base import Device, require_fields
+from .base import Device
 
 PM1A_CNT_PORT = 0x404
 RESET_PORT = 0xCF9
@@ -23,9 +24,18 @@ RESET_CPU = 0x04
 RESET_SYSTEM = 0x02
 
 
+@dataclass
+class PmState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pm1_control: int
+    reset_control: int
+
+
 class PowerManagement(Device):
     SECTION = "pm"
-    VERSION = 1
+    STATE = PmState
 
     def __init__(self, suspend: Callable[[SuspendHow], None]) -> None:
         self.port_ranges = [(PM1A_CNT_PORT, 2), (RESET_PORT, 1)]
@@ -52,10 +62,9 @@ class PowerManagement(Device):
         if value & SLP_EN and sleep_type == SLP_TYP_S5:
             self.suspend(SuspendHow.POWEROFF)
 
-    def save(self) -> dict[str, Any]:
-        return {"pm1_control": self.pm1_control, "reset_control": self.reset_control}
+    def save(self) -> PmState:
+        return PmState(self.pm1_control, self.reset_control)
 
-    def restore(self, state: dict[str, Any]) -> None:
-        require_fields(self.name, state, {"pm1_control": int, "reset_control": int})
-        self.pm1_control = state["pm1_control"] & 0xFFFF
-        self.reset_control = state["reset_control"] & 0xFF
+    def restore(self, state: PmState) -> None:
+        self.pm1_control = state.pm1_control & 0xFFFF
+        self.reset_control = state.reset_control & 0xFF

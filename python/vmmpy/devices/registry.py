@@ -27,13 +27,23 @@ PCI_EMULATIONS: dict[str, type[PciFunction]] = {
 LEGACY_SECTIONS: dict[str, type] = {"lpc.com1": Uart, "lpc.com2": Uart, PowerManagement.SECTION: PowerManagement, PciBus.SECTION: PciBus}
 
 
-def device_sections(pci_names: list[str]) -> dict[str, int]:
-    """Section name -> version for a machine with these PCI functions (``EMU@pci.B.S.F``)."""
-    sections = {name: cls.VERSION for name, cls in LEGACY_SECTIONS.items()}
+def device_states(pci_names: list[str]) -> dict[str, type]:
+    """Section name -> state declaration for a machine with these PCI functions (``EMU@pci.B.S.F``)."""
+    states = {name: cls.STATE for name, cls in LEGACY_SECTIONS.items()}
     for name in pci_names:
         emulation = name.partition("@")[0]
         cls = PCI_EMULATIONS.get(emulation)
         if cls is None:
             raise ValueError(f"unknown PCI emulation '{emulation}' (this vmmpy has: {', '.join(PCI_EMULATIONS)})")
-        sections[name] = cls.VERSION
-    return sections
+        states[name] = cls.STATE
+    return states
+
+
+def device_sections(pci_names: list[str]) -> dict[str, int]:
+    """Section name -> the version this vmmpy writes, for a machine with these PCI functions."""
+    return {name: state.VERSION for name, state in device_states(pci_names).items()}
+
+
+def state_declarations() -> list[type]:
+    """Every device state declaration this vmmpy has."""
+    return list({cls.STATE: None for cls in (*LEGACY_SECTIONS.values(), *PCI_EMULATIONS.values())})

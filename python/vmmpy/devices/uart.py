@@ -16,9 +16,10 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from dataclasses import dataclass
+from typing import BinaryIO, ClassVar
 
-from .base import Device, require_fields
+from .base import Device
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 COM2_BASE, COM2_IRQ = 0x2F8, 3
@@ -121,9 +122,29 @@ class CaptureConsole(ConsoleBackend):
         self.output += data
 
 
+_REGISTERS = ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlh")
+
+
+@dataclass
+class UartState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    fcr: int
+    dll: int
+    dlh: int
+    rx_fifo: list[int]
+    thre_pending: bool
+    irq_level: bool
+
+
 class Uart(Device):
     SECTION = "uart"
-    VERSION = 1
+    STATE = UartState
 
     def __init__(self, name: str, base: int, backend: ConsoleBackend | None, irq: Callable[[bool], None] | None = None) -> None:
         self._name = name
@@ -246,30 +267,24 @@ class Uart(Device):
         if self.backend is not None:
             self.backend.flush()
 
-    def save(self) -> dict[str, Any]:
+    def save(self) -> UartState:
         with self._lock:
-            return {
-                "ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr, "fcr": self.fcr,
-                "dll": self.dll, "dlh": self.dlh, "rx_fifo": list(self.rx),
-                "thre_pending": self.thre_pending, "irq_level": self._irq_level,
-            }
+            return UartState(**{reg: getattr(self, reg) for reg in _REGISTERS}, rx_fifo=list(self.rx),
+                             thre_pending=self.thre_pending, irq_level=self._irq_level)
 
-    def restore(self, state: dict[str, Any]) -> None:
-        fields = {"ier": int, "lcr": int, "mcr": int, "scr": int, "fcr": int, "dll": int, "dlh": int,
-                  "rx_fifo": list, "thre_pending": bool, "irq_level": bool}
-        require_fields(self.name, state, fields)
-        fifo = state["rx_fifo"]
-        if len(fifo) > FIFO_SIZE or not all(isinstance(b, int) and 0 <= b <= 255 for b in fifo):
+    def restore(self, state: UartState) -> None:
+        fifo = state.rx_fifo
+        if len(fifo) > FIFO_SIZE or not all(0 <= b <= 255 for b in fifo):
             raise ValueError(f"{self.name}: field 'rx_fifo' must hold at most {FIFO_SIZE} bytes, got {fifo!r}")
-        for reg in ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlh"):
-            if not 0 <= state[reg] <= 0xFF:
-                raise ValueError(f"{self.name}: register '{reg}' value {state[reg]} is not a byte")
+        for reg in _REGISTERS:
+            if not 0 <= getattr(state, reg) <= 0xFF:
+                raise ValueError(f"{self.name}: register '{reg}' value {getattr(state, reg)} is not a byte")
         with self._lock:
-            for reg in ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlh"):
-                setattr(self, reg, state[reg])
+            for reg in _REGISTERS:
+                setattr(self, reg, getattr(state, reg))
             self.rx = collections.deque(fifo)
-            self.thre_pending = state["thre_pending"]
-            self._irq_level = state["irq_level"]
+            self.thre_pending = state.thre_pending
+            self._irq_level = state.irq_level
 
     def close(self) -> None:
         if self.backend is not None:

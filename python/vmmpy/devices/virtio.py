@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..memory import LazyMemoryError
-from .base import require_fields
 from .pci import PciFunction, PciHost
 
 log = logging.getLogger(__name__)
@@ -98,6 +97,27 @@ PAGE_SHIFT = 12
 _DESC = struct.Struct("<QIHH")
 #: Largest total buffer size of one chain the devices accept (a sanity bound, not a feature).
 MAX_CHAIN_BYTES = 16 << 20
+
+
+@dataclass
+class QueueState:
+    size: int
+    pfn: int
+    last_avail: int
+    next_used: int
+
+
+@dataclass
+class VirtioState:
+    """The virtio part of a device's section (under ``"virtio"``), versioned with it."""
+
+    host_features: int
+    guest_features: int
+    status: int
+    isr: int
+    queue_select: int
+    error: str | None
+    queues: list[QueueState]
 
 
 class VirtioError(Exception):
@@ -279,20 +299,19 @@ class Virtqueue:
         return done
 
     # ---- state -------------------------------------------------------------------------------
-    def save(self) -> dict[str, Any]:
-        return {"size": self.size, "pfn": self.pfn, "last_avail": self.last_avail, "next_used": self.next_used}
+    def save(self) -> QueueState:
+        return QueueState(self.size, self.pfn, self.last_avail, self.next_used)
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: QueueState) -> None:
         where = f"{self._where()}: state"
-        require_fields(where, state, {"size": int, "pfn": int, "last_avail": int, "next_used": int})
-        if state["size"] != self.size:
-            raise ValueError(f"{where}: saved queue size {state['size']} is not this device's {self.size}")
-        if not 0 <= state["pfn"] < (1 << 32):
-            raise ValueError(f"{where}: field 'pfn' value {state['pfn']:#x} is not a 32-bit page number")
+        if state.size != self.size:
+            raise ValueError(f"{where}: saved queue size {state.size} is not this device's {self.size}")
+        if not 0 <= state.pfn < (1 << 32):
+            raise ValueError(f"{where}: field 'pfn' value {state.pfn:#x} is not a 32-bit page number")
         for key in ("last_avail", "next_used"):
-            if not 0 <= state[key] <= 0xFFFF:
-                raise ValueError(f"{where}: field '{key}' value {state[key]} is not a 16-bit index")
-        self.pfn, self.last_avail, self.next_used = state["pfn"], state["last_avail"], state["next_used"]
+            if not 0 <= getattr(state, key) <= 0xFFFF:
+                raise ValueError(f"{where}: field '{key}' value {getattr(state, key)} is not a 16-bit index")
+        self.pfn, self.last_avail, self.next_used = state.pfn, state.last_avail, state.next_used
 
 
 class VirtioPciDevice(PciFunction):
@@ -445,61 +464,49 @@ class VirtioPciDevice(PciFunction):
     def device_reset(self) -> None:
         """Device-specific state back to power-on."""
 
-    def save_device(self) -> dict[str, Any]:
-        return {}
+    def save_device(self) -> Any:
+        """The device-specific part of the section (the ``device`` field of ``STATE``)."""
+        raise NotImplementedError
 
-    def restore_device(self, state: dict[str, Any]) -> None:
-        pass
+    def restore_device(self, state: Any) -> None:
+        raise NotImplementedError
 
     # ---- state -------------------------------------------------------------------------------
-    def save_virtio(self) -> dict[str, Any]:
-        return {
-            "host_features": self.host_features,
-            "guest_features": self.guest_features,
-            "status": self.status,
-            "isr": self.isr,
-            "queue_select": self.queue_select,
-            "error": self.error,
-            "queues": [queue.save() for queue in self.queues],
-        }
+    def save_virtio(self) -> VirtioState:
+        return VirtioState(self.host_features, self.guest_features, self.status, self.isr, self.queue_select, self.error,
+                           [queue.save() for queue in self.queues])
 
-    def restore_virtio(self, state: dict[str, Any]) -> None:
+    def restore_virtio(self, state: VirtioState) -> None:
         where = f"{self.name}: virtio"
-        require_fields(where, state, {"host_features": int, "guest_features": int, "status": int, "isr": int,
-                                      "queue_select": int, "queues": list})
-        if state["host_features"] != self.host_features:
-            raise ValueError(f"{where}: saved host features {state['host_features']:#x} differ from this device's "
+        if state.host_features != self.host_features:
+            raise ValueError(f"{where}: saved host features {state.host_features:#x} differ from this device's "
                              f"{self.host_features:#x} (different options?)")
-        if state["guest_features"] & ~self.host_features:
-            raise ValueError(f"{where}: field 'guest_features' value {state['guest_features']:#x} has features the device does not offer")
+        if state.guest_features & ~self.host_features:
+            raise ValueError(f"{where}: field 'guest_features' value {state.guest_features:#x} has features the device does not offer")
         for key, limit in (("status", 0xFF), ("isr", 0x3), ("queue_select", 0xFFFF)):
-            if not 0 <= state[key] <= limit:
-                raise ValueError(f"{where}: field '{key}' value {state[key]} out of range (0..{limit})")
-        error = state.get("error")
-        if error is not None and not isinstance(error, str):
-            raise ValueError(f"{where}: field 'error' must be a string or null, got {error!r}")
-        if len(state["queues"]) != len(self.queues):
-            raise ValueError(f"{where}: field 'queues' has {len(state['queues'])} queues, this device has {len(self.queues)}")
-        for queue, saved in zip(self.queues, state["queues"]):
+            if not 0 <= getattr(state, key) <= limit:
+                raise ValueError(f"{where}: field '{key}' value {getattr(state, key)} out of range (0..{limit})")
+        if len(state.queues) != len(self.queues):
+            raise ValueError(f"{where}: field 'queues' has {len(state.queues)} queues, this device has {len(self.queues)}")
+        for queue, saved in zip(self.queues, state.queues):
             queue.restore(saved)
-        self.guest_features, self.status, self.isr = state["guest_features"], state["status"], state["isr"]
-        self.queue_select, self.error = state["queue_select"], error
+        self.guest_features, self.status, self.isr = state.guest_features, state.status, state.isr
+        self.queue_select, self.error = state.queue_select, state.error
 
-    def save(self) -> dict[str, Any]:
-        return {"pci": self.save_pci(), "virtio": self.save_virtio(), "device": self.save_device()}
+    def save(self) -> Any:
+        return self.STATE(pci=self.save_pci(), virtio=self.save_virtio(), device=self.save_device())
 
-    def restore(self, state: dict[str, Any]) -> None:
-        require_fields(self.name, state, {"pci": dict, "virtio": dict, "device": dict})
+    def restore(self, state: Any) -> None:
         before = self.save()
         try:
-            self.restore_pci(state["pci"])
-            self.restore_virtio(state["virtio"])
-            self.restore_device(state["device"])
+            self.restore_pci(state.pci)
+            self.restore_virtio(state.virtio)
+            self.restore_device(state.device)
             if bool(self.isr) != self.intx_level:
                 raise ValueError(f"{self.name}: saved ISR {self.isr:#x} and INTx level {self.intx_level} disagree")
         except (KeyError, TypeError, ValueError):
             # A refused state changes nothing: put back what was there.
-            self.restore_pci(before["pci"])
-            self.restore_virtio(before["virtio"])
-            self.restore_device(before["device"])
+            self.restore_pci(before.pci)
+            self.restore_virtio(before.virtio)
+            self.restore_device(before.device)
             raise

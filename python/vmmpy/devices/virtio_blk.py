@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import require_fields
 from .disk import open_image
-from .pci import PciConfigError, PciHost, parse_options
-from .virtio import Chain, VirtioError, VirtioPciDevice, Virtqueue
+from .pci import PciConfigError, PciHost, PciState, parse_options
+from .virtio import Chain, VirtioError, VirtioPciDevice, VirtioState, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,31 @@ QUEUE_SIZE = 128
 _HEADER = struct.Struct("<IIQ")
 
 
+@dataclass
+class BlockDeviceState:
+    path: str
+    capacity_sectors: int
+    read_only: bool
+    serial: str
+
+
+@dataclass
+class VirtioBlockState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    virtio: VirtioState
+    device: BlockDeviceState
+
+
 class VirtioBlock(VirtioPciDevice):
     EMULATION = "virtio-blk"
     DEVICE_ID = 0x1001
     SUBSYSTEM_ID = 2  # virtio device type: block
     CLASS = 0x01  # mass storage
     SUBCLASS = 0x80  # other
-    VERSION = 1
+    STATE = VirtioBlockState
     QUEUE_SIZES = (QUEUE_SIZE,)
     CONFIG_SIZE = 24
     OPTIONS_HELP = "PATH[,ro][,ser=SERIAL]"
@@ -155,19 +173,18 @@ class VirtioBlock(VirtioPciDevice):
         if not self.read_only:
             os.fsync(self.fd)
 
-    def save_device(self) -> dict[str, Any]:
-        return {"path": self.path, "capacity_sectors": self.capacity, "read_only": self.read_only, "serial": self.serial}
+    def save_device(self) -> BlockDeviceState:
+        return BlockDeviceState(path=self.path, capacity_sectors=self.capacity, read_only=self.read_only, serial=self.serial)
 
-    def restore_device(self, state: dict[str, Any]) -> None:
+    def restore_device(self, state: BlockDeviceState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state, {"path": str, "capacity_sectors": int, "read_only": bool, "serial": str})
-        if state["capacity_sectors"] != self.capacity:
-            raise ValueError(f"{where}: saved with an image of {state['capacity_sectors']} sectors; {self.path!r} has {self.capacity}")
-        if state["read_only"] != self.read_only:
-            raise ValueError(f"{where}: saved {'read-only' if state['read_only'] else 'read-write'}; configured "
+        if state.capacity_sectors != self.capacity:
+            raise ValueError(f"{where}: saved with an image of {state.capacity_sectors} sectors; {self.path!r} has {self.capacity}")
+        if state.read_only != self.read_only:
+            raise ValueError(f"{where}: saved {'read-only' if state.read_only else 'read-write'}; configured "
                              f"{'read-only' if self.read_only else 'read-write'} (the 'ro' option)")
-        if state["serial"] != self.serial:
-            raise ValueError(f"{where}: saved with serial {state['serial']!r}; configured {self.serial!r} (the 'ser' option)")
+        if state.serial != self.serial:
+            raise ValueError(f"{where}: saved with serial {state.serial!r}; configured {self.serial!r} (the 'ser' option)")
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -16,16 +16,31 @@ already written to the backend belongs to the backend. Pause flushes the backend
 from __future__ import annotations
 
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import require_fields
-from .pci import PciConfigError, PciHost, parse_options
+from .pci import PciConfigError, PciHost, PciState, parse_options
 from .uart import ConsoleBackend, FileConsole, StdioConsole
-from .virtio import VirtioError, VirtioPciDevice, Virtqueue
+from .virtio import VirtioError, VirtioPciDevice, VirtioState, Virtqueue
 
 QUEUE_SIZE = 64
 RECEIVEQ, TRANSMITQ = 0, 1
 INPUT_LIMIT = 4096
+
+
+@dataclass
+class ConsoleDeviceState:
+    pending_input: bytes
+
+
+@dataclass
+class VirtioConsoleState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    virtio: VirtioState
+    device: ConsoleDeviceState
 
 
 class VirtioConsole(VirtioPciDevice):
@@ -34,7 +49,7 @@ class VirtioConsole(VirtioPciDevice):
     SUBSYSTEM_ID = 3  # virtio device type: console
     CLASS = 0x07  # simple communication controller
     SUBCLASS = 0x80  # other
-    VERSION = 1
+    STATE = VirtioConsoleState
     QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE)
     CONFIG_SIZE = 8
     OPTIONS_HELP = "[stdio|PATH]"
@@ -109,15 +124,14 @@ class VirtioConsole(VirtioPciDevice):
         if self.backend is not None:
             self.backend.flush()
 
-    def save_device(self) -> dict[str, Any]:
-        return {"pending_input": bytes(self.pending_input)}
+    def save_device(self) -> ConsoleDeviceState:
+        return ConsoleDeviceState(pending_input=bytes(self.pending_input))
 
-    def restore_device(self, state: dict[str, Any]) -> None:
+    def restore_device(self, state: ConsoleDeviceState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state, {"pending_input": bytes})
-        if len(state["pending_input"]) > INPUT_LIMIT:
-            raise ValueError(f"{where}: field 'pending_input' holds {len(state['pending_input'])} bytes, more than {INPUT_LIMIT}")
-        self.pending_input = bytearray(state["pending_input"])
+        if len(state.pending_input) > INPUT_LIMIT:
+            raise ValueError(f"{where}: field 'pending_input' holds {len(state.pending_input)} bytes, more than {INPUT_LIMIT}")
+        self.pending_input = bytearray(state.pending_input)
 
     def close(self) -> None:
         if self.backend is not None:

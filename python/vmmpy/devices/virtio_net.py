@@ -46,11 +46,11 @@ import logging
 import select
 import socket
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import require_fields
-from .pci import PciConfigError, PciHost, parse_options
-from .virtio import ISR_CONFIG, VirtioError, VirtioPciDevice, Virtqueue
+from .pci import PciConfigError, PciHost, PciState, parse_options
+from .virtio import ISR_CONFIG, VirtioError, VirtioPciDevice, VirtioState, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,31 @@ def parse_peer(device: str, text: str) -> tuple[str, int]:
     return host, port
 
 
+@dataclass
+class NetDeviceState:
+    mac: str
+    link_up: bool
+    pending: list[bytes]
+    peer: str
+
+
+@dataclass
+class VirtioNetState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    virtio: VirtioState
+    device: NetDeviceState
+
+
 class VirtioNet(VirtioPciDevice):
     EMULATION = "virtio-net"
     DEVICE_ID = 0x1000
     SUBSYSTEM_ID = 1  # virtio device type: network
     CLASS = 0x02  # network controller
     SUBCLASS = 0x00  # Ethernet
-    VERSION = 1
+    STATE = VirtioNetState
     QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE)
     CONFIG_SIZE = 8
     OPTIONS_HELP = "peer=HOST:PORT[,mac=MAC]"
@@ -240,21 +258,20 @@ class VirtioNet(VirtioPciDevice):
                 return
             self._poll_socket()
 
-    def save_device(self) -> dict[str, Any]:
-        return {"mac": format_mac(self.mac), "link_up": self.link_up, "pending": list(self.pending), "peer": self.peer_text}
+    def save_device(self) -> NetDeviceState:
+        return NetDeviceState(mac=format_mac(self.mac), link_up=self.link_up, pending=list(self.pending), peer=self.peer_text)
 
-    def restore_device(self, state: dict[str, Any]) -> None:
+    def restore_device(self, state: NetDeviceState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state, {"mac": str, "link_up": bool, "pending": list, "peer": str})
-        if state["mac"] != format_mac(self.mac):
-            raise ValueError(f"{where}: saved with mac {state['mac']}; this device has {format_mac(self.mac)} (mac= option)")
-        pending = state["pending"]
+        if state.mac != format_mac(self.mac):
+            raise ValueError(f"{where}: saved with mac {state.mac}; this device has {format_mac(self.mac)} (mac= option)")
+        pending = state.pending
         if len(pending) > PENDING_LIMIT:
             raise ValueError(f"{where}: field 'pending' holds {len(pending)} frames, more than {PENDING_LIMIT}")
         for i, frame in enumerate(pending):
             if not isinstance(frame, bytes) or not MIN_FRAME <= len(frame) <= MAX_FRAME:
                 raise ValueError(f"{where}: field 'pending' entry {i} is not a frame of {MIN_FRAME}..{MAX_FRAME} bytes")
-        self.link_up = state["link_up"]
+        self.link_up = state.link_up
         self.pending = collections.deque(pending)
 
     def close(self) -> None:

@@ -15,11 +15,11 @@ exactly. A restore refuses a seeded state into an unseeded device and the revers
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import require_fields
-from .pci import PciConfigError, PciHost, parse_options
-from .virtio import VirtioError, VirtioPciDevice, Virtqueue
+from .pci import PciConfigError, PciHost, PciState, parse_options
+from .virtio import VirtioError, VirtioPciDevice, VirtioState, Virtqueue
 
 MASK64 = (1 << 64) - 1
 XORSHIFT_MULTIPLIER = 0x2545F4914F6CDD1D
@@ -56,13 +56,30 @@ class SeededStream:
         return bytes(out)
 
 
+@dataclass
+class RandomDeviceState:
+    seeded: bool
+    stream_state: int
+    stream_tail: bytes
+
+
+@dataclass
+class VirtioRandomState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    virtio: VirtioState
+    device: RandomDeviceState
+
+
 class VirtioRandom(VirtioPciDevice):
     EMULATION = "virtio-rnd"
     DEVICE_ID = 0x1005
     SUBSYSTEM_ID = 4  # virtio device type: entropy
     CLASS = 0x10  # encryption/decryption controller, as bhyve
     SUBCLASS = 0x80
-    VERSION = 1
+    STATE = VirtioRandomState
     QUEUE_SIZES = (QUEUE_SIZE,)
     OPTIONS_HELP = "[seed=N]"
 
@@ -96,18 +113,17 @@ class VirtioRandom(VirtioPciDevice):
         finally:
             self.signal(queue, completed)
 
-    def save_device(self) -> dict[str, Any]:
+    def save_device(self) -> RandomDeviceState:
         if self.stream is None:
-            return {"seeded": False, "stream_state": 0, "stream_tail": b""}
-        return {"seeded": True, "stream_state": self.stream.state, "stream_tail": self.stream.tail}
+            return RandomDeviceState(seeded=False, stream_state=0, stream_tail=b"")
+        return RandomDeviceState(seeded=True, stream_state=self.stream.state, stream_tail=self.stream.tail)
 
-    def restore_device(self, state: dict[str, Any]) -> None:
+    def restore_device(self, state: RandomDeviceState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state, {"seeded": bool, "stream_state": int, "stream_tail": bytes})
-        if state["seeded"] != (self.stream is not None):
-            raise ValueError(f"{where}: saved {'with' if state['seeded'] else 'without'} a seed; configured "
+        if state.seeded != (self.stream is not None):
+            raise ValueError(f"{where}: saved {'with' if state.seeded else 'without'} a seed; configured "
                              f"{'with' if self.stream is not None else 'without'} one (the 'seed' option)")
         if self.stream is not None:
-            if not 1 <= state["stream_state"] <= MASK64 or len(state["stream_tail"]) >= 8:
-                raise ValueError(f"{where}: stream state {state['stream_state']:#x} / tail of {len(state['stream_tail'])} bytes is not a valid xorshift state")
-            self.stream.state, self.stream.tail = state["stream_state"], bytes(state["stream_tail"])
+            if not 1 <= state.stream_state <= MASK64 or len(state.stream_tail) >= 8:
+                raise ValueError(f"{where}: stream state {state.stream_state:#x} / tail of {len(state.stream_tail)} bytes is not a valid xorshift state")
+            self.stream.state, self.stream.tail = state.stream_state, bytes(state.stream_tail)

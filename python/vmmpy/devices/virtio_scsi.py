@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import require_fields
 from .disk import open_image
-from .pci import PciConfigError, PciHost, parse_options
-from .virtio import VirtioError, VirtioPciDevice, Virtqueue
+from .pci import PciConfigError, PciHost, PciState, parse_options
+from .virtio import VirtioError, VirtioPciDevice, VirtioState, Virtqueue
 
 QUEUE_SIZE = 128
 CONTROLQ, EVENTQ, REQUESTQ = 0, 1, 2
@@ -60,13 +60,31 @@ def fixed_sense(key: int, asc: int, ascq: int = 0) -> bytes:
     return bytes((0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0))
 
 
+@dataclass
+class ScsiDeviceState:
+    path: str
+    capacity_sectors: int
+    read_only: bool
+    sense: bytes
+
+
+@dataclass
+class VirtioScsiState:
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+
+    pci: PciState
+    virtio: VirtioState
+    device: ScsiDeviceState
+
+
 class VirtioScsi(VirtioPciDevice):
     EMULATION = "virtio-scsi"
     DEVICE_ID = 0x1004
     SUBSYSTEM_ID = 8  # virtio device type: SCSI host
     CLASS = 0x01  # mass storage
     SUBCLASS = 0x00  # SCSI
-    VERSION = 1
+    STATE = VirtioScsiState
     QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
     CONFIG_SIZE = 36
     OPTIONS_HELP = "PATH[,ro]"
@@ -190,21 +208,20 @@ class VirtioScsi(VirtioPciDevice):
     def device_reset(self) -> None:
         self.sense = fixed_sense(KEY_NONE, 0)
 
-    def save_device(self) -> dict[str, Any]:
-        return {"path": self.path, "capacity_sectors": self.capacity, "read_only": self.read_only, "sense": self.sense}
+    def save_device(self) -> ScsiDeviceState:
+        return ScsiDeviceState(path=self.path, capacity_sectors=self.capacity, read_only=self.read_only, sense=self.sense)
 
-    def restore_device(self, state: dict[str, Any]) -> None:
+    def restore_device(self, state: ScsiDeviceState) -> None:
         where = f"{self.name}: device"
-        require_fields(where, state, {"path": str, "capacity_sectors": int, "read_only": bool, "sense": bytes})
-        if state["capacity_sectors"] != self.capacity:
-            raise ValueError(f"{where}: saved with an image of {state['capacity_sectors']} sectors; "
+        if state.capacity_sectors != self.capacity:
+            raise ValueError(f"{where}: saved with an image of {state.capacity_sectors} sectors; "
                              f"'{self.path}' has {self.capacity}")
-        if state["read_only"] != self.read_only:
-            raise ValueError(f"{where}: saved {'read-only' if state['read_only'] else 'read-write'}, "
+        if state.read_only != self.read_only:
+            raise ValueError(f"{where}: saved {'read-only' if state.read_only else 'read-write'}, "
                              f"this device is {'read-only' if self.read_only else 'read-write'}")
-        if len(state["sense"]) != 18:
-            raise ValueError(f"{where}: field 'sense' holds {len(state['sense'])} bytes, not 18")
-        self.sense = state["sense"]
+        if len(state.sense) != 18:
+            raise ValueError(f"{where}: field 'sense' holds {len(state.sense)} bytes, not 18")
+        self.sense = state.sense
 
     def close(self) -> None:
         try:

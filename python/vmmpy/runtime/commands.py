@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from ..devices.lpc import console_backend
-from ..devices.registry import device_sections
 from ..devices.uart import CaptureConsole, ConsoleBackend
 from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats, estimate, estimate_warm
 from ..migration.net import format_address, is_local_address, measure_local_throughput
@@ -39,7 +38,7 @@ from ..snapshot.files import Checkpoint, read_checkpoint
 from ..snapshot.meta import check_field
 from ..snapshot.schema import array, integer, record, string
 from ..state import SectionError, SectionRegistry
-from ..state.kernel import KERNEL_SECTIONS
+from ..state.kernel import configured_registry
 from .config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
 from .guest_handle import MachineHandle
 from .process import Machine
@@ -88,14 +87,10 @@ def basic_metadata(config: VmConfig) -> dict[str, Any]:
 def static_registry(config: VmConfig) -> SectionRegistry:
     """What a machine built from ``config`` reads, known before the machine exists: the kernel
     sections and, from the device classes themselves, every device section its options make."""
-    registry = SectionRegistry({name: version for name, _, version in KERNEL_SECTIONS})
     try:
-        sections = device_sections([slot.pci_name for slot in config.slots])
+        return configured_registry([slot.pci_name for slot in config.slots])
     except ValueError as err:
         raise SectionError(str(err)) from None
-    for name, version in sections.items():
-        registry.register(name, version)
-    return registry
 
 
 def restore_machine(

@@ -19,8 +19,7 @@ from typing import Any
 from ..memory import GuestMemory
 from ..state import Section
 from ..state.handle import spec_mismatches
-from ..state.kernel import check_sections, restore_sections, save_sections, section_registry
-from ..vmm.interfaces import resolve_state_types
+from ..state.kernel import check_sections, prepare_declarations, restore_sections, save_sections, section_registry
 from .process import EXIT_ERROR, Machine
 
 
@@ -54,7 +53,7 @@ class MachineHandle:
         problems = spec_mismatches(local, remote_spec)
         if problems:
             raise ValueError("; ".join(problems))
-        resolve_state_types()  # now, not when the state arrives inside the downtime
+        prepare_declarations()  # now, not when the state arrives inside the downtime
 
     def pause(self) -> float:
         if self.machine.paused:

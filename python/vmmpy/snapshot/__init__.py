@@ -10,7 +10,6 @@ restore on top of them, seeing the guest only through the guest handle (``state.
 from .errors import CheckpointError
 from .files import (
     DEFAULT_CHUNK_SIZE,
-    KERN_STRUCTS,
     Checkpoint,
     read_checkpoint,
     restore_memory,
@@ -24,7 +23,6 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FORMAT_MAGIC",
     "FORMAT_VERSION",
-    "KERN_STRUCTS",
     "KEYED_FORMAT_VERSION",
     "MIN_KEY_BYTES",
     "Checkpoint",

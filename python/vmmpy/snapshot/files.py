@@ -42,6 +42,7 @@ from typing import Any
 from .. import _core
 from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
 from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_sections, read_container
+from ..state.kernel import KERNEL_NAMES
 from .digests import kern_sha256, memory_chunk_sha256
 from .errors import CheckpointError
 from .meta import (
@@ -58,9 +59,6 @@ from .meta import (
 DEFAULT_CHUNK_SIZE: int = _core.DEFAULT_CHUNK_SIZE
 #: bhyve's VM_MEM_F_WIRED, the "memflags" bit of a wired guest.
 MEMFLAG_WIRED = 0x02
-#: bhyve's kernel structs (snapshot_kern_structs[]): these sections go under "kern_structs" in the
-#: metadata, every other section under "devices". A vCPU section "vmcx.0" counts as "vmcx".
-KERN_STRUCTS = ("vhpet", "vm", "vioapic", "vlapic", "vmcx", "vatpit", "vatpic", "vpmtmr", "vrtc")
 META_SUFFIX = ".meta"
 KERN_SUFFIX = ".kern"
 
@@ -80,7 +78,9 @@ def _hex128(value: int) -> str:
 
 
 def _is_kern_struct(name: str) -> bool:
-    return name.split("@", 1)[0].split(".", 1)[0] in KERN_STRUCTS
+    """bhyve's kernel structs (snapshot_kern_structs[]) are ``state.kernel``'s sections: these go
+    under "kern_structs" in the metadata, every other section under "devices"."""
+    return name in KERNEL_NAMES
 
 
 def _section_table(records: list[SectionRecord]) -> list[dict[str, Any]]:

@@ -6,68 +6,108 @@ controllers before the timers that drive their lines, then userspace devices.
 
 Every section's name and version is checked against :func:`section_registry` before anything
 is restored, and the set of device sections must match the machine's devices exactly, so a
-checkpoint or migration from a differently configured VM is refused naming the device.
+checkpoint or migration from a differently configured VM is refused naming the device. Then
+every payload is read into its declared state type at the version it was written with
+(``state/persist.py``: defaults for fields added since, unknown fields refused); only when all
+of them read does anything change.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..vmm.ioctl import Ioctl, SnapshotOp, SnapshotReq, VmRestoreTime, VmSnapshotMeta, vmm_error
 from ..vmm.vatpic import VatpicState
 from ..vmm.vatpit import VatpitState
 from ..vmm.vhpet import VhpetState
 from ..vmm.vioapic import VioapicState
-from ..vmm.vlapic import VlapicState
+from ..vmm.vm import VcpusState, VlapicsState, VmState
 from ..vmm.vpmtmr import VpmtmrState
 from ..vmm.vrtc import VrtcState
+from . import persist
 from .section import Section, SectionError, SectionRegistry
 
 if TYPE_CHECKING:
     from .handle import SavableMachine as Machine  # the protocol, not runtime's Machine: state never imports runtime
 
-VM_SECTION_VERSION = 1
-VCPU_SECTION_VERSION = 1
 
-#: (section name, snapshot request, version), in save and restore order.
-KERNEL_SECTIONS: list[tuple[str, SnapshotReq, int]] = [
-    ("vm", SnapshotReq.STRUCT_VM, VM_SECTION_VERSION),
-    ("vmcx", SnapshotReq.STRUCT_VMCX, VCPU_SECTION_VERSION),
-    ("vioapic", SnapshotReq.STRUCT_VIOAPIC, VioapicState.VERSION),
-    ("vatpic", SnapshotReq.STRUCT_VATPIC, VatpicState.VERSION),
-    ("vlapic", SnapshotReq.STRUCT_VLAPIC, VlapicState.VERSION),
-    ("vatpit", SnapshotReq.STRUCT_VATPIT, VatpitState.VERSION),
-    ("vhpet", SnapshotReq.STRUCT_VHPET, VhpetState.VERSION),
-    ("vrtc", SnapshotReq.STRUCT_VRTC, VrtcState.VERSION),
-    ("vpmtmr", SnapshotReq.STRUCT_VPMTMR, VpmtmrState.VERSION),
+class KernelSection(NamedTuple):
+    name: str
+    req: SnapshotReq
+    state: type  #: the declaration (state/persist.py): fields, VERSION, MIN_VERSION
+
+    @property
+    def version(self) -> int:
+        return self.state.VERSION
+
+
+#: The kernel's sections, in save and restore order: the one list (the checkpoint metadata's
+#: "kern_structs" are these names too).
+KERNEL_SECTIONS: list[KernelSection] = [
+    KernelSection("vm", SnapshotReq.STRUCT_VM, VmState),
+    KernelSection("vmcx", SnapshotReq.STRUCT_VMCX, VcpusState),
+    KernelSection("vioapic", SnapshotReq.STRUCT_VIOAPIC, VioapicState),
+    KernelSection("vatpic", SnapshotReq.STRUCT_VATPIC, VatpicState),
+    KernelSection("vlapic", SnapshotReq.STRUCT_VLAPIC, VlapicsState),
+    KernelSection("vatpit", SnapshotReq.STRUCT_VATPIT, VatpitState),
+    KernelSection("vhpet", SnapshotReq.STRUCT_VHPET, VhpetState),
+    KernelSection("vrtc", SnapshotReq.STRUCT_VRTC, VrtcState),
+    KernelSection("vpmtmr", SnapshotReq.STRUCT_VPMTMR, VpmtmrState),
 ]
-KERNEL_NAMES = [name for name, _, _ in KERNEL_SECTIONS]
+KERNEL_NAMES = tuple(k.name for k in KERNEL_SECTIONS)
+
+
+def kernel_registry() -> SectionRegistry:
+    """The kernel sections this vmmpy reads, with the versions of each."""
+    registry = SectionRegistry()
+    for k in KERNEL_SECTIONS:
+        registry.register(k.name, k.version, persist.min_version_of(k.state))
+    return registry
+
+
+def configured_registry(pci_names: list[str]) -> SectionRegistry:
+    """What a machine with these PCI functions (``EMU@pci.B.S.F``) reads, known before it exists:
+    the kernel sections and, from the device classes' declarations, every device section.
+    ValueError names an unknown emulation."""
+    from ..devices.registry import device_states
+
+    registry = kernel_registry()
+    for name, state in device_states(pci_names).items():
+        registry.register(name, state.VERSION, persist.min_version_of(state))
+    return registry
 
 
 def section_registry(machine: Machine) -> SectionRegistry:
     """The sections (and versions) this vmmpy reads, for this machine's devices."""
-    registry = SectionRegistry({name: version for name, _, version in KERNEL_SECTIONS})
+    registry = kernel_registry()
     for device in machine.devices:
-        registry.register(device.name, device.VERSION)
+        registry.register(device.name, device.STATE.VERSION, persist.min_version_of(device.STATE))
     return registry
+
+
+def prepare_declarations() -> int:
+    """Resolve every declaration's field types ahead of a restore that must be quick."""
+    from ..devices.registry import state_declarations
+
+    return persist.prepare(*(k.state for k in KERNEL_SECTIONS), *state_declarations())
 
 
 def save_sections(machine: Machine) -> list[Section]:
     """Every section of a paused machine, in order."""
     vm = machine.vm
     sections = []
-    for name, req, version in KERNEL_SECTIONS:
-        data = vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(req, SnapshotOp.SAVE))
-        payload = {"vcpus": data} if isinstance(data, list) else data
-        sections.append(Section(name, version, payload))
+    for k in KERNEL_SECTIONS:
+        state = vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(k.req, SnapshotOp.SAVE))
+        sections.append(Section(k.name, k.version, persist.dump(state)))
     for device in machine.devices:
-        sections.append(Section(device.name, device.VERSION, device.save()))
+        sections.append(Section(device.name, device.STATE.VERSION, persist.dump(device.save())))
     return sections
 
 
-def check_sections(machine: Machine, sections: list[Section], *, what: str) -> None:
-    """Refuse sections this machine cannot take, before anything is restored."""
+def check_sections(machine: Machine, sections: list[Section], *, what: str) -> dict[str, Any]:
+    """Refuse sections this machine cannot take, before anything is restored; returns each
+    section's state as its declared type, read at the section's version (defaults filled)."""
     registry = section_registry(machine)
     for section in sections:
         registry.check(section.name, section.version, what=what)
@@ -81,32 +121,36 @@ def check_sections(machine: Machine, sections: list[Section], *, what: str) -> N
         raise SectionError(f"{what}: device '{name}' was saved but this VM has no such device (check -s/-l options)")
     for name in sorted(have - saved):
         raise SectionError(f"{what}: device '{name}' of this VM has no saved state (check -s/-l options)")
-    vm_payload = next(s.payload for s in sections if s.name == "vm")
+    declarations = {k.name: k.state for k in KERNEL_SECTIONS} | {d.name: d.STATE for d in machine.devices}
+    states = {}
+    for section in sections:
+        try:
+            states[section.name] = persist.load(declarations[section.name], section.payload, section.version, where=f"section '{section.name}'")
+        except persist.PersistError as err:
+            raise SectionError(f"{what}: {err}") from None
+    vm_state = states["vm"]
     vm = machine.vm
-    mine = {"ncpus": vm.ncpus, "vendor": vm.vendor, "tsc_mode": vm.tsc_mode}
-    for key, value in mine.items():
-        if vm_payload.get(key) != value:
-            raise SectionError(f"{what}: section 'vm' has {key}={vm_payload.get(key)!r}, this VM has {value!r}")
+    for key, value in {"ncpus": vm.ncpus, "vendor": vm.vendor, "tsc_mode": vm.tsc_mode}.items():
+        if getattr(vm_state, key) != value:
+            raise SectionError(f"{what}: section 'vm' has {key}={getattr(vm_state, key)!r}, this VM has {value!r}")
+    return states
 
 
 def restore_sections(machine: Machine, sections: list[Section], *, what: str = "state") -> None:
     """Load sections into a machine whose vCPUs are not running; checks everything first."""
-    check_sections(machine, sections, what=what)
-    by_name = {s.name: s for s in sections}
+    states = check_sections(machine, sections, what=what)
     vm = machine.vm
-    for name, req, _ in KERNEL_SECTIONS:
-        payload: Any = by_name[name].payload
-        data = payload["vcpus"] if name in ("vmcx", "vlapic") else payload
+    for k in KERNEL_SECTIONS:
         try:
-            vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(req, SnapshotOp.RESTORE, data))
+            vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(k.req, SnapshotOp.RESTORE, states[k.name]))
         except OSError as err:
-            raise vmm_error(err.errno or errno.EINVAL, f"{what}: section '{name}': {err.strerror or err}") from None
-        if name == "vmcx":
+            raise vmm_error(err.errno or errno.EINVAL, f"{what}: section '{k.name}': {err.strerror or err}") from None
+        if k.name == "vmcx":
             # Guest time continues from the saved value before any timer is restored against it.
             vm.ioctl(Ioctl.VM_RESTORE_TIME, VmRestoreTime())
     for device in machine.devices:
         try:
-            device.restore(by_name[device.name].payload)
+            device.restore(states[device.name])
         except (KeyError, TypeError, ValueError) as err:
             raise vmm_error(errno.EINVAL, f"{what}: device '{device.name}': {err}") from None
     machine.devices_restored()

@@ -230,29 +230,44 @@ def decode_sections(data: bytes, *, what: str = "state") -> list[Section]:
 
 
 class SectionRegistry:
-    """Which sections, at which versions, this vmmpy can read.
+    """Which sections, at which versions, this vmmpy can read: for each, the version it writes
+    (the newest it reads) and the oldest it still reads.
 
     Keys are section names or name families: a device section ``virtio-blk@pci.0.3.0`` is looked
     up by its emulation (``virtio-blk``) when there is no exact entry.
     """
 
     def __init__(self, versions: dict[str, int] | None = None) -> None:
+        #: name -> the version this vmmpy writes (also what a migration's handshake compares)
         self.versions: dict[str, int] = dict(versions or {})
+        #: name -> the oldest version still read (the written one when not registered)
+        self.oldest: dict[str, int] = {}
 
-    def register(self, name: str, version: int) -> None:
+    def register(self, name: str, version: int, oldest: int | None = None) -> None:
         self.versions[name] = version
+        self.oldest[name] = version if oldest is None else oldest
+
+    def _key(self, name: str) -> str | None:
+        if name in self.versions:
+            return name
+        family = name.split("@", 1)[0]
+        return family if family in self.versions else None
 
     def reader_version(self, name: str) -> int | None:
-        if name in self.versions:
-            return self.versions[name]
-        family = name.split("@", 1)[0]
-        return self.versions.get(family)
+        key = self._key(name)
+        return None if key is None else self.versions[key]
 
     def check(self, section_name: str, version: int, *, what: str = "state") -> None:
-        supported = self.reader_version(section_name)
-        if supported is None:
+        key = self._key(section_name)
+        if key is None:
             raise SectionError(f"{what}: section '{section_name}' is unknown to this vmmpy")
-        if version > supported:
-            raise SectionError(f"{what}: section '{section_name}' version {version} is newer than this vmmpy reads ({supported})")
+        newest = self.versions[key]
+        oldest = self.oldest.get(key, newest)
         if version < 1:
             raise SectionError(f"{what}: section '{section_name}' has invalid version {version}")
+        if version > newest:
+            raise SectionError(
+                f"{what}: section '{section_name}' version {version} is newer than this vmmpy reads (versions {oldest} to {newest})")
+        if version < oldest:
+            raise SectionError(
+                f"{what}: section '{section_name}' version {version} is older than this vmmpy still reads (versions {oldest} to {newest})")

@@ -6,7 +6,7 @@ the ``DeviceState`` base every device's state dataclass derives from, and ``IsaI
 the fan-out of an ISA IRQ to the 8259 and the I/O APIC as a PC wires it.
 
 Does not own any device behaviour, the run loop, or how state sections are framed on disk or
-on the wire (``state/`` does that from ``to_dict()``).
+on the wire (``state/persist.py`` does that from each state's declaration).
 
 Run-loop contract (what ``vm.Vm``'s VM_RUN does):
   1. run the vCPU until min(next_event_ns() over timer devices) or an exit;
@@ -19,10 +19,8 @@ Run-loop contract (what ``vm.Vm``'s VM_RUN does):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -138,27 +136,21 @@ class IsaIrqRouter:
 
 # --- saved state -------------------------------------------------------------------------
 
-_SCALAR_TYPES = {int: "an int", bool: "a bool", str: "a string"}
-
-
-def _type_ok(value: Any, expected: type) -> bool:
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
 
 @dataclasses.dataclass
 class DeviceState:
-    """Base of every device's saved state: a plain struct, versioned, JSON-friendly.
+    """Base of every kernel device's saved state: a declaration in ``state/persist.py``'s pattern.
 
-    Field types are limited to int, bool, str (bytes as lowercase hex) and lists of those, so
-    ``to_dict()`` output goes through ``json.dumps`` unchanged. ``to_dict()`` gives
-    ``{"section": SECTION, "version": VERSION, "fields": {...}}``; ``from_dict`` refuses a
-    different section, a newer version, a missing or unknown field and a wrongly typed value,
-    then runs ``validate()`` (the device's range checks), naming section, field and value.
+    Subclasses are dataclasses whose annotated fields are the state (int, bool, str, lists of
+    those), with ``VERSION`` (what this vmmpy writes), ``MIN_VERSION`` (the oldest section version
+    it reads) and, for a field added after the first version, a default with
+    ``metadata={"since": N}``. ``state/`` turns them into section payloads and back, checking
+    versions, fields and types; ``validate()`` adds the device's range checks, naming section,
+    field and value.
     """
 
     VERSION: ClassVar[int] = 0
+    MIN_VERSION: ClassVar[int] = 1
     SECTION: ClassVar[str] = "?"
 
     def fail(self, field: str, message: str) -> DeviceStateError:
@@ -191,85 +183,9 @@ class DeviceState:
     def validate(self) -> None:
         """Range and consistency checks; devices override."""
 
-    def to_dict(self) -> dict[str, Any]:
-        fields = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            fields[f.name] = list(value) if isinstance(value, list) else value
-        return {"section": self.SECTION, "version": self.VERSION, "fields": fields}
-
-    @classmethod
-    def from_dict(cls, data: Any):
-        section = cls.SECTION
-        if not isinstance(data, dict):
-            raise DeviceStateError(f"{section}: state must be a dict, got {type(data).__name__}")
-        if data.get("section") != section:
-            raise DeviceStateError(f"{section}: state is for section {data.get('section')!r}, not {section!r}")
-        version = data.get("version")
-        if not _type_ok(version, int) or version < 1:
-            raise DeviceStateError(f"{section}: version must be a positive int, got {version!r}")
-        if version > cls.VERSION:
-            raise DeviceStateError(
-                f"{section}: state version {version} is newer than this vmmpy reads ({cls.VERSION})")
-        if version < cls.VERSION:
-            raise DeviceStateError(
-                f"{section}: state version {version} is older than this vmmpy reads ({cls.VERSION})")
-        fields = data.get("fields")
-        if not isinstance(fields, dict):
-            raise DeviceStateError(f"{section}: 'fields' must be a dict, got {type(fields).__name__}")
-        hints, names = _field_types(cls)
-        unknown = sorted(set(fields) - set(names))
-        if unknown:
-            raise DeviceStateError(f"{section}: unknown field {unknown[0]!r}")
-        values = {}
-        for name in names:
-            if name not in fields:
-                raise DeviceStateError(f"{section}: missing field {name!r}")
-            value = fields[name]
-            expected = hints[name]
-            if typing.get_origin(expected) is list:
-                (item,) = typing.get_args(expected)
-                if not isinstance(value, list):
-                    raise DeviceStateError(f"{section}: {name}: expected a list, got {value!r:.60}")
-                for i, v in enumerate(value):
-                    if not _type_ok(v, item):
-                        raise DeviceStateError(
-                            f"{section}: {name}[{i}]: expected {_SCALAR_TYPES[item]}, got {v!r:.60}")
-                value = list(value)
-            elif not _type_ok(value, expected):
-                raise DeviceStateError(
-                    f"{section}: {name}: expected {_SCALAR_TYPES[expected]}, got {value!r:.60}")
-            values[name] = value
-        state = cls(**values)
-        state.validate()
-        return state
-
 
 def check_access(device: str, what: str, size: int, allowed: tuple[int, ...]) -> None:
     """Refuse an access of a size the register does not take."""
     if size not in allowed:
         sizes = "/".join(str(s) for s in allowed)
         raise DeviceAccessError(f"{device}: {size}-byte access to {what}; it takes {sizes}-byte accesses")
-
-
-@functools.cache
-def _field_types(cls: type) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """A state class's field types and names, resolved once: get_type_hints evaluates every
-    annotation string on each call, which was most of restoring a guest's state (and so of a
-    migration's downtime)."""
-    return typing.get_type_hints(cls), tuple(f.name for f in dataclasses.fields(cls))
-
-
-def resolve_state_types() -> int:
-    """Resolve the field types of every state class defined so far, ahead of a restore that must
-    be quick (a migration's destination does it during the handshake, not the downtime).
-    Returns how many classes."""
-    seen: set[type] = set()
-    todo = list(DeviceState.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        if cls not in seen:
-            seen.add(cls)
-            _field_types(cls)
-            todo.extend(cls.__subclasses__())
-    return len(seen)

@@ -19,12 +19,13 @@ This module knows nothing of files, sockets or the runtime's threads.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import _core
 from ..memory import GuestMemory
@@ -54,7 +55,7 @@ from .vatpic import Vatpic
 from .vatpit import Vatpit
 from .vhpet import Vhpet
 from .vioapic import Vioapic
-from .vlapic import ApicBus, Vlapic
+from .vlapic import ApicBus, Vlapic, VlapicState
 from .vpmtmr import Vpmtmr
 from .vrtc import Vrtc
 
@@ -66,6 +67,95 @@ HALT_POLL_S = 0.01
 RFLAGS_IF = 1 << 9
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
+
+# --- saved state (declarations in state/persist.py's pattern) ----------------------------------
+
+
+@dataclass
+class VmState:
+    """The ``vm`` section: what the VM struct itself carries across a save (bhyve's STRUCT_VM)."""
+
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+    SECTION: ClassVar[str] = "vm"
+
+    ncpus: int
+    vendor: str
+    tsc_mode: str
+    last_tsc: list[int]
+    host_tsc_offset: int
+    at_deterministic_point: list[bool]
+    started: list[bool]
+    guest_time_ns: int
+
+    def validate(self) -> None:
+        for name in ("last_tsc", "at_deterministic_point", "started"):
+            if len(getattr(self, name)) != self.ncpus:
+                raise ValueError(f"vm: {name}: has {len(getattr(self, name))} entries for {self.ncpus} vCPUs")
+        values = {"host_tsc_offset": self.host_tsc_offset, "guest_time_ns": self.guest_time_ns}
+        values.update((f"last_tsc[{i}]", tsc) for i, tsc in enumerate(self.last_tsc))
+        for name, value in values.items():
+            if not 0 <= value < 1 << 64:
+                raise ValueError(f"vm: {name}: {value} is not a 64-bit unsigned value")
+
+
+@dataclass
+class VcpuState:
+    """One saved vCPU, as the vCPU core's ``save_state()`` gives it (docs/isa.md "Saved state").
+
+    The register file is a vendor's layout, declared where it lives (``rust/cpu/state.rs``): here
+    it is ``registers``, group name -> register name -> value, and the core's binding checks every
+    group and register by name on restore. ``format`` is the core's own layout number."""
+
+    format: int
+    vcpu_id: int
+    vendor: str
+    tsc_mode: str
+    registers: dict[str, dict[str, int]]
+    pending_interrupts: list[int]
+    halted: bool
+    pending_read: dict | None  # {"source", "port" or "gpa", "size", "register"}, checked by the core
+    instructions_retired: int
+    guest_tsc: int
+
+    @classmethod
+    def from_core(cls, saved: dict[str, Any]) -> VcpuState:
+        """From ``Vcpu.save_state()``: its register groups are the keys beside the common ones."""
+        common = {f.name for f in dataclasses.fields(cls)} - {"registers"}
+        return cls(**{k: saved[k] for k in common}, registers={k: v for k, v in saved.items() if k not in common})
+
+    def to_core(self) -> dict[str, Any]:
+        """What ``Vcpu.restore_state()`` takes."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "registers"}
+        out.update(self.registers)
+        return out
+
+
+@dataclass
+class VcpusState:
+    """The ``vmcx`` section: one saved vCPU per entry."""
+
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+    SECTION: ClassVar[str] = "vmcx"
+
+    vcpus: list[VcpuState]
+
+
+@dataclass
+class VlapicsState:
+    """The ``vlapic`` section: one local APIC per vCPU. Its versions are ``VlapicState``'s."""
+
+    VERSION: ClassVar[int] = VlapicState.VERSION
+    MIN_VERSION: ClassVar[int] = VlapicState.MIN_VERSION
+    SECTION: ClassVar[str] = "vlapic"
+
+    vcpus: list[VlapicState]
+
+    def validate(self) -> None:
+        for state in self.vcpus:
+            state.validate()
+
 
 _registry: dict[str, Vm] = {}
 _registry_lock = threading.Lock()
@@ -621,49 +711,49 @@ class Vm:
 
     def _snapshot_save(self, req: SnapshotReq) -> Any:
         if req == SnapshotReq.STRUCT_VM:
-            return {
-                "ncpus": self.ncpus,
-                "vendor": self.vendor,
-                "tsc_mode": self.tsc_mode,
-                "last_tsc": list(self.last_tsc),
-                "host_tsc_offset": self.host_tsc_offset,
-                "at_deterministic_point": list(self._at_deterministic_point),
-                "started": list(self.started),
-                "guest_time_ns": self.clock.now_ns(),
-            }
+            return VmState(
+                ncpus=self.ncpus,
+                vendor=self.vendor,
+                tsc_mode=self.tsc_mode,
+                last_tsc=list(self.last_tsc),
+                host_tsc_offset=self.host_tsc_offset,
+                at_deterministic_point=list(self._at_deterministic_point),
+                started=list(self.started),
+                guest_time_ns=self.clock.now_ns(),
+            )
         if req == SnapshotReq.STRUCT_VMCX:
-            return [vcpu.save_state() for vcpu in self.vcpus]
+            return VcpusState([VcpuState.from_core(vcpu.save_state()) for vcpu in self.vcpus])
         if req == SnapshotReq.STRUCT_VLAPIC:
-            return [lapic.save().to_dict() for lapic in self.vlapics]
-        return getattr(self, self._KERNEL_STRUCTS[req]).save().to_dict()
+            return VlapicsState([lapic.save() for lapic in self.vlapics])
+        return getattr(self, self._KERNEL_STRUCTS[req]).save()
 
     def _snapshot_restore(self, req: SnapshotReq, data: Any) -> None:
         try:
             if req == SnapshotReq.STRUCT_VM:
-                if (data["ncpus"], data["vendor"], data["tsc_mode"]) != (self.ncpus, self.vendor, self.tsc_mode):
+                data.validate()
+                if (data.ncpus, data.vendor, data.tsc_mode) != (self.ncpus, self.vendor, self.tsc_mode):
                     raise ValueError(
-                        f"vm: saved for {data['ncpus']} vCPUs, vendor {data['vendor']}, TSC {data['tsc_mode']}; "
+                        f"vm: saved for {data.ncpus} vCPUs, vendor {data.vendor}, TSC {data.tsc_mode}; "
                         f"this VM has {self.ncpus}, {self.vendor}, {self.tsc_mode}"
                     )
-                self.last_tsc = [int(t) for t in data["last_tsc"]]
-                self.host_tsc_offset = int(data["host_tsc_offset"])
-                self._at_deterministic_point = [bool(b) for b in data["at_deterministic_point"]]
-                self.started = [bool(b) for b in data.get("started", [i == 0 for i in range(self.ncpus)])]
-                self._saved_guest_time_ns = int(data["guest_time_ns"])
+                self.last_tsc = list(data.last_tsc)
+                self.host_tsc_offset = data.host_tsc_offset
+                self._at_deterministic_point = list(data.at_deterministic_point)
+                self.started = list(data.started)
+                self._saved_guest_time_ns = data.guest_time_ns
             elif req == SnapshotReq.STRUCT_VMCX:
-                if len(data) != self.ncpus:
-                    raise ValueError(f"vmcx: {len(data)} vCPU states for a VM of {self.ncpus}")
-                for vcpu, state in zip(self.vcpus, data):
-                    vcpu.restore_state(state)
+                if len(data.vcpus) != self.ncpus:
+                    raise ValueError(f"vmcx: {len(data.vcpus)} vCPU states for a VM of {self.ncpus}")
+                for vcpu, state in zip(self.vcpus, data.vcpus):
+                    vcpu.restore_state(state.to_core())
             elif req == SnapshotReq.STRUCT_VLAPIC:
-                if len(data) != self.ncpus:
-                    raise ValueError(f"vlapic: {len(data)} local APIC states for a VM of {self.ncpus}")
-                for lapic, state in zip(self.vlapics, data):
-                    lapic.restore(type(lapic.save()).from_dict(state))
+                if len(data.vcpus) != self.ncpus:
+                    raise ValueError(f"vlapic: {len(data.vcpus)} local APIC states for a VM of {self.ncpus}")
+                for lapic, state in zip(self.vlapics, data.vcpus):
+                    lapic.restore(state)
             else:
-                device = getattr(self, self._KERNEL_STRUCTS[req])
-                device.restore(type(device.save()).from_dict(data))
-        except (KeyError, TypeError, ValueError) as err:
+                getattr(self, self._KERNEL_STRUCTS[req]).restore(data)
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise vmm_error(errno.EINVAL, f"VM_SNAPSHOT_REQ restore of {req.name}: {err}") from None
 
     def _ioctl_vm_restore_time(self, arg: VmRestoreTime) -> None:

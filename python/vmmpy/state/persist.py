@@ -1,0 +1,217 @@
+"""The one persist pattern: each piece of state declares itself once; the declaration drives save and restore.
+
+A declaration is a plain dataclass (the standard library's vocabulary, so ``vmm/`` and
+``devices/``, which sit below this layer, declare without importing it)::
+
+    @dataclasses.dataclass
+    class UartState:
+        VERSION: ClassVar[int] = 2      # what this vmmpy writes
+        MIN_VERSION: ClassVar[int] = 1  # the oldest section version it still reads
+
+        lcr: int
+        rx_fifo: list[int]
+        # Added in version 2: a version-1 section lacks it and reads as the default.
+        loopback: bool = dataclasses.field(default=False, metadata={"since": 2})
+
+        def validate(self) -> None:     # optional: ranges and consistency, raising ValueError
+            ...
+
+Field types: ``int``, ``bool``, ``str``, ``bytes``, another declaration (a nested struct),
+``list[T]`` and ``dict[str, T]`` of any of these, ``T | None``, and a bare ``dict`` (any mapping,
+for a layout its owner checks, such as a vCPU's pending read).
+A nested struct's fields follow the section's version: ``since`` on a nested field is the
+version of the whole section that added it.
+
+:func:`dump` turns a declared object into a section payload (a dict for ``state/section.py``'s
+encoding). :func:`load` turns a payload back into the declared type, given the version the
+section was written at:
+
+- a version newer than ``VERSION`` is refused (this vmmpy cannot know what the new fields
+  mean), and one older than ``MIN_VERSION`` too, naming the section and both versions;
+- a field the section's version has (``since`` <= version) must be present with its type;
+- a field added later (``since`` > version) is absent and takes its declared default; it is
+  refused if present, as is any field the declaration does not name: unknown fields are never
+  dropped silently. (Fields unknown because they are newer arrive only in a newer version,
+  which is refused as a whole before its fields are looked at.)
+- then ``validate()`` runs, if the declaration has one.
+
+Errors are :class:`PersistError` (a ``ValueError``) naming the section, the field path and the
+value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from typing import Any
+
+MISSING = dataclasses.MISSING
+
+
+class PersistError(ValueError):
+    """A payload that does not fit its declaration; the message names section, field and value."""
+
+
+def version_of(cls: type) -> int:
+    return cls.VERSION
+
+
+def min_version_of(cls: type) -> int:
+    return getattr(cls, "MIN_VERSION", cls.VERSION)
+
+
+def check_version(cls: type, version: int, where: str) -> None:
+    """Refuse a section version this declaration cannot read, naming the section and both versions."""
+    newest, oldest = version_of(cls), min_version_of(cls)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PersistError(f"{where}: section version {version!r} is not a positive integer")
+    if version > newest:
+        raise PersistError(f"{where}: section version {version} is newer than this vmmpy reads (versions {oldest} to {newest})")
+    if version < oldest:
+        raise PersistError(f"{where}: section version {version} is older than this vmmpy still reads (versions {oldest} to {newest})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str
+    kind: Any
+    since: int
+    default: Any  # MISSING when the field has no default
+    factory: Any  # or a default_factory, called for each object read (never shared between them)
+
+    def default_value(self) -> Any:
+        return self.factory() if self.factory is not MISSING else self.default
+
+
+@functools.cache
+def fields_of(cls: type) -> tuple[_Field, ...]:
+    """A declaration's fields with resolved types, once per class (resolving annotation strings
+    is slow enough to matter inside a migration's downtime)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        since = f.metadata.get("since", 1)
+        if since > 1 and f.default is MISSING and f.default_factory is MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: a field added in version {since} needs a default for older sections")
+        out.append(_Field(f.name, hints[f.name], since, f.default, f.default_factory))
+    return tuple(out)
+
+
+def prepare(*classes: type) -> int:
+    """Resolve the field types of these declarations and every struct they nest, ahead of a restore
+    that must be quick; returns how many declarations."""
+    seen: set[type] = set()
+    todo = list(classes)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for f in fields_of(cls):
+            todo.extend(t for t in _leaf_types(f.kind) if dataclasses.is_dataclass(t))
+    return len(seen)
+
+
+def _leaf_types(kind: Any) -> list[Any]:
+    args = typing.get_args(kind)
+    if not args:
+        return [kind]
+    return [leaf for arg in args for leaf in _leaf_types(arg)]
+
+
+# --- save -------------------------------------------------------------------------------------
+
+
+def dump(obj: Any) -> dict[str, Any]:
+    """A declared object as a section payload: every field, nested structs as mappings."""
+    return {f.name: _dump_value(getattr(obj, f.name)) for f in fields_of(type(obj))}
+
+
+def _dump_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dump(value)
+    if isinstance(value, dict):
+        return {k: _dump_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_dump_value(v) for v in value]
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    return value
+
+
+# --- restore ----------------------------------------------------------------------------------
+
+_NAMES = {int: "an int", bool: "a bool", str: "a string", bytes: "bytes", dict: "a mapping", type(None): "null"}
+
+
+def load(cls: type, payload: Any, version: int, *, where: str) -> Any:
+    """The declared object a section payload of ``version`` holds (module doc for the rules);
+    ``where`` (the section's name) starts every error."""
+    check_version(cls, version, where)
+    state = _load_struct(cls, payload, version, where, "")
+    validate = getattr(state, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except PersistError:
+            raise
+        except ValueError as err:
+            text = str(err)
+            raise PersistError(text if text.startswith(f"{where}:") else f"{where}: {text}") from None
+    return state
+
+
+def _load_struct(cls: type, payload: Any, version: int, where: str, path: str) -> Any:
+    if not isinstance(payload, dict):
+        raise PersistError(f"{where}: {path or 'payload'}: expected a mapping, got {type(payload).__name__}")
+    fields = fields_of(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(k for k in payload if k not in names)
+    if unknown:
+        raise PersistError(f"{where}: unknown field '{path}{unknown[0]}' (not in version {version} of this section)")
+    values = {}
+    for f in fields:
+        field_path = f"{path}{f.name}"
+        if f.since > version:
+            if f.name in payload:
+                raise PersistError(f"{where}: field '{field_path}' was added in version {f.since}; a version {version} section cannot have it")
+            values[f.name] = f.default_value()
+            continue
+        if f.name not in payload:
+            raise PersistError(f"{where}: missing field '{field_path}'")
+        values[f.name] = _load_value(f.kind, payload[f.name], version, where, field_path)
+    return cls(**values)
+
+
+def _load_value(kind: Any, value: Any, version: int, where: str, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is dict:
+        _, item = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise PersistError(f"{where}: {path}: expected a mapping, got {_show(value)}")
+        return {k: _load_value(item, v, version, where, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise PersistError(f"{where}: {path}: expected a list, got {_show(value)}")
+        return [_load_value(item, v, version, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _load_value(inner, value, version, where, path)
+    if dataclasses.is_dataclass(kind):
+        return _load_struct(kind, value, version, where, f"{path}.")
+    if kind is Any:
+        return value
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise PersistError(f"{where}: {path}: expected {_NAMES.get(kind, kind.__name__)}, got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    return f"{value!r:.60}"
