@@ -3,7 +3,7 @@ migration at an exact message boundary (or an exact byte inside a message), in e
 
 It owns no byte format: control frames are read with ``protocol.py``'s header (``P.HEADER``: magic
 ``VMMG``, version, type, flags, payload length, checksum) and page batches with the batch header
-that ``protocol.py`` mirrors from ``rust/pages/batch.rs`` (magic ``VMPB``, flags, range count,
+that ``protocol.py`` mirrors from ``rust/wire/batch.rs`` (magic ``VMPB``, flags, range count,
 payload length; then the range table of 16-byte entries). Each message's length comes from its
 header alone, so a message type added later needs no change here (it is logged as ``TYPE_<n>``
 until ``MessageType`` names it). Frames and batches are told apart by their magic, so no protocol

@@ -256,7 +256,7 @@ class GuestMemory:
     def commit_digest(self) -> int:
         """The digest a migration commits on, computed from scratch: a different function of
         memory from :meth:`digest`, built from per-page hashes so a :meth:`digest_tracker` can
-        keep it current (rust/pages/tracker.rs defines it)."""
+        keep it current (rust/digest/tracker.rs defines it)."""
         return _core.commit_digest(self.core)
 
     def digest_tracker(self) -> DigestTracker:

@@ -12,16 +12,17 @@ use pyo3::types::{PyBytes, PyDict};
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
+use crate::digest::{self, DigestTracker, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SHIFT};
-use crate::pages::{self, BatchTotals, CompressMode, Compressor, DigestTracker, PageError, PageRange, MAX_RANGES};
+use crate::wire::{self, BatchTotals, CompressMode, Compressor, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PageBatchError", m.py().get_type::<PageBatchError>())?;
     m.add("MAX_BATCH_RANGES", MAX_RANGES)?;
-    m.add("MAX_COMPRESSED_BATCH_DATA", pages::MAX_COMPRESSED_DATA)?;
-    m.add("COMPRESS_BLOCK_PAGES", pages::COMPRESS_BLOCK_PAGES)?;
+    m.add("MAX_COMPRESSED_BATCH_DATA", wire::MAX_COMPRESSED_DATA)?;
+    m.add("COMPRESS_BLOCK_PAGES", wire::COMPRESS_BLOCK_PAGES)?;
     m.add_function(wrap_pyfunction!(send_dirty_pages, m)?)?;
     m.add_function(wrap_pyfunction!(send_all_pages, m)?)?;
     m.add_function(wrap_pyfunction!(send_page_list, m)?)?;
@@ -29,7 +30,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory_digest, m)?)?;
     m.add_function(wrap_pyfunction!(commit_digest, m)?)?;
     m.add_class::<PyDigestTracker>()?;
-    m.add("DIGEST_CHUNK_PAGES", pages::DIGEST_CHUNK_PAGES)?;
+    m.add("DIGEST_CHUNK_PAGES", digest::DIGEST_CHUNK_PAGES)?;
     m.add_function(wrap_pyfunction!(hash_pages, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(xxh3_64, m)?)?;
@@ -104,8 +105,8 @@ fn send_segment(
     if let Some(c) = compressor {
         return c.send_ranges(fd, mem, ranges, tracker, |s| totals.add(s));
     }
-    for batch in pages::split_batches(ranges, pages::BATCH_DATA_PAGES) {
-        totals.add(pages::send_batch_tracked(fd, mem, &batch, tracker)?);
+    for batch in wire::split_batches(ranges, wire::BATCH_DATA_PAGES) {
+        totals.add(wire::send_batch_tracked(fd, mem, &batch, tracker)?);
     }
     Ok(())
 }
@@ -118,8 +119,8 @@ pub(super) fn all_page_ranges(seg: &Segment, detect_zero: bool) -> Result<Vec<Pa
     if pages_in % 64 != 0 {
         *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
     }
-    let (resident, _) = pages::resident_bitmap(seg)?;
-    pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)
+    let (resident, _) = digest::resident_bitmap(seg)?;
+    wire::build_ranges_with_residency(seg, &all, &resident, detect_zero)
 }
 
 /// The tracker of `memory`, or an error if it was made over other memory.
@@ -162,7 +163,7 @@ fn send_segments<'py>(
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
 /// write during the send is caught by the next round. With a `tracker`, every page sent is hashed
 /// into it on the way (`DigestTracker::hash_now`). `compress` ("off", "lz4", "auto") and
-/// `link_rate` (bytes/s the link is believed to carry) as in `pages::compress`.
+/// `link_rate` (bytes/s the link is believed to carry) as in `wire::compress`.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
 fn send_dirty_pages<'py>(
@@ -178,7 +179,7 @@ fn send_dirty_pages<'py>(
     send_segments(py, &memory, fd, tracker, compress, link_rate, |mem, i, seg| {
         let mut words = vec![0u64; seg.pages().div_ceil(64)];
         mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-        pages::build_ranges_from_bitmap(seg, &words, detect_zero)
+        wire::build_ranges_from_bitmap(seg, &words, detect_zero)
     })
 }
 
@@ -224,7 +225,7 @@ fn send_page_list<'py>(
             let page = (pfn - first_pfn) as usize;
             words[page / 64] |= 1 << (page % 64);
         }
-        pages::build_ranges_from_bitmap(seg, &words, detect_zero)
+        wire::build_ranges_from_bitmap(seg, &words, detect_zero)
     })?;
     // A frame outside guest memory is an error once the others have gone, as before.
     if let Some(err) = list.iter().find_map(|&p| memory.inner.translate(GuestAddress(p << PAGE_SHIFT), 1).err()) {
@@ -250,7 +251,7 @@ fn recv_pages<'py>(
     let totals = py
         .detach(move || -> Result<BatchTotals, PageError> {
             let mut totals = BatchTotals::default();
-            totals.add(pages::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
+            totals.add(wire::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
             Ok(totals)
         })
         .map_err(page_error)?;
@@ -263,14 +264,14 @@ fn recv_pages<'py>(
 #[pyo3(signature = (memory, *, skip_untouched = true))]
 fn memory_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, skip_untouched: bool) -> PyResult<u128> {
     let mem = memory.inner.clone();
-    py.detach(move || pages::memory_digest(&mem, skip_untouched)).map_err(page_error)
+    py.detach(move || digest::memory_digest(&mem, skip_untouched)).map_err(page_error)
 }
 
 /// The commit digest of all guest memory, computed from scratch (see `DigestTracker`).
 #[pyfunction]
 fn commit_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>) -> PyResult<u128> {
     let mem = memory.inner.clone();
-    py.detach(move || pages::commit_digest(&mem)).map_err(page_error)
+    py.detach(move || digest::commit_digest(&mem)).map_err(page_error)
 }
 
 /// Page and chunk hashes of guest memory kept current by marks, so the commit digest costs
@@ -333,7 +334,7 @@ fn hash_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, gpa: u64,
             if off % crate::memory::PAGE_SIZE != 0 {
                 return Err(PageError::BadSendRanges { why: format!("gpa {gpa:#x} is not page-aligned") });
             }
-            pages::hash_pages(seg, (off / crate::memory::PAGE_SIZE) as u64, count)
+            digest::hash_pages(seg, (off / crate::memory::PAGE_SIZE) as u64, count)
         })
         .map_err(page_error)?;
     Ok(PyBytes::new(py, &hashes.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>()))
@@ -349,8 +350,8 @@ fn chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, index: usize, 
         .cloned()
         .ok_or_else(|| PyValueError::new_err(format!("segment index {index} out of range ({} segments)", mem.segments().len())))?;
     py.detach(move || {
-        let (resident, _) = pages::resident_bitmap(&seg)?;
-        pages::chunk_hashes_resident(&seg, chunk_size, &resident)
+        let (resident, _) = digest::resident_bitmap(&seg)?;
+        digest::chunk_hashes_resident(&seg, chunk_size, &resident)
     })
     .map_err(page_error)
 }

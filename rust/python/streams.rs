@@ -9,7 +9,8 @@ use pyo3::types::{PyDict, PyList};
 
 use super::memory::PyGuestMemory;
 use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
-use crate::pages::{self, BatchTotals, PageError, PageRange, MAX_STREAMS};
+use crate::digest::PageError;
+use crate::wire::{self, BatchTotals, PageRange, MAX_STREAMS};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_STREAMS", MAX_STREAMS)?;
@@ -24,7 +25,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
 /// totals over all fds (end markers not counted) and `streams`, the same per fd.
 #[pyfunction]
-#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = pages::BATCH_DATA_PAGES, tracker = None))]
+#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None))]
 fn send_pages_multi<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -51,11 +52,11 @@ fn send_pages_multi<'py>(
                 } else {
                     let mut words = vec![0u64; seg.pages().div_ceil(64)];
                     mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-                    pages::build_ranges_from_bitmap(seg, &words, detect_zero)?
+                    wire::build_ranges_from_bitmap(seg, &words, detect_zero)?
                 };
-                chunks.extend(pages::split_batches(&ranges, chunk_pages));
+                chunks.extend(wire::split_batches(&ranges, chunk_pages));
             }
-            pages::send_chunks(&fds, &mem, &chunks, tracker.as_deref())
+            wire::send_chunks(&fds, &mem, &chunks, tracker.as_deref())
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();

@@ -50,7 +50,7 @@ Every frame starts with a fixed 24-byte little-endian header::
     16     8    xxh3-64 of header bytes 0..16 followed by the payload
 
 Page batches are not frames: they are the memory core's own checksummed format
-(``rust/pages/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
+(``rust/wire/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
 per-page Python work. Their page bytes are covered by the memory digests compared at commit.
 
 Version 3 adds parallel streams and nothing else: a version 3 session that asks for one stream
@@ -80,7 +80,7 @@ from .errors import ConnectionLost, MigrationTimeout, ProtocolError
 
 MAGIC = b"VMMG"
 FRAME_VERSION = 1
-# 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest;
+# 2: the commit digest is the per-page commit digest (rust/digest/tracker.rs), not a run digest;
 # the destination answers COMMITTED with RESUMED once the guest runs.
 # 3: parallel page streams (STREAMS, STREAMS_TOKEN, JOIN); a session with one stream is a version 2 session.
 # 4: page batch compression, offered in SPEC and answered in ACCEPT.
@@ -93,7 +93,7 @@ MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one i
 TOKEN_SIZE = 32
 #: The first protocol version whose SPEC and ACCEPT carry the compression offer and answer.
 COMPRESSION_VERSION = 4
-#: Page batch codecs by wire id (the batch flag of that codec: rust/pages/batch.rs).
+#: Page batch codecs by wire id (the batch flag of that codec: rust/wire/batch.rs).
 CODECS = {"lz4": 1}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 MAX_CODECS = 4

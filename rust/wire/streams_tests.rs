@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::*;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
-use crate::pages::{build_ranges_from_bitmap, recv_batch, split_batches};
+use crate::wire::{build_ranges_from_bitmap, recv_batch, split_batches};
 
 const MIB: u64 = 1 << 20;
 

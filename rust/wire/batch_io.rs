@@ -26,9 +26,11 @@ use super::batch::{
     decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE,
     MAX_RANGES, RANGE_ENTRY_SIZE,
 };
-use super::stall::{poll_ms, socket_timeout, timed_out, would_block, Direction, SendDeadline};
-use super::tracker::DigestTracker;
-use super::{ready_ranges, PageError};
+use super::ready_ranges;
+use super::stall::{poll_ms, socket_timeout, timed_out, would_block, SendDeadline};
+use crate::digest::DigestTracker;
+use crate::digest::Direction;
+use crate::digest::PageError;
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
 
 /// What one batch moved.

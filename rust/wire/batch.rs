@@ -40,7 +40,7 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::PageError;
+use crate::digest::PageError;
 use crate::memory::{GuestAddress, Segment, PAGE_SIZE};
 
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"VMPB");

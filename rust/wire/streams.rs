@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
 use super::batch_io::{send_batch, send_batch_tracked, BatchTotals};
-use super::tracker::DigestTracker;
-use super::PageError;
+use crate::digest::DigestTracker;
+use crate::digest::PageError;
 use crate::memory::GuestMemory;
 
 /// The most fds `send_chunks` drives at once.

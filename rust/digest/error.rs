@@ -6,8 +6,16 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::stall::{seconds, Direction};
 use crate::memory::{GuestAddress, MemoryError};
+
+/// Which way the bytes were not moving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This side was sending and the peer took nothing.
+    Send,
+    /// This side was receiving and the peer sent nothing.
+    Receive,
+}
 
 #[derive(Debug)]
 pub enum PageError {
@@ -264,4 +272,10 @@ impl From<MemoryError> for PageError {
     fn from(e: MemoryError) -> PageError {
         PageError::Memory(e)
     }
+}
+
+/// A timeout for messages: whole seconds as `30`, fractions as `0.25`.
+fn seconds(d: Duration) -> String {
+    let text = format!("{:.3}", d.as_secs_f64());
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }

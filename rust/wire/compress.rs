@@ -38,8 +38,8 @@ use super::batch::{
     MAX_RANGES,
 };
 use super::batch_io::{batch_segment, read_all, runs_of, send_batch_tracked, write_all, BatchStats};
-use super::tracker::DigestTracker;
-use super::PageError;
+use crate::digest::DigestTracker;
+use crate::digest::PageError;
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 
 /// DATA pages per tried batch: 1 MiB, where LZ4's ratio has long stopped improving (its window
