@@ -1,7 +1,9 @@
 //! Page batches on the wire: the batch format (`batch`), building a round's ranges from a dirty
 //! bitmap (`ranges`), moving batches over file descriptors (send pages straight from guest
-//! memory, receive straight into it: `batch_io`), optionally LZ4-compressed per batch
-//! (`compress`), and one round over several fds at once (`streams`).
+//! memory, receive straight into it: `batch_io`, over `fdio`'s byte moving), optionally
+//! LZ4-compressed per batch (`compress` sends, `decompress` receives), and one round over several
+//! fds at once (`streams`). The files import downwards only: `streams` and `compress` ->
+//! `batch_io` -> `decompress` -> `fdio` -> `stall`, all on `batch` (the format).
 //!
 //! This module owns the bytes of a page batch on the wire. It does not own the mappings or the
 //! dirty bits (`memory`, `dirty`), nor the hashes (`digest`, which it feeds as pages go by), nor
@@ -16,6 +18,8 @@
 mod batch;
 mod batch_io;
 mod compress;
+mod decompress;
+mod fdio;
 mod ranges;
 mod stall;
 mod streams;
