@@ -321,3 +321,22 @@ def test_a_well_formed_handmade_compressed_batch_is_received():
         got = dst.recv_pages(b.fileno())
     assert got["compressed_batches"] == 1 and got["data_pages"] == 2
     assert dst.read(PAGE_SIZE, 2 * PAGE_SIZE) == TWO_PAGES
+
+
+def test_the_end_of_round_batch_and_header_decoder_are_the_memory_core_s():
+    """Python neither packs nor parses a batch header itself: the end-of-round marker and the
+    header the fault proxy reads come from the memory core, byte for byte the documented format."""
+    from vmmpy import _core
+    from vmmpy.migration import protocol as P
+
+    head = BATCH.pack(b"VMPB", 1, 0, HIGHMEM_BASE, 0, 0, 0, 0)[:32]
+    assert P.end_of_round_batch(HIGHMEM_BASE) == head + struct.pack("<Q", _core.xxh3_64(head))
+    assert P.BATCH_HEADER_SIZE == BATCH.size == 40
+    lz4 = batch_bytes([(PAGE_SIZE, 2, 0), (3 * PAGE_SIZE, 1, 1)], b"", payload_len=100)
+    assert _core.decode_batch_header(lz4[:40]) == {"segment_gpa": 0, "flags": 1, "range_count": 2, "payload_len": 100}
+    with pytest.raises(PageBatchError, match="page batch version 2 is not one this vmmpy reads"):
+        _core.decode_batch_header(BATCH.pack(b"VMPB", 2, 0, 0, 0, 0, 0, 0))
+    with pytest.raises(PageBatchError, match="declares 65537 ranges, more than the 65536"):
+        _core.decode_batch_header(BATCH.pack(b"VMPB", 1, 0, 0, 65537, 0, 0, 0))
+    with pytest.raises(PageBatchError, match="a page batch header is 40 bytes, got 39"):
+        _core.decode_batch_header(lz4[:39])

@@ -21,6 +21,11 @@ create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PageBatchError", m.py().get_type::<PageBatchError>())?;
     m.add("MAX_BATCH_RANGES", MAX_RANGES)?;
+    m.add("BATCH_HEADER_SIZE", wire::BATCH_HEADER_SIZE)?;
+    m.add("BATCH_RANGE_ENTRY_SIZE", wire::RANGE_ENTRY_SIZE)?;
+    m.add("BATCH_FLAG_LZ4", wire::BATCH_FLAG_LZ4)?;
+    m.add_function(wrap_pyfunction!(end_of_round_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_batch_header, m)?)?;
     m.add("MAX_COMPRESSED_BATCH_DATA", wire::MAX_COMPRESSED_DATA)?;
     m.add("COMPRESS_BLOCK_PAGES", wire::COMPRESS_BLOCK_PAGES)?;
     m.add_function(wrap_pyfunction!(send_dirty_pages, m)?)?;
@@ -354,6 +359,30 @@ fn chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, index: usize, 
         digest::chunk_hashes_resident(&seg, chunk_size, &resident)
     })
     .map_err(page_error)
+}
+
+/// The bytes of the end-of-round marker: an empty page batch for the segment at `segment_gpa`.
+#[pyfunction]
+fn end_of_round_batch<'py>(py: Python<'py>, segment_gpa: u64) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &wire::end_of_round_batch(GuestAddress(segment_gpa)))
+}
+
+/// A page batch's fixed header (its first `BATCH_HEADER_SIZE` bytes) as a dict: segment_gpa,
+/// flags, range_count, payload_len. Magic, version, flags, reserved bits and the range count
+/// limit are checked (a PageBatchError names what is wrong); the checksum, which also covers the
+/// range table, is not.
+#[pyfunction]
+fn decode_batch_header<'py>(py: Python<'py>, header: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let bytes: &[u8; wire::BATCH_HEADER_SIZE] = header.try_into().map_err(|_| {
+        PageBatchError::new_err((libc::EINVAL, format!("a page batch header is {} bytes, got {}", wire::BATCH_HEADER_SIZE, header.len())))
+    })?;
+    let h = wire::decode_batch_header(bytes).map_err(page_error)?;
+    let d = PyDict::new(py);
+    d.set_item("segment_gpa", h.segment_gpa.0)?;
+    d.set_item("flags", h.flags)?;
+    d.set_item("range_count", h.range_count)?;
+    d.set_item("payload_len", h.payload_len)?;
+    Ok(d)
 }
 
 /// xxh3-64 of a bytes-like object (state sections and frames use it as their checksum).

@@ -25,8 +25,8 @@ mod stall;
 mod streams;
 
 pub use batch::{
-    split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION,
-    COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES, RANGE_ENTRY_SIZE,
+    decode_header as decode_batch_header, end_of_round_batch, split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES,
+    BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};

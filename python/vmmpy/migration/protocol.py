@@ -822,15 +822,16 @@ def decode_empty(msg_type: MessageType, payload: bytes) -> None:
 
 # -- the end-of-round marker: an empty page batch ----------------------------------------------
 
-_BATCH_HEAD = struct.Struct("<4sHHQIIQ")
-BATCH_HEADER_SIZE = _BATCH_HEAD.size + 8
+#: Bytes of a page batch's fixed header, and so of an end-of-round batch (the format is the
+#: memory core's, rust/wire/batch.rs; this module only names it).
+BATCH_HEADER_SIZE = _core.BATCH_HEADER_SIZE
 
 
 def end_of_round_batch(segment_gpa: int) -> bytes:
     """A page batch with no ranges: the memory core receives it as a no-op, and the receiver
-    takes it as the end of a round's batches (the senders never emit an empty batch)."""
-    head = _BATCH_HEAD.pack(b"VMPB", 1, 0, segment_gpa, 0, 0, 0)
-    return head + struct.pack("<Q", _core.xxh3_64(head))
+    takes it as the end of a round's batches (the senders never emit an empty batch). Encoded by
+    the memory core, the batch format's one owner."""
+    return _core.end_of_round_batch(segment_gpa)
 
 
 # -- authentication ----------------------------------------------------------------------------
