@@ -75,3 +75,33 @@ def test_a_field_added_by_a_later_version_is_neither_sent_to_nor_read_from_an_ol
         P.encode_spec(spec, 3)
     with pytest.raises(ProtocolError, match=r"RESOLVE: unknown decision 3 \(1 commit, 2 abort\)"):
         P.decode_resolve(b"s" * 16 + b"\x03")
+
+
+def test_the_docs_draw_the_receiver_s_transition_table():
+    import pathlib
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "migration-protocol.md").read_text()
+    block = doc.split("this drawing and the table the same):\n\n```\n", 1)[1].split("```", 1)[0]
+    assert block.splitlines() == P.receiver_drawing()
+
+
+def test_the_receiver_reads_only_what_its_state_and_version_allow():
+    assert P.receiver_reads(P.RxState.READY, 2) == (P.MessageType.MEMORY, P.MessageType.STATE)
+    assert P.receiver_reads(P.RxState.READY, 3) == (P.MessageType.STREAMS, P.MessageType.MEMORY, P.MessageType.STATE)
+    assert P.receiver_reads(P.RxState.AWAIT_SPEC, 4) == (P.MessageType.SPEC,)
+    assert P.receiver_reads(P.RxState.AWAIT_SPEC, 5) == (P.MessageType.SPEC, P.MessageType.RESOLVE)
+    assert P.receiver_next(P.RxState.RECEIVING, P.MessageType.MEMORY_END) is P.RxState.READY
+    with pytest.raises(ProtocolError, match="unexpected STATE in state have-state"):
+        P.receiver_next(P.RxState.HAVE_STATE, P.MessageType.STATE)
+
+
+def test_the_source_sends_only_in_its_sequence():
+    order = [None, P.MessageType.HELLO, P.MessageType.AUTH, P.MessageType.SPEC, P.MessageType.MEMORY, P.MessageType.MEMORY_END,
+             P.MessageType.MEMORY, P.MessageType.MEMORY_END, P.MessageType.STATE, P.MessageType.COMMIT_REQUEST,
+             P.MessageType.COMMITTED, P.MessageType.RELEASED]
+    for last, sent in zip(order, order[1:]):
+        P.source_may_send(last, sent)
+        P.source_may_send(last, P.MessageType.ABORT)
+    with pytest.raises(ProtocolError, match="the source may not send STATE after SPEC"):
+        P.source_may_send(P.MessageType.SPEC, P.MessageType.STATE)
+    with pytest.raises(ProtocolError, match=r"may not send COMMITTED first \(the sequence allows HELLO\)"):
+        P.source_may_send(None, P.MessageType.COMMITTED)

@@ -32,14 +32,9 @@ Message sequence (S = source, D = destination)::
     |                                              |
     |<--- ABORT (why) ---- either way, any time ---|  before COMMITTED: S resumes, D discards
 
-Receiver (destination) state machine::
-
-    AWAIT_HELLO --HELLO--> AWAIT_AUTH --AUTH ok--> AWAIT_SPEC --SPEC ok--> READY
-    READY --STREAMS (v3, before round 0, once)--> JOINING --n-1 JOINs accepted--> READY
-    READY --MEMORY--> RECEIVING --batches, empty batch, MEMORY_END--> READY
-    READY --STATE--> HAVE_STATE --COMMIT_REQUEST, digest equal--> AWAIT_COMMITTED
-    AWAIT_COMMITTED --COMMITTED--> RUNNING (done)
-    any state --ABORT, bad frame, unexpected message, EOF, timeout--> DISCARDED (done)
+The receiver's (destination's) state machine is the table ``RECEIVER`` (drawn in the docs from
+it); the source's order is ``SOURCE_NEXT`` and ``SOURCE_AWAITS``. A message a state does not
+read is refused from its header, by name and state.
 
 Every frame starts with a fixed 24-byte little-endian header::
 
@@ -1037,6 +1032,109 @@ def decode_resolved(payload: bytes) -> Resolved:
 def decode_empty(msg_type: MessageType, payload: bytes) -> None:
     if payload:
         raise ProtocolError(f"{msg_type.name}: carries no payload, got {len(payload)} bytes")
+
+
+# -- the order of messages: the receiver's state machine and the source's sequence --------------
+
+
+class RxState(enum.Enum):
+    """The receiver's (destination's) states, as ``docs/migration-protocol.md`` draws them."""
+
+    AWAIT_HELLO = "await-hello"
+    AWAIT_AUTH = "await-auth"
+    AWAIT_SPEC = "await-spec"
+    READY = "ready"
+    JOINING = "joining"  # v3: data streams connecting after STREAMS
+    RECEIVING = "receiving"
+    HAVE_STATE = "have-state"
+    AWAIT_COMMITTED = "await-committed"
+    IN_DOUBT = "in-doubt"  # v5: COMMIT_ACK sent, then the link failed: held paused until settled
+    RUNNING = "running"
+    ANSWERED = "answered"  # v5: a connection that asked RESOLVE, answered with RESOLVED
+    DISCARDED = "discarded"
+
+
+#: The receiver's transitions: in each state, the messages it reads and the state each leads to
+#: once handled (JOIN: the n-1 JOINs on the data connections, all accepted). A frame of any other
+#: type is refused from its header, naming it and the state. Not drawn: from any state, ABORT, a
+#: bad or unexpected frame, EOF, a timeout or a cancel lead to DISCARDED, except that from
+#: AWAIT_COMMITTED (v5) all but ABORT lead to IN_DOUBT.
+RECEIVER: dict[RxState, dict[MessageType, RxState]] = {
+    RxState.AWAIT_HELLO: {MessageType.HELLO: RxState.AWAIT_AUTH},
+    RxState.AWAIT_AUTH: {MessageType.AUTH: RxState.AWAIT_SPEC},
+    RxState.AWAIT_SPEC: {MessageType.SPEC: RxState.READY, MessageType.RESOLVE: RxState.ANSWERED},
+    RxState.READY: {MessageType.STREAMS: RxState.JOINING, MessageType.MEMORY: RxState.RECEIVING, MessageType.STATE: RxState.HAVE_STATE},
+    RxState.JOINING: {MessageType.JOIN: RxState.READY},
+    RxState.RECEIVING: {MessageType.MEMORY_END: RxState.READY},
+    RxState.HAVE_STATE: {MessageType.COMMIT_REQUEST: RxState.AWAIT_COMMITTED},
+    RxState.AWAIT_COMMITTED: {MessageType.COMMITTED: RxState.RUNNING},
+    RxState.RUNNING: {MessageType.RELEASED: RxState.RUNNING},
+    RxState.ANSWERED: {MessageType.RELEASED: RxState.ANSWERED},
+}
+
+#: The protocol version that added each message (the rest are in every version).
+SINCE: dict[MessageType, int] = {
+    MessageType.STREAMS: STREAMS_VERSION,
+    MessageType.STREAMS_TOKEN: STREAMS_VERSION,
+    MessageType.JOIN: STREAMS_VERSION,
+    MessageType.RESOLVE: OWNERSHIP_VERSION,
+    MessageType.RESOLVED: OWNERSHIP_VERSION,
+    MessageType.RELEASED: OWNERSHIP_VERSION,
+}
+
+#: The source's sequence on one connection: after each message it sent (None: nothing yet), the
+#: messages it may send next. ABORT may follow anything.
+SOURCE_NEXT: dict[MessageType | None, tuple[MessageType, ...]] = {
+    None: (MessageType.HELLO,),
+    MessageType.HELLO: (MessageType.AUTH,),
+    MessageType.AUTH: (MessageType.SPEC, MessageType.RESOLVE),
+    MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY),
+    MessageType.STREAMS: (MessageType.MEMORY,),
+    MessageType.MEMORY: (MessageType.MEMORY_END,),
+    MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE),
+    MessageType.STATE: (MessageType.COMMIT_REQUEST,),
+    MessageType.COMMIT_REQUEST: (MessageType.COMMITTED,),
+    MessageType.COMMITTED: (MessageType.RELEASED,),
+    MessageType.RESOLVE: (MessageType.RELEASED,),
+    MessageType.RELEASED: (),
+}
+
+#: What the source reads after each message that is answered (REFUSE and ABORT may come instead).
+SOURCE_AWAITS: dict[MessageType, MessageType] = {
+    MessageType.HELLO: MessageType.CHALLENGE,
+    MessageType.AUTH: MessageType.ACCEPT,
+    MessageType.SPEC: MessageType.ACCEPT,
+    MessageType.STREAMS: MessageType.STREAMS_TOKEN,
+    MessageType.COMMIT_REQUEST: MessageType.COMMIT_ACK,
+    MessageType.COMMITTED: MessageType.RESUMED,
+    MessageType.RESOLVE: MessageType.RESOLVED,
+}
+
+
+def receiver_reads(state: RxState, version: int) -> tuple[MessageType, ...]:
+    """The messages a receiver in ``state`` reads at protocol ``version``."""
+    return tuple(t for t in RECEIVER.get(state, {}) if version >= SINCE.get(t, 0))
+
+
+def receiver_next(state: RxState, msg_type: MessageType) -> RxState:
+    """The state ``msg_type``, handled, leads to from ``state``; ProtocolError naming both if none."""
+    try:
+        return RECEIVER[state][msg_type]
+    except KeyError:
+        raise ProtocolError(f"unexpected {msg_type.name} in state {state.value}") from None
+
+
+def source_may_send(last: MessageType | None, msg_type: MessageType) -> None:
+    """Refuse (ProtocolError naming both) a message the source's sequence does not allow after ``last``."""
+    if msg_type is not MessageType.ABORT and msg_type not in SOURCE_NEXT.get(last, ()):
+        after = f"after {last.name}" if last is not None else "first"
+        raise ProtocolError(f"the source may not send {msg_type.name} {after} (the sequence allows "
+                            f"{' or '.join(t.name for t in SOURCE_NEXT.get(last, ())) or 'nothing more'})")
+
+
+def receiver_drawing() -> list[str]:
+    """The receiver's transitions as the docs draw them: ``STATE --MESSAGE--> STATE``, one a line."""
+    return [f"{state.name} --{t.name}--> {nxt.name}" for state, moves in RECEIVER.items() for t, nxt in moves.items()]
 
 
 _SESSION_LABEL = b"vmmpy-migration-v5 session\x00"
