@@ -108,6 +108,13 @@ pub enum PageError {
         declared: u64,
         expected: u64,
     },
+    /// A round's batches carried more pages than its budget (the guest's page count).
+    RoundTooLarge {
+        carried: u64,
+        max: u64,
+    },
+    /// A compressed batch arrived on a stream that did not agree to compression.
+    CompressionNotAgreed,
     /// A compressed batch must carry 1 page to `max` bytes of page data.
     CompressedDataSize {
         data: u64,
@@ -224,6 +231,10 @@ impl fmt::Display for PageError {
             PageError::PayloadLength { declared, expected } => {
                 write!(f, "page batch declares {declared} payload bytes but its DATA ranges add up to {expected}")
             }
+            PageError::RoundTooLarge { carried, max } => {
+                write!(f, "the round carried more pages ({carried}) than the guest has ({max})")
+            }
+            PageError::CompressionNotAgreed => write!(f, "the peer sent a compressed page batch, but no compression was agreed"),
             PageError::CompressedDataSize { data, max } => {
                 write!(f, "compressed page batch carries {data} bytes of page data; a compressed batch carries 4096 to {max}")
             }

@@ -1,7 +1,8 @@
-//! Bindings for parallel streams: harvest a round once and send it over several fds at once,
-//! with the GIL released for the whole round.
+//! Bindings for a round's page streams: harvest a round once and send it over several fds at
+//! once, and receive one stream's share of a round, each with the GIL released for the whole call.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -15,7 +16,50 @@ use crate::wire::{self, BatchTotals, PageRange, MAX_STREAMS};
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_STREAMS", MAX_STREAMS)?;
     m.add_function(wrap_pyfunction!(send_pages_multi, m)?)?;
+    m.add_function(wrap_pyfunction!(recv_share, m)?)?;
+    m.add_class::<PyPageBudget>()?;
     Ok(())
+}
+
+/// The pages a round may carry over all its streams together; shared by their receivers.
+#[pyclass(name = "PageBudget", module = "vmmpy._core", frozen)]
+pub struct PyPageBudget {
+    inner: Arc<wire::PageBudget>,
+}
+
+#[pymethods]
+impl PyPageBudget {
+    #[new]
+    fn new(max_pages: u64) -> PyPageBudget {
+        PyPageBudget { inner: Arc::new(wire::PageBudget::new(max_pages)) }
+    }
+
+    /// Pages charged so far.
+    #[getter]
+    fn carried(&self) -> u64 {
+        self.inner.carried()
+    }
+}
+
+/// Receive one stream's share of a round from `fd` (until its empty end batch) straight into
+/// guest memory, hashing into `tracker` when given, charging every batch's pages to `budget`;
+/// a compressed batch is refused unless `compressed`. Returns the totals of its non-empty
+/// batches, `wire_bytes` including the end marker.
+#[pyfunction]
+#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None))]
+fn recv_share<'py>(
+    py: Python<'py>,
+    memory: PyRef<'py, PyGuestMemory>,
+    fd: RawFd,
+    budget: PyRef<'py, PyPageBudget>,
+    compressed: bool,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let tracker = tracker_of(&memory, tracker)?;
+    let mem = memory.inner.clone();
+    let budget = budget.inner.clone();
+    let totals = py.detach(move || wire::recv_share(fd, &mem, tracker.as_deref(), &budget, compressed)).map_err(page_error)?;
+    totals_dict(py, &totals)
 }
 
 /// One round over every fd in `fds` at once. With `all_pages`, every page (never-touched ones as

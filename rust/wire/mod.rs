@@ -31,7 +31,7 @@ pub use batch::{
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
-pub use streams::{send_chunks, MAX_STREAMS};
+pub use streams::{recv_share, send_chunks, PageBudget, MAX_STREAMS};
 
 use crate::digest::PageError;
 use crate::memory::Segment;

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 
-from ..memory import PageBatchError
+from ..memory import PageBatchError, PageBudget
 from ..state import SectionError, decode_sections
 from . import protocol as P
 from .adapter import MigrationAdapter
@@ -816,21 +816,6 @@ class _Receiver:
         self.stats.streams = count
         self._advance(P.MessageType.JOIN)  # all n-1 accepted
 
-    def _receive_round_streams(self, memory: P.Memory) -> tuple[int, int, int, int, list[int]]:
-        """One round on every stream at once; returns (batches, data pages, zero pages, wire bytes
-        with the end markers, wire bytes per stream)."""
-        def recv(sock: socket.socket) -> dict[str, int]:
-            got = self.memory.recv_pages(sock, tracker=self.tracker)
-            if got["compressed_batches"] and self.compression is None:
-                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
-            return got
-
-        per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
-                            page_limit=self.total_pages, cancelled=self.watcher.cancelled,
-                            join_timeout=self.params.io_timeout + 10)
-        return (sum(s["batches"] for s in per), sum(s["data_pages"] for s in per), sum(s["zero_pages"] for s in per),
-                sum(s["wire_bytes"] for s in per), [s["wire_bytes"] for s in per])
-
     def _receive_round(self, memory: P.Memory) -> None:
         if memory.round != self.next_round:
             raise ProtocolError(f"MEMORY announces round {memory.round}, expected round {self.next_round}")
@@ -838,31 +823,26 @@ class _Receiver:
             raise ProtocolError("round 0 must carry all pages (ALL_PAGES flag missing)")
         self._advance(P.MessageType.MEMORY)
         start = time.monotonic()
-        batches = data_pages = zero_pages = wire = compressed = saved = 0
-        stream_bytes: list[int] = []
-        fd = self.conn.fileno()
+        # Each stream's share is one call into the memory core (batches until its empty one, GIL
+        # released); a round may not carry more pages than the guest has, over all its streams.
+        budget = PageBudget(self.total_pages)
+
+        def recv(sock: socket.socket) -> dict[str, int]:
+            return self.memory.recv_share(sock, budget=budget, compressed=self.compression is not None, tracker=self.tracker)
+
         if self.data_conns:
-            batches, data_pages, zero_pages, wire, stream_bytes = self._receive_round_streams(memory)
-        while not self.data_conns:  # one stream: its batches, one at a time, until the empty one
-            if self.watcher.cancelled():
-                raise Cancelled(f"cancelled during round {memory.round}")
+            per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
+                                cancelled=self.watcher.cancelled, join_timeout=self.params.io_timeout + 10)
+        else:
             try:
-                got = self.memory.recv_pages(fd, tracker=self.tracker)
+                per = [recv(self.conn)]
             except PageBatchError as err:
+                if self.watcher.cancelled():
+                    raise Cancelled(f"cancelled during round {memory.round}") from None
                 raise receive_error(err, f"round {memory.round}") from None
-            wire += got["wire_bytes"]
-            if got["ranges"] == 0:
-                break
-            batches += 1
-            data_pages += got["data_pages"]
-            zero_pages += got["zero_pages"]
-            if got["compressed_batches"] and self.compression is None:
-                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
-            compressed += got["compressed_batches"]
-            saved += got["saved_bytes"]
-            # A round sends each page at most once: more is a broken or hostile source.
-            if data_pages + zero_pages > self.total_pages:
-                raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
+        batches, data_pages, zero_pages, wire, compressed, saved = (
+            sum(s[k] for s in per) for k in ("batches", "data_pages", "zero_pages", "wire_bytes", "compressed_batches", "saved_bytes"))
+        stream_bytes = [s["wire_bytes"] for s in per] if self.data_conns else []
         self.stats.bytes_total += wire
         end = P.decode_memory_end(self._read().payload)
         ends = P.BATCH_HEADER_SIZE * (1 + len(self.data_conns))  # one end-of-round batch per stream

@@ -20,7 +20,7 @@ Message sequence (S = source, D = destination)::
     |---- JOIN (index, token, HMAC) -------------->|  D: nothing else read from it before this
     |<--- ACCEPT(join, D's proof) | REFUSE(why) ---|  D: JOINING -> READY once all n-1 joined
     |---- MEMORY (round r, flags) ---------------->|  D: READY -> RECEIVING(r)
-    |==== page batches (VMPB), raw, then one =====>|     recv_pages() per batch, in Rust
+    |==== page batches (VMPB), raw, then one =====>|     recv_share(): all of them, in Rust
     |==== empty batch ending the round ===========>|     (with n streams: on every stream)
     |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
     |     ... one MEMORY..MEMORY_END per round ... |
