@@ -71,7 +71,7 @@ fn dirtying_loop(c: &mut Criterion) {
     b.branch(op::JMP, 0);
     let (mem, mut cpu) = vcpu(&b);
     cpu.set_register("rip", CODE).unwrap();
-    let mut words = vec![0u64; mem.segments()[0].dirty_bitmap().words()];
+    let mut words = vec![0u64; mem.segments()[0].pages().div_ceil(64)];
     mem.get_and_clear_dirty_segment(0, &mut words).unwrap(); // forget the code load
     let mut group = c.benchmark_group("vcpu");
     group.throughput(Throughput::Elements(BUFFER_PAGES as u64));

@@ -89,7 +89,7 @@ fn dirty_harvest(c: &mut Criterion) {
             for _ in 0..iters {
                 // Dirty every page by setting its bit only: touching 64 GiB is not the point.
                 for (seg, w) in mem.segments().iter().zip(words.iter_mut()) {
-                    seg.dirty_bitmap().set_range(0, seg.pages());
+                    seg.dirty_log().mark(0, seg.pages());
                     w.fill(0);
                 }
                 let start = Instant::now();

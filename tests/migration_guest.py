@@ -1,4 +1,4 @@
-"""A fake guest for migration tests: real guest memory and a writer thread, behind the adapter.
+"""A fake guest for migration and checkpoint tests: real guest memory and a writer thread, behind the guest handle.
 
 The writer is QEMU's migration-test guest made stronger: it sweeps a work area page by page, and
 in sweep ``s`` (from 1) it rewrites every page whole: word 0 is the page's counter ``s``, every
@@ -36,8 +36,14 @@ def page_pattern(pfns: np.ndarray, counters: np.ndarray) -> np.ndarray:
     return words.view(np.uint8).reshape(-1)
 
 
+def _check_fake_sections(sections: list[Section], what: str) -> None:
+    missing = {"cpu0", "fakeguest"} - {s.name for s in sections}
+    if missing:
+        raise ValueError(f"{what}: state lacks sections {sorted(missing)}")
+
+
 class FakeGuest:
-    """Implements ``vmmpy.migration.MigrationAdapter``."""
+    """Implements ``vmmpy.state.handle.GuestHandle``."""
 
     def __init__(self, memsize="64M", *, work_gpa: int = 1 << 20, work_pages: int = 2048, rate: float | None = None,
                  chunk_pages: int = 64, wired: bool = False, vendor: str = "intel", vcpus: int = 1,
@@ -64,6 +70,7 @@ class FakeGuest:
         self.memory_at_start: MemoryImage | None = None  # a copy of every resident page, for the byte check
         self.discarded = False
         self.stopped = False
+        self.stop_reason = ""
         self._cond = threading.Condition()
         self._running = running
         self._parked = not running
@@ -149,7 +156,7 @@ class FakeGuest:
         counters = self.counters()
         return [f"page {i} (gpa {(first + i) * PAGE_SIZE:#x}): counter {counters[i]}, expected {expected[i]}" for i in diff[:10]]
 
-    # -- the adapter -----------------------------------------------------------------------------
+    # -- the guest handle--------------------------------------------------------------------------
     def spec(self) -> dict:
         lowmem = self.memory.lowmem.size
         highmem = self.memory.highmem.size if self.memory.highmem is not None else 0
@@ -161,11 +168,13 @@ class FakeGuest:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def pause(self) -> None:
+    def pause(self) -> float:
         self.calls.append("pause")
+        started = time.monotonic()
         self._park()
         self.digest_at_pause = self.memory.digest()
         self.state_at_pause = (self.sweeps, self.position)
+        return time.monotonic() - started
 
     def resume(self) -> None:
         self.calls.append("resume")
@@ -179,13 +188,22 @@ class FakeGuest:
                                       "work_pages": self.work_pages, "boot_nonce": b"\x5a" * 16}),
         ]
 
-    def restore_sections(self, sections: list[Section]) -> None:
+    def check_sections(self, sections: list[Section], *, what: str) -> None:
+        self.calls.append("check_sections")
+        _check_fake_sections(sections, what)
+
+    def adopt_memory(self, memory: GuestMemory) -> None:
+        """Take restored memory in place of this guest's own (the writer must be parked)."""
+        self.calls.append("adopt_memory")
+        with self._cond:
+            assert self._parked, "adopt_memory while the writer runs"
+            self.memory.close()
+            self.memory = memory
+
+    def restore_sections(self, sections: list[Section], *, what: str) -> None:
         self.calls.append("restore_sections")
-        by_name = {s.name: s for s in sections}
-        missing = {"cpu0", "fakeguest"} - set(by_name)
-        if missing:
-            raise ValueError(f"state lacks sections {sorted(missing)}")
-        guest = by_name["fakeguest"].payload
+        _check_fake_sections(sections, what)
+        guest = next(s for s in sections if s.name == "fakeguest").payload
         if (guest["work_gpa"], guest["work_pages"]) != (self.work_gpa, self.work_pages):
             raise ValueError(f"work area differs: source {guest['work_gpa']:#x}+{guest['work_pages']}, here {self.work_gpa:#x}+{self.work_pages}")
         self.sweeps, self.position = guest["sweeps"], guest["position"]
@@ -195,9 +213,10 @@ class FakeGuest:
         self.throttle_fraction = fraction
         self.throttle_history.append(fraction)
 
-    def stop_for_good(self) -> None:
+    def stop_for_good(self, reason: str) -> None:
         self.calls.append("stop_for_good")
         self.stopped = True
+        self.stop_reason = reason
 
     def start_running(self) -> None:
         self.calls.append("start_running")

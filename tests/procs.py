@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -82,3 +83,12 @@ def wait_for_listener(host: str, port: int, proc: subprocess.Popen, timeout: flo
             return
         time.sleep(0.05)
     raise AssertionError(f"nothing listened on {host}:{port} within {timeout} s")
+
+
+def write_key(path: Path, key: bytes) -> Path:
+    """A key file as an operator should keep it: readable by its owner only (vmmrun and vmmctl
+    warn on stderr about one that others can read)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return path

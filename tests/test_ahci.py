@@ -13,10 +13,11 @@ from vmmpy.devices.pci import PciBus, PciHost
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest.programs import blktest
 from vmmpy.memory import GuestMemory
+from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
-from vmmpy.snapshot.checkpoint import static_registry
 
+from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 from .test_devices import MEMSIZE, Pins, build, make_image, outputs, sha
 
@@ -103,23 +104,16 @@ def test_a_pause_right_after_issuing_carries_the_pending_interrupt(tmp_path):
     """Pause a few instructions after a PxCI write, with the port's interrupt pending and the
     INTx line up; move the guest; same console and image."""
     img = make_image(tmp_path / "ref.img", DISK_BYTES)
-    machine, com1 = build("ahci-step-ref", [f"6,ahci-hd,{img}"], "ahcitest", {"batch": "4"})
-    dev = machine.pci_functions[0]
-    counts, real = [], dev.bar_write
-
-    def spy(index, offset, size, value):
-        if offset == 0x138:
-            counts.append(machine.vm.vcpus[0].instructions_retired)
-        return real(index, offset, size, value)
-
-    dev.bar_write = spy
-    machine.start(serve_control=False)
-    assert run_to_end(machine) == EXIT_POWEROFF
-    reference = bytes(com1.output)
-    assert len(counts) == 1 + 2 * (SECTORS // 32) + 1, "identify, write and read batches, flush"
+    run = run_guest("ahcitest", [f"6,ahci-hd,{img}"], {"batch": "4"}, watch=(0, {0x138, 0x110}))  # PxCI, PxIS
+    reference = "".join(run.lines).encode()
+    issues = [count for count, offset in run.register_writes if offset == 0x138]
+    assert len(issues) == 1 + 2 * (SECTORS // 32) + 1, "identify, write and read batches, flush"
+    at = issues[len(issues) // 2 + 3] + 1
+    cleared = min(count for count, offset in run.register_writes if offset == 0x110 and count > at - 1)
+    assert at < cleared, "the pause falls between the PxCI write and the handler clearing PxIS"
     img2 = make_image(tmp_path / "b.img", DISK_BYTES)
     m, c = build("ahci-step", [f"6,ahci-hd,{img2}"], "ahcitest", {"batch": "4"})
-    m.pause_at = counts[len(counts) // 2 + 3] + 1
+    m.pause_at = at
     m.start(serve_control=False)
     wait_paused(m)
     state = m.pci_functions[0].save()
@@ -320,7 +314,9 @@ def test_vmmrun_suspends_an_ahcitest_guest_and_resumes_it_with_the_disk(tmp_path
     img = make_image(tmp_path / "disk.img", 1 << 20)
     console = tmp_path / "console.log"
     slots = ["-s", "0,hostbridge", "-s", f"6,ahci-hd,{img}"]
-    proc = start_vmmrun(tmp_path, "--guest", "ahcitest", "-m", "8M", *slots, "-l", f"com1,{console}", "--pause-at=3000000", "ah0")
+    probe = make_image(tmp_path / "probe.img", 1 << 20)  # the same disk, for the in-process run
+    at, first_line = pause_in_write_pass("ahcitest", [s.replace(img, probe) for s in slots[1::2]])
+    proc = start_vmmrun(tmp_path, "--guest", "ahcitest", "-m", "8M", *slots, "-l", f"com1,{console}", f"--pause-at={at}", "ah0")
     try:
         wait_for_socket(tmp_path, "ah0", proc)
         wait_for_state(tmp_path, "ah0", "paused")
@@ -330,7 +326,7 @@ def test_vmmrun_suspends_an_ahcitest_guest_and_resumes_it_with_the_disk(tmp_path
         assert proc.wait(timeout=60) == 0
     finally:
         stop(proc)
-    assert "digest" not in console.read_text(), "suspended mid-run"
+    assert console.read_text() == first_line, "suspended halfway through the write pass"
     assert "ahci-hd@pci.0.6.0" in json.dumps(json.loads((tmp_path / "ah0.ckp.meta").read_text()))
     resumed = subprocess.run(vmmrun_cmd("-r", str(ckp), *slots, "-l", f"com1,{console}", "--run-dir", str(tmp_path), "ah0"),
                              capture_output=True, text=True, timeout=120)

@@ -122,12 +122,12 @@ def test_lazy_restore_reads_nothing_until_touched_then_one_chunk(checkpoint, gue
     restored = restore_memory(read_checkpoint(path, REGISTRY), "lazy")
     try:
         assert restored.mapped_pages() == 0
-        assert restored.lazy_status()["loaded"] == 0
+        assert restored.lazy_status().loaded == 0
         gpa, data = next(iter(written.items()))
         restored.write(gpa + 1, b"\x5a")
-        chunk = restored.lazy_status()["chunk_size"]
+        chunk = restored.lazy_status().chunk_size
         in_chunk = sum(len(d) for g, d in written.items() if g // chunk == gpa // chunk) // PAGE_SIZE
-        assert restored.lazy_status()["loaded"] == 1, "touching a page loads (and checks) its chunk only"
+        assert restored.lazy_status().loaded == 1, "touching a page loads (and checks) its chunk only"
         assert restored.mapped_pages() == in_chunk, "the chunk's data pages, not its holes"
         assert restored.read(gpa, 3) == data[:1] + b"\x5a" + data[2:3]
         with open(path, "rb") as f:  # writes are private copies: the checkpoint is unchanged
@@ -216,7 +216,7 @@ def test_a_bad_byte_is_caught_by_verify_eager_and_lazy_restore_alike(checkpoint,
         with pytest.raises(LazyMemoryError, match=where):
             restored.write(HIGHMEM_BASE, b"x")
         assert "memory chunk 768" in restored.lazy_failure
-        assert restored.lazy_status()["failed"] == 1
+        assert restored.lazy_status().failed == 1
     finally:
         restored.close()
 

@@ -22,7 +22,7 @@ from vmmpy.cli import vmmrun
 from vmmpy.snapshot import KERN_STRUCTS
 from vmmpy.snapshot import meta as ckmeta
 
-from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
+from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state, write_key
 from .test_checkpoint_restore import flip
 
 MiB = 1 << 20
@@ -40,7 +40,7 @@ def saved(tmp_path_factory):
     """One guest, paused mid-run, checkpointed with a key and then suspended without one: two
     checkpoints of the same instant, and the console it had written by then."""
     directory = tmp_path_factory.mktemp("forgery")
-    (directory / "ckp.key").write_bytes(KEY + b"\n")
+    write_key(directory / "ckp.key", KEY + b"\n")
     console = directory / "console.log"
     proc = start_vmmrun(directory, *ABTEST, "-l", f"com1,{console}", "--pause-at=5000000", "src0")
     try:
@@ -369,7 +369,7 @@ def test_vmmrun_refuses_a_forged_checkpoint_as_a_process(saved, tmp_path, case):
 
 def key_file(tmp_path, key=KEY):
     path = tmp_path / "given.key"
-    path.write_bytes(key)
+    write_key(path, key)
     return str(path)
 
 

@@ -307,3 +307,43 @@ def test_two_threads_closing_at_once_both_finish_and_the_socket_goes(tmp_path):
         t.join(10)
     assert errors == [] and not any(t.is_alive() for t in threads)
     assert not srv.path.exists(), "the socket file is removed"
+
+
+# -- a command that ends the guest returns once its name is free -----------------------------------
+
+def test_wait_gone_sees_the_name_released_and_a_killed_holder(tmp_path):
+    srv = ControlServer("vm0", {}, directory=tmp_path)
+    srv.start()
+    client = ControlClient("vm0", tmp_path)
+    holder = client.name_holder()
+    assert holder is not None and holder[2] == os.getpid()
+    assert client.wait_gone(holder, timeout=0.2) is False, "the server still holds the name"
+    srv.close()
+    assert client.wait_gone(holder, timeout=0.2) is True
+    assert client.name_holder() is None
+
+    # A holder killed before it could remove its lock file: the file stays, the process is gone.
+    child = subprocess.Popen(["sleep", "0"])
+    child.wait()
+    client.lock_path.write_text(f"{child.pid}\n")
+    assert client.wait_gone(client.name_holder(), timeout=5) is True
+
+
+def test_suspend_then_restore_under_the_same_name_at_once(tmp_path):
+    """vmmctl --suspend returns only once the suspended vmmrun has let its name go, so the
+    README's next command (vmmrun -r ... with the same name) is never refused as a duplicate."""
+    from .procs import start_vmmrun, stop, wait_for_socket
+    from .procs import vmmctl as run_vmmctl
+
+    run_dir = tmp_path / "run"
+    for attempt in range(3):  # each round: start (or restore), then suspend; the next starts at once
+        args = ["-r", str(tmp_path / "vm0.ckp")] if attempt else ["--guest", "abtest", "-m", "64M"]
+        proc = start_vmmrun(run_dir, *args, "vm0")
+        try:
+            wait_for_socket(run_dir, "vm0", proc)
+            done = run_vmmctl(run_dir, "--vm=vm0", f"--suspend={tmp_path / 'vm0.ckp'}")
+            assert done.returncode == 0, done.stderr
+            assert ControlClient("vm0", run_dir).name_holder() is None, "vmmctl returned before the name was free"
+            assert proc.wait(timeout=30) == 0
+        finally:
+            stop(proc)

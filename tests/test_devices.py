@@ -15,10 +15,11 @@ from vmmpy.devices.virtio_blk import VirtioBlock
 from vmmpy.devices.virtio_rnd import VirtioRandom
 from vmmpy.guest.programs import blktest, load_program, rndtest, vconsole
 from vmmpy.memory import GuestMemory
+from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
-from vmmpy.snapshot.checkpoint import static_registry
 
+from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
 MEMSIZE = 8 << 20
@@ -230,6 +231,39 @@ def test_a_run_paused_mid_io_and_restored_elsewhere_finishes_bit_identically(tmp
         assert sha(img) == sha(ref_img)
 
 
+DISK_GUESTS = {  # the disk drivers sharing programs/_storage.py: their slot, and what they call a block
+    "blktest": ("3,virtio-blk,{img}", "sector"),
+    "nvmetest": ("5,nvme,{img}", "block"),
+    "ahcitest": ("6,ahci-hd,{img}", "sector"),
+    "scsitest": ("4,virtio-scsi,{img}", "block"),
+}
+
+
+@pytest.mark.parametrize("program", sorted(DISK_GUESTS))
+def test_every_disk_driver_names_the_first_qword_that_reads_back_wrong(tmp_path, program):
+    """The shared read-back check: a qword changed on the disk between the write pass and the
+    read pass (the guest paused just after its "wrote" line, found by running it) is named, and
+    the driver stops without a digest."""
+    slot, unit = DISK_GUESTS[program]
+    slots = ["0,hostbridge", slot]
+    run = run_guest(program, [s.format(img=make_image(tmp_path / "probe.img")) for s in slots])
+    assert "wrote" in run.lines[1]
+    img = make_image(tmp_path / "disk.img")
+    machine, com1 = build(f"bad-{program}", [s.format(img=img) for s in slots], program, {})
+    machine.pause_at = run.line_ends[1] + 2
+    machine.start(serve_control=False)
+    wait_paused(machine)
+    assert bytes(com1.output).decode() == run.lines[0] + run.lines[1], "paused between the passes"
+    with open(img, "r+b") as f:
+        f.seek(37 * 512 + 5 * 8)
+        good = f.read(8)
+        f.seek(37 * 512 + 5 * 8)
+        f.write(bytes(b ^ 0xFF for b in good))
+    machine.resume()
+    assert run_to_end(machine) == EXIT_POWEROFF
+    assert com1.output.decode() == run.lines[0] + run.lines[1] + f"{program}: MISMATCH {unit} 37 qword 5\n"
+
+
 # ---- hostile guests ----------------------------------------------------------------------------------
 
 
@@ -416,7 +450,9 @@ def test_vmmrun_suspends_a_blktest_guest_and_resumes_it_with_the_disk(tmp_path):
     img = make_image(tmp_path / "disk.img", 1 << 20)
     console = tmp_path / "console.log"
     slots = ["-s", "0,hostbridge", "-s", "1,lpc", "-s", f"3,virtio-blk,{img}"]
-    proc = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{console}", "--pause-at=3000000", "blk0")
+    probe = make_image(tmp_path / "probe.img", 1 << 20)  # the same disk, for the in-process run
+    at, first_line = pause_in_write_pass("blktest", [s.replace(img, probe) for s in slots[1::2]])
+    proc = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{console}", f"--pause-at={at}", "blk0")
     try:
         wait_for_socket(tmp_path, "blk0", proc)
         wait_for_state(tmp_path, "blk0", "paused")
@@ -426,7 +462,7 @@ def test_vmmrun_suspends_a_blktest_guest_and_resumes_it_with_the_disk(tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         stop(proc)
-    assert "digest" not in console.read_text(), "suspended mid-run"
+    assert console.read_text() == first_line, "suspended halfway through the write pass"
     meta = json.loads((tmp_path / "blk0.ckp.meta").read_text())
     assert "virtio-blk@pci.0.3.0" in json.dumps(meta)
     missing = subprocess.run(vmmrun_cmd("-r", str(ckp), "-s", "0,hostbridge", "-s", "1,lpc", "-l", f"com1,{console}",

@@ -2,6 +2,7 @@
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_ranges_merge_adjacent_pages(tracking):
     for page in (3, 4, 5, 9):
         mem.write(page * PAGE_SIZE, b"\1")
     mem.write(HIGHMEM_BASE, bytes(2 * PAGE_SIZE))
-    assert mem.get_and_clear_dirty_ranges() == [
+    assert [(r.gpa, r.length) for r in mem.get_and_clear_dirty_ranges()] == [
         (3 * PAGE_SIZE, 3 * PAGE_SIZE),
         (9 * PAGE_SIZE, PAGE_SIZE),
         (HIGHMEM_BASE, 2 * PAGE_SIZE),
@@ -88,8 +89,12 @@ def test_get_and_clear_loses_nothing_under_a_concurrent_writer(tracking):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        for _ in range(100):  # pre-copy rounds racing the writer
+        # Pre-copy rounds racing the writer: at least 100, and on until the writer has made 10,000
+        # writes alongside them (on a loaded machine it may get little CPU), for at most 60 s.
+        deadline, rounds = time.monotonic() + 60, 0
+        while rounds < 100 or (writes <= 10_000 and time.monotonic() < deadline):
             copy_dirty_pages()
+            rounds += 1
     finally:
         stop.set()
         thread.join(timeout=60)

@@ -185,7 +185,7 @@ def test_device_dma_from_a_chunk_not_yet_loaded_gets_verified_bytes(tmp_path, da
     lazy = restore_memory(read_checkpoint(path, SectionRegistry({"vm": 1})), "lazy")
     driver.memory.close()
     driver.memory = lazy  # the device now sees the lazily restored memory
-    assert lazy.lazy_status()["loaded"] == 0
+    assert lazy.lazy_status().loaded == 0
     if damaged:
         with pytest.raises(LazyMemoryError, match=r"dma\.ckp': memory chunk 1 .* does not match its recorded hash"):
             driver.publish(0)
@@ -195,7 +195,7 @@ def test_device_dma_from_a_chunk_not_yet_loaded_gets_verified_bytes(tmp_path, da
         driver.publish(0)
         assert driver.used_idx() == 1 and lazy.read(0x300100, 1) == b"\0"
         assert open(img, "rb").read(len(data)) == data
-        assert lazy.lazy_status()["loaded"] == 2, "the ring's chunk and the buffer's"
+        assert lazy.lazy_status().loaded == 2, "the ring's chunk and the buffer's"
     driver.device.close()
     lazy.close()
 
@@ -209,9 +209,9 @@ def test_a_numpy_view_of_a_lazily_restored_segment_shows_verified_bytes(tmp_path
     write_checkpoint(path, mem, [Section("vm", 1, {})], {"ncpus": 1, "vmname": "view"})
     ckpt = read_checkpoint(path, SectionRegistry({"vm": 1}))
     lazy = restore_memory(ckpt, "lazy")
-    assert lazy.lazy_status()["loaded"] == 0
+    assert lazy.lazy_status().loaded == 0
     view = np.frombuffer(lazy.lowmem, np.uint8)
-    assert lazy.lazy_status()["complete"], "a view sees every byte, so every chunk was checked first"
+    assert lazy.lazy_status().complete, "a view sees every byte, so every chunk was checked first"
     assert np.array_equal(view, mem.view("lowmem"))
     del view
     lazy.close()

@@ -102,7 +102,7 @@ def test_a_pause_before_the_vcpus_start_holds_them_until_resume():
 
 @pytest.mark.parametrize("outcome", ["commit", "discard"])
 def test_a_migration_destination_holds_its_vcpus_until_the_commit(outcome):
-    from vmmpy.runtime.guest_handle import MachineAdapter
+    from vmmpy.runtime.guest_handle import MachineHandle
     from vmmpy.state.kernel import save_sections
 
     source, _ = boot(HELLO, f"m-held-src-{outcome}", pause_at=5)
@@ -114,17 +114,17 @@ def test_a_migration_destination_holds_its_vcpus_until_the_commit(outcome):
     dest = Machine(VmConfig(name=f"m-held-dst-{outcome}", memsize=4 << 20), consoles={"com1": console})
     dest.setup_memory()
     dest.vm.memory.write(0, source.vm.memory.read(0, 4 << 20))
-    adapter = MachineAdapter(dest)
-    adapter.restore_sections(sections)
+    handle = MachineHandle(dest)
+    handle.restore_sections(sections, what="test")
     # The threads exist (started before the commit) but run nothing until start_running.
     assert dest.wait(0.2) is None and dest.paused and console.output == b""
     assert dest.vm.vcpus[0].instructions_retired == 5
     if outcome == "commit":
-        adapter.start_running()
+        handle.start_running()
         assert run_to_end(dest) == EXIT_POWEROFF
         assert console.output == b"hello from the guest\n"[1:], "the first byte was printed on the source"
     else:
-        adapter.discard()
+        handle.discard()
         assert run_to_end(dest) == EXIT_ERROR and console.output == b""
     dest.close()
 

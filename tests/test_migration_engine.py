@@ -57,7 +57,7 @@ def test_without_resumed_the_source_holds_the_guest_until_a_reconnect_confirms_i
     dst = guests("16M", work_pages=256, running=False)
     stops = []
     original = src.stop_for_good
-    monkeypatch.setattr(src, "stop_for_good", lambda: (stops.append(time.monotonic()), original()))
+    monkeypatch.setattr(src, "stop_for_good", lambda reason: (stops.append(time.monotonic()), original(reason)))
     params = MigrationParams(commit_timeout=1.0)
     stats, dstats = migrate_pair(src, dst, live=False, params=params)
     assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)

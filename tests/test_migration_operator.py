@@ -53,6 +53,41 @@ def test_history_takes_the_dirtied_pages_per_round():
     assert h.expected_ms == [60.0, 40.0, 12.0, None]
 
 
+def test_a_log_axis_shows_whole_bars_when_the_guest_dirties_all_its_memory():
+    """Round 0 sends 65,100 pages with data and 3 as zero ranges: the log axis the 3 calls for
+    must still show the data bar from the bottom (autoscaled, it ran 6.51e4 to 6.55e4 and round 0
+    looked like all zero pages)."""
+    pytest.importorskip("matplotlib")
+    from vmmpy.cli.report import png_figure
+
+    stats = sample_stats()
+    stats["rounds"][0].update(pages_sent=65_100, zero_pages=3)
+    fig = png_figure(stats, history(stats))
+    bottom, top = fig.axes[0].get_ylim()
+    assert fig.axes[0].get_yscale() == "log" and bottom <= 3 and top >= 65_103
+
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_a_migration_that_finished_no_round_says_so_rather_than_drawing_empty_panels(tmp_path):
+    s = MigrationStats(role="source", live=True, policy="auto-converge", peer="127.0.0.1:24983", downtime_target_ms=20.0)
+    s.bytes_total = 3 * 2**20
+    s.finish("cancelled")
+    stats = s.to_dict()
+    note = "no round finished: the migration ended cancelled before round 0 did (3.0 MiB had been sent)"
+    text = write_report(stats, tmp_path / "mig.html").read_text()
+    assert note in text and "Pages per round" not in text
+    pytest.importorskip("matplotlib")
+    from vmmpy.cli.report import png_figure
+
+    fig = png_figure(stats, history(stats))
+    assert all(note in [t.get_text() for t in ax.texts] for ax in fig.axes[:3])
+
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
 def test_png_report_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = write_report(sample_stats(), tmp_path / "mig.png")

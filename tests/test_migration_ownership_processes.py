@@ -20,7 +20,7 @@ import pytest
 
 from .fault_cases import kill_at
 from .fault_proxy import FaultProxy
-from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket
+from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, write_key
 from .test_migration_processes import abtest_args, expected_console
 
 SWEEPS = 8000  # about 7 s of guest time: it runs through the migration
@@ -82,7 +82,7 @@ class Pair:
 @pytest.fixture
 def pair(tmp_path):
     key = tmp_path / "mig.key"
-    key.write_bytes(os.urandom(32).hex().encode())
+    write_key(key, os.urandom(32).hex().encode())
     key.chmod(0o600)
     made = []
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state
+from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state, write_key
 
 MiB = 1 << 20
 
@@ -221,8 +221,8 @@ def test_nothing_listening_is_a_clear_error_and_the_source_runs_on(tmp_path):
 
 def test_a_wrong_key_is_refused_before_any_state_moves(tmp_path):
     good, bad = tmp_path / "good.key", tmp_path / "bad.key"
-    good.write_bytes(os.urandom(32).hex().encode())
-    bad.write_bytes(os.urandom(32).hex().encode())
+    write_key(good, os.urandom(32).hex().encode())
+    write_key(bad, os.urandom(32).hex().encode())
     port = free_port()
     dest = start_vmmrun(tmp_path, "-m", "32M", "-R", f"127.0.0.1:{port}", "--key-file", str(good), "kdst")
     source = start_vmmrun(tmp_path, *abtest_args(2000), "--pause-at=1000", "ksrc")
@@ -304,7 +304,7 @@ def two_hosts():
 def test_live_migration_between_two_network_namespaces(tmp_path, two_hosts):
     ns_a, ns_b, dest_ip = two_hosts
     key = tmp_path / "mig.key"
-    key.write_bytes(os.urandom(32).hex().encode())
+    write_key(key, os.urandom(32).hex().encode())
     sweeps = 40_000
     result, source, dest, src_status, src_console, dst_console = migrate_pair(
         tmp_path, live=True, sweeps=sweeps, host=dest_ip, source_netns=ns_a, dest_netns=ns_b,
@@ -404,13 +404,18 @@ def test_a_guest_mid_disk_io_migrates_with_its_shared_disk(tmp_path):
     destination with the digest an uninterrupted run prints and the same image bytes."""
     from vmmpy.guest.programs import blktest
 
+    from .guest_points import pause_in_write_pass
+
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
     slots = ["-s", "0,hostbridge", "-s", "1,lpc", "-s", f"3,virtio-blk,{img}"]
+    probe = tmp_path / "probe.img"  # the same disk, for the in-process run that finds the pause point
+    probe.write_bytes(bytes(1 << 20))
+    at, first_line = pause_in_write_pass("blktest", [s.replace(str(img), str(probe)) for s in slots[1::2]])
     port = free_port()
     src_console, dst_console = tmp_path / "src.log", tmp_path / "dst.log"
     dest = start_vmmrun(tmp_path, "-m", "8M", *slots, "-l", f"com1,{dst_console}", "-R", f"127.0.0.1:{port}", "dst0")
-    source = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{src_console}", "--pause-at=3000000", "src0")
+    source = start_vmmrun(tmp_path, "--guest", "blktest", "-m", "8M", *slots, "-l", f"com1,{src_console}", f"--pause-at={at}", "src0")
     try:
         wait_for_listener("127.0.0.1", port, dest)
         wait_for_socket(tmp_path, "src0", source)
@@ -424,7 +429,7 @@ def test_a_guest_mid_disk_io_migrates_with_its_shared_disk(tmp_path):
         stop(dest)
     sectors = (1 << 20) // 512
     text = src_console.read_text() + dst_console.read_text()
-    assert "digest" not in src_console.read_text(), "migrated before the guest finished its disk work"
+    assert src_console.read_text() == first_line, "migrated halfway through the write pass"
     assert f"all match, digest 0x{blktest.reference_digest(1, sectors):016x}\n" in text
     assert img.read_bytes() == blktest.reference_image(1, sectors)
 

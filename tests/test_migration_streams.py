@@ -18,13 +18,14 @@ from vmmpy.migration import protocol as P
 from vmmpy.migration.net import CancelWatcher
 from vmmpy.migration.streams import JoinWindow
 from vmmpy.runtime.config import VmConfig
-from vmmpy.runtime.guest_handle import MachineAdapter
+from vmmpy.runtime.guest_handle import MachineHandle
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 from vmmpy.units import MiB
 
 from .inproc import run_to_end, wait_paused
 from .migration_helpers import KEY, DestinationThread, migrate_pair
 from .migration_proxy import StreamProxy
+from .procs import write_key
 from .test_machine import BUSY, final_state
 from .test_migration_engine import assert_arrived_exact
 from .test_migration_failures import assert_source_kept_guest
@@ -69,10 +70,10 @@ def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, s
     target = Machine(VmConfig(name=f"st-dst-{streams}", memsize=64 << 20), consoles={"com1": dst_console})
     target.setup_memory()
     try:
-        d = DestinationThread(MachineAdapter(target), key=KEY)
+        d = DestinationThread(MachineHandle(target), key=KEY)
         if live:
             source.resume()
-        stats = migrate(MachineAdapter(source), d.host, d.port, live=live, key=KEY, params=MigrationParams(streams=streams))
+        stats = migrate(MachineHandle(source), d.host, d.port, live=live, key=KEY, params=MigrationParams(streams=streams))
         dstats = d.join()
         assert stats.status == "completed", stats.error
         assert dstats.status == "completed", dstats.error
@@ -431,7 +432,7 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
     from .test_migration_processes import migrate_pair as migrate_processes
 
     key = tmp_path / "mig.key"
-    key.write_bytes(os.urandom(32).hex().encode())
+    write_key(key, os.urandom(32).hex().encode())
     sweeps = 2000
     result, _source, dest, src_status, src_console, dst_console = migrate_processes(
         tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, dest_key=key,

@@ -12,7 +12,7 @@ import pytest
 from vmmpy.cli.vmmrun import listen_policy_error
 from vmmpy.migration import migrate
 
-from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state
+from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state, write_key
 from .test_migration_failures import assert_source_kept_guest
 from .test_migration_processes import abtest_args, expected_console, finish
 from .tls_pki import Pki
@@ -36,7 +36,7 @@ def test_vmmctl_migrates_over_tls_with_a_key_and_the_guest_finishes_exactly(tmp_
     sweeps, extra = (100_000, {"end": "8M"}) if live else (2000, {})
     port = free_port()
     key = tmp_path / "mig.key"
-    key.write_bytes(os.urandom(32).hex().encode())
+    write_key(key, os.urandom(32).hex().encode())
     dst_crt, dst_key = pki.files("dst", "127.0.0.1")
     src_crt, src_key = pki.files("src", "source.migration.test")
     src_console, dst_console = tmp_path / "src.log", tmp_path / "dst.log"

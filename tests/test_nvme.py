@@ -13,10 +13,11 @@ from vmmpy.devices.pci import PciBus, PciHost
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest.programs import blktest
 from vmmpy.memory import GuestMemory
+from vmmpy.runtime.commands import static_registry
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
-from vmmpy.snapshot.checkpoint import static_registry
 
+from .guest_points import pause_in_write_pass, run_guest
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 from .test_devices import MEMSIZE, Pins, build, make_image, outputs, sha
 
@@ -122,23 +123,16 @@ def test_a_pause_right_after_a_doorbell_carries_unreleased_completions_and_the_i
     """Pause a few instructions after an I/O SQ doorbell write, when the device holds
     completions the driver has not released and the INTx line is up; move it; same result."""
     img = make_image(tmp_path / "ref.img", DISK_BYTES)
-    machine, com1 = build("nvme-step-ref", [f"5,nvme,{img}"], "nvmetest", {"batch": "4"})
-    dev = machine.pci_functions[0]
-    counts, real = [], dev.bar_write
-
-    def spy(index, offset, size, value):
-        if offset == 0x1008:  # SQ 1 tail doorbell
-            counts.append(machine.vm.vcpus[0].instructions_retired)
-        return real(index, offset, size, value)
-
-    dev.bar_write = spy
-    machine.start(serve_control=False)
-    assert run_to_end(machine) == EXIT_POWEROFF
-    reference = bytes(com1.output)
-    assert len(counts) == 2 * (-(-BLOCKS // 32)) + 1, "write and read batches, and the flush"
+    run = run_guest("nvmetest", [f"5,nvme,{img}"], {"batch": "4"}, watch=(0, {0x1008, 0x100C}))  # SQ 1 tail, CQ 1 head
+    reference = "".join(run.lines).encode()
+    rings = [count for count, offset in run.register_writes if offset == 0x1008]
+    assert len(rings) == 2 * (-(-BLOCKS // 32)) + 1, "write and read batches, and the flush"
+    at = rings[len(rings) // 2 + 3] + 3  # a read batch
+    release = min(count for count, offset in run.register_writes if offset == 0x100C and count > at - 3)
+    assert at < release, "the pause falls between the batch's SQ doorbell and its CQ head doorbell"
     img2 = make_image(tmp_path / "b.img", DISK_BYTES)
     m, c = build("nvme-step", [f"5,nvme,{img2}"], "nvmetest", {"batch": "4"})
-    m.pause_at = counts[len(counts) // 2 + 3] + 3  # a read batch
+    m.pause_at = at
     m.start(serve_control=False)
     wait_paused(m)
     state = m.pci_functions[0].save()
@@ -430,7 +424,9 @@ def test_vmmrun_suspends_an_nvmetest_guest_and_resumes_it_with_the_disk(tmp_path
     img = make_image(tmp_path / "disk.img", 1 << 20)
     console = tmp_path / "console.log"
     slots = ["-s", "0,hostbridge", "-s", f"5,nvme,{img}"]
-    proc = start_vmmrun(tmp_path, "--guest", "nvmetest", "-m", "8M", *slots, "-l", f"com1,{console}", "--pause-at=3000000", "nv0")
+    probe = make_image(tmp_path / "probe.img", 1 << 20)  # the same disk, for the in-process run
+    at, first_line = pause_in_write_pass("nvmetest", [s.replace(img, probe) for s in slots[1::2]])
+    proc = start_vmmrun(tmp_path, "--guest", "nvmetest", "-m", "8M", *slots, "-l", f"com1,{console}", f"--pause-at={at}", "nv0")
     try:
         wait_for_socket(tmp_path, "nv0", proc)
         wait_for_state(tmp_path, "nv0", "paused")
@@ -440,7 +436,7 @@ def test_vmmrun_suspends_an_nvmetest_guest_and_resumes_it_with_the_disk(tmp_path
         assert proc.wait(timeout=60) == 0
     finally:
         stop(proc)
-    assert "digest" not in console.read_text(), "suspended mid-run"
+    assert console.read_text() == first_line, "suspended halfway through the write pass"
     assert "nvme@pci.0.5.0" in json.dumps(json.loads((tmp_path / "nv0.ckp.meta").read_text()))
     resumed = subprocess.run(vmmrun_cmd("-r", str(ckp), *slots, "-l", f"com1,{console}", "--run-dir", str(tmp_path), "nv0"),
                              capture_output=True, text=True, timeout=120)

@@ -122,8 +122,8 @@ def rewritten(checkpoint, path, change):
 
 
 def _registry():
+    from vmmpy.runtime.commands import static_registry
     from vmmpy.runtime.config import VmConfig
-    from vmmpy.snapshot.checkpoint import static_registry
 
     return static_registry(VmConfig("ck0"))
 

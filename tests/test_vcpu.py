@@ -124,7 +124,7 @@ def test_in_waits_for_complete_read_then_retires():
     mem, cpu, _ = boot(".org 0x1000\nstart: mov rdx, 0x64\nin8 rbx, rdx\nhlt")
     exit = cpu.run(100)
     assert (exit.kind, exit.port, exit.size, exit.is_in, exit.value) == ("inout", 0x64, 1, True, None)
-    assert cpu.pending_read == {"source": "port", "port": 0x64, "size": 1, "register": "rbx"}
+    assert cpu.pending_read.as_dict() == {"source": "port", "port": 0x64, "gpa": None, "size": 1, "register": "rbx"}
     with pytest.raises(OSError, match="waiting for the result of 'in8 rbx from port 0x64'"):
         cpu.run(100)
     with pytest.raises(ValueError, match="value 0x100 does not fit the 1 bytes"):

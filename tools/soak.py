@@ -128,8 +128,8 @@ def check_checkpoint(path: str | os.PathLike, ranges: list[tuple[int, int]]) -> 
     """Check abtest's counter contract in the checkpoint ``path`` (+ .kern, .meta) of a guest
     running abtest over ``ranges`` (:func:`abtest.sweep_ranges`). Every check runs even when an
     earlier one fails, so a damaged file still has its counters judged."""
+    from vmmpy.runtime.commands import static_registry
     from vmmpy.runtime.config import VmConfig
-    from vmmpy.snapshot.checkpoint import static_registry
     from vmmpy.snapshot.files import CheckpointError, read_checkpoint, verify_memory
 
     verdict = Verdict(str(path))

@@ -185,8 +185,8 @@ class GuestMemory:
         """
         return np.frombuffer(self.core.get_and_clear_dirty(), dtype="<u8")
 
-    def get_and_clear_dirty_ranges(self) -> list[tuple[int, int]]:
-        """Dirty memory as merged ``(gpa, length)`` ranges, ascending; bits are cleared."""
+    def get_and_clear_dirty_ranges(self) -> list[_core.DirtyRange]:
+        """Dirty memory as merged ranges (``gpa``, ``length``), ascending; bits are cleared."""
         return self.core.get_and_clear_dirty_ranges()
 
     def dirty_count(self) -> int:
@@ -301,8 +301,8 @@ class GuestMemory:
         """Whether the memory was restored lazily (:meth:`restore_lazy`)."""
         return self.core.lazy
 
-    def lazy_status(self) -> dict | None:
-        """For lazily restored memory: ``source``, ``chunk_size``, ``chunks``, ``loaded``,
+    def lazy_status(self) -> _core.LazyStatus | None:
+        """For lazily restored memory: its ``source``, ``chunk_size``, ``chunks``, ``loaded``,
         ``failed`` and ``complete`` (every chunk loaded and checked); None otherwise."""
         return self.core.lazy_status()
 

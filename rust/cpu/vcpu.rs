@@ -481,7 +481,9 @@ impl Vcpu {
     #[inline(always)]
     fn load<const N: usize>(&self, gpa: u64) -> Result<[u8; N], Access> {
         if gpa < self.fast_end && self.fast_end - gpa >= N as u64 {
-            return Ok(self.low.load::<N>(gpa as usize));
+            // SAFETY: gpa..gpa+N lies below `fast_end`, which is at most lowmem's size and at most
+            // the loaded prefix of lazily restored memory: inside lowmem (GPA = offset) and accessible.
+            return Ok(unsafe { self.low.load_unchecked::<N>(gpa as usize) });
         }
         self.load_slow::<N>(gpa)
     }
@@ -489,13 +491,15 @@ impl Vcpu {
     #[inline(never)]
     fn load_slow<const N: usize>(&self, gpa: u64) -> Result<[u8; N], Access> {
         let (seg, off) = self.memory.translate(GuestAddress(gpa), N).map_err(|e| self.access_error(e))?;
-        Ok(seg.load::<N>(off))
+        // SAFETY: `translate` checked the range against the segment and made it accessible.
+        Ok(unsafe { seg.load_unchecked::<N>(off) })
     }
 
     #[inline(always)]
     fn store<const N: usize>(&self, gpa: u64, bytes: [u8; N]) -> Result<(), Access> {
         if gpa < self.fast_end && self.fast_end - gpa >= N as u64 {
-            self.low.store::<N>(gpa as usize, bytes);
+            // SAFETY: as in `load`: gpa..gpa+N is inside lowmem and accessible.
+            unsafe { self.low.store_unchecked::<N>(gpa as usize, bytes) };
             return Ok(());
         }
         self.store_slow::<N>(gpa, bytes)
@@ -504,7 +508,8 @@ impl Vcpu {
     #[inline(never)]
     fn store_slow<const N: usize>(&self, gpa: u64, bytes: [u8; N]) -> Result<(), Access> {
         let (seg, off) = self.memory.translate(GuestAddress(gpa), N).map_err(|e| self.access_error(e))?;
-        seg.store::<N>(off, bytes);
+        // SAFETY: `translate` checked the range against the segment and made it accessible.
+        unsafe { seg.store_unchecked::<N>(off, bytes) };
         Ok(())
     }
 

@@ -7,6 +7,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::{Backend, DirtyLog, DirtyLogError};
+
+/// The `soft` backend: one atomic bit per page. A page index past the end panics (the word index
+/// is checked); it never touches memory outside the bitmap.
 pub struct AtomicBitmap {
     words: Box<[AtomicU64]>,
     pages: usize,
@@ -88,6 +92,44 @@ impl AtomicBitmap {
             self.words[page / 64].fetch_and(!mask, Ordering::AcqRel);
             page += n;
         }
+    }
+}
+
+impl DirtyLog for AtomicBitmap {
+    fn backend(&self) -> Backend {
+        Backend::Soft
+    }
+
+    fn pages(&self) -> usize {
+        self.pages
+    }
+
+    #[inline]
+    fn mark(&self, first: usize, end: usize) {
+        self.set_range(first, end);
+    }
+
+    #[inline]
+    fn mark_page(&self, page: usize) {
+        self.set(page);
+    }
+
+    fn get_and_clear(&self, words: &mut [u64]) -> Result<usize, DirtyLogError> {
+        Ok(self.get_and_clear_into(words))
+    }
+
+    fn peek(&self, words: &mut [u64]) -> Result<(), DirtyLogError> {
+        self.peek_into(words);
+        Ok(())
+    }
+
+    fn count(&self) -> Result<usize, DirtyLogError> {
+        Ok(AtomicBitmap::count(self))
+    }
+
+    /// The soft bitmap holds only marks: nothing to forget.
+    fn forget_unmarked(&self, _first: usize, _end: usize) -> Result<(), DirtyLogError> {
+        Ok(())
     }
 }
 

@@ -13,6 +13,9 @@
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use super::{AtomicBitmap, Backend, DirtyLog, DirtyLogError};
 
 const UFFD_API: u64 = 0xAA;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
@@ -219,6 +222,76 @@ impl KernelTracker {
     }
 }
 
+/// The `kernel` backend's log of one range (a segment): what the kernel saw written, OR'ed with a
+/// soft bitmap of the marks. One [`KernelTracker`] (one userfaultfd) serves every range of a guest.
+pub struct KernelLog {
+    soft: AtomicBitmap,
+    tracker: Arc<KernelTracker>,
+    /// The range's address, kept as a number: the log never dereferences it, only hands it to
+    /// the kernel, which checks it.
+    base: usize,
+    len: usize,
+}
+
+impl KernelLog {
+    /// Register `base..base+len` (page-aligned, a mapping of ours that outlives the log) on
+    /// `tracker` and start logging it.
+    pub fn register(tracker: Arc<KernelTracker>, base: *mut u8, len: usize) -> Result<KernelLog, KernelTrackerError> {
+        tracker.register(base, len)?;
+        Ok(KernelLog { soft: AtomicBitmap::new(len / 4096), tracker, base: base as usize, len })
+    }
+
+    fn failed(e: KernelTrackerError) -> DirtyLogError {
+        DirtyLogError { backend: Backend::Kernel, why: e.0 }
+    }
+
+    fn set_runs(words: &mut [u64]) -> impl FnMut(u64, u64) + '_ {
+        |first, count| {
+            for page in first..first + count {
+                words[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+    }
+}
+
+impl DirtyLog for KernelLog {
+    fn backend(&self) -> Backend {
+        Backend::Kernel
+    }
+
+    fn pages(&self) -> usize {
+        self.soft.pages()
+    }
+
+    #[inline]
+    fn mark(&self, first: usize, end: usize) {
+        self.soft.set_range(first, end);
+    }
+
+    #[inline]
+    fn mark_page(&self, page: usize) {
+        self.soft.set(page);
+    }
+
+    fn get_and_clear(&self, words: &mut [u64]) -> Result<usize, DirtyLogError> {
+        self.soft.get_and_clear_into(words);
+        self.tracker.harvest(self.base as *mut u8, self.len, Self::set_runs(words)).map_err(Self::failed)?;
+        Ok(words.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
+    fn peek(&self, words: &mut [u64]) -> Result<(), DirtyLogError> {
+        self.soft.peek_into(words);
+        self.tracker.peek(self.base as *mut u8, self.len, Self::set_runs(words)).map_err(Self::failed)
+    }
+
+    fn forget_unmarked(&self, first: usize, end: usize) -> Result<(), DirtyLogError> {
+        assert!(first <= end && end <= self.pages(), "pages {first}..{end} of a {}-page log", self.pages());
+        // Plain address arithmetic inside the registered range; the kernel dereferences nothing
+        // outside it.
+        self.tracker.protect((self.base + first * 4096) as *mut u8, (end - first) * 4096).map_err(Self::failed)
+    }
+}
+
 fn open_userfaultfd() -> Result<OwnedFd, KernelTrackerError> {
     // /dev/userfaultfd (Linux 6.1+) works for whoever may open it; the syscall needs
     // vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE. Try both, report the first reason.
@@ -247,53 +320,55 @@ fn open_userfaultfd() -> Result<OwnedFd, KernelTrackerError> {
 }
 
 #[cfg(test)]
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+
+#[cfg(test)]
+/// For tests: whether this kernel offers what the tracker needs (Linux 6.7+, a userfaultfd that takes
+/// asynchronous write-protect, PAGEMAP_SCAN), asked of the kernel directly: never through
+/// `KernelTracker::open`, whose self-check would turn a broken tracker into a skip.
+pub(crate) fn kernel_offers_tracking() -> Result<(), String> {
+    // SAFETY: uname fills the zeroed struct we pass; release is NUL-terminated.
+    let release = unsafe {
+        let mut uts: libc::utsname = std::mem::zeroed();
+        libc::uname(&mut uts);
+        std::ffi::CStr::from_ptr(uts.release.as_ptr()).to_string_lossy().into_owned()
+    };
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) < (6, 7) {
+        return Err(format!("Linux {release} is older than 6.7"));
+    }
+    let uffd = open_userfaultfd().map_err(|e| e.0)?;
+    let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
+    // SAFETY: UFFDIO_API on a userfaultfd we own, with a struct we own.
+    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        return Err(format!("UFFDIO_API with WP_ASYNC: {}", std::io::Error::last_os_error()));
+    }
+    let pagemap = File::open("/proc/self/pagemap").map_err(|e| e.to_string())?;
+    let mut region = PageRegion::default();
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start: 0,
+        end: 4096,
+        walk_end: 0,
+        vec: &mut region as *mut PageRegion as u64,
+        vec_len: 1,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: PAGE_IS_PRESENT,
+        category_anyof_mask: 0,
+        return_mask: PAGE_IS_PRESENT,
+    };
+    // SAFETY: a read-only scan of page 0 (never mapped) into one region we own.
+    if unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) } < 0 {
+        return Err(format!("PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
-
-    /// Whether this kernel offers what the tracker needs (Linux 6.7+, a userfaultfd that takes
-    /// asynchronous write-protect, PAGEMAP_SCAN), asked of the kernel directly: never through
-    /// `KernelTracker::open`, whose self-check would turn a broken tracker into a skip.
-    fn kernel_offers_tracking() -> Result<(), String> {
-        // SAFETY: uname fills the zeroed struct we pass; release is NUL-terminated.
-        let release = unsafe {
-            let mut uts: libc::utsname = std::mem::zeroed();
-            libc::uname(&mut uts);
-            std::ffi::CStr::from_ptr(uts.release.as_ptr()).to_string_lossy().into_owned()
-        };
-        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
-        if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) < (6, 7) {
-            return Err(format!("Linux {release} is older than 6.7"));
-        }
-        let uffd = open_userfaultfd().map_err(|e| e.0)?;
-        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
-        // SAFETY: UFFDIO_API on a userfaultfd we own, with a struct we own.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(format!("UFFDIO_API with WP_ASYNC: {}", std::io::Error::last_os_error()));
-        }
-        let pagemap = File::open("/proc/self/pagemap").map_err(|e| e.to_string())?;
-        let mut region = PageRegion::default();
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: 0,
-            start: 0,
-            end: 4096,
-            walk_end: 0,
-            vec: &mut region as *mut PageRegion as u64,
-            vec_len: 1,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: PAGE_IS_PRESENT,
-            category_anyof_mask: 0,
-            return_mask: PAGE_IS_PRESENT,
-        };
-        // SAFETY: a read-only scan of page 0 (never mapped) into one region we own.
-        if unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) } < 0 {
-            return Err(format!("PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
-    }
 
     #[test]
     fn tracks_writes_through_raw_pointers_where_available() {

@@ -1,21 +1,101 @@
 //! EPT-like dirty tracking: one dirty bit per 4 KiB page, read and cleared atomically per round.
 //!
-//! Two backends behind one interface ([`DirtyTracker`]):
-//! - `soft`: an atomic bitmap per segment, set by every write made through vmmpy (API writes,
-//!   device DMA, vCPU stores). Always available.
-//! - `kernel`: userfaultfd write-protect in async mode plus the PAGEMAP_SCAN ioctl (Linux 6.7+),
-//!   which sees every write to the mapping, whoever makes it. The soft bitmap is still kept and
-//!   OR'ed in, so the two backends report the same pages for writes made through vmmpy.
+//! Every backend is a [`DirtyLog`]: one log per guest memory segment, asked the same questions
+//! (mark, harvest, peek, count, forget) by the same callers, so a new backend is one more
+//! implementation of the trait and nothing else changes. Two exist:
+//! - `soft` ([`AtomicBitmap`]): an atomic bitmap, set by every write made through vmmpy (API
+//!   writes, device DMA, vCPU stores). Always available.
+//! - `kernel` ([`KernelLog`]): userfaultfd write-protect in async mode plus the PAGEMAP_SCAN ioctl
+//!   (Linux 6.7+), which sees every write to the mapping, whoever makes it. A soft bitmap is still
+//!   kept for the marks and OR'ed in, so the two backends report the same pages for writes made
+//!   through vmmpy (a test runs one workload against both and compares).
 //!
-//! This module knows nothing of segments' layout or of Python; `memory` owns the mappings.
+//! A KVM backend would be a third `DirtyLog` per memory slot: `KVM_GET_DIRTY_LOG` (or the dirty
+//! ring) for what the guest wrote, a soft bitmap for what the VMM wrote (KVM does not see those),
+//! and `KVM_CLEAR_DIRTY_LOG` for [`DirtyLog::forget_unmarked`].
+//!
+//! This module knows nothing of segments' layout or of Python; `memory` owns the mappings and
+//! gives each segment its log.
 
 mod bitmap;
 mod kernel;
 
 pub use bitmap::AtomicBitmap;
-pub use kernel::{KernelTracker, KernelTrackerError};
+#[cfg(test)]
+pub(crate) use kernel::kernel_offers_tracking;
+pub use kernel::{KernelLog, KernelTracker, KernelTrackerError};
 
 use std::fmt;
+
+/// The dirty log of one range of guest memory (a segment): which of its pages were written since
+/// the last harvest. Pages are numbered from 0 at the start of the range.
+///
+/// What every backend must guarantee:
+/// - **Nothing lost.** A write that completes before a harvest starts is reported by that harvest;
+///   a write racing a harvest is reported by that harvest or by the next one, never by neither.
+///   (A write made through vmmpy copies its bytes first and marks after, so a harvest that misses
+///   the mark sees it next round.)
+/// - **Marks are reported.** Pages passed to [`DirtyLog::mark`] are reported, whether or not the
+///   backend also sees the write by itself; so every backend reports at least what `soft` does.
+/// - **Harvest clears atomically per page**: a page reported by a harvest is clean afterwards
+///   unless written again, and two harvests never both report one write.
+/// - **Peek and count change nothing.**
+/// - **`forget_unmarked` forgets only what the backend saw by itself** (a restore filling memory
+///   with read(2), which the kernel counts as a write), never marks; it is for memory that no
+///   guest is writing at the time.
+/// - Page indices passed in are within [`DirtyLog::pages`] (callers check; a backend may panic
+///   otherwise, never touch memory outside its own state).
+pub trait DirtyLog: Send + Sync {
+    /// Which backend this is.
+    fn backend(&self) -> Backend;
+
+    /// How many pages the log covers.
+    fn pages(&self) -> usize;
+
+    /// Record that vmmpy wrote pages `first..end` (after the bytes were copied in).
+    fn mark(&self, first: usize, end: usize);
+
+    /// Record that vmmpy wrote page `page`: the vCPU's stores, one per instruction.
+    #[inline]
+    fn mark_page(&self, page: usize) {
+        self.mark(page, page + 1);
+    }
+
+    /// OR the dirty pages into `words` (bit i of word w = page w*64+i; `words` zeroed by the
+    /// caller, at least `pages().div_ceil(64)` long) and clear them. Returns how many pages.
+    fn get_and_clear(&self, words: &mut [u64]) -> Result<usize, DirtyLogError>;
+
+    /// OR the dirty pages into `words`, as [`DirtyLog::get_and_clear`], without clearing them.
+    fn peek(&self, words: &mut [u64]) -> Result<(), DirtyLogError>;
+
+    /// How many pages are dirty now, without clearing them.
+    fn count(&self) -> Result<usize, DirtyLogError> {
+        let mut words = vec![0u64; self.pages().div_ceil(64)];
+        self.peek(&mut words)?;
+        Ok(words.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
+    /// Forget writes to pages `first..end` that the backend saw by itself rather than through
+    /// [`DirtyLog::mark`]: restore and receive paths fill memory with read(2)/readv(2) or drop
+    /// pages with madvise, which the kernel counts as writes. Only while no guest writes the range
+    /// (a guest write meanwhile would be forgotten too).
+    fn forget_unmarked(&self, first: usize, end: usize) -> Result<(), DirtyLogError>;
+}
+
+/// A backend failed while harvesting or forgetting: which one, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyLogError {
+    pub backend: Backend,
+    pub why: String,
+}
+
+impl fmt::Display for DirtyLogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dirty tracking backend '{}' failed: {}", self.backend, self.why)
+    }
+}
+
+impl std::error::Error for DirtyLogError {}
 
 /// Which backend a guest's memory uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,6 +10,8 @@ pub enum MemoryError {
     Unmapped { gpa: GuestAddress, len: u64 },
     /// The access starts in a segment but runs past its end.
     CrossesSegment { gpa: GuestAddress, len: u64, segment: String, end: GuestAddress },
+    /// An access by segment offset that does not lie inside the segment.
+    OutOfSegment { segment: String, offset: u64, len: u64, size: u64 },
     /// A size that cannot be laid out (zero, not page-aligned, too large).
     BadSize { what: String, size: u64, why: String },
     /// mmap/mlock/madvise failed; `errno` is the OS error.
@@ -34,7 +36,7 @@ impl MemoryError {
     /// The errno a kernel would answer with, for the ioctl layer.
     pub fn errno(&self) -> i32 {
         match self {
-            MemoryError::Unmapped { .. } | MemoryError::CrossesSegment { .. } => libc::EFAULT,
+            MemoryError::Unmapped { .. } | MemoryError::CrossesSegment { .. } | MemoryError::OutOfSegment { .. } => libc::EFAULT,
             MemoryError::BadSize { .. } => libc::EINVAL,
             MemoryError::Os { errno, .. } => *errno,
             MemoryError::Closed { .. } => libc::EBADF,
@@ -67,6 +69,9 @@ impl fmt::Display for MemoryError {
             }
             MemoryError::CrossesSegment { gpa, len, segment, end } => {
                 write!(f, "guest access at {gpa} of {len} bytes crosses the end of segment '{segment}' at {end}")
+            }
+            MemoryError::OutOfSegment { segment, offset, len, size } => {
+                write!(f, "access at offset {offset:#x} of {len} bytes does not fit segment '{segment}' ({size:#x} bytes)")
             }
             MemoryError::BadSize { what, size, why } => {
                 write!(f, "{what} of {} ({size} bytes) {why}", human_size(*size))

@@ -1,4 +1,8 @@
 //! A guest's memory: its segments, address translation, and the dirty-tracking backend.
+//!
+//! The backend is chosen here, once, and handed to every segment as its
+//! [`DirtyLog`](crate::dirty::DirtyLog); from then on writers mark and harvesters harvest through
+//! the trait and never ask which backend it is.
 
 use std::sync::Arc;
 
@@ -6,7 +10,7 @@ use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::error::MemoryError;
 use super::lazy::{ChunkSource, LazyImage};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
-use crate::dirty::{Backend, KernelTracker, TrackingChoice};
+use crate::dirty::{Backend, DirtyLogError, KernelLog, KernelTracker, TrackingChoice};
 
 /// bhyve's VM_LOWMEM_LIMIT: lowmem ends here at most, below the PCI hole.
 pub const LOWMEM_LIMIT_DEFAULT: u64 = 3 << 30;
@@ -77,7 +81,6 @@ pub struct GuestMemory {
     memsize: u64,
     lowmem_limit: u64,
     backend: Backend,
-    kernel: Option<Arc<KernelTracker>>,
     /// Why "auto" fell back to the soft backend, if it did.
     fallback_reason: Option<String>,
     /// For lazily restored memory: the chunk states every segment shares.
@@ -124,9 +127,6 @@ impl GuestMemory {
             mem.fallback_reason = Some(LAZY_KERNEL_TRACKING_COST.to_string());
         }
         let image = Arc::new(LazyImage::new(&mem.segments, chunk_size, source)?);
-        if let Some(tracker) = &mem.kernel {
-            image.set_tracker(tracker.clone());
-        }
         let mut offset = 0u64;
         for seg in &mem.segments {
             seg.set_lazy(image.clone(), offset);
@@ -145,16 +145,22 @@ impl GuestMemory {
                 why: format!("cannot be wired: the host has {} of memory", human_size(physical_memory())),
             });
         }
-        let segments = specs.iter().map(|s| Segment::map(s).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
-        let (backend, kernel, fallback_reason) = match opts.tracking {
-            TrackingChoice::Soft => (Backend::Soft, None, None),
-            TrackingChoice::Kernel | TrackingChoice::Auto => match open_kernel_tracker(&segments) {
-                Ok(t) => (Backend::Kernel, Some(Arc::new(t)), None),
-                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, None, Some(why)),
+        let mut segments = specs.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?;
+        let (backend, fallback_reason) = match opts.tracking {
+            TrackingChoice::Soft => (Backend::Soft, None),
+            TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
+                Ok(logs) => {
+                    for (seg, log) in segments.iter_mut().zip(logs) {
+                        seg.set_dirty_log(Box::new(log));
+                    }
+                    (Backend::Kernel, None)
+                }
+                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, Some(why)),
                 Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
             },
         };
-        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, kernel, fallback_reason, lazy: None })
+        let segments = segments.into_iter().map(Arc::new).collect();
+        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None })
     }
 
     pub fn segments(&self) -> &[Arc<Segment>] {
@@ -228,63 +234,56 @@ impl GuestMemory {
 
     pub fn read(&self, gpa: GuestAddress, out: &mut [u8]) -> Result<(), MemoryError> {
         let (seg, off) = self.translate(gpa, out.len())?;
-        seg.read(off, out);
+        // SAFETY: `translate` checked the range against the segment and made it accessible.
+        unsafe { seg.read_unchecked(off, out) };
         Ok(())
     }
 
     pub fn write(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), MemoryError> {
         let (seg, off) = self.translate(gpa, data.len())?;
-        seg.write(off, data);
+        // SAFETY: `translate` checked the range against the segment and made it accessible.
+        unsafe { seg.write_unchecked(off, data) };
         Ok(())
     }
 
     /// Write without marking dirty, for restore and migration receive (the guest is not running).
     pub fn write_untracked(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), MemoryError> {
         let (seg, off) = self.translate(gpa, data.len())?;
-        seg.write_untracked(off, data);
+        // SAFETY: `translate` checked the range against the segment and made it accessible.
+        unsafe { seg.write_untracked_unchecked(off, data) };
         self.mark_clean_range(gpa, data.len())
     }
 
-    /// Forget writes the kernel backend saw to the pages of `gpa..gpa+len`: for restore and
-    /// receive paths that fill memory with read(2)/readv(2) or drop pages with madvise, which the
-    /// kernel counts as writes. The soft bitmap is left alone (those paths never set it). Only
-    /// for a guest that is not running: a guest write to the range meanwhile would be forgotten.
+    /// Forget writes the backend saw by itself to the pages of `gpa..gpa+len`
+    /// ([`forget_unmarked`](crate::dirty::DirtyLog::forget_unmarked)): for restore and receive
+    /// paths that fill memory with read(2)/readv(2) or drop pages with madvise, which the kernel
+    /// counts as writes. Marks are left alone (those paths never mark). Only for a guest that is
+    /// not running: a guest write to the range meanwhile would be forgotten.
     pub fn mark_clean_range(&self, gpa: GuestAddress, len: usize) -> Result<(), MemoryError> {
         let (seg, off) = self.translate(gpa, len)?;
-        if let Some(kernel) = &self.kernel {
-            let first = off / PAGE_SIZE * PAGE_SIZE;
-            let end = (off + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-            // Plain pointer arithmetic (no dereference) inside the mapping `translate` checked.
-            let base = seg.as_ptr().wrapping_add(first);
-            kernel.protect(base, end - first).map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
-        }
-        Ok(())
+        seg.dirty_log().forget_unmarked(off / PAGE_SIZE, (off + len).div_ceil(PAGE_SIZE)).map_err(tracker_failed)
     }
 
-    /// Harvest segment `index`'s dirty pages into a bitmap (bit i = page i of the segment) and
-    /// clear them: the software bits OR'ed with what the kernel saw. Returns the page count.
+    /// Harvest segment `index`'s dirty pages into `words` (bit i = page i of the segment; zeroed
+    /// by the caller) and clear them ([`get_and_clear`](crate::dirty::DirtyLog::get_and_clear)).
+    /// Returns the page count.
     pub fn get_and_clear_dirty_segment(&self, index: usize, words: &mut [u64]) -> Result<usize, MemoryError> {
-        let seg = &self.segments[index];
-        let soft = seg.dirty_bitmap().get_and_clear_into(words);
-        let Some(kernel) = &self.kernel else {
-            return Ok(soft);
-        };
-        kernel
-            .harvest(seg.as_ptr(), seg.size(), |first, n| set_bits(words, first, n))
-            .map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
-        Ok(words.iter().map(|w| w.count_ones() as usize).sum())
+        self.segments[index].dirty_log().get_and_clear(words).map_err(tracker_failed)
     }
 
-    /// The dirty pages of segment `index` without clearing them.
+    /// The dirty pages of segment `index` without clearing them
+    /// ([`peek`](crate::dirty::DirtyLog::peek)).
     pub fn peek_dirty_segment(&self, index: usize, words: &mut [u64]) -> Result<(), MemoryError> {
-        let seg = &self.segments[index];
-        seg.dirty_bitmap().peek_into(words);
-        if let Some(kernel) = &self.kernel {
-            kernel
-                .peek(seg.as_ptr(), seg.size(), |first, n| set_bits(words, first, n))
-                .map_err(|e| MemoryError::TrackerUnavailable { backend: "kernel".into(), why: e.0 })?;
+        self.segments[index].dirty_log().peek(words).map_err(tracker_failed)
+    }
+
+    /// How many pages are dirty now in every segment, without clearing them.
+    pub fn dirty_count(&self) -> Result<u64, MemoryError> {
+        let mut total = 0;
+        for seg in &self.segments {
+            total += seg.dirty_log().count().map_err(tracker_failed)? as u64;
         }
-        Ok(())
+        Ok(total)
     }
 
     /// Close every segment: refused while Python views exist, because they alias the mapping.
@@ -301,18 +300,17 @@ impl GuestMemory {
     }
 }
 
-fn open_kernel_tracker(segments: &[Arc<Segment>]) -> Result<KernelTracker, String> {
-    let tracker = KernelTracker::open().map_err(|e| e.0)?;
-    for seg in segments {
-        tracker.register(seg.as_ptr(), seg.size()).map_err(|e| format!("segment '{}': {}", seg.name(), e.0))?;
-    }
-    Ok(tracker)
+/// One kernel dirty log per segment, all on one userfaultfd; or why the kernel backend cannot be had.
+fn kernel_logs(segments: &[Segment]) -> Result<Vec<KernelLog>, String> {
+    let tracker = Arc::new(KernelTracker::open().map_err(|e| e.0)?);
+    segments
+        .iter()
+        .map(|seg| KernelLog::register(tracker.clone(), seg.as_ptr(), seg.size()).map_err(|e| format!("segment '{}': {}", seg.name(), e.0)))
+        .collect()
 }
 
-fn set_bits(words: &mut [u64], first: u64, count: u64) {
-    for page in first..first + count {
-        words[(page / 64) as usize] |= 1 << (page % 64);
-    }
+fn tracker_failed(e: DirtyLogError) -> MemoryError {
+    MemoryError::TrackerUnavailable { backend: e.backend.to_string(), why: e.why }
 }
 
 #[cfg(test)]

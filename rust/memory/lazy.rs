@@ -34,12 +34,11 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::address::PAGE_SIZE;
 use super::error::MemoryError;
 use super::segment::Segment;
-use crate::dirty::KernelTracker;
 
 /// One piece of guest memory a chunk's bytes go to: `len` bytes at `ptr`, the part of the chunk
 /// from byte `chunk_offset`. A chunk has one part, or two where it spans lowmem and highmem.
@@ -127,7 +126,6 @@ pub struct LazyImage {
     notify: Mutex<Option<OwnedFd>>,
     /// Unloaded chunks are PROT_NONE until loaded (false once that had to be given up).
     protected: AtomicBool,
-    tracker: OnceLock<Arc<KernelTracker>>,
 }
 
 impl LazyImage {
@@ -161,12 +159,7 @@ impl LazyImage {
             failures: Mutex::new(Vec::new()),
             notify: Mutex::new(None),
             protected: AtomicBool::new(true),
-            tracker: OnceLock::new(),
         })
-    }
-
-    pub(super) fn set_tracker(&self, tracker: Arc<KernelTracker>) {
-        let _ = self.tracker.set(tracker);
     }
 
     pub fn chunk_size(&self) -> usize {
@@ -278,7 +271,7 @@ impl LazyImage {
             let seg = m.segment.upgrade().ok_or_else(|| MemoryError::Closed { segment: "of a lazily restored guest".into() })?;
             let off = (a - m.image_offset) as usize;
             parts.push(ChunkPart { ptr: seg.as_ptr().wrapping_add(off), len: (b - a) as usize, chunk_offset: (a - start) as usize });
-            held.push(seg);
+            held.push((seg, off));
         }
         self.open_parts(&parts)?;
         // SAFETY: the parts lie inside mappings `held` keeps alive, were just made writable, and
@@ -286,11 +279,9 @@ impl LazyImage {
         let result = unsafe { self.source.load(index, &parts) };
         match result {
             Ok(()) => {
-                if let Some(tracker) = self.tracker.get() {
-                    // pread into the mapping counts as a write to the kernel dirty backend.
-                    for p in &parts {
-                        let _ = tracker.protect(p.ptr, p.len);
-                    }
+                // pread into the mapping counts as a write to the kernel dirty backend.
+                for ((seg, off), p) in held.iter().zip(&parts) {
+                    let _ = seg.dirty_log().forget_unmarked(off / PAGE_SIZE, (off + p.len).div_ceil(PAGE_SIZE));
                 }
                 self.states[index].store(LOADED, Ordering::Release);
                 let mut prefix = self.prefix.load(Ordering::Acquire);

@@ -19,4 +19,6 @@ pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage};
 pub use segment::{Backing, Segment, SegmentSpec};
 
 #[cfg(test)]
+mod access_tests;
+#[cfg(test)]
 mod lazy_tests;

@@ -1,6 +1,14 @@
 //! One guest memory segment: a mapping placed at a guest-physical address, wired (populated and
 //! mlock'ed up front) or unwired (faulted on demand), with its own dirty bitmap.
 //!
+//! Guest bytes are reached only through checked methods: [`Segment::read`], [`Segment::write`],
+//! [`Segment::write_untracked`], [`Segment::load`] and [`Segment::store`] check the range against
+//! the segment in every build and load a lazily restored range first, and return an error rather
+//! than touch memory outside the mapping. Their unchecked twins (`*_unchecked`) are `unsafe` and
+//! crate-private, for callers that have checked a whole range once already: `GuestMemory` after
+//! [`GuestMemory::translate`](super::GuestMemory::translate), and the vCPU below its checked
+//! fast-path limit. So the per-byte paths pay one check per access or batch, never per byte.
+//!
 //! A segment is anonymous memory. A lazily restored one starts inaccessible and its chunks are
 //! filled and opened one by one by the guest's [`LazyImage`] (`lazy.rs`), which every accessor
 //! asks first ([`Segment::ensure`]).
@@ -12,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::error::MemoryError;
 use super::lazy::LazyImage;
-use crate::dirty::AtomicBitmap;
+use crate::dirty::{AtomicBitmap, DirtyLog};
 
 /// How a segment starts out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,13 +44,14 @@ pub struct SegmentSpec {
 
 /// A mapped segment. Guest memory is shared and mutable across threads (vCPUs, devices,
 /// Python views), so it is only ever touched through raw pointers, never through `&mut [u8]`.
+/// Its dirty log is the soft bitmap until the guest's memory gives it another backend.
 pub struct Segment {
     name: String,
     gpa: GuestAddress,
     size: usize,
     wired: bool,
     base: NonNull<u8>,
-    dirty: AtomicBitmap,
+    dirty: Box<dyn DirtyLog>,
     exports: AtomicUsize,
     closed: AtomicBool,
     /// For a lazily restored segment: the guest's chunk states and where this segment starts in
@@ -128,7 +137,7 @@ impl Segment {
             size,
             wired: spec.wired,
             base,
-            dirty: AtomicBitmap::new(size / PAGE_SIZE),
+            dirty: Box::new(AtomicBitmap::new(size / PAGE_SIZE)),
             exports: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             lazy: OnceLock::new(),
@@ -167,8 +176,14 @@ impl Segment {
     pub fn as_ptr(&self) -> *mut u8 {
         self.base.as_ptr()
     }
-    pub fn dirty_bitmap(&self) -> &AtomicBitmap {
-        &self.dirty
+    /// The segment's dirty log (page 0 = the segment's first page).
+    pub fn dirty_log(&self) -> &dyn DirtyLog {
+        &*self.dirty
+    }
+
+    /// Give the segment another dirty-log backend, before it is shared.
+    pub(super) fn set_dirty_log(&mut self, log: Box<dyn DirtyLog>) {
+        self.dirty = log;
     }
 
     /// Tie the segment to its guest's lazy image, `image_offset` bytes into it.
@@ -275,51 +290,126 @@ impl Segment {
         gpa.0 >= self.gpa.0 && gpa.0 - self.gpa.0 < self.size as u64
     }
 
-    /// Copy `out.len()` bytes from `offset`. The caller has checked the range (`offset_of`).
+    /// Check that `offset..offset+len` lies inside the segment, in every build.
     #[inline]
-    pub fn read(&self, offset: usize, out: &mut [u8]) {
-        debug_assert!(offset + out.len() <= self.size);
-        // SAFETY: the range is inside the mapping (checked by the caller) and `out` is ours.
-        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), out.as_mut_ptr(), out.len()) }
+    fn check(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        if offset <= self.size && len <= self.size - offset {
+            Ok(())
+        } else {
+            Err(MemoryError::OutOfSegment { segment: self.name.clone(), offset: offset as u64, len: len as u64, size: self.size as u64 })
+        }
+    }
+
+    /// Check `offset..offset+len` and make it accessible ([`Segment::ensure`]).
+    #[inline]
+    fn checked(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        self.check(offset, len)?;
+        self.ensure(offset, len)
+    }
+
+    /// Copy `out.len()` bytes from `offset`; an error, and nothing read, if the range is not
+    /// inside the segment or a lazily restored chunk of it cannot be loaded.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), MemoryError> {
+        self.checked(offset, out.len())?;
+        // SAFETY: checked and made accessible just above.
+        unsafe { self.read_unchecked(offset, out) };
+        Ok(())
     }
 
     /// Copy `data` in at `offset` and mark the pages dirty (after the copy, so a harvest that
-    /// clears the bit before the copy lands sees the bit again next round).
-    #[inline]
-    pub fn write(&self, offset: usize, data: &[u8]) {
-        self.write_untracked(offset, data);
-        self.dirty.set_range(offset / PAGE_SIZE, (offset + data.len()).div_ceil(PAGE_SIZE));
+    /// clears the bit before the copy lands sees the bit again next round). Checked as
+    /// [`Segment::read`].
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), MemoryError> {
+        self.checked(offset, data.len())?;
+        // SAFETY: checked and made accessible just above.
+        unsafe { self.write_unchecked(offset, data) };
+        Ok(())
     }
 
     /// Copy `data` in without marking pages dirty: restore and migration receive, which load
-    /// memory into a guest that is not running.
+    /// memory into a guest that is not running. Checked as [`Segment::read`].
+    pub fn write_untracked(&self, offset: usize, data: &[u8]) -> Result<(), MemoryError> {
+        self.checked(offset, data.len())?;
+        // SAFETY: checked and made accessible just above.
+        unsafe { self.write_untracked_unchecked(offset, data) };
+        Ok(())
+    }
+
+    /// Load an `N`-byte little-endian value. Checked as [`Segment::read`].
+    pub fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], MemoryError> {
+        self.checked(offset, N)?;
+        // SAFETY: checked and made accessible just above.
+        Ok(unsafe { self.load_unchecked::<N>(offset) })
+    }
+
+    /// Store an `N`-byte value and mark its page(s) dirty. Checked as [`Segment::read`].
+    pub fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Result<(), MemoryError> {
+        self.checked(offset, N)?;
+        // SAFETY: checked and made accessible just above.
+        unsafe { self.store_unchecked::<N>(offset, bytes) };
+        Ok(())
+    }
+
+    /// [`Segment::read`] without the checks.
+    ///
+    /// # Safety
+    /// `offset..offset+out.len()` lies inside the segment and has been made accessible
+    /// ([`Segment::ensure`]) since the segment was mapped.
     #[inline]
-    pub fn write_untracked(&self, offset: usize, data: &[u8]) {
-        debug_assert!(offset + data.len() <= self.size);
-        // SAFETY: the range is inside the mapping (checked by the caller); `data` cannot alias the
-        // mapping mutably because nothing hands out `&mut` into it.
+    pub(crate) unsafe fn read_unchecked(&self, offset: usize, out: &mut [u8]) {
+        debug_assert!(self.check(offset, out.len()).is_ok());
+        // SAFETY: the caller promises the range is inside the mapping and accessible; `out` is ours.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), out.as_mut_ptr(), out.len()) }
+    }
+
+    /// [`Segment::write`] without the checks.
+    ///
+    /// # Safety
+    /// As [`Segment::read_unchecked`], for `offset..offset+data.len()`.
+    #[inline]
+    pub(crate) unsafe fn write_unchecked(&self, offset: usize, data: &[u8]) {
+        // SAFETY: the caller's promise is ours.
+        unsafe { self.write_untracked_unchecked(offset, data) };
+        self.dirty.mark(offset / PAGE_SIZE, (offset + data.len()).div_ceil(PAGE_SIZE));
+    }
+
+    /// [`Segment::write_untracked`] without the checks.
+    ///
+    /// # Safety
+    /// As [`Segment::read_unchecked`], for `offset..offset+data.len()`.
+    #[inline]
+    pub(crate) unsafe fn write_untracked_unchecked(&self, offset: usize, data: &[u8]) {
+        debug_assert!(self.check(offset, data.len()).is_ok());
+        // SAFETY: the range is inside the mapping and accessible (the caller promises); `data`
+        // cannot alias the mapping mutably because nothing hands out `&mut` into it.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len()) }
     }
 
-    /// Load an `N`-byte little-endian value (the vCPU's loads).
+    /// [`Segment::load`] without the checks: the vCPU's loads.
+    ///
+    /// # Safety
+    /// As [`Segment::read_unchecked`], for `offset..offset+N`.
     #[inline]
-    pub fn load<const N: usize>(&self, offset: usize) -> [u8; N] {
-        debug_assert!(offset + N <= self.size);
-        // SAFETY: in range (caller-checked); read_unaligned allows any alignment.
+    pub(crate) unsafe fn load_unchecked<const N: usize>(&self, offset: usize) -> [u8; N] {
+        debug_assert!(self.check(offset, N).is_ok());
+        // SAFETY: in range and accessible (the caller promises); read_unaligned allows any alignment.
         unsafe { std::ptr::read_unaligned(self.base.as_ptr().add(offset) as *const [u8; N]) }
     }
 
-    /// Store an `N`-byte value and mark its page(s) dirty (the vCPU's stores).
+    /// [`Segment::store`] without the checks: the vCPU's stores.
+    ///
+    /// # Safety
+    /// As [`Segment::read_unchecked`], for `offset..offset+N`.
     #[inline]
-    pub fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) {
-        debug_assert!(offset + N <= self.size);
-        // SAFETY: in range (caller-checked); write_unaligned allows any alignment.
+    pub(crate) unsafe fn store_unchecked<const N: usize>(&self, offset: usize, bytes: [u8; N]) {
+        debug_assert!(self.check(offset, N).is_ok());
+        // SAFETY: in range and accessible (the caller promises); write_unaligned allows any alignment.
         unsafe { std::ptr::write_unaligned(self.base.as_ptr().add(offset) as *mut [u8; N], bytes) }
         let first = offset / PAGE_SIZE;
-        self.dirty.set(first);
+        self.dirty.mark_page(first);
         let last = (offset + N - 1) / PAGE_SIZE;
         if last != first {
-            self.dirty.set(last);
+            self.dirty.mark_page(last);
         }
     }
 

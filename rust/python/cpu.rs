@@ -240,11 +240,10 @@ impl PyVcpu {
         Ok(())
     }
 
-    /// The read waiting for `complete_read`, or None.
+    /// The read waiting for `complete_read` (a `PendingRead`), or None.
     #[getter]
-    fn pending_read<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let read = self.lock()?.pending_read();
-        read.map(|r| pending_read_dict(py, &r)).transpose()
+    fn pending_read(&self) -> PyResult<Option<PyPendingRead>> {
+        Ok(self.lock()?.pending_read().map(|r| PyPendingRead::from(&r)))
     }
 
     /// The whole vCPU state as a dict in this vendor's layout (docs/isa.md, "Saved state").
@@ -358,6 +357,29 @@ impl PyVcpu {
     }
 }
 
+result_class! {
+    /// The `in` or MMIO load a vCPU stopped at, waiting for `complete_read`: `source` is "port"
+    /// (then `port` is set) or "mmio" (then `gpa`), `size` in bytes, and the register it loads.
+    PyPendingRead as "PendingRead" {
+        source: &'static str,
+        port: Option<u16>,
+        gpa: Option<u64>,
+        size: u8,
+        register: &'static str,
+    }
+}
+
+impl From<&PendingRead> for PyPendingRead {
+    fn from(read: &PendingRead) -> PyPendingRead {
+        let (source, port, gpa) = match read.source {
+            ReadSource::Port(port) => ("port", Some(port), None),
+            ReadSource::Mmio(gpa) => ("mmio", None, Some(gpa)),
+        };
+        PyPendingRead { source, port, gpa, size: read.size, register: GPR_NAMES[read.dst as usize] }
+    }
+}
+
+/// The pending read as the saved state writes it (docs/isa.md, "Saved state").
 fn pending_read_dict<'py>(py: Python<'py>, read: &PendingRead) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     match read.source {
@@ -406,6 +428,7 @@ fn isa_opcodes<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyVcpu>()?;
     m.add_class::<PyVmExit>()?;
+    m.add_class::<PyPendingRead>()?;
     m.add_function(wrap_pyfunction!(isa_opcodes, m)?)?;
     m.add("VCPU_REGISTER_NAMES", crate::cpu::REGISTER_NAMES.to_vec())?;
     m.add("VCPU_POLL_INTERVAL", crate::cpu::POLL_INTERVAL)?;

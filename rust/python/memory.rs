@@ -9,7 +9,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyBytes;
 
 use super::errors::memory_error;
 use super::snapshot::snapshot_error;
@@ -19,7 +19,30 @@ use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, Segment, PAGE_SHIF
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGuestMemory>()?;
     m.add_class::<PySegment>()?;
+    m.add_class::<LazyStatus>()?;
+    m.add_class::<DirtyRange>()?;
     Ok(())
+}
+
+result_class! {
+    /// Where a lazy restore stands: its source, chunk size and count, how many chunks are loaded
+    /// and checked, how many failed, and whether every chunk is loaded.
+    LazyStatus as "LazyStatus" {
+        source: String,
+        chunk_size: usize,
+        chunks: usize,
+        loaded: usize,
+        failed: usize,
+        complete: bool,
+    }
+}
+
+result_class! {
+    /// A run of dirty memory: `length` bytes (whole pages) from guest-physical `gpa`.
+    DirtyRange as "DirtyRange" {
+        gpa: u64,
+        length: u64,
+    }
 }
 
 #[pyclass(frozen, name = "GuestMemory", module = "vmmpy._core")]
@@ -105,19 +128,19 @@ impl PyGuestMemory {
         self.inner.lazy_image().is_some()
     }
 
-    /// For lazily restored memory: a dict of source, chunk_size, chunks, loaded, failed and
-    /// complete (every chunk loaded and checked); None for other memory.
-    fn lazy_status<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let Some(image) = self.inner.lazy_image() else { return Ok(None) };
+    /// For lazily restored memory: where its loading stands (a `LazyStatus`); None for other
+    /// memory.
+    fn lazy_status(&self) -> Option<LazyStatus> {
+        let image = self.inner.lazy_image()?;
         let (loaded, failed) = image.counts();
-        let d = PyDict::new(py);
-        d.set_item("source", image.source_name())?;
-        d.set_item("chunk_size", image.chunk_size())?;
-        d.set_item("chunks", image.chunks())?;
-        d.set_item("loaded", loaded)?;
-        d.set_item("failed", failed)?;
-        d.set_item("complete", image.is_complete())?;
-        Ok(Some(d))
+        Some(LazyStatus {
+            source: image.source_name().to_string(),
+            chunk_size: image.chunk_size(),
+            chunks: image.chunks(),
+            loaded,
+            failed,
+            complete: image.is_complete(),
+        })
     }
 
     /// The error of the first chunk of lazily restored memory that could not be loaded, or None.
@@ -175,11 +198,7 @@ impl PyGuestMemory {
     }
 
     fn read<'py>(&self, py: Python<'py>, gpa: u64, size: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let (seg, off) = self.inner.translate(GuestAddress(gpa), size).map_err(memory_error)?;
-        PyBytes::new_with(py, size, |out| {
-            seg.read(off, out);
-            Ok(())
-        })
+        PyBytes::new_with(py, size, |out| self.inner.read(GuestAddress(gpa), out).map_err(memory_error))
     }
 
     /// Write bytes at `gpa` and mark the pages dirty, as a device's DMA would.
@@ -211,29 +230,20 @@ impl PyGuestMemory {
         })
     }
 
-    /// Harvest and clear the dirty pages as (gpa, length) ranges, ascending, runs merged.
-    fn get_and_clear_dirty_ranges(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64)>> {
+    /// Harvest and clear the dirty pages as `DirtyRange`s, ascending, runs merged.
+    fn get_and_clear_dirty_ranges(&self, py: Python<'_>) -> PyResult<Vec<DirtyRange>> {
         let harvested = self.harvest(py)?;
         let mut runs = Vec::new();
         for (first_pfn, words) in &harvested {
             bitmap_to_runs(words, *first_pfn, &mut runs);
         }
-        Ok(runs.into_iter().map(|(pfn, n)| (pfn << PAGE_SHIFT, n << PAGE_SHIFT)).collect())
+        Ok(runs.into_iter().map(|(pfn, n)| DirtyRange { gpa: pfn << PAGE_SHIFT, length: n << PAGE_SHIFT }).collect())
     }
 
     /// How many pages are dirty now, without clearing them.
     fn dirty_count(&self, py: Python<'_>) -> PyResult<u64> {
         let mem = self.inner.clone();
-        py.detach(move || {
-            let mut total = 0u64;
-            for (i, seg) in mem.segments().iter().enumerate() {
-                let mut words = vec![0u64; seg.pages().div_ceil(64)];
-                mem.peek_dirty_segment(i, &mut words)?;
-                total += words.iter().map(|w| w.count_ones() as u64).sum::<u64>();
-            }
-            Ok(total)
-        })
-        .map_err(memory_error)
+        py.detach(move || mem.dirty_count()).map_err(memory_error)
     }
 
     /// Release guest memory. Refused with BufferError while memoryviews or numpy arrays over a

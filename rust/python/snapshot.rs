@@ -6,7 +6,6 @@ use std::os::fd::RawFd;
 use pyo3::create_exception;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
@@ -26,7 +25,47 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_memory_file, m)?)?;
     m.add_function(wrap_pyfunction!(memory_chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(hash_memory_file, m)?)?;
+    m.add_class::<MemoryFileWritten>()?;
+    m.add_class::<MemoryFileRead>()?;
+    m.add_class::<MemoryFileHashes>()?;
     Ok(())
+}
+
+result_class! {
+    /// What writing a checkpoint memory file did: bytes and pages written, pages left as holes
+    /// (all-zero, never touched), pwrite calls, the file's size, its chunk size and the xxh3-128 of
+    /// each chunk (as ints), and the seconds it took.
+    MemoryFileWritten as "MemoryFileWritten" {
+        bytes_written: u64,
+        data_pages: u64,
+        zero_pages: u64,
+        untouched_pages: u64,
+        pwrite_calls: u64,
+        file_size: u64,
+        chunk_size: u64,
+        chunk_hashes: Vec<u128>,
+        seconds: f64,
+    }
+}
+
+result_class! {
+    /// What reading a checkpoint memory file did: bytes read, bytes of holes skipped, data
+    /// extents, whether every chunk was checked against its hash, and the seconds it took.
+    MemoryFileRead as "MemoryFileRead" {
+        bytes_read: u64,
+        hole_bytes: u64,
+        data_extents: u64,
+        verified: bool,
+        seconds: f64,
+    }
+}
+
+result_class! {
+    /// A memory file's chunk hashes (xxh3-128, as ints, in file order) and its size.
+    MemoryFileHashes as "MemoryFileHashes" {
+        chunk_hashes: Vec<u128>,
+        file_size: u64,
+    }
 }
 
 pub(super) fn snapshot_error(err: SnapshotError) -> PyErr {
@@ -37,52 +76,50 @@ pub(super) fn snapshot_error(err: SnapshotError) -> PyErr {
 }
 
 /// Write guest memory to `fd` (a regular file; truncated first) as a sparse checkpoint memory
-/// image: lowmem, then highmem; never-touched and all-zero pages left as holes. Returns a dict:
-/// bytes_written, data_pages, zero_pages, untouched_pages, pwrite_calls, file_size, chunk_size,
-/// chunk_hashes (xxh3-128 of each chunk, as ints), seconds.
+/// image: lowmem, then highmem; never-touched and all-zero pages left as holes. Returns a
+/// `MemoryFileWritten`.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, chunk_size = DEFAULT_CHUNK_SIZE))]
-fn write_memory_file<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, fd: RawFd, chunk_size: u64) -> PyResult<Bound<'py, PyDict>> {
+fn write_memory_file(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, fd: RawFd, chunk_size: u64) -> PyResult<MemoryFileWritten> {
     let mem = memory.inner.clone();
     let s = py.detach(move || snapshot::write_memory_file(&mem, fd, chunk_size)).map_err(snapshot_error)?;
-    let d = PyDict::new(py);
-    d.set_item("bytes_written", s.bytes_written)?;
-    d.set_item("data_pages", s.data_pages)?;
-    d.set_item("zero_pages", s.zero_pages)?;
-    d.set_item("untouched_pages", s.untouched_pages)?;
-    d.set_item("pwrite_calls", s.pwrite_calls)?;
-    d.set_item("file_size", s.file_size)?;
-    d.set_item("chunk_size", s.chunk_size)?;
-    d.set_item("chunk_hashes", s.chunk_hashes)?;
-    d.set_item("seconds", s.seconds)?;
-    Ok(d)
+    Ok(MemoryFileWritten {
+        bytes_written: s.bytes_written,
+        data_pages: s.data_pages,
+        zero_pages: s.zero_pages,
+        untouched_pages: s.untouched_pages,
+        pwrite_calls: s.pwrite_calls,
+        file_size: s.file_size,
+        chunk_size: s.chunk_size,
+        chunk_hashes: s.chunk_hashes,
+        seconds: s.seconds,
+    })
 }
 
 /// Read the memory file at `fd` into fresh guest memory of the same layout, only its data
 /// extents, without marking pages dirty. With `chunk_hashes`, every chunk is hashed and compared
 /// before this returns; a mismatch raises MemoryFileError naming the chunk and its guest-physical
-/// range, and the memory must be discarded. Returns a dict: bytes_read, hole_bytes, data_extents,
-/// verified, seconds.
+/// range, and the memory must be discarded. Returns a `MemoryFileRead`.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, chunk_hashes = None, chunk_size = DEFAULT_CHUNK_SIZE))]
-fn read_memory_file<'py>(
-    py: Python<'py>,
-    memory: PyRef<'py, PyGuestMemory>,
+fn read_memory_file(
+    py: Python<'_>,
+    memory: PyRef<'_, PyGuestMemory>,
     fd: RawFd,
     chunk_hashes: Option<Vec<u128>>,
     chunk_size: u64,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<MemoryFileRead> {
     let mem = memory.inner.clone();
     let s = py
         .detach(move || snapshot::read_memory_file(&mem, fd, chunk_hashes.as_deref().map(|h| (h, chunk_size))))
         .map_err(snapshot_error)?;
-    let d = PyDict::new(py);
-    d.set_item("bytes_read", s.bytes_read)?;
-    d.set_item("hole_bytes", s.hole_bytes)?;
-    d.set_item("data_extents", s.data_extents)?;
-    d.set_item("verified", s.verified)?;
-    d.set_item("seconds", s.seconds)?;
-    Ok(d)
+    Ok(MemoryFileRead {
+        bytes_read: s.bytes_read,
+        hole_bytes: s.hole_bytes,
+        data_extents: s.data_extents,
+        verified: s.verified,
+        seconds: s.seconds,
+    })
 }
 
 /// The chunk hashes guest memory has now, in memory-file order (what a write would record).
@@ -93,9 +130,10 @@ fn memory_chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, chunk_s
     py.detach(move || snapshot::memory_chunk_hashes(&mem, chunk_size)).map_err(snapshot_error)
 }
 
-/// The chunk hashes of a memory file, reading only its data extents: (hashes, file size).
+/// The chunk hashes of a memory file, reading only its data extents (a `MemoryFileHashes`).
 #[pyfunction]
 #[pyo3(signature = (fd, *, chunk_size = DEFAULT_CHUNK_SIZE))]
-fn hash_memory_file(py: Python<'_>, fd: RawFd, chunk_size: u64) -> PyResult<(Vec<u128>, u64)> {
-    py.detach(move || snapshot::hash_memory_file(fd, chunk_size)).map_err(snapshot_error)
+fn hash_memory_file(py: Python<'_>, fd: RawFd, chunk_size: u64) -> PyResult<MemoryFileHashes> {
+    let (chunk_hashes, file_size) = py.detach(move || snapshot::hash_memory_file(fd, chunk_size)).map_err(snapshot_error)?;
+    Ok(MemoryFileHashes { chunk_hashes, file_size })
 }

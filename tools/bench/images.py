@@ -11,9 +11,9 @@ import os
 import numpy as np
 
 from vmmpy.memory import HIGHMEM_BASE
+from vmmpy.runtime.commands import basic_metadata
 from vmmpy.runtime.config import VmConfig
 from vmmpy.runtime.process import Machine
-from vmmpy.snapshot.checkpoint import _device_config
 from vmmpy.snapshot.files import write_checkpoint
 from vmmpy.state.kernel import save_sections
 
@@ -94,9 +94,7 @@ def build_image(path: str, *, memsize: int, guest: str, guest_args: dict[str, st
         machine.load_program(load_program(guest, config.guest_args, memsize=memsize, lowmem_size=memory.lowmem.size,
                                           highmem_size=highmem))
         filled = (fill_text if fill == "text" else fill_random)(memory, random_bytes, seed)
-        basic = {"ncpus": config.ncpus, "vmname": config.name, "vendor": config.vendor, "tsc": config.tsc,
-                 "devices_config": _device_config(config)}
-        stats = write_checkpoint(path, memory, save_sections(machine), basic)
+        stats = write_checkpoint(path, memory, save_sections(machine), basic_metadata(config))
     finally:
         machine.close()
         # The machine's objects refer to each other, so its guest memory is only unmapped when

@@ -330,8 +330,8 @@ def checkpoint(where: str):
 
 
 def restore(ctx: Context) -> list[Row]:
+    from vmmpy.runtime.commands import static_registry
     from vmmpy.runtime.config import VmConfig
-    from vmmpy.snapshot.checkpoint import static_registry
     from vmmpy.snapshot.files import read_checkpoint, restore_memory
 
     registry = static_registry(VmConfig(name="bench", lpc={"com1": os.devnull}))

@@ -137,6 +137,23 @@ def write_report(stats: dict[str, Any], path: str | Path) -> Path:
 
 # -- PNG (matplotlib) ------------------------------------------------------------------------------
 def _write_png(stats: dict[str, Any], h: History, path: Path) -> None:
+    fig = png_figure(stats, h)
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def no_rounds(stats: dict[str, Any]) -> str:
+    """What to draw in place of per-round panels when no round finished (a migration cancelled or
+    failed during round 0, or refused in the handshake)."""
+    sent = stats.get("bytes_total", 0) / MiB
+    return (f"no round finished: the migration ended {stats.get('status', '?')} before round 0 did "
+            f"({sent:.1f} MiB had been sent)")
+
+
+def png_figure(stats: dict[str, Any], h: History) -> Any:
+    """The four panels as a matplotlib figure (the caller saves and closes it)."""
     try:
         import matplotlib
     except ImportError:
@@ -158,7 +175,11 @@ def _write_png(stats: dict[str, Any], h: History, path: Path) -> None:
     ax_pages.set_title("Pages per round")
     ax_pages.set_ylabel("pages")
     if _wide_range([*h.data_pages, *h.zero_pages, *dirtied]):
+        # A log axis autoscaled to the bars' tops would cut every bar that starts at 0 (a guest
+        # that dirties all memory showed round 0 as nearly all zero pages): start it a decade
+        # below the smallest count.
         ax_pages.set_yscale("log")
+        ax_pages.set_ylim(bottom=_log_bottom([*h.data_pages, *h.zero_pages, *dirtied]))
     ax_pages.legend(fontsize=8)
 
     ax_rate.plot(x, h.throughput_mib, "o-", color=COLORS["throughput"], linewidth=4, markersize=7, alpha=0.6,
@@ -210,9 +231,16 @@ def _write_png(stats: dict[str, Any], h: History, path: Path) -> None:
         ax.set_xticks(x, h.labels, rotation=45 if len(x) > 12 else 0, fontsize=8)
         ax.set_xlabel("round")
         ax.grid(axis="y", alpha=0.3)
+        if not h.labels:
+            ax.text(0.5, 0.5, no_rounds(stats), ha="center", va="center", wrap=True, transform=ax.transAxes)
     fig.supxlabel("\n".join(explanation(stats, h)), fontsize=9, ha="left", x=0.01)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _log_bottom(values: list[float]) -> float:
+    """The power of ten at or below the smallest positive value: a log axis's honest floor."""
+    positive = [v for v in values if v and v > 0]
+    return 10.0 ** math.floor(math.log10(min(positive))) if positive else 1.0
 
 
 def _wide_range(values: list[float]) -> bool:
@@ -369,7 +397,7 @@ def svg_downtime(stats: dict[str, Any]) -> str:
 def render_html(stats: dict[str, Any], h: History | None = None) -> str:
     h = h or history(stats)
     target = stats.get("downtime_target_ms")
-    charts = [
+    charts = [] if not h.labels else [
         svg_chart("Pages per round", h.labels, "pages",
                   stacked=[("sent with data", COLORS["data"], h.data_pages), ("sent as zero ranges", COLORS["zero"], h.zero_pages)],
                   bars=[("dirtied while the round ran", COLORS["dirtied"], h.dirtied)],
@@ -405,6 +433,7 @@ td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 </style></head><body>
 <h1>{html.escape(headline(stats))}</h1>
 <ul>{why}</ul>
+{f"<p><b>{html.escape(no_rounds(stats))}</b></p>" if not h.labels else ""}
 <div class="charts">
 {"".join(f"<div>{c}</div>" for c in charts)}
 </div>

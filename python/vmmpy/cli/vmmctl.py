@@ -20,7 +20,8 @@ from typing import Any
 from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
-from ..units import format_size, parse_size
+from ..units import format_size, parse_rate
+from .about import version_line
 from .keyfile import read_key
 from .report import ReportError, write_report
 
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--vm", metavar="NAME", help="the guest to act on (its vmmrun VMNAME)")
-    parser.add_argument("--run-dir", metavar="DIR", type=Path, help="where control sockets live (default: %(default)s)", default=None)
+    parser.add_argument("--version", action="version", version=version_line("vmmctl"))
+    parser.add_argument("--run-dir", metavar="DIR", type=Path, default=None,
+                        help=f"where control sockets live (default here: {run_dir()})")
     parser.add_argument("--json", action="store_true", help="print results as JSON, for programs")
     actions = parser.add_argument_group("actions (one per call)").add_mutually_exclusive_group(required=True)
     actions.add_argument("--list", action="store_true", help="list running guests")
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--downtime-ms", type=float, metavar="MS",
                      help=f"live: the downtime target; switch over once the dirty memory left would go in this time (default {d.downtime_target_ms:g})")
     mig.add_argument("--bandwidth", metavar="RATE",
-                     help="cap the link use, bytes/s with an optional K/M/G suffix (default: uncapped); also the link speed --estimate assumes")
+                     help="cap the link use: bytes/s (100M, 1.5G) or bits/s (100Mbit, 10Gbit/s) (default: uncapped); also the link speed --estimate assumes")
     mig.add_argument("--max-rounds", type=int, metavar="N",
                      help=f"live: rounds after the first before the policy must act (default {d.max_rounds})")
     mig.add_argument("--policy", choices=POLICIES,
@@ -196,7 +199,7 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
     if args.downtime_ms is not None:
         params["downtime_target_ms"] = args.downtime_ms
     if args.bandwidth is not None:
-        params["bandwidth_cap"] = parse_size(args.bandwidth, what="--bandwidth")
+        params["bandwidth_cap"] = parse_rate(args.bandwidth, what="--bandwidth")
     if args.max_rounds is not None:
         params["max_rounds"] = args.max_rounds
     if args.policy is not None:
@@ -387,6 +390,7 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     if tls is not None:
         request["tls"] = tls
     printer = _ProgressPrinter()
+    holder = client.name_holder()
     client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
     try:
         result = client.request("migrate", on_progress=None if args.json else printer, **request)
@@ -406,7 +410,17 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     _print(result, True) if args.json else _print_migration(result)
     if args.report:
         _write_report(result, args.report)
+    if result.get("status") == "completed":  # the guest runs there: this vmmrun ends
+        _wait_gone(client, holder)
     return 0
+
+
+def _wait_gone(client: ControlClient, holder: tuple[int, int, int | None] | None) -> None:
+    """Return once the vmmrun that held the guest's name has let it go, so the next command may
+    start a guest of that name (a few ms after its answer; say so if it takes 30 s)."""
+    if not client.wait_gone(holder, timeout=30.0):
+        print(f"vmmctl: note: the vmmrun of '{client.vmname}' answered but still holds its name after 30 s",
+              file=sys.stderr)
 
 
 def _cancel_on_interrupt(client: ControlClient) -> int:
@@ -490,19 +504,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _state_of(name: str, directory: Path) -> str:
+    """What ``--status`` would say of a listed guest (running, paused, incoming, migrating,
+    in-doubt...); a guest too busy to answer within 2 s is listed as such, not left out."""
+    try:
+        return str(ControlClient(name, directory, timeout=2.0).request("status").get("state", "running"))
+    except ControlError as err:
+        return "not answering" if err.errno == errno.ETIMEDOUT else f"not answering ({err.strerror or err})"
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     directory = args.run_dir or run_dir()
     if args.list:
-        vms = list_vms(directory)
+        vms = [(name, live, _state_of(name, directory) if live else "stale socket") for name, live in list_vms(directory)]
         if args.json:
-            print(json.dumps([{"name": n, "running": live} for n, live in vms]))
+            print(json.dumps([{"name": n, "running": live, "state": state} for n, live, state in vms]))
         elif not vms:
             print(f"no guests running (run directory {directory})")
         else:
-            for name, live in vms:
-                print(f"{name}\t{'running' if live else 'stale socket'}")
+            for name, _, state in vms:
+                print(f"{name}\t{state}")
         return 0
     if args.from_json:
         try:
@@ -529,15 +552,23 @@ def _main(argv: list[str] | None = None) -> int:
         elif args.resume:
             _print(client.request("resume"), args.json)
         elif args.destroy:
+            holder = client.name_holder()
             _print(client.request("destroy"), args.json)
+            _wait_gone(client, holder)
         elif args.checkpoint or args.suspend:
             path = os.path.abspath(args.checkpoint or args.suspend)  # relative to vmmctl's directory
+            if not os.path.isdir(os.path.dirname(path)):  # vmmrun runs on this host: the same filesystem
+                flag = "--checkpoint" if args.checkpoint else "--suspend"
+                raise ValueError(f"{flag} {path}: directory {os.path.dirname(path)} does not exist")
             request = {"path": path, "suspend": bool(args.suspend)}
             key = read_key(args.key_file)
             if key is not None:  # as a migration's: hex in the request, over the owner-only socket
                 request["key"] = key.hex()
+            holder = client.name_holder()
             result = client.request("checkpoint", **request)
             _print(result, True) if args.json else _print_checkpoint(result)
+            if result.get("suspended"):
+                _wait_gone(client, holder)
         elif args.migrate or args.migrate_live:
             return _migrate(client, args)
         elif args.migrate_status:

@@ -19,11 +19,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from ..devices.registry import PCI_EMULATIONS
-from ..migration import Destination, MigrationError, parse_address
+from ..migration import MigrationError, parse_address
 from ..migration.net import format_address
 from ..migration.tls import TlsConfig
+from ..runtime.commands import MachineCommands, restore_machine
 from ..runtime.config import (
     DIRTY_TRACKING,
     TSC_MODES,
@@ -36,14 +38,14 @@ from ..runtime.config import (
     parse_slot,
 )
 from ..runtime.control import valid_vm_name
-from ..runtime.guest_handle import MachineAdapter
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import RESTORE_MODES, restore_machine
+from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
 from ..vmm.ioctl import SuspendHow
+from . import vmmrun_config
+from .about import version_line
 from .keyfile import read_key
-from .services import MachineServices
 
 EPILOG = """\
 guests:
@@ -78,21 +80,30 @@ examples:
   vmmrun -m 1G -R 10.0.0.2:24983 --tls-cert dst.crt --tls-key dst.key --tls-ca ca.pem --key-file mig.key vm0
 
 while it runs, `vmmctl --vm=VMNAME ...` controls it through its control socket.
-exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error (bhyve's convention).
+exit status: 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error, bad options included
+(bhyve's convention).
 SIGINT and SIGTERM power the guest off; with -R they end a wait for the source (or a transfer) at
 once, and vmmrun exits 4 saying so.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options exit 4, as bhyve's do: vmmrun's status 2 means the guest halted."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vmmrun",
         description="Run a vmmpy guest (like bhyve).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-c", "--cpus", dest="ncpus", type=int, default=1, metavar="NCPUS", help="number of vCPUs (default 1)")
-    p.add_argument("-m", "--memory", dest="memsize", default="256M", metavar="MEMSIZE",
+    p.add_argument("-c", "--cpus", dest="ncpus", type=int, default=None, metavar="NCPUS", help="number of vCPUs (default 1)")
+    p.add_argument("-m", "--memory", dest="memsize", default=None, metavar="MEMSIZE",
                    help="guest memory: a number of MiB, or with a K/M/G/T suffix (default 256M)")
     p.add_argument("-S", "--wire", dest="wired", action="store_true", help="wire guest memory (populate and mlock it up front)")
     p.add_argument("-s", "--slot", dest="slots", action="append", default=[], metavar="SLOT,EMULATION[,CONF]",
@@ -103,12 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest-arg", dest="guest_args", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument for the guest program (repeatable)")
     p.add_argument("--list-guests", action="store_true", help="list the shipped guest programs and their arguments, then exit")
-    p.add_argument("--tsc", choices=TSC_MODES, default="instructions",
+    p.add_argument("--tsc", choices=TSC_MODES, default=None,
                    help="guest TSC source: retired instructions (deterministic, default) or the host clock")
-    p.add_argument("--vendor", choices=VENDORS, default="intel", help="vCPU state layout: intel (VMCS-like) or amd (VMCB-like)")
-    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default="soft",
+    p.add_argument("--vendor", choices=VENDORS, default=None, help="vCPU state layout: intel (VMCS-like, default) or amd (VMCB-like)")
+    p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
                         "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), or auto (kernel where it works)")
+    p.add_argument("-k", "--config", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="FILE",
+                   help="read configuration variables (key=value lines, as bhyve's -k) from FILE; repeatable")
+    p.add_argument("-o", "--option", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="KEY=VALUE",
+                   help="set a configuration variable (as bhyve's -o), e.g. -o memory.size=1G; -k and -o apply in "
+                        "order, and an option given on the command line wins over both")
+    p.add_argument("--version", action="version", version=version_line("vmmrun"))
     p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
     p.add_argument("-r", "--restore", metavar="FILE", help="resume the guest saved in checkpoint FILE (and FILE.kern, FILE.meta)")
     p.add_argument("--restore-mode", choices=RESTORE_MODES, default="eager",
@@ -143,15 +160,15 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         raise ConfigError(f"VMNAME {args.vmname!r}: use letters, digits, '-', '_' and '.', at most 64")
     config = VmConfig(
         name=args.vmname,
-        ncpus=args.ncpus,
-        memsize=parse_memsize(args.memsize),
+        ncpus=args.ncpus if args.ncpus is not None else VmConfig.ncpus,
+        memsize=parse_memsize(args.memsize) if args.memsize is not None else VmConfig.memsize,
         wired=args.wired,
         slots=[parse_slot(s) for s in args.slots],
         guest=args.guest,
         guest_args=dict(parse_guest_arg(a) for a in args.guest_args),
-        tsc=args.tsc,
-        vendor=args.vendor,
-        dirty_tracking=args.dirty_tracking,
+        tsc=args.tsc or VmConfig.tsc,
+        vendor=args.vendor or VmConfig.vendor,
+        dirty_tracking=args.dirty_tracking or VmConfig.dirty_tracking,
     )
     for spec in args.lpc:
         device, backend = parse_lpc(spec)
@@ -213,12 +230,42 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def saved_differs(args: argparse.Namespace, saved: VmConfig) -> str | None:
+    """What an explicitly given -m/-c/--vendor/--tsc says that the restored guest does not, in
+    the user's terms (``the saved guest has -m 256M, -m 128M was given``), or None."""
+    given = []
+    if args.memsize is not None and parse_memsize(args.memsize) != saved.memsize:
+        given.append(("-m", format_memsize(saved.memsize), args.memsize))
+    if args.ncpus is not None and args.ncpus != saved.ncpus:
+        given.append(("-c", saved.ncpus, args.ncpus))
+    for flag, mine, theirs in (("--vendor", args.vendor, saved.vendor), ("--tsc", args.tsc, saved.tsc)):
+        if mine is not None and mine != theirs:
+            given.append((flag, theirs, mine))
+    if not given:
+        return None
+    return "; ".join(f"the saved guest has {flag} {has}, {flag} {was} was given" for flag, has, was in given)
+
+
+def format_memsize(nbytes: int) -> str:
+    """bytes -> how -m would say it: ``256M``, ``4G``, ``1536M``."""
+    for suffix, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes % scale == 0:
+            return f"{nbytes // scale}{suffix}"
+    return str(nbytes)
+
+
 def build_machine(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:
     """The machine for a fresh boot, a restore (-r) or an incoming migration (-R)."""
     if args.restore:
         if config.guest:
             raise ConfigError("-r restores a saved guest: do not also give --guest")
-        return restore_machine(args.restore, config, mode=args.restore_mode, key=key)
+        machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key)
+        conflict = saved_differs(args, machine.config)
+        if conflict:
+            machine.close()
+            raise ConfigError(f"-r {args.restore}: {conflict}; leave it out with -r (memory, vCPUs, vendor and TSC "
+                              "come from the checkpoint)")
+        return machine
     if not args.receive and not config.guest:
         raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
     machine = Machine(config)
@@ -246,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_guests:
         return list_guests()
     try:
+        vmmrun_config.apply(args, vmmrun_config.read_sources(args.config_sources or []))
         if args.restore and args.receive:
             raise ConfigError("-r and -R cannot be combined: restore from a file or receive a migration")
         config = config_from_args(args)
@@ -264,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
-    services = MachineServices(machine)
-    services.install()
+    commands = MachineCommands(machine)
+    commands.install()
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
     try:
@@ -282,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     cancel = threading.Event()
 
     def on_signal(signum, frame):
-        if services.in_doubt() is not None:
+        if commands.in_doubt() is not None:
             print(f"vmmrun: {config.name}: not stopping: this guest's migration is in doubt; settle it with "
                   f"`vmmctl --vm={config.name} --migrate-resolve` (SIGKILL ends this process and its copy)",
                   file=sys.stderr, flush=True)
             return
         stopped_by.append(signum)
-        incoming = services.incoming
+        incoming = commands.incoming
         if incoming is not None and incoming.state in ("waiting", "migrating"):
             cancel.set()
             return
@@ -300,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if receive_at:
             host, port = receive_at
             log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
-            destination = Destination(MachineAdapter(machine), host, port, key=key, tls=tls, cancel=cancel)
-            services.incoming = destination  # vmmctl --status and --migrate-resolve reach it
-            stats = destination.run(args.accept_timeout)
+            stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
             if stats.status != "completed":
                 if stopped_by:
                     print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",

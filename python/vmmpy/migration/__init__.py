@@ -1,9 +1,10 @@
 """Migration: the wire protocol, the source (warm and live), the destination, convergence and
-statistics. Speaks to VMs only through ``adapter.MigrationAdapter`` and to state only through
-``vmmpy.state``; knows nothing of snapshots. See docs/migration-protocol.md.
+statistics. Speaks to a guest only through the guest-handle protocol (``state.handle.GuestHandle``,
+passed as ``adapter``) and to state only through ``vmmpy.state``; knows nothing of snapshots nor of
+the runtime. See docs/migration-protocol.md.
 """
 
-from .adapter import MigrationAdapter, spec_mismatches
+from ..state.handle import spec_mismatches
 from .convergence import COMPRESS_MODES, POLICIES, Estimate, MigrationParams, estimate, estimate_warm
 from .destination import Destination, receive, serve_connection
 from .digest import VERIFY_MODES
@@ -34,7 +35,6 @@ __all__ = [
     "ConnectionLost",
     "Destination",
     "Estimate",
-    "MigrationAdapter",
     "MigrationError",
     "MigrationHandle",
     "MigrationParams",

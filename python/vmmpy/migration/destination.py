@@ -26,8 +26,8 @@ import time
 
 from ..memory import PageBatchError, PageBudget
 from ..state import SectionError, decode_sections
+from ..state.handle import GuestHandle
 from . import protocol as P
-from .adapter import MigrationAdapter
 from .convergence import MigrationParams
 from .digest import InBackground
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
@@ -60,7 +60,7 @@ class Destination:
 
     def __init__(
         self,
-        adapter: MigrationAdapter,
+        adapter: GuestHandle,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
@@ -511,13 +511,13 @@ class Destination:
             self._service.join(2)
 
 
-def receive(adapter: MigrationAdapter, host: str, port: int, key: bytes | None = None, *, params: MigrationParams | None = None,
+def receive(adapter: GuestHandle, host: str, port: int, key: bytes | None = None, *, params: MigrationParams | None = None,
             cancel: threading.Event | None = None, accept_timeout: float = 60.0, tls: TlsConfig | None = None) -> MigrationStats:
     """Listen on ``host:port``, accept one source, receive its guest; returns the statistics."""
     return Destination(adapter, host, port, key=key, params=params, cancel=cancel, tls=tls).run(accept_timeout)
 
 
-def serve_connection(adapter: MigrationAdapter, conn: socket.socket, *, key: bytes | None = None,
+def serve_connection(adapter: GuestHandle, conn: socket.socket, *, key: bytes | None = None,
                      params: MigrationParams | None = None, cancel: threading.Event | None = None,
                      peer: str | None = None, tls: TlsConfig | None = None,
                      listener: socket.socket | None = None) -> MigrationStats:
@@ -878,7 +878,7 @@ class _Receiver:
         self.stats.state_bytes = len(blob)
         t = time.monotonic()
         try:
-            self.adapter.restore_sections(sections)
+            self.adapter.restore_sections(sections, what="migration stream")
         except Exception as err:
             raise MigrationError(f"restoring the guest's state failed: {err}") from None
         self.restored = True

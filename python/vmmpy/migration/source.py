@@ -27,8 +27,8 @@ from collections.abc import Callable
 
 from ..memory import PageBatchError
 from ..state import encode_sections
+from ..state.handle import GuestHandle
 from . import protocol as P
-from .adapter import MigrationAdapter
 from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
@@ -48,7 +48,7 @@ ABORT_RESOLVE_S = 10.0
 
 
 def migrate(
-    adapter: MigrationAdapter,
+    adapter: GuestHandle,
     host: str,
     port: int,
     *,
@@ -72,7 +72,7 @@ def migrate(
 class MigrationHandle:
     """A migration running in a thread: ``cancel()`` in any state, ``wait()`` for the stats."""
 
-    def __init__(self, adapter: MigrationAdapter, host: str, port: int, **kwargs) -> None:
+    def __init__(self, adapter: GuestHandle, host: str, port: int, **kwargs) -> None:
         self.cancel_event = kwargs.pop("cancel", None) or threading.Event()
         self._stats: MigrationStats | None = None
         self._error: BaseException | None = None
@@ -294,7 +294,7 @@ class _Source:
         self.stats.downtime_breakdown["commit_ms"] = (committed_at - t) * 1000
         if not ownership:
             # An older destination: it runs the guest once it reads COMMITTED and nothing can ask it.
-            self.adapter.stop_for_good()
+            self.adapter.stop_for_good(f"migrated to {self.stats.peer}")
             self.paused = False
             self.stats.owner = "destination"
             self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, RESUMED_WAIT_S)
@@ -316,7 +316,7 @@ class _Source:
 
     # -- ownership: in doubt and its resolution (protocol version 5) ----------------------------
     def _give_up_guest(self) -> None:
-        self.adapter.stop_for_good()
+        self.adapter.stop_for_good(f"migrated to {self.stats.peer}")
         self.paused = False
         self.stats.owner = "destination"
         self.stats.finish("completed")
@@ -680,7 +680,7 @@ class _Source:
             # An older destination: COMMITTED went out, the guest is its own now.
             self.stats.notes.append(f"after commit: {message}")
             try:
-                self.adapter.stop_for_good()
+                self.adapter.stop_for_good(f"migrated to {self.stats.peer}")
             finally:
                 self.stats.owner = "destination"
                 self.stats.finish("completed")

@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -306,6 +307,16 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
 def _unlink_if_same(path: Path, identity: tuple[int, int]) -> None:
     """Remove ``path`` only if it still is the file ``identity`` (st_dev, st_ino) names."""
     try:
@@ -338,6 +349,44 @@ class ControlClient:
         self.vmname = vmname
         self.path = socket_path(vmname, directory)
         self.timeout = timeout
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f"{self.vmname}{LOCK_SUFFIX}")
+
+    def name_holder(self) -> tuple[int, int, int | None] | None:
+        """Who holds this VM's name now: the lock file's (device, inode, pid), None when no
+        server holds it. Taken before a request that ends the server, for :meth:`wait_gone`."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            return st.st_dev, st.st_ino, _read_pid(fd)
+        finally:
+            os.close(fd)
+
+    def wait_gone(self, holder: tuple[int, int, int | None] | None, timeout: float = 30.0) -> bool:
+        """Wait until the server that held the name (``holder``, from :meth:`name_holder`) has
+        let it go: its lock file removed or replaced, or its process gone (killed before it could
+        remove the file). True when it has, False after ``timeout`` seconds. After a suspend, a
+        destroy or a completed migration, vmmctl returns only then, so the next ``vmmrun`` of the
+        same name does not find it still taken."""
+        if holder is None:
+            return True
+        dev, ino, pid = holder
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                st = os.stat(self.lock_path)
+            except FileNotFoundError:
+                return True
+            if (st.st_dev, st.st_ino) != (dev, ino) or (pid is not None and not _process_exists(pid)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def _connect(self) -> socket.socket:
         if not self.path.exists():

@@ -1,30 +1,39 @@
-"""The guest handle for a real machine (``runtime.process.Machine``): what the migration engine drives.
+"""The guest handle for a real machine (``runtime.process.Machine``): what checkpoints and the
+migration engine drive, implementing ``state.handle.GuestHandle``.
 
-Source: ``pause``/``resume`` are the machine's vCPU rendezvous; ``stop_for_good`` ends the
-vmmrun process with status 0, as bhyve exits after a migration. Destination: the machine was
-built from the same options with empty memory; ``restore_sections`` loads the state and starts
-the vCPU threads held paused, so ``start_running`` only has to release them (thread start-up
-stays out of the downtime); ``discard`` ends vmmrun with an error status and the half-received
-guest is thrown away.
+Pausing: ``pause``/``resume`` are the machine's vCPU rendezvous; a machine paused before
+(``vmmctl --pause``) stays paused. ``stop_for_good`` ends the vmmrun process with status 0, as
+bhyve exits after a suspend or a migration.
+
+Restoring: a machine being restored was built from the same options, with empty memory (a
+migration) or none yet (a checkpoint: ``adopt_memory``). ``restore_sections`` loads the state;
+for a migration (``hold_vcpus``) it also starts the vCPU threads held paused, so
+``start_running`` only has to release them (thread start-up stays out of the downtime);
+``discard`` ends vmmrun with an error status and the half-received guest is thrown away.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..migration.adapter import spec_mismatches
+from ..memory import GuestMemory
 from ..state import Section
-from ..state.kernel import restore_sections, save_sections, section_registry
+from ..state.handle import spec_mismatches
+from ..state.kernel import check_sections, restore_sections, save_sections, section_registry
 from ..vmm.interfaces import resolve_state_types
 from .process import EXIT_ERROR, Machine
 
 
-class MachineAdapter:
-    def __init__(self, machine: Machine) -> None:
+class MachineHandle:
+    def __init__(self, machine: Machine, *, hold_vcpus: bool = True) -> None:
         self.machine = machine
-        self.memory = machine.vm.memory
+        self.hold_vcpus = hold_vcpus  # False: a checkpoint restore, whose vCPUs vmmrun starts itself
         self._paused_by_us = False
-        self._held = False  # destination: vCPU threads started, waiting for start_running
+        self._held = False  # vCPU threads started, waiting for start_running
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.machine.vm.memory
 
     def spec(self) -> dict[str, Any]:
         memory = self.memory
@@ -47,10 +56,12 @@ class MachineAdapter:
             raise ValueError("; ".join(problems))
         resolve_state_types()  # now, not when the state arrives inside the downtime
 
-    def pause(self) -> None:
-        if not self.machine.paused:
-            self.machine.pause()
-            self._paused_by_us = True
+    def pause(self) -> float:
+        if self.machine.paused:
+            return 0.0
+        seconds = self.machine.pause()
+        self._paused_by_us = True
+        return seconds
 
     def resume(self) -> None:
         self.machine.set_throttle(0.0)
@@ -61,19 +72,26 @@ class MachineAdapter:
     def save_sections(self) -> list[Section]:
         return save_sections(self.machine)
 
-    def restore_sections(self, sections: list[Section]) -> None:
-        restore_sections(self.machine, sections, what="migration stream")
-        # Start the vCPU threads now, held at the pause rendezvous: the commit then only wakes
-        # them (starting threads took up to tens of ms on a busy machine, inside the downtime).
-        self.machine.pause()
-        self.machine.start_vcpus()
-        self._held = True
+    def check_sections(self, sections: list[Section], *, what: str) -> None:
+        check_sections(self.machine, sections, what=what)
+
+    def adopt_memory(self, memory: GuestMemory) -> None:
+        self.machine.vm.adopt_memory(memory)
+
+    def restore_sections(self, sections: list[Section], *, what: str) -> None:
+        restore_sections(self.machine, sections, what=what)
+        if self.hold_vcpus:
+            # Start the vCPU threads now, held at the pause rendezvous: the commit then only wakes
+            # them (starting threads took up to tens of ms on a busy machine, inside the downtime).
+            self.machine.pause()
+            self.machine.start_vcpus()
+            self._held = True
 
     def throttle(self, fraction: float) -> None:
         self.machine.set_throttle(min(fraction, 0.99))
 
-    def stop_for_good(self) -> None:
-        self.machine.finish(0, "migrated away")
+    def stop_for_good(self, reason: str) -> None:
+        self.machine.finish(0, reason)
 
     def start_running(self) -> None:
         if self.machine.exit_status is not None:

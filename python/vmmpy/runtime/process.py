@@ -418,8 +418,9 @@ class Machine:
 
     # ---- the control socket ----------------------------------------------------------------
     def add_control_handler(self, name: str, handler: Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]) -> None:
-        """Serve another control command (checkpoint and migration live in layers above), or
-        wrap a built-in one (the migration layer refuses ``resume`` while a migration is in doubt)."""
+        """Serve another control command (``commands`` adds checkpoint and migration, which hand
+        this machine to snapshot/ and migration/), or wrap a built-in one (``commands`` refuses
+        ``resume`` while a migration is in doubt)."""
         self._extra_handlers[name] = handler
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], Any]]:

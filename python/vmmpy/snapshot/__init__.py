@@ -3,8 +3,8 @@
 ``files`` owns the files and their verification; it knows nothing of VMs (it takes guest memory,
 state sections and basic metadata, and gives the same back). ``meta`` owns the metadata
 document (fields, checksum, MAC), ``schema`` the typed field checks it is written in,
-``digests`` the SHA-256 digests a keyed checkpoint adds. Save/restore orchestration, which
-pauses vCPUs and asks devices for their sections, sits on top of it.
+``digests`` the SHA-256 digests a keyed checkpoint adds. ``checkpoint`` orchestrates save and
+restore on top of them, seeing the guest only through the guest handle (``state.handle``).
 """
 
 from .errors import CheckpointError

@@ -210,7 +210,7 @@ def write_checkpoint(
             direct_io = False
         created.append(temp["memory"])
         try:
-            stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size)
+            stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size).as_dict()
             stats["direct_io"] = direct_io
             fsync_started = time.perf_counter()
             os.fsync(fd)
@@ -562,7 +562,7 @@ def verify_memory(checkpoint: Checkpoint) -> None:
     guest starts rather than when it gets there."""
     fd = _open_memory_file(checkpoint)
     try:
-        hashes, _ = _core.hash_memory_file(fd, chunk_size=checkpoint.chunk_size)
+        hashes = _core.hash_memory_file(fd, chunk_size=checkpoint.chunk_size).chunk_hashes
     except OSError as err:
         raise CheckpointError(f"checkpoint '{checkpoint.path}': {err.strerror or err}") from None
     finally:

@@ -25,7 +25,7 @@ from ..vmm.vrtc import VrtcState
 from .section import Section, SectionError, SectionRegistry
 
 if TYPE_CHECKING:
-    from ..runtime.process import Machine
+    from .handle import SavableMachine as Machine  # the protocol, not runtime's Machine: state never imports runtime
 
 VM_SECTION_VERSION = 1
 VCPU_SECTION_VERSION = 1

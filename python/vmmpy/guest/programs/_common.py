@@ -260,6 +260,17 @@ MACROS = r"""
         call print_hex16
         pop rax
 .endm
+.macro MIX acc, value, scratch  ; acc = mix(acc, value), hash.mix; value may be scratch, which
+                                ; is clobbered. Needs MIX_INCREMENT, MIX_MULTIPLIER (program side)
+        xor \acc, \value
+        movabs \scratch, MIX_INCREMENT
+        add \acc, \scratch
+        movabs \scratch, MIX_MULTIPLIER
+        mul \acc, \scratch
+        mov \scratch, \acc
+        shr \scratch, 31
+        xor \acc, \scratch
+.endm
 .macro READ_TSC dst             ; dst = the 64-bit TSC, clobbers rax, rdx
         rdtsc
         shl rdx, 32

@@ -1,20 +1,17 @@
-"""The guest side of PCI and legacy virtio, in assembly, shared by the virtio guest drivers.
+"""The guest side of legacy virtio, in assembly, shared by the virtio guest drivers (on the PCI
+and INTx library ``_pci``, which it includes).
 
-A driver finds its device by scanning bus 0 through configuration mechanism #1, takes the I/O
-base from BAR 0 and the I/O APIC pin from the interrupt line register, negotiates features,
-gives each queue a page-aligned ring (legacy layout: descriptors, avail ring, used ring at the
-next 4 KiB boundary) and sets DRIVER_OK. Interrupts: the I/O APIC pin is programmed
-level-triggered to ``VIRTIO_VECTOR``; the handler reads the ISR (which drops the line), counts,
-sets a flag and sends the local APIC an EOI.
+A driver finds its device by vendor/device ID, takes the I/O base from BAR 0, negotiates
+features, gives each queue a page-aligned ring (legacy layout: descriptors, avail ring, used
+ring at the next 4 KiB boundary) and sets DRIVER_OK. Interrupts: ``intx_setup`` (``_pci``)
+routes the pin to ``vio_irq_handler``, which reads the ISR (which drops the line) and calls
+``intx_taken``.
 
 Routines (all preserve every register they do not return in; labels start with ``vio_``,
 variables with ``vvar_``):
 
-    pci_find         rax = device id << 16 | vendor id -> rax = config address of bus 0's
-                     first such function, or 0
-    pci_read32       rax = config address | register -> rax
     vio_bind         rax = device id << 16 | vendor id -> rax = I/O base, or 0 (no device);
-                     remembers the config address and I/O base
+                     remembers the config address (pci_cfgaddr) and I/O base
     vio_in8/16/32    rdx = register offset -> rax          (in the bound device's BAR 0)
     vio_out8/16/32   rdx = register offset, rax = value
     vio_start        rax = features the driver takes -> rax = negotiated features
@@ -24,22 +21,19 @@ variables with ``vvar_``):
                      vvar_avail and vvar_used
     vio_driver_ok    status |= DRIVER_OK
     vio_notify       rax = queue index
-    vio_irq_setup    vector table, local APIC enabled, the device's I/O APIC pin to
-                     VIRTIO_VECTOR (level-triggered, unmasked)
-    vio_wait_used    rax = used index to reach, rbx = 1 to wait for the interrupt (sti; hlt
-                     until the handler has run and the used index is there), 0 to poll
+    vio_wait_used    rax = used index to reach, rbx = 1 to wait for the interrupt (intx_wait
+                     until the used index is there), 0 to poll
 """
 
 from __future__ import annotations
 
+from . import _pci
+
 VIRTIO_VENDOR = 0x1AF4
-VIRTIO_VECTOR = 0x50
-IOAPIC_BASE = 0xFEC0_0000
 
 CONSTANTS = {
+    **_pci.CONSTANTS,
     "VIRTIO_VENDOR": VIRTIO_VENDOR,
-    "VIRTIO_VECTOR": VIRTIO_VECTOR,
-    "IOAPIC_BASE": IOAPIC_BASE,
     "VIO_HOST_FEATURES": 0x00,
     "VIO_GUEST_FEATURES": 0x04,
     "VIO_QUEUE_PFN": 0x08,
@@ -63,47 +57,11 @@ def equs() -> str:
 
 
 def library() -> str:
-    vectors = "\n".join(
-        f"        .qword {'vio_irq_handler' if v == VIRTIO_VECTOR else 'vio_spurious'}" for v in range(256)
-    )
     return r"""
-; ---- library: PCI and legacy virtio ------------------------------------------------------
-pci_find:
-        push rcx
-        push rbx
-        push rdx
-        mov rbx, rax
-        movabs rcx, 0x80000000
-        movabs rdx, 0x80010000          ; bus 0 ends here: 32 slots x 8 functions x 0x100
-vio_find_next:
-        mov rax, rcx
-        out32 0xcf8, rax
-        in32 rax, 0xcfc
-        cmp rax, rbx
-        je vio_find_hit
-        add rcx, 0x100
-        cmp rcx, rdx
-        jb vio_find_next
-        mov rax, 0
-        jmp vio_find_out
-vio_find_hit:
-        mov rax, rcx
-vio_find_out:
-        pop rdx
-        pop rbx
-        pop rcx
-        ret
-
-pci_read32:
-        out32 0xcf8, rax
-        in32 rax, 0xcfc
-        ret
-
+; ---- library: legacy virtio (_virtio) -------------------------------------------------------
 vio_bind:
         push rdi
         call pci_find
-        mov rdi, vvar_cfgaddr
-        st64 [rdi], rax
         test rax, rax
         jz vio_bind_out
         add rax, 0x10                   ; BAR 0
@@ -225,36 +183,6 @@ vio_notify:
         pop rdx
         ret
 
-vio_irq_setup:
-        push rax
-        push rbx
-        push rcx
-        mov rax, vio_vectors
-        lidt rax
-        movabs rbx, LAPIC_BASE
-        mov rax, SVR_APIC_ENABLE | 0xff
-        st32 [rbx + LAPIC_SVR], rax
-        mov rax, vvar_cfgaddr           ; the interrupt line register names the I/O APIC pin
-        ld64 rax, [rax]
-        add rax, 0x3c
-        call pci_read32
-        and rax, 0xff
-        mov rcx, rax
-        shl rcx, 1
-        add rcx, 0x10                   ; redirection entry, low dword
-        movabs rbx, IOAPIC_BASE
-        st32 [rbx], rcx
-        mov rax, VIRTIO_VECTOR | 0x8000 ; fixed, physical, level-triggered, unmasked
-        st32 [rbx + 0x10], rax
-        inc rcx
-        st32 [rbx], rcx
-        mov rax, 0                      ; destination: APIC 0
-        st32 [rbx + 0x10], rax
-        pop rcx
-        pop rbx
-        pop rax
-        ret
-
 vio_wait_used:
         push rcx
         push rdx
@@ -262,19 +190,9 @@ vio_wait_used:
         mov rcx, rax
         and rcx, 0xffff
 vio_wait_again:
-        cli
         test rbx, rbx
         jz vio_wait_check
-        mov rdi, vvar_irq_flag
-        ld64 rdx, [rdi]
-        test rdx, rdx
-        jnz vio_wait_got_irq
-        sti
-        hlt
-        jmp vio_wait_again
-vio_wait_got_irq:
-        mov rdx, 0
-        st64 [rdi], rdx
+        call intx_wait
 vio_wait_check:
         mov rdi, vvar_used
         ld64 rdi, [rdi]
@@ -301,31 +219,15 @@ vio_irq_handler:
         ld64 rdx, [rdi]
         or rdx, rax
         st64 [rdi], rdx
-        mov rdi, vvar_irqs
-        ld64 rax, [rdi]
-        inc rax
-        st64 [rdi], rax
-        mov rdi, vvar_irq_flag
-        mov rax, 1
-        st64 [rdi], rax
-        movabs rdi, LAPIC_BASE
-        mov rax, 0
-        st32 [rdi + LAPIC_EOI], rax
+        call intx_taken
         pop rdi
         pop rdx
         pop rax
         iret
 
-vio_spurious:
-        iret
-
 .align 8
-vvar_cfgaddr:   .qword 0
 vvar_iobase:    .qword 0
 vvar_avail:     .qword 0
 vvar_used:      .qword 0
-vvar_irq_flag:  .qword 0
-vvar_irqs:      .qword 0
 vvar_isr_seen:  .qword 0
-vio_vectors:
-""" + vectors + "\n"
+""" + _pci.library("vio_irq_handler")

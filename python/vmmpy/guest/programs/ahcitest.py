@@ -11,7 +11,9 @@ and reads every sector with blktest's pattern and digest, ``batch`` commands at 
 slots 0..batch-1 (one PxCI write issues them all) of ``request_sectors`` sectors each, every
 command a Register H2D FIS (WRITE/READ DMA EXT) and a PRDT of 4 KiB entries; a FLUSH CACHE EXT
 after the writes. ``mode=poll`` leaves interrupts off and polls PxCI. It checks PxTFD after
-every batch and PRDBC after every read.
+every batch and PRDBC after every read (its ``dev_check``). Pattern, digest, the two passes and
+their console lines are ``_storage``'s (shared with blktest, nvmetest and scsitest); bus-0 lookup
+and INTx are ``_pci``'s. This module states the HBA: its command slots, FISes and PRDTs.
 
 Console::
 
@@ -25,9 +27,9 @@ Console::
 
 from __future__ import annotations
 
+from . import _pci
+from . import _storage as S
 from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
-from ._pattern import ROUTINES as PATTERN_ROUTINES
-from .hash import MIX_INCREMENT, MIX_MULTIPLIER
 
 NAME = "ahcitest"
 DESCRIPTION = "drives an AHCI SATA disk: writes a pattern to every sector, reads it back, checks it and prints a digest"
@@ -41,8 +43,6 @@ ARGUMENTS = (
 
 AHCI_VENDOR = 0x8086
 AHCI_DEVICE = 0x2821
-AHCI_VECTOR = 0x50
-IOAPIC_BASE = 0xFEC0_0000
 CLB = 0x20_0000
 FB = 0x20_1000
 CTBASE = 0x20_2000
@@ -61,19 +61,17 @@ def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: in
     limit = a.integer("sectors", maximum=(1 << 48))
     check_memory(NAME, lowmem_size, DATA + batch * SLOT_STRIDE)
     irq = 1 if mode == "irq" else 0
-    vectors = "\n".join(f"        .qword {'ah_irq_handler' if v == AHCI_VECTOR else 'ah_spurious'}" for v in range(256))
     body = f"""
 start:
-        call ah_find
+        mov rax, (AHCI_DEVICE << 16) | AHCI_VENDOR
+        call pci_find
         test rax, rax
         jnz found
         PRINT msg_nodev
         call poweroff
 found:
-        mov rdi, var_cfgaddr
-        st64 [rdi], rax
         add rax, 0x24                   ; BAR 5: ABAR
-        call ah_cfg_read
+        call pci_read32
         and rax, ~15
         mov rbp, rax                    ; rbp = ABAR, for good
         mov rax, 1
@@ -111,7 +109,7 @@ disk_ok:
         mov rax, IRQ
         test rax, rax
         jz no_irq
-        call ah_irq_setup
+        call intx_setup
         mov rax, 0x60000001             ; PxIE: TFES, HBFS, DHRS
         st32 [rbp + 0x114], rax
         movabs rax, 0x80000002          ; GHC: AE, IE
@@ -146,39 +144,63 @@ ser_copy:
         inc rcx
         cmp rcx, 20
         jb ser_copy
+        mov rsi, SERBUF
         mov rdi, SERBUF + 20
-        mov rax, 0
-        st8 [rdi], rax
-trim:
-        dec rdi
-        ld8 rax, [rdi]
-        cmp rax, 32
-        jne trimmed
-        mov rax, 0
-        st8 [rdi], rax
-        cmp rdi, SERBUF
-        ja trim
-trimmed:
+        call storage_trim
         mov rdi, IDBUF
         ld64 rbx, [rdi + 200]           ; words 100-103: 48-bit capacity
-        movabs rax, LIMIT
-        test rax, rax
-        jz no_limit
-        cmp rbx, rax
-        jbe no_limit
-        mov rbx, rax
-no_limit:
-        mov rdi, var_capacity
-        st64 [rdi], rbx
+        call storage_capacity
         PRINT msg_disk
         PRINT SERBUF
         PRINT msg_comma
         PRINT_DEC rbx
         PRINT msg_sectors
 
+        call storage_run
+        mov rax, 0                      ; stop the port
+        st32 [rbp + 0x118], rax
+        mov rax, IRQ
+        test rax, rax
+        jz report_poll
+        mov rdi, pci_irqs
+        ld64 rax, [rdi]
+        call storage_done_irq
+        call poweroff
+report_poll:
+        PRINT msg_done_poll
+        PRINT msg_close
+        call poweroff
+short_transfer:
+        PRINT msg_short
+        call poweroff
+
+; dev_queue: a WRITE or READ DMA EXT of r10 sectors from r14 in slot rcx (see _storage)
+dev_queue:
+        mov rax, 0x25                   ; READ DMA EXT
+        test r8, r8
+        jz dev_queue_build
         mov rax, 0x35                   ; WRITE DMA EXT
-        call pass
-        mov rcx, 0                      ; FLUSH CACHE EXT
+dev_queue_build:
+        mov rbx, r14
+        mov rdx, r10
+        call build_cmd
+        ret
+
+; dev_check: PRDBC of slot rcx must be the whole transfer of r10 sectors
+dev_check:
+        mov rdi, rcx
+        shl rdi, 5
+        add rdi, CLB + 4
+        ld32 rax, [rdi]
+        mov rdx, r10
+        shl rdx, 9
+        cmp rax, rdx
+        jne short_transfer
+        ret
+
+; dev_flush: FLUSH CACHE EXT in slot 0
+dev_flush:
+        mov rcx, 0
         mov rax, 0xea
         mov rbx, 0
         mov rdx, 0
@@ -187,133 +209,6 @@ no_limit:
         call build_cmd
         mov r9, 1
         call issue
-        PRINT msg_wrote
-        mov rdi, var_capacity
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_in
-        mov rdi, var_commands
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_flushed
-
-        movabs rax, SEED
-        mov rdi, var_digest
-        st64 [rdi], rax
-        mov rax, 0x25                   ; READ DMA EXT
-        call pass
-        PRINT msg_read
-        mov rdi, var_capacity
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_match
-        mov rdi, var_digest
-        ld64 rax, [rdi]
-        PRINT_HEX16 rax
-        PRINT msg_newline
-        mov rax, 0                      ; stop the port
-        st32 [rbp + 0x118], rax
-        mov rax, IRQ
-        test rax, rax
-        jz report_poll
-        PRINT msg_done_irq
-        mov rdi, var_irqs
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_interrupts
-        call poweroff
-report_poll:
-        PRINT msg_done_poll
-        call poweroff
-short_transfer:
-        PRINT msg_short
-        call poweroff
-
-; pass: rax = ATA command (0x35 write, 0x25 read): every sector in batches
-pass:
-        mov rdi, var_type
-        st64 [rdi], rax
-        mov r14, 0                      ; r14 = next sector
-pass_batch:
-        mov rdi, var_capacity
-        ld64 r13, [rdi]
-        cmp r14, r13
-        jae pass_done
-        mov rcx, 0                      ; rcx = slot
-pass_fill:
-        cmp rcx, BATCH
-        jae pass_submit
-        cmp r14, r13
-        jae pass_submit
-        mov r10, r13
-        sub r10, r14
-        cmp r10, REQUEST_SECTORS
-        jbe pass_n_ok
-        mov r10, REQUEST_SECTORS
-pass_n_ok:
-        mov rsi, rcx
-        mul rsi, SLOT_STRIDE
-        add rsi, DATA
-        mov rdi, var_type
-        ld64 rax, [rdi]
-        mov r8, 0
-        cmp rax, 0x35
-        jne pass_no_fill
-        mov r8, 1
-        call fill_buffer
-pass_no_fill:
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_count
-        st64 [rdi], r10
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_first
-        st64 [rdi], r14
-        mov rbx, r14
-        mov rdx, r10
-        call build_cmd
-        mov rdi, var_commands
-        ld64 rax, [rdi]
-        inc rax
-        st64 [rdi], rax
-        add r14, r10
-        inc rcx
-        jmp pass_fill
-pass_submit:
-        mov r9, rcx
-        call issue
-        mov rdi, var_type
-        ld64 rax, [rdi]
-        cmp rax, 0x25
-        jne pass_batch
-        mov rcx, 0
-pass_check:
-        cmp rcx, r9
-        jae pass_batch
-        mov rsi, rcx
-        mul rsi, SLOT_STRIDE
-        add rsi, DATA
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_first
-        ld64 rbx, [rdi]
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_count
-        ld64 r10, [rdi]
-        mov rdi, rcx                    ; PRDBC must be the whole transfer
-        shl rdi, 5
-        add rdi, CLB + 4
-        ld32 rax, [rdi]
-        mov rdx, r10
-        shl rdx, 9
-        cmp rax, rdx
-        jne short_transfer
-        call check_buffer
-        inc rcx
-        jmp pass_check
-pass_done:
         ret
 
 ; build_cmd: rcx = slot, rax = ATA command, rbx = LBA, rdx = sectors (0: no data), rsi = buffer,
@@ -392,7 +287,9 @@ build_not_write:
         pop rax
         ret
 
-; issue: r9 = commands in slots 0..r9-1: PxCI, then wait (irq or poll) and check PxTFD
+; issue (dev_submit, see _storage): r9 = commands in slots 0..r9-1: one PxCI write, then wait
+; (irq or poll) and check PxTFD
+dev_submit:
 issue:
         push rax
         push rbx
@@ -404,18 +301,7 @@ issue:
         mov rbx, IRQ
         test rbx, rbx
         jz issue_poll
-issue_wait:
-        cli
-        mov rdi, var_irq_flag
-        ld64 rbx, [rdi]
-        test rbx, rbx
-        jnz issue_got
-        sti
-        hlt
-        jmp issue_wait
-issue_got:
-        mov rbx, 0
-        st64 [rdi], rbx
+        call intx_wait
         ld32 rbx, [rbp + 0x138]
         test rbx, rbx
         jnz issue_failed
@@ -450,129 +336,30 @@ issue_failed:
         PRINT msg_newline
         call poweroff
 
-{PATTERN_ROUTINES}
-
-
-; ---- PCI and interrupts ---------------------------------------------------------------------
-ah_find:
-        push rcx
-        push rdx
-        movabs rcx, 0x80000000
-        movabs rdx, 0x80010000
-ah_find_next:
-        mov rax, rcx
-        out32 0xcf8, rax
-        in32 rax, 0xcfc
-        cmp rax, (AHCI_DEVICE << 16) | AHCI_VENDOR
-        je ah_find_hit
-        add rcx, 0x100
-        cmp rcx, rdx
-        jb ah_find_next
-        mov rax, 0
-        jmp ah_find_out
-ah_find_hit:
-        mov rax, rcx
-ah_find_out:
-        pop rdx
-        pop rcx
-        ret
-
-ah_cfg_read:
-        out32 0xcf8, rax
-        in32 rax, 0xcfc
-        ret
-
-ah_irq_setup:
-        push rax
-        push rbx
-        push rcx
-        mov rax, ah_vectors
-        lidt rax
-        movabs rbx, LAPIC_BASE
-        mov rax, SVR_APIC_ENABLE | 0xff
-        st32 [rbx + LAPIC_SVR], rax
-        mov rax, var_cfgaddr
-        ld64 rax, [rax]
-        add rax, 0x3c
-        call ah_cfg_read
-        and rax, 0xff
-        mov rcx, rax
-        shl rcx, 1
-        add rcx, 0x10
-        movabs rbx, IOAPIC_BASE
-        st32 [rbx], rcx
-        mov rax, AHCI_VECTOR | 0x8000   ; fixed, physical, level-triggered, unmasked
-        st32 [rbx + 0x10], rax
-        inc rcx
-        st32 [rbx], rcx
-        mov rax, 0
-        st32 [rbx + 0x10], rax
-        pop rcx
-        pop rbx
-        pop rax
-        ret
-
-; the handler clears PxIS, then IS (the line drops), counts, flags, EOIs
+; the handler clears PxIS, then IS (the line drops); intx_taken counts, flags, EOIs
 ah_irq_handler:
         push rax
-        push rdi
         ld32 rax, [rbp + 0x110]
         st32 [rbp + 0x110], rax
         mov rax, 1
         st32 [rbp + 0x08], rax
-        mov rdi, var_irqs
-        ld64 rax, [rdi]
-        inc rax
-        st64 [rdi], rax
-        mov rdi, var_irq_flag
-        mov rax, 1
-        st64 [rdi], rax
-        movabs rdi, LAPIC_BASE
-        mov rax, 0
-        st32 [rdi + LAPIC_EOI], rax
-        pop rdi
+        call intx_taken
         pop rax
         iret
-ah_spurious:
-        iret
 
-.align 8
-var_cfgaddr:    .qword 0
-var_irq_flag:   .qword 0
-var_irqs:       .qword 0
-var_capacity:   .qword 0
-var_type:       .qword 0
-var_digest:     .qword 0
-var_commands:   .qword 0
-var_first:      .space 8 * 16
-var_count:      .space 8 * 16
-msg_nodev:      .asciz {asm_string("ahcitest: no AHCI controller on PCI bus 0" + chr(10))}
+{S.messages(NAME, device="AHCI controller", unit="sectors", requests="commands", flushed="flushed")}
 msg_nodisk:     .asciz {asm_string("ahcitest: no disk on port 0" + chr(10))}
 msg_short:      .asciz {asm_string("ahcitest: a transfer moved too few bytes" + chr(10))}
 msg_disk:       .asciz {asm_string("ahcitest: disk ")}
-msg_comma:      .asciz {asm_string(", ")}
 msg_sectors:    .asciz {asm_string(" sectors" + chr(10))}
-msg_wrote:      .asciz {asm_string("ahcitest: wrote ")}
-msg_in:         .asciz {asm_string(" sectors in ")}
-msg_flushed:    .asciz {asm_string(" commands, flushed" + chr(10))}
-msg_read:       .asciz {asm_string("ahcitest: read back ")}
-msg_match:      .asciz {asm_string(" sectors, all match, digest 0x")}
-msg_done_irq:   .asciz {asm_string("ahcitest: done (irq: ")}
-msg_interrupts: .asciz {asm_string(" interrupts)" + chr(10))}
-msg_done_poll:  .asciz {asm_string("ahcitest: done (poll)" + chr(10))}
 msg_failed:     .asciz {asm_string("ahcitest: command failed, tfd 0x")}
 msg_ci:         .asciz {asm_string(", ci 0x")}
-msg_mismatch:   .asciz {asm_string("ahcitest: MISMATCH sector ")}
-msg_qword:      .asciz {asm_string(" qword ")}
-msg_newline:    .asciz {asm_string(chr(10))}
-.align 8
-ah_vectors:
-{vectors}
-"""
+""" + S.routines(check=True) + _pci.library("ah_irq_handler")
     constants = {
-        "AHCI_VENDOR": AHCI_VENDOR, "AHCI_DEVICE": AHCI_DEVICE, "AHCI_VECTOR": AHCI_VECTOR, "IOAPIC_BASE": IOAPIC_BASE,
-        "CLB": CLB, "FB": FB, "CTBASE": CTBASE, "IDBUF": IDBUF, "SERBUF": SERBUF, "DATA": DATA, "SLOT_STRIDE": SLOT_STRIDE,
-        "SEED": seed, "MIX_INCREMENT": MIX_INCREMENT, "MIX_MULTIPLIER": MIX_MULTIPLIER,
-        "BATCH": batch, "REQUEST_SECTORS": request_sectors, "LIMIT": limit, "IRQ": irq,
+        **_pci.CONSTANTS,
+        **S.constants(seed=seed, batch=batch, request_sectors=request_sectors, limit=limit, slot_base=DATA,
+                      slot_stride=SLOT_STRIDE),
+        "AHCI_VENDOR": AHCI_VENDOR, "AHCI_DEVICE": AHCI_DEVICE,
+        "CLB": CLB, "FB": FB, "CTBASE": CTBASE, "IDBUF": IDBUF, "SERBUF": SERBUF, "IRQ": irq,
     }
     return assemble_program(NAME, body, constants)

@@ -12,7 +12,10 @@ driver checks by reading the ISR at the end).
 
 Pattern: qword ``k`` of sector ``s`` is ``mix(seed, s * 64 + k)``. Digest: ``h = seed``, then
 ``h = mix(h, q)`` for every qword read back in disk order (``mix`` as in the hash program).
-``reference_digest`` computes it; ``reference_image`` the disk's expected contents.
+``reference_digest`` computes it; ``reference_image`` the disk's expected contents. Pattern,
+digest, the two passes and the console lines they print are ``_storage``'s, shared with
+nvmetest, ahcitest and scsitest; this module states the virtio-blk requests (``dev_queue``,
+``dev_submit``, ``dev_flush``). PCI and INTx come from ``_pci`` through ``_virtio``.
 
 Console::
 
@@ -27,10 +30,10 @@ Console::
 from __future__ import annotations
 
 from ..asm import Program
+from . import _storage as S
 from . import _virtio as V
 from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
-from ._pattern import ROUTINES as PATTERN_ROUTINES
-from .hash import MIX_INCREMENT, MIX_MULTIPLIER, mix
+from ._storage import pattern, reference_digest, reference_image  # noqa: F401  (the pattern and digest are blktest's)
 
 NAME = "blktest"
 DESCRIPTION = "drives a virtio-blk disk: writes a pattern to every sector, reads it back, checks it and prints a digest"
@@ -49,27 +52,6 @@ HEADERS = 0x20_4000
 STATUS = 0x20_5000
 IDBUF = 0x20_6000
 DATA = 0x21_0000
-
-
-def pattern(seed: int, sector: int, qword: int) -> int:
-    return mix(seed, sector * 64 + qword)
-
-
-def reference_image(seed: int, sectors: int) -> bytes:
-    """The bytes blktest leaves in the first ``sectors`` sectors."""
-    out = bytearray()
-    for s in range(sectors):
-        for k in range(64):
-            out += pattern(seed, s, k).to_bytes(8, "little")
-    return bytes(out)
-
-
-def reference_digest(seed: int, sectors: int) -> int:
-    h = seed
-    for s in range(sectors):
-        for k in range(64):
-            h = mix(h, pattern(seed, s, k))
-    return h
 
 
 def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
@@ -109,7 +91,7 @@ queue_ok:
         mov rax, IRQ
         test rax, rax
         jz no_irq_setup
-        call vio_irq_setup
+        call intx_setup
 no_irq_setup:
         call vio_driver_ok
         mov r15, 0                      ; r15 = the driver's avail index
@@ -122,15 +104,7 @@ no_irq_setup:
         mov rdx, VIO_CONFIG
         call vio_in32
         or rbx, rax
-        movabs rax, LIMIT
-        test rax, rax
-        jz no_limit
-        cmp rbx, rax
-        jbe no_limit
-        mov rbx, rax
-no_limit:
-        mov rdi, var_capacity
-        st64 [rdi], rbx
+        call storage_capacity
 
         ; GET_ID: the disk's serial
         mov rcx, 0
@@ -141,7 +115,7 @@ no_limit:
         mov r8, VRING_F_WRITE
         call add_request
         mov r9, 1
-        call submit
+        call dev_submit
         mov rdi, IDBUF + 20
         mov rax, 0
         st8 [rdi], rax
@@ -153,140 +127,46 @@ no_limit:
         PRINT_DEC rax
         PRINT msg_sectors
 
-        ; write pass
-        mov rdi, var_requests
-        mov rax, 0
-        st64 [rdi], rax
-        mov rax, 1                      ; VIRTIO_BLK_T_OUT
-        call pass
-        mov rdi, var_requests
-        ld64 r11, [rdi]                 ; r11 = write requests
-        mov rcx, 0                      ; FLUSH: header and status only
-        mov rax, 4
-        mov rbx, 0
-        mov rdx, 0
-        call add_request
-        mov r9, 1
-        call submit
-        PRINT msg_wrote
-        mov rdi, var_capacity
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_in
-        PRINT_DEC r11
-        PRINT msg_flushed
-
-        ; read pass: check and digest
-        movabs rax, SEED
-        mov rdi, var_digest
-        st64 [rdi], rax
-        mov rax, 0                      ; VIRTIO_BLK_T_IN
-        call pass
-        PRINT msg_read
-        mov rdi, var_capacity
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_match
-        mov rdi, var_digest
-        ld64 rax, [rdi]
-        PRINT_HEX16 rax
-        PRINT msg_newline
+        call storage_run
         mov rax, IRQ
         test rax, rax
         jz report_poll
-        PRINT msg_done_irq
-        mov rdi, vvar_irqs
+        mov rdi, pci_irqs
         ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_interrupts
+        call storage_done_irq
         call poweroff
 report_poll:
         PRINT msg_done_poll
+        PRINT msg_isr
         mov rdx, VIO_ISR
         call vio_in8
         PRINT_DEC rax
         PRINT msg_close
         call poweroff
 
-; pass: rax = request type (1 write, 0 read): every sector in batches
-pass:
-        mov rdi, var_type
-        st64 [rdi], rax
-        mov r14, 0                      ; r14 = next sector
-pass_batch:
-        mov rdi, var_capacity
-        ld64 r13, [rdi]
-        cmp r14, r13
-        jae pass_done
-        mov rcx, 0                      ; rcx = request number in the batch
-pass_fill:
-        cmp rcx, BATCH
-        jae pass_submit
-        cmp r14, r13
-        jae pass_submit
-        mov r10, r13                    ; r10 = sectors in this request
-        sub r10, r14
-        cmp r10, REQUEST_SECTORS
-        jbe pass_n_ok
-        mov r10, REQUEST_SECTORS
-pass_n_ok:
-        mov rsi, rcx                    ; rsi = data buffer
-        mul rsi, REQUEST_BYTES
-        add rsi, DATA
-        mov rdi, var_type
-        ld64 rax, [rdi]
-        test rax, rax
-        jz pass_no_fill
-        call fill_buffer
-pass_no_fill:
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_sectors
-        st64 [rdi], r10
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_first
-        st64 [rdi], r14
-        mov rdi, var_type
-        ld64 rax, [rdi]
+; dev_queue: a read or write request (see _storage)
+dev_queue:
+        mov rax, r8                     ; VIRTIO_BLK_T_OUT (1) or VIRTIO_BLK_T_IN (0)
         mov rbx, r14
         mov rdx, r10
         shl rdx, 9
         mov r8, VRING_F_WRITE           ; reads: the device writes the data
         test rax, rax
-        jz pass_add
+        jz dev_queue_read
         mov r8, 0
-pass_add:
+dev_queue_read:
         call add_request
-        add r14, r10
-        inc rcx
-        jmp pass_fill
-pass_submit:
-        mov r9, rcx                     ; requests in this batch
-        call submit
-        mov rdi, var_type
-        ld64 rax, [rdi]
-        test rax, rax
-        jnz pass_batch
-        mov rcx, 0                      ; reads: check each buffer
-pass_check:
-        cmp rcx, r9
-        jae pass_batch
-        mov rsi, rcx
-        mul rsi, REQUEST_BYTES
-        add rsi, DATA
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_first
-        ld64 rbx, [rdi]
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_sectors
-        ld64 r10, [rdi]
-        call check_buffer
-        inc rcx
-        jmp pass_check
-pass_done:
+        ret
+
+; dev_flush: FLUSH, header and status only
+dev_flush:
+        mov rcx, 0
+        mov rax, 4
+        mov rbx, 0
+        mov rdx, 0
+        call add_request
+        mov r9, 1
+        call dev_submit
         ret
 
 ; add_request: rcx = request number in the batch, rax = type, rbx = sector, rsi = data buffer,
@@ -352,19 +232,15 @@ add_status:
         add rax, rdi
         st16 [rax + 4], r11
         inc r15
-        mov rax, var_requests
-        ld64 rdi, [rax]
-        inc rdi
-        st64 [rax], rdi
         pop r11
         pop rdi
         pop rbx
         pop rax
         ret
 
-; submit: publish the avail index, notify, wait for the used ring, then check the status of
+; dev_submit: publish the avail index, notify, wait for the used ring, then check the status of
 ; each of the batch's r9 requests
-submit:
+dev_submit:
         push rax
         push rbx
         push rdi
@@ -406,40 +282,19 @@ submit_failed:
         PRINT msg_newline
         call poweroff
 
-{PATTERN_ROUTINES}
-
-.align 8
-var_capacity:   .qword 0
-var_type:       .qword 0
-var_digest:     .qword 0
-var_requests:   .qword 0
-var_first:      .space 8 * 16
-var_sectors:    .space 8 * 16
-msg_nodev:      .asciz {asm_string("blktest: no virtio-blk device on PCI bus 0" + chr(10))}
+{S.messages(NAME, device="virtio-blk device", unit="sectors", requests="requests", flushed="flushed")}
 msg_smallq:     .asciz {asm_string("blktest: the queue is too small for the batch" + chr(10))}
 msg_disk:       .asciz {asm_string("blktest: disk ")}
-msg_comma:      .asciz {asm_string(", ")}
 msg_sectors:    .asciz {asm_string(" sectors" + chr(10))}
-msg_wrote:      .asciz {asm_string("blktest: wrote ")}
-msg_in:         .asciz {asm_string(" sectors in ")}
-msg_flushed:    .asciz {asm_string(" requests, flushed" + chr(10))}
-msg_read:       .asciz {asm_string("blktest: read back ")}
-msg_match:      .asciz {asm_string(" sectors, all match, digest 0x")}
-msg_done_irq:   .asciz {asm_string("blktest: done (irq: ")}
-msg_interrupts: .asciz {asm_string(" interrupts)" + chr(10))}
-msg_done_poll:  .asciz {asm_string("blktest: done (poll: isr ")}
-msg_close:      .asciz {asm_string(")" + chr(10))}
+msg_isr:        .asciz {asm_string(": isr ")}
 msg_failed:     .asciz {asm_string("blktest: request failed, status ")}
 msg_at:         .asciz {asm_string(" at sector ")}
-msg_mismatch:   .asciz {asm_string("blktest: MISMATCH sector ")}
-msg_qword:      .asciz {asm_string(" qword ")}
-msg_newline:    .asciz {asm_string(chr(10))}
-""" + V.library()
+""" + S.routines() + V.library()
     constants = {
         **V.CONSTANTS,
+        **S.constants(seed=seed, batch=batch, request_sectors=request_sectors, limit=limit, slot_base=DATA,
+                      slot_stride=request_bytes),
         "VIRTIO_BLK_DEVICE": VIRTIO_BLK_DEVICE, "VIRTIO_BLK_F_FLUSH": VIRTIO_BLK_F_FLUSH,
-        "SEED": seed, "MIX_INCREMENT": MIX_INCREMENT, "MIX_MULTIPLIER": MIX_MULTIPLIER,
-        "BATCH": batch, "REQUEST_SECTORS": request_sectors, "REQUEST_BYTES": request_bytes, "LIMIT": limit,
         "IRQ": irq, "AVAIL_FLAGS": 0 if irq else 1,
         "RING": RING, "HEADERS": HEADERS, "STATUS": STATUS, "IDBUF": IDBUF, "DATA": DATA,
     }

@@ -265,14 +265,7 @@ compare:
         jne mismatch
         cmp rcx, 3                      ; qwords 3.. are payload: fold them
         jb next_qword
-        xor r11, rax
-        movabs rax, MIX_INCREMENT
-        add r11, rax
-        movabs rax, MIX_MULTIPLIER
-        mul r11, rax
-        mov rax, r11
-        shr rax, 31
-        xor r11, rax
+        MIX r11, rax, rax
 next_qword:
         add rsi, 8
         add rdi, 8

@@ -16,8 +16,10 @@ unmasks (INTMC) after releasing the completions; ``mode=poll`` masks them for go
 the I/O CQ with interrupts off. At the end it deletes the I/O queues and shuts the controller
 down (CC.SHN, CSTS.SHST).
 
-Pattern and digest are blktest's, with LBAs for sectors (``blktest.reference_digest`` and
-``reference_image`` give the expected values).
+Pattern, digest, the two passes and their console lines are ``_storage``'s (shared with
+blktest, ahcitest and scsitest), with LBAs for sectors (``blktest.reference_digest`` and
+``reference_image`` give the expected values); bus-0 lookup and INTx are ``_pci``'s. This module
+states the controller: its queues, commands and doorbells.
 
 Console::
 
@@ -31,9 +33,9 @@ Console::
 
 from __future__ import annotations
 
+from . import _pci
+from . import _storage as S
 from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
-from ._pattern import ROUTINES as PATTERN_ROUTINES
-from .hash import MIX_INCREMENT, MIX_MULTIPLIER
 
 NAME = "nvmetest"
 DESCRIPTION = "drives an NVMe controller: writes a pattern to every block of namespace 1, reads it back, checks it and prints a digest"
@@ -48,8 +50,6 @@ ARGUMENTS = (
 
 NVME_VENDOR = 0xFB5D
 NVME_DEVICE = 0x0A0A
-NVME_VECTOR = 0x50
-IOAPIC_BASE = 0xFEC0_0000
 ADMIN_ENTRIES = 8
 IO_ENTRIES = 16
 ASQ = 0x20_0000
@@ -76,31 +76,27 @@ def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: in
     limit = a.integer("blocks", maximum=(1 << 48))
     check_memory(NAME, lowmem_size, DATA + batch * SLOT_STRIDE)
     irq = 1 if mode == "irq" else 0
-    vectors = "\n".join(f"        .qword {'nv_irq_handler' if v == NVME_VECTOR else 'nv_spurious'}" for v in range(256))
     body = f"""
 start:
-        call nv_find
+        mov rax, (NVME_DEVICE << 16) | NVME_VENDOR
+        call pci_find
         test rax, rax
         jnz found
         PRINT msg_nodev
         call poweroff
 found:
-        mov rdi, var_cfgaddr
-        st64 [rdi], rax
         add rax, 0x14                   ; BAR 1: the high dword of the 64-bit BAR 0
-        call nv_cfg_read
+        call pci_read32
         test rax, rax
         jz bar_low
         PRINT msg_highbar
         call poweroff
 bar_low:
-        mov rdi, var_cfgaddr
+        mov rdi, pci_cfgaddr
         ld64 rax, [rdi]
         add rax, 0x10
-        call nv_cfg_read
+        call pci_read32
         and rax, ~15
-        mov rdi, var_bar
-        st64 [rdi], rax
         mov rbp, rax                    ; rbp = register base, for good
         ld64 rax, [rbp]                 ; CAP: DSTRD must be 0
         shr rax, 32
@@ -124,7 +120,7 @@ wait_not_ready:
         mov rax, IRQ
         test rax, rax
         jz mask_all
-        call nv_irq_setup
+        call intx_setup
         jmp enable
 mask_all:
         mov rax, 1
@@ -147,19 +143,9 @@ wait_ready:
         mov rdx, 1
         mov rsi, 0
         call admin
+        mov rsi, IDBUF + 4              ; the serial: bytes 4 .. 23
         mov rdi, IDBUF + 24
-        mov rax, 0
-        st8 [rdi], rax
-trim:
-        dec rdi
-        ld8 rax, [rdi]
-        cmp rax, 32
-        jne trimmed
-        mov rax, 0
-        st8 [rdi], rax
-        cmp rdi, IDBUF + 4
-        ja trim
-trimmed:
+        call storage_trim
         ; IDENTIFY namespace 1 (CNS 0): size and LBA format
         mov rax, 6
         mov rbx, 1
@@ -177,15 +163,7 @@ trimmed:
         call poweroff
 lba_ok:
         ld64 rbx, [rdi]
-        movabs rax, LIMIT
-        test rax, rax
-        jz no_limit
-        cmp rbx, rax
-        jbe no_limit
-        mov rbx, rax
-no_limit:
-        mov rdi, var_capacity
-        st64 [rdi], rbx
+        call storage_capacity
         PRINT msg_ctrl
         PRINT IDBUF + 4
         PRINT msg_ns
@@ -212,45 +190,7 @@ no_limit:
         mov rsi, 1 | (1 << 16)          ; physically contiguous, completions to CQ 1
         call admin
 
-        ; write pass, flush
-        mov rax, 1                      ; WRITE
-        call pass
-        call cmd_clear
-        mov rdi, var_cmd
-        mov rax, 0                      ; FLUSH
-        st32 [rdi], rax
-        mov rax, 1
-        st32 [rdi + 4], rax
-        mov rax, 1
-        call sq_add
-        call sq_ring
-        mov rbx, 1
-        call cq_collect
-        PRINT msg_wrote
-        mov rdi, var_capacity
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_in
-        mov rdi, var_commands
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_flushed
-
-        ; read pass: check and digest
-        movabs rax, SEED
-        mov rdi, var_digest
-        st64 [rdi], rax
-        mov rax, 2                      ; READ
-        call pass
-        PRINT msg_read
-        mov rdi, var_capacity
-        ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_match
-        mov rdi, var_digest
-        ld64 rax, [rdi]
-        PRINT_HEX16 rax
-        PRINT msg_newline
+        call storage_run
 
         ; tear down: DELETE SQ 1, DELETE CQ 1, shutdown notification
         mov rax, 0
@@ -273,62 +213,24 @@ wait_shutdown:
         mov rax, IRQ
         test rax, rax
         jz report_poll
-        PRINT msg_done_irq
-        mov rdi, var_irqs
+        mov rdi, pci_irqs
         ld64 rax, [rdi]
-        PRINT_DEC rax
-        PRINT msg_interrupts
+        call storage_done_irq
         call poweroff
 report_poll:
         PRINT msg_done_poll
+        PRINT msg_close
         call poweroff
 fatal:
         PRINT msg_fatal
         call poweroff
 
-; pass: rax = opcode (1 write, 2 read): every block in batches on I/O queue 1
-pass:
-        mov rdi, var_type
-        st64 [rdi], rax
-        mov r14, 0                      ; r14 = next block
-pass_batch:
-        mov rdi, var_capacity
-        ld64 r13, [rdi]
-        cmp r14, r13
-        jae pass_done
-        mov rcx, 0                      ; rcx = command number in the batch
-pass_fill:
-        cmp rcx, BATCH
-        jae pass_submit
-        cmp r14, r13
-        jae pass_submit
-        mov r10, r13                    ; r10 = blocks in this command
-        sub r10, r14
-        cmp r10, REQUEST_BLOCKS
-        jbe pass_n_ok
-        mov r10, REQUEST_BLOCKS
-pass_n_ok:
-        mov rsi, rcx                    ; rsi = data buffer
-        mul rsi, SLOT_STRIDE
-        add rsi, DATA + OFFSET
-        mov rdi, var_type
-        ld64 rax, [rdi]
-        cmp rax, 1
-        jne pass_no_fill
-        call fill_buffer
-pass_no_fill:
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_count
-        st64 [rdi], r10
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_first
-        st64 [rdi], r14
+; dev_queue: a WRITE or READ of r10 blocks from r14 on I/O queue 1, into the SQ (see _storage)
+dev_queue:
         call cmd_clear
         mov rdi, var_cmd
-        mov rax, var_type
-        ld64 rax, [rax]
+        mov rax, 2                      ; READ
+        sub rax, r8                     ; or WRITE
         st32 [rdi], rax                 ; opcode
         mov rax, 1
         st32 [rdi + 4], rax             ; namespace 1
@@ -346,42 +248,29 @@ pass_no_fill:
         st32 [rdi + 48], rax            ; NLB, 0-based
         mov rax, 1
         call sq_add
-        mov rdi, var_commands
-        ld64 rax, [rdi]
-        inc rax
-        st64 [rdi], rax
-        add r14, r10
-        inc rcx
-        jmp pass_fill
-pass_submit:
-        mov r9, rcx
+        ret
+
+; dev_submit: one SQ 1 tail doorbell for the batch's r9 commands, then their completions
+dev_submit:
         mov rax, 1
         call sq_ring
         mov rbx, r9
         call cq_collect
-        mov rdi, var_type
-        ld64 rax, [rdi]
-        cmp rax, 2
-        jne pass_batch
-        mov rcx, 0                      ; reads: check each buffer
-pass_check:
-        cmp rcx, r9
-        jae pass_batch
-        mov rsi, rcx
-        mul rsi, SLOT_STRIDE
-        add rsi, DATA + OFFSET
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_first
-        ld64 rbx, [rdi]
-        mov rdi, rcx
-        shl rdi, 3
-        add rdi, var_count
-        ld64 r10, [rdi]
-        call check_buffer
-        inc rcx
-        jmp pass_check
-pass_done:
+        ret
+
+; dev_flush: FLUSH namespace 1
+dev_flush:
+        call cmd_clear
+        mov rdi, var_cmd
+        mov rax, 0                      ; FLUSH
+        st32 [rdi], rax
+        mov rax, 1
+        st32 [rdi + 4], rax
+        mov rax, 1
+        call sq_add
+        call sq_ring
+        mov rbx, 1
+        call cq_collect
         ret
 
 ; admin: rax = opcode, rbx = nsid, rcx = PRP1, rdx = CDW10, rsi = CDW11: one admin command,
@@ -521,18 +410,7 @@ cq_collect:
         mov rax, IRQ
         test rax, rax
         jz cq_take
-cq_wait:
-        cli
-        mov rdi, var_irq_flag
-        ld64 rax, [rdi]
-        test rax, rax
-        jnz cq_got_irq
-        sti
-        hlt
-        jmp cq_wait
-cq_got_irq:
-        mov rax, 0
-        st64 [rdi], rax
+        call intx_wait
 cq_take:
         mov r10, 0
 cq_next:
@@ -625,101 +503,19 @@ cq_missing:
         PRINT msg_missing
         call poweroff
 
-{PATTERN_ROUTINES}
-
-; ---- PCI and interrupts ---------------------------------------------------------------------
-nv_find:
-        push rcx
-        push rdx
-        movabs rcx, 0x80000000
-        movabs rdx, 0x80010000
-nv_find_next:
-        mov rax, rcx
-        out32 0xcf8, rax
-        in32 rax, 0xcfc
-        cmp rax, (NVME_DEVICE << 16) | NVME_VENDOR
-        je nv_find_hit
-        add rcx, 0x100
-        cmp rcx, rdx
-        jb nv_find_next
-        mov rax, 0
-        jmp nv_find_out
-nv_find_hit:
-        mov rax, rcx
-nv_find_out:
-        pop rdx
-        pop rcx
-        ret
-
-nv_cfg_read:
-        out32 0xcf8, rax
-        in32 rax, 0xcfc
-        ret
-
-nv_irq_setup:
-        push rax
-        push rbx
-        push rcx
-        mov rax, nv_vectors
-        lidt rax
-        movabs rbx, LAPIC_BASE
-        mov rax, SVR_APIC_ENABLE | 0xff
-        st32 [rbx + LAPIC_SVR], rax
-        mov rax, var_cfgaddr
-        ld64 rax, [rax]
-        add rax, 0x3c
-        call nv_cfg_read
-        and rax, 0xff
-        mov rcx, rax
-        shl rcx, 1
-        add rcx, 0x10
-        movabs rbx, IOAPIC_BASE
-        st32 [rbx], rcx
-        mov rax, NVME_VECTOR | 0x8000   ; fixed, physical, level-triggered, unmasked
-        st32 [rbx + 0x10], rax
-        inc rcx
-        st32 [rbx], rcx
-        mov rax, 0
-        st32 [rbx + 0x10], rax
-        pop rcx
-        pop rbx
-        pop rax
-        ret
-
 ; the handler masks the pin interrupt (INTMS) so the line drops; the driver unmasks it after
 ; releasing the completions
 nv_irq_handler:
         push rax
-        push rdi
         mov rax, 1
         st32 [rbp + 0x0c], rax
-        mov rdi, var_irqs
-        ld64 rax, [rdi]
-        inc rax
-        st64 [rdi], rax
-        mov rdi, var_irq_flag
-        mov rax, 1
-        st64 [rdi], rax
-        movabs rdi, LAPIC_BASE
-        mov rax, 0
-        st32 [rdi + LAPIC_EOI], rax
-        pop rdi
+        call intx_taken
         pop rax
-        iret
-nv_spurious:
         iret
 
 .align 8
-var_cfgaddr:    .qword 0
-var_bar:        .qword 0
-var_irq_flag:   .qword 0
-var_irqs:       .qword 0
 var_cid:        .qword 0
 var_result:     .qword 0
-var_capacity:   .qword 0
-var_type:       .qword 0
-var_digest:     .qword 0
-var_commands:   .qword 0
 var_sq_base:
         .qword ASQ
         .qword IOSQ
@@ -738,10 +534,8 @@ var_cq_head:
 var_cq_phase:
         .qword 1
         .qword 1
-var_first:      .space 8 * 16
-var_count:      .space 8 * 16
 var_cmd:        .space 64
-msg_nodev:      .asciz {asm_string("nvmetest: no NVMe controller on PCI bus 0" + chr(10))}
+{S.messages(NAME, device="NVMe controller", unit="blocks", requests="commands", flushed="flushed")}
 msg_highbar:    .asciz {asm_string("nvmetest: BAR 0 is above 4 GiB" + chr(10))}
 msg_stride:     .asciz {asm_string("nvmetest: doorbell stride is not 0" + chr(10))}
 msg_fatal:      .asciz {asm_string("nvmetest: controller fatal status" + chr(10))}
@@ -749,29 +543,16 @@ msg_lbaf:       .asciz {asm_string("nvmetest: namespace 1 does not have 512-byte
 msg_ctrl:       .asciz {asm_string("nvmetest: controller ")}
 msg_ns:         .asciz {asm_string(", namespace 1: ")}
 msg_blocks:     .asciz {asm_string(" blocks" + chr(10))}
-msg_wrote:      .asciz {asm_string("nvmetest: wrote ")}
-msg_in:         .asciz {asm_string(" blocks in ")}
-msg_flushed:    .asciz {asm_string(" commands, flushed" + chr(10))}
-msg_read:       .asciz {asm_string("nvmetest: read back ")}
-msg_match:      .asciz {asm_string(" blocks, all match, digest 0x")}
-msg_done_irq:   .asciz {asm_string("nvmetest: done (irq: ")}
-msg_interrupts: .asciz {asm_string(" interrupts)" + chr(10))}
-msg_done_poll:  .asciz {asm_string("nvmetest: done (poll)" + chr(10))}
 msg_failed:     .asciz {asm_string("nvmetest: command failed, queue ")}
 msg_status:     .asciz {asm_string(", status 0x")}
 msg_missing:    .asciz {asm_string("nvmetest: a completion is missing" + chr(10))}
-msg_mismatch:   .asciz {asm_string("nvmetest: MISMATCH block ")}
-msg_qword:      .asciz {asm_string(" qword ")}
-msg_newline:    .asciz {asm_string(chr(10))}
-.align 8
-nv_vectors:
-{vectors}
-"""
+""" + S.routines() + _pci.library("nv_irq_handler")
     constants = {
-        "NVME_VENDOR": NVME_VENDOR, "NVME_DEVICE": NVME_DEVICE, "NVME_VECTOR": NVME_VECTOR, "IOAPIC_BASE": IOAPIC_BASE,
+        **_pci.CONSTANTS,
+        **S.constants(seed=seed, batch=batch, request_sectors=request_blocks, limit=limit, slot_base=DATA + offset,
+                      slot_stride=SLOT_STRIDE),
+        "NVME_VENDOR": NVME_VENDOR, "NVME_DEVICE": NVME_DEVICE,
         "ADMIN_ENTRIES": ADMIN_ENTRIES, "IO_ENTRIES": IO_ENTRIES, "ASQ": ASQ, "ACQ": ACQ, "IOSQ": IOSQ, "IOCQ": IOCQ,
-        "IDBUF": IDBUF, "NSBUF": NSBUF, "DATA": DATA, "SLOT_STRIDE": SLOT_STRIDE, "OFFSET": offset,
-        "SEED": seed, "MIX_INCREMENT": MIX_INCREMENT, "MIX_MULTIPLIER": MIX_MULTIPLIER,
-        "BATCH": batch, "REQUEST_BLOCKS": request_blocks, "LIMIT": limit, "IRQ": irq,
+        "IDBUF": IDBUF, "NSBUF": NSBUF, "IRQ": irq,
     }
     return assemble_program(NAME, body, constants)

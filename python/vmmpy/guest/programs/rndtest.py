@@ -70,7 +70,7 @@ found:
         PRINT msg_smallq
         call poweroff
 queue_ok:
-        call vio_irq_setup
+        call intx_setup
         call vio_driver_ok
         mov r15, 0                      ; avail index
         mov r14, 0                      ; bytes received
@@ -145,14 +145,7 @@ check:
         add rdx, CHUNK
 fold:
         ld64 rax, [rsi]
-        xor r13, rax
-        movabs rax, MIX_INCREMENT
-        add r13, rax
-        movabs rax, MIX_MULTIPLIER
-        mul r13, rax
-        mov rax, r13
-        shr rax, 31
-        xor r13, rax
+        MIX r13, rax, rax
         add rsi, 8
         cmp rsi, rdx
         jb fold

@@ -4,7 +4,9 @@ product) and READ CAPACITY(10); writes the blktest pattern (qword k of block s =
 ``mix(seed, s * 64 + k)``) to every block with WRITE(10) in commands of ``request_sectors``
 blocks, SYNCHRONIZE CACHE, reads everything back with READ(10), compares, and prints a digest
 (``h = seed; h = mix(h, q)`` over every qword read: ``blktest.reference_digest``); finally it
-sends MODE SENSE(6), which the device does not implement, and reports the sense data.
+sends MODE SENSE(6), which the device does not implement, and reports the sense data. Pattern,
+digest, the two passes and their console lines are ``_storage``'s (shared with blktest,
+nvmetest and ahcitest); each READ(10)/WRITE(10) is sent and completed on its own, a batch of one.
 
 Console::
 
@@ -12,15 +14,17 @@ Console::
     scsitest: wrote N blocks in R commands, synchronized
     scsitest: read back N blocks, all match, digest 0x0123456789abcdef
     scsitest: unsupported command: sense key 5, asc 0x20
+    scsitest: MISMATCH block B qword K             (instead, on the first bad qword)
+    scsitest: command failed: 0xS                  (instead, on a failed command)
 """
 
 from __future__ import annotations
 
 from ..asm import Program
+from . import _storage as S
 from . import _virtio as V
 from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory
-from .blktest import reference_digest, reference_image  # noqa: F401  (the same pattern and digest)
-from .hash import MIX_INCREMENT, MIX_MULTIPLIER
+from ._storage import reference_digest, reference_image  # noqa: F401  (the same pattern and digest)
 
 NAME = "scsitest"
 DESCRIPTION = "drives a virtio-scsi disk: INQUIRY, READ CAPACITY, writes a pattern, reads it back, prints a digest"
@@ -117,113 +121,14 @@ have_queue:
         mov rsi, DATA
         call load_be32
         inc rax
-        mov r13, rax                    ; blocks
-        movabs rax, SECTORS
-        test rax, rax
-        jz sectors_set
-        cmp rax, r13
-        jae sectors_set
-        mov r13, rax
-sectors_set:
+        mov rbx, rax                    ; blocks, capped by the sectors argument
+        call storage_capacity
         PRINT msg_prefix
         PRINT INQ_STRING
         PRINT msg_comma
-        PRINT_DEC r13
+        PRINT_DEC rbx
         PRINT msg_blocks
-        ; write the pattern
-        mov r14, 0                      ; block
-        mov r10, 0                      ; commands
-write_next:
-        cmp r14, r13
-        jae write_done
-        call chunk_len                  ; r9 = blocks in this command
-        mov rdi, DATA                   ; fill: qword q of the chunk = mix(SEED, r14 * 64 + q)
-        mov rcx, 0
-        mov rdx, r9
-        shl rdx, 6
-fill:
-        mov rax, r14
-        shl rax, 6
-        add rax, rcx
-        call pattern
-        st64 [rdi], rax
-        add rdi, 8
-        inc rcx
-        cmp rcx, rdx
-        jb fill
-        mov rax, 0x2a
-        call rw_cdb
-        mov rcx, r9
-        shl rcx, 9
-        mov rdx, 1
-        call scsi_cmd
-        test rax, rax
-        jnz cmd_failed
-        inc r10
-        add r14, r9
-        jmp write_next
-write_done:
-        call cdb_clear                  ; SYNCHRONIZE CACHE(10)
-        mov rdi, REQ + 19
-        mov rax, 0x35
-        st8 [rdi], rax
-        mov rcx, 0
-        mov rdx, 0
-        call scsi_cmd
-        test rax, rax
-        jnz cmd_failed
-        PRINT msg_wrote
-        PRINT_DEC r13
-        PRINT msg_in
-        PRINT_DEC r10
-        PRINT msg_synced
-        ; read back, compare, digest
-        movabs r11, SEED
-        mov r14, 0
-read_next:
-        cmp r14, r13
-        jae read_done
-        call chunk_len
-        mov rax, 0x28
-        call rw_cdb
-        mov rcx, r9
-        shl rcx, 9
-        mov rdx, 2
-        call scsi_cmd
-        test rax, rax
-        jnz cmd_failed
-        mov rsi, DATA
-        mov rcx, 0
-        mov rdx, r9
-        shl rdx, 6
-check:
-        mov rax, r14
-        shl rax, 6
-        add rax, rcx
-        call pattern
-        ld64 rbx, [rsi]
-        cmp rax, rbx
-        jne mismatch
-        xor r11, rbx                    ; h = mix(h, q)
-        movabs rax, MIX_INCREMENT
-        add r11, rax
-        movabs rax, MIX_MULTIPLIER
-        mul r11, rax
-        mov rax, r11
-        shr rax, 31
-        xor r11, rax
-        add rsi, 8
-        inc rcx
-        cmp rcx, rdx
-        jb check
-        add r14, r9
-        jmp read_next
-read_done:
-        PRINT msg_read
-        PRINT_DEC r13
-        PRINT msg_match
-        PRINT_HEX16 r11
-        PRINT msg_newline
+        call storage_run
         ; MODE SENSE(6): not implemented by the device
         call cdb_clear
         mov rdi, REQ + 19
@@ -244,43 +149,48 @@ read_done:
         PRINT_HEX rax
         PRINT msg_newline
         call poweroff
-mismatch:
-        PRINT msg_mismatch
-        PRINT_DEC r14
-        PRINT msg_newline
-        call poweroff
 cmd_failed:
         PRINT msg_failed
         PRINT_HEX rax
         PRINT msg_newline
         call poweroff
 
-; r9 = min(REQUEST_SECTORS, r13 - r14)
-chunk_len:
-        mov r9, r13
-        sub r9, r14
-        cmp r9, REQUEST_SECTORS
-        jb chunk_len_out
-        mov r9, REQUEST_SECTORS
-chunk_len_out:
+; dev_queue: a WRITE(10) or READ(10) of r10 blocks from r14, sent and completed at once (the
+; device completes a request during its notify), so a batch is one command and dev_submit has
+; nothing left to do (see _storage)
+dev_queue:
+        push rcx
+        mov rax, 0x28                   ; READ(10), data in
+        mov rdx, 2
+        test r8, r8
+        jz dev_queue_cdb
+        mov rax, 0x2a                   ; WRITE(10), data out
+        mov rdx, 1
+dev_queue_cdb:
+        call rw_cdb
+        mov rcx, r10
+        shl rcx, 9
+        call scsi_cmd
+        pop rcx
+        test rax, rax
+        jnz cmd_failed
+dev_submit:
         ret
 
-; rax = mix(SEED, rax)
-pattern:
-        push rbx
-        movabs rbx, SEED
-        xor rax, rbx
-        movabs rbx, MIX_INCREMENT
-        add rax, rbx
-        movabs rbx, MIX_MULTIPLIER
-        mul rax, rbx
-        mov rbx, rax
-        shr rbx, 31
-        xor rax, rbx
-        pop rbx
+; dev_flush: SYNCHRONIZE CACHE(10)
+dev_flush:
+        call cdb_clear
+        mov rdi, REQ + 19
+        mov rax, 0x35
+        st8 [rdi], rax
+        mov rcx, 0
+        mov rdx, 0
+        call scsi_cmd
+        test rax, rax
+        jnz cmd_failed
         ret
 
-; the CDB of READ(10)/WRITE(10): opcode rax, LBA r14, r9 blocks
+; the CDB of READ(10)/WRITE(10): opcode rax, LBA r14, r10 blocks (clobbers rax)
 rw_cdb:
         push rdi
         push rax
@@ -296,7 +206,7 @@ rw_cdb:
         st8 [rdi + 3], rax
         shr rax, 8
         st8 [rdi + 2], rax
-        mov rax, r9
+        mov rax, r10
         st8 [rdi + 8], rax
         shr rax, 8
         st8 [rdi + 7], rax
@@ -437,23 +347,15 @@ desc_resp:
         pop rsi
         ret
 
-msg_nodev:       .asciz {asm_string("scsitest: no virtio-scsi device on PCI bus 0" + chr(10))}
+{S.messages(NAME, device="virtio-scsi device", unit="blocks", requests="commands", flushed="synchronized")}
 msg_noqueue:     .asciz {asm_string("scsitest: the device has no request queue" + chr(10))}
 msg_prefix:      .asciz {asm_string("scsitest: ")}
-msg_comma:       .asciz {asm_string(", ")}
 msg_blocks:      .asciz {asm_string(" blocks of 512 bytes" + chr(10))}
-msg_wrote:       .asciz {asm_string("scsitest: wrote ")}
-msg_in:          .asciz {asm_string(" blocks in ")}
-msg_synced:      .asciz {asm_string(" commands, synchronized" + chr(10))}
-msg_read:        .asciz {asm_string("scsitest: read back ")}
-msg_match:       .asciz {asm_string(" blocks, all match, digest 0x")}
 msg_unsupported: .asciz {asm_string("scsitest: unsupported command: sense key ")}
 msg_asc:         .asciz {asm_string(", asc 0x")}
-msg_mismatch:    .asciz {asm_string("scsitest: MISMATCH in the command at block ")}
 msg_failed:      .asciz {asm_string("scsitest: command failed: 0x")}
-msg_newline:     .asciz {asm_string(chr(10))}
-""" + V.library()
-    constants = {**V.CONSTANTS, "VIRTIO_SCSI_DEVICE": VIRTIO_SCSI_DEVICE, "SEED": seed, "REQUEST_SECTORS": rs,
-                 "SECTORS": sectors, "RING": RING, "REQ": REQ, "RESP": RESP, "DATA": DATA, "INQ_STRING": DATA + 8,
-                 "MIX_INCREMENT": MIX_INCREMENT, "MIX_MULTIPLIER": MIX_MULTIPLIER}
+""" + S.routines() + V.library()
+    constants = {**V.CONSTANTS, **S.constants(seed=seed, batch=1, request_sectors=rs, limit=sectors, slot_base=DATA, slot_stride=0),
+                 "VIRTIO_SCSI_DEVICE": VIRTIO_SCSI_DEVICE, "RING": RING, "REQ": REQ, "RESP": RESP, "DATA": DATA,
+                 "INQ_STRING": DATA + 8}
     return assemble_program(NAME, body, constants)

@@ -54,7 +54,7 @@ found:
         mov rbx, TX_RING
         call vio_queue
         mov r12, rax
-        call vio_irq_setup
+        call intx_setup
         call vio_driver_ok
         mov r15, 0                      ; avail index
         mov r14, 0                      ; line number

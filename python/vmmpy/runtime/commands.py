@@ -1,7 +1,19 @@
-"""Control-socket commands that need the layers above the runtime: checkpoint and migration.
+"""The commands the vmmrun process serves that hand the machine to snapshot/ and migration/:
+checkpoint, suspend, restore (``vmmrun -r``), migrate (source) and receive (``vmmrun -R``).
 
-``vmmrun`` adds these to its machine's control socket; ``vmmctl`` asks for them. Each runs in
-the control server's connection thread and streams progress back to vmmctl.
+The runtime composes them: snapshot/ and migration/ see the guest only through its guest handle
+(``guest_handle.MachineHandle``); this module says what a checkpoint's basic metadata holds,
+builds the machine a checkpoint is restored into, and serves the control-socket commands
+(``vmmrun`` installs them, ``vmmctl`` asks for them). Each control command runs in the control
+server's connection thread and streams progress back to vmmctl.
+
+Restore (bhyve's ``-r``): read and verify all three files before anything is created (with the
+checkpoint key when it was written with one); check the basic metadata this module wrote
+(vendor, TSC, device options) and the ``vm`` section's fields it reads, by field; take the vCPU
+count, memory size and wiring from the checkpoint and vendor and TSC from its ``vm`` section;
+refuse device options that do not match the saved ones, naming the device; build the machine
+and let snapshot/ restore the guest into it; only then are the console files opened and may the
+vCPUs start, so a checkpoint refused at any step leaves no file written.
 """
 
 from __future__ import annotations
@@ -10,17 +22,149 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from ..migration import Destination, MigrationHandle, MigrationParams, estimate, estimate_warm
+from ..devices.lpc import console_backend
+from ..devices.registry import device_sections
+from ..devices.uart import CaptureConsole
+from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats, estimate, estimate_warm
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
-from ..runtime.guest_handle import MachineAdapter
-from ..runtime.process import Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import checkpoint_machine
+from ..snapshot.checkpoint import checkpoint_guest, restore_guest
+from ..snapshot.files import Checkpoint, read_checkpoint
+from ..snapshot.meta import check_field
+from ..snapshot.schema import array, integer, record, string
+from ..state import SectionError, SectionRegistry
+from ..state.kernel import KERNEL_SECTIONS
+from .config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
+from .guest_handle import MachineHandle
+from .process import Machine
 
+#: The basic metadata keys a checkpoint carries beside bhyve's (snapshot.files checks those):
+#: older checkpoints may lack the optional ones.
+_BASIC_FIELDS = record(
+    {"ncpus": integer(1, MAX_VCPUS)},
+    {
+        "vendor": string(choices=VENDORS),
+        "tsc": string(choices=TSC_MODES),
+        "devices_config": record({
+            "slots": array(string(), max_len=256 * 32 * 8),
+            "lpc": array(string(choices=LPC_DEVICES), max_len=len(LPC_DEVICES)),
+        }),
+    },
+    open=True,
+)
+#: The ``vm`` section's fields read before the machine is built; the kernel checks the rest
+#: when it restores the section.
+_VM_FIELDS = record(
+    {"ncpus": integer(1, MAX_VCPUS), "vendor": string(choices=VENDORS), "tsc_mode": string(choices=TSC_MODES)},
+    open=True,
+)
+
+
+def _device_config(config: VmConfig) -> dict[str, Any]:
+    """The device options a restore must match (bhyve: "the same -s and -l options")."""
+    return {
+        "slots": [slot.pci_name for slot in config.slots],
+        "lpc": sorted(config.lpc),
+    }
+
+
+def basic_metadata(config: VmConfig) -> dict[str, Any]:
+    """What a checkpoint of a machine built from ``config`` records as its basic metadata."""
+    return {
+        "ncpus": config.ncpus,
+        "vmname": config.name,
+        "vendor": config.vendor,
+        "tsc": config.tsc,
+        "devices_config": _device_config(config),
+    }
+
+
+def static_registry(config: VmConfig) -> SectionRegistry:
+    """What a machine built from ``config`` reads, known before the machine exists: the kernel
+    sections and, from the device classes themselves, every device section its options make."""
+    registry = SectionRegistry({name: version for name, _, version in KERNEL_SECTIONS})
+    try:
+        sections = device_sections([slot.pci_name for slot in config.slots])
+    except ValueError as err:
+        raise SectionError(str(err)) from None
+    for name, version in sections.items():
+        registry.register(name, version)
+    return registry
+
+
+def restore_machine(
+    path: str | Path,
+    config: VmConfig,
+    *,
+    mode: str = "eager",
+    key: bytes | None = None,
+) -> Machine:
+    """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
+    the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
+    key: required for a keyed checkpoint, refused for an unkeyed one. The vCPUs are not started.
+    Raises CheckpointError or SectionError, with nothing left created and no console file
+    opened, if anything does not fit."""
+    checkpoint = read_checkpoint(path, static_registry(config), key=key)
+    basic, vm_payload = _checked_machine_fields(checkpoint)
+    saved_devices = basic.get("devices_config")
+    if saved_devices is not None and saved_devices != _device_config(config):
+        raise SectionError(_device_mismatch(checkpoint.path, saved_devices, _device_config(config)))
+    config = replace(
+        config,
+        ncpus=basic["ncpus"],
+        memsize=checkpoint.memsize,
+        wired=checkpoint.wired,
+        vendor=vm_payload["vendor"],
+        tsc=vm_payload["tsc_mode"],
+    )
+    # Consoles stay in memory until everything is restored: a refused checkpoint opens no file.
+    machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
+    try:
+        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking)
+        for uart in machine.uarts:
+            device = uart.name.split(".", 1)[1]  # "lpc.com1"
+            if device in config.lpc:
+                uart.backend = console_backend(config.lpc[device], on_input=uart.receive)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def _checked_machine_fields(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The basic metadata and the ``vm`` section's payload, each field this module reads
+    checked and named, before any of it builds a machine."""
+    basic = check_field(checkpoint.basic, _BASIC_FIELDS, checkpoint.meta_path, "basic metadata")
+    vm_section = next((s for s in checkpoint.sections if s.name == "vm"), None)
+    if vm_section is None:
+        raise CheckpointError(f"checkpoint '{checkpoint.kern_path}': kernel section 'vm' is missing")
+    vm_payload = check_field(vm_section.payload, _VM_FIELDS, checkpoint.kern_path, "vm")
+    if vm_payload["ncpus"] != basic["ncpus"]:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.kern_path}': section 'vm' is for {vm_payload['ncpus']} vCPUs, "
+            f"the metadata ('{checkpoint.meta_path}') says {basic['ncpus']}"
+        )
+    return basic, vm_payload
+
+
+def _device_mismatch(path: str, saved: dict[str, Any], mine: dict[str, Any]) -> str:
+    for key, option in (("slots", "-s"), ("lpc", "-l")):
+        missing = sorted(set(saved.get(key, [])) - set(mine.get(key, [])))
+        extra = sorted(set(mine.get(key, [])) - set(saved.get(key, [])))
+        if missing:
+            return f"checkpoint '{path}': device '{missing[0]}' was saved but is not configured here (add its {option} option)"
+        if extra:
+            return f"checkpoint '{path}': device '{extra[0]}' is configured here but was not saved (remove its {option} option)"
+    return f"checkpoint '{path}': device options differ from the saved ones ({saved} vs {mine})"
+
+
+# -- the control-socket commands
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -35,8 +179,8 @@ def _request_key(request: dict[str, Any]) -> bytes | None:
         raise ValueError("the request's key must be hex digits (vmmctl sends --key-file's bytes so)") from None
 
 
-class MachineServices:
-    """Checkpoint, suspend and migrate commands for one machine."""
+class MachineCommands:
+    """Checkpoint, suspend and migrate commands for one machine, and its incoming migration."""
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
@@ -46,6 +190,14 @@ class MachineServices:
         self._latest: dict[str, Any] | None = None
         self._estimating = False  # an estimate clears dirty bits: never beside a migration
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
+
+    def receive_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
+                          cancel: threading.Event, accept_timeout: float) -> MigrationStats:
+        """``vmmrun -R``: wait on ``host:port`` for one incoming migration into this (empty)
+        machine and receive it; vmmctl --status and --migrate-resolve reach it meanwhile. The
+        guest runs when it returns a completed migration's statistics."""
+        self.incoming = Destination(MachineHandle(self.machine), host, port, key=key, tls=tls, cancel=cancel)
+        return self.incoming.run(accept_timeout)
 
     def install(self) -> None:
         add = self.machine.add_control_handler
@@ -118,7 +270,8 @@ class MachineServices:
                 raise OSError(errno.EBUSY, "the guest's migration is in doubt: suspending would end this copy; settle it "
                                            "with --migrate-resolve (a --checkpoint is allowed)")
             try:
-                return checkpoint_machine(self.machine, path, suspend=bool(request.get("suspend")), progress=progress, key=key)
+                return checkpoint_guest(MachineHandle(self.machine), path, basic=basic_metadata(self.machine.config),
+                                        suspend=bool(request.get("suspend")), progress=progress, key=key)
             except CheckpointError as err:
                 raise OSError(errno.EIO, str(err)) from None
 
@@ -143,7 +296,7 @@ class MachineServices:
                 progress({"migration": snapshot})
 
             self._migration = MigrationHandle(
-                MachineAdapter(self.machine), host, port, live=bool(request.get("live")), key=key,
+                MachineHandle(self.machine), host, port, live=bool(request.get("live")), key=key,
                 params=params, progress=on_progress, tls=tls,
             )
         stats = self._migration.wait()
@@ -224,7 +377,7 @@ class MachineServices:
             self._estimating_guard()
             self._estimating = True
         try:
-            adapter = MachineAdapter(self.machine)
+            adapter = MachineHandle(self.machine)
             if live:
                 est = estimate(adapter, bandwidth, window, params)
             else:

@@ -1,0 +1,112 @@
+"""The guest handle: what checkpoints and migrations need from a guest, and nothing more.
+
+``snapshot/`` and ``migration/`` never import the VM: they drive anything of this shape. The
+runtime implements it for a real machine (``runtime.guest_handle.MachineHandle``); the tests
+drive a fake guest with real guest memory and a writer thread (``tests/migration_guest.py``)
+through both.
+
+Ownership rule both keep: whoever holds the guest's state owns the guest until it is safely
+elsewhere. ``pause`` may be followed by ``resume`` (the checkpoint or migration failed, was
+cancelled, or the guest keeps running after a checkpoint) or by ``stop_for_good`` (suspended to
+files, or the migration committed), never both. A guest being restored (from a checkpoint or a
+migration stream) gets ``check_sections``/``restore_sections`` (and ``adopt_memory`` when its
+memory was made elsewhere), then ``start_running`` once it may run, or ``discard`` when the
+incoming migration failed; ``discard`` may also come with no restore at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..memory import GuestMemory
+from .section import Section
+
+if TYPE_CHECKING:
+    from ..devices.base import Device
+    from ..vmm.vm import Vm
+
+
+@runtime_checkable
+class GuestHandle(Protocol):
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest's memory (pages are read from and received into it)."""
+
+    def spec(self) -> dict[str, Any]:
+        """What the guest is: ``page_size``, ``vendor``, ``vcpus``, ``tsc``, ``lowmem_size``,
+        ``highmem_size``, ``wired`` and ``devices`` (section name -> section version)."""
+
+    def check_spec(self, remote_spec: dict[str, Any]) -> None:
+        """Raise (any exception; its message says why) if this guest cannot take one described
+        by ``remote_spec``. :func:`spec_mismatches` helps."""
+
+    def pause(self) -> float:
+        """Stop vCPUs and quiesce devices; when it returns nothing writes guest memory. Returns
+        how long that took in seconds (0.0 when the guest was paused already)."""
+
+    def resume(self) -> None:
+        """Undo ``pause`` (a guest paused before ``pause`` stays paused)."""
+
+    def save_sections(self) -> list[Section]:
+        """All non-memory state, taken while paused."""
+
+    def check_sections(self, sections: list[Section], *, what: str) -> None:
+        """Refuse sections this guest cannot take, naming ``what`` they came from (a checkpoint
+        file, the migration stream), before anything is restored."""
+
+    def adopt_memory(self, memory: GuestMemory) -> None:
+        """Take memory restored elsewhere (from a checkpoint) as the guest's; it has none yet."""
+
+    def restore_sections(self, sections: list[Section], *, what: str) -> None:
+        """Load the state (checked first; errors name ``what``); the guest does not run until
+        ``start_running``."""
+
+    def throttle(self, fraction: float) -> None:
+        """Auto-converge: let the vCPUs run only ``1 - fraction`` of the time (0.0 = full speed)."""
+
+    def stop_for_good(self, reason: str) -> None:
+        """The guest now lives elsewhere (migrated away, suspended to files): end it here;
+        ``reason`` says where it went."""
+
+    def start_running(self) -> None:
+        """A restored guest: run it."""
+
+    def discard(self) -> None:
+        """A guest being received: the migration failed; throw the half-received guest away."""
+
+
+class SavableMachine(Protocol):
+    """What ``state.kernel`` takes a machine's sections from and restores them into (a guest
+    handle's implementation passes its machine): the kernel (``vm``), the userspace devices in
+    save order, and a hook run once every device section is loaded."""
+
+    vm: Vm
+    devices: Sequence[Device]
+
+    def devices_restored(self) -> None: ...
+
+
+def spec_mismatches(local: dict[str, Any], remote: dict[str, Any]) -> list[str]:
+    """What stops a guest described by ``local`` from taking one described by ``remote`` (the
+    source), each as a sentence naming both values. Wiring may differ: it changes how memory is
+    held, not what the guest sees."""
+    problems = []
+    for key, what in (("page_size", "page size"), ("vendor", "vCPU vendor"), ("vcpus", "vCPU count"),
+                      ("tsc", "TSC mode"), ("lowmem_size", "lowmem size"), ("highmem_size", "highmem size")):
+        if local.get(key) != remote.get(key):
+            problems.append(f"{what} differs: source {remote.get(key)!r}, destination {local.get(key)!r}")
+    mine, theirs = dict(local.get("devices", {})), dict(remote.get("devices", {}))
+    missing = sorted(set(theirs) - set(mine))
+    extra = sorted(set(mine) - set(theirs))
+    if missing:
+        problems.append(f"devices missing on the destination: {', '.join(missing)}")
+    if extra:
+        problems.append(f"devices only on the destination: {', '.join(extra)}")
+    for name in sorted(set(mine) & set(theirs)):
+        if theirs[name] > mine[name]:
+            problems.append(f"device '{name}' state version {theirs[name]} is newer than the destination reads ({mine[name]})")
+    return problems
+
+
+__all__ = ["GuestHandle", "SavableMachine", "spec_mismatches"]

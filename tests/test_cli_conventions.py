@@ -1,0 +1,138 @@
+"""Conventions both tools keep: --version, rates as people write them, a key file others can read
+is warned about, the run directory's default is shown where it is used."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vmmpy import __version__
+from vmmpy.cli.keyfile import read_key
+from vmmpy.migration.protocol import PROTOCOL_VERSIONS
+from vmmpy.units import GiB, MiB, parse_rate
+
+
+@pytest.mark.parametrize("tool", ["vmmrun", "vmmctl"])
+def test_version_names_the_release_and_the_formats_it_speaks(tool):
+    done = subprocess.run([sys.executable, "-m", f"vmmpy.cli.{tool}", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{tool} (vmmpy) {__version__}: migration protocol ")
+    assert f"-{max(PROTOCOL_VERSIONS)}," in done.stdout and "checkpoint format" in done.stdout
+
+
+def test_vmmctl_help_shows_the_run_directory_it_would_use():
+    env = dict(os.environ, VMMPY_RUN_DIR="/srv/vmmpy/run")  # need not exist: the help only names it
+    done = subprocess.run([sys.executable, "-m", "vmmpy.cli.vmmctl", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert "(default here: /srv/vmmpy/run)" in " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize(("text", "rate"), [
+    ("100M", 100 * MiB), ("1.5G", int(1.5 * GiB)), ("50MB/s", 50 * MiB), ("12.5MiB/s", int(12.5 * MiB)),
+    ("100Mbit", 12_500_000), ("10Gbit/s", 1_250_000_000), ("800Mbps", 100_000_000), ("4096", 4096), (65536, 65536),
+])
+def test_rates_in_bytes_or_bits(text, rate):
+    assert parse_rate(text, what="--bandwidth") == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "100Mbits/h", "-5M", "0.1", "1e9", ""])
+def test_a_rate_that_is_not_one_is_refused_by_name(text):
+    with pytest.raises(ValueError, match=r"^--bandwidth "):
+        parse_rate(text, what="--bandwidth")
+
+
+def test_vmmctl_takes_a_bit_rate_for_bandwidth(tmp_path):
+    # --estimate needs no destination: it reports the link speed it assumed, from --bandwidth.
+    from .procs import start_vmmrun, stop, vmmctl, wait_for_socket
+
+    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "est0")
+    try:
+        wait_for_socket(tmp_path, "est0", proc)
+        done = vmmctl(tmp_path, "--vm=est0", "--json", "--migrate-live", "10.0.0.2", "24983", "--bandwidth", "800Mbit",
+                      "--estimate", "--estimate-window", "0.5")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["bandwidth"] == 100_000_000  # bytes/s
+    finally:
+        stop(proc)
+
+
+def test_a_key_file_others_can_read_is_warned_about_and_still_works(tmp_path, capsys):
+    key = tmp_path / "mig.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o644)
+    assert read_key(key) == b"k" * 32
+    warning = capsys.readouterr().err
+    assert f"--key-file {key} can be read by others (mode 0644)" in warning and f"chmod 600 {key}" in warning
+    key.chmod(0o600)
+    assert read_key(key) == b"k" * 32
+    assert capsys.readouterr().err == ""
+
+
+def test_list_shows_each_guests_state_a_waiting_destination_as_incoming(tmp_path):
+    from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_socket
+
+    running = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "--pause-at", "0", "a0")
+    waiting = start_vmmrun(tmp_path, "-m", "32M", "-R", f"127.0.0.1:{free_port()}", "b0")
+    try:
+        wait_for_socket(tmp_path, "a0", running)
+        wait_for_socket(tmp_path, "b0", waiting)
+        listed = vmmctl(tmp_path, "--list")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines() == ["a0\tpaused", "b0\tincoming"]
+        assert vmmctl(tmp_path, "--vm=a0", "--resume").returncode == 0
+        as_json = json.loads(vmmctl(tmp_path, "--list", "--json").stdout)
+        assert as_json == [{"name": "a0", "running": True, "state": "running"},
+                           {"name": "b0", "running": True, "state": "incoming"}]
+    finally:
+        stop(running)
+        stop(waiting)
+
+
+def test_restore_refuses_options_that_contradict_the_checkpoint_in_the_users_terms(tmp_path):
+    from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket
+
+    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "--pause-at", "0", "r0")
+    try:
+        wait_for_socket(tmp_path, "r0", proc)
+        assert vmmctl(tmp_path, "--vm=r0", f"--suspend={tmp_path / 'r0.ckp'}").returncode == 0
+    finally:
+        stop(proc)
+    refused = subprocess.run([*vmmrun_cmd(f"--run-dir={tmp_path}", "-r", str(tmp_path / "r0.ckp"), "-m", "64M", "-c", "2",
+                                          "--vendor", "amd", "r0")], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 4
+    assert refused.stderr.strip() == (
+        f"vmmrun: -r {tmp_path / 'r0.ckp'}: the saved guest has -m 32M, -m 64M was given; the saved guest has -c 1, -c 2 "
+        "was given; the saved guest has --vendor intel, --vendor amd was given; leave it out with -r (memory, vCPUs, "
+        "vendor and TSC come from the checkpoint)")
+    assert not (tmp_path / "r0.ctl").exists(), "nothing was left behind"
+    # The same values, spelt another way, are no contradiction: the guest resumes (paused at 0).
+    same = start_vmmrun(tmp_path, "-r", str(tmp_path / "r0.ckp"), "-m", "32", "-c", "1", "r0")
+    try:
+        wait_for_socket(tmp_path, "r0", same)
+    finally:
+        stop(same)
+
+
+@pytest.mark.parametrize("argv", [["--bogus", "vm0"], ["-c", "two", "vm0"], ["--tsc", "sundial", "vm0"]])
+def test_vmmrun_bad_options_exit_4_as_bhyve_not_2_which_means_halted(argv):
+    done = subprocess.run([sys.executable, "-m", "vmmpy.cli.vmmrun", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 4
+    assert done.stderr.startswith("usage: vmmrun") and "vmmrun: error: " in done.stderr
+
+
+def test_a_checkpoint_into_a_missing_directory_is_refused_by_name_and_the_guest_runs_on(tmp_path):
+    from .procs import start_vmmrun, stop, vmmctl, wait_for_socket
+
+    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "c0")
+    try:
+        wait_for_socket(tmp_path, "c0", proc)
+        target = tmp_path / "no" / "such" / "c0.ckp"
+        done = vmmctl(tmp_path, "--vm=c0", f"--checkpoint={target}")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == f"vmmctl: --checkpoint {target}: directory {target.parent} does not exist"
+        assert json.loads(vmmctl(tmp_path, "--vm=c0", "--status", "--json").stdout)["state"] == "running"
+    finally:
+        stop(proc)
