@@ -14,12 +14,10 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use vmm_core::digest::{chunk_hashes, commit_digest, hash_pages, memory_digest, resident_bitmap, split_zero_pages, DigestTracker};
 use vmm_core::dirty::TrackingChoice;
 use vmm_core::memory::{GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
-use vmm_core::pages::{
-    build_ranges_from_bitmap, chunk_hashes, commit_digest, hash_pages, memory_digest, recv_batch_tracked, resident_bitmap, send_batch,
-    send_batch_tracked, split_zero_pages, DigestTracker, PageRange, RangeKind,
-};
+use vmm_core::wire::{build_ranges_from_bitmap, recv_batch_tracked, send_batch, send_batch_tracked, PageRange, RangeKind};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -302,7 +300,7 @@ fn text_bytes(len: usize) -> Vec<u8> {
     out
 }
 
-/// The per-batch hot path of `pages::compress`: compressing one 1 MiB batch (text-like and
+/// The per-batch hot path of `wire::compress`: compressing one 1 MiB batch (text-like and
 /// random: what a trial costs when it does not pay) and decompressing it on the receiver.
 fn compression(c: &mut Criterion) {
     let block = 256 * PAGE_SIZE;

@@ -2,9 +2,9 @@
 migration at an exact message boundary (or an exact byte inside a message), in either direction.
 
 It owns no byte format: control frames are read with ``protocol.py``'s header (``P.HEADER``: magic
-``VMMG``, version, type, flags, payload length, checksum) and page batches with the batch header
-that ``protocol.py`` mirrors from ``rust/pages/batch.rs`` (magic ``VMPB``, flags, range count,
-payload length; then the range table of 16-byte entries). Each message's length comes from its
+``VMMG``, version, type, flags, payload length, checksum) and page batches with the memory core's
+own batch header decoder (``_core.decode_batch_header``, ``rust/wire/batch.rs``: magic ``VMPB``,
+flags, range count, payload length; then the range table of 16-byte entries). Each message's length comes from its
 header alone, so a message type added later needs no change here (it is logged as ``TYPE_<n>``
 until ``MessageType`` names it). Frames and batches are told apart by their magic, so no protocol
 state is kept. A batch's payload length is checked against its range table (plain: 4096 bytes per
@@ -78,10 +78,9 @@ ACTIONS = ("cut", "reset", "stall")
 FRAME_MAGIC = P.MAGIC
 BATCH_MAGIC = b"VMPB"
 MAGIC_SIZE = 4
-BATCH_HEAD = P._BATCH_HEAD  # protocol.py's copy of batch.rs's header, its checksum excluded
-RANGE_ENTRY = struct.Struct("<QIB3x")  # batch.rs: gpa u64 | pages u32 | kind u8 (0 DATA, 1 ZERO) | 3 bytes 0
+RANGE_ENTRY = struct.Struct("<QIB3x")  # rust/wire/batch.rs: gpa u64 | pages u32 | kind u8 (0 DATA, 1 ZERO) | 3 bytes 0
 DATA, ZERO = 0, 1
-BATCH_FLAG_LZ4 = 0x0001
+BATCH_FLAG_LZ4 = _core.BATCH_FLAG_LZ4
 LZ4_PREFIX = 8  # the block's xxh3-64 before the LZ4 block
 KEEP_PAYLOAD = 8192  # frames up to this payload keep it in the log (MEMORY, MEMORY_END, ACCEPT ...)
 READ_STEP = 256 * 1024
@@ -193,10 +192,12 @@ class _Parser:
             self.in_header = False
             return
         if self.length is None:  # a batch's fixed header: the table's size and the length follow from it
-            ranges, payload_len = BATCH_HEAD.unpack(head[:BATCH_HEAD.size])[4::2]
-            if ranges > _core.MAX_BATCH_RANGES:
-                self._fail(f"page batch declares {ranges} ranges, more than the {_core.MAX_BATCH_RANGES} allowed")
+            try:  # decoded by the memory core, the format's owner (which refuses too many ranges)
+                header = _core.decode_batch_header(head[:P.BATCH_HEADER_SIZE])
+            except _core.PageBatchError as err:
+                self._fail(str(err))
                 return
+            ranges, payload_len = header["range_count"], header["payload_len"]
             self.need = P.BATCH_HEADER_SIZE + ranges * RANGE_ENTRY.size
             self.length = self.need + payload_len
             if ranges:
@@ -206,7 +207,8 @@ class _Parser:
 
     def _check_batch(self, head: bytes) -> None:
         """Name the batch and check its payload length against its range table."""
-        flags, ranges, payload_len = BATCH_HEAD.unpack(head[:BATCH_HEAD.size])[2::2]
+        header = _core.decode_batch_header(head[:P.BATCH_HEADER_SIZE])
+        flags, ranges, payload_len = header["flags"], header["range_count"], header["payload_len"]
         pages = {DATA: 0, ZERO: 0}
         for _gpa, count, kind in RANGE_ENTRY.iter_unpack(head[P.BATCH_HEADER_SIZE:]):
             pages[DATA if kind == DATA else ZERO] += count

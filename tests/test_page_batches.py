@@ -321,3 +321,50 @@ def test_a_well_formed_handmade_compressed_batch_is_received():
         got = dst.recv_pages(b.fileno())
     assert got["compressed_batches"] == 1 and got["data_pages"] == 2
     assert dst.read(PAGE_SIZE, 2 * PAGE_SIZE) == TWO_PAGES
+
+
+def test_the_end_of_round_batch_and_header_decoder_are_the_memory_core_s():
+    """Python neither packs nor parses a batch header itself: the end-of-round marker and the
+    header the fault proxy reads come from the memory core, byte for byte the documented format."""
+    from vmmpy import _core
+    from vmmpy.migration import protocol as P
+
+    head = BATCH.pack(b"VMPB", 1, 0, HIGHMEM_BASE, 0, 0, 0, 0)[:32]
+    assert P.end_of_round_batch(HIGHMEM_BASE) == head + struct.pack("<Q", _core.xxh3_64(head))
+    assert P.BATCH_HEADER_SIZE == BATCH.size == 40
+    lz4 = batch_bytes([(PAGE_SIZE, 2, 0), (3 * PAGE_SIZE, 1, 1)], b"", payload_len=100)
+    assert _core.decode_batch_header(lz4[:40]) == {"segment_gpa": 0, "flags": 1, "range_count": 2, "payload_len": 100}
+    with pytest.raises(PageBatchError, match="page batch version 2 is not one this vmmpy reads"):
+        _core.decode_batch_header(BATCH.pack(b"VMPB", 2, 0, 0, 0, 0, 0, 0))
+    with pytest.raises(PageBatchError, match="declares 65537 ranges, more than the 65536"):
+        _core.decode_batch_header(BATCH.pack(b"VMPB", 1, 0, 0, 65537, 0, 0, 0))
+    with pytest.raises(PageBatchError, match="a page batch header is 40 bytes, got 39"):
+        _core.decode_batch_header(lz4[:39])
+
+
+def test_a_round_s_shares_are_received_whole_and_charged_to_one_budget():
+    """recv_share reads a stream's batches until its empty one; the streams of a round share a
+    page budget, so together they cannot carry more pages than it allows, whichever goes first."""
+    from vmmpy import _core
+    from vmmpy.memory import PageBudget
+    from vmmpy.migration import protocol as P
+
+    src = GuestMemory("1M")
+    src.write(0, b"\x07" * (10 * PAGE_SIZE))
+    dst = GuestMemory("1M")
+    budget = PageBudget(16)
+    got = []
+    for pages in (range(0, 10), range(0, 10)):  # two shares of 10 pages each against 16
+        a, b = socket.socketpair()
+        with a, b:
+            src.send_pages(a.fileno(), pages)
+            a.sendall(P.end_of_round_batch(0))
+            try:
+                got.append(dst.recv_share(b.fileno(), budget=budget, compressed=False))
+            except PageBatchError as err:
+                got.append(err)
+    assert got[0]["data_pages"] == 10 and got[0]["batches"] == 1
+    assert got[0]["wire_bytes"] == 40 + 16 + 10 * PAGE_SIZE + _core.BATCH_HEADER_SIZE
+    assert isinstance(got[1], PageBatchError) and got[1].errno == errno.EBADMSG
+    assert str(got[1]).endswith("the round carried more pages (20) than the guest has (16)")
+    assert budget.carried == 20

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vmmpy.state import Section, SectionError, SectionRegistry, decode_sections, encode_sections
+from vmmpy.state import Section, SectionError, SectionRegistry, decode_sections, encode_container, encode_sections, read_container
 
 
 def sample():
@@ -17,6 +17,16 @@ def test_sections_round_trip_exactly():
     assert back == sample()
     assert isinstance(back[1].payload["nvram"], bytes)
     assert back[0].payload["tsc"] == 2**63 + 5
+
+
+def test_the_writer_s_records_are_the_reader_s():
+    """A writer learns where each section lies from the encoder, never by parsing what it made:
+    the records are those the reader finds (offset and size span name length to payload end)."""
+    data, records = encode_container(sample())
+    assert data == encode_sections(sample())
+    assert records == [record for record, _ in read_container(data)]
+    assert [(r.name, r.offset) for r in records] == [("vm", 16), ("uart@lpc.com1", 16 + records[0].size)]
+    assert records[-1].offset + records[-1].size == len(data)
 
 
 def test_encoding_is_canonical():

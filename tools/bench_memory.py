@@ -13,7 +13,7 @@ between runs, see shared/reference/qemu-anchors.md):
 and prints one table with a ratio column (figure / limit), or JSON with --json.
 
 It owns no benchmark logic of its own beyond the limits; once the Python bindings of
-vmm_core::pages exist, the same hot paths measured from Python belong here too (they would show
+vmm_core::wire and vmm_core::digest exist, the same hot paths measured from Python belong here too (they would show
 the cost of crossing into Rust with the GIL released against these same limits).
 
 Usage: tools/bench_memory.py [--quick] [--json] [--skip-cargo] [--memcpy-mib N] [--tcp-mib N]

@@ -12,6 +12,9 @@ HIGHMEM_BASE: int
 LOWMEM_LIMIT_DEFAULT: int
 DEFAULT_CHUNK_SIZE: int
 MAX_BATCH_RANGES: int
+BATCH_HEADER_SIZE: int
+BATCH_RANGE_ENTRY_SIZE: int
+BATCH_FLAG_LZ4: int
 MAX_COMPRESSED_BATCH_DATA: int
 COMPRESS_BLOCK_PAGES: int
 DIGEST_CHUNK_PAGES: int
@@ -311,6 +314,19 @@ def send_pages_multi(
     chunk_pages: int = ...,
     tracker: DigestTracker | None = None,
 ) -> dict[str, Any]: ...
+@final
+class PageBudget:
+    """The pages a round may carry over all its streams together; shared by their receivers."""
+
+    def __new__(cls, max_pages: int) -> PageBudget: ...
+    @property
+    def carried(self) -> int: ...
+
+def recv_share(
+    memory: GuestMemory, fd: int, *, budget: PageBudget, compressed: bool, tracker: DigestTracker | None = None
+) -> dict[str, Any]: ...
+def end_of_round_batch(segment_gpa: int) -> bytes: ...
+def decode_batch_header(header: Buffer) -> dict[str, int]: ...
 def memory_digest(memory: GuestMemory, *, skip_untouched: bool = True) -> int: ...
 def commit_digest(memory: GuestMemory) -> int: ...
 def hash_pages(memory: GuestMemory, gpa: int, count: int) -> bytes:

@@ -31,6 +31,8 @@ DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
 
 
 PageBatchError = _core.PageBatchError
+#: The pages a round may carry over all its streams together (``GuestMemory.recv_share``).
+PageBudget = _core.PageBudget
 DigestTracker = _core.DigestTracker
 
 
@@ -249,6 +251,14 @@ class GuestMemory:
         """
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 
+    def recv_share(self, fd, *, budget, compressed: bool, tracker: DigestTracker | None = None) -> dict[str, int]:
+        """Receive one stream's share of a round: page batches into memory until the empty batch
+        that ends it, GIL released throughout. Every batch's pages are charged to ``budget``
+        (``_core.PageBudget``, shared by a round's streams); a compressed batch is refused unless
+        ``compressed``. Returns the totals of the non-empty batches (``wire_bytes`` counts the
+        end marker too); ``PageBatchError`` names the first failure."""
+        return _core.recv_share(self.core, _fileno(fd), budget=budget, compressed=compressed, tracker=tracker)
+
     def digest(self) -> int:
         """An xxh3-128 digest of all guest memory (take it with the guest stopped)."""
         return _core.memory_digest(self.core)
@@ -256,7 +266,7 @@ class GuestMemory:
     def commit_digest(self) -> int:
         """The digest a migration commits on, computed from scratch: a different function of
         memory from :meth:`digest`, built from per-page hashes so a :meth:`digest_tracker` can
-        keep it current (rust/pages/tracker.rs defines it)."""
+        keep it current (rust/digest/tracker.rs defines it)."""
         return _core.commit_digest(self.core)
 
     def digest_tracker(self) -> DigestTracker:

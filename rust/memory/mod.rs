@@ -3,7 +3,7 @@
 //!
 //! This module owns the mappings, address translation, the write paths that mark pages dirty,
 //! and the chunk states of lazily restored memory (`lazy`). It does not decide what to save or
-//! send, and knows no files: `pages` does the bulk work, `snapshot` reads checkpoint files, and
+//! send, and knows no files: `wire` and `digest` do the bulk work, `snapshot` reads checkpoint files, and
 //! Python holds the policy.
 
 mod address;

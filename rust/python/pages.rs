@@ -12,16 +12,22 @@ use pyo3::types::{PyBytes, PyDict};
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
+use crate::digest::{self, DigestTracker, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SHIFT};
-use crate::pages::{self, BatchTotals, CompressMode, Compressor, DigestTracker, PageError, PageRange, MAX_RANGES};
+use crate::wire::{self, BatchTotals, CompressMode, Compressor, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PageBatchError", m.py().get_type::<PageBatchError>())?;
     m.add("MAX_BATCH_RANGES", MAX_RANGES)?;
-    m.add("MAX_COMPRESSED_BATCH_DATA", pages::MAX_COMPRESSED_DATA)?;
-    m.add("COMPRESS_BLOCK_PAGES", pages::COMPRESS_BLOCK_PAGES)?;
+    m.add("BATCH_HEADER_SIZE", wire::BATCH_HEADER_SIZE)?;
+    m.add("BATCH_RANGE_ENTRY_SIZE", wire::RANGE_ENTRY_SIZE)?;
+    m.add("BATCH_FLAG_LZ4", wire::BATCH_FLAG_LZ4)?;
+    m.add_function(wrap_pyfunction!(end_of_round_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_batch_header, m)?)?;
+    m.add("MAX_COMPRESSED_BATCH_DATA", wire::MAX_COMPRESSED_DATA)?;
+    m.add("COMPRESS_BLOCK_PAGES", wire::COMPRESS_BLOCK_PAGES)?;
     m.add_function(wrap_pyfunction!(send_dirty_pages, m)?)?;
     m.add_function(wrap_pyfunction!(send_all_pages, m)?)?;
     m.add_function(wrap_pyfunction!(send_page_list, m)?)?;
@@ -29,7 +35,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory_digest, m)?)?;
     m.add_function(wrap_pyfunction!(commit_digest, m)?)?;
     m.add_class::<PyDigestTracker>()?;
-    m.add("DIGEST_CHUNK_PAGES", pages::DIGEST_CHUNK_PAGES)?;
+    m.add("DIGEST_CHUNK_PAGES", digest::DIGEST_CHUNK_PAGES)?;
     m.add_function(wrap_pyfunction!(hash_pages, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(xxh3_64, m)?)?;
@@ -104,8 +110,8 @@ fn send_segment(
     if let Some(c) = compressor {
         return c.send_ranges(fd, mem, ranges, tracker, |s| totals.add(s));
     }
-    for batch in pages::split_batches(ranges, pages::BATCH_DATA_PAGES) {
-        totals.add(pages::send_batch_tracked(fd, mem, &batch, tracker)?);
+    for batch in wire::split_batches(ranges, wire::BATCH_DATA_PAGES) {
+        totals.add(wire::send_batch_tracked(fd, mem, &batch, tracker)?);
     }
     Ok(())
 }
@@ -118,8 +124,8 @@ pub(super) fn all_page_ranges(seg: &Segment, detect_zero: bool) -> Result<Vec<Pa
     if pages_in % 64 != 0 {
         *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
     }
-    let (resident, _) = pages::resident_bitmap(seg)?;
-    pages::build_ranges_with_residency(seg, &all, &resident, detect_zero)
+    let (resident, _) = digest::resident_bitmap(seg)?;
+    wire::build_ranges_with_residency(seg, &all, &resident, detect_zero)
 }
 
 /// The tracker of `memory`, or an error if it was made over other memory.
@@ -162,7 +168,7 @@ fn send_segments<'py>(
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
 /// write during the send is caught by the next round. With a `tracker`, every page sent is hashed
 /// into it on the way (`DigestTracker::hash_now`). `compress` ("off", "lz4", "auto") and
-/// `link_rate` (bytes/s the link is believed to carry) as in `pages::compress`.
+/// `link_rate` (bytes/s the link is believed to carry) as in `wire::compress`.
 #[pyfunction]
 #[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
 fn send_dirty_pages<'py>(
@@ -178,7 +184,7 @@ fn send_dirty_pages<'py>(
     send_segments(py, &memory, fd, tracker, compress, link_rate, |mem, i, seg| {
         let mut words = vec![0u64; seg.pages().div_ceil(64)];
         mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-        pages::build_ranges_from_bitmap(seg, &words, detect_zero)
+        wire::build_ranges_from_bitmap(seg, &words, detect_zero)
     })
 }
 
@@ -224,7 +230,7 @@ fn send_page_list<'py>(
             let page = (pfn - first_pfn) as usize;
             words[page / 64] |= 1 << (page % 64);
         }
-        pages::build_ranges_from_bitmap(seg, &words, detect_zero)
+        wire::build_ranges_from_bitmap(seg, &words, detect_zero)
     })?;
     // A frame outside guest memory is an error once the others have gone, as before.
     if let Some(err) = list.iter().find_map(|&p| memory.inner.translate(GuestAddress(p << PAGE_SHIFT), 1).err()) {
@@ -250,7 +256,7 @@ fn recv_pages<'py>(
     let totals = py
         .detach(move || -> Result<BatchTotals, PageError> {
             let mut totals = BatchTotals::default();
-            totals.add(pages::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
+            totals.add(wire::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
             Ok(totals)
         })
         .map_err(page_error)?;
@@ -263,14 +269,14 @@ fn recv_pages<'py>(
 #[pyo3(signature = (memory, *, skip_untouched = true))]
 fn memory_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, skip_untouched: bool) -> PyResult<u128> {
     let mem = memory.inner.clone();
-    py.detach(move || pages::memory_digest(&mem, skip_untouched)).map_err(page_error)
+    py.detach(move || digest::memory_digest(&mem, skip_untouched)).map_err(page_error)
 }
 
 /// The commit digest of all guest memory, computed from scratch (see `DigestTracker`).
 #[pyfunction]
 fn commit_digest(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>) -> PyResult<u128> {
     let mem = memory.inner.clone();
-    py.detach(move || pages::commit_digest(&mem)).map_err(page_error)
+    py.detach(move || digest::commit_digest(&mem)).map_err(page_error)
 }
 
 /// Page and chunk hashes of guest memory kept current by marks, so the commit digest costs
@@ -333,7 +339,7 @@ fn hash_pages<'py>(py: Python<'py>, memory: PyRef<'py, PyGuestMemory>, gpa: u64,
             if off % crate::memory::PAGE_SIZE != 0 {
                 return Err(PageError::BadSendRanges { why: format!("gpa {gpa:#x} is not page-aligned") });
             }
-            pages::hash_pages(seg, (off / crate::memory::PAGE_SIZE) as u64, count)
+            digest::hash_pages(seg, (off / crate::memory::PAGE_SIZE) as u64, count)
         })
         .map_err(page_error)?;
     Ok(PyBytes::new(py, &hashes.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>()))
@@ -349,10 +355,34 @@ fn chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, index: usize, 
         .cloned()
         .ok_or_else(|| PyValueError::new_err(format!("segment index {index} out of range ({} segments)", mem.segments().len())))?;
     py.detach(move || {
-        let (resident, _) = pages::resident_bitmap(&seg)?;
-        pages::chunk_hashes_resident(&seg, chunk_size, &resident)
+        let (resident, _) = digest::resident_bitmap(&seg)?;
+        digest::chunk_hashes_resident(&seg, chunk_size, &resident)
     })
     .map_err(page_error)
+}
+
+/// The bytes of the end-of-round marker: an empty page batch for the segment at `segment_gpa`.
+#[pyfunction]
+fn end_of_round_batch<'py>(py: Python<'py>, segment_gpa: u64) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &wire::end_of_round_batch(GuestAddress(segment_gpa)))
+}
+
+/// A page batch's fixed header (its first `BATCH_HEADER_SIZE` bytes) as a dict: segment_gpa,
+/// flags, range_count, payload_len. Magic, version, flags, reserved bits and the range count
+/// limit are checked (a PageBatchError names what is wrong); the checksum, which also covers the
+/// range table, is not.
+#[pyfunction]
+fn decode_batch_header<'py>(py: Python<'py>, header: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let bytes: &[u8; wire::BATCH_HEADER_SIZE] = header.try_into().map_err(|_| {
+        PageBatchError::new_err((libc::EINVAL, format!("a page batch header is {} bytes, got {}", wire::BATCH_HEADER_SIZE, header.len())))
+    })?;
+    let h = wire::decode_batch_header(bytes).map_err(page_error)?;
+    let d = PyDict::new(py);
+    d.set_item("segment_gpa", h.segment_gpa.0)?;
+    d.set_item("flags", h.flags)?;
+    d.set_item("range_count", h.range_count)?;
+    d.set_item("payload_len", h.payload_len)?;
+    Ok(d)
 }
 
 /// xxh3-64 of a bytes-like object (state sections and frames use it as their checksum).

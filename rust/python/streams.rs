@@ -1,7 +1,8 @@
-//! Bindings for parallel streams: harvest a round once and send it over several fds at once,
-//! with the GIL released for the whole round.
+//! Bindings for a round's page streams: harvest a round once and send it over several fds at
+//! once, and receive one stream's share of a round, each with the GIL released for the whole call.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -9,12 +10,56 @@ use pyo3::types::{PyDict, PyList};
 
 use super::memory::PyGuestMemory;
 use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
-use crate::pages::{self, BatchTotals, PageError, PageRange, MAX_STREAMS};
+use crate::digest::PageError;
+use crate::wire::{self, BatchTotals, PageRange, MAX_STREAMS};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_STREAMS", MAX_STREAMS)?;
     m.add_function(wrap_pyfunction!(send_pages_multi, m)?)?;
+    m.add_function(wrap_pyfunction!(recv_share, m)?)?;
+    m.add_class::<PyPageBudget>()?;
     Ok(())
+}
+
+/// The pages a round may carry over all its streams together; shared by their receivers.
+#[pyclass(name = "PageBudget", module = "vmmpy._core", frozen)]
+pub struct PyPageBudget {
+    inner: Arc<wire::PageBudget>,
+}
+
+#[pymethods]
+impl PyPageBudget {
+    #[new]
+    fn new(max_pages: u64) -> PyPageBudget {
+        PyPageBudget { inner: Arc::new(wire::PageBudget::new(max_pages)) }
+    }
+
+    /// Pages charged so far.
+    #[getter]
+    fn carried(&self) -> u64 {
+        self.inner.carried()
+    }
+}
+
+/// Receive one stream's share of a round from `fd` (until its empty end batch) straight into
+/// guest memory, hashing into `tracker` when given, charging every batch's pages to `budget`;
+/// a compressed batch is refused unless `compressed`. Returns the totals of its non-empty
+/// batches, `wire_bytes` including the end marker.
+#[pyfunction]
+#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None))]
+fn recv_share<'py>(
+    py: Python<'py>,
+    memory: PyRef<'py, PyGuestMemory>,
+    fd: RawFd,
+    budget: PyRef<'py, PyPageBudget>,
+    compressed: bool,
+    tracker: Option<PyRef<'py, PyDigestTracker>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let tracker = tracker_of(&memory, tracker)?;
+    let mem = memory.inner.clone();
+    let budget = budget.inner.clone();
+    let totals = py.detach(move || wire::recv_share(fd, &mem, tracker.as_deref(), &budget, compressed)).map_err(page_error)?;
+    totals_dict(py, &totals)
 }
 
 /// One round over every fd in `fds` at once. With `all_pages`, every page (never-touched ones as
@@ -24,7 +69,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
 /// totals over all fds (end markers not counted) and `streams`, the same per fd.
 #[pyfunction]
-#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = pages::BATCH_DATA_PAGES, tracker = None))]
+#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None))]
 fn send_pages_multi<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -51,11 +96,11 @@ fn send_pages_multi<'py>(
                 } else {
                     let mut words = vec![0u64; seg.pages().div_ceil(64)];
                     mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
-                    pages::build_ranges_from_bitmap(seg, &words, detect_zero)?
+                    wire::build_ranges_from_bitmap(seg, &words, detect_zero)?
                 };
-                chunks.extend(pages::split_batches(&ranges, chunk_pages));
+                chunks.extend(wire::split_batches(&ranges, chunk_pages));
             }
-            pages::send_chunks(&fds, &mem, &chunks, tracker.as_deref())
+            wire::send_chunks(&fds, &mem, &chunks, tracker.as_deref())
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::io;
 
+use crate::digest::PageError;
 use crate::memory::{human_size, MemoryError};
-use crate::pages::PageError;
 
 #[derive(Debug)]
 pub enum SnapshotError {

@@ -17,8 +17,8 @@ use std::time::Instant;
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::image::ImageLayout;
+use crate::digest::{is_zero_page, resident_bitmap};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
-use crate::pages::{is_zero_page, resident_bitmap};
 
 /// File I/O goes in pieces of this size: large enough that syscall cost vanishes, small enough
 /// that a piece just read is still in cache when it is hashed.

@@ -35,7 +35,7 @@ fn temp_file(tag: &str) -> std::fs::File {
 }
 
 fn digest(mem: &GuestMemory) -> u128 {
-    crate::pages::memory_digest(mem, true).unwrap()
+    crate::digest::memory_digest(mem, true).unwrap()
 }
 
 #[test]
@@ -204,7 +204,7 @@ fn a_memory_file_truncated_under_lazy_memory_fails_the_chunks_not_yet_loaded() {
 
 #[test]
 fn zero_ranges_received_into_lazy_memory_read_as_zero() {
-    use crate::pages::{build_ranges_from_bitmap, recv_batch, send_batch};
+    use crate::wire::{build_ranges_from_bitmap, recv_batch, send_batch};
     let mem = guest(TrackingChoice::Soft);
     let f = temp_file("lazy-zero");
     let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();

@@ -18,14 +18,13 @@ or a RESOLVE that says commit, and discards it only on ABORT or a RESOLVE that s
 
 from __future__ import annotations
 
-import enum
 import os
 import selectors
 import socket
 import threading
 import time
 
-from ..memory import PageBatchError
+from ..memory import PageBatchError, PageBudget
 from ..state import SectionError, decode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
@@ -37,19 +36,7 @@ from .stats import MigrationStats, RoundStats
 from .streams import JoinWindow, new_token, receive_round
 from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
 
-
-class RxState(enum.Enum):
-    AWAIT_HELLO = "await-hello"
-    AWAIT_AUTH = "await-auth"
-    AWAIT_SPEC = "await-spec"
-    READY = "ready"
-    JOINING = "joining"  # v3: data streams connecting after STREAMS
-    RECEIVING = "receiving"
-    HAVE_STATE = "have-state"
-    AWAIT_COMMITTED = "await-committed"
-    IN_DOUBT = "in-doubt"  # v5: COMMIT_ACK sent, then the link failed: held paused until settled
-    RUNNING = "running"
-    DISCARDED = "discarded"
+RxState = P.RxState  # the receiver's states; P.RECEIVER is its transition table
 
 
 class InDoubt(MigrationError):
@@ -425,7 +412,7 @@ class Destination:
                 raise ProtocolError(f"RESOLVE needs protocol version {P.OWNERSHIP_VERSION}, the session chose {receiver.version}")
             outcome = receiver.answer_resolve(frame, self._resolve_from_source)
             if outcome is P.Outcome.RUNNING:
-                P.decode_empty(P.MessageType.RELEASED, receiver.read(P.MessageType.RELEASED).payload)
+                P.decode_empty(P.MessageType.RELEASED, receiver.read().payload)
                 with self._cond:
                     self.released = True
                 self._note("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
@@ -675,7 +662,20 @@ class _Receiver:
         shutdown_quietly(self.conn)
 
     # -- frames ----------------------------------------------------------------------------------
+    def _expected(self) -> tuple[P.MessageType, ...]:
+        """What this state reads (``P.RECEIVER``), at the session's version; STREAMS only before
+        round 0, once."""
+        return tuple(t for t in P.receiver_reads(self.state, self.version)
+                     if t is not P.MessageType.STREAMS or self._may_ask_streams())
+
+    def _advance(self, msg_type: P.MessageType) -> None:
+        """``msg_type`` is handled: take its transition (``P.RECEIVER``)."""
+        self.state = P.receiver_next(self.state, msg_type)
+
     def _read(self, *expected: P.MessageType) -> P.Frame:
+        """The next frame, of a type this state reads (or a narrower ``expected``); any other is
+        refused from its header, by name and state. ABORT ends the session."""
+        expected = expected or self._expected()
         frame = P.read_frame(self.conn, max_state=self.params.max_state_bytes, allowed=expected,
                              where=f" in state {self.state.value}")
         self.stats.bytes_total += len(frame.raw)
@@ -696,15 +696,15 @@ class _Receiver:
 
     # -- the state machine -----------------------------------------------------------------------
     def _handshake(self) -> None:
-        hello_frame = self._read(P.MessageType.HELLO)
+        hello_frame = self._read()
         hello = P.decode_hello(hello_frame.payload)
         common = set(hello.versions) & set(self.versions)
         nonce = os.urandom(P.NONCE_SIZE)
         version = max(common) if common else self.versions[-1]
         challenge = self._send(P.MessageType.CHALLENGE, P.encode_challenge(P.Challenge(version, self.key is not None, nonce)))
         self.transcript = (hello_frame.raw, challenge)
-        self.state = RxState.AWAIT_AUTH
-        auth_frame = self._read(P.MessageType.AUTH)
+        self._advance(P.MessageType.HELLO)
+        auth_frame = self._read()
         mac = P.decode_auth(auth_frame.payload)
         if not common:
             self._refuse(P.Stage.AUTH, f"no common protocol version: the source speaks {sorted(hello.versions)}, "
@@ -720,13 +720,11 @@ class _Receiver:
             proof = P.destination_proof(self.key, hello_frame.raw, challenge, auth_frame.raw)
         self._send(P.MessageType.ACCEPT, P.encode_accept(P.Accept(P.Stage.AUTH, proof)))
         self.session = P.session_id(hello_frame.raw, challenge)
-        self.state = RxState.AWAIT_SPEC
+        self._advance(P.MessageType.AUTH)
 
     def read_request(self, *types: P.MessageType) -> P.Frame:
         """What the authenticated peer wants: a SPEC (a migration), or on version 5 a RESOLVE
         (a question about a session in doubt)."""
-        if not types:
-            types = (P.MessageType.SPEC, P.MessageType.RESOLVE) if self.version >= P.OWNERSHIP_VERSION else (P.MessageType.SPEC,)
         return self._read(*types)
 
     def read(self, *types: P.MessageType) -> P.Frame:
@@ -741,6 +739,7 @@ class _Receiver:
         resolve = P.decode_resolve(frame.payload)
         outcome = decide(resolve)
         self._send(P.MessageType.RESOLVED, P.encode_resolved(P.Resolved(outcome)))
+        self._advance(P.MessageType.RESOLVE)
         return outcome
 
     def accept_spec(self, frame: P.Frame) -> None:
@@ -767,29 +766,25 @@ class _Receiver:
         self.stats.status = "active"
         self.stats.session = self.session.hex() if self.version >= P.OWNERSHIP_VERSION else None
         set_io_timeout(self.conn, self.params.io_timeout)
-        self.state = RxState.READY
+        self._advance(P.MessageType.SPEC)
 
     def _rounds(self) -> None:
+        """READY and HAVE_STATE: what the table lets in, each to its handler, until the commit."""
         while True:
-            allowed = (P.MessageType.MEMORY, P.MessageType.STATE) if self.state is RxState.READY else (P.MessageType.COMMIT_REQUEST,)
-            if self._may_ask_streams():
-                allowed = (*allowed, P.MessageType.STREAMS)
-            frame = self._read(*allowed)
-            if frame.type is P.MessageType.STREAMS and self._may_ask_streams():
+            frame = self._read()
+            if frame.type is P.MessageType.STREAMS:
                 self._join_streams(P.decode_streams(frame.payload))
                 continue
             self._close_listener()  # the join window is over for good
-            if frame.type is P.MessageType.MEMORY and self.state is RxState.READY:
+            if frame.type is P.MessageType.MEMORY:
                 if self.digest_job is not None:
                     raise ProtocolError("MEMORY after the final round: nothing may change memory once it is final")
                 self._receive_round(P.decode_memory(frame.payload))
-            elif frame.type is P.MessageType.STATE and self.state is RxState.READY:
+            elif frame.type is P.MessageType.STATE:
                 self._restore(frame.payload)
-            elif frame.type is P.MessageType.COMMIT_REQUEST and self.state is RxState.HAVE_STATE:
+            else:  # COMMIT_REQUEST, the only other message READY and HAVE_STATE read
                 self._commit(P.decode_digest(frame.type, frame.payload))
                 return
-            else:
-                raise ProtocolError(f"unexpected {frame.type.name} in state {self.state.value}")
 
     def _may_ask_streams(self) -> bool:
         return (self.state is RxState.READY and (self.stats.protocol_version or 1) >= P.STREAMS_VERSION
@@ -802,7 +797,7 @@ class _Receiver:
             self._refuse(P.Stage.STREAMS, "this destination was handed one connection, not a listener: it takes one stream only")
         token = new_token()
         self._send(P.MessageType.STREAMS_TOKEN, P.encode_streams_token(P.StreamsToken(count, token)))
-        self.state = RxState.JOINING
+        self._advance(P.MessageType.STREAMS)
         hello, challenge = self.transcript
         wrap = None
         if self.tls is not None:  # each data connection must pass mutual TLS too before its JOIN is read
@@ -819,57 +814,37 @@ class _Receiver:
             set_io_timeout(sock, self.params.io_timeout)
         self.data_conns = socks
         self.stats.streams = count
-        self.state = RxState.READY
-
-    def _receive_round_streams(self, memory: P.Memory) -> tuple[int, int, int, int, list[int]]:
-        """One round on every stream at once; returns (batches, data pages, zero pages, wire bytes
-        with the end markers, wire bytes per stream)."""
-        def recv(sock: socket.socket) -> dict[str, int]:
-            got = self.memory.recv_pages(sock, tracker=self.tracker)
-            if got["compressed_batches"] and self.compression is None:
-                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
-            return got
-
-        per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
-                            page_limit=self.total_pages, cancelled=self.watcher.cancelled,
-                            join_timeout=self.params.io_timeout + 10)
-        return (sum(s["batches"] for s in per), sum(s["data_pages"] for s in per), sum(s["zero_pages"] for s in per),
-                sum(s["wire_bytes"] for s in per), [s["wire_bytes"] for s in per])
+        self._advance(P.MessageType.JOIN)  # all n-1 accepted
 
     def _receive_round(self, memory: P.Memory) -> None:
         if memory.round != self.next_round:
             raise ProtocolError(f"MEMORY announces round {memory.round}, expected round {self.next_round}")
         if memory.round == 0 and not memory.flags & P.MemoryFlags.ALL_PAGES:
             raise ProtocolError("round 0 must carry all pages (ALL_PAGES flag missing)")
-        self.state = RxState.RECEIVING
+        self._advance(P.MessageType.MEMORY)
         start = time.monotonic()
-        batches = data_pages = zero_pages = wire = compressed = saved = 0
-        stream_bytes: list[int] = []
-        fd = self.conn.fileno()
+        # Each stream's share is one call into the memory core (batches until its empty one, GIL
+        # released); a round may not carry more pages than the guest has, over all its streams.
+        budget = PageBudget(self.total_pages)
+
+        def recv(sock: socket.socket) -> dict[str, int]:
+            return self.memory.recv_share(sock, budget=budget, compressed=self.compression is not None, tracker=self.tracker)
+
         if self.data_conns:
-            batches, data_pages, zero_pages, wire, stream_bytes = self._receive_round_streams(memory)
-        while not self.data_conns:  # one stream: its batches, one at a time, until the empty one
-            if self.watcher.cancelled():
-                raise Cancelled(f"cancelled during round {memory.round}")
+            per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
+                                cancelled=self.watcher.cancelled, join_timeout=self.params.io_timeout + 10)
+        else:
             try:
-                got = self.memory.recv_pages(fd, tracker=self.tracker)
+                per = [recv(self.conn)]
             except PageBatchError as err:
+                if self.watcher.cancelled():
+                    raise Cancelled(f"cancelled during round {memory.round}") from None
                 raise receive_error(err, f"round {memory.round}") from None
-            wire += got["wire_bytes"]
-            if got["ranges"] == 0:
-                break
-            batches += 1
-            data_pages += got["data_pages"]
-            zero_pages += got["zero_pages"]
-            if got["compressed_batches"] and self.compression is None:
-                raise ProtocolError(f"round {memory.round}: the source sent a compressed page batch, but no compression was agreed")
-            compressed += got["compressed_batches"]
-            saved += got["saved_bytes"]
-            # A round sends each page at most once: more is a broken or hostile source.
-            if data_pages + zero_pages > self.total_pages:
-                raise ProtocolError(f"round {memory.round} carried more pages ({data_pages + zero_pages}) than the guest has ({self.total_pages})")
+        batches, data_pages, zero_pages, wire, compressed, saved = (
+            sum(s[k] for s in per) for k in ("batches", "data_pages", "zero_pages", "wire_bytes", "compressed_batches", "saved_bytes"))
+        stream_bytes = [s["wire_bytes"] for s in per] if self.data_conns else []
         self.stats.bytes_total += wire
-        end = P.decode_memory_end(self._read(P.MessageType.MEMORY_END).payload)
+        end = P.decode_memory_end(self._read().payload)
         ends = P.BATCH_HEADER_SIZE * (1 + len(self.data_conns))  # one end-of-round batch per stream
         mine = P.MemoryEnd(memory.round, batches, data_pages, zero_pages, wire - ends)
         if end != mine:
@@ -887,7 +862,7 @@ class _Receiver:
             throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0, stream_bytes=stream_bytes,
             compressed_batches=compressed, saved_bytes=saved))
         self.next_round += 1
-        self.state = RxState.READY
+        self._advance(P.MessageType.MEMORY_END)
         if memory.flags & P.MemoryFlags.FINAL:
             # No page changes after the final round, and every page was hashed as it arrived:
             # combine while the state and the commit request arrive.
@@ -908,7 +883,7 @@ class _Receiver:
             raise MigrationError(f"restoring the guest's state failed: {err}") from None
         self.restored = True
         self.stats.downtime_breakdown["restore_ms"] = (time.monotonic() - t) * 1000
-        self.state = RxState.HAVE_STATE
+        self._advance(P.MessageType.STATE)
 
     def _commit(self, source_digest: int) -> None:
         t = time.monotonic()
@@ -924,16 +899,16 @@ class _Receiver:
                 self.stats.notes.append(f"cannot listen for a RESOLVE should the link fail: {why}")
         # From the first byte of COMMIT_ACK the source may commit: a failure from here on
         # (version 5) holds the guest in doubt instead of discarding it.
-        self.state = RxState.AWAIT_COMMITTED
+        self._advance(P.MessageType.COMMIT_REQUEST)
         self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
-        frame = self._read(P.MessageType.COMMITTED)
+        frame = self._read()
         P.decode_empty(frame.type, frame.payload)
         # The source has decided to commit: the guest is ours once it runs. Should it fail to
         # start (powered off meanwhile), no RESUMED goes back: the source keeps its copy.
         t = time.monotonic()
         self.adapter.start_running()
         started = time.monotonic() - t
-        self.state = RxState.RUNNING
+        self._advance(P.MessageType.COMMITTED)
         self.stats.owner = "destination"
         self.stats.downtime_breakdown["start_ms"] = started * 1000
         try:
@@ -945,7 +920,7 @@ class _Receiver:
         if self.version >= P.OWNERSHIP_VERSION:
             try:
                 # The source holds its paused copy until it knows: RELEASED says it does.
-                P.decode_empty(P.MessageType.RELEASED, self._read(P.MessageType.RELEASED).payload)
+                P.decode_empty(P.MessageType.RELEASED, self._read().payload)
                 self.released = True
             except (MigrationError, OSError) as err:
                 self.stats.notes.append(f"the source did not say RELEASED ({err})")

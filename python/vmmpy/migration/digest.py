@@ -1,6 +1,6 @@
 """The commit's memory digest: kept current as pages move, so the commit costs what changed.
 
-Both sides keep a ``DigestTracker`` (rust/pages/tracker.rs): per-page hashes with a stale bit
+Both sides keep a ``DigestTracker`` (rust/digest/tracker.rs): per-page hashes with a stale bit
 per page. Pages are hashed as they move, while they are in the CPU's cache: the source hashes
 each 256 KiB window of a batch right before it sends it, the destination right after it arrives
 (a compressed batch's pages right after they are decompressed into place). The first round

@@ -1,6 +1,8 @@
 """The migration wire protocol: frames, messages, and the order they come in.
 
 This module owns the bytes on the wire and nothing else: no sockets policy, no VM, no rounds.
+Each message is declared once (``MESSAGES``: its fields in wire order, their encodings and rules,
+its payload bound); ``encode_*``/``decode_*`` are that one declaration read two ways.
 ``source`` and ``destination`` drive it; ``docs/migration-protocol.md`` is the long form.
 
 Message sequence (S = source, D = destination)::
@@ -18,7 +20,7 @@ Message sequence (S = source, D = destination)::
     |---- JOIN (index, token, HMAC) -------------->|  D: nothing else read from it before this
     |<--- ACCEPT(join, D's proof) | REFUSE(why) ---|  D: JOINING -> READY once all n-1 joined
     |---- MEMORY (round r, flags) ---------------->|  D: READY -> RECEIVING(r)
-    |==== page batches (VMPB), raw, then one =====>|     recv_pages() per batch, in Rust
+    |==== page batches (VMPB), raw, then one =====>|     recv_share(): all of them, in Rust
     |==== empty batch ending the round ===========>|     (with n streams: on every stream)
     |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
     |     ... one MEMORY..MEMORY_END per round ... |
@@ -30,14 +32,9 @@ Message sequence (S = source, D = destination)::
     |                                              |
     |<--- ABORT (why) ---- either way, any time ---|  before COMMITTED: S resumes, D discards
 
-Receiver (destination) state machine::
-
-    AWAIT_HELLO --HELLO--> AWAIT_AUTH --AUTH ok--> AWAIT_SPEC --SPEC ok--> READY
-    READY --STREAMS (v3, before round 0, once)--> JOINING --n-1 JOINs accepted--> READY
-    READY --MEMORY--> RECEIVING --batches, empty batch, MEMORY_END--> READY
-    READY --STATE--> HAVE_STATE --COMMIT_REQUEST, digest equal--> AWAIT_COMMITTED
-    AWAIT_COMMITTED --COMMITTED--> RUNNING (done)
-    any state --ABORT, bad frame, unexpected message, EOF, timeout--> DISCARDED (done)
+The receiver's (destination's) state machine is the table ``RECEIVER`` (drawn in the docs from
+it); the source's order is ``SOURCE_NEXT`` and ``SOURCE_AWAITS``. A message a state does not
+read is refused from its header, by name and state.
 
 Every frame starts with a fixed 24-byte little-endian header::
 
@@ -50,7 +47,7 @@ Every frame starts with a fixed 24-byte little-endian header::
     16     8    xxh3-64 of header bytes 0..16 followed by the payload
 
 Page batches are not frames: they are the memory core's own checksummed format
-(``rust/pages/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
+(``rust/wire/batch.rs``), sent and received in Rust with the GIL released, so a round costs no
 per-page Python work. Their page bytes are covered by the memory digests compared at commit.
 
 Version 3 adds parallel streams and nothing else: a version 3 session that asks for one stream
@@ -80,7 +77,7 @@ from .errors import ConnectionLost, MigrationTimeout, ProtocolError
 
 MAGIC = b"VMMG"
 FRAME_VERSION = 1
-# 2: the commit digest is the per-page commit digest (rust/pages/tracker.rs), not a run digest;
+# 2: the commit digest is the per-page commit digest (rust/digest/tracker.rs), not a run digest;
 # the destination answers COMMITTED with RESUMED once the guest runs.
 # 3: parallel page streams (STREAMS, STREAMS_TOKEN, JOIN); a session with one stream is a version 2 session.
 # 4: page batch compression, offered in SPEC and answered in ACCEPT.
@@ -93,7 +90,7 @@ MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one i
 TOKEN_SIZE = 32
 #: The first protocol version whose SPEC and ACCEPT carry the compression offer and answer.
 COMPRESSION_VERSION = 4
-#: Page batch codecs by wire id (the batch flag of that codec: rust/pages/batch.rs).
+#: Page batch codecs by wire id (the batch flag of that codec: rust/wire/batch.rs).
 CODECS = {"lz4": 1}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 MAX_CODECS = 4
@@ -132,31 +129,6 @@ class MessageType(enum.IntEnum):
     RESOLVE = 18  # v5: on a new connection after the handshake, the source's decision for a session in doubt
     RESOLVED = 19  # v5: the destination's answer: what it now does with that session's guest
     RELEASED = 20  # v5: the source knows the guest runs on the destination; nothing more will be asked
-
-
-# The largest payload each message may declare; STATE's bound is the receiver's max_state.
-MAX_PAYLOAD = {
-    MessageType.HELLO: 2 + 2 * 16 + NONCE_SIZE + 1 + MAX_NAME,
-    MessageType.CHALLENGE: 2 + 1 + NONCE_SIZE,
-    MessageType.AUTH: 1 + MAC_SIZE,
-    MessageType.ACCEPT: 2 + MAC_SIZE + 1,
-    MessageType.REFUSE: 1 + 2 + MAX_REASON,
-    MessageType.SPEC: 64 * 1024,
-    MessageType.MEMORY: 8,
-    MessageType.MEMORY_END: 4 + 4 * 8,
-    MessageType.STATE: DEFAULT_MAX_STATE,
-    MessageType.COMMIT_REQUEST: 16,
-    MessageType.COMMIT_ACK: 16,
-    MessageType.COMMITTED: 0,
-    MessageType.ABORT: 2 + MAX_REASON,
-    MessageType.RESUMED: 4,
-    MessageType.STREAMS: 2,
-    MessageType.STREAMS_TOKEN: 2 + TOKEN_SIZE,
-    MessageType.JOIN: 2 + TOKEN_SIZE + 1 + MAC_SIZE,
-    MessageType.RESOLVE: SESSION_ID_SIZE + 1,
-    MessageType.RESOLVED: 1 + 4,
-    MessageType.RELEASED: 0,
-}
 
 
 class Stage(enum.IntEnum):
@@ -295,46 +267,7 @@ def write_frame(sock: socket.socket, msg_type: MessageType, payload: bytes = b""
     return frame
 
 
-# -- payload reading helpers -------------------------------------------------------------------
-
-
-class _Reader:
-    def __init__(self, msg_type: MessageType, payload: bytes) -> None:
-        self.name = msg_type.name
-        self.data = payload
-        self.offset = 0
-
-    def take(self, size: int, what: str) -> bytes:
-        if self.offset + size > len(self.data):
-            raise ProtocolError(f"{self.name}: truncated in {what} (needs {size} bytes at offset {self.offset}, payload is {len(self.data)})")
-        out = self.data[self.offset : self.offset + size]
-        self.offset += size
-        return out
-
-    def unpack(self, fmt: str, what: str) -> tuple:
-        st = struct.Struct("<" + fmt)
-        return st.unpack(self.take(st.size, what))
-
-    def text(self, length: int, what: str) -> str:
-        raw = self.take(length, what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError(f"{self.name}: {what} is not valid UTF-8") from None
-
-    def done(self) -> None:
-        if self.offset != len(self.data):
-            raise ProtocolError(f"{self.name}: {len(self.data) - self.offset} unexpected bytes after the last field")
-
-
-def _reason_bytes(reason: str) -> bytes:
-    raw = reason.encode("utf-8", errors="replace")
-    if len(raw) > MAX_REASON:
-        raw = raw[: MAX_REASON - 3].decode("utf-8", errors="ignore").encode() + b"..."
-    return raw
-
-
-# -- messages: one encoder and one decoder each ------------------------------------------------
+# -- the messages' values ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -344,67 +277,11 @@ class Hello:
     software: str = "vmmpy"
 
 
-def encode_hello(m: Hello) -> bytes:
-    if not 1 <= len(m.versions) <= 16:
-        raise ProtocolError(f"HELLO: {len(m.versions)} protocol versions; 1 to 16 may be offered")
-    sw = m.software.encode()[:MAX_NAME]
-    return struct.pack(f"<H{len(m.versions)}H", len(m.versions), *m.versions) + _nonce(m.nonce, "HELLO") + bytes([len(sw)]) + sw
-
-
-def decode_hello(payload: bytes) -> Hello:
-    r = _Reader(MessageType.HELLO, payload)
-    (count,) = r.unpack("H", "the version count")
-    if not 1 <= count <= 16:
-        raise ProtocolError(f"HELLO: offers {count} protocol versions; 1 to 16 may be offered")
-    versions = r.unpack(f"{count}H", "the version list")
-    nonce = r.take(NONCE_SIZE, "the nonce")
-    (sw_len,) = r.unpack("B", "the software name length")
-    software = r.text(sw_len, "the software name")
-    r.done()
-    return Hello(tuple(versions), nonce, software)
-
-
-def _nonce(nonce: bytes, name: str) -> bytes:
-    if len(nonce) != NONCE_SIZE:
-        raise ProtocolError(f"{name}: nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
-    return nonce
-
-
 @dataclass(frozen=True)
 class Challenge:
     version: int
     key_required: bool
     nonce: bytes
-
-
-def encode_challenge(m: Challenge) -> bytes:
-    return struct.pack("<HB", m.version, int(m.key_required)) + _nonce(m.nonce, "CHALLENGE")
-
-
-def decode_challenge(payload: bytes) -> Challenge:
-    r = _Reader(MessageType.CHALLENGE, payload)
-    version, key_required = r.unpack("HB", "version and key flag")
-    if key_required not in (0, 1):
-        raise ProtocolError(f"CHALLENGE: key flag is {key_required}, expected 0 or 1")
-    nonce = r.take(NONCE_SIZE, "the nonce")
-    r.done()
-    return Challenge(version, bool(key_required), nonce)
-
-
-def encode_auth(mac: bytes) -> bytes:
-    if len(mac) not in (0, MAC_SIZE):
-        raise ProtocolError(f"AUTH: a MAC is {MAC_SIZE} bytes (or none), got {len(mac)}")
-    return bytes([len(mac)]) + mac
-
-
-def decode_auth(payload: bytes) -> bytes:
-    r = _Reader(MessageType.AUTH, payload)
-    (size,) = r.unpack("B", "the MAC length")
-    if size not in (0, MAC_SIZE):
-        raise ProtocolError(f"AUTH: MAC length {size}, expected 0 or {MAC_SIZE}")
-    mac = r.take(size, "the MAC")
-    r.done()
-    return mac
 
 
 @dataclass(frozen=True)
@@ -414,74 +291,10 @@ class Accept:
     compression: str | None = None  # version >= 4, SPEC stage: the codec taken, None for none
 
 
-def encode_accept(m: Accept, version: int = 1) -> bytes:
-    if len(m.proof) not in (0, MAC_SIZE):
-        raise ProtocolError(f"ACCEPT: a proof is {MAC_SIZE} bytes (or none), got {len(m.proof)}")
-    out = bytes([int(m.stage), len(m.proof)]) + m.proof
-    if version >= COMPRESSION_VERSION and m.stage is Stage.SPEC:
-        out += bytes([_codec_id(m.compression, "ACCEPT") if m.compression else 0])
-    elif m.compression:
-        raise ProtocolError(f"ACCEPT: protocol version {version} cannot carry a compression answer")
-    return out
-
-
-def _codec_id(name: str, message: str) -> int:
-    try:
-        return CODECS[name]
-    except KeyError:
-        raise ProtocolError(f"{message}: unknown compression codec {name!r} (known: {', '.join(CODECS)})") from None
-
-
-def _codec_name(raw: int, message: str) -> str:
-    try:
-        return _CODEC_NAMES[raw]
-    except KeyError:
-        raise ProtocolError(f"{message}: unknown compression codec id {raw} (known: "
-                            f"{', '.join(f'{v} {k}' for k, v in CODECS.items())})") from None
-
-
-def _stage(raw: int, name: str) -> Stage:
-    try:
-        return Stage(raw)
-    except ValueError:
-        raise ProtocolError(f"{name}: unknown stage {raw}") from None
-
-
-def decode_accept(payload: bytes, version: int = 1) -> Accept:
-    r = _Reader(MessageType.ACCEPT, payload)
-    raw_stage, size = r.unpack("BB", "stage and proof length")
-    stage = _stage(raw_stage, "ACCEPT")
-    if size not in (0, MAC_SIZE):
-        raise ProtocolError(f"ACCEPT: proof length {size}, expected 0 or {MAC_SIZE}")
-    proof = r.take(size, "the proof")
-    compression = None
-    if version >= COMPRESSION_VERSION and stage is Stage.SPEC:
-        (codec,) = r.unpack("B", "the compression answer")
-        compression = _codec_name(codec, "ACCEPT") if codec else None
-    r.done()
-    return Accept(stage, proof, compression)
-
-
 @dataclass(frozen=True)
 class Refuse:
     stage: Stage
     reason: str
-
-
-def encode_refuse(m: Refuse) -> bytes:
-    raw = _reason_bytes(m.reason)
-    return struct.pack("<BH", int(m.stage), len(raw)) + raw
-
-
-def decode_refuse(payload: bytes) -> Refuse:
-    r = _Reader(MessageType.REFUSE, payload)
-    raw_stage, size = r.unpack("BH", "stage and reason length")
-    stage = _stage(raw_stage, "REFUSE")
-    if size > MAX_REASON:
-        raise ProtocolError(f"REFUSE: reason of {size} bytes exceeds {MAX_REASON}")
-    reason = r.text(size, "the reason")
-    r.done()
-    return Refuse(stage, reason)
 
 
 @dataclass(frozen=True)
@@ -530,88 +343,10 @@ class Spec:
         }
 
 
-_SPEC_FIXED = struct.Struct("<IIQQBB")
-
-
-def encode_spec(m: Spec, version: int = 1) -> bytes:
-    vendor = m.vendor.encode()
-    if len(vendor) > MAX_NAME:
-        raise ProtocolError(f"SPEC: vendor name of {len(vendor)} bytes exceeds {MAX_NAME}")
-    if len(m.devices) > MAX_DEVICES:
-        raise ProtocolError(f"SPEC: {len(m.devices)} devices exceed the {MAX_DEVICES} allowed")
-    parts = [_SPEC_FIXED.pack(m.page_size, m.vcpus, m.lowmem_size, m.highmem_size, int(m.wired), int(m.live))]
-    parts.append(bytes([len(vendor)]) + vendor)
-    tsc = m.tsc.encode()
-    if len(tsc) > MAX_NAME:
-        raise ProtocolError(f"SPEC: TSC mode of {len(tsc)} bytes exceeds {MAX_NAME}")
-    parts.append(bytes([len(tsc)]) + tsc)
-    parts.append(struct.pack("<H", len(m.devices)))
-    for name, section_version in sorted(m.devices.items()):
-        raw = name.encode()
-        if not 1 <= len(raw) <= MAX_NAME:
-            raise ProtocolError(f"SPEC: device name {name!r} must be 1 to {MAX_NAME} bytes")
-        parts.append(bytes([len(raw)]) + raw + struct.pack("<I", section_version))
-    if version >= COMPRESSION_VERSION:
-        if len(m.compression) > MAX_CODECS:
-            raise ProtocolError(f"SPEC: {len(m.compression)} compression codecs offered; at most {MAX_CODECS}")
-        parts.append(bytes([len(m.compression), *(_codec_id(c, "SPEC") for c in m.compression)]))
-    elif m.compression:
-        raise ProtocolError(f"SPEC: protocol version {version} cannot carry a compression offer")
-    return b"".join(parts)
-
-
-def decode_spec(payload: bytes, protocol_version: int = 1) -> Spec:
-    r = _Reader(MessageType.SPEC, payload)
-    page_size, vcpus, lowmem, highmem, wired, live = r.unpack(_SPEC_FIXED.format[1:], "the fixed fields")
-    if wired not in (0, 1) or live not in (0, 1):
-        raise ProtocolError(f"SPEC: wired/live flags must be 0 or 1, got {wired}/{live}")
-    (vendor_len,) = r.unpack("B", "the vendor length")
-    vendor = r.text(vendor_len, "the vendor")
-    (tsc_len,) = r.unpack("B", "the TSC mode length")
-    tsc = r.text(tsc_len, "the TSC mode")
-    (count,) = r.unpack("H", "the device count")
-    if count > MAX_DEVICES:
-        raise ProtocolError(f"SPEC: {count} devices exceed the {MAX_DEVICES} allowed")
-    devices: dict[str, int] = {}
-    for index in range(count):
-        (name_len,) = r.unpack("B", f"device {index}'s name length")
-        if name_len == 0:
-            raise ProtocolError(f"SPEC: device {index} has an empty name")
-        name = r.text(name_len, f"device {index}'s name")
-        (version,) = r.unpack("I", f"device '{name}''s version")
-        if name in devices:
-            raise ProtocolError(f"SPEC: device '{name}' is listed twice")
-        devices[name] = version
-    compression: tuple[str, ...] = ()
-    if protocol_version >= COMPRESSION_VERSION:
-        (offered,) = r.unpack("B", "the compression codec count")
-        if offered > MAX_CODECS:
-            raise ProtocolError(f"SPEC: {offered} compression codecs offered; at most {MAX_CODECS}")
-        codecs = r.unpack(f"{offered}B", "the compression codecs")
-        compression = tuple(_codec_name(c, "SPEC") for c in codecs)
-        if len(set(compression)) != len(compression):
-            raise ProtocolError(f"SPEC: a compression codec is offered twice: {list(compression)}")
-    r.done()
-    return Spec(page_size, vendor, vcpus, lowmem, highmem, bool(wired), bool(live), devices, tsc, compression)
-
-
 @dataclass(frozen=True)
 class Memory:
     round: int
     flags: MemoryFlags
-
-
-def encode_memory(m: Memory) -> bytes:
-    return struct.pack("<II", m.round, int(m.flags))
-
-
-def decode_memory(payload: bytes) -> Memory:
-    r = _Reader(MessageType.MEMORY, payload)
-    rnd, flags = r.unpack("II", "round and flags")
-    r.done()
-    if flags & ~int(MemoryFlags.ALL_PAGES | MemoryFlags.FINAL):
-        raise ProtocolError(f"MEMORY: unknown flags {flags:#x}")
-    return Memory(rnd, MemoryFlags(flags))
 
 
 @dataclass(frozen=True)
@@ -623,59 +358,10 @@ class MemoryEnd:
     wire_bytes: int
 
 
-_MEMORY_END = struct.Struct("<IQQQQ")
-
-
-def encode_memory_end(m: MemoryEnd) -> bytes:
-    return _MEMORY_END.pack(m.round, m.batches, m.data_pages, m.zero_pages, m.wire_bytes)
-
-
-def decode_memory_end(payload: bytes) -> MemoryEnd:
-    r = _Reader(MessageType.MEMORY_END, payload)
-    fields = r.unpack(_MEMORY_END.format[1:], "the round totals")
-    r.done()
-    return MemoryEnd(*fields)
-
-
-def _stream_count(count: int, name: str) -> int:
-    if not 2 <= count <= MAX_STREAMS:
-        raise ProtocolError(f"{name}: {count} streams; 2 to {MAX_STREAMS} may be asked for (one stream needs no STREAMS)")
-    return count
-
-
-def encode_streams(count: int) -> bytes:
-    return struct.pack("<H", _stream_count(count, "STREAMS"))
-
-
-def decode_streams(payload: bytes) -> int:
-    r = _Reader(MessageType.STREAMS, payload)
-    (count,) = r.unpack("H", "the stream count")
-    r.done()
-    return _stream_count(count, "STREAMS")
-
-
 @dataclass(frozen=True)
 class StreamsToken:
     count: int
     token: bytes  # random, per session: a data connection must present it in its JOIN
-
-
-def _token(token: bytes, name: str) -> bytes:
-    if len(token) != TOKEN_SIZE:
-        raise ProtocolError(f"{name}: a session token is {TOKEN_SIZE} bytes, got {len(token)}")
-    return token
-
-
-def encode_streams_token(m: StreamsToken) -> bytes:
-    return struct.pack("<H", _stream_count(m.count, "STREAMS_TOKEN")) + _token(m.token, "STREAMS_TOKEN")
-
-
-def decode_streams_token(payload: bytes) -> StreamsToken:
-    r = _Reader(MessageType.STREAMS_TOKEN, payload)
-    (count,) = r.unpack("H", "the stream count")
-    token = r.take(TOKEN_SIZE, "the session token")
-    r.done()
-    return StreamsToken(_stream_count(count, "STREAMS_TOKEN"), token)
 
 
 @dataclass(frozen=True)
@@ -685,65 +371,16 @@ class Join:
     mac: bytes = b""  # HMAC over the session's handshake when a key is used
 
 
-def encode_join(m: Join) -> bytes:
-    if not 1 <= m.index < MAX_STREAMS:
-        raise ProtocolError(f"JOIN: stream index {m.index}; data streams are 1 to {MAX_STREAMS - 1}")
-    if len(m.mac) not in (0, MAC_SIZE):
-        raise ProtocolError(f"JOIN: a MAC is {MAC_SIZE} bytes (or none), got {len(m.mac)}")
-    return struct.pack("<H", m.index) + _token(m.token, "JOIN") + bytes([len(m.mac)]) + m.mac
+@dataclass(frozen=True)
+class Resolve:
+    session: bytes  # session_id() of the migration in doubt
+    decision: Decision
 
 
-def decode_join(payload: bytes) -> Join:
-    r = _Reader(MessageType.JOIN, payload)
-    (index,) = r.unpack("H", "the stream index")
-    token = r.take(TOKEN_SIZE, "the session token")
-    (size,) = r.unpack("B", "the MAC length")
-    if size not in (0, MAC_SIZE):
-        raise ProtocolError(f"JOIN: MAC length {size}, expected 0 or {MAC_SIZE}")
-    mac = r.take(size, "the MAC")
-    r.done()
-    return Join(index, token, mac)
-
-
-def encode_digest(digest: int) -> bytes:
-    if not 0 <= digest < 1 << 128:
-        raise ProtocolError(f"a memory digest is 128 bits; {digest} is out of range")
-    return digest.to_bytes(16, "little")
-
-
-def decode_digest(msg_type: MessageType, payload: bytes) -> int:
-    r = _Reader(msg_type, payload)
-    raw = r.take(16, "the memory digest")
-    r.done()
-    return int.from_bytes(raw, "little")
-
-
-def encode_abort(reason: str) -> bytes:
-    raw = _reason_bytes(reason)
-    return struct.pack("<H", len(raw)) + raw
-
-
-def decode_abort(payload: bytes) -> str:
-    r = _Reader(MessageType.ABORT, payload)
-    (size,) = r.unpack("H", "the reason length")
-    if size > MAX_REASON:
-        raise ProtocolError(f"ABORT: reason of {size} bytes exceeds {MAX_REASON}")
-    reason = r.text(size, "the reason")
-    r.done()
-    return reason
-
-
-def encode_resumed(start_us: int) -> bytes:
-    """RESUMED: the guest runs on the destination; how long starting it took after COMMITTED
-    was read (microseconds, saturating)."""
-    return struct.pack("<I", max(0, min(start_us, 0xFFFFFFFF)))
-
-
-def decode_resumed(payload: bytes) -> int:
-    r = _Reader(MessageType.RESUMED, payload)
-    (start_us,) = r.unpack("I", "the start time")
-    r.done()
-    return start_us
+@dataclass(frozen=True)
+class Resolved:
+    outcome: Outcome
+    start_us: int = 0  # RUNNING because of this RESOLVE: what starting the guest took
 
 
 class Decision(enum.IntEnum):
@@ -761,48 +398,743 @@ class Outcome(enum.IntEnum):
     UNKNOWN = 3  # it holds no such session (another process, or one that never reached COMMIT_ACK)
 
 
+# -- messages: each declared once ---------------------------------------------------------------
+#
+# A message is a list of fields in wire order (``MESSAGES`` below). Each field kind knows its
+# bytes both ways and the one rule its values obey, so encoding and decoding are derived from the
+# same declaration and cannot drift: a value an encoder refuses is exactly one a decoder refuses,
+# with the same sentence. Messages with one field (AUTH, ABORT, STREAMS, RESUMED, the digests)
+# stand for that field's value; the others are the dataclasses below.
+
+
+class _Reader:
+    def __init__(self, msg_type: MessageType, payload: bytes) -> None:
+        self.name = msg_type.name
+        self.data = payload
+        self.offset = 0
+
+    def take(self, size: int, what: str) -> bytes:
+        if self.offset + size > len(self.data):
+            raise ProtocolError(f"{self.name}: truncated in {what} (needs {size} bytes at offset {self.offset}, payload is {len(self.data)})")
+        out = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        st = struct.Struct("<" + fmt)
+        return st.unpack(self.take(st.size, what))
+
+    def text(self, length: int, what: str) -> str:
+        raw = self.take(length, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{self.name}: {what} is not valid UTF-8") from None
+
+    def done(self) -> None:
+        if self.offset != len(self.data):
+            raise ProtocolError(f"{self.name}: {len(self.data) - self.offset} unexpected bytes after the last field")
+
+
+class _Field:
+    """One field of a message: ``name`` is its attribute (or key), ``what`` names it in a
+    truncation error. ``present(version, values)`` says whether it is on the wire at all (fields
+    added by a later protocol version); ``encode``/``decode`` move its bytes."""
+
+    name: str
+    what: str
+
+    def present(self, version: int, values: dict[str, Any]) -> bool:
+        return True
+
+    def absent_value(self) -> Any:
+        return None
+
+    def encode(self, value: Any, msg: str) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Resolve:
-    session: bytes  # session_id() of the migration in doubt
-    decision: Decision
+class _Ints(_Field):
+    """Integers read as one little-endian struct (``what`` names the group). Each part is
+    ``(name, format, rule)``; a rule maps a raw value to the field's value, or says why not."""
+
+    what: str
+    parts: tuple[tuple[str, str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        return self.parts[0][0]
+
+    def fmt(self) -> str:
+        return "".join(f for _, f, _ in self.parts)
+
+    def encode_all(self, values: dict[str, Any], msg: str) -> bytes:
+        raw = []
+        for name, fmt, rule in self.parts:
+            value = values[name]
+            if rule is not None:
+                rule(value, msg)
+            raw.append(_clamp(fmt, value) if rule is _saturating else int(value))
+        return struct.pack("<" + self.fmt(), *raw)
+
+    def decode_all(self, r: _Reader, values: dict[str, Any]) -> None:
+        for (name, _fmt, rule), raw in zip(self.parts, r.unpack(self.fmt(), self.what), strict=True):
+            values[name] = rule(raw, r.name) if rule is not None else raw
+
+
+def _clamp(fmt: str, value: int) -> int:
+    return max(0, min(int(value), (1 << (8 * struct.calcsize("<" + fmt))) - 1))
+
+
+def _saturating(value: int, msg: str) -> int:
+    """A count that saturates at the field's width rather than wrap (encode side; any value reads)."""
+    return value
+
+
+def _flag(label: str):
+    def rule(value: int, msg: str) -> bool:
+        if int(value) not in (0, 1):
+            raise ProtocolError(f"{msg}: {label} is {int(value)}, expected 0 or 1")
+        return bool(value)
+    return rule
+
+
+def _enum(cls: type[enum.IntEnum], label: str):
+    def rule(value: int, msg: str):
+        try:
+            return cls(int(value))
+        except ValueError:
+            known = ", ".join(f"{m.value} {m.name.lower()}" for m in cls)
+            raise ProtocolError(f"{msg}: unknown {label} {int(value)} ({known})") from None
+    return rule
+
+
+def _memory_flags(value: int, msg: str) -> MemoryFlags:
+    if int(value) & ~int(MemoryFlags.ALL_PAGES | MemoryFlags.FINAL):
+        raise ProtocolError(f"{msg}: unknown flags {int(value):#x}")
+    return MemoryFlags(int(value))
+
+
+def _within(low: int, high: int, says: str):
+    """A number from ``low`` to ``high``; ``says`` is the sentence for one that is not ({n})."""
+    def rule(value: int, msg: str) -> int:
+        if not low <= int(value) <= high:
+            raise ProtocolError(f"{msg}: {says.format(n=int(value))}")
+        return int(value)
+    return rule
+
+
+@dataclass(frozen=True)
+class _Fixed(_Field):
+    """Exactly ``size`` bytes (a nonce, a token, a session id)."""
+
+    name: str
+    what: str
+    size: int
+    noun: str
+
+    def encode(self, value: bytes, msg: str) -> bytes:
+        if len(value) != self.size:
+            raise ProtocolError(f"{msg}: {self.noun} is {self.size} bytes, got {len(value)}")
+        return bytes(value)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> bytes:
+        return r.take(self.size, self.what)
+
+
+@dataclass(frozen=True)
+class _Sized(_Field):
+    """A u8 length, then that many bytes; the length is one of ``sizes`` (a MAC: none or 32)."""
+
+    name: str
+    what: str
+    sizes: tuple[int, ...]
+    label: str  # "MAC", "proof"
+
+    def _check(self, size: int, msg: str) -> None:
+        if size not in self.sizes:
+            raise ProtocolError(f"{msg}: {self.label} length {size}, expected {' or '.join(map(str, self.sizes))}")
+
+    def encode(self, value: bytes, msg: str) -> bytes:
+        self._check(len(value), msg)
+        return bytes([len(value)]) + bytes(value)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> bytes:
+        (size,) = r.unpack("B", f"the {self.label} length")
+        self._check(size, r.name)
+        return r.take(size, self.what)
+
+
+@dataclass(frozen=True)
+class _Text(_Field):
+    """A length (``length`` format), then that many bytes of UTF-8, at most ``limit``. Longer
+    text an encoder refuses, or with ``cut`` shortens: "bytes" to the limit (a software name),
+    "ellipsis" to the limit ending in "..." (a reason: the sentence is still read)."""
+
+    name: str
+    what: str
+    length: str
+    limit: int
+    cut: str = ""
+
+    def encode(self, value: str, msg: str) -> bytes:
+        raw = value.encode("utf-8", errors="replace")
+        if len(raw) > self.limit and self.cut == "bytes":
+            raw = raw[: self.limit]
+        elif len(raw) > self.limit and self.cut == "ellipsis":
+            raw = raw[: self.limit - 3].decode("utf-8", errors="ignore").encode() + b"..."
+        self._check(len(raw), msg)
+        return struct.pack("<" + self.length, len(raw)) + raw
+
+    def _check(self, size: int, msg: str) -> None:
+        if size > self.limit:
+            raise ProtocolError(f"{msg}: {self.what.removeprefix('the ')} of {size} bytes exceeds {self.limit}")
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> str:
+        (size,) = r.unpack(self.length, f"{self.what} length")
+        self._check(size, r.name)
+        return r.text(size, self.what)
+
+
+@dataclass(frozen=True)
+class _Devices(_Field):
+    """SPEC's devices: a u16 count (at most MAX_DEVICES), then per device, sorted by name, a u8
+    name length, the name (1 to MAX_NAME bytes) and its u32 section version."""
+
+    name: str = "devices"
+    what: str = "the device count"
+
+    def encode(self, value: dict[str, int], msg: str) -> bytes:
+        if len(value) > MAX_DEVICES:
+            raise ProtocolError(f"{msg}: {len(value)} devices exceed the {MAX_DEVICES} allowed")
+        parts = [struct.pack("<H", len(value))]
+        for name, section_version in sorted(value.items()):
+            raw = name.encode()
+            if not 1 <= len(raw) <= MAX_NAME:
+                raise ProtocolError(f"{msg}: device name {name!r} must be 1 to {MAX_NAME} bytes")
+            parts.append(bytes([len(raw)]) + raw + struct.pack("<I", section_version))
+        return b"".join(parts)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> dict[str, int]:
+        (count,) = r.unpack("H", self.what)
+        if count > MAX_DEVICES:
+            raise ProtocolError(f"{r.name}: {count} devices exceed the {MAX_DEVICES} allowed")
+        devices: dict[str, int] = {}
+        for index in range(count):
+            (name_len,) = r.unpack("B", f"device {index}'s name length")
+            if name_len == 0:
+                raise ProtocolError(f"{r.name}: device {index} has an empty name")
+            name = r.text(name_len, f"device {index}'s name")
+            (version,) = r.unpack("I", f"device '{name}''s version")
+            if name in devices:
+                raise ProtocolError(f"{r.name}: device '{name}' is listed twice")
+            devices[name] = version
+        return devices
+
+
+@dataclass(frozen=True)
+class _Versions(_Field):
+    """HELLO's protocol versions: a u16 count (1 to 16), then that many u16."""
+
+    name: str = "versions"
+    what: str = "the version list"
+
+    def _check(self, count: int, msg: str) -> None:
+        if not 1 <= count <= 16:
+            raise ProtocolError(f"{msg}: offers {count} protocol versions; 1 to 16 may be offered")
+
+    def encode(self, value: tuple[int, ...], msg: str) -> bytes:
+        self._check(len(value), msg)
+        return struct.pack(f"<H{len(value)}H", len(value), *value)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> tuple[int, ...]:
+        (count,) = r.unpack("H", "the version count")
+        self._check(count, r.name)
+        return tuple(r.unpack(f"{count}H", self.what))
+
+
+def _codec_id(name: str, message: str) -> int:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ProtocolError(f"{message}: unknown compression codec {name!r} (known: {', '.join(CODECS)})") from None
+
+
+def _codec_name(raw: int, message: str) -> str:
+    try:
+        return _CODEC_NAMES[raw]
+    except KeyError:
+        raise ProtocolError(f"{message}: unknown compression codec id {raw} (known: "
+                            f"{', '.join(f'{v} {k}' for k, v in CODECS.items())})") from None
+
+
+@dataclass(frozen=True)
+class _Since(_Field):
+    """A field on the wire from protocol version ``since`` on (and, with ``stage``, only in an
+    answer to that stage); an encoder refuses to put a value in a message that cannot carry it."""
+
+    inner: _Field
+    since: int
+    stage: Stage | None = None
+    says: str = ""  # "a compression offer"
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def what(self) -> str:
+        return self.inner.what
+
+    def present(self, version: int, values: dict[str, Any]) -> bool:
+        return version >= self.since and (self.stage is None or values.get("stage") is self.stage)
+
+    def absent_value(self) -> Any:
+        return self.inner.absent_value()
+
+    def refuse_absent(self, version: int, value: Any, msg: str) -> None:
+        if value:
+            raise ProtocolError(f"{msg}: protocol version {version} cannot carry {self.says}")
+
+    def encode(self, value: Any, msg: str) -> bytes:
+        return self.inner.encode(value, msg)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> Any:
+        return self.inner.decode(r, values)
+
+
+@dataclass(frozen=True)
+class _CodecOffer(_Field):
+    """SPEC's offer: a u8 count (at most MAX_CODECS), then that many codec ids, none twice."""
+
+    name: str = "compression"
+    what: str = "the compression codecs"
+
+    def absent_value(self) -> tuple[str, ...]:
+        return ()
+
+    def encode(self, value: tuple[str, ...], msg: str) -> bytes:
+        if len(value) > MAX_CODECS:
+            raise ProtocolError(f"{msg}: {len(value)} compression codecs offered; at most {MAX_CODECS}")
+        return bytes([len(value), *(_codec_id(c, msg) for c in value)])
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> tuple[str, ...]:
+        (offered,) = r.unpack("B", "the compression codec count")
+        if offered > MAX_CODECS:
+            raise ProtocolError(f"{r.name}: {offered} compression codecs offered; at most {MAX_CODECS}")
+        codecs = tuple(_codec_name(c, r.name) for c in r.unpack(f"{offered}B", self.what))
+        if len(set(codecs)) != len(codecs):
+            raise ProtocolError(f"{r.name}: a compression codec is offered twice: {list(codecs)}")
+        return codecs
+
+
+@dataclass(frozen=True)
+class _CodecAnswer(_Field):
+    """ACCEPT's answer to SPEC: one codec id, 0 for none."""
+
+    name: str = "compression"
+    what: str = "the compression answer"
+
+    def encode(self, value: str | None, msg: str) -> bytes:
+        return bytes([_codec_id(value, msg) if value else 0])
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> str | None:
+        (codec,) = r.unpack("B", self.what)
+        return _codec_name(codec, r.name) if codec else None
+
+
+@dataclass(frozen=True)
+class _Digest(_Field):
+    """A 128-bit memory digest, 16 bytes little-endian."""
+
+    name: str = "digest"
+    what: str = "the memory digest"
+
+    def encode(self, value: int, msg: str) -> bytes:
+        if not 0 <= value < 1 << 128:
+            raise ProtocolError(f"a memory digest is 128 bits; {value} is out of range")
+        return value.to_bytes(16, "little")
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> int:
+        return int.from_bytes(r.take(16, self.what), "little")
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """One message, declared once: its type, its fields in wire order, the largest payload it may
+    declare, and the class its decoded form takes (None: the one field's value, or None for a
+    message with no fields). ``raw``: the payload is another owner's format (STATE: a state
+    container, state/section.py) and passes through as bytes."""
+
+    type: MessageType
+    fields: tuple[_Field, ...]
+    max_payload: int
+    cls: type | None = None
+    raw: bool = False
+
+    def encode(self, message: Any, version: int = 1) -> bytes:
+        msg = self.type.name
+        if self.raw:
+            return bytes(message)
+        values = self._values(message)
+        parts = []
+        for f in self.fields:
+            if isinstance(f, _Ints):
+                parts.append(f.encode_all(values, msg))
+            elif f.present(version, values):
+                parts.append(f.encode(values[f.name], msg))
+            elif isinstance(f, _Since):
+                f.refuse_absent(version, values[f.name], msg)
+        return b"".join(parts)
+
+    def decode(self, payload: bytes, version: int = 1) -> Any:
+        if self.raw:
+            return payload
+        r = _Reader(self.type, payload)
+        values: dict[str, Any] = {}
+        for f in self.fields:
+            if isinstance(f, _Ints):
+                f.decode_all(r, values)
+            elif f.present(version, values):
+                values[f.name] = f.decode(r, values)
+            else:
+                values[f.name] = f.absent_value()
+        r.done()
+        if self.cls is not None:
+            return self.cls(**values)
+        return next(iter(values.values()), None)
+
+    def _values(self, message: Any) -> dict[str, Any]:
+        if self.cls is not None:
+            return {n: getattr(message, n) for n in self._names()}
+        names = self._names()
+        if not names:
+            if message is not None:
+                raise ProtocolError(f"{self.type.name}: carries no payload")
+            return {}
+        return {names[0]: message}
+
+    def _names(self) -> list[str]:
+        out: list[str] = []
+        for f in self.fields:
+            out += [n for n, _, _ in f.parts] if isinstance(f, _Ints) else [f.name]
+        return out
+
+
+def _reason(what: str = "the reason") -> _Text:
+    return _Text("reason", what, "H", MAX_REASON, cut="ellipsis")
+
+
+def _mac(label: str = "MAC", name: str = "mac") -> _Sized:
+    return _Sized(name, f"the {label}", (0, MAC_SIZE), label)
+
+
+_STAGE = ("stage", "B", _enum(Stage, "stage"))
+_NONCE = _Fixed("nonce", "the nonce", NONCE_SIZE, "a nonce")
+_TOKEN = _Fixed("token", "the session token", TOKEN_SIZE, "a session token")
+_STREAM_COUNT = _within(2, MAX_STREAMS, "{n} streams; 2 to " + str(MAX_STREAMS) + " may be asked for (one stream needs no STREAMS)")
+
+#: Every message of the protocol, in type order.
+MESSAGES: tuple[MessageSpec, ...] = (
+    MessageSpec(MessageType.HELLO, (_Versions(), _NONCE, _Text("software", "the software name", "B", MAX_NAME, cut="bytes")),
+                2 + 2 * 16 + NONCE_SIZE + 1 + MAX_NAME, Hello),
+    MessageSpec(MessageType.CHALLENGE, (_Ints("version and key flag", (("version", "H", None), ("key_required", "B", _flag("key flag")))),
+                                        _NONCE), 2 + 1 + NONCE_SIZE, Challenge),
+    MessageSpec(MessageType.AUTH, (_mac(),), 1 + MAC_SIZE),
+    MessageSpec(MessageType.ACCEPT, (_Ints("the stage", (_STAGE,)), _mac("proof", "proof"),
+                                     _Since(_CodecAnswer(), COMPRESSION_VERSION, Stage.SPEC, "a compression answer")),
+                2 + MAC_SIZE + 1, Accept),
+    MessageSpec(MessageType.REFUSE, (_Ints("the stage", (_STAGE,)), _reason()), 1 + 2 + MAX_REASON, Refuse),
+    MessageSpec(MessageType.SPEC, (
+        _Ints("the fixed fields", (("page_size", "I", None), ("vcpus", "I", None), ("lowmem_size", "Q", None),
+                                   ("highmem_size", "Q", None), ("wired", "B", _flag("wired flag")), ("live", "B", _flag("live flag")))),
+        _Text("vendor", "the vendor", "B", MAX_NAME),
+        _Text("tsc", "the TSC mode", "B", MAX_NAME),
+        _Devices(),
+        _Since(_CodecOffer(), COMPRESSION_VERSION, None, "a compression offer"),
+    ), 64 * 1024, Spec),
+    MessageSpec(MessageType.MEMORY, (_Ints("round and flags", (("round", "I", None), ("flags", "I", _memory_flags))),), 8, Memory),
+    MessageSpec(MessageType.MEMORY_END, (_Ints("the round totals", (("round", "I", None), ("batches", "Q", None), ("data_pages", "Q", None),
+                                                                    ("zero_pages", "Q", None), ("wire_bytes", "Q", None))),),
+                4 + 4 * 8, MemoryEnd),
+    MessageSpec(MessageType.STATE, (), DEFAULT_MAX_STATE, raw=True),
+    MessageSpec(MessageType.COMMIT_REQUEST, (_Digest(),), 16),
+    MessageSpec(MessageType.COMMIT_ACK, (_Digest(),), 16),
+    MessageSpec(MessageType.COMMITTED, (), 0),
+    MessageSpec(MessageType.ABORT, (_reason(),), 2 + MAX_REASON),
+    MessageSpec(MessageType.RESUMED, (_Ints("the start time", (("start_us", "I", _saturating),)),), 4),
+    MessageSpec(MessageType.STREAMS, (_Ints("the stream count", (("count", "H", _STREAM_COUNT),)),), 2),
+    MessageSpec(MessageType.STREAMS_TOKEN, (_Ints("the stream count", (("count", "H", _STREAM_COUNT),)), _TOKEN),
+                2 + TOKEN_SIZE, StreamsToken),
+    MessageSpec(MessageType.JOIN, (_Ints("the stream index", (("index", "H", _within(1, MAX_STREAMS - 1, "stream index {n}; data streams are 1 to "
+                                                                                     + str(MAX_STREAMS - 1))),)), _TOKEN, _mac()),
+                2 + TOKEN_SIZE + 1 + MAC_SIZE, Join),
+    MessageSpec(MessageType.RESOLVE, (_Fixed("session", "the session id", SESSION_ID_SIZE, "a session id"),
+                                      _Ints("the decision", (("decision", "B", _enum(Decision, "decision")),))),
+                SESSION_ID_SIZE + 1, Resolve),
+    MessageSpec(MessageType.RESOLVED, (_Ints("the outcome and start time", (("outcome", "B", _enum(Outcome, "outcome")),
+                                                                             ("start_us", "I", _saturating))),),
+                1 + 4, Resolved),
+    MessageSpec(MessageType.RELEASED, (), 0),
+)
+SPECS: dict[MessageType, MessageSpec] = {m.type: m for m in MESSAGES}
+# The largest payload each message may declare; STATE's bound is the receiver's max_state.
+MAX_PAYLOAD: dict[MessageType, int] = {m.type: m.max_payload for m in MESSAGES}
+
+
+def encode_message(msg_type: MessageType, message: Any = None, version: int = 1) -> bytes:
+    """The payload of ``message`` (its dataclass, or its one field's value) for ``version``."""
+    return SPECS[msg_type].encode(message, version)
+
+
+def decode_message(msg_type: MessageType, payload: bytes, version: int = 1) -> Any:
+    """``msg_type``'s payload decoded and checked for ``version`` (ProtocolError naming the
+    message and the field otherwise)."""
+    return SPECS[msg_type].decode(payload, version)
+
+
+# The names the two sides call, each a line over the table.
+
+
+def encode_hello(m: Hello) -> bytes:
+    return encode_message(MessageType.HELLO, m)
+
+
+def decode_hello(payload: bytes) -> Hello:
+    return decode_message(MessageType.HELLO, payload)
+
+
+def encode_challenge(m: Challenge) -> bytes:
+    return encode_message(MessageType.CHALLENGE, m)
+
+
+def decode_challenge(payload: bytes) -> Challenge:
+    return decode_message(MessageType.CHALLENGE, payload)
+
+
+def encode_auth(mac: bytes) -> bytes:
+    return encode_message(MessageType.AUTH, mac)
+
+
+def decode_auth(payload: bytes) -> bytes:
+    return decode_message(MessageType.AUTH, payload)
+
+
+def encode_accept(m: Accept, version: int = 1) -> bytes:
+    return encode_message(MessageType.ACCEPT, m, version)
+
+
+def decode_accept(payload: bytes, version: int = 1) -> Accept:
+    return decode_message(MessageType.ACCEPT, payload, version)
+
+
+def encode_refuse(m: Refuse) -> bytes:
+    return encode_message(MessageType.REFUSE, m)
+
+
+def decode_refuse(payload: bytes) -> Refuse:
+    return decode_message(MessageType.REFUSE, payload)
+
+
+def encode_spec(m: Spec, version: int = 1) -> bytes:
+    return encode_message(MessageType.SPEC, m, version)
+
+
+def decode_spec(payload: bytes, protocol_version: int = 1) -> Spec:
+    return decode_message(MessageType.SPEC, payload, protocol_version)
+
+
+def encode_memory(m: Memory) -> bytes:
+    return encode_message(MessageType.MEMORY, m)
+
+
+def decode_memory(payload: bytes) -> Memory:
+    return decode_message(MessageType.MEMORY, payload)
+
+
+def encode_memory_end(m: MemoryEnd) -> bytes:
+    return encode_message(MessageType.MEMORY_END, m)
+
+
+def decode_memory_end(payload: bytes) -> MemoryEnd:
+    return decode_message(MessageType.MEMORY_END, payload)
+
+
+def encode_digest(digest: int) -> bytes:
+    return encode_message(MessageType.COMMIT_REQUEST, digest)
+
+
+def decode_digest(msg_type: MessageType, payload: bytes) -> int:
+    return decode_message(msg_type, payload)
+
+
+def encode_abort(reason: str) -> bytes:
+    return encode_message(MessageType.ABORT, reason)
+
+
+def decode_abort(payload: bytes) -> str:
+    return decode_message(MessageType.ABORT, payload)
+
+
+def encode_resumed(start_us: int) -> bytes:
+    return encode_message(MessageType.RESUMED, start_us)
+
+
+def decode_resumed(payload: bytes) -> int:
+    return decode_message(MessageType.RESUMED, payload)
+
+
+def encode_streams(count: int) -> bytes:
+    return encode_message(MessageType.STREAMS, count)
+
+
+def decode_streams(payload: bytes) -> int:
+    return decode_message(MessageType.STREAMS, payload)
+
+
+def encode_streams_token(m: StreamsToken) -> bytes:
+    return encode_message(MessageType.STREAMS_TOKEN, m)
+
+
+def decode_streams_token(payload: bytes) -> StreamsToken:
+    return decode_message(MessageType.STREAMS_TOKEN, payload)
+
+
+def encode_join(m: Join) -> bytes:
+    return encode_message(MessageType.JOIN, m)
+
+
+def decode_join(payload: bytes) -> Join:
+    return decode_message(MessageType.JOIN, payload)
 
 
 def encode_resolve(m: Resolve) -> bytes:
-    if len(m.session) != SESSION_ID_SIZE:
-        raise ProtocolError(f"RESOLVE: a session id is {SESSION_ID_SIZE} bytes, got {len(m.session)}")
-    return m.session + bytes([int(m.decision)])
+    return encode_message(MessageType.RESOLVE, m)
 
 
 def decode_resolve(payload: bytes) -> Resolve:
-    r = _Reader(MessageType.RESOLVE, payload)
-    session = r.take(SESSION_ID_SIZE, "the session id")
-    (raw,) = r.unpack("B", "the decision")
-    r.done()
-    try:
-        return Resolve(session, Decision(raw))
-    except ValueError:
-        raise ProtocolError(f"RESOLVE: unknown decision {raw} (1 commit, 2 abort)") from None
-
-
-@dataclass(frozen=True)
-class Resolved:
-    outcome: Outcome
-    start_us: int = 0  # RUNNING because of this RESOLVE: what starting the guest took
+    return decode_message(MessageType.RESOLVE, payload)
 
 
 def encode_resolved(m: Resolved) -> bytes:
-    return bytes([int(m.outcome)]) + struct.pack("<I", max(0, min(m.start_us, 0xFFFFFFFF)))
+    return encode_message(MessageType.RESOLVED, m)
 
 
 def decode_resolved(payload: bytes) -> Resolved:
-    r = _Reader(MessageType.RESOLVED, payload)
-    (raw,) = r.unpack("B", "the outcome")
-    (start_us,) = r.unpack("I", "the start time")
-    r.done()
+    return decode_message(MessageType.RESOLVED, payload)
+
+
+
+def decode_empty(msg_type: MessageType, payload: bytes) -> None:
+    if payload:
+        raise ProtocolError(f"{msg_type.name}: carries no payload, got {len(payload)} bytes")
+
+
+# -- the order of messages: the receiver's state machine and the source's sequence --------------
+
+
+class RxState(enum.Enum):
+    """The receiver's (destination's) states, as ``docs/migration-protocol.md`` draws them."""
+
+    AWAIT_HELLO = "await-hello"
+    AWAIT_AUTH = "await-auth"
+    AWAIT_SPEC = "await-spec"
+    READY = "ready"
+    JOINING = "joining"  # v3: data streams connecting after STREAMS
+    RECEIVING = "receiving"
+    HAVE_STATE = "have-state"
+    AWAIT_COMMITTED = "await-committed"
+    IN_DOUBT = "in-doubt"  # v5: COMMIT_ACK sent, then the link failed: held paused until settled
+    RUNNING = "running"
+    ANSWERED = "answered"  # v5: a connection that asked RESOLVE, answered with RESOLVED
+    DISCARDED = "discarded"
+
+
+#: The receiver's transitions: in each state, the messages it reads and the state each leads to
+#: once handled (JOIN: the n-1 JOINs on the data connections, all accepted). A frame of any other
+#: type is refused from its header, naming it and the state. Not drawn: from any state, ABORT, a
+#: bad or unexpected frame, EOF, a timeout or a cancel lead to DISCARDED, except that from
+#: AWAIT_COMMITTED (v5) all but ABORT lead to IN_DOUBT.
+RECEIVER: dict[RxState, dict[MessageType, RxState]] = {
+    RxState.AWAIT_HELLO: {MessageType.HELLO: RxState.AWAIT_AUTH},
+    RxState.AWAIT_AUTH: {MessageType.AUTH: RxState.AWAIT_SPEC},
+    RxState.AWAIT_SPEC: {MessageType.SPEC: RxState.READY, MessageType.RESOLVE: RxState.ANSWERED},
+    RxState.READY: {MessageType.STREAMS: RxState.JOINING, MessageType.MEMORY: RxState.RECEIVING, MessageType.STATE: RxState.HAVE_STATE},
+    RxState.JOINING: {MessageType.JOIN: RxState.READY},
+    RxState.RECEIVING: {MessageType.MEMORY_END: RxState.READY},
+    RxState.HAVE_STATE: {MessageType.COMMIT_REQUEST: RxState.AWAIT_COMMITTED},
+    RxState.AWAIT_COMMITTED: {MessageType.COMMITTED: RxState.RUNNING},
+    RxState.RUNNING: {MessageType.RELEASED: RxState.RUNNING},
+    RxState.ANSWERED: {MessageType.RELEASED: RxState.ANSWERED},
+}
+
+#: The protocol version that added each message (the rest are in every version).
+SINCE: dict[MessageType, int] = {
+    MessageType.STREAMS: STREAMS_VERSION,
+    MessageType.STREAMS_TOKEN: STREAMS_VERSION,
+    MessageType.JOIN: STREAMS_VERSION,
+    MessageType.RESOLVE: OWNERSHIP_VERSION,
+    MessageType.RESOLVED: OWNERSHIP_VERSION,
+    MessageType.RELEASED: OWNERSHIP_VERSION,
+}
+
+#: The source's sequence on one connection: after each message it sent (None: nothing yet), the
+#: messages it may send next. ABORT may follow anything.
+SOURCE_NEXT: dict[MessageType | None, tuple[MessageType, ...]] = {
+    None: (MessageType.HELLO,),
+    MessageType.HELLO: (MessageType.AUTH,),
+    MessageType.AUTH: (MessageType.SPEC, MessageType.RESOLVE),
+    MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY),
+    MessageType.STREAMS: (MessageType.MEMORY,),
+    MessageType.MEMORY: (MessageType.MEMORY_END,),
+    MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE),
+    MessageType.STATE: (MessageType.COMMIT_REQUEST,),
+    MessageType.COMMIT_REQUEST: (MessageType.COMMITTED,),
+    MessageType.COMMITTED: (MessageType.RELEASED,),
+    MessageType.RESOLVE: (MessageType.RELEASED,),
+    MessageType.RELEASED: (),
+}
+
+#: What the source reads after each message that is answered (REFUSE and ABORT may come instead).
+SOURCE_AWAITS: dict[MessageType, MessageType] = {
+    MessageType.HELLO: MessageType.CHALLENGE,
+    MessageType.AUTH: MessageType.ACCEPT,
+    MessageType.SPEC: MessageType.ACCEPT,
+    MessageType.STREAMS: MessageType.STREAMS_TOKEN,
+    MessageType.COMMIT_REQUEST: MessageType.COMMIT_ACK,
+    MessageType.COMMITTED: MessageType.RESUMED,
+    MessageType.RESOLVE: MessageType.RESOLVED,
+}
+
+
+def receiver_reads(state: RxState, version: int) -> tuple[MessageType, ...]:
+    """The messages a receiver in ``state`` reads at protocol ``version``."""
+    return tuple(t for t in RECEIVER.get(state, {}) if version >= SINCE.get(t, 0))
+
+
+def receiver_next(state: RxState, msg_type: MessageType) -> RxState:
+    """The state ``msg_type``, handled, leads to from ``state``; ProtocolError naming both if none."""
     try:
-        return Resolved(Outcome(raw), start_us)
-    except ValueError:
-        raise ProtocolError(f"RESOLVED: unknown outcome {raw} (1 running, 2 discarded, 3 unknown)") from None
+        return RECEIVER[state][msg_type]
+    except KeyError:
+        raise ProtocolError(f"unexpected {msg_type.name} in state {state.value}") from None
+
+
+def source_may_send(last: MessageType | None, msg_type: MessageType) -> None:
+    """Refuse (ProtocolError naming both) a message the source's sequence does not allow after ``last``."""
+    if msg_type is not MessageType.ABORT and msg_type not in SOURCE_NEXT.get(last, ()):
+        after = f"after {last.name}" if last is not None else "first"
+        raise ProtocolError(f"the source may not send {msg_type.name} {after} (the sequence allows "
+                            f"{' or '.join(t.name for t in SOURCE_NEXT.get(last, ())) or 'nothing more'})")
+
+
+def receiver_drawing() -> list[str]:
+    """The receiver's transitions as the docs draw them: ``STATE --MESSAGE--> STATE``, one a line."""
+    return [f"{state.name} --{t.name}--> {nxt.name}" for state, moves in RECEIVER.items() for t, nxt in moves.items()]
 
 
 _SESSION_LABEL = b"vmmpy-migration-v5 session\x00"
@@ -815,22 +1147,19 @@ def session_id(hello_frame: bytes, challenge_frame: bytes) -> bytes:
     return hashlib.sha256(_SESSION_LABEL + hello_frame + challenge_frame).digest()[:SESSION_ID_SIZE]
 
 
-def decode_empty(msg_type: MessageType, payload: bytes) -> None:
-    if payload:
-        raise ProtocolError(f"{msg_type.name}: carries no payload, got {len(payload)} bytes")
-
 
 # -- the end-of-round marker: an empty page batch ----------------------------------------------
 
-_BATCH_HEAD = struct.Struct("<4sHHQIIQ")
-BATCH_HEADER_SIZE = _BATCH_HEAD.size + 8
+#: Bytes of a page batch's fixed header, and so of an end-of-round batch (the format is the
+#: memory core's, rust/wire/batch.rs; this module only names it).
+BATCH_HEADER_SIZE = _core.BATCH_HEADER_SIZE
 
 
 def end_of_round_batch(segment_gpa: int) -> bytes:
     """A page batch with no ranges: the memory core receives it as a no-op, and the receiver
-    takes it as the end of a round's batches (the senders never emit an empty batch)."""
-    head = _BATCH_HEAD.pack(b"VMPB", 1, 0, segment_gpa, 0, 0, 0)
-    return head + struct.pack("<Q", _core.xxh3_64(head))
+    takes it as the end of a round's batches (the senders never emit an empty batch). Encoded by
+    the memory core, the batch format's one owner."""
+    return _core.end_of_round_batch(segment_gpa)
 
 
 # -- authentication ----------------------------------------------------------------------------

@@ -159,6 +159,7 @@ class _Source:
         self.committed = False
         self.commit_requested = False  # COMMIT_REQUEST went out: the destination may hold the guest in doubt
         self.session = b""  # session_id() of the handshake (protocol version 5)
+        self.last_sent: P.MessageType | None = None  # on the main connection (P.SOURCE_NEXT)
         self.paused_at = 0.0
         self.convergence: Convergence | None = None
         self.rtt_ms = 0.0
@@ -175,15 +176,21 @@ class _Source:
             raise Cancelled(f"cancelled during {self.phase}")
 
     def _send(self, msg_type: P.MessageType, payload: bytes = b"") -> bytes:
+        """Send one frame on the main connection, in the order ``P.SOURCE_NEXT`` allows."""
+        P.source_may_send(self.last_sent, msg_type)
         frame = P.encode_frame(msg_type, payload)
         try:
             P.send_bytes(self.chan.out, frame, msg_type.name)
         except MigrationError as err:
             raise self.chan.translate(err, msg_type.name) from None
         self.stats.bytes_total += len(frame)
+        self.last_sent = msg_type
         return frame
 
-    def _read(self, *expected: P.MessageType) -> P.Frame:
+    def _read(self) -> P.Frame:
+        """The answer to the last message sent (``P.SOURCE_AWAITS``); REFUSE and ABORT end the
+        migration, anything else is refused by name and phase."""
+        expected = (P.SOURCE_AWAITS[self.last_sent],) if self.last_sent in P.SOURCE_AWAITS else ()
         frame = P.read_frame(self.chan.sock, allowed=(*expected, P.MessageType.REFUSE), where=f" from the destination during {self.phase}")
         if frame.type is P.MessageType.REFUSE:
             refusal = P.decode_refuse(frame.payload)
@@ -265,7 +272,7 @@ class _Source:
         self.commit_requested = True
         self._send(P.MessageType.COMMIT_REQUEST, P.encode_digest(digest))
         set_io_timeout(sock, p.commit_timeout)
-        ack = self._read(P.MessageType.COMMIT_ACK)
+        ack = self._read()
         theirs = P.decode_digest(ack.type, ack.payload)
         if theirs != digest:
             raise ProtocolError(f"COMMIT_ACK carries digest {theirs:#034x}, but the source's memory digest is {digest:#034x}")
@@ -367,7 +374,7 @@ class _Source:
             if (self.stats.protocol_version or 1) < P.OWNERSHIP_VERSION:
                 raise ProtocolError(f"the destination now speaks protocol {self.stats.protocol_version}, which cannot resolve")
             self._send(P.MessageType.RESOLVE, P.encode_resolve(P.Resolve(self.session, decision)))
-            answer = P.decode_resolved(self._read(P.MessageType.RESOLVED).payload)
+            answer = P.decode_resolved(self._read().payload)
             if answer.outcome is P.Outcome.RUNNING:
                 try:
                     self._send(P.MessageType.RELEASED)
@@ -473,6 +480,7 @@ class _Source:
         set_io_timeout(sock, p.handshake_timeout)
         # With parallel streams each connection gets an even share of the cap: together they keep to it.
         self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
+        self.last_sent = None  # a new connection starts the sequence again
         if watcher is not None:
             for s in self.chan.sockets():
                 watcher.watch(s)
@@ -485,7 +493,7 @@ class _Source:
         raises instead (version 5: no RESUMED means the outcome is in doubt)."""
         try:
             set_io_timeout(self.chan.sock, wait)
-            frame = self._read(P.MessageType.RESUMED)
+            frame = self._read()
             start_us = P.decode_resumed(frame.payload)
         except (MigrationError, OSError) as err:
             if strict:
@@ -500,7 +508,7 @@ class _Source:
     def _handshake(self) -> None:
         t = time.monotonic()
         hello = self._send(P.MessageType.HELLO, P.encode_hello(P.Hello(P.PROTOCOL_VERSIONS, os.urandom(P.NONCE_SIZE))))
-        challenge_frame = self._read(P.MessageType.CHALLENGE)
+        challenge_frame = self._read()
         self.rtt_ms = (time.monotonic() - t) * 1000
         challenge = P.decode_challenge(challenge_frame.payload)
         if challenge.version not in P.PROTOCOL_VERSIONS:
@@ -511,7 +519,7 @@ class _Source:
         mac = P.source_proof(self.key, hello, challenge_frame.raw) if self.key is not None else b""
         auth = self._send(P.MessageType.AUTH, P.encode_auth(mac))
         self.transcript = (hello, challenge_frame.raw)
-        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload)
+        accept = P.decode_accept(self._read().payload)
         if accept.stage is not P.Stage.AUTH:
             raise ProtocolError(f"expected the destination to accept authentication, got an ACCEPT for {accept.stage.name}")
         if self.key is not None:
@@ -525,7 +533,7 @@ class _Source:
         offer = ("lz4",) if self.params.compress != "off" and version >= P.COMPRESSION_VERSION and self.params.streams == 1 else ()
         spec = dataclasses.replace(P.Spec.from_dict(self.adapter.spec(), live=self.live), compression=offer)
         self._send(P.MessageType.SPEC, P.encode_spec(spec, version))
-        accept = P.decode_accept(self._read(P.MessageType.ACCEPT).payload, version)
+        accept = P.decode_accept(self._read().payload, version)
         if accept.stage is not P.Stage.SPEC:
             raise ProtocolError(f"expected the destination to accept the spec, got an ACCEPT for {accept.stage.name}")
         if accept.compression is not None and accept.compression not in offer:
@@ -550,7 +558,7 @@ class _Source:
             raise ProtocolError(f"the destination speaks migration protocol {version}, which has no parallel streams "
                                 f"(they need {P.STREAMS_VERSION}); migrate with one stream (--streams 1)")
         self._send(P.MessageType.STREAMS, P.encode_streams(p.streams))
-        grant = P.decode_streams_token(self._read(P.MessageType.STREAMS_TOKEN).payload)
+        grant = P.decode_streams_token(self._read().payload)
         if grant.count != p.streams:
             raise ProtocolError(f"STREAMS_TOKEN grants {grant.count} streams, the source asked for {p.streams}")
         hello, challenge = self.transcript

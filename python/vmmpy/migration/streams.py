@@ -7,8 +7,9 @@ that it belongs to the authenticated session before the destination reads anythi
 the token, and with a key an HMAC bound to the session's nonces. The destination answers each with
 its own proof, so the source never sends pages to a peer without the key either.
 
-This module owns the join (both sides) and receiving a round on n streams at once. Sending a
-round on n streams is one call into the memory core (``GuestMemory.send_pages_multi``). It does
+This module owns the join (both sides) and receiving a round on n streams at once, each stream's
+share one call into the memory core (``GuestMemory.recv_share``, as the single stream's is).
+Sending a round on n streams is one call into the memory core (``GuestMemory.send_pages_multi``). It does
 not own the main connection's state machine (``source``, ``destination``).
 
 The join window: the destination accepts data connections only between STREAMS_TOKEN and the
@@ -328,36 +329,23 @@ def new_token() -> bytes:
 # -- destination: one round on n streams -----------------------------------------------------------
 
 
-def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.socket], *, round_number: int, page_limit: int,
+def receive_round(recv: Callable[[socket.socket], dict], socks: list[socket.socket], *, round_number: int,
                   cancelled: Callable[[], bool], join_timeout: float) -> list[dict[str, int]]:
-    """Receive one round's batches on every socket at once, each until its empty batch; ``recv``
-    is ``GuestMemory.recv_pages`` (GIL released while it reads). Returns per stream: batches,
-    data_pages, zero_pages, wire_bytes (the end marker included). Over all streams together the
-    round may not carry more than ``page_limit`` pages. On the first failure the other streams'
-    reads are shut down so the call returns at once; the first failure is raised."""
+    """Receive one round's share on every socket at once, one thread each; ``recv`` is
+    ``GuestMemory.recv_share`` (the memory core reads a stream's batches until its empty one, GIL
+    released, charging a budget the streams share). Returns its totals per stream, in ``socks``
+    order. On the first failure the other streams' reads are shut down so the call returns at
+    once; the first failure is raised, naming its stream (the source's ABORT on the main
+    connection, seen while the others still read, explains the rest and comes first)."""
     lock = threading.Lock()
-    carried = [0]
     failures: list[tuple[int, BaseException]] = []
     results: list[dict[str, int] | None] = [None] * len(socks)
 
     def one(index: int) -> None:
-        t = {"batches": 0, "data_pages": 0, "zero_pages": 0, "wire_bytes": 0}
         try:
-            while True:
-                if cancelled():
-                    raise Cancelled(f"cancelled during round {round_number}")
-                got = recv(socks[index])
-                t["wire_bytes"] += got["wire_bytes"]
-                if got["ranges"] == 0:
-                    break
-                t["batches"] += 1
-                t["data_pages"] += got["data_pages"]
-                t["zero_pages"] += got["zero_pages"]
-                with lock:
-                    carried[0] += got["data_pages"] + got["zero_pages"]
-                    if carried[0] > page_limit:
-                        raise ProtocolError(f"round {round_number} carried more pages ({carried[0]}) than the guest has ({page_limit})")
-            results[index] = t
+            if cancelled():
+                raise Cancelled(f"cancelled during round {round_number}")
+            results[index] = recv(socks[index])
         except BaseException as err:
             with lock:
                 failures.append((index, err))

@@ -41,7 +41,7 @@ from typing import Any
 
 from .. import _core
 from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
-from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_sections, read_container
+from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_container, read_container
 from ..state.kernel import KERNEL_NAMES
 from .digests import kern_sha256, memory_chunk_sha256
 from .errors import CheckpointError
@@ -187,8 +187,7 @@ def write_checkpoint(
     if key is not None:
         check_key(key)
     try:
-        kern = encode_sections(sections)
-        records = [record for record, _ in read_container(kern, what="state")]
+        kern, records = encode_container(sections)
     except (TypeError, ValueError) as err:  # SectionError is a ValueError
         raise CheckpointError(f"checkpoint '{path}{KERN_SUFFIX}': cannot encode the state sections: {err}") from None
     if len(kern) > MAX_KERN_BYTES:

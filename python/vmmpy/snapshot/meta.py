@@ -34,6 +34,7 @@ from typing import Any
 from .. import _core
 from ..boundedjson import BoundedJsonError, parse
 from ..memory import HIGHMEM_BASE, PAGE_SIZE
+from ..state.section import MAX_SECTIONS
 from .errors import CheckpointError
 from .schema import FieldError, Spec, array, describe, hexdigits, integer, record, shown, string
 
@@ -56,7 +57,7 @@ MAX_META_DEPTH = 16
 MAX_MEMSIZE = 1 << 46
 MAX_KERN_BYTES = 1 << 30
 MAX_NCPUS = 1024
-MAX_LISTED_SECTIONS = 4096
+MAX_LISTED_SECTIONS = MAX_SECTIONS  # a .kern holds at most this many (state/section.py)
 MAX_CHUNK_SIZE = 1 << 40
 #: A checkpoint key, like a migration key, is at least this long.
 MIN_KEY_BYTES = 16

@@ -124,12 +124,33 @@ def _name_problem(raw: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class SectionRecord:
+    """Where a section lies in its container: ``offset`` and ``size`` span its whole record,
+    from the name-length field to the end of the payload."""
+
+    name: str
+    version: int
+    offset: int
+    size: int
+    checksum: int
+
+
 def encode_sections(sections: Iterable[Section]) -> bytes:
     """The container of ``sections``; ValueError (naming the section) for any a reader would refuse."""
+    return encode_container(sections)[0]
+
+
+def encode_container(sections: Iterable[Section]) -> tuple[bytes, list[SectionRecord]]:
+    """The container of ``sections`` and where each section lies in it (the records
+    ``read_container`` would find), so a writer that lists its sections (a checkpoint's metadata)
+    never parses the bytes it just made. ValueError (naming the section) as ``encode_sections``."""
     sections = list(sections)
     if len(sections) > MAX_SECTIONS:
         raise ValueError(f"{len(sections)} sections is more than the {MAX_SECTIONS} a reader takes")
     parts = [_HEAD.pack(MAGIC, CONTAINER_VERSION, len(sections))]
+    offset = _HEAD.size
+    records: list[SectionRecord] = []
     seen: set[str] = set()
     for section in sections:
         name = section.name.encode()
@@ -144,10 +165,12 @@ def encode_sections(sections: Iterable[Section]) -> bytes:
             check_bounds(payload, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH)
         except BoundedJsonError as err:
             raise ValueError(f"section '{section.name}': payload {err}") from None
-        parts.append(_NAME_LEN.pack(len(name)) + name)
-        parts.append(_SECTION.pack(section.version, len(payload), _checksum(name, section.version, payload)))
-        parts.append(payload)
-    return b"".join(parts)
+        checksum = _checksum(name, section.version, payload)
+        record = _NAME_LEN.pack(len(name)) + name + _SECTION.pack(section.version, len(payload), checksum)
+        parts += (record, payload)
+        records.append(SectionRecord(section.name, section.version, offset, len(record) + len(payload), checksum))
+        offset += len(record) + len(payload)
+    return b"".join(parts), records
 
 
 def _checksum(name: bytes, version: int, payload: bytes) -> int:
@@ -157,18 +180,6 @@ def _checksum(name: bytes, version: int, payload: bytes) -> int:
 def section_checksum(section: Section) -> int:
     """The checksum the container stores for this section."""
     return _checksum(section.name.encode(), section.version, section.encode())
-
-
-@dataclass(frozen=True)
-class SectionRecord:
-    """Where a section lies in its container: ``offset`` and ``size`` span its whole record,
-    from the name-length field to the end of the payload."""
-
-    name: str
-    version: int
-    offset: int
-    size: int
-    checksum: int
 
 
 def read_container(data: bytes, *, what: str = "state") -> list[tuple[SectionRecord, Section]]:

@@ -6,8 +6,16 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::stall::{seconds, Direction};
 use crate::memory::{GuestAddress, MemoryError};
+
+/// Which way the bytes were not moving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This side was sending and the peer took nothing.
+    Send,
+    /// This side was receiving and the peer sent nothing.
+    Receive,
+}
 
 #[derive(Debug)]
 pub enum PageError {
@@ -100,6 +108,13 @@ pub enum PageError {
         declared: u64,
         expected: u64,
     },
+    /// A round's batches carried more pages than its budget (the guest's page count).
+    RoundTooLarge {
+        carried: u64,
+        max: u64,
+    },
+    /// A compressed batch arrived on a stream that did not agree to compression.
+    CompressionNotAgreed,
     /// A compressed batch must carry 1 page to `max` bytes of page data.
     CompressedDataSize {
         data: u64,
@@ -216,6 +231,10 @@ impl fmt::Display for PageError {
             PageError::PayloadLength { declared, expected } => {
                 write!(f, "page batch declares {declared} payload bytes but its DATA ranges add up to {expected}")
             }
+            PageError::RoundTooLarge { carried, max } => {
+                write!(f, "the round carried more pages ({carried}) than the guest has ({max})")
+            }
+            PageError::CompressionNotAgreed => write!(f, "the peer sent a compressed page batch, but no compression was agreed"),
             PageError::CompressedDataSize { data, max } => {
                 write!(f, "compressed page batch carries {data} bytes of page data; a compressed batch carries 4096 to {max}")
             }
@@ -264,4 +283,10 @@ impl From<MemoryError> for PageError {
     fn from(e: MemoryError) -> PageError {
         PageError::Memory(e)
     }
+}
+
+/// A timeout for messages: whole seconds as `30`, fractions as `0.25`.
+fn seconds(d: Duration) -> String {
+    let text = format!("{:.3}", d.as_secs_f64());
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }

@@ -8,6 +8,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::batch::encode_batch;
 use super::*;
+use crate::digest::{commit_digest, memory_digest, resident_bitmap, DigestTracker, Direction, PageError, ResidencySource};
 use crate::dirty::TrackingChoice;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, HIGHMEM_BASE};
 

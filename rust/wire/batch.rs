@@ -40,7 +40,7 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::PageError;
+use crate::digest::PageError;
 use crate::memory::{GuestAddress, Segment, PAGE_SIZE};
 
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"VMPB");
@@ -175,9 +175,16 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
+/// The end of a round's batches on one stream: a batch with no ranges, for the segment at
+/// `segment_gpa` (any segment's base; receivers take it as a no-op). Senders never emit an empty
+/// batch otherwise.
+pub fn end_of_round_batch(segment_gpa: GuestAddress) -> Vec<u8> {
+    encode_batch(segment_gpa, &[])
+}
+
 /// Decode the fixed header and check what can be checked before reading the table: magic,
 /// version, flags, reserved bits and the range count limit.
-pub(crate) fn decode_header(bytes: &[u8; BATCH_HEADER_SIZE]) -> Result<BatchHeader, PageError> {
+pub fn decode_header(bytes: &[u8; BATCH_HEADER_SIZE]) -> Result<BatchHeader, PageError> {
     let magic = u32_at(bytes, 0);
     if magic != BATCH_MAGIC {
         return Err(PageError::BadMagic { got: magic, expected: BATCH_MAGIC });

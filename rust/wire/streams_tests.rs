@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::*;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
-use crate::pages::{build_ranges_from_bitmap, recv_batch, split_batches};
+use crate::wire::{build_ranges_from_bitmap, split_batches, CompressMode, Compressor};
 
 const MIB: u64 = 1 << 20;
 
@@ -36,28 +36,25 @@ fn a_round_over_three_streams_arrives_exactly() {
     let chunks = split_batches(&ranges, 64);
     let pairs: Vec<_> = (0..3).map(|_| socketpair()).collect();
     let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
+    let budget = PageBudget::new(dst.segments()[0].pages() as u64);
     let received = std::thread::scope(|scope| {
         let readers: Vec<_> = pairs
             .iter()
             .map(|(_, b)| {
-                let (fd, dst) = (b.as_raw_fd(), &dst);
-                scope.spawn(move || {
-                    let mut t = BatchTotals::default();
-                    loop {
-                        let s = recv_batch(fd, dst).unwrap();
-                        if s.ranges == 0 {
-                            return t;
-                        }
-                        t.add(s);
-                    }
-                })
+                let (fd, dst, budget) = (b.as_raw_fd(), &dst, &budget);
+                scope.spawn(move || recv_share(fd, dst, None, budget, false).unwrap())
             })
             .collect();
         let sent = send_chunks(&send_fds, &src, &chunks, None).unwrap();
         let got: Vec<_> = readers.into_iter().map(|h| h.join().unwrap()).collect();
-        assert_eq!(sent, got);
+        let end = crate::wire::BATCH_HEADER_SIZE as u64; // each share's end marker, counted by the receiver
+        for (s, g) in sent.iter().zip(&got) {
+            assert_eq!((s.batches, s.stats.data_pages, s.stats.zero_pages), (g.batches, g.stats.data_pages, g.stats.zero_pages));
+            assert_eq!(s.stats.wire_bytes + end, g.stats.wire_bytes);
+        }
         got
     });
+    assert_eq!(budget.carried(), ranges.iter().map(|r| r.pages as u64).sum::<u64>());
     let total: u64 = received.iter().map(|t| t.stats.data_pages + t.stats.zero_pages).sum();
     assert_eq!(total, ranges.iter().map(|r| r.pages as u64).sum::<u64>());
     assert!(received.iter().filter(|t| t.batches > 0).count() >= 2, "the chunks were shared out: {received:?}");
@@ -89,4 +86,34 @@ fn a_closed_stream_fails_the_round_and_names_it() {
     drop(a0);
     drain.join().unwrap();
     assert!(send_chunks(&[], &src, &chunks, None).is_err());
+}
+
+/// A round's share refused for what its receiver did not agree to: more pages than the budget
+/// over all streams, a compressed batch on a plain stream. Each error says which.
+#[test]
+fn a_share_over_budget_or_compressed_without_agreement_is_refused() {
+    let src = guest(4 * MIB);
+    src.write(GuestAddress(0), &vec![b'a'; 16 * 4096]).unwrap();
+    let dst = guest(4 * MIB);
+    // 64 KiB of pages: the whole share fits the socket's buffer, so it is sent before it is read.
+    let ranges = vec![PageRange { gpa: GuestAddress(0), pages: 16, kind: crate::wire::RangeKind::Data }];
+    let send = |mode: CompressMode| {
+        let (a, b) = socketpair();
+        let mut c = Compressor::new(mode, None);
+        c.send_ranges(a.as_raw_fd(), &src, &ranges, None, |_| {}).unwrap();
+        send_batch(a.as_raw_fd(), &src, &[]).unwrap();
+        b
+    };
+    let b = send(CompressMode::Off);
+    let budget = PageBudget::new(50);
+    budget.charge(40).unwrap(); // another stream's share
+    let err = recv_share(b.as_raw_fd(), &dst, None, &budget, false).unwrap_err();
+    assert_eq!(err.to_string(), "the round carried more pages (56) than the guest has (50)");
+    assert_eq!(err.errno(), libc::EBADMSG);
+    let b = send(CompressMode::Lz4);
+    let err = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), false).unwrap_err();
+    assert!(matches!(err, PageError::CompressionNotAgreed), "{err}");
+    let b = send(CompressMode::Lz4);
+    let got = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), true).unwrap();
+    assert_eq!((got.batches, got.stats.data_pages, got.stats.compressed_batches), (1, 16, 1));
 }

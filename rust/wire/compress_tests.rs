@@ -10,6 +10,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::batch::encode_batch_with;
 use super::batch_tests::{recv_bytes, socketpair};
 use super::*;
+use crate::digest::{resident_bitmap, PageError};
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
 
 const MIB: u64 = 1 << 20;

@@ -1,4 +1,5 @@
-//! One round's pages over several file descriptors at once (parallel migration streams).
+//! One round's pages over several file descriptors at once (parallel migration streams), and
+//! the receiving end of a round on one fd (`recv_share`), which every stream's receiver calls.
 //!
 //! The caller harvests the round once and cuts its ranges into chunks, each one batch's worth
 //! inside one segment (`split_batches`); `send_chunks` then runs one thread per fd, each taking
@@ -15,12 +16,12 @@
 //! stream is beyond an fd the caller owns and keeps open for the call.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{send_batch, send_batch_tracked, BatchTotals};
-use super::tracker::DigestTracker;
-use super::PageError;
+use super::batch_io::{recv_batch_tracked, send_batch, send_batch_tracked, BatchTotals};
+use crate::digest::DigestTracker;
+use crate::digest::PageError;
 use crate::memory::GuestMemory;
 
 /// The most fds `send_chunks` drives at once.
@@ -109,6 +110,62 @@ pub fn send_chunks(
     match error {
         Some(e) => Err(e),
         None => Ok(out),
+    }
+}
+
+/// The pages one round may carry over all its streams together (a round sends each page at most
+/// once, so at most the guest's page count). Shared by the streams' receivers, charged after
+/// every batch.
+#[derive(Debug)]
+pub struct PageBudget {
+    max: u64,
+    carried: AtomicU64,
+}
+
+impl PageBudget {
+    pub fn new(max: u64) -> PageBudget {
+        PageBudget { max, carried: AtomicU64::new(0) }
+    }
+
+    /// Charge `pages`; [`PageError::RoundTooLarge`] once the round has carried more than `max`.
+    pub fn charge(&self, pages: u64) -> Result<(), PageError> {
+        let carried = self.carried.fetch_add(pages, Ordering::Relaxed).saturating_add(pages);
+        if carried > self.max {
+            return Err(PageError::RoundTooLarge { carried, max: self.max });
+        }
+        Ok(())
+    }
+
+    pub fn carried(&self) -> u64 {
+        self.carried.load(Ordering::Relaxed)
+    }
+}
+
+/// Receive one stream's share of a round from `fd`: batches straight into guest memory (hashed
+/// into `tracker` when given) until the empty batch that ends the share (what `send_chunks` and
+/// a single-stream sender end it with). Every batch's pages are charged to `budget`; a compressed
+/// batch is refused unless `compressed` (the stream agreed to it). Returns the non-empty batches'
+/// totals, `wire_bytes` including the end marker. The first failure is returned as it happened
+/// (a timeout names the peer); pages of batches already received stay written.
+pub fn recv_share(
+    fd: RawFd,
+    mem: &GuestMemory,
+    tracker: Option<&DigestTracker>,
+    budget: &PageBudget,
+    compressed: bool,
+) -> Result<BatchTotals, PageError> {
+    let mut totals = BatchTotals::default();
+    loop {
+        let stats = recv_batch_tracked(fd, mem, tracker)?;
+        if stats.ranges == 0 {
+            totals.stats.wire_bytes += stats.wire_bytes;
+            return Ok(totals);
+        }
+        if stats.compressed_batches > 0 && !compressed {
+            return Err(PageError::CompressionNotAgreed);
+        }
+        totals.add(stats);
+        budget.charge(stats.data_pages + stats.zero_pages)?;
     }
 }
 

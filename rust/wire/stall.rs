@@ -17,16 +17,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::PageError;
-
-/// Which way the bytes were not moving.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// This side was sending and the peer took nothing.
-    Send,
-    /// This side was receiving and the peer sent nothing.
-    Receive,
-}
+use crate::digest::{Direction, PageError};
 
 /// The socket's SO_SNDTIMEO or SO_RCVTIMEO, None when it has none (or `fd` is no socket).
 pub(super) fn socket_timeout(fd: RawFd, direction: Direction) -> Option<Duration> {
@@ -122,10 +113,4 @@ impl SendDeadline {
             }
         }
     }
-}
-
-/// A timeout for messages: whole seconds as `30`, fractions as `0.25`.
-pub(super) fn seconds(d: Duration) -> String {
-    let text = format!("{:.3}", d.as_secs_f64());
-    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }

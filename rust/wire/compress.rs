@@ -1,9 +1,9 @@
 //! Optional LZ4 compression of page batches: the sender's rule for when a batch is worth
-//! compressing, and the receiver's bounded, check-everything-first decompression.
+//! compressing. (The receiver's end is `decompress`.)
 //!
 //! The wire format (flag `BATCH_FLAG_LZ4`, a checksummed LZ4 block in place of the DATA pages)
 //! is `batch.rs`'s; whether a stream may carry it at all is agreed above (the migration
-//! protocol). This file owns only the two ends of it.
+//! protocol). This file owns the sending end of it.
 //!
 //! **Sending.** [`Compressor::send_ranges`] cuts a segment's ranges into batches. In `Lz4` mode
 //! every batch of up to [`COMPRESS_BLOCK_PAGES`] DATA pages is tried: its pages are copied into a
@@ -21,26 +21,18 @@
 //! and guessing wrong there costs the most). Batches sent while skipping are up to 64 MiB, so the
 //! receiver keeps populating ahead of its reads as for plain rounds.
 //!
-//! **Receiving.** [`recv_lz4_payload`] reads the payload (bounded by `MAX_COMPRESSED_DATA` + 8,
-//! checked in `validate_ranges`) into a per-thread scratch buffer, checks the block's checksum,
-//! decompresses it into a second scratch buffer of exactly the size the table gives (LZ4 cannot
-//! write past it: a block that would is refused, so a decompression bomb costs nothing), requires
-//! exactly that many bytes back, and only then copies the pages into guest memory.
 
-use std::cell::RefCell;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::batch::{
-    encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA,
-    MAX_RANGES,
-};
-use super::batch_io::{batch_segment, read_all, runs_of, send_batch_tracked, write_all, BatchStats};
-use super::tracker::DigestTracker;
-use super::PageError;
-use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
+use super::batch::{encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_RANGES};
+use super::batch_io::{batch_segment, runs_of, send_batch_tracked, BatchStats};
+use super::fdio::write_all;
+use crate::digest::DigestTracker;
+use crate::digest::PageError;
+use crate::memory::{GuestAddress, GuestMemory, PAGE_SIZE};
 
 /// DATA pages per tried batch: 1 MiB, where LZ4's ratio has long stopped improving (its window
 /// is 64 KiB) and a batch that does not pay has cost little.
@@ -272,61 +264,4 @@ impl Compressor {
         self.note_write(stats.wire_bytes, started);
         Ok(stats)
     }
-}
-
-thread_local! {
-    /// The receiver's scratch: the payload as it arrived, and the pages it decompresses to. Each
-    /// is allocated once per receiving thread at its bound and reused.
-    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// Read a compressed batch's payload, check it, decompress it whole and only then copy the pages
-/// into `seg`. `header`, `ranges` and `offsets` are validated (`validate_ranges`): the payload and
-/// the data are within their bounds.
-pub(super) fn recv_lz4_payload(
-    fd: RawFd,
-    seg: &Segment,
-    header: &BatchHeader,
-    ranges: &[PageRange],
-    offsets: &[usize],
-) -> Result<(), PageError> {
-    let data: u64 = ranges.iter().filter(|r| r.kind == RangeKind::Data).map(PageRange::bytes).sum();
-    if header.flags & BATCH_FLAG_LZ4 == 0 || data == 0 || data > MAX_COMPRESSED_DATA || header.payload_len > COMPRESSED_PREFIX + data {
-        return Err(PageError::CompressedPayloadLength { declared: header.payload_len, data });
-    }
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
-        let (packed, plain) = &mut *scratch;
-        if packed.is_empty() {
-            *packed = vec![0; (COMPRESSED_PREFIX + MAX_COMPRESSED_DATA) as usize];
-            *plain = vec![0; MAX_COMPRESSED_DATA as usize];
-        }
-        let payload = &mut packed[..header.payload_len as usize];
-        let mut iov = [libc::iovec { iov_base: payload.as_mut_ptr() as *mut libc::c_void, iov_len: payload.len() }];
-        // SAFETY: the iovec describes `payload`, borrowed mutably for the call.
-        let got = unsafe { read_all(fd, &mut iov, "receiving compressed page data")? };
-        if got < header.payload_len {
-            return Err(PageError::Truncated { what: "compressed page data", expected: header.payload_len, got });
-        }
-        let (sum, block) = payload.split_at(COMPRESSED_PREFIX as usize);
-        let stored = u64::from_le_bytes(sum.try_into().unwrap_or([0; 8]));
-        let actual = xxh3_64(block);
-        if stored != actual {
-            return Err(PageError::CompressedChecksum { got: stored, expected: actual });
-        }
-        let pages = &mut plain[..data as usize];
-        let n = lz4_flex::block::decompress_into(block, pages).map_err(|e| PageError::Decompress { data, why: e.to_string() })?;
-        if n as u64 != data {
-            return Err(PageError::DecompressedLength { got: n as u64, expected: data });
-        }
-        let mut at = 0;
-        for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
-            let len = r.bytes() as usize;
-            // SAFETY: validate_ranges keeps the range inside the segment's mapping; `pages` holds
-            // the sum of the DATA ranges; guest memory is never behind a Rust reference.
-            unsafe { std::ptr::copy_nonoverlapping(pages.as_ptr().add(at), seg.as_ptr().add(off), len) };
-            at += len;
-        }
-        Ok(())
-    })
 }

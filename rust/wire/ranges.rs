@@ -6,8 +6,8 @@
 //! cut into batches of at most `MAX_RANGES` (the caller: `ranges.chunks(MAX_RANGES as usize)`).
 
 use super::batch::{PageRange, RangeKind};
-use super::zero::is_zero_raw;
-use super::{check_bitmap, PageError};
+use crate::digest::is_zero_raw;
+use crate::digest::{check_bitmap, PageError};
 use crate::dirty::bitmap_to_runs;
 use crate::memory::{GuestAddress, Segment, PAGE_SIZE};
 

@@ -1,0 +1,66 @@
+//! Reading guest pages for what they hold: page and chunk hashes, the commit digest and the
+//! tracker that keeps it current, zero-page and residency detection.
+//!
+//! Also the checks every bulk page operation starts with (pages inside a segment, a bitmap that
+//! covers it) and [`PageError`], the error all bulk page work reports, this module's and the
+//! wire's (`crate::wire`, which sits on top of this one and hashes what it moves into a
+//! [`DigestTracker`]). Nothing here knows the batch format or a file descriptor.
+//!
+//! Every function takes `&Segment`/`&GuestMemory` and never touches Python, so the bindings can
+//! call them with the GIL released. Guest memory may be written by a running guest while these
+//! functions read it, as DMA races a CPU on real hardware: a hash is then a snapshot of some
+//! moment, and the dirty bit that write set makes the next round fix it. Digests meant to verify
+//! a migration or a checkpoint must be taken with the guest stopped.
+
+mod error;
+mod hash;
+mod resident;
+mod tracker;
+mod zero;
+
+pub use error::{Direction, PageError};
+pub use hash::{chunk_hashes, chunk_hashes_resident, hash_page_list, hash_pages, memory_digest, ranges_digest};
+pub use resident::{resident_bitmap, ResidencySource};
+pub use tracker::{commit_digest, DigestTracker, RefreshStats, DIGEST_CHUNK_PAGES};
+pub(crate) use zero::is_zero_raw;
+pub use zero::{is_zero_page, split_zero_pages, ZeroSplit};
+
+use crate::memory::{Segment, PAGE_SIZE};
+
+/// Check that pages `first..first+count` lie in `seg` and make them ready to read (a lazily
+/// restored chunk is loaded and checked first); return the byte offset of `first`.
+fn page_span(seg: &Segment, first: u64, count: u64) -> Result<usize, PageError> {
+    match first.checked_add(count) {
+        Some(end) if end <= seg.pages() as u64 => {
+            seg.ensure(first as usize * PAGE_SIZE, count as usize * PAGE_SIZE)?;
+            Ok(first as usize * PAGE_SIZE)
+        }
+        _ => Err(PageError::PagesOutsideSegment { first, count, segment: seg.name().to_string(), pages: seg.pages() as u64 }),
+    }
+}
+
+/// Check that a bitmap covers `seg` and marks no page past its end, and make the marked pages
+/// ready to read (on lazily restored memory not loaded whole yet, their chunks are loaded).
+pub(crate) fn check_bitmap(seg: &Segment, words: &[u64], what: &'static str) -> Result<(), PageError> {
+    let pages = seg.pages();
+    let needed = pages.div_ceil(64);
+    if words.len() < needed {
+        return Err(PageError::BitmapSize { what, words: words.len(), needed, segment: seg.name().to_string() });
+    }
+    let past_end = |page: u64| PageError::BitmapPastEnd { what, page, segment: seg.name().to_string(), pages: pages as u64 };
+    let tail = pages % 64;
+    if tail != 0 && words[needed - 1] >> tail != 0 {
+        return Err(past_end(((needed - 1) * 64 + tail) as u64 + (words[needed - 1] >> tail).trailing_zeros() as u64));
+    }
+    if let Some(i) = words[needed..].iter().position(|&w| w != 0) {
+        return Err(past_end(((needed + i) * 64) as u64 + words[needed + i].trailing_zeros() as u64));
+    }
+    if seg.lazy_image().is_some_and(|image| !image.is_complete()) {
+        let mut runs = Vec::new();
+        crate::dirty::bitmap_to_runs(&words[..needed], 0, &mut runs);
+        for (first, count) in runs {
+            seg.ensure(first as usize * PAGE_SIZE, count as usize * PAGE_SIZE)?;
+        }
+    }
+    Ok(())
+}

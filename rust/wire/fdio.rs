@@ -1,0 +1,269 @@
+//! Moving bytes over a blocking file descriptor for batch I/O: write or fill a list of iovecs,
+//! with a socket's send and receive timeouts honoured as `stall` explains, and socket reads that
+//! wait for whole windows ([`WholeReads`]). Nothing here knows what the bytes are.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use super::stall::{poll_ms, socket_timeout, timed_out, would_block, SendDeadline};
+use crate::digest::{Direction, PageError};
+use crate::memory::PAGE_SIZE;
+
+/// At most this many iovecs per call (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// With a digest tracker, page bytes are hashed and moved this much at a time: small enough to
+/// stay in a core's L2 cache between the hash and the copy, so the sender's copy to the socket
+/// and the receiver's hash read the cache instead of memory.
+pub(super) const HASH_WINDOW_PAGES: usize = 64;
+
+/// Drop the first `n` bytes from `iovs[*idx..]`.
+fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
+    while n > 0 && *idx < iovs.len() {
+        let iov = &mut iovs[*idx];
+        if n >= iov.iov_len {
+            n -= iov.iov_len;
+            *idx += 1;
+        } else {
+            iov.iov_base = (iov.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+            iov.iov_len -= n;
+            n = 0;
+        }
+    }
+    while *idx < iovs.len() && iovs[*idx].iov_len == 0 {
+        *idx += 1;
+    }
+}
+
+/// Write every byte the iovecs describe. Sockets get sendmsg(MSG_NOSIGNAL), so a closed peer is
+/// an EPIPE error rather than a SIGPIPE; anything else (pipe, file) gets writev. A socket with a
+/// send timeout is written without sleeping in the kernel, waiting for room in poll(), so the
+/// timeout counts from the last byte the peer took ([`SendDeadline`]).
+///
+/// # Safety
+/// Every iovec must describe memory readable for the whole call.
+pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
+    let mut idx = 0;
+    advance(iovs, &mut idx, 0);
+    let mut socket = true;
+    let mut deadline = SendDeadline::new(fd);
+    while idx < iovs.len() {
+        let count = (iovs.len() - idx).min(IOV_MAX);
+        let n = if socket {
+            // SAFETY: an all-zero msghdr is valid (no name, no control data).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iovs[idx..].as_mut_ptr();
+            msg.msg_iovlen = count as _;
+            let flags = libc::MSG_NOSIGNAL | if deadline.is_some() { libc::MSG_DONTWAIT } else { 0 };
+            // SAFETY: the iovecs describe readable memory (the caller's contract); the kernel only reads them.
+            unsafe { libc::sendmsg(fd, &msg, flags) }
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::writev(fd, iovs[idx..].as_ptr(), count as libc::c_int) }
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOTSOCK) if socket => {
+                    socket = false;
+                    deadline = None;
+                    continue;
+                }
+                Some(libc::EAGAIN) => match deadline.as_mut() {
+                    Some(d) => {
+                        d.wait(what)?;
+                        continue;
+                    }
+                    None => return Err(would_block(fd, what, Direction::Send)),
+                },
+                _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
+            }
+        }
+        if n == 0 {
+            return Err(PageError::io(format!("{what} (fd {fd})"), io::Error::from(io::ErrorKind::WriteZero)));
+        }
+        if let Some(d) = deadline.as_mut() {
+            d.progressed();
+        }
+        advance(iovs, &mut idx, n as usize);
+    }
+    Ok(())
+}
+
+/// Fill every byte the iovecs describe from `fd`; returns how many bytes arrived before the
+/// stream ended (the total when it did not).
+///
+/// # Safety
+/// Every iovec must describe memory writable for the whole call and not referenced as `&`/`&mut`.
+pub(super) unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
+    // SAFETY: the caller's contract.
+    unsafe { read_all_with(fd, iovs, what, None) }
+}
+
+/// [`read_all`], with readv; or with `whole`, a poll for everything still missing and then a
+/// non-blocking recvmsg, until the iovecs are full (see [`WholeReads`]).
+///
+/// # Safety
+/// As for [`read_all`].
+pub(super) unsafe fn read_all_with(
+    fd: RawFd,
+    iovs: &mut [libc::iovec],
+    what: &str,
+    mut whole: Option<&mut WholeReads>,
+) -> Result<u64, PageError> {
+    let mut idx = 0;
+    let mut got = 0u64;
+    advance(iovs, &mut idx, 0);
+    while idx < iovs.len() {
+        let count = (iovs.len() - idx).min(IOV_MAX);
+        let n = match whole.as_deref_mut() {
+            None => {
+                // SAFETY: the iovecs describe writable memory (the caller's contract).
+                unsafe { libc::readv(fd, iovs[idx..].as_ptr(), count as libc::c_int) }
+            }
+            Some(w) => {
+                if !w.wait(iovs[idx..].iter().map(|v| v.iov_len).sum(), what)? {
+                    continue; // interrupted
+                }
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = iovs[idx..].as_mut_ptr();
+                msg.msg_iovlen = count as _;
+                // SAFETY: as for readv.
+                unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) }
+            }
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) if whole.is_some() => continue, // woken early: wait again
+                Some(libc::EAGAIN) => return Err(would_block(fd, what, Direction::Receive)),
+                _ => return Err(PageError::io(format!("{what} (fd {fd})"), err)),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        advance(iovs, &mut idx, n as usize);
+    }
+    Ok(got)
+}
+
+pub(super) fn read_exact(fd: RawFd, buf: &mut [u8], what: &'static str) -> Result<(), PageError> {
+    let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() }];
+    // SAFETY: the iovec describes `buf`, which we borrow mutably for the call.
+    let got = unsafe { read_all(fd, &mut iov, &format!("receiving the {what}"))? };
+    if got < buf.len() as u64 {
+        return Err(PageError::Truncated { what, expected: buf.len() as u64, got });
+    }
+    Ok(())
+}
+
+/// The most a socket reader asks to be woken for (SO_RCVLOWAT): one hash window.
+const RCVLOWAT_MAX: usize = HASH_WINDOW_PAGES * PAGE_SIZE;
+
+/// Reads from a socket that sleep until everything asked for (up to `RCVLOWAT_MAX`) has arrived,
+/// instead of being woken for every segment.
+///
+/// Loopback TCP wakes a sleeping reader for each 64 KiB segment, and on a VM each wake-up of an
+/// idle CPU costs the sender an IPI: a warm 1 GiB migration between two processes on 2 vCPUs took
+/// 0.2 s in most runs and 0.5-0.7 s in about one of four, with the sender busy waking the
+/// receiver. With SO_RCVLOWAT the kernel wakes the reader once the bytes it needs are queued.
+///
+/// SO_RCVLOWAT counts only bytes not yet read, so a read that copies part of what it needs and
+/// then sleeps would wait for a whole low-water mark of *new* bytes, which may never come at the
+/// end of a stream. So the reader never sleeps inside a read: it sets the mark to exactly what is
+/// still missing, waits in poll() (woken when that much is queued, or on EOF, error, shutdown or
+/// memory pressure) and then reads without blocking, until the iovecs are full.
+pub(super) struct WholeReads {
+    fd: RawFd,
+    /// The socket's SO_RCVTIMEO (None: it has none).
+    timeout: Option<Duration>,
+    lowat: libc::c_int,
+}
+
+impl WholeReads {
+    /// For a socket `fd`, None for anything else (which is read with plain readv).
+    pub(super) fn new(fd: RawFd) -> Option<WholeReads> {
+        let mut kind: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the c_int we own; it fails for a non-socket.
+        if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) } != 0 {
+            return None;
+        }
+        Some(WholeReads { fd, timeout: socket_timeout(fd, Direction::Receive), lowat: 1 })
+    }
+
+    fn set_lowat(&mut self, bytes: usize) {
+        let bytes = bytes.clamp(1, RCVLOWAT_MAX) as libc::c_int;
+        if bytes != self.lowat {
+            // SAFETY: the option value is a c_int on our stack, passed with its size. A refusal
+            // only means the reader is woken earlier (poll then returns sooner; nothing hangs).
+            unsafe {
+                libc::setsockopt(
+                    self.fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVLOWAT,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            self.lowat = bytes;
+        }
+    }
+
+    /// Bytes queued on the socket, not yet read (FIONREAD).
+    fn queued(&self) -> libc::c_int {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int into ours.
+        if unsafe { libc::ioctl(self.fd, libc::FIONREAD, &mut n) } != 0 {
+            return 0;
+        }
+        n
+    }
+
+    /// Sleep until `missing` bytes (at most `RCVLOWAT_MAX`) are queued, or the stream ends,
+    /// fails or is shut down; false if a signal interrupted the wait. The socket's SO_RCVTIMEO
+    /// without a byte arriving is a [`PageError::TimedOut`]. Bytes trickling in below the
+    /// low-water mark are the peer sending: the wait looks at the queue every quarter timeout, so
+    /// the timeout counts from (at most a quarter after) the last byte that arrived.
+    fn wait(&mut self, missing: usize, what: &str) -> Result<bool, PageError> {
+        self.set_lowat(missing);
+        let mut queued = self.queued();
+        let mut since = Instant::now();
+        loop {
+            let ms = self.timeout.map_or(-1, |t| poll_ms((t / 4).min(t.saturating_sub(since.elapsed()))));
+            let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd of ours.
+            match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                0 => {
+                    let (now, timeout) = (self.queued(), self.timeout.unwrap_or_default());
+                    if now != queued {
+                        (queued, since) = (now, Instant::now());
+                    } else if since.elapsed() >= timeout {
+                        return Err(timed_out(self.fd, what, Direction::Receive, timeout));
+                    }
+                }
+                n if n < 0 => {
+                    let err = io::Error::last_os_error();
+                    return match err.raw_os_error() {
+                        Some(libc::EINTR) => Ok(false),
+                        _ => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
+                    };
+                }
+                _ => return Ok(true),
+            }
+        }
+    }
+}
+
+impl Drop for WholeReads {
+    /// Back to the default mark for whatever reads the socket next (the frames after a batch).
+    fn drop(&mut self) {
+        self.set_lowat(1);
+    }
+}
