@@ -30,8 +30,8 @@ def assert_source_kept_guest(src: FakeGuest) -> None:
 
 REFUSALS = [
     ({"page_size": 16384}, "page size differs: source 4096, destination 16384"),
-    ({"vendor": "amd"}, "vCPU vendor differs: source 'intel', destination 'amd'"),
-    ({"memsize": "128M"}, "lowmem size differs: source 67108864, destination 134217728"),
+    ({"vendor": "amd"}, "vCPU vendor differs: the source has --vendor intel, this destination --vendor amd"),
+    ({"memsize": "128M"}, "memory differs: the source has -m 64M, this destination -m 128M"),
     ({"devices": {"cpu0": 1}}, "devices missing on the destination: fakeguest"),
     ({"devices": {"cpu0": 1, "fakeguest": 0}}, "device 'fakeguest' state version 1 is newer than the destination reads (0)"),
     ({"devices": {"cpu0": 1, "fakeguest": 1, "virtio-net": 1}}, "devices only on the destination: virtio-net"),

@@ -190,7 +190,7 @@ def test_a_destination_of_another_size_refuses_and_the_source_runs_on(tmp_path):
     )
     try:
         assert result.returncode == 1
-        assert "lowmem size differs: source 33554432, destination 67108864" in result.stderr
+        assert "memory differs: the source has -m 32M, this destination -m 64M" in result.stderr
         assert "the guest keeps running here" in result.stderr
         assert_still_waiting(tmp_path, dest, "dst0")
         assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
@@ -361,7 +361,7 @@ def test_a_destination_with_another_vendor_refuses(tmp_path):
         wait_for_socket(tmp_path, "vsrc", source)
         result = vmmctl(tmp_path, "--vm=vsrc", "--migrate", f"127.0.0.1,{port}", timeout=60)
         assert result.returncode == 1
-        assert "vCPU vendor differs: source 'intel', destination 'amd'" in result.stderr
+        assert "vCPU vendor differs: the source has --vendor intel, this destination --vendor amd" in result.stderr
         assert_still_waiting(tmp_path, dest, "vdst")
         assert json.loads(vmmctl(tmp_path, "--vm=vsrc", "--status", "--json").stdout)["state"] == "paused"
     finally:

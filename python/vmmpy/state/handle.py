@@ -92,10 +92,16 @@ def spec_mismatches(local: dict[str, Any], remote: dict[str, Any]) -> list[str]:
     source), each as a sentence naming both values. Wiring may differ: it changes how memory is
     held, not what the guest sees."""
     problems = []
-    for key, what in (("page_size", "page size"), ("vendor", "vCPU vendor"), ("vcpus", "vCPU count"),
-                      ("tsc", "TSC mode"), ("lowmem_size", "lowmem size"), ("highmem_size", "highmem size")):
+    if local.get("page_size") != remote.get("page_size"):
+        problems.append(f"page size differs: source {remote.get('page_size')}, destination {local.get('page_size')}")
+    # In the options' terms: start the destination with the source's -m, -c, --vendor, --tsc.
+    for key, what, flag in (("vcpus", "vCPU count", "-c"), ("vendor", "vCPU vendor", "--vendor"), ("tsc", "TSC mode", "--tsc")):
         if local.get(key) != remote.get(key):
-            problems.append(f"{what} differs: source {remote.get(key)!r}, destination {local.get(key)!r}")
+            problems.append(f"{what} differs: the source has {flag} {remote.get(key)}, this destination {flag} {local.get(key)}")
+    mine_mem = (local.get("lowmem_size"), local.get("highmem_size"))
+    theirs_mem = (remote.get("lowmem_size"), remote.get("highmem_size"))
+    if mine_mem != theirs_mem:
+        problems.append(f"memory differs: the source has -m {_memsize(theirs_mem)}, this destination -m {_memsize(mine_mem)}")
     mine, theirs = dict(local.get("devices", {})), dict(remote.get("devices", {}))
     missing = sorted(set(theirs) - set(mine))
     extra = sorted(set(mine) - set(theirs))
@@ -107,6 +113,18 @@ def spec_mismatches(local: dict[str, Any], remote: dict[str, Any]) -> list[str]:
         if theirs[name] > mine[name]:
             problems.append(f"device '{name}' state version {theirs[name]} is newer than the destination reads ({mine[name]})")
     return problems
+
+
+def _memsize(layout: tuple[Any, Any]) -> str:
+    """lowmem + highmem as ``-m`` spells it (``256M``, ``4G``), or the raw pair if malformed."""
+    low, high = layout
+    if not isinstance(low, int) or not isinstance(high, int):
+        return f"? (lowmem {low!r}, highmem {high!r})"
+    total = low + high
+    for suffix, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if total and total % scale == 0:
+            return f"{total // scale}{suffix}"
+    return str(total)
 
 
 __all__ = ["GuestHandle", "SavableMachine", "spec_mismatches"]
