@@ -108,11 +108,17 @@ def restore_machine(
     The vCPUs are not started.
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
-    checkpoint = read_checkpoint(path, static_registry(config), key=key)
+    def same_devices(basic: dict[str, Any]) -> None:
+        basic = check_field(basic, _BASIC_FIELDS, os.fspath(path) + ".meta", "basic metadata")
+        saved_devices = basic.get("devices_config")
+        if isinstance(saved_devices, dict) and saved_devices != _device_config(config):
+            raise SectionError(_device_mismatch(os.fspath(path), saved_devices, _device_config(config)))
+
+    # The device options are compared first, from the verified metadata: a device saved but not
+    # configured is named with the option that adds it, not as a section this machine cannot read.
+    checkpoint = read_checkpoint(path, static_registry(config), key=key, check_basic=same_devices)
     basic, vm_payload = _checked_machine_fields(checkpoint)
-    saved_devices = basic.get("devices_config")
-    if saved_devices is not None and saved_devices != _device_config(config):
-        raise SectionError(_device_mismatch(checkpoint.path, saved_devices, _device_config(config)))
+    same_devices(basic)
     config = replace(
         config,
         ncpus=basic["ncpus"],

@@ -35,7 +35,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -428,7 +428,8 @@ def _check_kern(meta: dict[str, Any], kern_path: str, meta_path: str, registry: 
     return [section for _, section in contents]
 
 
-def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: bytes | None = None) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: bytes | None = None,
+                    check_basic: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint:
     """Read and verify the checkpoint ``path`` (and ``path.kern``, ``path.meta``).
 
     Checks, in order, before anything is created: the metadata is at most 64 MiB, nested at
@@ -443,7 +444,9 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
     hashes when they are restored (eagerly: all before returning; lazily: each chunk before it
     can be used), or by :func:`verify_memory` (and against the chunk SHA-256 digests, when keyed,
     by any restore). Any failure raises :class:`CheckpointError`
-    naming the file and the field.
+    naming the file and the field. ``check_basic``, when given, sees the basic metadata once the
+    metadata is verified and before the sections are read, so the caller can refuse in its own
+    terms (a device saved but not configured) before a section it cannot place is met.
     """
     path = os.fspath(path)
     meta_path, kern_path = path + META_SUFFIX, path + KERN_SUFFIX
@@ -451,6 +454,8 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
         check_key(key)
     meta = _read_meta(meta_path, key)
     basic, mem = _check_layout(meta, meta_path)
+    if check_basic is not None:
+        check_basic(basic)
     sections = _check_kern(meta, kern_path, meta_path, registry)
     try:
         st = os.stat(path)
