@@ -1,6 +1,7 @@
 """The imports follow the design's layers: each layer imports only the layers below it, peers on
 one line never import each other, snapshot/ and migration/ see a guest only through the
-guest-handle protocol (state/), and guest/ is imported by cli/ and runtime/ alone.
+guest-handle protocol (state/), and guest/ is imported by cli/ and the library's face alone (never
+by the layers it runs on).
 
 Every module under python/vmmpy is parsed with ``ast`` (no module is imported, so an import
 inside a function or under ``TYPE_CHECKING`` counts like any other), each import is resolved to
@@ -24,9 +25,9 @@ PACKAGE = Path(vmmpy.__file__).resolve().parent
 # with guest/ beside the stack. Each layer may import the layers named here and itself, nothing else.
 ALLOWED: dict[str, frozenset[str]] = {
     "cli": frozenset({"runtime", "snapshot", "migration", "state", "devices", "vmm", "memory", "guest"}),
-    # the process: builds the VM and hands it to snapshot/ and migration/ through the guest handle
-    # and loads guest programs into it (the library's Vm and vmmrun build a guest the same way)
-    "runtime": frozenset({"snapshot", "migration", "state", "devices", "vmm", "memory", "guest"}),
+    # the process: builds the VM and hands it to snapshot/ and migration/ through the guest handle;
+    # the guest program is put in by a loader its caller (vmmrun, the library's Vm) passes
+    "runtime": frozenset({"snapshot", "migration", "state", "devices", "vmm", "memory"}),
     # peers; both see a guest only through state/'s guest-handle protocol, never devices or the kernel
     "snapshot": frozenset({"state", "memory"}),
     "migration": frozenset({"state", "memory"}),
@@ -34,23 +35,24 @@ ALLOWED: dict[str, frozenset[str]] = {
     "devices": frozenset({"vmm", "memory"}),
     "vmm": frozenset({"memory"}),
     "memory": frozenset(),
-    # the package's __init__: what ``import vmmpy`` offers (the runtime only on first use of vmmpy.Vm)
-    "face": frozenset({"runtime", "snapshot", "migration", "state", "memory"}),
+    # what ``import vmmpy`` offers: the package's __init__ and the library's entry (vm.py, vmmpy.Vm),
+    # which builds guests from the shipped programs as vmmrun does
+    "face": frozenset({"runtime", "snapshot", "migration", "state", "devices", "memory", "guest"}),
     # beside the stack: programs for the platform the VM builds (its constants), never the layers above it
     "guest": frozenset({"devices", "vmm", "memory"}),
 }
 #: Below everything and importable from anywhere: the Rust core and pure helpers.
-FOUNDATION = frozenset({"_core", "units", "boundedjson", "errors"})
+FOUNDATION = frozenset({"_core", "units", "boundedjson", "errors", "__version__"})
 #: Top-level modules that belong to a layer of another name: the package's own face
 #: (``vmmpy/__init__.py``) exports GuestMemory, the size helpers, the errors and, on first use,
-#: the library's ``Vm`` (runtime/vm.py); importing ``vmmpy`` itself stays as light as memory.py.
-ALIASES = {"__init__": "face"}
+#: the library's ``Vm`` (vm.py); importing ``vmmpy`` itself stays as light as memory.py.
+ALIASES = {"__init__": "face", "vm": "face"}
 
 
 def layer_of(parts: tuple[str, ...]) -> str:
     """The layer of module ``vmmpy.<parts>`` (``()`` is the package itself)."""
     if not parts:
-        return "memory"
+        return "face"  # ``from vmmpy import X`` reaches the package's face
     first = parts[0].removesuffix(".py")
     return ALIASES.get(first, first)
 
@@ -84,8 +86,10 @@ def imported_modules(relpath: str, tree: ast.AST) -> list[tuple[ast.stmt, tuple[
             if not node.level:
                 module = module[1:]
             target = base + module
-            # ``from .. import _core`` names a module; ``from .. import __version__`` a name in one.
-            named = {target + (alias.name,) if _is_submodule(target, alias.name) else target for alias in node.names}
+            # ``from .. import _core`` names a module; ``from .. import __version__`` a name in one (the
+            # package's own dunders, its version, are plain constants: the foundation's).
+            named = {target + (alias.name,) if _is_submodule(target, alias.name) else
+                     ("__version__",) if target == () and alias.name == "__version__" else target for alias in node.names}
             found.extend((node, module) for module in sorted(named))
     return found
 
@@ -143,6 +147,10 @@ def test_every_layer_of_the_table_exists():
     ("runtime/process.py", "from .. import cli\n", "`from .. import cli`: runtime imports cli"),
     ("devices/uart.py", "from ..guest.programs import PROGRAMS\n", "devices imports guest"),
     ("guest/runner.py", "from ..runtime.config import VmConfig\n", "guest imports runtime"),
+    # guest programs are put in by the caller's loader: the runtime never imports them
+    ("runtime/commands.py", "from ..guest.programs import load_into\n", "runtime imports guest"),
+    # the package's face (``vmmpy.Vm``) is above everything but cli's peers
+    ("vmm/vm.py", "def f():\n    from .. import Vm\n", "`from .. import Vm`: vmm imports face"),
     ("memory.py", "from .vmm import ioctl\n", "`from .vmm import ioctl`: memory imports vmm"),
     ("migration/__init__.py", "from ..runtime import guest_handle\n", "migration imports runtime (vmmpy.runtime.guest_handle)"),
     ("newlayer/thing.py", "import os\n", "layer 'newlayer' is not in the layer table"),

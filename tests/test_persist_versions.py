@@ -122,3 +122,35 @@ def test_a_default_made_by_a_factory_is_fresh_for_every_section_read():
     second = persist.load(WithQueue, {}, 1, where="q")
     first.pending.append(1)
     assert second.pending == [], "two restored objects never share a default"
+
+
+def test_a_declaration_that_contradicts_itself_is_refused_when_first_used():
+    @dataclasses.dataclass
+    class FutureField:
+        VERSION = 1
+        MIN_VERSION = 1
+        added: int = dataclasses.field(default=0, metadata={"since": 2})
+
+    @dataclasses.dataclass
+    class OldestAfterNewest:
+        VERSION = 1
+        MIN_VERSION = 2
+        value: int = 0
+
+    with pytest.raises(TypeError, match=r"FutureField\.added: added in version 2, after the declaration's VERSION 1"):
+        persist.dump(FutureField())
+    with pytest.raises(TypeError, match=r"OldestAfterNewest: MIN_VERSION 2 must be from 1 to VERSION 1"):
+        persist.dump(OldestAfterNewest())
+
+
+def test_a_save_that_is_not_of_its_declaration_is_refused_by_section_name():
+    """The version a section is written with and the fields written come from one declaration."""
+    from vmmpy.state.kernel import _section
+
+    @dataclasses.dataclass
+    class Other:
+        VERSION = 9
+        MIN_VERSION = 1
+
+    with pytest.raises(TypeError, match=r"section 'pm': save produced Other, but the section is declared as"):
+        _section("pm", PmState, Other())

@@ -247,3 +247,11 @@ def test_a_guest_with_a_disk_restores_with_its_slots_and_is_refused_without_them
         vm.start()
         assert vm.wait(60) == 1
         assert first + vm.console == expected
+
+
+def test_bad_migration_params_are_a_config_error_naming_the_parameter():
+    with Vm("abtest", memory="16M") as vm:
+        with pytest.raises(ConfigError, match=r"^params: got an unexpected keyword argument 'downtime_ms' \(known: downtime_target_ms, "):
+            vm.migrate("127.0.0.1", 9, params={"downtime_ms": 5})
+        with pytest.raises(ConfigError, match=r"^params: streams must be a whole number from 1 to 16, got 99$"):
+            vm.migrate("127.0.0.1", 9, params={"streams": 99})

@@ -3,7 +3,7 @@
 The memory core and the simulated vCPU are Rust (``vmmpy._core``); the vmm surface, devices,
 control tools and the migration protocol are Python on top.
 
-The library's entry is :class:`vmmpy.Vm` (``vmmpy.runtime.vm``, docs/api.md): a guest built from
+The library's entry is :class:`vmmpy.Vm` (``vmmpy.vm``, docs/api.md): a guest built from
 vmmrun's options that starts, pauses, checkpoints, restores, migrates and closes. Every error
 vmmpy raises on purpose is a :class:`vmmpy.VmmpyError`. ``Vm``, ``VmConfig``, the migration
 types and the errors of the layers above memory are imported on first use, so ``import vmmpy``
@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 #: Names offered here but defined above memory: (module, name), imported on first use.
 _LAZY = {
-    "Vm": (".runtime.vm", "Vm"),
-    "VmStateError": (".runtime.vm", "VmStateError"),
+    "Vm": (".vm", "Vm"),
+    "VmStateError": (".vm", "VmStateError"),
     "VmConfig": (".runtime.config", "VmConfig"),
     "ConfigError": (".runtime.config", "ConfigError"),
     "ControlError": (".runtime.control", "ControlError"),

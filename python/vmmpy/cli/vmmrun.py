@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..devices.registry import PCI_EMULATIONS
+from ..guest.programs import load_into
 from ..migration import MigrationError, parse_address
 from ..migration.net import format_address
 from ..migration.tls import TlsConfig
-from ..runtime.commands import MachineCommands, restore_machine
+from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
     DIRTY_TRACKING,
     TSC_MODES,
@@ -39,7 +40,6 @@ from ..runtime.config import (
 )
 from ..runtime.control import valid_vm_name
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
-from ..runtime.vm import build_machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
@@ -247,7 +247,8 @@ def format_memsize(nbytes: int) -> str:
 
 def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:
     """The machine for a fresh boot, a restore (-r) or an incoming migration (-R), built as the
-    library's ``vmmpy.Vm`` builds one (``runtime.vm.build_machine``)."""
+    library's ``vmmpy.Vm`` builds one (``runtime.commands.build_machine``, with the guest
+    program assembled by ``guest.programs.load_into``)."""
     if args.restore:
         if config.guest:
             raise ConfigError("-r restores a saved guest: do not also give --guest")
@@ -260,7 +261,9 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
         return machine
     if not args.receive and not config.guest:
         raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
-    return build_machine(config, boot=not args.receive)
+    if args.receive:
+        return build_machine(config)  # empty memory: the migration fills it
+    return build_machine(config, load=lambda machine: load_into(machine, config.guest, config.guest_args, memsize=config.memsize))
 
 
 def stopped_while_receiving(signum: int, listen_at: str, peer: str | None) -> str:

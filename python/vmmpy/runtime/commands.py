@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,24 @@ def static_registry(config: VmConfig) -> SectionRegistry:
         return configured_registry([slot.pci_name for slot in config.slots])
     except ValueError as err:
         raise SectionError(str(err)) from None
+
+
+def build_machine(config: VmConfig, *, consoles: Mapping[str, ConsoleBackend] | None = None,
+                  load: Callable[[Machine], None] | None = None) -> Machine:
+    """A machine from ``config`` with its memory set up and ``load`` run on it to put its guest
+    program in place (``vmmrun`` and the library's ``vmmpy.Vm`` pass one that assembles a
+    program for this layout: the runtime itself never imports guest programs): ready for
+    ``start_vcpus``. Without ``load`` the memory stays empty, for an incoming migration. Nothing
+    is left open if any step fails."""
+    machine = Machine(config, consoles=dict(consoles) if consoles else None)
+    try:
+        machine.setup_memory()
+        if load is not None:
+            load(machine)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
 
 
 def restore_machine(

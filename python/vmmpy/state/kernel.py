@@ -99,10 +99,20 @@ def save_sections(machine: Machine) -> list[Section]:
     sections = []
     for k in KERNEL_SECTIONS:
         state = vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(k.req, SnapshotOp.SAVE))
-        sections.append(Section(k.name, k.version, persist.dump(state)))
+        sections.append(_section(k.name, k.state, state))
     for device in machine.devices:
-        sections.append(Section(device.name, device.STATE.VERSION, persist.dump(device.save())))
+        sections.append(_section(device.name, device.STATE, device.save()))
     return sections
+
+
+def _section(name: str, declared: type, state: Any) -> Section:
+    """The section of ``state``, which must be of the declaration its reader uses: the version
+    written and the fields written then come from one place, and a save can never produce a
+    section its own reader refuses."""
+    if type(state) is not declared:
+        raise TypeError(f"section '{name}': save produced {type(state).__name__}, but the section is declared as "
+                        f"{declared.__name__}")
+    return Section(name, declared.VERSION, persist.dump(state))
 
 
 def check_sections(machine: Machine, sections: list[Section], *, what: str) -> dict[str, Any]:

@@ -90,9 +90,14 @@ def fields_of(cls: type) -> tuple[_Field, ...]:
     """A declaration's fields with resolved types, once per class (resolving annotation strings
     is slow enough to matter inside a migration's downtime)."""
     hints = typing.get_type_hints(cls)
+    version, oldest = getattr(cls, "VERSION", None), getattr(cls, "MIN_VERSION", None)
+    if version is not None and oldest is not None and not 1 <= oldest <= version:
+        raise TypeError(f"{cls.__name__}: MIN_VERSION {oldest} must be from 1 to VERSION {version}")
     out = []
     for f in dataclasses.fields(cls):
         since = f.metadata.get("since", 1)
+        if version is not None and since > version:
+            raise TypeError(f"{cls.__name__}.{f.name}: added in version {since}, after the declaration's VERSION {version}")
         if since > 1 and f.default is MISSING and f.default_factory is MISSING:
             raise TypeError(f"{cls.__name__}.{f.name}: a field added in version {since} needs a default for older sections")
         out.append(_Field(f.name, hints[f.name], since, f.default, f.default_factory))

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .. import platform as P
 from ..asm import Program, assemble
@@ -87,6 +88,16 @@ def _assemble_file(path: str, args: Mapping[str, str], memsize: int, lowmem_size
     if image.end > P.IMAGE_LIMIT:
         raise ValueError(f"{path}: the image ends at {image.end:#x}, past the image window's end {P.IMAGE_LIMIT:#x}")
     return image
+
+
+def load_into(machine: Any, name_or_path: str, args: Mapping[str, str] | None = None, *, memsize: int) -> None:
+    """Assemble ``name_or_path`` for the memory layout ``machine`` has set up (the program's
+    addresses depend on the lowmem and highmem sizes) and load it: the loader vmmrun and
+    ``vmmpy.Vm`` hand the runtime's ``build_machine`` (any object with ``vm.memory`` and
+    ``load_program`` will do)."""
+    memory = machine.vm.memory
+    highmem = memory.highmem.size if memory.highmem is not None else 0
+    machine.load_program(load_program(name_or_path, args, memsize=memsize, lowmem_size=memory.lowmem.size, highmem_size=highmem))
 
 
 def load_program(

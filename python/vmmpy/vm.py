@@ -10,6 +10,7 @@ Errors are exceptions under :class:`vmmpy.VmmpyError`; a migration that does not
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import threading
@@ -18,47 +19,40 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..devices.uart import CaptureConsole, ConsoleBackend
-from ..errors import VmmpyError
-from ..migration import Destination, MigrationError, MigrationHandle, MigrationParams, MigrationStats, TlsConfig
-from ..snapshot.checkpoint import RESTORE_MODES, checkpoint_guest
-from ..units import MiB, parse_size
-from .commands import basic_metadata, restore_machine
-from .config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
-from .guest_handle import MachineHandle
-from .process import EXIT_NAMES, Machine
+from .devices.uart import CaptureConsole, ConsoleBackend
+from .errors import VmmpyError
+from .guest.programs import load_into
+from .migration import Destination, MigrationError, MigrationHandle, MigrationParams, MigrationStats, TlsConfig
+from .runtime.commands import basic_metadata, build_machine, restore_machine
+from .runtime.config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
+from .runtime.guest_handle import MachineHandle
+from .runtime.process import EXIT_NAMES, Machine
+from .snapshot.checkpoint import RESTORE_MODES, checkpoint_guest
+from .units import MiB, parse_size
 
 
-def load_guest(machine: Machine, config: VmConfig) -> None:
-    """Assemble ``config.guest`` with its arguments for the memory layout ``machine`` has set
-    up (the program's addresses depend on lowmem and highmem sizes) and load it."""
-    from ..guest.programs import load_program
-
-    memory = machine.vm.memory
-    lowmem = memory.lowmem.size
-    highmem = memory.highmem.size if memory.highmem is not None else 0
-    program = load_program(config.guest, config.guest_args, memsize=config.memsize, lowmem_size=lowmem, highmem_size=highmem)
-    machine.load_program(program)
-
-
-def build_machine(config: VmConfig, *, consoles: Mapping[str, ConsoleBackend] | None = None, boot: bool = True) -> Machine:
-    """A machine from ``config`` with its memory set up and, with ``boot``, its guest program
-    loaded: ready for ``start_vcpus``. Without ``boot`` the memory stays empty for an incoming
-    migration. Nothing is left open if any step fails."""
-    if boot and not config.guest:
+def _boot(config: VmConfig) -> Callable[[Machine], None] | None:
+    """The loader ``build_machine`` runs once memory is set up: ``config.guest`` assembled for it."""
+    if not config.guest:
         raise ConfigError("no guest program: name a shipped one (vmmrun --list-guests) or an assembly file")
-    machine = Machine(config, consoles=dict(consoles) if consoles else None)
-    try:
-        machine.setup_memory()
-        if boot:
-            load_guest(machine, config)
-    except BaseException:
-        machine.close()
-        raise
-    return machine
+    return lambda machine: load_into(machine, config.guest, config.guest_args, memsize=config.memsize)
 
 
 _names = itertools.count()
+
+
+def _params(params: MigrationParams | Mapping[str, Any] | None) -> MigrationParams | None:
+    """``params`` as MigrationParams; a misspelt or bad one is a ConfigError naming it, as any
+    other option the library takes."""
+    if not isinstance(params, Mapping):
+        return params
+    try:
+        return MigrationParams(**params)
+    except TypeError as err:  # an unknown keyword
+        known = ", ".join(f.name for f in dataclasses.fields(MigrationParams))
+        raise ConfigError(f"params: {err.args[0].split('__init__() ', 1)[-1]} (known: {known})") from None
+    except ValueError as err:
+        raise ConfigError(f"params: {err}") from None
 
 
 class VmStateError(VmmpyError, RuntimeError):
@@ -124,7 +118,7 @@ class Vm:
                  tsc: str = "instructions", wired: bool = False, dirty_tracking: str = "soft", name: str | None = None) -> None:
         config, consoles = _config(guest, args, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
                                    tsc=tsc, wired=wired, dirty_tracking=dirty_tracking)
-        self._adopt(build_machine(config, consoles=consoles), consoles)
+        self._adopt(build_machine(config, consoles=consoles, load=_boot(config)), consoles)
 
     def _adopt(self, machine: Machine, consoles: Mapping[str, ConsoleBackend]) -> None:
         self._machine: Machine | None = machine
@@ -302,8 +296,7 @@ class Vm:
         machine = self.machine
         if machine.exit_status is not None:
             raise VmStateError(f"VM '{self.name}' has stopped ({machine.exit_reason}): there is nothing to migrate")
-        if isinstance(params, Mapping):
-            params = MigrationParams(**params)
+        params = _params(params)
         self._migration = MigrationHandle(MachineHandle(machine), host, port, live=live, key=key, params=params,
                                           progress=progress, tls=tls)
         stats = self._migration.wait()
@@ -335,9 +328,8 @@ class Vm:
         failed); :meth:`wait` waits for the guest to stop."""
         config, consoles = _config(None, None, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
                                    tsc=tsc, wired=wired, dirty_tracking=dirty_tracking)
-        if isinstance(params, Mapping):
-            params = MigrationParams(**params)
-        machine = build_machine(config, consoles=consoles, boot=False)
+        params = _params(params)
+        machine = build_machine(config, consoles=consoles)
         vm = cls._from_machine(machine, consoles)
         try:
             vm._incoming = Destination(MachineHandle(machine), host, port, key=key, tls=tls, params=params,
