@@ -67,9 +67,10 @@ def test_a_section_older_than_the_oldest_read_is_refused(monkeypatch):
         persist.load(PmStateV2, {"pm1_control": 0, "reset_control": 0}, 1, where="pm")
 
 
-def test_a_bumped_device_restores_an_old_section_in_a_machine(monkeypatch):
-    """The whole path: a device whose declaration is bumped restores a version-1 section through
-    ``state.kernel``'s checks (registry, declaration, defaults) into the device."""
+def test_a_bumped_device_widens_its_machines_registry(monkeypatch):
+    """A machine's registry (``state.kernel``) takes each device's range from its declaration: a
+    bumped one reads versions 1 and 2 and refuses 3. (The whole restore path, sections into a
+    running guest, is tests/test_compat_fixtures.py's.)"""
     from vmmpy.state.kernel import section_registry
 
     class Machine:

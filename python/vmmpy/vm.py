@@ -239,9 +239,12 @@ class Vm:
         machine = self.machine
         receiving = self._receiving
         if receiving is not None:
+            started = time.monotonic()
             receiving.join(timeout)
             if receiving.is_alive():
                 return None
+            if timeout is not None:  # the whole wait is bounded by timeout, not each part of it
+                timeout = max(0.0, timeout - (time.monotonic() - started))
         elif not self._started and machine.exit_status is None:
             raise VmStateError(f"VM '{self.name}' was never started: call start() first")
         return machine.wait(timeout)
