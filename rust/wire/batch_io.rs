@@ -227,6 +227,19 @@ pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError>
 /// [`recv_batch`], and then every page the batch wrote marked stale in `tracker`, so the commit
 /// digest it keeps stays current (marked after the writes, as the tracker requires).
 pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
+    recv_batch_admitted(fd, mem, tracker, |_| Ok(()))
+}
+
+/// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
+/// 1 when its payload is LZ4) once the header, table and ranges are checked and before any byte of
+/// its payload is read or any guest byte written: a batch the receiver will not take (compression it
+/// did not agree to, more pages than the round may carry) is refused there, unread.
+pub(crate) fn recv_batch_admitted(
+    fd: RawFd,
+    mem: &GuestMemory,
+    tracker: Option<&DigestTracker>,
+    admit: impl FnOnce(&BatchStats) -> Result<(), PageError>,
+) -> Result<BatchStats, PageError> {
     let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
     read_exact(fd, &mut header_bytes, "batch header")?;
     let header = decode_header(&header_bytes)?;
@@ -239,11 +252,15 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
         return Err(MemoryError::Closed { segment: seg.name().to_string() }.into());
     }
     let offsets = validate_ranges(seg, &header, &ranges)?;
-    ready_ranges(seg, &ranges, &offsets)?;
     let mut stats = BatchStats::of(&ranges);
-    if header.flags & BATCH_FLAG_LZ4 != 0 {
-        recv_lz4_payload(fd, seg, &header, &ranges, &offsets)?;
+    let lz4 = header.flags & BATCH_FLAG_LZ4 != 0;
+    if lz4 {
         stats.compressed_batches = 1;
+    }
+    admit(&stats)?;
+    ready_ranges(seg, &ranges, &offsets)?;
+    if lz4 {
+        recv_lz4_payload(fd, seg, &header, &ranges, &offsets)?;
         stats.saved_bytes = stats.data_bytes - header.payload_len;
         stats.wire_bytes -= stats.saved_bytes;
         if let Some(tracker) = tracker {

@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{recv_batch_tracked, send_batch, send_batch_tracked, BatchTotals};
+use super::batch_io::{recv_batch_admitted, send_batch, send_batch_tracked, BatchTotals};
 use crate::digest::DigestTracker;
 use crate::digest::PageError;
 use crate::memory::GuestMemory;
@@ -156,16 +156,19 @@ pub fn recv_share(
 ) -> Result<BatchTotals, PageError> {
     let mut totals = BatchTotals::default();
     loop {
-        let stats = recv_batch_tracked(fd, mem, tracker)?;
+        // Refused before its payload is read or a guest byte written: compression the stream did
+        // not agree to (the decompressor never sees it), pages beyond what the round may carry.
+        let stats = recv_batch_admitted(fd, mem, tracker, |batch| {
+            if batch.compressed_batches > 0 && !compressed {
+                return Err(PageError::CompressionNotAgreed);
+            }
+            budget.charge(batch.data_pages + batch.zero_pages)
+        })?;
         if stats.ranges == 0 {
             totals.stats.wire_bytes += stats.wire_bytes;
             return Ok(totals);
         }
-        if stats.compressed_batches > 0 && !compressed {
-            return Err(PageError::CompressionNotAgreed);
-        }
         totals.add(stats);
-        budget.charge(stats.data_pages + stats.zero_pages)?;
     }
 }
 

@@ -113,6 +113,10 @@ fn a_share_over_budget_or_compressed_without_agreement_is_refused() {
     let b = send(CompressMode::Lz4);
     let err = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), false).unwrap_err();
     assert!(matches!(err, PageError::CompressionNotAgreed), "{err}");
+    // Refused unread: the block never reached the decompressor, no guest byte was written.
+    let mut page = vec![0xFFu8; 16 * 4096];
+    dst.read(GuestAddress(0), &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0), "a refused batch wrote guest memory");
     let b = send(CompressMode::Lz4);
     let got = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), true).unwrap();
     assert_eq!((got.batches, got.stats.data_pages, got.stats.compressed_batches), (1, 16, 1));
