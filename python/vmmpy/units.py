@@ -39,6 +39,14 @@ def parse_size(value: int | str, *, default_unit: int = 1, what: str = "size") -
     return int(number) * scale
 
 
+def format_memsize(nbytes: int) -> str:
+    """Bytes as ``-m`` spells them: ``256M``, ``4G``, ``1536M`` (the largest unit that divides)."""
+    for suffix, scale in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if nbytes and nbytes % scale == 0:
+            return f"{nbytes // scale}{suffix}"
+    return str(nbytes)
+
+
 def format_size(nbytes: float) -> str:
     """``1536 MiB`` -> ``'1.5 GiB'``; exact multiples print without decimals."""
     for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):

@@ -43,6 +43,7 @@ from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
+from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow
 from . import vmmrun_config
 from .about import version_line
@@ -235,14 +236,6 @@ def saved_differs(args: argparse.Namespace, saved: VmConfig) -> str | None:
     if not given:
         return None
     return "; ".join(f"the saved guest has {flag} {has}, {flag} {was} was given" for flag, has, was in given)
-
-
-def format_memsize(nbytes: int) -> str:
-    """bytes -> how -m would say it: ``256M``, ``4G``, ``1536M``."""
-    for suffix, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if nbytes % scale == 0:
-            return f"{nbytes // scale}{suffix}"
-    return str(nbytes)
 
 
 def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:

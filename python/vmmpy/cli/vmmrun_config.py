@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..runtime.config import DIRTY_TRACKING, TSC_MODES, VENDORS, ConfigError
+from ..runtime.config import DIRTY_TRACKING, TSC_MODES, VENDORS, ConfigError, parse_slot
 from ..units import MiB, parse_size
 
 #: One source of a value: "FILE:LINE" or "-o".
@@ -158,13 +158,8 @@ def apply(args: argparse.Namespace, values: dict[str, tuple[str, Where]]) -> Non
 def _slot_of(spec: str) -> tuple[int, int, int] | None:
     """The (bus, slot, function) a ``-s`` names, or None when it does not parse (its own error
     comes later, from the command line's parser)."""
-    where = spec.partition(",")[0]
     try:
-        numbers = [int(part, 0) for part in where.split(":")]
-    except ValueError:
+        slot = parse_slot(spec)
+    except ConfigError:
         return None
-    if len(numbers) == 1:
-        return 0, numbers[0], 0
-    if len(numbers) == 2:
-        return 0, numbers[0], numbers[1]
-    return tuple(numbers) if len(numbers) == 3 else None  # type: ignore[return-value]
+    return slot.bus, slot.slot, slot.func

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..memory import GuestMemory
+from ..units import format_memsize
 from .section import Section
 
 if TYPE_CHECKING:
@@ -116,15 +117,11 @@ def spec_mismatches(local: dict[str, Any], remote: dict[str, Any]) -> list[str]:
 
 
 def _memsize(layout: tuple[Any, Any]) -> str:
-    """lowmem + highmem as ``-m`` spells it (``256M``, ``4G``), or the raw pair if malformed."""
+    """lowmem + highmem as ``-m`` spells it, or the raw pair if malformed."""
     low, high = layout
     if not isinstance(low, int) or not isinstance(high, int):
         return f"? (lowmem {low!r}, highmem {high!r})"
-    total = low + high
-    for suffix, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if total and total % scale == 0:
-            return f"{total // scale}{suffix}"
-    return str(total)
+    return format_memsize(low + high)
 
 
 __all__ = ["GuestHandle", "SavableMachine", "spec_mismatches"]
