@@ -182,8 +182,10 @@ def _run_info(config: pytest.Config) -> dict:
             arg = str(Path(arg).relative_to(root))
         args.append(arg)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout
+        commit = (commit + (" with uncommitted changes" if changed.strip() else "")) or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pytest_args": [shlex.quote(a) for a in args],

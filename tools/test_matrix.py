@@ -22,6 +22,7 @@ The results file (JSON, written by the plugin, read here; ``version`` changes wh
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -222,6 +223,13 @@ def read_results(path: str | os.PathLike) -> Results:
     return results
 
 
+def declarations_digest(results: Results) -> str:
+    """A digest of which tests declare which combinations (not of their outcomes): the page carries
+    it, so a test can tell the page was made from the suite's current marks."""
+    pairs = sorted(json.dumps([t.test, sorted(json.dumps(c, sort_keys=True) for c in t.covers)]) for t in results.tests)
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:32]
+
+
 # ---- the Markdown ---------------------------------------------------------------------------------
 
 MARKS = {"passed": "✓", "failed": "✗", "skipped": "skipped"}
@@ -355,7 +363,7 @@ def render(results: Results, command: str) -> str:
     entries = entries_of(results)
     run = results.run
     counts = {o: sum(t.outcome == o for t in results.tests) for o in OUTCOMES}
-    out = ["# Test matrix", ""]
+    out = ["# Test matrix", "", f"<!-- declarations {declarations_digest(results)} -->", ""]
     out += [
         "Which guests, devices, save/restore modes, migration modes and CPU vendors the test suite **proves** work together.",
         "Each test that proves a guest ends exactly as it should declares what it covers (`@pytest.mark.covers(...)`);",
@@ -407,17 +415,22 @@ def _overview(entries: list[Entry]) -> list[str]:
 
 
 def _operation_table(operation: Operation, entries: list[Entry], refs: list[str]) -> list[str]:
+    """One operation's table: a row per guest (with its device and what ran it) and a column per
+    vendor, restore mode and set of options; migrations, which have many sets of options and few
+    guests, the other way round."""
     out = [f"## {operation.title}", "", f"A ✓ says: the guest was {operation.proves}.", ""]
-    columns = fixed_columns(operation.name)
-    columns += sorted({column_key(e) for e in entries} - set(columns), key=_sort_key)
-    rows = sorted({row_key(e) for e in entries}, key=lambda k: tuple(_order(n, v) for n, v in zip(ROW_DIMENSIONS, k)))
-    if not rows:
+    options = fixed_columns(operation.name)
+    options += sorted({column_key(e) for e in entries} - set(options), key=_sort_key)
+    guests = sorted({row_key(e) for e in entries}, key=lambda k: tuple(_order(n, v) for n, v in zip(ROW_DIMENSIONS, k)))
+    if not guests:
         return out + ["No test that ran proves this operation.", ""]
+    across = operation.name in MIGRATIONS
     table, notes = [], []
-    for row in rows:
-        cells = [row_label(row)]
-        for column in columns:
-            here = [e for e in entries if row_key(e) == row and column_key(e) == column]
+    for first in options if across else guests:
+        cells = [column_label(first) if across else row_label(first)]
+        for second in guests if across else options:
+            guest, option = (second, first) if across else (first, second)
+            here = [e for e in entries if row_key(e) == guest and column_key(e) == option]
             outcome = merge(e.test.outcome for e in here)
             if outcome is None:
                 cells.append("")
@@ -425,12 +438,12 @@ def _operation_table(operation: Operation, entries: list[Entry], refs: list[str]
             refs.append("")
             ref = f"#{len(refs)}"
             cells.append(_cell(outcome, ref))
-            label = f"{row_label(row)}, {column_label(column)}"
             tests = "; ".join(f"`{e.test.test}` {MARKS.get(e.test.outcome, e.test.outcome)}"
                               + (f" ({e.test.reason})" if e.test.reason and e.test.outcome != "passed" else "") for e in here)
-            notes.append(f"- **{ref}** {label}: {tests}")
+            notes.append(f"- **{ref}** {row_label(guest)}, {column_label(option)}: {tests}")
         table.append(cells)
-    return out + _table(["guest", *(column_label(c) for c in columns)], table) + ["", *notes, ""]
+    header = ["options", *(row_label(g) for g in guests)] if across else ["guest", *(column_label(o) for o in options)]
+    return out + _table(header, table) + ["", *notes, ""]
 
 
 def _together(entries: list[Entry]) -> list[str]:
@@ -473,7 +486,7 @@ def _not_covered(results: Results, entries: list[Entry]) -> list[str]:
                      if merge(e.test.outcome for e in here if row_key(e) == row and _shown_match(e, c)) != "passed"]
             if blank:
                 lines.append(f"- {verbs[operation]}: {row_label(row)}: never with {_join(blank)}.")
-    out += ["### Rows without a vendor or restore mode", "", *(lines or ["None."]), ""]
+    out += ["### Guests never run with a vendor or restore mode", "", *(lines or ["None."]), ""]
     migrations = [e for e in entries if e["operation"] in MIGRATIONS]
     items = option_items()
     lines = []
@@ -532,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"test_matrix: pytest exited {status} (interrupted, usage error or no tests): the matrix was not written",
                       file=sys.stderr)
                 return 1
-            command = "python -m tools.test_matrix --run" + "".join(f" --pytest-arg={a}" for a in args.pytest_arg)
+            command = ".venv/bin/python -m tools.test_matrix --run" + "".join(f" --pytest-arg={a}" for a in args.pytest_arg)
         else:
             path = Path(args.results)
             command = f"python -m tools.test_matrix {path.name}"
