@@ -378,8 +378,8 @@ def render(results: Results, command: str) -> str:
         f"{counts['skipped']} skipped" + (f", {counts['not run']} did not run" if counts["not run"] else "") + ".",
         "",
         f"Legend: ✓ passed · ✗ failed · skipped (reason in the list) · blank: not covered · {NOT_APPLICABLE} does not apply · "
-        "`#n` the tests behind a cell, listed below its table. A column names the vendor (and restore mode) and whatever "
-        "differs from the defaults (see the vocabulary at the end).",
+        "`#n` the tests behind a cell, listed below its table. A set of options (a column; for migrations a row) names the "
+        "vendor, the restore mode where there is one, and whatever differs from the defaults (the vocabulary at the end).",
         "",
     ]
     out += _overview(entries)
@@ -556,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     Path(args.output).write_text(render(results, command))
     failed = sum(t.outcome == "failed" for t in results.tests)
-    print(f"wrote {args.output}: {len(results.tests)} tests, {failed} failed")
+    shown = Path(args.output).resolve()
+    print(f"wrote {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}: {len(results.tests)} tests, {failed} failed")
     return 1 if failed or status else 0
 
 
