@@ -1,11 +1,13 @@
 """The test matrix (docs/test-matrix.md) shows what a run proved, not what tests declare: a passing
 test gives ✓, a failing one ✗, a skipped one 'skipped' with its reason, and a combination no test
-that ran declares stays blank. A covers mark outside the vocabulary stops any run naming the test."""
+that ran declares stays blank. A covers mark outside the vocabulary stops any run naming the test,
+and the committed page was made from the suite's current declarations."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +193,18 @@ def test_a_bad_results_file_is_refused_naming_it(tmp_path, capsys, content, mess
     assert err.startswith(f"test_matrix: results file '{path}': ") and message in err, err
     assert not (tmp_path / "out.md").exists()
 
+
+def test_the_committed_matrix_was_made_from_the_suites_current_declarations(tmp_path):
+    """Every covers mark in the suite is in the vocabulary (collection would stop otherwise), and
+    docs/test-matrix.md was generated from exactly these declarations: a mark added, removed or
+    changed without regenerating the page fails here."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "covers", "-p", "no:cacheprovider",
+                             "--matrix-results", str(tmp_path / "declared.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    declared = tm.read_results(tmp_path / "declared.json")
+    assert len(declared.tests) >= 60 and all(t.outcome == "not run" for t in declared.tests)
+    page = (ROOT / tm.DOC).read_text()
+    match = re.search(r"<!-- declarations (\w+) -->", page)
+    assert match, "docs/test-matrix.md carries the digest of the declarations it was made from"
+    assert match.group(1) == tm.declarations_digest(declared), (
+        "docs/test-matrix.md is out of date with the covers marks: regenerate it with .venv/bin/python -m tools.test_matrix --run")
