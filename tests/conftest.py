@@ -1,8 +1,15 @@
-"""Shared fixtures: which dirty-tracking backends this machine offers."""
+"""Shared fixtures: which dirty-tracking backends this machine offers; and the test matrix's
+``covers`` mark and ``--matrix-results`` option (tests/matrix_plugin.py)."""
 
 import pytest
 
 from .kernel_probe import kernel_dirty_tracking_unavailable_reason
+from .matrix_plugin import pytest_addoption as pytest_addoption
+from .matrix_plugin import pytest_collection_finish as pytest_collection_finish
+from .matrix_plugin import pytest_collection_modifyitems as pytest_collection_modifyitems
+from .matrix_plugin import pytest_configure as pytest_configure
+from .matrix_plugin import pytest_runtest_makereport as pytest_runtest_makereport
+from .matrix_plugin import pytest_sessionfinish as pytest_sessionfinish
 
 # Decided by asking the kernel, not vmmpy (see kernel_probe.py): where the kernel offers the
 # features, the kernel-backend tests run, and a broken backend fails them instead of skipping.

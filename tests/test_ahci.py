@@ -69,6 +69,7 @@ CASES = {
 }
 
 
+@pytest.mark.covers(operation="state-move", guest="ahcitest", device="ahci-hd", via="machine")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ahcitest_paused_mid_io_and_restored_elsewhere_finishes_identically(tmp_path, case):
     slots_t, args = CASES[case]
@@ -101,6 +102,7 @@ def test_ahcitest_paused_mid_io_and_restored_elsewhere_finishes_identically(tmp_
         assert sha(img) == sha(ref_img)
 
 
+@pytest.mark.covers(operation="state-move", guest="ahcitest", device="ahci-hd", via="machine")
 def test_a_pause_right_after_issuing_carries_the_pending_interrupt(tmp_path):
     """Pause a few instructions after a PxCI write, with the port's interrupt pending and the
     INTx line up; move the guest; same console and image."""
@@ -306,6 +308,7 @@ def test_static_registry_knows_the_ahci_section(tmp_path):
         machine.close()
 
 
+@pytest.mark.covers(operation="suspend", guest="ahcitest", device="ahci-hd", via="cli")
 def test_vmmrun_suspends_an_ahcitest_guest_and_resumes_it_with_the_disk(tmp_path):
     import json
     import subprocess

@@ -25,6 +25,7 @@ def expected_abtest_console():
     return "".join(f"abtest: sweep {n}\n" for n in range(50, 401, 50)) + DONE
 
 
+@pytest.mark.covers(operation="suspend", guest="abtest", via="cli", vendor="{vendor}", restore="{mode}")
 @pytest.mark.parametrize(
     "vendor, mode, at",
     [("intel", "eager", 1), ("amd", "lazy", 3_000_001), ("intel", "lazy", 7_777_777), ("amd", "eager", 10_000_000)],
@@ -50,6 +51,7 @@ def test_suspend_then_resume_finishes_exactly_as_an_uninterrupted_run(tmp_path, 
     assert console.read_text() == expected_abtest_console()
 
 
+@pytest.mark.covers(operation="checkpoint", guest="hash", via="cli")
 def test_checkpoint_keeps_the_guest_running_and_the_copy_finishes_the_same(tmp_path):
     first, second = tmp_path / "first.log", tmp_path / "second.log"
     proc = start_vmmrun(tmp_path, "--guest", "hash", "--guest-arg", "rounds=40", "--guest-arg", "end=6M",
@@ -184,6 +186,7 @@ def test_host_tsc_continues_across_suspend_without_jumping_or_going_back(tmp_pat
         assert largest_step_ns < suspended_for * 1e9 / 2, f"{vendor}: the guest TSC jumped by {largest_step_ns / 1e9:.3f} s"
 
 
+@pytest.mark.covers(operation="suspend", guest="console", via="cli")
 @pytest.mark.parametrize("at", [17, 601, 1_333, 2_100])  # of about 2,230 instructions in all
 def test_a_timer_driven_guest_resumes_on_the_same_tick(tmp_path, at):
     """The console guest sleeps in hlt between lapic timer interrupts: suspended with the timer

@@ -198,7 +198,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=pytest.mark.covers(operation="state-move", guest=program, device=slots[-1].split(",")[1], via="machine"))
+    for case, (slots, program, _args, _console) in sorted(CASES.items())
+])
 def test_a_run_paused_mid_io_and_restored_elsewhere_finishes_bit_identically(tmp_path, case):
     slots_t, program, args, vc_name = CASES[case]
 
@@ -442,6 +445,7 @@ def test_static_registry_knows_every_device_section_from_the_classes(tmp_path):
 # ---- through vmmrun and vmmctl -----------------------------------------------------------------------
 
 
+@pytest.mark.covers(operation="suspend", guest="blktest", device="virtio-blk", via="cli")
 def test_vmmrun_suspends_a_blktest_guest_and_resumes_it_with_the_disk(tmp_path):
     import json
     import subprocess

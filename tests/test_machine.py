@@ -181,6 +181,7 @@ def final_state(machine):
     return machine.vm.memory.digest(), vcpu.registers(), vcpu.instructions_retired
 
 
+@pytest.mark.covers(operation="state-move", guest="busy", via="machine")
 def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
     """Pause mid-run, save every section and all memory into a fresh machine, finish there:
     the end is the same as an uninterrupted run's, in memory, registers and console."""
@@ -200,6 +201,7 @@ def test_state_sections_move_a_running_guest_into_a_fresh_machine_exactly():
         assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
 
 
+@pytest.mark.covers(operation="state-move", guest="busy", via="machine", compress="lz4")
 def test_a_guest_moved_with_compressed_pages_ends_exactly_as_an_unmigrated_run():
     """The same move with every page batch LZ4-compressed: memory, registers, instruction count
     and console end as in the run that never moved."""

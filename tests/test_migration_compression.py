@@ -16,6 +16,7 @@ from .migration_helpers import KEY, migrate_pair
 from .test_migration_engine import assert_arrived_exact
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", compress="lz4", key=True)
 def test_warm_migration_with_lz4_arrives_exactly_and_counts_what_it_saved(guests):
     src = guests("64M", work_pages=2048)
     dst = guests("64M", work_pages=2048, running=False)
@@ -37,6 +38,7 @@ def test_warm_migration_with_lz4_arrives_exactly_and_counts_what_it_saved(guests
     json.dumps(d)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", compress="lz4", bandwidth="capped")
 def test_live_migration_with_lz4_keeps_guest_counters_exact(guests):
     src = guests("64M", work_pages=2048, rate=6000)
     dst = guests("64M", work_pages=2048, running=False)
@@ -51,6 +53,7 @@ def test_live_migration_with_lz4_keeps_guest_counters_exact(guests):
     assert_arrived_exact(src, dst)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", compress="auto", bandwidth="capped")
 def test_auto_compresses_on_a_slow_link(guests):
     # At 32 MiB/s a 1 MiB batch that halves saves about 16 ms of link time; LZ4 takes about
     # 2 ms to find that out, so auto compresses (a margin of several times, not a timing race).

@@ -8,6 +8,7 @@ from vmmpy.units import MiB
 from .migration_helpers import migrate_pair
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", bandwidth="capped", throttled=True)
 def test_auto_converge_throttles_like_qemu_and_still_moves_the_guest_exactly(guests):
     # 1024 pages (4 MiB) rewritten at 32 MiB/s against an 8 MiB/s link: never converges unthrottled.
     src = guests("32M", work_pages=1024, rate=8000, chunk_pages=32)
@@ -46,6 +47,7 @@ def test_give_up_aborts_cleanly_and_the_guest_keeps_running_on_the_source(guests
     assert src.bad_pages() == []
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", bandwidth="capped")
 def test_switch_over_policy_finishes_a_non_converging_guest_with_a_note(guests):
     src = guests("32M", work_pages=1024, rate=8000, chunk_pages=32)
     dst = guests("32M", work_pages=1024, running=False)

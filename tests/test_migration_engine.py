@@ -26,6 +26,7 @@ def assert_arrived_exact(src: FakeGuest, dst: FakeGuest) -> None:
     assert dst.bad_pages() == []
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", key=True)
 def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     src = guests("64M", work_pages=2048)
     dst = guests("64M", work_pages=2048, running=False)
@@ -71,6 +72,7 @@ def test_without_resumed_the_source_holds_the_guest_until_a_reconnect_confirms_i
     assert_arrived_exact(src, dst)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", bandwidth="capped")
 def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):
     # QEMU's trick to force real iterations: a link slower than the guest dirties its memory at
     # first, and a tight downtime target.
@@ -97,6 +99,7 @@ def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):
     json.dumps(d)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", network="ipv6")
 def test_live_migration_at_full_speed_over_ipv6(guests):
     import socket
     if not socket.has_ipv6:
@@ -118,6 +121,7 @@ def test_live_migration_at_full_speed_over_ipv6(guests):
     assert_arrived_exact(src, dst)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", highmem=True)
 def test_64g_unwired_guest_sends_only_what_was_touched(guests):
     src = guests("64G", work_pages=512, running=True)  # 2 MiB of counters in lowmem
     dst = guests("64G", work_pages=512, running=False)
@@ -134,6 +138,7 @@ def test_64g_unwired_guest_sends_only_what_was_touched(guests):
     assert_arrived_exact(src, dst)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", verify="full", bandwidth="capped")
 def test_live_migration_with_full_verification_is_exact(guests):
     src = guests("64M", work_pages=2048, rate=6000)
     dst = guests("64M", work_pages=2048, running=False)

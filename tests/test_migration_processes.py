@@ -102,6 +102,7 @@ def finish(proc, timeout=120):
         stop(proc)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="abtest", via="cli")
 @pytest.mark.parametrize("pause_at", [1, 4_000_001, 20_000_000])
 def test_warm_migration_at_several_points_finishes_exactly(tmp_path, pause_at):
     sweeps = 2000
@@ -115,6 +116,7 @@ def test_warm_migration_at_several_points_finishes_exactly(tmp_path, pause_at):
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli")
 def test_live_migration_of_a_busy_guest_takes_rounds_and_loses_nothing(tmp_path):
     # abtest rewrites its 6 MiB working set (2M..8M) flat out for a couple of seconds: every
     # pre-copy round finds it dirty again, and the final stop-and-copy must leave nothing behind.
@@ -136,6 +138,7 @@ def test_live_migration_of_a_busy_guest_takes_rounds_and_loses_nothing(tmp_path)
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+@pytest.mark.covers(operation="migrate-{live}", guest="abtest", via="cli", compress="lz4")
 @pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
 def test_migration_with_lz4_compression_finishes_exactly_as_an_unmigrated_run(tmp_path, live):
     # abtest's pages hold its counters: very compressible, so every round goes mostly compressed.
@@ -154,6 +157,7 @@ def test_migration_with_lz4_compression_finishes_exactly_as_an_unmigrated_run(tm
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli", highmem=True)
 def test_a_large_mostly_untouched_guest_sends_only_its_touched_memory(tmp_path):
     sweeps = 400
     # 3076M: lowmem 3 GiB and 4 MiB of highmem; abtest sweeps 2M..8M and all of highmem.
@@ -169,6 +173,7 @@ def test_a_large_mostly_untouched_guest_sends_only_its_touched_memory(tmp_path):
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli", verify="full")
 def test_vmmctl_verify_full_checks_all_memory_and_the_guest_finishes_exactly(tmp_path):
     sweeps = 2000
     result, source, dest, src_status, src_console, dst_console = migrate_pair(
@@ -246,6 +251,7 @@ def test_a_wrong_key_is_refused_before_any_state_moves(tmp_path):
         stop(dest)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="abtest", via="cli", network="ipv6")
 def test_warm_migration_over_ipv6_loopback(tmp_path):
     try:
         free_port("::1")
@@ -302,6 +308,7 @@ def two_hosts():
         subprocess.run(["ip", "netns", "del", b], capture_output=True)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli", network="netns", key=True)
 def test_live_migration_between_two_network_namespaces(tmp_path, two_hosts):
     ns_a, ns_b, dest_ip = two_hosts
     key = tmp_path / "mig.key"
@@ -319,6 +326,7 @@ def test_live_migration_between_two_network_namespaces(tmp_path, two_hosts):
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="hash", via="cli")
 def test_the_hash_guest_migrated_live_prints_the_reference_hash(tmp_path):
     from vmmpy.guest.programs.hash import reference_hash
 
@@ -369,6 +377,7 @@ def test_a_destination_with_another_vendor_refuses(tmp_path):
         stop(dest)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli", tracking="kernel")
 def test_live_migration_with_the_kernel_dirty_backend_on_both_sides(tmp_path):
     """The same busy live migration, dirty pages found by userfaultfd write-protect and
     PAGEMAP_SCAN instead of the soft bitmap."""
@@ -399,6 +408,7 @@ def test_live_migration_with_the_kernel_dirty_backend_on_both_sides(tmp_path):
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="blktest", device="virtio-blk", via="cli")
 def test_a_guest_mid_disk_io_migrates_with_its_shared_disk(tmp_path):
     """blktest writes and reads back every sector of a virtio-blk disk; migrated warm mid-run,
     with both sides naming the same image (shared storage, as bhyve requires), it finishes on the

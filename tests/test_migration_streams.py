@@ -57,6 +57,7 @@ def _boot_with_ballast(name: str, program: str, pause_at=None):
     return machine, console
 
 
+@pytest.mark.covers(operation="migrate-{live}", guest="busy", via="machine", streams="{streams}", key=True)
 @pytest.mark.parametrize("streams", [2, 4])
 @pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
 def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, streams):
@@ -94,6 +95,7 @@ def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, s
 # -- the migration test guest: exact over several live rounds ---------------------------------------
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", streams="{streams}", key=True, bandwidth="capped")
 @pytest.mark.parametrize("streams", [2, 4])
 def test_live_rounds_over_parallel_streams_keep_every_page_exact(guests, streams):
     src = guests("64M", work_pages=8192, rate=12000)
@@ -426,6 +428,7 @@ def test_a_destination_cancelled_while_streams_join_discards(guests):
 # -- the command line, with real vmmrun and vmmctl processes -------------------------------------------
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli", streams=3, key=True)
 def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
     from .procs import vmmctl
     from .test_migration_processes import expected_console, finish
@@ -454,6 +457,7 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
 # -- with mutual TLS: every connection is TLS ----------------------------------------------------------
 
 
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", streams=3, tls=True, key=True)
 def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is_refused(guests, tmp_path):
     from .test_migration_tls import TlsDestination
     from .tls_pki import Pki

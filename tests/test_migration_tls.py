@@ -54,7 +54,11 @@ def assert_nothing_received(dst: FakeGuest, dstats) -> None:
     assert dstats.bytes_total == 0, "no frame was read from a source that did not pass TLS"
 
 
-@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.parametrize("live", [
+    pytest.param(False, id="warm", marks=pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", tls=True)),
+    pytest.param(True, id="live", marks=pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", tls=True,
+                                                           bandwidth="capped")),
+])
 def test_migration_over_tls_arrives_exact(guests, pki, live):
     src = guests("64M", work_pages=2048, rate=None if not live else 6000)
     dst = guests("64M", work_pages=2048, running=False)
@@ -73,6 +77,7 @@ def test_migration_over_tls_arrives_exact(guests, pki, live):
     assert_arrived_exact(src, dst)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", tls=True, key=True)
 def test_the_shared_key_and_tls_together(guests, pki):
     src = guests("64M", work_pages=1024)
     dst = guests("64M", work_pages=1024, running=False)
@@ -231,6 +236,7 @@ def test_a_key_of_another_certificate_is_named(pki):
         TlsConfig(a.cert, b.key, a.ca)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", tls=True, network="ipv6")
 def test_migration_over_tls_on_ipv6_loopback(guests, pki):
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()

@@ -29,7 +29,8 @@ def tls_args(crt, key, ca):
     return ["--tls-cert", crt, "--tls-key", key, "--tls-ca", ca]
 
 
-@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.covers(operation="migrate-{live}", guest="abtest", via="cli", tls=True, key=True)
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
 def test_vmmctl_migrates_over_tls_with_a_key_and_the_guest_finishes_exactly(tmp_path, pki, live):
     # Live: abtest rewrites 6 MiB (2M..8M) flat out for several seconds, so the rounds run while
     # it dirties memory; warm: a short run paused part way.

@@ -84,6 +84,7 @@ CASES = {
 }
 
 
+@pytest.mark.covers(operation="state-move", guest="nvmetest", device="nvme", via="machine")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_nvmetest_paused_mid_io_and_restored_elsewhere_finishes_identically(tmp_path, case):
     slots_t, args = CASES[case]
@@ -120,6 +121,7 @@ def test_nvmetest_paused_mid_io_and_restored_elsewhere_finishes_identically(tmp_
     assert seen_io_queues, "some pause point fell inside the I/O phase"
 
 
+@pytest.mark.covers(operation="state-move", guest="nvmetest", device="nvme", via="machine")
 def test_a_pause_right_after_a_doorbell_carries_unreleased_completions_and_the_interrupt(tmp_path):
     """Pause a few instructions after an I/O SQ doorbell write, when the device holds
     completions the driver has not released and the INTx line is up; move it; same result."""
@@ -416,6 +418,7 @@ def test_static_registry_knows_the_nvme_section(tmp_path):
         machine.close()
 
 
+@pytest.mark.covers(operation="suspend", guest="nvmetest", device="nvme", via="cli")
 def test_vmmrun_suspends_an_nvmetest_guest_and_resumes_it_with_the_disk(tmp_path):
     import json
     import subprocess

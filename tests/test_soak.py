@@ -24,6 +24,7 @@ def soak(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tools.soak", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli", key=True)
 @pytest.mark.timeout(300)
 def test_a_soak_of_three_migrations_checks_each_and_records_it(tmp_path):
     record_file = tmp_path / "soak.json"

@@ -39,6 +39,8 @@ def final_state(vm: Vm) -> tuple[int, str, int]:
     return status, digest, vm.machine.vm.vcpus[0].instructions_retired
 
 
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", restore="lazy", key=True)
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="api")
 def test_a_guest_checkpointed_restored_lazily_and_migrated_live_ends_as_an_uninterrupted_run(tmp_path):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm:
         vm.start()
@@ -71,6 +73,7 @@ def test_a_guest_checkpointed_restored_lazily_and_migrated_live_ends_as_an_unint
     assert first + second + third == expected_console
 
 
+@pytest.mark.covers(operation="suspend", guest="abtest", via="api")
 def test_suspend_stops_the_guest_and_a_restore_runs_it_to_the_same_end(tmp_path):
     with Vm(GUEST, args={"sweeps": 300, "report": 0}, memory="16M") as vm:
         vm.start()
@@ -218,6 +221,7 @@ def test_a_migration_in_doubt_raises_holds_the_guest_and_resolve_migration_settl
             src.resolve_migration()
 
 
+@pytest.mark.covers(operation="checkpoint", guest="blktest", device="virtio-blk", via="api")
 def test_a_guest_with_a_disk_restores_with_its_slots_and_is_refused_without_them(tmp_path):
     """``slots`` are vmmrun's -s options: blktest drives a virtio-blk disk through a checkpoint
     taken halfway and ends as an uninterrupted run; a restore that leaves the devices out is

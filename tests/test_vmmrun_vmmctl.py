@@ -145,6 +145,7 @@ def test_two_vmmruns_started_at_once_with_one_name_yield_exactly_one(tmp_path):
                 stop(p)
 
 
+@pytest.mark.covers(operation="suspend", guest="abtest", via="cli", vcpus=2)
 def test_a_two_vcpu_guest_runs_checkpoints_and_resumes(tmp_path):
     """-c 2: the application processor waits for a STARTUP IPI (abtest never sends one) while
     the BSP runs; both vCPUs' state travels through a suspend and resume."""
