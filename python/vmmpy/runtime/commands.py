@@ -339,8 +339,8 @@ class MachineCommands:
         handle = self._migration
         if handle is None:
             incoming = self.incoming
-            if incoming is not None and incoming.stats is not None:
-                return incoming.stats.to_dict()  # this VM received a migration: the destination's record
+            if incoming is not None and incoming.record is not None:
+                return incoming.record.to_dict()  # this VM receives (or received) a migration: the destination's record
             if incoming is not None:
                 return {"role": "destination", "status": "setup" if incoming.state == "waiting" else incoming.state}
             raise OSError(errno.ENOENT, "no migration has run on this VM")
