@@ -3,7 +3,11 @@ query-migrate"): the memory core's progress meter read while a round's pages go,
 callback fired within a round, a stopped migration's record saying how far it got, and the bar
 both tools draw on a terminal and never into a pipe."""
 
+import json
+import subprocess
+import sys
 import threading
+import time
 
 from vmmpy.migration import MigrationParams
 from vmmpy.migration.source import migrate
@@ -11,6 +15,8 @@ from vmmpy.progress import ProgressMeter, Ticker
 from vmmpy.units import MiB
 
 from .migration_helpers import DestinationThread
+from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket
+from .test_migration_processes import abtest_args
 
 
 def test_a_ticker_ticks_while_its_block_runs_and_never_after():
@@ -98,3 +104,101 @@ def test_a_cancelled_migration_says_how_far_it_got(guests):
 
 def test_a_progress_meter_starts_empty():
     assert ProgressMeter().read() == (0, 0, 0, 0, 0)
+
+
+# ---- the tools: vmmctl --migrate-status during a round, and after a cancel --------------------
+def _status(run_dir, name):
+    from vmmpy.runtime.control import ControlClient, ControlError
+
+    try:
+        return ControlClient(name, run_dir, timeout=10).request("migrate-status")
+    except ControlError:
+        return None
+
+
+def _start_pair(tmp_path, sweeps=100_000):
+    port = free_port()
+    dest = start_vmmrun(tmp_path, "-m", "32M", "-l", f"com1,{tmp_path / 'dst.log'}", "-R", f"127.0.0.1:{port}",
+                        "--accept-timeout=60", "dst0")
+    source = start_vmmrun(tmp_path, *abtest_args(sweeps), "-l", f"com1,{tmp_path / 'src.log'}", "src0")
+    wait_for_listener("127.0.0.1", port, dest)
+    wait_for_socket(tmp_path, "src0", source)
+    return port, source, dest
+
+
+def _rising(readings, *, remaining=True):
+    """Pairs of readings of round 0 in which bytes went up and (with ``remaining``) what remains
+    went down."""
+    if remaining:
+        readings = [r for r in readings if r["remaining_bytes"] is not None]
+    return [(a, b) for a, b in zip(readings, readings[1:])
+            if b["bytes"] > a["bytes"] and (not remaining or b["remaining_bytes"] < a["remaining_bytes"])]
+
+
+def test_migrate_status_during_a_warm_round_shows_it_advance_on_both_ends(tmp_path):
+    """--bandwidth 16M makes the one round of a warm migration of abtest's 30 MiB last about 2 s:
+    polled meanwhile, both ends' --migrate-status show that round's bytes rise (and, at the
+    source, what remains fall) before it ends. vmmctl's progress goes to a pipe here: one line per
+    round, nothing bar-like."""
+    port, source, dest = _start_pair(tmp_path)
+    ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate",
+                            "127.0.0.1", str(port), "--bandwidth", "16M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sent, received = [], []
+        for _ in range(600):  # bounded: at most about 60 s
+            if ctl.poll() is not None:
+                break
+            for name, into in (("src0", sent), ("dst0", received)):
+                record = _status(tmp_path, name)
+                current = (record or {}).get("current_round")
+                if current and (not into or current["bytes"] != into[-1]["bytes"]):
+                    into.append(current)
+            if _rising(sent) and _rising(received, remaining=False):
+                break
+            time.sleep(0.1)
+        out, err = ctl.communicate(timeout=120)
+        assert ctl.returncode == 0, err
+        assert _rising(sent), f"the source's round 0 did not show bytes rising and remaining falling: {sent}"
+        assert _rising(received, remaining=False), f"the destination's round 0 did not show bytes rising: {received}"
+        last = sent[-1]
+        assert last["round"] == 0 and last["final"] and last["pages_total"] == 32 * MiB // 4096
+        assert all(r["rate"] >= 0 for r in sent) and any(r["eta_s"] is not None and r["expected_downtime_ms"] for r in sent)
+        assert all(r["round"] == 0 and r["pages_total"] == 32 * MiB // 4096 for r in received)
+        assert out.startswith("migration completed (warm)")
+        # In a pipe: the round's one line, no bar and no redrawing.
+        assert err.count("round 0") == 1 and "\r" not in err and "[#" not in err and "[." not in err, err
+        record = json.loads(vmmctl(tmp_path, "--vm=dst0", "--migrate-status", "--json").stdout)
+        assert record["status"] == "completed" and record["current_round"] is None, "no round runs any more"
+    finally:
+        stop(ctl)
+        stop(source)
+        stop(dest)
+
+
+def test_migrate_status_after_migrate_cancel_says_how_far_it_got(tmp_path):
+    port, source, dest = _start_pair(tmp_path)
+    ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate-live",
+                            "127.0.0.1", str(port), "--bandwidth", "4M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # bounded: until round 0 has moved some pages, at most about 60 s
+            current = (_status(tmp_path, "src0") or {}).get("current_round")
+            if current and current["pages_done"] > 0:
+                break
+            assert ctl.poll() is None, ctl.communicate()
+            time.sleep(0.1)
+        cancelled = vmmctl(tmp_path, "--vm=src0", "--migrate-cancel", "--json")
+        assert json.loads(cancelled.stdout) == {"cancelled": True, "status": "cancelled"}, cancelled.stderr
+        ctl.communicate(timeout=60)
+        record = json.loads(vmmctl(tmp_path, "--vm=src0", "--migrate-status", "--json").stdout)
+        assert record["status"] == "cancelled" and record["stopped_in"] == "round 0" and record["round_count"] == 0
+        got = record["interrupted_round"]
+        assert got["round"] == 0 and 0 < got["pages_done"] < got["pages_total"] == 32 * MiB // 4096
+        assert 0 < got["bytes"] <= record["bytes_total"] and record["current_round"] is None
+        human = vmmctl(tmp_path, "--vm=src0", "--migrate-status").stdout
+        assert human.startswith("migration cancelled (live)")
+        assert f"stopped in round 0 after 0 complete rounds; round 0 had moved {got['pages_done']} of {got['pages_total']} pages" in human
+        assert source.poll() is None, "the guest runs on at the source"
+    finally:
+        stop(ctl)
+        stop(source)
+        stop(dest)
