@@ -3,19 +3,24 @@ query-migrate"): the memory core's progress meter read while a round's pages go,
 callback fired within a round, a stopped migration's record saying how far it got, and the bar
 both tools draw on a terminal and never into a pipe."""
 
+import io
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
 import threading
 import time
 
+from vmmpy.cli.progressbar import ProgressBar
 from vmmpy.migration import MigrationParams
 from vmmpy.migration.source import migrate
 from vmmpy.progress import ProgressMeter, Ticker
 from vmmpy.units import MiB
 
 from .migration_helpers import DestinationThread
-from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket
+from .procs import free_port, start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_listener, wait_for_socket
 from .test_migration_processes import abtest_args
 
 
@@ -202,3 +207,88 @@ def test_migrate_status_after_migrate_cancel_says_how_far_it_got(tmp_path):
         stop(ctl)
         stop(source)
         stop(dest)
+
+
+# ---- the bar: drawn on a terminal, never into a pipe -----------------------------------------
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_bar_draws_on_a_terminal_and_writes_nothing_to_a_pipe():
+    term, pipe = FakeTerminal(), io.StringIO()
+    for stream in (term, pipe):
+        b = ProgressBar(stream)
+        b.phase({"phase": "checkpoint", "pages_done": 2048, "pages_total": 8192, "pages_per_s": 4096.0, "eta_s": 1.5})
+        b.phase({"phase": "paused", "seconds": 0.01})  # not a progress figure: nothing to draw
+        b.phase({"phase": "estimate", "seconds": 0.5, "window_s": 1.0})
+        b.close()
+    assert pipe.getvalue() == ""
+    lines = term.getvalue().split("\r\x1b[K")[1:]
+    assert lines[0] == "checkpoint [######..................]  25% 8 MiB of 32 MiB, 16 MiB/s, ETA 1.5 s"
+    assert lines[1] == "estimate [############............]  50% 0.5 of 1 s\n"
+
+
+def _read_pty(master, until, proc, timeout=60):
+    """What a process wrote to the terminal ``master`` until ``until`` shows in it or it exits
+    (bounded)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and until not in got:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other end closed (EIO)
+                break
+            got += chunk
+        elif proc.poll() is not None:
+            break
+    return got.decode(errors="replace")
+
+
+def test_checkpoint_and_restore_draw_a_bar_on_a_terminal_and_nothing_in_a_pipe(tmp_path):
+    """vmmctl --checkpoint/--suspend draws the memory write's bar on its terminal; vmmrun -r draws
+    the eager read's on its own. Into a pipe (logs, scripts) neither writes anything bar-like."""
+    console = tmp_path / "c.log"
+    source = start_vmmrun(tmp_path, *abtest_args(100_000, "64M"), "-l", f"com1,{console}", "vm0")
+    restored = []
+    try:
+        wait_for_socket(tmp_path, "vm0", source)
+        piped = vmmctl(tmp_path, "--vm=vm0", "--checkpoint", str(tmp_path / "a.ckp"))
+        assert piped.returncode == 0 and piped.stdout.startswith("checkpointed to") and piped.stderr == "", piped.stderr
+        master, slave = pty.openpty()
+        ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=vm0", "--suspend",
+                                str(tmp_path / "b.ckp")], stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        drawn = _read_pty(master, b"\n", ctl)
+        out, _ = ctl.communicate(timeout=60)
+        os.close(master)
+        assert ctl.returncode == 0 and out.startswith("suspended to"), out
+        assert drawn.startswith("\r\x1b[Ksuspend [") and "100% 64 MiB of 64 MiB" in drawn and drawn.endswith("\n"), drawn
+        source.wait(timeout=30)
+
+        master, slave = pty.openpty()
+        restored.append(subprocess.Popen(vmmrun_cmd(f"--run-dir={tmp_path}", "-r", str(tmp_path / "b.ckp"), "-l",
+                                                    f"com1,{tmp_path / 'r.log'}", "vm1"),
+                                         stdout=subprocess.DEVNULL, stderr=slave))
+        os.close(slave)
+        drawn = _read_pty(master, b"100%", restored[-1])
+        assert drawn.startswith("\r\x1b[Krestore [") and "100% 64 MiB of 64 MiB" in drawn, drawn
+        for _ in range(300):  # bounded: until it serves (its stderr is the terminal, read here)
+            if vmmctl(tmp_path, "--vm=vm1", "--status").returncode == 0 or restored[-1].poll() is not None:
+                break
+            time.sleep(0.1)
+        assert vmmctl(tmp_path, "--vm=vm1", "--destroy").returncode == 0
+        restored[-1].wait(timeout=30)
+        os.close(master)
+
+        restored.append(start_vmmrun(tmp_path, "-r", str(tmp_path / "a.ckp"), "-l", f"com1,{tmp_path / 'p.log'}", "vm2"))
+        wait_for_socket(tmp_path, "vm2", restored[-1])
+        assert vmmctl(tmp_path, "--vm=vm2", "--destroy").returncode == 0
+        _, err = restored[-1].communicate(timeout=60)
+        assert "restore" not in err and "\r" not in err and "[#" not in err, err
+    finally:
+        stop(source)
+        for proc in restored:
+            stop(proc)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from . import _core
 
@@ -39,6 +41,15 @@ class MeterReading:
     def fraction(self) -> float | None:
         """The share of the pages done, None while the total is unknown."""
         return min(1.0, self.pages_done / self.pages_total) if self.pages_total else None
+
+    def as_progress(self, phase: str) -> dict[str, Any]:
+        """A progress message (JSON) for ``phase``: the pages done of how many, the bytes moved,
+        the seconds so far, the pages' rate (pages/s) and the seconds still needed at it."""
+        rate = self.pages_done / self.seconds if self.seconds > 0 else 0.0
+        left = max(0, self.pages_total - self.pages_done)
+        return {"phase": phase, "pages_done": self.pages_done, "pages_total": self.pages_total, "bytes_done": self.bytes_done,
+                "seconds": round(self.seconds, 3), "pages_per_s": round(rate, 1),
+                "eta_s": round(left / rate, 3) if rate > 0 and self.pages_total else None}
 
 
 def read_meter(meter: ProgressMeter, started: float) -> MeterReading:
@@ -78,3 +89,51 @@ class Ticker:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@contextmanager
+def metered(progress: ProgressCallback | None, phase: str, interval: float = TICK_S) -> Iterator[ProgressMeter | None]:
+    """``with metered(progress, "checkpoint") as meter:`` a meter for the long call in the block,
+    and ``progress`` called with its reading (:meth:`MeterReading.as_progress`) every ``interval``
+    seconds while the block runs, and once more with the last when it ends well (so even a call
+    quicker than a tick reports its whole). Without a ``progress`` callback the meter is None:
+    the call goes unmetered."""
+    if progress is None:
+        yield None
+        return
+    meter = ProgressMeter()
+    started = time.monotonic()
+
+    def tick() -> None:
+        progress(read_meter(meter, started).as_progress(phase))
+
+    with Ticker(tick, interval):
+        yield meter
+    _last_tick(tick)
+
+
+@contextmanager
+def timed(progress: ProgressCallback | None, phase: str, window_s: float, interval: float = TICK_S) -> Iterator[None]:
+    """``progress`` called every ``interval`` seconds with the seconds spent of a ``window_s``
+    long wait (an estimate measuring the dirty rate) while the block runs."""
+    if progress is None:
+        yield
+        return
+    started = time.monotonic()
+
+    def tick() -> None:
+        progress({"phase": phase, "seconds": round(min(window_s, time.monotonic() - started), 3), "window_s": window_s})
+
+    with Ticker(tick, interval):
+        yield
+    _last_tick(tick)
+
+
+def _last_tick(tick: Callable[[], None]) -> None:
+    try:
+        tick()
+    except Exception:  # as a Ticker's: showing progress never fails the work shown
+        pass

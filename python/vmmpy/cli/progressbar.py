@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from ..memory import PAGE_SIZE
 from ..units import format_size
 
 WIDTH = 24
@@ -41,7 +42,8 @@ def eta_text(seconds: float | None) -> str:
 
 class ProgressBar:
     """One status line on a terminal: ``show(text)`` redraws it, ``close()`` ends it with a
-    newline (only if something was drawn). Nothing is written when the stream is no terminal."""
+    newline (only if something was drawn). Nothing is written when the stream is no terminal, nor
+    after a write to it failed."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
@@ -51,9 +53,15 @@ class ProgressBar:
     def show(self, text: str) -> None:
         if not self.tty:
             return
-        self.stream.write("\r\x1b[K" + text)
-        self.stream.flush()
-        self.drawn = True
+        self._write("\r\x1b[K" + text)
+        self.drawn = self.tty
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:  # the terminal went away: stop drawing, never fail the work shown
+            self.tty = False
 
     def progress(self, label: str, done: float, total: float | None, *, rate: float | None = None,
                  eta_s: float | None = None, unit: str = "bytes") -> None:
@@ -67,12 +75,22 @@ class ProgressBar:
         parts = [f"{label} {bar(fraction)} {amounts}"]
         if rate:
             parts.append(f"{format_size(rate)}/s")
-        if eta_s is not None or (rate and unit != "s"):
+        if (eta_s is not None or (rate and unit != "s")) and not (total and done >= total):
             parts.append(eta_text(eta_s))
         self.show(", ".join(parts))
 
+    def phase(self, info: dict) -> None:
+        """Draw a progress message of ``vmmpy.progress`` (``metered``'s pages or ``timed``'s
+        seconds), labelled with its phase."""
+        label = info.get("phase", "working")
+        if "window_s" in info:
+            self.progress(label, info.get("seconds", 0.0), info["window_s"], unit="s")
+        elif "pages_total" in info:
+            rate = info.get("pages_per_s", 0.0) * PAGE_SIZE
+            self.progress(label, info.get("pages_done", 0) * PAGE_SIZE, info["pages_total"] * PAGE_SIZE,
+                          rate=rate or None, eta_s=info.get("eta_s"))
+
     def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
+        if self.drawn and self.tty:
+            self._write("\n")
+        self.drawn = False

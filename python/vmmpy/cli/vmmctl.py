@@ -403,6 +403,18 @@ def _current_round_lines(current: dict, stats: dict) -> list[str]:
     return lines
 
 
+def _with_bar(client: ControlClient, cmd: str, as_json: bool, **request: Any) -> Any:
+    """``client.request(cmd)`` with its progress messages drawn as a bar on stderr, when that is a
+    terminal (and the output is not --json)."""
+    bar = ProgressBar()
+    if as_json or not bar.tty:
+        return client.request(cmd, **request)
+    try:
+        return client.request(cmd, on_progress=bar.phase, **request)
+    finally:
+        bar.close()
+
+
 def _write_report(stats: dict, path: Path) -> None:
     write_report(stats, path)
     print(f"report written to {path}", file=sys.stderr)
@@ -416,7 +428,7 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
         if args.report:
             raise ValueError("--estimate predicts without migrating: there is no round history for --report")
         client.timeout = args.estimate_window + 60
-        result = client.request("migrate-estimate", window=args.estimate_window, **request)
+        result = _with_bar(client, "migrate-estimate", args.json, window=args.estimate_window, **request)
         if tls is not None and result.get("bandwidth_source", "").startswith("measured"):
             result["notes"].append("the probe measured plain TCP: over TLS the relay's encryption carries less "
                                    "(tools/bench warm-1g-tls against warm-1g), so give --bandwidth for a TLS estimate")
@@ -603,7 +615,7 @@ def _main(argv: list[str] | None = None) -> int:
             if key is not None:  # as a migration's: hex in the request, over the owner-only socket
                 request["key"] = key.hex()
             holder = client.name_holder()
-            result = client.request("checkpoint", **request)
+            result = _with_bar(client, "checkpoint", args.json, **request)
             _print(result, True) if args.json else _print_checkpoint(result)
             if result.get("suspended"):
                 _wait_gone(client, holder)

@@ -32,6 +32,7 @@ from ..migration import Destination, MigrationHandle, MigrationParams, Migration
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
+from ..progress import timed
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import checkpoint_guest, restore_guest
 from ..snapshot.files import Checkpoint, read_checkpoint
@@ -118,12 +119,14 @@ def restore_machine(
     mode: str = "eager",
     key: bytes | None = None,
     consoles: dict[str, ConsoleBackend] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
     the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
     key: required for a keyed checkpoint, refused for an unkeyed one. ``consoles``: backends for
     LPC devices to use instead of opening ``config.lpc``'s (the library keeps output in memory).
-    The vCPUs are not started.
+    The vCPUs are not started. ``progress`` hears how far an eager restore's read has got
+    (``vmmpy.progress.metered``'s messages).
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
     def same_devices(basic: dict[str, Any]) -> None:
@@ -148,7 +151,8 @@ def restore_machine(
     # Consoles stay in memory until everything is restored: a refused checkpoint opens no file.
     machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
     try:
-        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking)
+        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking,
+                      progress=progress)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
             if consoles and device in consoles:
@@ -403,7 +407,8 @@ class MachineCommands:
         try:
             adapter = MachineHandle(self.machine)
             if live:
-                est = estimate(adapter, bandwidth, window, params)
+                with timed(progress, "estimate", window):  # the dirty-rate window is the long part
+                    est = estimate(adapter, bandwidth, window, params)
             else:
                 est = estimate_warm(adapter, bandwidth, params)
         finally:
