@@ -247,9 +247,23 @@ def _read_pty(master, until, proc, timeout=60):
     return got.decode(errors="replace")
 
 
-def test_checkpoint_and_restore_draw_a_bar_on_a_terminal_and_nothing_in_a_pipe(tmp_path):
-    """vmmctl --checkpoint/--suspend draws the memory write's bar on its terminal; vmmrun -r draws
-    the eager read's on its own. Into a pipe (logs, scripts) neither writes anything bar-like."""
+def _on_terminal(*args):
+    """Run vmmctl with its stderr on a terminal; returns (exit status, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    try:
+        ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", *args], stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        drawn = _read_pty(master, b"\n", ctl)
+        out, _ = ctl.communicate(timeout=60)
+    finally:
+        os.close(master)
+    return ctl.returncode, out, drawn
+
+
+def test_checkpoint_estimate_and_restore_draw_a_bar_on_a_terminal_and_nothing_in_a_pipe(tmp_path):
+    """vmmctl --checkpoint/--suspend draws the memory write's bar on its terminal, --estimate its
+    measuring window's; vmmrun -r draws the eager read's on its own. Into a pipe (logs, scripts)
+    none of them writes anything bar-like."""
     console = tmp_path / "c.log"
     source = start_vmmrun(tmp_path, *abtest_args(100_000, "64M"), "-l", f"com1,{console}", "vm0")
     restored = []
@@ -257,14 +271,14 @@ def test_checkpoint_and_restore_draw_a_bar_on_a_terminal_and_nothing_in_a_pipe(t
         wait_for_socket(tmp_path, "vm0", source)
         piped = vmmctl(tmp_path, "--vm=vm0", "--checkpoint", str(tmp_path / "a.ckp"))
         assert piped.returncode == 0 and piped.stdout.startswith("checkpointed to") and piped.stderr == "", piped.stderr
-        master, slave = pty.openpty()
-        ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=vm0", "--suspend",
-                                str(tmp_path / "b.ckp")], stdout=subprocess.PIPE, stderr=slave, text=True)
-        os.close(slave)
-        drawn = _read_pty(master, b"\n", ctl)
-        out, _ = ctl.communicate(timeout=60)
-        os.close(master)
-        assert ctl.returncode == 0 and out.startswith("suspended to"), out
+        estimate = ("--vm=vm0", "--migrate-live", "127.0.0.1", "9", "--bandwidth", "100M", "--estimate", "--estimate-window", "1")
+        piped = vmmctl(tmp_path, *estimate)
+        assert piped.returncode == 0 and "live migration to 127.0.0.1:9" in piped.stdout and piped.stderr == "", piped.stderr
+        status, out, drawn = _on_terminal(f"--run-dir={tmp_path}", *estimate)
+        assert status == 0 and "live migration to 127.0.0.1:9" in out, out
+        assert drawn.startswith("\r\x1b[Kestimate [") and "100% 1.0 of 1 s" in drawn and drawn.endswith("\n"), drawn
+        status, out, drawn = _on_terminal(f"--run-dir={tmp_path}", "--vm=vm0", "--suspend", str(tmp_path / "b.ckp"))
+        assert status == 0 and out.startswith("suspended to"), out
         assert drawn.startswith("\r\x1b[Ksuspend [") and "100% 64 MiB of 64 MiB" in drawn and drawn.endswith("\n"), drawn
         source.wait(timeout=30)
 
@@ -292,3 +306,18 @@ def test_checkpoint_and_restore_draw_a_bar_on_a_terminal_and_nothing_in_a_pipe(t
         stop(source)
         for proc in restored:
             stop(proc)
+
+
+def test_the_migration_status_line_on_a_terminal_shows_the_running_round():
+    from vmmpy.cli import vmmctl as ctl
+
+    term = FakeTerminal()
+    printer = ctl._ProgressPrinter(term)
+    current = {"round": 0, "final": True, "elapsed_ms": 900.0, "pages_done": 4096, "pages_total": 16384, "bytes": 16 * MiB,
+               "remaining_bytes": 48 * MiB, "rate": 8 * MiB, "dirty_rate": None, "expected_downtime_ms": 6900.0, "eta_s": 6.0}
+    printer({"migration": {"live": False, "status": "paused", "rounds": [], "bytes_total": 400, "current_round": current}})
+    printer({"migration": {"live": False, "status": "paused", "rounds": [], "bytes_total": 400, "current_round": None}})
+    printer.done()
+    first, second = term.getvalue().split("\r\x1b[K")[1:]
+    assert first == "warm paused | round 0 [######..................]  25% 16 MiB (48 MiB left) at 8 MiB/s, ETA 6.0 s | 400 B sent"
+    assert second == "warm paused | round 0 | 400 B sent\n"

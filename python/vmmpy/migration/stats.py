@@ -225,6 +225,8 @@ class MigrationStats:
         else:
             out = asdict(self)
         out.pop("_started", None)
+        if self.status in ("setup", "active", "paused"):
+            out["total_time_ms"] = self.elapsed_ms()  # so far, while it runs (as query-migrate's total-time)
         out["dirty_rate_bytes"] = self.dirty_rate_bytes
         out["round_count"] = len(self.rounds)
         return out
