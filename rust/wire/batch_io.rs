@@ -98,11 +98,11 @@ impl BatchTotals {
 const POPULATE_AHEAD_MIN: u64 = 4 << 20;
 
 /// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
-/// windows of at most `HASH_WINDOW_PAGES` pages.
-fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usize)>> {
+/// windows of at most `window_pages` pages.
+fn data_windows(ranges: &[PageRange], offsets: &[usize], window_pages: usize) -> Vec<Vec<(usize, usize)>> {
     let mut windows = Vec::new();
     let mut window: Vec<(usize, usize)> = Vec::new();
-    let mut room = HASH_WINDOW_PAGES;
+    let mut room = window_pages;
     for (mut first, mut left) in runs_of(RangeKind::Data, ranges, offsets) {
         while left > 0 {
             let n = left.min(room);
@@ -110,7 +110,7 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usiz
             (first, left, room) = (first + n, left - n, room - n);
             if room == 0 {
                 windows.push(std::mem::take(&mut window));
-                room = HASH_WINDOW_PAGES;
+                room = window_pages;
             }
         }
     }
@@ -118,6 +118,20 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usiz
         windows.push(window);
     }
     windows
+}
+
+/// With a meter alone, page data moves this much at a time: each window is one progress step
+/// (1 MiB: a few steps a second on a slow link, one more syscall per MiB on a fast one).
+const METER_WINDOW_PAGES: usize = 256;
+
+/// How a batch's DATA pages move: a hash window at a time with a tracker, a meter window at a
+/// time with a meter alone, all in one call otherwise.
+fn windows(ranges: &[PageRange], offsets: &[usize], tracker: Option<&DigestTracker>, meter: Option<&Meter>) -> Vec<Vec<(usize, usize)>> {
+    match (tracker, meter) {
+        (Some(_), _) => data_windows(ranges, offsets, HASH_WINDOW_PAGES),
+        (None, Some(_)) => data_windows(ranges, offsets, METER_WINDOW_PAGES),
+        (None, None) => vec![runs_of(RangeKind::Data, ranges, offsets)],
+    }
 }
 
 /// A batch's ranges of one `kind` as runs of `(first page in the segment, pages)`.
@@ -189,11 +203,7 @@ pub fn send_batch_metered(
     if let Some(tracker) = tracker {
         tracker.hash_now(seg, &runs_of(RangeKind::Zero, ranges, &offsets), true)?;
     }
-    // Without a tracker or a meter the whole batch goes in one call; with either, a window at a time.
-    let windows = match (tracker, meter) {
-        (None, None) => vec![runs_of(RangeKind::Data, ranges, &offsets)],
-        _ => data_windows(ranges, &offsets),
-    };
+    let windows = windows(ranges, &offsets, tracker, meter);
     let mut header_iov = Some(encoded_iov);
     let mut header_pages = stats.zero_pages; // counted with the header: they go in its table
     for window in windows {
@@ -324,10 +334,7 @@ fn read_data_pages(
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
 ) -> Result<u64, PageError> {
-    let windows = match (tracker, meter) {
-        (None, None) => vec![runs_of(RangeKind::Data, ranges, offsets)],
-        _ => data_windows(ranges, offsets),
-    };
+    let windows = windows(ranges, offsets, tracker, meter);
     let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
