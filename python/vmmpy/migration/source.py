@@ -608,7 +608,12 @@ class _Source:
 
     def _round_figures(self):
         rp = self.round_progress
-        dirty = self.memory.dirty_count() if self.live and not rp.final else None
+        dirty = None
+        if self.live and not rp.final:
+            try:
+                dirty = self.memory.dirty_count()  # since the round's harvest: bits are read, never cleared here
+            except OSError:  # memory going away with a failed round: its figures go without the dirty rate
+                pass
         paused_s = time.monotonic() - self.paused_at if self.paused else None
         return rp.figures(dirty_pages=dirty, fixed_ms=self.stats.expected_commit_ms or self.rtt_ms, paused_s=paused_s)
 
