@@ -34,7 +34,7 @@ from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
-from .stats import MigrationStats, ProgressCallback, RoundProgress, RoundStats
+from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
 from .tls import TlsConfig, with_relay_error, wrap_tls
 
@@ -606,7 +606,7 @@ class _Source:
         self.stats.add_round(rnd)
         return rnd
 
-    def _round_figures(self):
+    def _round_figures(self) -> CurrentRound:
         rp = self.round_progress
         dirty = None
         if self.live and not rp.final:
