@@ -574,6 +574,7 @@ def _main(argv: list[str] | None = None) -> int:
         elif not vms:
             print(f"no guests running (run directory {directory})")
         else:
+            # Tab-separated, not a drawn table (tabulate, rich): two columns that `cut -f` and awk read.
             for name, _, state in vms:
                 print(f"{name}\t{state}")
         return 0

@@ -39,6 +39,8 @@ class ControlError(VmmpyError, OSError):
 
 
 def run_dir() -> Path:
+    # Our own rather than platformdirs' user_runtime_dir: that falls back to /run/user/UID, which
+    # containers and ssh sessions without a login manager often lack; bhyve-like tools want /run.
     env = os.environ.get("VMMPY_RUN_DIR")
     if env:
         return Path(env)
