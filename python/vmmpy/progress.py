@@ -18,6 +18,8 @@ from typing import Any
 
 from . import _core
 
+PAGE_SIZE: int = _core.PAGE_SIZE
+
 ProgressMeter = _core.ProgressMeter
 
 #: How often live figures are refreshed while a long call runs (seconds).
@@ -37,19 +39,21 @@ class MeterReading:
     bytes_done: int
     seconds: float
 
-    @property
-    def fraction(self) -> float | None:
-        """The share of the pages done, None while the total is unknown."""
-        return min(1.0, self.pages_done / self.pages_total) if self.pages_total else None
+    def work(self) -> tuple[int, int]:
+        """(done, total) in bytes of the work that takes the time: the data pages when the call
+        knows how many it moves (holes and zero pages cost next to nothing), else all its pages;
+        total 0 while unknown."""
+        if self.data_pages_total:
+            return self.data_pages_done * PAGE_SIZE, self.data_pages_total * PAGE_SIZE
+        return self.pages_done * PAGE_SIZE, self.pages_total * PAGE_SIZE
 
     def as_progress(self, phase: str) -> dict[str, Any]:
-        """A progress message (JSON) for ``phase``: the pages done of how many, the bytes moved,
-        the seconds so far, the pages' rate (pages/s) and the seconds still needed at it."""
-        rate = self.pages_done / self.seconds if self.seconds > 0 else 0.0
-        left = max(0, self.pages_total - self.pages_done)
-        return {"phase": phase, "pages_done": self.pages_done, "pages_total": self.pages_total, "bytes_done": self.bytes_done,
-                "seconds": round(self.seconds, 3), "pages_per_s": round(rate, 1),
-                "eta_s": round(left / rate, 3) if rate > 0 and self.pages_total else None}
+        """A progress message (JSON) for ``phase``: the work done of how much (:meth:`work`), its
+        rate, the seconds so far and the seconds still needed at that rate, and the bytes moved."""
+        done, total = self.work()
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        return {"phase": phase, "done_bytes": done, "total_bytes": total, "rate": round(rate), "seconds": round(self.seconds, 3),
+                "eta_s": round(max(0, total - done) / rate, 3) if rate > 0 and total else None, "bytes_moved": self.bytes_done}
 
 
 def read_meter(meter: ProgressMeter, started: float) -> MeterReading:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from ..memory import PAGE_SIZE
 from ..units import format_size
 
 WIDTH = 24
@@ -85,10 +84,8 @@ class ProgressBar:
         label = info.get("phase", "working")
         if "window_s" in info:
             self.progress(label, info.get("seconds", 0.0), info["window_s"], unit="s")
-        elif "pages_total" in info:
-            rate = info.get("pages_per_s", 0.0) * PAGE_SIZE
-            self.progress(label, info.get("pages_done", 0) * PAGE_SIZE, info["pages_total"] * PAGE_SIZE,
-                          rate=rate or None, eta_s=info.get("eta_s"))
+        elif "total_bytes" in info:
+            self.progress(label, info.get("done_bytes", 0), info["total_bytes"], rate=info.get("rate") or None, eta_s=info.get("eta_s"))
 
     def close(self) -> None:
         if self.drawn and self.tty:

@@ -373,9 +373,11 @@ class _ProgressPrinter:
 
 
 def _current_round_text(current: dict) -> str:
-    """The running round: its bar over pages, what went and what is left, the rate, the ETA."""
-    total = current.get("pages_total")
-    text = f"{bar(current['pages_done'] / total if total else None)} {format_size(current.get('bytes', 0))}"
+    """The running round: its bar (over the bytes, when what is left is known: zero pages cost
+    next to nothing), what went and what is left, the rate, the ETA."""
+    total, sent, left = current.get("pages_total"), current.get("bytes", 0), current.get("remaining_bytes")
+    fraction = sent / (sent + left) if left is not None and sent + left > 0 else current["pages_done"] / total if total else None
+    text = f"{bar(fraction)} {format_size(sent)}"
     if current.get("remaining_bytes") is not None:
         text += f" ({format_size(current['remaining_bytes'])} left)"
     text += f" at {format_size(current.get('rate', 0))}/s"
