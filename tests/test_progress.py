@@ -334,3 +334,34 @@ def test_a_meter_reading_counts_the_data_when_the_call_knows_it():
     # A checkpoint write learns its data as it goes: the image's pages stand for the work.
     write = MeterReading(16384, 0, 4096, 100, 400 * 4096, 0.5).as_progress("checkpoint")
     assert (write["done_bytes"], write["total_bytes"], write["eta_s"]) == (16 * MiB, 64 * MiB, 1.5)
+
+
+def test_migrate_status_shows_the_new_migration_from_its_start_not_the_last_one(tmp_path):
+    """While a second migration connects and shakes hands (here with a listener that never
+    answers), --migrate-status shows it (setup, its peer), not the first one's failed record."""
+    import socket
+
+    source = start_vmmrun(tmp_path, *abtest_args(100_000), "-l", f"com1,{tmp_path / 'c.log'}", "src0")
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        wait_for_socket(tmp_path, "src0", source)
+        first = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", str(free_port()))
+        assert first.returncode == 1 and "the guest keeps running here" in first.stderr
+        assert json.loads(vmmctl(tmp_path, "--vm=src0", "--migrate-status", "--json").stdout)["status"] == "failed"
+        port = silent.getsockname()[1]
+        ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate",
+                                "127.0.0.1", str(port), "--io-timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        record = None
+        for _ in range(100):  # bounded: until the new migration is the one shown, at most about 10 s
+            record = _status(tmp_path, "src0")
+            if record and record.get("peer") == f"127.0.0.1:{port}":
+                break
+            time.sleep(0.1)
+        assert record["peer"] == f"127.0.0.1:{port}" and record["status"] == "setup" and record["error"] is None, record
+        assert record["current_round"] is None and record["round_count"] == 0
+        silent.close()
+        ctl.communicate(timeout=60)
+        assert ctl.returncode == 1
+    finally:
+        silent.close()
+        stop(source)

@@ -100,6 +100,12 @@ class MigrationHandle:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    @property
+    def stats(self) -> MigrationStats:
+        """The record as it is now: live while the migration runs (``current_round`` refreshed
+        every ``TICK_S`` within a round), final once it is over."""
+        return self._source.stats
+
     def wait(self, timeout: float | None = None) -> MigrationStats:
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -215,7 +215,6 @@ class MachineCommands:
         self._lock = threading.Lock()
         self._migration: MigrationHandle | None = None
         self._last_stats: dict[str, Any] | None = None
-        self._latest: dict[str, Any] | None = None
         self._estimating = False  # an estimate clears dirty bits: never beside a migration
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
 
@@ -319,9 +318,7 @@ class MachineCommands:
             self._estimating_guard()
 
             def on_progress(stats) -> None:
-                snapshot = stats.to_dict()
-                self._latest = snapshot
-                progress({"migration": snapshot})
+                progress({"migration": stats.to_dict()})
 
             self._migration = MigrationHandle(
                 MachineHandle(self.machine), host, port, live=bool(request.get("live")), key=key,
@@ -348,9 +345,11 @@ class MachineCommands:
             if incoming is not None:
                 return {"role": "destination", "status": "setup" if incoming.state == "waiting" else incoming.state}
             raise OSError(errno.ENOENT, "no migration has run on this VM")
-        if handle.done():
-            return self._last_stats or self._latest or {}
-        return self._latest or {"status": "setup"}
+        # The record of this migration as it is now (never the last one's, while a new one sets
+        # up), with the running round's live figures; once it is over, as migrate() left it.
+        if handle.done() and self._last_stats is not None:
+            return self._last_stats
+        return handle.stats.to_dict()
 
     def migrate_cancel(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         handle = self._migration
