@@ -87,7 +87,8 @@ def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):
     live_rounds = [r for r in stats.rounds if not r.final]
     assert len(live_rounds) >= 3, [(r.round, r.pages) for r in stats.rounds]
     assert all(r.pages_dirtied > 0 for r in live_rounds[1:]), "later rounds re-sent pages the writer dirtied"
-    assert seen[: len(live_rounds)] == list(range(1, len(live_rounds) + 1)), "progress called after each round"
+    # called as each round begins (and within it), and after it: the count of rounds done only grows
+    assert seen == sorted(seen) and set(range(len(live_rounds) + 1)) <= set(seen), "progress called around each round"
     assert stats.rounds[-1].final and stats.downtime_ms < 1000
     assert src.progress() > 2048 + 1000, "the writer ran during the live rounds"
     assert [r.round for r in dstats.rounds] == [r.round for r in stats.rounds]

@@ -181,9 +181,14 @@ class MemoryFileHashes:
     def file_size(self) -> int: ...
     def as_dict(self) -> dict[str, Any]: ...
 
-def write_memory_file(memory: GuestMemory, fd: int, *, chunk_size: int = ...) -> MemoryFileWritten: ...
+def write_memory_file(memory: GuestMemory, fd: int, *, chunk_size: int = ..., meter: ProgressMeter | None = None) -> MemoryFileWritten: ...
 def read_memory_file(
-    memory: GuestMemory, fd: int, *, chunk_hashes: Sequence[int] | None = None, chunk_size: int = ...
+    memory: GuestMemory,
+    fd: int,
+    *,
+    chunk_hashes: Sequence[int] | None = None,
+    chunk_size: int = ...,
+    meter: ProgressMeter | None = None,
 ) -> MemoryFileRead: ...
 def memory_chunk_hashes(memory: GuestMemory, *, chunk_size: int = ...) -> list[int]: ...
 def hash_memory_file(fd: int, *, chunk_size: int = ...) -> MemoryFileHashes: ...
@@ -291,6 +296,7 @@ def send_dirty_pages(
     tracker: DigestTracker | None = None,
     compress: Compress = "off",
     link_rate: float | None = None,
+    meter: ProgressMeter | None = None,
 ) -> dict[str, Any]: ...
 def send_all_pages(
     memory: GuestMemory,
@@ -300,6 +306,7 @@ def send_all_pages(
     tracker: DigestTracker | None = None,
     compress: Compress = "off",
     link_rate: float | None = None,
+    meter: ProgressMeter | None = None,
 ) -> dict[str, Any]: ...
 def send_page_list(
     memory: GuestMemory, fd: int, pfns: bytes, *, detect_zero: bool = True, compress: Compress = "off", link_rate: float | None = None
@@ -313,6 +320,7 @@ def send_pages_multi(
     detect_zero: bool = True,
     chunk_pages: int = ...,
     tracker: DigestTracker | None = None,
+    meter: ProgressMeter | None = None,
 ) -> dict[str, Any]: ...
 @final
 class PageBudget:
@@ -323,8 +331,24 @@ class PageBudget:
     def carried(self) -> int: ...
 
 def recv_share(
-    memory: GuestMemory, fd: int, *, budget: PageBudget, compressed: bool, tracker: DigestTracker | None = None
+    memory: GuestMemory,
+    fd: int,
+    *,
+    budget: PageBudget,
+    compressed: bool,
+    tracker: DigestTracker | None = None,
+    meter: ProgressMeter | None = None,
 ) -> dict[str, Any]: ...
+@final
+class ProgressMeter:
+    """Counters a long call (``send_*_pages``, ``send_pages_multi``, ``recv_share``,
+    ``write_memory_file``, ``read_memory_file``) advances a window or piece at a time, readable from
+    another thread while it runs. One meter may serve several calls (a round's streams)."""
+
+    def __new__(cls) -> ProgressMeter: ...
+    def read(self) -> tuple[int, int, int, int, int]:
+        """(pages_total, data_pages_total, pages_done, data_pages_done, bytes_done), read together;
+        a total is 0 until the call knows it."""
 def end_of_round_batch(segment_gpa: int) -> bytes: ...
 def decode_batch_header(header: Buffer) -> dict[str, int]: ...
 def memory_digest(memory: GuestMemory, *, skip_untouched: bool = True) -> int: ...

@@ -34,6 +34,8 @@ PageBatchError = _core.PageBatchError
 #: The pages a round may carry over all its streams together (``GuestMemory.recv_share``).
 PageBudget = _core.PageBudget
 DigestTracker = _core.DigestTracker
+#: Counters a long page call advances while it runs (``vmmpy.progress`` reads them).
+ProgressMeter = _core.ProgressMeter
 
 
 def _fileno(fd) -> int:
@@ -195,7 +197,7 @@ class GuestMemory:
 
     # -- bulk page work (Rust, GIL released) ------------------------------------------------
     def send_dirty_pages(self, fd, *, detect_zero: bool = True, tracker: DigestTracker | None = None, compress: str = "off",
-                         link_rate: float | None = None) -> dict[str, int]:
+                         link_rate: float | None = None, meter: ProgressMeter | None = None) -> dict[str, int]:
         """Harvest and clear the dirty pages and send them to ``fd`` as page batches.
 
         ``fd`` is a blocking file descriptor or an object with ``fileno()`` (a socket with a
@@ -212,16 +214,19 @@ class GuestMemory:
         of ``link_rate`` bytes/s (or the rate it measures), backing off after batches that do
         not (docs/migration-protocol.md). Only a receiver that agreed to it reads compressed
         batches: the migration protocol negotiates it.
+
+        A ``meter`` (``vmmpy.progress.ProgressMeter``) learns the pages harvested, then advances as
+        they go, readable from another thread while this runs.
         """
         return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker, compress=compress,
-                                      link_rate=link_rate)
+                                      link_rate=link_rate, meter=meter)
 
     def send_all_pages(self, fd, *, detect_zero: bool = True, tracker: DigestTracker | None = None, compress: str = "off",
-                       link_rate: float | None = None) -> dict[str, int]:
+                       link_rate: float | None = None, meter: ProgressMeter | None = None) -> dict[str, int]:
         """Send every page; never-touched pages go as zero ranges without being read. The other
         arguments as for :meth:`send_dirty_pages`."""
         return _core.send_all_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker, compress=compress,
-                                    link_rate=link_rate)
+                                    link_rate=link_rate, meter=meter)
 
     def send_pages(self, fd, pfns, *, detect_zero: bool = True, compress: str = "off",
                    link_rate: float | None = None) -> dict[str, int]:
@@ -230,16 +235,17 @@ class GuestMemory:
         return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero, compress=compress, link_rate=link_rate)
 
     def send_pages_multi(self, fds, *, all_pages: bool, detect_zero: bool = True, chunk_pages: int | None = None,
-                         tracker: DigestTracker | None = None) -> dict:
+                         tracker: DigestTracker | None = None, meter: ProgressMeter | None = None) -> dict:
         """One round over several fds at once (parallel streams): every page (``all_pages``, as
         ``send_all_pages``) or the dirty pages harvested and cleared once (as
         ``send_dirty_pages``, hashed into ``tracker`` on the way when given), cut into batches of at most
         ``chunk_pages`` data pages (default 16 MiB's worth) that each fd takes as it becomes free;
         every fd's share ends with an empty batch. Returns the totals (end markers not counted)
-        and ``streams``, the same per fd."""
+        and ``streams``, the same per fd. A ``meter`` as for :meth:`send_dirty_pages`, advanced by
+        every stream."""
         kwargs = {} if chunk_pages is None else {"chunk_pages": chunk_pages}
         return _core.send_pages_multi(self.core, [_fileno(fd) for fd in fds], all_pages=all_pages,
-                                      detect_zero=detect_zero, tracker=tracker, **kwargs)
+                                      detect_zero=detect_zero, tracker=tracker, meter=meter, **kwargs)
 
     def recv_pages(self, fd, *, tracker: DigestTracker | None = None) -> dict[str, int]:
         """Receive one page batch into memory, checked whole before any byte is written.
@@ -251,13 +257,15 @@ class GuestMemory:
         """
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 
-    def recv_share(self, fd, *, budget, compressed: bool, tracker: DigestTracker | None = None) -> dict[str, int]:
+    def recv_share(self, fd, *, budget, compressed: bool, tracker: DigestTracker | None = None,
+                   meter: ProgressMeter | None = None) -> dict[str, int]:
         """Receive one stream's share of a round: page batches into memory until the empty batch
         that ends it, GIL released throughout. Every batch's pages are charged to ``budget``
         (``_core.PageBudget``, shared by a round's streams); a compressed batch is refused unless
         ``compressed``. Returns the totals of the non-empty batches (``wire_bytes`` counts the
-        end marker too); ``PageBatchError`` names the first failure."""
-        return _core.recv_share(self.core, _fileno(fd), budget=budget, compressed=compressed, tracker=tracker)
+        end marker too); ``PageBatchError`` names the first failure. A ``meter`` advances as the
+        pages arrive (a round's streams may share one)."""
+        return _core.recv_share(self.core, _fileno(fd), budget=budget, compressed=compressed, tracker=tracker, meter=meter)
 
     def digest(self) -> int:
         """An xxh3-128 digest of all guest memory (take it with the guest stopped)."""

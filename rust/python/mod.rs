@@ -39,6 +39,7 @@ mod cpu;
 mod errors;
 mod memory;
 mod pages;
+mod progress;
 mod snapshot;
 mod streams;
 
@@ -54,6 +55,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pages::register(m)?;
     snapshot::register(m)?;
     streams::register(m)?;
+    progress::register(m)?;
     cpu::register(m)?;
     Ok(())
 }

@@ -12,8 +12,10 @@ use pyo3::types::{PyBytes, PyDict};
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
+use super::progress::{meter_of, PyProgressMeter};
 use crate::digest::{self, DigestTracker, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SHIFT};
+use crate::progress::{self, Meter};
 use crate::wire::{self, BatchTotals, CompressMode, Compressor, PageRange, MAX_RANGES};
 
 create_exception!(_core, PageBatchError, PyOSError, "Sending or receiving a page batch failed; errno and the message say why.");
@@ -98,7 +100,8 @@ fn compressor_report(c: &Option<Compressor>) -> Option<(u64, Option<f64>)> {
 
 /// Send one segment's ranges as batches of at most MAX_RANGES ranges and BATCH_DATA_PAGES data
 /// pages (through the compressor, which cuts them smaller, when there is one); a segment with
-/// nothing to send sends nothing.
+/// nothing to send sends nothing. `meter` advances a window at a time, or a batch at a time
+/// through the compressor.
 fn send_segment(
     fd: RawFd,
     mem: &GuestMemory,
@@ -106,12 +109,16 @@ fn send_segment(
     totals: &mut BatchTotals,
     compressor: &mut Option<Compressor>,
     tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
 ) -> Result<(), PageError> {
     if let Some(c) = compressor {
-        return c.send_ranges(fd, mem, ranges, tracker, |s| totals.add(s));
+        return c.send_ranges(fd, mem, ranges, tracker, |s| {
+            progress::advance(meter, s.data_pages + s.zero_pages, s.data_pages, s.wire_bytes);
+            totals.add(s)
+        });
     }
     for batch in wire::split_batches(ranges, wire::BATCH_DATA_PAGES) {
-        totals.add(wire::send_batch_tracked(fd, mem, &batch, tracker)?);
+        totals.add(wire::send_batch_metered(fd, mem, &batch, tracker, meter)?);
     }
     Ok(())
 }
@@ -137,26 +144,41 @@ pub(super) fn tracker_of(memory: &PyGuestMemory, tracker: Option<PyRef<'_, PyDig
     }
 }
 
-/// Send each segment's ranges, as `ranges_of(memory, segment index, segment)` builds them, with
-/// the GIL released: through the compressor for `compress`/`link_rate` when there is one, hashing
-/// into `tracker` when given. Returns the totals as Python's dict.
+/// How a send goes: through the compressor for `compress`/`link_rate` when there is one,
+/// hashing into `tracker` and advancing `meter` when given.
+struct SendWith<'a> {
+    tracker: Option<Arc<DigestTracker>>,
+    compress: &'a str,
+    link_rate: Option<f64>,
+    meter: Option<Arc<Meter>>,
+}
+
+/// Send each segment's ranges, as `ranges_of(memory, segment index, segment)` builds them (every
+/// segment's first, so a meter knows the call's total before the first batch), with the GIL
+/// released, as `with` says. Returns the totals as Python's dict.
 fn send_segments<'py>(
     py: Python<'py>,
     memory: &PyGuestMemory,
     fd: RawFd,
-    tracker: Option<Arc<DigestTracker>>,
-    compress: &str,
-    link_rate: Option<f64>,
+    with: SendWith<'_>,
     ranges_of: impl Fn(&GuestMemory, usize, &Segment) -> Result<Vec<PageRange>, PageError> + Send,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mem = memory.inner.clone();
-    let mut compressor = compressor(compress, link_rate)?;
+    let mut compressor = compressor(with.compress, with.link_rate)?;
+    let (tracker, meter) = (with.tracker, with.meter);
     let (totals, report) = py
         .detach(move || -> Result<_, PageError> {
             let mut totals = BatchTotals::default();
-            for (i, seg) in mem.segments().iter().enumerate() {
-                let ranges = ranges_of(&mem, i, seg)?;
-                send_segment(fd, &mem, &ranges, &mut totals, &mut compressor, tracker.as_deref())?;
+            let per_segment: Vec<Vec<PageRange>> =
+                mem.segments().iter().enumerate().map(|(i, seg)| ranges_of(&mem, i, seg)).collect::<Result<_, _>>()?;
+            if let Some(m) = meter.as_deref() {
+                for ranges in &per_segment {
+                    let s = wire::BatchStats::of(ranges);
+                    m.add_total(s.data_pages + s.zero_pages, s.data_pages);
+                }
+            }
+            for ranges in &per_segment {
+                send_segment(fd, &mem, ranges, &mut totals, &mut compressor, tracker.as_deref(), meter.as_deref())?;
             }
             Ok((totals, compressor_report(&compressor)))
         })
@@ -168,9 +190,11 @@ fn send_segments<'py>(
 /// `detect_zero`). The order is the one pre-copy needs: clear the bits, then read the pages, so a
 /// write during the send is caught by the next round. With a `tracker`, every page sent is hashed
 /// into it on the way (`DigestTracker::hash_now`). `compress` ("off", "lz4", "auto") and
-/// `link_rate` (bytes/s the link is believed to carry) as in `wire::compress`.
+/// `link_rate` (bytes/s the link is believed to carry) as in `wire::compress`. A `meter`
+/// (`ProgressMeter`) learns the pages harvested, then advances as they go.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
+#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None, meter = None))]
+#[allow(clippy::too_many_arguments)]
 fn send_dirty_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -179,9 +203,11 @@ fn send_dirty_pages<'py>(
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     compress: &str,
     link_rate: Option<f64>,
+    meter: Option<PyRef<'py, PyProgressMeter>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
-    send_segments(py, &memory, fd, tracker, compress, link_rate, |mem, i, seg| {
+    let with = SendWith { tracker, compress, link_rate, meter: meter_of(meter) };
+    send_segments(py, &memory, fd, with, |mem, i, seg| {
         let mut words = vec![0u64; seg.pages().div_ceil(64)];
         mem.get_and_clear_dirty_segment(i, &mut words).map_err(PageError::Memory)?;
         wire::build_ranges_from_bitmap(seg, &words, detect_zero)
@@ -190,9 +216,10 @@ fn send_dirty_pages<'py>(
 
 /// Send every page of guest memory: pages never touched (mincore) as zero ranges without reading
 /// them, all-zero pages as zero ranges if `detect_zero`, the rest with their data (`tracker`,
-/// `compress` and `link_rate` as for `send_dirty_pages`).
+/// `compress`, `link_rate` and `meter` as for `send_dirty_pages`).
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None))]
+#[pyo3(signature = (memory, fd, *, detect_zero = true, tracker = None, compress = "off", link_rate = None, meter = None))]
+#[allow(clippy::too_many_arguments)]
 fn send_all_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -201,9 +228,11 @@ fn send_all_pages<'py>(
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     compress: &str,
     link_rate: Option<f64>,
+    meter: Option<PyRef<'py, PyProgressMeter>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
-    send_segments(py, &memory, fd, tracker, compress, link_rate, |_, _, seg| all_page_ranges(seg, detect_zero))
+    let with = SendWith { tracker, compress, link_rate, meter: meter_of(meter) };
+    send_segments(py, &memory, fd, with, |_, _, seg| all_page_ranges(seg, detect_zero))
 }
 
 /// Send the pages whose frame numbers (little-endian u64, ascending) are in `pfns`.
@@ -222,7 +251,8 @@ fn send_page_list<'py>(
         return Err(PyValueError::new_err(format!("pfns must be little-endian u64s; {} bytes is not a multiple of 8", pfns.len())));
     }
     let list: Vec<u64> = pfns.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
-    let sent = send_segments(py, &memory, fd, None, compress, link_rate, |_, _, seg| {
+    let with = SendWith { tracker: None, compress, link_rate, meter: None };
+    let sent = send_segments(py, &memory, fd, with, |_, _, seg| {
         let first_pfn = seg.gpa().pfn();
         let end_pfn = first_pfn + seg.pages() as u64;
         let mut words = vec![0u64; seg.pages().div_ceil(64)];

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
+use super::progress::{meter_of, PyProgressMeter};
 use crate::snapshot::{self, SnapshotError, DEFAULT_CHUNK_SIZE};
 
 create_exception!(
@@ -77,12 +78,20 @@ pub(super) fn snapshot_error(err: SnapshotError) -> PyErr {
 
 /// Write guest memory to `fd` (a regular file; truncated first) as a sparse checkpoint memory
 /// image: lowmem, then highmem; never-touched and all-zero pages left as holes. Returns a
-/// `MemoryFileWritten`.
+/// `MemoryFileWritten`. A `meter` (`ProgressMeter`) learns the image's pages, then advances as
+/// they are written or skipped.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, chunk_size = DEFAULT_CHUNK_SIZE))]
-fn write_memory_file(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, fd: RawFd, chunk_size: u64) -> PyResult<MemoryFileWritten> {
+#[pyo3(signature = (memory, fd, *, chunk_size = DEFAULT_CHUNK_SIZE, meter = None))]
+fn write_memory_file(
+    py: Python<'_>,
+    memory: PyRef<'_, PyGuestMemory>,
+    fd: RawFd,
+    chunk_size: u64,
+    meter: Option<PyRef<'_, PyProgressMeter>>,
+) -> PyResult<MemoryFileWritten> {
     let mem = memory.inner.clone();
-    let s = py.detach(move || snapshot::write_memory_file(&mem, fd, chunk_size)).map_err(snapshot_error)?;
+    let meter = meter_of(meter);
+    let s = py.detach(move || snapshot::write_memory_file(&mem, fd, chunk_size, meter.as_deref())).map_err(snapshot_error)?;
     Ok(MemoryFileWritten {
         bytes_written: s.bytes_written,
         data_pages: s.data_pages,
@@ -99,19 +108,22 @@ fn write_memory_file(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, fd: RawFd
 /// Read the memory file at `fd` into fresh guest memory of the same layout, only its data
 /// extents, without marking pages dirty. With `chunk_hashes`, every chunk is hashed and compared
 /// before this returns; a mismatch raises MemoryFileError naming the chunk and its guest-physical
-/// range, and the memory must be discarded. Returns a `MemoryFileRead`.
+/// range, and the memory must be discarded. Returns a `MemoryFileRead`. A `meter` learns the
+/// image's pages, then advances as they are read or passed over.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, chunk_hashes = None, chunk_size = DEFAULT_CHUNK_SIZE))]
+#[pyo3(signature = (memory, fd, *, chunk_hashes = None, chunk_size = DEFAULT_CHUNK_SIZE, meter = None))]
 fn read_memory_file(
     py: Python<'_>,
     memory: PyRef<'_, PyGuestMemory>,
     fd: RawFd,
     chunk_hashes: Option<Vec<u128>>,
     chunk_size: u64,
+    meter: Option<PyRef<'_, PyProgressMeter>>,
 ) -> PyResult<MemoryFileRead> {
     let mem = memory.inner.clone();
+    let meter = meter_of(meter);
     let s = py
-        .detach(move || snapshot::read_memory_file(&mem, fd, chunk_hashes.as_deref().map(|h| (h, chunk_size))))
+        .detach(move || snapshot::read_memory_file(&mem, fd, chunk_hashes.as_deref().map(|h| (h, chunk_size)), meter.as_deref()))
         .map_err(snapshot_error)?;
     Ok(MemoryFileRead {
         bytes_read: s.bytes_read,

@@ -10,6 +10,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::memory::PyGuestMemory;
 use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
+use super::progress::{meter_of, PyProgressMeter};
 use crate::digest::PageError;
 use crate::wire::{self, BatchTotals, PageRange, MAX_STREAMS};
 
@@ -44,9 +45,9 @@ impl PyPageBudget {
 /// Receive one stream's share of a round from `fd` (until its empty end batch) straight into
 /// guest memory, hashing into `tracker` when given, charging every batch's pages to `budget`;
 /// a compressed batch is refused unless `compressed`. Returns the totals of its non-empty
-/// batches, `wire_bytes` including the end marker.
+/// batches, `wire_bytes` including the end marker. A `meter` advances as the pages arrive.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None))]
+#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None))]
 fn recv_share<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -54,11 +55,14 @@ fn recv_share<'py>(
     budget: PyRef<'py, PyPageBudget>,
     compressed: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
+    meter: Option<PyRef<'py, PyProgressMeter>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let budget = budget.inner.clone();
-    let totals = py.detach(move || wire::recv_share(fd, &mem, tracker.as_deref(), &budget, compressed)).map_err(page_error)?;
+    let meter = meter_of(meter);
+    let totals =
+        py.detach(move || wire::recv_share(fd, &mem, tracker.as_deref(), &budget, compressed, meter.as_deref())).map_err(page_error)?;
     totals_dict(py, &totals)
 }
 
@@ -67,9 +71,11 @@ fn recv_share<'py>(
 /// pages first (as `send_dirty_pages`, hashing them into `tracker` on the way when given). The round is
 /// cut into chunks of at most `chunk_pages` DATA pages (and 65,536 ranges), each sent as one
 /// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
-/// totals over all fds (end markers not counted) and `streams`, the same per fd.
+/// totals over all fds (end markers not counted) and `streams`, the same per fd. A `meter` learns
+/// the round's pages once harvested, then advances as every stream writes.
 #[pyfunction]
-#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None))]
+#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None, meter = None))]
+#[allow(clippy::too_many_arguments)]
 fn send_pages_multi<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -78,6 +84,7 @@ fn send_pages_multi<'py>(
     detect_zero: bool,
     chunk_pages: u32,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
+    meter: Option<PyRef<'py, PyProgressMeter>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PyValueError::new_err(format!("{} fds given; 1 to {MAX_STREAMS} streams may be used", fds.len())));
@@ -87,6 +94,7 @@ fn send_pages_multi<'py>(
     }
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
+    let meter = meter_of(meter);
     let per_stream = py
         .detach(move || -> Result<Vec<BatchTotals>, PageError> {
             let mut chunks: Vec<Vec<PageRange>> = Vec::new();
@@ -100,7 +108,7 @@ fn send_pages_multi<'py>(
                 };
                 chunks.extend(wire::split_batches(&ranges, chunk_pages));
             }
-            wire::send_chunks(&fds, &mem, &chunks, tracker.as_deref())
+            wire::send_chunks(&fds, &mem, &chunks, tracker.as_deref(), meter.as_deref())
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();

@@ -19,6 +19,7 @@ use super::error::SnapshotError;
 use super::image::ImageLayout;
 use crate::digest::{is_zero_page, resident_bitmap};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
+use crate::progress::{self, Meter};
 
 /// File I/O goes in pieces of this size: large enough that syscall cost vanishes, small enough
 /// that a piece just read is still in cache when it is hashed.
@@ -189,11 +190,12 @@ pub(super) fn file_stat(fd: RawFd, what: &str) -> Result<libc::stat, SnapshotErr
 }
 
 /// Feed the image of `layout` to `hasher` the way a writer sees it, calling `on_data` for every
-/// data run (segment, offset, length, file offset) after hashing it. Returns (data, zero,
-/// untouched) page counts.
+/// data run (segment, offset, length, file offset) after hashing it, and advancing `meter` by
+/// each run (a piece at a time for data). Returns (data, zero, untouched) page counts.
 fn walk_image(
     layout: &ImageLayout,
     hasher: &mut ChunkHasher,
+    meter: Option<&Meter>,
     mut on_data: impl FnMut(&Segment, usize, usize, u64) -> Result<(), SnapshotError>,
 ) -> Result<(u64, u64, u64), SnapshotError> {
     let (mut data, mut zero, mut untouched) = (0u64, 0u64, 0u64);
@@ -205,10 +207,12 @@ fn walk_image(
                 PageKind::Untouched => {
                     untouched += count as u64;
                     hasher.zeros(bytes as u64);
+                    progress::advance(meter, count as u64, 0, 0);
                 }
                 PageKind::Zero => {
                     zero += count as u64;
                     hasher.zeros(bytes as u64);
+                    progress::advance(meter, count as u64, 0, 0);
                 }
                 PageKind::Data => {
                     data += count as u64;
@@ -219,6 +223,8 @@ fn walk_image(
                         // SAFETY: page_runs stays inside the segment's pages.
                         hasher.data(unsafe { guest_bytes(seg, off, len) });
                         on_data(seg, off, len, file_off + off as u64)?;
+                        let pages = (len / PAGE_SIZE) as u64;
+                        progress::advance(meter, pages, pages, len as u64);
                         off += len;
                     }
                 }
@@ -231,8 +237,9 @@ fn walk_image(
 
 /// Write guest memory to `fd` (a regular file, truncated first) as the checkpoint memory image,
 /// sparse: never-touched and all-zero pages are left as holes. Returns what was written and the
-/// xxh3-128 hash of every `chunk_size` chunk of the image.
-pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64) -> Result<WriteStats, SnapshotError> {
+/// xxh3-128 hash of every `chunk_size` chunk of the image. `meter`, when given, is told the
+/// image's pages first and advances as they are written or skipped (bytes: those written).
+pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64, meter: Option<&Meter>) -> Result<WriteStats, SnapshotError> {
     let started = Instant::now();
     let chunk = check_chunk_size(chunk_size)?;
     let layout = ImageLayout::of(mem)?;
@@ -252,8 +259,11 @@ pub fn write_memory_file(mem: &GuestMemory, fd: RawFd, chunk_size: u64) -> Resul
         return Err(SnapshotError::io(format!("sizing the memory file to {total} bytes")));
     }
     let mut hasher = ChunkHasher::new(chunk, total);
+    if let Some(m) = meter {
+        m.add_total(total / PAGE_SIZE as u64, 0);
+    }
     let (mut written, mut calls) = (0u64, 0u64);
-    let (data, zero, untouched) = walk_image(&layout, &mut hasher, |seg, off, len, file_off| {
+    let (data, zero, untouched) = walk_image(&layout, &mut hasher, meter, |seg, off, len, file_off| {
         // SAFETY-relevant: the pointer is inside the segment (walk_image stays inside it).
         calls += pwrite_all(fd, seg.as_ptr().wrapping_add(off), len, file_off, seg.gpa().0 + off as u64)?;
         written += len as u64;
@@ -279,7 +289,7 @@ pub fn memory_chunk_hashes(mem: &GuestMemory, chunk_size: u64) -> Result<Vec<u12
     let layout = ImageLayout::of(mem)?;
     mem.ensure_all()?;
     let mut hasher = ChunkHasher::new(chunk, layout.total());
-    walk_image(&layout, &mut hasher, |_, _, _, _| Ok(()))?;
+    walk_image(&layout, &mut hasher, None, |_, _, _, _| Ok(()))?;
     Ok(hasher.finish())
 }
 
@@ -335,8 +345,15 @@ pub(super) fn page_extents(fd: RawFd, start: u64, end: u64) -> Result<Vec<(u64, 
 /// a mismatch is an error naming the first bad chunk and its guest-physical range, and the
 /// caller must discard `mem`: nothing is reported restored until every chunk has matched. The
 /// hashes cover what memory holds, holes included (pages resident before the call are read), so
-/// memory that was not fresh fails the check instead of passing with stale bytes.
-pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u64)>) -> Result<ReadStats, SnapshotError> {
+/// memory that was not fresh fails the check instead of passing with stale bytes. `meter`, when
+/// given, is told the image's pages (and the file's data pages) first and advances as each piece
+/// is read and each hole passed.
+pub fn read_memory_file(
+    mem: &GuestMemory,
+    fd: RawFd,
+    verify: Option<(&[u128], u64)>,
+    meter: Option<&Meter>,
+) -> Result<ReadStats, SnapshotError> {
     let started = Instant::now();
     let layout = ImageLayout::of(mem)?;
     if let Some((seg, _)) = layout.segments().find(|(s, _)| s.lazy_image().is_some()) {
@@ -368,6 +385,10 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
     };
     let extents = page_extents(fd, 0, total)?;
     let mut stats = ReadStats { data_extents: extents.len() as u64, ..Default::default() };
+    let page = PAGE_SIZE as u64;
+    if let Some(m) = meter {
+        m.add_total(total / page, extents.iter().map(|(s, e)| (e - s) / page).sum());
+    }
 
     let hash_hole = |hasher: &mut ChunkHasher, start: u64, end: u64| -> Result<(), SnapshotError> {
         layout.for_each_part(start, end, |seg, off, len| {
@@ -410,6 +431,7 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
             if let Some(h) = hasher.as_mut() {
                 hash_hole(h, pos, start)?;
             }
+            progress::advance(meter, (start - pos) / page, 0, 0);
             let mut off = start;
             while off < end {
                 let piece_end = (off + PIECE as u64).min(end);
@@ -426,6 +448,7 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
                     Ok::<(), SnapshotError>(())
                 })?;
                 stats.bytes_read += piece_end - off;
+                progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
                 off = piece_end;
             }
             pos = end;
@@ -434,6 +457,7 @@ pub fn read_memory_file(mem: &GuestMemory, fd: RawFd, verify: Option<(&[u128], u
         if let Some(h) = hasher.as_mut() {
             hash_hole(h, pos, total)?;
         }
+        progress::advance(meter, (total - pos) / page, 0, 0);
         Ok(())
     })?;
     // read(2) into the mapping counts as a write to the kernel backend: forget those.

@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use super::*;
 use crate::dirty::TrackingChoice;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, HIGHMEM_BASE, PAGE_SIZE};
+use crate::progress::{Meter, Reading};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = MIB;
@@ -42,8 +43,14 @@ fn digest(mem: &GuestMemory) -> u128 {
 fn the_file_is_sparse_and_hashes_agree_three_ways() {
     let mem = guest(TrackingChoice::Soft);
     let f = temp_file("sparse");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let meter = Meter::new();
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK, Some(&meter)).unwrap();
     assert_eq!(stats.file_size, 13 * MIB);
+    let pages = 13 * MIB / 4096;
+    assert_eq!(
+        meter.read(),
+        Reading { pages_total: pages, data_pages_total: 0, pages_done: pages, data_pages_done: 7, bytes_done: 7 * 4096 }
+    );
     assert_eq!(f.metadata().unwrap().len(), 13 * MIB);
     assert_eq!((stats.data_pages, stats.zero_pages), (7, 1));
     assert_eq!(stats.bytes_written, 7 * 4096);
@@ -69,10 +76,14 @@ fn eager_restore_is_bit_exact_verified_and_clean() {
     for tracking in [TrackingChoice::Soft, TrackingChoice::Auto] {
         let mem = guest(tracking);
         let f = temp_file("eager");
-        let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+        let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK, None).unwrap();
         let fresh = GuestMemory::new(&opts(tracking)).unwrap();
-        let read = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap();
+        let meter = Meter::new();
+        let read = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK)), Some(&meter)).unwrap();
         assert!(read.verified);
+        let (r, pages) = (meter.read(), stats.file_size / 4096);
+        assert_eq!((r.pages_total, r.pages_done, r.bytes_done), (pages, pages, read.bytes_read), "{r:?}");
+        assert_eq!((r.data_pages_total, r.data_pages_done), (read.bytes_read / 4096, read.bytes_read / 4096));
         assert_eq!(digest(&fresh), digest(&mem));
         assert!(read.bytes_read < 64 * 4096, "only the data extents are read: {read:?}");
         for i in 0..fresh.segments().len() {
@@ -89,7 +100,7 @@ fn eager_restore_is_bit_exact_verified_and_clean() {
 fn saved(tag: &str) -> (GuestMemory, std::fs::File, WriteStats) {
     let mem = guest(TrackingChoice::Soft);
     let f = temp_file(tag);
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK, None).unwrap();
     (mem, f, stats)
 }
 
@@ -111,7 +122,7 @@ fn saved_with_chunk_6_damaged(tag: &str) -> (GuestMemory, std::fs::File, WriteSt
 fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
     let (_, f, stats, original) = saved_with_chunk_6_damaged("damaged");
     let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
-    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK)), None).unwrap_err();
     assert_eq!(
         err.to_string(),
         "memory chunk 6 (file bytes 0x600000..0x700000, guest-physical 0x600000..0x680000 and 0x100000000..0x100080000) does not match its recorded hash"
@@ -120,12 +131,12 @@ fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
     f.write_all_at(&[original], IN_CHUNK_6).unwrap();
     f.write_all_at(&[1], 12 * MIB + 7).unwrap();
     let fresh = GuestMemory::new(&opts(TrackingChoice::Soft)).unwrap();
-    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK))).unwrap_err();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK)), None).unwrap_err();
     assert!(err.to_string().starts_with("memory chunk 12 "), "{err}");
-    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes[..3], CHUNK))).unwrap_err();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes[..3], CHUNK)), None).unwrap_err();
     assert_eq!(err.to_string(), "3 chunk hashes given, but the memory image has 13 chunks of 1048576 bytes");
     f.set_len(MIB).unwrap();
-    let err = read_memory_file(&fresh, f.as_raw_fd(), None).unwrap_err();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), None, None).unwrap_err();
     assert_eq!(err.to_string(), "memory file is 1048576 bytes (1 MiB), the guest's memory is 13631488 bytes (13 MiB)");
 }
 
@@ -150,12 +161,12 @@ fn lazy_memory_loads_chunks_on_touch_and_saves_again_exactly() {
     assert!(lazy.is_complete());
     assert_eq!(digest(&lazy), digest(&mem));
     let again = temp_file("lazy-again");
-    let stats2 = write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap();
+    let stats2 = write_memory_file(&lazy, again.as_raw_fd(), CHUNK, None).unwrap();
     assert_eq!((stats2.chunk_hashes, stats2.data_pages), (stats.chunk_hashes.clone(), 7));
     // Complete memory no longer needs its file: it may even be saved over it.
-    let stats3 = write_memory_file(&lazy, f.as_raw_fd(), CHUNK).unwrap();
+    let stats3 = write_memory_file(&lazy, f.as_raw_fd(), CHUNK, None).unwrap();
     assert_eq!(stats3.chunk_hashes, stats.chunk_hashes);
-    let err = read_memory_file(&lazy, again.as_raw_fd(), None).unwrap_err();
+    let err = read_memory_file(&lazy, again.as_raw_fd(), None, None).unwrap_err();
     assert!(err.to_string().contains("is restored lazily; eager restore reads into fresh anonymous memory"), "{err}");
 }
 
@@ -181,7 +192,7 @@ fn a_damaged_lazy_chunk_is_refused_by_name_and_the_rest_still_loads() {
     assert_eq!(lazy.lazy_image().unwrap().first_failure().unwrap().to_string(), expected);
     let again = temp_file("lazy-damaged-again");
     assert!(
-        write_memory_file(&lazy, again.as_raw_fd(), CHUNK).unwrap_err().to_string().contains("memory chunk 6 "),
+        write_memory_file(&lazy, again.as_raw_fd(), CHUNK, None).unwrap_err().to_string().contains("memory chunk 6 "),
         "nothing unverified is saved"
     );
 }
@@ -207,7 +218,7 @@ fn zero_ranges_received_into_lazy_memory_read_as_zero() {
     use crate::wire::{build_ranges_from_bitmap, recv_batch, send_batch};
     let mem = guest(TrackingChoice::Soft);
     let f = temp_file("lazy-zero");
-    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK).unwrap();
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK, None).unwrap();
     let lazy = lazy(&f, &stats.chunk_hashes);
     lazy.write(GuestAddress(7 * 4096), &[5u8; 4096]).unwrap(); // a guest write over a hole
                                                                // The sender's pages 0, 5, 7 and 255 are now zero: send them as ZERO ranges.

@@ -29,6 +29,7 @@ use super::fdio::{read_all_with, read_exact, write_all, WholeReads, HASH_WINDOW_
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
+use crate::progress::{self, Meter};
 
 /// What one batch moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,7 +48,8 @@ pub struct BatchStats {
 }
 
 impl BatchStats {
-    pub(super) fn of(ranges: &[PageRange]) -> BatchStats {
+    /// What `ranges` carry as one plain batch (a caller totting up a round uses its page counts).
+    pub fn of(ranges: &[PageRange]) -> BatchStats {
         let mut s = BatchStats { ranges: ranges.len() as u64, ..Default::default() };
         for r in ranges {
             match r.kind {
@@ -96,11 +98,11 @@ impl BatchTotals {
 const POPULATE_AHEAD_MIN: u64 = 4 << 20;
 
 /// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
-/// windows of at most `HASH_WINDOW_PAGES` pages.
-fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usize)>> {
+/// windows of at most `window_pages` pages.
+fn data_windows(ranges: &[PageRange], offsets: &[usize], window_pages: usize) -> Vec<Vec<(usize, usize)>> {
     let mut windows = Vec::new();
     let mut window: Vec<(usize, usize)> = Vec::new();
-    let mut room = HASH_WINDOW_PAGES;
+    let mut room = window_pages;
     for (mut first, mut left) in runs_of(RangeKind::Data, ranges, offsets) {
         while left > 0 {
             let n = left.min(room);
@@ -108,7 +110,7 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usiz
             (first, left, room) = (first + n, left - n, room - n);
             if room == 0 {
                 windows.push(std::mem::take(&mut window));
-                room = HASH_WINDOW_PAGES;
+                room = window_pages;
             }
         }
     }
@@ -116,6 +118,20 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize]) -> Vec<Vec<(usize, usiz
         windows.push(window);
     }
     windows
+}
+
+/// With a meter alone, page data moves this much at a time: each window is one progress step
+/// (1 MiB: a few steps a second on a slow link, one more syscall per MiB on a fast one).
+const METER_WINDOW_PAGES: usize = 256;
+
+/// How a batch's DATA pages move: a hash window at a time with a tracker, a meter window at a
+/// time with a meter alone, all in one call otherwise.
+fn windows(ranges: &[PageRange], offsets: &[usize], tracker: Option<&DigestTracker>, meter: Option<&Meter>) -> Vec<Vec<(usize, usize)>> {
+    match (tracker, meter) {
+        (Some(_), _) => data_windows(ranges, offsets, HASH_WINDOW_PAGES),
+        (None, Some(_)) => data_windows(ranges, offsets, METER_WINDOW_PAGES),
+        (None, None) => vec![runs_of(RangeKind::Data, ranges, offsets)],
+    }
 }
 
 /// A batch's ranges of one `kind` as runs of `(first page in the segment, pages)`.
@@ -156,6 +172,18 @@ pub fn send_batch_tracked(
     ranges: &[PageRange],
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
+    send_batch_metered(fd, mem, ranges, tracker, None)
+}
+
+/// [`send_batch_tracked`], advancing `meter` as the batch goes: its ZERO pages and header once
+/// they are written, then each window of DATA pages (a window at a time, as with a tracker).
+pub fn send_batch_metered(
+    fd: RawFd,
+    mem: &GuestMemory,
+    ranges: &[PageRange],
+    tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
+) -> Result<BatchStats, PageError> {
     if ranges.len() > MAX_RANGES as usize {
         return Err(PageError::BadSendRanges {
             why: format!(
@@ -172,27 +200,29 @@ pub fn send_batch_tracked(
     ready_ranges(seg, ranges, &offsets)?;
     let encoded = encode_batch(seg.gpa(), ranges);
     let encoded_iov = libc::iovec { iov_base: encoded.as_ptr() as *mut libc::c_void, iov_len: encoded.len() };
-    let Some(tracker) = tracker else {
-        let mut iovs: Vec<libc::iovec> = std::iter::once(encoded_iov)
-            .chain(runs_of(RangeKind::Data, ranges, &offsets).into_iter().map(|run| run_iovec(seg, run)))
-            .collect();
-        // SAFETY: the first iovec is `encoded`, alive until the end of this function; the others
-        // lie inside the segment's mapping (validate_ranges checked each range), which `mem`
-        // keeps mapped. The kernel only reads through them; `*mut` is the iovec type's.
-        unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
-        return Ok(stats);
-    };
-    tracker.hash_now(seg, &runs_of(RangeKind::Zero, ranges, &offsets), true)?;
+    if let Some(tracker) = tracker {
+        tracker.hash_now(seg, &runs_of(RangeKind::Zero, ranges, &offsets), true)?;
+    }
+    let windows = windows(ranges, &offsets, tracker, meter);
     let mut header_iov = Some(encoded_iov);
-    for window in data_windows(ranges, &offsets) {
-        tracker.hash_now(seg, &window, false)?;
+    let mut header_pages = stats.zero_pages; // counted with the header: they go in its table
+    for window in windows {
+        if let Some(tracker) = tracker {
+            tracker.hash_now(seg, &window, false)?;
+        }
+        let header_bytes = header_iov.map_or(0, |iov| iov.iov_len as u64);
         let mut iovs: Vec<libc::iovec> = header_iov.take().into_iter().chain(window.iter().map(|&run| run_iovec(seg, run))).collect();
-        // SAFETY: as above.
+        // SAFETY: the first iovec may be `encoded`, alive until the end of this function; the others
+        // lie inside the segment's mapping (validate_ranges checked each range), which `mem` keeps
+        // mapped. The kernel only reads through them; `*mut` is the iovec type's.
         unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
+        let data_pages: u64 = window.iter().map(|&(_, pages)| pages as u64).sum();
+        progress::advance(meter, data_pages + std::mem::take(&mut header_pages), data_pages, header_bytes + data_pages * PAGE_SIZE as u64);
     }
     if let Some(iov) = header_iov {
         // SAFETY: as above: `encoded` is alive until the end of this function.
         unsafe { write_all(fd, &mut [iov], "sending a page batch")? };
+        progress::advance(meter, header_pages, 0, iov.iov_len as u64);
     }
     Ok(stats)
 }
@@ -227,17 +257,19 @@ pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError>
 /// [`recv_batch`], and then every page the batch wrote marked stale in `tracker`, so the commit
 /// digest it keeps stays current (marked after the writes, as the tracker requires).
 pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(fd, mem, tracker, |_| Ok(()))
+    recv_batch_admitted(fd, mem, tracker, None, |_| Ok(()))
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
 /// 1 when its payload is LZ4) once the header, table and ranges are checked and before any byte of
 /// its payload is read or any guest byte written: a batch the receiver will not take (compression it
-/// did not agree to, more pages than the round may carry) is refused there, unread.
+/// did not agree to, more pages than the round may carry) is refused there, unread. `meter`, when
+/// given, advances with each window of DATA pages as it arrives and with the rest once it is in.
 pub(crate) fn recv_batch_admitted(
     fd: RawFd,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
     admit: impl FnOnce(&BatchStats) -> Result<(), PageError>,
 ) -> Result<BatchStats, PageError> {
     let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
@@ -259,6 +291,7 @@ pub(crate) fn recv_batch_admitted(
     }
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
+    let mut windowed = 0; // DATA pages the meter has seen arrive window by window
     if lz4 {
         recv_lz4_payload(fd, seg, &header, &ranges, &offsets)?;
         stats.saved_bytes = stats.data_bytes - header.payload_len;
@@ -268,7 +301,7 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
-        read_data_pages(fd, seg, &header, &ranges, &offsets, tracker)?;
+        windowed = read_data_pages(fd, seg, &header, &ranges, &offsets, tracker, meter)?;
     }
     for (r, &off) in ranges.iter().zip(&offsets) {
         if r.kind == RangeKind::Zero {
@@ -282,12 +315,16 @@ pub(crate) fn recv_batch_admitted(
         let end = last.gpa.0 + last.bytes();
         mem.mark_clean_range(first.gpa, (end - first.gpa.0) as usize)?;
     }
+    let rest = stats.data_pages - windowed;
+    progress::advance(meter, stats.zero_pages + rest, rest, stats.wire_bytes - windowed * PAGE_SIZE as u64);
     Ok(stats)
 }
 
 /// Read a plain batch's DATA pages straight into the segment; with a `tracker`, a window at a
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
-/// ([`WholeReads`]).
+/// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
+/// returns the DATA pages counted so.
+#[allow(clippy::too_many_arguments)]
 fn read_data_pages(
     fd: RawFd,
     seg: &Segment,
@@ -295,11 +332,10 @@ fn read_data_pages(
     ranges: &[PageRange],
     offsets: &[usize],
     tracker: Option<&DigestTracker>,
-) -> Result<(), PageError> {
-    let windows = match tracker {
-        Some(_) => data_windows(ranges, offsets),
-        None => vec![runs_of(RangeKind::Data, ranges, offsets)],
-    };
+    meter: Option<&Meter>,
+) -> Result<u64, PageError> {
+    let windows = windows(ranges, offsets, tracker, meter);
+    let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
     // failures ignored), so the socket reads mostly land in pages that already exist. Only for
@@ -331,11 +367,16 @@ fn read_data_pages(
             if let Some(tracker) = tracker {
                 tracker.hash_now(seg, window, false)?;
             }
+            if meter.is_some() {
+                let pages = want / PAGE_SIZE as u64;
+                progress::advance(meter, pages, pages, want);
+                counted += pages;
+            }
         }
         Ok(got)
     })?;
     if got < header.payload_len {
         return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
     }
-    Ok(())
+    Ok(counted)
 }

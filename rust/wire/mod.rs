@@ -28,7 +28,7 @@ pub use batch::{
     decode_header as decode_batch_header, end_of_round_batch, split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES,
     BATCH_FLAG_LZ4, BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA, MAX_RANGES, RANGE_ENTRY_SIZE,
 };
-pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_tracked, BatchStats, BatchTotals};
+pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_metered, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
 pub use streams::{recv_share, send_chunks, PageBudget, MAX_STREAMS};

@@ -19,10 +19,11 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{recv_batch_admitted, send_batch, send_batch_tracked, BatchTotals};
+use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals};
 use crate::digest::DigestTracker;
 use crate::digest::PageError;
 use crate::memory::GuestMemory;
+use crate::progress::Meter;
 
 /// The most fds `send_chunks` drives at once.
 pub const MAX_STREAMS: usize = 16;
@@ -40,14 +41,22 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 /// fd carried (in `fds` order). On the first failure the other streams take no further chunk and
 /// send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
+/// `meter`, when given, is told the chunks' pages first and advances as every stream writes.
 pub fn send_chunks(
     fds: &[RawFd],
     mem: &GuestMemory,
     chunks: &[Vec<PageRange>],
     tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
 ) -> Result<Vec<BatchTotals>, PageError> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
+    }
+    if let Some(m) = meter {
+        for chunk in chunks {
+            let s = super::BatchStats::of(chunk);
+            m.add_total(s.data_pages + s.zero_pages, s.data_pages);
+        }
     }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -65,10 +74,10 @@ pub fn send_chunks(
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             let Some(chunk) = chunks.get(i) else {
                                 // The end-of-round marker: an empty batch.
-                                send_batch(fd, mem, &[])?;
+                                send_batch_metered(fd, mem, &[], None, meter)?;
                                 return Ok(());
                             };
-                            totals.add(send_batch_tracked(fd, mem, chunk, tracker)?);
+                            totals.add(send_batch_metered(fd, mem, chunk, tracker, meter)?);
                         }
                         Ok(())
                     })();
@@ -146,19 +155,21 @@ impl PageBudget {
 /// a single-stream sender end it with). Every batch's pages are charged to `budget`; a compressed
 /// batch is refused unless `compressed` (the stream agreed to it). Returns the non-empty batches'
 /// totals, `wire_bytes` including the end marker. The first failure is returned as it happened
-/// (a timeout names the peer); pages of batches already received stay written.
+/// (a timeout names the peer); pages of batches already received stay written. `meter`, when
+/// given, advances as the pages arrive (the streams of a round may share one).
 pub fn recv_share(
     fd: RawFd,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
     budget: &PageBudget,
     compressed: bool,
+    meter: Option<&Meter>,
 ) -> Result<BatchTotals, PageError> {
     let mut totals = BatchTotals::default();
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let stats = recv_batch_admitted(fd, mem, tracker, |batch| {
+        let stats = recv_batch_admitted(fd, mem, tracker, meter, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);
             }

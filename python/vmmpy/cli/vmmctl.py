@@ -19,10 +19,12 @@ from typing import Any
 
 from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
+from ..migration.stats import stopped_text
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
 from ..units import format_size, parse_rate
 from .about import version_line
 from .keyfile import read_key
+from .progressbar import ProgressBar, bar, eta_text
 from .report import ReportError, write_report
 
 EPILOG = """\
@@ -276,6 +278,11 @@ def _print_migration(stats: dict) -> None:
     if stats.get("error"):
         parts.append(stats["error"])
     print(", ".join(parts))
+    if stats.get("current_round"):
+        print("\n".join(_current_round_lines(stats["current_round"], stats)))
+    stopped = stopped_text(stats)
+    if stopped is not None:
+        print(f"  {stopped}")
     for note in stats.get("notes") or []:
         print(f"  note: {note}")
 
@@ -316,16 +323,17 @@ def _round_line(stats: dict, rnd: dict) -> str:
 
 
 class _ProgressPrinter:
-    """Live progress on ``stream`` (stderr): one line per round when it is a log or a pipe, one
-    redrawn status line with a convergence gauge when it is a terminal."""
+    """Live progress on ``stream`` (stderr): one line per round when it is a log or a pipe (the
+    reports that come within a round add nothing there), one redrawn status line with the round's
+    progress bar and a convergence gauge when it is a terminal."""
 
     BAR = 20
 
     def __init__(self, stream=None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
+        self.bar = ProgressBar(stream)
+        self.stream = self.bar.stream
+        self.tty = self.bar.tty
         self.printed_rounds = 0
-        self.drawn = False
 
     def __call__(self, info: dict) -> None:
         stats = info.get("migration")
@@ -333,9 +341,7 @@ class _ProgressPrinter:
             return
         rounds = stats.get("rounds") or []
         if self.tty:
-            self.stream.write("\r\x1b[K" + self.status_line(stats))
-            self.stream.flush()
-            self.drawn = True
+            self.bar.show(self.status_line(stats))
             return
         for rnd in rounds[self.printed_rounds:]:
             print(_round_line(stats, rnd), file=self.stream, flush=True)
@@ -343,9 +349,12 @@ class _ProgressPrinter:
 
     def status_line(self, stats: dict) -> str:
         rounds = stats.get("rounds") or []
-        parts = [f"{'live' if stats.get('live') else 'warm'} {stats.get('status')}",
-                 f"round {rounds[-1]['round'] if rounds else 0}",
-                 f"{format_size(stats.get('bytes_total', 0))} sent"]
+        current = stats.get("current_round")
+        number = current["round"] if current else (rounds[-1]["round"] if rounds else 0)
+        parts = [f"{'live' if stats.get('live') else 'warm'} {stats.get('status')}", f"round {number}"]
+        if current:
+            parts[-1] += " " + _current_round_text(current)
+        parts.append(f"{format_size(stats.get('bytes_total', 0))} sent")
         if stats.get("live") and rounds:
             parts.append(f"dirty {format_size(stats.get('dirty_rate_bytes', 0))}/s vs link {format_size(stats.get('throughput', 0))}/s")
             live_rounds = [r for r in rounds if r.get("expected_downtime_ms") is not None]
@@ -360,9 +369,52 @@ class _ProgressPrinter:
         return " | ".join(parts)
 
     def done(self) -> None:
-        if self.tty and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
+
+
+def _current_round_text(current: dict) -> str:
+    """The running round: its bar (over the bytes, when what is left is known: zero pages cost
+    next to nothing), what went and what is left, the rate, the ETA."""
+    total, sent, left = current.get("pages_total"), current.get("bytes", 0), current.get("remaining_bytes")
+    fraction = sent / (sent + left) if left is not None and sent + left > 0 else current["pages_done"] / total if total else None
+    text = f"{bar(fraction)} {format_size(sent)}"
+    if current.get("remaining_bytes") is not None:
+        text += f" ({format_size(current['remaining_bytes'])} left)"
+    text += f" at {format_size(current.get('rate', 0))}/s"
+    if current.get("eta_s") is not None:
+        text += f", {eta_text(current['eta_s'])}"
+    return text
+
+
+def _current_round_lines(current: dict, stats: dict) -> list[str]:
+    """``--migrate-status`` of a running round, as query-migrate / domjobinfo show it."""
+    total = current.get("pages_total")
+    lines = [f"  round {current['round']}" + (" (final, guest paused)" if current.get("final") else "") +
+             f" running {_ms(current.get('elapsed_ms'))}: {current['pages_done']}" + (f" of {total}" if total else "") + " pages",
+             f"  sent {format_size(current.get('bytes', 0))} in this round" if stats.get("role") == "source"
+             else f"  received {format_size(current.get('bytes', 0))} in this round"]
+    if current.get("remaining_bytes") is not None:
+        lines.append(f"  remaining {format_size(current['remaining_bytes'])}")
+    lines.append(f"  rate {format_size(current.get('rate', 0))}/s")
+    if current.get("dirty_rate") is not None:
+        lines.append(f"  dirty rate {format_size(current['dirty_rate'] * 4096)}/s ({current['dirty_rate']:.0f} pages/s)")
+    if current.get("expected_downtime_ms") is not None:
+        lines.append(f"  expected downtime {_ms(current['expected_downtime_ms'])}")
+    if current.get("eta_s") is not None:
+        lines.append(f"  round {eta_text(current['eta_s'])}")
+    return lines
+
+
+def _with_bar(client: ControlClient, cmd: str, as_json: bool, **request: Any) -> Any:
+    """``client.request(cmd)`` with its progress messages drawn as a bar on stderr, when that is a
+    terminal (and the output is not --json)."""
+    bar = ProgressBar()
+    if as_json or not bar.tty:
+        return client.request(cmd, **request)
+    try:
+        return client.request(cmd, on_progress=bar.phase, **request)
+    finally:
+        bar.close()
 
 
 def _write_report(stats: dict, path: Path) -> None:
@@ -378,7 +430,7 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
         if args.report:
             raise ValueError("--estimate predicts without migrating: there is no round history for --report")
         client.timeout = args.estimate_window + 60
-        result = client.request("migrate-estimate", window=args.estimate_window, **request)
+        result = _with_bar(client, "migrate-estimate", args.json, window=args.estimate_window, **request)
         if tls is not None and result.get("bandwidth_source", "").startswith("measured"):
             result["notes"].append("the probe measured plain TCP: over TLS the relay's encryption carries less "
                                    "(tools/bench warm-1g-tls against warm-1g), so give --bandwidth for a TLS estimate")
@@ -566,7 +618,7 @@ def _main(argv: list[str] | None = None) -> int:
             if key is not None:  # as a migration's: hex in the request, over the owner-only socket
                 request["key"] = key.hex()
             holder = client.name_holder()
-            result = client.request("checkpoint", **request)
+            result = _with_bar(client, "checkpoint", args.json, **request)
             _print(result, True) if args.json else _print_checkpoint(result)
             if result.get("suspended"):
                 _wait_gone(client, holder)

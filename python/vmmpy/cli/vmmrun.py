@@ -48,6 +48,7 @@ from ..vmm.ioctl import SuspendHow
 from . import vmmrun_config
 from .about import version_line
 from .keyfile import read_key
+from .progressbar import ProgressBar
 
 EPILOG = """\
 guests:
@@ -245,7 +246,11 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
     if args.restore:
         if config.guest:
             raise ConfigError("-r restores a saved guest: do not also give --guest")
-        machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key)
+        bar = ProgressBar(sys.stderr)  # on a terminal only: how far an eager restore's read has got
+        try:
+            machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None)
+        finally:
+            bar.close()
         conflict = saved_differs(args, machine.config)
         if conflict:
             machine.close()

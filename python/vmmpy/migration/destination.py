@@ -25,6 +25,7 @@ import threading
 import time
 
 from ..memory import PageBatchError, PageBudget
+from ..progress import Ticker
 from ..state import SectionError, decode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
@@ -32,7 +33,7 @@ from .convergence import MigrationParams
 from .digest import InBackground
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
 from .net import CancelWatcher, format_address, listen, set_io_timeout, shutdown_quietly
-from .stats import MigrationStats, RoundStats
+from .stats import MigrationStats, RoundProgress, RoundStats
 from .streams import JoinWindow, new_token, receive_round
 from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
 
@@ -393,8 +394,14 @@ class Destination:
                 self.listener = None
         listener.close()
 
+    @property
+    def record(self) -> MigrationStats | None:
+        """The migration's record: final once :meth:`run` has it, the receiving connection's own
+        while it runs (with ``current_round``, the live figures of the round arriving)."""
+        return self.stats if self.stats is not None else (self._receiver.stats if self._receiver is not None else None)
+
     def _note(self, text: str) -> None:
-        target = self.stats if self.stats is not None else (self._receiver.stats if self._receiver is not None else None)
+        target = self.record
         if target is not None:
             target.notes.append(text)
 
@@ -826,20 +833,34 @@ class _Receiver:
         # Each stream's share is one call into the memory core (batches until its empty one, GIL
         # released); a round may not carry more pages than the guest has, over all its streams.
         budget = PageBudget(self.total_pages)
+        # Live figures while the streams receive (GIL released): their shared meter, read every TICK_S.
+        rp = RoundProgress(memory.round, bool(memory.flags & P.MemoryFlags.FINAL), knows_total=False)
+        known = self.total_pages if memory.flags & P.MemoryFlags.ALL_PAGES else None
 
         def recv(sock: socket.socket) -> dict[str, int]:
-            return self.memory.recv_share(sock, budget=budget, compressed=self.compression is not None, tracker=self.tracker)
+            return self.memory.recv_share(sock, budget=budget, compressed=self.compression is not None, tracker=self.tracker,
+                                          meter=rp.meter)
 
-        if self.data_conns:
-            per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
-                                cancelled=self.watcher.cancelled, join_timeout=self.params.io_timeout + 10)
-        else:
-            try:
-                per = [recv(self.conn)]
-            except PageBatchError as err:
-                if self.watcher.cancelled():
-                    raise Cancelled(f"cancelled during round {memory.round}") from None
-                raise receive_error(err, f"round {memory.round}") from None
+        def tick() -> None:
+            self.stats.current_round = rp.figures(pages_total=known)
+
+        tick()
+        try:
+            with Ticker(tick):
+                if self.data_conns:
+                    per = receive_round(recv, [self.conn, *self.data_conns], round_number=memory.round,
+                                        cancelled=self.watcher.cancelled, join_timeout=self.params.io_timeout + 10)
+                else:
+                    try:
+                        per = [recv(self.conn)]
+                    except PageBatchError as err:
+                        if self.watcher.cancelled():
+                            raise Cancelled(f"cancelled during round {memory.round}") from None
+                        raise receive_error(err, f"round {memory.round}") from None
+        except BaseException:
+            self.stats.interrupt_round(rp.figures(pages_total=known))
+            raise
+        self.stats.current_round = None
         batches, data_pages, zero_pages, wire, compressed, saved = (
             sum(s[k] for s in per) for k in ("batches", "data_pages", "zero_pages", "wire_bytes", "compressed_batches", "saved_bytes"))
         stream_bytes = [s["wire_bytes"] for s in per] if self.data_conns else []
@@ -928,6 +949,7 @@ class _Receiver:
     # -- failure ---------------------------------------------------------------------------------
     def _fail(self, err: BaseException) -> None:
         cancelled = isinstance(err, Cancelled) or self.watcher.fired
+        stopped_in = f"state {self.state.value}"
         if cancelled and not isinstance(err, Cancelled):
             message = f"cancelled in state {self.state.value}"
         elif isinstance(err, MigrationError):
@@ -961,4 +983,5 @@ class _Receiver:
         self.stats.owner = "source"
         self._join_hashing()
         self.adapter.discard()
+        self.stats.stopped_in = stopped_in
         self.stats.finish("cancelled" if cancelled else "failed", message)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from ..memory import PageBatchError
+from ..progress import Ticker
 from ..state import encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
@@ -33,7 +34,7 @@ from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
-from .stats import MigrationStats, ProgressCallback, RoundStats
+from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
 from .tls import TlsConfig, with_relay_error, wrap_tls
 
@@ -63,7 +64,9 @@ def migrate(
     """Migrate the guest behind ``adapter`` to ``host:port``; returns the statistics whatever
     happened (``status`` is completed, failed or cancelled, ``error`` says why). ``on_phase`` is
     called with "connect", "handshake", "streams" (with more than one), "round 0", "round N", "pause",
-    "final", "state", "commit" as each begins (tests use it to cancel in a given state). With
+    "final", "state", "commit" as each begins (tests use it to cancel in a given state).
+    ``progress`` is called with the statistics as each round begins, every ``TICK_S`` within it
+    (from a ticker thread: ``stats.current_round`` has the round's live figures) and after it. With
     ``tls`` the connection is mutual TLS 1.3 (``vmmpy.migration.tls``), the key's
     challenge-response running inside it."""
     return _Source(adapter, host, port, live, key, params or MigrationParams(), cancel, progress, on_phase, tls).run()
@@ -96,6 +99,12 @@ class MigrationHandle:
 
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    @property
+    def stats(self) -> MigrationStats:
+        """The record as it is now: live while the migration runs (``current_round`` refreshed
+        every ``TICK_S`` within a round), final once it is over."""
+        return self._source.stats
 
     def wait(self, timeout: float | None = None) -> MigrationStats:
         self._thread.join(timeout)
@@ -163,6 +172,7 @@ class _Source:
         self.paused_at = 0.0
         self.convergence: Convergence | None = None
         self.rtt_ms = 0.0
+        self.round_progress: RoundProgress | None = None  # the round whose pages are going now
 
     # -- plumbing --------------------------------------------------------------------------------
     def _enter(self, phase: str) -> None:
@@ -586,7 +596,40 @@ class _Source:
         return self.chan.translate(err, what)
 
     def _send_round(self, number: int, *, final: bool, all_pages: bool) -> RoundStats:
-        """One MEMORY frame, the round's page batches, the end-of-round batch, MEMORY_END."""
+        """One MEMORY frame, the round's page batches, the end-of-round batch, MEMORY_END. While
+        the pages go (one call into the memory core, GIL released), ``stats.current_round`` is
+        refreshed from its progress meter and the progress callback called, every ``TICK_S``."""
+        self.round_progress = RoundProgress(number, final)
+        self._round_tick()  # the round has begun: say so at once
+        try:
+            with Ticker(self._round_tick):
+                rnd = self._send_round_pages(number, final=final, all_pages=all_pages, meter=self.round_progress.meter)
+        except BaseException:
+            self.stats.interrupt_round(self._round_figures())
+            raise
+        finally:
+            self.round_progress = None
+        self.stats.current_round = None
+        self.stats.bytes_total += rnd.bytes
+        self.stats.add_round(rnd)
+        return rnd
+
+    def _round_figures(self) -> CurrentRound:
+        rp = self.round_progress
+        dirty = None
+        if self.live and not rp.final:
+            try:
+                dirty = self.memory.dirty_count()  # since the round's harvest: bits are read, never cleared here
+            except OSError:  # memory going away with a failed round: its figures go without the dirty rate
+                pass
+        paused_s = time.monotonic() - self.paused_at if self.paused else None
+        return rp.figures(dirty_pages=dirty, fixed_ms=self.stats.expected_commit_ms or self.rtt_ms, paused_s=paused_s)
+
+    def _round_tick(self) -> None:
+        self.stats.current_round = self._round_figures()
+        self._report()
+
+    def _send_round_pages(self, number: int, *, final: bool, all_pages: bool, meter) -> RoundStats:
         flags = (P.MemoryFlags.ALL_PAGES if all_pages else P.MemoryFlags(0)) | (P.MemoryFlags.FINAL if final else P.MemoryFlags(0))
         throttle = self.convergence.throttle if self.convergence else 0.0
         start = time.monotonic()
@@ -598,13 +641,15 @@ class _Source:
             if self.data:
                 # Harvested once, spread over every stream; each stream's share ends with its own empty batch.
                 fds = [fd, *(chan.out_fd for chan in self.data)]
-                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero, tracker=self.tracker)
+                sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero, tracker=self.tracker,
+                                                   meter=meter)
                 end_bytes = len(fds) * P.BATCH_HEADER_SIZE
                 stream_bytes = [s["wire_bytes"] + P.BATCH_HEADER_SIZE for s in sent["streams"]]
             else:
                 # One stream: batches may be compressed where the destination agreed (parallel
                 # streams send plain batches).
-                how = {"detect_zero": detect_zero, "tracker": self.tracker, "compress": self.compress, "link_rate": self.link_rate}
+                how = {"detect_zero": detect_zero, "tracker": self.tracker, "compress": self.compress, "link_rate": self.link_rate,
+                       "meter": meter}
                 sent = self.memory.send_all_pages(fd, **how) if all_pages else self.memory.send_dirty_pages(fd, **how)
                 end = P.end_of_round_batch(self.memory.segments[0].gpa)
                 self.chan.out.sendall(end)
@@ -612,7 +657,6 @@ class _Source:
         except (PageBatchError, OSError) as err:
             raise self._translate(err, f"round {number}'s page batches") from None
         wire = sent["wire_bytes"] + end_bytes
-        self.stats.bytes_total += wire
         if sent.get("link_rate"):
             cap = self.params.bandwidth_cap
             self.link_rate = min(cap, sent["link_rate"]) if cap else sent["link_rate"]
@@ -625,7 +669,6 @@ class _Source:
             throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=throttle, stream_bytes=stream_bytes,
             compressed_batches=sent.get("compressed_batches", 0), saved_bytes=sent.get("saved_bytes", 0),
             compress_attempts=sent.get("compress_attempts", 0))
-        self.stats.add_round(rnd)
         return rnd
 
     def _precopy(self) -> int:
@@ -693,6 +736,7 @@ class _Source:
             self.adapter.resume()
             self.paused = False
         self.stats.owner = "source"
+        self.stats.stopped_in = self.phase
         self.stats.finish("cancelled" if cancelled else "failed", message)
         if self.commit_requested and (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION \
                 and not isinstance(err, (Refused, Aborted)):

@@ -2,8 +2,9 @@
 
 Modelled on QEMU's ``query-migrate`` (status, setup/total time, expected and measured downtime,
 bytes, zero pages, dirty rate, throughput, throttle) plus what QEMU does not give: a per-round
-history and a breakdown of the downtime. Times are milliseconds, rates per second, sizes bytes.
-``to_dict()`` is plain JSON.
+history, a breakdown of the downtime, and live figures within a round (``current_round``, read
+from the memory core's progress meter while the round's pages go). Times are milliseconds,
+rates per second, sizes bytes. ``to_dict()`` is plain JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..memory import PAGE_SIZE
+from ..progress import MeterReading, ProgressMeter, read_meter
+from ..units import format_size
 
 # "in-doubt": the commit was decided but not confirmed (protocol version 5); the guest is held
 # paused on this side until the question is settled (docs/migration-protocol.md, "Ownership").
@@ -47,6 +52,71 @@ class RoundStats:
 
 
 @dataclass
+class CurrentRound:
+    """The round running now, as far as it has got: ``MigrationStats.current_round`` while it
+    runs (refreshed every ``vmmpy.progress.TICK_S`` seconds; None between rounds), and
+    ``MigrationStats.interrupted_round`` when the migration stopped inside it.
+
+    ``pages_done`` of ``pages_total`` (every page the round covers, zero pages included; None
+    while unknown: a destination knows it only for round 0) and ``bytes`` sent (source) or
+    received (destination) in this round so far; ``remaining_bytes`` the page data still to send
+    (source); ``rate`` bytes/s over the last refresh; ``dirty_rate`` pages/s the guest dirtied
+    since the round began (a live source's rounds before the final); ``expected_downtime_ms`` what
+    pausing now would cost (this round's rest and the pages dirtied since it began, at ``rate``,
+    plus the commit), or in a final round the downtime it will have come to; ``eta_s`` the
+    seconds this round still needs at ``rate``."""
+
+    round: int
+    final: bool
+    elapsed_ms: float
+    pages_done: int
+    pages_total: int | None
+    bytes: int
+    remaining_bytes: int | None = None
+    rate: float = 0.0
+    dirty_rate: float | None = None
+    expected_downtime_ms: float | None = None
+    eta_s: float | None = None
+
+
+class RoundProgress:
+    """One round's :class:`CurrentRound` figures from the progress meter its page call advances."""
+
+    def __init__(self, number: int, final: bool, *, knows_total: bool = True) -> None:
+        self.number = number
+        self.final = final
+        self.knows_total = knows_total
+        self.meter = ProgressMeter()
+        self.started = time.monotonic()
+        self._last: MeterReading | None = None
+
+    def figures(self, *, dirty_pages: int | None = None, fixed_ms: float = 0.0, paused_s: float | None = None,
+                pages_total: int | None = None) -> CurrentRound:
+        """The round now. ``dirty_pages``: what the guest dirtied since the round began (a live
+        round); ``fixed_ms``: the downtime that does not shrink (the commit); ``paused_s``: how long
+        the guest has been paused (a final round); ``pages_total`` when the caller knows it better."""
+        now = read_meter(self.meter, self.started)
+        last, self._last = self._last, now
+        if last is not None and now.seconds - last.seconds >= 0.1 and now.bytes_done > last.bytes_done:
+            rate = (now.bytes_done - last.bytes_done) / (now.seconds - last.seconds)
+        else:
+            rate = now.bytes_done / now.seconds if now.seconds > 0 else 0.0
+        total = pages_total if pages_total is not None else (now.pages_total or None) if self.knows_total else None
+        remaining = max(0, now.data_pages_total - now.data_pages_done) * PAGE_SIZE if self.knows_total and now.pages_total else None
+        eta = remaining / rate if remaining is not None and rate > 0 else None
+        expected = None
+        if paused_s is not None and eta is not None:
+            expected = (paused_s + eta) * 1000 + fixed_ms
+        elif dirty_pages is not None and remaining is not None and rate > 0:
+            expected = (remaining + dirty_pages * PAGE_SIZE) / rate * 1000 + fixed_ms
+        return CurrentRound(
+            round=self.number, final=self.final, elapsed_ms=now.seconds * 1000, pages_done=now.pages_done, pages_total=total,
+            bytes=now.bytes_done, remaining_bytes=remaining, rate=rate,
+            dirty_rate=dirty_pages / now.seconds if dirty_pages is not None and now.seconds > 0 else None,
+            expected_downtime_ms=expected, eta_s=eta)
+
+
+@dataclass
 class MigrationStats:
     """The record of one migration, as either end sees it (``role``), live while it runs and
     final when it ends: what ``vmmpy.Vm.migrate``, ``vmmctl --migrate-status`` and the engine's
@@ -57,8 +127,12 @@ class MigrationStats:
     guest is when the record ends. Then times (milliseconds: ``total_time_ms``, ``downtime_ms``
     and its ``downtime_breakdown``), volume (bytes and pages on the wire), rates (per second:
     ``dirty_rate`` in pages, ``throughput`` in bytes), ``rounds`` (one :class:`RoundStats` per pass
-    over memory) and ``notes`` for the operator. ``summary()`` is one line for people,
-    ``to_dict()`` plain JSON. docs/migration.md, "Statistics", describes every field.
+    over memory) and ``notes`` for the operator. While a round runs, ``current_round`` (a
+    :class:`CurrentRound`) has its live figures; it is None between rounds and once the record
+    ends. A migration that failed or was cancelled says where: ``stopped_in`` (the phase) and,
+    when it stopped inside a round, ``interrupted_round`` (how far that round got).
+    ``summary()`` is one line for people, ``to_dict()`` plain JSON. docs/migration.md,
+    "Statistics", describes every field.
     """
 
     role: str  # "source" or "destination"
@@ -102,6 +176,12 @@ class MigrationStats:
     session: str | None = None
     owner: str | None = None
     rounds: list[RoundStats] = field(default_factory=list)
+    # the current round: live figures while one runs (None between rounds and at the end)
+    current_round: CurrentRound | None = None
+    # how far a failed or cancelled migration got: the phase it stopped in ("round 2", "state",
+    # "commit", ...; a destination's state), and the round it stopped inside, if any
+    stopped_in: str | None = None
+    interrupted_round: CurrentRound | None = None
     notes: list[str] = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic, repr=False)
 
@@ -117,6 +197,14 @@ class MigrationStats:
         self.status = status
         self.error = error
         self.total_time_ms = self.elapsed_ms()
+        self.current_round = None
+
+    def interrupt_round(self, figures: CurrentRound) -> None:
+        """The round running stopped (failed, cancelled) as ``figures`` say: keep them in the
+        record, and count the bytes that went on the wire."""
+        self.current_round = None
+        self.interrupted_round = figures
+        self.bytes_total += figures.bytes
 
     def add_round(self, rnd: RoundStats) -> None:
         self.rounds.append(rnd)
@@ -128,8 +216,17 @@ class MigrationStats:
         self.compress_attempts += rnd.compress_attempts
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        for _ in range(3):
+            try:
+                out = asdict(self)
+                break
+            except RuntimeError:  # a dict of the record changed while it was copied (read while the migration runs)
+                continue
+        else:
+            out = asdict(self)
         out.pop("_started", None)
+        if self.status in ("setup", "active", "paused"):
+            out["total_time_ms"] = self.elapsed_ms()  # so far, while it runs (as query-migrate's total-time)
         out["dirty_rate_bytes"] = self.dirty_rate_bytes
         out["round_count"] = len(self.rounds)
         return out
@@ -143,7 +240,24 @@ class MigrationStats:
         if self.compressed_batches:
             text += (f"; {self.compressed_batches} batches compressed ({self.compression}), "
                      f"{self.compression_saved_bytes / 2**20:.1f} MiB saved")
+        if self.interrupted_round is not None:
+            text += f"; {stopped_text(self.to_dict())}"
         return text + (f"; {self.error}" if self.error else "")
+
+
+def stopped_text(stats: dict[str, Any]) -> str | None:
+    """How far a stopped migration got, in words, from its ``to_dict()``; None when it did not stop
+    early."""
+    phase = stats.get("stopped_in")
+    if phase is None:
+        return None
+    done = stats.get("round_count", len(stats.get("rounds") or ()))
+    text = f"stopped in {phase} after {done} complete round{'s' if done != 1 else ''}"
+    rnd = stats.get("interrupted_round")
+    if rnd:
+        of = f" of {rnd['pages_total']}" if rnd.get("pages_total") else ""
+        text += f"; round {rnd['round']} had moved {rnd['pages_done']}{of} pages ({format_size(rnd['bytes'])})"
+    return text
 
 
 ProgressCallback = Callable[[MigrationStats], None]

@@ -32,6 +32,7 @@ from ..migration import Destination, MigrationHandle, MigrationParams, Migration
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
+from ..progress import timed
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import checkpoint_guest, restore_guest
 from ..snapshot.files import Checkpoint, read_checkpoint
@@ -118,12 +119,14 @@ def restore_machine(
     mode: str = "eager",
     key: bytes | None = None,
     consoles: dict[str, ConsoleBackend] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
     the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
     key: required for a keyed checkpoint, refused for an unkeyed one. ``consoles``: backends for
     LPC devices to use instead of opening ``config.lpc``'s (the library keeps output in memory).
-    The vCPUs are not started.
+    The vCPUs are not started. ``progress`` hears how far an eager restore's read has got
+    (``vmmpy.progress.metered``'s messages).
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
     def same_devices(basic: dict[str, Any]) -> None:
@@ -148,7 +151,8 @@ def restore_machine(
     # Consoles stay in memory until everything is restored: a refused checkpoint opens no file.
     machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
     try:
-        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking)
+        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking,
+                      progress=progress)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
             if consoles and device in consoles:
@@ -211,7 +215,6 @@ class MachineCommands:
         self._lock = threading.Lock()
         self._migration: MigrationHandle | None = None
         self._last_stats: dict[str, Any] | None = None
-        self._latest: dict[str, Any] | None = None
         self._estimating = False  # an estimate clears dirty bits: never beside a migration
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
 
@@ -315,9 +318,7 @@ class MachineCommands:
             self._estimating_guard()
 
             def on_progress(stats) -> None:
-                snapshot = stats.to_dict()
-                self._latest = snapshot
-                progress({"migration": snapshot})
+                progress({"migration": stats.to_dict()})
 
             self._migration = MigrationHandle(
                 MachineHandle(self.machine), host, port, live=bool(request.get("live")), key=key,
@@ -339,14 +340,16 @@ class MachineCommands:
         handle = self._migration
         if handle is None:
             incoming = self.incoming
-            if incoming is not None and incoming.stats is not None:
-                return incoming.stats.to_dict()  # this VM received a migration: the destination's record
+            if incoming is not None and incoming.record is not None:
+                return incoming.record.to_dict()  # this VM receives (or received) a migration: the destination's record
             if incoming is not None:
                 return {"role": "destination", "status": "setup" if incoming.state == "waiting" else incoming.state}
             raise OSError(errno.ENOENT, "no migration has run on this VM")
-        if handle.done():
-            return self._last_stats or self._latest or {}
-        return self._latest or {"status": "setup"}
+        # The record of this migration as it is now (never the last one's, while a new one sets
+        # up), with the running round's live figures; once it is over, as migrate() left it.
+        if handle.done() and self._last_stats is not None:
+            return self._last_stats
+        return handle.stats.to_dict()
 
     def migrate_cancel(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         handle = self._migration
@@ -403,7 +406,8 @@ class MachineCommands:
         try:
             adapter = MachineHandle(self.machine)
             if live:
-                est = estimate(adapter, bandwidth, window, params)
+                with timed(progress, "estimate", window):  # the dirty-rate window is the long part
+                    est = estimate(adapter, bandwidth, window, params)
             else:
                 est = estimate_warm(adapter, bandwidth, params)
         finally:

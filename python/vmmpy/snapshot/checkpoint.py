@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..progress import metered
 from ..state.handle import GuestHandle
 from .files import Checkpoint, restore_memory, write_checkpoint
 
@@ -42,7 +43,9 @@ def checkpoint_guest(
     """Save ``guest`` to ``path`` (+ ``.kern``, ``.meta``) with ``basic`` as bhyve's basic
     metadata (``ncpus``, ``vmname`` and what the caller adds); keep it running unless
     ``suspend``. With ``key`` the checkpoint is keyed (HMAC-SHA256): only a restore with the
-    same key takes it."""
+    same key takes it. ``progress`` gets a message when the guest is paused, one every
+    ``vmmpy.progress.TICK_S`` seconds while its memory is written (phase "checkpoint" or
+    "suspend": pages done of how many, rate, ETA), and one when all is written."""
     path = str(path)
     started = time.perf_counter()
     pause_seconds = guest.pause()
@@ -50,7 +53,8 @@ def checkpoint_guest(
         progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
     try:
         sections = guest.save_sections()
-        stats = write_checkpoint(path, guest.memory, sections, basic, key=key)
+        with metered(progress, "suspend" if suspend else "checkpoint") as meter:
+            stats = write_checkpoint(path, guest.memory, sections, basic, key=key, meter=meter)
     except Exception:
         guest.resume()
         raise
@@ -79,17 +83,18 @@ def checkpoint_guest(
     return result
 
 
-def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto") -> None:
+def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto",
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Restore a checkpoint read by ``read_checkpoint`` into ``guest``, which has no memory yet:
     its sections are checked first, then its memory is restored (``mode`` eager or lazy, tracked
     by ``dirty_tracking``) and the sections loaded. The guest does not run until
     ``guest.start_running()`` (or its owner starts it). Raises CheckpointError or SectionError
-    naming the file if anything does not fit."""
+    naming the file if anything does not fit. ``progress`` as for ``files.restore_memory``."""
     if mode not in RESTORE_MODES:
         raise ValueError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
     what = f"checkpoint '{checkpoint.kern_path}'"
     guest.check_sections(checkpoint.sections, what=what)
-    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking))
+    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress))
     guest.restore_sections(checkpoint.sections, what=what)
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from .. import _core
 from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
+from ..progress import ProgressCallback, ProgressMeter, metered
 from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_container, read_container
 from ..state.kernel import KERNEL_NAMES
 from .digests import kern_sha256, memory_chunk_sha256
@@ -163,6 +164,7 @@ def write_checkpoint(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     direct_io: bool = True,
     key: bytes | None = None,
+    meter: ProgressMeter | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint ``path``, ``path.kern`` and ``path.meta`` atomically.
 
@@ -174,7 +176,8 @@ def write_checkpoint(
     buffered writes must first allocate a page-cache page for every guest page.
     With a ``key`` (at least 16 bytes) the checkpoint is keyed: the metadata also records SHA-256
     of the .kern file and of every memory chunk (read back from the written file) and carries an
-    HMAC-SHA256 under the key, and only a restore given the same key accepts it.
+    HMAC-SHA256 under the key, and only a restore given the same key accepts it. A ``meter``
+    (``vmmpy.progress``) advances as the memory file is written.
     Returns statistics: the memory write's (bytes_written, data_pages, zero_pages,
     untouched_pages, pwrite_calls, file_size, seconds) plus kern_bytes, memory_fsync_seconds,
     sha256_seconds (0 unkeyed) and total_seconds.
@@ -210,7 +213,7 @@ def write_checkpoint(
             direct_io = False
         created.append(temp["memory"])
         try:
-            stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size).as_dict()
+            stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
             stats["direct_io"] = direct_io
             fsync_started = time.perf_counter()
             os.fsync(fd)
@@ -499,6 +502,7 @@ def restore_memory(
     *,
     dirty_tracking: str = "auto",
     wired: bool | None = None,
+    progress: ProgressCallback | None = None,
 ) -> GuestMemory:
     """Guest memory holding the checkpoint's memory image.
 
@@ -514,7 +518,8 @@ def restore_memory(
     be restored lazily.
     A keyed checkpoint's memory file is first checked against its SHA-256 digests, in either
     mode (:func:`verify_memory_sha256`: it reads the file's data once, so a keyed lazy restore
-    is no longer constant time).
+    is no longer constant time). ``progress`` is called every ``vmmpy.progress.TICK_S`` seconds
+    with how far an eager read has got (``vmmpy.progress.metered``'s messages, phase "restore").
     """
     wired = checkpoint.wired if wired is None else wired
     if checkpoint.keyed:
@@ -548,7 +553,9 @@ def restore_memory(
     try:
         memory = GuestMemory(checkpoint.memsize, wired=wired, lowmem_limit=checkpoint.lowmem_limit, dirty_tracking=dirty_tracking)
         try:
-            _core.read_memory_file(memory.core, fd, chunk_hashes=checkpoint.chunk_hashes, chunk_size=checkpoint.chunk_size)
+            with metered(progress, "restore") as meter:
+                _core.read_memory_file(memory.core, fd, chunk_hashes=checkpoint.chunk_hashes, chunk_size=checkpoint.chunk_size,
+                                       meter=meter)
         except BaseException as err:
             memory.close()
             if isinstance(err, OSError):
