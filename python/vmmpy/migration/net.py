@@ -324,6 +324,11 @@ class Channel:
             raise MigrationTimeout(f"pacing relay did not drain within {timeout:g} s")
         if self.relay_error is not None:
             raise self.translate(self.relay_error, "the last frames")
+        # Everything paced is on the wire and ``out`` is shut for writing; what may still follow
+        # (RELEASED, an ABORT) is a frame or two, so it goes to TCP directly, unpaced.
+        for s in (self.out, self._inner):
+            s.close()
+        self.out, self._inner, self._relay = self.sock, None, None
 
     def close(self) -> None:
         if self._relay is not None:
