@@ -320,8 +320,8 @@ def test_the_migration_status_line_on_a_terminal_shows_the_running_round():
     printer({"migration": {"live": False, "status": "paused", "rounds": [], "bytes_total": 400, "current_round": None}})
     printer.done()
     first, second = term.getvalue().split("\r\x1b[K")[1:]
-    assert first == "warm paused | round 0 [######..................]  25% 16 MiB (48 MiB left) at 8 MiB/s, ETA 6.0 s | 400 B sent"
-    assert second == "warm paused | round 0 | 400 B sent\n"
+    assert first == "warm paused | round 0 [######..................]  25% 16 MiB (48 MiB left) at 8 MiB/s, ETA 6.0 s | 16.0 MiB in all"
+    assert second == "warm paused | round 0 | 400 B in all\n"
 
 
 def test_a_meter_reading_counts_the_data_when_the_call_knows_it():

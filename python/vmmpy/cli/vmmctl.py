@@ -354,7 +354,8 @@ class _ProgressPrinter:
         parts = [f"{'live' if stats.get('live') else 'warm'} {stats.get('status')}", f"round {number}"]
         if current:
             parts[-1] += " " + _current_round_text(current)
-        parts.append(f"{format_size(stats.get('bytes_total', 0))} sent")
+        # bytes_total counts finished rounds; the round under way adds what it has moved so far.
+        parts.append(f"{format_size(stats.get('bytes_total', 0) + (current['bytes'] if current else 0))} in all")
         if stats.get("live") and rounds:
             parts.append(f"dirty {format_size(stats.get('dirty_rate_bytes', 0))}/s vs link {format_size(stats.get('throughput', 0))}/s")
             live_rounds = [r for r in rounds if r.get("expected_downtime_ms") is not None]
