@@ -29,6 +29,7 @@ from ..migration.tls import TlsConfig
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
     DIRTY_TRACKING,
+    MEMORY_BACKINGS,
     TSC_MODES,
     VENDORS,
     ConfigError,
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
                         "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), or auto (kernel where it works)")
+    p.add_argument("--memory-backing", choices=MEMORY_BACKINGS, default=None,
+                   help="what backs guest memory: anon (default; private anonymous memory) or memfd (a memfd per "
+                        "segment, mapped shared: needed to hand the guest to another vmmrun on this host with "
+                        "vmmctl --migrate-local or --live-update, which then copies nothing). memfd costs the same "
+                        "to run (measured, docs/memory.md); its pages are shmem, so they count as Shmem, not "
+                        "AnonPages, and go to swap only through shmem's own swapping")
     p.add_argument("-k", "--config", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="FILE",
                    help="read configuration variables (key=value lines, as bhyve's -k) from FILE; repeatable")
     p.add_argument("-o", "--option", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="KEY=VALUE",
@@ -171,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         tsc=args.tsc or VmConfig.tsc,
         vendor=args.vendor or VmConfig.vendor,
         dirty_tracking=args.dirty_tracking or VmConfig.dirty_tracking,
+        memory_backing=args.memory_backing or VmConfig.memory_backing,
     )
     for spec in args.lpc:
         device, backend = parse_lpc(spec)

@@ -148,7 +148,8 @@ def restore_machine(
     # Consoles stay in memory until everything is restored: a refused checkpoint opens no file.
     machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
     try:
-        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking)
+        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking,
+                      backing=config.memory_backing)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
             if consoles and device in consoles:

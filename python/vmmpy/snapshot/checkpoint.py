@@ -79,17 +79,18 @@ def checkpoint_guest(
     return result
 
 
-def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto") -> None:
+def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto",
+                  backing: str = "anon") -> None:
     """Restore a checkpoint read by ``read_checkpoint`` into ``guest``, which has no memory yet:
     its sections are checked first, then its memory is restored (``mode`` eager or lazy, tracked
-    by ``dirty_tracking``) and the sections loaded. The guest does not run until
+    by ``dirty_tracking``, backed by ``backing``) and the sections loaded. The guest does not run until
     ``guest.start_running()`` (or its owner starts it). Raises CheckpointError or SectionError
     naming the file if anything does not fit."""
     if mode not in RESTORE_MODES:
         raise ValueError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
     what = f"checkpoint '{checkpoint.kern_path}'"
     guest.check_sections(checkpoint.sections, what=what)
-    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking))
+    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, backing=backing))
     guest.restore_sections(checkpoint.sections, what=what)
 
 
