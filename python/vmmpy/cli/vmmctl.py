@@ -43,6 +43,8 @@ examples:
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --key-file mig.key --report mig.html
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --tls-cert src.crt --tls-key src.key --tls-ca ca.pem --key-file mig.key
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983 --key-file mig.key --streams 4   pages over 4 connections at once
+  vmmctl --vm=vm0 --migrate-local unix:/run/vm0.mig   hand the guest to `vmmrun -R unix:/run/vm0.mig ...` on
+                                         this host: its memfd memory is passed, not copied
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
   vmmctl --vm=vm0 --migrate-resolve      a migration in doubt (exit 3): ask the other side again and settle it
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--suspend", metavar="FILE", help="save the guest to FILE (as --checkpoint), then end it")
     actions.add_argument("--migrate", nargs="+", metavar="HOST [PORT]", help="warm-migrate to HOST PORT (or HOST:PORT, HOST,PORT)")
     actions.add_argument("--migrate-live", nargs="+", metavar="HOST [PORT]", help="live-migrate (pre-copy) to HOST PORT")
+    actions.add_argument("--migrate-local", metavar="unix:PATH",
+                         help="hand the guest to a vmmrun on this host waiting with -R unix:PATH: the guest pauses, its "
+                              "memory descriptors (it must run with --memory-backing memfd) and state are passed, and "
+                              "it runs there once that vmmrun confirms; nothing of its memory is copied")
     actions.add_argument("--migrate-status", action="store_true", help="statistics of the running or last migration")
     actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here")
     actions.add_argument("--migrate-resolve", nargs="?", const="ask", choices=("ask", "run-here", "discard-here"),
@@ -569,6 +575,11 @@ def _main(argv: list[str] | None = None) -> int:
             _print(result, True) if args.json else _print_checkpoint(result)
             if result.get("suspended"):
                 _wait_gone(client, holder)
+        elif args.migrate_local:
+            if not args.migrate_local.startswith("unix:"):
+                raise ValueError(f"--migrate-local {args.migrate_local}: expected unix:PATH (the socket of `vmmrun -R unix:PATH`)")
+            args.migrate = [args.migrate_local]
+            return _migrate(client, args)
         elif args.migrate or args.migrate_live:
             return _migrate(client, args)
         elif args.migrate_status:

@@ -24,7 +24,7 @@ from typing import NoReturn
 from ..devices.registry import PCI_EMULATIONS
 from ..guest.programs import load_into
 from ..migration import MigrationError, parse_address
-from ..migration.net import format_address
+from ..migration.net import format_address, is_unix
 from ..migration.tls import TlsConfig
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
@@ -63,6 +63,9 @@ restore and migration:
   saved without a key is refused with --key-file, since the key cannot authenticate it.
   -R HOST:PORT starts an empty guest that waits for one incoming migration (`vmmctl --migrate` on
   the source), then runs it. Give the same -m/-c/-s/-l options as the source.
+  -R unix:PATH waits on a Unix socket (mode 0600) for a local migration (`vmmctl --migrate-local
+  unix:PATH`): the source's memfd memory is mapped here, not copied. A path a live vmmrun listens
+  on is refused; a stale socket left by a killed one is replaced.
 
 securing a migration (docs/migration.md, "Setting up keys and certificates"):
   --key-file FILE   a shared secret: only a source holding it may send a guest, and this vmmrun
@@ -141,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: read and verify all memory first (default); lazy: read nothing up front, each chunk is read "
                         "and verified the first time it is needed (a bad one stops the guest)")
     p.add_argument("-R", "--receive", metavar="HOST:PORT",
-                   help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), then run the guest")
+                   help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), or for a local one "
+                        "on unix:PATH (a Unix socket, mode 0600), then run the guest")
     p.add_argument("--key-file", type=Path, metavar="FILE",
                    help="a shared key (at least 16 bytes). With -R: the source must prove it holds it. With -r: the "
                         "checkpoint's MAC must verify under it (the key it was saved with)")
@@ -215,7 +219,7 @@ def listen_policy_error(host: str, *, key: bytes | None, tls: TlsConfig | None, 
     """Why listening on ``host`` is refused, or None. A non-loopback address needs the source to
     authenticate: by the shared key, or by a certificate under mutual TLS (either will do: with
     TLS the CA vouches for the source). ``--insecure`` accepts neither."""
-    if key is not None or tls is not None or insecure or is_loopback(host):
+    if key is not None or tls is not None or insecure or is_loopback(host) or is_unix(host):
         return None
     return ("listening on a non-loopback address without --key-file or TLS (--tls-cert, --tls-key, --tls-ca) lets "
             "anyone send a guest; give a key or certificates, or --insecure to accept that")
@@ -290,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--key-file goes with -r FILE (a keyed checkpoint) or -R HOST:PORT (a migration)")
         tls = read_tls(args)
         receive_at = parse_address(args.receive) if args.receive else None
+        if receive_at and is_unix(receive_at[0]) and tls is not None:
+            raise ConfigError(f"-R {args.receive}: a local migration goes over a Unix socket on this host (mode 0600): "
+                              "TLS does not apply; leave out --tls-cert, --tls-key and --tls-ca")
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if receive_at:
             host, port = receive_at
-            log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
+            log.info("%s: waiting for a migration on %s", config.name, format_address(host, port))
             stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
             if stats.status != "completed":
                 if stopped_by:

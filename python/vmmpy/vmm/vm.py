@@ -366,10 +366,17 @@ class Vm:
         """Use memory made elsewhere (a restore or a migration receive) as system memory. With
         ``replace``, memory the VM has already (empty, no vCPU ever ran on it: a local migration's
         destination is built with some) is released and closed first."""
-        if self.memory is not None and replace:
+        if self.memory is not None and replace and self.vlapics:
             old = self.release_memory()
             if old is not None:
                 old.close()
+            # The local APICs stay (on the APIC bus, with their state): only their vCPUs are new.
+            self.memory = memory
+            self._mapped = {seg.name: True for seg in memory.segments}
+            self.vcpus = self._new_vcpus()
+            for lapic, vcpu in zip(self.vlapics, self.vcpus, strict=True):
+                lapic.vcpu = vcpu
+            return
         if self.memory is not None:
             raise vmm_error(errno.EEXIST, f"VM '{self.name}' already has system memory")
         self.memory = memory
@@ -388,8 +395,11 @@ class Vm:
         self._mapped = {}
         return memory
 
+    def _new_vcpus(self) -> list:
+        return [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
+
     def _create_vcpus(self) -> None:
-        self.vcpus = [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
+        self.vcpus = self._new_vcpus()
         for i in range(self.ncpus):
             lapic = Vlapic(VcpuClock(self, i), self.vcpus[i], apic_id=i, bus=self.apic_bus, eoi_sink=self.vioapic.eoi,
                            startup_sink=self._startup_ap)

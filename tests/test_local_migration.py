@@ -1,0 +1,205 @@
+"""Local migration between real vmmrun processes on one host (issue 19): the source's memfd
+memory is handed over on a Unix socket (SCM_RIGHTS), never copied, and the guest ends exactly
+as a run that was never migrated, across a chain of migrations with the guest running, with a
+disk doing I/O, and with either side killed (SIGKILL) at each step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+
+from .procs import start_vmmrun, stop, vmmctl, wait_for_socket, wait_for_state
+
+MiB = 1 << 20
+
+
+def abtest(sweeps: int, memory: str = "32M") -> list[str]:
+    return ["--guest", "abtest", "--guest-arg", f"sweeps={sweeps}", "--guest-arg", f"report={sweeps // 4}", "-m", memory]
+
+
+def expected_abtest(sweeps: int, pages: int) -> str:
+    step = sweeps // 4
+    lines = "".join(f"abtest: sweep {n}\n" for n in range(step, sweeps + 1, step))
+    return lines + f"abtest: done {sweeps} sweeps over {pages} pages, all counters {sweeps}\n"
+
+
+def wait_for_path(path, proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vmmrun exited {proc.returncode} before listening: {proc.stderr.read()}")
+        if os.path.exists(path):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"nothing listens on {path} after {timeout} s")
+
+
+class Hops:
+    """A guest started memfd-backed as hop0, then handed to hop1, hop2, ... each a new vmmrun
+    waiting with -R unix:PATH; every hop's console is its own file, read in order at the end."""
+
+    def __init__(self, tmp_path, guest_args: list[str], *, slots: tuple[str, ...] = (), pause_at: int | None = None,
+                 backing: str = "memfd") -> None:
+        self.dir = tmp_path
+        self.slots = list(slots)
+        self.memory = guest_args[guest_args.index("-m") + 1]
+        self.procs = []
+        self.consoles = []
+        extra = [f"--pause-at={pause_at}"] if pause_at is not None else []
+        first = start_vmmrun(tmp_path, *guest_args, *self.slots, "--memory-backing", backing, *extra,
+                             "-l", f"com1,{self.console(0)}", "hop0")
+        self.procs.append(first)
+        wait_for_socket(tmp_path, "hop0", first)
+
+    def console(self, n: int):
+        path = self.dir / f"hop{n}.log"
+        if len(self.consoles) <= n:
+            self.consoles.append(path)
+        return path
+
+    @property
+    def current(self) -> int:
+        return len(self.procs) - 1
+
+    def start_destination(self, *extra: str):
+        n = len(self.procs)
+        sock = self.dir / f"hop{n}.mig"
+        dest = start_vmmrun(self.dir, "-m", self.memory, *self.slots, "-l", f"com1,{self.console(n)}",
+                            "-R", f"unix:{sock}", "--accept-timeout", "60", *extra, f"hop{n}")
+        self.procs.append(dest)
+        wait_for_path(sock, dest)
+        return dest, sock
+
+    def migrate(self, sock, *extra: str):
+        return vmmctl(self.dir, f"--vm=hop{self.current - 1}", "--migrate-local", f"unix:{sock}", "--json", *extra, timeout=120)
+
+    def hop(self):
+        """One local migration from the current vmmrun to a new one; its statistics."""
+        dest, sock = self.start_destination()
+        result = self.migrate(sock)
+        assert result.returncode == 0, result.stderr
+        assert self.procs[-2].wait(timeout=60) == 0, "the source vmmrun exits 0 once the new one runs the guest"
+        return json.loads(result.stdout)
+
+    def finish(self, timeout: float = 180) -> int:
+        try:
+            return self.procs[-1].wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop(proc)
+
+    def console_text(self) -> str:
+        return "".join(path.read_text() if path.exists() else "" for path in self.consoles)
+
+
+def test_a_chain_of_local_migrations_of_a_running_guest_ends_exactly(tmp_path):
+    sweeps = 100_000
+    hops = Hops(tmp_path, abtest(sweeps))
+    try:
+        downtimes = []
+        for _ in range(5):
+            stats = hops.hop()
+            assert stats["status"] == "completed" and stats["bytes_total"] < 64 * 1024, "memory is handed over, not sent"
+            assert stats["downtime_breakdown"].get("memory_ms") is not None and not stats["rounds"]
+            downtimes.append(stats["downtime_ms"])
+        assert hops.finish() == 1
+    finally:
+        hops.stop()
+    assert "done" not in hops.consoles[0].read_text(), "the guest was still running when it was first migrated"
+    assert hops.console_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def test_the_hash_guest_handed_over_prints_the_reference_hash(tmp_path):
+    from vmmpy.guest.programs.hash import reference_hash
+
+    rounds = 960
+    hops = Hops(tmp_path, ["--guest", "hash", "--guest-arg", f"rounds={rounds}", "--guest-arg", "end=12M", "-m", "16M"],
+                pause_at=1)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        hops.hop()  # the new vmmrun runs it (as after any migration)
+        assert hops.finish() == 1
+    finally:
+        hops.stop()
+    assert hops.console_text() == f"hash: 0x{reference_hash(2 * MiB, 12 * MiB, rounds=rounds, seed=0):016x}\n"
+
+
+def test_a_guest_mid_disk_io_is_handed_over_and_finishes_with_the_reference_digest(tmp_path):
+    from vmmpy.guest.programs import blktest
+
+    from .guest_points import pause_in_write_pass
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    slots = ("-s", "0,hostbridge", "-s", "1,lpc", "-s", f"3,virtio-blk,{img}")
+    probe = tmp_path / "probe.img"
+    probe.write_bytes(bytes(1 << 20))
+    at, first_line = pause_in_write_pass("blktest", [s.replace(str(img), str(probe)) for s in slots[1::2]])
+    hops = Hops(tmp_path, ["--guest", "blktest", "-m", "8M"], slots=slots, pause_at=at)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        hops.hop()
+        assert hops.finish() == 1
+    finally:
+        hops.stop()
+    sectors = (1 << 20) // 512
+    assert hops.consoles[0].read_text() == first_line, "handed over halfway through the write pass"
+    assert f"all match, digest 0x{blktest.reference_digest(1, sectors):016x}\n" in hops.console_text()
+    assert img.read_bytes() == blktest.reference_image(1, sectors)
+
+
+def test_an_anonymous_memory_guest_is_refused_naming_the_option_and_runs_on(tmp_path):
+    sweeps = 4000
+    hops = Hops(tmp_path, abtest(sweeps), backing="anon", pause_at=4_000_001)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        dest, sock = hops.start_destination()
+        result = hops.migrate(sock)
+        assert result.returncode == 1
+        assert "must be memfd-backed" in result.stderr and "--memory-backing memfd" in result.stderr, result.stderr
+        assert "the guest keeps running here" in result.stderr
+        stop(dest)
+        assert vmmctl(tmp_path, "--vm=hop0", "--resume").returncode == 0
+        assert hops.procs[0].wait(timeout=60) == 1
+    finally:
+        hops.stop()
+    assert hops.consoles[0].read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def test_the_unix_socket_is_the_owners_only_and_a_live_one_is_not_taken(tmp_path):
+    sock = tmp_path / "mig.sock"
+    first = start_vmmrun(tmp_path, "-m", "8M", "-R", f"unix:{sock}", "--accept-timeout", "30", "d0")
+    try:
+        wait_for_path(sock, first)
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        second = start_vmmrun(tmp_path, "-m", "8M", "-R", f"unix:{sock}", "--accept-timeout", "30", "d1")
+        assert second.wait(timeout=60) == 4
+        err = second.stderr.read()
+        assert f"cannot listen on unix:{sock}: another process listens there" in err, err
+        assert first.poll() is None, "the first destination keeps waiting"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        assert sock.exists(), "kill -9 leaves the socket behind"
+        third = start_vmmrun(tmp_path, "-m", "8M", "-R", f"unix:{sock}", "--accept-timeout", "1", "d2")
+        assert third.wait(timeout=60) == 4
+        assert f"no source connected to unix:{sock} within 1 s" in third.stderr.read(), "a stale socket is replaced"
+        assert not sock.exists(), "the destination removes its socket when it ends"
+        plain = tmp_path / "plain"
+        plain.write_text("not a socket")
+        fourth = start_vmmrun(tmp_path, "-m", "8M", "-R", f"unix:{plain}", "d3")
+        assert fourth.wait(timeout=60) == 4
+        assert "the path exists and is not a socket" in fourth.stderr.read()
+        assert plain.read_text() == "not a socket"
+    finally:
+        stop(first)
+
+
+def test_vmmctl_migrate_local_wants_a_unix_address(tmp_path):
+    result = vmmctl(tmp_path, "--vm=nothere", "--migrate-local", "127.0.0.1:5000")
+    assert result.returncode != 0 and "expected unix:PATH" in result.stderr, result.stderr
