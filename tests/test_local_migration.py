@@ -11,6 +11,8 @@ import signal
 import stat
 import time
 
+import pytest
+
 from .procs import start_vmmrun, stop, vmmctl, wait_for_socket, wait_for_state
 
 MiB = 1 << 20
@@ -203,3 +205,144 @@ def test_the_unix_socket_is_the_owners_only_and_a_live_one_is_not_taken(tmp_path
 def test_vmmctl_migrate_local_wants_a_unix_address(tmp_path):
     result = vmmctl(tmp_path, "--vm=nothere", "--migrate-local", "127.0.0.1:5000")
     assert result.returncode != 0 and "expected unix:PATH" in result.stderr, result.stderr
+
+
+DEST_KILLS = [
+    ("s2d", "LOCAL_MEMORY", "before the memory is sent"),
+    ("s2d", "COMMIT_REQUEST", "after the descriptors and the state were taken, before the commit"),
+]
+
+
+@pytest.mark.parametrize("direction,message,step", DEST_KILLS, ids=[k[1] for k in DEST_KILLS])
+def test_the_destination_killed_before_it_confirms_leaves_the_source_running_with_all_its_memory(tmp_path, direction,
+                                                                                                  message, step):
+    from vmmpy.migration import protocol as P
+
+    from .unix_proxy import UnixKillProxy
+
+    sweeps = 8000
+    hops = Hops(tmp_path, abtest(sweeps), pause_at=4_000_001)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        dest, sock = hops.start_destination()
+        proxy = UnixKillProxy(tmp_path / "proxy.sock", sock, kill=(direction, P.MessageType[message], dest))
+        result = hops.migrate(tmp_path / "proxy.sock")
+        proxy.close()
+        assert proxy.fired.is_set(), f"the kill point ({step}) was reached"
+        assert result.returncode == 1, result.stdout
+        assert "the guest keeps running here" in result.stderr, result.stderr
+        assert dest.returncode == -signal.SIGKILL
+        assert vmmctl(tmp_path, "--vm=hop0", "--resume").returncode == 0
+        assert hops.procs[0].wait(timeout=120) == 1
+    finally:
+        hops.stop()
+    assert hops.consoles[1].read_text() == "", "the killed destination never ran the guest"
+    assert hops.consoles[0].read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def test_the_source_killed_after_the_descriptors_the_destination_discards_and_never_runs_it(tmp_path):
+    from vmmpy.migration import protocol as P
+
+    from .unix_proxy import UnixKillProxy
+
+    hops = Hops(tmp_path, abtest(8000), pause_at=4_000_001)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        dest, sock = hops.start_destination()
+        proxy = UnixKillProxy(tmp_path / "proxy.sock", sock, kill=("s2d", P.MessageType.STATE, hops.procs[0]))
+        hops.migrate(tmp_path / "proxy.sock")
+        assert proxy.fired.is_set()
+        assert dest.wait(timeout=60) == 4
+        assert "incoming migration" in dest.stderr.read()
+    finally:
+        hops.stop()
+    assert hops.consoles[1].read_text() == "", "a destination the source never committed to never runs the guest"
+    assert not (tmp_path / "hop1.mig").exists()
+
+
+def test_the_source_killed_after_the_confirmation_changes_nothing(tmp_path):
+    from vmmpy.migration import protocol as P
+
+    from .unix_proxy import UnixKillProxy
+
+    sweeps = 8000
+    hops = Hops(tmp_path, abtest(sweeps), pause_at=4_000_001)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        dest, sock = hops.start_destination()
+        proxy = UnixKillProxy(tmp_path / "proxy.sock", sock, kill=("d2s", P.MessageType.RESUMED, hops.procs[0]))
+        hops.migrate(tmp_path / "proxy.sock")
+        assert proxy.fired.is_set()
+        assert hops.finish() == 1, "the destination runs the guest to its end"
+    finally:
+        hops.stop()
+    assert hops.console_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def test_the_dirty_pages_carry_over_so_the_next_harvest_is_exact(tmp_path):
+    """In one process: a paused guest with known dirty pages handed over on a Unix socket; the new
+    machine maps the same memory and harvests exactly the pages the old one had dirty."""
+    import threading
+
+    from vmmpy.guest.programs import load_into
+    from vmmpy.memory import HIGHMEM_BASE
+    from vmmpy.migration import Destination, migrate
+    from vmmpy.runtime.commands import build_machine
+    from vmmpy.runtime.config import VmConfig
+    from vmmpy.runtime.guest_handle import MachineHandle
+
+    src_config = VmConfig(name="src", memsize=5 << 30, memory_backing="memfd", guest="abtest")
+    src = build_machine(src_config, load=lambda m: load_into(m, "abtest", {"sweeps": "10"}, memsize=src_config.memsize))
+    dst = build_machine(VmConfig(name="dst", memsize=5 << 30))
+
+    class Harvesting(MachineHandle):
+        """Harvests the new machine's dirty pages the moment before its guest runs again."""
+
+        def start_running(self) -> None:
+            self.harvest = list(self.memory.get_and_clear_dirty())
+            super().start_running()
+
+    handle = Harvesting(dst)
+    try:
+        memory = src.vm.memory
+        memory.get_and_clear_dirty()
+        memory.write(3 * 4096, b"low")
+        memory.write(HIGHMEM_BASE + 5 * 4096 - 2, b"span")
+        expected = list(memory.get_and_clear_dirty())
+        memory.write(3 * 4096, b"low")
+        memory.write(HIGHMEM_BASE + 5 * 4096 - 2, b"span")
+        path = tmp_path / "mig.sock"
+        dest = Destination(handle, f"unix:{path}", 0)
+        received = {}
+        thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
+        thread.start()
+        stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
+        thread.join(60)
+        assert stats.status == "completed", stats.error
+        assert received["stats"].status == "completed", received["stats"].error
+        new = dst.vm.memory
+        assert new.backing == "memfd" and new.read(3 * 4096, 3) == b"low"
+        assert handle.harvest == expected == [3, (HIGHMEM_BASE >> 12) + 4, (HIGHMEM_BASE >> 12) + 5]
+        assert stats.bytes_total < 64 * 1024, "nothing of the 5 GiB was copied"
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_a_checkpoint_after_a_hand_over_restores_exactly(tmp_path):
+    sweeps = 8000
+    hops = Hops(tmp_path, abtest(sweeps), pause_at=4_000_001)
+    try:
+        wait_for_state(tmp_path, "hop0", "paused")
+        hops.hop()
+        ckp = tmp_path / "vm.ckp"
+        result = vmmctl(tmp_path, "--vm=hop1", "--suspend", str(ckp))
+        assert result.returncode == 0, result.stderr
+        assert hops.procs[-1].wait(timeout=60) == 0
+        restored = start_vmmrun(tmp_path, "-r", str(ckp), "-l", f"com1,{tmp_path / 'restored.log'}", "hop9")
+        hops.procs.append(restored)
+        assert restored.wait(timeout=120) == 1, restored.stderr.read()
+    finally:
+        hops.stop()
+    text = hops.console_text() + (tmp_path / "restored.log").read_text()
+    assert text == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
