@@ -14,7 +14,7 @@ use pyo3::types::PyBytes;
 use super::errors::memory_error;
 use super::snapshot::snapshot_error;
 use crate::dirty::{bitmap_to_pages, bitmap_to_runs, TrackingChoice};
-use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
+use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryError, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGuestMemory>()?;
@@ -167,12 +167,12 @@ impl PyGuestMemory {
         let runs = py
             .detach(move || {
                 let mut runs = Vec::new();
-                for (i, seg) in mem.segments().iter().enumerate() {
-                    let mut words = vec![0u64; seg.pages().div_ceil(64)];
-                    mem.peek_dirty_segment(i, &mut words)?;
-                    bitmap_to_runs(&words, seg.gpa().pfn(), &mut runs);
+                for seg in mem.segments() {
+                    seg.dirty_log()
+                        .peek_runs(seg.gpa().pfn(), &mut runs)
+                        .map_err(|e| MemoryError::TrackerUnavailable { backend: e.backend.to_string(), why: e.why })?;
                 }
-                Ok(runs)
+                Ok::<_, MemoryError>(runs)
             })
             .map_err(memory_error)?;
         PyBytes::new_with(py, runs.len() * 16, |out| {

@@ -88,6 +88,32 @@ class Vmmrun:
             self.proc.stderr.close()
 
 
+def migrate_local(run_dir: Path, source: str, *, source_args: list[str], dest_args: list[str]) -> tuple[float, dict]:
+    """As ``migrate``, for a local migration: the destination waits on a Unix socket
+    (``vmmrun -R unix:PATH``) and the source hands its memfd memory over."""
+    tag = f"{source}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    path = run_dir / f"{tag}.mig"
+    dest = Vmmrun(run_dir, f"d{tag}", *dest_args, "-R", f"unix:{path}")
+    src = Vmmrun(run_dir, f"s{tag}", *source_args)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            dest._alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vmmrun d{tag} did not listen on {path} within 120 s")
+            time.sleep(0.02)
+        src.wait_state()
+        client = src.client(timeout=None)
+        started = time.perf_counter()
+        stats = client.request("migrate", host=f"unix:{path}", port=0, live=False, params={})
+        seconds = time.perf_counter() - started
+        src.wait_exit(60)
+        return seconds, stats
+    finally:
+        src.stop()
+        dest.stop()
+
+
 def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: list[str], live: bool,
             params: dict | None = None, before=None, request: dict | None = None) -> tuple[float, dict]:
     """Start a destination (``vmmrun -R``) and a source, migrate, and return (wall seconds of the
