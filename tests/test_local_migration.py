@@ -325,6 +325,11 @@ def test_the_dirty_pages_carry_over_so_the_next_harvest_is_exact(tmp_path):
         assert handle.harvest == expected == [3, (HIGHMEM_BASE >> 12) + 4, (HIGHMEM_BASE >> 12) + 5]
         assert stats.bytes_total < 64 * 1024, "nothing of the 5 GiB was copied"
     finally:
+        from vmmpy.vmm.ioctl import SuspendHow
+
+        if dst.vm.memory is not None and dst.exit_status is None:
+            dst.suspend(SuspendHow.POWEROFF)  # the guest runs there now: stop it before closing
+            dst.wait(10)
         dst.close()
         src.close()
 
@@ -346,3 +351,84 @@ def test_a_checkpoint_after_a_hand_over_restores_exactly(tmp_path):
         hops.stop()
     text = hops.console_text() + (tmp_path / "restored.log").read_text()
     assert text == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def _holder_pid(run_dir, name):
+    from vmmpy.runtime.control import ControlClient
+
+    holder = ControlClient(name, run_dir).name_holder()
+    return None if holder is None else holder[2]
+
+
+def test_a_live_update_keeps_the_guest_its_name_and_its_console(tmp_path):
+    sweeps = 60_000
+    console = tmp_path / "vm0.log"
+    first = start_vmmrun(tmp_path, *abtest(sweeps), "--memory-backing", "memfd", "-l", f"com1,{console}", "vm0")
+    try:
+        wait_for_socket(tmp_path, "vm0", first)
+        pids = [first.pid]
+        for _ in range(3):
+            result = vmmctl(tmp_path, "--vm=vm0", "--live-update", "--json", timeout=120)
+            assert result.returncode == 0, result.stderr
+            stats = json.loads(result.stdout)
+            assert stats["status"] == "completed" and stats["successor_pid"] not in pids
+            assert _holder_pid(tmp_path, "vm0") == stats["successor_pid"], "the new vmmrun holds the name"
+            status = json.loads(vmmctl(tmp_path, "--vm=vm0", "--status", "--json").stdout)
+            assert status["state"] in ("running", "halted", "powered off"), status
+            pids.append(stats["successor_pid"])
+        assert first.wait(timeout=60) == 0, "the first vmmrun exits 0 once its successor runs the guest"
+        assert "done" not in console.read_text(), "the guest was still running through the updates"
+        deadline = time.monotonic() + 180
+        while (tmp_path / "vm0.ctl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (tmp_path / "vm0.ctl").exists(), "the last vmmrun ended with the guest"
+    finally:
+        stop(first)
+        for pid in pids[1:]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert console.read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+    assert not list(tmp_path.glob("*.mig")), "no hand-over socket is left behind"
+
+
+def test_a_live_update_that_cannot_happen_says_why_and_the_guest_runs_on(tmp_path):
+    sweeps = 8000
+    console = tmp_path / "vm0.log"
+    proc = start_vmmrun(tmp_path, *abtest(sweeps), "--pause-at=4000001", "-l", f"com1,{console}", "vm0")
+    try:
+        wait_for_socket(tmp_path, "vm0", proc)
+        wait_for_state(tmp_path, "vm0", "paused")
+        result = vmmctl(tmp_path, "--vm=vm0", "--live-update")
+        assert result.returncode == 1 and "must be memfd-backed" in result.stderr and "--memory-backing memfd" in result.stderr
+        notexec = tmp_path / "vmmrun-new"
+        notexec.write_text("#!/bin/sh\n")
+        result = vmmctl(tmp_path, "--vm=vm0", "--live-update", "--exec", str(notexec))
+        assert result.returncode == 1 and f"--exec {notexec}: not an executable file" in result.stderr, result.stderr
+        assert _holder_pid(tmp_path, "vm0") == proc.pid
+        assert vmmctl(tmp_path, "--vm=vm0", "--resume").returncode == 0
+        assert proc.wait(timeout=120) == 1
+    finally:
+        stop(proc)
+    assert console.read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def test_a_successor_that_fails_to_start_is_reported_and_the_guest_runs_on(tmp_path):
+    sweeps = 8000
+    console = tmp_path / "vm0.log"
+    broken = tmp_path / "vmmrun-broken"
+    broken.write_text("#!/bin/sh\necho 'vmmrun-broken: cannot start' >&2\nexit 4\n")
+    broken.chmod(0o755)
+    proc = start_vmmrun(tmp_path, *abtest(sweeps), "--memory-backing", "memfd", "--pause-at=4000001", "-l", f"com1,{console}", "vm0")
+    try:
+        wait_for_socket(tmp_path, "vm0", proc)
+        wait_for_state(tmp_path, "vm0", "paused")
+        result = vmmctl(tmp_path, "--vm=vm0", "--live-update", "--exec", str(broken))
+        assert result.returncode == 1
+        assert "the new vmmrun exited 4 before it listened" in result.stderr and "the guest keeps running here" in result.stderr
+        assert vmmctl(tmp_path, "--vm=vm0", "--resume").returncode == 0
+        assert proc.wait(timeout=120) == 1
+    finally:
+        stop(proc)
+    assert console.read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)

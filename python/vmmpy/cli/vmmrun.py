@@ -46,7 +46,7 @@ from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
 from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow
-from . import vmmrun_config
+from . import live_update, vmmrun_config
 from .about import version_line
 from .keyfile import read_key
 
@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with -R: allow listening on a non-loopback address with neither a key nor TLS")
     p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with -R: how long to wait for the source to connect (default 300)")
+    p.add_argument("--take-name", action="store_true",
+                   help="with -R unix:PATH: a live update's successor (vmmctl --live-update starts it): open the control "
+                        "socket only once the guest has arrived and the old vmmrun of this VMNAME has let the name go")
     p.add_argument("--pause-at", type=int, metavar="N",
                    help="pause the guest once vCPU 0 has retired N instructions (0: start paused); vmmctl --resume goes on")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the VM does")
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
+        if args.take_name and not (receive_at and is_unix(receive_at[0])):
+            raise ConfigError("--take-name is for a live update's successor: it goes with -R unix:PATH")
         machine = machine_for(args, config, key)
     except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
@@ -309,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     commands = MachineCommands(machine)
     commands.install()
+    live_update.install(machine, commands, args)
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
     try:
-        machine.serve(args.run_dir)
+        if not args.take_name:
+            machine.serve(args.run_dir)
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         machine.close()
@@ -354,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"vmmrun: {config.name}:   note: {note}", file=sys.stderr)
                 return EXIT_ERROR
             log.info("%s: migration received; running. %s", config.name, stats.summary())
+            if args.take_name:
+                try:
+                    live_update.serve_when_free(machine, args.run_dir)
+                except OSError as err:
+                    print(f"vmmrun: {config.name}: runs the guest but cannot take its name: {err.strerror or err}",
+                          file=sys.stderr)
         else:
             machine.start_vcpus()
         while (status := machine.wait(0.5)) is None:

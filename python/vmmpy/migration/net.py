@@ -244,12 +244,20 @@ def _unix_listener(path: str) -> socket.socket:
         except FileNotFoundError:
             pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound and listening under a temporary name, then renamed into place: the path appears
+    # only once a source can connect (whoever waits for it never meets a refused connection).
+    staging = f"{path}.{os.getpid()}.new"
     old_umask = os.umask(0o177)  # born 0600: nobody else may connect, not even for an instant
     try:
-        sock.bind(path)
+        sock.bind(staging)
         sock.listen(LISTEN_BACKLOG)
+        os.rename(staging, path)
     except OSError as err:
         sock.close()
+        try:
+            os.unlink(staging)
+        except OSError:
+            pass
         raise MigrationError(f"cannot listen on {where}: {err.strerror or err}") from None
     finally:
         os.umask(old_umask)
@@ -261,9 +269,9 @@ def unlink_unix(listener: socket.socket) -> None:
     try:
         if listener.family != socket.AF_UNIX:
             return
-        path = listener.getsockname()
-        if isinstance(path, str) and path:
-            os.unlink(path)
+        path = listener.getsockname()  # the staging name it was bound under (see _unix_listener)
+        if isinstance(path, str) and path.endswith(".new"):
+            os.unlink(path.rsplit(".", 2)[0])
     except OSError:
         pass
 
