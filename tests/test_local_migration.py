@@ -240,18 +240,25 @@ def test_the_destination_killed_before_it_confirms_leaves_the_source_running_wit
     assert hops.consoles[0].read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
 
 
-def test_the_source_killed_after_the_descriptors_the_destination_discards_and_never_runs_it(tmp_path):
+def migrate_killing_the_source(hops: Hops, direction: str, message: str):
+    """Migrate hop0 (paused) to a new destination through the relay, which kills hop0 at
+    ``message`` going ``direction``; returns the destination."""
     from vmmpy.migration import protocol as P
 
     from .unix_proxy import UnixKillProxy
 
+    wait_for_state(hops.dir, "hop0", "paused")
+    dest, sock = hops.start_destination()
+    proxy = UnixKillProxy(hops.dir / "proxy.sock", sock, kill=(direction, P.MessageType[message], hops.procs[0]))
+    hops.migrate(hops.dir / "proxy.sock")
+    assert proxy.fired.is_set(), f"the kill point ({direction} {message}) was reached"
+    return dest
+
+
+def test_the_source_killed_after_the_descriptors_the_destination_discards_and_never_runs_it(tmp_path):
     hops = Hops(tmp_path, abtest(8000), pause_at=4_000_001)
     try:
-        wait_for_state(tmp_path, "hop0", "paused")
-        dest, sock = hops.start_destination()
-        proxy = UnixKillProxy(tmp_path / "proxy.sock", sock, kill=("s2d", P.MessageType.STATE, hops.procs[0]))
-        hops.migrate(tmp_path / "proxy.sock")
-        assert proxy.fired.is_set()
+        dest = migrate_killing_the_source(hops, "s2d", "STATE")
         assert dest.wait(timeout=60) == 4
         assert "incoming migration" in dest.stderr.read()
     finally:
@@ -261,18 +268,10 @@ def test_the_source_killed_after_the_descriptors_the_destination_discards_and_ne
 
 
 def test_the_source_killed_after_the_confirmation_changes_nothing(tmp_path):
-    from vmmpy.migration import protocol as P
-
-    from .unix_proxy import UnixKillProxy
-
     sweeps = 8000
     hops = Hops(tmp_path, abtest(sweeps), pause_at=4_000_001)
     try:
-        wait_for_state(tmp_path, "hop0", "paused")
-        dest, sock = hops.start_destination()
-        proxy = UnixKillProxy(tmp_path / "proxy.sock", sock, kill=("d2s", P.MessageType.RESUMED, hops.procs[0]))
-        hops.migrate(tmp_path / "proxy.sock")
-        assert proxy.fired.is_set()
+        migrate_killing_the_source(hops, "d2s", "RESUMED")
         assert hops.finish() == 1, "the destination runs the guest to its end"
     finally:
         hops.stop()

@@ -16,7 +16,7 @@ from vmmpy import GuestMemory
 
 from . import limits
 from .images import build_image, remove_image
-from .procs import Vmmrun, migrate, migrate_local
+from .procs import Vmmrun, migrate
 from .stats import Figure, Row
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -255,8 +255,8 @@ def local_migration(gib: int):
         image = ctx.image(f"local{gib}g", memsize=gib * GIB, guest="console", guest_args=CONSOLE_IDLE, random_bytes=GIB)
         seconds, stats = [], []
         for _ in range(ctx.runs):
-            s, st = migrate_local(ctx.work, f"local{gib}", source_args=["-r", image, "--pause-at=0", "--memory-backing", "memfd"],
-                                  dest_args=["-m", f"{gib}G"])
+            s, st = migrate(ctx.work, f"local{gib}", source_args=["-r", image, "--pause-at=0", "--memory-backing", "memfd"],
+                            dest_args=["-m", f"{gib}G"], live=False, local=True)
             seconds.append(s)
             stats.append(st)
         fig = Figure([st["downtime_ms"] for st in stats], "ms")
