@@ -30,6 +30,8 @@ SAMPLES = {
     P.MessageType.RESOLVE: P.Resolve(b"s" * 16, P.Decision.COMMIT),
     P.MessageType.RESOLVED: P.Resolved(P.Outcome.RUNNING, 9),
     P.MessageType.RELEASED: None,
+    P.MessageType.LOCAL_MEMORY: P.LocalMemory((("lowmem", 0, 3 << 30), ("highmem", 4 << 30, 61 << 30)),
+                                              (5).to_bytes(8, "little") + (2).to_bytes(8, "little")),
 }
 
 
@@ -105,3 +107,40 @@ def test_the_source_sends_only_in_its_sequence():
         P.source_may_send(P.MessageType.SPEC, P.MessageType.STATE)
     with pytest.raises(ProtocolError, match=r"may not send COMMITTED first \(the sequence allows HELLO\)"):
         P.source_may_send(None, P.MessageType.COMMITTED)
+
+
+def test_local_memory_refuses_bad_segments_and_runs_by_name():
+    good = P.LocalMemory((("lowmem", 0, 1 << 20),), b"")
+    assert P.decode_local_memory(P.encode_local_memory(good)) == good
+    with pytest.raises(ProtocolError, match="LOCAL_MEMORY: 3 segments; 1 to 2 may be handed over"):
+        P.encode_local_memory(P.LocalMemory((("a", 0, 1),) * 3))
+    with pytest.raises(ProtocolError, match="LOCAL_MEMORY: dirty runs are 16-byte pairs, got 8 bytes"):
+        P.encode_local_memory(P.LocalMemory((("lowmem", 0, 1),), b"x" * 8))
+    raw = bytearray(P.encode_local_memory(good))
+    raw[0] = 0
+    with pytest.raises(ProtocolError, match="LOCAL_MEMORY: 0 segments"):
+        P.decode_local_memory(bytes(raw))
+    with pytest.raises(ProtocolError, match="LOCAL_MEMORY: truncated in the dirty runs"):
+        P.decode_local_memory(P.encode_local_memory(good)[:-4] + (1).to_bytes(4, "little"))
+
+
+def test_the_descriptors_follow_on_one_byte_and_a_wrong_count_is_refused():
+    import os
+    import socket
+
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        P.send_memory_fds(a, [r, w])
+        fds = P.recv_memory_fds(b, 2)
+        assert len(fds) == 2
+        for fd in fds:
+            os.close(fd)
+        P.send_memory_fds(a, [r])
+        with pytest.raises(ProtocolError, match="announced 2 memory descriptor\\(s\\) on the byte b'F'; got b'F' with 1"):
+            P.recv_memory_fds(b, 2)
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)

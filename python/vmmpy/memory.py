@@ -28,6 +28,16 @@ LazyMemoryError = _core.LazyMemoryError
 Segment = _core.Segment
 
 DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
+#: What backs guest memory: private anonymous memory, or a memfd per segment mapped shared, whose
+#: descriptors a local migration hands to another process (docs/memory.md, "Backing").
+BACKINGS = ("anon", "memfd")
+
+
+def _check_choices(dirty_tracking: str, backing: str = "anon") -> None:
+    if dirty_tracking not in DIRTY_TRACKING_CHOICES:
+        raise ValueError(f"dirty_tracking must be one of {', '.join(DIRTY_TRACKING_CHOICES)}; got {dirty_tracking!r}")
+    if backing not in BACKINGS:
+        raise ValueError(f"backing must be one of {', '.join(BACKINGS)}; got {backing!r}")
 
 
 PageBatchError = _core.PageBatchError
@@ -50,6 +60,8 @@ class GuestMemory:
     ``"soft"`` (an atomic bitmap set by every write made through vmmpy), ``"kernel"``
     (userfaultfd write-protect + PAGEMAP_SCAN, which sees writes through any pointer) or
     ``"auto"`` (kernel where it works, else soft; :attr:`dirty_tracking` says which).
+    ``backing`` is ``"anon"`` (private anonymous memory) or ``"memfd"`` (a memfd per segment,
+    mapped shared: :meth:`from_fds` maps the same pages in another process).
     """
 
     def __init__(
@@ -59,14 +71,15 @@ class GuestMemory:
         wired: bool = False,
         lowmem_limit: int | str = LOWMEM_LIMIT_DEFAULT,
         dirty_tracking: str = "auto",
+        backing: str = "anon",
     ) -> None:
-        if dirty_tracking not in DIRTY_TRACKING_CHOICES:
-            raise ValueError(f"dirty_tracking must be one of {', '.join(DIRTY_TRACKING_CHOICES)}; got {dirty_tracking!r}")
+        _check_choices(dirty_tracking, backing)
         self.core = _core.GuestMemory(
             parse_size(memsize, what="memory size"),
             wired=wired,
             lowmem_limit=parse_size(lowmem_limit, what="lowmem limit"),
             dirty_tracking=dirty_tracking,
+            backing=backing,
         )
         self.wired = wired
 
@@ -81,6 +94,7 @@ class GuestMemory:
         *,
         wired: bool = False,
         dirty_tracking: str = "auto",
+        backing: str = "anon",
     ) -> GuestMemory:
         """Memory restored lazily from a checkpoint memory file at ``path``, checked chunk by chunk.
 
@@ -96,8 +110,7 @@ class GuestMemory:
         soft backend is used; :attr:`dirty_tracking_fallback` says why. ``vmmpy.snapshot`` reads
         the hashes from a verified ``.meta`` and calls this.
         """
-        if dirty_tracking not in DIRTY_TRACKING_CHOICES:
-            raise ValueError(f"dirty_tracking must be one of {', '.join(DIRTY_TRACKING_CHOICES)}; got {dirty_tracking!r}")
+        _check_choices(dirty_tracking, backing)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             core = _core.GuestMemory.from_file(
@@ -109,10 +122,24 @@ class GuestMemory:
                 wired=wired,
                 lowmem_limit=parse_size(lowmem_limit, what="lowmem limit"),
                 dirty_tracking=dirty_tracking,
+                backing=backing,
             )
         finally:
             os.close(fd)  # the memory keeps its own duplicate
         return cls.wrap(core)
+
+    @classmethod
+    def from_fds(cls, fds: list[int], memsize: int, *, wired: bool = False, lowmem_limit: int = LOWMEM_LIMIT_DEFAULT,
+                 dirty_tracking: str = "soft") -> GuestMemory:
+        """Memory mapping the memfds ``fds`` (one per segment, lowmem first) that another
+        process's memfd-backed memory handed over (``Segment.memfd``): the very same pages,
+        shared; nothing is read, copied or written. Each descriptor's size is checked against
+        its segment (GuestMemoryError naming the segment and both sizes). The caller keeps its
+        descriptors (duplicates are made). Nothing is dirty: :meth:`mark_dirty_runs` carries over
+        what the other process had."""
+        _check_choices(dirty_tracking)
+        return cls.wrap(_core.GuestMemory.from_fds(list(fds), memsize, wired=wired, lowmem_limit=lowmem_limit,
+                                                   dirty_tracking=dirty_tracking))
 
     @classmethod
     def wrap(cls, core: _core.GuestMemory) -> GuestMemory:
@@ -169,7 +196,29 @@ class GuestMemory:
         """Write without marking dirty: for restore and migration receive only."""
         self.core.write_untracked(gpa, data)
 
+    @property
+    def backing(self) -> str:
+        """``"anon"`` or ``"memfd"``."""
+        return self.core.backing
+
+    def memfds(self) -> list[int]:
+        """The segments' memfd descriptors, lowmem first (the segments' own: valid while the
+        memory is open). ValueError for anonymous memory, which has none to hand over."""
+        if self.backing != "memfd":
+            raise ValueError("guest memory is anonymous: it has no memfd to hand over (use memfd backing)")
+        return [seg.memfd for seg in self.core.segments]
+
     # -- dirty tracking ---------------------------------------------------------------------
+    def peek_dirty_runs(self) -> bytes:
+        """The dirty pages as runs, without clearing them: little-endian u64 pairs (first page
+        frame number, page count), ascending."""
+        return self.core.peek_dirty_runs()
+
+    def mark_dirty_runs(self, runs: bytes) -> None:
+        """Mark dirty the runs ``peek_dirty_runs`` gave (in another process, for the same
+        memory); a run outside the segments is refused before any is marked."""
+        self.core.mark_dirty_runs(runs)
+
     @property
     def dirty_tracking(self) -> str:
         """The backend in use: ``"soft"`` or ``"kernel"``."""

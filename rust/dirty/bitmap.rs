@@ -18,7 +18,12 @@ pub struct AtomicBitmap {
 
 impl AtomicBitmap {
     pub fn new(pages: usize) -> AtomicBitmap {
-        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        // A zeroed allocation (calloc: fresh pages, not written here), so a 64 GiB guest's 2 MiB
+        // bitmap costs nothing until pages are marked.
+        let zeroed: Box<[u64]> = vec![0u64; pages.div_ceil(64)].into_boxed_slice();
+        // SAFETY: AtomicU64 has the same size, alignment and bit validity as u64 (std documents
+        // it), so the allocation is a valid [AtomicU64] of the same length, owned by the new Box.
+        let words = unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) };
         AtomicBitmap { words, pages }
     }
 
@@ -82,6 +87,31 @@ impl AtomicBitmap {
         }
     }
 
+    /// The set pages as (first page, count) runs from `first_page`, ascending, without clearing
+    /// them or allocating a copy of the bitmap: words are read 512 at a time and all-zero stretches
+    /// skipped.
+    pub fn peek_runs_into(&self, first_page: u64, out: &mut Vec<(u64, u64)>) {
+        const CHUNK: usize = 512;
+        let mut chunk = [0u64; CHUNK];
+        for (index, words) in self.words.chunks(CHUNK).enumerate() {
+            let mut any = 0u64;
+            for (slot, word) in chunk.iter_mut().zip(words) {
+                *slot = word.load(Ordering::Acquire);
+                any |= *slot;
+            }
+            if any == 0 {
+                continue;
+            }
+            let before = out.len();
+            super::bitmap_to_runs(&chunk[..words.len()], first_page + (index * CHUNK * 64) as u64, out);
+            // A run that crosses the chunk boundary arrives as two: join them.
+            if before > 0 && out.len() > before && out[before - 1].0 + out[before - 1].1 == out[before].0 {
+                out[before - 1].1 += out[before].1;
+                out.remove(before);
+            }
+        }
+    }
+
     /// Clear pages `first..end` (restore/receive load pages that must not count as written).
     pub fn clear_range(&self, first: usize, end: usize) {
         let mut page = first;
@@ -123,6 +153,11 @@ impl DirtyLog for AtomicBitmap {
         Ok(())
     }
 
+    fn peek_runs(&self, first_page: u64, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyLogError> {
+        self.peek_runs_into(first_page, out);
+        Ok(())
+    }
+
     fn count(&self) -> Result<usize, DirtyLogError> {
         Ok(AtomicBitmap::count(self))
     }
@@ -135,6 +170,30 @@ impl DirtyLog for AtomicBitmap {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn peek_runs_match_peek_read_as_runs_across_chunk_boundaries() {
+        let map = AtomicBitmap::new(512 * 64 * 3 + 100);
+        for (first, end) in [
+            (0, 3),
+            (100, 101),
+            (512 * 64 - 5, 512 * 64 + 7),
+            (2 * 512 * 64 - 64, 2 * 512 * 64 + 64),
+            (512 * 64 * 3 + 99, 512 * 64 * 3 + 100),
+        ] {
+            map.mark(first, end);
+        }
+        let mut words = vec![0u64; map.pages().div_ceil(64)];
+        map.peek_into(&mut words);
+        let mut expected = Vec::new();
+        crate::dirty::bitmap_to_runs(&words, 7, &mut expected);
+        let mut runs = Vec::new();
+        map.peek_runs_into(7, &mut runs);
+        assert_eq!(runs, expected);
+        assert_eq!(runs[2], (7 + 512 * 64 - 5, 12), "a run across a chunk boundary is one run");
+        assert_eq!(map.count(), 3 + 1 + 12 + 128 + 1, "peeking clears nothing");
+    }
+
     use super::*;
     use std::sync::Arc;
 

@@ -68,6 +68,15 @@ pub trait DirtyLog: Send + Sync {
     /// OR the dirty pages into `words`, as [`DirtyLog::get_and_clear`], without clearing them.
     fn peek(&self, words: &mut [u64]) -> Result<(), DirtyLogError>;
 
+    /// The dirty pages as (first page, count) runs numbered from `first_page`, ascending, without
+    /// clearing them ([`DirtyLog::peek`] read as runs; a backend may do it without a copy).
+    fn peek_runs(&self, first_page: u64, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyLogError> {
+        let mut words = vec![0u64; self.pages().div_ceil(64)];
+        self.peek(&mut words)?;
+        bitmap_to_runs(&words, first_page, out);
+        Ok(())
+    }
+
     /// How many pages are dirty now, without clearing them.
     fn count(&self) -> Result<usize, DirtyLogError> {
         let mut words = vec![0u64; self.pages().div_ceil(64)];

@@ -8,7 +8,7 @@ const MIB: u64 = 1 << 20;
 
 /// 8 MiB: lowmem 4 MiB, highmem 4 MiB at 4 GiB.
 fn memory(tracking: TrackingChoice) -> GuestMemory {
-    let opts = MemoryOptions { memsize: 8 * MIB, wired: false, lowmem_limit: 4 * MIB, tracking };
+    let opts = MemoryOptions { memsize: 8 * MIB, wired: false, lowmem_limit: 4 * MIB, tracking, backing: Backing::Anonymous };
     GuestMemory::new(&opts).unwrap()
 }
 

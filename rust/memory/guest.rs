@@ -4,6 +4,7 @@
 //! [`DirtyLog`](crate::dirty::DirtyLog); from then on writers mark and harvesters harvest through
 //! the trait and never ask which backend it is.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
@@ -23,11 +24,18 @@ pub struct MemoryOptions {
     pub wired: bool,
     pub lowmem_limit: u64,
     pub tracking: TrackingChoice,
+    pub backing: Backing,
 }
 
 impl MemoryOptions {
     pub fn new(memsize: u64) -> MemoryOptions {
-        MemoryOptions { memsize, wired: false, lowmem_limit: LOWMEM_LIMIT_DEFAULT, tracking: TrackingChoice::Soft }
+        MemoryOptions {
+            memsize,
+            wired: false,
+            lowmem_limit: LOWMEM_LIMIT_DEFAULT,
+            tracking: TrackingChoice::Soft,
+            backing: Backing::Anonymous,
+        }
     }
 
     /// The segments bhyve's `vm_setup_memory` would create for these options.
@@ -48,8 +56,14 @@ impl MemoryOptions {
             });
         }
         let low = self.memsize.min(self.lowmem_limit);
-        let mut specs =
-            vec![SegmentSpec { name: "lowmem".into(), gpa: GuestAddress(0), size: low, wired: self.wired, backing: Backing::Anonymous }];
+        let mut specs = vec![SegmentSpec {
+            name: "lowmem".into(),
+            gpa: GuestAddress(0),
+            size: low,
+            wired: self.wired,
+            backing: self.backing,
+            lazy: false,
+        }];
         if self.memsize > low {
             let high = self.memsize - low;
             if HIGHMEM_BASE.checked_add(high).is_none() {
@@ -64,7 +78,8 @@ impl MemoryOptions {
                 gpa: GuestAddress(HIGHMEM_BASE),
                 size: high,
                 wired: self.wired,
-                backing: Backing::Anonymous,
+                backing: self.backing,
+                lazy: false,
             });
         }
         Ok(specs)
@@ -119,7 +134,7 @@ impl GuestMemory {
         check_host_page_size()?;
         let mut specs = opts.layout()?;
         for spec in &mut specs {
-            spec.backing = Backing::Lazy;
+            spec.lazy = true;
         }
         let tracking = if opts.tracking == TrackingChoice::Auto { TrackingChoice::Soft } else { opts.tracking };
         let mut mem = Self::build(&MemoryOptions { tracking, ..opts.clone() }, &specs)?;
@@ -145,7 +160,33 @@ impl GuestMemory {
                 why: format!("cannot be wired: the host has {} of memory", human_size(physical_memory())),
             });
         }
-        let mut segments = specs.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?;
+        Self::build_from(opts, specs.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Guest memory laid out as `opts` says, mapping the memfds `fds` (one per segment, lowmem
+    /// first) that another process's memfd-backed memory handed over: the same pages, shared.
+    /// Each descriptor's size is checked (fstat) against its segment; nothing is read or written.
+    /// Dirty tracking starts clean (the caller marks what the other process had dirty).
+    pub fn from_fds(opts: &MemoryOptions, fds: Vec<OwnedFd>) -> Result<GuestMemory, MemoryError> {
+        check_host_page_size()?;
+        let specs = MemoryOptions { backing: Backing::Memfd, ..opts.clone() }.layout()?;
+        if fds.len() != specs.len() {
+            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            return Err(MemoryError::Unsupported {
+                what: format!("{} memory descriptor(s)", fds.len()),
+                why: format!(
+                    "do not match the layout of {} guest memory, which has {} segment(s) ({})",
+                    human_size(opts.memsize),
+                    specs.len(),
+                    names.join(", ")
+                ),
+            });
+        }
+        let segments = specs.iter().zip(fds).map(|(spec, fd)| Segment::map_fd(spec, fd)).collect::<Result<Vec<_>, _>>()?;
+        Self::build_from(&MemoryOptions { backing: Backing::Memfd, ..opts.clone() }, segments)
+    }
+
+    fn build_from(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
         let (backend, fallback_reason) = match opts.tracking {
             TrackingChoice::Soft => (Backend::Soft, None),
             TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
@@ -175,6 +216,10 @@ impl GuestMemory {
     }
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+    /// What backs the memory (every segment has the same backing).
+    pub fn backing(&self) -> Backing {
+        self.segments[0].backing()
     }
     pub fn fallback_reason(&self) -> Option<&str> {
         self.fallback_reason.as_deref()

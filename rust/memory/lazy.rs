@@ -358,9 +358,13 @@ impl LazyImage {
     fn discard_parts(&self, parts: &[ChunkPart]) {
         for p in parts {
             // SAFETY: each part lies inside a live mapping of ours that no accessor reads (the
-            // chunk is not loaded); MADV_DONTNEED makes anonymous pages zero again.
+            // chunk is not loaded). MADV_REMOVE frees a memfd's pages (MADV_DONTNEED would only
+            // unmap them here); private anonymous memory refuses it, and MADV_DONTNEED makes its
+            // pages zero again.
             unsafe {
-                libc::madvise(p.ptr as *mut libc::c_void, p.len, libc::MADV_DONTNEED);
+                if libc::madvise(p.ptr as *mut libc::c_void, p.len, libc::MADV_REMOVE) != 0 {
+                    libc::madvise(p.ptr as *mut libc::c_void, p.len, libc::MADV_DONTNEED);
+                }
                 if self.protected.load(Ordering::Acquire) {
                     libc::mprotect(p.ptr as *mut libc::c_void, p.len, libc::PROT_NONE);
                 }

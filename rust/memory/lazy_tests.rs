@@ -52,7 +52,7 @@ impl ChunkSource for Pattern {
 /// 8 MiB: lowmem 2.5 MiB (so chunk 2 spans lowmem and highmem), highmem 5.5 MiB.
 fn try_lazy(bad: &[usize], tracking: TrackingChoice) -> Result<(GuestMemory, Arc<AtomicUsize>), MemoryError> {
     let loads = Arc::new(AtomicUsize::new(0));
-    let opts = MemoryOptions { memsize: 8 * MIB, wired: false, lowmem_limit: 2 * MIB + MIB / 2, tracking };
+    let opts = MemoryOptions { memsize: 8 * MIB, wired: false, lowmem_limit: 2 * MIB + MIB / 2, tracking, backing: Backing::Anonymous };
     let mem = GuestMemory::lazy(&opts, CHUNK, Box::new(Pattern { bad: bad.to_vec(), loads: loads.clone() }))?;
     Ok((mem, loads))
 }
@@ -186,7 +186,8 @@ fn loading_is_not_a_guest_write_for_either_dirty_backend() {
 
 #[test]
 fn wired_memory_cannot_be_lazy() {
-    let opts = MemoryOptions { memsize: 8 * MIB, wired: true, lowmem_limit: 4 * MIB, tracking: TrackingChoice::Soft };
+    let opts =
+        MemoryOptions { memsize: 8 * MIB, wired: true, lowmem_limit: 4 * MIB, tracking: TrackingChoice::Soft, backing: Backing::Anonymous };
     let source = Pattern { bad: vec![], loads: Arc::new(AtomicUsize::new(0)) };
     let err = GuestMemory::lazy(&opts, CHUNK, Box::new(source)).err().unwrap();
     assert!(err.to_string().contains("cannot be restored lazily"), "{err}");

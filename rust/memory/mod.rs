@@ -22,3 +22,5 @@ pub use segment::{Backing, Segment, SegmentSpec};
 mod access_tests;
 #[cfg(test)]
 mod lazy_tests;
+#[cfg(test)]
+mod memfd_tests;

@@ -9,10 +9,13 @@
 //! [`GuestMemory::translate`](super::GuestMemory::translate), and the vCPU below its checked
 //! fast-path limit. So the per-byte paths pay one check per access or batch, never per byte.
 //!
-//! A segment is anonymous memory. A lazily restored one starts inaccessible and its chunks are
+//! A segment is anonymous memory, or memfd-backed shared memory ([`Backing::Memfd`]) whose
+//! descriptor can be handed to another process (a local migration), which maps the very same
+//! pages with [`Segment::map_fd`]. A lazily restored one starts inaccessible and its chunks are
 //! filled and opened one by one by the guest's [`LazyImage`] (`lazy.rs`), which every accessor
 //! asks first ([`Segment::ensure`]).
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -22,17 +25,35 @@ use super::error::MemoryError;
 use super::lazy::LazyImage;
 use crate::dirty::{AtomicBitmap, DirtyLog};
 
-/// How a segment starts out.
+/// What backs a segment's pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
-    /// Anonymous memory, zero until written (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`).
+    /// Private anonymous memory, zero until written (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`).
     Anonymous,
-    /// Anonymous memory mapped PROT_NONE, for a lazy restore: its [`LazyImage`] fills and opens it
-    /// chunk by chunk.
-    Lazy,
+    /// A memfd (`memfd_create` + `ftruncate`) mapped `MAP_SHARED | MAP_NORESERVE`: zero until
+    /// written too, and its descriptor lets another process map the same pages.
+    Memfd,
 }
 
-/// What to map: the segment's name ("lowmem", "highmem"), where and how large.
+impl Backing {
+    pub fn parse(s: &str) -> Option<Backing> {
+        match s {
+            "anon" => Some(Backing::Anonymous),
+            "memfd" => Some(Backing::Memfd),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anon",
+            Backing::Memfd => "memfd",
+        }
+    }
+}
+
+/// What to map: the segment's name ("lowmem", "highmem"), where and how large, its backing, and
+/// whether it starts inaccessible for a lazy restore (its [`LazyImage`] fills and opens it chunk
+/// by chunk).
 #[derive(Clone, Debug)]
 pub struct SegmentSpec {
     pub name: String,
@@ -40,6 +61,7 @@ pub struct SegmentSpec {
     pub size: u64,
     pub wired: bool,
     pub backing: Backing,
+    pub lazy: bool,
 }
 
 /// A mapped segment. Guest memory is shared and mutable across threads (vCPUs, devices,
@@ -51,6 +73,9 @@ pub struct Segment {
     size: usize,
     wired: bool,
     base: NonNull<u8>,
+    /// The memfd behind a [`Backing::Memfd`] segment (kept open: it is what a local migration
+    /// hands over); None for anonymous memory.
+    memfd: Option<OwnedFd>,
     dirty: Box<dyn DirtyLog>,
     exports: AtomicUsize,
     closed: AtomicBool,
@@ -89,7 +114,45 @@ pub(super) fn physical_memory() -> u64 {
 }
 
 impl Segment {
+    /// Map a new segment as `spec` says (a fresh memfd for [`Backing::Memfd`]).
     pub fn map(spec: &SegmentSpec) -> Result<Segment, MemoryError> {
+        let size = Self::check_spec(spec)?;
+        let memfd = match spec.backing {
+            Backing::Anonymous => None,
+            Backing::Memfd => Some(create_memfd(&spec.name, spec.size)?),
+        };
+        Self::map_with(spec, size, memfd)
+    }
+
+    /// Map the memfd `fd` (received from another process) as the segment `spec` describes: the
+    /// same pages, shared. Refused unless `fd` is a regular file (memfd) of exactly the
+    /// segment's size (fstat), naming the segment and both sizes.
+    pub fn map_fd(spec: &SegmentSpec, fd: OwnedFd) -> Result<Segment, MemoryError> {
+        let size = Self::check_spec(spec)?;
+        let what = format!("segment '{}'", spec.name);
+        // SAFETY: fstat writes into the struct we own; a bad descriptor is an error return.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(MemoryError::os(format!("fstat of the descriptor received for {what}"), ""));
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(MemoryError::Unsupported {
+                what: format!("the descriptor received for {what}"),
+                why: "is not a memfd (not a regular file)".into(),
+            });
+        }
+        if st.st_size as u64 != spec.size {
+            return Err(MemoryError::BadSize {
+                what: format!("the memfd received for {what}"),
+                size: st.st_size as u64,
+                why: format!("does not match the segment's size of {} ({} bytes)", human_size(spec.size), spec.size),
+            });
+        }
+        Self::map_with(&SegmentSpec { backing: Backing::Memfd, ..spec.clone() }, size, Some(fd))
+    }
+
+    /// The checks every mapping passes first; returns the size as usize.
+    fn check_spec(spec: &SegmentSpec) -> Result<usize, MemoryError> {
         let what = format!("segment '{}'", spec.name);
         if spec.size == 0 || spec.size % PAGE_SIZE as u64 != 0 {
             return Err(MemoryError::BadSize { what, size: spec.size, why: "is not a positive multiple of 4 KiB".into() });
@@ -109,20 +172,25 @@ impl Segment {
                 why: format!("cannot be wired: the host has {} of memory", human_size(physical_memory())),
             });
         }
-        let prot = match spec.backing {
-            Backing::Anonymous => libc::PROT_READ | libc::PROT_WRITE,
-            Backing::Lazy if spec.wired => {
-                return Err(MemoryError::Unsupported {
-                    what: format!("wired {what}"),
-                    why: "cannot be restored lazily: wiring would read and copy every page up front; restore wired memory eagerly".into(),
-                })
-            }
-            Backing::Lazy => libc::PROT_NONE,
+        if spec.lazy && spec.wired {
+            return Err(MemoryError::Unsupported {
+                what: format!("wired {what}"),
+                why: "cannot be restored lazily: wiring would read and copy every page up front; restore wired memory eagerly".into(),
+            });
+        }
+        Ok(size)
+    }
+
+    fn map_with(spec: &SegmentSpec, size: usize, memfd: Option<OwnedFd>) -> Result<Segment, MemoryError> {
+        let what = format!("segment '{}'", spec.name);
+        let prot = if spec.lazy { libc::PROT_NONE } else { libc::PROT_READ | libc::PROT_WRITE };
+        let (flags, fd) = match &memfd {
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
+            Some(fd) => (libc::MAP_SHARED | libc::MAP_NORESERVE, fd.as_raw_fd()),
         };
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh anonymous mapping at an address the kernel chooses, so no existing memory
-        // is affected.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), size, prot, flags, -1, 0) };
+        // SAFETY: a fresh mapping (anonymous, or of a memfd we hold) at an address the kernel
+        // chooses, so no existing memory is affected.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), size, prot, flags, fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(MemoryError::os(format!("cannot map {} for {what}", human_size(spec.size)), ""));
         }
@@ -137,6 +205,7 @@ impl Segment {
             size,
             wired: spec.wired,
             base,
+            memfd,
             dirty: Box::new(AtomicBitmap::new(size / PAGE_SIZE)),
             exports: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -170,6 +239,42 @@ impl Segment {
     }
     pub fn wired(&self) -> bool {
         self.wired
+    }
+    pub fn backing(&self) -> Backing {
+        if self.memfd.is_some() {
+            Backing::Memfd
+        } else {
+            Backing::Anonymous
+        }
+    }
+    /// The memfd behind the segment (None for anonymous memory): what a local migration hands
+    /// over. It stays open as long as the segment.
+    pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
+        self.memfd.as_ref().map(|fd| fd.as_fd())
+    }
+    /// The memfd's identity (device, inode): two segments with the same one share their pages.
+    pub fn memfd_identity(&self) -> Option<(u64, u64)> {
+        let fd = self.memfd.as_ref()?;
+        // SAFETY: fstat writes into the struct we own, on a descriptor we hold.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.st_dev, st.st_ino))
+    }
+
+    /// Make `off..off+len` (inside the segment, page-aligned) read as zero by giving its pages
+    /// back: MADV_DONTNEED on private anonymous memory; on a memfd, whose pages outlive any one
+    /// mapping (MADV_DONTNEED would only unmap them here), MADV_REMOVE frees them from the file.
+    /// Returns false if the kernel refused (the caller then writes zeros).
+    pub fn drop_pages(&self, off: usize, len: usize) -> bool {
+        if self.check(off, len).is_err() {
+            return false;
+        }
+        let advice = if self.memfd.is_some() { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
+        // SAFETY: the range lies inside our mapping (checked above); the advice changes which
+        // pages back it, to zero-filled ones, never memory outside it.
+        unsafe { libc::madvise(self.base.as_ptr().add(off) as *mut libc::c_void, len, advice) == 0 }
     }
     /// The mapping's base. Whoever reads or writes guest bytes through it asks [`Segment::ensure`]
     /// for the range first (a lazily restored chunk is inaccessible until loaded and checked).
@@ -446,6 +551,28 @@ impl Segment {
         }
         Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
     }
+}
+
+/// A new memfd of `size` bytes, named after the segment (`/proc/PID/fd` shows `memfd:vmmpy-lowmem`).
+fn create_memfd(name: &str, size: u64) -> Result<OwnedFd, MemoryError> {
+    let what = format!("segment '{name}'");
+    let cname = std::ffi::CString::new(format!("vmmpy-{name}")).map_err(|_| MemoryError::BadSize {
+        what: what.clone(),
+        size,
+        why: "has a name with a NUL byte".into(),
+    })?;
+    // SAFETY: memfd_create reads the NUL-terminated name; a failure is an error return.
+    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(MemoryError::os(format!("memfd_create for {what}"), ""));
+    }
+    // SAFETY: memfd_create returned a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on the descriptor we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(MemoryError::os(format!("ftruncate of the memfd for {what} to {}", human_size(size)), ""));
+    }
+    Ok(fd)
 }
 
 impl Drop for Segment {

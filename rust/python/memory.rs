@@ -2,7 +2,7 @@
 //! views through the buffer protocol.
 
 use std::ffi::c_int;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use pyo3::buffer::PyBuffer;
@@ -14,7 +14,7 @@ use pyo3::types::PyBytes;
 use super::errors::memory_error;
 use super::snapshot::snapshot_error;
 use crate::dirty::{bitmap_to_pages, bitmap_to_runs, TrackingChoice};
-use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
+use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryError, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGuestMemory>()?;
@@ -64,6 +64,26 @@ fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResul
     Ok(result)
 }
 
+fn parse_tracking(dirty_tracking: &str) -> PyResult<TrackingChoice> {
+    TrackingChoice::parse(dirty_tracking)
+        .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))
+}
+
+fn parse_backing(backing: &str) -> PyResult<Backing> {
+    Backing::parse(backing).ok_or_else(|| PyValueError::new_err(format!("backing must be 'anon' or 'memfd', not {backing:?}")))
+}
+
+/// A duplicate (close-on-exec) of the caller's descriptor `fd`, which stays the caller's.
+fn dup_fd(fd: i32) -> PyResult<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; a bad fd is an error return.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
 impl PyGuestMemory {
     fn harvest(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u64>)>> {
         let mem = self.inner.clone();
@@ -83,11 +103,10 @@ impl PyGuestMemory {
 #[pymethods]
 impl PyGuestMemory {
     #[new]
-    #[pyo3(signature = (memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "soft"))]
-    fn new(py: Python<'_>, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str) -> PyResult<Self> {
-        let tracking = TrackingChoice::parse(dirty_tracking)
-            .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))?;
-        let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
+    #[pyo3(signature = (memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "soft", backing = "anon"))]
+    fn new(py: Python<'_>, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str, backing: &str) -> PyResult<Self> {
+        let opts =
+            MemoryOptions { memsize, wired, lowmem_limit, tracking: parse_tracking(dirty_tracking)?, backing: parse_backing(backing)? };
         // Wiring populates every page: release the GIL while the kernel does it.
         let mem = py.detach(move || GuestMemory::new(&opts)).map_err(memory_error)?;
         Ok(PyGuestMemory { inner: Arc::new(mem) })
@@ -102,7 +121,7 @@ impl PyGuestMemory {
     /// `dirty_tracking="auto"` the soft backend is used (see `dirty_tracking_fallback`).
     #[staticmethod]
     #[pyo3(signature = (fd, memsize, *, chunk_hashes, chunk_size = crate::snapshot::DEFAULT_CHUNK_SIZE, name = "checkpoint memory file".to_string(),
-                        wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto"))]
+                        wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto", backing = "anon"))]
     #[allow(clippy::too_many_arguments)]
     fn from_file(
         py: Python<'_>,
@@ -114,12 +133,78 @@ impl PyGuestMemory {
         wired: bool,
         lowmem_limit: u64,
         dirty_tracking: &str,
+        backing: &str,
     ) -> PyResult<Self> {
-        let tracking = TrackingChoice::parse(dirty_tracking)
-            .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))?;
-        let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking };
+        let opts =
+            MemoryOptions { memsize, wired, lowmem_limit, tracking: parse_tracking(dirty_tracking)?, backing: parse_backing(backing)? };
         let mem = py.detach(move || crate::snapshot::lazy_memory(&opts, fd, chunk_hashes, chunk_size, &name)).map_err(snapshot_error)?;
         Ok(PyGuestMemory { inner: Arc::new(mem) })
+    }
+
+    /// Guest memory mapping the memfds `fds` (one per segment, lowmem first; duplicates are
+    /// kept, the caller's stay its own) that another process's memfd-backed memory handed over:
+    /// the same pages, shared, nothing read or written. Each descriptor's size is checked (fstat)
+    /// against its segment of the layout `memsize` and `lowmem_limit` make. Nothing is dirty.
+    #[staticmethod]
+    #[pyo3(signature = (fds, memsize, *, wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "soft"))]
+    fn from_fds(py: Python<'_>, fds: Vec<i32>, memsize: u64, wired: bool, lowmem_limit: u64, dirty_tracking: &str) -> PyResult<Self> {
+        let opts = MemoryOptions { memsize, wired, lowmem_limit, tracking: parse_tracking(dirty_tracking)?, backing: Backing::Memfd };
+        let owned = fds.into_iter().map(dup_fd).collect::<PyResult<Vec<_>>>()?;
+        let mem = py.detach(move || GuestMemory::from_fds(&opts, owned)).map_err(memory_error)?;
+        Ok(PyGuestMemory { inner: Arc::new(mem) })
+    }
+
+    /// What backs the memory: "anon" (private anonymous) or "memfd" (shared, hand-over-able).
+    #[getter]
+    fn backing(&self) -> &'static str {
+        self.inner.backing().name()
+    }
+
+    /// The dirty pages as runs, without clearing them: little-endian u64 pairs (first page frame
+    /// number, page count), ascending. What a local migration hands over with the memory.
+    fn peek_dirty_runs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let mem = self.inner.clone();
+        let runs = py
+            .detach(move || {
+                let mut runs = Vec::new();
+                for seg in mem.segments() {
+                    seg.dirty_log()
+                        .peek_runs(seg.gpa().pfn(), &mut runs)
+                        .map_err(|e| MemoryError::TrackerUnavailable { backend: e.backend.to_string(), why: e.why })?;
+                }
+                Ok::<_, MemoryError>(runs)
+            })
+            .map_err(memory_error)?;
+        PyBytes::new_with(py, runs.len() * 16, |out| {
+            for (chunk, (pfn, count)) in out.chunks_exact_mut(16).zip(&runs) {
+                chunk[..8].copy_from_slice(&pfn.to_le_bytes());
+                chunk[8..].copy_from_slice(&count.to_le_bytes());
+            }
+            Ok(())
+        })
+    }
+
+    /// Mark dirty the runs `runs` (as `peek_dirty_runs` gives them); a run that is not inside
+    /// one segment is refused (GuestMemoryError naming it) before any is marked.
+    fn mark_dirty_runs(&self, runs: &[u8]) -> PyResult<()> {
+        if runs.len() % 16 != 0 {
+            return Err(PyValueError::new_err(format!("dirty runs are 16-byte pairs; got {} bytes", runs.len())));
+        }
+        let pairs: Vec<(u64, u64)> = runs
+            .chunks_exact(16)
+            .map(|c| (u64::from_le_bytes(c[..8].try_into().unwrap()), u64::from_le_bytes(c[8..].try_into().unwrap())))
+            .collect();
+        let mut marks = Vec::with_capacity(pairs.len());
+        for &(pfn, count) in &pairs {
+            let len = count.checked_mul(PAGE_SIZE as u64).and_then(|l| usize::try_from(l).ok()).unwrap_or(usize::MAX);
+            let gpa = pfn.saturating_mul(PAGE_SIZE as u64);
+            let (seg, off) = self.inner.translate(GuestAddress(gpa), len).map_err(memory_error)?;
+            marks.push((seg.clone(), off / PAGE_SIZE, off / PAGE_SIZE + count as usize));
+        }
+        for (seg, first, end) in marks {
+            seg.dirty_log().mark(first, end);
+        }
+        Ok(())
     }
 
     /// Whether this memory was restored lazily (its chunks load and are checked on first use).
@@ -153,13 +238,7 @@ impl PyGuestMemory {
     /// restored memory fails, or at once if one has; nothing for other memory.
     fn notify_lazy_failure(&self, fd: i32) -> PyResult<()> {
         let Some(image) = self.inner.lazy_image() else { return Ok(()) };
-        // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; a bad fd is an error return.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
-        image.notify_on_failure(unsafe { OwnedFd::from_raw_fd(dup) });
+        image.notify_on_failure(dup_fd(fd)?);
         Ok(())
     }
 
@@ -286,6 +365,22 @@ impl PySegment {
     #[getter]
     fn wired(&self) -> bool {
         self.seg.wired()
+    }
+    /// "anon" or "memfd".
+    #[getter]
+    fn backing(&self) -> &'static str {
+        self.seg.backing().name()
+    }
+    /// The memfd's descriptor number (the segment's own: duplicate it to keep it), or None for
+    /// anonymous memory.
+    #[getter]
+    fn memfd(&self) -> Option<i32> {
+        self.seg.memfd().map(|fd| fd.as_raw_fd())
+    }
+    /// The memfd's (device, inode), or None: two segments with the same one share their pages.
+    #[getter]
+    fn memfd_identity(&self) -> Option<(u64, u64)> {
+        self.seg.memfd_identity()
     }
     /// How many memoryviews/arrays currently alias this segment.
     #[getter]

@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::*;
 use crate::dirty::TrackingChoice;
-use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, HIGHMEM_BASE, PAGE_SIZE};
+use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryOptions, HIGHMEM_BASE, PAGE_SIZE};
 use crate::progress::{Meter, Reading};
 
 const MIB: u64 = 1 << 20;
@@ -13,7 +13,7 @@ const CHUNK: u64 = MIB;
 
 fn opts(tracking: TrackingChoice) -> MemoryOptions {
     // lowmem of 6.5 MiB, so one 1 MiB chunk of the image spans lowmem and highmem.
-    MemoryOptions { memsize: 13 * MIB, wired: false, lowmem_limit: 6 * MIB + 512 * 1024, tracking }
+    MemoryOptions { memsize: 13 * MIB, wired: false, lowmem_limit: 6 * MIB + 512 * 1024, tracking, backing: Backing::Anonymous }
 }
 
 /// Pages with data in both segments, a touched-but-zero page, and a run across a chunk boundary.

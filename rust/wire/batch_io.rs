@@ -9,7 +9,9 @@
 //!
 //! ZERO ranges on the receiver: on unwired memory the pages are dropped with
 //! madvise(MADV_DONTNEED), which on private anonymous memory makes them read as zero again and
-//! costs nothing for pages never touched (a fresh destination stays unpopulated). Wired memory is
+//! costs nothing for pages never touched (a fresh destination stays unpopulated); memfd-backed
+//! memory gets madvise(MADV_REMOVE) instead, which frees the pages from the memfd (MADV_DONTNEED
+//! would only unmap them from this process and leave their bytes). Wired memory is
 //! mlock'ed, where MADV_DONTNEED is refused, so it is cleared with a memset. Lazily restored
 //! memory is anonymous too; the chunks a batch touches are loaded (and checked) before it is
 //! sent from or written into (`ready_ranges`).
@@ -235,10 +237,9 @@ fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
         unsafe { std::ptr::write_bytes(seg.as_ptr().add(off), 0, len) };
         return Ok(());
     }
-    // SAFETY: the range lies inside the mapping (validate_ranges); the guest is not running while
-    // a batch is received. On private anonymous memory MADV_DONTNEED replaces the pages with
-    // zero-fill-on-demand ones.
-    let dropped = unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0;
+    // The guest is not running while a batch is received: its pages may be given back (private
+    // anonymous memory: MADV_DONTNEED; a memfd: MADV_REMOVE, since its pages outlive a mapping).
+    let dropped = seg.drop_pages(off, len);
     if !dropped {
         // SAFETY: as for the wired case.
         unsafe { std::ptr::write_bytes(seg.as_ptr().add(off), 0, len) };

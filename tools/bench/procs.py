@@ -77,6 +77,15 @@ class Vmmrun:
             time.sleep(0.02)
         raise RuntimeError(f"vmmrun {self.name} did not listen on port {port} within {timeout} s")
 
+    def wait_path(self, path: Path, timeout: float = 120) -> None:
+        """Wait until the Unix socket ``path`` exists (it appears only once it listens)."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            self._alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vmmrun {self.name} did not listen on {path} within {timeout} s")
+            time.sleep(0.02)
+
     def wait_exit(self, timeout: float = 120) -> int:
         return self.proc.wait(timeout)
 
@@ -89,22 +98,31 @@ class Vmmrun:
 
 
 def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: list[str], live: bool,
-            params: dict | None = None, before=None, request: dict | None = None) -> tuple[float, dict]:
+            params: dict | None = None, before=None, request: dict | None = None, local: bool = False) -> tuple[float, dict]:
     """Start a destination (``vmmrun -R``) and a source, migrate, and return (wall seconds of the
     ``migrate`` request, the source's statistics). Both processes are gone on return. ``request``
-    adds fields to the migrate request (``tls``, ``key``) as vmmctl would."""
-    port = free_port()
+    adds fields to the migrate request (``tls``, ``key``) as vmmctl would. ``local``: a local
+    migration, the destination waiting on a Unix socket (``-R unix:PATH``)."""
     tag = f"{source}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    dest = Vmmrun(run_dir, f"d{tag}", *dest_args, "-R", f"127.0.0.1:{port}")
+    if local:
+        path = run_dir / f"{tag}.mig"
+        host, port, listen_at = f"unix:{path}", 0, f"unix:{path}"
+    else:
+        host, port = "127.0.0.1", free_port()
+        listen_at = f"{host}:{port}"
+    dest = Vmmrun(run_dir, f"d{tag}", *dest_args, "-R", listen_at)
     src = Vmmrun(run_dir, f"s{tag}", *source_args)
     try:
-        dest.wait_listening(port)
+        if local:
+            dest.wait_path(path)
+        else:
+            dest.wait_listening(port)
         src.wait_state()
         if before is not None:
             before(src)
         client = src.client(timeout=None)
         started = time.perf_counter()
-        stats = client.request("migrate", host="127.0.0.1", port=port, live=live, params=params or {}, **(request or {}))
+        stats = client.request("migrate", host=host, port=port, live=live, params=params or {}, **(request or {}))
         seconds = time.perf_counter() - started
         src.wait_exit(60)
         return seconds, stats

@@ -246,6 +246,41 @@ def sparse_64g(ctx: Context) -> list[Row]:
     return [row]
 
 
+def local_migration(gib: int):
+    """Issue 19: the downtime of a local migration (``vmmctl --migrate-local``) of a ``gib`` GiB
+    memfd-backed guest with 1 GiB of random memory touched, paused (console, idle). Printed beside
+    what copying that touched GiB once would take here (memcpy): the floor of any migration that
+    copies memory, which this one does not."""
+    def scenario(ctx: Context) -> list[Row]:
+        image = ctx.image(f"local{gib}g", memsize=gib * GIB, guest="console", guest_args=CONSOLE_IDLE, random_bytes=GIB)
+        seconds, stats = [], []
+        for _ in range(ctx.runs):
+            s, st = migrate(ctx.work, f"local{gib}", source_args=["-r", image, "--pause-at=0", "--memory-backing", "memfd"],
+                            dest_args=["-m", f"{gib}G"], live=False, local=True)
+            seconds.append(s)
+            stats.append(st)
+        fig = Figure([st["downtime_ms"] for st in stats], "ms")
+        copy = ctx.limit("memcpy")
+        copy_ms = Figure([1000 / v for v in copy.values], "ms")
+        target, met = "<= 5 ms", fig.median <= 5
+        base = ctx.results.get("local-1g")
+        if gib > 1 and base is not None and base.figure is not None:
+            target += " and <= 1.2 x local-1g"
+            met = met and fig.median <= 1.2 * base.figure.median
+        row = Row(f"local-{gib}g", f"local migration (memfds over a Unix socket), {gib} GiB guest, 1 GiB random touched, "
+                  "paused: downtime", fig, "memcpy of the 1 GiB touched", copy_ms, fig.median / copy_ms.median, target=target, met=met)
+        row.extra = {"seconds": seconds, "bytes_total": [st["bytes_total"] for st in stats],
+                     "downtime_breakdown": stats[-1]["downtime_breakdown"]}
+        breakdown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(stats[-1]["downtime_breakdown"].items()))
+        row.notes.append(f"request {Figure(seconds, 's').text()}; {stats[-1]['bytes_total']} bytes on the socket; "
+                         f"last run's downtime in ms: {breakdown}")
+        if gib > 1 and base is not None and base.figure is not None:
+            row.notes.append(f"ratio to local-1g: {fig.median / base.figure.median:.2f}")
+        ctx.results[row.scenario] = row
+        return [row]
+    return scenario
+
+
 def live_idle(ctx: Context) -> list[Row]:
     image = random_image(ctx, 1)
     downtimes, totals = [], []
@@ -485,6 +520,8 @@ SCENARIOS: dict[str, tuple[Callable[[Context], list[Row]], bool]] = {
     "warm-1g-tls": (warm_tls, True),
     "zero-1g": (zero_1g, True),
     "sparse-64g": (sparse_64g, True),
+    "local-1g": (local_migration(1), True),
+    "local-64g": (local_migration(64), True),
     "live-idle": (live_idle, True),
     "live-memtouch-quarter": (live_memtouch(0.25, "quarter"), True),
     "live-memtouch-half": (live_memtouch(0.5, "half", bound_downtime=False), True),

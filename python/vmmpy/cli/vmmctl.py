@@ -45,6 +45,8 @@ examples:
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --key-file mig.key --report mig.html
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --tls-cert src.crt --tls-key src.key --tls-ca ca.pem --key-file mig.key
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983 --key-file mig.key --streams 4   pages over 4 connections at once
+  vmmctl --vm=vm0 --migrate-local unix:/run/vm0.mig   hand the guest to `vmmrun -R unix:/run/vm0.mig ...` on
+                                         this host: its memfd memory is passed, not copied
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
   vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
   vmmctl --vm=vm0 --migrate-resolve      a migration in doubt (exit 3): ask the other side again and settle it
@@ -99,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--suspend", metavar="FILE", help="save the guest to FILE (as --checkpoint), then end it")
     actions.add_argument("--migrate", nargs="+", metavar="HOST [PORT]", help="warm-migrate to HOST PORT (or HOST:PORT, HOST,PORT)")
     actions.add_argument("--migrate-live", nargs="+", metavar="HOST [PORT]", help="live-migrate (pre-copy) to HOST PORT")
+    actions.add_argument("--migrate-local", metavar="unix:PATH",
+                         help="hand the guest to a vmmrun on this host waiting with -R unix:PATH: the guest pauses, its "
+                              "memory descriptors (it must run with --memory-backing memfd) and state are passed, and "
+                              "it runs there once that vmmrun confirms; nothing of its memory is copied")
+    actions.add_argument("--live-update", action="store_true",
+                         help="replace this guest's vmmrun by a new one with the same options (--exec PATH: another "
+                              "vmmrun build) that keeps the guest, its memory (memfd-backed), its name and its console")
     actions.add_argument("--migrate-status", action="store_true", help="statistics of the running or last migration")
     actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here")
     actions.add_argument("--migrate-resolve", nargs="?", const="ask", choices=("ask", "run-here", "discard-here"),
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="settle a migration in doubt. ask (default): the source delivers its decision to the "
                               "destination again (on the destination: says where things stand); run-here / discard-here: "
                               "the operator decides for this side, with --force when the other side cannot be asked")
+    parser.add_argument("--exec", dest="exec_path", metavar="PATH",
+                        help="with --live-update: the vmmrun to start (an executable taking vmmrun's options); default: "
+                             "this installation's")
     actions.add_argument("--from-json", type=Path, metavar="STATS.json",
                          help="with --report: draw a report from statistics saved by `--json` (no VM needed)")
     d = MigrationParams()
@@ -468,6 +480,19 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_named(client: ControlClient, timeout: float = 30.0) -> bool:
+    """After a live update: wait until the new vmmrun answers on the guest's name."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client.timeout = 5
+            client.request("status")
+            return True
+        except ControlError:
+            time.sleep(0.02)
+    return False
+
+
 def _wait_gone(client: ControlClient, holder: tuple[int, int, int | None] | None) -> None:
     """Return once the vmmrun that held the guest's name has let it go, so the next command may
     start a guest of that name (a few ms after its answer; say so if it takes 30 s)."""
@@ -623,6 +648,19 @@ def _main(argv: list[str] | None = None) -> int:
             _print(result, True) if args.json else _print_checkpoint(result)
             if result.get("suspended"):
                 _wait_gone(client, holder)
+        elif args.live_update:
+            request = {"exec": os.path.abspath(args.exec_path)} if args.exec_path else {}
+            holder = client.name_holder()
+            client.timeout = None
+            result = client.request("live-update", **request)
+            _print(result, True) if args.json else _print_migration(result)
+            if not client.wait_gone(holder) or not _wait_named(client):
+                print(f"vmmctl: note: the new vmmrun of '{client.vmname}' did not answer on its name within 30 s", file=sys.stderr)
+        elif args.migrate_local:
+            if not args.migrate_local.startswith("unix:"):
+                raise ValueError(f"--migrate-local {args.migrate_local}: expected unix:PATH (the socket of `vmmrun -R unix:PATH`)")
+            args.migrate = [args.migrate_local]
+            return _migrate(client, args)
         elif args.migrate or args.migrate_live:
             return _migrate(client, args)
         elif args.migrate_status:

@@ -24,11 +24,12 @@ from typing import NoReturn
 from ..devices.registry import PCI_EMULATIONS
 from ..guest.programs import load_into
 from ..migration import MigrationError, parse_address
-from ..migration.net import format_address
+from ..migration.net import format_address, is_unix
 from ..migration.tls import TlsConfig
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
     DIRTY_TRACKING,
+    MEMORY_BACKINGS,
     TSC_MODES,
     VENDORS,
     ConfigError,
@@ -45,7 +46,7 @@ from ..snapshot.checkpoint import RESTORE_MODES
 from ..state import SectionError
 from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow
-from . import vmmrun_config
+from . import live_update, vmmrun_config
 from .about import version_line
 from .keyfile import read_key
 from .progressbar import ProgressBar
@@ -63,6 +64,9 @@ restore and migration:
   saved without a key is refused with --key-file, since the key cannot authenticate it.
   -R HOST:PORT starts an empty guest that waits for one incoming migration (`vmmctl --migrate` on
   the source), then runs it. Give the same -m/-c/-s/-l options as the source.
+  -R unix:PATH waits on a Unix socket (mode 0600) for a local migration (`vmmctl --migrate-local
+  unix:PATH`): the source's memfd memory is mapped here, not copied. A path a live vmmrun listens
+  on is refused; a stale socket left by a killed one is replaced.
 
 securing a migration (docs/migration.md, "Setting up keys and certificates"):
   --key-file FILE   a shared secret: only a source holding it may send a guest, and this vmmrun
@@ -123,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
                         "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), or auto (kernel where it works)")
+    p.add_argument("--memory-backing", choices=MEMORY_BACKINGS, default=None,
+                   help="what backs guest memory: anon (default; private anonymous memory) or memfd (a memfd per "
+                        "segment, mapped shared: needed to hand the guest to another vmmrun on this host with "
+                        "vmmctl --migrate-local or --live-update, which then copies nothing). memfd costs the same "
+                        "to run (measured, docs/memory.md); its pages are shmem, so they count as Shmem, not "
+                        "AnonPages, and go to swap only through shmem's own swapping")
     p.add_argument("-k", "--config", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="FILE",
                    help="read configuration variables (key=value lines, as bhyve's -k) from FILE; repeatable")
     p.add_argument("-o", "--option", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="KEY=VALUE",
@@ -135,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: read and verify all memory first (default); lazy: read nothing up front, each chunk is read "
                         "and verified the first time it is needed (a bad one stops the guest)")
     p.add_argument("-R", "--receive", metavar="HOST:PORT",
-                   help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), then run the guest")
+                   help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), or for a local one "
+                        "on unix:PATH (a Unix socket, mode 0600), then run the guest")
     p.add_argument("--key-file", type=Path, metavar="FILE",
                    help="a shared key (at least 16 bytes). With -R: the source must prove it holds it. With -r: the "
                         "checkpoint's MAC must verify under it (the key it was saved with)")
@@ -149,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with -R: allow listening on a non-loopback address with neither a key nor TLS")
     p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with -R: how long to wait for the source to connect (default 300)")
+    p.add_argument("--take-name", action="store_true",
+                   help="with -R unix:PATH: a live update's successor (vmmctl --live-update starts it): open the control "
+                        "socket only once the guest has arrived and the old vmmrun of this VMNAME has let the name go")
     p.add_argument("--pause-at", type=int, metavar="N",
                    help="pause the guest once vCPU 0 has retired N instructions (0: start paused); vmmctl --resume goes on")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the VM does")
@@ -172,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         tsc=args.tsc or VmConfig.tsc,
         vendor=args.vendor or VmConfig.vendor,
         dirty_tracking=args.dirty_tracking or VmConfig.dirty_tracking,
+        memory_backing=args.memory_backing or VmConfig.memory_backing,
     )
     for spec in args.lpc:
         device, backend = parse_lpc(spec)
@@ -208,7 +223,7 @@ def listen_policy_error(host: str, *, key: bytes | None, tls: TlsConfig | None, 
     """Why listening on ``host`` is refused, or None. A non-loopback address needs the source to
     authenticate: by the shared key, or by a certificate under mutual TLS (either will do: with
     TLS the CA vouches for the source). ``--insecure`` accepts neither."""
-    if key is not None or tls is not None or insecure or is_loopback(host):
+    if key is not None or tls is not None or insecure or is_loopback(host) or is_unix(host):
         return None
     return ("listening on a non-loopback address without --key-file or TLS (--tls-cert, --tls-key, --tls-ca) lets "
             "anyone send a guest; give a key or certificates, or --insecure to accept that")
@@ -287,9 +302,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--key-file goes with -r FILE (a keyed checkpoint) or -R HOST:PORT (a migration)")
         tls = read_tls(args)
         receive_at = parse_address(args.receive) if args.receive else None
+        if receive_at and is_unix(receive_at[0]) and tls is not None:
+            raise ConfigError(f"-R {args.receive}: a local migration goes over a Unix socket on this host (mode 0600): "
+                              "TLS does not apply; leave out --tls-cert, --tls-key and --tls-ca")
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
+        if args.take_name and not (receive_at and is_unix(receive_at[0])):
+            raise ConfigError("--take-name is for a live update's successor: it goes with -R unix:PATH")
         machine = machine_for(args, config, key)
     except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
@@ -299,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     commands = MachineCommands(machine)
     commands.install()
+    live_update.install(machine, commands, args)
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
     try:
-        machine.serve(args.run_dir)
+        if not args.take_name:
+            machine.serve(args.run_dir)
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         machine.close()
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if receive_at:
             host, port = receive_at
-            log.info("%s: waiting for a migration on %s:%d", config.name, host, port)
+            log.info("%s: waiting for a migration on %s", config.name, format_address(host, port))
             stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
             if stats.status != "completed":
                 if stopped_by:
@@ -344,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"vmmrun: {config.name}:   note: {note}", file=sys.stderr)
                 return EXIT_ERROR
             log.info("%s: migration received; running. %s", config.name, stats.summary())
+            if args.take_name:
+                try:
+                    live_update.serve_when_free(machine, args.run_dir)
+                except OSError as err:
+                    print(f"vmmrun: {config.name}: runs the guest but cannot take its name: {err.strerror or err}",
+                          file=sys.stderr)
         else:
             machine.start_vcpus()
         while (status := machine.wait(0.5)) is None:

@@ -18,6 +18,7 @@ Keys, with bhyve's names where bhyve has the variable:
 ``pci.B.S.F.KEY``              a further CONF item: ``KEY=VALUE``, or ``KEY`` alone for ``true``
 ``vmmpy.guest``                ``--guest``
 ``vmmpy.guest_arg.KEY``        ``--guest-arg KEY=VALUE``
+``memory.backing``             ``--memory-backing`` (``anon`` or ``memfd``)
 ``vmmpy.tsc``, ``vmmpy.vendor``, ``vmmpy.dirty_tracking``   the options of those names
 =============================  ===========================================================
 
@@ -32,7 +33,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..runtime.config import DIRTY_TRACKING, TSC_MODES, VENDORS, ConfigError, parse_slot
+from ..runtime.config import DIRTY_TRACKING, MEMORY_BACKINGS, TSC_MODES, VENDORS, ConfigError, parse_slot
 from ..units import MiB, parse_size
 
 #: One source of a value: "FILE:LINE" or "-o".
@@ -41,8 +42,8 @@ Where = str
 _PCI = re.compile(r"^pci\.(\d+)\.(\d+)\.(\d+)\.([a-z_][a-z0-9_]*)$")
 _GUEST_ARG = re.compile(r"^vmmpy\.guest_arg\.([A-Za-z_][A-Za-z0-9_]*)$")
 _LPC = re.compile(r"^lpc\.(com[12])\.path$")
-_PLAIN = ("name", "cpus", "memory.size", "memory.wired", "vmmpy.guest", "vmmpy.tsc", "vmmpy.vendor", "vmmpy.dirty_tracking")
-KEYS_HELP = ("name, cpus, memory.size, memory.wired, lpc.com1.path, lpc.com2.path, pci.B.S.F.device, pci.B.S.F.path, "
+_PLAIN = ("name", "cpus", "memory.size", "memory.wired", "memory.backing", "vmmpy.guest", "vmmpy.tsc", "vmmpy.vendor", "vmmpy.dirty_tracking")
+KEYS_HELP = ("name, cpus, memory.size, memory.wired, memory.backing, lpc.com1.path, lpc.com2.path, pci.B.S.F.device, pci.B.S.F.path, "
              "pci.B.S.F.KEY, vmmpy.guest, vmmpy.guest_arg.KEY, vmmpy.tsc, vmmpy.vendor, vmmpy.dirty_tracking")
 
 
@@ -121,6 +122,8 @@ def apply(args: argparse.Namespace, values: dict[str, tuple[str, Where]]) -> Non
                 args.memsize = value
         elif key == "memory.wired":
             args.wired = args.wired or _boolean(value, where, key)
+        elif key == "memory.backing":
+            args.memory_backing = args.memory_backing or _choice(value, where, key, MEMORY_BACKINGS)
         elif key == "vmmpy.guest":
             args.guest = args.guest or value
         elif key == "vmmpy.tsc":

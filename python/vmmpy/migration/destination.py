@@ -6,7 +6,10 @@ destination serves every connection on a thread of its own under one deadline fo
 handshake: a stranger that sends garbage, stays silent or fails to authenticate is noted and
 closed, and the wait goes on; the first source whose SPEC is accepted takes the destination.
 
-Memory rounds go straight into guest memory through the memory core; state is restored before
+Memory rounds go straight into guest memory through the memory core; a local migration's
+LOCAL_MEMORY (protocol version 6, over a Unix socket only) instead brings the memfds of the
+source's memory, which are mapped as this guest's memory in place of the empty one it was built
+with, their dirty runs marked; nothing of it is written here before the commit. State is restored before
 the commit, and the guest runs only after COMMITTED. Before COMMIT_ACK any failure discards the
 guest (``adapter.discard()``), after telling the source why when the connection still works:
 the source cannot have committed without that answer. After COMMIT_ACK (protocol version 5) the
@@ -24,7 +27,7 @@ import socket
 import threading
 import time
 
-from ..memory import PageBatchError, PageBudget
+from ..memory import GuestMemory, PageBatchError, PageBudget
 from ..progress import Ticker
 from ..state import SectionError, decode_sections
 from ..state.handle import GuestHandle
@@ -32,7 +35,7 @@ from . import protocol as P
 from .convergence import MigrationParams
 from .digest import InBackground
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
-from .net import CancelWatcher, format_address, listen, set_io_timeout, shutdown_quietly
+from .net import CancelWatcher, accepted_peer, format_address, is_unix, listen, set_io_timeout, shutdown_quietly, unlink_unix
 from .stats import MigrationStats, RoundProgress, RoundStats
 from .streams import JoinWindow, new_token, receive_round
 from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
@@ -77,7 +80,7 @@ class Destination:
         self.cancel = cancel
         self.host = host
         self.listener: socket.socket | None = listen(host, port)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.address: tuple[str, int] = (host, 0) if is_unix(host) else self.listener.getsockname()[:2]
         self.state = "waiting"
         self.stats: MigrationStats | None = None
         self.session: bytes | None = None
@@ -190,7 +193,7 @@ class Destination:
                             return None, "cancelled while listening"
                         return None, f"accept failed: {err.strerror or err}"
                     conn.setblocking(True)
-                    self._serve_pending(conn, format_address(*peer[:2]))
+                    self._serve_pending(conn, accepted_peer(conn, peer))
         finally:
             sel.close()
             self._end_pending()
@@ -376,7 +379,7 @@ class Destination:
                 conn.close()  # as many as the waiting phase serves at once: a flood holds nothing
                 continue
 
-            peer_name = format_address(*peer[:2])
+            peer_name = accepted_peer(conn, peer)
 
             def serve(conn=conn, peer=peer_name) -> None:
                 try:
@@ -508,6 +511,7 @@ class Destination:
             # shutdown first: the resolve service may sit in poll() on it, which a bare close
             # neither wakes nor ends (the kernel would go on accepting until it returned).
             shutdown_quietly(listener)
+            unlink_unix(listener)
             listener.close()
 
     def close(self) -> None:
@@ -569,6 +573,7 @@ class _Receiver:
         self.before_commit_ack = None  # Destination: listen again before COMMIT_ACK (v5), returns why not or None
         self.listener_done = None  # Destination: takes the listener back when the join window ends
         self.source_aborted = False  # a RESOLVE(abort) for this session came on another connection
+        self.local = False  # a local migration: the memory was handed over (LOCAL_MEMORY)
 
     def run(self) -> MigrationStats:
         """The whole session on this one connection (``serve_connection``)."""
@@ -783,7 +788,9 @@ class _Receiver:
                 self._join_streams(P.decode_streams(frame.payload))
                 continue
             self._close_listener()  # the join window is over for good
-            if frame.type is P.MessageType.MEMORY:
+            if frame.type is P.MessageType.LOCAL_MEMORY:
+                self._take_local_memory(P.decode_local_memory(frame.payload))
+            elif frame.type is P.MessageType.MEMORY:
                 if self.digest_job is not None:
                     raise ProtocolError("MEMORY after the final round: nothing may change memory once it is final")
                 self._receive_round(P.decode_memory(frame.payload))
@@ -889,6 +896,47 @@ class _Receiver:
             # combine while the state and the commit request arrive.
             self.digest_job = InBackground(self.tracker.digest)
 
+    def _take_local_memory(self, m: P.LocalMemory) -> None:
+        """LOCAL_MEMORY: take the memfds that follow it and map them as this guest's memory (the
+        same pages as the source's, nothing copied or written), in place of the empty memory the
+        guest was built with; then mark the source's dirty runs."""
+        if getattr(self.conn, "family", None) != socket.AF_UNIX:
+            raise ProtocolError("LOCAL_MEMORY over a network connection: memory descriptors pass only over a Unix socket "
+                                "(vmmrun -R unix:PATH)")
+        if self.next_round or self.have_all_pages:
+            raise ProtocolError("LOCAL_MEMORY after memory rounds: a session's memory comes one way")
+        t = time.monotonic()
+        fds = P.recv_memory_fds(self.conn, len(m.segments))
+        try:
+            mine = tuple((seg.name, seg.gpa, seg.size) for seg in self.memory.segments)
+            if m.segments != mine:
+                raise ProtocolError(f"LOCAL_MEMORY describes the segments {list(m.segments)}; this guest's are {list(mine)}")
+            old = self.memory
+            try:
+                memory = GuestMemory.from_fds(fds, old.memsize, wired=old.wired, lowmem_limit=old.lowmem_limit,
+                                              dirty_tracking=old.dirty_tracking)
+            except (OSError, ValueError) as err:
+                raise MigrationError(f"cannot map the source's memory: {err}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            memory.mark_dirty_runs(m.dirty_runs)
+            self.adapter.adopt_memory(memory)
+        except BaseException as err:
+            memory.close()
+            if isinstance(err, (OSError, ValueError)):
+                raise ProtocolError(f"LOCAL_MEMORY: {err}") from None
+            raise
+        self.memory = memory
+        self.local = True
+        self.have_all_pages = True
+        self.stats.downtime_breakdown["memory_ms"] = (time.monotonic() - t) * 1000
+        self._advance(P.MessageType.LOCAL_MEMORY)
+
+    def _local_digest(self) -> int:
+        return P.local_digest([(s.name, s.gpa, s.size, *s.memfd_identity) for s in self.memory.segments])
+
     def _restore(self, blob: bytes) -> None:
         if not self.have_all_pages:
             raise ProtocolError("STATE arrived before a round carrying all pages")
@@ -908,7 +956,10 @@ class _Receiver:
 
     def _commit(self, source_digest: int) -> None:
         t = time.monotonic()
-        mine = self.digest_job.result() if self.digest_job is not None else self.tracker.digest()
+        if self.local:
+            mine = self._local_digest()
+        else:
+            mine = self.digest_job.result() if self.digest_job is not None else self.tracker.digest()
         self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # the wait not hidden by the transfer
         if mine != source_digest:
             raise MigrationError(f"memory digest mismatch: source {source_digest:#034x}, destination {mine:#034x}; "

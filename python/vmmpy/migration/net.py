@@ -1,5 +1,11 @@
-"""Sockets for migration: address parsing, connect/listen on IPv4 and IPv6, kernel-level
-timeouts, cancellation that interrupts a blocked transfer, and bandwidth pacing.
+"""Sockets for migration: address parsing, connect/listen on IPv4 and IPv6 and on Unix sockets
+(a local migration's ``unix:PATH``), kernel-level timeouts, cancellation that interrupts a blocked
+transfer, and bandwidth pacing.
+
+A Unix address travels where a TCP one does, as the host ``unix:PATH`` (an absolute path) with
+port 0: ``format_address`` prints it as given, ``connect`` and ``listen`` open AF_UNIX sockets.
+A listener's path is made mode 0600 (the owner only) as it is bound; a path a live listener holds
+is refused, a stale socket left by a killed process is replaced, anything else is refused.
 
 Page batches are moved by the memory core on a raw fd, which must be blocking; a Python socket
 timeout would make it non-blocking. So every socket here is blocking with SO_RCVTIMEO and
@@ -14,6 +20,7 @@ socket down from a watcher thread, which wakes any blocked send or receive at on
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import struct
@@ -40,12 +47,32 @@ def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
             pass
 
 
+UNIX_PREFIX = "unix:"
+
+
+def is_unix(host: str) -> bool:
+    """Whether ``host`` is a Unix socket address (``unix:PATH``)."""
+    return host.startswith(UNIX_PREFIX)
+
+
+def unix_path(host: str) -> str:
+    return host[len(UNIX_PREFIX):]
+
+
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``HOST``, ``HOST:PORT``, ``HOST,PORT`` (bhyve's form), ``[V6]:PORT``, ``[V6]`` or a bare IPv6
-    address (``::1``, whose colons are not a port separator)."""
+    address (``::1``, whose colons are not a port separator); or ``unix:PATH``, returned as
+    (``unix:ABSOLUTE-PATH``, 0)."""
     text = text.strip()
     if not text:
         raise ValueError("migration address is empty; expected HOST[:PORT], HOST,PORT or [IPV6]:PORT")
+    if is_unix(text):
+        path = unix_path(text)
+        if not path:
+            raise ValueError(f"migration address {text!r} has no path; expected unix:PATH")
+        if "\0" in path:
+            raise ValueError(f"migration address {text!r}: a path may not hold a NUL byte")
+        return UNIX_PREFIX + os.path.abspath(path), 0
     host, port_text = text, None
     if text.startswith("["):
         end = text.find("]")
@@ -74,6 +101,8 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
 
 
 def format_address(host: str, port: int) -> str:
+    if is_unix(host):
+        return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -145,6 +174,8 @@ def send_within_timeout(sock: socket.socket, data: memoryview, stop: threading.E
 
 def connect(host: str, port: int, *, timeout: float) -> socket.socket:
     where = format_address(host, port)
+    if is_unix(host):
+        return _connect_unix(unix_path(host), where, timeout)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
@@ -163,7 +194,103 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
 LISTEN_BACKLOG = 64
 
 
+def _connect_unix(path: str, where: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+    except ConnectionRefusedError:
+        sock.close()
+        raise ConnectionLost(f"cannot connect to {where}: connection refused (is the destination listening?)") from None
+    except FileNotFoundError:
+        sock.close()
+        raise ConnectionLost(f"cannot connect to {where}: no such socket (start `vmmrun -R {where} ...` first)") from None
+    except TimeoutError:
+        sock.close()
+        raise MigrationTimeout(f"cannot connect to {where}: no answer within {timeout:g} s") from None
+    except OSError as err:
+        sock.close()
+        raise ConnectionLost(f"cannot connect to {where}: {err.strerror or err}") from None
+    return sock
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """A listener on ``path``, mode 0600 from birth. A live listener's path is refused; a stale
+    socket (nobody accepts: its process was killed) is replaced; any other file is refused."""
+    where = UNIX_PREFIX + path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        import stat
+
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MigrationError(f"cannot listen on {where}: the path exists and is not a socket; choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+            live = True
+        except OSError:
+            live = False
+        finally:
+            probe.close()
+        if live:
+            raise MigrationError(f"cannot listen on {where}: another process listens there (a vmmrun -R waiting already?)")
+        try:
+            os.unlink(path)  # stale: left by a process that was killed
+        except FileNotFoundError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound and listening under a temporary name, then renamed into place: the path appears
+    # only once a source can connect (whoever waits for it never meets a refused connection).
+    staging = f"{path}.{os.getpid()}.new"
+    old_umask = os.umask(0o177)  # born 0600: nobody else may connect, not even for an instant
+    try:
+        sock.bind(staging)
+        sock.listen(LISTEN_BACKLOG)
+        os.rename(staging, path)
+    except OSError as err:
+        sock.close()
+        try:
+            os.unlink(staging)
+        except OSError:
+            pass
+        raise MigrationError(f"cannot listen on {where}: {err.strerror or err}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def unlink_unix(listener: socket.socket) -> None:
+    """Remove a Unix listener's path, if it still names this listener's socket (best effort)."""
+    try:
+        if listener.family != socket.AF_UNIX:
+            return
+        path = listener.getsockname()  # the staging name it was bound under (see _unix_listener)
+        if isinstance(path, str) and path.endswith(".new"):
+            os.unlink(path.rsplit(".", 2)[0])
+    except OSError:
+        pass
+
+
+def accepted_peer(conn: socket.socket, peer) -> str:
+    """An accepted connection's peer for the record: ``HOST:PORT``, or for a Unix socket the
+    connecting process (SO_PEERCRED)."""
+    if isinstance(peer, tuple):
+        return format_address(*peer[:2])
+    try:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return f"local process {pid} (uid {uid})"
+    except OSError:
+        return "a local process"
+
+
 def listen(host: str, port: int) -> socket.socket:
+    if is_unix(host):
+        return _unix_listener(unix_path(host))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)

@@ -56,6 +56,16 @@ connection is stream 0 and carries every frame; streams 1..n-1 carry only page b
 their JOIN. A round's batches are spread over all n; each stream ends the round with its own
 empty batch, and MEMORY_END carries the totals over all of them.
 
+Version 6 adds the local migration (a Unix socket, same host): instead of memory rounds the
+source, its guest paused, sends LOCAL_MEMORY (the segments' names, addresses and sizes, and the
+dirty page runs) followed by one byte ``F`` carrying the segments' memfd descriptors (SCM_RIGHTS,
+lowmem first); the destination maps the same pages. STATE and the commit follow as in any
+session; COMMIT_REQUEST and COMMIT_ACK carry ``local_digest`` of each side's descriptors (the same
+memfds give the same digest), so no page is hashed or copied::
+
+    |---- LOCAL_MEMORY (segments, dirty runs) ---->|  D: READY -> READY (memory mapped, dirty marked)
+    |==== 'F' + SCM_RIGHTS (one memfd a segment) =>|
+
 Version 4 adds compression: SPEC ends with the codecs the source offers (``u8 n, n x u8
 codec``; 1 = LZ4) and the destination's ACCEPT of the spec ends with the one it takes (``u8
 codec``, 0 = none). Only then may page batches carry the LZ4 flag; an older peer never sees
@@ -67,6 +77,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -84,7 +95,7 @@ FRAME_VERSION = 1
 # 5: ownership through the commit: a destination that has sent COMMIT_ACK holds the guest paused
 #    "in doubt" when the link fails, the source settles it by reconnecting (RESOLVE/RESOLVED), and
 #    the source says RELEASED once it knows the guest runs there.
-PROTOCOL_VERSIONS = (2, 3, 4, 5)
+PROTOCOL_VERSIONS = (2, 3, 4, 5, 6)
 STREAMS_VERSION = 3  # the first protocol version with parallel streams
 MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
 TOKEN_SIZE = 32
@@ -96,6 +107,12 @@ _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 MAX_CODECS = 4
 #: The first protocol version with in-doubt ownership: RESOLVE, RESOLVED and RELEASED.
 OWNERSHIP_VERSION = 5
+LOCAL_VERSION = 6  # the first protocol version with LOCAL_MEMORY (memfds over a Unix socket)
+MAX_SEGMENTS = 2  # lowmem, highmem
+#: Dirty runs LOCAL_MEMORY may carry (16 bytes each): 64 MiB of payload.
+MAX_DIRTY_RUNS = 1 << 22
+#: The byte after LOCAL_MEMORY that carries the descriptors.
+FDS_MARKER = b"F"
 SESSION_ID_SIZE = 16
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size
@@ -129,6 +146,7 @@ class MessageType(enum.IntEnum):
     RESOLVE = 18  # v5: on a new connection after the handshake, the source's decision for a session in doubt
     RESOLVED = 19  # v5: the destination's answer: what it now does with that session's guest
     RELEASED = 20  # v5: the source knows the guest runs on the destination; nothing more will be asked
+    LOCAL_MEMORY = 21  # v6: a local migration's memory: its segments, their memfds (SCM_RIGHTS), dirty runs
 
 
 class Stage(enum.IntEnum):
@@ -356,6 +374,12 @@ class MemoryEnd:
     data_pages: int
     zero_pages: int
     wire_bytes: int
+
+
+@dataclass(frozen=True)
+class LocalMemory:
+    segments: tuple[tuple[str, int, int], ...]  # (name, gpa, size), lowmem first: one memfd each follows
+    dirty_runs: bytes = b""  # little-endian u64 pairs (first pfn, pages): GuestMemory.peek_dirty_runs
 
 
 @dataclass(frozen=True)
@@ -825,6 +849,66 @@ class MessageSpec:
         return out
 
 
+@dataclass(frozen=True)
+class _Segments(_Field):
+    """LOCAL_MEMORY's segments: a u8 count (1 to MAX_SEGMENTS), then per segment a u8 name length,
+    the name (1 to MAX_NAME bytes), its u64 guest-physical address and u64 size."""
+
+    name: str = "segments"
+    what: str = "the segment count"
+
+    def _count(self, count: int, msg: str) -> None:
+        if not 1 <= count <= MAX_SEGMENTS:
+            raise ProtocolError(f"{msg}: {count} segments; 1 to {MAX_SEGMENTS} may be handed over")
+
+    def encode(self, value: tuple[tuple[str, int, int], ...], msg: str) -> bytes:
+        self._count(len(value), msg)
+        parts = [bytes([len(value)])]
+        for name, gpa, size in value:
+            raw = name.encode()
+            if not 1 <= len(raw) <= MAX_NAME:
+                raise ProtocolError(f"{msg}: segment name {name!r} must be 1 to {MAX_NAME} bytes")
+            parts.append(bytes([len(raw)]) + raw + struct.pack("<QQ", gpa, size))
+        return b"".join(parts)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> tuple[tuple[str, int, int], ...]:
+        (count,) = r.unpack("B", self.what)
+        self._count(count, r.name)
+        out = []
+        for index in range(count):
+            (name_len,) = r.unpack("B", f"segment {index}'s name length")
+            if name_len == 0:
+                raise ProtocolError(f"{r.name}: segment {index} has an empty name")
+            name = r.text(name_len, f"segment {index}'s name")
+            gpa, size = r.unpack("QQ", f"segment '{name}''s address and size")
+            out.append((name, gpa, size))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Runs(_Field):
+    """LOCAL_MEMORY's dirty runs: a u32 count (at most MAX_DIRTY_RUNS), then that many 16-byte
+    pairs (u64 first page frame number, u64 page count), passed through as bytes."""
+
+    name: str = "dirty_runs"
+    what: str = "the dirty run count"
+
+    def _count(self, count: int, msg: str) -> None:
+        if count > MAX_DIRTY_RUNS:
+            raise ProtocolError(f"{msg}: {count} dirty runs exceed the {MAX_DIRTY_RUNS} allowed")
+
+    def encode(self, value: bytes, msg: str) -> bytes:
+        if len(value) % 16:
+            raise ProtocolError(f"{msg}: dirty runs are 16-byte pairs, got {len(value)} bytes")
+        self._count(len(value) // 16, msg)
+        return struct.pack("<I", len(value) // 16) + bytes(value)
+
+    def decode(self, r: _Reader, values: dict[str, Any]) -> bytes:
+        (count,) = r.unpack("I", self.what)
+        self._count(count, r.name)
+        return r.take(16 * count, "the dirty runs")
+
+
 def _reason(what: str = "the reason") -> _Text:
     return _Text("reason", what, "H", MAX_REASON, cut="ellipsis")
 
@@ -880,6 +964,8 @@ MESSAGES: tuple[MessageSpec, ...] = (
                                                                              ("start_us", "I", _saturating))),),
                 1 + 4, Resolved),
     MessageSpec(MessageType.RELEASED, (), 0),
+    MessageSpec(MessageType.LOCAL_MEMORY, (_Segments(), _Runs()),
+                1 + MAX_SEGMENTS * (1 + MAX_NAME + 16) + 4 + 16 * MAX_DIRTY_RUNS, LocalMemory),
 )
 SPECS: dict[MessageType, MessageSpec] = {m.type: m for m in MESSAGES}
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -1020,6 +1106,14 @@ def decode_resolve(payload: bytes) -> Resolve:
     return decode_message(MessageType.RESOLVE, payload)
 
 
+def encode_local_memory(m: LocalMemory) -> bytes:
+    return encode_message(MessageType.LOCAL_MEMORY, m)
+
+
+def decode_local_memory(payload: bytes) -> LocalMemory:
+    return decode_message(MessageType.LOCAL_MEMORY, payload)
+
+
 def encode_resolved(m: Resolved) -> bytes:
     return encode_message(MessageType.RESOLVED, m)
 
@@ -1063,7 +1157,8 @@ RECEIVER: dict[RxState, dict[MessageType, RxState]] = {
     RxState.AWAIT_HELLO: {MessageType.HELLO: RxState.AWAIT_AUTH},
     RxState.AWAIT_AUTH: {MessageType.AUTH: RxState.AWAIT_SPEC},
     RxState.AWAIT_SPEC: {MessageType.SPEC: RxState.READY, MessageType.RESOLVE: RxState.ANSWERED},
-    RxState.READY: {MessageType.STREAMS: RxState.JOINING, MessageType.MEMORY: RxState.RECEIVING, MessageType.STATE: RxState.HAVE_STATE},
+    RxState.READY: {MessageType.STREAMS: RxState.JOINING, MessageType.MEMORY: RxState.RECEIVING, MessageType.STATE: RxState.HAVE_STATE,
+                    MessageType.LOCAL_MEMORY: RxState.READY},
     RxState.JOINING: {MessageType.JOIN: RxState.READY},
     RxState.RECEIVING: {MessageType.MEMORY_END: RxState.READY},
     RxState.HAVE_STATE: {MessageType.COMMIT_REQUEST: RxState.AWAIT_COMMITTED},
@@ -1080,6 +1175,7 @@ SINCE: dict[MessageType, int] = {
     MessageType.RESOLVE: OWNERSHIP_VERSION,
     MessageType.RESOLVED: OWNERSHIP_VERSION,
     MessageType.RELEASED: OWNERSHIP_VERSION,
+    MessageType.LOCAL_MEMORY: LOCAL_VERSION,
 }
 
 #: The source's sequence on one connection: after each message it sent (None: nothing yet), the
@@ -1088,7 +1184,8 @@ SOURCE_NEXT: dict[MessageType | None, tuple[MessageType, ...]] = {
     None: (MessageType.HELLO,),
     MessageType.HELLO: (MessageType.AUTH,),
     MessageType.AUTH: (MessageType.SPEC, MessageType.RESOLVE),
-    MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY),
+    MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY, MessageType.LOCAL_MEMORY),
+    MessageType.LOCAL_MEMORY: (MessageType.STATE,),
     MessageType.STREAMS: (MessageType.MEMORY,),
     MessageType.MEMORY: (MessageType.MEMORY_END,),
     MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE),
@@ -1146,6 +1243,49 @@ def session_id(hello_frame: bytes, challenge_frame: bytes) -> bytes:
     session; it proves nothing (the RESOLVE connection's own handshake does)."""
     return hashlib.sha256(_SESSION_LABEL + hello_frame + challenge_frame).digest()[:SESSION_ID_SIZE]
 
+
+
+# -- a local migration's descriptors and digest ---------------------------------------------------
+
+
+def send_memory_fds(sock: socket.socket, fds: list[int]) -> None:
+    """The byte that follows LOCAL_MEMORY, carrying the segments' memfds (SCM_RIGHTS) in order."""
+    try:
+        if socket.send_fds(sock, [FDS_MARKER], list(fds)) != 1:
+            raise ConnectionLost("sending the memory descriptors: the destination took nothing")
+    except OSError as err:
+        raise ConnectionLost(f"sending the memory descriptors: {err.strerror or err}") from None
+
+
+def recv_memory_fds(sock: socket.socket, count: int) -> list[int]:
+    """The descriptors that follow LOCAL_MEMORY: exactly ``count`` of them on the marker byte, or
+    ProtocolError saying what came (any that did come are closed)."""
+    try:
+        data, fds, flags, _ = socket.recv_fds(sock, 1, count + 1)
+    except (BlockingIOError, TimeoutError):
+        raise MigrationTimeout("timed out waiting for the memory descriptors after LOCAL_MEMORY") from None
+    except OSError as err:
+        raise ConnectionLost(f"connection lost while reading the memory descriptors: {err.strerror or err}") from None
+    if data != FDS_MARKER or len(fds) != count or flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        got = "end of stream" if not data else f"{data!r} with {len(fds)} descriptor(s)"
+        raise ProtocolError(f"LOCAL_MEMORY announced {count} memory descriptor(s) on the byte {FDS_MARKER!r}; got {got}")
+    return fds
+
+
+_LOCAL_LABEL = b"vmmpy-migration-v6 local memory\x00"
+
+
+def local_digest(segments: list[tuple[str, int, int, int, int]]) -> int:
+    """What COMMIT_REQUEST and COMMIT_ACK carry in a local migration: a 128-bit hash of each
+    segment's (name, gpa, size) and its memfd's (device, inode). Both ends compute it from the
+    descriptors they hold, so equal digests mean the destination maps the source's very memory."""
+    h = hashlib.sha256(_LOCAL_LABEL)
+    for name, gpa, size, dev, ino in segments:
+        raw = name.encode()
+        h.update(bytes([len(raw)]) + raw + struct.pack("<QQQQ", gpa, size, dev, ino))
+    return int.from_bytes(h.digest()[:16], "little")
 
 
 # -- the end-of-round marker: an empty page batch ----------------------------------------------

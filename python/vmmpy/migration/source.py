@@ -12,6 +12,9 @@ failure after COMMIT_REQUEST but before COMMITTED is an abort, delivered the sam
 destination holding the guest in doubt can let it go.
 
 Warm: pause, send every page (never-touched pages as zero ranges without data), state, commit.
+Local (a ``unix:PATH`` destination, protocol version 6): pause, hand over the memfds of the
+guest's memory and its dirty runs (LOCAL_MEMORY), state, commit: no page is copied or hashed, and
+the same commit and ownership steps decide who runs the guest. The memory must be memfd-backed.
 Live: round 0 sends every page while the guest runs; each later round harvests-and-clears the
 dirty bits and sends those pages; ``Convergence`` decides when to pause for the final round.
 """
@@ -33,7 +36,7 @@ from . import protocol as P
 from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
-from .net import CancelWatcher, Channel, connect, format_address, set_io_timeout
+from .net import CancelWatcher, Channel, connect, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
 from .tls import TlsConfig, with_relay_error, wrap_tls
@@ -154,7 +157,8 @@ class _Source:
                                     compress=params.compress)
         # Every page starts stale; each round hashes the pages it sends into it on the way, and
         # the first round sends them all. Not used (None) when verify="full" recomputes it all.
-        self.tracker = self.memory.digest_tracker() if params.verify != "full" else None
+        self.local = is_unix(host)  # a local migration: the memory is handed over, not sent
+        self.tracker = self.memory.digest_tracker() if params.verify != "full" and not self.local else None
         # What the page batches use once the destination has answered the offer ("off" until then),
         # and the link speed the "auto" rule starts each round with: the cap, then what the last
         # round measured.
@@ -231,8 +235,26 @@ class _Source:
                 chan.close()
         self.chan, self.data = None, []
 
+    def _check_local(self) -> None:
+        """A local migration hands over the memory itself: refuse what cannot be handed over,
+        before anything is sent."""
+        if self.memory.backing != "memfd":
+            raise MigrationError("a local migration hands the guest's memory to the new vmmrun, so it must be memfd-backed; "
+                                 "this guest's is anonymous: start it with --memory-backing memfd (-o memory.backing=memfd)")
+        if self.live:
+            raise MigrationError("a local migration copies no memory, so it has no live rounds: migrate it warm")
+        if self.tls is not None:
+            raise MigrationError("a local migration goes over a Unix socket on this host: TLS does not apply")
+        if self.params.streams > 1:
+            raise MigrationError("a local migration sends no pages: parallel streams do not apply (--streams 1)")
+        if self.memory.lazy:
+            # The destination maps plain memory: every chunk must be in the memfd first (before the pause).
+            self.memory.load_all()
+
     def _migrate(self) -> None:
         p = self.params
+        if self.local:
+            self._check_local()
         self._enter("connect")
         sock = self._connect(self.watcher)
         self._enter("handshake")
@@ -247,6 +269,9 @@ class _Source:
         self.stats.setup_time_ms = self.stats.elapsed_ms()
         self.stats.status = "active"
         set_io_timeout(sock, p.io_timeout)
+        if self.local and (self.stats.protocol_version or 1) < P.LOCAL_VERSION:
+            raise ProtocolError(f"the destination speaks migration protocol {self.stats.protocol_version}, which cannot take "
+                                f"memory descriptors (a local migration needs {P.LOCAL_VERSION})")
         next_round = 0
         if self.live:
             next_round = self._precopy()
@@ -254,18 +279,25 @@ class _Source:
         self.adapter.pause()
         self.paused = True
         paused_at = self.paused_at = time.monotonic()
-        # Memory is frozen from here. A full check hashes all of it beside the final pages and
-        # the state.
-        digest_job = InBackground(self.memory.commit_digest) if self.tracker is None else None
         self.stats.status = "paused"
-        self._enter("final")
-        t = time.monotonic()
-        self._send_round(next_round, final=True, all_pages=not self.live)
-        self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
-        if digest_job is None:
-            # Every page the guest wrote was sent, and hashed as it went: combine while the state
-            # is encoded and sent.
-            digest_job = InBackground(self.tracker.digest)
+        if self.local:
+            self._enter("memory")
+            t = time.monotonic()
+            self._send_local_memory()
+            self.stats.downtime_breakdown["memory_ms"] = (time.monotonic() - t) * 1000
+            digest_job = InBackground(self._local_digest)
+        else:
+            # Memory is frozen from here. A full check hashes all of it beside the final pages and
+            # the state.
+            digest_job = InBackground(self.memory.commit_digest) if self.tracker is None else None
+            self._enter("final")
+            t = time.monotonic()
+            self._send_round(next_round, final=True, all_pages=not self.live)
+            self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
+            if digest_job is None:
+                # Every page the guest wrote was sent, and hashed as it went: combine while the state
+                # is encoded and sent.
+                digest_job = InBackground(self.tracker.digest)
         self._enter("state")
         t = time.monotonic()
         blob = encode_sections(self.adapter.save_sections())
@@ -323,6 +355,17 @@ class _Source:
             self.stats.notes.append(f"could not say RELEASED ({err}); the destination keeps answering on its address")
         self._give_up_guest()
         self._report()
+
+    def _send_local_memory(self) -> None:
+        """LOCAL_MEMORY, then the memfds on one byte (SCM_RIGHTS): the guest is paused, so the
+        dirty runs are exact, and they are only read: a failure leaves them as they were."""
+        mem = self.memory
+        segments = tuple((seg.name, seg.gpa, seg.size) for seg in mem.segments)
+        self._send(P.MessageType.LOCAL_MEMORY, P.encode_local_memory(P.LocalMemory(segments, mem.peek_dirty_runs())))
+        P.send_memory_fds(self.chan.sock, mem.memfds())
+
+    def _local_digest(self) -> int:
+        return P.local_digest([(s.name, s.gpa, s.size, *s.memfd_identity) for s in self.memory.segments])
 
     # -- ownership: in doubt and its resolution (protocol version 5) ----------------------------
     def _give_up_guest(self) -> None:
@@ -489,7 +532,7 @@ class _Source:
                 self.stats.notes.append(sock.tls_summary())
         set_io_timeout(sock, p.handshake_timeout)
         # With parallel streams each connection gets an even share of the cap: together they keep to it.
-        self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap else None)
+        self.chan = Channel(sock, p.bandwidth_cap / p.streams if p.bandwidth_cap and not self.local else None)
         self.last_sent = None  # a new connection starts the sequence again
         if watcher is not None:
             for s in self.chan.sockets():

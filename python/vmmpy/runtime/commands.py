@@ -152,7 +152,7 @@ def restore_machine(
     machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
     try:
         restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking,
-                      progress=progress)
+                      progress=progress, backing=config.memory_backing)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
             if consoles and device in consoles:

@@ -14,6 +14,7 @@ from ..units import MiB, parse_size
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
 DIRTY_TRACKING = ("auto", "soft", "kernel")
+MEMORY_BACKINGS = ("anon", "memfd")
 LPC_DEVICES = ("com1", "com2")
 MAX_VCPUS = 16
 
@@ -63,6 +64,9 @@ class VmConfig:
     # the kernel backend costs a fault per first write to a page per round and a page-table walk
     # of all memory per harvest (docs/performance.md), so a VM uses it only when asked.
     dirty_tracking: str = "soft"
+    # What backs guest memory: "anon" (private anonymous) or "memfd" (shared, so a local
+    # migration can hand it to another process); --memory-backing.
+    memory_backing: str = "anon"
 
     def validate(self) -> None:
         if not 1 <= self.ncpus <= MAX_VCPUS:
@@ -75,6 +79,8 @@ class VmConfig:
             raise ConfigError(f"--tsc {self.tsc!r}: choose one of {', '.join(TSC_MODES)}")
         if self.dirty_tracking not in DIRTY_TRACKING:
             raise ConfigError(f"--dirty-tracking {self.dirty_tracking!r}: choose one of {', '.join(DIRTY_TRACKING)}")
+        if self.memory_backing not in MEMORY_BACKINGS:
+            raise ConfigError(f"--memory-backing {self.memory_backing!r}: choose one of {', '.join(MEMORY_BACKINGS)}")
         seen: dict[tuple[int, int, int], SlotConfig] = {}
         for slot in self.slots:
             key = (slot.bus, slot.slot, slot.func)

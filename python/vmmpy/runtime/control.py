@@ -388,6 +388,9 @@ class ControlClient:
                 return True
             if (st.st_dev, st.st_ino) != (dev, ino) or (pid is not None and not _process_exists(pid)):
                 return True
+            now = self.name_holder()
+            if now is not None and pid is not None and now[2] not in (None, pid):
+                return True  # another server took the name (a live update's successor rewrites the lock file)
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)

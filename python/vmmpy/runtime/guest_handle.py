@@ -75,7 +75,9 @@ class MachineHandle:
         check_sections(self.machine, sections, what=what)
 
     def adopt_memory(self, memory: GuestMemory) -> None:
-        self.machine.vm.adopt_memory(memory)
+        # A local migration's destination was built with empty memory (no vCPU ran on it): the
+        # handed-over memory takes its place.
+        self.machine.vm.adopt_memory(memory, replace=True)
 
     def restore_sections(self, sections: list[Section], *, what: str) -> None:
         restore_sections(self.machine, sections, what=what)

@@ -147,7 +147,8 @@ class Machine:
         self.pci.resync_pins()
 
     def setup_memory(self) -> None:
-        self.vm.setup_memory(self.config.memsize, wired=self.config.wired, dirty_tracking=self.config.dirty_tracking)
+        self.vm.setup_memory(self.config.memsize, wired=self.config.wired, dirty_tracking=self.config.dirty_tracking,
+                             backing=self.config.memory_backing)
 
     def load_program(self, program: Any) -> None:
         """Load an assembled guest program and point the BSP at its ``start``."""

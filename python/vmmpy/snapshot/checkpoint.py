@@ -84,17 +84,17 @@ def checkpoint_guest(
 
 
 def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto",
-                  progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                  progress: Callable[[dict[str, Any]], None] | None = None, backing: str = "anon") -> None:
     """Restore a checkpoint read by ``read_checkpoint`` into ``guest``, which has no memory yet:
     its sections are checked first, then its memory is restored (``mode`` eager or lazy, tracked
-    by ``dirty_tracking``) and the sections loaded. The guest does not run until
+    by ``dirty_tracking``, backed by ``backing``) and the sections loaded. The guest does not run until
     ``guest.start_running()`` (or its owner starts it). Raises CheckpointError or SectionError
     naming the file if anything does not fit. ``progress`` as for ``files.restore_memory``."""
     if mode not in RESTORE_MODES:
         raise ValueError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
     what = f"checkpoint '{checkpoint.kern_path}'"
     guest.check_sections(checkpoint.sections, what=what)
-    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress))
+    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress, backing=backing))
     guest.restore_sections(checkpoint.sections, what=what)
 
 

@@ -503,6 +503,7 @@ def restore_memory(
     dirty_tracking: str = "auto",
     wired: bool | None = None,
     progress: ProgressCallback | None = None,
+    backing: str = "anon",
 ) -> GuestMemory:
     """Guest memory holding the checkpoint's memory image.
 
@@ -515,7 +516,7 @@ def restore_memory(
     access, naming this checkpoint, the chunk and its guest-physical range. The memory keeps the
     file open and never writes it; a file changed or truncated later fails the chunks not loaded
     yet, never the process. ``wired`` defaults to the checkpoint's memflags; wired memory cannot
-    be restored lazily.
+    be restored lazily. ``backing`` is the new memory's (``"anon"`` or ``"memfd"``).
     A keyed checkpoint's memory file is first checked against its SHA-256 digests, in either
     mode (:func:`verify_memory_sha256`: it reads the file's data once, so a keyed lazy restore
     is no longer constant time). ``progress`` is called every ``vmmpy.progress.TICK_S`` seconds
@@ -541,6 +542,7 @@ def restore_memory(
                 wired=False,
                 lowmem_limit=checkpoint.lowmem_limit,
                 dirty_tracking=dirty_tracking,
+                backing=backing,
             )
         except (OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint '{checkpoint.path}': lazy restore failed: {err}") from None
@@ -551,7 +553,8 @@ def restore_memory(
         raise ValueError(f"mode must be 'eager' or 'lazy', not {mode!r}")
     fd = _open_memory_file(checkpoint)
     try:
-        memory = GuestMemory(checkpoint.memsize, wired=wired, lowmem_limit=checkpoint.lowmem_limit, dirty_tracking=dirty_tracking)
+        memory = GuestMemory(checkpoint.memsize, wired=wired, lowmem_limit=checkpoint.lowmem_limit, dirty_tracking=dirty_tracking,
+                             backing=backing)
         try:
             with metered(progress, "restore") as meter:
                 _core.read_memory_file(memory.core, fd, chunk_hashes=checkpoint.chunk_hashes, chunk_size=checkpoint.chunk_size,

@@ -57,7 +57,8 @@ class GuestHandle(Protocol):
         file, the migration stream), before anything is restored."""
 
     def adopt_memory(self, memory: GuestMemory) -> None:
-        """Take memory restored elsewhere (from a checkpoint) as the guest's; it has none yet."""
+        """Take memory made elsewhere (restored from a checkpoint, or handed over by a local
+        migration) as the guest's, in place of the empty memory it may have been built with."""
 
     def restore_sections(self, sections: list[Section], *, what: str) -> None:
         """Load the state (checked first; errors name ``what``); the guest does not run until

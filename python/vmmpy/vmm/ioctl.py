@@ -96,6 +96,7 @@ class VmMemseg:
     len: int
     wired: bool = False
     dirty_tracking: str = "auto"
+    backing: str = "anon"
 
 
 @dataclass

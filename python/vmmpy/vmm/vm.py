@@ -327,7 +327,7 @@ class Vm:
         if self.memory is not None:
             raise vmm_error(errno.EEXIST, f"VM '{self.name}' already has system memory ({self.memory.memsize} bytes)")
         try:
-            self.memory = GuestMemory(arg.len, wired=arg.wired, dirty_tracking=arg.dirty_tracking)
+            self.memory = GuestMemory(arg.len, wired=arg.wired, dirty_tracking=arg.dirty_tracking, backing=arg.backing)
         except ValueError as err:
             raise vmm_error(errno.EINVAL, str(err)) from None
         self._mapped = {seg.name: False for seg in self.memory.segments}
@@ -353,17 +353,30 @@ class Vm:
             f"cannot map {arg.len:#x} bytes of system memory at gpa {arg.gpa:#x} (offset {arg.segoff:#x}); the layout is {layout}",
         )
 
-    def setup_memory(self, memsize: int, *, wired: bool = False, dirty_tracking: str = "auto") -> GuestMemory:
+    def setup_memory(self, memsize: int, *, wired: bool = False, dirty_tracking: str = "auto", backing: str = "anon") -> GuestMemory:
         """libvmmapi's ``vm_setup_memory``: allocate system memory and map lowmem and highmem."""
-        self.ioctl(Ioctl.VM_ALLOC_MEMSEG, VmMemseg(MemsegId.SYSMEM, memsize, wired, dirty_tracking))
+        self.ioctl(Ioctl.VM_ALLOC_MEMSEG, VmMemseg(MemsegId.SYSMEM, memsize, wired, dirty_tracking, backing))
         offset = 0
         for seg in self.memory.segments:
             self.ioctl(Ioctl.VM_MMAP_MEMSEG, VmMmapMemseg(seg.gpa, MemsegId.SYSMEM, offset, seg.size))
             offset += seg.size
         return self.memory
 
-    def adopt_memory(self, memory: GuestMemory) -> None:
-        """Use memory made elsewhere (a restore or a migration receive) as system memory."""
+    def adopt_memory(self, memory: GuestMemory, *, replace: bool = False) -> None:
+        """Use memory made elsewhere (a restore or a migration receive) as system memory. With
+        ``replace``, memory the VM has already (empty, no vCPU ever ran on it: a local migration's
+        destination is built with some) is released and closed first."""
+        if self.memory is not None and replace and self.vlapics:
+            old = self.release_memory()
+            if old is not None:
+                old.close()
+            # The local APICs stay (on the APIC bus, with their state): only their vCPUs are new.
+            self.memory = memory
+            self._mapped = {seg.name: True for seg in memory.segments}
+            self.vcpus = self._new_vcpus()
+            for lapic, vcpu in zip(self.vlapics, self.vcpus, strict=True):
+                lapic.vcpu = vcpu
+            return
         if self.memory is not None:
             raise vmm_error(errno.EEXIST, f"VM '{self.name}' already has system memory")
         self.memory = memory
@@ -382,8 +395,11 @@ class Vm:
         self._mapped = {}
         return memory
 
+    def _new_vcpus(self) -> list:
+        return [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
+
     def _create_vcpus(self) -> None:
-        self.vcpus = [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
+        self.vcpus = self._new_vcpus()
         for i in range(self.ncpus):
             lapic = Vlapic(VcpuClock(self, i), self.vcpus[i], apic_id=i, bus=self.apic_bus, eoi_sink=self.vioapic.eoi,
                            startup_sink=self._startup_ap)
