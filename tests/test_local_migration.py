@@ -431,3 +431,16 @@ def test_a_successor_that_fails_to_start_is_reported_and_the_guest_runs_on(tmp_p
     finally:
         stop(proc)
     assert console.read_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
+
+
+def test_vmmctl_reports_a_local_migration_as_local_without_a_wire_rate(capsys):
+    from vmmpy.cli import vmmctl as ctl
+
+    record = {"status": "completed", "live": False, "peer": "unix:/run/x.mig", "total_time_ms": 20.0, "downtime_ms": 8.3,
+              "round_count": 0, "bytes_total": 4300, "pages_sent": 0, "zero_pages": 0}
+    ctl._print_migration(record)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("migration completed (local), total 20 ms, downtime 8.3 ms"), line
+    assert "/s" not in line, line  # 4 KiB of state over 20 ms is no link's rate
+    ctl._print_migration({**record, "peer": "10.0.0.2:7000", "total_time_ms": 1000.0, "bytes_total": 1 << 20})
+    assert "(warm)" in capsys.readouterr().out

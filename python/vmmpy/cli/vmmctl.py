@@ -273,14 +273,15 @@ def _ms(value: float | None) -> str:
 def _print_migration(stats: dict) -> None:
     seconds = stats.get("total_time_ms", 0.0) / 1e3
     target = stats.get("downtime_target_ms")
+    local = str(stats.get("peer") or "").startswith("unix:")  # the memory was handed over, not sent
     parts = [
-        f"migration {stats.get('status')}" + (" (live)" if stats.get("live") else " (warm)"),
+        f"migration {stats.get('status')}" + (" (local)" if local else " (live)" if stats.get("live") else " (warm)"),
         f"total {seconds * 1e3:.0f} ms",
         f"downtime {_ms(stats.get('downtime_ms'))}" + (f" (target {target:g} ms)" if target is not None else ""),
         f"{stats.get('round_count', 0)} rounds" + (f" over {stats['streams']} streams" if stats.get("streams", 1) > 1 else ""),
         f"{format_size(stats.get('bytes_total', 0))} sent ({stats.get('pages_sent', 0)} data pages, {stats.get('zero_pages', 0)} zero)",
     ]
-    if seconds > 0:
+    if seconds > 0 and not local:
         parts.append(f"{format_size(stats.get('bytes_total', 0) / seconds)}/s")
     if stats.get("compressed_batches"):
         parts.append(f"{stats['compressed_batches']} batches compressed ({stats.get('compression')}), "
