@@ -15,6 +15,7 @@ from vmmpy.snapshot.checkpoint import checkpoint_guest, restore_guest
 from vmmpy.snapshot.files import merge_chain, verify_chain
 
 from .test_checkpoint_handle import BASIC, FAKE_SECTIONS
+from .test_checkpoint_restore import flip
 
 PAGE = 4096
 
@@ -42,6 +43,7 @@ def restore_exactly(guests, path, state, digest, *, key=None):
     return dst
 
 
+@pytest.mark.covers(operation="checkpoint", guest="writer", via="engine", diff=True)
 def test_diff_chains_of_1_2_and_10_and_the_merged_chain_restore_exactly(tmp_path, guests):
     src = guests("16M", work_pages=2048, rate=4000)  # pages/s: a diff holds a part of a sweep
     src.wait_for_progress(100)
@@ -141,20 +143,13 @@ def test_another_consumer_of_the_dirty_log_does_not_make_a_diff_incomplete(tmp_p
 def chain3(tmp_path, guests):
     src = guests("16M", work_pages=2048)
     src.wait_for_progress(100)
-    chain = take_chain(src, tmp_path / "c", 2) if (tmp_path / "c").mkdir() is None else None
+    (tmp_path / "c").mkdir()
+    chain = take_chain(src, tmp_path / "c", 2)
     src.stop_writer()
-    other = guests("16M", work_pages=2048)
+    other = guests("16M", work_pages=1024)  # another guest: its checkpoint can never be byte-identical to the chain's
     other.wait_for_progress(200)
     checkpoint_guest(other, tmp_path / "other", basic=BASIC)
     return tmp_path, chain
-
-
-def _flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x20]))
 
 
 def _first_data_page(path):
@@ -173,11 +168,11 @@ def test_every_damaged_file_of_a_chain_is_refused_naming_it(chain3, guests, vict
     directory = tmp_path / "c"
     target = directory / victim
     if damage == "flip-memory":
-        _flip(target, _first_data_page(target) + 100)
+        flip(target, _first_data_page(target) + 100)
     elif damage == "flip-hole":  # a byte where a diff has no page (a hole) counts as much as data
-        _flip(target, (16 << 20) - 1)
+        flip(target, (16 << 20) - 1)
     elif damage == "flip-kern":
-        _flip(f"{target}.kern", 40)
+        flip(f"{target}.kern", 40)
     elif damage == "flip-meta":
         text = (directory / f"{victim}.meta").read_text()
         (directory / f"{victim}.meta").write_text(text.replace('"vmname": "fake"', '"vmname": "fakf"'))
@@ -246,3 +241,60 @@ def test_a_parent_of_another_memory_size_is_refused_by_name(tmp_path, guests):
     checkpoint_guest(big, tmp_path / "full", basic=BASIC)  # a 32 MiB guest's checkpoint where the parent was
     with pytest.raises(CheckpointError, match=r"'.*d1\.meta': its parent '.*full' is not the checkpoint it was written over"):
         read_checkpoint(tmp_path / "d1", FAKE_SECTIONS)
+
+
+SWEEPS = 6000
+ABTEST = ["--guest", "abtest", "--guest-arg", f"sweeps={SWEEPS}", "--guest-arg", "report=1000", "-m", "32M"]
+DONE = f"abtest: done {SWEEPS} sweeps over {(32 - 2) * 256} pages, all counters {SWEEPS}\n"
+
+
+@pytest.mark.covers(operation="suspend", guest="abtest", via="cli", diff=True)
+def test_vmmctl_diff_chain_merge_and_check_and_vmmrun_restores_the_chain_exactly(tmp_path):
+    """The abtest guest (every page's counter must reach the sweep count) suspended through a
+    full checkpoint and two diffs, each taken after the guest ran on: restored from the chain,
+    and from the chain merged, it ends as a run that never stopped."""
+    import subprocess
+
+    from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
+
+    console = tmp_path / "console.log"
+    proc = start_vmmrun(tmp_path, *ABTEST, "-l", f"com1,{console}", "--pause-at=2000000", "df0")
+    try:
+        wait_for_socket(tmp_path, "df0", proc)
+        wait_for_state(tmp_path, "df0", "paused")
+        refused = vmmctl(tmp_path, "--vm=df0", f"--checkpoint={tmp_path / 'early'}", "--diff")
+        assert refused.returncode == 1 and "--diff needs a previous checkpoint of this guest" in refused.stderr
+        assert vmmctl(tmp_path, "--vm=df0", f"--checkpoint={tmp_path / 'full'}").returncode == 0
+        for name, action in (("d1", "--checkpoint"), ("d2", "--suspend")):
+            assert vmmctl(tmp_path, "--vm=df0", "--resume").returncode == 0
+            assert vmmctl(tmp_path, "--vm=df0", "--pause").returncode == 0  # it ran while vmmctl started
+            saved = vmmctl(tmp_path, "--vm=df0", f"{action}={tmp_path / name}", "--diff")
+            assert saved.returncode == 0, saved.stderr
+            assert "(diff over " in saved.stdout
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    assert DONE not in console.read_text(), "suspended before the end"
+
+    checked = vmmctl(tmp_path, "--check-checkpoint", str(tmp_path / "d2"))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.splitlines()[-1] == f"{tmp_path / 'd2'}: chain of 3 verified"
+    merged = vmmctl(tmp_path, "--merge-checkpoint", str(tmp_path / "d2"), "--output", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+
+    def restore(path, *extra):
+        out = tmp_path / f"{path.name}.console"
+        result = subprocess.run(vmmrun_cmd("-r", str(path), *extra, "-l", f"com1,{out}", "--run-dir", str(tmp_path), "dr0"),
+                                capture_output=True, text=True, timeout=180)
+        return result, out
+
+    lazy, _ = restore(tmp_path / "d2", "--restore-mode", "lazy")
+    assert lazy.returncode == 4 and "can only be restored eagerly" in lazy.stderr
+    for path in (tmp_path / "d2", tmp_path / "merged"):
+        result, out = restore(path)
+        assert result.returncode == 1, result.stderr
+        assert out.read_text().endswith(DONE), path
+
+    os.truncate(tmp_path / "d1.kern", 10)
+    damaged = vmmctl(tmp_path, "--check-checkpoint", str(tmp_path / "d2"))
+    assert damaged.returncode == 1 and f"{tmp_path / 'd1.kern'}'" in damaged.stderr
