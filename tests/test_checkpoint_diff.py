@@ -73,10 +73,16 @@ def test_diff_chains_of_1_2_and_10_and_the_merged_chain_restore_exactly(tmp_path
 
 
 def test_a_diff_with_no_previous_checkpoint_is_refused_and_writes_nothing(tmp_path, guests):
-    src = guests("16M", work_pages=256)
+    src = guests("16M", work_pages=2048)
     with pytest.raises(CheckpointError, match=r"--diff needs a previous checkpoint of this guest"):
         checkpoint_guest(src, tmp_path / "d", basic=BASIC, diff=True)
     assert os.listdir(tmp_path) == []
+    src.stop_writer()  # a diff of a guest that wrote nothing since: no pages, an empty memory file
+    checkpoint_guest(src, tmp_path / "full", basic=BASIC)
+    checkpoint_guest(src, tmp_path / "empty", basic=BASIC, diff=True)
+    assert os.path.getsize(tmp_path / "empty") == 0
+    verify_chain(read_checkpoint(tmp_path / "empty", FAKE_SECTIONS))
+    restore_exactly(guests, tmp_path / "empty", src.state_at_pause, src.digest_at_pause)
     assert src.calls[-1] == "resume"
 
 
@@ -161,7 +167,7 @@ def _first_data_page(path):
 
 
 @pytest.mark.parametrize("victim", ["full", "d1", "d2"])
-@pytest.mark.parametrize("damage", ["flip-memory", "flip-hole", "flip-kern", "flip-meta", "truncate-memory", "truncate-kern",
+@pytest.mark.parametrize("damage", ["flip-memory", "flip-last", "flip-kern", "flip-meta", "truncate-memory", "truncate-kern",
                                     "missing-meta", "swap-parent"])
 def test_every_damaged_file_of_a_chain_is_refused_naming_it(chain3, guests, victim, damage):
     tmp_path, chain = chain3
@@ -169,15 +175,15 @@ def test_every_damaged_file_of_a_chain_is_refused_naming_it(chain3, guests, vict
     target = directory / victim
     if damage == "flip-memory":
         flip(target, _first_data_page(target) + 100)
-    elif damage == "flip-hole":  # a byte where a diff has no page (a hole) counts as much as data
-        flip(target, (16 << 20) - 1)
+    elif damage == "flip-last":  # the last byte of the memory file (a hole in the full one)
+        flip(target, os.path.getsize(target) - 1)
     elif damage == "flip-kern":
         flip(f"{target}.kern", 40)
     elif damage == "flip-meta":
         text = (directory / f"{victim}.meta").read_text()
         (directory / f"{victim}.meta").write_text(text.replace('"vmname": "fake"', '"vmname": "fakf"'))
     elif damage == "truncate-memory":
-        os.truncate(target, (16 << 20) - PAGE)
+        os.truncate(target, os.path.getsize(target) - PAGE)
     elif damage == "truncate-kern":
         os.truncate(f"{target}.kern", os.path.getsize(f"{target}.kern") - 1)
     elif damage == "missing-meta":

@@ -142,9 +142,7 @@ def _basic_metadata(memory: GuestMemory, basic: Mapping[str, Any]) -> dict[str, 
 def _written_chunk_sha256(path: str, memory: GuestMemory, size: int, chunk_size: int) -> list[str]:
     """SHA-256 of each chunk of the memory file just written from ``memory``: the file's extent
     map says where data lies, the stopped guest's memory (the same bytes) supplies it."""
-    segments = [(0, memoryview(memory.lowmem))]
-    if memory.highmem is not None:
-        segments.append((memory.lowmem.size, memoryview(memory.highmem)))
+    segments = _segment_views(memory)
 
     def feed(digest, start: int, end: int) -> None:
         for base, view in segments:
@@ -196,12 +194,11 @@ _DIFF_IO_BYTES = 16 << 20
 
 
 def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]]) -> dict[str, Any]:
-    """Write only the pages of ``runs`` at their offsets into the memory file ``fd`` (the rest
-    stays holes), straight from the stopped guest's page-aligned memory (so O_DIRECT works)."""
+    """Write the pages of ``runs`` back to back (packed) into the memory file ``fd``, straight
+    from the stopped guest's page-aligned memory (so O_DIRECT works)."""
     started = time.perf_counter()
     if memory.lazy:
         memory.load_all()  # a lazily restored guest's unloaded chunks cannot be read through a view
-    os.ftruncate(fd, memory.memsize)
     written = calls = 0
     views = _segment_views(memory)
     try:
@@ -210,7 +207,7 @@ def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]]) -> d
             for base, view in views:
                 a, b = max(start, base), min(end, base + len(view))
                 while a < b:
-                    n = os.pwrite(fd, view[a - base : min(b, a + _DIFF_IO_BYTES) - base], a)
+                    n = os.pwrite(fd, view[a - base : min(b, a + _DIFF_IO_BYTES) - base], written)
                     a += n
                     written += n
                     calls += 1
@@ -220,7 +217,7 @@ def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]]) -> d
     pages = written // PAGE_SIZE
     return {
         "bytes_written": written, "data_pages": pages, "zero_pages": 0, "untouched_pages": memory.memsize // PAGE_SIZE - pages,
-        "pwrite_calls": calls, "file_size": memory.memsize, "seconds": time.perf_counter() - started,
+        "pwrite_calls": calls, "file_size": written, "seconds": time.perf_counter() - started,
     }
 
 
@@ -298,7 +295,7 @@ def write_checkpoint(
             stats["memory_fsync_seconds"] = time.perf_counter() - fsync_started
         finally:
             os.close(fd)
-        if parent is not None:  # the hashes of the file as written (holes as zeros): its data is only the diff's pages
+        if parent is not None:  # the hashes of the packed file as written
             fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
             try:
                 stats["chunk_hashes"] = _core.hash_memory_file(fd, chunk_size=chunk_size).chunk_hashes
@@ -339,7 +336,14 @@ def write_checkpoint(
         if key is not None:
             sha_started = time.perf_counter()
             meta["kern"]["sha256"] = kern_sha256(kern)
-            meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
+            if parent is None:
+                meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
+            else:  # packed: the file's offsets are not the guest's, so hash the file as written
+                fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    meta["memory"]["chunk_sha256"] = memory_chunk_sha256(fd, stats["file_size"], chunk_size)
+                finally:
+                    os.close(fd)
             stats["sha256_seconds"] = time.perf_counter() - sha_started
         created.append(temp["meta"])
         sealed = seal(meta, key, final["meta"])
@@ -397,8 +401,11 @@ class Checkpoint:
     meta_sha256: str = ""
     #: A diff checkpoint's parent (read and verified with it), else None.
     parent: Checkpoint | None = field(default=None, repr=False)
-    #: A diff checkpoint's pages, ``[first, count]`` runs of memory-file page indices.
+    #: A diff checkpoint's pages, ``[first, count]`` runs of page indices (lowmem then highmem),
+    #: stored back to back in its memory file.
     diff_runs: list[list[int]] | None = field(default=None, repr=False)
+    #: The memory file's size: memsize, or for a diff its pages' bytes.
+    file_size: int = 0
 
     @property
     def keyed(self) -> bool:
@@ -423,7 +430,20 @@ class Checkpoint:
         return self.path + META_SUFFIX
 
     def gpa_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The guest-physical ranges that memory-file bytes ``start..end`` hold."""
+        """The guest-physical ranges that memory-file bytes ``start..end`` hold (for a diff,
+        through its packed pages)."""
+        if self.diff_runs is None:
+            return self.image_gpa_ranges(start, end)
+        out, cursor = [], 0
+        for first, count in self.diff_runs:
+            a, b = max(start, cursor), min(end, cursor + count * PAGE_SIZE)
+            if a < b:
+                out += self.image_gpa_ranges(first * PAGE_SIZE + a - cursor, first * PAGE_SIZE + b - cursor)
+            cursor += count * PAGE_SIZE
+        return out
+
+    def image_gpa_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The guest-physical ranges of memory-image bytes ``start..end`` (lowmem, then highmem)."""
         out = []
         for seg_start, seg_size, gpa in ((0, self.lowmem, 0), (self.lowmem, self.highmem, HIGHMEM_BASE)):
             a, b = max(start, seg_start), min(end, seg_start + seg_size)
@@ -482,13 +502,17 @@ def _check_layout(meta: dict[str, Any], meta_path: str) -> tuple[dict[str, Any],
     _require(mem["highmem_base"] == HIGHMEM_BASE, meta_path, f"highmem base {mem['highmem_base']:#x} is not this vmmpy's {HIGHMEM_BASE:#x}")
     memsize, low, high, limit = basic["memsize"], mem["lowmem"], mem["highmem"], mem["lowmem_limit"]
     _require(low == min(memsize, limit) and low + high == memsize, meta_path, f"memory layout lowmem {low} + highmem {high} does not fit memsize {memsize} with lowmem limit {limit}")
-    _require(mem["file_size"] == memsize, meta_path, f"memory file size {mem['file_size']} is not memsize {memsize}")
+    if "parent" in meta:  # a diff's memory file holds just its pages, back to back
+        size = sum(count for _, count in meta["parent"]["pages"]) * PAGE_SIZE
+        _require(mem["file_size"] == size, meta_path, f"memory file size {mem['file_size']} is not the {size} bytes of the diff's pages")
+    else:
+        _require(mem["file_size"] == memsize, meta_path, f"memory file size {mem['file_size']} is not memsize {memsize}")
     chunk = mem["chunk_size"]
-    expected = -(-memsize // chunk)
+    expected = -(-mem["file_size"] // chunk)
     for key in ("chunk_hashes", "chunk_sha256"):
         if key in mem:
             count = len(mem[key])
-            _require(count == expected, meta_path, f"{count} {key.replace('_', ' ')}, expected {expected} ({memsize} bytes in chunks of {chunk})")
+            _require(count == expected, meta_path, f"{count} {key.replace('_', ' ')}, expected {expected} ({mem['file_size']} bytes in chunks of {chunk})")
     return basic, mem
 
 
@@ -579,7 +603,7 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
     except OSError as err:
         raise CheckpointError(f"checkpoint '{path}': cannot be read: {err}") from None
     _require(stat.S_ISREG(st.st_mode), path, "the memory file is not a regular file")
-    _require(st.st_size == basic["memsize"], path, f"memory file is {st.st_size} bytes, metadata says {basic['memsize']}")
+    _require(st.st_size == mem["file_size"], path, f"memory file is {st.st_size} bytes, metadata says {mem['file_size']}")
     parent, runs = None, None
     if "parent" in meta:
         parent, runs = _read_parent(path, meta, registry, key, _depth)
@@ -600,6 +624,7 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
         meta_sha256=meta_sha,
         parent=parent,
         diff_runs=runs,
+        file_size=mem["file_size"],
     )
 
 
@@ -747,16 +772,15 @@ def _apply_diff(memory: GuestMemory, diff: Checkpoint) -> None:
     """Copy a verified diff's pages from its memory file into ``memory`` (not marked dirty)."""
     fd = _open_memory_file(diff)
     try:
-        for first, count in diff.diff_runs or ():
-            offset, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            while offset < end:
-                size = min(end - offset, _DIFF_IO_BYTES)
-                data = os.pread(fd, size, offset)
-                _require(len(data) == size, diff.path, f"memory file ends at {offset + len(data):#x}, the diff lists pages to {end:#x}")
-                for gpa_start, gpa_end in diff.gpa_ranges(offset, offset + size):
-                    memory.write_untracked(gpa_start, data[: gpa_end - gpa_start])
-                    data = data[gpa_end - gpa_start :]
-                offset += size
+        offset = 0  # in the packed file
+        while offset < diff.file_size:
+            size = min(diff.file_size - offset, _DIFF_IO_BYTES)
+            data = os.pread(fd, size, offset)
+            _require(len(data) == size, diff.path, f"memory file ends at {offset + len(data):#x}, the diff's pages go to {diff.file_size:#x}")
+            for gpa_start, gpa_end in diff.gpa_ranges(offset, offset + size):
+                memory.write_untracked(gpa_start, data[: gpa_end - gpa_start])
+                data = data[gpa_end - gpa_start :]
+            offset += size
     finally:
         os.close(fd)
 
@@ -806,7 +830,7 @@ def _compare_chunks(checkpoint: Checkpoint, got: list, want: list, kind: str) ->
     if bad:
         index = bad[0]
         start = index * checkpoint.chunk_size
-        end = min(start + checkpoint.chunk_size, checkpoint.memsize)
+        end = min(start + checkpoint.chunk_size, checkpoint.file_size)
         gpas = " and ".join(f"{a:#x}..{b:#x}" for a, b in checkpoint.gpa_ranges(start, end))
         more = f" ({len(bad)} chunks differ in all)" if len(bad) > 1 else ""
         raise CheckpointError(
@@ -823,7 +847,7 @@ def verify_memory_sha256(checkpoint: Checkpoint) -> None:
         raise CheckpointError(f"checkpoint '{checkpoint.path}': not keyed: it records no SHA-256 digests")
     fd = _open_memory_file(checkpoint)
     try:
-        digests = memory_chunk_sha256(fd, checkpoint.memsize, checkpoint.chunk_size)
+        digests = memory_chunk_sha256(fd, checkpoint.file_size, checkpoint.chunk_size)
     except OSError as err:
         raise CheckpointError(f"checkpoint '{checkpoint.path}': {err.strerror or err}") from None
     finally:
