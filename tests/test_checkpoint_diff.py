@@ -304,3 +304,36 @@ def test_vmmctl_diff_chain_merge_and_check_and_vmmrun_restores_the_chain_exactly
     os.truncate(tmp_path / "d1.kern", 10)
     damaged = vmmctl(tmp_path, "--check-checkpoint", str(tmp_path / "d2"))
     assert damaged.returncode == 1 and f"{tmp_path / 'd1.kern'}'" in damaged.stderr
+
+
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", diff=True)
+def test_abtest_restored_from_diff_chains_of_1_2_and_10_ends_as_an_uninterrupted_run(tmp_path):
+    """Memory (SHA-256 of lowmem), instruction count, exit status and console of abtest restored
+    from each chain equal those of a run that never stopped."""
+    import time
+
+    from vmmpy import Vm
+
+    from .test_vm_api import final_state
+
+    args, memory = {"sweeps": 1500, "report": 0}, "16M"
+    with Vm("abtest", args=args, memory=memory) as vm:
+        vm.start()
+        expected = final_state(vm)
+    paths = [tmp_path / "full", *(tmp_path / f"d{n}" for n in range(1, 11))]
+    with Vm("abtest", args=args, memory=memory) as vm:
+        vm.start(pause_at=2_000_000)
+        vm.wait_paused(60)
+        vm.checkpoint(paths[0])
+        for path in paths[1:]:
+            vm.resume()
+            time.sleep(0.002)
+            vm.pause()
+            assert vm.checkpoint(path, diff=True)["parent"] == str(path.with_name("full" if path.name == "d1" else f"d{int(path.name[1:]) - 1}"))
+        vm.resume()
+        assert final_state(vm) == expected, "checkpoints do not change the run"
+    for length in (1, 2, 10):
+        with Vm.restore(paths[length]) as restored:
+            restored.start()
+            assert final_state(restored) == expected, f"restored from a chain of {length} diffs"
+            assert restored.console.endswith("all counters 1500\n")
