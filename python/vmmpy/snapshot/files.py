@@ -3,6 +3,8 @@
 A checkpoint at ``PATH`` is bhyve's three files (docs/checkpoint-format.md has every byte):
 
 - ``PATH``       guest memory: lowmem at offset 0, highmem right after it, sparse (holes are zero);
+                 a diff checkpoint's holds only the pages written since its parent, packed, and its
+                 ``.meta`` names the parent (``DiffParent``; a reader follows the chain);
 - ``PATH.kern``  the state sections, one ``vmmpy.state`` container;
 - ``PATH.meta``  JSON: bhyve's keys ("basic metadata", "kern_structs", "devices") plus a format
                  magic and version, byte order, the memory layout, per-section offsets, versions and
