@@ -417,7 +417,7 @@ def test_an_unknown_section_is_refused_by_name(checkpoint, monkeypatch):
     "change,pattern",
     [
         (lambda m: m.update(format="bhyve"), r"format is 'bhyve', expected 'vmmpy-checkpoint'"),
-        (lambda m: m.update(format_version=3), r"format version 3 is not one this vmmpy reads \(1, 2\)"),
+        (lambda m: m.update(format_version=5), r"format version 5 is not one this vmmpy reads \(1, 2, 3, 4\)"),
         (lambda m: m.update(byte_order="big"), r"byte order 'big' is not one this vmmpy reads"),
         (lambda m: m["memory"].update(page_size=16384), r"page size 16384 is not this vmmpy's 4096"),
         (lambda m: m["devices"][0].update(file_offset=3), r"'devices' does not match the sections of '.*vm0\.ckp\.kern': entry 0 is .*'file_offset': 3}, the file has"),

@@ -222,7 +222,7 @@ CASES = [
     ("meta-not-an-object", lambda ckp: open(f"{ckp}.meta", "w").write("[1, 2]"),
      ".meta", r"metadata is a list of 2, expected a JSON object"),
     ("format-version-as-string", change_meta(lambda m: m.update(format_version="1")),
-     ".meta", r"format version '1' is not one this vmmpy reads \(1, 2\)"),
+     ".meta", r"format version '1' is not one this vmmpy reads \(1, 2, 3, 4\)"),
     ("nan", replace_meta_text('"memflags": 0', '"memflags": NaN'),
      ".meta", r"NaN is not a JSON number"),
     ("repeated-key", replace_meta_text('"memflags": 0', '"memflags": 0, "memflags": 2'),

@@ -109,6 +109,8 @@ DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
     Dimension("vendor", "the vCPU vendor (--vendor)", {"intel": "intel", "amd": "amd"}, "intel", ALL, shown=True),
     Dimension("restore", "how the checkpoint was read back (--restore-mode)", {"eager": "eager", "lazy": "lazy"}, "eager",
               SAVES, shown=True),
+    Dimension("diff", "restored through a chain of diff checkpoints (--diff), and that chain merged", {False: "full", True: "diff chain"},
+              False, SAVES, kind=bool),
     Dimension("key", "sealed or authenticated with a shared key (--key-file)", {False: "no key", True: "key"}, False,
               SAVES | MIGRATIONS, kind=bool),
     Dimension("streams", "parallel page connections (--streams)", {n: f"{n} streams" if n > 1 else "1 stream" for n in range(1, 17)},

@@ -52,6 +52,28 @@ def _fileno(fd) -> int:
     return fd if isinstance(fd, int) else fd.fileno()
 
 
+class CheckpointLog:
+    """Pages of the memory file (lowmem then highmem, as a checkpoint lays them out) written
+    since the last checkpoint or restore; ``everything`` when a harvest was not seen."""
+
+    def __init__(self, pages: int, lowmem_pages: int, base: object) -> None:
+        self.base = base
+        self.bits = np.zeros(pages, dtype=bool)
+        self.lowmem_pages = lowmem_pages
+        self.everything = False
+
+    def add(self, pfns: np.ndarray) -> None:
+        highmem_pfn = HIGHMEM_BASE // PAGE_SIZE
+        index = np.where(pfns >= highmem_pfn, pfns - highmem_pfn + self.lowmem_pages, pfns).astype(np.int64)
+        self.bits[index[index < len(self.bits)]] = True
+
+    def pages(self) -> np.ndarray:
+        if self.everything:
+            self.bits[:] = True
+            self.everything = False
+        return np.flatnonzero(self.bits)
+
+
 class GuestMemory:
     """A guest's physical memory.
 
@@ -234,11 +256,53 @@ class GuestMemory:
 
         A page written while the harvest runs is reported in this harvest or the next.
         """
-        return np.frombuffer(self.core.get_and_clear_dirty(), dtype="<u8")
+        pfns = np.frombuffer(self.core.get_and_clear_dirty(), dtype="<u8")
+        log = getattr(self, "_checkpoint_log", None)
+        if log is not None:
+            log.add(pfns)
+        return pfns
 
     def get_and_clear_dirty_ranges(self) -> list[_core.DirtyRange]:
         """Dirty memory as merged ranges (``gpa``, ``length``), ascending; bits are cleared."""
+        self._checkpoint_log_loses_sight()
         return self.core.get_and_clear_dirty_ranges()
+
+    # -- the checkpoint log: pages written since the last checkpoint ------------------------
+    # The dirty bitmap has one reader that clears it at a time (a migration round, an estimate,
+    # a checkpoint). Diff checkpoints need "written since the last checkpoint" across them, so
+    # they keep their own log: every harvest through this object ORs what it cleared into it
+    # (exactly: get_and_clear_dirty returns the pages); a harvest done inside the core that
+    # returns no pages (send_dirty_pages, send_pages_multi's dirty round, the ranges) marks the
+    # whole log instead, so the next diff carries every page: larger, never incomplete.
+    def start_checkpoint_log(self, base: object) -> None:
+        """Begin (or restart) the log empty, now, relative to ``base`` (the caller's name for
+        what it is relative to: the checkpoint just written or restored): the bitmap is cleared,
+        so the caller holds the guest still, as at a checkpoint or right after a restore."""
+        self._checkpoint_log = None
+        self.core.get_and_clear_dirty()
+        self._checkpoint_log = CheckpointLog(self.memsize // PAGE_SIZE, self.lowmem.size // PAGE_SIZE, base)
+
+    @property
+    def checkpoint_log_base(self) -> object | None:
+        """What the log is relative to (:meth:`start_checkpoint_log`), or None: no log yet."""
+        log = getattr(self, "_checkpoint_log", None)
+        return None if log is None else log.base
+
+    def checkpoint_log_pages(self) -> np.ndarray | None:
+        """The memory-file page indices written since the log started, harvesting the bitmap
+        into the log first; the log keeps them until it is restarted after a checkpoint is
+        safely written (so a failed write loses nothing). None when there is no log (no
+        checkpoint or restore yet)."""
+        log = getattr(self, "_checkpoint_log", None)
+        if log is None:
+            return None
+        self.get_and_clear_dirty()
+        return log.pages()
+
+    def _checkpoint_log_loses_sight(self) -> None:
+        log = getattr(self, "_checkpoint_log", None)
+        if log is not None:
+            log.everything = True
 
     def dirty_count(self) -> int:
         """Dirty pages right now, without clearing."""
@@ -267,6 +331,7 @@ class GuestMemory:
         A ``meter`` (``vmmpy.progress.ProgressMeter``) learns the pages harvested, then advances as
         they go, readable from another thread while this runs.
         """
+        self._checkpoint_log_loses_sight()
         return _core.send_dirty_pages(self.core, _fileno(fd), detect_zero=detect_zero, tracker=tracker, compress=compress,
                                       link_rate=link_rate, meter=meter)
 
@@ -293,6 +358,8 @@ class GuestMemory:
         and ``streams``, the same per fd. A ``meter`` as for :meth:`send_dirty_pages`, advanced by
         every stream."""
         kwargs = {} if chunk_pages is None else {"chunk_pages": chunk_pages}
+        if not all_pages:
+            self._checkpoint_log_loses_sight()
         return _core.send_pages_multi(self.core, [_fileno(fd) for fd in fds], all_pages=all_pages,
                                       detect_zero=detect_zero, tracker=tracker, meter=meter, **kwargs)
 

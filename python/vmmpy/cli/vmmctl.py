@@ -38,6 +38,9 @@ examples:
   vmmctl --vm=vm0 --checkpoint=vm0.ckp   save vm0.ckp, .kern, .meta; the guest keeps running
   vmmctl --vm=vm0 --suspend=vm0.ckp      save, then end the guest (resume: vmmrun -r vm0.ckp ...)
   vmmctl --vm=vm0 --suspend=vm0.ckp --key-file ckp.key   keyed: vmmrun -r vm0.ckp --key-file ckp.key
+  vmmctl --vm=vm0 --checkpoint=vm0.d1 --diff   only the pages written since vm0's last checkpoint (parent: that one)
+  vmmctl --check-checkpoint vm0.d1       verify every file of its chain (no VM needed)
+  vmmctl --merge-checkpoint vm0.d1 --output vm0.full   flatten the chain into one full checkpoint
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983        warm migration: stop, copy, commit
   vmmctl --vm=vm0 --migrate-live 10.0.0.2,24983 --key-file mig.key --downtime-ms 50
   vmmctl --vm=vm0 --migrate-live 10.0.0.2 24983 --bandwidth 100M --estimate   predict, do not migrate
@@ -55,7 +58,11 @@ examples:
 
 checkpoints: with --key-file the metadata carries an HMAC-SHA256 under the key (and SHA-256 digests
   of the state and of every memory chunk), so a changed checkpoint is refused on restore, which
-  needs the same key (vmmrun -r FILE --key-file FILE). See docs/checkpoint-format.md.
+  needs the same key (vmmrun -r FILE --key-file FILE). With --diff, FILE holds only the pages
+  the guest wrote since its previous checkpoint (taken by this vmmrun, or the one it was restored
+  from) and names that one as its parent; with no previous checkpoint --diff is refused (write a
+  full one first). vmmrun -r FILE follows the chain (eager restore only). See
+  docs/checkpoint-format.md.
 
 migration: see docs/migration.md for the parameters, the statistics and the policies.
   --key-file proves to the destination that this host holds the shared key (and the destination
@@ -99,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--checkpoint", metavar="FILE",
                          help="save the guest to FILE, FILE.kern and FILE.meta; it keeps running (keyed with --key-file)")
     actions.add_argument("--suspend", metavar="FILE", help="save the guest to FILE (as --checkpoint), then end it")
+    actions.add_argument("--check-checkpoint", metavar="FILE",
+                         help="verify checkpoint FILE and, for a diff, every parent of its chain, without running it (no VM needed)")
+    actions.add_argument("--merge-checkpoint", metavar="FILE",
+                         help="flatten diff checkpoint FILE and its chain into one full checkpoint, --output OUT (no VM needed)")
     actions.add_argument("--migrate", nargs="+", metavar="HOST [PORT]", help="warm-migrate to HOST PORT (or HOST:PORT, HOST,PORT)")
     actions.add_argument("--migrate-live", nargs="+", metavar="HOST [PORT]", help="live-migrate (pre-copy) to HOST PORT")
     actions.add_argument("--migrate-local", metavar="unix:PATH",
@@ -121,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--from-json", type=Path, metavar="STATS.json",
                          help="with --report: draw a report from statistics saved by `--json` (no VM needed)")
     d = MigrationParams()
+    ckp = parser.add_argument_group("checkpoint options")
+    ckp.add_argument("--diff", action="store_true",
+                     help="with --checkpoint/--suspend: write only the pages written since this guest's previous checkpoint "
+                          "(or its restore), naming that one as parent; refused when there is none")
+    ckp.add_argument("--output", metavar="OUT", help="with --merge-checkpoint: the full checkpoint to write")
     mig = parser.add_argument_group("migration parameters (with --migrate / --migrate-live)")
     mig.add_argument("--key-file", type=Path, metavar="FILE",
                      help="shared key (at least 16 bytes): for a migration, the one the destination was started with; "
@@ -260,10 +276,40 @@ def _tls_request(args: argparse.Namespace) -> dict[str, str | None] | None:
 def _print_checkpoint(result: dict) -> None:
     verb = "suspended to" if result["suspended"] else "checkpointed to"
     keyed = " (keyed: HMAC-SHA256)" if result.get("keyed") else ""
+    keyed += f" (diff over {result['parent']})" if result.get("parent") else ""
     rate = result["throughput_bytes_per_s"]
     print(f"{verb} {result['path']}{keyed}: {format_size(result['memory_bytes'])} guest, "
           f"{format_size(result['bytes_written'])} written in {result['write_seconds']:.3f} s "
           f"({format_size(rate)}/s); guest paused {result['guest_paused_seconds'] * 1e3:.1f} ms")
+
+
+def _offline_checkpoint(args: argparse.Namespace) -> int:
+    """--check-checkpoint / --merge-checkpoint: files only, in this process."""
+    from ..runtime.commands import check_checkpoint, merge_checkpoint
+    from ..snapshot import CheckpointError
+    from ..state import SectionError
+
+    try:
+        key = read_key(args.key_file)
+        if args.check_checkpoint:
+            result = check_checkpoint(args.check_checkpoint, key=key)
+            if args.json:
+                _print(result, True)
+            else:
+                for node in result["chain"]:
+                    what = f"diff, {node['pages']} pages" if node["diff"] else "full"
+                    print(f"{node['path']}: ok ({what})")
+                print(f"{result['path']}: chain of {len(result['chain'])} verified")
+        else:
+            result = merge_checkpoint(args.merge_checkpoint, os.path.abspath(args.output), key=key)
+            if args.json:
+                _print(result, True)
+            else:
+                print(f"merged {result['merged']} checkpoints into {result['path']}: {format_size(result['bytes_written'])} written")
+    except (CheckpointError, SectionError, OSError, ValueError) as err:
+        print(f"vmmctl: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _ms(value: float | None) -> str:
@@ -613,6 +659,12 @@ def _main(argv: list[str] | None = None) -> int:
         except (ValueError, ReportError) as err:
             print(f"vmmctl: {err}", file=sys.stderr)
             return 1
+    if args.diff and not (args.checkpoint or args.suspend):
+        parser.error("--diff goes with --checkpoint/--suspend")
+    if args.check_checkpoint or args.merge_checkpoint:
+        if bool(args.output) != bool(args.merge_checkpoint):
+            parser.error("--merge-checkpoint needs --output OUT, and --output goes only with it")
+        return _offline_checkpoint(args)
     if not args.vm:
         parser.error("this action needs --vm=NAME")
     if (args.estimate or args.report) and not (args.migrate or args.migrate_live or (args.report and args.migrate_status)):
@@ -640,7 +692,7 @@ def _main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(os.path.dirname(path)):  # vmmrun runs on this host: the same filesystem
                 flag = "--checkpoint" if args.checkpoint else "--suspend"
                 raise ValueError(f"{flag} {path}: directory {os.path.dirname(path)} does not exist")
-            request = {"path": path, "suspend": bool(args.suspend)}
+            request = {"path": path, "suspend": bool(args.suspend), "diff": args.diff}
             key = read_key(args.key_file)
             if key is not None:  # as a migration's: hex in the request, over the owner-only socket
                 request["key"] = key.hex()

@@ -35,11 +35,11 @@ from ..migration.tls import TlsConfig
 from ..progress import timed
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import checkpoint_guest, restore_guest
-from ..snapshot.files import Checkpoint, read_checkpoint
+from ..snapshot.files import Checkpoint, merge_chain, read_checkpoint, verify_chain
 from ..snapshot.meta import check_field
 from ..snapshot.schema import array, integer, record, string
 from ..state import SectionError, SectionRegistry
-from ..state.kernel import configured_registry
+from ..state.kernel import configured_registry, kernel_registry
 from .config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
 from .guest_handle import MachineHandle
 from .process import Machine
@@ -163,6 +163,45 @@ def restore_machine(
         machine.close()
         raise
     return machine
+
+
+def read_checkpoint_offline(path: str | Path, *, key: bytes | None = None) -> Checkpoint:
+    """Read and verify checkpoint ``path`` (and its chain of parents, for a diff) with no
+    machine: the sections it may hold are those of the devices its own metadata lists."""
+    registry = kernel_registry()
+
+    def saved_devices(basic: dict[str, Any]) -> None:
+        basic = check_field(basic, _BASIC_FIELDS, os.fspath(path) + ".meta", "basic metadata")
+        slots = basic.get("devices_config", {}).get("slots", [])
+        try:
+            devices = configured_registry(slots)
+            registry.versions.update(devices.versions)
+            registry.oldest.update(devices.oldest)
+        except ValueError as err:
+            raise SectionError(f"checkpoint '{os.fspath(path)}.meta': {err}") from None
+
+    return read_checkpoint(path, registry, key=key, check_basic=saved_devices)
+
+
+def check_checkpoint(path: str | Path, *, key: bytes | None = None) -> dict[str, Any]:
+    """Verify a checkpoint without running it: for a diff, every file of its chain (metadata,
+    state and every memory byte against its hashes, and each parent link). Returns the chain,
+    root first; CheckpointError/SectionError names the first file that is wrong."""
+    checkpoint = read_checkpoint_offline(path, key=key)
+    verify_chain(checkpoint)
+    return {"path": os.fspath(path), "keyed": checkpoint.keyed, "memory_bytes": checkpoint.memsize,
+            "chain": [{"path": c.path, "diff": c.parent is not None,
+                       "pages": sum(n for _, n in c.diff_runs) if c.diff_runs is not None else None}
+                      for c in checkpoint.chain]}
+
+
+def merge_checkpoint(path: str | Path, output: str | Path, *, key: bytes | None = None) -> dict[str, Any]:
+    """Flatten checkpoint ``path`` (a diff and its chain) into one full checkpoint ``output``
+    (keyed with ``key`` when the chain is), with the newest state; the chain is left as it was."""
+    checkpoint = read_checkpoint_offline(path, key=key)
+    stats = merge_chain(checkpoint, output, key=key)
+    return {"path": os.fspath(output), "merged": len(checkpoint.chain), "memory_bytes": checkpoint.memsize,
+            "bytes_written": stats["bytes_written"], "keyed": key is not None}
 
 
 def _checked_machine_fields(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -298,7 +337,8 @@ class MachineCommands:
                                            "with --migrate-resolve (a --checkpoint is allowed)")
             try:
                 return checkpoint_guest(MachineHandle(self.machine), path, basic=basic_metadata(self.machine.config),
-                                        suspend=bool(request.get("suspend")), progress=progress, key=key)
+                                        suspend=bool(request.get("suspend")), progress=progress, key=key,
+                                        diff=bool(request.get("diff")))
             except CheckpointError as err:
                 raise OSError(errno.EIO, str(err)) from None
 

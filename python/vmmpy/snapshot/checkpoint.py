@@ -19,6 +19,8 @@ the guest, and the sections are loaded.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,7 +28,8 @@ from typing import Any
 
 from ..progress import metered
 from ..state.handle import GuestHandle
-from .files import Checkpoint, restore_memory, write_checkpoint
+from .errors import CheckpointError
+from .files import META_SUFFIX, Checkpoint, DiffParent, restore_memory, write_checkpoint
 
 RESTORE_MODES = ("eager", "lazy")
 
@@ -39,13 +42,21 @@ def checkpoint_guest(
     suspend: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     key: bytes | None = None,
+    diff: bool = False,
 ) -> dict[str, Any]:
     """Save ``guest`` to ``path`` (+ ``.kern``, ``.meta``) with ``basic`` as bhyve's basic
     metadata (``ncpus``, ``vmname`` and what the caller adds); keep it running unless
     ``suspend``. With ``key`` the checkpoint is keyed (HMAC-SHA256): only a restore with the
     same key takes it. ``progress`` gets a message when the guest is paused, one every
     ``vmmpy.progress.TICK_S`` seconds while its memory is written (phase "checkpoint" or
-    "suspend": pages done of how many, rate, ETA), and one when all is written."""
+    "suspend": pages done of how many, rate, ETA), and one when all is written.
+
+    With ``diff`` only the pages written since this guest's previous checkpoint (in this
+    process) or its restore are written, over that checkpoint as parent (``files.DiffParent``);
+    with none, or when that checkpoint's metadata is gone or changed, CheckpointError says so and
+    nothing is written. The pages written since are harvested into the memory's checkpoint log
+    while the guest is paused (``GuestMemory.checkpoint_log_pages``); only a checkpoint written
+    whole restarts the log, so after a failed one the next diff still carries them."""
     path = str(path)
     started = time.perf_counter()
     pause_seconds = guest.pause()
@@ -53,9 +64,12 @@ def checkpoint_guest(
         progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
     try:
         sections = guest.save_sections()
+        pages = guest.memory.checkpoint_log_pages()
+        parent = _diff_parent(guest.memory.checkpoint_log_base, pages, path) if diff else None
         with metered(progress, "suspend" if suspend else "checkpoint") as meter:
-            stats = write_checkpoint(path, guest.memory, sections, basic, key=key, meter=meter)
-    except Exception:
+            stats = write_checkpoint(path, guest.memory, sections, basic, key=key, meter=meter, parent=parent)
+        guest.memory.start_checkpoint_log((os.path.abspath(path), stats["meta_sha256"]))
+    except BaseException:  # a cancelled checkpoint (KeyboardInterrupt) resumes the guest too
         guest.resume()
         raise
     downtime = time.perf_counter() - started
@@ -68,6 +82,7 @@ def checkpoint_guest(
         "path": path,
         "suspended": suspend,
         "keyed": key is not None,
+        "parent": None if parent is None else parent.path,
         "memory_bytes": guest.memory.memsize,
         "bytes_written": stats["bytes_written"],
         "kern_bytes": stats["kern_bytes"],
@@ -83,6 +98,29 @@ def checkpoint_guest(
     return result
 
 
+def _diff_parent(base: object | None, pages: Any, path: str) -> DiffParent:
+    """The parent of a diff checkpoint: the checkpoint the guest's log is relative to, which
+    must still be on disk as it was written or read."""
+    if base is None or pages is None:
+        raise CheckpointError(
+            f"checkpoint '{path}': --diff needs a previous checkpoint of this guest (written by this vmmrun, or the one it was "
+            "restored from); write a full checkpoint first"
+        )
+    parent_path, meta_sha256 = base
+    try:
+        with open(parent_path + META_SUFFIX, "rb") as f:
+            current = hashlib.sha256(f.read()).hexdigest()
+    except OSError as err:
+        current = f"unreadable ({err.strerror or err})"
+    if current != meta_sha256:
+        raise CheckpointError(
+            f"checkpoint '{path}': the previous checkpoint '{parent_path}' (the parent a diff would name) was changed, "
+            f"removed or replaced since: {parent_path}{META_SUFFIX} is {current}, not the SHA-256 {meta_sha256} it had; "
+            "write a full checkpoint"
+        )
+    return DiffParent(parent_path, meta_sha256, pages)
+
+
 def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto",
                   progress: Callable[[dict[str, Any]], None] | None = None, backing: str = "anon") -> None:
     """Restore a checkpoint read by ``read_checkpoint`` into ``guest``, which has no memory yet:
@@ -96,6 +134,8 @@ def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "ea
     guest.check_sections(checkpoint.sections, what=what)
     guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress, backing=backing))
     guest.restore_sections(checkpoint.sections, what=what)
+    # A diff checkpoint of the restored guest names this one as its parent.
+    guest.memory.start_checkpoint_log((os.path.abspath(checkpoint.path), checkpoint.meta_sha256))
 
 
 __all__ = ["RESTORE_MODES", "checkpoint_guest", "restore_guest"]

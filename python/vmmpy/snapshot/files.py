@@ -3,6 +3,8 @@
 A checkpoint at ``PATH`` is bhyve's three files (docs/checkpoint-format.md has every byte):
 
 - ``PATH``       guest memory: lowmem at offset 0, highmem right after it, sparse (holes are zero);
+                 a diff checkpoint's holds only the pages written since its parent, packed, and its
+                 ``.meta`` names the parent (``DiffParent``; a reader follows the chain);
 - ``PATH.kern``  the state sections, one ``vmmpy.state`` container;
 - ``PATH.meta``  JSON: bhyve's keys ("basic metadata", "kern_structs", "devices") plus a format
                  magic and version, byte order, the memory layout, per-section offsets, versions and
@@ -30,6 +32,7 @@ expected.
 from __future__ import annotations
 
 import errno
+import hashlib
 import hmac
 import os
 import secrets
@@ -38,6 +41,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .. import _core
 from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
@@ -50,6 +55,7 @@ from .meta import (
     BYTE_ORDER,
     FORMAT_MAGIC,
     FORMAT_VERSION,
+    MAX_CHAIN,
     MAX_KERN_BYTES,
     MAX_META_BYTES,
     check_key,
@@ -129,16 +135,16 @@ def _basic_metadata(memory: GuestMemory, basic: Mapping[str, Any]) -> dict[str, 
     if "memsize" in basic and basic["memsize"] != memory.memsize:
         raise CheckpointError(f"basic metadata: memsize {basic['memsize']} does not match the guest memory's {memory.memsize}")
     out = dict(basic)
-    out.update(ncpus=ncpus, vmname=vmname, memsize=memory.memsize, memflags=MEMFLAG_WIRED if memory.wired else 0)
+    # A merge passes the chain's memflags on (its memory is restored unwired, for reading only).
+    memflags = basic.get("memflags", MEMFLAG_WIRED if memory.wired else 0)
+    out.update(ncpus=ncpus, vmname=vmname, memsize=memory.memsize, memflags=memflags)
     return out
 
 
 def _written_chunk_sha256(path: str, memory: GuestMemory, size: int, chunk_size: int) -> list[str]:
     """SHA-256 of each chunk of the memory file just written from ``memory``: the file's extent
     map says where data lies, the stopped guest's memory (the same bytes) supplies it."""
-    segments = [(0, memoryview(memory.lowmem))]
-    if memory.highmem is not None:
-        segments.append((memory.lowmem.size, memoryview(memory.highmem)))
+    segments = _segment_views(memory)
 
     def feed(digest, start: int, end: int) -> None:
         for base, view in segments:
@@ -155,6 +161,68 @@ def _written_chunk_sha256(path: str, memory: GuestMemory, size: int, chunk_size:
             view.release()  # a segment with exported views cannot be unmapped
 
 
+@dataclass(frozen=True)
+class DiffParent:
+    """What a diff checkpoint is written over: the parent checkpoint's path (absolute, or
+    relative to the current directory), the SHA-256 of its ``.meta`` file as it was written or
+    read, and the memory-file page indices (sorted) written since, which the diff carries."""
+
+    path: str
+    meta_sha256: str
+    pages: np.ndarray = field(repr=False)
+
+
+def page_runs(pages: np.ndarray) -> list[list[int]]:
+    """Sorted page indices as ``[first, count]`` runs."""
+    if len(pages) == 0:
+        return []
+    pages = np.asarray(pages, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return [[int(pages[a]), int(b - a)] for a, b in zip(starts, ends)]
+
+
+def _segment_views(memory: GuestMemory) -> list[tuple[int, memoryview]]:
+    """(file offset, bytes) of each memory segment, in file order. Release the views after use."""
+    views = [(0, memoryview(memory.lowmem))]
+    if memory.highmem is not None:
+        views.append((memory.lowmem.size, memoryview(memory.highmem)))
+    return views
+
+
+#: One pwrite/pread of a diff moves at most this many bytes.
+_DIFF_IO_BYTES = 16 << 20
+
+
+def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]]) -> dict[str, Any]:
+    """Write the pages of ``runs`` back to back (packed) into the memory file ``fd``, straight
+    from the stopped guest's page-aligned memory (so O_DIRECT works)."""
+    started = time.perf_counter()
+    if memory.lazy:
+        memory.load_all()  # a lazily restored guest's unloaded chunks cannot be read through a view
+    written = calls = 0
+    views = _segment_views(memory)
+    try:
+        for first, count in runs:
+            start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+            for base, view in views:
+                a, b = max(start, base), min(end, base + len(view))
+                while a < b:
+                    n = os.pwrite(fd, view[a - base : min(b, a + _DIFF_IO_BYTES) - base], written)
+                    a += n
+                    written += n
+                    calls += 1
+    finally:
+        for _, view in views:
+            view.release()
+    pages = written // PAGE_SIZE
+    return {
+        "bytes_written": written, "data_pages": pages, "zero_pages": 0, "untouched_pages": memory.memsize // PAGE_SIZE - pages,
+        "pwrite_calls": calls, "file_size": written, "seconds": time.perf_counter() - started,
+    }
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     memory: GuestMemory,
@@ -165,8 +233,13 @@ def write_checkpoint(
     direct_io: bool = True,
     key: bytes | None = None,
     meter: ProgressMeter | None = None,
+    parent: DiffParent | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint ``path``, ``path.kern`` and ``path.meta`` atomically.
+
+    With a ``parent`` it is a diff checkpoint (format version 3, keyed 4): its memory file holds
+    only ``parent.pages`` (the rest are holes), and its metadata's ``parent`` names the parent
+    (path relative to this checkpoint's directory), the parent's ``.meta`` SHA-256 and the pages.
 
     ``basic`` is bhyve's basic metadata: ``ncpus`` and ``vmname`` (required) and any further
     JSON keys; ``memsize`` and ``memflags`` are taken from ``memory``. The guest must be stopped.
@@ -213,13 +286,23 @@ def write_checkpoint(
             direct_io = False
         created.append(temp["memory"])
         try:
-            stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
+            if parent is None:
+                stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
+            else:
+                runs = page_runs(parent.pages)
+                stats = _write_diff_memory(fd, memory, runs)  # a few MiB: no meter
             stats["direct_io"] = direct_io
             fsync_started = time.perf_counter()
             os.fsync(fd)
             stats["memory_fsync_seconds"] = time.perf_counter() - fsync_started
         finally:
             os.close(fd)
+        if parent is not None:  # the hashes of the packed file as written
+            fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                stats["chunk_hashes"] = _core.hash_memory_file(fd, chunk_size=chunk_size).chunk_hashes
+            finally:
+                os.close(fd)
         created.append(temp["kern"])
         _write_file(temp["kern"], kern)
 
@@ -245,14 +328,28 @@ def write_checkpoint(
                 "chunk_hashes": [_hex128(h) for h in stats.pop("chunk_hashes")],
             },
         }
+        if parent is not None:
+            meta["parent"] = {
+                "path": os.path.relpath(os.path.abspath(parent.path), directory),
+                "meta_sha256": parent.meta_sha256,
+                "pages": runs,
+            }
         stats["sha256_seconds"] = 0.0
         if key is not None:
             sha_started = time.perf_counter()
             meta["kern"]["sha256"] = kern_sha256(kern)
-            meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
+            if parent is None:
+                meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
+            else:  # packed: the file's offsets are not the guest's, so hash the file as written
+                fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    meta["memory"]["chunk_sha256"] = memory_chunk_sha256(fd, stats["file_size"], chunk_size)
+                finally:
+                    os.close(fd)
             stats["sha256_seconds"] = time.perf_counter() - sha_started
         created.append(temp["meta"])
-        _write_file(temp["meta"], seal(meta, key, final["meta"]))
+        sealed = seal(meta, key, final["meta"])
+        _write_file(temp["meta"], sealed)
 
         # Commit: no .meta means "no checkpoint", so remove the old one before replacing the
         # files it vouches for, and put the new one in place last.
@@ -274,6 +371,7 @@ def write_checkpoint(
             raise CheckpointError(f"checkpoint '{path}': writing failed, nothing was left behind: {err}") from err
         raise
     stats["kern_bytes"] = len(kern)
+    stats["meta_sha256"] = hashlib.sha256(sealed).hexdigest()
     stats["total_seconds"] = time.perf_counter() - started
     return stats
 
@@ -301,10 +399,29 @@ class Checkpoint:
     #: A keyed checkpoint's SHA-256 of each memory chunk (hex), which the MAC vouches for;
     #: None for an unkeyed one.
     chunk_sha256: list[str] | None = field(default=None, repr=False)
+    #: SHA-256 of the ``.meta`` file as read: what a diff written over this checkpoint records.
+    meta_sha256: str = ""
+    #: A diff checkpoint's parent (read and verified with it), else None.
+    parent: Checkpoint | None = field(default=None, repr=False)
+    #: A diff checkpoint's pages, ``[first, count]`` runs of page indices (lowmem then highmem),
+    #: stored back to back in its memory file.
+    diff_runs: list[list[int]] | None = field(default=None, repr=False)
+    #: The memory file's size: memsize, or for a diff its pages' bytes.
+    file_size: int = 0
 
     @property
     def keyed(self) -> bool:
         return self.chunk_sha256 is not None
+
+    @property
+    def chain(self) -> list[Checkpoint]:
+        """The full checkpoint this one is built on, then each diff over it up to this one."""
+        out: list[Checkpoint] = []
+        node: Checkpoint | None = self
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
 
     @property
     def kern_path(self) -> str:
@@ -315,7 +432,20 @@ class Checkpoint:
         return self.path + META_SUFFIX
 
     def gpa_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The guest-physical ranges that memory-file bytes ``start..end`` hold."""
+        """The guest-physical ranges that memory-file bytes ``start..end`` hold (for a diff,
+        through its packed pages)."""
+        if self.diff_runs is None:
+            return self.image_gpa_ranges(start, end)
+        out, cursor = [], 0
+        for first, count in self.diff_runs:
+            a, b = max(start, cursor), min(end, cursor + count * PAGE_SIZE)
+            if a < b:
+                out += self.image_gpa_ranges(first * PAGE_SIZE + a - cursor, first * PAGE_SIZE + b - cursor)
+            cursor += count * PAGE_SIZE
+        return out
+
+    def image_gpa_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The guest-physical ranges of memory-image bytes ``start..end`` (lowmem, then highmem)."""
         out = []
         for seg_start, seg_size, gpa in ((0, self.lowmem, 0), (self.lowmem, self.highmem, HIGHMEM_BASE)):
             a, b = max(start, seg_start), min(end, seg_start + seg_size)
@@ -362,9 +492,9 @@ def _read_file(path: str, role: str, limit: int, expected_size: int | None = Non
         os.close(fd)
 
 
-def _read_meta(meta_path: str, key: bytes | None) -> dict[str, Any]:
+def _read_meta(meta_path: str, key: bytes | None) -> tuple[dict[str, Any], str]:
     raw = _read_file(meta_path, "the metadata", MAX_META_BYTES)
-    return open_meta(raw, meta_path, key)
+    return open_meta(raw, meta_path, key), hashlib.sha256(raw).hexdigest()
 
 
 def _check_layout(meta: dict[str, Any], meta_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -374,13 +504,17 @@ def _check_layout(meta: dict[str, Any], meta_path: str) -> tuple[dict[str, Any],
     _require(mem["highmem_base"] == HIGHMEM_BASE, meta_path, f"highmem base {mem['highmem_base']:#x} is not this vmmpy's {HIGHMEM_BASE:#x}")
     memsize, low, high, limit = basic["memsize"], mem["lowmem"], mem["highmem"], mem["lowmem_limit"]
     _require(low == min(memsize, limit) and low + high == memsize, meta_path, f"memory layout lowmem {low} + highmem {high} does not fit memsize {memsize} with lowmem limit {limit}")
-    _require(mem["file_size"] == memsize, meta_path, f"memory file size {mem['file_size']} is not memsize {memsize}")
+    if "parent" in meta:  # a diff's memory file holds just its pages, back to back
+        size = sum(count for _, count in meta["parent"]["pages"]) * PAGE_SIZE
+        _require(mem["file_size"] == size, meta_path, f"memory file size {mem['file_size']} is not the {size} bytes of the diff's pages")
+    else:
+        _require(mem["file_size"] == memsize, meta_path, f"memory file size {mem['file_size']} is not memsize {memsize}")
     chunk = mem["chunk_size"]
-    expected = -(-memsize // chunk)
+    expected = -(-mem["file_size"] // chunk)
     for key in ("chunk_hashes", "chunk_sha256"):
         if key in mem:
             count = len(mem[key])
-            _require(count == expected, meta_path, f"{count} {key.replace('_', ' ')}, expected {expected} ({memsize} bytes in chunks of {chunk})")
+            _require(count == expected, meta_path, f"{count} {key.replace('_', ' ')}, expected {expected} ({mem['file_size']} bytes in chunks of {chunk})")
     return basic, mem
 
 
@@ -432,7 +566,7 @@ def _check_kern(meta: dict[str, Any], kern_path: str, meta_path: str, registry: 
 
 
 def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: bytes | None = None,
-                    check_basic: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint:
+                    check_basic: Callable[[dict[str, Any]], None] | None = None, _depth: int = 0) -> Checkpoint:
     """Read and verify the checkpoint ``path`` (and ``path.kern``, ``path.meta``).
 
     Checks, in order, before anything is created: the metadata is at most 64 MiB, nested at
@@ -450,12 +584,16 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
     naming the file and the field. ``check_basic``, when given, sees the basic metadata once the
     metadata is verified and before the sections are read, so the caller can refuse in its own
     terms (a device saved but not configured) before a section it cannot place is met.
+    A diff checkpoint's parent is read the same way (with the same key), then each of its
+    parents: the chain is refused, naming the diff and the parent, when a parent is missing,
+    fails any check above, is not the one the diff was written over (its ``.meta`` SHA-256) or
+    has another memory layout.
     """
     path = os.fspath(path)
     meta_path, kern_path = path + META_SUFFIX, path + KERN_SUFFIX
     if key is not None:
         check_key(key)
-    meta = _read_meta(meta_path, key)
+    meta, meta_sha = _read_meta(meta_path, key)
     basic, mem = _check_layout(meta, meta_path)
     if check_basic is not None:
         check_basic(basic)
@@ -467,7 +605,10 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
     except OSError as err:
         raise CheckpointError(f"checkpoint '{path}': cannot be read: {err}") from None
     _require(stat.S_ISREG(st.st_mode), path, "the memory file is not a regular file")
-    _require(st.st_size == basic["memsize"], path, f"memory file is {st.st_size} bytes, metadata says {basic['memsize']}")
+    _require(st.st_size == mem["file_size"], path, f"memory file is {st.st_size} bytes, metadata says {mem['file_size']}")
+    parent, runs = None, None
+    if "parent" in meta:
+        parent, runs = _read_parent(path, meta, registry, key, _depth)
     return Checkpoint(
         path=path,
         meta=meta,
@@ -482,7 +623,42 @@ def read_checkpoint(path: str | os.PathLike, registry: SectionRegistry, *, key: 
         chunk_hashes=[int(h, 16) for h in mem["chunk_hashes"]],
         memory_file_identity=_identity(st),
         chunk_sha256=mem.get("chunk_sha256"),
+        meta_sha256=meta_sha,
+        parent=parent,
+        diff_runs=runs,
+        file_size=mem["file_size"],
     )
+
+
+def _read_parent(path: str, meta: dict[str, Any], registry: SectionRegistry, key: bytes | None,
+                 depth: int) -> tuple[Checkpoint, list[list[int]]]:
+    """A diff's parent, read and verified whole (recursively, its own parents), and the diff's
+    page runs; refused, naming the diff's metadata and the parent, when the parent is missing,
+    damaged, not the checkpoint the diff was written over, or of another memory layout."""
+    meta_path, link = path + META_SUFFIX, meta["parent"]
+    pages = meta["basic metadata"]["memsize"] // PAGE_SIZE
+    runs, end = link["pages"], 0
+    for index, (first, count) in enumerate(runs):
+        _require(count >= 1 and first >= end and first + count <= pages, meta_path,
+                 f"parent.pages[{index}] [{first}, {count}] is out of order, overlaps or lies past the {pages} pages of memory")
+        end = first + count
+    _require(depth + 1 < MAX_CHAIN, meta_path, f"the chain of diff checkpoints is longer than {MAX_CHAIN}; merge it")
+    parent_path = os.path.join(os.path.dirname(path), link["path"])
+    try:
+        parent = read_checkpoint(parent_path, registry, key=key, _depth=depth + 1)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint '{meta_path}': its parent '{parent_path}' is refused: {err}") from None
+    _require(
+        hmac.compare_digest(parent.meta_sha256, link["meta_sha256"]),
+        meta_path,
+        f"its parent '{parent_path}' is not the checkpoint it was written over (the parent's metadata has SHA-256 "
+        f"{parent.meta_sha256}, this diff recorded {link['meta_sha256']}): the parent was changed or replaced",
+    )
+    mine, theirs = meta["memory"], parent.meta["memory"]
+    for name in ("lowmem", "highmem", "lowmem_limit"):
+        _require(mine[name] == theirs[name], meta_path,
+                 f"its parent '{parent_path}' has another memory layout ({name} {theirs[name]}, this diff {mine[name]})")
+    return parent, runs
 
 
 def _open_memory_file(checkpoint: Checkpoint) -> int:
@@ -523,6 +699,8 @@ def restore_memory(
     with how far an eager read has got (``vmmpy.progress.metered``'s messages, phase "restore").
     """
     wired = checkpoint.wired if wired is None else wired
+    if checkpoint.parent is not None:
+        return _restore_chain(checkpoint, mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress)
     if checkpoint.keyed:
         verify_memory_sha256(checkpoint)
     if mode == "lazy":
@@ -569,6 +747,68 @@ def restore_memory(
     return memory
 
 
+def _restore_chain(checkpoint: Checkpoint, mode: str, *, dirty_tracking: str, wired: bool,
+                   progress: ProgressCallback | None) -> GuestMemory:
+    """A diff checkpoint's memory: every diff's file is checked against its hashes first, then
+    the full checkpoint at the chain's root is restored eagerly (checked as it lands) and each
+    diff's pages are copied over it, oldest first."""
+    chain = checkpoint.chain
+    if mode != "eager":
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.path}': a diff checkpoint (a chain of {len(chain)} files from '{chain[0].path}') "
+            f"can only be restored eagerly (restore mode {mode!r} would fault pages in through every file of the chain); "
+            "restore it with --restore-mode eager, or flatten it first (vmmctl --merge-checkpoint)"
+        )
+    for diff in chain[1:]:
+        verify_memory(diff)
+    memory = restore_memory(chain[0], "eager", dirty_tracking=dirty_tracking, wired=wired, progress=progress)
+    try:
+        for diff in chain[1:]:
+            _apply_diff(memory, diff)
+    except BaseException as err:
+        memory.close()
+        if isinstance(err, OSError):
+            raise CheckpointError(f"checkpoint '{diff.path}': {err.strerror or err}") from None
+        raise
+    return memory
+
+
+def _apply_diff(memory: GuestMemory, diff: Checkpoint) -> None:
+    """Copy a verified diff's pages from its memory file into ``memory`` (not marked dirty)."""
+    fd = _open_memory_file(diff)
+    try:
+        offset = 0  # in the packed file
+        while offset < diff.file_size:
+            size = min(diff.file_size - offset, _DIFF_IO_BYTES)
+            data = os.pread(fd, size, offset)
+            _require(len(data) == size, diff.path, f"memory file ends at {offset + len(data):#x}, the diff's pages go to {diff.file_size:#x}")
+            for gpa_start, gpa_end in diff.gpa_ranges(offset, offset + size):
+                memory.write_untracked(gpa_start, data[: gpa_end - gpa_start])
+                data = data[gpa_end - gpa_start :]
+            offset += size
+    finally:
+        os.close(fd)
+
+
+def merge_chain(checkpoint: Checkpoint, output: str | os.PathLike, *, key: bytes | None = None) -> dict[str, Any]:
+    """Flatten a checkpoint read by :func:`read_checkpoint` (a diff: its whole chain) into one
+    full checkpoint ``output`` with its state, memflags and chunk size (keyed with ``key``). The
+    chain is restored eagerly (every file checked) into memory that is released afterwards;
+    the chain's files are left as they are. Returns :func:`write_checkpoint`'s statistics."""
+    memory = restore_memory(checkpoint, "eager", dirty_tracking="soft", wired=False)
+    try:
+        return write_checkpoint(output, memory, checkpoint.sections, checkpoint.basic, chunk_size=checkpoint.chunk_size, key=key)
+    finally:
+        memory.close()
+
+
+def verify_chain(checkpoint: Checkpoint) -> None:
+    """:func:`verify_memory` for every file of a checkpoint's chain (just itself when it is a
+    full checkpoint), root first: every memory byte of the chain against its recorded hashes."""
+    for node in checkpoint.chain:
+        verify_memory(node)
+
+
 def verify_memory(checkpoint: Checkpoint) -> None:
     """Check the memory file's bytes against the chunk hashes in the metadata (and, keyed, the
     SHA-256 digests), reading only its data extents (at disk or page-cache speed). Raises
@@ -595,7 +835,7 @@ def _compare_chunks(checkpoint: Checkpoint, got: list, want: list, kind: str) ->
     if bad:
         index = bad[0]
         start = index * checkpoint.chunk_size
-        end = min(start + checkpoint.chunk_size, checkpoint.memsize)
+        end = min(start + checkpoint.chunk_size, checkpoint.file_size)
         gpas = " and ".join(f"{a:#x}..{b:#x}" for a, b in checkpoint.gpa_ranges(start, end))
         more = f" ({len(bad)} chunks differ in all)" if len(bad) > 1 else ""
         raise CheckpointError(
@@ -612,7 +852,7 @@ def verify_memory_sha256(checkpoint: Checkpoint) -> None:
         raise CheckpointError(f"checkpoint '{checkpoint.path}': not keyed: it records no SHA-256 digests")
     fd = _open_memory_file(checkpoint)
     try:
-        digests = memory_chunk_sha256(fd, checkpoint.memsize, checkpoint.chunk_size)
+        digests = memory_chunk_sha256(fd, checkpoint.file_size, checkpoint.chunk_size)
     except OSError as err:
         raise CheckpointError(f"checkpoint '{checkpoint.path}': {err.strerror or err}") from None
     finally:

@@ -9,9 +9,9 @@ file and the field:
    parsing, then strict JSON (UTF-8, no NaN, no repeated key);
 2. a JSON object with this format's magic, a version this vmmpy reads and the byte order;
 3. ``meta_checksum``, so accidental damage is reported as damage;
-4. the key: format version 2 is keyed and opens only with the key it was written with (its
-   ``meta_mac`` must match); version 1 is unkeyed and is refused when a key is given, because it
-   cannot be authenticated;
+4. the key: format versions 2 and 4 are keyed and open only with the key they were written
+   with (``meta_mac`` must match); versions 1 and 3 are unkeyed and are refused when a key is
+   given, because they cannot be authenticated (3 and 4 are diff checkpoints: ``parent``);
 5. every field's type and range (:func:`fields`), with no key this format does not define
    (only ``basic metadata`` takes any further keys a writer adds).
 
@@ -44,7 +44,16 @@ FORMAT_VERSION = 1
 #: The keyed format: version 1's fields plus ``meta_mac``, ``kern.sha256`` and
 #: ``memory.chunk_sha256``. A reader that knows only version 1 refuses it rather than ignore the MAC.
 KEYED_FORMAT_VERSION = 2
-FORMAT_VERSIONS = (FORMAT_VERSION, KEYED_FORMAT_VERSION)
+#: A diff checkpoint: version 1's (3) or version 2's (4) fields plus ``parent``; its memory file
+#: holds only the pages ``parent.pages`` lists, the rest comes from the parent. A reader that
+#: knows only versions 1 and 2 refuses it rather than restore a guest from holes.
+DIFF_FORMAT_VERSION = 3
+KEYED_DIFF_FORMAT_VERSION = 4
+FORMAT_VERSIONS = (FORMAT_VERSION, KEYED_FORMAT_VERSION, DIFF_FORMAT_VERSION, KEYED_DIFF_FORMAT_VERSION)
+KEYED_VERSIONS = (KEYED_FORMAT_VERSION, KEYED_DIFF_FORMAT_VERSION)
+DIFF_VERSIONS = (DIFF_FORMAT_VERSION, KEYED_DIFF_FORMAT_VERSION)
+#: A chain of diffs is at most this long (a restore reads every file of it).
+MAX_CHAIN = 256
 BYTE_ORDER = "little"
 
 #: Bounds checked before parsing. 64 MiB holds the chunk hashes of a 4 TiB guest in 4 MiB chunks
@@ -69,7 +78,13 @@ _CHECKSUM, _MAC = "meta_checksum", "meta_mac"
 
 
 def _fields(version: int) -> Spec:
-    keyed = version == KEYED_FORMAT_VERSION
+    keyed = version in KEYED_VERSIONS
+    page = integer(0, MAX_MEMSIZE // PAGE_SIZE)
+    parent = {"parent": record({
+        "path": string(max_len=4096),
+        "meta_sha256": hexdigits(64),
+        "pages": array(array(page, min_len=2, max_len=2), max_len=MAX_META_BYTES // 8),
+    })} if version in DIFF_VERSIONS else {}
     offset = integer(0, MAX_KERN_BYTES)
     listing = array(
         record({"device": string(), "size": offset, "file_offset": offset}), max_len=MAX_LISTED_SECTIONS
@@ -119,6 +134,7 @@ def _fields(version: int) -> Spec:
         }),
         _CHECKSUM: hexdigits(16),
         **mac,
+        **parent,
     })
 
 
@@ -160,7 +176,11 @@ def seal(meta: dict[str, Any], key: bytes | None, where: str) -> bytes:
     """The file's bytes for ``meta``: its format version set (keyed or not), its MAC when
     ``key`` is given, then its checksum; checked as a reader checks it, so nothing is written
     that a reader would refuse. ``meta`` is completed in place; ``where`` names the file."""
-    meta["format_version"] = FORMAT_VERSION if key is None else KEYED_FORMAT_VERSION
+    diff = "parent" in meta
+    if key is None:
+        meta["format_version"] = DIFF_FORMAT_VERSION if diff else FORMAT_VERSION
+    else:
+        meta["format_version"] = KEYED_DIFF_FORMAT_VERSION if diff else KEYED_FORMAT_VERSION
     meta.pop(_MAC, None)
     meta.pop(_CHECKSUM, None)
     if key is not None:
@@ -208,15 +228,15 @@ def open_meta(raw: bytes, where: str, key: bytes | None) -> dict[str, Any]:
 
 
 def _authenticate(meta: dict[str, Any], version: int, where: str, key: bytes | None) -> None:
-    if version == KEYED_FORMAT_VERSION and key is None:
+    if version in KEYED_VERSIONS and key is None:
         raise CheckpointError(
             f"checkpoint '{where}': this checkpoint is keyed (its metadata carries an HMAC-SHA256): "
             "give the key it was written with (--key-file FILE) to restore it"
         )
-    if version == FORMAT_VERSION:
+    if version not in KEYED_VERSIONS:
         if key is not None:
             raise CheckpointError(
-                f"checkpoint '{where}': this checkpoint has no MAC (format version {FORMAT_VERSION}, written without a key), "
+                f"checkpoint '{where}': this checkpoint has no MAC (format version {version}, written without a key), "
                 "so the key cannot authenticate it; restore it without --key-file only if you trust where it came from"
             )
         return
