@@ -244,6 +244,10 @@ class Machine:
                 os.read(read_end, 1)
             finally:
                 os.close(read_end)
+            with self._cond:
+                ending = self._memory_watch is None
+            if ending:
+                return  # woken by shutdown: the vm may be destroyed, there is no guest left to stop
             failure = memory.lazy_failure
             if failure is not None:
                 self._stop(f"guest stopped: {failure}")
