@@ -8,8 +8,8 @@ migration goes over loopback, and the disk image and the echo peer are shared by
 bhyve requires of a migration's storage.
 
 A few cases add the AMD vendor or a second vCPU (the application processor waits for a STARTUP
-IPI the drivers never send, so its state travels untouched), and memtouch, the guest that
-dirties pages fastest, is migrated live and checkpointed with them.
+IPI the drivers never send, so its state travels untouched), a key, parallel streams or LZ4
+batches; memtouch, the guest that dirties pages fastest, is migrated live and checkpointed too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .test_devices import make_image
 from .test_virtio_net import EchoPeer
 
 MEMORY = "32M"
+KEY = b"device-guest-moves-key"
 DISK = 1 << 20  # a 1 MiB disk: about 6 M instructions of writes and reads
 
 
@@ -126,32 +127,38 @@ def reference(tmp_path: Path, name: str, cpus: int, vendor: str, peer: EchoPeer)
     return _references[key]
 
 
-def case(name: str, how: str, *, cpus: int = 1, vendor: str = "intel"):
+def case(name: str, how: str, *, cpus: int = 1, vendor: str = "intel", key: bool = False, streams: int = 1,
+         compress: str = "off"):
+    """One case and the combination it proves; ``key``, ``streams`` and ``compress`` are the
+    migration's options (``key`` also a checkpoint's)."""
     guest = GUESTS[name]
-    common = {"guest": name, "device": guest.device, "via": "api", "vcpus": cpus, "vendor": vendor}
+    common = {"guest": name, "device": guest.device, "via": "api", "vcpus": cpus, "vendor": vendor, "key": key}
     if how.startswith("checkpoint"):
         mark = pytest.mark.covers(operation="checkpoint", restore=how.split("-")[1], **common)
     else:
-        mark = pytest.mark.covers(operation=f"migrate-{how}", **common)
-    extra = "".join(f"-{x}" for x in ((vendor,) if vendor != "intel" else ()) + ((f"{cpus}cpus",) if cpus > 1 else ()))
-    return pytest.param(name, how, cpus, vendor, id=f"{name}-{how}{extra}", marks=mark)
+        mark = pytest.mark.covers(operation=f"migrate-{how}", streams=streams, compress=compress, **common)
+    extras = [vendor] * (vendor != "intel") + [f"{cpus}cpus"] * (cpus > 1) + ["key"] * key + [f"{streams}streams"] * (streams > 1)
+    extras += [compress] * (compress != "off")
+    link = {"key": KEY if key else None, "params": {"streams": streams, "compress": compress}}
+    return pytest.param(name, how, cpus, vendor, link, id="-".join([name, how, *extras]), marks=mark)
 
 
 HOWS = ("checkpoint-eager", "checkpoint-lazy", "warm", "live")
 CASES = [case(name, how) for name in GUESTS if name != "memtouch" for how in HOWS] + [
-    case("blktest", "live", vendor="amd"),
-    case("nvmetest", "checkpoint-lazy", vendor="amd"),
-    case("scsitest", "warm", cpus=2),
-    case("ahcitest", "live", cpus=2),
+    case("blktest", "live", vendor="amd", key=True),
+    case("nvmetest", "checkpoint-lazy", vendor="amd", key=True),
+    case("scsitest", "warm", cpus=2, streams=2),
+    case("ahcitest", "live", cpus=2, compress="lz4"),
     case("nettest", "warm", vendor="amd", cpus=2),
     case("vconsole", "checkpoint-eager", cpus=2),
-    case("memtouch", "live", vendor="amd", cpus=2),
+    case("rndtest", "live", streams=3, key=True),
+    case("memtouch", "live", vendor="amd", cpus=2, compress="lz4"),
     case("memtouch", "checkpoint-lazy"),
 ]
 
 
-@pytest.mark.parametrize("name, how, cpus, vendor", CASES)
-def test_a_device_guest_moved_mid_io_ends_as_an_uninterrupted_run(tmp_path, peer, name, how, cpus, vendor):
+@pytest.mark.parametrize("name, how, cpus, vendor, link", CASES)
+def test_a_device_guest_moved_mid_io_ends_as_an_uninterrupted_run(tmp_path, peer, name, how, cpus, vendor, link):
     guest = GUESTS[name]
     expected, total = reference(tmp_path, name, cpus, vendor, peer)
     machine = {"memory": MEMORY, "cpus": cpus, "vendor": vendor}
@@ -160,29 +167,31 @@ def test_a_device_guest_moved_mid_io_ends_as_an_uninterrupted_run(tmp_path, peer
         source.start(pause_at=total * 3 // 10)
         source.wait_paused(60)
         if how.startswith("checkpoint"):
-            source.checkpoint(tmp_path / "vm.ckp")
+            source.checkpoint(tmp_path / "vm.ckp", key=link["key"])
             first = source.console
             there = Place(tmp_path, "restored", guest, peer)
             here.copy_to(there)
             source.resume()  # a checkpoint lets the guest run on: it ends as if never saved too
             assert end_of(source, guest, here) == expected
-            with Vm.restore(tmp_path / "vm.ckp", mode=how.split("-")[1], slots=there.slots) as restored:
+            with Vm.restore(tmp_path / "vm.ckp", mode=how.split("-")[1], key=link["key"], slots=there.slots) as restored:
                 assert (restored.config.ncpus, restored.config.vendor) == (cpus, vendor)
                 restored.start()
                 assert end_of(restored, guest, there, first) == expected
             return
-        with Vm.receive(slots=here.slots, **machine) as destination:
+        with Vm.receive(slots=here.slots, key=link["key"], **machine) as destination:
             if how == "warm":
-                stats = source.migrate(*destination.address, live=False)
+                stats = source.migrate(*destination.address, live=False, **link)
             else:
-                stats = migrate_live(source, destination, total)
+                stats = migrate_live(source, destination, total, link)
             assert stats.status == "completed" and destination.received(60).status == "completed"
+            wanted = link["params"]
+            assert (stats.streams, stats.compression or "off") == (wanted["streams"], wanted["compress"]), "the options were used"
             assert source.wait(10) == 0, "the source exits 0 once the guest runs there"
             got = end_of(destination, guest, here, source.console)
     assert got == expected
 
 
-def migrate_live(source: Vm, destination: Vm, total: int):
+def migrate_live(source: Vm, destination: Vm, total: int, link: dict):
     """Live: round 0 sends all memory with the guest held at 30 % of its run; then, while the
     migration waits on, the guest runs to 60 % (doing I/O, its device writing guest memory) and
     stops itself there, where the migration switches over (a running vCPU cannot be read from
@@ -200,7 +209,7 @@ def migrate_live(source: Vm, destination: Vm, total: int):
             assert time.monotonic() < deadline, "the guest did not get to 60 % of its run"
             time.sleep(0.001)
 
-    stats = source.migrate(*destination.address, live=True, progress=after_round)
+    stats = source.migrate(*destination.address, live=True, progress=after_round, **link)
     assert stats.live and not stats.rounds[0].final and stats.rounds[-1].final
     assert sum(r.pages_dirtied for r in stats.rounds[1:]) > 0, "the guest's I/O after round 0 dirtied pages"
     return stats
