@@ -373,6 +373,7 @@ def key_file(tmp_path, key=KEY):
     return str(path)
 
 
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="cli", key=True, restore="{mode}")
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
 def test_a_keyed_checkpoint_restores_with_its_key_and_the_guest_ends_as_an_uninterrupted_run(saved, tmp_path, mode):
     ckp = copy_checkpoint(saved / "keyed.ckp", tmp_path, "keyed.ckp")

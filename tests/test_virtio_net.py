@@ -6,9 +6,11 @@ import logging
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
+from vmmpy import Vm
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.devices.virtio import STATUS_NEEDS_RESET, vring_size
 from vmmpy.devices.virtio_net import VirtioNet
@@ -25,9 +27,11 @@ NET = "virtio-net@pci.0.4.0"
 
 
 class EchoPeer:
-    """A UDP responder on loopback: every datagram goes back to its sender unchanged."""
+    """A UDP responder on loopback: every datagram goes back to its sender unchanged (after
+    ``delay`` seconds)."""
 
-    def __init__(self):
+    def __init__(self, delay=0.0):
+        self.delay = delay
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.05)
@@ -46,6 +50,7 @@ class EchoPeer:
             except OSError:
                 return
             self.frames += 1
+            time.sleep(self.delay)
             self.sock.sendto(data, addr)
 
     def close(self):
@@ -129,6 +134,69 @@ def test_frames_pending_at_a_save_travel_in_the_state_and_are_delivered_after_re
     assert payload_of(other) == before, "a refused restore changes nothing"
     for d in (a, b, other):
         d.close()
+
+
+def first_transmit(slots, args):
+    """vCPU 0's instruction count at the guest's first transmit notify (before it nothing waits
+    on the host, so it is the same on every run) and the console of a whole run."""
+    with Vm("nettest", args=args, memory="16M", slots=slots) as vm:
+        device, cpu = vm.machine.pci_functions[-1], vm.machine.vm.vcpus[0]
+        seen = []
+        real = device.notify
+
+        def spy(queue):  # runs on the vCPU's thread, in the exit: the count is readable
+            if queue == 1 and not seen:
+                seen.append(cpu.instructions_retired)
+            return real(queue)
+
+        device.notify = spy
+        vm.start()
+        assert vm.wait(60) == 1
+        return seen[0], vm.console
+
+
+@pytest.fixture
+def slow_peer():
+    p = EchoPeer(delay=0.02)  # the echo comes after the transmit's exit, while the guest stands still
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("move", ["checkpoint", "migrate"])
+def test_a_guest_stopped_at_its_pause_point_keeps_the_frame_its_peer_already_answered(slow_peer, tmp_path, move):
+    """The guest stops itself (pause_at, vmmrun --pause-at) just after its first transmit; the
+    peer's echo is in the device's socket, not yet in the guest. A checkpoint or migration
+    taken then must quiesce the device, which takes the echo into the saved state: it used to
+    skip that for a guest already paused, so the echo stayed in the old socket and the moved
+    guest waited for it for ever."""
+    slots = ["0,hostbridge", "1,lpc", f"4,virtio-net,peer=127.0.0.1:{slow_peer.port}"]
+    args = {"frames": "3", "payload": "64"}
+    at, expected = first_transmit(slots, args)
+    slow_peer.frames = 0
+    with Vm("nettest", args=args, memory="16M", slots=slots) as source:
+        source.start(pause_at=at + 1)
+        deadline = time.monotonic() + 30
+        while source.state != "paused" or slow_peer.frames < 1:  # not wait_paused: that pauses the devices itself
+            assert time.monotonic() < deadline, "the guest did not stop after its first transmit"
+            time.sleep(0.001)
+        time.sleep(0.05)  # the echo is back in the device's socket
+        device = source.machine.pci_functions[-1]
+        assert (device.stats["tx_frames"], device.stats["rx_frames"]) == (1, 0), "stopped before the echo was taken in"
+        if move == "checkpoint":
+            source.checkpoint(tmp_path / "net.ckp")
+            first = source.console
+            source.close()
+            target = Vm.restore(tmp_path / "net.ckp", slots=slots)
+            target.start()
+        else:
+            target = Vm.receive(memory="16M", slots=slots)
+            source.migrate(*target.address, live=False)
+            target.received(30)
+            first = source.console
+    with target:
+        assert target.wait(20) == 1, "the guest on the other side never got the echo"
+        assert target.machine.pci_functions[-1].stats["rx_frames"] == 3
+        assert first + target.console == expected
 
 
 # ---- hostile rings -----------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 migration engine drive, implementing ``state.handle.GuestHandle``.
 
 Pausing: ``pause``/``resume`` are the machine's vCPU rendezvous; a machine paused before
-(``vmmctl --pause``) stays paused. ``stop_for_good`` ends the vmmrun process with status 0, as
+(``vmmctl --pause``, or by its own ``--pause-at``) stays paused, with its devices quiesced. ``stop_for_good`` ends the vmmrun process with status 0, as
 bhyve exits after a suspend or a migration.
 
 Restoring: a machine being restored was built from the same options, with empty memory (a
@@ -57,6 +57,10 @@ class MachineHandle:
 
     def pause(self) -> float:
         if self.machine.paused:
+            # Paused before (vmmctl --pause, or the guest stopped itself at --pause-at): it stays
+            # paused, but a guest stopped at its pause point still has to park its vCPUs and
+            # quiesce its devices (virtio-net takes in the frames its peer already answered).
+            self.machine.pause()
             return 0.0
         seconds = self.machine.pause()
         self._paused_by_us = True

@@ -92,6 +92,7 @@ class Machine:
         self.devices = [*self.uarts, self.pm, self.pci, *self.pci_functions]
         self._threads: list[threading.Thread] = []
         self._parked = [False] * config.ncpus
+        self._quiesced = False  # pause() quiesced the devices; resume() ends it
         self._halted: set[int] = set()
         self._cond = threading.Condition()
         self._exit_status: int | None = None
@@ -357,7 +358,10 @@ class Machine:
 
     # ---- pause / resume (bhyve's vm_vcpu_pause rendezvous) ---------------------------------
     def pause(self, timeout: float = 10.0) -> float:
-        """Stop every vCPU at an instruction boundary; returns how long it took (seconds)."""
+        """Stop every vCPU at an instruction boundary, wait until each has parked, and quiesce
+        the devices (once per pause); returns how long it took (seconds). A guest that stopped
+        itself at ``pause_at`` is paused but neither parked nor quiesced: pausing it again
+        completes that."""
         t0 = time.monotonic()
         if self._exit_status is not None or self.vm.suspended is not None:
             raise vmm_error(errno.EINVAL, f"VM '{self.config.name}' has stopped ({self._exit_reason or 'suspended'}); there is nothing to pause")
@@ -373,11 +377,14 @@ class Machine:
                     self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
                     raise vmm_error(errno.ETIMEDOUT, f"vCPUs of '{self.config.name}' did not stop within {timeout} s")
                 self._cond.wait(min(left, 0.1))
-        for device in self.devices:
-            device.pause()
+        if not self._quiesced:
+            for device in self.devices:
+                device.pause()
+            self._quiesced = True
         return time.monotonic() - t0
 
     def resume(self) -> None:
+        self._quiesced = False
         for device in self.devices:
             device.resume()
         self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
