@@ -444,3 +444,82 @@ def test_vmmctl_reports_a_local_migration_as_local_without_a_wire_rate(capsys):
     assert "/s" not in line, line  # 4 KiB of state over 20 ms is no link's rate
     ctl._print_migration({**record, "peer": "10.0.0.2:7000", "total_time_ms": 1000.0, "bytes_total": 1 << 20})
     assert "(warm)" in capsys.readouterr().out
+
+
+def _pipe_fd() -> int:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    return read_end
+
+
+def _small_memfd() -> int:
+    fd = os.memfd_create("too-small")
+    os.ftruncate(fd, 4096)
+    return fd
+
+
+@pytest.mark.parametrize("bad", ["too-small", "a-pipe", "one-missing", "runs-out-of-range"])
+def test_a_bad_hand_over_is_refused_by_the_destination_and_the_source_keeps_its_guest(tmp_path, monkeypatch, bad):
+    """A source that hands over the wrong descriptors (too small, not memory, one short) or dirty
+    runs beyond the guest: the destination refuses with a clear error and never runs the guest;
+    the source's guest keeps its memory and runs on."""
+    import threading
+
+    from vmmpy.guest.programs import load_into
+    from vmmpy.memory import GuestMemory
+    from vmmpy.migration import Destination, migrate
+    from vmmpy.runtime.commands import build_machine
+    from vmmpy.runtime.config import VmConfig
+    from vmmpy.runtime.guest_handle import MachineHandle
+    from vmmpy.vmm.ioctl import SuspendHow
+
+    config = VmConfig(name="src", memsize=64 * MiB, memory_backing="memfd", guest="abtest")
+    src = build_machine(config, load=lambda m: load_into(m, "abtest", {"sweeps": "10"}, memsize=config.memsize))
+    dst = build_machine(VmConfig(name="dst", memsize=64 * MiB))
+    real_fds, real_runs = GuestMemory.memfds, GuestMemory.peek_dirty_runs
+    made: list[int] = []
+
+    def memfds(self) -> list[int]:
+        fds = real_fds(self)
+        if bad == "too-small":
+            made.append(_small_memfd())
+            return [made[-1], *fds[1:]]
+        if bad == "a-pipe":
+            made.append(_pipe_fd())
+            return [made[-1], *fds[1:]]
+        return fds[:-1] if bad == "one-missing" else fds
+
+    def runs(self) -> bytes:
+        # One run far past the guest's last page, in the wire's own encoding of the real runs.
+        if bad != "runs-out-of-range":
+            return real_runs(self)
+        self.write(0, b"x")
+        encoded = real_runs(self)
+        return encoded.replace((0).to_bytes(8, "little"), (1 << 40).to_bytes(8, "little"), 1)
+
+    monkeypatch.setattr(GuestMemory, "memfds", memfds)
+    monkeypatch.setattr(GuestMemory, "peek_dirty_runs", runs)
+    try:
+        src.vm.memory.write(0x2000, b"kept")
+        path = tmp_path / "mig.sock"
+        dest = Destination(MachineHandle(dst), f"unix:{path}", 0)
+        received = {}
+        thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
+        thread.start()
+        stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
+        thread.join(60)
+        assert not thread.is_alive()
+        dstats = received["stats"]
+        assert dstats.status == "failed" and stats.status == "failed", (dstats.error, stats.error)
+        assert "LOCAL_MEMORY" in dstats.error or "map the source's memory" in dstats.error, dstats.error
+        assert stats.owner == "source", stats.owner
+        assert src.vm.memory.read(0x2000, 4) == b"kept", "the source keeps its memory"
+        assert src.exit_status is None, "the source's guest was not stopped"
+    finally:
+        for fd in made:
+            os.close(fd)
+        for machine in (src, dst):
+            if machine.vm.memory is not None and machine.exit_status is None:
+                machine.suspend(SuspendHow.POWEROFF)
+                machine.wait(10)
+            machine.close()
