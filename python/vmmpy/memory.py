@@ -104,6 +104,7 @@ class GuestMemory:
             backing=backing,
         )
         self.wired = wired
+        self._checkpoint_log: CheckpointLog | None = None
 
     @classmethod
     def restore_lazy(
@@ -169,6 +170,7 @@ class GuestMemory:
         self = cls.__new__(cls)
         self.core = core
         self.wired = all(seg.wired for seg in core.segments)
+        self._checkpoint_log = None
         return self
 
     # -- layout ---------------------------------------------------------------------------
@@ -257,7 +259,7 @@ class GuestMemory:
         A page written while the harvest runs is reported in this harvest or the next.
         """
         pfns = np.frombuffer(self.core.get_and_clear_dirty(), dtype="<u8")
-        log = getattr(self, "_checkpoint_log", None)
+        log = self._checkpoint_log
         if log is not None:
             log.add(pfns)
         return pfns
@@ -285,7 +287,7 @@ class GuestMemory:
     @property
     def checkpoint_log_base(self) -> object | None:
         """What the log is relative to (:meth:`start_checkpoint_log`), or None: no log yet."""
-        log = getattr(self, "_checkpoint_log", None)
+        log = self._checkpoint_log
         return None if log is None else log.base
 
     def checkpoint_log_pages(self) -> np.ndarray | None:
@@ -293,14 +295,14 @@ class GuestMemory:
         into the log first; the log keeps them until it is restarted after a checkpoint is
         safely written (so a failed write loses nothing). None when there is no log (no
         checkpoint or restore yet)."""
-        log = getattr(self, "_checkpoint_log", None)
+        log = self._checkpoint_log
         if log is None:
             return None
         self.get_and_clear_dirty()
         return log.pages()
 
     def _checkpoint_log_loses_sight(self) -> None:
-        log = getattr(self, "_checkpoint_log", None)
+        log = self._checkpoint_log
         if log is not None:
             log.everything = True
 
