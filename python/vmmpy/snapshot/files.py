@@ -38,7 +38,8 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -760,8 +761,10 @@ def _restore_chain(checkpoint: Checkpoint, mode: str, *, dirty_tracking: str, wi
             "restore it with --restore-mode eager, or flatten it first (vmmctl --merge-checkpoint)"
         )
     for diff in chain[1:]:
-        verify_memory(diff)
-    memory = restore_memory(chain[0], "eager", dirty_tracking=dirty_tracking, wired=wired, progress=progress)
+        with _as_part_of(checkpoint, diff):
+            verify_memory(diff)
+    with _as_part_of(checkpoint, chain[0]):
+        memory = restore_memory(chain[0], "eager", dirty_tracking=dirty_tracking, wired=wired, progress=progress)
     try:
         for diff in chain[1:]:
             _apply_diff(memory, diff)
@@ -806,7 +809,21 @@ def verify_chain(checkpoint: Checkpoint) -> None:
     """:func:`verify_memory` for every file of a checkpoint's chain (just itself when it is a
     full checkpoint), root first: every memory byte of the chain against its recorded hashes."""
     for node in checkpoint.chain:
-        verify_memory(node)
+        with _as_part_of(checkpoint, node):
+            verify_memory(node)
+
+
+@contextmanager
+def _as_part_of(checkpoint: Checkpoint, node: Checkpoint) -> Iterator[None]:
+    """A damaged older file of ``checkpoint``'s chain is refused as part of it (as
+    :func:`read_checkpoint` refuses a parent's metadata): which checkpoint it stops, then the
+    file's own error naming the file and the chunk."""
+    try:
+        yield
+    except CheckpointError as err:
+        if node is checkpoint:
+            raise
+        raise CheckpointError(f"checkpoint '{checkpoint.path}{META_SUFFIX}': its chain's '{node.path}' is refused: {err}") from None
 
 
 def verify_memory(checkpoint: Checkpoint) -> None:
