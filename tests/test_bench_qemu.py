@@ -192,7 +192,7 @@ def test_qemu_figures_land_beside_their_rows_and_a_failure_is_a_note(monkeypatch
         raise QmpError("QEMU src exited 1: no")
 
     monkeypatch.setattr(qemu, "WORK", {"warm-1g": measured, "zero-1g": broken})
-    ctx = types.SimpleNamespace(deadline=float("inf"))
+    ctx = types.SimpleNamespace(deadline=float("inf"), busy=False)
     warm = Row("warm-1g", "warm", Figure([2.0], "GiB/s"))
     zero = Row("zero-1g", "zero", Figure([20.0], "ms"))
     other = Row("vcpu-ips", "ips", Figure([300.0], "M instr/s"))

@@ -19,6 +19,13 @@ from .images import LPC
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def die_with_parent() -> None:
     """In a child before exec: SIGKILL when the bench dies, even by SIGKILL (the OOM killer
     takes the bench first: it holds the most memory), so no vmmrun or QEMU outlives it holding
@@ -43,6 +50,10 @@ class Vmmrun:
         self.proc = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmrun", f"--run-dir={run_dir}", *lpc, *args, name],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the process so far (all its threads)."""
+        return process_cpu_seconds(self.proc.pid)
+
     def client(self, timeout: float | None = 30.0) -> ControlClient:
         return ControlClient(self.name, self.run_dir, timeout=timeout)
 
@@ -50,8 +61,8 @@ class Vmmrun:
         if self.proc.poll() is not None:
             raise RuntimeError(f"vmmrun {self.name} exited {self.proc.returncode}: {self.proc.stderr.read().strip()}")
 
-    def wait_state(self, states: tuple[str, ...] = ("running", "paused"), timeout: float = 120) -> str:
-        """Wait until the control socket answers with one of ``states``."""
+    def wait_state(self, states: tuple[str, ...] = ("running", "paused"), timeout: float = 120, poll: float = 0.02) -> str:
+        """Wait until the control socket answers with one of ``states``, asking every ``poll`` s."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._alive()
@@ -62,7 +73,7 @@ class Vmmrun:
                         return state
                 except (ControlError, OSError):
                     pass
-            time.sleep(0.02)
+            time.sleep(poll)
         raise RuntimeError(f"vmmrun {self.name} did not reach {states} within {timeout} s")
 
     def wait_listening(self, port: int, timeout: float = 120) -> None:
@@ -121,9 +132,12 @@ def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: li
         if before is not None:
             before(src)
         client = src.client(timeout=None)
+        cpu = src.cpu_seconds() + dest.cpu_seconds()
         started = time.perf_counter()
         stats = client.request("migrate", host=host, port=port, live=live, params=params or {}, **(request or {}))
         seconds = time.perf_counter() - started
+        # The source is not reaped yet (even if it has exited), so its /proc entry still counts.
+        stats["cpu_seconds"] = src.cpu_seconds() + dest.cpu_seconds() - cpu
         src.wait_exit(60)
         return seconds, stats
     finally:

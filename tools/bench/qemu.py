@@ -5,10 +5,14 @@ the unit of the vmmpy row it is compared with.
 
 Common to every case: TCG, ``-machine q35``, ``-nodefaults -display none``, migration
 ``max-bandwidth`` lifted to 100 GB/s, the ``events`` capability on. The source's RAM is a
-``memory-backend-file`` with ``share=off`` over a file of random bytes on tmpfs (a private
-mapping: the RAM starts as the file's contents and QEMU never writes the file), or plain
-``memory-backend-ram`` for the zero guest; the destination's RAM is ``memory-backend-ram`` with
-``prealloc=on`` (populated before anything is timed, like vmmpy's wired ``-S``).
+``memory-backend-file`` with ``share=off,prealloc=on`` over a file of random bytes on tmpfs (a
+private mapping: the RAM starts as the file's contents and QEMU never writes the file;
+``prealloc`` copies every page into the process before anything is timed, as vmmpy's source has
+its memory restored into it before its migration starts), or plain ``memory-backend-ram`` for
+the zero guest; the destination's RAM is ``memory-backend-ram``, with ``prealloc=on`` (populated
+before anything is timed, like vmmpy's wired ``-S``) or without it (like vmmpy's default unwired
+destination), as each row says. ``SOURCE_MEMORY``, ``destination_memory`` and ``_prepare`` are
+these settings; tests/test_bench_fairness.py pins them.
 
 Not here: vmmpy's processes, the table (``run.py``), any scenario without a QEMU equivalent."""
 
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .procs import die_with_parent, free_port
+from .procs import die_with_parent, free_port, process_cpu_seconds
 from .qmp import MigrateInfo, Qmp, QmpError, QmpTimeout, event_time, migrate_info
 from .stats import Figure
 
@@ -87,6 +91,7 @@ class QemuVm:
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra]
         self.argv = argv
         self.log = open(self.log_path, "wb")
+        self.spawned = time.time()  # the command, for rows timed from it (restore)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=die_with_parent)
         self.qmp: Qmp | None = None
@@ -115,6 +120,10 @@ class QemuVm:
             if self.proc.poll() is not None:
                 raise QmpError(f"{err}; QEMU {self.name} exited {self.proc.returncode}: {self._log_tail()}") from err
             raise
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the QEMU process so far (all its threads)."""
+        return process_cpu_seconds(self.proc.pid)
 
     def query_migrate(self, timeout: float = 30.0) -> MigrateInfo:
         return migrate_info(self.execute("query-migrate", timeout=timeout))
@@ -233,7 +242,7 @@ class QemuBench:
     def _source_memory(self, gib: int | None) -> str:
         if gib is None:
             return "memory-backend-ram"
-        return f"memory-backend-file,mem-path={self._random_file(gib)},share=off"
+        return f"{SOURCE_MEMORY},mem-path={self._random_file(gib)}"
 
     def migrate_once(self, size: int, source_gib: int | None, *, multifd: int = 0, live: bool = False,
                      downtime_ms: int | None = None, prealloc: bool = True) -> dict[str, Any]:
@@ -242,8 +251,7 @@ class QemuBench:
         destination's RAM is preallocated unless ``prealloc`` is false."""
         src = dst = None
         try:
-            memory = "memory-backend-ram" + (",prealloc=on" if prealloc else "")
-            dst = self._vm("dst", size, memory, ([] if live else ["-S"]) + ["-incoming", "defer"])
+            dst = self._vm("dst", size, destination_memory(prealloc), ([] if live else ["-S"]) + ["-incoming", "defer"])
             src = self._vm("src", size, self._source_memory(source_gib), [] if live else ["-S"])
             for vm in (src, dst):
                 _prepare(vm, multifd, downtime_ms if vm is src else None)
@@ -253,11 +261,13 @@ class QemuBench:
             if live:
                 time.sleep(IDLE_SETTLE_S)
             timeout = 120 + 60 * size / GIB
+            cpu = src.cpu_seconds() + dst.cpu_seconds()
             started = time.time()
             src.execute("migrate", {"uri": uri})
             done = _completed_at(dst, timeout, src)
             info = _finished(src, 30)
-            result = {"seconds": done - started, "total_time_ms": info.total_time_ms, "downtime_ms": info.downtime_ms,
+            cpu = src.cpu_seconds() + dst.cpu_seconds() - cpu
+            result = {"seconds": done - started, "cpu_seconds": cpu, "total_time_ms": info.total_time_ms, "downtime_ms": info.downtime_ms,
                       "setup_time_ms": info.setup_time_ms, "transferred": info.transferred,
                       "normal_pages": info.normal_pages, "duplicate_pages": info.duplicate_pages,
                       "dirty_sync_count": info.dirty_sync_count}
@@ -306,33 +316,35 @@ class QemuBench:
                     pass
 
     def restore_once(self, size: int, path: str, prealloc: bool = True) -> dict[str, Any]:
-        """A fresh destination loading ``path`` with ``exec:cat``; wall seconds from
-        ``migrate-incoming`` to its MIGRATION ``completed`` event."""
+        """A fresh QEMU loading ``path`` with ``exec:cat``: wall seconds from the command (the
+        process started) to its MIGRATION ``completed`` event, the guest ready to run, as vmmpy's
+        restore row times ``vmmrun -r`` (``seconds``); and from ``migrate-incoming`` alone
+        (``load_seconds``)."""
         dst = None
         try:
-            memory = "memory-backend-ram" + (",prealloc=on" if prealloc else "")
-            dst = self._vm("restore", size, memory, ["-S", "-incoming", "defer"])
+            dst = self._vm("restore", size, destination_memory(prealloc), ["-S", "-incoming", "defer"])
             _prepare(dst, 0)
             started = time.time()
             dst.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(path)}"})
             done = _completed_at(dst, 120 + 60 * size / GIB)
-            return {"seconds": done - started, "bytes": os.stat(path).st_size}
+            return {"seconds": done - dst.spawned, "load_seconds": done - started, "bytes": os.stat(path).st_size}
         finally:
             if dst is not None:
                 dst.stop()
 
     # --- the measurements vmmpy's rows compare with -------------------------------------------
 
-    def warm(self, gib: int, channels: int = 1, compare: int = 4, unpreallocated: bool = False) -> QemuFigure:
+    def warm(self, gib: int, channels: int = 1, prealloc: bool = True, compare: int | None = None,
+             also_preallocated: bool = False) -> QemuFigure:
         """Paused ``gib`` GiB random guest over one channel (``channels`` 1) or multifd with
-        ``channels``; the figure is that case, the notes carry the other (``compare``), and with
-        ``unpreallocated`` one channel into a destination whose RAM is not preallocated (what an
-        unwired vmmpy destination does). Runs are kept per case, so rows sharing a case share one
-        measurement."""
+        ``channels``, into a destination preallocated or not; the notes carry the same with
+        ``compare`` channels and, with ``also_preallocated``, one channel into a preallocated
+        destination (label ``PREALLOCATED``, which rows judge against). Runs are kept per case,
+        so rows sharing a case share one measurement."""
         try:
-            mine = self._warm_runs(gib, channels)
-            theirs = self._warm_runs(gib, compare) if compare != channels else None
-            fresh = self._warm_runs(gib, 1, prealloc=False) if unpreallocated else None
+            mine = self._warm_runs(gib, channels, prealloc)
+            theirs = self._warm_runs(gib, compare, prealloc) if compare and compare != channels else None
+            filled = self._warm_runs(gib, 1, True) if also_preallocated else None
         finally:
             if gib > 1:
                 self._drop_random(gib)
@@ -342,16 +354,27 @@ class QemuBench:
 
         fig = Figure([gib / r["seconds"] for r in mine], "GiB/s")
         others = {f"{label(channels)} wall": Figure([r["seconds"] for r in mine], "s"),
-                  f"{label(channels)} downtime": Figure([r["downtime_ms"] for r in mine], "ms")}
+                  f"{label(channels)} downtime": Figure([r["downtime_ms"] for r in mine], "ms"),
+                  CPU_PER_GIB: Figure([r["cpu_seconds"] / gib for r in mine], "CPU-s/GiB")}
         if theirs:
             others[label(compare)] = Figure([gib / r["seconds"] for r in theirs], "GiB/s")
             others[f"{label(compare)} wall"] = Figure([r["seconds"] for r in theirs], "s")
-        if fresh:
-            others["one channel, dst not preallocated"] = Figure([gib / r["seconds"] for r in fresh], "GiB/s")
-        return QemuFigure(fig, f"paused {gib} GiB random guest, {label(channels)}, tcp 127.0.0.1, dst prealloc; "
+        if filled:
+            others[PREALLOCATED] = Figure([gib / r["seconds"] for r in filled], "GiB/s")
+        where = "dst prealloc" if prealloc else "dst not preallocated"
+        return QemuFigure(fig, f"paused {gib} GiB random guest, {label(channels)}, tcp 127.0.0.1, {where}; "
                                "migrate -> destination completed", others,
-                          [{"channels": channels, **r} for r in mine] + [{"channels": compare, **r} for r in theirs or []]
-                          + [{"channels": 1, "prealloc": False, **r} for r in fresh or []])
+                          [{"channels": channels, "prealloc": prealloc, **r} for r in mine]
+                          + [{"channels": compare, "prealloc": prealloc, **r} for r in theirs or []]
+                          + [{"channels": 1, "prealloc": True, **r} for r in filled or []])
+
+    def warm_cpu(self, gib: int) -> QemuFigure:
+        """CPU-seconds (source plus destination) per GiB of the one-channel warm migration into
+        a destination not preallocated: the runs ``warm(gib, prealloc=False)`` measured."""
+        runs = self._warm_runs(gib, 1, False)
+        return QemuFigure(Figure([r["cpu_seconds"] / gib for r in runs], "CPU-s/GiB"),
+                          f"user+system CPU of both QEMU processes during the paused {gib} GiB warm migration "
+                          "(one channel, dst not preallocated)", {}, runs)
 
     def _warm_runs(self, gib: int, channels: int, prealloc: bool = True) -> list[dict[str, Any]]:
         key = (gib, channels, prealloc)
@@ -401,11 +424,26 @@ class QemuBench:
             fresh = [self.restore_once(GIB, path, prealloc=False) for _ in range(self.runs)]
         finally:
             _unlink(path)
-        return QemuFigure(Figure([r["bytes"] / r["seconds"] / GIB for r in runs], "GiB/s"),
-                          "fresh QEMU (RAM prealloc) loading a 1 GiB random stream from tmpfs with exec:cat FILE",
-                          {"wall": Figure([r["seconds"] for r in runs], "s"),
-                           "RAM not preallocated": Figure([r["bytes"] / r["seconds"] / GIB for r in fresh], "GiB/s")},
+        return QemuFigure(Figure([r["bytes"] / r["seconds"] / GIB for r in fresh], "GiB/s"),
+                          "a new QEMU (RAM not preallocated, as vmmrun -r's) loading a 1 GiB random stream from tmpfs "
+                          "with exec:cat FILE, from the command to MIGRATION completed",
+                          {"wall": Figure([r["seconds"] for r in fresh], "s"),
+                           "migrate-incoming to completed": Figure([r["bytes"] / r["load_seconds"] / GIB for r in fresh], "GiB/s"),
+                           "RAM preallocated, from the command": Figure([r["bytes"] / r["seconds"] / GIB for r in runs], "GiB/s")},
                           [{"prealloc": True, **r} for r in runs] + [{"prealloc": False, **r} for r in fresh])
+
+
+#: The source's RAM in every case with data: a private mapping of the random file, populated before
+#: the migration is timed (``prealloc=on`` copies each page in), as vmmpy's source is.
+SOURCE_MEMORY = "memory-backend-file,share=off,prealloc=on"
+#: The label of a warm migration into a preallocated destination in ``QemuFigure.others``.
+PREALLOCATED = "one channel, dst preallocated"
+#: The label of the CPU cost in ``QemuFigure.others``.
+CPU_PER_GIB = "CPU-s per GiB"
+
+
+def destination_memory(prealloc: bool) -> str:
+    return "memory-backend-ram" + (",prealloc=on" if prealloc else "")
 
 
 def _unlink(path: str) -> None:
@@ -419,13 +457,14 @@ def _unlink(path: str) -> None:
 # docs/performance.md); rows not listed have no QEMU equivalent here. A vmmpy row with N
 # streams compares with ``q.warm(1, channels=N, compare=1)``.
 WORK: dict[str, Callable[[QemuBench, Any], QemuFigure]] = {
-    "warm-1g": lambda q, ctx: q.warm(1, unpreallocated=True),
+    "warm-1g": lambda q, ctx: q.warm(1, prealloc=False, also_preallocated=True),
+    "warm-1g-cpu": lambda q, ctx: q.warm_cpu(1),
     "warm-1g-wired": lambda q, ctx: q.warm(1),
     "warm-1g-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
     "warm-1g-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
     "warm-1g-wired-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
     "warm-1g-wired-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
-    "warm-4g": lambda q, ctx: q.warm(4, unpreallocated=True),
+    "warm-4g": lambda q, ctx: q.warm(4, prealloc=False, also_preallocated=True),
     "warm-4g-wired": lambda q, ctx: q.warm(4),
     "zero-1g": lambda q, ctx: q.zero(),
     "live-idle": lambda q, ctx: q.live_idle(10),

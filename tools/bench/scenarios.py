@@ -15,6 +15,7 @@ import numpy as np
 from vmmpy import GuestMemory
 
 from . import limits
+from . import qemu as qemu_labels
 from .images import build_image, remove_image
 from .procs import Vmmrun, migrate
 from .stats import Figure, Row
@@ -31,6 +32,7 @@ class Context:
     runs: int
     quick: bool
     deadline: float  # time.monotonic() after which scenarios are skipped
+    busy: bool = False  # a CPU-bound neighbour runs for the whole run (--busy): QEMU targets at 0.9
     limits: dict[str, Figure] = field(default_factory=dict)
     results: dict[str, Row] = field(default_factory=dict)
     images: dict[str, str] = field(default_factory=dict)
@@ -55,11 +57,11 @@ class Context:
 
 
 LIMITS: dict[str, Callable[[Context], Figure]] = {
-    "loopback TCP": lambda c: limits.loopback_tcp(GIB, max(3, c.runs)),
+    "loopback TCP": lambda c: limits.loopback_ceiling(GIB, max(3, c.runs)),
     "memcpy": lambda c: limits.memcpy(GIB, max(3, c.runs)),
     "O_DIRECT write": lambda c: limits.odirect_write(c.disk, GIB, max(3, c.runs)),
-    "loopback TCP x2": lambda c: limits.loopback_tcp_streams(GIB, max(3, c.runs), 2),
-    "loopback TCP x4": lambda c: limits.loopback_tcp_streams(GIB, max(3, c.runs), 4),
+    "loopback TCP x2": lambda c: limits.loopback_ceiling(GIB, max(3, c.runs), 2),
+    "loopback TCP x4": lambda c: limits.loopback_ceiling(GIB, max(3, c.runs), 4),
 }
 
 CONSOLE_IDLE = {"ticks": "0", "every": "0"}  # sleeps in hlt forever, a timer tick every ms
@@ -82,6 +84,11 @@ def _warm(ctx: Context, name: str, image: str, memsize: str, runs: int, wired: b
 
 
 def warm_random(gib: int, wired: bool = False):
+    """Warm migration of ``gib`` GiB of random memory, one stream. Issue 16's targets, judged
+    against QEMU in the same run: unwired (vmmrun -R's default), at least 1.2 x QEMU into a
+    destination not preallocated and 1.0 x into a preallocated one; wired, 1.0 x preallocated.
+    The unwired 1 GiB scenario also gives ``warm-1g-cpu``: CPU-seconds per GiB moved, source
+    plus destination, from the same runs."""
     def scenario(ctx: Context) -> list[Row]:
         image = random_image(ctx, gib, wired)
         try:
@@ -94,13 +101,20 @@ def warm_random(gib: int, wired: bool = False):
         how = "both sides wired (-S: memory populated up front, as QEMU's prealloc=on)" if wired else "unwired destination"
         row = Row(f"warm-{gib}g{'-wired' if wired else ''}", f"warm migration, {gib} GiB random memory, paused guest, one stream, {how}", rate,
                   "loopback TCP", tcp, rate.median / tcp.median,
-                  target=">= 0.85 x loopback TCP", met=rate.median >= 0.85 * tcp.median)
+                  target=">= 0.85 x loopback TCP", met=rate.median >= 0.85 * tcp.median,
+                  qemu_min=1.0 if wired else 1.2, qemu_also={} if wired else {qemu_labels.PREALLOCATED: 1.0})
         row.extra = {"seconds": seconds, "downtime_ms": [st["downtime_ms"] for st in stats],
-                     "bytes_total": stats[0]["bytes_total"], "downtime_breakdown": stats[-1]["downtime_breakdown"]}
-        row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}; "
-                         "QEMU 7.2 anchor (dst prealloc): 0.70-0.86 s single channel")
-        ctx.results[row.scenario] = row
-        return [row]
+                     "bytes_total": stats[0]["bytes_total"], "downtime_breakdown": stats[-1]["downtime_breakdown"],
+                     "cpu_seconds": [st["cpu_seconds"] for st in stats]}
+        row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}")
+        rows = [row]
+        if gib == 1 and not wired:
+            cpu = Figure([st["cpu_seconds"] / gib for st in stats], "CPU-s/GiB")
+            rows.append(Row("warm-1g-cpu", "CPU-seconds per GiB migrated (source plus destination, user and system), "
+                            "the warm-1g runs", cpu, qemu_min=1.0))
+        for r in rows:
+            ctx.results[r.scenario] = r
+        return rows
     return scenario
 
 
@@ -183,25 +197,22 @@ def warm_tls(ctx: Context) -> list[Row]:
     return [row]
 
 
-QEMU_MULTIFD4_S = 0.45  # QEMU 7.2, 1 GiB random memory warm over loopback, 4 multifd channels: 0.45-0.63 s
-
-
 def warm_streams(streams: int, wired: bool = False):
-    """Issue 8: with ``--streams N`` (pages over N connections at once), faster than QEMU with 4
-    multifd channels. Printed beside one loopback stream (what ``warm-1g`` is held to) with N
-    loopback streams at once in the notes: on a machine with fewer cores than streams, N streams
-    share the same CPUs, and that figure says how much parallel TCP itself gains here."""
+    """Issue 16: with ``--streams N`` (pages over N connections at once), at least as fast as
+    QEMU's multifd with N channels into a preallocated destination, measured in the same run.
+    Printed beside one loopback stream (what ``warm-1g`` is held to) with N loopback streams at
+    once in the notes: on a machine with fewer cores than streams, N streams share the same
+    CPUs, and that figure says how much parallel TCP itself gains here."""
     def scenario(ctx: Context) -> list[Row]:
         image = random_image(ctx, 1, wired)
         seconds, stats = _warm(ctx, f"warm1s{streams}", image, "1G", ctx.runs, wired, params={"streams": streams})
         tcp = ctx.limit("loopback TCP")
         tcp_n = ctx.limit(f"loopback TCP x{streams}")
         rate = Figure([1 / s for s in seconds], "GiB/s")
-        goal = 1 / QEMU_MULTIFD4_S
         how = "both sides wired (-S)" if wired else "unwired destination"
         name = f"warm-1g{'-wired' if wired else ''}-streams{streams}"
-        row = Row(name, f"warm migration, 1 GiB random memory, paused guest, {streams} parallel streams (--streams), {how}", rate, "loopback TCP", tcp, rate.median / tcp.median,
-                  target=f">= {goal:.2f} GiB/s (1 GiB in <= {QEMU_MULTIFD4_S} s)", met=rate.median >= goal)
+        row = Row(name, f"warm migration, 1 GiB random memory, paused guest, {streams} parallel streams (--streams), {how}", rate,
+                  "loopback TCP", tcp, rate.median / tcp.median, qemu_min=1.0)
         row.extra = {"seconds": seconds, "downtime_ms": [st["downtime_ms"] for st in stats], "bytes_total": stats[0]["bytes_total"],
                      "streams": stats[0].get("streams"), "stream_bytes": stats[-1]["rounds"][0].get("stream_bytes"),
                      "loopback_tcp_streams": tcp_n.to_dict()}
@@ -209,7 +220,7 @@ def warm_streams(streams: int, wired: bool = False):
         one = ctx.results.get(single)
         versus = f"; one stream ({single}) {one.figure.text()} in this run" if one is not None and one.figure else ""
         row.notes.append(f"wall {Figure(seconds, 's').text()}; {streams} loopback streams at once {tcp_n.text()}{versus}; "
-                         f"QEMU 7.2 anchor: 0.45-0.63 s with 4 multifd channels; {os.cpu_count()} CPUs here")
+                         f"{os.cpu_count()} CPUs here")
         ctx.results[row.scenario] = row
         return [row]
     return scenario
@@ -224,7 +235,6 @@ def zero_1g(ctx: Context) -> list[Row]:
     fig = Figure([s * 1000 for s in seconds], "ms")
     row = Row("zero-1g", "warm migration, 1 GiB guest never touched (only the 2 MiB image)", fig,
               target="<= 20 ms", met=fig.median <= 20)
-    row.notes.append("QEMU 7.2 anchor: about 200 ms for 1 GiB of zeros")
     ctx.results[row.scenario] = row
     return [row]
 
@@ -291,8 +301,8 @@ def live_idle(ctx: Context) -> list[Row]:
         totals.append(s)
     fig = Figure(downtimes, "ms")
     row = Row("live-idle", "live migration, idle running guest (console, 1 GiB random): downtime", fig,
-              target="<= 10 ms", met=fig.median <= 10)
-    row.notes.append(f"total {Figure(totals, 's').text()}; QEMU 7.2 anchor: about 250 ms downtime (300 ms limit)")
+              target="<= 10 ms", met=fig.median <= 10, qemu_min=1.0)
+    row.notes.append(f"total {Figure(totals, 's').text()}")
     ctx.results[row.scenario] = row
     return [row]
 
@@ -358,7 +368,6 @@ def checkpoint(where: str):
         else:
             lim = ctx.limit("memcpy")
             row = Row("checkpoint-tmpfs", f"checkpoint 1 GiB random to tmpfs ({ctx.shm})", fig, "memcpy", lim, fig.median / lim.median)
-        row.notes.append("QEMU 7.2 anchor: 1.7-1.9 s for 1 GiB to a file")
         ctx.results[row.scenario] = row
         return [row]
     return scenario
@@ -378,11 +387,12 @@ def restore(ctx: Context) -> list[Row]:
         image = random_image(ctx, 1) if gib == 1 else ctx.image(f"sparse{gib}g", memsize=gib * GIB, guest="console",
                                                                 guest_args=CONSOLE_IDLE, random_bytes=data)
         ckpt = read_checkpoint(image, registry)
-        eager, lazy = [], []
-        for _ in range(ctx.runs):
+        eager, memory_only, lazy = [], [], []
+        for i in range(ctx.runs):
+            eager.append(_command_to_ready(ctx, f"rst{gib}-{i}", image))
             started = time.perf_counter()
             mem = restore_memory(ckpt, "eager", dirty_tracking="soft")  # vmmrun's default
-            eager.append(time.perf_counter() - started)
+            memory_only.append(time.perf_counter() - started)
             mem.close()
         for _ in range(max(5, ctx.runs)):
             started = time.perf_counter()
@@ -391,15 +401,31 @@ def restore(ctx: Context) -> list[Row]:
             mem.close()
         data_bytes = os.stat(image).st_blocks * 512
         rate = Figure([data_bytes / s / GIB for s in eager], "GiB/s")
-        row = Row(f"restore-eager-{gib}g", f"eager restore {gib} GiB guest ({data_bytes / GIB:.2f} GiB data) from tmpfs, verified",
-                  rate, "memcpy", memcpy, rate.median / memcpy.median, target=">= 2 GiB/s", met=rate.median >= 2)
-        row.notes.append(f"wall {Figure(eager, 's').text()}; QEMU 7.2 anchor: 1.0-1.3 s for 1 GiB, 5 s for 4 GiB")
+        memory_rate = Figure([data_bytes / s / GIB for s in memory_only], "GiB/s")
+        row = Row(f"restore-eager-{gib}g", f"eager restore {gib} GiB guest ({data_bytes / GIB:.2f} GiB data) from tmpfs, verified: "
+                  "vmmrun -r from the command to the guest ready to run", rate, "memcpy", memcpy, rate.median / memcpy.median,
+                  target="memory alone >= 2 GiB/s", met=memory_rate.median >= 2, qemu_min=1.5 if gib == 1 else None)
+        row.notes.append(f"wall {Figure(eager, 's').text()}; the memory alone (restore_memory() in this process) "
+                         f"{Figure(memory_only, 's').text()}, {memory_rate.text()}")
         lz = Figure(lazy, "ms")
         rows += [row, Row(f"restore-lazy-{gib}g", f"lazy restore {gib} GiB guest (nothing read until used)", lz, target="<= 5 ms",
                           met=lz.median <= 5)]
     for r in rows:
         ctx.results[r.scenario] = r
     return rows
+
+
+def _command_to_ready(ctx: Context, name: str, image: str) -> float:
+    """Seconds from starting ``vmmrun -r IMAGE --pause-at=0`` to its control socket saying the
+    guest is paused, ready to run: process start, imports, metadata, memory, devices. What QEMU's
+    restore figure times too (``QemuBench.restore_once``)."""
+    started = time.perf_counter()
+    vm = Vmmrun(ctx.work, f"{name}-{os.getpid()}", "-r", image, "--pause-at=0")
+    try:
+        vm.wait_state(("paused",), poll=0.002)
+        return time.perf_counter() - started
+    finally:
+        vm.stop()
 
 
 def harvest(ctx: Context) -> list[Row]:

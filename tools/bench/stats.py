@@ -13,6 +13,7 @@ class Figure:
 
     values: list[float]
     unit: str
+    how: str = ""  # how it was measured, where a reader needs it (the limits)
 
     @property
     def median(self) -> float:
@@ -35,7 +36,8 @@ class Figure:
         return f"{fmt} [{_fmt(self.low)}-{_fmt(self.high)}] {self.unit}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.low, "max": self.high, "unit": self.unit, "runs": list(self.values)}
+        d = {"median": self.median, "min": self.low, "max": self.high, "unit": self.unit, "runs": list(self.values)}
+        return {**d, "how": self.how} if self.how else d
 
 
 def _fmt(x: float) -> str:
@@ -71,6 +73,8 @@ class Row:
     qemu_detail: dict[str, Any] = field(default_factory=dict)
     target: str = ""
     met: bool | None = None
+    qemu_min: float | None = None
+    qemu_also: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None

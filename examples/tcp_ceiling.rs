@@ -1,0 +1,161 @@
+//! The loopback TCP ceiling the benchmark holds vmmpy's migrations against: how fast this machine
+//! moves bytes from one process to another over 127.0.0.1, with native code on both ends and
+//! nothing else to do (no framing, no guest memory to fill, a receive buffer that stays in cache).
+//! A migration cannot beat it, so a ratio above 1 against it means a broken measurement.
+//!
+//!     cargo run --release --example tcp_ceiling -- BYTES STREAMS BUFFER
+//!
+//! BUFFER is the SO_SNDBUF/SO_RCVBUF asked for on every socket, or 0 to leave the kernel's
+//! autotuning alone. The parent sends; a child process (this program again, `receive` mode)
+//! listens, receives BYTES in all over STREAMS connections at once and answers one byte when it
+//! has every one. Printed: one line, `gib_per_s=<rate>`, timed from the first send to that answer.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Command, ExitCode, Stdio};
+use std::thread;
+use std::time::Instant;
+
+const CHUNK: usize = 1 << 20;
+
+fn set_buffer(sock: &TcpStream, opt: libc::c_int, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let value = bytes as libc::c_int;
+    // SAFETY: a valid socket and a pointer to a c_int of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        eprintln!("tcp_ceiling: setsockopt: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn receive(streams: usize, buffer: usize) -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    println!("{}", listener.local_addr().map_err(|e| e.to_string())?.port());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut conns = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let (sock, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        set_buffer(&sock, libc::SO_RCVBUF, buffer);
+        conns.push(sock);
+    }
+    let first = conns[0].try_clone().map_err(|e| e.to_string())?;
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut sock| {
+            thread::spawn(move || -> std::io::Result<u64> {
+                let mut buf = vec![0u8; CHUNK];
+                let mut got = 0u64;
+                loop {
+                    match sock.read(&mut buf)? {
+                        0 => return Ok(got),
+                        n => got += n as u64,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0u64;
+    for w in workers {
+        total += w.join().map_err(|_| "a receiver thread panicked".to_string())?.map_err(|e| format!("recv: {e}"))?;
+    }
+    (&first).write_all(&total.to_le_bytes()).map_err(|e| format!("answer: {e}"))?;
+    Ok(())
+}
+
+fn send(bytes: u64, streams: usize, buffer: usize) -> Result<f64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["receive", &streams.to_string(), &buffer.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the receiver: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
+    let port: u16 = line.trim().parse().map_err(|_| format!("the receiver said {line:?}, not a port"))?;
+    let mut conns = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        set_buffer(&sock, libc::SO_SNDBUF, buffer);
+        conns.push(sock);
+    }
+    // Incompressible bytes, so nothing on the path could shortcut them (loopback does not compress,
+    // but the ceiling should not depend on knowing that).
+    let mut payload = vec![0u8; CHUNK];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for b in payload.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let payload = std::sync::Arc::new(payload);
+    let share = bytes / streams as u64;
+    let first = conns[0].try_clone().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let senders: Vec<_> = conns
+        .into_iter()
+        .map(|mut sock| {
+            let payload = payload.clone();
+            thread::spawn(move || -> std::io::Result<()> {
+                let mut left = share;
+                while left > 0 {
+                    let n = left.min(CHUNK as u64) as usize;
+                    sock.write_all(&payload[..n])?;
+                    left -= n as u64;
+                }
+                sock.shutdown(Shutdown::Write)
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().map_err(|_| "a sender thread panicked".to_string())?.map_err(|e| format!("send: {e}"))?;
+    }
+    let mut answer = [0u8; 8];
+    (&first).read_exact(&mut answer).map_err(|e| format!("the receiver did not answer: {e}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let got = u64::from_le_bytes(answer);
+    if !status.success() || got != share * streams as u64 {
+        return Err(format!("the receiver got {got} of {} bytes ({status})", share * streams as u64));
+    }
+    Ok(got as f64 / seconds / (1u64 << 30) as f64)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
+    let result = match args.first().map(String::as_str) {
+        Some("receive") => match (number(1), number(2)) {
+            (Some(streams), Some(buffer)) if streams > 0 => receive(streams as usize, buffer as usize).map(|()| None),
+            _ => Err("receive STREAMS BUFFER".into()),
+        },
+        _ => match (number(0), number(1), number(2)) {
+            (Some(bytes), Some(streams), Some(buffer)) if streams > 0 && bytes > 0 => {
+                send(bytes, streams as usize, buffer as usize).map(Some)
+            }
+            _ => Err("usage: tcp_ceiling BYTES STREAMS BUFFER (BUFFER 0: kernel autotuning)".into()),
+        },
+    };
+    match result {
+        Ok(Some(rate)) => {
+            println!("gib_per_s={rate:.4}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tcp_ceiling: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
