@@ -48,8 +48,14 @@ DigestTracker = _core.DigestTracker
 ProgressMeter = _core.ProgressMeter
 
 
-def _fileno(fd) -> int:
-    return fd if isinstance(fd, int) else fd.fileno()
+def _fileno(fd):
+    """An fd for the page calls: ``fd`` itself, the fd of an object with ``fileno()``, or what an
+    object's ``core_link`` names instead (a TLS connection's session in the core, which the page
+    calls write to and read from in place of the raw socket)."""
+    if isinstance(fd, (int, _core.TlsStream)):
+        return fd
+    link = getattr(fd, "core_link", None)
+    return link if link is not None else fd.fileno()
 
 
 class CheckpointLog:

@@ -1,7 +1,6 @@
 //! Bindings for a round's page streams: harvest a round once and send it over several fds at
 //! once, and receive one stream's share of a round, each with the GIL released for the whole call.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
@@ -11,6 +10,7 @@ use pyo3::types::{PyDict, PyList};
 use super::memory::PyGuestMemory;
 use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
 use super::progress::{meter_of, PyProgressMeter};
+use super::tls::{Endpoint, OwnedEndpoint};
 use crate::digest::PageError;
 use crate::wire::{self, BatchTotals, PageRange, MAX_STREAMS};
 
@@ -51,7 +51,7 @@ impl PyPageBudget {
 fn recv_share<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fd: RawFd,
+    fd: Endpoint,
     budget: PyRef<'py, PyPageBudget>,
     compressed: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
@@ -61,8 +61,10 @@ fn recv_share<'py>(
     let mem = memory.inner.clone();
     let budget = budget.inner.clone();
     let meter = meter_of(meter);
-    let totals =
-        py.detach(move || wire::recv_share(fd, &mem, tracker.as_deref(), &budget, compressed, meter.as_deref())).map_err(page_error)?;
+    let end = fd.owned();
+    let totals = py
+        .detach(move || wire::recv_share(end.link(), &mem, tracker.as_deref(), &budget, compressed, meter.as_deref()))
+        .map_err(page_error)?;
     totals_dict(py, &totals)
 }
 
@@ -79,7 +81,7 @@ fn recv_share<'py>(
 fn send_pages_multi<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fds: Vec<RawFd>,
+    fds: Vec<Endpoint>,
     all_pages: bool,
     detect_zero: bool,
     chunk_pages: u32,
@@ -95,6 +97,7 @@ fn send_pages_multi<'py>(
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let meter = meter_of(meter);
+    let ends: Vec<OwnedEndpoint> = fds.iter().map(Endpoint::owned).collect();
     let per_stream = py
         .detach(move || -> Result<Vec<BatchTotals>, PageError> {
             let mut chunks: Vec<Vec<PageRange>> = Vec::new();
@@ -108,7 +111,8 @@ fn send_pages_multi<'py>(
                 };
                 chunks.extend(wire::split_batches(&ranges, chunk_pages));
             }
-            wire::send_chunks(&fds, &mem, &chunks, tracker.as_deref(), meter.as_deref())
+            let links: Vec<wire::Link<'_>> = ends.iter().map(OwnedEndpoint::link).collect();
+            wire::send_chunks(&links, &mem, &chunks, tracker.as_deref(), meter.as_deref())
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();

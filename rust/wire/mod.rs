@@ -23,6 +23,7 @@ mod fdio;
 mod ranges;
 mod stall;
 mod streams;
+mod tls;
 
 pub use batch::{
     decode_header as decode_batch_header, end_of_round_batch, split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES,
@@ -30,8 +31,10 @@ pub use batch::{
 };
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_metered, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
+pub use fdio::Link;
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
 pub use streams::{recv_share, send_chunks, PageBudget, MAX_STREAMS};
+pub use tls::{HandshakeFailure, IdentityError, RecvError, Side, TlsIdentity, TlsStream, Wait};
 
 use crate::digest::PageError;
 use crate::memory::Segment;

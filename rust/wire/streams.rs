@@ -15,11 +15,11 @@
 //! This file decides nothing about which pages a round carries (the caller harvests), nor what a
 //! stream is beyond an fd the caller owns and keeps open for the call.
 
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
 use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals};
+use super::fdio::Link;
 use crate::digest::DigestTracker;
 use crate::digest::PageError;
 use crate::memory::GuestMemory;
@@ -42,8 +42,8 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 /// send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
 /// `meter`, when given, is told the chunks' pages first and advances as every stream writes.
-pub fn send_chunks(
-    fds: &[RawFd],
+pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
+    fds: &[L],
     mem: &GuestMemory,
     chunks: &[Vec<PageRange>],
     tracker: Option<&DigestTracker>,
@@ -66,6 +66,7 @@ pub fn send_chunks(
             .iter()
             .enumerate()
             .map(|(index, &fd)| {
+                let fd: Link<'a> = fd.into();
                 let (next, failed, first_failure) = (&next, &failed, &first_failure);
                 scope.spawn(move || {
                     let mut totals = BatchTotals::default();
@@ -157,19 +158,20 @@ impl PageBudget {
 /// totals, `wire_bytes` including the end marker. The first failure is returned as it happened
 /// (a timeout names the peer); pages of batches already received stay written. `meter`, when
 /// given, advances as the pages arrive (the streams of a round may share one).
-pub fn recv_share(
-    fd: RawFd,
+pub fn recv_share<'a>(
+    link: impl Into<Link<'a>>,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
     budget: &PageBudget,
     compressed: bool,
     meter: Option<&Meter>,
 ) -> Result<BatchTotals, PageError> {
+    let link = link.into();
     let mut totals = BatchTotals::default();
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let stats = recv_batch_admitted(fd, mem, tracker, meter, |batch| {
+        let stats = recv_batch_admitted(link, mem, tracker, meter, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);
             }

@@ -39,7 +39,7 @@ from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, Mig
 from .net import CancelWatcher, Channel, connect, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
-from .tls import TlsConfig, with_relay_error, wrap_tls
+from .tls import TlsConfig, with_tls_error, wrap_tls
 
 PhaseHook = Callable[[str], None]
 
@@ -524,7 +524,7 @@ class _Source:
         if watcher is not None:
             watcher.watch(sock)
         if self.tls is not None:
-            sock = wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+            sock = wrap_tls(sock, self.tls, server_side=False,
                             server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
             if watcher is not None:
                 watcher.watch(sock)
@@ -618,7 +618,7 @@ class _Source:
         wrap = None
         if self.tls is not None:  # each data connection is mutual TLS too, as the main one
             def wrap(sock: socket.socket) -> socket.socket:
-                return wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+                return wrap_tls(sock, self.tls, server_side=False,
                                 server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
         socks = open_data_streams(self.host, self.port, grant, key=self.key, hello=hello, challenge=challenge,
                                   connect_timeout=p.connect_timeout, handshake_timeout=p.handshake_timeout, watcher=self.watcher,
@@ -755,7 +755,7 @@ class _Source:
         else:
             message = f"{type(err).__name__} during {self.phase}: {err}"
         if not cancelled and self.chan is not None:
-            message = with_relay_error(message, self.chan.sock)
+            message = with_tls_error(message, self.chan.sock)
         if self.committed:
             if (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION:
                 # The decision was commit but nothing confirmed it: never resume, never stop.
