@@ -349,6 +349,8 @@ def send_pages_multi(
     chunk_pages: int = ...,
     tracker: DigestTracker | None = None,
     meter: ProgressMeter | None = None,
+    compress: Compress = "off",
+    link_rate: float | None = None,
 ) -> dict[str, Any]: ...
 # ---- TLS ended in the core (rust/python/tls.rs) ---------------------------------------------------
 

@@ -7,6 +7,10 @@
 //! left, and ends its fd's share with an empty batch (the end-of-round marker a migration
 //! receiver waits for).
 //!
+//! With compression (`send_chunks_compressed`) each stream's thread has a compressor of its own
+//! (`compress`), which sends each chunk it takes as LZ4 batches where that pays, as one stream
+//! would: the receivers already take compressed batches on every stream the session agreed to.
+//!
 //! Chunks are taken as streams become free rather than dealt out in equal shares up front, so a
 //! stream whose reader is slower carries less and the round ends when the last chunk lands, not
 //! when the slowest stream's fixed share does. Every page of the round goes in exactly one chunk,
@@ -19,11 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
 use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals};
+use super::compress::{CompressMode, Compressor};
 use super::fdio::Link;
 use crate::digest::DigestTracker;
 use crate::digest::PageError;
 use crate::memory::GuestMemory;
-use crate::progress::Meter;
+use crate::progress::{self, Meter};
 
 /// The most fds `send_chunks` drives at once.
 pub const MAX_STREAMS: usize = 16;
@@ -49,6 +54,22 @@ pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
 ) -> Result<Vec<BatchTotals>, PageError> {
+    let sent = send_chunks_compressed(fds, mem, chunks, tracker, meter, CompressMode::Off, None)?;
+    Ok(sent.into_iter().map(|(totals, _)| totals).collect())
+}
+
+/// [`send_chunks`], each stream sending its chunks through a compressor of its own in `mode`
+/// (none for `CompressMode::Off`) that believes its stream carries `link_hint` bytes/s. Returns
+/// each fd's totals and its compressor (attempts, the link rate it measured).
+pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
+    fds: &[L],
+    mem: &GuestMemory,
+    chunks: &[Vec<PageRange>],
+    tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
+    mode: CompressMode,
+    link_hint: Option<f64>,
+) -> Result<Vec<(BatchTotals, Option<Compressor>)>, PageError> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
     }
@@ -61,7 +82,7 @@ pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
-    let results: Vec<Result<BatchTotals, PageError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<(BatchTotals, Option<Compressor>), PageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = fds
             .iter()
             .enumerate()
@@ -70,6 +91,7 @@ pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
                 let (next, failed, first_failure) = (&next, &failed, &first_failure);
                 scope.spawn(move || {
                     let mut totals = BatchTotals::default();
+                    let mut compressor = (mode != CompressMode::Off).then(|| Compressor::new(mode, link_hint));
                     let outcome = (|| {
                         while !failed.load(Ordering::Relaxed) {
                             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -78,12 +100,18 @@ pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
                                 send_batch_metered(fd, mem, &[], None, meter)?;
                                 return Ok(());
                             };
-                            totals.add(send_batch_metered(fd, mem, chunk, tracker, meter)?);
+                            match compressor.as_mut() {
+                                Some(c) => c.send_ranges(fd, mem, chunk, tracker, |s| {
+                                    progress::advance(meter, s.data_pages + s.zero_pages, s.data_pages, s.wire_bytes);
+                                    totals.add(s)
+                                })?,
+                                None => totals.add(send_batch_metered(fd, mem, chunk, tracker, meter)?),
+                            }
                         }
                         Ok(())
                     })();
                     match outcome {
-                        Ok(()) => Ok(totals),
+                        Ok(()) => Ok((totals, compressor)),
                         Err(err) => {
                             failed.store(true, Ordering::Relaxed);
                             let _ = first_failure.compare_exchange(usize::MAX, index, Ordering::AcqRel, Ordering::Acquire);
