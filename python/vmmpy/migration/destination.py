@@ -593,7 +593,7 @@ class _Receiver:
         self.watcher.watch(self.conn)
         set_io_timeout(self.conn, self.params.handshake_timeout)
         if self.tls is not None:
-            # The relay owns the TCP socket from here; closing self.conn closes both.
+            # The TLS socket is the TCP socket from here (the old object is detached from it).
             self.conn = wrap_tls(self.conn, self.tls, server_side=True,
                                  timeout=self.params.handshake_timeout)
             self.watcher.watch(self.conn)

@@ -26,7 +26,8 @@ from . import protocol as P
 from .errors import AuthenticationError, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused
 from .net import send_timeout, set_io_timeout, shutdown_quietly
 
-#: How long closing waits at most for close_notify to leave when the socket has no send timeout.
+#: How long closing waits at most for close_notify to leave (a peer that stopped reading must not
+#: hold a close for the whole send timeout).
 CLOSE_NOTIFY_TIMEOUT = 1.0
 
 _TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a ClientHello
@@ -154,8 +155,7 @@ class TlsSocket(socket.socket):
         tls, self.tls = self.tls, None
         if tls is not None and self.fileno() != -1:
             try:
-                if send_timeout(self) is None:
-                    set_io_timeout(self, CLOSE_NOTIFY_TIMEOUT)
+                set_io_timeout(self, min(send_timeout(self) or CLOSE_NOTIFY_TIMEOUT, CLOSE_NOTIFY_TIMEOUT))
                 tls.close_notify()
                 shutdown_quietly(self, socket.SHUT_WR)
             except OSError:
