@@ -8,10 +8,12 @@ import time
 
 
 class Proxy:
-    def __init__(self, target: tuple[str, int], *, cut_after: int | None = None, flip_at: int | None = None) -> None:
+    def __init__(self, target: tuple[str, int], *, cut_after: int | None = None, flip_at: int | None = None,
+                 garbage: int = 1) -> None:
         self.target = target
         self.cut_after = cut_after
         self.flip_at = flip_at
+        self.garbage = garbage  # bytes from flip_at on that are overwritten (1: one byte flipped)
         self.forwarded = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -33,8 +35,9 @@ class Proxy:
                 if not data:
                     break
                 start = self.forwarded
-                if self.flip_at is not None and start <= self.flip_at < start + len(data):
-                    data[self.flip_at - start] ^= 0xFF
+                if self.flip_at is not None:
+                    for at in range(max(start, self.flip_at), min(start + len(data), self.flip_at + self.garbage)):
+                        data[at - start] ^= 0xFF
                 if self.cut_after is not None and start + len(data) >= self.cut_after:
                     upstream.sendall(data[: self.cut_after - start])
                     self.forwarded = self.cut_after

@@ -14,7 +14,7 @@ from vmmpy import _core
 PACKAGE = Path(vmmpy.__file__).parent
 STUB = PACKAGE / "_core.pyi"
 # Names the stub declares for its own use (type aliases), not part of the module.
-STUB_ONLY = {"DirtyTracking", "Compress"}
+STUB_ONLY = {"DirtyTracking", "Compress", "Endpoint"}
 
 
 def _stub() -> tuple[set[str], dict[str, set[str]]]:

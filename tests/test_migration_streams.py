@@ -39,16 +39,24 @@ def _ballast() -> np.ndarray:
     return np.random.default_rng(8).integers(0, 256, BALLAST, dtype=np.uint8)
 
 
+def _compressible_ballast() -> np.ndarray:
+    """Half random pages, half a pattern LZ4 shrinks: compression must pay on some batches and
+    be passed over on others."""
+    data = _ballast()
+    data[BALLAST // 2:] = (np.arange(BALLAST // 2) % 251 + 1).astype(np.uint8)
+    return data
+
+
 # Long enough (800 timer ticks) that a live migration started at its beginning ends before it does.
 LONG_BUSY = BUSY.replace("        cmp r15, 40\n", "        cmp r15, 800\n")
 assert LONG_BUSY != BUSY
 
 
-def _boot_with_ballast(name: str, program: str, pause_at=None):
+def _boot_with_ballast(name: str, program: str, pause_at=None, ballast=_ballast):
     console = CaptureConsole()
     machine = Machine(VmConfig(name=name, memsize=64 << 20), consoles={"com1": console})
     machine.setup_memory()
-    machine.vm.memory.write(BALLAST_GPA, _ballast())
+    machine.vm.memory.write(BALLAST_GPA, ballast())
     machine.load_program(assemble(program))
     machine.pause_at = pause_at
     machine.start(serve_control=False)
@@ -57,39 +65,59 @@ def _boot_with_ballast(name: str, program: str, pause_at=None):
     return machine, console
 
 
-@pytest.mark.covers(operation="migrate-{live}", guest="busy", via="machine", streams="{streams}", key=True)
-@pytest.mark.parametrize("streams", [2, 4])
-@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
-def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, streams):
+def _move_machine_over_streams(tag: str, live: bool, params: MigrationParams, ballast=_ballast):
+    """Run the busy guest to its end unmigrated, then again migrated (warm or live) with
+    ``params``; the migrated run must end exactly as the unmigrated one, its console split
+    between source and destination. Returns the source's and destination's records."""
     program = LONG_BUSY if live else BUSY
-    reference, ref_console = _boot_with_ballast("st-ref", program)
+    reference, ref_console = _boot_with_ballast(f"{tag}-ref", program, ballast=ballast)
     assert run_to_end(reference, timeout=120) == EXIT_POWEROFF
     expected = final_state(reference)
     # Paused early; a live migration lets it run again right as the migration starts.
-    source, src_console = _boot_with_ballast(f"st-src-{streams}", program, pause_at=1_000_001 if live else 2_000_001)
+    source, src_console = _boot_with_ballast(f"{tag}-src", program, pause_at=1_000_001 if live else 2_000_001, ballast=ballast)
     dst_console = CaptureConsole()
-    target = Machine(VmConfig(name=f"st-dst-{streams}", memsize=64 << 20), consoles={"com1": dst_console})
+    target = Machine(VmConfig(name=f"{tag}-dst", memsize=64 << 20), consoles={"com1": dst_console})
     target.setup_memory()
     try:
         d = DestinationThread(MachineHandle(target), key=KEY)
         if live:
             source.resume()
-        stats = migrate(MachineHandle(source), d.host, d.port, live=live, key=KEY, params=MigrationParams(streams=streams))
+        stats = migrate(MachineHandle(source), d.host, d.port, live=live, key=KEY, params=params)
         dstats = d.join()
         assert stats.status == "completed", stats.error
         assert dstats.status == "completed", dstats.error
-        assert stats.streams == dstats.streams == streams and stats.protocol_version >= P.STREAMS_VERSION
+        assert stats.streams == dstats.streams == params.streams and stats.protocol_version >= P.STREAMS_VERSION
         round0 = stats.rounds[0]
-        assert len(round0.stream_bytes) == streams and sum(round0.stream_bytes) == round0.bytes
+        assert len(round0.stream_bytes) == params.streams and sum(round0.stream_bytes) == round0.bytes
         assert sum(1 for b in round0.stream_bytes if b > 4 * MiB) >= 2, f"round 0 was not spread: {round0.stream_bytes}"
         assert [r.stream_bytes for r in dstats.rounds] == [r.stream_bytes for r in stats.rounds]
         assert source.wait(10) == 0, "the source machine stops once the guest lives on the destination"
         assert run_to_end(target, timeout=120) == EXIT_POWEROFF
         assert final_state(target) == expected
         assert bytes(src_console.output) + bytes(dst_console.output) == ref_console.output
+        return stats, dstats
     finally:
         source.close()
         target.close()
+
+
+@pytest.mark.covers(operation="migrate-{live}", guest="busy", via="machine", streams="{streams}", key=True)
+@pytest.mark.parametrize("streams", [2, 4])
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+def test_a_machine_moved_over_parallel_streams_ends_as_an_unmigrated_run(live, streams):
+    _move_machine_over_streams(f"st{streams}", live, MigrationParams(streams=streams))
+
+
+@pytest.mark.covers(operation="migrate-{live}", guest="busy", via="machine", streams=2, key=True, compress="lz4")
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+def test_a_machine_moved_over_streams_with_compression_ends_as_an_unmigrated_run(live):
+    stats, dstats = _move_machine_over_streams("stz", live, MigrationParams(streams=2, compress="lz4"),
+                                               ballast=_compressible_ballast)
+    assert stats.compression == dstats.compression == "lz4", stats.notes
+    round0 = stats.rounds[0]
+    assert round0.compressed_batches > 0 and round0.saved_bytes > 8 * MiB, (round0.compressed_batches, round0.saved_bytes)
+    assert round0.bytes < BALLAST, "what compression saved did not go on the wire"
+    assert [r.compressed_batches for r in dstats.rounds] == [r.compressed_batches for r in stats.rounds]
 
 
 # -- the migration test guest: exact over several live rounds ---------------------------------------
@@ -457,7 +485,7 @@ def test_vmmctl_streams_moves_a_guest_between_processes_exactly(tmp_path):
 # -- with mutual TLS: every connection is TLS ----------------------------------------------------------
 
 
-@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", streams=3, tls=True, key=True)
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", streams=3, tls=True, key=True, compress="lz4")
 def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is_refused(guests, tmp_path):
     from .test_migration_tls import TlsDestination
     from .tls_pki import Pki
@@ -474,12 +502,12 @@ def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is
             conn.sendall(STRANGERS["wrong token"])
             threading.Thread(target=lambda: (_answer(conn), conn.close()), daemon=True).start()
 
-    stats = migrate(src, d.host, d.port, live=True, key=KEY, tls=pki.source(), params=MigrationParams(streams=3, max_rounds=5),
-                    on_phase=intrude)
+    stats = migrate(src, d.host, d.port, live=True, key=KEY, tls=pki.source(),
+                    params=MigrationParams(streams=3, max_rounds=5, compress="lz4"), on_phase=intrude)
     dstats = d.join()
     assert stats.status == "completed", stats.error
     assert dstats.status == "completed", dstats.error
-    assert stats.streams == dstats.streams == 3
+    assert stats.streams == dstats.streams == 3 and stats.compression == "lz4"
     assert sum(1 for n in dstats.notes if n.startswith("encrypted with TLSv1.3")) == 1, dstats.notes
     refusals = [n for n in dstats.notes if n.startswith("refused a data connection")]
     assert len(refusals) == 1 and "TLS handshake failed" in refusals[0], dstats.notes

@@ -4,11 +4,11 @@ written as PEM files under the test's tmp_path (nothing is committed; every run 
 from __future__ import annotations
 
 import datetime
-import ssl
 from pathlib import Path
 
 import trustme
 
+from vmmpy import _core
 from vmmpy.migration.tls import TlsConfig
 
 
@@ -61,9 +61,6 @@ class NoCertificate(TlsConfig):
     """What vmmctl never builds (it requires --tls-cert): a TLS 1.3 client that checks the
     destination against ``ca`` and shows none of its own, as a stranger's client would."""
 
-    def context(self, *, server_side: bool) -> ssl.SSLContext:
-        assert not server_side, "only a source goes without a certificate"
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_verify_locations(cafile=self.ca)
-        return ctx
+    def identity(self) -> _core.TlsIdentity:
+        with open(self.ca, "rb") as f:
+            return _core.TlsIdentity(None, None, f.read())

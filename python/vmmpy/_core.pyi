@@ -24,6 +24,8 @@ VCPU_POLL_INTERVAL: int
 
 DirtyTracking = Literal["auto", "soft", "kernel"]
 Compress = Literal["off", "lz4", "auto"]
+#: Where page batches go: an fd, or a socket's TLS session ended in the core.
+Endpoint = int | "TlsStream"
 
 # ---- errors -------------------------------------------------------------------------------------
 
@@ -38,6 +40,11 @@ class MemoryFileError(OSError):
 
 class PageBatchError(OSError):
     """Sending or receiving a page batch failed; errno and the message say why."""
+
+class TlsHandshakeError(OSError):
+    """A TLS handshake failed: ``kind`` says how (timeout, closed, io, untrusted, refused,
+    version, not-tls, other), ``detail`` what, ``received`` the peer's first bytes (instance
+    attributes, str, str and bytes)."""
 
 # ---- guest memory (rust/python/memory.rs) ------------------------------------------------------
 
@@ -311,7 +318,7 @@ class DigestTracker:
 
 def send_dirty_pages(
     memory: GuestMemory,
-    fd: int,
+    fd: Endpoint,
     *,
     detect_zero: bool = True,
     tracker: DigestTracker | None = None,
@@ -321,7 +328,7 @@ def send_dirty_pages(
 ) -> dict[str, Any]: ...
 def send_all_pages(
     memory: GuestMemory,
-    fd: int,
+    fd: Endpoint,
     *,
     detect_zero: bool = True,
     tracker: DigestTracker | None = None,
@@ -330,19 +337,51 @@ def send_all_pages(
     meter: ProgressMeter | None = None,
 ) -> dict[str, Any]: ...
 def send_page_list(
-    memory: GuestMemory, fd: int, pfns: bytes, *, detect_zero: bool = True, compress: Compress = "off", link_rate: float | None = None
+    memory: GuestMemory, fd: Endpoint, pfns: bytes, *, detect_zero: bool = True, compress: Compress = "off", link_rate: float | None = None
 ) -> dict[str, Any]: ...
-def recv_pages(memory: GuestMemory, fd: int, *, tracker: DigestTracker | None = None) -> dict[str, Any]: ...
+def recv_pages(memory: GuestMemory, fd: Endpoint, *, tracker: DigestTracker | None = None) -> dict[str, Any]: ...
 def send_pages_multi(
     memory: GuestMemory,
-    fds: Sequence[int],
+    fds: Sequence[Endpoint],
     *,
     all_pages: bool,
     detect_zero: bool = True,
     chunk_pages: int = ...,
     tracker: DigestTracker | None = None,
     meter: ProgressMeter | None = None,
+    compress: Compress = "off",
+    link_rate: float | None = None,
 ) -> dict[str, Any]: ...
+# ---- TLS ended in the core (rust/python/tls.rs) ---------------------------------------------------
+
+@final
+class TlsIdentity:
+    """A side's certificates from PEM text (cert and key None: a client showing none)."""
+
+    def __new__(cls, cert: bytes | None, key: bytes | None, ca: bytes) -> TlsIdentity: ...
+
+@final
+class TlsStream:
+    """A connected socket's TLS 1.3 session, ended in the core; the socket stays the caller's."""
+
+    @staticmethod
+    def handshake(
+        fd: int, identity: TlsIdentity, *, server_side: bool, server_name: str | None = None, timeout: float
+    ) -> TlsStream: ...
+    def sendall(self, data: bytes) -> None: ...
+    def recv_into(self, buffer: Buffer, nbytes: int = 0, *, block: bool = True, peek: bool = False) -> int: ...
+    def pending(self) -> int: ...
+    def close_notify(self) -> None: ...
+    def detach(self) -> None: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def peer_names(self) -> str: ...
+    @property
+    def failure(self) -> str | None: ...
+    @property
+    def fd(self) -> int: ...
+
 @final
 class PageBudget:
     """The pages a round may carry over all its streams together; shared by their receivers."""
@@ -353,7 +392,7 @@ class PageBudget:
 
 def recv_share(
     memory: GuestMemory,
-    fd: int,
+    fd: Endpoint,
     *,
     budget: PageBudget,
     compressed: bool,

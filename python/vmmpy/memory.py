@@ -48,8 +48,14 @@ DigestTracker = _core.DigestTracker
 ProgressMeter = _core.ProgressMeter
 
 
-def _fileno(fd) -> int:
-    return fd if isinstance(fd, int) else fd.fileno()
+def _fileno(fd):
+    """An fd for the page calls: ``fd`` itself, the fd of an object with ``fileno()``, or what an
+    object's ``core_link`` names instead (a TLS connection's session in the core, which the page
+    calls write to and read from in place of the raw socket)."""
+    if isinstance(fd, (int, _core.TlsStream)):
+        return fd
+    link = getattr(fd, "core_link", None)
+    return link if link is not None else fd.fileno()
 
 
 class CheckpointLog:
@@ -351,19 +357,22 @@ class GuestMemory:
         return _core.send_page_list(self.core, _fileno(fd), data, detect_zero=detect_zero, compress=compress, link_rate=link_rate)
 
     def send_pages_multi(self, fds, *, all_pages: bool, detect_zero: bool = True, chunk_pages: int | None = None,
-                         tracker: DigestTracker | None = None, meter: ProgressMeter | None = None) -> dict:
+                         tracker: DigestTracker | None = None, meter: ProgressMeter | None = None, compress: str = "off",
+                         link_rate: float | None = None) -> dict:
         """One round over several fds at once (parallel streams): every page (``all_pages``, as
         ``send_all_pages``) or the dirty pages harvested and cleared once (as
         ``send_dirty_pages``, hashed into ``tracker`` on the way when given), cut into batches of at most
         ``chunk_pages`` data pages (default 16 MiB's worth) that each fd takes as it becomes free;
         every fd's share ends with an empty batch. Returns the totals (end markers not counted)
         and ``streams``, the same per fd. A ``meter`` as for :meth:`send_dirty_pages`, advanced by
-        every stream."""
+        every stream. ``compress`` and ``link_rate`` as for :meth:`send_dirty_pages`: each stream
+        compresses with a compressor of its own."""
         kwargs = {} if chunk_pages is None else {"chunk_pages": chunk_pages}
         if not all_pages:
             self._checkpoint_log_loses_sight()
         return _core.send_pages_multi(self.core, [_fileno(fd) for fd in fds], all_pages=all_pages,
-                                      detect_zero=detect_zero, tracker=tracker, meter=meter, **kwargs)
+                                      detect_zero=detect_zero, tracker=tracker, meter=meter, compress=compress,
+                                      link_rate=link_rate, **kwargs)
 
     def recv_pages(self, fd, *, tracker: DigestTracker | None = None) -> dict[str, int]:
         """Receive one page batch into memory, checked whole before any byte is written.

@@ -42,6 +42,7 @@ mod pages;
 mod progress;
 mod snapshot;
 mod streams;
+mod tls;
 
 use pyo3::prelude::*;
 
@@ -55,6 +56,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pages::register(m)?;
     snapshot::register(m)?;
     streams::register(m)?;
+    tls::register(m)?;
     progress::register(m)?;
     cpu::register(m)?;
     Ok(())

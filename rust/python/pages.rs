@@ -2,7 +2,6 @@
 //! LZ4-compressed, `compress=`), receive them straight into guest memory, hash and digest memory.
 //! All of it runs with the GIL released.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use pyo3::create_exception;
@@ -13,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict};
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use super::progress::{meter_of, PyProgressMeter};
+use super::tls::Endpoint;
 use crate::digest::{self, DigestTracker, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SHIFT};
 use crate::progress::{self, Meter};
@@ -103,7 +103,7 @@ fn compressor_report(c: &Option<Compressor>) -> Option<(u64, Option<f64>)> {
 /// nothing to send sends nothing. `meter` advances a window at a time, or a batch at a time
 /// through the compressor.
 fn send_segment(
-    fd: RawFd,
+    link: wire::Link<'_>,
     mem: &GuestMemory,
     ranges: &[PageRange],
     totals: &mut BatchTotals,
@@ -112,13 +112,13 @@ fn send_segment(
     meter: Option<&Meter>,
 ) -> Result<(), PageError> {
     if let Some(c) = compressor {
-        return c.send_ranges(fd, mem, ranges, tracker, |s| {
+        return c.send_ranges(link, mem, ranges, tracker, |s| {
             progress::advance(meter, s.data_pages + s.zero_pages, s.data_pages, s.wire_bytes);
             totals.add(s)
         });
     }
     for batch in wire::split_batches(ranges, wire::BATCH_DATA_PAGES) {
-        totals.add(wire::send_batch_metered(fd, mem, &batch, tracker, meter)?);
+        totals.add(wire::send_batch_metered(link, mem, &batch, tracker, meter)?);
     }
     Ok(())
 }
@@ -159,13 +159,14 @@ struct SendWith<'a> {
 fn send_segments<'py>(
     py: Python<'py>,
     memory: &PyGuestMemory,
-    fd: RawFd,
+    fd: Endpoint,
     with: SendWith<'_>,
     ranges_of: impl Fn(&GuestMemory, usize, &Segment) -> Result<Vec<PageRange>, PageError> + Send,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mem = memory.inner.clone();
     let mut compressor = compressor(with.compress, with.link_rate)?;
     let (tracker, meter) = (with.tracker, with.meter);
+    let end = fd.owned();
     let (totals, report) = py
         .detach(move || -> Result<_, PageError> {
             let mut totals = BatchTotals::default();
@@ -178,7 +179,7 @@ fn send_segments<'py>(
                 }
             }
             for ranges in &per_segment {
-                send_segment(fd, &mem, ranges, &mut totals, &mut compressor, tracker.as_deref(), meter.as_deref())?;
+                send_segment(end.link(), &mem, ranges, &mut totals, &mut compressor, tracker.as_deref(), meter.as_deref())?;
             }
             Ok((totals, compressor_report(&compressor)))
         })
@@ -198,7 +199,7 @@ fn send_segments<'py>(
 fn send_dirty_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fd: RawFd,
+    fd: Endpoint,
     detect_zero: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     compress: &str,
@@ -223,7 +224,7 @@ fn send_dirty_pages<'py>(
 fn send_all_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fd: RawFd,
+    fd: Endpoint,
     detect_zero: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     compress: &str,
@@ -241,7 +242,7 @@ fn send_all_pages<'py>(
 fn send_page_list<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fd: RawFd,
+    fd: Endpoint,
     pfns: &[u8],
     detect_zero: bool,
     compress: &str,
@@ -278,15 +279,16 @@ fn send_page_list<'py>(
 fn recv_pages<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fd: RawFd,
+    fd: Endpoint,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
+    let end = fd.owned();
     let totals = py
         .detach(move || -> Result<BatchTotals, PageError> {
             let mut totals = BatchTotals::default();
-            totals.add(wire::recv_batch_tracked(fd, &mem, tracker.as_deref())?);
+            totals.add(wire::recv_batch_tracked(end.link(), &mem, tracker.as_deref())?);
             Ok(totals)
         })
         .map_err(page_error)?;

@@ -1,7 +1,6 @@
 //! Bindings for a round's page streams: harvest a round once and send it over several fds at
 //! once, and receive one stream's share of a round, each with the GIL released for the whole call.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
@@ -11,6 +10,7 @@ use pyo3::types::{PyDict, PyList};
 use super::memory::PyGuestMemory;
 use super::pages::{all_page_ranges, page_error, totals_dict, tracker_of, PyDigestTracker};
 use super::progress::{meter_of, PyProgressMeter};
+use super::tls::{Endpoint, OwnedEndpoint};
 use crate::digest::PageError;
 use crate::wire::{self, BatchTotals, PageRange, MAX_STREAMS};
 
@@ -51,7 +51,7 @@ impl PyPageBudget {
 fn recv_share<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fd: RawFd,
+    fd: Endpoint,
     budget: PyRef<'py, PyPageBudget>,
     compressed: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
@@ -61,8 +61,10 @@ fn recv_share<'py>(
     let mem = memory.inner.clone();
     let budget = budget.inner.clone();
     let meter = meter_of(meter);
-    let totals =
-        py.detach(move || wire::recv_share(fd, &mem, tracker.as_deref(), &budget, compressed, meter.as_deref())).map_err(page_error)?;
+    let end = fd.owned();
+    let totals = py
+        .detach(move || wire::recv_share(end.link(), &mem, tracker.as_deref(), &budget, compressed, meter.as_deref()))
+        .map_err(page_error)?;
     totals_dict(py, &totals)
 }
 
@@ -72,20 +74,27 @@ fn recv_share<'py>(
 /// cut into chunks of at most `chunk_pages` DATA pages (and 65,536 ranges), each sent as one
 /// batch on whichever fd is free, and every fd's share ends with an empty batch. Returns the
 /// totals over all fds (end markers not counted) and `streams`, the same per fd. A `meter` learns
-/// the round's pages once harvested, then advances as every stream writes.
+/// the round's pages once harvested, then advances as every stream writes. `compress` ("off",
+/// "lz4", "auto") gives each stream a compressor of its own, believing its stream carries an even
+/// share of `link_rate`; then `compress_attempts` and `link_rate` (the streams' measured rates
+/// added) are returned too, as `send_dirty_pages` returns them.
 #[pyfunction]
-#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None, meter = None))]
+#[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None, meter = None,
+                    compress = "off", link_rate = None))]
 #[allow(clippy::too_many_arguments)]
 fn send_pages_multi<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
-    fds: Vec<RawFd>,
+    fds: Vec<Endpoint>,
     all_pages: bool,
     detect_zero: bool,
     chunk_pages: u32,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     meter: Option<PyRef<'py, PyProgressMeter>>,
+    compress: &str,
+    link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let mode = wire::CompressMode::parse(compress).map_err(PyValueError::new_err)?;
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PyValueError::new_err(format!("{} fds given; 1 to {MAX_STREAMS} streams may be used", fds.len())));
     }
@@ -95,8 +104,9 @@ fn send_pages_multi<'py>(
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let meter = meter_of(meter);
+    let ends: Vec<OwnedEndpoint> = fds.iter().map(Endpoint::owned).collect();
     let per_stream = py
-        .detach(move || -> Result<Vec<BatchTotals>, PageError> {
+        .detach(move || -> Result<Vec<(BatchTotals, Option<wire::Compressor>)>, PageError> {
             let mut chunks: Vec<Vec<PageRange>> = Vec::new();
             for (i, seg) in mem.segments().iter().enumerate() {
                 let ranges = if all_pages {
@@ -108,16 +118,27 @@ fn send_pages_multi<'py>(
                 };
                 chunks.extend(wire::split_batches(&ranges, chunk_pages));
             }
-            wire::send_chunks(&fds, &mem, &chunks, tracker.as_deref(), meter.as_deref())
+            let links: Vec<wire::Link<'_>> = ends.iter().map(OwnedEndpoint::link).collect();
+            let share = link_rate.map(|r| r / links.len() as f64);
+            wire::send_chunks_compressed(&links, &mem, &chunks, tracker.as_deref(), meter.as_deref(), mode, share)
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();
+    let (mut attempts, mut rate) = (0u64, None::<f64>);
     let list = PyList::empty(py);
-    for t in &per_stream {
+    for (t, compressor) in &per_stream {
         total.merge(t);
         list.append(totals_dict(py, t)?)?;
+        if let Some(c) = compressor {
+            attempts += c.attempts;
+            rate = c.link_rate().map(|r| r + rate.unwrap_or(0.0)).or(rate);
+        }
     }
     let d = totals_dict(py, &total)?;
     d.set_item("streams", list)?;
+    if mode != wire::CompressMode::Off {
+        d.set_item("compress_attempts", attempts)?;
+        d.set_item("link_rate", rate)?;
+    }
     Ok(d)
 }

@@ -20,14 +20,12 @@
 //! and may count as dirty with the kernel backend: the destination of a failed transfer is thrown
 //! away, so that is harmless, and nothing at all is written before the header and table check out.
 
-use std::os::fd::RawFd;
-
 use super::batch::{
     decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE,
     MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 use super::decompress::recv_lz4_payload;
-use super::fdio::{read_all_with, read_exact, write_all, WholeReads, HASH_WINDOW_PAGES};
+use super::fdio::{read_all_with, read_exact, write_all, Link, WholeReads, HASH_WINDOW_PAGES};
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
@@ -161,31 +159,32 @@ pub(super) fn batch_segment<'a>(mem: &'a GuestMemory, ranges: &[PageRange]) -> R
 /// Write one batch of `ranges` (at most `MAX_RANGES`, ascending, all in one segment, as
 /// `build_ranges_*` make them) to `fd`: header and table, then the DATA pages straight from guest
 /// memory. The ranges are checked exactly as the receiver will check them.
-pub fn send_batch(fd: RawFd, mem: &GuestMemory, ranges: &[PageRange]) -> Result<BatchStats, PageError> {
-    send_batch_tracked(fd, mem, ranges, None)
+pub fn send_batch<'a>(link: impl Into<Link<'a>>, mem: &GuestMemory, ranges: &[PageRange]) -> Result<BatchStats, PageError> {
+    send_batch_tracked(link, mem, ranges, None)
 }
 
 /// [`send_batch`], and with a `tracker` every page of the batch hashed into it as it goes: each
 /// window of DATA pages is hashed right before it is written (see [`DigestTracker::hash_now`]),
 /// ZERO pages are stored as zero.
-pub fn send_batch_tracked(
-    fd: RawFd,
+pub fn send_batch_tracked<'a>(
+    link: impl Into<Link<'a>>,
     mem: &GuestMemory,
     ranges: &[PageRange],
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
-    send_batch_metered(fd, mem, ranges, tracker, None)
+    send_batch_metered(link, mem, ranges, tracker, None)
 }
 
 /// [`send_batch_tracked`], advancing `meter` as the batch goes: its ZERO pages and header once
 /// they are written, then each window of DATA pages (a window at a time, as with a tracker).
-pub fn send_batch_metered(
-    fd: RawFd,
+pub fn send_batch_metered<'a>(
+    link: impl Into<Link<'a>>,
     mem: &GuestMemory,
     ranges: &[PageRange],
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
 ) -> Result<BatchStats, PageError> {
+    let link = link.into();
     if ranges.len() > MAX_RANGES as usize {
         return Err(PageError::BadSendRanges {
             why: format!(
@@ -217,13 +216,13 @@ pub fn send_batch_metered(
         // SAFETY: the first iovec may be `encoded`, alive until the end of this function; the others
         // lie inside the segment's mapping (validate_ranges checked each range), which `mem` keeps
         // mapped. The kernel only reads through them; `*mut` is the iovec type's.
-        unsafe { write_all(fd, &mut iovs, "sending a page batch")? };
+        unsafe { write_all(link, &mut iovs, "sending a page batch")? };
         let data_pages: u64 = window.iter().map(|&(_, pages)| pages as u64).sum();
         progress::advance(meter, data_pages + std::mem::take(&mut header_pages), data_pages, header_bytes + data_pages * PAGE_SIZE as u64);
     }
     if let Some(iov) = header_iov {
         // SAFETY: as above: `encoded` is alive until the end of this function.
-        unsafe { write_all(fd, &mut [iov], "sending a page batch")? };
+        unsafe { write_all(link, &mut [iov], "sending a page batch")? };
         progress::advance(meter, header_pages, 0, iov.iov_len as u64);
     }
     Ok(stats)
@@ -251,14 +250,18 @@ fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
 /// payload length are checked before any guest byte is written; then DATA pages are read straight
 /// into the mapping (a compressed batch's block is read, checked and decompressed whole into a
 /// scratch buffer first, see `decompress`) and ZERO pages cleared, none of them marked dirty.
-pub fn recv_batch(fd: RawFd, mem: &GuestMemory) -> Result<BatchStats, PageError> {
-    recv_batch_tracked(fd, mem, None)
+pub fn recv_batch<'a>(link: impl Into<Link<'a>>, mem: &GuestMemory) -> Result<BatchStats, PageError> {
+    recv_batch_tracked(link, mem, None)
 }
 
 /// [`recv_batch`], and then every page the batch wrote marked stale in `tracker`, so the commit
 /// digest it keeps stays current (marked after the writes, as the tracker requires).
-pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestTracker>) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(fd, mem, tracker, None, |_| Ok(()))
+pub fn recv_batch_tracked<'a>(
+    link: impl Into<Link<'a>>,
+    mem: &GuestMemory,
+    tracker: Option<&DigestTracker>,
+) -> Result<BatchStats, PageError> {
+    recv_batch_admitted(link.into(), mem, tracker, None, |_| Ok(()))
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -267,18 +270,18 @@ pub fn recv_batch_tracked(fd: RawFd, mem: &GuestMemory, tracker: Option<&DigestT
 /// did not agree to, more pages than the round may carry) is refused there, unread. `meter`, when
 /// given, advances with each window of DATA pages as it arrives and with the rest once it is in.
 pub(crate) fn recv_batch_admitted(
-    fd: RawFd,
+    link: Link<'_>,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
     admit: impl FnOnce(&BatchStats) -> Result<(), PageError>,
 ) -> Result<BatchStats, PageError> {
     let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
-    read_exact(fd, &mut header_bytes, "batch header")?;
+    read_exact(link, &mut header_bytes, "batch header")?;
     let header = decode_header(&header_bytes)?;
     // Bounded by MAX_RANGES in decode_header: at most 1 MiB whatever the stream says.
     let mut table = vec![0u8; header.range_count as usize * RANGE_ENTRY_SIZE];
-    read_exact(fd, &mut table, "range table")?;
+    read_exact(link, &mut table, "range table")?;
     let ranges = decode_table(&header_bytes, &header, &table)?;
     let seg = mem.segments().iter().find(|s| s.gpa() == header.segment_gpa).ok_or(PageError::NoSuchSegment { gpa: header.segment_gpa })?;
     if seg.is_closed() {
@@ -294,7 +297,7 @@ pub(crate) fn recv_batch_admitted(
     ready_ranges(seg, &ranges, &offsets)?;
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
     if lz4 {
-        recv_lz4_payload(fd, seg, &header, &ranges, &offsets)?;
+        recv_lz4_payload(link, seg, &header, &ranges, &offsets)?;
         stats.saved_bytes = stats.data_bytes - header.payload_len;
         stats.wire_bytes -= stats.saved_bytes;
         if let Some(tracker) = tracker {
@@ -302,7 +305,7 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
-        windowed = read_data_pages(fd, seg, &header, &ranges, &offsets, tracker, meter)?;
+        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter)?;
     }
     for (r, &off) in ranges.iter().zip(&offsets) {
         if r.kind == RangeKind::Zero {
@@ -327,7 +330,7 @@ pub(crate) fn recv_batch_admitted(
 /// returns the DATA pages counted so.
 #[allow(clippy::too_many_arguments)]
 fn read_data_pages(
-    fd: RawFd,
+    link: Link<'_>,
     seg: &Segment,
     header: &BatchHeader,
     ranges: &[PageRange],
@@ -352,7 +355,7 @@ fn read_data_pages(
                 }
             });
         }
-        let mut whole = WholeReads::new(fd);
+        let mut whole = WholeReads::new(link);
         let mut got = 0;
         for window in &windows {
             let mut iovs: Vec<libc::iovec> = window.iter().map(|&run| run_iovec(seg, run)).collect();
@@ -360,7 +363,7 @@ fn read_data_pages(
             // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which the
             // caller's `mem` keeps mapped; guest memory is never behind a Rust reference, so the
             // kernel writing it aliases nothing.
-            let n = unsafe { read_all_with(fd, &mut iovs, "receiving page data", whole.as_mut())? };
+            let n = unsafe { read_all_with(link, &mut iovs, "receiving page data", whole.as_mut())? };
             got += n;
             if n < want {
                 break;

@@ -22,14 +22,13 @@
 //! receiver keeps populating ahead of its reads as for plain rounds.
 //!
 
-use std::os::fd::RawFd;
 use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::batch::{encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_RANGES};
 use super::batch_io::{batch_segment, runs_of, send_batch_tracked, BatchStats};
-use super::fdio::write_all;
+use super::fdio::{write_all, Link};
 use crate::digest::DigestTracker;
 use crate::digest::PageError;
 use crate::memory::{GuestAddress, GuestMemory, PAGE_SIZE};
@@ -116,14 +115,15 @@ impl Compressor {
 
     /// Send one segment's `ranges` (ascending, as `build_ranges_*` make them) as batches,
     /// calling `each` with every batch's statistics.
-    pub fn send_ranges(
+    pub fn send_ranges<'a>(
         &mut self,
-        fd: RawFd,
+        link: impl Into<Link<'a>>,
         mem: &GuestMemory,
         ranges: &[PageRange],
         tracker: Option<&DigestTracker>,
         mut each: impl FnMut(BatchStats),
     ) -> Result<(), PageError> {
+        let link = link.into();
         let mut queue = ranges.iter().copied();
         let mut carry: Option<PageRange> = None;
         loop {
@@ -164,10 +164,10 @@ impl Compressor {
                 return Ok(());
             }
             let stats = if trying && data_pages > 0 {
-                self.try_compressed(fd, mem, &batch, data_pages, tracker)?
+                self.try_compressed(link, mem, &batch, data_pages, tracker)?
             } else {
                 self.skip_pages = self.skip_pages.saturating_sub(data_pages);
-                self.send_plain(fd, mem, &batch, tracker)?
+                self.send_plain(link, mem, &batch, tracker)?
             };
             each(stats);
         }
@@ -180,13 +180,13 @@ impl Compressor {
 
     fn send_plain(
         &mut self,
-        fd: RawFd,
+        link: Link<'_>,
         mem: &GuestMemory,
         batch: &[PageRange],
         tracker: Option<&DigestTracker>,
     ) -> Result<BatchStats, PageError> {
         let started = Instant::now();
-        let stats = send_batch_tracked(fd, mem, batch, tracker)?;
+        let stats = send_batch_tracked(link, mem, batch, tracker)?;
         self.note_write(stats.wire_bytes, started);
         Ok(stats)
     }
@@ -195,7 +195,7 @@ impl Compressor {
     /// update the back-off (Auto).
     fn try_compressed(
         &mut self,
-        fd: RawFd,
+        link: Link<'_>,
         mem: &GuestMemory,
         batch: &[PageRange],
         data_pages: u64,
@@ -242,7 +242,7 @@ impl Compressor {
             }
         }
         if !worth {
-            return self.send_plain(fd, mem, batch, None); // hashed above
+            return self.send_plain(link, mem, batch, None); // hashed above
         }
         let prefix = COMPRESSED_PREFIX as usize;
         let sum = xxh3_64(&self.output[prefix..prefix + block]);
@@ -256,7 +256,7 @@ impl Compressor {
         let started = Instant::now();
         // SAFETY: both iovecs describe buffers this function holds until the call returns; the
         // kernel only reads them.
-        unsafe { write_all(fd, &mut iovs, "sending a compressed page batch")? };
+        unsafe { write_all(link, &mut iovs, "sending a compressed page batch")? };
         let mut stats = BatchStats::of(batch);
         stats.compressed_batches = 1;
         stats.saved_bytes = (raw - payload) as u64;

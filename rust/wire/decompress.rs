@@ -7,12 +7,11 @@
 //! exactly that many bytes back, and only then copies the pages into guest memory.
 
 use std::cell::RefCell;
-use std::os::fd::RawFd;
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::batch::{BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA};
-use super::fdio::read_all;
+use super::fdio::{read_all, Link};
 use crate::digest::PageError;
 use crate::memory::Segment;
 
@@ -26,7 +25,7 @@ thread_local! {
 /// into `seg`. `header`, `ranges` and `offsets` are validated (`validate_ranges`): the payload and
 /// the data are within their bounds.
 pub(super) fn recv_lz4_payload(
-    fd: RawFd,
+    link: Link<'_>,
     seg: &Segment,
     header: &BatchHeader,
     ranges: &[PageRange],
@@ -46,7 +45,7 @@ pub(super) fn recv_lz4_payload(
         let payload = &mut packed[..header.payload_len as usize];
         let mut iov = [libc::iovec { iov_base: payload.as_mut_ptr() as *mut libc::c_void, iov_len: payload.len() }];
         // SAFETY: the iovec describes `payload`, borrowed mutably for the call.
-        let got = unsafe { read_all(fd, &mut iov, "receiving compressed page data")? };
+        let got = unsafe { read_all(link, &mut iov, "receiving compressed page data")? };
         if got < header.payload_len {
             return Err(PageError::Truncated { what: "compressed page data", expected: header.payload_len, got });
         }

@@ -1,12 +1,15 @@
 //! Moving bytes over a blocking file descriptor for batch I/O: write or fill a list of iovecs,
 //! with a socket's send and receive timeouts honoured as `stall` explains, and socket reads that
-//! wait for whole windows ([`WholeReads`]). Nothing here knows what the bytes are.
+//! wait for whole windows ([`WholeReads`]). A [`Link`] is where batches go: a plain fd, or a
+//! socket whose TLS session ends in the core (`tls`), whose bytes are en- and decrypted on the
+//! way. Nothing here knows what the bytes are.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use super::stall::{poll_ms, socket_timeout, timed_out, would_block, SendDeadline};
+use super::tls::TlsStream;
 use crate::digest::{Direction, PageError};
 use crate::memory::PAGE_SIZE;
 
@@ -17,6 +20,26 @@ const IOV_MAX: usize = 1024;
 /// stay in a core's L2 cache between the hash and the copy, so the sender's copy to the socket
 /// and the receiver's hash read the cache instead of memory.
 pub(super) const HASH_WINDOW_PAGES: usize = 64;
+
+/// Where page batches are written to or read from: a blocking fd the caller owns and keeps open
+/// for the call, or a socket's TLS session (`tls`), which the caller keeps alive likewise.
+#[derive(Clone, Copy, Debug)]
+pub enum Link<'a> {
+    Fd(RawFd),
+    Tls(&'a TlsStream),
+}
+
+impl From<RawFd> for Link<'_> {
+    fn from(fd: RawFd) -> Self {
+        Link::Fd(fd)
+    }
+}
+
+impl<'a> From<&'a TlsStream> for Link<'a> {
+    fn from(tls: &'a TlsStream) -> Self {
+        Link::Tls(tls)
+    }
+}
 
 /// Drop the first `n` bytes from `iovs[*idx..]`.
 fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
@@ -43,7 +66,12 @@ fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
 ///
 /// # Safety
 /// Every iovec must describe memory readable for the whole call.
-pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
+pub(super) unsafe fn write_all(link: Link<'_>, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
+    let fd = match link {
+        Link::Fd(fd) => fd,
+        // SAFETY: the caller's contract, passed on.
+        Link::Tls(tls) => return unsafe { tls.send_iovecs(iovs, what) },
+    };
     let mut idx = 0;
     advance(iovs, &mut idx, 0);
     let mut socket = true;
@@ -97,9 +125,9 @@ pub(super) unsafe fn write_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) 
 ///
 /// # Safety
 /// Every iovec must describe memory writable for the whole call and not referenced as `&`/`&mut`.
-pub(super) unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
+pub(super) unsafe fn read_all(link: Link<'_>, iovs: &mut [libc::iovec], what: &str) -> Result<u64, PageError> {
     // SAFETY: the caller's contract.
-    unsafe { read_all_with(fd, iovs, what, None) }
+    unsafe { read_all_with(link, iovs, what, None) }
 }
 
 /// [`read_all`], with readv; or with `whole`, a poll for everything still missing and then a
@@ -108,11 +136,16 @@ pub(super) unsafe fn read_all(fd: RawFd, iovs: &mut [libc::iovec], what: &str) -
 /// # Safety
 /// As for [`read_all`].
 pub(super) unsafe fn read_all_with(
-    fd: RawFd,
+    link: Link<'_>,
     iovs: &mut [libc::iovec],
     what: &str,
     mut whole: Option<&mut WholeReads>,
 ) -> Result<u64, PageError> {
+    let fd = match link {
+        Link::Fd(fd) => fd,
+        // SAFETY: the caller's contract, passed on.
+        Link::Tls(tls) => return unsafe { tls.recv_iovecs(iovs, what) },
+    };
     let mut idx = 0;
     let mut got = 0u64;
     advance(iovs, &mut idx, 0);
@@ -153,10 +186,10 @@ pub(super) unsafe fn read_all_with(
     Ok(got)
 }
 
-pub(super) fn read_exact(fd: RawFd, buf: &mut [u8], what: &'static str) -> Result<(), PageError> {
+pub(super) fn read_exact(link: Link<'_>, buf: &mut [u8], what: &'static str) -> Result<(), PageError> {
     let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() }];
     // SAFETY: the iovec describes `buf`, which we borrow mutably for the call.
-    let got = unsafe { read_all(fd, &mut iov, &format!("receiving the {what}"))? };
+    let got = unsafe { read_all(link, &mut iov, &format!("receiving the {what}"))? };
     if got < buf.len() as u64 {
         return Err(PageError::Truncated { what, expected: buf.len() as u64, got });
     }
@@ -187,8 +220,9 @@ pub(super) struct WholeReads {
 }
 
 impl WholeReads {
-    /// For a socket `fd`, None for anything else (which is read with plain readv).
-    pub(super) fn new(fd: RawFd) -> Option<WholeReads> {
+    /// For a socket fd, None for anything else (a TLS session or a pipe, read without it).
+    pub(super) fn new(link: Link<'_>) -> Option<WholeReads> {
+        let Link::Fd(fd) = link else { return None };
         let mut kind: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into the c_int we own; it fails for a non-socket.

@@ -2,8 +2,8 @@
 //! bitmap (`ranges`), moving batches over file descriptors (send pages straight from guest
 //! memory, receive straight into it: `batch_io`, over `fdio`'s byte moving), optionally
 //! LZ4-compressed per batch (`compress` sends, `decompress` receives), and one round over several
-//! fds at once (`streams`). The files import downwards only: `streams` and `compress` ->
-//! `batch_io` -> `decompress` -> `fdio` -> `stall`, all on `batch` (the format).
+//! fds at once (`streams`). The files import downwards only: `streams` -> `compress` ->
+//! `batch_io` -> `decompress` -> `fdio` -> `tls` -> `stall`, all on `batch` (the format).
 //!
 //! This module owns the bytes of a page batch on the wire. It does not own the mappings or the
 //! dirty bits (`memory`, `dirty`), nor the hashes (`digest`, which it feeds as pages go by), nor
@@ -23,6 +23,7 @@ mod fdio;
 mod ranges;
 mod stall;
 mod streams;
+mod tls;
 
 pub use batch::{
     decode_header as decode_batch_header, end_of_round_batch, split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES,
@@ -30,8 +31,10 @@ pub use batch::{
 };
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_metered, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
+pub use fdio::Link;
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
-pub use streams::{recv_share, send_chunks, PageBudget, MAX_STREAMS};
+pub use streams::{recv_share, send_chunks, send_chunks_compressed, PageBudget, MAX_STREAMS};
+pub use tls::{HandshakeFailure, IdentityError, RecvError, Side, TlsIdentity, TlsStream, Wait};
 
 use crate::digest::PageError;
 use crate::memory::Segment;

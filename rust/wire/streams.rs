@@ -7,6 +7,10 @@
 //! left, and ends its fd's share with an empty batch (the end-of-round marker a migration
 //! receiver waits for).
 //!
+//! With compression (`send_chunks_compressed`) each stream's thread has a compressor of its own
+//! (`compress`), which sends each chunk it takes as LZ4 batches where that pays, as one stream
+//! would: the receivers already take compressed batches on every stream the session agreed to.
+//!
 //! Chunks are taken as streams become free rather than dealt out in equal shares up front, so a
 //! stream whose reader is slower carries less and the round ends when the last chunk lands, not
 //! when the slowest stream's fixed share does. Every page of the round goes in exactly one chunk,
@@ -15,15 +19,16 @@
 //! This file decides nothing about which pages a round carries (the caller harvests), nor what a
 //! stream is beyond an fd the caller owns and keeps open for the call.
 
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
 use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals};
+use super::compress::{CompressMode, Compressor};
+use super::fdio::Link;
 use crate::digest::DigestTracker;
 use crate::digest::PageError;
 use crate::memory::GuestMemory;
-use crate::progress::Meter;
+use crate::progress::{self, Meter};
 
 /// The most fds `send_chunks` drives at once.
 pub const MAX_STREAMS: usize = 16;
@@ -42,13 +47,29 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 /// send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
 /// `meter`, when given, is told the chunks' pages first and advances as every stream writes.
-pub fn send_chunks(
-    fds: &[RawFd],
+pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
+    fds: &[L],
     mem: &GuestMemory,
     chunks: &[Vec<PageRange>],
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
 ) -> Result<Vec<BatchTotals>, PageError> {
+    let sent = send_chunks_compressed(fds, mem, chunks, tracker, meter, CompressMode::Off, None)?;
+    Ok(sent.into_iter().map(|(totals, _)| totals).collect())
+}
+
+/// [`send_chunks`], each stream sending its chunks through a compressor of its own in `mode`
+/// (none for `CompressMode::Off`) that believes its stream carries `link_hint` bytes/s. Returns
+/// each fd's totals and its compressor (attempts, the link rate it measured).
+pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
+    fds: &[L],
+    mem: &GuestMemory,
+    chunks: &[Vec<PageRange>],
+    tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
+    mode: CompressMode,
+    link_hint: Option<f64>,
+) -> Result<Vec<(BatchTotals, Option<Compressor>)>, PageError> {
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
     }
@@ -61,14 +82,16 @@ pub fn send_chunks(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
-    let results: Vec<Result<BatchTotals, PageError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<(BatchTotals, Option<Compressor>), PageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = fds
             .iter()
             .enumerate()
             .map(|(index, &fd)| {
+                let fd: Link<'a> = fd.into();
                 let (next, failed, first_failure) = (&next, &failed, &first_failure);
                 scope.spawn(move || {
                     let mut totals = BatchTotals::default();
+                    let mut compressor = (mode != CompressMode::Off).then(|| Compressor::new(mode, link_hint));
                     let outcome = (|| {
                         while !failed.load(Ordering::Relaxed) {
                             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -77,12 +100,18 @@ pub fn send_chunks(
                                 send_batch_metered(fd, mem, &[], None, meter)?;
                                 return Ok(());
                             };
-                            totals.add(send_batch_metered(fd, mem, chunk, tracker, meter)?);
+                            match compressor.as_mut() {
+                                Some(c) => c.send_ranges(fd, mem, chunk, tracker, |s| {
+                                    progress::advance(meter, s.data_pages + s.zero_pages, s.data_pages, s.wire_bytes);
+                                    totals.add(s)
+                                })?,
+                                None => totals.add(send_batch_metered(fd, mem, chunk, tracker, meter)?),
+                            }
                         }
                         Ok(())
                     })();
                     match outcome {
-                        Ok(()) => Ok(totals),
+                        Ok(()) => Ok((totals, compressor)),
                         Err(err) => {
                             failed.store(true, Ordering::Relaxed);
                             let _ = first_failure.compare_exchange(usize::MAX, index, Ordering::AcqRel, Ordering::Acquire);
@@ -157,19 +186,20 @@ impl PageBudget {
 /// totals, `wire_bytes` including the end marker. The first failure is returned as it happened
 /// (a timeout names the peer); pages of batches already received stay written. `meter`, when
 /// given, advances as the pages arrive (the streams of a round may share one).
-pub fn recv_share(
-    fd: RawFd,
+pub fn recv_share<'a>(
+    link: impl Into<Link<'a>>,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
     budget: &PageBudget,
     compressed: bool,
     meter: Option<&Meter>,
 ) -> Result<BatchTotals, PageError> {
+    let link = link.into();
     let mut totals = BatchTotals::default();
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let stats = recv_batch_admitted(fd, mem, tracker, meter, |batch| {
+        let stats = recv_batch_admitted(link, mem, tracker, meter, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);
             }

@@ -94,7 +94,7 @@ fn a_closed_stream_fails_the_round_and_names_it() {
     assert_eq!(err.errno(), libc::EPIPE);
     drop(a0);
     drain.join().unwrap();
-    assert!(send_chunks(&[], &src, &chunks, None, None).is_err());
+    assert!(send_chunks::<std::os::fd::RawFd>(&[], &src, &chunks, None, None).is_err());
 }
 
 /// A round's share refused for what its receiver did not agree to: more pages than the budget

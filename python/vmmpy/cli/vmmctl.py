@@ -492,7 +492,7 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
         client.timeout = args.estimate_window + 60
         result = _with_bar(client, "migrate-estimate", args.json, window=args.estimate_window, **request)
         if tls is not None and result.get("bandwidth_source", "").startswith("measured"):
-            result["notes"].append("the probe measured plain TCP: over TLS the relay's encryption carries less "
+            result["notes"].append("the probe measured plain TCP: over TLS the encryption carries less "
                                    "(tools/bench warm-1g-tls against warm-1g), so give --bandwidth for a TLS estimate")
         _print(result, True) if args.json else _print_estimate(result)
         return 0

@@ -38,7 +38,7 @@ from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, Migratio
 from .net import CancelWatcher, accepted_peer, format_address, is_unix, listen, set_io_timeout, shutdown_quietly, unlink_unix
 from .stats import MigrationStats, RoundProgress, RoundStats
 from .streams import JoinWindow, new_token, receive_round
-from .tls import TlsConfig, TlsSocket, reject_tls_client, with_relay_error, wrap_tls
+from .tls import TlsConfig, TlsSocket, reject_tls_client, with_tls_error, wrap_tls
 
 RxState = P.RxState  # the receiver's states; P.RECEIVER is its transition table
 
@@ -593,8 +593,8 @@ class _Receiver:
         self.watcher.watch(self.conn)
         set_io_timeout(self.conn, self.params.handshake_timeout)
         if self.tls is not None:
-            # The relay owns the TCP socket from here; closing self.conn closes both.
-            self.conn = wrap_tls(self.conn, self.tls.context(server_side=True), server_side=True,
+            # The TLS socket is the TCP socket from here (the old object is detached from it).
+            self.conn = wrap_tls(self.conn, self.tls, server_side=True,
                                  timeout=self.params.handshake_timeout)
             self.watcher.watch(self.conn)
             self.stats.notes.append(self.conn.tls_summary())
@@ -642,14 +642,14 @@ class _Receiver:
             pass
 
     def close_quietly(self) -> None:
-        """A connection that did not become the migration: close it, TLS relay and all."""
+        """A connection that did not become the migration: close it (TLS and all)."""
         self.watcher.close()
         shutdown_quietly(self.conn)
         self.conn.close()
 
     def failure_text(self, err: BaseException) -> str:
         if isinstance(err, MigrationError):
-            return with_relay_error(str(err), self.conn)
+            return with_tls_error(str(err), self.conn)
         return f"{type(err).__name__} in state {self.state.value}: {err}"
 
     def _join_hashing(self) -> None:
@@ -816,7 +816,7 @@ class _Receiver:
         wrap = None
         if self.tls is not None:  # each data connection must pass mutual TLS too before its JOIN is read
             def wrap(sock: socket.socket) -> socket.socket:
-                return wrap_tls(sock, self.tls.context(server_side=True), server_side=True, timeout=self.params.handshake_timeout)
+                return wrap_tls(sock, self.tls, server_side=True, timeout=self.params.handshake_timeout)
         window = JoinWindow(self.listener, self.conn, count=count, token=token, key=self.key, hello=hello, challenge=challenge,
                             timeout=self.params.handshake_timeout, watcher=self.watcher, notes=self.stats.notes, wrap=wrap)
         try:
@@ -1008,7 +1008,7 @@ class _Receiver:
         else:
             message = f"{type(err).__name__} in state {self.state.value}: {err}"
         if not cancelled:
-            message = with_relay_error(message, self.conn)
+            message = with_tls_error(message, self.conn)
         if self.state is RxState.RUNNING:
             self.stats.notes.append(f"after commit: {message}")
             self.stats.finish("completed")

@@ -126,18 +126,14 @@ def send_timeout(sock: socket.socket) -> float | None:
 
 
 def peer_address(sock: socket.socket) -> str | None:
-    """``HOST:PORT`` of the TCP peer, also under a TLS relay (whose socket is one end of a
-    socketpair, the TCP connection beside it); None when there is none."""
-    raw = getattr(getattr(sock, "relay", None), "raw", None)
-    for s in (raw, sock):
-        if s is None:
-            continue
-        try:
-            addr = s.getpeername()
-        except OSError:
-            continue
-        if isinstance(addr, tuple):
-            return format_address(addr[0], addr[1])
+    """``HOST:PORT`` of the TCP peer (a TLS connection's too: its socket is the TCP one); None
+    when there is none."""
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return None
+    if isinstance(addr, tuple):
+        return format_address(addr[0], addr[1])
     return None
 
 
@@ -360,6 +356,13 @@ class CancelWatcher:
             self._thread.join(timeout=1.0)
 
 
+def buffered(sock: socket.socket) -> int:
+    """Bytes ``sock`` already holds for the reader, which select() cannot see (a TLS socket's
+    decrypted plaintext, ``tls.TlsSocket.pending``); 0 for a plain socket."""
+    pending = getattr(sock, "pending", None)
+    return pending() if pending is not None else 0
+
+
 def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     """shutdown(2) one or both directions, ignoring a socket already shut or closed: what
     cancelling, failing and closing do to wake whatever is blocked on it."""
@@ -396,8 +399,11 @@ class Channel:
             self._relay.start()
 
     @property
-    def out_fd(self) -> int:
-        return self.out.fileno()
+    def out_fd(self):
+        """What the memory core writes page batches to: the fd of ``out``, or a TLS connection's
+        session in the core (``TlsSocket.core_link``), which encrypts them on the way."""
+        link = getattr(self.out, "core_link", None)
+        return link if link is not None else self.out.fileno()
 
     def sockets(self) -> list[socket.socket]:
         return [s for s in (self.sock, self.out, self._inner) if s is not None]

@@ -223,7 +223,7 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
 
 
 def _peer_name(sock: socket.socket) -> str:
-    """The peer's address for a message (a TLS relay's local end has none: "the peer")."""
+    """The peer's address for a message ("the peer" when the socket has none, as a socketpair)."""
     try:
         peer = sock.getpeername()
     except OSError:

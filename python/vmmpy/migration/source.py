@@ -39,7 +39,7 @@ from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, Mig
 from .net import CancelWatcher, Channel, connect, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
-from .tls import TlsConfig, with_relay_error, wrap_tls
+from .tls import TlsConfig, with_tls_error, wrap_tls
 
 PhaseHook = Callable[[str], None]
 
@@ -524,7 +524,7 @@ class _Source:
         if watcher is not None:
             watcher.watch(sock)
         if self.tls is not None:
-            sock = wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+            sock = wrap_tls(sock, self.tls, server_side=False,
                             server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
             if watcher is not None:
                 watcher.watch(sock)
@@ -582,8 +582,8 @@ class _Source:
 
     def _send_spec(self) -> None:
         version = self.stats.protocol_version or 1
-        # Parallel streams send plain batches (each stream would need a compressor of its own).
-        offer = ("lz4",) if self.params.compress != "off" and version >= P.COMPRESSION_VERSION and self.params.streams == 1 else ()
+        # With parallel streams each stream compresses with a compressor of its own.
+        offer = ("lz4",) if self.params.compress != "off" and version >= P.COMPRESSION_VERSION else ()
         spec = dataclasses.replace(P.Spec.from_dict(self.adapter.spec(), live=self.live), compression=offer)
         self._send(P.MessageType.SPEC, P.encode_spec(spec, version))
         accept = P.decode_accept(self._read().payload, version)
@@ -595,11 +595,8 @@ class _Source:
         if accept.compression is not None:
             self.compress = self.params.compress
         elif self.params.compress != "off":
-            if self.params.streams > 1:
-                why = "parallel streams send plain batches"
-            else:
-                why = "the destination cannot take compression (" + (
-                    f"it speaks protocol version {version}" if version < P.COMPRESSION_VERSION else "it declined the offer") + ")"
+            why = "the destination cannot take compression (" + (
+                f"it speaks protocol version {version}" if version < P.COMPRESSION_VERSION else "it declined the offer") + ")"
             self.stats.notes.append(f"page batches go uncompressed: {why}")
 
     def _open_streams(self) -> None:
@@ -618,7 +615,7 @@ class _Source:
         wrap = None
         if self.tls is not None:  # each data connection is mutual TLS too, as the main one
             def wrap(sock: socket.socket) -> socket.socket:
-                return wrap_tls(sock, self.tls.context(server_side=False), server_side=False,
+                return wrap_tls(sock, self.tls, server_side=False,
                                 server_hostname=self.tls.hostname or self.host, timeout=p.handshake_timeout)
         socks = open_data_streams(self.host, self.port, grant, key=self.key, hello=hello, challenge=challenge,
                                   connect_timeout=p.connect_timeout, handshake_timeout=p.handshake_timeout, watcher=self.watcher,
@@ -682,15 +679,15 @@ class _Source:
         stream_bytes: list[int] = []
         try:
             if self.data:
-                # Harvested once, spread over every stream; each stream's share ends with its own empty batch.
+                # Harvested once, spread over every stream; each stream's share ends with its own
+                # empty batch, and each compresses where the destination agreed, as one stream does.
                 fds = [fd, *(chan.out_fd for chan in self.data)]
                 sent = self.memory.send_pages_multi(fds, all_pages=all_pages, detect_zero=detect_zero, tracker=self.tracker,
-                                                   meter=meter)
+                                                   meter=meter, compress=self.compress, link_rate=self.link_rate)
                 end_bytes = len(fds) * P.BATCH_HEADER_SIZE
                 stream_bytes = [s["wire_bytes"] + P.BATCH_HEADER_SIZE for s in sent["streams"]]
             else:
-                # One stream: batches may be compressed where the destination agreed (parallel
-                # streams send plain batches).
+                # One stream: batches may be compressed where the destination agreed.
                 how = {"detect_zero": detect_zero, "tracker": self.tracker, "compress": self.compress, "link_rate": self.link_rate,
                        "meter": meter}
                 sent = self.memory.send_all_pages(fd, **how) if all_pages else self.memory.send_dirty_pages(fd, **how)
@@ -755,7 +752,7 @@ class _Source:
         else:
             message = f"{type(err).__name__} during {self.phase}: {err}"
         if not cancelled and self.chan is not None:
-            message = with_relay_error(message, self.chan.sock)
+            message = with_tls_error(message, self.chan.sock)
         if self.committed:
             if (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION:
                 # The decision was commit but nothing confirmed it: never resume, never stop.

@@ -42,7 +42,7 @@ from .errors import (
     Refused,
     receive_error,
 )
-from .net import CancelWatcher, connect, format_address, set_io_timeout, shutdown_quietly
+from .net import CancelWatcher, buffered, connect, format_address, set_io_timeout, shutdown_quietly
 
 #: Data connections the destination holds at once while waiting for their JOIN; more are closed.
 MAX_PENDING = 32
@@ -151,6 +151,7 @@ class JoinWindow:
                         self._take_handshaken(sel)
                     else:
                         self._read_join(sel, key.fileobj)
+                self._read_buffered(sel)
             return [self.joined[i] for i in range(1, self.count)]
         except BaseException:
             for sock in self.joined.values():
@@ -191,6 +192,16 @@ class JoinWindow:
         conn.setblocking(False)
         self._pending[conn] = (bytearray(), peer)
         sel.register(conn, selectors.EVENT_READ, "join")
+
+    def _read_buffered(self, sel: selectors.BaseSelector) -> None:
+        """Read the JOINs that already arrived with a TLS handshake: their plaintext waits in the
+        TLS session, where select() does not see it (bounded: a JOIN is two reads)."""
+        for _ in range(4):
+            ready = [conn for conn in self._pending if buffered(conn)]
+            if not ready:
+                return
+            for conn in ready:
+                self._read_join(sel, conn)
 
     def _handshake(self, conn: socket.socket, peer: str) -> None:
         try:
@@ -393,7 +404,7 @@ def _watch_main(main: socket.socket, threads: list[threading.Thread], fail_all: 
     source has written every batch) is left for the caller."""
     deadline = time.monotonic() + 3600  # bounded: the threads end by their own receive timeouts well before
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-        readable, _, _ = select.select([main], [], [], 0.05)
+        readable = buffered(main) or select.select([main], [], [], 0.05)[0]
         if not readable:
             continue
         try:
