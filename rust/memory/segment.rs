@@ -302,6 +302,11 @@ impl Segment {
         }
     }
 
+    /// Whether a live snapshot's copy-before-write is armed on this segment.
+    pub fn live_armed(&self) -> bool {
+        self.live_armed.load(Ordering::Relaxed)
+    }
+
     pub(super) fn set_live_armed(&self, armed: bool) {
         self.live_armed.store(armed, Ordering::Release);
     }

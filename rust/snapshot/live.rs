@@ -76,9 +76,11 @@ fn write_live(
         });
     }
     let total = layout.total();
+    // Empty first (pages skipped must read as holes, never as an old file's bytes); sized at
+    // the end, so a file that stops short of its data is short, never the right size.
     // SAFETY: ftruncate has no memory effects.
-    if unsafe { libc::ftruncate(fd, 0) } != 0 || unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 {
-        return Err(SnapshotError::io(format!("sizing the memory file to {total} bytes")));
+    if unsafe { libc::ftruncate(fd, 0) } != 0 {
+        return Err(SnapshotError::io("emptying the memory file"));
     }
     let mut hasher = ChunkHasher::new(chunk, total);
     if let Some(m) = meter {
@@ -130,6 +132,10 @@ fn write_live(
             progress::advance(meter, n as u64, stats.data_pages - data_before, stats.bytes_written - bytes_before);
             first += n;
         }
+    }
+    // SAFETY: ftruncate has no memory effects.
+    if unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 {
+        return Err(SnapshotError::io(format!("sizing the memory file to {total} bytes")));
     }
     stats.chunk_hashes = hasher.finish();
     stats.seconds = started.elapsed().as_secs_f64();

@@ -338,7 +338,7 @@ class MachineCommands:
             try:
                 return checkpoint_guest(MachineHandle(self.machine), path, basic=basic_metadata(self.machine.config),
                                         suspend=bool(request.get("suspend")), progress=progress, key=key,
-                                        diff=bool(request.get("diff")))
+                                        diff=bool(request.get("diff")), live=bool(request.get("live")))
             except CheckpointError as err:
                 raise OSError(errno.EIO, str(err)) from None
 
