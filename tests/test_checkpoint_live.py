@@ -6,13 +6,17 @@ guest running with all its memory, unprotected; --suspend and --diff with --live
 import json
 import os
 import resource
+import subprocess
+import time
 
 import pytest
 
 from vmmpy import _core
+from vmmpy.runtime.commands import read_checkpoint_offline
 from vmmpy.snapshot import CheckpointError, read_checkpoint
 from vmmpy.snapshot.checkpoint import checkpoint_guest, restore_guest
 
+from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket, wait_for_state
 from .test_checkpoint_diff import restore_exactly
 from .test_checkpoint_handle import BASIC, FAKE_SECTIONS
 
@@ -172,3 +176,109 @@ def test_no_path_writes_memory_behind_copy_before_write_while_a_live_checkpoint_
         capture.finish()
         assert not memory.lowmem.live_armed and capture.held_pages == 0
         assert len(memory.memfds()) == 1
+
+
+# ---- through vmmrun and vmmctl, proved by memtouch (a real vCPU writing as fast as it can) ----------
+
+MEMTOUCH = ["--guest", "memtouch", "--guest-arg", "wss=16M", "--guest-arg", "pattern=random", "--guest-arg", "writes=12000000",
+            "--guest-arg", "report=1000000", "-m", "64M", "--tsc", "instructions"]
+#: Where the runs are compared, after the live checkpoint and before memtouch's end (about 35 instructions a write).
+LATER = 150_000_000
+
+
+def _paused_figures(run_dir, name):
+    """(chunk hashes of a normal checkpoint taken now, every register) of a guest paused at --pause-at."""
+    wait_for_state(run_dir, name, "paused", timeout=120)
+    ckp = run_dir / f"{name}.at-pause"
+    saved = vmmctl(run_dir, f"--vm={name}", f"--checkpoint={ckp}")
+    assert saved.returncode == 0, saved.stderr
+    registers = vmmctl(run_dir, f"--vm={name}", "--get-all", "--json")
+    assert registers.returncode == 0, registers.stderr
+    return json.loads((run_dir / f"{name}.at-pause.meta").read_text())["memory"]["chunk_hashes"], json.loads(registers.stdout)
+
+
+def _run_to_the_end(run_dir, name, proc):
+    assert vmmctl(run_dir, f"--vm={name}", "--resume").returncode == 0
+    assert proc.wait(timeout=180) == 1, "memtouch powers off"
+
+
+def _memory_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def memtouch_live(tmp_path_factory):
+    """A live checkpoint of memtouch writing flat out, the figures at LATER of the guest it was taken
+    from and of a run that never stopped (which must agree), and the consoles of both."""
+    run_dir = tmp_path_factory.mktemp("memtouch-live")
+    logs = {name: run_dir / f"{name}.log" for name in ("live", "plain", "at-n")}
+    live = start_vmmrun(run_dir, *MEMTOUCH, "-l", f"com1,{logs['live']}", f"--pause-at={LATER}", "lv0")
+    procs = [live]
+    try:
+        wait_for_socket(run_dir, "lv0", live)
+        deadline = time.monotonic() + 60
+        while "memtouch: 1000000 writes" not in (logs["live"].read_text() if logs["live"].exists() else ""):
+            assert time.monotonic() < deadline, "memtouch did not start writing"
+            time.sleep(0.02)
+        ckp = run_dir / "lv0.ckp"
+        taken = vmmctl(run_dir, "--vm=lv0", f"--checkpoint={ckp}", "--live", "--json")
+        assert taken.returncode == 0, taken.stderr
+        result = json.loads(taken.stdout)
+        live_at_later = _paused_figures(run_dir, "lv0")  # the checkpointed guest ran on to LATER
+        _run_to_the_end(run_dir, "lv0", live)
+        # A run that never stopped, paused at LATER and run to its end.
+        plain = start_vmmrun(run_dir, *MEMTOUCH, "-l", f"com1,{logs['plain']}", f"--pause-at={LATER}", "pl0")
+        procs.append(plain)
+        wait_for_socket(run_dir, "pl0", plain)
+        plain_at_later = _paused_figures(run_dir, "pl0")
+        _run_to_the_end(run_dir, "pl0", plain)
+        # A run paused at the instruction the live checkpoint paused at, checkpointed normally.
+        saved = read_checkpoint_offline(ckp)
+        vcpu = next(s for s in saved.sections if s.name == "vmcx").payload["vcpus"][0]
+        at_n = start_vmmrun(run_dir, *MEMTOUCH, "-l", f"com1,{logs['at-n']}", f"--pause-at={vcpu['instructions_retired']}", "pn0")
+        procs.append(at_n)
+        wait_for_socket(run_dir, "pn0", at_n)
+        _paused_figures(run_dir, "pn0")
+        vmmctl(run_dir, "--vm=pn0", "--destroy")
+    finally:
+        for proc in procs:
+            stop(proc)
+    return {"dir": run_dir, "ckp": ckp, "result": result, "live_at_later": live_at_later, "plain_at_later": plain_at_later,
+            "at_n": run_dir / "pn0.at-pause", "logs": logs}
+
+
+def test_a_live_checkpoint_of_memtouch_writing_flat_out_is_memory_at_its_pause(memtouch_live):
+    ckp, result = memtouch_live["ckp"], memtouch_live["result"]
+    meta = json.loads(ckp.with_name("lv0.ckp.meta").read_text())
+    assert result["live"] and result["bytes_written"] >= 16 << 20
+    assert meta["live"]["copied_before_write_pages"] == result["copied_before_write_pages"]
+    # Byte for byte what a normal checkpoint of a run paused at the same instruction holds.
+    at_n = memtouch_live["at_n"]
+    assert json.loads(at_n.with_name(at_n.name + ".meta").read_text())["memory"]["chunk_hashes"] == meta["memory"]["chunk_hashes"]
+    assert _memory_file(at_n) == _memory_file(ckp)
+    # The live checkpoint changed nothing in the guest it was taken from: at LATER it has the
+    # memory and registers of a run that never stopped, and the same console at its end.
+    assert memtouch_live["live_at_later"] == memtouch_live["plain_at_later"]
+    logs = memtouch_live["logs"]
+    assert logs["live"].read_text() == logs["plain"].read_text()
+    assert logs["plain"].read_text().endswith("memtouch: done 12000000 writes\n")
+
+
+@pytest.mark.covers(operation="checkpoint", guest="memtouch", via="cli", restore="{mode}", live=True)
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_a_restored_live_checkpoint_of_memtouch_runs_on_exactly(memtouch_live, mode):
+    run_dir, name = memtouch_live["dir"], f"rs-{mode}"
+    log = run_dir / f"{name}.log"
+    restored = subprocess.Popen(vmmrun_cmd(f"--run-dir={run_dir}", "-r", str(memtouch_live["ckp"]), "--restore-mode", mode,
+                                           "-l", f"com1,{log}", f"--pause-at={LATER}", name),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(run_dir, name, restored)
+        # Same memory and registers at LATER as the run that never stopped, and the same console to the end.
+        assert _paused_figures(run_dir, name) == memtouch_live["plain_at_later"]
+        _run_to_the_end(run_dir, name, restored)
+    finally:
+        stop(restored)
+    plain = memtouch_live["logs"]["plain"].read_text()
+    assert log.read_text().endswith("memtouch: done 12000000 writes\n") and plain.endswith(log.read_text())
