@@ -36,8 +36,8 @@ def live_checkpoint(src, path, *, written_after_pause=600, **kwargs):
 
 @pytest.mark.covers(operation="checkpoint", guest="writer", via="engine", live=True)
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
-def test_a_live_checkpoint_holds_memory_as_at_its_pause_while_the_writer_runs(tmp_path, guests, mode):
-    src = guests("64M", work_pages=4096)  # as fast as it goes
+def test_a_live_checkpoint_holds_memory_as_at_its_pause_while_the_writer_runs(tmp_path, guests, mode, tracking):
+    src = guests("64M", work_pages=4096, dirty_tracking=tracking)  # as fast as it goes
     src.wait_for_progress(5000)
     path = tmp_path / "live"
     result = live_checkpoint(src, path)
@@ -76,8 +76,8 @@ def test_a_keyed_live_checkpoint_restores_with_its_key(tmp_path, guests):
     assert dst.bad_pages(*src.state_at_pause) == [] and dst.memory.digest() == src.digest_at_pause
 
 
-def test_a_diff_after_a_live_checkpoint_carries_the_pages_written_while_it_was_written(tmp_path, guests):
-    src = guests("16M", work_pages=2048)
+def test_a_diff_after_a_live_checkpoint_carries_the_pages_written_while_it_was_written(tmp_path, guests, tracking):
+    src = guests("16M", work_pages=2048, dirty_tracking=tracking)
     src.wait_for_progress(3000)
     live_checkpoint(src, tmp_path / "live", written_after_pause=700)
     src.wait_for_progress(100)
