@@ -172,7 +172,7 @@ def test_no_path_writes_memory_behind_copy_before_write_while_a_live_checkpoint_
             memory.memfds()
         assert caught.value.errno == errno.EBUSY
         memory.write(0, b"new")  # through the hook: its old bytes are copied out first
-        assert capture.copied_pages == 1 and capture.held_pages == 1
+        assert capture.stats().copied_pages == 1 and capture.held_pages == 1
         capture.finish()
         assert not memory.lowmem.live_armed and capture.held_pages == 0
         assert len(memory.memfds()) == 1

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_checkpoint_diff import odirect_write
+from bench_checkpoint_diff import in_scratch_dir, odirect_write
 
 RUNS = 3
 
@@ -82,11 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--wss", default="256M", help="memtouch's working set: what the guest touches and rewrites (default 256M)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    directory = tempfile.mkdtemp(prefix="bench-live-", dir=args.dir or os.getcwd())
-    try:
-        rows = [measure(directory, gib, args.wss) for gib in args.gib]
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    rows = in_scratch_dir(args.dir, "bench-live-", lambda directory: [measure(directory, gib, args.wss) for gib in args.gib])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

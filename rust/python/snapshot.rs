@@ -31,7 +31,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hash_memory_file, m)?)?;
     m.add_function(wrap_pyfunction!(write_memory_file_live, m)?)?;
     m.add_class::<PyLiveCapture>()?;
-    m.add_class::<LiveMemoryFileWritten>()?;
+    m.add_class::<LiveCopyStats>()?;
     m.add_class::<MemoryFileWritten>()?;
     m.add_class::<MemoryFileRead>()?;
     m.add_class::<MemoryFileHashes>()?;
@@ -56,19 +56,10 @@ result_class! {
 }
 
 result_class! {
-    /// What writing a live snapshot's memory file did: as `MemoryFileWritten`, plus the pages a
-    /// guest write copied out before writing, the most held at once, and how often and how long
-    /// guest writes waited for room (the copy limit).
-    LiveMemoryFileWritten as "LiveMemoryFileWritten" {
-        bytes_written: u64,
-        data_pages: u64,
-        zero_pages: u64,
-        untouched_pages: u64,
-        pwrite_calls: u64,
-        file_size: u64,
-        chunk_size: u64,
-        chunk_hashes: Vec<u128>,
-        seconds: f64,
+    /// What copy-before-write did during a live snapshot: pages a guest write copied out before
+    /// writing, the most held at once, and how often and how long guest writes waited for room
+    /// (the copy limit).
+    LiveCopyStats as "LiveCopyStats" {
         copied_pages: u64,
         peak_held_pages: u64,
         throttled_writes: u64,
@@ -119,17 +110,23 @@ fn write_memory_file(
     let mem = memory.inner.clone();
     let meter = meter_of(meter);
     let s = py.detach(move || snapshot::write_memory_file(&mem, fd, chunk_size, meter.as_deref())).map_err(snapshot_error)?;
-    Ok(MemoryFileWritten {
-        bytes_written: s.bytes_written,
-        data_pages: s.data_pages,
-        zero_pages: s.zero_pages,
-        untouched_pages: s.untouched_pages,
-        pwrite_calls: s.pwrite_calls,
-        file_size: s.file_size,
-        chunk_size: s.chunk_size,
-        chunk_hashes: s.chunk_hashes,
-        seconds: s.seconds,
-    })
+    Ok(s.into())
+}
+
+impl From<snapshot::WriteStats> for MemoryFileWritten {
+    fn from(s: snapshot::WriteStats) -> MemoryFileWritten {
+        MemoryFileWritten {
+            bytes_written: s.bytes_written,
+            data_pages: s.data_pages,
+            zero_pages: s.zero_pages,
+            untouched_pages: s.untouched_pages,
+            pwrite_calls: s.pwrite_calls,
+            file_size: s.file_size,
+            chunk_size: s.chunk_size,
+            chunk_hashes: s.chunk_hashes,
+            seconds: s.seconds,
+        }
+    }
 }
 
 /// Read the memory file at `fd` into fresh guest memory of the same layout, only its data
@@ -213,16 +210,21 @@ impl PyLiveCapture {
         self.capture.held_pages()
     }
 
-    /// Pages guest writes have copied out so far.
-    #[getter]
-    fn copied_pages(&self) -> u64 {
-        self.capture.stats().copied_pages
+    /// What copy-before-write did so far (a `LiveCopyStats`).
+    fn stats(&self) -> LiveCopyStats {
+        let s = self.capture.stats();
+        LiveCopyStats {
+            copied_pages: s.copied_pages,
+            peak_held_pages: s.peak_held_pages,
+            throttled_writes: s.throttled_writes,
+            throttled_seconds: s.throttled_seconds,
+        }
     }
 }
 
 /// Write the memory `capture` holds (as it was when armed) to `fd` as `write_memory_file` would
-/// have then, while the guest runs; the capture is lifted when this returns, whatever happened.
-/// Returns a `LiveMemoryFileWritten`.
+/// have then, while the guest runs; the capture is lifted when this returns, whatever happened
+/// (`capture.stats()` then says what copy-before-write did). Returns a `MemoryFileWritten`.
 #[pyfunction]
 #[pyo3(signature = (capture, fd, *, chunk_size = DEFAULT_CHUNK_SIZE, meter = None))]
 fn write_memory_file_live(
@@ -231,7 +233,7 @@ fn write_memory_file_live(
     fd: RawFd,
     chunk_size: u64,
     meter: Option<PyRef<'_, PyProgressMeter>>,
-) -> PyResult<LiveMemoryFileWritten> {
+) -> PyResult<MemoryFileWritten> {
     let meter = meter_of(meter);
     let held = capture.clone_ref(py);
     let s = py
@@ -240,20 +242,5 @@ fn write_memory_file_live(
             snapshot::write_memory_file_live(&c.memory, &c.capture, fd, chunk_size, meter.as_deref(), &c.cancelled)
         })
         .map_err(snapshot_error)?;
-    let (w, l) = (s.write, s.live);
-    Ok(LiveMemoryFileWritten {
-        bytes_written: w.bytes_written,
-        data_pages: w.data_pages,
-        zero_pages: w.zero_pages,
-        untouched_pages: w.untouched_pages,
-        pwrite_calls: w.pwrite_calls,
-        file_size: w.file_size,
-        chunk_size: w.chunk_size,
-        chunk_hashes: w.chunk_hashes,
-        seconds: w.seconds,
-        copied_pages: l.copied_pages,
-        peak_held_pages: l.peak_held_pages,
-        throttled_writes: l.throttled_writes,
-        throttled_seconds: l.throttled_seconds,
-    })
+    Ok(s.into())
 }

@@ -16,7 +16,7 @@ use super::error::SnapshotError;
 use super::image::ImageLayout;
 use super::memfile::{check_chunk_size, file_stat, pwrite_all, WriteStats};
 use crate::digest::{is_zero_raw, swap_active};
-use crate::memory::{GuestMemory, LiveCapture, LiveStats, TakenPage, PAGE_SIZE};
+use crate::memory::{GuestMemory, LiveCapture, TakenPage, PAGE_SIZE};
 use crate::progress::{self, Meter};
 
 /// Pages taken under the capture's lock at once: short enough that a guest write waits at most
@@ -28,17 +28,20 @@ const BUFFER_PAGES: usize = 1024;
 #[repr(C, align(4096))]
 struct AlignedPage([u8; PAGE_SIZE]);
 
-/// What a live memory write did: the ordinary statistics and copy-before-write's.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LiveWriteStats {
-    pub write: WriteStats,
-    pub live: LiveStats,
+/// Lifts the capture however the write ends.
+struct Lift<'a>(&'a LiveCapture);
+
+impl Drop for Lift<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 /// Write the memory as `capture` holds it to `fd` (a regular file, truncated first), as
 /// [`write_memory_file`](super::write_memory_file) would have with the guest stopped at the
 /// moment it was armed. `cancel`, once set, stops the write with an error at the next buffer.
-/// The capture is lifted when this returns, whatever the outcome.
+/// The capture is lifted when this returns, whatever the outcome ([`LiveCapture::stats`] then
+/// says what copy-before-write did).
 pub fn write_memory_file_live(
     mem: &GuestMemory,
     capture: &LiveCapture,
@@ -46,21 +49,8 @@ pub fn write_memory_file_live(
     chunk_size: u64,
     meter: Option<&Meter>,
     cancel: &AtomicBool,
-) -> Result<LiveWriteStats, SnapshotError> {
-    let result = write_live(mem, capture, fd, chunk_size, meter, cancel);
-    let live = capture.stats();
-    capture.finish();
-    result.map(|write| LiveWriteStats { write, live })
-}
-
-fn write_live(
-    mem: &GuestMemory,
-    capture: &LiveCapture,
-    fd: RawFd,
-    chunk_size: u64,
-    meter: Option<&Meter>,
-    cancel: &AtomicBool,
 ) -> Result<WriteStats, SnapshotError> {
+    let _lift = Lift(capture);
     let started = Instant::now();
     let chunk = check_chunk_size(chunk_size)?;
     let layout = ImageLayout::of(mem)?;

@@ -95,13 +95,23 @@ def checkpoint_guest(
         guest.stop_for_good(f"suspended to {path}")
     else:
         guest.resume()
+    result = _result(path, guest.memory.memsize, stats, suspended=suspend, keyed=key is not None,
+                     parent=None if parent is None else parent.path, paused_seconds=downtime)
+    if progress:
+        progress({"phase": "written", **result})
+    return result
+
+
+def _result(path: str, memsize: int, stats: dict[str, Any], *, suspended: bool, keyed: bool, parent: str | None,
+            paused_seconds: float) -> dict[str, Any]:
+    """What a checkpoint reports (vmmctl prints it, --json as is)."""
     seconds = stats["total_seconds"]
-    result = {
+    return {
         "path": path,
-        "suspended": suspend,
-        "keyed": key is not None,
-        "parent": None if parent is None else parent.path,
-        "memory_bytes": guest.memory.memsize,
+        "suspended": suspended,
+        "keyed": keyed,
+        "parent": parent,
+        "memory_bytes": memsize,
         "bytes_written": stats["bytes_written"],
         "kern_bytes": stats["kern_bytes"],
         "data_pages": stats["data_pages"],
@@ -109,11 +119,8 @@ def checkpoint_guest(
         "untouched_pages": stats["untouched_pages"],
         "write_seconds": round(seconds, 6),
         "throughput_bytes_per_s": round(stats["bytes_written"] / seconds) if seconds > 0 else 0,
-        "guest_paused_seconds": round(downtime, 6),
+        "guest_paused_seconds": round(paused_seconds, 6),
     }
-    if progress:
-        progress({"phase": "written", **result})
-    return result
 
 
 def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any], suspend: bool,
@@ -149,27 +156,10 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
     finally:
         capture.finish()  # lifted by the write already; again here for a failure before it
     memory.start_checkpoint_log((os.path.abspath(path), stats["meta_sha256"]), since_harvest=harvests)
-    seconds = stats["total_seconds"]
-    result = {
-        "path": path,
-        "suspended": False,
-        "live": True,
-        "keyed": key is not None,
-        "parent": None,
-        "memory_bytes": memory.memsize,
-        "bytes_written": stats["bytes_written"],
-        "kern_bytes": stats["kern_bytes"],
-        "data_pages": stats["data_pages"],
-        "zero_pages": stats["zero_pages"],
-        "untouched_pages": stats["untouched_pages"],
-        "copied_before_write_pages": stats["copied_pages"],
-        "peak_held_pages": stats["peak_held_pages"],
-        "throttled_writes": stats["throttled_writes"],
-        "throttled_seconds": round(stats["throttled_seconds"], 6),
-        "write_seconds": round(seconds, 6),
-        "throughput_bytes_per_s": round(stats["bytes_written"] / seconds) if seconds > 0 else 0,
-        "guest_paused_seconds": round(pause_seconds, 6),
-    }
+    result = _result(path, memory.memsize, stats, suspended=False, keyed=key is not None, parent=None,
+                     paused_seconds=pause_seconds)
+    result.update(live=True, copied_before_write_pages=stats["copied_pages"], peak_held_pages=stats["peak_held_pages"],
+                  throttled_writes=stats["throttled_writes"], throttled_seconds=round(stats["throttled_seconds"], 6))
     if progress:
         progress({"phase": "written", **result})
     return result

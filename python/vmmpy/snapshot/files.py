@@ -319,6 +319,7 @@ def write_checkpoint(
         try:
             if live is not None:
                 stats = _core.write_memory_file_live(live.capture, fd, chunk_size=chunk_size, meter=meter).as_dict()
+                stats.update(live.capture.stats().as_dict())
             elif parent is None:
                 stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
             else:
