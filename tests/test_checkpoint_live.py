@@ -282,3 +282,15 @@ def test_a_restored_live_checkpoint_of_memtouch_runs_on_exactly(memtouch_live, m
         stop(restored)
     plain = memtouch_live["logs"]["plain"].read_text()
     assert log.read_text().endswith("memtouch: done 12000000 writes\n") and plain.endswith(log.read_text())
+
+
+def test_a_lazily_restored_guest_is_loaded_before_the_pause_and_checkpointed_live_exactly(tmp_path, guests):
+    src = guests("16M", work_pages=2048)
+    src.wait_for_progress(3000)
+    checkpoint_guest(src, tmp_path / "full", basic=BASIC)
+    dst = guests("16M", work_pages=2048, running=False)
+    restore_guest(dst, read_checkpoint(tmp_path / "full", FAKE_SECTIONS), mode="lazy")
+    assert not dst.memory.lazy_status().complete
+    dst.start_running()
+    live_checkpoint(dst, tmp_path / "live", written_after_pause=300)
+    restore_exactly(guests, tmp_path / "live", dst.state_at_pause, dst.digest_at_pause)
