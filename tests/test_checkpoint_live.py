@@ -294,3 +294,14 @@ def test_a_lazily_restored_guest_is_loaded_before_the_pause_and_checkpointed_liv
     dst.start_running()
     live_checkpoint(dst, tmp_path / "live", written_after_pause=300)
     restore_exactly(guests, tmp_path / "live", dst.state_at_pause, dst.digest_at_pause)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--suspend=f", "--live"], "--live goes with --checkpoint, not --suspend: a suspend ends the guest"),
+    (["--checkpoint=f", "--diff", "--live"], "--live and --diff together are not supported"),
+    (["--status", "--live"], "--live goes with --checkpoint"),
+])
+def test_vmmctl_refuses_live_with_a_bad_combination_before_asking_anything(tmp_path, args, message):
+    refused = vmmctl(tmp_path, "--vm=nobody", *args)  # no vmmrun: refused before any request
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and os.listdir(tmp_path) == []
