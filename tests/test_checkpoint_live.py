@@ -305,3 +305,21 @@ def test_vmmctl_refuses_live_with_a_bad_combination_before_asking_anything(tmp_p
     refused = vmmctl(tmp_path, "--vm=nobody", *args)  # no vmmrun: refused before any request
     assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_live_checkpoint_interrupted_before_its_write_lifts_the_protection(tmp_path, guests):
+    src = guests("16M", work_pages=2048)
+    src.wait_for_progress(3000)
+
+    def interrupted(message):
+        assert src.memory.lowmem.live_armed
+        raise KeyboardInterrupt  # as a cancelled request would
+
+    try:
+        checkpoint_guest(src, tmp_path / "live", basic=BASIC, live=True, progress=interrupted)
+        raise AssertionError("the interrupt was swallowed")
+    except KeyboardInterrupt as err:
+        assert err.__traceback__ is not None  # its frames, which held the capture, are alive
+        assert not src.memory.lowmem.live_armed, "lifted at once, not when the capture is collected"
+    assert os.listdir(tmp_path) == [] and src.running
+    src.wait_for_progress(20000)  # more than the copy limit's 16384 pages: nothing holds the guest back

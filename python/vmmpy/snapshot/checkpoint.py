@@ -147,9 +147,9 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
     finally:
         guest.resume()
     pause_seconds = time.perf_counter() - started
-    if progress:
-        progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
     try:
+        if progress:
+            progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
         with metered(progress, "checkpoint") as meter:
             stats = write_checkpoint(path, memory, sections, basic, key=key, meter=meter,
                                      live=LiveSource(capture, pause_seconds))
