@@ -3,6 +3,7 @@ runs on while its memory is written, and the file holds memory exactly as it was
 (the fake guest's writer proves it page for page); a failed live checkpoint leaves no file and a
 guest running with all its memory, unprotected; --suspend and --diff with --live are refused."""
 
+import errno
 import json
 import os
 import resource
@@ -221,6 +222,8 @@ def memtouch_live(tmp_path_factory):
         while "memtouch: 1000000 writes" not in (logs["live"].read_text() if logs["live"].exists() else ""):
             assert time.monotonic() < deadline, "memtouch did not start writing"
             time.sleep(0.02)
+        idle = vmmctl(run_dir, "--vm=lv0", "--checkpoint-cancel")
+        assert idle.returncode == 1 and "no live checkpoint is being written" in idle.stderr, idle.stderr
         ckp = run_dir / "lv0.ckp"
         taken = vmmctl(run_dir, "--vm=lv0", f"--checkpoint={ckp}", "--live", "--json")
         assert taken.returncode == 0, taken.stderr
@@ -323,3 +326,52 @@ def test_a_live_checkpoint_interrupted_before_its_write_lifts_the_protection(tmp
         assert not src.memory.lowmem.live_armed, "lifted at once, not when the capture is collected"
     assert os.listdir(tmp_path) == [] and src.running
     src.wait_for_progress(20000)  # more than the copy limit's 16384 pages: nothing holds the guest back
+
+
+def test_a_cancelled_live_checkpoint_leaves_no_file_and_the_guest_runs_on_with_all_its_memory(tmp_path, guests):
+    import threading
+
+    src = guests("16M", work_pages=2048)
+    src.wait_for_progress(3000)
+    cancel = threading.Event()
+
+    def progress(message):
+        if message["phase"] == "paused":
+            src.wait_for_progress(300)  # pages copied out, then the write is told to stop
+            cancel.set()
+
+    with pytest.raises(CheckpointError, match=r"writing failed, nothing was left behind: .*the live checkpoint was cancelled") as caught:
+        checkpoint_guest(src, tmp_path / "live", basic=BASIC, live=True, progress=progress, cancel=cancel)
+    assert caught.value.__cause__.errno == errno.ECANCELED
+    assert os.listdir(tmp_path) == [] and src.running and not src.memory.lowmem.live_armed
+    src.wait_for_progress(20000)
+    src.stop_writer()
+    assert src.bad_pages() == [], "the guest's memory is all its own"
+
+
+def test_checkpoint_cancel_reaches_the_live_checkpoint_being_written_and_only_that(tmp_path):
+    from vmmpy import Vm
+    from vmmpy.runtime.commands import MachineCommands
+
+    with Vm("abtest", args={"sweeps": 4000, "report": 0}, memory="32M") as vm:
+        vm.start()
+        commands = MachineCommands(vm.machine)
+        with pytest.raises(OSError, match="no live checkpoint is being written") as idle:
+            commands.checkpoint_cancel({}, None)
+        assert idle.value.errno == errno.ENOENT
+        answers = []
+
+        def progress(message):
+            if message["phase"] == "paused":
+                answers.append(commands.checkpoint_cancel({}, None))
+
+        with pytest.raises(OSError, match="the live checkpoint was cancelled") as caught:
+            commands.checkpoint({"path": str(tmp_path / "live"), "live": True}, progress)
+        assert caught.value.errno == errno.ECANCELED and answers == [{"cancelled": True}]
+        assert os.listdir(tmp_path) == [] and vm.state == "running"
+        written = commands.checkpoint({"path": str(tmp_path / "again"), "live": True}, lambda message: None)
+        assert written["live"] and vm.state == "running"
+        assert vm.wait(120) == 1 and "all counters 4000" in vm.console
+    with Vm.restore(tmp_path / "again") as vm:
+        vm.start()
+        assert vm.wait(120) == 1 and "all counters 4000" in vm.console

@@ -88,7 +88,7 @@ pub fn write_memory_file_live(
         let mut first = 0;
         while first < seg.pages() {
             if cancel.load(Ordering::Relaxed) {
-                return Err(SnapshotError::Unsupported { why: "the live snapshot was cancelled".into() });
+                return Err(SnapshotError::Cancelled);
             }
             let n = BUFFER_PAGES.min(seg.pages() - first);
             if all_resident {

@@ -40,6 +40,7 @@ examples:
   vmmctl --vm=vm0 --suspend=vm0.ckp --key-file ckp.key   keyed: vmmrun -r vm0.ckp --key-file ckp.key
   vmmctl --vm=vm0 --checkpoint=vm0.d1 --diff   only the pages written since vm0's last checkpoint (parent: that one)
   vmmctl --vm=vm0 --checkpoint=vm0.ckp --live   pause only to freeze state; memory is written while vm0 runs
+  vmmctl --vm=vm0 --checkpoint-cancel    stop the live checkpoint being written (no file is left; vm0 runs on)
   vmmctl --check-checkpoint vm0.d1       verify every file of its chain (no VM needed)
   vmmctl --merge-checkpoint vm0.d1 --output vm0.full   flatten the chain into one full checkpoint
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983        warm migration: stop, copy, commit
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--checkpoint", metavar="FILE",
                          help="save the guest to FILE, FILE.kern and FILE.meta; it keeps running (keyed with --key-file)")
     actions.add_argument("--suspend", metavar="FILE", help="save the guest to FILE (as --checkpoint), then end it")
+    actions.add_argument("--checkpoint-cancel", action="store_true",
+                         help="stop the live checkpoint being written: it leaves no file, the guest runs on")
     actions.add_argument("--check-checkpoint", metavar="FILE",
                          help="verify checkpoint FILE and, for a diff, every parent of its chain, without running it (no VM needed)")
     actions.add_argument("--merge-checkpoint", metavar="FILE",
@@ -717,6 +720,9 @@ def _main(argv: list[str] | None = None) -> int:
             _print(result, True) if args.json else _print_checkpoint(result)
             if result.get("suspended"):
                 _wait_gone(client, holder)
+        elif args.checkpoint_cancel:
+            result = client.request("checkpoint-cancel")
+            _print(result, True) if args.json else print("live checkpoint cancelled: no file is left, the guest runs on")
         elif args.live_update:
             request = {"exec": os.path.abspath(args.exec_path)} if args.exec_path else {}
             holder = client.name_holder()

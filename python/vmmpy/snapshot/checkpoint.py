@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ def checkpoint_guest(
     diff: bool = False,
     live: bool = False,
     live_copy_limit: int = LIVE_COPY_LIMIT_BYTES,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Save ``guest`` to ``path`` (+ ``.kern``, ``.meta``) with ``basic`` as bhyve's basic
     metadata (``ncpus``, ``vmname`` and what the caller adds); keep it running unless
@@ -70,12 +72,13 @@ def checkpoint_guest(
     With ``live`` the guest is paused only to take its sections and arm copy-before-write on its
     memory (``_core.LiveCapture``, at most ``live_copy_limit`` bytes of copied-out pages), then
     runs on while the memory file is written: the file holds memory as it was at that pause.
-    A failure or cancel lifts the protection and leaves no files; the guest runs on throughout.
-    Not with ``suspend`` or ``diff``."""
+    Setting ``cancel`` stops that write (CheckpointError, errno ECANCELED in its cause). A failure
+    or cancel lifts the protection and leaves no files; the guest runs on throughout. Not with
+    ``suspend`` or ``diff``."""
     path = str(path)
     if live:
         return _live_checkpoint(guest, path, basic=basic, suspend=suspend, progress=progress, key=key, diff=diff,
-                                copy_limit=live_copy_limit)
+                                copy_limit=live_copy_limit, cancel=cancel or threading.Event())
     started = time.perf_counter()
     pause_seconds = guest.pause()
     if progress:
@@ -125,7 +128,7 @@ def _result(path: str, memsize: int, stats: dict[str, Any], *, suspended: bool, 
 
 def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any], suspend: bool,
                      progress: Callable[[dict[str, Any]], None] | None, key: bytes | None, diff: bool,
-                     copy_limit: int) -> dict[str, Any]:
+                     copy_limit: int, cancel: threading.Event) -> dict[str, Any]:
     if suspend:
         raise CheckpointError(f"checkpoint '{path}': --live goes with --checkpoint only: a suspend ends the guest, so there is "
                               "nothing to keep running while memory is written")
@@ -147,6 +150,10 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
     finally:
         guest.resume()
     pause_seconds = time.perf_counter() - started
+    written = threading.Event()
+    watcher = threading.Thread(target=_cancel_when_asked, args=(cancel, written, capture), name="live-checkpoint-cancel",
+                               daemon=True)
+    watcher.start()
     try:
         if progress:
             progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
@@ -155,6 +162,8 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
                                      live=LiveSource(capture, pause_seconds))
     finally:
         capture.finish()  # lifted by the write already; again here for a failure before it
+        written.set()
+        watcher.join()
     memory.start_checkpoint_log((os.path.abspath(path), stats["meta_sha256"]), since_harvest=harvests)
     result = _result(path, memory.memsize, stats, suspended=False, keyed=key is not None, parent=None,
                      paused_seconds=pause_seconds)
@@ -163,6 +172,14 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
     if progress:
         progress({"phase": "written", **result})
     return result
+
+
+def _cancel_when_asked(cancel: threading.Event, written: threading.Event, capture: _core.LiveCapture) -> None:
+    """Stop ``capture``'s write (at its next 4 MiB) once ``cancel`` is set, until it is ``written``."""
+    while not written.is_set():
+        if cancel.wait(0.05):
+            capture.cancel()
+            return
 
 
 def _diff_parent(base: object | None, pages: Any, path: str) -> DiffParent:
