@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import time
 
 import pytest
 
@@ -71,6 +72,29 @@ def test_a_guest_checkpointed_restored_lazily_and_migrated_live_ends_as_an_unint
         third = vm2.console
     assert got == expected
     assert first + second + third == expected_console
+
+
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", live=True)
+def test_a_live_checkpoint_of_a_running_guest_changes_nothing_and_restores_to_the_same_end(tmp_path):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm:
+        vm.start()
+        expected = final_state(vm)
+        expected_console = vm.console
+    path = tmp_path / "live.ckp"
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm:
+        vm.start()
+        deadline = time.monotonic() + 60
+        while "sweep 500" not in vm.console:  # mid-run, abtest rewriting its pages flat out
+            assert time.monotonic() < deadline and vm.state == "running", vm.console
+            time.sleep(0.01)
+        written = vm.checkpoint(path, live=True)
+        assert written["live"] and written["bytes_written"] > 0
+        assert final_state(vm) == expected, "the guest the live checkpoint was taken of ends as an uninterrupted run"
+        assert vm.console == expected_console
+    with Vm.restore(path) as vm:
+        vm.start()
+        assert final_state(vm) == expected
+        assert expected_console.endswith(vm.console) and "all counters 4000" in vm.console
 
 
 @pytest.mark.covers(operation="suspend", guest="abtest", via="api")

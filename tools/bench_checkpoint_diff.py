@@ -53,6 +53,15 @@ def odirect_write(directory: str, size: int) -> float:
         buf.close()
 
 
+def in_scratch_dir(base: str | None, prefix: str, measure) -> list[dict]:
+    """``measure(directory)`` in a fresh directory under ``base`` (default: here), removed after."""
+    directory = tempfile.mkdtemp(prefix=prefix, dir=base or os.getcwd())
+    try:
+        return measure(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def run(directory: str, sizes: list[int]) -> list[dict]:
     mem = random_guest(4 * GIB, 256 * MIB, seed=7)
     rng = np.random.default_rng(8)
@@ -92,11 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mib", type=int, nargs="+", default=[4, 64], help="MiB rewritten between checkpoints (default 4 64)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    directory = tempfile.mkdtemp(prefix="bench-diff-", dir=args.dir or os.getcwd())
-    try:
-        rows = run(directory, args.mib)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    rows = in_scratch_dir(args.dir, "bench-diff-", lambda directory: run(directory, args.mib))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -111,6 +111,8 @@ DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
               SAVES, shown=True),
     Dimension("diff", "restored through a chain of diff checkpoints (--diff), and that chain merged", {False: "full", True: "diff chain"},
               False, SAVES, kind=bool),
+    Dimension("live", "memory written while the guest ran (--live), as it was at the pause", {False: "paused", True: "live"}, False,
+              frozenset({"checkpoint"}), kind=bool),
     Dimension("key", "sealed or authenticated with a shared key (--key-file)", {False: "no key", True: "key"}, False,
               SAVES | MIGRATIONS, kind=bool),
     Dimension("streams", "parallel page connections (--streams)", {n: f"{n} streams" if n > 1 else "1 stream" for n in range(1, 17)},

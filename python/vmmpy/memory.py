@@ -11,6 +11,7 @@ Layout follows bhyve's ``vm_setup_memory``: a ``lowmem`` segment at GPA 0 of
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -111,6 +112,7 @@ class GuestMemory:
         )
         self.wired = wired
         self._checkpoint_log: CheckpointLog | None = None
+        self._harvests = 0  # dirty-bitmap harvests through this object (see start_checkpoint_log)
 
     @classmethod
     def restore_lazy(
@@ -177,6 +179,7 @@ class GuestMemory:
         self.core = core
         self.wired = all(seg.wired for seg in core.segments)
         self._checkpoint_log = None
+        self._harvests = 0
         return self
 
     # -- layout ---------------------------------------------------------------------------
@@ -236,6 +239,10 @@ class GuestMemory:
         memory is open). ValueError for anonymous memory, which has none to hand over."""
         if self.backing != "memfd":
             raise ValueError("guest memory is anonymous: it has no memfd to hand over (use memfd backing)")
+        if any(seg.live_armed for seg in self.core.segments):
+            # Whoever maps a memfd writes the pages behind copy-before-write's back.
+            raise OSError(errno.EBUSY, "a live checkpoint is writing this guest's memory: its memfds are handed over only "
+                                       "after it ends")
         return [seg.memfd for seg in self.core.segments]
 
     # -- dirty tracking ---------------------------------------------------------------------
@@ -265,6 +272,7 @@ class GuestMemory:
         A page written while the harvest runs is reported in this harvest or the next.
         """
         pfns = np.frombuffer(self.core.get_and_clear_dirty(), dtype="<u8")
+        self._harvests += 1
         log = self._checkpoint_log
         if log is not None:
             log.add(pfns)
@@ -282,13 +290,27 @@ class GuestMemory:
     # (exactly: get_and_clear_dirty returns the pages); a harvest done inside the core that
     # returns no pages (send_dirty_pages, send_pages_multi's dirty round, the ranges) marks the
     # whole log instead, so the next diff carries every page: larger, never incomplete.
-    def start_checkpoint_log(self, base: object) -> None:
+    def start_checkpoint_log(self, base: object, *, since_harvest: int | None = None) -> None:
         """Begin (or restart) the log empty, now, relative to ``base`` (the caller's name for
         what it is relative to: the checkpoint just written or restored): the bitmap is cleared,
-        so the caller holds the guest still, as at a checkpoint or right after a restore."""
-        self._checkpoint_log = None
-        self.core.get_and_clear_dirty()
-        self._checkpoint_log = CheckpointLog(self.memsize // PAGE_SIZE, self.lowmem.size // PAGE_SIZE, base)
+        so the caller holds the guest still, as at a checkpoint or right after a restore.
+
+        A live checkpoint's guest ran on while it was written: with ``since_harvest`` (the
+        :attr:`harvests` count at its pause) the bitmap is kept, so the log holds every page
+        written since the pause (and any dirty before it: larger, never incomplete); if a harvest
+        cleared bits since, the log is marked whole."""
+        if since_harvest is None:
+            self._checkpoint_log = None
+            self.core.get_and_clear_dirty()
+        log = CheckpointLog(self.memsize // PAGE_SIZE, self.lowmem.size // PAGE_SIZE, base)
+        log.everything = since_harvest is not None and since_harvest != self._harvests
+        self._checkpoint_log = log
+
+    @property
+    def harvests(self) -> int:
+        """How many times the dirty bitmap was harvested through this object (a clock for
+        :meth:`start_checkpoint_log`)."""
+        return self._harvests
 
     @property
     def checkpoint_log_base(self) -> object | None:
@@ -308,6 +330,7 @@ class GuestMemory:
         return log.pages()
 
     def _checkpoint_log_loses_sight(self) -> None:
+        self._harvests += 1
         log = self._checkpoint_log
         if log is not None:
             log.everything = True

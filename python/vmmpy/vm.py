@@ -250,25 +250,29 @@ class Vm:
         return machine.wait(timeout)
 
     # -- save and restore
-    def checkpoint(self, path: str | os.PathLike[str], *, key: bytes | None = None, diff: bool = False) -> dict[str, Any]:
+    def checkpoint(self, path: str | os.PathLike[str], *, key: bytes | None = None, diff: bool = False,
+                   live: bool = False) -> dict[str, Any]:
         """Save the guest to ``path`` (and ``path.kern``, ``path.meta``, as vmmctl --checkpoint
         does) and let it run on; returns what was written. With ``key`` (at least 16 bytes) the
         checkpoint is keyed and :meth:`restore` needs the same key. With ``diff`` only the pages
         written since this guest's previous checkpoint (or its restore) are saved, over that one
-        as parent (vmmctl --diff). Raises CheckpointError."""
-        return self._save(path, key=key, suspend=False, diff=diff)
+        as parent (vmmctl --diff). With ``live`` the guest pauses only to freeze its state and
+        runs while its memory (as at that pause) is written (vmmctl --live; not with ``diff``).
+        Raises CheckpointError."""
+        return self._save(path, key=key, suspend=False, diff=diff, live=live)
 
     def suspend(self, path: str | os.PathLike[str], *, key: bytes | None = None, diff: bool = False) -> dict[str, Any]:
         """Save the guest to ``path`` like :meth:`checkpoint`, then stop it for good (exit status
         0, as bhyve's suspend)."""
         return self._save(path, key=key, suspend=True, diff=diff)
 
-    def _save(self, path: str | os.PathLike[str], *, key: bytes | None, suspend: bool, diff: bool) -> dict[str, Any]:
+    def _save(self, path: str | os.PathLike[str], *, key: bytes | None, suspend: bool, diff: bool,
+              live: bool = False) -> dict[str, Any]:
         machine = self.machine
         if machine.exit_status is not None:
             raise VmStateError(f"VM '{self.name}' has stopped ({machine.exit_reason}): there is nothing to save")
         return checkpoint_guest(MachineHandle(machine), os.path.abspath(path), basic=basic_metadata(machine.config),
-                                suspend=suspend, key=key, diff=diff)
+                                suspend=suspend, key=key, diff=diff, live=live)
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, mode: str = "eager", key: bytes | None = None, slots: Sequence[str] = (),

@@ -20,6 +20,7 @@ mod zero;
 
 pub use error::{Direction, PageError};
 pub use hash::{chunk_hashes, chunk_hashes_resident, hash_page_list, hash_pages, memory_digest, ranges_digest};
+pub(crate) use resident::swap_active;
 pub use resident::{resident_bitmap, ResidencySource};
 pub use tracker::{commit_digest, DigestTracker, RefreshStats, DIGEST_CHUNK_PAGES};
 pub(crate) use zero::is_zero_raw;

@@ -59,7 +59,7 @@ pub fn resident_bitmap(seg: &Segment) -> Result<(Vec<u64>, ResidencySource), Pag
 }
 
 /// Whether any swap area is in use; if /proc/swaps cannot be read, assume it is (the safe side).
-fn swap_active() -> bool {
+pub(crate) fn swap_active() -> bool {
     match std::fs::read_to_string("/proc/swaps") {
         Ok(text) => text.lines().skip(1).any(|l| !l.trim().is_empty()),
         Err(_) => true,

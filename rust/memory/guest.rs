@@ -8,6 +8,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
+use super::cow::LiveCapture;
 use super::error::MemoryError;
 use super::lazy::{ChunkSource, LazyImage};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
@@ -329,6 +330,22 @@ impl GuestMemory {
             total += seg.dirty_log().count().map_err(tracker_failed)? as u64;
         }
         Ok(total)
+    }
+
+    /// Arm copy-before-write on every segment for a live snapshot ([`LiveCapture`]): the guest
+    /// must be paused. Lazily restored memory must be loaded whole first ([`GuestMemory::ensure_all`]):
+    /// a chunk loaded later would bypass the protection.
+    pub fn arm_live_capture(&self, limit_pages: usize) -> Result<LiveCapture, MemoryError> {
+        if !self.is_complete() {
+            return Err(MemoryError::Unsupported {
+                what: "a live snapshot of lazily restored memory".into(),
+                why: "needs every chunk loaded first (load_all)".into(),
+            });
+        }
+        if let Some(seg) = self.segments.iter().find(|s| s.is_closed()) {
+            return Err(MemoryError::Closed { segment: seg.name().to_string() });
+        }
+        LiveCapture::arm(&self.segments, limit_pages)
     }
 
     /// Close every segment: refused while Python views exist, because they alias the mapping.

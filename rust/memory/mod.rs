@@ -2,17 +2,19 @@
 //! `vm_setup_memory` does (lowmem at GPA 0 up to the lowmem limit, highmem at 4 GiB for the rest).
 //!
 //! This module owns the mappings, address translation, the write paths that mark pages dirty,
-//! and the chunk states of lazily restored memory (`lazy`). It does not decide what to save or
+//! the chunk states of lazily restored memory (`lazy`), and copy-before-write for live snapshots (`cow`). It does not decide what to save or
 //! send, and knows no files: `wire` and `digest` do the bulk work, `snapshot` reads checkpoint files, and
 //! Python holds the policy.
 
 mod address;
+mod cow;
 mod error;
 mod guest;
 mod lazy;
 mod segment;
 
 pub use address::{human_size, GuestAddress, PAGE_SHIFT, PAGE_SIZE};
+pub use cow::{LiveCapture, LiveStats, TakenPage};
 pub use error::MemoryError;
 pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_COST, LOWMEM_LIMIT_DEFAULT};
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage};

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
+use super::cow::Protection;
 use super::error::MemoryError;
 use super::lazy::LazyImage;
 use crate::dirty::{AtomicBitmap, DirtyLog};
@@ -82,6 +83,11 @@ pub struct Segment {
     /// For a lazily restored segment: the guest's chunk states and where this segment starts in
     /// the image. Set once, right after the segments are mapped.
     lazy: OnceLock<(Arc<LazyImage>, u64)>,
+    /// Whether a live snapshot's copy-before-write is armed ([`super::LiveCapture`]): the one
+    /// relaxed load every write path makes ([`Segment::before_write`]).
+    live_armed: AtomicBool,
+    /// The live snapshot's page protection bits, made on the first live snapshot.
+    protection: OnceLock<Protection>,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct until Drop; concurrent access to guest
@@ -210,6 +216,8 @@ impl Segment {
             exports: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             lazy: OnceLock::new(),
+            live_armed: AtomicBool::new(false),
+            protection: OnceLock::new(),
         };
         if spec.wired {
             // mlock populates every page and pins it, as bhyve's -S wires guest memory.
@@ -271,15 +279,40 @@ impl Segment {
         if self.check(off, len).is_err() {
             return false;
         }
+        self.before_write(off, len);
         let advice = if self.memfd.is_some() { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
         // SAFETY: the range lies inside our mapping (checked above); the advice changes which
         // pages back it, to zero-filled ones, never memory outside it.
         unsafe { libc::madvise(self.base.as_ptr().add(off) as *mut libc::c_void, len, advice) == 0 }
     }
     /// The mapping's base. Whoever reads or writes guest bytes through it asks [`Segment::ensure`]
-    /// for the range first (a lazily restored chunk is inaccessible until loaded and checked).
+    /// for the range first (a lazily restored chunk is inaccessible until loaded and checked),
+    /// and whoever writes through it calls [`Segment::before_write`] first.
     pub fn as_ptr(&self) -> *mut u8 {
         self.base.as_ptr()
+    }
+
+    /// Every write to guest bytes calls this first, with the range it is about to change: while a
+    /// live snapshot is being written it saves the old bytes of pages not yet saved (`cow.rs`).
+    /// When none is, it costs one relaxed load.
+    #[inline(always)]
+    pub fn before_write(&self, offset: usize, len: usize) {
+        if self.live_armed.load(Ordering::Relaxed) && len > 0 {
+            self.protection().copy_before_write(self, offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE).min(self.pages()));
+        }
+    }
+
+    /// Whether a live snapshot's copy-before-write is armed on this segment.
+    pub fn live_armed(&self) -> bool {
+        self.live_armed.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_live_armed(&self, armed: bool) {
+        self.live_armed.store(armed, Ordering::Release);
+    }
+
+    pub(super) fn protection(&self) -> &Protection {
+        self.protection.get_or_init(|| Protection::new(self.pages()))
     }
     /// The segment's dirty log (page 0 = the segment's first page).
     pub fn dirty_log(&self) -> &dyn DirtyLog {
@@ -485,6 +518,7 @@ impl Segment {
     #[inline]
     pub(crate) unsafe fn write_untracked_unchecked(&self, offset: usize, data: &[u8]) {
         debug_assert!(self.check(offset, data.len()).is_ok());
+        self.before_write(offset, data.len());
         // SAFETY: the range is inside the mapping and accessible (the caller promises); `data`
         // cannot alias the mapping mutably because nothing hands out `&mut` into it.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len()) }
@@ -508,6 +542,7 @@ impl Segment {
     #[inline]
     pub(crate) unsafe fn store_unchecked<const N: usize>(&self, offset: usize, bytes: [u8; N]) {
         debug_assert!(self.check(offset, N).is_ok());
+        self.before_write(offset, N);
         // SAFETY: in range and accessible (the caller promises); write_unaligned allows any alignment.
         unsafe { std::ptr::write_unaligned(self.base.as_ptr().add(offset) as *mut [u8; N], bytes) }
         let first = offset / PAGE_SIZE;

@@ -64,6 +64,17 @@ fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResul
     Ok(result)
 }
 
+/// Run the write `f` holding the GIL, as usual, unless a live snapshot is armed on `mem`: then
+/// the write may wait for room in its side store (`rust/memory/cow.rs`), which the snapshot's
+/// writer makes only once Python has started it, so the GIL is let go meanwhile.
+fn unless_live<R: Send>(py: Python<'_>, mem: &GuestMemory, f: impl FnOnce() -> R + Send) -> R {
+    if mem.segments().iter().any(|s| s.live_armed()) {
+        py.detach(f)
+    } else {
+        f()
+    }
+}
+
 fn parse_tracking(dirty_tracking: &str) -> PyResult<TrackingChoice> {
     TrackingChoice::parse(dirty_tracking)
         .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))
@@ -281,13 +292,15 @@ impl PyGuestMemory {
     }
 
     /// Write bytes at `gpa` and mark the pages dirty, as a device's DMA would.
-    fn write(&self, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_bytes(data, |bytes| self.inner.write(GuestAddress(gpa), bytes))?.map_err(memory_error)
+    fn write(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mem = &self.inner;
+        with_bytes(data, |bytes| unless_live(py, mem, || mem.write(GuestAddress(gpa), bytes)))?.map_err(memory_error)
     }
 
     /// Write bytes without marking pages dirty (restore and migration receive).
-    fn write_untracked(&self, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_bytes(data, |bytes| self.inner.write_untracked(GuestAddress(gpa), bytes))?.map_err(memory_error)
+    fn write_untracked(&self, py: Python<'_>, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mem = &self.inner;
+        with_bytes(data, |bytes| unless_live(py, mem, || mem.write_untracked(GuestAddress(gpa), bytes)))?.map_err(memory_error)
     }
 
     /// Harvest and clear the dirty pages of every segment: page frame numbers (gpa >> 12),
@@ -405,6 +418,12 @@ impl PySegment {
     #[getter]
     fn lazy(&self) -> bool {
         self.seg.lazy_image().is_some()
+    }
+
+    /// Whether a live checkpoint's copy-before-write is armed on this segment right now.
+    #[getter]
+    fn live_armed(&self) -> bool {
+        self.seg.live_armed()
     }
 
     fn __len__(&self) -> usize {

@@ -2,6 +2,8 @@
 //! All of it runs with the GIL released.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyOSError;
@@ -10,6 +12,7 @@ use pyo3::prelude::*;
 use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use super::progress::{meter_of, PyProgressMeter};
+use crate::memory::{GuestMemory, LiveCapture};
 use crate::snapshot::{self, SnapshotError, DEFAULT_CHUNK_SIZE};
 
 create_exception!(
@@ -26,6 +29,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_memory_file, m)?)?;
     m.add_function(wrap_pyfunction!(memory_chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(hash_memory_file, m)?)?;
+    m.add_function(wrap_pyfunction!(write_memory_file_live, m)?)?;
+    m.add_class::<PyLiveCapture>()?;
+    m.add_class::<LiveCopyStats>()?;
     m.add_class::<MemoryFileWritten>()?;
     m.add_class::<MemoryFileRead>()?;
     m.add_class::<MemoryFileHashes>()?;
@@ -46,6 +52,18 @@ result_class! {
         chunk_size: u64,
         chunk_hashes: Vec<u128>,
         seconds: f64,
+    }
+}
+
+result_class! {
+    /// What copy-before-write did during a live snapshot: pages a guest write copied out before
+    /// writing, the most held at once, and how often and how long guest writes waited for room
+    /// (the copy limit).
+    LiveCopyStats as "LiveCopyStats" {
+        copied_pages: u64,
+        peak_held_pages: u64,
+        throttled_writes: u64,
+        throttled_seconds: f64,
     }
 }
 
@@ -92,17 +110,23 @@ fn write_memory_file(
     let mem = memory.inner.clone();
     let meter = meter_of(meter);
     let s = py.detach(move || snapshot::write_memory_file(&mem, fd, chunk_size, meter.as_deref())).map_err(snapshot_error)?;
-    Ok(MemoryFileWritten {
-        bytes_written: s.bytes_written,
-        data_pages: s.data_pages,
-        zero_pages: s.zero_pages,
-        untouched_pages: s.untouched_pages,
-        pwrite_calls: s.pwrite_calls,
-        file_size: s.file_size,
-        chunk_size: s.chunk_size,
-        chunk_hashes: s.chunk_hashes,
-        seconds: s.seconds,
-    })
+    Ok(s.into())
+}
+
+impl From<snapshot::WriteStats> for MemoryFileWritten {
+    fn from(s: snapshot::WriteStats) -> MemoryFileWritten {
+        MemoryFileWritten {
+            bytes_written: s.bytes_written,
+            data_pages: s.data_pages,
+            zero_pages: s.zero_pages,
+            untouched_pages: s.untouched_pages,
+            pwrite_calls: s.pwrite_calls,
+            file_size: s.file_size,
+            chunk_size: s.chunk_size,
+            chunk_hashes: s.chunk_hashes,
+            seconds: s.seconds,
+        }
+    }
 }
 
 /// Read the memory file at `fd` into fresh guest memory of the same layout, only its data
@@ -148,4 +172,75 @@ fn memory_chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, chunk_s
 fn hash_memory_file(py: Python<'_>, fd: RawFd, chunk_size: u64) -> PyResult<MemoryFileHashes> {
     let (chunk_hashes, file_size) = py.detach(move || snapshot::hash_memory_file(fd, chunk_size)).map_err(snapshot_error)?;
     Ok(MemoryFileHashes { chunk_hashes, file_size })
+}
+
+/// A live snapshot's copy-before-write on a guest's memory, armed by `LiveCapture(memory,
+/// limit_pages)` with the guest paused: from then on the first write to each page saves its old
+/// bytes (at most `limit_pages` held at once; a writer waits for room beyond that), so
+/// `write_memory_file_live` writes memory as it was at this moment while the guest runs on.
+/// `cancel()` stops a write under way; `finish()` (and dropping it) lifts the protection.
+#[pyclass(frozen, name = "LiveCapture", module = "vmmpy._core")]
+pub struct PyLiveCapture {
+    memory: Arc<GuestMemory>,
+    capture: LiveCapture,
+    cancelled: AtomicBool,
+}
+
+#[pymethods]
+impl PyLiveCapture {
+    #[new]
+    fn new(memory: PyRef<'_, PyGuestMemory>, limit_pages: usize) -> PyResult<PyLiveCapture> {
+        let capture = memory.inner.arm_live_capture(limit_pages).map_err(memory_error)?;
+        Ok(PyLiveCapture { memory: memory.inner.clone(), capture, cancelled: AtomicBool::new(false) })
+    }
+
+    /// Stop a write under way at its next buffer (it then fails saying it was cancelled).
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Lift the protection now (idempotent).
+    fn finish(&self) {
+        self.capture.finish();
+    }
+
+    /// Copied-out pages held right now.
+    #[getter]
+    fn held_pages(&self) -> usize {
+        self.capture.held_pages()
+    }
+
+    /// What copy-before-write did so far (a `LiveCopyStats`).
+    fn stats(&self) -> LiveCopyStats {
+        let s = self.capture.stats();
+        LiveCopyStats {
+            copied_pages: s.copied_pages,
+            peak_held_pages: s.peak_held_pages,
+            throttled_writes: s.throttled_writes,
+            throttled_seconds: s.throttled_seconds,
+        }
+    }
+}
+
+/// Write the memory `capture` holds (as it was when armed) to `fd` as `write_memory_file` would
+/// have then, while the guest runs; the capture is lifted when this returns, whatever happened
+/// (`capture.stats()` then says what copy-before-write did). Returns a `MemoryFileWritten`.
+#[pyfunction]
+#[pyo3(signature = (capture, fd, *, chunk_size = DEFAULT_CHUNK_SIZE, meter = None))]
+fn write_memory_file_live(
+    py: Python<'_>,
+    capture: Py<PyLiveCapture>,
+    fd: RawFd,
+    chunk_size: u64,
+    meter: Option<PyRef<'_, PyProgressMeter>>,
+) -> PyResult<MemoryFileWritten> {
+    let meter = meter_of(meter);
+    let held = capture.clone_ref(py);
+    let s = py
+        .detach(move || {
+            let c = held.get();
+            snapshot::write_memory_file_live(&c.memory, &c.capture, fd, chunk_size, meter.as_deref(), &c.cancelled)
+        })
+        .map_err(snapshot_error)?;
+    Ok(s.into())
 }

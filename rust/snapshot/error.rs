@@ -36,6 +36,8 @@ pub enum SnapshotError {
         gpa_ranges: Vec<(u64, u64)>,
         mismatches: usize,
     },
+    /// A live snapshot's write was cancelled (its caller asked it to stop).
+    Cancelled,
     /// Eager restore into memory that maps a file.
     Unsupported {
         why: String,
@@ -55,6 +57,7 @@ impl SnapshotError {
             SnapshotError::Memory(e) => e.errno(),
             SnapshotError::Page(e) => e.errno(),
             SnapshotError::Unsupported { .. } => libc::ENOTSUP,
+            SnapshotError::Cancelled => libc::ECANCELED,
             SnapshotError::BadChunkSize { .. } | SnapshotError::ChunkCount { .. } => libc::EINVAL,
             SnapshotError::FileSize { .. } | SnapshotError::ChunkMismatch { .. } => libc::EBADMSG,
         }
@@ -90,6 +93,7 @@ impl fmt::Display for SnapshotError {
                 Ok(())
             }
             SnapshotError::Unsupported { why } => f.write_str(why),
+            SnapshotError::Cancelled => f.write_str("the live checkpoint was cancelled"),
             SnapshotError::Memory(e) => e.fmt(f),
             SnapshotError::Page(e) => e.fmt(f),
         }

@@ -124,7 +124,7 @@ unsafe fn guest_bytes(seg: &Segment, off: usize, len: usize) -> &[u8] {
     unsafe { std::slice::from_raw_parts(seg.as_ptr().add(off), len) }
 }
 
-fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gpa: u64) -> Result<u64, SnapshotError> {
+pub(super) fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gpa: u64) -> Result<u64, SnapshotError> {
     let mut calls = 0;
     while len > 0 {
         // SAFETY: the caller hands a range inside a live mapping; pwrite only reads it.
@@ -437,6 +437,7 @@ pub fn read_memory_file(
                 let piece_end = (off + PIECE as u64).min(end);
                 let mut file_off = off;
                 layout.for_each_part(off, piece_end, |seg, seg_off, len| {
+                    seg.before_write(seg_off, len);
                     // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping;
                     // guest memory is never behind a Rust reference, and the guest is not running.
                     unsafe { pread_all(fd, seg.as_ptr().add(seg_off), len, file_off)? };

@@ -18,16 +18,20 @@ mod chunks;
 mod error;
 mod image;
 mod lazy;
+mod live;
 mod memfile;
 
 pub use chunks::ChunkHasher;
 pub use error::SnapshotError;
 pub use image::ImageLayout;
 pub use lazy::lazy_memory;
+pub use live::write_memory_file_live;
 pub use memfile::{hash_memory_file, memory_chunk_hashes, read_memory_file, write_memory_file, ReadStats, WriteStats};
 
 /// The chunk size checkpoints use unless told otherwise: 4 MiB, bhyve's `SNAPSHOT_CHUNK`.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
+#[cfg(test)]
+mod live_tests;
 #[cfg(test)]
 mod tests;

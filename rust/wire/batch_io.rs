@@ -230,6 +230,7 @@ pub fn send_batch_metered<'a>(
 
 /// Make `len` bytes at `off` of `seg` read as zero (see the module doc for why each way).
 fn zero_pages(seg: &Segment, off: usize, len: usize) -> Result<(), PageError> {
+    seg.before_write(off, len);
     if seg.wired() {
         // SAFETY: validate_ranges checked the range lies inside the mapping; nothing holds a Rust
         // reference into it.
@@ -358,6 +359,9 @@ fn read_data_pages(
         let mut whole = WholeReads::new(link);
         let mut got = 0;
         for window in &windows {
+            for &(first, pages) in window {
+                seg.before_write(first * PAGE_SIZE, pages * PAGE_SIZE);
+            }
             let mut iovs: Vec<libc::iovec> = window.iter().map(|&run| run_iovec(seg, run)).collect();
             let want: u64 = iovs.iter().map(|v| v.iov_len as u64).sum();
             // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which the

@@ -65,6 +65,7 @@ pub(super) fn recv_lz4_payload(
             let len = r.bytes() as usize;
             // SAFETY: validate_ranges keeps the range inside the segment's mapping; `pages` holds
             // the sum of the DATA ranges; guest memory is never behind a Rust reference.
+            seg.before_write(off, len);
             unsafe { std::ptr::copy_nonoverlapping(pages.as_ptr().add(at), seg.as_ptr().add(off), len) };
             at += len;
         }

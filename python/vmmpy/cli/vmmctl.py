@@ -39,6 +39,8 @@ examples:
   vmmctl --vm=vm0 --suspend=vm0.ckp      save, then end the guest (resume: vmmrun -r vm0.ckp ...)
   vmmctl --vm=vm0 --suspend=vm0.ckp --key-file ckp.key   keyed: vmmrun -r vm0.ckp --key-file ckp.key
   vmmctl --vm=vm0 --checkpoint=vm0.d1 --diff   only the pages written since vm0's last checkpoint (parent: that one)
+  vmmctl --vm=vm0 --checkpoint=vm0.ckp --live   pause only to freeze state; memory is written while vm0 runs
+  vmmctl --vm=vm0 --checkpoint-cancel    stop the live checkpoint being written (no file is left; vm0 runs on)
   vmmctl --check-checkpoint vm0.d1       verify every file of its chain (no VM needed)
   vmmctl --merge-checkpoint vm0.d1 --output vm0.full   flatten the chain into one full checkpoint
   vmmctl --vm=vm0 --migrate 10.0.0.2 24983        warm migration: stop, copy, commit
@@ -61,8 +63,10 @@ checkpoints: with --key-file the metadata carries an HMAC-SHA256 under the key (
   needs the same key (vmmrun -r FILE --key-file FILE). With --diff, FILE holds only the pages
   the guest wrote since its previous checkpoint (taken by this vmmrun, or the one it was restored
   from) and names that one as its parent; with no previous checkpoint --diff is refused (write a
-  full one first). vmmrun -r FILE follows the chain (eager restore only). See
-  docs/checkpoint-format.md.
+  full one first). vmmrun -r FILE follows the chain (eager restore only). With --live the guest
+  pauses only to freeze its state and write-protect its memory, then runs while memory is written;
+  a page it writes first is copied out before, so FILE holds memory as at that pause (not with
+  --suspend or --diff). See docs/checkpoint-format.md.
 
 migration: see docs/migration.md for the parameters, the statistics and the policies.
   --key-file proves to the destination that this host holds the shared key (and the destination
@@ -106,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--checkpoint", metavar="FILE",
                          help="save the guest to FILE, FILE.kern and FILE.meta; it keeps running (keyed with --key-file)")
     actions.add_argument("--suspend", metavar="FILE", help="save the guest to FILE (as --checkpoint), then end it")
+    actions.add_argument("--checkpoint-cancel", action="store_true",
+                         help="stop the live checkpoint being written: it leaves no file, the guest runs on")
     actions.add_argument("--check-checkpoint", metavar="FILE",
                          help="verify checkpoint FILE and, for a diff, every parent of its chain, without running it (no VM needed)")
     actions.add_argument("--merge-checkpoint", metavar="FILE",
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckp.add_argument("--diff", action="store_true",
                      help="with --checkpoint/--suspend: write only the pages written since this guest's previous checkpoint "
                           "(or its restore), naming that one as parent; refused when there is none")
+    ckp.add_argument("--live", action="store_true",
+                     help="with --checkpoint: pause the guest only to freeze its state, then write its memory (as it was "
+                          "at that pause) while it runs")
     ckp.add_argument("--output", metavar="OUT", help="with --merge-checkpoint: the full checkpoint to write")
     mig = parser.add_argument_group("migration parameters (with --migrate / --migrate-live)")
     mig.add_argument("--key-file", type=Path, metavar="FILE",
@@ -278,9 +287,13 @@ def _print_checkpoint(result: dict) -> None:
     keyed = " (keyed: HMAC-SHA256)" if result.get("keyed") else ""
     keyed += f" (diff over {result['parent']})" if result.get("parent") else ""
     rate = result["throughput_bytes_per_s"]
+    live = ""
+    if result.get("live"):
+        keyed += " (live)"
+        live = f", {result['copied_before_write_pages']} pages copied before the guest wrote them"
     print(f"{verb} {result['path']}{keyed}: {format_size(result['memory_bytes'])} guest, "
           f"{format_size(result['bytes_written'])} written in {result['write_seconds']:.3f} s "
-          f"({format_size(rate)}/s); guest paused {result['guest_paused_seconds'] * 1e3:.1f} ms")
+          f"({format_size(rate)}/s); guest paused {result['guest_paused_seconds'] * 1e3:.1f} ms{live}")
 
 
 def _offline_checkpoint(args: argparse.Namespace) -> int:
@@ -661,6 +674,12 @@ def _main(argv: list[str] | None = None) -> int:
             return 1
     if args.diff and not (args.checkpoint or args.suspend):
         parser.error("--diff goes with --checkpoint/--suspend")
+    if args.live and args.suspend:
+        parser.error("--live goes with --checkpoint, not --suspend: a suspend ends the guest, so nothing runs while memory is written")
+    if args.live and args.diff:
+        parser.error("--live and --diff together are not supported: take a live full checkpoint, or a diff")
+    if args.live and not args.checkpoint:
+        parser.error("--live goes with --checkpoint")
     if args.check_checkpoint or args.merge_checkpoint:
         if bool(args.output) != bool(args.merge_checkpoint):
             parser.error("--merge-checkpoint needs --output OUT, and --output goes only with it")
@@ -692,7 +711,7 @@ def _main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(os.path.dirname(path)):  # vmmrun runs on this host: the same filesystem
                 flag = "--checkpoint" if args.checkpoint else "--suspend"
                 raise ValueError(f"{flag} {path}: directory {os.path.dirname(path)} does not exist")
-            request = {"path": path, "suspend": bool(args.suspend), "diff": args.diff}
+            request = {"path": path, "suspend": bool(args.suspend), "diff": args.diff, "live": args.live}
             key = read_key(args.key_file)
             if key is not None:  # as a migration's: hex in the request, over the owner-only socket
                 request["key"] = key.hex()
@@ -701,6 +720,9 @@ def _main(argv: list[str] | None = None) -> int:
             _print(result, True) if args.json else _print_checkpoint(result)
             if result.get("suspended"):
                 _wait_gone(client, holder)
+        elif args.checkpoint_cancel:
+            result = client.request("checkpoint-cancel")
+            _print(result, True) if args.json else print("live checkpoint cancelled: no file is left, the guest runs on")
         elif args.live_update:
             request = {"exec": os.path.abspath(args.exec_path)} if args.exec_path else {}
             holder = client.name_holder()

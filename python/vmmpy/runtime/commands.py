@@ -255,6 +255,7 @@ class MachineCommands:
         self._migration: MigrationHandle | None = None
         self._last_stats: dict[str, Any] | None = None
         self._estimating = False  # an estimate clears dirty bits: never beside a migration
+        self._live_cancel: threading.Event | None = None  # set while a live checkpoint is written
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
 
     def receive_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
@@ -268,6 +269,7 @@ class MachineCommands:
     def install(self) -> None:
         add = self.machine.add_control_handler
         add("checkpoint", self.checkpoint)
+        add("checkpoint-cancel", self.checkpoint_cancel)
         add("migrate", self.migrate)
         add("migrate-status", self.migrate_status)
         add("migrate-cancel", self.migrate_cancel)
@@ -335,12 +337,25 @@ class MachineCommands:
             if request.get("suspend") and self.in_doubt() is not None:
                 raise OSError(errno.EBUSY, "the guest's migration is in doubt: suspending would end this copy; settle it "
                                            "with --migrate-resolve (a --checkpoint is allowed)")
+            live = bool(request.get("live"))
+            self._live_cancel = threading.Event() if live else None
             try:
                 return checkpoint_guest(MachineHandle(self.machine), path, basic=basic_metadata(self.machine.config),
                                         suspend=bool(request.get("suspend")), progress=progress, key=key,
-                                        diff=bool(request.get("diff")))
+                                        diff=bool(request.get("diff")), live=live, cancel=self._live_cancel)
             except CheckpointError as err:
-                raise OSError(errno.EIO, str(err)) from None
+                cancelled = isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ECANCELED
+                raise OSError(errno.ECANCELED if cancelled else errno.EIO, str(err)) from None
+            finally:
+                self._live_cancel = None
+
+    def checkpoint_cancel(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Stop the live checkpoint being written: it fails leaving no file, the guest runs on."""
+        cancel = self._live_cancel
+        if cancel is None:
+            raise OSError(errno.ENOENT, "no live checkpoint is being written (only a --live one can be cancelled)")
+        cancel.set()
+        return {"cancelled": True}
 
     # -- migration
     def migrate(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:

@@ -29,6 +29,10 @@ class MachineHandle:
         self.hold_vcpus = hold_vcpus  # False: a checkpoint restore, whose vCPUs vmmrun starts itself
         self._paused_by_us = False
         self._held = False  # vCPU threads started, waiting for start_running
+        # Saving or restoring state first resolves every declaration's field types (tens of ms
+        # once, then 0.2 ms): do it now, so no pause (a live checkpoint's few ms, a migration's
+        # downtime) pays for it.
+        prepare_declarations()
 
     @property
     def memory(self) -> GuestMemory:
@@ -53,7 +57,6 @@ class MachineHandle:
         problems = spec_mismatches(local, remote_spec)
         if problems:
             raise ValueError("; ".join(problems))
-        prepare_declarations()  # now, not when the state arrives inside the downtime
 
     def pause(self) -> float:
         if self.machine.paused:

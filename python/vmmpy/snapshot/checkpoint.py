@@ -21,17 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import _core
+from ..memory import PAGE_SIZE
 from ..progress import metered
 from ..state.handle import GuestHandle
 from .errors import CheckpointError
-from .files import META_SUFFIX, Checkpoint, DiffParent, restore_memory, write_checkpoint
+from .files import META_SUFFIX, Checkpoint, DiffParent, LiveSource, restore_memory, write_checkpoint
 
 RESTORE_MODES = ("eager", "lazy")
+#: A live checkpoint holds at most this many bytes of pages the guest wrote before the writer
+#: reached them (their old bytes, copied out); past it the writing vCPU or device waits for the
+#: writer, so a guest rewriting all its memory runs at the disk's speed rather than doubling
+#: its memory.
+LIVE_COPY_LIMIT_BYTES = 64 << 20
 
 
 def checkpoint_guest(
@@ -43,6 +51,9 @@ def checkpoint_guest(
     progress: Callable[[dict[str, Any]], None] | None = None,
     key: bytes | None = None,
     diff: bool = False,
+    live: bool = False,
+    live_copy_limit: int = LIVE_COPY_LIMIT_BYTES,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Save ``guest`` to ``path`` (+ ``.kern``, ``.meta``) with ``basic`` as bhyve's basic
     metadata (``ncpus``, ``vmname`` and what the caller adds); keep it running unless
@@ -56,8 +67,18 @@ def checkpoint_guest(
     with none, or when that checkpoint's metadata is gone or changed, CheckpointError says so and
     nothing is written. The pages written since are harvested into the memory's checkpoint log
     while the guest is paused (``GuestMemory.checkpoint_log_pages``); only a checkpoint written
-    whole restarts the log, so after a failed one the next diff still carries them."""
+    whole restarts the log, so after a failed one the next diff still carries them.
+
+    With ``live`` the guest is paused only to take its sections and arm copy-before-write on its
+    memory (``_core.LiveCapture``, at most ``live_copy_limit`` bytes of copied-out pages), then
+    runs on while the memory file is written: the file holds memory as it was at that pause.
+    Setting ``cancel`` stops that write (CheckpointError, errno ECANCELED in its cause). A failure
+    or cancel lifts the protection and leaves no files; the guest runs on throughout. Not with
+    ``suspend`` or ``diff``."""
     path = str(path)
+    if live:
+        return _live_checkpoint(guest, path, basic=basic, suspend=suspend, progress=progress, key=key, diff=diff,
+                                copy_limit=live_copy_limit, cancel=cancel or threading.Event())
     started = time.perf_counter()
     pause_seconds = guest.pause()
     if progress:
@@ -77,13 +98,23 @@ def checkpoint_guest(
         guest.stop_for_good(f"suspended to {path}")
     else:
         guest.resume()
+    result = _result(path, guest.memory.memsize, stats, suspended=suspend, keyed=key is not None,
+                     parent=None if parent is None else parent.path, paused_seconds=downtime)
+    if progress:
+        progress({"phase": "written", **result})
+    return result
+
+
+def _result(path: str, memsize: int, stats: dict[str, Any], *, suspended: bool, keyed: bool, parent: str | None,
+            paused_seconds: float) -> dict[str, Any]:
+    """What a checkpoint reports (vmmctl prints it, --json as is)."""
     seconds = stats["total_seconds"]
-    result = {
+    return {
         "path": path,
-        "suspended": suspend,
-        "keyed": key is not None,
-        "parent": None if parent is None else parent.path,
-        "memory_bytes": guest.memory.memsize,
+        "suspended": suspended,
+        "keyed": keyed,
+        "parent": parent,
+        "memory_bytes": memsize,
         "bytes_written": stats["bytes_written"],
         "kern_bytes": stats["kern_bytes"],
         "data_pages": stats["data_pages"],
@@ -91,11 +122,64 @@ def checkpoint_guest(
         "untouched_pages": stats["untouched_pages"],
         "write_seconds": round(seconds, 6),
         "throughput_bytes_per_s": round(stats["bytes_written"] / seconds) if seconds > 0 else 0,
-        "guest_paused_seconds": round(downtime, 6),
+        "guest_paused_seconds": round(paused_seconds, 6),
     }
+
+
+def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any], suspend: bool,
+                     progress: Callable[[dict[str, Any]], None] | None, key: bytes | None, diff: bool,
+                     copy_limit: int, cancel: threading.Event) -> dict[str, Any]:
+    if suspend:
+        raise CheckpointError(f"checkpoint '{path}': --live goes with --checkpoint only: a suspend ends the guest, so there is "
+                              "nothing to keep running while memory is written")
+    if diff:
+        raise CheckpointError(f"checkpoint '{path}': --live and --diff together are not supported; take a live full "
+                              "checkpoint, or a diff (its guest pauses only while the dirtied pages are written)")
+    if copy_limit < PAGE_SIZE:
+        raise CheckpointError(f"checkpoint '{path}': the live copy limit must be at least one page ({PAGE_SIZE} bytes), "
+                              f"got {copy_limit}")
+    memory = guest.memory
+    if memory.lazy:
+        memory.load_all()  # now, not inside the pause: a chunk loaded later would bypass the capture
+    started = time.perf_counter()
+    guest.pause()
+    try:
+        sections = guest.save_sections()
+        harvests = memory.harvests
+        capture = _core.LiveCapture(memory.core, copy_limit // PAGE_SIZE)
+    finally:
+        guest.resume()
+    pause_seconds = time.perf_counter() - started
+    written = threading.Event()
+    watcher = threading.Thread(target=_cancel_when_asked, args=(cancel, written, capture), name="live-checkpoint-cancel",
+                               daemon=True)
+    watcher.start()
+    try:
+        if progress:
+            progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
+        with metered(progress, "checkpoint") as meter:
+            stats = write_checkpoint(path, memory, sections, basic, key=key, meter=meter,
+                                     live=LiveSource(capture, pause_seconds))
+    finally:
+        capture.finish()  # lifted by the write already; again here for a failure before it
+        written.set()
+        watcher.join()
+    memory.start_checkpoint_log((os.path.abspath(path), stats["meta_sha256"]), since_harvest=harvests)
+    result = _result(path, memory.memsize, stats, suspended=False, keyed=key is not None, parent=None,
+                     paused_seconds=pause_seconds)
+    result.update(live=True, copied_before_write_pages=stats["copied_pages"], peak_held_pages=stats["peak_held_pages"],
+                  throttled_writes=stats["throttled_writes"], throttled_seconds=round(stats["throttled_seconds"], 6))
     if progress:
         progress({"phase": "written", **result})
     return result
+
+
+def _cancel_when_asked(cancel: threading.Event, written: threading.Event, capture: _core.LiveCapture) -> None:
+    """Stop ``capture``'s write (at its next 4 MiB) once ``cancel`` is set, until it is ``written``."""
+    while not written.is_set():
+        if cancel.wait(0.05):
+            capture.cancel()
+            return
 
 
 def _diff_parent(base: object | None, pages: Any, path: str) -> DiffParent:
@@ -138,4 +222,4 @@ def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "ea
     guest.memory.start_checkpoint_log((os.path.abspath(checkpoint.path), checkpoint.meta_sha256))
 
 
-__all__ = ["RESTORE_MODES", "checkpoint_guest", "restore_guest"]
+__all__ = ["LIVE_COPY_LIMIT_BYTES", "RESTORE_MODES", "checkpoint_guest", "restore_guest"]

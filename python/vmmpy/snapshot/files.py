@@ -163,6 +163,28 @@ def _written_chunk_sha256(path: str, memory: GuestMemory, size: int, chunk_size:
 
 
 @dataclass(frozen=True)
+class LiveSource:
+    """Where a live checkpoint's memory comes from: ``capture``, armed while the guest was paused
+    for ``pause_seconds`` (recorded in the metadata); the guest has run on since."""
+
+    capture: _core.LiveCapture
+    pause_seconds: float
+
+
+def _live_meta(stats: dict[str, Any], pause_seconds: float) -> dict[str, Any]:
+    """The metadata's "live" record: how the guest paused and what copy-before-write did."""
+    return {
+        "pause_us": round(pause_seconds * 1e6),
+        "copied_before_write_pages": stats["copied_pages"],
+        "peak_held_pages": stats["peak_held_pages"],
+        "throttled_writes": stats["throttled_writes"],
+        "throttled_us": round(stats["throttled_seconds"] * 1e6),
+        "bytes_written": stats["bytes_written"],
+        "write_us": round(stats["seconds"] * 1e6),
+    }
+
+
+@dataclass(frozen=True)
 class DiffParent:
     """What a diff checkpoint is written over: the parent checkpoint's path (absolute, or
     relative to the current directory), the SHA-256 of its ``.meta`` file as it was written or
@@ -235,8 +257,14 @@ def write_checkpoint(
     key: bytes | None = None,
     meter: ProgressMeter | None = None,
     parent: DiffParent | None = None,
+    live: LiveSource | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint ``path``, ``path.kern`` and ``path.meta`` atomically.
+
+    With ``live`` the guest runs while the memory file is written: its memory is taken from the
+    capture as it was when armed (``rust/memory/cow.rs``), and the metadata's ``live`` records the
+    pause and what copy-before-write did. Its chunk hashes are those of the memory at the pause,
+    and keyed SHA-256 digests are read back from the file. It cannot be a diff.
 
     With a ``parent`` it is a diff checkpoint (format version 3, keyed 4): its memory file holds
     only ``parent.pages`` (the rest are holes), and its metadata's ``parent`` names the parent
@@ -263,6 +291,8 @@ def write_checkpoint(
     basic_meta = _basic_metadata(memory, basic)
     if key is not None:
         check_key(key)
+    if live is not None and parent is not None:
+        raise CheckpointError(f"checkpoint '{path}': a live checkpoint cannot be a diff")
     try:
         kern, records = encode_container(sections)
     except (TypeError, ValueError) as err:  # SectionError is a ValueError
@@ -287,7 +317,10 @@ def write_checkpoint(
             direct_io = False
         created.append(temp["memory"])
         try:
-            if parent is None:
+            if live is not None:
+                stats = _core.write_memory_file_live(live.capture, fd, chunk_size=chunk_size, meter=meter).as_dict()
+                stats.update(live.capture.stats().as_dict())
+            elif parent is None:
                 stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
             else:
                 runs = page_runs(parent.pages)
@@ -329,6 +362,8 @@ def write_checkpoint(
                 "chunk_hashes": [_hex128(h) for h in stats.pop("chunk_hashes")],
             },
         }
+        if live is not None:
+            meta["live"] = _live_meta(stats, live.pause_seconds)
         if parent is not None:
             meta["parent"] = {
                 "path": os.path.relpath(os.path.abspath(parent.path), directory),
@@ -339,9 +374,9 @@ def write_checkpoint(
         if key is not None:
             sha_started = time.perf_counter()
             meta["kern"]["sha256"] = kern_sha256(kern)
-            if parent is None:
+            if parent is None and live is None:
                 meta["memory"]["chunk_sha256"] = _written_chunk_sha256(temp["memory"], memory, stats["file_size"], chunk_size)
-            else:  # packed: the file's offsets are not the guest's, so hash the file as written
+            else:  # packed, or the guest ran on: hash the file as written
                 fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     meta["memory"]["chunk_sha256"] = memory_chunk_sha256(fd, stats["file_size"], chunk_size)

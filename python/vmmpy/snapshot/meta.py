@@ -93,6 +93,16 @@ def _fields(version: int) -> Spec:
     chunk_sha256 = {"chunk_sha256": array(hexdigits(64), max_len=MAX_META_BYTES // 64)} if keyed else {}
     mac = {_MAC: hexdigits(64)} if keyed else {}
     page_multiple = integer(0, MAX_MEMSIZE, multiple_of=PAGE_SIZE)
+    count = integer(0, MAX_MEMSIZE)
+    live = {"live": record({
+        "pause_us": count,
+        "copied_before_write_pages": page,
+        "peak_held_pages": page,
+        "throttled_writes": count,
+        "throttled_us": count,
+        "bytes_written": integer(0, MAX_MEMSIZE),
+        "write_us": count,
+    })}
     return record({
         "format": string(choices=(FORMAT_MAGIC,)),
         "format_version": integer(version, version),
@@ -135,7 +145,7 @@ def _fields(version: int) -> Spec:
         _CHECKSUM: hexdigits(16),
         **mac,
         **parent,
-    })
+    }, live)
 
 
 _FIELDS = {version: _fields(version) for version in FORMAT_VERSIONS}
