@@ -21,6 +21,7 @@ from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
 from ..migration.stats import stopped_text
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
+from ..snapshot.checkpoint import describe_lazy_restore
 from ..units import format_size, parse_rate
 from .about import version_line
 from .keyfile import read_key
@@ -678,7 +679,10 @@ def _main(argv: list[str] | None = None) -> int:
             result = client.request("registers")
             _print(result, True) if args.json else _print_registers(result)
         elif args.status:
-            _print(client.request("status"), args.json)
+            result = client.request("status")
+            if not args.json and isinstance(result.get("restore"), dict):
+                result["restore"] = describe_lazy_restore(result["restore"])
+            _print(result, args.json)
         elif args.pause:
             _print(client.request("pause"), args.json)
         elif args.resume:
