@@ -164,7 +164,7 @@ fn a_bad_chunk_found_by_the_fill_fails_as_a_demand_load_would_and_rings_the_noti
 #[test]
 fn recording_notes_accessed_chunks_in_first_access_order_whoever_loaded_them() {
     let s = lazy(&[], None);
-    let plan = LoadPlan { prefetch: vec![1], fill: false, record_for: Some(Duration::from_secs(30)), record_limit: 3 };
+    let plan = LoadPlan { prefetch: vec![1], fill: false, record_for: Some(Duration::from_secs(30)), record_limit: 3, loaders: 1 };
     image(&s.mem).start_loading(plan).unwrap();
     wait_until("chunk 1 prefetched", || image(&s.mem).stats().prefetched == 1);
     assert_eq!(s.mem.loaded_prefix(), 0, "while recording every access asks");
@@ -191,6 +191,20 @@ fn recording_ends_after_its_time_and_complete_memory_then_reads_complete() {
     assert!(s.mem.is_complete(), "resident and no longer recording");
     let stats = image(&s.mem).stats();
     assert_eq!((stats.filled, stats.demand_loads, stats.waits), (8, 0, 0), "an access to a chunk the fill loaded does not wait");
+}
+
+#[test]
+fn recording_lasts_its_time_whatever_the_other_loaders_do() {
+    let s = lazy(&[], None);
+    let plan = LoadPlan { fill: true, record_for: Some(Duration::from_secs(30)), record_limit: 100, loaders: 3, ..LoadPlan::default() };
+    image(&s.mem).start_loading(plan).unwrap();
+    wait_until("resident", || image(&s.mem).is_resident());
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(image(&s.mem).stats().recording, "loaders done with their chunks do not end the recording");
+    read(&s.mem, at(7, 0)).unwrap();
+    image(&s.mem).stop_loading();
+    assert_eq!(image(&s.mem).wait_recorded(Duration::from_secs(10)), Some(vec![7]));
+    assert_eq!(s.order.lock().unwrap().len(), 8, "three loaders loaded each chunk once");
 }
 
 #[test]

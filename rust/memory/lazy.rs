@@ -29,10 +29,10 @@
 //! rewritten under a running guest makes the chunks not yet loaded fail their load (a short read,
 //! a hash mismatch), and never faults the process. Chunks already loaded are the guest's own.
 //!
-//! Loading ahead ([`LazyImage::start_loading`]): a background thread (no GIL) loads a given list
+//! Loading ahead ([`LazyImage::start_loading`]): background threads (no GIL) load a given list
 //! of chunks first (the working set a previous restore recorded), then, if asked, every other
-//! chunk in order, so the guest becomes fully resident soon. It takes one chunk at a time
-//! through the same load as any accessor, so a chunk it finds bad fails exactly as a demand load
+//! chunk in order, so the guest becomes fully resident soon. Each takes one chunk at a time
+//! through the same load as any accessor (passing over a chunk someone is loading already), so a chunk it finds bad fails exactly as a demand load
 //! would (and rings the notifier), and an accessor needing another chunk loads it meanwhile in
 //! parallel: a chunk being loaded is LOADING, and only a thread wanting that very chunk waits.
 //!
@@ -137,6 +137,8 @@ pub struct LoadPlan {
     pub record_for: Option<Duration>,
     /// ...or until this many distinct chunks were accessed.
     pub record_limit: usize,
+    /// Threads loading ahead, each taking the next chunk of the order in turn (at least 1).
+    pub loaders: usize,
 }
 
 /// How a lazy restore went so far (see [`LazyImage::stats`]).
@@ -420,10 +422,21 @@ impl LazyImage {
         if record_until.is_some() {
             self.recording.store(true, Ordering::Release);
         }
-        let image = self.clone();
-        std::thread::Builder::new().name("lazy-fill".into()).spawn(move || image.run_loader(plan, record_until)).map_err(|e| {
-            MemoryError::Unsupported { what: "the lazy restore's loading thread".into(), why: format!("cannot start: {e}") }
-        })?;
+        let fill = if plan.fill { 0..self.states.len() } else { 0..0 };
+        let order: Arc<Vec<(usize, LoadOrigin)>> =
+            Arc::new(plan.prefetch.iter().map(|&i| (i, LoadOrigin::Prefetch)).chain(fill.map(|i| (i, LoadOrigin::Fill))).collect());
+        let cursor = Arc::new(AtomicUsize::new(0));
+        for n in 0..plan.loaders.max(1) {
+            let (image, order, cursor) = (self.clone(), order.clone(), cursor.clone());
+            let record_until = if n == 0 { record_until } else { None };
+            std::thread::Builder::new()
+                .name(format!("lazy-fill-{n}"))
+                .spawn(move || image.run_loader(&order, &cursor, record_until))
+                .map_err(|e| MemoryError::Unsupported {
+                    what: "the lazy restore's loading thread".into(),
+                    why: format!("cannot start: {e}"),
+                })?;
+        }
         Ok(())
     }
 
@@ -439,11 +452,11 @@ impl LazyImage {
             || self.members.iter().any(|m| m.segment.upgrade().is_none_or(|s| s.is_closed()))
     }
 
-    fn run_loader(&self, plan: LoadPlan, record_until: Option<Instant>) {
-        let fill: Box<dyn Iterator<Item = usize>> = if plan.fill { Box::new(0..self.states.len()) } else { Box::new(std::iter::empty()) };
-        let order = plan.prefetch.iter().map(|&i| (i, LoadOrigin::Prefetch)).chain(fill.map(|i| (i, LoadOrigin::Fill)));
-        for (index, origin) in order {
-            if index >= self.states.len() || self.states[index].load(Ordering::Acquire) == LOADED {
+    /// Take the next chunk of `order` (shared by every loader through `cursor`) until none is
+    /// left; a chunk another thread is loading or has loaded is passed over, not waited for.
+    fn run_loader(&self, order: &[(usize, LoadOrigin)], cursor: &AtomicUsize, record_until: Option<Instant>) {
+        while let Some(&(index, origin)) = order.get(cursor.fetch_add(1, Ordering::Relaxed)) {
+            if index >= self.states.len() || self.states[index].load(Ordering::Acquire) != UNLOADED {
                 continue;
             }
             if self.stopped() || self.first_failure().is_some() || self.load(index, origin).is_err() {
@@ -463,8 +476,8 @@ impl LazyImage {
                     break;
                 }
             }
+            self.stop_recording();
         }
-        self.stop_recording();
     }
 
     /// End recording: from now on the loaded prefix and completeness read as they are.

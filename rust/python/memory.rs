@@ -260,20 +260,27 @@ impl PyGuestMemory {
         })
     }
 
-    /// For lazily restored memory: start a background thread (no GIL) that loads the chunks
+    /// For lazily restored memory: start `loaders` background threads (no GIL) that load the chunks
     /// `prefetch` first, in that order, then with `fill` every other chunk, each checked as any
     /// load is (a bad one fails and rings the notifier; the thread stops there); and, with
     /// `record_seconds`, records the chunks accessed in that time (at most `record_limit`), in
     /// the order first accessed (`wait_recorded`). Accessors needing another chunk meanwhile
     /// load it in parallel. Once per memory; nothing for other memory.
-    #[pyo3(signature = (*, prefetch = Vec::new(), fill = true, record_seconds = None, record_limit = 4096))]
-    fn start_loading(&self, prefetch: Vec<usize>, fill: bool, record_seconds: Option<f64>, record_limit: usize) -> PyResult<()> {
+    #[pyo3(signature = (*, prefetch = Vec::new(), fill = true, record_seconds = None, record_limit = 4096, loaders = 2))]
+    fn start_loading(
+        &self,
+        prefetch: Vec<usize>,
+        fill: bool,
+        record_seconds: Option<f64>,
+        record_limit: usize,
+        loaders: usize,
+    ) -> PyResult<()> {
         let Some(image) = self.inner.lazy_image() else { return Ok(()) };
         let record_for = match record_seconds {
             Some(s) if !(s.is_finite() && s > 0.0) => return Err(PyValueError::new_err(format!("record_seconds {s} must be positive"))),
             s => s.map(std::time::Duration::from_secs_f64),
         };
-        image.start_loading(LoadPlan { prefetch, fill, record_for, record_limit }).map_err(memory_error)
+        image.start_loading(LoadPlan { prefetch, fill, record_for, record_limit, loaders }).map_err(memory_error)
     }
 
     /// Stop the loading thread at its next chunk and end recording now (nothing for other memory).
