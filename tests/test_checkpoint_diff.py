@@ -109,8 +109,8 @@ def test_a_failed_diff_keeps_its_pages_so_the_next_diff_is_complete(tmp_path, gu
         target = tmp_path / "d-failed"
         real = files._write_diff_memory
 
-        def failing(fd, memory, runs):
-            real(fd, memory, runs[: len(runs) // 2])  # half the pages are on disk when it stops
+        def failing(fd, memory, runs, chunk_size):
+            real(fd, memory, runs[: len(runs) // 2], chunk_size)  # half the pages are on disk when it stops
             raise OSError(28, "No space left on device") if how == "fails-mid-write" else KeyboardInterrupt()
 
         monkeypatch.setattr(files, "_write_diff_memory", failing)

@@ -124,7 +124,7 @@ unsafe fn guest_bytes(seg: &Segment, off: usize, len: usize) -> &[u8] {
     unsafe { std::slice::from_raw_parts(seg.as_ptr().add(off), len) }
 }
 
-fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gpa: u64) -> Result<u64, SnapshotError> {
+pub(super) fn pwrite_all(fd: RawFd, mut ptr: *const u8, mut len: usize, mut offset: u64, gpa: u64) -> Result<u64, SnapshotError> {
     let mut calls = 0;
     while len > 0 {
         // SAFETY: the caller hands a range inside a live mapping; pwrite only reads it.

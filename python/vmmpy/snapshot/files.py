@@ -192,35 +192,20 @@ def _segment_views(memory: GuestMemory) -> list[tuple[int, memoryview]]:
     return views
 
 
-#: One pwrite/pread of a diff moves at most this many bytes.
+#: One pread of a diff (applying it on restore) moves at most this many bytes.
 _DIFF_IO_BYTES = 16 << 20
 
 
-def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]]) -> dict[str, Any]:
+def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]], chunk_size: int) -> dict[str, Any]:
     """Write the pages of ``runs`` back to back (packed) into the memory file ``fd``, straight
-    from the stopped guest's page-aligned memory (so O_DIRECT works)."""
-    started = time.perf_counter()
-    if memory.lazy:
-        memory.load_all()  # a lazily restored guest's unloaded chunks cannot be read through a view
-    written = calls = 0
-    views = _segment_views(memory)
-    try:
-        for first, count in runs:
-            start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            for base, view in views:
-                a, b = max(start, base), min(end, base + len(view))
-                while a < b:
-                    n = os.pwrite(fd, view[a - base : min(b, a + _DIFF_IO_BYTES) - base], written)
-                    a += n
-                    written += n
-                    calls += 1
-    finally:
-        for _, view in views:
-            view.release()
-    pages = written // PAGE_SIZE
+    from the stopped guest's page-aligned memory (so O_DIRECT works), hashed as they are written
+    (``_core.write_packed_pages``: no read of the file)."""
+    written = _core.write_packed_pages(memory.core, fd, [(first, count) for first, count in runs], chunk_size=chunk_size)
+    pages = written.bytes_written // PAGE_SIZE
     return {
-        "bytes_written": written, "data_pages": pages, "zero_pages": 0, "untouched_pages": memory.memsize // PAGE_SIZE - pages,
-        "pwrite_calls": calls, "file_size": written, "seconds": time.perf_counter() - started,
+        "bytes_written": written.bytes_written, "data_pages": pages, "zero_pages": 0,
+        "untouched_pages": memory.memsize // PAGE_SIZE - pages, "pwrite_calls": written.pwrite_calls,
+        "file_size": written.bytes_written, "seconds": written.seconds, "chunk_hashes": written.chunk_hashes,
     }
 
 
@@ -291,19 +276,13 @@ def write_checkpoint(
                 stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
             else:
                 runs = page_runs(parent.pages)
-                stats = _write_diff_memory(fd, memory, runs)  # a few MiB: no meter
+                stats = _write_diff_memory(fd, memory, runs, chunk_size)  # a few MiB: no meter
             stats["direct_io"] = direct_io
             fsync_started = time.perf_counter()
             os.fsync(fd)
             stats["memory_fsync_seconds"] = time.perf_counter() - fsync_started
         finally:
             os.close(fd)
-        if parent is not None:  # the hashes of the packed file as written
-            fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                stats["chunk_hashes"] = _core.hash_memory_file(fd, chunk_size=chunk_size).chunk_hashes
-            finally:
-                os.close(fd)
         created.append(temp["kern"])
         _write_file(temp["kern"], kern)
 
