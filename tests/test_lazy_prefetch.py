@@ -98,7 +98,6 @@ def restore_and_finish(saved, path: Path, prefetch: str, **kwargs) -> dict:
     return stats
 
 
-@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", restore="lazy")
 def test_lazy_restores_with_and_without_prefetch_end_as_an_uninterrupted_run(saved, tmp_path):
     path = fresh_copy(saved, tmp_path)
     ws = Path(f"{path}{WS_SUFFIX}")

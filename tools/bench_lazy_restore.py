@@ -15,6 +15,9 @@ and each time the statistics after the guest's first second say how long it wait
 loads (`first_second_wait_seconds`), with loads by origin and the time to fully resident.
 The target: with the working set, at most a quarter of the wait without prefetch.
 
+Running within: a lazy restore of 1, 4 and 16 GiB guests (256 MiB of data spread over each) up to
+the moment loading ahead has started, the point the guest may run.
+
 Usage: tools/bench_lazy_restore.py [--dir DIR] [--gib N] [--json]
 """
 
@@ -74,6 +77,31 @@ def fill_rate(directory: str, gib: int) -> dict:
             "fill_resident_s": resident_s, "fill_gbps": size / resident_s / 1e9, "fill_vs_eager": eager_s / resident_s}
 
 
+def running_after(directory: str) -> dict[int, float]:
+    """Milliseconds from the start of a lazy restore to loading ahead started (the guest may
+    run), for 1, 4 and 16 GiB guests holding 256 MiB of data spread over them (the best of three)."""
+    out = {}
+    for gib in (1, 4, 16):
+        mem = random_guest(gib * GIB, 256 << 20, seed=gib)
+        path = os.path.join(directory, f"sparse{gib}")
+        try:
+            write_checkpoint(path, mem, SECTIONS, BASIC)
+        finally:
+            mem.close()
+        checkpoint = read_checkpoint(path, REGISTRY)
+        best = float("inf")
+        for _ in range(ATTEMPTS):
+            started = time.perf_counter()
+            lazy = restore_memory(checkpoint, "lazy", dirty_tracking="soft")
+            lazy.core.start_loading(fill=True)
+            best = min(best, time.perf_counter() - started)
+            lazy.close()
+        out[gib] = best * 1e3
+        for suffix in ("", ".kern", ".meta"):
+            os.unlink(path + suffix)
+    return out
+
+
 def fault_wait(directory: str, gib: int) -> list[dict]:
     path = os.path.join(directory, "touch.ckp")
     with Vm("memtouch", args=WORKLOAD, memory=f"{gib}G", tsc="host") as vm:
@@ -105,17 +133,20 @@ def main() -> int:
     directory = tempfile.mkdtemp(prefix="bench-lazy-", dir=args.dir)
     try:
         fill = fill_rate(directory, args.gib)
+        running = running_after(directory)
         waits = fault_wait(directory, args.gib)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     if args.json:
-        print(json.dumps({"fill": fill, "fault_wait": waits}, indent=2))
+        print(json.dumps({"fill": fill, "running_after_ms": running, "fault_wait": waits}, indent=2))
         return 0
     print(f"{args.gib} GiB of random data, from the page cache:")
     print(f"  eager restore            {fill['eager_restore_s']:.3f} s  ({fill['eager_gbps']:.2f} GB/s)")
     print(f"  lazy: guest may run after {fill['lazy_running_ms']:.2f} ms (target <= 5 ms)")
     print(f"  lazy + fill: resident in {fill['fill_resident_s']:.3f} s  ({fill['fill_gbps']:.2f} GB/s, "
           f"{fill['fill_vs_eager']:.2f}x the eager rate; target >= 1x)")
+    print("lazy restore to loading ahead started (the guest may run), 256 MiB of data spread over: "
+          + ", ".join(f"{gib} GiB {ms:.2f} ms" for gib, ms in running.items()) + " (target <= 5 ms)")
     print(f"memtouch {WORKLOAD} on a {args.gib} GiB guest, restored lazily:")
     none = waits[0]["first_second_wait_ms"]
     for row in waits:

@@ -86,7 +86,6 @@ impl ChunkSource for FileChunks {
                 }
                 let dst = part.ptr.wrapping_add((x - p_start) as usize);
                 let len = (y - x) as usize;
-                advise_huge(dst, len);
                 // SAFETY: as below; POPULATE_WRITE only faults the pages in, advisory.
                 unsafe { libc::madvise(dst as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
                 // SAFETY: dst..dst+len lies inside the part, which the caller gives us writable
@@ -105,22 +104,6 @@ impl ChunkSource for FileChunks {
             return Err(ChunkFault::Mismatch);
         }
         Ok(())
-    }
-}
-
-/// Ask for transparent huge pages on the 2 MiB-aligned part of `dst..dst+len`, a data extent
-/// about to be filled whole, as an eager restore does (`Segment::advise_huge`): one fault per
-/// 2 MiB instead of 512. Measured with tools/bench_lazy_restore.py, alternately on a loaded
-/// machine: the fill of 1 GiB at 0.99-1.13x the eager rate with it, 0.86-1.05x without.
-/// Advisory (THP may be off); errors are ignored.
-fn advise_huge(dst: *mut u8, len: usize) {
-    const HUGE_PAGE: usize = 2 << 20;
-    let start = dst as usize;
-    let (first, end) = (start.next_multiple_of(HUGE_PAGE), (start + len) / HUGE_PAGE * HUGE_PAGE);
-    if first < end {
-        // SAFETY: first..end lies inside the part the caller handed us; MADV_HUGEPAGE changes
-        // how its pages are backed, never their bytes.
-        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
     }
 }
 
