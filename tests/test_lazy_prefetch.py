@@ -27,6 +27,7 @@ from vmmpy.snapshot.workingset import WS_SUFFIX, decode_working_set, encode_work
 
 from .procs import start_vmmrun, stop, vmmctl, wait_for_socket, wait_for_state
 from .test_checkpoint_restore import flip
+from .test_vm_api import final_state as vm_api_final_state
 
 GUEST = "abtest"
 ARGS = {"sweeps": 600, "report": 100}
@@ -36,16 +37,9 @@ PAUSE_AT = 12_000_000  # instructions: where the checkpoint is taken, about a th
 
 
 def final_state(vm: Vm) -> tuple:
-    """Exit status, SHA-256 of lowmem, vCPU 0's registers and instruction count, and console."""
-    status = vm.wait(120)
-    assert status is not None, "the guest did not stop in time"
-    view = vm.machine.vm.memory.view("lowmem")
-    try:
-        digest = hashlib.sha256(view).hexdigest()
-    finally:
-        del view
-    cpu = vm.machine.vm.vcpus[0]
-    return status, digest, tuple(sorted(cpu.registers().items())), cpu.instructions_retired
+    """Exit status, SHA-256 of lowmem and vCPU 0's instruction count (as test_vm_api), and
+    vCPU 0's registers."""
+    return (*vm_api_final_state(vm), tuple(sorted(vm.machine.vm.vcpus[0].registers().items())))
 
 
 def wait_for(what: str, done, timeout: float = 60.0):
