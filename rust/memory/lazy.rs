@@ -32,9 +32,10 @@
 //! Loading ahead ([`LazyImage::start_loading`]): background threads (no GIL) load a given list
 //! of chunks first (the working set a previous restore recorded), then, if asked, every other
 //! chunk in order, so the guest becomes fully resident soon. Each takes one chunk at a time
-//! through the same load as any accessor (passing over a chunk someone is loading already), so a chunk it finds bad fails exactly as a demand load
-//! would (and rings the notifier), and an accessor needing another chunk loads it meanwhile in
-//! parallel: a chunk being loaded is LOADING, and only a thread wanting that very chunk waits.
+//! through the same load as any accessor (passing over a chunk someone is loading already), so
+//! a chunk it finds bad fails exactly as a demand load would (and rings the notifier), and an
+//! accessor needing another chunk loads it meanwhile in parallel: a chunk being loaded is
+//! LOADING, and only a thread wanting that very chunk waits.
 //!
 //! Working-set recording: for a bounded time (or number of chunks) after the restore, every
 //! access's chunks are noted in the order first touched, whoever loaded them. While recording,
@@ -120,7 +121,7 @@ const LOADING: u8 = 3;
 pub enum LoadOrigin {
     /// An accessor (a vCPU, a device, a bulk operation) needed a byte of it.
     Demand,
-    /// The background thread, from the working set it was given.
+    /// A loading thread, from the working set it was given.
     Prefetch,
     /// The background fill, or a whole-memory reader ([`LazyImage::ensure_all`]).
     Fill,
@@ -215,7 +216,7 @@ pub struct LazyImage {
     record_limit: AtomicUsize,
     touched: Vec<AtomicU64>,
     recorded: Mutex<Vec<usize>>,
-    /// The background thread stops at its next chunk once this is set; `recording_done` is
+    /// The loading threads stop at their next chunk once this is set; `recording_done` is
     /// signalled when recording ends.
     stop: Mutex<bool>,
     stop_cv: Condvar,
@@ -406,9 +407,9 @@ impl LazyImage {
         Ok(())
     }
 
-    /// Start the background thread that loads `plan.prefetch`, then (with `plan.fill`) every
-    /// other chunk, and records accesses as `plan` says. Once per image; later calls are refused.
-    /// The thread stops at the first chunk that fails (the failure is recorded and the notifier
+    /// Start `plan.loaders` background threads that load `plan.prefetch`, then (with
+    /// `plan.fill`) every other chunk, and record accesses as `plan` says. Once per image; later
+    /// calls are refused. The threads stop at the first chunk that fails (the failure is recorded and the notifier
     /// rung, as for any load), when the memory is dropped or closed, or on [`Self::stop_loading`].
     pub fn start_loading(self: &Arc<Self>, plan: LoadPlan) -> Result<(), MemoryError> {
         if self.record_limit.swap(plan.record_limit.max(1), Ordering::AcqRel) != 0 {
@@ -440,7 +441,7 @@ impl LazyImage {
         Ok(())
     }
 
-    /// Stop the background thread at its next chunk, and recording now.
+    /// Stop the loading threads at their next chunk, and recording now.
     pub fn stop_loading(&self) {
         *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop_cv.notify_all();
