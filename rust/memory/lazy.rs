@@ -149,8 +149,8 @@ pub struct LazyStats {
     pub prefetched: u64,
     pub filled: u64,
     /// Accesses that found a chunk not loaded and waited for it (loading it, or for the thread
-    /// that was), and for how long in all, in the first second (from the start of loading ahead,
-    /// when the guest starts, or from the restore without it), and at most.
+    /// that was), and for how long in all, in the first second after loading ahead started
+    /// (when the guest starts; none before it), and at most.
     pub waits: u64,
     pub wait: Duration,
     pub first_second_wait: Duration,
@@ -369,7 +369,9 @@ impl LazyImage {
         self.waits.fetch_add(1, Ordering::Relaxed);
         self.wait_ns.fetch_add(ns, Ordering::Relaxed);
         self.max_wait_ns.fetch_max(ns, Ordering::Relaxed);
-        if since.saturating_duration_since(self.origin()) < FIRST_SECOND {
+        // Waits before loading ahead started are the restore's own (a diff applied over the
+        // image), not the guest's first second.
+        if self.started.get().is_some_and(|&started| since.saturating_duration_since(started) < FIRST_SECOND) {
             self.first_second_wait_ns.fetch_add(ns, Ordering::Relaxed);
         }
     }

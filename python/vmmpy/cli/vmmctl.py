@@ -62,7 +62,7 @@ checkpoints: with --key-file the metadata carries an HMAC-SHA256 under the key (
   needs the same key (vmmrun -r FILE --key-file FILE). With --diff, FILE holds only the pages
   the guest wrote since its previous checkpoint (taken by this vmmrun, or the one it was restored
   from) and names that one as its parent; with no previous checkpoint --diff is refused (write a
-  full one first). vmmrun -r FILE follows the chain (eager restore only). See
+  full one first). vmmrun -r FILE follows the chain (lazily too). See
   docs/checkpoint-format.md.
 
 migration: see docs/migration.md for the parameters, the statistics and the policies.

@@ -161,9 +161,10 @@ class LazyLoading:
             return
         self._started = True
         c = self.checkpoint
+        image = self.memory.lazy_status()  # a diff's chunks are its root's image chunks, not its file's
         prefetch: list[int] = []
         if self.prefetch == "working-set":
-            self.working_set = read_working_set(c.path, chunk_size=c.chunk_size, chunks=len(c.chunk_hashes), meta_sha256=c.meta_sha256)
+            self.working_set = read_working_set(c.path, chunk_size=image.chunk_size, chunks=image.chunks, meta_sha256=c.meta_sha256)
             prefetch = self.working_set.chunks
         self.memory.core.start_loading(prefetch=prefetch, fill=self.prefetch != "none", record_seconds=self.record_seconds,
                                        record_limit=MAX_CHUNKS)
@@ -178,7 +179,7 @@ class LazyLoading:
             return  # nothing touched (or not over in time): keep any working set there is
         c = self.checkpoint
         try:
-            self.written = write_working_set(c.path, chunks, chunk_size=c.chunk_size, meta_sha256=c.meta_sha256)
+            self.written = write_working_set(c.path, chunks, chunk_size=self.memory.lazy_status().chunk_size, meta_sha256=c.meta_sha256)
         except OSError as err:
             log.warning("working set of checkpoint '%s' not written: %s", c.path, err.strerror or err)
 

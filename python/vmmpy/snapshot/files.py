@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
+from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory, LazyMemoryError
 from ..progress import ProgressCallback, ProgressMeter, metered
 from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_container, read_container
 from ..state.kernel import KERNEL_NAMES
@@ -677,6 +677,7 @@ def restore_memory(
     mode (:func:`verify_memory_sha256`: it reads the file's data once, so a keyed lazy restore
     is no longer constant time). ``progress`` is called every ``vmmpy.progress.TICK_S`` seconds
     with how far an eager read has got (``vmmpy.progress.metered``'s messages, phase "restore").
+    A diff checkpoint's memory is its chain's (``_restore_chain``), in either mode.
     """
     wired = checkpoint.wired if wired is None else wired
     if checkpoint.parent is not None:
@@ -730,26 +731,28 @@ def restore_memory(
 def _restore_chain(checkpoint: Checkpoint, mode: str, *, dirty_tracking: str, wired: bool,
                    progress: ProgressCallback | None) -> GuestMemory:
     """A diff checkpoint's memory: every diff's file is checked against its hashes first, then
-    the full checkpoint at the chain's root is restored eagerly (checked as it lands) and each
-    diff's pages are copied over it, oldest first."""
+    the full checkpoint at the chain's root is restored (eagerly: checked as it lands; lazily:
+    each chunk checked when first needed) and each diff's pages are copied over it, oldest
+    first. Lazily, only the root's chunks the diffs write to are loaded now (a damaged one is
+    refused naming the root), so the time grows with the diffs, not with the guest."""
     chain = checkpoint.chain
-    if mode != "eager":
-        raise CheckpointError(
-            f"checkpoint '{checkpoint.path}': a diff checkpoint (a chain of {len(chain)} files from '{chain[0].path}') "
-            f"can only be restored eagerly (restore mode {mode!r} would fault pages in through every file of the chain); "
-            "restore it with --restore-mode eager, or flatten it first (vmmctl --merge-checkpoint)"
-        )
+    if mode not in ("eager", "lazy"):
+        raise ValueError(f"mode must be 'eager' or 'lazy', not {mode!r}")
     for diff in chain[1:]:
         with _as_part_of(checkpoint, diff):
             verify_memory(diff)
     with _as_part_of(checkpoint, chain[0]):
-        memory = restore_memory(chain[0], "eager", dirty_tracking=dirty_tracking, wired=wired, progress=progress)
+        memory = restore_memory(chain[0], mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress)
     try:
         for diff in chain[1:]:
-            _apply_diff(memory, diff)
+            try:
+                _apply_diff(memory, diff)
+            except LazyMemoryError as err:  # a root chunk under the diff's pages is damaged
+                raise CheckpointError(f"checkpoint '{checkpoint.path}{META_SUFFIX}': its chain's '{chain[0].path}' is refused: "
+                                      f"{err.strerror or err}") from None
     except BaseException as err:
         memory.close()
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and not isinstance(err, CheckpointError):
             raise CheckpointError(f"checkpoint '{diff.path}': {err.strerror or err}") from None
         raise
     return memory
