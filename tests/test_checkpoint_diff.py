@@ -109,8 +109,8 @@ def test_a_failed_diff_keeps_its_pages_so_the_next_diff_is_complete(tmp_path, gu
         target = tmp_path / "d-failed"
         real = files._write_diff_memory
 
-        def failing(fd, memory, runs):
-            real(fd, memory, runs[: len(runs) // 2])  # half the pages are on disk when it stops
+        def failing(fd, memory, runs, chunk_size):
+            real(fd, memory, runs[: len(runs) // 2], chunk_size)  # half the pages are on disk when it stops
             raise OSError(28, "No space left on device") if how == "fails-mid-write" else KeyboardInterrupt()
 
         monkeypatch.setattr(files, "_write_diff_memory", failing)
@@ -223,13 +223,26 @@ def test_a_parent_of_another_layout_or_key_is_refused_by_name(tmp_path, guests):
         read_checkpoint(tmp_path / "d1", FAKE_SECTIONS, key=key)
 
 
-def test_a_diff_restored_lazily_is_refused_clearly(tmp_path, guests):
+def test_a_diff_chain_restores_lazily_and_a_damaged_root_chunk_under_a_diff_is_refused(tmp_path, guests):
     src = guests("16M", work_pages=256)
-    take_chain(src, tmp_path, 1, between=50)
+    chain = take_chain(src, tmp_path, 2, between=50)
+    path, state, digest = chain[2]
     dst = guests("16M", work_pages=256, running=False)
-    with pytest.raises(CheckpointError, match=r"a diff checkpoint \(a chain of 2 files .*can only be restored eagerly"):
-        restore_guest(dst, read_checkpoint(tmp_path / "d1", FAKE_SECTIONS), mode="lazy")
-    assert "adopt_memory" not in dst.calls
+    restore_guest(dst, read_checkpoint(path, FAKE_SECTIONS), mode="lazy")
+    assert dst.memory.lazy and not dst.memory.lazy_status().resident, "only the chunks the diffs write to are loaded"
+    assert (dst.sweeps, dst.position) == state and dst.bad_pages(*state) == []
+    assert dst.memory.digest() == digest
+    # A flipped byte in the root's chunk under the diffs' pages (the work area from 1 MiB): the
+    # restore loads that chunk to lay the diffs over it, and refuses it naming the root.
+    with open(tmp_path / "full", "r+b") as f:
+        f.seek(1 << 20)
+        byte = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    bad = guests("16M", work_pages=256, running=False)
+    with pytest.raises(CheckpointError, match=r"d2\.meta': its chain's '.*full' is refused: checkpoint '.*full': memory chunk 0 .*"
+                                              r"does not match its recorded hash"):
+        restore_guest(bad, read_checkpoint(path, FAKE_SECTIONS), mode="lazy")
 
 
 def test_a_reader_of_versions_1_and_2_refuses_a_diff_by_its_version(tmp_path, guests, monkeypatch):
@@ -295,10 +308,8 @@ def test_vmmctl_diff_chain_merge_and_check_and_vmmrun_restores_the_chain_exactly
                                 capture_output=True, text=True, timeout=180)
         return result, out
 
-    lazy, _ = restore(tmp_path / "d2", "--restore-mode", "lazy")
-    assert lazy.returncode == 4 and "can only be restored eagerly" in lazy.stderr
-    for path in (tmp_path / "d2", tmp_path / "merged"):
-        result, out = restore(path)
+    for path, extra in ((tmp_path / "d2", ()), (tmp_path / "d2", ("--restore-mode", "lazy")), (tmp_path / "merged", ())):
+        result, out = restore(path, *extra)
         assert result.returncode == 1, result.stderr
         assert out.read_text().endswith(DONE), path
 
@@ -333,8 +344,8 @@ def test_abtest_restored_from_diff_chains_of_1_2_and_10_ends_as_an_uninterrupted
             assert vm.checkpoint(path, diff=True)["parent"] == str(path.with_name("full" if path.name == "d1" else f"d{int(path.name[1:]) - 1}"))
         vm.resume()
         assert final_state(vm) == expected, "checkpoints do not change the run"
-    for length in (1, 2, 10):
-        with Vm.restore(paths[length]) as restored:
+    for length, mode in ((1, "eager"), (2, "eager"), (10, "eager"), (2, "lazy"), (10, "lazy")):
+        with Vm.restore(paths[length], mode=mode) as restored:
             restored.start()
-            assert final_state(restored) == expected, f"restored from a chain of {length} diffs"
+            assert final_state(restored) == expected, f"restored ({mode}) from a chain of {length} diffs"
             assert restored.console.endswith("all counters 1500\n")

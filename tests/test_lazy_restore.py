@@ -95,14 +95,20 @@ def write_at(path, offset, data):
         f.write(data)
 
 
-@pytest.mark.parametrize("mode", ["lazy", "eager"])
+#: How each case restores: eager; lazy with chunks loaded only on demand; lazy with the
+#: background fill (the default), which may find the bad chunk before the guest needs it.
+RESTORES = {"eager": ["--restore-mode", "eager"], "lazy": ["--restore-mode", "lazy", "--restore-prefetch", "none"],
+            "lazy-fill": ["--restore-mode", "lazy", "--restore-prefetch", "fill"]}
+
+
+@pytest.mark.parametrize("mode", sorted(RESTORES))
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_damaged_memory_stops_or_refuses_the_guest_before_it_runs_on_it(checkpoints, tmp_path, damage, mode):
     good, other = checkpoints
     change, chunk, what = DAMAGES[damage]
     bad = damaged_copy(good, tmp_path, lambda p: change(p, good, other))
     console = tmp_path / "console.log"
-    result = run("-r", str(bad), "--restore-mode", mode, "-l", f"com1,{console}", "--run-dir", str(tmp_path), "bad0")
+    result = run("-r", str(bad), *RESTORES[mode], "-l", f"com1,{console}", "--run-dir", str(tmp_path), "bad0")
     assert result.returncode == 4, result.stderr
     assert f"checkpoint '{bad}': {chunk_text(chunk)} {what}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -118,7 +124,7 @@ def test_a_memory_file_truncated_under_a_lazily_restored_guest_stops_it_cleanly(
     copy = damaged_copy(good, tmp_path, lambda p: None)
     console = tmp_path / "console.log"
     # 100 instructions load the code's chunk and the one the sweep is in; then it pauses.
-    proc = start_vmmrun(tmp_path, "-r", str(copy), "--restore-mode", "lazy", "-l", f"com1,{console}",
+    proc = start_vmmrun(tmp_path, "-r", str(copy), *RESTORES["lazy"], "-l", f"com1,{console}",
                         f"--pause-at={SAVED_AT + 100}", "tr0")
     try:
         wait_for_socket(tmp_path, "tr0", proc)
@@ -142,7 +148,7 @@ def test_a_bad_chunk_found_by_a_checkpoint_stops_the_guest_too(checkpoints, tmp_
     guest, which must read all of memory) fails with the error, and the guest is stopped."""
     good, _ = checkpoints
     bad = damaged_copy(good, tmp_path, lambda p: flip(p, 5 * CHUNK + 3 * 4096))
-    proc = start_vmmrun(tmp_path, "-r", str(bad), "--restore-mode", "lazy", "-l", f"com1,{tmp_path / 'console.log'}",
+    proc = start_vmmrun(tmp_path, "-r", str(bad), *RESTORES["lazy"], "-l", f"com1,{tmp_path / 'console.log'}",
                         f"--pause-at={SAVED_AT}", "ck0")
     try:
         wait_for_socket(tmp_path, "ck0", proc)

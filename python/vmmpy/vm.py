@@ -27,7 +27,7 @@ from .runtime.commands import basic_metadata, build_machine, restore_machine
 from .runtime.config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
 from .runtime.guest_handle import MachineHandle
 from .runtime.process import EXIT_NAMES, Machine
-from .snapshot.checkpoint import RESTORE_MODES, checkpoint_guest
+from .snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PREFETCH, checkpoint_guest
 from .units import MiB, parse_size
 
 
@@ -207,6 +207,13 @@ class Vm:
         self._pause_point = machine.pause_at = pause_at
         machine.start_vcpus()
 
+    def restore_status(self) -> dict[str, Any] | None:
+        """After a lazy restore: its statistics (``snapshot.checkpoint.LazyLoading.status``:
+        chunks loaded on demand, prefetched and filled, how long the guest waited on loads, when
+        it was fully resident, the working set used); None otherwise."""
+        loading = self.machine.lazy_loading
+        return None if loading is None else loading.status()
+
     def wait_paused(self, timeout: float | None = None) -> None:
         """Wait (at most ``timeout`` s) until a guest started with ``pause_at`` has paused itself
         there, and hold it paused as :meth:`pause` does. Raises VmStateError if it stopped first
@@ -276,18 +283,28 @@ class Vm:
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, mode: str = "eager", key: bytes | None = None, slots: Sequence[str] = (),
-                lpc: Mapping[str, str | None] | None = None, dirty_tracking: str = "soft", name: str | None = None) -> Vm:
+                lpc: Mapping[str, str | None] | None = None, dirty_tracking: str = "soft", name: str | None = None,
+                prefetch: str = "working-set", record_working_set: float = RECORD_SECONDS) -> Vm:
         """A Vm from the checkpoint at ``path``, as ``vmmrun -r`` makes one: memory, vCPUs,
         vendor and TSC come from the checkpoint; ``slots`` and ``lpc`` must name the devices it
         was saved with. ``mode`` ``eager`` reads and verifies all memory now; ``lazy`` reads each
-        chunk when first needed (a bad one stops the guest). ``key``: the checkpoint's key, if
-        it was saved with one. Not started: call :meth:`start`. Raises CheckpointError or
-        SectionError naming the file, with nothing left open."""
+        chunk when first needed (a bad one stops the guest), and once started a background
+        thread loads ahead as ``prefetch`` says ("working-set": the chunks in ``path``.ws, then
+        the rest; "fill": every chunk in order; "none": nothing) while the chunks the guest
+        touches in its first ``record_working_set`` seconds (0: not recorded) are written to
+        ``path``.ws; :meth:`restore_status` has the statistics. ``key``: the
+        checkpoint's key, if it was saved with one. Not started: call :meth:`start`. Raises
+        CheckpointError or SectionError naming the file, with nothing left open."""
         if mode not in RESTORE_MODES:
             raise ConfigError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
+        if prefetch not in RESTORE_PREFETCH:
+            raise ConfigError(f"restore prefetch {prefetch!r}: choose {', '.join(RESTORE_PREFETCH)}")
+        if not record_working_set >= 0:
+            raise ConfigError(f"record_working_set {record_working_set}: give 0 (do not record) or more seconds")
         config, consoles = _config(None, None, name=name, memory=VmConfig.memsize, cpus=VmConfig.ncpus, slots=slots, lpc=lpc,
                                    vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking)
-        machine = restore_machine(Path(path), config, mode=mode, key=key, consoles=consoles)
+        machine = restore_machine(Path(path), config, mode=mode, key=key, consoles=consoles, prefetch=prefetch,
+                                  record_seconds=record_working_set)
         return cls._from_machine(machine, consoles)
 
     # -- migration

@@ -355,6 +355,9 @@ impl GuestMemory {
                 return Err((seg.name().to_string(), seg.exports()));
             }
         }
+        if let Some(image) = &self.lazy {
+            image.stop_loading();
+        }
         for seg in &self.segments {
             seg.close();
         }

@@ -29,12 +29,29 @@
 //! rewritten under a running guest makes the chunks not yet loaded fail their load (a short read,
 //! a hash mismatch), and never faults the process. Chunks already loaded are the guest's own.
 //!
+//! Loading ahead ([`LazyImage::start_loading`]): background threads (no GIL) load a given list
+//! of chunks first (the working set a previous restore recorded), then, if asked, every other
+//! chunk in order, so the guest becomes fully resident soon. Each takes one chunk at a time
+//! through the same load as any accessor (passing over a chunk someone is loading already), so
+//! a chunk it finds bad fails exactly as a demand load would (and rings the notifier), and an
+//! accessor needing another chunk loads it meanwhile in parallel: a chunk being loaded is
+//! LOADING, and only a thread wanting that very chunk waits.
+//!
+//! Working-set recording: for a bounded time (or number of chunks) after the restore, every
+//! access's chunks are noted in the order first touched, whoever loaded them. While recording,
+//! the loaded prefix reads as empty and the image never reads as complete, so every access (the
+//! vCPU's fast path too) passes through [`LazyImage::ensure`] and is seen.
+//!
+//! Statistics ([`LazyStats`]): loads by origin (demand, prefetch, fill), how long accessors
+//! waited on loads (all, and in the first second), and when every chunk was loaded.
+//!
 //! This module owns the chunk states and the order of a load (unprotect, fill, check, publish).
 //! It does not know files or hashes: the source does.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use super::address::PAGE_SIZE;
 use super::error::MemoryError;
@@ -96,6 +113,59 @@ pub trait ChunkSource: Send + Sync {
 const UNLOADED: u8 = 0;
 const LOADED: u8 = 1;
 const FAILED: u8 = 2;
+/// A thread is loading the chunk; others wanting it wait on `loaded_cv`.
+const LOADING: u8 = 3;
+
+/// Who asked for a chunk to be loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadOrigin {
+    /// An accessor (a vCPU, a device, a bulk operation) needed a byte of it.
+    Demand,
+    /// A loading thread, from the working set it was given.
+    Prefetch,
+    /// The background fill, or a whole-memory reader ([`LazyImage::ensure_all`]).
+    Fill,
+}
+
+/// What to load ahead and what to record, for [`LazyImage::start_loading`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadPlan {
+    /// Chunks to load first, in this order (indices past the end are skipped).
+    pub prefetch: Vec<usize>,
+    /// Then load every chunk not loaded yet, in order.
+    pub fill: bool,
+    /// Record the chunks accessed for this long (None: do not record)...
+    pub record_for: Option<Duration>,
+    /// ...or until this many distinct chunks were accessed.
+    pub record_limit: usize,
+    /// Threads loading ahead, each taking the next chunk of the order in turn (at least 1).
+    pub loaders: usize,
+}
+
+/// How a lazy restore went so far (see [`LazyImage::stats`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LazyStats {
+    pub demand_loads: u64,
+    pub prefetched: u64,
+    pub filled: u64,
+    /// Accesses that found a chunk not loaded and waited for it (loading it, or for the thread
+    /// that was), and for how long in all, in the first second after loading ahead started
+    /// (when the guest starts; none before it), and at most.
+    pub waits: u64,
+    pub wait: Duration,
+    pub first_second_wait: Duration,
+    pub max_wait: Duration,
+    /// From that start to every chunk loaded; None until then.
+    pub resident_after: Option<Duration>,
+    /// Time since that start.
+    pub elapsed: Duration,
+    /// Whether accesses are being recorded now, and how many chunks were recorded.
+    pub recording: bool,
+    pub recorded: usize,
+}
+
+/// The first second after a restore: the window the fault-wait target speaks of.
+const FIRST_SECOND: Duration = Duration::from_secs(1);
 
 /// A segment's place in the image.
 struct Member {
@@ -118,14 +188,39 @@ pub struct LazyImage {
     /// need no check (the vCPU's fast path covers them).
     prefix: AtomicUsize,
     members: Vec<Member>,
-    /// Loads run one at a time: a second thread wanting the same chunk waits for the first.
-    load_lock: Mutex<()>,
+    /// Guards chunk state changes (UNLOADED -> LOADING -> LOADED/FAILED) and the prefix; a
+    /// thread wanting a chunk another is loading waits on `loaded_cv`. Loads themselves run
+    /// outside it, in parallel.
+    state_lock: Mutex<()>,
+    loaded_cv: Condvar,
     /// Every chunk that failed, with its error, in the order they failed.
     failures: Mutex<Vec<(usize, MemoryError)>>,
     /// Written to (one byte) when the first chunk fails.
     notify: Mutex<Option<OwnedFd>>,
     /// Unloaded chunks are PROT_NONE until loaded (false once that had to be given up).
     protected: AtomicBool,
+    created: Instant,
+    /// When loading ahead started (the guest starts right then): the origin of the statistics'
+    /// times, `created` until then.
+    started: std::sync::OnceLock<Instant>,
+    /// Loads by origin: demand, prefetch, fill.
+    loads: [AtomicU64; 3],
+    waits: AtomicU64,
+    wait_ns: AtomicU64,
+    first_second_wait_ns: AtomicU64,
+    max_wait_ns: AtomicU64,
+    /// Nanoseconds from `created` to the last chunk loaded (0: not yet).
+    resident_ns: AtomicU64,
+    /// Accesses are being recorded: one bit per chunk in `touched`, and the order in `recorded`.
+    recording: AtomicBool,
+    record_limit: AtomicUsize,
+    touched: Vec<AtomicU64>,
+    recorded: Mutex<Vec<usize>>,
+    /// The loading threads stop at their next chunk once this is set; `recording_done` is
+    /// signalled when recording ends.
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+    recording_done: Condvar,
 }
 
 impl LazyImage {
@@ -155,10 +250,26 @@ impl LazyImage {
             complete: AtomicBool::new(chunks == 0),
             prefix: AtomicUsize::new(0),
             members,
-            load_lock: Mutex::new(()),
+            state_lock: Mutex::new(()),
+            loaded_cv: Condvar::new(),
             failures: Mutex::new(Vec::new()),
             notify: Mutex::new(None),
             protected: AtomicBool::new(true),
+            created: Instant::now(),
+            started: std::sync::OnceLock::new(),
+            loads: Default::default(),
+            waits: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+            first_second_wait_ns: AtomicU64::new(0),
+            max_wait_ns: AtomicU64::new(0),
+            resident_ns: AtomicU64::new(0),
+            recording: AtomicBool::new(false),
+            record_limit: AtomicUsize::new(0),
+            touched: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            recorded: Mutex::new(Vec::new()),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+            recording_done: Condvar::new(),
         })
     }
 
@@ -178,16 +289,26 @@ impl LazyImage {
         self.complete.load(Ordering::Acquire)
     }
 
-    /// Image bytes from offset 0 that are all loaded and checked (only grows).
+    /// Image bytes from offset 0 that are all loaded and checked and may be used without asking
+    /// (none while accesses are recorded).
     #[inline]
     pub fn loaded_prefix(&self) -> u64 {
+        if self.recording.load(Ordering::Acquire) {
+            return 0;
+        }
         (self.prefix.load(Ordering::Acquire) as u64 * self.chunk_size as u64).min(self.total)
+    }
+
+    /// Every chunk is loaded and checked (the image may still read as not complete while
+    /// accesses are recorded).
+    pub fn is_resident(&self) -> bool {
+        self.resident_ns.load(Ordering::Acquire) != 0
     }
 
     /// (loaded, failed) chunk counts.
     pub fn counts(&self) -> (usize, usize) {
         let failed = self.failures.lock().unwrap_or_else(|p| p.into_inner()).len();
-        (self.states.len() - self.unloaded.load(Ordering::Acquire) - failed, failed)
+        (self.states.len().saturating_sub(self.unloaded.load(Ordering::Acquire) + failed), failed)
     }
 
     /// The first chunk that failed, if any.
@@ -223,17 +344,196 @@ impl LazyImage {
         }
         let first = (offset / self.chunk_size as u64) as usize;
         let last = ((offset + len as u64 - 1).min(self.total - 1) / self.chunk_size as u64) as usize;
+        if self.recording.load(Ordering::Acquire) {
+            self.record(first, last);
+        }
+        let mut waiting_since = None;
+        let mut result = Ok(());
         for index in first..=last {
             if self.states[index].load(Ordering::Acquire) != LOADED {
-                self.load(index)?;
+                waiting_since.get_or_insert_with(Instant::now);
+                if let Err(err) = self.load(index, LoadOrigin::Demand) {
+                    result = Err(err);
+                    break;
+                }
+            }
+        }
+        if let Some(since) = waiting_since {
+            self.count_wait(since);
+        }
+        result
+    }
+
+    fn count_wait(&self, since: Instant) {
+        let ns = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_wait_ns.fetch_max(ns, Ordering::Relaxed);
+        // Waits before loading ahead started are the restore's own (a diff applied over the
+        // image), not the guest's first second.
+        if self.started.get().is_some_and(|&started| since.saturating_duration_since(started) < FIRST_SECOND) {
+            self.first_second_wait_ns.fetch_add(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// Note chunks `first..=last` as accessed, in the order first seen, up to the limit.
+    fn record(&self, first: usize, last: usize) {
+        for index in first..=last {
+            let (word, bit) = (&self.touched[index / 64], 1u64 << (index % 64));
+            if word.load(Ordering::Relaxed) & bit != 0 || word.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                continue;
+            }
+            let mut recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            if recorded.len() < self.record_limit.load(Ordering::Relaxed) {
+                recorded.push(index);
+            }
+            if recorded.len() >= self.record_limit.load(Ordering::Relaxed) {
+                drop(recorded);
+                self.stop_recording();
+                return;
+            }
+        }
+    }
+
+    /// Load every chunk not loaded yet (counted as filled: a whole-memory reader, not a wait of
+    /// the guest's); the first error.
+    pub fn ensure_all(&self) -> Result<(), MemoryError> {
+        if self.is_complete() {
+            return Ok(());
+        }
+        for index in 0..self.states.len() {
+            if self.states[index].load(Ordering::Acquire) != LOADED {
+                self.load(index, LoadOrigin::Fill)?;
             }
         }
         Ok(())
     }
 
-    /// Load every chunk not loaded yet; the first error.
-    pub fn ensure_all(&self) -> Result<(), MemoryError> {
-        self.ensure(0, usize::try_from(self.total).unwrap_or(usize::MAX))
+    /// Start `plan.loaders` background threads that load `plan.prefetch`, then (with
+    /// `plan.fill`) every other chunk, and record accesses as `plan` says. Once per image; later
+    /// calls are refused. The threads stop at the first chunk that fails (the failure is recorded and the notifier
+    /// rung, as for any load), when the memory is dropped or closed, or on [`Self::stop_loading`].
+    pub fn start_loading(self: &Arc<Self>, plan: LoadPlan) -> Result<(), MemoryError> {
+        if self.record_limit.swap(plan.record_limit.max(1), Ordering::AcqRel) != 0 {
+            return Err(MemoryError::Unsupported {
+                what: "loading ahead".into(),
+                why: "was already started for this lazily restored memory".into(),
+            });
+        }
+        let now = *self.started.get_or_init(Instant::now);
+        let record_until = plan.record_for.map(|d| now + d);
+        if record_until.is_some() {
+            self.recording.store(true, Ordering::Release);
+        }
+        let fill = if plan.fill { 0..self.states.len() } else { 0..0 };
+        let order: Arc<Vec<(usize, LoadOrigin)>> =
+            Arc::new(plan.prefetch.iter().map(|&i| (i, LoadOrigin::Prefetch)).chain(fill.map(|i| (i, LoadOrigin::Fill))).collect());
+        let cursor = Arc::new(AtomicUsize::new(0));
+        for n in 0..plan.loaders.max(1) {
+            let (image, order, cursor) = (self.clone(), order.clone(), cursor.clone());
+            let record_until = if n == 0 { record_until } else { None };
+            std::thread::Builder::new()
+                .name(format!("lazy-fill-{n}"))
+                .spawn(move || image.run_loader(&order, &cursor, record_until))
+                .map_err(|e| MemoryError::Unsupported {
+                    what: "the lazy restore's loading thread".into(),
+                    why: format!("cannot start: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stop the loading threads at their next chunk, and recording now.
+    pub fn stop_loading(&self) {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop_cv.notify_all();
+        self.stop_recording();
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+            || self.members.iter().any(|m| m.segment.upgrade().is_none_or(|s| s.is_closed()))
+    }
+
+    /// Take the next chunk of `order` (shared by every loader through `cursor`) until none is
+    /// left; a chunk another thread is loading or has loaded is passed over, not waited for.
+    fn run_loader(&self, order: &[(usize, LoadOrigin)], cursor: &AtomicUsize, record_until: Option<Instant>) {
+        while let Some(&(index, origin)) = order.get(cursor.fetch_add(1, Ordering::Relaxed)) {
+            if index >= self.states.len() || self.states[index].load(Ordering::Acquire) != UNLOADED {
+                continue;
+            }
+            if self.stopped() || self.first_failure().is_some() || self.load(index, origin).is_err() {
+                break;
+            }
+        }
+        if let Some(until) = record_until {
+            let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+            // Woken by stop_loading; otherwise a look every 50 ms whether the memory is gone.
+            while !*stop && self.recording.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                stop = self.stop_cv.wait_timeout(stop, (until - now).min(Duration::from_millis(50))).unwrap_or_else(|p| p.into_inner()).0;
+                if self.members.iter().any(|m| m.segment.upgrade().is_none_or(|s| s.is_closed())) {
+                    break;
+                }
+            }
+            self.stop_recording();
+        }
+    }
+
+    /// End recording: from now on the loaded prefix and completeness read as they are.
+    fn stop_recording(&self) {
+        let _state = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.recording.store(false, Ordering::Release);
+        if self.unloaded.load(Ordering::Acquire) == 0 && self.first_failure().is_none() {
+            self.complete.store(true, Ordering::Release);
+        }
+        self.recording_done.notify_all();
+    }
+
+    /// The chunks recorded, in the order first accessed, once recording has ended; None if it
+    /// is still going after `timeout` (or never started).
+    pub fn wait_recorded(&self, timeout: Duration) -> Option<Vec<usize>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.recording.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            state = self.recording_done.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(state);
+        if self.record_limit.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        Some(self.recorded.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Where the statistics' times count from: the start of loading ahead, else the restore.
+    fn origin(&self) -> Instant {
+        *self.started.get().unwrap_or(&self.created)
+    }
+
+    /// How the restore went so far (times from [`Self::start_loading`], or the restore).
+    pub fn stats(&self) -> LazyStats {
+        let ns = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        let resident = self.resident_ns.load(Ordering::Acquire);
+        LazyStats {
+            demand_loads: self.loads[0].load(Ordering::Relaxed),
+            prefetched: self.loads[1].load(Ordering::Relaxed),
+            filled: self.loads[2].load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+            wait: ns(&self.wait_ns),
+            first_second_wait: ns(&self.first_second_wait_ns),
+            max_wait: ns(&self.max_wait_ns),
+            resident_after: (resident != 0).then(|| Duration::from_nanos(resident)),
+            elapsed: Instant::now().saturating_duration_since(self.origin()),
+            recording: self.recording.load(Ordering::Acquire),
+            recorded: self.recorded.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        }
     }
 
     fn chunk_range(&self, index: usize) -> (u64, u64) {
@@ -252,13 +552,57 @@ impl LazyImage {
             .collect()
     }
 
-    fn load(&self, index: usize) -> Result<(), MemoryError> {
-        let _guard = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
-        match self.states[index].load(Ordering::Acquire) {
-            LOADED => return Ok(()),
-            FAILED => return Err(self.failure_of(index)),
-            _ => {}
+    /// Load chunk `index` unless it is loaded (Ok) or failed (its error); if another thread is
+    /// loading it, wait for that one.
+    fn load(&self, index: usize, origin: LoadOrigin) -> Result<(), MemoryError> {
+        {
+            let mut state = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match self.states[index].load(Ordering::Acquire) {
+                    LOADED => return Ok(()),
+                    FAILED => return Err(self.failure_of(index)),
+                    LOADING => state = self.loaded_cv.wait(state).unwrap_or_else(|p| p.into_inner()),
+                    _ => break,
+                }
+            }
+            self.states[index].store(LOADING, Ordering::Release);
         }
+        let result = self.load_claimed(index);
+        let _state = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(true) => {
+                self.states[index].store(LOADED, Ordering::Release);
+                self.loads[origin as usize].fetch_add(1, Ordering::Relaxed);
+                let mut prefix = self.prefix.load(Ordering::Acquire);
+                while prefix < self.states.len() && self.states[prefix].load(Ordering::Acquire) == LOADED {
+                    prefix += 1;
+                }
+                self.prefix.store(prefix, Ordering::Release);
+                if self.unloaded.fetch_sub(1, Ordering::AcqRel) == 1 && self.first_failure().is_none() {
+                    let ns = Instant::now().saturating_duration_since(self.origin()).as_nanos().clamp(1, u64::MAX as u128) as u64;
+                    self.resident_ns.store(ns, Ordering::Release);
+                    if !self.recording.load(Ordering::Acquire) {
+                        self.complete.store(true, Ordering::Release);
+                    }
+                }
+            }
+            Ok(false) => {
+                self.unloaded.fetch_sub(1, Ordering::AcqRel);
+                self.states[index].store(FAILED, Ordering::Release);
+            }
+            Err(_) => self.states[index].store(UNLOADED, Ordering::Release), // the memory is going away
+        }
+        self.loaded_cv.notify_all();
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.failure_of(index)),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Fill and check chunk `index`, which this thread marked LOADING: Ok(true) if it is good,
+    /// Ok(false) if it failed (recorded, the notifier rung), Err if the memory is gone.
+    fn load_claimed(&self, index: usize) -> Result<bool, MemoryError> {
         let (start, end) = self.chunk_range(index);
         // The segments stay mapped while we hold them; if one is gone the guest is being torn down.
         let mut held = Vec::with_capacity(2);
@@ -275,7 +619,8 @@ impl LazyImage {
         }
         self.open_parts(&parts)?;
         // SAFETY: the parts lie inside mappings `held` keeps alive, were just made writable, and
-        // no accessor touches them: every one asks `ensure` first, which waits on `load_lock`.
+        // no accessor touches them: every one asks `ensure` first, which waits while the chunk is
+        // LOADING (this thread alone moved it there).
         let result = unsafe { self.source.load(index, &parts) };
         match result {
             Ok(()) => {
@@ -283,16 +628,7 @@ impl LazyImage {
                 for ((seg, off), p) in held.iter().zip(&parts) {
                     let _ = seg.dirty_log().forget_unmarked(off / PAGE_SIZE, (off + p.len).div_ceil(PAGE_SIZE));
                 }
-                self.states[index].store(LOADED, Ordering::Release);
-                let mut prefix = self.prefix.load(Ordering::Acquire);
-                while prefix < self.states.len() && self.states[prefix].load(Ordering::Acquire) == LOADED {
-                    prefix += 1;
-                }
-                self.prefix.store(prefix, Ordering::Release);
-                if self.unloaded.fetch_sub(1, Ordering::AcqRel) == 1 && self.first_failure().is_none() {
-                    self.complete.store(true, Ordering::Release);
-                }
-                Ok(())
+                Ok(true)
             }
             Err(fault) => {
                 self.discard_parts(&parts);
@@ -305,19 +641,17 @@ impl LazyImage {
                     why: fault.describe(),
                     errno: fault.errno(),
                 };
-                self.unloaded.fetch_sub(1, Ordering::AcqRel);
                 let first = {
                     let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-                    failures.push((index, err.clone()));
+                    failures.push((index, err));
                     failures.len() == 1
                 };
-                self.states[index].store(FAILED, Ordering::Release);
                 if first {
                     if let Some(fd) = self.notify.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                         poke(fd);
                     }
                 }
-                Err(err)
+                Ok(false)
             }
         }
     }

@@ -17,11 +17,13 @@ pub use address::{human_size, GuestAddress, PAGE_SHIFT, PAGE_SIZE};
 pub use cow::{LiveCapture, LiveStats, TakenPage};
 pub use error::MemoryError;
 pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_COST, LOWMEM_LIMIT_DEFAULT};
-pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage};
+pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
 pub use segment::{Backing, Segment, SegmentSpec};
 
 #[cfg(test)]
 mod access_tests;
+#[cfg(test)]
+mod fill_tests;
 #[cfg(test)]
 mod lazy_tests;
 #[cfg(test)]

@@ -14,7 +14,7 @@ use pyo3::types::PyBytes;
 use super::errors::memory_error;
 use super::snapshot::snapshot_error;
 use crate::dirty::{bitmap_to_pages, bitmap_to_runs, TrackingChoice};
-use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryError, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
+use crate::memory::{Backing, GuestAddress, GuestMemory, LoadPlan, MemoryError, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGuestMemory>()?;
@@ -26,14 +26,33 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 result_class! {
     /// Where a lazy restore stands: its source, chunk size and count, how many chunks are loaded
-    /// and checked, how many failed, and whether every chunk is loaded.
+    /// and checked, how many failed, whether every chunk is loaded (`resident`) and nothing needs
+    /// a check any more (`complete`: resident and no longer recording). Loads by origin
+    /// (`demand_loads`: an access needed the chunk; `prefetched`: the working set loaded ahead;
+    /// `filled`: the background fill or a whole-memory reader); accesses that waited for a load
+    /// (`waits`) and the seconds they waited (`wait_seconds`, `first_second_wait_seconds` for
+    /// waits that began in the first second after the restore, `max_wait_seconds`); seconds from
+    /// the restore to resident (`resident_seconds`, None until then) and since it (`elapsed_seconds`);
+    /// whether accesses are being recorded (`recording`) and how many chunks were (`recorded`).
     LazyStatus as "LazyStatus" {
         source: String,
         chunk_size: usize,
         chunks: usize,
         loaded: usize,
         failed: usize,
+        resident: bool,
         complete: bool,
+        demand_loads: u64,
+        prefetched: u64,
+        filled: u64,
+        waits: u64,
+        wait_seconds: f64,
+        first_second_wait_seconds: f64,
+        max_wait_seconds: f64,
+        resident_seconds: Option<f64>,
+        elapsed_seconds: f64,
+        recording: bool,
+        recorded: usize,
     }
 }
 
@@ -229,14 +248,66 @@ impl PyGuestMemory {
     fn lazy_status(&self) -> Option<LazyStatus> {
         let image = self.inner.lazy_image()?;
         let (loaded, failed) = image.counts();
+        let stats = image.stats();
         Some(LazyStatus {
             source: image.source_name().to_string(),
             chunk_size: image.chunk_size(),
             chunks: image.chunks(),
             loaded,
             failed,
+            resident: image.is_resident(),
             complete: image.is_complete(),
+            demand_loads: stats.demand_loads,
+            prefetched: stats.prefetched,
+            filled: stats.filled,
+            waits: stats.waits,
+            wait_seconds: stats.wait.as_secs_f64(),
+            first_second_wait_seconds: stats.first_second_wait.as_secs_f64(),
+            max_wait_seconds: stats.max_wait.as_secs_f64(),
+            resident_seconds: stats.resident_after.map(|d| d.as_secs_f64()),
+            elapsed_seconds: stats.elapsed.as_secs_f64(),
+            recording: stats.recording,
+            recorded: stats.recorded,
         })
+    }
+
+    /// For lazily restored memory: start `loaders` background threads (no GIL) that load the chunks
+    /// `prefetch` first, in that order, then with `fill` every other chunk, each checked as any
+    /// load is (a bad one fails and rings the notifier; the thread stops there); and, with
+    /// `record_seconds`, records the chunks accessed in that time (at most `record_limit`), in
+    /// the order first accessed (`wait_recorded`). Accessors needing another chunk meanwhile
+    /// load it in parallel. Once per memory; nothing for other memory.
+    #[pyo3(signature = (*, prefetch = Vec::new(), fill = true, record_seconds = None, record_limit = 4096, loaders = 2))]
+    fn start_loading(
+        &self,
+        prefetch: Vec<usize>,
+        fill: bool,
+        record_seconds: Option<f64>,
+        record_limit: usize,
+        loaders: usize,
+    ) -> PyResult<()> {
+        let Some(image) = self.inner.lazy_image() else { return Ok(()) };
+        let record_for = match record_seconds {
+            Some(s) if !(s.is_finite() && s > 0.0) => return Err(PyValueError::new_err(format!("record_seconds {s} must be positive"))),
+            s => s.map(std::time::Duration::from_secs_f64),
+        };
+        image.start_loading(LoadPlan { prefetch, fill, record_for, record_limit, loaders }).map_err(memory_error)
+    }
+
+    /// Stop the loading thread at its next chunk and end recording now (nothing for other memory).
+    fn stop_loading(&self) {
+        if let Some(image) = self.inner.lazy_image() {
+            image.stop_loading();
+        }
+    }
+
+    /// The chunks recorded after a lazy restore (`start_loading(record_seconds=...)`), in the
+    /// order first accessed, once recording has ended; None while it goes on past `timeout`
+    /// seconds, if it never started, or for other memory. Waits with the GIL released.
+    fn wait_recorded(&self, py: Python<'_>, timeout: f64) -> Option<Vec<usize>> {
+        let image = self.inner.lazy_image()?.clone();
+        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 1e6));
+        py.detach(move || image.wait_recorded(timeout))
     }
 
     /// The error of the first chunk of lazily restored memory that could not be loaded, or None.

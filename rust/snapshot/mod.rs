@@ -2,7 +2,7 @@
 //! right after it, the 3-4 GiB hole not stored), written sparse and read back eagerly, with
 //! xxh3-128 hashes of fixed-size chunks of that image so a damaged file is caught before a guest
 //! runs on it. Lazy restore (`lazy_memory`) reads and checks one chunk at a time, when the guest
-//! first needs it.
+//! first needs it. A diff checkpoint's file holds only given pages, packed (`write_packed_pages`).
 //!
 //! This module owns the bytes of the memory file and its chunk hashes. It does not own the
 //! `.kern` and `.meta` files, nor decide where hashes are stored or when to verify: that is the
@@ -20,6 +20,7 @@ mod image;
 mod lazy;
 mod live;
 mod memfile;
+mod packed;
 
 pub use chunks::ChunkHasher;
 pub use error::SnapshotError;
@@ -27,6 +28,7 @@ pub use image::ImageLayout;
 pub use lazy::lazy_memory;
 pub use live::write_memory_file_live;
 pub use memfile::{hash_memory_file, memory_chunk_hashes, read_memory_file, write_memory_file, ReadStats, WriteStats};
+pub use packed::{write_packed_pages, PackedStats};
 
 /// The chunk size checkpoints use unless told otherwise: 4 MiB, bhyve's `SNAPSHOT_CHUNK`.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;

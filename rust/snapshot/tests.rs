@@ -246,3 +246,39 @@ fn zero_ranges_received_into_lazy_memory_read_as_zero() {
     };
     let _ = PAGE_SIZE;
 }
+
+/// The image bytes (lowmem then highmem) of pages `first..first+count`.
+fn image_pages(mem: &GuestMemory, first: u64, count: u64) -> Vec<u8> {
+    let low = mem.segments()[0].size() as u64;
+    (first..first + count)
+        .flat_map(|page| {
+            let at = page * PAGE_SIZE as u64;
+            mem_bytes(mem, if at < low { at } else { HIGHMEM_BASE + at - low }, PAGE_SIZE)
+        })
+        .collect()
+}
+
+#[test]
+fn packed_pages_are_the_runs_back_to_back_hashed_as_the_file_reads() {
+    let mem = guest(TrackingChoice::Soft);
+    let low_pages = mem.segments()[0].size() as u64 / PAGE_SIZE as u64;
+    // Every other page (more pieces than one pwritev takes), a run across the lowmem/highmem
+    // boundary, and highmem's data page.
+    let mut runs: Vec<(u64, u64)> = (0..800).map(|i| (2 * i, 1)).collect();
+    runs.push((low_pages - 2, 4));
+    runs.extend((0..700).map(|i| (low_pages + 4 + 2 * i, 1)));
+    runs.push((low_pages + 6 * MIB / PAGE_SIZE as u64, 1));
+    let f = temp_file("packed");
+    let stats = write_packed_pages(&mem, f.as_raw_fd(), &runs, CHUNK).unwrap();
+    let expected: Vec<u8> = runs.iter().flat_map(|&(first, count)| image_pages(&mem, first, count)).collect();
+    assert_eq!(stats.bytes_written, expected.len() as u64);
+    let mut got = vec![0u8; expected.len()];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == expected, "the file holds the runs' pages in order");
+    assert!(stats.pwrite_calls >= 2, "more pieces than one pwritev takes");
+    assert_eq!(stats.chunk_hashes, hash_memory_file(f.as_raw_fd(), CHUNK).unwrap().0, "hashed as the file reads back");
+    for bad in [vec![(5, 2), (6, 1)], vec![(mem.memsize() / PAGE_SIZE as u64 - 1, 2)]] {
+        let err = write_packed_pages(&mem, f.as_raw_fd(), &bad, CHUNK).unwrap_err().to_string();
+        assert!(err.contains("is not inside the guest's 3328 pages after the previous run"), "{err}");
+    }
+}

@@ -21,6 +21,7 @@ from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
 from ..migration.stats import stopped_text
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
+from ..snapshot.checkpoint import describe_lazy_restore
 from ..units import format_size, parse_rate
 from .about import version_line
 from .keyfile import read_key
@@ -63,7 +64,7 @@ checkpoints: with --key-file the metadata carries an HMAC-SHA256 under the key (
   needs the same key (vmmrun -r FILE --key-file FILE). With --diff, FILE holds only the pages
   the guest wrote since its previous checkpoint (taken by this vmmrun, or the one it was restored
   from) and names that one as its parent; with no previous checkpoint --diff is refused (write a
-  full one first). vmmrun -r FILE follows the chain (eager restore only). With --live the guest
+  full one first). vmmrun -r FILE follows the chain (lazily too). With --live the guest
   pauses only to freeze its state and write-protect its memory, then runs while memory is written;
   a page it writes first is copied out before, so FILE holds memory as at that pause (not with
   --suspend or --diff). See docs/checkpoint-format.md.
@@ -697,7 +698,10 @@ def _main(argv: list[str] | None = None) -> int:
             result = client.request("registers")
             _print(result, True) if args.json else _print_registers(result)
         elif args.status:
-            _print(client.request("status"), args.json)
+            result = client.request("status")
+            if not args.json and isinstance(result.get("restore"), dict):
+                result["restore"] = describe_lazy_restore(result["restore"])
+            _print(result, args.json)
         elif args.pause:
             _print(client.request("pause"), args.json)
         elif args.resume:

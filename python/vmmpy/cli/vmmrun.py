@@ -42,7 +42,7 @@ from ..runtime.config import (
 from ..runtime.control import valid_vm_name
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import RESTORE_MODES
+from ..snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PREFETCH, describe_lazy_restore
 from ..state import SectionError
 from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow
@@ -59,7 +59,10 @@ guests:
 
 restore and migration:
   -r FILE resumes a guest saved by `vmmctl --checkpoint/--suspend FILE`: vCPUs, memory, vendor and
-  TSC come from the checkpoint; -s/-l options must match the saved ones. A checkpoint saved with
+  TSC come from the checkpoint; -s/-l options must match the saved ones. With --restore-mode lazy
+  the guest runs at once while a background thread loads its memory (verified): first the chunks
+  it touched first last time (FILE.ws), then the rest (--restore-prefetch); vmmctl --status shows
+  how long the guest waited on loads. A checkpoint saved with
   --key-file restores only with the same --key-file (its metadata carries an HMAC-SHA256); one
   saved without a key is refused with --key-file, since the key cannot authenticate it.
   -R HOST:PORT starts an empty guest that waits for one incoming migration (`vmmctl --migrate` on
@@ -144,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-mode", choices=RESTORE_MODES, default="eager",
                    help="eager: read and verify all memory first (default); lazy: read nothing up front, each chunk is read "
                         "and verified the first time it is needed (a bad one stops the guest)")
+    p.add_argument("--restore-prefetch", choices=RESTORE_PREFETCH, default="working-set",
+                   help="with --restore-mode lazy, what a background thread loads (verified) once the guest starts: "
+                        "working-set: the chunks recorded in FILE.ws first, then every other chunk (default); fill: every "
+                        "chunk in order; none: each chunk only when first needed")
+    p.add_argument("--record-working-set", type=float, default=RECORD_SECONDS, metavar="SECONDS",
+                   help="with --restore-mode lazy, record the chunks the guest touches in its first SECONDS and write "
+                        f"them to FILE.ws for the next lazy restore (default {RECORD_SECONDS:g}; 0: do not record)")
     p.add_argument("-R", "--receive", metavar="HOST:PORT",
                    help="wait for an incoming migration on HOST:PORT (also HOST,PORT or [IPV6]:PORT), or for a local one "
                         "on unix:PATH (a Unix socket, mode 0600), then run the guest")
@@ -263,7 +273,10 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
             raise ConfigError("-r restores a saved guest: do not also give --guest")
         bar = ProgressBar(sys.stderr)  # on a terminal only: how far an eager restore's read has got
         try:
-            machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None)
+            if args.record_working_set < 0:
+                raise ConfigError(f"--record-working-set {args.record_working_set:g}: give 0 (do not record) or more seconds")
+            machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None,
+                                      prefetch=args.restore_prefetch, record_seconds=args.record_working_set)
         finally:
             bar.close()
         conflict = saved_differs(args, machine.config)
@@ -381,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         machine.close()
+    if args.verbose and machine.lazy_loading is not None:
+        print(f"vmmrun: {config.name}: {describe_lazy_restore(machine.lazy_loading.status())}", file=sys.stderr)
     if args.verbose or status not in (0, 1, 2):
         print(f"vmmrun: {config.name}: {machine.exit_reason or EXIT_NAMES.get(status, status)}", file=sys.stderr)
     return status

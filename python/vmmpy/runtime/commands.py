@@ -34,7 +34,7 @@ from ..migration.streams import measure_local_throughput_streams
 from ..migration.tls import TlsConfig
 from ..progress import timed
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import checkpoint_guest, restore_guest
+from ..snapshot.checkpoint import RECORD_SECONDS, checkpoint_guest, restore_guest
 from ..snapshot.files import Checkpoint, merge_chain, read_checkpoint, verify_chain
 from ..snapshot.meta import check_field
 from ..snapshot.schema import array, integer, record, string
@@ -120,13 +120,17 @@ def restore_machine(
     key: bytes | None = None,
     consoles: dict[str, ConsoleBackend] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    prefetch: str = "working-set",
+    record_seconds: float | None = RECORD_SECONDS,
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
     the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
     key: required for a keyed checkpoint, refused for an unkeyed one. ``consoles``: backends for
     LPC devices to use instead of opening ``config.lpc``'s (the library keeps output in memory).
     The vCPUs are not started. ``progress`` hears how far an eager restore's read has got
-    (``vmmpy.progress.metered``'s messages).
+    (``vmmpy.progress.metered``'s messages). For a lazy restore, ``prefetch`` and
+    ``record_seconds`` say what loads ahead and how long accesses are recorded once the vCPUs
+    start (``snapshot.checkpoint.LazyLoading``, kept as ``machine.lazy_loading``).
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
     def same_devices(basic: dict[str, Any]) -> None:
@@ -151,8 +155,9 @@ def restore_machine(
     # Consoles stay in memory until everything is restored: a refused checkpoint opens no file.
     machine = Machine(config, consoles={device: CaptureConsole() for device in config.lpc})
     try:
-        restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode, dirty_tracking=config.dirty_tracking,
-                      progress=progress, backing=config.memory_backing)
+        machine.lazy_loading = restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode,
+                                             dirty_tracking=config.dirty_tracking, progress=progress,
+                                             backing=config.memory_backing, prefetch=prefetch, record_seconds=record_seconds)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
             if consoles and device in consoles:

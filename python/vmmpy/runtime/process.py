@@ -100,6 +100,9 @@ class Machine:
         self._control: ControlServer | None = None
         self._extra_handlers: dict[str, Callable[..., Any]] = {}
         self._memory_watch: int | None = None  # write end of the lazy-failure pipe
+        #: After a lazy restore: what loads ahead and is recorded once the vCPUs start
+        #: (``snapshot.checkpoint.LazyLoading``); None otherwise.
+        self.lazy_loading: Any = None
         self.started_at: float | None = None
         self.throttle = 0.0
         #: Pause every vCPU once vCPU 0 has retired this many instructions (``--pause-at``).
@@ -169,6 +172,8 @@ class Machine:
     def start_vcpus(self) -> None:
         self.started_at = time.monotonic()
         self._watch_lazy_memory()
+        if self.lazy_loading is not None:
+            self.lazy_loading.start()
         for i in range(self.config.ncpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"vcpu{i}", daemon=True)
             self._threads.append(thread)
@@ -421,6 +426,8 @@ class Machine:
             except BrokenPipeError:
                 pass  # it has ended already
             os.close(watch)
+        if self.lazy_loading is not None:
+            self.lazy_loading.finish()
         for device in self.devices:
             device.close()
         try:
@@ -481,6 +488,7 @@ class Machine:
             "tsc": c.tsc,
             "dirty_tracking": self.vm.memory.dirty_tracking if self.vm.memory else None,
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            **({"restore": self.lazy_loading.status()} if self.lazy_loading is not None else {}),
         }
 
     def statistics(self) -> dict[str, Any]:

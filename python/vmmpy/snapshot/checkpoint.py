@@ -15,11 +15,17 @@ before the guest was built; the guest checks every section before anything is re
 memory is restored eagerly (verified against the chunk hashes before anything runs) or lazily
 (each chunk verified against its hash when first needed; a bad one stops the guest), adopted by
 the guest, and the sections are loaded.
+
+After a lazy restore (``LazyLoading``, started as the guest starts): a background thread loads
+the checkpoint's working set (``workingset``: the chunks a previous restore touched first), then
+fills in every other chunk, unless ``prefetch`` says less; and the chunks the guest touches in
+its first ``record_seconds`` are recorded and written as the next working set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -33,6 +39,9 @@ from ..progress import metered
 from ..state.handle import GuestHandle
 from .errors import CheckpointError
 from .files import META_SUFFIX, Checkpoint, DiffParent, LiveSource, restore_memory, write_checkpoint
+from .workingset import MAX_CHUNKS, WorkingSet, read_working_set, write_working_set
+
+log = logging.getLogger("vmmpy.snapshot")
 
 RESTORE_MODES = ("eager", "lazy")
 #: A live checkpoint holds at most this many bytes of pages the guest wrote before the writer
@@ -40,6 +49,11 @@ RESTORE_MODES = ("eager", "lazy")
 #: writer, so a guest rewriting all its memory runs at the disk's speed rather than doubling
 #: its memory.
 LIVE_COPY_LIMIT_BYTES = 64 << 20
+#: What a lazy restore loads ahead: the working set then every other chunk, every chunk in order,
+#: or nothing (each chunk when first needed).
+RESTORE_PREFETCH = ("working-set", "fill", "none")
+#: How long after a lazy restore's guest starts the chunks it touches are recorded, by default.
+RECORD_SECONDS = 1.0
 
 
 def checkpoint_guest(
@@ -205,21 +219,121 @@ def _diff_parent(base: object | None, pages: Any, path: str) -> DiffParent:
     return DiffParent(parent_path, meta_sha256, pages)
 
 
+class LazyLoading:
+    """What happens after a lazy restore once the guest starts (:meth:`start`): the working set
+    (``prefetch="working-set"``) and then every chunk (unless ``"none"``) load in a background
+    thread, and for ``record_seconds`` (None: not at all) the chunks the guest touches are
+    recorded, then written as ``checkpoint``.ws by a thread of ours. :meth:`finish` stops both
+    (the memory's owner calls it when it closes the guest)."""
+
+    def __init__(self, memory: Any, checkpoint: Checkpoint, *, prefetch: str, record_seconds: float | None,
+                 started: float) -> None:
+        self.memory = memory
+        self.checkpoint = checkpoint
+        self.prefetch = prefetch
+        self.record_seconds = record_seconds
+        self.restore_seconds = time.perf_counter() - started
+        self.working_set: WorkingSet | None = None
+        self.written: str | None = None  # the working-set file written, once it is
+        self._recorder: threading.Thread | None = None
+        self._started = False
+
+    def start(self) -> None:
+        """Start loading ahead and recording (once; the guest starts now)."""
+        if self._started:
+            return
+        self._started = True
+        c = self.checkpoint
+        image = self.memory.lazy_status()  # a diff's chunks are its root's image chunks, not its file's
+        prefetch: list[int] = []
+        if self.prefetch == "working-set":
+            self.working_set = read_working_set(c.path, chunk_size=image.chunk_size, chunks=image.chunks, meta_sha256=c.meta_sha256)
+            prefetch = self.working_set.chunks
+        self.memory.core.start_loading(prefetch=prefetch, fill=self.prefetch != "none", record_seconds=self.record_seconds,
+                                       record_limit=MAX_CHUNKS)
+        if self.record_seconds:
+            self._recorder = threading.Thread(target=self._record, name="working-set-recorder", daemon=True)
+            self._recorder.start()
+
+    def _record(self) -> None:
+        assert self.record_seconds is not None
+        chunks = self.memory.core.wait_recorded(self.record_seconds + 60.0)
+        if not chunks:
+            return  # nothing touched (or not over in time): keep any working set there is
+        c = self.checkpoint
+        try:
+            self.written = write_working_set(c.path, chunks, chunk_size=self.memory.lazy_status().chunk_size, meta_sha256=c.meta_sha256)
+        except OSError as err:
+            log.warning("working set of checkpoint '%s' not written: %s", c.path, err.strerror or err)
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Stop loading ahead and recording; wait (``timeout`` at most) for the working set to
+        be written."""
+        self.memory.core.stop_loading()
+        if self._recorder is not None:
+            self._recorder.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """The restore's statistics: how, from where, and the memory's loading so far."""
+        out: dict[str, Any] = {"mode": "lazy", "path": self.checkpoint.path, "restore_seconds": round(self.restore_seconds, 6),
+                               "prefetch": self.prefetch}
+        if self.working_set is not None:
+            out["working_set"] = self.working_set.as_dict()
+        if self.written is not None:
+            out["working_set_written"] = self.written
+        status = self.memory.lazy_status()
+        if status is not None:
+            out.update({k: round(v, 6) if isinstance(v, float) else v for k, v in status.as_dict().items() if k != "source"})
+        return out
+
+
+def describe_lazy_restore(status: dict[str, Any]) -> str:
+    """One line of a lazy restore's statistics (``LazyLoading.status``), for people."""
+    ms = 1e3
+    parts = [f"lazy restore of '{status.get('path')}' ({status.get('prefetch')})",
+             f"{status.get('loaded', 0)}/{status.get('chunks', 0)} chunks loaded: {status.get('demand_loads', 0)} on demand, "
+             f"{status.get('prefetched', 0)} prefetched, {status.get('filled', 0)} filled"]
+    ws = status.get("working_set")
+    if ws:
+        parts.append(f"working set {ws['status']}" + (f" ({ws['chunks']} chunks)" if ws["status"] == "used" else ""))
+    parts.append(f"guest waited {status.get('wait_seconds', 0.0) * ms:.1f} ms in {status.get('waits', 0)} loads "
+                 f"({status.get('first_second_wait_seconds', 0.0) * ms:.1f} ms in its first second, "
+                 f"longest {status.get('max_wait_seconds', 0.0) * ms:.1f} ms)")
+    resident = status.get("resident_seconds")
+    parts.append(f"fully resident after {resident:.3f} s" if resident is not None else "not fully resident yet")
+    if status.get("failed"):
+        parts.append(f"{status['failed']} chunk(s) failed")
+    return "; ".join(parts)
+
+
 def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto",
-                  progress: Callable[[dict[str, Any]], None] | None = None, backing: str = "anon") -> None:
+                  progress: Callable[[dict[str, Any]], None] | None = None, backing: str = "anon",
+                  prefetch: str = "working-set", record_seconds: float | None = RECORD_SECONDS) -> LazyLoading | None:
     """Restore a checkpoint read by ``read_checkpoint`` into ``guest``, which has no memory yet:
     its sections are checked first, then its memory is restored (``mode`` eager or lazy, tracked
     by ``dirty_tracking``, backed by ``backing``) and the sections loaded. The guest does not run until
     ``guest.start_running()`` (or its owner starts it). Raises CheckpointError or SectionError
-    naming the file if anything does not fit. ``progress`` as for ``files.restore_memory``."""
+    naming the file if anything does not fit. ``progress`` as for ``files.restore_memory``.
+    For a lazy restore, returns the ``LazyLoading`` (``prefetch``, ``record_seconds``) its
+    owner starts with the guest and finishes when it closes it; None for an eager one."""
     if mode not in RESTORE_MODES:
         raise ValueError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
+    if prefetch not in RESTORE_PREFETCH:
+        raise ValueError(f"restore prefetch {prefetch!r}: choose {', '.join(RESTORE_PREFETCH)}")
+    if record_seconds is not None and not record_seconds >= 0:
+        raise ValueError(f"working-set recording time {record_seconds} must be 0 (off) or more seconds")
     what = f"checkpoint '{checkpoint.kern_path}'"
     guest.check_sections(checkpoint.sections, what=what)
-    guest.adopt_memory(restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress, backing=backing))
+    started = time.perf_counter()
+    memory = restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress, backing=backing)
+    guest.adopt_memory(memory)
     guest.restore_sections(checkpoint.sections, what=what)
     # A diff checkpoint of the restored guest names this one as its parent.
     guest.memory.start_checkpoint_log((os.path.abspath(checkpoint.path), checkpoint.meta_sha256))
+    if not memory.lazy:
+        return None
+    return LazyLoading(memory, checkpoint, prefetch=prefetch, record_seconds=record_seconds or None, started=started)
 
 
-__all__ = ["LIVE_COPY_LIMIT_BYTES", "RESTORE_MODES", "checkpoint_guest", "restore_guest"]
+__all__ = ["LIVE_COPY_LIMIT_BYTES", "RECORD_SECONDS", "RESTORE_MODES", "RESTORE_PREFETCH", "LazyLoading", "checkpoint_guest",
+           "describe_lazy_restore", "restore_guest"]

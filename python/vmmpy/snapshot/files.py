@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory
+from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory, LazyMemoryError
 from ..progress import ProgressCallback, ProgressMeter, metered
 from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_container, read_container
 from ..state.kernel import KERNEL_NAMES
@@ -214,35 +214,20 @@ def _segment_views(memory: GuestMemory) -> list[tuple[int, memoryview]]:
     return views
 
 
-#: One pwrite/pread of a diff moves at most this many bytes.
+#: One pread of a diff (applying it on restore) moves at most this many bytes.
 _DIFF_IO_BYTES = 16 << 20
 
 
-def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]]) -> dict[str, Any]:
+def _write_diff_memory(fd: int, memory: GuestMemory, runs: list[list[int]], chunk_size: int) -> dict[str, Any]:
     """Write the pages of ``runs`` back to back (packed) into the memory file ``fd``, straight
-    from the stopped guest's page-aligned memory (so O_DIRECT works)."""
-    started = time.perf_counter()
-    if memory.lazy:
-        memory.load_all()  # a lazily restored guest's unloaded chunks cannot be read through a view
-    written = calls = 0
-    views = _segment_views(memory)
-    try:
-        for first, count in runs:
-            start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            for base, view in views:
-                a, b = max(start, base), min(end, base + len(view))
-                while a < b:
-                    n = os.pwrite(fd, view[a - base : min(b, a + _DIFF_IO_BYTES) - base], written)
-                    a += n
-                    written += n
-                    calls += 1
-    finally:
-        for _, view in views:
-            view.release()
-    pages = written // PAGE_SIZE
+    from the stopped guest's page-aligned memory (so O_DIRECT works), hashed as they are written
+    (``_core.write_packed_pages``: no read of the file)."""
+    written = _core.write_packed_pages(memory.core, fd, [(first, count) for first, count in runs], chunk_size=chunk_size)
+    pages = written.bytes_written // PAGE_SIZE
     return {
-        "bytes_written": written, "data_pages": pages, "zero_pages": 0, "untouched_pages": memory.memsize // PAGE_SIZE - pages,
-        "pwrite_calls": calls, "file_size": written, "seconds": time.perf_counter() - started,
+        "bytes_written": written.bytes_written, "data_pages": pages, "zero_pages": 0,
+        "untouched_pages": memory.memsize // PAGE_SIZE - pages, "pwrite_calls": written.pwrite_calls,
+        "file_size": written.bytes_written, "seconds": written.seconds, "chunk_hashes": written.chunk_hashes,
     }
 
 
@@ -324,19 +309,13 @@ def write_checkpoint(
                 stats = _core.write_memory_file(memory.core, fd, chunk_size=chunk_size, meter=meter).as_dict()
             else:
                 runs = page_runs(parent.pages)
-                stats = _write_diff_memory(fd, memory, runs)  # a few MiB: no meter
+                stats = _write_diff_memory(fd, memory, runs, chunk_size)  # a few MiB: no meter
             stats["direct_io"] = direct_io
             fsync_started = time.perf_counter()
             os.fsync(fd)
             stats["memory_fsync_seconds"] = time.perf_counter() - fsync_started
         finally:
             os.close(fd)
-        if parent is not None:  # the hashes of the packed file as written
-            fd = os.open(temp["memory"], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                stats["chunk_hashes"] = _core.hash_memory_file(fd, chunk_size=chunk_size).chunk_hashes
-            finally:
-                os.close(fd)
         created.append(temp["kern"])
         _write_file(temp["kern"], kern)
 
@@ -733,6 +712,7 @@ def restore_memory(
     mode (:func:`verify_memory_sha256`: it reads the file's data once, so a keyed lazy restore
     is no longer constant time). ``progress`` is called every ``vmmpy.progress.TICK_S`` seconds
     with how far an eager read has got (``vmmpy.progress.metered``'s messages, phase "restore").
+    A diff checkpoint's memory is its chain's (``_restore_chain``), in either mode.
     """
     wired = checkpoint.wired if wired is None else wired
     if checkpoint.parent is not None:
@@ -786,26 +766,28 @@ def restore_memory(
 def _restore_chain(checkpoint: Checkpoint, mode: str, *, dirty_tracking: str, wired: bool,
                    progress: ProgressCallback | None) -> GuestMemory:
     """A diff checkpoint's memory: every diff's file is checked against its hashes first, then
-    the full checkpoint at the chain's root is restored eagerly (checked as it lands) and each
-    diff's pages are copied over it, oldest first."""
+    the full checkpoint at the chain's root is restored (eagerly: checked as it lands; lazily:
+    each chunk checked when first needed) and each diff's pages are copied over it, oldest
+    first. Lazily, only the root's chunks the diffs write to are loaded now (a damaged one is
+    refused naming the root), so the time grows with the diffs, not with the guest."""
     chain = checkpoint.chain
-    if mode != "eager":
-        raise CheckpointError(
-            f"checkpoint '{checkpoint.path}': a diff checkpoint (a chain of {len(chain)} files from '{chain[0].path}') "
-            f"can only be restored eagerly (restore mode {mode!r} would fault pages in through every file of the chain); "
-            "restore it with --restore-mode eager, or flatten it first (vmmctl --merge-checkpoint)"
-        )
+    if mode not in ("eager", "lazy"):
+        raise ValueError(f"mode must be 'eager' or 'lazy', not {mode!r}")
     for diff in chain[1:]:
         with _as_part_of(checkpoint, diff):
             verify_memory(diff)
     with _as_part_of(checkpoint, chain[0]):
-        memory = restore_memory(chain[0], "eager", dirty_tracking=dirty_tracking, wired=wired, progress=progress)
+        memory = restore_memory(chain[0], mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress)
     try:
         for diff in chain[1:]:
-            _apply_diff(memory, diff)
+            try:
+                _apply_diff(memory, diff)
+            except LazyMemoryError as err:  # a root chunk under the diff's pages is damaged
+                raise CheckpointError(f"checkpoint '{checkpoint.path}{META_SUFFIX}': its chain's '{chain[0].path}' is refused: "
+                                      f"{err.strerror or err}") from None
     except BaseException as err:
         memory.close()
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and not isinstance(err, CheckpointError):
             raise CheckpointError(f"checkpoint '{diff.path}': {err.strerror or err}") from None
         raise
     return memory
