@@ -40,8 +40,9 @@ pub enum KvmExit {
     Hlt { rip: u64 },
     /// Someone asked the vCPU to stop ([`KvmVcpu::request_pause`]).
     PauseRequested,
-    /// The guest cannot go on: a triple fault (KVM_EXIT_SHUTDOWN), a failed entry, an internal error.
-    Fault { what: String, rip: u64 },
+    /// The guest cannot go on: `kind` is "triple_fault" (KVM_EXIT_SHUTDOWN), "entry_failed",
+    /// "kvm_internal_error", "memory_fault" or "unhandled_exit"; `detail` says more.
+    Fault { kind: &'static str, detail: String, rip: u64 },
 }
 
 /// A read the guest is waiting for: the next run gives it the value `complete_read` stored.
@@ -174,15 +175,15 @@ impl KvmVcpu {
                 }
                 Ok(VcpuExit::Hlt) => Some(KvmExit::Hlt { rip: 0 }),
                 Ok(VcpuExit::Intr) => None,
-                Ok(VcpuExit::Shutdown) => Some(KvmExit::Fault { what: "triple_fault".into(), rip: 0 }),
+                Ok(VcpuExit::Shutdown) => Some(KvmExit::Fault { kind: "triple_fault", detail: String::new(), rip: 0 }),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    Some(KvmExit::Fault { what: format!("entry_failed (hardware reason {reason:#x} on cpu {cpu})"), rip: 0 })
+                    Some(KvmExit::Fault { kind: "entry_failed", detail: format!("hardware reason {reason:#x} on cpu {cpu}"), rip: 0 })
                 }
-                Ok(VcpuExit::InternalError) => Some(KvmExit::Fault { what: "kvm_internal_error".into(), rip: 0 }),
+                Ok(VcpuExit::InternalError) => Some(KvmExit::Fault { kind: "kvm_internal_error", detail: String::new(), rip: 0 }),
                 Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
-                    Some(KvmExit::Fault { what: format!("memory_fault (gpa {gpa:#x}, {size} bytes)"), rip: 0 })
+                    Some(KvmExit::Fault { kind: "memory_fault", detail: format!("gpa {gpa:#x}, {size} bytes"), rip: 0 })
                 }
-                Ok(other) => Some(KvmExit::Fault { what: format!("unhandled KVM exit {other:?}"), rip: 0 }),
+                Ok(other) => Some(KvmExit::Fault { kind: "unhandled_exit", detail: format!("{other:?}"), rip: 0 }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(e) if e.errno() == libc::EFAULT => {
                     return Err(KvmError(format!(

@@ -90,6 +90,46 @@ impl From<Exit> for PyVmExit {
     }
 }
 
+impl PyVmExit {
+    /// An exit of the KVM vCPU, in the same shape as the simulated vCPU's.
+    pub(super) fn from_kvm(exit: crate::kvm::KvmExit) -> PyVmExit {
+        use crate::kvm::KvmExit;
+        let (kind, description) = match &exit {
+            KvmExit::Inout { .. } => ("inout", format!("{exit:?}")),
+            KvmExit::Mmio { .. } => ("mmio", format!("{exit:?}")),
+            KvmExit::Hlt { .. } => ("hlt", format!("{exit:?}")),
+            KvmExit::PauseRequested => ("pause_requested", "pause requested".into()),
+            KvmExit::Fault { kind, detail, rip } => ("fault", format!("{kind} at rip {rip:#x} {detail}")),
+        };
+        let mut e = PyVmExit {
+            kind,
+            rip: None,
+            port: None,
+            size: None,
+            is_in: None,
+            gpa: None,
+            is_write: None,
+            value: None,
+            fault: None,
+            description,
+        };
+        match exit {
+            KvmExit::Inout { port, size, is_in, value, rip } => {
+                (e.port, e.size, e.is_in, e.rip) = (Some(port), Some(size), Some(is_in), Some(rip));
+                e.value = if is_in { None } else { Some(value as u64) };
+            }
+            KvmExit::Mmio { gpa, size, is_write, value, rip } => {
+                (e.gpa, e.size, e.is_write, e.rip) = (Some(gpa), Some(size), Some(is_write), Some(rip));
+                e.value = if is_write { Some(value) } else { None };
+            }
+            KvmExit::Hlt { rip } => e.rip = Some(rip),
+            KvmExit::Fault { kind, rip, .. } => (e.fault, e.rip) = (Some(kind), Some(rip)),
+            KvmExit::PauseRequested => {}
+        }
+        e
+    }
+}
+
 #[pymethods]
 impl PyVmExit {
     fn __repr__(&self) -> String {

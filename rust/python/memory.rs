@@ -66,7 +66,7 @@ fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResul
 
 fn parse_tracking(dirty_tracking: &str) -> PyResult<TrackingChoice> {
     TrackingChoice::parse(dirty_tracking)
-        .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))
+        .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft', 'kernel' or 'kvm', not {dirty_tracking:?}")))
 }
 
 fn parse_backing(backing: &str) -> PyResult<Backing> {
@@ -259,7 +259,7 @@ impl PyGuestMemory {
         self.inner.lowmem_limit()
     }
 
-    /// The dirty-tracking backend in use: "soft" or "kernel".
+    /// The dirty-tracking backend in use: "soft", "kernel" or "kvm".
     #[getter]
     fn dirty_tracking(&self) -> String {
         self.inner.backend().to_string()

@@ -37,6 +37,7 @@ macro_rules! result_class {
 
 mod cpu;
 mod errors;
+mod kvm;
 mod memory;
 mod pages;
 mod progress;
@@ -57,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     streams::register(m)?;
     progress::register(m)?;
     cpu::register(m)?;
+    kvm::register(m)?;
     Ok(())
 }
 

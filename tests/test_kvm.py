@@ -1,0 +1,211 @@
+"""The KVM vCPU backend (``--accel kvm``, docs/kvm.md): real x86-64 guests under /dev/kvm.
+
+The proofs are the guests': abtest's page counters and the console guest's ticks end the same
+(exit status, SHA-256 of lowmem, console) whether the run was uninterrupted, checkpointed and
+restored (eager or lazy), or migrated warm or live over loopback. Guest stores reach KVM's dirty
+log, never a vmmpy write path, so a live migration that converges exactly proves the log sees
+them; a direct test harvests them. Every test that runs a guest skips, saying why, where KVM
+cannot be opened; the encoder and the refusals run everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from vmmpy import CheckpointError, ConfigError, MigrationError, SectionError, Vm, _core
+from vmmpy.cli import vmmrun
+from vmmpy.guest import platform as P
+from vmmpy.guest.programs import abtest, load_native_program
+from vmmpy.guest.x86 import X86
+
+KVM_UNAVAILABLE = _core.kvm_unavailable()
+requires_kvm = pytest.mark.skipif(KVM_UNAVAILABLE is not None, reason=f"KVM is not available here: {KVM_UNAVAILABLE}")
+
+ABTEST = {"sweeps": 120, "report": 40}
+CONSOLE = {"period_us": 1000, "every": 20, "ticks": 120}
+MEMORY = "16M"
+WAIT = 120  # seconds a guest may take to finish (KVM here may emulate: see docs/kvm.md)
+
+
+def final_state(vm: Vm) -> tuple[int, str]:
+    """Exit status and SHA-256 of lowmem of a guest that has stopped."""
+    status = vm.wait(WAIT)
+    assert status is not None, "the guest did not stop in time"
+    view = vm.machine.vm.memory.view("lowmem")
+    try:
+        return status, hashlib.sha256(view).hexdigest()
+    finally:
+        del view
+
+
+def uninterrupted(guest: str, args: dict) -> tuple[tuple[int, str], str]:
+    with Vm(guest, args=args, memory=MEMORY, accel="kvm") as vm:
+        vm.start()
+        return final_state(vm), vm.console
+
+
+def wait_for(vm: Vm, text: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while text not in vm.console:
+        assert time.monotonic() < deadline, f"the guest never printed {text!r}: {vm.console!r}"
+        time.sleep(0.01)
+
+
+# ---- the encoder and the builds (no KVM needed) ---------------------------------------------
+
+
+def test_the_encoder_emits_the_manuals_encodings_and_resolves_labels():
+    x = X86(0x1000)
+    x.label("top")
+    x.mov_imm("r8", 0x1122334455667788)  # REX.W+B, B8+0
+    x.inc_mem("rsi", 0x2000)  # REX.W FF /0, mod=10 rm=rsi
+    x.store32("rbx", 0xB0, "rax")  # 89 /r, no REX.W
+    x.push("r12")
+    x.load("rax", "r12", 8)  # r12 base needs a SIB byte
+    x.jmp("top")
+    code = x.program().code
+    assert code.hex() == ("49b88877665544332211" "48ff8600200000" "8983b0000000" "4154" "498b842408000000" "e9"
+                          + (-len(code)).to_bytes(4, "little", signed=True).hex())  # back to top
+    with pytest.raises(ValueError, match="undefined label 'nowhere'"):
+        y = X86(0)
+        y.jmp("nowhere")
+        y.program()
+    with pytest.raises(ValueError, match="no 64-bit register named 'eax'"):
+        X86(0).inc("eax")
+
+
+def test_native_builds_share_the_simulated_programs_arguments_and_refuse_what_they_lack():
+    program = load_native_program("abtest", {"sweeps": "3"}, memsize=16 << 20)
+    assert program.origin == P.IMAGE_BASE and "start" in program.symbols and program.end <= P.IMAGE_LIMIT
+    with pytest.raises(ValueError, match=r"abtest: argument end=1M: must be above start \(0x200000\)"):
+        load_native_program("abtest", {"end": "1M"}, memsize=16 << 20)
+    with pytest.raises(ValueError, match="rate: pacing .* has no x86-64 build"):
+        load_native_program("abtest", {"rate": "5"}, memsize=16 << 20)
+    with pytest.raises(ValueError, match="'hash' has no x86-64 build for --accel kvm: choose one of abtest, console"):
+        load_native_program("hash", {}, memsize=16 << 20)
+
+
+def test_kvm_options_that_cannot_work_are_refused_naming_the_option(capsys):
+    for argv, message in (
+        (["-c", "2"], "-c 2: --accel kvm runs guests with one vCPU"),
+        (["--dirty-tracking", "soft"], "--dirty-tracking soft with --accel kvm"),
+        (["--pause-at", "1000"], "--pause-at counts retired instructions, which KVM does not count"),
+    ):
+        assert vmmrun.main(["--accel", "kvm", "--guest", "abtest", "-m", "16M", *argv, "kvmvm"]) == 4
+        assert message in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--dirty-tracking kvm with --accel sim"):
+        Vm("abtest", memory=MEMORY, dirty_tracking="kvm")
+
+
+def test_accel_kvm_where_kvm_cannot_be_opened_is_refused_with_the_reason_and_the_fix(monkeypatch, capsys):
+    why = ("/dev/kvm is not permitted to this user (permission denied): add the user to the group owning /dev/kvm "
+           "(usually 'kvm') or run as root; run without --accel kvm to use the simulated vCPU")
+    monkeypatch.setattr(_core, "kvm_unavailable", lambda: why)
+    with pytest.raises(ConfigError) as info:
+        Vm("abtest", memory=MEMORY, accel="kvm")
+    assert str(info.value) == f"--accel kvm: {why}"
+    assert vmmrun.main(["--accel", "kvm", "--guest", "abtest", "-m", "16M", "kvmvm"]) == 4
+    assert f"--accel kvm: {why}" in capsys.readouterr().err
+    with Vm("abtest", args={"sweeps": 1, "report": 0}, memory=MEMORY) as vm:  # the simulated vCPU is unaffected
+        vm.start()
+        assert vm.wait(WAIT) == 1
+
+
+# ---- guests under KVM ------------------------------------------------------------------------
+
+
+@requires_kvm
+def test_abtest_and_the_console_guest_run_to_their_end_under_kvm():
+    (status, _), console = uninterrupted("abtest", ABTEST)
+    assert status == 1 and console == ("abtest: sweep 40\nabtest: sweep 80\nabtest: sweep 120\n"
+                                       "abtest: done 120 sweeps over 3584 pages, all counters 120\n")
+    (status, _), console = uninterrupted("console", CONSOLE)
+    assert status == 1 and console == "".join(f"console: tick {n}\n" for n in range(20, 121, 20)) + "console: done\n"
+
+
+@requires_kvm
+def test_the_dirty_log_reports_guest_stores_and_a_page_dirtied_again_in_the_next_round():
+    ranges = abtest.sweep_ranges(P.WORKLOAD_BASE, 16 << 20, False, 0)
+    swept = np.arange(P.WORKLOAD_BASE // P.PAGE_SIZE, (16 << 20) // P.PAGE_SIZE)
+    with Vm("abtest", args={"sweeps": 0, "report": 0}, memory=MEMORY, accel="kvm") as vm:
+        memory = vm.machine.vm.memory
+        assert memory.dirty_tracking == "kvm"
+        memory.get_and_clear_dirty()  # the VMM's own writes (program, page tables): marked, forgotten now
+        vm.start()
+        for round_ in range(3):
+            time.sleep(0.2)
+            vm.pause()
+            sweeps = vm.machine.vm.vcpus[0].get_register(abtest.SWEEP_REGISTER)
+            assert abtest.check_counters(memory, ranges, sweeps) is None
+            pfns = memory.get_and_clear_dirty()
+            # Only the guest wrote these pages since the last harvest, through KVM alone.
+            assert sweeps > 0 and np.isin(swept, pfns).all(), f"round {round_}: guest stores missing from the dirty log"
+            assert memory.get_and_clear_dirty().size == 0, "a harvest clears"
+            vm.resume()
+
+
+@requires_kvm
+@pytest.mark.parametrize("guest,args,mark", [("abtest", ABTEST, "abtest: sweep 40"), ("console", CONSOLE, "console: tick 20")])
+def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tmp_path, guest, args, mark):
+    expected, expected_console = uninterrupted(guest, args)
+    path = tmp_path / "kvm.ckp"
+    with Vm(guest, args=args, memory=MEMORY, accel="kvm") as vm:
+        vm.start()
+        wait_for(vm, mark)
+        vm.pause()
+        vm.checkpoint(path)
+        first = vm.console
+    assert "done" not in first
+    for mode in ("eager", "lazy"):
+        with Vm.restore(path, mode=mode) as vm:
+            assert vm.config.accel == "kvm" and vm.machine.vm.memory.dirty_tracking == "kvm"
+            vm.start()
+            assert final_state(vm) == expected, f"{mode} restore"
+            assert first + vm.console == expected_console, f"{mode} restore"
+
+
+@requires_kvm
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+@pytest.mark.parametrize("guest,args,mark", [("abtest", ABTEST, "abtest: sweep 40"), ("console", CONSOLE, "console: tick 20")])
+def test_a_migration_over_loopback_ends_as_an_uninterrupted_run(guest, args, mark, live):
+    expected, expected_console = uninterrupted(guest, args)
+    with Vm(guest, args=args, memory=MEMORY, accel="kvm") as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:
+        src.start()
+        wait_for(src, mark)
+        stats = src.migrate(*dst.address, live=live, params={"max_rounds": 4, "policy": "switch-over"})
+        assert stats.status == "completed" and stats.live == live
+        assert dst.received(WAIT).status == "completed"
+        first = src.console
+        assert final_state(dst) == expected
+        assert first + dst.console == expected_console
+
+
+@requires_kvm
+def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lost(tmp_path):
+    with Vm("abtest", args={"sweeps": 0, "report": 0}, memory=MEMORY, accel="kvm") as vm:
+        vm.start()
+        time.sleep(0.1)
+        vm.pause()
+        vm.checkpoint(tmp_path / "kvm.ckp")
+    with Vm("abtest", args={"sweeps": 0, "report": 0}, memory=MEMORY) as vm:
+        vm.start(pause_at=10_000)
+        vm.wait_paused(WAIT)
+        vm.checkpoint(tmp_path / "sim.ckp")
+    with pytest.raises(ConfigError, match=r"'.*kvm\.ckp' was made on the kvm vCPU backend \(--accel kvm\); it cannot be restored "
+                                          r"on --accel sim"):
+        Vm.restore(tmp_path / "kvm.ckp", accel="sim")
+    with pytest.raises(ConfigError, match=r"was made on the sim vCPU backend \(--accel sim\); it cannot be restored on --accel kvm"):
+        Vm.restore(tmp_path / "sim.ckp", accel="kvm")
+
+    # A simulated guest offered to a KVM destination: refused, and the source runs on.
+    with Vm("abtest", args={"sweeps": 0, "report": 1000}, memory=MEMORY) as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:
+        src.start()
+        with pytest.raises(MigrationError, match="the guest ran on the sim vCPU backend .*this VM runs --accel kvm"):
+            src.migrate(*dst.address, live=False)
+        assert src.state == "running"
+        with pytest.raises((MigrationError, SectionError, CheckpointError)):
+            dst.received(WAIT)
