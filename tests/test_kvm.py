@@ -209,3 +209,69 @@ def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lo
         assert src.state == "running"
         with pytest.raises((MigrationError, SectionError, CheckpointError)):
             dst.received(WAIT)
+
+
+@requires_kvm
+def test_a_highmem_guest_checkpoints_and_migrates_live_exactly(tmp_path):
+    """abtest over part of lowmem and all of highmem (the second KVM memory slot, at 4 GiB): a
+    checkpoint and a live migration carry every counter."""
+    memory, args = "3080M", {"start": "2M", "end": "4M", "highmem": "yes", "sweeps": 60, "report": 20}
+    ranges = abtest.sweep_ranges(2 << 20, 4 << 20, True, 8 << 20)
+    done = "abtest: done 60 sweeps over 2560 pages, all counters 60\n"
+    with Vm("abtest", args=args, memory=memory, accel="kvm") as src, Vm.receive(memory=memory, accel="kvm") as dst:
+        src.start()
+        wait_for(src, "abtest: sweep 20")
+        src.pause()
+        sweeps = src.machine.vm.vcpus[0].get_register(abtest.SWEEP_REGISTER)
+        assert abtest.check_counters(src.machine.vm.memory, ranges, sweeps) is None
+        src.checkpoint(tmp_path / "high.ckp")
+        src.resume()
+        stats = src.migrate(*dst.address, live=True, params={"max_rounds": 4, "policy": "switch-over"})
+        assert stats.status == "completed" and dst.received(WAIT).status == "completed"
+        assert dst.wait(WAIT) == 1 and (src.console + dst.console).endswith(done)
+    with Vm.restore(tmp_path / "high.ckp") as vm:
+        assert vm.machine.vm.memory.highmem.size == 8 << 20
+        vm.start()
+        assert vm.wait(WAIT) == 1 and vm.console.endswith(done)
+
+
+def host_offsets_tsc() -> bool:
+    """Whether this host's KVM lets a restore set the guest's TSC (a PVM host does not: its
+    guests read the host's TSC)."""
+    memory = _core.GuestMemory(4 << 20, dirty_tracking="kvm")
+    vcpu = _core.KvmVcpu(memory, 0)
+    state = vcpu.save_state()
+    state["msrs"]["0x10"] = 10**13
+    try:
+        return vcpu.restore_state(state)
+    finally:
+        del vcpu
+        memory.close()
+
+
+@requires_kvm
+def test_the_tsc_goes_on_from_its_saved_value_after_a_restore_or_the_restore_says_it_cannot(tmp_path):
+    with Vm("console", args={"period_us": 1000, "every": 0, "ticks": 0}, memory=MEMORY, accel="kvm") as vm:
+        vm.start()
+        time.sleep(0.2)
+        vm.suspend(tmp_path / "tsc.ckp")
+        assert vm.wait(WAIT) == 0
+    saved = next(s for s in _kern_sections(tmp_path / "tsc.ckp") if s.name == "kvm").payload["vcpus"][0]
+    time.sleep(1.5)  # suspended: the TSC must not count this
+    with Vm.restore(tmp_path / "tsc.ckp") as vm:
+        state = vm.machine.vm.vcpus[0].save_state()
+        not_continuous = vm.machine.vm.stats[0]["tsc_not_continuous"]
+    tsc_per_s = state["tsc_khz"] * 1000
+    went_on = state["msrs"]["0x10"] - saved["msrs"]["0x10"]
+    if host_offsets_tsc():
+        assert not_continuous == 0
+        assert 0 <= went_on < tsc_per_s // 2, f"the TSC moved {went_on / tsc_per_s:.3f} s across a 1.5 s suspension"
+    else:
+        # The guest sees the host's TSC: it moved by the suspension, and the restore counted that.
+        assert went_on >= tsc_per_s and not_continuous == 1
+
+
+def _kern_sections(path):
+    from vmmpy.runtime.commands import read_checkpoint_offline
+
+    return read_checkpoint_offline(path).sections

@@ -313,7 +313,8 @@ class KvmVcpu:
     def vcpu_id(self) -> int: ...
     def save_state(self) -> dict[str, Any]:
         """regs, sregs, xsave, xcrs, debugregs, lapic, events (bytes), msrs, mp_state, tsc_khz."""
-    def restore_state(self, state: dict[str, Any]) -> None: ...
+    def restore_state(self, state: dict[str, Any]) -> bool:
+        """True when the guest's TSC goes on from its saved value (False: the host cannot offset it)."""
 
 def kvm_unavailable() -> str | None:
     """Why KVM cannot be used here, with what to do; None when it can."""

@@ -9,7 +9,13 @@
 //! from where it stopped (never backwards, never jumping by the time spent stopped), and the
 //! saved TSC frequency is set on the destination (KVM_SET_TSC_KHZ) when it differs.
 
-use kvm_bindings::{kvm_irqchip, kvm_msr_entry, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+use kvm_bindings::{
+    kvm_device_attr, kvm_irqchip, kvm_msr_entry, Msrs, KVMIO, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET,
+};
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
 
 use super::vcpu::KvmVcpu;
 use super::vm::{KvmError, KvmVm};
@@ -20,6 +26,12 @@ pub const SAVED_MSRS: [u32; 13] =
     [0x10, 0x174, 0x175, 0x176, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084, 0xc000_0102, 0xc000_0103, 0x277, 0x6e0, 0x1a0];
 /// IA32_TSC.
 pub const MSR_TSC: u32 = 0x10;
+
+// The vCPU device-attribute ioctls, which kvm-ioctls wraps only on other architectures: the TSC
+// offset is one (include/uapi/linux/kvm.h).
+ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
+ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, KVMIO, 0xe3, kvm_device_attr);
 
 /// One vCPU's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +110,9 @@ impl KvmVcpu {
     }
 
     /// Load a saved state (every piece checked for length first, so a bad one changes nothing of
-    /// ours; KVM checks the contents).
-    pub fn restore_state(&self, state: &KvmVcpuState) -> Result<(), KvmError> {
+    /// ours; KVM checks the contents). Returns whether the guest's TSC now goes on from its saved
+    /// value: false on a host whose KVM cannot offset the TSC (the guest then sees the host's).
+    pub fn restore_state(&self, state: &KvmVcpuState) -> Result<bool, KvmError> {
         let id = self.id();
         let regs: kvm_bindings::kvm_regs = from_bytes(&state.regs, "regs")?;
         let sregs: kvm_bindings::kvm_sregs = from_bytes(&state.sregs, "sregs")?;
@@ -139,8 +152,41 @@ impl KvmVcpu {
                 entries[written].index
             )));
         }
-        fd.set_vcpu_events(&events).map_err(|e| failed(id, "KVM_SET_VCPU_EVENTS", e))
+        fd.set_vcpu_events(&events).map_err(|e| failed(id, "KVM_SET_VCPU_EVENTS", e))?;
+        match state.msrs.iter().find(|&&(index, _)| index == MSR_TSC) {
+            Some(&(_, saved)) => keep_tsc(fd, id, saved, state.tsc_khz.max(1)),
+            None => Ok(true),
+        }
     }
+}
+
+fn guest_tsc(fd: &VcpuFd, id: u32) -> Result<u64, KvmError> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_TSC, ..Default::default() }])
+        .map_err(|e| KvmError(format!("vcpu {id}: MSR list: {e:?}")))?;
+    fd.get_msrs(&mut msrs).map_err(|e| failed(id, "KVM_GET_MSRS (TSC)", e))?;
+    Ok(msrs.as_slice()[0].data)
+}
+
+/// Make the guest's TSC read `saved` now. KVM_SET_MSRS of IA32_TSC (above) is not enough:
+/// KVM takes a write within a second of what it expects as a synchronization and keeps its own
+/// value. So where KVM offers the vCPU's TSC offset (KVM_VCPU_TSC_CTRL, Linux 5.16+) it is moved
+/// by what is missing. Then the TSC is read back: whether it is within a second of `saved`.
+fn keep_tsc(fd: &VcpuFd, id: u32, saved: u64, tsc_khz: u32) -> Result<bool, KvmError> {
+    let offset = std::cell::Cell::new(0u64);
+    let attr = kvm_device_attr { flags: 0, group: KVM_VCPU_TSC_CTRL, attr: KVM_VCPU_TSC_OFFSET as u64, addr: offset.as_ptr() as u64 };
+    // SAFETY (each ioctl below): `attr.addr` points at `offset`, a u64 that outlives the call.
+    if unsafe { ioctl_with_ref(fd, KVM_HAS_DEVICE_ATTR(), &attr) } == 0 {
+        if unsafe { ioctl_with_ref(fd, KVM_GET_DEVICE_ATTR(), &attr) } < 0 {
+            return Err(failed(id, "KVM_GET_DEVICE_ATTR (TSC offset)", kvm_ioctls::Error::last()));
+        }
+        let now = guest_tsc(fd, id)?;
+        offset.set(offset.get().wrapping_add(saved.wrapping_sub(now)));
+        if unsafe { ioctl_with_ref(fd, KVM_SET_DEVICE_ATTR(), &attr) } < 0 {
+            return Err(failed(id, "KVM_SET_DEVICE_ATTR (TSC offset)", kvm_ioctls::Error::last()));
+        }
+    }
+    let now = guest_tsc(fd, id)?;
+    Ok(now.wrapping_sub(saved) < tsc_khz as u64 * 1000)
 }
 
 /// The MSRs of [`SAVED_MSRS`] this host's KVM can save, in that order.

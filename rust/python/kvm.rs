@@ -117,8 +117,10 @@ impl PyKvmVcpu {
         Ok(d)
     }
 
-    /// Load a state `save_state` gave (ValueError naming the piece that does not fit).
-    fn restore_state(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+    /// Load a state `save_state` gave (ValueError naming the piece that does not fit). Returns
+    /// whether the guest's TSC goes on from its saved value (False where the host's KVM cannot
+    /// offset the TSC).
+    fn restore_state(&self, state: &Bound<'_, PyDict>) -> PyResult<bool> {
         let id = self.vcpu.id();
         let get = |key: &str| -> PyResult<Bound<'_, PyAny>> {
             state.get_item(key)?.ok_or_else(|| PyValueError::new_err(format!("vcpu {id}: saved KVM state has no '{key}'")))

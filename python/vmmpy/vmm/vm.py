@@ -899,8 +899,10 @@ class Vm:
             raise ValueError(f"kvm: {len(data.vcpus)} KVM vCPU states{'' if data.chips else ' and no interrupt controllers'} "
                              f"for a KVM guest of {self.ncpus} vCPUs")
         _core.kvm_restore_vm(self.memory.core, dataclasses.asdict(data.chips))
-        for vcpu, state in zip(self.vcpus, data.vcpus, strict=True):
-            vcpu.restore_state(dataclasses.asdict(state))
+        for i, (vcpu, state) in enumerate(zip(self.vcpus, data.vcpus, strict=True)):
+            if not vcpu.restore_state(dataclasses.asdict(state)):
+                # This host's KVM cannot offset the TSC (docs/kvm.md): the guest sees the host's.
+                self.stats[i]["tsc_not_continuous"] += 1
 
     def _ioctl_vm_restore_time(self, arg: VmRestoreTime) -> None:
         """After a restore, make the guest clock continue from the saved value (host TSC mode):
