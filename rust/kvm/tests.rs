@@ -103,3 +103,14 @@ fn saved_state_restores_into_a_fresh_vm_and_the_guest_goes_on() {
     let err = vcpu2.restore_state(&short).unwrap_err();
     assert!(err.0.contains("'lapic' is 10 bytes"), "{err}");
 }
+
+#[test]
+fn an_unusable_dev_kvm_is_explained_with_the_fix() {
+    let missing = super::vm::open_failure(libc::ENOENT);
+    assert!(missing.starts_with("/dev/kvm does not exist on this host") && missing.contains("load kvm_intel or kvm_amd"), "{missing}");
+    let denied = super::vm::open_failure(libc::EACCES);
+    assert!(denied.contains("permission denied") && denied.contains("add the user to the group owning /dev/kvm"), "{denied}");
+    for why in [missing, denied] {
+        assert!(why.ends_with("run without --accel kvm to use the simulated vCPU"), "{why}");
+    }
+}

@@ -110,7 +110,8 @@ impl KvmVm {
     }
 }
 
-fn open_failure(errno: i32) -> String {
+/// Why /dev/kvm could not be opened (`errno` of the open), and what to do.
+pub(super) fn open_failure(errno: i32) -> String {
     match errno {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => "/dev/kvm does not exist on this host: there is no KVM here (load kvm_intel or \
 kvm_amd, or give this machine nested virtualization); run without --accel kvm to use the simulated vCPU"
