@@ -19,7 +19,7 @@ import pytest
 from vmmpy import CheckpointError, ConfigError, MigrationError, SectionError, Vm, _core
 from vmmpy.cli import vmmrun
 from vmmpy.guest import platform as P
-from vmmpy.guest.programs import abtest, load_native_program
+from vmmpy.guest.programs import abtest, load_native_program, memtouch
 from vmmpy.guest.x86 import X86
 
 KVM_UNAVAILABLE = _core.kvm_unavailable()
@@ -27,6 +27,9 @@ requires_kvm = pytest.mark.skipif(KVM_UNAVAILABLE is not None, reason=f"KVM is n
 
 ABTEST = {"sweeps": 120, "report": 40}
 CONSOLE = {"period_us": 1000, "every": 20, "ticks": 120}
+MEMTOUCH = {"wss": "8M", "pattern": "hotcold", "writes": 150_000, "report": 50_000, "seed": 3}
+GUESTS = [("abtest", ABTEST, "abtest: sweep 40"), ("console", CONSOLE, "console: tick 20"),
+          ("memtouch", MEMTOUCH, "memtouch: 50000 writes")]
 MEMORY = "16M"
 WAIT = 120  # seconds a guest may take to finish (KVM here may emulate: see docs/kvm.md)
 
@@ -85,7 +88,7 @@ def test_native_builds_share_the_simulated_programs_arguments_and_refuse_what_th
         load_native_program("abtest", {"end": "1M"}, memsize=16 << 20)
     with pytest.raises(ValueError, match="rate: pacing .* has no x86-64 build"):
         load_native_program("abtest", {"rate": "5"}, memsize=16 << 20)
-    with pytest.raises(ValueError, match="'hash' has no x86-64 build for --accel kvm: choose one of abtest, console"):
+    with pytest.raises(ValueError, match="'hash' has no x86-64 build for --accel kvm: choose one of abtest, console, memtouch"):
         load_native_program("hash", {}, memsize=16 << 20)
 
 
@@ -149,7 +152,25 @@ def test_the_dirty_log_reports_guest_stores_and_a_page_dirtied_again_in_the_next
 
 
 @requires_kvm
-@pytest.mark.parametrize("guest,args,mark", [("abtest", ABTEST, "abtest: sweep 40"), ("console", CONSOLE, "console: tick 20")])
+@pytest.mark.parametrize("pattern", memtouch.PATTERNS)
+def test_memtouch_writes_the_pages_its_pattern_and_seed_name(pattern):
+    pages, writes, seed = 64, 5000, 7
+    args = {"wss": pages * P.PAGE_SIZE, "pattern": pattern, "writes": writes, "report": 2000, "seed": seed}
+    with Vm("memtouch", args=args, memory=MEMORY, accel="kvm") as vm:
+        vm.start()
+        assert vm.wait(WAIT) == 1
+        assert vm.console == "memtouch: 2000 writes\nmemtouch: 4000 writes\nmemtouch: done 5000 writes\n"
+        last = np.zeros(pages, dtype=np.uint64)
+        for n, page in enumerate(memtouch.reference_pages(pattern, pages, seed, writes), 1):
+            last[page] = n
+        view = vm.machine.vm.memory.view("lowmem")
+        got = np.frombuffer(view, dtype="<u8")[P.WORKLOAD_BASE // 8:][: pages * 512: 512].copy()
+        del view
+        assert (got == last).all()
+
+
+@requires_kvm
+@pytest.mark.parametrize("guest,args,mark", GUESTS)
 def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tmp_path, guest, args, mark):
     expected, expected_console = uninterrupted(guest, args)
     path = tmp_path / "kvm.ckp"
@@ -170,7 +191,7 @@ def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tm
 
 @requires_kvm
 @pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
-@pytest.mark.parametrize("guest,args,mark", [("abtest", ABTEST, "abtest: sweep 40"), ("console", CONSOLE, "console: tick 20")])
+@pytest.mark.parametrize("guest,args,mark", GUESTS)
 def test_a_migration_over_loopback_ends_as_an_uninterrupted_run(guest, args, mark, live):
     expected, expected_console = uninterrupted(guest, args)
     with Vm(guest, args=args, memory=MEMORY, accel="kvm") as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:

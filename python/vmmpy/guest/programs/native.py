@@ -13,6 +13,8 @@ to the PM1a control port.
   ``period_us``; an IDT in the image sends its vector to a handler that counts ticks in memory
   (label ``tick_count``) and writes EOI; the main loop ``sti; hlt``s and prints every ``every``
   ticks, and after ``ticks`` ticks says it is done and powers off.
+- ``memtouch``: the same pages in the same order from the same seed (xorshift64), write number n
+  stored at the page's first byte; ``rate`` is refused as for abtest.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from .. import platform as P
 from ..asm import Program
 from ..x86 import X86
-from . import abtest, console
+from . import abtest, console, memtouch
 from ._common import ArgReader, Argument
 
 LAPIC_BASE = 0xFEE0_0000
@@ -188,6 +190,90 @@ def build_abtest(args: dict[str, str], memsize: int, lowmem_size: int, highmem_s
     })
 
 
+def _next_random(x: X86) -> None:
+    """r12 = xorshift64(r12) (shifts 13, 7, 17); clobbers rax."""
+    for shift, left in ((13, True), (7, False), (17, True)):
+        x.mov("rax", "r12")
+        (x.shl if left else x.shr)("rax", shift)
+        x.xor("r12", "rax")
+
+
+def _remainder(x: X86, dst: str, divisor: int) -> None:
+    """dst = rax mod divisor, rax = rax / divisor (unsigned); clobbers rdx, r9."""
+    x.xor("rdx", "rdx")
+    x.mov_imm("r9", divisor)
+    x.div("r9")
+    x.mov(dst, "rdx")
+
+
+def build_memtouch(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
+    pages, pattern, rate, seed, writes, report = memtouch.plan(args, lowmem_size)
+    if rate:
+        raise ValueError("memtouch: rate: pacing runs by the simulated vCPU's 1 GHz TSC and has no x86-64 build; "
+                         "leave rate out (or 0) with --accel kvm")
+    hot = memtouch.hot_pages(pages)
+    x = X86(P.IMAGE_BASE)
+    x.label("start")
+    x.mov_imm("r12", memtouch.initial_state(seed))  # generator state
+    x.mov_imm("r13", 0)  # writes done
+    x.mov_imm("r14", report)  # writes to the next report
+    x.mov_imm("r15", P.WORKLOAD_BASE)
+    x.mov_imm("rcx", 0)  # sequential: the next page
+    x.label("write")  # pick a page index into rbx
+    if pattern == "sequential":
+        x.mov("rbx", "rcx")
+        x.inc("rcx")
+        x.mov_imm("rax", pages)
+        x.cmp("rcx", "rax")
+        x.j("b", "pick_done")
+        x.mov_imm("rcx", 0)
+    elif pattern == "random":
+        _next_random(x)
+        x.mov("rax", "r12")
+        _remainder(x, "rbx", pages)
+    else:
+        _next_random(x)
+        x.mov("rax", "r12")
+        _remainder(x, "r10", 10)  # r10 = x mod 10, rax = x / 10
+        x.mov_imm("r9", 9)
+        x.cmp("r10", "r9")
+        x.j("b", "pick_hot")
+        _remainder(x, "rbx", max(1, pages - hot))
+        x.mov_imm("r9", hot)
+        x.add("rbx", "r9")
+        x.jmp("pick_done")
+        x.label("pick_hot")
+        _remainder(x, "rbx", hot)
+    x.label("pick_done")
+    x.inc("r13")
+    x.mov("rax", "rbx")
+    x.shl("rax", 12)
+    x.add("rax", "r15")
+    x.store("rax", 0, "r13")
+    if report:
+        x.dec("r14")
+        x.j("nz", "write_reported")
+        x.mov_imm("r14", report)
+        _print(x, "msg_progress")
+        x.mov("rax", "r13")
+        x.call("print_dec")
+        _print(x, "msg_writes")
+        x.label("write_reported")
+    if writes == 0:
+        x.jmp("write")
+    else:
+        x.mov_imm("rax", writes)
+        x.cmp("r13", "rax")
+        x.j("b", "write")
+        _print(x, "msg_done")
+        x.mov("rax", "r13")
+        x.call("print_dec")
+        _print(x, "msg_writes")
+        x.call("poweroff")
+    _routines(x)
+    return _finish(x, memtouch.NAME, {"msg_progress": "memtouch: ", "msg_done": "memtouch: done ", "msg_writes": " writes\n"})
+
+
 def _gate(handler: int) -> bytes:
     """A 64-bit interrupt gate to ``handler`` (code segment 0x8, present, DPL 0, type 0xE)."""
     low = (handler & 0xFFFF) | 0x8 << 16 | 0x8E << 40 | ((handler >> 16) & 0xFFFF) << 48
@@ -274,4 +360,5 @@ class NativeProgram:
 NATIVE_PROGRAMS: dict[str, NativeProgram] = {
     abtest.NAME: NativeProgram(abtest.NAME, abtest.DESCRIPTION, abtest.ARGUMENTS, build_abtest),
     console.NAME: NativeProgram(console.NAME, console.DESCRIPTION, console.ARGUMENTS, build_console),
+    memtouch.NAME: NativeProgram(memtouch.NAME, memtouch.DESCRIPTION, memtouch.ARGUMENTS, build_memtouch),
 }
