@@ -16,10 +16,10 @@ from typing import Any
 
 from .. import platform as P
 from ..asm import Program, assemble
-from . import abtest, ahcitest, blktest, console, hash, memtouch, nettest, nvmetest, rndtest, scsitest, vconsole
+from . import abtest, ahcitest, blktest, console, hash, memtouch, native, nettest, nvmetest, rndtest, scsitest, vconsole
 from ._common import Argument
 
-__all__ = ["PROGRAMS", "Argument", "GuestProgram", "load_native_program", "load_program", "memory_layout", "parse_guest_args"]
+__all__ = ["NATIVE_PROGRAMS", "PROGRAMS", "Argument", "GuestProgram", "load_native_program", "load_program", "memory_layout", "parse_guest_args"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,13 @@ def load_into(machine: Any, name_or_path: str, args: Mapping[str, str] | None = 
     machine.load_program(program)
 
 
+#: The programs with an x86-64 build (``native.py``), for the KVM vCPU.
+NATIVE_PROGRAMS: dict[str, GuestProgram] = native.native_programs(GuestProgram)
+
+
 def load_native_program(name: str, args: Mapping[str, str] | None = None, *, memsize: int, lowmem_size: int | None = None,
                         highmem_size: int | None = None) -> Program:
     """The x86-64 build of program ``name``, for the KVM vCPU (``native.py``)."""
-    from .native import NATIVE_PROGRAMS
-
     if lowmem_size is None or highmem_size is None:
         lowmem_size, highmem_size = memory_layout(memsize)
     if name not in NATIVE_PROGRAMS:

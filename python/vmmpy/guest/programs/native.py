@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 from .. import platform as P
 from ..asm import Program
 from ..x86 import X86
 from . import abtest, console, memtouch
-from ._common import ArgReader, Argument
+from ._common import ArgReader
 
 LAPIC_BASE = 0xFEE0_0000
 #: KVM's in-kernel local APIC counts at 1 GHz at divide-by-1 (its default bus cycle of 1 ns), not
@@ -100,6 +100,25 @@ def _print(x: X86, label: str) -> None:
     x.call("print_str")
 
 
+def _report(x: X86, every: int, countdown: str, count: str, before: str, after: str) -> None:
+    """Every ``every`` times here (``countdown`` counts down to it): print ``before``, the
+    decimal value of register ``count``, ``after``."""
+    x.dec(countdown)
+    x.j("nz", f"{countdown}_reported")
+    x.mov_imm(countdown, every)
+    _print_value(x, before, count, after)
+    x.label(f"{countdown}_reported")
+
+
+def _print_value(x: X86, before: str | None, value: str, after: str) -> None:
+    """Print the string ``before`` (if any), register ``value`` in decimal, the string ``after``."""
+    if before:
+        _print(x, before)
+    x.mov("rax", value)
+    x.call("print_dec")
+    _print(x, after)
+
+
 def _finish(x: X86, name: str, strings: dict[str, str]) -> Program:
     for label, text in strings.items():
         x.asciz(label, text)
@@ -134,14 +153,7 @@ def build_abtest(args: dict[str, str], memsize: int, lowmem_size: int, highmem_s
             x.inc_mem("rsi", k * P.PAGE_SIZE)
     x.inc(abtest.SWEEP_REGISTER)
     if report:
-        x.dec("r9")
-        x.j("nz", "sweep_reported")
-        x.mov_imm("r9", report)
-        _print(x, "msg_sweep")
-        x.mov("rax", "r8")
-        x.call("print_dec")
-        _print(x, "msg_newline")
-        x.label("sweep_reported")
+        _report(x, report, "r9", abtest.SWEEP_REGISTER, "msg_sweep", "msg_newline")
     if sweeps == 0:
         x.jmp("sweep")
     else:
@@ -158,35 +170,24 @@ def build_abtest(args: dict[str, str], memsize: int, lowmem_size: int, highmem_s
             x.add_imm("rsi", P.PAGE_SIZE)
             x.cmp("rsi", "rdi")
             x.j("b", f"verify_range{index}")
-        _print(x, "msg_done")
-        x.mov("rax", "r10")
-        x.call("print_dec")
-        _print(x, "msg_over")
-        x.mov_imm("rax", sum(pages for _, pages in ranges))
-        x.call("print_dec")
-        _print(x, "msg_all")
-        x.mov("rax", "r10")
-        x.call("print_dec")
-        _print(x, "msg_newline")
+        _print_value(x, "msg_done", "r10", "msg_over")
+        x.mov_imm("r11", sum(pages for _, pages in ranges))
+        _print_value(x, None, "r11", "msg_all")
+        _print_value(x, None, "r10", "msg_newline")
         x.call("poweroff")
         x.label("mismatch")  # rsi = the page, rax = its counter, r10 = expected
         x.mov("r11", "rax")
         _print(x, "msg_mismatch")
         x.mov("rax", "rsi")
         x.call("print_hex")
-        _print(x, "msg_counter")
-        x.mov("rax", "r11")
-        x.call("print_dec")
-        _print(x, "msg_expected")
-        x.mov("rax", "r10")
-        x.call("print_dec")
-        _print(x, "msg_newline")
+        _print_value(x, "msg_counter", "r11", "msg_expected")
+        _print_value(x, None, "r10", "msg_newline")
         x.call("poweroff")
     _routines(x)
     return _finish(x, abtest.NAME, {
         "msg_sweep": "abtest: sweep ", "msg_newline": "\n", "msg_done": "abtest: done ",
         "msg_over": " sweeps over ", "msg_all": " pages, all counters ", "msg_mismatch": "abtest: MISMATCH page 0x",
-        "msg_counter": " counter ", "msg_expected": " expected ",
+        "msg_counter": " counter ", "msg_expected": " expected "
     })
 
 
@@ -251,24 +252,14 @@ def build_memtouch(args: dict[str, str], memsize: int, lowmem_size: int, highmem
     x.add("rax", "r15")
     x.store("rax", 0, "r13")
     if report:
-        x.dec("r14")
-        x.j("nz", "write_reported")
-        x.mov_imm("r14", report)
-        _print(x, "msg_progress")
-        x.mov("rax", "r13")
-        x.call("print_dec")
-        _print(x, "msg_writes")
-        x.label("write_reported")
+        _report(x, report, "r14", "r13", "msg_progress", "msg_writes")
     if writes == 0:
         x.jmp("write")
     else:
         x.mov_imm("rax", writes)
         x.cmp("r13", "rax")
         x.j("b", "write")
-        _print(x, "msg_done")
-        x.mov("rax", "r13")
-        x.call("print_dec")
-        _print(x, "msg_writes")
+        _print_value(x, "msg_done", "r13", "msg_writes")
         x.call("poweroff")
     _routines(x)
     return _finish(x, memtouch.NAME, {"msg_progress": "memtouch: ", "msg_done": "memtouch: done ", "msg_writes": " writes\n"})
@@ -303,10 +294,7 @@ def build_console(args: dict[str, str], memsize: int, lowmem_size: int, highmem_
     if every:
         x.cmp("r13", "r12")
         x.j("b", "printed")
-        _print(x, "msg_tick")
-        x.mov("rax", "r12")
-        x.call("print_dec")
-        _print(x, "msg_newline")
+        _print_value(x, "msg_tick", "r12", "msg_newline")
         x.add_imm("r12", every)
         x.label("printed")
     if ticks:
@@ -348,17 +336,8 @@ def build_console(args: dict[str, str], memsize: int, lowmem_size: int, highmem_
     return Program(bytes(code), program.symbols, program.origin)
 
 
-@dataclass(frozen=True)
-class NativeProgram:
-    name: str
-    description: str
-    arguments: tuple[Argument, ...]
-    build: Callable[[dict[str, str], int, int, int], Program]
-
-
-#: The programs with an x86-64 build, by name.
-NATIVE_PROGRAMS: dict[str, NativeProgram] = {
-    abtest.NAME: NativeProgram(abtest.NAME, abtest.DESCRIPTION, abtest.ARGUMENTS, build_abtest),
-    console.NAME: NativeProgram(console.NAME, console.DESCRIPTION, console.ARGUMENTS, build_console),
-    memtouch.NAME: NativeProgram(memtouch.NAME, memtouch.DESCRIPTION, memtouch.ARGUMENTS, build_memtouch),
-}
+def native_programs(program: Callable[..., Any]) -> dict[str, Any]:
+    """The programs with an x86-64 build, by name, each made by ``program(name, description,
+    arguments, build)`` (the registry's GuestProgram)."""
+    return {module.NAME: program(module.NAME, module.DESCRIPTION, module.ARGUMENTS, build)
+            for module, build in ((abtest, build_abtest), (console, build_console), (memtouch, build_memtouch))}
