@@ -110,6 +110,18 @@ def _report(x: X86, every: int, countdown: str, count: str, before: str, after: 
     x.label(f"{countdown}_reported")
 
 
+def _again_until(x: X86, count: str, scratch: str, total: int, loop: str) -> bool:
+    """Jump back to ``loop`` forever (``total`` 0) or while register ``count`` is below ``total``
+    (held in ``scratch``); whether the code after it is reached."""
+    if total == 0:
+        x.jmp(loop)
+        return False
+    x.mov_imm(scratch, total)
+    x.cmp(count, scratch)
+    x.j("b", loop)
+    return True
+
+
 def _print_value(x: X86, before: str | None, value: str, after: str) -> None:
     """Print the string ``before`` (if any), register ``value`` in decimal, the string ``after``."""
     if before:
@@ -154,12 +166,7 @@ def build_abtest(args: dict[str, str], memsize: int, lowmem_size: int, highmem_s
     x.inc(abtest.SWEEP_REGISTER)
     if report:
         _report(x, report, "r9", abtest.SWEEP_REGISTER, "msg_sweep", "msg_newline")
-    if sweeps == 0:
-        x.jmp("sweep")
-    else:
-        x.mov_imm("r10", sweeps)
-        x.cmp("r8", "r10")
-        x.j("b", "sweep")
+    if _again_until(x, abtest.SWEEP_REGISTER, "r10", sweeps, "sweep"):
         for index, (base, pages) in enumerate(ranges):
             x.mov_imm("rsi", base)
             x.mov_imm("rdi", base + pages * P.PAGE_SIZE)
@@ -253,12 +260,7 @@ def build_memtouch(args: dict[str, str], memsize: int, lowmem_size: int, highmem
     x.store("rax", 0, "r13")
     if report:
         _report(x, report, "r14", "r13", "msg_progress", "msg_writes")
-    if writes == 0:
-        x.jmp("write")
-    else:
-        x.mov_imm("rax", writes)
-        x.cmp("r13", "rax")
-        x.j("b", "write")
+    if _again_until(x, "r13", "rax", writes, "write"):
         _print_value(x, "msg_done", "r13", "msg_writes")
         x.call("poweroff")
     _routines(x)
