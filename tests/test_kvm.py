@@ -211,7 +211,7 @@ def test_a_migration_over_loopback_ends_as_an_uninterrupted_run(guest, args, mar
 
 
 @requires_kvm
-def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lost(tmp_path):
+def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lost(tmp_path, capsys):
     with Vm("abtest", args={"sweeps": 0, "report": 0}, memory=MEMORY, accel="kvm") as vm:
         vm.start()
         time.sleep(0.1)
@@ -226,6 +226,10 @@ def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lo
         Vm.restore(tmp_path / "kvm.ckp", accel="sim")
     with pytest.raises(ConfigError, match=r"was made on the sim vCPU backend \(--accel sim\); it cannot be restored on --accel kvm"):
         Vm.restore(tmp_path / "sim.ckp", accel="kvm")
+    console = str(tmp_path / "console.txt")
+    assert vmmrun.main(["--accel", "sim", "-r", str(tmp_path / "kvm.ckp"), "-l", f"com1,{console}", "--run-dir", str(tmp_path), "again"]) == 4
+    assert "was made on the kvm vCPU backend (--accel kvm); it cannot be restored on --accel sim" in capsys.readouterr().err
+    assert not (tmp_path / "console.txt").exists(), "a refused checkpoint opens no console file"
 
     # A simulated guest offered to a KVM destination: refused, and the source runs on.
     with Vm("abtest", args={"sweeps": 0, "report": 1000}, memory=MEMORY) as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:

@@ -272,7 +272,8 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
             raise ConfigError("-r restores a saved guest: do not also give --guest")
         bar = ProgressBar(sys.stderr)  # on a terminal only: how far an eager restore's read has got
         try:
-            machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None)
+            machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None,
+                                      accel=args.accel)
         finally:
             bar.close()
         conflict = saved_differs(args, machine.config)
