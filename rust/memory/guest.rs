@@ -13,6 +13,7 @@ use super::error::MemoryError;
 use super::lazy::{ChunkSource, LazyImage};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
 use crate::dirty::{Backend, DirtyLogError, KernelLog, KernelTracker, TrackingChoice};
+use crate::kvm::KvmVm;
 
 /// bhyve's VM_LOWMEM_LIMIT: lowmem ends here at most, below the PCI hole.
 pub const LOWMEM_LIMIT_DEFAULT: u64 = 3 << 30;
@@ -101,6 +102,8 @@ pub struct GuestMemory {
     fallback_reason: Option<String>,
     /// For lazily restored memory: the chunk states every segment shares.
     lazy: Option<Arc<LazyImage>>,
+    /// With the KVM backend: the KVM VM whose memory slots are these segments (its vCPUs run on it).
+    kvm: Option<Arc<KvmVm>>,
 }
 
 fn host_page_size() -> usize {
@@ -188,8 +191,21 @@ impl GuestMemory {
     }
 
     fn build_from(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
+        let mut kvm = None;
         let (backend, fallback_reason) = match opts.tracking {
             TrackingChoice::Soft => (Backend::Soft, None),
+            TrackingChoice::Kvm => {
+                let vm = Arc::new(KvmVm::open().map_err(|e| MemoryError::TrackerUnavailable { backend: "kvm".into(), why: e.0 })?);
+                for (slot, seg) in segments.iter_mut().enumerate() {
+                    // SAFETY: the slot is removed (close, Drop) before the segment is unmapped.
+                    let log = unsafe { vm.add_slot(slot as u32, seg.gpa().0, seg.as_ptr(), seg.size()) }.map_err(|e| {
+                        MemoryError::TrackerUnavailable { backend: "kvm".into(), why: format!("segment '{}': {}", seg.name(), e.0) }
+                    })?;
+                    seg.set_dirty_log(Box::new(log));
+                }
+                kvm = Some(vm);
+                (Backend::Kvm, None)
+            }
             TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
                 Ok(logs) => {
                     for (seg, log) in segments.iter_mut().zip(logs) {
@@ -202,7 +218,21 @@ impl GuestMemory {
             },
         };
         let segments = segments.into_iter().map(Arc::new).collect();
-        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None })
+        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None, kvm })
+    }
+
+    /// With the KVM backend: the KVM VM these segments are the memory slots of.
+    pub fn kvm_vm(&self) -> Option<&Arc<KvmVm>> {
+        self.kvm.as_ref()
+    }
+
+    /// Take the segments out of the KVM VM's memory slots, before they are unmapped.
+    fn remove_kvm_slots(&self) {
+        if let Some(vm) = &self.kvm {
+            for (slot, seg) in self.segments.iter().enumerate() {
+                vm.remove_slot(slot as u32, seg.gpa().0);
+            }
+        }
     }
 
     pub fn segments(&self) -> &[Arc<Segment>] {
@@ -334,12 +364,22 @@ impl GuestMemory {
 
     /// Arm copy-before-write on every segment for a live snapshot ([`LiveCapture`]): the guest
     /// must be paused. Lazily restored memory must be loaded whole first ([`GuestMemory::ensure_all`]):
-    /// a chunk loaded later would bypass the protection.
+    /// a chunk loaded later would bypass the protection. Refused for memory in KVM slots.
     pub fn arm_live_capture(&self, limit_pages: usize) -> Result<LiveCapture, MemoryError> {
         if !self.is_complete() {
             return Err(MemoryError::Unsupported {
                 what: "a live snapshot of lazily restored memory".into(),
                 why: "needs every chunk loaded first (load_all)".into(),
+            });
+        }
+        if self.kvm.is_some() {
+            // KVM's vCPU stores reach memory through the host's page tables, never through
+            // Segment::before_write, so no page could be copied out before the guest's write.
+            return Err(MemoryError::Unsupported {
+                what: "a live snapshot of a KVM guest".into(),
+                why: "is not possible: the guest's own stores bypass the copy-before-write it needs; \
+                      take the checkpoint without --live (the guest pauses while its memory is written)"
+                    .into(),
             });
         }
         if let Some(seg) = self.segments.iter().find(|s| s.is_closed()) {
@@ -358,10 +398,17 @@ impl GuestMemory {
         if let Some(image) = &self.lazy {
             image.stop_loading();
         }
+        self.remove_kvm_slots();
         for seg in &self.segments {
             seg.close();
         }
         Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        self.remove_kvm_slots();
     }
 }
 
