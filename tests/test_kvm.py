@@ -172,6 +172,8 @@ def test_memtouch_writes_the_pages_its_pattern_and_seed_name(pattern):
 
 
 @requires_kvm
+@pytest.mark.covers(operation="checkpoint", guest="{guest}", via="api", accel="kvm", restore="eager")
+@pytest.mark.covers(operation="checkpoint", guest="{guest}", via="api", accel="kvm", restore="lazy")
 @pytest.mark.parametrize("guest,args,mark", GUESTS)
 def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tmp_path, guest, args, mark):
     expected, expected_console = uninterrupted(guest, args)
@@ -192,7 +194,11 @@ def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tm
 
 
 @requires_kvm
-@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+@pytest.mark.parametrize("live", [
+    pytest.param(False, id="warm", marks=pytest.mark.covers(operation="migrate-warm", guest="{guest}", via="api", accel="kvm",
+                                                            tracking="kvm")),
+    pytest.param(True, id="live", marks=pytest.mark.covers(operation="migrate-live", guest="{guest}", via="api", accel="kvm",
+                                                           tracking="kvm"))])
 @pytest.mark.parametrize("guest,args,mark", GUESTS)
 def test_a_migration_over_loopback_ends_as_an_uninterrupted_run(guest, args, mark, live):
     expected, expected_console = uninterrupted(guest, args)
@@ -244,6 +250,8 @@ def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lo
 
 
 @requires_kvm
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", accel="kvm", diff=True, restore="eager")
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", accel="kvm", diff=True, restore="lazy")
 def test_a_diff_checkpoint_chain_of_a_kvm_guest_holds_its_stores_and_restores_exactly(tmp_path):
     # The diff's pages come from KVM's dirty log since the parent: abtest rewrites every page
     # each sweep, so a page the log missed would make the restored counters differ.
@@ -267,6 +275,7 @@ def test_a_diff_checkpoint_chain_of_a_kvm_guest_holds_its_stores_and_restores_ex
 
 
 @requires_kvm
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="api", accel="kvm", tracking="kvm", streams=2, tls=True)
 @pytest.mark.parametrize("wired", [False, True], ids=["unwired", "wired"])
 def test_a_live_migration_with_two_streams_over_mutual_tls_ends_as_an_uninterrupted_run(tmp_path, wired):
     expected, expected_console = uninterrupted("abtest", ABTEST)
@@ -309,6 +318,8 @@ def test_a_live_checkpoint_of_a_kvm_guest_is_refused_and_the_guest_runs_on(tmp_p
 
 
 @requires_kvm
+@pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", accel="kvm", highmem=True)
+@pytest.mark.covers(operation="migrate-live", guest="abtest", via="api", accel="kvm", tracking="kvm", highmem=True)
 def test_a_highmem_guest_checkpoints_and_migrates_live_exactly(tmp_path):
     """abtest over part of lowmem and all of highmem (the second KVM memory slot, at 4 GiB): a
     checkpoint and a live migration carry every counter."""
