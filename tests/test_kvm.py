@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from vmmpy import CheckpointError, ConfigError, MigrationError, SectionError, Vm, _core
+from vmmpy import CheckpointError, ConfigError, GuestMemoryError, MigrationError, SectionError, Vm, _core
 from vmmpy.cli import vmmrun
 from vmmpy.guest import platform as P
 from vmmpy.guest.programs import abtest, load_native_program, memtouch
@@ -26,6 +26,8 @@ from .tls_pki import Pki
 
 KVM_UNAVAILABLE = _core.kvm_unavailable()
 requires_kvm = pytest.mark.skipif(KVM_UNAVAILABLE is not None, reason=f"KVM is not available here: {KVM_UNAVAILABLE}")
+RING_UNAVAILABLE = _core.kvm_ring_unavailable()
+requires_ring = pytest.mark.skipif(RING_UNAVAILABLE is not None, reason=f"KVM's dirty ring cannot be used here: {RING_UNAVAILABLE}")
 
 ABTEST = {"sweeps": 120, "report": 40}
 CONSOLE = {"period_us": 1000, "every": 20, "ticks": 120}
@@ -133,12 +135,13 @@ def test_abtest_and_the_console_guest_run_to_their_end_under_kvm():
 
 
 @requires_kvm
-def test_the_dirty_log_reports_guest_stores_and_a_page_dirtied_again_in_the_next_round():
+@pytest.mark.parametrize("tracking", ["kvm", pytest.param("kvm-ring", marks=requires_ring)])
+def test_the_dirty_log_reports_guest_stores_and_a_page_dirtied_again_in_the_next_round(tracking):
     ranges = abtest.sweep_ranges(P.WORKLOAD_BASE, 16 << 20, False, 0)
     swept = np.arange(P.WORKLOAD_BASE // P.PAGE_SIZE, (16 << 20) // P.PAGE_SIZE)
-    with Vm("abtest", args={"sweeps": 0, "report": 0}, memory=MEMORY, accel="kvm") as vm:
+    with Vm("abtest", args={"sweeps": 0, "report": 0}, memory=MEMORY, accel="kvm", dirty_tracking=tracking) as vm:
         memory = vm.machine.vm.memory
-        assert memory.dirty_tracking == "kvm"
+        assert memory.dirty_tracking == tracking
         memory.get_and_clear_dirty()  # the VMM's own writes (program, page tables): marked, forgotten now
         vm.start()
         for round_ in range(3):
@@ -247,6 +250,55 @@ def test_a_checkpoint_or_migration_between_backends_is_refused_and_nothing_is_lo
         assert src.state == "running"
         with pytest.raises((MigrationError, SectionError, CheckpointError)):
             dst.received(WAIT)
+
+
+@requires_kvm
+@pytest.mark.skipif(KVM_UNAVAILABLE is not None or RING_UNAVAILABLE is None, reason="KVM's dirty ring is trusted here (or no KVM)")
+def test_kvm_ring_where_the_host_breaks_its_contract_is_refused_with_the_reason_and_the_fix(capsys):
+    # The probe found this host's ring unfit (it overflows, or its vCPU livelocks once full):
+    # asking for it is refused up front, naming why and what to use, before any guest exists.
+    assert "dirty ring cannot be trusted" in RING_UNAVAILABLE or "offers no dirty ring" in RING_UNAVAILABLE
+    assert "--dirty-tracking kvm" in RING_UNAVAILABLE
+    with pytest.raises((ConfigError, GuestMemoryError), match="kvm-ring.*use --dirty-tracking kvm"):
+        Vm("abtest", args=ABTEST, memory=MEMORY, accel="kvm", dirty_tracking="kvm-ring")
+    assert vmmrun.main(["--accel", "kvm", "--dirty-tracking", "kvm-ring", "--guest", "abtest", "-m", "16M", "ringvm"]) == 4
+    err = capsys.readouterr().err
+    assert "kvm-ring" in err and "use --dirty-tracking kvm" in err and "Traceback" not in err
+
+
+@requires_kvm
+@requires_ring
+@pytest.mark.parametrize("guest,args,mark", [GUESTS[0], GUESTS[2]])
+@pytest.mark.covers(operation="migrate-live", guest="{guest}", via="api", accel="kvm", tracking="kvm-ring")
+def test_a_live_migration_tracked_by_the_dirty_ring_ends_as_an_uninterrupted_run(tmp_path, guest, args, mark):
+    expected, expected_console = uninterrupted(guest, args)
+    with Vm(guest, args=args, memory=MEMORY, accel="kvm", dirty_tracking="kvm-ring") as src, \
+            Vm.receive(memory=MEMORY, accel="kvm", dirty_tracking="kvm-ring") as dst:
+        assert src.machine.vm.memory.dirty_tracking == "kvm-ring"
+        src.start()
+        wait_for(src, mark)
+        stats = src.migrate(*dst.address, live=True, params={"max_rounds": 4, "policy": "switch-over"})
+        assert stats.status == "completed", stats.error
+        if guest == "abtest":
+            # Pages the guest dirtied during round 0 (reported by the ring only) went again.
+            assert len(stats.rounds) >= 2 and stats.rounds[0].pages_dirtied_during > 0
+        assert dst.received(WAIT).status == "completed"
+        first = src.console
+        assert final_state(dst) == expected
+        assert first + dst.console == expected_console
+    # A checkpoint of a ring-tracked guest restores onto the ring if asked, else the bitmap.
+    with Vm(guest, args=args, memory=MEMORY, accel="kvm", dirty_tracking="kvm-ring") as vm:
+        vm.start()
+        wait_for(vm, mark)
+        vm.pause()
+        vm.checkpoint(tmp_path / "ring.ckp")
+        first = vm.console
+    for tracking in ("kvm-ring", None):
+        with Vm.restore(tmp_path / "ring.ckp", dirty_tracking=tracking) as vm:
+            assert vm.machine.vm.memory.dirty_tracking == (tracking or "kvm")
+            vm.start()
+            assert final_state(vm) == expected
+            assert first + vm.console == expected_console
 
 
 @requires_kvm

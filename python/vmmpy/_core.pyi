@@ -394,6 +394,8 @@ class KvmVcpu:
 
 def kvm_unavailable() -> str | None:
     """Why KVM cannot be used here, with what to do; None when it can."""
+def kvm_ring_unavailable() -> str | None:
+    """Why KVM's dirty ring (kvm-ring) cannot be used here, with what to do; None when it can."""
 def kvm_save_vm(memory: GuestMemory) -> dict[str, bytes]: ...
 def kvm_restore_vm(memory: GuestMemory, state: dict[str, bytes]) -> None: ...
 

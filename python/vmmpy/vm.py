@@ -22,6 +22,7 @@ from typing import Any
 from .devices.uart import CaptureConsole, ConsoleBackend
 from .errors import VmmpyError
 from .guest.programs import load_into
+from .memory import KVM_TRACKING
 from .migration import Destination, MigrationError, MigrationHandle, MigrationParams, MigrationStats, TlsConfig
 from .runtime.commands import basic_metadata, build_machine, restore_machine
 from .runtime.config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
@@ -305,8 +306,10 @@ class Vm:
             raise ConfigError(f"restore prefetch {prefetch!r}: choose {', '.join(RESTORE_PREFETCH)}")
         if not record_working_set >= 0:
             raise ConfigError(f"record_working_set {record_working_set}: give 0 (do not record) or more seconds")
+        # The backend comes from the checkpoint; a KVM tracking asked for says it is to be KVM's.
         config, consoles = _config(None, None, name=name, memory=VmConfig.memsize, cpus=VmConfig.ncpus, slots=slots, lpc=lpc,
-                                   vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking)
+                                   vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking,
+                                   accel=accel or ("kvm" if dirty_tracking in KVM_TRACKING else "sim"))
         machine = restore_machine(Path(path), config, mode=mode, key=key, consoles=consoles, prefetch=prefetch,
                                   record_seconds=record_working_set, accel=accel)
         return cls._from_machine(machine, consoles)

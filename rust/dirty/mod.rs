@@ -112,6 +112,8 @@ pub enum Backend {
     Soft,
     Kernel,
     Kvm,
+    /// KVM's dirty ring (one per vCPU) in place of its bitmap.
+    KvmRing,
 }
 
 impl fmt::Display for Backend {
@@ -120,6 +122,7 @@ impl fmt::Display for Backend {
             Backend::Soft => "soft",
             Backend::Kernel => "kernel",
             Backend::Kvm => "kvm",
+            Backend::KvmRing => "kvm-ring",
         })
     }
 }
@@ -132,6 +135,8 @@ pub enum TrackingChoice {
     Kernel,
     /// KVM's dirty log: the memory becomes a KVM VM's memory slots (the KVM vCPU's guests).
     Kvm,
+    /// KVM's dirty ring instead of its bitmap (same memory slots, same guests).
+    KvmRing,
 }
 
 impl TrackingChoice {
@@ -141,6 +146,7 @@ impl TrackingChoice {
             "soft" => Some(TrackingChoice::Soft),
             "kernel" => Some(TrackingChoice::Kernel),
             "kvm" => Some(TrackingChoice::Kvm),
+            "kvm-ring" => Some(TrackingChoice::KvmRing),
             _ => None,
         }
     }

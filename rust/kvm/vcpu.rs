@@ -13,7 +13,7 @@ use kvm_bindings::{kvm_run, kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::vm::{KvmError, KvmVm};
+use super::vm::{KvmError, KvmVm, EXIT_DIRTY_RING_FULL};
 use crate::memory::{GuestAddress, GuestMemory, HIGHMEM_BASE};
 
 /// Where the VMM puts the boot structures in low guest memory (below the programs' stack, which
@@ -73,6 +73,15 @@ pub struct KvmVcpu {
 unsafe impl Send for KvmVcpu {}
 unsafe impl Sync for KvmVcpu {}
 
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        // Keep what its ring still holds, and unmap the ring before the vCPU's file closes.
+        if let Some(rings) = &self.vm.rings {
+            rings.remove_vcpu(self.id, &self.vm.vm);
+        }
+    }
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn kick_signal() -> i32 {
@@ -105,6 +114,9 @@ impl KvmVcpu {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(|e| ioctl_failed(id, "KVM_SET_CPUID2", e))?;
+        if let Some(rings) = &vm.rings {
+            rings.add_vcpu(id, &fd)?;
+        }
         let run_area = fd.get_kvm_run() as *mut kvm_run;
         kick_signal();
         Ok(KvmVcpu {
@@ -175,6 +187,11 @@ impl KvmVcpu {
                 }
                 Ok(VcpuExit::Hlt) => Some(KvmExit::Hlt { rip: 0 }),
                 Ok(VcpuExit::Intr) => None,
+                // The vCPU's dirty ring is full: harvest it into the slots' logs, then go on.
+                Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
+                    self.vm.drain_rings().map_err(|e| KvmError(format!("vcpu {id}: its dirty ring is full and {e}")))?;
+                    None
+                }
                 Ok(VcpuExit::Shutdown) => Some(KvmExit::Fault { kind: "triple_fault", detail: String::new(), rip: 0 }),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     Some(KvmExit::Fault { kind: "entry_failed", detail: format!("hardware reason {reason:#x} on cpu {cpu}"), rip: 0 })

@@ -13,7 +13,7 @@ use super::error::MemoryError;
 use super::lazy::{ChunkSource, LazyImage};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
 use crate::dirty::{Backend, DirtyLogError, KernelLog, KernelTracker, TrackingChoice};
-use crate::kvm::KvmVm;
+use crate::kvm::{DirtyMode, KvmVm};
 
 /// bhyve's VM_LOWMEM_LIMIT: lowmem ends here at most, below the PCI hole.
 pub const LOWMEM_LIMIT_DEFAULT: u64 = 3 << 30;
@@ -190,22 +190,53 @@ impl GuestMemory {
         Self::build_from(&MemoryOptions { backing: Backing::Memfd, ..opts.clone() }, segments)
     }
 
-    fn build_from(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
-        let mut kvm = None;
-        let (backend, fallback_reason) = match opts.tracking {
-            TrackingChoice::Soft => (Backend::Soft, None),
-            TrackingChoice::Kvm => {
-                let vm = Arc::new(KvmVm::open().map_err(|e| MemoryError::TrackerUnavailable { backend: "kvm".into(), why: e.0 })?);
-                for (slot, seg) in segments.iter_mut().enumerate() {
-                    // SAFETY: the slot is removed (close, Drop) before the segment is unmapped.
-                    let log = unsafe { vm.add_slot(slot as u32, seg.gpa().0, seg.as_ptr(), seg.size()) }.map_err(|e| {
-                        MemoryError::TrackerUnavailable { backend: "kvm".into(), why: format!("segment '{}': {}", seg.name(), e.0) }
-                    })?;
-                    seg.set_dirty_log(Box::new(log));
-                }
-                kvm = Some(vm);
-                (Backend::Kvm, None)
+    /// Guest memory of `memsize` bytes on KVM's dirty ring of `ring_bytes` per vCPU, without the
+    /// check that this host's ring can be trusted (for that check itself: `kvm::ring_trusted`).
+    pub(crate) fn kvm_ring_unchecked(memsize: u64, ring_bytes: u32) -> Result<GuestMemory, MemoryError> {
+        check_host_page_size()?;
+        let opts = MemoryOptions { tracking: TrackingChoice::KvmRing, ..MemoryOptions::new(memsize) };
+        let segments = opts.layout()?.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?;
+        Self::build_kvm(&opts, segments, DirtyMode::Ring, ring_bytes)
+    }
+
+    fn build_from(opts: &MemoryOptions, segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
+        match opts.tracking {
+            TrackingChoice::Kvm => Self::build_kvm(opts, segments, DirtyMode::Bitmap, 0),
+            TrackingChoice::KvmRing => {
+                crate::kvm::ring_trusted().map_err(|e| MemoryError::TrackerUnavailable { backend: "kvm-ring".into(), why: e.0 })?;
+                Self::build_kvm(opts, segments, DirtyMode::Ring, crate::kvm::RING_BYTES)
             }
+            TrackingChoice::Soft | TrackingChoice::Kernel | TrackingChoice::Auto => Self::build_host(opts, segments),
+        }
+    }
+
+    /// The segments as a new KVM VM's memory slots, logged as `mode` says.
+    fn build_kvm(opts: &MemoryOptions, mut segments: Vec<Segment>, mode: DirtyMode, ring_bytes: u32) -> Result<GuestMemory, MemoryError> {
+        let name = if mode == DirtyMode::Ring { "kvm-ring" } else { "kvm" };
+        let unavailable = |why: String| MemoryError::TrackerUnavailable { backend: name.into(), why };
+        let vm = Arc::new(KvmVm::open_with(mode, ring_bytes).map_err(|e| unavailable(e.0))?);
+        for (slot, seg) in segments.iter_mut().enumerate() {
+            // SAFETY: the slot is removed (close, Drop) before the segment is unmapped.
+            let log = unsafe { vm.add_slot(slot as u32, seg.gpa().0, seg.as_ptr(), seg.size()) }
+                .map_err(|e| unavailable(format!("segment '{}': {}", seg.name(), e.0)))?;
+            seg.set_dirty_log(Box::new(log));
+        }
+        let backend = if mode == DirtyMode::Ring { Backend::KvmRing } else { Backend::Kvm };
+        let segments = segments.into_iter().map(Arc::new).collect();
+        Ok(GuestMemory {
+            segments,
+            memsize: opts.memsize,
+            lowmem_limit: opts.lowmem_limit,
+            backend,
+            fallback_reason: None,
+            lazy: None,
+            kvm: Some(vm),
+        })
+    }
+
+    /// The segments tracked by the host: the soft bitmap or the kernel's log.
+    fn build_host(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
+        let (backend, fallback_reason) = match opts.tracking {
             TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
                 Ok(logs) => {
                     for (seg, log) in segments.iter_mut().zip(logs) {
@@ -216,9 +247,18 @@ impl GuestMemory {
                 Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, Some(why)),
                 Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
             },
+            _ => (Backend::Soft, None),
         };
         let segments = segments.into_iter().map(Arc::new).collect();
-        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None, kvm })
+        Ok(GuestMemory {
+            segments,
+            memsize: opts.memsize,
+            lowmem_limit: opts.lowmem_limit,
+            backend,
+            fallback_reason,
+            lazy: None,
+            kvm: None,
+        })
     }
 
     /// With the KVM backend: the KVM VM these segments are the memory slots of.

@@ -167,6 +167,17 @@ fn kvm_unavailable() -> Option<String> {
     KvmVm::open().err().map(|e| e.0)
 }
 
+/// Why KVM's dirty ring (`--dirty-tracking kvm-ring`) cannot be used here, or None when it can:
+/// KVM missing, no ring offered, or a ring that does not keep its contract on this host (asked
+/// once per process by running a small guest, `kvm::ring_trusted`).
+#[pyfunction]
+fn kvm_ring_unavailable(py: Python<'_>) -> Option<String> {
+    if let Err(e) = KvmVm::open() {
+        return Some(e.0);
+    }
+    py.detach(crate::kvm::ring_trusted).err().map(|e| e.0)
+}
+
 /// The KVM VM's interrupt controllers and kvmclock, as bytes by name.
 #[pyfunction]
 fn kvm_save_vm<'py>(py: Python<'py>, memory: PyRef<'_, PyGuestMemory>) -> PyResult<Bound<'py, PyDict>> {
@@ -195,6 +206,7 @@ fn kvm_restore_vm(memory: PyRef<'_, PyGuestMemory>, state: &Bound<'_, PyDict>) -
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvmVcpu>()?;
     m.add_function(wrap_pyfunction!(kvm_unavailable, m)?)?;
+    m.add_function(wrap_pyfunction!(kvm_ring_unavailable, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_save_vm, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_restore_vm, m)?)?;
     Ok(())

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vendor", choices=VENDORS, default=None, help="vCPU state layout: intel (VMCS-like, default) or amd (VMCB-like)")
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
-                        "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), auto (kernel where it works), or kvm "
-                        "(KVM's dirty log: --accel kvm's, the default there)")
+                        "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), auto (kernel where it works), kvm "
+                        "(KVM's dirty bitmap: --accel kvm's default) or kvm-ring (KVM's per-vCPU dirty ring, "
+                        "--accel kvm only; docs/kvm.md compares the two)")
     p.add_argument("--accel", choices=ACCELS, default=None,
                    help="vCPU backend: sim (the simulated vCPU, default) or kvm (real x86-64 guests under /dev/kvm, docs/kvm.md)")
     p.add_argument("--memory-backing", choices=MEMORY_BACKINGS, default=None,

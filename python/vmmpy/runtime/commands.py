@@ -28,6 +28,7 @@ from typing import Any
 
 from ..devices.lpc import console_backend
 from ..devices.uart import CaptureConsole, ConsoleBackend
+from ..memory import KVM_TRACKING
 from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats, estimate, estimate_warm
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
@@ -153,10 +154,16 @@ def restore_machine(
     if accel is not None and accel != saved_accel:
         raise ConfigError(f"checkpoint '{os.fspath(path)}' was made on the {saved_accel} vCPU backend (--accel {saved_accel}); "
                           f"it cannot be restored on --accel {accel}: a guest's CPU state is its backend's")
+    if saved_accel != "kvm" and config.dirty_tracking in KVM_TRACKING:
+        raise ConfigError(f"checkpoint '{os.fspath(path)}' was made on the {saved_accel} vCPU backend: --dirty-tracking "
+                          f"{config.dirty_tracking} is a KVM guest's only")
     config = replace(
         config,
         accel=saved_accel,
-        dirty_tracking="kvm" if saved_accel == "kvm" else ("soft" if config.dirty_tracking == "kvm" else config.dirty_tracking),
+        # A KVM guest keeps the KVM log asked for (the bitmap unless kvm-ring was); a simulated one
+        # anything but a KVM log.
+        dirty_tracking=((config.dirty_tracking if config.dirty_tracking in KVM_TRACKING else "kvm") if saved_accel == "kvm"
+                        else ("soft" if config.dirty_tracking in KVM_TRACKING else config.dirty_tracking)),
         ncpus=basic["ncpus"],
         memsize=checkpoint.memsize,
         wired=checkpoint.wired,

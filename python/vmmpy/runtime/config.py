@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import VmmpyError
+from ..memory import DIRTY_TRACKING_CHOICES, KVM_TRACKING
 from ..units import MiB, parse_size
 
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
-DIRTY_TRACKING = ("auto", "soft", "kernel", "kvm")
+DIRTY_TRACKING = DIRTY_TRACKING_CHOICES
 #: The vCPU backends: the simulated vCPU, or KVM (real x86-64 code on the host CPU, docs/kvm.md).
 ACCELS = ("sim", "kvm")
 MEMORY_BACKINGS = ("anon", "memfd")
@@ -86,9 +87,9 @@ class VmConfig:
             raise ConfigError(f"--dirty-tracking {self.dirty_tracking!r}: choose one of {', '.join(DIRTY_TRACKING)}")
         if self.accel not in ACCELS:
             raise ConfigError(f"--accel {self.accel!r}: choose one of {', '.join(ACCELS)}")
-        if (self.accel == "kvm") != (self.dirty_tracking == "kvm"):
+        if (self.accel == "kvm") != (self.dirty_tracking in KVM_TRACKING):
             raise ConfigError(f"--dirty-tracking {self.dirty_tracking} with --accel {self.accel}: a KVM guest's memory is tracked by "
-                              "KVM's dirty log (--dirty-tracking kvm), and only a KVM guest's can be")
+                              "KVM's dirty log (--dirty-tracking kvm, or kvm-ring for its dirty ring), and only a KVM guest's can be")
         if self.accel == "kvm" and self.ncpus != 1:
             raise ConfigError(f"-c {self.ncpus}: --accel kvm runs guests with one vCPU (the shipped x86-64 guests use one)")
         if self.memory_backing not in MEMORY_BACKINGS:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import _core
-from ..memory import GuestMemory
+from ..memory import KVM_TRACKING, GuestMemory
 from .interfaces import DeviceAccessError, IsaIrqRouter
 from .ioctl import (
     ALL_VCPUS,
@@ -416,9 +416,10 @@ class Vm:
 
     def _check_tracking(self, dirty_tracking: str) -> None:
         """KVM vCPUs run only on memory that is a KVM VM's memory slots, and only they on it."""
-        if (self.accel == "kvm") != (dirty_tracking == "kvm"):
+        if (self.accel == "kvm") != (dirty_tracking in KVM_TRACKING):
             raise vmm_error(errno.EINVAL, f"VM '{self.name}' runs the {self.accel} vCPU backend; memory tracked by "
-                            f"'{dirty_tracking}' is not for it (a KVM guest's memory is tracked by 'kvm', and only its)")
+                            f"'{dirty_tracking}' is not for it (a KVM guest's memory is tracked by 'kvm' or 'kvm-ring', "
+                            "and only its)")
 
     def adopt_memory(self, memory: GuestMemory, *, replace: bool = False) -> None:
         """Use memory made elsewhere (a restore or a migration receive) as system memory. With
