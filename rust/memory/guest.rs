@@ -195,24 +195,40 @@ impl GuestMemory {
     pub(crate) fn kvm_ring_unchecked(memsize: u64, ring_bytes: u32) -> Result<GuestMemory, MemoryError> {
         check_host_page_size()?;
         let opts = MemoryOptions { tracking: TrackingChoice::KvmRing, ..MemoryOptions::new(memsize) };
-        let segments = opts.layout()?.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?;
-        Self::build_kvm(&opts, segments, DirtyMode::Ring, ring_bytes)
+        let mut segments = opts.layout()?.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?;
+        let (backend, vm) = Self::kvm_slots(&mut segments, DirtyMode::Ring, ring_bytes)?;
+        Ok(Self::assemble(&opts, segments, backend, None, Some(vm)))
     }
 
-    fn build_from(opts: &MemoryOptions, segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
-        match opts.tracking {
-            TrackingChoice::Kvm => Self::build_kvm(opts, segments, DirtyMode::Bitmap, 0),
+    fn build_from(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
+        let (backend, fallback_reason, kvm) = match opts.tracking {
+            TrackingChoice::Soft => (Backend::Soft, None, None),
+            TrackingChoice::Kvm => {
+                let (backend, vm) = Self::kvm_slots(&mut segments, DirtyMode::Bitmap, 0)?;
+                (backend, None, Some(vm))
+            }
             TrackingChoice::KvmRing => {
                 crate::kvm::ring_trusted().map_err(|e| MemoryError::TrackerUnavailable { backend: "kvm-ring".into(), why: e.0 })?;
-                Self::build_kvm(opts, segments, DirtyMode::Ring, crate::kvm::RING_BYTES)
+                let (backend, vm) = Self::kvm_slots(&mut segments, DirtyMode::Ring, crate::kvm::RING_BYTES)?;
+                (backend, None, Some(vm))
             }
-            TrackingChoice::Soft | TrackingChoice::Kernel | TrackingChoice::Auto => Self::build_host(opts, segments),
-        }
+            TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
+                Ok(logs) => {
+                    for (seg, log) in segments.iter_mut().zip(logs) {
+                        seg.set_dirty_log(Box::new(log));
+                    }
+                    (Backend::Kernel, None, None)
+                }
+                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, Some(why), None),
+                Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
+            },
+        };
+        Ok(Self::assemble(opts, segments, backend, fallback_reason, kvm))
     }
 
-    /// The segments as a new KVM VM's memory slots, logged as `mode` says.
-    fn build_kvm(opts: &MemoryOptions, mut segments: Vec<Segment>, mode: DirtyMode, ring_bytes: u32) -> Result<GuestMemory, MemoryError> {
-        let name = if mode == DirtyMode::Ring { "kvm-ring" } else { "kvm" };
+    /// Make the segments a new KVM VM's memory slots, each logged as `mode` says.
+    fn kvm_slots(segments: &mut [Segment], mode: DirtyMode, ring_bytes: u32) -> Result<(Backend, Arc<KvmVm>), MemoryError> {
+        let (backend, name) = if mode == DirtyMode::Ring { (Backend::KvmRing, "kvm-ring") } else { (Backend::Kvm, "kvm") };
         let unavailable = |why: String| MemoryError::TrackerUnavailable { backend: name.into(), why };
         let vm = Arc::new(KvmVm::open_with(mode, ring_bytes).map_err(|e| unavailable(e.0))?);
         for (slot, seg) in segments.iter_mut().enumerate() {
@@ -221,44 +237,18 @@ impl GuestMemory {
                 .map_err(|e| unavailable(format!("segment '{}': {}", seg.name(), e.0)))?;
             seg.set_dirty_log(Box::new(log));
         }
-        let backend = if mode == DirtyMode::Ring { Backend::KvmRing } else { Backend::Kvm };
-        let segments = segments.into_iter().map(Arc::new).collect();
-        Ok(GuestMemory {
-            segments,
-            memsize: opts.memsize,
-            lowmem_limit: opts.lowmem_limit,
-            backend,
-            fallback_reason: None,
-            lazy: None,
-            kvm: Some(vm),
-        })
+        Ok((backend, vm))
     }
 
-    /// The segments tracked by the host: the soft bitmap or the kernel's log.
-    fn build_host(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
-        let (backend, fallback_reason) = match opts.tracking {
-            TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
-                Ok(logs) => {
-                    for (seg, log) in segments.iter_mut().zip(logs) {
-                        seg.set_dirty_log(Box::new(log));
-                    }
-                    (Backend::Kernel, None)
-                }
-                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, Some(why)),
-                Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
-            },
-            _ => (Backend::Soft, None),
-        };
+    fn assemble(
+        opts: &MemoryOptions,
+        segments: Vec<Segment>,
+        backend: Backend,
+        fallback_reason: Option<String>,
+        kvm: Option<Arc<KvmVm>>,
+    ) -> GuestMemory {
         let segments = segments.into_iter().map(Arc::new).collect();
-        Ok(GuestMemory {
-            segments,
-            memsize: opts.memsize,
-            lowmem_limit: opts.lowmem_limit,
-            backend,
-            fallback_reason,
-            lazy: None,
-            kvm: None,
-        })
+        GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None, kvm }
     }
 
     /// With the KVM backend: the KVM VM these segments are the memory slots of.
