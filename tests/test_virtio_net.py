@@ -84,9 +84,11 @@ def test_the_default_mac_comes_from_the_slot(peer):
 
 
 # How often the guest polls for an echo depends on when the peer answers (host timing), so a
-# run's length varies by about +-20 %: pause points stay well inside the shortest run.
+# run's length varies: by about +-20 % on a quiet machine, and more than 1.6x on a loaded one (a
+# slow reference run made a later, faster run end before 0.6 of it). Pause points stay within the
+# first third of the reference, inside even a run 3x shorter.
 @pytest.mark.covers(operation="state-move", guest="nettest", device="virtio-net", via="machine")
-@pytest.mark.parametrize("fractions", [(0.11, 0.35, 0.6)])
+@pytest.mark.parametrize("fractions", [(0.11, 0.22, 0.33)])
 def test_a_run_paused_mid_traffic_and_restored_elsewhere_finishes_identically(peer, fractions):
     slots = ["0,hostbridge", "1,lpc", f"4,virtio-net,peer=127.0.0.1:{peer.port}"]
     args = {"frames": "60", "payload": "512"}
