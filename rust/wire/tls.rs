@@ -784,14 +784,21 @@ impl TlsStream {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match deadline.as_mut() {
-                    Some(d) => d.wait(what)?,
-                    None => {
-                        wait_for(self.fd, libc::POLLOUT, None).map_err(|e| PageError::io(format!("{what} (fd {})", self.fd), e))?;
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let waited = match deadline.as_mut() {
+                        Some(d) => d.wait(what),
+                        None => wait_for(self.fd, libc::POLLOUT, None)
+                            .map(|_| ())
+                            .map_err(|e| PageError::io(format!("{what} (fd {})", self.fd), e)),
+                    };
+                    if let Err(e) = waited {
+                        // The records not written stay first in line, whole, for a later send.
+                        outbox.out.drain(..sent);
+                        return Err(e);
                     }
-                },
+                }
                 Err(e) => {
-                    outbox.out.clear();
+                    outbox.out.drain(..sent);
                     return Err(PageError::io(format!("{what} (fd {})", self.fd), e));
                 }
             }
@@ -972,9 +979,10 @@ impl TlsStream {
             _ => AlertDescription::UnexpectedMessage,
         };
         if let Ok(mut outbox) = self.outbox.try_lock() {
-            let mut alert = Vec::new();
-            outbox.key.seal_record(&mut alert, ALERT, &[2, u8::from(description)]);
-            if self.check_attached().is_ok() {
+            // Only between whole records: nothing of an earlier send may still wait in line.
+            if outbox.out.is_empty() && self.check_attached().is_ok() {
+                let mut alert = Vec::new();
+                outbox.key.seal_record(&mut alert, ALERT, &[2, u8::from(description)]);
                 let _ = send_some(self.fd, &alert);
             }
         }
