@@ -169,3 +169,27 @@ fn what_is_not_a_record_is_refused() {
     assert_eq!(tls_records::record_len(&[23, 3, 3, 0x40, 0x11]).unwrap(), Some(HEADER + 0x4011));
     assert_eq!(tls_records::record_len(&[23, 3]).unwrap(), None);
 }
+
+#[test]
+fn a_send_with_more_to_follow_waits_for_it_and_shares_its_records() {
+    let (client, server, _a, _b) = pair();
+    let first = client_seq(&client);
+    client.send_parts_more(&[b"window one, "], "sending", true).unwrap();
+    let mut buf = [0u8; 64];
+    match server.recv(&mut buf, Wait::Never, false) {
+        Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+        other => panic!("nothing should have been written yet: {other:?}"),
+    }
+    client.send_parts_more(&[b"window two"], "sending", false).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 22 {
+        let n = server.recv(&mut buf, Wait::Timeout, false).unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"window one, window two");
+    assert_eq!(client_seq(&client), first + 1, "both windows in one record");
+}
+
+fn client_seq(end: &TlsStream) -> u64 {
+    lock(&end.outbox).key.seq
+}
