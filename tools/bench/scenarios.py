@@ -182,6 +182,8 @@ def warm_tls(streams: int = 1):
     connections (``--streams``), each its own TLS session."""
     many = f"-streams{streams}" if streams > 1 else ""
     params = {"streams": streams} if streams > 1 else None
+    # Not "warm-1g-tls-streamsN": --only picks scenarios by prefix, and warm-1g-tls is one stream.
+    name = f"warm-tls-1g{many}" if streams > 1 else "warm-1g-tls"
 
     def scenario(ctx: Context) -> list[Row]:
         image = random_image(ctx, 1)
@@ -199,7 +201,7 @@ def warm_tls(streams: int = 1):
         tcp = ctx.limit("loopback TCP")
         crypto = tls_encrypt_one_core()
         how = f", {streams} parallel streams (--streams)" if streams > 1 else ""
-        row = Row(f"warm-1g-tls{many}", f"warm migration, 1 GiB random memory, paused guest, mutual TLS 1.3 ended in the core{how}",
+        row = Row(name, f"warm migration, 1 GiB random memory, paused guest, mutual TLS 1.3 ended in the core{how}",
                   rate, f"plain warm-1g{many}, same run", plain_rate, rate.median / plain_rate.median)
         row.extra = {"seconds": secure, "plain_seconds": plain, "downtime_ms": [st["downtime_ms"] for st in stats],
                      "bytes_total": stats[0]["bytes_total"], "tls_encrypt_one_core_gib_s": crypto}
@@ -561,7 +563,7 @@ SCENARIOS: dict[str, tuple[Callable[[Context], list[Row]], bool]] = {
     "warm-4g": (warm_random(4), False),
     "warm-4g-wired": (warm_random(4, wired=True), False),
     "warm-1g-tls": (warm_tls(), True),
-    "warm-1g-tls-streams2": (warm_tls(2), False),
+    "warm-tls-1g-streams2": (warm_tls(2), False),
     "zero-1g": (zero_1g, True),
     "sparse-64g": (sparse_64g, True),
     "local-1g": (local_migration(1), True),
