@@ -2,7 +2,7 @@
 //!
 //! Guest memory (`memory`), EPT-like dirty tracking (`dirty`), page batches on the wire (`wire`),
 //! page hashes and the commit digest (`digest`), checkpoint memory files (`snapshot`), the
-//! simulated vCPU (`cpu`) and the meter long calls advance while another thread reads it
+//! simulated vCPU (`cpu`), the KVM vCPU backend (`kvm`) and the meter long calls advance while another thread reads it
 //! (`progress`). Everything here is mechanism, fast and free of the GIL; policy (what to save,
 //! when to migrate) lives in the Python package. The PyO3 bindings (`python`) are compiled only
 //! with the `python` feature, which maturin turns on, so `cargo test` and `cargo bench` never
@@ -11,6 +11,7 @@
 pub mod cpu;
 pub mod digest;
 pub mod dirty;
+pub mod kvm;
 pub mod memory;
 pub mod progress;
 pub mod snapshot;

@@ -148,5 +148,5 @@ def test_auto_says_which_backend_it_picked():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="dirty_tracking must be one of auto, soft, kernel; got 'ept'"):
+    with pytest.raises(ValueError, match="dirty_tracking must be one of auto, soft, kernel, kvm, kvm-ring; got 'ept'"):
         GuestMemory("1M", dirty_tracking="ept")

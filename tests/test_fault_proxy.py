@@ -445,10 +445,14 @@ def check_log_against_the_engines(log, stats):
 def test_a_dry_run_of_a_live_migration_logs_the_protocol_and_changes_nothing(tmp_path, flags):
     # abtest rewrites 2M..8M flat out from the moment it is resumed, right before the migration
     # starts: the rounds carry dirty pages; with lz4 (one stream, the default) most go compressed.
+    # The link is capped so round 0 lasts about 150 ms: the guest gets a CPU during it even on a
+    # loaded machine (uncapped, round 0 could end before the guest's thread ran at all, and no
+    # later round had a page). Two live rounds, then the switch, keep the run short.
     sweeps = 40_000
+    link = ["--bandwidth", "40M", "--max-rounds", "2", "--policy", "switch-over"]
     with Pair(tmp_path, sweeps=sweeps, paused=1, end="8M") as pair:
         result, log = pair.dry_run(lambda proxy: live_migrate_in_process(
-            tmp_path, "127.0.0.1", proxy.port, ["--downtime-ms", "10", *flags]))
+            tmp_path, "127.0.0.1", proxy.port, ["--downtime-ms", "10", *link, *flags]))
         stats = json.loads(result.stdout)
         rounds = check_log_against_the_engines(log, stats)
         batch_kinds = [b.kind for _, batches in rounds for b in batches]

@@ -28,7 +28,9 @@ GuestMemoryError = _core.GuestMemoryError
 LazyMemoryError = _core.LazyMemoryError
 Segment = _core.Segment
 
-DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel")
+DIRTY_TRACKING_CHOICES = ("auto", "soft", "kernel", "kvm", "kvm-ring")
+#: The trackings of a KVM guest's memory (its memory slots): KVM's dirty bitmap, or its dirty ring.
+KVM_TRACKING = ("kvm", "kvm-ring")
 #: What backs guest memory: private anonymous memory, or a memfd per segment mapped shared, whose
 #: descriptors a local migration hands to another process (docs/memory.md, "Backing").
 BACKINGS = ("anon", "memfd")
@@ -87,8 +89,10 @@ class GuestMemory:
     ``GuestMemory("512M")`` maps 512 MiB of unwired memory at GPA 0; ``wired=True`` populates
     and mlocks it up front as bhyve's ``-S`` does. ``dirty_tracking`` picks the backend:
     ``"soft"`` (an atomic bitmap set by every write made through vmmpy), ``"kernel"``
-    (userfaultfd write-protect + PAGEMAP_SCAN, which sees writes through any pointer) or
-    ``"auto"`` (kernel where it works, else soft; :attr:`dirty_tracking` says which).
+    (userfaultfd write-protect + PAGEMAP_SCAN, which sees writes through any pointer),
+    ``"auto"`` (kernel where it works, else soft; :attr:`dirty_tracking` says which) or ``"kvm"``
+    (the memory becomes a KVM VM's memory slots, tracked by KVM's dirty log: docs/kvm.md), or
+    ``"kvm-ring"`` (the same, with KVM's per-vCPU dirty ring in place of its bitmap).
     ``backing`` is ``"anon"`` (private anonymous memory) or ``"memfd"`` (a memfd per segment,
     mapped shared: :meth:`from_fds` maps the same pages in another process).
     """

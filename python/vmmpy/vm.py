@@ -22,6 +22,7 @@ from typing import Any
 from .devices.uart import CaptureConsole, ConsoleBackend
 from .errors import VmmpyError
 from .guest.programs import load_into
+from .memory import KVM_TRACKING
 from .migration import Destination, MigrationError, MigrationHandle, MigrationParams, MigrationStats, TlsConfig
 from .runtime.commands import basic_metadata, build_machine, restore_machine
 from .runtime.config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
@@ -62,7 +63,7 @@ class VmStateError(VmmpyError, RuntimeError):
 
 def _config(guest: str | None, args: Mapping[str, Any] | None, *, name: str | None, memory: int | str, cpus: int,
             slots: Sequence[str], lpc: Mapping[str, str | None] | None, vendor: str, tsc: str, wired: bool,
-            dirty_tracking: str) -> tuple[VmConfig, dict[str, ConsoleBackend]]:
+            dirty_tracking: str | None, accel: str = "sim") -> tuple[VmConfig, dict[str, ConsoleBackend]]:
     """The VmConfig the keyword options describe, and the in-memory consoles it asks for."""
     lpc = {"com1": None} if lpc is None else dict(lpc)
     consoles: dict[str, ConsoleBackend] = {device: CaptureConsole() for device, backend in lpc.items() if backend is None}
@@ -82,7 +83,9 @@ def _config(guest: str | None, args: Mapping[str, Any] | None, *, name: str | No
         guest_args={str(key): str(value) for key, value in (args or {}).items()},
         tsc=tsc,
         vendor=vendor,
-        dirty_tracking=dirty_tracking,
+        # KVM's dirty log is a KVM guest's; the soft bitmap is exact for the simulated vCPU.
+        dirty_tracking=dirty_tracking or ("kvm" if accel == "kvm" else "soft"),
+        accel=accel,
     )
     for device in config.lpc:
         if device not in LPC_DEVICES:
@@ -115,9 +118,10 @@ class Vm:
 
     def __init__(self, guest: str, *, args: Mapping[str, Any] | None = None, memory: int | str = "256M", cpus: int = 1,
                  slots: Sequence[str] = (), lpc: Mapping[str, str | None] | None = None, vendor: str = "intel",
-                 tsc: str = "instructions", wired: bool = False, dirty_tracking: str = "soft", name: str | None = None) -> None:
+                 tsc: str = "instructions", wired: bool = False, dirty_tracking: str | None = None, name: str | None = None,
+                 accel: str = "sim") -> None:
         config, consoles = _config(guest, args, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
-                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking)
+                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel)
         self._adopt(build_machine(config, consoles=consoles, load=_boot(config)), consoles)
 
     def _adopt(self, machine: Machine, consoles: Mapping[str, ConsoleBackend]) -> None:
@@ -283,8 +287,8 @@ class Vm:
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, mode: str = "eager", key: bytes | None = None, slots: Sequence[str] = (),
-                lpc: Mapping[str, str | None] | None = None, dirty_tracking: str = "soft", name: str | None = None,
-                prefetch: str = "working-set", record_working_set: float = RECORD_SECONDS) -> Vm:
+                lpc: Mapping[str, str | None] | None = None, dirty_tracking: str | None = None, name: str | None = None,
+                prefetch: str = "working-set", record_working_set: float = RECORD_SECONDS, accel: str | None = None) -> Vm:
         """A Vm from the checkpoint at ``path``, as ``vmmrun -r`` makes one: memory, vCPUs,
         vendor and TSC come from the checkpoint; ``slots`` and ``lpc`` must name the devices it
         was saved with. ``mode`` ``eager`` reads and verifies all memory now; ``lazy`` reads each
@@ -293,18 +297,21 @@ class Vm:
         the rest; "fill": every chunk in order; "none": nothing) while the chunks the guest
         touches in its first ``record_working_set`` seconds (0: not recorded) are written to
         ``path``.ws; :meth:`restore_status` has the statistics. ``key``: the
-        checkpoint's key, if it was saved with one. Not started: call :meth:`start`. Raises
-        CheckpointError or SectionError naming the file, with nothing left open."""
+        checkpoint's key, if it was saved with one. ``accel``: the vCPU backend, which must be
+        the one the checkpoint was made on (None: that one). Not started: call :meth:`start`.
+        Raises CheckpointError or SectionError naming the file, with nothing left open."""
         if mode not in RESTORE_MODES:
             raise ConfigError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
         if prefetch not in RESTORE_PREFETCH:
             raise ConfigError(f"restore prefetch {prefetch!r}: choose {', '.join(RESTORE_PREFETCH)}")
         if not record_working_set >= 0:
             raise ConfigError(f"record_working_set {record_working_set}: give 0 (do not record) or more seconds")
+        # The backend comes from the checkpoint; a KVM tracking asked for says it is to be KVM's.
         config, consoles = _config(None, None, name=name, memory=VmConfig.memsize, cpus=VmConfig.ncpus, slots=slots, lpc=lpc,
-                                   vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking)
+                                   vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking,
+                                   accel=accel or ("kvm" if dirty_tracking in KVM_TRACKING else "sim"))
         machine = restore_machine(Path(path), config, mode=mode, key=key, consoles=consoles, prefetch=prefetch,
-                                  record_seconds=record_working_set)
+                                  record_seconds=record_working_set, accel=accel)
         return cls._from_machine(machine, consoles)
 
     # -- migration
@@ -345,16 +352,16 @@ class Vm:
     @classmethod
     def receive(cls, host: str = "127.0.0.1", port: int = 0, *, memory: int | str = "256M", cpus: int = 1,
                 slots: Sequence[str] = (), lpc: Mapping[str, str | None] | None = None, vendor: str = "intel",
-                tsc: str = "instructions", wired: bool = False, dirty_tracking: str = "soft", key: bytes | None = None,
+                tsc: str = "instructions", wired: bool = False, dirty_tracking: str | None = None, key: bytes | None = None,
                 tls: TlsConfig | None = None, params: MigrationParams | Mapping[str, Any] | None = None,
-                accept_timeout: float = 300.0, name: str | None = None) -> Vm:
+                accept_timeout: float = 300.0, name: str | None = None, accel: str = "sim") -> Vm:
         """A Vm waiting on ``host:port`` (0: any free port, see :attr:`address`) for one incoming
         migration, as ``vmmrun -R``: give the source's memory, vCPUs, devices, vendor and TSC.
         It listens when this returns and receives in the background; the guest runs as soon as
         the migration completes. :meth:`received` waits for that (raising MigrationError if it
         failed); :meth:`wait` waits for the guest to stop."""
         config, consoles = _config(None, None, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
-                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking)
+                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel)
         params = _params(params)
         machine = build_machine(config, consoles=consoles)
         vm = cls._from_machine(machine, consoles)

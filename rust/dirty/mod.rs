@@ -2,7 +2,7 @@
 //!
 //! Every backend is a [`DirtyLog`]: one log per guest memory segment, asked the same questions
 //! (mark, harvest, peek, count, forget) by the same callers, so a new backend is one more
-//! implementation of the trait and nothing else changes. Two exist:
+//! implementation of the trait and nothing else changes. Three exist:
 //! - `soft` ([`AtomicBitmap`]): an atomic bitmap, set by every write made through vmmpy (API
 //!   writes, device DMA, vCPU stores). Always available.
 //! - `kernel` ([`KernelLog`]): userfaultfd write-protect in async mode plus the PAGEMAP_SCAN ioctl
@@ -10,9 +10,9 @@
 //!   kept for the marks and OR'ed in, so the two backends report the same pages for writes made
 //!   through vmmpy (a test runs one workload against both and compares).
 //!
-//! A KVM backend would be a third `DirtyLog` per memory slot: `KVM_GET_DIRTY_LOG` (or the dirty
-//! ring) for what the guest wrote, a soft bitmap for what the VMM wrote (KVM does not see those),
-//! and `KVM_CLEAR_DIRTY_LOG` for [`DirtyLog::forget_unmarked`].
+//! - `kvm` (`crate::kvm::KvmSlotLog`): one per KVM memory slot, for guests run by the KVM vCPU:
+//!   `KVM_GET_DIRTY_LOG` with manual protect and `KVM_CLEAR_DIRTY_LOG` for what the guest wrote
+//!   (EPT/NPT dirty logging), a soft bitmap for what the VMM wrote (KVM does not see those).
 //!
 //! This module knows nothing of segments' layout or of Python; `memory` owns the mappings and
 //! gives each segment its log.
@@ -111,6 +111,9 @@ impl std::error::Error for DirtyLogError {}
 pub enum Backend {
     Soft,
     Kernel,
+    Kvm,
+    /// KVM's dirty ring (one per vCPU) in place of its bitmap.
+    KvmRing,
 }
 
 impl fmt::Display for Backend {
@@ -118,6 +121,8 @@ impl fmt::Display for Backend {
         f.write_str(match self {
             Backend::Soft => "soft",
             Backend::Kernel => "kernel",
+            Backend::Kvm => "kvm",
+            Backend::KvmRing => "kvm-ring",
         })
     }
 }
@@ -128,6 +133,10 @@ pub enum TrackingChoice {
     Auto,
     Soft,
     Kernel,
+    /// KVM's dirty log: the memory becomes a KVM VM's memory slots (the KVM vCPU's guests).
+    Kvm,
+    /// KVM's dirty ring instead of its bitmap (same memory slots, same guests).
+    KvmRing,
 }
 
 impl TrackingChoice {
@@ -136,6 +145,8 @@ impl TrackingChoice {
             "auto" => Some(TrackingChoice::Auto),
             "soft" => Some(TrackingChoice::Soft),
             "kernel" => Some(TrackingChoice::Kernel),
+            "kvm" => Some(TrackingChoice::Kvm),
+            "kvm-ring" => Some(TrackingChoice::KvmRing),
             _ => None,
         }
     }

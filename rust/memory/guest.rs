@@ -13,6 +13,7 @@ use super::error::MemoryError;
 use super::lazy::{ChunkSource, LazyImage};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
 use crate::dirty::{Backend, DirtyLogError, KernelLog, KernelTracker, TrackingChoice};
+use crate::kvm::{DirtyMode, KvmVm};
 
 /// bhyve's VM_LOWMEM_LIMIT: lowmem ends here at most, below the PCI hole.
 pub const LOWMEM_LIMIT_DEFAULT: u64 = 3 << 30;
@@ -101,6 +102,8 @@ pub struct GuestMemory {
     fallback_reason: Option<String>,
     /// For lazily restored memory: the chunk states every segment shares.
     lazy: Option<Arc<LazyImage>>,
+    /// With the KVM backend: the KVM VM whose memory slots are these segments (its vCPUs run on it).
+    kvm: Option<Arc<KvmVm>>,
 }
 
 fn host_page_size() -> usize {
@@ -187,22 +190,79 @@ impl GuestMemory {
         Self::build_from(&MemoryOptions { backing: Backing::Memfd, ..opts.clone() }, segments)
     }
 
+    /// Guest memory of `memsize` bytes on KVM's dirty ring of `ring_bytes` per vCPU, without the
+    /// check that this host's ring can be trusted (for that check itself: `kvm::ring_trusted`).
+    pub(crate) fn kvm_ring_unchecked(memsize: u64, ring_bytes: u32) -> Result<GuestMemory, MemoryError> {
+        check_host_page_size()?;
+        let opts = MemoryOptions { tracking: TrackingChoice::KvmRing, ..MemoryOptions::new(memsize) };
+        let mut segments = opts.layout()?.iter().map(Segment::map).collect::<Result<Vec<_>, _>>()?;
+        let (backend, vm) = Self::kvm_slots(&mut segments, DirtyMode::Ring, ring_bytes)?;
+        Ok(Self::assemble(&opts, segments, backend, None, Some(vm)))
+    }
+
     fn build_from(opts: &MemoryOptions, mut segments: Vec<Segment>) -> Result<GuestMemory, MemoryError> {
-        let (backend, fallback_reason) = match opts.tracking {
-            TrackingChoice::Soft => (Backend::Soft, None),
+        let (backend, fallback_reason, kvm) = match opts.tracking {
+            TrackingChoice::Soft => (Backend::Soft, None, None),
+            TrackingChoice::Kvm => {
+                let (backend, vm) = Self::kvm_slots(&mut segments, DirtyMode::Bitmap, 0)?;
+                (backend, None, Some(vm))
+            }
+            TrackingChoice::KvmRing => {
+                crate::kvm::ring_trusted().map_err(|e| MemoryError::TrackerUnavailable { backend: "kvm-ring".into(), why: e.0 })?;
+                let (backend, vm) = Self::kvm_slots(&mut segments, DirtyMode::Ring, crate::kvm::RING_BYTES)?;
+                (backend, None, Some(vm))
+            }
             TrackingChoice::Kernel | TrackingChoice::Auto => match kernel_logs(&segments) {
                 Ok(logs) => {
                     for (seg, log) in segments.iter_mut().zip(logs) {
                         seg.set_dirty_log(Box::new(log));
                     }
-                    (Backend::Kernel, None)
+                    (Backend::Kernel, None, None)
                 }
-                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, Some(why)),
+                Err(why) if opts.tracking == TrackingChoice::Auto => (Backend::Soft, Some(why), None),
                 Err(why) => return Err(MemoryError::TrackerUnavailable { backend: "kernel".into(), why }),
             },
         };
+        Ok(Self::assemble(opts, segments, backend, fallback_reason, kvm))
+    }
+
+    /// Make the segments a new KVM VM's memory slots, each logged as `mode` says.
+    fn kvm_slots(segments: &mut [Segment], mode: DirtyMode, ring_bytes: u32) -> Result<(Backend, Arc<KvmVm>), MemoryError> {
+        let (backend, name) = if mode == DirtyMode::Ring { (Backend::KvmRing, "kvm-ring") } else { (Backend::Kvm, "kvm") };
+        let unavailable = |why: String| MemoryError::TrackerUnavailable { backend: name.into(), why };
+        let vm = Arc::new(KvmVm::open_with(mode, ring_bytes).map_err(|e| unavailable(e.0))?);
+        for (slot, seg) in segments.iter_mut().enumerate() {
+            // SAFETY: the slot is removed (close, Drop) before the segment is unmapped.
+            let log = unsafe { vm.add_slot(slot as u32, seg.gpa().0, seg.as_ptr(), seg.size()) }
+                .map_err(|e| unavailable(format!("segment '{}': {}", seg.name(), e.0)))?;
+            seg.set_dirty_log(Box::new(log));
+        }
+        Ok((backend, vm))
+    }
+
+    fn assemble(
+        opts: &MemoryOptions,
+        segments: Vec<Segment>,
+        backend: Backend,
+        fallback_reason: Option<String>,
+        kvm: Option<Arc<KvmVm>>,
+    ) -> GuestMemory {
         let segments = segments.into_iter().map(Arc::new).collect();
-        Ok(GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None })
+        GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None, kvm }
+    }
+
+    /// With the KVM backend: the KVM VM these segments are the memory slots of.
+    pub fn kvm_vm(&self) -> Option<&Arc<KvmVm>> {
+        self.kvm.as_ref()
+    }
+
+    /// Take the segments out of the KVM VM's memory slots, before they are unmapped.
+    fn remove_kvm_slots(&self) {
+        if let Some(vm) = &self.kvm {
+            for (slot, seg) in self.segments.iter().enumerate() {
+                vm.remove_slot(slot as u32, seg.gpa().0);
+            }
+        }
     }
 
     pub fn segments(&self) -> &[Arc<Segment>] {
@@ -334,12 +394,22 @@ impl GuestMemory {
 
     /// Arm copy-before-write on every segment for a live snapshot ([`LiveCapture`]): the guest
     /// must be paused. Lazily restored memory must be loaded whole first ([`GuestMemory::ensure_all`]):
-    /// a chunk loaded later would bypass the protection.
+    /// a chunk loaded later would bypass the protection. Refused for memory in KVM slots.
     pub fn arm_live_capture(&self, limit_pages: usize) -> Result<LiveCapture, MemoryError> {
         if !self.is_complete() {
             return Err(MemoryError::Unsupported {
                 what: "a live snapshot of lazily restored memory".into(),
                 why: "needs every chunk loaded first (load_all)".into(),
+            });
+        }
+        if self.kvm.is_some() {
+            // KVM's vCPU stores reach memory through the host's page tables, never through
+            // Segment::before_write, so no page could be copied out before the guest's write.
+            return Err(MemoryError::Unsupported {
+                what: "a live snapshot of a KVM guest".into(),
+                why: "is not possible: the guest's own stores bypass the copy-before-write it needs; \
+                      take the checkpoint without --live (the guest pauses while its memory is written)"
+                    .into(),
             });
         }
         if let Some(seg) = self.segments.iter().find(|s| s.is_closed()) {
@@ -358,10 +428,17 @@ impl GuestMemory {
         if let Some(image) = &self.lazy {
             image.stop_loading();
         }
+        self.remove_kvm_slots();
         for seg in &self.segments {
             seg.close();
         }
         Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        self.remove_kvm_slots();
     }
 }
 

@@ -59,34 +59,58 @@ pub struct PyVmExit {
     description: String,
 }
 
-impl From<Exit> for PyVmExit {
-    fn from(exit: Exit) -> PyVmExit {
-        let mut e = PyVmExit {
-            kind: exit.kind_name(),
-            rip: None,
-            port: None,
-            size: None,
-            is_in: None,
-            gpa: None,
-            is_write: None,
-            value: None,
-            fault: None,
-            description: exit.to_string(),
+impl PyVmExit {
+    /// An exit of `kind` with no fields set yet.
+    fn bare(kind: &'static str, description: String) -> PyVmExit {
+        PyVmExit { kind, rip: None, port: None, size: None, is_in: None, gpa: None, is_write: None, value: None, fault: None, description }
+    }
+
+    fn inout(mut self, port: u16, size: u8, is_in: bool, value: u64, rip: u64) -> PyVmExit {
+        (self.port, self.size, self.is_in, self.rip) = (Some(port), Some(size), Some(is_in), Some(rip));
+        self.value = if is_in { None } else { Some(value) };
+        self
+    }
+
+    fn mmio(mut self, gpa: u64, size: u8, is_write: bool, value: u64, rip: u64) -> PyVmExit {
+        (self.gpa, self.size, self.is_write, self.rip) = (Some(gpa), Some(size), Some(is_write), Some(rip));
+        self.value = if is_write { Some(value) } else { None };
+        self
+    }
+
+    fn at(mut self, rip: u64, fault: Option<&'static str>) -> PyVmExit {
+        (self.rip, self.fault) = (Some(rip), fault);
+        self
+    }
+
+    /// An exit of the KVM vCPU, in the same shape as the simulated vCPU's.
+    pub(super) fn from_kvm(exit: crate::kvm::KvmExit) -> PyVmExit {
+        use crate::kvm::KvmExit;
+        let description = match &exit {
+            KvmExit::Fault { kind, detail, rip } => format!("{kind} at rip {rip:#x} {detail}"),
+            other => format!("{other:?}"),
         };
         match exit {
-            Exit::Inout { port, size, is_in, value, rip } => {
-                (e.port, e.size, e.is_in, e.rip) = (Some(port), Some(size), Some(is_in), Some(rip));
-                e.value = if is_in { None } else { Some(value as u64) };
+            KvmExit::Inout { port, size, is_in, value, rip } => {
+                Self::bare("inout", description).inout(port, size, is_in, value as u64, rip)
             }
-            Exit::Mmio { gpa, size, is_write, value, rip } => {
-                (e.gpa, e.size, e.is_write, e.rip) = (Some(gpa), Some(size), Some(is_write), Some(rip));
-                e.value = if is_write { Some(value) } else { None };
-            }
-            Exit::Hlt { rip } => e.rip = Some(rip),
-            Exit::Fault { kind, rip } => (e.fault, e.rip) = (Some(kind.name()), Some(rip)),
-            Exit::PauseRequested | Exit::Budget => {}
+            KvmExit::Mmio { gpa, size, is_write, value, rip } => Self::bare("mmio", description).mmio(gpa, size, is_write, value, rip),
+            KvmExit::Hlt { rip } => Self::bare("hlt", description).at(rip, None),
+            KvmExit::Fault { kind, rip, .. } => Self::bare("fault", description).at(rip, Some(kind)),
+            KvmExit::PauseRequested => Self::bare("pause_requested", description),
         }
-        e
+    }
+}
+
+impl From<Exit> for PyVmExit {
+    fn from(exit: Exit) -> PyVmExit {
+        let e = PyVmExit::bare(exit.kind_name(), exit.to_string());
+        match exit {
+            Exit::Inout { port, size, is_in, value, rip } => e.inout(port, size, is_in, value as u64, rip),
+            Exit::Mmio { gpa, size, is_write, value, rip } => e.mmio(gpa, size, is_write, value, rip),
+            Exit::Hlt { rip } => e.at(rip, None),
+            Exit::Fault { kind, rip } => e.at(rip, Some(kind.name())),
+            Exit::PauseRequested | Exit::Budget => e,
+        }
     }
 }
 

@@ -96,7 +96,7 @@ fn unless_live<R: Send>(py: Python<'_>, mem: &GuestMemory, f: impl FnOnce() -> R
 
 fn parse_tracking(dirty_tracking: &str) -> PyResult<TrackingChoice> {
     TrackingChoice::parse(dirty_tracking)
-        .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft' or 'kernel', not {dirty_tracking:?}")))
+        .ok_or_else(|| PyValueError::new_err(format!("dirty_tracking must be 'auto', 'soft', 'kernel' or 'kvm', not {dirty_tracking:?}")))
 }
 
 fn parse_backing(backing: &str) -> PyResult<Backing> {
@@ -341,7 +341,7 @@ impl PyGuestMemory {
         self.inner.lowmem_limit()
     }
 
-    /// The dirty-tracking backend in use: "soft" or "kernel".
+    /// The dirty-tracking backend in use: "soft", "kernel" or "kvm".
     #[getter]
     fn dirty_tracking(&self) -> String {
         self.inner.backend().to_string()

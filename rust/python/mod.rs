@@ -37,6 +37,7 @@ macro_rules! result_class {
 
 mod cpu;
 mod errors;
+mod kvm;
 mod memory;
 mod pages;
 mod progress;
@@ -59,6 +60,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tls::register(m)?;
     progress::register(m)?;
     cpu::register(m)?;
+    kvm::register(m)?;
     Ok(())
 }
 

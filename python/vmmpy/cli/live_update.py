@@ -49,7 +49,7 @@ def successor_argv(args: argparse.Namespace, config: VmConfig, sock: Path, exe: 
     for device, backend in sorted(config.lpc.items()):
         argv += ["-l", f"{device},{backend}"]
     argv += ["--tsc", config.tsc, "--vendor", config.vendor, "--dirty-tracking", config.dirty_tracking,
-             "--memory-backing", config.memory_backing]
+             "--memory-backing", config.memory_backing, "--accel", config.accel]
     if args.run_dir is not None:
         argv += ["--run-dir", str(args.run_dir)]
     argv += ["-R", f"unix:{sock}", "--accept-timeout", str(int(START_TIMEOUT_S)), "--take-name", config.name]

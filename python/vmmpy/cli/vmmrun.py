@@ -28,6 +28,7 @@ from ..migration.net import format_address, is_unix
 from ..migration.tls import TlsConfig
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
+    ACCELS,
     DIRTY_TRACKING,
     MEMORY_BACKINGS,
     TSC_MODES,
@@ -129,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vendor", choices=VENDORS, default=None, help="vCPU state layout: intel (VMCS-like, default) or amd (VMCB-like)")
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
-                        "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), or auto (kernel where it works)")
+                        "(userfaultfd write-protect + PAGEMAP_SCAN, sees any write), auto (kernel where it works), kvm "
+                        "(KVM's dirty bitmap: --accel kvm's default) or kvm-ring (KVM's per-vCPU dirty ring, "
+                        "--accel kvm only; docs/kvm.md compares the two)")
+    p.add_argument("--accel", choices=ACCELS, default=None,
+                   help="vCPU backend: sim (the simulated vCPU, default) or kvm (real x86-64 guests under /dev/kvm, docs/kvm.md)")
     p.add_argument("--memory-backing", choices=MEMORY_BACKINGS, default=None,
                    help="what backs guest memory: anon (default; private anonymous memory) or memfd (a memfd per "
                         "segment, mapped shared: needed to hand the guest to another vmmrun on this host with "
@@ -197,7 +202,12 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         vendor=args.vendor or VmConfig.vendor,
         dirty_tracking=args.dirty_tracking or VmConfig.dirty_tracking,
         memory_backing=args.memory_backing or VmConfig.memory_backing,
+        accel=args.accel or VmConfig.accel,
     )
+    if config.accel == "kvm" and args.dirty_tracking is None:
+        config.dirty_tracking = "kvm"  # KVM's dirty log: the one a KVM guest's memory has
+    if config.accel == "kvm" and args.pause_at is not None:
+        raise ConfigError("--pause-at counts retired instructions, which KVM does not count: leave it out with --accel kvm")
     for spec in args.lpc:
         device, backend = parse_lpc(spec)
         config.lpc[device] = backend
@@ -276,7 +286,8 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
             if args.record_working_set < 0:
                 raise ConfigError(f"--record-working-set {args.record_working_set:g}: give 0 (do not record) or more seconds")
             machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None,
-                                      prefetch=args.restore_prefetch, record_seconds=args.record_working_set)
+                                      prefetch=args.restore_prefetch, record_seconds=args.record_working_set,
+                                      accel=args.accel)
         finally:
             bar.close()
         conflict = saved_differs(args, machine.config)

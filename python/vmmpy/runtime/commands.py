@@ -28,6 +28,7 @@ from typing import Any
 
 from ..devices.lpc import console_backend
 from ..devices.uart import CaptureConsole, ConsoleBackend
+from ..memory import KVM_TRACKING
 from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats, estimate, estimate_warm
 from ..migration.net import format_address, is_local_address, measure_local_throughput
 from ..migration.streams import measure_local_throughput_streams
@@ -40,7 +41,7 @@ from ..snapshot.meta import check_field
 from ..snapshot.schema import array, integer, record, string
 from ..state import SectionError, SectionRegistry
 from ..state.kernel import configured_registry, kernel_registry
-from .config import LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, VmConfig
+from .config import ACCELS, LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, ConfigError, VmConfig
 from .guest_handle import MachineHandle
 from .process import Machine
 
@@ -51,6 +52,7 @@ _BASIC_FIELDS = record(
     {
         "vendor": string(choices=VENDORS),
         "tsc": string(choices=TSC_MODES),
+        "accel": string(choices=ACCELS),
         "devices_config": record({
             "slots": array(string(), max_len=256 * 32 * 8),
             "lpc": array(string(choices=LPC_DEVICES), max_len=len(LPC_DEVICES)),
@@ -81,6 +83,7 @@ def basic_metadata(config: VmConfig) -> dict[str, Any]:
         "vmname": config.name,
         "vendor": config.vendor,
         "tsc": config.tsc,
+        "accel": config.accel,
         "devices_config": _device_config(config),
     }
 
@@ -122,6 +125,7 @@ def restore_machine(
     progress: Callable[[dict[str, Any]], None] | None = None,
     prefetch: str = "working-set",
     record_seconds: float | None = RECORD_SECONDS,
+    accel: str | None = None,
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
     the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
@@ -131,6 +135,8 @@ def restore_machine(
     (``vmmpy.progress.metered``'s messages). For a lazy restore, ``prefetch`` and
     ``record_seconds`` say what loads ahead and how long accesses are recorded once the vCPUs
     start (``snapshot.checkpoint.LazyLoading``, kept as ``machine.lazy_loading``).
+    ``accel`` is the vCPU backend asked for: a checkpoint runs on the one it was made on (None:
+    that one), never on another.
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
     def same_devices(basic: dict[str, Any]) -> None:
@@ -144,8 +150,20 @@ def restore_machine(
     checkpoint = read_checkpoint(path, static_registry(config), key=key, check_basic=same_devices)
     basic, vm_payload = _checked_machine_fields(checkpoint)
     same_devices(basic)
+    saved_accel = basic.get("accel", "sim")
+    if accel is not None and accel != saved_accel:
+        raise ConfigError(f"checkpoint '{os.fspath(path)}' was made on the {saved_accel} vCPU backend (--accel {saved_accel}); "
+                          f"it cannot be restored on --accel {accel}: a guest's CPU state is its backend's")
+    if saved_accel != "kvm" and config.dirty_tracking in KVM_TRACKING:
+        raise ConfigError(f"checkpoint '{os.fspath(path)}' was made on the {saved_accel} vCPU backend: --dirty-tracking "
+                          f"{config.dirty_tracking} is a KVM guest's only")
     config = replace(
         config,
+        accel=saved_accel,
+        # A KVM guest keeps the KVM log asked for (the bitmap unless kvm-ring was); a simulated one
+        # anything but a KVM log.
+        dirty_tracking=((config.dirty_tracking if config.dirty_tracking in KVM_TRACKING else "kvm") if saved_accel == "kvm"
+                        else ("soft" if config.dirty_tracking in KVM_TRACKING else config.dirty_tracking)),
         ncpus=basic["ncpus"],
         memsize=checkpoint.memsize,
         wired=checkpoint.wired,

@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import VmmpyError
+from ..memory import DIRTY_TRACKING_CHOICES, KVM_TRACKING
 from ..units import MiB, parse_size
 
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
-DIRTY_TRACKING = ("auto", "soft", "kernel")
+DIRTY_TRACKING = DIRTY_TRACKING_CHOICES
+#: The vCPU backends: the simulated vCPU, or KVM (real x86-64 code on the host CPU, docs/kvm.md).
+ACCELS = ("sim", "kvm")
 MEMORY_BACKINGS = ("anon", "memfd")
 LPC_DEVICES = ("com1", "com2")
 MAX_VCPUS = 16
@@ -45,7 +48,7 @@ class VmConfig:
     """A guest as vmmrun's options describe it: ``name`` (``VMNAME``), ``ncpus`` (``-c``),
     ``memsize`` in bytes (``-m``), ``wired`` (``-S``), ``slots`` (``-s``, :class:`SlotConfig`),
     ``lpc`` (``-l``: device -> ``stdio`` or a file path), ``guest`` and ``guest_args``
-    (``--guest``, ``--guest-arg``), ``tsc``, ``vendor`` and ``dirty_tracking``. ``validate()``
+    (``--guest``, ``--guest-arg``), ``tsc``, ``vendor``, ``dirty_tracking`` and ``accel``. ``validate()``
     checks it, raising :class:`ConfigError` that names the option. ``vmmpy.Vm`` builds one from
     keyword options; the runtime's ``Machine`` and ``build_machine`` take one.
     """
@@ -67,6 +70,9 @@ class VmConfig:
     # What backs guest memory: "anon" (private anonymous) or "memfd" (shared, so a local
     # migration can hand it to another process); --memory-backing.
     memory_backing: str = "anon"
+    # The vCPU backend (--accel): "sim" (the simulated vCPU) or "kvm", whose memory is tracked
+    # by KVM's dirty log (dirty_tracking "kvm", which only it uses).
+    accel: str = "sim"
 
     def validate(self) -> None:
         if not 1 <= self.ncpus <= MAX_VCPUS:
@@ -79,6 +85,13 @@ class VmConfig:
             raise ConfigError(f"--tsc {self.tsc!r}: choose one of {', '.join(TSC_MODES)}")
         if self.dirty_tracking not in DIRTY_TRACKING:
             raise ConfigError(f"--dirty-tracking {self.dirty_tracking!r}: choose one of {', '.join(DIRTY_TRACKING)}")
+        if self.accel not in ACCELS:
+            raise ConfigError(f"--accel {self.accel!r}: choose one of {', '.join(ACCELS)}")
+        if (self.accel == "kvm") != (self.dirty_tracking in KVM_TRACKING):
+            raise ConfigError(f"--dirty-tracking {self.dirty_tracking} with --accel {self.accel}: a KVM guest's memory is tracked by "
+                              "KVM's dirty log (--dirty-tracking kvm, or kvm-ring for its dirty ring), and only a KVM guest's can be")
+        if self.accel == "kvm" and self.ncpus != 1:
+            raise ConfigError(f"-c {self.ncpus}: --accel kvm runs guests with one vCPU (the shipped x86-64 guests use one)")
         if self.memory_backing not in MEMORY_BACKINGS:
             raise ConfigError(f"--memory-backing {self.memory_backing!r}: choose one of {', '.join(MEMORY_BACKINGS)}")
         seen: dict[tuple[int, int, int], SlotConfig] = {}

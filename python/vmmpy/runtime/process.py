@@ -76,7 +76,13 @@ class Machine:
         self.pci = PciBus(self._set_ioapic_pin)
         self.pci_functions = self._build_pci_functions(config)
         try:
-            self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc)
+            self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc, accel=config.accel)
+        except OSError as err:
+            for function in self.pci_functions:
+                function.close()
+            if err.errno == errno.ENODEV:
+                raise ConfigError(f"--accel {config.accel}: {err.strerror}") from None
+            raise
         except BaseException:
             for function in self.pci_functions:
                 function.close()
@@ -159,6 +165,10 @@ class Machine:
         if "start" not in program.symbols:
             raise ConfigError("guest program has no 'start' label to begin at")
         self.vm.memory.write(program.origin, program.code)
+        if self.config.accel == "kvm":
+            # Real x86-64 code: the VMM builds page tables and a GDT and enters long mode.
+            self.vm.vcpus[0].enter_long_mode(self.vm.memory.core, program.symbols["start"], GUEST_LOAD_ADDRESS)
+            return
         self.vm.vcpus[0].set_register("rip", program.symbols["start"])
         self.vm.vcpus[0].set_register("rsp", GUEST_LOAD_ADDRESS)
 

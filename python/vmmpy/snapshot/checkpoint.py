@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _core
-from ..memory import PAGE_SIZE
+from ..memory import PAGE_SIZE, GuestMemoryError
 from ..progress import metered
 from ..state.handle import GuestHandle
 from .errors import CheckpointError
@@ -160,7 +160,10 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
     try:
         sections = guest.save_sections()
         harvests = memory.harvests
-        capture = _core.LiveCapture(memory.core, copy_limit // PAGE_SIZE)
+        try:
+            capture = _core.LiveCapture(memory.core, copy_limit // PAGE_SIZE)
+        except GuestMemoryError as err:  # e.g. a KVM guest, whose stores no copy-before-write sees
+            raise CheckpointError(f"checkpoint '{path}': {err.strerror or err}") from None
     finally:
         guest.resume()
     pause_seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from ..vmm.vatpic import VatpicState
 from ..vmm.vatpit import VatpitState
 from ..vmm.vhpet import VhpetState
 from ..vmm.vioapic import VioapicState
-from ..vmm.vm import VcpusState, VlapicsState, VmState
+from ..vmm.vm import KvmState, VcpusState, VlapicsState, VmState
 from ..vmm.vpmtmr import VpmtmrState
 from ..vmm.vrtc import VrtcState
 from . import persist
@@ -47,6 +47,7 @@ class KernelSection(NamedTuple):
 KERNEL_SECTIONS: list[KernelSection] = [
     KernelSection("vm", SnapshotReq.STRUCT_VM, VmState),
     KernelSection("vmcx", SnapshotReq.STRUCT_VMCX, VcpusState),
+    KernelSection("kvm", SnapshotReq.STRUCT_KVM, KvmState),
     KernelSection("vioapic", SnapshotReq.STRUCT_VIOAPIC, VioapicState),
     KernelSection("vatpic", SnapshotReq.STRUCT_VATPIC, VatpicState),
     KernelSection("vlapic", SnapshotReq.STRUCT_VLAPIC, VlapicsState),
@@ -56,6 +57,8 @@ KERNEL_SECTIONS: list[KernelSection] = [
     KernelSection("vpmtmr", SnapshotReq.STRUCT_VPMTMR, VpmtmrState),
 ]
 KERNEL_NAMES = tuple(k.name for k in KERNEL_SECTIONS)
+#: Kernel sections older checkpoints and sources lack, and what each reads as then.
+OPTIONAL_KERNEL = {"kvm": lambda: KvmState([], None)}
 
 
 def kernel_registry() -> SectionRegistry:
@@ -122,7 +125,7 @@ def check_sections(machine: Machine, sections: list[Section], *, what: str) -> d
     for section in sections:
         registry.check(section.name, section.version, what=what)
     names = [s.name for s in sections]
-    missing_kernel = [n for n in KERNEL_NAMES if n not in names]
+    missing_kernel = [n for n in KERNEL_NAMES if n not in names and n not in OPTIONAL_KERNEL]
     if missing_kernel:
         raise SectionError(f"{what}: kernel section '{missing_kernel[0]}' is missing")
     have = {d.name for d in machine.devices}
@@ -138,8 +141,13 @@ def check_sections(machine: Machine, sections: list[Section], *, what: str) -> d
             states[section.name] = persist.load(declarations[section.name], section.payload, section.version, where=f"section '{section.name}'")
         except persist.PersistError as err:
             raise SectionError(f"{what}: {err}") from None
+    for name, default in OPTIONAL_KERNEL.items():
+        states.setdefault(name, default())
     vm_state = states["vm"]
     vm = machine.vm
+    if vm_state.accel != vm.accel:
+        raise SectionError(f"{what}: the guest ran on the {vm_state.accel} vCPU backend (--accel {vm_state.accel}); this VM runs "
+                           f"--accel {vm.accel}: a checkpoint or migration cannot change a guest's vCPU backend")
     for key, value in {"ncpus": vm.ncpus, "vendor": vm.vendor, "tsc_mode": vm.tsc_mode}.items():
         if getattr(vm_state, key) != value:
             raise SectionError(f"{what}: section 'vm' has {key}={getattr(vm_state, key)!r}, this VM has {value!r}")

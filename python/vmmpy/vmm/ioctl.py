@@ -57,6 +57,8 @@ class SnapshotReq(IntEnum):
     STRUCT_VATPIT = 8
     STRUCT_VPMTMR = 9
     STRUCT_VRTC = 10
+    #: vmmpy's own: the KVM backend's vCPU and interrupt-controller state (empty on the simulated vCPU).
+    STRUCT_KVM = 64
 
 
 class SnapshotOp(IntEnum):

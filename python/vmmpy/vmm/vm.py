@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import _core
-from ..memory import GuestMemory
+from ..memory import KVM_TRACKING, GuestMemory
 from .interfaces import DeviceAccessError, IsaIrqRouter
 from .ioctl import (
     ALL_VCPUS,
@@ -67,6 +67,7 @@ HALT_POLL_S = 0.01
 RFLAGS_IF = 1 << 9
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
+ACCELS = ("sim", "kvm")
 
 # --- saved state (declarations in state/persist.py's pattern) ----------------------------------
 
@@ -75,7 +76,7 @@ TSC_MODES = ("instructions", "host")
 class VmState:
     """The ``vm`` section: what the VM struct itself carries across a save (bhyve's STRUCT_VM)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     MIN_VERSION: ClassVar[int] = 1
     SECTION: ClassVar[str] = "vm"
 
@@ -87,6 +88,8 @@ class VmState:
     at_deterministic_point: list[bool]
     started: list[bool]
     guest_time_ns: int
+    # Version 2: the vCPU backend the guest ran on; a restore into another is refused.
+    accel: str = dataclasses.field(default="sim", metadata={"since": 2})
 
     def validate(self) -> None:
         for name in ("last_tsc", "at_deterministic_point", "started"):
@@ -143,6 +146,46 @@ class VcpusState:
 
 
 @dataclass
+class KvmVcpuState:
+    """One KVM vCPU, as ``KvmVcpu.save_state()`` gives it: the kernel's structs as their bytes
+    (the x86-64 KVM ABI), MSRs by hex index, the MP state and the TSC frequency (kHz)."""
+
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes
+    events: bytes
+    mp_state: int
+    msrs: dict[str, int]
+    tsc_khz: int
+
+
+@dataclass
+class KvmChipsState:
+    """The KVM VM's in-kernel 8259s and I/O APIC (KVM_GET_IRQCHIP) and kvmclock, as bytes."""
+
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    clock: bytes
+
+
+@dataclass
+class KvmState:
+    """The ``kvm`` section: under ``--accel kvm`` the vCPUs and interrupt controllers KVM runs
+    (the ``vmcx`` section is then empty); on the simulated vCPU, nothing (no vCPUs, no chips)."""
+
+    VERSION: ClassVar[int] = 1
+    MIN_VERSION: ClassVar[int] = 1
+    SECTION: ClassVar[str] = "kvm"
+
+    vcpus: list[KvmVcpuState]
+    chips: KvmChipsState | None
+
+
+@dataclass
 class VlapicsState:
     """The ``vlapic`` section: one local APIC per vCPU. Its versions are ``VlapicState``'s."""
 
@@ -161,12 +204,12 @@ _registry: dict[str, Vm] = {}
 _registry_lock = threading.Lock()
 
 
-def vm_create(name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions") -> Vm:
+def vm_create(name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions", accel: str = "sim") -> Vm:
     """Create a VM by name, as ``vm_create()`` makes ``/dev/vmm/NAME``; EEXIST if it exists."""
     with _registry_lock:
         if name in _registry:
             raise vmm_error(errno.EEXIST, f"a VM named '{name}' already exists")
-        vm = Vm(name, ncpus=ncpus, vendor=vendor, tsc=tsc)
+        vm = Vm(name, ncpus=ncpus, vendor=vendor, tsc=tsc, accel=accel)
         _registry[name] = vm
         return vm
 
@@ -235,7 +278,13 @@ class UserExit:
 class Vm:
     """One virtual machine. Use :func:`vm_create`; drive it with :meth:`ioctl`."""
 
-    def __init__(self, name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions") -> None:
+    def __init__(self, name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions", accel: str = "sim") -> None:
+        if accel not in ACCELS:
+            raise vmm_error(errno.EINVAL, f"vCPU backend {accel!r} is not one of {', '.join(ACCELS)}")
+        if accel == "kvm":
+            why = _core.kvm_unavailable()
+            if why is not None:
+                raise vmm_error(errno.ENODEV, why)
         if vendor not in VENDORS:
             raise vmm_error(errno.EINVAL, f"vendor {vendor!r} is not one of {', '.join(VENDORS)}")
         if tsc not in TSC_MODES:
@@ -246,6 +295,8 @@ class Vm:
         self.ncpus = ncpus
         self.vendor = vendor
         self.tsc_mode = tsc
+        #: "sim": the simulated vCPU; "kvm": KVM vCPUs on memory that is the KVM VM's memory slots.
+        self.accel = accel
         self.destroyed = False
         self.memory: GuestMemory | None = None
         self._mapped: dict[str, bool] = {}
@@ -327,6 +378,7 @@ class Vm:
         if self.memory is not None:
             raise vmm_error(errno.EEXIST, f"VM '{self.name}' already has system memory ({self.memory.memsize} bytes)")
         try:
+            self._check_tracking(arg.dirty_tracking)
             self.memory = GuestMemory(arg.len, wired=arg.wired, dirty_tracking=arg.dirty_tracking, backing=arg.backing)
         except ValueError as err:
             raise vmm_error(errno.EINVAL, str(err)) from None
@@ -362,10 +414,18 @@ class Vm:
             offset += seg.size
         return self.memory
 
+    def _check_tracking(self, dirty_tracking: str) -> None:
+        """KVM vCPUs run only on memory that is a KVM VM's memory slots, and only they on it."""
+        if (self.accel == "kvm") != (dirty_tracking in KVM_TRACKING):
+            raise vmm_error(errno.EINVAL, f"VM '{self.name}' runs the {self.accel} vCPU backend; memory tracked by "
+                            f"'{dirty_tracking}' is not for it (a KVM guest's memory is tracked by 'kvm' or 'kvm-ring', "
+                            "and only its)")
+
     def adopt_memory(self, memory: GuestMemory, *, replace: bool = False) -> None:
         """Use memory made elsewhere (a restore or a migration receive) as system memory. With
         ``replace``, memory the VM has already (empty, no vCPU ever ran on it: a local migration's
         destination is built with some) is released and closed first."""
+        self._check_tracking(memory.dirty_tracking)
         if self.memory is not None and replace and self.vlapics:
             old = self.release_memory()
             if old is not None:
@@ -396,6 +456,8 @@ class Vm:
         return memory
 
     def _new_vcpus(self) -> list:
+        if self.accel == "kvm":
+            return [_core.KvmVcpu(self.memory.core, i) for i in range(self.ncpus)]
         return [_core.Vcpu(self.memory.core, i, vendor=self.vendor, tsc=self.tsc_mode) for i in range(self.ncpus)]
 
     def _create_vcpus(self) -> None:
@@ -433,7 +495,7 @@ class Vm:
     # -- run
     def _ioctl_vm_run(self, arg: VmRun) -> UserExit:
         self._check_vcpu(arg.vcpuid)
-        arg.exit = self._run(arg.vcpuid, arg.budget)
+        arg.exit = self._run_kvm(arg.vcpuid) if self.accel == "kvm" else self._run(arg.vcpuid, arg.budget)
         return arg.exit
 
     def complete_read(self, vcpuid: int, value: int) -> None:
@@ -443,18 +505,9 @@ class Vm:
 
     def _run(self, vcpuid: int, budget: int) -> UserExit:
         vcpu = self.vcpus[vcpuid]
-        with self.lock:
-            if self._running[vcpuid]:
-                raise vmm_error(errno.EBUSY, f"vcpu {vcpuid} of VM '{self.name}' is already running")
-            if self.suspended is not None:
-                return UserExit("suspended", vcpuid, how=self.suspended)
-            if self._paused[vcpuid]:
-                return UserExit("paused", vcpuid)
-            if not self.started[vcpuid]:
-                # An AP waiting for its STARTUP IPI, like a halted vCPU: look again shortly.
-                self._wakeup.wait(HALT_POLL_S)
-                return UserExit("waiting", vcpuid)
-            self._running[vcpuid] = True
+        refused = self._enter(vcpuid)
+        if refused is not None:
+            return refused
         stats = self.stats[vcpuid]
         start = vcpu.instructions_retired
         try:
@@ -506,6 +559,56 @@ class Vm:
                 self._kernel_work(vcpuid)
         finally:
             stats["instructions"] += vcpu.instructions_retired - start
+            with self.lock:
+                self._running[vcpuid] = False
+
+    def _enter(self, vcpuid: int) -> UserExit | None:
+        """Mark the vCPU running, or the exit that says why it may not run now."""
+        with self.lock:
+            if self._running[vcpuid]:
+                raise vmm_error(errno.EBUSY, f"vcpu {vcpuid} of VM '{self.name}' is already running")
+            if self.suspended is not None:
+                return UserExit("suspended", vcpuid, how=self.suspended)
+            if self._paused[vcpuid]:
+                return UserExit("paused", vcpuid)
+            if not self.started[vcpuid]:
+                # An AP waiting for its STARTUP IPI, like a halted vCPU: look again shortly.
+                self._wakeup.wait(HALT_POLL_S)
+                return UserExit("waiting", vcpuid)
+            self._running[vcpuid] = True
+        return None
+
+    def _run_kvm(self, vcpuid: int) -> UserExit:
+        """VM_RUN on a KVM vCPU: KVM itself runs the local APIC, I/O APIC, 8259s, interrupt
+        delivery and hlt; the exits left are ports and MMIO for device models (the kernel
+        devices' ports here, the rest for userspace), a pause, or a guest that cannot go on.
+        The caller's instruction budget does not apply (KVM counts no instructions)."""
+        refused = self._enter(vcpuid)
+        if refused is not None:
+            return refused
+        vcpu = self.vcpus[vcpuid]
+        stats = self.stats[vcpuid]
+        try:
+            if self.memory.lazy:
+                # KVM reaches guest memory through the host's page tables, not through vmmpy,
+                # so a chunk cannot be loaded when the guest first touches it: load them all
+                # (LazyMemoryError for a bad one, which stops the guest) before it runs.
+                self.memory.load_all()
+            while True:
+                ex = vcpu.run()
+                kind = ex.kind
+                stats[f"exits_{kind}"] += 1
+                if kind == "pause_requested":
+                    with self.lock:
+                        if self.suspended is not None:
+                            return UserExit("suspended", vcpuid, how=self.suspended)
+                    return UserExit("paused", vcpuid, ex)
+                if kind == "inout" and ex.port in self._port_devices:
+                    self._emulate_port(vcpuid, ex)
+                    continue
+                stats["userspace_exits"] += 1
+                return UserExit(kind, vcpuid, ex)
+        finally:
             with self.lock:
                 self._running[vcpuid] = False
 
@@ -736,8 +839,16 @@ class Vm:
                 at_deterministic_point=list(self._at_deterministic_point),
                 started=list(self.started),
                 guest_time_ns=self.clock.now_ns(),
+                accel=self.accel,
             )
+        if req == SnapshotReq.STRUCT_KVM:
+            if self.accel != "kvm":
+                return KvmState([], None)
+            return KvmState([KvmVcpuState(**vcpu.save_state()) for vcpu in self.vcpus],
+                            KvmChipsState(**_core.kvm_save_vm(self.memory.core)))
         if req == SnapshotReq.STRUCT_VMCX:
+            if self.accel == "kvm":
+                return VcpusState([])  # KVM's vCPUs are in the kvm section
             return VcpusState([VcpuState.from_core(vcpu.save_state()) for vcpu in self.vcpus])
         if req == SnapshotReq.STRUCT_VLAPIC:
             return VlapicsState([lapic.save() for lapic in self.vlapics])
@@ -747,6 +858,9 @@ class Vm:
         try:
             if req == SnapshotReq.STRUCT_VM:
                 data.validate()
+                if data.accel != self.accel:
+                    raise ValueError(f"vm: the guest was saved on the {data.accel} vCPU backend (--accel {data.accel}); this VM runs "
+                                     f"--accel {self.accel}, and a guest's CPU state cannot change backend")
                 if (data.ncpus, data.vendor, data.tsc_mode) != (self.ncpus, self.vendor, self.tsc_mode):
                     raise ValueError(
                         f"vm: saved for {data.ncpus} vCPUs, vendor {data.vendor}, TSC {data.tsc_mode}; "
@@ -757,6 +871,11 @@ class Vm:
                 self._at_deterministic_point = list(data.at_deterministic_point)
                 self.started = list(data.started)
                 self._saved_guest_time_ns = data.guest_time_ns
+            elif req == SnapshotReq.STRUCT_KVM:
+                self._restore_kvm(data)
+            elif req == SnapshotReq.STRUCT_VMCX and self.accel == "kvm":
+                if data.vcpus:
+                    raise ValueError(f"vmcx: {len(data.vcpus)} simulated vCPU states for a KVM guest (its vCPUs are in the kvm section)")
             elif req == SnapshotReq.STRUCT_VMCX:
                 if len(data.vcpus) != self.ncpus:
                     raise ValueError(f"vmcx: {len(data.vcpus)} vCPU states for a VM of {self.ncpus}")
@@ -771,6 +890,20 @@ class Vm:
                 getattr(self, self._KERNEL_STRUCTS[req]).restore(data)
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise vmm_error(errno.EINVAL, f"VM_SNAPSHOT_REQ restore of {req.name}: {err}") from None
+
+    def _restore_kvm(self, data: KvmState) -> None:
+        if self.accel != "kvm":
+            if data.vcpus or data.chips is not None:
+                raise ValueError("kvm: KVM vCPU state for a VM on the simulated vCPU (--accel sim)")
+            return
+        if len(data.vcpus) != self.ncpus or data.chips is None:
+            raise ValueError(f"kvm: {len(data.vcpus)} KVM vCPU states{'' if data.chips else ' and no interrupt controllers'} "
+                             f"for a KVM guest of {self.ncpus} vCPUs")
+        _core.kvm_restore_vm(self.memory.core, dataclasses.asdict(data.chips))
+        for i, (vcpu, state) in enumerate(zip(self.vcpus, data.vcpus, strict=True)):
+            if not vcpu.restore_state(dataclasses.asdict(state)):
+                # This host's KVM cannot offset the TSC (docs/kvm.md): the guest sees the host's.
+                self.stats[i]["tsc_not_continuous"] += 1
 
     def _ioctl_vm_restore_time(self, arg: VmRestoreTime) -> None:
         """After a restore, make the guest clock continue from the saved value (host TSC mode):

@@ -16,10 +16,10 @@ from typing import Any
 
 from .. import platform as P
 from ..asm import Program, assemble
-from . import abtest, ahcitest, blktest, console, hash, memtouch, nettest, nvmetest, rndtest, scsitest, vconsole
+from . import abtest, ahcitest, blktest, console, hash, memtouch, native, nettest, nvmetest, rndtest, scsitest, vconsole
 from ._common import Argument
 
-__all__ = ["PROGRAMS", "Argument", "GuestProgram", "load_program", "memory_layout", "parse_guest_args"]
+__all__ = ["NATIVE_PROGRAMS", "PROGRAMS", "Argument", "GuestProgram", "load_native_program", "load_program", "memory_layout", "parse_guest_args"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,25 @@ def load_into(machine: Any, name_or_path: str, args: Mapping[str, str] | None = 
     ``load_program`` will do)."""
     memory = machine.vm.memory
     highmem = memory.highmem.size if memory.highmem is not None else 0
-    machine.load_program(load_program(name_or_path, args, memsize=memsize, lowmem_size=memory.lowmem.size, highmem_size=highmem))
+    if getattr(machine.vm, "accel", "sim") == "kvm":
+        program = load_native_program(name_or_path, args, memsize=memsize, lowmem_size=memory.lowmem.size, highmem_size=highmem)
+    else:
+        program = load_program(name_or_path, args, memsize=memsize, lowmem_size=memory.lowmem.size, highmem_size=highmem)
+    machine.load_program(program)
+
+
+#: The programs with an x86-64 build (``native.py``), for the KVM vCPU.
+NATIVE_PROGRAMS: dict[str, GuestProgram] = native.native_programs(GuestProgram)
+
+
+def load_native_program(name: str, args: Mapping[str, str] | None = None, *, memsize: int, lowmem_size: int | None = None,
+                        highmem_size: int | None = None) -> Program:
+    """The x86-64 build of program ``name``, for the KVM vCPU (``native.py``)."""
+    if lowmem_size is None or highmem_size is None:
+        lowmem_size, highmem_size = memory_layout(memsize)
+    if name not in NATIVE_PROGRAMS:
+        raise ValueError(f"guest program {name!r} has no x86-64 build for --accel kvm: choose one of {', '.join(NATIVE_PROGRAMS)}")
+    return NATIVE_PROGRAMS[name].build(dict(args or {}), memsize, lowmem_size, highmem_size)
 
 
 def load_program(

@@ -22,6 +22,8 @@ Console::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .. import platform as P
 from ..asm import Program
 from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory, pace_constants
@@ -105,7 +107,17 @@ verify_range{index}:
 """
 
 
-def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
+class Plan(NamedTuple):
+    """What the arguments ask for, checked: the ranges one sweep walks and the counts."""
+
+    ranges: list[tuple[int, int]]
+    sweeps: int
+    report: int
+    rate: int
+
+
+def plan(args: dict[str, str], lowmem_size: int, highmem_size: int) -> Plan:
+    """Read and check abtest's arguments (the simulated and the x86-64 builds share them)."""
     a = ArgReader(NAME, args, ARGUMENTS)
     start = a.page_aligned("start", a.size("start"))
     end = a.page_aligned("end", a.size("end", default=lowmem_size))
@@ -122,8 +134,11 @@ def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: in
         raise a.fail("end", f"must be above start ({start:#x})")
     if highmem and highmem_size == 0:
         raise a.fail("highmem", "this VM has no highmem (its memory fits below the lowmem limit)")
+    return Plan(sweep_ranges(start, end, highmem, highmem_size), sweeps, report, rate)
 
-    ranges = sweep_ranges(start, end, highmem, highmem_size)
+
+def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
+    ranges, sweeps, report, rate = plan(args, lowmem_size, highmem_size)
     total_pages = sum(pages for _, pages in ranges)
     body = ["start:", "        mov r8, 0               ; sweeps done", "        mov r9, REPORT          ; sweeps to the next report"]
     if rate:

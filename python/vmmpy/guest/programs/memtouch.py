@@ -24,6 +24,8 @@ Console::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .. import platform as P
 from ..asm import Program
 from ._common import ArgReader, Argument, asm_string, assemble_program, check_memory, pace_constants
@@ -127,7 +129,19 @@ _NEXT_RANDOM = """
 """
 
 
-def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
+class Plan(NamedTuple):
+    """What the arguments ask for, checked."""
+
+    pages: int
+    pattern: str
+    rate: int
+    seed: int
+    writes: int
+    report: int
+
+
+def plan(args: dict[str, str], lowmem_size: int) -> Plan:
+    """Read and check memtouch's arguments (the simulated and the x86-64 builds share them)."""
     a = ArgReader(NAME, args, ARGUMENTS)
     wss = a.page_aligned("wss", a.size("wss"))
     pattern = a.choice("pattern", PATTERNS)
@@ -145,6 +159,11 @@ def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: in
         raise a.fail("wss", f"does not fit lowmem: 2M + wss must be at most {lowmem_size:#x}")
     if pattern == "hotcold" and pages < 2:
         raise a.fail("wss", "must be at least 2 pages for pattern=hotcold (a hot and a cold part)")
+    return Plan(pages, pattern, rate, seed, writes, report)
+
+
+def build(args: dict[str, str], memsize: int, lowmem_size: int, highmem_size: int) -> Program:
+    pages, pattern, rate, seed, writes, report = plan(args, lowmem_size)
 
     body = [_NEXT_RANDOM, """
 start:
