@@ -99,6 +99,7 @@ fn bytes_cross_exactly_in_full_records_both_ways() {
     let mut buf = [0u8; 16];
     assert_eq!(server.recv(&mut buf, Wait::Timeout, false).unwrap(), 0);
     assert_eq!(server.failure(), None, "close_notify is a clean end");
+    assert_eq!(server.pending(), 1, "a read would return the end at once");
 }
 
 #[test]
@@ -155,6 +156,7 @@ fn an_altered_record_is_named_and_every_later_read_says_so() {
             other => panic!("{other:?}"),
         }
     }
+    assert_eq!(server.pending(), 1, "a read would report the failure at once");
     // The client is told why.
     match client.recv(&mut buf, Wait::Timeout, false) {
         Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: alert bad record mac"),
