@@ -331,3 +331,38 @@ def test_peeked_bytes_are_read_again_and_seen_as_pending(pki):
         server.recv(10)
     client.close()
     server.close()
+
+
+def test_records_the_core_seals_and_opens_are_standard_tls_both_ways(pki):
+    # The core seals and opens TLS 1.3 records itself after rustls's handshake: Python's ssl
+    # (OpenSSL) on the other end must read every byte it sends, in records of every size up to
+    # the largest and across its 1 MiB sends, and it must read every byte OpenSSL sends.
+    peer, core = python_peer(pki)
+    data = os.urandom(3 * MiB + 12345)
+    out = {}
+
+    def openssl_reads():
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = peer.recv(MiB)
+            if not chunk:
+                break
+            got += chunk
+        out["got"] = bytes(got)
+        peer.sendall(data[::-1])  # and back, sealed by OpenSSL
+
+    reader = threading.Thread(target=openssl_reads)
+    reader.start()
+    set_io_timeout(core, 30)
+    core.sendall(data[:1])  # a one-byte record
+    core.sendall(data[1:])
+    reader.join(30)
+    assert not reader.is_alive() and out["got"] == data, "OpenSSL read exactly what the core sealed"
+    back = bytearray()
+    while len(back) < len(data):
+        chunk = core.recv(MiB)
+        assert chunk, "the core read to the end of what OpenSSL sent"
+        back += chunk
+    assert bytes(back) == data[::-1], "the core opened exactly what OpenSSL sealed"
+    peer.close()
+    core.close()

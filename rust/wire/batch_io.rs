@@ -25,7 +25,7 @@ use super::batch::{
     MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 use super::decompress::recv_lz4_payload;
-use super::fdio::{read_all_with, read_exact, write_all, Link, WholeReads, HASH_WINDOW_PAGES};
+use super::fdio::{read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES};
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
@@ -207,7 +207,8 @@ pub fn send_batch_metered<'a>(
     let windows = windows(ranges, &offsets, tracker, meter);
     let mut header_iov = Some(encoded_iov);
     let mut header_pages = stats.zero_pages; // counted with the header: they go in its table
-    for window in windows {
+    let last = windows.len();
+    for (i, window) in windows.into_iter().enumerate() {
         if let Some(tracker) = tracker {
             tracker.hash_now(seg, &window, false)?;
         }
@@ -216,7 +217,8 @@ pub fn send_batch_metered<'a>(
         // SAFETY: the first iovec may be `encoded`, alive until the end of this function; the others
         // lie inside the segment's mapping (validate_ranges checked each range), which `mem` keeps
         // mapped. The kernel only reads through them; `*mut` is the iovec type's.
-        unsafe { write_all(link, &mut iovs, "sending a page batch")? };
+        // The next window follows at once: a TLS link may keep what does not fill its write.
+        unsafe { write_all_more(link, &mut iovs, "sending a page batch", i + 1 < last)? };
         let data_pages: u64 = window.iter().map(|&(_, pages)| pages as u64).sum();
         progress::advance(meter, data_pages + std::mem::take(&mut header_pages), data_pages, header_bytes + data_pages * PAGE_SIZE as u64);
     }

@@ -67,10 +67,22 @@ fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
 /// # Safety
 /// Every iovec must describe memory readable for the whole call.
 pub(super) unsafe fn write_all(link: Link<'_>, iovs: &mut [libc::iovec], what: &str) -> Result<(), PageError> {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { write_all_more(link, iovs, what, false) }
+}
+
+/// [`write_all`]; with `more`, the caller's next write follows at once (the next window of one
+/// page batch), which a TLS link uses to fill its records and write them in larger runs
+/// (`TlsStream::send_parts_more`). The last write of a run must be without `more`. A plain fd
+/// writes everything now either way.
+///
+/// # Safety
+/// Every iovec must describe memory readable for the whole call.
+pub(super) unsafe fn write_all_more(link: Link<'_>, iovs: &mut [libc::iovec], what: &str, more: bool) -> Result<(), PageError> {
     let fd = match link {
         Link::Fd(fd) => fd,
         // SAFETY: the caller's contract, passed on.
-        Link::Tls(tls) => return unsafe { tls.send_iovecs(iovs, what) },
+        Link::Tls(tls) => return unsafe { tls.send_iovecs(iovs, what, more) },
     };
     let mut idx = 0;
     advance(iovs, &mut idx, 0);

@@ -24,6 +24,7 @@ mod ranges;
 mod stall;
 mod streams;
 mod tls;
+mod tls_records;
 
 pub use batch::{
     decode_header as decode_batch_header, end_of_round_batch, split_batches, BatchHeader, PageRange, RangeKind, BATCH_DATA_PAGES,

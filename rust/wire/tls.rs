@@ -1,17 +1,23 @@
-//! Mutual TLS 1.3 ended in the core (rustls): a connected socket and its TLS session as one
-//! object, [`TlsStream`], which the frames above and the page batches here both read and write.
+//! Mutual TLS 1.3 ended in the core: a connected socket and its TLS session as one object,
+//! [`TlsStream`], which the frames above and the page batches here both read and write.
 //!
-//! Page batches go through it as they go through a plain fd (`fdio::Link`): their bytes are
-//! encrypted straight from guest memory into TLS records and written with one sendmsg per run of
-//! records, and received records are decrypted and copied straight into guest memory. There is no
-//! relay thread and no socketpair: the only extra pass over the bytes is the cipher's.
+//! rustls runs the handshake (its unbuffered API, on buffers of ours) and keeps the secrets
+//! afterwards (`KernelConnection`: it derives each next key and takes session tickets); the
+//! records after the handshake are sealed and opened here (`tls_records`), because rustls' own
+//! record layer allocates and copies every record once more on each side. Page batches go
+//! through a stream as they go through a plain fd (`fdio::Link`): their bytes are copied from
+//! guest memory into one buffer of full records, sealed in place and written with one send per
+//! `SEND_STEP`; received ciphertext is opened in place where it arrived and copied once into
+//! guest memory. There is no relay thread and no socketpair.
 //!
 //! The socket stays the caller's: it owns the fd, sets its SO_SNDTIMEO / SO_RCVTIMEO (honoured as
 //! `stall` explains: a send's timeout counts from the last byte the peer took, a receive's from
 //! the last byte that arrived) and may shut it down from another thread to wake whatever is
-//! blocked here. One thread may send while another receives: a send lock orders whole writes, a
-//! receive lock whole reads, and the session itself is locked only while bytes are en- or
-//! decrypted, never across a wait.
+//! blocked here. One thread may send while another receives: the send side (its key and buffer)
+//! is locked for whole writes, the receive side for whole reads; rustls is locked only to derive a
+//! key or take a ticket. A send key is replaced (KeyUpdate) before it reaches the cipher suite's
+//! confidentiality limit; a peer's KeyUpdate replaces the receive key, and the send key too when it
+//! asks.
 //!
 //! The handshake ([`TlsStream::handshake`]) is bounded by a deadline. A client's handshake ends
 //! only once the server has accepted its certificate: TLS 1.3 lets the client finish before the
@@ -23,29 +29,36 @@
 //! caller gives PEM text ([`TlsIdentity`]) and the name the server must carry.
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rustls::client::{ClientSessionStore, Resumption};
+use rustls::client::{ClientConnectionData, ClientSessionStore, Resumption, UnbufferedClientConnection};
 use rustls::crypto::{ring, CryptoProvider};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    AlertDescription, CertificateError, ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
-};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus};
+use rustls::{AlertDescription, CertificateError, ClientConfig, CommonState, RootCertStore, ServerConfig};
 
 use super::stall::{poll_ms, socket_timeout, timed_out, SendDeadline};
+use super::tls_records::{record_len, RecordKey, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_FRAGMENT, OVERHEAD};
 use crate::digest::{Direction, PageError};
 
 /// Ciphertext read from the socket at a time (at most): one syscall brings many records.
-const INBOX_BYTES: usize = 256 << 10;
-/// Plaintext handed to the session at a time when sending: its records are then written to the
-/// socket before more is encrypted, so at most this much ciphertext waits in memory.
-const SEND_STEP: usize = 256 << 10;
+const INBOX_BYTES: usize = 1 << 20;
+/// Records sealed before they are written with one send: at most this much (and one record)
+/// ciphertext waits in memory, small enough to stay in a core's cache until the kernel copies it.
+/// 1 MiB took a fifth less CPU than 256 KiB (or 4 MiB) per GiB over loopback here
+/// (docs/performance.md, "TLS in the core").
+const SEND_STEP: usize = 1 << 20;
+/// Handshake message types after the handshake (RFC 8446 4).
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
 /// The first bytes a handshake received, kept to recognise a peer that answered in plaintext.
 const KEEP_RECEIVED: usize = 4096;
 
@@ -122,12 +135,13 @@ impl TlsIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| IdentityError { part: "certificate", why: e.to_string() })?
             .with_root_certificates(self.roots.clone());
-        let config = match &self.key {
+        let mut config = match &self.key {
             Some(key) => builder
                 .with_client_auth_cert(self.chain.clone(), key.clone_key())
                 .map_err(|e| IdentityError { part: "key", why: e.to_string() })?,
             None => builder.with_no_client_auth(),
         };
+        config.enable_secret_extraction = true; // the records are sealed and opened in tls_records
         Ok(Arc::new(config))
     }
 
@@ -146,6 +160,7 @@ impl TlsIdentity {
             .with_single_cert(self.chain.clone(), key.clone_key())
             .map_err(|e| IdentityError { part: "key", why: e.to_string() })?;
         config.send_tls13_tickets = 1;
+        config.enable_secret_extraction = true; // the records are sealed and opened in tls_records
         Ok(Arc::new(config))
     }
 }
@@ -289,8 +304,8 @@ pub enum Side {
     Server { config: Arc<ServerConfig> },
 }
 
-/// Reads and writes on the caller's socket without sleeping in the kernel (MSG_DONTWAIT): the
-/// waits happen in poll(), outside the session lock. Keeps the first bytes read when asked.
+/// Reads on the caller's socket without sleeping in the kernel (MSG_DONTWAIT): the waits happen
+/// in poll(), outside any lock another thread needs. Keeps the first bytes read when asked.
 struct Socket<'a> {
     fd: RawFd,
     keep: Option<&'a mut Vec<u8>>,
@@ -312,27 +327,14 @@ impl Read for Socket<'_> {
     }
 }
 
-impl Write for Socket<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
+/// One send(MSG_DONTWAIT | MSG_NOSIGNAL) of `buf`: how much the socket took.
+fn send_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is readable for the call; the kernel only reads it.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: an all-zero msghdr is valid (no name, no control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec
-        msg.msg_iovlen = bufs.len() as _;
-        // SAFETY: the slices are readable for the call; the kernel only reads them.
-        let n = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+    Ok(n as usize)
 }
 
 /// Wait for `events` on `fd` for at most `wait` (None: without limit); false when it ran out.
@@ -359,14 +361,71 @@ fn wait_for(fd: RawFd, events: libc::c_short, wait: Option<Duration>) -> io::Res
     }
 }
 
-/// Ciphertext read from the socket and not yet handed to the session, plaintext peeked at, and
-/// whether the socket has reached its end.
+/// The receiving side: ciphertext read from the socket and not opened yet (`buf[start..end]`),
+/// the plaintext of records opened and not read yet (`buf[plain]`, always before `start`: the
+/// records are opened where they arrived), plaintext peeked at (or decrypted by rustls during the
+/// handshake), the receive key, and how the stream ended or broke.
 struct Inbox {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    eof: bool,
+    plain: Range<usize>,
     peeked: Vec<u8>,
+    key: RecordKey,
+    /// The socket reached its end.
+    eof: bool,
+    /// Nothing more will be read: close_notify arrived, or the socket ended without it.
+    ended: bool,
+    /// Why the records failed TLS's checks: every later receive reports it.
+    broken: Option<String>,
+}
+
+/// The sending side: the records being built (sealed in place, written with one send per
+/// `SEND_STEP`) and the send key with how many records it may still protect.
+struct Outbox {
+    out: Vec<u8>,
+    /// Where the record being filled starts in `out` (a send with more to follow leaves it open).
+    open: Option<usize>,
+    key: RecordKey,
+    /// Records one key may protect (the suite's confidentiality limit): the last of them carries
+    /// a KeyUpdate, and the records after it a new key.
+    records_per_key: u64,
+}
+
+impl Outbox {
+    /// Seal the record being filled, if any.
+    fn seal_open(&mut self) {
+        if let Some(start) = self.open.take() {
+            self.key.seal(&mut self.out, start, APPLICATION_DATA);
+        }
+    }
+}
+
+/// rustls after the handshake: it keeps the traffic secrets, derives the next keys on a
+/// KeyUpdate, and takes the session tickets a server sends.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn next_key(&mut self, receive: bool) -> Result<RecordKey, rustls::Error> {
+        let (seq, secrets) = match (self, receive) {
+            (Kernel::Client(k), false) => k.update_tx_secret()?,
+            (Kernel::Client(k), true) => k.update_rx_secret()?,
+            (Kernel::Server(k), false) => k.update_tx_secret()?,
+            (Kernel::Server(k), true) => k.update_rx_secret()?,
+        };
+        RecordKey::new(seq, secrets)
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        let suite = match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        };
+        suite.tls13().map_or(u64::MAX, |s| s.common.confidentiality_limit)
+    }
 }
 
 /// How a receive waits when nothing is ready.
@@ -381,9 +440,13 @@ pub enum Wait {
 /// A connected socket's TLS session; see the module doc.
 pub struct TlsStream {
     fd: RawFd,
-    conn: Mutex<Connection>,
-    send_lock: Mutex<()>,
+    /// Also the send lock: whole writes in order.
+    outbox: Mutex<Outbox>,
+    /// Also the receive lock.
     inbox: Mutex<Inbox>,
+    kernel: Mutex<Kernel>,
+    /// The peer asked for a new send key (its KeyUpdate had update_requested).
+    update_wanted: AtomicBool,
     failure: Mutex<Option<String>>,
     detached: AtomicBool,
     summary: String,
@@ -400,79 +463,215 @@ impl fmt::Debug for TlsStream {
     }
 }
 
+/// What the handshake moves over the socket: bytes in (`incoming[..used]`), bytes out, the first
+/// bytes received (to recognise a plaintext peer), and application data rustls decrypted before
+/// the handshake was done with.
+struct Handshake {
+    fd: RawFd,
+    deadline: Instant,
+    incoming: Vec<u8>,
+    used: usize,
+    out: Vec<u8>,
+    received: Vec<u8>,
+    early: Vec<u8>,
+}
+
+/// What the handshake does after handling one state.
+enum Step {
+    Again,
+    Read,
+    Done,
+    Failed(rustls::Error),
+}
+
+type Process<Data> = for<'c, 'i> fn(&'c mut UnbufferedConnectionCommon<Data>, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Data>;
+
+impl Handshake {
+    fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    fn tls(&mut self, error: rustls::Error) -> HandshakeFailure {
+        HandshakeFailure::Tls { error, received: std::mem::take(&mut self.received) }
+    }
+
+    /// Drive rustls until the handshake is done and `accepted()` (a client: the server has
+    /// accepted its certificate) or the peer already sent data, which it does only then.
+    fn drive<Data>(
+        &mut self,
+        conn: &mut UnbufferedConnectionCommon<Data>,
+        process: Process<Data>,
+        accepted: &dyn Fn() -> bool,
+    ) -> Result<(), HandshakeFailure> {
+        loop {
+            let UnbufferedStatus { discard, state } = process(conn, &mut self.incoming[..self.used]);
+            let step = match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => loop {
+                    let at = self.out.len();
+                    self.out.resize(at + (4 << 10), 0);
+                    match e.encode(&mut self.out[at..]) {
+                        Ok(n) => {
+                            self.out.truncate(at + n);
+                            break Step::Again;
+                        }
+                        Err(EncodeError::InsufficientSize(s)) => self.out.resize(at + s.required_size, 0),
+                        Err(EncodeError::AlreadyEncoded) => {
+                            self.out.truncate(at);
+                            break Step::Again;
+                        }
+                    }
+                    self.out.truncate(at);
+                },
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    self.transmit()?;
+                    t.done();
+                    Step::Again
+                }
+                Ok(ConnectionState::BlockedHandshake) => Step::Read,
+                Ok(ConnectionState::WriteTraffic(_)) if accepted() || !self.early.is_empty() => Step::Done,
+                Ok(ConnectionState::WriteTraffic(_)) => Step::Read,
+                Ok(ConnectionState::ReadTraffic(mut r)) => {
+                    let mut step = Step::Again;
+                    while let Some(record) = r.next_record() {
+                        match record {
+                            Ok(record) => self.early.extend_from_slice(record.payload),
+                            Err(error) => {
+                                step = Step::Failed(error);
+                                break;
+                            }
+                        }
+                    }
+                    step
+                }
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                    return Err(HandshakeFailure::Closed { received: std::mem::take(&mut self.received) })
+                }
+                Ok(other) => Step::Failed(rustls::Error::General(format!("unexpected handshake state {other:?}"))),
+                Err(error) => Step::Failed(error),
+            };
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+            match step {
+                Step::Again => {}
+                Step::Done => return Ok(()),
+                Step::Read => self.read_more()?,
+                Step::Failed(error) => {
+                    // rustls queued the alert that tells the peer why (best effort: the
+                    // connection is given up).
+                    let UnbufferedStatus { state, .. } = process(conn, &mut self.incoming[..self.used]);
+                    if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+                        let mut alert = [0u8; 256];
+                        if let Ok(n) = e.encode(&mut alert) {
+                            let _ = send_some(self.fd, &alert[..n]);
+                        }
+                    }
+                    return Err(self.tls(error));
+                }
+            }
+        }
+    }
+
+    fn transmit(&mut self) -> Result<(), HandshakeFailure> {
+        let mut sent = 0;
+        while sent < self.out.len() {
+            match send_some(self.fd, &self.out[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait_for(self.fd, libc::POLLOUT, Some(self.left())).map_err(HandshakeFailure::Io)? {
+                        return Err(HandshakeFailure::TimedOut);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(HandshakeFailure::Io(e)),
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    fn read_more(&mut self) -> Result<(), HandshakeFailure> {
+        if self.used == self.incoming.len() {
+            return Err(self.tls(rustls::Error::General("a handshake message larger than the receive buffer".into())));
+        }
+        loop {
+            if !wait_for(self.fd, libc::POLLIN, Some(self.left())).map_err(HandshakeFailure::Io)? {
+                return Err(HandshakeFailure::TimedOut);
+            }
+            let used = self.used;
+            match (Socket { fd: self.fd, keep: Some(&mut self.received) }).read(&mut self.incoming[used..]) {
+                Ok(0) => return Err(HandshakeFailure::Closed { received: std::mem::take(&mut self.received) }),
+                Ok(n) => {
+                    self.used += n;
+                    return Ok(());
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e) => return Err(HandshakeFailure::Io(e)),
+            }
+        }
+    }
+}
+
 impl TlsStream {
     /// Run the handshake on the connected, blocking socket `fd` (the caller's; it stays open and
     /// the caller's) within `timeout`. Ciphertext that arrived with the handshake's last records
     /// is kept for the first receive.
     pub fn handshake(fd: RawFd, side: Side, timeout: Duration) -> Result<TlsStream, HandshakeFailure> {
-        let deadline = Instant::now() + timeout;
-        let mut received = Vec::new();
-        let ticket = Arc::new(TicketSeen::default());
-        let (mut conn, peer_name): (Connection, Option<String>) = match side {
+        let mut hs = Handshake {
+            fd,
+            deadline: Instant::now() + timeout,
+            incoming: vec![0; INBOX_BYTES],
+            used: 0,
+            out: Vec::new(),
+            received: Vec::new(),
+            early: Vec::new(),
+        };
+        let (secrets, kernel, (summary, peer_names)) = match side {
             Side::Client { config, server_name } => {
-                let name = ServerName::try_from(server_name.clone()).map_err(|e| HandshakeFailure::Tls {
-                    error: rustls::Error::General(format!("{server_name:?} is not a host name or address: {e}")),
-                    received: Vec::new(),
-                })?;
+                let name = ServerName::try_from(server_name.clone())
+                    .map_err(|e| hs.tls(rustls::Error::General(format!("{server_name:?} is not a host name or address: {e}"))))?;
+                let ticket = Arc::new(TicketSeen::default());
                 let mut config = (*config).clone();
                 config.resumption = Resumption::store(ticket.clone());
-                let conn =
-                    ClientConnection::new(Arc::new(config), name).map_err(|error| HandshakeFailure::Tls { error, received: Vec::new() })?;
-                (conn.into(), Some(server_name))
+                let mut conn = UnbufferedClientConnection::new(Arc::new(config), name).map_err(|e| hs.tls(e))?;
+                hs.drive(&mut conn, UnbufferedConnectionCommon::<ClientConnectionData>::process_tls_records, &|| {
+                    ticket.0.load(Ordering::Acquire)
+                })?;
+                let names = summarize(&conn, Some(&server_name));
+                let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(|e| hs.tls(e))?;
+                (secrets, Kernel::Client(kernel), names)
             }
             Side::Server { config } => {
-                let conn = ServerConnection::new(config).map_err(|error| HandshakeFailure::Tls { error, received: Vec::new() })?;
-                (conn.into(), None)
+                let mut conn = UnbufferedServerConnection::new(config).map_err(|e| hs.tls(e))?;
+                hs.drive(&mut conn, UnbufferedConnectionCommon::<ServerConnectionData>::process_tls_records, &|| true)?;
+                let names = summarize(&conn, None);
+                let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(|e| hs.tls(e))?;
+                (secrets, Kernel::Server(kernel), names)
             }
         };
-        let client = peer_name.is_some();
-        let mut data_waiting = false;
-        let left = || deadline.saturating_duration_since(Instant::now());
-        loop {
-            while conn.wants_write() {
-                match conn.write_tls(&mut Socket { fd, keep: None }) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if !wait_for(fd, libc::POLLOUT, Some(left())).map_err(HandshakeFailure::Io)? {
-                            return Err(HandshakeFailure::TimedOut);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(HandshakeFailure::Io(e)),
-                }
-            }
-            if !conn.is_handshaking() {
-                // A server is done; a client once its certificate was accepted (a ticket came) or
-                // the server already sent data, which it does only after accepting it.
-                if !client || ticket.0.load(Ordering::Acquire) || data_waiting {
-                    break;
-                }
-            }
-            if !wait_for(fd, libc::POLLIN, Some(left())).map_err(HandshakeFailure::Io)? {
-                return Err(HandshakeFailure::TimedOut);
-            }
-            match conn.read_tls(&mut Socket { fd, keep: Some(&mut received) }) {
-                Ok(0) => return Err(HandshakeFailure::Closed { received }),
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-                Err(e) => return Err(HandshakeFailure::Io(e)),
-            }
-            match conn.process_new_packets() {
-                Ok(state) => data_waiting = state.plaintext_bytes_to_read() > 0,
-                Err(error) => {
-                    // The alert tells the peer why (best effort: the connection is given up).
-                    let _ = conn.write_tls(&mut Socket { fd, keep: None });
-                    return Err(HandshakeFailure::Tls { error, received });
-                }
-            }
-        }
-        conn.set_buffer_limit(None); // a send encrypts all it is given; its records leave before the next
-        let (summary, peer_names) = summarize(&conn, peer_name.as_deref());
+        let send_key = RecordKey::new(secrets.tx.0, secrets.tx.1).map_err(|e| hs.tls(e))?;
+        let receive_key = RecordKey::new(secrets.rx.0, secrets.rx.1).map_err(|e| hs.tls(e))?;
+        let records_per_key = kernel.confidentiality_limit();
         Ok(TlsStream {
             fd,
-            conn: Mutex::new(conn),
-            send_lock: Mutex::new(()),
-            inbox: Mutex::new(Inbox { buf: vec![0; INBOX_BYTES], start: 0, end: 0, eof: false, peeked: Vec::new() }),
+            outbox: Mutex::new(Outbox {
+                out: Vec::with_capacity(SEND_STEP + MAX_FRAGMENT + 4 * OVERHEAD),
+                open: None,
+                key: send_key,
+                records_per_key,
+            }),
+            inbox: Mutex::new(Inbox {
+                buf: hs.incoming,
+                start: 0,
+                end: hs.used,
+                plain: 0..0,
+                peeked: hs.early,
+                key: receive_key,
+                eof: false,
+                ended: false,
+                broken: None,
+            }),
+            kernel: Mutex::new(kernel),
+            update_wanted: AtomicBool::new(false),
             failure: Mutex::new(None),
             detached: AtomicBool::new(false),
             summary,
@@ -506,13 +705,18 @@ impl TlsStream {
         f.get_or_insert(why).clone()
     }
 
-    /// Plaintext received and not yet read (a read would not wait for it).
+    /// Plaintext received and not yet read (a read would not wait for it; an end or a failure
+    /// that a read would report at once counts as one byte).
     pub fn pending(&self) -> usize {
         // A reader blocked in another thread holds the inbox: then nothing is waiting unread.
-        let Ok(inbox) = self.inbox.try_lock() else { return 0 };
-        let peeked = inbox.peeked.len();
-        drop(inbox);
-        peeked + lock(&self.conn).process_new_packets().map_or(0, |s| s.plaintext_bytes_to_read())
+        let Ok(mut inbox) = self.inbox.try_lock() else { return 0 };
+        let ready = self.open_records(&mut inbox).unwrap_or(true);
+        let waiting = inbox.peeked.len() + inbox.plain.len();
+        if waiting == 0 && ready {
+            1
+        } else {
+            waiting
+        }
     }
 
     /// From now on the fd is not touched (the caller is about to close it).
@@ -530,76 +734,115 @@ impl TlsStream {
     // -- sending ---------------------------------------------------------------------------------
 
     /// Encrypt and write every byte of `parts`, in order, as one write no other send interleaves
-    /// with. The socket's SO_SNDTIMEO counts from the last byte the peer took.
+    /// with. Records are filled to the maximum across parts, sealed in one buffer straight from
+    /// `parts`, and written one `SEND_STEP` at a time. The socket's SO_SNDTIMEO counts from the
+    /// last byte the peer took.
     pub fn send_parts(&self, parts: &[&[u8]], what: &str) -> Result<(), PageError> {
-        let _order = lock(&self.send_lock);
+        self.send_parts_more(parts, what, false)
+    }
+
+    /// [`send_parts`](Self::send_parts); with `more`, the caller's next send follows at once (the
+    /// next window of the same page batch): what does not fill a `SEND_STEP` then waits for it,
+    /// the record being filled included, so records stay full and writes large. The last send
+    /// of a run must be without `more`.
+    pub fn send_parts_more(&self, parts: &[&[u8]], what: &str, more: bool) -> Result<(), PageError> {
+        let mut outbox = lock(&self.outbox);
         self.check_attached().map_err(|e| PageError::io(what.to_string(), e))?;
         let mut deadline = SendDeadline::new(self.fd);
         for part in parts {
-            for piece in part.chunks(SEND_STEP) {
-                {
-                    let mut c = lock(&self.conn);
-                    let mut w = c.writer();
-                    w.write_all(piece).map_err(|e| PageError::io(format!("{what}: TLS"), e))?;
+            let mut rest = *part;
+            while !rest.is_empty() {
+                let start = match outbox.open {
+                    Some(start) => start,
+                    None => {
+                        self.before_record(&mut outbox, what)?;
+                        let start = outbox.out.len();
+                        outbox.out.extend_from_slice(&[0; HEADER]);
+                        *outbox.open.insert(start)
+                    }
+                };
+                let filled = outbox.out.len() - start - HEADER;
+                let n = (MAX_FRAGMENT - filled).min(rest.len());
+                outbox.out.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if filled + n == MAX_FRAGMENT {
+                    outbox.seal_open();
+                    if outbox.out.len() >= SEND_STEP {
+                        self.flush(&mut outbox, &mut deadline, what)?;
+                    }
                 }
-                self.flush(&mut deadline, what)?;
             }
         }
+        if more {
+            return Ok(());
+        }
+        outbox.seal_open();
+        self.flush(&mut outbox, &mut deadline, what)
+    }
+
+    /// Before a new record: when the send key has one record left (or the peer asked), that one
+    /// carries a KeyUpdate and the key changes (RFC 8446 4.6.3).
+    fn before_record(&self, outbox: &mut Outbox, what: &str) -> Result<(), PageError> {
+        let asked = self.update_wanted.swap(false, Ordering::AcqRel);
+        if !asked && outbox.key.seq + 1 < outbox.records_per_key {
+            return Ok(());
+        }
+        let Outbox { out, key, .. } = outbox;
+        key.seal_record(out, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0]); // update_not_requested
+        *key = lock(&self.kernel)
+            .next_key(false)
+            .map_err(|e| PageError::io(format!("{what}: TLS: {}", describe(&e)), io::Error::from_raw_os_error(libc::EPROTO)))?;
         Ok(())
     }
 
-    /// [`send_parts`](Self::send_parts) for iovecs.
-    ///
-    /// # Safety
-    /// Every iovec must describe memory readable for the whole call.
-    pub unsafe fn send_iovecs(&self, iovs: &[libc::iovec], what: &str) -> Result<(), PageError> {
-        // SAFETY: the caller's contract: each iovec is readable memory for the call.
-        let parts: Vec<&[u8]> = iovs
-            .iter()
-            .filter(|v| v.iov_len > 0)
-            .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
-            .collect();
-        self.send_parts(&parts, what)
-    }
-
-    /// Write the session's queued records to the socket (the caller holds the send lock).
-    fn flush(&self, deadline: &mut Option<SendDeadline>, what: &str) -> Result<(), PageError> {
-        loop {
-            let written = {
-                let mut c = lock(&self.conn);
-                if !c.wants_write() {
-                    return Ok(());
-                }
-                c.write_tls(&mut Socket { fd: self.fd, keep: None })
-            };
-            match written {
-                Ok(_) => {
+    /// Write the sealed records to the socket (the caller holds the send lock).
+    fn flush(&self, outbox: &mut Outbox, deadline: &mut Option<SendDeadline>, what: &str) -> Result<(), PageError> {
+        debug_assert!(outbox.open.is_none(), "only sealed records are written");
+        let mut sent = 0;
+        while sent < outbox.out.len() {
+            match send_some(self.fd, &outbox.out[sent..]) {
+                Ok(n) => {
+                    sent += n;
                     if let Some(d) = deadline.as_mut() {
                         d.progressed();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match deadline.as_mut() {
-                    Some(d) => d.wait(what)?,
-                    None => {
-                        wait_for(self.fd, libc::POLLOUT, None).map_err(|e| PageError::io(format!("{what} (fd {})", self.fd), e))?;
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let waited = match deadline.as_mut() {
+                        Some(d) => d.wait(what),
+                        None => wait_for(self.fd, libc::POLLOUT, None)
+                            .map(|_| ())
+                            .map_err(|e| PageError::io(format!("{what} (fd {})", self.fd), e)),
+                    };
+                    if let Err(e) = waited {
+                        // The records not written stay first in line, whole, for a later send.
+                        outbox.out.drain(..sent);
+                        return Err(e);
                     }
-                },
-                Err(e) => return Err(PageError::io(format!("{what} (fd {})", self.fd), e)),
+                }
+                Err(e) => {
+                    outbox.out.drain(..sent);
+                    return Err(PageError::io(format!("{what} (fd {})", self.fd), e));
+                }
             }
         }
+        outbox.out.clear();
+        Ok(())
     }
 
     /// Send TLS close_notify (best effort, within the socket's send timeout): the peer then reads
     /// a clean end of stream rather than a cut connection.
     pub fn close_notify(&self) {
-        let _order = lock(&self.send_lock);
+        let mut outbox = lock(&self.outbox);
         if self.check_attached().is_err() {
             return;
         }
-        lock(&self.conn).send_close_notify();
+        outbox.seal_open();
+        let Outbox { out, key, .. } = &mut *outbox;
+        key.seal_record(out, ALERT, &[1, 0]); // warning, close_notify
         let mut deadline = SendDeadline::new(self.fd);
-        let _ = self.flush(&mut deadline, "sending TLS close_notify");
+        let _ = self.flush(&mut outbox, &mut deadline, "sending TLS close_notify");
     }
 
     // -- receiving -------------------------------------------------------------------------------
@@ -625,8 +868,7 @@ impl TlsStream {
                 dst[..n].copy_from_slice(&inbox.peeked[..n]);
                 return Ok(n);
             }
-            let target: &mut [u8] = if peek { &mut [] } else { dst };
-            match self.take_plaintext(&mut inbox, target, peek)? {
+            match self.take_plaintext(&mut inbox, dst, peek)? {
                 Some(n) if peek && n > 0 => continue, // now in the peek buffer
                 Some(n) => return Ok(n),
                 None => self.fill_inbox(&mut inbox, wait)?,
@@ -634,56 +876,149 @@ impl TlsStream {
         }
     }
 
-    /// Decrypt what has arrived; Some(bytes) when plaintext was copied out (into `dst`, or with
-    /// `peek` into the peek buffer) or the stream ended (0), None when more must arrive.
+    /// Copy out the plaintext of the records that arrived whole, opening them as needed; Some(bytes)
+    /// when plaintext was copied (into `dst`, or with `peek` into the peek buffer) or the stream
+    /// ended (0), None when more must arrive.
     fn take_plaintext(&self, inbox: &mut Inbox, dst: &mut [u8], peek: bool) -> Result<Option<usize>, RecvError> {
-        let mut c = lock(&self.conn);
-        loop {
-            let result = if peek {
-                let mut buf = [0u8; 4096];
-                c.reader().read(&mut buf).inspect(|&n| inbox.peeked.extend_from_slice(&buf[..n]))
-            } else {
-                c.reader().read(dst)
-            };
-            match result {
-                Ok(n) => return Ok(Some(n)), // 0: the peer's close_notify
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    self.fail("the peer closed the connection without ending TLS (close_notify)".into());
-                    return Ok(Some(0));
-                }
-                Err(e) => return Err(RecvError::Io(e)),
+        let mut copied = 0;
+        while copied < dst.len() {
+            if !self.open_records(inbox)? {
+                break; // the next record has not arrived whole
             }
-            if inbox.start < inbox.end {
-                // The session takes at most one record's worth per call: feed it a few times
-                // (until its buffer is full) and then decrypt them all.
-                for _ in 0..8 {
-                    let mut rest = &inbox.buf[inbox.start..inbox.end];
-                    match c.read_tls(&mut rest) {
-                        Ok(0) => break,
-                        Ok(n) => inbox.start += n,
-                        Err(_) => break, // its buffer is full: decrypt first
-                    }
-                    if inbox.start == inbox.end {
-                        break;
-                    }
-                }
-            } else if inbox.eof {
-                let _ = c.read_tls(&mut &[][..]); // the end: a record cut short is now an error
-            } else {
-                return Ok(None);
+            let Inbox { buf, plain, peeked, .. } = inbox;
+            if Range::is_empty(plain) {
+                break; // the end
             }
-            if let Err(error) = c.process_new_packets() {
-                let why = self.fail(stream_failure(&error));
-                let _ = c.write_tls(&mut Socket { fd: self.fd, keep: None }); // the alert (best effort)
-                return Err(RecvError::Tls(why));
+            if peek {
+                peeked.extend_from_slice(&buf[plain.clone()]);
+                copied += plain.len();
+                *plain = 0..0;
+                break;
             }
+            let n = (dst.len() - copied).min(plain.len());
+            dst[copied..copied + n].copy_from_slice(&buf[plain.start..plain.start + n]);
+            plain.start += n;
+            copied += n;
         }
+        if copied == 0 && !inbox.ended {
+            return Ok(None);
+        }
+        Ok(Some(copied))
     }
 
-    /// Read more ciphertext from the socket (the caller holds the receive lock).
+    /// Open the records that arrived whole until one holds plaintext or the stream ended (true),
+    /// or the next record has not arrived whole (false). Alerts, session tickets and key updates
+    /// are handled on the way.
+    fn open_records(&self, inbox: &mut Inbox) -> Result<bool, RecvError> {
+        if let Some(why) = &inbox.broken {
+            return Err(RecvError::Tls(why.clone()));
+        }
+        while Range::is_empty(&inbox.plain) && !inbox.ended {
+            let at = inbox.start;
+            let len = match record_len(&inbox.buf[at..inbox.end]) {
+                Ok(Some(len)) if at + len <= inbox.end => len,
+                Ok(_) if inbox.eof => {
+                    // Nothing more comes: the peer closed without close_notify, perhaps inside a
+                    // record.
+                    self.fail("the peer closed the connection without ending TLS (close_notify)".into());
+                    inbox.ended = true;
+                    break;
+                }
+                Ok(_) => return Ok(false),
+                Err(error) => return Err(self.broken(inbox, error)),
+            };
+            inbox.start += len;
+            let (content_type, range) = match inbox.key.open(&mut inbox.buf[at..at + len]) {
+                Ok(opened) => opened,
+                Err(error) => return Err(self.broken(inbox, error)),
+            };
+            let range = at + range.start..at + range.end;
+            let handled = match content_type {
+                APPLICATION_DATA => {
+                    inbox.plain = range;
+                    Ok(())
+                }
+                ALERT => match inbox.buf[range].to_vec().as_slice() {
+                    [_, 0] => {
+                        inbox.ended = true; // close_notify
+                        Ok(())
+                    }
+                    [_, 90] => Ok(()), // user_canceled: close_notify follows
+                    [_, description] => Err(rustls::Error::AlertReceived(AlertDescription::from(*description))),
+                    _ => Err(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidEmptyPayload)),
+                },
+                HANDSHAKE => {
+                    let messages = inbox.buf[range].to_vec();
+                    self.after_handshake(inbox, &messages)
+                }
+                _ => Err(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)),
+            };
+            if let Err(error) = handled {
+                return Err(self.broken(inbox, error));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Handshake messages after the handshake: a server's session ticket (a client keeps none,
+    /// `TicketSeen`), a KeyUpdate (the receive key changes; the send key too when asked).
+    fn after_handshake(&self, inbox: &mut Inbox, mut messages: &[u8]) -> Result<(), rustls::Error> {
+        while !messages.is_empty() {
+            let (kind, body, rest) = match messages {
+                [kind, a, b, c, rest @ ..] if usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c) <= rest.len() => {
+                    let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+                    (*kind, &rest[..len], &rest[len..])
+                }
+                _ => return Err(rustls::Error::General("a handshake message split across records after the handshake".into())),
+            };
+            messages = rest;
+            let mut kernel = lock(&self.kernel);
+            match (kind, &mut *kernel, body) {
+                (NEW_SESSION_TICKET, Kernel::Client(k), _) => k.handle_new_session_ticket(body)?,
+                (KEY_UPDATE, kernel, [request @ (0 | 1)]) if rest.is_empty() => {
+                    inbox.key = kernel.next_key(true)?;
+                    if *request == 1 {
+                        self.update_wanted.store(true, Ordering::Release);
+                    }
+                }
+                (KEY_UPDATE, ..) => return Err(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidKeyUpdate)),
+                _ => {
+                    return Err(rustls::Error::InappropriateHandshakeMessage {
+                        expect_types: vec![rustls::HandshakeType::KeyUpdate],
+                        got_type: rustls::HandshakeType::from(kind),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The records failed TLS's checks: every later receive says why, and the peer is told
+    /// (best effort: the send side may be busy, and the connection is given up anyway).
+    fn broken(&self, inbox: &mut Inbox, error: rustls::Error) -> RecvError {
+        let why = self.fail(stream_failure(&error));
+        inbox.broken = Some(why.clone());
+        let description = match error {
+            rustls::Error::DecryptError => AlertDescription::BadRecordMac,
+            rustls::Error::PeerSentOversizedRecord => AlertDescription::RecordOverflow,
+            _ => AlertDescription::UnexpectedMessage,
+        };
+        if let Ok(mut outbox) = self.outbox.try_lock() {
+            // Only between whole records: nothing of an earlier send may still wait in line.
+            if outbox.out.is_empty() && outbox.open.is_none() && self.check_attached().is_ok() {
+                let mut alert = Vec::new();
+                outbox.key.seal_record(&mut alert, ALERT, &[2, u8::from(description)]);
+                let _ = send_some(self.fd, &alert);
+            }
+        }
+        RecvError::Tls(why)
+    }
+
+    /// Read more ciphertext from the socket (the caller holds the receive lock; every record
+    /// opened has been read).
     fn fill_inbox(&self, inbox: &mut Inbox, wait: Wait) -> Result<(), RecvError> {
         self.check_attached().map_err(RecvError::Io)?;
+        inbox.plain = 0..0;
         if inbox.start == inbox.end {
             (inbox.start, inbox.end) = (0, 0);
         } else if inbox.end == inbox.buf.len() {
@@ -745,6 +1080,20 @@ impl TlsStream {
         }
         Ok(got)
     }
+
+    /// [`send_parts_more`](Self::send_parts_more) for iovecs.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory readable for the whole call.
+    pub unsafe fn send_iovecs(&self, iovs: &[libc::iovec], what: &str, more: bool) -> Result<(), PageError> {
+        // SAFETY: the caller's contract: each iovec is readable memory for the call.
+        let parts: Vec<&[u8]> = iovs
+            .iter()
+            .filter(|v| v.iov_len > 0)
+            .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+            .collect();
+        self.send_parts_more(&parts, what, more)
+    }
 }
 
 /// Why a receive failed.
@@ -767,7 +1116,7 @@ impl RecvError {
     }
 }
 
-fn summarize(conn: &Connection, server_name: Option<&str>) -> (String, String) {
+fn summarize(conn: &CommonState, server_name: Option<&str>) -> (String, String) {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(v) => format!("{v:?}"),

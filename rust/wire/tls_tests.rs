@@ -1,4 +1,6 @@
+use super::super::tls_records;
 use super::*;
+use std::io::Write;
 
 #[test]
 fn alert_names_read_as_words() {
@@ -23,4 +25,173 @@ fn handshake_failures_are_sorted_by_what_the_user_must_fix() {
     assert_eq!(refused.kind(), "refused");
     assert_eq!(HandshakeFailure::Closed { received: b"VMMP".to_vec() }.received(), b"VMMP");
     assert_eq!(stream_failure(&rustls::Error::DecryptError), "TLS: bad record mac: the stream was altered on the way");
+}
+
+// -- the record layer over a real connection ------------------------------------------------------
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+/// PEM fixtures made once with trustme (valid until the year 3000): a CA, a server certificate for
+/// "localhost" and a client certificate, both signed by it.
+const CA: &[u8] = include_bytes!("../../tests/fixtures/tls/ca.pem");
+const SERVER: (&[u8], &[u8]) =
+    (include_bytes!("../../tests/fixtures/tls/server.pem"), include_bytes!("../../tests/fixtures/tls/server.key"));
+const CLIENT: (&[u8], &[u8]) =
+    (include_bytes!("../../tests/fixtures/tls/client.pem"), include_bytes!("../../tests/fixtures/tls/client.key"));
+
+/// (client, server, the sockets they run on) after a mutual TLS handshake over a socketpair.
+fn pair() -> (TlsStream, TlsStream, UnixStream, UnixStream) {
+    let (a, b) = UnixStream::pair().unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    let server_fd = b.as_raw_fd();
+    let server = std::thread::spawn(move || {
+        let config = TlsIdentity::from_pem(Some(SERVER.0), Some(SERVER.1), CA).unwrap().server_config().unwrap();
+        TlsStream::handshake(server_fd, Side::Server { config }, Duration::from_secs(20)).unwrap()
+    });
+    let config = TlsIdentity::from_pem(Some(CLIENT.0), Some(CLIENT.1), CA).unwrap().client_config().unwrap();
+    let client =
+        TlsStream::handshake(a.as_raw_fd(), Side::Client { config, server_name: "localhost".into() }, Duration::from_secs(20)).unwrap();
+    (client, server.join().unwrap(), a, b)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+}
+
+/// Send `data` from `from` in uneven parts while `to` reads it; what arrived.
+fn cross(from: &TlsStream, to: &TlsStream, data: &[u8]) -> Vec<u8> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for piece in data.chunks(100_003) {
+                let (head, tail) = piece.split_at(piece.len() / 3);
+                from.send_parts(&[head, tail], "sending").unwrap();
+            }
+        });
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < got.len() {
+            let n = to.recv(&mut got[at..], Wait::Timeout, false).unwrap();
+            assert!(n > 0, "the stream ended after {at} bytes");
+            at += n;
+        }
+        got
+    })
+}
+
+#[test]
+fn bytes_cross_exactly_in_full_records_both_ways() {
+    let (client, server, _a, _b) = pair();
+    assert!(client.summary().contains("TLS13_AES_128_GCM_SHA256"), "{}", client.summary());
+    assert_eq!(server.peer_names(), "client.test");
+    let data = pattern(3 << 20, 7);
+    assert!(cross(&client, &server, &data) == data);
+    // Records are filled across the parts of a send: one record per 2^14 bytes of each send, not
+    // one more per part.
+    let records: usize = data.chunks(100_003).map(|piece| piece.len().div_ceil(MAX_FRAGMENT)).sum();
+    assert_eq!(lock(&client.outbox).key.seq, records as u64);
+    let back = pattern(1 << 20, 99);
+    assert!(cross(&server, &client, &back) == back);
+    client.close_notify();
+    let mut buf = [0u8; 16];
+    assert_eq!(server.recv(&mut buf, Wait::Timeout, false).unwrap(), 0);
+    assert_eq!(server.failure(), None, "close_notify is a clean end");
+    assert_eq!(server.pending(), 1, "a read would return the end at once");
+}
+
+#[test]
+fn keys_are_updated_before_their_record_limit_and_the_bytes_stay_exact() {
+    let (client, server, _a, _b) = pair();
+    for end in [&client, &server] {
+        lock(&end.outbox).records_per_key = 4; // AES-GCM's real limit is 2^24 records
+    }
+    let data = pattern(1 << 20, 3);
+    assert!(cross(&client, &server, &data) == data);
+    let back = pattern(1 << 20, 5);
+    assert!(cross(&server, &client, &back) == back);
+    for end in [&client, &server] {
+        // 64 records each way: without key updates the sequence numbers would pass 64.
+        assert!(lock(&end.outbox).key.seq < 4);
+        assert!(lock(&end.inbox).key.seq < 4);
+    }
+}
+
+#[test]
+fn a_key_update_that_asks_for_one_back_is_answered() {
+    let (client, server, _a, _b) = pair();
+    {
+        // The client sends a KeyUpdate with update_requested, as another TLS stack might.
+        let mut outbox = lock(&client.outbox);
+        let Outbox { out, key, .. } = &mut *outbox;
+        key.seal_record(out, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1]);
+        *key = lock(&client.kernel).next_key(false).unwrap();
+        let mut deadline = SendDeadline::new(client.fd);
+        client.flush(&mut outbox, &mut deadline, "sending").unwrap();
+    }
+    assert!(cross(&client, &server, b"after the update") == b"after the update");
+    assert!(server.update_wanted.load(Ordering::Acquire), "the server owes a KeyUpdate");
+    assert!(cross(&server, &client, b"answered") == b"answered");
+    assert!(!server.update_wanted.load(Ordering::Acquire));
+    // Its ticket and "answered" would be records 0 and 1 of one key: "answered" is record 0 of the new one.
+    assert_eq!(lock(&server.outbox).key.seq, 1, "the server's send key changed");
+}
+
+#[test]
+fn an_altered_record_is_named_and_every_later_read_says_so() {
+    let (client, server, a, _b) = pair();
+    let mut outbox = lock(&client.outbox);
+    let Outbox { out, key, .. } = &mut *outbox;
+    key.seal_record(out, APPLICATION_DATA, b"a record that will not survive");
+    out[10] ^= 1;
+    (&a).write_all(out).unwrap();
+    out.clear();
+    drop(outbox);
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        match server.recv(&mut buf, Wait::Timeout, false) {
+            Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: bad record mac: the stream was altered on the way"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(server.pending(), 1, "a read would report the failure at once");
+    // The client is told why.
+    match client.recv(&mut buf, Wait::Timeout, false) {
+        Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: alert bad record mac"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn what_is_not_a_record_is_refused() {
+    assert!(tls_records::record_len(b"GET / HTTP/1.1").is_err());
+    assert!(matches!(tls_records::record_len(&[23, 3, 3, 0x48, 0x01]), Err(rustls::Error::PeerSentOversizedRecord)));
+    assert_eq!(tls_records::record_len(&[23, 3, 3, 0x40, 0x11]).unwrap(), Some(HEADER + 0x4011));
+    assert_eq!(tls_records::record_len(&[23, 3]).unwrap(), None);
+}
+
+#[test]
+fn a_send_with_more_to_follow_waits_for_it_and_shares_its_records() {
+    let (client, server, _a, _b) = pair();
+    let first = client_seq(&client);
+    client.send_parts_more(&[b"window one, "], "sending", true).unwrap();
+    let mut buf = [0u8; 64];
+    match server.recv(&mut buf, Wait::Never, false) {
+        Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+        other => panic!("nothing should have been written yet: {other:?}"),
+    }
+    client.send_parts_more(&[b"window two"], "sending", false).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 22 {
+        let n = server.recv(&mut buf, Wait::Timeout, false).unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"window one, window two");
+    assert_eq!(client_seq(&client), first + 1, "both windows in one record");
+}
+
+fn client_seq(end: &TlsStream) -> u64 {
+    lock(&end.outbox).key.seq
 }
