@@ -39,6 +39,7 @@ mod cpu;
 mod errors;
 mod memory;
 mod pages;
+mod postcopy;
 mod progress;
 mod snapshot;
 mod streams;
@@ -54,6 +55,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     memory::register(m)?;
     pages::register(m)?;
+    postcopy::register(m)?;
     snapshot::register(m)?;
     streams::register(m)?;
     tls::register(m)?;
