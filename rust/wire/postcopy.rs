@@ -418,7 +418,7 @@ impl PostcopyLink {
         if urgent {
             self.urgent.fetch_add(1, Ordering::AcqRel);
         }
-        let _undo = Undo(urgent.then_some(&self.urgent));
+        let _urgent = urgent.then(|| Urgent(self));
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if self.stopped.load(Ordering::Acquire) {
@@ -446,7 +446,9 @@ impl PostcopyLink {
                         self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(us);
                     }
                     drop(conn);
-                    self.conn_cv.notify_all();
+                    if !urgent {
+                        self.conn_cv.notify_all();
+                    }
                     return Ok(());
                 }
                 Err(fault) => self.link_failed(&mut conn, fault.0),
@@ -455,13 +457,15 @@ impl PostcopyLink {
     }
 }
 
-struct Undo<'a>(Option<&'a AtomicUsize>);
+/// A demand load in progress: background loads wait while any is. Ending it wakes them, under
+/// the connection's lock so that one checking the count just then is already waiting.
+struct Urgent<'a>(&'a PostcopyLink);
 
-impl Drop for Undo<'_> {
+impl Drop for Urgent<'_> {
     fn drop(&mut self) {
-        if let Some(n) = self.0 {
-            n.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.0.urgent.fetch_sub(1, Ordering::AcqRel);
+        let _conn = self.0.conn.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.conn_cv.notify_all();
     }
 }
 

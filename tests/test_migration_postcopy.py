@@ -1,0 +1,250 @@
+"""Post-copy migration (issue 17): the guest runs on the destination at the switch and fetches the
+pages it still lacks from the source, while the rest follow in the background.
+
+The proof is the guest's, as for every live migration (``test_vm_api``): abtest is deterministic,
+so a run carried across a post-copy migration must end exactly as an uninterrupted run: the same
+console (the pieces each side printed, joined), the same final memory and instruction count;
+switching at round 0, after N rounds and when the operator says, and through a page link cut in
+the middle of post-copy and recovered. The memory-level tests prove each access path of the
+destination (device DMA reads and writes, numpy views) sees the source's bytes, never zeros.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vmmpy import Vm
+from vmmpy.memory import GuestMemory
+from vmmpy.migration import MigrationHandle, MigrationParams
+from vmmpy.runtime.guest_handle import MachineHandle
+
+from .test_vm_api import final_state
+
+GUEST = "abtest"
+ARGS = {"sweeps": 1500, "report": 500}
+MEMORY = "32M"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm:
+        vm.start()
+        state = final_state(vm)
+        console = vm.console
+    assert state[0] == 1 and "all counters 1500" in console
+    return state, console
+
+
+def _migrate(vm1: Vm, address: tuple[str, int], params: MigrationParams, progress=None) -> MigrationHandle:
+    return MigrationHandle(MachineHandle(vm1.machine), *address, live=True, params=params, progress=progress)
+
+
+def _wait_for(what, predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _check_figures(stats, dstats) -> None:
+    pc, dpc = stats.postcopy, dstats.postcopy
+    assert pc is not None and dpc is not None, "the migration did not switch to post-copy"
+    # Every page the destination lacked came exactly once: on request or in the background.
+    assert dpc["requested_pages"] + dpc["pushed_pages"] == dpc["pages_needed"] == pc["pages_needed"]
+    assert pc["requested_pages"] == dpc["requested_pages"] and pc["pushed_pages"] == dpc["pushed_pages"]
+    assert dpc["remote_faults"] > 0 and 0 < dpc["fault_p50_us"] <= dpc["fault_p99_us"] <= dpc["fault_max_us"]
+    assert dpc["blocked_ms"] > 0 and dpc["link_down"] is None
+
+
+@pytest.mark.parametrize("mode", ["after=0", "after=2", "manual"])
+def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, mode):
+    expected, expected_console = uninterrupted
+    switched = threading.Event()
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        handle = None
+
+        def progress(stats) -> None:
+            # manual: the operator asks once round 1 is under way
+            rnd = stats.current_round
+            if mode == "manual" and rnd is not None and rnd.round >= 1 and not rnd.final and not switched.is_set():
+                switched.set()
+                handle.start_postcopy()
+
+        # A downtime target no round meets: pre-copy alone would not finish before the switch.
+        params = MigrationParams(postcopy=mode, max_rounds=30, policy="switch-over", downtime_target_ms=0.001)
+        handle = _migrate(vm1, vm2.address, params, progress)
+        stats = handle.wait(120)
+        assert stats.status == "completed", stats.error
+        dstats = vm2.received(60)
+        assert dstats.status == "completed", dstats.error
+        assert vm1.wait(10) == 0
+        first = vm1.console
+        got = final_state(vm2)
+        rest = vm2.console
+    assert got == expected, "the guest's final memory or instruction count differs from an uninterrupted run"
+    assert first + rest == expected_console
+    _check_figures(stats, dstats)
+    rounds = {"after=0": 0, "after=2": 2}.get(mode)
+    if rounds is not None:
+        assert stats.postcopy["after_rounds"] == rounds == len(stats.rounds)
+    else:
+        assert switched.is_set() and stats.postcopy["after_rounds"] >= 2
+        assert any("asked by the operator" in n for n in stats.notes), stats.notes
+    if mode == "after=0":
+        assert stats.postcopy["pages_needed"] == (32 << 20) // 4096, "before any round every page is lacking"
+    else:
+        assert stats.postcopy["pages_needed"] < (32 << 20) // 4096, "pages the rounds carried are not fetched again"
+    assert "every page is here: the source's copy is no longer needed" in dstats.notes
+
+
+class CutProxy:
+    """Forwards the first connection to ``target`` both ways until ``cut()``; refuses any later one."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.target = target
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        self.listener.settimeout(30)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        finally:
+            self.listener.close()  # later connections are refused: the path is gone
+        upstream = socket.create_connection(self.target, timeout=30)
+        self.socks = [client, upstream]
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted):
+    expected, expected_console = uninterrupted
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        proxy = CutProxy(vm2.address)
+        cut = threading.Event()
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy" and not cut.is_set():
+                cut.set()
+                proxy.cut()  # early in post-copy: most pages are still on the source
+
+        params = MigrationParams(postcopy="after=1", recover_timeout=0.3, io_timeout=5.0)
+        handle = _migrate(vm1, proxy.address, params, progress)
+        _wait_for("the source to wait for the operator",
+                  lambda: handle.done() or any("waiting for `vmmctl --migrate-recover" in n for n in handle.stats.notes))
+        assert not handle.done(), handle.stats.error
+        assert handle.stats.status == "postcopy-paused"
+        assert vm1.machine.paused and vm1.machine.exit_status is None, "the source keeps its paused guest and its memory"
+        incoming = vm2._incoming
+        _wait_for("the destination to see the link fail", lambda: incoming.record.status == "postcopy-paused")
+        assert "the page link" in (incoming.record.postcopy["link_down"] or "")
+        assert vm2.machine.exit_status is None, "the destination's guest waits for its pages; nothing is discarded"
+        with pytest.raises(ValueError, match="this migration switches to post-copy by itself"):
+            handle.start_postcopy()
+        handle.recover(*vm2.address)  # the operator: straight to the destination, not through the dead path
+        stats = handle.wait(120)
+        assert stats.status == "completed", stats.error
+        dstats = vm2.received(60)
+        assert dstats.status == "completed", dstats.error
+        first = vm1.console
+        got = final_state(vm2)
+        rest = vm2.console
+    assert got == expected and first + rest == expected_console
+    assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] == 1
+    assert dstats.postcopy["link_failures"] >= 1
+    with pytest.raises(ValueError, match="nothing to recover: the migration is completed"):
+        handle.recover()
+
+
+# -- every access path of the destination sees the source's bytes ------------------------------------
+
+
+def _pair(pages_lacking):
+    """A source and a destination memory of 4 MiB that differ on ``pages_lacking``; the destination
+    made to fetch exactly those from the source over a socket pair, served in a thread."""
+    src = GuestMemory(4 << 20)
+    dst = GuestMemory(4 << 20)
+    rng = np.random.default_rng(7)
+    for page in range(1024):
+        data = rng.integers(1, 255, 4096, dtype=np.uint8).tobytes()
+        src.write(page * 4096, data)
+        dst.write(page * 4096, data if page not in pages_lacking else bytes(4096))
+    runs = b"".join(int(p).to_bytes(8, "little") + (1).to_bytes(8, "little") for p in sorted(pages_lacking))
+    server = src.postcopy_server(runs, 64 * 1024)
+    link = dst.postcopy_link(runs, 64 * 1024, "test source")
+    a, b = socket.socketpair()
+    served = threading.Thread(target=server.serve, args=(b.fileno(),), daemon=True)
+    served.start()
+    link.attach(a.fileno())
+    return src, dst, link, (a, b, served)
+
+
+def _finish(link, conn) -> None:
+    a, b, served = conn
+    link.finish()
+    served.join(10)
+    a.close()
+    b.close()
+
+
+def test_device_dma_reads_and_writes_into_pages_not_fetched_see_the_source_s_bytes():
+    lacking = {3, 17, 200, 201, 777}
+    src, dst, link, conn = _pair(lacking)
+    assert dst.read(200 * 4096 + 100, 64) == src.read(200 * 4096 + 100, 64)  # a DMA read: fetched first
+    dst.write(777 * 4096 + 10, b"DMA!")  # a DMA write into part of a page not here: the rest is the source's
+    expected = bytearray(src.read(777 * 4096, 4096))
+    expected[10:14] = b"DMA!"
+    assert dst.read(777 * 4096, 4096) == bytes(expected)
+    assert link.stats().demand_pages >= 3
+    dst.load_all()
+    _finish(link, conn)
+    view = dst.view("lowmem")
+    assert bytes(view[3 * 4096:4 * 4096]) == src.read(3 * 4096, 4096)
+    del view
+
+
+def test_a_numpy_view_of_memory_still_arriving_sees_every_page():
+    lacking = set(range(0, 1024, 3))
+    src, dst, link, conn = _pair(lacking)
+    view = dst.view("lowmem")  # fetches whatever it must first
+    want = src.view("lowmem")
+    assert np.array_equal(view, want)
+    assert link.stats().demand_pages + link.stats().background_pages == len(lacking)
+    del view, want
+    _finish(link, conn)
+
+
+def test_memory_viewed_at_the_switch_is_refused_by_name():
+    dst = GuestMemory(1 << 20)
+    view = dst.view("lowmem")
+    with pytest.raises(Exception, match="segment 'lowmem' has 1 exported view"):
+        dst.postcopy_link((0).to_bytes(8, "little") + (1).to_bytes(8, "little"), 64 * 1024, "test source")
+    del view
