@@ -40,8 +40,8 @@ def uninterrupted():
     return state, console
 
 
-def _migrate(vm1: Vm, address: tuple[str, int], params: MigrationParams, progress=None) -> MigrationHandle:
-    return MigrationHandle(MachineHandle(vm1.machine), *address, live=True, params=params, progress=progress)
+def _migrate(vm1: Vm, address: tuple[str, int], params: MigrationParams, progress=None, on_phase=None) -> MigrationHandle:
+    return MigrationHandle(MachineHandle(vm1.machine), *address, live=True, params=params, progress=progress, on_phase=on_phase)
 
 
 def _wait_for(what, predicate, timeout: float = 60.0) -> None:
@@ -105,13 +105,16 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
 
 
 class CutProxy:
-    """Forwards the first connection to ``target`` both ways until ``cut()``; refuses any later one."""
+    """Forwards the first connection to ``target`` both ways until ``cut()``; refuses any later one.
+    ``corrupt()`` flips a byte in the middle of the next data going the source's way to the
+    destination."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
         self.target = target
         self.socks: list[socket.socket] = []
+        self.flip = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -124,16 +127,22 @@ class CutProxy:
             self.listener.close()  # later connections are refused: the path is gone
         upstream = socket.create_connection(self.target, timeout=30)
         self.socks = [client, upstream]
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        for a, b, flip in ((client, upstream, self.flip), (upstream, client, None)):
+            threading.Thread(target=self._pump, args=(a, b, flip), daemon=True).start()
 
     @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pump(a: socket.socket, b: socket.socket, flip: threading.Event | None) -> None:
         try:
-            while data := a.recv(65536):
+            while data := bytearray(a.recv(65536)):
+                if flip is not None and flip.is_set() and len(data) > 64:
+                    flip.clear()
+                    data[len(data) // 2] ^= 0x5A
                 b.sendall(data)
         except OSError:
             pass
+
+    def corrupt(self) -> None:
+        self.flip.set()
 
     def cut(self) -> None:
         for s in self.socks:
@@ -182,6 +191,72 @@ def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exa
     assert dstats.postcopy["link_failures"] >= 1
     with pytest.raises(ValueError, match="nothing to recover: the migration is completed"):
         handle.recover()
+
+
+def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recovered_exactly(uninterrupted):
+    expected, expected_console = uninterrupted
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        proxy = CutProxy(vm2.address)
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy":
+                proxy.corrupt()  # the guest runs there: from here the source sends only page replies
+
+        params = MigrationParams(postcopy="after=0", recover_timeout=0.3, io_timeout=5.0)
+        handle = _migrate(vm1, proxy.address, params, progress)
+        incoming = vm2._incoming
+        _wait_for("the destination to refuse a reply",
+                  lambda: incoming.record is not None and (incoming.record.postcopy or {}).get("link_failures", 0) > 0)
+        assert vm2.machine.exit_status is None, "the destination's guest waits; nothing is discarded"
+        _wait_for("the source to wait for the operator",
+                  lambda: handle.done() or any("waiting for `vmmctl --migrate-recover" in n for n in handle.stats.notes))
+        notes = " ".join(incoming.record.notes)
+        assert "refused" in notes or "does not match" in notes or "page reply" in notes, notes
+        handle.recover(*vm2.address)
+        stats = handle.wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        first = vm1.console
+        got = final_state(vm2)
+        rest = vm2.console
+    assert got == expected and first + rest == expected_console
+
+
+def test_auto_switches_to_postcopy_where_precopy_does_not_converge_instead_of_throttling(uninterrupted):
+    expected, expected_console = uninterrupted
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        # A target no round can meet: auto-converge would throttle (or max_rounds end it); auto switches.
+        params = MigrationParams(postcopy="auto", downtime_target_ms=0.001, max_rounds=4)
+        stats = _migrate(vm1, vm2.address, params).wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        first = vm1.console
+        got = final_state(vm2)
+        rest = vm2.console
+    assert got == expected and first + rest == expected_console
+    assert stats.postcopy is not None and stats.throttle == 0.0, "post-copy, not the throttle, finished it"
+    assert any("switching to post-copy" in n for n in stats.notes), stats.notes
+
+
+def test_a_failure_before_the_switch_leaves_the_guest_running_on_the_source(uninterrupted):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        proxy = CutProxy(vm2.address)
+
+        def progress(stats) -> None:
+            if stats.current_round is not None and stats.current_round.round == 1:
+                proxy.cut()  # in round 1 of after=3: before the switch
+
+        stats = _migrate(vm1, proxy.address, MigrationParams(postcopy="after=3", io_timeout=5.0), progress).wait(120)
+        assert stats.status == "failed" and stats.owner == "source" and stats.postcopy is None
+        # The source keeps its guest, as a pre-copy failure does: it runs on (or has run) to its own end.
+        _, console = uninterrupted
+        assert vm1.wait(120) == 1, vm1.machine.exit_reason
+        assert vm1.console == console
 
 
 # -- every access path of the destination sees the source's bytes ------------------------------------
