@@ -323,3 +323,33 @@ def test_memory_viewed_at_the_switch_is_refused_by_name():
     with pytest.raises(Exception, match="segment 'lowmem' has 1 exported view"):
         dst.postcopy_link((0).to_bytes(8, "little") + (1).to_bytes(8, "little"), 64 * 1024, "test source")
     del view
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_vmmctl_postcopy_moves_a_guest_between_processes_exactly_and_warns_first(tmp_path):
+    import json
+
+    from .procs import vmmctl
+    from .test_migration_processes import MiB, expected_console, finish
+    from .test_migration_processes import migrate_pair as migrate_processes
+
+    sweeps = 2000
+    result, _source, dest, src_status, src_console, dst_console = migrate_processes(
+        tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, guest_extra={"end": "8M"}, resume_first=False,
+        ctl_extra=["--postcopy", "after=1"])
+    assert result.returncode == 0, result.stderr
+    assert "if this host dies then, the guest is lost" in result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["status"] == "completed" and stats["postcopy"]["after_rounds"] == 1 and stats["round_count"] == 1
+    assert src_status == 0
+    assert finish(dest) == 1
+    pages = (8 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+    bad = vmmctl(tmp_path, "--vm=src0", "--migrate-live", "127.0.0.1", "1", "--postcopy", "after=x")
+    assert bad.returncode == 2 and "postcopy must be one of auto, manual, after=N" in bad.stderr and "'after=x'" in bad.stderr
+    warm = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", "1", "--postcopy", "auto")
+    assert warm.returncode == 2 and "--postcopy finishes a live migration: use it with --migrate-live" in warm.stderr
+    assert "--postcopy auto|after=N|manual" in vmmctl(tmp_path, "--help").stdout
