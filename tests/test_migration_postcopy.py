@@ -61,8 +61,9 @@ def _check_figures(stats, dstats) -> None:
     assert dpc["blocked_ms"] > 0 and dpc["link_down"] is None
 
 
-@pytest.mark.parametrize("mode", ["after=0", "after=2", "manual"])
-def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, mode):
+@pytest.mark.parametrize("mode, streams", [("after=0", 1), ("after=2", 1), ("manual", 1), ("after=2", 3)],
+                         ids=["after=0", "after=2", "manual", "after=2-3streams"])
+def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, mode, streams):
     expected, expected_console = uninterrupted
     switched = threading.Event()
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
@@ -78,7 +79,7 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
                 handle.start_postcopy()
 
         # A downtime target no round meets: pre-copy alone would not finish before the switch.
-        params = MigrationParams(postcopy=mode, max_rounds=30, policy="switch-over", downtime_target_ms=0.001)
+        params = MigrationParams(postcopy=mode, max_rounds=30, policy="switch-over", downtime_target_ms=0.001, streams=streams)
         handle = _migrate(vm1, vm2.address, params, progress)
         stats = handle.wait(120)
         assert stats.status == "completed", stats.error
@@ -102,6 +103,31 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
     else:
         assert stats.postcopy["pages_needed"] < (32 << 20) // 4096, "pages the rounds carried are not fetched again"
     assert "every page is here: the source's copy is no longer needed" in dstats.notes
+    assert stats.streams == streams, "the rounds went over the streams asked for"
+
+
+def test_a_page_link_cut_at_the_destination_is_recovered_by_the_source_reconnecting_by_itself(uninterrupted):
+    expected, expected_console = uninterrupted
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        incoming = vm2._incoming
+        cut = threading.Event()
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy" and not cut.is_set():
+                cut.set()
+                socket.socket.shutdown(incoming._receiver.conn, socket.SHUT_RDWR)  # the destination's end dies
+
+        stats = _migrate(vm1, vm2.address, MigrationParams(postcopy="after=0", io_timeout=5.0), progress).wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        first = vm1.console
+        got = final_state(vm2)
+        rest = vm2.console
+    assert got == expected and first + rest == expected_console
+    assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] >= 1
+    assert not any("waiting for `vmmctl --migrate-recover" in n for n in stats.notes), "it recovered by itself"
 
 
 class CutProxy:
@@ -115,6 +141,7 @@ class CutProxy:
         self.target = target
         self.socks: list[socket.socket] = []
         self.flip = threading.Event()
+        self.stalled = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -130,10 +157,11 @@ class CutProxy:
         for a, b, flip in ((client, upstream, self.flip), (upstream, client, None)):
             threading.Thread(target=self._pump, args=(a, b, flip), daemon=True).start()
 
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket, flip: threading.Event | None) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, flip: threading.Event | None) -> None:
         try:
             while data := bytearray(a.recv(65536)):
+                while self.stalled.is_set():  # nothing passes, nothing is closed: a silent path
+                    time.sleep(0.05)
                 if flip is not None and flip.is_set() and len(data) > 64:
                     flip.clear()
                     data[len(data) // 2] ^= 0x5A
@@ -144,6 +172,9 @@ class CutProxy:
     def corrupt(self) -> None:
         self.flip.set()
 
+    def stall(self) -> None:
+        self.stalled.set()
+
     def cut(self) -> None:
         for s in self.socks:
             try:
@@ -152,9 +183,10 @@ class CutProxy:
                 pass
 
 
-def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted):
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted, fault):
     expected, expected_console = uninterrupted
-    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, params={"io_timeout": 1.0}) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
         proxy = CutProxy(vm2.address)
@@ -163,9 +195,10 @@ def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exa
         def progress(stats) -> None:
             if stats.status == "postcopy" and not cut.is_set():
                 cut.set()
-                proxy.cut()  # early in post-copy: most pages are still on the source
+                # early in post-copy, most pages still on the source: the path closes, or goes silent
+                proxy.cut() if fault == "cut" else proxy.stall()
 
-        params = MigrationParams(postcopy="after=1", recover_timeout=0.3, io_timeout=5.0)
+        params = MigrationParams(postcopy="after=1", recover_timeout=0.3, io_timeout=1.0)
         handle = _migrate(vm1, proxy.address, params, progress)
         _wait_for("the source to wait for the operator",
                   lambda: handle.done() or any("waiting for `vmmctl --migrate-recover" in n for n in handle.stats.notes))
