@@ -51,6 +51,16 @@ def _wait_for(what, predicate, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def _assert_ends_as_uninterrupted(vm1: Vm, vm2: Vm, uninterrupted) -> None:
+    """The guest, moved from ``vm1`` to ``vm2``, ends there as the uninterrupted run did: its
+    final memory and instruction count, and the console each side printed, joined."""
+    expected, expected_console = uninterrupted
+    first = vm1.console
+    got = final_state(vm2)
+    assert got == expected, "the guest's final memory or instruction count differs from an uninterrupted run"
+    assert first + vm2.console == expected_console
+
+
 def _check_figures(stats, dstats) -> None:
     pc, dpc = stats.postcopy, dstats.postcopy
     assert pc is not None and dpc is not None, "the migration did not switch to post-copy"
@@ -64,7 +74,6 @@ def _check_figures(stats, dstats) -> None:
 @pytest.mark.parametrize("mode, streams", [("after=0", 1), ("after=2", 1), ("manual", 1), ("after=2", 3)],
                          ids=["after=0", "after=2", "manual", "after=2-3streams"])
 def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, mode, streams):
-    expected, expected_console = uninterrupted
     switched = threading.Event()
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
@@ -86,11 +95,7 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
         dstats = vm2.received(60)
         assert dstats.status == "completed", dstats.error
         assert vm1.wait(10) == 0
-        first = vm1.console
-        got = final_state(vm2)
-        rest = vm2.console
-    assert got == expected, "the guest's final memory or instruction count differs from an uninterrupted run"
-    assert first + rest == expected_console
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
     _check_figures(stats, dstats)
     rounds = {"after=0": 0, "after=2": 2}.get(mode)
     if rounds is not None:
@@ -107,7 +112,6 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
 
 
 def test_a_page_link_cut_at_the_destination_is_recovered_by_the_source_reconnecting_by_itself(uninterrupted):
-    expected, expected_console = uninterrupted
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
@@ -122,10 +126,7 @@ def test_a_page_link_cut_at_the_destination_is_recovered_by_the_source_reconnect
         stats = _migrate(vm1, vm2.address, MigrationParams(postcopy="after=0", io_timeout=5.0), progress).wait(120)
         dstats = vm2.received(60)
         assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
-        first = vm1.console
-        got = final_state(vm2)
-        rest = vm2.console
-    assert got == expected and first + rest == expected_console
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
     assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] >= 1
     assert not any("waiting for `vmmctl --migrate-recover" in n for n in stats.notes), "it recovered by itself"
 
@@ -185,7 +186,6 @@ class CutProxy:
 
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted, fault):
-    expected, expected_console = uninterrupted
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, params={"io_timeout": 1.0}) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
@@ -216,10 +216,7 @@ def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exa
         assert stats.status == "completed", stats.error
         dstats = vm2.received(60)
         assert dstats.status == "completed", dstats.error
-        first = vm1.console
-        got = final_state(vm2)
-        rest = vm2.console
-    assert got == expected and first + rest == expected_console
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
     assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] == 1
     assert dstats.postcopy["link_failures"] >= 1
     with pytest.raises(ValueError, match="nothing to recover: the migration is completed"):
@@ -227,7 +224,6 @@ def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exa
 
 
 def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recovered_exactly(uninterrupted):
-    expected, expected_console = uninterrupted
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
@@ -251,14 +247,10 @@ def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recov
         stats = handle.wait(120)
         dstats = vm2.received(60)
         assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
-        first = vm1.console
-        got = final_state(vm2)
-        rest = vm2.console
-    assert got == expected and first + rest == expected_console
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
 
 
 def test_auto_switches_to_postcopy_where_precopy_does_not_converge_instead_of_throttling(uninterrupted):
-    expected, expected_console = uninterrupted
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
@@ -267,10 +259,7 @@ def test_auto_switches_to_postcopy_where_precopy_does_not_converge_instead_of_th
         stats = _migrate(vm1, vm2.address, params).wait(120)
         dstats = vm2.received(60)
         assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
-        first = vm1.console
-        got = final_state(vm2)
-        rest = vm2.console
-    assert got == expected and first + rest == expected_console
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
     assert stats.postcopy is not None and stats.throttle == 0.0, "post-copy, not the throttle, finished it"
     assert any("switching to post-copy" in n for n in stats.notes), stats.notes
 

@@ -333,11 +333,7 @@ class _Source:
         if self.postcopy_switch:
             self._postcopy(next_round)
             return
-        self._enter("pause")
-        self.adapter.pause()
-        self.paused = True
-        paused_at = self.paused_at = time.monotonic()
-        self.stats.status = "paused"
+        paused_at = self._pause()
         if self.local:
             self._enter("memory")
             t = time.monotonic()
@@ -356,14 +352,7 @@ class _Source:
                 # Every page the guest wrote was sent, and hashed as it went: combine while the state
                 # is encoded and sent.
                 digest_job = InBackground(self.tracker.digest)
-        self._enter("state")
-        t = time.monotonic()
-        blob = encode_sections(self.adapter.save_sections())
-        if len(blob) > p.max_state_bytes:
-            raise MigrationError(f"device state is {len(blob)} bytes, more than max_state_bytes={p.max_state_bytes}")
-        self._send(P.MessageType.STATE, blob)
-        self.stats.state_bytes = len(blob)
-        self.stats.downtime_breakdown["state_ms"] = (time.monotonic() - t) * 1000
+        self._send_state()
         t = time.monotonic()
         digest = digest_job.result()
         self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # the wait not hidden by the transfer
@@ -414,16 +403,31 @@ class _Source:
         self._give_up_guest()
         self._report()
 
+    def _pause(self) -> float:
+        """Pause the guest for the last step (the final round, or the switch to post-copy); when."""
+        self._enter("pause")
+        self.adapter.pause()
+        self.paused = True
+        self.paused_at = time.monotonic()
+        self.stats.status = "paused"
+        return self.paused_at
+
+    def _send_state(self) -> None:
+        self._enter("state")
+        t = time.monotonic()
+        blob = encode_sections(self.adapter.save_sections())
+        if len(blob) > self.params.max_state_bytes:
+            raise MigrationError(f"device state is {len(blob)} bytes, more than max_state_bytes={self.params.max_state_bytes}")
+        self._send(P.MessageType.STATE, blob)
+        self.stats.state_bytes = len(blob)
+        self.stats.downtime_breakdown["state_ms"] = (time.monotonic() - t) * 1000
+
     # -- post-copy (protocol version 7) ----------------------------------------------------------
     def _postcopy(self, rounds: int) -> None:
         """The switch: pause, POSTCOPY (what the destination lacks), STATE, the commit; then serve
         the destination's page requests until it has every page, reconnecting when the link fails."""
         p = self.params
-        self._enter("pause")
-        self.adapter.pause()
-        self.paused = True
-        paused_at = self.paused_at = time.monotonic()
-        self.stats.status = "paused"
+        paused_at = self._pause()
         self._enter("postcopy")
         t = time.monotonic()
         runs = self.memory.postcopy_runs(all_pages=rounds == 0)
@@ -432,14 +436,7 @@ class _Source:
         self.stats.postcopy = {"mode": p.postcopy, "after_rounds": rounds, "chunk_size": p.postcopy_chunk,
                                "pages_needed": self.server.pages}
         self.stats.downtime_breakdown["postcopy_ms"] = (time.monotonic() - t) * 1000
-        self._enter("state")
-        t = time.monotonic()
-        blob = encode_sections(self.adapter.save_sections())
-        if len(blob) > p.max_state_bytes:
-            raise MigrationError(f"device state is {len(blob)} bytes, more than max_state_bytes={p.max_state_bytes}")
-        self._send(P.MessageType.STATE, blob)
-        self.stats.state_bytes = len(blob)
-        self.stats.downtime_breakdown["state_ms"] = (time.monotonic() - t) * 1000
+        self._send_state()
         self._enter("commit")
         t = time.monotonic()
         self.commit_requested = True
