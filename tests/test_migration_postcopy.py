@@ -375,3 +375,16 @@ def test_vmmctl_postcopy_moves_a_guest_between_processes_exactly_and_warns_first
     warm = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", "1", "--postcopy", "auto")
     assert warm.returncode == 2 and "--postcopy finishes a live migration: use it with --migrate-live" in warm.stderr
     assert "--postcopy auto|after=N|manual" in vmmctl(tmp_path, "--help").stdout
+
+
+def test_the_migration_line_carries_postcopy_s_figures(capsys):
+    from vmmpy.cli.vmmctl import _print_migration
+
+    record = {"status": "postcopy-paused", "live": True, "postcopy": {
+        "after_rounds": 2, "pages_needed": 900, "requested_pages": 300, "pushed_pages": 100, "remote_faults": 40,
+        "fault_p50_us": 61, "fault_p99_us": 150, "fault_max_us": 700, "blocked_ms": 12.5, "link_failures": 1}}
+    _print_migration(record)
+    out = capsys.readouterr().out
+    assert "migration postcopy-paused (live)" in out
+    assert ("post-copy after 2 rounds: 900 pages lacking at the switch, 300 fetched on request, 100 in the background; "
+            "remote faults 40: p50 61 us, p99 150 us, max 700 us; vCPU blocked 12.5 ms; link failed 1x, recovered 0x") in out
