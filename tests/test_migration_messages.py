@@ -35,6 +35,7 @@ SAMPLES = {
     P.MessageType.POSTCOPY: P.Postcopy(64 * 1024, (5).to_bytes(8, "little") + (2).to_bytes(8, "little")),
     P.MessageType.RECOVER: b"s" * 16,
     P.MessageType.RECOVERED: P.Outcome.UNKNOWN,
+    P.MessageType.POSTCOPY_DONE: P.PostcopyDone(12, 60, 150, 900, 12_500, 300, 100),
 }
 
 

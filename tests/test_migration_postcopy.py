@@ -67,6 +67,9 @@ def _check_figures(stats, dstats) -> None:
     # Every page the destination lacked came exactly once: on request or in the background.
     assert dpc["requested_pages"] + dpc["pushed_pages"] == dpc["pages_needed"] == pc["pages_needed"]
     assert pc["requested_pages"] == dpc["requested_pages"] and pc["pushed_pages"] == dpc["pushed_pages"]
+    # The source's record carries what the guest's faults cost there (POSTCOPY_DONE).
+    assert (pc["remote_faults"], pc["fault_p99_us"], pc["fault_max_us"]) == (dpc["remote_faults"], dpc["fault_p99_us"], dpc["fault_max_us"])
+    assert pc["blocked_ms"] == pytest.approx(dpc["blocked_ms"], abs=0.01)
     assert dpc["remote_faults"] > 0 and 0 < dpc["fault_p50_us"] <= dpc["fault_p99_us"] <= dpc["fault_max_us"]
     assert dpc["blocked_ms"] > 0 and dpc["link_down"] is None
 

@@ -1057,7 +1057,11 @@ class _Receiver:
         with self._conn_lock:
             conn = self.conn
         set_io_timeout(conn, self.params.commit_timeout)
+        pc = self.stats.postcopy
         try:
+            P.write_frame(conn, P.MessageType.POSTCOPY_DONE, P.encode_postcopy_done(P.PostcopyDone(
+                pc["remote_faults"], pc["fault_p50_us"], pc["fault_p99_us"], pc["fault_max_us"], int(pc["blocked_ms"] * 1000),
+                pc["requested_pages"], pc["pushed_pages"])))
             P.decode_empty(P.MessageType.RELEASED, P.read_frame(conn, allowed=(P.MessageType.RELEASED,)).payload)
             self.released = True
         except (MigrationError, OSError) as err:

@@ -153,6 +153,7 @@ class MessageType(enum.IntEnum):
     POSTCOPY = 22  # v7: the switch to post-copy: the chunk size and the pages the destination lacks
     RECOVER = 23  # v7: on a new connection after the handshake, resume a post-copy session's page exchange
     RECOVERED = 24  # v7: the destination's answer: the exchange goes on on this connection, or no such session
+    POSTCOPY_DONE = 25  # v7: every page is on the destination: what post-copy cost the guest there
 
 
 class Stage(enum.IntEnum):
@@ -392,6 +393,19 @@ class LocalMemory:
 class Postcopy:
     chunk_size: int  # bytes per chunk of the page exchange (4 KiB to MAX_POSTCOPY_CHUNK, whole pages)
     needed_runs: bytes = b""  # little-endian u64 pairs (first pfn, pages): the pages the destination lacks
+
+
+@dataclass(frozen=True)
+class PostcopyDone:
+    """The destination's post-copy figures, sent once it has every page."""
+
+    remote_faults: int  # demand fetches
+    fault_p50_us: int
+    fault_p99_us: int
+    fault_max_us: int
+    blocked_us: int  # time accesses (vCPUs, device DMA) waited for pages
+    requested_pages: int
+    pushed_pages: int
 
 
 @dataclass(frozen=True)
@@ -991,6 +1005,10 @@ MESSAGES: tuple[MessageSpec, ...] = (
                 4 + 4 + 16 * MAX_DIRTY_RUNS, Postcopy),
     MessageSpec(MessageType.RECOVER, (_Fixed("session", "the session id", SESSION_ID_SIZE, "a session id"),), SESSION_ID_SIZE),
     MessageSpec(MessageType.RECOVERED, (_Ints("the outcome", (("outcome", "B", _enum(Outcome, "outcome")),)),), 1),
+    MessageSpec(MessageType.POSTCOPY_DONE, (_Ints("the post-copy figures", (
+        ("remote_faults", "Q", _saturating), ("fault_p50_us", "I", _saturating), ("fault_p99_us", "I", _saturating),
+        ("fault_max_us", "I", _saturating), ("blocked_us", "Q", _saturating), ("requested_pages", "Q", _saturating),
+        ("pushed_pages", "Q", _saturating))),), 8 + 3 * 4 + 3 * 8, PostcopyDone),
 )
 SPECS: dict[MessageType, MessageSpec] = {m.type: m for m in MESSAGES}
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -1156,6 +1174,14 @@ def decode_postcopy(payload: bytes) -> Postcopy:
     return decode_message(MessageType.POSTCOPY, payload)
 
 
+def encode_postcopy_done(m: PostcopyDone) -> bytes:
+    return encode_message(MessageType.POSTCOPY_DONE, m)
+
+
+def decode_postcopy_done(payload: bytes) -> PostcopyDone:
+    return decode_message(MessageType.POSTCOPY_DONE, payload)
+
+
 def encode_recover(session: bytes) -> bytes:
     return encode_message(MessageType.RECOVER, session)
 
@@ -1230,6 +1256,7 @@ SINCE: dict[MessageType, int] = {
     MessageType.POSTCOPY: POSTCOPY_VERSION,
     MessageType.RECOVER: POSTCOPY_VERSION,
     MessageType.RECOVERED: POSTCOPY_VERSION,
+    MessageType.POSTCOPY_DONE: POSTCOPY_VERSION,
 }
 
 #: The source's sequence on one connection: after each message it sent (None: nothing yet), the
