@@ -347,6 +347,20 @@ def test_a_live_migration_with_two_streams_over_mutual_tls_ends_as_an_uninterrup
 
 
 @requires_kvm
+def test_post_copy_of_a_kvm_guest_is_refused_before_anything_moves_and_the_guest_runs_on():
+    # Post-copy's destination fetches a missing page when vmmpy's accessors ask for it; a KVM
+    # guest's vCPU never asks. Refused at the start, the guest ends as if never touched.
+    expected, expected_console = uninterrupted("abtest", ABTEST)
+    with Vm("abtest", args=ABTEST, memory=MEMORY, accel="kvm") as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:
+        src.start()
+        with pytest.raises(MigrationError, match="post-copy needs every access to guest memory to pass through vmmpy.*"
+                                                 "migrate it without --postcopy"):
+            src.migrate(*dst.address, live=True, params={"postcopy": "after=1"})
+        assert src.state == "running"
+        assert final_state(src) == expected and src.console == expected_console
+
+
+@requires_kvm
 def test_a_live_checkpoint_of_a_kvm_guest_is_refused_and_the_guest_runs_on(tmp_path):
     # Copy-before-write sees only vmmpy's write paths; KVM's guest stores bypass it, so a live
     # snapshot could not hold memory as it was at the pause. Refused, nothing written, and a

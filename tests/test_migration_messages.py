@@ -32,6 +32,10 @@ SAMPLES = {
     P.MessageType.RELEASED: None,
     P.MessageType.LOCAL_MEMORY: P.LocalMemory((("lowmem", 0, 3 << 30), ("highmem", 4 << 30, 61 << 30)),
                                               (5).to_bytes(8, "little") + (2).to_bytes(8, "little")),
+    P.MessageType.POSTCOPY: P.Postcopy(64 * 1024, (5).to_bytes(8, "little") + (2).to_bytes(8, "little")),
+    P.MessageType.RECOVER: b"s" * 16,
+    P.MessageType.RECOVERED: P.Outcome.UNKNOWN,
+    P.MessageType.POSTCOPY_DONE: P.PostcopyDone(12, 60, 150, 900, 12_500, 300, 100),
 }
 
 
@@ -122,6 +126,24 @@ def test_local_memory_refuses_bad_segments_and_runs_by_name():
         P.decode_local_memory(bytes(raw))
     with pytest.raises(ProtocolError, match="LOCAL_MEMORY: truncated in the dirty runs"):
         P.decode_local_memory(P.encode_local_memory(good)[:-4] + (1).to_bytes(4, "little"))
+
+
+def test_postcopy_refuses_bad_chunk_sizes_and_runs_by_name():
+    good = P.Postcopy(16 * 4096, (7).to_bytes(8, "little") + (1).to_bytes(8, "little"))
+    assert P.decode_postcopy(P.encode_postcopy(good)) == good
+    for size in (0, 4095, 65 * 4096):
+        with pytest.raises(ProtocolError, match=f"POSTCOPY: chunk size {size} is not 4 KiB to 256 KiB in whole pages"):
+            P.encode_postcopy(P.Postcopy(size))
+    with pytest.raises(ProtocolError, match="POSTCOPY: needed runs are 16-byte pairs, got 8 bytes"):
+        P.encode_postcopy(P.Postcopy(4096, b"x" * 8))
+    raw = bytearray(P.encode_postcopy(good))
+    raw[0:4] = (12345).to_bytes(4, "little")
+    with pytest.raises(ProtocolError, match="POSTCOPY: chunk size 12345"):
+        P.decode_postcopy(bytes(raw))
+    with pytest.raises(ProtocolError, match="POSTCOPY: truncated in the needed runs"):
+        P.decode_postcopy(P.encode_postcopy(good)[:-4])
+    with pytest.raises(ProtocolError, match="RECOVERED: unknown outcome 9"):
+        P.decode_recovered(b"\x09")
 
 
 def test_the_descriptors_follow_on_one_byte_and_a_wrong_count_is_refused():

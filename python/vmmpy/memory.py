@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from . import _core
 from .units import parse_size
 
 PAGE_SIZE: int = _core.PAGE_SIZE
+PAGE_SHIFT = 12
 HIGHMEM_BASE: int = _core.HIGHMEM_BASE
 LOWMEM_LIMIT_DEFAULT: int = _core.LOWMEM_LIMIT_DEFAULT
 GuestMemoryError = _core.GuestMemoryError
@@ -286,6 +288,31 @@ class GuestMemory:
         """Dirty memory as merged ranges (``gpa``, ``length``), ascending; bits are cleared."""
         self._checkpoint_log_loses_sight()
         return self.core.get_and_clear_dirty_ranges()
+
+    # -- post-copy migration ------------------------------------------------------------------
+    def postcopy_runs(self, *, all_pages: bool) -> bytes:
+        """The pages a post-copy destination lacks at the switch, as runs (``peek_dirty_runs``'
+        format): every page (nothing was sent before the switch), or the dirty pages, harvested
+        and cleared (those the rounds did not carry as they are now)."""
+        if all_pages:
+            pairs = [(seg.gpa >> PAGE_SHIFT, seg.pages) for seg in self.core.segments]
+        else:
+            pairs = [(r.gpa >> PAGE_SHIFT, r.length >> PAGE_SHIFT) for r in self.get_and_clear_dirty_ranges()]
+        return b"".join(struct.pack("<QQ", pfn, count) for pfn, count in pairs)
+
+    def postcopy_server(self, runs: bytes, chunk_size: int) -> _core.PostcopyServer:
+        """A post-copy source's page server over this (paused) memory for the pages ``runs`` names."""
+        return _core.PostcopyServer(self.core, runs, chunk_size)
+
+    def postcopy_link(self, runs: bytes, chunk_size: int, name: str) -> _core.PostcopyLink:
+        """Make this (paused) memory a post-copy destination's: from now on the chunks holding the
+        pages ``runs`` names load through the returned link, every other byte is used as it is.
+        ValueError for runs outside memory or a bad chunk size; OSError if the memory is viewed."""
+        return _core.PostcopyLink(self.core, runs, chunk_size, name)
+
+    def start_loading(self, **plan) -> None:
+        """Memory loaded on demand: start loading ahead (``_core.GuestMemory.start_loading``)."""
+        self.core.start_loading(**plan)
 
     # -- the checkpoint log: pages written since the last checkpoint ------------------------
     # The dirty bitmap has one reader that clears it at a time (a migration round, an estimate,

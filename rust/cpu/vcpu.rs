@@ -386,6 +386,9 @@ impl Vcpu {
         if let Some(seg) = self.memory.segments().iter().find(|s| s.is_closed()) {
             return Err(CpuError::MemoryClosed { vcpu: self.id, segment: seg.name().to_string() });
         }
+        // Memory may have become lazy since the last run (a post-copy migration's destination
+        // switches while the guest is paused): the fast path covers only what is loaded.
+        self.fast_end = self.memory.loaded_prefix().min(self.low_size);
         match self.run_to_exit(budget) {
             // Not a guest fault: the host could not give it its memory. The guest must not go on.
             Exit::Fault { kind: FaultKind::MemoryUnavailable, rip } => Err(self.memory_unavailable(rip)),

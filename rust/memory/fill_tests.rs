@@ -169,7 +169,14 @@ fn a_bad_chunk_found_by_the_fill_fails_as_a_demand_load_would_and_rings_the_noti
 #[test]
 fn recording_notes_accessed_chunks_in_first_access_order_whoever_loaded_them() {
     let s = lazy(&[], None);
-    let plan = LoadPlan { prefetch: vec![1], fill: false, record_for: Some(Duration::from_secs(30)), record_limit: 3, loaders: 1 };
+    let plan = LoadPlan {
+        prefetch: vec![1],
+        fill: false,
+        record_for: Some(Duration::from_secs(30)),
+        record_limit: 3,
+        loaders: 1,
+        follow_demand: false,
+    };
     image(&s.mem).start_loading(plan).unwrap();
     wait_until("chunk 1 prefetched", || image(&s.mem).stats().prefetched == 1);
     assert_eq!(s.mem.loaded_prefix(), 0, "while recording every access asks");

@@ -5,7 +5,7 @@
 //! the trait and never ask which backend it is.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::cow::LiveCapture;
@@ -100,8 +100,9 @@ pub struct GuestMemory {
     backend: Backend,
     /// Why "auto" fell back to the soft backend, if it did.
     fallback_reason: Option<String>,
-    /// For lazily restored memory: the chunk states every segment shares.
-    lazy: Option<Arc<LazyImage>>,
+    /// For lazily restored memory (or a post-copy migration's destination once it switched):
+    /// the chunk states every segment shares.
+    lazy: OnceLock<Arc<LazyImage>>,
     /// With the KVM backend: the KVM VM whose memory slots are these segments (its vCPUs run on it).
     kvm: Option<Arc<KvmVm>>,
 }
@@ -151,8 +152,37 @@ impl GuestMemory {
             seg.set_lazy(image.clone(), offset);
             offset += seg.size() as u64;
         }
-        mem.lazy = Some(image);
+        let _ = mem.lazy.set(image);
         Ok(mem)
+    }
+
+    /// Make this memory lazy from now on: chunk `i` (of `chunk_size` bytes, lowmem then highmem)
+    /// is loaded from `source` the first time anything asks for it if `needed(i)`, and is used as
+    /// it is otherwise (`LazyImage::over_existing`). For a post-copy migration's destination at
+    /// the switch: the guest must not be running. Refused for memory that is lazy already, closed,
+    /// or viewed (a view would see the inaccessible chunks).
+    pub fn make_lazy(&self, chunk_size: usize, source: Box<dyn ChunkSource>, needed: impl Fn(usize) -> bool) -> Result<(), MemoryError> {
+        let refuse = |why: String| Err(MemoryError::Unsupported { what: "loading this guest memory on demand".into(), why });
+        if self.lazy.get().is_some() {
+            return refuse("it is loaded on demand already".into());
+        }
+        if self.kvm.is_some() {
+            return refuse("it is a KVM guest's: its vCPU reaches it without asking for a chunk first".into());
+        }
+        if let Some(seg) = self.segments.iter().find(|s| s.is_closed()) {
+            return Err(MemoryError::Closed { segment: seg.name().to_string() });
+        }
+        if let Some(seg) = self.segments.iter().find(|s| s.exports() > 0) {
+            return refuse(format!("segment '{}' has {} exported view(s); release them first", seg.name(), seg.exports()));
+        }
+        let image = Arc::new(LazyImage::over_existing(&self.segments, chunk_size, source, needed)?);
+        let mut offset = 0u64;
+        for seg in &self.segments {
+            seg.set_lazy(image.clone(), offset);
+            offset += seg.size() as u64;
+        }
+        let _ = self.lazy.set(image);
+        Ok(())
     }
 
     fn build(opts: &MemoryOptions, specs: &[SegmentSpec]) -> Result<GuestMemory, MemoryError> {
@@ -248,7 +278,15 @@ impl GuestMemory {
         kvm: Option<Arc<KvmVm>>,
     ) -> GuestMemory {
         let segments = segments.into_iter().map(Arc::new).collect();
-        GuestMemory { segments, memsize: opts.memsize, lowmem_limit: opts.lowmem_limit, backend, fallback_reason, lazy: None, kvm }
+        GuestMemory {
+            segments,
+            memsize: opts.memsize,
+            lowmem_limit: opts.lowmem_limit,
+            backend,
+            fallback_reason,
+            lazy: OnceLock::new(),
+            kvm,
+        }
     }
 
     /// With the KVM backend: the KVM VM these segments are the memory slots of.
@@ -288,14 +326,14 @@ impl GuestMemory {
 
     /// The chunk states of lazily restored memory; None for memory that was not.
     pub fn lazy_image(&self) -> Option<&Arc<LazyImage>> {
-        self.lazy.as_ref()
+        self.lazy.get()
     }
 
     /// Whether every byte may be used without a check: memory that was not restored lazily, or
     /// whose every chunk has been loaded and checked.
     #[inline]
     pub fn is_complete(&self) -> bool {
-        self.lazy.as_ref().is_none_or(|image| image.is_complete())
+        self.lazy.get().is_none_or(|image| image.is_complete())
     }
 
     /// Guest-physical bytes from 0 that may be used without a check: all of them (u64::MAX) unless
@@ -303,7 +341,7 @@ impl GuestMemory {
     /// starts the image at GPA 0).
     #[inline]
     pub fn loaded_prefix(&self) -> u64 {
-        match &self.lazy {
+        match self.lazy.get() {
             Some(image) if !image.is_complete() => image.loaded_prefix(),
             _ => u64::MAX,
         }
@@ -312,7 +350,7 @@ impl GuestMemory {
     /// Load and check every chunk of lazily restored memory not loaded yet (nothing for other
     /// memory): whole-memory readers (checkpoint, migration, digests) call it first.
     pub fn ensure_all(&self) -> Result<(), MemoryError> {
-        match &self.lazy {
+        match self.lazy.get() {
             None => Ok(()),
             Some(image) => image.ensure_all(),
         }
@@ -425,7 +463,7 @@ impl GuestMemory {
                 return Err((seg.name().to_string(), seg.exports()));
             }
         }
-        if let Some(image) = &self.lazy {
+        if let Some(image) = self.lazy.get() {
             image.stop_loading();
         }
         self.remove_kvm_slots();

@@ -108,6 +108,21 @@ pub trait ChunkSource: Send + Sync {
     /// The caller guarantees the parts are writable memory that nothing else reads or writes
     /// until this returns.
     unsafe fn load(&self, index: usize, parts: &[ChunkPart]) -> Result<(), ChunkFault>;
+
+    /// [`Self::load`] for `origin`: a source may serve an accessor's demand before loading ahead
+    /// (post-copy migration's page requests jump the background queue). The same contract.
+    ///
+    /// # Safety
+    /// As [`Self::load`].
+    unsafe fn load_for(&self, index: usize, parts: &[ChunkPart], origin: LoadOrigin) -> Result<(), ChunkFault> {
+        let _ = origin;
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.load(index, parts) }
+    }
+
+    /// The image is going away ([`LazyImage::stop_loading`]): a load waiting for the source
+    /// (a network link that is down) should give up now.
+    fn stop(&self) {}
 }
 
 const UNLOADED: u8 = 0;
@@ -140,6 +155,9 @@ pub struct LoadPlan {
     pub record_limit: usize,
     /// Threads loading ahead, each taking the next chunk of the order in turn (at least 1).
     pub loaders: usize,
+    /// Fill from just past the chunk an accessor last had to wait for, instead of in order
+    /// (locality: what a post-copy migration's guest touches next is likely near it).
+    pub follow_demand: bool,
 }
 
 /// How a lazy restore went so far (see [`LazyImage::stats`]).
@@ -221,7 +239,11 @@ pub struct LazyImage {
     stop: Mutex<bool>,
     stop_cv: Condvar,
     recording_done: Condvar,
+    /// One past the chunk an accessor last loaded on demand (NO_HINT: none since a loader looked).
+    demand_hint: AtomicUsize,
 }
+
+const NO_HINT: usize = usize::MAX;
 
 impl LazyImage {
     /// Tie `segments` (in image order, freshly mapped inaccessible) to `source`. Every chunk starts
@@ -270,7 +292,52 @@ impl LazyImage {
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             recording_done: Condvar::new(),
+            demand_hint: AtomicUsize::new(NO_HINT),
         })
+    }
+
+    /// Tie `segments` (in image order), which already hold the image except the pages `needed`
+    /// says, to `source`: chunk `i` is loaded from the source (filling only what it lacks) the
+    /// first time anything asks for it if `needed(i)`, and is the guest's own as it is otherwise.
+    /// The needed chunks are made inaccessible now (the guest must be paused, and nothing may hold
+    /// a view of the segments). What a post-copy migration's destination does at the switch.
+    pub(super) fn over_existing(
+        segments: &[Arc<Segment>],
+        chunk_size: usize,
+        source: Box<dyn ChunkSource>,
+        needed: impl Fn(usize) -> bool,
+    ) -> Result<LazyImage, MemoryError> {
+        let image = LazyImage::new(segments, chunk_size, source)?;
+        let mut unloaded = 0;
+        for (index, state) in image.states.iter().enumerate() {
+            if needed(index) {
+                unloaded += 1;
+                continue;
+            }
+            state.store(LOADED, Ordering::Relaxed);
+        }
+        image.unloaded.store(unloaded, Ordering::Release);
+        let prefix = image.states.iter().take_while(|s| s.load(Ordering::Relaxed) == LOADED).count();
+        image.prefix.store(prefix, Ordering::Release);
+        image.complete.store(unloaded == 0, Ordering::Release);
+        if unloaded == 0 {
+            image.resident_ns.store(1, Ordering::Release);
+        }
+        for index in (0..image.states.len()).filter(|&i| image.states[i].load(Ordering::Relaxed) == UNLOADED) {
+            let (start, end) = image.chunk_range(index);
+            for m in &image.members {
+                let (a, b) = (start.max(m.image_offset), end.min(m.image_offset + m.size as u64));
+                let Some(seg) = m.segment.upgrade().filter(|_| a < b) else { continue };
+                // SAFETY: a page-aligned range inside a live mapping of ours; protection changes no bytes.
+                let ptr = seg.as_ptr().wrapping_add((a - m.image_offset) as usize);
+                if unsafe { libc::mprotect(ptr as *mut libc::c_void, (b - a) as usize, libc::PROT_NONE) } != 0 {
+                    // Too many mappings (vm.max_map_count): open everything again, keep the checks.
+                    image.open_all()?;
+                    return Ok(image);
+                }
+            }
+        }
+        Ok(image)
     }
 
     pub fn chunk_size(&self) -> usize {
@@ -356,6 +423,7 @@ impl LazyImage {
                     result = Err(err);
                     break;
                 }
+                self.demand_hint.store(index + 1, Ordering::Relaxed);
             }
         }
         if let Some(since) = waiting_since {
@@ -432,9 +500,15 @@ impl LazyImage {
         for n in 0..plan.loaders.max(1) {
             let (image, order, cursor) = (self.clone(), order.clone(), cursor.clone());
             let record_until = if n == 0 { record_until } else { None };
+            let follow = plan.follow_demand;
             std::thread::Builder::new()
                 .name(format!("lazy-fill-{n}"))
-                .spawn(move || image.run_loader(&order, &cursor, record_until))
+                .spawn(move || {
+                    if follow {
+                        image.run_follower(&order, &cursor);
+                    }
+                    image.run_loader(&order, &cursor, record_until)
+                })
                 .map_err(|e| MemoryError::Unsupported {
                     what: "the lazy restore's loading thread".into(),
                     why: format!("cannot start: {e}"),
@@ -447,6 +521,7 @@ impl LazyImage {
     pub fn stop_loading(&self) {
         *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop_cv.notify_all();
+        self.source.stop();
         self.stop_recording();
     }
 
@@ -481,6 +556,47 @@ impl LazyImage {
             }
             self.stop_recording();
         }
+    }
+
+    /// Load the chunks of `order` first, then every chunk not loaded, starting just past the one
+    /// an accessor last waited for whenever one did (and in order from there otherwise), until
+    /// none is left; leaves `cursor` past the end of `order`.
+    fn run_follower(&self, order: &[(usize, LoadOrigin)], cursor: &AtomicUsize) {
+        while let Some(&(index, origin)) = order.get(cursor.fetch_add(1, Ordering::Relaxed)) {
+            if index < self.states.len()
+                && self.states[index].load(Ordering::Acquire) == UNLOADED
+                && self.try_load_ahead(index, origin).is_err()
+            {
+                return;
+            }
+        }
+        let chunks = self.states.len();
+        let mut next = 0;
+        let mut passed = 0; // chunks looked at since one was found unloaded
+        while passed < chunks {
+            let hint = self.demand_hint.swap(NO_HINT, Ordering::Relaxed);
+            if hint != NO_HINT {
+                (next, passed) = (hint % chunks.max(1), 0);
+            }
+            let index = next;
+            next = (next + 1) % chunks;
+            if self.states[index].load(Ordering::Acquire) != UNLOADED {
+                passed += 1;
+                continue;
+            }
+            passed = 0;
+            if self.try_load_ahead(index, LoadOrigin::Fill).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One chunk loaded ahead; Err when loading ahead must stop (stopped, or a chunk failed).
+    fn try_load_ahead(&self, index: usize, origin: LoadOrigin) -> Result<(), ()> {
+        if self.stopped() || self.first_failure().is_some() || self.load(index, origin).is_err() {
+            return Err(());
+        }
+        Ok(())
     }
 
     /// End recording: from now on the loaded prefix and completeness read as they are.
@@ -567,7 +683,7 @@ impl LazyImage {
             }
             self.states[index].store(LOADING, Ordering::Release);
         }
-        let result = self.load_claimed(index);
+        let result = self.load_claimed(index, origin);
         let _state = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
             Ok(true) => {
@@ -602,7 +718,7 @@ impl LazyImage {
 
     /// Fill and check chunk `index`, which this thread marked LOADING: Ok(true) if it is good,
     /// Ok(false) if it failed (recorded, the notifier rung), Err if the memory is gone.
-    fn load_claimed(&self, index: usize) -> Result<bool, MemoryError> {
+    fn load_claimed(&self, index: usize, origin: LoadOrigin) -> Result<bool, MemoryError> {
         let (start, end) = self.chunk_range(index);
         // The segments stay mapped while we hold them; if one is gone the guest is being torn down.
         let mut held = Vec::with_capacity(2);
@@ -621,7 +737,7 @@ impl LazyImage {
         // SAFETY: the parts lie inside mappings `held` keeps alive, were just made writable, and
         // no accessor touches them: every one asks `ensure` first, which waits while the chunk is
         // LOADING (this thread alone moved it there).
-        let result = unsafe { self.source.load(index, &parts) };
+        let result = unsafe { self.source.load_for(index, &parts, origin) };
         match result {
             Ok(()) => {
                 // pread into the mapping counts as a write to the kernel dirty backend.
@@ -673,6 +789,11 @@ impl LazyImage {
         if !refused {
             return Ok(());
         }
+        self.open_all()
+    }
+
+    /// Make every segment accessible whole and stop protecting (the explicit checks remain).
+    fn open_all(&self) -> Result<(), MemoryError> {
         for m in &self.members {
             if let Some(seg) = m.segment.upgrade() {
                 // SAFETY: the whole mapping of a live segment.

@@ -86,8 +86,12 @@ fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResul
 /// Run the write `f` holding the GIL, as usual, unless a live snapshot is armed on `mem`: then
 /// the write may wait for room in its side store (`rust/memory/cow.rs`), which the snapshot's
 /// writer makes only once Python has started it, so the GIL is let go meanwhile.
+///
+/// Likewise while memory is still loaded on demand (`is_complete` false): a load may wait on the
+/// disk or, for a post-copy migration, on a network link that is down until it is recovered,
+/// which the rest of the process (the control socket among it) must not wait for.
 fn unless_live<R: Send>(py: Python<'_>, mem: &GuestMemory, f: impl FnOnce() -> R + Send) -> R {
-    if mem.segments().iter().any(|s| s.live_armed()) {
+    if !mem.is_complete() || mem.segments().iter().any(|s| s.live_armed()) {
         py.detach(f)
     } else {
         f()
@@ -104,7 +108,7 @@ fn parse_backing(backing: &str) -> PyResult<Backing> {
 }
 
 /// A duplicate (close-on-exec) of the caller's descriptor `fd`, which stays the caller's.
-fn dup_fd(fd: i32) -> PyResult<OwnedFd> {
+pub(super) fn dup_fd(fd: i32) -> PyResult<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; a bad fd is an error return.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
@@ -277,7 +281,8 @@ impl PyGuestMemory {
     /// `record_seconds`, records the chunks accessed in that time (at most `record_limit`), in
     /// the order first accessed (`wait_recorded`). Accessors needing another chunk meanwhile
     /// load it in parallel. Once per memory; nothing for other memory.
-    #[pyo3(signature = (*, prefetch = Vec::new(), fill = true, record_seconds = None, record_limit = 4096, loaders = 2))]
+    /// With `follow_demand`, the fill goes on from just past the chunk an access last waited for.
+    #[pyo3(signature = (*, prefetch = Vec::new(), fill = true, record_seconds = None, record_limit = 4096, loaders = 2, follow_demand = false))]
     fn start_loading(
         &self,
         prefetch: Vec<usize>,
@@ -285,13 +290,14 @@ impl PyGuestMemory {
         record_seconds: Option<f64>,
         record_limit: usize,
         loaders: usize,
+        follow_demand: bool,
     ) -> PyResult<()> {
         let Some(image) = self.inner.lazy_image() else { return Ok(()) };
         let record_for = match record_seconds {
             Some(s) if !(s.is_finite() && s > 0.0) => return Err(PyValueError::new_err(format!("record_seconds {s} must be positive"))),
             s => s.map(std::time::Duration::from_secs_f64),
         };
-        image.start_loading(LoadPlan { prefetch, fill, record_for, record_limit, loaders }).map_err(memory_error)
+        image.start_loading(LoadPlan { prefetch, fill, record_for, record_limit, loaders, follow_demand }).map_err(memory_error)
     }
 
     /// Stop the loading thread at its next chunk and end recording now (nothing for other memory).
@@ -359,6 +365,15 @@ impl PyGuestMemory {
     }
 
     fn read<'py>(&self, py: Python<'py>, gpa: u64, size: usize) -> PyResult<Bound<'py, PyBytes>> {
+        if !self.inner.is_complete() {
+            // Memory loaded on demand may wait for a chunk: without the GIL (see `unless_live`).
+            let mem = self.inner.clone();
+            let data = py.detach(move || {
+                let mut out = vec![0u8; size];
+                mem.read(GuestAddress(gpa), &mut out).map(|_| out)
+            });
+            return Ok(PyBytes::new(py, &data.map_err(memory_error)?));
+        }
         PyBytes::new_with(py, size, |out| self.inner.read(GuestAddress(gpa), out).map_err(memory_error))
     }
 

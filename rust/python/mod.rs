@@ -40,6 +40,7 @@ mod errors;
 mod kvm;
 mod memory;
 mod pages;
+mod postcopy;
 mod progress;
 mod snapshot;
 mod streams;
@@ -55,6 +56,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     memory::register(m)?;
     pages::register(m)?;
+    postcopy::register(m)?;
     snapshot::register(m)?;
     streams::register(m)?;
     tls::register(m)?;

@@ -1,8 +1,8 @@
 //! Page batches on the wire: the batch format (`batch`), building a round's ranges from a dirty
 //! bitmap (`ranges`), moving batches over file descriptors (send pages straight from guest
 //! memory, receive straight into it: `batch_io`, over `fdio`'s byte moving), optionally
-//! LZ4-compressed per batch (`compress` sends, `decompress` receives), and one round over several
-//! fds at once (`streams`). The files import downwards only: `streams` -> `compress` ->
+//! LZ4-compressed per batch (`compress` sends, `decompress` receives), one round over several
+//! fds at once (`streams`), and post-copy's page requests and replies (`postcopy`, over `fdio`). The files import downwards only: `streams` -> `compress` ->
 //! `batch_io` -> `decompress` -> `fdio` -> `tls` -> `stall`, all on `batch` (the format).
 //!
 //! This module owns the bytes of a page batch on the wire. It does not own the mappings or the
@@ -20,6 +20,7 @@ mod batch_io;
 mod compress;
 mod decompress;
 mod fdio;
+mod postcopy;
 mod ranges;
 mod stall;
 mod streams;
@@ -33,6 +34,10 @@ pub use batch::{
 pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_metered, send_batch_tracked, BatchStats, BatchTotals};
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
 pub use fdio::Link;
+pub use postcopy::{
+    make_postcopy, serve_pages, ChunkNeeds, LinkSource, LinkStats, PostcopyLink, ServeStats, DEFAULT_CHUNK_SIZE as POSTCOPY_CHUNK,
+    MAX_CHUNK_PAGES as POSTCOPY_MAX_CHUNK_PAGES,
+};
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
 pub use streams::{recv_share, send_chunks, send_chunks_compressed, PageBudget, MAX_STREAMS};
 pub use tls::{HandshakeFailure, IdentityError, RecvError, Side, TlsIdentity, TlsStream, Wait};
@@ -53,3 +58,5 @@ fn ready_ranges(seg: &Segment, ranges: &[PageRange], offsets: &[usize]) -> Resul
 mod batch_tests;
 #[cfg(test)]
 mod compress_tests;
+#[cfg(test)]
+mod postcopy_tests;

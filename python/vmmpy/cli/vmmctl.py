@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "vmmrun build) that keeps the guest, its memory (memfd-backed), its name and its console")
     actions.add_argument("--migrate-status", action="store_true", help="statistics of the running or last migration")
     actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here")
+    actions.add_argument("--migrate-postcopy", action="store_true",
+                         help="a live migration started with --postcopy manual: switch to post-copy after the round running now")
+    actions.add_argument("--migrate-recover", nargs="+", metavar="HOST [PORT]",
+                         help="a post-copy migration whose link failed (status postcopy-paused): reconnect to the destination "
+                              "now, at HOST PORT (its address, or a new one)")
     actions.add_argument("--migrate-resolve", nargs="?", const="ask", choices=("ask", "run-here", "discard-here"),
                          metavar="ask|run-here|discard-here",
                          help="settle a migration in doubt. ask (default): the source delivers its decision to the "
@@ -182,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--streams", type=int, metavar="N",
                      help=f"send pages over N TCP connections at once, the main one included (1 to {MAX_STREAMS}; needs a destination "
                           f"speaking protocol 3); helps when one connection cannot fill the link, see docs/migration.md (default {d.streams})")
+    mig.add_argument("--postcopy", metavar="auto|after=N|manual",
+                     help="live: finish in post-copy: the guest runs on the destination at the switch and fetches the pages it "
+                          "still lacks from the source. auto: where pre-copy does not converge (instead of throttling); after=N: "
+                          "after N rounds (0: at once); manual: when `--migrate-postcopy` says. Until every page has arrived the "
+                          "guest needs both hosts: if the source host dies then, the guest is lost (see docs/postcopy.md)")
+    mig.add_argument("--recover-timeout", type=float, metavar="SECONDS",
+                     help=f"post-copy: how long the source reconnects by itself after the page link fails, before it waits "
+                          f"for --migrate-recover (default {d.recover_timeout:g})")
     mig.add_argument("--resolve-timeout", type=float, metavar="SECONDS",
                      help=f"how long the source keeps reconnecting to settle a commit the destination did not confirm, "
                           f"before it reports the migration in doubt (exit 3) (default {d.resolve_timeout:g})")
@@ -256,6 +269,13 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
         if args.resolve_timeout < 0:
             raise ValueError(f"--resolve-timeout must not be negative, got {args.resolve_timeout:g}")
         params["resolve_timeout"] = args.resolve_timeout
+    if args.postcopy is not None:
+        params["postcopy"] = args.postcopy
+        MigrationParams(postcopy=args.postcopy)  # a bad mode is named here, before vmmrun is asked
+    if args.recover_timeout is not None:
+        if args.recover_timeout < 0:
+            raise ValueError(f"--recover-timeout must not be negative, got {args.recover_timeout:g}")
+        params["recover_timeout"] = args.recover_timeout
     if args.io_timeout is not None:
         if args.io_timeout <= 0:
             raise ValueError(f"--io-timeout must be positive seconds, got {args.io_timeout:g}")
@@ -353,11 +373,28 @@ def _print_migration(stats: dict) -> None:
     print(", ".join(parts))
     if stats.get("current_round"):
         print("\n".join(_current_round_lines(stats["current_round"], stats)))
+    if stats.get("postcopy"):
+        print(_postcopy_line(stats["postcopy"]))
     stopped = stopped_text(stats)
     if stopped is not None:
         print(f"  {stopped}")
     for note in stats.get("notes") or []:
         print(f"  note: {note}")
+
+
+def _postcopy_line(pc: dict) -> str:
+    """Post-copy's figures in one line: what moved on request and in the background, what the
+    guest's faults cost (the destination measures those), the link's failures."""
+    text = (f"  post-copy after {pc.get('after_rounds', 0)} rounds: {pc.get('pages_needed', 0)} pages lacking at the switch, "
+            f"{pc.get('requested_pages', 0)} fetched on request, {pc.get('pushed_pages', 0)} in the background")
+    if "fault_p50_us" in pc:
+        text += (f"; remote faults {pc.get('remote_faults', 0)}: p50 {pc['fault_p50_us']} us, p99 {pc['fault_p99_us']} us, "
+                 f"max {pc['fault_max_us']} us; vCPU blocked {pc.get('blocked_ms', 0.0):.1f} ms")
+    if "running_after_ms" in pc:
+        text += f"; running there {pc['running_after_ms']:.1f} ms after the pause"
+    if pc.get("link_failures"):
+        text += f"; link failed {pc['link_failures']}x, recovered {pc.get('recoveries', 0)}x"
+    return text
 
 
 def _print_estimate(est: dict) -> None:
@@ -515,6 +552,12 @@ def _migrate(client: ControlClient, args: argparse.Namespace) -> int:
         request["key"] = key.hex()
     if tls is not None:
         request["tls"] = tls
+    if args.postcopy is not None:
+        if not args.migrate_live:
+            raise ValueError("--postcopy finishes a live migration: use it with --migrate-live")
+        print(f"vmmctl: warning: post-copy ({args.postcopy}): from the switch until every page has reached the destination, "
+              "the guest runs there with part of its memory only on this host; if this host dies then, the guest is lost "
+              "(a failed link is recovered: --migrate-recover)", file=sys.stderr)
     printer = _ProgressPrinter()
     holder = client.name_holder()
     client.timeout = None  # a migration takes as long as it takes; vmmrun bounds its own waits
@@ -749,6 +792,13 @@ def _main(argv: list[str] | None = None) -> int:
                 _write_report(result, args.report)
         elif args.migrate_cancel:
             _print(client.request("migrate-cancel"), args.json)
+        elif args.migrate_postcopy:
+            result = client.request("migrate-postcopy")
+            _print(result, True) if args.json else print("switching to post-copy after the round running now")
+        elif args.migrate_recover:
+            host, port = _address(args.migrate_recover)
+            result = client.request("migrate-recover", host=host, port=port)
+            _print(result, True) if args.json else print(f"reconnecting the post-copy page link to {host} {port}")
         elif args.migrate_resolve:
             client.timeout = None  # it reconnects for at most the migration's resolve_timeout
             result = client.request("migrate-resolve", action=args.migrate_resolve, force=args.force)

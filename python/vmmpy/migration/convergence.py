@@ -10,6 +10,12 @@ to 99 %, a step whenever the guest dirtied more than half of what a round sent, 
 source. Any policy meets ``max_rounds`` the same way as a stall: ``give-up`` aborts, the others
 switch over.
 
+Post-copy (``postcopy``): ``after=N`` switches to post-copy once N rounds went (0: before any),
+whatever convergence says; ``auto`` switches to post-copy where the guest does not converge (where
+auto-converge would throttle, a stall or ``max_rounds``), and finishes as pre-copy where it does;
+``manual`` runs pre-copy until the operator asks for the switch (``MigrationHandle.start_postcopy``),
+finishing as pre-copy if it converges first.
+
 Known blind spot (as Cloud Hypervisor's maintainers note): the estimate covers pages only; device
 state, the digest and the commit round trip are measured (``downtime_breakdown``) but predicted
 only by the handshake round trip time.
@@ -27,6 +33,7 @@ from .protocol import MAX_STREAMS
 from .stats import MigrationStats, RoundStats
 
 POLICIES = ("auto-converge", "switch-over", "give-up")
+POSTCOPY_MODES = ("auto", "manual", "after=N")
 COMPRESS_MODES = ("off", "lz4", "auto")
 
 
@@ -73,6 +80,12 @@ class MigrationParams:
     in_doubt_timeout: float | None = None
     max_state_bytes: int = 256 << 20
     streams: int = 1  # TCP connections carrying page batches, the main one included (protocol v2 for more than one)
+    # Post-copy (protocol version 7, docs/postcopy.md): None (pre-copy only), "auto", "manual" or
+    # "after=N"; the chunk the destination fetches at a time; how long a source whose page link
+    # failed reconnects by itself before it waits for the operator's recover.
+    postcopy: str | None = None
+    postcopy_chunk: int = 64 * 1024
+    recover_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -93,14 +106,32 @@ class MigrationParams:
             raise ValueError(f"resolve_timeout must not be negative, got {self.resolve_timeout}")
         if self.in_doubt_timeout is not None and self.in_doubt_timeout <= 0:
             raise ValueError(f"in_doubt_timeout must be positive seconds or None, got {self.in_doubt_timeout}")
+        self.postcopy_after()  # refuses a bad mode by name
+        if not (4096 <= self.postcopy_chunk <= 256 * 1024 and self.postcopy_chunk % 4096 == 0):
+            raise ValueError(f"postcopy_chunk must be 4 KiB to 256 KiB in whole 4 KiB pages, got {self.postcopy_chunk}")
+        if self.recover_timeout < 0:
+            raise ValueError(f"recover_timeout must not be negative, got {self.recover_timeout}")
         for name in ("throttle_initial", "throttle_increment", "throttle_max"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
+    def postcopy_after(self) -> int | None:
+        """For ``postcopy="after=N"``: N; None for the other modes (ValueError for a bad one)."""
+        mode = self.postcopy
+        if mode is None or mode in ("auto", "manual"):
+            return None
+        if isinstance(mode, str) and mode.startswith("after="):
+            count = mode[len("after="):]
+            if count.isdigit() and int(count) <= 1_000_000:
+                return int(count)
+        raise ValueError(f"postcopy must be one of {', '.join(POSTCOPY_MODES)} (N a whole number of rounds, 0 or more); got {mode!r}")
+
+
 SWITCH = "switch"
 CONTINUE = "continue"
 GIVE_UP = "give-up"
+POSTCOPY = "postcopy"
 
 
 class Convergence:
@@ -161,11 +192,16 @@ class Convergence:
             self._since_best = 0
         else:
             self._since_best += 1
-        if rnd.round >= 1 and p.policy == "auto-converge":
+        if rnd.round >= 1 and (p.policy == "auto-converge" or p.postcopy == "auto"):
             if remaining > p.throttle_trigger * max(rnd.bytes, 1):
                 self._high_rounds += 1
             else:
                 self._high_rounds = 0
+            if self._high_rounds >= 2 and p.postcopy == "auto":
+                self.reason = (f"switching to post-copy: the guest dirtied more than {p.throttle_trigger:.0%} of what a round "
+                               f"sent, twice in a row (expected downtime {expected_ms:.0f} ms)")
+                s.notes.append(self.reason)
+                return POSTCOPY
             if self._high_rounds >= 2:
                 self._high_rounds = 0
                 self._step_throttle()
@@ -179,6 +215,10 @@ class Convergence:
             why = f"throttle at {self.throttle:.0%} and expected downtime still {expected_ms:.0f} ms"
         if why is None:
             return CONTINUE
+        if p.postcopy == "auto":
+            self.reason = f"switching to post-copy without converging: {why}"
+            s.notes.append(self.reason)
+            return POSTCOPY
         if p.policy == "give-up":
             self.reason = (f"not converging: {why}; dirty rate {s.dirty_rate * PAGE_SIZE / 2**20:.1f} MiB/s "
                            f"vs bandwidth {bw / 2**20:.1f} MiB/s; guest stays on the source")

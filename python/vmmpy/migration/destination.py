@@ -17,11 +17,19 @@ destination cannot know what the source decided, so a failure there does not dis
 is held paused **in doubt**, and the destination listens again on its address until the source
 reconnects and says (RESOLVE), or the operator settles it. It runs the guest only on COMMITTED
 or a RESOLVE that says commit, and discards it only on ABORT or a RESOLVE that says abort.
+
+Post-copy (protocol version 7, docs/postcopy.md): POSTCOPY, after any rounds, makes this guest's
+memory load the pages it lacks from the source on demand (``GuestMemory.postcopy_link``); the
+guest runs at COMMITTED, the connection then carries the page exchange, and a background fill
+fetches the rest from just past the last page the guest waited for. When that link fails the
+guest's accesses wait and the destination takes the source's RECOVER on its address (a new
+connection, same handshake): the exchange goes on there. The record ends once every page is here.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import threading
@@ -35,7 +43,17 @@ from . import protocol as P
 from .convergence import MigrationParams
 from .digest import InBackground
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
-from .net import CancelWatcher, accepted_peer, format_address, is_unix, listen, set_io_timeout, shutdown_quietly, unlink_unix
+from .net import (
+    CancelWatcher,
+    accepted_peer,
+    for_page_requests,
+    format_address,
+    is_unix,
+    listen,
+    set_io_timeout,
+    shutdown_quietly,
+    unlink_unix,
+)
 from .stats import MigrationStats, RoundProgress, RoundStats
 from .streams import JoinWindow, new_token, receive_round
 from .tls import TlsConfig, TlsSocket, reject_tls_client, with_tls_error, wrap_tls
@@ -413,9 +431,13 @@ class Destination:
         timer = threading.Timer(self.params.handshake_timeout, shutdown_quietly, args=(conn,))
         timer.daemon = True
         timer.start()
+        handed_over = False
         try:
             receiver.start()
             frame = receiver.read_request()
+            if frame.type is P.MessageType.RECOVER:
+                handed_over = self._recover_connection(receiver, frame)
+                return
             if frame.type is not P.MessageType.RESOLVE:
                 receiver.refuse(P.Stage.SPEC, f"this destination is busy ({self.state}): it takes no other migration")
             if receiver.version < P.OWNERSHIP_VERSION:
@@ -430,7 +452,21 @@ class Destination:
             self._note(f"a RESOLVE connection from {peer} failed: {receiver.failure_text(err)}")
         finally:
             timer.cancel()
-            receiver.close_quietly()
+            if not handed_over:
+                receiver.close_quietly()
+
+    def _recover_connection(self, conn: _Receiver, frame: P.Frame) -> bool:
+        """RECOVER: the source of the post-copy session this destination runs takes the page
+        exchange up again on this connection; any other session is answered UNKNOWN."""
+        session = P.decode_recover(frame.payload)
+        main = self._receiver
+        if main is None or session != self.session or main.link is None or main.state is not RxState.RUNNING:
+            conn.send_recovered(P.Outcome.UNKNOWN)
+            self._note(f"a RECOVER for a session this destination does not run in post-copy was answered unknown ({conn.stats.peer})")
+            return False
+        conn.send_recovered(P.Outcome.RUNNING)
+        main.take_page_connection(conn)
+        return True
 
     def _resolve_from_source(self, resolve: P.Resolve) -> P.Outcome:
         if resolve.session != self.session:
@@ -574,6 +610,8 @@ class _Receiver:
         self.listener_done = None  # Destination: takes the listener back when the join window ends
         self.source_aborted = False  # a RESOLVE(abort) for this session came on another connection
         self.local = False  # a local migration: the memory was handed over (LOCAL_MEMORY)
+        self.link = None  # post-copy (POSTCOPY): the memory's page link to the source
+        self._conn_lock = threading.Lock()  # post-copy: the connection is replaced on RECOVER
 
     def run(self) -> MigrationStats:
         """The whole session on this one connection (``serve_connection``)."""
@@ -790,9 +828,13 @@ class _Receiver:
             self._close_listener()  # the join window is over for good
             if frame.type is P.MessageType.LOCAL_MEMORY:
                 self._take_local_memory(P.decode_local_memory(frame.payload))
+            elif frame.type is P.MessageType.POSTCOPY:
+                self._take_postcopy(P.decode_postcopy(frame.payload))
             elif frame.type is P.MessageType.MEMORY:
                 if self.digest_job is not None:
                     raise ProtocolError("MEMORY after the final round: nothing may change memory once it is final")
+                if self.link is not None:
+                    raise ProtocolError("MEMORY after POSTCOPY: after the switch pages come only on request")
                 self._receive_round(P.decode_memory(frame.payload))
             elif frame.type is P.MessageType.STATE:
                 self._restore(frame.payload)
@@ -937,6 +979,94 @@ class _Receiver:
     def _local_digest(self) -> int:
         return P.local_digest([(s.name, s.gpa, s.size, *s.memfd_identity) for s in self.memory.segments])
 
+    # -- post-copy (protocol version 7) ----------------------------------------------------------
+    def _take_postcopy(self, m: P.Postcopy) -> None:
+        """POSTCOPY: from now on the chunks holding the pages the source names load from it on
+        demand; every other page is as the rounds left it."""
+        if self.link is not None or self.local:
+            raise ProtocolError("POSTCOPY twice, or after LOCAL_MEMORY: a session switches once")
+        if self.digest_job is not None:
+            raise ProtocolError("POSTCOPY after the final round: the memory is complete already")
+        if isinstance(self.conn, TlsSocket):
+            raise ProtocolError("POSTCOPY over TLS: post-copy's page requests do not go over TLS yet")
+        try:
+            self.link = self.memory.postcopy_link(m.needed_runs, m.chunk_size, f"the post-copy source {self.stats.peer}")
+        except (ValueError, OSError) as err:
+            raise ProtocolError(f"POSTCOPY: {err}") from None
+        self.have_all_pages = True  # every access waits for its page from here on
+        self.stats.postcopy = {"after_rounds": self.next_round, "chunk_size": m.chunk_size, "pages_needed": self.link.pages}
+        self._advance(P.MessageType.POSTCOPY)
+
+    def send_recovered(self, outcome: P.Outcome) -> None:
+        self._send(P.MessageType.RECOVERED, P.encode_recovered(outcome))
+        self._advance(P.MessageType.RECOVER)
+
+    def take_page_connection(self, other: _Receiver) -> None:
+        """A RECOVER connection (answered) carries the page exchange from now on."""
+        fd = for_page_requests(other.conn, self.params.io_timeout)
+        with self._conn_lock:
+            old, self.conn = self.conn, other.conn
+            self.link.attach(fd)
+        shutdown_quietly(old)
+        old.close()
+
+    def _postcopy_tick(self, switched: float) -> bool:
+        """The post-copy figures now; True once every page is here."""
+        lazy = self.memory.lazy_status()
+        figures = self.link.stats()
+        self.stats.postcopy.update(
+            requested_pages=figures.demand_pages, pushed_pages=figures.background_pages, zero_pages=figures.zero_pages,
+            remote_faults=figures.demand_chunks, fault_p50_us=figures.fault_p50_us, fault_p99_us=figures.fault_p99_us,
+            fault_max_us=figures.fault_max_us, blocked_ms=lazy.wait_seconds * 1000, waits=lazy.waits,
+            link_failures=figures.link_failures, link_down=figures.down, postcopy_ms=(time.monotonic() - switched) * 1000)
+        if self.state is RxState.RUNNING:
+            self.stats.status = "postcopy" if figures.down is None else "postcopy-paused"
+        return lazy.resident
+
+    def _postcopy_pages(self) -> None:
+        """The guest runs: hand the connection to the page link, fill in the background from
+        just past the last page the guest waited for, wait (through link failures and their
+        RECOVERs) until every page is here, tell the source, and read its RELEASED."""
+        switched = time.monotonic()
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.link.notify_on_failure(write_end)
+            with self._conn_lock:
+                self.link.attach(for_page_requests(self.conn, self.params.io_timeout))
+            self.memory.start_loading(fill=True, loaders=1, follow_demand=True)
+            noted = 0
+            while not self._postcopy_tick(switched):
+                if select.select([read_end], [], [], 0.05)[0]:
+                    os.read(read_end, 64)
+                failures = self.stats.postcopy["link_failures"]
+                if failures > noted:
+                    noted = failures
+                    self.stats.notes.append(f"post-copy page link failed ({self.stats.postcopy['link_down']}): the guest waits "
+                                            "for its pages; nothing is discarded; listening for the source's RECOVER")
+            while True:  # every page is here: say so on whichever connection works
+                try:
+                    self.link.finish()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            self._postcopy_tick(switched)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        self.stats.notes.append("every page is here: the source's copy is no longer needed")
+        with self._conn_lock:
+            conn = self.conn
+        set_io_timeout(conn, self.params.commit_timeout)
+        pc = self.stats.postcopy
+        try:
+            P.write_frame(conn, P.MessageType.POSTCOPY_DONE, P.encode_postcopy_done(P.PostcopyDone(
+                pc["remote_faults"], pc["fault_p50_us"], pc["fault_p99_us"], pc["fault_max_us"], int(pc["blocked_ms"] * 1000),
+                pc["requested_pages"], pc["pushed_pages"])))
+            P.decode_empty(P.MessageType.RELEASED, P.read_frame(conn, allowed=(P.MessageType.RELEASED,)).payload)
+            self.released = True
+        except (MigrationError, OSError) as err:
+            self.stats.notes.append(f"the source did not say RELEASED after the last page ({err})")
+
     def _restore(self, blob: bytes) -> None:
         if not self.have_all_pages:
             raise ProtocolError("STATE arrived before a round carrying all pages")
@@ -956,7 +1086,9 @@ class _Receiver:
 
     def _commit(self, source_digest: int) -> None:
         t = time.monotonic()
-        if self.local:
+        if self.link is not None:
+            mine = source_digest  # post-copy: no whole memory to hash yet; each page reply is checked as it arrives
+        elif self.local:
             mine = self._local_digest()
         else:
             mine = self.digest_job.result() if self.digest_job is not None else self.tracker.digest()
@@ -988,6 +1120,10 @@ class _Receiver:
             self._send(P.MessageType.RESUMED, P.encode_resumed(int(started * 1e6)))
         except (MigrationError, OSError):
             self.stats.notes.append("could not tell the source the guest runs (RESUMED); it runs")
+        if self.link is not None:
+            self._postcopy_pages()
+            self.stats.finish("completed")
+            return
         self.stats.finish("completed")
         if self.version >= P.OWNERSHIP_VERSION:
             try:

@@ -116,6 +116,15 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
+def for_page_requests(sock: socket.socket, seconds: float) -> int:
+    """Ready ``sock`` for post-copy's page exchange (small requests, each answered at once): its
+    I/O timeout, no Nagle delay (TCP only). Returns its fd."""
+    set_io_timeout(sock, seconds)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock.fileno()
+
+
 def send_timeout(sock: socket.socket) -> float | None:
     """The socket's SO_SNDTIMEO in seconds, None when it has none."""
     try:

@@ -95,7 +95,7 @@ FRAME_VERSION = 1
 # 5: ownership through the commit: a destination that has sent COMMIT_ACK holds the guest paused
 #    "in doubt" when the link fails, the source settles it by reconnecting (RESOLVE/RESOLVED), and
 #    the source says RELEASED once it knows the guest runs there.
-PROTOCOL_VERSIONS = (2, 3, 4, 5, 6)
+PROTOCOL_VERSIONS = (2, 3, 4, 5, 6, 7)
 STREAMS_VERSION = 3  # the first protocol version with parallel streams
 MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
 TOKEN_SIZE = 32
@@ -108,6 +108,9 @@ MAX_CODECS = 4
 #: The first protocol version with in-doubt ownership: RESOLVE, RESOLVED and RELEASED.
 OWNERSHIP_VERSION = 5
 LOCAL_VERSION = 6  # the first protocol version with LOCAL_MEMORY (memfds over a Unix socket)
+POSTCOPY_VERSION = 7  # the first with post-copy (POSTCOPY, the page exchange, RECOVER/RECOVERED)
+POSTCOPY_CHUNK_SIZE = _core.POSTCOPY_CHUNK_SIZE
+MAX_POSTCOPY_CHUNK = _core.POSTCOPY_MAX_CHUNK_PAGES * 4096
 MAX_SEGMENTS = 2  # lowmem, highmem
 #: Dirty runs LOCAL_MEMORY may carry (16 bytes each): 64 MiB of payload.
 MAX_DIRTY_RUNS = 1 << 22
@@ -147,6 +150,10 @@ class MessageType(enum.IntEnum):
     RESOLVED = 19  # v5: the destination's answer: what it now does with that session's guest
     RELEASED = 20  # v5: the source knows the guest runs on the destination; nothing more will be asked
     LOCAL_MEMORY = 21  # v6: a local migration's memory: its segments, their memfds (SCM_RIGHTS), dirty runs
+    POSTCOPY = 22  # v7: the switch to post-copy: the chunk size and the pages the destination lacks
+    RECOVER = 23  # v7: on a new connection after the handshake, resume a post-copy session's page exchange
+    RECOVERED = 24  # v7: the destination's answer: the exchange goes on on this connection, or no such session
+    POSTCOPY_DONE = 25  # v7: every page is on the destination: what post-copy cost the guest there
 
 
 class Stage(enum.IntEnum):
@@ -380,6 +387,25 @@ class MemoryEnd:
 class LocalMemory:
     segments: tuple[tuple[str, int, int], ...]  # (name, gpa, size), lowmem first: one memfd each follows
     dirty_runs: bytes = b""  # little-endian u64 pairs (first pfn, pages): GuestMemory.peek_dirty_runs
+
+
+@dataclass(frozen=True)
+class Postcopy:
+    chunk_size: int  # bytes per chunk of the page exchange (4 KiB to MAX_POSTCOPY_CHUNK, whole pages)
+    needed_runs: bytes = b""  # little-endian u64 pairs (first pfn, pages): the pages the destination lacks
+
+
+@dataclass(frozen=True)
+class PostcopyDone:
+    """The destination's post-copy figures, sent once it has every page."""
+
+    remote_faults: int  # demand fetches
+    fault_p50_us: int
+    fault_p99_us: int
+    fault_max_us: int
+    blocked_us: int  # time accesses (vCPUs, device DMA) waited for pages
+    requested_pages: int
+    pushed_pages: int
 
 
 @dataclass(frozen=True)
@@ -887,26 +913,34 @@ class _Segments(_Field):
 
 @dataclass(frozen=True)
 class _Runs(_Field):
-    """LOCAL_MEMORY's dirty runs: a u32 count (at most MAX_DIRTY_RUNS), then that many 16-byte
-    pairs (u64 first page frame number, u64 page count), passed through as bytes."""
+    """LOCAL_MEMORY's dirty runs (POSTCOPY's needed runs): a u32 count (at most MAX_DIRTY_RUNS),
+    then that many 16-byte pairs (u64 first page frame number, u64 page count), passed through as
+    bytes."""
 
     name: str = "dirty_runs"
     what: str = "the dirty run count"
+    kind: str = "dirty"
 
     def _count(self, count: int, msg: str) -> None:
         if count > MAX_DIRTY_RUNS:
-            raise ProtocolError(f"{msg}: {count} dirty runs exceed the {MAX_DIRTY_RUNS} allowed")
+            raise ProtocolError(f"{msg}: {count} {self.kind} runs exceed the {MAX_DIRTY_RUNS} allowed")
 
     def encode(self, value: bytes, msg: str) -> bytes:
         if len(value) % 16:
-            raise ProtocolError(f"{msg}: dirty runs are 16-byte pairs, got {len(value)} bytes")
+            raise ProtocolError(f"{msg}: {self.kind} runs are 16-byte pairs, got {len(value)} bytes")
         self._count(len(value) // 16, msg)
         return struct.pack("<I", len(value) // 16) + bytes(value)
 
     def decode(self, r: _Reader, values: dict[str, Any]) -> bytes:
         (count,) = r.unpack("I", self.what)
         self._count(count, r.name)
-        return r.take(16 * count, "the dirty runs")
+        return r.take(16 * count, f"the {self.kind} runs")
+
+
+def _chunk_size(value: int, msg: str) -> int:
+    if not (4096 <= value <= MAX_POSTCOPY_CHUNK and value % 4096 == 0):
+        raise ProtocolError(f"{msg}: chunk size {value} is not 4 KiB to {MAX_POSTCOPY_CHUNK // 1024} KiB in whole pages")
+    return value
 
 
 def _reason(what: str = "the reason") -> _Text:
@@ -966,6 +1000,15 @@ MESSAGES: tuple[MessageSpec, ...] = (
     MessageSpec(MessageType.RELEASED, (), 0),
     MessageSpec(MessageType.LOCAL_MEMORY, (_Segments(), _Runs()),
                 1 + MAX_SEGMENTS * (1 + MAX_NAME + 16) + 4 + 16 * MAX_DIRTY_RUNS, LocalMemory),
+    MessageSpec(MessageType.POSTCOPY, (_Ints("the chunk size", (("chunk_size", "I", _chunk_size),)),
+                                       _Runs("needed_runs", "the needed run count", "needed")),
+                4 + 4 + 16 * MAX_DIRTY_RUNS, Postcopy),
+    MessageSpec(MessageType.RECOVER, (_Fixed("session", "the session id", SESSION_ID_SIZE, "a session id"),), SESSION_ID_SIZE),
+    MessageSpec(MessageType.RECOVERED, (_Ints("the outcome", (("outcome", "B", _enum(Outcome, "outcome")),)),), 1),
+    MessageSpec(MessageType.POSTCOPY_DONE, (_Ints("the post-copy figures", (
+        ("remote_faults", "Q", _saturating), ("fault_p50_us", "I", _saturating), ("fault_p99_us", "I", _saturating),
+        ("fault_max_us", "I", _saturating), ("blocked_us", "Q", _saturating), ("requested_pages", "Q", _saturating),
+        ("pushed_pages", "Q", _saturating))),), 8 + 3 * 4 + 3 * 8, PostcopyDone),
 )
 SPECS: dict[MessageType, MessageSpec] = {m.type: m for m in MESSAGES}
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -1123,6 +1166,38 @@ def decode_resolved(payload: bytes) -> Resolved:
 
 
 
+def encode_postcopy(m: Postcopy) -> bytes:
+    return encode_message(MessageType.POSTCOPY, m)
+
+
+def decode_postcopy(payload: bytes) -> Postcopy:
+    return decode_message(MessageType.POSTCOPY, payload)
+
+
+def encode_postcopy_done(m: PostcopyDone) -> bytes:
+    return encode_message(MessageType.POSTCOPY_DONE, m)
+
+
+def decode_postcopy_done(payload: bytes) -> PostcopyDone:
+    return decode_message(MessageType.POSTCOPY_DONE, payload)
+
+
+def encode_recover(session: bytes) -> bytes:
+    return encode_message(MessageType.RECOVER, session)
+
+
+def decode_recover(payload: bytes) -> bytes:
+    return decode_message(MessageType.RECOVER, payload)
+
+
+def encode_recovered(outcome: Outcome) -> bytes:
+    return encode_message(MessageType.RECOVERED, outcome)
+
+
+def decode_recovered(payload: bytes) -> Outcome:
+    return decode_message(MessageType.RECOVERED, payload)
+
+
 def decode_empty(msg_type: MessageType, payload: bytes) -> None:
     if payload:
         raise ProtocolError(f"{msg_type.name}: carries no payload, got {len(payload)} bytes")
@@ -1145,6 +1220,7 @@ class RxState(enum.Enum):
     IN_DOUBT = "in-doubt"  # v5: COMMIT_ACK sent, then the link failed: held paused until settled
     RUNNING = "running"
     ANSWERED = "answered"  # v5: a connection that asked RESOLVE, answered with RESOLVED
+    PAGES = "pages"  # v7: a connection that asked RECOVER carries the page exchange, then RELEASED
     DISCARDED = "discarded"
 
 
@@ -1156,15 +1232,16 @@ class RxState(enum.Enum):
 RECEIVER: dict[RxState, dict[MessageType, RxState]] = {
     RxState.AWAIT_HELLO: {MessageType.HELLO: RxState.AWAIT_AUTH},
     RxState.AWAIT_AUTH: {MessageType.AUTH: RxState.AWAIT_SPEC},
-    RxState.AWAIT_SPEC: {MessageType.SPEC: RxState.READY, MessageType.RESOLVE: RxState.ANSWERED},
+    RxState.AWAIT_SPEC: {MessageType.SPEC: RxState.READY, MessageType.RESOLVE: RxState.ANSWERED, MessageType.RECOVER: RxState.PAGES},
     RxState.READY: {MessageType.STREAMS: RxState.JOINING, MessageType.MEMORY: RxState.RECEIVING, MessageType.STATE: RxState.HAVE_STATE,
-                    MessageType.LOCAL_MEMORY: RxState.READY},
+                    MessageType.LOCAL_MEMORY: RxState.READY, MessageType.POSTCOPY: RxState.READY},
     RxState.JOINING: {MessageType.JOIN: RxState.READY},
     RxState.RECEIVING: {MessageType.MEMORY_END: RxState.READY},
     RxState.HAVE_STATE: {MessageType.COMMIT_REQUEST: RxState.AWAIT_COMMITTED},
     RxState.AWAIT_COMMITTED: {MessageType.COMMITTED: RxState.RUNNING},
     RxState.RUNNING: {MessageType.RELEASED: RxState.RUNNING},
     RxState.ANSWERED: {MessageType.RELEASED: RxState.ANSWERED},
+    RxState.PAGES: {MessageType.RELEASED: RxState.PAGES},
 }
 
 #: The protocol version that added each message (the rest are in every version).
@@ -1176,6 +1253,10 @@ SINCE: dict[MessageType, int] = {
     MessageType.RESOLVED: OWNERSHIP_VERSION,
     MessageType.RELEASED: OWNERSHIP_VERSION,
     MessageType.LOCAL_MEMORY: LOCAL_VERSION,
+    MessageType.POSTCOPY: POSTCOPY_VERSION,
+    MessageType.RECOVER: POSTCOPY_VERSION,
+    MessageType.RECOVERED: POSTCOPY_VERSION,
+    MessageType.POSTCOPY_DONE: POSTCOPY_VERSION,
 }
 
 #: The source's sequence on one connection: after each message it sent (None: nothing yet), the
@@ -1183,16 +1264,18 @@ SINCE: dict[MessageType, int] = {
 SOURCE_NEXT: dict[MessageType | None, tuple[MessageType, ...]] = {
     None: (MessageType.HELLO,),
     MessageType.HELLO: (MessageType.AUTH,),
-    MessageType.AUTH: (MessageType.SPEC, MessageType.RESOLVE),
-    MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY, MessageType.LOCAL_MEMORY),
+    MessageType.AUTH: (MessageType.SPEC, MessageType.RESOLVE, MessageType.RECOVER),
+    MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY, MessageType.LOCAL_MEMORY, MessageType.POSTCOPY),
     MessageType.LOCAL_MEMORY: (MessageType.STATE,),
-    MessageType.STREAMS: (MessageType.MEMORY,),
+    MessageType.POSTCOPY: (MessageType.STATE,),
+    MessageType.STREAMS: (MessageType.MEMORY, MessageType.POSTCOPY),
     MessageType.MEMORY: (MessageType.MEMORY_END,),
-    MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE),
+    MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE, MessageType.POSTCOPY),
     MessageType.STATE: (MessageType.COMMIT_REQUEST,),
     MessageType.COMMIT_REQUEST: (MessageType.COMMITTED,),
     MessageType.COMMITTED: (MessageType.RELEASED,),
     MessageType.RESOLVE: (MessageType.RELEASED,),
+    MessageType.RECOVER: (MessageType.RELEASED,),
     MessageType.RELEASED: (),
 }
 
@@ -1205,6 +1288,7 @@ SOURCE_AWAITS: dict[MessageType, MessageType] = {
     MessageType.COMMIT_REQUEST: MessageType.COMMIT_ACK,
     MessageType.COMMITTED: MessageType.RESUMED,
     MessageType.RESOLVE: MessageType.RESOLVED,
+    MessageType.RECOVER: MessageType.RECOVERED,
 }
 
 

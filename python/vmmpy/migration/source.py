@@ -17,6 +17,12 @@ guest's memory and its dirty runs (LOCAL_MEMORY), state, commit: no page is copi
 the same commit and ownership steps decide who runs the guest. The memory must be memfd-backed.
 Live: round 0 sends every page while the guest runs; each later round harvests-and-clears the
 dirty bits and sends those pages; ``Convergence`` decides when to pause for the final round.
+Post-copy (protocol version 7, ``params.postcopy``, docs/postcopy.md): at the switch the source
+pauses and sends POSTCOPY (the pages the destination lacks), the state and the commit; once the
+destination runs the guest, this side answers its page requests from the paused guest until it
+has every page, and only then stops the guest for good. From COMMITTED until then neither side
+holds the whole guest: a failed link is never an abort; the source reconnects (RECOVER) for
+``recover_timeout`` seconds, then waits for the operator's ``recover`` to another address.
 """
 
 from __future__ import annotations
@@ -28,15 +34,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..memory import PageBatchError
+from ..memory import KVM_TRACKING, PageBatchError
 from ..progress import Ticker
 from ..state import encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
-from .convergence import GIVE_UP, SWITCH, Convergence, MigrationParams
+from .convergence import GIVE_UP, POSTCOPY, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
-from .net import CancelWatcher, Channel, connect, format_address, is_unix, set_io_timeout
+from .net import CancelWatcher, Channel, connect, for_page_requests, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
 from .tls import TlsConfig, with_tls_error, wrap_tls
@@ -118,6 +124,15 @@ class MigrationHandle:
         assert self._stats is not None
         return self._stats
 
+    def start_postcopy(self) -> None:
+        """``--postcopy manual``: switch to post-copy at the end of the pre-copy round running now."""
+        self._source.request_postcopy()
+
+    def recover(self, host: str | None = None, port: int | None = None) -> None:
+        """A post-copy migration whose page link failed: reconnect now (to ``host:port`` when
+        given, e.g. the destination's new address) instead of waiting for the next attempt."""
+        self._source.request_recover(host, port)
+
     @property
     def committing(self) -> bool:
         """COMMIT_REQUEST went out and the migration is not over: the guest is held paused for
@@ -177,6 +192,28 @@ class _Source:
         self.convergence: Convergence | None = None
         self.rtt_ms = 0.0
         self.round_progress: RoundProgress | None = None  # the round whose pages are going now
+        # post-copy: the operator's switch (manual), whether the rounds ended in a switch, the
+        # page server once switched, and the operator's recover (an address, or None for the same)
+        self.postcopy_asked = threading.Event()
+        self.postcopy_switch = False
+        self.server = None
+        self.recover_asked = threading.Event()
+        self.recover_to: tuple[str, int] | None = None
+
+    def request_postcopy(self) -> None:
+        if self.params.postcopy != "manual":
+            raise ValueError("this migration was not started with --postcopy manual" if self.params.postcopy is None
+                             else f"this migration switches to post-copy by itself (--postcopy {self.params.postcopy})")
+        if self.postcopy_switch or not self.phase.startswith("round"):
+            raise ValueError(f"the switch to post-copy is asked for during the pre-copy rounds; the migration is in {self.phase}")
+        self.postcopy_asked.set()
+
+    def request_recover(self, host: str | None, port: int | None) -> None:
+        if self.stats.status != "postcopy-paused":
+            raise ValueError(f"nothing to recover: the migration is {self.stats.status}, not post-copy with its link down")
+        if host is not None and port is not None:
+            self.recover_to = (host, port)
+        self.recover_asked.set()
 
     # -- plumbing --------------------------------------------------------------------------------
     def _enter(self, phase: str) -> None:
@@ -235,6 +272,23 @@ class _Source:
                 chan.close()
         self.chan, self.data = None, []
 
+    def _check_postcopy(self) -> None:
+        """Post-copy moves a running guest over the network: refuse what it cannot go with."""
+        if not self.live:
+            raise MigrationError("post-copy is a live migration's way to finish: add --live (a warm migration pauses the guest "
+                                 "for the whole copy anyway)")
+        if self.local:
+            raise MigrationError("a local migration copies no memory: post-copy does not apply")
+        if self.tls is not None:
+            raise MigrationError("post-copy does not go over TLS yet: its page requests use the connection's socket directly; "
+                                 "migrate with TLS without --postcopy, or over a trusted network without TLS")
+        if self.memory.dirty_tracking in KVM_TRACKING:
+            raise MigrationError("post-copy needs every access to guest memory to pass through vmmpy, which fetches a missing "
+                                 "page first; a KVM guest's loads and stores reach its memory directly (docs/kvm.md): "
+                                 "migrate it without --postcopy")
+        if self.memory.lazy and not self.memory.lazy_status().resident:
+            self.memory.load_all()  # the page server reads the memory as it is
+
     def _check_local(self) -> None:
         """A local migration hands over the memory itself: refuse what cannot be handed over,
         before anything is sent."""
@@ -255,6 +309,8 @@ class _Source:
         p = self.params
         if self.local:
             self._check_local()
+        if p.postcopy is not None:
+            self._check_postcopy()
         self._enter("connect")
         sock = self._connect(self.watcher)
         self._enter("handshake")
@@ -269,17 +325,19 @@ class _Source:
         self.stats.setup_time_ms = self.stats.elapsed_ms()
         self.stats.status = "active"
         set_io_timeout(sock, p.io_timeout)
+        if p.postcopy is not None and (self.stats.protocol_version or 1) < P.POSTCOPY_VERSION:
+            raise ProtocolError(f"the destination speaks migration protocol {self.stats.protocol_version}, which has no post-copy "
+                                f"(it needs {P.POSTCOPY_VERSION}); migrate without --postcopy")
         if self.local and (self.stats.protocol_version or 1) < P.LOCAL_VERSION:
             raise ProtocolError(f"the destination speaks migration protocol {self.stats.protocol_version}, which cannot take "
                                 f"memory descriptors (a local migration needs {P.LOCAL_VERSION})")
         next_round = 0
         if self.live:
             next_round = self._precopy()
-        self._enter("pause")
-        self.adapter.pause()
-        self.paused = True
-        paused_at = self.paused_at = time.monotonic()
-        self.stats.status = "paused"
+        if self.postcopy_switch:
+            self._postcopy(next_round)
+            return
+        paused_at = self._pause()
         if self.local:
             self._enter("memory")
             t = time.monotonic()
@@ -298,14 +356,7 @@ class _Source:
                 # Every page the guest wrote was sent, and hashed as it went: combine while the state
                 # is encoded and sent.
                 digest_job = InBackground(self.tracker.digest)
-        self._enter("state")
-        t = time.monotonic()
-        blob = encode_sections(self.adapter.save_sections())
-        if len(blob) > p.max_state_bytes:
-            raise MigrationError(f"device state is {len(blob)} bytes, more than max_state_bytes={p.max_state_bytes}")
-        self._send(P.MessageType.STATE, blob)
-        self.stats.state_bytes = len(blob)
-        self.stats.downtime_breakdown["state_ms"] = (time.monotonic() - t) * 1000
+        self._send_state()
         t = time.monotonic()
         digest = digest_job.result()
         self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # the wait not hidden by the transfer
@@ -355,6 +406,162 @@ class _Source:
             self.stats.notes.append(f"could not say RELEASED ({err}); the destination keeps answering on its address")
         self._give_up_guest()
         self._report()
+
+    def _pause(self) -> float:
+        """Pause the guest for the last step (the final round, or the switch to post-copy); when."""
+        self._enter("pause")
+        self.adapter.pause()
+        self.paused = True
+        self.paused_at = time.monotonic()
+        self.stats.status = "paused"
+        return self.paused_at
+
+    def _send_state(self) -> None:
+        self._enter("state")
+        t = time.monotonic()
+        blob = encode_sections(self.adapter.save_sections())
+        if len(blob) > self.params.max_state_bytes:
+            raise MigrationError(f"device state is {len(blob)} bytes, more than max_state_bytes={self.params.max_state_bytes}")
+        self._send(P.MessageType.STATE, blob)
+        self.stats.state_bytes = len(blob)
+        self.stats.downtime_breakdown["state_ms"] = (time.monotonic() - t) * 1000
+
+    # -- post-copy (protocol version 7) ----------------------------------------------------------
+    def _postcopy(self, rounds: int) -> None:
+        """The switch: pause, POSTCOPY (what the destination lacks), STATE, the commit; then serve
+        the destination's page requests until it has every page, reconnecting when the link fails."""
+        p = self.params
+        paused_at = self._pause()
+        self._enter("postcopy")
+        t = time.monotonic()
+        runs = self.memory.postcopy_runs(all_pages=rounds == 0)
+        self.server = self.memory.postcopy_server(runs, p.postcopy_chunk)
+        self._send(P.MessageType.POSTCOPY, P.encode_postcopy(P.Postcopy(p.postcopy_chunk, runs)))
+        self.stats.postcopy = {"mode": p.postcopy, "after_rounds": rounds, "chunk_size": p.postcopy_chunk,
+                               "pages_needed": self.server.pages}
+        self.stats.downtime_breakdown["postcopy_ms"] = (time.monotonic() - t) * 1000
+        self._send_state()
+        self._enter("commit")
+        t = time.monotonic()
+        self.commit_requested = True
+        # No digest: the destination does not hold the whole memory yet. Each page it fetches is
+        # checked as it arrives (its reply's xxh3), against the source's memory as it is now.
+        self._send(P.MessageType.COMMIT_REQUEST, P.encode_digest(0))
+        set_io_timeout(self.chan.sock, p.commit_timeout)
+        P.decode_digest(P.MessageType.COMMIT_ACK, self._read().payload)
+        self._check_cancel()
+        if not self.watcher.commit_point():
+            raise Cancelled("cancelled before commit")
+        # From the first byte of COMMITTED the destination may run the guest, whose memory is
+        # partly only here: from now on nothing is aborted, and this copy is kept until the
+        # destination has every page.
+        self.committed = True
+        self.stats.owner = "destination"
+        try:
+            self._send(P.MessageType.COMMITTED)
+            self.chan.flush(p.commit_timeout)
+            committed_at = time.monotonic()
+            self.stats.downtime_breakdown["commit_ms"] = (committed_at - t) * 1000
+            self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, p.commit_timeout, strict=True)
+            self.stats.postcopy["running_after_ms"] = (time.monotonic() - paused_at) * 1000
+        except (MigrationError, OSError) as err:
+            self._link_lost(f"after COMMITTED: {err}")
+            self._recover()
+        self.stats.status = "postcopy"
+        self._report()
+        switched = time.monotonic()
+        with Ticker(self._postcopy_tick):
+            while True:
+                try:
+                    self.server.serve(for_page_requests(self.chan.sock, p.io_timeout))
+                    break
+                except (PageBatchError, OSError) as err:
+                    self._link_lost(str(err))
+                    self._recover()
+        self._postcopy_tick()
+        self.stats.postcopy["postcopy_ms"] = (time.monotonic() - switched) * 1000
+        try:
+            # What post-copy cost the guest is measured where it runs: the destination's figures.
+            done = P.decode_postcopy_done(P.read_frame(self.chan.sock, allowed=(P.MessageType.POSTCOPY_DONE,),
+                                                       where=" from the destination after the last page").payload)
+            self.stats.postcopy.update(remote_faults=done.remote_faults, fault_p50_us=done.fault_p50_us,
+                                       fault_p99_us=done.fault_p99_us, fault_max_us=done.fault_max_us,
+                                       blocked_ms=done.blocked_us / 1000)
+        except (MigrationError, OSError) as err:
+            self.stats.notes.append(f"the destination's post-copy figures did not arrive ({err}); it has every page")
+        try:
+            self._send(P.MessageType.RELEASED)
+            self.chan.flush(1.0)
+        except (MigrationError, OSError) as err:
+            self.stats.notes.append(f"could not say RELEASED after the last page ({err}); the destination has every page")
+        self._give_up_guest()
+        self._report()
+
+    def _postcopy_tick(self) -> None:
+        if self.server is not None and self.stats.postcopy is not None:
+            served = self.server.stats()
+            self.stats.postcopy.update(requested_pages=served.demand_pages, pushed_pages=served.background_pages,
+                                       zero_pages=served.zero_pages, page_bytes=served.bytes,
+                                       requests=served.demand_requests + served.background_requests)
+        self._report()
+
+    def _link_lost(self, why: str) -> None:
+        self.stats.status = "postcopy-paused"
+        self.stats.postcopy["link_failures"] = self.stats.postcopy.get("link_failures", 0) + 1
+        self.stats.notes.append(f"post-copy page link failed ({why}): the guest waits for its pages on the destination, "
+                                f"its memory is kept here; reconnecting for up to {self.params.recover_timeout:g} s")
+        self._close_channels()
+        self._report()
+
+    def _recover(self) -> None:
+        """Reconnect with RECOVER until the destination takes the page exchange up again: by
+        itself for ``recover_timeout`` seconds, then whenever the operator asks (``recover``).
+        Never gives up and never discards: the guest's memory is only whole here and there together."""
+        deadline = time.monotonic() + self.params.recover_timeout
+        delay = 0.05
+        waiting = False
+        while True:
+            asked = self.recover_asked.is_set()
+            self.recover_asked.clear()
+            if self.recover_to is not None:
+                (self.host, self.port), self.recover_to = self.recover_to, None
+                self.stats.peer = format_address(self.host, self.port)
+            if asked or not waiting:
+                try:
+                    self._recover_once()
+                    self.stats.status = "postcopy"
+                    self.stats.postcopy["recoveries"] = self.stats.postcopy.get("recoveries", 0) + 1
+                    self.stats.notes.append(f"post-copy page link recovered to {self.stats.peer}")
+                    self._report()
+                    return
+                except (MigrationError, OSError) as err:
+                    last = str(err)
+                if not waiting and time.monotonic() + delay > deadline:
+                    waiting = True
+                    self.stats.notes.append(f"could not reconnect within recover_timeout={self.params.recover_timeout:g} s ({last}); "
+                                            "waiting for `vmmctl --migrate-recover HOST PORT`")
+                    self._report()
+            if waiting:
+                self.recover_asked.wait(1.0)
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _recover_once(self) -> None:
+        self._close_channels()
+        try:
+            self._connect(None)
+            self._handshake()
+            if (self.stats.protocol_version or 1) < P.POSTCOPY_VERSION:
+                raise ProtocolError(f"the destination now speaks protocol {self.stats.protocol_version}, which cannot recover post-copy")
+            self._send(P.MessageType.RECOVER, P.encode_recover(self.session))
+            outcome = P.decode_recovered(self._read().payload)
+            if outcome is not P.Outcome.RUNNING:
+                raise MigrationError(f"the destination {format_address(self.host, self.port)} holds no such post-copy session "
+                                     f"({outcome.name.lower()})")
+        except BaseException:
+            self._close_channels()
+            raise
 
     def _send_local_memory(self) -> None:
         """LOCAL_MEMORY, then the memfds on one byte (SCM_RIGHTS): the guest is paused, so the
@@ -726,14 +933,25 @@ class _Source:
         self.convergence = Convergence(self.params, self.stats, self.adapter.throttle, fixed_ms=self.stats.expected_commit_ms)
         self._enter("round 0")
         self.memory.get_and_clear_dirty()  # round 0 sends everything as it is now; later writes show up in round 1
+        after = self.params.postcopy_after()
         number = 0
         while True:
+            if (after is not None and number >= after) or self.postcopy_asked.is_set():
+                self.postcopy_switch = True
+                self.stats.notes.append(f"switching to post-copy after {number} round{'s' if number != 1 else ''}: "
+                                        + (f"--postcopy after={after}" if after is not None else "asked by the operator"))
+                return number
             rnd = self._send_round(number, final=False, all_pages=number == 0)
             decision = self.convergence.after_round(rnd, self.memory.dirty_count())
             self._report()
+            if decision == POSTCOPY:
+                self.postcopy_switch = True
+                return number + 1
+            if decision == SWITCH and after is not None:
+                decision = None  # after=N: post-copy after exactly N rounds, converged or not
             if decision == SWITCH:
                 return number + 1
-            if decision == GIVE_UP:
+            if decision == GIVE_UP and after is None:
                 raise NotConverging(self.convergence.reason)
             number += 1
             self._enter(f"round {number}")

@@ -20,7 +20,7 @@ from ..units import format_size
 
 # "in-doubt": the commit was decided but not confirmed (protocol version 5); the guest is held
 # paused on this side until the question is settled (docs/migration-protocol.md, "Ownership").
-STATUSES = ("setup", "active", "paused", "completed", "failed", "cancelled", "in-doubt")
+STATUSES = ("setup", "active", "paused", "postcopy", "postcopy-paused", "completed", "failed", "cancelled", "in-doubt")
 
 
 @dataclass
@@ -122,8 +122,9 @@ class MigrationStats:
     final when it ends: what ``vmmpy.Vm.migrate``, ``vmmctl --migrate-status`` and the engine's
     progress callback give.
 
-    ``status`` is one of ``setup``, ``active``, ``paused``, ``completed``, ``failed``,
-    ``cancelled`` or ``in-doubt`` and ``error`` says why it did not complete; ``owner`` where the
+    ``status`` is one of ``setup``, ``active``, ``paused``, ``postcopy`` (the guest runs on the
+    destination, pages still moving), ``postcopy-paused`` (their link failed), ``completed``,
+    ``failed``, ``cancelled`` or ``in-doubt`` and ``error`` says why it did not complete; ``owner`` where the
     guest is when the record ends. Then times (milliseconds: ``total_time_ms``, ``downtime_ms``
     and its ``downtime_breakdown``), volume (bytes and pages on the wire), rates (per second:
     ``dirty_rate`` in pages, ``throughput`` in bytes), ``rounds`` (one :class:`RoundStats` per pass
@@ -183,6 +184,9 @@ class MigrationStats:
     stopped_in: str | None = None
     interrupted_round: CurrentRound | None = None
     notes: list[str] = field(default_factory=list)
+    # post-copy (protocol version 7): None unless the migration switched to it; then a
+    # PostcopyStats' figures (docs/postcopy.md)
+    postcopy: dict[str, Any] | None = None
     _started: float = field(default_factory=time.monotonic, repr=False)
 
     @property
@@ -225,7 +229,7 @@ class MigrationStats:
         else:
             out = asdict(self)
         out.pop("_started", None)
-        if self.status in ("setup", "active", "paused"):
+        if self.status in ("setup", "active", "paused", "postcopy", "postcopy-paused"):
             out["total_time_ms"] = self.elapsed_ms()  # so far, while it runs (as query-migrate's total-time)
         out["dirty_rate_bytes"] = self.dirty_rate_bytes
         out["round_count"] = len(self.rounds)

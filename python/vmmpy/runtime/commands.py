@@ -298,6 +298,8 @@ class MachineCommands:
         add("migrate-cancel", self.migrate_cancel)
         add("migrate-estimate", self.migrate_estimate)
         add("migrate-resolve", self.migrate_resolve)
+        add("migrate-postcopy", self.migrate_postcopy)
+        add("migrate-recover", self.migrate_recover)
         add("status", self.status)
         add("resume", self.resume)
 
@@ -429,10 +431,32 @@ class MachineCommands:
             return self._last_stats
         return handle.stats.to_dict()
 
+    def migrate_postcopy(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """``--postcopy manual``: switch the running migration to post-copy after its current round."""
+        handle = self._migration
+        if handle is None or handle.done():
+            raise OSError(errno.ENOENT, "no migration is running")
+        handle.start_postcopy()
+        return {"postcopy": "asked"}
+
+    def migrate_recover(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """A post-copy migration whose page link failed: reconnect now, to ``host:port`` if given."""
+        host, port = request.get("host"), request.get("port")
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise ValueError(f"migrate-recover needs a host and a port, got {host!r} {port!r}")
+        handle = self._migration
+        if handle is None or handle.done():
+            raise OSError(errno.ENOENT, "no migration is running")
+        handle.recover(host, port)
+        return {"recover": format_address(host, port)}
+
     def migrate_cancel(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         handle = self._migration
         if handle is None or handle.done():
             raise OSError(errno.ENOENT, "no migration is running")
+        if handle.stats.status in ("postcopy", "postcopy-paused"):
+            raise OSError(errno.EBUSY, "the migration is in post-copy: the guest runs on the destination with part of its "
+                                       "memory still here, so it cannot be cancelled; it ends once every page is there")
         handle.cancel()
         stats = handle.wait(60)
         return {"cancelled": stats.status == "cancelled", "status": stats.status}

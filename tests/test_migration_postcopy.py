@@ -1,0 +1,395 @@
+"""Post-copy migration (issue 17): the guest runs on the destination at the switch and fetches the
+pages it still lacks from the source, while the rest follow in the background.
+
+The proof is the guest's, as for every live migration (``test_vm_api``): abtest is deterministic,
+so a run carried across a post-copy migration must end exactly as an uninterrupted run: the same
+console (the pieces each side printed, joined), the same final memory and instruction count;
+switching at round 0, after N rounds and when the operator says, and through a page link cut in
+the middle of post-copy and recovered. The memory-level tests prove each access path of the
+destination (device DMA reads and writes, numpy views) sees the source's bytes, never zeros.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vmmpy import Vm
+from vmmpy.memory import GuestMemory
+from vmmpy.migration import MigrationHandle, MigrationParams
+from vmmpy.runtime.guest_handle import MachineHandle
+
+from .test_vm_api import final_state
+
+GUEST = "abtest"
+ARGS = {"sweeps": 1500, "report": 500}
+MEMORY = "32M"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm:
+        vm.start()
+        state = final_state(vm)
+        console = vm.console
+    assert state[0] == 1 and "all counters 1500" in console
+    return state, console
+
+
+def _migrate(vm1: Vm, address: tuple[str, int], params: MigrationParams, progress=None, on_phase=None) -> MigrationHandle:
+    return MigrationHandle(MachineHandle(vm1.machine), *address, live=True, params=params, progress=progress, on_phase=on_phase)
+
+
+def _wait_for(what, predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _assert_ends_as_uninterrupted(vm1: Vm, vm2: Vm, uninterrupted) -> None:
+    """The guest, moved from ``vm1`` to ``vm2``, ends there as the uninterrupted run did: its
+    final memory and instruction count, and the console each side printed, joined."""
+    expected, expected_console = uninterrupted
+    first = vm1.console
+    got = final_state(vm2)
+    assert got == expected, "the guest's final memory or instruction count differs from an uninterrupted run"
+    assert first + vm2.console == expected_console
+
+
+def _check_figures(stats, dstats) -> None:
+    pc, dpc = stats.postcopy, dstats.postcopy
+    assert pc is not None and dpc is not None, "the migration did not switch to post-copy"
+    # Every page the destination lacked came exactly once: on request or in the background.
+    assert dpc["requested_pages"] + dpc["pushed_pages"] == dpc["pages_needed"] == pc["pages_needed"]
+    assert pc["requested_pages"] == dpc["requested_pages"] and pc["pushed_pages"] == dpc["pushed_pages"]
+    # The source's record carries what the guest's faults cost there (POSTCOPY_DONE).
+    assert (pc["remote_faults"], pc["fault_p99_us"], pc["fault_max_us"]) == (dpc["remote_faults"], dpc["fault_p99_us"], dpc["fault_max_us"])
+    assert pc["blocked_ms"] == pytest.approx(dpc["blocked_ms"], abs=0.01)
+    assert dpc["remote_faults"] > 0 and 0 < dpc["fault_p50_us"] <= dpc["fault_p99_us"] <= dpc["fault_max_us"]
+    assert dpc["blocked_ms"] > 0 and dpc["link_down"] is None
+
+
+@pytest.mark.parametrize("mode, streams", [("after=0", 1), ("after=2", 1), ("manual", 1), ("after=2", 3)],
+                         ids=["after=0", "after=2", "manual", "after=2-3streams"])
+def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, mode, streams):
+    switched = threading.Event()
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        handle = None
+
+        def progress(stats) -> None:
+            # manual: the operator asks once round 1 is under way
+            rnd = stats.current_round
+            if mode == "manual" and rnd is not None and rnd.round >= 1 and not rnd.final and not switched.is_set():
+                switched.set()
+                handle.start_postcopy()
+
+        # A downtime target no round meets: pre-copy alone would not finish before the switch.
+        params = MigrationParams(postcopy=mode, max_rounds=30, policy="switch-over", downtime_target_ms=0.001, streams=streams)
+        handle = _migrate(vm1, vm2.address, params, progress)
+        stats = handle.wait(120)
+        assert stats.status == "completed", stats.error
+        dstats = vm2.received(60)
+        assert dstats.status == "completed", dstats.error
+        assert vm1.wait(10) == 0
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+    _check_figures(stats, dstats)
+    rounds = {"after=0": 0, "after=2": 2}.get(mode)
+    if rounds is not None:
+        assert stats.postcopy["after_rounds"] == rounds == len(stats.rounds)
+    else:
+        assert switched.is_set() and stats.postcopy["after_rounds"] >= 2
+        assert any("asked by the operator" in n for n in stats.notes), stats.notes
+    if mode == "after=0":
+        assert stats.postcopy["pages_needed"] == (32 << 20) // 4096, "before any round every page is lacking"
+    else:
+        assert stats.postcopy["pages_needed"] < (32 << 20) // 4096, "pages the rounds carried are not fetched again"
+    assert "every page is here: the source's copy is no longer needed" in dstats.notes
+    assert stats.streams == streams, "the rounds went over the streams asked for"
+
+
+def test_a_page_link_cut_at_the_destination_is_recovered_by_the_source_reconnecting_by_itself(uninterrupted):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        incoming = vm2._incoming
+        cut = threading.Event()
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy" and not cut.is_set():
+                cut.set()
+                socket.socket.shutdown(incoming._receiver.conn, socket.SHUT_RDWR)  # the destination's end dies
+
+        stats = _migrate(vm1, vm2.address, MigrationParams(postcopy="after=0", io_timeout=5.0), progress).wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+    assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] >= 1
+    assert not any("waiting for `vmmctl --migrate-recover" in n for n in stats.notes), "it recovered by itself"
+
+
+class CutProxy:
+    """Forwards the first connection to ``target`` both ways until ``cut()``; refuses any later one.
+    ``corrupt()`` flips a byte in the middle of the next data going the source's way to the
+    destination."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.target = target
+        self.socks: list[socket.socket] = []
+        self.flip = threading.Event()
+        self.stalled = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        self.listener.settimeout(30)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        finally:
+            self.listener.close()  # later connections are refused: the path is gone
+        upstream = socket.create_connection(self.target, timeout=30)
+        self.socks = [client, upstream]
+        for a, b, flip in ((client, upstream, self.flip), (upstream, client, None)):
+            threading.Thread(target=self._pump, args=(a, b, flip), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, flip: threading.Event | None) -> None:
+        try:
+            while data := bytearray(a.recv(65536)):
+                while self.stalled.is_set():  # nothing passes, nothing is closed: a silent path
+                    time.sleep(0.05)
+                if flip is not None and flip.is_set() and len(data) > 64:
+                    flip.clear()
+                    data[len(data) // 2] ^= 0x5A
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def corrupt(self) -> None:
+        self.flip.set()
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def cut(self) -> None:
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted, fault):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, params={"io_timeout": 1.0}) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        proxy = CutProxy(vm2.address)
+        cut = threading.Event()
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy" and not cut.is_set():
+                cut.set()
+                # early in post-copy, most pages still on the source: the path closes, or goes silent
+                proxy.cut() if fault == "cut" else proxy.stall()
+
+        params = MigrationParams(postcopy="after=1", recover_timeout=0.3, io_timeout=1.0)
+        handle = _migrate(vm1, proxy.address, params, progress)
+        _wait_for("the source to wait for the operator",
+                  lambda: handle.done() or any("waiting for `vmmctl --migrate-recover" in n for n in handle.stats.notes))
+        assert not handle.done(), handle.stats.error
+        assert handle.stats.status == "postcopy-paused"
+        assert vm1.machine.paused and vm1.machine.exit_status is None, "the source keeps its paused guest and its memory"
+        incoming = vm2._incoming
+        _wait_for("the destination to see the link fail", lambda: incoming.record.status == "postcopy-paused")
+        assert "the page link" in (incoming.record.postcopy["link_down"] or "")
+        assert vm2.machine.exit_status is None, "the destination's guest waits for its pages; nothing is discarded"
+        with pytest.raises(ValueError, match="this migration switches to post-copy by itself"):
+            handle.start_postcopy()
+        handle.recover(*vm2.address)  # the operator: straight to the destination, not through the dead path
+        stats = handle.wait(120)
+        assert stats.status == "completed", stats.error
+        dstats = vm2.received(60)
+        assert dstats.status == "completed", dstats.error
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+    assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] == 1
+    assert dstats.postcopy["link_failures"] >= 1
+    with pytest.raises(ValueError, match="nothing to recover: the migration is completed"):
+        handle.recover()
+
+
+def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recovered_exactly(uninterrupted):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        proxy = CutProxy(vm2.address)
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy":
+                proxy.corrupt()  # the guest runs there: from here the source sends only page replies
+
+        params = MigrationParams(postcopy="after=0", recover_timeout=0.3, io_timeout=5.0)
+        handle = _migrate(vm1, proxy.address, params, progress)
+        incoming = vm2._incoming
+        _wait_for("the destination to refuse a reply",
+                  lambda: incoming.record is not None and (incoming.record.postcopy or {}).get("link_failures", 0) > 0)
+        assert vm2.machine.exit_status is None, "the destination's guest waits; nothing is discarded"
+        _wait_for("the source to wait for the operator",
+                  lambda: handle.done() or any("waiting for `vmmctl --migrate-recover" in n for n in handle.stats.notes))
+        notes = " ".join(incoming.record.notes)
+        assert "refused" in notes or "does not match" in notes or "page reply" in notes, notes
+        handle.recover(*vm2.address)
+        stats = handle.wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+
+
+def test_auto_switches_to_postcopy_where_precopy_does_not_converge_instead_of_throttling(uninterrupted):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        # A target no round can meet: auto-converge would throttle (or max_rounds end it); auto switches.
+        params = MigrationParams(postcopy="auto", downtime_target_ms=0.001, max_rounds=4)
+        stats = _migrate(vm1, vm2.address, params).wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+    assert stats.postcopy is not None and stats.throttle == 0.0, "post-copy, not the throttle, finished it"
+    assert any("switching to post-copy" in n for n in stats.notes), stats.notes
+
+
+def test_a_failure_before_the_switch_leaves_the_guest_running_on_the_source(uninterrupted):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        proxy = CutProxy(vm2.address)
+
+        def progress(stats) -> None:
+            if stats.current_round is not None and stats.current_round.round == 1:
+                proxy.cut()  # in round 1: before any switch
+
+        # "manual", never asked: the switch cannot come first however fast the rounds go (with
+        # after=3 the rounds could reach it before the cut was felt, which is a different case).
+        stats = _migrate(vm1, proxy.address, MigrationParams(postcopy="manual", io_timeout=5.0), progress).wait(120)
+        assert stats.status == "failed" and stats.owner == "source" and stats.postcopy is None
+        # The source keeps its guest, as a pre-copy failure does: it runs on (or has run) to its own end.
+        _, console = uninterrupted
+        assert vm1.wait(120) == 1, vm1.machine.exit_reason
+        assert vm1.console == console
+
+
+# -- every access path of the destination sees the source's bytes ------------------------------------
+
+
+def _pair(pages_lacking):
+    """A source and a destination memory of 4 MiB that differ on ``pages_lacking``; the destination
+    made to fetch exactly those from the source over a socket pair, served in a thread."""
+    src = GuestMemory(4 << 20)
+    dst = GuestMemory(4 << 20)
+    rng = np.random.default_rng(7)
+    for page in range(1024):
+        data = rng.integers(1, 255, 4096, dtype=np.uint8).tobytes()
+        src.write(page * 4096, data)
+        dst.write(page * 4096, data if page not in pages_lacking else bytes(4096))
+    runs = b"".join(int(p).to_bytes(8, "little") + (1).to_bytes(8, "little") for p in sorted(pages_lacking))
+    server = src.postcopy_server(runs, 64 * 1024)
+    link = dst.postcopy_link(runs, 64 * 1024, "test source")
+    a, b = socket.socketpair()
+    served = threading.Thread(target=server.serve, args=(b.fileno(),), daemon=True)
+    served.start()
+    link.attach(a.fileno())
+    return src, dst, link, (a, b, served)
+
+
+def _finish(link, conn) -> None:
+    a, b, served = conn
+    link.finish()
+    served.join(10)
+    a.close()
+    b.close()
+
+
+def test_device_dma_reads_and_writes_into_pages_not_fetched_see_the_source_s_bytes():
+    lacking = {3, 17, 200, 201, 777}
+    src, dst, link, conn = _pair(lacking)
+    assert dst.read(200 * 4096 + 100, 64) == src.read(200 * 4096 + 100, 64)  # a DMA read: fetched first
+    dst.write(777 * 4096 + 10, b"DMA!")  # a DMA write into part of a page not here: the rest is the source's
+    expected = bytearray(src.read(777 * 4096, 4096))
+    expected[10:14] = b"DMA!"
+    assert dst.read(777 * 4096, 4096) == bytes(expected)
+    assert link.stats().demand_pages >= 3
+    dst.load_all()
+    _finish(link, conn)
+    view = dst.view("lowmem")
+    assert bytes(view[3 * 4096:4 * 4096]) == src.read(3 * 4096, 4096)
+    del view
+
+
+def test_a_numpy_view_of_memory_still_arriving_sees_every_page():
+    lacking = set(range(0, 1024, 3))
+    src, dst, link, conn = _pair(lacking)
+    view = dst.view("lowmem")  # fetches whatever it must first
+    want = src.view("lowmem")
+    assert np.array_equal(view, want)
+    assert link.stats().demand_pages + link.stats().background_pages == len(lacking)
+    del view, want
+    _finish(link, conn)
+
+
+def test_memory_viewed_at_the_switch_is_refused_by_name():
+    dst = GuestMemory(1 << 20)
+    view = dst.view("lowmem")
+    with pytest.raises(Exception, match="segment 'lowmem' has 1 exported view"):
+        dst.postcopy_link((0).to_bytes(8, "little") + (1).to_bytes(8, "little"), 64 * 1024, "test source")
+    del view
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_vmmctl_postcopy_moves_a_guest_between_processes_exactly_and_warns_first(tmp_path):
+    import json
+
+    from .procs import vmmctl
+    from .test_migration_processes import MiB, expected_console, finish
+    from .test_migration_processes import migrate_pair as migrate_processes
+
+    sweeps = 2000
+    result, _source, dest, src_status, src_console, dst_console = migrate_processes(
+        tmp_path, live=True, sweeps=sweeps, pause_at=4_000_001, guest_extra={"end": "8M"}, resume_first=False,
+        ctl_extra=["--postcopy", "after=1"])
+    assert result.returncode == 0, result.stderr
+    assert "if this host dies then, the guest is lost" in result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["status"] == "completed" and stats["postcopy"]["after_rounds"] == 1 and stats["round_count"] == 1
+    assert src_status == 0
+    assert finish(dest) == 1
+    pages = (8 * MiB - 2 * MiB) // 4096
+    assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+    bad = vmmctl(tmp_path, "--vm=src0", "--migrate-live", "127.0.0.1", "1", "--postcopy", "after=x")
+    assert bad.returncode == 2 and "postcopy must be one of auto, manual, after=N" in bad.stderr and "'after=x'" in bad.stderr
+    warm = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", "1", "--postcopy", "auto")
+    assert warm.returncode == 2 and "--postcopy finishes a live migration: use it with --migrate-live" in warm.stderr
+    assert "--postcopy auto|after=N|manual" in vmmctl(tmp_path, "--help").stdout
+
+
+def test_the_migration_line_carries_postcopy_s_figures(capsys):
+    from vmmpy.cli.vmmctl import _print_migration
+
+    record = {"status": "postcopy-paused", "live": True, "postcopy": {
+        "after_rounds": 2, "pages_needed": 900, "requested_pages": 300, "pushed_pages": 100, "remote_faults": 40,
+        "fault_p50_us": 61, "fault_p99_us": 150, "fault_max_us": 700, "blocked_ms": 12.5, "link_failures": 1}}
+    _print_migration(record)
+    out = capsys.readouterr().out
+    assert "migration postcopy-paused (live)" in out
+    assert ("post-copy after 2 rounds: 900 pages lacking at the switch, 300 fetched on request, 100 in the background; "
+            "remote faults 40: p50 61 us, p99 150 us, max 700 us; vCPU blocked 12.5 ms; link failed 1x, recovered 0x") in out
