@@ -158,7 +158,9 @@ CASES = [case(name, how) for name in GUESTS if name != "memtouch" for how in HOW
     # Post-copy at round 0: the guest runs on at the destination before any page is there, so its
     # device's DMA (reads of the disk into guest memory, writes from it) hits pages not fetched yet.
     pytest.param(name, "postcopy", 1, "intel", {"key": None, "params": {"streams": 1, "compress": "off", "postcopy": "after=0"}},
-                 id=f"{name}-postcopy") for name in ("blktest", "nvmetest")
+                 id=f"{name}-postcopy", marks=pytest.mark.covers(operation="migrate-live", guest=name, device=GUESTS[name].device,
+                                                                 via="api", postcopy="round0"))
+    for name in ("blktest", "nvmetest")
 ]
 
 

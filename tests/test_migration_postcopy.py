@@ -74,8 +74,15 @@ def _check_figures(stats, dstats) -> None:
     assert dpc["blocked_ms"] > 0 and dpc["link_down"] is None
 
 
-@pytest.mark.parametrize("mode, streams", [("after=0", 1), ("after=2", 1), ("manual", 1), ("after=2", 3)],
-                         ids=["after=0", "after=2", "manual", "after=2-3streams"])
+def _covers(postcopy: str, **more):
+    return pytest.mark.covers(operation="migrate-live", guest=GUEST, via="api", postcopy=postcopy, **more)
+
+
+@pytest.mark.parametrize("mode, streams", [
+    pytest.param("after=0", 1, id="after=0", marks=_covers("round0")),
+    pytest.param("after=2", 1, id="after=2", marks=_covers("after")),
+    pytest.param("manual", 1, id="manual", marks=_covers("manual")),
+    pytest.param("after=2", 3, id="after=2-3streams", marks=_covers("after", streams=3))])
 def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, mode, streams):
     switched = threading.Event()
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
@@ -114,6 +121,7 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
     assert stats.streams == streams, "the rounds went over the streams asked for"
 
 
+@_covers("recovered")
 def test_a_page_link_cut_at_the_destination_is_recovered_by_the_source_reconnecting_by_itself(uninterrupted):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
@@ -187,6 +195,7 @@ class CutProxy:
                 pass
 
 
+@_covers("recovered")
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted, fault):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, params={"io_timeout": 1.0}) as vm2:
@@ -226,6 +235,7 @@ def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exa
         handle.recover()
 
 
+@_covers("recovered")
 def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recovered_exactly(uninterrupted):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
@@ -253,6 +263,7 @@ def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recov
         _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
 
 
+@_covers("auto")
 def test_auto_switches_to_postcopy_where_precopy_does_not_converge_instead_of_throttling(uninterrupted):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
@@ -355,6 +366,7 @@ def test_memory_viewed_at_the_switch_is_refused_by_name():
 # -- the command line ---------------------------------------------------------------------------------
 
 
+@pytest.mark.covers(operation="migrate-live", guest=GUEST, via="cli", postcopy="after")
 def test_vmmctl_postcopy_moves_a_guest_between_processes_exactly_and_warns_first(tmp_path):
     import json
 

@@ -132,6 +132,11 @@ DIMENSIONS: dict[str, Dimension] = {d.name: d for d in (
                                                                        "kvm": "KVM dirty log", "kvm-ring": "KVM dirty ring"},
               "soft",
               MIGRATIONS),
+    Dimension("postcopy", "how a live migration finished (--postcopy): the guest ran on the destination while the pages it lacked "
+              "were fetched; 'recovered' = through a page link that failed and was recovered",
+              {"none": "pre-copy", "round0": "post-copy at round 0", "after": "post-copy after rounds",
+               "manual": "post-copy by the operator", "auto": "post-copy auto", "recovered": "post-copy recovered"},
+              "none", frozenset({"migrate-live"})),
     Dimension("throttled", "auto-converge slowed the guest down during the rounds", {False: "unthrottled", True: "throttled"}, False,
               frozenset({"migrate-live"}), kind=bool),
     Dimension("highmem", "guest memory above 4 GiB in use", {False: "lowmem only", True: "highmem"}, False, ALL, kind=bool),

@@ -3,9 +3,11 @@
 //! The ring's contract is that KVM stops a vCPU (KVM_EXIT_DIRTY_RING_FULL) before its ring
 //! fills, so no entry is ever overwritten. A host that breaks it loses guest writes and can leave
 //! the vCPU stopping for ever (a nested PVM host, kvm_pvm, was seen doing both), so `kvm-ring`
-//! is offered only where a small guest shows the contract kept: with a ring of 4,096 entries it
-//! writes 12,288 pages without an exit of its own, and every drain must find the ring short of
-//! full, every page must be reported, and the guest must reach its end within a second.
+//! is offered only where a small guest shows the contract kept, three times over: with a ring
+//! of 4,096 entries it writes 12,288 pages without an exit of its own, and every drain must find
+//! the ring short of full, every page must be reported, and the guest must reach its end within
+//! a second. A host that passes and breaks the contract later is still caught: a harvest that
+//! finds a ring full fails by name (`vm.rs`, `DirtyRings`).
 
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -20,11 +22,13 @@ const CODE: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const PAGES: u64 = 12_288;
 const DEADLINE: Duration = Duration::from_secs(1);
+const TRIALS: usize = 3;
 
 /// Ok where the dirty ring keeps its contract here; otherwise why not, and what to use instead.
 pub fn ring_trusted() -> Result<(), KvmError> {
     static ANSWER: OnceLock<Result<(), KvmError>> = OnceLock::new();
-    ANSWER.get_or_init(probe).clone()
+    // Three runs: a host that breaks the contract may do so only some of the time.
+    ANSWER.get_or_init(|| (0..TRIALS).try_for_each(|_| probe())).clone()
 }
 
 /// A guest that increments one u64 in each page from DATA to `end`, then writes 'B' to COM1
