@@ -24,6 +24,7 @@ from vmmpy.migration import MigrationHandle, MigrationParams
 from vmmpy.runtime.guest_handle import MachineHandle
 
 from .test_vm_api import final_state
+from .tls_pki import Pki
 
 GUEST = "abtest"
 ARGS = {"sweeps": 1500, "report": 500}
@@ -40,8 +41,9 @@ def uninterrupted():
     return state, console
 
 
-def _migrate(vm1: Vm, address: tuple[str, int], params: MigrationParams, progress=None, on_phase=None) -> MigrationHandle:
-    return MigrationHandle(MachineHandle(vm1.machine), *address, live=True, params=params, progress=progress, on_phase=on_phase)
+def _migrate(vm1: Vm, address: tuple[str, int], params: MigrationParams, progress=None, on_phase=None, tls=None) -> MigrationHandle:
+    return MigrationHandle(MachineHandle(vm1.machine), *address, live=True, params=params, progress=progress, on_phase=on_phase,
+                           tls=tls)
 
 
 def _wait_for(what, predicate, timeout: float = 60.0) -> None:
@@ -59,6 +61,18 @@ def _assert_ends_as_uninterrupted(vm1: Vm, vm2: Vm, uninterrupted) -> None:
     got = final_state(vm2)
     assert got == expected, "the guest's final memory or instruction count differs from an uninterrupted run"
     assert first + vm2.console == expected_console
+
+
+def _finished(handle: MigrationHandle, vm1: Vm, vm2: Vm, uninterrupted):
+    """Both sides' statistics once the migration completed and the guest ended on ``vm2`` as the
+    uninterrupted run did."""
+    stats = handle.wait(120)
+    assert stats.status == "completed", stats.error
+    dstats = vm2.received(60)
+    assert dstats.status == "completed", dstats.error
+    assert vm1.wait(10) == 0
+    _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+    return stats, dstats
 
 
 def _check_figures(stats, dstats) -> None:
@@ -100,12 +114,7 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
         # A downtime target no round meets: pre-copy alone would not finish before the switch.
         params = MigrationParams(postcopy=mode, max_rounds=30, policy="switch-over", downtime_target_ms=0.001, streams=streams)
         handle = _migrate(vm1, vm2.address, params, progress)
-        stats = handle.wait(120)
-        assert stats.status == "completed", stats.error
-        dstats = vm2.received(60)
-        assert dstats.status == "completed", dstats.error
-        assert vm1.wait(10) == 0
-        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+        stats, dstats = _finished(handle, vm1, vm2, uninterrupted)
     _check_figures(stats, dstats)
     rounds = {"after=0": 0, "after=2": 2}.get(mode)
     if rounds is not None:
@@ -140,6 +149,51 @@ def test_a_page_link_cut_at_the_destination_is_recovered_by_the_source_reconnect
         _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
     assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] >= 1
     assert not any("waiting for `vmmctl --migrate-recover" in n for n in stats.notes), "it recovered by itself"
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return Pki(tmp_path / "pki")
+
+
+def _encrypted(notes: list[str], names: str) -> bool:
+    return any(n.startswith("encrypted with TLSv1.3") and names in n for n in notes)
+
+
+def test_postcopy_over_mutual_tls_ends_as_an_uninterrupted_run(uninterrupted, pki):
+    """Every page the destination lacks (round 0: all of them) is requested and answered inside
+    the migration's TLS session, as its frames before and after are."""
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, tls=pki.destination()) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        handle = _migrate(vm1, vm2.address, MigrationParams(postcopy="after=0"), tls=pki.source())
+        stats, dstats = _finished(handle, vm1, vm2, uninterrupted)
+    _check_figures(stats, dstats)
+    assert stats.postcopy["after_rounds"] == 0 and stats.postcopy["pages_needed"] == (32 << 20) // 4096
+    assert _encrypted(stats.notes, "127.0.0.1") and _encrypted(dstats.notes, "source.migration.test"), (stats.notes, dstats.notes)
+
+
+def test_a_page_link_cut_over_tls_is_recovered_with_a_new_handshake_and_exact_memory(uninterrupted, pki):
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, tls=pki.destination()) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        incoming = vm2._incoming
+        cut: list = []
+
+        def progress(stats) -> None:
+            if stats.status == "postcopy" and not cut:
+                cut.append(incoming._receiver.conn)
+                socket.socket.shutdown(cut[0], socket.SHUT_RDWR)  # the destination's end of the TLS connection dies
+
+        params = MigrationParams(postcopy="after=0", io_timeout=5.0)
+        stats = _migrate(vm1, vm2.address, params, progress, tls=pki.source()).wait(120)
+        dstats = vm2.received(60)
+        assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+        _assert_ends_as_uninterrupted(vm1, vm2, uninterrupted)
+        assert incoming._receiver.conn is not cut[0], "the page exchange moved to the RECOVER connection"
+    assert stats.postcopy["link_failures"] >= 1 and stats.postcopy["recoveries"] >= 1
+    recovered = [n for n in stats.notes if n.startswith("post-copy page link recovered to")]
+    assert recovered and all("(encrypted with TLSv1.3" in n and "127.0.0.1" in n for n in recovered), stats.notes
 
 
 class CutProxy:

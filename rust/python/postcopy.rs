@@ -10,7 +10,8 @@ use pyo3::prelude::*;
 use super::errors::memory_error;
 use super::memory::{dup_fd, PyGuestMemory};
 use super::pages::page_error;
-use crate::wire::{make_postcopy, serve_pages, ChunkNeeds, PostcopyLink, ServeStats};
+use super::tls::Endpoint;
+use crate::wire::{make_postcopy, serve_pages, ChunkNeeds, PageConn, PostcopyLink, ServeStats};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPostcopyLink>()?;
@@ -91,9 +92,17 @@ impl PyPostcopyLink {
         self.link.needs().pages()
     }
 
-    /// Use the connected socket `fd` (a duplicate is kept) for page requests from now on.
-    fn attach(&self, fd: i32) -> PyResult<()> {
-        self.link.attach(dup_fd(fd)?);
+    /// Use the connected socket `fd` (a duplicate is kept), or a `TlsStream` (its socket kept
+    /// open by the caller while attached), for page requests from now on.
+    fn attach(&self, conn: Endpoint) -> PyResult<()> {
+        let conn = match conn {
+            Endpoint::Fd(fd) => PageConn::plain(dup_fd(fd)?),
+            Endpoint::Tls(tls) => {
+                let tls = tls.get().inner.clone();
+                PageConn::tls(dup_fd(tls.fd())?, tls)
+            }
+        };
+        self.link.attach(conn);
         Ok(())
     }
 
@@ -159,11 +168,11 @@ impl PyPostcopyServer {
         self.needs.pages()
     }
 
-    /// Answer requests on the socket `fd` until the destination says it has every page (returns)
-    /// or the link fails or misbehaves (PageBatchError naming it). GIL released.
-    fn serve(&self, py: Python<'_>, fd: i32) -> PyResult<()> {
-        let (memory, needs, stats) = (self.memory.clone(), self.needs.clone(), self.stats.clone());
-        py.detach(move || serve_pages(&memory, fd, &needs, &stats)).map_err(page_error)
+    /// Answer requests on the socket `fd`, or a `TlsStream`, until the destination says it has
+    /// every page (returns) or the link fails or misbehaves (PageBatchError naming it). GIL released.
+    fn serve(&self, py: Python<'_>, conn: Endpoint) -> PyResult<()> {
+        let (memory, needs, stats, conn) = (self.memory.clone(), self.needs.clone(), self.stats.clone(), conn.owned());
+        py.detach(move || serve_pages(&memory, conn.link(), &needs, &stats)).map_err(page_error)
     }
 
     fn stats(&self) -> PostcopyServeStats {

@@ -35,8 +35,8 @@ pub use batch_io::{recv_batch, recv_batch_tracked, send_batch, send_batch_metere
 pub use compress::{CompressMode, Compressor, COMPRESS_BLOCK_PAGES, LINK_SAMPLE_MIN, MAX_SKIP_PAGES, WORTH};
 pub use fdio::Link;
 pub use postcopy::{
-    make_postcopy, serve_pages, ChunkNeeds, LinkSource, LinkStats, PostcopyLink, ServeStats, DEFAULT_CHUNK_SIZE as POSTCOPY_CHUNK,
-    MAX_CHUNK_PAGES as POSTCOPY_MAX_CHUNK_PAGES,
+    make_postcopy, serve_pages, ChunkNeeds, LinkSource, LinkStats, PageConn, PostcopyLink, ServeStats,
+    DEFAULT_CHUNK_SIZE as POSTCOPY_CHUNK, MAX_CHUNK_PAGES as POSTCOPY_MAX_CHUNK_PAGES,
 };
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
 pub use streams::{recv_share, send_chunks, send_chunks_compressed, PageBudget, MAX_STREAMS};

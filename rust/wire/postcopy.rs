@@ -38,8 +38,13 @@
 //! The source's side is [`serve_pages`]: read requests, answer from the paused guest's memory
 //! (straight from it: the reply's pages are written from the mapping), until "done" or the link
 //! fails.
+//!
+//! Either side's connection is a plain socket or the connection's TLS session ([`Link`],
+//! [`PageConn`]): the exchange then goes through the same session as the migration's frames
+//! before and after it, so plaintext that session already opened (a request that arrived with the
+//! last frame) is read first, and its receive timeout counts as the socket's does.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +52,7 @@ use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fdio::{read_all, write_all, Link};
+use super::tls::TlsStream;
 use crate::digest::PageError;
 use crate::memory::{ChunkFault, ChunkPart, ChunkSource, GuestMemory, LoadOrigin, MemoryError, Segment, PAGE_SIZE};
 
@@ -217,11 +223,11 @@ pub struct ServeStats {
     pub bytes: AtomicU64,
 }
 
-/// The source's side: answer page requests on `fd` from `mem` (the paused guest) until the
-/// destination says "done" (Ok) or the link fails or sends something this side refuses (Err,
-/// naming it). Blocking; the caller sets the socket's timeouts.
-pub fn serve_pages(mem: &GuestMemory, fd: RawFd, needs: &ChunkNeeds, stats: &ServeStats) -> Result<(), PageError> {
-    let link = Link::Fd(fd);
+/// The source's side: answer page requests on `link` (a socket, or its TLS session) from `mem`
+/// (the paused guest) until the destination says "done" (Ok) or the link fails or sends something
+/// this side refuses (Err, naming it). Blocking; the caller sets the socket's timeouts.
+pub fn serve_pages<'a>(mem: &GuestMemory, link: impl Into<Link<'a>>, needs: &ChunkNeeds, stats: &ServeStats) -> Result<(), PageError> {
+    let link = link.into();
     let bad = |why: String| PageError::BadSendRanges { why };
     loop {
         let mut req = [0u8; REQUEST_SIZE];
@@ -300,11 +306,44 @@ pub struct LinkStats {
     pub down: Option<String>,
 }
 
+/// A destination's connection for the page exchange: a connected socket (a descriptor of its own,
+/// which `stop` shuts down to wake a load) and, over TLS, the connection's session, whose socket
+/// the caller keeps open while it is attached (it detaches the session before closing it).
+pub struct PageConn {
+    fd: OwnedFd,
+    tls: Option<Arc<TlsStream>>,
+}
+
+impl PageConn {
+    /// A plain socket, ours from now on.
+    pub fn plain(fd: OwnedFd) -> PageConn {
+        PageConn { fd, tls: None }
+    }
+
+    /// The TLS session `tls`, with `fd` a descriptor of its socket that is ours (a duplicate).
+    pub fn tls(fd: OwnedFd, tls: Arc<TlsStream>) -> PageConn {
+        PageConn { fd, tls: Some(tls) }
+    }
+
+    fn link(&self) -> Link<'_> {
+        match &self.tls {
+            Some(tls) => Link::Tls(tls),
+            None => Link::Fd(self.fd.as_raw_fd()),
+        }
+    }
+}
+
+impl From<OwnedFd> for PageConn {
+    fn from(fd: OwnedFd) -> PageConn {
+        PageConn::plain(fd)
+    }
+}
+
 /// The destination's side of the page exchange (see the module's text).
 pub struct PostcopyLink {
     name: String,
     needs: ChunkNeeds,
-    conn: Mutex<Option<OwnedFd>>,
+    conn: Mutex<Option<PageConn>>,
     conn_cv: Condvar,
     /// The fd a load is using now (-1: none), so `stop` can cut it.
     busy_fd: AtomicI32,
@@ -339,11 +378,12 @@ impl PostcopyLink {
         &self.needs
     }
 
-    /// Use `fd` (a connected socket, ours from now on) for the page exchange: the first one, or a
-    /// new one after the last failed. Loads waiting for a link go on at once.
-    pub fn attach(&self, fd: OwnedFd) {
+    /// Use `conn` (a connected socket, ours from now on, or its TLS session) for the page
+    /// exchange: the first one, or a new one after the last failed. Loads waiting for a link go on
+    /// at once.
+    pub fn attach(&self, new: impl Into<PageConn>) {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        *conn = Some(fd);
+        *conn = Some(new.into());
         *self.down.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.conn_cv.notify_all();
     }
@@ -362,11 +402,11 @@ impl PostcopyLink {
     /// up (the caller's own socket goes on carrying the migration's frames).
     pub fn finish(&self) -> Result<(), String> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(fd) = conn.as_ref().map(|f| f.as_raw_fd()) else {
+        let Some(c) = conn.as_ref() else {
             return Err(self.down().unwrap_or_else(|| "no connection".into()));
         };
         let mut header = [0u8; REPLY_HEADER_SIZE];
-        let result = exchange(fd, KIND_DONE, 0, 0, &mut header, &[]);
+        let result = exchange(c.link(), KIND_DONE, 0, 0, &mut header, &[]);
         *conn = None;
         result.map(|_| ()).map_err(|e| e.0)
     }
@@ -390,7 +430,7 @@ impl PostcopyLink {
         }
     }
 
-    fn link_failed(&self, conn: &mut Option<OwnedFd>, why: String) {
+    fn link_failed(&self, conn: &mut Option<PageConn>, why: String) {
         *conn = None; // closes our descriptor
         self.failures.fetch_add(1, Ordering::Relaxed);
         *self.down.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
@@ -429,11 +469,11 @@ impl PostcopyLink {
                 conn = self.conn_cv.wait_timeout(conn, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
                 continue;
             }
-            let fd = conn.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
-            self.busy_fd.store(fd, Ordering::Release);
+            let Some(c) = conn.as_ref() else { continue };
+            self.busy_fd.store(c.fd.as_raw_fd(), Ordering::Release);
             let start = Instant::now();
             let mut header = [0u8; REPLY_HEADER_SIZE];
-            let result = exchange(fd, kind, index as u64, needed, &mut header, &ptrs);
+            let result = exchange(c.link(), kind, index as u64, needed, &mut header, &ptrs);
             self.busy_fd.store(-1, Ordering::Release);
             match result {
                 Ok((data, zero)) => {
@@ -469,17 +509,16 @@ impl Drop for Urgent<'_> {
     }
 }
 
-/// One request and its reply on `fd`: the data pages go to `ptrs` (by page index), the zero pages
+/// One request and its reply on `link`: the data pages go to `ptrs` (by page index), the zero pages
 /// are cleared, and the reply is checked before Ok((data mask, zero mask)).
 fn exchange(
-    fd: RawFd,
+    link: Link<'_>,
     kind: u16,
     chunk: u64,
     needed: u64,
     header: &mut [u8; REPLY_HEADER_SIZE],
     ptrs: &[*mut u8],
 ) -> Result<(u64, u64), PostcopyFault> {
-    let link = Link::Fd(fd);
     let io = |e: PageError| PostcopyFault(format!("the page link failed: {e}"));
     let mut req = encode_request(kind, chunk);
     let mut iov = [libc::iovec { iov_base: req.as_mut_ptr().cast(), iov_len: REQUEST_SIZE }];

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::batch_tests::socketpair;
 use super::postcopy::*;
-use super::POSTCOPY_CHUNK;
+use super::{Wait, POSTCOPY_CHUNK};
 use crate::memory::{GuestAddress, GuestMemory, LoadPlan, MemoryOptions};
 
 const MIB: u64 = 1 << 20;
@@ -180,4 +180,57 @@ fn runs_outside_memory_and_bad_chunk_sizes_are_refused_by_name() {
     assert!(err.contains("page frame 0x3ff (2 pages)"), "{err}");
     let err = ChunkNeeds::from_runs(&dst, 65 * 4096, &[]).unwrap_err();
     assert!(err.contains("chunk size 266240"), "{err}");
+}
+
+#[test]
+fn the_exchange_goes_over_tls_reading_what_the_session_already_holds_first() {
+    let (src, dst, runs) = setup();
+    let needs = ChunkNeeds::from_runs(&dst, POSTCOPY_CHUNK, &runs).unwrap();
+    let link = Arc::new(PostcopyLink::new("test source", needs.clone()));
+    make_postcopy(&dst, link.clone()).unwrap();
+    let (client, server, a, b) = super::tls::tests::pair();
+    let (client, server) = (Arc::new(client), Arc::new(server));
+    // The destination's last frame, then at once its first page request: both arrive before the
+    // source reads the frame, so the request is plaintext the session holds, which no poll sees.
+    client.send_parts(&[b"RESUMED"], "a frame").unwrap();
+    link.attach(PageConn::tls(OwnedFd::from(a.try_clone().unwrap()), client.clone()));
+    let dst = Arc::new(dst);
+    let reader = {
+        let dst = dst.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            dst.read(GuestAddress(3 * 4096), &mut buf).map(|_| buf)
+        })
+    };
+    // Both records queued (each adds 22 bytes), before the source reads anything.
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int into ours.
+        unsafe { libc::ioctl(b.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n as usize
+    };
+    for _ in 0..2000 {
+        if queued() >= 7 + 16 + 2 * 22 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut frame = [0u8; 7];
+    assert_eq!(server.recv(&mut frame, Wait::Timeout, false).unwrap(), 7);
+    assert_eq!(&frame, b"RESUMED");
+    assert!(server.pending() >= 16, "the request came in with the frame ({} bytes held)", server.pending());
+    let serving = {
+        let (src, server, needs) = (src.clone(), server.clone(), needs.clone());
+        thread::spawn(move || serve_pages(&src, &*server, &needs, &ServeStats::default()).map_err(|e| e.to_string()))
+    };
+    assert_eq!(reader.join().unwrap().unwrap(), page(3, 1));
+    dst.ensure_all().unwrap();
+    link.finish().unwrap();
+    serving.join().unwrap().unwrap();
+    assert!(image(&dst) == image(&src), "every byte as the source has it, through TLS");
+    // The session goes on carrying frames after "done".
+    client.send_parts(&[b"RELEASED"], "a frame").unwrap();
+    let mut frame = [0u8; 8];
+    assert_eq!(server.recv(&mut frame, Wait::Timeout, false).unwrap(), 8);
+    assert_eq!(&frame, b"RELEASED");
 }

@@ -1143,4 +1143,4 @@ fn summarize(conn: &CommonState, server_name: Option<&str>) -> (String, String) 
 
 #[cfg(test)]
 #[path = "tls_tests.rs"]
-mod tests;
+pub(super) mod tests;

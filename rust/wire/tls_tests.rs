@@ -41,7 +41,7 @@ const CLIENT: (&[u8], &[u8]) =
     (include_bytes!("../../tests/fixtures/tls/client.pem"), include_bytes!("../../tests/fixtures/tls/client.key"));
 
 /// (client, server, the sockets they run on) after a mutual TLS handshake over a socketpair.
-fn pair() -> (TlsStream, TlsStream, UnixStream, UnixStream) {
+pub(in crate::wire) fn pair() -> (TlsStream, TlsStream, UnixStream, UnixStream) {
     let (a, b) = UnixStream::pair().unwrap();
     for s in [&a, &b] {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

@@ -987,8 +987,6 @@ class _Receiver:
             raise ProtocolError("POSTCOPY twice, or after LOCAL_MEMORY: a session switches once")
         if self.digest_job is not None:
             raise ProtocolError("POSTCOPY after the final round: the memory is complete already")
-        if isinstance(self.conn, TlsSocket):
-            raise ProtocolError("POSTCOPY over TLS: post-copy's page requests do not go over TLS yet")
         try:
             self.link = self.memory.postcopy_link(m.needed_runs, m.chunk_size, f"the post-copy source {self.stats.peer}")
         except (ValueError, OSError) as err:
@@ -1003,10 +1001,10 @@ class _Receiver:
 
     def take_page_connection(self, other: _Receiver) -> None:
         """A RECOVER connection (answered) carries the page exchange from now on."""
-        fd = for_page_requests(other.conn, self.params.io_timeout)
+        endpoint = for_page_requests(other.conn, self.params.io_timeout)
         with self._conn_lock:
             old, self.conn = self.conn, other.conn
-            self.link.attach(fd)
+            self.link.attach(endpoint)
         shutdown_quietly(old)
         old.close()
 

@@ -116,13 +116,22 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-def for_page_requests(sock: socket.socket, seconds: float) -> int:
+def core_endpoint(sock: socket.socket):
+    """What the memory core reads and writes ``sock``'s bytes through: a TLS connection's session
+    in the core (``TlsSocket.core_link``, which holds whatever plaintext it already opened), or the
+    fd of a plain socket."""
+    link = getattr(sock, "core_link", None)
+    return link if link is not None else sock.fileno()
+
+
+def for_page_requests(sock: socket.socket, seconds: float):
     """Ready ``sock`` for post-copy's page exchange (small requests, each answered at once): its
-    I/O timeout, no Nagle delay (TCP only). Returns its fd."""
+    I/O timeout, no Nagle delay (TCP only). Returns what the core exchanges pages on
+    (``core_endpoint``)."""
     set_io_timeout(sock, seconds)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock.fileno()
+    return core_endpoint(sock)
 
 
 def send_timeout(sock: socket.socket) -> float | None:
@@ -411,8 +420,7 @@ class Channel:
     def out_fd(self):
         """What the memory core writes page batches to: the fd of ``out``, or a TLS connection's
         session in the core (``TlsSocket.core_link``), which encrypts them on the way."""
-        link = getattr(self.out, "core_link", None)
-        return link if link is not None else self.out.fileno()
+        return core_endpoint(self.out)
 
     def sockets(self) -> list[socket.socket]:
         return [s for s in (self.sock, self.out, self._inner) if s is not None]

@@ -279,9 +279,6 @@ class _Source:
                                  "for the whole copy anyway)")
         if self.local:
             raise MigrationError("a local migration copies no memory: post-copy does not apply")
-        if self.tls is not None:
-            raise MigrationError("post-copy does not go over TLS yet: its page requests use the connection's socket directly; "
-                                 "migrate with TLS without --postcopy, or over a trusted network without TLS")
         if self.memory.dirty_tracking in KVM_TRACKING:
             raise MigrationError("post-copy needs every access to guest memory to pass through vmmpy, which fetches a missing "
                                  "page first; a KVM guest's loads and stores reach its memory directly (docs/kvm.md): "
@@ -531,7 +528,9 @@ class _Source:
                     self._recover_once()
                     self.stats.status = "postcopy"
                     self.stats.postcopy["recoveries"] = self.stats.postcopy.get("recoveries", 0) + 1
-                    self.stats.notes.append(f"post-copy page link recovered to {self.stats.peer}")
+                    summary = getattr(self.chan.sock, "tls_summary", None)  # a new TLS handshake: say what it gave
+                    self.stats.notes.append(f"post-copy page link recovered to {self.stats.peer}"
+                                            + (f" ({summary()})" if summary is not None else ""))
                     self._report()
                     return
                 except (MigrationError, OSError) as err:
