@@ -160,6 +160,7 @@ def _encrypted(notes: list[str], names: str) -> bool:
     return any(n.startswith("encrypted with TLSv1.3") and names in n for n in notes)
 
 
+@_covers("round0", tls=True)
 def test_postcopy_over_mutual_tls_ends_as_an_uninterrupted_run(uninterrupted, pki):
     """Every page the destination lacks (round 0: all of them) is requested and answered inside
     the migration's TLS session, as its frames before and after are."""
@@ -173,6 +174,7 @@ def test_postcopy_over_mutual_tls_ends_as_an_uninterrupted_run(uninterrupted, pk
     assert _encrypted(stats.notes, "127.0.0.1") and _encrypted(dstats.notes, "source.migration.test"), (stats.notes, dstats.notes)
 
 
+@_covers("recovered", tls=True)
 def test_a_page_link_cut_over_tls_is_recovered_with_a_new_handshake_and_exact_memory(uninterrupted, pki):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, tls=pki.destination()) as vm2:
         vm1.start()
