@@ -479,6 +479,11 @@ class GuestMemory:
         """Pages that have been touched at all, over every segment (never-touched pages cost nothing)."""
         return sum(seg.resident_pages() for seg in self.core.segments)
 
+    def installed_pages(self) -> int:
+        """Pages received into fresh memory without the kernel zeroing them first (userfaultfd's
+        UFFDIO_COPY, on unwired anonymous memory; docs/memory.md), over every segment."""
+        return sum(seg.installed_pages() for seg in self.core.segments)
+
     def mapped_pages(self) -> int:
         """Pages this process has mapped, over every segment (/proc/self/pagemap): what has been
         touched or, for lazily restored memory, loaded."""

@@ -10,6 +10,7 @@ mod address;
 mod cow;
 mod error;
 mod guest;
+mod install;
 mod lazy;
 mod segment;
 
@@ -18,12 +19,14 @@ pub use cow::{LiveCapture, LiveStats, TakenPage};
 pub use error::MemoryError;
 pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_COST, LOWMEM_LIMIT_DEFAULT};
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
-pub use segment::{Backing, Segment, SegmentSpec};
+pub use segment::{Backing, InstallGuard, Segment, SegmentSpec};
 
 #[cfg(test)]
 mod access_tests;
 #[cfg(test)]
 mod fill_tests;
+#[cfg(test)]
+mod install_tests;
 #[cfg(test)]
 mod lazy_tests;
 #[cfg(test)]

@@ -17,12 +17,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::cow::Protection;
 use super::error::MemoryError;
+use super::install::Installer;
 use super::lazy::LazyImage;
 use crate::dirty::{AtomicBitmap, DirtyLog};
 
@@ -88,6 +89,69 @@ pub struct Segment {
     live_armed: AtomicBool,
     /// The live snapshot's page protection bits, made on the first live snapshot.
     protection: OnceLock<Protection>,
+    /// Pages being installed without zeroing (`install.rs`): who holds the registration open.
+    install: Mutex<InstallState>,
+    /// Pages installed fresh so far, over every installation.
+    installed: AtomicU64,
+}
+
+/// A segment's page installation: how many guards hold it, the registration while any does,
+/// and why the kernel refused it, once it has (it is not asked again).
+#[derive(Default)]
+struct InstallState {
+    users: usize,
+    installer: Option<Arc<Installer>>,
+    refused: Option<String>,
+}
+
+/// Holds a segment's page installation open ([`Segment::begin_install`], [`Segment::hold_install`]).
+/// The registration ends when the last guard of the segment drops.
+pub struct InstallGuard<'a> {
+    seg: &'a Segment,
+    installer: Option<Arc<Installer>>,
+}
+
+impl InstallGuard<'_> {
+    /// Whether this guard can install pages (a hold alone cannot).
+    pub fn can_install(&self) -> bool {
+        self.installer.is_some()
+    }
+
+    /// Put `src` (whole pages) at `offset` of the segment, as a plain copy would, but without the
+    /// kernel zeroing fresh pages first; the caller calls [`Segment::before_write`] first, as for
+    /// any write. Pages are counted in [`Segment::installed_pages`]. A hold copies plainly.
+    ///
+    /// # Safety
+    /// `offset..offset+src.len()` must be page-aligned and inside the segment, and nothing may hold
+    /// a Rust reference into it.
+    pub unsafe fn install(&self, offset: usize, src: &[u8]) {
+        debug_assert!(offset.checked_add(src.len()).is_some_and(|end| end <= self.seg.size));
+        // SAFETY: the caller's contract: the range is inside the mapping, page-aligned.
+        let dst = unsafe { self.seg.base.as_ptr().add(offset) };
+        match &self.installer {
+            Some(installer) => {
+                // SAFETY: as above; the installer registered the whole segment.
+                let fresh = unsafe { installer.install(dst, src) };
+                self.seg.installed.fetch_add(fresh as u64, Ordering::Relaxed);
+            }
+            // SAFETY: as above.
+            None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) },
+        }
+    }
+}
+
+impl Drop for InstallGuard<'_> {
+    fn drop(&mut self) {
+        let mine = self.installer.take();
+        let mut st = self.seg.install.lock().unwrap_or_else(|e| e.into_inner());
+        drop(mine);
+        st.users -= 1;
+        if st.users == 0 {
+            // The last reference: unregistered here, under the lock, so a new registration can
+            // never meet this one still in place.
+            drop(st.installer.take());
+        }
+    }
 }
 
 // SAFETY: the mapping is plain memory owned by this struct until Drop; concurrent access to guest
@@ -218,6 +282,8 @@ impl Segment {
             lazy: OnceLock::new(),
             live_armed: AtomicBool::new(false),
             protection: OnceLock::new(),
+            install: Mutex::new(InstallState::default()),
+            installed: AtomicU64::new(0),
         };
         if spec.wired {
             // mlock populates every page and pins it, as bhyve's -S wires guest memory.
@@ -269,6 +335,68 @@ impl Segment {
             return None;
         }
         Some((st.st_dev, st.st_ino))
+    }
+
+    /// Start installing received pages into this segment without zeroing them first
+    /// (`install.rs`), or join an installation already open: the guard's installer puts pages in
+    /// place until it drops. None where the segment does not take it (wired, a memfd, lazily
+    /// restored, closed) or the kernel refused it ([`Segment::install_refused`] says why); the
+    /// caller then writes the pages as usual.
+    pub fn begin_install(&self) -> Option<InstallGuard<'_>> {
+        self.install_guard(true)
+    }
+
+    /// Keep this segment's installation open, once something begins it, until the guard drops
+    /// (a stream's whole round): batches then join it instead of registering each on its own.
+    /// Registers nothing by itself.
+    pub fn hold_install(&self) -> Option<InstallGuard<'_>> {
+        self.install_guard(false)
+    }
+
+    /// The open installation, when one is (for a batch too small to begin one).
+    pub fn current_install(&self) -> Option<InstallGuard<'_>> {
+        let mut st = self.install.lock().unwrap_or_else(|e| e.into_inner());
+        let installer = st.installer.clone()?;
+        st.users += 1;
+        Some(InstallGuard { seg: self, installer: Some(installer) })
+    }
+
+    fn install_guard(&self, begin: bool) -> Option<InstallGuard<'_>> {
+        if self.wired || self.memfd.is_some() || self.lazy.get().is_some() || self.is_closed() {
+            return None;
+        }
+        let mut st = self.install.lock().unwrap_or_else(|e| e.into_inner());
+        if st.refused.is_some() {
+            return None;
+        }
+        if begin && st.installer.is_none() {
+            match Installer::register(self.base.as_ptr(), self.size) {
+                Ok(installer) => st.installer = Some(Arc::new(installer)),
+                Err(why) => {
+                    st.refused = Some(why);
+                    return None;
+                }
+            }
+        }
+        st.users += 1;
+        let installer = if begin { st.installer.clone() } else { None };
+        Some(InstallGuard { seg: self, installer })
+    }
+
+    /// Pages installed into fresh memory without zeroing, over the segment's life.
+    pub fn installed_pages(&self) -> u64 {
+        self.installed.load(Ordering::Relaxed)
+    }
+
+    /// Why the kernel refused to install pages into this segment, if it has.
+    pub fn install_refused(&self) -> Option<String> {
+        self.install.lock().unwrap_or_else(|e| e.into_inner()).refused.clone()
+    }
+
+    /// Whether pages are being installed into this segment now, and how many touches of pages not
+    /// yet there were answered with zeros so far by the open installation.
+    pub fn install_open(&self) -> Option<u64> {
+        self.install.lock().unwrap_or_else(|e| e.into_inner()).installer.as_ref().map(|i| i.zero_filled())
     }
 
     /// Make `off..off+len` (inside the segment, page-aligned) read as zero by giving its pages

@@ -493,6 +493,17 @@ impl PySegment {
         py.detach(move || seg.resident()).map(|r| r.into_iter().filter(|&p| p).count()).map_err(memory_error)
     }
 
+    /// How many pages were put in place without the kernel zeroing them first (received into
+    /// fresh memory through userfaultfd, see `memory::install`), over the segment's life.
+    fn installed_pages(&self) -> u64 {
+        self.seg.installed_pages()
+    }
+
+    /// Why installing received pages was refused for this segment (None when it was not).
+    fn install_refused(&self) -> Option<String> {
+        self.seg.install_refused()
+    }
+
     /// How many pages this process has mapped in the segment (/proc/self/pagemap): what has been
     /// touched or, for lazily restored memory, loaded.
     fn mapped_pages(&self, py: Python<'_>) -> PyResult<usize> {

@@ -28,7 +28,7 @@ use super::decompress::recv_lz4_payload;
 use super::fdio::{read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES};
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
-use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
+use crate::memory::{GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
 
 /// What one batch moved.
@@ -96,6 +96,21 @@ impl BatchTotals {
 
 /// Batches with at least this much page data get their pages populated ahead of the reader.
 const POPULATE_AHEAD_MIN: u64 = 4 << 20;
+
+/// Page data that pays for installing pages without zeroing (a registration and a thread cost
+/// about what 64 KiB of first touches do): a batch this big begins it, and so does any batch of a
+/// stream's round once this much has arrived on it.
+pub(super) const INSTALL_MIN: u64 = 4 << 20;
+
+/// A page, aligned as one, for the staging buffer pages are installed from.
+#[repr(C, align(4096))]
+struct Page([u8; PAGE_SIZE]);
+
+thread_local! {
+    /// Where an installed window lands before it is put in place: one hash window, allocated once
+    /// per receiving thread.
+    static STAGING: std::cell::RefCell<Box<[Page]>> = std::cell::RefCell::new(Box::new([]));
+}
 
 /// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
 /// windows of at most `window_pages` pages.
@@ -264,7 +279,7 @@ pub fn recv_batch_tracked<'a>(
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(link.into(), mem, tracker, None, |_| Ok(()))
+    recv_batch_admitted(link.into(), mem, tracker, None, INSTALL_MIN, |_| Ok(()))
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -272,11 +287,14 @@ pub fn recv_batch_tracked<'a>(
 /// its payload is read or any guest byte written: a batch the receiver will not take (compression it
 /// did not agree to, more pages than the round may carry) is refused there, unread. `meter`, when
 /// given, advances with each window of DATA pages as it arrives and with the rest once it is in.
+/// A batch with at least `install_from` bytes of page data (and some) begins installing its pages
+/// without zeroing (`memory::install`); a smaller one joins an installation already open.
 pub(crate) fn recv_batch_admitted(
     link: Link<'_>,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
+    install_from: u64,
     admit: impl FnOnce(&BatchStats) -> Result<(), PageError>,
 ) -> Result<BatchStats, PageError> {
     let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
@@ -298,9 +316,12 @@ pub(crate) fn recv_batch_admitted(
     }
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
+    let begin = stats.data_bytes > 0 && stats.data_bytes >= install_from;
+    let install = if begin { seg.begin_install() } else { seg.current_install() };
+    let installer = install.as_ref().filter(|g| g.can_install());
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
     if lz4 {
-        recv_lz4_payload(link, seg, &header, &ranges, &offsets)?;
+        recv_lz4_payload(link, seg, &header, &ranges, &offsets, installer)?;
         stats.saved_bytes = stats.data_bytes - header.payload_len;
         stats.wire_bytes -= stats.saved_bytes;
         if let Some(tracker) = tracker {
@@ -308,8 +329,9 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
-        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter)?;
+        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer)?;
     }
+    drop(install);
     for (r, &off) in ranges.iter().zip(&offsets) {
         if r.kind == RangeKind::Zero {
             zero_pages(seg, off, r.bytes() as usize)?;
@@ -330,7 +352,8 @@ pub(crate) fn recv_batch_admitted(
 /// Read a plain batch's DATA pages straight into the segment; with a `tracker`, a window at a
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
 /// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
-/// returns the DATA pages counted so.
+/// returns the DATA pages counted so. With an `installer`, each window is read into a staging
+/// buffer (in the cache) and installed from there, a window at a time.
 #[allow(clippy::too_many_arguments)]
 fn read_data_pages(
     link: Link<'_>,
@@ -340,13 +363,24 @@ fn read_data_pages(
     offsets: &[usize],
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
+    installer: Option<&InstallGuard<'_>>,
 ) -> Result<u64, PageError> {
+    if let Some(installer) = installer {
+        return STAGING.with(|cell| {
+            let mut staging = cell.borrow_mut();
+            if staging.is_empty() {
+                *staging = (0..HASH_WINDOW_PAGES).map(|_| Page([0; PAGE_SIZE])).collect();
+            }
+            install_data_pages(link, seg, header, ranges, offsets, tracker, meter, installer, &mut staging)
+        });
+    }
     let windows = windows(ranges, offsets, tracker, meter);
     let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
     // failures ignored), so the socket reads mostly land in pages that already exist. Only for
-    // a batch big enough to pay for the thread, and never for wired memory.
+    // a batch big enough to pay for the thread, and never for wired memory. (Where the kernel
+    // lets pages be installed, that is done instead: `install_data_pages`.)
     let populate = !seg.wired() && header.payload_len >= POPULATE_AHEAD_MIN;
     let got = std::thread::scope(|scope| -> Result<u64, PageError> {
         if populate {
@@ -385,6 +419,58 @@ fn read_data_pages(
         }
         Ok(got)
     })?;
+    if got < header.payload_len {
+        return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
+    }
+    Ok(counted)
+}
+
+/// [`read_data_pages`] through `installer`: each hash window is read into `staging`, then put in
+/// place with [`InstallGuard::install`] (no zeroing of fresh pages), then hashed and counted.
+#[allow(clippy::too_many_arguments)]
+fn install_data_pages(
+    link: Link<'_>,
+    seg: &Segment,
+    header: &BatchHeader,
+    ranges: &[PageRange],
+    offsets: &[usize],
+    tracker: Option<&DigestTracker>,
+    meter: Option<&Meter>,
+    installer: &InstallGuard<'_>,
+    staging: &mut [Page],
+) -> Result<u64, PageError> {
+    let mut whole = WholeReads::new(link);
+    let (mut got, mut counted) = (0u64, 0u64);
+    for window in data_windows(ranges, offsets, staging.len()) {
+        let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
+        let mut iov = [libc::iovec { iov_base: staging.as_mut_ptr() as *mut libc::c_void, iov_len: want }];
+        // SAFETY: the iovec describes the first `want` bytes of `staging` (a window is at most its
+        // length), borrowed mutably for the call.
+        let n = unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut())? };
+        got += n;
+        if n < want as u64 {
+            break;
+        }
+        // SAFETY: the window's bytes were just read into `staging`; nothing else refers to it.
+        let bytes = unsafe { std::slice::from_raw_parts(staging.as_ptr() as *const u8, want) };
+        let mut at = 0;
+        for &(first, pages) in &window {
+            let len = pages * PAGE_SIZE;
+            seg.before_write(first * PAGE_SIZE, len);
+            // SAFETY: validate_ranges keeps every run inside the segment's mapping, which the
+            // installer has registered whole; guest memory is never behind a Rust reference.
+            unsafe { installer.install(first * PAGE_SIZE, &bytes[at..at + len]) };
+            at += len;
+        }
+        if let Some(tracker) = tracker {
+            tracker.hash_now(seg, &window, false)?;
+        }
+        if meter.is_some() {
+            let pages = want as u64 / PAGE_SIZE as u64;
+            progress::advance(meter, pages, pages, want as u64);
+            counted += pages;
+        }
+    }
     if got < header.payload_len {
         return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
     }

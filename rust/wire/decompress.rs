@@ -4,7 +4,8 @@
 //! checked in `validate_ranges`) into a per-thread scratch buffer, checks the block's checksum,
 //! decompresses it into a second scratch buffer of exactly the size the table gives (LZ4 cannot
 //! write past it: a block that would is refused, so a decompression bomb costs nothing), requires
-//! exactly that many bytes back, and only then copies the pages into guest memory.
+//! exactly that many bytes back, and only then copies the pages into guest memory (installs them,
+//! where an installation is open: `memory::install`).
 
 use std::cell::RefCell;
 
@@ -13,7 +14,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::batch::{BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA};
 use super::fdio::{read_all, Link};
 use crate::digest::PageError;
-use crate::memory::Segment;
+use crate::memory::{InstallGuard, Segment};
 
 thread_local! {
     /// The receiver's scratch: the payload as it arrived, and the pages it decompresses to. Each
@@ -30,6 +31,7 @@ pub(super) fn recv_lz4_payload(
     header: &BatchHeader,
     ranges: &[PageRange],
     offsets: &[usize],
+    installer: Option<&InstallGuard<'_>>,
 ) -> Result<(), PageError> {
     let data: u64 = ranges.iter().filter(|r| r.kind == RangeKind::Data).map(PageRange::bytes).sum();
     if header.flags & BATCH_FLAG_LZ4 == 0 || data == 0 || data > MAX_COMPRESSED_DATA || header.payload_len > COMPRESSED_PREFIX + data {
@@ -66,7 +68,10 @@ pub(super) fn recv_lz4_payload(
             // SAFETY: validate_ranges keeps the range inside the segment's mapping; `pages` holds
             // the sum of the DATA ranges; guest memory is never behind a Rust reference.
             seg.before_write(off, len);
-            unsafe { std::ptr::copy_nonoverlapping(pages.as_ptr().add(at), seg.as_ptr().add(off), len) };
+            match installer {
+                Some(installer) => unsafe { installer.install(off, &pages[at..at + len]) },
+                None => unsafe { std::ptr::copy_nonoverlapping(pages.as_ptr().add(at), seg.as_ptr().add(off), len) },
+            }
             at += len;
         }
         Ok(())

@@ -22,7 +22,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals};
+use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals, INSTALL_MIN};
 use super::compress::{CompressMode, Compressor};
 use super::fdio::Link;
 use crate::digest::DigestTracker;
@@ -196,10 +196,14 @@ pub fn recv_share<'a>(
 ) -> Result<BatchTotals, PageError> {
     let link = link.into();
     let mut totals = BatchTotals::default();
+    // A round's batches install into one registration (`memory::install`), begun by the first big
+    // batch and ended with the share, before the guest can run.
+    let _holds: Vec<_> = mem.segments().iter().filter_map(|seg| seg.hold_install()).collect();
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let stats = recv_batch_admitted(link, mem, tracker, meter, |batch| {
+        let install_from = INSTALL_MIN.saturating_sub(totals.stats.data_bytes);
+        let stats = recv_batch_admitted(link, mem, tracker, meter, install_from, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);
             }

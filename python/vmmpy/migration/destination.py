@@ -931,6 +931,7 @@ class _Receiver:
             pages_sent=data_pages, zero_pages=zero_pages, bytes=wire, duration_ms=duration * 1000,
             throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0, stream_bytes=stream_bytes,
             compressed_batches=compressed, saved_bytes=saved))
+        self.stats.installed_pages = self.memory.installed_pages()
         self.next_round += 1
         self._advance(P.MessageType.MEMORY_END)
         if memory.flags & P.MemoryFlags.FINAL:

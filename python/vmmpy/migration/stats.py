@@ -45,6 +45,7 @@ class RoundStats:
     compressed_batches: int = 0  # batches whose pages went as an LZ4 block
     saved_bytes: int = 0  # page bytes those batches did not put on the wire
     compress_attempts: int = 0  # source: batches compressed to see whether they shrink
+    installed_pages: int = 0  # destination: pages put into fresh memory without zeroing it first (docs/memory.md)
 
     @property
     def pages(self) -> int:
