@@ -1,4 +1,6 @@
-"""A loopback TCP proxy that can cut or corrupt the source-to-destination stream at a byte offset."""
+"""Loopback TCP proxies between a migration's source and destination: cut or corrupt the stream at a
+byte offset (``Proxy``), cut or stall one of a migration's connections (``StreamProxy``), or cut,
+stall and corrupt on demand (``ManualProxy``)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class Proxy:
         except OSError:
             return
         upstream = socket.create_connection(self.target, timeout=30)
-        back = threading.Thread(target=self._pump_back, args=(upstream, client), daemon=True)
+        back = threading.Thread(target=_forward, args=(upstream, client), daemon=True)
         back.start()
         try:
             while True:
@@ -51,17 +53,6 @@ class Proxy:
             client.close()
             upstream.close()
             self.listener.close()
-
-    @staticmethod
-    def _pump_back(upstream: socket.socket, client: socket.socket) -> None:
-        try:
-            while True:
-                data = upstream.recv(65536)
-                if not data:
-                    break
-                client.sendall(data)
-        except OSError:
-            pass
 
 
 class StreamProxy:
@@ -102,7 +93,7 @@ class StreamProxy:
             thread.start()
 
     def _relay(self, client: socket.socket, upstream: socket.socket, victim: bool) -> None:
-        back = threading.Thread(target=self._back, args=(upstream, client), daemon=True)
+        back = threading.Thread(target=_forward, args=(upstream, client), daemon=True)
         back.start()
         carried = 0
         try:
@@ -127,14 +118,6 @@ class StreamProxy:
                     if s in self._open:
                         self._open.remove(s)
                         s.close()  # unread bytes make this a reset, which a writer blocked on it sees at once
-
-    @staticmethod
-    def _back(upstream: socket.socket, client: socket.socket) -> None:
-        try:
-            while data := upstream.recv(65536):
-                client.sendall(data)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.released.set()
@@ -161,3 +144,65 @@ def _shut_both(client: socket.socket, upstream: socket.socket, back: threading.T
         except OSError:
             pass
     back.join(5)
+
+class ManualProxy:
+    """Forwards the first connection to ``target`` both ways until ``cut()``; refuses any later one
+    (the path is gone). ``stall()`` stops forwarding without closing anything (a silent path);
+    ``corrupt()`` flips a byte in the middle of the next data going the source's way to the
+    destination."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.target = target
+        self.socks: list[socket.socket] = []
+        self.flip = threading.Event()
+        self.stalled = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        self.listener.settimeout(30)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        finally:
+            self.listener.close()
+        upstream = socket.create_connection(self.target, timeout=30)
+        self.socks = [client, upstream]
+        for a, b, flip in ((client, upstream, self.flip), (upstream, client, None)):
+            threading.Thread(target=_forward, args=(a, b, self._hook(flip)), daemon=True).start()
+
+    def _hook(self, flip: threading.Event | None):
+        def hook(data: bytearray) -> None:
+            while self.stalled.is_set():  # nothing passes, nothing is closed
+                time.sleep(0.05)
+            if flip is not None and flip.is_set() and len(data) > 64:
+                flip.clear()
+                data[len(data) // 2] ^= 0x5A
+        return hook
+
+    def corrupt(self) -> None:
+        self.flip.set()
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def cut(self) -> None:
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _forward(a: socket.socket, b: socket.socket, hook=None) -> None:
+    """Copy what ``a`` receives to ``b`` until ``a`` ends or either fails; ``hook`` may hold or
+    change each piece first."""
+    try:
+        while data := bytearray(a.recv(65536)):
+            if hook is not None:
+                hook(data)
+            b.sendall(data)
+    except OSError:
+        pass

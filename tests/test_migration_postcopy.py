@@ -23,6 +23,7 @@ from vmmpy.memory import GuestMemory
 from vmmpy.migration import MigrationHandle, MigrationParams
 from vmmpy.runtime.guest_handle import MachineHandle
 
+from .migration_proxy import ManualProxy
 from .test_vm_api import final_state
 from .tls_pki import Pki
 
@@ -198,66 +199,13 @@ def test_a_page_link_cut_over_tls_is_recovered_with_a_new_handshake_and_exact_me
     assert recovered and all("(encrypted with TLSv1.3" in n and "127.0.0.1" in n for n in recovered), stats.notes
 
 
-class CutProxy:
-    """Forwards the first connection to ``target`` both ways until ``cut()``; refuses any later one.
-    ``corrupt()`` flips a byte in the middle of the next data going the source's way to the
-    destination."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
-        self.target = target
-        self.socks: list[socket.socket] = []
-        self.flip = threading.Event()
-        self.stalled = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        self.listener.settimeout(30)
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
-        finally:
-            self.listener.close()  # later connections are refused: the path is gone
-        upstream = socket.create_connection(self.target, timeout=30)
-        self.socks = [client, upstream]
-        for a, b, flip in ((client, upstream, self.flip), (upstream, client, None)):
-            threading.Thread(target=self._pump, args=(a, b, flip), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket, flip: threading.Event | None) -> None:
-        try:
-            while data := bytearray(a.recv(65536)):
-                while self.stalled.is_set():  # nothing passes, nothing is closed: a silent path
-                    time.sleep(0.05)
-                if flip is not None and flip.is_set() and len(data) > 64:
-                    flip.clear()
-                    data[len(data) // 2] ^= 0x5A
-                b.sendall(data)
-        except OSError:
-            pass
-
-    def corrupt(self) -> None:
-        self.flip.set()
-
-    def stall(self) -> None:
-        self.stalled.set()
-
-    def cut(self) -> None:
-        for s in self.socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 @_covers("recovered")
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 def test_a_link_cut_in_postcopy_pauses_both_sides_and_a_recover_resumes_with_exact_memory(uninterrupted, fault):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, params={"io_timeout": 1.0}) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
-        proxy = CutProxy(vm2.address)
+        proxy = ManualProxy(vm2.address)
         cut = threading.Event()
 
         def progress(stats) -> None:
@@ -296,7 +244,7 @@ def test_a_corrupted_page_reply_is_refused_the_guest_waits_and_the_link_is_recov
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
         _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
-        proxy = CutProxy(vm2.address)
+        proxy = ManualProxy(vm2.address)
 
         def progress(stats) -> None:
             if stats.status == "postcopy":
@@ -337,7 +285,7 @@ def test_auto_switches_to_postcopy_where_precopy_does_not_converge_instead_of_th
 def test_a_failure_before_the_switch_leaves_the_guest_running_on_the_source(uninterrupted):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
         vm1.start()
-        proxy = CutProxy(vm2.address)
+        proxy = ManualProxy(vm2.address)
 
         def progress(stats) -> None:
             if stats.current_round is not None and stats.current_round.round == 1:
