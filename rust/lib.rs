@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod memory;
 pub mod progress;
 pub mod snapshot;
+mod uffd;
 pub mod wire;
 
 #[cfg(feature = "python")]

@@ -23,10 +23,8 @@ class Proxy:
         self.thread.start()
 
     def _run(self) -> None:
-        self.listener.settimeout(30)
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
+        client = _accept_first(self.listener)
+        if client is None:
             return
         upstream = socket.create_connection(self.target, timeout=30)
         back = threading.Thread(target=_forward, args=(upstream, client), daemon=True)
@@ -161,13 +159,10 @@ class ManualProxy:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        self.listener.settimeout(30)
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
+        client = _accept_first(self.listener)
+        self.listener.close()  # later connections are refused: the path is gone
+        if client is None:
             return
-        finally:
-            self.listener.close()
         upstream = socket.create_connection(self.target, timeout=30)
         self.socks = [client, upstream]
         for a, b, flip in ((client, upstream, self.flip), (upstream, client, None)):
@@ -206,3 +201,12 @@ def _forward(a: socket.socket, b: socket.socket, hook=None) -> None:
             b.sendall(data)
     except OSError:
         pass
+
+
+def _accept_first(listener: socket.socket) -> socket.socket | None:
+    """The first connection to ``listener`` within 30 s, or None."""
+    listener.settimeout(30)
+    try:
+        return listener.accept()[0]
+    except OSError:
+        return None

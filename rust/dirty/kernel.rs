@@ -12,44 +12,16 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use super::{AtomicBitmap, Backend, DirtyLog, DirtyLogError};
-
-const UFFD_API: u64 = 0xAA;
-const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
-const UFFDIO_REGISTER_MODE_WP: u64 = 2;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+use crate::uffd::{self, UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED};
 
 const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 struct PmScanArg {
@@ -100,13 +72,10 @@ const SCAN_REGIONS: usize = 512;
 impl KernelTracker {
     /// Open a userfaultfd with asynchronous write-protect, or say why it cannot be had.
     pub fn open() -> Result<KernelTracker, KernelTrackerError> {
-        let uffd = open_userfaultfd()?;
-        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes the struct we pass, on a userfaultfd we own.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        let uffd = uffd::open().map_err(KernelTrackerError)?;
+        if let Err(e) = uffd::handshake(&uffd, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED) {
             return Err(KernelTrackerError(format!(
-                "the kernel's userfaultfd lacks asynchronous write-protect (UFFD_FEATURE_WP_ASYNC, Linux 6.7+): {}",
-                std::io::Error::last_os_error()
+                "the kernel's userfaultfd lacks asynchronous write-protect (UFFD_FEATURE_WP_ASYNC, Linux 6.7+): {e}"
             )));
         }
         let pagemap = File::open("/proc/self/pagemap").map_err(|e| KernelTrackerError(format!("cannot open /proc/self/pagemap: {e}")))?;
@@ -149,11 +118,8 @@ impl KernelTracker {
     /// Write-protect `base..base+len` and start tracking writes to it. Pages already populated
     /// (wired memory) are protected now; unpopulated pages count as protected by themselves.
     pub fn register(&self, base: *mut u8, len: usize) -> Result<(), KernelTrackerError> {
-        let mut reg =
-            UffdioRegister { range: UffdioRange { start: base as u64, len: len as u64 }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        // SAFETY: registering a range of our own mapping on our userfaultfd.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-            return Err(last_os_error("UFFDIO_REGISTER (write-protect mode)"));
+        if let Err(e) = uffd::register(&self.uffd, base as u64, len as u64, UFFDIO_REGISTER_MODE_WP) {
+            return Err(KernelTrackerError(format!("UFFDIO_REGISTER (write-protect mode): {e}")));
         }
         self.protect(base, len)
     }
@@ -168,9 +134,7 @@ impl KernelTracker {
     }
 
     pub fn unregister(&self, base: *mut u8, len: usize) {
-        let mut range = UffdioRange { start: base as u64, len: len as u64 };
-        // SAFETY: unregistering our own range; failure only means it was not registered.
-        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+        uffd::unregister(&self.uffd, base as u64, len as u64);
     }
 
     /// Report the written pages of `base..base+len` as (first page index, count) runs relative to
@@ -292,33 +256,6 @@ impl DirtyLog for KernelLog {
     }
 }
 
-fn open_userfaultfd() -> Result<OwnedFd, KernelTrackerError> {
-    // /dev/userfaultfd (Linux 6.1+) works for whoever may open it; the syscall needs
-    // vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE. Try both, report the first reason.
-    let dev_err = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
-        Ok(dev) => {
-            // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags and returns a new fd.
-            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-            if fd >= 0 {
-                // SAFETY: the ioctl returned a fresh fd that nothing else owns.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-            format!("USERFAULTFD_IOC_NEW: {}", std::io::Error::last_os_error())
-        }
-        Err(e) => format!("/dev/userfaultfd: {e}"),
-    };
-    // SAFETY: the userfaultfd syscall takes flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd >= 0 {
-        // SAFETY: a fresh fd that nothing else owns.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    }
-    Err(KernelTrackerError(format!(
-        "cannot open a userfaultfd ({dev_err}; userfaultfd(2): {}); it needs access to /dev/userfaultfd or vm.unprivileged_userfaultfd=1",
-        std::io::Error::last_os_error()
-    )))
-}
-
 #[cfg(test)]
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 
@@ -337,12 +274,8 @@ pub(crate) fn kernel_offers_tracking() -> Result<(), String> {
     if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) < (6, 7) {
         return Err(format!("Linux {release} is older than 6.7"));
     }
-    let uffd = open_userfaultfd().map_err(|e| e.0)?;
-    let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
-    // SAFETY: UFFDIO_API on a userfaultfd we own, with a struct we own.
-    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-        return Err(format!("UFFDIO_API with WP_ASYNC: {}", std::io::Error::last_os_error()));
-    }
+    let uffd = uffd::open()?;
+    uffd::handshake(&uffd, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED).map_err(|e| format!("UFFDIO_API with WP_ASYNC: {e}"))?;
     let pagemap = File::open("/proc/self/pagemap").map_err(|e| e.to_string())?;
     let mut region = PageRegion::default();
     let mut arg = PmScanArg {

@@ -30,65 +30,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::address::PAGE_SIZE;
-
-// From <linux/userfaultfd.h>: the ioctls are _IOWR(0xAA, nr, struct).
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-/// `struct uffd_msg`: 32 bytes; for a page fault, `arg.pagefault.address` is at offset 16.
-#[repr(C)]
-struct UffdMsg {
-    event: u8,
-    _reserved: [u8; 7],
-    flags: u64,
-    address: u64,
-    _rest: u64,
-}
+use crate::uffd::{
+    self, UffdMsg, UffdioCopy, UffdioRange, UffdioZeropage, UFFDIO_COPY, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+    UFFD_EVENT_PAGEFAULT,
+};
 
 /// One segment's registration for missing-page faults, with the thread that answers faults no
 /// installer call resolved. Dropping it unregisters the range (waking any fault still waiting,
@@ -103,58 +48,20 @@ pub struct Installer {
     zero_filled: Arc<AtomicU64>,
 }
 
-fn last_error(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
-
-fn open_userfaultfd() -> Result<OwnedFd, String> {
-    // The syscall needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; /dev/userfaultfd (Linux
-    // 6.1+) works for whoever may open it.
-    // SAFETY: the userfaultfd syscall takes flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd >= 0 {
-        // SAFETY: a fresh fd that nothing else owns.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-    }
-    let sys = last_error("userfaultfd(2)");
-    let dev =
-        std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd").map_err(|e| format!("{sys}; /dev/userfaultfd: {e}"))?;
-    // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags and returns a new fd.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(format!("{sys}; {}", last_error("USERFAULTFD_IOC_NEW")));
-    }
-    // SAFETY: the ioctl returned a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl Installer {
     /// Register `len` bytes at `base` (page-aligned, private anonymous) for missing-page faults
     /// and start the thread that answers them, or say why the kernel would not.
     pub(super) fn register(base: *mut u8, len: usize) -> Result<Installer, String> {
-        let uffd = open_userfaultfd()?;
-        let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes the struct we pass, on a userfaultfd we own.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(last_error("UFFDIO_API"));
-        }
-        let range = UffdioRange { start: base as u64, len: len as u64 };
-        let mut reg = UffdioRegister { range, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
-        // SAFETY: registering a range of our own mapping on our userfaultfd.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-            return Err(last_error("UFFDIO_REGISTER"));
-        }
+        let uffd = uffd::open()?;
+        uffd::handshake(&uffd, 0).map_err(|e| format!("UFFDIO_API: {e}"))?;
+        let (start, len) = (base as u64, len as u64);
+        uffd::register(&uffd, start, len, UFFDIO_REGISTER_MODE_MISSING).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         // SAFETY: eventfd has no preconditions; it returns a new fd or -1.
         let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         let uffd = Arc::new(uffd);
-        let unregister = |uffd: &OwnedFd| {
-            let mut r = range;
-            // SAFETY: unregistering the range registered above.
-            unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) };
-        };
         if stop < 0 {
-            let why = last_error("eventfd");
-            unregister(&uffd);
+            let why = format!("eventfd: {}", std::io::Error::last_os_error());
+            uffd::unregister(&uffd, start, len);
             return Err(why);
         }
         // SAFETY: a fresh fd that nothing else owns.
@@ -165,9 +72,9 @@ impl Installer {
             move || answer_faults(&uffd, stop, &zero_filled)
         });
         match spawned {
-            Ok(handler) => Ok(Installer { uffd, start: range.start, len: range.len, stop, handler: Some(handler), zero_filled }),
+            Ok(handler) => Ok(Installer { uffd, start, len, stop, handler: Some(handler), zero_filled }),
             Err(e) => {
-                unregister(&uffd);
+                uffd::unregister(&uffd, start, len);
                 Err(format!("starting the fault handler thread: {e}"))
             }
         }
@@ -237,10 +144,8 @@ impl Installer {
 
 impl Drop for Installer {
     fn drop(&mut self) {
-        let mut r = UffdioRange { start: self.start, len: self.len };
-        // SAFETY: unregistering our own registration; faults still waiting are woken and retried
-        // as ordinary first touches.
-        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) };
+        // Faults still waiting are woken and retried as ordinary first touches.
+        uffd::unregister(&self.uffd, self.start, self.len);
         let one = 1u64.to_ne_bytes();
         // SAFETY: an 8-byte write to our eventfd wakes the handler's poll.
         unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr() as *const libc::c_void, one.len()) };
@@ -269,7 +174,7 @@ fn answer_faults(uffd: &OwnedFd, stop: RawFd, zero_filled: &AtomicU64) {
             return;
         }
         loop {
-            let mut msg = UffdMsg { event: 0, _reserved: [0; 7], flags: 0, address: 0, _rest: 0 };
+            let mut msg = UffdMsg { event: 0, reserved: [0; 7], flags: 0, address: 0, rest: 0 };
             // SAFETY: reading one uffd_msg into a struct of its size and layout; the fd is non-blocking.
             let got =
                 unsafe { libc::read(uffd.as_raw_fd(), &mut msg as *mut UffdMsg as *mut libc::c_void, std::mem::size_of::<UffdMsg>()) };

@@ -371,7 +371,8 @@ fn read_data_pages(
             if staging.is_empty() {
                 *staging = (0..HASH_WINDOW_PAGES).map(|_| Page([0; PAGE_SIZE])).collect();
             }
-            install_data_pages(link, seg, header, ranges, offsets, tracker, meter, installer, &mut staging)
+            let windows = data_windows(ranges, offsets, staging.len());
+            install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
         });
     }
     let windows = windows(ranges, offsets, tracker, meter);
@@ -425,23 +426,22 @@ fn read_data_pages(
     Ok(counted)
 }
 
-/// [`read_data_pages`] through `installer`: each hash window is read into `staging`, then put in
-/// place with [`InstallGuard::install`] (no zeroing of fresh pages), then hashed and counted.
-#[allow(clippy::too_many_arguments)]
+/// [`read_data_pages`] through `installer`: each of `windows` (of the `payload_len` bytes of
+/// DATA) is read into `staging`, then put in place with [`InstallGuard::install`] (no zeroing
+/// of fresh pages), then hashed into the tracker and counted in the meter of `watch`.
 fn install_data_pages(
     link: Link<'_>,
     seg: &Segment,
-    header: &BatchHeader,
-    ranges: &[PageRange],
-    offsets: &[usize],
-    tracker: Option<&DigestTracker>,
-    meter: Option<&Meter>,
+    windows: Vec<Vec<(usize, usize)>>,
+    payload_len: u64,
+    watch: (Option<&DigestTracker>, Option<&Meter>),
     installer: &InstallGuard<'_>,
     staging: &mut [Page],
 ) -> Result<u64, PageError> {
+    let (tracker, meter) = watch;
     let mut whole = WholeReads::new(link);
     let (mut got, mut counted) = (0u64, 0u64);
-    for window in data_windows(ranges, offsets, staging.len()) {
+    for window in windows {
         let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
         let mut iov = [libc::iovec { iov_base: staging.as_mut_ptr() as *mut libc::c_void, iov_len: want }];
         // SAFETY: the iovec describes the first `want` bytes of `staging` (a window is at most its
@@ -471,8 +471,8 @@ fn install_data_pages(
             counted += pages;
         }
     }
-    if got < header.payload_len {
-        return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
+    if got < payload_len {
+        return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
     }
     Ok(counted)
 }
