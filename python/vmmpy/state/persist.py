@@ -37,6 +37,12 @@ section was written at:
 
 Errors are :class:`PersistError` (a ``ValueError``) naming the section, the field path and the
 value.
+
+Both directions run inside a migration's downtime, so each declared type gets a loader and a
+dumper built once (:func:`_struct_loader`, :func:`_dumper`) that do the checks above without
+building field paths. A payload the built loader does not take is read again by the generic
+reader (``_load_struct``), which names the field and value in its error: the built loader only
+decides faster, the generic reader is the rule.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 MISSING = dataclasses.MISSING
@@ -105,8 +112,8 @@ def fields_of(cls: type) -> tuple[_Field, ...]:
 
 
 def prepare(*classes: type) -> int:
-    """Resolve the field types of these declarations and every struct they nest, ahead of a restore
-    that must be quick; returns how many declarations."""
+    """Resolve the field types of these declarations and every struct they nest, and build their
+    loaders and dumpers, ahead of a restore that must be quick; returns how many declarations."""
     seen: set[type] = set()
     todo = list(classes)
     while todo:
@@ -114,6 +121,8 @@ def prepare(*classes: type) -> int:
         if cls in seen:
             continue
         seen.add(cls)
+        _struct_loader(cls)
+        _struct_dumper(cls)
         for f in fields_of(cls):
             todo.extend(t for t in _leaf_types(f.kind) if dataclasses.is_dataclass(t))
     return len(seen)
@@ -131,7 +140,35 @@ def _leaf_types(kind: Any) -> list[Any]:
 
 def dump(obj: Any) -> dict[str, Any]:
     """A declared object as a section payload: every field, nested structs as mappings."""
-    return {f.name: _dump_value(getattr(obj, f.name)) for f in fields_of(type(obj))}
+    return _struct_dumper(type(obj))(obj)
+
+
+_SCALARS = frozenset({int, bool, str, bytes, float, type(None)})
+
+
+@functools.cache
+def _struct_dumper(cls: type) -> Callable[[Any], dict[str, Any]]:
+    fields = [(f.name, _dumper(f.kind)) for f in fields_of(cls)]
+
+    def dump_struct(obj: Any) -> dict[str, Any]:
+        return {name: dump_field(getattr(obj, name)) for name, dump_field in fields}
+    return dump_struct
+
+
+@functools.cache
+def _dumper(kind: Any) -> Callable[[Any], Any]:
+    """How to dump a value declared as ``kind``: what ``_dump_value`` does, decided once per kind
+    for the values that are what they are declared as, and by ``_dump_value`` for any other."""
+    if dataclasses.is_dataclass(kind):
+        dump_struct = _struct_dumper(kind)
+        return lambda value: dump_struct(value) if type(value) is kind else _dump_value(value)
+    if typing.get_origin(kind) is list:
+        def dump_list(value: Any) -> Any:
+            if type(value) is list and all(type(v) in _SCALARS for v in value):
+                return value.copy()
+            return _dump_value(value)
+        return dump_list
+    return lambda value: value if type(value) in _SCALARS else _dump_value(value)
 
 
 def _dump_value(value: Any) -> Any:
@@ -155,7 +192,10 @@ def load(cls: type, payload: Any, version: int, *, where: str) -> Any:
     """The declared object a section payload of ``version`` holds (module doc for the rules);
     ``where`` (the section's name) starts every error."""
     check_version(cls, version, where)
-    state = _load_struct(cls, payload, version, where, "")
+    try:
+        state = _struct_loader(cls)(payload, version)
+    except _Mismatch:
+        state = _load_struct(cls, payload, version, where, "")  # raises, naming the field
     validate = getattr(state, "validate", None)
     if validate is not None:
         try:
@@ -166,6 +206,87 @@ def load(cls: type, payload: Any, version: int, *, where: str) -> Any:
             text = str(err)
             raise PersistError(text if text.startswith(f"{where}:") else f"{where}: {text}") from None
     return state
+
+
+class _Mismatch(Exception):
+    """A payload a built loader does not take (the generic reader says why)."""
+
+
+_Loader = Callable[[Any, int], Any]
+
+
+@functools.cache
+def _struct_loader(cls: type) -> _Loader:
+    """``_load_struct`` for ``cls``, built once: raises :class:`_Mismatch` instead of naming the field."""
+    fields = [(f.name, f.since, f.default_value, _loader(f.kind)) for f in fields_of(cls)]
+    names = frozenset(name for name, *_ in fields)
+
+    def load_struct(payload: Any, version: int) -> Any:
+        if type(payload) is not dict or not names.issuperset(payload):
+            raise _Mismatch
+        values = {}
+        for name, since, default_value, load_field in fields:
+            if since > version:
+                if name in payload:
+                    raise _Mismatch
+                values[name] = default_value()
+            elif name in payload:
+                values[name] = load_field(payload[name], version)
+            else:
+                raise _Mismatch
+        return cls(**values)
+    return load_struct
+
+
+@functools.cache
+def _loader(kind: Any) -> _Loader:
+    """``_load_value`` for values declared as ``kind``, built once (see :func:`_struct_loader`)."""
+    origin = typing.get_origin(kind)
+    if origin is dict:
+        load_item = _loader(typing.get_args(kind)[1])
+
+        def load_dict(value: Any, version: int) -> Any:
+            if not isinstance(value, dict):
+                raise _Mismatch
+            return {k: load_item(v, version) for k, v in value.items()}
+        return load_dict
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        load_item, scalar = _loader(item), item if item in (int, str) else None
+
+        def load_list(value: Any, version: int) -> Any:
+            items = _as_list(value)
+            if scalar is not None and all(type(v) is scalar for v in items):
+                return items.copy()
+            return [load_item(v, version) for v in items]
+        return load_list
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        inner = [o for o in options if o is not type(None)]
+        if len(inner) != 1:
+            return _refuse  # not a declarable type: the generic reader says so
+        load_inner, none_ok = _loader(inner[0]), type(None) in options
+        return lambda value, version: None if value is None and none_ok else load_inner(value, version)
+    if dataclasses.is_dataclass(kind):
+        return _struct_loader(kind)
+    if kind is Any:
+        return lambda value, version: value
+
+    def load_leaf(value: Any, version: int) -> Any:
+        if type(value) is kind or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+            return value
+        raise _Mismatch
+    return load_leaf
+
+
+def _refuse(value: Any, version: int) -> Any:
+    raise _Mismatch
+
+
+def _as_list(value: Any) -> list:
+    if not isinstance(value, list):
+        raise _Mismatch
+    return value
 
 
 def _load_struct(cls: type, payload: Any, version: int, where: str, path: str) -> Any:

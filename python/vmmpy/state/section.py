@@ -62,7 +62,14 @@ class Section:
         return encode_payload(self.payload)
 
 
+#: Values JSON writes and reads as themselves; a list or mapping of only these is passed through
+#: whole instead of being walked (the state of a vCPU is mostly such lists).
+_JSON_SCALARS = frozenset({int, bool, float, str, type(None)})
+
+
 def _to_json(value: Any) -> Any:
+    if type(value) is list and all(type(item) in _JSON_SCALARS for item in value):
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, dict):
@@ -80,6 +87,8 @@ def _to_json(value: Any) -> Any:
 
 
 def _from_json(value: Any) -> Any:
+    if type(value) is list and all(type(item) in _JSON_SCALARS for item in value):
+        return value
     if isinstance(value, dict):
         if len(value) == 1 and "$bytes" in value:
             encoded = value["$bytes"]
