@@ -29,7 +29,9 @@ stall_seconds=None, connection=0, accept_many=True, on_fault=None)``
   enumerate fault points, ``fault_cases.py``). ``after_message=k``: the fault fires once the first
   k messages of ``direction`` have been forwarded (k=0: before any byte); with ``inside_bytes=n``
   once k messages and the first n bytes of message k+1 have been (1 <= n < its length; an n past
-  its end is reported in ``errors`` and nothing fires). Bytes beyond the point are held back, so
+  its end is reported in ``errors`` and nothing fires). ``after_message="COMMIT_ACK"`` (a message
+  type's name): once the first message of that type has been (for a point whose index varies
+  from run to run, as the messages after live rounds do). Bytes beyond the point are held back, so
   the peer has exactly that prefix, and when the fault fires nothing more moves on that
   connection in either direction.
 * ``action``: ``"cut"`` and ``"reset"`` first wait (at most 5 s) until what the proxy wrote to
@@ -137,6 +139,7 @@ class _Parser:
     def __init__(self, direction: str, connection: int, record: Callable[[Message | str], None]) -> None:
         self.direction, self.connection, self.record = direction, connection, record
         self.done = 0  # messages completed
+        self.kinds_done: set[str] = set()  # the kinds among them
         self.offset = 0  # bytes of this direction fed so far
         self.error: str | None = None  # set once the stream cannot be followed; parsing stops
         self._start()
@@ -227,6 +230,7 @@ class _Parser:
 
     def _complete(self) -> None:
         self.done += 1
+        self.kinds_done.add(self.kind)
         payload = bytes(self.head[P.HEADER_SIZE:]) if self.keep else b""
         detail = self.detail or (_frame_detail(self.kind, payload) if self.keep else "")
         self.record(Message(self.direction, self.done, self.kind, self.length, self.connection, detail, payload))
@@ -276,7 +280,7 @@ class FaultProxy:
         target: tuple[str, int],
         *,
         direction: str = "s2d",
-        after_message: int | None = None,
+        after_message: int | str | None = None,
         inside_bytes: int | None = None,
         action: str = "cut",
         stall_seconds: float | None = None,
@@ -289,8 +293,12 @@ class FaultProxy:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {action!r}")
-        if after_message is not None and (not isinstance(after_message, int) or after_message < 0):
-            raise ValueError(f"after_message must be a message count from 0 (or None for a dry run); got {after_message!r}")
+        if isinstance(after_message, str):
+            if after_message not in P.MessageType.__members__:
+                raise ValueError(f"after_message names no message type: {after_message!r}")
+        elif after_message is not None and (not isinstance(after_message, int) or after_message < 0):
+            raise ValueError(f"after_message must be a message count from 0, a message type's name, or None for a dry run; "
+                             f"got {after_message!r}")
         if inside_bytes is not None and (after_message is None or not isinstance(inside_bytes, int) or inside_bytes < 1):
             raise ValueError(f"inside_bytes must be a byte count from 1, with after_message; got {inside_bytes!r}")
         if stall_seconds is not None and (action != "stall" or stall_seconds <= 0):
@@ -504,7 +512,10 @@ class FaultProxy:
         if parser.error is not None:
             self._disarm(link, f"the fault after {self.direction} message {self.after_message} cannot be placed: {parser.error}")
             return None
-        if parser.done < self.after_message:
+        if isinstance(self.after_message, str):
+            if self.after_message not in parser.kinds_done:
+                return None
+        elif parser.done < self.after_message:
             return None
         inside = self.inside_bytes or 0
         if parser.length is not None and inside >= parser.length:

@@ -334,7 +334,8 @@ def test_inside_bytes_past_the_message_end_is_an_error_and_nothing_fires(script)
 @pytest.mark.parametrize("kwargs,message", [
     ({"direction": "up"}, "direction must be one of s2d, d2s; got 'up'"),
     ({"action": "drop"}, "action must be one of cut, reset, stall; got 'drop'"),
-    ({"after_message": -1}, "after_message must be a message count from 0 (or None for a dry run); got -1"),
+    ({"after_message": -1}, "after_message must be a message count from 0, a message type's name, or None for a dry run; got -1"),
+    ({"after_message": "COMMIT_AKC"}, "after_message names no message type: 'COMMIT_AKC'"),
     ({"inside_bytes": 5}, "inside_bytes must be a byte count from 1, with after_message; got 5"),
     ({"after_message": 1, "inside_bytes": 0}, "inside_bytes must be a byte count from 1, with after_message; got 0"),
     ({"after_message": 1, "stall_seconds": 2}, "stall_seconds goes with action='stall' and must be positive; got 2"),
@@ -421,7 +422,6 @@ def check_log_against_the_engines(log, stats):
     s2d = [m for m in log if m.direction == "s2d"]
     kinds = [m.kind for m in s2d]
     assert kinds[:3] == ["HELLO", "AUTH", "SPEC"] and kinds[-4:] == ["STATE", "COMMIT_REQUEST", "COMMITTED", "RELEASED"]
-    assert [m.kind for m in log if m.direction == "d2s"] == ["CHALLENGE", "ACCEPT", "ACCEPT", "COMMIT_ACK", "RESUMED"]
     assert [m.kind for m in log[:6]] == ["HELLO", "CHALLENGE", "AUTH", "ACCEPT", "SPEC", "ACCEPT"]
     assert [m.kind for m in log[-5:]] == ["COMMIT_REQUEST", "COMMIT_ACK", "COMMITTED", "RESUMED", "RELEASED"]
     rounds = []
@@ -437,6 +437,14 @@ def check_log_against_the_engines(log, stats):
         i = end + 1
     assert kinds[i:] == ["STATE", "COMMIT_REQUEST", "COMMITTED", "RELEASED"]
     assert len(rounds) == stats["round_count"] and rounds[-1][0].flags & P.MemoryFlags.FINAL
+    # Version 8: each round that is not final is answered with ROUND_DONE naming it, after its
+    # MEMORY_END and before the source starts the next round.
+    d2s = [m for m in log if m.direction == "d2s"]
+    assert [m.kind for m in d2s] == ["CHALLENGE", "ACCEPT", "ACCEPT", *["ROUND_DONE"] * (len(rounds) - 1), "COMMIT_ACK", "RESUMED"]
+    order = [(m.direction, m.kind) for m in log if m.kind in ("MEMORY", "MEMORY_END", "ROUND_DONE")]
+    assert order == [*[("s2d", "MEMORY"), ("s2d", "MEMORY_END"), ("d2s", "ROUND_DONE")] * (len(rounds) - 1),
+                     ("s2d", "MEMORY"), ("s2d", "MEMORY_END")]
+    assert [P.decode_round_done(m.payload) for m in d2s if m.kind == "ROUND_DONE"] == list(range(len(rounds) - 1))
     assert sum(m.length for m in s2d) == stats["bytes_total"], "the source counts what it sent"
     return rounds
 

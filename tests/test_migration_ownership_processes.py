@@ -26,7 +26,9 @@ from .test_migration_processes import abtest_args, expected_console
 SWEEPS = 8000  # about 7 s of guest time: it runs through the migration
 MEMORY = "32M"
 PAGES = (32 * 2**20 - 2 * 2**20) // 4096
-AFTER_SPEC_ACCEPT, AFTER_COMMIT_ACK, AFTER_RESUMED = 3, 4, 5
+# The destination's answers: the ROUND_DONEs of the live rounds (version 8) come between the
+# SPEC's ACCEPT and COMMIT_ACK, as many as there were rounds, so the later points go by name.
+AFTER_SPEC_ACCEPT, AFTER_COMMIT_ACK, AFTER_RESUMED = 3, "COMMIT_ACK", "RESUMED"
 
 
 class Pair:

@@ -934,6 +934,8 @@ class _Receiver:
         self.stats.installed_pages = self.memory.installed_pages()
         self.next_round += 1
         self._advance(P.MessageType.MEMORY_END)
+        if not memory.flags & P.MemoryFlags.FINAL and self.version >= P.ROUND_DONE_VERSION:
+            self._send(P.MessageType.ROUND_DONE, P.encode_round_done(memory.round))
         if memory.flags & P.MemoryFlags.FINAL:
             # No page changes after the final round, and every page was hashed as it arrived:
             # combine while the state and the commit request arrive.

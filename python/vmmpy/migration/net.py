@@ -20,10 +20,12 @@ socket down from a watcher thread, which wakes any blocked send or receive at on
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 
@@ -379,6 +381,34 @@ def buffered(sock: socket.socket) -> int:
     decrypted plaintext, ``tls.TlsSocket.pending``); 0 for a plain socket."""
     pending = getattr(sock, "pending", None)
     return pending() if pending is not None else 0
+
+
+def unacknowledged(sock: socket.socket) -> int | None:
+    """Bytes written to ``sock`` that its peer has not acknowledged yet (SIOCOUTQ), or None where
+    the kernel does not say."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
+
+
+#: How often ``await_delivery`` looks again.
+DELIVERY_POLL_S = 0.0005
+
+
+def await_delivery(socks: list[socket.socket], timeout: float) -> bool:
+    """Wait until every byte written to ``socks`` has reached the peer's kernel (at most
+    ``timeout`` seconds); whether it did. A live migration's round is not over while its pages
+    still sit in this host's send buffers: pausing the guest then would put the destination's
+    backlog into the downtime."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / DELIVERY_POLL_S) + 1):
+        if all((unacknowledged(s) or 0) == 0 for s in socks):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(DELIVERY_POLL_S)
+    return False
 
 
 def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:

@@ -23,6 +23,7 @@ Message sequence (S = source, D = destination)::
     |==== page batches (VMPB), raw, then one =====>|     recv_share(): all of them, in Rust
     |==== empty batch ending the round ===========>|     (with n streams: on every stream)
     |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
+    |<--- ROUND_DONE (r) --------------------------|  (v8, a round that is not final: D has all of it)
     |     ... one MEMORY..MEMORY_END per round ... |
     |---- STATE (encode_sections container) ------>|  D: restore_sections
     |---- COMMIT_REQUEST (source digest) --------->|  D: commit digest of own memory, compare
@@ -95,7 +96,10 @@ FRAME_VERSION = 1
 # 5: ownership through the commit: a destination that has sent COMMIT_ACK holds the guest paused
 #    "in doubt" when the link fails, the source settles it by reconnecting (RESOLVE/RESOLVED), and
 #    the source says RELEASED once it knows the guest runs there.
-PROTOCOL_VERSIONS = (2, 3, 4, 5, 6, 7)
+# 6: local migration (LOCAL_MEMORY). 7: post-copy (POSTCOPY, RECOVER, RECOVERED, POSTCOPY_DONE).
+# 8: the destination answers each round that is not final with ROUND_DONE once it has taken all of
+#    it, so the source pauses the guest only when the destination has caught up.
+PROTOCOL_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 STREAMS_VERSION = 3  # the first protocol version with parallel streams
 MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
 TOKEN_SIZE = 32
@@ -109,6 +113,7 @@ MAX_CODECS = 4
 OWNERSHIP_VERSION = 5
 LOCAL_VERSION = 6  # the first protocol version with LOCAL_MEMORY (memfds over a Unix socket)
 POSTCOPY_VERSION = 7  # the first with post-copy (POSTCOPY, the page exchange, RECOVER/RECOVERED)
+ROUND_DONE_VERSION = 8  # the first where the destination answers a round that is not final (ROUND_DONE)
 POSTCOPY_CHUNK_SIZE = _core.POSTCOPY_CHUNK_SIZE
 MAX_POSTCOPY_CHUNK = _core.POSTCOPY_MAX_CHUNK_PAGES * 4096
 MAX_SEGMENTS = 2  # lowmem, highmem
@@ -154,6 +159,7 @@ class MessageType(enum.IntEnum):
     RECOVER = 23  # v7: on a new connection after the handshake, resume a post-copy session's page exchange
     RECOVERED = 24  # v7: the destination's answer: the exchange goes on on this connection, or no such session
     POSTCOPY_DONE = 25  # v7: every page is on the destination: what post-copy cost the guest there
+    ROUND_DONE = 26  # v8: the destination has taken every page of a round that is not final
 
 
 class Stage(enum.IntEnum):
@@ -1009,6 +1015,7 @@ MESSAGES: tuple[MessageSpec, ...] = (
         ("remote_faults", "Q", _saturating), ("fault_p50_us", "I", _saturating), ("fault_p99_us", "I", _saturating),
         ("fault_max_us", "I", _saturating), ("blocked_us", "Q", _saturating), ("requested_pages", "Q", _saturating),
         ("pushed_pages", "Q", _saturating))),), 8 + 3 * 4 + 3 * 8, PostcopyDone),
+    MessageSpec(MessageType.ROUND_DONE, (_Ints("the round", (("round", "I", None),)),), 4),
 )
 SPECS: dict[MessageType, MessageSpec] = {m.type: m for m in MESSAGES}
 # The largest payload each message may declare; STATE's bound is the receiver's max_state.
@@ -1091,6 +1098,14 @@ def encode_memory_end(m: MemoryEnd) -> bytes:
 
 def decode_memory_end(payload: bytes) -> MemoryEnd:
     return decode_message(MessageType.MEMORY_END, payload)
+
+
+def encode_round_done(round_number: int) -> bytes:
+    return encode_message(MessageType.ROUND_DONE, round_number)
+
+
+def decode_round_done(payload: bytes) -> int:
+    return decode_message(MessageType.ROUND_DONE, payload)
 
 
 def encode_digest(digest: int) -> bytes:
@@ -1257,6 +1272,7 @@ SINCE: dict[MessageType, int] = {
     MessageType.RECOVER: POSTCOPY_VERSION,
     MessageType.RECOVERED: POSTCOPY_VERSION,
     MessageType.POSTCOPY_DONE: POSTCOPY_VERSION,
+    MessageType.ROUND_DONE: ROUND_DONE_VERSION,
 }
 
 #: The source's sequence on one connection: after each message it sent (None: nothing yet), the
@@ -1285,6 +1301,7 @@ SOURCE_AWAITS: dict[MessageType, MessageType] = {
     MessageType.AUTH: MessageType.ACCEPT,
     MessageType.SPEC: MessageType.ACCEPT,
     MessageType.STREAMS: MessageType.STREAMS_TOKEN,
+    MessageType.MEMORY_END: MessageType.ROUND_DONE,  # v8, and only for a round that is not final
     MessageType.COMMIT_REQUEST: MessageType.COMMIT_ACK,
     MessageType.COMMITTED: MessageType.RESUMED,
     MessageType.RESOLVE: MessageType.RESOLVED,

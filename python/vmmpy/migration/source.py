@@ -42,7 +42,7 @@ from . import protocol as P
 from .convergence import GIVE_UP, POSTCOPY, SWITCH, Convergence, MigrationParams
 from .digest import InBackground
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
-from .net import CancelWatcher, Channel, connect, for_page_requests, format_address, is_unix, set_io_timeout
+from .net import CancelWatcher, Channel, await_delivery, connect, for_page_requests, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
 from .streams import open_data_streams
 from .tls import TlsConfig, with_tls_error, wrap_tls
@@ -52,6 +52,8 @@ PhaseHook = Callable[[str], None]
 # After the commit, how long to wait for the destination to say the guest runs (only the
 # downtime figure depends on it: the guest is the destination's either way).
 RESUMED_WAIT_S = 2.0
+# How long a live round waits for its pages to reach the destination (then it ends anyway).
+DELIVERY_WAIT_S = 2.0
 # After a failure between COMMIT_REQUEST and COMMITTED, how long to try telling a destination that
 # may hold the guest in doubt that the migration was aborted (the guest already runs here).
 ABORT_RESOLVE_S = 10.0
@@ -908,6 +910,8 @@ class _Source:
             self.link_rate = min(cap, sent["link_rate"]) if cap else sent["link_rate"]
         self._send(P.MessageType.MEMORY_END, P.encode_memory_end(
             P.MemoryEnd(number, sent["batches"], sent["data_pages"], sent["zero_pages"], sent["wire_bytes"])))
+        if not final:
+            self._await_round_taken(number)
         duration = time.monotonic() - start
         rnd = RoundStats(
             round=number, final=final, pages_dirtied=sent["data_pages"] + sent["zero_pages"], pages_sent=sent["data_pages"],
@@ -916,6 +920,19 @@ class _Source:
             compressed_batches=sent.get("compressed_batches", 0), saved_bytes=sent.get("saved_bytes", 0),
             compress_attempts=sent.get("compress_attempts", 0))
         return rnd
+
+    def _await_round_taken(self, number: int) -> None:
+        """A round that is not final ends when the destination has taken it, not when its pages
+        are in this host's send buffers (megabytes of them, and as many in the destination's
+        receive buffers): the throughput the convergence rule sees is the real one, and the pause
+        for the final round does not wait behind the destination's backlog. Version 8 says so
+        (ROUND_DONE); with an older destination, until the bytes reach its kernel, bounded."""
+        if (self.stats.protocol_version or 1) >= P.ROUND_DONE_VERSION:
+            done = P.decode_round_done(self._read().payload)
+            if done != number:
+                raise ProtocolError(f"ROUND_DONE names round {done}, but round {number} was sent")
+        else:
+            await_delivery([self.chan.sock, *(chan.sock for chan in self.data)], DELIVERY_WAIT_S)
 
     def _precopy(self) -> int:
         """Live rounds until the convergence rule says switch over; returns the final round's number."""
