@@ -16,6 +16,7 @@ from vmmpy.migration.net import await_delivery, unacknowledged
 from vmmpy.units import MiB
 
 from .migration_helpers import migrate_pair
+from .test_migration_failures import assert_source_kept_guest
 
 # A link slower than the writer dirties memory: several live rounds before the switch.
 SEVERAL_ROUNDS = MigrationParams(downtime_target_ms=10, bandwidth_cap=32 * MiB, max_rounds=6, policy="switch-over")
@@ -103,3 +104,16 @@ def test_a_socket_the_kernel_cannot_say_for_does_not_hold_a_round_up():
     with b:
         assert unacknowledged(a) is None  # closed: no answer
         assert await_delivery([a], 0.01)
+
+
+def test_a_round_done_naming_another_round_fails_the_migration_and_the_source_keeps_its_guest(guests, monkeypatch):
+    encode = P.encode_round_done
+    monkeypatch.setattr(P, "encode_round_done", lambda number: encode(number + 1))  # a destination that lies
+    src = guests("64M", work_pages=2048, rate=6000)
+    dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(2048)
+    stats, dstats = migrate_pair(src, dst, live=True, params=SEVERAL_ROUNDS)
+    assert stats.status == "failed" and stats.owner == "source"
+    assert "ROUND_DONE names round 1, but round 0 was sent" in stats.error, stats.error
+    assert dstats.status != "completed"
+    assert_source_kept_guest(src)
