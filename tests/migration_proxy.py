@@ -1,5 +1,5 @@
-"""Loopback TCP proxies between a migration's source and destination: cut or corrupt the stream at a
-byte offset (``Proxy``), cut or stall one of a migration's connections (``StreamProxy``), or cut,
+"""Loopback TCP proxies between a migration's source and destination: cut, corrupt or slow the stream
+at a byte offset (``Proxy``), cut or stall one of a migration's connections (``StreamProxy``), or cut,
 stall and corrupt on demand (``ManualProxy``)."""
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ import time
 
 
 class Proxy:
+    """Forwards one connection; from the source's ``cut_after``-th byte on, nothing more; flips
+    ``garbage`` bytes from ``flip_at``; with ``rate``, forwards at most that many bytes a second
+    towards the destination (a slow link)."""
+
     def __init__(self, target: tuple[str, int], *, cut_after: int | None = None, flip_at: int | None = None,
-                 garbage: int = 1) -> None:
+                 garbage: int = 1, rate: float | None = None) -> None:
         self.target = target
+        self.rate = rate
         self.cut_after = cut_after
         self.flip_at = flip_at
         self.garbage = garbage  # bytes from flip_at on that are overwritten (1: one byte flipped)
@@ -44,6 +49,8 @@ class Proxy:
                     break
                 upstream.sendall(data)
                 self.forwarded += len(data)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:

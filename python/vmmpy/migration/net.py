@@ -28,6 +28,7 @@ import struct
 import termios
 import threading
 import time
+from collections.abc import Callable
 
 from .errors import ConnectionLost, MigrationError, MigrationTimeout, peer_stalled
 
@@ -392,23 +393,40 @@ def unacknowledged(sock: socket.socket) -> int | None:
         return None
 
 
-#: How often ``await_delivery`` looks again.
+#: How often ``await_delivery`` looks again at first, and at most.
 DELIVERY_POLL_S = 0.0005
+DELIVERY_POLL_MAX_S = 0.01
 
 
-def await_delivery(socks: list[socket.socket], timeout: float) -> bool:
-    """Wait until every byte written to ``socks`` has reached the peer's kernel (at most
-    ``timeout`` seconds); whether it did. A live migration's round is not over while its pages
-    still sit in this host's send buffers: pausing the guest then would put the destination's
-    backlog into the downtime."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / DELIVERY_POLL_S) + 1):
-        if all((unacknowledged(s) or 0) == 0 for s in socks):
+def await_delivery(socks: list[socket.socket], stall_timeout: float, stop: Callable[[], bool] | None = None) -> bool:
+    """Wait until every byte written to ``socks`` has reached the peer's kernel, for as long as
+    the peer keeps taking them. True: they have, or the peer has something to say first (data, a
+    hang-up or an error on one of the sockets, which the next read gives); False:
+    ``stall_timeout`` seconds passed with no byte taken, or ``stop()`` said to give up.
+
+    A live migration's round is not over while its pages still sit in this host's send buffers:
+    pausing the guest then would put the destination's backlog into the downtime. Every look
+    either finds fewer bytes waiting than the last or counts towards the stall, so the wait is
+    bounded by the bytes waiting and the timeout."""
+    poller = select.poll()
+    for s in socks:
+        if s.fileno() >= 0:  # a closed socket has nothing waiting (unacknowledged says None)
+            poller.register(s, select.POLLIN | select.POLLPRI | select.POLLRDHUP)  # POLLERR and POLLHUP always
+    least, since, polls = None, time.monotonic(), 0
+    while True:
+        waiting = sum(unacknowledged(s) or 0 for s in socks)
+        if waiting == 0:
             return True
-        if time.monotonic() >= deadline:
+        if stop is not None and stop():
             return False
-        time.sleep(DELIVERY_POLL_S)
-    return False
+        now = time.monotonic()
+        if least is None or waiting < least:
+            least, since = waiting, now
+        elif now - since >= stall_timeout:
+            return False
+        if poller.poll(min(DELIVERY_POLL_S * (1 + polls // 20), DELIVERY_POLL_MAX_S) * 1000):
+            return True
+        polls += 1
 
 
 def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:

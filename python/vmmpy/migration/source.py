@@ -28,6 +28,7 @@ holds the whole guest: a failed link is never an abort; the source reconnects (R
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import socket
 import threading
@@ -52,7 +53,8 @@ PhaseHook = Callable[[str], None]
 # After the commit, how long to wait for the destination to say the guest runs (only the
 # downtime figure depends on it: the guest is the destination's either way).
 RESUMED_WAIT_S = 2.0
-# How long a live round waits for its pages to reach the destination (then it ends anyway).
+# With a destination older than protocol 8: how long a live round waits for the destination to
+# take another byte of its pages before it ends anyway.
 DELIVERY_WAIT_S = 2.0
 # After a failure between COMMIT_REQUEST and COMMITTED, how long to try telling a destination that
 # may hold the guest in doubt that the migration was aborted (the guest already runs here).
@@ -927,12 +929,26 @@ class _Source:
         receive buffers): the throughput the convergence rule sees is the real one, and the pause
         for the final round does not wait behind the destination's backlog. Version 8 says so
         (ROUND_DONE); with an older destination, until the bytes reach its kernel, bounded."""
-        if (self.stats.protocol_version or 1) >= P.ROUND_DONE_VERSION:
+        socks = [self.chan.sock, *(chan.sock for chan in self.data)]
+        if (self.stats.protocol_version or 1) < P.ROUND_DONE_VERSION:
+            await_delivery(socks, DELIVERY_WAIT_S, stop=self.watcher.cancelled)
+            self._check_cancel()
+            return
+        # On a slow link the backlog takes long to drain: the wait lasts while the destination
+        # keeps taking bytes, and the answer's io_timeout starts once it has them all.
+        timeout = self.params.io_timeout
+        if not await_delivery(socks, timeout, stop=self.watcher.cancelled):
+            self._check_cancel()
+            stalled = OSError(errno.EAGAIN, "the destination took nothing")
+            stalled.timeout = timeout  # type: ignore[attr-defined]
+            raise self.chan.translate(stalled, f"round {number}'s page batches")
+        try:
             done = P.decode_round_done(self._read().payload)
-            if done != number:
-                raise ProtocolError(f"ROUND_DONE names round {done}, but round {number} was sent")
-        else:
-            await_delivery([self.chan.sock, *(chan.sock for chan in self.data)], DELIVERY_WAIT_S)
+        except MigrationError as err:
+            # The same kind of error, saying what the source was waiting for.
+            raise type(err)(f"{err} (waiting for the destination to confirm round {number}: ROUND_DONE)") from None
+        if done != number:
+            raise ProtocolError(f"ROUND_DONE names round {done}, but round {number} was sent")
 
     def _precopy(self) -> int:
         """Live rounds until the convergence rule says switch over; returns the final round's number."""

@@ -160,8 +160,8 @@ def _dumper(kind: Any) -> Callable[[Any], Any]:
     """How to dump a value declared as ``kind``: what ``_dump_value`` does, decided once per kind
     for the values that are what they are declared as, and by ``_dump_value`` for any other."""
     if dataclasses.is_dataclass(kind):
-        dump_struct = _struct_dumper(kind)
-        return lambda value: dump_struct(value) if type(value) is kind else _dump_value(value)
+        # Looked up when called, not now: a declaration may nest itself.
+        return lambda value: _struct_dumper(kind)(value) if type(value) is kind else _dump_value(value)
     if typing.get_origin(kind) is list:
         def dump_list(value: Any) -> Any:
             if type(value) is list and all(type(v) in _SCALARS for v in value):
@@ -195,7 +195,7 @@ def load(cls: type, payload: Any, version: int, *, where: str) -> Any:
     try:
         state = _struct_loader(cls)(payload, version)
     except _Mismatch:
-        state = _load_struct(cls, payload, version, where, "")  # raises, naming the field
+        state = _load_struct(cls, payload, version, where, "")  # the rule: names the field it refuses
     validate = getattr(state, "validate", None)
     if validate is not None:
         try:
@@ -242,8 +242,11 @@ def _struct_loader(cls: type) -> _Loader:
 def _loader(kind: Any) -> _Loader:
     """``_load_value`` for values declared as ``kind``, built once (see :func:`_struct_loader`)."""
     origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if (origin is dict and len(args) != 2) or (origin is list and len(args) != 1):
+        return _refuse  # a bare typing.Dict or List: not a declarable type, the generic reader says so
     if origin is dict:
-        load_item = _loader(typing.get_args(kind)[1])
+        load_item = _loader(args[1])
 
         def load_dict(value: Any, version: int) -> Any:
             if not isinstance(value, dict):
@@ -251,7 +254,7 @@ def _loader(kind: Any) -> _Loader:
             return {k: load_item(v, version) for k, v in value.items()}
         return load_dict
     if origin is list:
-        (item,) = typing.get_args(kind)
+        (item,) = args
         load_item, scalar = _loader(item), item if item in (int, str) else None
 
         def load_list(value: Any, version: int) -> Any:
@@ -268,7 +271,8 @@ def _loader(kind: Any) -> _Loader:
         load_inner, none_ok = _loader(inner[0]), type(None) in options
         return lambda value, version: None if value is None and none_ok else load_inner(value, version)
     if dataclasses.is_dataclass(kind):
-        return _struct_loader(kind)
+        # Looked up when called, not now: a declaration may nest itself (a list of its own type).
+        return lambda value, version: _struct_loader(kind)(value, version)
     if kind is Any:
         return lambda value, version: value
 

@@ -62,8 +62,8 @@ class Section:
         return encode_payload(self.payload)
 
 
-#: Values JSON writes and reads as themselves; a list or mapping of only these is passed through
-#: whole instead of being walked (the state of a vCPU is mostly such lists).
+#: Values JSON writes and reads as themselves; a list of only these is passed through whole
+#: instead of being walked (the state of a vCPU is mostly such lists).
 _JSON_SCALARS = frozenset({int, bool, float, str, type(None)})
 
 
