@@ -96,6 +96,7 @@ def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):
     assert [r.round for r in dstats.rounds] == [r.round for r in stats.rounds]
     # Round 0's pages were installed into fresh memory; later rounds rewrote pages already there.
     assert dstats.installed_pages == dstats.rounds[0].pages_sent >= 2048
+    assert dstats.to_dict()["installed_pages"] == dstats.installed_pages
     assert_arrived_exact(src, dst)
     d = stats.to_dict()
     for key in ("status", "setup_time_ms", "total_time_ms", "expected_downtime_ms", "downtime_ms", "downtime_breakdown",

@@ -45,7 +45,6 @@ class RoundStats:
     compressed_batches: int = 0  # batches whose pages went as an LZ4 block
     saved_bytes: int = 0  # page bytes those batches did not put on the wire
     compress_attempts: int = 0  # source: batches compressed to see whether they shrink
-    installed_pages: int = 0  # destination: pages put into fresh memory without zeroing it first (docs/memory.md)
 
     @property
     def pages(self) -> int:
@@ -167,6 +166,7 @@ class MigrationStats:
     compressed_batches: int = 0  # page batches that went compressed
     compression_saved_bytes: int = 0  # page bytes compression kept off the wire
     compress_attempts: int = 0  # source: batches compressed to see whether they shrink
+    installed_pages: int = 0  # destination: pages put into fresh memory without zeroing it first (docs/memory.md)
     # rates
     dirty_rate: float = 0.0  # pages/s, last measured
     throughput: float = 0.0  # bytes/s, bandwidth estimate the convergence decision used last
