@@ -164,3 +164,24 @@ def test_busy_mode_runs_a_neighbour_pinned_to_one_cpu_and_stops_it():
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_bench_compiles_vmmpys_bytecode_before_timing_as_an_installed_wheel_has_it(tmp_path):
+    """A row that times vmmrun from the command must not count compiling vmmpy's modules, which
+    an installed vmmpy never does (on a host with PYTHONDONTWRITEBYTECODE set every process would)."""
+    import importlib.util
+    import struct
+
+    package = tmp_path / "python" / "vmmpy"
+    (package / "sub").mkdir(parents=True)
+    sources = [package / "__init__.py", package / "sub" / "mod.py"]
+    for source in sources:
+        source.write_text("VALUE = 1\n")
+    assert run.compile_bytecode(tmp_path) == "compiled before the run"
+    for source in sources:
+        cached = importlib.util.cache_from_source(str(source))
+        header = open(cached, "rb").read(16)
+        # The cache is current: the import system uses it instead of compiling the source.
+        assert struct.unpack("<I", header[8:12])[0] == int(source.stat().st_mtime) & 0xFFFFFFFF
+    (package / "broken.py").write_text("def (:\n")
+    assert run.compile_bytecode(tmp_path).startswith("compiling failed")
