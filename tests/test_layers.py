@@ -44,8 +44,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 #: Below everything and importable from anywhere: the Rust core and pure helpers.
 FOUNDATION = frozenset({"_core", "units", "boundedjson", "errors", "progress", "__version__"})
 #: Top-level modules that belong to a layer of another name: the package's own face
-#: (``vmmpy/__init__.py``) exports GuestMemory, the size helpers, the errors and, on first use,
-#: the library's ``Vm`` (vm.py); importing ``vmmpy`` itself stays as light as memory.py.
+#: (``vmmpy/__init__.py``) exports the size helpers and the errors, and on first use GuestMemory
+#: and the library's ``Vm`` (vm.py); importing ``vmmpy`` itself loads neither numpy nor the core.
 ALIASES = {"__init__": "face", "vm": "face"}
 
 

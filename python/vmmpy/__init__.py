@@ -5,22 +5,27 @@ control tools and the migration protocol are Python on top.
 
 The library's entry is :class:`vmmpy.Vm` (``vmmpy.vm``, docs/api.md): a guest built from
 vmmrun's options that starts, pauses, checkpoints, restores, migrates and closes. Every error
-vmmpy raises on purpose is a :class:`vmmpy.VmmpyError`. ``Vm``, ``VmConfig``, the migration
-types and the errors of the layers above memory are imported on first use, so ``import vmmpy``
-stays as light as guest memory.
+vmmpy raises on purpose is a :class:`vmmpy.VmmpyError`. Everything else offered here, guest
+memory included, is imported on first use: ``import vmmpy`` loads neither numpy nor the Rust
+core, so a program that only needs a corner of the package (``vmmctl`` talking to a control
+socket) starts without them.
 """
 
 from importlib import import_module
 from typing import Any
 
 from .errors import VmmpyError
-from .memory import PAGE_SIZE, GuestMemory, GuestMemoryError, LazyMemoryError, PageBatchError
 from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 
-#: Names offered here but defined above memory: (module, name), imported on first use.
+#: Names offered here: (module, name), imported on first use.
 _LAZY = {
+    "PAGE_SIZE": (".memory", "PAGE_SIZE"),
+    "GuestMemory": (".memory", "GuestMemory"),
+    "GuestMemoryError": (".memory", "GuestMemoryError"),
+    "LazyMemoryError": (".memory", "LazyMemoryError"),
+    "PageBatchError": (".memory", "PageBatchError"),
     "Vm": (".vm", "Vm"),
     "VmStateError": (".vm", "VmStateError"),
     "VmConfig": (".runtime.config", "VmConfig"),
