@@ -47,6 +47,8 @@ stall_seconds=None, connection=0, accept_many=True, on_fault=None)``
   connection; parallel streams' data connections are 1, 2 ... in the order they connect).
   Other connections are relayed and logged untouched, and so is every connection accepted after
   the fault fired (a source that reconnects). ``accept_many=False`` accepts one connection only.
+  Once a connection to the target is refused (nothing listens there any more), the proxy stops
+  listening too: a later connection to it is refused, as one to the target itself would be.
 * ``on_fault(proxy)``: called on the proxy's thread right after the action (for a stall: while
   it stalls, e.g. to kill -9 a process; ``release()`` may be called from it). Nothing is forwarded
   on any connection while it runs.
@@ -437,6 +439,13 @@ class FaultProxy:
         except OSError as err:
             self._error(f"connection {index}: cannot reach {self.target[0]}:{self.target[1]}: {err.strerror or err}")
             _reset(client)
+            if isinstance(err, ConnectionRefusedError) and self.listener.fileno() != -1:
+                # Nothing listens at the target any more (its process died or stopped waiting):
+                # from now on the proxy refuses as the target does, instead of accepting a
+                # connection only to reset it (a source that takes "refused" to mean nobody holds
+                # the guest would otherwise retry until its own timeout).
+                self._sel.unregister(self.listener)
+                self.listener.close()
             if not self._links:
                 self._quiet.set()
             return

@@ -55,6 +55,19 @@ def uninterrupted(guest: str, args: dict) -> tuple[tuple[int, str], str]:
         return final_state(vm), vm.console
 
 
+_REFERENCES: dict[tuple, tuple[tuple[int, str], str]] = {}
+
+
+def reference(guest: str, args: dict) -> tuple[tuple[int, str], str]:
+    """``uninterrupted(guest, args)``, run once per module and reused: the reference the tests
+    compare an interrupted run with (the guests are deterministic, which those comparisons rely
+    on). test_abtest_and_the_console_guest_run_to_their_end_under_kvm runs its own."""
+    key = (guest, tuple(sorted(args.items())))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = uninterrupted(guest, args)
+    return _REFERENCES[key]
+
+
 def ring_overflowed_at_run_time(err: Exception, vm: Vm | None = None, expected=None, expected_console=None) -> None:
     """A host whose ring passed the probe but overflowed later (this project's nested PVM host
     does so now and then, docs/kvm.md): the harvest must have refused by name, and the source
@@ -194,7 +207,7 @@ def test_memtouch_writes_the_pages_its_pattern_and_seed_name(pattern):
 @pytest.mark.covers(operation="checkpoint", guest="{guest}", via="api", accel="kvm", restore="lazy")
 @pytest.mark.parametrize("guest,args,mark", GUESTS)
 def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tmp_path, guest, args, mark):
-    expected, expected_console = uninterrupted(guest, args)
+    expected, expected_console = reference(guest, args)
     path = tmp_path / "kvm.ckp"
     with Vm(guest, args=args, memory=MEMORY, accel="kvm") as vm:
         vm.start()
@@ -219,7 +232,7 @@ def test_a_checkpoint_restored_eagerly_or_lazily_ends_as_an_uninterrupted_run(tm
                                                            tracking="kvm"))])
 @pytest.mark.parametrize("guest,args,mark", GUESTS)
 def test_a_migration_over_loopback_ends_as_an_uninterrupted_run(guest, args, mark, live):
-    expected, expected_console = uninterrupted(guest, args)
+    expected, expected_console = reference(guest, args)
     with Vm(guest, args=args, memory=MEMORY, accel="kvm") as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:
         src.start()
         wait_for(src, mark)
@@ -286,7 +299,7 @@ def test_kvm_ring_where_the_host_breaks_its_contract_is_refused_with_the_reason_
 @pytest.mark.parametrize("guest,args,mark", [GUESTS[0], GUESTS[2]])
 @pytest.mark.covers(operation="migrate-live", guest="{guest}", via="api", accel="kvm", tracking="kvm-ring")
 def test_a_live_migration_tracked_by_the_dirty_ring_ends_as_an_uninterrupted_run(tmp_path, guest, args, mark):
-    expected, expected_console = uninterrupted(guest, args)
+    expected, expected_console = reference(guest, args)
     with Vm(guest, args=args, memory=MEMORY, accel="kvm", dirty_tracking="kvm-ring") as src, \
             Vm.receive(memory=MEMORY, accel="kvm", dirty_tracking="kvm-ring") as dst:
         assert src.machine.vm.memory.dirty_tracking == "kvm-ring"
@@ -325,7 +338,7 @@ def test_a_live_migration_tracked_by_the_dirty_ring_ends_as_an_uninterrupted_run
 def test_a_diff_checkpoint_chain_of_a_kvm_guest_holds_its_stores_and_restores_exactly(tmp_path):
     # The diff's pages come from KVM's dirty log since the parent: abtest rewrites every page
     # each sweep, so a page the log missed would make the restored counters differ.
-    expected, expected_console = uninterrupted("abtest", ABTEST)
+    expected, expected_console = reference("abtest", ABTEST)
     with Vm("abtest", args=ABTEST, memory=MEMORY, accel="kvm") as vm:
         vm.start()
         wait_for(vm, "abtest: sweep 40")
@@ -348,7 +361,7 @@ def test_a_diff_checkpoint_chain_of_a_kvm_guest_holds_its_stores_and_restores_ex
 @pytest.mark.covers(operation="migrate-live", guest="abtest", via="api", accel="kvm", tracking="kvm", streams=2, tls=True)
 @pytest.mark.parametrize("wired", [False, True], ids=["unwired", "wired"])
 def test_a_live_migration_with_two_streams_over_mutual_tls_ends_as_an_uninterrupted_run(tmp_path, wired):
-    expected, expected_console = uninterrupted("abtest", ABTEST)
+    expected, expected_console = reference("abtest", ABTEST)
     pki = Pki(tmp_path / "pki")
     with Vm("abtest", args=ABTEST, memory=MEMORY, accel="kvm", wired=wired) as src, \
             Vm.receive(memory=MEMORY, accel="kvm", tls=pki.destination(), wired=wired) as dst:
@@ -368,7 +381,7 @@ def test_a_live_migration_with_two_streams_over_mutual_tls_ends_as_an_uninterrup
 def test_post_copy_of_a_kvm_guest_is_refused_before_anything_moves_and_the_guest_runs_on():
     # Post-copy's destination fetches a missing page when vmmpy's accessors ask for it; a KVM
     # guest's vCPU never asks. Refused at the start, the guest ends as if never touched.
-    expected, expected_console = uninterrupted("abtest", ABTEST)
+    expected, expected_console = reference("abtest", ABTEST)
     with Vm("abtest", args=ABTEST, memory=MEMORY, accel="kvm") as src, Vm.receive(memory=MEMORY, accel="kvm") as dst:
         src.start()
         with pytest.raises(MigrationError, match="post-copy needs every access to guest memory to pass through vmmpy.*"
@@ -383,7 +396,7 @@ def test_a_live_checkpoint_of_a_kvm_guest_is_refused_and_the_guest_runs_on(tmp_p
     # Copy-before-write sees only vmmpy's write paths; KVM's guest stores bypass it, so a live
     # snapshot could not hold memory as it was at the pause. Refused, nothing written, and a
     # checkpoint without --live still works and restores exactly.
-    expected, expected_console = uninterrupted("abtest", ABTEST)
+    expected, expected_console = reference("abtest", ABTEST)
     path = tmp_path / "kvm.ckp"
     with Vm("abtest", args=ABTEST, memory=MEMORY, accel="kvm") as vm:
         vm.start()

@@ -64,11 +64,11 @@ def test_sigterm_to_the_destination_in_the_commit_window_does_not_lose_the_guest
 def test_sigterm_to_the_source_while_it_reconnects_in_doubt_is_refused(pair):
     p = pair()
     # COMMITTED is replaced by a reset; the proxy takes no second connection, so the source keeps
-    # reconnecting for its resolve timeout (8 s).
+    # reconnecting for its resolve timeout (5 s, waited out in full: the SIGTERM comes 1.5 s in).
     proxy = FaultProxy(("127.0.0.1", p.port), direction="d2s", after_message=AFTER_COMMIT_ACK, action="reset",
                        accept_many=False)
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", p.migrate(proxy.port, "--resolve-timeout", "8")), daemon=True)
+    t = threading.Thread(target=lambda: out.setdefault("r", p.migrate(proxy.port, "--resolve-timeout", "5")), daemon=True)
     t.start()
     assert proxy.wait_fired(60)
     time.sleep(1.5)  # the source is reconnecting now

@@ -58,8 +58,9 @@ def test_a_destination_that_takes_nothing_fails_the_source_after_io_timeout(gues
 
 @pytest.mark.parametrize("streams", [1, 2])
 def test_a_source_that_sends_nothing_fails_the_destination_naming_it(guests, streams):
-    # Here the destination notices first; the source's own (longer) timeout ends its side.
-    src_params = MigrationParams(io_timeout=2 * STALL + 2, handshake_timeout=STALL, streams=streams, compress="off")
+    # Here the destination notices first; the source's own (longer, by 2 s) timeout ends its
+    # side, waited out in full.
+    src_params = MigrationParams(io_timeout=STALL + 2, handshake_timeout=STALL, streams=streams, compress="off")
     dst_params = MigrationParams(io_timeout=STALL, handshake_timeout=STALL, streams=streams)
     src, dst, proxy, stats, dstats, _ = _migrate_through_stalled_proxy(
         guests, src_params=src_params, dst_params=dst_params, victim=streams - 1)

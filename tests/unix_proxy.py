@@ -7,7 +7,10 @@ length at offset 12), or, after LOCAL_MEMORY, the one byte that carries the desc
 forwarded with them. With ``kill=(direction, message, proc)`` the relay holds the first unit of
 type ``message`` going ``direction`` ("s2d" or "d2s"), kills ``proc`` with SIGKILL, waits for it
 to die, then drops that unit and closes both ends: the survivor sees the dead peer's end of
-stream at exactly that point (``fired`` says it was reached)."""
+stream at exactly that point (``fired`` says it was reached). The relay takes one connection:
+once it has it, its listener is closed, so a later connect to ``proxy_path`` is refused as one to
+a dead destination's socket is (a listener left open would queue it unanswered: a source telling
+the dead destination "abort" would wait out its whole resolve time)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ class UnixKillProxy:
             src, _ = self.listener.accept()
         except OSError:
             return
+        finally:
+            self.listener.close()
         dst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dst.connect(self.target)
         done = threading.Event()
