@@ -20,7 +20,7 @@ from vmmpy.memory import GuestMemory
 from vmmpy.migration import protocol as P
 
 from .fault_cases import fault_points, kill_at_phase, phase_point
-from .fault_proxy import FaultProxy, Message
+from .fault_proxy import MAX_CONNECTIONS, FaultProxy, Message
 from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wait_for_socket, wait_for_state
 from .test_migration_processes import abtest_args, expected_console, live_migrate_in_process
 
@@ -272,6 +272,37 @@ def test_accept_many_false_refuses_a_second_connection(script):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(proxy.address, timeout=10).close()
     ends.close()
+
+
+def test_once_its_target_refuses_the_proxy_refuses_too_as_the_target_itself_would():
+    # A source reconnecting to a dead destination is told "refused" at once, which it takes to
+    # mean nobody holds the guest; a proxy accepting only to reset would keep it retrying.
+    nothing = socket.create_server(("127.0.0.1", 0))
+    target = nothing.getsockname()
+    nothing.close()  # nothing listens at the target now
+    with FaultProxy(target) as proxy:
+        # The first connection is accepted and reset (the proxy learns only then that nothing
+        # listens behind it); on loopback the reset can beat connect() itself.
+        with pytest.raises(ConnectionResetError):
+            with socket.create_connection(proxy.address, timeout=10) as first:
+                first.settimeout(10)
+                if first.recv(1) == b"":
+                    raise ConnectionResetError("closed")  # an orderly close is no better than a reset here
+        # A few tries, far fewer than the connections the proxy accepts in all (MAX_CONNECTIONS,
+        # after which it stops listening anyway).
+        tries = 5
+        assert tries < MAX_CONNECTIONS
+        for _ in range(tries):
+            try:
+                socket.create_connection(proxy.address, timeout=10).close()
+            except ConnectionRefusedError:
+                break
+            except ConnectionResetError:
+                pass  # connected while the proxy was letting go of its listener
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the proxy still accepted {tries} connections after its target refused")
+        assert any("cannot reach" in e for e in proxy.errors), proxy.errors
 
 
 def test_a_stall_with_seconds_heals_by_itself(script):

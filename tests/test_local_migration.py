@@ -115,7 +115,6 @@ def test_a_chain_of_local_migrations_of_a_running_guest_ends_exactly(tmp_path):
     finally:
         hops.stop()
     assert "done" not in hops.consoles[0].read_text(), "the guest was still running when it was first migrated"
-    assert not [c.name for c in hops.consoles[:-1] if "done" in c.read_text()], "the guest was running at every hop"
     assert hops.console_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
 
 

@@ -11,4 +11,4 @@ python3 -m venv .venv
 # writes it: every vmmrun and vmmctl would compile all of vmmpy's modules again when it starts,
 # about 0.3 s of CPU each (docs/performance.md). A module edited later is compiled on import as
 # before; run this line again to cache it.
-.venv/bin/python -m compileall -q -j 0 python/vmmpy
+.venv/bin/python -m compileall -q python/vmmpy

@@ -7,15 +7,17 @@ The library's entry is :class:`vmmpy.Vm` (``vmmpy.vm``, docs/api.md): a guest bu
 vmmrun's options that starts, pauses, checkpoints, restores, migrates and closes. Every error
 vmmpy raises on purpose is a :class:`vmmpy.VmmpyError`. Everything else offered here, guest
 memory included, is imported on first use: ``import vmmpy`` loads neither numpy nor the Rust
-core, so a program that only needs a corner of the package (``vmmctl`` talking to a control
-socket) starts without them.
+core, so the tools (``vmmpy.cli``) can set numpy's environment before anything loads it.
 """
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import VmmpyError
 from .units import format_size, parse_size
+
+if TYPE_CHECKING:  # what type checkers see; at run time these come from _LAZY on first use
+    from .memory import PAGE_SIZE, GuestMemory, GuestMemoryError, LazyMemoryError, PageBatchError
 
 __version__ = "0.1.0"
 

