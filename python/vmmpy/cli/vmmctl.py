@@ -6,18 +6,14 @@ Every action talks to the guest's ``vmmrun`` process through its control socket 
 
 from __future__ import annotations
 
-import os
+from . import tool_environment
 
-# The tools never multiply matrices, but numpy's BLAS (OpenBLAS) starts a thread per CPU when
-# numpy loads: about 0.1 s of CPU at every start, which a busy host pays in wall time
-# (`vmmrun --help`, 9 runs each: 385 -> 285 ms of CPU). Set here, in the tools' own modules and
-# never in the library, before the imports below load numpy (``import vmmpy`` does not); a value
-# the user set is kept.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+tool_environment()  # before the imports below load numpy
 
 import argparse
 import errno
 import json
+import os
 import select
 import signal
 import sys
