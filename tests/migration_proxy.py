@@ -5,6 +5,7 @@ stall and corrupt on demand (``ManualProxy``)."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -64,11 +65,18 @@ class StreamProxy:
     """A loopback TCP proxy for every connection of a migration (the main one and its parallel
     streams, in the order they connect): connection ``victim`` is cut after ``cut_after`` bytes
     (both of its ends closed, as a dead peer's would be), or with ``stall`` stops being forwarded
-    (held open) once it has carried that many."""
+    (held open) once it has carried that many. With ``sink``, the source's bytes after those are
+    taken and dropped, and once the source has sent nothing for ``SINK_QUIET_S`` the destination's
+    end alone is reset: the source sent all it had, and only the destination sees the stream break."""
 
-    def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, connections: int = 16) -> None:
+    SINK_QUIET_S = 1.0
+
+    def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, sink: bool = False,
+                 connections: int = 16) -> None:
         self.target = target
-        self.victim, self.cut_after, self.stall = victim, cut_after, stall
+        self.victim, self.cut_after, self.stall, self.sink = victim, cut_after, stall, sink
+        self.sunk = 0  # the source's bytes taken and dropped on the victim
+        self.reset_at: float | None = None  # time.monotonic() when a sink reset the destination's end
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
@@ -108,7 +116,10 @@ class StreamProxy:
                     break
                 if victim and carried + len(data) >= self.cut_after:
                     upstream.sendall(data[: self.cut_after - carried])
-                    if self.stall:
+                    if self.sink:
+                        self.sunk = carried + len(data) - self.cut_after
+                        self._sink(client, upstream)
+                    elif self.stall:
                         self.stalled_at = time.monotonic()
                         self.released.wait(60)  # hold both ends open, forwarding nothing
                     break
@@ -123,6 +134,22 @@ class StreamProxy:
                     if s in self._open:
                         self._open.remove(s)
                         s.close()  # unread bytes make this a reset, which a writer blocked on it sees at once
+
+    def _sink(self, client: socket.socket, upstream: socket.socket) -> None:
+        client.settimeout(self.SINK_QUIET_S)
+        for _ in range(100_000):  # bounded: 6.4 GB of 64 KiB reads
+            try:
+                data = client.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            self.sunk += len(data)
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        upstream.shutdown(socket.SHUT_RD)  # ends the back thread's read, which a close alone would not wake
+        self.reset_at = time.monotonic()
+        upstream.close()  # a reset, to the destination only; the source's end stays open until close()
+        self.released.wait(60)
 
     def close(self) -> None:
         self.released.set()

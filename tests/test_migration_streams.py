@@ -410,6 +410,31 @@ def test_a_stalled_stream_times_out_and_the_source_runs_on(guests):
     assert_source_kept_guest(src)
 
 
+def test_a_stream_lost_only_at_the_destination_is_named_to_the_source_by_its_abort(guests):
+    """The source has sent its whole round and waits for ROUND_DONE when the destination's end of
+    data stream 1 breaks: the main connection is still up, so the destination says ABORT there,
+    naming the stream, instead of closing with nothing said (the source then saw only "peer
+    closed the connection", as in a CI run where the sends of a reset stream all fit in buffers)."""
+    src = guests("64M", work_pages=8192)
+    dst = guests("64M", work_pages=8192, running=False)
+    src.wait_for_progress(8192)
+    params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
+    d = DestinationThread(dst, params=params)
+    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=True)
+    try:
+        stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
+        dstats = d.join()
+    finally:
+        proxy.close()
+    assert proxy.reset_at is not None and proxy.sunk > 0, "the source's share went on past the cut, into the sink"
+    assert dstats.status == "failed" and dstats.error.startswith("round 0, stream 1: "), dstats.error
+    assert stats.status == "failed", stats.error
+    assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
+    assert "ROUND_DONE" in stats.error, "the source had sent its round and was waiting for the answer"
+    assert dst.discarded
+    assert_source_kept_guest(src)
+
+
 @pytest.mark.parametrize("phase", ["streams", "round 0"])
 def test_cancel_while_streams_join_or_carry_pages_leaves_the_source_running(guests, phase):
     src = guests("64M", work_pages=8192)

@@ -1161,7 +1161,10 @@ class _Receiver:
             self.stats.finish("in-doubt", f"the link failed after COMMIT_ACK ({message}); the source may have committed, "
                                           "so the guest is held paused here until it is settled")
             return
-        if not isinstance(err, (Aborted, Refused, ConnectionLost)) and not self.watcher.fired:
+        # A lost data stream leaves the main connection up: the source learns from the ABORT which
+        # stream broke, where otherwise it may only see this end close while it waits for an answer.
+        main_lost = isinstance(err, ConnectionLost) and err.stream is None
+        if not isinstance(err, (Aborted, Refused)) and not main_lost and not self.watcher.fired:
             try:
                 set_io_timeout(self.conn, 1.0)
                 self._send(P.MessageType.ABORT, P.encode_abort(message))

@@ -24,7 +24,10 @@ class ProtocolError(MigrationError):
 
 
 class ConnectionLost(MigrationError):
-    """The connection broke or the peer closed it."""
+    """The connection broke or the peer closed it. ``stream`` is the parallel data stream that
+    broke (1 and up); None where it was the main connection, which then cannot carry an ABORT."""
+
+    stream: int | None = None
 
 
 class MigrationTimeout(MigrationError):
@@ -72,5 +75,7 @@ def receive_error(err: OSError, what: str, *, stream: int | None = None) -> Migr
                                              sending=False, during=during))
     text = f"{what}{on}: {err.strerror or err}"
     if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
-        return ConnectionLost(text)
+        lost = ConnectionLost(text)
+        lost.stream = stream or None  # stream 0 is the main connection
+        return lost
     return ProtocolError(text)

@@ -59,6 +59,8 @@ DELIVERY_WAIT_S = 2.0
 # After a failure between COMMIT_REQUEST and COMMITTED, how long to try telling a destination that
 # may hold the guest in doubt that the migration was aborted (the guest already runs here).
 ABORT_RESOLVE_S = 10.0
+# How long a source whose connection was lost waits for the destination's ABORT, which says why.
+ABORT_PEEK_S = 0.25
 
 
 def migrate(
@@ -1018,7 +1020,11 @@ class _Source:
                 self.stats.owner = "destination"
                 self.stats.finish("completed")
             return
-        if self.chan is not None and not self.watcher.fired and not isinstance(err, (Refused, Aborted)):
+        said = self._abort_waiting() if isinstance(err, ConnectionLost) and self.chan is not None and not cancelled else None
+        if said is not None:
+            # The cause, where this end saw only its consequence (another stream closed under it).
+            message = f"destination aborted: {said} (here: {message})"
+        elif self.chan is not None and not self.watcher.fired and not isinstance(err, (Refused, Aborted)):
             self._try_abort(message)
         if self.convergence is not None:
             self.convergence.release()
@@ -1029,13 +1035,23 @@ class _Source:
         self.stats.stopped_in = self.phase
         self.stats.finish("cancelled" if cancelled else "failed", message)
         if self.commit_requested and (self.stats.protocol_version or 1) >= P.OWNERSHIP_VERSION \
-                and not isinstance(err, (Refused, Aborted)):
+                and not isinstance(err, (Refused, Aborted)) and said is None:
             # The destination may have answered COMMIT_ACK and now hold the guest in doubt: tell it
             # the migration was aborted, so it lets its copy go (it never runs it without our word).
             self._close_channels()
             self._settle(P.Decision.ABORT, min(self.params.resolve_timeout, ABORT_RESOLVE_S), by="after the failure",
                          refused_means_nothing=True)
         self._report()
+
+    def _abort_waiting(self) -> str | None:
+        """The reason of an ABORT the destination sent before its end closed, if one is here or
+        arrives within ABORT_PEEK_S: a destination that lost one data stream closes the others
+        and says why on the main connection, which this end had no reason to read."""
+        try:
+            set_io_timeout(self.chan.sock, ABORT_PEEK_S)
+            return P.decode_abort(P.read_frame(self.chan.sock, allowed=(P.MessageType.ABORT,)).payload)
+        except (MigrationError, OSError):
+            return None
 
     def _try_abort(self, reason: str) -> None:
         """Tell the destination why, if the connection still carries bytes; never block long."""
