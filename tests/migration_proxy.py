@@ -65,13 +65,11 @@ class StreamProxy:
     """A loopback TCP proxy for every connection of a migration (the main one and its parallel
     streams, in the order they connect): connection ``victim`` is cut after ``cut_after`` bytes
     (both of its ends closed, as a dead peer's would be), or with ``stall`` stops being forwarded
-    (held open) once it has carried that many. With ``sink``, the source's bytes after those are
-    taken and dropped, and once the source has sent nothing for ``SINK_QUIET_S`` the destination's
-    end alone is reset: the source sent all it had, and only the destination sees the stream break."""
+    (held open) once it has carried that many. With ``sink`` (seconds), the source's bytes after
+    those are taken and dropped, and once the source has sent nothing for that long (0: at once)
+    the destination's end alone is reset: only the destination sees the stream break."""
 
-    SINK_QUIET_S = 1.0
-
-    def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, sink: bool = False,
+    def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, sink: float | None = None,
                  connections: int = 16) -> None:
         self.target = target
         self.victim, self.cut_after, self.stall, self.sink = victim, cut_after, stall, sink
@@ -116,7 +114,7 @@ class StreamProxy:
                     break
                 if victim and carried + len(data) >= self.cut_after:
                     upstream.sendall(data[: self.cut_after - carried])
-                    if self.sink:
+                    if self.sink is not None:
                         self.sunk = carried + len(data) - self.cut_after
                         self._sink(client, upstream)
                     elif self.stall:
@@ -126,7 +124,8 @@ class StreamProxy:
                 upstream.sendall(data)
                 carried += len(data)
         except OSError:
-            pass
+            # The destination's end went: what it said before (an ABORT) reaches the source first.
+            back.join(1.0)
         finally:
             _shut_both(client, upstream, back)
             with self._lock:
@@ -136,20 +135,28 @@ class StreamProxy:
                         s.close()  # unread bytes make this a reset, which a writer blocked on it sees at once
 
     def _sink(self, client: socket.socket, upstream: socket.socket) -> None:
-        client.settimeout(self.SINK_QUIET_S)
-        for _ in range(100_000):  # bounded: 6.4 GB of 64 KiB reads
+        """Take the source's bytes and drop them; reset the destination's end once the source has
+        been quiet for ``sink`` seconds (0: at once); go on taking them until close()."""
+        client.settimeout(self.sink or 0.1)
+        quiet_for = 0.0  # a timed-out read means quiet for self.sink
+        for _ in range(100_000):  # bounded: 6.4 GB of 64 KiB reads, or 10 000 s of quiet
+            if self.reset_at is None and quiet_for >= self.sink:
+                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                upstream.shutdown(socket.SHUT_RD)  # ends the back thread's read, which a close alone would not wake
+                self.reset_at = time.monotonic()
+                upstream.close()  # a reset, to the destination only; the source's end stays open
+                client.settimeout(0.1)
+            if self.released.is_set():
+                return
             try:
                 data = client.recv(65536)
             except TimeoutError:
-                break
+                quiet_for = self.sink
+                continue
             if not data:
-                break
+                return
+            quiet_for = 0
             self.sunk += len(data)
-        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        upstream.shutdown(socket.SHUT_RD)  # ends the back thread's read, which a close alone would not wake
-        self.reset_at = time.monotonic()
-        upstream.close()  # a reset, to the destination only; the source's end stays open until close()
-        self.released.wait(60)
 
     def close(self) -> None:
         self.released.set()

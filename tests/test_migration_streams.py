@@ -420,7 +420,7 @@ def test_a_stream_lost_only_at_the_destination_is_named_to_the_source_by_its_abo
     src.wait_for_progress(8192)
     params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
     d = DestinationThread(dst, params=params)
-    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=True)
+    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=1.0)
     try:
         stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
         dstats = d.join()
@@ -431,6 +431,30 @@ def test_a_stream_lost_only_at_the_destination_is_named_to_the_source_by_its_abo
     assert stats.status == "failed", stats.error
     assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
     assert "ROUND_DONE" in stats.error, "the source had sent its round and was waiting for the answer"
+    assert dst.discarded
+    assert_source_kept_guest(src)
+
+
+def test_a_source_whose_send_fails_after_the_destination_lost_a_stream_reports_the_abort(guests):
+    """The destination's end of data stream 1 breaks while the source still sends its round: the
+    destination closes every connection, so the source's own failure is a send on another one (a
+    consequence). The ABORT that names the cause is already on the main connection: the source
+    reads it and reports both."""
+    src = guests("128M", work_pages=24576)
+    dst = guests("128M", work_pages=24576, running=False)
+    src.wait_for_progress(24576)
+    params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
+    d = DestinationThread(dst, params=params)
+    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=0)
+    try:
+        stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
+        dstats = d.join()
+    finally:
+        proxy.close()
+    assert dstats.status == "failed" and dstats.error.startswith("round 0, stream 1: "), dstats.error
+    assert stats.status == "failed", stats.error
+    assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
+    assert "(here: connection lost while sending round 0's page batches: stream 0: " in stats.error, stats.error
     assert dst.discarded
     assert_source_kept_guest(src)
 
