@@ -121,11 +121,15 @@ class StreamProxy:
                         self.stalled_at = time.monotonic()
                         self.released.wait(60)  # hold both ends open, forwarding nothing
                     break
-                upstream.sendall(data)
+                try:
+                    upstream.sendall(data)
+                except OSError:
+                    # The destination's end went: what it said before (an ABORT) reaches the source first.
+                    back.join(1.0)
+                    raise
                 carried += len(data)
         except OSError:
-            # The destination's end went: what it said before (an ABORT) reaches the source first.
-            back.join(1.0)
+            pass
         finally:
             _shut_both(client, upstream, back)
             with self._lock:

@@ -203,3 +203,35 @@ def test_cancelling_the_destination_while_it_listens(guests):
     cancel.set()
     dstats = d.join(5)
     assert dstats.status == "cancelled" and dst.discarded
+
+
+def test_the_look_for_a_waiting_abort_ends_on_time_however_its_bytes_trickle():
+    """A failed source reads an ABORT the destination may have left (source._Deadline): a hostile
+    peer that sends one byte every 50 ms cannot hold it past its deadline, and a whole ABORT that
+    is there is read."""
+    from vmmpy.migration import protocol as P
+    from vmmpy.migration.errors import MigrationTimeout
+    from vmmpy.migration.source import _Deadline
+
+    frame = P.encode_frame(P.MessageType.ABORT, P.encode_abort("round 0, stream 1: reset"))
+    here, there = socket.socketpair()
+    with here, there:
+        there.sendall(frame)
+        assert P.decode_abort(P.read_frame(_Deadline(here, 0.25)).payload) == "round 0, stream 1: reset"
+        stop = threading.Event()
+
+        def trickle():
+            for byte in frame[: 40]:  # bounded: 40 bytes, 2 s
+                if stop.wait(0.05):
+                    return
+                there.send(bytes([byte]))
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        start = time.monotonic()
+        with pytest.raises(MigrationTimeout):
+            P.read_frame(_Deadline(here, 0.25))
+        took = time.monotonic() - start
+        stop.set()
+        thread.join(5)
+    assert took < 1.5, f"the look took {took:.2f} s, past its 0.25 s deadline (one byte at a time lasts 2 s)"

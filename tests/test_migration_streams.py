@@ -420,7 +420,9 @@ def test_a_stream_lost_only_at_the_destination_is_named_to_the_source_by_its_abo
     src.wait_for_progress(8192)
     params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
     d = DestinationThread(dst, params=params)
-    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=1.0)
+    # Stream 1's end at the destination is reset once the source has sent nothing on it for 3 s
+    # (the source has sent its whole round by then, well within io_timeout).
+    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=3.0)
     try:
         stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
         dstats = d.join()
@@ -445,6 +447,9 @@ def test_a_source_whose_send_fails_after_the_destination_lost_a_stream_reports_t
     src.wait_for_progress(24576)
     params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
     d = DestinationThread(dst, params=params)
+    # 96 MiB of pages in 16 MiB batches: stream 0's first batch alone is more than loopback's socket
+    # buffers hold, so the source is still sending when the destination closes. Linux hands over
+    # what had arrived (the ABORT) before it reports the reset.
     proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=0)
     try:
         stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)

@@ -63,6 +63,23 @@ ABORT_RESOLVE_S = 10.0
 ABORT_PEEK_S = 0.25
 
 
+class _Deadline:
+    """A socket whose receives all end within one deadline, however the bytes trickle in."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.end = sock, time.monotonic() + seconds
+
+    def recv(self, size: int) -> bytes:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the deadline passed")
+        set_io_timeout(self.sock, left)
+        return self.sock.recv(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
 def migrate(
     adapter: GuestHandle,
     host: str,
@@ -1020,17 +1037,18 @@ class _Source:
                 self.stats.owner = "destination"
                 self.stats.finish("completed")
             return
-        said = self._abort_waiting() if isinstance(err, ConnectionLost) and self.chan is not None and not cancelled else None
-        if said is not None:
-            # The cause, where this end saw only its consequence (another stream closed under it).
-            message = f"destination aborted: {said} (here: {message})"
-        elif self.chan is not None and not self.watcher.fired and not isinstance(err, (Refused, Aborted)):
+        if self.chan is not None and not self.watcher.fired and not isinstance(err, (Refused, Aborted)):
             self._try_abort(message)
         if self.convergence is not None:
             self.convergence.release()
         if self.paused:
             self.adapter.resume()
             self.paused = False
+        # The guest runs again before this end looks for the destination's word (a read, bounded).
+        said = self._abort_waiting() if isinstance(err, ConnectionLost) and self.chan is not None and not cancelled else None
+        if said is not None:
+            # The cause, where this end saw only its consequence (another stream closed under it).
+            message = f"destination aborted: {said} (here: {message})"
         self.stats.owner = "source"
         self.stats.stopped_in = self.phase
         self.stats.finish("cancelled" if cancelled else "failed", message)
@@ -1038,6 +1056,7 @@ class _Source:
                 and not isinstance(err, (Refused, Aborted)) and said is None:
             # The destination may have answered COMMIT_ACK and now hold the guest in doubt: tell it
             # the migration was aborted, so it lets its copy go (it never runs it without our word).
+            # One that said ABORT has discarded already: from COMMIT_ACK on it never says it (v5).
             self._close_channels()
             self._settle(P.Decision.ABORT, min(self.params.resolve_timeout, ABORT_RESOLVE_S), by="after the failure",
                          refused_means_nothing=True)
@@ -1048,8 +1067,8 @@ class _Source:
         arrives within ABORT_PEEK_S: a destination that lost one data stream closes the others
         and says why on the main connection, which this end had no reason to read."""
         try:
-            set_io_timeout(self.chan.sock, ABORT_PEEK_S)
-            return P.decode_abort(P.read_frame(self.chan.sock, allowed=(P.MessageType.ABORT,)).payload)
+            frame = P.read_frame(_Deadline(self.chan.sock, ABORT_PEEK_S), allowed=(P.MessageType.ABORT,))
+            return P.decode_abort(frame.payload)
         except (MigrationError, OSError):
             return None
 
