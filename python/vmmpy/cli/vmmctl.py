@@ -25,9 +25,8 @@ from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
 from ..migration.stats import stopped_text
 from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
-from ..snapshot.checkpoint import describe_lazy_restore
 from ..units import format_size, parse_rate
-from .about import version_line
+from .about import VersionAction
 from .keyfile import read_key
 from .progressbar import ProgressBar, bar, eta_text
 from .report import ReportError, write_report
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--vm", metavar="NAME", help="the guest to act on (its vmmrun VMNAME)")
-    parser.add_argument("--version", action="version", version=version_line("vmmctl"))
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--run-dir", metavar="DIR", type=Path, default=None,
                         help=f"where control sockets live (default here: {run_dir()})")
     parser.add_argument("--json", action="store_true", help="print results as JSON, for programs")
@@ -747,6 +746,8 @@ def _main(argv: list[str] | None = None) -> int:
         elif args.status:
             result = client.request("status")
             if not args.json and isinstance(result.get("restore"), dict):
+                from ..snapshot.checkpoint import describe_lazy_restore  # loads numpy: only where needed
+
                 result["restore"] = describe_lazy_restore(result["restore"])
             _print(result, args.json)
         elif args.pause:

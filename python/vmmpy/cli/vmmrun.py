@@ -52,7 +52,7 @@ from ..state import SectionError
 from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow
 from . import live_update, vmmrun_config
-from .about import version_line
+from .about import VersionAction
 from .keyfile import read_key
 from .progressbar import ProgressBar
 
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--option", dest="config_sources", action=vmmrun_config.ConfigSource, metavar="KEY=VALUE",
                    help="set a configuration variable (as bhyve's -o), e.g. -o memory.size=1G; -k and -o apply in "
                         "order, and an option given on the command line wins over both")
-    p.add_argument("--version", action="version", version=version_line("vmmrun"))
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--run-dir", type=Path, metavar="DIR", help="where the control socket goes (default: vmmctl's run directory)")
     p.add_argument("-r", "--restore", metavar="FILE", help="resume the guest saved in checkpoint FILE (and FILE.kern, FILE.meta)")
     p.add_argument("--restore-mode", choices=RESTORE_MODES, default="eager",

@@ -4,10 +4,11 @@ passed as ``adapter``) and to state only through ``vmmpy.state``; knows nothing 
 the runtime. See docs/migration-protocol.md.
 """
 
-from ..state.handle import spec_mismatches
-from .convergence import COMPRESS_MODES, POLICIES, Estimate, MigrationParams, estimate, estimate_warm
-from .destination import Destination, receive, serve_connection
-from .digest import VERIFY_MODES
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     Aborted,
     AuthenticationError,
@@ -19,10 +20,56 @@ from .errors import (
     ProtocolError,
     Refused,
 )
-from .net import DEFAULT_PORT, format_address, parse_address
-from .source import MigrationHandle, migrate
-from .stats import MigrationStats, RoundStats
-from .tls import TlsConfig, wrap_tls
+
+if TYPE_CHECKING:  # what type checkers see; at run time these come from _LAZY on first use
+    from ..state.handle import spec_mismatches
+    from .convergence import COMPRESS_MODES, POLICIES, Estimate, MigrationParams, estimate, estimate_warm
+    from .destination import Destination, receive, serve_connection
+    from .digest import VERIFY_MODES
+    from .net import DEFAULT_PORT, format_address, parse_address
+    from .source import MigrationHandle, migrate
+    from .stats import MigrationStats, RoundStats
+    from .tls import TlsConfig, wrap_tls
+
+#: Names offered here: (module, name), imported on first use, so that a tool which only needs the
+#: parameters or the protocol's constants (vmmctl) loads neither the engines nor numpy.
+_LAZY = {
+    "spec_mismatches": ("..state.handle", "spec_mismatches"),
+    "COMPRESS_MODES": (".convergence", "COMPRESS_MODES"),
+    "POLICIES": (".convergence", "POLICIES"),
+    "Estimate": (".convergence", "Estimate"),
+    "MigrationParams": (".convergence", "MigrationParams"),
+    "estimate": (".convergence", "estimate"),
+    "estimate_warm": (".convergence", "estimate_warm"),
+    "Destination": (".destination", "Destination"),
+    "receive": (".destination", "receive"),
+    "serve_connection": (".destination", "serve_connection"),
+    "VERIFY_MODES": (".digest", "VERIFY_MODES"),
+    "DEFAULT_PORT": (".net", "DEFAULT_PORT"),
+    "format_address": (".net", "format_address"),
+    "parse_address": (".net", "parse_address"),
+    "MigrationHandle": (".source", "MigrationHandle"),
+    "migrate": (".source", "migrate"),
+    "MigrationStats": (".stats", "MigrationStats"),
+    "RoundStats": (".stats", "RoundStats"),
+    "TlsConfig": (".tls", "TlsConfig"),
+    "wrap_tls": (".tls", "wrap_tls"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "COMPRESS_MODES",

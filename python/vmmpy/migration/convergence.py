@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..memory import PAGE_SIZE
+from .._core import PAGE_SIZE
 from .digest import VERIFY_MODES
 from .protocol import MAX_STREAMS
 from .stats import MigrationStats, RoundStats

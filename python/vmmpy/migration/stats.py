@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..memory import PAGE_SIZE
+from .._core import PAGE_SIZE
 from ..progress import MeterReading, ProgressMeter, read_meter
 from ..units import format_size
 
