@@ -42,7 +42,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "guest": frozenset({"devices", "vmm", "memory"}),
 }
 #: Below everything and importable from anywhere: the Rust core and pure helpers.
-FOUNDATION = frozenset({"_core", "units", "boundedjson", "errors", "progress", "__version__"})
+FOUNDATION = frozenset({"_core", "units", "boundedjson", "errors", "progress", "_lazy", "__version__"})
 #: Top-level modules that belong to a layer of another name: the package's own face
 #: (``vmmpy/__init__.py``) exports the size helpers and the errors, and on first use GuestMemory
 #: and the library's ``Vm`` (vm.py); importing ``vmmpy`` itself loads neither numpy nor the core.

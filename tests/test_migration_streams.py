@@ -410,31 +410,39 @@ def test_a_stalled_stream_times_out_and_the_source_runs_on(guests):
     assert_source_kept_guest(src)
 
 
-def test_a_stream_lost_only_at_the_destination_is_named_to_the_source_by_its_abort(guests):
-    """The source has sent its whole round and waits for ROUND_DONE when the destination's end of
-    data stream 1 breaks: the main connection is still up, so the destination says ABORT there,
-    naming the stream, instead of closing with nothing said (the source then saw only "peer
-    closed the connection", as in a CI run where the sends of a reset stream all fit in buffers)."""
-    src = guests("64M", work_pages=8192)
-    dst = guests("64M", work_pages=8192, running=False)
-    src.wait_for_progress(8192)
+def _lose_stream_1_at_the_destination(guests, size: str, pages: int, sink: float):
+    """A live migration on two streams whose data stream 1 breaks at the destination's end only
+    (``StreamProxy``'s sink, after its first MiB): the source's sends on it go on and never fail.
+    Both ends fail, the destination naming stream 1; returns both records and the proxy."""
+    src = guests(size, work_pages=pages)
+    dst = guests(size, work_pages=pages, running=False)
+    src.wait_for_progress(pages)
     params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
     d = DestinationThread(dst, params=params)
-    # Stream 1's end at the destination is reset once the source has sent nothing on it for 3 s
-    # (the source has sent its whole round by then, well within io_timeout).
-    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=3.0)
+    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=sink)
     try:
         stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
         dstats = d.join()
     finally:
         proxy.close()
-    assert proxy.reset_at is not None and proxy.sunk > 0, "the source's share went on past the cut, into the sink"
     assert dstats.status == "failed" and dstats.error.startswith("round 0, stream 1: "), dstats.error
     assert stats.status == "failed", stats.error
-    assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
-    assert "ROUND_DONE" in stats.error, "the source had sent its round and was waiting for the answer"
     assert dst.discarded
     assert_source_kept_guest(src)
+    return stats, dstats, proxy
+
+
+def test_a_stream_lost_only_at_the_destination_is_named_to_the_source_by_its_abort(guests):
+    """The source has sent its whole round and waits for ROUND_DONE when the destination's end of
+    data stream 1 breaks: the main connection is still up, so the destination says ABORT there,
+    naming the stream, instead of closing with nothing said (the source then saw only "peer
+    closed the connection", as in a CI run where the sends of a reset stream all fit in buffers)."""
+    # The reset comes once the source has sent nothing on stream 1 for 3 s: it has sent its whole
+    # round by then, well within io_timeout.
+    stats, _, proxy = _lose_stream_1_at_the_destination(guests, "64M", 8192, sink=3.0)
+    assert proxy.reset_at is not None and proxy.sunk > 0, "the source's share went on past the cut, into the sink"
+    assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
+    assert "ROUND_DONE" in stats.error, "the source had sent its round and was waiting for the answer"
 
 
 def test_a_source_whose_send_fails_after_the_destination_lost_a_stream_reports_the_abort(guests):
@@ -442,26 +450,12 @@ def test_a_source_whose_send_fails_after_the_destination_lost_a_stream_reports_t
     destination closes every connection, so the source's own failure is a send on another one (a
     consequence). The ABORT that names the cause is already on the main connection: the source
     reads it and reports both."""
-    src = guests("128M", work_pages=24576)
-    dst = guests("128M", work_pages=24576, running=False)
-    src.wait_for_progress(24576)
-    params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
-    d = DestinationThread(dst, params=params)
     # 96 MiB of pages in 16 MiB batches: stream 0's first batch alone is more than loopback's socket
     # buffers hold, so the source is still sending when the destination closes. Linux hands over
     # what had arrived (the ABORT) before it reports the reset.
-    proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=0)
-    try:
-        stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
-        dstats = d.join()
-    finally:
-        proxy.close()
-    assert dstats.status == "failed" and dstats.error.startswith("round 0, stream 1: "), dstats.error
-    assert stats.status == "failed", stats.error
+    stats, _, _ = _lose_stream_1_at_the_destination(guests, "128M", 24576, sink=0)
     assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
     assert "(here: connection lost while sending round 0's page batches: stream 0: " in stats.error, stats.error
-    assert dst.discarded
-    assert_source_kept_guest(src)
 
 
 @pytest.mark.parametrize("phase", ["streams", "round 0"])

@@ -10,9 +10,9 @@ memory included, is imported on first use: ``import vmmpy`` loads neither numpy 
 core, so the tools (``vmmpy.cli``) can set numpy's environment before anything loads it.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from .errors import VmmpyError
 from .units import format_size, parse_size
 
@@ -41,19 +41,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'vmmpy' has no attribute {name!r}") from None
-    value = getattr(import_module(module, __name__), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 __all__ = [
     "PAGE_SIZE",
