@@ -9,6 +9,8 @@ import struct
 import threading
 import time
 
+from vmmpy.migration.net import await_delivery
+
 
 class Proxy:
     """Forwards one connection; from the source's ``cut_after``-th byte on, nothing more; flips
@@ -145,6 +147,9 @@ class StreamProxy:
         quiet_for = 0.0  # a timed-out read means quiet for self.sink
         for _ in range(100_000):  # bounded: 6.4 GB of 64 KiB reads, or 10 000 s of quiet
             if self.reset_at is None and quiet_for >= self.sink:
+                # What was forwarded reaches the destination first (a reset discards what its
+                # send queue still holds), bounded: the destination is reading this stream.
+                await_delivery([upstream], 5.0)
                 upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 upstream.shutdown(socket.SHUT_RD)  # ends the back thread's read, which a close alone would not wake
                 self.reset_at = time.monotonic()

@@ -143,8 +143,9 @@ def test_a_checkpoint_into_a_missing_directory_is_refused_by_name_and_the_guest_
 def test_the_tools_start_numpy_without_blas_threads_and_keep_a_setting_the_user_gave(tool, given, seen):
     """``import vmmpy`` loads neither numpy nor the core, so the tools' modules can tell numpy's
     BLAS to start no thread pool (0.1 s of CPU at every start) before numpy loads. The library's
-    own modules, the report writer among them, leave the environment alone. vmmctl, a client of
-    the control socket, does not load numpy at all (0.2 s of CPU at every command); vmmrun does."""
+    own modules, the report writer among them, leave the environment alone. Importing vmmctl, a
+    client of the control socket, does not load numpy (0.2 s of CPU at every command; only its
+    checkpoint checks and --version load it, when run); importing vmmrun does."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     if given is not None:
         env["OPENBLAS_NUM_THREADS"] = given

@@ -12,6 +12,7 @@ file, the line and the import.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,16 @@ def test_an_import_against_the_layers_is_reported_with_its_file_and_line(relpath
 ])
 def test_imports_the_layers_allow_pass(relpath, source):
     assert import_violations(relpath, source) == []
+
+
+@pytest.mark.parametrize("package", ["vmmpy", "vmmpy.migration"])
+def test_every_name_a_package_offers_resolves_once_and_is_in_its_all(package):
+    """A package's lazy names (``_LAZY``) are imported only on first use, so a misspelt one would
+    fail only then: each is in ``__all__``, every name of ``__all__`` resolves, and dir() names
+    each once."""
+    module = importlib.import_module(package)
+    assert set(module._LAZY) <= set(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    names = dir(module)
+    assert len(names) == len(set(names)) and set(module.__all__) <= set(names)

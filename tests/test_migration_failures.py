@@ -205,33 +205,80 @@ def test_cancelling_the_destination_while_it_listens(guests):
     assert dstats.status == "cancelled" and dst.discarded
 
 
-def test_the_look_for_a_waiting_abort_ends_on_time_however_its_bytes_trickle():
-    """A failed source reads an ABORT the destination may have left (source._Deadline): a hostile
-    peer that sends one byte every 50 ms cannot hold it past its deadline, and a whole ABORT that
-    is there is read."""
+class _TrickleLink:
+    """Two connected ends (``here``, ``there``) through a relay on loopback, plain or with mutual
+    TLS 1.3 between them; once ``slow`` is set the relay passes what ``there`` sends one byte
+    every 50 ms (bounded: 200 bytes), until ``stop``."""
+
+    def __init__(self, tmp_path, tls: bool) -> None:
+        self.slow, self.stop = threading.Event(), threading.Event()
+        with socket.create_server(("127.0.0.1", 0)) as near, socket.create_server(("127.0.0.1", 0)) as far:
+            here_raw = socket.create_connection(near.getsockname()[:2], timeout=10)
+            relay_in, _ = near.accept()
+            relay_out = socket.create_connection(far.getsockname()[:2], timeout=10)
+            there_raw, _ = far.accept()
+        self.socks = [here_raw, relay_in, relay_out, there_raw]
+        threading.Thread(target=self._relay, args=(relay_out, relay_in, True), daemon=True).start()
+        threading.Thread(target=self._relay, args=(relay_in, relay_out, False), daemon=True).start()
+        if not tls:
+            self.here, self.there = here_raw, there_raw
+            return
+        from vmmpy.migration.tls import wrap_tls
+
+        from .tls_pki import Pki
+
+        pki = Pki(tmp_path / "pki")
+        done = {}
+        server = threading.Thread(target=lambda: done.update(s=wrap_tls(there_raw, pki.destination(), server_side=True, timeout=10)))
+        server.start()
+        self.here = wrap_tls(here_raw, pki.source(), server_side=False, server_hostname="127.0.0.1", timeout=10)
+        server.join(15)
+        self.there = done["s"]
+
+    def _relay(self, src, dst, may_trickle: bool) -> None:
+        try:
+            for _ in range(10_000):  # bounded: 10 000 reads
+                data = src.recv(65536)
+                if not data:
+                    return
+                if may_trickle and self.slow.is_set():
+                    for byte in data[:200]:
+                        if self.stop.wait(0.05):
+                            return
+                        dst.send(bytes([byte]))
+                else:
+                    dst.sendall(data)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.stop.set()
+        for sock in (self.here, self.there, *self.socks):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_look_for_a_waiting_abort_reads_it_and_ends_on_time_however_its_bytes_trickle(tmp_path, tls):
+    """A failed source reads an ABORT the destination may have left (``waiting_abort``): one that
+    is there is read, and a hostile peer that passes one byte every 50 ms cannot hold the look
+    past its deadline, not even inside a TLS record, where a plain receive timeout restarts with
+    every byte."""
     from vmmpy.migration import protocol as P
-    from vmmpy.migration.errors import MigrationTimeout
-    from vmmpy.migration.source import _Deadline
+    from vmmpy.migration.source import waiting_abort
 
     frame = P.encode_frame(P.MessageType.ABORT, P.encode_abort("round 0, stream 1: reset"))
-    here, there = socket.socketpair()
-    with here, there:
-        there.sendall(frame)
-        assert P.decode_abort(P.read_frame(_Deadline(here, 0.25)).payload) == "round 0, stream 1: reset"
-        stop = threading.Event()
-
-        def trickle():
-            for byte in frame[: 40]:  # bounded: 40 bytes, 2 s
-                if stop.wait(0.05):
-                    return
-                there.send(bytes([byte]))
-
-        thread = threading.Thread(target=trickle, daemon=True)
-        thread.start()
+    link = _TrickleLink(tmp_path, tls)
+    try:
+        link.there.sendall(frame)
+        assert waiting_abort(link.here, 5.0) == "round 0, stream 1: reset"
+        link.slow.set()
+        link.there.sendall(frame)
         start = time.monotonic()
-        with pytest.raises(MigrationTimeout):
-            P.read_frame(_Deadline(here, 0.25))
+        assert waiting_abort(link.here, 0.25) is None
         took = time.monotonic() - start
-        stop.set()
-        thread.join(5)
-    assert took < 1.5, f"the look took {took:.2f} s, past its 0.25 s deadline (one byte at a time lasts 2 s)"
+    finally:
+        link.close()
+    assert took < 1.5, f"the look took {took:.2f} s, past its 0.25 s deadline (one byte at a time lasts 5 s)"

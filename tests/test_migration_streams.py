@@ -425,8 +425,9 @@ def _lose_stream_1_at_the_destination(guests, size: str, pages: int, sink: float
         dstats = d.join()
     finally:
         proxy.close()
-    assert dstats.status == "failed" and dstats.error.startswith("round 0, stream 1: "), dstats.error
-    assert stats.status == "failed", stats.error
+    where = f"(the proxy reset stream 1 at {proxy.reset_at}, having taken {proxy.sunk} bytes after the cut)"
+    assert dstats.status == "failed" and dstats.error.startswith("round 0, stream 1: "), (dstats.error, where)
+    assert stats.status == "failed", (stats.error, where)
     assert dst.discarded
     assert_source_kept_guest(src)
     return stats, dstats, proxy

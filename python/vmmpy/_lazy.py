@@ -23,6 +23,6 @@ def lazy_names(package: str, table: dict[str, tuple[str, str]], namespace: dict[
         return value
 
     def __dir__() -> list[str]:
-        return sorted([*namespace, *table])
+        return sorted({*namespace, *table})
 
     return __getattr__, __dir__

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import select
 import socket
 import threading
 import time
@@ -64,20 +65,40 @@ ABORT_PEEK_S = 0.25
 
 
 class _Deadline:
-    """A socket whose receives all end within one deadline, however the bytes trickle in."""
+    """A socket whose receives all end within one deadline, however the bytes trickle in: each
+    waits in select() for what is left of it, then takes only what is there (a TLS session's
+    records as much as a plain socket's bytes)."""
 
     def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock, self.end = sock, time.monotonic() + seconds
 
     def recv(self, size: int) -> bytes:
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the deadline passed")
-        set_io_timeout(self.sock, left)
-        return self.sock.recv(size)
+        pending = getattr(self.sock, "pending", None)  # a TLS session's plaintext, which select() does not see
+        for _ in range(10_000):  # bounded; the deadline ends it first
+            left = self.end - time.monotonic()
+            if left <= 0:
+                break
+            if not (pending is not None and pending()) and not select.select([self.sock], [], [], left)[0]:
+                break
+            try:
+                return self.sock.recv(size, socket.MSG_DONTWAIT)
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    raise
+                # part of a TLS record: wait for the rest
+        raise TimeoutError(errno.ETIMEDOUT, "the deadline passed")
 
     def __getattr__(self, name: str):
         return getattr(self.sock, name)
+
+
+def waiting_abort(sock: socket.socket, seconds: float) -> str | None:
+    """The reason of an ABORT frame that is on ``sock`` or arrives within ``seconds`` in all;
+    None if none does (silence, the end of the stream, another frame, an error)."""
+    try:
+        return P.decode_abort(P.read_frame(_Deadline(sock, seconds), allowed=(P.MessageType.ABORT,)).payload)
+    except (MigrationError, OSError):
+        return None
 
 
 def migrate(
@@ -1066,11 +1087,7 @@ class _Source:
         """The reason of an ABORT the destination sent before its end closed, if one is here or
         arrives within ABORT_PEEK_S: a destination that lost one data stream closes the others
         and says why on the main connection, which this end had no reason to read."""
-        try:
-            frame = P.read_frame(_Deadline(self.chan.sock, ABORT_PEEK_S), allowed=(P.MessageType.ABORT,))
-            return P.decode_abort(frame.payload)
-        except (MigrationError, OSError):
-            return None
+        return waiting_abort(self.chan.sock, ABORT_PEEK_S)
 
     def _try_abort(self, reason: str) -> None:
         """Tell the destination why, if the connection still carries bytes; never block long."""
