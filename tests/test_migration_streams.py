@@ -410,18 +410,18 @@ def test_a_stalled_stream_times_out_and_the_source_runs_on(guests):
     assert_source_kept_guest(src)
 
 
-def _lose_stream_1_at_the_destination(guests, size: str, pages: int, sink: float):
-    """A live migration on two streams whose data stream 1 breaks at the destination's end only
+def _lose_stream_1_at_the_destination(guests, size: str, pages: int, sink: float, live: bool = True, src=None):
+    """A migration (live unless said) on two streams whose data stream 1 breaks at the destination's end only
     (``StreamProxy``'s sink, after its first MiB): the source's sends on it go on and never fail.
     Both ends fail, the destination naming stream 1; returns both records and the proxy."""
-    src = guests(size, work_pages=pages)
+    src = src or guests(size, work_pages=pages)
     dst = guests(size, work_pages=pages, running=False)
     src.wait_for_progress(pages)
     params = MigrationParams(streams=2, io_timeout=10, handshake_timeout=5)
     d = DestinationThread(dst, params=params)
     proxy = StreamProxy((d.host, d.port), victim=1, cut_after=1 * MiB, sink=sink)
     try:
-        stats = migrate(src, "127.0.0.1", proxy.port, live=True, params=params)
+        stats = migrate(src, "127.0.0.1", proxy.port, live=live, params=params)
         dstats = d.join()
     finally:
         proxy.close()
@@ -457,6 +457,26 @@ def test_a_source_whose_send_fails_after_the_destination_lost_a_stream_reports_t
     stats, _, _ = _lose_stream_1_at_the_destination(guests, "128M", 24576, sink=0)
     assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
     assert "(here: connection lost while sending round 0's page batches: stream 0: " in stats.error, stats.error
+
+
+def test_a_paused_source_runs_its_guest_again_before_it_looks_for_the_abort(guests, monkeypatch):
+    """Warm: the guest is paused when the destination loses stream 1. The look for the
+    destination's ABORT may wait (0.25 s at most) and the guest does not wait with it: it runs
+    again first."""
+    import vmmpy.migration.source as source_module
+
+    src = guests("128M", work_pages=24576)
+    looked = []
+    look = source_module.waiting_abort
+
+    def recorded(sock, seconds):
+        looked.append(src.calls.count("resume") == src.calls.count("pause") >= 1)
+        return look(sock, seconds)
+
+    monkeypatch.setattr(source_module, "waiting_abort", recorded)
+    stats, _, _ = _lose_stream_1_at_the_destination(guests, "128M", 24576, sink=0, live=False, src=src)
+    assert looked == [True], f"the guest was still paused when the source looked: {src.calls}"
+    assert stats.error.startswith("destination aborted: round 0, stream 1: "), stats.error
 
 
 @pytest.mark.parametrize("phase", ["streams", "round 0"])
