@@ -265,7 +265,7 @@ def test_the_look_for_a_waiting_abort_reads_it_and_ends_on_time_however_its_byte
     """A failed source reads an ABORT the destination may have left (``waiting_abort``): one that
     is there is read, and a hostile peer that passes one byte every 50 ms cannot hold the look
     past its deadline, not even inside a TLS record, where a plain receive timeout restarts with
-    every byte."""
+    every byte. A socket already closed says nothing."""
     from vmmpy.migration import protocol as P
     from vmmpy.migration.source import waiting_abort
 
@@ -282,3 +282,4 @@ def test_the_look_for_a_waiting_abort_reads_it_and_ends_on_time_however_its_byte
     finally:
         link.close()
     assert took < 1.5, f"the look took {took:.2f} s, past its 0.25 s deadline (one byte at a time lasts 5 s)"
+    assert waiting_abort(link.here, 0.25) is None, "a socket already closed has nothing to say, and raises nothing"

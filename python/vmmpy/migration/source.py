@@ -94,10 +94,10 @@ class _Deadline:
 
 def waiting_abort(sock: socket.socket, seconds: float) -> str | None:
     """The reason of an ABORT frame that is on ``sock`` or arrives within ``seconds`` in all;
-    None if none does (silence, the end of the stream, another frame, an error)."""
+    None if none does (silence, the end of the stream, another frame, an error, a closed socket)."""
     try:
         return P.decode_abort(P.read_frame(_Deadline(sock, seconds), allowed=(P.MessageType.ABORT,)).payload)
-    except (MigrationError, OSError):
+    except (MigrationError, OSError, ValueError):  # ValueError: select() of a socket already closed
         return None
 
 
