@@ -1065,8 +1065,11 @@ class _Source:
         if self.paused:
             self.adapter.resume()
             self.paused = False
-        # The guest runs again before this end looks for the destination's word (a read, bounded).
-        said = self._abort_waiting() if isinstance(err, ConnectionLost) and self.chan is not None and not cancelled else None
+        # The guest runs again before this end looks for the destination's word (a read, bounded): a
+        # destination that lost one data stream closes the others and says why on the main
+        # connection, which this end had no reason to read.
+        said = (waiting_abort(self.chan.sock, ABORT_PEEK_S)
+                if isinstance(err, ConnectionLost) and self.chan is not None and not cancelled else None)
         if said is not None:
             # The cause, where this end saw only its consequence (another stream closed under it).
             message = f"destination aborted: {said} (here: {message})"
@@ -1082,12 +1085,6 @@ class _Source:
             self._settle(P.Decision.ABORT, min(self.params.resolve_timeout, ABORT_RESOLVE_S), by="after the failure",
                          refused_means_nothing=True)
         self._report()
-
-    def _abort_waiting(self) -> str | None:
-        """The reason of an ABORT the destination sent before its end closed, if one is here or
-        arrives within ABORT_PEEK_S: a destination that lost one data stream closes the others
-        and says why on the main connection, which this end had no reason to read."""
-        return waiting_abort(self.chan.sock, ABORT_PEEK_S)
 
     def _try_abort(self, reason: str) -> None:
         """Tell the destination why, if the connection still carries bytes; never block long."""
