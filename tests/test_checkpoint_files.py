@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from vmmpy import GuestMemory, LazyMemoryError
+from vmmpy import GuestMemory, LazyMemoryError, _core
 from vmmpy.memory import HIGHMEM_BASE, PAGE_SIZE
 from vmmpy.snapshot import CheckpointError, read_checkpoint, restore_memory, verify_memory, write_checkpoint
 from vmmpy.snapshot import files as ckfiles
@@ -112,6 +112,52 @@ def test_eager_restore_reads_only_data_and_leaves_holes_untouched(checkpoint, gu
     restored = restore_memory(read_checkpoint(path, REGISTRY), "eager")
     try:
         assert restored.resident_pages() <= sum(len(d) for d in written.values()) // PAGE_SIZE + 64
+    finally:
+        restored.close()
+
+
+def _file_pages_cached(path: str, *, evict: bool = False) -> tuple[int, int]:
+    """(pages of the file at ``path`` in the page cache, pages it holds), evicting them first
+    if asked; skips where this kernel cannot count them or this filesystem keeps them (tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if evict:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cached = _core.cached_pages(fd)
+        held = os.fstat(fd).st_blocks * 512 // PAGE_SIZE
+    finally:
+        os.close(fd)
+    if cached is None:
+        pytest.skip("this kernel has no cachestat(2) (Linux 6.5): restores leave the page cache as it is")
+    if evict and cached * 2 >= held:
+        pytest.skip(f"this filesystem keeps its pages cached ({cached} of {held} after POSIX_FADV_DONTNEED: tmpfs?)")
+    return cached, held
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_a_restore_from_the_disk_leaves_no_copy_of_memory_in_the_page_cache(checkpoint, guest, mode):
+    """What a restore reads from the disk is dropped from the page cache once it is in guest
+    memory (a second copy of the guest the kernel would have to reclaim); what it found cached
+    it leaves cached. The guest's bytes are the same either way."""
+    path, _ = checkpoint
+    mem, _ = guest
+    _, held = _file_pages_cached(path, evict=True)
+    checkpoint_ = read_checkpoint(path, REGISTRY)
+    restored = restore_memory(checkpoint_, mode)
+    try:
+        assert restored.digest() == mem.digest()  # a lazy restore loads every chunk here
+        cached, _ = _file_pages_cached(path)
+        assert cached <= held // 8, f"{cached} of the file's {held} pages still cached after the {mode} restore"
+    finally:
+        restored.close()
+    with open(path, "rb") as f:  # now the whole file is cached: a restore keeps it so
+        while f.read(1 << 20):
+            pass
+    restored = restore_memory(read_checkpoint(path, REGISTRY), mode)
+    try:
+        assert restored.digest() == mem.digest()
+        cached, _ = _file_pages_cached(path)
+        assert cached >= held * 7 // 8, f"only {cached} of the file's {held} pages cached after a {mode} restore of a cached file"
     finally:
         restored.close()
 

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::memfile::{check_chunk_size, file_stat, page_extents, pread_all};
+use super::pagecache::CacheRelease;
 use crate::memory::{ChunkFault, ChunkPart, ChunkSource, GuestMemory, MemoryOptions};
 
 /// A checkpoint memory file and the hashes its chunks must have.
@@ -25,6 +26,9 @@ struct FileChunks {
     hashes: Vec<u128>,
     /// The hash of a whole chunk of zeros: most chunks of a sparse guest are all hole.
     zero_chunk: OnceLock<u128>,
+    /// Whether a loaded chunk's pages are dropped from the page cache (the file was not cached
+    /// when the restore began: `pagecache.rs`).
+    cache: CacheRelease,
 }
 
 /// Guest memory restored lazily from the memory file open at `fd` (a duplicate is kept): lowmem
@@ -34,7 +38,8 @@ struct FileChunks {
 /// there must be one hash per `chunk_size` chunk.
 pub fn lazy_memory(opts: &MemoryOptions, fd: RawFd, hashes: Vec<u128>, chunk_size: u64, name: &str) -> Result<GuestMemory, SnapshotError> {
     let chunk = check_chunk_size(chunk_size)?;
-    let size = file_stat(fd, name)?.st_size as u64;
+    let st = file_stat(fd, name)?;
+    let size = st.st_size as u64;
     if size != opts.memsize {
         return Err(SnapshotError::FileSize { size, expected: opts.memsize });
     }
@@ -49,7 +54,9 @@ pub fn lazy_memory(opts: &MemoryOptions, fd: RawFd, hashes: Vec<u128>, chunk_siz
     }
     // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-    let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes, zero_chunk: OnceLock::new() };
+    // The data the file holds, as the filesystem has allocated it: what the cache would hold.
+    let cache = CacheRelease::decide(fd.as_raw_fd(), (st.st_blocks as u64 * 512).min(size));
+    let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes, zero_chunk: OnceLock::new(), cache };
     Ok(GuestMemory::lazy(opts, chunk, Box::new(source))?)
 }
 
@@ -103,6 +110,7 @@ impl ChunkSource for FileChunks {
         if hasher.finish().first() != Some(&self.hashes[index]) {
             return Err(ChunkFault::Mismatch);
         }
+        self.cache.after_read(start, end - start);
         Ok(())
     }
 }

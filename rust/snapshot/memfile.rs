@@ -17,6 +17,7 @@ use std::time::Instant;
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::image::ImageLayout;
+use super::pagecache::CacheRelease;
 use crate::digest::{is_zero_page, resident_bitmap};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
@@ -49,6 +50,9 @@ pub struct ReadStats {
     /// Bytes the file does not store (holes), which cost nothing.
     pub hole_bytes: u64,
     pub data_extents: u64,
+    /// Bytes read that the kernel was then asked to drop from the page cache: all of them when
+    /// the file was not cached before the read, none when it was (`pagecache.rs`).
+    pub cache_released: u64,
     /// Whether chunk hashes were computed and compared (all matched, or this is an error).
     pub verified: bool,
     pub chunk_hashes: Vec<u128>,
@@ -386,9 +390,11 @@ pub fn read_memory_file(
     let extents = page_extents(fd, 0, total)?;
     let mut stats = ReadStats { data_extents: extents.len() as u64, ..Default::default() };
     let page = PAGE_SIZE as u64;
+    let data_bytes: u64 = extents.iter().map(|(s, e)| e - s).sum();
     if let Some(m) = meter {
-        m.add_total(total / page, extents.iter().map(|(s, e)| (e - s) / page).sum());
+        m.add_total(total / page, data_bytes / page);
     }
+    let cache = CacheRelease::decide(fd, data_bytes);
 
     let hash_hole = |hasher: &mut ChunkHasher, start: u64, end: u64| -> Result<(), SnapshotError> {
         layout.for_each_part(start, end, |seg, off, len| {
@@ -449,6 +455,7 @@ pub fn read_memory_file(
                     Ok::<(), SnapshotError>(())
                 })?;
                 stats.bytes_read += piece_end - off;
+                stats.cache_released += cache.after_read(off, piece_end - off);
                 progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
                 off = piece_end;
             }

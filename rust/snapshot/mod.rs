@@ -21,6 +21,7 @@ mod lazy;
 mod live;
 mod memfile;
 mod packed;
+mod pagecache;
 
 pub use chunks::ChunkHasher;
 pub use error::SnapshotError;
@@ -29,11 +30,14 @@ pub use lazy::lazy_memory;
 pub use live::write_memory_file_live;
 pub use memfile::{hash_memory_file, memory_chunk_hashes, read_memory_file, write_memory_file, ReadStats, WriteStats};
 pub use packed::{write_packed_pages, PackedStats};
+pub use pagecache::cached_pages;
 
 /// The chunk size checkpoints use unless told otherwise: 4 MiB, bhyve's `SNAPSHOT_CHUNK`.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
 #[cfg(test)]
 mod live_tests;
+#[cfg(test)]
+mod pagecache_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,105 @@
+//! An eager restore leaves the page cache as it found it: a memory file read from the disk is
+//! not left cached beside the guest, one already cached stays cached.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use super::*;
+use crate::dirty::TrackingChoice;
+use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 12 * MIB;
+
+fn opts() -> MemoryOptions {
+    MemoryOptions { memsize: SIZE, wired: false, lowmem_limit: SIZE, tracking: TrackingChoice::Soft, backing: Backing::Anonymous }
+}
+
+/// A guest whose every page holds data (so the file has no holes), saved to a file on the disk
+/// directory the tests use; returns the file and its chunk hashes.
+fn saved(tag: &str) -> (std::fs::File, Vec<u128>) {
+    let mem = GuestMemory::new(&opts()).unwrap();
+    let fill: Vec<u8> = (0..SIZE).map(|b| (b.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    mem.write(GuestAddress(0), &fill).unwrap();
+    let path = std::env::temp_dir().join(format!("vmm-pagecache-{}-{tag}", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let stats = write_memory_file(&mem, f.as_raw_fd(), MIB, None).unwrap();
+    f.sync_all().unwrap();
+    (f, stats.chunk_hashes)
+}
+
+fn evict(f: &std::fs::File) {
+    // SAFETY: advice on our own descriptor.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+}
+
+fn restore(f: &std::fs::File, hashes: &[u128]) -> ReadStats {
+    let fresh = GuestMemory::new(&opts()).unwrap();
+    read_memory_file(&fresh, f.as_raw_fd(), Some((hashes, MIB)), None).unwrap()
+}
+
+const PAGES: u64 = SIZE / PAGE_SIZE as u64;
+
+#[test]
+fn a_file_read_from_the_disk_is_not_left_cached() {
+    let (f, hashes) = saved("cold");
+    let Some(before) = cold(&f) else { return };
+    let read = restore(&f, &hashes);
+    assert!(read.verified);
+    assert_eq!(read.bytes_read, SIZE);
+    assert_eq!(read.cache_released, SIZE, "every piece read is released: {read:?}");
+    let after = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
+    assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached after the restore (before it: {before})");
+}
+
+/// The file's cached pages now, or None (with why) where this kernel or filesystem cannot show
+/// a cold file: no cachestat, or pages the filesystem keeps whatever it is told (tmpfs).
+fn cold(f: &std::fs::File) -> Option<u64> {
+    evict(f);
+    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
+        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5), so the restore keeps the cache");
+        return None;
+    };
+    if before * 2 >= PAGES {
+        eprintln!("skipped: this filesystem keeps its pages cached ({before} of {PAGES} after POSIX_FADV_DONTNEED: tmpfs?)");
+        return None;
+    }
+    Some(before)
+}
+
+#[test]
+fn chunks_loaded_lazily_from_the_disk_are_not_left_cached() {
+    let (f, hashes) = saved("lazy-cold");
+    let Some(before) = cold(&f) else { return };
+    let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
+    let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), MIB, "checkpoint 'test.ckp'").unwrap();
+    let mut half = vec![0u8; (SIZE / 2) as usize];
+    lazy.read(GuestAddress(0), &mut half).unwrap();
+    assert_eq!(lazy.lazy_image().unwrap().counts(), (6, 0), "the first six chunks loaded");
+    assert!(cached_pages(f.as_raw_fd(), 0, SIZE / 2).unwrap() <= PAGES / 16, "loaded chunks are released");
+    assert_eq!(memory_chunk_hashes(&lazy, MIB).unwrap(), hashes, "and all of it reads back exactly");
+    let after = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
+    assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached once every chunk loaded (before: {before})");
+}
+
+#[test]
+fn a_file_already_cached_stays_cached() {
+    let (f, hashes) = saved("warm");
+    let mut buf = vec![0u8; SIZE as usize];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
+        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
+        return;
+    };
+    assert_eq!(before, PAGES, "a file just read is cached");
+    let read = restore(&f, &hashes);
+    assert!(read.verified);
+    assert_eq!(read.cache_released, 0, "{read:?}");
+    assert_eq!(cached_pages(f.as_raw_fd(), 0, 0), Some(PAGES));
+}
+
+#[test]
+fn cached_pages_says_nothing_of_a_descriptor_that_is_not_open() {
+    assert_eq!(cached_pages(-1, 0, 0), None);
+}
