@@ -1,6 +1,6 @@
 """The machine's limits, measured in the same run as the scenarios and on the same data sizes:
-loopback TCP (one stream, and several at once for the parallel-stream scenarios), memcpy, and
-O_DIRECT disk writes.
+loopback TCP (one stream, and several at once for the parallel-stream scenarios), memcpy,
+O_DIRECT disk writes, and populating fresh memory.
 
 The loopback figure is a ceiling: native code in two processes (``examples/tcp_ceiling.rs``,
 built here with cargo), each run the better of the kernel's buffer autotuning and 4 MiB buffers,
@@ -15,6 +15,7 @@ import mmap
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -222,3 +223,23 @@ def odirect_write(directory: str, size: int, runs: int, block: int = 8 * MIB) ->
             os.unlink(path)
     buf.close()
     return Figure(values, "GiB/s")
+
+
+_POPULATE = """
+import mmap, sys, time
+size = int(sys.argv[1])
+m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+started = time.perf_counter()
+m.madvise(23)  # MADV_POPULATE_WRITE (Linux 5.14): fault every page in, writable
+print(time.perf_counter() - started)
+"""
+
+
+def populate_fresh(size: int) -> float:
+    """Seconds a new process takes to populate ``size`` bytes of fresh anonymous memory: what a
+    destination's first touch of its whole memory costs on this machine, whatever moves the
+    bytes. On a VM whose host takes freed memory back (free page reporting), memory freed a while
+    ago costs several times memory used just before, so it is measured where it matters (after a
+    scenario's runs), not once at the start."""
+    out = subprocess.run([sys.executable, "-c", _POPULATE, str(size)], check=True, capture_output=True, text=True, timeout=600)
+    return float(out.stdout)
