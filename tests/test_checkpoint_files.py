@@ -116,50 +116,75 @@ def test_eager_restore_reads_only_data_and_leaves_holes_untouched(checkpoint, gu
         restored.close()
 
 
-def _file_pages_cached(path: str, *, evict: bool = False) -> tuple[int, int]:
-    """(pages of the file at ``path`` in the page cache, pages it holds), evicting them first
-    if asked; skips where this kernel cannot count them or this filesystem keeps them (tmpfs)."""
+def _cached(path) -> int:
+    """Pages of the file at ``path`` in the page cache; skips where this kernel cannot count them."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        if evict:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         cached = _core.cached_pages(fd)
-        held = os.fstat(fd).st_blocks * 512 // PAGE_SIZE
     finally:
         os.close(fd)
     if cached is None:
-        pytest.skip("this kernel has no cachestat(2) (Linux 6.5): restores leave the page cache as it is")
-    if evict and cached * 2 >= held:
-        pytest.skip(f"this filesystem keeps its pages cached ({cached} of {held} after POSIX_FADV_DONTNEED: tmpfs?)")
-    return cached, held
+        pytest.skip("this kernel (or filesystem) cannot count cached pages (cachestat(2), Linux 6.5): restores keep the cache")
+    return cached
 
 
+def _evict(path, pages: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _cached(path) * 2 >= pages:
+        pytest.skip("this filesystem keeps its pages cached whatever it is told (tmpfs?)")
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """A 48 MiB guest with data in every page (so the memory file has no holes, and every page
+    of it counts), saved unkeyed and keyed, on the disk directory the tests use."""
+    mem = GuestMemory("48M", dirty_tracking="soft")
+    mem.write(0, np.random.default_rng(3).integers(0, 255, 48 << 20, dtype=np.uint8).tobytes())
+    directory = tmp_path_factory.mktemp("dense")
+    paths = {}
+    for keyed in (False, True):
+        paths[keyed] = str(directory / f"dense{'-keyed' if keyed else ''}.ckp")
+        write_checkpoint(paths[keyed], mem, SECTIONS, BASIC, key=KEY if keyed else None)
+    yield mem, paths, (48 << 20) // PAGE_SIZE
+    mem.close()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
-def test_a_restore_from_the_disk_leaves_no_copy_of_memory_in_the_page_cache(checkpoint, guest, mode):
+def test_a_restore_from_the_disk_leaves_no_copy_of_memory_in_the_page_cache(dense, mode, keyed):
     """What a restore reads from the disk is dropped from the page cache once it is in guest
-    memory (a second copy of the guest the kernel would have to reclaim); what it found cached
-    it leaves cached. The guest's bytes are the same either way."""
-    path, _ = checkpoint
-    mem, _ = guest
-    _, held = _file_pages_cached(path, evict=True)
-    checkpoint_ = read_checkpoint(path, REGISTRY)
-    restored = restore_memory(checkpoint_, mode)
-    try:
-        assert restored.digest() == mem.digest()  # a lazy restore loads every chunk here
-        cached, _ = _file_pages_cached(path)
-        assert cached <= held // 8, f"{cached} of the file's {held} pages still cached after the {mode} restore"
-    finally:
-        restored.close()
-    with open(path, "rb") as f:  # now the whole file is cached: a restore keeps it so
-        while f.read(1 << 20):
-            pass
-    restored = restore_memory(read_checkpoint(path, REGISTRY), mode)
-    try:
-        assert restored.digest() == mem.digest()
-        cached, _ = _file_pages_cached(path)
-        assert cached >= held * 7 // 8, f"only {cached} of the file's {held} pages cached after a {mode} restore of a cached file"
-    finally:
-        restored.close()
+    memory (a second copy of the guest the kernel would have to reclaim), keyed too, whose
+    SHA-256 pass reads the file before the restore; page_cache="keep" leaves it cached, and a
+    file found cached stays cached. The guest's bytes are the same every time."""
+    mem, paths, pages = dense
+    path, key = paths[keyed], KEY if keyed else None
+
+    def restore(**kwargs) -> int:
+        restored = restore_memory(read_checkpoint(path, REGISTRY, key=key), mode, **kwargs)
+        try:
+            assert restored.digest() == mem.digest()  # reads every page (a lazy restore loads every chunk)
+        finally:
+            restored.close()
+        return _cached(path)
+
+    _evict(path, pages)
+    cached = restore()
+    assert cached <= pages // 16, f"{cached} of the file's {pages} pages still cached after the {mode} restore"
+    _evict(path, pages)
+    cached = restore(page_cache="keep")
+    assert cached >= pages * 15 // 16, f"only {cached} of {pages} pages cached after a {mode} restore told to keep them"
+    cached = restore()  # found cached: stays cached
+    assert cached >= pages * 15 // 16, f"only {cached} of {pages} pages cached after a {mode} restore of a cached file"
+
+
+def test_page_cache_must_be_auto_or_keep(dense):
+    _, paths, _ = dense
+    with pytest.raises(ValueError, match="page_cache must be 'auto' or 'keep', not 'drop'"):
+        restore_memory(read_checkpoint(paths[False], REGISTRY), page_cache="drop")
 
 
 def test_lazy_restore_reads_nothing_until_touched_then_one_chunk(checkpoint, guest):

@@ -194,3 +194,51 @@ def test_vmmctl_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
         assert vmmctl(tmp_path, "--vm=pipe0", "--destroy").returncode == 0
     finally:
         stop(proc)
+
+
+def test_vmmrun_restores_without_leaving_the_memory_file_cached_unless_told_to_keep_it(tmp_path):
+    """vmmrun -r of a checkpoint on the disk drops the memory file from the page cache as it
+    reads it (no second copy of the guest stays cached); --restore-page-cache keep leaves it.
+    Either way the guest finishes as it would have."""
+    import os
+
+    from vmmpy import _core
+
+    console = tmp_path / "console.log"
+    args = ["--guest", "abtest", "--guest-arg", "sweeps=40", "--guest-arg", "report=40", "-m", "16M", "-l", f"com1,{console}"]
+    proc = start_vmmrun(tmp_path, *args, "--pause-at=300000", "pc0")
+    try:
+        wait_for_state(tmp_path, "pc0", "paused")
+        ckp = tmp_path / "pc0.ckp"
+        assert vmmctl(tmp_path, "--vm=pc0", f"--suspend={ckp}").returncode == 0
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+
+    def cached(evict: bool = False) -> tuple[int, int]:
+        fd = os.open(ckp, os.O_RDONLY)
+        try:
+            if evict:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            pages, held = _core.cached_pages(fd), os.fstat(fd).st_blocks * 512 // 4096
+        finally:
+            os.close(fd)
+        if pages is None:
+            pytest.skip("this kernel cannot count cached pages (cachestat(2), Linux 6.5): restores keep the cache")
+        if evict and pages * 2 >= held:
+            pytest.skip("this filesystem keeps its pages cached whatever it is told (tmpfs?)")
+        return pages, held
+
+    pages = (16 * MiB - 2 * MiB) // 4096
+    for keep, name in ((False, "pc1"), (True, "pc2")):
+        console.write_text("")
+        cached(evict=True)
+        resumed = run("-r", str(ckp), *(["--restore-page-cache", "keep"] if keep else []), "-l", f"com1,{console}",
+                      "--run-dir", str(tmp_path), name)
+        assert resumed.returncode == 1, resumed.stderr
+        assert console.read_text().endswith(f"abtest: done 40 sweeps over {pages} pages, all counters 40\n")
+        now, held = cached()
+        if keep:
+            assert now >= held * 7 // 8, f"--restore-page-cache keep: only {now} of the file's {held} pages cached"
+        else:
+            assert now <= held // 8, f"{now} of the file's {held} pages still cached after vmmrun -r"

@@ -288,7 +288,8 @@ class Vm:
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, mode: str = "eager", key: bytes | None = None, slots: Sequence[str] = (),
                 lpc: Mapping[str, str | None] | None = None, dirty_tracking: str | None = None, name: str | None = None,
-                prefetch: str = "working-set", record_working_set: float = RECORD_SECONDS, accel: str | None = None) -> Vm:
+                prefetch: str = "working-set", record_working_set: float = RECORD_SECONDS, accel: str | None = None,
+                page_cache: str = "auto") -> Vm:
         """A Vm from the checkpoint at ``path``, as ``vmmrun -r`` makes one: memory, vCPUs,
         vendor and TSC come from the checkpoint; ``slots`` and ``lpc`` must name the devices it
         was saved with. ``mode`` ``eager`` reads and verifies all memory now; ``lazy`` reads each
@@ -298,7 +299,9 @@ class Vm:
         touches in its first ``record_working_set`` seconds (0: not recorded) are written to
         ``path``.ws; :meth:`restore_status` has the statistics. ``key``: the
         checkpoint's key, if it was saved with one. ``accel``: the vCPU backend, which must be
-        the one the checkpoint was made on (None: that one). Not started: call :meth:`start`.
+        the one the checkpoint was made on (None: that one). ``page_cache``: "auto" (vmmrun's
+        default) drops what the restore reads from the page cache when the memory file came from
+        the disk, "keep" leaves it cached. Not started: call :meth:`start`.
         Raises CheckpointError or SectionError naming the file, with nothing left open."""
         if mode not in RESTORE_MODES:
             raise ConfigError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
@@ -311,7 +314,7 @@ class Vm:
                                    vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking,
                                    accel=accel or ("kvm" if dirty_tracking in KVM_TRACKING else "sim"))
         machine = restore_machine(Path(path), config, mode=mode, key=key, consoles=consoles, prefetch=prefetch,
-                                  record_seconds=record_working_set, accel=accel)
+                                  record_seconds=record_working_set, accel=accel, page_cache=page_cache)
         return cls._from_machine(machine, consoles)
 
     # -- migration

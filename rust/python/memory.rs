@@ -153,9 +153,12 @@ impl PyGuestMemory {
     /// LazyMemoryError (naming `name`, the chunk and its guest-physical range) on every access.
     /// The file must be exactly `memsize` bytes. `wired=True` is refused. With
     /// `dirty_tracking="auto"` the soft backend is used (see `dirty_tracking_fallback`).
+    /// `page_cache`: what loads do to the page cache ("auto": drop each loaded chunk when the
+    /// file is cold now; "release"; "keep"; `rust/snapshot/pagecache.rs`).
     #[staticmethod]
     #[pyo3(signature = (fd, memsize, *, chunk_hashes, chunk_size = crate::snapshot::DEFAULT_CHUNK_SIZE, name = "checkpoint memory file".to_string(),
-                        wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto", backing = "anon"))]
+                        wired = false, lowmem_limit = crate::memory::LOWMEM_LIMIT_DEFAULT, dirty_tracking = "auto", backing = "anon",
+                        page_cache = "auto"))]
     #[allow(clippy::too_many_arguments)]
     fn from_file(
         py: Python<'_>,
@@ -168,10 +171,14 @@ impl PyGuestMemory {
         lowmem_limit: u64,
         dirty_tracking: &str,
         backing: &str,
+        page_cache: &str,
     ) -> PyResult<Self> {
         let opts =
             MemoryOptions { memsize, wired, lowmem_limit, tracking: parse_tracking(dirty_tracking)?, backing: parse_backing(backing)? };
-        let mem = py.detach(move || crate::snapshot::lazy_memory(&opts, fd, chunk_hashes, chunk_size, &name)).map_err(snapshot_error)?;
+        let cache = super::snapshot::parse_page_cache(page_cache)?;
+        let mem = py
+            .detach(move || crate::snapshot::lazy_memory_cached(&opts, fd, chunk_hashes, chunk_size, &name, cache))
+            .map_err(snapshot_error)?;
         Ok(PyGuestMemory { inner: Arc::new(mem) })
     }
 

@@ -13,7 +13,7 @@ use super::errors::memory_error;
 use super::memory::PyGuestMemory;
 use super::progress::{meter_of, PyProgressMeter};
 use crate::memory::{GuestMemory, LiveCapture};
-use crate::snapshot::{self, SnapshotError, DEFAULT_CHUNK_SIZE};
+use crate::snapshot::{self, CachePolicy, SnapshotError, DEFAULT_CHUNK_SIZE};
 
 create_exception!(
     _core,
@@ -30,6 +30,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory_chunk_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(hash_memory_file, m)?)?;
     m.add_function(wrap_pyfunction!(cached_pages, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_file_is_cold, m)?)?;
     m.add_function(wrap_pyfunction!(write_memory_file_live, m)?)?;
     m.add_class::<PyLiveCapture>()?;
     m.add_class::<LiveCopyStats>()?;
@@ -150,9 +151,10 @@ impl From<snapshot::WriteStats> for MemoryFileWritten {
 /// extents, without marking pages dirty. With `chunk_hashes`, every chunk is hashed and compared
 /// before this returns; a mismatch raises MemoryFileError naming the chunk and its guest-physical
 /// range, and the memory must be discarded. Returns a `MemoryFileRead`. A `meter` learns the
-/// image's pages, then advances as they are read or passed over.
+/// image's pages, then advances as they are read or passed over. `page_cache`: "auto" drops what
+/// it read from the page cache when the file was cold, "release" always, "keep" never.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, chunk_hashes = None, chunk_size = DEFAULT_CHUNK_SIZE, meter = None))]
+#[pyo3(signature = (memory, fd, *, chunk_hashes = None, chunk_size = DEFAULT_CHUNK_SIZE, meter = None, page_cache = "auto"))]
 fn read_memory_file(
     py: Python<'_>,
     memory: PyRef<'_, PyGuestMemory>,
@@ -160,11 +162,15 @@ fn read_memory_file(
     chunk_hashes: Option<Vec<u128>>,
     chunk_size: u64,
     meter: Option<PyRef<'_, PyProgressMeter>>,
+    page_cache: &str,
 ) -> PyResult<MemoryFileRead> {
     let mem = memory.inner.clone();
     let meter = meter_of(meter);
+    let cache = parse_page_cache(page_cache)?;
     let s = py
-        .detach(move || snapshot::read_memory_file(&mem, fd, chunk_hashes.as_deref().map(|h| (h, chunk_size)), meter.as_deref()))
+        .detach(move || {
+            snapshot::read_memory_file_cached(&mem, fd, chunk_hashes.as_deref().map(|h| (h, chunk_size)), meter.as_deref(), cache)
+        })
         .map_err(snapshot_error)?;
     Ok(MemoryFileRead {
         bytes_read: s.bytes_read,
@@ -190,6 +196,21 @@ fn memory_chunk_hashes(py: Python<'_>, memory: PyRef<'_, PyGuestMemory>, chunk_s
 fn hash_memory_file(py: Python<'_>, fd: RawFd, chunk_size: u64) -> PyResult<MemoryFileHashes> {
     let (chunk_hashes, file_size) = py.detach(move || snapshot::hash_memory_file(fd, chunk_size)).map_err(snapshot_error)?;
     Ok(MemoryFileHashes { chunk_hashes, file_size })
+}
+
+/// What a restore does with the page cache: "auto", "release" or "keep" (`rust/snapshot/pagecache.rs`).
+pub(super) fn parse_page_cache(name: &str) -> PyResult<CachePolicy> {
+    CachePolicy::parse(name)
+        .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("page_cache must be 'auto', 'release' or 'keep', not {name:?}")))
+}
+
+/// Whether a restore of the memory file at `fd` would bring it in from the disk: fewer than half
+/// of its data pages are in the page cache now (False where the kernel cannot say). A caller
+/// that reads the file before restoring it (to verify it) asks first and passes
+/// page_cache="release" or "keep" to the restore.
+#[pyfunction]
+fn memory_file_is_cold(py: Python<'_>, fd: RawFd) -> PyResult<bool> {
+    py.detach(move || snapshot::memory_file_is_cold(fd)).map_err(snapshot_error)
 }
 
 /// Pages of the file at `fd` in `offset..offset+length` (0: to its end) that are in the page

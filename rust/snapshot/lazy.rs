@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
-use super::memfile::{check_chunk_size, file_stat, page_extents, pread_all};
-use super::pagecache::CacheRelease;
+use super::memfile::{check_chunk_size, file_data_bytes, file_stat, page_extents, pread_all};
+use super::pagecache::{CachePolicy, CacheRelease};
 use crate::memory::{ChunkFault, ChunkPart, ChunkSource, GuestMemory, MemoryOptions};
 
 /// A checkpoint memory file and the hashes its chunks must have.
@@ -37,9 +37,22 @@ struct FileChunks {
 /// (e.g. "checkpoint 'vm0.ckp'"). The file must be exactly `opts.memsize` bytes, and
 /// there must be one hash per `chunk_size` chunk.
 pub fn lazy_memory(opts: &MemoryOptions, fd: RawFd, hashes: Vec<u128>, chunk_size: u64, name: &str) -> Result<GuestMemory, SnapshotError> {
+    lazy_memory_cached(opts, fd, hashes, chunk_size, name, CachePolicy::Auto)
+}
+
+/// [`lazy_memory`] with what chunk loads do to the page cache they read through
+/// (`pagecache.rs`): `Auto` drops each loaded chunk from a file that was cold now, `Release`
+/// from any, `Keep` never.
+pub fn lazy_memory_cached(
+    opts: &MemoryOptions,
+    fd: RawFd,
+    hashes: Vec<u128>,
+    chunk_size: u64,
+    name: &str,
+    cache: CachePolicy,
+) -> Result<GuestMemory, SnapshotError> {
     let chunk = check_chunk_size(chunk_size)?;
-    let st = file_stat(fd, name)?;
-    let size = st.st_size as u64;
+    let size = file_stat(fd, name)?.st_size as u64;
     if size != opts.memsize {
         return Err(SnapshotError::FileSize { size, expected: opts.memsize });
     }
@@ -54,8 +67,8 @@ pub fn lazy_memory(opts: &MemoryOptions, fd: RawFd, hashes: Vec<u128>, chunk_siz
     }
     // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-    // The data the file holds, as the filesystem has allocated it: what the cache would hold.
-    let cache = CacheRelease::decide(fd.as_raw_fd(), (st.st_blocks as u64 * 512).min(size));
+    let data = if cache == CachePolicy::Auto { file_data_bytes(fd.as_raw_fd(), size)? } else { 0 };
+    let cache = CacheRelease::new(fd.as_raw_fd(), cache, data);
     let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes, zero_chunk: OnceLock::new(), cache };
     Ok(GuestMemory::lazy(opts, chunk, Box::new(source))?)
 }
@@ -110,7 +123,7 @@ impl ChunkSource for FileChunks {
         if hasher.finish().first() != Some(&self.hashes[index]) {
             return Err(ChunkFault::Mismatch);
         }
-        self.cache.after_read(start, end - start);
+        self.cache.drop_chunk(start, end);
         Ok(())
     }
 }

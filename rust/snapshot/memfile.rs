@@ -17,7 +17,7 @@ use std::time::Instant;
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::image::ImageLayout;
-use super::pagecache::CacheRelease;
+use super::pagecache::{CachePolicy, CacheRelease, ReleaseBehind};
 use crate::digest::{is_zero_page, resident_bitmap};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
@@ -50,8 +50,9 @@ pub struct ReadStats {
     /// Bytes the file does not store (holes), which cost nothing.
     pub hole_bytes: u64,
     pub data_extents: u64,
-    /// Bytes read that the kernel was then asked to drop from the page cache: all of them when
-    /// the file was not cached before the read, none when it was (`pagecache.rs`).
+    /// Bytes read once the restore had decided to drop what it reads from the page cache (all of
+    /// them for a file that was cold, none for one found cached or kept: `pagecache.rs`). The
+    /// kernel keeps dirty pages and pages in use whatever it is asked.
     pub cache_released: u64,
     /// Whether chunk hashes were computed and compared (all matched, or this is an error).
     pub verified: bool,
@@ -324,6 +325,19 @@ pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), 
     Ok((hasher.finish(), size))
 }
 
+/// Bytes of data (not holes) the file at `fd` of `size` bytes holds, in whole pages.
+pub(super) fn file_data_bytes(fd: RawFd, size: u64) -> Result<u64, SnapshotError> {
+    Ok(page_extents(fd, 0, size)?.iter().map(|(s, e)| e - s).sum())
+}
+
+/// Whether a restore of the memory file at `fd` would bring it in from the disk (fewer than half
+/// of its data pages cached, `pagecache.rs`): what a caller that reads the file first, to
+/// verify it, asks before that read, and then passes on as `CachePolicy::Release` or `Keep`.
+pub fn memory_file_is_cold(fd: RawFd) -> Result<bool, SnapshotError> {
+    let size = file_stat(fd, "the memory file")?.st_size as u64;
+    Ok(super::pagecache::is_cold(fd, file_data_bytes(fd, size)?))
+}
+
 /// The file's data extents inside `start..end` (page-aligned), rounded out to whole pages and
 /// merged, so everything between them is whole pages of hole.
 pub(super) fn page_extents(fd: RawFd, start: u64, end: u64) -> Result<Vec<(u64, u64)>, SnapshotError> {
@@ -357,6 +371,18 @@ pub fn read_memory_file(
     fd: RawFd,
     verify: Option<(&[u128], u64)>,
     meter: Option<&Meter>,
+) -> Result<ReadStats, SnapshotError> {
+    read_memory_file_cached(mem, fd, verify, meter, CachePolicy::Auto)
+}
+
+/// [`read_memory_file`] with what it does to the page cache it reads through (`pagecache.rs`):
+/// `Auto` drops what it read from a file it found cold, `Release` from any, `Keep` never.
+pub fn read_memory_file_cached(
+    mem: &GuestMemory,
+    fd: RawFd,
+    verify: Option<(&[u128], u64)>,
+    meter: Option<&Meter>,
+    cache: CachePolicy,
 ) -> Result<ReadStats, SnapshotError> {
     let started = Instant::now();
     let layout = ImageLayout::of(mem)?;
@@ -394,7 +420,7 @@ pub fn read_memory_file(
     if let Some(m) = meter {
         m.add_total(total / page, data_bytes / page);
     }
-    let cache = CacheRelease::decide(fd, data_bytes);
+    let mut behind = ReleaseBehind::new(CacheRelease::new(fd, cache, data_bytes));
 
     let hash_hole = |hasher: &mut ChunkHasher, start: u64, end: u64| -> Result<(), SnapshotError> {
         layout.for_each_part(start, end, |seg, off, len| {
@@ -455,7 +481,7 @@ pub fn read_memory_file(
                     Ok::<(), SnapshotError>(())
                 })?;
                 stats.bytes_read += piece_end - off;
-                stats.cache_released += cache.after_read(off, piece_end - off);
+                behind.read_up_to(piece_end, piece_end - off);
                 progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
                 off = piece_end;
             }
@@ -468,7 +494,9 @@ pub fn read_memory_file(
         progress::advance(meter, (total - pos) / page, 0, 0);
         Ok(())
     })?;
-    // read(2) into the mapping counts as a write to the kernel backend: forget those.
+    stats.cache_released = behind.released;
+    drop(behind); // the rest of the file leaves the cache now, not after the checks below
+                  // read(2) into the mapping counts as a write to the kernel backend: forget those.
     for (seg, _) in layout.segments() {
         mem.mark_clean_range(GuestAddress(seg.gpa().0), seg.size())?;
     }

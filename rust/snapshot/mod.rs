@@ -26,11 +26,14 @@ mod pagecache;
 pub use chunks::ChunkHasher;
 pub use error::SnapshotError;
 pub use image::ImageLayout;
-pub use lazy::lazy_memory;
+pub use lazy::{lazy_memory, lazy_memory_cached};
 pub use live::write_memory_file_live;
-pub use memfile::{hash_memory_file, memory_chunk_hashes, read_memory_file, write_memory_file, ReadStats, WriteStats};
+pub use memfile::{
+    hash_memory_file, memory_chunk_hashes, memory_file_is_cold, read_memory_file, read_memory_file_cached, write_memory_file, ReadStats,
+    WriteStats,
+};
 pub use packed::{write_packed_pages, PackedStats};
-pub use pagecache::cached_pages;
+pub use pagecache::{cached_pages, CachePolicy};
 
 /// The chunk size checkpoints use unless told otherwise: 4 MiB, bhyve's `SNAPSHOT_CHUNK`.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;

@@ -1,25 +1,39 @@
-//! Leaving the page cache as an eager restore found it.
+//! Not leaving a second copy of the guest's memory in the page cache.
 //!
 //! An eager restore reads each page of the memory file once, into guest memory. Read through the
 //! page cache, the file then stays cached beside the guest: a second copy of the guest's memory
 //! that the kernel must reclaim, page by page, when anything else needs memory. On a 24 GiB
 //! machine restoring an 8 GiB guest, that reclaim ran inside the next thing to allocate (a
-//! migration destination's memory) and made it three times slower (docs/performance.md). The
-//! checkpoint is written with O_DIRECT for the same reason: it leaves nothing cached.
+//! migration destination's memory) and made it three times slower, and the restore itself took
+//! 16 GiB of fresh memory instead of 8 (docs/performance.md). The checkpoint is written with
+//! O_DIRECT for the same reason: it leaves nothing cached.
 //!
-//! So a restore that finds the file not cached asks the kernel to drop each piece once it is in
-//! guest memory (`POSIX_FADV_DONTNEED`, which never drops a dirty page). A file already mostly
-//! cached when the restore starts (a golden image restored again and again, or one on tmpfs,
-//! whose pages are the file) is left cached: dropping it would make the next restore read the
-//! disk. Whether it is cached is asked with `cachestat(2)` (Linux 6.5); a kernel without it
-//! keeps the cache, as before.
+//! So a restore that finds the file cold (fewer than half of its data pages cached) asks the
+//! kernel to drop what it has read once it is in guest memory (`POSIX_FADV_DONTNEED`, which never
+//! drops a dirty page or one in use). A file found cached (one another program keeps reading, or
+//! any file on tmpfs, whose pages are the file) is left alone, and a caller can ask to keep the
+//! cache whatever it finds ([`CachePolicy::Keep`]). Whether the file is cached is asked with
+//! `cachestat(2)` (Linux 6.5); where the kernel cannot say (older kernels, a file the caller
+//! neither owns nor may write on kernels that restrict `cachestat`, overlayfs, which answers
+//! for its own empty cache while advice goes to the file beneath) the cache is kept.
+//!
+//! The kernel drops only whole folios, and the cache holds files in folios of up to 2 MiB, so
+//! what is dropped while reading ends on [`RELEASE_ALIGN`] boundaries behind the reader, and the
+//! rest of the file goes when the read is done.
 
 use std::os::fd::RawFd;
 
 use crate::memory::PAGE_SIZE;
 
-/// `cachestat(2)`'s number, the same on every architecture (the unified table from 424 up).
+/// `cachestat(2)`'s number on x86_64 and aarch64 (the unified syscall table from 424 up).
 const SYS_CACHESTAT: libc::c_long = 451;
+
+/// overlayfs's `f_type`: its `cachestat` counts its own (empty) cache, not the real file's.
+const OVERLAYFS_SUPER_MAGIC: libc::c_long = 0x794c_7630;
+
+/// Drops while reading end on multiples of this: the largest folio the page cache uses on
+/// x86_64 and aarch64 with 4 KiB pages (a PMD, 2 MiB), so no folio straddles a boundary.
+pub(super) const RELEASE_ALIGN: u64 = 2 << 20;
 
 #[repr(C)]
 struct CachestatRange {
@@ -37,9 +51,15 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
-/// Pages of `fd` in `off..off+len` that are in the page cache now, or None where the kernel
-/// cannot say (no `cachestat`, or a descriptor that is not a file).
+/// Pages of `fd` in `off..off+len` (`len` 0: to the end) that are in the page cache now, or None
+/// where the kernel cannot say (no `cachestat`, not permitted, not a file, overlayfs).
 pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> Option<u64> {
+    // SAFETY: fstatfs fills the struct we hand it.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; a bad fd is reported as an error.
+    if unsafe { libc::fstatfs(fd, &mut fs) } != 0 || fs.f_type as libc::c_long == OVERLAYFS_SUPER_MAGIC {
+        return None;
+    }
     let range = CachestatRange { off, len };
     let mut stat = Cachestat::default();
     // SAFETY: both structs are ours, laid out as the kernel's, and live across the call.
@@ -47,34 +67,111 @@ pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> Option<u64> {
     (rc == 0).then_some(stat.nr_cache)
 }
 
-/// Whether a restore drops what it reads from the page cache, decided once before it reads.
+/// What a restore does with the page cache it reads the memory file through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Drop what is read when the file was cold as the restore began (decided by [`is_cold`],
+    /// which a caller that reads the file first, to verify it, asks before that read).
+    Auto,
+    /// Drop what is read: the caller found the file cold before it read it itself.
+    Release,
+    /// Leave the cache as the reads leave it (what every restore did before).
+    Keep,
+}
+
+impl CachePolicy {
+    /// "auto", "release" or "keep", as the Python API spells them.
+    pub fn parse(name: &str) -> Option<CachePolicy> {
+        match name {
+            "auto" => Some(CachePolicy::Auto),
+            "release" => Some(CachePolicy::Release),
+            "keep" => Some(CachePolicy::Keep),
+            _ => None,
+        }
+    }
+}
+
+/// Whether fewer than half of the `data_bytes` the file at `fd` holds are in the page cache (a
+/// file a restore would bring in from the disk). False where the kernel cannot say.
+pub fn is_cold(fd: RawFd, data_bytes: u64) -> bool {
+    let pages = data_bytes / PAGE_SIZE as u64;
+    pages > 0 && cached_pages(fd, 0, 0).is_some_and(|cached| cached.saturating_mul(2) < pages)
+}
+
+/// One restore's dropping of what it has read.
 pub(super) struct CacheRelease {
     fd: RawFd,
     release: bool,
 }
 
 impl CacheRelease {
-    /// Release as the read goes when fewer than half of the `data_bytes` the file holds are
-    /// cached now (a file the restore itself brings in from the disk).
-    pub(super) fn decide(fd: RawFd, data_bytes: u64) -> CacheRelease {
-        let pages = data_bytes / PAGE_SIZE as u64;
-        let release = pages > 0 && cached_pages(fd, 0, 0).is_some_and(|cached| cached.saturating_mul(2) < pages);
+    /// The policy applied to the file at `fd`, which holds `data_bytes` of data.
+    pub(super) fn new(fd: RawFd, policy: CachePolicy, data_bytes: u64) -> CacheRelease {
+        let release = match policy {
+            CachePolicy::Auto => is_cold(fd, data_bytes),
+            CachePolicy::Release => true,
+            CachePolicy::Keep => false,
+        };
         CacheRelease { fd, release }
     }
 
-    /// `off..off+len` of the file is in guest memory now: drop its cached pages if this restore
-    /// releases. Returns the bytes it asked the kernel to drop (advice: a failure changes nothing
-    /// the restore needs, so it is ignored).
-    pub(super) fn after_read(&self, off: u64, len: u64) -> u64 {
-        if !self.release || len == 0 {
-            return 0;
+    /// Whether this restore drops what it reads.
+    pub(super) fn releases(&self) -> bool {
+        self.release
+    }
+
+    /// Ask the kernel to drop `off..end` of the file from the cache (advice: a failure changes
+    /// nothing the restore needs, so it is ignored). `end` 0: to the end of the file.
+    pub(super) fn drop_range(&self, off: u64, end: u64) {
+        if !self.release || (end != 0 && end <= off) {
+            return;
         }
+        let len = if end == 0 { 0 } else { end - off };
         // SAFETY: advice on our own descriptor; no memory is passed.
-        let rc = unsafe { libc::posix_fadvise(self.fd, off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
-        if rc == 0 {
-            len
-        } else {
-            0
+        unsafe { libc::posix_fadvise(self.fd, off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
+    }
+
+    /// A lazily loaded chunk, `start..end`, is in guest memory: drop it, rounded out to whole
+    /// [`RELEASE_ALIGN`] blocks so no folio across its edges stays (a neighbour's pages dropped
+    /// with it are only read again from the disk when it loads).
+    pub(super) fn drop_chunk(&self, start: u64, end: u64) {
+        self.drop_range(start / RELEASE_ALIGN * RELEASE_ALIGN, end.div_ceil(RELEASE_ALIGN) * RELEASE_ALIGN);
+    }
+}
+
+/// An eager read's dropping: what lies behind the reader, on [`RELEASE_ALIGN`] boundaries, as it
+/// goes; the whole file at the end.
+pub(super) struct ReleaseBehind {
+    cache: CacheRelease,
+    done: u64,
+    /// Bytes read once the restore had decided to drop them (not what the kernel dropped: it
+    /// keeps dirty pages and pages in use).
+    pub(super) released: u64,
+}
+
+impl ReleaseBehind {
+    pub(super) fn new(cache: CacheRelease) -> ReleaseBehind {
+        ReleaseBehind { cache, done: 0, released: 0 }
+    }
+
+    /// The file has been read up to `end` (reads go in file order), `len` bytes of it just now.
+    pub(super) fn read_up_to(&mut self, end: u64, len: u64) {
+        if !self.cache.releases() {
+            return;
         }
+        self.released += len;
+        let aligned = end / RELEASE_ALIGN * RELEASE_ALIGN;
+        if aligned > self.done {
+            self.cache.drop_range(self.done, aligned);
+            self.done = aligned;
+        }
+    }
+}
+
+impl Drop for ReleaseBehind {
+    /// The read is over, however it ended: drop the rest of the file (its last partial block,
+    /// and whatever the kernel read ahead into holes).
+    fn drop(&mut self) {
+        self.cache.drop_range(self.done, 0);
     }
 }

@@ -9,18 +9,21 @@ use crate::dirty::TrackingChoice;
 use crate::memory::{Backing, GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
 
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 12 * MIB;
+/// Big enough for the page cache's large folios (up to 2 MiB) to sit across the pieces and
+/// chunks a restore reads.
+const SIZE: u64 = 96 * MIB;
 
 fn opts() -> MemoryOptions {
     MemoryOptions { memsize: SIZE, wired: false, lowmem_limit: SIZE, tracking: TrackingChoice::Soft, backing: Backing::Anonymous }
 }
 
-/// A guest whose every page holds data (so the file has no holes), saved to a file on the disk
+/// A guest whose every page but the first holds data (so the one data extent, and every piece
+/// an eager restore reads, starts one page off a 2 MiB boundary), saved to a file on the disk
 /// directory the tests use; returns the file and its chunk hashes.
 fn saved(tag: &str) -> (std::fs::File, Vec<u128>) {
     let mem = GuestMemory::new(&opts()).unwrap();
-    let fill: Vec<u8> = (0..SIZE).map(|b| (b.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
-    mem.write(GuestAddress(0), &fill).unwrap();
+    let fill: Vec<u8> = (PAGE_SIZE as u64..SIZE).map(|b| (b.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    mem.write(GuestAddress(PAGE_SIZE as u64), &fill).unwrap();
     let path = std::env::temp_dir().join(format!("vmm-pagecache-{}-{tag}", std::process::id()));
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
@@ -47,8 +50,8 @@ fn a_file_read_from_the_disk_is_not_left_cached() {
     let Some(before) = cold(&f) else { return };
     let read = restore(&f, &hashes);
     assert!(read.verified);
-    assert_eq!(read.bytes_read, SIZE);
-    assert_eq!(read.cache_released, SIZE, "every piece read is released: {read:?}");
+    assert_eq!(read.bytes_read, SIZE - PAGE_SIZE as u64);
+    assert_eq!(read.cache_released, read.bytes_read, "every piece read is released: {read:?}");
     let after = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
     assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached after the restore (before it: {before})");
 }
@@ -73,14 +76,36 @@ fn chunks_loaded_lazily_from_the_disk_are_not_left_cached() {
     let (f, hashes) = saved("lazy-cold");
     let Some(before) = cold(&f) else { return };
     let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
+    // 1 MiB chunks: each is half of a 2 MiB folio the cache may hold.
     let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), MIB, "checkpoint 'test.ckp'").unwrap();
     let mut half = vec![0u8; (SIZE / 2) as usize];
     lazy.read(GuestAddress(0), &mut half).unwrap();
-    assert_eq!(lazy.lazy_image().unwrap().counts(), (6, 0), "the first six chunks loaded");
-    assert!(cached_pages(f.as_raw_fd(), 0, SIZE / 2).unwrap() <= PAGES / 16, "loaded chunks are released");
+    assert_eq!(lazy.lazy_image().unwrap().counts(), ((SIZE / 2 / MIB) as usize, 0), "the first half's chunks loaded");
+    let cached = cached_pages(f.as_raw_fd(), 0, SIZE / 2).unwrap();
+    assert!(cached <= PAGES / 32, "loaded chunks are released: {cached} of their {} pages cached", PAGES / 2);
     assert_eq!(memory_chunk_hashes(&lazy, MIB).unwrap(), hashes, "and all of it reads back exactly");
     let after = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
     assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached once every chunk loaded (before: {before})");
+}
+
+#[test]
+fn keep_leaves_a_cold_file_cached_and_release_drops_a_cached_one() {
+    let (f, hashes) = saved("policies");
+    if cold(&f).is_none() {
+        return;
+    }
+    let fresh = GuestMemory::new(&opts()).unwrap();
+    let read = read_memory_file_cached(&fresh, f.as_raw_fd(), Some((&hashes, MIB)), None, CachePolicy::Keep).unwrap();
+    assert_eq!(read.cache_released, 0);
+    let cached = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
+    assert!(cached >= PAGES - 1, "kept: {cached} of {PAGES} cached");
+    assert!(!memory_file_is_cold(f.as_raw_fd()).unwrap(), "and now it is cached");
+    let fresh = GuestMemory::new(&opts()).unwrap();
+    let read = read_memory_file_cached(&fresh, f.as_raw_fd(), Some((&hashes, MIB)), None, CachePolicy::Release).unwrap();
+    assert_eq!(read.cache_released, read.bytes_read);
+    let cached = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
+    assert!(cached <= PAGES / 16, "released: {cached} of {PAGES} still cached");
+    assert!(memory_file_is_cold(f.as_raw_fd()).unwrap());
 }
 
 #[test]

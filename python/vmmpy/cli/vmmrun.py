@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --restore-mode lazy, what a background thread loads (verified) once the guest starts: "
                         "working-set: the chunks recorded in FILE.ws first, then every other chunk (default); fill: every "
                         "chunk in order; none: each chunk only when first needed")
+    p.add_argument("--restore-page-cache", choices=("auto", "keep"), default="auto",
+                   help="auto: a memory file read from the disk is dropped from the page cache as it is restored, so no "
+                        "second copy of the guest stays cached; a file found cached stays cached (default); keep: leave "
+                        "it cached, for an image restored again and again")
     p.add_argument("--record-working-set", type=float, default=RECORD_SECONDS, metavar="SECONDS",
                    help="with --restore-mode lazy, record the chunks the guest touches in its first SECONDS and write "
                         f"them to FILE.ws for the next lazy restore (default {RECORD_SECONDS:g}; 0: do not record)")
@@ -291,7 +295,7 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
                 raise ConfigError(f"--record-working-set {args.record_working_set:g}: give 0 (do not record) or more seconds")
             machine = restore_machine(args.restore, config, mode=args.restore_mode, key=key, progress=bar.phase if bar.tty else None,
                                       prefetch=args.restore_prefetch, record_seconds=args.record_working_set,
-                                      accel=args.accel)
+                                      accel=args.accel, page_cache=args.restore_page_cache)
         finally:
             bar.close()
         conflict = saved_differs(args, machine.config)

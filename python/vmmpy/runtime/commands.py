@@ -126,6 +126,7 @@ def restore_machine(
     prefetch: str = "working-set",
     record_seconds: float | None = RECORD_SECONDS,
     accel: str | None = None,
+    page_cache: str = "auto",
 ) -> Machine:
     """Build a machine from checkpoint ``path``: ``config`` gives the name and device options;
     the vCPU count, memory, vendor and TSC come from the checkpoint. ``key`` is the checkpoint
@@ -136,7 +137,9 @@ def restore_machine(
     ``record_seconds`` say what loads ahead and how long accesses are recorded once the vCPUs
     start (``snapshot.checkpoint.LazyLoading``, kept as ``machine.lazy_loading``).
     ``accel`` is the vCPU backend asked for: a checkpoint runs on the one it was made on (None:
-    that one), never on another.
+    that one), never on another. ``page_cache``: "auto" drops the memory file's pages from the
+    page cache as the restore reads them, when it came from the disk; "keep" leaves them
+    (``files.restore_memory``).
     Raises CheckpointError or SectionError, with nothing left created and no console file
     opened, if anything does not fit."""
     def same_devices(basic: dict[str, Any]) -> None:
@@ -175,7 +178,8 @@ def restore_machine(
     try:
         machine.lazy_loading = restore_guest(MachineHandle(machine, hold_vcpus=False), checkpoint, mode=mode,
                                              dirty_tracking=config.dirty_tracking, progress=progress,
-                                             backing=config.memory_backing, prefetch=prefetch, record_seconds=record_seconds)
+                                             backing=config.memory_backing, prefetch=prefetch, record_seconds=record_seconds,
+                                             page_cache=page_cache)
         for uart in machine.uarts:
             device = uart.name.split(".", 1)[1]  # "lpc.com1"
             if consoles and device in consoles:

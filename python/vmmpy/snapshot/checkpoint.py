@@ -311,12 +311,14 @@ def describe_lazy_restore(status: dict[str, Any]) -> str:
 
 def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "eager", dirty_tracking: str = "auto",
                   progress: Callable[[dict[str, Any]], None] | None = None, backing: str = "anon",
-                  prefetch: str = "working-set", record_seconds: float | None = RECORD_SECONDS) -> LazyLoading | None:
+                  prefetch: str = "working-set", record_seconds: float | None = RECORD_SECONDS,
+                  page_cache: str = "auto") -> LazyLoading | None:
     """Restore a checkpoint read by ``read_checkpoint`` into ``guest``, which has no memory yet:
     its sections are checked first, then its memory is restored (``mode`` eager or lazy, tracked
     by ``dirty_tracking``, backed by ``backing``) and the sections loaded. The guest does not run until
     ``guest.start_running()`` (or its owner starts it). Raises CheckpointError or SectionError
     naming the file if anything does not fit. ``progress`` as for ``files.restore_memory``.
+    ``page_cache`` as for ``files.restore_memory``.
     For a lazy restore, returns the ``LazyLoading`` (``prefetch``, ``record_seconds``) its
     owner starts with the guest and finishes when it closes it; None for an eager one."""
     if mode not in RESTORE_MODES:
@@ -328,7 +330,8 @@ def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "ea
     what = f"checkpoint '{checkpoint.kern_path}'"
     guest.check_sections(checkpoint.sections, what=what)
     started = time.perf_counter()
-    memory = restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress, backing=backing)
+    memory = restore_memory(checkpoint, mode, dirty_tracking=dirty_tracking, progress=progress, backing=backing,
+                            page_cache=page_cache)
     guest.adopt_memory(memory)
     guest.restore_sections(checkpoint.sections, what=what)
     # A diff checkpoint of the restored guest names this one as its parent.

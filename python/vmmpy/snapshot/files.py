@@ -695,6 +695,7 @@ def restore_memory(
     wired: bool | None = None,
     progress: ProgressCallback | None = None,
     backing: str = "anon",
+    page_cache: str = "auto",
 ) -> GuestMemory:
     """Guest memory holding the checkpoint's memory image.
 
@@ -713,11 +714,21 @@ def restore_memory(
     is no longer constant time). ``progress`` is called every ``vmmpy.progress.TICK_S`` seconds
     with how far an eager read has got (``vmmpy.progress.metered``'s messages, phase "restore").
     A diff checkpoint's memory is its chain's (``_restore_chain``), in either mode.
+    ``page_cache="auto"`` drops what the restore reads from the page cache once it is in guest
+    memory, when the memory file was cold as the restore began (fewer than half of its data
+    pages cached: read from the disk), so no second copy of the guest is left for the kernel to
+    reclaim; a file found cached stays cached. ``"keep"`` leaves the cache as the reads leave it
+    (an image restored again and again from the disk). docs/checkpoint-format.md has the rule.
     """
+    if page_cache not in ("auto", "keep"):
+        raise ValueError(f"page_cache must be 'auto' or 'keep', not {page_cache!r}")
     wired = checkpoint.wired if wired is None else wired
     if checkpoint.parent is not None:
-        return _restore_chain(checkpoint, mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress)
+        return _restore_chain(checkpoint, mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress,
+                              page_cache=page_cache)
     if checkpoint.keyed:
+        if page_cache == "auto":  # asked before the SHA-256 pass brings the file into the cache
+            page_cache = "release" if _memory_file_is_cold(checkpoint) else "keep"
         verify_memory_sha256(checkpoint)
     if mode == "lazy":
         if wired:
@@ -737,6 +748,7 @@ def restore_memory(
                 lowmem_limit=checkpoint.lowmem_limit,
                 dirty_tracking=dirty_tracking,
                 backing=backing,
+                page_cache=page_cache,
             )
         except (OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint '{checkpoint.path}': lazy restore failed: {err}") from None
@@ -752,7 +764,7 @@ def restore_memory(
         try:
             with metered(progress, "restore") as meter:
                 _core.read_memory_file(memory.core, fd, chunk_hashes=checkpoint.chunk_hashes, chunk_size=checkpoint.chunk_size,
-                                       meter=meter)
+                                       meter=meter, page_cache=page_cache)
         except BaseException as err:
             memory.close()
             if isinstance(err, OSError):
@@ -763,8 +775,20 @@ def restore_memory(
     return memory
 
 
+def _memory_file_is_cold(checkpoint: Checkpoint) -> bool:
+    """Whether a restore would read ``checkpoint``'s memory file from the disk (see
+    ``restore_memory``'s ``page_cache``)."""
+    fd = _open_memory_file(checkpoint)
+    try:
+        return _core.memory_file_is_cold(fd)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint '{checkpoint.path}': {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+
+
 def _restore_chain(checkpoint: Checkpoint, mode: str, *, dirty_tracking: str, wired: bool,
-                   progress: ProgressCallback | None) -> GuestMemory:
+                   progress: ProgressCallback | None, page_cache: str) -> GuestMemory:
     """A diff checkpoint's memory: every diff's file is checked against its hashes first, then
     the full checkpoint at the chain's root is restored (eagerly: checked as it lands; lazily:
     each chunk checked when first needed) and each diff's pages are copied over it, oldest
@@ -777,7 +801,8 @@ def _restore_chain(checkpoint: Checkpoint, mode: str, *, dirty_tracking: str, wi
         with _as_part_of(checkpoint, diff):
             verify_memory(diff)
     with _as_part_of(checkpoint, chain[0]):
-        memory = restore_memory(chain[0], mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress)
+        memory = restore_memory(chain[0], mode, dirty_tracking=dirty_tracking, wired=wired, progress=progress,
+                                page_cache=page_cache)
     try:
         for diff in chain[1:]:
             try:
