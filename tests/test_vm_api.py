@@ -155,6 +155,8 @@ def test_errors_share_one_root_and_keep_their_old_bases(tmp_path):
         Vm(GUEST, lpc={"com9": None})
     with pytest.raises(ConfigError, match="restore mode 'later'"):
         Vm.restore(tmp_path / "x.ckp", mode="later")
+    with pytest.raises(ConfigError, match="restore page_cache 'drop': choose auto or keep"):
+        Vm.restore(tmp_path / "x.ckp", page_cache="drop")  # refused before the file is looked at
     with pytest.raises(CheckpointError, match="x.ckp"):
         Vm.restore(tmp_path / "x.ckp")
     err = ControlError(2, "no such guest")

@@ -132,6 +132,7 @@ class GuestMemory:
         wired: bool = False,
         dirty_tracking: str = "auto",
         backing: str = "anon",
+        page_cache: str = "auto",
     ) -> GuestMemory:
         """Memory restored lazily from a checkpoint memory file at ``path``, checked chunk by chunk.
 
@@ -145,7 +146,9 @@ class GuestMemory:
         must be exactly ``memsize`` bytes. ``wired=True`` is refused: wiring would read and copy
         every page up front (restore wired guests eagerly). With ``dirty_tracking="auto"`` the
         soft backend is used; :attr:`dirty_tracking_fallback` says why. ``vmmpy.snapshot`` reads
-        the hashes from a verified ``.meta`` and calls this.
+        the hashes from a verified ``.meta`` and calls this. ``page_cache``: "auto" drops each
+        loaded chunk from the page cache when the file was cold now (chunks of a multiple of
+        2 MiB), "release" does whatever it finds, "keep" never (docs/checkpoint-format.md).
         """
         _check_choices(dirty_tracking, backing)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -160,6 +163,7 @@ class GuestMemory:
                 lowmem_limit=parse_size(lowmem_limit, what="lowmem limit"),
                 dirty_tracking=dirty_tracking,
                 backing=backing,
+                page_cache=page_cache,
             )
         finally:
             os.close(fd)  # the memory keeps its own duplicate

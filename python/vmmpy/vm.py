@@ -28,7 +28,7 @@ from .runtime.commands import basic_metadata, build_machine, restore_machine
 from .runtime.config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
 from .runtime.guest_handle import MachineHandle
 from .runtime.process import EXIT_NAMES, Machine
-from .snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PREFETCH, checkpoint_guest
+from .snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PAGE_CACHE, RESTORE_PREFETCH, checkpoint_guest
 from .units import MiB, parse_size
 
 
@@ -307,6 +307,8 @@ class Vm:
             raise ConfigError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
         if prefetch not in RESTORE_PREFETCH:
             raise ConfigError(f"restore prefetch {prefetch!r}: choose {', '.join(RESTORE_PREFETCH)}")
+        if page_cache not in RESTORE_PAGE_CACHE:
+            raise ConfigError(f"restore page_cache {page_cache!r}: choose {' or '.join(RESTORE_PAGE_CACHE)}")
         if not record_working_set >= 0:
             raise ConfigError(f"record_working_set {record_working_set}: give 0 (do not record) or more seconds")
         # The backend comes from the checkpoint; a KVM tracking asked for says it is to be KVM's.

@@ -73,9 +73,10 @@ result_class! {
 
 result_class! {
     /// What reading a checkpoint memory file did: bytes read, bytes of holes skipped, data
-    /// extents, bytes then dropped from the page cache (a file the read brought in from the disk
-    /// is not left cached beside the guest), whether every chunk was checked against its hash,
-    /// and the seconds it took.
+    /// extents, bytes read that the restore then asked the kernel to drop from the page cache (a
+    /// file the read brought in from the disk is not left cached beside the guest; the kernel
+    /// keeps dirty pages, and tmpfs all of them), whether every chunk was checked against its
+    /// hash, and the seconds it took.
     MemoryFileRead as "MemoryFileRead" {
         bytes_read: u64,
         hole_bytes: u64,

@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
-use super::memfile::{check_chunk_size, file_data_bytes, file_stat, page_extents, pread_all};
-use super::pagecache::{CachePolicy, CacheRelease};
+use super::memfile::{allocated_bytes, check_chunk_size, file_stat, page_extents, pread_all};
+use super::pagecache::{CachePolicy, CacheRelease, RELEASE_ALIGN};
 use crate::memory::{ChunkFault, ChunkPart, ChunkSource, GuestMemory, MemoryOptions};
 
 /// A checkpoint memory file and the hashes its chunks must have.
@@ -52,7 +52,8 @@ pub fn lazy_memory_cached(
     cache: CachePolicy,
 ) -> Result<GuestMemory, SnapshotError> {
     let chunk = check_chunk_size(chunk_size)?;
-    let size = file_stat(fd, name)?.st_size as u64;
+    let st = file_stat(fd, name)?;
+    let size = st.st_size as u64;
     if size != opts.memsize {
         return Err(SnapshotError::FileSize { size, expected: opts.memsize });
     }
@@ -67,8 +68,12 @@ pub fn lazy_memory_cached(
     }
     // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-    let data = if cache == CachePolicy::Auto { file_data_bytes(fd.as_raw_fd(), size)? } else { 0 };
-    let cache = CacheRelease::new(fd.as_raw_fd(), cache, data);
+    // A chunk smaller than the cache's largest folios would drop its neighbours' pages that
+    // readahead just brought in, and they would be read from the disk again: keep the cache.
+    let cache = if chunk as u64 % RELEASE_ALIGN == 0 { cache } else { CachePolicy::Keep };
+    // Judged from the blocks the file holds (one fstat, one cachestat): restoring lazily stays
+    // constant time whatever the file's extents.
+    let cache = CacheRelease::new(fd.as_raw_fd(), cache, allocated_bytes(&st));
     let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes, zero_chunk: OnceLock::new(), cache };
     Ok(GuestMemory::lazy(opts, chunk, Box::new(source))?)
 }

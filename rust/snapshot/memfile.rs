@@ -325,17 +325,19 @@ pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), 
     Ok((hasher.finish(), size))
 }
 
-/// Bytes of data (not holes) the file at `fd` of `size` bytes holds, in whole pages.
-pub(super) fn file_data_bytes(fd: RawFd, size: u64) -> Result<u64, SnapshotError> {
-    Ok(page_extents(fd, 0, size)?.iter().map(|(s, e)| e - s).sum())
+/// Whether a restore of the memory file at `fd` would bring it in from the disk (fewer than half
+/// of the data the filesystem holds for it cached, `pagecache.rs`): what a caller that reads the
+/// file first, to verify it, asks before that read, and then passes on as `CachePolicy::Release`
+/// or `Keep`. One fstat and one cachestat, whatever the file's size or extents.
+pub fn memory_file_is_cold(fd: RawFd) -> Result<bool, SnapshotError> {
+    let st = file_stat(fd, "the memory file")?;
+    Ok(super::pagecache::is_cold(fd, allocated_bytes(&st)))
 }
 
-/// Whether a restore of the memory file at `fd` would bring it in from the disk (fewer than half
-/// of its data pages cached, `pagecache.rs`): what a caller that reads the file first, to
-/// verify it, asks before that read, and then passes on as `CachePolicy::Release` or `Keep`.
-pub fn memory_file_is_cold(fd: RawFd) -> Result<bool, SnapshotError> {
-    let size = file_stat(fd, "the memory file")?.st_size as u64;
-    Ok(super::pagecache::is_cold(fd, file_data_bytes(fd, size)?))
+/// The bytes the filesystem holds for a file (its blocks, at most its size): what reading it
+/// all would bring into the page cache, known without walking its extents.
+pub(super) fn allocated_bytes(st: &libc::stat) -> u64 {
+    (st.st_blocks as u64).saturating_mul(512).min(st.st_size as u64)
 }
 
 /// The file's data extents inside `start..end` (page-aligned), rounded out to whole pages and
@@ -495,8 +497,9 @@ pub fn read_memory_file_cached(
         Ok(())
     })?;
     stats.cache_released = behind.released;
-    drop(behind); // the rest of the file leaves the cache now, not after the checks below
-                  // read(2) into the mapping counts as a write to the kernel backend: forget those.
+    // The rest of the file leaves the cache now, not after the checks below.
+    drop(behind);
+    // read(2) into the mapping counts as a write to the kernel backend: forget those.
     for (seg, _) in layout.segments() {
         mem.mark_clean_range(GuestAddress(seg.gpa().0), seg.size())?;
     }

@@ -24,8 +24,12 @@ use std::os::fd::RawFd;
 
 use crate::memory::PAGE_SIZE;
 
-/// `cachestat(2)`'s number on x86_64 and aarch64 (the unified syscall table from 424 up).
-const SYS_CACHESTAT: libc::c_long = 451;
+/// `cachestat(2)`'s number on x86_64 and aarch64 (the unified syscall table from 424 up);
+/// elsewhere the cache is kept.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_CACHESTAT: Option<libc::c_long> = Some(451);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYS_CACHESTAT: Option<libc::c_long> = None;
 
 /// overlayfs's `f_type`: its `cachestat` counts its own (empty) cache, not the real file's.
 const OVERLAYFS_SUPER_MAGIC: libc::c_long = 0x794c_7630;
@@ -53,6 +57,7 @@ struct Cachestat {
 /// Pages of `fd` in `off..off+len` (`len` 0: to the end) that are in the page cache now, or None
 /// where the kernel cannot say (no `cachestat`, not permitted, not a file, overlayfs).
 pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> Option<u64> {
+    let nr = SYS_CACHESTAT?;
     // SAFETY: fstatfs fills the struct we hand it.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above; a bad fd is reported as an error.
@@ -62,7 +67,7 @@ pub fn cached_pages(fd: RawFd, off: u64, len: u64) -> Option<u64> {
     let range = CachestatRange { off, len };
     let mut stat = Cachestat::default();
     // SAFETY: both structs are ours, laid out as the kernel's, and live across the call.
-    let rc = unsafe { libc::syscall(SYS_CACHESTAT, fd, &range as *const CachestatRange, &mut stat as *mut Cachestat, 0u32) };
+    let rc = unsafe { libc::syscall(nr, fd, &range as *const CachestatRange, &mut stat as *mut Cachestat, 0u32) };
     (rc == 0).then_some(stat.nr_cache)
 }
 
@@ -91,7 +96,8 @@ impl CachePolicy {
 }
 
 /// Whether fewer than half of the `data_bytes` the file at `fd` holds are in the page cache (a
-/// file a restore would bring in from the disk). False where the kernel cannot say.
+/// file a restore would bring in from the disk). False where the kernel cannot say. (A sparse
+/// file read in full caches its holes too, so a file some program read whole counts as cached.)
 pub fn is_cold(fd: RawFd, data_bytes: u64) -> bool {
     let pages = data_bytes / PAGE_SIZE as u64;
     pages > 0 && cached_pages(fd, 0, 0).is_some_and(|cached| cached.saturating_mul(2) < pages)
@@ -131,8 +137,9 @@ impl CacheRelease {
     }
 
     /// A lazily loaded chunk, `start..end`, is in guest memory: drop it, rounded out to whole
-    /// [`RELEASE_ALIGN`] blocks so no folio across its edges stays (a neighbour's pages dropped
-    /// with it are only read again from the disk when it loads).
+    /// [`RELEASE_ALIGN`] blocks so no folio across its edges stays. Chunks are whole blocks
+    /// (lazy restores of smaller chunks keep the cache), so this only reaches past the file's
+    /// last chunk.
     pub(super) fn drop_chunk(&self, start: u64, end: u64) {
         self.drop_range(start / RELEASE_ALIGN * RELEASE_ALIGN, end.div_ceil(RELEASE_ALIGN) * RELEASE_ALIGN);
     }

@@ -1,5 +1,5 @@
-//! An eager restore leaves the page cache as it found it: a memory file read from the disk is
-//! not left cached beside the guest, one already cached stays cached.
+//! A restore does not leave a memory file it read from the disk cached beside the guest; one
+//! already cached stays cached, and `Keep` keeps it.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -12,24 +12,35 @@ const MIB: u64 = 1 << 20;
 /// Big enough for the page cache's large folios (up to 2 MiB) to sit across the pieces and
 /// chunks a restore reads.
 const SIZE: u64 = 96 * MIB;
+const PAGES: u64 = SIZE / PAGE_SIZE as u64;
+const PAGE: u64 = PAGE_SIZE as u64;
+/// The chunk size of the saved file: the smallest lazy restores drop with.
+const CHUNK: u64 = 2 * MIB;
+/// Pages the kernel may evict on its own meanwhile (this VM runs DAMON's page-out).
+const SLACK: u64 = PAGES / 64;
 
 fn opts() -> MemoryOptions {
     MemoryOptions { memsize: SIZE, wired: false, lowmem_limit: SIZE, tracking: TrackingChoice::Soft, backing: Backing::Anonymous }
 }
 
-/// A guest whose every page but the first holds data (so the one data extent, and every piece
-/// an eager restore reads, starts one page off a 2 MiB boundary), saved to a file on the disk
-/// directory the tests use; returns the file and its chunk hashes.
-fn saved(tag: &str) -> (std::fs::File, Vec<u128>) {
+/// A guest whose every page but the first and the last holds data (so the one data extent, and
+/// every piece an eager restore reads, starts one page off a 2 MiB boundary, and the data ends
+/// one page before one), saved with `chunk` chunks to a file on the disk directory the tests
+/// use; returns the file and its chunk hashes.
+fn saved_with(tag: &str, chunk: u64) -> (std::fs::File, Vec<u128>) {
     let mem = GuestMemory::new(&opts()).unwrap();
-    let fill: Vec<u8> = (PAGE_SIZE as u64..SIZE).map(|b| (b.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
-    mem.write(GuestAddress(PAGE_SIZE as u64), &fill).unwrap();
+    let fill: Vec<u8> = (PAGE..SIZE - PAGE).map(|b| (b.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    mem.write(GuestAddress(PAGE), &fill).unwrap();
     let path = std::env::temp_dir().join(format!("vmm-pagecache-{}-{tag}", std::process::id()));
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
-    let stats = write_memory_file(&mem, f.as_raw_fd(), MIB, None).unwrap();
+    let stats = write_memory_file(&mem, f.as_raw_fd(), chunk, None).unwrap();
     f.sync_all().unwrap();
     (f, stats.chunk_hashes)
+}
+
+fn saved(tag: &str) -> (std::fs::File, Vec<u128>) {
+    saved_with(tag, CHUNK)
 }
 
 fn evict(f: &std::fs::File) {
@@ -37,27 +48,18 @@ fn evict(f: &std::fs::File) {
     assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
 }
 
-fn restore(f: &std::fs::File, hashes: &[u128]) -> ReadStats {
+fn restore(f: &std::fs::File, hashes: &[u128], cache: CachePolicy) -> ReadStats {
     let fresh = GuestMemory::new(&opts()).unwrap();
-    read_memory_file(&fresh, f.as_raw_fd(), Some((hashes, MIB)), None).unwrap()
+    read_memory_file_cached(&fresh, f.as_raw_fd(), Some((hashes, CHUNK)), None, cache).unwrap()
 }
 
-const PAGES: u64 = SIZE / PAGE_SIZE as u64;
-
-#[test]
-fn a_file_read_from_the_disk_is_not_left_cached() {
-    let (f, hashes) = saved("cold");
-    let Some(before) = cold(&f) else { return };
-    let read = restore(&f, &hashes);
-    assert!(read.verified);
-    assert_eq!(read.bytes_read, SIZE - PAGE_SIZE as u64);
-    assert_eq!(read.cache_released, read.bytes_read, "every piece read is released: {read:?}");
-    let after = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
-    assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached after the restore (before it: {before})");
+fn cached(f: &std::fs::File, off: u64, len: u64) -> u64 {
+    cached_pages(f.as_raw_fd(), off, len).unwrap()
 }
 
-/// The file's cached pages now, or None (with why) where this kernel or filesystem cannot show
-/// a cold file: no cachestat, or pages the filesystem keeps whatever it is told (tmpfs).
+/// The file's cached pages once evicted, or None (with why) where this kernel or filesystem
+/// cannot show a cold file: no cachestat, or pages the filesystem keeps whatever it is told
+/// (tmpfs).
 fn cold(f: &std::fs::File) -> Option<u64> {
     evict(f);
     let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
@@ -72,20 +74,48 @@ fn cold(f: &std::fs::File) -> Option<u64> {
 }
 
 #[test]
+fn a_file_read_from_the_disk_is_not_left_cached() {
+    let (f, hashes) = saved("cold");
+    let Some(before) = cold(&f) else { return };
+    let read = restore(&f, &hashes, CachePolicy::Auto);
+    assert!(read.verified);
+    assert_eq!(read.bytes_read, SIZE - 2 * PAGE);
+    assert_eq!(read.cache_released, read.bytes_read, "every piece read is released: {read:?}");
+    let after = cached(&f, 0, 0);
+    assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached after the restore (before it: {before})");
+    // The last 2 MiB block (the data ends a page short of it) goes only when the read is done.
+    assert_eq!(cached(&f, SIZE - 2 * MIB, 2 * MIB), 0, "the file's tail is dropped at the end");
+}
+
+#[test]
 fn chunks_loaded_lazily_from_the_disk_are_not_left_cached() {
     let (f, hashes) = saved("lazy-cold");
     let Some(before) = cold(&f) else { return };
     let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
-    // 1 MiB chunks: each is half of a 2 MiB folio the cache may hold.
-    let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), MIB, "checkpoint 'test.ckp'").unwrap();
+    let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), CHUNK, "checkpoint 'test.ckp'").unwrap();
     let mut half = vec![0u8; (SIZE / 2) as usize];
     lazy.read(GuestAddress(0), &mut half).unwrap();
-    assert_eq!(lazy.lazy_image().unwrap().counts(), ((SIZE / 2 / MIB) as usize, 0), "the first half's chunks loaded");
-    let cached = cached_pages(f.as_raw_fd(), 0, SIZE / 2).unwrap();
-    assert!(cached <= PAGES / 32, "loaded chunks are released: {cached} of their {} pages cached", PAGES / 2);
-    assert_eq!(memory_chunk_hashes(&lazy, MIB).unwrap(), hashes, "and all of it reads back exactly");
-    let after = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
+    assert_eq!(lazy.lazy_image().unwrap().counts(), ((SIZE / 2 / CHUNK) as usize, 0), "the first half's chunks loaded");
+    let first_half = cached(&f, 0, SIZE / 2);
+    assert!(first_half <= PAGES / 32, "loaded chunks are released: {first_half} of their {} pages cached", PAGES / 2);
+    assert_eq!(memory_chunk_hashes(&lazy, CHUNK).unwrap(), hashes, "and all of it reads back exactly");
+    let after = cached(&f, 0, 0);
     assert!(after <= PAGES / 16, "{after} of {PAGES} pages still cached once every chunk loaded (before: {before})");
+}
+
+#[test]
+fn lazy_chunks_smaller_than_a_folio_keep_the_cache() {
+    // Dropping a 1 MiB chunk would drop its neighbour's pages in the same 2 MiB folio, read
+    // ahead and then read again from the disk: such a restore keeps the cache.
+    let (f, hashes) = saved_with("lazy-small", MIB);
+    if cold(&f).is_none() {
+        return;
+    }
+    let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
+    let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), MIB, "checkpoint 'test.ckp'").unwrap();
+    assert_eq!(memory_chunk_hashes(&lazy, MIB).unwrap(), hashes);
+    let kept = cached(&f, 0, 0);
+    assert!(kept + SLACK >= PAGES - 2, "kept: {kept} of {PAGES} cached");
 }
 
 #[test]
@@ -94,17 +124,16 @@ fn keep_leaves_a_cold_file_cached_and_release_drops_a_cached_one() {
     if cold(&f).is_none() {
         return;
     }
-    let fresh = GuestMemory::new(&opts()).unwrap();
-    let read = read_memory_file_cached(&fresh, f.as_raw_fd(), Some((&hashes, MIB)), None, CachePolicy::Keep).unwrap();
+    assert!(memory_file_is_cold(f.as_raw_fd()).unwrap());
+    let read = restore(&f, &hashes, CachePolicy::Keep);
     assert_eq!(read.cache_released, 0);
-    let cached = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
-    assert!(cached >= PAGES - 1, "kept: {cached} of {PAGES} cached");
+    let kept = cached(&f, 0, 0);
+    assert!(kept + SLACK >= PAGES - 2, "kept: {kept} of {PAGES} cached");
     assert!(!memory_file_is_cold(f.as_raw_fd()).unwrap(), "and now it is cached");
-    let fresh = GuestMemory::new(&opts()).unwrap();
-    let read = read_memory_file_cached(&fresh, f.as_raw_fd(), Some((&hashes, MIB)), None, CachePolicy::Release).unwrap();
+    let read = restore(&f, &hashes, CachePolicy::Release);
     assert_eq!(read.cache_released, read.bytes_read);
-    let cached = cached_pages(f.as_raw_fd(), 0, 0).unwrap();
-    assert!(cached <= PAGES / 16, "released: {cached} of {PAGES} still cached");
+    let left = cached(&f, 0, 0);
+    assert!(left <= PAGES / 16, "released: {left} of {PAGES} still cached");
     assert!(memory_file_is_cold(f.as_raw_fd()).unwrap());
 }
 
@@ -117,11 +146,12 @@ fn a_file_already_cached_stays_cached() {
         eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
         return;
     };
-    assert_eq!(before, PAGES, "a file just read is cached");
-    let read = restore(&f, &hashes);
+    assert!(before + SLACK >= PAGES, "a file just read is cached: {before} of {PAGES}");
+    let read = restore(&f, &hashes, CachePolicy::Auto);
     assert!(read.verified);
     assert_eq!(read.cache_released, 0, "{read:?}");
-    assert_eq!(cached_pages(f.as_raw_fd(), 0, 0), Some(PAGES));
+    let after = cached(&f, 0, 0);
+    assert!(after + SLACK >= PAGES, "{after} of {PAGES} cached after the restore");
 }
 
 #[test]

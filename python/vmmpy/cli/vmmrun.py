@@ -47,7 +47,7 @@ from ..runtime.config import (
 from ..runtime.control import valid_vm_name
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PREFETCH, describe_lazy_restore
+from ..snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PAGE_CACHE, RESTORE_PREFETCH, describe_lazy_restore
 from ..state import SectionError
 from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --restore-mode lazy, what a background thread loads (verified) once the guest starts: "
                         "working-set: the chunks recorded in FILE.ws first, then every other chunk (default); fill: every "
                         "chunk in order; none: each chunk only when first needed")
-    p.add_argument("--restore-page-cache", choices=("auto", "keep"), default="auto",
+    p.add_argument("--restore-page-cache", choices=RESTORE_PAGE_CACHE, default="auto",
                    help="auto: a memory file read from the disk is dropped from the page cache as it is restored, so no "
                         "second copy of the guest stays cached; a file found cached stays cached (default); keep: leave "
                         "it cached, for an image restored again and again")
