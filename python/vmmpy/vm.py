@@ -28,7 +28,8 @@ from .runtime.commands import basic_metadata, build_machine, restore_machine
 from .runtime.config import LPC_DEVICES, ConfigError, VmConfig, parse_slot
 from .runtime.guest_handle import MachineHandle
 from .runtime.process import EXIT_NAMES, Machine
-from .snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PAGE_CACHE, RESTORE_PREFETCH, checkpoint_guest
+from .snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PREFETCH, checkpoint_guest
+from .snapshot.files import RESTORE_PAGE_CACHE
 from .units import MiB, parse_size
 
 

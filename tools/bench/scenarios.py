@@ -286,8 +286,8 @@ def warm_8g(ctx: Context) -> list[Row]:
         seconds, stats = _warm(ctx, "warm8", path, "8G", min(ctx.runs, 3))
     finally:
         remove_image(path)
-    # What the destination's fresh memory costs on this machine now, right after the runs:
-    # the limit beside the row, since every byte lands in memory the destination never had.
+    # What the destination's fresh memory costs on this machine now, right after the runs: a
+    # note beside the row, since every byte lands in memory the destination never had.
     try:
         populate: dict[int, float] | None = {gib: limits.populate_fresh(gib * GIB) for gib in (1, 8)}
     except (subprocess.SubprocessError, OSError, ValueError) as err:  # a note only: the runs stand

@@ -47,7 +47,8 @@ from ..runtime.config import (
 from ..runtime.control import valid_vm_name
 from ..runtime.process import EXIT_ERROR, EXIT_NAMES, Machine
 from ..snapshot import CheckpointError
-from ..snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PAGE_CACHE, RESTORE_PREFETCH, describe_lazy_restore
+from ..snapshot.checkpoint import RECORD_SECONDS, RESTORE_MODES, RESTORE_PREFETCH, describe_lazy_restore
+from ..snapshot.files import RESTORE_PAGE_CACHE
 from ..state import SectionError
 from ..units import format_memsize
 from ..vmm.ioctl import SuspendHow

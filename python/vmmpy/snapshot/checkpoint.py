@@ -52,8 +52,6 @@ LIVE_COPY_LIMIT_BYTES = 64 << 20
 #: What a lazy restore loads ahead: the working set then every other chunk, every chunk in order,
 #: or nothing (each chunk when first needed).
 RESTORE_PREFETCH = ("working-set", "fill", "none")
-# What a restore does with the page cache it reads the memory file through (files.restore_memory).
-RESTORE_PAGE_CACHE = ("auto", "keep")
 #: How long after a lazy restore's guest starts the chunks it touches are recorded, by default.
 RECORD_SECONDS = 1.0
 
@@ -327,8 +325,6 @@ def restore_guest(guest: GuestHandle, checkpoint: Checkpoint, *, mode: str = "ea
         raise ValueError(f"restore mode {mode!r}: choose {' or '.join(RESTORE_MODES)}")
     if prefetch not in RESTORE_PREFETCH:
         raise ValueError(f"restore prefetch {prefetch!r}: choose {', '.join(RESTORE_PREFETCH)}")
-    if page_cache not in RESTORE_PAGE_CACHE:
-        raise ValueError(f"restore page_cache {page_cache!r}: choose {' or '.join(RESTORE_PAGE_CACHE)}")
     if record_seconds is not None and not record_seconds >= 0:
         raise ValueError(f"working-set recording time {record_seconds} must be 0 (off) or more seconds")
     what = f"checkpoint '{checkpoint.kern_path}'"

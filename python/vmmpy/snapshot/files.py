@@ -68,6 +68,8 @@ DEFAULT_CHUNK_SIZE: int = _core.DEFAULT_CHUNK_SIZE
 #: bhyve's VM_MEM_F_WIRED, the "memflags" bit of a wired guest.
 MEMFLAG_WIRED = 0x02
 META_SUFFIX = ".meta"
+# What a restore does with the page cache it reads the memory file through (restore_memory).
+RESTORE_PAGE_CACHE = ("auto", "keep")
 KERN_SUFFIX = ".kern"
 
 
@@ -720,7 +722,7 @@ def restore_memory(
     reclaim; a file found cached stays cached. ``"keep"`` leaves the cache as the reads leave it
     (an image restored again and again from the disk). docs/checkpoint-format.md has the rule.
     """
-    if page_cache not in ("auto", "keep"):
+    if page_cache not in RESTORE_PAGE_CACHE:
         raise ValueError(f"page_cache must be 'auto' or 'keep', not {page_cache!r}")
     wired = checkpoint.wired if wired is None else wired
     if checkpoint.parent is not None:
