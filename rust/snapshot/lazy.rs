@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
-use super::memfile::{allocated_bytes, check_chunk_size, file_stat, page_extents, pread_all};
-use super::pagecache::{CachePolicy, CacheRelease, RELEASE_ALIGN};
+use super::memfile::{check_chunk_size, file_stat, page_extents, pread_all};
+use super::pagecache::{sampled_cold, CachePolicy, CacheRelease, RELEASE_ALIGN};
 use crate::memory::{ChunkFault, ChunkPart, ChunkSource, GuestMemory, MemoryOptions};
 
 /// A checkpoint memory file and the hashes its chunks must have.
@@ -71,9 +71,10 @@ pub fn lazy_memory_cached(
     // A chunk smaller than the cache's largest folios would drop its neighbours' pages that
     // readahead just brought in, and they would be read from the disk again: keep the cache.
     let cache = if chunk as u64 % RELEASE_ALIGN == 0 { cache } else { CachePolicy::Keep };
-    // Judged from the blocks the file holds (one fstat, one cachestat): restoring lazily stays
-    // constant time whatever the file's extents.
-    let cache = CacheRelease::new(fd.as_raw_fd(), cache, allocated_bytes(&st));
+    // Judged from samples of the file's data: restoring lazily stays constant time whatever the
+    // file holds and however much of it is cached.
+    let raw = fd.as_raw_fd();
+    let cache = CacheRelease::new(raw, cache, || sampled_cold(raw, size));
     let source = FileChunks { name: name.to_string(), fd, size, chunk_size: chunk, hashes, zero_chunk: OnceLock::new(), cache };
     Ok(GuestMemory::lazy(opts, chunk, Box::new(source))?)
 }

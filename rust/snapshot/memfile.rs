@@ -17,7 +17,7 @@ use std::time::Instant;
 use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::image::ImageLayout;
-use super::pagecache::{CachePolicy, CacheRelease, ReleaseBehind};
+use super::pagecache::{is_cold, CachePolicy, CacheRelease, ReleaseBehind};
 use crate::digest::{is_zero_page, resident_bitmap};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
@@ -328,10 +328,11 @@ pub fn hash_memory_file(fd: RawFd, chunk_size: u64) -> Result<(Vec<u128>, u64), 
 /// Whether a restore of the memory file at `fd` would bring it in from the disk (fewer than half
 /// of the data the filesystem holds for it cached, `pagecache.rs`): what a caller that reads the
 /// file first, to verify it, asks before that read, and then passes on as `CachePolicy::Release`
-/// or `Keep`. One fstat and one cachestat, whatever the file's size or extents.
+/// or `Keep`. One fstat, and one cachestat, which costs in proportion to the pages cached (none
+/// on tmpfs, where it is not asked).
 pub fn memory_file_is_cold(fd: RawFd) -> Result<bool, SnapshotError> {
     let st = file_stat(fd, "the memory file")?;
-    Ok(super::pagecache::is_cold(fd, allocated_bytes(&st)))
+    Ok(is_cold(fd, allocated_bytes(&st)))
 }
 
 /// The bytes the filesystem holds for a file (its blocks, at most its size): what reading it
@@ -422,7 +423,7 @@ pub fn read_memory_file_cached(
     if let Some(m) = meter {
         m.add_total(total / page, data_bytes / page);
     }
-    let mut behind = ReleaseBehind::new(CacheRelease::new(fd, cache, data_bytes));
+    let mut behind = ReleaseBehind::new(CacheRelease::new(fd, cache, || is_cold(fd, data_bytes)));
 
     let hash_hole = |hasher: &mut ChunkHasher, start: u64, end: u64| -> Result<(), SnapshotError> {
         layout.for_each_part(start, end, |seg, off, len| {
@@ -530,27 +531,30 @@ pub(super) fn file_data_extents(fd: RawFd, start: u64, end: u64) -> std::io::Res
     let mut out = Vec::new();
     let mut pos = start;
     while pos < end {
-        // SAFETY: lseek has no memory effects; a bad fd is an error return.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data at or after `pos`
-            }
-            return Err(err);
-        }
-        let data = data as u64;
+        let Some((data, hole)) = next_data_extent(fd, pos)? else { break };
         if data >= end {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hole = (hole as u64).min(end);
+        let hole = hole.min(end);
         out.push((data, hole));
         pos = hole;
     }
     Ok(out)
+}
+
+/// The first data extent of the file at `fd` at or after `pos` (SEEK_DATA, then SEEK_HOLE), or
+/// None where only holes follow.
+pub(super) fn next_data_extent(fd: RawFd, pos: u64) -> std::io::Result<Option<(u64, u64)>> {
+    // SAFETY: lseek has no memory effects; a bad fd is an error return.
+    let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let err = std::io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(err) };
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some((data as u64, hole as u64)))
 }

@@ -104,6 +104,64 @@ fn chunks_loaded_lazily_from_the_disk_are_not_left_cached() {
 }
 
 #[test]
+fn a_lazy_restore_leaves_a_file_already_cached_cached() {
+    let (f, hashes) = saved("lazy-warm");
+    let mut buf = vec![0u8; SIZE as usize];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
+        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
+        return;
+    };
+    assert!(before + SLACK >= PAGES, "a file just read is cached: {before} of {PAGES}");
+    let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
+    let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), CHUNK, "checkpoint 'test.ckp'").unwrap();
+    assert_eq!(memory_chunk_hashes(&lazy, CHUNK).unwrap(), hashes);
+    let after = cached(&f, 0, 0);
+    assert!(after + SLACK >= PAGES, "{after} of {PAGES} cached after the restore");
+}
+
+#[test]
+fn a_lazy_restore_judges_a_sparse_file_from_its_data() {
+    // Data only in the last quarter: the samples skip the holes before it (strata of holes
+    // would count nothing and call any file cold), so a file whose data is cached is kept and
+    // one whose data is not is dropped.
+    let mem = GuestMemory::new(&opts()).unwrap();
+    let quarter = SIZE / 4;
+    let fill: Vec<u8> = (0..quarter).map(|b| (b.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    mem.write(GuestAddress(SIZE - quarter), &fill).unwrap();
+    let path = std::env::temp_dir().join(format!("vmm-pagecache-{}-sparse", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let hashes = write_memory_file(&mem, f.as_raw_fd(), CHUNK, None).unwrap().chunk_hashes;
+    f.sync_all().unwrap();
+    let data_pages = quarter / PAGE;
+    let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
+    let restore_all = || {
+        let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), CHUNK, "checkpoint 'test.ckp'").unwrap();
+        assert_eq!(memory_chunk_hashes(&lazy, CHUNK).unwrap(), hashes);
+    };
+    evict(&f);
+    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
+        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
+        return;
+    };
+    if before * 2 >= data_pages {
+        eprintln!("skipped: this filesystem keeps its pages cached ({before} after POSIX_FADV_DONTNEED: tmpfs?)");
+        return;
+    }
+    // Cold: the data is dropped as its chunks load.
+    restore_all();
+    let left = cached(&f, 0, 0);
+    assert!(left <= data_pages / 16, "cold: {left} of the {data_pages} data pages still cached");
+    // Its data read by another program first: kept.
+    let mut buf = vec![0u8; quarter as usize];
+    f.read_exact_at(&mut buf, SIZE - quarter).unwrap();
+    restore_all();
+    let kept = cached(&f, SIZE - quarter, quarter);
+    assert!(kept + SLACK >= data_pages, "cached: {kept} of the {data_pages} data pages kept");
+}
+
+#[test]
 fn lazy_chunks_smaller_than_a_folio_keep_the_cache() {
     // Dropping a 1 MiB chunk would drop its neighbour's pages in the same 2 MiB folio, read
     // ahead and then read again from the disk: such a restore keeps the cache.
