@@ -14,11 +14,16 @@ from __future__ import annotations
 import errno
 import os
 import struct
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from . import _core
+from ._lazy import lazy_module
 from .units import parse_size
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # 100 ms to import; a restore that never uses it does not pay
 
 PAGE_SIZE: int = _core.PAGE_SIZE
 PAGE_SHIFT = 12
@@ -69,14 +74,21 @@ class CheckpointLog:
 
     def __init__(self, pages: int, lowmem_pages: int, base: object) -> None:
         self.base = base
-        self.bits = np.zeros(pages, dtype=bool)
+        self._pages = pages
+        self._bits: np.ndarray | None = None  # made at the first harvest: a restore needs no numpy
         self.lowmem_pages = lowmem_pages
         self.everything = False
+
+    @property
+    def bits(self) -> np.ndarray:
+        if self._bits is None:
+            self._bits = np.zeros(self._pages, dtype=bool)
+        return self._bits
 
     def add(self, pfns: np.ndarray) -> None:
         highmem_pfn = HIGHMEM_BASE // PAGE_SIZE
         index = np.where(pfns >= highmem_pfn, pfns - highmem_pfn + self.lowmem_pages, pfns).astype(np.int64)
-        self.bits[index[index < len(self.bits)]] = True
+        self.bits[index[index < self._pages]] = True
 
     def pages(self) -> np.ndarray:
         if self.everything:

@@ -41,11 +41,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
+from .._lazy import lazy_module
 from ..memory import HIGHMEM_BASE, PAGE_SIZE, GuestMemory, LazyMemoryError
 from ..progress import ProgressCallback, ProgressMeter, metered
 from ..state import Section, SectionError, SectionRecord, SectionRegistry, encode_container, read_container
@@ -63,6 +62,11 @@ from .meta import (
     open_meta,
     seal,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # 100 ms to import; a restore that never uses it does not pay
 
 DEFAULT_CHUNK_SIZE: int = _core.DEFAULT_CHUNK_SIZE
 #: bhyve's VM_MEM_F_WIRED, the "memflags" bit of a wired guest.
