@@ -44,6 +44,38 @@ def test_a_ticker_ticks_while_its_block_runs_and_never_after():
     assert isinstance(failing.error, OSError) and failing.ticks == 0, "a failing tick stops ticking, never the work"
 
 
+def test_tickers_share_one_thread_and_a_tick_in_progress_is_waited_for():
+    """A ticker's block starts no thread (a migration's final round is such a block, inside the
+    downtime); tickers of different intervals tick side by side; the end of a block waits for
+    its tick in progress, so nothing runs after it."""
+    fast, slow = [], []
+    with Ticker(lambda: fast.append(1), interval=0.01), Ticker(lambda: slow.append(1), interval=0.03):
+        for _ in range(500):  # bounded: at most 5 s
+            if len(fast) >= 6 and len(slow) >= 2:
+                break
+            threading.Event().wait(0.01)
+    assert len(fast) >= 6 and len(slow) >= 2
+    tickers = [t for t in threading.enumerate() if t.name == "progress-ticker"]
+    assert len(tickers) == 1
+    before = threading.active_count()
+    for _ in range(50):
+        with Ticker(lambda: None, interval=0.5):
+            pass
+    assert threading.active_count() == before and [t for t in threading.enumerate() if t.name == "progress-ticker"] == tickers
+
+    in_tick, ended = threading.Event(), []
+
+    def slow_tick():
+        in_tick.set()
+        threading.Event().wait(0.2)
+        ended.append(time.monotonic())
+
+    with Ticker(slow_tick, interval=0.01) as ticker:
+        assert in_tick.wait(5)
+    left = time.monotonic()
+    assert ended and ended[-1] <= left and ticker.ticks == len(ended), "the block ended after its tick, not during it"
+
+
 def test_the_progress_callback_fires_within_a_single_warm_round_with_live_figures(guests):
     """A warm migration is one round: without live figures its progress callback said nothing
     until it was over. Capped at 4 MiB/s, its 8 MiB of data take about 2 s."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import tool_environment
 
-tool_environment()  # before the imports below load numpy
+tool_environment()  # before anything loads numpy
 
 import argparse
 import errno

@@ -41,7 +41,7 @@ from ..state import SectionError, decode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
 from .convergence import MigrationParams
-from .digest import InBackground
+from .digest import InBackground, Ready, tracker_digest
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
 from .net import (
     CancelWatcher,
@@ -596,7 +596,7 @@ class _Receiver:
         self.next_round = 0
         self.have_all_pages = False
         self.tracker = self.memory.digest_tracker()  # hashes (or marks) every page received: exact in both verify modes
-        self.digest_job: InBackground[int] | None = None
+        self.digest_job: InBackground[int] | Ready[int] | None = None
         self.restored = False
         self.refused_reason: str | None = None
         self.listener = listener  # open only until the data streams have joined or round 0 begins
@@ -938,8 +938,9 @@ class _Receiver:
             self._send(P.MessageType.ROUND_DONE, P.encode_round_done(memory.round))
         if memory.flags & P.MemoryFlags.FINAL:
             # No page changes after the final round, and every page was hashed as it arrived:
-            # combine while the state and the commit request arrive.
-            self.digest_job = InBackground(self.tracker.digest)
+            # combine (at once when nothing is left to hash) before the state and the commit
+            # request arrive.
+            self.digest_job = tracker_digest(self.tracker)
 
     def _take_local_memory(self, m: P.LocalMemory) -> None:
         """LOCAL_MEMORY: take the memfds that follow it and map them as this guest's memory (the

@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ..memory import DigestTracker
 
 T = TypeVar("T")
 
 VERIFY_MODES = ("incremental", "full")
+
+#: Stale pages up to which a tracker's digest is combined at once, not on a thread: with none
+#: stale, 1 GiB combines in 0.03 ms, where starting and joining a thread cost 0.13 ms here (more on
+#: a busy host, where the thread waits for a CPU), inside the downtime.
+INLINE_STALE_PAGES = 256
 
 
 class InBackground(Generic[T]):
@@ -51,3 +59,35 @@ class InBackground(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+class Ready(Generic[T]):
+    """What :class:`InBackground` offers, for work done at once: ``fn()`` is called now, and
+    :meth:`result` returns its value or raises what it raised, as the thread's would."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        try:
+            self._value = fn()
+        except Exception as err:
+            self._error = err
+
+    def done(self) -> bool:
+        return True
+
+    def join(self) -> None:
+        pass
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def tracker_digest(tracker: DigestTracker) -> InBackground[int] | Ready[int]:
+    """The tracker's commit digest, combined while the caller goes on where pages are left to hash
+    (a thread), at once where there are next to none (every page was hashed as it moved)."""
+    if tracker.stale_pages() <= INLINE_STALE_PAGES:
+        return Ready(tracker.digest)
+    return InBackground(tracker.digest)

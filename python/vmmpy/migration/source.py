@@ -42,7 +42,7 @@ from ..state import encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
 from .convergence import GIVE_UP, POSTCOPY, SWITCH, Convergence, MigrationParams
-from .digest import InBackground
+from .digest import InBackground, tracker_digest
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, await_delivery, connect, for_page_requests, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
@@ -394,9 +394,9 @@ class _Source:
             self._send_round(next_round, final=True, all_pages=not self.live)
             self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
             if digest_job is None:
-                # Every page the guest wrote was sent, and hashed as it went: combine while the state
-                # is encoded and sent.
-                digest_job = InBackground(self.tracker.digest)
+                # Every page the guest wrote was sent, and hashed as it went: combine (at once
+                # when nothing is left to hash, else while the state is encoded and sent).
+                digest_job = tracker_digest(self.tracker)
         self._send_state()
         t = time.monotonic()
         digest = digest_job.result()
