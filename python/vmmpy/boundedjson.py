@@ -3,10 +3,10 @@
 Python's ``json`` recurses once per nesting level, so ``[`` repeated 100,000 times raises
 RecursionError from inside the parser (and anything that walks the result recurses too).
 :func:`parse` therefore measures the nesting depth first, without recursion and without
-parsing (a vectorised scan that skips string contents), and refuses a document deeper or larger
-than its caller allows. It also refuses what ``json`` would otherwise accept silently: bytes that
-are not UTF-8, ``NaN``/``Infinity`` (not JSON), and an object that repeats a key (the last one
-would win, unseen). Every refusal is a :class:`BoundedJsonError` whose message says what was
+parsing (a scan that skips string contents, vectorised for long documents), and refuses a
+document deeper or larger than its caller allows. It also refuses what ``json`` would otherwise
+accept silently: bytes that are not UTF-8, ``NaN``/``Infinity`` (not JSON), and an object that
+repeats a key (the last one would win, unseen). Every refusal is a :class:`BoundedJsonError` whose message says what was
 wrong; the caller prefixes the file or message it came from.
 
 This module owns no format: the checkpoint metadata and the state-section payloads use it.
@@ -16,9 +16,22 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ._lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # only long documents need it, and it takes 0.1 s to import
+
+#: Documents up to this many bytes (once escapes are dropped) are scanned without numpy: a
+#: checkpoint's ``.meta`` is about 13 KB, and importing numpy costs ``vmmrun -r`` 0.1 s, more than
+#: scanning them. Longer ones, which only a diff's page lists or a hostile peer make, are scanned
+#: vectorised, in bounded memory.
+SMALL_DOCUMENT = 64 << 10
 #: A string, from its opening quote to its closing one (or the end of an unterminated one), once
 #: escaped quotes and backslashes are gone.
 _STRING = re.compile(rb'"[^"]*(?:"|\Z)')
@@ -28,8 +41,18 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP = [0] * 256
 _STEP[ord("[")] = _STEP[ord("{")] = 1
 _STEP[ord("]")] = _STEP[ord("}")] = -1
-#: Brackets scanned per step, so a document nested far too deep is refused after one.
+#: Bytes scanned per numpy step: bounds the scan's scratch memory.
 _BLOCK = 1 << 20
+
+
+@cache
+def _codes() -> np.ndarray:
+    """What each byte means to the vectorised scan: 2 a quote, 1 an opening bracket, -1 a closing one."""
+    codes = np.zeros(256, np.int8)
+    codes[ord('"')] = 2
+    codes[[ord("["), ord("{")]] = 1
+    codes[[ord("]"), ord("}")]] = -1
+    return codes
 
 
 class BoundedJsonError(ValueError):
@@ -41,22 +64,41 @@ def nesting_depth(data: bytes, stop_above: int = 1 << 62) -> int:
 
     Exact for valid JSON; for invalid JSON it is exact up to the first error, which is as far as
     a parser gets, so a parse that follows this check never recurses deeper than it says. The
-    scan stops early, returning a depth above ``stop_above``, once it has seen that deep.
+    scan of a long document stops early, returning a depth above ``stop_above``, once it has
+    seen that deep.
     """
     # Inside strings, an escaped backslash or an escaped quote are the only sequences that could
     # be mistaken for a string's end: drop them (pairs first, so "\\\"" reads right), and every
-    # remaining quote opens or closes a string. What is left once strings are gone, brackets
-    # only, is scanned at C speed (a regular expression, translate, accumulate): no numpy, whose
-    # import alone costs a restore 100 ms.
+    # remaining quote toggles in and out of a string.
     flat = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return _depth_short(flat) if len(flat) <= SMALL_DOCUMENT else _depth_long(flat, stop_above)
+
+
+def _depth_short(flat: bytes) -> int:
+    """The scan of a short document, at C speed without numpy: strings removed (a regular
+    expression), brackets kept (translate), the deepest running sum (accumulate)."""
     brackets = _STRING.sub(b"", flat).translate(None, _NOT_BRACKETS)
-    depth = deepest = 0
-    for start in range(0, len(brackets), _BLOCK):
-        block = brackets[start : start + _BLOCK]
-        deepest = max(deepest, max(accumulate(map(_STEP.__getitem__, block), initial=depth)))
+    return max(accumulate(map(_STEP.__getitem__, brackets), initial=0))
+
+
+def _depth_long(flat: bytes, stop_above: int) -> int:
+    """The vectorised scan, a block at a time (the quote parity and the depth carried over)."""
+    arr = np.frombuffer(flat, dtype=np.uint8)
+    table = _codes()
+    depth = deepest = in_string = 0
+    for start in range(0, len(arr), _BLOCK):
+        codes = table[arr[start : start + _BLOCK]]
+        codes = codes[codes != 0]
+        if not codes.size:
+            continue
+        quotes = codes == 2
+        outside = ((np.cumsum(quotes, dtype=np.int64) + in_string) & 1) == 0
+        running = np.cumsum(np.where(outside & ~quotes, codes, 0), dtype=np.int64) + depth
+        deepest = max(deepest, int(running.max()))
         if deepest > stop_above:
             break
-        depth += block.count(b"[") + block.count(b"{") - block.count(b"]") - block.count(b"}")
+        depth = int(running[-1])
+        in_string = (in_string + int(quotes.sum())) & 1
     return deepest
 
 

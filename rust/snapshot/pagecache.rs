@@ -149,9 +149,12 @@ pub(super) fn sampled_cold(fd: RawFd, size: u64) -> bool {
     let mut pos = 0;
     while pos < size {
         let Ok(Some((data, hole))) = next_data_extent(fd, pos) else { break };
+        if data >= size {
+            break; // data past the size judged (the file grew since): not the checkpoint's
+        }
         let stratum_end = (pos + stride).min(size);
         if data >= stratum_end {
-            pos = data / stride * stride; // the stratum the data is in
+            pos = data / stride * stride; // the stratum the data is in, after this one
             continue;
         }
         let (first, end) = (data / page * page, hole.min(data + SAMPLE_BYTES).min(stratum_end).div_ceil(page) * page);
@@ -196,9 +199,10 @@ impl CacheRelease {
         unsafe { libc::posix_fadvise(self.fd, off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
     }
 
-    /// A lazily loaded chunk, `start..end`, is in guest memory: drop it, rounded out to whole [`RELEASE_ALIGN`] blocks so no folio across its edges stays.
-    /// Chunks are whole blocks (lazy restores of smaller chunks keep the cache), so this only
-    /// reaches past the file's last chunk.
+    /// A lazily loaded chunk, `start..end`, is in guest memory: drop it, rounded out to whole
+    /// [`RELEASE_ALIGN`] blocks so no folio across its edges stays. Chunks are whole blocks (lazy
+    /// restores of smaller chunks keep the cache), so this only reaches past the file's last
+    /// chunk.
     pub(super) fn drop_chunk(&self, start: u64, end: u64) {
         self.drop_range(start / RELEASE_ALIGN * RELEASE_ALIGN, end.div_ceil(RELEASE_ALIGN) * RELEASE_ALIGN);
     }

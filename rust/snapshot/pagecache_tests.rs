@@ -213,6 +213,23 @@ fn a_file_already_cached_stays_cached() {
 }
 
 #[test]
+fn judging_a_file_that_grew_past_the_size_given_ends() {
+    // 65 pages judged (a last stratum shorter than the others), data only in page 65, past them:
+    // the stratum jump sent the sampler back to the last stratum's start, for ever.
+    let path = std::env::temp_dir().join(format!("vmm-pagecache-{}-grown", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f.set_len(66 * PAGE).unwrap();
+    f.write_all_at(&[9u8; PAGE_SIZE], 65 * PAGE).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fd = f.as_raw_fd();
+    std::thread::spawn(move || tx.send(super::pagecache::sampled_cold(fd, 65 * PAGE)).unwrap());
+    let judged = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("sampled_cold ends");
+    assert!(!judged, "no data within the size judged: nothing to drop");
+    drop(f);
+}
+
+#[test]
 fn cached_pages_says_nothing_of_a_descriptor_that_is_not_open() {
     assert_eq!(cached_pages(-1, 0, 0), None);
 }
