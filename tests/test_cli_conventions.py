@@ -93,15 +93,23 @@ def test_list_shows_each_guests_state_a_waiting_destination_as_incoming(tmp_path
         stop(waiting)
 
 
-def test_restore_refuses_options_that_contradict_the_checkpoint_in_the_users_terms(tmp_path):
-    from .procs import start_vmmrun, stop, vmmctl, vmmrun_cmd, wait_for_socket
+def suspended_abtest(tmp_path: Path, name: str) -> Path:
+    """A 32 MiB abtest guest suspended at its first instruction to ``tmp_path / NAME.ckp``."""
+    from .procs import start_vmmrun, stop, vmmctl, wait_for_socket
 
-    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "--pause-at", "0", "r0")
+    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "--pause-at", "0", name)
     try:
-        wait_for_socket(tmp_path, "r0", proc)
-        assert vmmctl(tmp_path, "--vm=r0", f"--suspend={tmp_path / 'r0.ckp'}").returncode == 0
+        wait_for_socket(tmp_path, name, proc)
+        assert vmmctl(tmp_path, f"--vm={name}", f"--suspend={tmp_path / f'{name}.ckp'}").returncode == 0
     finally:
         stop(proc)
+    return tmp_path / f"{name}.ckp"
+
+
+def test_restore_refuses_options_that_contradict_the_checkpoint_in_the_users_terms(tmp_path):
+    from .procs import start_vmmrun, stop, vmmrun_cmd, wait_for_socket
+
+    suspended_abtest(tmp_path, "r0")
     refused = subprocess.run([*vmmrun_cmd(f"--run-dir={tmp_path}", "-r", str(tmp_path / "r0.ckp"), "-m", "64M", "-c", "2",
                                           "--vendor", "amd", "r0")], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 4
@@ -164,14 +172,9 @@ def test_a_restore_does_not_wait_for_numpy_and_vmmrun_loads_it_meanwhile(tmp_pat
     ready); nothing a restore does needs it (the .meta's nesting scan, the checkpoint log), so the
     restore path does not import it, and vmmrun imports it on a thread once the guest starts, so
     that a later pause (a diff checkpoint) does not wait for it either."""
-    from .procs import start_vmmrun, stop, vmmctl, wait_for_socket, wait_for_state
+    from .procs import start_vmmrun, stop, wait_for_state
 
-    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "--pause-at", "0", "np0")
-    try:
-        wait_for_socket(tmp_path, "np0", proc)
-        assert vmmctl(tmp_path, "--vm=np0", f"--suspend={tmp_path / 'np0.ckp'}").returncode == 0
-    finally:
-        stop(proc)
+    suspended_abtest(tmp_path, "np0")
     probe = ("import os, sys; from vmmpy.cli import vmmrun; from vmmpy.runtime.commands import restore_machine; "
              "from vmmpy.runtime.config import VmConfig; "
              f"m = restore_machine({str(tmp_path / 'np0.ckp')!r}, VmConfig(name='np1')); "

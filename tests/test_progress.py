@@ -76,6 +76,25 @@ def test_tickers_share_one_thread_and_a_tick_in_progress_is_waited_for():
     assert ended and ended[-1] <= left and ticker.ticks == len(ended), "the block ended after its tick, not during it"
 
 
+def test_a_tick_due_in_a_pass_is_not_called_once_its_block_has_ended():
+    """One pass of the ticker thread may find two tickers due; if the second's block ends while
+    the first is being called, the second must not be called after its block. (The pass is run
+    by hand here, on a ticker service with no thread of its own.)"""
+    from vmmpy import progress
+
+    service = progress._TickThread()
+    service._thread = threading.current_thread()  # alive: add() starts no thread
+    called = []
+    second = Ticker(lambda: called.append("second"), interval=0.01)
+    first = Ticker(lambda: (called.append("first"), service.remove(second)), interval=0.01)
+    service.add(first)
+    service.add(second)
+    with service._cond:
+        for ticker in (first, second):  # both were due when the pass began
+            service._tick(ticker)
+    assert called == ["first"] and first.ticks == 1 and second.ticks == 0
+
+
 def test_the_progress_callback_fires_within_a_single_warm_round_with_live_figures(guests):
     """A warm migration is one round: without live figures its progress callback said nothing
     until it was over. Capped at 4 MiB/s, its 8 MiB of data take about 2 s."""

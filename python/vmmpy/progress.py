@@ -120,13 +120,16 @@ class _TickThread:
         with self._cond:
             while True:
                 now = time.monotonic()
-                for ticker in [t for t in self._tickers if t._due <= now]:
+                for ticker in sorted((t for t in self._tickers if t._due <= now), key=lambda t: t._due):
                     self._tick(ticker)
                 self._wake_at = min((t._due for t in self._tickers), default=float("inf"))
                 self._cond.wait(None if self._wake_at == float("inf") else max(0.0, self._wake_at - time.monotonic()))
 
     def _tick(self, ticker: Ticker) -> None:
-        """Call one ticker due now (the lock held on entry and on return, not during the call)."""
+        """Call one ticker due now (the lock held on entry and on return, not during the call),
+        unless its block ended while an earlier one of the same pass was called."""
+        if ticker not in self._tickers:
+            return
         ticker._calling = True
         self._cond.release()
         try:

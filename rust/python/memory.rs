@@ -259,6 +259,9 @@ impl PyGuestMemory {
     fn lazy_status(&self) -> Option<LazyStatus> {
         let image = self.inner.lazy_image()?;
         let (loaded, failed) = image.counts();
+        // `resident` from the same reading as the load counts (resident first, then the counts,
+        // which a chunk's load raised before it made the image resident): read apart, a status
+        // could say resident with the last chunk's load not counted yet.
         let stats = image.stats();
         Some(LazyStatus {
             source: image.source_name().to_string(),
@@ -266,7 +269,7 @@ impl PyGuestMemory {
             chunks: image.chunks(),
             loaded,
             failed,
-            resident: image.is_resident(),
+            resident: stats.resident_after.is_some(),
             complete: image.is_complete(),
             demand_loads: stats.demand_loads,
             prefetched: stats.prefetched,

@@ -57,6 +57,20 @@ fn cached(f: &std::fs::File, off: u64, len: u64) -> u64 {
     cached_pages(f.as_raw_fd(), off, len).unwrap()
 }
 
+/// A saved file another program has just read whole (so it is cached), or None (with why)
+/// where this kernel cannot say what is cached.
+fn saved_and_read(tag: &str) -> Option<(std::fs::File, Vec<u128>)> {
+    let (f, hashes) = saved(tag);
+    let mut buf = vec![0u8; SIZE as usize];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
+        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
+        return None;
+    };
+    assert!(before + SLACK >= PAGES, "a file just read is cached: {before} of {PAGES}");
+    Some((f, hashes))
+}
+
 /// The file's cached pages once evicted, or None (with why) where this kernel or filesystem
 /// cannot show a cold file: no cachestat, or pages the filesystem keeps whatever it is told
 /// (tmpfs).
@@ -105,14 +119,7 @@ fn chunks_loaded_lazily_from_the_disk_are_not_left_cached() {
 
 #[test]
 fn a_lazy_restore_leaves_a_file_already_cached_cached() {
-    let (f, hashes) = saved("lazy-warm");
-    let mut buf = vec![0u8; SIZE as usize];
-    f.read_exact_at(&mut buf, 0).unwrap();
-    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
-        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
-        return;
-    };
-    assert!(before + SLACK >= PAGES, "a file just read is cached: {before} of {PAGES}");
+    let Some((f, hashes)) = saved_and_read("lazy-warm") else { return };
     let opts = MemoryOptions { tracking: TrackingChoice::Auto, ..opts() };
     let lazy = lazy_memory(&opts, f.as_raw_fd(), hashes.clone(), CHUNK, "checkpoint 'test.ckp'").unwrap();
     assert_eq!(memory_chunk_hashes(&lazy, CHUNK).unwrap(), hashes);
@@ -197,14 +204,7 @@ fn keep_leaves_a_cold_file_cached_and_release_drops_a_cached_one() {
 
 #[test]
 fn a_file_already_cached_stays_cached() {
-    let (f, hashes) = saved("warm");
-    let mut buf = vec![0u8; SIZE as usize];
-    f.read_exact_at(&mut buf, 0).unwrap();
-    let Some(before) = cached_pages(f.as_raw_fd(), 0, 0) else {
-        eprintln!("skipped: this kernel has no cachestat(2) (Linux 6.5)");
-        return;
-    };
-    assert!(before + SLACK >= PAGES, "a file just read is cached: {before} of {PAGES}");
+    let Some((f, hashes)) = saved_and_read("warm") else { return };
     let read = restore(&f, &hashes, CachePolicy::Auto);
     assert!(read.verified);
     assert_eq!(read.cache_released, 0, "{read:?}");
