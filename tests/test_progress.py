@@ -95,6 +95,55 @@ def test_a_tick_due_in_a_pass_is_not_called_once_its_block_has_ended():
     assert called == ["first"] and first.ticks == 1 and second.ticks == 0
 
 
+def test_a_tick_that_raises_anything_stops_only_its_own_ticker():
+    """A Rust panic reaches Python as a BaseException: it must stop the ticker whose tick raised
+    it (kept in ``error``), not the thread every other ticker is served by."""
+    calls = []
+
+    def panic():
+        raise SystemExit("a panic in the core")
+
+    with Ticker(lambda: calls.append(1), interval=0.01), Ticker(panic, interval=0.01) as failing:
+        for _ in range(500):  # bounded: at most 5 s
+            if failing.error is not None and len(calls) >= 5:
+                break
+            threading.Event().wait(0.01)
+    assert isinstance(failing.error, SystemExit) and failing.ticks == 0
+    assert len(calls) >= 5, "the other ticker kept ticking"
+
+
+def test_a_child_forked_during_a_tick_can_end_that_tickers_block():
+    """The child of a fork has no ticker thread: a tick the parent's was in the middle of must
+    not keep the child waiting for ever at the end of that ticker's block."""
+    in_tick, release = threading.Event(), threading.Event()
+
+    def slow():
+        in_tick.set()
+        release.wait(10)
+
+    ticker = Ticker(slow, interval=0.01)
+    ticker.__enter__()
+    try:
+        assert in_tick.wait(5)
+        pid = os.fork()
+        if pid == 0:  # the child: end the block, and say so by the exit status
+            ticker.__exit__(None, None, None)
+            os._exit(7)
+        for _ in range(500):  # bounded: 5 s
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.01)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child hung ending the ticker's block")
+        assert os.waitstatus_to_exitcode(status) == 7
+    finally:
+        release.set()
+        ticker.__exit__(None, None, None)
+
+
 def test_the_progress_callback_fires_within_a_single_warm_round_with_live_figures(guests):
     """A warm migration is one round: without live figures its progress callback said nothing
     until it was over. Capped at 4 MiB/s, its 8 MiB of data take about 2 s."""

@@ -70,7 +70,8 @@ class Ticker:
 
     Every ticker of the process is served by one thread, started with the first: a block costs a
     few microseconds, not a thread's start and join (0.15 ms here, and a wait for a CPU on a busy
-    host), which matters in a migration's downtime, whose final round is such a block."""
+    host), which matters in a migration's downtime, whose final round is such a block. So a tick
+    must be quick and must not wait for another ticker's tick: while it runs, no other ticks."""
 
     def __init__(self, fn: Callable[[], None], interval: float = TICK_S) -> None:
         if interval <= 0:
@@ -135,7 +136,7 @@ class _TickThread:
         try:
             ticker.fn()
             error = None
-        except Exception as err:
+        except BaseException as err:  # a Rust panic too: it stops this ticker, not the thread
             error = err
         finally:
             self._cond.acquire()
@@ -150,8 +151,19 @@ class _TickThread:
 
 
 _TICKS = _TickThread()
-# A child of fork has none of the parent's threads: it starts its own ticker thread when it needs one.
-os.register_at_fork(after_in_child=lambda: globals().update(_TICKS=_TickThread()))
+
+
+def _after_fork_in_child() -> None:
+    """A child of fork has none of the parent's threads: it starts its own ticker thread when it
+    needs one, and a tick the parent's thread was in the middle of is over (else the child would
+    wait for ever to end that ticker's block)."""
+    global _TICKS
+    for ticker in _TICKS._tickers:
+        ticker._calling = False
+    _TICKS = _TickThread()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]

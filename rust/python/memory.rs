@@ -258,11 +258,12 @@ impl PyGuestMemory {
     /// memory.
     fn lazy_status(&self) -> Option<LazyStatus> {
         let image = self.inner.lazy_image()?;
-        let (loaded, failed) = image.counts();
-        // `resident` from the same reading as the load counts (resident first, then the counts,
-        // which a chunk's load raised before it made the image resident): read apart, a status
-        // could say resident with the last chunk's load not counted yet.
+        // Read in the reverse of the order a load writes them (its counts, then resident, then
+        // complete), so that complete implies resident implies every load counted: read the
+        // other way, a status said resident with the last chunk's load not counted yet.
+        let complete = image.is_complete();
         let stats = image.stats();
+        let (loaded, failed) = image.counts();
         Some(LazyStatus {
             source: image.source_name().to_string(),
             chunk_size: image.chunk_size(),
@@ -270,7 +271,7 @@ impl PyGuestMemory {
             loaded,
             failed,
             resident: stats.resident_after.is_some(),
-            complete: image.is_complete(),
+            complete,
             demand_loads: stats.demand_loads,
             prefetched: stats.prefetched,
             filled: stats.filled,

@@ -385,10 +385,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    load_numpy_meanwhile()
     try:
         if receive_at:
             host, port = receive_at
+            # Before listening, not on a thread: the migration may begin at once, and its
+            # downtime (a live update's whole handover) must not share the CPU with an import.
+            importlib.import_module("numpy")
             log.info("%s: waiting for a migration on %s", config.name, format_address(host, port))
             stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
             if stats.status != "completed":
@@ -409,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
         else:
             machine.start_vcpus()
+            load_numpy_meanwhile()
         while (status := machine.wait(0.5)) is None:
             pass
     except (MigrationError, OSError) as err:
@@ -424,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_numpy_meanwhile() -> None:
-    """Import numpy on a thread of its own while the guest starts (or the destination waits): the
-    start does not wait for it (0.1 s), and a pause that needs it later (a diff checkpoint's dirty
-    pages) does not either."""
+    """Import numpy on a thread of its own once the guest has started: the start does not wait
+    for it (0.1 s), and a pause that needs it later (a diff checkpoint's dirty pages) does not
+    either."""
     threading.Thread(target=importlib.import_module, args=("numpy",), name="load-numpy", daemon=True).start()
 
 

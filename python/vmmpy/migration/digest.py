@@ -70,7 +70,7 @@ class Ready(Generic[T]):
         self._error: BaseException | None = None
         try:
             self._value = fn()
-        except Exception as err:
+        except BaseException as err:  # as InBackground's thread keeps it, for result() to raise
             self._error = err
 
     def done(self) -> bool:
