@@ -531,10 +531,7 @@ pub(super) fn file_data_extents(fd: RawFd, start: u64, end: u64) -> std::io::Res
     let mut out = Vec::new();
     let mut pos = start;
     while pos < end {
-        let Some((data, hole)) = next_data_extent(fd, pos)? else { break };
-        if data >= end {
-            break;
-        }
+        let Some((data, hole)) = next_data_extent(fd, pos, end)? else { break };
         let hole = hole.min(end);
         out.push((data, hole));
         pos = hole;
@@ -542,14 +539,17 @@ pub(super) fn file_data_extents(fd: RawFd, start: u64, end: u64) -> std::io::Res
     Ok(out)
 }
 
-/// The first data extent of the file at `fd` at or after `pos` (SEEK_DATA, then SEEK_HOLE), or
-/// None where only holes follow.
-pub(super) fn next_data_extent(fd: RawFd, pos: u64) -> std::io::Result<Option<(u64, u64)>> {
+/// The first data extent of the file at `fd` that starts in `pos..end` (SEEK_DATA, then
+/// SEEK_HOLE; the extent may run past `end`), or None where only holes lie there.
+pub(super) fn next_data_extent(fd: RawFd, pos: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
     // SAFETY: lseek has no memory effects; a bad fd is an error return.
     let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
     if data < 0 {
         let err = std::io::Error::last_os_error();
         return if err.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(err) };
+    }
+    if data as u64 >= end {
+        return Ok(None);
     }
     // SAFETY: as above.
     let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };

@@ -148,10 +148,8 @@ pub(super) fn sampled_cold(fd: RawFd, size: u64) -> bool {
     let (mut pages, mut cached) = (0u64, 0u64);
     let mut pos = 0;
     while pos < size {
-        let Ok(Some((data, hole))) = next_data_extent(fd, pos) else { break };
-        if data >= size {
-            break; // data past the size judged (the file grew since): not the checkpoint's
-        }
+        // None too for data past the size judged (the file grew since): not the checkpoint's.
+        let Ok(Some((data, hole))) = next_data_extent(fd, pos, size) else { break };
         let stratum_end = (pos + stride).min(size);
         if data >= stratum_end {
             pos = data / stride * stride; // the stratum the data is in, after this one
