@@ -7,7 +7,7 @@
 //! match must use 128 bits. Untouched pages can be hashed without reading them (they are zero),
 //! and the result is the same as if they had been read: the digest does not depend on residency.
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use crate::digest::xxh3::{xxh3_64, Xxh3};
 
 use super::{check_bitmap, page_span, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
@@ -185,8 +185,8 @@ fn feed_runs(hasher: &mut Xxh3, seg: &Segment, resident: Option<&[u64]>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::xxh3::xxh3_128;
     use crate::memory::MemoryOptions;
-    use xxhash_rust::xxh3::xxh3_128;
 
     fn guest_with_pattern() -> GuestMemory {
         let mem = GuestMemory::new(&MemoryOptions::new(4 << 20)).unwrap();

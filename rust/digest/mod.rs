@@ -16,6 +16,7 @@ mod error;
 mod hash;
 mod resident;
 mod tracker;
+pub mod xxh3;
 mod zero;
 
 pub use error::{Direction, PageError};

@@ -30,7 +30,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64, Xxh3};
+use crate::digest::xxh3::{xxh3_128, xxh3_64, Xxh3};
 
 use super::zero::is_zero_raw;
 use super::PageError;

@@ -420,5 +420,5 @@ fn decode_batch_header<'py>(py: Python<'py>, header: &[u8]) -> PyResult<Bound<'p
 /// xxh3-64 of a bytes-like object (state sections and frames use it as their checksum).
 #[pyfunction]
 pub fn xxh3_64(data: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(data)
+    crate::digest::xxh3::xxh3_64(data)
 }

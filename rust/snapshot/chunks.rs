@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use xxhash_rust::xxh3::Xxh3;
+use crate::digest::xxh3::Xxh3;
 
 /// Zeros fed to the hasher for the zero runs inside a chunk that also holds data.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -110,7 +110,7 @@ fn feed_zeros(hasher: &mut Xxh3, mut n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xxhash_rust::xxh3::xxh3_128;
+    use crate::digest::xxh3::xxh3_128;
 
     #[test]
     fn streamed_hashes_equal_one_shot_hashes_of_each_chunk() {

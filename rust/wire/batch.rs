@@ -38,7 +38,7 @@
 //!
 //! This file owns the encoding and the validation; `batch_io` moves the bytes.
 
-use xxhash_rust::xxh3::Xxh3;
+use crate::digest::xxh3::Xxh3Short;
 
 use crate::digest::PageError;
 use crate::memory::{GuestAddress, Segment, PAGE_SIZE};
@@ -132,7 +132,7 @@ pub struct BatchHeader {
 }
 
 fn checksum(header: &[u8], table: &[u8]) -> u64 {
-    let mut hasher = Xxh3::new();
+    let mut hasher = Xxh3Short::new();
     hasher.update(&header[..CHECKSUMMED_HEADER]);
     hasher.update(table);
     hasher.digest()

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use xxhash_rust::xxh3::Xxh3;
+use crate::digest::xxh3::Xxh3Short;
 
 use super::batch::encode_batch;
 use super::*;
@@ -269,7 +269,7 @@ fn send_to_a_closed_peer_is_an_error_not_a_signal() {
 /// Recompute the checksum after a test patched header or table bytes.
 fn reseal(bytes: &mut [u8]) {
     let table_end = 40 + u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize * 16;
-    let mut h = Xxh3::new();
+    let mut h = Xxh3Short::new();
     h.update(&bytes[..32]);
     h.update(&bytes[40..table_end.min(bytes.len())]);
     let sum = h.digest();

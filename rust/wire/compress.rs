@@ -24,7 +24,7 @@
 
 use std::time::Instant;
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::digest::xxh3::xxh3_64;
 
 use super::batch::{encode_batch_with, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_RANGES};
 use super::batch_io::{batch_segment, runs_of, send_batch_tracked, BatchStats};

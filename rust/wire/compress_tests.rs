@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::digest::xxh3::xxh3_64;
 
 use super::batch::encode_batch_with;
 use super::batch_tests::{recv_bytes, socketpair};

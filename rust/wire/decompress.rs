@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::digest::xxh3::xxh3_64;
 
 use super::batch::{BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, COMPRESSED_PREFIX, MAX_COMPRESSED_DATA};
 use super::fdio::{read_all, Link};

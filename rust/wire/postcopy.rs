@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use xxhash_rust::xxh3::Xxh3;
+use crate::digest::xxh3::Xxh3Short;
 
 use super::fdio::{read_all, write_all, Link};
 use super::tls::TlsStream;
@@ -192,7 +192,7 @@ fn pages_of(mask: u64) -> impl Iterator<Item = usize> {
 }
 
 fn hash_of(header: &[u8], pages: &[*const u8]) -> u64 {
-    let mut h = Xxh3::new();
+    let mut h = Xxh3Short::new();
     h.update(&header[..32]);
     for &p in pages {
         // SAFETY: each pointer is a whole readable page the caller holds (see the call sites).
