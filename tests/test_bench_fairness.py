@@ -75,13 +75,14 @@ def test_the_rows_compared_with_qemu_name_the_qemu_work_of_the_same_kind():
     calls = {}
     fake = types.SimpleNamespace(warm=lambda *a, **k: calls.setdefault("warm", []).append((a, k)),
                                  warm_cpu=lambda *a, **k: calls.setdefault("cpu", []).append(a))
-    for name in ("warm-1g", "warm-4g", "warm-1g-wired", "warm-1g-streams4", "warm-1g-cpu"):
+    for name in ("warm-1g", "warm-4g", "warm-1g-wired", "warm-1g-streams4", "warm-1g-wired-streams4", "warm-1g-cpu"):
         qemu.WORK[name](fake, None)
-    (one, unwired), (four, unwired4), (wired_args, wired), (streams_args, streams) = calls["warm"]
+    (one, unwired), (four, unwired4), (wired_args, wired), (_, streams), (_, wired_streams) = calls["warm"]
     assert one == (1,) and unwired == {"prealloc": False, "also_preallocated": True}
     assert four == (4,) and unwired4 == unwired
     assert wired_args == (1,) and wired == {}
-    assert streams == {"channels": 4, "compare": 1}
+    assert streams == {"channels": 4, "prealloc": False, "compare": 1, "also_preallocated": True}
+    assert wired_streams == {"channels": 4, "compare": 1}
     assert calls["cpu"] == [(1,)]
 
 
@@ -104,7 +105,10 @@ def test_warm_rows_carry_issue_16s_targets_against_qemu_and_no_recorded_figure(c
     assert wired.qemu_min == 1.0 and not wired.qemu_also
     (streams,) = scenarios.warm_streams(4)(ctx)
     assert streams.qemu_min == 1.0 and streams.target == "" and streams.met is None
-    for row in (unwired, wired, streams):
+    assert streams.qemu_also == {"multifd 4 channels, dst preallocated": 1.0}
+    (wired_streams,) = scenarios.warm_streams(4, wired=True)(ctx)
+    assert wired_streams.qemu_min == 1.0 and not wired_streams.qemu_also
+    for row in (unwired, wired, streams, wired_streams):
         assert not any("anchor" in note for note in row.notes), row.notes
 
 

@@ -338,13 +338,13 @@ class QemuBench:
              also_preallocated: bool = False) -> QemuFigure:
         """Paused ``gib`` GiB random guest over one channel (``channels`` 1) or multifd with
         ``channels``, into a destination preallocated or not; the notes carry the same with
-        ``compare`` channels and, with ``also_preallocated``, one channel into a preallocated
-        destination (label ``PREALLOCATED``, which rows judge against). Runs are kept per case,
-        so rows sharing a case share one measurement."""
+        ``compare`` channels and, with ``also_preallocated``, the same channels into a
+        preallocated destination (label ``preallocated(channels)``, which rows judge against).
+        Runs are kept per case, so rows sharing a case share one measurement."""
         try:
             mine = self._warm_runs(gib, channels, prealloc)
             theirs = self._warm_runs(gib, compare, prealloc) if compare and compare != channels else None
-            filled = self._warm_runs(gib, 1, True) if also_preallocated else None
+            filled = self._warm_runs(gib, channels, True) if also_preallocated else None
         finally:
             if gib > 1:
                 self._drop_random(gib)
@@ -360,13 +360,13 @@ class QemuBench:
             others[label(compare)] = Figure([gib / r["seconds"] for r in theirs], "GiB/s")
             others[f"{label(compare)} wall"] = Figure([r["seconds"] for r in theirs], "s")
         if filled:
-            others[PREALLOCATED] = Figure([gib / r["seconds"] for r in filled], "GiB/s")
+            others[preallocated(channels)] = Figure([gib / r["seconds"] for r in filled], "GiB/s")
         where = "dst prealloc" if prealloc else "dst not preallocated"
         return QemuFigure(fig, f"paused {gib} GiB random guest, {label(channels)}, tcp 127.0.0.1, {where}; "
                                "migrate -> destination completed", others,
                           [{"channels": channels, "prealloc": prealloc, **r} for r in mine]
                           + [{"channels": compare, "prealloc": prealloc, **r} for r in theirs or []]
-                          + [{"channels": 1, "prealloc": True, **r} for r in filled or []])
+                          + [{"channels": channels, "prealloc": True, **r} for r in filled or []])
 
     def warm_cpu(self, gib: int) -> QemuFigure:
         """CPU-seconds (source plus destination) per GiB of the one-channel warm migration into
@@ -438,6 +438,11 @@ class QemuBench:
 SOURCE_MEMORY = "memory-backend-file,share=off,prealloc=on"
 #: The label of a warm migration into a preallocated destination in ``QemuFigure.others``.
 PREALLOCATED = "one channel, dst preallocated"
+
+
+def preallocated(channels: int) -> str:
+    """The label of a warm migration over ``channels`` into a preallocated destination."""
+    return PREALLOCATED if channels == 1 else f"multifd {channels} channels, dst preallocated"
 #: The label of the CPU cost in ``QemuFigure.others``.
 CPU_PER_GIB = "CPU-s per GiB"
 
@@ -455,13 +460,14 @@ def _unlink(path: str) -> None:
 
 # vmmpy row -> the QEMU work it is compared with (what is the same work is argued in
 # docs/performance.md); rows not listed have no QEMU equivalent here. A vmmpy row with N
-# streams compares with ``q.warm(1, channels=N, compare=1)``.
+# streams compares with multifd over N channels (and one channel in its notes); unwired rows,
+# as vmmrun -R's default, into a destination not preallocated, and into a preallocated one too.
 WORK: dict[str, Callable[[QemuBench, Any], QemuFigure]] = {
     "warm-1g": lambda q, ctx: q.warm(1, prealloc=False, also_preallocated=True),
     "warm-1g-cpu": lambda q, ctx: q.warm_cpu(1),
     "warm-1g-wired": lambda q, ctx: q.warm(1),
-    "warm-1g-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
-    "warm-1g-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
+    "warm-1g-streams2": lambda q, ctx: q.warm(1, channels=2, prealloc=False, compare=1, also_preallocated=True),
+    "warm-1g-streams4": lambda q, ctx: q.warm(1, channels=4, prealloc=False, compare=1, also_preallocated=True),
     "warm-1g-wired-streams2": lambda q, ctx: q.warm(1, channels=2, compare=1),
     "warm-1g-wired-streams4": lambda q, ctx: q.warm(1, channels=4, compare=1),
     "warm-4g": lambda q, ctx: q.warm(4, prealloc=False, also_preallocated=True),
