@@ -206,6 +206,24 @@ def test_the_unix_socket_is_the_owners_only_and_a_live_one_is_not_taken(tmp_path
         stop(first)
 
 
+def test_a_destination_listens_before_its_control_socket_answers(tmp_path):
+    """Whoever finds a `vmmrun -R` through its control socket (the README's walk-through waits
+    for `vmmctl --status`, then migrates at once) finds it listening: it listens first, numpy's
+    import and all, and only then serves its control socket."""
+    sock, ctl = tmp_path / "mig.sock", tmp_path / "d0.ctl"
+    proc = start_vmmrun(tmp_path, "-m", "8M", "-R", f"unix:{sock}", "--accept-timeout", "30", "d0")
+    try:
+        deadline = time.monotonic() + 60
+        while not ctl.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no control socket within 60 s"
+            time.sleep(0.001)
+        assert sock.exists(), "the control socket is there but the destination does not listen yet"
+        wait_for_socket(tmp_path, "d0", proc)
+    finally:
+        stop(proc)
+
+
 def test_vmmctl_migrate_local_wants_a_unix_address(tmp_path):
     result = vmmctl(tmp_path, "--vm=nothere", "--migrate-local", "127.0.0.1:5000")
     assert result.returncode != 0 and "expected unix:PATH" in result.stderr, result.stderr

@@ -356,11 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     live_update.install(machine, commands, args)
     if args.pause_at is not None:
         machine.pause_at = args.pause_at
+    cancel = threading.Event()
     try:
+        if receive_at:
+            # Before listening, not on a thread: the migration may begin at once, and its
+            # downtime (a live update's whole handover) must not share the CPU with an import.
+            importlib.import_module("numpy")
+            # Listening before the control socket answers: a vmmctl that finds this VM (the
+            # README's walk-through waits for --status) finds it ready for the source too.
+            commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel)
         if not args.take_name:
             machine.serve(args.run_dir)
-    except OSError as err:
-        print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
+    except (MigrationError, OSError) as err:
+        print(f"vmmrun: {config.name}: {err}" if isinstance(err, MigrationError) else f"vmmrun: {err.strerror or err}",
+              file=sys.stderr)
+        if commands.incoming is not None:
+            commands.incoming.close()
         machine.close()
         return EXIT_ERROR
 
@@ -368,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     # is cancelled instead (which wakes the accept or the transfer at once, and discards a
     # half-received guest); one holding the guest in doubt refuses: only the resolution may end it.
     stopped_by: list[int] = []
-    cancel = threading.Event()
 
     def on_signal(signum, frame):
         if commands.in_doubt() is not None:
@@ -388,11 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if receive_at:
             host, port = receive_at
-            # Before listening, not on a thread: the migration may begin at once, and its
-            # downtime (a live update's whole handover) must not share the CPU with an import.
-            importlib.import_module("numpy")
             log.info("%s: waiting for a migration on %s", config.name, format_address(host, port))
-            stats = commands.receive_migration(host, port, key=key, tls=tls, cancel=cancel, accept_timeout=args.accept_timeout)
+            stats = commands.receive_migration(args.accept_timeout)
             if stats.status != "completed":
                 if stopped_by:
                     print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",

@@ -285,12 +285,19 @@ class MachineCommands:
         self._live_cancel: threading.Event | None = None  # set while a live checkpoint is written
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
 
-    def receive_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
-                          cancel: threading.Event, accept_timeout: float) -> MigrationStats:
-        """``vmmrun -R``: wait on ``host:port`` for one incoming migration into this (empty)
-        machine and receive it; vmmctl --status and --migrate-resolve reach it meanwhile. The
-        guest runs when it returns a completed migration's statistics."""
+    def listen_for_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
+                             cancel: threading.Event) -> None:
+        """``vmmrun -R``: listen on ``host:port`` for one incoming migration into this (empty)
+        machine (MigrationError if it cannot). vmmrun does it before its control socket answers,
+        so whoever finds the VM there finds it listening too."""
         self.incoming = Destination(MachineHandle(self.machine), host, port, key=key, tls=tls, cancel=cancel)
+
+    def receive_migration(self, accept_timeout: float) -> MigrationStats:
+        """Wait for the source :meth:`listen_for_migration` listens for and receive its guest;
+        vmmctl --status and --migrate-resolve reach it meanwhile. The guest runs when it returns
+        a completed migration's statistics."""
+        if self.incoming is None:
+            raise RuntimeError("receive_migration before listen_for_migration")
         return self.incoming.run(accept_timeout)
 
     def install(self) -> None:
