@@ -13,7 +13,16 @@ import pytest
 
 from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
-from vmmpy.migration import Aborted, Destination, MigrationHandle, MigrationParams, MigrationTimeout, migrate, serve_connection
+from vmmpy.migration import (
+    Aborted,
+    Destination,
+    MigrationHandle,
+    MigrationParams,
+    MigrationTimeout,
+    migrate,
+    net,
+    serve_connection,
+)
 from vmmpy.migration import protocol as P
 from vmmpy.migration.net import CancelWatcher
 from vmmpy.migration.streams import JoinWindow
@@ -582,3 +591,32 @@ def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is
     assert len(refusals) == 1 and "TLS handshake failed" in refusals[0], dstats.notes
     dst.wait_for_progress(500)
     assert_arrived_exact(src, dst)
+
+
+class _Connected:
+    """A stand-in for a connected TCP socket with the given ends."""
+
+    def __init__(self, mine: str, theirs: str, family: int = socket.AF_INET) -> None:
+        self.family, self._mine, self._theirs = family, mine, theirs
+
+    def getsockname(self):
+        return (self._mine, 24983)
+
+    def getpeername(self):
+        return (self._theirs, 40000)
+
+
+def test_a_connection_within_this_host_gets_the_local_buffers_and_one_to_another_host_keeps_its_own(monkeypatch):
+    asked = []
+    monkeypatch.setattr(net, "set_buffers", lambda sock, size=net.SOCKET_BUFFER_BYTES: asked.append((sock, size)))
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as near:
+        far = _Connected("192.0.2.10", "198.51.100.7")
+        for sock in (near, far, _Connected("192.0.2.10", "192.0.2.10"), _Connected("::1", "::1", socket.AF_INET6)):
+            net.fit_buffers(sock)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+            assert not net.peer_on_this_host(unix)
+    assert not net.peer_on_this_host(far), "another host's address"
+    assert [size for _, size in asked] == [net.LOCAL_SOCKET_BUFFER_BYTES] * 3
+    assert [sock for sock, _ in asked][0] is near and far not in [sock for sock, _ in asked]
+    assert net.LOCAL_SOCKET_BUFFER_BYTES < net.SOCKET_BUFFER_BYTES

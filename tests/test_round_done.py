@@ -89,9 +89,10 @@ def test_a_round_done_naming_another_round_fails_the_migration_and_the_source_ke
 
 
 def test_a_link_slower_than_the_backlog_in_its_buffers_within_io_timeout_still_completes(guests):
-    # 2 MiB a round through a 2 MiB/s proxy: the source's send buffer takes the round at once,
-    # and the destination has the last byte a second later, twice the io_timeout. The wait for
-    # ROUND_DONE lasts while the destination keeps taking bytes, as a send would.
+    # 2 MiB a round through a 2 MiB/s proxy: the source's send buffer and the proxy take the
+    # round at once, and the destination has the last byte a second later, twice the
+    # io_timeout. The wait for ROUND_DONE lasts while the destination keeps taking bytes, as a
+    # send would.
     src = guests("64M", work_pages=512, rate=2000)
     dst = guests("64M", work_pages=512, running=False)
     src.wait_for_progress(512)

@@ -408,8 +408,9 @@ fn a_batch_for_a_segment_this_guest_lacks_is_refused() {
     assert_eq!(err.to_string(), "page batch is for a segment at gpa 0x1000, but no segment starts there");
 }
 
-/// A connected loopback TCP pair (sender, receiver) with 4 MiB buffers, as migration sockets
-/// have (so no memory pressure wakes a reader early); the receiver gives up after `timeout`.
+/// A connected loopback TCP pair (sender, receiver) with 4 MiB buffers, as migration sockets to
+/// another host have (so no memory pressure wakes a reader early); the receiver gives up after
+/// `timeout`.
 fn tcp_pair(timeout: std::time::Duration) -> (std::net::TcpStream, std::net::TcpStream) {
     let (tx, rx) = tcp_pair_with_buffers(4 << 20);
     rx.set_read_timeout(Some(timeout)).unwrap();

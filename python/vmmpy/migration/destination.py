@@ -46,6 +46,7 @@ from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, Migratio
 from .net import (
     CancelWatcher,
     accepted_peer,
+    fit_buffers,
     for_page_requests,
     format_address,
     is_unix,
@@ -211,6 +212,7 @@ class Destination:
                             return None, "cancelled while listening"
                         return None, f"accept failed: {err.strerror or err}"
                     conn.setblocking(True)
+                    fit_buffers(conn)
                     self._serve_pending(conn, accepted_peer(conn, peer))
         finally:
             sel.close()
@@ -397,6 +399,7 @@ class Destination:
                 conn.close()  # as many as the waiting phase serves at once: a flood holds nothing
                 continue
 
+            fit_buffers(conn)
             peer_name = accepted_peer(conn, peer)
 
             def serve(conn=conn, peer=peer_name) -> None:

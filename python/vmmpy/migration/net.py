@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import os
 import select
 import socket
@@ -36,13 +37,16 @@ DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
 #: Kernel send and receive buffers asked for on migration sockets, each stream's. With the
 #: defaults (16 KiB to start, autotuned) a round's single large sendmsg and the receiver's readv
 #: into guest memory ping-pong in small steps; 4 MiB buffers measured 1 GiB of pages over loopback
-#: at several times the default's rate. 1 MiB does better still where the two ends share a host's
-#: caches (loopback, a local migration): bytes in flight are read again while still in the cache,
-#: where 4 streams of 4 MiB kept 32 MiB in flight (alternated A/B, session 14: 1 GiB wired with 4
-#: streams 0.358 -> 0.320 s, 2 streams 0.355 -> 0.318 s, one 0.44 -> 0.40 s), and it still covers a
-#: LAN's bandwidth-delay product (10 Gbit/s at 0.8 ms). The kernel doubles the request and caps it
-#: at net.core.wmem_max / rmem_max.
-SOCKET_BUFFER_BYTES = 1 << 20
+#: at several times the default's rate. The kernel caps the request at net.core.wmem_max /
+#: rmem_max and then doubles it.
+SOCKET_BUFFER_BYTES = 4 << 20
+#: The same for a connection whose two ends are on one host (loopback, or this host's own
+#: address): bytes in flight are read again while still in the shared caches, where 4 streams of
+#: 4 MiB kept 32 MiB in flight. Alternated A/B over loopback, session 14 (docs/performance.md):
+#: 1 GiB wired with 4 streams 0.358 -> 0.320 s, 2 streams 0.355 -> 0.318 s, one 0.441 -> 0.397 s.
+#: A connection to another host keeps SOCKET_BUFFER_BYTES: its bandwidth-delay product was not
+#: measured, and a smaller window would only cap it.
+LOCAL_SOCKET_BUFFER_BYTES = 1 << 20
 
 
 def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
@@ -52,6 +56,25 @@ def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
         except OSError:
             pass
+
+
+def peer_on_this_host(sock: socket.socket) -> bool:
+    """Whether a connected TCP socket's peer is on this host: a loopback address, or this end's
+    own address (a migration to the host's external address). False when it cannot tell."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        mine, theirs = sock.getsockname()[0], sock.getpeername()[0]
+        return theirs == mine or ipaddress.ip_address(theirs.split("%", 1)[0]).is_loopback
+    except (OSError, ValueError, IndexError, TypeError):
+        return False
+
+
+def fit_buffers(sock: socket.socket) -> None:
+    """A connected TCP socket's buffers for where its peer is: LOCAL_SOCKET_BUFFER_BYTES on this
+    host, else SOCKET_BUFFER_BYTES (which listeners and new connections already have)."""
+    if peer_on_this_host(sock):
+        set_buffers(sock, LOCAL_SOCKET_BUFFER_BYTES)
 
 
 UNIX_PREFIX = "unix:"
@@ -207,6 +230,7 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
         raise ConnectionLost(f"cannot connect to {where}: {err.strerror or err}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     set_buffers(sock)
+    fit_buffers(sock)
     return sock
 
 
