@@ -327,8 +327,9 @@ class Vm:
         """Migrate the guest to a destination listening on ``host:port`` (a :meth:`receive` Vm
         or ``vmmrun -R``): ``live`` pre-copies while it runs, otherwise it is paused first
         (warm). ``key`` is the shared migration key, ``params`` a MigrationParams (or a dict of
-        its fields), ``progress`` is called with the statistics as each round begins, every 0.5 s
-        within it (``stats.current_round`` has its live figures) and after it. Returns the
+        its fields), ``progress`` is called with the statistics as each round begins (but a live
+        migration's final round, the downtime), every 0.5 s within it (``stats.current_round`` has
+        its live figures) and after it. Returns the
         statistics of a completed migration; the guest then runs there and this Vm has stopped
         (exit status 0). Raises MigrationError (``err.stats`` says how far it got) when it did
         not complete: the guest runs on here, except when the migration ended in doubt (the

@@ -87,6 +87,29 @@ mod tests {
         assert_eq!(xxh3_64(b""), 0x2D06_8005_38D3_94C2);
         assert_eq!(xxh3_128(b""), 0x99AA_06D3_0147_98D8_6001_C324_468D_497F);
         assert_eq!(xxh3_64(&[0u8; 4096]), 10653106456947493306);
+        // Bytes (7 i) mod 251: one input under the 240-byte threshold and one over it.
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(xxh3_64(&data[..200]), 15069069320842995130);
+        assert_eq!(xxh3_128(&data[..200]), 0x5451_071e_d36a_d470_79ad_9081_5b45_bbd9);
+        assert_eq!(xxh3_64(&data), 15126328255066576103);
+        assert_eq!(xxh3_128(&data), 0x5ed3_5fc6_b4f0_ef20_d1eb_8367_bf32_94e7);
+    }
+
+    #[test]
+    fn uneven_and_empty_pieces_give_the_one_shot_value() {
+        let data = bytes(1 << 20);
+        let (mut long, mut short) = (Xxh3::new(), Xxh3Short::new());
+        let (mut at, mut piece) = (0, 0usize);
+        while at < data.len() {
+            // 0, 1, 64, 239, 240, 241, 4096, 70_000 bytes, over and over: empty updates between
+            // and small ones after large ones.
+            let len = [0, 1, 64, 239, 240, 241, 4096, 70_000][piece % 8].min(data.len() - at);
+            long.update(&data[at..at + len]);
+            short.update(&data[at..at + len]);
+            (at, piece) = (at + len, piece + 1);
+        }
+        assert_eq!(long.digest128(), xxh3_128(&data));
+        assert_eq!(short.digest(), xxh3_64(&data));
     }
 
     #[test]

@@ -118,8 +118,9 @@ def migrate(
     happened (``status`` is completed, failed or cancelled, ``error`` says why). ``on_phase`` is
     called with "connect", "handshake", "streams" (with more than one), "round 0", "round N", "pause",
     "final", "state", "commit" as each begins (tests use it to cancel in a given state).
-    ``progress`` is called with the statistics as each round begins, every ``TICK_S`` within it
-    (from a ticker thread: ``stats.current_round`` has the round's live figures) and after it. With
+    ``progress`` is called with the statistics as each round begins (but a live migration's
+    final round, the downtime), every ``TICK_S`` within it (from a ticker thread:
+    ``stats.current_round`` has the round's live figures) and after it. With
     ``tls`` the connection is mutual TLS 1.3 (``vmmpy.migration.tls``), the key's
     challenge-response running inside it."""
     return _Source(adapter, host, port, live, key, params or MigrationParams(), cancel, progress, on_phase, tls).run()
