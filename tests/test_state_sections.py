@@ -2,7 +2,17 @@
 
 import pytest
 
-from vmmpy.state import Section, SectionError, SectionRegistry, decode_sections, encode_container, encode_sections, read_container
+from vmmpy.state import (
+    Section,
+    SectionError,
+    SectionRegistry,
+    decode_payload,
+    decode_sections,
+    encode_container,
+    encode_payload,
+    encode_sections,
+    read_container,
+)
 
 
 def sample():
@@ -33,6 +43,14 @@ def test_encoding_is_canonical():
     a = Section("x", 1, {"b": 1, "a": 2})
     b = Section("x", 1, {"a": 2, "b": 1})
     assert encode_sections([a]) == encode_sections([b])
+
+
+def test_the_payload_encoding_is_pinned_byte_for_byte():
+    """Checkpoints hold these bytes and their checksums: the encoding may get faster, never change."""
+    payload = {"b": bytearray(b"\x00\xff"), "a": [1, {"z": None, "y": True}, (2, -3)], "c": "\u00e9\n", "d": {"$x": memoryview(b"ab")}}
+    data = encode_payload(payload)
+    assert data == b'{"a":[1,{"y":true,"z":null},[2,-3]],"b":{"$bytes":"AP8="},"c":"\\u00e9\\n","d":{"$x":{"$bytes":"YWI="}}}'
+    assert decode_payload("x", data) == {"a": [1, {"y": True, "z": None}, [2, -3]], "b": b"\x00\xff", "c": "\u00e9\n", "d": {"$x": b"ab"}}
 
 
 def test_every_flipped_byte_is_refused_with_a_name():
@@ -66,8 +84,25 @@ def test_registry_refuses_unknown_newer_and_too_old_sections():
 
 
 def test_payloads_must_be_plain_data():
-    with pytest.raises(TypeError, match="JSON types or bytes"):
+    with pytest.raises(TypeError, match="section 'x': state values must be JSON types or bytes, got object"):
         encode_sections([Section("x", 1, {"obj": object()})])
+
+
+def test_a_declared_state_with_a_key_that_is_not_a_string_is_refused():
+    """JSON would write the key 1 as "1" and read back another mapping: ``persist.dump`` refuses it."""
+    import dataclasses
+    from typing import ClassVar
+
+    from vmmpy.state import persist
+
+    @dataclasses.dataclass
+    class Pending:
+        VERSION: ClassVar[int] = 1
+        read: dict | None
+
+    assert persist.dump(Pending({"port": 0x3F8})) == {"read": {"port": 0x3F8}}
+    with pytest.raises(TypeError, match="state keys must be strings, got 1"):
+        persist.dump(Pending({1: 2}))
 
 
 def raw_container(name: bytes, payload: bytes, version: int = 1) -> bytes:
@@ -117,8 +152,9 @@ def nested(depth: int) -> list:
         (Section("", 1, {}), r"section '': a name of 0 bytes"),
         (Section("x", 0, {}), r"section 'x': version 0 is not 1 to 4294967295"),
         (Section("x", 1, {"deep": nested(64)}), r"section 'x': payload arrays and objects nest more than the 64 levels allowed"),
+        (Section("x", 1, {"f": float("nan")}), r"section 'x': Out of range float values are not JSON compliant"),
     ],
-    ids=["empty-name", "version-zero", "too-deep"],
+    ids=["empty-name", "version-zero", "too-deep", "nan"],
 )
 def test_the_encoder_refuses_what_a_reader_would_refuse(section, message):
     with pytest.raises(ValueError, match=message):

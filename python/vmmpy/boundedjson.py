@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from functools import cache
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
@@ -107,12 +108,26 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise BoundedJsonError(f"key {key!r} appears twice in one object")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BoundedJsonError(f"key {key!r} appears twice in one object")
+            seen.add(key)
     return out
+
+
+@cache
+def _decoder(object_hook: Callable[[dict[str, Any]], Any] | None) -> json.JSONDecoder:
+    """A decoder that refuses NaN and repeated keys and gives each object to ``object_hook``;
+    built once per hook (``json.loads`` builds one per call)."""
+    if object_hook is None:
+        pairs_hook = _unique_keys
+    else:
+        def pairs_hook(pairs: list[tuple[str, Any]]) -> Any:
+            return object_hook(_unique_keys(pairs))
+    return json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=pairs_hook)
 
 
 def check_bounds(data: bytes, *, max_bytes: int, max_depth: int) -> None:
@@ -126,16 +141,17 @@ def check_bounds(data: bytes, *, max_bytes: int, max_depth: int) -> None:
         raise BoundedJsonError(f"arrays and objects nest more than the {max_depth} levels allowed")
 
 
-def parse(data: bytes, *, max_bytes: int, max_depth: int) -> Any:
+def parse(data: bytes, *, max_bytes: int, max_depth: int, object_hook: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """Parse UTF-8 JSON ``data`` within the bounds of :func:`check_bounds`, or raise
-    :class:`BoundedJsonError`."""
+    :class:`BoundedJsonError`. ``object_hook``, when given, turns each object (its keys checked
+    unique) into what the result holds instead; a hook refuses one by raising BoundedJsonError."""
     check_bounds(data, max_bytes=max_bytes, max_depth=max_depth)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BoundedJsonError(f"not UTF-8 (byte {err.start})") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        return _decoder(object_hook).decode(text)
     except BoundedJsonError:
         raise
     except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts

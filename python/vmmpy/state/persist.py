@@ -175,6 +175,9 @@ def _dump_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dump(value)
     if isinstance(value, dict):
+        for key in value:
+            if type(key) is not str:
+                raise TypeError(f"state keys must be strings, got {key!r}")
         return {k: _dump_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_dump_value(v) for v in value]

@@ -62,58 +62,39 @@ class Section:
         return encode_payload(self.payload)
 
 
-#: Values JSON writes and reads as themselves; a list of only these is passed through whole
-#: instead of being walked (the state of a vCPU is mostly such lists).
-_JSON_SCALARS = frozenset({int, bool, float, str, type(None)})
-
-
-def _to_json(value: Any) -> Any:
-    if type(value) is list and all(type(item) in _JSON_SCALARS for item in value):
-        return value
+def _encode_value(value: Any) -> Any:
+    """What the JSON encoder writes for a value JSON has no type for (its ``default``)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"state keys must be strings, got {key!r}")
-            out[key] = _to_json(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_to_json(item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+        return {"$bytes": base64.b64encode(value).decode()}
     raise TypeError(f"state values must be JSON types or bytes, got {type(value).__name__}")
 
 
-def _from_json(value: Any) -> Any:
-    if type(value) is list and all(type(item) in _JSON_SCALARS for item in value):
-        return value
-    if isinstance(value, dict):
-        if len(value) == 1 and "$bytes" in value:
-            encoded = value["$bytes"]
-            if not isinstance(encoded, str):
-                raise ValueError(f"a $bytes value must be a base64 string, not {type(encoded).__name__}")
-            try:
-                return base64.b64decode(encoded, validate=True)
-            except binascii.Error as err:
-                raise ValueError(f"a $bytes value is not base64 ({err})") from None
-        return {key: _from_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_from_json(item) for item in value]
+def _decode_object(value: dict[str, Any]) -> Any:
+    """An object as the payload holds it: a ``$bytes`` object comes back as ``bytes``."""
+    if len(value) == 1 and "$bytes" in value:
+        encoded = value["$bytes"]
+        if not isinstance(encoded, str):
+            raise BoundedJsonError(f"a $bytes value must be a base64 string, not {type(encoded).__name__}")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error as err:
+            raise BoundedJsonError(f"a $bytes value is not base64 ({err})") from None
     return value
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
-    return json.dumps(_to_json(payload), sort_keys=True, separators=(",", ":")).encode()
+    """The canonical encoding (module doc), written by the C encoder in one pass: it calls back
+    only for the values JSON has no type for (bytes). Keys must be strings: ``persist.dump``
+    refuses others (this encoder would write an int key as a string)."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=_encode_value, allow_nan=False).encode()
 
 
 def decode_payload(name: str, data: bytes, *, what: str | None = None) -> dict[str, Any]:
     """A section's payload; ``what`` (the container's name) prefixes errors when given."""
     where = f"{what}: section '{name}'" if what else f"section '{name}'"
     try:
-        value = _from_json(parse(data, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH))
-    except (BoundedJsonError, ValueError) as err:
+        value = parse(data, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH, object_hook=_decode_object)
+    except BoundedJsonError as err:
         raise SectionError(f"{where}: payload is not valid state encoding ({err})") from None
     if not isinstance(value, dict):
         raise SectionError(f"{where}: payload is a {type(value).__name__}, not a mapping")
@@ -169,7 +150,10 @@ def encode_container(sections: Iterable[Section]) -> tuple[bytes, list[SectionRe
         seen.add(section.name)
         if not 1 <= section.version < 1 << 32:
             raise ValueError(f"section '{section.name}': version {section.version} is not 1 to {(1 << 32) - 1}")
-        payload = section.encode()
+        try:
+            payload = section.encode()
+        except (TypeError, ValueError) as err:  # a value JSON cannot hold, NaN
+            raise type(err)(f"section '{section.name}': {err}") from None
         try:
             check_bounds(payload, max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH)
         except BoundedJsonError as err:
