@@ -218,6 +218,9 @@ class FakeGuest:
         self.stopped = True
         self.stop_reason = reason
 
+    def prepare_to_run(self) -> None:
+        self.calls.append("prepare_to_run")
+
     def start_running(self) -> None:
         self.calls.append("start_running")
         self.digest_at_start = self.memory.digest()

@@ -355,6 +355,62 @@ def test_the_dirty_pages_carry_over_so_the_next_harvest_is_exact(tmp_path):
         src.close()
 
 
+def test_the_destination_starts_its_vcpus_held_once_it_acknowledged_the_commit(tmp_path):
+    """The vCPU threads are not started by the state restore (whose time is before COMMIT_ACK) but
+    while COMMITTED is on its way, held at the pause: the guest runs only from start_running."""
+    import threading
+
+    from vmmpy.guest.programs import load_into
+    from vmmpy.migration import Destination, migrate
+    from vmmpy.runtime.commands import build_machine
+    from vmmpy.runtime.config import VmConfig
+    from vmmpy.runtime.guest_handle import MachineHandle
+    from vmmpy.vmm.ioctl import SuspendHow
+
+    def vcpu_threads() -> int:
+        return sum(t.name == "dst/vcpu0" for t in threading.enumerate())
+
+    config = VmConfig(name="src", memsize=64 * MiB, memory_backing="memfd", guest="abtest")
+    src = build_machine(config, load=lambda m: load_into(m, "abtest", {"sweeps": "10"}, memsize=config.memsize))
+    dst = build_machine(VmConfig(name="dst", memsize=64 * MiB))
+    seen = {}
+
+    class Watching(MachineHandle):
+        def restore_sections(self, sections, *, what):
+            super().restore_sections(sections, what=what)
+            seen["after restore"] = vcpu_threads()
+
+        def prepare_to_run(self):
+            super().prepare_to_run()
+            seen["after prepare"] = vcpu_threads()
+            seen["retired"] = self.machine.vm.vcpus[0].instructions_retired
+
+        def start_running(self):
+            time.sleep(0.2)  # held: the started thread must not run the guest meanwhile
+            seen["retired at start"] = self.machine.vm.vcpus[0].instructions_retired
+            super().start_running()
+
+    try:
+        path = tmp_path / "mig.sock"
+        dest = Destination(Watching(dst), f"unix:{path}", 0)
+        received = {}
+        thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
+        thread.start()
+        stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
+        thread.join(60)
+        assert stats.status == "completed", stats.error
+        assert received["stats"].status == "completed", received["stats"].error
+        assert seen["after restore"] == 0 and seen["after prepare"] == 1
+        assert seen["retired at start"] == seen["retired"] == 0
+        assert dst.wait(30) is not None and dst.vm.vcpus[0].instructions_retired > 0, "it ran once started"
+    finally:
+        for machine in (dst, src):
+            if machine.vm.memory is not None and machine.exit_status is None:
+                machine.suspend(SuspendHow.POWEROFF)
+                machine.wait(10)
+            machine.close()
+
+
 def test_a_checkpoint_after_a_hand_over_restores_exactly(tmp_path):
     sweeps = 8000
     hops = Hops(tmp_path, abtest(sweeps), pause_at=4_000_001)

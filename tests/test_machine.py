@@ -1,5 +1,6 @@
 """The vmmrun machine in-process: vCPU threads, userspace exits, kernel devices, bhyve exit codes."""
 
+import threading
 import time
 
 import pytest
@@ -100,7 +101,7 @@ def test_a_pause_before_the_vcpus_start_holds_them_until_resume():
     assert console.output == b"hello from the guest\n"
 
 
-@pytest.mark.parametrize("outcome", ["commit", "discard"])
+@pytest.mark.parametrize("outcome", ["commit", "commit-unprepared", "discard"])
 def test_a_migration_destination_holds_its_vcpus_until_the_commit(outcome):
     from vmmpy.runtime.guest_handle import MachineHandle
     from vmmpy.state.kernel import save_sections
@@ -116,10 +117,18 @@ def test_a_migration_destination_holds_its_vcpus_until_the_commit(outcome):
     dest.vm.memory.write(0, source.vm.memory.read(0, 4 << 20))
     handle = MachineHandle(dest)
     handle.restore_sections(sections, what="test")
-    # The threads exist (started before the commit) but run nothing until start_running.
-    assert dest.wait(0.2) is None and dest.paused and console.output == b""
+
+    def vcpu_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name == f"m-held-dst-{outcome}/vcpu0"]
+
+    assert vcpu_threads() == [] and dest.paused, "no vCPU thread yet: the restore is downtime"
+    if outcome != "commit-unprepared":
+        handle.prepare_to_run()
+        assert len(vcpu_threads()) == 1
+        # The threads exist (started while COMMITTED travels) but run nothing until start_running.
+        assert dest.wait(0.2) is None and dest.paused and console.output == b""
     assert dest.vm.vcpus[0].instructions_retired == 5
-    if outcome == "commit":
+    if outcome.startswith("commit"):
         handle.start_running()
         assert run_to_end(dest) == EXIT_POWEROFF
         assert console.output == b"hello from the guest\n"[1:], "the first byte was printed on the source"

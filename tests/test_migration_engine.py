@@ -17,6 +17,8 @@ from .migration_helpers import KEY, assert_migrated_memory_exact, migrate_pair, 
 
 def assert_arrived_exact(src: FakeGuest, dst: FakeGuest) -> None:
     assert dst.calls[-1] == "start_running" and "discard" not in dst.calls
+    # Made ready once the commit was acknowledged (after its state), while COMMITTED travelled.
+    assert dst.calls[-3:-1] == ["restore_sections", "prepare_to_run"], dst.calls
     assert src.calls[-1] == "stop_for_good" and "resume" not in src.calls
     assert_migrated_memory_exact(src, dst)
     assert dst.digest_at_start == src.digest_at_pause, "destination memory differs from the source's at pause"

@@ -1110,6 +1110,8 @@ class _Receiver:
         # (version 5) holds the guest in doubt instead of discarding it.
         self._advance(P.MessageType.COMMIT_REQUEST)
         self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
+        # While the source decides and COMMITTED travels: what start_running would do first.
+        self.adapter.prepare_to_run()
         frame = self._read()
         P.decode_empty(frame.type, frame.payload)
         # The source has decided to commit: the guest is ours once it runs. Should it fail to

@@ -27,7 +27,7 @@ Message sequence (S = source, D = destination)::
     |     ... one MEMORY..MEMORY_END per round ... |
     |---- STATE (encode_sections container) ------>|  D: restore_sections
     |---- COMMIT_REQUEST (source digest) --------->|  D: commit digest of own memory, compare
-    |<--- COMMIT_ACK (destination digest) ---------|  D: AWAIT_COMMITTED
+    |<--- COMMIT_ACK (destination digest) ---------|  D: AWAIT_COMMITTED; prepare_to_run
     |---- COMMITTED ------------------------------>|  D: start_running; S: stop_for_good
     |<--- RESUMED (start time) --------------------|  S: the downtime ends (best effort)
     |                                              |

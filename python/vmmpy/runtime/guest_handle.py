@@ -6,11 +6,13 @@ Pausing: ``pause``/``resume`` are the machine's vCPU rendezvous; a machine pause
 bhyve exits after a suspend or a migration.
 
 Restoring: a machine being restored was built from the same options, with empty memory (a
-migration) or none yet (a checkpoint: ``adopt_memory``). ``restore_sections`` loads the state;
-for a migration (``hold_vcpus``) it also starts the vCPU threads held paused, so
-``start_running`` only has to release them (the start, 0.7 ms of the state restore's 1 ms here,
-is inside the downtime; starting them as the migration begins was tried, docs/performance.md);
-``discard`` ends vmmrun with an error status and the half-received guest is thrown away.
+migration) or none yet (a checkpoint: ``adopt_memory``). ``restore_sections`` loads the state.
+For a migration (``hold_vcpus``) ``prepare_to_run`` starts the vCPU threads held paused once
+the destination has acknowledged the commit, while COMMITTED is on its way, so
+``start_running`` only has to release them (the start, 0.3 ms here, was inside the downtime
+when the state restore did it; starting them as the migration begins was tried,
+docs/performance.md); ``discard`` ends vmmrun with an error status and the half-received guest
+is thrown away.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from ..state import Section
 from ..state.handle import spec_mismatches
 from ..state.kernel import check_sections, prepare_declarations, restore_sections, save_sections, section_registry
 from .process import EXIT_ERROR, Machine
+
+#: How long ``prepare_to_run`` waits for the vCPU threads it started to park (a few hundred µs
+#: here); they are held either way, so a slower start only moves that wait into the downtime.
+PARK_WAIT_S = 1.0
 
 
 class MachineHandle:
@@ -90,11 +96,22 @@ class MachineHandle:
     def restore_sections(self, sections: list[Section], *, what: str) -> None:
         restore_sections(self.machine, sections, what=what)
         if self.hold_vcpus:
-            # Start the vCPU threads now, held at the pause rendezvous: the commit then only wakes
-            # them (starting threads took up to tens of ms on a busy machine, after the commit).
+            # vCPU threads started from here on stop at the pause rendezvous.
             self.machine.pause()
+
+    def prepare_to_run(self) -> None:
+        if not self.hold_vcpus or self._held or self.machine.exit_status is not None:
+            return
+        # Start the vCPU threads now, held at the pause rendezvous: the commit then only wakes
+        # them (starting threads took up to tens of ms on a busy machine, after the commit).
+        try:
             self.machine.start_vcpus()
-            self._held = True
+        except RuntimeError:  # no thread to be had now: start_running tries again
+            return
+        self._held = True
+        # Until they are parked, a starting thread holds the GIL the destination needs to read
+        # COMMITTED: let them get there first (COMMITTED waits in the socket meanwhile).
+        self.machine.wait_parked(PARK_WAIT_S)
 
     def throttle(self, fraction: float) -> None:
         self.machine.set_throttle(min(fraction, 0.99))
@@ -106,11 +123,13 @@ class MachineHandle:
         if self.machine.exit_status is not None:
             # Powered off or failed while the migration ran: there is no guest left to start here.
             raise RuntimeError(f"the guest stopped here ({self.machine.exit_reason}) before it could run")
-        if self._held:
-            self._held = False
-            self.machine.resume()
-        else:
+        if not self.hold_vcpus:
             self.machine.start_vcpus()
+            return
+        if not self._held:  # prepare_to_run was not called, or could not start them all
+            self.machine.start_vcpus()  # they stop at the pause the restore left, until resumed below
+        self._held = False
+        self.machine.resume()
 
     def discard(self) -> None:
         self.machine.finish(EXIT_ERROR, "incoming migration failed")

@@ -180,14 +180,22 @@ class Machine:
         self._control.start()
 
     def start_vcpus(self) -> None:
+        """Start the vCPU threads; called again after a thread could not be started (RuntimeError),
+        it starts the ones not started yet."""
+        if self.started_at is not None:
+            self._start_vcpu_threads()
+            return
         self.started_at = time.monotonic()
         self._watch_lazy_memory()
         if self.lazy_loading is not None:
             self.lazy_loading.start()
-        for i in range(self.config.ncpus):
-            thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"vcpu{i}", daemon=True)
+        self._start_vcpu_threads()
+
+    def _start_vcpu_threads(self) -> None:
+        for i in range(len(self._threads), self.config.ncpus):
+            thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"{self.config.name}/vcpu{i}", daemon=True)
+            thread.start()  # RuntimeError when no thread can be had: this one is not counted as started
             self._threads.append(thread)
-            thread.start()
 
     def start(self, *, control_dir: Path | None = None, serve_control: bool = True) -> None:
         if serve_control:
@@ -383,10 +391,7 @@ class Machine:
         self.vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
         deadline = t0 + timeout
         with self._cond:
-            # A vCPU whose thread has not started (a control request can come between serving
-            # the socket and start_vcpus) is stopped too: it sees the pause when it starts.
-            while not all(self._parked[i] or i in self._halted or i >= len(self._threads) or not self._threads[i].is_alive()
-                          for i in range(self.config.ncpus)):
+            while not self._all_parked():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
@@ -397,6 +402,25 @@ class Machine:
                 device.pause()
             self._quiesced = True
         return time.monotonic() - t0
+
+    def _all_parked(self) -> bool:
+        """Whether every vCPU is stopped at the pause rendezvous (``_cond`` held). A vCPU whose
+        thread has not started (a control request can come between serving the socket and
+        ``start_vcpus``) is stopped too: it sees the pause when it starts."""
+        return all(self._parked[i] or i in self._halted or i >= len(self._threads) or not self._threads[i].is_alive()
+                   for i in range(self.config.ncpus))
+
+    def wait_parked(self, timeout: float) -> bool:
+        """Wait until the vCPU threads of a paused machine have all parked; whether they did
+        within ``timeout`` seconds. Unlike ``pause`` it changes nothing, even when they did not."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._all_parked():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
 
     def resume(self) -> None:
         self._quiesced = False

@@ -10,7 +10,8 @@ elsewhere. ``pause`` may be followed by ``resume`` (the checkpoint or migration 
 cancelled, or the guest keeps running after a checkpoint) or by ``stop_for_good`` (suspended to
 files, or the migration committed), never both. A guest being restored (from a checkpoint or a
 migration stream) gets ``check_sections``/``restore_sections`` (and ``adopt_memory`` when its
-memory was made elsewhere), then ``start_running`` once it may run, or ``discard`` when the
+memory was made elsewhere), then ``start_running`` once it may run (a migration's destination
+calls ``prepare_to_run`` first, while the commit is decided), or ``discard`` when the
 incoming migration failed; ``discard`` may also come with no restore at all.
 """
 
@@ -70,6 +71,12 @@ class GuestHandle(Protocol):
     def stop_for_good(self, reason: str) -> None:
         """The guest now lives elsewhere (migrated away, suspended to files): end it here;
         ``reason`` says where it went."""
+
+    def prepare_to_run(self) -> None:
+        """A guest being received whose commit was acknowledged: get ready so that
+        ``start_running`` is quick (the destination calls it while COMMITTED is on its way, which
+        is downtime), without running anything. A guest that cannot get ready here gets ready in
+        ``start_running``: this never raises."""
 
     def start_running(self) -> None:
         """A restored guest: run it."""
