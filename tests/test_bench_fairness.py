@@ -193,3 +193,20 @@ def test_the_bench_compiles_vmmpys_bytecode_before_timing_as_an_installed_wheel_
     (package / "broken.py").write_text("def (:\n")
     assert run.compile_bytecode(package).startswith("compiling failed")
     assert run.compile_bytecode(tmp_path / "elsewhere").startswith("not compiled")
+
+
+def test_live_idle_times_the_span_qemu_s_stop_and_resume_bound(monkeypatch, tmp_path):
+    """vmmpy's downtime in live-idle is the source's pause to the destination running, both on the
+    host clock, as QEMU's STOP and RESUME events: not the source's estimate, which takes half a
+    handshake round trip off the RESUMED reply's arrival."""
+    runs = iter([(1.5, {"downtime_ms": 2.0, "paused_at": 100.0, "destination": {"running_at": 100.0031}}),
+                 (1.4, {"downtime_ms": 2.5, "paused_at": 200.0, "destination": {"running_at": 200.0029}})])
+    monkeypatch.setattr(scenarios, "migrate", lambda *a, **k: next(runs))
+    monkeypatch.setattr(scenarios, "random_image", lambda ctx, gib: "image")
+    ctx = types.SimpleNamespace(work=tmp_path, runs=2, results={})
+    (row,) = scenarios.live_idle(ctx)
+    assert row.figure.values == pytest.approx([3.1, 2.9])
+    assert scenarios.host_downtime_ms({"paused_at": 1.0, "destination": None}) is None
+    ctx.runs, runs = 1, iter([(1.0, {"downtime_ms": 2.0, "paused_at": 1.0, "destination": None})])
+    with pytest.raises(RuntimeError, match="no destination record"):
+        scenarios.live_idle(ctx)

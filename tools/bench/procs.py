@@ -108,10 +108,20 @@ class Vmmrun:
             self.proc.stderr.close()
 
 
+def _destination_record(dest: Vmmrun) -> dict | None:
+    """The destination's own record of the migration it received (its ``migrate-status``), or None
+    when it cannot say (it stopped)."""
+    try:
+        return dest.client(timeout=10).request("migrate-status")
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: list[str], live: bool,
             params: dict | None = None, before=None, request: dict | None = None, local: bool = False) -> tuple[float, dict]:
     """Start a destination (``vmmrun -R``) and a source, migrate, and return (wall seconds of the
-    ``migrate`` request, the source's statistics). Both processes are gone on return. ``request``
+    ``migrate`` request, the source's statistics, with the destination's under ``destination``
+    when it could give them). Both processes are gone on return. ``request``
     adds fields to the migrate request (``tls``, ``key``) as vmmctl would. ``local``: a local
     migration, the destination waiting on a Unix socket (``-R unix:PATH``)."""
     tag = f"{source}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
@@ -139,6 +149,7 @@ def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: li
         # The source is not reaped yet (even if it has exited), so its /proc entry still counts.
         stats["cpu_seconds"] = src.cpu_seconds() + dest.cpu_seconds() - cpu
         src.wait_exit(60)
+        stats["destination"] = _destination_record(dest)
         return seconds, stats
     finally:
         src.stop()

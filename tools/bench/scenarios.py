@@ -354,17 +354,33 @@ def local_migration(gib: int):
     return scenario
 
 
+def host_downtime_ms(stats: dict) -> float | None:
+    """The source's pause to the guest running on the destination, on the host's clock (both
+    vmmrun on this host): the span QEMU's STOP and RESUME events bound, with no estimate of the
+    wire in it. None when the destination's record is missing."""
+    dest = stats.get("destination") or {}
+    if stats.get("paused_at") is None or dest.get("running_at") is None:
+        return None
+    return (dest["running_at"] - stats["paused_at"]) * 1000
+
+
 def live_idle(ctx: Context) -> list[Row]:
     image = random_image(ctx, 1)
-    downtimes, totals = [], []
+    downtimes, reported, totals = [], [], []
     for _ in range(ctx.runs):
         s, st = migrate(ctx.work, "idle", source_args=["-r", image], dest_args=["-m", "1G"], live=True,
                         params={"downtime_target_ms": 10.0})
-        downtimes.append(st["downtime_ms"])
+        host = host_downtime_ms(st)
+        if host is None:
+            raise RuntimeError(f"live-idle: no destination record to time the downtime by ({st.get('destination')!r})")
+        downtimes.append(host)
+        reported.append(st["downtime_ms"])
         totals.append(s)
     fig = Figure(downtimes, "ms")
-    row = Row("live-idle", "live migration, idle running guest (console, 1 GiB random): downtime", fig,
+    row = Row("live-idle", "live migration, idle running guest (console, 1 GiB random): downtime, source paused to "
+              "destination running on the host clock (as QEMU's STOP to RESUME)", fig,
               target="<= 10 ms", met=fig.median <= 10, qemu_min=1.0)
+    row.notes.append(f"the source's own downtime_ms (RESUMED less half the handshake's round trip) {Figure(reported, 'ms').text()}")
     row.notes.append(f"total {Figure(totals, 's').text()}")
     ctx.results[row.scenario] = row
     return [row]

@@ -501,6 +501,7 @@ class Destination:
                         self._cond.notify_all()
                         return P.Outcome.DISCARDED
                     stats.downtime_breakdown["start_ms"] = (time.monotonic() - t) * 1000
+                    stats.running_at = time.time()
                     self.state = "running"
                     stats.owner = "destination"
                     stats.notes.append(f"committed by {by}: the guest runs here")
@@ -1119,6 +1120,7 @@ class _Receiver:
         t = time.monotonic()
         self.adapter.start_running()
         started = time.monotonic() - t
+        self.stats.running_at = time.time()
         self._advance(P.MessageType.COMMITTED)
         self.stats.owner = "destination"
         self.stats.downtime_breakdown["start_ms"] = started * 1000

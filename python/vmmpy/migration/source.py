@@ -455,6 +455,7 @@ class _Source:
         self.adapter.pause()
         self.paused = True
         self.paused_at = time.monotonic()
+        self.stats.paused_at = time.time()
         self.stats.status = "paused"
         return self.paused_at
 

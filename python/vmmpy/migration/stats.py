@@ -156,6 +156,11 @@ class MigrationStats:
     expected_commit_ms: float = 0.0  # live: the part of downtime that does not shrink (round trip; with verify="full" the digest)
     downtime_ms: float | None = None  # source: paused here -> running on the destination (RESUMED); see docs
     destination_start_ms: float | None = None  # source: what starting the guest took the destination
+    # the host's clock (seconds since the epoch), so that on one host the two records give the
+    # downtime without an estimate of the wire: source: the guest paused for the last step;
+    # destination: the guest ran there
+    paused_at: float | None = None
+    running_at: float | None = None
     downtime_breakdown: dict[str, float] = field(default_factory=dict)  # final_pages, state, digest, commit
     # volume
     bytes_total: int = 0  # every byte this end sent (source) or received (destination) on the wire
