@@ -85,6 +85,9 @@ def test_list_shows_each_guests_state_a_waiting_destination_as_incoming(tmp_path
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.splitlines() == ["a0\tpaused", "b0\tincoming"]
         assert vmmctl(tmp_path, "--vm=a0", "--resume").returncode == 0
+        # A destination's (empty) guest is the source's until the commit: nothing may run it here.
+        refused = vmmctl(tmp_path, "--vm=b0", "--resume")
+        assert refused.returncode != 0 and "is receiving a migration (waiting)" in refused.stderr, refused.stderr
         as_json = json.loads(vmmctl(tmp_path, "--list", "--json").stdout)
         assert as_json == [{"name": "a0", "running": True, "state": "running"},
                            {"name": "b0", "running": True, "state": "incoming"}]

@@ -15,10 +15,11 @@ from .migration_guest import FakeGuest
 from .migration_helpers import KEY, assert_migrated_memory_exact, migrate_pair, migrated_memory_differences
 
 
-def assert_arrived_exact(src: FakeGuest, dst: FakeGuest) -> None:
+def assert_arrived_exact(src: FakeGuest, dst: FakeGuest, *, prepared: bool = True) -> None:
     assert dst.calls[-1] == "start_running" and "discard" not in dst.calls
-    # Made ready once the commit was acknowledged (after its state), while COMMITTED travelled.
-    assert dst.calls[-3:-1] == ["restore_sections", "prepare_to_run"], dst.calls
+    if prepared:
+        # Made ready once the commit was acknowledged (after its state), while COMMITTED travelled.
+        assert dst.calls[-3:-1] == ["restore_sections", "prepare_to_run"], dst.calls
     assert src.calls[-1] == "stop_for_good" and "resume" not in src.calls
     assert_migrated_memory_exact(src, dst)
     assert dst.digest_at_start == src.digest_at_pause, "destination memory differs from the source's at pause"
@@ -78,6 +79,24 @@ def test_without_resumed_the_source_holds_the_guest_until_a_reconnect_confirms_i
     assert "resume_ms" not in stats.downtime_breakdown and stats.destination_start_ms is None
     assert any("RESUMED" in n for n in dstats.notes), dstats.notes
     assert_arrived_exact(src, dst)
+
+
+def test_a_destination_that_cannot_get_ready_before_the_commit_still_takes_the_guest(guests, monkeypatch):
+    """prepare_to_run runs after COMMIT_ACK, when the source may already commit: a failure there
+    must not fail the migration (with a destination before version 5 that lost the guest on both
+    sides); start_running does the work after the commit."""
+    src = guests("64M", work_pages=512)
+    dst = guests("64M", work_pages=512, running=False)
+    src.wait_for_progress(500)
+
+    def cannot(*_):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(dst, "prepare_to_run", cannot)
+    stats, dstats = migrate_pair(src, dst, live=False)
+    assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
+    assert any("could not get the guest ready to run before the commit" in n for n in dstats.notes), dstats.notes
+    assert_arrived_exact(src, dst, prepared=False)
 
 
 @pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", bandwidth="capped")

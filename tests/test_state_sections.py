@@ -47,10 +47,10 @@ def test_encoding_is_canonical():
 
 def test_the_payload_encoding_is_pinned_byte_for_byte():
     """Checkpoints hold these bytes and their checksums: the encoding may get faster, never change."""
-    payload = {"b": bytearray(b"\x00\xff"), "a": [1, {"z": None, "y": True}, (2, -3)], "c": "\u00e9\n", "d": {"$x": memoryview(b"ab")}}
+    payload = {"b": bytearray(b"\x00\xff"), "a": [1, {"z": None, "y": True}, (2, -3)], "c": "\u00e9\n", "d": {"$x": memoryview(b"ab")}, "e": memoryview(b"abcdef")[::2]}
     data = encode_payload(payload)
-    assert data == b'{"a":[1,{"y":true,"z":null},[2,-3]],"b":{"$bytes":"AP8="},"c":"\\u00e9\\n","d":{"$x":{"$bytes":"YWI="}}}'
-    assert decode_payload("x", data) == {"a": [1, {"y": True, "z": None}, [2, -3]], "b": b"\x00\xff", "c": "\u00e9\n", "d": {"$x": b"ab"}}
+    assert data == b'{"a":[1,{"y":true,"z":null},[2,-3]],"b":{"$bytes":"AP8="},"c":"\\u00e9\\n","d":{"$x":{"$bytes":"YWI="}},"e":{"$bytes":"YWNl"}}'
+    assert decode_payload("x", data) == {"a": [1, {"y": True, "z": None}, [2, -3]], "b": b"\x00\xff", "c": "\u00e9\n", "d": {"$x": b"ab"}, "e": b"ace"}
 
 
 def test_every_flipped_byte_is_refused_with_a_name():

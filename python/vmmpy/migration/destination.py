@@ -1112,7 +1112,11 @@ class _Receiver:
         self._advance(P.MessageType.COMMIT_REQUEST)
         self._send(P.MessageType.COMMIT_ACK, P.encode_digest(mine))
         # While the source decides and COMMITTED travels: what start_running would do first.
-        self.adapter.prepare_to_run()
+        # Nothing may fail here (the source may commit from now on): start_running does it again.
+        try:
+            self.adapter.prepare_to_run()
+        except Exception as err:
+            self.stats.notes.append(f"could not get the guest ready to run before the commit ({err}); it starts after it")
         frame = self._read()
         P.decode_empty(frame.type, frame.payload)
         # The source has decided to commit: the guest is ours once it runs. Should it fail to

@@ -341,6 +341,10 @@ class MachineCommands:
         if side is not None:
             raise OSError(errno.EBUSY, f"this guest's migration is in doubt ({side}); resuming it here could run it twice: "
                                        "settle it with --migrate-resolve")
+        if self.incoming is not None and self.incoming.state in ("waiting", "migrating"):
+            # Its guest is the source's until the commit: running it here could run it twice.
+            raise OSError(errno.EBUSY, f"this VM is receiving a migration ({self.incoming.state}); its guest runs here once "
+                                       "the migration commits (--migrate-cancel ends it)")
         self.machine.resume()
         return {"paused": False}
 

@@ -105,8 +105,9 @@ class MachineHandle:
         # Start the vCPU threads now, held at the pause rendezvous: the commit then only wakes
         # them (starting threads took up to tens of ms on a busy machine, after the commit).
         try:
+            self.machine.pause()  # still paused as the restore left it (a resume is refused meanwhile): make sure
             self.machine.start_vcpus()
-        except RuntimeError:  # no thread to be had now: start_running tries again
+        except Exception:  # no thread or pipe to be had now: start_running tries again, and says why
             return
         self._held = True
         # Until they are parked, a starting thread holds the GIL the destination needs to read

@@ -180,15 +180,13 @@ class Machine:
         self._control.start()
 
     def start_vcpus(self) -> None:
-        """Start the vCPU threads; called again after a thread could not be started (RuntimeError),
-        it starts the ones not started yet."""
-        if self.started_at is not None:
-            self._start_vcpu_threads()
-            return
-        self.started_at = time.monotonic()
-        self._watch_lazy_memory()
-        if self.lazy_loading is not None:
-            self.lazy_loading.start()
+        """Start the vCPU threads; called again after it failed (a thread that could not be had, a
+        pipe for the lazy memory's watcher), it starts what was not started yet."""
+        if self.started_at is None:  # set once everything before the threads has started
+            self._watch_lazy_memory()
+            if self.lazy_loading is not None:
+                self.lazy_loading.start()
+            self.started_at = time.monotonic()
         self._start_vcpu_threads()
 
     def _start_vcpu_threads(self) -> None:
