@@ -105,7 +105,9 @@ class MachineHandle:
         # Start the vCPU threads now, held at the pause rendezvous: the commit then only wakes
         # them (starting threads took up to tens of ms on a busy machine, after the commit).
         try:
-            self.machine.pause()  # still paused as the restore left it (a resume is refused meanwhile): make sure
+            # The restore left the machine paused and vmmctl may not resume it meanwhile; pausing
+            # again (no thread yet: at once) makes sure the threads start held whatever happened.
+            self.machine.pause()
             self.machine.start_vcpus()
         except Exception:  # no thread or pipe to be had now: start_running tries again, and says why
             return
