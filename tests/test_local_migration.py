@@ -300,14 +300,31 @@ def test_the_source_killed_after_the_confirmation_changes_nothing(tmp_path):
     assert hops.console_text() == expected_abtest(sweeps, (32 * MiB - 2 * MiB) // 4096)
 
 
+def hand_over_here(tmp_path, src, dst_handle):
+    """A warm local migration between two machines of this process over a Unix socket, the
+    destination on a thread: (the source's statistics, the destination's)."""
+    import threading
+
+    from vmmpy.migration import Destination, migrate
+    from vmmpy.runtime.guest_handle import MachineHandle
+
+    path = tmp_path / "mig.sock"
+    dest = Destination(dst_handle, f"unix:{path}", 0)
+    received = {}
+    thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
+    thread.start()
+    stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
+    thread.join(60)
+    assert not thread.is_alive(), "the destination did not end"
+    return stats, received["stats"]
+
+
 def test_the_dirty_pages_carry_over_so_the_next_harvest_is_exact(tmp_path):
     """In one process: a paused guest with known dirty pages handed over on a Unix socket; the new
     machine maps the same memory and harvests exactly the pages the old one had dirty."""
-    import threading
 
     from vmmpy.guest.programs import load_into
     from vmmpy.memory import HIGHMEM_BASE
-    from vmmpy.migration import Destination, migrate
     from vmmpy.runtime.commands import build_machine
     from vmmpy.runtime.config import VmConfig
     from vmmpy.runtime.guest_handle import MachineHandle
@@ -332,15 +349,9 @@ def test_the_dirty_pages_carry_over_so_the_next_harvest_is_exact(tmp_path):
         expected = list(memory.get_and_clear_dirty())
         memory.write(3 * 4096, b"low")
         memory.write(HIGHMEM_BASE + 5 * 4096 - 2, b"span")
-        path = tmp_path / "mig.sock"
-        dest = Destination(handle, f"unix:{path}", 0)
-        received = {}
-        thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
-        thread.start()
-        stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
-        thread.join(60)
+        stats, dstats = hand_over_here(tmp_path, src, handle)
         assert stats.status == "completed", stats.error
-        assert received["stats"].status == "completed", received["stats"].error
+        assert dstats.status == "completed", dstats.error
         new = dst.vm.memory
         assert new.backing == "memfd" and new.read(3 * 4096, 3) == b"low"
         assert handle.harvest == expected == [3, (HIGHMEM_BASE >> 12) + 4, (HIGHMEM_BASE >> 12) + 5]
@@ -361,7 +372,6 @@ def test_the_destination_starts_its_vcpus_held_once_it_acknowledged_the_commit(t
     import threading
 
     from vmmpy.guest.programs import load_into
-    from vmmpy.migration import Destination, migrate
     from vmmpy.runtime.commands import build_machine
     from vmmpy.runtime.config import VmConfig
     from vmmpy.runtime.guest_handle import MachineHandle
@@ -391,15 +401,9 @@ def test_the_destination_starts_its_vcpus_held_once_it_acknowledged_the_commit(t
             super().start_running()
 
     try:
-        path = tmp_path / "mig.sock"
-        dest = Destination(Watching(dst), f"unix:{path}", 0)
-        received = {}
-        thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
-        thread.start()
-        stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
-        thread.join(60)
+        stats, dstats = hand_over_here(tmp_path, src, Watching(dst))
         assert stats.status == "completed", stats.error
-        assert received["stats"].status == "completed", received["stats"].error
+        assert dstats.status == "completed", dstats.error
         assert seen["after restore"] == 0 and seen["after prepare"] == 1
         assert seen["retired at start"] == seen["retired"] == 0
         assert dst.wait(30) is not None and dst.vm.vcpus[0].instructions_retired > 0, "it ran once started"
@@ -542,11 +546,9 @@ def test_a_bad_hand_over_is_refused_by_the_destination_and_the_source_keeps_its_
     """A source that hands over the wrong descriptors (too small, not memory, one short) or dirty
     runs beyond the guest: the destination refuses with a clear error and never runs the guest;
     the source's guest keeps its memory and runs on."""
-    import threading
 
     from vmmpy.guest.programs import load_into
     from vmmpy.memory import GuestMemory
-    from vmmpy.migration import Destination, migrate
     from vmmpy.runtime.commands import build_machine
     from vmmpy.runtime.config import VmConfig
     from vmmpy.runtime.guest_handle import MachineHandle
@@ -580,15 +582,7 @@ def test_a_bad_hand_over_is_refused_by_the_destination_and_the_source_keeps_its_
     monkeypatch.setattr(GuestMemory, "peek_dirty_runs", runs)
     try:
         src.vm.memory.write(0x2000, b"kept")
-        path = tmp_path / "mig.sock"
-        dest = Destination(MachineHandle(dst), f"unix:{path}", 0)
-        received = {}
-        thread = threading.Thread(target=lambda: received.update(stats=dest.run(30)))
-        thread.start()
-        stats = migrate(MachineHandle(src), f"unix:{path}", 0, live=False)
-        thread.join(60)
-        assert not thread.is_alive()
-        dstats = received["stats"]
+        stats, dstats = hand_over_here(tmp_path, src, MachineHandle(dst))
         assert dstats.status == "failed" and stats.status == "failed", (dstats.error, stats.error)
         assert "LOCAL_MEMORY" in dstats.error or "map the source's memory" in dstats.error, dstats.error
         assert stats.owner == "source", stats.owner
