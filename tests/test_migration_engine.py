@@ -81,6 +81,33 @@ def test_without_resumed_the_source_holds_the_guest_until_a_reconnect_confirms_i
     assert_arrived_exact(src, dst)
 
 
+def test_the_downtime_runs_until_the_destination_started_the_guest_however_slow_its_handshake(guests, monkeypatch):
+    """The source's downtime ends at RESUMED less its time on the wire, taken from that exchange:
+    a destination slow to answer HELLO (a cold process) must not make it end before the guest
+    started there (taken from the handshake's round trip, it ended at COMMITTED sent)."""
+    from vmmpy.migration import protocol as P
+
+    src = guests("64M", work_pages=256)
+    dst = guests("64M", work_pages=256, running=False)
+    src.wait_for_progress(200)
+    real_challenge, real_start = P.encode_challenge, dst.start_running
+
+    def slow_challenge(*args, **kwargs):
+        time.sleep(0.3)
+        return real_challenge(*args, **kwargs)
+
+    def slow_start():
+        time.sleep(0.05)
+        real_start()
+
+    monkeypatch.setattr(P, "encode_challenge", slow_challenge)
+    monkeypatch.setattr(dst, "start_running", slow_start)
+    stats, dstats = migrate_pair(src, dst, live=False)
+    assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
+    assert stats.destination_start_ms >= 50
+    assert stats.downtime_breakdown["resume_ms"] >= 50, stats.downtime_breakdown
+
+
 def test_a_destination_that_cannot_get_ready_before_the_commit_still_takes_the_guest(guests, monkeypatch):
     """prepare_to_run runs after COMMIT_ACK, when the source may already commit: a failure there
     must not fail the migration (with a destination before version 5 that lost the guest on both

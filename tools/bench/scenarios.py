@@ -380,7 +380,7 @@ def live_idle(ctx: Context) -> list[Row]:
     row = Row("live-idle", "live migration, idle running guest (console, 1 GiB random): downtime, source paused to "
               "destination running on the host clock (as QEMU's STOP to RESUME)", fig,
               target="<= 10 ms", met=fig.median <= 10, qemu_min=1.0)
-    row.notes.append(f"the source's own downtime_ms (RESUMED less half the handshake's round trip) {Figure(reported, 'ms').text()}")
+    row.notes.append(f"the source's own downtime_ms (RESUMED's arrival less its estimated time on the wire) {Figure(reported, 'ms').text()}")
     row.notes.append(f"total {Figure(totals, 's').text()}")
     ctx.results[row.scenario] = row
     return [row]

@@ -792,8 +792,9 @@ class _Source:
         return sock
 
     def _downtime_until_resumed(self, paused_at: float, committed_at: float, wait: float, *, strict: bool = False) -> float:
-        """The guest's downtime, paused here to running there: until RESUMED arrives, less the
-        half round trip it spent on the wire. Without RESUMED (the link died after the commit,
+        """The guest's downtime, paused here to running there: until RESUMED arrives, less its
+        time on the wire, taken as half of what the COMMITTED -> RESUMED exchange took beyond the
+        destination's start (which RESUMED carries). Without RESUMED (the link died after the commit,
         or the destination is slow to start) it ends at COMMITTED sent, with a note; ``strict``
         raises instead (version 5: no RESUMED means the outcome is in doubt)."""
         try:
@@ -805,7 +806,12 @@ class _Source:
                 raise
             self.stats.notes.append(f"the destination did not confirm the guest runs ({err}); downtime measured to COMMITTED sent")
             return (committed_at - paused_at) * 1000
-        resumed_at = max(committed_at, time.monotonic() - self.rtt_ms / 2000)
+        arrived = time.monotonic()
+        # Each way on the wire is about the same: half the exchange less the start. (The
+        # handshake's round trip was taken before: a cold destination's, often longer than this
+        # whole exchange, so the downtime ended at COMMITTED sent, leaving out the start.)
+        one_way = max(0.0, (arrived - committed_at - start_us / 1e6) / 2)
+        resumed_at = arrived - one_way
         self.stats.downtime_breakdown["resume_ms"] = (resumed_at - committed_at) * 1000
         self.stats.destination_start_ms = start_us / 1000
         return (resumed_at - paused_at) * 1000
