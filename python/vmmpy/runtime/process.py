@@ -187,9 +187,6 @@ class Machine:
             if self.lazy_loading is not None:
                 self.lazy_loading.start()
             self.started_at = time.monotonic()
-        self._start_vcpu_threads()
-
-    def _start_vcpu_threads(self) -> None:
         for i in range(len(self._threads), self.config.ncpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(i,), name=f"{self.config.name}/vcpu{i}", daemon=True)
             thread.start()  # RuntimeError when no thread can be had: this one is not counted as started
@@ -387,14 +384,9 @@ class Machine:
         if self._exit_status is not None or self.vm.suspended is not None:
             raise vmm_error(errno.EINVAL, f"VM '{self.config.name}' has stopped ({self._exit_reason or 'suspended'}); there is nothing to pause")
         self.vm.ioctl(Ioctl.VM_PAUSE_VCPUS, VmCpuset(ALL_VCPUS))
-        deadline = t0 + timeout
-        with self._cond:
-            while not self._all_parked():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
-                    raise vmm_error(errno.ETIMEDOUT, f"vCPUs of '{self.config.name}' did not stop within {timeout} s")
-                self._cond.wait(min(left, 0.1))
+        if not self.wait_parked(timeout):
+            self.vm.ioctl(Ioctl.VM_RESUME_VCPUS, VmCpuset(ALL_VCPUS))
+            raise vmm_error(errno.ETIMEDOUT, f"vCPUs of '{self.config.name}' did not stop within {timeout} s")
         if not self._quiesced:
             for device in self.devices:
                 device.pause()
