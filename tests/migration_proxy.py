@@ -69,14 +69,19 @@ class StreamProxy:
     (both of its ends closed, as a dead peer's would be), or with ``stall`` stops being forwarded
     (held open) once it has carried that many. With ``sink`` (seconds), the source's bytes after
     those are taken and dropped, and once the source has sent nothing for that long (0: at once)
-    the destination's end alone is reset: only the destination sees the stream break."""
+    the destination's end alone is reset: only the destination sees the stream break. With
+    ``hold_others`` too, every other connection stops forwarding the source's bytes once it has
+    carried ``cut_after`` of them, until that reset (10 s at most): a source with more to send is
+    then still sending on them when the destination closes them, whatever the two hosts' speeds."""
 
     def __init__(self, target: tuple[str, int], *, victim: int, cut_after: int, stall: bool = False, sink: float | None = None,
-                 connections: int = 16) -> None:
+                 hold_others: bool = False, connections: int = 16) -> None:
         self.target = target
         self.victim, self.cut_after, self.stall, self.sink = victim, cut_after, stall, sink
+        self.hold_others = hold_others
         self.sunk = 0  # the source's bytes taken and dropped on the victim
         self.reset_at: float | None = None  # time.monotonic() when a sink reset the destination's end
+        self.reset = threading.Event()  # set with reset_at (and by close())
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
@@ -114,6 +119,8 @@ class StreamProxy:
                 data = client.recv(65536)
                 if not data:
                     break
+                if self.hold_others and not victim and carried >= self.cut_after:
+                    self.reset.wait(10)  # once: set for good by the reset, or by close()
                 if victim and carried + len(data) >= self.cut_after:
                     upstream.sendall(data[: self.cut_after - carried])
                     if self.sink is not None:
@@ -154,6 +161,7 @@ class StreamProxy:
                 upstream.shutdown(socket.SHUT_RD)  # ends the back thread's read, which a close alone would not wake
                 self.reset_at = time.monotonic()
                 upstream.close()  # a reset, to the destination only; the source's end stays open
+                self.reset.set()
                 client.settimeout(0.1)
             if self.released.is_set():
                 return
@@ -169,6 +177,7 @@ class StreamProxy:
 
     def close(self) -> None:
         self.released.set()
+        self.reset.set()
         self.listener.close()
         with self._lock:
             for s in self._open:

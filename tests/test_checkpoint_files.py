@@ -176,9 +176,11 @@ def test_a_restore_from_the_disk_leaves_no_copy_of_memory_in_the_page_cache(dens
     assert cached <= pages // 16, f"{cached} of the file's {pages} pages still cached after the {mode} restore"
     _evict(path, pages)
     cached = restore(page_cache="keep")
-    assert cached >= pages * 15 // 16, f"only {cached} of {pages} pages cached after a {mode} restore told to keep them"
+    # A kept file may still lose a few 2 MiB folios to the kernel's own page-out meanwhile (an
+    # eighth is three of them); a dropped one keeps at most a sixteenth.
+    assert cached >= pages * 7 // 8, f"only {cached} of {pages} pages cached after a {mode} restore told to keep them"
     cached = restore()  # found cached: stays cached
-    assert cached >= pages * 15 // 16, f"only {cached} of {pages} pages cached after a {mode} restore of a cached file"
+    assert cached >= pages * 7 // 8, f"only {cached} of {pages} pages cached after a {mode} restore of a cached file"
 
 
 def test_page_cache_must_be_auto_or_keep(dense):
