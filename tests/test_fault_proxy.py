@@ -493,6 +493,7 @@ def test_a_dry_run_of_a_live_migration_logs_the_protocol_and_changes_nothing(tmp
         result, log = pair.dry_run(lambda proxy: live_migrate_in_process(
             tmp_path, "127.0.0.1", proxy.port, ["--downtime-ms", "10", *link, *flags]))
         stats = json.loads(result.stdout)
+        assert stats["bandwidth_cap"] == 40 * MiB, "the link flags reached the migration"
         rounds = check_log_against_the_engines(log, stats)
         batch_kinds = [b.kind for _, batches in rounds for b in batches]
         assert stats["round_count"] >= 2 and any(batches for _, batches in rounds[1:]), "dirty pages went in later rounds"

@@ -239,6 +239,8 @@ def test_vmmrun_restores_without_leaving_the_memory_file_cached_unless_told_to_k
         assert console.read_text().endswith(f"abtest: done 40 sweeps over {pages} pages, all counters 40\n")
         now, held = cached()
         if keep:
-            assert now >= held * 7 // 8, f"--restore-page-cache keep: only {now} of the file's {held} pages cached"
+            # The kernel's own page-out may take a few whole 2 MiB folios (512 pages each) of a
+            # kept file meanwhile: three of them, or an eighth, whichever is more.
+            assert now >= held - max(held // 8, 3 * 512), f"--restore-page-cache keep: only {now} of the file's {held} pages cached"
         else:
             assert now <= held // 8, f"{now} of the file's {held} pages still cached after vmmrun -r"

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::encode::Builder;
-use super::isa::{msr, op, rflags, GPR_NAMES};
+use super::isa::{self, msr, op, rflags, GPR_NAMES};
 use super::*;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
 
@@ -477,7 +477,9 @@ fn a_missing_vector_table_is_a_fault_and_the_vector_stays_pending() {
 #[test]
 fn a_pause_request_stops_a_running_vcpu_from_another_thread() {
     let mut b = Builder::new();
-    b.branch(op::JMP, 0); // spin forever
+    b.emit(op::MOVI, RSI, 0, DATA as i32).emit(op::MOVI, RAX, 0, 1);
+    let spin = b.here();
+    b.emit(op::ST8, RSI, RAX, 0).branch(op::JMP, spin); // store 1, forever
     let mem = memory();
     let mut cpu = vcpu_with(&mem, &b, Vendor::Intel);
     let handle = cpu.handle();
@@ -485,12 +487,21 @@ fn a_pause_request_stops_a_running_vcpu_from_another_thread() {
         let exit = cpu.run(u64::MAX).unwrap();
         (exit, cpu)
     });
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The request comes once the vCPU is running, however late its thread starts (a request
+    // before run() stops it before any instruction: the next test). Bounded: 10 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut byte = [0u8];
+    while byte[0] == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        mem.read(GuestAddress(DATA), &mut byte).unwrap();
+    }
+    assert_eq!(byte[0], 1, "the vCPU never ran its loop");
     handle.request_pause();
     let (exit, cpu) = runner.join().unwrap();
     assert_eq!(exit, Exit::PauseRequested);
-    assert!(cpu.instructions_retired() > 0);
-    assert_eq!(reg(&cpu, "rip"), CODE);
+    assert!(cpu.instructions_retired() > 2);
+    let rip = reg(&cpu, "rip");
+    assert!(rip == CODE + spin || rip == CODE + spin + isa::INSN_SIZE, "stopped inside its loop, at {rip:#x}");
 }
 
 #[test]

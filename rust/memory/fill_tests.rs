@@ -195,11 +195,17 @@ fn recording_notes_accessed_chunks_in_first_access_order_whoever_loaded_them() {
 #[test]
 fn recording_ends_after_its_time_and_complete_memory_then_reads_complete() {
     let s = lazy(&[], None);
-    let plan = LoadPlan { fill: true, record_for: Some(Duration::from_millis(100)), record_limit: 100, ..LoadPlan::default() };
+    // Long enough that the fill and the read below fit in it on a loaded machine (100 ms once
+    // did not always), short enough for a test.
+    let record_for = Duration::from_secs(1);
+    let plan = LoadPlan { fill: true, record_for: Some(record_for), record_limit: 100, ..LoadPlan::default() };
+    let started = Instant::now();
     image(&s.mem).start_loading(plan).unwrap();
     wait_until("resident", || image(&s.mem).is_resident());
     read(&s.mem, at(4, 0)).unwrap();
+    assert!(started.elapsed() < record_for, "the read came {:?} after the start: too late to be recorded", started.elapsed());
     assert_eq!(image(&s.mem).wait_recorded(Duration::from_secs(10)), Some(vec![4]));
+    assert!(started.elapsed() >= record_for, "recording ended after its time, not before");
     assert!(s.mem.is_complete(), "resident and no longer recording");
     let stats = image(&s.mem).stats();
     assert_eq!((stats.filled, stats.demand_loads, stats.waits), (8, 0, 0), "an access to a chunk the fill loaded does not wait");

@@ -80,7 +80,15 @@ fn live_write_while_scribbling(tracking: TrackingChoice, limit_pages: usize) -> 
             round
         })
     };
-    std::thread::sleep(Duration::from_millis(5)); // let the guest start writing first
+    // The guest writes first, whatever the scheduler does: its writes are copying pages out, and
+    // with a side store of a few pages it is already waiting for room (which only the snapshot
+    // writer makes). Bounded: 10 s.
+    let writing = |s: &LiveStats| if limit_pages <= 4 { s.throttled_writes > 0 } else { s.copied_pages > 0 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !writing(&capture.stats()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(writing(&capture.stats()), "the writer thread never wrote: {:?}", capture.stats());
     let f = temp_file("race");
     let stats = write_memory_file_live(&mem, &capture, f.as_raw_fd(), CHUNK, None, &AtomicBool::new(false)).unwrap();
     stop.store(true, Ordering::Relaxed);

@@ -568,14 +568,15 @@ fn a_slow_trickle_below_the_low_water_mark_is_not_a_timeout() {
     }
     let ranges = build_ranges_from_bitmap(&src.segments()[0], &harvest(&src, 0), true).unwrap();
     let bytes = batch_bytes(&src, &ranges);
-    // 200 ms receive timeout; the bytes come in pieces 120 ms apart, each far below the
-    // whole-window low-water mark: the peer is sending, so the receive waits on.
-    let (mut tx, rx) = tcp_pair(std::time::Duration::from_millis(200));
+    // 1 s receive timeout; the bytes come in pieces 250 ms apart (1.5 s in all, longer than the
+    // timeout), each far below the whole-window low-water mark: the peer is sending, so the
+    // receive waits on. The gaps leave a loaded machine 750 ms of slack each.
+    let (mut tx, rx) = tcp_pair(std::time::Duration::from_secs(1));
     let sender = std::thread::spawn(move || {
         let head = bytes.len() - 6 * 4096;
         tx.write_all(&bytes[..head]).unwrap();
         for piece in bytes[head..].chunks(4096) {
-            std::thread::sleep(std::time::Duration::from_millis(120));
+            std::thread::sleep(std::time::Duration::from_millis(250));
             tx.write_all(piece).unwrap();
         }
         tx
