@@ -15,6 +15,7 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.migration import (
     Aborted,
+    ConnectionLost,
     Destination,
     MigrationHandle,
     MigrationParams,
@@ -625,3 +626,29 @@ def test_a_connection_within_this_host_gets_the_local_buffers_and_one_to_another
     assert [size for _, size in asked] == [net.LOCAL_SOCKET_BUFFER_BYTES] * 3
     assert [sock for sock, _ in asked][0] is near and far not in [sock for sock, _ in asked]
     assert net.LOCAL_SOCKET_BUFFER_BYTES < net.SOCKET_BUFFER_BYTES
+
+
+def test_an_address_written_out_connects_without_a_name_lookup_and_a_name_still_resolves(monkeypatch):
+    """A process's first getaddrinfo() costs milliseconds (the C library reads its configuration),
+    inside a source's migration setup: an IPv4 or IPv6 address is connected to as it is."""
+    looked_up = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or real(host, *a, **k))
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        try:
+            listener = socket.create_server((host, 0), family=family)
+        except OSError:
+            continue  # no IPv6 loopback here
+        with listener:
+            with net.connect(host, listener.getsockname()[1], timeout=5) as sock:
+                assert sock.family == family and sock.getpeername()[:2] == listener.getsockname()[:2]
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) and sock.gettimeout() == 5
+    assert looked_up == []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with net.connect("localhost", listener.getsockname()[1], timeout=5) as sock:
+            assert sock.getpeername()[0] in ("127.0.0.1", "::1")
+    assert looked_up == ["localhost"]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    with pytest.raises(ConnectionLost, match=f"cannot connect to 127.0.0.1:{port}: connection refused"):
+        net.connect("127.0.0.1", port, timeout=5)

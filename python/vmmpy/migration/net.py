@@ -221,7 +221,7 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
     if is_unix(host):
         return _connect_unix(unix_path(host), where, timeout)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = _open_tcp(host, port, timeout)
     except ConnectionRefusedError:
         raise ConnectionLost(f"cannot connect to {where}: connection refused (is the destination listening?)") from None
     except TimeoutError:
@@ -231,6 +231,25 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     set_buffers(sock)
     fit_buffers(sock)
+    return sock
+
+
+def _open_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """``socket.create_connection`` without its name lookup where ``host`` is an address written
+    out (IPv4 or IPv6): a process's first ``getaddrinfo`` costs 2-8 ms here (the C library reads
+    its configuration), and a source's first connection is inside the migration's setup. A name
+    goes through the lookup as before."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # a name
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
