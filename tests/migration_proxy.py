@@ -82,6 +82,7 @@ class StreamProxy:
         self.sunk = 0  # the source's bytes taken and dropped on the victim
         self.reset_at: float | None = None  # time.monotonic() when a sink reset the destination's end
         self.reset = threading.Event()  # set with reset_at (and by close())
+        self.hold_timed_out = False  # a held connection waited 10 s for the reset in vain
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
@@ -114,13 +115,16 @@ class StreamProxy:
         back = threading.Thread(target=_forward, args=(upstream, client), daemon=True)
         back.start()
         carried = 0
+        hold = self.hold_others and not victim
         try:
             while True:
                 data = client.recv(65536)
                 if not data:
                     break
-                if self.hold_others and not victim and carried >= self.cut_after:
-                    self.reset.wait(10)  # once: set for good by the reset, or by close()
+                if hold and carried >= self.cut_after:
+                    hold = False  # once: 10 s at most, ended by the reset or by close()
+                    if not self.reset.wait(10):
+                        self.hold_timed_out = True
                 if victim and carried + len(data) >= self.cut_after:
                     upstream.sendall(data[: self.cut_after - carried])
                     if self.sink is not None:

@@ -75,6 +75,9 @@ def live_migrate_in_process(run_dir, host, port, ctl_extra):
     from vmmpy.runtime.control import ControlClient, ControlError
 
     args = vmmctl.build_parser().parse_args(["--vm=src0", "--migrate-live", host, str(port), *ctl_extra])
+    if args.estimate or args.report or args.postcopy:
+        raise ValueError("live_migrate_in_process migrates: --estimate, --report and --postcopy are vmmctl's alone")
+    host, port = vmmctl._address(args.migrate_live)
     request = {"host": host, "port": port, "live": True, "params": vmmctl._migration_params(args)}
     key = vmmctl.read_key(args.key_file)
     if key is not None:

@@ -240,7 +240,10 @@ def test_vmmrun_restores_without_leaving_the_memory_file_cached_unless_told_to_k
         now, held = cached()
         if keep:
             # The kernel's own page-out may take a few whole 2 MiB folios (512 pages each) of a
-            # kept file meanwhile: three of them, or an eighth, whichever is more.
-            assert now >= held - max(held // 8, 3 * 512), f"--restore-page-cache keep: only {now} of the file's {held} pages cached"
+            # kept file meanwhile: three of them, or an eighth, whichever is more. The file is big
+            # enough that this still leaves more than twice what a dropped one may keep.
+            slack = max(held // 8, 3 * 512)
+            assert held - slack > 2 * (held // 8), (held, slack)
+            assert now >= held - slack, f"--restore-page-cache keep: only {now} of the file's {held} pages cached"
         else:
             assert now <= held // 8, f"{now} of the file's {held} pages still cached after vmmrun -r"

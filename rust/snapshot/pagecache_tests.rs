@@ -167,7 +167,8 @@ fn a_lazy_restore_judges_a_sparse_file_from_its_data() {
     f.read_exact_at(&mut buf, SIZE - quarter).unwrap();
     restore_all();
     let kept = cached(&f, SIZE - quarter, quarter);
-    assert!(kept + SLACK >= data_pages, "cached: {kept} of the {data_pages} data pages kept");
+    // An eighth of the data, as SLACK is of the whole file: 768 pages, one and a half folios.
+    assert!(kept + data_pages / 8 >= data_pages, "cached: {kept} of the {data_pages} data pages kept");
 }
 
 #[test]

@@ -238,10 +238,14 @@ def _open_tcp(host: str, port: int, timeout: float) -> socket.socket:
     """``socket.create_connection`` without its name lookup where ``host`` is an address written
     out (IPv4 or IPv6): a process's first ``getaddrinfo`` costs 2-8 ms here (the C library reads
     its configuration), and a source's first connection is inside the migration's setup. A name
-    goes through the lookup as before."""
+    goes through the lookup as before, and so does an address with a zone (``fe80::1%eth0``),
+    whose scope only the lookup puts in the socket address (a 2-tuple's is 0, which the kernel
+    refuses for a link-local address)."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:  # a name
+        family = None
+    if family is None or "%" in host:
         return socket.create_connection((host, port), timeout=timeout)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
