@@ -65,7 +65,7 @@ class Section:
 def _encode_value(value: Any) -> Any:
     """What the JSON encoder writes for a value JSON has no type for (its ``default``)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(value if isinstance(value, bytes) else bytes(value)).decode()}
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}  # bytes(b) is b: no copy of bytes
     raise TypeError(f"state values must be JSON types or bytes, got {type(value).__name__}")
 
 
