@@ -9,6 +9,7 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
+from vmmpy.vmm.vm import PACE_AHEAD_NS
 
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
@@ -152,6 +153,57 @@ def test_hlt_sleeps_until_the_lapic_timer_wakes_it(vendor):
     stats = machine.vm.stats[0]
     assert stats["interrupts_delivered"] == 5
     assert stats["halt_skipped_ns"] > 0, "with the instruction TSC, halted time is skipped, not waited"
+
+
+# TICKS with 20 ms of guest time per tick (the lapic timer counts 128 Mi ticks a second): 100 ms
+# of guest time, nearly all of it halted.
+SLOW_TICKS = TICKS.replace("mov rax, 100000\n", f"mov rax, {20 * (1 << 27) // 1000}\n")
+
+
+def test_an_idle_guest_sleeps_the_time_it_skips_and_ends_as_one_fast_forwarded():
+    ends = {}
+    for idle in ("sleep", "skip"):
+        started = time.monotonic_ns()
+        machine, console = boot(SLOW_TICKS, f"m-idle-{idle}", idle=idle)
+        try:
+            assert machine.wait(60) == EXIT_POWEROFF
+            took = time.monotonic_ns() - started
+            vm, stats = machine.vm, machine.vm.stats[0]
+            ends[idle] = (console.output, vm.last_tsc[0], vm.vcpus[0].instructions_retired, vm.vcpus[0].get_register("rip"),
+                          stats["halt_skipped_ns"], stats["interrupts_delivered"])
+        finally:
+            machine.close()
+        assert stats["halt_skipped_ns"] > 90_000_000, "the five ticks' waits were halted time"
+        if idle == "sleep":
+            # Guest time never ran ahead of the host's by more than the pacing's slack: the
+            # halted time was slept, not run through.
+            assert took >= vm.last_tsc[0] - PACE_AHEAD_NS
+            assert stats["halt_slept_ns"] > 0
+        else:
+            assert stats["halt_slept_ns"] == 0, "skip never sleeps"
+    assert ends["sleep"] == ends["skip"], "the guest sees the same whether its idle time is slept or skipped"
+    assert ends["sleep"][0] == b"T5"
+
+
+def test_a_pause_ends_a_vcpu_s_idle_sleep_at_once():
+    # One tick every 32 s of guest time: the vCPU sleeps in its first hlt far longer than the pause
+    # may take (its default timeout is 10 s).
+    machine, _ = boot(TICKS.replace("mov rax, 100000\n", "movabs rax, 0xffffffff\n"), "m-idle-pause")
+    try:
+        deadline = time.monotonic() + 30
+        while machine.vm.stats[0]["halt_skipped_ns"] == 0:
+            assert time.monotonic() < deadline, "the guest never halted"
+            time.sleep(0.001)
+        machine.pause()
+        assert machine.paused
+        assert machine.vm.stats[0]["halt_slept_ns"] == 0, "the sleep was cut short, not finished"
+    finally:
+        machine.close()
+
+
+def test_an_unknown_idle_mode_is_refused_naming_the_option():
+    with pytest.raises(ConfigError, match="--idle 'nap': choose one of sleep, skip"):
+        VmConfig(name="m-nap", idle="nap").validate()
 
 
 def test_hlt_with_interrupts_off_halts_the_vm():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vmmpy.cli import vmmrun
+from vmmpy.cli import live_update, vmmrun
 from vmmpy.runtime.config import ConfigError
 
 from .procs import start_vmmrun, stop, vmmctl, wait_for_socket
@@ -59,6 +59,7 @@ def test_k_and_o_apply_in_order_a_later_value_replacing_an_earlier(tmp_path):
     ("memory.wired=maybe\n", "a.conf:2: memory.wired must be true or false, got 'maybe'"),
     ("cpus=two\n", "a.conf:2: cpus must be a whole number, got 'two'"),
     ("vmmpy.tsc=sundial\n", "a.conf:2: vmmpy.tsc must be one of instructions, host, got 'sundial'"),
+    ("vmmpy.idle=nap\n", "a.conf:2: vmmpy.idle must be one of sleep, skip, got 'nap'"),
     ("pci.0.3.0.path=disk.img\n", "a.conf:2: pci.0.3.0 has settings but no pci.0.3.0.device"),
 ])
 def test_a_bad_line_is_refused_naming_the_file_the_line_and_the_key(tmp_path, text, error):
@@ -67,6 +68,17 @@ def test_a_bad_line_is_refused_naming_the_file_the_line_and_the_key(tmp_path, te
     with pytest.raises(ConfigError) as err:
         config_of("-k", str(conf), "vm2")
     assert str(err.value).startswith(str(tmp_path / error.split(":", 1)[0]) + ":" + error.split(":", 1)[1])
+
+
+def test_idle_comes_from_a_file_or_the_command_line_and_a_live_update_keeps_it(tmp_path):
+    assert config_of("--guest", "console", "vm4").idle == "sleep"
+    assert config_of("-o", "vmmpy.idle=skip", "--guest", "console", "vm4").idle == "skip"
+    assert config_of("-o", "vmmpy.idle=skip", "--idle", "sleep", "--guest", "console", "vm4").idle == "sleep"
+    for argv, passed in ((["--idle", "skip"], ["--idle", "skip"]), ([], [])):
+        args = vmmrun.build_parser().parse_args([*argv, "--guest", "console", "vm4"])
+        successor = live_update.successor_argv(args, vmmrun.config_from_args(args), tmp_path / "vm4.mig", "vmmrun")
+        # The default is left unsaid, so a default guest still updates to a build without --idle.
+        assert [a for i, a in enumerate(successor) if "--idle" in successor[max(0, i - 1):i + 1]] == passed
 
 
 def test_a_missing_file_and_a_bad_o_are_refused_by_name(tmp_path):

@@ -64,7 +64,7 @@ class VmStateError(VmmpyError, RuntimeError):
 
 def _config(guest: str | None, args: Mapping[str, Any] | None, *, name: str | None, memory: int | str, cpus: int,
             slots: Sequence[str], lpc: Mapping[str, str | None] | None, vendor: str, tsc: str, wired: bool,
-            dirty_tracking: str | None, accel: str = "sim") -> tuple[VmConfig, dict[str, ConsoleBackend]]:
+            dirty_tracking: str | None, accel: str = "sim", idle: str = VmConfig.idle) -> tuple[VmConfig, dict[str, ConsoleBackend]]:
     """The VmConfig the keyword options describe, and the in-memory consoles it asks for."""
     lpc = {"com1": None} if lpc is None else dict(lpc)
     consoles: dict[str, ConsoleBackend] = {device: CaptureConsole() for device, backend in lpc.items() if backend is None}
@@ -83,6 +83,7 @@ def _config(guest: str | None, args: Mapping[str, Any] | None, *, name: str | No
         guest=guest,
         guest_args={str(key): str(value) for key, value in (args or {}).items()},
         tsc=tsc,
+        idle=idle,
         vendor=vendor,
         # KVM's dirty log is a KVM guest's; the soft bitmap is exact for the simulated vCPU.
         dirty_tracking=dirty_tracking or ("kvm" if accel == "kvm" else "soft"),
@@ -104,8 +105,9 @@ class Vm:
     or a size such as ``"1G"``), ``cpus`` (``-c``), ``slots`` (``-s`` strings such as
     ``"3,virtio-blk,disk.img"``), ``lpc`` (``-l``: ``{"com1": None}`` by default, where None keeps
     the console's output in memory for :attr:`console`; ``"stdio"`` or a file path as with
-    vmmrun), ``vendor``, ``tsc``, ``wired`` (``-S``), ``dirty_tracking`` and ``name`` (unique in
-    this process; one is made up when not given).
+    vmmrun), ``vendor``, ``tsc``, ``idle`` (``--idle``: "sleep", the default, or "skip" to run an
+    idle guest's timer ticks flat out), ``wired`` (``-S``), ``dirty_tracking`` and ``name`` (unique
+    in this process; one is made up when not given).
 
     Then: :meth:`start`, :meth:`pause`, :meth:`resume`, :meth:`wait` for the exit status (bhyve's:
     0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error), :meth:`checkpoint`,
@@ -120,9 +122,9 @@ class Vm:
     def __init__(self, guest: str, *, args: Mapping[str, Any] | None = None, memory: int | str = "256M", cpus: int = 1,
                  slots: Sequence[str] = (), lpc: Mapping[str, str | None] | None = None, vendor: str = "intel",
                  tsc: str = "instructions", wired: bool = False, dirty_tracking: str | None = None, name: str | None = None,
-                 accel: str = "sim") -> None:
+                 accel: str = "sim", idle: str = VmConfig.idle) -> None:
         config, consoles = _config(guest, args, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
-                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel)
+                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel, idle=idle)
         self._adopt(build_machine(config, consoles=consoles, load=_boot(config)), consoles)
 
     def _adopt(self, machine: Machine, consoles: Mapping[str, ConsoleBackend]) -> None:
@@ -290,9 +292,9 @@ class Vm:
     def restore(cls, path: str | os.PathLike[str], *, mode: str = "eager", key: bytes | None = None, slots: Sequence[str] = (),
                 lpc: Mapping[str, str | None] | None = None, dirty_tracking: str | None = None, name: str | None = None,
                 prefetch: str = "working-set", record_working_set: float = RECORD_SECONDS, accel: str | None = None,
-                page_cache: str = "auto") -> Vm:
+                page_cache: str = "auto", idle: str = VmConfig.idle) -> Vm:
         """A Vm from the checkpoint at ``path``, as ``vmmrun -r`` makes one: memory, vCPUs,
-        vendor and TSC come from the checkpoint; ``slots`` and ``lpc`` must name the devices it
+        vendor and TSC come from the checkpoint (``idle``, host policy, from the caller); ``slots`` and ``lpc`` must name the devices it
         was saved with. ``mode`` ``eager`` reads and verifies all memory now; ``lazy`` reads each
         chunk when first needed (a bad one stops the guest), and once started a background
         thread loads ahead as ``prefetch`` says ("working-set": the chunks in ``path``.ws, then
@@ -315,7 +317,7 @@ class Vm:
         # The backend comes from the checkpoint; a KVM tracking asked for says it is to be KVM's.
         config, consoles = _config(None, None, name=name, memory=VmConfig.memsize, cpus=VmConfig.ncpus, slots=slots, lpc=lpc,
                                    vendor=VmConfig.vendor, tsc=VmConfig.tsc, wired=False, dirty_tracking=dirty_tracking,
-                                   accel=accel or ("kvm" if dirty_tracking in KVM_TRACKING else "sim"))
+                                   accel=accel or ("kvm" if dirty_tracking in KVM_TRACKING else "sim"), idle=idle)
         machine = restore_machine(Path(path), config, mode=mode, key=key, consoles=consoles, prefetch=prefetch,
                                   record_seconds=record_working_set, accel=accel, page_cache=page_cache)
         return cls._from_machine(machine, consoles)
@@ -361,14 +363,14 @@ class Vm:
                 slots: Sequence[str] = (), lpc: Mapping[str, str | None] | None = None, vendor: str = "intel",
                 tsc: str = "instructions", wired: bool = False, dirty_tracking: str | None = None, key: bytes | None = None,
                 tls: TlsConfig | None = None, params: MigrationParams | Mapping[str, Any] | None = None,
-                accept_timeout: float = 300.0, name: str | None = None, accel: str = "sim") -> Vm:
+                accept_timeout: float = 300.0, name: str | None = None, accel: str = "sim", idle: str = VmConfig.idle) -> Vm:
         """A Vm waiting on ``host:port`` (0: any free port, see :attr:`address`) for one incoming
         migration, as ``vmmrun -R``: give the source's memory, vCPUs, devices, vendor and TSC.
         It listens when this returns and receives in the background; the guest runs as soon as
         the migration completes. :meth:`received` waits for that (raising MigrationError if it
         failed); :meth:`wait` waits for the guest to stop."""
         config, consoles = _config(None, None, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
-                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel)
+                                   tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel, idle=idle)
         params = _params(params)
         machine = build_machine(config, consoles=consoles)
         vm = cls._from_machine(machine, consoles)

@@ -5,7 +5,8 @@ that keeps the guest, its memory, its control socket name and its console.
 
 1. starts its successor: ``PATH`` (default: this Python's ``-m vmmpy.cli.vmmrun``) with the
    options of the running guest (``-c``, ``-m``, ``-S``, ``-s``, ``-l``, ``--tsc``, ``--vendor``,
-   ``--dirty-tracking``, ``--memory-backing``, ``--run-dir``), ``-R unix:RUNDIR/NAME.update-PID.mig``
+   ``--dirty-tracking``, ``--memory-backing``, ``--run-dir``, and ``--idle`` where it is not the
+   default, so a default guest still updates to a build before it), ``-R unix:RUNDIR/NAME.update-PID.mig``
    and ``--take-name``, the same VMNAME; it inherits this process's stdin, stdout and stderr;
 2. hands the guest over with a local migration (the guest's memory must be memfd-backed);
 3. exits 0 once the successor confirms it runs the guest, as after any completed migration. The
@@ -50,6 +51,8 @@ def successor_argv(args: argparse.Namespace, config: VmConfig, sock: Path, exe: 
         argv += ["-l", f"{device},{backend}"]
     argv += ["--tsc", config.tsc, "--vendor", config.vendor, "--dirty-tracking", config.dirty_tracking,
              "--memory-backing", config.memory_backing, "--accel", config.accel]
+    if config.idle != VmConfig.idle:
+        argv += ["--idle", config.idle]
     if args.run_dir is not None:
         argv += ["--run-dir", str(args.run_dir)]
     argv += ["-R", f"unix:{sock}", "--accept-timeout", str(int(START_TIMEOUT_S)), "--take-name", config.name]

@@ -1,7 +1,7 @@
 """vmmrun: run a vmmpy guest, as bhyve runs one.
 
     vmmrun [-c NCPUS] [-m MEMSIZE] [-S] [-s SLOT,EMULATION[,CONF]]... [-l com1,stdio|FILE]
-           [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions]
+           [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions] [--idle sleep|skip]
            [--vendor intel|amd] [-r FILE [--key-file FILE] | -R HOST:PORT [--key-file FILE]
            [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure]] VMNAME
 
@@ -35,6 +35,7 @@ from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
     ACCELS,
     DIRTY_TRACKING,
+    IDLE_MODES,
     MEMORY_BACKINGS,
     TSC_MODES,
     VENDORS,
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-guests", action="store_true", help="list the shipped guest programs and their arguments, then exit")
     p.add_argument("--tsc", choices=TSC_MODES, default=None,
                    help="guest TSC source: retired instructions (deterministic, default) or the host clock")
+    p.add_argument("--idle", choices=IDLE_MODES, default=None,
+                   help="what a halted vCPU does on the instruction TSC while it waits for its next timer: sleep (default) "
+                        "the host time the wait stands for, so an idle guest costs almost no CPU; skip jumps to the timer at "
+                        "once, running an idle guest's ticks flat out (fast-forward). The guest sees the same either way")
     p.add_argument("--vendor", choices=VENDORS, default=None, help="vCPU state layout: intel (VMCS-like, default) or amd (VMCB-like)")
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "
@@ -209,6 +214,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         guest=args.guest,
         guest_args=dict(parse_guest_arg(a) for a in args.guest_args),
         tsc=args.tsc or VmConfig.tsc,
+        idle=args.idle or VmConfig.idle,
         vendor=args.vendor or VmConfig.vendor,
         dirty_tracking=args.dirty_tracking or VmConfig.dirty_tracking,
         memory_backing=args.memory_backing or VmConfig.memory_backing,

@@ -19,7 +19,7 @@ Keys, with bhyve's names where bhyve has the variable:
 ``vmmpy.guest``                ``--guest``
 ``vmmpy.guest_arg.KEY``        ``--guest-arg KEY=VALUE``
 ``memory.backing``             ``--memory-backing`` (``anon`` or ``memfd``)
-``vmmpy.tsc``, ``vmmpy.vendor``, ``vmmpy.dirty_tracking``, ``vmmpy.accel``   the options of those names
+``vmmpy.tsc``, ``vmmpy.idle``, ``vmmpy.vendor``, ``vmmpy.dirty_tracking``, ``vmmpy.accel``   the options of those names
 =============================  ===========================================================
 
 An unknown key, a malformed line or a bad value is refused naming the file and line (or the
@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..runtime.config import ACCELS, DIRTY_TRACKING, MEMORY_BACKINGS, TSC_MODES, VENDORS, ConfigError, parse_slot
+from ..runtime.config import ACCELS, DIRTY_TRACKING, IDLE_MODES, MEMORY_BACKINGS, TSC_MODES, VENDORS, ConfigError, parse_slot
 from ..units import MiB, parse_size
 
 #: One source of a value: "FILE:LINE" or "-o".
@@ -42,10 +42,10 @@ Where = str
 _PCI = re.compile(r"^pci\.(\d+)\.(\d+)\.(\d+)\.([a-z_][a-z0-9_]*)$")
 _GUEST_ARG = re.compile(r"^vmmpy\.guest_arg\.([A-Za-z_][A-Za-z0-9_]*)$")
 _LPC = re.compile(r"^lpc\.(com[12])\.path$")
-_PLAIN = ("name", "cpus", "memory.size", "memory.wired", "memory.backing", "vmmpy.guest", "vmmpy.tsc", "vmmpy.vendor", "vmmpy.dirty_tracking",
-          "vmmpy.accel")
+_PLAIN = ("name", "cpus", "memory.size", "memory.wired", "memory.backing", "vmmpy.guest", "vmmpy.tsc", "vmmpy.idle", "vmmpy.vendor",
+          "vmmpy.dirty_tracking", "vmmpy.accel")
 KEYS_HELP = ("name, cpus, memory.size, memory.wired, memory.backing, lpc.com1.path, lpc.com2.path, pci.B.S.F.device, pci.B.S.F.path, "
-             "pci.B.S.F.KEY, vmmpy.guest, vmmpy.guest_arg.KEY, vmmpy.tsc, vmmpy.vendor, vmmpy.dirty_tracking, vmmpy.accel")
+             "pci.B.S.F.KEY, vmmpy.guest, vmmpy.guest_arg.KEY, vmmpy.tsc, vmmpy.idle, vmmpy.vendor, vmmpy.dirty_tracking, vmmpy.accel")
 
 
 class ConfigSource(argparse.Action):
@@ -129,6 +129,8 @@ def apply(args: argparse.Namespace, values: dict[str, tuple[str, Where]]) -> Non
             args.guest = args.guest or value
         elif key == "vmmpy.tsc":
             args.tsc = args.tsc or _choice(value, where, key, TSC_MODES)
+        elif key == "vmmpy.idle":
+            args.idle = args.idle or _choice(value, where, key, IDLE_MODES)
         elif key == "vmmpy.vendor":
             args.vendor = args.vendor or _choice(value, where, key, VENDORS)
         elif key == "vmmpy.dirty_tracking":

@@ -14,6 +14,8 @@ from ..units import MiB, parse_size
 
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
+#: What a halted vCPU does with the instruction-count TSC (vmm.vm.IDLE_MODES says more).
+IDLE_MODES = ("sleep", "skip")
 DIRTY_TRACKING = DIRTY_TRACKING_CHOICES
 #: The vCPU backends: the simulated vCPU, or KVM (real x86-64 code on the host CPU, docs/kvm.md).
 ACCELS = ("sim", "kvm")
@@ -48,7 +50,7 @@ class VmConfig:
     """A guest as vmmrun's options describe it: ``name`` (``VMNAME``), ``ncpus`` (``-c``),
     ``memsize`` in bytes (``-m``), ``wired`` (``-S``), ``slots`` (``-s``, :class:`SlotConfig`),
     ``lpc`` (``-l``: device -> ``stdio`` or a file path), ``guest`` and ``guest_args``
-    (``--guest``, ``--guest-arg``), ``tsc``, ``vendor``, ``dirty_tracking`` and ``accel``. ``validate()``
+    (``--guest``, ``--guest-arg``), ``tsc``, ``idle``, ``vendor``, ``dirty_tracking`` and ``accel``. ``validate()``
     checks it, raising :class:`ConfigError` that names the option. ``vmmpy.Vm`` builds one from
     keyword options; the runtime's ``Machine`` and ``build_machine`` take one.
     """
@@ -62,6 +64,9 @@ class VmConfig:
     guest: str | None = None
     guest_args: dict[str, str] = field(default_factory=dict)
     tsc: str = "instructions"
+    # Host policy, not guest state: an idle guest on the instruction-count TSC sleeps the time
+    # its timer ticks stand for ("sleep") or runs them flat out ("skip"); --idle.
+    idle: str = "sleep"
     vendor: str = "intel"
     # Every guest write goes through vmmpy (vCPU stores, device DMA), so the soft bitmap is exact;
     # the kernel backend costs a fault per first write to a page per round and a page-table walk
@@ -83,6 +88,8 @@ class VmConfig:
             raise ConfigError(f"--vendor {self.vendor!r}: choose one of {', '.join(VENDORS)}")
         if self.tsc not in TSC_MODES:
             raise ConfigError(f"--tsc {self.tsc!r}: choose one of {', '.join(TSC_MODES)}")
+        if self.idle not in IDLE_MODES:
+            raise ConfigError(f"--idle {self.idle!r}: choose one of {', '.join(IDLE_MODES)}")
         if self.dirty_tracking not in DIRTY_TRACKING:
             raise ConfigError(f"--dirty-tracking {self.dirty_tracking!r}: choose one of {', '.join(DIRTY_TRACKING)}")
         if self.accel not in ACCELS:

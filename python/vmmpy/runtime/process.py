@@ -76,7 +76,8 @@ class Machine:
         self.pci = PciBus(self._set_ioapic_pin)
         self.pci_functions = self._build_pci_functions(config)
         try:
-            self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc, accel=config.accel)
+            self.vm: Vm = vm_create(config.name, ncpus=config.ncpus, vendor=config.vendor, tsc=config.tsc, accel=config.accel,
+                                     idle=config.idle)
         except OSError as err:
             for function in self.pci_functions:
                 function.close()
@@ -510,6 +511,7 @@ class Machine:
             "wired": c.wired,
             "vendor": c.vendor,
             "tsc": c.tsc,
+            "idle": c.idle,
             "dirty_tracking": self.vm.memory.dirty_tracking if self.vm.memory else None,
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             **({"restore": self.lazy_loading.status()} if self.lazy_loading is not None else {}),

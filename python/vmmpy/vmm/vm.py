@@ -4,8 +4,9 @@ A ``Vm`` is created by name (like ``/dev/vmm/NAME``) and driven through :meth:`V
 commands and argument types are in :mod:`vmmpy.vmm.ioctl`. VM_RUN runs a vCPU and handles in the
 "kernel" everything bhyve's vmm.ko handles without leaving it: the local APIC, I/O APIC and HPET
 (MMIO), the 8259s, 8254, RTC and ACPI PM timer (ports), their timers, interrupt delivery, and
-HLT (time skips to the next timer event when the TSC counts instructions; the thread sleeps
-when it follows the host clock). It returns to userspace only for exits a device model must
+HLT (with the instruction-count TSC, guest time jumps to the next timer event, and the thread
+sleeps the host time that jump stands for unless told to fast-forward; with the host clock the
+thread sleeps until the event). It returns to userspace only for exits a device model must
 handle (other ports and MMIO), a halted guest that can never wake, a suspend, or a pause.
 
 Determinism: with the instruction-count TSC, every point at which the kernel touches devices or
@@ -67,6 +68,15 @@ HALT_POLL_S = 0.01
 RFLAGS_IF = 1 << 9
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
+#: What a halted vCPU does with the instruction-count TSC once guest time has jumped to its next
+#: timer event: "sleep" the host time the jump stands for (an idle guest costs the host almost no
+#: CPU, as on hardware; QEMU's ``-icount sleep=on``), or "skip" at once (fast-forward: an idle
+#: guest runs its timer ticks flat out). Guest time and everything the guest sees are the same
+#: either way; only the host's pace differs. The host-clock TSC always sleeps.
+IDLE_MODES = ("sleep", "skip")
+#: How far guest time may be ahead of its pace anchor's host time before the anchor is taken for
+#: stale (guest time set by a restore) rather than slept off (nanoseconds).
+PACE_AHEAD_NS = 10_000_000
 ACCELS = ("sim", "kvm")
 
 # --- saved state (declarations in state/persist.py's pattern) ----------------------------------
@@ -204,12 +214,13 @@ _registry: dict[str, Vm] = {}
 _registry_lock = threading.Lock()
 
 
-def vm_create(name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions", accel: str = "sim") -> Vm:
+def vm_create(name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions", accel: str = "sim",
+              idle: str = "sleep") -> Vm:
     """Create a VM by name, as ``vm_create()`` makes ``/dev/vmm/NAME``; EEXIST if it exists."""
     with _registry_lock:
         if name in _registry:
             raise vmm_error(errno.EEXIST, f"a VM named '{name}' already exists")
-        vm = Vm(name, ncpus=ncpus, vendor=vendor, tsc=tsc, accel=accel)
+        vm = Vm(name, ncpus=ncpus, vendor=vendor, tsc=tsc, accel=accel, idle=idle)
         _registry[name] = vm
         return vm
 
@@ -278,7 +289,8 @@ class UserExit:
 class Vm:
     """One virtual machine. Use :func:`vm_create`; drive it with :meth:`ioctl`."""
 
-    def __init__(self, name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions", accel: str = "sim") -> None:
+    def __init__(self, name: str, *, ncpus: int = 1, vendor: str = "intel", tsc: str = "instructions", accel: str = "sim",
+                 idle: str = "sleep") -> None:
         if accel not in ACCELS:
             raise vmm_error(errno.EINVAL, f"vCPU backend {accel!r} is not one of {', '.join(ACCELS)}")
         if accel == "kvm":
@@ -289,12 +301,17 @@ class Vm:
             raise vmm_error(errno.EINVAL, f"vendor {vendor!r} is not one of {', '.join(VENDORS)}")
         if tsc not in TSC_MODES:
             raise vmm_error(errno.EINVAL, f"TSC mode {tsc!r} is not one of {', '.join(TSC_MODES)}")
+        if idle not in IDLE_MODES:
+            raise vmm_error(errno.EINVAL, f"idle mode {idle!r} is not one of {', '.join(IDLE_MODES)}")
         if not 1 <= ncpus <= 16:
             raise vmm_error(errno.EINVAL, f"{ncpus} vCPUs: a VM has 1 to 16")
         self.name = name
         self.ncpus = ncpus
         self.vendor = vendor
         self.tsc_mode = tsc
+        #: IDLE_MODES: host policy, not guest state (nothing saves it; a restored or migrated
+        #: guest follows its new host's setting).
+        self.idle = idle
         #: "sim": the simulated vCPU; "kvm": KVM vCPUs on memory that is the KVM VM's memory slots.
         self.accel = accel
         self.destroyed = False
@@ -302,6 +319,9 @@ class Vm:
         self._mapped: dict[str, bool] = {}
         self.vcpus: list[Any] = []
         self.last_tsc = [0] * ncpus
+        # Per vCPU, a host time and the guest time it stands for, which idle sleeps keep guest
+        # time from running ahead of (see _pace); None until its first halt.
+        self._pace_anchor: list[tuple[int, int] | None] = [None] * ncpus
         self.host_tsc_offset = 0
         self.suspended: SuspendHow | None = None
         # The kernel lock: device emulation, timers and interrupt delivery happen under it; vCPU
@@ -686,11 +706,14 @@ class Vm:
                         # Only an interrupt from another thread (a device, an IPI) can wake it.
                         self._wakeup.wait(HALT_POLL_S)
                         continue
-                    skip = deadline - self.last_tsc[vcpuid]
+                    before = self.last_tsc[vcpuid]
+                    skip = deadline - before
                     if skip > 0:
                         vcpu.tsc_offset = (vcpu.tsc_offset + skip) & ((1 << 64) - 1)
                         self.last_tsc[vcpuid] = vcpu.tsc
                         self.stats[vcpuid]["halt_skipped_ns"] += skip
+                        if self.idle == "sleep":
+                            self._pace(vcpuid, before, before + skip)
                     return True
                 wait = HALT_POLL_S if deadline is None else max(0.0, (deadline - self.clock.now_ns()) / 1e9)
                 if wait == 0.0:
@@ -698,6 +721,31 @@ class Vm:
                 self._wakeup.wait(min(wait, HALT_POLL_S))
                 if deadline is not None and self.clock.now_ns() >= deadline:
                     return True
+
+    def _pace(self, vcpuid: int, before: int, after: int) -> None:
+        """Sleep (the kernel lock held, so released while waiting) until host time catches up
+        with guest time ``after``, measured from this vCPU's anchor: a host time and the guest
+        time it stands for. Guest time that fell behind the host (instructions run slower than
+        the TSC counts them, or a pause) is not made up: the anchor moves to now. A kick (an
+        interrupt, a pause, a suspend) ends the sleep early, and the anchor moves to where it
+        ended, so an early wake is never paid back by a longer sleep later. Guest time is
+        already ``after`` when this is called: nothing the guest sees depends on the sleep."""
+        now = time.monotonic_ns()
+        anchor = self._pace_anchor[vcpuid]
+        # Guest time ahead of the anchor's host time by more than a little cannot come from
+        # running instructions (they take longer than the TSC counts): the guest time was set
+        # (a restore), so start again from here too.
+        if anchor is None or not 0 <= (before - anchor[1]) - (now - anchor[0]) <= PACE_AHEAD_NS:
+            anchor = (now, before)
+        target = anchor[0] + (after - anchor[1])
+        woken = False
+        while not woken and (left := target - time.monotonic_ns()) > 0:
+            woken = self._wakeup.wait(left / 1e9)
+        if woken:
+            anchor = (time.monotonic_ns(), after)
+        else:
+            self.stats[vcpuid]["halt_slept_ns"] += max(0, target - now)
+        self._pace_anchor[vcpuid] = anchor
 
     def kick(self, vcpuid: int | None = None) -> None:
         """Wake halted vCPUs to look for interrupts (after a device raised one)."""
@@ -747,6 +795,7 @@ class Vm:
             self._paused = [False] * self.ncpus
             self._at_deterministic_point = [True] * self.ncpus
             self.last_tsc = [0] * self.ncpus
+            self._pace_anchor = [None] * self.ncpus
             self.started = [i == 0 for i in range(self.ncpus)]
             self._build_kernel_devices()
             if self.memory is not None:
