@@ -9,7 +9,8 @@ from vmmpy.devices.uart import CaptureConsole
 from vmmpy.guest import assemble
 from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_ERROR, EXIT_HALT, EXIT_POWEROFF, EXIT_TRIPLEFAULT, Machine
-from vmmpy.vmm.vm import PACE_AHEAD_NS
+from vmmpy.vmm.ioctl import Ioctl, VmInjectInterrupt
+from vmmpy.vmm.vm import PACE_LAG_NS
 
 from .inproc import move_to_fresh_machine, run_to_end, wait_paused
 
@@ -177,7 +178,7 @@ def test_an_idle_guest_sleeps_the_time_it_skips_and_ends_as_one_fast_forwarded()
         if idle == "sleep":
             # Guest time never ran ahead of the host's by more than the pacing's slack: the
             # halted time was slept, not run through.
-            assert took >= vm.last_tsc[0] - PACE_AHEAD_NS
+            assert took >= vm.last_tsc[0] - PACE_LAG_NS
             assert stats["halt_slept_ns"] > 0
         else:
             assert stats["halt_slept_ns"] == 0, "skip never sleeps"
@@ -185,18 +186,175 @@ def test_an_idle_guest_sleeps_the_time_it_skips_and_ends_as_one_fast_forwarded()
     assert ends["sleep"][0] == b"T5"
 
 
-def test_a_pause_ends_a_vcpu_s_idle_sleep_at_once():
-    # One tick every 32 s of guest time: the vCPU sleeps in its first hlt far longer than the pause
-    # may take (its default timeout is 10 s).
-    machine, _ = boot(TICKS.replace("mov rax, 100000\n", "movabs rax, 0xffffffff\n"), "m-idle-pause")
+# One lapic timer tick every 32 s of guest time (the largest initial count at divide-by-1): a
+# vCPU sleeps in its first hlt far longer than anything below may wait.
+FAR_TICKS = TICKS.replace("mov rax, 100000\n", "movabs rax, 0xffffffff\n")
+FAR_TICK_NS = (0xFFFFFFFF * 10**9) >> 27
+
+
+def wait_until_sleeping(machine, vcpu=0):
+    """Wait (bounded) until ``vcpu`` sleeps in an idle halt."""
+    deadline = time.monotonic() + 30
+    while not machine.vm._sleepers or machine.vm.last_tsc[vcpu] == 0:
+        assert machine.exit_status is None, machine.exit_reason
+        assert time.monotonic() < deadline, "the guest never went to sleep in hlt"
+        time.sleep(0.001)
+
+
+def test_a_pause_ends_an_idle_sleep_at_once_where_skip_would_have_put_the_guest():
+    machine, _ = boot(FAR_TICKS, "m-idle-pause")
     try:
-        deadline = time.monotonic() + 30
-        while machine.vm.stats[0]["halt_skipped_ns"] == 0:
-            assert time.monotonic() < deadline, "the guest never halted"
-            time.sleep(0.001)
-        machine.pause()
+        wait_until_sleeping(machine)
+        machine.pause()  # its timeout (10 s) is far shorter than the sleep
         assert machine.paused
-        assert machine.vm.stats[0]["halt_slept_ns"] == 0, "the sleep was cut short, not finished"
+        # Guest time is at the timer event, as without the sleep: where the pause landed
+        # changes nothing the guest sees.
+        assert machine.vm.stats[0]["halt_skipped_ns"] >= FAR_TICK_NS - 1_000_000
+    finally:
+        machine.close()
+
+
+# FAR_TICKS, and an interrupt at vector 0x50 (sent by another thread) prints 'I' and powers off.
+FAR_TICKS_THEN_I = FAR_TICKS.replace("tick:   inc r15", """ipi:    mov rax, 'I'
+        out8 COM1, rax
+        mov rax, 0x3400
+        out16 PM1A_CNT, rax
+        hlt
+tick:   inc r15""").replace("        .qword tick\n", "        .qword tick\n.org vectors + 8 * 0x50\n        .qword ipi\n")
+
+
+def test_an_interrupt_from_another_thread_ends_an_idle_sleep_and_the_guest_takes_it_then():
+    machine, console = boot(FAR_TICKS_THEN_I, "m-idle-inject")
+    try:
+        wait_until_sleeping(machine)
+        machine.vm.ioctl(Ioctl.VM_INJECT_INTERRUPT, VmInjectInterrupt(0, 0x50))
+        assert machine.wait(20) == EXIT_POWEROFF, "the interrupt did not end the 32 s sleep"
+        assert console.output == b"I"
+        # It came long before the timer: the guest took it at the guest time the host had
+        # reached, not at the timer event (32 s).
+        assert machine.vm.last_tsc[0] < FAR_TICK_NS // 2
+    finally:
+        machine.close()
+
+
+# vCPU 1 (the AP) arms a 32 s lapic timer and halts; vCPU 0 starts it, waits until it is ready,
+# and sends it a fixed IPI (vector 0x50), whose handler prints 'I' and powers off.
+IPI_TO_A_SLEEPER = PRELUDE.replace(".org 0x100000", ".org 0x8000") + """
+ap:     movabs rsp, 0x300000
+        movabs rax, vectors
+        lidt rax
+        movabs rbx, LAPIC
+        mov rax, 0x1ff
+        st32 [rbx + 0xf0], rax
+        mov rax, 0x0b
+        st32 [rbx + 0x3e0], rax
+        mov rax, 0x20040
+        st32 [rbx + 0x320], rax
+        movabs rax, 0xffffffff
+        st32 [rbx + 0x380], rax
+        movabs rsi, ready
+        mov rax, 1
+        st64 [rsi + 0], rax
+        sti
+idle:   hlt
+        jmp idle
+tick:   movabs rbx, LAPIC
+        mov rax, 0
+        st32 [rbx + 0xb0], rax
+        iret
+ipi:    mov rax, 'I'
+        out8 COM1, rax
+        mov rax, 0x3400
+        out16 PM1A_CNT, rax
+        hlt
+.org 0x100000
+start:  movabs rbx, LAPIC
+        mov rax, 0x1ff
+        st32 [rbx + 0xf0], rax
+        mov rax, 0x01000000
+        st32 [rbx + 0x310], rax
+        mov rax, 0x4500
+        st32 [rbx + 0x300], rax     ; INIT to APIC 1
+        mov rax, 0x4608
+        st32 [rbx + 0x300], rax     ; STARTUP at 0x8000
+        movabs rsi, ready
+wait:   ld64 rax, [rsi + 0]
+        cmp rax, 1
+        jb wait
+        mov rcx, 300000
+spin:   dec rcx
+        jnz spin
+        mov rax, 0x01000000
+        st32 [rbx + 0x310], rax
+        mov rax, 0x4050
+        st32 [rbx + 0x300], rax     ; fixed IPI, vector 0x50, to APIC 1
+        cli
+        hlt
+.align 8
+ready:  .qword 0
+vectors:
+.org vectors + 8 * 0x40
+        .qword tick
+.org vectors + 8 * 0x50
+        .qword ipi
+"""
+
+
+def test_an_ipi_wakes_a_vcpu_sleeping_in_hlt():
+    machine, console = boot(IPI_TO_A_SLEEPER, "m-idle-ipi", ncpus=2)
+    try:
+        assert machine.wait(20) == EXIT_POWEROFF, "the IPI did not end the AP's 32 s sleep"
+        assert console.output == b"I"
+        assert machine.vm.last_tsc[1] < FAR_TICK_NS // 2
+    finally:
+        machine.close()
+
+
+def test_wakeups_meant_for_nobody_do_not_cut_an_idle_sleep_short():
+    # A device line pulsed every 2 ms that this guest never unmasked: each pulse wakes the
+    # sleeping vCPU to look, and it must go back to sleep, not on through guest time.
+    machine, console = boot(SLOW_TICKS, "m-idle-kicks")
+    stop = threading.Event()
+
+    def pulse() -> None:
+        while not stop.wait(0.002):
+            machine.vm.raise_irq(5, None)
+
+    pulser = threading.Thread(target=pulse)
+    started = time.monotonic_ns()
+    pulser.start()
+    try:
+        assert machine.wait(60) == EXIT_POWEROFF
+        took = time.monotonic_ns() - started
+        assert console.output == b"T5"
+        assert took >= machine.vm.last_tsc[0] - PACE_LAG_NS, "guest time ran ahead of the host's"
+    finally:
+        stop.set()
+        pulser.join()
+        machine.close()
+
+
+# The HPET's timer 0 with interrupts on and its comparator left at reset (all ones): the next
+# timer event is 2^64 HPET ticks away, further than any host wait can be asked for.
+HPET_NEVER = PRELUDE + """
+.equ HPET, 0xfed00000
+start:  movabs rbx, HPET
+        mov rax, 4
+        st32 [rbx + 0x100], rax     ; timer 0: interrupt enable
+        mov rax, 1
+        st32 [rbx + 0x10], rax      ; the counter runs
+        sti
+idle:   hlt
+        jmp idle
+"""
+
+
+def test_a_timer_event_beyond_any_wait_sleeps_in_slices():
+    machine, _ = boot(HPET_NEVER, "m-idle-hpet")
+    try:
+        wait_until_sleeping(machine)
+        assert machine.wait(0.3) is None and machine.exit_status is None, machine.exit_reason
+        machine.pause()
     finally:
         machine.close()
 

@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest TSC source: retired instructions (deterministic, default) or the host clock")
     p.add_argument("--idle", choices=IDLE_MODES, default=None,
                    help="what a halted vCPU does on the instruction TSC while it waits for its next timer: sleep (default) "
-                        "the host time the wait stands for, so an idle guest costs almost no CPU; skip jumps to the timer at "
-                        "once, running an idle guest's ticks flat out (fast-forward). The guest sees the same either way")
+                        "until the host's clock catches up, so an idle guest's time follows the host's and costs little CPU; "
+                        "skip jumps to the timer at once, running an idle guest's ticks flat out (fast-forward). Without "
+                        "outside input a one-vCPU guest ends the same either way")
     p.add_argument("--vendor", choices=VENDORS, default=None, help="vCPU state layout: intel (VMCS-like, default) or amd (VMCB-like)")
     p.add_argument("--dirty-tracking", choices=DIRTY_TRACKING, default=None,
                    help="dirty page tracking backend: soft (default; exact for every write the VM makes), kernel "

@@ -64,8 +64,8 @@ class VmConfig:
     guest: str | None = None
     guest_args: dict[str, str] = field(default_factory=dict)
     tsc: str = "instructions"
-    # Host policy, not guest state: an idle guest on the instruction-count TSC sleeps the time
-    # its timer ticks stand for ("sleep") or runs them flat out ("skip"); --idle.
+    # Host policy, not guest state: an idle guest on the instruction-count TSC sleeps until the
+    # host's clock reaches its next timer tick ("sleep") or runs its ticks flat out ("skip"); --idle.
     idle: str = "sleep"
     vendor: str = "intel"
     # Every guest write goes through vmmpy (vCPU stores, device DMA), so the soft bitmap is exact;

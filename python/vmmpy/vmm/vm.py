@@ -4,9 +4,9 @@ A ``Vm`` is created by name (like ``/dev/vmm/NAME``) and driven through :meth:`V
 commands and argument types are in :mod:`vmmpy.vmm.ioctl`. VM_RUN runs a vCPU and handles in the
 "kernel" everything bhyve's vmm.ko handles without leaving it: the local APIC, I/O APIC and HPET
 (MMIO), the 8259s, 8254, RTC and ACPI PM timer (ports), their timers, interrupt delivery, and
-HLT (with the instruction-count TSC, guest time jumps to the next timer event, and the thread
-sleeps the host time that jump stands for unless told to fast-forward; with the host clock the
-thread sleeps until the event). It returns to userspace only for exits a device model must
+HLT (with the instruction-count TSC, guest time moves to the next timer event, once the thread
+has slept until the host's clock caught up with it, unless told to fast-forward; with the host
+clock the thread sleeps until the event). It returns to userspace only for exits a device model must
 handle (other ports and MMIO), a halted guest that can never wake, a suspend, or a pause.
 
 Determinism: with the instruction-count TSC, every point at which the kernel touches devices or
@@ -68,15 +68,16 @@ HALT_POLL_S = 0.01
 RFLAGS_IF = 1 << 9
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
-#: What a halted vCPU does with the instruction-count TSC once guest time has jumped to its next
-#: timer event: "sleep" the host time the jump stands for (an idle guest costs the host almost no
-#: CPU, as on hardware; QEMU's ``-icount sleep=on``), or "skip" at once (fast-forward: an idle
-#: guest runs its timer ticks flat out). Guest time and everything the guest sees are the same
-#: either way; only the host's pace differs. The host-clock TSC always sleeps.
+#: What a halted vCPU does with the instruction-count TSC before its time moves to its next timer
+#: event: "sleep" until the host's clock has caught up with it (an idle guest's time follows the
+#: host's and costs it little CPU, as on hardware; QEMU's ``-icount sleep=on``), or "skip" at
+#: once (fast-forward: an idle guest runs its timer ticks flat out). Without interrupts from
+#: outside (devices' threads, other vCPUs) the guest sees the same either way (Vm._pace). The
+#: host-clock TSC always sleeps.
 IDLE_MODES = ("sleep", "skip")
-#: How far guest time may be ahead of its pace anchor's host time before the anchor is taken for
-#: stale (guest time set by a restore) rather than slept off (nanoseconds).
-PACE_AHEAD_NS = 10_000_000
+#: How far guest time may fall behind (or get ahead of) its idle pace's anchor on the host clock
+#: and still be made up by sleeping less (or more); beyond it the anchor starts again (ns).
+PACE_LAG_NS = 10_000_000
 ACCELS = ("sim", "kvm")
 
 # --- saved state (declarations in state/persist.py's pattern) ----------------------------------
@@ -322,6 +323,8 @@ class Vm:
         # Per vCPU, a host time and the guest time it stands for, which idle sleeps keep guest
         # time from running ahead of (see _pace); None until its first halt.
         self._pace_anchor: list[tuple[int, int] | None] = [None] * ncpus
+        # vCPUs sleeping in _pace, which device work that may have raised their interrupts wakes.
+        self._sleepers = 0
         self.host_tsc_offset = 0
         self.suspended: SuspendHow | None = None
         # The kernel lock: device emulation, timers and interrupt delivery happen under it; vCPU
@@ -644,6 +647,10 @@ class Vm:
             for device in self._timer_devices:
                 device.advance(now)
             self._deliver(vcpuid)
+            if self._sleepers:
+                # This vCPU's timers or its last exit (an IPI, an I/O APIC write) may have raised
+                # an interrupt for a vCPU sleeping in _pace: let it look.
+                self._wakeup.notify_all()
 
     def _deliver(self, vcpuid: int) -> None:
         vcpu = self.vcpus[vcpuid]
@@ -708,12 +715,12 @@ class Vm:
                         continue
                     before = self.last_tsc[vcpuid]
                     skip = deadline - before
+                    if skip > 0 and self.idle == "sleep":
+                        skip = self._pace(vcpuid, before, skip)
                     if skip > 0:
                         vcpu.tsc_offset = (vcpu.tsc_offset + skip) & ((1 << 64) - 1)
                         self.last_tsc[vcpuid] = vcpu.tsc
                         self.stats[vcpuid]["halt_skipped_ns"] += skip
-                        if self.idle == "sleep":
-                            self._pace(vcpuid, before, before + skip)
                     return True
                 wait = HALT_POLL_S if deadline is None else max(0.0, (deadline - self.clock.now_ns()) / 1e9)
                 if wait == 0.0:
@@ -722,30 +729,47 @@ class Vm:
                 if deadline is not None and self.clock.now_ns() >= deadline:
                     return True
 
-    def _pace(self, vcpuid: int, before: int, after: int) -> None:
-        """Sleep (the kernel lock held, so released while waiting) until host time catches up
-        with guest time ``after``, measured from this vCPU's anchor: a host time and the guest
-        time it stands for. Guest time that fell behind the host (instructions run slower than
-        the TSC counts them, or a pause) is not made up: the anchor moves to now. A kick (an
-        interrupt, a pause, a suspend) ends the sleep early, and the anchor moves to where it
-        ended, so an early wake is never paid back by a longer sleep later. Guest time is
-        already ``after`` when this is called: nothing the guest sees depends on the sleep."""
-        now = time.monotonic_ns()
+    def _pace(self, vcpuid: int, before: int, skip: int) -> int:
+        """Idle mode "sleep": a halted vCPU at guest time ``before`` whose next timer event is
+        ``skip`` ns on sleeps (the kernel lock held, so released while waiting) until the host's
+        clock has caught up with that event, measured from this vCPU's anchor (a host time and
+        the guest time it stands for). Returns how far guest time moves on:
+
+        * all of ``skip`` when the sleep ran its course, or when a pause or suspend ended it
+          (where skip mode would have put the guest, so where a pause lands changes nothing; the
+          anchor is dropped, so the rest of the sleep is not owed after the resume);
+        * when an interrupt for this vCPU from another thread (a device, an injection, another
+          vCPU) ended it, the guest time the host has reached, at most ``skip``: the guest takes
+          the interrupt when it came, as on hardware.
+
+        With neither, a single-vCPU guest sees exactly what skip mode gives it. Wake-ups for
+        anything else (another vCPU's interrupt, a throttle change) only make it look again.
+        Lag of up to PACE_LAG_NS (the vCPU runs slower than its TSC counts) is made up by
+        sleeping less; more than that (a long computation, a pause), or guest time ahead of the
+        anchor (a restore set it), starts a new anchor."""
+        vcpu, lapic = self.vcpus[vcpuid], self.vlapics[vcpuid]
+        start = time.monotonic_ns()
         anchor = self._pace_anchor[vcpuid]
-        # Guest time ahead of the anchor's host time by more than a little cannot come from
-        # running instructions (they take longer than the TSC counts): the guest time was set
-        # (a restore), so start again from here too.
-        if anchor is None or not 0 <= (before - anchor[1]) - (now - anchor[0]) <= PACE_AHEAD_NS:
-            anchor = (now, before)
-        target = anchor[0] + (after - anchor[1])
-        woken = False
-        while not woken and (left := target - time.monotonic_ns()) > 0:
-            woken = self._wakeup.wait(left / 1e9)
-        if woken:
-            anchor = (time.monotonic_ns(), after)
-        else:
-            self.stats[vcpuid]["halt_slept_ns"] += max(0, target - now)
-        self._pace_anchor[vcpuid] = anchor
+        if anchor is None or abs((before - anchor[1]) - (start - anchor[0])) > PACE_LAG_NS:
+            anchor = self._pace_anchor[vcpuid] = (start, before)
+        target = anchor[0] + (before + skip - anchor[1])
+        self._sleepers += 1
+        try:
+            while True:
+                now = time.monotonic_ns()
+                if self.suspended is not None or self._paused[vcpuid]:
+                    self._pace_anchor[vcpuid] = None
+                    return skip
+                if lapic.pending_vector() is not None or vcpu.pending_interrupts:
+                    return min(skip, max(0, anchor[1] + (now - anchor[0]) - before))
+                if now >= target:
+                    return skip
+                # In slices: a deadline can be further off than a wait can take (an HPET
+                # comparator at 2^64), and a missed notify costs a slice at most.
+                self._wakeup.wait(min((target - now) / 1e9, HALT_POLL_S))
+        finally:
+            self._sleepers -= 1
+            self.stats[vcpuid]["halt_slept_ns"] += time.monotonic_ns() - start
 
     def kick(self, vcpuid: int | None = None) -> None:
         """Wake halted vCPUs to look for interrupts (after a device raised one)."""
@@ -916,6 +940,7 @@ class Vm:
                         f"this VM has {self.ncpus}, {self.vendor}, {self.tsc_mode}"
                     )
                 self.last_tsc = list(data.last_tsc)
+                self._pace_anchor = [None] * self.ncpus
                 self.host_tsc_offset = data.host_tsc_offset
                 self._at_deterministic_point = list(data.at_deterministic_point)
                 self.started = list(data.started)
