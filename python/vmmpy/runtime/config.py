@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from ..errors import VmmpyError
 from ..memory import DIRTY_TRACKING_CHOICES, KVM_TRACKING
 from ..units import MiB, parse_size
+from ..vmm.vm import IDLE_MODES  # what a halted vCPU does with the instruction-count TSC
 
 VENDORS = ("intel", "amd")
 TSC_MODES = ("instructions", "host")
-#: What a halted vCPU does with the instruction-count TSC (vmm.vm.IDLE_MODES says more).
-IDLE_MODES = ("sleep", "skip")
 DIRTY_TRACKING = DIRTY_TRACKING_CHOICES
 #: The vCPU backends: the simulated vCPU, or KVM (real x86-64 code on the host CPU, docs/kvm.md).
 ACCELS = ("sim", "kvm")
