@@ -193,9 +193,9 @@ FAR_TICK_NS = (0xFFFFFFFF * 10**9) >> 27
 
 
 def wait_until_sleeping(machine, vcpu=0):
-    """Wait (bounded) until ``vcpu`` sleeps in an idle halt."""
+    """Wait (bounded) until ``vcpu`` waits in hlt."""
     deadline = time.monotonic() + 30
-    while not machine.vm._sleepers or machine.vm.last_tsc[vcpu] == 0:
+    while vcpu not in machine.vm._halted_waiting or machine.vm.last_tsc[vcpu] == 0:
         assert machine.exit_status is None, machine.exit_reason
         assert time.monotonic() < deadline, "the guest never went to sleep in hlt"
         time.sleep(0.001)
@@ -335,7 +335,7 @@ def test_wakeups_meant_for_nobody_do_not_cut_an_idle_sleep_short():
 
 
 # The HPET's timer 0 with interrupts on and its comparator left at reset (all ones): the next
-# timer event is 2^64 HPET ticks away, further than any host wait can be asked for.
+# timer event is 2^64 HPET ticks away, beyond the TSC's range and any host wait.
 HPET_NEVER = PRELUDE + """
 .equ HPET, 0xfed00000
 start:  movabs rbx, HPET
@@ -349,12 +349,15 @@ idle:   hlt
 """
 
 
-def test_a_timer_event_beyond_any_wait_sleeps_in_slices():
-    machine, _ = boot(HPET_NEVER, "m-idle-hpet")
+@pytest.mark.parametrize("idle", ["sleep", "skip"])
+def test_a_timer_event_beyond_the_tsc_s_range_is_no_event(idle):
+    machine, _ = boot(HPET_NEVER, f"m-idle-hpet-{idle}", idle=idle)
     try:
         wait_until_sleeping(machine)
         assert machine.wait(0.3) is None and machine.exit_status is None, machine.exit_reason
         machine.pause()
+        # Guest time did not jump (it would wrap the TSC) and the vCPU waits for an interrupt.
+        assert machine.vm.last_tsc[0] < 10**9 and machine.vm.stats[0]["halt_skipped_ns"] == 0
     finally:
         machine.close()
 

@@ -168,13 +168,15 @@ class Vlapic:
 
     def __init__(self, clock: GuestClock, vcpu: Vcpu, apic_id: int = 0, bus: ApicBus | None = None,
                  eoi_sink: Callable[[int], None] | None = None,
-                 startup_sink: Callable[[int, int], None] | None = None) -> None:
+                 startup_sink: Callable[[int, int], None] | None = None,
+                 intr_sink: Callable[[int], None] | None = None) -> None:
         if not 0 <= apic_id <= 0xFE:
             raise ValueError(f"vlapic: APIC ID {apic_id} out of range (0..254)")
         self.clock = clock
         self.vcpu = vcpu
         self.eoi_sink = eoi_sink
         self.startup_sink = startup_sink  # (apic id, vector) of a STARTUP IPI this APIC sends
+        self.intr_sink = intr_sink  # told this APIC's id when an interrupt enters its IRR
         self.apic_id = apic_id
         self.bus = bus if bus is not None else ApicBus()
         self.ldr = 0
@@ -223,6 +225,8 @@ class Vlapic:
             self.tmr |= 1 << vector
         else:
             self.tmr &= ~(1 << vector)
+        if self.intr_sink is not None:
+            self.intr_sink(self.apic_id)
 
     def pending_vector(self) -> int | None:
         """The vector ``deliver()`` would inject now, or None."""

@@ -78,6 +78,12 @@ IDLE_MODES = ("sleep", "skip")
 #: How far guest time may fall behind (or get ahead of) its idle pace's anchor on the host clock
 #: and still be made up by sleeping less (or more); beyond it the anchor starts again (ns).
 PACE_LAG_NS = 10_000_000
+#: Longest one wait of an idle sleep lasts before the vCPU looks again (seconds): interrupts,
+#: pauses and suspends wake it at once; this only bounds what a missed wake-up could cost.
+PACE_SLICE_S = 0.1
+#: A timer event further off than this (146 years of guest time) is no event: an HPET comparator
+#: left at its reset value (2^64 ticks away) must not move guest time past the TSC's range (ns).
+NEVER_NS = 1 << 62
 ACCELS = ("sim", "kvm")
 
 # --- saved state (declarations in state/persist.py's pattern) ----------------------------------
@@ -323,8 +329,9 @@ class Vm:
         # Per vCPU, a host time and the guest time it stands for, which idle sleeps keep guest
         # time from running ahead of (see _pace); None until its first halt.
         self._pace_anchor: list[tuple[int, int] | None] = [None] * ncpus
-        # vCPUs sleeping in _pace, which device work that may have raised their interrupts wakes.
-        self._sleepers = 0
+        # vCPUs waiting in hlt (changed with the kernel lock held): an interrupt entering one's
+        # local APIC wakes it (_intr_raised).
+        self._halted_waiting: set[int] = set()
         self.host_tsc_offset = 0
         self.suspended: SuspendHow | None = None
         # The kernel lock: device emulation, timers and interrupt delivery happen under it; vCPU
@@ -487,7 +494,7 @@ class Vm:
         self.vcpus = self._new_vcpus()
         for i in range(self.ncpus):
             lapic = Vlapic(VcpuClock(self, i), self.vcpus[i], apic_id=i, bus=self.apic_bus, eoi_sink=self.vioapic.eoi,
-                           startup_sink=self._startup_ap)
+                           startup_sink=self._startup_ap, intr_sink=self._intr_raised)
             self.vlapics.append(lapic)
         self._timer_devices.extend(self.vlapics)
 
@@ -647,10 +654,6 @@ class Vm:
             for device in self._timer_devices:
                 device.advance(now)
             self._deliver(vcpuid)
-            if self._sleepers:
-                # This vCPU's timers or its last exit (an IPI, an I/O APIC write) may have raised
-                # an interrupt for a vCPU sleeping in _pace: let it look.
-                self._wakeup.notify_all()
 
     def _deliver(self, vcpuid: int) -> None:
         vcpu = self.vcpus[vcpuid]
@@ -701,33 +704,46 @@ class Vm:
         interrupts_on = bool(vcpu.get_register("rflags") & RFLAGS_IF)
         if not interrupts_on:
             return False
+        with self.lock:
+            # Waiting in hlt: _kernel_work wakes it when another vCPU raises its interrupt.
+            self._halted_waiting.add(vcpuid)
+            try:
+                return self._halt_wait(vcpuid)
+            finally:
+                self._halted_waiting.discard(vcpuid)
+
+    def _halt_wait(self, vcpuid: int) -> bool:
+        """_halt's waiting, the kernel lock held (released while it waits)."""
+        vcpu = self.vcpus[vcpuid]
         while True:
-            with self.lock:
-                if self.vlapics[vcpuid].pending_vector() is not None or vcpu.pending_interrupts:
-                    return True
-                if self.suspended is not None or self._paused[vcpuid]:
-                    return True  # the next run() returns the suspend or pause
-                deadline = self._next_deadline(vcpuid)
-                if self.tsc_mode == "instructions":
-                    if deadline is None:
-                        # Only an interrupt from another thread (a device, an IPI) can wake it.
-                        self._wakeup.wait(HALT_POLL_S)
-                        continue
-                    before = self.last_tsc[vcpuid]
-                    skip = deadline - before
-                    if skip > 0 and self.idle == "sleep":
-                        skip = self._pace(vcpuid, before, skip)
-                    if skip > 0:
-                        vcpu.tsc_offset = (vcpu.tsc_offset + skip) & ((1 << 64) - 1)
-                        self.last_tsc[vcpuid] = vcpu.tsc
-                        self.stats[vcpuid]["halt_skipped_ns"] += skip
-                    return True
-                wait = HALT_POLL_S if deadline is None else max(0.0, (deadline - self.clock.now_ns()) / 1e9)
-                if wait == 0.0:
-                    return True
-                self._wakeup.wait(min(wait, HALT_POLL_S))
-                if deadline is not None and self.clock.now_ns() >= deadline:
-                    return True
+            if self.vlapics[vcpuid].pending_vector() is not None or vcpu.pending_interrupts:
+                return True
+            if self.suspended is not None or self._paused[vcpuid]:
+                return True  # the next run() returns the suspend or pause
+            deadline = self._next_deadline(vcpuid)
+            now = self.last_tsc[vcpuid] if self.tsc_mode == "instructions" else self.clock.now_ns()
+            if deadline is not None and deadline - now > NEVER_NS:
+                deadline = None  # a comparator left at its reset value, centuries away: no event
+            if self.tsc_mode == "instructions":
+                if deadline is None:
+                    # Only an interrupt from another thread (a device, an IPI) can wake it.
+                    self._wakeup.wait(HALT_POLL_S)
+                    continue
+                before = self.last_tsc[vcpuid]
+                skip = deadline - before
+                if skip > 0 and self.idle == "sleep":
+                    skip = self._pace(vcpuid, before, skip)
+                if skip > 0:
+                    vcpu.tsc_offset = (vcpu.tsc_offset + skip) & ((1 << 64) - 1)
+                    self.last_tsc[vcpuid] = vcpu.tsc
+                    self.stats[vcpuid]["halt_skipped_ns"] += skip
+                return True
+            wait = HALT_POLL_S if deadline is None else max(0.0, (deadline - self.clock.now_ns()) / 1e9)
+            if wait == 0.0:
+                return True
+            self._wakeup.wait(min(wait, HALT_POLL_S))
+            if deadline is not None and self.clock.now_ns() >= deadline:
+                return True
 
     def _pace(self, vcpuid: int, before: int, skip: int) -> int:
         """Idle mode "sleep": a halted vCPU at guest time ``before`` whose next timer event is
@@ -753,7 +769,6 @@ class Vm:
         if anchor is None or abs((before - anchor[1]) - (start - anchor[0])) > PACE_LAG_NS:
             anchor = self._pace_anchor[vcpuid] = (start, before)
         target = anchor[0] + (before + skip - anchor[1])
-        self._sleepers += 1
         try:
             while True:
                 now = time.monotonic_ns()
@@ -764,12 +779,16 @@ class Vm:
                     return min(skip, max(0, anchor[1] + (now - anchor[0]) - before))
                 if now >= target:
                     return skip
-                # In slices: a deadline can be further off than a wait can take (an HPET
-                # comparator at 2^64), and a missed notify costs a slice at most.
-                self._wakeup.wait(min((target - now) / 1e9, HALT_POLL_S))
+                # In slices, so a wake-up that were ever missed costs one slice at most.
+                self._wakeup.wait(min((target - now) / 1e9, PACE_SLICE_S))
         finally:
-            self._sleepers -= 1
             self.stats[vcpuid]["halt_slept_ns"] += time.monotonic_ns() - start
+
+    def _intr_raised(self, vcpuid: int) -> None:
+        """An interrupt entered vCPU ``vcpuid``'s local APIC (an IPI, a timer another vCPU's
+        kernel work fired, the I/O APIC): if that vCPU waits in hlt, wake it to look."""
+        if vcpuid in self._halted_waiting:
+            self.kick()
 
     def kick(self, vcpuid: int | None = None) -> None:
         """Wake halted vCPUs to look for interrupts (after a device raised one)."""
