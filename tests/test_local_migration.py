@@ -250,7 +250,8 @@ def test_the_destination_killed_before_it_confirms_leaves_the_source_running_wit
         proxy = UnixKillProxy(tmp_path / "proxy.sock", sock, kill=(direction, P.MessageType[message], dest))
         result = hops.migrate(tmp_path / "proxy.sock")
         proxy.close()
-        assert proxy.fired.is_set(), f"the kill point ({step}) was reached"
+        # The relay reaps the killed process before it sets `fired`; vmmctl can return first.
+        assert proxy.fired.wait(30), f"the kill point ({step}) was reached"
         assert result.returncode == 1, result.stdout
         assert "the guest keeps running here" in result.stderr, result.stderr
         assert dest.returncode == -signal.SIGKILL
@@ -273,7 +274,9 @@ def migrate_killing_the_source(hops: Hops, direction: str, message: str):
     dest, sock = hops.start_destination()
     proxy = UnixKillProxy(hops.dir / "proxy.sock", sock, kill=(direction, P.MessageType[message], hops.procs[0]))
     hops.migrate(hops.dir / "proxy.sock")
-    assert proxy.fired.is_set(), f"the kill point ({direction} {message}) was reached"
+    # The relay reaps the killed source before it sets `fired`, and vmmctl, whose control
+    # connection to that source broke, can return first.
+    assert proxy.fired.wait(30), f"the kill point ({direction} {message}) was reached"
     return dest
 
 
