@@ -705,7 +705,7 @@ class Vm:
         if not interrupts_on:
             return False
         with self.lock:
-            # Waiting in hlt: _kernel_work wakes it when another vCPU raises its interrupt.
+            # Waiting in hlt: an interrupt entering its local APIC wakes it (_intr_raised).
             self._halted_waiting.add(vcpuid)
             try:
                 return self._halt_wait(vcpuid)
