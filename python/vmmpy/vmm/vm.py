@@ -729,10 +729,9 @@ class Vm:
                     # Only an interrupt from another thread (a device, an IPI) can wake it.
                     self._wakeup.wait(HALT_POLL_S)
                     continue
-                before = self.last_tsc[vcpuid]
-                skip = deadline - before
+                skip = deadline - now
                 if skip > 0 and self.idle == "sleep":
-                    skip = self._pace(vcpuid, before, skip)
+                    skip = self._pace(vcpuid, now, skip)
                 if skip > 0:
                     vcpu.tsc_offset = (vcpu.tsc_offset + skip) & ((1 << 64) - 1)
                     self.last_tsc[vcpuid] = vcpu.tsc
