@@ -503,6 +503,7 @@ def recv_share(
     compressed: bool,
     tracker: DigestTracker | None = None,
     meter: ProgressMeter | None = None,
+    alone: bool = True,
 ) -> dict[str, Any]: ...
 @final
 class ProgressMeter:

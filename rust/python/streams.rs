@@ -46,8 +46,10 @@ impl PyPageBudget {
 /// guest memory, hashing into `tracker` when given, charging every batch's pages to `budget`;
 /// a compressed batch is refused unless `compressed`. Returns the totals of its non-empty
 /// batches, `wire_bytes` including the end marker. A `meter` advances as the pages arrive.
+/// `alone`: the round's only stream (big batches into fresh memory install on a second thread).
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None))]
+#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None, alone = true))]
+#[allow(clippy::too_many_arguments)]
 fn recv_share<'py>(
     py: Python<'py>,
     memory: PyRef<'py, PyGuestMemory>,
@@ -56,6 +58,7 @@ fn recv_share<'py>(
     compressed: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     meter: Option<PyRef<'py, PyProgressMeter>>,
+    alone: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
@@ -63,7 +66,7 @@ fn recv_share<'py>(
     let meter = meter_of(meter);
     let end = fd.owned();
     let totals = py
-        .detach(move || wire::recv_share(end.link(), &mem, tracker.as_deref(), &budget, compressed, meter.as_deref()))
+        .detach(move || wire::recv_share(end.link(), &mem, tracker.as_deref(), &budget, compressed, meter.as_deref(), alone))
         .map_err(page_error)?;
     totals_dict(py, &totals)
 }

@@ -106,10 +106,47 @@ pub(super) const INSTALL_MIN: u64 = 4 << 20;
 #[repr(C, align(4096))]
 struct Page([u8; PAGE_SIZE]);
 
+/// A batch with at least this much page data installs in a pipeline: this thread reads the next
+/// slot from the socket while a second one installs and hashes the one before (the install, the
+/// first write of fresh pages, is most of an unwired destination's work). Smaller batches (a live
+/// migration's later rounds) are not worth a thread and go one window at a time.
+const PIPELINE_MIN: u64 = 4 << 20;
+
+/// A pipeline slot: what one read fills and one hand-over moves (1 MiB: a few wake-ups per MiB at
+/// most, and still in the cache when it is installed and hashed).
+const SLOT_PAGES: usize = 256;
+
+/// Slots in flight: the reader can run this far ahead of the installer.
+const SLOTS: usize = 4;
+
+/// Staging pages per receiving thread: enough for every pipeline slot.
+const STAGING_PAGES: usize = SLOT_PAGES * SLOTS;
+
+#[cfg(test)]
 thread_local! {
-    /// Where an installed window lands before it is put in place: one hash window, allocated once
-    /// per receiving thread.
+    /// Batches this thread received through the pipeline (tests check it was taken).
+    pub(super) static PIPELINED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+thread_local! {
+    /// Where installed pages land before they are put in place: `STAGING_PAGES` pages, allocated
+    /// once per receiving thread.
     static STAGING: std::cell::RefCell<Box<[Page]>> = std::cell::RefCell::new(Box::new([]));
+}
+
+/// `STAGING_PAGES` zeroed pages, left for the kernel to provide on first use rather than written
+/// here.
+fn staging_pages() -> Box<[Page]> {
+    let layout = std::alloc::Layout::array::<Page>(STAGING_PAGES).expect("staging layout");
+    // SAFETY: the layout is not zero-sized; an all-zero Page is a valid value; the pointer, when
+    // not null, owns `STAGING_PAGES` pages allocated with this layout, as `Box` expects.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut Page;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, STAGING_PAGES))
+    }
 }
 
 /// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
@@ -279,7 +316,19 @@ pub fn recv_batch_tracked<'a>(
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(link.into(), mem, tracker, None, INSTALL_MIN, |_| Ok(()))
+    recv_batch_admitted(link.into(), mem, tracker, None, Install { from: INSTALL_MIN, pipeline: true }, |_| Ok(()))
+}
+
+/// When a received batch installs its pages without zeroing (`memory::install`), and how.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Install {
+    /// A batch with at least this many bytes of page data (and some) begins installing; a smaller
+    /// one joins an installation already open.
+    pub from: u64,
+    /// Whether a big batch installs in a pipeline, on a second thread while this one reads
+    /// (`PIPELINE_MIN`): right for a lone receiver, which leaves a CPU idle otherwise; a round's
+    /// several streams already keep the CPUs busy, and there a thread more per stream only costs.
+    pub pipeline: bool,
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -287,14 +336,13 @@ pub fn recv_batch_tracked<'a>(
 /// its payload is read or any guest byte written: a batch the receiver will not take (compression it
 /// did not agree to, more pages than the round may carry) is refused there, unread. `meter`, when
 /// given, advances with each window of DATA pages as it arrives and with the rest once it is in.
-/// A batch with at least `install_from` bytes of page data (and some) begins installing its pages
-/// without zeroing (`memory::install`); a smaller one joins an installation already open.
+/// `install` says when its pages are installed without zeroing, and how ([`Install`]).
 pub(crate) fn recv_batch_admitted(
     link: Link<'_>,
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
-    install_from: u64,
+    install: Install,
     admit: impl FnOnce(&BatchStats) -> Result<(), PageError>,
 ) -> Result<BatchStats, PageError> {
     let mut header_bytes = [0u8; BATCH_HEADER_SIZE];
@@ -316,7 +364,8 @@ pub(crate) fn recv_batch_admitted(
     }
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
-    let begin = stats.data_bytes > 0 && stats.data_bytes >= install_from;
+    let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
+    let pipeline = install.pipeline;
     let install = if begin { seg.begin_install() } else { seg.current_install() };
     let installer = install.as_ref().filter(|g| g.can_install());
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
@@ -329,6 +378,7 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
+        let installer = installer.map(|guard| (guard, pipeline));
         windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer)?;
     }
     drop(install);
@@ -353,7 +403,8 @@ pub(crate) fn recv_batch_admitted(
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
 /// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
 /// returns the DATA pages counted so. With an `installer`, each window is read into a staging
-/// buffer (in the cache) and installed from there, a window at a time.
+/// buffer (in the cache) and installed from there, a window at a time; with its flag set and a
+/// big enough batch, in a pipeline ([`install_pipelined`]).
 #[allow(clippy::too_many_arguments)]
 fn read_data_pages(
     link: Link<'_>,
@@ -363,15 +414,19 @@ fn read_data_pages(
     offsets: &[usize],
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
-    installer: Option<&InstallGuard<'_>>,
+    installer: Option<(&InstallGuard<'_>, bool)>,
 ) -> Result<u64, PageError> {
-    if let Some(installer) = installer {
+    if let Some((installer, pipeline)) = installer {
         return STAGING.with(|cell| {
             let mut staging = cell.borrow_mut();
             if staging.is_empty() {
-                *staging = (0..HASH_WINDOW_PAGES).map(|_| Page([0; PAGE_SIZE])).collect();
+                *staging = staging_pages();
             }
-            let windows = data_windows(ranges, offsets, staging.len());
+            if pipeline && header.payload_len >= PIPELINE_MIN {
+                let slots = data_windows(ranges, offsets, SLOT_PAGES);
+                return install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging);
+            }
+            let windows = data_windows(ranges, offsets, HASH_WINDOW_PAGES);
             install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
         });
     }
@@ -438,7 +493,6 @@ fn install_data_pages(
     installer: &InstallGuard<'_>,
     staging: &mut [Page],
 ) -> Result<u64, PageError> {
-    let (tracker, meter) = watch;
     let mut whole = WholeReads::new(link);
     let (mut got, mut counted) = (0u64, 0u64);
     for window in windows {
@@ -453,26 +507,128 @@ fn install_data_pages(
         }
         // SAFETY: the window's bytes were just read into `staging`; nothing else refers to it.
         let bytes = unsafe { std::slice::from_raw_parts(staging.as_ptr() as *const u8, want) };
-        let mut at = 0;
-        for &(first, pages) in &window {
-            let len = pages * PAGE_SIZE;
-            seg.before_write(first * PAGE_SIZE, len);
-            // SAFETY: validate_ranges keeps every run inside the segment's mapping, which the
-            // installer has registered whole; guest memory is never behind a Rust reference.
-            unsafe { installer.install(first * PAGE_SIZE, &bytes[at..at + len]) };
-            at += len;
-        }
-        if let Some(tracker) = tracker {
-            tracker.hash_now(seg, &window, false)?;
-        }
-        if meter.is_some() {
-            let pages = want as u64 / PAGE_SIZE as u64;
-            progress::advance(meter, pages, pages, want as u64);
-            counted += pages;
-        }
+        counted += install_window(seg, &window, bytes, watch, installer)?;
     }
     if got < payload_len {
         return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
     }
     Ok(counted)
+}
+
+/// Put one window's `bytes` (its runs' pages, in order) in place through `installer`, then hash
+/// them into the tracker and count them in the meter of `watch`; returns the pages counted.
+fn install_window(
+    seg: &Segment,
+    window: &[(usize, usize)],
+    bytes: &[u8],
+    watch: (Option<&DigestTracker>, Option<&Meter>),
+    installer: &InstallGuard<'_>,
+) -> Result<u64, PageError> {
+    let (tracker, meter) = watch;
+    let mut at = 0;
+    for &(first, pages) in window {
+        let len = pages * PAGE_SIZE;
+        seg.before_write(first * PAGE_SIZE, len);
+        // SAFETY: validate_ranges keeps every run inside the segment's mapping, which the
+        // installer has registered whole; guest memory is never behind a Rust reference.
+        unsafe { installer.install(first * PAGE_SIZE, &bytes[at..at + len]) };
+        at += len;
+    }
+    if let Some(tracker) = tracker {
+        tracker.hash_now(seg, window, false)?;
+    }
+    if meter.is_none() {
+        return Ok(0);
+    }
+    let pages = bytes.len() as u64 / PAGE_SIZE as u64;
+    progress::advance(meter, pages, pages, bytes.len() as u64);
+    Ok(pages)
+}
+
+/// The staging slots, handed between the reading and the installing thread (each slot is only
+/// ever touched by the one thread that holds its index; the channels order the hand-overs).
+#[derive(Clone, Copy)]
+struct SlotBase(*mut Page);
+
+// SAFETY: the pointer is only dereferenced for a slot whose index the thread holds (see above).
+unsafe impl Send for SlotBase {}
+
+impl SlotBase {
+    /// Where `slot` begins.
+    fn at(self, slot: usize) -> *mut u8 {
+        self.0.wrapping_add(slot * SLOT_PAGES) as *mut u8
+    }
+}
+
+/// [`install_data_pages`] as a pipeline: this thread reads each of `slots` (windows of at most
+/// `SLOT_PAGES` pages) into a free staging slot and hands it over; a scoped second thread installs,
+/// hashes and counts it (`install_window`) and hands the slot back. Whichever side fails first
+/// stops both; a read error is returned before an install error, since it is the cause when both
+/// happen (a stream cut mid-batch).
+fn install_pipelined(
+    link: Link<'_>,
+    seg: &Segment,
+    slots: Vec<Vec<(usize, usize)>>,
+    payload_len: u64,
+    watch: (Option<&DigestTracker>, Option<&Meter>),
+    installer: &InstallGuard<'_>,
+    staging: &mut [Page],
+) -> Result<u64, PageError> {
+    debug_assert!(staging.len() >= STAGING_PAGES);
+    #[cfg(test)]
+    PIPELINED.with(|n| n.set(n.get() + 1));
+    let base = SlotBase(staging.as_mut_ptr());
+    let slot_ptr = move |slot: usize| base.at(slot);
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(usize, usize)>, usize)>(SLOTS);
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<usize>(SLOTS);
+        for slot in 0..SLOTS {
+            free_tx.send(slot).expect("the receiver is alive");
+        }
+        let worker = scope.spawn(move || -> Result<u64, PageError> {
+            let mut counted = 0;
+            for (slot, window, len) in full_rx {
+                // SAFETY: the reader filled `len` bytes of this slot and handed it over; it does not
+                // touch it again until the slot is handed back below.
+                let bytes = unsafe { std::slice::from_raw_parts(slot_ptr(slot) as *const u8, len) };
+                counted += install_window(seg, &window, bytes, watch, installer)?;
+                if free_tx.send(slot).is_err() {
+                    break; // the reader stopped
+                }
+            }
+            Ok(counted)
+        });
+        let mut whole = WholeReads::new(link);
+        let mut got = 0u64;
+        let mut read = Ok(());
+        for window in slots {
+            let Ok(slot) = free_rx.recv() else { break }; // the installer failed
+            let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
+            let mut iov = [libc::iovec { iov_base: slot_ptr(slot) as *mut libc::c_void, iov_len: want }];
+            // SAFETY: the iovec describes the first `want` bytes of a slot this thread holds (a
+            // window is at most SLOT_PAGES pages); the installer does not touch it until handed over.
+            let n = match unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut()) } {
+                Ok(n) => n,
+                Err(e) => {
+                    read = Err(e);
+                    break;
+                }
+            };
+            got += n;
+            if n < want as u64 || full_tx.send((slot, window, want)).is_err() {
+                break;
+            }
+        }
+        drop(full_tx);
+        let installed = match worker.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        read?;
+        let counted = installed?;
+        if got < payload_len {
+            return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
+        }
+        Ok(counted)
+    })
 }

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use super::*;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
 use crate::progress::Meter;
-use crate::wire::{build_ranges_from_bitmap, send_batch, split_batches, CompressMode, Compressor};
+use crate::wire::{build_ranges_from_bitmap, send_batch, split_batches, CompressMode, Compressor, PageRange};
 
 const MIB: u64 = 1 << 20;
 
@@ -44,7 +44,7 @@ fn a_round_over_three_streams_arrives_exactly() {
             .iter()
             .map(|(_, b)| {
                 let (fd, dst, budget, meter) = (b.as_raw_fd(), &dst, &budget, &received_meter);
-                scope.spawn(move || recv_share(fd, dst, None, budget, false, Some(meter)).unwrap())
+                scope.spawn(move || recv_share(fd, dst, None, budget, false, Some(meter), false).unwrap())
             })
             .collect();
         let sent = send_chunks(&send_fds, &src, &chunks, None, Some(&sent_meter)).unwrap();
@@ -116,17 +116,120 @@ fn a_share_over_budget_or_compressed_without_agreement_is_refused() {
     let b = send(CompressMode::Off);
     let budget = PageBudget::new(50);
     budget.charge(40).unwrap(); // another stream's share
-    let err = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None).unwrap_err();
+    let err = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, true).unwrap_err();
     assert_eq!(err.to_string(), "the round carried more pages (56) than the guest has (50)");
     assert_eq!(err.errno(), libc::EBADMSG);
     let b = send(CompressMode::Lz4);
-    let err = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), false, None).unwrap_err();
+    let err = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), false, None, true).unwrap_err();
     assert!(matches!(err, PageError::CompressionNotAgreed), "{err}");
     // Refused unread: the block never reached the decompressor, no guest byte was written.
     let mut page = vec![0xFFu8; 16 * 4096];
     dst.read(GuestAddress(0), &mut page).unwrap();
     assert!(page.iter().all(|&b| b == 0), "a refused batch wrote guest memory");
     let b = send(CompressMode::Lz4);
-    let got = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), true, None).unwrap();
+    let got = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), true, None, true).unwrap();
     assert_eq!((got.batches, got.stats.data_pages, got.stats.compressed_batches), (1, 16, 1));
+}
+
+/// 24 MiB of pages, with a zero run, sent as one stream's share with the sender hashing.
+fn big_share(src: &GuestMemory) -> Vec<Vec<PageRange>> {
+    for p in 0..6144u64 {
+        let fill = if (1000..1100).contains(&p) { [0u8; 4096] } else { [(p % 253) as u8 + 1; 4096] };
+        src.write(GuestAddress(p * 4096), &fill).unwrap();
+    }
+    let seg = &src.segments()[0];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), crate::wire::BATCH_DATA_PAGES)
+}
+
+/// A lone stream's big batches into fresh memory are installed in a pipeline (a second thread
+/// installs and hashes one MiB while the first reads the next); one of several streams installs
+/// on its own thread. Either way the destination ends with the source's bytes and its commit
+/// digest, every DATA page installed fresh and counted once by the meter.
+#[test]
+fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
+    use crate::digest::{commit_digest, DigestTracker};
+    let src = guest(32 * MIB);
+    let chunks = big_share(&src);
+    let data: u64 = chunks.iter().flatten().filter(|r| r.kind == crate::wire::RangeKind::Data).map(|r| r.pages as u64).sum();
+    assert_eq!(data, 6044);
+    for alone in [true, false] {
+        let dst = guest(32 * MIB);
+        let tracker = DigestTracker::new(&dst).unwrap();
+        let meter = Meter::new();
+        let (a, b) = socketpair();
+        let budget = PageBudget::new(dst.segments()[0].pages() as u64);
+        let (got, pipelined) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let got = recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, Some(&meter), alone);
+                (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
+            });
+            send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None).unwrap();
+            reader.join().unwrap()
+        });
+        let got = got.unwrap();
+        assert_eq!(got.stats.data_pages, data);
+        // Where this kernel refuses userfaultfd, pages are written plainly (and never pipelined).
+        let installs = dst.segments()[0].install_refused().is_none();
+        assert_eq!(pipelined, if alone && installs { 2 } else { 0 }, "alone: {alone}");
+        if installs {
+            assert_eq!(dst.segments()[0].installed_pages(), data, "alone: {alone}");
+        }
+        assert_eq!(meter.read().data_pages_done, data);
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "alone: {alone}");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "alone: {alone}");
+    }
+}
+
+/// A stream cut in the middle of a pipelined batch: the receiver says how much page data came
+/// and stops both its threads (no hang); nothing past the cut was written.
+#[test]
+fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
+    let src = guest(32 * MIB);
+    let chunks = big_share(&src);
+    let dst = guest(32 * MIB);
+    let (a, b) = socketpair();
+    let budget = PageBudget::new(dst.segments()[0].pages() as u64);
+    let mut bytes = Vec::new();
+    {
+        let (x, y) = socketpair();
+        let collect = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                // SAFETY: reading into a buffer we own.
+                let n = unsafe { libc::read(y.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+                if n <= 0 {
+                    return out;
+                }
+                out.extend_from_slice(&buf[..n as usize]);
+            }
+        });
+        send_batch(x.as_raw_fd(), &src, &chunks[0]).unwrap();
+        drop(x);
+        bytes.extend(collect.join().unwrap());
+    }
+    // The first batch's header, table and 5.5 MiB of its page data, then the end of the stream.
+    let table = crate::wire::BATCH_HEADER_SIZE + chunks[0].len() * 16;
+    let cut = table + (11 << 19);
+    let got = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, true));
+        let mut at = 0;
+        while at < cut {
+            // SAFETY: writing from a buffer we own.
+            let n = unsafe { libc::write(a.as_raw_fd(), bytes[at..cut].as_ptr() as *const libc::c_void, cut - at) };
+            assert!(n > 0);
+            at += n as usize;
+        }
+        drop(a);
+        reader.join().unwrap()
+    });
+    match got {
+        Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, 11 << 19),
+        other => panic!("expected a truncated batch, got {other:?}"),
+    }
+    let mut past = vec![0u8; 4096];
+    dst.read(GuestAddress(12 << 20), &mut past).unwrap();
+    assert_eq!(past, vec![0u8; 4096], "nothing past the cut was written");
 }
