@@ -109,7 +109,8 @@ struct Page([u8; PAGE_SIZE]);
 /// A batch with at least this much page data installs in a pipeline: this thread reads the next
 /// slot from the socket while a second one installs and hashes the one before (the install, the
 /// first write of fresh pages, is most of an unwired destination's work). Smaller batches (a live
-/// migration's later rounds) are not worth a thread and go one window at a time.
+/// migration's later rounds) are not worth a thread and go one window at a time, and so do
+/// batches over TLS (see `read_data_pages`).
 const PIPELINE_MIN: u64 = 4 << 20;
 
 /// A pipeline slot: what one read fills and one hand-over moves (1 MiB: a few wake-ups per MiB at
@@ -422,7 +423,9 @@ fn read_data_pages(
             if staging.is_empty() {
                 *staging = staging_pages();
             }
-            if pipeline && header.payload_len >= PIPELINE_MIN {
+            // Not over TLS: there the receiving thread opens every record and the sender seals
+            // them, which keeps both CPUs busy already (a third busy thread cost a sixth, A/B).
+            if pipeline && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
                 let slots = data_windows(ranges, offsets, SLOT_PAGES);
                 return install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging);
             }
