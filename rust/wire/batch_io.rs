@@ -427,7 +427,9 @@ fn read_data_pages(
             // them, which keeps both CPUs busy already (a third busy thread cost a sixth, A/B).
             if pipeline && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
                 let slots = data_windows(ranges, offsets, SLOT_PAGES);
-                return install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging);
+                if let Some(done) = install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging) {
+                    return done;
+                }
             }
             let windows = data_windows(ranges, offsets, HASH_WINDOW_PAGES);
             install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
@@ -567,7 +569,8 @@ impl SlotBase {
 /// `SLOT_PAGES` pages) into a free staging slot and hands it over; a scoped second thread installs,
 /// hashes and counts it (`install_window`) and hands the slot back. Whichever side fails first
 /// stops both; a read error is returned before an install error, since it is the cause when both
-/// happen (a stream cut mid-batch).
+/// happen (a stream cut mid-batch). None, before anything is read, when the second thread cannot
+/// be started (the caller then receives the batch on this thread alone).
 fn install_pipelined(
     link: Link<'_>,
     seg: &Segment,
@@ -576,10 +579,8 @@ fn install_pipelined(
     watch: (Option<&DigestTracker>, Option<&Meter>),
     installer: &InstallGuard<'_>,
     staging: &mut [Page],
-) -> Result<u64, PageError> {
+) -> Option<Result<u64, PageError>> {
     debug_assert!(staging.len() >= STAGING_PAGES);
-    #[cfg(test)]
-    PIPELINED.with(|n| n.set(n.get() + 1));
     let base = SlotBase(staging.as_mut_ptr());
     let slot_ptr = move |slot: usize| base.at(slot);
     std::thread::scope(|scope| {
@@ -588,7 +589,7 @@ fn install_pipelined(
         for slot in 0..SLOTS {
             free_tx.send(slot).expect("the receiver is alive");
         }
-        let worker = scope.spawn(move || -> Result<u64, PageError> {
+        let worker = std::thread::Builder::new().name("vmm-recv-install".into()).spawn_scoped(scope, move || -> Result<u64, PageError> {
             let mut counted = 0;
             for (slot, window, len) in full_rx {
                 // SAFETY: the reader filled `len` bytes of this slot and handed it over; it does not
@@ -601,6 +602,9 @@ fn install_pipelined(
             }
             Ok(counted)
         });
+        let Ok(worker) = worker else { return None };
+        #[cfg(test)]
+        PIPELINED.with(|n| n.set(n.get() + 1));
         let mut whole = WholeReads::new(link);
         let mut got = 0u64;
         let mut read = Ok(());
@@ -627,11 +631,12 @@ fn install_pipelined(
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        read?;
-        let counted = installed?;
-        if got < payload_len {
-            return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
-        }
-        Ok(counted)
+        let done = read.and(installed).and_then(|counted| {
+            if got < payload_len {
+                return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
+            }
+            Ok(counted)
+        });
+        Some(done)
     })
 }
