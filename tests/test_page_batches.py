@@ -370,12 +370,14 @@ def test_a_round_s_shares_are_received_whole_and_charged_to_one_budget():
     assert budget.carried == 20
 
 
-@pytest.mark.parametrize("compress", ["off", "lz4"])
-def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exact(compress):
+@pytest.mark.parametrize(("compress", "alone"), [("off", False), ("off", True), ("lz4", True)])
+def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exact(compress, alone):
     """A round's share big enough to pay for it goes into fresh unwired memory through
     userfaultfd (installed, never zeroed first): every byte lands, zero ranges and untouched
     pages read as zero, a later round over the same pages copies over them, and wired memory
-    (populated up front) is written as before."""
+    (populated up front) is written as before. ``alone``: the round's only stream, which installs
+    its big plain batches on a second thread while it reads (the tracker's digest shows every
+    page hashed as it landed)."""
     from vmmpy.memory import PageBudget
     from vmmpy.migration import protocol as P
 
@@ -390,7 +392,8 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
 
             thread = threading.Thread(target=sender)
             thread.start()
-            got = dst.recv_share(b.fileno(), budget=PageBudget(64 * MiB // PAGE_SIZE), compressed=compress != "off")
+            got = dst.recv_share(b.fileno(), budget=PageBudget(64 * MiB // PAGE_SIZE), compressed=compress != "off",
+                                 tracker=tracker, alone=alone)
             thread.join(timeout=60)
         assert got["data_pages"] == out["data_pages"] and got["zero_pages"] == out["zero_pages"]
         return got
@@ -402,10 +405,13 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
         src.write(8 * MiB, bytes(16 * PAGE_SIZE))  # written zeros: a zero range
         fill(src, 9 * MiB, 1024, seed=6)  # 4 MiB more
         dst = GuestMemory("64M", wired=wired, dirty_tracking=tracking)
+        tracker = dst.digest_tracker()
         got = one_round(src, dst)
         assert got["data_pages"] == 3072 and got["zero_pages"] == 16
         if not wired:
             assert dst.resident_pages() <= 3072 + 64, "untouched pages stayed unpopulated"
+        # Every received page was hashed as it landed (the rest, untouched, hash as zeros).
+        assert tracker.digest() == src.commit_digest()
         np.testing.assert_array_equal(src.view("lowmem"), dst.view("lowmem"))
         if compress == "lz4":
             assert got["compressed_batches"] > 0
@@ -430,3 +436,4 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
         assert got["data_pages"] == 1200
         np.testing.assert_array_equal(src.view("lowmem"), dst.view("lowmem"))
         assert dst.installed_pages() == installed
+        assert tracker.digest() == src.commit_digest()

@@ -503,7 +503,7 @@ def recv_share(
     compressed: bool,
     tracker: DigestTracker | None = None,
     meter: ProgressMeter | None = None,
-    alone: bool = True,
+    alone: bool = False,
 ) -> dict[str, Any]: ...
 @final
 class ProgressMeter:

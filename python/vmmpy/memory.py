@@ -455,15 +455,16 @@ class GuestMemory:
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 
     def recv_share(self, fd, *, budget, compressed: bool, tracker: DigestTracker | None = None,
-                   meter: ProgressMeter | None = None, alone: bool = True) -> dict[str, int]:
+                   meter: ProgressMeter | None = None, alone: bool = False) -> dict[str, int]:
         """Receive one stream's share of a round: page batches into memory until the empty batch
         that ends it, GIL released throughout. Every batch's pages are charged to ``budget``
         (``_core.PageBudget``, shared by a round's streams); a compressed batch is refused unless
         ``compressed``. Returns the totals of the non-empty batches (``wire_bytes`` counts the
         end marker too); ``PageBatchError`` names the first failure. A ``meter`` advances as the
-        pages arrive (a round's streams may share one). ``alone``: this is the round's only
-        stream, so a big batch into fresh memory is installed on a second thread while this one
-        reads the next MiB (pass False for each of several streams: they keep the CPUs busy)."""
+        pages arrive (a round's streams may share one). ``alone=True`` says this is the round's only
+        stream: a big batch into fresh memory is then installed on a second thread while this one
+        reads the next MiB. Leave it False for each of several streams (they keep the CPUs busy
+        already, and a thread more per stream only costs)."""
         return _core.recv_share(self.core, _fileno(fd), budget=budget, compressed=compressed, tracker=tracker, meter=meter,
                                 alone=alone)
 

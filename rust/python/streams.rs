@@ -46,9 +46,10 @@ impl PyPageBudget {
 /// guest memory, hashing into `tracker` when given, charging every batch's pages to `budget`;
 /// a compressed batch is refused unless `compressed`. Returns the totals of its non-empty
 /// batches, `wire_bytes` including the end marker. A `meter` advances as the pages arrive.
-/// `alone`: the round's only stream (big batches into fresh memory install on a second thread).
+/// `alone`: the round's only stream, so big batches into fresh memory install on a second thread
+/// (off by default: for one of several streams the thread only costs).
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None, alone = true))]
+#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None, alone = false))]
 #[allow(clippy::too_many_arguments)]
 fn recv_share<'py>(
     py: Python<'py>,

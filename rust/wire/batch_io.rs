@@ -120,8 +120,8 @@ const SLOT_PAGES: usize = 256;
 /// Slots in flight: the reader can run this far ahead of the installer.
 const SLOTS: usize = 4;
 
-/// Staging pages per receiving thread: enough for every pipeline slot.
-const STAGING_PAGES: usize = SLOT_PAGES * SLOTS;
+/// Staging pages a pipeline needs: one per page of every slot.
+const PIPELINE_STAGING_PAGES: usize = SLOT_PAGES * SLOTS;
 
 #[cfg(test)]
 thread_local! {
@@ -130,24 +130,27 @@ thread_local! {
 }
 
 thread_local! {
-    /// Where installed pages land before they are put in place: `STAGING_PAGES` pages, allocated
-    /// once per receiving thread.
+    /// Where installed pages land before they are put in place, allocated once per receiving
+    /// thread: one hash window, or a pipeline's slots once the thread first runs one.
     static STAGING: std::cell::RefCell<Box<[Page]>> = std::cell::RefCell::new(Box::new([]));
 }
 
-/// `STAGING_PAGES` zeroed pages, left for the kernel to provide on first use rather than written
-/// here.
-fn staging_pages() -> Box<[Page]> {
-    let layout = std::alloc::Layout::array::<Page>(STAGING_PAGES).expect("staging layout");
+/// `staging`, grown to at least `pages` zeroed pages (the allocator clears them: 256 KiB for a
+/// thread that installs a window at a time, 4 MiB once for one that pipelines).
+fn staging_at_least(staging: &mut Box<[Page]>, pages: usize) {
+    if staging.len() >= pages {
+        return;
+    }
+    let layout = std::alloc::Layout::array::<Page>(pages).expect("staging layout");
     // SAFETY: the layout is not zero-sized; an all-zero Page is a valid value; the pointer, when
-    // not null, owns `STAGING_PAGES` pages allocated with this layout, as `Box` expects.
-    unsafe {
+    // not null, owns `pages` pages allocated with this layout, as `Box` expects.
+    *staging = unsafe {
         let ptr = std::alloc::alloc_zeroed(layout) as *mut Page;
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, STAGING_PAGES))
-    }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, pages))
+    };
 }
 
 /// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
@@ -420,17 +423,16 @@ fn read_data_pages(
     if let Some((installer, pipeline)) = installer {
         return STAGING.with(|cell| {
             let mut staging = cell.borrow_mut();
-            if staging.is_empty() {
-                *staging = staging_pages();
-            }
             // Not over TLS: there the receiving thread opens every record and the sender seals
             // them, which keeps both CPUs busy already (a third busy thread cost a sixth, A/B).
             if pipeline && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
                 let slots = data_windows(ranges, offsets, SLOT_PAGES);
+                staging_at_least(&mut staging, PIPELINE_STAGING_PAGES);
                 if let Some(done) = install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging) {
                     return done;
                 }
             }
+            staging_at_least(&mut staging, HASH_WINDOW_PAGES);
             let windows = data_windows(ranges, offsets, HASH_WINDOW_PAGES);
             install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
         });
@@ -568,9 +570,10 @@ impl SlotBase {
 /// [`install_data_pages`] as a pipeline: this thread reads each of `slots` (windows of at most
 /// `SLOT_PAGES` pages) into a free staging slot and hands it over; a scoped second thread installs,
 /// hashes and counts it (`install_window`) and hands the slot back. Whichever side fails first
-/// stops both; a read error is returned before an install error, since it is the cause when both
-/// happen (a stream cut mid-batch). None, before anything is read, when the second thread cannot
-/// be started (the caller then receives the batch on this thread alone).
+/// stops both. What the stream did (an error, or its end inside the page data) is returned before
+/// an install error: it is what the peer or the link did, and a reader stopped by the installer
+/// reports nothing of its own. None, before anything is read, when the second thread cannot be
+/// started (the caller then receives the batch on this thread alone).
 fn install_pipelined(
     link: Link<'_>,
     seg: &Segment,
@@ -580,7 +583,7 @@ fn install_pipelined(
     installer: &InstallGuard<'_>,
     staging: &mut [Page],
 ) -> Option<Result<u64, PageError>> {
-    debug_assert!(staging.len() >= STAGING_PAGES);
+    debug_assert!(staging.len() >= PIPELINE_STAGING_PAGES);
     let base = SlotBase(staging.as_mut_ptr());
     let slot_ptr = move |slot: usize| base.at(slot);
     std::thread::scope(|scope| {
@@ -607,7 +610,7 @@ fn install_pipelined(
         PIPELINED.with(|n| n.set(n.get() + 1));
         let mut whole = WholeReads::new(link);
         let mut got = 0u64;
-        let mut read = Ok(());
+        let mut stream = Ok(()); // what the stream did: an error, or its end inside the page data
         for window in slots {
             let Ok(slot) = free_rx.recv() else { break }; // the installer failed
             let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
@@ -617,13 +620,17 @@ fn install_pipelined(
             let n = match unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut()) } {
                 Ok(n) => n,
                 Err(e) => {
-                    read = Err(e);
+                    stream = Err(e);
                     break;
                 }
             };
             got += n;
-            if n < want as u64 || full_tx.send((slot, window, want)).is_err() {
+            if n < want as u64 {
+                stream = Err(PageError::Truncated { what: "page data", expected: payload_len, got });
                 break;
+            }
+            if full_tx.send((slot, window, want)).is_err() {
+                break; // the installer failed
             }
         }
         drop(full_tx);
@@ -631,7 +638,7 @@ fn install_pipelined(
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        let done = read.and(installed).and_then(|counted| {
+        let done = stream.and(installed).and_then(|counted| {
             if got < payload_len {
                 return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
             }

@@ -233,3 +233,41 @@ fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
     dst.read(GuestAddress(12 << 20), &mut past).unwrap();
     assert_eq!(past, vec![0u8; 4096], "nothing past the cut was written");
 }
+
+/// The install thread failing (here: a tracker that has no such segment) stops the reader too:
+/// its error is returned, nothing hangs, and the reader has not read on to the end.
+#[test]
+fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader() {
+    use crate::digest::DigestTracker;
+    let layout = |size| {
+        let mut opts = MemoryOptions::new(size);
+        opts.lowmem_limit = 4 * MIB;
+        GuestMemory::new(&opts).unwrap()
+    };
+    let (src, dst) = (layout(32 * MIB), layout(32 * MIB));
+    let high = dst.segments()[1].gpa();
+    src.write(high, &vec![7u8; 24 * MIB as usize]).unwrap();
+    let seg = &src.segments()[1];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(1, &mut words).unwrap();
+    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), crate::wire::BATCH_DATA_PAGES);
+    let lowmem_only = guest(4 * MIB);
+    let tracker = DigestTracker::new(&lowmem_only).unwrap(); // knows no highmem segment
+    let (a, b) = socketpair();
+    let budget = PageBudget::new(dst.segments()[1].pages() as u64);
+    let (got, sent) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let b = b; // closed when the reader is done, so a sender it stopped reading from fails
+            recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, true)
+        });
+        let sent = send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None);
+        (reader.join().unwrap(), sent)
+    });
+    let err = got.unwrap_err();
+    if dst.segments()[1].install_refused().is_some() {
+        return; // written on one thread: the same error, from the only thread
+    }
+    assert!(matches!(err, PageError::NoSuchSegment { gpa } if gpa == high), "expected the install thread's error, got {err}");
+    // 24 MiB do not fit a socket's buffer: the sender can only fail if the reader stopped early.
+    assert!(sent.is_err(), "the reader read on to the end after its installer failed");
+}
