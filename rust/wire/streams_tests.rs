@@ -213,8 +213,11 @@ fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
     // The first batch's header, table and 5.5 MiB of its page data, then the end of the stream.
     let table = crate::wire::BATCH_HEADER_SIZE + chunks[0].len() * 16;
     let cut = table + (11 << 19);
-    let got = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, true));
+    let (got, pipelined) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let got = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, true);
+            (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
+        });
         let mut at = 0;
         while at < cut {
             // SAFETY: writing from a buffer we own.
@@ -229,6 +232,8 @@ fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
         Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, 11 << 19),
         other => panic!("expected a truncated batch, got {other:?}"),
     }
+    let installs = dst.segments()[0].install_refused().is_none();
+    assert_eq!(pipelined, u64::from(installs), "the cut batch went through the pipeline");
     let mut past = vec![0u8; 4096];
     dst.read(GuestAddress(12 << 20), &mut past).unwrap();
     assert_eq!(past, vec![0u8; 4096], "nothing past the cut was written");
