@@ -25,7 +25,7 @@ use super::batch::{
     MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 use super::decompress::recv_lz4_payload;
-use super::fdio::{read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES};
+use super::fdio::{read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES, RECV_WINDOW_PAGES};
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
@@ -437,7 +437,11 @@ fn read_data_pages(
             install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
         });
     }
-    let windows = windows(ranges, offsets, tracker, meter);
+    // Read and hashed a receive window at a time (fewer, larger reads than the sender's writes).
+    let windows = match tracker {
+        Some(_) => data_windows(ranges, offsets, RECV_WINDOW_PAGES),
+        None => windows(ranges, offsets, tracker, meter),
+    };
     let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
