@@ -16,9 +16,9 @@ use crate::memory::PAGE_SIZE;
 /// At most this many iovecs per call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
-/// With a digest tracker, page bytes are hashed and moved this much at a time: small enough to
-/// stay in a core's L2 cache between the hash and the copy, so the sender's copy to the socket
-/// and the receiver's hash read the cache instead of memory.
+/// With a digest tracker, a sender hashes and writes page bytes this much at a time: small enough
+/// to stay in a core's L2 cache between the hash and the copy, so its copy to the socket reads the
+/// cache instead of memory (a receiver reads and hashes `RECV_WINDOW_PAGES` at a time).
 pub(super) const HASH_WINDOW_PAGES: usize = 64;
 
 /// Where page batches are written to or read from: a blocking fd the caller owns and keeps open
