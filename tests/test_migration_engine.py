@@ -56,6 +56,35 @@ def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     json.dumps(stats.to_dict()), json.dumps(dstats.to_dict())
 
 
+def test_the_source_combines_its_digest_once_the_state_is_on_its_way(guests, monkeypatch):
+    """The destination decodes and restores the state while the source combines its page hashes
+    into the commit digest. Combined before the state was sent, that was downtime (about 0.15 ms
+    of live-idle's, traced)."""
+    from vmmpy.migration import source as source_module
+
+    order = []
+    send_state, tracker_digest = source_module._Source._send_state, source_module.tracker_digest
+
+    def sending_state(self):
+        send_state(self)
+        order.append("state sent")
+
+    def combining(tracker):
+        order.append("digest")
+        return tracker_digest(tracker)
+
+    monkeypatch.setattr(source_module._Source, "_send_state", sending_state)
+    monkeypatch.setattr(source_module, "tracker_digest", combining)
+    src = guests("16M", work_pages=512)
+    dst = guests("16M", work_pages=512, running=False)
+    src.wait_for_progress(600)
+    stats, dstats = migrate_pair(src, dst, live=True, key=KEY, dst_key=KEY)
+    assert stats.status == "completed", stats.error
+    assert dstats.status == "completed", dstats.error
+    assert order == ["state sent", "digest"]
+    assert_arrived_exact(src, dst)
+
+
 def test_without_resumed_the_source_holds_the_guest_until_a_reconnect_confirms_it_runs_there(guests, monkeypatch):
     from vmmpy.migration import protocol as P
 

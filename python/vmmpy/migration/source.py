@@ -394,14 +394,15 @@ class _Source:
             t = time.monotonic()
             self._send_round(next_round, final=True, all_pages=not self.live)
             self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
-            if digest_job is None:
-                # Every page the guest wrote was sent, and hashed as it went: combine (at once
-                # when nothing is left to hash, else while the state is encoded and sent).
-                digest_job = tracker_digest(self.tracker)
         self._send_state()
         t = time.monotonic()
+        if digest_job is None:
+            # Every page the guest wrote was sent, and hashed as it went: combine now that the
+            # state is on its way, while the destination decodes and restores it, which takes
+            # longer (on a thread where pages are left to hash).
+            digest_job = tracker_digest(self.tracker)
         digest = digest_job.result()
-        self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # the wait not hidden by the transfer
+        self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # beside the destination's restore
         self._enter("commit")
         t = time.monotonic()
         self.commit_requested = True
