@@ -140,6 +140,53 @@ def test_a_migration_destination_holds_its_vcpus_until_the_commit(outcome):
     dest.close()
 
 
+def test_a_receiving_handle_rehearses_the_restore_without_changing_the_machine(monkeypatch):
+    """A migration's destination runs its state restore's code ahead (``MachineHandle.receiving``),
+    on its own state: the machine is left as built, and a guest restored into it afterwards runs
+    exactly as one never rehearsed."""
+    from vmmpy.runtime import guest_handle
+    from vmmpy.state import encode_sections
+    from vmmpy.state.kernel import save_sections
+
+    source, _ = boot(HELLO, "m-rehearse-src", pause_at=5)
+    sections = save_sections(source)
+    source.finish(0, "moved")
+    run_to_end(source)
+    source.close()
+    console = CaptureConsole()
+    dest = Machine(VmConfig(name="m-rehearse-dst", memsize=4 << 20), consoles={"com1": console})
+    dest.setup_memory()
+    before = encode_sections(save_sections(dest))
+    checked = []
+    check = guest_handle.check_sections
+    monkeypatch.setattr(guest_handle, "check_sections", lambda *a, **k: checked.append(k["what"]) or check(*a, **k))
+    handle = guest_handle.MachineHandle.receiving(dest)
+    assert checked == ["rehearsal"] * guest_handle.REHEARSALS
+    assert encode_sections(save_sections(dest)) == before, "the rehearsal changed the machine's state"
+    assert dest.vm.memory.read(0, 4 << 20) == bytes(4 << 20), "the rehearsal wrote guest memory"
+    dest.vm.memory.write(0, source.vm.memory.read(0, 4 << 20))
+    handle.restore_sections(sections, what="test")
+    handle.prepare_to_run()
+    handle.start_running()
+    assert run_to_end(dest) == EXIT_POWEROFF
+    assert console.output == b"hello from the guest\n"[1:], "the first byte was printed on the source"
+    dest.close()
+
+
+def test_a_rehearsal_that_fails_leaves_the_receiving_handle_usable(monkeypatch):
+    from vmmpy.runtime import guest_handle
+
+    def broken(self):
+        raise RuntimeError("no state to be had")
+
+    dest = Machine(VmConfig(name="m-rehearse-fail", memsize=4 << 20), consoles={"com1": CaptureConsole()})
+    dest.setup_memory()
+    monkeypatch.setattr(guest_handle.MachineHandle, "save_sections", broken)
+    handle = guest_handle.MachineHandle.receiving(dest)
+    assert handle.machine is dest and handle.spec()["vcpus"] == 1
+    dest.close()
+
+
 def test_a_guest_prints_on_com1_and_powers_off():
     machine, console = boot(HELLO, "m-hello")
     assert run_to_end(machine) == EXIT_POWEROFF

@@ -375,7 +375,7 @@ class Vm:
         machine = build_machine(config, consoles=consoles)
         vm = cls._from_machine(machine, consoles)
         try:
-            vm._incoming = Destination(MachineHandle(machine), host, port, key=key, tls=tls, params=params,
+            vm._incoming = Destination(MachineHandle.receiving(machine), host, port, key=key, tls=tls, params=params,
                                        cancel=threading.Event())
         except BaseException:
             machine.close()

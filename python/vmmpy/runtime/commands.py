@@ -290,7 +290,7 @@ class MachineCommands:
         """``vmmrun -R``: listen on ``host:port`` for one incoming migration into this (empty)
         machine (MigrationError if it cannot). vmmrun does it before its control socket answers,
         so whoever finds the VM there finds it listening too."""
-        self.incoming = Destination(MachineHandle(self.machine), host, port, key=key, tls=tls, cancel=cancel)
+        self.incoming = Destination(MachineHandle.receiving(self.machine), host, port, key=key, tls=tls, cancel=cancel)
 
     def receive_migration(self, accept_timeout: float) -> MigrationStats:
         """Wait for the source :meth:`listen_for_migration` listens for and receive its guest;

@@ -20,10 +20,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..memory import GuestMemory
-from ..state import Section
+from ..state import Section, decode_sections, encode_sections
 from ..state.handle import spec_mismatches
 from ..state.kernel import check_sections, prepare_declarations, restore_sections, save_sections, section_registry
 from .process import EXIT_ERROR, Machine
+
+#: How many times :meth:`MachineHandle.receiving` runs the restore's code ahead: CPython
+#: specializes a function's code after about eight calls, and a restore calls its top-level
+#: functions once each.
+REHEARSALS = 10
 
 #: How long ``prepare_to_run`` waits for the vCPU threads it started to park (a few hundred µs
 #: here); they are held either way, so a slower start only moves that wait into the downtime.
@@ -40,6 +45,22 @@ class MachineHandle:
         # once, then 0.2 ms): do it now, so no pause (a live checkpoint's few ms, a migration's
         # downtime) pays for it.
         prepare_declarations()
+
+    @classmethod
+    def receiving(cls, machine: Machine) -> MachineHandle:
+        """The handle of a machine built to receive a migration, whose state restore (the
+        destination's part of the downtime) has run ahead on the machine's own state, changing
+        nothing: saved, encoded, decoded and checked, :data:`REHEARSALS` times. A first restore in
+        a process runs cold code: traced in live-idle (30 migrations a side, alternated), the
+        STATE message's decode and restore took 0.96 ms (median) unrehearsed, 0.79 ms rehearsed.
+        A rehearsal that fails leaves the code cold, nothing else."""
+        handle = cls(machine)
+        try:
+            for _ in range(REHEARSALS):
+                handle.check_sections(decode_sections(encode_sections(handle.save_sections())), what="rehearsal")
+        except Exception:  # only a warm-up: the real restore reports what is wrong
+            pass
+        return handle
 
     @property
     def memory(self) -> GuestMemory:
