@@ -85,9 +85,14 @@ class Ready(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+def digest_is_quick(tracker: DigestTracker) -> bool:
+    """Whether the tracker's digest only combines hashes (next to no page is left to hash)."""
+    return tracker.stale_pages() <= INLINE_STALE_PAGES
+
+
 def tracker_digest(tracker: DigestTracker) -> InBackground[int] | Ready[int]:
     """The tracker's commit digest, combined while the caller goes on where pages are left to hash
     (a thread), at once where there are next to none (every page was hashed as it moved)."""
-    if tracker.stale_pages() <= INLINE_STALE_PAGES:
+    if digest_is_quick(tracker):
         return Ready(tracker.digest)
     return InBackground(tracker.digest)

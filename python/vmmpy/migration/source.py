@@ -42,7 +42,7 @@ from ..state import encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
 from .convergence import GIVE_UP, POSTCOPY, SWITCH, Convergence, MigrationParams
-from .digest import InBackground, tracker_digest
+from .digest import InBackground, digest_is_quick, tracker_digest
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, await_delivery, connect, for_page_requests, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
@@ -394,12 +394,15 @@ class _Source:
             t = time.monotonic()
             self._send_round(next_round, final=True, all_pages=not self.live)
             self.stats.downtime_breakdown["final_pages_ms"] = (time.monotonic() - t) * 1000
+            if digest_job is None and not digest_is_quick(self.tracker):
+                # Pages are left to hash: on a thread, beside the state's save and encoding.
+                digest_job = tracker_digest(self.tracker)
         self._send_state()
         t = time.monotonic()
         if digest_job is None:
-            # Every page the guest wrote was sent, and hashed as it went: combine now that the
-            # state is on its way, while the destination decodes and restores it, which takes
-            # longer (on a thread where pages are left to hash).
+            # Every page the guest wrote was sent, and hashed as it went: only combining is left,
+            # done now that the state is on its way, while the destination decodes and restores
+            # it, which takes longer.
             digest_job = tracker_digest(self.tracker)
         digest = digest_job.result()
         self.stats.downtime_breakdown["digest_ms"] = (time.monotonic() - t) * 1000  # beside the destination's restore
