@@ -135,7 +135,7 @@ thread_local! {
     static STAGING: std::cell::RefCell<Box<[Page]>> = std::cell::RefCell::new(Box::new([]));
 }
 
-/// `staging`, grown to at least `pages` zeroed pages (the allocator clears them: 256 KiB for a
+/// `staging`, grown to at least `pages` zeroed pages (the allocator clears them: 512 KiB for a
 /// thread that installs a window at a time, 4 MiB once for one that pipelines).
 fn staging_at_least(staging: &mut Box<[Page]>, pages: usize) {
     if staging.len() >= pages {
