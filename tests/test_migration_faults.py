@@ -283,7 +283,14 @@ def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path):
     cmd = [sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate-live", "127.0.0.1",
            str(p.port), *IN_ROUNDS_FLAGS]
     assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
-    ctl = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started with SIGINT at its default, as a shell's foreground job is: a test run started in
+    # the background of a non-interactive shell ignores SIGINT, and vmmctl (as any program)
+    # keeps an ignored SIGINT ignored. A Python handler here becomes the default across exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ctl = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         p.wait_in_rounds(1)
         ctl.send_signal(signal.SIGINT)
