@@ -180,11 +180,17 @@ fn data_windows(ranges: &[PageRange], offsets: &[usize], window_pages: usize) ->
 /// (1 MiB: a few steps a second on a slow link, one more syscall per MiB on a fast one).
 const METER_WINDOW_PAGES: usize = 256;
 
-/// How a batch's DATA pages move: a hash window at a time with a tracker, a meter window at a
-/// time with a meter alone, all in one call otherwise.
-fn windows(ranges: &[PageRange], offsets: &[usize], tracker: Option<&DigestTracker>, meter: Option<&Meter>) -> Vec<Vec<(usize, usize)>> {
+/// How a batch's DATA pages move: `hash_pages` at a time with a tracker (the sender's hash
+/// window, or the receiver's larger one), a meter window at a time with a meter alone, all in one
+/// call otherwise.
+fn windows(
+    ranges: &[PageRange],
+    offsets: &[usize],
+    (tracker, meter): (Option<&DigestTracker>, Option<&Meter>),
+    hash_pages: usize,
+) -> Vec<Vec<(usize, usize)>> {
     match (tracker, meter) {
-        (Some(_), _) => data_windows(ranges, offsets, HASH_WINDOW_PAGES),
+        (Some(_), _) => data_windows(ranges, offsets, hash_pages),
         (None, Some(_)) => data_windows(ranges, offsets, METER_WINDOW_PAGES),
         (None, None) => vec![runs_of(RangeKind::Data, ranges, offsets)],
     }
@@ -260,7 +266,7 @@ pub fn send_batch_metered<'a>(
     if let Some(tracker) = tracker {
         tracker.hash_now(seg, &runs_of(RangeKind::Zero, ranges, &offsets), true)?;
     }
-    let windows = windows(ranges, &offsets, tracker, meter);
+    let windows = windows(ranges, &offsets, (tracker, meter), HASH_WINDOW_PAGES);
     let mut header_iov = Some(encoded_iov);
     let mut header_pages = stats.zero_pages; // counted with the header: they go in its table
     let last = windows.len();
@@ -438,10 +444,7 @@ fn read_data_pages(
         });
     }
     // Read and hashed a receive window at a time (fewer, larger reads than the sender's writes).
-    let windows = match tracker {
-        Some(_) => data_windows(ranges, offsets, RECV_WINDOW_PAGES),
-        None => windows(ranges, offsets, tracker, meter),
-    };
+    let windows = windows(ranges, offsets, (tracker, meter), RECV_WINDOW_PAGES);
     let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
