@@ -69,8 +69,9 @@ class Pair:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def wait_in_rounds(self, rounds=1, timeout=60) -> dict:
-        """Until the running migration has finished ``rounds`` rounds (bounded); returns its record."""
+    def wait_in_rounds(self, rounds=1, timeout=60, status_is="active") -> dict:
+        """Until the running migration has finished ``rounds`` rounds (bounded) with its status
+        ``status_is`` ("paused" for a warm one's stop-and-copy); returns its record."""
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
@@ -78,7 +79,7 @@ class Pair:
                 status = ControlClient("src0", self.tmp, timeout=10).request("migrate-status")
             except ControlError:
                 status = None
-            if status and status.get("status") == "active" and status.get("round_count", 0) >= rounds:
+            if status and status.get("status") == status_is and status.get("round_count", 0) >= rounds:
                 return status
             time.sleep(0.02)
         raise AssertionError(f"the migration did not reach {rounds} rounds within {timeout} s (last status {status})")
@@ -278,11 +279,18 @@ def test_sigterm_to_a_destination_mid_transfer_discards_and_the_source_runs_on(p
     p.assert_source_finishes_alone()
 
 
-def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path):
-    p = pair()
-    cmd = [sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate-live", "127.0.0.1",
-           str(p.port), *IN_ROUNDS_FLAGS]
-    assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path, paused):
+    # Paused where its memory is written (30 MiB of data), migrated warm at 10 MB/s: about 3 s,
+    # time enough to interrupt it.
+    p = pair(source_args=("--pause-at=20000000",)) if paused else pair()
+    if paused:
+        wait_for_state(tmp_path, "src0", "paused")
+        how = ["--migrate", "127.0.0.1", str(p.port), "--bandwidth", "10M", "--compress", "off"]
+    else:
+        how = ["--migrate-live", "127.0.0.1", str(p.port), *IN_ROUNDS_FLAGS]
+        assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
+    cmd = [sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", *how]
     # Started with SIGINT at its default, as a shell's foreground job is: a test run started in
     # the background of a non-interactive shell ignores SIGINT, and vmmctl (as any program)
     # keeps an ignored SIGINT ignored. A Python handler here becomes the default across exec.
@@ -292,7 +300,7 @@ def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
-        p.wait_in_rounds(1)
+        p.wait_in_rounds(0, status_is="paused") if paused else p.wait_in_rounds(1)
         ctl.send_signal(signal.SIGINT)
         out, err = ctl.communicate(timeout=90)
     finally:
@@ -301,9 +309,13 @@ def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path):
             ctl.wait(timeout=10)
     assert ctl.returncode == 130, out + err
     assert "vmmctl: interrupted: cancelling the migration" in err
-    assert "vmmctl: migration cancelled; the guest keeps running here" in err
+    where = "the guest stays here, paused (vmmctl --resume runs it)" if paused else "the guest keeps running here"
+    assert f"vmmctl: migration cancelled; {where}" in err, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     record = json.loads(vmmctl(tmp_path, "--vm=src0", "--migrate-status", "--json").stdout)
     assert record["status"] == "cancelled"
     assert p.dest.wait(timeout=30) == 4
+    if paused:
+        assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["state"] == "paused"
+        assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
     p.assert_source_finishes_alone()

@@ -212,7 +212,10 @@ def test_a_destination_of_another_size_refuses_and_the_source_runs_on(tmp_path):
     try:
         assert result.returncode == 1
         assert "memory differs: the source has -m 32M, this destination -m 64M" in result.stderr
-        assert "the guest keeps running here" in result.stderr
+        # Paused at --pause-at before the migration, it stays paused: vmmctl must not say it runs.
+        assert "the guest stays here, paused (vmmctl --resume runs it)" in result.stderr, result.stderr
+        assert "keeps running" not in result.stderr
+        assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["state"] == "paused"
         assert_still_waiting(tmp_path, dest, "dst0")
         assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
         assert source.wait(timeout=120) == 1
@@ -474,7 +477,7 @@ def test_a_destination_without_the_disk_refuses_naming_it(tmp_path):
         wait_for_state(tmp_path, "src0", "paused")
         result = vmmctl(tmp_path, "--vm=src0", "--migrate", "127.0.0.1", str(port), timeout=60)
         assert result.returncode == 1
-        assert "virtio-blk@pci.0.3.0" in result.stderr and "keeps running here" in result.stderr
+        assert "virtio-blk@pci.0.3.0" in result.stderr and "the guest stays here, paused" in result.stderr
         assert_still_waiting(tmp_path, dest, "dst0")
         assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["state"] == "paused"
     finally:

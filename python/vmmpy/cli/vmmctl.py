@@ -24,7 +24,7 @@ from typing import Any
 from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
 from ..migration.stats import stopped_text
-from ..runtime.control import ControlClient, ControlError, list_vms, run_dir
+from ..runtime.control import ControlClient, ControlError, guest_stays_here, list_vms, run_dir
 from ..units import format_size, parse_rate
 from .about import VersionAction
 from .keyfile import read_key
@@ -608,6 +608,15 @@ def _wait_gone(client: ControlClient, holder: tuple[int, int, int | None] | None
               file=sys.stderr)
 
 
+def _stays_here(client: ControlClient) -> str:
+    """Where a migration that did not happen left the guest, as its vmmrun says now."""
+    try:
+        state = client.request("status").get("state")
+    except ControlError:
+        state = None
+    return guest_stays_here(state)
+
+
 def _cancel_on_interrupt(client: ControlClient) -> int:
     """Ctrl-C while a migration runs: ask vmmrun to cancel it (the guest stays on the source)
     and say how it ended. A second Ctrl-C is ignored meanwhile: it must not leave the cancel
@@ -632,16 +641,16 @@ def _cancel_on_interrupt(client: ControlClient) -> int:
         except ControlError:
             status = None
         if status is None:
-            print("vmmctl: no migration was started; the guest keeps running here", file=sys.stderr)
+            print(f"vmmctl: no migration was started; {_stays_here(canceller)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         answer = {"status": status}
     if answer["status"] == "cancelled":
-        print("vmmctl: migration cancelled; the guest keeps running here", file=sys.stderr)
+        print(f"vmmctl: migration cancelled; {_stays_here(canceller)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if answer["status"] == "completed":
         print("vmmctl: interrupted too late: the migration had completed; the guest runs on the destination", file=sys.stderr)
         return 0
-    print(f"vmmctl: migration {answer['status']} before the cancel; the guest keeps running here (--migrate-status says why)",
+    print(f"vmmctl: migration {answer['status']} before the cancel; {_stays_here(canceller)} (--migrate-status says why)",
           file=sys.stderr)
     return 1
 

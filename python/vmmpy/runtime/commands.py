@@ -42,6 +42,7 @@ from ..snapshot.schema import array, integer, record, string
 from ..state import SectionError, SectionRegistry
 from ..state.kernel import configured_registry, kernel_registry
 from .config import ACCELS, LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, ConfigError, VmConfig
+from .control import guest_stays_here
 from .guest_handle import MachineHandle
 from .process import Machine
 
@@ -428,7 +429,7 @@ class MachineCommands:
             if self.machine.exit_status is not None:
                 raise OSError(code, f"migration {stats.status}: the guest stopped ({self.machine.exit_reason}) "
                                     "while it was being migrated; there is nothing left to migrate")
-            raise OSError(code, f"migration {stats.status}: {stats.error}; the guest keeps running here")
+            raise OSError(code, f"migration {stats.status}: {stats.error}; {guest_stays_here(self.machine.status()['state'])}")
         return self._last_stats
 
     def migrate_status(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:

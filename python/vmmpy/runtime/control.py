@@ -38,6 +38,15 @@ class ControlError(VmmpyError, OSError):
     """A control-socket request failed; ``errno`` and the message say why."""
 
 
+def guest_stays_here(state: str | None) -> str:
+    """How a migration that did not happen leaves the source's guest, from its ``status`` state:
+    a guest paused before it (``--pause-at``, ``--pause``) stays paused, and saying it runs would
+    send its operator looking for output that never comes."""
+    if state == "paused":
+        return "the guest stays here, paused (vmmctl --resume runs it)"
+    return "the guest keeps running here"
+
+
 def run_dir() -> Path:
     # Our own rather than platformdirs' user_runtime_dir: that falls back to /run/user/UID, which
     # containers and ssh sessions without a login manager often lack; bhyve-like tools want /run.
