@@ -25,7 +25,9 @@ use super::batch::{
     MAX_RANGES, RANGE_ENTRY_SIZE,
 };
 use super::decompress::recv_lz4_payload;
-use super::fdio::{read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES, RECV_WINDOW_PAGES};
+use super::fdio::{
+    read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES, RECV_WINDOW_PAGES, SHARED_RECV_WINDOW_PAGES,
+};
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
@@ -127,6 +129,9 @@ const PIPELINE_STAGING_PAGES: usize = SLOT_PAGES * SLOTS;
 thread_local! {
     /// Batches this thread received through the pipeline (tests check it was taken).
     pub(super) static PIPELINED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The most bytes this thread asked one read for, straight into guest memory (tests check
+    /// the receive window a stream used).
+    pub(super) static WIDEST_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 thread_local! {
@@ -326,7 +331,7 @@ pub fn recv_batch_tracked<'a>(
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(link.into(), mem, tracker, None, Install { from: INSTALL_MIN, pipeline: true }, |_| Ok(()))
+    recv_batch_admitted(link.into(), mem, tracker, None, Install { from: INSTALL_MIN, alone: true }, |_| Ok(()))
 }
 
 /// When a received batch installs its pages without zeroing (`memory::install`), and how.
@@ -335,10 +340,13 @@ pub(crate) struct Install {
     /// A batch with at least this many bytes of page data (and some) begins installing; a smaller
     /// one joins an installation already open.
     pub from: u64,
-    /// Whether a big batch installs in a pipeline, on a second thread while this one reads
-    /// (`PIPELINE_MIN`): right for a lone receiver, which leaves a CPU idle otherwise; a round's
-    /// several streams already keep the CPUs busy, and there a thread more per stream only costs.
-    pub pipeline: bool,
+    /// The round's only receiver. Then a big batch installs in a pipeline, on a second thread
+    /// while this one reads (`PIPELINE_MIN`), since a lone receiver leaves a CPU idle otherwise,
+    /// and pages into memory already there are read `RECV_WINDOW_PAGES` at a time. One of a
+    /// round's several streams installs on its own thread (the streams already keep the CPUs
+    /// busy, and a thread more per stream only costs) and reads `SHARED_RECV_WINDOW_PAGES` at a
+    /// time.
+    pub alone: bool,
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -375,7 +383,7 @@ pub(crate) fn recv_batch_admitted(
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
     let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
-    let pipeline = install.pipeline;
+    let alone = install.alone;
     let install = if begin { seg.begin_install() } else { seg.current_install() };
     let installer = install.as_ref().filter(|g| g.can_install());
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
@@ -388,8 +396,7 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
-        let installer = installer.map(|guard| (guard, pipeline));
-        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer)?;
+        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer, alone)?;
     }
     drop(install);
     for (r, &off) in ranges.iter().zip(&offsets) {
@@ -413,8 +420,9 @@ pub(crate) fn recv_batch_admitted(
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
 /// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
 /// returns the DATA pages counted so. With an `installer`, each window is read into a staging
-/// buffer (in the cache) and installed from there, a window at a time; with its flag set and a
-/// big enough batch, in a pipeline ([`install_pipelined`]).
+/// buffer (in the cache) and installed from there, a window at a time; when `alone` (the round's
+/// only receiver) and the batch is big enough, in a pipeline ([`install_pipelined`]). `alone`
+/// also picks the window of reads into memory already there ([`Install::alone`]).
 #[allow(clippy::too_many_arguments)]
 fn read_data_pages(
     link: Link<'_>,
@@ -424,14 +432,15 @@ fn read_data_pages(
     offsets: &[usize],
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
-    installer: Option<(&InstallGuard<'_>, bool)>,
+    installer: Option<&InstallGuard<'_>>,
+    alone: bool,
 ) -> Result<u64, PageError> {
-    if let Some((installer, pipeline)) = installer {
+    if let Some(installer) = installer {
         return STAGING.with(|cell| {
             let mut staging = cell.borrow_mut();
             // Not over TLS: there the receiving thread opens every record and the sender seals
             // them, which keeps both CPUs busy already (a third busy thread cost a sixth, A/B).
-            if pipeline && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
+            if alone && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
                 let slots = data_windows(ranges, offsets, SLOT_PAGES);
                 staging_at_least(&mut staging, PIPELINE_STAGING_PAGES);
                 if let Some(done) = install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging) {
@@ -444,7 +453,8 @@ fn read_data_pages(
         });
     }
     // Read and hashed a receive window at a time (fewer, larger reads than the sender's writes).
-    let windows = windows(ranges, offsets, (tracker, meter), RECV_WINDOW_PAGES);
+    let window = if alone { RECV_WINDOW_PAGES } else { SHARED_RECV_WINDOW_PAGES };
+    let windows = windows(ranges, offsets, (tracker, meter), window);
     let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
     // second thread populates the DATA ranges ahead of the reader (MADV_POPULATE_WRITE, advisory,
@@ -470,6 +480,8 @@ fn read_data_pages(
             }
             let mut iovs: Vec<libc::iovec> = window.iter().map(|&run| run_iovec(seg, run)).collect();
             let want: u64 = iovs.iter().map(|v| v.iov_len as u64).sum();
+            #[cfg(test)]
+            WIDEST_READ.with(|w| w.set(w.get().max(want)));
             // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which the
             // caller's `mem` keeps mapped; guest memory is never behind a Rust reference, so the
             // kernel writing it aliases nothing.

@@ -585,3 +585,70 @@ fn a_slow_trickle_below_the_low_water_mark_is_not_a_timeout() {
     assert_eq!(got.data_pages, 64);
     drop(sender.join().unwrap());
 }
+
+/// Into memory already there (here a memfd, which is never installed into), a lone stream reads
+/// 1 MiB windows and one of a round's several streams 2 MiB (`SHARED_RECV_WINDOW_PAGES`). Over
+/// TCP, where the reader waits for whole windows, either ends with the source's bytes and
+/// digest; cut inside a shared stream's second window, the receiver says exactly how much page
+/// data came and wrote nothing past the cut.
+#[test]
+fn a_shared_stream_reads_two_mib_windows_and_a_cut_inside_one_is_exact() {
+    use super::batch_io::WIDEST_READ;
+    use super::fdio::{RECV_WINDOW_PAGES, SHARED_RECV_WINDOW_PAGES};
+    use crate::memory::Backing;
+    use std::io::Write;
+    let memfd_guest = || {
+        let mut opts = MemoryOptions::new(32 * MIB);
+        opts.backing = Backing::Memfd;
+        GuestMemory::new(&opts).unwrap()
+    };
+    let src = GuestMemory::new(&MemoryOptions::new(32 * MIB)).unwrap();
+    for p in 0..6144u64 {
+        src.write(GuestAddress(p * 4096), &page_fill(p)).unwrap();
+    }
+    let ranges = build_ranges_from_bitmap(&src.segments()[0], &harvest(&src, 0), true).unwrap();
+    let bytes = &batch_bytes(&src, &ranges);
+    let src = &src;
+    let payload_at = bytes.len() - 6144 * 4096;
+    for alone in [true, false] {
+        let dst = memfd_guest();
+        let tracker = DigestTracker::new(&dst).unwrap();
+        let budget = PageBudget::new(8192);
+        let (mut tx, rx) = tcp_pair(std::time::Duration::from_secs(20));
+        let got = std::thread::scope(|s| {
+            s.spawn(move || {
+                tx.write_all(bytes).unwrap();
+                send_batch(tx.as_raw_fd(), src, &[]).unwrap(); // the share's empty end batch
+            });
+            WIDEST_READ.with(|w| w.set(0));
+            let got = recv_share(rx.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, alone).unwrap();
+            (got, WIDEST_READ.with(|w| w.get()))
+        });
+        // The measured windows, pinned: a change to either is a change to measure again.
+        assert_eq!((RECV_WINDOW_PAGES * 4096, SHARED_RECV_WINDOW_PAGES * 4096), (1 << 20, 2 << 20));
+        assert_eq!(got.1, if alone { MIB } else { 2 * MIB }, "alone: {alone}");
+        assert_eq!(got.0.stats.data_pages, 6144);
+        assert_eq!(dst.segments()[0].installed_pages(), 0, "a memfd is written, never installed into");
+        assert_eq!(tracker.digest().unwrap(), commit_digest(src).unwrap(), "alone: {alone}");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(src).unwrap(), "alone: {alone}");
+    }
+    // Cut 100 bytes into the page 3 MiB into the data: inside the second 2 MiB window.
+    let dst = memfd_guest();
+    let budget = PageBudget::new(8192);
+    let cut = payload_at + (3 << 20) + 100;
+    let (mut tx, rx) = tcp_pair(std::time::Duration::from_secs(20));
+    let got = std::thread::scope(|s| {
+        s.spawn(move || {
+            tx.write_all(&bytes[..cut]).unwrap();
+            drop(tx);
+        });
+        recv_share(rx.as_raw_fd(), &dst, None, &budget, false, None, false)
+    });
+    match got {
+        Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, (3 << 20) + 100),
+        other => panic!("expected a truncated batch, got {other:?}"),
+    }
+    assert_eq!(read(&dst, (3 << 20) - 4096, 4096), page_fill(767), "the last whole page before the cut arrived");
+    assert_eq!(read(&dst, 3 << 20, 100), page_fill(768)[..100].to_vec(), "and the cut page's first bytes");
+    assert_eq!(read(&dst, (3 << 20) + 4096, 4096), vec![0u8; 4096], "nothing past the cut was written");
+}
