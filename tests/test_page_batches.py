@@ -370,14 +370,15 @@ def test_a_round_s_shares_are_received_whole_and_charged_to_one_budget():
     assert budget.carried == 20
 
 
-@pytest.mark.parametrize(("compress", "alone"), [("off", False), ("off", True), ("lz4", True)])
-def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exact(compress, alone):
+@pytest.mark.parametrize(("compress", "streams"), [("off", 2), ("off", 1), ("lz4", 1), ("off", 16)])
+def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exact(compress, streams):
     """A round's share big enough to pay for it goes into fresh unwired memory through
     userfaultfd (installed, never zeroed first): every byte lands, zero ranges and untouched
     pages read as zero, a later round over the same pages copies over them, and wired memory
-    (populated up front) is written as before. ``alone``: the round's only stream, which installs
-    its big plain batches on a second thread while it reads (the tracker's digest shows every
-    page hashed as it landed)."""
+    (populated up front) is written as before. ``streams``: 1 is the round's only stream, which
+    installs its big plain batches on a second thread while it reads (the tracker's digest shows
+    every page hashed as it landed); one of 2 installs 1 MiB windows, one of 16 (more streams than
+    CPUs) 512 KiB ones."""
     from vmmpy.memory import PageBudget
     from vmmpy.migration import protocol as P
 
@@ -393,7 +394,7 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
             thread = threading.Thread(target=sender)
             thread.start()
             got = dst.recv_share(b.fileno(), budget=PageBudget(64 * MiB // PAGE_SIZE), compressed=compress != "off",
-                                 tracker=tracker, alone=alone)
+                                 tracker=tracker, streams=streams)
             thread.join(timeout=60)
         assert got["data_pages"] == out["data_pages"] and got["zero_pages"] == out["zero_pages"]
         return got
@@ -437,3 +438,12 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
         np.testing.assert_array_equal(src.view("lowmem"), dst.view("lowmem"))
         assert dst.installed_pages() == installed
         assert tracker.digest() == src.commit_digest()
+
+
+@pytest.mark.parametrize("streams", [0, 17])
+def test_a_share_of_a_round_with_no_streams_or_too_many_is_refused(streams):
+    from vmmpy.memory import PageBudget
+    dst = GuestMemory("4M")
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(ValueError, match=f"streams is {streams}; a round has 1 to 16"):
+        dst.recv_share(b.fileno(), budget=PageBudget(16), compressed=False, streams=streams)

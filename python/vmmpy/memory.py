@@ -455,18 +455,19 @@ class GuestMemory:
         return _core.recv_pages(self.core, _fileno(fd), tracker=tracker)
 
     def recv_share(self, fd, *, budget, compressed: bool, tracker: DigestTracker | None = None,
-                   meter: ProgressMeter | None = None, alone: bool = False) -> dict[str, int]:
+                   meter: ProgressMeter | None = None, streams: int = 1) -> dict[str, int]:
         """Receive one stream's share of a round: page batches into memory until the empty batch
         that ends it, GIL released throughout. Every batch's pages are charged to ``budget``
         (``_core.PageBudget``, shared by a round's streams); a compressed batch is refused unless
         ``compressed``. Returns the totals of the non-empty batches (``wire_bytes`` counts the
         end marker too); ``PageBatchError`` names the first failure. A ``meter`` advances as the
-        pages arrive (a round's streams may share one). ``alone=True`` says this is the round's only
-        stream: a big batch into fresh memory is then installed on a second thread while this one
-        reads the next MiB. Leave it False for each of several streams (they keep the CPUs busy
-        already, and a thread more per stream only costs)."""
+        pages arrive (a round's streams may share one). ``streams`` says how many streams the round
+        has. Its only stream installs a big batch into fresh memory on a second thread while this
+        one reads the next MiB. Each of several streams installs on its own thread (they keep the
+        CPUs busy already, and a thread more per stream only costs), in windows sized for how many
+        streams share the CPUs."""
         return _core.recv_share(self.core, _fileno(fd), budget=budget, compressed=compressed, tracker=tracker, meter=meter,
-                                alone=alone)
+                                streams=streams)
 
     def digest(self) -> int:
         """An xxh3-128 digest of all guest memory (take it with the guest stopped)."""

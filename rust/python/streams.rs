@@ -46,10 +46,10 @@ impl PyPageBudget {
 /// guest memory, hashing into `tracker` when given, charging every batch's pages to `budget`;
 /// a compressed batch is refused unless `compressed`. Returns the totals of its non-empty
 /// batches, `wire_bytes` including the end marker. A `meter` advances as the pages arrive.
-/// `alone`: the round's only stream, so big batches into fresh memory install on a second thread
-/// (off by default: for one of several streams the thread only costs).
+/// `streams`: how many streams the round has; its only stream installs big batches into fresh
+/// memory on a second thread, one of several reads and installs in windows sized for them.
 #[pyfunction]
-#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None, alone = false))]
+#[pyo3(signature = (memory, fd, *, budget, compressed, tracker = None, meter = None, streams = 1))]
 #[allow(clippy::too_many_arguments)]
 fn recv_share<'py>(
     py: Python<'py>,
@@ -59,15 +59,18 @@ fn recv_share<'py>(
     compressed: bool,
     tracker: Option<PyRef<'py, PyDigestTracker>>,
     meter: Option<PyRef<'py, PyProgressMeter>>,
-    alone: bool,
+    streams: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(PyValueError::new_err(format!("streams is {streams}; a round has 1 to {MAX_STREAMS}")));
+    }
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
     let budget = budget.inner.clone();
     let meter = meter_of(meter);
     let end = fd.owned();
     let totals = py
-        .detach(move || wire::recv_share(end.link(), &mem, tracker.as_deref(), &budget, compressed, meter.as_deref(), alone))
+        .detach(move || wire::recv_share(end.link(), &mem, tracker.as_deref(), &budget, compressed, meter.as_deref(), streams))
         .map_err(page_error)?;
     totals_dict(py, &totals)
 }

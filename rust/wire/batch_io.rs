@@ -119,6 +119,29 @@ const PIPELINE_MIN: u64 = 4 << 20;
 /// most, and still in the cache when it is installed and hashed).
 const SLOT_PAGES: usize = 256;
 
+/// The install window of one of a round's several streams, when there are no more of them than
+/// CPUs (1 MiB): each window is read into staging and installed from there, so every receiving
+/// thread keeps one window of staging hot, and with a stream per CPU a 1 MiB window still fits a
+/// core's L2 (1 MiB on the EPYC measured). With more streams than CPUs, threads share a core and
+/// its L2, and they keep the sender's 512 KiB windows. A/B, warm 1 GiB into an unwired
+/// destination on 2 CPUs, 6 alternated sets of 5 a side (medians of each set): `--streams 2`
+/// 2.39-2.57 GiB/s and 0.76-0.80 CPU-s with 512 KiB against 2.56-2.74 and 0.62-0.68 with 1 MiB
+/// (1 MiB ahead in 5 sets of 6, one even); `--streams 4` 2.32-2.55 with 512 KiB against
+/// 2.21-2.54 with 1 MiB (512 KiB ahead in all 6) (session 20).
+const SHARED_INSTALL_WINDOW_PAGES: usize = 256;
+
+/// The window a batch that is not pipelined installs at a time, for a round of `streams`
+/// streams: the sender's hash window, or [`SHARED_INSTALL_WINDOW_PAGES`] for one of several
+/// streams with a CPU each.
+pub(crate) fn install_window_pages(streams: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if streams > 1 && streams <= cpus {
+        SHARED_INSTALL_WINDOW_PAGES
+    } else {
+        HASH_WINDOW_PAGES
+    }
+}
+
 /// Slots in flight: the reader can run this far ahead of the installer.
 const SLOTS: usize = 4;
 
@@ -331,7 +354,7 @@ pub fn recv_batch_tracked<'a>(
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(link.into(), mem, tracker, None, Install { from: INSTALL_MIN, alone: true }, |_| Ok(()))
+    recv_batch_admitted(link.into(), mem, tracker, None, Install { from: INSTALL_MIN, alone: true, window: HASH_WINDOW_PAGES }, |_| Ok(()))
 }
 
 /// When a received batch installs its pages without zeroing (`memory::install`), and how.
@@ -347,6 +370,8 @@ pub(crate) struct Install {
     /// busy, and a thread more per stream only costs) and reads `SHARED_RECV_WINDOW_PAGES` at a
     /// time.
     pub alone: bool,
+    /// Pages a batch that is not pipelined installs at a time ([`install_window_pages`]).
+    pub window: usize,
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -383,7 +408,7 @@ pub(crate) fn recv_batch_admitted(
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
     let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
-    let alone = install.alone;
+    let (alone, window) = (install.alone, install.window);
     let install = if begin { seg.begin_install() } else { seg.current_install() };
     let installer = install.as_ref().filter(|g| g.can_install());
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
@@ -396,7 +421,7 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
-        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer, alone)?;
+        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer, (alone, window))?;
     }
     drop(install);
     for (r, &off) in ranges.iter().zip(&offsets) {
@@ -420,9 +445,9 @@ pub(crate) fn recv_batch_admitted(
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
 /// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
 /// returns the DATA pages counted so. With an `installer`, each window is read into a staging
-/// buffer (in the cache) and installed from there, a window at a time; when `alone` (the round's
-/// only receiver) and the batch is big enough, in a pipeline ([`install_pipelined`]). `alone`
-/// also picks the window of reads into memory already there ([`Install::alone`]).
+/// buffer (in the cache) and installed from there, `install_window` pages at a time; when `alone`
+/// (the round's only receiver) and the batch is big enough, in a pipeline ([`install_pipelined`]).
+/// `alone` also picks the window of reads into memory already there ([`Install::alone`]).
 #[allow(clippy::too_many_arguments)]
 fn read_data_pages(
     link: Link<'_>,
@@ -433,7 +458,7 @@ fn read_data_pages(
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
     installer: Option<&InstallGuard<'_>>,
-    alone: bool,
+    (alone, install_window): (bool, usize),
 ) -> Result<u64, PageError> {
     if let Some(installer) = installer {
         return STAGING.with(|cell| {
@@ -447,8 +472,8 @@ fn read_data_pages(
                     return done;
                 }
             }
-            staging_at_least(&mut staging, HASH_WINDOW_PAGES);
-            let windows = data_windows(ranges, offsets, HASH_WINDOW_PAGES);
+            staging_at_least(&mut staging, install_window);
+            let windows = data_windows(ranges, offsets, install_window);
             install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
         });
     }

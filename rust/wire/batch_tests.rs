@@ -621,7 +621,7 @@ fn a_shared_stream_reads_two_mib_windows_and_a_cut_inside_one_is_exact() {
                 send_batch(tx.as_raw_fd(), src, &[]).unwrap(); // the share's empty end batch
             });
             WIDEST_READ.with(|w| w.set(0));
-            let got = recv_share(rx.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, alone).unwrap();
+            let got = recv_share(rx.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, if alone { 1 } else { 2 }).unwrap();
             (got, WIDEST_READ.with(|w| w.get()))
         });
         // The measured windows, pinned: a change to either is a change to measure again.
@@ -642,7 +642,7 @@ fn a_shared_stream_reads_two_mib_windows_and_a_cut_inside_one_is_exact() {
             tx.write_all(&bytes[..cut]).unwrap();
             drop(tx);
         });
-        recv_share(rx.as_raw_fd(), &dst, None, &budget, false, None, false)
+        recv_share(rx.as_raw_fd(), &dst, None, &budget, false, None, 2)
     });
     match got {
         Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, (3 << 20) + 100),

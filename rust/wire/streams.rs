@@ -22,7 +22,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{recv_batch_admitted, send_batch_metered, BatchTotals, Install, INSTALL_MIN};
+use super::batch_io::{install_window_pages, recv_batch_admitted, send_batch_metered, BatchTotals, Install, INSTALL_MIN};
 use super::compress::{CompressMode, Compressor};
 use super::fdio::Link;
 use crate::digest::DigestTracker;
@@ -185,9 +185,10 @@ impl PageBudget {
 /// batch is refused unless `compressed` (the stream agreed to it). Returns the non-empty batches'
 /// totals, `wire_bytes` including the end marker. The first failure is returned as it happened
 /// (a timeout names the peer); pages of batches already received stay written. `meter`, when
-/// given, advances as the pages arrive (the streams of a round may share one). `alone`: this is
-/// the round's only stream, so big batches into fresh memory are installed on a second thread
-/// while this one reads (with several streams, the streams themselves keep the CPUs busy).
+/// given, advances as the pages arrive (the streams of a round may share one). `streams`: how many
+/// streams the round has. Its only stream installs big batches into fresh memory on a second
+/// thread while this one reads; with several, the streams themselves keep the CPUs busy, and
+/// each reads and installs in windows sized for how many share the CPUs ([`Install`]).
 pub fn recv_share<'a>(
     link: impl Into<Link<'a>>,
     mem: &GuestMemory,
@@ -195,7 +196,7 @@ pub fn recv_share<'a>(
     budget: &PageBudget,
     compressed: bool,
     meter: Option<&Meter>,
-    alone: bool,
+    streams: usize,
 ) -> Result<BatchTotals, PageError> {
     let link = link.into();
     let mut totals = BatchTotals::default();
@@ -205,7 +206,11 @@ pub fn recv_share<'a>(
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let install = Install { from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes), alone };
+        let install = Install {
+            from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes),
+            alone: streams <= 1,
+            window: install_window_pages(streams),
+        };
         let stats = recv_batch_admitted(link, mem, tracker, meter, install, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);

@@ -44,7 +44,7 @@ fn a_round_over_three_streams_arrives_exactly() {
             .iter()
             .map(|(_, b)| {
                 let (fd, dst, budget, meter) = (b.as_raw_fd(), &dst, &budget, &received_meter);
-                scope.spawn(move || recv_share(fd, dst, None, budget, false, Some(meter), false).unwrap())
+                scope.spawn(move || recv_share(fd, dst, None, budget, false, Some(meter), 3).unwrap())
             })
             .collect();
         let sent = send_chunks(&send_fds, &src, &chunks, None, Some(&sent_meter)).unwrap();
@@ -116,18 +116,18 @@ fn a_share_over_budget_or_compressed_without_agreement_is_refused() {
     let b = send(CompressMode::Off);
     let budget = PageBudget::new(50);
     budget.charge(40).unwrap(); // another stream's share
-    let err = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, true).unwrap_err();
+    let err = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, 1).unwrap_err();
     assert_eq!(err.to_string(), "the round carried more pages (56) than the guest has (50)");
     assert_eq!(err.errno(), libc::EBADMSG);
     let b = send(CompressMode::Lz4);
-    let err = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), false, None, true).unwrap_err();
+    let err = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), false, None, 1).unwrap_err();
     assert!(matches!(err, PageError::CompressionNotAgreed), "{err}");
     // Refused unread: the block never reached the decompressor, no guest byte was written.
     let mut page = vec![0xFFu8; 16 * 4096];
     dst.read(GuestAddress(0), &mut page).unwrap();
     assert!(page.iter().all(|&b| b == 0), "a refused batch wrote guest memory");
     let b = send(CompressMode::Lz4);
-    let got = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), true, None, true).unwrap();
+    let got = recv_share(b.as_raw_fd(), &dst, None, &PageBudget::new(1000), true, None, 1).unwrap();
     assert_eq!((got.batches, got.stats.data_pages, got.stats.compressed_batches), (1, 16, 1));
 }
 
@@ -154,7 +154,9 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
     let chunks = big_share(&src);
     let data: u64 = chunks.iter().flatten().filter(|r| r.kind == crate::wire::RangeKind::Data).map(|r| r.pages as u64).sum();
     assert_eq!(data, 6044);
-    for alone in [true, false] {
+    // One of 2 streams installs 1 MiB at a time, one of 16 (more than this host's CPUs) 512 KiB.
+    for streams in [1, 2, MAX_STREAMS] {
+        let alone = streams == 1;
         let dst = guest(32 * MIB);
         let tracker = DigestTracker::new(&dst).unwrap();
         let meter = Meter::new();
@@ -162,7 +164,7 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
         let budget = PageBudget::new(dst.segments()[0].pages() as u64);
         let (got, pipelined) = std::thread::scope(|scope| {
             let reader = scope.spawn(|| {
-                let got = recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, Some(&meter), alone);
+                let got = recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, Some(&meter), streams);
                 (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
             });
             send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None).unwrap();
@@ -172,13 +174,28 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
         assert_eq!(got.stats.data_pages, data);
         // Where this kernel refuses userfaultfd, pages are written plainly (and never pipelined).
         let installs = dst.segments()[0].install_refused().is_none();
-        assert_eq!(pipelined, if alone && installs { 2 } else { 0 }, "alone: {alone}");
+        assert_eq!(pipelined, if alone && installs { 2 } else { 0 }, "streams: {streams}");
         if installs {
-            assert_eq!(dst.segments()[0].installed_pages(), data, "alone: {alone}");
+            assert_eq!(dst.segments()[0].installed_pages(), data, "streams: {streams}");
         }
         assert_eq!(meter.read().data_pages_done, data);
-        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "alone: {alone}");
-        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "alone: {alone}");
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "streams: {streams}");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "streams: {streams}");
+    }
+}
+
+/// The install window of a batch that is not pipelined: the sender's hash window for a lone
+/// stream (its big batches pipeline in 1 MiB slots instead) and where streams outnumber the
+/// CPUs; 1 MiB for one of several streams with a CPU each.
+#[test]
+fn install_windows_follow_the_streams_per_cpu() {
+    use crate::wire::batch_io::install_window_pages;
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(install_window_pages(1), 128);
+    assert_eq!(install_window_pages(cpus + 1), 128);
+    if cpus >= 2 {
+        assert_eq!(install_window_pages(2), 256);
+        assert_eq!(install_window_pages(cpus), 256);
     }
 }
 
@@ -215,7 +232,7 @@ fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
     let cut = table + (11 << 19);
     let (got, pipelined) = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
-            let got = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, true);
+            let got = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, 1);
             (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
         });
         let mut at = 0;
@@ -263,7 +280,7 @@ fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader(
     let (got, sent) = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
             let b = b; // closed when the reader is done, so a sender it stopped reading from fails
-            recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, true)
+            recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, 1)
         });
         let sent = send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None);
         (reader.join().unwrap(), sent)

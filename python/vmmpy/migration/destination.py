@@ -892,7 +892,7 @@ class _Receiver:
 
         def recv(sock: socket.socket) -> dict[str, int]:
             return self.memory.recv_share(sock, budget=budget, compressed=self.compression is not None, tracker=self.tracker,
-                                          meter=rp.meter, alone=not self.data_conns)
+                                          meter=rp.meter, streams=1 + len(self.data_conns))
 
         def tick() -> None:
             self.stats.current_round = rp.figures(pages_total=known)
