@@ -134,8 +134,7 @@ const SHARED_INSTALL_WINDOW_PAGES: usize = 256;
 /// streams: the sender's hash window, or [`SHARED_INSTALL_WINDOW_PAGES`] for one of several
 /// streams with a CPU each.
 pub(crate) fn install_window_pages(streams: usize) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if streams > 1 && streams <= cpus {
+    if streams > 1 && streams <= std::thread::available_parallelism().map_or(1, |n| n.get()) {
         SHARED_INSTALL_WINDOW_PAGES
     } else {
         HASH_WINDOW_PAGES

@@ -203,14 +203,11 @@ pub fn recv_share<'a>(
     // A round's batches install into one registration (`memory::install`), begun by the first big
     // batch and ended with the share, before the guest can run.
     let _holds: Vec<_> = mem.segments().iter().filter_map(|seg| seg.hold_install()).collect();
+    let window = install_window_pages(streams); // asks the kernel for the CPUs: once a share
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let install = Install {
-            from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes),
-            alone: streams <= 1,
-            window: install_window_pages(streams),
-        };
+        let install = Install { from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes), alone: streams <= 1, window };
         let stats = recv_batch_admitted(link, mem, tracker, meter, install, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);
