@@ -496,7 +496,7 @@ fn read_data_pages(
                 }
             });
         }
-        let mut whole = WholeReads::new(link);
+        let mut whole = WholeReads::new(link, window * PAGE_SIZE);
         let mut got = 0;
         for window in &windows {
             for &(first, pages) in window {
@@ -543,7 +543,8 @@ fn install_data_pages(
     installer: &InstallGuard<'_>,
     staging: &mut [Page],
 ) -> Result<u64, PageError> {
-    let mut whole = WholeReads::new(link);
+    let most = windows.iter().map(|w| w.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum()).max().unwrap_or(1);
+    let mut whole = WholeReads::new(link, most);
     let (mut got, mut counted) = (0u64, 0u64);
     for window in windows {
         let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
@@ -651,7 +652,7 @@ fn install_pipelined(
         let Ok(worker) = worker else { return None };
         #[cfg(test)]
         PIPELINED.with(|n| n.set(n.get() + 1));
-        let mut whole = WholeReads::new(link);
+        let mut whole = WholeReads::new(link, SLOT_PAGES * PAGE_SIZE);
         let mut got = 0u64;
         let mut stream = Ok(()); // what the stream did: an error, or its end inside the page data
         for window in slots {

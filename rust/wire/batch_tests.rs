@@ -632,8 +632,10 @@ fn a_shared_stream_reads_two_mib_windows_and_a_cut_inside_one_is_exact() {
         assert_eq!(tracker.digest().unwrap(), commit_digest(src).unwrap(), "alone: {alone}");
         assert_eq!(commit_digest(&dst).unwrap(), commit_digest(src).unwrap(), "alone: {alone}");
     }
-    // Cut 100 bytes into the page 3 MiB into the data: inside the second 2 MiB window.
+    // Cut 100 bytes into the page 3 MiB into the data: inside the second 2 MiB window (with a
+    // tracker, as a migration's receiver has: without one, the payload is read as one window).
     let dst = memfd_guest();
+    let tracker = DigestTracker::new(&dst).unwrap();
     let budget = PageBudget::new(8192);
     let cut = payload_at + (3 << 20) + 100;
     let (mut tx, rx) = tcp_pair(std::time::Duration::from_secs(20));
@@ -642,7 +644,10 @@ fn a_shared_stream_reads_two_mib_windows_and_a_cut_inside_one_is_exact() {
             tx.write_all(&bytes[..cut]).unwrap();
             drop(tx);
         });
-        recv_share(rx.as_raw_fd(), &dst, None, &budget, false, None, 2)
+        WIDEST_READ.with(|w| w.set(0));
+        let got = recv_share(rx.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, 2);
+        assert_eq!(WIDEST_READ.with(|w| w.get()), 2 * MIB, "read in 2 MiB windows");
+        got
     });
     match got {
         Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, (3 << 20) + 100),
@@ -651,4 +656,53 @@ fn a_shared_stream_reads_two_mib_windows_and_a_cut_inside_one_is_exact() {
     assert_eq!(read(&dst, (3 << 20) - 4096, 4096), page_fill(767), "the last whole page before the cut arrived");
     assert_eq!(read(&dst, 3 << 20, 100), page_fill(768)[..100].to_vec(), "and the cut page's first bytes");
     assert_eq!(read(&dst, (3 << 20) + 4096, 4096), vec![0u8; 4096], "nothing past the cut was written");
+}
+
+/// The low-water mark a socket reader sleeps on is at most its window, also where it reads a
+/// whole payload at once (no tracker, no meter): a lone reader 1 MiB, one of several streams 2 MiB.
+#[test]
+fn a_reader_sleeps_for_at_most_its_window() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let src = GuestMemory::new(&MemoryOptions::new(8 * MIB)).unwrap();
+    for p in 0..1024u64 {
+        src.write(GuestAddress(p * 4096), &page_fill(p)).unwrap();
+    }
+    let ranges = build_ranges_from_bitmap(&src.segments()[0], &harvest(&src, 0), true).unwrap();
+    let bytes = &batch_bytes(&src, &ranges);
+    let (src, tracker) = (&src, DigestTracker::new(&src).unwrap());
+    for (streams, tracked, most) in [(1, false, 1 << 20), (2, true, 2 << 20)] {
+        let dst = {
+            let mut opts = MemoryOptions::new(8 * MIB);
+            opts.backing = crate::memory::Backing::Memfd;
+            GuestMemory::new(&opts).unwrap()
+        };
+        let (mut tx, rx) = tcp_pair(Duration::from_secs(20));
+        let fd = rx.as_raw_fd();
+        let seen = std::thread::scope(|s| {
+            s.spawn(move || {
+                tx.write_all(&bytes[..200_000]).unwrap();
+                std::thread::sleep(Duration::from_millis(600)); // the reader sleeps on its mark meanwhile
+                tx.write_all(&bytes[200_000..]).unwrap();
+                send_batch(tx.as_raw_fd(), src, &[]).unwrap();
+            });
+            let peek = s.spawn(move || {
+                let (start, mut seen) = (Instant::now(), 1);
+                while seen == 1 && start.elapsed() < Duration::from_millis(500) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    let mut lowat: libc::c_int = 0;
+                    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                    // SAFETY: getsockopt writes at most `len` bytes into the c_int we own.
+                    unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut lowat as *mut libc::c_int).cast(), &mut len) };
+                    seen = lowat;
+                }
+                seen
+            });
+            let tracker = tracked.then_some(&tracker);
+            recv_share(fd, &dst, tracker, &PageBudget::new(2048), false, None, streams).unwrap();
+            peek.join().unwrap()
+        });
+        assert!(seen > 1 && seen <= most, "{streams} stream(s): the reader slept on a mark of {seen} bytes (at most {most})");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(src).unwrap());
+    }
 }

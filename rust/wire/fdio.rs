@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use super::stall::{poll_ms, socket_timeout, timed_out, would_block, SendDeadline};
 use super::tls::TlsStream;
 use crate::digest::{Direction, PageError};
-use crate::memory::PAGE_SIZE;
 
 /// At most this many iovecs per call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
@@ -227,11 +226,8 @@ pub(super) const RECV_WINDOW_PAGES: usize = 256;
 /// 3.71 and 4.23 against 3.08 and 2.44 (session 20).
 pub(super) const SHARED_RECV_WINDOW_PAGES: usize = 512;
 
-/// The most a socket reader asks to be woken for (SO_RCVLOWAT): the larger receive window.
-const RCVLOWAT_MAX: usize = SHARED_RECV_WINDOW_PAGES * PAGE_SIZE;
-
-/// Reads from a socket that sleep until everything asked for (up to `RCVLOWAT_MAX`) has arrived,
-/// instead of being woken for every segment.
+/// Reads from a socket that sleep until everything asked for (up to the reader's window) has
+/// arrived, instead of being woken for every segment.
 ///
 /// Loopback TCP wakes a sleeping reader for each 64 KiB segment, and on a VM each wake-up of an
 /// idle CPU costs the sender an IPI: a warm 1 GiB migration between two processes on 2 vCPUs took
@@ -248,11 +244,15 @@ pub(super) struct WholeReads {
     /// The socket's SO_RCVTIMEO (None: it has none).
     timeout: Option<Duration>,
     lowat: libc::c_int,
+    /// The most it asks to be woken for (SO_RCVLOWAT): the caller's window, so a read of a whole
+    /// payload at once (no tracker, no meter) still wakes a window's worth at a time.
+    most: usize,
 }
 
 impl WholeReads {
-    /// For a socket fd, None for anything else (a TLS session or a pipe, read without it).
-    pub(super) fn new(link: Link<'_>) -> Option<WholeReads> {
+    /// For a socket fd, None for anything else (a TLS session or a pipe, read without it), waking
+    /// for at most `most` bytes at a time.
+    pub(super) fn new(link: Link<'_>, most: usize) -> Option<WholeReads> {
         let Link::Fd(fd) = link else { return None };
         let mut kind: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -260,11 +260,11 @@ impl WholeReads {
         if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) } != 0 {
             return None;
         }
-        Some(WholeReads { fd, timeout: socket_timeout(fd, Direction::Receive), lowat: 1 })
+        Some(WholeReads { fd, timeout: socket_timeout(fd, Direction::Receive), lowat: 1, most: most.max(1) })
     }
 
     fn set_lowat(&mut self, bytes: usize) {
-        let bytes = bytes.clamp(1, RCVLOWAT_MAX) as libc::c_int;
+        let bytes = bytes.clamp(1, self.most) as libc::c_int;
         if bytes != self.lowat {
             // SAFETY: the option value is a c_int on our stack, passed with its size. A refusal
             // only means the reader is woken earlier (poll then returns sooner; nothing hangs).
@@ -291,7 +291,7 @@ impl WholeReads {
         n
     }
 
-    /// Sleep until `missing` bytes (at most `RCVLOWAT_MAX`) are queued, or the stream ends,
+    /// Sleep until `missing` bytes (at most its window) are queued, or the stream ends,
     /// fails or is shut down; false if a signal interrupted the wait. The socket's SO_RCVTIMEO
     /// without a byte arriving is a [`PageError::TimedOut`]. Bytes trickling in below the
     /// low-water mark are the peer sending: the wait looks at the queue every quarter timeout, so

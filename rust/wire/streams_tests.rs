@@ -154,7 +154,8 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
     let chunks = big_share(&src);
     let data: u64 = chunks.iter().flatten().filter(|r| r.kind == crate::wire::RangeKind::Data).map(|r| r.pages as u64).sum();
     assert_eq!(data, 6044);
-    // One of 2 streams installs 1 MiB at a time, one of 16 (more than this host's CPUs) 512 KiB.
+    // One of 2 streams installs 1 MiB at a time (on 2 CPUs or more), one of 16 (more streams
+    // than CPUs on most hosts) 512 KiB.
     for streams in [1, 2, MAX_STREAMS] {
         let alone = streams == 1;
         let dst = guest(32 * MIB);
