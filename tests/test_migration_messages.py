@@ -167,3 +167,15 @@ def test_the_descriptors_follow_on_one_byte_and_a_wrong_count_is_refused():
             s.close()
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize(("state", "said"), [
+    ("paused", "the guest stays here, paused (vmmctl --resume runs it)"),
+    ("running", "the guest keeps running here"),
+    (None, "the guest stays here, as it was before the migration"),
+])
+def test_a_migration_that_did_not_happen_says_where_the_guest_is_as_it_is(state, said):
+    """vmmctl's and vmmrun's last words after a failed or cancelled migration follow the guest's
+    real state; where vmmrun could not say it (None), nothing is claimed about it."""
+    from vmmpy.runtime.control import guest_stays_here
+    assert guest_stays_here(state) == said

@@ -466,6 +466,8 @@ class GuestMemory:
         one reads the next MiB. Each of several streams installs on its own thread (they keep the
         CPUs busy already, and a thread more per stream only costs), in windows sized for how many
         streams share the CPUs."""
+        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= _core.MAX_STREAMS:
+            raise ValueError(f"streams is {streams!r}; a round has 1 to {_core.MAX_STREAMS}")
         return _core.recv_share(self.core, _fileno(fd), budget=budget, compressed=compressed, tracker=tracker, meter=meter,
                                 streams=streams)
 

@@ -57,7 +57,7 @@ examples:
   vmmctl --vm=vm0 --migrate-local unix:/run/vm0.mig   hand the guest to `vmmrun -R unix:/run/vm0.mig ...` on
                                          this host: its memfd memory is passed, not copied
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
-  vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest keeps running here
+  vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest stays here as it was (running, or paused)
   vmmctl --vm=vm0 --migrate-resolve      a migration in doubt (exit 3): ask the other side again and settle it
   vmmctl --vm=vm0 --migrate-resolve=run-here --force    the other side is gone: run the guest here (see docs)
   vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
@@ -84,7 +84,7 @@ exit status: 0 on success, 1 when the request failed (the message says why), 2 o
 3 when a migration ended in doubt: the link failed after the commit was decided and the other
 side did not confirm; the guest is held paused (never lost, never run twice) until
 --migrate-resolve settles it; 130 when interrupted (Ctrl-C): a running --migrate/--migrate-live
-is cancelled first and the guest keeps running here. Output cut short by its reader (`| head`)
+is cancelled first and the guest stays here as it was (running, or paused). Output cut short by its reader (`| head`)
 is not an error.
 """
 

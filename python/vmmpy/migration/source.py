@@ -717,7 +717,7 @@ class _Source:
             self.paused = False
             self.stats.owner = "source"
             self.stats.finish("failed", f"the destination {where} discarded the guest before it learned of the commit; "
-                                        "the guest runs here again")
+                                        "the guest is this host's again, as it was before the migration (running, or paused)")
         else:
             self.stats.notes.append(f"the destination {where} holds no such session: the process that held it is gone "
                                     "or another one listens there")
@@ -743,7 +743,8 @@ class _Source:
                 self.adapter.resume()
                 self.paused = False
                 self.stats.owner = "source"
-                self.stats.finish("failed", "settled by the operator (run-here, forced): the guest runs here again")
+                self.stats.finish("failed", "settled by the operator (run-here, forced): the guest is this host's again, "
+                                            "as it was before the migration (running, or paused)")
         elif action == "discard-here":
             outcome = None if timeout <= 0 else self._settle(P.Decision.COMMIT, timeout, by="the operator's resolve")
             if self.stats.status == "in-doubt":

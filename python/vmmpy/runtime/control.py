@@ -44,7 +44,9 @@ def guest_stays_here(state: str | None) -> str:
     send its operator looking for output that never comes."""
     if state == "paused":
         return "the guest stays here, paused (vmmctl --resume runs it)"
-    return "the guest keeps running here"
+    if state == "running":
+        return "the guest keeps running here"
+    return "the guest stays here, as it was before the migration"  # its vmmrun did not say
 
 
 def run_dir() -> Path:
