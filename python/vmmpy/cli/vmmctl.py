@@ -84,8 +84,8 @@ exit status: 0 on success, 1 when the request failed (the message says why), 2 o
 3 when a migration ended in doubt: the link failed after the commit was decided and the other
 side did not confirm; the guest is held paused (never lost, never run twice) until
 --migrate-resolve settles it; 130 when interrupted (Ctrl-C): a running --migrate/--migrate-live
-is cancelled first and the guest stays here as it was (running, or paused). Output cut short by its reader (`| head`)
-is not an error.
+is cancelled first and the guest stays here as it was (running, or paused). Output cut short by
+its reader (`| head`) is not an error.
 """
 
 EXIT_IN_DOUBT = 3
