@@ -169,7 +169,7 @@ def test_an_anonymous_memory_guest_is_refused_naming_the_option_and_runs_on(tmp_
         result = hops.migrate(sock)
         assert result.returncode == 1
         assert "must be memfd-backed" in result.stderr and "--memory-backing memfd" in result.stderr, result.stderr
-        assert "the guest keeps running here" in result.stderr
+        assert "the guest stays here, paused (vmmctl --resume runs it)" in result.stderr, result.stderr
         stop(dest)
         assert vmmctl(tmp_path, "--vm=hop0", "--resume").returncode == 0
         assert hops.procs[0].wait(timeout=60) == 1
@@ -253,7 +253,7 @@ def test_the_destination_killed_before_it_confirms_leaves_the_source_running_wit
         # The relay reaps the killed process before it sets `fired`; vmmctl can return first.
         assert proxy.fired.wait(30), f"the kill point ({step}) was reached"
         assert result.returncode == 1, result.stdout
-        assert "the guest keeps running here" in result.stderr, result.stderr
+        assert "the guest stays here, paused (vmmctl --resume runs it)" in result.stderr, result.stderr
         assert dest.returncode == -signal.SIGKILL
         assert vmmctl(tmp_path, "--vm=hop0", "--resume").returncode == 0
         assert hops.procs[0].wait(timeout=120) == 1
