@@ -353,7 +353,14 @@ pub fn recv_batch_tracked<'a>(
     mem: &GuestMemory,
     tracker: Option<&DigestTracker>,
 ) -> Result<BatchStats, PageError> {
-    recv_batch_admitted(link.into(), mem, tracker, None, Install { from: INSTALL_MIN, alone: true, window: HASH_WINDOW_PAGES }, |_| Ok(()))
+    recv_batch_admitted(
+        link.into(),
+        mem,
+        tracker,
+        None,
+        Install { from: INSTALL_MIN, alone: true, window: install_window_pages(1) },
+        |_| Ok(()),
+    )
 }
 
 /// When a received batch installs its pages without zeroing (`memory::install`), and how.
