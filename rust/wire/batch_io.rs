@@ -32,6 +32,8 @@ use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// What one batch moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,8 +111,8 @@ pub(super) const INSTALL_MIN: u64 = 4 << 20;
 struct Page([u8; PAGE_SIZE]);
 
 /// A batch with at least this much page data installs in a pipeline: this thread reads the next
-/// slot from the socket while a second one installs and hashes the one before (the install, the
-/// first write of fresh pages, is most of an unwired destination's work). Smaller batches (a live
+/// slot from the socket while others install and hash the ones before (the install, the first
+/// write of fresh pages, is most of an unwired destination's work). Smaller batches (a live
 /// migration's later rounds) are not worth a thread and go one window at a time, and so do
 /// batches over TLS (see `read_data_pages`).
 const PIPELINE_MIN: u64 = 4 << 20;
@@ -141,8 +143,29 @@ pub(crate) fn install_window_pages(streams: usize) -> usize {
     }
 }
 
-/// Slots in flight: the reader can run this far ahead of the installer.
+/// Slots in flight: the reader can run this far ahead of the installers.
 const SLOTS: usize = 4;
+
+/// The most threads that install a lone stream's pipelined batch. Where installing is slow, it
+/// is the first touch of memory this VM's host took back (free page reporting), which faults
+/// on the host as well; two threads populated 8 GiB of such memory 1.6-2.0 x faster than one
+/// (C, 2 CPUs), and the reader and the sender leave most of a second CPU idle. A/B, warm
+/// migration into an unwired destination on 2 CPUs: 8 GiB random, 0.62 / 0.77 GiB/s with one
+/// installer against 1.28 / 1.39 with two, and less CPU (1.92 / 1.61 CPU-s per GiB against 1.29 /
+/// 1.21); 1 GiB, 6 alternated sets of 5 (medians of each set), 1.52-2.28 GiB/s against
+/// 1.88-2.40 (two ahead in 5 of 6); with a neighbour spinning on CPU 1, 4 sets, 1.04-1.26 against
+/// 1.01-1.41 (ahead in 3 of 4) (session 21). More than two is unmeasured.
+const PIPELINE_INSTALLERS: usize = 2;
+
+/// The threads that install a pipelined batch: [`PIPELINE_INSTALLERS`], or one per CPU where
+/// there are fewer.
+pub(crate) fn pipeline_installers() -> usize {
+    #[cfg(test)]
+    if let Some(n) = FORCE_INSTALLERS.with(|n| n.get()) {
+        return n;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(PIPELINE_INSTALLERS)
+}
 
 /// Staging pages a pipeline needs: one per page of every slot.
 const PIPELINE_STAGING_PAGES: usize = SLOT_PAGES * SLOTS;
@@ -154,6 +177,9 @@ thread_local! {
     /// The most bytes this thread asked one read for, straight into guest memory (tests check
     /// the receive window a stream used).
     pub(super) static WIDEST_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The installers this thread's pipelines start, when a test chooses (both counts are tested
+    /// whatever the machine's CPUs).
+    pub(super) static FORCE_INSTALLERS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 thread_local! {
@@ -619,12 +645,14 @@ impl SlotBase {
 }
 
 /// [`install_data_pages`] as a pipeline: this thread reads each of `slots` (windows of at most
-/// `SLOT_PAGES` pages) into a free staging slot and hands it over; a scoped second thread installs,
-/// hashes and counts it (`install_window`) and hands the slot back. Whichever side fails first
-/// stops both. What the stream did (an error, or its end inside the page data) is returned before
-/// an install error: it is what the peer or the link did, and a reader stopped by the installer
-/// reports nothing of its own. None, before anything is read, when the second thread cannot be
-/// started (the caller then receives the batch on this thread alone).
+/// `SLOT_PAGES` pages) into a free staging slot and hands it over; [`pipeline_installers`] scoped
+/// threads take the full slots in turn, each installing, hashing and counting one
+/// (`install_window`) and handing it back, so windows may be put in place out of order (each
+/// window's pages are its own, and the tracker and meter take them in any order). Whichever side
+/// fails first stops the others. What the stream did (an error, or its end inside the page data)
+/// is returned before an install error: it is what the peer or the link did, and a reader
+/// stopped by the installers reports nothing of its own. None, before anything is read, when no
+/// installing thread can be started (the caller then receives the batch on this thread alone).
 fn install_pipelined(
     link: Link<'_>,
     seg: &Segment,
@@ -637,37 +665,66 @@ fn install_pipelined(
     debug_assert!(staging.len() >= PIPELINE_STAGING_PAGES);
     let base = SlotBase(staging.as_mut_ptr());
     let slot_ptr = move |slot: usize| base.at(slot);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(usize, usize)>, usize)>(SLOTS);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<usize>(SLOTS);
+    for slot in 0..SLOTS {
+        free_tx.send(slot).expect("the receiver is alive");
+    }
+    // The installers share the full slots: whichever is free takes the next one.
+    let full_rx = Mutex::new(full_rx);
+    let failed = AtomicBool::new(false);
+    let (full_rx, failed) = (&full_rx, &failed);
     std::thread::scope(|scope| {
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(usize, usize)>, usize)>(SLOTS);
-        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<usize>(SLOTS);
-        for slot in 0..SLOTS {
-            free_tx.send(slot).expect("the receiver is alive");
-        }
-        let worker = std::thread::Builder::new().name("vmm-recv-install".into()).spawn_scoped(scope, move || -> Result<u64, PageError> {
-            let mut counted = 0;
-            for (slot, window, len) in full_rx {
-                // SAFETY: the reader filled `len` bytes of this slot and handed it over; it does not
-                // touch it again until the slot is handed back below.
-                let bytes = unsafe { std::slice::from_raw_parts(slot_ptr(slot) as *const u8, len) };
-                counted += install_window(seg, &window, bytes, watch, installer)?;
-                if free_tx.send(slot).is_err() {
-                    break; // the reader stopped
+        let mut workers = Vec::new();
+        for _ in 0..pipeline_installers() {
+            let free_tx = free_tx.clone();
+            let work = move || -> Result<u64, PageError> {
+                let mut counted = 0;
+                loop {
+                    // Held while waiting: the other installers wait for the lock instead.
+                    let next = full_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((slot, window, len)) = next else { break }; // the reader is done
+                    if failed.load(Ordering::Relaxed) {
+                        break; // another installer failed: stop without touching the slot
+                    }
+                    // SAFETY: the reader filled `len` bytes of this slot and handed it over to this
+                    // thread alone (a channel delivers each message once); neither it nor another
+                    // installer touches the slot again until it is handed back below.
+                    let bytes = unsafe { std::slice::from_raw_parts(slot_ptr(slot) as *const u8, len) };
+                    match install_window(seg, &window, bytes, watch, installer) {
+                        Ok(pages) => counted += pages,
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    if free_tx.send(slot).is_err() {
+                        break; // the reader stopped
+                    }
                 }
+                Ok(counted)
+            };
+            match std::thread::Builder::new().name("vmm-recv-install".into()).spawn_scoped(scope, work) {
+                Ok(worker) => workers.push(worker),
+                Err(_) => break, // fewer installers, or none (below)
             }
-            Ok(counted)
-        });
-        let Ok(worker) = worker else { return None };
+        }
+        // The reader learns that every installer stopped when their senders of free slots are gone.
+        drop(free_tx);
+        if workers.is_empty() {
+            return None;
+        }
         #[cfg(test)]
         PIPELINED.with(|n| n.set(n.get() + 1));
         let mut whole = WholeReads::new(link, SLOT_PAGES * PAGE_SIZE);
         let mut got = 0u64;
         let mut stream = Ok(()); // what the stream did: an error, or its end inside the page data
         for window in slots {
-            let Ok(slot) = free_rx.recv() else { break }; // the installer failed
+            let Ok(slot) = free_rx.recv() else { break }; // every installer stopped (one failed)
             let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
             let mut iov = [libc::iovec { iov_base: slot_ptr(slot) as *mut libc::c_void, iov_len: want }];
             // SAFETY: the iovec describes the first `want` bytes of a slot this thread holds (a
-            // window is at most SLOT_PAGES pages); the installer does not touch it until handed over.
+            // window is at most SLOT_PAGES pages); no installer touches it until handed over.
             let n = match unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut()) } {
                 Ok(n) => n,
                 Err(e) => {
@@ -681,14 +738,19 @@ fn install_pipelined(
                 break;
             }
             if full_tx.send((slot, window, want)).is_err() {
-                break; // the installer failed
+                break; // cannot happen: the receiver outlives this scope
             }
         }
         drop(full_tx);
-        let installed = match worker.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
+        let mut installed = Ok(0u64);
+        for worker in workers {
+            let done = match worker.join() {
+                Ok(done) => done,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            // The first error found stands; otherwise the pages each installer counted add up.
+            installed = installed.and_then(|sum| done.map(|pages| sum + pages));
+        }
         let done = stream.and(installed).and_then(|counted| {
             if got < payload_len {
                 return Err(PageError::Truncated { what: "page data", expected: payload_len, got });

@@ -154,9 +154,10 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
     let chunks = big_share(&src);
     let data: u64 = chunks.iter().flatten().filter(|r| r.kind == crate::wire::RangeKind::Data).map(|r| r.pages as u64).sum();
     assert_eq!(data, 6044);
-    // One of 2 streams installs 1 MiB at a time (on 2 CPUs or more), one of 16 (more streams
-    // than CPUs on most hosts) 512 KiB.
-    for streams in [1, 2, MAX_STREAMS] {
+    // A lone stream pipelines with one installer and with two (windows then land out of
+    // order); one of 2 streams installs 1 MiB at a time (on 2 CPUs or more), one of 16 (more
+    // streams than CPUs on most hosts) 512 KiB.
+    for (streams, installers) in [(1, 1), (1, 2), (2, 1), (MAX_STREAMS, 1)] {
         let alone = streams == 1;
         let dst = guest(32 * MIB);
         let tracker = DigestTracker::new(&dst).unwrap();
@@ -165,6 +166,7 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
         let budget = PageBudget::new(dst.segments()[0].pages() as u64);
         let (got, pipelined) = std::thread::scope(|scope| {
             let reader = scope.spawn(|| {
+                crate::wire::batch_io::FORCE_INSTALLERS.with(|n| n.set(Some(installers)));
                 let got = recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, Some(&meter), streams);
                 (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
             });
@@ -175,13 +177,14 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
         assert_eq!(got.stats.data_pages, data);
         // Where this kernel refuses userfaultfd, pages are written plainly (and never pipelined).
         let installs = dst.segments()[0].install_refused().is_none();
-        assert_eq!(pipelined, if alone && installs { 2 } else { 0 }, "streams: {streams}");
+        let case = format!("streams: {streams}, installers: {installers}");
+        assert_eq!(pipelined, if alone && installs { 2 } else { 0 }, "{case}");
         if installs {
-            assert_eq!(dst.segments()[0].installed_pages(), data, "streams: {streams}");
+            assert_eq!(dst.segments()[0].installed_pages(), data, "{case}");
         }
-        assert_eq!(meter.read().data_pages_done, data);
-        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "streams: {streams}");
-        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "streams: {streams}");
+        assert_eq!(meter.read().data_pages_done, data, "{case}");
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "{case}");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "{case}");
     }
 }
 
@@ -200,15 +203,13 @@ fn install_windows_follow_the_streams_per_cpu() {
     }
 }
 
-/// A stream cut in the middle of a pipelined batch: the receiver says how much page data came
-/// and stops both its threads (no hang); nothing past the cut was written.
+/// A stream cut in the middle of a pipelined batch, with one installer and with two: the
+/// receiver says how much page data came and stops all its threads (no hang); every page of the
+/// whole slots before the cut holds the source's bytes, and nothing past the cut was written.
 #[test]
 fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
     let src = guest(32 * MIB);
     let chunks = big_share(&src);
-    let dst = guest(32 * MIB);
-    let (a, b) = socketpair();
-    let budget = PageBudget::new(dst.segments()[0].pages() as u64);
     let mut bytes = Vec::new();
     {
         let (x, y) = socketpair();
@@ -231,34 +232,47 @@ fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
     // The first batch's header, table and 5.5 MiB of its page data, then the end of the stream.
     let table = crate::wire::BATCH_HEADER_SIZE + chunks[0].len() * 16;
     let cut = table + (11 << 19);
-    let (got, pipelined) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| {
-            let got = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, 1);
-            (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
+    for installers in [1, 2] {
+        let dst = guest(32 * MIB);
+        let (a, b) = socketpair();
+        let budget = PageBudget::new(dst.segments()[0].pages() as u64);
+        let (got, pipelined) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                crate::wire::batch_io::FORCE_INSTALLERS.with(|n| n.set(Some(installers)));
+                let got = recv_share(b.as_raw_fd(), &dst, None, &budget, false, None, 1);
+                (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
+            });
+            let mut at = 0;
+            while at < cut {
+                // SAFETY: writing from a buffer we own.
+                let n = unsafe { libc::write(a.as_raw_fd(), bytes[at..cut].as_ptr() as *const libc::c_void, cut - at) };
+                assert!(n > 0);
+                at += n as usize;
+            }
+            drop(a);
+            reader.join().unwrap()
         });
-        let mut at = 0;
-        while at < cut {
-            // SAFETY: writing from a buffer we own.
-            let n = unsafe { libc::write(a.as_raw_fd(), bytes[at..cut].as_ptr() as *const libc::c_void, cut - at) };
-            assert!(n > 0);
-            at += n as usize;
+        match got {
+            Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, 11 << 19, "installers: {installers}"),
+            other => panic!("expected a truncated batch with {installers} installers, got {other:?}"),
         }
-        drop(a);
-        reader.join().unwrap()
-    });
-    match got {
-        Err(PageError::Truncated { what: "page data", got, .. }) => assert_eq!(got, 11 << 19),
-        other => panic!("expected a truncated batch, got {other:?}"),
+        let installs = dst.segments()[0].install_refused().is_none();
+        assert_eq!(pipelined, u64::from(installs), "the cut batch went through the pipeline");
+        // The big share's page data begins at page 0: the 5 whole 1 MiB slots before the cut
+        // were installed, whichever installer took them.
+        let (mut want, mut have) = (vec![0u8; 5 << 20], vec![0u8; 5 << 20]);
+        src.read(GuestAddress(0), &mut want).unwrap();
+        dst.read(GuestAddress(0), &mut have).unwrap();
+        assert!(want == have, "a whole slot before the cut differs (installers: {installers})");
+        let mut past = vec![0u8; 4096];
+        dst.read(GuestAddress(12 << 20), &mut past).unwrap();
+        assert_eq!(past, vec![0u8; 4096], "nothing past the cut was written (installers: {installers})");
     }
-    let installs = dst.segments()[0].install_refused().is_none();
-    assert_eq!(pipelined, u64::from(installs), "the cut batch went through the pipeline");
-    let mut past = vec![0u8; 4096];
-    dst.read(GuestAddress(12 << 20), &mut past).unwrap();
-    assert_eq!(past, vec![0u8; 4096], "nothing past the cut was written");
 }
 
-/// The install thread failing (here: a tracker that has no such segment) stops the reader too:
-/// its error is returned, nothing hangs, and the reader has not read on to the end.
+/// An install thread failing (here: a tracker that has no such segment) stops the reader and the
+/// other installers too, with one installer and with two: its error is returned, nothing hangs,
+/// and the reader has not read on to the end.
 #[test]
 fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader() {
     use crate::digest::DigestTracker;
@@ -276,21 +290,27 @@ fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader(
     let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), crate::wire::BATCH_DATA_PAGES);
     let lowmem_only = guest(4 * MIB);
     let tracker = DigestTracker::new(&lowmem_only).unwrap(); // knows no highmem segment
-    let (a, b) = socketpair();
-    let budget = PageBudget::new(dst.segments()[1].pages() as u64);
-    let (got, sent) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| {
-            let b = b; // closed when the reader is done, so a sender it stopped reading from fails
-            recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, 1)
+    for installers in [1, 2] {
+        let (a, b) = socketpair();
+        let budget = PageBudget::new(dst.segments()[1].pages() as u64);
+        let (got, sent) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let b = b; // closed when the reader is done, so a sender it stopped reading from fails
+                crate::wire::batch_io::FORCE_INSTALLERS.with(|n| n.set(Some(installers)));
+                recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, 1)
+            });
+            let sent = send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None);
+            (reader.join().unwrap(), sent)
         });
-        let sent = send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None);
-        (reader.join().unwrap(), sent)
-    });
-    let err = got.unwrap_err();
-    if dst.segments()[1].install_refused().is_some() {
-        return; // written on one thread: the same error, from the only thread
+        let err = got.unwrap_err();
+        if dst.segments()[1].install_refused().is_some() {
+            return; // written on one thread: the same error, from the only thread
+        }
+        assert!(
+            matches!(err, PageError::NoSuchSegment { gpa } if gpa == high),
+            "expected an install thread's error with {installers} installers, got {err}"
+        );
+        // 24 MiB do not fit a socket's buffer: the sender can only fail if the reader stopped early.
+        assert!(sent.is_err(), "the reader read on to the end after an installer failed ({installers} installers)");
     }
-    assert!(matches!(err, PageError::NoSuchSegment { gpa } if gpa == high), "expected the install thread's error, got {err}");
-    // 24 MiB do not fit a socket's buffer: the sender can only fail if the reader stopped early.
-    assert!(sent.is_err(), "the reader read on to the end after its installer failed");
 }
