@@ -511,7 +511,10 @@ def test_a_successor_that_fails_to_start_is_reported_and_the_guest_runs_on(tmp_p
         wait_for_state(tmp_path, "vm0", "paused")
         result = vmmctl(tmp_path, "--vm=vm0", "--live-update", "--exec", str(broken))
         assert result.returncode == 1
-        assert "the new vmmrun exited 4 before it listened" in result.stderr and "the guest keeps running here" in result.stderr
+        assert "the new vmmrun exited 4 before it listened" in result.stderr, result.stderr
+        # Paused before the update, the guest stays paused, and the message says so.
+        assert "the guest stays here, paused (vmmctl --resume runs it)" in result.stderr, result.stderr
+        assert json.loads(vmmctl(tmp_path, "--vm=vm0", "--status", "--json").stdout)["state"] == "paused"
         assert vmmctl(tmp_path, "--vm=vm0", "--resume").returncode == 0
         assert proc.wait(timeout=120) == 1
     finally:

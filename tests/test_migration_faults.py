@@ -216,7 +216,7 @@ def test_cancel_during_the_rounds_leaves_the_source_running(pair, tmp_path):
 
     cancelled = vmmctl(tmp_path, "--vm=src0", "--migrate-cancel", "--json")
     assert cancelled.returncode == 0, cancelled.stderr
-    assert json.loads(cancelled.stdout) == {"cancelled": True, "status": "cancelled"}
+    assert json.loads(cancelled.stdout) == {"cancelled": True, "status": "cancelled", "state": "running"}
     error = p.migration_error()
     assert "migration cancelled" in error and "the guest keeps running here" in error
     assert p.dest.wait(timeout=30) == 4
@@ -276,6 +276,29 @@ def test_sigterm_to_a_destination_mid_transfer_discards_and_the_source_runs_on(p
     assert "dst0: stopped by SIGTERM during the incoming migration from 127.0.0.1:" in err, err
     assert "the half-received guest is discarded" in err
     assert "the guest keeps running here" in p.migration_error()
+    p.assert_source_finishes_alone()
+
+
+def test_migrate_cancel_says_a_paused_guest_stays_paused(pair, tmp_path):
+    """``vmmctl --migrate-cancel`` says where the guest is after it: a guest paused before a warm
+    migration stays paused, and the words say how to run it."""
+    p = pair(source_args=("--pause-at=20000000",))  # paused where its memory is written: about 3 s at 10 MB/s
+    wait_for_state(tmp_path, "src0", "paused")
+    ctl = subprocess.Popen([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate",
+                            "127.0.0.1", str(p.port), "--bandwidth", "10M", "--compress", "off"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        p.wait_in_rounds(0, status_is="paused")
+        cancelled = vmmctl(tmp_path, "--vm=src0", "--migrate-cancel")
+        out, err = ctl.communicate(timeout=90)
+    finally:
+        stop(ctl)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout == "migration cancelled; the guest stays here, paused (vmmctl --resume runs it)\n"
+    assert ctl.returncode == 1 and "the guest stays here, paused (vmmctl --resume runs it)" in err, out + err
+    assert p.dest.wait(timeout=30) == 4
+    assert json.loads(vmmctl(tmp_path, "--vm=src0", "--status", "--json").stdout)["state"] == "paused"
+    assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
     p.assert_source_finishes_alone()
 
 

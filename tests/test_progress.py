@@ -317,7 +317,7 @@ def test_migrate_status_after_migrate_cancel_says_how_far_it_got(tmp_path):
             assert ctl.poll() is None, ctl.communicate()
             time.sleep(0.1)
         cancelled = vmmctl(tmp_path, "--vm=src0", "--migrate-cancel", "--json")
-        assert json.loads(cancelled.stdout) == {"cancelled": True, "status": "cancelled"}, cancelled.stderr
+        assert json.loads(cancelled.stdout) == {"cancelled": True, "status": "cancelled", "state": "running"}, cancelled.stderr
         ctl.communicate(timeout=60)
         record = json.loads(vmmctl(tmp_path, "--vm=src0", "--migrate-status", "--json").stdout)
         assert record["status"] == "cancelled" and record["stopped_in"] == "round 0" and record["round_count"] == 0

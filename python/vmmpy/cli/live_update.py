@@ -14,7 +14,8 @@ that keeps the guest, its memory, its control socket name and its console.
    this process has let it go, so vmmctl reaches it by the same name; it appends to the same
    console files.
 
-Any failure before the confirmation leaves the guest running here and the successor is killed.
+Any failure before the confirmation leaves the guest here as it was (running, or paused) and the
+successor is killed.
 The successor is a new process (a new PID), not an exec of this one.
 """
 
@@ -31,7 +32,7 @@ from typing import Any
 
 from ..runtime.commands import MachineCommands
 from ..runtime.config import VmConfig
-from ..runtime.control import ControlError, run_dir
+from ..runtime.control import ControlError, guest_stays_here, run_dir
 from ..runtime.process import Machine
 
 #: How long the successor may take to start and listen, and to claim the name afterwards.
@@ -73,16 +74,20 @@ def install(machine: Machine, commands: MachineCommands, args: argparse.Namespac
                                         "this guest's is anonymous: start it with --memory-backing memfd (-o memory.backing=memfd)")
         config = machine.config
         sock = (args.run_dir or run_dir()) / f"{config.name}.update-{os.getpid()}.mig"
+
+        def stays() -> str:  # running, or paused as it was before the update
+            return guest_stays_here(machine.status()["state"])
+
         child = subprocess.Popen(successor_argv(args, config, sock, exe))
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not sock.exists():
                 if child.poll() is not None:
                     raise OSError(errno.ECHILD, f"the new vmmrun exited {child.returncode} before it listened on "
-                                                f"unix:{sock} (its error is on this vmmrun's stderr); the guest keeps running here")
+                                                f"unix:{sock} (its error is on this vmmrun's stderr); {stays()}")
                 if time.monotonic() > deadline:
                     raise OSError(errno.ETIMEDOUT, f"the new vmmrun did not listen on unix:{sock} within "
-                                                   f"{START_TIMEOUT_S:g} s; the guest keeps running here")
+                                                   f"{START_TIMEOUT_S:g} s; {stays()}")
                 time.sleep(0.01)
             result = commands.migrate({"host": f"unix:{sock}", "port": 0, "live": False, "params": {}}, progress)
         except BaseException:

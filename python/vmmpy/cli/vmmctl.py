@@ -57,7 +57,8 @@ examples:
   vmmctl --vm=vm0 --migrate-local unix:/run/vm0.mig   hand the guest to `vmmrun -R unix:/run/vm0.mig ...` on
                                          this host: its memfd memory is passed, not copied
   vmmctl --vm=vm0 --migrate-status       statistics of the running (or last) migration
-  vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest stays here as it was (running, or paused)
+  vmmctl --vm=vm0 --migrate-cancel       cancel it; the guest stays here as it was (running, or paused),
+                                         and vmmctl says which (exit 1 if it had already left)
   vmmctl --vm=vm0 --migrate-resolve      a migration in doubt (exit 3): ask the other side again and settle it
   vmmctl --vm=vm0 --migrate-resolve=run-here --force    the other side is gone: run the guest here (see docs)
   vmmctl --report mig.png --from-json stats.json    draw a report from saved `--json` output
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace this guest's vmmrun by a new one with the same options (--exec PATH: another "
                               "vmmrun build) that keeps the guest, its memory (memfd-backed), its name and its console")
     actions.add_argument("--migrate-status", action="store_true", help="statistics of the running or last migration")
-    actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here")
+    actions.add_argument("--migrate-cancel", action="store_true", help="cancel the running migration; the guest stays here, running or paused as it was, and "
+                              "vmmctl says which (exit 1 if the migration had completed first)")
     actions.add_argument("--migrate-postcopy", action="store_true",
                          help="a live migration started with --postcopy manual: switch to post-copy after the round running now")
     actions.add_argument("--migrate-recover", nargs="+", metavar="HOST [PORT]",
@@ -644,15 +646,20 @@ def _cancel_on_interrupt(client: ControlClient) -> int:
             print(f"vmmctl: no migration was started; {_stays_here(canceller)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         answer = {"status": status}
-    if answer["status"] == "cancelled":
-        print(f"vmmctl: migration cancelled; {_stays_here(canceller)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
     if answer["status"] == "completed":
         print("vmmctl: interrupted too late: the migration had completed; the guest runs on the destination", file=sys.stderr)
         return 0
-    print(f"vmmctl: migration {answer['status']} before the cancel; {_stays_here(canceller)} (--migrate-status says why)",
-          file=sys.stderr)
-    return 1
+    print(f"vmmctl: {_cancel_outcome(answer['status'], _stays_here(canceller))}", file=sys.stderr)
+    return EXIT_INTERRUPTED if answer["status"] == "cancelled" else 1
+
+
+def _cancel_outcome(status: str, stays: str) -> str:
+    """How a cancel ended, from the migration's status after it and where the guest is."""
+    if status == "cancelled":
+        return f"migration cancelled; {stays}"
+    if status == "completed":
+        return "the migration had completed before the cancel: the guest runs on the destination"
+    return f"migration {status} before the cancel; {stays} (--migrate-status says why)"
 
 
 def _stdout_is_closed() -> bool:
@@ -805,7 +812,16 @@ def _main(argv: list[str] | None = None) -> int:
             if args.report:
                 _write_report(result, args.report)
         elif args.migrate_cancel:
-            _print(client.request("migrate-cancel"), args.json)
+            result = client.request("migrate-cancel")
+            said = _cancel_outcome(result["status"], guest_stays_here(result.get("state")))
+            if args.json:
+                _print(result, True)
+            elif result["status"] != "completed":
+                print(said)
+            if result["status"] == "completed":  # too late: the guest left
+                if not args.json:
+                    print(f"vmmctl: {said}", file=sys.stderr)
+                return 1
         elif args.migrate_postcopy:
             result = client.request("migrate-postcopy")
             _print(result, True) if args.json else print("switching to post-copy after the round running now")

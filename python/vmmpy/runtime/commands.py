@@ -475,7 +475,9 @@ class MachineCommands:
                                        "memory still here, so it cannot be cancelled; it ends once every page is there")
         handle.cancel()
         stats = handle.wait(60)
-        return {"cancelled": stats.status == "cancelled", "status": stats.status}
+        # The guest's state after it: where a cancelled (or failed) migration left it, in words
+        # its operator acts on (running, or paused as it was before the migration).
+        return {"cancelled": stats.status == "cancelled", "status": stats.status, "state": self.machine.status()["state"]}
 
     # -- estimate: predict without migrating
     PROBE_SECONDS = 0.3
