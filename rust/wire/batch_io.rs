@@ -644,6 +644,17 @@ impl SlotBase {
     }
 }
 
+/// Sets its flag when dropped by a panicking thread.
+struct StopOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// [`install_data_pages`] as a pipeline: this thread reads each of `slots` (windows of at most
 /// `SLOT_PAGES` pages) into a free staging slot and hands it over; [`pipeline_installers`] scoped
 /// threads take the full slots in turn, each installing, hashing and counting one
@@ -679,6 +690,8 @@ fn install_pipelined(
         for _ in 0..pipeline_installers() {
             let free_tx = free_tx.clone();
             let work = move || -> Result<u64, PageError> {
+                // A panicking installer stops the others too (join then re-raises its panic).
+                let _stop_on_panic = StopOnPanic(failed);
                 let mut counted = 0;
                 loop {
                     // Held while waiting: the other installers wait for the lock instead.
