@@ -20,6 +20,9 @@
 //! and may count as dirty with the kernel backend: the destination of a failed transfer is thrown
 //! away, so that is harmless, and nothing at all is written before the header and table check out.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
 use super::batch::{
     decode_header, decode_table, encode_batch, validate_ranges, BatchHeader, PageRange, RangeKind, BATCH_FLAG_LZ4, BATCH_HEADER_SIZE,
     MAX_RANGES, RANGE_ENTRY_SIZE,
@@ -32,8 +35,6 @@ use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 /// What one batch moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
