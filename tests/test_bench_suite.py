@@ -8,7 +8,7 @@ import pytest
 
 from tools.bench import limits
 from tools.bench.images import FILL_START, fill_random
-from tools.bench.run import select
+from tools.bench.run import cpu_times, select, settle, settle_text
 from tools.bench.scenarios import SCENARIOS
 from tools.bench.stats import Figure, Row
 from vmmpy import GuestMemory
@@ -24,6 +24,49 @@ def test_figure_reports_median_min_max():
     assert Figure([42.0], "ms").text() == "42.0 ms"
     row = Row("x", "what", fig).to_dict()
     assert row["figure"]["runs"] == [3.0, 1.0, 2.0, 10.0] and row["limit"] is None
+
+
+class FakeHost:
+    """A clock, a sleep and /proc/stat samples for ``settle``: each second, ``shares`` says how
+    busy the CPUs were (the last share repeats)."""
+
+    def __init__(self, shares):
+        self.shares, self.now, self.busy, self.total = list(shares), 0.0, 0, 0
+
+    def sample(self):
+        return self.busy, self.total
+
+    def sleep(self, seconds):
+        share = self.shares.pop(0) if len(self.shares) > 1 else self.shares[0]
+        self.now += seconds
+        self.busy += round(200 * share)
+        self.total += 200  # two CPUs, 100 jiffies each a second
+
+    def clock(self):
+        return self.now
+
+
+@pytest.mark.parametrize("shares, waited, settled, last", [
+    ([0.02], 2.0, True, 0.02),                   # quiet at once: two quiet seconds
+    ([0.6, 0.5, 0.05, 0.3, 0.04, 0.03], 6.0, True, 0.03),  # a busy second restarts the count
+    ([0.9], 10.0, False, 0.9),                   # never quiet: gives up at the limit, and says so
+])
+def test_the_bench_waits_for_two_quiet_seconds_in_a_row_at_most_its_limit(shares, waited, settled, last):
+    host = FakeHost(shares)
+    got = settle(10.0, sample=host.sample, sleep=host.sleep, clock=host.clock)
+    assert got == {"waited_s": waited, "busy_share": last, "settled": settled}
+    text = settle_text({"settle": got})
+    assert text == (f"; quiet after {waited:g} s" if settled else "; NOT QUIET: still 90% busy after waiting 10 s")
+
+
+def test_the_bench_need_not_wait_and_reads_real_cpu_times():
+    host = FakeHost([0.9])
+    got = settle(0, sample=host.sample, sleep=host.sleep, clock=host.clock)
+    assert got == {"waited_s": 0.0, "busy_share": None, "settled": True} and host.now == 0.0
+    assert settle_text({"settle": got}) == "; not waited for quiet (--settle 0)"
+    assert settle_text({}) == ""  # reports from before the wait
+    busy, total = cpu_times()
+    assert 0 < busy < total
 
 
 def test_select_by_name_prefix_and_glob_and_quick():

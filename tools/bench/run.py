@@ -5,8 +5,11 @@ measured in the same run with the ratio to it (only where Debian's qemu-system-x
 ``tools/bench/qemu.py``), and issue 8's target.
 
     .venv/bin/python -m tools.bench [--quick] [--json] [--only NAME[,NAME]] [--runs N] [--budget S] [--no-qemu] [--busy]
+                                    [--settle S]
 
-With ``--busy`` a CPU-bound neighbour (a process spinning, pinned to the last CPU) runs for the
+A run first waits, for at most ``--settle`` seconds, until the CPUs are quiet, so it does not
+start beside the tail of the work before it; the report says how long that took, or that the
+machine never settled. With ``--busy`` a CPU-bound neighbour (a process spinning, pinned to the last CPU) runs for the
 whole run, as on a host that does other work; the report records the load average before the run
 and after each scenario either way.
 """
@@ -125,6 +128,53 @@ def select(names: str | None, quick: bool) -> list[str]:
     return chosen
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat's first line (idle and
+    iowait count as not busy)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])  # guest time is already inside user and nice
+    return total - idle, total
+
+
+#: What "quiet" means before a run: under this share of every CPU busy over a second, twice in a row.
+QUIET_SHARE = 0.10
+
+
+def settle(limit: float, sample=cpu_times, sleep=time.sleep, clock=time.monotonic) -> dict:
+    """Wait until the machine is quiet (two 1-second samples in a row with under
+    ``QUIET_SHARE`` of all CPUs busy), for at most ``limit`` seconds, so a run does not start
+    beside the tail of the last one (a load average takes minutes to forget it). Returns what the
+    report records: the seconds waited, the busy share of the last second, and whether it settled."""
+    started = clock()
+    quiet_in_a_row, share = 0, None
+    before = sample()
+    while limit > 0:
+        sleep(1.0)
+        now = sample()
+        spent = now[1] - before[1]
+        share = (now[0] - before[0]) / spent if spent > 0 else 0.0
+        before = now
+        quiet_in_a_row = quiet_in_a_row + 1 if share < QUIET_SHARE else 0
+        if quiet_in_a_row >= 2:
+            return {"waited_s": round(clock() - started, 1), "busy_share": round(share, 3), "settled": True}
+        if clock() - started >= limit:
+            break
+    return {"waited_s": round(clock() - started, 1), "busy_share": None if share is None else round(share, 3), "settled": limit <= 0}
+
+
+def settle_text(report: dict) -> str:
+    s = report.get("settle")
+    if not s:
+        return ""
+    if s["busy_share"] is None:
+        return "; not waited for quiet (--settle 0)"
+    if s["settled"]:
+        return f"; quiet after {s['waited_s']:g} s"
+    return f"; NOT QUIET: still {s['busy_share']:.0%} busy after waiting {s['waited_s']:g} s"
+
+
 def machine_info() -> dict:
     cpu = ""
     try:
@@ -177,7 +227,8 @@ def print_table(report: dict, rows: list[Row]) -> None:
     m = report["machine"]
     with_qemu = qemu_measured(rows)  # else the header line says why, once, and the columns are left out
     print(f"vmmpy bench  {report['date']}  {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, "
-          f"load {m['load_average'][0]:.2f}{load_during(report)}; {report['runs']} runs per figure; QEMU: {report['qemu']}"
+          f"load {m['load_average'][0]:.2f}{load_during(report)}{settle_text(report)}; {report['runs']} runs per figure; "
+          f"QEMU: {report['qemu']}"
           + ("" if with_qemu else "; no QEMU column"))
     if report.get("busy"):
         print(f"BUSY: {report['busy']}")
@@ -221,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     ap.add_argument("--show", metavar="FILE", help="print the table of a report saved with --json, and exit")
     ap.add_argument("--no-qemu", action="store_true", help="do not measure QEMU even where qemu-system-x86_64 is on PATH")
+    ap.add_argument("--settle", type=float, default=120.0, metavar="SECONDS",
+                    help="before anything is measured, wait until the CPUs are quiet (under 10%% busy for two seconds "
+                         "in a row), for at most this long (default 120; 0: do not wait); the report says how it went")
     ap.add_argument("--busy", action="store_true",
                     help="run a CPU-bound neighbour on one core for the whole run (a busy host); targets against QEMU "
                          "are then judged at 0.9 of themselves")
@@ -239,13 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[2]
     disk = args.disk or str(root / ".bench")
     os.makedirs(disk, exist_ok=True)
+    if args.settle > 0:
+        print(f"bench: waiting for the machine to be quiet (at most {args.settle:g} s) ...", file=sys.stderr, flush=True)
+    settled = settle(args.settle)
+    if args.settle > 0 and not settled["settled"]:
+        print(f"bench: the machine is still {settled['busy_share']:.0%} busy after {settled['waited_s']:g} s; "
+              "running anyway (the report says so)", file=sys.stderr, flush=True)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="vmmpy-bench-"))
     ctx = Context(work=work, shm=args.tmpfs, disk=disk, runs=runs, quick=args.quick, deadline=started + args.budget, busy=args.busy)
     binary = None if args.no_qemu else qemu.find_binary()
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
               "runs": runs, "qemu": qemu_status(binary, args.no_qemu), "scenarios": names,
-              "load": {"before": os.getloadavg(), "during": []}, "bytecode": compile_bytecode(Path(vmmpy.__file__).parent)}
+              "load": {"before": os.getloadavg(), "during": []}, "settle": settled,
+              "bytecode": compile_bytecode(Path(vmmpy.__file__).parent)}
     bench = qemu.QemuBench(binary, work, args.tmpfs, runs) if binary else None
     rows: list[Row] = []
     neighbour = None
