@@ -70,7 +70,12 @@ def test_the_bench_need_not_wait_and_reads_real_cpu_times():
 
 
 def test_select_by_name_prefix_and_glob_and_quick():
-    assert select("warm-1g", False)[0] == "warm-1g"
+    # A whole name picks that scenario alone, not every name it begins; a prefix or a glob picks many.
+    assert select("warm-1g", False) == ["warm-1g"]
+    assert select("warm-1g,warm-8g", False) == ["warm-1g", "warm-8g"]
+    assert select("warm-1g-", False) == [n for n in SCENARIOS if n.startswith("warm-1g-")]
+    assert len(select("warm-1g*", False)) > 1 and select("warm-1g*", False)[0] == "warm-1g"
+    assert set(select("compress", False)) == {n for n in SCENARIOS if n.startswith("compress")}
     assert "warm-4g" not in select(None, True) and "warm-4g" in select(None, False)
     assert set(select("live-*", False)) == {n for n in SCENARIOS if n.startswith("live-")}
     with pytest.raises(SystemExit, match="no scenario matches"):

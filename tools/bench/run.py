@@ -121,7 +121,9 @@ def select(names: str | None, quick: bool) -> list[str]:
         return [n for n, (_, in_quick) in SCENARIOS.items() if in_quick or not quick]
     chosen = []
     for pattern in names.split(","):
-        hits = [n for n in SCENARIOS if fnmatch.fnmatch(n, pattern) or n == pattern or n.startswith(pattern)]
+        # A scenario's own name picks it alone (``warm-1g`` is not also every ``warm-1g-*``);
+        # anything else picks every name it is a prefix or a glob of.
+        hits = [pattern] if pattern in SCENARIOS else [n for n in SCENARIOS if fnmatch.fnmatch(n, pattern) or n.startswith(pattern)]
         if not hits:
             raise SystemExit(f"bench: no scenario matches {pattern!r}; scenarios: {', '.join(SCENARIOS)}")
         chosen += [h for h in hits if h not in chosen]
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one run per figure, skip the 4 GiB migration and the 16 GiB restore")
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
-    ap.add_argument("--only", metavar="NAME[,NAME]", help=f"scenarios to run (names, prefixes or globs): {', '.join(SCENARIOS)}")
+    ap.add_argument("--only", metavar="NAME[,NAME]", help=f"scenarios to run: a name picks that scenario alone, a prefix or a glob every one it matches "
+                         f"(warm-1g-*): {', '.join(SCENARIOS)}")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, 1 with --quick)")
     ap.add_argument("--budget", type=float, default=900.0, metavar="SECONDS",
                     help="stop starting scenarios after this long (default 900); skipped ones are reported")
