@@ -385,7 +385,7 @@ pub fn recv_batch_tracked<'a>(
         mem,
         tracker,
         None,
-        Install { from: INSTALL_MIN, alone: true, window: install_window_pages(1) },
+        Install { from: INSTALL_MIN, alone: true, window: install_window_pages(1), installers: pipeline_installers() },
         |_| Ok(()),
     )
 }
@@ -405,6 +405,9 @@ pub(crate) struct Install {
     pub alone: bool,
     /// Pages a batch that is not pipelined installs at a time ([`install_window_pages`]).
     pub window: usize,
+    /// The threads a pipelined batch installs on ([`pipeline_installers`]). Like the window it
+    /// is chosen once a share, not per batch: the CPU count is read from cgroup files.
+    pub installers: usize,
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -441,7 +444,7 @@ pub(crate) fn recv_batch_admitted(
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
     let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
-    let (alone, window) = (install.alone, install.window);
+    let plan = install;
     let install = if begin { seg.begin_install() } else { seg.current_install() };
     let installer = install.as_ref().filter(|g| g.can_install());
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
@@ -454,7 +457,7 @@ pub(crate) fn recv_batch_admitted(
             tracker.hash_now(seg, &runs_of(RangeKind::Data, &ranges, &offsets), false)?;
         }
     } else {
-        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer, (alone, window))?;
+        windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer, plan)?;
     }
     drop(install);
     for (r, &off) in ranges.iter().zip(&offsets) {
@@ -478,9 +481,10 @@ pub(crate) fn recv_batch_admitted(
 /// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
 /// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
 /// returns the DATA pages counted so. With an `installer`, each window is read into a staging
-/// buffer (in the cache) and installed from there, `install_window` pages at a time; when `alone`
-/// (the round's only receiver) and the batch is big enough, in a pipeline ([`install_pipelined`]).
-/// `alone` also picks the window of reads into memory already there ([`Install::alone`]).
+/// buffer (in the cache) and installed from there, `plan.window` pages at a time; when
+/// `plan.alone` (the round's only receiver) and the batch is big enough, in a pipeline
+/// ([`install_pipelined`]) on `plan.installers` threads. `plan.alone` also picks the window of
+/// reads into memory already there ([`Install::alone`]).
 #[allow(clippy::too_many_arguments)]
 fn read_data_pages(
     link: Link<'_>,
@@ -491,27 +495,30 @@ fn read_data_pages(
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
     installer: Option<&InstallGuard<'_>>,
-    (alone, install_window): (bool, usize),
+    plan: Install,
 ) -> Result<u64, PageError> {
     if let Some(installer) = installer {
         return STAGING.with(|cell| {
             let mut staging = cell.borrow_mut();
             // Not over TLS: there the receiving thread opens every record and the sender seals
             // them, which keeps both CPUs busy already (a third busy thread cost a sixth, A/B).
-            if alone && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
+            if plan.alone && matches!(link, Link::Fd(_)) && header.payload_len >= PIPELINE_MIN {
                 let slots = data_windows(ranges, offsets, SLOT_PAGES);
                 staging_at_least(&mut staging, PIPELINE_STAGING_PAGES);
-                if let Some(done) = install_pipelined(link, seg, slots, header.payload_len, (tracker, meter), installer, &mut staging) {
+                let watch = (tracker, meter);
+                if let Some(done) =
+                    install_pipelined(link, seg, slots, header.payload_len, watch, (installer, plan.installers), &mut staging)
+                {
                     return done;
                 }
             }
-            staging_at_least(&mut staging, install_window);
-            let windows = data_windows(ranges, offsets, install_window);
+            staging_at_least(&mut staging, plan.window);
+            let windows = data_windows(ranges, offsets, plan.window);
             install_data_pages(link, seg, windows, header.payload_len, (tracker, meter), installer, &mut staging)
         });
     }
     // Read and hashed a receive window at a time (fewer, larger reads than the sender's writes).
-    let window = if alone { RECV_WINDOW_PAGES } else { SHARED_RECV_WINDOW_PAGES };
+    let window = if plan.alone { RECV_WINDOW_PAGES } else { SHARED_RECV_WINDOW_PAGES };
     let windows = windows(ranges, offsets, (tracker, meter), window);
     let mut counted = 0u64;
     // First touch of fresh anonymous memory costs as much as receiving into it on some hosts: a
@@ -657,8 +664,8 @@ impl Drop for StopOnPanic<'_> {
 }
 
 /// [`install_data_pages`] as a pipeline: this thread reads each of `slots` (windows of at most
-/// `SLOT_PAGES` pages) into a free staging slot and hands it over; [`pipeline_installers`] scoped
-/// threads take the full slots in turn, each installing, hashing and counting one
+/// `SLOT_PAGES` pages) into a free staging slot and hands it over; `installers` scoped threads
+/// (at least one) take the full slots in turn, each installing, hashing and counting one
 /// (`install_window`) and handing it back, so windows may be put in place out of order (each
 /// window's pages are its own, and the tracker and meter take them in any order). Whichever side
 /// fails first stops the others. What the stream did (an error, or its end inside the page data)
@@ -671,7 +678,7 @@ fn install_pipelined(
     slots: Vec<Vec<(usize, usize)>>,
     payload_len: u64,
     watch: (Option<&DigestTracker>, Option<&Meter>),
-    installer: &InstallGuard<'_>,
+    (installer, installers): (&InstallGuard<'_>, usize),
     staging: &mut [Page],
 ) -> Option<Result<u64, PageError>> {
     debug_assert!(staging.len() >= PIPELINE_STAGING_PAGES);
@@ -688,7 +695,7 @@ fn install_pipelined(
     let (full_rx, failed) = (&full_rx, &failed);
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
-        for _ in 0..pipeline_installers() {
+        for _ in 0..installers.max(1) {
             let free_tx = free_tx.clone();
             let work = move || -> Result<u64, PageError> {
                 // A panicking installer stops the others too (join then re-raises its panic).

@@ -22,7 +22,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::batch::PageRange;
-use super::batch_io::{install_window_pages, recv_batch_admitted, send_batch_metered, BatchTotals, Install, INSTALL_MIN};
+use super::batch_io::{
+    install_window_pages, pipeline_installers, recv_batch_admitted, send_batch_metered, BatchTotals, Install, INSTALL_MIN,
+};
 use super::compress::{CompressMode, Compressor};
 use super::fdio::Link;
 use crate::digest::DigestTracker;
@@ -203,11 +205,13 @@ pub fn recv_share<'a>(
     // A round's batches install into one registration (`memory::install`), begun by the first big
     // batch and ended with the share, before the guest can run.
     let _holds: Vec<_> = mem.segments().iter().filter_map(|seg| seg.hold_install()).collect();
-    let window = install_window_pages(streams); // asks the kernel for the CPUs: once a share
+    // Both ask the kernel for the CPUs: once a share, not per batch.
+    let window = install_window_pages(streams);
+    let installers = if streams <= 1 { pipeline_installers() } else { 1 }; // only a lone stream pipelines
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let install = Install { from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes), alone: streams <= 1, window };
+        let install = Install { from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes), alone: streams <= 1, window, installers };
         let stats = recv_batch_admitted(link, mem, tracker, meter, install, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);
