@@ -45,6 +45,17 @@ class DestinationThread:
         return self.stats
 
 
+def host_offers_huge_pages() -> bool:
+    """Whether this host gives transparent huge pages to memory that asks for them (then an
+    unwired destination reads whole 2 MiB regions of page data onto them; docs/memory.md)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            enabled = f.read()
+    except OSError:
+        return False
+    return "[always]" in enabled or "[madvise]" in enabled
+
+
 def migrated_memory_differences(src, dst) -> list[str]:
     """The pages where the destination's memory when it started differs from the source's at
     the pause, compared byte for byte without vmmpy's digests (``tests/memory_image.py``). After

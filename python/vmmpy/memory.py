@@ -507,6 +507,12 @@ class GuestMemory:
         UFFDIO_COPY, on unwired anonymous memory; docs/memory.md), over every segment."""
         return sum(seg.installed_pages() for seg in self.core.segments)
 
+    def huge_pages(self) -> int:
+        """Pages received into whole 2 MiB regions advised for transparent huge pages, read
+        straight into place (unwired anonymous memory where the host offers huge pages;
+        docs/memory.md), over every segment."""
+        return sum(seg.huge_pages() for seg in self.core.segments)
+
     def mapped_pages(self) -> int:
         """Pages this process has mapped, over every segment (/proc/self/pagemap): what has been
         touched or, for lazily restored memory, loaded."""

@@ -481,12 +481,19 @@ impl Drop for GuestMemory {
 }
 
 /// One kernel dirty log per segment, all on one userfaultfd; or why the kernel backend cannot be had.
+/// A registered segment receives pages on small ones: the kernel gives no transparent huge page
+/// to a range registered for write-protection (measured: none at all), so advising would only
+/// cost.
 fn kernel_logs(segments: &[Segment]) -> Result<Vec<KernelLog>, String> {
     let tracker = Arc::new(KernelTracker::open().map_err(|e| e.0)?);
-    segments
+    let logs = segments
         .iter()
         .map(|seg| KernelLog::register(tracker.clone(), seg.as_ptr(), seg.size()).map_err(|e| format!("segment '{}': {}", seg.name(), e.0)))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    for seg in segments {
+        seg.set_receives_huge(false);
+    }
+    Ok(logs)
 }
 
 fn tracker_failed(e: DirtyLogError) -> MemoryError {

@@ -27,6 +27,19 @@ use super::install::Installer;
 use super::lazy::LazyImage;
 use crate::dirty::{AtomicBitmap, DirtyLog};
 
+/// A transparent huge page on x86_64 and aarch64 with 4 KiB pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Whether the host gives transparent huge pages to memory that asks (`enabled` is `always` or
+/// `madvise`), read once.
+fn thp_offered() -> bool {
+    static OFFERED: OnceLock<bool> = OnceLock::new();
+    *OFFERED.get_or_init(|| {
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
+    })
+}
+
 /// What backs a segment's pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
@@ -93,6 +106,10 @@ pub struct Segment {
     install: Mutex<InstallState>,
     /// Pages installed fresh so far, over every installation.
     installed: AtomicU64,
+    /// Whether received page data is put on transparent huge pages ([`Segment::receives_huge`]).
+    huge_receive: AtomicBool,
+    /// DATA pages received into 2 MiB regions advised for huge pages, over the segment's life.
+    huge_received: AtomicU64,
 }
 
 /// A segment's page installation: how many guards hold it, the registration while any does,
@@ -266,9 +283,12 @@ impl Segment {
         }
         let base = NonNull::new(ptr as *mut u8).expect("mmap returned NULL without MAP_FIXED");
         // Dirty tracking is per 4 KiB page; a transparent huge page would be tracked as 512 pages
-        // at once by the kernel backend, so keep guest RAM on small pages. Advisory: ignore errors.
+        // at once by the kernel backend, so keep guest RAM on small pages, but where a restore or
+        // a received batch fills whole 2 MiB regions (`advise_huge`, `receives_huge`). Advisory:
+        // ignore errors.
         // SAFETY: the range is the mapping we just created.
         unsafe { libc::madvise(ptr, size, libc::MADV_NOHUGEPAGE) };
+        let huge_receive = !spec.wired && memfd.is_none() && !spec.lazy && thp_offered();
         let segment = Segment {
             name: spec.name.clone(),
             gpa: spec.gpa,
@@ -284,6 +304,8 @@ impl Segment {
             protection: OnceLock::new(),
             install: Mutex::new(InstallState::default()),
             installed: AtomicU64::new(0),
+            huge_receive: AtomicBool::new(huge_receive),
+            huge_received: AtomicU64::new(0),
         };
         if spec.wired {
             // mlock populates every page and pins it, as bhyve's -S wires guest memory.
@@ -478,28 +500,91 @@ impl Segment {
         self.ensure(0, self.size)
     }
 
+    /// The 2 MiB-aligned part of `off..off+len` (addresses in the mapping), if any: where a
+    /// transparent huge page can back bytes all of which lie in the range.
+    fn huge_span(&self, off: usize, len: usize) -> Option<(usize, usize)> {
+        if off.checked_add(len).is_none_or(|end| end > self.size) {
+            return None;
+        }
+        let start = self.base.as_ptr() as usize + off;
+        let (first, end) = (start.next_multiple_of(HUGE_PAGE), (start + len) / HUGE_PAGE * HUGE_PAGE);
+        (first < end).then_some((first, end))
+    }
+
+    /// How many bytes of `off..off+len` lie in whole 2 MiB regions of the mapping that are still
+    /// fresh: what [`Segment::advise_huge`] would put on huge pages. None where the first of
+    /// those regions has a page already (a later round over memory that is there: advising could
+    /// not change how it is backed).
+    pub fn huge_bytes(&self, off: usize, len: usize) -> usize {
+        let Some((first, end)) = self.huge_span(off, len) else { return 0 };
+        let mut there = 0u8;
+        // SAFETY: `first` is a page of our mapping (huge_span); mincore writes one byte.
+        let known = unsafe { libc::mincore(first as *mut libc::c_void, PAGE_SIZE, &mut there) } == 0;
+        if known && there & 1 != 0 {
+            return 0;
+        }
+        end - first
+    }
+
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller
-    /// about to fill every byte of that range (a restored file extent): one fault and one clear
-    /// per 2 MiB instead of 512 of each. Only ranges filled whole, so a sparse guest never grows
-    /// by a huge page it did not fill. Advisory and anonymous memory only (THP may be off, or
-    /// `madvise` as Debian ships it); errors are ignored.
+    /// about to fill every byte of that range (a restored file extent, a received run of pages):
+    /// one fault and one clear per 2 MiB instead of 512 of each. Only ranges filled whole, so a
+    /// sparse guest never grows by a huge page it did not fill. Advisory and anonymous memory
+    /// only (THP may be off, or `madvise` as Debian ships it); errors are ignored.
     ///
     /// Measured on this VM: an eager 1 GiB restore from tmpfs went from 0.55 s to 0.15 s of
     /// system time when the memory had been used before, but took longer on memory the
     /// hypervisor had never backed (a first huge-page touch there costs more than 512 small
-    /// ones). Receiving a migration showed no difference either way, so it does not ask.
+    /// ones). For a received migration see [`Segment::receives_huge`].
     pub fn advise_huge(&self, off: usize, len: usize) {
-        const HUGE_PAGE: usize = 2 << 20;
-        if self.wired || off.checked_add(len).is_none_or(|end| end > self.size) {
+        if self.wired {
             return;
         }
-        let start = self.base.as_ptr() as usize + off;
-        let (first, end) = (start.next_multiple_of(HUGE_PAGE), (start + len) / HUGE_PAGE * HUGE_PAGE);
-        if first < end {
-            // SAFETY: first..end lies inside off..off+len, inside our mapping (checked above);
-            // MADV_HUGEPAGE changes how pages are backed, never their bytes.
+        if let Some((first, end)) = self.huge_span(off, len) {
+            // SAFETY: first..end lies inside off..off+len, inside our mapping (checked by
+            // huge_span); MADV_HUGEPAGE changes how pages are backed, never their bytes.
             unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
         }
+    }
+
+    /// Undo [`Segment::advise_huge`] on the same range once it is filled: later first touches
+    /// there (the guest's) take small pages again, as everywhere else in guest RAM, and the huge
+    /// pages already in place stay. Advisory; errors are ignored.
+    pub fn advise_small(&self, off: usize, len: usize) {
+        if self.wired {
+            return;
+        }
+        if let Some((first, end)) = self.huge_span(off, len) {
+            // SAFETY: as in advise_huge; MADV_NOHUGEPAGE changes only how later faults are backed.
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_NOHUGEPAGE) };
+        }
+    }
+
+    /// Whether page data received into this segment (a migration's pages) goes onto transparent
+    /// huge pages where whole 2 MiB regions of it arrive together, read straight into place,
+    /// instead of being installed 4 KiB at a time with userfaultfd (`install.rs`). On by default
+    /// for unwired, private anonymous, eagerly mapped segments where the host offers huge pages
+    /// (`/sys/kernel/mm/transparent_hugepage/enabled` is not `never`). A/B in docs/memory.md.
+    pub fn receives_huge(&self) -> bool {
+        self.huge_receive.load(Ordering::Relaxed)
+    }
+
+    /// Choose [`Segment::receives_huge`] (tests pin either path; turning it on where the segment
+    /// cannot take huge pages is ignored).
+    pub fn set_receives_huge(&self, on: bool) {
+        let can = !self.wired && self.memfd.is_none() && self.lazy.get().is_none() && thp_offered();
+        self.huge_receive.store(on && can, Ordering::Relaxed);
+    }
+
+    /// DATA pages received into whole 2 MiB regions advised for huge pages, over the segment's
+    /// life (whether the kernel found a huge page for each is its own affair: see AnonHugePages).
+    pub fn huge_received_pages(&self) -> u64 {
+        self.huge_received.load(Ordering::Relaxed)
+    }
+
+    /// Count `pages` as received into huge-page regions.
+    pub(crate) fn count_huge_received(&self, pages: u64) {
+        self.huge_received.fetch_add(pages, Ordering::Relaxed);
     }
 
     /// How many pages this process has mapped in the segment (present or swapped PTEs, from

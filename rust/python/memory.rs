@@ -515,6 +515,26 @@ impl PySegment {
         self.seg.install_refused()
     }
 
+    /// How many received pages went into whole 2 MiB regions advised for transparent huge pages
+    /// (read straight into place; see `Segment::receives_huge`), over the segment's life.
+    fn huge_pages(&self) -> u64 {
+        self.seg.huge_received_pages()
+    }
+
+    /// Whether received pages go onto transparent huge pages where whole 2 MiB regions arrive
+    /// together (the default where the host offers them, for unwired anonymous memory), rather
+    /// than being installed with userfaultfd. Setting it chooses (True is ignored where the
+    /// segment cannot take huge pages).
+    #[getter]
+    fn receives_huge(&self) -> bool {
+        self.seg.receives_huge()
+    }
+
+    #[setter]
+    fn set_receives_huge(&self, on: bool) {
+        self.seg.set_receives_huge(on)
+    }
+
     /// How many pages this process has mapped in the segment (/proc/self/pagemap): what has been
     /// touched or, for lazily restored memory, loaded.
     fn mapped_pages(&self, py: Python<'_>) -> PyResult<usize> {

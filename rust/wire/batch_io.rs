@@ -390,6 +390,64 @@ pub fn recv_batch_tracked<'a>(
     )
 }
 
+/// Page data that pays for advising huge pages (two `madvise` calls, which split and merge the
+/// mapping, and the populating thread `read_data_pages` starts at the same size).
+const HUGE_MIN: u64 = POPULATE_AHEAD_MIN;
+
+/// A batch's DATA runs, merged where they touch, advised for transparent huge pages while the
+/// batch is read straight into them ([`Segment::receives_huge`]); advised back to small pages
+/// when dropped, whether or not the batch arrived whole.
+struct HugeReceive<'a> {
+    seg: &'a Segment,
+    runs: Vec<(usize, usize)>,
+    whole: usize,
+}
+
+impl<'a> HugeReceive<'a> {
+    /// Advise the batch's DATA runs when the segment takes huge pages, the batch carries at
+    /// least [`HUGE_MIN`] bytes of page data, and at least half of it fills whole 2 MiB regions
+    /// that are still fresh (only those are advised: a region is never put on a huge page unless
+    /// all of it arrives here, so a sparse guest does not grow, and a region with a ZERO page is
+    /// never advised; a run over memory already there, a later round's, is not either).
+    /// None otherwise, and while pages are being installed into the segment with userfaultfd (a
+    /// registered range sends every first touch to its handler, huge pages or not).
+    fn advise(seg: &'a Segment, ranges: &[PageRange], offsets: &[usize], data_bytes: u64) -> Option<Self> {
+        if data_bytes < HUGE_MIN || !seg.receives_huge() || seg.install_open().is_some() {
+            return None;
+        }
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (r, &off) in ranges.iter().zip(offsets).filter(|(r, _)| r.kind == RangeKind::Data) {
+            let len = r.bytes() as usize;
+            match runs.last_mut() {
+                Some((first, run)) if *first + *run == off => *run += len,
+                _ => runs.push((off, len)),
+            }
+        }
+        runs.retain(|&(off, len)| seg.huge_bytes(off, len) > 0);
+        let whole: usize = runs.iter().map(|&(off, len)| seg.huge_bytes(off, len)).sum();
+        if (whole as u64) * 2 < data_bytes {
+            return None;
+        }
+        for &(off, len) in &runs {
+            seg.advise_huge(off, len);
+        }
+        Some(HugeReceive { seg, runs, whole })
+    }
+
+    /// The pages of the whole regions advised.
+    fn pages(&self) -> u64 {
+        (self.whole / PAGE_SIZE) as u64
+    }
+}
+
+impl Drop for HugeReceive<'_> {
+    fn drop(&mut self) {
+        for &(off, len) in &self.runs {
+            self.seg.advise_small(off, len);
+        }
+    }
+}
+
 /// When a received batch installs its pages without zeroing (`memory::install`), and how.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Install {
@@ -445,7 +503,14 @@ pub(crate) fn recv_batch_admitted(
     ready_ranges(seg, &ranges, &offsets)?;
     let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
     let plan = install;
-    let install = if begin { seg.begin_install() } else { seg.current_install() };
+    let huge = if lz4 { None } else { HugeReceive::advise(seg, &ranges, &offsets, stats.data_bytes) };
+    let install = if huge.is_some() {
+        None
+    } else if begin {
+        seg.begin_install()
+    } else {
+        seg.current_install()
+    };
     let installer = install.as_ref().filter(|g| g.can_install());
     let mut windowed = 0; // DATA pages the meter has seen arrive window by window
     if lz4 {
@@ -460,6 +525,9 @@ pub(crate) fn recv_batch_admitted(
         windowed = read_data_pages(link, seg, &header, &ranges, &offsets, tracker, meter, installer, plan)?;
     }
     drop(install);
+    if let Some(huge) = huge {
+        seg.count_huge_received(huge.pages());
+    }
     for (r, &off) in ranges.iter().zip(&offsets) {
         if r.kind == RangeKind::Zero {
             zero_pages(seg, off, r.bytes() as usize)?;

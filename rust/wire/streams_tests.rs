@@ -4,7 +4,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::*;
-use crate::memory::{GuestAddress, GuestMemory, MemoryOptions};
+use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
 use crate::progress::Meter;
 use crate::wire::{build_ranges_from_bitmap, send_batch, split_batches, CompressMode, Compressor, PageRange};
 
@@ -160,6 +160,7 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
     for (streams, installers) in [(1, 1), (1, 2), (2, 1), (MAX_STREAMS, 1)] {
         let alone = streams == 1;
         let dst = guest(32 * MIB);
+        dst.segments()[0].set_receives_huge(false); // the installers, not huge pages (tested below)
         let tracker = DigestTracker::new(&dst).unwrap();
         let meter = Meter::new();
         let (a, b) = socketpair();
@@ -185,6 +186,103 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
         assert_eq!(meter.read().data_pages_done, data, "{case}");
         assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "{case}");
         assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "{case}");
+    }
+}
+
+/// The field lines (`AnonHugePages: ...`, `VmFlags: ...`) of every mapping in /proc/self/smaps
+/// that overlaps `start..start+len`.
+fn smaps_fields(start: usize, len: usize) -> Vec<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut inside, mut fields) = (false, Vec::new());
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-').filter(|(lo, _)| lo.chars().all(|c| c.is_ascii_hexdigit())) {
+            let (lo, hi) = (usize::from_str_radix(lo, 16).unwrap(), usize::from_str_radix(hi, 16).unwrap());
+            inside = lo < start + len && start < hi;
+        } else if inside {
+            fields.push(line.to_string());
+        }
+    }
+    fields
+}
+
+/// Bytes of `start..start+len` this process holds on transparent huge pages.
+fn anon_huge_bytes(start: usize, len: usize) -> u64 {
+    let kib = smaps_fields(start, len)
+        .iter()
+        .filter_map(|f| f.strip_prefix("AnonHugePages:"))
+        .map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap())
+        .sum::<u64>();
+    kib << 10
+}
+
+/// A stream's page data that fills whole 2 MiB regions goes onto transparent huge pages, read
+/// straight into place (no userfaultfd, no pipeline), as the lone stream of a round and as one
+/// of two: the destination ends with the source's bytes and its commit digest, every DATA page
+/// counted once by the meter; only regions a batch fills whole are advised (none holding the
+/// zero run, none split between two batches), so the destination holds exactly the pages that
+/// came; and afterwards no part of the mapping is left advised for huge pages (later first
+/// touches, the guest's, take small ones).
+#[test]
+fn whole_regions_of_received_pages_go_onto_huge_pages_and_end_exact() {
+    use crate::digest::{commit_digest, DigestTracker};
+    const REGION: usize = 512; // pages
+    let src = guest(32 * MIB);
+    let chunks = big_share(&src);
+    let data: u64 = chunks.iter().flatten().filter(|r| r.kind == crate::wire::RangeKind::Data).map(|r| r.pages as u64).sum();
+    // The regions each batch fills whole with DATA pages, counted from the batches themselves.
+    let mut whole_regions = 0;
+    for chunk in &chunks {
+        let mut pages = std::collections::BTreeSet::new();
+        for r in chunk.iter().filter(|r| r.kind == crate::wire::RangeKind::Data) {
+            pages.extend(r.gpa.0 as usize / PAGE_SIZE..r.gpa.0 as usize / PAGE_SIZE + r.pages as usize);
+        }
+        whole_regions +=
+            (0..32 * MIB as usize / PAGE_SIZE / REGION).filter(|k| (k * REGION..(k + 1) * REGION).all(|p| pages.contains(&p))).count();
+    }
+    assert!(whole_regions >= 8, "the share has whole regions to advise ({whole_regions})");
+    for streams in [1, 2] {
+        let dst = guest(32 * MIB);
+        let seg = &dst.segments()[0];
+        if !seg.receives_huge() {
+            eprintln!("skipped: this host offers no transparent huge pages (/sys/kernel/mm/transparent_hugepage/enabled)");
+            return;
+        }
+        let tracker = DigestTracker::new(&dst).unwrap();
+        let meter = Meter::new();
+        let (a, b) = socketpair();
+        let budget = PageBudget::new(seg.pages() as u64);
+        let (got, pipelined) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let got = recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, Some(&meter), streams);
+                (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
+            });
+            send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None).unwrap();
+            reader.join().unwrap()
+        });
+        let case = format!("streams: {streams}");
+        assert_eq!(got.unwrap().stats.data_pages, data, "{case}");
+        assert_eq!((pipelined, seg.installed_pages()), (0, 0), "read straight into place, not installed ({case})");
+        // Counted before anything reads the memory (a read of an untouched page maps one).
+        let resident = |seg: &crate::memory::Segment| seg.resident().unwrap().into_iter().filter(|&p| p).count() as u64;
+        assert_eq!(resident(seg), data, "exactly the pages that came are there ({case})");
+        let base = seg.as_ptr() as usize;
+        assert_eq!(
+            smaps_fields(base, seg.size()).iter().filter(|f| f.starts_with("VmFlags:") && f.contains(" hg")).count(),
+            0,
+            "advised back to small pages ({case})"
+        );
+        assert_eq!(meter.read().data_pages_done, data, "{case}");
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "{case}");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "{case}");
+        if base % (REGION * PAGE_SIZE) == 0 {
+            assert_eq!(seg.huge_received_pages(), (whole_regions * REGION) as u64, "{case}");
+        } else {
+            // The mapping's regions are not the guest's: fewer of them lie whole in a batch.
+            assert!(seg.huge_received_pages() % REGION as u64 == 0 && seg.huge_received_pages() <= data, "{case}");
+        }
+        let huge = anon_huge_bytes(base, seg.size());
+        assert!(huge > 0 && huge <= seg.huge_received_pages() * PAGE_SIZE as u64, "{huge} bytes on huge pages ({case})");
     }
 }
 
@@ -234,6 +332,7 @@ fn a_stream_cut_inside_a_pipelined_batch_is_truncated_and_stops() {
     let cut = table + (11 << 19);
     for installers in [1, 2] {
         let dst = guest(32 * MIB);
+        dst.segments()[0].set_receives_huge(false);
         let (a, b) = socketpair();
         let budget = PageBudget::new(dst.segments()[0].pages() as u64);
         let (got, pipelined) = std::thread::scope(|scope| {
@@ -282,6 +381,7 @@ fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader(
         GuestMemory::new(&opts).unwrap()
     };
     let (src, dst) = (layout(32 * MIB), layout(32 * MIB));
+    dst.segments()[1].set_receives_huge(false);
     let high = dst.segments()[1].gpa();
     src.write(high, &vec![7u8; 24 * MIB as usize]).unwrap();
     let seg = &src.segments()[1];

@@ -936,6 +936,7 @@ class _Receiver:
             throughput=wire / duration if duration > 0 else 0.0, dirty_rate=0.0, throttle=0.0, stream_bytes=stream_bytes,
             compressed_batches=compressed, saved_bytes=saved))
         self.stats.installed_pages = self.memory.installed_pages()
+        self.stats.huge_pages = self.memory.huge_pages()
         self.next_round += 1
         self._advance(P.MessageType.MEMORY_END)
         if not memory.flags & P.MemoryFlags.FINAL and self.version >= P.ROUND_DONE_VERSION:

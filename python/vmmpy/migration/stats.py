@@ -172,6 +172,7 @@ class MigrationStats:
     compression_saved_bytes: int = 0  # page bytes compression kept off the wire
     compress_attempts: int = 0  # source: batches compressed to see whether they shrink
     installed_pages: int = 0  # destination: pages put into fresh memory without zeroing it first (docs/memory.md)
+    huge_pages: int = 0  # destination: pages read straight into regions advised for transparent huge pages
     # rates
     dirty_rate: float = 0.0  # pages/s, last measured
     throughput: float = 0.0  # bytes/s, bandwidth estimate the convergence decision used last
