@@ -491,7 +491,7 @@ fn kernel_logs(segments: &[Segment]) -> Result<Vec<KernelLog>, String> {
         .map(|seg| KernelLog::register(tracker.clone(), seg.as_ptr(), seg.size()).map_err(|e| format!("segment '{}': {}", seg.name(), e.0)))
         .collect::<Result<Vec<_>, _>>()?;
     for seg in segments {
-        seg.set_receives_huge(false);
+        seg.bar_huge_receive();
     }
     Ok(logs)
 }

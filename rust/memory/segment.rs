@@ -108,6 +108,8 @@ pub struct Segment {
     installed: AtomicU64,
     /// Whether received page data is put on transparent huge pages ([`Segment::receives_huge`]).
     huge_receive: AtomicBool,
+    /// Set for good where the kernel would give none ([`Segment::bar_huge_receive`]).
+    huge_barred: AtomicBool,
     /// DATA pages received into 2 MiB regions advised for huge pages, over the segment's life.
     huge_received: AtomicU64,
 }
@@ -305,6 +307,7 @@ impl Segment {
             install: Mutex::new(InstallState::default()),
             installed: AtomicU64::new(0),
             huge_receive: AtomicBool::new(huge_receive),
+            huge_barred: AtomicBool::new(false),
             huge_received: AtomicU64::new(0),
         };
         if spec.wired {
@@ -572,8 +575,16 @@ impl Segment {
     /// Choose [`Segment::receives_huge`] (tests pin either path; turning it on where the segment
     /// cannot take huge pages is ignored).
     pub fn set_receives_huge(&self, on: bool) {
-        let can = !self.wired && self.memfd.is_none() && self.lazy.get().is_none() && thp_offered();
+        let can =
+            !self.wired && self.memfd.is_none() && self.lazy.get().is_none() && !self.huge_barred.load(Ordering::Relaxed) && thp_offered();
         self.huge_receive.store(on && can, Ordering::Relaxed);
+    }
+
+    /// Receive on small pages for good: the kernel gives no huge page to this mapping (the kernel
+    /// dirty backend has registered it for write-protection).
+    pub(crate) fn bar_huge_receive(&self) {
+        self.huge_barred.store(true, Ordering::Relaxed);
+        self.huge_receive.store(false, Ordering::Relaxed);
     }
 
     /// DATA pages received into whole 2 MiB regions advised for huge pages, over the segment's
