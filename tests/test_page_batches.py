@@ -459,6 +459,35 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
         assert tracker.digest() == src.commit_digest()
 
 
+def test_a_run_with_a_page_already_there_is_not_advised_for_huge_pages():
+    """A batch goes onto huge pages only over memory that is all still fresh: with one page of a
+    16 MiB run received in an earlier round, the whole run is written as before (installed),
+    none of it counted on huge pages, and the bytes end exact."""
+    from vmmpy.memory import PageBudget
+    from vmmpy.migration import protocol as P
+
+    def one_round(src, dst):
+        a, b = socket.socketpair()
+        with a, b:
+            thread = threading.Thread(target=lambda: (src.send_dirty_pages(a.fileno()), a.sendall(P.end_of_round_batch(0))))
+            thread.start()
+            got = dst.recv_share(b.fileno(), budget=PageBudget(64 * MiB // PAGE_SIZE), compressed=False)
+            thread.join(timeout=60)
+        return got
+
+    src = GuestMemory("64M")
+    dst = GuestMemory("64M", dirty_tracking="soft")
+    if not dst.core.segments[0].receives_huge:
+        pytest.skip("this host offers no transparent huge pages (/sys/kernel/mm/transparent_hugepage/enabled)")
+    fill_random(src, 5 * PAGE_SIZE, 1, seed=1)  # one page, inside the first 2 MiB region
+    assert one_round(src, dst)["data_pages"] == 1
+    fill_random(src, 0, 4096, seed=2)  # 16 MiB from 0: every region whole, the first one not fresh
+    assert one_round(src, dst)["data_pages"] == 4096
+    assert dst.huge_pages() == 0 and dst.installed_pages() > 0
+    np.testing.assert_array_equal(src.view("lowmem"), dst.view("lowmem"))
+    assert dst.commit_digest() == src.commit_digest()
+
+
 @pytest.mark.parametrize("streams", [0, 17, -1, 2**64, True, 2.0, "2"])
 def test_a_share_of_a_round_with_no_streams_or_too_many_is_refused(streams):
     from vmmpy.memory import PageBudget

@@ -515,15 +515,18 @@ impl Segment {
     }
 
     /// How many bytes of `off..off+len` lie in whole 2 MiB regions of the mapping that are still
-    /// fresh: what [`Segment::advise_huge`] would put on huge pages. None where the first of
-    /// those regions has a page already (a later round over memory that is there: advising could
-    /// not change how it is backed).
+    /// fresh: what [`Segment::advise_huge`] would put on huge pages. None where any page of
+    /// those regions is there already (a later round over memory that is there: advising could
+    /// not change how it is backed), or where mincore cannot say.
     pub fn huge_bytes(&self, off: usize, len: usize) -> usize {
         let Some((first, end)) = self.huge_span(off, len) else { return 0 };
-        let mut there = 0u8;
-        // SAFETY: `first` is a page of our mapping (huge_span); mincore writes one byte.
-        let known = unsafe { libc::mincore(first as *mut libc::c_void, PAGE_SIZE, &mut there) } == 0;
-        if known && there & 1 != 0 {
+        let mut there = vec![0u8; (end - first) / PAGE_SIZE];
+        // SAFETY: first..end is page-aligned inside our mapping (huge_span); mincore writes one
+        // byte per page into `there`, which has exactly that many.
+        if unsafe { libc::mincore(first as *mut libc::c_void, end - first, there.as_mut_ptr()) } != 0 {
+            return 0;
+        }
+        if there.iter().any(|b| b & 1 != 0) {
             return 0;
         }
         end - first

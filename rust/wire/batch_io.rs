@@ -408,7 +408,7 @@ impl<'a> HugeReceive<'a> {
     /// least [`HUGE_MIN`] bytes of page data, and at least half of it fills whole 2 MiB regions
     /// that are still fresh (only those are advised: a region is never put on a huge page unless
     /// all of it arrives here, so a sparse guest does not grow, and a region with a ZERO page is
-    /// never advised; a run over memory already there, a later round's, is not either).
+    /// never advised; a run with any page already there, a later round's, is not either).
     /// None otherwise, and while pages are being installed into the segment with userfaultfd (a
     /// registered range sends every first touch to its handler, huge pages or not).
     fn advise(seg: &'a Segment, ranges: &[PageRange], offsets: &[usize], data_bytes: u64) -> Option<Self> {
@@ -423,8 +423,12 @@ impl<'a> HugeReceive<'a> {
                 _ => runs.push((off, len)),
             }
         }
-        runs.retain(|&(off, len)| seg.huge_bytes(off, len) > 0);
-        let whole: usize = runs.iter().map(|&(off, len)| seg.huge_bytes(off, len)).sum();
+        let mut whole = 0;
+        runs.retain(|&(off, len)| {
+            let bytes = seg.huge_bytes(off, len);
+            whole += bytes;
+            bytes > 0
+        });
         if (whole as u64) * 2 < data_bytes {
             return None;
         }
