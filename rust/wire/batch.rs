@@ -86,11 +86,19 @@ impl PageRange {
 /// often, to hash what arrived while the rest streams, and one batch never pins more than that.
 pub const BATCH_DATA_PAGES: u32 = 4096;
 
+/// Guest memory is received onto 2 MiB huge pages only in regions one batch fills whole, so a
+/// batch that must split a DATA range splits it at a 2 MiB guest address where one lies inside
+/// what the batch takes.
+const REGION_PAGES: u32 = (2 << 20) / PAGE_SIZE as u32;
+
 /// Cut ascending `ranges` into batches of at most `MAX_RANGES` ranges and `max_data_pages` DATA
 /// pages each, splitting a DATA range where a batch fills up (ZERO ranges carry no data and only
-/// count against the range limit).
+/// count against the range limit). With room for at least two 2 MiB regions a batch, the split
+/// falls on a 2 MiB guest address when the part taken crosses one, so no region of the range is
+/// cut between two batches: a batch then carries up to a region less than `max_data_pages`.
 pub fn split_batches(ranges: &[PageRange], max_data_pages: u32) -> Vec<Vec<PageRange>> {
     let max_data_pages = max_data_pages.max(1);
+    let align = max_data_pages >= 2 * REGION_PAGES;
     let mut batches = Vec::new();
     let mut current: Vec<PageRange> = Vec::new();
     let mut data = 0u32;
@@ -105,12 +113,26 @@ pub fn split_batches(ranges: &[PageRange], max_data_pages: u32) -> Vec<Vec<PageR
                 current.push(r);
                 break;
             }
-            let take = r.pages.min(max_data_pages - data);
-            current.push(PageRange { gpa: r.gpa, pages: take, kind: RangeKind::Data });
-            data += take;
+            let mut take = r.pages.min(max_data_pages - data);
+            if align && take < r.pages {
+                // Back off to the last region boundary inside the part taken. At a boundary with
+                // other pages in the batch already, take none: the region starts the next batch.
+                let first = r.gpa.0 / PAGE_SIZE as u64;
+                let boundary = (first + take as u64) / REGION_PAGES as u64 * REGION_PAGES as u64;
+                if boundary > first || (boundary == first && data > 0) {
+                    take = (boundary - first) as u32;
+                }
+            }
+            if take > 0 {
+                current.push(PageRange { gpa: r.gpa, pages: take, kind: RangeKind::Data });
+            }
             if take == r.pages {
+                data += take;
                 break;
             }
+            // The batch is full, or ends at a region boundary: the rest goes on in the next one.
+            batches.push(std::mem::take(&mut current));
+            data = 0;
             r = PageRange { gpa: GuestAddress(r.gpa.0 + take as u64 * PAGE_SIZE as u64), pages: r.pages - take, kind: RangeKind::Data };
         }
     }

@@ -184,6 +184,35 @@ fn split_batches_bounds_ranges_and_data_and_loses_no_page() {
 }
 
 #[test]
+fn split_batches_cuts_a_data_range_only_at_2_mib_guest_addresses() {
+    let r = |page: u64, pages: u32, kind| PageRange { gpa: GuestAddress(page * 4096), pages, kind };
+    // The zero page at 3 would put every 4096-page cut mid-region; the range at 12800 starts on a
+    // region with 84 pages of room left, so it starts the next batch instead.
+    let ranges = [
+        r(0, 3, RangeKind::Data),
+        r(3, 1, RangeKind::Zero),
+        r(4, 10_000, RangeKind::Data),
+        r(10_240, 2200, RangeKind::Data),
+        r(12_800, 1000, RangeKind::Data),
+        r(20_000, 100, RangeKind::Data),
+    ];
+    let batches = split_batches(&ranges, 4096);
+    let flat: Vec<(u64, RangeKind)> =
+        batches.iter().flatten().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
+    let want: Vec<(u64, RangeKind)> = ranges.iter().flat_map(|x| (0..x.pages as u64).map(move |i| (x.gpa.0 / 4096 + i, x.kind))).collect();
+    assert_eq!(flat, want, "the same pages, in order, of the same kinds");
+    let starts: Vec<u64> = batches.iter().map(|b| b[0].gpa.0 / 4096).collect();
+    let data: Vec<u32> = batches.iter().map(|b| b.iter().filter(|x| x.kind == RangeKind::Data).map(|x| x.pages).sum()).collect();
+    assert_eq!(starts, vec![0, 4096, 8192, 12_800]);
+    assert_eq!(data, vec![4095, 4096, 1812 + 2200, 1000 + 100]);
+    for b in &batches[1..] {
+        assert_eq!(b[0].gpa.0 % (2 << 20), 0, "a split range resumes on a region: {:?}", b[0]);
+    }
+    // Below two regions a batch, cuts are where the data count says.
+    assert_eq!(split_batches(&[r(1, 1000, RangeKind::Data)], 600).iter().map(|b| b[0].pages).collect::<Vec<_>>(), vec![600, 400]);
+}
+
+#[test]
 fn round_trip_over_a_socketpair_is_bit_exact_and_leaves_pages_clean() {
     round_trip(TrackingChoice::Soft, false);
 }
