@@ -16,8 +16,10 @@ class DestinationThread:
     """A Destination on an ephemeral loopback port, receiving in a thread."""
 
     def __init__(self, adapter, *, host: str = "127.0.0.1", key: bytes | None = None, params: MigrationParams | None = None,
-                 cancel: threading.Event | None = None, accept_timeout: float = 30.0) -> None:
-        self.dest = Destination(adapter, host, 0, key=key, params=params, cancel=cancel)
+                 cancel: threading.Event | None = None, accept_timeout: float = 30.0, populate: bool = False) -> None:
+        # Not populated while waiting unless a test asks: a source connecting at once races the
+        # population, and the tests that check how pages arrived need one path each.
+        self.dest = Destination(adapter, host, 0, key=key, params=params, cancel=cancel, populate=populate)
         self.host, self.port = self.dest.address[:2]
         self.stats = None
         self.error: BaseException | None = None
@@ -73,11 +75,11 @@ def assert_migrated_memory_exact(src, dst) -> None:
 
 def migrate_pair(src, dst, *, live: bool, key: bytes | None = None, dst_key: bytes | None = None,
                  params: MigrationParams | None = None, dst_params: MigrationParams | None = None,
-                 check_memory: bool = True, **kwargs):
+                 check_memory: bool = True, dst_populate: bool = False, **kwargs):
     """Migrate FakeGuest ``src`` to ``dst``; returns both sides' statistics. When both say
     completed, every byte is checked too (``check_memory=False`` leaves that to the test), so a
     wrong page fails the test whatever the commit check let through."""
-    d = DestinationThread(dst, key=dst_key, params=dst_params or params)
+    d = DestinationThread(dst, key=dst_key, params=dst_params or params, populate=dst_populate)
     stats = migrate(src, d.host, d.port, live=live, key=key, params=params, **kwargs)
     if stats.status != "completed" and d.dest.state == "waiting":
         # The source failed before its SPEC was accepted: to the destination it was a stranger,

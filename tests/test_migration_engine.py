@@ -14,6 +14,7 @@ from vmmpy.units import GiB, MiB
 from .migration_guest import FakeGuest
 from .migration_helpers import (
     KEY,
+    DestinationThread,
     assert_migrated_memory_exact,
     host_offers_huge_pages,
     migrate_pair,
@@ -167,6 +168,38 @@ def test_a_destination_that_cannot_get_ready_before_the_commit_still_takes_the_g
     assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
     assert any("could not get the guest ready to run before the commit" in n for n in dstats.notes), dstats.notes
     assert_arrived_exact(src, dst, prepared=False)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+def test_a_destination_populates_its_memory_while_it_waits_and_the_guest_arrives_exact(guests, live):
+    """``vmmrun -R``'s default: the destination populates its memory while it waits, so every page
+    lands in memory that is there (none installed, none advised for huge pages); it stops once a
+    source's SPEC is accepted, its figures are in the record, the guest arrives exact, and the
+    pages that came as zero were given back (the destination is no bigger for it)."""
+    from vmmpy.migration import migrate
+
+    src = guests("64M", work_pages=2048)
+    dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(3000)
+    d = DestinationThread(dst, populate=True)
+    total = dst.memory.memsize // PAGE_SIZE
+    deadline = time.monotonic() + 20
+    while dst.memory.mapped_pages() < total and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert dst.memory.mapped_pages() == total, "the whole memory was populated while waiting"
+    params = MigrationParams(downtime_target_ms=50) if live else None
+    stats = migrate(src, d.host, d.port, live=live, params=params)
+    dstats = d.join()
+    assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
+    assert dstats.populate["bytes"] == dstats.populate["target_bytes"] == 64 * MiB, dstats.populate
+    assert not dstats.populate["stopped"] and dstats.populate["refused"] is None
+    assert dstats.populate["cpu_seconds"] > 0 and dstats.populate["seconds"] > 0
+    assert dstats.to_dict()["populate"] == dstats.populate
+    assert dstats.installed_pages == 0 and dstats.huge_pages == 0, "every page was there already"
+    # The work area (2048 pages) came with data, the rest as zero ranges that were given back; the
+    # destination's writer touches only its work area. (Asked before the checks read memory.)
+    assert dst.memory.mapped_pages() <= 2048 + 64
+    assert_arrived_exact(src, dst)
 
 
 @pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", bandwidth="capped")

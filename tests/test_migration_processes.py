@@ -30,7 +30,8 @@ def expected_console(sweeps, pages):
 
 
 def migrate_pair(tmp_path, *, live, sweeps, memory="32M", pause_at=None, dest_memory=None, ctl_extra=(), host="127.0.0.1",
-                 guest_extra=None, source_netns=None, dest_netns=None, dest_key=None, dest_console=None, resume_first=None):
+                 guest_extra=None, source_netns=None, dest_netns=None, dest_key=None, dest_console=None, resume_first=None,
+                 dest_extra=()):
     """Run a source and a destination vmmrun, migrate between them; returns what happened.
     ``resume_first`` (by default: a live migration of a guest paused at instruction 1) resumes
     the paused guest and starts migrating back to back, from this process."""
@@ -43,6 +44,7 @@ def migrate_pair(tmp_path, *, live, sweeps, memory="32M", pause_at=None, dest_me
     dst_args = ["-m", dest_memory or memory, "-l", f"com1,{dst_console}", "-R", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     if dest_key is not None:
         dst_args += ["--key-file", str(dest_key)]
+    dst_args += dest_extra
     src_cmd_prefix = ["ip", "netns", "exec", source_netns] if source_netns else []
     dst_cmd_prefix = ["ip", "netns", "exec", dest_netns] if dest_netns else []
     dest = start_vmmrun(tmp_path, *dst_args, "dst0", prefix=dst_cmd_prefix)
@@ -122,6 +124,33 @@ def test_warm_migration_at_several_points_finishes_exactly(tmp_path, pause_at):
     assert finish(dest) == 1
     pages = (32 * MiB - 2 * MiB) // 4096
     assert src_console.read_text() + dst_console.read_text() == expected_console(sweeps, pages)
+
+
+@pytest.mark.parametrize("populate", [True, False], ids=["populated", "no-populate"])
+def test_a_destination_populates_its_memory_while_it_waits_unless_told_not_to(tmp_path, populate):
+    """vmmrun -R populates the guest's memory while it waits (the source's start-up alone gives it
+    time for 32 MiB); --no-populate does not. Either way the guest arrives and runs on, and
+    --migrate-status says what was populated."""
+    result, source, dest, src_status, _, _ = migrate_pair(tmp_path, live=False, sweeps=0, pause_at=4_000_001,
+                                                          dest_extra=() if populate else ("--no-populate",))
+    try:
+        assert result.returncode == 0, result.stderr
+        assert src_status == 0
+        record = json.loads(vmmctl(tmp_path, "--vm=dst0", "--migrate-status", "--json").stdout)
+        assert record["status"] == "completed"
+        text = vmmctl(tmp_path, "--vm=dst0", "--migrate-status").stdout
+        if populate:
+            assert record["populate"]["bytes"] == record["populate"]["target_bytes"] == 32 * MiB, record["populate"]
+            assert record["installed_pages"] == record["huge_pages"] == 0, "every page was there when it came"
+            assert "populated 32 MiB of 32 MiB of guest memory while waiting" in text, text
+        else:
+            assert record["populate"] is None
+            assert record["installed_pages"] + record["huge_pages"] > 0, "pages went into fresh memory"
+            assert "populated" not in text
+        status = json.loads(vmmctl(tmp_path, "--vm=dst0", "--status", "--json").stdout)
+        assert status["state"] == "running"
+    finally:
+        stop(dest)
 
 
 @pytest.mark.covers(operation="migrate-live", guest="abtest", via="cli")

@@ -6,6 +6,7 @@ import re
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -459,22 +460,27 @@ def test_pages_received_into_fresh_memory_are_installed_without_zeroing_and_exac
         assert tracker.digest() == src.commit_digest()
 
 
+def plain_round(src: GuestMemory, dst: GuestMemory, *, all_pages: bool = False) -> dict:
+    """One uncompressed round of ``src``'s dirty pages (or all of them, as a migration's round 0
+    sends them) into ``dst`` over a socketpair."""
+    from vmmpy.memory import PageBudget
+    from vmmpy.migration import protocol as P
+
+    a, b = socket.socketpair()
+    with a, b:
+        send = src.send_all_pages if all_pages else src.send_dirty_pages
+        thread = threading.Thread(target=lambda: (send(a.fileno()), a.sendall(P.end_of_round_batch(0))))
+        thread.start()
+        got = dst.recv_share(b.fileno(), budget=PageBudget(dst.memsize // PAGE_SIZE), compressed=False)
+        thread.join(timeout=60)
+    return got
+
+
 def test_a_run_with_a_page_already_there_is_not_advised_for_huge_pages():
     """A batch goes onto huge pages only over memory that is all still fresh: with one page of a
     16 MiB run received in an earlier round, the whole run is written as before (installed),
     none of it counted on huge pages, and the bytes end exact."""
-    from vmmpy.memory import PageBudget
-    from vmmpy.migration import protocol as P
-
-    def one_round(src, dst):
-        a, b = socket.socketpair()
-        with a, b:
-            thread = threading.Thread(target=lambda: (src.send_dirty_pages(a.fileno()), a.sendall(P.end_of_round_batch(0))))
-            thread.start()
-            got = dst.recv_share(b.fileno(), budget=PageBudget(64 * MiB // PAGE_SIZE), compressed=False)
-            thread.join(timeout=60)
-        return got
-
+    one_round = plain_round
     src = GuestMemory("64M")
     dst = GuestMemory("64M", dirty_tracking="soft")
     if not dst.core.segments[0].receives_huge:
@@ -486,6 +492,31 @@ def test_a_run_with_a_page_already_there_is_not_advised_for_huge_pages():
     assert dst.huge_pages() == 0 and dst.installed_pages() > 0
     np.testing.assert_array_equal(src.view("lowmem"), dst.view("lowmem"))
     assert dst.commit_digest() == src.commit_digest()
+
+
+def test_memory_populated_while_waiting_is_received_straight_into_place_and_zero_pages_go_back():
+    """A destination's memory populated ahead (``start_prefault``, as ``vmmrun -R`` does while it
+    waits): every batch finds its pages there, so none is installed or advised for huge pages;
+    the bytes and the digest end exact, and the pages that came as zero are given back, so the
+    destination ends no bigger than the source's touched memory."""
+    src = GuestMemory("64M")
+    fill_random(src, 0, 4096, seed=3)  # 16 MiB
+    fill_random(src, 32 * MiB, 100, seed=4)
+    dst = GuestMemory("64M", dirty_tracking="soft")
+    tracker = dst.digest_tracker()
+    assert dst.start_prefault() == 64 * MiB
+    deadline = time.monotonic() + 20
+    while dst.mapped_pages() < dst.memsize // PAGE_SIZE and time.monotonic() < deadline:
+        time.sleep(0.005)
+    done = dst.stop_prefault()
+    assert done["bytes"] == done["target_bytes"] == 64 * MiB and not done["stopped"], done
+    got = plain_round(src, dst, all_pages=True)
+    assert got["data_pages"] == 4196 and got["zero_pages"] == 16384 - 4196
+    assert dst.installed_pages() == 0 and dst.huge_pages() == 0
+    # (Asked before anything reads the memory: a read maps the shared zero page.)
+    assert dst.mapped_pages() == 4196, "every page that came as zero was given back"
+    np.testing.assert_array_equal(src.view("lowmem"), dst.view("lowmem"))
+    assert tracker.digest() == src.commit_digest() == dst.commit_digest()
 
 
 @pytest.mark.parametrize("streams", [0, 17, -1, 2**64, True, 2.0, "2"])

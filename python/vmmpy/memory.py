@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from ._lazy import lazy_module
@@ -506,6 +506,15 @@ class GuestMemory:
         """Pages received into fresh memory without the kernel zeroing them first (userfaultfd's
         UFFDIO_COPY, on unwired anonymous memory; docs/memory.md), over every segment."""
         return sum(seg.installed_pages() for seg in self.core.segments)
+
+    def start_prefault(self) -> int:
+        """Populate this memory on a thread while a migration destination waits for its source
+        (``_core.GuestMemory.start_prefault``): returns the bytes it will populate, 0 for none."""
+        return self.core.start_prefault()
+
+    def stop_prefault(self) -> dict[str, Any] | None:
+        """Stop the population :meth:`start_prefault` began and say what it did (None if none ran)."""
+        return self.core.stop_prefault()
 
     def huge_pages(self) -> int:
         """Pages received into whole 2 MiB regions advised for transparent huge pages, read

@@ -363,12 +363,14 @@ class Vm:
                 slots: Sequence[str] = (), lpc: Mapping[str, str | None] | None = None, vendor: str = "intel",
                 tsc: str = "instructions", wired: bool = False, dirty_tracking: str | None = None, key: bytes | None = None,
                 tls: TlsConfig | None = None, params: MigrationParams | Mapping[str, Any] | None = None,
-                accept_timeout: float = 300.0, name: str | None = None, accel: str = "sim", idle: str = VmConfig.idle) -> Vm:
+                accept_timeout: float = 300.0, name: str | None = None, accel: str = "sim", idle: str = VmConfig.idle,
+                populate: bool = True) -> Vm:
         """A Vm waiting on ``host:port`` (0: any free port, see :attr:`address`) for one incoming
         migration, as ``vmmrun -R``: give the source's memory, vCPUs, devices, vendor and TSC.
         It listens when this returns and receives in the background; the guest runs as soon as
         the migration completes. :meth:`received` waits for that (raising MigrationError if it
-        failed); :meth:`wait` waits for the guest to stop."""
+        failed); :meth:`wait` waits for the guest to stop. ``populate=False`` leaves its memory
+        untouched while it waits (``vmmrun -R --no-populate``)."""
         config, consoles = _config(None, None, name=name, memory=memory, cpus=cpus, slots=slots, lpc=lpc, vendor=vendor,
                                    tsc=tsc, wired=wired, dirty_tracking=dirty_tracking, accel=accel, idle=idle)
         params = _params(params)
@@ -376,7 +378,7 @@ class Vm:
         vm = cls._from_machine(machine, consoles)
         try:
             vm._incoming = Destination(MachineHandle.receiving(machine), host, port, key=key, tls=tls, params=params,
-                                       cancel=threading.Event())
+                                       cancel=threading.Event(), populate=populate)
         except BaseException:
             machine.close()
             raise

@@ -5,12 +5,13 @@
 //! the trait and never ask which backend it is.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::address::{human_size, GuestAddress, PAGE_SIZE};
 use super::cow::LiveCapture;
 use super::error::MemoryError;
 use super::lazy::{ChunkSource, LazyImage};
+use super::prefault::{self, Prefault, PrefaultStats};
 use super::segment::{physical_memory, Backing, Segment, SegmentSpec};
 use crate::dirty::{Backend, DirtyLogError, KernelLog, KernelTracker, TrackingChoice};
 use crate::kvm::{DirtyMode, KvmVm};
@@ -105,6 +106,8 @@ pub struct GuestMemory {
     lazy: OnceLock<Arc<LazyImage>>,
     /// With the KVM backend: the KVM VM whose memory slots are these segments (its vCPUs run on it).
     kvm: Option<Arc<KvmVm>>,
+    /// Populating the memory while a migration destination waits ([`GuestMemory::start_prefault`]).
+    prefault: Mutex<Option<Prefault>>,
 }
 
 fn host_page_size() -> usize {
@@ -175,6 +178,7 @@ impl GuestMemory {
         if let Some(seg) = self.segments.iter().find(|s| s.exports() > 0) {
             return refuse(format!("segment '{}' has {} exported view(s); release them first", seg.name(), seg.exports()));
         }
+        self.stop_prefault();
         let image = Arc::new(LazyImage::over_existing(&self.segments, chunk_size, source, needed)?);
         let mut offset = 0u64;
         for seg in &self.segments {
@@ -286,6 +290,7 @@ impl GuestMemory {
             fallback_reason,
             lazy: OnceLock::new(),
             kvm,
+            prefault: Mutex::new(None),
         }
     }
 
@@ -456,6 +461,30 @@ impl GuestMemory {
         LiveCapture::arm(&self.segments, limit_pages)
     }
 
+    /// Start populating the segments that may be populated ahead (`prefault.rs`) on a thread,
+    /// while a migration destination waits for its source. Returns the bytes it will populate
+    /// (0: nothing to do here, and no thread). Refused while a population runs already.
+    pub fn start_prefault(&self) -> Result<u64, MemoryError> {
+        let mut slot = self.prefault.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(MemoryError::Unsupported { what: "guest memory".into(), why: "is being populated already".into() });
+        }
+        let kernel = self.backend == Backend::Kernel;
+        let segments: Vec<Arc<Segment>> = self.segments.iter().filter(|s| prefault::eligible(s, kernel)).cloned().collect();
+        let bytes = segments.iter().map(|s| s.size() as u64).sum();
+        if bytes > 0 {
+            *slot = Some(Prefault::start(segments, prefault::reserve()));
+        }
+        Ok(bytes)
+    }
+
+    /// Stop a population [`GuestMemory::start_prefault`] began (waiting at most one step of it)
+    /// and return what it did; None if none ran.
+    pub fn stop_prefault(&self) -> Option<PrefaultStats> {
+        let running = self.prefault.lock().unwrap_or_else(|e| e.into_inner()).take();
+        running.map(Prefault::finish)
+    }
+
     /// Close every segment: refused while Python views exist, because they alias the mapping.
     pub fn close(&self) -> Result<(), (String, usize)> {
         for seg in &self.segments {
@@ -463,6 +492,7 @@ impl GuestMemory {
                 return Err((seg.name().to_string(), seg.exports()));
             }
         }
+        self.stop_prefault();
         if let Some(image) = self.lazy.get() {
             image.stop_loading();
         }

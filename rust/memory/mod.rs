@@ -12,6 +12,7 @@ mod error;
 mod guest;
 mod install;
 mod lazy;
+mod prefault;
 mod segment;
 
 pub use address::{human_size, GuestAddress, PAGE_SHIFT, PAGE_SIZE};
@@ -19,6 +20,7 @@ pub use cow::{LiveCapture, LiveStats, TakenPage};
 pub use error::MemoryError;
 pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_COST, LOWMEM_LIMIT_DEFAULT};
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
+pub use prefault::PrefaultStats;
 pub use segment::{Backing, InstallGuard, Segment, SegmentSpec};
 
 #[cfg(test)]
@@ -31,3 +33,5 @@ mod install_tests;
 mod lazy_tests;
 #[cfg(test)]
 mod memfd_tests;
+#[cfg(test)]
+mod prefault_tests;

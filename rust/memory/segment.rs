@@ -348,6 +348,11 @@ impl Segment {
     }
     /// The memfd behind the segment (None for anonymous memory): what a local migration hands
     /// over. It stays open as long as the segment.
+    /// Whether the segment loads its bytes on demand (a lazy restore, a post-copy destination).
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.get().is_some()
+    }
+
     pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
         self.memfd.as_ref().map(|fd| fd.as_fd())
     }
@@ -530,6 +535,22 @@ impl Segment {
             return 0;
         }
         end - first
+    }
+
+    /// Whether every page of `off..off+len` (page-aligned, inside the segment) is there already
+    /// (mincore): a later round's pages, or memory populated while a destination waited. False
+    /// where mincore cannot say.
+    pub fn all_resident(&self, off: usize, len: usize) -> bool {
+        if len == 0 || off % PAGE_SIZE != 0 || off.checked_add(len).is_none_or(|end| end > self.size) {
+            return false;
+        }
+        let mut there = vec![0u8; len.div_ceil(PAGE_SIZE)];
+        // SAFETY: off..off+len is page-aligned inside our mapping; mincore writes one byte per page
+        // into `there`, which has exactly that many.
+        if unsafe { libc::mincore(self.base.as_ptr().add(off) as *mut libc::c_void, len, there.as_mut_ptr()) } != 0 {
+            return false;
+        }
+        there.iter().all(|b| b & 1 != 0)
     }
 
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller

@@ -9,7 +9,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
 use super::errors::memory_error;
 use super::snapshot::snapshot_error;
@@ -339,6 +339,33 @@ impl PyGuestMemory {
         let Some(image) = self.inner.lazy_image() else { return Ok(()) };
         image.notify_on_failure(dup_fd(fd)?);
         Ok(())
+    }
+
+    /// Populate this memory on a thread while a migration destination waits for its source
+    /// (unwired, private anonymous, eager segments not tracked by the kernel backend; onto huge
+    /// pages where the host offers them). Page bytes never change. Returns the bytes it will
+    /// populate (0: none qualify, no thread). Stopped by ``stop_prefault`` and by ``close``.
+    fn start_prefault(&self) -> PyResult<u64> {
+        self.inner.start_prefault().map_err(memory_error)
+    }
+
+    /// Stop the population ``start_prefault`` began (at most one 32 MiB step later; GIL
+    /// released) and say what it did: a dict with ``bytes``, ``target_bytes``, ``seconds``,
+    /// ``cpu_seconds``, ``stopped`` (before the end), ``refused`` (the errno of a step the kernel
+    /// refused, or None) and ``short_of_memory`` (the host's available bytes when it stopped for
+    /// lack of them, or None). None when nothing was populating.
+    fn stop_prefault<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let mem = self.inner.clone();
+        let Some(s) = py.detach(move || mem.stop_prefault()) else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("target_bytes", s.target_bytes)?;
+        d.set_item("seconds", s.seconds)?;
+        d.set_item("cpu_seconds", s.cpu_seconds)?;
+        d.set_item("stopped", s.stopped)?;
+        d.set_item("refused", s.refused)?;
+        d.set_item("short_of_memory", s.short_of_memory)?;
+        Ok(Some(d))
     }
 
     /// Load and check every chunk of lazily restored memory not loaded yet (GIL released);

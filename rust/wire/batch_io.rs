@@ -385,7 +385,7 @@ pub fn recv_batch_tracked<'a>(
         mem,
         tracker,
         None,
-        Install { from: INSTALL_MIN, alone: true, window: install_window_pages(1), installers: pipeline_installers() },
+        Install { from: INSTALL_MIN, alone: true, window: install_window_pages(1), installers: pipeline_installers(), there: false },
         |_| Ok(()),
     )
 }
@@ -470,6 +470,10 @@ pub(crate) struct Install {
     /// The threads a pipelined batch installs on ([`pipeline_installers`]). Like the window it
     /// is chosen once a share, not per batch: the CPU count is read from cgroup files.
     pub installers: usize,
+    /// Set per batch: every DATA page of it is there already (a later round's, or memory
+    /// populated while the destination waited), so it is read straight into place: installing
+    /// would only be refused page by page, and populating ahead has nothing to do.
+    pub there: bool,
 }
 
 /// [`recv_batch_tracked`], with `admit` asked about the batch (its ranges counted, `compressed_batches`
@@ -506,9 +510,13 @@ pub(crate) fn recv_batch_admitted(
     admit(&stats)?;
     ready_ranges(seg, &ranges, &offsets)?;
     let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
-    let plan = install;
     let huge = if lz4 { None } else { HugeReceive::advise(seg, &ranges, &offsets, stats.data_bytes) };
-    let install = if huge.is_some() {
+    let there = !lz4
+        && huge.is_none()
+        && stats.data_bytes > 0
+        && ranges.iter().zip(&offsets).all(|(r, &off)| r.kind == RangeKind::Zero || seg.all_resident(off, r.bytes() as usize));
+    let plan = Install { there, ..install };
+    let install = if huge.is_some() || there {
         None
     } else if begin {
         seg.begin_install()
@@ -598,7 +606,7 @@ fn read_data_pages(
     // failures ignored), so the socket reads mostly land in pages that already exist. Only for
     // a batch big enough to pay for the thread, and never for wired memory. (Where the kernel
     // lets pages be installed, that is done instead: `install_data_pages`.)
-    let populate = !seg.wired() && header.payload_len >= POPULATE_AHEAD_MIN;
+    let populate = !seg.wired() && !plan.there && header.payload_len >= POPULATE_AHEAD_MIN;
     let got = std::thread::scope(|scope| -> Result<u64, PageError> {
         if populate {
             scope.spawn(move || {

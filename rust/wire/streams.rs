@@ -211,7 +211,8 @@ pub fn recv_share<'a>(
     loop {
         // Refused before its payload is read or a guest byte written: compression the stream did
         // not agree to (the decompressor never sees it), pages beyond what the round may carry.
-        let install = Install { from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes), alone: streams <= 1, window, installers };
+        let install =
+            Install { from: INSTALL_MIN.saturating_sub(totals.stats.data_bytes), alone: streams <= 1, window, installers, there: false };
         let stats = recv_batch_admitted(link, mem, tracker, meter, install, |batch| {
             if batch.compressed_batches > 0 && !compressed {
                 return Err(PageError::CompressionNotAgreed);

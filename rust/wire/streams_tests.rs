@@ -189,6 +189,42 @@ fn a_lone_stream_installs_big_batches_in_a_pipeline_and_ends_exact() {
     }
 }
 
+/// Memory populated while the destination waited (`GuestMemory::start_prefault`) is read straight
+/// into place: a big batch whose every page is there is neither pipelined through the installers
+/// (each install would be refused page by page) nor advised for huge pages, and ends exact.
+#[test]
+fn batches_into_memory_populated_ahead_are_read_straight_into_place_and_end_exact() {
+    use crate::digest::{commit_digest, DigestTracker};
+    let src = guest(32 * MIB);
+    let chunks = big_share(&src);
+    for receives_huge in [false, true] {
+        let dst = guest(32 * MIB);
+        dst.segments()[0].set_receives_huge(receives_huge);
+        assert_eq!(dst.start_prefault().unwrap(), 32 * MIB);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !dst.segments()[0].all_resident(0, 32 * MIB as usize) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(dst.stop_prefault().unwrap().bytes, 32 * MIB);
+        let tracker = DigestTracker::new(&dst).unwrap();
+        let (a, b) = socketpair();
+        let budget = PageBudget::new(dst.segments()[0].pages() as u64);
+        let (got, pipelined) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let got = recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, 1);
+                (got, crate::wire::batch_io::PIPELINED.with(|n| n.get()))
+            });
+            send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None).unwrap();
+            reader.join().unwrap()
+        });
+        assert_eq!(got.unwrap().stats.data_pages, 6044);
+        let seg = &dst.segments()[0];
+        assert_eq!((pipelined, seg.installed_pages(), seg.huge_received_pages()), (0, 0, 0), "huge: {receives_huge}");
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap());
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap());
+    }
+}
+
 /// The field lines (`AnonHugePages: ...`, `VmFlags: ...`) of every mapping in /proc/self/smaps
 /// that overlaps `start..start+len`.
 fn smaps_fields(start: usize, len: usize) -> Vec<String> {

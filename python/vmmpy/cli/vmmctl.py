@@ -23,7 +23,7 @@ from typing import Any
 
 from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
 from ..migration.protocol import MAX_STREAMS
-from ..migration.stats import stopped_text
+from ..migration.stats import populate_text, stopped_text
 from ..runtime.control import ControlClient, ControlError, guest_stays_here, list_vms, run_dir
 from ..units import format_size, parse_rate
 from .about import VersionAction
@@ -380,6 +380,9 @@ def _print_migration(stats: dict) -> None:
         print("\n".join(_current_round_lines(stats["current_round"], stats)))
     if stats.get("postcopy"):
         print(_postcopy_line(stats["postcopy"]))
+    populated = populate_text(stats.get("populate"))
+    if populated is not None:
+        print(f"  {populated}")
     stopped = stopped_text(stats)
     if stopped is not None:
         print(f"  {stopped}")

@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with -R: the CA certificate(s) (PEM) that must have signed the source's certificate")
     p.add_argument("--insecure", action="store_true",
                    help="with -R: allow listening on a non-loopback address with neither a key nor TLS")
+    p.add_argument("--no-populate", action="store_true",
+                   help="with -R HOST:PORT: leave guest memory untouched while waiting for the source. By default a "
+                        "thread populates it then (as QEMU's prealloc=on), so the host's page faults are paid before "
+                        "the source stops its guest, not during the migration; pages that arrive as zero are given back")
     p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with -R: how long to wait for the source to connect (default 300)")
     p.add_argument("--take-name", action="store_true",
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module("numpy")
             # Listening before the control socket answers: a vmmctl that finds this VM (the
             # README's walk-through waits for --status) finds it ready for the source too.
-            commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel)
+            commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel, populate=not args.no_populate)
         if not args.take_name:
             machine.serve(args.run_dir)
     except (MigrationError, OSError) as err:

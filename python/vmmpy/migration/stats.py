@@ -9,6 +9,7 @@ rates per second, sizes bytes. ``to_dict()`` is plain JSON.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -173,6 +174,10 @@ class MigrationStats:
     compress_attempts: int = 0  # source: batches compressed to see whether they shrink
     installed_pages: int = 0  # destination: pages put into fresh memory without zeroing it first (docs/memory.md)
     huge_pages: int = 0  # destination: pages read straight into regions advised for transparent huge pages
+    # destination: what populating guest memory while it waited for the source did (bytes,
+    # target_bytes, seconds, cpu_seconds, stopped, refused, short_of_memory; or error), None if
+    # it did not
+    populate: dict[str, Any] | None = None
     # rates
     dirty_rate: float = 0.0  # pages/s, last measured
     throughput: float = 0.0  # bytes/s, bandwidth estimate the convergence decision used last
@@ -251,9 +256,27 @@ class MigrationStats:
         if self.compressed_batches:
             text += (f"; {self.compressed_batches} batches compressed ({self.compression}), "
                      f"{self.compression_saved_bytes / 2**20:.1f} MiB saved")
+        populated = populate_text(self.populate)
+        if populated is not None:
+            text += f"; {populated}"
         if self.interrupted_round is not None:
             text += f"; {stopped_text(self.to_dict())}"
         return text + (f"; {self.error}" if self.error else "")
+
+
+def populate_text(populate: dict[str, Any] | None) -> str | None:
+    """What populating a destination's memory while it waited did, in words (None if it did not)."""
+    if not populate:
+        return None
+    if "error" in populate:
+        return f"memory not populated while waiting: {populate['error']}"
+    text = (f"populated {format_size(populate['bytes'])} of {format_size(populate['target_bytes'])} of guest memory "
+            f"while waiting, in {populate['seconds']:.2f} s ({populate['cpu_seconds']:.2f} CPU-s)")
+    if populate.get("refused") is not None:
+        return text + f", then the kernel refused: {os.strerror(populate['refused'])}"
+    if populate.get("short_of_memory") is not None:
+        return text + f", stopped with {format_size(populate['short_of_memory'])} of host memory left available"
+    return text + (", stopped when the source came" if populate.get("stopped") else "")
 
 
 def stopped_text(stats: dict[str, Any]) -> str | None:

@@ -287,11 +287,12 @@ class MachineCommands:
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
 
     def listen_for_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
-                             cancel: threading.Event) -> None:
+                             cancel: threading.Event, populate: bool = True) -> None:
         """``vmmrun -R``: listen on ``host:port`` for one incoming migration into this (empty)
         machine (MigrationError if it cannot). vmmrun does it before its control socket answers,
         so whoever finds the VM there finds it listening too."""
-        self.incoming = Destination(MachineHandle.receiving(self.machine), host, port, key=key, tls=tls, cancel=cancel)
+        self.incoming = Destination(MachineHandle.receiving(self.machine), host, port, key=key, tls=tls, cancel=cancel,
+                                    populate=populate)
 
     def receive_migration(self, accept_timeout: float) -> MigrationStats:
         """Wait for the source :meth:`listen_for_migration` listens for and receive its guest;

@@ -1,0 +1,170 @@
+//! Populating a migration destination's memory while it waits for the source.
+//!
+//! A destination that receives into memory nobody has touched pays the host for every page on
+//! the clock: a fault and a clear per page (or per 2 MiB region on huge pages) while the source
+//! waits on the socket. On 2 CPUs that clearing competes with the receiver and the sender for the
+//! same cores. A destination usually waits seconds for its source (the operator starts it first),
+//! so a thread populates its memory then, the way QEMU's `prealloc=on` does at start-up, and the
+//! receiver later reads straight into pages that are there.
+//!
+//! What it does not change: bytes. `MADV_POPULATE_WRITE` faults pages in as zero pages would be
+//! written, never altering what a page reads as, so a receive racing it (a caller that never
+//! stopped it) stays exact. Pages that then arrive as ZERO ranges are given back as before, so a
+//! sparse guest ends as small as without it; only the wait holds the guest's whole size.
+//!
+//! Which segments: unwired (wired ones are populated and locked at start-up already), private
+//! anonymous (a memfd handed over by a local migration replaces the memory instead), eager, and
+//! not registered with a userfaultfd for write-protection (the kernel dirty backend: a write
+//! fault there belongs to its handler). Where the host offers transparent huge pages, each
+//! 2 MiB region goes onto one (a fault and a clear per region) and is advised back afterwards,
+//! as a received region is ([`Segment::receives_huge`]).
+//!
+//! The thread takes [`STEP`] at a time and stops between steps when asked ([`Prefault::finish`]),
+//! so stopping waits at most one step. It holds the segments (`Arc`), so their mappings outlive it.
+//! Before each step it reads the host's MemAvailable and stops where the step would leave less
+//! than a reserve: memory is mapped `MAP_NORESERVE`, so a host that cannot give it answers a
+//! fault with the OOM killer, not an error, and a sparse guest whose destination was given a
+//! large `-m` must still migrate as before.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::segment::Segment;
+
+/// Bytes populated per `madvise` call between checks of the stop flag (32 MiB: a few ms).
+const STEP: usize = 32 << 20;
+
+/// What a population did, for the destination's statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefaultStats {
+    /// Bytes of guest memory populated (the steps finished).
+    pub bytes: u64,
+    /// Bytes of the segments it was asked to populate.
+    pub target_bytes: u64,
+    /// Wall seconds from start to the last step finished (or to the stop).
+    pub seconds: f64,
+    /// CPU seconds the populating thread used.
+    pub cpu_seconds: f64,
+    /// Stopped before every byte was populated.
+    pub stopped: bool,
+    /// A step the kernel refused (ENOMEM: the host could not give the memory, EFAULT, ...): the
+    /// errno of the first, after which the thread stopped. Advisory: receiving still works.
+    pub refused: Option<i32>,
+    /// Stopped because the host's available memory (MemAvailable) fell below [`reserve`]: the
+    /// bytes it had left then. A guest that is mostly zero still migrates where populating all of
+    /// it would not fit, and the population must never be what wakes the OOM killer.
+    pub short_of_memory: Option<u64>,
+}
+
+/// What the host must keep available for others while a population runs: a twentieth of its
+/// memory, and at least 512 MiB.
+pub(crate) fn reserve() -> u64 {
+    (super::segment::physical_memory() / 20).max(512 << 20)
+}
+
+/// The host's MemAvailable in bytes, if /proc/meminfo says.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A running population of some segments.
+pub struct Prefault {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<PrefaultStats>>,
+}
+
+/// Whether `seg` may be populated ahead (see the module doc).
+pub(crate) fn eligible(seg: &Segment, tracked_by_kernel: bool) -> bool {
+    !tracked_by_kernel && !seg.wired() && seg.memfd().is_none() && !seg.is_lazy() && !seg.is_closed() && seg.install_open().is_none()
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+impl Prefault {
+    /// Start populating `segments` (the caller chose eligible ones) on a thread of its own,
+    /// leaving the host at least `keep_available` bytes of available memory (see [`reserve`]).
+    pub fn start(segments: Vec<Arc<Segment>>, keep_available: u64) -> Prefault {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm-prefault".into())
+            .spawn(move || populate(&segments, &flag, keep_available))
+            .expect("spawning the prefault thread");
+        Prefault { stop, thread: Some(thread) }
+    }
+
+    /// Stop (at the end of the current step) and return what was done.
+    pub fn finish(mut self) -> PrefaultStats {
+        self.stop_and_join()
+    }
+
+    /// Wait until it is done by itself (populated everything, or stopped on its own), and
+    /// return what was done. (Tests: a destination stops it when its source comes.)
+    #[cfg(test)]
+    pub fn wait(mut self) -> PrefaultStats {
+        self.thread.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn stop_and_join(&mut self) -> PrefaultStats {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> PrefaultStats {
+    let started = Instant::now();
+    let cpu0 = thread_cpu_seconds();
+    let mut stats = PrefaultStats { target_bytes: segments.iter().map(|s| s.size() as u64).sum(), ..Default::default() };
+    'all: for seg in segments {
+        let huge = seg.receives_huge();
+        let mut off = 0;
+        while off < seg.size() {
+            if stop.load(Ordering::Acquire) || seg.is_closed() {
+                stats.stopped = true;
+                break 'all;
+            }
+            let len = STEP.min(seg.size() - off);
+            if let Some(left) = available_memory().filter(|&a| a < reserve + len as u64) {
+                stats.short_of_memory = Some(left);
+                stats.stopped = true;
+                break 'all;
+            }
+            if huge {
+                seg.advise_huge(off, len);
+            }
+            // SAFETY: off..off+len lies inside the segment's mapping, which our Arc keeps mapped;
+            // MADV_POPULATE_WRITE only faults pages in and never changes their bytes.
+            let rc = unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if huge {
+                seg.advise_small(off, len);
+            }
+            if rc != 0 {
+                stats.refused = errno;
+                stats.stopped = true;
+                break 'all;
+            }
+            off += len;
+            stats.bytes += len as u64;
+        }
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    stats.cpu_seconds = thread_cpu_seconds() - cpu0;
+    stats
+}

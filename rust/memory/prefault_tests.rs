@@ -1,0 +1,96 @@
+//! Populating a destination's memory while it waits: every eligible page comes to be there,
+//! no byte and no dirty bit changes, stopping is prompt, and what may not be populated is not.
+
+use super::*;
+use crate::dirty::TrackingChoice;
+
+const MIB: u64 = 1 << 20;
+
+fn memory(size: u64, wired: bool) -> GuestMemory {
+    let mut opts = MemoryOptions::new(size);
+    opts.wired = wired;
+    GuestMemory::new(&opts).unwrap()
+}
+
+#[test]
+fn a_whole_population_makes_every_page_resident_and_changes_no_byte_nor_dirty_bit() {
+    let mem = memory(64 * MIB, false);
+    let seg = mem.segments()[0].clone();
+    // Pages written before: their bytes must survive; the bitmap is cleared so that any dirty bit
+    // after comes from the population.
+    mem.write(GuestAddress(5 * 4096 + 7), b"kept").unwrap();
+    mem.write(GuestAddress(40 * MIB), &[0xa5; 4096]).unwrap();
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    mem.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    assert!(seg.mapped_pages().unwrap() < seg.pages());
+
+    assert_eq!(mem.start_prefault().unwrap(), 64 * MIB);
+    assert!(mem.start_prefault().is_err(), "a second population while one runs is refused");
+    // Wait (bounded) until the thread is done, then collect its figures.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while seg.mapped_pages().unwrap() < seg.pages() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let stats = mem.stop_prefault().expect("a population ran");
+    assert!(!stats.stopped && stats.refused.is_none(), "{stats:?}");
+    assert_eq!((stats.bytes, stats.target_bytes), (64 * MIB, 64 * MIB));
+    assert!(stats.seconds > 0.0 && stats.cpu_seconds >= 0.0, "{stats:?}");
+    assert_eq!(seg.mapped_pages().unwrap(), seg.pages(), "every page is there");
+    assert!(seg.all_resident(0, seg.size()));
+
+    let mut out = [0u8; 4];
+    mem.read(GuestAddress(5 * 4096 + 7), &mut out).unwrap();
+    assert_eq!(&out, b"kept");
+    let mut page = vec![0u8; 4096];
+    mem.read(GuestAddress(40 * MIB), &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0xa5));
+    mem.read(GuestAddress(63 * MIB), &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0), "a populated page reads as zero");
+    assert_eq!(mem.dirty_count().unwrap(), 0, "populating marks nothing dirty");
+    assert!(mem.stop_prefault().is_none(), "nothing runs any more");
+}
+
+#[test]
+fn stopping_a_population_takes_effect_within_a_step_and_close_stops_one_too() {
+    // 4 GiB, never touched (NORESERVE): far more than one step, stopped at once.
+    let mem = memory(4096 * MIB, false);
+    assert_eq!(mem.start_prefault().unwrap(), 4096 * MIB);
+    let stats = mem.stop_prefault().unwrap();
+    assert!(stats.stopped, "{stats:?}");
+    assert!(stats.bytes < stats.target_bytes && stats.bytes % (32 * MIB) == 0, "{stats:?}");
+    let resident: usize = mem.segments().iter().map(|s| s.mapped_pages().unwrap()).sum();
+    assert_eq!(resident as u64 * 4096, stats.bytes, "exactly the steps it finished are there");
+
+    let mem = memory(4096 * MIB, false);
+    mem.start_prefault().unwrap();
+    mem.close().unwrap();
+    assert!(mem.stop_prefault().is_none(), "close stopped it");
+}
+
+#[test]
+fn a_population_stops_before_it_would_leave_the_host_short_of_memory() {
+    // A reserve no host has: the first step would cross it, so nothing is populated.
+    let mem = memory(64 * MIB, false);
+    let stats = super::prefault::Prefault::start(mem.segments().to_vec(), u64::MAX / 2).wait();
+    assert!(stats.stopped && stats.short_of_memory.is_some_and(|left| left > 0), "{stats:?}");
+    assert_eq!((stats.bytes, stats.target_bytes), (0, 64 * MIB));
+    assert_eq!(mem.segments()[0].mapped_pages().unwrap(), 0);
+    // The real reserve leaves this test's 64 MiB well inside what the host has.
+    let stats = super::prefault::Prefault::start(mem.segments().to_vec(), super::prefault::reserve()).wait();
+    assert!(!stats.stopped && stats.short_of_memory.is_none() && stats.bytes == 64 * MIB, "{stats:?}");
+    assert_eq!(mem.segments()[0].mapped_pages().unwrap(), mem.segments()[0].pages());
+}
+
+#[test]
+fn wired_and_kernel_tracked_memory_is_not_populated() {
+    let mem = memory(16 * MIB, true);
+    assert_eq!(mem.start_prefault().unwrap(), 0, "wired memory is populated (and locked) up front already");
+    assert!(mem.stop_prefault().is_none());
+
+    let mut opts = MemoryOptions::new(16 * MIB);
+    opts.tracking = TrackingChoice::Kernel;
+    if let Ok(mem) = GuestMemory::new(&opts) {
+        assert_eq!(mem.start_prefault().unwrap(), 0, "a write-protect registration sends write faults to its handler");
+        assert_eq!(mem.segments()[0].mapped_pages().unwrap(), 0);
+    }
+}
