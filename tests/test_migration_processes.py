@@ -143,10 +143,12 @@ def test_a_destination_populates_its_memory_while_it_waits_unless_told_not_to(tm
             assert record["populate"]["bytes"] == record["populate"]["target_bytes"] == 32 * MiB, record["populate"]
             assert record["installed_pages"] == record["huge_pages"] == 0, "every page was there when it came"
             assert "populated 32 MiB of 32 MiB of guest memory while waiting" in text, text
+            assert "received into fresh memory" not in text
         else:
             assert record["populate"] is None
             assert record["installed_pages"] + record["huge_pages"] > 0, "pages went into fresh memory"
             assert "populated" not in text
+            assert f"{record['installed_pages']} pages installed without zeroing, {record['huge_pages']} onto huge pages" in text
         status = json.loads(vmmctl(tmp_path, "--vm=dst0", "--status", "--json").stdout)
         assert status["state"] == "running"
     finally:

@@ -383,6 +383,9 @@ def _print_migration(stats: dict) -> None:
     populated = populate_text(stats.get("populate"))
     if populated is not None:
         print(f"  {populated}")
+    if stats.get("installed_pages") or stats.get("huge_pages"):
+        print(f"  received into fresh memory: {stats.get('installed_pages', 0)} pages installed without zeroing, "
+              f"{stats.get('huge_pages', 0)} onto huge pages")
     stopped = stopped_text(stats)
     if stopped is not None:
         print(f"  {stopped}")
