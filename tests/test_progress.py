@@ -489,3 +489,22 @@ def test_migrate_status_shows_the_new_migration_from_its_start_not_the_last_one(
     finally:
         silent.close()
         stop(source)
+
+
+def test_what_populating_a_destination_did_is_said_in_words():
+    from vmmpy.migration.stats import MigrationStats, populate_text
+
+    assert populate_text(None) is None
+    whole = {"bytes": 1 << 30, "target_bytes": 1 << 30, "seconds": 0.19, "cpu_seconds": 0.18, "stopped": False,
+             "refused": None, "short_of_memory": None}
+    assert populate_text(whole) == "populated 1 GiB of 1 GiB of guest memory while waiting, in 0.19 s (0.18 CPU-s)"
+    cut = dict(whole, bytes=256 << 20, stopped=True)
+    assert populate_text(cut).endswith("of guest memory while waiting, in 0.19 s (0.18 CPU-s), stopped when the source came")
+    short = dict(cut, short_of_memory=900 << 20)
+    assert populate_text(short).endswith(", stopped with 900 MiB of host memory left available")
+    refused = dict(cut, refused=12)
+    assert populate_text(refused).endswith(", then the kernel refused: Cannot allocate memory")
+    error = {"error": "populating 64 GiB of guest memory ahead would leave the host less than 1.2 GiB"}
+    assert populate_text(error) == f"memory not populated while waiting: {error['error']}"
+    stats = MigrationStats(role="destination", populate=whole)
+    assert stats.summary().endswith("; populated 1 GiB of 1 GiB of guest memory while waiting, in 0.19 s (0.18 CPU-s)")

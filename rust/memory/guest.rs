@@ -463,7 +463,9 @@ impl GuestMemory {
 
     /// Start populating the segments that may be populated ahead (`prefault.rs`) on a thread,
     /// while a migration destination waits for its source. Returns the bytes it will populate
-    /// (0: nothing to do here, and no thread). Refused while a population runs already.
+    /// (0: nothing to do here, and no thread). Refused while a population runs already, and
+    /// where the host has not that much memory available beyond a reserve (then nothing is
+    /// populated: a large guest that is mostly zero must not squeeze the host).
     pub fn start_prefault(&self) -> Result<u64, MemoryError> {
         let mut slot = self.prefault.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
@@ -471,10 +473,24 @@ impl GuestMemory {
         }
         let kernel = self.backend == Backend::Kernel;
         let segments: Vec<Arc<Segment>> = self.segments.iter().filter(|s| prefault::eligible(s, kernel)).cloned().collect();
-        let bytes = segments.iter().map(|s| s.size() as u64).sum();
-        if bytes > 0 {
-            *slot = Some(Prefault::start(segments, prefault::reserve()));
+        let bytes: u64 = segments.iter().map(|s| s.size() as u64).sum();
+        if bytes == 0 {
+            return Ok(0);
         }
+        let reserve = prefault::reserve();
+        if let Some(available) = prefault::available_memory().filter(|&a| bytes.saturating_add(reserve) > a) {
+            // Not a part of it either: the host would be squeezed for a guest that may well be
+            // mostly zero, and the receive path does without.
+            return Err(MemoryError::Unsupported {
+                what: format!("populating {} of guest memory ahead", human_size(bytes)),
+                why: format!(
+                    "would leave the host less than {:.1} GiB of the {:.1} GiB it has available (/proc/meminfo MemAvailable)",
+                    reserve as f64 / (1u64 << 30) as f64,
+                    available as f64 / (1u64 << 30) as f64
+                ),
+            });
+        }
+        *slot = Some(Prefault::start(segments, reserve));
         Ok(bytes)
     }
 

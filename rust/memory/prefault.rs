@@ -21,8 +21,9 @@
 //!
 //! The thread takes [`STEP`] at a time and stops between steps when asked ([`Prefault::finish`]),
 //! so stopping waits at most one step. It holds the segments (`Arc`), so their mappings outlive it.
-//! Before each step it reads the host's MemAvailable and stops where the step would leave less
-//! than a reserve: memory is mapped `MAP_NORESERVE`, so a host that cannot give it answers a
+//! It is not started where the memory is more than the host's MemAvailable less a reserve
+//! ([`reserve`]; `GuestMemory::start_prefault` says so), and before each step it reads
+//! MemAvailable again and stops where the step would leave less than the reserve: memory is mapped `MAP_NORESERVE`, so a host that cannot give it answers a
 //! fault with the OOM killer, not an error, and a sparse guest whose destination was given a
 //! large `-m` must still migrate as before.
 
@@ -65,7 +66,7 @@ pub(crate) fn reserve() -> u64 {
 }
 
 /// The host's MemAvailable in bytes, if /proc/meminfo says.
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

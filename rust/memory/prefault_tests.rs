@@ -82,6 +82,19 @@ fn a_population_stops_before_it_would_leave_the_host_short_of_memory() {
 }
 
 #[test]
+fn memory_larger_than_the_host_has_available_is_not_populated_at_all() {
+    // Twice the host's memory, never touched (NORESERVE): refused up front, with the figures.
+    let size = (super::segment::physical_memory() * 2).next_multiple_of(1 << 30);
+    let mem = memory(size, false);
+    let err = mem.start_prefault().unwrap_err().to_string();
+    assert!(err.starts_with("populating ") && err.contains("of guest memory ahead would leave the host less than"), "{err}");
+    assert!(err.contains("MemAvailable"), "{err}");
+    assert!(mem.stop_prefault().is_none(), "no thread was started");
+    let resident: usize = mem.segments().iter().map(|s| s.mapped_pages().unwrap()).sum();
+    assert_eq!(resident, 0);
+}
+
+#[test]
 fn wired_and_kernel_tracked_memory_is_not_populated() {
     let mem = memory(16 * MIB, true);
     assert_eq!(mem.start_prefault().unwrap(), 0, "wired memory is populated (and locked) up front already");
