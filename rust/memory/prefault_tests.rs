@@ -23,6 +23,7 @@ fn a_whole_population_makes_every_page_resident_and_changes_no_byte_nor_dirty_bi
     let mut words = vec![0u64; seg.pages().div_ceil(64)];
     mem.get_and_clear_dirty_segment(0, &mut words).unwrap();
     assert!(seg.mapped_pages().unwrap() < seg.pages());
+    assert!(seg.all_resident(&[(5, 1)]) && !seg.all_resident(&[(5, 1), (6, 1)]), "a page not there yet spoils the runs");
 
     assert_eq!(mem.start_prefault().unwrap(), 64 * MIB);
     assert!(mem.start_prefault().is_err(), "a second population while one runs is refused");
@@ -36,7 +37,8 @@ fn a_whole_population_makes_every_page_resident_and_changes_no_byte_nor_dirty_bi
     assert_eq!((stats.bytes, stats.target_bytes), (64 * MIB, 64 * MIB));
     assert!(stats.seconds > 0.0 && stats.cpu_seconds >= 0.0, "{stats:?}");
     assert_eq!(seg.mapped_pages().unwrap(), seg.pages(), "every page is there");
-    assert!(seg.all_resident(0, seg.size()));
+    assert!(seg.all_resident(&[(0, seg.pages())]));
+    assert!(seg.all_resident(&[(3, 2), (100, 1)]) && !seg.all_resident(&[]) && !seg.all_resident(&[(0, seg.pages() + 1)]));
 
     let mut out = [0u8; 4];
     mem.read(GuestAddress(5 * 4096 + 7), &mut out).unwrap();

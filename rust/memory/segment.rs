@@ -537,20 +537,23 @@ impl Segment {
         end - first
     }
 
-    /// Whether every page of `off..off+len` (page-aligned, inside the segment) is there already
-    /// (mincore): a later round's pages, or memory populated while a destination waited. False
-    /// where mincore cannot say.
-    pub fn all_resident(&self, off: usize, len: usize) -> bool {
-        if len == 0 || off % PAGE_SIZE != 0 || off.checked_add(len).is_none_or(|end| end > self.size) {
+    /// Whether every page of `runs` (`(first page, pages)`, ascending, inside the segment) is
+    /// there already (one mincore over their span): a later round's pages, or memory populated
+    /// while a destination waited. False for no runs, and where mincore cannot say (a swapped-out
+    /// page reads as not there: the caller's other path is always right, only slower).
+    pub fn all_resident(&self, runs: &[(usize, usize)]) -> bool {
+        let (Some(&(first, _)), Some(&(last, last_pages))) = (runs.first(), runs.last()) else { return false };
+        let end = last + last_pages;
+        if end > self.pages() || first >= end {
             return false;
         }
-        let mut there = vec![0u8; len.div_ceil(PAGE_SIZE)];
-        // SAFETY: off..off+len is page-aligned inside our mapping; mincore writes one byte per page
-        // into `there`, which has exactly that many.
-        if unsafe { libc::mincore(self.base.as_ptr().add(off) as *mut libc::c_void, len, there.as_mut_ptr()) } != 0 {
-            return false;
-        }
-        there.iter().all(|b| b & 1 != 0)
+        let mut there = vec![0u8; end - first];
+        // SAFETY: pages first..end lie inside our mapping (checked); mincore writes one byte per
+        // page into `there`, which has exactly that many.
+        let rc = unsafe {
+            libc::mincore(self.base.as_ptr().add(first * PAGE_SIZE) as *mut libc::c_void, (end - first) * PAGE_SIZE, there.as_mut_ptr())
+        };
+        rc == 0 && runs.iter().all(|&(p, n)| p >= first && there[p - first..p - first + n].iter().all(|b| b & 1 != 0))
     }
 
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller

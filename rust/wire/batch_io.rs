@@ -511,10 +511,9 @@ pub(crate) fn recv_batch_admitted(
     ready_ranges(seg, &ranges, &offsets)?;
     let begin = stats.data_bytes > 0 && stats.data_bytes >= install.from;
     let huge = if lz4 { None } else { HugeReceive::advise(seg, &ranges, &offsets, stats.data_bytes) };
-    let there = !lz4
-        && huge.is_none()
-        && stats.data_bytes > 0
-        && ranges.iter().zip(&offsets).all(|(r, &off)| r.kind == RangeKind::Zero || seg.all_resident(off, r.bytes() as usize));
+    // Asked only of a batch that would otherwise install or populate ahead (one mincore).
+    let helped = begin || seg.install_open().is_some() || (!seg.wired() && stats.data_bytes >= POPULATE_AHEAD_MIN);
+    let there = !lz4 && huge.is_none() && helped && seg.all_resident(&runs_of(RangeKind::Data, &ranges, &offsets));
     let plan = Install { there, ..install };
     let install = if huge.is_some() || there {
         None

@@ -202,7 +202,7 @@ fn batches_into_memory_populated_ahead_are_read_straight_into_place_and_end_exac
         dst.segments()[0].set_receives_huge(receives_huge);
         assert_eq!(dst.start_prefault().unwrap(), 32 * MIB);
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !dst.segments()[0].all_resident(0, 32 * MIB as usize) && std::time::Instant::now() < until {
+        while !dst.segments()[0].all_resident(&[(0, 32 * MIB as usize / 4096)]) && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         assert_eq!(dst.stop_prefault().unwrap().bytes, 32 * MIB);
