@@ -246,19 +246,24 @@ def test_a_destination_whose_disk_is_full_takes_the_guest_and_runs_it(tmp_path):
 
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, None], ids=["SIGTERM", "SIGINT", "destroy"])
 def test_a_signal_ends_a_destination_waiting_for_its_source_at_once(tmp_path, signum):
-    """The wait for a source (300 s by default) ends as soon as SIGTERM or SIGINT arrives, with
-    a message that says so, exit 4 (no guest was received) and the control socket removed."""
+    """The wait for a source (300 s by default) ends as soon as SIGTERM or SIGINT arrives, or
+    vmmctl --destroy (which once left the process listening, its memory populated, until the
+    timeout), with a message that says so, exit 4 (no guest was received) and the control
+    socket removed."""
     port = free_port()
     dest = start_vmmrun(tmp_path, "-m", "16M", "-R", f"127.0.0.1:{port}", "dst0")
     try:
         wait_for_listener("127.0.0.1", port, dest)
         wait_for_socket(tmp_path, "dst0", dest)
-        dest.send_signal(signum)
+        if signum is None:
+            assert vmmctl(tmp_path, "--vm=dst0", "--destroy").returncode == 0
+        else:
+            dest.send_signal(signum)
         assert dest.wait(timeout=20) == 4
         err = dest.stderr.read()
-        name = signal.Signals(signum).name
+        name = "vmmctl --destroy" if signum is None else signal.Signals(signum).name
         assert f"dst0: stopped by {name} while waiting on 127.0.0.1:{port} for a source to connect; no guest was received" in err, err
         assert "no source connected" not in err and "Traceback" not in err
         assert not (tmp_path / "dst0.ctl").exists() and not (tmp_path / "dst0.lock").exists()

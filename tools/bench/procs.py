@@ -138,24 +138,22 @@ def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: li
             dest.wait_path(path)
         else:
             dest.wait_listening(port)
+        # The destination's CPU counts from here: populating its memory while it waits (vmmrun
+        # -R's default) is work QEMU's destination that is not preallocated does inside its
+        # window, so it counts, whether it ends before the migration starts or is cut short then.
+        dest_cpu = dest.cpu_seconds()
         src.wait_state()
         if before is not None:
             before(src)
         client = src.client(timeout=None)
-        cpu = src.cpu_seconds() + dest.cpu_seconds()
+        src_cpu = src.cpu_seconds()
         started = time.perf_counter()
         stats = client.request("migrate", host=host, port=port, live=live, params=params or {}, **(request or {}))
         seconds = time.perf_counter() - started
         # The source is not reaped yet (even if it has exited), so its /proc entry still counts.
-        stats["cpu_seconds"] = src.cpu_seconds() + dest.cpu_seconds() - cpu
+        stats["cpu_seconds"] = src.cpu_seconds() - src_cpu + dest.cpu_seconds() - dest_cpu
         src.wait_exit(60)
         stats["destination"] = _destination_record(dest)
-        # The destination populated its memory while it waited (vmmrun -R's default), before the
-        # window above: that thread's CPU is counted too, since QEMU's destination that is not
-        # preallocated pays its page faults inside its window.
-        populate = (stats["destination"] or {}).get("populate") or {}
-        stats["populate_cpu_seconds"] = populate.get("cpu_seconds", 0.0)
-        stats["cpu_seconds"] += stats["populate_cpu_seconds"]
         return seconds, stats
     finally:
         src.stop()

@@ -113,7 +113,6 @@ def warm_random(gib: int, wired: bool = False):
             cpu = Figure([st["cpu_seconds"] / gib for st in stats], "CPU-s/GiB")
             rows.append(Row("warm-1g-cpu", "CPU-seconds per GiB migrated (source plus destination, user and system, "
                             "with the destination's populating while it waited), the warm-1g runs", cpu, qemu_min=1.0))
-            rows[-1].extra = {"populate_cpu_seconds": [st["populate_cpu_seconds"] for st in stats]}
         for r in rows:
             ctx.results[r.scenario] = r
         return rows

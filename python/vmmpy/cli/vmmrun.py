@@ -324,8 +324,7 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
     return build_machine(config, load=lambda machine: load_into(machine, config.guest, config.guest_args, memsize=config.memsize))
 
 
-def stopped_while_receiving(signum: int, listen_at: str, peer: str | None) -> str:
-    name = signal.Signals(signum).name
+def stopped_while_receiving(name: str, listen_at: str, peer: str | None) -> str:
     if peer is None:
         return f"stopped by {name} while waiting on {listen_at} for a source to connect; no guest was received"
     return f"stopped by {name} during the incoming migration from {peer}; the half-received guest is discarded"
@@ -412,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: waiting for a migration on %s", config.name, format_address(host, port))
             stats = commands.receive_migration(args.accept_timeout)
             if stats.status != "completed":
-                if stopped_by:
-                    print(f"vmmrun: {config.name}: {stopped_while_receiving(stopped_by[0], format_address(host, port), stats.peer)}",
+                if stopped_by or commands.destroyed_while_receiving:
+                    by = signal.Signals(stopped_by[0]).name if stopped_by else "vmmctl --destroy"
+                    print(f"vmmrun: {config.name}: {stopped_while_receiving(by, format_address(host, port), stats.peer)}",
                           file=sys.stderr)
                 else:
                     print(f"vmmrun: {config.name}: incoming migration {stats.status}: {stats.error}", file=sys.stderr)
@@ -433,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         while (status := machine.wait(0.5)) is None:
             pass
     except (MigrationError, OSError) as err:
+        if receive_at and commands.destroyed_while_receiving:
+            # The destroy tore the machine down under the receiver: say what ended it.
+            record = commands.incoming.stats if commands.incoming is not None else None
+            peer = record.peer if record is not None else None
+            err = stopped_while_receiving("vmmctl --destroy", format_address(*receive_at), peer)
         print(f"vmmrun: {config.name}: {err}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -285,6 +285,7 @@ class MachineCommands:
         self._estimating = False  # an estimate clears dirty bits: never beside a migration
         self._live_cancel: threading.Event | None = None  # set while a live checkpoint is written
         self.incoming: Destination | None = None  # vmmrun -R: the destination receiving this guest
+        self.destroyed_while_receiving = False  # vmmctl --destroy ended the wait or the receive
 
     def listen_for_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
                              cancel: threading.Event, populate: bool = True) -> None:
@@ -304,6 +305,8 @@ class MachineCommands:
 
     def install(self) -> None:
         add = self.machine.add_control_handler
+        self._builtin_destroy = self.machine.control_handlers()["destroy"]
+        add("destroy", self.destroy)
         add("checkpoint", self.checkpoint)
         add("checkpoint-cancel", self.checkpoint_cancel)
         add("migrate", self.migrate)
@@ -315,6 +318,17 @@ class MachineCommands:
         add("migrate-recover", self.migrate_recover)
         add("status", self.status)
         add("resume", self.resume)
+
+    def destroy(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """vmmctl --destroy. A destination still waiting for its source, or receiving (not yet
+        committing), stops as SIGTERM stops it: the wait ends and the process exits, instead of
+        listening on until --accept-timeout with the guest's memory populated."""
+        incoming = self.incoming
+        if incoming is not None and incoming.cancel is not None and incoming.state in ("waiting", "migrating") \
+                and self.in_doubt() is None:
+            self.destroyed_while_receiving = True
+            incoming.cancel.set()
+        return self._builtin_destroy(request, progress)
 
     # -- a migration in doubt holds the guest: nothing may run it but the resolution
     def in_doubt(self) -> str | None:
