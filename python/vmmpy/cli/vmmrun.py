@@ -433,12 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         while (status := machine.wait(0.5)) is None:
             pass
     except (MigrationError, OSError) as err:
+        message = str(err)
         if receive_at and commands.destroyed_while_receiving:
             # The destroy tore the machine down under the receiver: say what ended it.
             record = commands.incoming.stats if commands.incoming is not None else None
             peer = record.peer if record is not None else None
-            err = stopped_while_receiving("vmmctl --destroy", format_address(*receive_at), peer)
-        print(f"vmmrun: {config.name}: {err}", file=sys.stderr)
+            message = stopped_while_receiving("vmmctl --destroy", format_address(*receive_at), peer)
+        print(f"vmmrun: {config.name}: {message}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         machine.close()
