@@ -68,6 +68,12 @@ LIMITS: dict[str, Callable[[Context], Figure]] = {
 CONSOLE_IDLE = {"ticks": "0", "every": "0"}  # sleeps in hlt forever, a timer tick every ms
 
 
+def destination_populate(stats: dict) -> dict | None:
+    """What the destination's populating while it waited did in one run (its record's
+    ``populate``), so a report shows whether it ended before the migration began."""
+    return (stats.get("destination") or {}).get("populate")
+
+
 def random_image(ctx: Context, gib: int, wired: bool = False) -> str:
     return ctx.image(f"random{gib}g{'-wired' if wired else ''}", memsize=gib * GIB, guest="console", guest_args=CONSOLE_IDLE,
                      random_bytes=gib * GIB, wired=wired)
@@ -106,7 +112,8 @@ def warm_random(gib: int, wired: bool = False):
                   qemu_min=1.0 if wired else 1.2, qemu_also={} if wired else {qemu_labels.PREALLOCATED: 1.0})
         row.extra = {"seconds": seconds, "downtime_ms": [st["downtime_ms"] for st in stats],
                      "bytes_total": stats[0]["bytes_total"], "downtime_breakdown": stats[-1]["downtime_breakdown"],
-                     "cpu_seconds": [st["cpu_seconds"] for st in stats]}
+                     "cpu_seconds": [st["cpu_seconds"] for st in stats],
+                     "destination_populate": [destination_populate(st) for st in stats]}
         row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}")
         rows = [row]
         if gib == 1 and not wired:
@@ -314,6 +321,7 @@ def warm_8g(ctx: Context) -> list[Row]:
     else:
         row.notes.append(f"populating fresh memory could not be measured: {why}")
     row.extra = {"seconds": seconds, "bytes_total": stats[0]["bytes_total"], "cpu_seconds": [st["cpu_seconds"] for st in stats],
+                 "destination_populate": [destination_populate(st) for st in stats],
                  "populate_fresh_s": {str(gib): s for gib, s in populate.items()} if populate else None}
     ctx.results[row.scenario] = row
     return [row]
