@@ -23,9 +23,10 @@
 //! so stopping waits at most one step. It holds the segments (`Arc`), so their mappings outlive it.
 //! It is not started where the memory is more than the host's MemAvailable less a reserve
 //! ([`reserve`]; `GuestMemory::start_prefault` says so), and before each step it reads
-//! MemAvailable again and stops where the step would leave less than the reserve: memory is mapped `MAP_NORESERVE`, so a host that cannot give it answers a
-//! fault with the OOM killer, not an error, and a sparse guest whose destination was given a
-//! large `-m` must still migrate as before.
+//! MemAvailable again and stops where the step would leave less than the reserve: memory is
+//! mapped `MAP_NORESERVE`, so a host that cannot give it answers a fault with the OOM killer, not
+//! an error, and a sparse guest whose destination was given a large `-m` must still migrate as
+//! before.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -346,13 +346,13 @@ impl Segment {
             Backing::Anonymous
         }
     }
-    /// The memfd behind the segment (None for anonymous memory): what a local migration hands
-    /// over. It stays open as long as the segment.
     /// Whether the segment loads its bytes on demand (a lazy restore, a post-copy destination).
     pub fn is_lazy(&self) -> bool {
         self.lazy.get().is_some()
     }
 
+    /// The memfd behind the segment (None for anonymous memory): what a local migration hands
+    /// over. It stays open as long as the segment.
     pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
         self.memfd.as_ref().map(|fd| fd.as_fd())
     }
@@ -553,7 +553,7 @@ impl Segment {
         let rc = unsafe {
             libc::mincore(self.base.as_ptr().add(first * PAGE_SIZE) as *mut libc::c_void, (end - first) * PAGE_SIZE, there.as_mut_ptr())
         };
-        rc == 0 && runs.iter().all(|&(p, n)| p >= first && there[p - first..p - first + n].iter().all(|b| b & 1 != 0))
+        rc == 0 && runs.iter().all(|&(p, n)| p >= first && p + n <= end && there[p - first..p + n - first].iter().all(|b| b & 1 != 0))
     }
 
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller
