@@ -2,6 +2,7 @@
 destination ends with exactly the memory and writer state the source had when it paused."""
 
 import json
+import os
 import time
 
 import pytest
@@ -199,6 +200,24 @@ def test_a_destination_populates_its_memory_while_it_waits_and_the_guest_arrives
     # The work area (2048 pages) came with data, the rest as zero ranges that were given back; the
     # destination's writer touches only its work area. (Asked before the checks read memory.)
     assert dst.memory.mapped_pages() <= 2048 + 64
+    assert_arrived_exact(src, dst)
+
+
+def test_a_destination_larger_than_the_host_has_available_is_not_populated_and_says_why(guests):
+    """Twice the host's memory (mapped without reserving it, as a sparse guest's destination
+    may be): populating it would squeeze the host, so it is not started; the record says why in
+    words, and the mostly empty guest migrates as it always did."""
+    size = -(-2 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // GiB) * GiB
+    src = guests(size, work_pages=256)
+    dst = guests(size, work_pages=256, running=False)
+    src.wait_for_progress(300)
+    stats, dstats = migrate_pair(src, dst, live=False, dst_populate=True)
+    assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+    why = dstats.populate["error"]
+    assert why.startswith(f"populating {size // GiB} GiB of guest memory ahead would leave the host less than"), why
+    assert "Errno" not in why and "MemAvailable" in why
+    assert "memory not populated while waiting: populating" in dstats.summary()
+    assert dst.memory.mapped_pages() < 64 * MiB // PAGE_SIZE, "nothing was populated"
     assert_arrived_exact(src, dst)
 
 

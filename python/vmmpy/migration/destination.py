@@ -196,7 +196,7 @@ class Destination:
         try:
             return self.adapter.memory.start_prefault() > 0
         except (OSError, ValueError) as err:  # advisory: the migration goes on without it
-            self.populate_error = str(err)
+            self.populate_error = (err.strerror if isinstance(err, OSError) else None) or str(err)
             return False
 
     def _wait_for_source(self, accept_timeout: float, watcher: CancelWatcher) -> tuple[_Receiver | None, str]:
