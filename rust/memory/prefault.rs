@@ -82,7 +82,7 @@ pub struct Prefault {
 
 /// Whether `seg` may be populated ahead (see the module doc).
 pub(crate) fn eligible(seg: &Segment, tracked_by_kernel: bool) -> bool {
-    !tracked_by_kernel && !seg.wired() && seg.memfd().is_none() && !seg.is_lazy() && !seg.is_closed() && seg.install_open().is_none()
+    !tracked_by_kernel && seg.plain_anonymous() && !seg.is_closed() && seg.install_open().is_none()
 }
 
 fn thread_cpu_seconds() -> f64 {

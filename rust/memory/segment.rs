@@ -346,9 +346,11 @@ impl Segment {
             Backing::Anonymous
         }
     }
-    /// Whether the segment loads its bytes on demand (a lazy restore, a post-copy destination).
-    pub fn is_lazy(&self) -> bool {
-        self.lazy.get().is_some()
+    /// Unwired, private anonymous and eagerly mapped: memory whose backing the receive path and
+    /// populating ahead may choose (wired memory is populated and locked at start-up, a memfd is
+    /// shared with another process, lazily loaded memory is filled chunk by chunk).
+    pub(crate) fn plain_anonymous(&self) -> bool {
+        !self.wired && self.memfd.is_none() && self.lazy.get().is_none()
     }
 
     /// The memfd behind the segment (None for anonymous memory): what a local migration hands
@@ -525,16 +527,11 @@ impl Segment {
     /// not change how it is backed), or where mincore cannot say.
     pub fn huge_bytes(&self, off: usize, len: usize) -> usize {
         let Some((first, end)) = self.huge_span(off, len) else { return 0 };
-        let mut there = vec![0u8; (end - first) / PAGE_SIZE];
-        // SAFETY: first..end is page-aligned inside our mapping (huge_span); mincore writes one
-        // byte per page into `there`, which has exactly that many.
-        if unsafe { libc::mincore(first as *mut libc::c_void, end - first, there.as_mut_ptr()) } != 0 {
-            return 0;
+        let base = self.base.as_ptr() as usize;
+        match self.there((first - base) / PAGE_SIZE, (end - first) / PAGE_SIZE) {
+            Some(there) if !there.iter().any(|&b| b) => end - first,
+            _ => 0,
         }
-        if there.iter().any(|b| b & 1 != 0) {
-            return 0;
-        }
-        end - first
     }
 
     /// Whether every page of `runs` (`(first page, pages)`, ascending, inside the segment) is
@@ -544,16 +541,22 @@ impl Segment {
     pub fn all_resident(&self, runs: &[(usize, usize)]) -> bool {
         let (Some(&(first, _)), Some(&(last, last_pages))) = (runs.first(), runs.last()) else { return false };
         let end = last + last_pages;
-        if end > self.pages() || first >= end {
-            return false;
+        let Some(there) = (first < end).then(|| self.there(first, end - first)).flatten() else { return false };
+        runs.iter().all(|&(p, n)| p >= first && p + n <= end && there[p - first..p + n - first].iter().all(|&b| b))
+    }
+
+    /// Which of `pages` pages from page `first` are there (mincore(2)), one flag per page; None
+    /// past the segment or where mincore cannot say.
+    fn there(&self, first: usize, pages: usize) -> Option<Vec<bool>> {
+        if first.checked_add(pages).is_none_or(|end| end > self.pages()) {
+            return None;
         }
-        let mut there = vec![0u8; end - first];
-        // SAFETY: pages first..end lie inside our mapping (checked); mincore writes one byte per
-        // page into `there`, which has exactly that many.
-        let rc = unsafe {
-            libc::mincore(self.base.as_ptr().add(first * PAGE_SIZE) as *mut libc::c_void, (end - first) * PAGE_SIZE, there.as_mut_ptr())
-        };
-        rc == 0 && runs.iter().all(|&(p, n)| p >= first && p + n <= end && there[p - first..p + n - first].iter().all(|b| b & 1 != 0))
+        let mut flags = vec![0u8; pages];
+        // SAFETY: pages first..first+pages lie inside our mapping (checked); mincore writes one
+        // byte per page into `flags`, which has exactly that many.
+        let rc =
+            unsafe { libc::mincore(self.base.as_ptr().add(first * PAGE_SIZE) as *mut libc::c_void, pages * PAGE_SIZE, flags.as_mut_ptr()) };
+        (rc == 0).then(|| flags.into_iter().map(|b| b & 1 != 0).collect())
     }
 
     /// Ask for transparent huge pages on the 2 MiB-aligned part of `off..off+len`, for a caller
@@ -602,8 +605,7 @@ impl Segment {
     /// Choose [`Segment::receives_huge`] (tests pin either path; turning it on where the segment
     /// cannot take huge pages is ignored).
     pub fn set_receives_huge(&self, on: bool) {
-        let can =
-            !self.wired && self.memfd.is_none() && self.lazy.get().is_none() && !self.huge_barred.load(Ordering::Relaxed) && thp_offered();
+        let can = self.plain_anonymous() && !self.huge_barred.load(Ordering::Relaxed) && thp_offered();
         self.huge_receive.store(on && can, Ordering::Relaxed);
     }
 
@@ -830,12 +832,7 @@ impl Segment {
 
     /// Which pages are resident (have been touched), one flag per page, from mincore(2).
     pub fn resident(&self) -> Result<Vec<bool>, MemoryError> {
-        let mut vec = vec![0u8; self.pages()];
-        // SAFETY: the range is our mapping and `vec` has one byte per page.
-        if unsafe { libc::mincore(self.base.as_ptr() as *mut libc::c_void, self.size, vec.as_mut_ptr()) } != 0 {
-            return Err(MemoryError::os(format!("mincore on segment '{}'", self.name), ""));
-        }
-        Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+        self.there(0, self.pages()).ok_or_else(|| MemoryError::os(format!("mincore on segment '{}'", self.name), ""))
     }
 }
 

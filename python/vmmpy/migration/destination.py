@@ -34,6 +34,8 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ..memory import GuestMemory, PageBatchError, PageBudget
 from ..progress import Ticker
@@ -97,7 +99,6 @@ class Destination:
         # Populate guest memory while waiting (not for a local migration: its memory is replaced
         # by the source's memfds). See run().
         self.populate = populate and not is_unix(host)
-        self.populate_error: str | None = None
         self.key = key
         self.tls = tls
         self.params = params or MigrationParams()
@@ -128,14 +129,12 @@ class Destination:
         receive its guest. Returns when the guest runs here, is discarded, or (with
         ``params.in_doubt_timeout``) stays in doubt past that time."""
         watcher = CancelWatcher(self.cancel)
-        populating = self._start_populating()
+        stop_populating = self._start_populating()
         try:
             receiver, failure = self._wait_for_source(accept_timeout, watcher)
         finally:
             watcher.close()
-            populated = self.adapter.memory.stop_prefault() if populating else None
-            if self.populate_error is not None:
-                populated = {"error": self.populate_error}
+            populated = stop_populating()
         if receiver is None:
             self._close_listener()
             stats = MigrationStats(role="destination", owner="nowhere")
@@ -184,20 +183,22 @@ class Destination:
             self._close_listener()
         return stats
 
-    def _start_populating(self) -> bool:
+    def _start_populating(self) -> Callable[[], dict[str, Any] | None]:
         """Populate the guest's memory on a thread while waiting, as QEMU's ``prealloc=on`` does
         at start-up: the source's pages then land in memory that is there, and the host's
         faults and clearing are paid before the source stops its guest instead of on the
         migration's clock (docs/migration.md, "The destination's memory"). Bytes never change,
         and pages that arrive as zero are given back as before. Stopped once a source's SPEC is
-        accepted (or the wait ends), at most one 32 MiB step later."""
+        accepted (or the wait ends), at most one 32 MiB step later. Returns what stops it and
+        gives the record's ``populate`` (None when it did not run, its reason when refused)."""
         if not self.populate:
-            return False
+            return lambda: None
         try:
-            return self.adapter.memory.start_prefault() > 0
+            started = self.adapter.memory.start_prefault() > 0
         except (OSError, ValueError) as err:  # advisory: the migration goes on without it
-            self.populate_error = (err.strerror if isinstance(err, OSError) else None) or str(err)
-            return False
+            why = (err.strerror if isinstance(err, OSError) else None) or str(err)
+            return lambda: {"error": why}
+        return self.adapter.memory.stop_prefault if started else lambda: None
 
     def _wait_for_source(self, accept_timeout: float, watcher: CancelWatcher) -> tuple[_Receiver | None, str]:
         """Serve connections until one source's SPEC is accepted; returns it, or None and why not."""
