@@ -91,13 +91,13 @@ def test_the_default_mac_comes_from_the_slot(peer):
 @pytest.mark.parametrize("fractions", [(0.11, 0.22, 0.33)])
 def test_a_run_paused_mid_traffic_and_restored_elsewhere_finishes_identically(peer, fractions):
     slots = ["0,hostbridge", "1,lpc", f"4,virtio-net,peer=127.0.0.1:{peer.port}"]
-    args = {"frames": "60", "payload": "512"}
+    args = {"frames": "30", "payload": "512"}
     machine, com1 = build("net-ref", slots, "nettest", args)
     machine.start(serve_control=False)
     assert run_to_end(machine) == EXIT_POWEROFF
     reference = bytes(com1.output)
     total = machine.vm.vcpus[0].instructions_retired
-    assert reference.decode() == nettest.reference_output(bytes.fromhex("02766d000400"), 60, 512)
+    assert reference.decode() == nettest.reference_output(bytes.fromhex("02766d000400"), 30, 512)
     for fraction in fractions:
         tag = f"net-{int(fraction * 100)}"
         source, com1 = build(tag, slots, "nettest", args)
