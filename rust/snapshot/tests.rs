@@ -140,6 +140,57 @@ fn a_damaged_chunk_is_named_with_its_guest_physical_range() {
     assert_eq!(err.to_string(), "memory file is 1048576 bytes (1 MiB), the guest's memory is 13631488 bytes (13 MiB)");
 }
 
+/// A guest whose every page holds data, with lowmem ending 13 pages past a MiB: a restore's
+/// 256 KiB reads cut its one long extent at every piece, and the segment boundary falls inside
+/// a piece.
+fn dense_guest() -> (GuestMemory, MemoryOptions) {
+    let opts = MemoryOptions { lowmem_limit: 6 * MIB + 13 * 4096, ..opts(TrackingChoice::Soft) };
+    let mem = GuestMemory::new(&opts).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for seg in mem.segments() {
+        let bytes: Vec<u8> = (0..seg.size() / 8)
+            .flat_map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()
+            })
+            .collect();
+        mem.write(seg.gpa(), &bytes).unwrap();
+    }
+    (mem, opts)
+}
+
+#[test]
+fn an_image_read_in_pieces_is_exact_and_a_byte_either_side_of_a_piece_boundary_is_caught() {
+    let (mem, opts) = dense_guest();
+    let piece = 256 * 1024u64;
+    // Chunks smaller than a read, not dividing it, straddling reads, and larger than many reads.
+    for chunk in [3 * 4096, MIB + 4096, 8 * MIB] {
+        let f = temp_file(&format!("dense-{chunk}"));
+        let stats = write_memory_file(&mem, f.as_raw_fd(), chunk, None).unwrap();
+        let fresh = GuestMemory::new(&opts).unwrap();
+        let read = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, chunk)), None).unwrap();
+        assert!(read.verified && read.bytes_read == 13 * MIB, "chunk {chunk}: {read:?}");
+        assert_eq!(digest(&fresh), digest(&mem), "chunk {chunk}");
+        // The last byte of the fifth read, the first of the sixth, and the byte where highmem
+        // begins (inside the 25th read).
+        for at in [5 * piece - 1, 5 * piece, 6 * MIB + 13 * 4096] {
+            let mut original = [0u8; 1];
+            f.read_exact_at(&mut original, at).unwrap();
+            f.write_all_at(&[!original[0]], at).unwrap();
+            let fresh = GuestMemory::new(&opts).unwrap();
+            let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, chunk)), None).unwrap_err();
+            let index = at / chunk;
+            assert!(
+                err.to_string().starts_with(&format!("memory chunk {index} (file bytes {:#x}..", index * chunk)),
+                "byte {at:#x}, chunk {chunk}: {err}"
+            );
+            f.write_all_at(&original, at).unwrap();
+        }
+    }
+}
+
 fn lazy(f: &std::fs::File, hashes: &[u128]) -> GuestMemory {
     lazy_memory(&opts(TrackingChoice::Auto), f.as_raw_fd(), hashes.to_vec(), CHUNK, "checkpoint 'test.ckp'").unwrap()
 }
