@@ -24,12 +24,13 @@ from .procs import free_port, start_vmmrun, stop, vmmctl, wait_for_listener, wai
 from .test_migration_processes import abtest_args, expected_console
 
 MiB = 1 << 20
-# About five seconds of a 32 MiB abtest on the 2-core CI machine (60 000 took eight there, and
-# each of these tests waited for all of them): outlasts the fault, which lands in the first rounds
+# About 3.5 s of a 32 MiB abtest at full speed (about 7000 sweeps a second on the 2-core CI
+# machine; each of these tests waits for all of them, once the fault has let the guest run on):
+# outlasts the fault, which lands after two rounds of at least 0.3 s each at the bandwidth cap
 # (about 1 s after the resume; the longest wait, a stall, gives up after --io-timeout 1), even on
 # a loaded machine. A guest that ended first would fail the test, not pass it: the migration's
 # error and the source's console are checked.
-SWEEPS = 36_000
+SWEEPS = 24_000
 PAGES = (32 * MiB - 2 * MiB) // 4096
 # Never converges (the guest rewrites its 30 MiB every sweep), rounds of ~0.3 s at the cap.
 # Uncompressed: abtest's counter pages shrink a hundredfold, which at this cap would make the
