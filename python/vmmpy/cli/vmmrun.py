@@ -24,13 +24,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ..devices.registry import PCI_EMULATIONS
-from ..guest.programs import load_into
 from ..migration import MigrationError, parse_address
 from ..migration.net import format_address, is_unix
-from ..migration.tls import TlsConfig
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
     ACCELS,
@@ -58,6 +56,11 @@ from . import live_update, vmmrun_config
 from .about import VersionAction
 from .keyfile import read_key
 from .progressbar import ProgressBar
+
+if TYPE_CHECKING:
+    # Imported where they are used: a restore loads neither the migration engines nor the guest
+    # programs' assembler (60 ms of every start, docs/performance.md, session 24).
+    from ..migration.tls import TlsConfig
 
 EPILOG = """\
 guests:
@@ -257,6 +260,8 @@ def read_tls(args: argparse.Namespace) -> TlsConfig | None:
     missing = [f"--{name}" for name, value in given.items() if not value]
     if missing:
         raise ConfigError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca together; missing {', '.join(missing)}")
+    from ..migration.tls import TlsConfig
+
     return TlsConfig(os.path.abspath(args.tls_cert), os.path.abspath(args.tls_key), os.path.abspath(args.tls_ca))
 
 
@@ -321,6 +326,8 @@ def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = 
         raise ConfigError("no guest program: give --guest NAME or --guest FILE (see --list-guests), -r FILE or -R HOST:PORT")
     if args.receive:
         return build_machine(config)  # empty memory: the migration fills it
+    from ..guest.programs import load_into
+
     return build_machine(config, load=lambda machine: load_into(machine, config.guest, config.guest_args, memsize=config.memsize))
 
 

@@ -24,15 +24,12 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..devices.lpc import console_backend
 from ..devices.uart import CaptureConsole, ConsoleBackend
 from ..memory import KVM_TRACKING
-from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats, estimate, estimate_warm
 from ..migration.net import format_address, is_local_address, measure_local_throughput
-from ..migration.streams import measure_local_throughput_streams
-from ..migration.tls import TlsConfig
 from ..progress import timed
 from ..snapshot import CheckpointError
 from ..snapshot.checkpoint import RECORD_SECONDS, checkpoint_guest, restore_guest
@@ -45,6 +42,13 @@ from .config import ACCELS, LPC_DEVICES, MAX_VCPUS, TSC_MODES, VENDORS, ConfigEr
 from .control import guest_stays_here
 from .guest_handle import MachineHandle
 from .process import Machine
+
+if TYPE_CHECKING:
+    # The migration engines, imported where a migration, a receive or an estimate starts: with
+    # their wire protocol (28 message classes) they took 50 ms of every vmmrun start, restores
+    # and guests that never migrate included (docs/performance.md, session 24).
+    from ..migration import Destination, MigrationHandle, MigrationStats
+    from ..migration.tls import TlsConfig
 
 #: The basic metadata keys a checkpoint carries beside bhyve's (snapshot.files checks those):
 #: older checkpoints may lack the optional ones.
@@ -292,6 +296,8 @@ class MachineCommands:
         """``vmmrun -R``: listen on ``host:port`` for one incoming migration into this (empty)
         machine (MigrationError if it cannot). vmmrun does it before its control socket answers,
         so whoever finds the VM there finds it listening too."""
+        from ..migration import Destination
+
         self.incoming = Destination(MachineHandle.receiving(self.machine), host, port, key=key, tls=tls, cancel=cancel,
                                     populate=populate)
 
@@ -418,6 +424,9 @@ class MachineCommands:
         host, port = request.get("host"), request.get("port")
         if not isinstance(host, str) or not isinstance(port, int):
             raise ValueError(f"migrate needs a host and a port, got {host!r} {port!r}")
+        from ..migration import MigrationHandle, MigrationParams
+        from ..migration.tls import TlsConfig
+
         key = _request_key(request)
         tls = TlsConfig.from_dict(request["tls"]) if request.get("tls") else None  # vmmctl's paths, read here
         params = MigrationParams(**request.get("params", {}))
@@ -509,6 +518,9 @@ class MachineCommands:
         host, port = request.get("host"), request.get("port")
         if not isinstance(host, str) or not isinstance(port, int):
             raise ValueError(f"migrate-estimate needs a host and a port, got {host!r} {port!r}")
+        from ..migration import MigrationParams, estimate, estimate_warm
+        from ..migration.streams import measure_local_throughput_streams
+
         live = bool(request.get("live"))
         window = float(request.get("window", 1.0))
         params = MigrationParams(**request.get("params", {}))
