@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..migration import COMPRESS_MODES, POLICIES, VERIFY_MODES, MigrationParams
-from ..migration.protocol import MAX_STREAMS
+from ..migration.convergence import MAX_STREAMS
 from ..migration.stats import populate_text, stopped_text
 from ..runtime.control import ControlClient, ControlError, guest_stays_here, list_vms, run_dir
 from ..units import format_size, parse_rate
