@@ -58,8 +58,9 @@ from .keyfile import read_key
 from .progressbar import ProgressBar
 
 if TYPE_CHECKING:
-    # Imported where they are used: a restore loads neither the migration engines nor the guest
-    # programs' assembler (60 ms of every start, docs/performance.md, session 24).
+    # Imported where they are used: a start (a restore's included) waits for neither the migration
+    # engines (loaded once the guest runs, load_meanwhile) nor the guest programs' assembler
+    # (docs/performance.md, session 24).
     from ..migration.tls import TlsConfig
 
 EPILOG = """\
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
         else:
             machine.start_vcpus()
-            load_numpy_meanwhile()
+            load_meanwhile()
         while (status := machine.wait(0.5)) is None:
             pass
     except (MigrationError, OSError) as err:
@@ -457,11 +458,22 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def load_numpy_meanwhile() -> None:
-    """Import numpy on a thread of its own once the guest has started: the start does not wait
-    for it (0.1 s), and a pause that needs it later (a diff checkpoint's dirty pages) does not
-    either."""
-    threading.Thread(target=importlib.import_module, args=("numpy",), name="load-numpy", daemon=True).start()
+#: What a running guest may need later and its start does not: the migration engine and its wire
+#: protocol (a migration or an estimate away from here; 50 ms), then numpy (a diff checkpoint's
+#: dirty pages; 0.1 s).
+LOAD_MEANWHILE = ("vmmpy.migration.source", "numpy")
+
+
+def load_meanwhile() -> None:
+    """Import :data:`LOAD_MEANWHILE` on a thread of its own once the guest has started: the start
+    (a restore's included) does not wait for them, and a migration or a pause that needs them
+    later finds them loaded (or waits only for the rest of the import)."""
+
+    def load() -> None:
+        for name in LOAD_MEANWHILE:
+            importlib.import_module(name)
+
+    threading.Thread(target=load, name="load-meanwhile", daemon=True).start()
 
 
 if __name__ == "__main__":
