@@ -25,12 +25,14 @@ from .test_migration_processes import abtest_args, expected_console
 
 MiB = 1 << 20
 # About 3.5 s of a 32 MiB abtest at full speed (about 7000 sweeps a second on the 2-core CI
-# machine; each of these tests waits for all of them, once the fault has let the guest run on):
-# outlasts the fault, which lands after two rounds of at least 0.3 s each at the bandwidth cap
-# (about 1 s after the resume; the longest wait, a stall, gives up after --io-timeout 1), even on
-# a loaded machine. A guest that ended first would fail the test, not pass it: the migration's
-# error and the source's console are checked.
+# machine; each of these tests waits for all of them, once the fault has let the guest run on).
+# That outlasts a fault landing after two rounds of at least 0.3 s each at the bandwidth cap,
+# about 1 s after the resume, even on a loaded machine. The tests whose fault waits on more (a
+# vmmctl process to start, or a stall to outlast --io-timeout 1: about 2 s) run LONG_SWEEPS. A
+# guest that ended first would fail the test, not pass it: the migration's error and the
+# source's console are checked.
 SWEEPS = 24_000
+LONG_SWEEPS = 36_000
 PAGES = (32 * MiB - 2 * MiB) // 4096
 # Never converges (the guest rewrites its 30 MiB every sweep), rounds of ~0.3 s at the cap.
 # Uncompressed: abtest's counter pages shrink a hundredfold, which at this cap would make the
@@ -44,6 +46,7 @@ class Pair:
 
     def __init__(self, tmp_path, *, sweeps=SWEEPS, listen_port=None, source_args=("--pause-at=1",)):
         self.tmp = tmp_path
+        self.sweeps = sweeps
         self.port = listen_port or free_port()
         self.src_console, self.dst_console = tmp_path / "src.log", tmp_path / "dst.log"
         self.dest = start_vmmrun(tmp_path, "-m", "32M", "-l", f"com1,{self.dst_console}", "-R", f"127.0.0.1:{self.port}",
@@ -95,7 +98,7 @@ class Pair:
     def assert_source_finishes_alone(self):
         """The source guest runs on to its own verdict; the destination does not run it."""
         assert self.source.wait(timeout=60) == 1, self.source.stderr.read()
-        assert self.src_console.read_text() == expected_console(SWEEPS, PAGES), "the source guest ran on, unchanged"
+        assert self.src_console.read_text() == expected_console(self.sweeps, PAGES), "the source guest ran on, unchanged"
         assert not self.dst_console.exists() or self.dst_console.read_text() == "", "the destination never ran the guest"
 
     def close(self):
@@ -145,7 +148,7 @@ def test_source_killed_mid_round_the_destination_discards_and_cleans_up(pair, tm
 
 
 def test_a_stalled_destination_times_out_and_the_source_resumes(pair, tmp_path):
-    p = pair()
+    p = pair(sweeps=LONG_SWEEPS)
     cmd = [sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=src0", "--migrate-live", "127.0.0.1",
            str(p.port), "--io-timeout", "1", *IN_ROUNDS_FLAGS]
     assert vmmctl(tmp_path, "--vm=src0", "--resume").returncode == 0
@@ -203,7 +206,7 @@ def _catch(client, port):
 
 
 def test_cancel_during_the_rounds_leaves_the_source_running(pair, tmp_path):
-    p = pair()
+    p = pair(sweeps=LONG_SWEEPS)
     p.start_live()
     running = p.wait_in_rounds(2)
     # --migrate-status shows the record while the migration runs.
@@ -313,7 +316,7 @@ def test_migrate_cancel_says_a_paused_guest_stays_paused(pair, tmp_path):
 def test_ctrl_c_on_vmmctl_cancels_the_migration_and_says_so(pair, tmp_path, paused):
     # Paused where its memory is written (30 MiB of data), migrated warm at 10 MB/s: about 3 s,
     # time enough to interrupt it.
-    p = pair(source_args=("--pause-at=20000000",)) if paused else pair()
+    p = pair(source_args=("--pause-at=20000000",)) if paused else pair(sweeps=LONG_SWEEPS)
     if paused:
         wait_for_state(tmp_path, "src0", "paused")
         how = ["--migrate", "127.0.0.1", str(p.port), "--bandwidth", "10M", "--compress", "off"]

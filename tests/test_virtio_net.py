@@ -106,6 +106,8 @@ def test_a_run_paused_mid_traffic_and_restored_elsewhere_finishes_identically(pe
         wait_paused(source)
         before = bytes(com1.output)
         assert b"echoed" not in before, "paused mid-traffic"
+        sent = next(f for f in source.pci_functions if isinstance(f, VirtioNet)).stats["tx_frames"]
+        assert 0 < sent < 30, f"paused at {fraction} of the run after {sent} of 30 frames: not mid-traffic"
         com1b = CaptureConsole()
         config = VmConfig(name=f"{tag}-dst", memsize=MEMSIZE, slots=[parse_slot(s) for s in slots])
         target = move_to_fresh_machine(source, config, {"com1": com1b})

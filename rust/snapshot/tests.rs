@@ -165,8 +165,9 @@ fn dense_guest() -> (GuestMemory, MemoryOptions) {
 fn an_image_read_in_pieces_is_exact_and_a_byte_either_side_of_a_piece_boundary_is_caught() {
     let (mem, opts) = dense_guest();
     let piece = 256 * 1024u64;
-    // Chunks smaller than a read, not dividing it, straddling reads, and larger than many reads.
-    for chunk in [3 * 4096, MIB + 4096, 8 * MIB] {
+    // Chunks smaller than a read and ending where it does, not dividing it, straddling reads,
+    // and larger than many reads.
+    for chunk in [64 * 1024, 3 * 4096, MIB + 4096, 8 * MIB] {
         let f = temp_file(&format!("dense-{chunk}"));
         let stats = write_memory_file(&mem, f.as_raw_fd(), chunk, None).unwrap();
         let fresh = GuestMemory::new(&opts).unwrap();

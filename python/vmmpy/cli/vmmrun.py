@@ -58,9 +58,10 @@ from .keyfile import read_key
 from .progressbar import ProgressBar
 
 if TYPE_CHECKING:
-    # Imported where they are used: a start (a restore's included) waits for neither the migration
-    # engines (loaded once the guest runs, load_meanwhile) nor the guest programs' assembler
-    # (docs/performance.md, session 24).
+    # Imported where they are used (docs/performance.md, session 24): a restore waits for neither
+    # the migration engines nor the guest programs' assembler. A boot loads the assembler in
+    # machine_for; -R the engines before it listens; a running guest the source's on the
+    # load-meanwhile thread.
     from ..migration.tls import TlsConfig
 
 EPILOG = """\
@@ -429,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"vmmrun: {config.name}:   note: {note}", file=sys.stderr)
                 return EXIT_ERROR
             log.info("%s: migration received; running. %s", config.name, stats.summary())
+            load_meanwhile()  # the guest may move on from here: the source's engine, before it is asked for
             if args.take_name:
                 try:
                     live_update.serve_when_free(machine, args.run_dir)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # MAX_STREAMS from the core, where the wire defines it (protocol.py offers the same): the
-# parameters are what vmmctl checks its options with, and the protocol module is 40 ms to load.
+# parameters are what vmmctl checks its options with, and the protocol module is 25-45 ms to load.
 from .._core import MAX_STREAMS, PAGE_SIZE
 from .digest import VERIFY_MODES
 from .stats import MigrationStats, RoundStats

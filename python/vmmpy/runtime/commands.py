@@ -45,8 +45,9 @@ from .process import Machine
 
 if TYPE_CHECKING:
     # The migration engines, imported where a migration, a receive or an estimate starts (vmmrun
-    # loads them on a thread once its guest runs): with their wire protocol (28 message classes)
-    # they took 50 ms of every vmmrun start, a restore's included (docs/performance.md, session 24).
+    # loads the source's on a thread once its guest runs): with their wire protocol (28 message
+    # classes) they took 50 ms of every vmmrun start, a restore's included (docs/performance.md,
+    # session 24).
     from ..migration import Destination, MigrationHandle, MigrationStats
     from ..migration.tls import TlsConfig
 
