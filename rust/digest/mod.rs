@@ -29,6 +29,26 @@ pub use zero::{is_zero_page, split_zero_pages, ZeroSplit};
 
 use crate::memory::{Segment, PAGE_SIZE};
 
+/// How many pages ahead of the one being hashed a run of cold pages is asked for: far enough that
+/// a page has arrived from memory when its turn comes, near enough that it is still in the cache
+/// then. The hardware's prefetchers stop at every 4 KiB page, so without this the hash of a run
+/// waits on memory at each page. A/B in docs/performance.md (session 25); `cargo bench --bench
+/// memory -- page_hash` times hashing 256 MiB with and without.
+pub(crate) const PREFETCH_PAGES: usize = 2;
+
+/// Ask for the 64 cache lines of the page at `ptr`: a hint that never faults, whatever `ptr` is,
+/// so it may point past the end of a mapping.
+#[inline(always)]
+pub(crate) fn prefetch_page(ptr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..PAGE_SIZE).step_by(64) {
+        // SAFETY: a prefetch reads nothing the program sees and cannot fault.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr.wrapping_add(line).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ptr;
+}
+
 /// Check that pages `first..first+count` lie in `seg` and make them ready to read (a lazily
 /// restored chunk is loaded and checked first); return the byte offset of `first`.
 fn page_span(seg: &Segment, first: u64, count: u64) -> Result<usize, PageError> {
