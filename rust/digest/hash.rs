@@ -9,7 +9,7 @@
 
 use crate::digest::xxh3::{xxh3_64, Xxh3};
 
-use super::{check_bitmap, page_span, prefetch_page, PageError, PREFETCH_PAGES};
+use super::{check_bitmap, each_page_ahead, page_span, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 
 /// Zeros fed to the hasher in place of untouched pages.
@@ -31,15 +31,12 @@ unsafe fn guest_bytes(seg: &Segment, off: usize, len: usize) -> &[u8] {
 pub fn hash_pages(seg: &Segment, first_page: u64, count: u64) -> Result<Vec<u64>, PageError> {
     let off = page_span(seg, first_page, count)?;
     let count = count as usize;
-    Ok((0..count)
-        .map(|i| {
-            if i + PREFETCH_PAGES < count {
-                prefetch_page(seg.as_ptr().wrapping_add(off + (i + PREFETCH_PAGES) * PAGE_SIZE));
-            }
-            // SAFETY: page_span checked every page is inside the mapping.
-            xxh3_64(unsafe { guest_bytes(seg, off + i * PAGE_SIZE, PAGE_SIZE) })
-        })
-        .collect())
+    let mut hashes = Vec::with_capacity(count);
+    // SAFETY: page_span checked every page is inside the mapping.
+    each_page_ahead(seg.as_ptr().wrapping_add(off), count, |i| {
+        hashes.push(xxh3_64(unsafe { guest_bytes(seg, off + i * PAGE_SIZE, PAGE_SIZE) }))
+    });
+    Ok(hashes)
 }
 
 /// xxh3-64 of each listed page (indices within `seg`), in the list's order.

@@ -29,17 +29,29 @@ pub use zero::{is_zero_page, split_zero_pages, ZeroSplit};
 
 use crate::memory::{Segment, PAGE_SIZE};
 
-/// How many pages ahead of the one being hashed a run of cold pages is asked for: far enough that
+/// How many pages ahead of the one being read a run of cold pages is asked for: far enough that
 /// a page has arrived from memory when its turn comes, near enough that it is still in the cache
-/// then. The hardware's prefetchers stop at every 4 KiB page, so without this the hash of a run
+/// then. The hardware's prefetchers stop at every 4 KiB page, so without this a hash of a run
 /// waits on memory at each page. A/B in docs/performance.md (session 25); `cargo bench --bench
 /// memory -- page_hash` times hashing 256 MiB with and without.
-pub(crate) const PREFETCH_PAGES: usize = 2;
+const PREFETCH_PAGES: usize = 2;
 
-/// Ask for the 64 cache lines of the page at `ptr`: a hint that never faults, whatever `ptr` is,
-/// so it may point past the end of a mapping.
+/// Call `read(i)` for each page `i` of the `count` pages from `ptr`, in order, having asked for
+/// page `i + PREFETCH_PAGES`'s cache lines first (the pages of the run only). For a first read of
+/// guest memory: the source's hash of what it sends, a checkpoint's hash of what it writes.
 #[inline(always)]
-pub(crate) fn prefetch_page(ptr: *const u8) {
+pub(crate) fn each_page_ahead(ptr: *const u8, count: usize, mut read: impl FnMut(usize)) {
+    for i in 0..count {
+        if i + PREFETCH_PAGES < count {
+            prefetch_page(ptr.wrapping_add((i + PREFETCH_PAGES) * PAGE_SIZE));
+        }
+        read(i);
+    }
+}
+
+/// Ask for the 64 cache lines of the page at `ptr`: a hint, which never faults.
+#[inline(always)]
+fn prefetch_page(ptr: *const u8) {
     #[cfg(target_arch = "x86_64")]
     for line in (0..PAGE_SIZE).step_by(64) {
         // SAFETY: a prefetch reads nothing the program sees and cannot fault.

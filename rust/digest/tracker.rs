@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use crate::digest::xxh3::{xxh3_128, xxh3_64, Xxh3};
 
 use super::zero::is_zero_raw;
-use super::{prefetch_page, PageError, PREFETCH_PAGES};
+use super::{each_page_ahead, PageError};
 use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
 
 /// Pages per chunk: one word of the stale bitmap.
@@ -57,23 +57,6 @@ unsafe fn page_hash(ptr: *const u8) -> u64 {
     match xxh3_64(unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) }) {
         0 => 1,
         h => h,
-    }
-}
-
-/// The page hashes of `count` consecutive pages from `ptr`, appended to `out`, each page's lines
-/// asked for a little ahead ([`prefetch_page`]): the sender's run of cold pages is its one read of
-/// guest memory in a migration.
-///
-/// # Safety
-/// `ptr..ptr + count * 4096` must be readable and `ptr` 4 KiB-aligned.
-unsafe fn page_hashes_ahead(ptr: *const u8, count: usize, out: &mut Vec<u64>) {
-    out.reserve(count);
-    for i in 0..count {
-        if i + PREFETCH_PAGES < count {
-            prefetch_page(ptr.wrapping_add((i + PREFETCH_PAGES) * PAGE_SIZE));
-        }
-        // SAFETY: the caller's contract; page i lies in the range.
-        out.push(unsafe { page_hash(ptr.add(i * PAGE_SIZE)) });
     }
 }
 
@@ -210,7 +193,8 @@ impl DigestTracker {
             if !zero {
                 // SAFETY: the run lies in the segment (checked above), inside the mapping `seg`
                 // keeps alive; each page is 4 KiB-aligned.
-                unsafe { page_hashes_ahead(seg.as_ptr().add(first * PAGE_SIZE), count, &mut found) };
+                let run = seg.as_ptr().wrapping_add(first * PAGE_SIZE);
+                each_page_ahead(run, count, |i| found.push(unsafe { page_hash(run.add(i * PAGE_SIZE)) }));
             }
         }
         let mut hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());

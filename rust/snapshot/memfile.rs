@@ -18,7 +18,7 @@ use super::chunks::ChunkHasher;
 use super::error::SnapshotError;
 use super::image::ImageLayout;
 use super::pagecache::{is_cold, CachePolicy, CacheRelease, ReleaseBehind};
-use crate::digest::{is_zero_page, prefetch_page, resident_bitmap, PREFETCH_PAGES};
+use crate::digest::{each_page_ahead, is_zero_page, resident_bitmap};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
 
@@ -235,7 +235,10 @@ fn walk_image(
                     while off < end {
                         let len = WRITE_PIECE.min(end - off);
                         // SAFETY: page_runs stays inside the segment's pages.
-                        hash_ahead(hasher, unsafe { guest_bytes(seg, off, len) });
+                        let piece = unsafe { guest_bytes(seg, off, len) };
+                        // The piece's first read, from memory: a page at a time with the next
+                        // ones asked for; the write below then copies it from the caches.
+                        each_page_ahead(piece.as_ptr(), len / PAGE_SIZE, |i| hasher.data(&piece[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]));
                         on_data(seg, off, len, file_off + off as u64)?;
                         let pages = (len / PAGE_SIZE) as u64;
                         progress::advance(meter, pages, pages, len as u64);
@@ -247,19 +250,6 @@ fn walk_image(
         })?;
     }
     Ok((data, zero, untouched))
-}
-
-/// Feed `bytes` (whole pages of guest memory, read here for the first time, so likely cold) to
-/// `hasher` a page at a time, asking for each page a little ahead
-/// ([`crate::digest::prefetch_page`]); the write that follows copies them from the cache.
-fn hash_ahead(hasher: &mut ChunkHasher, bytes: &[u8]) {
-    let pages = bytes.len() / PAGE_SIZE;
-    for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
-        if i + PREFETCH_PAGES < pages {
-            prefetch_page(bytes.as_ptr().wrapping_add((i + PREFETCH_PAGES) * PAGE_SIZE));
-        }
-        hasher.data(page);
-    }
 }
 
 /// Write guest memory to `fd` (a regular file, truncated first) as the checkpoint memory image,
