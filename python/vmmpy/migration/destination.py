@@ -42,6 +42,7 @@ from ..progress import Ticker
 from ..state import SectionError, decode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
+from .collector import CollectorHold
 from .convergence import MigrationParams
 from .digest import InBackground, Ready, tracker_digest
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
@@ -643,6 +644,7 @@ class _Receiver:
         self.source_aborted = False  # a RESOLVE(abort) for this session came on another connection
         self.local = False  # a local migration: the memory was handed over (LOCAL_MEMORY)
         self.link = None  # post-copy (POSTCOPY): the memory's page link to the source
+        self.collector = CollectorHold()  # off from the final round (or the handed-over memory) until RESUMED
         self._conn_lock = threading.Lock()  # post-copy: the connection is replaced on RECOVER
 
     def run(self) -> MigrationStats:
@@ -689,6 +691,7 @@ class _Receiver:
         return self.stats
 
     def _cleanup(self) -> None:
+        self.collector.release()
         self.watcher.close()
         self._join_hashing()
         if isinstance(self.conn, TlsSocket):
@@ -859,6 +862,7 @@ class _Receiver:
                 continue
             self._close_listener()  # the join window is over for good
             if frame.type is P.MessageType.LOCAL_MEMORY:
+                self.collector.start()  # the source is paused: the downtime has begun
                 self._take_local_memory(P.decode_local_memory(frame.payload))
             elif frame.type is P.MessageType.POSTCOPY:
                 self._take_postcopy(P.decode_postcopy(frame.payload))
@@ -867,7 +871,10 @@ class _Receiver:
                     raise ProtocolError("MEMORY after the final round: nothing may change memory once it is final")
                 if self.link is not None:
                     raise ProtocolError("MEMORY after POSTCOPY: after the switch pages come only on request")
-                self._receive_round(P.decode_memory(frame.payload))
+                memory = P.decode_memory(frame.payload)
+                if memory.flags & P.MemoryFlags.FINAL:
+                    self.collector.start()  # the source is paused: the downtime has begun
+                self._receive_round(memory)
             elif frame.type is P.MessageType.STATE:
                 self._restore(frame.payload)
             else:  # COMMIT_REQUEST, the only other message READY and HAVE_STATE read
@@ -1162,6 +1169,7 @@ class _Receiver:
             self._send(P.MessageType.RESUMED, P.encode_resumed(int(started * 1e6)))
         except (MigrationError, OSError):
             self.stats.notes.append("could not tell the source the guest runs (RESUMED); it runs")
+        self.collector.release()  # the guest runs here: the downtime is over
         if self.link is not None:
             self._postcopy_pages()
             self.stats.finish("completed")

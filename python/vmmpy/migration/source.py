@@ -41,6 +41,7 @@ from ..progress import Ticker
 from ..state import encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
+from .collector import CollectorHold
 from .convergence import GIVE_UP, POSTCOPY, SWITCH, Convergence, MigrationParams
 from .digest import InBackground, digest_is_quick, tracker_digest
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
@@ -230,6 +231,7 @@ class _Source:
         self.phase = "setup"
         self.paused = False
         self.committed = False
+        self.collector = CollectorHold()  # off for the downtime: from the pause until RESUMED (collector.py)
         self.commit_requested = False  # COMMIT_REQUEST went out: the destination may hold the guest in doubt
         self.session = b""  # session_id() of the handshake (protocol version 5)
         self.last_sent: P.MessageType | None = None  # on the main connection (P.SOURCE_NEXT)
@@ -307,6 +309,7 @@ class _Source:
             if not isinstance(err, Exception):
                 raise
         finally:
+            self.collector.release()
             self._close_channels()
             self.watcher.close()
         return self.stats
@@ -380,6 +383,7 @@ class _Source:
             self._postcopy(next_round)
             return
         paused_at = self._pause()
+        self.collector.start()  # until the destination says RESUMED (or the migration ends)
         if self.local:
             self._enter("memory")
             t = time.monotonic()
@@ -437,6 +441,7 @@ class _Source:
             self.paused = False
             self.stats.owner = "destination"
             self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, RESUMED_WAIT_S)
+            self.collector.release()
             self.stats.finish("completed")
             self._report()
             return
@@ -445,6 +450,7 @@ class _Source:
         except (MigrationError, OSError) as err:
             self._in_doubt(f"the destination did not confirm it runs the guest ({err})")
             return
+        self.collector.release()
         try:
             self._send(P.MessageType.RELEASED)
             self.chan.flush(1.0)
