@@ -71,12 +71,33 @@ def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     json.dumps(stats.to_dict()), json.dumps(dstats.to_dict())
 
 
-def _record_collector(guest: FakeGuest, method: str, seen: dict, monkeypatch) -> None:
-    """Have ``guest.method`` note whether Python's cycle collector was on when it was called."""
+class _Holds:
+    """Every CollectorHold the migration engines make, by the module that made it, so a test sees
+    which end holds the collector off (the switch itself is process-wide)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.made: dict[str, list[CollectorHold]] = {"source": [], "destination": []}
+        for end in self.made:
+            made = self.made[end]
+
+            class Recorded(CollectorHold):
+                def __init__(self, made=made) -> None:
+                    super().__init__()
+                    made.append(self)
+
+            monkeypatch.setattr(f"vmmpy.migration.{end}.CollectorHold", Recorded)
+
+    def held(self) -> dict[str, bool]:
+        return {end: any(h.held for h in holds) for end, holds in self.made.items()}
+
+
+def _record_at(guest: FakeGuest, method: str, holds: _Holds, seen: dict, monkeypatch) -> None:
+    """Have ``guest.method`` note which ends held the collector off when it was called, and
+    whether it was off."""
     original = getattr(guest, method)
 
     def recorded(*args, **kwargs):
-        seen[method] = gc.isenabled()
+        seen[method] = (holds.held(), gc.isenabled())
         return original(*args, **kwargs)
 
     monkeypatch.setattr(guest, method, recorded)
@@ -85,19 +106,25 @@ def _record_collector(guest: FakeGuest, method: str, seen: dict, monkeypatch) ->
 @pytest.mark.parametrize("live", [False, True])
 def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_after(guests, monkeypatch, live):
     """A generation-1 collection inside the destination's restore cost about 1 ms of an idle
-    guest's 3 ms downtime: the collector is off from the pause (the final round, on the
-    destination) until the guest runs, on both ends, and on again after."""
+    guest's 3 ms downtime: each end holds the collector off for its part of the downtime (the
+    source from its pause, the destination from the final round) until the guest runs, and it
+    is on again after."""
     assert gc.isenabled()
+    holds = _Holds(monkeypatch)
     src = guests("64M", work_pages=256)
     dst = guests("64M", work_pages=256, running=False)
     src.wait_for_progress(300)
-    seen: dict[str, bool] = {}
-    _record_collector(src, "save_sections", seen, monkeypatch)
-    _record_collector(dst, "restore_sections", seen, monkeypatch)
-    _record_collector(dst, "start_running", seen, monkeypatch)
+    seen: dict[str, tuple[dict[str, bool], bool]] = {}
+    _record_at(src, "save_sections", holds, seen, monkeypatch)
+    _record_at(dst, "restore_sections", holds, seen, monkeypatch)
+    _record_at(dst, "start_running", holds, seen, monkeypatch)
     stats, dstats = migrate_pair(src, dst, live=live)
     assert stats.status == "completed" and dstats.status == "completed", (stats.error, dstats.error)
-    assert seen == {"save_sections": False, "restore_sections": False, "start_running": False}
+    # The source's save may run before the destination has read the final round's header.
+    assert seen["save_sections"][0]["source"] and not seen["save_sections"][1], seen
+    both = {"source": True, "destination": True}
+    assert seen["restore_sections"] == seen["start_running"] == (both, False), seen
+    assert holds.held() == {"source": False, "destination": False}
     assert gc.isenabled(), "the collector stayed off after the migration"
     assert_arrived_exact(src, dst)
 
@@ -105,12 +132,13 @@ def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_a
 def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests, monkeypatch):
     """The destination refuses the state: the source resumes its guest, and neither end leaves
     the collector off."""
+    holds = _Holds(monkeypatch)
     src = guests("64M", work_pages=256)
     dst = guests("64M", work_pages=256, running=False)
     src.wait_for_progress(300)
 
     def refuse(sections, *, what):
-        assert not gc.isenabled()
+        assert holds.held() == {"source": True, "destination": True} and not gc.isenabled()
         raise ValueError("this destination refuses the state")
 
     monkeypatch.setattr(dst, "restore_sections", refuse)
@@ -118,6 +146,7 @@ def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests,
     assert stats.status == "failed" and dstats.status == "failed", (stats.status, dstats.status)
     assert "refuses the state" in (dstats.error or ""), dstats.error
     assert src.calls[-1] == "resume" and dst.discarded
+    assert holds.held() == {"source": False, "destination": False}
     assert gc.isenabled(), "the collector stayed off after a failed migration"
     src.stop_writer()
 

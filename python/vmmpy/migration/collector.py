@@ -4,8 +4,10 @@ The collector runs when enough objects have been allocated since it last ran, wh
 falls. Decoding and restoring the guest's state allocates thousands of small objects, and in an
 idle guest's live migration a generation-1 collection landed inside the destination's restore in
 every run traced: 0.9-1.2 ms of a 3 ms downtime (docs/performance.md, session 25). Reference
-counting still frees everything that is not in a cycle; what is, waits for the collector, which
-is back on the moment the guest runs on one side or the other.
+counting still frees everything that is not in a cycle; what is waits for the collector, which is
+back on the moment the guest runs on one side or the other (or the migration ends). The
+collection that was due then runs soon after, while the guest runs: it is moved out of the
+downtime, not saved.
 
 The switch is process-wide (``gc.disable``), so holds are counted: a source and a destination in
 one process (the tests, the library) each hold and release their own, and the collector comes
@@ -53,3 +55,9 @@ class CollectorHold:
     @property
     def held(self) -> bool:
         return self._held
+
+
+def active_holds() -> int:
+    """How many holds keep the collector off now (0 once every migration's downtime is over)."""
+    with _lock:
+        return _holds

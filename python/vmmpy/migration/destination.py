@@ -865,6 +865,7 @@ class _Receiver:
                 self.collector.start()  # the source is paused: the downtime has begun
                 self._take_local_memory(P.decode_local_memory(frame.payload))
             elif frame.type is P.MessageType.POSTCOPY:
+                self.collector.start()  # the source is paused: the switch has begun
                 self._take_postcopy(P.decode_postcopy(frame.payload))
             elif frame.type is P.MessageType.MEMORY:
                 if self.digest_job is not None:

@@ -485,6 +485,7 @@ class _Source:
         the destination's page requests until it has every page, reconnecting when the link fails."""
         p = self.params
         paused_at = self._pause()
+        self.collector.start()  # until RESUMED: the switch is the downtime
         self._enter("postcopy")
         t = time.monotonic()
         runs = self.memory.postcopy_runs(all_pages=rounds == 0)
@@ -518,8 +519,10 @@ class _Source:
             self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, p.commit_timeout, strict=True)
             self.stats.postcopy["running_after_ms"] = (time.monotonic() - paused_at) * 1000
         except (MigrationError, OSError) as err:
+            self.collector.release()
             self._link_lost(f"after COMMITTED: {err}")
             self._recover()
+        self.collector.release()  # the guest runs there: serving its pages is not downtime
         self.stats.status = "postcopy"
         self._report()
         switched = time.monotonic()
@@ -639,6 +642,7 @@ class _Source:
     def _in_doubt(self, why: str) -> None:
         """COMMITTED went (or may have gone) out and the destination did not confirm: hold the
         guest paused and deliver the decision by reconnecting, for resolve_timeout seconds."""
+        self.collector.release()  # the wait for an answer may be long; the collector need not wait too
         self.stats.owner = "in doubt"
         self.stats.notes.append(f"in doubt: {why}; asking the destination again for up to {self.params.resolve_timeout:g} s")
         self.stats.finish("in-doubt", f"{why}; the guest is held paused here until the destination confirms it runs it")
@@ -1085,6 +1089,7 @@ class _Source:
             self._try_abort(message)
         if self.convergence is not None:
             self.convergence.release()
+        self.collector.release()  # the guest runs here again (or is gone): nothing more is downtime
         if self.paused:
             self.adapter.resume()
             self.paused = False
