@@ -39,7 +39,7 @@ from typing import Any
 
 from ..memory import GuestMemory, PageBatchError, PageBudget
 from ..progress import Ticker
-from ..state import SectionError, decode_sections
+from ..state import SectionError, decode_sections, encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
 from .collector import CollectorHold
@@ -131,6 +131,7 @@ class Destination:
         ``params.in_doubt_timeout``) stays in doubt past that time."""
         watcher = CancelWatcher(self.cancel)
         stop_populating = self._start_populating()
+        self._warm_up_state()
         try:
             receiver, failure = self._wait_for_source(accept_timeout, watcher)
         finally:
@@ -183,6 +184,18 @@ class Destination:
         else:
             self._close_listener()
         return stats
+
+    def _warm_up_state(self) -> None:
+        """Save, encode, decode and check this guest's own state once, while nothing waits on it.
+        The source's state is decoded, checked and loaded here inside the downtime, and the first
+        time that code runs in a process it took 0.25 ms more: an idle guest's sections in 0.82 ms
+        cold, 0.58 ms after this (docs/performance.md, session 25). The guest has not run, so its
+        state is read while nothing changes it, and nothing is loaded. Advisory: a failure here
+        changes nothing, and the migration's own check says what is wrong, if anything is."""
+        try:
+            self.adapter.check_sections(decode_sections(encode_sections(self.adapter.save_sections())), what="warm-up")
+        except Exception:  # advisory, see above
+            pass
 
     def _start_populating(self) -> Callable[[], dict[str, Any] | None]:
         """Populate the guest's memory on a thread while waiting, as QEMU's ``prealloc=on`` does
