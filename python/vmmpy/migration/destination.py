@@ -657,7 +657,7 @@ class _Receiver:
         self.source_aborted = False  # a RESOLVE(abort) for this session came on another connection
         self.local = False  # a local migration: the memory was handed over (LOCAL_MEMORY)
         self.link = None  # post-copy (POSTCOPY): the memory's page link to the source
-        self.collector = CollectorHold()  # off from the final round (or the handed-over memory) until RESUMED
+        self.collector = CollectorHold()  # off from the final round (the handed-over memory, the switch) until RESUMED
         self._conn_lock = threading.Lock()  # post-copy: the connection is replaced on RECOVER
 
     def run(self) -> MigrationStats:
