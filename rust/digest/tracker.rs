@@ -34,7 +34,7 @@ use crate::digest::xxh3::{xxh3_128, xxh3_64, Xxh3};
 
 use super::zero::is_zero_raw;
 use super::{each_page_ahead, PageError};
-use crate::memory::{GuestMemory, MemoryError, Segment, PAGE_SIZE};
+use crate::memory::{stream_fence, stream_page, GuestMemory, MemoryError, Segment, PAGE_SIZE};
 
 /// Pages per chunk: one word of the stale bitmap.
 pub const DIGEST_CHUNK_PAGES: usize = 64;
@@ -177,6 +177,56 @@ impl DigestTracker {
     /// sends (and hashes) the page again in a later round; the final round runs with the guest
     /// stopped.
     pub fn hash_now(&self, seg: &Segment, runs: &[(usize, usize)], zero: bool) -> Result<(), PageError> {
+        self.take_and_store(seg, runs, zero, |run, count, found| {
+            // SAFETY: `take_and_store` passes a run inside the segment's mapping, which `seg` keeps
+            // alive; each page is 4 KiB-aligned.
+            each_page_ahead(run, count, |i| found.push(unsafe { page_hash(run.add(i * PAGE_SIZE)) }));
+        })
+    }
+
+    /// Put `bytes`, the pages of `runs` (`(first page, count)` in `seg`) in order, in place, and
+    /// store their hashes, each taken from `bytes` right before the page is written. For a
+    /// receiver that reads page data into a staging buffer that stays in the cache: each page is
+    /// read from there once, into the hash and on into guest memory with stores that bypass the
+    /// cache ([`crate::memory::stream_page`]), instead of being written into guest memory by the
+    /// socket's copy (which first reads every line it writes) and read back for the hash.
+    ///
+    /// The pages' stale bits are taken before they are written, as [`hash_now`](Self::hash_now)
+    /// takes them before it reads: a mark by another writer after the take leaves the page stale.
+    /// `bytes` must hold exactly the runs' pages and be 16-byte aligned (a staging buffer is
+    /// page-aligned); the runs must not be written by anyone else meanwhile (a receiver's are
+    /// not), or what is stored is the hash of what this call wrote.
+    pub fn place(&self, seg: &Segment, runs: &[(usize, usize)], bytes: &[u8]) -> Result<(), PageError> {
+        let pages: usize = runs.iter().map(|r| r.1).sum();
+        assert!(bytes.len() == pages * PAGE_SIZE && bytes.as_ptr() as usize % 16 == 0, "place: bytes must be the runs' pages, aligned");
+        let mut from = bytes.as_ptr();
+        let placed = self.take_and_store(seg, runs, false, |run, count, found| {
+            for i in 0..count {
+                // SAFETY: `from` walks `bytes` a page at a time, one page per page of the runs,
+                // whose total is checked above; the page it reads is aligned (so is `bytes`) and
+                // readable; `run` is as in `hash_now`, and writable (a receiver's segment).
+                unsafe {
+                    found.push(page_hash(from));
+                    stream_page(run.add(i * PAGE_SIZE) as *mut u8, from);
+                    from = from.add(PAGE_SIZE);
+                }
+            }
+        });
+        stream_fence();
+        placed
+    }
+
+    /// Check `runs` against `seg`, take their stale bits and, unless they are `zero` (known to
+    /// read as zero, stored as hash 0 without a look), have `hash_run(start, count, found)` push
+    /// the hash of each page of each run onto `found`, in order; then store the hashes and rehash
+    /// the chunks they are in, under the lock (the common part of `hash_now` and `place`).
+    fn take_and_store(
+        &self,
+        seg: &Segment,
+        runs: &[(usize, usize)],
+        zero: bool,
+        mut hash_run: impl FnMut(*const u8, usize, &mut Vec<u64>),
+    ) -> Result<(), PageError> {
         let track = self.track(seg)?;
         let mut found = Vec::with_capacity(if zero { 0 } else { runs.iter().map(|r| r.1).sum() });
         for &(first, count) in runs {
@@ -191,10 +241,7 @@ impl DigestTracker {
                 }
             });
             if !zero {
-                // SAFETY: the run lies in the segment (checked above), inside the mapping `seg`
-                // keeps alive; each page is 4 KiB-aligned.
-                let run = seg.as_ptr().wrapping_add(first * PAGE_SIZE);
-                each_page_ahead(run, count, |i| found.push(unsafe { page_hash(run.add(i * PAGE_SIZE)) }));
+                hash_run(seg.as_ptr().wrapping_add(first * PAGE_SIZE), count, &mut found);
             }
         }
         let mut hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());
@@ -623,6 +670,71 @@ mod tests {
         // As on a destination: the receiver writes pages and hashes them right away, while
         // refreshes of the pages still stale from the start run on another thread.
         let (tracker, mem) = race_writes_with_refreshes(16, |t, seg, first, count| t.hash_now(seg, &[(first, count)], false).unwrap());
+        assert_eq!(tracker.stale_pages(), 0);
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+    }
+
+    /// A page-aligned page, for a staging buffer as a receiver's.
+    #[derive(Clone)]
+    #[repr(C, align(4096))]
+    struct StagedPage([u8; PAGE_SIZE]);
+
+    fn staged_bytes(pages: &mut [StagedPage]) -> &mut [u8] {
+        // SAFETY: the pages are plain bytes, contiguous, borrowed mutably for the result's life.
+        unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr() as *mut u8, pages.len() * PAGE_SIZE) }
+    }
+
+    #[test]
+    fn placing_pages_writes_them_and_stores_their_hashes() {
+        let mem = GuestMemory::new(&MemoryOptions::new(256 * 4096)).unwrap();
+        let seg = mem.segments()[0].clone();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        mem.write(GuestAddress(11 * 4096), &[7u8; 4096]).unwrap(); // overwritten with zeros below
+        tracker.digest().unwrap();
+        // Several runs in one chunk and one across a chunk boundary, as a receive window holds
+        // them; page 11 (the third page of the bytes) comes as all zeros.
+        let runs = [(3usize, 2usize), (10, 2), (62, 11)];
+        let mut buf = vec![StagedPage([0; PAGE_SIZE]); 15];
+        let bytes = staged_bytes(&mut buf);
+        for (i, page) in bytes.chunks_mut(4096).enumerate() {
+            if i != 3 {
+                page.iter_mut().enumerate().for_each(|(j, b)| *b = (i * 31 + j * 7 + 1) as u8);
+            }
+        }
+        tracker.mark_pages(&seg, 3, 2).unwrap(); // taken by the place
+        tracker.mark_pages(&seg, 100, 5).unwrap(); // left alone
+        tracker.place(&seg, &runs, bytes).unwrap();
+        let mut at = 0;
+        for &(first, count) in &runs {
+            let mut back = vec![0u8; count * 4096];
+            mem.read(GuestAddress((first * 4096) as u64), &mut back).unwrap();
+            assert_eq!(back, bytes[at..at + count * 4096], "run at page {first}");
+            at += count * 4096;
+        }
+        assert_eq!(tracker.stale_pages(), 5, "the placed pages' stale bits were taken, the others' kept");
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
+        assert!(matches!(tracker.place(&seg, &[(250, 7)], &bytes[..7 * 4096]), Err(PageError::PagesOutsideSegment { .. })));
+    }
+
+    #[test]
+    #[should_panic(expected = "the runs' pages")]
+    fn placing_bytes_that_are_not_the_runs_pages_is_refused() {
+        let mem = GuestMemory::new(&MemoryOptions::new(16 * 4096)).unwrap();
+        let tracker = DigestTracker::new(&mem).unwrap();
+        let mut buf = vec![StagedPage([0; PAGE_SIZE]); 2];
+        tracker.place(&mem.segments()[0], &[(0, 3)], staged_bytes(&mut buf)).unwrap();
+    }
+
+    #[test]
+    fn placing_pages_while_refreshes_run_misses_nothing() {
+        // As on a destination that reads into a staging buffer: each group is put in place from
+        // there (the same bytes, read back), while refreshes of the still stale pages run.
+        let (tracker, mem) = race_writes_with_refreshes(16, |t, seg, first, count| {
+            let mut buf = vec![StagedPage([0; PAGE_SIZE]); count];
+            let bytes = staged_bytes(&mut buf);
+            seg.read(first * 4096, bytes).unwrap();
+            t.place(seg, &[(first, count)], bytes).unwrap();
+        });
         assert_eq!(tracker.stale_pages(), 0);
         assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
     }

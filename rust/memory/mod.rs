@@ -14,6 +14,7 @@ mod install;
 mod lazy;
 mod prefault;
 mod segment;
+mod stream;
 
 pub use address::{human_size, GuestAddress, PAGE_SHIFT, PAGE_SIZE};
 pub use cow::{LiveCapture, LiveStats, TakenPage};
@@ -22,6 +23,7 @@ pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_C
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
 pub use prefault::PrefaultStats;
 pub use segment::{Backing, InstallGuard, Segment, SegmentSpec};
+pub(crate) use stream::{stream_fence, stream_page};
 
 #[cfg(test)]
 mod access_tests;

@@ -17,8 +17,9 @@
 //! sent from or written into (`ready_ranges`).
 //!
 //! If a receive fails part way (the stream ends, the peer breaks), pages already read stay written
-//! and may count as dirty with the kernel backend: the destination of a failed transfer is thrown
-//! away, so that is harmless, and nothing at all is written before the header and table check out.
+//! (those of whole windows, where a window is read into a staging buffer first) and may count as
+//! dirty with the kernel backend: the destination of a failed transfer is thrown away, so that is
+//! harmless, and nothing at all is written before the header and table check out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -556,8 +557,9 @@ pub(crate) fn recv_batch_admitted(
     Ok(stats)
 }
 
-/// Read a plain batch's DATA pages straight into the segment; with a `tracker`, a window at a
-/// time, each hashed into it right after it arrives. A socket's reads wait for whole windows
+/// Read a plain batch's DATA pages into the segment: straight into place without a `tracker`;
+/// with one, a window at a time into a staging buffer, each window then put in place and hashed
+/// page by page ([`DigestTracker::place`]). A socket's reads wait for whole windows
 /// ([`WholeReads`]). With a `meter`, a window at a time too, each counted in it as it arrives;
 /// returns the DATA pages counted so. With an `installer`, each window is read into a staging
 /// buffer (in the cache) and installed from there, `plan.window` pages at a time; when
@@ -606,6 +608,15 @@ fn read_data_pages(
     // a batch big enough to pay for the thread, and never for wired memory. (Where the kernel
     // lets pages be installed, that is done instead: `install_data_pages`.)
     let populate = !seg.wired() && !plan.there && header.payload_len >= POPULATE_AHEAD_MIN;
+    // With a tracker, each window is read into a staging buffer that stays in the cache and put in
+    // place from there, each page hashed on the way (`DigestTracker::place`): the socket's copy
+    // into guest memory would read every line before writing it, and the hash would read the
+    // window back. A/B in docs/performance.md (session 26).
+    let mut staging = tracker.map(|_| {
+        let mut staging = STAGING.take();
+        staging_at_least(&mut staging, window);
+        staging
+    });
     let got = std::thread::scope(|scope| -> Result<u64, PageError> {
         if populate {
             scope.spawn(move || {
@@ -622,20 +633,34 @@ fn read_data_pages(
             for &(first, pages) in window {
                 seg.before_write(first * PAGE_SIZE, pages * PAGE_SIZE);
             }
-            let mut iovs: Vec<libc::iovec> = window.iter().map(|&run| run_iovec(seg, run)).collect();
-            let want: u64 = iovs.iter().map(|v| v.iov_len as u64).sum();
+            let want: u64 = window.iter().map(|&(_, pages)| (pages * PAGE_SIZE) as u64).sum();
             #[cfg(test)]
             WIDEST_READ.with(|w| w.set(w.get().max(want)));
-            // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which the
-            // caller's `mem` keeps mapped; guest memory is never behind a Rust reference, so the
-            // kernel writing it aliases nothing.
-            let n = unsafe { read_all_with(link, &mut iovs, "receiving page data", whole.as_mut())? };
+            let n = match (tracker, staging.as_deref_mut()) {
+                (Some(tracker), Some(staging)) => {
+                    let mut iov = [libc::iovec { iov_base: staging.as_mut_ptr() as *mut libc::c_void, iov_len: want as usize }];
+                    // SAFETY: the iovec is the first `want` bytes of `staging` (a window is at most
+                    // its length), borrowed mutably for the call.
+                    let n = unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut())? };
+                    if n == want {
+                        // SAFETY: the window's bytes were just read into `staging`; nothing else
+                        // refers to it.
+                        let bytes = unsafe { std::slice::from_raw_parts(staging.as_ptr() as *const u8, want as usize) };
+                        tracker.place(seg, window, bytes)?;
+                    }
+                    n
+                }
+                _ => {
+                    let mut iovs: Vec<libc::iovec> = window.iter().map(|&run| run_iovec(seg, run)).collect();
+                    // SAFETY: every iovec lies inside the segment's mapping (validate_ranges), which
+                    // the caller's `mem` keeps mapped; guest memory is never behind a Rust
+                    // reference, so the kernel writing it aliases nothing.
+                    unsafe { read_all_with(link, &mut iovs, "receiving page data", whole.as_mut())? }
+                }
+            };
             got += n;
             if n < want {
                 break;
-            }
-            if let Some(tracker) = tracker {
-                tracker.hash_now(seg, window, false)?;
             }
             if meter.is_some() {
                 let pages = want / PAGE_SIZE as u64;
@@ -644,7 +669,11 @@ fn read_data_pages(
             }
         }
         Ok(got)
-    })?;
+    });
+    if let Some(staging) = staging {
+        STAGING.set(staging);
+    }
+    let got = got?;
     if got < header.payload_len {
         return Err(PageError::Truncated { what: "page data", expected: header.payload_len, got });
     }
