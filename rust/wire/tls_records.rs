@@ -6,7 +6,7 @@
 //! rustls' own record layer allocates a buffer per record on both sides and copies each one more
 //! time (docs/performance.md, "TLS in the core").
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::ConnectionTrafficSecrets;
 
 /// The most plaintext one record carries (2^14 bytes).
