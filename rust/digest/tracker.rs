@@ -193,14 +193,16 @@ impl DigestTracker {
     ///
     /// The pages' stale bits are taken before they are written, as [`hash_now`](Self::hash_now)
     /// takes them before it reads: a mark by another writer after the take leaves the page stale.
-    /// `bytes` must hold exactly the runs' pages and be 16-byte aligned (a staging buffer is
-    /// page-aligned); the runs must not be written by anyone else meanwhile (a receiver's are
+    /// `bytes` must hold exactly the runs' pages and be page-aligned (as a staging buffer is); the runs must not be written by anyone else meanwhile (a receiver's are
     /// not), or what is stored is the hash of what this call wrote.
     pub fn place(&self, seg: &Segment, runs: &[(usize, usize)], bytes: &[u8]) -> Result<(), PageError> {
         let pages: usize = runs.iter().map(|r| r.1).sum();
-        assert!(bytes.len() == pages * PAGE_SIZE && bytes.as_ptr() as usize % 16 == 0, "place: bytes must be the runs' pages, aligned");
+        assert!(
+            bytes.len() == pages * PAGE_SIZE && bytes.as_ptr() as usize % PAGE_SIZE == 0,
+            "place: bytes must be the runs' pages, page-aligned"
+        );
         let mut from = bytes.as_ptr();
-        let placed = self.take_and_store(seg, runs, false, |run, count, found| {
+        self.take_and_store(seg, runs, false, |run, count, found| {
             for i in 0..count {
                 // SAFETY: `from` walks `bytes` a page at a time, one page per page of the runs,
                 // whose total is checked above; the page it reads is aligned (so is `bytes`) and
@@ -211,9 +213,10 @@ impl DigestTracker {
                     from = from.add(PAGE_SIZE);
                 }
             }
-        });
-        stream_fence();
-        placed
+            // Before the hashes are stored (and the lock a refresh reads pages under is taken),
+            // so whoever reads these pages next sees what was written.
+            stream_fence();
+        })
     }
 
     /// Check `runs` against `seg`, take their stale bits and, unless they are `zero` (known to
@@ -374,9 +377,12 @@ fn refresh_segment(
     if stale_chunks == 0 {
         return Ok(());
     }
-    // For many stale chunks, one mincore pass finds the pages never touched (zero, unread).
-    let resident = if stale_chunks > residency_threshold { Some(super::resident_bitmap(seg)?.0) } else { None };
     let mut hashes = track.hashes.lock().unwrap_or_else(|e| e.into_inner());
+    // For many stale chunks, one mincore pass finds the pages never touched (zero, unread). Asked
+    // under the lock: a writer that hashed a page (`hash_now`, `place`) after the take above and
+    // stored its hash before this lock would otherwise see it overwritten with the 0 of a page
+    // the residency, asked before that write, called untouched.
+    let resident = if stale_chunks > residency_threshold { Some(super::resident_bitmap(seg)?.0) } else { None };
     let Hashes { pages, chunks } = &mut *hashes;
     // Many stale chunks (a first refresh, a warm migration's) are split among a few threads, each
     // with its own words and hashes; they only read guest memory.
@@ -692,7 +698,7 @@ mod tests {
         mem.write(GuestAddress(11 * 4096), &[7u8; 4096]).unwrap(); // overwritten with zeros below
         tracker.digest().unwrap();
         // Several runs in one chunk and one across a chunk boundary, as a receive window holds
-        // them; page 11 (the third page of the bytes) comes as all zeros.
+        // them; page 11 (the fourth page of the bytes) comes as all zeros.
         let runs = [(3usize, 2usize), (10, 2), (62, 11)];
         let mut buf = vec![StagedPage([0; PAGE_SIZE]); 15];
         let bytes = staged_bytes(&mut buf);
@@ -717,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "the runs' pages")]
+    #[should_panic(expected = "the runs' pages, page-aligned")]
     fn placing_bytes_that_are_not_the_runs_pages_is_refused() {
         let mem = GuestMemory::new(&MemoryOptions::new(16 * 4096)).unwrap();
         let tracker = DigestTracker::new(&mem).unwrap();
@@ -728,13 +734,21 @@ mod tests {
     #[test]
     fn placing_pages_while_refreshes_run_misses_nothing() {
         // As on a destination that reads into a staging buffer: each group is put in place from
-        // there (the same bytes, read back), while refreshes of the still stale pages run.
+        // there, other bytes than the helper wrote, while refreshes of the still stale pages run.
+        let staged = |page: usize| (page as u64 * 7 + 3).to_le_bytes();
         let (tracker, mem) = race_writes_with_refreshes(16, |t, seg, first, count| {
             let mut buf = vec![StagedPage([0; PAGE_SIZE]); count];
-            let bytes = staged_bytes(&mut buf);
-            seg.read(first * 4096, bytes).unwrap();
-            t.place(seg, &[(first, count)], bytes).unwrap();
+            for (i, page) in buf.iter_mut().enumerate() {
+                page.0[8..16].copy_from_slice(&staged(first + i));
+            }
+            t.place(seg, &[(first, count)], staged_bytes(&mut buf)).unwrap();
         });
+        for page in [0usize, 17, 4095, 8191] {
+            let mut back = [0u8; 16];
+            mem.read(GuestAddress((page * 4096) as u64), &mut back).unwrap();
+            assert_eq!(back[..8], [0u8; 8], "page {page}: the placed page replaced the helper's bytes");
+            assert_eq!(back[8..], staged(page), "page {page}");
+        }
         assert_eq!(tracker.stale_pages(), 0);
         assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
     }

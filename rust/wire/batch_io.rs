@@ -176,8 +176,8 @@ const PIPELINE_STAGING_PAGES: usize = SLOT_PAGES * SLOTS;
 thread_local! {
     /// Batches this thread received through the pipeline (tests check it was taken).
     pub(super) static PIPELINED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// The most bytes this thread asked one read for, straight into guest memory (tests check
-    /// the receive window a stream used).
+    /// The widest receive window this thread read page data in, straight into guest memory or
+    /// through its staging buffer (tests check the window a stream used).
     pub(super) static WIDEST_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     /// The installers this thread's pipelines start, when a test chooses (both counts are tested
     /// whatever the machine's CPUs).
@@ -185,13 +185,15 @@ thread_local! {
 }
 
 thread_local! {
-    /// Where installed pages land before they are put in place, allocated once per receiving
-    /// thread: one hash window, or a pipeline's slots once the thread first runs one.
+    /// Where received pages land before they are put in place, allocated once per receiving
+    /// thread: one install window, a receive window (a tracker's reader, `read_data_pages`), or a
+    /// pipeline's slots once the thread first runs one.
     static STAGING: std::cell::RefCell<Box<[Page]>> = std::cell::RefCell::new(Box::new([]));
 }
 
 /// `staging`, grown to at least `pages` zeroed pages (the allocator clears them: 512 KiB for a
-/// thread that installs a window at a time, 4 MiB once for one that pipelines).
+/// thread that installs a window at a time, 1 or 2 MiB for a tracker's reader, 4 MiB once for one
+/// that pipelines).
 fn staging_at_least(staging: &mut Box<[Page]>, pages: usize) {
     if staging.len() >= pages {
         return;
@@ -638,6 +640,7 @@ fn read_data_pages(
             WIDEST_READ.with(|w| w.set(w.get().max(want)));
             let n = match (tracker, staging.as_deref_mut()) {
                 (Some(tracker), Some(staging)) => {
+                    assert!(want as usize <= staging.len() * PAGE_SIZE, "a window fits the staging buffer");
                     let mut iov = [libc::iovec { iov_base: staging.as_mut_ptr() as *mut libc::c_void, iov_len: want as usize }];
                     // SAFETY: the iovec is the first `want` bytes of `staging` (a window is at most
                     // its length), borrowed mutably for the call.
@@ -697,9 +700,10 @@ fn install_data_pages(
     let (mut got, mut counted) = (0u64, 0u64);
     for window in windows {
         let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
+        assert!(want <= staging.len() * PAGE_SIZE, "a window fits the staging buffer");
         let mut iov = [libc::iovec { iov_base: staging.as_mut_ptr() as *mut libc::c_void, iov_len: want }];
         // SAFETY: the iovec describes the first `want` bytes of `staging` (a window is at most its
-        // length), borrowed mutably for the call.
+        // length, asserted above), borrowed mutably for the call.
         let n = unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut())? };
         got += n;
         if n < want as u64 {
