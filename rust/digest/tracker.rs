@@ -193,8 +193,9 @@ impl DigestTracker {
     ///
     /// The pages' stale bits are taken before they are written, as [`hash_now`](Self::hash_now)
     /// takes them before it reads: a mark by another writer after the take leaves the page stale.
-    /// `bytes` must hold exactly the runs' pages and be page-aligned (as a staging buffer is); the runs must not be written by anyone else meanwhile (a receiver's are
-    /// not), or what is stored is the hash of what this call wrote.
+    /// `bytes` must hold exactly the runs' pages and be page-aligned (as a staging buffer is); the
+    /// runs must not be written by anyone else meanwhile (a receiver's are not), or what is stored
+    /// is the hash of what this call wrote.
     pub fn place(&self, seg: &Segment, runs: &[(usize, usize)], bytes: &[u8]) -> Result<(), PageError> {
         let pages: usize = runs.iter().map(|r| r.1).sum();
         assert!(
