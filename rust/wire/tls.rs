@@ -5,10 +5,11 @@
 //! afterwards (`KernelConnection`: it derives each next key and takes session tickets); the
 //! records after the handshake are sealed and opened here (`tls_records`), because rustls' own
 //! record layer allocates and copies every record once more on each side. Page batches go
-//! through a stream as they go through a plain fd (`fdio::Link`): their bytes are copied from
-//! guest memory into one buffer of full records, sealed in place and written with one send per
-//! `SEND_STEP`; received ciphertext is opened in place where it arrived and copied once into
-//! guest memory. There is no relay thread and no socketpair.
+//! through a stream as they go through a plain fd (`fdio::Link`): each full record of their
+//! bytes is sealed from guest memory straight into one buffer of records (a record that gathers
+//! several parts is copied in and sealed in place), written with one send per `SEND_STEP`; a
+//! received record is opened straight into the reader's buffer when it fits there, and otherwise
+//! where it arrived and copied out. There is no relay thread and no socketpair.
 //!
 //! The socket stays the caller's: it owns the fd, sets its SO_SNDTIMEO / SO_RCVTIMEO (honoured as
 //! `stall` explains: a send's timeout counts from the last byte the peer took, a receive's from
@@ -46,7 +47,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedConnectionCommo
 use rustls::{AlertDescription, CertificateError, ClientConfig, CommonState, RootCertStore, ServerConfig};
 
 use super::stall::{poll_ms, socket_timeout, timed_out, SendDeadline};
-use super::tls_records::{record_len, RecordKey, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_FRAGMENT, OVERHEAD};
+use super::tls_records::{opened_len, record_len, RecordKey, Records, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_FRAGMENT, OVERHEAD};
 use crate::digest::{Direction, PageError};
 
 /// Ciphertext read from the socket at a time (at most): one syscall brings many records.
@@ -380,10 +381,10 @@ struct Inbox {
     broken: Option<String>,
 }
 
-/// The sending side: the records being built (sealed in place, written with one send per
-/// `SEND_STEP`) and the send key with how many records it may still protect.
+/// The sending side: the records being built (written with one send per `SEND_STEP`) and the
+/// send key with how many records it may still protect.
 struct Outbox {
-    out: Vec<u8>,
+    out: Outbuf,
     /// Where the record being filled starts in `out` (a send with more to follow leaves it open).
     open: Option<usize>,
     key: RecordKey,
@@ -396,8 +397,61 @@ impl Outbox {
     /// Seal the record being filled, if any.
     fn seal_open(&mut self) {
         if let Some(start) = self.open.take() {
-            self.key.seal(&mut self.out, start, APPLICATION_DATA);
+            self.out.grow(OVERHEAD - HEADER);
+            self.key.seal(self.out.since(start), APPLICATION_DATA);
         }
+    }
+}
+
+/// The sealed records waiting to be written, `buf[..len]`. The bytes after them are those of
+/// records already written, kept rather than cleared: a record is sealed straight into them,
+/// with no zeroing first.
+struct Outbuf {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Outbuf {
+    fn with_capacity(bytes: usize) -> Outbuf {
+        Outbuf { buf: Vec::with_capacity(bytes), len: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The bytes from `start` to the end.
+    fn since(&mut self, start: usize) -> &mut [u8] {
+        &mut self.buf[start..self.len]
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Drop the first `n` bytes (written); the rest move to the front.
+    fn consume(&mut self, n: usize) {
+        self.buf.copy_within(n..self.len, 0);
+        self.len -= n;
+    }
+}
+
+impl Records for Outbuf {
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let at = self.len;
+        if self.buf.len() < at + n {
+            self.buf.resize(at + n, 0);
+        }
+        self.len = at + n;
+        &mut self.buf[at..at + n]
     }
 }
 
@@ -426,6 +480,16 @@ impl Kernel {
         };
         suite.tls13().map_or(u64::MAX, |s| s.common.confidentiality_limit)
     }
+}
+
+/// Where [`TlsStream::open_records`] left the plaintext it opened.
+enum Opened {
+    /// This many bytes of application data, at the start of the room it was given.
+    Into(usize),
+    /// In `inbox.plain`; or the stream ended.
+    Inbox,
+    /// Nowhere yet: the next record has not arrived whole.
+    NotYet,
 }
 
 /// How a receive waits when nothing is ready.
@@ -654,7 +718,7 @@ impl TlsStream {
         Ok(TlsStream {
             fd,
             outbox: Mutex::new(Outbox {
-                out: Vec::with_capacity(SEND_STEP + MAX_FRAGMENT + 4 * OVERHEAD),
+                out: Outbuf::with_capacity(SEND_STEP + MAX_FRAGMENT + 4 * OVERHEAD),
                 open: None,
                 key: send_key,
                 records_per_key,
@@ -710,7 +774,7 @@ impl TlsStream {
     pub fn pending(&self) -> usize {
         // A reader blocked in another thread holds the inbox: then nothing is waiting unread.
         let Ok(mut inbox) = self.inbox.try_lock() else { return 0 };
-        let ready = self.open_records(&mut inbox).unwrap_or(true);
+        let ready = self.open_records(&mut inbox, &mut []).map_or(true, |opened| !matches!(opened, Opened::NotYet));
         let waiting = inbox.peeked.len() + inbox.plain.len();
         if waiting == 0 && ready {
             1
@@ -752,24 +816,38 @@ impl TlsStream {
         for part in parts {
             let mut rest = *part;
             while !rest.is_empty() {
-                let start = match outbox.open {
-                    Some(start) => start,
-                    None => {
+                let full = match outbox.open {
+                    // A whole record of this part: sealed from where it is.
+                    None if rest.len() >= MAX_FRAGMENT => {
                         self.before_record(&mut outbox, what)?;
-                        let start = outbox.out.len();
-                        outbox.out.extend_from_slice(&[0; HEADER]);
-                        *outbox.open.insert(start)
+                        let Outbox { out, key, .. } = &mut *outbox;
+                        key.seal_from(out.grow(MAX_FRAGMENT + OVERHEAD), &rest[..MAX_FRAGMENT], APPLICATION_DATA);
+                        rest = &rest[MAX_FRAGMENT..];
+                        true
+                    }
+                    // A record that gathers parts: copied in, sealed once full (or at the end).
+                    open => {
+                        let start = match open {
+                            Some(start) => start,
+                            None => {
+                                self.before_record(&mut outbox, what)?;
+                                let start = outbox.out.len();
+                                outbox.out.grow(HEADER);
+                                *outbox.open.insert(start)
+                            }
+                        };
+                        let filled = outbox.out.len() - start - HEADER;
+                        let n = (MAX_FRAGMENT - filled).min(rest.len());
+                        outbox.out.grow(n).copy_from_slice(&rest[..n]);
+                        rest = &rest[n..];
+                        if filled + n == MAX_FRAGMENT {
+                            outbox.seal_open();
+                        }
+                        filled + n == MAX_FRAGMENT
                     }
                 };
-                let filled = outbox.out.len() - start - HEADER;
-                let n = (MAX_FRAGMENT - filled).min(rest.len());
-                outbox.out.extend_from_slice(&rest[..n]);
-                rest = &rest[n..];
-                if filled + n == MAX_FRAGMENT {
-                    outbox.seal_open();
-                    if outbox.out.len() >= SEND_STEP {
-                        self.flush(&mut outbox, &mut deadline, what)?;
-                    }
+                if full && outbox.out.len() >= SEND_STEP {
+                    self.flush(&mut outbox, &mut deadline, what)?;
                 }
             }
         }
@@ -800,7 +878,7 @@ impl TlsStream {
         debug_assert!(outbox.open.is_none(), "only sealed records are written");
         let mut sent = 0;
         while sent < outbox.out.len() {
-            match send_some(self.fd, &outbox.out[sent..]) {
+            match send_some(self.fd, &outbox.out.bytes()[sent..]) {
                 Ok(n) => {
                     sent += n;
                     if let Some(d) = deadline.as_mut() {
@@ -817,12 +895,12 @@ impl TlsStream {
                     };
                     if let Err(e) = waited {
                         // The records not written stay first in line, whole, for a later send.
-                        outbox.out.drain(..sent);
+                        outbox.out.consume(sent);
                         return Err(e);
                     }
                 }
                 Err(e) => {
-                    outbox.out.drain(..sent);
+                    outbox.out.consume(sent);
                     return Err(PageError::io(format!("{what} (fd {})", self.fd), e));
                 }
             }
@@ -876,14 +954,21 @@ impl TlsStream {
         }
     }
 
-    /// Copy out the plaintext of the records that arrived whole, opening them as needed; Some(bytes)
-    /// when plaintext was copied (into `dst`, or with `peek` into the peek buffer) or the stream
-    /// ended (0), None when more must arrive.
+    /// Take the plaintext of the records that arrived whole, opening them as needed: a record
+    /// whose plaintext fits in what is left of `dst` is opened straight into it, another where it
+    /// arrived and copied out. Some(bytes) when plaintext was taken (into `dst`, or with `peek`
+    /// into the peek buffer) or the stream ended (0), None when more must arrive.
     fn take_plaintext(&self, inbox: &mut Inbox, dst: &mut [u8], peek: bool) -> Result<Option<usize>, RecvError> {
         let mut copied = 0;
         while copied < dst.len() {
-            if !self.open_records(inbox)? {
-                break; // the next record has not arrived whole
+            let room: &mut [u8] = if peek { &mut [] } else { &mut dst[copied..] };
+            match self.open_records(inbox, room)? {
+                Opened::Into(n) => {
+                    copied += n;
+                    continue;
+                }
+                Opened::NotYet => break,
+                Opened::Inbox => {}
             }
             let Inbox { buf, plain, peeked, .. } = inbox;
             if Range::is_empty(plain) {
@@ -906,10 +991,11 @@ impl TlsStream {
         Ok(Some(copied))
     }
 
-    /// Open the records that arrived whole until one holds plaintext or the stream ended (true),
-    /// or the next record has not arrived whole (false). Alerts, session tickets and key updates
-    /// are handled on the way.
-    fn open_records(&self, inbox: &mut Inbox) -> Result<bool, RecvError> {
+    /// Open the records that arrived whole until one holds plaintext, the stream ended or the next
+    /// record has not arrived whole. A record whose plaintext fits in `room` is opened there,
+    /// another where it arrived (`inbox.plain`). Alerts, session tickets and key updates are
+    /// handled on the way.
+    fn open_records(&self, inbox: &mut Inbox, room: &mut [u8]) -> Result<Opened, RecvError> {
         if let Some(why) = &inbox.broken {
             return Err(RecvError::Tls(why.clone()));
         }
@@ -924,21 +1010,34 @@ impl TlsStream {
                     inbox.ended = true;
                     break;
                 }
-                Ok(_) => return Ok(false),
+                Ok(_) => return Ok(Opened::NotYet),
                 Err(error) => return Err(self.broken(inbox, error)),
             };
             inbox.start += len;
-            let (content_type, range) = match inbox.key.open(&mut inbox.buf[at..at + len]) {
+            let record = at..at + len;
+            let inner = opened_len(len);
+            let opened = if inner <= room.len() {
+                inbox.key.open_into(&inbox.buf[record], &mut room[..inner]).map(|(kind, n)| (kind, None, n))
+            } else {
+                inbox.key.open(&mut inbox.buf[record]).map(|(kind, r)| (kind, Some(at + r.start), r.len()))
+            };
+            let (content_type, in_inbox, n) = match opened {
                 Ok(opened) => opened,
                 Err(error) => return Err(self.broken(inbox, error)),
             };
-            let range = at + range.start..at + range.end;
+            let content = |inbox: &Inbox| match in_inbox {
+                Some(from) => inbox.buf[from..from + n].to_vec(),
+                None => room[..n].to_vec(),
+            };
             let handled = match content_type {
-                APPLICATION_DATA => {
-                    inbox.plain = range;
-                    Ok(())
-                }
-                ALERT => match inbox.buf[range].to_vec().as_slice() {
+                APPLICATION_DATA => match in_inbox {
+                    Some(from) => {
+                        inbox.plain = from..from + n;
+                        Ok(())
+                    }
+                    None => return Ok(Opened::Into(n)),
+                },
+                ALERT => match content(inbox).as_slice() {
                     [_, 0] => {
                         inbox.ended = true; // close_notify
                         Ok(())
@@ -948,7 +1047,7 @@ impl TlsStream {
                     _ => Err(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidEmptyPayload)),
                 },
                 HANDSHAKE => {
-                    let messages = inbox.buf[range].to_vec();
+                    let messages = content(inbox);
                     self.after_handshake(inbox, &messages)
                 }
                 _ => Err(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)),
@@ -957,7 +1056,7 @@ impl TlsStream {
                 return Err(self.broken(inbox, error));
             }
         }
-        Ok(true)
+        Ok(Opened::Inbox)
     }
 
     /// Handshake messages after the handshake: a server's session ticket (a client keeps none,

@@ -2,7 +2,8 @@
 //! finished the handshake: rustls keeps the secrets and derives each new key
 //! (`KernelConnection`), the records themselves are sealed and opened here, in buffers the
 //! caller owns. That is what lets a send encrypt guest memory straight into one large write
-//! buffer and a receive decrypt records where they arrived and copy them once into guest memory.
+//! buffer, and a receive decrypt a record straight into the reader's buffer (or where it arrived,
+//! when it does not fit there).
 //! rustls' own record layer allocates a buffer per record on both sides and copies each one more
 //! time (docs/performance.md, "TLS in the core").
 
@@ -54,27 +55,44 @@ impl RecordKey {
         Nonce::assume_unique_for_key(nonce)
     }
 
-    /// Seal the record that starts at `out[start]`: `HEADER` bytes reserved there, then its
-    /// plaintext up to the end of `out`. Appends the inner content type and the tag.
-    pub(super) fn seal(&mut self, out: &mut Vec<u8>, start: usize, content_type: u8) {
-        out.push(content_type);
-        let len = out.len() - start - HEADER + TAG;
-        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-        out[start..start + HEADER].copy_from_slice(&header);
+    /// Seal the record `record` holds: `HEADER` bytes reserved, its plaintext, then room for the
+    /// inner content type and the tag (`OVERHEAD` bytes in all beside the plaintext).
+    pub(super) fn seal(&mut self, record: &mut [u8], content_type: u8) {
+        let header = self.header(record.len());
+        let (head, body) = record.split_at_mut(HEADER);
+        head.copy_from_slice(&header);
+        let (inner, tag) = body.split_at_mut(body.len() - TAG);
+        inner[inner.len() - 1] = content_type;
         let nonce = self.next_nonce();
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER..])
-            .expect("a record of at most 2^14 bytes always seals");
-        out.extend_from_slice(tag.as_ref());
+        let sealed =
+            self.key.seal_in_place_separate_tag(nonce, Aad::from(header), inner).expect("a record of at most 2^14 bytes always seals");
+        tag.copy_from_slice(sealed.as_ref());
+    }
+
+    /// Seal `body` into `record` (`body.len() + OVERHEAD` bytes), reading it where it is: the
+    /// cipher writes the record, with no copy of the plaintext first.
+    pub(super) fn seal_from(&mut self, record: &mut [u8], body: &[u8], content_type: u8) {
+        assert_eq!(record.len(), body.len() + OVERHEAD, "a record's room is its body and OVERHEAD");
+        let header = self.header(record.len());
+        let (head, rest) = record.split_at_mut(HEADER);
+        head.copy_from_slice(&header);
+        let (sealed, type_and_tag) = rest.split_at_mut(body.len());
+        let nonce = self.next_nonce();
+        self.key
+            .seal_out_of_place_scatter(nonce, Aad::from(header), body, sealed, &[content_type], type_and_tag)
+            .expect("a record of at most 2^14 bytes, sized by OVERHEAD, always seals");
     }
 
     /// Append a whole record of `content_type` holding `body`.
-    pub(super) fn seal_record(&mut self, out: &mut Vec<u8>, content_type: u8, body: &[u8]) {
-        let start = out.len();
-        out.extend_from_slice(&[0; HEADER]);
-        out.extend_from_slice(body);
-        self.seal(out, start, content_type);
+    pub(super) fn seal_record(&mut self, out: &mut impl Records, content_type: u8, body: &[u8]) {
+        self.seal_from(out.grow(body.len() + OVERHEAD), body, content_type);
+    }
+
+    /// The header of a record `len` bytes long, header included.
+    fn header(&self, len: usize) -> [u8; HEADER] {
+        debug_assert!((OVERHEAD..=MAX_FRAGMENT + OVERHEAD).contains(&len), "a record of {len} bytes");
+        let len = len - HEADER;
+        [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]
     }
 
     /// Open the record `buf` holds whole (header included), in place. Returns its inner content
@@ -83,13 +101,48 @@ impl RecordKey {
         let header: [u8; HEADER] = buf[..HEADER].try_into().expect("a whole record");
         let nonce = self.next_nonce();
         let plain = self.key.open_in_place(nonce, Aad::from(header), &mut buf[HEADER..]).map_err(|_| rustls::Error::DecryptError)?;
-        // The content type is the last byte that is not zero padding (RFC 8446 5.4).
-        let end =
-            plain.iter().rposition(|&b| b != 0).ok_or(rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::IllegalTlsInnerPlaintext))?;
-        if end > MAX_FRAGMENT {
-            return Err(rustls::Error::PeerSentOversizedRecord);
-        }
-        Ok((plain[end], HEADER..HEADER + end))
+        let (content_type, len) = inner_plaintext(plain)?;
+        Ok((content_type, HEADER..HEADER + len))
+    }
+
+    /// Open the record `record` holds whole (header included) into `out`, which has room for its
+    /// inner plaintext (`record.len() - HEADER - TAG` bytes). Returns its inner content type and
+    /// how many bytes of content start `out`. A record that fails its tag leaves `out` holding
+    /// bytes of no meaning.
+    pub(super) fn open_into(&mut self, record: &[u8], out: &mut [u8]) -> Result<(u8, usize), rustls::Error> {
+        let header: [u8; HEADER] = record[..HEADER].try_into().expect("a whole record");
+        let (sealed, tag) = record[HEADER..].split_at(record.len() - HEADER - TAG);
+        let nonce = self.next_nonce();
+        self.key.open_separate_gather(nonce, Aad::from(header), sealed, tag, out).map_err(|_| rustls::Error::DecryptError)?;
+        inner_plaintext(out)
+    }
+}
+
+/// The room a record's inner plaintext takes once opened: the record less its header and tag.
+pub(super) fn opened_len(record_len: usize) -> usize {
+    record_len - HEADER - TAG
+}
+
+/// The content type of an opened record and how long its content is: the type is the last byte
+/// that is not zero padding (RFC 8446 5.4).
+fn inner_plaintext(plain: &[u8]) -> Result<(u8, usize), rustls::Error> {
+    let end = plain.iter().rposition(|&b| b != 0).ok_or(rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::IllegalTlsInnerPlaintext))?;
+    if end > MAX_FRAGMENT {
+        return Err(rustls::Error::PeerSentOversizedRecord);
+    }
+    Ok((plain[end], end))
+}
+
+/// Where records are appended: grows by `n` bytes and hands them over to be written.
+pub(super) trait Records {
+    fn grow(&mut self, n: usize) -> &mut [u8];
+}
+
+impl Records for Vec<u8> {
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let at = self.len();
+        self.resize(at + n, 0);
+        &mut self[at..]
     }
 }
 

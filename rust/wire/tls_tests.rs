@@ -141,27 +141,106 @@ fn a_key_update_that_asks_for_one_back_is_answered() {
 
 #[test]
 fn an_altered_record_is_named_and_every_later_read_says_so() {
-    let (client, server, a, _b) = pair();
-    let mut outbox = lock(&client.outbox);
-    let Outbox { out, key, .. } = &mut *outbox;
-    key.seal_record(out, APPLICATION_DATA, b"a record that will not survive");
-    out[10] ^= 1;
-    (&a).write_all(out).unwrap();
-    out.clear();
-    drop(outbox);
-    let mut buf = [0u8; 64];
-    for _ in 0..2 {
-        match server.recv(&mut buf, Wait::Timeout, false) {
-            Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: bad record mac: the stream was altered on the way"),
+    // Read into room for the record (opened there) and into less (opened where it arrived).
+    for room in [64, 8] {
+        let (client, server, a, _b) = pair();
+        let mut outbox = lock(&client.outbox);
+        let mut record = Vec::new();
+        outbox.key.seal_record(&mut record, APPLICATION_DATA, b"a record that will not survive");
+        record[10] ^= 1;
+        (&a).write_all(&record).unwrap();
+        drop(outbox);
+        let mut buf = vec![0u8; room];
+        for _ in 0..2 {
+            match server.recv(&mut buf, Wait::Timeout, false) {
+                Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: bad record mac: the stream was altered on the way"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(server.pending(), 1, "a read would report the failure at once");
+        // The client is told why.
+        match client.recv(&mut buf, Wait::Timeout, false) {
+            Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: alert bad record mac"),
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(server.pending(), 1, "a read would report the failure at once");
-    // The client is told why.
-    match client.recv(&mut buf, Wait::Timeout, false) {
-        Err(RecvError::Tls(why)) => assert_eq!(why, "TLS: alert bad record mac"),
-        other => panic!("{other:?}"),
-    }
+}
+
+#[test]
+fn reads_of_any_size_take_the_bytes_exactly() {
+    // Reads smaller than a record, of one record, of one byte more, and of many: records are
+    // opened straight into the reader's buffer where they fit and copied out where they do not.
+    let (client, server, _a, _b) = pair();
+    let data = pattern(2 << 20, 11);
+    let sizes = [1, 700, MAX_FRAGMENT - 1, MAX_FRAGMENT, MAX_FRAGMENT + 1, 3 * MAX_FRAGMENT + 5, 200_000];
+    let got = std::thread::scope(|s| {
+        s.spawn(|| {
+            for piece in data.chunks(100_003) {
+                let (head, tail) = piece.split_at(piece.len() / 3);
+                client.send_parts(&[head, tail], "sending").unwrap();
+            }
+        });
+        let mut got = vec![0u8; data.len()];
+        let (mut at, mut i) = (0, 0);
+        while at < got.len() {
+            let end = (at + sizes[i % sizes.len()]).min(got.len());
+            let n = server.recv(&mut got[at..end], Wait::Timeout, false).unwrap();
+            assert!(n > 0, "the stream ended after {at} bytes");
+            at += n;
+            i += 1;
+        }
+        got
+    });
+    assert!(got == data);
+}
+
+/// Two keys alike: the same secrets, the same sequence number.
+fn twin_keys() -> (RecordKey, RecordKey) {
+    let secrets = || rustls::ConnectionTrafficSecrets::Aes256Gcm {
+        key: rustls::crypto::cipher::AeadKey::from([7u8; 32]),
+        iv: rustls::crypto::cipher::Iv::from([9u8; 12]),
+    };
+    (RecordKey::new(5, secrets()).unwrap(), RecordKey::new(5, secrets()).unwrap())
+}
+
+#[test]
+fn a_record_sealed_from_where_its_bytes_are_is_the_record_sealed_in_place() {
+    let body = pattern(MAX_FRAGMENT, 3);
+    let (mut a, mut b) = twin_keys();
+    let mut in_place = vec![0u8; body.len() + OVERHEAD];
+    in_place[HEADER..HEADER + body.len()].copy_from_slice(&body);
+    a.seal(&mut in_place, APPLICATION_DATA);
+    let mut from = vec![0u8; body.len() + OVERHEAD];
+    b.seal_from(&mut from, &body, APPLICATION_DATA);
+    assert!(in_place == from);
+    assert_eq!(tls_records::record_len(&from).unwrap(), Some(from.len()));
+    // Both ways of opening give the body back.
+    let (mut a, mut b) = twin_keys();
+    let (kind, range) = a.open(&mut in_place).unwrap();
+    assert_eq!(kind, APPLICATION_DATA);
+    assert!(in_place[range] == body[..]);
+    let mut out = vec![0u8; tls_records::opened_len(from.len())];
+    assert_eq!(b.open_into(&from, &mut out).unwrap(), (APPLICATION_DATA, body.len()));
+    assert!(out[..body.len()] == body[..]);
+}
+
+#[test]
+fn padded_records_of_another_stack_open_to_their_content() {
+    // RFC 8446 5.4: content, its type, then zeros. Sealed here as a body whose last byte is 0.
+    let (mut seal, _) = twin_keys();
+    let mut padded = vec![0u8; 11 + OVERHEAD];
+    seal.seal_from(&mut padded, b"hello\x17\0\0\0\0\0", 0);
+    let mut only_zeros = vec![0u8; 2 + OVERHEAD];
+    seal.seal_from(&mut only_zeros, &[0, 0], 0);
+    let (mut open, mut open_into) = twin_keys();
+    let (kind, range) = open.open(&mut padded.clone()).unwrap();
+    assert_eq!((kind, range.len()), (APPLICATION_DATA, 5));
+    let mut out = [0xffu8; 12];
+    assert_eq!(open_into.open_into(&padded, &mut out).unwrap(), (APPLICATION_DATA, 5));
+    assert_eq!(&out[..5], b"hello");
+    let illegal = rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::IllegalTlsInnerPlaintext);
+    assert_eq!(open.open(&mut only_zeros.clone()).unwrap_err(), illegal);
+    assert_eq!(open_into.open_into(&only_zeros, &mut out[..3]).unwrap_err(), illegal);
 }
 
 #[test]
