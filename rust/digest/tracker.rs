@@ -496,7 +496,7 @@ pub fn commit_digest(mem: &GuestMemory) -> Result<u128, PageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{GuestAddress, MemoryOptions, HIGHMEM_BASE};
+    use crate::memory::{page_bytes_mut, zeroed_pages, GuestAddress, MemoryOptions, HIGHMEM_BASE};
 
     fn two_segment_guest() -> GuestMemory {
         let mut opts = MemoryOptions::new(8 << 20);
@@ -681,16 +681,6 @@ mod tests {
         assert_eq!(tracker.digest().unwrap(), commit_digest(&mem).unwrap());
     }
 
-    /// A page-aligned page, for a staging buffer as a receiver's.
-    #[derive(Clone)]
-    #[repr(C, align(4096))]
-    struct StagedPage([u8; PAGE_SIZE]);
-
-    fn staged_bytes(pages: &mut [StagedPage]) -> &mut [u8] {
-        // SAFETY: the pages are plain bytes, contiguous, borrowed mutably for the result's life.
-        unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr() as *mut u8, pages.len() * PAGE_SIZE) }
-    }
-
     #[test]
     fn placing_pages_writes_them_and_stores_their_hashes() {
         let mem = GuestMemory::new(&MemoryOptions::new(256 * 4096)).unwrap();
@@ -701,8 +691,8 @@ mod tests {
         // Several runs in one chunk and one across a chunk boundary, as a receive window holds
         // them; page 11 (the fourth page of the bytes) comes as all zeros.
         let runs = [(3usize, 2usize), (10, 2), (62, 11)];
-        let mut buf = vec![StagedPage([0; PAGE_SIZE]); 15];
-        let bytes = staged_bytes(&mut buf);
+        let mut buf = zeroed_pages(15);
+        let bytes = page_bytes_mut(&mut buf);
         for (i, page) in bytes.chunks_mut(4096).enumerate() {
             if i != 3 {
                 page.iter_mut().enumerate().for_each(|(j, b)| *b = (i * 31 + j * 7 + 1) as u8);
@@ -728,8 +718,8 @@ mod tests {
     fn placing_bytes_that_are_not_the_runs_pages_is_refused() {
         let mem = GuestMemory::new(&MemoryOptions::new(16 * 4096)).unwrap();
         let tracker = DigestTracker::new(&mem).unwrap();
-        let mut buf = vec![StagedPage([0; PAGE_SIZE]); 2];
-        tracker.place(&mem.segments()[0], &[(0, 3)], staged_bytes(&mut buf)).unwrap();
+        let mut buf = zeroed_pages(2);
+        tracker.place(&mem.segments()[0], &[(0, 3)], page_bytes_mut(&mut buf)).unwrap();
     }
 
     #[test]
@@ -738,11 +728,11 @@ mod tests {
         // there, other bytes than the helper wrote, while refreshes of the still stale pages run.
         let staged = |page: usize| (page as u64 * 7 + 3).to_le_bytes();
         let (tracker, mem) = race_writes_with_refreshes(16, |t, seg, first, count| {
-            let mut buf = vec![StagedPage([0; PAGE_SIZE]); count];
+            let mut buf = zeroed_pages(count);
             for (i, page) in buf.iter_mut().enumerate() {
                 page.0[8..16].copy_from_slice(&staged(first + i));
             }
-            t.place(seg, &[(first, count)], staged_bytes(&mut buf)).unwrap();
+            t.place(seg, &[(first, count)], page_bytes_mut(&mut buf)).unwrap();
         });
         for page in [0usize, 17, 4095, 8191] {
             let mut back = [0u8; 16];

@@ -23,7 +23,7 @@ pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_C
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
 pub use prefault::PrefaultStats;
 pub use segment::{Backing, InstallGuard, Segment, SegmentSpec};
-pub(crate) use stream::{stream_fence, stream_page};
+pub(crate) use stream::{page_bytes, page_bytes_mut, stream_fence, stream_page, stream_pages, zeroed_pages, AlignedPage};
 
 #[cfg(test)]
 mod access_tests;

@@ -9,6 +9,55 @@
 
 use super::PAGE_SIZE;
 
+/// A page, aligned as one: what staging buffers are made of (pages read into them, hashed there
+/// and put in place from them).
+#[repr(C, align(4096))]
+pub(crate) struct AlignedPage(pub(crate) [u8; PAGE_SIZE]);
+
+/// `pages` zeroed pages from the allocator, which hands a large block over as fresh mappings
+/// (zero until written, costing nothing before).
+pub(crate) fn zeroed_pages(pages: usize) -> Box<[AlignedPage]> {
+    if pages == 0 {
+        return Box::new([]);
+    }
+    let layout = std::alloc::Layout::array::<AlignedPage>(pages).expect("a staging buffer's layout");
+    // SAFETY: the layout is not zero-sized; an all-zero page is a valid value; the pointer, when
+    // not null, owns `pages` pages allocated with this layout, as `Box` expects.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut AlignedPage;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, pages))
+    }
+}
+
+/// The bytes of `pages`.
+pub(crate) fn page_bytes(pages: &[AlignedPage]) -> &[u8] {
+    // SAFETY: the pages are `pages.len() * PAGE_SIZE` contiguous initialized bytes.
+    unsafe { std::slice::from_raw_parts(pages.as_ptr() as *const u8, pages.len() * PAGE_SIZE) }
+}
+
+/// The bytes of `pages`, to be written.
+pub(crate) fn page_bytes_mut(pages: &mut [AlignedPage]) -> &mut [u8] {
+    // SAFETY: as `page_bytes`, borrowed mutably.
+    unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr() as *mut u8, pages.len() * PAGE_SIZE) }
+}
+
+/// Copy the whole pages of `src` (16-byte aligned) to `dst` with [`stream_page`], fenced after.
+///
+/// # Safety
+/// `dst` must be writable for `src.len()` bytes, 16-byte aligned, not overlapping `src` and not
+/// behind a Rust reference.
+pub(crate) unsafe fn stream_pages(dst: *mut u8, src: &[u8]) {
+    assert!(src.len() % PAGE_SIZE == 0 && src.as_ptr() as usize % 16 == 0, "whole aligned pages");
+    for at in (0..src.len()).step_by(PAGE_SIZE) {
+        // SAFETY: the caller's contract for `dst`; `src` holds the page at `at`.
+        unsafe { stream_page(dst.add(at), src.as_ptr().add(at)) };
+    }
+    stream_fence();
+}
+
 /// Copy the 4 KiB page at `src` to `dst` with non-temporal stores. The stores are weakly ordered:
 /// call [`stream_fence`] before anything else may read `dst` (another thread, the kernel).
 ///
@@ -57,13 +106,10 @@ pub(crate) fn stream_fence() {
 mod tests {
     use super::*;
 
-    #[repr(C, align(4096))]
-    struct Page([u8; PAGE_SIZE]);
-
     #[test]
     fn a_streamed_page_holds_the_source_bytes_and_nothing_past_it_changes() {
-        let src = Box::new(Page(std::array::from_fn(|i| (i * 7 + 3) as u8)));
-        let mut dst = Box::new([Page([0xEE; PAGE_SIZE]), Page([0xEE; PAGE_SIZE])]);
+        let src = Box::new(AlignedPage(std::array::from_fn(|i| (i * 7 + 3) as u8)));
+        let mut dst = Box::new([AlignedPage([0xEE; PAGE_SIZE]), AlignedPage([0xEE; PAGE_SIZE])]);
         // SAFETY: both are page-aligned pages of their own.
         unsafe { stream_page(dst[0].0.as_mut_ptr(), src.0.as_ptr()) };
         stream_fence();

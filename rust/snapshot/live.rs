@@ -16,7 +16,7 @@ use super::error::SnapshotError;
 use super::image::ImageLayout;
 use super::memfile::{check_chunk_size, file_stat, pwrite_all, WriteStats};
 use crate::digest::{is_zero_raw, swap_active};
-use crate::memory::{GuestMemory, LiveCapture, TakenPage, PAGE_SIZE};
+use crate::memory::{page_bytes_mut, zeroed_pages, GuestMemory, LiveCapture, TakenPage, PAGE_SIZE};
 use crate::progress::{self, Meter};
 
 /// Pages taken under the capture's lock at once: short enough that a guest write waits at most
@@ -24,9 +24,6 @@ use crate::progress::{self, Meter};
 const TAKE_PAGES: usize = 64;
 /// Pages hashed and written per pwrite batch (4 MiB).
 const BUFFER_PAGES: usize = 1024;
-
-#[repr(C, align(4096))]
-struct AlignedPage([u8; PAGE_SIZE]);
 
 /// Lifts the capture however the write ends.
 struct Lift<'a>(&'a LiveCapture);
@@ -77,9 +74,8 @@ pub fn write_memory_file_live(
         m.add_total(total / PAGE_SIZE as u64, 0);
     }
     let all_resident = swap_active(); // mincore cannot tell swapped pages from untouched ones
-    let mut buffer: Vec<AlignedPage> = (0..BUFFER_PAGES).map(|_| AlignedPage([0; PAGE_SIZE])).collect();
-    // SAFETY: the Vec holds BUFFER_PAGES contiguous, initialised pages; nothing else borrows it.
-    let out = unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut u8, BUFFER_PAGES * PAGE_SIZE) };
+    let mut buffer = zeroed_pages(BUFFER_PAGES);
+    let out = page_bytes_mut(&mut buffer);
     let mut kinds = vec![TakenPage::Untouched; BUFFER_PAGES];
     let mut mincore = vec![0u8; BUFFER_PAGES];
     let mut resident = vec![false; BUFFER_PAGES];

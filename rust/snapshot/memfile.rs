@@ -4,9 +4,10 @@
 //! zero, are not written (the file keeps a hole there); runs of adjacent data pages go out in
 //! one pwrite straight from guest memory. The same pass feeds the chunk hasher, so the hashes
 //! cost no second read. Reading finds the file's data with SEEK_DATA/SEEK_HOLE and preads only
-//! that, straight into guest memory, so holes cost nothing; it hashes each piece while it is
-//! still in cache and compares every chunk before it reports success. Pages it fills are not
-//! dirty: the soft bitmap is never set and the kernel backend's protection is restored.
+//! that, so holes cost nothing, a piece at a time into a staging buffer that stays in the cache;
+//! it hashes the piece there, puts it in place with non-temporal stores, and compares every
+//! chunk before it reports success. Pages it fills are not dirty: the soft bitmap is never set
+//! and the kernel backend's protection is restored.
 //!
 //! Both run with the guest stopped: a page changed during a write is saved at some moment and
 //! its chunk hash may disagree, which a later verification would report.
@@ -19,7 +20,7 @@ use super::error::SnapshotError;
 use super::image::ImageLayout;
 use super::pagecache::{is_cold, CachePolicy, CacheRelease, ReleaseBehind};
 use crate::digest::{each_page_ahead, is_zero_page, resident_bitmap};
-use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
+use crate::memory::{page_bytes_mut, stream_pages, zeroed_pages, GuestAddress, GuestMemory, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
 
 /// A restore reads the file in pieces of this size, each hashed right after it lands: small
@@ -374,11 +375,12 @@ pub(super) fn page_extents(fd: RawFd, start: u64, end: u64) -> Result<Vec<(u64, 
 /// layout (just created, nothing written). Only the file's data extents are read; holes are left
 /// as the zero pages they already are. Pages are not marked dirty.
 ///
-/// With `verify = Some((hashes, chunk_size))` every chunk is hashed as it lands and compared;
-/// a mismatch is an error naming the first bad chunk and its guest-physical range, and the
-/// caller must discard `mem`: nothing is reported restored until every chunk has matched. The
-/// hashes cover what memory holds, holes included (pages resident before the call are read), so
-/// memory that was not fresh fails the check instead of passing with stale bytes. `meter`, when
+/// With `verify = Some((hashes, chunk_size))` every chunk is hashed as it is read (the bytes
+/// then put in place) and compared; a mismatch is an error naming the first bad chunk and its
+/// guest-physical range, and the caller must discard `mem`: nothing is reported restored until
+/// every chunk has matched. Holes are hashed as memory holds them (pages resident before the
+/// call are read), so memory that was not fresh fails the check instead of passing with stale
+/// bytes. `meter`, when
 /// given, is told the image's pages (and the file's data pages) first and advances as each piece
 /// is read and each hole passed.
 pub fn read_memory_file(
@@ -457,6 +459,10 @@ pub fn read_memory_file_cached(
     // fills pages that already exist. It touches only pages the reader fills anyway. Wired
     // memory is populated already.
     let populate = !mem.segments().iter().any(|s| s.wired());
+    // Each piece is read into a staging buffer that stays in the cache, hashed there and put in
+    // place with non-temporal stores (`stream_pages`): a read straight into guest memory would
+    // read every line of it before writing it. A/B in docs/performance.md (session 27).
+    let mut staging = zeroed_pages(READ_PIECE / PAGE_SIZE);
     std::thread::scope(|scope| -> Result<(), SnapshotError> {
         if populate {
             let (layout, extents) = (&layout, &extents);
@@ -482,17 +488,20 @@ pub fn read_memory_file_cached(
             let mut off = start;
             while off < end {
                 let piece_end = (off + READ_PIECE as u64).min(end);
-                let mut file_off = off;
+                let piece = &mut page_bytes_mut(&mut staging)[..(piece_end - off) as usize];
+                // SAFETY: `piece` is writable memory of its length, borrowed mutably for the call.
+                unsafe { pread_all(fd, piece.as_mut_ptr(), piece.len(), off)? };
+                if let Some(h) = hasher.as_mut() {
+                    h.data(piece);
+                }
+                let mut at = 0;
                 layout.for_each_part(off, piece_end, |seg, seg_off, len| {
                     seg.before_write(seg_off, len);
-                    // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping;
-                    // guest memory is never behind a Rust reference, and the guest is not running.
-                    unsafe { pread_all(fd, seg.as_ptr().add(seg_off), len, file_off)? };
-                    if let Some(h) = hasher.as_mut() {
-                        // SAFETY: the same range, just filled.
-                        h.data(unsafe { guest_bytes(seg, seg_off, len) });
-                    }
-                    file_off += len as u64;
+                    // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping
+                    // (page-aligned, as the piece is); guest memory is never behind a Rust
+                    // reference, and the guest is not running.
+                    unsafe { stream_pages(seg.as_ptr().add(seg_off), &piece[at..at + len]) };
+                    at += len;
                     Ok::<(), SnapshotError>(())
                 })?;
                 stats.bytes_read += piece_end - off;

@@ -34,7 +34,7 @@ use super::fdio::{
 };
 use super::ready_ranges;
 use crate::digest::{DigestTracker, PageError};
-use crate::memory::{GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
+use crate::memory::{page_bytes, zeroed_pages, AlignedPage, GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
 
 /// What one batch moved.
@@ -107,10 +107,6 @@ const POPULATE_AHEAD_MIN: u64 = 4 << 20;
 /// about what 64 KiB of first touches do): a batch this big begins it, and so does any batch of a
 /// stream's round once this much has arrived on it.
 pub(super) const INSTALL_MIN: u64 = 4 << 20;
-
-/// A page, aligned as one, for the staging buffer pages are installed from.
-#[repr(C, align(4096))]
-struct Page([u8; PAGE_SIZE]);
 
 /// A batch with at least this much page data installs in a pipeline: this thread reads the next
 /// slot from the socket while others install and hash the ones before (the install, the first
@@ -188,26 +184,16 @@ thread_local! {
     /// Where received pages land before they are put in place, allocated once per receiving
     /// thread: one install window, a receive window (a tracker's reader, `read_data_pages`), or a
     /// pipeline's slots once the thread first runs one.
-    static STAGING: std::cell::RefCell<Box<[Page]>> = std::cell::RefCell::new(Box::new([]));
+    static STAGING: std::cell::RefCell<Box<[AlignedPage]>> = std::cell::RefCell::new(Box::new([]));
 }
 
 /// `staging`, grown to at least `pages` zeroed pages (the allocator clears them: 512 KiB for a
 /// thread that installs a window at a time, 1 or 2 MiB for a tracker's reader, 4 MiB once for one
 /// that pipelines).
-fn staging_at_least(staging: &mut Box<[Page]>, pages: usize) {
-    if staging.len() >= pages {
-        return;
+fn staging_at_least(staging: &mut Box<[AlignedPage]>, pages: usize) {
+    if staging.len() < pages {
+        *staging = zeroed_pages(pages);
     }
-    let layout = std::alloc::Layout::array::<Page>(pages).expect("staging layout");
-    // SAFETY: the layout is not zero-sized; an all-zero Page is a valid value; the pointer, when
-    // not null, owns `pages` pages allocated with this layout, as `Box` expects.
-    *staging = unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut Page;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, pages))
-    };
 }
 
 /// The DATA pages of a batch as runs of `(first page in the segment, pages)`, in order, cut into
@@ -646,10 +632,7 @@ fn read_data_pages(
                     // its length), borrowed mutably for the call.
                     let n = unsafe { read_all_with(link, &mut iov, "receiving page data", whole.as_mut())? };
                     if n == want {
-                        // SAFETY: the window's bytes were just read into `staging`; nothing else
-                        // refers to it.
-                        let bytes = unsafe { std::slice::from_raw_parts(staging.as_ptr() as *const u8, want as usize) };
-                        tracker.place(seg, window, bytes)?;
+                        tracker.place(seg, window, &page_bytes(staging)[..want as usize])?;
                     }
                     n
                 }
@@ -693,7 +676,7 @@ fn install_data_pages(
     payload_len: u64,
     watch: (Option<&DigestTracker>, Option<&Meter>),
     installer: &InstallGuard<'_>,
-    staging: &mut [Page],
+    staging: &mut [AlignedPage],
 ) -> Result<u64, PageError> {
     let most = windows.iter().map(|w| w.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum()).max().unwrap_or(1);
     let mut whole = WholeReads::new(link, most);
@@ -709,9 +692,7 @@ fn install_data_pages(
         if n < want as u64 {
             break;
         }
-        // SAFETY: the window's bytes were just read into `staging`; nothing else refers to it.
-        let bytes = unsafe { std::slice::from_raw_parts(staging.as_ptr() as *const u8, want) };
-        counted += install_window(seg, &window, bytes, watch, installer)?;
+        counted += install_window(seg, &window, &page_bytes(staging)[..want], watch, installer)?;
     }
     if got < payload_len {
         return Err(PageError::Truncated { what: "page data", expected: payload_len, got });
@@ -752,7 +733,7 @@ fn install_window(
 /// The staging slots, handed between the reading and the installing thread (each slot is only
 /// ever touched by the one thread that holds its index; the channels order the hand-overs).
 #[derive(Clone, Copy)]
-struct SlotBase(*mut Page);
+struct SlotBase(*mut AlignedPage);
 
 // SAFETY: the pointer is only dereferenced for a slot whose index the thread holds (see above).
 unsafe impl Send for SlotBase {}
@@ -791,7 +772,7 @@ fn install_pipelined(
     payload_len: u64,
     watch: (Option<&DigestTracker>, Option<&Meter>),
     (installer, installers): (&InstallGuard<'_>, usize),
-    staging: &mut [Page],
+    staging: &mut [AlignedPage],
 ) -> Option<Result<u64, PageError>> {
     debug_assert!(staging.len() >= PIPELINE_STAGING_PAGES);
     let base = SlotBase(staging.as_mut_ptr());
