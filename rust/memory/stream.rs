@@ -14,8 +14,7 @@ use super::PAGE_SIZE;
 #[repr(C, align(4096))]
 pub(crate) struct AlignedPage(pub(crate) [u8; PAGE_SIZE]);
 
-/// `pages` zeroed pages from the allocator, which hands a large block over as fresh mappings
-/// (zero until written, costing nothing before).
+/// `pages` pages, zeroed by the allocator.
 pub(crate) fn zeroed_pages(pages: usize) -> Box<[AlignedPage]> {
     if pages == 0 {
         return Box::new([]);
@@ -50,7 +49,7 @@ pub(crate) fn page_bytes_mut(pages: &mut [AlignedPage]) -> &mut [u8] {
 /// `dst` must be writable for `src.len()` bytes, 16-byte aligned, not overlapping `src` and not
 /// behind a Rust reference.
 pub(crate) unsafe fn stream_pages(dst: *mut u8, src: &[u8]) {
-    assert!(src.len() % PAGE_SIZE == 0 && src.as_ptr() as usize % 16 == 0, "whole aligned pages");
+    assert!(src.len() % PAGE_SIZE == 0 && src.as_ptr() as usize % 16 == 0 && dst as usize % 16 == 0, "whole aligned pages");
     for at in (0..src.len()).step_by(PAGE_SIZE) {
         // SAFETY: the caller's contract for `dst`; `src` holds the page at `at`.
         unsafe { stream_page(dst.add(at), src.as_ptr().add(at)) };

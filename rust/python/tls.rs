@@ -148,7 +148,8 @@ impl PyTlsStream {
 
     /// Receive into `buffer` (a writable bytes-like object) at most `nbytes` (0: its size);
     /// returns the count, 0 at the end of the stream. `block=False` raises BlockingIOError when
-    /// nothing is ready; `peek` leaves the bytes to be read again.
+    /// nothing is ready; `peek` leaves the bytes to be read again. The bytes of the buffer after
+    /// the count, up to `nbytes`, may be overwritten (a record is opened where it fits).
     #[pyo3(signature = (buffer, nbytes = 0, *, block = true, peek = false))]
     fn recv_into(&self, py: Python<'_>, buffer: pyo3::buffer::PyBuffer<u8>, nbytes: usize, block: bool, peek: bool) -> PyResult<usize> {
         if buffer.readonly() {

@@ -521,7 +521,7 @@ pub fn read_memory_file_cached(
     stats.cache_released = behind.released;
     // The rest of the file leaves the cache now, not after the checks below.
     drop(behind);
-    // read(2) into the mapping counts as a write to the kernel backend: forget those.
+    // The stores into the mapping count as writes to the kernel backend: forget those.
     for (seg, _) in layout.segments() {
         mem.mark_clean_range(GuestAddress(seg.gpa().0), seg.size())?;
     }

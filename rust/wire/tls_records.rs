@@ -90,7 +90,7 @@ impl RecordKey {
 
     /// The header of a record `len` bytes long, header included.
     fn header(&self, len: usize) -> [u8; HEADER] {
-        debug_assert!((OVERHEAD..=MAX_FRAGMENT + OVERHEAD).contains(&len), "a record of {len} bytes");
+        debug_assert!((OVERHEAD..=HEADER + MAX_CIPHERTEXT).contains(&len), "a record of {len} bytes");
         let len = len - HEADER;
         [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]
     }
@@ -126,10 +126,11 @@ pub(super) fn opened_len(record_len: usize) -> usize {
 /// The content type of an opened record and how long its content is: the type is the last byte
 /// that is not zero padding (RFC 8446 5.4).
 fn inner_plaintext(plain: &[u8]) -> Result<(u8, usize), rustls::Error> {
-    let end = plain.iter().rposition(|&b| b != 0).ok_or(rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::IllegalTlsInnerPlaintext))?;
-    if end > MAX_FRAGMENT {
+    // Padding included, the inner plaintext is at most 2^14 + 1 bytes (RFC 8446 5.4).
+    if plain.len() > MAX_FRAGMENT + 1 {
         return Err(rustls::Error::PeerSentOversizedRecord);
     }
+    let end = plain.iter().rposition(|&b| b != 0).ok_or(rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::IllegalTlsInnerPlaintext))?;
     Ok((plain[end], end))
 }
 

@@ -192,6 +192,57 @@ fn reads_of_any_size_take_the_bytes_exactly() {
         got
     });
     assert!(got == data);
+    // Both ways of sealing and of opening ran.
+    let [from_parts, copied_in] = lock(&client.outbox).sealed;
+    let [into_reader, in_inbox] = lock(&server.inbox).opened;
+    assert!(from_parts > 0 && copied_in > 0, "sealed from the parts {from_parts}, copied in {copied_in}");
+    assert!(into_reader > 0 && in_inbox > 0, "opened into the reader's buffer {into_reader}, in the inbox {in_inbox}");
+}
+
+#[test]
+fn empty_and_padded_records_read_as_their_content_wherever_they_are_opened() {
+    // Records as another stack may send them: an empty one, then "hello" padded with 100 zeros
+    // (RFC 8446 5.4). Read with room for its content only (opened where it arrived, copied out)
+    // and with room for all of it (opened into the reader's buffer).
+    for room in [8, 200] {
+        let (client, server, a, _b) = pair();
+        let mut records = Vec::new();
+        {
+            let mut outbox = lock(&client.outbox);
+            outbox.key.seal_record(&mut records, APPLICATION_DATA, b"");
+            let mut padded = b"hello".to_vec();
+            padded.push(APPLICATION_DATA);
+            padded.resize(5 + 1 + 100, 0);
+            // Sealed with content type 0: the zero is padding, the type is the last byte not zero.
+            outbox.key.seal_record(&mut records, 0, &padded);
+            outbox.key.seal_record(&mut records, APPLICATION_DATA, b" world");
+        }
+        (&a).write_all(&records).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; room];
+        while got.len() < 11 {
+            let n = server.recv(&mut buf, Wait::Timeout, false).unwrap();
+            assert!(n > 0, "the stream ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"hello world", "room {room}");
+        // In 8 bytes: the empty record fits; the padded one does not; " world" (7 bytes with its
+        // type) does not fit in the 3 left after "hello".
+        let [into_reader, in_inbox] = lock(&server.inbox).opened;
+        assert_eq!((into_reader, in_inbox), if room == 8 { (1, 2) } else { (3, 0) }, "room {room}");
+    }
+}
+
+#[test]
+fn a_record_longer_than_tls_allows_with_its_padding_is_refused() {
+    let (mut seal, _) = twin_keys();
+    let body = vec![0u8; MAX_FRAGMENT + 1]; // with the type byte: 2^14 + 2 bytes of inner plaintext
+    let mut record = vec![0u8; body.len() + OVERHEAD];
+    seal.seal_from(&mut record, &body, APPLICATION_DATA);
+    let (mut open, mut open_into) = twin_keys();
+    assert_eq!(open.open(&mut record.clone()).unwrap_err(), rustls::Error::PeerSentOversizedRecord);
+    let mut out = vec![0u8; tls_records::opened_len(record.len())];
+    assert_eq!(open_into.open_into(&record, &mut out).unwrap_err(), rustls::Error::PeerSentOversizedRecord);
 }
 
 /// Two keys alike: the same secrets, the same sequence number.
