@@ -83,10 +83,30 @@ def test_the_default_mac_comes_from_the_slot(peer):
     assert com1.output.decode() == nettest.reference_output(bytes.fromhex("02766d000400"), 3, 8)
 
 
-# How often the guest polls for an echo depends on when the peer answers (host timing), so a
-# run's length varies: by about +-20 % on a quiet machine, and more than 1.6x on a loaded one (a
-# slow reference run made a later, faster run end before 0.6 of it). Pause points stay within the
-# first third of the reference, inside even a run 3x shorter.
+def start_paused_at(start, fraction: float, total: int, attempts: int = 3):
+    """A machine and its console from ``start()``, paused at ``fraction`` of a run ``total``
+    instructions long. How often the guest polls for an echo depends on when the peer answers
+    (host timing), so a run's length varies: by about +-20 % on a quiet machine, and by more
+    than 9x under a compiler's load (a slow reference run made a later run end before 0.11 of
+    it). A run that ends before its pause point tells its own length, and the next attempt
+    pauses at the fraction of that."""
+    for _ in range(attempts):
+        machine, console = start()
+        machine.pause_at = int(total * fraction)
+        machine.start(serve_control=False)
+        deadline = time.monotonic() + 30
+        while not machine.paused and machine.exit_status is None:
+            assert time.monotonic() < deadline, "the guest neither paused nor ended"
+            time.sleep(0.001)
+        if machine.exit_status is None:
+            wait_paused(machine)
+            return machine, console
+        run_to_end(machine)
+        total = machine.vm.vcpus[0].instructions_retired
+    pytest.fail(f"the guest ended before {fraction} of its run {attempts} times")
+
+
+# Pause points stay within the first third of the reference run.
 @pytest.mark.covers(operation="state-move", guest="nettest", device="virtio-net", via="machine")
 @pytest.mark.parametrize("fractions", [(0.11, 0.22, 0.33)])
 def test_a_run_paused_mid_traffic_and_restored_elsewhere_finishes_identically(peer, fractions):
@@ -100,10 +120,7 @@ def test_a_run_paused_mid_traffic_and_restored_elsewhere_finishes_identically(pe
     assert reference.decode() == nettest.reference_output(bytes.fromhex("02766d000400"), 30, 512)
     for fraction in fractions:
         tag = f"net-{int(fraction * 100)}"
-        source, com1 = build(tag, slots, "nettest", args)
-        source.pause_at = int(total * fraction)
-        source.start(serve_control=False)
-        wait_paused(source)
+        source, com1 = start_paused_at(lambda: build(tag, slots, "nettest", args), fraction, total)
         before = bytes(com1.output)
         assert b"echoed" not in before, "paused mid-traffic"
         sent = next(f for f in source.pci_functions if isinstance(f, VirtioNet)).stats["tx_frames"]
