@@ -23,15 +23,23 @@ def run_to_end(machine: Machine, timeout: float = 60) -> int:
         machine.close()
 
 
-def wait_paused(machine: Machine, timeout: float = 30) -> None:
+def paused_or_ended(machine: Machine, timeout: float = 30) -> bool:
     """Wait until a guest started with ``pause_at`` has paused itself, then make every vCPU
-    thread park (the rendezvous a checkpoint or migration does)."""
+    thread park (the rendezvous a checkpoint or migration does): True. False if the guest ended
+    first."""
     deadline = time.monotonic() + timeout
     while not machine.paused:
-        assert machine.exit_status is None, f"the guest ended before its pause point: {machine.exit_reason}"
+        if machine.exit_status is not None:
+            return False
         assert time.monotonic() < deadline, "the guest did not reach its pause point"
         time.sleep(0.001)
     machine.pause()
+    return True
+
+
+def wait_paused(machine: Machine, timeout: float = 30) -> None:
+    """:func:`paused_or_ended`, where the guest ending first is a failure."""
+    assert paused_or_ended(machine, timeout), f"the guest ended before its pause point: {machine.exit_reason}"
 
 
 def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict, compress: str = "off") -> Machine:

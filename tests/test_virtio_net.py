@@ -20,7 +20,7 @@ from vmmpy.runtime.config import ConfigError, VmConfig, parse_slot
 from vmmpy.runtime.process import EXIT_POWEROFF, Machine
 
 from .device_state import payload_of, restore_payload
-from .inproc import move_to_fresh_machine, run_to_end, wait_paused
+from .inproc import move_to_fresh_machine, paused_or_ended, run_to_end
 from .test_devices import MEMSIZE, Pins, build
 
 NET = "virtio-net@pci.0.4.0"
@@ -94,12 +94,7 @@ def start_paused_at(start, fraction: float, total: int, attempts: int = 3):
         machine, console = start()
         machine.pause_at = int(total * fraction)
         machine.start(serve_control=False)
-        deadline = time.monotonic() + 30
-        while not machine.paused and machine.exit_status is None:
-            assert time.monotonic() < deadline, "the guest neither paused nor ended"
-            time.sleep(0.001)
-        if machine.exit_status is None:
-            wait_paused(machine)
+        if paused_or_ended(machine):
             return machine, console
         run_to_end(machine)
         total = machine.vm.vcpus[0].instructions_retired
