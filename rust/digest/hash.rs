@@ -7,7 +7,7 @@
 //! match must use 128 bits. Untouched pages can be hashed without reading them (they are zero),
 //! and the result is the same as if they had been read: the digest does not depend on residency.
 
-use crate::digest::xxh3::{xxh3_64, Xxh3};
+use crate::digest::xxh3::{xxh3_64_page, Xxh3};
 
 use super::{check_bitmap, each_page_ahead, page_span, PageError};
 use crate::memory::{GuestAddress, GuestMemory, Segment, PAGE_SIZE};
@@ -33,9 +33,7 @@ pub fn hash_pages(seg: &Segment, first_page: u64, count: u64) -> Result<Vec<u64>
     let count = count as usize;
     let mut hashes = Vec::with_capacity(count);
     // SAFETY: page_span checked every page is inside the mapping.
-    each_page_ahead(seg.as_ptr().wrapping_add(off), count, |i| {
-        hashes.push(xxh3_64(unsafe { guest_bytes(seg, off + i * PAGE_SIZE, PAGE_SIZE) }))
-    });
+    each_page_ahead(seg.as_ptr().wrapping_add(off), count, |i| hashes.push(unsafe { xxh3_64_page(seg.as_ptr().add(off + i * PAGE_SIZE)) }));
     Ok(hashes)
 }
 
@@ -46,7 +44,7 @@ pub fn hash_page_list(seg: &Segment, pages: &[u64]) -> Result<Vec<u64>, PageErro
         .map(|&page| {
             let off = page_span(seg, page, 1)?;
             // SAFETY: page_span checked the page is inside the mapping.
-            Ok(xxh3_64(unsafe { guest_bytes(seg, off, PAGE_SIZE) }))
+            Ok(unsafe { xxh3_64_page(seg.as_ptr().add(off)) })
         })
         .collect()
 }
@@ -79,7 +77,7 @@ fn feed_pages(hasher: &mut Xxh3, seg: &Segment, first: usize, count: usize, resi
 }
 
 fn chunk_pages(chunk_size: u64) -> Result<usize, PageError> {
-    if chunk_size == 0 || chunk_size % PAGE_SIZE as u64 != 0 || usize::try_from(chunk_size).is_err() {
+    if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE as u64) || usize::try_from(chunk_size).is_err() {
         return Err(PageError::BadChunkSize { chunk_size });
     }
     Ok(chunk_size as usize / PAGE_SIZE)
@@ -190,7 +188,7 @@ fn feed_runs(hasher: &mut Xxh3, seg: &Segment, resident: Option<&[u64]>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::xxh3::xxh3_128;
+    use crate::digest::xxh3::{xxh3_128, xxh3_64};
     use crate::memory::MemoryOptions;
 
     fn guest_with_pattern() -> GuestMemory {

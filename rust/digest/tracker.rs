@@ -30,7 +30,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::digest::xxh3::{xxh3_128, xxh3_64, Xxh3};
+use crate::digest::xxh3::{xxh3_128, xxh3_64_page, xxh3_64_page_streamed, Xxh3};
 
 use super::zero::is_zero_raw;
 use super::{each_page_ahead, PageError};
@@ -52,12 +52,15 @@ unsafe fn page_hash(ptr: *const u8) -> u64 {
     if unsafe { is_zero_raw(ptr, PAGE_SIZE) } {
         return 0;
     }
-    // SAFETY: as above; the slice lives for this call only (a running guest may change the bytes,
-    // which only makes this hash a snapshot of some moment, see the module doc).
-    match xxh3_64(unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) }) {
-        0 => 1,
-        h => h,
-    }
+    // SAFETY: as above (a running guest may change the bytes meanwhile, which only makes this
+    // hash a snapshot of some moment, see the module doc).
+    nonzero(unsafe { xxh3_64_page(ptr) })
+}
+
+/// A non-zero page's hash: its xxh3-64, with 1 standing in for 0 (see the module doc).
+#[inline]
+fn nonzero(hash: u64) -> u64 {
+    hash.max(1)
 }
 
 fn check_run(seg: &Segment, first: usize, count: usize) -> Result<(), PageError> {
@@ -199,7 +202,7 @@ impl DigestTracker {
     pub fn place(&self, seg: &Segment, runs: &[(usize, usize)], bytes: &[u8]) -> Result<(), PageError> {
         let pages: usize = runs.iter().map(|r| r.1).sum();
         assert!(
-            bytes.len() == pages * PAGE_SIZE && bytes.as_ptr() as usize % PAGE_SIZE == 0,
+            bytes.len() == pages * PAGE_SIZE && (bytes.as_ptr() as usize).is_multiple_of(PAGE_SIZE),
             "place: bytes must be the runs' pages, page-aligned"
         );
         let mut from = bytes.as_ptr();
@@ -209,8 +212,15 @@ impl DigestTracker {
                 // whose total is checked above; the page it reads is aligned (so is `bytes`) and
                 // readable; `run` is as in `hash_now`, and writable (a receiver's segment).
                 unsafe {
-                    found.push(page_hash(from));
-                    stream_page(run.add(i * PAGE_SIZE) as *mut u8, from);
+                    let to = run.add(i * PAGE_SIZE) as *mut u8;
+                    // One pass over a non-zero page for its hash and its copy (the zero check
+                    // stops at the first non-zero byte).
+                    found.push(if is_zero_raw(from, PAGE_SIZE) {
+                        stream_page(to, from);
+                        0
+                    } else {
+                        nonzero(xxh3_64_page_streamed(to, from))
+                    });
                     from = from.add(PAGE_SIZE);
                 }
             }
@@ -496,6 +506,7 @@ pub fn commit_digest(mem: &GuestMemory) -> Result<u128, PageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::xxh3::xxh3_64;
     use crate::memory::{page_bytes_mut, zeroed_pages, GuestAddress, MemoryOptions, HIGHMEM_BASE};
 
     fn two_segment_guest() -> GuestMemory {

@@ -17,7 +17,7 @@ const BLOCK_WORDS: usize = 32; // 256 bytes: early exit often enough, long enoug
 /// of 256 (every page qualifies).
 #[inline]
 pub(crate) unsafe fn is_zero_raw(ptr: *const u8, len: usize) -> bool {
-    debug_assert!(ptr as usize % 8 == 0 && len % (BLOCK_WORDS * 8) == 0);
+    debug_assert!((ptr as usize).is_multiple_of(8) && len.is_multiple_of(BLOCK_WORDS * 8));
     let words = ptr as *const [u64; BLOCK_WORDS];
     for block in 0..len / (BLOCK_WORDS * 8) {
         // SAFETY: the caller guarantees the bytes are readable and aligned; the block lies inside.

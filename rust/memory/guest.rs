@@ -44,14 +44,14 @@ impl MemoryOptions {
     /// The segments bhyve's `vm_setup_memory` would create for these options.
     pub fn layout(&self) -> Result<Vec<SegmentSpec>, MemoryError> {
         let page = PAGE_SIZE as u64;
-        if self.memsize == 0 || self.memsize % page != 0 {
+        if self.memsize == 0 || !self.memsize.is_multiple_of(page) {
             return Err(MemoryError::BadSize {
                 what: "guest memory size".into(),
                 size: self.memsize,
                 why: "is not a positive multiple of 4 KiB".into(),
             });
         }
-        if self.lowmem_limit == 0 || self.lowmem_limit % page != 0 || self.lowmem_limit > HIGHMEM_BASE {
+        if self.lowmem_limit == 0 || !self.lowmem_limit.is_multiple_of(page) || self.lowmem_limit > HIGHMEM_BASE {
             return Err(MemoryError::BadSize {
                 what: "lowmem limit".into(),
                 size: self.lowmem_limit,

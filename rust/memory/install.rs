@@ -93,7 +93,7 @@ impl Installer {
     /// `dst..dst+src.len()` must lie inside the registered range, page-aligned, and nothing may
     /// hold a Rust reference into it.
     pub(super) unsafe fn install(&self, dst: *mut u8, src: &[u8]) -> usize {
-        debug_assert!(src.len() % PAGE_SIZE == 0 && dst as usize % PAGE_SIZE == 0);
+        debug_assert!(src.len().is_multiple_of(PAGE_SIZE) && (dst as usize).is_multiple_of(PAGE_SIZE));
         debug_assert!(dst as u64 >= self.start && dst as u64 + src.len() as u64 <= self.start + self.len);
         let (mut done, mut fresh) = (0, 0);
         let mut present_in_a_row = 0;

@@ -249,7 +249,7 @@ impl LazyImage {
     /// Tie `segments` (in image order, freshly mapped inaccessible) to `source`. Every chunk starts
     /// unloaded.
     pub(super) fn new(segments: &[Arc<Segment>], chunk_size: usize, source: Box<dyn ChunkSource>) -> Result<LazyImage, MemoryError> {
-        if chunk_size == 0 || chunk_size % PAGE_SIZE != 0 {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize {
                 what: "lazy restore chunk size".into(),
                 size: chunk_size as u64,

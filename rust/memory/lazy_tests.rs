@@ -20,7 +20,7 @@ struct Pattern {
 
 fn byte_at(image_offset: u64) -> u8 {
     let page = image_offset / 4096;
-    if page % 3 == 0 {
+    if page.is_multiple_of(3) {
         (page % 251 + 1) as u8
     } else {
         0

@@ -243,7 +243,7 @@ impl Segment {
     /// The checks every mapping passes first; returns the size as usize.
     fn check_spec(spec: &SegmentSpec) -> Result<usize, MemoryError> {
         let what = format!("segment '{}'", spec.name);
-        if spec.size == 0 || spec.size % PAGE_SIZE as u64 != 0 {
+        if spec.size == 0 || !spec.size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MemoryError::BadSize { what, size: spec.size, why: "is not a positive multiple of 4 KiB".into() });
         }
         if !spec.gpa.is_page_aligned() {

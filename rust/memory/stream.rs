@@ -49,7 +49,10 @@ pub(crate) fn page_bytes_mut(pages: &mut [AlignedPage]) -> &mut [u8] {
 /// `dst` must be writable for `src.len()` bytes, 16-byte aligned, not overlapping `src` and not
 /// behind a Rust reference.
 pub(crate) unsafe fn stream_pages(dst: *mut u8, src: &[u8]) {
-    assert!(src.len() % PAGE_SIZE == 0 && src.as_ptr() as usize % 16 == 0 && dst as usize % 16 == 0, "whole aligned pages");
+    assert!(
+        src.len().is_multiple_of(PAGE_SIZE) && (src.as_ptr() as usize).is_multiple_of(16) && (dst as usize).is_multiple_of(16),
+        "whole aligned pages"
+    );
     for at in (0..src.len()).step_by(PAGE_SIZE) {
         // SAFETY: the caller's contract for `dst`; `src` holds the page at `at`.
         unsafe { stream_page(dst.add(at), src.as_ptr().add(at)) };

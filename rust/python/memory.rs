@@ -228,7 +228,7 @@ impl PyGuestMemory {
     /// Mark dirty the runs `runs` (as `peek_dirty_runs` gives them); a run that is not inside
     /// one segment is refused (GuestMemoryError naming it) before any is marked.
     fn mark_dirty_runs(&self, runs: &[u8]) -> PyResult<()> {
-        if runs.len() % 16 != 0 {
+        if !runs.len().is_multiple_of(16) {
             return Err(PyValueError::new_err(format!("dirty runs are 16-byte pairs; got {} bytes", runs.len())));
         }
         let pairs: Vec<(u64, u64)> = runs

@@ -128,7 +128,7 @@ fn send_segment(
 pub(super) fn all_page_ranges(seg: &Segment, detect_zero: bool) -> Result<Vec<PageRange>, PageError> {
     let pages_in = seg.pages();
     let mut all = vec![u64::MAX; pages_in.div_ceil(64)];
-    if pages_in % 64 != 0 {
+    if !pages_in.is_multiple_of(64) {
         *all.last_mut().unwrap() = (1u64 << (pages_in % 64)) - 1;
     }
     let (resident, _) = digest::resident_bitmap(seg)?;
@@ -248,7 +248,7 @@ fn send_page_list<'py>(
     compress: &str,
     link_rate: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    if pfns.len() % 8 != 0 {
+    if !pfns.len().is_multiple_of(8) {
         return Err(PyValueError::new_err(format!("pfns must be little-endian u64s; {} bytes is not a multiple of 8", pfns.len())));
     }
     let list: Vec<u64> = pfns.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();

@@ -56,7 +56,7 @@ result_class! {
 
 /// Page runs as `peek_dirty_runs` gives them (little-endian u64 pairs: first page frame, count).
 fn parse_runs(runs: &[u8]) -> PyResult<Vec<(u64, u64)>> {
-    if runs.len() % 16 != 0 {
+    if !runs.len().is_multiple_of(16) {
         return Err(PyValueError::new_err(format!("page runs are 16-byte pairs; got {} bytes", runs.len())));
     }
     Ok(runs

@@ -70,7 +70,7 @@ pub fn lazy_memory_cached(
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
     // A chunk smaller than the cache's largest folios would drop its neighbours' pages that
     // readahead just brought in, and they would be read from the disk again: keep the cache.
-    let cache = if chunk as u64 % RELEASE_ALIGN == 0 { cache } else { CachePolicy::Keep };
+    let cache = if (chunk as u64).is_multiple_of(RELEASE_ALIGN) { cache } else { CachePolicy::Keep };
     // Judged from samples of the file's data: restoring lazily stays constant time whatever the
     // file holds and however much of it is cached.
     let raw = fd.as_raw_fd();

@@ -78,7 +78,7 @@ enum PageKind {
 }
 
 pub(super) fn check_chunk_size(chunk_size: u64) -> Result<usize, SnapshotError> {
-    if chunk_size == 0 || chunk_size % PAGE_SIZE as u64 != 0 || usize::try_from(chunk_size).is_err() {
+    if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE as u64) || usize::try_from(chunk_size).is_err() {
         return Err(SnapshotError::BadChunkSize { chunk_size });
     }
     Ok(chunk_size as usize)
@@ -113,7 +113,7 @@ fn page_runs<E>(
     let mut run_kind = kind_of(first);
     let mut page = first + 1;
     while page < end {
-        if run_kind == PageKind::Untouched && page % 64 == 0 && page + 64 <= end && resident[page / 64] == 0 {
+        if run_kind == PageKind::Untouched && page.is_multiple_of(64) && page + 64 <= end && resident[page / 64] == 0 {
             page += 64; // a whole word of untouched pages
             continue;
         }

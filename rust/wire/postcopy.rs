@@ -81,7 +81,7 @@ impl ChunkNeeds {
     /// From page runs (first page frame number, count), over `mem`'s image: a run outside guest
     /// memory is refused, naming it.
     pub fn from_runs(mem: &GuestMemory, chunk_size: usize, runs: &[(u64, u64)]) -> Result<ChunkNeeds, String> {
-        if chunk_size == 0 || chunk_size % PAGE_SIZE != 0 || chunk_size / PAGE_SIZE > MAX_CHUNK_PAGES {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) || chunk_size / PAGE_SIZE > MAX_CHUNK_PAGES {
             return Err(format!("post-copy chunk size {chunk_size} is not 4 KiB to {} KiB in whole pages", MAX_CHUNK_PAGES * 4));
         }
         let chunk_pages = chunk_size / PAGE_SIZE;

@@ -21,7 +21,7 @@ fn guest() -> GuestMemory {
 }
 
 fn page(p: u64, version: u8) -> [u8; 4096] {
-    if p % 11 == 0 {
+    if p.is_multiple_of(11) {
         [0; 4096]
     } else {
         [(p % 200) as u8 + version + 1; 4096]

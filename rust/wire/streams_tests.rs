@@ -311,11 +311,11 @@ fn whole_regions_of_received_pages_go_onto_huge_pages_and_end_exact() {
         assert_eq!(meter.read().data_pages_done, data, "{case}");
         assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "{case}");
         assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "{case}");
-        if base % (REGION * PAGE_SIZE) == 0 {
+        if base.is_multiple_of(REGION * PAGE_SIZE) {
             assert_eq!(seg.huge_received_pages(), (whole_regions * REGION) as u64, "{case}");
         } else {
             // The mapping's regions are not the guest's: fewer of them lie whole in a batch.
-            assert!(seg.huge_received_pages() % REGION as u64 == 0 && seg.huge_received_pages() <= data, "{case}");
+            assert!(seg.huge_received_pages().is_multiple_of(REGION as u64) && seg.huge_received_pages() <= data, "{case}");
         }
         let huge = anon_huge_bytes(base, seg.size());
         assert!(huge > 0 && huge <= seg.huge_received_pages() * PAGE_SIZE as u64, "{huge} bytes on huge pages ({case})");
