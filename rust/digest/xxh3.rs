@@ -96,6 +96,15 @@ pub unsafe fn xxh3_64_page(page: *const u8) -> u64 {
         return unsafe { page_avx512::hash(page, None) };
     }
     // SAFETY: the caller's contract.
+    unsafe { page_portable(page) }
+}
+
+/// [`xxh3_64_page`] without AVX-512: twox-hash's code.
+///
+/// # Safety
+/// As [`xxh3_64_page`].
+unsafe fn page_portable(page: *const u8) -> u64 {
+    // SAFETY: the caller's contract.
     xxh3_64(unsafe { std::slice::from_raw_parts(page, PAGE_BYTES) })
 }
 
@@ -114,9 +123,18 @@ pub unsafe fn xxh3_64_page_streamed(dst: *mut u8, src: *const u8) -> u64 {
         // SAFETY: the caller's contract; the CPU has AVX-512F (checked above).
         return unsafe { page_avx512::hash(src, Some(dst)) };
     }
+    // SAFETY: the caller's contract.
+    unsafe { page_streamed_portable(dst, src) }
+}
+
+/// [`xxh3_64_page_streamed`] without AVX-512: the hash, then the copy.
+///
+/// # Safety
+/// As [`xxh3_64_page_streamed`].
+unsafe fn page_streamed_portable(dst: *mut u8, src: *const u8) -> u64 {
     // SAFETY: the caller's contract (stream_page needs 16-byte alignment, which 64 gives).
     unsafe {
-        let h = xxh3_64_page(src);
+        let h = page_portable(src);
         crate::memory::stream_page(dst, src);
         h
     }
@@ -317,16 +335,28 @@ mod tests {
             let want = xxh3_64(page);
             crate::memory::page_bytes_mut(&mut src).copy_from_slice(page);
             let from = crate::memory::page_bytes(&src).as_ptr();
-            let to = crate::memory::page_bytes_mut(&mut dst).as_mut_ptr();
-            // SAFETY: both are whole aligned pages of their own.
+            // SAFETY: whole aligned pages of their own.
             assert_eq!(unsafe { xxh3_64_page(from) }, want, "page {i}");
-            assert_eq!(unsafe { xxh3_64_page_streamed(to, from) }, want, "page {i}, streamed");
-            crate::memory::stream_fence();
-            assert_eq!(crate::memory::page_bytes(&dst), &page[..], "page {i}'s copy");
+            assert_eq!(unsafe { page_portable(from) }, want, "page {i}, portable");
+            // Each way of streaming, on a destination filled with something else first.
+            type Streamed = unsafe fn(*mut u8, *const u8) -> u64;
+            let mut ways: Vec<(&str, Streamed)> = vec![("streamed", xxh3_64_page_streamed), ("portable", page_streamed_portable)];
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: as above, on a CPU with AVX-512F.
                 assert_eq!(unsafe { page_avx512::hash(from, None) }, want, "page {i}, AVX-512");
+                unsafe fn avx512(dst: *mut u8, src: *const u8) -> u64 {
+                    // SAFETY: the caller's, on a CPU with AVX-512F (asked above).
+                    unsafe { page_avx512::hash(src, Some(dst)) }
+                }
+                ways.push(("AVX-512", avx512));
+            }
+            for (way, f) in ways {
+                crate::memory::page_bytes_mut(&mut dst).fill(0x5a);
+                let to = crate::memory::page_bytes_mut(&mut dst).as_mut_ptr();
+                assert_eq!(unsafe { f(to, from) }, want, "page {i}, {way}");
+                crate::memory::stream_fence();
+                assert_eq!(crate::memory::page_bytes(&dst), &page[..], "page {i}'s copy, {way}");
             }
         }
     }
