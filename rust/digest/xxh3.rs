@@ -246,6 +246,11 @@ mod page_avx512 {
         }
     }
 
+    /// XXH3-64 of the page at `src`, storing it to `dst` as it goes when given.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F ([`available`]); `src` points at 4096 readable bytes; `dst`, when
+    /// given, at 4096 writable 64-byte aligned ones that do not overlap them.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn hash(src: *const u8, dst: Option<*mut u8>) -> u64 {
         let secret = SECRET.as_ptr();
