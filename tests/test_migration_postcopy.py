@@ -90,8 +90,15 @@ def _check_figures(stats, dstats) -> None:
     # The source's record carries what the guest's faults cost there (POSTCOPY_DONE).
     assert (pc["remote_faults"], pc["fault_p99_us"], pc["fault_max_us"]) == (dpc["remote_faults"], dpc["fault_p99_us"], dpc["fault_max_us"])
     assert pc["blocked_ms"] == pytest.approx(dpc["blocked_ms"], abs=0.01)
-    assert dpc["remote_faults"] > 0 and 0 < dpc["fault_p50_us"] <= dpc["fault_p99_us"] <= dpc["fault_max_us"]
-    assert dpc["blocked_ms"] > 0 and dpc["link_down"] is None
+    # The guest ran before all its pages were here, and waited for some of them.
+    assert dpc["waits"] > 0 and dpc["blocked_ms"] > 0 and dpc["link_down"] is None
+    # It waited on a page it asked for (a remote fault), or on one the background fill was
+    # already bringing: when the rounds left only a few chunks (after=2, 3 streams) the fill can
+    # take them all first, and then no fault is recorded and no latency either.
+    if dpc["remote_faults"] > 0:
+        assert dpc["requested_pages"] > 0 and 0 < dpc["fault_p50_us"] <= dpc["fault_p99_us"] <= dpc["fault_max_us"]
+    else:
+        assert dpc["requested_pages"] == 0 and dpc["fault_p50_us"] == dpc["fault_p99_us"] == dpc["fault_max_us"] == 0
 
 
 def _covers(postcopy: str, **more):
@@ -133,6 +140,8 @@ def test_a_guest_moved_in_postcopy_ends_as_an_uninterrupted_run(uninterrupted, m
         assert any("asked by the operator" in n for n in stats.notes), stats.notes
     if mode == "after=0":
         assert stats.postcopy["pages_needed"] == (32 << 20) // 4096, "before any round every page is lacking"
+        # With every page lacking, the guest's sweep outruns the background fill: it asks.
+        assert dstats.postcopy["remote_faults"] > 0, "the guest never fetched a page on demand"
     else:
         assert stats.postcopy["pages_needed"] < (32 << 20) // 4096, "pages the rounds carried are not fetched again"
     assert "every page is here: the source's copy is no longer needed" in dstats.notes
@@ -180,6 +189,7 @@ def test_postcopy_over_mutual_tls_ends_as_an_uninterrupted_run(uninterrupted, pk
         stats, dstats = _finished(handle, vm1, vm2, uninterrupted)
     _check_figures(stats, dstats)
     assert stats.postcopy["after_rounds"] == 0 and stats.postcopy["pages_needed"] == (32 << 20) // 4096
+    assert dstats.postcopy["remote_faults"] > 0, "the guest never fetched a page on demand"
     assert _encrypted(stats.notes, "127.0.0.1") and _encrypted(dstats.notes, "source.migration.test"), (stats.notes, dstats.notes)
 
 
