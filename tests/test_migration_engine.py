@@ -4,14 +4,17 @@ destination ends with exactly the memory and writer state the source had when it
 import gc
 import json
 import os
+import queue
+import threading
 import time
 
 import pytest
 
 from vmmpy import PAGE_SIZE
+from vmmpy._core import MIN_THREAD_SLICE_NS, set_thread_slice, thread_slice
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.migration import MigrationParams
-from vmmpy.migration.collector import CollectorHold
+from vmmpy.migration.downtime import DowntimeHold, slices_refused
 from vmmpy.units import GiB, MiB
 
 from .migration_guest import FakeGuest
@@ -72,20 +75,20 @@ def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
 
 
 class _Holds:
-    """Every CollectorHold the migration engines make, by the module that made it, so a test sees
+    """Every DowntimeHold the migration engines make, by the module that made it, so a test sees
     which end holds the collector off (the switch itself is process-wide)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.made: dict[str, list[CollectorHold]] = {"source": [], "destination": []}
+        self.made: dict[str, list[DowntimeHold]] = {"source": [], "destination": []}
         for end in self.made:
             made = self.made[end]
 
-            class Recorded(CollectorHold):
+            class Recorded(DowntimeHold):
                 def __init__(self, made=made) -> None:
                     super().__init__()
                     made.append(self)
 
-            monkeypatch.setattr(f"vmmpy.migration.{end}.CollectorHold", Recorded)
+            monkeypatch.setattr(f"vmmpy.migration.{end}.DowntimeHold", Recorded)
 
     def held(self) -> dict[str, bool]:
         return {end: any(h.held for h in holds) for end, holds in self.made.items()}
@@ -98,6 +101,7 @@ def _record_at(guest: FakeGuest, method: str, holds: _Holds, seen: dict, monkeyp
 
     def recorded(*args, **kwargs):
         seen[method] = (holds.held(), gc.isenabled())
+        seen[f"{method} slice"] = thread_slice(0)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(guest, method, recorded)
@@ -110,11 +114,12 @@ def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_a
     source from its pause, the destination from the final round) until the guest runs, and it
     is on again after."""
     assert gc.isenabled()
+    slice_before = thread_slice(0)
     holds = _Holds(monkeypatch)
     src = guests("64M", work_pages=256)
     dst = guests("64M", work_pages=256, running=False)
     src.wait_for_progress(300)
-    seen: dict[str, tuple[dict[str, bool], bool]] = {}
+    seen: dict[str, object] = {}
     _record_at(src, "save_sections", holds, seen, monkeypatch)
     _record_at(dst, "restore_sections", holds, seen, monkeypatch)
     _record_at(dst, "start_running", holds, seen, monkeypatch)
@@ -126,6 +131,12 @@ def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_a
     assert seen["restore_sections"] == seen["start_running"] == (both, False), seen
     assert holds.held() == {"source": False, "destination": False}
     assert gc.isenabled(), "the collector stayed off after the migration"
+    if _kernel_slices():
+        # In a live migration the threads that save, restore and start the guest ran on the
+        # shortest slice; a warm one's bulk copy keeps the default. This thread has its own back.
+        expected = MIN_THREAD_SLICE_NS if live else slice_before
+        assert seen["save_sections slice"] == seen["restore_sections slice"] == seen["start_running slice"] == expected, seen
+        assert thread_slice(0) == slice_before
     assert_arrived_exact(src, dst)
 
 
@@ -151,12 +162,69 @@ def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests,
     src.stop_writer()
 
 
+def _kernel_slices() -> bool:
+    """Whether this kernel keeps a slice per thread (EEVDF, Linux 6.6 and later)."""
+    return bool(thread_slice(0))
+
+
+class _SliceReporter:
+    """A thread that reports its own slice when asked (optionally asking for one first)."""
+
+    def __init__(self, own: int | None = None) -> None:
+        self.ask: queue.Queue[bool] = queue.Queue()
+        self.answer: queue.Queue[int | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, args=(own,))
+        self.thread.start()
+
+    def _run(self, own: int | None) -> None:
+        if own:
+            set_thread_slice(0, own)
+        while self.ask.get():
+            self.answer.put(thread_slice(0))
+
+    def slice(self) -> int | None:
+        self.ask.put(True)
+        return self.answer.get(timeout=10)
+
+    def stop(self) -> None:
+        self.ask.put(False)
+        self.thread.join(10)
+
+
+def test_holds_shorten_every_threads_slice_and_give_each_its_own_back():
+    """The hold shortens the slice of every thread of the process, the ones already running
+    and the ones it starts; at the end each has what it had, a thread started during the hold
+    the main thread's, a thread with a slice of its own that one."""
+    if not _kernel_slices():
+        pytest.skip("this kernel has no per-thread slices (EEVDF, Linux 6.6 and later)")
+    default, own = thread_slice(0), 50 * MIN_THREAD_SLICE_NS
+    plain, custom = _SliceReporter(), _SliceReporter(own)
+    started = None
+    try:
+        assert (plain.slice(), custom.slice()) == (default, own)
+        hold = DowntimeHold()
+        hold.start()
+        try:
+            assert thread_slice(0) == MIN_THREAD_SLICE_NS
+            assert (plain.slice(), custom.slice()) == (MIN_THREAD_SLICE_NS,) * 2, "threads already running get the short slice"
+            started = _SliceReporter()
+            assert started.slice() == MIN_THREAD_SLICE_NS, "a thread started in the hold inherits it"
+        finally:
+            hold.release()
+        assert (thread_slice(0), plain.slice(), custom.slice(), started.slice()) == (default, default, own, default)
+    finally:
+        for reporter in (plain, custom, started):
+            if reporter is not None:
+                reporter.stop()
+    assert slices_refused() is None
+
+
 def test_collector_holds_count_and_give_back_what_was_there():
     """Holds from two migrations in one process: the collector comes back with the last release,
     each hold counts once however often it is started or released, and a collector the program
     had turned off stays off."""
     assert gc.isenabled()
-    first, second = CollectorHold(), CollectorHold()
+    first, second = DowntimeHold(), DowntimeHold()
     first.start()
     first.start()
     second.start()
@@ -328,12 +396,21 @@ def test_a_destination_larger_than_the_host_has_available_is_not_populated_and_s
 
 
 @pytest.mark.covers(operation="migrate-live", guest="writer", via="engine", bandwidth="capped")
-def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):
+def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests, monkeypatch):
     # QEMU's trick to force real iterations: a link slower than the guest dirties its memory at
     # first, and a tight downtime target.
     src = guests("64M", work_pages=2048, rate=6000)
     dst = guests("64M", work_pages=2048, running=False)
     src.wait_for_progress(2048)
+    # The destination's slice as each round's pages begin to arrive (downtime.py).
+    default, slices = thread_slice(0), []
+    original = dst.memory.recv_share
+
+    def recv_share(*args, **kwargs):
+        slices.append(thread_slice(0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dst.memory, "recv_share", recv_share)
     params = MigrationParams(downtime_target_ms=10, bandwidth_cap=32 * MiB, max_rounds=20, policy="switch-over")
     seen = []
     stats, dstats = migrate_pair(src, dst, live=True, params=params, progress=lambda s: seen.append(len(s.rounds)))
@@ -341,6 +418,11 @@ def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests):
     assert dstats.status == "completed", dstats.error
     live_rounds = [r for r in stats.rounds if not r.final]
     assert len(live_rounds) >= 3, [(r.round, r.pages) for r in stats.rounds]
+    if _kernel_slices():
+        # Bulk rounds on the default slice (short ones only make the receiver's threads preempt
+        # each other); it waits between rounds on the short one, and takes the final round on it.
+        assert len(slices) == len(dstats.rounds) and slices[:-1] == [default] * len(live_rounds), slices
+        assert slices[-1] == MIN_THREAD_SLICE_NS and thread_slice(0) == default, slices
     assert all(r.pages_dirtied > 0 for r in live_rounds[1:]), "later rounds re-sent pages the writer dirtied"
     # called as each round begins (and within it), and after it: the count of rounds done only grows
     assert seen == sorted(seen) and set(range(len(live_rounds) + 1)) <= set(seen), "progress called around each round"

@@ -22,7 +22,7 @@ import pytest
 from vmmpy import Vm
 from vmmpy.memory import GuestMemory
 from vmmpy.migration import MigrationHandle, MigrationParams
-from vmmpy.migration.collector import active_holds
+from vmmpy.migration.downtime import active_holds
 from vmmpy.runtime.guest_handle import MachineHandle
 
 from .migration_proxy import ManualProxy

@@ -42,6 +42,7 @@ mod memory;
 mod pages;
 mod postcopy;
 mod progress;
+mod sched;
 mod snapshot;
 mod streams;
 mod tls;
@@ -61,6 +62,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     streams::register(m)?;
     tls::register(m)?;
     progress::register(m)?;
+    sched::register(m)?;
     cpu::register(m)?;
     kvm::register(m)?;
     Ok(())

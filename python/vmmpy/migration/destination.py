@@ -42,9 +42,9 @@ from ..progress import Ticker
 from ..state import SectionError, decode_sections, encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
-from .collector import CollectorHold
 from .convergence import MigrationParams
 from .digest import InBackground, Ready, tracker_digest
+from .downtime import DowntimeHold
 from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
 from .net import (
     CancelWatcher,
@@ -657,7 +657,7 @@ class _Receiver:
         self.source_aborted = False  # a RESOLVE(abort) for this session came on another connection
         self.local = False  # a local migration: the memory was handed over (LOCAL_MEMORY)
         self.link = None  # post-copy (POSTCOPY): the memory's page link to the source
-        self.collector = CollectorHold()  # off from the final round (the handed-over memory, the switch) until RESUMED
+        self.downtime = DowntimeHold()  # the collector off from the final round (the handed-over memory, the switch) until RESUMED; short slices from the end of a live round
         self._conn_lock = threading.Lock()  # post-copy: the connection is replaced on RECOVER
 
     def run(self) -> MigrationStats:
@@ -704,7 +704,7 @@ class _Receiver:
         return self.stats
 
     def _cleanup(self) -> None:
-        self.collector.release()
+        self.downtime.release()
         self.watcher.close()
         self._join_hashing()
         if isinstance(self.conn, TlsSocket):
@@ -875,10 +875,10 @@ class _Receiver:
                 continue
             self._close_listener()  # the join window is over for good
             if frame.type is P.MessageType.LOCAL_MEMORY:
-                self.collector.start()  # the source is paused: the downtime has begun
+                self.downtime.start()  # the source is paused: the downtime has begun
                 self._take_local_memory(P.decode_local_memory(frame.payload))
             elif frame.type is P.MessageType.POSTCOPY:
-                self.collector.start()  # the source is paused: the switch has begun
+                self.downtime.start()  # the source is paused: the switch has begun
                 self._take_postcopy(P.decode_postcopy(frame.payload))
             elif frame.type is P.MessageType.MEMORY:
                 if self.digest_job is not None:
@@ -887,7 +887,11 @@ class _Receiver:
                     raise ProtocolError("MEMORY after POSTCOPY: after the switch pages come only on request")
                 memory = P.decode_memory(frame.payload)
                 if memory.flags & P.MemoryFlags.FINAL:
-                    self.collector.start()  # the source is paused: the downtime has begun
+                    # The source is paused: the downtime has begun. Short slices too, but for a
+                    # warm migration's one bulk round.
+                    self.downtime.start(slices=memory.round > 0)
+                else:
+                    self.downtime.lengthen_slices()  # a bulk round
                 self._receive_round(memory)
             elif frame.type is P.MessageType.STATE:
                 self._restore(frame.payload)
@@ -990,6 +994,10 @@ class _Receiver:
         self._advance(P.MessageType.MEMORY_END)
         if not memory.flags & P.MemoryFlags.FINAL and self.version >= P.ROUND_DONE_VERSION:
             self._send(P.MessageType.ROUND_DONE, P.encode_round_done(memory.round))
+        if not memory.flags & P.MemoryFlags.FINAL:
+            # Waiting for the next round, which may be the final one: the source pauses before
+            # it, so this process's wake-ups from here are downtime.
+            self.downtime.shorten_slices()
         if memory.flags & P.MemoryFlags.FINAL:
             # No page changes after the final round, and every page was hashed as it arrived:
             # combine (at once when nothing is left to hash) before the state and the commit
@@ -1183,7 +1191,7 @@ class _Receiver:
             self._send(P.MessageType.RESUMED, P.encode_resumed(int(started * 1e6)))
         except (MigrationError, OSError):
             self.stats.notes.append("could not tell the source the guest runs (RESUMED); it runs")
-        self.collector.release()  # the guest runs here: the downtime is over
+        self.downtime.release()  # the guest runs here: the downtime is over
         if self.link is not None:
             self._postcopy_pages()
             self.stats.finish("completed")

@@ -41,9 +41,9 @@ from ..progress import Ticker
 from ..state import encode_sections
 from ..state.handle import GuestHandle
 from . import protocol as P
-from .collector import CollectorHold
 from .convergence import GIVE_UP, POSTCOPY, SWITCH, Convergence, MigrationParams
 from .digest import InBackground, digest_is_quick, tracker_digest
+from .downtime import DowntimeHold
 from .errors import Aborted, AuthenticationError, Cancelled, ConnectionLost, MigrationError, NotConverging, ProtocolError, Refused
 from .net import CancelWatcher, Channel, await_delivery, connect, for_page_requests, format_address, is_unix, set_io_timeout
 from .stats import CurrentRound, MigrationStats, ProgressCallback, RoundProgress, RoundStats
@@ -231,7 +231,7 @@ class _Source:
         self.phase = "setup"
         self.paused = False
         self.committed = False
-        self.collector = CollectorHold()  # off for the downtime: from the pause until RESUMED (collector.py)
+        self.downtime = DowntimeHold()  # the collector off, short slices: from the pause until RESUMED (downtime.py)
         self.commit_requested = False  # COMMIT_REQUEST went out: the destination may hold the guest in doubt
         self.session = b""  # session_id() of the handshake (protocol version 5)
         self.last_sent: P.MessageType | None = None  # on the main connection (P.SOURCE_NEXT)
@@ -309,7 +309,7 @@ class _Source:
             if not isinstance(err, Exception):
                 raise
         finally:
-            self.collector.release()
+            self.downtime.release()
             self._close_channels()
             self.watcher.close()
         return self.stats
@@ -382,8 +382,10 @@ class _Source:
         if self.postcopy_switch:
             self._postcopy(next_round)
             return
+        # From just before the pause until the destination says RESUMED (or the migration ends);
+        # short slices for a live migration's last step, not for a warm one's bulk copy.
+        self.downtime.start(slices=self.live)
         paused_at = self._pause()
-        self.collector.start()  # until the destination says RESUMED (or the migration ends)
         if self.local:
             self._enter("memory")
             t = time.monotonic()
@@ -441,7 +443,7 @@ class _Source:
             self.paused = False
             self.stats.owner = "destination"
             self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, RESUMED_WAIT_S)
-            self.collector.release()
+            self.downtime.release()
             self.stats.finish("completed")
             self._report()
             return
@@ -450,7 +452,7 @@ class _Source:
         except (MigrationError, OSError) as err:
             self._in_doubt(f"the destination did not confirm it runs the guest ({err})")
             return
-        self.collector.release()
+        self.downtime.release()
         try:
             self._send(P.MessageType.RELEASED)
             self.chan.flush(1.0)
@@ -484,8 +486,8 @@ class _Source:
         """The switch: pause, POSTCOPY (what the destination lacks), STATE, the commit; then serve
         the destination's page requests until it has every page, reconnecting when the link fails."""
         p = self.params
+        self.downtime.start()  # from just before the pause until RESUMED: the switch is the downtime
         paused_at = self._pause()
-        self.collector.start()  # until RESUMED: the switch is the downtime
         self._enter("postcopy")
         t = time.monotonic()
         runs = self.memory.postcopy_runs(all_pages=rounds == 0)
@@ -519,10 +521,10 @@ class _Source:
             self.stats.downtime_ms = self._downtime_until_resumed(paused_at, committed_at, p.commit_timeout, strict=True)
             self.stats.postcopy["running_after_ms"] = (time.monotonic() - paused_at) * 1000
         except (MigrationError, OSError) as err:
-            self.collector.release()
+            self.downtime.release()
             self._link_lost(f"after COMMITTED: {err}")
             self._recover()
-        self.collector.release()  # the guest runs there: serving its pages is not downtime
+        self.downtime.release()  # the guest runs there: serving its pages is not downtime
         self.stats.status = "postcopy"
         self._report()
         switched = time.monotonic()
@@ -642,7 +644,7 @@ class _Source:
     def _in_doubt(self, why: str) -> None:
         """COMMITTED went (or may have gone) out and the destination did not confirm: hold the
         guest paused and deliver the decision by reconnecting, for resolve_timeout seconds."""
-        self.collector.release()  # the wait for an answer may be long; the collector need not wait too
+        self.downtime.release()  # the wait for an answer may be long; the hold need not last it
         self.stats.owner = "in doubt"
         self.stats.notes.append(f"in doubt: {why}; asking the destination again for up to {self.params.resolve_timeout:g} s")
         self.stats.finish("in-doubt", f"{why}; the guest is held paused here until the destination confirms it runs it")
@@ -1089,7 +1091,7 @@ class _Source:
             self._try_abort(message)
         if self.convergence is not None:
             self.convergence.release()
-        self.collector.release()  # the guest runs here again (or is gone): nothing more is downtime
+        self.downtime.release()  # the guest runs here again (or is gone): nothing more is downtime
         if self.paused:
             self.adapter.resume()
             self.paused = False
