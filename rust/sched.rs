@@ -1,9 +1,9 @@
 //! The host scheduler's slice for a thread: how long it may run before a waking thread of its
 //! core gets its turn.
 //!
-//! Linux's EEVDF scheduler (6.6 and later) lets a normal thread ask for a shorter slice than the
+//! Linux's EEVDF scheduler (6.12 and later) lets a normal thread ask for a shorter slice than the
 //! default (`sched_attr.sched_runtime`, clamped to 0.1-100 ms; 0 asks for the default again),
-//! and since 6.12 a thread with the shorter slice preempts a longer-sliced one when it wakes. A
+//! and a thread with the shorter slice preempts a longer-sliced one when it wakes. A
 //! thread that must answer at once (a migration's downtime: pause, last pages, state, resume)
 //! then waits about 0.1 ms behind a busy neighbour instead of the rest of the neighbour's slice.
 //! No privilege is needed, the thread's CPU share is unchanged, and kernels without it ignore
@@ -79,7 +79,7 @@ mod tests {
         let (mine, child, after) = set.join().unwrap();
         assert!(set_slice(i32::MAX, 0).is_err(), "no such thread");
         if before == 0 {
-            // A kernel before EEVDF reports no slice and ignores the request.
+            // A kernel before 6.12 reports no slice and ignores the request.
             eprintln!("this kernel has no per-thread slices: only the calls were checked");
             return;
         }

@@ -14,7 +14,7 @@ from vmmpy import PAGE_SIZE
 from vmmpy._core import MIN_THREAD_SLICE_NS, set_thread_slice, thread_slice
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.migration import MigrationParams
-from vmmpy.migration.downtime import DowntimeHold, slices_refused
+from vmmpy.migration.downtime import DowntimeHold, active_holds, slices_refused
 from vmmpy.units import GiB, MiB
 
 from .migration_guest import FakeGuest
@@ -93,6 +93,9 @@ class _Holds:
     def held(self) -> dict[str, bool]:
         return {end: any(h.held for h in holds) for end, holds in self.made.items()}
 
+    def short(self) -> dict[str, bool]:
+        return {end: any(h.short for h in holds) for end, holds in self.made.items()}
+
 
 def _record_at(guest: FakeGuest, method: str, holds: _Holds, seen: dict, monkeypatch) -> None:
     """Have ``guest.method`` note which ends held the collector off when it was called, and
@@ -102,6 +105,7 @@ def _record_at(guest: FakeGuest, method: str, holds: _Holds, seen: dict, monkeyp
     def recorded(*args, **kwargs):
         seen[method] = (holds.held(), gc.isenabled())
         seen[f"{method} slice"] = thread_slice(0)
+        seen[f"{method} short"] = holds.short()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(guest, method, recorded)
@@ -137,12 +141,18 @@ def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_a
         expected = MIN_THREAD_SLICE_NS if live else slice_before
         assert seen["save_sections slice"] == seen["restore_sections slice"] == seen["start_running slice"] == expected, seen
         assert thread_slice(0) == slice_before
+    # Each end asks for them itself (the slices are process-wide, so one end's hold would hide
+    # the other's missing one).
+    assert seen["save_sections short"]["source"] is live, seen
+    assert seen["restore_sections short"] == seen["start_running short"] == {"source": live, "destination": live}, seen
+    assert holds.short() == {"source": False, "destination": False}
     assert_arrived_exact(src, dst)
 
 
 def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests, monkeypatch):
     """The destination refuses the state: the source resumes its guest, and neither end leaves
-    the collector off."""
+    the collector off or the slices short."""
+    slice_before = _kernel_slices() and thread_slice(0)
     holds = _Holds(monkeypatch)
     src = guests("64M", work_pages=256)
     dst = guests("64M", work_pages=256, running=False)
@@ -157,14 +167,20 @@ def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests,
     assert stats.status == "failed" and dstats.status == "failed", (stats.status, dstats.status)
     assert "refuses the state" in (dstats.error or ""), dstats.error
     assert src.calls[-1] == "resume" and dst.discarded
-    assert holds.held() == {"source": False, "destination": False}
+    assert holds.held() == holds.short() == {"source": False, "destination": False}
     assert gc.isenabled(), "the collector stayed off after a failed migration"
+    assert active_holds() == 0
+    if _kernel_slices():
+        assert thread_slice(0) == slice_before, "the slices stayed short after a failed migration"
     src.stop_writer()
 
 
 def _kernel_slices() -> bool:
-    """Whether this kernel keeps a slice per thread (EEVDF, Linux 6.6 and later)."""
-    return bool(thread_slice(0))
+    """Whether this kernel keeps a slice per thread (EEVDF, Linux 6.12 and later)."""
+    try:
+        return bool(thread_slice(0))
+    except OSError:  # sched_getattr refused here (a seccomp filter)
+        return False
 
 
 class _SliceReporter:
@@ -196,7 +212,7 @@ def test_holds_shorten_every_threads_slice_and_give_each_its_own_back():
     and the ones it starts; at the end each has what it had, a thread started during the hold
     the main thread's, a thread with a slice of its own that one."""
     if not _kernel_slices():
-        pytest.skip("this kernel has no per-thread slices (EEVDF, Linux 6.6 and later)")
+        pytest.skip("this kernel has no per-thread slices (EEVDF, Linux 6.12 and later)")
     default, own = thread_slice(0), 50 * MIN_THREAD_SLICE_NS
     plain, custom = _SliceReporter(), _SliceReporter(own)
     started = None
@@ -219,6 +235,48 @@ def test_holds_shorten_every_threads_slice_and_give_each_its_own_back():
     assert slices_refused() is None
 
 
+def test_a_thread_on_the_default_slice_follows_the_default_again_and_a_refusal_keeps_the_collector_hold(monkeypatch):
+    """Given back, a slice that was the scheduler's default is asked for as the default (0), not as
+    a fixed copy of its length; where the kernel refuses (EPERM), the hold still keeps the
+    collector off and asks no more."""
+    import errno
+
+    from vmmpy.migration import downtime
+
+    if not _kernel_slices():
+        pytest.skip("this kernel has no per-thread slices (EEVDF, Linux 6.12 and later)")
+    calls: list[tuple[int, int]] = []
+    real = downtime.set_thread_slice
+
+    def recorded(tid: int, slice_ns: int) -> bool:
+        calls.append((tid, slice_ns))
+        return real(tid, slice_ns)
+
+    monkeypatch.setattr(downtime, "set_thread_slice", recorded)
+    me, default = threading.get_native_id(), thread_slice(0)
+    hold = DowntimeHold()
+    hold.shorten_slices()
+    assert (me, MIN_THREAD_SLICE_NS) in calls
+    calls.clear()
+    hold.release()
+    assert [c for c in calls if c[0] == me] == [(me, 0)], "given back as the default, and only that"
+    assert thread_slice(0) == default
+
+    def refuse(tid: int, slice_ns: int) -> bool:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(downtime, "set_thread_slice", refuse)
+    monkeypatch.setattr(downtime, "_slices_refused", None)
+    hold = DowntimeHold()
+    hold.start()
+    try:
+        assert not gc.isenabled() and thread_slice(0) == default
+        assert downtime.slices_refused() == "Operation not permitted"
+    finally:
+        hold.release()
+    assert gc.isenabled() and active_holds() == 0
+
+
 def test_collector_holds_count_and_give_back_what_was_there():
     """Holds from two migrations in one process: the collector comes back with the last release,
     each hold counts once however often it is started or released, and a collector the program
@@ -234,6 +292,20 @@ def test_collector_holds_count_and_give_back_what_was_there():
     assert not gc.isenabled(), "released by one migration while the other still holds it"
     second.release()
     assert gc.isenabled()
+    if _kernel_slices():
+        default = thread_slice(0)
+        first.shorten_slices()
+        second.start(slices=False)
+        assert thread_slice(0) == MIN_THREAD_SLICE_NS, "start(slices=False) leaves short slices short"
+        second.shorten_slices()
+        first.lengthen_slices()
+        assert thread_slice(0) == MIN_THREAD_SLICE_NS, "given back by one hold while the other keeps them short"
+        first.release()  # lengthened already: counts nothing
+        assert thread_slice(0) == MIN_THREAD_SLICE_NS
+        second.release()
+        assert thread_slice(0) == default and active_holds() == 0
+        DowntimeHold().release()  # never started
+        assert thread_slice(0) == default and active_holds() == 0
     gc.disable()
     try:
         first.start()

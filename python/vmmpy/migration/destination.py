@@ -875,7 +875,7 @@ class _Receiver:
                 continue
             self._close_listener()  # the join window is over for good
             if frame.type is P.MessageType.LOCAL_MEMORY:
-                self.downtime.start()  # the source is paused: the downtime has begun
+                self.downtime.start(slices=self.stats.live)  # the source is paused: the downtime has begun (warm)
                 self._take_local_memory(P.decode_local_memory(frame.payload))
             elif frame.type is P.MessageType.POSTCOPY:
                 self.downtime.start()  # the source is paused: the switch has begun
@@ -889,7 +889,7 @@ class _Receiver:
                 if memory.flags & P.MemoryFlags.FINAL:
                     # The source is paused: the downtime has begun. Short slices too, but for a
                     # warm migration's one bulk round.
-                    self.downtime.start(slices=memory.round > 0)
+                    self.downtime.start(slices=self.stats.live)
                 else:
                     self.downtime.lengthen_slices()  # a bulk round
                 self._receive_round(memory)

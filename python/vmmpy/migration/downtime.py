@@ -15,9 +15,10 @@ the state go out, the destination restores and starts its vCPU). On a busy host 
 wait for a neighbour on its core to finish its slice (1.4 ms by default on the hosts measured),
 and an idle guest's downtime doubled when one did (docs/performance.md, session 29). For the
 hold every thread of the process asks for the shortest slice (``vmmpy._core.set_thread_slice``,
-EEVDF's per-thread slice, Linux 6.6 and later), so that it preempts the neighbour when it wakes;
+EEVDF's per-thread slice, Linux 6.12 and later; earlier kernels ignore it), so that it preempts the neighbour when it wakes;
 its share of the CPU is unchanged. Threads started during the hold inherit it. At the end every
-thread gets back the slice it had (one started during the hold, the one the process had). Where
+thread gets back the slice it had (one started during the hold, the one the process had; one
+that had the scheduler's default follows the default again). Where
 the kernel refuses (a seccomp filter, say) the collector is still held and nothing else changes.
 
 Short slices are for waiting and answering, not for copying: during a bulk copy (a warm
@@ -33,6 +34,7 @@ slices, when the last is released (the collector only if it was on before the fi
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import threading
@@ -66,9 +68,20 @@ def _shorten_slices() -> None:
                 _slices[tid] = before
         except ProcessLookupError:
             continue  # ended meanwhile
-        except OSError as err:
-            _slices_refused = err.strerror or str(err)
-            break
+        except (PermissionError, NotImplementedError, OSError) as err:
+            if tid == threading.get_native_id() or err.errno in (errno.ENOSYS, errno.EPERM):
+                # Refused for this process (a seccomp filter, an LSM): the hold keeps the collector.
+                _slices_refused = err.strerror or str(err)
+                break
+            continue  # this thread only (another policy or credentials since the listing)
+
+
+def _give_back(tid: int, slice_ns: int) -> None:
+    """Thread ``tid``'s slice back to ``slice_ns``: to the scheduler's default where that is what
+    it was (so the thread follows the default again, rather than keeping a fixed copy of it)."""
+    set_thread_slice(tid, 0)
+    if thread_slice(tid) != slice_ns:
+        set_thread_slice(tid, slice_ns)
 
 
 def _restore_slices() -> None:
@@ -76,12 +89,18 @@ def _restore_slices() -> None:
         return
     # A thread started during the hold gets the slice the process's main thread had.
     default = _slices.get(os.getpid(), Counter(_slices.values()).most_common(1)[0][0])
-    for tid in _threads():
-        try:
-            if thread_slice(tid) == MIN_THREAD_SLICE_NS:  # ours, or inherited from a thread of ours
-                set_thread_slice(tid, _slices.get(tid, default))
-        except OSError:
-            continue
+    seen: set[int] = set()
+    for _ in range(8):  # again for threads a thread still short started meanwhile (they inherit it)
+        new = [tid for tid in _threads() if tid not in seen]
+        if not new:
+            break
+        for tid in new:
+            seen.add(tid)
+            try:
+                if thread_slice(tid) == MIN_THREAD_SLICE_NS:  # ours, or inherited from a thread of ours
+                    _give_back(tid, _slices.get(tid, default))
+            except OSError:
+                continue
     _slices.clear()
 
 
@@ -102,10 +121,10 @@ class DowntimeHold:
         with _lock:
             if self._short:
                 return
-            if _short_holds == 0:
-                _shorten_slices()
             _short_holds += 1
             self._short = True
+            if _short_holds == 1:
+                _shorten_slices()
 
     def lengthen_slices(self) -> None:
         """Give the slices back (a round that is not the last has begun: bulk work, where short
@@ -120,8 +139,8 @@ class DowntimeHold:
                 _restore_slices()
 
     def start(self, *, slices: bool = True) -> None:
-        """The collector off, and with ``slices`` short slices (not for a warm migration, whose
-        downtime is one bulk copy)."""
+        """The collector off; with ``slices`` short slices too (without, the slices are left as
+        they are: a warm migration's downtime is one bulk copy)."""
         global _holds, _was_enabled
         if slices:
             self.shorten_slices()
@@ -147,7 +166,13 @@ class DowntimeHold:
 
     @property
     def held(self) -> bool:
+        """Whether this hold keeps the collector off."""
         return self._held
+
+    @property
+    def short(self) -> bool:
+        """Whether this hold keeps the slices short."""
+        return self._short
 
 
 def active_holds() -> int:
