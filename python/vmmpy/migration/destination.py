@@ -875,7 +875,7 @@ class _Receiver:
                 continue
             self._close_listener()  # the join window is over for good
             if frame.type is P.MessageType.LOCAL_MEMORY:
-                self.downtime.start(slices=self.stats.live)  # the source is paused: the downtime has begun (warm)
+                self.downtime.start(slices=self.stats.live)  # the source is paused: the downtime has begun (a local migration is warm)
                 self._take_local_memory(P.decode_local_memory(frame.payload))
             elif frame.type is P.MessageType.POSTCOPY:
                 self.downtime.start()  # the source is paused: the switch has begun

@@ -15,11 +15,11 @@ the state go out, the destination restores and starts its vCPU). On a busy host 
 wait for a neighbour on its core to finish its slice (1.4 ms by default on the hosts measured),
 and an idle guest's downtime doubled when one did (docs/performance.md, session 29). For the
 hold every thread of the process asks for the shortest slice (``vmmpy._core.set_thread_slice``,
-EEVDF's per-thread slice, Linux 6.12 and later; earlier kernels ignore it), so that it preempts the neighbour when it wakes;
-its share of the CPU is unchanged. Threads started during the hold inherit it. At the end every
-thread gets back the slice it had (one started during the hold, the one the process had; one
-that had the scheduler's default follows the default again). Where
-the kernel refuses (a seccomp filter, say) the collector is still held and nothing else changes.
+EEVDF's per-thread slice, Linux 6.12 and later; earlier kernels ignore it), so that it preempts
+the neighbour when it wakes; its share of the CPU is unchanged. Threads started during the hold
+inherit it. At the end every thread gets back the slice it had (one started during the hold, the
+one the process had; one that had the scheduler's default follows the default again). Where the
+kernel refuses (a seccomp filter, say) the collector is still held and nothing else changes.
 
 Short slices are for waiting and answering, not for copying: during a bulk copy (a warm
 migration's one round, a live round before the last) they only make this process's threads
@@ -68,7 +68,7 @@ def _shorten_slices() -> None:
                 _slices[tid] = before
         except ProcessLookupError:
             continue  # ended meanwhile
-        except (PermissionError, NotImplementedError, OSError) as err:
+        except OSError as err:
             if tid == threading.get_native_id() or err.errno in (errno.ENOSYS, errno.EPERM):
                 # Refused for this process (a seccomp filter, an LSM): the hold keeps the collector.
                 _slices_refused = err.strerror or str(err)
