@@ -104,7 +104,7 @@ def _record_at(guest: FakeGuest, method: str, holds: _Holds, seen: dict, monkeyp
 
     def recorded(*args, **kwargs):
         seen[method] = (holds.held(), gc.isenabled())
-        seen[f"{method} slice"] = thread_slice(0)
+        seen[f"{method} slice"] = _my_slice()
         seen[f"{method} short"] = holds.short()
         return original(*args, **kwargs)
 
@@ -118,7 +118,7 @@ def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_a
     source from its pause, the destination from the final round) until the guest runs, and it
     is on again after."""
     assert gc.isenabled()
-    slice_before = thread_slice(0)
+    slice_before = _my_slice()
     holds = _Holds(monkeypatch)
     src = guests("64M", work_pages=256)
     dst = guests("64M", work_pages=256, running=False)
@@ -152,7 +152,7 @@ def test_no_garbage_collection_lands_in_the_downtime_and_the_collector_is_back_a
 def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests, monkeypatch):
     """The destination refuses the state: the source resumes its guest, and neither end leaves
     the collector off or the slices short."""
-    slice_before = _kernel_slices() and thread_slice(0)
+    slice_before = _my_slice()
     holds = _Holds(monkeypatch)
     src = guests("64M", work_pages=256)
     dst = guests("64M", work_pages=256, running=False)
@@ -175,12 +175,17 @@ def test_a_migration_that_fails_in_the_downtime_gives_the_collector_back(guests,
     src.stop_writer()
 
 
+def _my_slice() -> int | None:
+    """This thread's slice, or None where sched_getattr is refused (a seccomp filter)."""
+    try:
+        return thread_slice(0)
+    except OSError:
+        return None
+
+
 def _kernel_slices() -> bool:
     """Whether this kernel keeps a slice per thread (EEVDF, Linux 6.12 and later)."""
-    try:
-        return bool(thread_slice(0))
-    except OSError:  # sched_getattr refused here (a seccomp filter)
-        return False
+    return bool(_my_slice())
 
 
 class _SliceReporter:
@@ -475,11 +480,11 @@ def test_live_migration_keeps_guest_counters_exact_over_several_rounds(guests, m
     dst = guests("64M", work_pages=2048, running=False)
     src.wait_for_progress(2048)
     # The destination's slice as each round's pages begin to arrive (downtime.py).
-    default, slices = thread_slice(0), []
+    default, slices = _my_slice(), []
     original = dst.memory.recv_share
 
     def recv_share(*args, **kwargs):
-        slices.append(thread_slice(0))
+        slices.append(_my_slice())
         return original(*args, **kwargs)
 
     monkeypatch.setattr(dst.memory, "recv_share", recv_share)
