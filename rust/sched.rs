@@ -38,13 +38,14 @@ pub fn slice(tid: i32) -> io::Result<Option<u64>> {
 }
 
 /// Ask for a slice of `slice_ns` for thread `tid` (0: the calling thread); 0 asks for the
-/// scheduler's default. Its policy, nice value and reset-on-fork flag are kept. Returns false
-/// (and changes nothing) for a thread whose policy is not a normal one.
-pub fn set_slice(tid: i32, slice_ns: u64) -> io::Result<bool> {
+/// scheduler's default. Its policy, nice value and reset-on-fork flag are kept. Returns the
+/// slice it had, or None (and changes nothing) for a thread whose policy is not a normal one.
+pub fn set_slice(tid: i32, slice_ns: u64) -> io::Result<Option<u64>> {
     let mut attr = get_attr(tid)?;
     if !matches!(attr.sched_policy, SCHED_OTHER | SCHED_BATCH) {
-        return Ok(false);
+        return Ok(None);
     }
+    let before = attr.sched_runtime;
     attr.size = std::mem::size_of::<libc::sched_attr>() as u32;
     attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
     attr.sched_runtime = slice_ns;
@@ -55,7 +56,7 @@ pub fn set_slice(tid: i32, slice_ns: u64) -> io::Result<bool> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(true)
+    Ok(Some(before))
 }
 
 #[cfg(test)]
@@ -69,10 +70,11 @@ mod tests {
             // SAFETY: getpriority reads the calling thread's nice value (per thread on Linux).
             let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
             let was = nice();
-            assert!(set_slice(0, MIN_SLICE_NS).unwrap());
+            let had = slice(0).unwrap();
+            assert_eq!(set_slice(0, MIN_SLICE_NS).unwrap(), had, "the slice it had is returned");
             let mine = slice(0).unwrap();
             let child = std::thread::spawn(|| slice(0).unwrap()).join().unwrap();
-            assert!(set_slice(0, 0).unwrap());
+            assert_eq!(set_slice(0, 0).unwrap(), mine, "the slice it had is returned");
             assert_eq!(nice(), was, "the nice value is kept");
             (mine, child, slice(0).unwrap())
         });

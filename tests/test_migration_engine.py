@@ -253,7 +253,7 @@ def test_a_thread_on_the_default_slice_follows_the_default_again_and_a_refusal_k
     calls: list[tuple[int, int]] = []
     real = downtime.set_thread_slice
 
-    def recorded(tid: int, slice_ns: int) -> bool:
+    def recorded(tid: int, slice_ns: int) -> int | None:
         calls.append((tid, slice_ns))
         return real(tid, slice_ns)
 
@@ -267,7 +267,7 @@ def test_a_thread_on_the_default_slice_follows_the_default_again_and_a_refusal_k
     assert [c for c in calls if c[0] == me] == [(me, 0)], "given back as the default, and only that"
     assert thread_slice(0) == default
 
-    def refuse(tid: int, slice_ns: int) -> bool:
+    def refuse(tid: int, slice_ns: int) -> int | None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(downtime, "set_thread_slice", refuse)

@@ -10,10 +10,10 @@ fn thread_slice(tid: i32) -> PyResult<Option<u64>> {
 }
 
 /// Ask for a slice of `slice_ns` nanoseconds for thread `tid` (0: the calling thread; 0 ns: the
-/// scheduler's default), keeping its policy and nice value. False (nothing changed) when its
-/// policy is not a normal one. Raises OSError.
+/// scheduler's default), keeping its policy and nice value. Returns the slice it had, or None
+/// (nothing changed) when its policy is not a normal one. Raises OSError.
 #[pyfunction]
-fn set_thread_slice(tid: i32, slice_ns: u64) -> PyResult<bool> {
+fn set_thread_slice(tid: i32, slice_ns: u64) -> PyResult<Option<u64>> {
     Ok(crate::sched::set_slice(tid, slice_ns)?)
 }
 

@@ -63,8 +63,8 @@ def _shorten_slices() -> None:
         return
     for tid in _threads():
         try:
-            before = thread_slice(tid)
-            if before is not None and set_thread_slice(tid, MIN_THREAD_SLICE_NS):
+            before = set_thread_slice(tid, MIN_THREAD_SLICE_NS)
+            if before is not None:
                 _slices[tid] = before
         except ProcessLookupError:
             continue  # ended meanwhile
