@@ -2,6 +2,7 @@
 mode is refused before any state moves and the source runs on, the shared key composes with TLS,
 and a byte altered on the wire is caught by TLS itself."""
 
+import re
 import socket
 import threading
 
@@ -73,6 +74,12 @@ def test_migration_over_tls_arrives_exact(guests, pki, live):
         assert len(stats.rounds) >= 2
     assert any(n.startswith("encrypted with TLSv1.3") and "127.0.0.1" in n for n in stats.notes), stats.notes
     assert any(n.startswith("encrypted with TLSv1.3") and "source.migration.test" in n for n in dstats.notes), dstats.notes
+    # Each end names the library that seals its records and what it timed both at when it chose.
+    chosen = re.compile(r"records by (ring|aws-lc-rs) \((\d+\.\d+) GiB/s a core here, (aws-lc-rs|ring) (\d+\.\d+)\)")
+    for notes in (stats.notes, dstats.notes):
+        found = [m for m in map(chosen.search, notes) if m]
+        assert len(found) == 1 and found[0][1] != found[0][3], notes
+        assert float(found[0][2]) >= float(found[0][4]) > 0, notes
     dst.wait_for_progress(500)
     assert_arrived_exact(src, dst)
 

@@ -725,6 +725,7 @@ impl TlsStream {
         };
         let send_key = RecordKey::new(secrets.tx.0, secrets.tx.1).map_err(|e| hs.tls(e))?;
         let receive_key = RecordKey::new(secrets.rx.0, secrets.rx.1).map_err(|e| hs.tls(e))?;
+        let summary = format!("{summary}; records by {}", send_key.describe());
         let records_per_key = kernel.confidentiality_limit();
         Ok(TlsStream {
             fd,
@@ -762,7 +763,8 @@ impl TlsStream {
         self.fd
     }
 
-    /// Protocol and cipher suite, as "encrypted with TLSv1.3 (TLS13_AES_128_GCM_SHA256)".
+    /// Protocol, cipher suite and the library that seals the records, as "encrypted with TLSv1.3
+    /// (TLS13_AES_128_GCM_SHA256); records by ring (7.04 GiB/s a core here, aws-lc-rs 3.85)".
     pub fn summary(&self) -> &str {
         &self.summary
     }

@@ -1,4 +1,4 @@
-use super::super::tls_records;
+use super::super::tls_records::{self, Aead, Backend};
 use super::*;
 use std::io::Write;
 
@@ -273,6 +273,69 @@ fn a_record_sealed_from_where_its_bytes_are_is_the_record_sealed_in_place() {
     let mut out = vec![0u8; tls_records::opened_len(from.len())];
     assert_eq!(b.open_into(&from, &mut out).unwrap(), (APPLICATION_DATA, body.len()));
     assert!(out[..body.len()] == body[..]);
+}
+
+const BACKENDS: [Backend; 2] = [Backend::AwsLc, Backend::Ring];
+const AEADS: [Aead; 3] = [Aead::Aes128Gcm, Aead::Aes256Gcm, Aead::Chacha20Poly1305];
+
+fn key_of(backend: Backend, aead: Aead) -> RecordKey {
+    let secret = [7u8; 32];
+    let len = if aead == Aead::Aes128Gcm { 16 } else { 32 };
+    RecordKey::with(backend, aead, &secret[..len], [9u8; 12], 5).unwrap()
+}
+
+#[test]
+fn either_library_opens_what_the_other_sealed_and_both_seal_the_same_bytes() {
+    // The ends choose their library each for itself: the records must be the same bytes.
+    for aead in AEADS {
+        for len in [0, 1, 4095, MAX_FRAGMENT] {
+            let body = pattern(len, len as u8);
+            let records: Vec<Vec<u8>> = BACKENDS
+                .iter()
+                .flat_map(|&b| {
+                    let mut in_place = vec![0u8; len + OVERHEAD];
+                    in_place[HEADER..HEADER + len].copy_from_slice(&body);
+                    key_of(b, aead).seal(&mut in_place, APPLICATION_DATA);
+                    let mut from = vec![0u8; len + OVERHEAD];
+                    key_of(b, aead).seal_from(&mut from, &body, APPLICATION_DATA);
+                    [in_place, from]
+                })
+                .collect();
+            assert!(records.iter().all(|r| *r == records[0]), "{aead:?} {len}: the libraries sealed different records");
+            for b in BACKENDS {
+                let mut record = records[0].clone();
+                let (kind, range) = key_of(b, aead).open(&mut record).unwrap();
+                assert_eq!(kind, APPLICATION_DATA);
+                assert!(record[range] == body[..], "{aead:?} {len} {b:?}: open");
+                let mut out = vec![0xeeu8; tls_records::opened_len(records[0].len())];
+                assert_eq!(key_of(b, aead).open_into(&records[0], &mut out).unwrap(), (APPLICATION_DATA, len));
+                assert!(out[..len] == body[..], "{aead:?} {len} {b:?}: open_into");
+
+                for at in [4, HEADER, records[0].len() - 1] {
+                    let mut bad = records[0].clone();
+                    bad[at] ^= 4;
+                    assert_eq!(key_of(b, aead).open(&mut bad.clone()).unwrap_err(), rustls::Error::DecryptError, "{aead:?} {b:?} @{at}");
+                    let mut out = vec![0u8; tls_records::opened_len(bad.len())];
+                    assert_eq!(key_of(b, aead).open_into(&bad, &mut out).unwrap_err(), rustls::Error::DecryptError);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn each_process_keeps_the_library_it_timed_faster() {
+    for aead in AEADS {
+        let choice = Backend::chosen(aead);
+        assert!(choice.aws_lc_gib_s > 0.0 && choice.ring_gib_s > 0.0, "{choice:?}");
+        let faster = if choice.ring_gib_s > choice.aws_lc_gib_s { Backend::Ring } else { Backend::AwsLc };
+        assert_eq!(choice.backend, faster, "{aead:?}: {choice:?}");
+        // Once chosen, the choice stays for the process: both ends of a stream use one library.
+        assert_eq!(Backend::chosen(aead).backend, choice.backend);
+        let key = RecordKey::with(choice.backend, aead, &[1u8; 32][..if aead == Aead::Aes128Gcm { 16 } else { 32 }], [0; 12], 0).unwrap();
+        let said = key.describe();
+        assert!(said.starts_with(choice.backend.name()) && said.contains("GiB/s a core here"), "{said}");
+    }
 }
 
 #[test]
