@@ -1,12 +1,13 @@
 """The benchmark suite's own code on tiny sizes: statistics, scenario selection, the random fill
-that builds guest images, and the limit measurements' bookkeeping. No timing is asserted."""
+that builds guest images, the limit measurements' bookkeeping and the host memory report. No timing
+is asserted."""
 
 import os
 
 import numpy as np
 import pytest
 
-from tools.bench import limits
+from tools.bench import hostmem, limits
 from tools.bench.images import FILL_START, fill_random
 from tools.bench.run import cpu_times, select, settle, settle_text
 from tools.bench.scenarios import SCENARIOS
@@ -135,3 +136,52 @@ def test_the_parallel_loopback_limit_carries_every_byte_over_each_stream():
     fig = limits.loopback_tcp_streams(8 * MIB, 2, 4, chunk=MIB)
     assert len(fig.values) == 2 and all(v > 0 for v in fig.values) and fig.unit == "GiB/s"
     assert {"warm-1g-streams2", "warm-1g-streams4"} <= set(SCENARIOS)
+
+
+def _page_reporting(tmp_path, order=9, reported_kib=1000):
+    params = tmp_path / "parameters"
+    params.mkdir(parents=True)
+    (params / "page_reporting_order").write_text(f"{order}\n")
+    if reported_kib is not None:
+        (params / "reported_kib").write_text(f"{reported_kib}\n")
+    return params
+
+
+def test_the_report_says_how_much_memory_went_back_to_the_hypervisor(tmp_path):
+    params = _page_reporting(tmp_path)
+    reporting = hostmem.Reporting(params)
+    (params / "reported_kib").write_text(f"{1000 + 640 * 1024}\n")  # the kernel reported 640 MiB meanwhile
+    report = reporting.report()
+    assert report == {"order": 9, "held": False, "reported_mib": 640}
+    assert "640 MiB went back to the hypervisor" in hostmem.text(report) and "--hold-host-memory" in hostmem.text(report)
+    # Nothing reported: no line; a kernel that does not count: the line says what reporting does.
+    assert hostmem.text({**report, "reported_mib": 0}) == ""
+    assert "returns freed memory" in hostmem.text(hostmem.Reporting(_page_reporting(tmp_path / "b", reported_kib=None)).report())
+    # No page reporting at all (bare metal, or a kernel without it): nothing recorded, no line.
+    missing = hostmem.Reporting(tmp_path / "none")
+    assert missing.report() is None and hostmem.text(None) == ""
+
+
+def test_holding_host_memory_turns_reporting_off_for_the_run_and_gives_the_order_back(tmp_path):
+    params = _page_reporting(tmp_path, order=9)
+    reporting = hostmem.Reporting(params)
+    reporting.hold()
+    assert (params / "page_reporting_order").read_text().strip() == str(hostmem.OFF_ORDER)
+    assert reporting.report()["held"] and "held off" in hostmem.text(reporting.report())
+    reporting.release()
+    assert (params / "page_reporting_order").read_text().strip() == "9"
+    reporting.release()  # twice changes nothing
+    assert (params / "page_reporting_order").read_text().strip() == "9"
+
+
+def test_holding_host_memory_where_it_cannot_says_why_and_changes_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="reports no free pages to a hypervisor"):
+        hostmem.Reporting(tmp_path / "none").hold()
+    params = _page_reporting(tmp_path)
+    reporting = hostmem.Reporting(params)
+    (params / "page_reporting_order").unlink()
+    (params / "page_reporting_order").mkdir()  # a write that fails, whoever runs the test
+    with pytest.raises(SystemExit, match="cannot set .*page_reporting_order to 11"):
+        reporting.hold()
+    assert not reporting.held
+    reporting.release()

@@ -5,13 +5,15 @@ measured in the same run with the ratio to it (only where Debian's qemu-system-x
 ``tools/bench/qemu.py``), and issue 8's target.
 
     .venv/bin/python -m tools.bench [--quick] [--json] [--only NAME[,NAME]] [--runs N] [--budget S] [--no-qemu] [--busy]
-                                    [--settle S]
+                                    [--settle S] [--hold-host-memory]
 
 A run first waits, for at most ``--settle`` seconds, until the CPUs are quiet, so it does not
 start beside the tail of the work before it; the report says how long that took, or that the
 machine never settled. With ``--busy`` a CPU-bound neighbour (a process spinning, pinned to the last CPU) runs for the
 whole run, as on a host that does other work; the report records the load average before the run
-and after each scenario either way.
+and after each scenario either way. On a VM that returns freed memory to its hypervisor the report
+says how much went back during the run, and ``--hold-host-memory`` holds that off
+(``tools/bench/hostmem.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if __package__ in (None, ""):  # python tools/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import vmmpy
-from tools.bench import qemu
+from tools.bench import hostmem, qemu
 from tools.bench.procs import die_with_parent
 from tools.bench.scenarios import LIMITS, SCENARIOS, Context
 from tools.bench.stats import Figure, Row
@@ -234,6 +236,8 @@ def print_table(report: dict, rows: list[Row]) -> None:
           + ("" if with_qemu else "; no QEMU column"))
     if report.get("busy"):
         print(f"BUSY: {report['busy']}")
+    if hostmem.text(report.get("host_memory")):
+        print(hostmem.text(report.get("host_memory")))
     if report.get("bytecode", COMPILED) != COMPILED:
         print(f"BYTECODE: {report['bytecode']}: the rows that start vmmrun count compiling it")
     header = ("scenario", "vmmpy: median [min-max]", "limit (same run)", "ratio",
@@ -281,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--busy", action="store_true",
                     help="run a CPU-bound neighbour on one core for the whole run (a busy host); targets against QEMU "
                          "are then judged at 0.9 of themselves")
+    ap.add_argument("--hold-host-memory", action="store_true",
+                    help="on a VM whose kernel returns freed memory to its hypervisor (free page reporting), turn that "
+                         "off for the run and back on at its end, so no run pays the hypervisor's faults on memory the "
+                         "run before freed (QEMU's runs and vmmpy's alike); needs root. Without it the report says how "
+                         "much memory went back during the run")
     args = ap.parse_args(argv)
     if args.show:
         with open(args.show) as f:
@@ -313,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = qemu.QemuBench(binary, work, args.tmpfs, runs) if binary else None
     rows: list[Row] = []
     neighbour = None
+    reporting = hostmem.Reporting()
     try:
+        if args.hold_host_memory:
+            reporting.hold()
         if args.busy:
             neighbour = start_neighbour()
             report["busy"] = f"a neighbour spun on CPU {max(os.sched_getaffinity(0))} for the whole run (pid {neighbour.pid})"
@@ -340,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             report["load"]["during"].append(os.getloadavg())
             print(f"bench: {name} took {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
     finally:
+        report["host_memory"] = reporting.report()
+        reporting.release()
         if neighbour is not None:
             neighbour.kill()
             neighbour.wait(10)
