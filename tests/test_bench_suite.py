@@ -152,7 +152,7 @@ def test_the_report_says_how_much_memory_went_back_to_the_hypervisor(tmp_path):
     reporting = hostmem.Reporting(params)
     (params / "reported_kib").write_text(f"{1000 + 640 * 1024}\n")  # the kernel reported 640 MiB meanwhile
     report = reporting.report()
-    assert report == {"order": 9, "held": False, "reported_mib": 640}
+    assert report == {"order": 9, "held": False, "reported_mib": 640, "backed": None}
     assert "640 MiB went back to the hypervisor" in hostmem.text(report) and "--hold-host-memory" in hostmem.text(report)
     # Nothing reported: no line; a kernel that does not count: the line says what reporting does.
     assert hostmem.text({**report, "reported_mib": 0}) == ""
@@ -164,10 +164,12 @@ def test_the_report_says_how_much_memory_went_back_to_the_hypervisor(tmp_path):
 
 def test_holding_host_memory_turns_reporting_off_for_the_run_and_gives_the_order_back(tmp_path):
     params = _page_reporting(tmp_path, order=9)
-    reporting = hostmem.Reporting(params)
+    reporting = hostmem.Reporting(params, back_bytes=3 * MIB)
     reporting.hold()
     assert (params / "page_reporting_order").read_text().strip() == str(hostmem.OFF_ORDER)
-    assert reporting.report()["held"] and "held off" in hostmem.text(reporting.report())
+    # Memory reported before the hold is touched once and freed, so the runs get backed pages.
+    assert reporting.report()["held"] and reporting.report()["backed"]["bytes"] == 3 * MIB
+    assert "held off for the run" in hostmem.text(reporting.report()) and "3 MiB touched" in hostmem.text(reporting.report())
     reporting.release()
     assert (params / "page_reporting_order").read_text().strip() == "9"
     reporting.release()  # twice changes nothing
@@ -183,5 +185,11 @@ def test_holding_host_memory_where_it_cannot_says_why_and_changes_nothing(tmp_pa
     (params / "page_reporting_order").mkdir()  # a write that fails, whoever runs the test
     with pytest.raises(SystemExit, match="cannot set .*page_reporting_order to 11"):
         reporting.hold()
-    assert not reporting.held
+    assert not reporting.held and reporting.backed is None
     reporting.release()
+
+
+def test_backing_touches_what_it_is_asked_in_pieces_and_at_most_half_what_is_available():
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=64 * MIB)["bytes"] == 5 * MIB
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=4 * MIB)["bytes"] == 2 * MIB
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=0) == {"bytes": 0, "seconds": 0.0}
