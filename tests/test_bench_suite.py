@@ -193,3 +193,15 @@ def test_backing_touches_what_it_is_asked_in_pieces_and_at_most_half_what_is_ava
     assert hostmem.back(5 * MIB, piece=2 * MIB, available=64 * MIB)["bytes"] == 5 * MIB
     assert hostmem.back(5 * MIB, piece=2 * MIB, available=4 * MIB)["bytes"] == 2 * MIB
     assert hostmem.back(5 * MIB, piece=2 * MIB, available=0) == {"bytes": 0, "seconds": 0.0}
+
+
+def test_a_hold_the_kernel_did_not_keep_is_said_and_a_failed_give_back_does_not_stop_the_cleanup(tmp_path, capsys):
+    held = {"order": 9, "held": True, "reported_mib": 5, "backed": None}
+    assert "yet 5 MiB went back to the hypervisor" in hostmem.text(held)
+    params = _page_reporting(tmp_path)
+    reporting = hostmem.Reporting(params, back_bytes=0)
+    reporting.hold()
+    (params / "page_reporting_order").unlink()
+    (params / "page_reporting_order").mkdir()
+    reporting.release()  # printed, not raised
+    assert "could not give" in capsys.readouterr().err and not reporting.held

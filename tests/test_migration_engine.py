@@ -282,6 +282,26 @@ def test_a_thread_on_the_default_slice_follows_the_default_again_and_a_refusal_k
     assert gc.isenabled() and active_holds() == 0
 
 
+@pytest.mark.parametrize("live", [True, False], ids=["live", "warm"])
+def test_a_refusal_of_short_slices_is_in_both_ends_notes_of_a_live_migration(guests, monkeypatch, live):
+    """Where the kernel refuses short slices, a live migration still completes and each end's
+    statistics say its downtime ran on the default slices and why; a warm migration asks for
+    none, so says nothing."""
+    from vmmpy.migration import downtime
+
+    monkeypatch.setattr(downtime, "_slices_refused", "Operation not permitted")
+    src = guests("64M", work_pages=256)
+    dst = guests("64M", work_pages=256, running=False)
+    src.wait_for_progress(300)
+    stats, dstats = migrate_pair(src, dst, live=live)
+    assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+    for notes in (stats.notes, dstats.notes):
+        said = [n for n in notes if "default slices" in n]
+        assert said == (["the downtime ran on the scheduler's default slices: the kernel refused a shorter one "
+                         "(Operation not permitted)"] if live else []), notes
+    src.stop_writer()
+
+
 def test_collector_holds_count_and_give_back_what_was_there():
     """Holds from two migrations in one process: the collector comes back with the last release,
     each hold counts once however often it is started or released, and a collector the program

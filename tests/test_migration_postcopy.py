@@ -193,6 +193,21 @@ def test_postcopy_over_mutual_tls_ends_as_an_uninterrupted_run(uninterrupted, pk
     assert _encrypted(stats.notes, "127.0.0.1") and _encrypted(dstats.notes, "source.migration.test"), (stats.notes, dstats.notes)
 
 
+def test_a_refusal_of_short_slices_is_in_both_ends_notes_after_a_postcopy_switch(uninterrupted, monkeypatch):
+    """The switch is downtime too: where the kernel refuses short slices, both ends say so, and
+    the guest still ends as if never moved."""
+    from vmmpy.migration import downtime
+
+    monkeypatch.setattr(downtime, "_slices_refused", "Operation not permitted")
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start()
+        _wait_for("the guest's first sweeps", lambda: "sweep 500" in vm1.console or vm1.state != "running")
+        handle = _migrate(vm1, vm2.address, MigrationParams(postcopy="after=0"))
+        stats, dstats = _finished(handle, vm1, vm2, uninterrupted)
+    for notes in (stats.notes, dstats.notes):
+        assert sum("the kernel refused a shorter one (Operation not permitted)" in n for n in notes) == 1, notes
+
+
 @_covers("recovered", tls=True)
 def test_a_page_link_cut_over_tls_is_recovered_with_a_new_handshake_and_exact_memory(uninterrupted, pki):
     with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY, tls=pki.destination()) as vm2:

@@ -19,6 +19,7 @@ says how much went back during the run, and ``--hold-host-memory`` holds that of
 from __future__ import annotations
 
 import argparse
+import atexit
 import compileall
 import datetime
 import fnmatch
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -305,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[2]
     disk = args.disk or str(root / ".bench")
     os.makedirs(disk, exist_ok=True)
+    reporting = hostmem.Reporting()
+    if args.hold_host_memory:
+        # Before the wait for quiet: touching the memory is work the machine settles after.
+        print("bench: holding the host's memory ...", file=sys.stderr, flush=True)
+        # The order comes back however the bench ends: normally, on an exception, on Ctrl-C or on
+        # SIGTERM (made an exit here); only SIGKILL leaves it held, until a reboot.
+        atexit.register(reporting.release)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        reporting.hold()
     if args.settle > 0:
         print(f"bench: waiting for the machine to be quiet (at most {args.settle:g} s) ...", file=sys.stderr, flush=True)
     settled = settle(args.settle)
@@ -322,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = qemu.QemuBench(binary, work, args.tmpfs, runs) if binary else None
     rows: list[Row] = []
     neighbour = None
-    reporting = hostmem.Reporting()
     try:
-        if args.hold_host_memory:
-            reporting.hold()
         if args.busy:
             neighbour = start_neighbour()
             report["busy"] = f"a neighbour spun on CPU {max(os.sched_getaffinity(0))} for the whole run (pid {neighbour.pid})"
@@ -353,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} took {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
     finally:
         report["host_memory"] = reporting.report()
-        reporting.release()
         if neighbour is not None:
             neighbour.kill()
             neighbour.wait(10)
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
         ctx.drop_images()
         shutil.rmtree(work, ignore_errors=True)
+        reporting.release()
     report["limits"] = {k: v.to_dict() for k, v in ctx.limits.items()}
     report["rows"] = [r.to_dict() for r in rows]
     report["seconds"] = round(time.monotonic() - started, 1)

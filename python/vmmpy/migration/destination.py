@@ -704,6 +704,7 @@ class _Receiver:
         return self.stats
 
     def _cleanup(self) -> None:
+        self.downtime.note_refusal(self.stats.notes)
         self.downtime.release()
         self.watcher.close()
         self._join_hashing()

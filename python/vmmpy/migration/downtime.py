@@ -112,6 +112,7 @@ class DowntimeHold:
     def __init__(self) -> None:
         self._held = False
         self._short = False
+        self._asked = False  # whether this hold ever asked for short slices
 
     def shorten_slices(self) -> None:
         """Short slices from now until :meth:`lengthen_slices` or :meth:`release`, the collector
@@ -119,6 +120,7 @@ class DowntimeHold:
         the final round arrives is already part of the downtime."""
         global _short_holds
         with _lock:
+            self._asked = True
             if self._short:
                 return
             _short_holds += 1
@@ -173,6 +175,15 @@ class DowntimeHold:
     def short(self) -> bool:
         """Whether this hold keeps the slices short."""
         return self._short
+
+    def note_refusal(self, notes: list[str]) -> None:
+        """Where this hold asked for short slices and the kernel refused them (the downtime then
+        ran on the scheduler's default), say so in ``notes``, once: a migration's statistics,
+        when it ends, whichever way it went (pre-copy, post-copy, local)."""
+        if self._asked and _slices_refused is not None:
+            note = f"the downtime ran on the scheduler's default slices: the kernel refused a shorter one ({_slices_refused})"
+            if note not in notes:
+                notes.append(note)
 
 
 def active_holds() -> int:

@@ -309,6 +309,7 @@ class _Source:
             if not isinstance(err, Exception):
                 raise
         finally:
+            self.downtime.note_refusal(self.stats.notes)
             self.downtime.release()
             self._close_channels()
             self.watcher.close()
