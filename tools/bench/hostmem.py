@@ -1,9 +1,9 @@
 """Free page reporting: a VM's kernel hands pages it has freed back to its hypervisor
 (virtio-balloon's free page reporting), which drops them. The next process to allocate that memory
 then pays the hypervisor's fault on every page it touches first. On the 2-vCPU VMs these figures
-come from, that made a 1 GiB warm migration take 1.0-1.7 s instead of 0.3 s, QEMU's and vmmpy's
-alike, whenever the run before had freed its memory more than about a second earlier: the runs
-were bimodal for reasons of the host, not of either program (docs/performance.md, session 30).
+come from, that made a 1 GiB warm migration take 1.3-2.0 s instead of 0.3 s, QEMU's and vmmpy's
+alike, whenever the memory it was given had been freed a few seconds earlier: the runs were
+bimodal for reasons of the host, not of either program (docs/performance.md, session 30).
 
 The bench reports how much memory went back to the hypervisor during its run, and with
 ``--hold-host-memory`` turns reporting off for the run (the kernel's ``page_reporting_order`` past
