@@ -121,7 +121,7 @@ def test_limits_measure_the_sizes_they_are_given(tmp_path):
 
 
 def test_the_tls_scenario_makes_certificates_vmmrun_and_vmmctl_accept(tmp_path):
-    from tools.bench.scenarios import _throwaway_pki, tls_encrypt_one_core
+    from tools.bench.scenarios import _throwaway_pki, records_cipher, tls_encrypt_one_core
     from vmmpy.cli.vmmrun import build_parser, read_tls
     from vmmpy.migration.tls import TlsConfig
 
@@ -130,6 +130,10 @@ def test_the_tls_scenario_makes_certificates_vmmrun_and_vmmctl_accept(tmp_path):
     TlsConfig.from_dict(source)
     assert {"warm-1g-tls", "warm-tls-1g-streams2"} <= set(SCENARIOS)
     assert tls_encrypt_one_core(size=4 * MIB) > 0
+    note = ("encrypted with TLSv1.3 (TLS13_AES_128_GCM_SHA256); records by ring (5.87 GiB/s a core here, aws-lc-rs 3.86); "
+            "the destination's certificate: valid for 127.0.0.1")
+    assert records_cipher(["sent 3 rounds", note]) == "ring (5.87 GiB/s a core here, aws-lc-rs 3.86)"
+    assert records_cipher(["encrypted with TLSv1.3 (TLS13_AES_128_GCM_SHA256)"]) is None
 
 
 def test_the_parallel_loopback_limit_carries_every_byte_over_each_stream():

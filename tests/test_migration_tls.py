@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from tools.bench.scenarios import records_cipher
 from vmmpy.migration import Destination, MigrationHandle, MigrationParams, migrate
 from vmmpy.migration.tls import TlsConfig
 from vmmpy.units import MiB
@@ -80,6 +81,7 @@ def test_migration_over_tls_arrives_exact(guests, pki, live):
         found = [m for m in map(chosen.search, notes) if m]
         assert len(found) == 1 and found[0][1] != found[0][3], notes
         assert float(found[0][2]) >= float(found[0][4]) > 0, notes
+        assert records_cipher(notes) == found[0][0].removeprefix("records by "), "the bench reads the note as written"
     dst.wait_for_progress(500)
     assert_arrived_exact(src, dst)
 
