@@ -283,7 +283,7 @@ def test_a_thread_on_the_default_slice_follows_the_default_again_and_a_refusal_k
 
 
 @pytest.mark.parametrize("live", [True, False], ids=["live", "warm"])
-def test_a_refusal_of_short_slices_is_in_both_ends_notes_of_a_live_migration(guests, monkeypatch, live):
+def test_a_refusal_of_short_slices_is_in_both_ends_notes_of_a_live_migration_not_of_a_warm_one(guests, monkeypatch, live):
     """Where the kernel refuses short slices, a live migration still completes and each end's
     statistics say its downtime ran on the default slices and why; a warm migration asks for
     none, so says nothing."""
