@@ -10,10 +10,11 @@
 //!
 //! One hash is ours: [`xxh3_64_page`], XXH3-64 of exactly one page, the page hash of the commit
 //! digest on both ends of every migration. Where the CPU has AVX-512 it runs XXH3's steps on one
-//! 512-bit register, at 1.56 x twox-hash's AVX2 code over pages in the cache here
-//! (`cargo bench --bench memory -- page_hash_1MiB`), and [`xxh3_64_page_streamed`] also copies
-//! the page into guest memory in the same pass, for a receiver. Its values are twox-hash's,
-//! checked page by page in the tests.
+//! 512-bit register, at 1.56 x twox-hash's AVX2 code over pages in the cache on an Intel Xeon
+//! (`cargo bench --bench memory -- page_hash_1MiB`). [`xxh3_64_page_streamed`] also copies the
+//! page into guest memory in the same pass, for a receiver: on AVX-512, or where the CPU has only
+//! AVX2 on two 256-bit registers (1.11-1.16 x the hash and then the copy on an AMD EPYC). Its
+//! values are twox-hash's, checked page by page in the tests.
 
 use std::hash::Hasher as _;
 
@@ -80,20 +81,23 @@ impl Default for Xxh3Short {
 }
 
 /// XXH3-64 (seed 0) of one 4 KiB page at `page`: the value [`xxh3_64`] gives for those 4096
-/// bytes, computed with AVX-512 where the CPU has it (asked once, at the first call).
+/// bytes, computed with AVX-512 where the CPU has it (asked once, at the first call), else by
+/// twox-hash.
 ///
 /// Every page hash of the commit digest is one of these, on both ends of a migration. Over a page
 /// in the cache, AVX-512 takes a 64-byte stripe per step where twox-hash's AVX2 code takes two
-/// halves (docs/performance.md, session 28).
+/// halves (docs/performance.md, session 28). Our AVX2 code is no faster than twox-hash's at the
+/// hash alone (34.5-35.0 against 34.5-38.2 GiB/s in the cache on the AMD EPYC, session 31), so
+/// it is used only where it also copies ([`xxh3_64_page_streamed`]).
 ///
 /// # Safety
 /// `page` must point at 4096 readable bytes.
 #[inline]
 pub unsafe fn xxh3_64_page(page: *const u8) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if page_avx512::available() {
-        // SAFETY: the caller's contract; the CPU has AVX-512F (checked above).
-        return unsafe { page_avx512::hash(page, None) };
+    if page_simd::isa() == page_simd::Isa::Avx512 {
+        // SAFETY: the caller's contract; the CPU has AVX-512F (asked by `isa`).
+        return unsafe { page_simd::hash_avx512(page, None) };
     }
     // SAFETY: the caller's contract.
     unsafe { page_portable(page) }
@@ -109,8 +113,8 @@ unsafe fn page_portable(page: *const u8) -> u64 {
 }
 
 /// [`xxh3_64_page`] of the page at `src`, which is also copied to `dst` with stores that bypass
-/// the cache: one pass over the page for both, where the CPU has AVX-512 (else the hash, then
-/// [`crate::memory::stream_page`]). The caller fences ([`crate::memory::stream_fence`]) before
+/// the cache: one pass over the page for both, where the CPU has AVX-512 or AVX2 (else the hash,
+/// then [`crate::memory::stream_page`]). The caller fences ([`crate::memory::stream_fence`]) before
 /// anyone else reads `dst`.
 ///
 /// # Safety
@@ -120,15 +124,18 @@ unsafe fn page_portable(page: *const u8) -> u64 {
 pub unsafe fn xxh3_64_page_streamed(dst: *mut u8, src: *const u8) -> u64 {
     debug_assert!((dst as usize).is_multiple_of(64), "xxh3_64_page_streamed: dst must be 64-byte aligned");
     #[cfg(target_arch = "x86_64")]
-    if page_avx512::available() {
-        // SAFETY: the caller's contract; the CPU has AVX-512F (checked above).
-        return unsafe { page_avx512::hash(src, Some(dst)) };
+    match page_simd::isa() {
+        // SAFETY: the caller's contract; the CPU has the instructions (asked by `isa`).
+        page_simd::Isa::Avx512 => return unsafe { page_simd::hash_avx512(src, Some(dst)) },
+        // SAFETY: as above.
+        page_simd::Isa::Avx2 => return unsafe { page_simd::hash_avx2(src, Some(dst)) },
+        page_simd::Isa::None => {}
     }
     // SAFETY: the caller's contract.
     unsafe { page_streamed_portable(dst, src) }
 }
 
-/// [`xxh3_64_page_streamed`] without AVX-512: the hash, then the copy.
+/// [`xxh3_64_page_streamed`] without AVX-512 or AVX2: the hash, then the copy.
 ///
 /// # Safety
 /// As [`xxh3_64_page_streamed`].
@@ -144,10 +151,11 @@ unsafe fn page_streamed_portable(dst: *mut u8, src: *const u8) -> u64 {
 const PAGE_BYTES: usize = 4096;
 
 /// XXH3's long-input hash (more than 240 bytes, seed 0, the default secret) for exactly one page,
-/// with one AVX-512 register holding the eight 64-bit accumulators. The steps and constants are
-/// the XXH3 specification's; the values are checked against twox-hash's in the tests below.
+/// with the eight 64-bit accumulators in one AVX-512 register or two AVX2 ones. The steps and
+/// constants are the XXH3 specification's; the values are checked against twox-hash's in the
+/// tests below.
 #[cfg(target_arch = "x86_64")]
-mod page_avx512 {
+mod page_simd {
     use std::arch::x86_64::*;
     use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -177,6 +185,8 @@ mod page_avx512 {
     const PRIME64_4: u64 = 0x85EB_CA77_C2B2_AE63;
     const PRIME64_5: u64 = 0x27D4_EB2F_1656_67C5;
     const PRIME_MX1: u64 = 0x1656_6791_9E37_79F9;
+    /// The accumulators' starting values.
+    static INIT: [u64; 8] = [PRIME32_3, PRIME64_1, PRIME64_2, PRIME64_3, PRIME64_4, PRIME32_2, PRIME64_5, PRIME32_1];
     /// Stripes of 64 bytes per block: (secret length - 64) / 8.
     const STRIPES_PER_BLOCK: usize = 16;
     const BLOCK: usize = STRIPES_PER_BLOCK * 64;
@@ -184,99 +194,158 @@ mod page_avx512 {
     const BLOCKS: usize = (PAGE_BYTES - 1) / BLOCK;
     /// Stripes of the last block, before the final stripe: ((4096 - 1) - 3 * 1024) / 64.
     const LAST_STRIPES: usize = (PAGE_BYTES - 1 - BLOCKS * BLOCK) / 64;
+    /// Where the scramble's key starts in the secret: its last 64 bytes.
+    const SCRAMBLE_KEY: usize = 192 - 64;
 
-    /// 0 not asked yet, 1 no, 2 yes.
-    static HAS: AtomicU8 = AtomicU8::new(0);
+    /// The vector instructions the page hash runs on here.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Isa {
+        None,
+        Avx2,
+        Avx512,
+    }
 
+    /// 0 not asked yet, else 1 + the `Isa`'s position.
+    static ISA: AtomicU8 = AtomicU8::new(0);
+
+    /// The widest vectors this CPU has for the page hash (asked once).
     #[inline]
-    pub(super) fn available() -> bool {
-        match HAS.load(Ordering::Relaxed) {
+    pub(super) fn isa() -> Isa {
+        const ALL: [Isa; 3] = [Isa::None, Isa::Avx2, Isa::Avx512];
+        match ISA.load(Ordering::Relaxed) {
             0 => {
-                let yes = std::arch::is_x86_feature_detected!("avx512f");
-                HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-                yes
+                let isa = if std::arch::is_x86_feature_detected!("avx512f") {
+                    Isa::Avx512
+                } else if std::arch::is_x86_feature_detected!("avx2") {
+                    Isa::Avx2
+                } else {
+                    Isa::None
+                };
+                ISA.store(1 + ALL.iter().position(|&i| i == isa).unwrap() as u8, Ordering::Relaxed);
+                isa
             }
-            v => v == 2,
+            v => ALL[v as usize - 1],
         }
     }
 
-    /// XXH3's accumulate step for one stripe, split in two sums: `acc` plus each lane's
-    /// key-mixed 32x32 product, and `data` plus the stripe's lanes. The spec adds each lane's
-    /// input to its neighbour's accumulator; as the adds wrap (a sum is the same in any order),
-    /// [`neighbours`] does that for a block's summed lanes at once, a shuffle per block instead of
-    /// one per stripe: on the two ports that run AVX-512 that is 5 operations a stripe, not 6.
-    /// With `dst`, the stripe is also stored there, past the cache.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn stripe(acc: &mut __m512i, data: &mut __m512i, src: *const u8, key: *const u8, dst: Option<*mut u8>) {
-        // SAFETY: the callers pass 64 readable bytes at `src` and `key`, 64 writable aligned ones
-        // at `dst`.
-        unsafe {
-            let d = _mm512_loadu_si512(src as *const __m512i);
-            if let Some(dst) = dst {
-                _mm512_stream_si512(dst as *mut __m512i, d);
+    /// One step of XXH3's walk over a page.
+    enum Step {
+        /// Accumulate the 64-byte stripe at `at` in the page, keyed by the secret from `key`.
+        Stripe { at: usize, key: usize },
+        /// A whole block ends: fold its summed input into the neighbouring lanes and scramble.
+        BlockEnd,
+    }
+
+    /// XXH3's stripes over one page in order, each whole block followed by its end; the last
+    /// block (partial, not scrambled) ends with the page's final 64 bytes, keyed with the secret
+    /// 7 bytes short of its end. The stripes before end 64 bytes early, so no byte is walked
+    /// twice (a copy made stripe by stripe stores each byte once). Inlined into each vector
+    /// width's hash, whose `step` closure inherits that function's instructions.
+    #[inline(always)]
+    fn walk(mut step: impl FnMut(Step)) {
+        for b in 0..BLOCKS {
+            for s in 0..STRIPES_PER_BLOCK {
+                step(Step::Stripe { at: b * BLOCK + s * 64, key: s * 8 });
             }
-            let mixed = _mm512_xor_si512(d, _mm512_loadu_si512(key as *const __m512i));
-            *acc = _mm512_add_epi64(*acc, _mm512_mul_epu32(mixed, _mm512_srli_epi64::<32>(mixed)));
-            *data = _mm512_add_epi64(*data, d);
+            step(Step::BlockEnd);
         }
-    }
-
-    /// `acc` plus the summed lanes `data`, each added to its neighbour lane (0 and 1 swap, 2 and
-    /// 3, ...).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn neighbours(acc: __m512i, data: __m512i) -> __m512i {
-        _mm512_add_epi64(acc, _mm512_shuffle_epi32::<_MM_PERM_BADC>(data))
-    }
-
-    /// XXH3's scramble, after each whole block.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn scramble(acc: __m512i, key: *const u8) -> __m512i {
-        // SAFETY: 64 readable bytes at `key` (the secret's last 64).
-        unsafe {
-            let k = _mm512_loadu_si512(key as *const __m512i);
-            // acc ^ (acc >> 47) ^ key
-            let x = _mm512_ternarylogic_epi64::<0x96>(acc, _mm512_srli_epi64::<47>(acc), k);
-            let prime = _mm512_set1_epi32(PRIME32_1 as i32);
-            let lo = _mm512_mul_epu32(x, prime);
-            let hi = _mm512_mul_epu32(_mm512_srli_epi64::<32>(x), prime);
-            _mm512_add_epi64(lo, _mm512_slli_epi64::<32>(hi))
+        for s in 0..LAST_STRIPES {
+            step(Step::Stripe { at: BLOCKS * BLOCK + s * 64, key: s * 8 });
         }
+        step(Step::Stripe { at: PAGE_BYTES - 64, key: SECRET.len() - 64 - 7 });
     }
 
-    /// XXH3-64 of the page at `src`, storing it to `dst` as it goes when given.
+    // Each stripe's accumulate is split in two sums: `acc` plus each lane's key-mixed 32x32
+    // product, and `data` plus the stripe's lanes. The spec adds each lane's input to its
+    // neighbour's accumulator; as the adds wrap (a sum is the same in any order), that is done
+    // for a block's summed lanes at once, a shuffle per block instead of one per stripe: 5
+    // operations a stripe (or half-stripe with AVX2), not 6. With a `dst`, each stripe is also
+    // stored there, past the cache.
+
+    /// XXH3-64 of the page at `src` on one AVX-512 register, storing it to `dst` as it goes when
+    /// given.
     ///
     /// # Safety
-    /// The CPU has AVX-512F ([`available`]); `src` points at 4096 readable bytes; `dst`, when
-    /// given, at 4096 writable 64-byte aligned ones that do not overlap them.
+    /// The CPU has AVX-512F ([`isa`]); `src` points at 4096 readable bytes; `dst`, when given, at
+    /// 4096 writable 64-byte aligned ones that do not overlap them.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn hash(src: *const u8, dst: Option<*mut u8>) -> u64 {
+    pub(super) unsafe fn hash_avx512(src: *const u8, dst: Option<*mut u8>) -> u64 {
         let secret = SECRET.as_ptr();
-        let init: [u64; 8] = [PRIME32_3, PRIME64_1, PRIME64_2, PRIME64_3, PRIME64_4, PRIME32_2, PRIME64_5, PRIME32_1];
-        // SAFETY: the caller's contract: 4096 bytes at `src` (and `dst`); every offset below stays
-        // inside the page and inside the 192-byte secret.
+        // SAFETY: the caller's contract: 4096 bytes at `src` (and `dst`); every offset `walk`
+        // gives stays inside the page and inside the 192-byte secret.
         let lanes: [u64; 8] = unsafe {
-            let mut acc = _mm512_loadu_si512(init.as_ptr() as *const __m512i);
-            let at = |off: usize| dst.map(|d| d.add(off));
-            for b in 0..BLOCKS {
-                let mut data = _mm512_setzero_si512();
-                for s in 0..STRIPES_PER_BLOCK {
-                    let off = b * BLOCK + s * 64;
-                    stripe(&mut acc, &mut data, src.add(off), secret.add(s * 8), at(off));
-                }
-                acc = scramble(neighbours(acc, data), secret.add(SECRET.len() - 64));
-            }
+            let mut acc = _mm512_loadu_si512(INIT.as_ptr() as *const __m512i);
             let mut data = _mm512_setzero_si512();
-            for s in 0..LAST_STRIPES {
-                let off = BLOCKS * BLOCK + s * 64;
-                stripe(&mut acc, &mut data, src.add(off), secret.add(s * 8), at(off));
-            }
-            // The last stripe, the page's final 64 bytes, with the secret 7 bytes short of its
-            // end. The stripes above end 64 bytes early, so its bytes are stored here once.
-            stripe(&mut acc, &mut data, src.add(PAGE_BYTES - 64), secret.add(SECRET.len() - 64 - 7), at(PAGE_BYTES - 64));
+            // Lanes 0 and 1 swap, 2 and 3, ...
+            let neighbours = |acc, data| _mm512_add_epi64(acc, _mm512_shuffle_epi32::<_MM_PERM_BADC>(data));
+            walk(|step| match step {
+                Step::Stripe { at, key } => {
+                    let d = _mm512_loadu_si512(src.add(at) as *const __m512i);
+                    if let Some(dst) = dst {
+                        _mm512_stream_si512(dst.add(at) as *mut __m512i, d);
+                    }
+                    let mixed = _mm512_xor_si512(d, _mm512_loadu_si512(secret.add(key) as *const __m512i));
+                    acc = _mm512_add_epi64(acc, _mm512_mul_epu32(mixed, _mm512_srli_epi64::<32>(mixed)));
+                    data = _mm512_add_epi64(data, d);
+                }
+                Step::BlockEnd => {
+                    let acc_in = neighbours(acc, data);
+                    let k = _mm512_loadu_si512(secret.add(SCRAMBLE_KEY) as *const __m512i);
+                    // acc ^ (acc >> 47) ^ key, times PRIME32_1 (as two 32x32 products).
+                    let x = _mm512_ternarylogic_epi64::<0x96>(acc_in, _mm512_srli_epi64::<47>(acc_in), k);
+                    let prime = _mm512_set1_epi32(PRIME32_1 as i32);
+                    let (lo, hi) = (_mm512_mul_epu32(x, prime), _mm512_mul_epu32(_mm512_srli_epi64::<32>(x), prime));
+                    acc = _mm512_add_epi64(lo, _mm512_slli_epi64::<32>(hi));
+                    data = _mm512_setzero_si512();
+                }
+            });
             std::mem::transmute::<__m512i, [u64; 8]>(neighbours(acc, data))
+        };
+        merge(&lanes, (PAGE_BYTES as u64).wrapping_mul(PRIME64_1))
+    }
+
+    /// XXH3-64 of the page at `src` on two AVX2 registers (lanes 0-3 and 4-7), storing it to
+    /// `dst` as it goes when given.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 ([`isa`]); `src` points at 4096 readable bytes; `dst`, when given, at
+    /// 4096 writable 64-byte aligned ones that do not overlap them.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn hash_avx2(src: *const u8, dst: Option<*mut u8>) -> u64 {
+        let secret = SECRET.as_ptr();
+        // SAFETY: as in `hash_avx512`; each half of a stripe is 32 bytes into it.
+        let lanes: [u64; 8] = unsafe {
+            let init = INIT.as_ptr() as *const __m256i;
+            let mut acc = [_mm256_loadu_si256(init), _mm256_loadu_si256(init.add(1))];
+            let mut data = [_mm256_setzero_si256(); 2];
+            // Lanes 0 and 1 swap, 2 and 3 (within each 128-bit half of the register).
+            let neighbours = |acc, data| _mm256_add_epi64(acc, _mm256_shuffle_epi32::<0b01_00_11_10>(data));
+            walk(|step| match step {
+                Step::Stripe { at, key } => {
+                    let ds = [_mm256_loadu_si256(src.add(at) as *const __m256i), _mm256_loadu_si256(src.add(at + 32) as *const __m256i)];
+                    if let Some(dst) = dst {
+                        _mm256_stream_si256(dst.add(at) as *mut __m256i, ds[0]);
+                        _mm256_stream_si256(dst.add(at + 32) as *mut __m256i, ds[1]);
+                    }
+                    for (h, d) in ds.into_iter().enumerate() {
+                        let mixed = _mm256_xor_si256(d, _mm256_loadu_si256(secret.add(key + 32 * h) as *const __m256i));
+                        acc[h] = _mm256_add_epi64(acc[h], _mm256_mul_epu32(mixed, _mm256_srli_epi64::<32>(mixed)));
+                        data[h] = _mm256_add_epi64(data[h], d);
+                    }
+                }
+                Step::BlockEnd => {
+                    for h in 0..2 {
+                        let acc_in = neighbours(acc[h], data[h]);
+                        let k = _mm256_loadu_si256(secret.add(SCRAMBLE_KEY + 32 * h) as *const __m256i);
+                        let x = _mm256_xor_si256(_mm256_xor_si256(acc_in, _mm256_srli_epi64::<47>(acc_in)), k);
+                        let prime = _mm256_set1_epi32(PRIME32_1 as i32);
+                        let (lo, hi) = (_mm256_mul_epu32(x, prime), _mm256_mul_epu32(_mm256_srli_epi64::<32>(x), prime));
+                        acc[h] = _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(hi));
+                        data[h] = _mm256_setzero_si256();
+                    }
+                }
+            });
+            std::mem::transmute::<[__m256i; 2], [u64; 8]>([neighbours(acc[0], data[0]), neighbours(acc[1], data[1])])
         };
         merge(&lanes, (PAGE_BYTES as u64).wrapping_mul(PRIME64_1))
     }
@@ -356,12 +425,24 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: as above, on a CPU with AVX-512F.
-                assert_eq!(unsafe { page_avx512::hash(from, None) }, want, "page {i}, AVX-512");
+                assert_eq!(unsafe { page_simd::hash_avx512(from, None) }, want, "page {i}, AVX-512");
                 unsafe fn avx512(dst: *mut u8, src: *const u8) -> u64 {
                     // SAFETY: the caller's, on a CPU with AVX-512F (asked above).
-                    unsafe { page_avx512::hash(src, Some(dst)) }
+                    unsafe { page_simd::hash_avx512(src, Some(dst)) }
                 }
                 ways.push(("AVX-512", avx512));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above, on a CPU with AVX2.
+                assert_eq!(unsafe { page_simd::hash_avx2(from, None) }, want, "page {i}, AVX2");
+                unsafe fn avx2(dst: *mut u8, src: *const u8) -> u64 {
+                    // SAFETY: the caller's, on a CPU with AVX2 (asked above).
+                    unsafe { page_simd::hash_avx2(src, Some(dst)) }
+                }
+                ways.push(("AVX2", avx2));
+            } else if i == 0 {
+                eprintln!("note: this CPU has no AVX2; the AVX2 page hash is not checked here");
             }
             for (way, f) in ways {
                 crate::memory::page_bytes_mut(&mut dst).fill(0x5a);
