@@ -142,10 +142,15 @@ def test_the_loopback_limit_is_a_native_two_process_ceiling():
     assert scenarios.LIMITS["loopback TCP"].__code__.co_names.count("loopback_ceiling") == 1
     binary = limits.ceiling_binary()
     assert binary is not None, "cargo could not build examples/tcp_ceiling.rs"
-    rate = limits.native_loopback(binary, 8 << 20, 2, 0)
-    assert rate > 0
+    for wake in limits.CEILING_WAKES:
+        assert limits.native_loopback(binary, 8 << 20, 2, 0, wake) > 0
+    # the reader waits as vmmpy's receivers do among the ways tried, and the figure says so
+    assert "whole" in limits.CEILING_WAKES
     fig = limits.loopback_ceiling(8 << 20, 1)
-    assert fig.how.startswith("native, two processes") and len(fig.values) == 1
+    assert fig.how.startswith("native, two processes") and "SO_RCVLOWAT" in fig.how and len(fig.values) == 1
+    # a way of waiting the binary does not know is refused, not taken for the default
+    with pytest.raises(RuntimeError, match="usage"):
+        limits.native_loopback(binary, 8 << 20, 1, 0, "sometimes")
 
 
 def test_without_cargo_the_python_figure_stands_in_and_says_it_is_no_ceiling(monkeypatch):
