@@ -7,12 +7,12 @@
 //!
 //! BUFFER is the SO_SNDBUF/SO_RCVBUF asked for on every socket, or 0 to leave the kernel's
 //! autotuning alone. WAKE is how the receiver's reads wait: `any` (the default) returns whatever
-//! has arrived, so a reader that keeps up is woken for every segment; `whole` sets SO_RCVLOWAT to
-//! the read's size, so the kernel wakes the reader once a whole MiB is queued, as vmmpy's
-//! receivers wait (`WholeReads` in rust/wire/fdio.rs). On a VM, where every wake-up of an idle
-//! CPU costs the sender an interprocessor interrupt, `whole` moved 1 GiB at 4.1-5.7 GiB/s where
-//! `any` moved it at 1.7-2.2 (2 vCPUs of an AMD EPYC, session 31), so a ceiling without it was no
-//! ceiling. The parent sends; a child process (this program again, `receive` mode) listens,
+//! has arrived, so a reader that keeps up is woken for every segment; `whole` waits as vmmpy's
+//! receivers do (`WholeReads` in rust/wire/fdio.rs): it sets SO_RCVLOWAT to what its MiB still
+//! lacks, sleeps in poll() until that much is queued (or the stream ends) and then reads what is
+//! there without blocking. On a VM, where every wake-up of an idle CPU costs the sender an
+//! interprocessor interrupt, `whole` moved 1 GiB over one stream several times faster than `any`
+//! (docs/performance.md, session 31), so a ceiling without it was no ceiling. The parent sends; a child process (this program again, `receive` mode) listens,
 //! receives BYTES in all over STREAMS connections at once and answers one byte when it has every
 //! one. Printed: one line, `gib_per_s=<rate>`, timed from the first send to that answer.
 
@@ -29,7 +29,11 @@ fn set_buffer(sock: &TcpStream, opt: libc::c_int, bytes: usize) {
     if bytes == 0 {
         return;
     }
-    let value = bytes as libc::c_int;
+    set_option(sock, opt, bytes);
+}
+
+fn set_option(sock: &TcpStream, opt: libc::c_int, value: usize) {
+    let value = value as libc::c_int;
     // SAFETY: a valid socket and a pointer to a c_int of the length passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -53,11 +57,6 @@ fn receive(streams: usize, buffer: usize, whole: bool) -> Result<(), String> {
     for _ in 0..streams {
         let (sock, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         set_buffer(&sock, libc::SO_RCVBUF, buffer);
-        if whole {
-            // A blocking read of CHUNK bytes now returns once CHUNK are queued (or the stream
-            // ends), not at the first segment.
-            set_buffer(&sock, libc::SO_RCVLOWAT, CHUNK);
-        }
         conns.push(sock);
     }
     let first = conns[0].try_clone().map_err(|e| e.to_string())?;
@@ -67,10 +66,13 @@ fn receive(streams: usize, buffer: usize, whole: bool) -> Result<(), String> {
             thread::spawn(move || -> std::io::Result<u64> {
                 let mut buf = vec![0u8; CHUNK];
                 let mut got = 0u64;
+                let mut lowat = 1;
                 loop {
-                    match sock.read(&mut buf)? {
-                        0 => return Ok(got),
-                        n => got += n as u64,
+                    let n = if whole { read_whole(&sock, &mut buf, &mut lowat)? } else { sock.read(&mut buf)? };
+                    got += n as u64;
+                    // A whole read comes back short only at the end of the stream.
+                    if n == 0 || (whole && n < CHUNK) {
+                        return Ok(got);
                     }
                 }
             })
@@ -82,6 +84,46 @@ fn receive(streams: usize, buffer: usize, whole: bool) -> Result<(), String> {
     }
     (&first).write_all(&total.to_le_bytes()).map_err(|e| format!("answer: {e}"))?;
     Ok(())
+}
+
+/// Fill `buf` (fewer bytes only where the stream ends) as vmmpy's receivers wait: the low-water
+/// mark set to what is still missing, so poll() wakes once that much is queued, then a read that
+/// does not block. A read that blocked with the mark set would, after copying part of what it
+/// needs, wait for a whole mark of new bytes. `lowat` is the mark the socket has now.
+fn read_whole(sock: &TcpStream, buf: &mut [u8], lowat: &mut usize) -> std::io::Result<usize> {
+    let fd = sock.as_raw_fd();
+    let mut got = 0;
+    while got < buf.len() {
+        let missing = buf.len() - got;
+        if missing != *lowat {
+            set_option(sock, libc::SO_RCVLOWAT, missing);
+            *lowat = missing;
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours, for the duration of the call. POLLIN comes when the mark
+        // is queued, at the end of the stream, on an error or under memory pressure.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // SAFETY: `missing` bytes of `buf` from `got` are ours to write.
+        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), missing, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    Ok(got)
 }
 
 fn send(bytes: u64, streams: usize, buffer: usize, wake: &str) -> Result<f64, String> {

@@ -2,7 +2,9 @@
 QEMU's figure beside it the same work, and the rule that a row is judged only against figures of
 its own run. No QEMU process is started and no timing is asserted."""
 
+import itertools
 import os
+import subprocess
 import time
 import types
 
@@ -142,15 +144,34 @@ def test_the_loopback_limit_is_a_native_two_process_ceiling():
     assert scenarios.LIMITS["loopback TCP"].__code__.co_names.count("loopback_ceiling") == 1
     binary = limits.ceiling_binary()
     assert binary is not None, "cargo could not build examples/tcp_ceiling.rs"
-    for wake in limits.CEILING_WAKES:
-        assert limits.native_loopback(binary, 8 << 20, 2, 0, wake) > 0
-    # the reader waits as vmmpy's receivers do among the ways tried, and the figure says so
-    assert "whole" in limits.CEILING_WAKES
+    # both ways of waiting move every byte, over one stream and several (the binary checks the
+    # receiver got them all, and fails otherwise)
+    for streams in (1, 3):
+        for wake in limits.CEILING_WAKES:
+            assert limits.native_loopback(binary, (8 << 20) + 12345, streams, 0, wake) > 0
     fig = limits.loopback_ceiling(8 << 20, 1)
     assert fig.how.startswith("native, two processes") and "SO_RCVLOWAT" in fig.how and len(fig.values) == 1
-    # a way of waiting the binary does not know is refused, not taken for the default
+    # a way of waiting the binary does not know is refused, not taken for the default, by the
+    # sender and by the receiving child alike
     with pytest.raises(RuntimeError, match="usage"):
         limits.native_loopback(binary, 8 << 20, 1, 0, "sometimes")
+    out = subprocess.run([binary, "receive", "1", "0", "sometimes"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "receive STREAMS BUFFER" in out.stderr
+
+
+def test_each_run_of_the_ceiling_is_the_best_of_every_buffer_and_way_of_waiting(monkeypatch):
+    tried = []
+
+    def fake(binary, size, streams, buffer, wake="any"):
+        tried.append((buffer, wake))
+        return 5.0 if (buffer, wake) == (limits.MIB, "whole") else 1.0
+
+    monkeypatch.setattr(limits, "ceiling_binary", lambda: "tcp_ceiling")
+    monkeypatch.setattr(limits, "native_loopback", fake)
+    fig = limits.loopback_ceiling(limits.GIB, 2, streams=4)
+    assert sorted(tried) == sorted(list(itertools.product(limits.CEILING_BUFFERS, limits.CEILING_WAKES)) * 2)
+    assert {"any", "whole"} <= set(limits.CEILING_WAKES)
+    assert fig.values == [5.0, 5.0]
 
 
 def test_without_cargo_the_python_figure_stands_in_and_says_it_is_no_ceiling(monkeypatch):
