@@ -13,7 +13,7 @@
 //! 512-bit register, at 1.56 x twox-hash's AVX2 code over pages in the cache on an Intel Xeon
 //! (`cargo bench --bench memory -- page_hash_1MiB`). [`xxh3_64_page_streamed`] also copies the
 //! page into guest memory in the same pass, for a receiver: on AVX-512, or where the CPU has only
-//! AVX2 on two 256-bit registers (1.11-1.16 x the hash and then the copy on an AMD EPYC). Its
+//! AVX2 on two 256-bit registers (1.10-1.16 x the hash and then the copy on an AMD EPYC). Its
 //! values are twox-hash's, checked page by page in the tests.
 
 use std::hash::Hasher as _;
