@@ -415,39 +415,37 @@ mod tests {
             assert_eq!(unsafe { xxh3_64_page(from) }, want, "page {i}");
             assert_eq!(unsafe { page_portable(from) }, want, "page {i}, portable");
             // Each way of streaming, on a destination filled with something else first.
-            type Streamed = unsafe fn(*mut u8, *const u8) -> u64;
+            type Streamed = Box<dyn Fn(*mut u8, *const u8) -> u64>;
+            // SAFETY (each call below): `dst` and `src` are whole, aligned pages of their own.
             #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-            let mut ways: Vec<(&str, Streamed)> = vec![("streamed", xxh3_64_page_streamed), ("portable", page_streamed_portable)];
+            let mut ways: Vec<(&str, Streamed)> = vec![
+                ("streamed", Box::new(|d, s| unsafe { xxh3_64_page_streamed(d, s) })),
+                ("portable", Box::new(|d, s| unsafe { page_streamed_portable(d, s) })),
+            ];
+            // Each vector width this CPU has, on its own and streaming.
             #[cfg(target_arch = "x86_64")]
-            if !std::arch::is_x86_feature_detected!("avx512f") && i == 0 {
-                eprintln!("note: this CPU has no AVX-512F; the AVX-512 page hash is not checked here");
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: as above, on a CPU with AVX-512F.
-                assert_eq!(unsafe { page_simd::hash_avx512(from, None) }, want, "page {i}, AVX-512");
-                unsafe fn avx512(dst: *mut u8, src: *const u8) -> u64 {
-                    // SAFETY: the caller's, on a CPU with AVX-512F (asked above).
-                    unsafe { page_simd::hash_avx512(src, Some(dst)) }
+            {
+                type Width = unsafe fn(*const u8, Option<*mut u8>) -> u64;
+                let widths: [(&str, bool, Width); 2] = [
+                    ("AVX-512", std::arch::is_x86_feature_detected!("avx512f"), page_simd::hash_avx512),
+                    ("AVX2", std::arch::is_x86_feature_detected!("avx2"), page_simd::hash_avx2),
+                ];
+                for (name, has, hash) in widths {
+                    if !has {
+                        if i == 0 {
+                            eprintln!("note: this CPU has no {name}; the {name} page hash is not checked here");
+                        }
+                        continue;
+                    }
+                    // SAFETY: as above, on a CPU with the instructions (asked above).
+                    assert_eq!(unsafe { hash(from, None) }, want, "page {i}, {name}");
+                    ways.push((name, Box::new(move |d, s| unsafe { hash(s, Some(d)) })));
                 }
-                ways.push(("AVX-512", avx512));
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above, on a CPU with AVX2.
-                assert_eq!(unsafe { page_simd::hash_avx2(from, None) }, want, "page {i}, AVX2");
-                unsafe fn avx2(dst: *mut u8, src: *const u8) -> u64 {
-                    // SAFETY: the caller's, on a CPU with AVX2 (asked above).
-                    unsafe { page_simd::hash_avx2(src, Some(dst)) }
-                }
-                ways.push(("AVX2", avx2));
-            } else if i == 0 {
-                eprintln!("note: this CPU has no AVX2; the AVX2 page hash is not checked here");
             }
             for (way, f) in ways {
                 crate::memory::page_bytes_mut(&mut dst).fill(0x5a);
                 let to = crate::memory::page_bytes_mut(&mut dst).as_mut_ptr();
-                assert_eq!(unsafe { f(to, from) }, want, "page {i}, {way}");
+                assert_eq!(f(to, from), want, "page {i}, {way}");
                 crate::memory::stream_fence();
                 let (copy, past) = crate::memory::page_bytes(&dst).split_at(PAGE_BYTES);
                 assert_eq!(copy, &page[..], "page {i}'s copy, {way}");
