@@ -11,10 +11,12 @@
 //! receivers do (`WholeReads` in rust/wire/fdio.rs): it sets SO_RCVLOWAT to what its MiB still
 //! lacks, sleeps in poll() until that much is queued (or the stream ends) and then reads what is
 //! there without blocking. On a VM, where every wake-up of an idle CPU costs the sender an
-//! interprocessor interrupt, `whole` moved 1 GiB over one stream several times faster than `any`
-//! (docs/performance.md, session 31), so a ceiling without it was no ceiling. The parent sends; a child process (this program again, `receive` mode) listens,
-//! receives BYTES in all over STREAMS connections at once and answers one byte when it has every
-//! one. Printed: one line, `gib_per_s=<rate>`, timed from the first send to that answer.
+//! interprocessor interrupt, `whole` moved 1 GiB over one stream up to three times faster than
+//! `any` (docs/performance.md, session 31), so a ceiling without it was no ceiling.
+//!
+//! The parent sends; a child process (this program again, `receive` mode) listens, receives BYTES
+//! in all over STREAMS connections at once and answers one byte when it has every one. Printed:
+//! one line, `gib_per_s=<rate>`, timed from the first send to that answer.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -7,8 +7,8 @@ built here with cargo), each run the best of the kernel's buffer autotuning, 1 M
 buffers, each with reads that return what has arrived and with reads the kernel wakes once a whole
 MiB is queued (SO_RCVLOWAT, as vmmpy's receivers wait), a receive buffer that stays in cache and
 nothing else to do. A migration does strictly more, so a ratio above 1 against it is a measuring
-bug. Where cargo cannot build it, the Python measurement
-(one process, threads) stands in and its ``how`` says it is no ceiling."""
+bug. Where cargo cannot build it, the Python measurement (one process, threads) stands in and its
+``how`` says it is no ceiling."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ CEILING_BUFFERS = (0, MIB, SOCKET_BUFFER)
 #: How the ceiling's reader waits, tried each run with every buffer: ``any`` returns what has
 #: arrived (woken for every segment while it keeps up); ``whole`` has the kernel wake it once a
 #: whole MiB is queued (SO_RCVLOWAT), as vmmpy's receivers do. On a VM the second moved 1 GiB
-#: two to three times faster (docs/performance.md, session 31): without it vmmpy beat the
-#: "ceiling".
+#: over one stream up to three times faster (docs/performance.md, session 31): without it vmmpy
+#: beat the "ceiling".
 CEILING_WAKES = ("any", "whole")
 _ceiling_binary: list[str | None] = []  # built once per process: [path] or [None] when it cannot be
 
