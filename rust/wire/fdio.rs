@@ -15,13 +15,13 @@ use crate::digest::{Direction, PageError};
 /// At most this many iovecs per call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
-/// With a digest tracker, a sender hashes and writes page bytes this much at a time (512 KiB):
+/// With a digest tracker, a sender writes and hashes page bytes this much at a time (512 KiB):
 /// small enough to stay in a core's L2 cache (1 MiB on the EPYC this was measured on) between the
-/// hash and the copy, so its copy to the socket reads the cache instead of memory; large enough
+/// copy to the socket and the hash, so the hash reads the cache instead of memory; large enough
 /// that the syscalls and loopback wake-ups per GiB stay few. Warm 1 GiB wired, 7 alternated
-/// sets of 5 a side: 256 KiB windows 3.12-3.77 GiB/s (one set 2.30), 512 KiB 3.54-3.81, and
-/// 1 MiB 3.42-3.69 in 3 sets (session 19). A receiver reads and hashes `RECV_WINDOW_PAGES` at a
-/// time.
+/// sets of 5 a side, when the hash came first: 256 KiB windows 3.12-3.77 GiB/s (one set 2.30),
+/// 512 KiB 3.54-3.81, and 1 MiB 3.42-3.69 in 3 sets (session 19). A receiver reads and hashes
+/// `RECV_WINDOW_PAGES` at a time.
 pub(super) const HASH_WINDOW_PAGES: usize = 128;
 
 /// Where page batches are written to or read from: a blocking fd the caller owns and keeps open
