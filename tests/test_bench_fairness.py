@@ -5,6 +5,7 @@ its own run. No QEMU process is started and no timing is asserted."""
 import itertools
 import os
 import subprocess
+import sys
 import time
 import types
 
@@ -236,3 +237,61 @@ def test_live_idle_times_the_span_qemu_s_stop_and_resume_bound(monkeypatch, tmp_
     ctx.runs, runs = 1, iter([(1.0, {"downtime_ms": 2.0, "paused_at": 1.0, "destination": None})])
     with pytest.raises(RuntimeError, match="no destination record"):
         scenarios.live_idle(ctx)
+
+
+def test_a_source_is_timed_once_it_has_finished_starting():
+    """vmmrun imports the migration engine and numpy on a thread once its guest runs: a source
+    is timed once that is done (QEMU's is done when it answers QMP), and one that stays busy is
+    waited for a bounded time only."""
+    from tools.bench import procs
+
+    burn = "import time\nwhile time.process_time() < {cpu}: pass\ntime.sleep(60)"
+    starting = subprocess.Popen([sys.executable, "-c", burn.format(cpu=0.4)])
+    busy = subprocess.Popen([sys.executable, "-c", burn.format(cpu=60)])
+    try:
+        procs.wait_settled(starting.pid, limit=30)
+        assert procs.process_cpu_seconds(starting.pid) >= 0.35, "returned while the process was still starting"
+        assert procs.wait_settled(busy.pid, limit=0.5) >= 0.5  # bounded: it never settles
+    finally:
+        for p in (starting, busy):
+            p.kill()
+            p.wait()
+
+
+def test_migrate_lets_the_source_settle_before_the_timer_and_its_cpu_baseline(monkeypatch, tmp_path):
+    from tools.bench import procs
+
+    events = []
+
+    class FakeVmmrun:
+        def __init__(self, run_dir, name, *args):
+            self.role = "dest" if "-R" in args else "source"
+            self.proc = types.SimpleNamespace(pid={"dest": 1, "source": 2}[self.role])
+
+        def wait_listening(self, port):
+            pass
+
+        def wait_state(self):
+            events.append("source started")
+
+        def cpu_seconds(self):
+            events.append(f"{self.role} cpu")
+            return 0.0
+
+        def client(self, timeout=None):
+            return types.SimpleNamespace(request=lambda cmd, **kw: events.append(cmd) or {})
+
+        def wait_exit(self, timeout):
+            pass
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(procs, "Vmmrun", FakeVmmrun)
+    monkeypatch.setattr(procs, "wait_settled", lambda pid: events.append(f"settle {pid}") or 0.25)
+    monkeypatch.setattr(procs, "_destination_record", lambda dest: None)
+    _, stats = procs.migrate(tmp_path, "s", source_args=[], dest_args=[], live=False)
+    assert events.index("settle 2") > events.index("source started")
+    assert events.index("settle 2") < events.index("source cpu") < events.index("migrate")
+    assert "settle 1" not in events  # the destination populates while it waits, as designed
+    assert stats["source_settled_s"] == 0.25

@@ -18,12 +18,36 @@ from .images import LPC
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+#: A source is timed once it has finished starting, as QEMU's is once it answers QMP: vmmrun
+#: imports the migration engine and numpy on a thread once its guest runs (``load_meanwhile``),
+#: and a migration asked for meanwhile waited for them, 25-50 ms of a 0.3 s warm 1 GiB
+#: (docs/performance.md, session 32). Finished means it used under SETTLE_BUSY_S of CPU in a
+#: window of SETTLE_WINDOW_S (two clock ticks of /proc's figure); a source that stays busy (a
+#: guest running flat out) is waited for SETTLE_LIMIT_S at most.
+SETTLE_WINDOW_S = 0.1
+SETTLE_BUSY_S = 0.02
+SETTLE_LIMIT_S = 3.0
+
 
 def process_cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of process ``pid`` (all its threads), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def wait_settled(pid: int, limit: float = SETTLE_LIMIT_S) -> float:
+    """Wait until process ``pid`` has finished starting (see SETTLE_WINDOW_S), at most ``limit``
+    seconds; returns the seconds waited."""
+    started = time.monotonic()
+    last = process_cpu_seconds(pid)
+    while time.monotonic() - started < limit:
+        time.sleep(SETTLE_WINDOW_S)
+        now = process_cpu_seconds(pid)
+        if now - last < SETTLE_BUSY_S:
+            break
+        last = now
+    return time.monotonic() - started
 
 
 def die_with_parent() -> None:
@@ -143,6 +167,7 @@ def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: li
         # window, so it counts, whether it ends before the migration starts or is cut short then.
         dest_cpu = dest.cpu_seconds()
         src.wait_state()
+        settled = wait_settled(src.proc.pid)
         if before is not None:
             before(src)
         client = src.client(timeout=None)
@@ -152,6 +177,7 @@ def migrate(run_dir: Path, source: str, *, source_args: list[str], dest_args: li
         seconds = time.perf_counter() - started
         # The source is not reaped yet (even if it has exited), so its /proc entry still counts.
         stats["cpu_seconds"] = src.cpu_seconds() - src_cpu + dest.cpu_seconds() - dest_cpu
+        stats["source_settled_s"] = settled
         src.wait_exit(60)
         stats["destination"] = _destination_record(dest)
         return seconds, stats

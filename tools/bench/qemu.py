@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .procs import die_with_parent, free_port, process_cpu_seconds
+from .procs import die_with_parent, free_port, process_cpu_seconds, wait_settled
 from .qmp import MigrateInfo, Qmp, QmpError, QmpTimeout, event_time, migrate_info
 from .stats import Figure
 
@@ -260,6 +260,7 @@ class QemuBench:
             dst.execute("migrate-incoming", {"uri": uri})
             if live:
                 time.sleep(IDLE_SETTLE_S)
+            wait_settled(src.proc.pid)  # as vmmpy's source is (procs.migrate)
             timeout = 120 + 60 * size / GIB
             cpu = src.cpu_seconds() + dst.cpu_seconds()
             started = time.time()
@@ -290,6 +291,7 @@ class QemuBench:
         try:
             src = self._vm("save", size, self._source_memory(gib), ["-S"])
             _prepare(src, 0)
+            wait_settled(src.proc.pid)
             file, part, done = (shlex.quote(p) for p in (path, stamp + ".part", stamp))
             command = f"cat > {file} && sync {file} && date +%s.%N > {part} && mv {part} {done}"
             started = time.time()

@@ -18,7 +18,7 @@ from vmmpy import GuestMemory
 from . import limits
 from . import qemu as qemu_labels
 from .images import build_image, remove_image
-from .procs import Vmmrun, migrate
+from .procs import Vmmrun, migrate, wait_settled
 from .stats import Figure, Row
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -448,6 +448,7 @@ def checkpoint(where: str):
         rates = []
         try:
             src.wait_state()
+            wait_settled(src.proc.pid)
             client = src.client(timeout=300)
             for i in range(ctx.runs):
                 path = os.path.join(directory, f"bench-ckp-{os.getpid()}-{i}.ckp")
