@@ -168,9 +168,10 @@ impl DigestTracker {
 
     /// Hash the pages of `runs` (`(first page, count)` in `seg`) now, on the calling thread, and
     /// store their hashes: for whoever just wrote them (the receiver, right after a read, while
-    /// they are still in the CPU's cache) or just sent them (the sender, right after the socket
-    /// copied them, from the cache that copy left them in). Pages of `Zero` runs (`zero`) are
-    /// known to read as zero and are stored as hash 0 without being read.
+    /// they are still in the CPU's cache) or sends them (the sender of a plain batch right after
+    /// the socket copied them, from the cache that copy left them in; over TLS, or a compressed
+    /// batch, right before the records or the compressor read them). Pages of `Zero` runs
+    /// (`zero`) are known to read as zero and are stored as hash 0 without being read.
     ///
     /// Same discipline as [`refresh`](Self::refresh): the pages' stale bits are taken before
     /// their bytes are read, so a write marked after the take leaves them stale for the next

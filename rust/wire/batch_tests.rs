@@ -136,8 +136,8 @@ fn round_trip(tracking: TrackingChoice, use_pipe: bool) {
 #[test]
 fn tracked_batches_hash_every_page_they_move_on_both_sides() {
     let (Some(src), Some(dst)) = (two_segment_guest(TrackingChoice::Soft), two_segment_guest(TrackingChoice::Soft)) else { return };
-    // 130 pages in a row (three hash windows, across chunk boundaries), and scattered pages, two
-    // of them in one chunk and in one window.
+    // 130 pages in a row (more than one hash window, across chunk boundaries), and scattered
+    // pages, two of them in one chunk and in one window.
     for p in (3..133).chain([140, 150, 1000]) {
         src.write(GuestAddress(HIGHMEM_BASE + p * 4096), &page_fill(p)).unwrap();
     }
