@@ -5,7 +5,6 @@ its own run. No QEMU process is started and no timing is asserted."""
 import itertools
 import os
 import subprocess
-import sys
 import time
 import types
 
@@ -95,7 +94,7 @@ def ctx(tmp_path, monkeypatch):
     c.limits = {name: Figure([4.0, 4.0], "GiB/s") for name in scenarios.LIMITS}
     monkeypatch.setattr(scenarios, "random_image", lambda *a, **k: "image")
     stats = {"downtime_ms": 5.0, "bytes_total": 1 << 30, "downtime_breakdown": {}, "cpu_seconds": 1.5,
-             "rounds": [{"stream_bytes": [1]}], "streams": 4}
+             "rounds": [{"stream_bytes": [1]}], "streams": 4, "source_settled_s": 0.2}
     monkeypatch.setattr(scenarios, "_warm", lambda *a, **k: ([0.5, 0.5], [stats, stats]))
     return c
 
@@ -113,6 +112,8 @@ def test_warm_rows_carry_issue_16s_targets_against_qemu_and_no_recorded_figure(c
     assert wired_streams.qemu_min == 1.0 and not wired_streams.qemu_also
     for row in (unwired, wired, streams, wired_streams):
         assert not any("anchor" in note for note in row.notes), row.notes
+        assert row.extra["source_settled_s"] == [0.2, 0.2]  # how long each source took to settle
+    assert "the source timed once started" in unwired.notes[0]
 
 
 def judged(ours, theirs, busy=False, **targets):
@@ -239,23 +240,47 @@ def test_live_idle_times_the_span_qemu_s_stop_and_resume_bound(monkeypatch, tmp_
         scenarios.live_idle(ctx)
 
 
-def test_a_source_is_timed_once_it_has_finished_starting():
+def scripted_clock(monkeypatch, cpu_per_window):
+    """Run ``procs.wait_settled`` on a fake clock: each sleep advances it, and the process's CPU
+    seconds grow by the next of ``cpu_per_window`` (the last repeating) at each reading after
+    the first."""
+    from tools.bench import procs
+
+    now = [0.0]
+    used = [0.0]
+    steps = iter(cpu_per_window)
+    last_step = [cpu_per_window[-1]]
+
+    def cpu(pid):
+        return used[0]
+
+    def sleep(seconds):
+        now[0] += seconds
+        last_step[0] = next(steps, last_step[0])
+        used[0] += last_step[0]
+
+    monkeypatch.setattr(procs, "process_cpu_seconds", cpu)
+    monkeypatch.setattr(procs, "time", types.SimpleNamespace(monotonic=lambda: now[0], sleep=sleep))
+    return procs
+
+
+def test_a_source_is_timed_once_it_has_finished_starting(monkeypatch):
     """vmmrun imports the migration engine and numpy on a thread once its guest runs: a source
     is timed once that is done (QEMU's is done when it answers QMP), and one that stays busy is
     waited for a bounded time only."""
-    from tools.bench import procs
-
-    burn = "import time\nwhile time.process_time() < {cpu}: pass\ntime.sleep(60)"
-    starting = subprocess.Popen([sys.executable, "-c", burn.format(cpu=0.4)])
-    busy = subprocess.Popen([sys.executable, "-c", burn.format(cpu=60)])
-    try:
-        procs.wait_settled(starting.pid, limit=30)
-        assert procs.process_cpu_seconds(starting.pid) >= 0.35, "returned while the process was still starting"
-        assert procs.wait_settled(busy.pid, limit=0.5) >= 0.5  # bounded: it never settles
-    finally:
-        for p in (starting, busy):
-            p.kill()
-            p.wait()
+    tick = 0.01
+    # busy for three windows (importing), then idle: settled in the fourth
+    procs = scripted_clock(monkeypatch, [0.09, 0.1, 0.08, 0.0])
+    assert procs.wait_settled(1, limit=3.0) == pytest.approx(4 * procs.SETTLE_WINDOW_S)
+    # a guest running flat out never settles: the wait ends at the limit
+    procs = scripted_clock(monkeypatch, [0.1])
+    assert procs.wait_settled(1, limit=3.0) == pytest.approx(3.0)
+    # one tick a window (an idle guest's timer) is quiet; two ticks, even one computed a hair
+    # under 0.02 in floating point, are not
+    procs = scripted_clock(monkeypatch, [tick])
+    assert procs.wait_settled(1, limit=3.0) == pytest.approx(procs.SETTLE_WINDOW_S)
+    procs = scripted_clock(monkeypatch, [0.35 - 0.33, 0.0])
+    assert procs.wait_settled(1, limit=3.0) == pytest.approx(2 * procs.SETTLE_WINDOW_S)
 
 
 def test_migrate_lets_the_source_settle_before_the_timer_and_its_cpu_baseline(monkeypatch, tmp_path):
@@ -295,3 +320,69 @@ def test_migrate_lets_the_source_settle_before_the_timer_and_its_cpu_baseline(mo
     assert events.index("settle 2") < events.index("source cpu") < events.index("migrate")
     assert "settle 1" not in events  # the destination populates while it waits, as designed
     assert stats["source_settled_s"] == 0.25
+
+
+def record_order(monkeypatch, module, events):
+    monkeypatch.setattr(module, "wait_settled", lambda pid: events.append(f"settle {pid}") or 0.2)
+
+
+def test_qemu_sources_settle_before_the_timer_as_vmmpys_do(monkeypatch, tmp_path):
+    events = []
+
+    class FakeQemu:
+        def __init__(self, binary, work, name, *, memory, size, extra, start_timeout=0.0):
+            self.name = name
+            self.proc = types.SimpleNamespace(pid={"dst": 1, "src": 2, "save": 3}[name])
+
+        def execute(self, command, arguments=None):
+            if command == "migrate":
+                events.append(f"{self.name} migrate")
+                raise Recorded()
+
+        def cpu_seconds(self):
+            events.append(f"{self.name} cpu")
+            return 0.0
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(qemu, "QemuVm", FakeQemu)
+    record_order(monkeypatch, qemu, events)
+    bench = qemu.QemuBench("qemu-system-x86_64", tmp_path, str(tmp_path), 1)
+    monkeypatch.setattr(bench, "_random_file", lambda gib: str(tmp_path / "ram"))
+    with pytest.raises(Recorded):
+        bench.migrate_once(1 << 20, 1)
+    assert events.index("settle 2") < events.index("src cpu") < events.index("src migrate")
+    assert "settle 1" not in events
+    events.clear()
+    with pytest.raises(Recorded):
+        bench.save_once(1 << 20, 1, str(tmp_path / "image"))
+    assert events == ["settle 3", "save migrate"]
+
+
+def test_checkpoint_rows_time_a_source_that_has_finished_starting(monkeypatch, tmp_path):
+    events = []
+
+    class FakeVmmrun:
+        def __init__(self, run_dir, name, *args):
+            self.proc = types.SimpleNamespace(pid=7)
+
+        def wait_state(self):
+            events.append("started")
+
+        def client(self, timeout=None):
+            def request(cmd, **kw):
+                events.append(cmd)
+                raise Recorded()
+            return types.SimpleNamespace(request=request)
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(scenarios, "Vmmrun", FakeVmmrun)
+    monkeypatch.setattr(scenarios, "random_image", lambda ctx, gib: "image")
+    record_order(monkeypatch, scenarios, events)
+    ctx = types.SimpleNamespace(work=tmp_path, disk=str(tmp_path), shm=str(tmp_path), runs=1, results={})
+    with pytest.raises(Recorded):
+        scenarios.checkpoint("tmpfs")(ctx)
+    assert events == ["started", "settle 7", "checkpoint"]

@@ -74,6 +74,12 @@ def destination_populate(stats: dict) -> dict | None:
     return (stats.get("destination") or {}).get("populate")
 
 
+def settled(stats: list[dict]) -> Figure:
+    """How long each run's source took to finish starting before it was timed
+    (``procs.wait_settled``), so a report shows a source that never settled (at the limit)."""
+    return Figure([st["source_settled_s"] for st in stats], "s")
+
+
 def random_image(ctx: Context, gib: int, wired: bool = False) -> str:
     return ctx.image(f"random{gib}g{'-wired' if wired else ''}", memsize=gib * GIB, guest="console", guest_args=CONSOLE_IDLE,
                      random_bytes=gib * GIB, wired=wired)
@@ -113,8 +119,10 @@ def warm_random(gib: int, wired: bool = False):
         row.extra = {"seconds": seconds, "downtime_ms": [st["downtime_ms"] for st in stats],
                      "bytes_total": stats[0]["bytes_total"], "downtime_breakdown": stats[-1]["downtime_breakdown"],
                      "cpu_seconds": [st["cpu_seconds"] for st in stats],
-                     "destination_populate": [destination_populate(st) for st in stats]}
-        row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}")
+                     "destination_populate": [destination_populate(st) for st in stats],
+                     "source_settled_s": settled(stats).values}
+        row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}, "
+                         f"the source timed once started ({settled(stats).text()} after it answered)")
         rows = [row]
         if gib == 1 and not wired:
             cpu = Figure([st["cpu_seconds"] / gib for st in stats], "CPU-s/GiB")
@@ -256,7 +264,7 @@ def warm_streams(streams: int, wired: bool = False):
                   qemu_also={} if wired else {qemu_labels.preallocated(streams): 1.0})
         row.extra = {"seconds": seconds, "downtime_ms": [st["downtime_ms"] for st in stats], "bytes_total": stats[0]["bytes_total"],
                      "streams": stats[0].get("streams"), "stream_bytes": stats[-1]["rounds"][0].get("stream_bytes"),
-                     "loopback_tcp_streams": tcp_n.to_dict()}
+                     "loopback_tcp_streams": tcp_n.to_dict(), "source_settled_s": settled(stats).values}
         single = f"warm-1g{'-wired' if wired else ''}"
         one = ctx.results.get(single)
         versus = f"; one stream ({single}) {one.figure.text()} in this run" if one is not None and one.figure else ""
