@@ -2,10 +2,10 @@
 
 Both sides keep a ``DigestTracker`` (rust/digest/tracker.rs): per-page hashes with a stale bit
 per page. Pages are hashed as they move, while they are in the CPU's cache: the source hashes
-each 512 KiB window of a batch right after the socket has copied it (over TLS, right before it is
-sealed; a compressed batch's pages before they are compressed), the destination right after it arrives (a compressed batch's pages
-right after they are decompressed into place). The first round
-carries every page, so at the commit each side only combines the hashes it has.
+each 512 KiB window of a batch right after the socket has copied it (over TLS, right before it
+is sealed; a compressed batch's pages before they are compressed), the destination right after
+it arrives (a compressed batch's pages right after they are decompressed into place). The first
+round carries every page, so at the commit each side only combines the hashes it has.
 
 ``verify="full"`` has the source recompute the digest from all of its memory instead, after
 pausing the guest. That also proves the dirty tracking missed no write (a page the guest wrote
