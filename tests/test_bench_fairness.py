@@ -386,3 +386,20 @@ def test_checkpoint_rows_time_a_source_that_has_finished_starting(monkeypatch, t
     with pytest.raises(Recorded):
         scenarios.checkpoint("tmpfs")(ctx)
     assert events == ["started", "settle 7", "checkpoint"]
+
+
+def test_the_settle_ends_at_once_for_a_process_that_is_gone(monkeypatch):
+    """A source killed before it is timed: the wait ends, and the request after it names the
+    failure (the bench's own check), instead of a traceback from /proc."""
+    procs = scripted_clock(monkeypatch, [0.1])
+    calls = []
+
+    def gone(pid):
+        calls.append(pid)
+        if len(calls) > 2:
+            raise FileNotFoundError(f"/proc/{pid}/stat")
+        return 0.1 * len(calls)
+
+    monkeypatch.setattr(procs, "process_cpu_seconds", gone)
+    assert procs.wait_settled(1, limit=3.0) == pytest.approx(2 * procs.SETTLE_WINDOW_S)
+    assert len(calls) == 3

@@ -40,15 +40,19 @@ def process_cpu_seconds(pid: int) -> float:
 
 def wait_settled(pid: int, limit: float = SETTLE_LIMIT_S) -> float:
     """Wait until process ``pid`` has finished starting (see SETTLE_WINDOW_S), at most ``limit``
-    seconds; returns the seconds waited."""
+    seconds; returns the seconds waited. A process that is gone ends the wait at once: the
+    caller's next request to it says what happened."""
     started = time.monotonic()
-    last = process_cpu_seconds(pid)
-    while time.monotonic() - started < limit:
-        time.sleep(SETTLE_WINDOW_S)
-        now = process_cpu_seconds(pid)
-        if now - last < SETTLE_BUSY_S:
-            break
-        last = now
+    try:
+        last = process_cpu_seconds(pid)
+        while time.monotonic() - started < limit:
+            time.sleep(SETTLE_WINDOW_S)
+            now = process_cpu_seconds(pid)
+            if now - last < SETTLE_BUSY_S:
+                break
+            last = now
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return time.monotonic() - started
 
 
