@@ -116,13 +116,14 @@ def warm_random(gib: int, wired: bool = False):
                   "loopback TCP", tcp, rate.median / tcp.median,
                   target=">= 0.85 x loopback TCP", met=rate.median >= 0.85 * tcp.median,
                   qemu_min=1.0 if wired else 1.2, qemu_also={} if wired else {qemu_labels.PREALLOCATED: 1.0})
+        settle = settled(stats)
         row.extra = {"seconds": seconds, "downtime_ms": [st["downtime_ms"] for st in stats],
                      "bytes_total": stats[0]["bytes_total"], "downtime_breakdown": stats[-1]["downtime_breakdown"],
                      "cpu_seconds": [st["cpu_seconds"] for st in stats],
                      "destination_populate": [destination_populate(st) for st in stats],
-                     "source_settled_s": settled(stats).values}
+                     "source_settled_s": settle.values}
         row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}, "
-                         f"the source timed once started ({settled(stats).text()} after it answered)")
+                         f"the source timed once started ({settle.text()} after it answered)")
         rows = [row]
         if gib == 1 and not wired:
             cpu = Figure([st["cpu_seconds"] / gib for st in stats], "CPU-s/GiB")
