@@ -2,12 +2,13 @@
 that builds guest images, the limit measurements' bookkeeping and the host memory report. No timing
 is asserted."""
 
+import mmap
 import os
 
 import numpy as np
 import pytest
 
-from tools.bench import hostmem, limits
+from tools.bench import hostmem, limits, scenarios
 from tools.bench.images import FILL_START, fill_random
 from tools.bench.run import cpu_times, select, settle, settle_text
 from tools.bench.scenarios import SCENARIOS
@@ -15,7 +16,7 @@ from tools.bench.stats import Figure, Row
 from vmmpy import GuestMemory
 from vmmpy.memory import HIGHMEM_BASE
 
-MIB = 1 << 20
+MIB, GIB = 1 << 20, 1 << 30
 
 
 def test_figure_reports_median_min_max():
@@ -193,10 +194,38 @@ def test_holding_host_memory_where_it_cannot_says_why_and_changes_nothing(tmp_pa
     reporting.release()
 
 
-def test_backing_touches_what_it_is_asked_in_pieces_and_at_most_half_what_is_available():
-    assert hostmem.back(5 * MIB, piece=2 * MIB, available=64 * MIB)["bytes"] == 5 * MIB
-    assert hostmem.back(5 * MIB, piece=2 * MIB, available=4 * MIB)["bytes"] == 2 * MIB
-    assert hostmem.back(5 * MIB, piece=2 * MIB, available=0) == {"bytes": 0, "seconds": 0.0}
+def test_backing_touches_what_it_is_asked_in_pieces_and_leaves_the_spare():
+    spare = hostmem.BACK_SPARE
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=spare + 64 * MIB)["bytes"] == 5 * MIB
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=spare + 2 * MIB)["bytes"] == 2 * MIB
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=spare - 1) == {"bytes": 0, "seconds": 0.0}
+
+
+def test_backing_holds_every_piece_until_the_last_is_touched(monkeypatch):
+    """A piece freed before the next is touched hands the next the same pages: the hold would
+    back one piece however much it touched."""
+    live, most, sizes = [0], [0], []
+
+    class Mapping:
+        def __init__(self, fd, length, flags):
+            assert fd == -1 and flags & mmap.MAP_POPULATE
+            sizes.append(length)
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+
+        def close(self):
+            live[0] -= 1
+
+    monkeypatch.setattr(hostmem.mmap, "mmap", Mapping)
+    assert hostmem.back(7 * MIB, piece=2 * MIB, available=hostmem.BACK_SPARE + 64 * MIB)["bytes"] == 7 * MIB
+    assert sizes == [2 * MIB, 2 * MIB, 2 * MIB, MIB] and most[0] == 4 and live[0] == 0
+
+
+def test_the_hold_backs_the_most_the_selected_rows_touch_at_once():
+    assert scenarios.touches(["warm-1g", "restore"]) == hostmem.BACK_BYTES
+    assert scenarios.touches(["warm-1g", "warm-4g"]) == 14 * GIB
+    assert scenarios.touches(["warm-4g-wired", "warm-8g", "live-idle"]) == 20 * GIB
+    assert set(scenarios.TOUCHES_GIB) <= set(scenarios.SCENARIOS)
 
 
 def test_a_hold_the_kernel_did_not_keep_is_said_and_a_failed_give_back_does_not_stop_the_cleanup(tmp_path, capsys):

@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # python tools/bench/run.py
 import vmmpy
 from tools.bench import hostmem, qemu
 from tools.bench.procs import die_with_parent
-from tools.bench.scenarios import LIMITS, SCENARIOS, Context
+from tools.bench.scenarios import LIMITS, SCENARIOS, Context, touches
 from tools.bench.stats import Figure, Row
 
 COMPILED = "compiled before the run"
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[2]
     disk = args.disk or str(root / ".bench")
     os.makedirs(disk, exist_ok=True)
-    reporting = hostmem.Reporting()
+    reporting = hostmem.Reporting(back_bytes=touches(names))
     if args.hold_host_memory:
         # Before the wait for quiet: touching the memory is work the machine settles after.
         print("bench: holding the host's memory ...", file=sys.stderr, flush=True)

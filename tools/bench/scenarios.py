@@ -15,7 +15,7 @@ import numpy as np
 
 from vmmpy import GuestMemory
 
-from . import limits
+from . import hostmem, limits
 from . import qemu as qemu_labels
 from .images import build_image, remove_image
 from .procs import Vmmrun, migrate, wait_settled
@@ -645,6 +645,18 @@ def compression(content: str, cap_mib: int | None = None, gib: int = 1, streams:
 
 def _args(d: dict[str, str]) -> list[str]:
     return [a for k, v in d.items() for a in ("--guest-arg", f"{k}={v}")]
+
+
+#: GiB a scenario's runs touch at once, where that is more than the hold's default: a 4 GiB row's
+#: source, destination and image on tmpfs, QEMU's alike, and some to spare; the 8 GiB row's two
+#: guests and as much of its image on disk as the page cache keeps.
+TOUCHES_GIB = {"warm-4g": 14, "warm-4g-wired": 14, "warm-8g": 20}
+
+
+def touches(names: list[str]) -> int:
+    """Bytes ``--hold-host-memory`` backs for the scenarios ``names``: the most any of them touches
+    at once (``hostmem.back`` leaves the machine its spare)."""
+    return max([hostmem.BACK_BYTES] + [TOUCHES_GIB[n] * GIB for n in names if n in TOUCHES_GIB])
 
 
 # name -> (function, in --quick)
