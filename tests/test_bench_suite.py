@@ -2,6 +2,7 @@
 that builds guest images, the limit measurements' bookkeeping and the host memory report. No timing
 is asserted."""
 
+import errno
 import mmap
 import os
 
@@ -196,9 +197,40 @@ def test_holding_host_memory_where_it_cannot_says_why_and_changes_nothing(tmp_pa
 
 def test_backing_touches_what_it_is_asked_in_pieces_and_leaves_the_spare():
     spare = hostmem.BACK_SPARE
-    assert hostmem.back(5 * MIB, piece=2 * MIB, available=spare + 64 * MIB)["bytes"] == 5 * MIB
-    assert hostmem.back(5 * MIB, piece=2 * MIB, available=spare + 2 * MIB)["bytes"] == 2 * MIB
-    assert hostmem.back(5 * MIB, piece=2 * MIB, available=spare - 1) == {"bytes": 0, "seconds": 0.0}
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=lambda: spare + 64 * MIB)["bytes"] == 5 * MIB
+    assert hostmem.back(5 * MIB, piece=2 * MIB, available=lambda: spare - 1) == {"bytes": 0, "asked": 5 * MIB, "seconds": 0.0}
+
+
+def test_backing_asks_what_is_available_before_each_piece_and_says_when_it_stopped_short(tmp_path):
+    """Other processes allocate while the hold touches: it stops where the next piece would leave
+    less than the spare, and the report says it held less than it asked."""
+    asked = []
+
+    def available():  # the hold's own pieces use it up, 2 MiB each, from spare + 5 MiB
+        asked.append(hostmem.BACK_SPARE + 5 * MIB - 2 * MIB * len(asked))
+        return asked[-1]
+
+    backed = hostmem.back(8 * MIB, piece=2 * MIB, available=available)
+    # Asked before each piece: spare+5, spare+3 (both leave the spare), spare+1 (would not).
+    assert backed["bytes"] == 4 * MIB and backed["asked"] == 8 * MIB and len(asked) == 3
+    line = hostmem.text({"order": 9, "held": True, "reported_mib": 0, "backed": backed})
+    assert "4 MiB of the 8 MiB asked" in line
+    nothing = hostmem.text({"order": 9, "held": True, "reported_mib": 0, "backed": {"bytes": 0, "asked": 8 * MIB, "seconds": 0}})
+    assert "nothing touched first" in nothing
+
+
+def test_what_is_available_is_memavailable_or_the_cgroup_limit_closer(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683520 kB\nMemFree:   1000 kB\nMemAvailable:    2048 kB\n")
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    assert hostmem.available_now(meminfo, cgroup) == 2 * MIB  # no cgroup files: MemAvailable
+    (cgroup / "memory.max").write_text("max\n")
+    assert hostmem.available_now(meminfo, cgroup) == 2 * MIB
+    (cgroup / "memory.max").write_text(f"{3 * MIB}\n")
+    (cgroup / "memory.current").write_text(f"{2 * MIB}\n")
+    assert hostmem.available_now(meminfo, cgroup) == MIB
+    assert hostmem.available_now() > 0  # this machine's
 
 
 def test_backing_holds_every_piece_until_the_last_is_touched(monkeypatch):
@@ -208,17 +240,42 @@ def test_backing_holds_every_piece_until_the_last_is_touched(monkeypatch):
 
     class Mapping:
         def __init__(self, fd, length, flags):
-            assert fd == -1 and flags & mmap.MAP_POPULATE
+            assert fd == -1 and flags == mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            self.populated = False
             sizes.append(length)
             live[0] += 1
             most[0] = max(most[0], live[0])
+
+        def madvise(self, option):
+            assert option == hostmem.MADV_POPULATE_WRITE
+            self.populated = True
+
+        def close(self):
+            assert self.populated
+            live[0] -= 1
+
+    monkeypatch.setattr(hostmem.mmap, "mmap", Mapping)
+    assert hostmem.back(7 * MIB, piece=2 * MIB, available=lambda: hostmem.BACK_SPARE + 64 * MIB)["bytes"] == 7 * MIB
+    assert sizes == [2 * MIB, 2 * MIB, 2 * MIB, MIB] and most[0] == 4 and live[0] == 0
+
+
+def test_backing_stops_where_the_kernel_refuses_a_piece_and_frees_what_it_held(monkeypatch):
+    live = [0]
+
+    class Mapping:
+        def __init__(self, fd, length, flags):
+            live[0] += 1
+
+        def madvise(self, option):
+            if live[0] == 3:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
         def close(self):
             live[0] -= 1
 
     monkeypatch.setattr(hostmem.mmap, "mmap", Mapping)
-    assert hostmem.back(7 * MIB, piece=2 * MIB, available=hostmem.BACK_SPARE + 64 * MIB)["bytes"] == 7 * MIB
-    assert sizes == [2 * MIB, 2 * MIB, 2 * MIB, MIB] and most[0] == 4 and live[0] == 0
+    assert hostmem.back(8 * MIB, piece=2 * MIB, available=lambda: hostmem.BACK_SPARE + 64 * MIB)["bytes"] == 4 * MIB
+    assert live[0] == 0
 
 
 def test_the_hold_backs_the_most_the_selected_rows_touch_at_once():

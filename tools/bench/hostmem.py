@@ -21,8 +21,8 @@ sixteenth on, 40 freed one by one never did).
 
 from __future__ import annotations
 
+import errno
 import mmap
-import os
 import sys
 import time
 from pathlib import Path
@@ -107,24 +107,71 @@ class Reporting:
         return {"order": self.before["order"], "held": self.held, "reported_mib": reported, "backed": self.backed}
 
 
-def back(total: int = BACK_BYTES, piece: int = BACK_PIECE, available: int | None = None) -> dict:
-    """Touch ``total`` bytes (at most what is available less ``BACK_SPARE``) a piece at a time,
-    holding every piece until the last is touched, then free them all: with reporting held, the
-    pages the runs are given next are ones the hypervisor backs. Returns the bytes touched and
-    the seconds it took (about 3 s a GiB where the hypervisor had taken it, a tenth of that where
-    it had not)."""
-    if available is None:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    total = max(0, min(total, available - BACK_SPARE)) // mmap.PAGESIZE * mmap.PAGESIZE
-    started = time.monotonic()
-    held = []
+#: ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14), which Python 3.11's mmap does not name: it
+#: populates a mapping as writes would and fails with ENOMEM where ``MAP_POPULATE`` would say
+#: nothing.
+MADV_POPULATE_WRITE = 23
+
+
+def available_now(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes this process may still take: the kernel's ``MemAvailable``, or less where its cgroup
+    has a memory limit closer (``memory.max`` less ``memory.current``)."""
+    available = 0
+    with open(meminfo) as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
     try:
-        for at in range(0, total, piece):
-            held.append(mmap.mmap(-1, min(piece, total - at), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, available)
+
+
+def _touch(length: int) -> mmap.mmap:
+    """A private anonymous mapping of ``length`` bytes, every page written in; OSError where the
+    kernel cannot give them."""
+    m = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(MADV_POPULATE_WRITE)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; write a byte a page instead
+            m.close()
+            raise
+        for at in range(0, length, mmap.PAGESIZE):
+            m[at] = 1
+    return m
+
+
+def back(total: int = BACK_BYTES, piece: int = BACK_PIECE, available=available_now) -> dict:
+    """Touch up to ``total`` bytes a piece at a time, holding every piece until the last is
+    touched, then free them all: with reporting held, the pages the runs are given next are ones
+    the hypervisor backs. Before each piece ``available()`` is asked again, and the hold stops
+    where the piece would leave less than ``BACK_SPARE`` (other processes allocate meanwhile),
+    or where the kernel refuses a piece. Returns the bytes asked for and touched and the seconds
+    it took (about 3 s a GiB where the hypervisor had taken it, a tenth of that where it had
+    not)."""
+    total = max(0, total) // mmap.PAGESIZE * mmap.PAGESIZE
+    started = time.monotonic()
+    held: list[mmap.mmap] = []
+    touched = 0
+    try:
+        while touched < total:
+            length = min(piece, total - touched)
+            if available() - length < BACK_SPARE:
+                break
+            try:
+                held.append(_touch(length))
+            except OSError:
+                break
+            touched += length
     finally:
         for m in held:
             m.close()
-    return {"bytes": total, "seconds": round(time.monotonic() - started, 2)}
+    return {"bytes": touched, "asked": total, "seconds": round(time.monotonic() - started, 2)}
 
 
 def text(report: dict | None) -> str:
@@ -133,8 +180,11 @@ def text(report: dict | None) -> str:
         return ""
     if report["held"]:
         backed = report.get("backed") or {}
-        how = (f"; {backed['bytes'] >> 20} MiB touched and freed first, in {backed['seconds']:g} s"
-               if backed.get("bytes") else "")
+        short = (f" of the {backed['asked'] >> 20} MiB asked (it stopped {BACK_SPARE >> 30} GiB short of what was available)"
+                 if backed.get("asked", backed.get("bytes", 0)) > backed.get("bytes", 0) else "")
+        how = (f"; {backed['bytes'] >> 20} MiB{short} touched and freed first, in {backed['seconds']:g} s"
+               if backed.get("bytes") else
+               f"; nothing touched first (less than {BACK_SPARE >> 30} GiB was available)" if backed.get("asked") else "")
         leaked = (f"; yet {report['reported_mib']} MiB went back to the hypervisor during the run (the kernel did not "
                   "hold it)" if report["reported_mib"] else "")
         return f"HOST MEMORY: free page reporting held off for the run (--hold-host-memory){how}{leaked}"
