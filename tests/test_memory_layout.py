@@ -99,40 +99,6 @@ def test_wired_memory_is_populated_up_front():
     assert mem.resident_pages() == 8 * MiB // 4096
 
 
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages of the mapping holding ``address``, from /proc/self/smaps."""
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start <= address < end
-            elif inside and head == "AnonHugePages:":
-                return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def _thp_offered() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _thp_offered(), reason="the host offers no transparent huge pages")
-def test_wired_memory_is_wired_on_huge_pages_and_unwired_memory_is_not():
-    """Wired memory is populated whole, so it goes onto huge pages (one fault per 2 MiB); an
-    unwired guest's first touches stay 4 KiB (a sparse guest must not grow by 2 MiB a touch)."""
-    wired = GuestMemory("64M", wired=True)
-    unwired = GuestMemory("64M")
-    unwired.write(0, bytes(64 * MiB))  # every page touched, through the API
-    wired_kib = _anon_huge_kib(wired.view().__array_interface__["data"][0])
-    assert wired_kib >= 32 * 1024, f"only {wired_kib} KiB of 64 MiB wired memory on huge pages"
-    assert _anon_huge_kib(unwired.view().__array_interface__["data"][0]) == 0
-
-
 def test_wired_memory_larger_than_the_host_is_refused_before_mapping():
     with pytest.raises(ValueError, match="cannot be wired: the host has"):
         GuestMemory("100T", wired=True)

@@ -284,17 +284,12 @@ impl Segment {
             return Err(MemoryError::os(format!("cannot map {} for {what}", human_size(spec.size)), ""));
         }
         let base = NonNull::new(ptr as *mut u8).expect("mmap returned NULL without MAP_FIXED");
-        // Unwired guest RAM stays on small pages, but where a restore or a received batch fills
-        // whole 2 MiB regions (`advise_huge`, `receives_huge`): a first touch by the guest then
-        // populates 4 KiB, not 2 MiB it may never use. Wired anonymous memory is populated whole
-        // below, so it takes huge pages where the host offers them: one fault and one clear per
-        // 2 MiB (wiring 1 GiB took 0.08 s instead of 0.37), and fewer TLB misses for whatever
-        // reads it whole. Dirty tracking stays per 4 KiB page: the soft backend marks small
-        // pages whatever backs them, and a write the kernel backend catches splits its huge page
-        // (tested). Advisory: errors are ignored. A/B in docs/memory.md.
-        let advice = if spec.wired && memfd.is_none() && thp_offered() { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+        // Dirty tracking is per 4 KiB page; a transparent huge page would be tracked as 512 pages
+        // at once by the kernel backend, so keep guest RAM on small pages, but where a restore or
+        // a received batch fills whole 2 MiB regions (`advise_huge`, `receives_huge`). Advisory:
+        // ignore errors.
         // SAFETY: the range is the mapping we just created.
-        unsafe { libc::madvise(ptr, size, advice) };
+        unsafe { libc::madvise(ptr, size, libc::MADV_NOHUGEPAGE) };
         let huge_receive = !spec.wired && memfd.is_none() && !spec.lazy && thp_offered();
         let segment = Segment {
             name: spec.name.clone(),
