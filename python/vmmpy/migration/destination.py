@@ -203,7 +203,7 @@ class Destination:
         faults and clearing are paid before the source stops its guest instead of on the
         migration's clock (docs/migration.md, "The destination's memory"). Bytes never change,
         and pages that arrive as zero are given back as before. Stopped once a source's SPEC is
-        accepted (or the wait ends), at most one 32 MiB step later. Returns what stops it and
+        accepted (or the wait ends), at most one 2 MiB step later. Returns what stops it and
         gives the record's ``populate`` (None when it did not run, its reason when refused)."""
         if not self.populate:
             return lambda: None
