@@ -349,7 +349,7 @@ impl PyGuestMemory {
         self.inner.start_prefault().map_err(memory_error)
     }
 
-    /// Stop the population ``start_prefault`` began (at most one 32 MiB step later; GIL
+    /// Stop the population ``start_prefault`` began (at most one 2 MiB step later; GIL
     /// released) and say what it did: a dict with ``bytes``, ``target_bytes``, ``seconds``,
     /// ``cpu_seconds``, ``stopped`` (before the end), ``refused`` (the errno of a step the kernel
     /// refused, or None) and ``short_of_memory`` (the host's available bytes when it stopped for

@@ -63,9 +63,10 @@ class Reporting:
     """The bench's view of free page reporting over one run: what it was at the start, whether
     the run held it off, and how much memory was reported during the run."""
 
-    def __init__(self, parameters: Path = PARAMETERS, back_bytes: int = BACK_BYTES) -> None:
+    def __init__(self, parameters: Path = PARAMETERS, back_bytes: int = BACK_BYTES, available=None) -> None:
         self.parameters = parameters
         self.back_bytes = back_bytes
+        self.available = available or available_now
         self.before = state(parameters)
         self.held = False
         self.backed: dict | None = None
@@ -83,7 +84,7 @@ class Reporting:
                              f"to {OFF_ORDER}: {err.strerror or err} (it needs root, and a kernel that takes an order "
                              "past the largest: mainline Linux refuses one)") from None
         self.held = True
-        self.backed = back(self.back_bytes)
+        self.backed = back(self.back_bytes, available=self.available)
 
     def release(self) -> None:
         """Give the order back as it was; idempotent. A failure is printed, not raised: it must
@@ -158,20 +159,32 @@ def back(total: int = BACK_BYTES, piece: int = BACK_PIECE, available=available_n
     started = time.monotonic()
     held: list[mmap.mmap] = []
     touched = 0
+    stopped = None
     try:
         while touched < total:
             length = min(piece, total - touched)
             if available() - length < BACK_SPARE:
+                stopped = "spare"
                 break
             try:
                 held.append(_touch(length))
-            except OSError:
+            except OSError as err:
+                stopped = f"refused: {err.strerror or err}"
                 break
             touched += length
     finally:
         for m in held:
             m.close()
-    return {"bytes": touched, "asked": total, "seconds": round(time.monotonic() - started, 2)}
+    return {"bytes": touched, "asked": total, "seconds": round(time.monotonic() - started, 2), "stopped": stopped}
+
+
+def _why_short(stopped: str | None) -> str:
+    """Why a hold touched less than it asked, from the ``stopped`` :func:`back` records."""
+    if stopped == "spare":
+        return f"it leaves {BACK_SPARE >> 30} GiB of what is available to the rest of the machine"
+    if stopped:
+        return f"the kernel {stopped.replace(':', ' a piece:', 1)}"
+    return "why is not recorded"
 
 
 def text(report: dict | None) -> str:
@@ -180,11 +193,11 @@ def text(report: dict | None) -> str:
         return ""
     if report["held"]:
         backed = report.get("backed") or {}
-        short = (f" of the {backed['asked'] >> 20} MiB asked (it stopped {BACK_SPARE >> 30} GiB short of what was available)"
+        why = _why_short(backed.get("stopped"))
+        short = (f" of the {backed['asked'] >> 20} MiB asked ({why})"
                  if backed.get("asked", backed.get("bytes", 0)) > backed.get("bytes", 0) else "")
         how = (f"; {backed['bytes'] >> 20} MiB{short} touched and freed first, in {backed['seconds']:g} s"
-               if backed.get("bytes") else
-               f"; nothing touched first (less than {BACK_SPARE >> 30} GiB was available)" if backed.get("asked") else "")
+               if backed.get("bytes") else f"; nothing touched first ({why})" if backed.get("asked") else "")
         leaked = (f"; yet {report['reported_mib']} MiB went back to the hypervisor during the run (the kernel did not "
                   "hold it)" if report["reported_mib"] else "")
         return f"HOST MEMORY: free page reporting held off for the run (--hold-host-memory){how}{leaked}"
