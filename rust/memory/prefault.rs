@@ -17,7 +17,8 @@
 //! not registered with a userfaultfd for write-protection (the kernel dirty backend: a write
 //! fault there belongs to its handler). Where the host offers transparent huge pages, each
 //! whole 2 MiB region goes onto one (a fault and a clear per region) and is advised back afterwards,
-//! as a received region is ([`Segment::receives_huge`]).
+//! as a received region is ([`Segment::receives_huge`]), unless small pages are measured cheaper
+//! ([`PageChooser`]).
 //!
 //! The thread takes [`STEP`] at a time and stops between steps when asked ([`Prefault::finish`]),
 //! so stopping waits at most one step. It holds the segments (`Arc`), so their mappings outlive it.
@@ -51,6 +52,64 @@ pub(crate) const STEP: usize = 2 << 20;
 /// many bytes (a read of /proc/meminfo costs about what populating a few pages does).
 const AVAILABLE_CHECKED_EVERY: usize = 32 << 20;
 
+/// Every this many whole steps, one goes on the kind of page not chosen, so that a change in what
+/// the host gives (memory it took back used up, or given back) is seen.
+const TRY_OTHER_EVERY: u64 = 16;
+
+/// Picks huge or small pages for each whole 2 MiB step by what steps of each cost lately (the
+/// shortest of the last [`PageChooser::KEPT`] of each kind: a step can only be slowed by
+/// something else, a preempted thread say, never sped up), since which is cheaper depends on
+/// where the host's free memory is. Huge pages usually are (one fault and one clear per 2 MiB).
+/// On a VM whose kernel reports its free memory to the hypervisor (free page reporting,
+/// virtio-balloon's or Hyper-V's), the whole free 2 MiB blocks they are made of are those the
+/// hypervisor took back, and it faults each in again 4 KiB at a time, while small pages come
+/// from smaller free blocks it still backs; once those run out, or where the memory was freed a
+/// moment ago and not reported yet, huge pages win again. Measured on such a VM
+/// (docs/memory.md, session 34).
+#[derive(Debug, Default)]
+pub(crate) struct PageChooser {
+    /// The last [`PageChooser::KEPT`] steps' seconds, small pages then huge ones, as a ring.
+    recent: [[f64; PageChooser::KEPT]; 2],
+    /// Steps timed of each kind.
+    timed: [u64; 2],
+}
+
+impl PageChooser {
+    /// Steps of each kind remembered.
+    const KEPT: usize = 3;
+
+    /// What a step of this kind costs lately; None before one was timed.
+    fn cost(&self, huge: bool) -> Option<f64> {
+        let (recent, timed) = (&self.recent[huge as usize], self.timed[huge as usize]);
+        recent[..(timed as usize).min(Self::KEPT)].iter().copied().reduce(f64::min)
+    }
+
+    /// Whether huge pages are the cheaper lately (they are until small ones were timed cheaper).
+    pub(crate) fn huge_cheaper(&self) -> bool {
+        match (self.cost(false), self.cost(true)) {
+            (Some(small), Some(huge)) => huge <= small,
+            _ => true,
+        }
+    }
+
+    /// Whether the next whole step goes on huge pages: each kind is timed once first (huge, then
+    /// small), then the cheaper is taken, but every [`TRY_OTHER_EVERY`]th step takes the other.
+    pub(crate) fn huge_next(&self) -> bool {
+        match self.timed {
+            [_, 0] => true,
+            [0, _] => false,
+            [small, huge] => self.huge_cheaper() != ((small + huge) % TRY_OTHER_EVERY == TRY_OTHER_EVERY - 1),
+        }
+    }
+
+    /// Count a whole step that took `seconds` on huge pages or on small ones.
+    pub(crate) fn timed(&mut self, huge: bool, seconds: f64) {
+        let kind = huge as usize;
+        self.recent[kind][(self.timed[kind] % Self::KEPT as u64) as usize] = seconds;
+        self.timed[kind] += 1;
+    }
+}
+
 /// What a population did, for the destination's statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PrefaultStats {
@@ -67,6 +126,9 @@ pub struct PrefaultStats {
     /// A step the kernel refused (ENOMEM: the host could not give the memory, EFAULT, ...): the
     /// errno of the first, after which the thread stopped. Advisory: receiving still works.
     pub refused: Option<i32>,
+    /// Bytes of it populated in whole 2 MiB steps advised for transparent huge pages
+    /// ([`PageChooser`]; whether the kernel found a huge page for each is its own affair).
+    pub huge_bytes: u64,
     /// Stopped because the host's available memory (MemAvailable) fell below [`reserve`]: the
     /// bytes it had left then. A guest that is mostly zero still migrates where populating all of
     /// it would not fit, and the population must never be what wakes the OOM killer.
@@ -147,7 +209,8 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
     let cpu0 = thread_cpu_seconds();
     let mut stats = PrefaultStats { target_bytes: segments.iter().map(|s| s.size() as u64).sum(), ..Default::default() };
     'all: for seg in segments {
-        let huge = seg.receives_huge();
+        let huge_allowed = seg.receives_huge();
+        let mut chooser = PageChooser::default();
         let mut off = 0;
         // Bytes the last reading of MemAvailable still vouches for.
         let mut vouched = 0;
@@ -167,6 +230,11 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
                 vouched = AVAILABLE_CHECKED_EVERY;
             }
             vouched -= len;
+            // Only whole steps are timed: a part of a region at either end of the segment has no
+            // huge page to give.
+            let whole = len == STEP;
+            let huge = huge_allowed && whole && chooser.huge_next();
+            let step_started = Instant::now();
             if huge {
                 seg.advise_huge(off, len);
             }
@@ -181,6 +249,13 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
                 stats.refused = errno;
                 stats.stopped = true;
                 break 'all;
+            }
+            if huge_allowed && whole {
+                chooser.timed(huge, step_started.elapsed().as_secs_f64());
+                seg.set_huge_cheaper(chooser.huge_cheaper());
+            }
+            if huge {
+                stats.huge_bytes += len as u64;
             }
             off += len;
             stats.bytes += len as u64;

@@ -50,6 +50,60 @@ fn a_whole_population_makes_every_page_resident_and_changes_no_byte_nor_dirty_bi
     assert!(page.iter().all(|&b| b == 0), "a populated page reads as zero");
     assert_eq!(mem.dirty_count().unwrap(), 0, "populating marks nothing dirty");
     assert!(mem.stop_prefault().is_none(), "nothing runs any more");
+    // The thread timed whole steps on both kinds of page where it could take huge ones (and
+    // told the segment which came cheaper), and only on small ones where it could not.
+    assert!(stats.huge_bytes.is_multiple_of(super::prefault::STEP as u64) && stats.huge_bytes <= stats.bytes, "{stats:?}");
+    if seg.receives_huge() {
+        assert!(stats.huge_bytes > 0 && stats.huge_bytes < stats.bytes, "huge pages timed first, then small: {stats:?}");
+    } else {
+        assert_eq!(stats.huge_bytes, 0);
+    }
+}
+
+/// Whole steps timed at `small` and `huge` seconds: which kind each of the steps took.
+fn choices(steps: usize, cost: impl Fn(usize, bool) -> f64) -> Vec<bool> {
+    let mut chooser = super::prefault::PageChooser::default();
+    (0..steps)
+        .map(|i| {
+            let huge = chooser.huge_next();
+            chooser.timed(huge, cost(i, huge));
+            huge
+        })
+        .collect()
+}
+
+#[test]
+fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_other() {
+    // Where huge pages are the cheaper (most hosts): one small step to time them, then huge,
+    // with one small step in every 16.
+    let taken = choices(64, |_, huge| if huge { 0.0002 } else { 0.0009 });
+    assert_eq!(&taken[..3], &[true, false, true]);
+    assert_eq!(taken.iter().filter(|&&h| !h).count(), 1 + 4, "{taken:?}");
+    // Where the host took the memory back from whole free 2 MiB blocks: small pages after the
+    // first two steps, with one huge step in every 16.
+    let taken = choices(64, |_, huge| if huge { 0.008 } else { 0.0009 });
+    assert_eq!(&taken[..3], &[true, false, false]);
+    assert_eq!(taken.iter().filter(|&&h| h).count(), 1 + 4, "{taken:?}");
+    // When small pages grow dear halfway (the fragments the host backs are used up), the steps
+    // that try huge pages again see it, and huge pages are taken from then on.
+    let taken = choices(96, |i, huge| match (huge, i < 32) {
+        (true, _) => 0.004,
+        (false, true) => 0.0009,
+        (false, false) => 0.02,
+    });
+    assert!(taken[2..32].iter().filter(|&&h| h).count() <= 2, "small while they are cheap: {taken:?}");
+    assert!(taken[64..].iter().filter(|&&h| !h).count() <= 2, "huge once small ones grew dear: {taken:?}");
+    // One slow step (the thread preempted) does not flip the choice by itself.
+    let taken = choices(48, |i, huge| {
+        if i == 20 {
+            0.05
+        } else if huge {
+            0.0002
+        } else {
+            0.0009
+        }
+    });
+    assert_eq!(taken[21..].iter().filter(|&&h| !h).count(), taken[21..].len() / 16 + 1, "{taken:?}");
 }
 
 #[test]

@@ -112,6 +112,9 @@ pub struct Segment {
     huge_barred: AtomicBool,
     /// DATA pages received into 2 MiB regions advised for huge pages, over the segment's life.
     huge_received: AtomicU64,
+    /// Whether huge pages came cheaper than small ones the last time this segment's memory was
+    /// populated ahead ([`Segment::huge_cheaper`]).
+    huge_cheaper: AtomicBool,
 }
 
 /// A segment's page installation: how many guards hold it, the registration while any does,
@@ -309,6 +312,7 @@ impl Segment {
             huge_receive: AtomicBool::new(huge_receive),
             huge_barred: AtomicBool::new(false),
             huge_received: AtomicU64::new(0),
+            huge_cheaper: AtomicBool::new(true),
         };
         if spec.wired {
             // mlock populates every page and pins it, as bhyve's -S wires guest memory.
@@ -603,10 +607,27 @@ impl Segment {
     }
 
     /// Choose [`Segment::receives_huge`] (tests pin either path; turning it on where the segment
-    /// cannot take huge pages is ignored).
+    /// cannot take huge pages is ignored). It also forgets what a population measured
+    /// ([`Segment::huge_cheaper`]).
     pub fn set_receives_huge(&self, on: bool) {
         let can = self.plain_anonymous() && !self.huge_barred.load(Ordering::Relaxed) && thp_offered();
         self.huge_receive.store(on && can, Ordering::Relaxed);
+        self.huge_cheaper.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether huge pages came cheaper than small ones when this segment's memory was last
+    /// populated ahead: the population times its steps on both and takes the cheaper
+    /// (`prefault.rs`), and a received batch goes onto huge pages only where
+    /// [`Segment::receives_huge`] and this say so. True until a population has measured. On a VM
+    /// whose kernel hands free memory back to the hypervisor (free page reporting), the whole
+    /// free 2 MiB blocks huge pages are made of are the ones the hypervisor took back, and small
+    /// pages, from smaller free blocks it still backs, can be several times cheaper.
+    pub fn huge_cheaper(&self) -> bool {
+        self.huge_cheaper.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_huge_cheaper(&self, cheaper: bool) {
+        self.huge_cheaper.store(cheaper, Ordering::Relaxed);
     }
 
     /// Receive on small pages for good: the kernel gives no huge page to this mapping (the kernel

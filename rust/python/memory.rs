@@ -353,7 +353,9 @@ impl PyGuestMemory {
     /// released) and say what it did: a dict with ``bytes``, ``target_bytes``, ``seconds``,
     /// ``cpu_seconds``, ``stopped`` (before the end), ``refused`` (the errno of a step the kernel
     /// refused, or None) and ``short_of_memory`` (the host's available bytes when it stopped for
-    /// lack of them, or None). None when nothing was populating.
+    /// lack of them, or None) and ``huge_bytes`` (of ``bytes``, those advised for transparent
+    /// huge pages: the thread takes whichever of huge and small pages it times cheaper here).
+    /// None when nothing was populating.
     fn stop_prefault<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let mem = self.inner.clone();
         let Some(s) = py.detach(move || mem.stop_prefault()) else { return Ok(None) };
@@ -365,6 +367,7 @@ impl PyGuestMemory {
         d.set_item("stopped", s.stopped)?;
         d.set_item("refused", s.refused)?;
         d.set_item("short_of_memory", s.short_of_memory)?;
+        d.set_item("huge_bytes", s.huge_bytes)?;
         Ok(Some(d))
     }
 

@@ -407,7 +407,8 @@ struct HugeReceive<'a> {
 }
 
 impl<'a> HugeReceive<'a> {
-    /// Advise the batch's DATA runs when the segment takes huge pages, the batch carries at
+    /// Advise the batch's DATA runs when the segment takes huge pages (and the last population
+    /// ahead did not find small pages cheaper: [`Segment::huge_cheaper`]), the batch carries at
     /// least [`HUGE_MIN`] bytes of page data, and at least half of it fills whole 2 MiB regions
     /// that are still fresh (only those are advised: a region is never put on a huge page unless
     /// all of it arrives here, so a sparse guest does not grow, and a region with a ZERO page is
@@ -415,7 +416,7 @@ impl<'a> HugeReceive<'a> {
     /// None otherwise, and while pages are being installed into the segment with userfaultfd (a
     /// registered range sends every first touch to its handler, huge pages or not).
     fn advise(seg: &'a Segment, ranges: &[PageRange], offsets: &[usize], data_bytes: u64) -> Option<Self> {
-        if data_bytes < HUGE_MIN || !seg.receives_huge() || seg.install_open().is_some() {
+        if data_bytes < HUGE_MIN || !seg.receives_huge() || !seg.huge_cheaper() || seg.install_open().is_some() {
             return None;
         }
         let mut runs: Vec<(usize, usize)> = Vec::new();

@@ -322,6 +322,42 @@ fn whole_regions_of_received_pages_go_onto_huge_pages_and_end_exact() {
     }
 }
 
+/// Where the destination's population ahead timed small pages cheaper than huge ones (a VM whose
+/// host took its free 2 MiB blocks back; `memory::prefault`), received page data follows it:
+/// the same share is installed page by page instead of being advised for huge pages, and ends
+/// exact; once the segment is told to take huge pages again, they are taken.
+#[test]
+fn received_pages_go_on_small_pages_where_the_population_timed_them_cheaper() {
+    use crate::digest::{commit_digest, DigestTracker};
+    let src = guest(32 * MIB);
+    let chunks = big_share(&src);
+    for huge_cheaper in [false, true] {
+        let dst = guest(32 * MIB);
+        let seg = &dst.segments()[0];
+        if !seg.receives_huge() {
+            eprintln!("skipped: this host offers no transparent huge pages (/sys/kernel/mm/transparent_hugepage/enabled)");
+            return;
+        }
+        seg.set_huge_cheaper(huge_cheaper);
+        let tracker = DigestTracker::new(&dst).unwrap();
+        let (a, b) = socketpair();
+        let budget = PageBudget::new(seg.pages() as u64);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| recv_share(b.as_raw_fd(), &dst, Some(&tracker), &budget, false, None, 1));
+            send_chunks(&[a.as_raw_fd()], &src, &chunks, None, None).unwrap();
+            assert_eq!(reader.join().unwrap().unwrap().stats.data_pages, 6044);
+        });
+        if huge_cheaper {
+            assert!(seg.huge_received_pages() > 0, "huge pages where they came cheaper");
+        } else {
+            assert_eq!(seg.huge_received_pages(), 0, "no region advised where small pages came cheaper");
+            assert!(seg.installed_pages() > 0 || seg.install_refused().is_some(), "installed instead");
+        }
+        assert_eq!(tracker.digest().unwrap(), commit_digest(&src).unwrap(), "huge cheaper: {huge_cheaper}");
+        assert_eq!(commit_digest(&dst).unwrap(), commit_digest(&src).unwrap(), "huge cheaper: {huge_cheaper}");
+    }
+}
+
 /// The install window of a batch that is not pipelined: the sender's hash window for a lone
 /// stream (its big batches pipeline in 1 MiB slots instead) and where streams outnumber the
 /// CPUs; 1 MiB for one of several streams with a CPU each.
