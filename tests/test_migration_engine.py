@@ -466,6 +466,11 @@ def test_a_destination_populates_its_memory_while_it_waits_and_the_guest_arrives
     assert dstats.populate["bytes"] == dstats.populate["target_bytes"] == 64 * MiB, dstats.populate
     assert not dstats.populate["stopped"] and dstats.populate["refused"] is None
     assert dstats.populate["cpu_seconds"] > 0 and dstats.populate["seconds"] > 0
+    # It timed whole steps on both kinds of page where the host offers huge ones (rust/memory/prefault.rs),
+    # and told every segment its verdict.
+    huge = dstats.populate["huge_bytes"]
+    assert huge % (2 * MiB) == 0 and (0 < huge < 64 * MiB if host_offers_huge_pages() else huge == 0), dstats.populate
+    assert all(seg.huge_cheaper == dstats.populate["huge_cheaper"] for seg in dst.memory.segments)
     assert dstats.to_dict()["populate"] == dstats.populate
     assert dstats.installed_pages == 0 and dstats.huge_pages == 0, "every page was there already"
     # The work area (2048 pages) came with data, the rest as zero ranges that were given back; the

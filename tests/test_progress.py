@@ -499,9 +499,10 @@ def test_what_populating_a_destination_did_is_said_in_words():
              "refused": None, "short_of_memory": None}
     assert populate_text(whole) == "populated 1 GiB of 1 GiB of guest memory while waiting, in 0.19 s (0.18 CPU-s)"
     # A record that says which pages the thread chose (it times both and takes the cheaper) says it too.
-    chosen = dict(whole, huge_bytes=64 << 20)
+    chosen = dict(whole, huge_bytes=64 << 20, huge_cheaper=False)
     assert populate_text(chosen) == ("populated 1 GiB of 1 GiB of guest memory while waiting, in 0.19 s "
                                      "(0.18 CPU-s; 64 MiB on huge pages)")
+    assert populate_text(dict(chosen, huge_bytes=0)) == populate_text(whole), "none on huge pages: not said"
     cut = dict(whole, bytes=256 << 20, stopped=True)
     assert populate_text(cut).endswith("of guest memory while waiting, in 0.19 s (0.18 CPU-s), stopped when the source came")
     short = dict(cut, short_of_memory=900 << 20)

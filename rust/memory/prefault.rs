@@ -57,14 +57,14 @@ const AVAILABLE_CHECKED_EVERY: usize = 32 << 20;
 const TRY_OTHER_EVERY: u64 = 16;
 
 /// Picks huge or small pages for each whole 2 MiB step by what steps of each cost lately (the
-/// shortest of the last [`PageChooser::KEPT`] of each kind: a step can only be slowed by
-/// something else, a preempted thread say, never sped up), since which is cheaper depends on
-/// where the host's free memory is. Huge pages usually are (one fault and one clear per 2 MiB).
-/// On a VM whose kernel reports its free memory to the hypervisor (free page reporting,
-/// virtio-balloon's or Hyper-V's), the whole free 2 MiB blocks they are made of are those the
-/// hypervisor took back, and it faults each in again 4 KiB at a time, while small pages come
-/// from smaller free blocks it still backs; once those run out, or where the memory was freed a
-/// moment ago and not reported yet, huge pages win again. Measured on such a VM
+/// shortest of the last [`PageChooser::KEPT`] of each kind, since a lone step is far more often
+/// slowed by something else, a preempted thread say, than sped up), since which is cheaper
+/// depends on where the host's free memory is. Huge pages usually are (one fault and one clear
+/// per 2 MiB). On a VM whose kernel reports its free memory to the hypervisor (free page
+/// reporting, virtio-balloon's or Hyper-V's), the whole free 2 MiB blocks they are made of are
+/// those the hypervisor took back, and it faults each in again 4 KiB at a time, while small
+/// pages come from smaller free blocks it still backs; once those run out, or where the memory
+/// was freed a moment ago and not reported yet, huge pages win again. Measured on such a VM
 /// (docs/memory.md, session 34).
 #[derive(Debug, Default)]
 pub(crate) struct PageChooser {
@@ -77,6 +77,8 @@ pub(crate) struct PageChooser {
 impl PageChooser {
     /// Steps of each kind remembered.
     const KEPT: usize = 3;
+    /// Steps of each kind timed, alternating, before choosing.
+    const FIRST: u64 = 2;
 
     /// What a step of this kind costs lately; None before one was timed.
     fn cost(&self, huge: bool) -> Option<f64> {
@@ -92,14 +94,16 @@ impl PageChooser {
         }
     }
 
-    /// Whether the next whole step goes on huge pages: each kind is timed once first (huge, then
-    /// small), then the cheaper is taken, but every [`TRY_OTHER_EVERY`]th step takes the other.
+    /// Whether the next whole step goes on huge pages: the first [`PageChooser::FIRST`] steps of
+    /// each kind alternate (huge first; the very first step also pays one-time costs, so one
+    /// timing of a kind is not enough), then the cheaper is taken, but every
+    /// [`TRY_OTHER_EVERY`]th step takes the other.
     pub(crate) fn huge_next(&self) -> bool {
-        match self.timed {
-            [_, 0] => true,
-            [0, _] => false,
-            [small, huge] => self.huge_cheaper() != ((small + huge) % TRY_OTHER_EVERY == TRY_OTHER_EVERY - 1),
+        let [small, huge] = self.timed;
+        if small.min(huge) < Self::FIRST {
+            return huge <= small;
         }
+        self.huge_cheaper() != ((small + huge) % TRY_OTHER_EVERY == TRY_OTHER_EVERY - 1)
     }
 
     /// Count a whole step that took `seconds` on huge pages or on small ones.
@@ -108,6 +112,49 @@ impl PageChooser {
         self.recent[kind][(self.timed[kind] % Self::KEPT as u64) as usize] = seconds;
         self.timed[kind] += 1;
     }
+
+    /// Populate one step of `seg` (`off..off+len`, from [`steps`]) with `MADV_POPULATE_WRITE`: a
+    /// whole 2 MiB region on huge pages or small ones as chosen, where the segment takes huge
+    /// pages ([`Segment::receives_huge`]; advised back to small pages after), timed; a part of a
+    /// region on small pages, untimed. Returns whether it went on huge pages, or the errno the
+    /// kernel refused it with.
+    pub(crate) fn populate_step(&mut self, seg: &Segment, off: usize, len: usize) -> Result<bool, Option<i32>> {
+        let chosen = seg.receives_huge() && len == STEP;
+        let huge = chosen && self.huge_next();
+        let started = Instant::now();
+        if huge {
+            seg.advise_huge(off, len);
+        }
+        // SAFETY: off..off+len lies inside the segment's mapping (the caller's step of it), which
+        // the caller's reference keeps mapped; MADV_POPULATE_WRITE only faults pages in and never
+        // changes their bytes.
+        let rc = unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if huge {
+            seg.advise_small(off, len);
+        }
+        if rc != 0 {
+            return Err(errno);
+        }
+        if chosen {
+            self.timed(huge, started.elapsed().as_secs_f64());
+        }
+        Ok(huge)
+    }
+}
+
+/// The steps of `off..off+len` in `seg` a population takes: each at most [`STEP`] long and
+/// ending at a 2 MiB address, so each whole one is a region a huge page can back.
+pub(crate) fn steps(seg: &Segment, off: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (base, end) = (seg.as_ptr() as usize, off + len);
+    let mut at = off;
+    std::iter::from_fn(move || {
+        (at < end).then(|| {
+            let step = (STEP - (base + at) % STEP).min(end - at);
+            at += step;
+            (at - step, step)
+        })
+    })
 }
 
 /// What a population did, for the destination's statistics.
@@ -129,6 +176,9 @@ pub struct PrefaultStats {
     /// Bytes of it populated in whole 2 MiB steps advised for transparent huge pages
     /// ([`PageChooser`]; whether the kernel found a huge page for each is its own affair).
     pub huge_bytes: u64,
+    /// Whether huge pages were the cheaper by the end (as a population that timed none says:
+    /// true); every segment was told ([`Segment::huge_cheaper`]).
+    pub huge_cheaper: bool,
     /// Stopped because the host's available memory (MemAvailable) fell below [`reserve`]: the
     /// bytes it had left then. A guest that is mostly zero still migrates where populating all of
     /// it would not fit, and the population must never be what wakes the OOM killer.
@@ -208,19 +258,19 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
     let started = Instant::now();
     let cpu0 = thread_cpu_seconds();
     let mut stats = PrefaultStats { target_bytes: segments.iter().map(|s| s.size() as u64).sum(), ..Default::default() };
+    // One chooser for the whole population: what the host gives does not depend on the segment,
+    // and its verdict goes to every segment, the ones not reached yet too, for the receiver.
+    let mut chooser = PageChooser::default();
+    let tell = |chooser: &PageChooser| segments.iter().for_each(|s| s.set_huge_cheaper(chooser.huge_cheaper()));
+    tell(&chooser);
     'all: for seg in segments {
-        let huge_allowed = seg.receives_huge();
-        let mut chooser = PageChooser::default();
-        let mut off = 0;
         // Bytes the last reading of MemAvailable still vouches for.
         let mut vouched = 0;
-        while off < seg.size() {
+        for (off, len) in steps(seg, 0, seg.size()) {
             if stop.load(Ordering::Acquire) || seg.is_closed() {
                 stats.stopped = true;
                 break 'all;
             }
-            let to_boundary = STEP - (seg.as_ptr() as usize + off) % STEP;
-            let len = to_boundary.min(seg.size() - off);
             if vouched < len {
                 if let Some(left) = available_memory().filter(|&a| a < reserve + AVAILABLE_CHECKED_EVERY as u64) {
                     stats.short_of_memory = Some(left);
@@ -230,37 +280,23 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
                 vouched = AVAILABLE_CHECKED_EVERY;
             }
             vouched -= len;
-            // Only whole steps are timed: a part of a region at either end of the segment has no
-            // huge page to give.
-            let whole = len == STEP;
-            let huge = huge_allowed && whole && chooser.huge_next();
-            let step_started = Instant::now();
-            if huge {
-                seg.advise_huge(off, len);
+            match chooser.populate_step(seg, off, len) {
+                Ok(huge) => {
+                    if huge {
+                        stats.huge_bytes += len as u64;
+                    }
+                    stats.bytes += len as u64;
+                    tell(&chooser);
+                }
+                Err(errno) => {
+                    stats.refused = errno;
+                    stats.stopped = true;
+                    break 'all;
+                }
             }
-            // SAFETY: off..off+len lies inside the segment's mapping, which our Arc keeps mapped;
-            // MADV_POPULATE_WRITE only faults pages in and never changes their bytes.
-            let rc = unsafe { libc::madvise(seg.as_ptr().add(off) as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-            let errno = std::io::Error::last_os_error().raw_os_error();
-            if huge {
-                seg.advise_small(off, len);
-            }
-            if rc != 0 {
-                stats.refused = errno;
-                stats.stopped = true;
-                break 'all;
-            }
-            if huge_allowed && whole {
-                chooser.timed(huge, step_started.elapsed().as_secs_f64());
-                seg.set_huge_cheaper(chooser.huge_cheaper());
-            }
-            if huge {
-                stats.huge_bytes += len as u64;
-            }
-            off += len;
-            stats.bytes += len as u64;
         }
     }
+    stats.huge_cheaper = chooser.huge_cheaper();
     stats.seconds = started.elapsed().as_secs_f64();
     stats.cpu_seconds = thread_cpu_seconds() - cpu0;
     stats

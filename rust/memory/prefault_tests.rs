@@ -74,25 +74,37 @@ fn choices(steps: usize, cost: impl Fn(usize, bool) -> f64) -> Vec<bool> {
 
 #[test]
 fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_other() {
-    // Where huge pages are the cheaper (most hosts): one small step to time them, then huge,
-    // with one small step in every 16.
+    // Where huge pages are the cheaper (most hosts): two steps of each kind, alternating, then
+    // huge pages, with one small step in every 16.
     let taken = choices(64, |_, huge| if huge { 0.0002 } else { 0.0009 });
-    assert_eq!(&taken[..3], &[true, false, true]);
-    assert_eq!(taken.iter().filter(|&&h| !h).count(), 1 + 4, "{taken:?}");
+    assert_eq!(&taken[..5], &[true, false, true, false, true]);
+    assert_eq!(taken.iter().filter(|&&h| !h).count(), 2 + 4, "{taken:?}");
+    assert_eq!(taken.iter().enumerate().filter(|(i, &h)| *i >= 4 && !h).map(|(i, _)| i).collect::<Vec<_>>(), [15, 31, 47, 63]);
     // Where the host took the memory back from whole free 2 MiB blocks: small pages after the
-    // first two steps, with one huge step in every 16.
+    // first four steps, with one huge step in every 16.
     let taken = choices(64, |_, huge| if huge { 0.008 } else { 0.0009 });
-    assert_eq!(&taken[..3], &[true, false, false]);
-    assert_eq!(taken.iter().filter(|&&h| h).count(), 1 + 4, "{taken:?}");
-    // When small pages grow dear halfway (the fragments the host backs are used up), the steps
-    // that try huge pages again see it, and huge pages are taken from then on.
+    assert_eq!(&taken[..5], &[true, false, true, false, false]);
+    assert_eq!(taken.iter().filter(|&&h| h).count(), 2 + 4, "{taken:?}");
+    // Equal costs: huge pages (one fault per 2 MiB for the guest later too).
+    assert!(choices(32, |_, _| 0.001)[4..].iter().filter(|&&h| !h).count() <= 2);
+    // When the kind taken grows dear halfway (small pages, once the fragments the host backs are
+    // used up), its own next steps show it, and the other is taken within a few steps.
     let taken = choices(96, |i, huge| match (huge, i < 32) {
         (true, _) => 0.004,
         (false, true) => 0.0009,
         (false, false) => 0.02,
     });
-    assert!(taken[2..32].iter().filter(|&&h| h).count() <= 2, "small while they are cheap: {taken:?}");
-    assert!(taken[64..].iter().filter(|&&h| !h).count() <= 2, "huge once small ones grew dear: {taken:?}");
+    assert!(taken[4..32].iter().filter(|&&h| h).count() <= 2, "small while they are cheap: {taken:?}");
+    assert!(taken[36..].iter().filter(|&&h| !h).count() <= 4, "huge once small ones grew dear: {taken:?}");
+    // When the kind not taken grows cheap halfway (huge pages, once memory freed a moment ago is
+    // there to take), only the step in 16 that tries it sees it: huge from the first try on.
+    let taken = choices(96, |i, huge| match (huge, i < 32) {
+        (true, true) => 0.008,
+        (true, false) => 0.0004,
+        (false, _) => 0.0009,
+    });
+    assert!(taken[4..47].iter().filter(|&&h| h).count() <= 3, "small until huge is tried again: {taken:?}");
+    assert!(taken[47] && taken[48..].iter().filter(|&&h| !h).count() <= 3, "huge from the try on: {taken:?}");
     // One slow step (the thread preempted) does not flip the choice by itself.
     let taken = choices(48, |i, huge| {
         if i == 20 {
@@ -103,7 +115,38 @@ fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_othe
             0.0009
         }
     });
-    assert_eq!(taken[21..].iter().filter(|&&h| !h).count(), taken[21..].len() / 16 + 1, "{taken:?}");
+    assert_eq!(taken[21..].iter().filter(|&&h| !h).count(), 2, "{taken:?}");
+}
+
+/// Every segment of a guest, the ones a population did not reach too, is told which kind came
+/// cheaper, whatever it held before: the receiver reads it there.
+#[test]
+fn every_segment_is_told_the_populations_verdict() {
+    let opts = MemoryOptions {
+        memsize: 16 * MIB,
+        wired: false,
+        lowmem_limit: 8 * MIB,
+        tracking: TrackingChoice::Soft,
+        backing: Backing::Anonymous,
+    };
+    let mem = GuestMemory::new(&opts).unwrap();
+    assert_eq!(mem.segments().len(), 2, "lowmem and highmem");
+    for before in [false, true] {
+        for seg in mem.segments() {
+            seg.set_huge_cheaper(before);
+        }
+        let stats = super::prefault::Prefault::start(mem.segments().to_vec(), 0).wait();
+        assert_eq!(stats.bytes, 16 * MIB, "{stats:?}");
+        for seg in mem.segments() {
+            assert_eq!(seg.huge_cheaper(), stats.huge_cheaper, "{} after {before}", seg.name());
+        }
+        // Drop the pages, so that the second population starts from fresh memory again.
+        for seg in mem.segments() {
+            // SAFETY: the whole mapping of a segment we hold; MADV_DONTNEED on private anonymous
+            // memory only drops pages (they read as zero again), and no view of them is held.
+            unsafe { libc::madvise(seg.as_ptr() as *mut libc::c_void, seg.size(), libc::MADV_DONTNEED) };
+        }
+    }
 }
 
 #[test]
@@ -168,5 +211,23 @@ fn wired_and_kernel_tracked_memory_is_not_populated() {
     if let Ok(mem) = GuestMemory::new(&opts) {
         assert_eq!(mem.start_prefault().unwrap(), 0, "a write-protect registration sends write faults to its handler");
         assert_eq!(mem.segments()[0].mapped_pages().unwrap(), 0);
+    }
+}
+
+#[test]
+fn a_populations_steps_cover_the_range_and_end_at_2_mib_addresses() {
+    let mem = memory(16 * MIB, false);
+    let seg = &mem.segments()[0];
+    let step = super::prefault::STEP;
+    for (off, len) in [(0, 16 * MIB as usize), (3 * 4096, 5 * MIB as usize), (2 * MIB as usize, 4096), (7 * 4096, 0)] {
+        let steps: Vec<(usize, usize)> = super::prefault::steps(seg, off, len).collect();
+        assert_eq!(steps.iter().map(|s| s.1).sum::<usize>(), len, "{off} {len}");
+        let mut at = off;
+        for (i, &(o, l)) in steps.iter().enumerate() {
+            assert!(o == at && l > 0 && l <= step, "contiguous steps of at most 2 MiB: {steps:?}");
+            at += l;
+            let end = seg.as_ptr() as usize + at;
+            assert!(i == steps.len() - 1 || end.is_multiple_of(step), "each but the last ends at a 2 MiB address: {steps:?}");
+        }
     }
 }

@@ -621,7 +621,8 @@ impl Segment {
     /// [`Segment::receives_huge`] and this say so. True until a population has measured. On a VM
     /// whose kernel hands free memory back to the hypervisor (free page reporting), the whole
     /// free 2 MiB blocks huge pages are made of are the ones the hypervisor took back, and small
-    /// pages, from smaller free blocks it still backs, can be several times cheaper.
+    /// pages, from smaller free blocks it still backs, can be much cheaper (populating: 1.2 s for
+    /// 3 GiB against 6-8 s; a warm 1 GiB migration about twice as fast).
     pub fn huge_cheaper(&self) -> bool {
         self.huge_cheaper.load(Ordering::Relaxed)
     }

@@ -353,8 +353,9 @@ impl PyGuestMemory {
     /// released) and say what it did: a dict with ``bytes``, ``target_bytes``, ``seconds``,
     /// ``cpu_seconds``, ``stopped`` (before the end), ``refused`` (the errno of a step the kernel
     /// refused, or None) and ``short_of_memory`` (the host's available bytes when it stopped for
-    /// lack of them, or None) and ``huge_bytes`` (of ``bytes``, those advised for transparent
-    /// huge pages: the thread takes whichever of huge and small pages it times cheaper here).
+    /// lack of them, or None), ``huge_bytes`` (of ``bytes``, those advised for transparent huge
+    /// pages: the thread takes whichever of huge and small pages it times cheaper here) and
+    /// ``huge_cheaper`` (its verdict at the end, which received pages follow).
     /// None when nothing was populating.
     fn stop_prefault<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let mem = self.inner.clone();
@@ -368,6 +369,7 @@ impl PyGuestMemory {
         d.set_item("refused", s.refused)?;
         d.set_item("short_of_memory", s.short_of_memory)?;
         d.set_item("huge_bytes", s.huge_bytes)?;
+        d.set_item("huge_cheaper", s.huge_cheaper)?;
         Ok(Some(d))
     }
 
@@ -551,10 +553,19 @@ impl PySegment {
         self.seg.huge_received_pages()
     }
 
+    /// Whether huge pages came cheaper than small ones when this segment's memory was last
+    /// populated ahead (True until one has measured): received pages go onto huge pages only
+    /// where this and ``receives_huge`` say so (docs/memory.md).
+    #[getter]
+    fn huge_cheaper(&self) -> bool {
+        self.seg.huge_cheaper()
+    }
+
     /// Whether received pages go onto transparent huge pages where whole 2 MiB regions arrive
     /// together (the default where the host offers them, for unwired anonymous memory), rather
-    /// than being installed with userfaultfd. Setting it chooses (True is ignored where the
-    /// segment cannot take huge pages).
+    /// than being installed with userfaultfd; where a population ahead timed small pages cheaper
+    /// (`Segment::huge_cheaper`), they are installed anyway. Setting it chooses (True is ignored
+    /// where the segment cannot take huge pages), and forgets that verdict.
     #[getter]
     fn receives_huge(&self) -> bool {
         self.seg.receives_huge()

@@ -20,7 +20,9 @@ use super::error::SnapshotError;
 use super::image::ImageLayout;
 use super::pagecache::{is_cold, CachePolicy, CacheRelease, ReleaseBehind};
 use crate::digest::{each_page_ahead, is_zero_page, resident_bitmap};
-use crate::memory::{page_bytes_mut, stream_pages, zeroed_pages, GuestAddress, GuestMemory, Segment, PAGE_SIZE};
+use crate::memory::{
+    page_bytes_mut, populate_steps, stream_pages, zeroed_pages, GuestAddress, GuestMemory, PageChooser, Segment, PAGE_SIZE,
+};
 use crate::progress::{self, Meter};
 
 /// A restore reads the file in pieces of this size, each hashed right after it lands: small
@@ -456,8 +458,10 @@ pub fn read_memory_file_cached(
     // First touch of fresh anonymous memory (allocating and zeroing each page) costs as much as
     // the read itself on some hosts: a second thread populates the data extents ahead of the
     // reader (MADV_POPULATE_WRITE, Linux 5.14+; advisory, failures ignored), so pread mostly
-    // fills pages that already exist. It touches only pages the reader fills anyway. Wired
-    // memory is populated already.
+    // fills pages that already exist. It touches only pages the reader fills anyway, 2 MiB at a
+    // time, each whole region on huge pages or small ones, whichever it times cheaper (as a
+    // migration destination's population does: `memory::PageChooser`). Wired memory is
+    // populated already.
     let populate = !mem.segments().iter().any(|s| s.wired());
     // Each piece is read into a staging buffer that stays in the cache, hashed there and put in
     // place with non-temporal stores (`stream_pages`): a read straight into guest memory would
@@ -467,12 +471,16 @@ pub fn read_memory_file_cached(
         if populate {
             let (layout, extents) = (&layout, &extents);
             scope.spawn(move || {
+                let mut chooser = PageChooser::default();
                 for &(start, end) in extents {
                     let _ = layout.for_each_part::<()>(start, end, |seg, seg_off, len| {
-                        seg.advise_huge(seg_off, len);
-                        // SAFETY: for_each_part keeps the range inside the segment's mapping;
-                        // MADV_POPULATE_WRITE only faults pages in and never changes their bytes.
-                        unsafe { libc::madvise(seg.as_ptr().add(seg_off) as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+                        // for_each_part keeps each step inside the segment's mapping. A refused
+                        // step ends this part: the reader faults the rest in itself.
+                        for (off, step) in populate_steps(seg, seg_off, len) {
+                            if chooser.populate_step(seg, off, step).is_err() {
+                                break;
+                            }
+                        }
                         Ok(())
                     });
                 }

@@ -325,7 +325,7 @@ fn whole_regions_of_received_pages_go_onto_huge_pages_and_end_exact() {
 /// Where the destination's population ahead timed small pages cheaper than huge ones (a VM whose
 /// host took its free 2 MiB blocks back; `memory::prefault`), received page data follows it:
 /// the same share is installed page by page instead of being advised for huge pages, and ends
-/// exact; once the segment is told to take huge pages again, they are taken.
+/// exact; where huge pages came cheaper, they are taken.
 #[test]
 fn received_pages_go_on_small_pages_where_the_population_timed_them_cheaper() {
     use crate::digest::{commit_digest, DigestTracker};

@@ -175,7 +175,8 @@ class MigrationStats:
     installed_pages: int = 0  # destination: pages put into fresh memory without zeroing it first (docs/memory.md)
     huge_pages: int = 0  # destination: pages read straight into regions advised for transparent huge pages
     # destination: what populating guest memory while it waited for the source did (bytes,
-    # target_bytes, seconds, cpu_seconds, stopped, refused, short_of_memory, huge_bytes; or error), None if
+    # target_bytes, seconds, cpu_seconds, stopped, refused, short_of_memory, huge_bytes,
+    # huge_cheaper; or error), None if
     # it did not
     populate: dict[str, Any] | None = None
     # rates
@@ -272,8 +273,9 @@ def populate_text(populate: dict[str, Any] | None) -> str | None:
         return f"memory not populated while waiting: {populate['error']}"
     text = (f"populated {format_size(populate['bytes'])} of {format_size(populate['target_bytes'])} of guest memory "
             f"while waiting, in {populate['seconds']:.2f} s ({populate['cpu_seconds']:.2f} CPU-s")
-    # Which pages the thread found cheaper here (docs/memory.md); older records do not say.
-    text += f"; {format_size(populate['huge_bytes'])} on huge pages)" if "huge_bytes" in populate else ")"
+    # How much went on huge pages, where any did: the thread takes whichever kind it times cheaper
+    # (docs/memory.md); older records do not say.
+    text += f"; {format_size(populate['huge_bytes'])} on huge pages)" if populate.get("huge_bytes") else ")"
     if populate.get("refused") is not None:
         return text + f", then the kernel refused: {os.strerror(populate['refused'])}"
     if populate.get("short_of_memory") is not None:
