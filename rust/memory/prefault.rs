@@ -86,8 +86,13 @@ impl PageChooser {
         recent[..(timed as usize).min(Self::KEPT)].iter().copied().reduce(f64::min)
     }
 
-    /// Whether huge pages are the cheaper lately (they are until small ones were timed cheaper).
+    /// Whether huge pages are the cheaper lately: they are until [`PageChooser::FIRST`] steps of
+    /// each kind were timed (a verdict from the first huge step, which pays one-time costs, would
+    /// mislead the receiver that follows it) and small ones came cheaper.
     pub(crate) fn huge_cheaper(&self) -> bool {
+        if self.timed[0].min(self.timed[1]) < Self::FIRST {
+            return true;
+        }
         match (self.cost(false), self.cost(true)) {
             (Some(small), Some(huge)) => huge <= small,
             _ => true,
@@ -158,7 +163,7 @@ pub(crate) fn steps(seg: &Segment, off: usize, len: usize) -> impl Iterator<Item
 }
 
 /// What a population did, for the destination's statistics.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PrefaultStats {
     /// Bytes of guest memory populated (the steps finished).
     pub bytes: u64,
@@ -183,6 +188,23 @@ pub struct PrefaultStats {
     /// bytes it had left then. A guest that is mostly zero still migrates where populating all of
     /// it would not fit, and the population must never be what wakes the OOM killer.
     pub short_of_memory: Option<u64>,
+}
+
+impl Default for PrefaultStats {
+    /// Nothing populated, and huge pages not found dearer (nothing was timed).
+    fn default() -> Self {
+        PrefaultStats {
+            bytes: 0,
+            target_bytes: 0,
+            seconds: 0.0,
+            cpu_seconds: 0.0,
+            stopped: false,
+            refused: None,
+            huge_bytes: 0,
+            huge_cheaper: true,
+            short_of_memory: None,
+        }
+    }
 }
 
 /// What the host must keep available for others while a population runs: a twentieth of its
