@@ -151,6 +151,30 @@ def test_a_checkpoint_into_a_missing_directory_is_refused_by_name_and_the_guest_
         stop(proc)
 
 
+def test_status_says_what_wiring_a_guests_memory_did(tmp_path):
+    from .procs import start_vmmrun, stop, vmmctl, wait_for_socket
+
+    proc = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "-S", "w0")
+    try:
+        wait_for_socket(tmp_path, "w0", proc)
+        status = json.loads(vmmctl(tmp_path, "--vm=w0", "--status", "--json").stdout)
+        assert status["wired"] is True
+        wiring = status["wiring"]
+        assert wiring["bytes"] == wiring["target_bytes"] == 32 * MiB and wiring["refused"] is None
+        text = vmmctl(tmp_path, "--vm=w0", "--status").stdout
+        line = next(line for line in text.splitlines() if line.startswith("wiring: "))
+        assert line.startswith("wiring: 32 MiB populated in ") and " s and locked" in line
+        assert ("of it on huge pages" in line) == (wiring["huge_bytes"] > 0)
+    finally:
+        stop(proc)
+    unwired = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "u0")
+    try:
+        wait_for_socket(tmp_path, "u0", unwired)
+        assert "wiring" not in json.loads(vmmctl(tmp_path, "--vm=u0", "--status", "--json").stdout)
+    finally:
+        stop(unwired)
+
+
 @pytest.mark.parametrize("tool", ["vmmrun", "vmmctl"])
 @pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("3", "3")])
 def test_the_tools_start_numpy_without_blas_threads_and_keep_a_setting_the_user_gave(tool, given, seen):

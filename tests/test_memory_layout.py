@@ -99,6 +99,52 @@ def test_wired_memory_is_populated_up_front():
     assert mem.resident_pages() == 8 * MiB // 4096
 
 
+def _smaps_kib(address: int, field: str) -> int:
+    """``field`` (AnonHugePages, Locked, ...) of the mapping holding ``address``, in KiB, from
+    /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == f"{field}:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_offered() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_wired_memory_is_populated_in_steps_on_the_kind_of_page_timed_cheaper_and_locked_whole():
+    """Wiring populates 2 MiB at a time, each whole region on huge pages or small ones, whichever
+    it times cheaper (two steps of each kind first), then locks all of it. An unwired guest's
+    first touches stay 4 KiB (a sparse guest must not grow by 2 MiB a touch)."""
+    wired = GuestMemory("64M", wired=True)
+    wiring = wired.wiring()
+    assert wiring["bytes"] == wiring["target_bytes"] == 64 * MiB
+    assert not wiring["stopped"] and wiring["refused"] is None
+    assert wiring["huge_bytes"] % (2 * MiB) == 0 and isinstance(wiring["huge_cheaper"], bool)
+    address = wired.view().__array_interface__["data"][0]
+    assert _smaps_kib(address, "Locked") == 64 * 1024
+    # What the kernel put on huge pages is at most what wiring advised for them.
+    assert _smaps_kib(address, "AnonHugePages") * 1024 <= wiring["huge_bytes"]
+    if _thp_offered():
+        assert wiring["huge_bytes"] >= 2 * 2 * MiB, "the chooser times two whole steps on huge pages first"
+    else:
+        assert wiring["huge_bytes"] == 0
+    unwired = GuestMemory("64M")
+    assert unwired.wiring() is None
+    unwired.write(0, bytes(64 * MiB))  # every page touched, through the API
+    assert _smaps_kib(unwired.view().__array_interface__["data"][0], "AnonHugePages") == 0
+
+
 def test_wired_memory_larger_than_the_host_is_refused_before_mapping():
     with pytest.raises(ValueError, match="cannot be wired: the host has"):
         GuestMemory("100T", wired=True)
@@ -112,10 +158,12 @@ def test_wiring_failure_names_rlimit_memlock_size_and_errno():
         import resource
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 * 1024, 64 * 1024))
         from vmmpy import GuestMemory, GuestMemoryError
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
-            GuestMemory("16M", wired=True)
+            GuestMemory("256M", wired=True)
         except GuestMemoryError as err:
-            print(err.errno, err.strerror)
+            grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            print(grew, err.errno, err.strerror)
         else:
             print("WIRED")
         """
@@ -128,10 +176,12 @@ def test_wiring_failure_names_rlimit_memlock_size_and_errno():
         pass  # not root, or no setpriv: the lowered limit alone applies
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "WIRED" not in out.stdout, "wiring 16 MiB under a 64 KiB RLIMIT_MEMLOCK must fail"
-    code, _, message = out.stdout.strip().partition(" ")
+    assert "WIRED" not in out.stdout, "wiring 256 MiB under a 64 KiB RLIMIT_MEMLOCK must fail"
+    grew_kib, code, message = out.stdout.strip().split(" ", 2)
+    # Refused before a page was touched: the process's peak resident size did not grow by it.
+    assert int(grew_kib) < 32 * 1024, f"the refused wiring touched {grew_kib} KiB first"
     assert int(code) in (errno.ENOMEM, errno.EPERM, errno.EAGAIN)
-    assert "cannot wire 16 MiB" in message
+    assert "cannot wire 256 MiB" in message
     assert "RLIMIT_MEMLOCK is 64 KiB" in message
     assert ("ENOMEM" in message) or ("EPERM" in message) or ("EAGAIN" in message)
 

@@ -516,6 +516,13 @@ class GuestMemory:
         """Stop the population :meth:`start_prefault` began and say what it did (None if none ran)."""
         return self.core.stop_prefault()
 
+    def wiring(self) -> dict[str, Any] | None:
+        """What wiring this memory did (``wired=True``, ``vmmrun -S``): the keys of
+        :meth:`stop_prefault`'s answer, over every segment. Wiring populates 2 MiB at a time, each
+        whole region on huge pages or small ones, whichever it times cheaper here, then locks it
+        all (docs/memory.md). None for unwired memory."""
+        return self.core.wiring()
+
     def huge_pages(self) -> int:
         """Pages received into whole 2 MiB regions advised for transparent huge pages, read
         straight into place (unwired anonymous memory where the host offers huge pages;

@@ -12,7 +12,8 @@
 //! stopped it) stays exact. Pages that then arrive as ZERO ranges are given back as before, so a
 //! sparse guest ends as small as without it; only the wait holds the guest's whole size.
 //!
-//! Which segments: unwired (wired ones are populated and locked at start-up already), private
+//! Which segments: unwired (wired ones are populated and locked at start-up already, in the same
+//! steps with the same choice of page: [`populate_whole`]), private
 //! anonymous (a memfd handed over by a local migration replaces the memory instead), eager, and
 //! not registered with a userfaultfd for write-protection (the kernel dirty backend: a write
 //! fault there belongs to its handler). Where the host offers transparent huge pages, each
@@ -52,9 +53,15 @@ pub(crate) const STEP: usize = 2 << 20;
 /// many bytes (a read of /proc/meminfo costs about what populating a few pages does).
 const AVAILABLE_CHECKED_EVERY: usize = 32 << 20;
 
-/// Every this many whole steps, one goes on the kind of page not chosen, so that a change in what
-/// the host gives (memory it took back used up, or given back) is seen.
+/// One whole step in this many goes on the kind of page not chosen where both cost the same, so
+/// that a change in what the host gives (memory it took back used up, or given back) is seen.
+/// Where the other kind costs k times as much, the tries are k times further apart, so that trying
+/// costs about this share of the time whatever the difference ([`PageChooser::huge_next`]).
 const TRY_OTHER_EVERY: u64 = 16;
+
+/// The most times [`TRY_OTHER_EVERY`] steps apart the tries of the other kind go: a kind 16 times
+/// dearer is still tried every 240 steps (480 MiB).
+const TRY_SPREAD_MAX: f64 = 16.0;
 
 /// Picks huge or small pages for each whole 2 MiB step by what steps of each cost lately (the
 /// shortest of the last [`PageChooser::KEPT`] of each kind, since a lone step is far more often
@@ -72,6 +79,9 @@ pub(crate) struct PageChooser {
     recent: [[f64; PageChooser::KEPT]; 2],
     /// Steps timed of each kind.
     timed: [u64; 2],
+    /// Whether the last step timed was on huge pages, and how many in a row, up to it, were.
+    last_huge: bool,
+    streak: u64,
 }
 
 impl PageChooser {
@@ -101,14 +111,21 @@ impl PageChooser {
 
     /// Whether the next whole step goes on huge pages: the first [`PageChooser::FIRST`] steps of
     /// each kind alternate (huge first; the very first step also pays one-time costs, so one
-    /// timing of a kind is not enough), then the cheaper is taken, but every
-    /// [`TRY_OTHER_EVERY`]th step takes the other.
+    /// timing of a kind is not enough), then the cheaper is taken, and after
+    /// [`TRY_OTHER_EVERY`] - 1 steps of it in a row, times how many times dearer the other is
+    /// (at most [`TRY_SPREAD_MAX`]), one step takes the other. Where a huge step costs nine small
+    /// ones (a VM whose host had taken its free memory back), a try every 16 steps adds half again
+    /// to the time small pages alone take; wiring is on a guest's start-up path (session 35).
     pub(crate) fn huge_next(&self) -> bool {
         let [small, huge] = self.timed;
         if small.min(huge) < Self::FIRST {
             return huge <= small;
         }
-        self.huge_cheaper() != ((small + huge) % TRY_OTHER_EVERY == TRY_OTHER_EVERY - 1)
+        let cheaper = self.huge_cheaper();
+        let (Some(chosen), Some(other)) = (self.cost(cheaper), self.cost(!cheaper)) else { return cheaper };
+        let spread = if chosen > 0.0 { (other / chosen).ceil().clamp(1.0, TRY_SPREAD_MAX) } else { TRY_SPREAD_MAX };
+        let in_a_row = if self.last_huge == cheaper { self.streak } else { 0 };
+        cheaper != (in_a_row >= (TRY_OTHER_EVERY - 1) * spread as u64)
     }
 
     /// Count a whole step that took `seconds` on huge pages or on small ones.
@@ -116,15 +133,17 @@ impl PageChooser {
         let kind = huge as usize;
         self.recent[kind][(self.timed[kind] % Self::KEPT as u64) as usize] = seconds;
         self.timed[kind] += 1;
+        self.streak = if huge == self.last_huge { self.streak + 1 } else { 1 };
+        self.last_huge = huge;
     }
 
     /// Populate one step of `seg` (`off..off+len`, from [`steps`]) with `MADV_POPULATE_WRITE`: a
     /// whole 2 MiB region on huge pages or small ones as chosen, where the segment takes huge
-    /// pages ([`Segment::receives_huge`]; advised back to small pages after), timed; a part of a
-    /// region on small pages, untimed. Returns whether it went on huge pages, or the errno the
+    /// pages ([`Segment::populates_huge`]; advised back to small pages after), timed; a part of
+    /// a region on small pages, untimed. Returns whether it went on huge pages, or the errno the
     /// kernel refused it with.
     pub(crate) fn populate_step(&mut self, seg: &Segment, off: usize, len: usize) -> Result<bool, Option<i32>> {
-        let chosen = seg.receives_huge() && len == STEP;
+        let chosen = seg.populates_huge() && len == STEP;
         let huge = chosen && self.huge_next();
         let started = Instant::now();
         if huge {
@@ -302,24 +321,54 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
                 vouched = AVAILABLE_CHECKED_EVERY;
             }
             vouched -= len;
-            match chooser.populate_step(seg, off, len) {
-                Ok(huge) => {
-                    if huge {
-                        stats.huge_bytes += len as u64;
-                    }
-                    stats.bytes += len as u64;
-                    tell(&chooser);
-                }
-                Err(errno) => {
-                    stats.refused = errno;
-                    stats.stopped = true;
-                    break 'all;
-                }
+            if !stats.count(chooser.populate_step(seg, off, len), len) {
+                break 'all;
+            }
+            tell(&chooser);
+        }
+    }
+    stats.finish(&chooser, started, cpu0)
+}
+
+/// Populate all of `seg`, being wired (`Segment::wire`, locked on fault already), on the calling
+/// thread: 2 MiB a step, each whole region on whichever kind of page the steps time cheaper.
+/// Stops at a step the kernel refuses; the caller's `mlock` then populates the rest, or fails.
+pub(crate) fn populate_whole(seg: &Segment) -> PrefaultStats {
+    let started = Instant::now();
+    let cpu0 = thread_cpu_seconds();
+    let mut stats = PrefaultStats { target_bytes: seg.size() as u64, ..Default::default() };
+    let mut chooser = PageChooser::default();
+    for (off, len) in steps(seg, 0, seg.size()) {
+        if !stats.count(chooser.populate_step(seg, off, len), len) {
+            break;
+        }
+    }
+    seg.set_huge_cheaper(chooser.huge_cheaper());
+    stats.finish(&chooser, started, cpu0)
+}
+
+impl PrefaultStats {
+    /// Count a step of `len` bytes that went on huge pages (true) or small ones, or was refused;
+    /// whether to go on.
+    fn count(&mut self, step: Result<bool, Option<i32>>, len: usize) -> bool {
+        match step {
+            Ok(huge) => {
+                self.bytes += len as u64;
+                self.huge_bytes += if huge { len as u64 } else { 0 };
+                true
+            }
+            Err(errno) => {
+                self.refused = errno;
+                self.stopped = true;
+                false
             }
         }
     }
-    stats.huge_cheaper = chooser.huge_cheaper();
-    stats.seconds = started.elapsed().as_secs_f64();
-    stats.cpu_seconds = thread_cpu_seconds() - cpu0;
-    stats
+
+    fn finish(mut self, chooser: &PageChooser, started: Instant, cpu0: f64) -> PrefaultStats {
+        self.huge_cheaper = chooser.huge_cheaper();
+        self.seconds = started.elapsed().as_secs_f64();
+        self.cpu_seconds = thread_cpu_seconds() - cpu0;
+        self
+    }
 }

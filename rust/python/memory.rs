@@ -14,7 +14,9 @@ use pyo3::types::{PyBytes, PyDict};
 use super::errors::memory_error;
 use super::snapshot::snapshot_error;
 use crate::dirty::{bitmap_to_pages, bitmap_to_runs, TrackingChoice};
-use crate::memory::{Backing, GuestAddress, GuestMemory, LoadPlan, MemoryError, MemoryOptions, Segment, PAGE_SHIFT, PAGE_SIZE};
+use crate::memory::{
+    Backing, GuestAddress, GuestMemory, LoadPlan, MemoryError, MemoryOptions, PrefaultStats, Segment, PAGE_SHIFT, PAGE_SIZE,
+};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGuestMemory>()?;
@@ -360,17 +362,16 @@ impl PyGuestMemory {
     fn stop_prefault<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let mem = self.inner.clone();
         let Some(s) = py.detach(move || mem.stop_prefault()) else { return Ok(None) };
-        let d = PyDict::new(py);
-        d.set_item("bytes", s.bytes)?;
-        d.set_item("target_bytes", s.target_bytes)?;
-        d.set_item("seconds", s.seconds)?;
-        d.set_item("cpu_seconds", s.cpu_seconds)?;
-        d.set_item("stopped", s.stopped)?;
-        d.set_item("refused", s.refused)?;
-        d.set_item("short_of_memory", s.short_of_memory)?;
-        d.set_item("huge_bytes", s.huge_bytes)?;
-        d.set_item("huge_cheaper", s.huge_cheaper)?;
-        Ok(Some(d))
+        populated_dict(py, &s).map(Some)
+    }
+
+    /// What wiring this memory did (``wired=True``: ``vmmrun -S``), over its segments: a dict
+    /// with the keys of ``stop_prefault``'s. Wiring populates 2 MiB at a time, each whole region
+    /// on huge pages or small ones, whichever it times cheaper on this host, then locks it all.
+    /// ``bytes`` are those populated in steps (0 where the kernel has no ``mlock2``: then
+    /// ``mlock`` alone wired it, on small pages). None for unwired memory.
+    fn wiring<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.inner.wiring().map(|s| populated_dict(py, &s)).transpose()
     }
 
     /// Load and check every chunk of lazily restored memory not loaded yet (GIL released);
@@ -651,3 +652,18 @@ impl PySegment {
 }
 
 const _: () = assert!(PAGE_SIZE == 1 << PAGE_SHIFT);
+
+/// A population's statistics (`stop_prefault`, `wiring`) as a dict.
+fn populated_dict<'py>(py: Python<'py>, s: &PrefaultStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("target_bytes", s.target_bytes)?;
+    d.set_item("seconds", s.seconds)?;
+    d.set_item("cpu_seconds", s.cpu_seconds)?;
+    d.set_item("stopped", s.stopped)?;
+    d.set_item("refused", s.refused)?;
+    d.set_item("short_of_memory", s.short_of_memory)?;
+    d.set_item("huge_bytes", s.huge_bytes)?;
+    d.set_item("huge_cheaper", s.huge_cheaper)?;
+    Ok(d)
+}

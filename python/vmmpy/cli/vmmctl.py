@@ -226,6 +226,15 @@ def _print(result: Any, as_json: bool) -> None:
         print(result)
 
 
+def _wiring_text(wiring: dict) -> str:
+    """What wiring a guest's memory did (``vmmrun -S``), in words: it populates 2 MiB at a time on
+    whichever kind of page it times cheaper, then locks it all (docs/memory.md)."""
+    if not wiring.get("bytes"):
+        return f"{format_size(wiring['target_bytes'])} locked with mlock alone, on small pages"
+    text = f"{format_size(wiring['bytes'])} populated in {wiring['seconds']:.2f} s and locked"
+    return text + (f", {format_size(wiring['huge_bytes'])} of it on huge pages" if wiring.get("huge_bytes") else ", on small pages")
+
+
 def _print_registers(result: dict[str, dict[str, int]]) -> None:
     # bhyvectl prints one register per line, "name[vcpu]<TAB>value".
     for vcpu_id, regs in sorted(result.items(), key=lambda kv: int(kv[0])):
@@ -771,6 +780,8 @@ def _main(argv: list[str] | None = None) -> int:
                 from ..snapshot.checkpoint import describe_lazy_restore  # loads numpy: only where needed
 
                 result["restore"] = describe_lazy_restore(result["restore"])
+            if not args.json and isinstance(result.get("wiring"), dict):
+                result["wiring"] = _wiring_text(result["wiring"])
             _print(result, args.json)
         elif args.pause:
             _print(client.request("pause"), args.json)

@@ -513,6 +513,7 @@ class Machine:
             "tsc": c.tsc,
             "idle": c.idle,
             "dirty_tracking": self.vm.memory.dirty_tracking if self.vm.memory else None,
+            **({"wiring": self.vm.memory.wiring()} if self.vm.memory and c.wired else {}),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             **({"restore": self.lazy_loading.status()} if self.lazy_loading is not None else {}),
         }
