@@ -163,8 +163,8 @@ def test_status_says_what_wiring_a_guests_memory_did(tmp_path):
         assert wiring["bytes"] == wiring["target_bytes"] == 32 * MiB and wiring["refused"] is None
         text = vmmctl(tmp_path, "--vm=w0", "--status").stdout
         line = next(line for line in text.splitlines() if line.startswith("wiring: "))
-        assert line.startswith("wiring: 32 MiB populated in ") and " s and locked" in line
-        assert ("of it on huge pages" in line) == (wiring["huge_bytes"] > 0)
+        assert line.startswith("wiring: 32 MiB populated in ") and line.endswith(", and locked"), line
+        assert ("of it on huge pages" in line) == (wiring["huge_bytes"] > 0), line
     finally:
         stop(proc)
     unwired = start_vmmrun(tmp_path, "--guest", "abtest", "-m", "32M", "u0")

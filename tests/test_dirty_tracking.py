@@ -11,6 +11,7 @@ from vmmpy import PAGE_SIZE, GuestMemory
 from vmmpy.memory import HIGHMEM_BASE
 
 from .conftest import KERNEL_UNAVAILABLE
+from .smaps import smaps_kib, thp_offered
 
 HIGH_PFN = HIGHMEM_BASE // PAGE_SIZE
 
@@ -63,7 +64,11 @@ def test_wired_memory_on_huge_pages_is_tracked_per_4k_page(tracking):
     mem = GuestMemory("64M", wired=True, dirty_tracking=tracking)
     assert mem.get_and_clear_dirty().size == 0
     address = mem.view().__array_interface__["data"][0]
+    huge_before = smaps_kib(address, "AnonHugePages")
+    if thp_offered():
+        assert huge_before > 0, f"wiring took no huge page ({mem.wiring()})"
     for round_no in range(3):
+        # Five 2 MiB regions written each round, two pages in the first.
         pages = [7 + round_no, 100 + round_no, 513 + round_no, 1030 + round_no, 5000 + 3 * round_no, 16383 - round_no]
         for page in pages:
             if tracking == "kernel":
@@ -73,6 +78,9 @@ def test_wired_memory_on_huge_pages_is_tracked_per_4k_page(tracking):
         assert mem.get_and_clear_dirty().tolist() == sorted(pages), f"round {round_no}"
     assert mem.get_and_clear_dirty().size == 0
     assert mem.read(7 * PAGE_SIZE + 5, 3) == (b"raw" if tracking == "kernel" else b"api")
+    if tracking == "kernel" and huge_before >= 56 * 1024:
+        # At most four of the 32 regions were small, so a written one was huge: the kernel split it.
+        assert smaps_kib(address, "AnonHugePages") < huge_before
 
 
 @pytest.mark.timeout(120)

@@ -12,6 +12,8 @@ from vmmpy import GuestMemory, GuestMemoryError, parse_size
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.units import GiB, MiB, format_size
 
+from .smaps import smaps_kib, thp_offered
+
 
 @pytest.mark.parametrize(
     "memsize, expected",
@@ -99,29 +101,6 @@ def test_wired_memory_is_populated_up_front():
     assert mem.resident_pages() == 8 * MiB // 4096
 
 
-def _smaps_kib(address: int, field: str) -> int:
-    """``field`` (AnonHugePages, Locked, ...) of the mapping holding ``address``, in KiB, from
-    /proc/self/smaps."""
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start <= address < end
-            elif inside and head == f"{field}:":
-                return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def _thp_offered() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
-
-
 def test_wired_memory_is_populated_in_steps_on_the_kind_of_page_timed_cheaper_and_locked_whole():
     """Wiring populates 2 MiB at a time, each whole region on huge pages or small ones, whichever
     it times cheaper (two steps of each kind first), then locks all of it. An unwired guest's
@@ -132,17 +111,17 @@ def test_wired_memory_is_populated_in_steps_on_the_kind_of_page_timed_cheaper_an
     assert not wiring["stopped"] and wiring["refused"] is None
     assert wiring["huge_bytes"] % (2 * MiB) == 0 and isinstance(wiring["huge_cheaper"], bool)
     address = wired.view().__array_interface__["data"][0]
-    assert _smaps_kib(address, "Locked") == 64 * 1024
+    assert smaps_kib(address, "Locked") == 64 * 1024
     # What the kernel put on huge pages is at most what wiring advised for them.
-    assert _smaps_kib(address, "AnonHugePages") * 1024 <= wiring["huge_bytes"]
-    if _thp_offered():
+    assert smaps_kib(address, "AnonHugePages") * 1024 <= wiring["huge_bytes"]
+    if thp_offered():
         assert wiring["huge_bytes"] >= 2 * 2 * MiB, "the chooser times two whole steps on huge pages first"
     else:
         assert wiring["huge_bytes"] == 0
     unwired = GuestMemory("64M")
     assert unwired.wiring() is None
     unwired.write(0, bytes(64 * MiB))  # every page touched, through the API
-    assert _smaps_kib(unwired.view().__array_interface__["data"][0], "AnonHugePages") == 0
+    assert smaps_kib(unwired.view().__array_interface__["data"][0], "AnonHugePages") == 0
 
 
 def test_wired_memory_larger_than_the_host_is_refused_before_mapping():

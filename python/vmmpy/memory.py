@@ -517,10 +517,8 @@ class GuestMemory:
         return self.core.stop_prefault()
 
     def wiring(self) -> dict[str, Any] | None:
-        """What wiring this memory did (``wired=True``, ``vmmrun -S``): the keys of
-        :meth:`stop_prefault`'s answer, over every segment. Wiring populates 2 MiB at a time, each
-        whole region on huge pages or small ones, whichever it times cheaper here, then locks it
-        all (docs/memory.md). None for unwired memory."""
+        """What wiring this memory did (``wired=True``, ``vmmrun -S``; docs/memory.md): the keys of
+        :meth:`stop_prefault`'s answer, over every segment. None for unwired memory."""
         return self.core.wiring()
 
     def huge_pages(self) -> int:

@@ -505,17 +505,7 @@ impl GuestMemory {
     /// steps and how many of them on huge pages, seconds, the first step refused, and whether
     /// huge pages came cheaper (the last segment's verdict). None for unwired memory.
     pub fn wiring(&self) -> Option<PrefaultStats> {
-        self.segments.iter().filter_map(|s| s.wiring()).reduce(|a, b| PrefaultStats {
-            bytes: a.bytes + b.bytes,
-            target_bytes: a.target_bytes + b.target_bytes,
-            seconds: a.seconds + b.seconds,
-            cpu_seconds: a.cpu_seconds + b.cpu_seconds,
-            stopped: a.stopped || b.stopped,
-            refused: a.refused.or(b.refused),
-            huge_bytes: a.huge_bytes + b.huge_bytes,
-            huge_cheaper: b.huge_cheaper,
-            short_of_memory: None,
-        })
+        self.segments.iter().filter_map(|s| s.wiring()).reduce(PrefaultStats::merge)
     }
 
     /// Close every segment: refused while Python views exist, because they alias the mapping.

@@ -53,14 +53,13 @@ pub(crate) const STEP: usize = 2 << 20;
 /// many bytes (a read of /proc/meminfo costs about what populating a few pages does).
 const AVAILABLE_CHECKED_EVERY: usize = 32 << 20;
 
-/// One whole step in this many goes on the kind of page not chosen where both cost the same, so
-/// that a change in what the host gives (memory it took back used up, or given back) is seen.
-/// Where the other kind costs k times as much, the tries are k times further apart, so that trying
-/// costs about this share of the time whatever the difference ([`PageChooser::huge_next`]).
+/// One whole step in this many goes on the kind of page not chosen, so that a change in what the
+/// host gives (memory it took back used up, or given back) is seen. Wiring spreads its tries by
+/// how much dearer the other kind is ([`PageChooser::wiring`]).
 const TRY_OTHER_EVERY: u64 = 16;
 
-/// The most times [`TRY_OTHER_EVERY`] steps apart the tries of the other kind go: a kind 16 times
-/// dearer is still tried every 240 steps (480 MiB).
+/// The most times further apart wiring's tries of the dearer kind go: one after 240 steps in a
+/// row on the cheaper (480 MiB).
 const TRY_SPREAD_MAX: f64 = 16.0;
 
 /// Picks huge or small pages for each whole 2 MiB step by what steps of each cost lately (the
@@ -82,6 +81,8 @@ pub(crate) struct PageChooser {
     /// Whether the last step timed was on huge pages, and how many in a row, up to it, were.
     last_huge: bool,
     streak: u64,
+    /// Whether tries of the dearer kind come further apart the dearer it is (wiring).
+    spread: bool,
 }
 
 impl PageChooser {
@@ -89,6 +90,16 @@ impl PageChooser {
     const KEPT: usize = 3;
     /// Steps of each kind timed, alternating, before choosing.
     const FIRST: u64 = 2;
+
+    /// A chooser for wiring memory, which a guest's start waits for: where the other kind costs k
+    /// times as much, its tries come k times further apart (at most [`TRY_SPREAD_MAX`]), so that
+    /// up to 16 times they cost about a sixteenth of the time, as where both cost the same. A
+    /// try every 16 steps of huge pages costing nine small ones adds half again to the time
+    /// small pages alone take. A population ahead of a receiver, which follows its verdict, and
+    /// which runs while the destination waits, keeps trying every 16 steps.
+    pub(crate) fn wiring() -> PageChooser {
+        PageChooser { spread: true, ..Default::default() }
+    }
 
     /// What a step of this kind costs lately; None before one was timed.
     fn cost(&self, huge: bool) -> Option<f64> {
@@ -112,18 +123,19 @@ impl PageChooser {
     /// Whether the next whole step goes on huge pages: the first [`PageChooser::FIRST`] steps of
     /// each kind alternate (huge first; the very first step also pays one-time costs, so one
     /// timing of a kind is not enough), then the cheaper is taken, and after
-    /// [`TRY_OTHER_EVERY`] - 1 steps of it in a row, times how many times dearer the other is
-    /// (at most [`TRY_SPREAD_MAX`]), one step takes the other. Where a huge step costs nine small
-    /// ones (a VM whose host had taken its free memory back), a try every 16 steps adds half again
-    /// to the time small pages alone take; wiring is on a guest's start-up path (session 35).
+    /// [`TRY_OTHER_EVERY`] - 1 steps of it in a row one step takes the other (for wiring, that
+    /// many times how many times dearer the other is: [`PageChooser::wiring`]).
     pub(crate) fn huge_next(&self) -> bool {
         let [small, huge] = self.timed;
         if small.min(huge) < Self::FIRST {
             return huge <= small;
         }
         let cheaper = self.huge_cheaper();
-        let (Some(chosen), Some(other)) = (self.cost(cheaper), self.cost(!cheaper)) else { return cheaper };
-        let spread = if chosen > 0.0 { (other / chosen).ceil().clamp(1.0, TRY_SPREAD_MAX) } else { TRY_SPREAD_MAX };
+        let spread = match (self.spread, self.cost(cheaper), self.cost(!cheaper)) {
+            (true, Some(chosen), Some(other)) if chosen > 0.0 => (other / chosen).ceil().clamp(1.0, TRY_SPREAD_MAX),
+            (true, _, _) => TRY_SPREAD_MAX,
+            (false, _, _) => 1.0,
+        };
         let in_a_row = if self.last_huge == cheaper { self.streak } else { 0 };
         cheaper != (in_a_row >= (TRY_OTHER_EVERY - 1) * spread as u64)
     }
@@ -332,12 +344,13 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
 
 /// Populate all of `seg`, being wired (`Segment::wire`, locked on fault already), on the calling
 /// thread: 2 MiB a step, each whole region on whichever kind of page the steps time cheaper.
-/// Stops at a step the kernel refuses; the caller's `mlock` then populates the rest, or fails.
+/// Stops at a step the kernel refuses (`MADV_POPULATE_WRITE` is Linux 5.14+); the caller's
+/// `mlock` then populates the rest, or fails.
 pub(crate) fn populate_whole(seg: &Segment) -> PrefaultStats {
     let started = Instant::now();
     let cpu0 = thread_cpu_seconds();
     let mut stats = PrefaultStats { target_bytes: seg.size() as u64, ..Default::default() };
-    let mut chooser = PageChooser::default();
+    let mut chooser = PageChooser::wiring();
     for (off, len) in steps(seg, 0, seg.size()) {
         if !stats.count(chooser.populate_step(seg, off, len), len) {
             break;
@@ -348,6 +361,22 @@ pub(crate) fn populate_whole(seg: &Segment) -> PrefaultStats {
 }
 
 impl PrefaultStats {
+    /// Two populations' statistics as one (a guest's segments, wired one after the other): sums,
+    /// the first refusal, and the later verdict.
+    pub(crate) fn merge(self, later: PrefaultStats) -> PrefaultStats {
+        PrefaultStats {
+            bytes: self.bytes + later.bytes,
+            target_bytes: self.target_bytes + later.target_bytes,
+            seconds: self.seconds + later.seconds,
+            cpu_seconds: self.cpu_seconds + later.cpu_seconds,
+            stopped: self.stopped || later.stopped,
+            refused: self.refused.or(later.refused),
+            huge_bytes: self.huge_bytes + later.huge_bytes,
+            huge_cheaper: later.huge_cheaper,
+            short_of_memory: self.short_of_memory.or(later.short_of_memory),
+        }
+    }
+
     /// Count a step of `len` bytes that went on huge pages (true) or small ones, or was refused;
     /// whether to go on.
     fn count(&mut self, step: Result<bool, Option<i32>>, len: usize) -> bool {

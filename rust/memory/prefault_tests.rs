@@ -62,7 +62,15 @@ fn a_whole_population_makes_every_page_resident_and_changes_no_byte_nor_dirty_bi
 
 /// Whole steps timed at `small` and `huge` seconds: which kind each of the steps took.
 fn choices(steps: usize, cost: impl Fn(usize, bool) -> f64) -> Vec<bool> {
-    let mut chooser = super::prefault::PageChooser::default();
+    choices_of(super::prefault::PageChooser::default(), steps, cost)
+}
+
+/// The same, by a chooser for wiring memory (tries of the dearer kind spread by its cost).
+fn wiring_choices(steps: usize, cost: impl Fn(usize, bool) -> f64) -> Vec<bool> {
+    choices_of(super::prefault::PageChooser::wiring(), steps, cost)
+}
+
+fn choices_of(mut chooser: super::prefault::PageChooser, steps: usize, cost: impl Fn(usize, bool) -> f64) -> Vec<bool> {
     (0..steps)
         .map(|i| {
             let huge = chooser.huge_next();
@@ -80,15 +88,13 @@ fn tries(taken: &[bool], huge: bool) -> Vec<usize> {
 
 #[test]
 fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_other() {
-    // Equal costs: huge pages (one fault per 2 MiB for the guest later too), with one small step
-    // after every 15 huge ones.
-    assert_eq!(tries(&choices(64, |_, _| 0.001), false), [19, 35, 51]);
     // Where huge pages are the cheaper (most hosts): two steps of each kind, alternating, then
-    // huge pages. Small ones cost 4.5 times as much, so they are tried 5 times further apart:
-    // after 75 huge steps in a row.
-    let taken = choices(200, |_, huge| if huge { 0.0002 } else { 0.0009 });
+    // huge pages, with one small step after every 15 huge ones.
+    let taken = choices(64, |_, huge| if huge { 0.0002 } else { 0.0009 });
     assert_eq!(&taken[..5], &[true, false, true, false, true]);
-    assert_eq!(tries(&taken, false), [79, 155]);
+    assert_eq!(tries(&taken, false), [19, 35, 51]);
+    // Equal costs: huge pages (one fault per 2 MiB for the guest later too), tried the same way.
+    assert_eq!(tries(&choices(64, |_, _| 0.001), false), [19, 35, 51]);
     // The verdict the receiver follows says nothing against huge pages until two of each were
     // timed, however slow the first huge step was.
     let mut chooser = super::prefault::PageChooser::default();
@@ -101,14 +107,10 @@ fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_othe
     chooser.timed(false, 0.0001);
     assert!(!chooser.huge_cheaper(), "small came cheaper");
     // Where the host took the memory back from whole free 2 MiB blocks: small pages after the
-    // first four steps. Huge ones cost nearly 9 times as much, so they are tried after 135 small
-    // steps in a row (the fourth step counts): trying costs about a sixteenth of the time, as
-    // where the two cost the same.
-    let taken = choices(300, |_, huge| if huge { 0.008 } else { 0.0009 });
+    // first four steps, with one huge step after every 15 small ones (the fourth step counts).
+    let taken = choices(64, |_, huge| if huge { 0.008 } else { 0.0009 });
     assert_eq!(&taken[..5], &[true, false, true, false, false]);
-    assert_eq!(tries(&taken, true), [138, 274]);
-    // A kind more than 16 times dearer is tried no further apart than 240 steps.
-    assert_eq!(tries(&choices(500, |_, huge| if huge { 0.1 } else { 0.0009 }), true), [243, 484]);
+    assert_eq!(tries(&taken, true), [18, 34, 50]);
     // When the kind taken grows dear halfway (small pages, once the fragments the host backs are
     // used up), its own next steps show it, and the other is taken within a few steps.
     let taken = choices(96, |i, huge| match (huge, i < 32) {
@@ -116,17 +118,17 @@ fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_othe
         (false, true) => 0.0009,
         (false, false) => 0.02,
     });
-    assert!(taken[4..32].iter().all(|&h| !h), "small while they are cheap: {taken:?}");
-    assert!(taken[36..].iter().all(|&h| h), "huge once small ones grew dear: {taken:?}");
+    assert!(taken[4..32].iter().filter(|&&h| h).count() <= 2, "small while they are cheap: {taken:?}");
+    assert!(taken[36..].iter().filter(|&&h| !h).count() <= 4, "huge once small ones grew dear: {taken:?}");
     // When the kind not taken grows cheap halfway (huge pages, once memory freed a moment ago is
-    // there to take), only the try of it sees it: huge from that try on.
-    let taken = choices(200, |i, huge| match (huge, i < 32) {
+    // there to take), only the try of it sees it: huge from the first try after, step 34, on.
+    let taken = choices(96, |i, huge| match (huge, i < 32) {
         (true, true) => 0.008,
         (true, false) => 0.0004,
         (false, _) => 0.0009,
     });
-    assert!(taken[4..138].iter().all(|&h| !h), "small until huge is tried again: {taken:?}");
-    assert!(taken[138] && taken[139..].iter().filter(|&&h| !h).count() <= 2, "huge from the try on: {taken:?}");
+    assert_eq!(tries(&taken[..34], true), [18], "small until huge is tried again: {taken:?}");
+    assert!(taken[34] && taken[35..].iter().filter(|&&h| !h).count() <= 4, "huge from the try on: {taken:?}");
     // One slow step (the thread preempted) does not flip the choice by itself.
     let taken = choices(48, |i, huge| {
         if i == 20 {
@@ -137,7 +139,32 @@ fn the_population_takes_the_page_size_it_times_cheaper_and_keeps_trying_the_othe
             0.0009
         }
     });
-    assert!(taken[4..].iter().all(|&h| h), "{taken:?}");
+    assert_eq!(tries(&taken, false), [19, 35], "{taken:?}");
+}
+
+#[test]
+fn wiring_tries_the_dearer_kind_as_much_further_apart_as_it_is_dearer() {
+    // Equal costs: as a population, one small step after every 15 huge ones.
+    assert_eq!(tries(&wiring_choices(64, |_, _| 0.001), false), [19, 35, 51]);
+    // Small pages 4.5 times dearer: tried 5 times further apart, after 75 huge steps in a row.
+    let taken = wiring_choices(200, |_, huge| if huge { 0.0002 } else { 0.0009 });
+    assert_eq!(&taken[..5], &[true, false, true, false, true]);
+    assert_eq!(tries(&taken, false), [79, 155]);
+    // Huge pages nearly 9 times dearer (a host that took its memory back): after 135 small
+    // steps in a row (the fourth step counts). Trying costs about a sixteenth of the time, as
+    // where the two cost the same.
+    let taken = wiring_choices(300, |_, huge| if huge { 0.008 } else { 0.0009 });
+    assert_eq!(&taken[..5], &[true, false, true, false, false]);
+    assert_eq!(tries(&taken, true), [138, 274]);
+    // A kind more than 16 times dearer is still tried after 240 steps in a row.
+    assert_eq!(tries(&wiring_choices(500, |_, huge| if huge { 0.1 } else { 0.0009 }), true), [243, 484]);
+    // The kind taken growing dear is still seen by its own steps at once.
+    let taken = wiring_choices(96, |i, huge| match (huge, i < 32) {
+        (true, _) => 0.004,
+        (false, true) => 0.0009,
+        (false, false) => 0.02,
+    });
+    assert!(taken[4..32].iter().all(|&h| !h) && taken[35..].iter().all(|&h| h), "{taken:?}");
 }
 
 /// Every segment of a guest, the ones a population did not reach too, is told which kind came

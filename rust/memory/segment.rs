@@ -335,36 +335,38 @@ impl Segment {
     /// Populate every page and pin it, as bhyve's -S wires guest memory. It is locked first
     /// without populating (`MLOCK_ONFAULT`), so a too-low RLIMIT_MEMLOCK is refused before a
     /// page is touched. Then it is populated 2 MiB at a time, each whole region on huge pages
-    /// or small ones, whichever the steps time cheaper on this host ([`PageChooser`]). On a host
-    /// that backs its memory huge pages are: `vmmrun -S -m 4G` started in 0.79 s against 2.23
-    /// on small pages alone. On a VM whose host had taken its free memory back they can cost
-    /// more than small ones (session 33 dropped huge pages for wired memory for that), and there
-    /// the steps take small ones (docs/memory.md). Last it is locked for good.
+    /// or small ones, whichever the steps time cheaper on this host ([`PageChooser::wiring`]).
+    /// Last it is locked for good. Why and the A/B: docs/memory.md ("Wired").
     fn wire(&self, what: &str, asked: u64) -> Result<(), MemoryError> {
-        let refused = || {
-            MemoryError::os(
-                format!("cannot wire {} for {what}: mlock failed", human_size(asked)),
-                format!("RLIMIT_MEMLOCK is {}; raise it (ulimit -l) or run with CAP_IPC_LOCK, or use unwired memory", rlimit_memlock()),
-            )
+        let failed = |err: std::io::Error, detail: String| MemoryError::Os {
+            what: format!("cannot wire {} for {what}: mlock failed", human_size(asked)),
+            errno: err.raw_os_error().unwrap_or(0),
+            detail,
         };
+        let limit =
+            || format!("RLIMIT_MEMLOCK is {}; raise it (ulimit -l) or run with CAP_IPC_LOCK, or use unwired memory", rlimit_memlock());
         let ptr = self.base.as_ptr() as *mut libc::c_void;
         // SAFETY: the range is the mapping we own; locking changes no byte.
-        let on_fault = unsafe { libc::mlock2(ptr, self.size, libc::MLOCK_ONFAULT) };
-        let stats = if on_fault != 0 {
+        let locked_on_fault = unsafe { libc::mlock2(ptr, self.size, libc::MLOCK_ONFAULT) } == 0;
+        let stats = if locked_on_fault {
+            populate_whole(self)
+        } else {
             let err = std::io::Error::last_os_error();
-            // A kernel without mlock2 (or a filter refusing it) wires with mlock alone below.
+            // A kernel without mlock2 or MLOCK_ONFAULT (before Linux 4.4) wires with mlock alone.
             if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
-                return Err(refused());
+                return Err(failed(err, limit()));
             }
             PrefaultStats { target_bytes: self.size as u64, ..Default::default() }
-        } else {
-            populate_whole(self)
         };
         // Locked for good: mlock populates what a refused step left (or all of it, where mlock2
-        // was not there) and pins it, or says why it cannot.
+        // was not there) and pins it.
         // SAFETY: as above.
         if unsafe { libc::mlock(ptr, self.size) } != 0 {
-            return Err(refused());
+            let err = std::io::Error::last_os_error();
+            // Past mlock2 the limit has let the whole range be locked: what failed is populating.
+            let detail =
+                if locked_on_fault { "the host could not give the memory; use unwired memory or a smaller guest".into() } else { limit() };
+            return Err(failed(err, detail));
         }
         let _ = self.wiring.set(stats);
         Ok(())
@@ -636,9 +638,8 @@ impl Segment {
     /// there (the guest's) take small pages again, as everywhere else in guest RAM, and the huge
     /// pages already in place stay. Advisory; errors are ignored.
     pub fn advise_small(&self, off: usize, len: usize) {
-        if !self.populates_huge() {
-            return;
-        }
+        // Not guarded by `populates_huge`, which a receiver may turn off between the two calls:
+        // going back to small pages is always safe.
         if let Some((first, end)) = self.huge_span(off, len) {
             // SAFETY: as in advise_huge; MADV_NOHUGEPAGE changes only how later faults are backed.
             unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_NOHUGEPAGE) };

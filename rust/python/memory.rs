@@ -365,11 +365,11 @@ impl PyGuestMemory {
         populated_dict(py, &s).map(Some)
     }
 
-    /// What wiring this memory did (``wired=True``: ``vmmrun -S``), over its segments: a dict
-    /// with the keys of ``stop_prefault``'s. Wiring populates 2 MiB at a time, each whole region
-    /// on huge pages or small ones, whichever it times cheaper on this host, then locks it all.
-    /// ``bytes`` are those populated in steps (0 where the kernel has no ``mlock2``: then
-    /// ``mlock`` alone wired it, on small pages). None for unwired memory.
+    /// What wiring this memory did (``wired=True``: ``vmmrun -S``; docs/memory.md), over its
+    /// segments: a dict with the keys of ``stop_prefault``'s. ``bytes`` are those populated in
+    /// steps; fewer than ``target_bytes`` where the kernel has no ``mlock2`` (0) or refused a
+    /// step (``refused``; ``MADV_POPULATE_WRITE`` is Linux 5.14+), and ``mlock`` then populated
+    /// the rest on small pages. None for unwired memory.
     fn wiring<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         self.inner.wiring().map(|s| populated_dict(py, &s)).transpose()
     }

@@ -227,12 +227,15 @@ def _print(result: Any, as_json: bool) -> None:
 
 
 def _wiring_text(wiring: dict) -> str:
-    """What wiring a guest's memory did (``vmmrun -S``), in words: it populates 2 MiB at a time on
-    whichever kind of page it times cheaper, then locks it all (docs/memory.md)."""
-    if not wiring.get("bytes"):
-        return f"{format_size(wiring['target_bytes'])} locked with mlock alone, on small pages"
-    text = f"{format_size(wiring['bytes'])} populated in {wiring['seconds']:.2f} s and locked"
-    return text + (f", {format_size(wiring['huge_bytes'])} of it on huge pages" if wiring.get("huge_bytes") else ", on small pages")
+    """What wiring a guest's memory did (``vmmrun -S``; docs/memory.md), in words."""
+    done, target = wiring.get("bytes") or 0, wiring["target_bytes"]
+    if not done:
+        return f"{format_size(target)} populated and locked by mlock alone, on small pages"
+    huge = wiring.get("huge_bytes")
+    text = f"{format_size(done)} populated in {wiring['seconds']:.2f} s, " + (f"{format_size(huge)} of it on huge pages" if huge else "on small pages")
+    if done < target:  # a step was refused: mlock populated the rest
+        text += f", {format_size(target - done)} more by mlock"
+    return text + ", and locked"
 
 
 def _print_registers(result: dict[str, dict[str, int]]) -> None:
