@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--cpus", dest="ncpus", type=int, default=None, metavar="NCPUS", help="number of vCPUs (default 1)")
     p.add_argument("-m", "--memory", dest="memsize", default=None, metavar="MEMSIZE",
                    help="guest memory: a number of MiB, or with a K/M/G/T suffix (default 256M)")
-    p.add_argument("-S", "--wire", dest="wired", action="store_true", help="wire guest memory (populate and mlock it up front)")
+    p.add_argument("-S", "--wire", dest="wired", action="store_true", help="wire guest memory: populate and mlock it up front, 2 MiB a step on huge or small pages, whichever it times cheaper here (vmmctl --status says which)")
     p.add_argument("-s", "--slot", dest="slots", action="append", default=[], metavar="SLOT,EMULATION[,CONF]",
                    help=f"place a PCI device: SLOT[:FUNC] or BUS:SLOT:FUNC, then the emulation ({', '.join(PCI_EMULATIONS)}; options in docs/devices.md)")
     p.add_argument("-l", "--lpc", dest="lpc", action="append", default=[], metavar="com1,stdio|FILE",
