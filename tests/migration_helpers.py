@@ -47,15 +47,6 @@ class DestinationThread:
         return self.stats
 
 
-def host_offers_huge_pages() -> bool:
-    """Whether this host gives transparent huge pages to memory that asks for them (then an
-    unwired destination reads whole 2 MiB regions of page data onto them; docs/memory.md)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            enabled = f.read()
-    except OSError:
-        return False
-    return "[always]" in enabled or "[madvise]" in enabled
 
 
 def migrated_memory_differences(src, dst) -> list[str]:

@@ -19,9 +19,13 @@ def smaps_kib(address: int, field: str) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def thp_offered() -> bool:
+def host_offers_huge_pages() -> bool:
+    """Whether this host gives transparent huge pages to memory that asks for them (``always`` or
+    ``madvise``, the rule the memory core follows): then wiring, a destination's population and
+    its receiver put whole 2 MiB regions on them (docs/memory.md)."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
+            enabled = f.read()
     except OSError:
         return False
+    return "[always]" in enabled or "[madvise]" in enabled

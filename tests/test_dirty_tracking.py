@@ -11,7 +11,7 @@ from vmmpy import PAGE_SIZE, GuestMemory
 from vmmpy.memory import HIGHMEM_BASE
 
 from .conftest import KERNEL_UNAVAILABLE
-from .smaps import smaps_kib, thp_offered
+from .smaps import host_offers_huge_pages, smaps_kib
 
 HIGH_PFN = HIGHMEM_BASE // PAGE_SIZE
 
@@ -65,7 +65,7 @@ def test_wired_memory_on_huge_pages_is_tracked_per_4k_page(tracking):
     assert mem.get_and_clear_dirty().size == 0
     address = mem.view().__array_interface__["data"][0]
     huge_before = smaps_kib(address, "AnonHugePages")
-    if thp_offered():
+    if host_offers_huge_pages():
         assert huge_before > 0, f"wiring took no huge page ({mem.wiring()})"
     for round_no in range(3):
         # Five 2 MiB regions written each round, two pages in the first.

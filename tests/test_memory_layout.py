@@ -12,7 +12,7 @@ from vmmpy import GuestMemory, GuestMemoryError, parse_size
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.units import GiB, MiB, format_size
 
-from .smaps import smaps_kib, thp_offered
+from .smaps import host_offers_huge_pages, smaps_kib
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_wired_memory_is_populated_in_steps_on_the_kind_of_page_timed_cheaper_an
     assert smaps_kib(address, "Locked") == 64 * 1024
     # What the kernel put on huge pages is at most what wiring advised for them.
     assert smaps_kib(address, "AnonHugePages") * 1024 <= wiring["huge_bytes"]
-    if thp_offered():
+    if host_offers_huge_pages():
         assert wiring["huge_bytes"] >= 2 * 2 * MiB, "the chooser times two whole steps on huge pages first"
     else:
         assert wiring["huge_bytes"] == 0

@@ -22,10 +22,10 @@ from .migration_helpers import (
     KEY,
     DestinationThread,
     assert_migrated_memory_exact,
-    host_offers_huge_pages,
     migrate_pair,
     migrated_memory_differences,
 )
+from .smaps import host_offers_huge_pages
 
 
 def assert_arrived_exact(src: FakeGuest, dst: FakeGuest, *, prepared: bool = True) -> None:

@@ -13,7 +13,7 @@
 //! sparse guest ends as small as without it; only the wait holds the guest's whole size.
 //!
 //! Which segments: unwired (wired ones are populated and locked at start-up already, in the same
-//! steps with the same choice of page: [`populate_whole`]), private
+//! steps with a chooser of their own: [`populate_whole`]), private
 //! anonymous (a memfd handed over by a local migration replaces the memory instead), eager, and
 //! not registered with a userfaultfd for write-protection (the kernel dirty backend: a write
 //! fault there belongs to its handler). Where the host offers transparent huge pages, each
