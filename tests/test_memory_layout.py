@@ -163,6 +163,7 @@ def test_wiring_failure_names_rlimit_memlock_size_and_errno():
     assert "cannot wire 256 MiB" in message
     assert "RLIMIT_MEMLOCK is 64 KiB" in message
     assert ("ENOMEM" in message) or ("EPERM" in message) or ("EAGAIN" in message)
+    assert "os error" not in message, "the errno is named once, with its text"
 
 
 class TestZeroCopyViews:

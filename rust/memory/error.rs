@@ -58,7 +58,10 @@ fn errno_name(errno: i32) -> String {
         libc::ENOSYS => "ENOSYS",
         _ => return format!("errno {errno}"),
     };
-    format!("{name} ({})", std::io::Error::from_raw_os_error(errno))
+    // io::Error's Display ends in " (os error N)", which the name already says.
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    let text = text.strip_suffix(&format!(" (os error {errno})")).unwrap_or(&text);
+    format!("{name} ({text})")
 }
 
 impl fmt::Display for MemoryError {
