@@ -3,7 +3,7 @@
 //! nothing else to do (no framing, no guest memory to fill, a receive buffer that stays in cache).
 //! A migration cannot beat it, so a ratio above 1 against it means a broken measurement.
 //!
-//!     cargo run --release --example tcp_ceiling -- BYTES STREAMS BUFFER [WAKE]
+//!     cargo run --release --example tcp_ceiling -- BYTES STREAMS BUFFER [WAKE [SPAN]]
 //!
 //! BUFFER is the SO_SNDBUF/SO_RCVBUF asked for on every socket, or 0 to leave the kernel's
 //! autotuning alone. WAKE is how the receiver's reads wait: `any` (the default) returns whatever
@@ -13,6 +13,13 @@
 //! there without blocking. On a VM, where every wake-up of an idle CPU costs the sender an
 //! interprocessor interrupt, `whole` moved 1 GiB over one stream up to three times faster than
 //! `any` (docs/performance.md, session 31), so a ceiling without it was no ceiling.
+//!
+//! SPAN is how much memory the senders read from, in bytes (rounded up to whole MiB; 1 MiB when
+//! left out). With 1 MiB every write sends the same cached MiB: the most the loopback itself
+//! carries, and the figure the benchmark's targets are against. With SPAN as large as a guest
+//! (1 GiB) the senders read each byte from memory once, as a migration's sender must read guest
+//! memory: the most a sender that does nothing else can move from memory on this machine. That
+//! memory is on transparent huge pages where the host offers them, as vmmpy's guest memory is.
 //!
 //! The parent sends; a child process (this program again, `receive` mode) listens, receives BYTES
 //! in all over STREAMS connections at once and answers one byte when it has every one. Printed:
@@ -128,7 +135,55 @@ fn read_whole(sock: &TcpStream, buf: &mut [u8], lowat: &mut usize) -> std::io::R
     Ok(got)
 }
 
-fn send(bytes: u64, streams: usize, buffer: usize, wake: &str) -> Result<f64, String> {
+/// `span` bytes of incompressible memory to send from, so nothing on the path could shortcut them
+/// (loopback does not compress, but the ceiling should not depend on knowing that); on huge
+/// pages where the host offers them (`MADV_HUGEPAGE`; refused quietly where it does not).
+struct Payload {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: written once before the senders start, then only read.
+unsafe impl Send for Payload {}
+unsafe impl Sync for Payload {}
+
+impl Payload {
+    fn new(len: usize) -> Result<Payload, String> {
+        // SAFETY: a fresh private anonymous mapping; checked below.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("cannot map {len} bytes to send from: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: the mapping just made; advice only.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        // SAFETY: `len` bytes mapped, readable and writable, ours alone; 8-byte aligned (a page).
+        let words = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u64>(), len / 8) };
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for w in words.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *w = x;
+        }
+        Ok(Payload { ptr: ptr.cast(), len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped and filled in `new`, unmapped only on drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer borrowed.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn send(bytes: u64, streams: usize, buffer: usize, wake: &str, span: usize) -> Result<f64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args(["receive", &streams.to_string(), &buffer.to_string(), wake])
@@ -144,29 +199,28 @@ fn send(bytes: u64, streams: usize, buffer: usize, wake: &str) -> Result<f64, St
         set_buffer(&sock, libc::SO_SNDBUF, buffer);
         conns.push(sock);
     }
-    // Incompressible bytes, so nothing on the path could shortcut them (loopback does not compress,
-    // but the ceiling should not depend on knowing that).
-    let mut payload = vec![0u8; CHUNK];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for b in payload.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    let payload = std::sync::Arc::new(payload);
+    let payload = std::sync::Arc::new(Payload::new(span)?);
     let share = bytes / streams as u64;
     let first = conns[0].try_clone().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let senders: Vec<_> = conns
         .into_iter()
-        .map(|mut sock| {
+        .enumerate()
+        .map(|(index, mut sock)| {
             let payload = payload.clone();
             thread::spawn(move || -> std::io::Result<()> {
+                let memory = payload.bytes();
+                // Each stream reads its own part of the span (the whole of it, in turn, when its
+                // share is larger), as each stream of a migration sends other pages.
+                let mut at = (index as u64 * share % memory.len() as u64) as usize / CHUNK * CHUNK;
                 let mut left = share;
                 while left > 0 {
                     let n = left.min(CHUNK as u64) as usize;
-                    sock.write_all(&payload[..n])?;
+                    if at + n > memory.len() {
+                        at = 0;
+                    }
+                    sock.write_all(&memory[at..at + n])?;
+                    at += n;
                     left -= n as u64;
                 }
                 sock.shutdown(Shutdown::Write)
@@ -196,7 +250,8 @@ fn main() -> ExitCode {
         Some("whole") => Some("whole"),
         Some(_) => None,
     };
-    let usage = "usage: tcp_ceiling BYTES STREAMS BUFFER [any|whole] (BUFFER 0: kernel autotuning; whole: reads wait for a whole MiB)";
+    let usage = "usage: tcp_ceiling BYTES STREAMS BUFFER [any|whole [SPAN]] (BUFFER 0: kernel autotuning; whole: reads wait for \
+                 a whole MiB; SPAN: bytes of memory the senders read, 1 MiB by default)";
     let result = match args.first().map(String::as_str) {
         Some("receive") => match (number(1), number(2), wake(3)) {
             (Some(streams), Some(buffer), Some(wake)) if streams > 0 => {
@@ -204,9 +259,9 @@ fn main() -> ExitCode {
             }
             _ => Err("receive STREAMS BUFFER [any|whole]".into()),
         },
-        _ => match (number(0), number(1), number(2), wake(3)) {
-            (Some(bytes), Some(streams), Some(buffer), Some(wake)) if streams > 0 && bytes > 0 => {
-                send(bytes, streams as usize, buffer as usize, wake).map(Some)
+        _ => match (number(0), number(1), number(2), wake(3), args.get(4).map_or(Some(CHUNK as u64), |_| number(4))) {
+            (Some(bytes), Some(streams), Some(buffer), Some(wake), Some(span)) if streams > 0 && bytes > 0 && span > 0 => {
+                send(bytes, streams as usize, buffer as usize, wake, (span as usize).div_ceil(CHUNK) * CHUNK).map(Some)
             }
             _ => Err(usage.into()),
         },

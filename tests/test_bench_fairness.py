@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -153,10 +154,17 @@ def test_the_loopback_limit_is_a_native_two_process_ceiling():
             assert limits.native_loopback(binary, (8 << 20) + 12345, streams, 0, wake) > 0
     fig = limits.loopback_ceiling(8 << 20, 1)
     assert fig.how.startswith("native, two processes") and "SO_RCVLOWAT" in fig.how and len(fig.values) == 1
+    # the senders may read more memory than one MiB (a span that is not whole MiB is rounded
+    # up; each stream starts in its own part of it and wraps): every byte still arrives
+    for streams, span in ((1, 3 << 20), (3, (4 << 20) + 1), (2, 64 << 20)):
+        assert limits.native_loopback(binary, (8 << 20) + 12345, streams, 0, "whole", span=span) > 0
     # a way of waiting the binary does not know is refused, not taken for the default, by the
-    # sender and by the receiving child alike
+    # sender and by the receiving child alike; so is a span that is no size
     with pytest.raises(RuntimeError, match="usage"):
         limits.native_loopback(binary, 8 << 20, 1, 0, "sometimes")
+    for span in ("0", "lots"):
+        out = subprocess.run([binary, str(8 << 20), "1", "0", "whole", span], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and "SPAN" in out.stderr
     out = subprocess.run([binary, "receive", "1", "0", "sometimes"], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "receive STREAMS BUFFER" in out.stderr
 
@@ -174,6 +182,35 @@ def test_each_run_of_the_ceiling_is_the_best_of_every_buffer_and_way_of_waiting(
     assert sorted(tried) == sorted(list(itertools.product(limits.CEILING_BUFFERS, limits.CEILING_WAKES)) * 2)
     assert {"any", "whole"} <= set(limits.CEILING_WAKES)
     assert fig.values == [5.0, 5.0]
+
+
+def test_the_from_memory_ceiling_reads_as_much_memory_as_it_sends_and_is_reported_beside_the_row(monkeypatch):
+    tried = []
+
+    def fake(binary, size, streams, buffer, wake="any", span=limits.MIB):
+        tried.append((streams, span, buffer, wake))
+        return 4.0 if (buffer, wake) == (0, "whole") else 2.0
+
+    monkeypatch.setattr(limits, "ceiling_binary", lambda: "tcp_ceiling")
+    monkeypatch.setattr(limits, "native_loopback", fake)
+    fig = limits.loopback_from_memory(limits.GIB, 2)
+    # one stream, the sender reading the whole size once, each run the best of every way
+    assert sorted(tried) == sorted([(1, limits.GIB, b, w) for b in limits.CEILING_BUFFERS for w in limits.CEILING_WAKES] * 2)
+    assert fig.values == [4.0, 4.0] and "reading 1024 MiB of memory once" in fig.how
+    # beside a one-stream row: its ratio to this ceiling, in the notes and the report
+    ctx = scenarios.Context(work=Path("."), shm=".", disk=".", runs=2, quick=False, deadline=0.0)
+    ctx.limits["loopback TCP from memory"] = fig
+    row = Row("warm-1g", "w", Figure([3.0, 3.0], "GiB/s"))
+    scenarios.from_memory(ctx, row, row.figure)
+    assert row.extra["loopback_from_memory"]["median"] == 4.0
+    assert any(n.endswith("(4.00 [4.00-4.00] GiB/s): 0.75") for n in row.notes), row.notes
+    # where the native ceiling cannot be built there is nothing to say beside the row
+    monkeypatch.setattr(limits, "ceiling_binary", lambda: None)
+    bare = Row("warm-1g", "w", Figure([3.0], "GiB/s"))
+    scenarios.from_memory(ctx, bare, bare.figure)
+    assert bare.notes == [] and "loopback_from_memory" not in bare.extra
+    with pytest.raises(RuntimeError, match="cargo"):
+        limits.loopback_from_memory(limits.GIB, 1)
 
 
 def test_without_cargo_the_python_figure_stands_in_and_says_it_is_no_ceiling(monkeypatch):

@@ -63,6 +63,7 @@ LIMITS: dict[str, Callable[[Context], Figure]] = {
     "O_DIRECT write": lambda c: limits.odirect_write(c.disk, GIB, max(3, c.runs)),
     "loopback TCP x2": lambda c: limits.loopback_ceiling(GIB, max(3, c.runs), 2),
     "loopback TCP x4": lambda c: limits.loopback_ceiling(GIB, max(3, c.runs), 4),
+    "loopback TCP from memory": lambda c: limits.loopback_from_memory(GIB, max(3, c.runs)),
 }
 
 CONSOLE_IDLE = {"ticks": "0", "every": "0"}  # sleeps in hlt forever, a timer tick every ms
@@ -96,6 +97,18 @@ def _warm(ctx: Context, name: str, image: str, memsize: str, runs: int, wired: b
     return seconds, stats
 
 
+def from_memory(ctx: Context, row: Row, rate: Figure) -> None:
+    """Beside a one-stream row's loopback ratio, its ratio to the loopback ceiling whose sender
+    reads 1 GiB of memory once, as a migration's sender reads guest memory (the cached ceiling
+    sends one MiB again and again): how close the row is to what moving memory costs here."""
+    if limits.ceiling_binary() is None:
+        return  # no native ceiling here: the row's loopback figure says so already
+    mem = ctx.limit("loopback TCP from memory")
+    row.extra["loopback_from_memory"] = mem.to_dict()
+    row.notes.append(f"x loopback TCP with its sender reading 1 GiB of memory once ({mem.text()}): "
+                     f"{rate.median / mem.median:.2f}")
+
+
 def warm_random(gib: int, wired: bool = False):
     """Warm migration of ``gib`` GiB of random memory, one stream. Issue 16's targets, judged
     against QEMU in the same run: unwired (vmmrun -R's default), at least 1.2 x QEMU into a
@@ -124,6 +137,7 @@ def warm_random(gib: int, wired: bool = False):
                      "source_settled_s": settle.values}
         row.notes.append(f"wall {Figure(seconds, 's').text()}, downtime {Figure(row.extra['downtime_ms'], 'ms').text()}, "
                          f"the source timed once started ({settle.text()} after it answered)")
+        from_memory(ctx, row, rate)
         rows = [row]
         if gib == 1 and not wired:
             cpu = Figure([st["cpu_seconds"] / gib for st in stats], "CPU-s/GiB")
