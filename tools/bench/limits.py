@@ -93,11 +93,13 @@ def loopback_ceiling(size: int, runs: int, streams: int = 1) -> Figure:
 
 def loopback_from_memory(size: int, runs: int) -> Figure:
     """GiB/s of the native ceiling's one stream when its sender reads ``size`` bytes of memory once
-    (on huge pages where the host offers them) instead of one cached MiB again and again: the
-    most a sender that does nothing but read memory and write it to loopback TCP moves here. A
-    migration must read guest memory so; the cached ceiling does not. Each run the best of the
-    same buffers and wake-ups as :func:`loopback_ceiling`; RuntimeError where the ceiling cannot be
-    built (there is no Python stand-in for this one)."""
+    (on huge pages where the host offers them) instead of one cached MiB again and again: on a
+    quiet host, the most a sender that does nothing but read memory and write it to loopback TCP
+    moves here. A migration must read guest memory so; the cached ceiling does not. With a busy
+    neighbour it is no ceiling (nor is the cached one): the neighbour takes half of whichever of
+    its two threads' CPUs it shares. Each run the best of the same buffers and wake-ups as
+    :func:`loopback_ceiling`; RuntimeError where the ceiling cannot be built (there is no Python
+    stand-in for this one)."""
     binary = ceiling_binary()
     if binary is None:
         raise RuntimeError("cargo could not build examples/tcp_ceiling.rs")
