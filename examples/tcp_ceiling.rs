@@ -23,7 +23,8 @@
 //!
 //! The parent sends; a child process (this program again, `receive` mode) listens, receives BYTES
 //! in all over STREAMS connections at once and answers one byte when it has every one. Printed:
-//! one line, `gib_per_s=<rate>`, timed from the first send to that answer.
+//! `gib_per_s=<rate>`, timed from the first send to that answer; then `sender_peak_kib=<KiB>`,
+//! the sender's peak resident memory (VmHWM), which shows the SPAN it read from was there.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -241,6 +242,13 @@ fn send(bytes: u64, streams: usize, buffer: usize, wake: &str, span: usize) -> R
     Ok(got as f64 / seconds / (1u64 << 30) as f64)
 }
 
+/// This process's peak resident memory since it was executed (`VmHWM`), where /proc has it.
+fn peak_resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let number = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
@@ -269,6 +277,9 @@ fn main() -> ExitCode {
     match result {
         Ok(Some(rate)) => {
             println!("gib_per_s={rate:.4}");
+            if let Some(kib) = peak_resident_kib() {
+                println!("sender_peak_kib={kib}");
+            }
             ExitCode::SUCCESS
         }
         Ok(None) => ExitCode::SUCCESS,

@@ -165,6 +165,13 @@ def test_the_loopback_limit_is_a_native_two_process_ceiling():
     for span in ("0", "lots"):
         out = subprocess.run([binary, str(8 << 20), "1", "0", "whole", span], capture_output=True, text=True, timeout=30)
         assert out.returncode != 0 and "SPAN" in out.stderr
+    # the span is memory the sender really maps and fills: its peak resident size grows with it
+    peaks = {}
+    for span in (limits.MIB, 96 << 20):
+        out = subprocess.run([binary, str(8 << 20), "1", "0", "whole", str(span)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        peaks[span] = int(out.stdout.split("sender_peak_kib=")[1].split()[0]) << 10
+    assert peaks[96 << 20] >= 96 << 20 and peaks[limits.MIB] < 32 << 20, peaks
     out = subprocess.run([binary, "receive", "1", "0", "sometimes"], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "receive STREAMS BUFFER" in out.stderr
 
@@ -185,6 +192,11 @@ def test_each_run_of_the_ceiling_is_the_best_of_every_buffer_and_way_of_waiting(
 
 
 def test_the_from_memory_ceiling_reads_as_much_memory_as_it_sends_and_is_reported_beside_the_row(monkeypatch):
+    # measured as a limit of the run, and noted beside every one-stream warm row (1 and 4 GiB,
+    # wired or not), under the name the rows look it up by
+    assert scenarios.LIMITS["loopback TCP from memory"].__code__.co_names.count("loopback_from_memory") == 1
+    for gib, wired in ((1, False), (1, True), (4, False), (4, True)):
+        assert "from_memory" in scenarios.warm_random(gib, wired).__code__.co_names
     tried = []
 
     def fake(binary, size, streams, buffer, wake="any", span=limits.MIB):
