@@ -175,6 +175,45 @@ def test_status_says_what_wiring_a_guests_memory_did(tmp_path):
         stop(unwired)
 
 
+def _resident_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0  # gone, or a zombie that has no resident memory
+
+
+def test_ctrl_c_while_vmmrun_wires_its_memory_ends_it_with_one_line(tmp_path):
+    """Wiring a large guest takes seconds (populating and locking every page) and Ctrl-C lands
+    when it returns: vmmrun then says what it was doing, exits 4 with no traceback, and leaves
+    nothing behind (no control socket was made yet). The signal goes once wiring has begun,
+    seen by the process's resident memory; if wiring ended first (the process listens then, and
+    says so), it is tried again with a fresh process, a bounded number of times."""
+    import signal
+    import time
+
+    from .procs import free_port, start_vmmrun, stop
+
+    port = free_port()
+    for _attempt in range(3):
+        proc = start_vmmrun(tmp_path, "-S", "-m", "4G", "-R", f"127.0.0.1:{port}", "w0")
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and _resident_bytes(proc.pid) < 256 * MiB and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert proc.poll() is None, proc.stderr.read()
+            proc.send_signal(signal.SIGINT)
+            status = proc.wait(timeout=120)
+            err = proc.stderr.read()
+        finally:
+            stop(proc)
+        if "while waiting on" not in err:
+            break
+    assert status == 4, err
+    assert err.strip() == "vmmrun: w0: stopped by SIGINT while setting up its wired memory to receive a migration; no guest ran", err
+    assert not (tmp_path / "w0.ctl").exists() and not (tmp_path / "w0.lock").exists()
+
+
 @pytest.mark.parametrize("tool", ["vmmrun", "vmmctl"])
 @pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("3", "3")])
 def test_the_tools_start_numpy_without_blas_threads_and_keep_a_setting_the_user_gave(tool, given, seen):

@@ -302,6 +302,15 @@ def saved_differs(args: argparse.Namespace, saved: VmConfig) -> str | None:
     return "; ".join(f"the saved guest has {flag} {has}, {flag} {was} was given" for flag, has, was in given)
 
 
+def starting_what(args: argparse.Namespace) -> str:
+    """What ``machine_for`` was doing, for a message about its being interrupted."""
+    if args.restore:
+        return f"restoring '{args.restore}'"
+    if args.receive:
+        return f"setting up its {'wired ' if args.wired else ''}memory to receive a migration"
+    return f"setting up its {'wired ' if args.wired else ''}memory"
+
+
 def machine_for(args: argparse.Namespace, config: VmConfig, key: bytes | None = None) -> Machine:
     """The machine for a fresh boot, a restore (-r) or an incoming migration (-R), built as the
     library's ``vmmpy.Vm`` builds one (``runtime.commands.build_machine``, with the guest
@@ -345,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vmmrun: %(message)s")
     if args.list_guests:
         return list_guests()
+    config: VmConfig | None = None
     try:
         vmmrun_config.apply(args, vmmrun_config.read_sources(args.config_sources or []))
         if args.restore and args.receive:
@@ -370,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        # Ctrl-C before the guest exists: wiring or restoring its memory can take seconds, and
+        # the interrupt lands when that step returns. Nothing was started, nothing is left.
+        print(f"vmmrun: {config.name if config else args.vmname or 'vmmrun'}: stopped by SIGINT while {starting_what(args)}; "
+              "no guest ran", file=sys.stderr)
+        return EXIT_ERROR
     commands = MachineCommands(machine)
     commands.install()
     live_update.install(machine, commands, args)
@@ -386,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel, populate=not args.no_populate)
         if not args.take_name:
             machine.serve(args.run_dir)
-    except (MigrationError, OSError) as err:
-        print(f"vmmrun: {config.name}: {err}" if isinstance(err, MigrationError) else f"vmmrun: {err.strerror or err}",
-              file=sys.stderr)
+    except (MigrationError, OSError, KeyboardInterrupt) as err:
+        if isinstance(err, KeyboardInterrupt):
+            print(f"vmmrun: {config.name}: stopped by SIGINT while starting; no guest ran", file=sys.stderr)
+        else:
+            print(f"vmmrun: {config.name}: {err}" if isinstance(err, MigrationError) else f"vmmrun: {err.strerror or err}",
+                  file=sys.stderr)
         if commands.incoming is not None:
             commands.incoming.close()
         machine.close()
