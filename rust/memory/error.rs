@@ -25,6 +25,9 @@ pub enum MemoryError {
     /// A chunk of lazily restored memory could not be loaded and checked, so it may not be used:
     /// `source` names where it comes from, `why` what was wrong.
     ChunkUnavailable { source: String, chunk: usize, file_start: u64, file_end: u64, gpa_ranges: Vec<(u64, u64)>, why: String, errno: i32 },
+    /// Long work (wiring) stopped because the process was interrupted ([`super::interrupted`]):
+    /// `what` says what was done of it. Nothing of it is kept.
+    Interrupted { what: String },
 }
 
 impl MemoryError {
@@ -42,6 +45,7 @@ impl MemoryError {
             MemoryError::Closed { .. } => libc::EBADF,
             MemoryError::TrackerUnavailable { .. } | MemoryError::Unsupported { .. } => libc::ENOTSUP,
             MemoryError::ChunkUnavailable { errno, .. } => *errno,
+            MemoryError::Interrupted { .. } => libc::EINTR,
         }
     }
 }
@@ -91,6 +95,7 @@ impl fmt::Display for MemoryError {
                 write!(f, "dirty tracking backend '{backend}' is not available: {why}")
             }
             MemoryError::Unsupported { what, why } => write!(f, "{what} {why}"),
+            MemoryError::Interrupted { what } => write!(f, "{what}"),
             MemoryError::ChunkUnavailable { source, chunk, file_start, file_end, gpa_ranges, why, .. } => {
                 let gpas: Vec<String> = gpa_ranges.iter().map(|(a, b)| format!("{a:#x}..{b:#x}")).collect();
                 write!(

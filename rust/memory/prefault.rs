@@ -31,7 +31,7 @@
 //! before.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -342,22 +342,45 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
     stats.finish(&chooser, started, cpu0)
 }
 
+/// What long work on the calling thread asks to learn whether the process was interrupted (set
+/// once by whoever embeds the core: the Python binding runs Python's pending signal handlers,
+/// and Ctrl-C's raises KeyboardInterrupt).
+static INTERRUPT_CHECK: OnceLock<fn() -> bool> = OnceLock::new();
+
+/// Wiring asks [`interrupted`] once every this many steps (64 MiB, a few milliseconds).
+pub(crate) const INTERRUPT_EVERY: usize = 32;
+
+/// Set the check [`interrupted`] calls; only the first call sets it (whether this one did).
+pub fn set_interrupt_check(check: fn() -> bool) -> bool {
+    INTERRUPT_CHECK.set(check).is_ok()
+}
+
+/// Whether the process was interrupted: false where nothing set a check.
+pub fn interrupted() -> bool {
+    INTERRUPT_CHECK.get().is_some_and(|check| check())
+}
+
 /// Populate all of `seg`, being wired (`Segment::wire`, locked on fault already), on the calling
 /// thread: 2 MiB a step, each whole region on whichever kind of page the steps time cheaper.
 /// Stops at a step the kernel refuses (`MADV_POPULATE_WRITE` is Linux 5.14+); the caller's
-/// `mlock` then populates the rest, or fails.
-pub(crate) fn populate_whole(seg: &Segment) -> PrefaultStats {
+/// `mlock` then populates the rest, or fails. Interrupted ([`interrupted`], asked every
+/// [`INTERRUPT_EVERY`] steps), it stops and returns the bytes populated by then as the error:
+/// wiring a large guest takes seconds, and Ctrl-C should not wait for all of it.
+pub(crate) fn populate_whole(seg: &Segment) -> Result<PrefaultStats, u64> {
     let started = Instant::now();
     let cpu0 = thread_cpu_seconds();
     let mut stats = PrefaultStats { target_bytes: seg.size() as u64, ..Default::default() };
     let mut chooser = PageChooser::wiring();
-    for (off, len) in steps(seg, 0, seg.size()) {
+    for (i, (off, len)) in steps(seg, 0, seg.size()).enumerate() {
+        if i > 0 && i % INTERRUPT_EVERY == 0 && interrupted() {
+            return Err(stats.bytes);
+        }
         if !stats.count(chooser.populate_step(seg, off, len), len) {
             break;
         }
     }
     seg.set_huge_cheaper(chooser.huge_cheaper());
-    stats.finish(&chooser, started, cpu0)
+    Ok(stats.finish(&chooser, started, cpu0))
 }
 
 impl PrefaultStats {

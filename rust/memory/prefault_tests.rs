@@ -288,3 +288,33 @@ fn a_populations_steps_cover_the_range_and_end_at_2_mib_addresses() {
         }
     }
 }
+
+thread_local! {
+    /// Whether this test thread is "interrupted": the check the test below sets is process-wide
+    /// (set once), so it answers per thread and no other test's wiring sees it.
+    static INTERRUPTED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn interrupted_here() -> bool {
+    INTERRUPTED_HERE.with(|i| i.get())
+}
+
+/// Wiring a large guest takes seconds: an interrupt (Ctrl-C, through the embedder's check) stops
+/// it at the first check, with an error that says how far it got. Without one the same guest
+/// wires whole.
+#[test]
+fn wiring_stops_at_its_first_check_when_the_process_is_interrupted_and_says_how_far_it_got() {
+    assert!(set_interrupt_check(interrupted_here), "no other test sets the process's check");
+    let check = INTERRUPT_EVERY as u64 * 2 * MIB; // the bytes populated when it is first asked
+    INTERRUPTED_HERE.with(|i| i.set(true));
+    let mut opts = MemoryOptions::new(8 * check);
+    opts.wired = true;
+    let err = GuestMemory::new(&opts).map(|_| ()).unwrap_err();
+    INTERRUPTED_HERE.with(|i| i.set(false));
+    assert!(matches!(err, MemoryError::Interrupted { .. }), "{err}");
+    assert_eq!(err.errno(), libc::EINTR);
+    assert_eq!(err.to_string(), format!("wiring 512 MiB for segment 'lowmem' was interrupted after {} MiB", check / MIB));
+    let mem = GuestMemory::new(&opts).unwrap();
+    assert_eq!(mem.wiring().unwrap().bytes, 8 * check, "not interrupted: all of it");
+    assert!(!interrupted(), "the check answers for the thread that was interrupted, not for others");
+}

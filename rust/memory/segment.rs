@@ -349,7 +349,10 @@ impl Segment {
         // SAFETY: the range is the mapping we own; locking changes no byte.
         let locked_on_fault = unsafe { libc::mlock2(ptr, self.size, libc::MLOCK_ONFAULT) } == 0;
         let stats = if locked_on_fault {
-            populate_whole(self)
+            // Interrupted: nothing is kept (the caller drops the mapping, and the lock with it).
+            populate_whole(self).map_err(|done| MemoryError::Interrupted {
+                what: format!("wiring {} for {what} was interrupted after {}", human_size(asked), human_size(done)),
+            })?
         } else {
             let err = std::io::Error::last_os_error();
             // A kernel without mlock2 or MLOCK_ONFAULT (before Linux 4.4) wires with mlock alone.

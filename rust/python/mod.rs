@@ -55,6 +55,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HIGHMEM_BASE", crate::memory::HIGHMEM_BASE)?;
     m.add("LOWMEM_LIMIT_DEFAULT", crate::memory::LOWMEM_LIMIT_DEFAULT)?;
     errors::register(m)?;
+    // Long core work (wiring) stops for Ctrl-C instead of finishing first.
+    crate::memory::set_interrupt_check(errors::python_interrupted);
     memory::register(m)?;
     pages::register(m)?;
     postcopy::register(m)?;

@@ -380,11 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        # Ctrl-C before the guest exists: wiring or restoring its memory can take seconds, and
-        # the interrupt lands when that step returns. Nothing was started, nothing is left.
-        print(f"vmmrun: {config.name if config else args.vmname or 'vmmrun'}: stopped by SIGINT while {starting_what(args)}; "
-              "no guest ran", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # Ctrl-C before the guest exists. Wiring stops for it at once (its message says how far
+        # it got); other steps, a restore's read of memory among them, when they return. Nothing
+        # was started, nothing is left.
+        detail = f" ({err})" if str(err) else ""
+        print(f"vmmrun: {config.name if config else args.vmname or 'vmmrun'}: stopped by SIGINT while {starting_what(args)}"
+              f"{detail}; no guest ran", file=sys.stderr)
         return EXIT_ERROR
     commands = MachineCommands(machine)
     commands.install()
