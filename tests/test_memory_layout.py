@@ -1,6 +1,8 @@
 """Guest memory is laid out as bhyve's vm_setup_memory lays it out, and says so when asked."""
 
 import errno
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -122,6 +124,42 @@ def test_wired_memory_is_populated_in_steps_on_the_kind_of_page_timed_cheaper_an
     assert unwired.wiring() is None
     unwired.write(0, bytes(64 * MiB))  # every page touched, through the API
     assert smaps_kib(unwired.view().__array_interface__["data"][0], "AnonHugePages") == 0
+
+
+def test_a_signal_handler_that_raises_stops_wiring_and_its_exception_comes_out():
+    """Wiring on the main thread runs Python's signal handlers about every 64 MiB: one that
+    raises stops it there and its own exception comes out (Ctrl-C's KeyboardInterrupt, with the
+    core's words on how far it got); nothing is left pending, so the next wiring completes."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def raise_alarm(signum, frame):
+        raise Alarm("the alarm went off")
+
+    before, before_int = signal.signal(signal.SIGALRM, raise_alarm), signal.getsignal(signal.SIGINT)
+    try:
+        for raised, handler_for_sigint in ((Alarm, None), (KeyboardInterrupt, signal.default_int_handler)):
+            if handler_for_sigint is not None:
+                signal.signal(signal.SIGINT, handler_for_sigint)
+                signal.signal(signal.SIGALRM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # well inside wiring 3 GiB, which takes 0.4 s or more
+            with pytest.raises(raised) as caught:
+                GuestMemory(3 * GiB, wired=True)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if raised is KeyboardInterrupt:
+                assert re.fullmatch(r"wiring 3 GiB for segment 'lowmem' was interrupted after [0-9.]+ [MG]iB", str(caught.value))
+            else:
+                assert str(caught.value) == "the alarm went off"
+        signal.signal(signal.SIGALRM, raise_alarm)
+        mem = GuestMemory(128 * MiB, wired=True)  # no alarm now: it wires whole, nothing left pending
+        assert mem.wiring()["bytes"] == 128 * MiB
+        mem.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 def test_wired_memory_larger_than_the_host_is_refused_before_mapping():

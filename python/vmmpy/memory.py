@@ -101,7 +101,9 @@ class GuestMemory:
     """A guest's physical memory.
 
     ``GuestMemory("512M")`` maps 512 MiB of unwired memory at GPA 0; ``wired=True`` populates
-    and mlocks it up front as bhyve's ``-S`` does. ``dirty_tracking`` picks the backend:
+    and mlocks it up front as bhyve's ``-S`` does (on the main thread, a signal handler that
+    raises stops it within 64 MiB, and its exception comes out: Ctrl-C's ``KeyboardInterrupt``
+    says how far wiring got). ``dirty_tracking`` picks the backend:
     ``"soft"`` (an atomic bitmap set by every write made through vmmpy), ``"kernel"``
     (userfaultfd write-protect + PAGEMAP_SCAN, which sees writes through any pointer),
     ``"auto"`` (kernel where it works, else soft; :attr:`dirty_tracking` says which) or ``"kvm"``

@@ -23,7 +23,7 @@ pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_C
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
 #[cfg(test)]
 pub(crate) use prefault::INTERRUPT_EVERY;
-pub use prefault::{interrupted, set_interrupt_check, PrefaultStats};
+pub use prefault::{set_interrupt_check, PrefaultStats};
 pub(crate) use prefault::{steps as populate_steps, PageChooser};
 pub use segment::{Backing, InstallGuard, Segment, SegmentSpec};
 pub(crate) use stream::{page_bytes, page_bytes_mut, stream_fence, stream_page, stream_pages, zeroed_pages, AlignedPage};

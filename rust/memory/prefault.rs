@@ -347,16 +347,23 @@ fn populate(segments: &[Arc<Segment>], stop: &AtomicBool, reserve: u64) -> Prefa
 /// and Ctrl-C's raises KeyboardInterrupt).
 static INTERRUPT_CHECK: OnceLock<fn() -> bool> = OnceLock::new();
 
-/// Wiring asks [`interrupted`] once every this many steps (64 MiB, a few milliseconds).
+/// Wiring asks [`interrupted`] once every this many steps (64 MiB where the mapping starts on a
+/// 2 MiB boundary, a few milliseconds).
 pub(crate) const INTERRUPT_EVERY: usize = 32;
 
-/// Set the check [`interrupted`] calls; only the first call sets it (whether this one did).
+/// Set the check [`interrupted`] calls; only the first call sets it (whether this one did). The
+/// check may have effects (the binding's runs signal handlers and keeps what one raised), so a
+/// caller of [`interrupted`] that gets true must end its work with [`MemoryError::Interrupted`],
+/// which the embedder turns back into what interrupted it.
+///
+/// [`MemoryError::Interrupted`]: super::MemoryError::Interrupted
 pub fn set_interrupt_check(check: fn() -> bool) -> bool {
     INTERRUPT_CHECK.set(check).is_ok()
 }
 
-/// Whether the process was interrupted: false where nothing set a check.
-pub fn interrupted() -> bool {
+/// Whether the process was interrupted: false where nothing set a check. True must end the
+/// caller's work with `MemoryError::Interrupted` ([`set_interrupt_check`]).
+pub(crate) fn interrupted() -> bool {
     INTERRUPT_CHECK.get().is_some_and(|check| check())
 }
 

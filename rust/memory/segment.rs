@@ -336,7 +336,9 @@ impl Segment {
     /// without populating (`MLOCK_ONFAULT`), so a too-low RLIMIT_MEMLOCK is refused before a
     /// page is touched. Then it is populated 2 MiB at a time, each whole region on huge pages
     /// or small ones, whichever the steps time cheaper on this host ([`PageChooser::wiring`]).
-    /// Last it is locked for good. Why and the A/B: docs/memory.md ("Wired").
+    /// Last it is locked for good. Why and the A/B: docs/memory.md ("Wired"). An interrupt
+    /// (`memory::set_interrupt_check`, asked every 64 MiB) stops it with `MemoryError::Interrupted`;
+    /// the caller then drops the segment, and the lock and the pages with it.
     fn wire(&self, what: &str, asked: u64) -> Result<(), MemoryError> {
         let failed = |err: std::io::Error, detail: String| MemoryError::Os {
             what: format!("cannot wire {} for {what}: mlock failed", human_size(asked)),

@@ -1,6 +1,8 @@
 //! How core errors become Python exceptions: address and OS failures are `GuestMemoryError`, an
 //! `OSError` carrying the errno a kernel would give; a chunk of lazily restored memory that could
 //! not be loaded and checked is its subclass `LazyMemoryError`; impossible sizes are `ValueError`.
+//! Work the process interrupted (wiring, on the main thread) raises what the signal handler
+//! raised: Ctrl-C's `KeyboardInterrupt`, carrying the core's words on what was stopped where.
 
 use std::sync::Mutex;
 

@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_guests:
         return list_guests()
     config: VmConfig | None = None
+    doing = "reading its options"  # what a Ctrl-C before the guest exists interrupted
     try:
         vmmrun_config.apply(args, vmmrun_config.read_sources(args.config_sources or []))
         if args.restore and args.receive:
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"-R {args.receive}: {refusal}")
         if args.take_name and not (receive_at and is_unix(receive_at[0])):
             raise ConfigError("--take-name is for a live update's successor: it goes with -R unix:PATH")
+        doing = starting_what(args)
         machine = machine_for(args, config, key)
     except (ConfigError, ValueError, CheckpointError, SectionError) as err:
         print(f"vmmrun: {err}", file=sys.stderr)
@@ -384,17 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C before the guest exists. Wiring stops for it at once (its message says how far
         # it got); other steps, a restore's read of memory among them, when they return. Nothing
         # was started, nothing is left.
+        name = config.name if config else args.vmname
         detail = f" ({err})" if str(err) else ""
-        print(f"vmmrun: {config.name if config else args.vmname or 'vmmrun'}: stopped by SIGINT while {starting_what(args)}"
-              f"{detail}; no guest ran", file=sys.stderr)
+        print(f"vmmrun: {name + ': ' if name else ''}stopped by SIGINT while {doing}{detail}; no guest ran", file=sys.stderr)
         return EXIT_ERROR
     commands = MachineCommands(machine)
-    commands.install()
-    live_update.install(machine, commands, args)
-    if args.pause_at is not None:
-        machine.pause_at = args.pause_at
     cancel = threading.Event()
     try:
+        commands.install()
+        live_update.install(machine, commands, args)
+        if args.pause_at is not None:
+            machine.pause_at = args.pause_at
         if receive_at:
             # Before listening, not on a thread: the migration may begin at once, and its
             # downtime (a live update's whole handover) must not share the CPU with an import.
