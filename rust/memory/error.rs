@@ -25,8 +25,8 @@ pub enum MemoryError {
     /// A chunk of lazily restored memory could not be loaded and checked, so it may not be used:
     /// `source` names where it comes from, `why` what was wrong.
     ChunkUnavailable { source: String, chunk: usize, file_start: u64, file_end: u64, gpa_ranges: Vec<(u64, u64)>, why: String, errno: i32 },
-    /// Long work (wiring) stopped because the process was interrupted ([`super::interrupted`]):
-    /// `what` says what was done of it. Nothing of it is kept.
+    /// Long work (wiring) stopped because the process was interrupted (the check given to
+    /// [`super::set_interrupt_check`] said so): `what` says what was done of it. Nothing of it is kept.
     Interrupted { what: String },
 }
 

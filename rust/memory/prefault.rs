@@ -351,10 +351,10 @@ static INTERRUPT_CHECK: OnceLock<fn() -> bool> = OnceLock::new();
 /// 2 MiB boundary, a few milliseconds).
 pub(crate) const INTERRUPT_EVERY: usize = 32;
 
-/// Set the check [`interrupted`] calls; only the first call sets it (whether this one did). The
-/// check may have effects (the binding's runs signal handlers and keeps what one raised), so a
-/// caller of [`interrupted`] that gets true must end its work with [`MemoryError::Interrupted`],
-/// which the embedder turns back into what interrupted it.
+/// Set the check long work calls (`interrupted`); only the first call sets it (whether this one
+/// did). The check may have effects (the binding's runs signal handlers and keeps what one
+/// raised), so work it answers true must end with [`MemoryError::Interrupted`], which the
+/// embedder turns back into what interrupted it.
 ///
 /// [`MemoryError::Interrupted`]: super::MemoryError::Interrupted
 pub fn set_interrupt_check(check: fn() -> bool) -> bool {
