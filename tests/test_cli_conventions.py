@@ -193,13 +193,19 @@ def test_ctrl_c_while_vmmrun_wires_its_memory_ends_it_with_one_line(tmp_path):
     import signal
     import time
 
-    from .procs import free_port, start_vmmrun, stop
+    from .procs import free_port, stop, vmmrun_cmd
+
+    def sigint_as_at_a_terminal() -> None:
+        # A job a non-interactive shell starts in the background (CI's, say) inherits SIGINT
+        # ignored, and Python then installs no handler for it; from a terminal it is not.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     expected = (r"vmmrun: w0: stopped by SIGINT while setting up its wired memory to receive a migration \(wiring 3 GiB "
                 r"for segment 'lowmem' was interrupted after [0-9.]+ [MG]iB\); no guest ran\n")
     port = free_port()
     for _attempt in range(3):
-        proc = start_vmmrun(tmp_path, "-S", "-m", "4G", "-R", f"127.0.0.1:{port}", "w0")
+        proc = subprocess.Popen(vmmrun_cmd(f"--run-dir={tmp_path}", "-S", "-m", "4G", "-R", f"127.0.0.1:{port}", "w0"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_at_a_terminal)
         try:
             deadline = time.monotonic() + 60
             while proc.poll() is None and _resident_bytes(proc.pid) < 256 * MiB and time.monotonic() < deadline:
