@@ -10,7 +10,7 @@ from vmmpy.memory import PageBatchError
 from vmmpy.runtime.config import VmConfig
 from vmmpy.runtime.process import Machine
 from vmmpy.state import decode_sections, encode_sections
-from vmmpy.state.kernel import restore_sections, save_sections
+from vmmpy.state.kernel import MachineSectionLoader, save_sections
 
 
 def run_to_end(machine: Machine, timeout: float = 60) -> int:
@@ -42,11 +42,15 @@ def wait_paused(machine: Machine, timeout: float = 30) -> None:
     assert paused_or_ended(machine, timeout), f"the guest ended before its pause point: {machine.exit_reason}"
 
 
-def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict, compress: str = "off") -> Machine:
+def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict, compress: str = "off", parts: int = 0) -> Machine:
     """Move a paused machine into a new one built from ``config``, as a migration does: every
     state section (through the encoded container) and all memory (through a page batch stream,
-    ``compress``ed as a migration source would); the source is destroyed and the target started."""
-    sections = decode_sections(encode_sections(save_sections(source)))
+    ``compress``ed as a migration source would); the source is destroyed and the target started.
+    ``parts``: the state goes in containers of that many sections, each read into the target's
+    ``MachineSectionLoader`` on its own, as protocol version 9's STATE_PARTs are; 0: one container."""
+    saved = save_sections(source)
+    size = parts or len(saved)
+    containers = [decode_sections(encode_sections(saved[i:i + size])) for i in range(0, len(saved), size)]
     target = Machine(config, consoles=consoles)
     target.setup_memory()
     a, b = socket.socketpair()
@@ -73,6 +77,9 @@ def move_to_fresh_machine(source: Machine, config: VmConfig, consoles: dict, com
         sender.join()
         assert received == sent["batches"], f"{received} of {sent['batches']} batches arrived"
     source.destroy()  # closes backends (disk images) before the target uses them, as a suspend does
-    restore_sections(target, sections, what="test")
+    loader = MachineSectionLoader(target, what="test")
+    for sections in containers:
+        loader.add(sections)
+    loader.restore()
     target.start(serve_control=False)
     return target

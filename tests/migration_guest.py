@@ -19,6 +19,7 @@ import numpy as np
 from vmmpy import PAGE_SIZE, GuestMemory
 from vmmpy.migration import spec_mismatches
 from vmmpy.state import Section
+from vmmpy.state.handle import LoadAtEnd
 
 from .memory_image import MemoryImage
 
@@ -199,6 +200,9 @@ class FakeGuest:
             assert self._parked, "adopt_memory while the writer runs"
             self.memory.close()
             self.memory = memory
+
+    def section_loader(self, *, what: str) -> LoadAtEnd:
+        return LoadAtEnd(self, what=what)
 
     def restore_sections(self, sections: list[Section], *, what: str) -> None:
         self.calls.append("restore_sections")

@@ -375,6 +375,8 @@ def test_the_destination_starts_its_vcpus_held_once_it_acknowledged_the_commit(t
     import threading
 
     from vmmpy.guest.programs import load_into
+    from vmmpy.migration import protocol as P
+    from vmmpy.migration import source as source_module
     from vmmpy.runtime.commands import build_machine
     from vmmpy.runtime.config import VmConfig
     from vmmpy.runtime.guest_handle import MachineHandle
@@ -389,9 +391,15 @@ def test_the_destination_starts_its_vcpus_held_once_it_acknowledged_the_commit(t
     seen = {}
 
     class Watching(MachineHandle):
-        def restore_sections(self, sections, *, what):
-            super().restore_sections(sections, what=what)
-            seen["after restore"] = vcpu_threads()
+        def section_loader(self, *, what):
+            loader = super().section_loader(what=what)
+            restore = loader.restore
+
+            def watched():
+                restore()
+                seen["after restore"] = vcpu_threads()
+            loader.restore = watched
+            return loader
 
         def prepare_to_run(self):
             super().prepare_to_run()
@@ -408,6 +416,11 @@ def test_the_destination_starts_its_vcpus_held_once_it_acknowledged_the_commit(t
         assert stats.status == "completed", stats.error
         assert dstats.status == "completed", dstats.error
         assert seen["after restore"] == 0 and seen["after prepare"] == 1
+        # Protocol 9: the state came in parts where this host has the CPUs for it (state_in_parts).
+        sections = len(MachineHandle(dst).spec()["devices"])
+        in_parts = len(os.sched_getaffinity(0)) >= source_module.PARTS_ON_ONE_HOST_CPUS
+        assert sections > P.STATE_PART_SECTIONS and dstats.protocol_version == max(P.PROTOCOL_VERSIONS)
+        assert dstats.state_parts == stats.state_parts == (-(-sections // P.STATE_PART_SECTIONS) if in_parts else 1)
         assert seen["retired at start"] == seen["retired"] == 0
         assert dst.wait(30) is not None and dst.vm.vcpus[0].instructions_retired > 0, "it ran once started"
     finally:

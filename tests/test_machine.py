@@ -1,5 +1,6 @@
 """The vmmrun machine in-process: vCPU threads, userspace exits, kernel devices, bhyve exit codes."""
 
+import re
 import threading
 import time
 
@@ -484,6 +485,58 @@ def test_a_guest_moved_with_compressed_pages_ends_exactly_as_an_unmigrated_run()
         assert run_to_end(target) == EXIT_POWEROFF
         assert final_state(target) == expected, f"paused at instruction {at}"
         assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
+
+
+@pytest.mark.covers(operation="state-move", guest="busy", via="machine")
+def test_a_guest_whose_state_moves_in_parts_ends_exactly_as_an_unmigrated_run():
+    """The state read in parts, each checked as it comes and all loaded at the end (migration
+    protocol 9's STATE_PARTs): memory, registers, instruction count and console end as in the
+    run that never moved, whatever the size of the parts."""
+    reference, ref_console = boot(BUSY, "m-refp")
+    assert run_to_end(reference) == EXIT_POWEROFF
+    expected = final_state(reference)
+    for at, parts in ((999_999, 1), (expected[2] // 2 + 7, 4), (expected[2] - 1_000, 5)):
+        source, src_console = boot(BUSY, "m-srcp", pause_at=at)
+        target_console = CaptureConsole()
+        target = move_to_fresh_machine(source, VmConfig(name="m-dstp", memsize=4 << 20), {"com1": target_console}, parts=parts)
+        assert run_to_end(target) == EXIT_POWEROFF
+        assert final_state(target) == expected, f"paused at instruction {at}, parts of {parts}"
+        assert bytes(src_console.output) + bytes(target_console.output) == ref_console.output
+
+
+def test_state_in_parts_is_refused_section_by_section_and_loads_nothing_until_whole():
+    """A MachineSectionLoader refuses a part as it comes (a section seen before, an unknown one, a
+    payload its declaration does not read), names it, and changes nothing; a set with a section
+    missing is refused at the end, before anything is loaded."""
+    from dataclasses import replace
+
+    from vmmpy.state import SectionError
+    from vmmpy.state.kernel import MachineSectionLoader, save_sections
+
+    source, _ = boot(BUSY, "m-srcl", pause_at=999_999)
+    target, _ = boot(BUSY, "m-dstl", pause_at=2_000_003)
+    try:
+        saved = save_sections(source)
+        before = save_sections(target)
+        vlapic = next(i for i, s in enumerate(saved) if s.name == "vlapic")
+        bad_payload = replace(saved[vlapic], payload={**saved[vlapic].payload, "vcpus": "not a list"})
+        cases = [
+            ([saved[:4], saved[3:]], "add", "test: section 'vioapic' came twice"),
+            ([saved[:4], [replace(saved[4], name="nosuch")]], "add", "test: section 'nosuch' is unknown to this vmmpy"),
+            ([saved[:vlapic], [bad_payload]], "add", "test: section 'vlapic': vcpus"),
+            ([saved[:4], saved[5:]], "restore", f"test: kernel section '{saved[4].name}' is missing"),
+        ]
+        for parts, where, sentence in cases:
+            loader = MachineSectionLoader(target, what="test")
+            with pytest.raises(SectionError, match=re.escape(sentence)):
+                for part in parts:
+                    loader.add(part)
+                assert where == "restore", f"every part of {sentence!r} was taken"
+                loader.restore()
+            assert save_sections(target) == before, f"{sentence!r} changed the machine"
+    finally:
+        for machine in (source, target):
+            machine.destroy()
 
 
 def test_pausing_and_resuming_at_arbitrary_points_changes_nothing():

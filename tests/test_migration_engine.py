@@ -14,6 +14,8 @@ from vmmpy import PAGE_SIZE
 from vmmpy._core import MIN_THREAD_SLICE_NS, set_thread_slice, thread_slice
 from vmmpy.memory import HIGHMEM_BASE
 from vmmpy.migration import MigrationParams
+from vmmpy.migration import protocol as P
+from vmmpy.migration import source as source_module
 from vmmpy.migration.downtime import DowntimeHold, active_holds, slices_refused
 from vmmpy.units import GiB, MiB
 
@@ -43,6 +45,22 @@ def assert_arrived_exact(src: FakeGuest, dst: FakeGuest, *, prepared: bool = Tru
 
 
 @pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", key=True)
+def test_a_live_migration_whose_state_comes_one_section_a_part_moves_the_guest_exactly(guests, monkeypatch):
+    # The fake guest has two sections, fewer than a part holds: one a part sends STATE_PART, STATE.
+    monkeypatch.setattr(P, "STATE_PART_SECTIONS", 1)
+    monkeypatch.setattr(source_module, "state_in_parts", lambda sock: True)  # whatever this host's CPUs
+    src = guests("64M", work_pages=2048, rate=3000)
+    dst = guests("64M", work_pages=2048, running=False)
+    src.wait_for_progress(3000)
+    stats, dstats = migrate_pair(src, dst, live=True)
+    assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+    assert dstats.protocol_version == max(P.PROTOCOL_VERSIONS) and dstats.state_parts == 2
+    assert dst.calls.count("restore_sections") == 1, dst.calls
+    assert src.bad_pages(*src.state_at_pause) == []
+    dst.wait_for_progress(500)
+    assert_arrived_exact(src, dst)
+
+
 def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     src = guests("64M", work_pages=2048)
     dst = guests("64M", work_pages=2048, running=False)

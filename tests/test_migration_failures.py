@@ -57,6 +57,25 @@ def test_spec_mismatch_is_refused_with_the_reason_and_guest_untouched(guests, ds
     assert_source_kept_guest(src)
 
 
+def test_a_state_larger_than_max_state_is_stopped_by_the_source_part_way_and_the_guest_runs_on(guests, monkeypatch):
+    # One section a part: the fake guest's first section goes, the second would pass the bound.
+    from vmmpy.migration import protocol as P
+    from vmmpy.migration import source as source_module
+    from vmmpy.state import encode_sections
+
+    monkeypatch.setattr(P, "STATE_PART_SECTIONS", 1)
+    monkeypatch.setattr(source_module, "state_in_parts", lambda sock: True)  # whatever this host's CPUs
+    src = guests("64M", work_pages=256)
+    dst = guests("64M", work_pages=256, running=False)
+    src.wait_for_progress(100)
+    first = len(encode_sections(list(src.save_sections())[:1]))
+    stats, dstats = migrate_pair(src, dst, live=True, params=MigrationParams(max_state_bytes=first + 1))
+    assert stats.status == "failed" and stats.owner == "source", stats.error
+    assert re.search(rf"device state is \d+ bytes up to section 'fakeguest', more than max_state_bytes={first + 1}", stats.error), stats.error
+    assert dstats.status == "failed" and dst.discarded and "restore_sections" not in dst.calls, dstats.error
+    assert_source_kept_guest(src)
+
+
 @pytest.mark.parametrize("src_key,dst_key,reason", [
     (b"w" * 32, KEY, "authentication failed: the source's proof does not match this destination's key"),
     (None, KEY, "this destination requires a migration key and the source sent none"),

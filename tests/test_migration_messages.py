@@ -37,6 +37,7 @@ SAMPLES = {
     P.MessageType.RECOVERED: P.Outcome.UNKNOWN,
     P.MessageType.POSTCOPY_DONE: P.PostcopyDone(12, 60, 150, 900, 12_500, 300, 100),
     P.MessageType.ROUND_DONE: 3,
+    P.MessageType.STATE_PART: b"VMMPYSEC..",
 }
 
 

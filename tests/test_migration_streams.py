@@ -630,6 +630,22 @@ def test_a_connection_within_this_host_gets_the_local_buffers_and_one_to_another
     assert net.LOCAL_SOCKET_BUFFER_BYTES < net.SOCKET_BUFFER_BYTES
 
 
+@pytest.mark.parametrize("cpus", [2, 3, 4, 8])
+def test_the_state_goes_in_parts_to_another_host_and_within_this_one_only_with_cpus_to_spare(monkeypatch, cpus):
+    from vmmpy.migration import source as source_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    spare = cpus >= source_module.PARTS_ON_ONE_HOST_CPUS
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as near:
+        assert source_module.state_in_parts(near) is spare
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert source_module.state_in_parts(a) is spare, "a local migration's Unix socket is this host"
+    assert source_module.state_in_parts(_Connected("192.0.2.10", "192.0.2.10")) is spare, "this host's own address"
+    assert source_module.state_in_parts(_Connected("192.0.2.10", "198.51.100.7")) is True, "another host"
+
+
 def test_an_address_written_out_connects_without_a_name_lookup_and_a_name_still_resolves(monkeypatch):
     """A process's first getaddrinfo() costs milliseconds (the C library reads its configuration),
     inside a source's migration setup: an IPv4 or IPv6 address is connected to as it is."""

@@ -18,6 +18,7 @@ import pytest
 import vmmpy
 from vmmpy import CheckpointError, ConfigError, MigrationError, SectionError, Vm, VmmpyError, VmStateError
 from vmmpy.runtime.control import ControlError
+from vmmpy.state.kernel import KERNEL_SECTIONS
 
 GUEST = "abtest"
 # Long enough that a live migration started a third of the way in finishes well before the guest
@@ -72,6 +73,42 @@ def test_a_guest_checkpointed_restored_lazily_and_migrated_live_ends_as_an_unint
         third = vm2.console
     assert got == expected
     assert first + second + third == expected_console
+
+
+@pytest.mark.covers(operation="migrate-warm", guest="abtest", via="api")
+@pytest.mark.parametrize("destination", ["newest", "version-8"])
+def test_a_warm_migration_sends_the_state_in_parts_to_a_destination_that_reads_them(monkeypatch, destination):
+    """Protocol 9 sends the state in parts (STATE_PART ... STATE) and the guest ends exactly as an
+    uninterrupted run; a version 8 destination gets it in one STATE, and the guest ends the same."""
+    from vmmpy.migration import destination as destination_module
+    from vmmpy.migration import protocol as P
+    from vmmpy.migration import source as source_module
+
+    # Both ends share this host: parts whatever its CPUs (state_in_parts decides that).
+    monkeypatch.setattr(source_module, "state_in_parts", lambda sock: True)
+    if destination == "version-8":
+        monkeypatch.setattr(destination_module._Receiver, "versions", tuple(v for v in P.PROTOCOL_VERSIONS if v <= 8))
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm:
+        vm.start()
+        expected = final_state(vm)
+        expected_console = vm.console
+    with Vm(GUEST, args=ARGS, memory=MEMORY) as vm1, Vm.receive(memory=MEMORY) as vm2:
+        vm1.start(pause_at=PAUSE_AT)
+        vm1.wait_paused(60)
+        stats = vm1.migrate(*vm2.address, live=False)
+        received = vm2.received(60)
+        assert stats.status == received.status == "completed", (stats.error, received.error)
+        sections = len(vm2.machine.devices) + len(KERNEL_SECTIONS)
+        if destination == "newest":
+            assert received.protocol_version == max(P.PROTOCOL_VERSIONS)
+            assert received.state_parts == -(-sections // P.STATE_PART_SECTIONS) > 1, (received.state_parts, sections)
+        else:
+            assert received.protocol_version == 8 and received.state_parts == 1
+        first = vm1.console
+        got = final_state(vm2)
+        second = vm2.console
+    assert got == expected
+    assert first + second == expected_console
 
 
 @pytest.mark.covers(operation="checkpoint", guest="abtest", via="api", live=True)

@@ -40,7 +40,8 @@ from typing import Any
 from ..memory import GuestMemory, PageBatchError, PageBudget
 from ..progress import Ticker
 from ..state import SectionError, decode_sections, encode_sections
-from ..state.handle import GuestHandle
+from ..state.handle import GuestHandle, SectionLoader
+from ..state.section import MAX_SECTIONS
 from . import protocol as P
 from .convergence import MigrationParams
 from .digest import InBackground, Ready, tracker_digest
@@ -644,6 +645,9 @@ class _Receiver:
         self.tracker = self.memory.digest_tracker()  # hashes (or marks) every page received: exact in both verify modes
         self.digest_job: InBackground[int] | Ready[int] | None = None
         self.restored = False
+        self.section_loader: SectionLoader | None = None  # the state's sections, read as they come (STATE_PART, STATE)
+        self.state_read_s = 0.0  # reading and checking them
+        self.state_sections = 0  # how many came
         self.refused_reason: str | None = None
         self.listener = listener  # open only until the data streams have joined or round 0 begins
         self.data_conns: list[socket.socket] = []  # streams 1..n-1 (protocol v3)
@@ -894,8 +898,12 @@ class _Receiver:
                 else:
                     self.downtime.lengthen_slices()  # a bulk round
                 self._receive_round(memory)
+            elif frame.type is P.MessageType.STATE_PART:
+                self._take_state(frame.payload, last=False)
+                self._advance(P.MessageType.STATE_PART)
             elif frame.type is P.MessageType.STATE:
-                self._restore(frame.payload)
+                self._take_state(frame.payload, last=True)
+                self._restore()
             else:  # COMMIT_REQUEST, the only other message READY and HAVE_STATE read
                 self._commit(P.decode_digest(frame.type, frame.payload))
                 return
@@ -1132,20 +1140,44 @@ class _Receiver:
         except (MigrationError, OSError) as err:
             self.stats.notes.append(f"the source did not say RELEASED after the last page ({err})")
 
-    def _restore(self, blob: bytes) -> None:
+    def _take_state(self, blob: bytes, *, last: bool) -> None:
+        """A STATE_PART (``last`` false) or STATE: its sections read and checked, nothing loaded.
+        The parts together are bounded as one STATE is: by max_state_bytes and MAX_SECTIONS (a
+        STATE_PART carries at least one section, so their count is bounded too)."""
+        t = time.monotonic()
         if not self.have_all_pages:
-            raise ProtocolError("STATE arrived before a round carrying all pages")
+            raise ProtocolError("the state arrived before a round carrying all pages")
+        if self.stats.state_bytes + len(blob) > self.params.max_state_bytes:
+            raise ProtocolError(f"the state's parts come to more than max_state_bytes={self.params.max_state_bytes}")
+        self.stats.state_bytes += len(blob)
         try:
             sections = decode_sections(blob, what="migration stream")
         except SectionError as err:
             raise ProtocolError(str(err)) from None
-        self.stats.state_bytes = len(blob)
+        if not last and not sections:
+            raise ProtocolError("a STATE_PART carries no section")
+        self.state_sections += len(sections)
+        if self.state_sections > MAX_SECTIONS:
+            raise ProtocolError(f"the state's parts carry more than the {MAX_SECTIONS} sections a state may have")
+        if self.section_loader is None:
+            self.section_loader = self.adapter.section_loader(what="migration stream")
+        try:
+            self.section_loader.add(sections)
+        except Exception as err:
+            raise MigrationError(f"restoring the guest's state failed: {err}") from None
+        self.stats.state_parts += 1
+        self.state_read_s += time.monotonic() - t
+
+    def _restore(self) -> None:
+        """STATE, the last part, read: check the state whole and load it."""
         t = time.monotonic()
         try:
-            self.adapter.restore_sections(sections, what="migration stream")
+            self.section_loader.restore()
         except Exception as err:
             raise MigrationError(f"restoring the guest's state failed: {err}") from None
         self.restored = True
+        # The reading of the parts before this one was beside the source's save of the rest.
+        self.stats.downtime_breakdown["state_read_ms"] = self.state_read_s * 1000
         self.stats.downtime_breakdown["restore_ms"] = (time.monotonic() - t) * 1000
         self._advance(P.MessageType.STATE)
 

@@ -25,7 +25,9 @@ Message sequence (S = source, D = destination)::
     |---- MEMORY_END (r, totals) ----------------->|     totals checked against what arrived
     |<--- ROUND_DONE (r) --------------------------|  (v8, a round that is not final: D has all of it)
     |     ... one MEMORY..MEMORY_END per round ... |
-    |---- STATE (encode_sections container) ------>|  D: restore_sections
+    |---- STATE_PART (some sections) ------------->|  D: READY -> STATE_PARTS (v9, zero or more):
+    |                                              |     each section read and checked as it comes
+    |---- STATE (encode_sections container) ------>|  D: the rest read and checked, then loaded
     |---- COMMIT_REQUEST (source digest) --------->|  D: commit digest of own memory, compare
     |<--- COMMIT_ACK (destination digest) ---------|  D: AWAIT_COMMITTED; prepare_to_run
     |---- COMMITTED ------------------------------>|  D: start_running; S: stop_for_good
@@ -71,6 +73,14 @@ Version 4 adds compression: SPEC ends with the codecs the source offers (``u8 n,
 codec``; 1 = LZ4) and the destination's ACCEPT of the spec ends with the one it takes (``u8
 codec``, 0 = none). Only then may page batches carry the LZ4 flag; an older peer never sees
 either field, nor a compressed batch.
+
+Version 9 lets the state come in parts. Each STATE_PART is a section container (the same
+format as STATE) holding the next few sections as the source saves them; STATE holds the last
+(or, from an older source or a guest with few sections, all of them). The destination reads
+and checks each part as it arrives, so it works on the first sections while the source still
+saves the rest; a section name may come only once across the parts, and the parts together
+are bounded by max_state as one STATE is. Nothing is loaded into the guest before STATE, when
+the sections are checked as a whole (none missing, none unknown) and loaded.
 """
 
 from __future__ import annotations
@@ -99,7 +109,9 @@ FRAME_VERSION = 1
 # 6: local migration (LOCAL_MEMORY). 7: post-copy (POSTCOPY, RECOVER, RECOVERED, POSTCOPY_DONE).
 # 8: the destination answers each round that is not final with ROUND_DONE once it has taken all of
 #    it, so the source pauses the guest only when the destination has caught up.
-PROTOCOL_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
+# 9: the state may come in parts (STATE_PART ... STATE), so the destination reads and checks the
+#    first sections while the source still saves the rest: both inside the downtime.
+PROTOCOL_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9)
 STREAMS_VERSION = 3  # the first protocol version with parallel streams
 MAX_STREAMS = _core.MAX_STREAMS  # connections a session may use, the main one included
 TOKEN_SIZE = 32
@@ -114,6 +126,11 @@ OWNERSHIP_VERSION = 5
 LOCAL_VERSION = 6  # the first protocol version with LOCAL_MEMORY (memfds over a Unix socket)
 POSTCOPY_VERSION = 7  # the first with post-copy (POSTCOPY, the page exchange, RECOVER/RECOVERED)
 ROUND_DONE_VERSION = 8  # the first where the destination answers a round that is not final (ROUND_DONE)
+STATE_PART_VERSION = 9  # the first where the state may come in parts (STATE_PART)
+#: Sections the source puts in each STATE_PART: an idle guest's 14 go in four frames, so the
+#: destination starts on the first quarter while the source saves the rest, and pays for a
+#: few frames, not one a section.
+STATE_PART_SECTIONS = 4
 POSTCOPY_CHUNK_SIZE = _core.POSTCOPY_CHUNK_SIZE
 MAX_POSTCOPY_CHUNK = _core.POSTCOPY_MAX_CHUNK_PAGES * 4096
 MAX_SEGMENTS = 2  # lowmem, highmem
@@ -160,6 +177,7 @@ class MessageType(enum.IntEnum):
     RECOVERED = 24  # v7: the destination's answer: the exchange goes on on this connection, or no such session
     POSTCOPY_DONE = 25  # v7: every page is on the destination: what post-copy cost the guest there
     ROUND_DONE = 26  # v8: the destination has taken every page of a round that is not final
+    STATE_PART = 27  # v9: some of the state's sections, more to come; STATE carries the last of them
 
 
 class Stage(enum.IntEnum):
@@ -208,7 +226,7 @@ def decode_header(head: bytes, *, max_state: int = DEFAULT_MAX_STATE) -> tuple[M
         raise ProtocolError(f"unknown message type {raw_type}") from None
     if flags != 0:
         raise ProtocolError(f"{msg_type.name}: unknown frame flags {flags:#x}")
-    bound = max_state if msg_type is MessageType.STATE else MAX_PAYLOAD[msg_type]
+    bound = max_state if msg_type in STATE_MESSAGES else MAX_PAYLOAD[msg_type]
     if length > bound:
         raise ProtocolError(f"{msg_type.name}: declared payload of {length} bytes exceeds the {bound} allowed")
     return msg_type, length, checksum
@@ -1016,9 +1034,12 @@ MESSAGES: tuple[MessageSpec, ...] = (
         ("fault_max_us", "I", _saturating), ("blocked_us", "Q", _saturating), ("requested_pages", "Q", _saturating),
         ("pushed_pages", "Q", _saturating))),), 8 + 3 * 4 + 3 * 8, PostcopyDone),
     MessageSpec(MessageType.ROUND_DONE, (_Ints("the round", (("round", "I", None),)),), 4),
+    MessageSpec(MessageType.STATE_PART, (), DEFAULT_MAX_STATE, raw=True),
 )
 SPECS: dict[MessageType, MessageSpec] = {m.type: m for m in MESSAGES}
-# The largest payload each message may declare; STATE's bound is the receiver's max_state.
+#: The messages that carry the state (section containers), bounded by the receiver's max_state.
+STATE_MESSAGES = frozenset((MessageType.STATE, MessageType.STATE_PART))
+# The largest payload each message may declare; the state's bound is the receiver's max_state.
 MAX_PAYLOAD: dict[MessageType, int] = {m.type: m.max_payload for m in MESSAGES}
 
 
@@ -1230,6 +1251,7 @@ class RxState(enum.Enum):
     READY = "ready"
     JOINING = "joining"  # v3: data streams connecting after STREAMS
     RECEIVING = "receiving"
+    STATE_PARTS = "state-parts"  # v9: STATE_PART read, the rest of the state to come
     HAVE_STATE = "have-state"
     AWAIT_COMMITTED = "await-committed"
     IN_DOUBT = "in-doubt"  # v5: COMMIT_ACK sent, then the link failed: held paused until settled
@@ -1249,7 +1271,9 @@ RECEIVER: dict[RxState, dict[MessageType, RxState]] = {
     RxState.AWAIT_AUTH: {MessageType.AUTH: RxState.AWAIT_SPEC},
     RxState.AWAIT_SPEC: {MessageType.SPEC: RxState.READY, MessageType.RESOLVE: RxState.ANSWERED, MessageType.RECOVER: RxState.PAGES},
     RxState.READY: {MessageType.STREAMS: RxState.JOINING, MessageType.MEMORY: RxState.RECEIVING, MessageType.STATE: RxState.HAVE_STATE,
-                    MessageType.LOCAL_MEMORY: RxState.READY, MessageType.POSTCOPY: RxState.READY},
+                    MessageType.LOCAL_MEMORY: RxState.READY, MessageType.POSTCOPY: RxState.READY,
+                    MessageType.STATE_PART: RxState.STATE_PARTS},
+    RxState.STATE_PARTS: {MessageType.STATE_PART: RxState.STATE_PARTS, MessageType.STATE: RxState.HAVE_STATE},
     RxState.JOINING: {MessageType.JOIN: RxState.READY},
     RxState.RECEIVING: {MessageType.MEMORY_END: RxState.READY},
     RxState.HAVE_STATE: {MessageType.COMMIT_REQUEST: RxState.AWAIT_COMMITTED},
@@ -1273,6 +1297,7 @@ SINCE: dict[MessageType, int] = {
     MessageType.RECOVERED: POSTCOPY_VERSION,
     MessageType.POSTCOPY_DONE: POSTCOPY_VERSION,
     MessageType.ROUND_DONE: ROUND_DONE_VERSION,
+    MessageType.STATE_PART: STATE_PART_VERSION,
 }
 
 #: The source's sequence on one connection: after each message it sent (None: nothing yet), the
@@ -1282,11 +1307,12 @@ SOURCE_NEXT: dict[MessageType | None, tuple[MessageType, ...]] = {
     MessageType.HELLO: (MessageType.AUTH,),
     MessageType.AUTH: (MessageType.SPEC, MessageType.RESOLVE, MessageType.RECOVER),
     MessageType.SPEC: (MessageType.STREAMS, MessageType.MEMORY, MessageType.LOCAL_MEMORY, MessageType.POSTCOPY),
-    MessageType.LOCAL_MEMORY: (MessageType.STATE,),
-    MessageType.POSTCOPY: (MessageType.STATE,),
+    MessageType.LOCAL_MEMORY: (MessageType.STATE, MessageType.STATE_PART),
+    MessageType.POSTCOPY: (MessageType.STATE, MessageType.STATE_PART),
     MessageType.STREAMS: (MessageType.MEMORY, MessageType.POSTCOPY),
     MessageType.MEMORY: (MessageType.MEMORY_END,),
-    MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE, MessageType.POSTCOPY),
+    MessageType.MEMORY_END: (MessageType.MEMORY, MessageType.STATE, MessageType.STATE_PART, MessageType.POSTCOPY),
+    MessageType.STATE_PART: (MessageType.STATE_PART, MessageType.STATE),
     MessageType.STATE: (MessageType.COMMIT_REQUEST,),
     MessageType.COMMIT_REQUEST: (MessageType.COMMITTED,),
     MessageType.COMMITTED: (MessageType.RELEASED,),

@@ -169,6 +169,7 @@ class MigrationStats:
     pages_sent: int = 0  # with data
     zero_pages: int = 0
     state_bytes: int = 0
+    state_parts: int = 0  # the frames the state went in (source) or came in (destination): STATE_PARTs and STATE (version 9)
     compressed_batches: int = 0  # page batches that went compressed
     compression_saved_bytes: int = 0  # page bytes compression kept off the wire
     compress_attempts: int = 0  # source: batches compressed to see whether they shrink

@@ -17,12 +17,13 @@ is thrown away.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from ..memory import GuestMemory
 from ..state import Section, decode_sections, encode_sections
 from ..state.handle import spec_mismatches
-from ..state.kernel import check_sections, prepare_declarations, restore_sections, save_sections, section_registry
+from ..state.kernel import MachineSectionLoader, check_sections, iter_sections, prepare_declarations, section_registry
 from .process import EXIT_ERROR, Machine
 
 #: How many times :meth:`MachineHandle.receiving` runs the restore's code ahead: CPython
@@ -33,6 +34,20 @@ REHEARSALS = 10
 #: How long ``prepare_to_run`` waits for the vCPU threads it started to park (a few hundred µs
 #: here); they are held either way, so a slower start only moves that wait into the downtime.
 PARK_WAIT_S = 1.0
+
+
+class _Loader(MachineSectionLoader):
+    """The machine's loader; once loaded, a guest held for ``start_running`` parks its vCPUs."""
+
+    def __init__(self, handle: MachineHandle, *, what: str) -> None:
+        super().__init__(handle.machine, what=what)
+        self.handle = handle
+
+    def restore(self) -> None:
+        super().restore()
+        if self.handle.hold_vcpus:
+            # vCPU threads started from here on stop at the pause rendezvous.
+            self.machine.pause()
 
 
 class MachineHandle:
@@ -106,8 +121,8 @@ class MachineHandle:
             self._paused_by_us = False
             self.machine.resume()
 
-    def save_sections(self) -> list[Section]:
-        return save_sections(self.machine)
+    def save_sections(self) -> Iterator[Section]:
+        return iter_sections(self.machine)
 
     def check_sections(self, sections: list[Section], *, what: str) -> None:
         check_sections(self.machine, sections, what=what)
@@ -118,10 +133,12 @@ class MachineHandle:
         self.machine.vm.adopt_memory(memory, replace=True)
 
     def restore_sections(self, sections: list[Section], *, what: str) -> None:
-        restore_sections(self.machine, sections, what=what)
-        if self.hold_vcpus:
-            # vCPU threads started from here on stop at the pause rendezvous.
-            self.machine.pause()
+        loader = self.section_loader(what=what)
+        loader.add(sections)
+        loader.restore()
+
+    def section_loader(self, *, what: str) -> _Loader:
+        return _Loader(self, what=what)
 
     def prepare_to_run(self) -> None:
         if not self.hold_vcpus or self._held or self.machine.exit_status is not None:

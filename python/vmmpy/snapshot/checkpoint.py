@@ -98,7 +98,7 @@ def checkpoint_guest(
     if progress:
         progress({"phase": "paused", "seconds": round(pause_seconds, 6)})
     try:
-        sections = guest.save_sections()
+        sections = list(guest.save_sections())
         pages = guest.memory.checkpoint_log_pages()
         parent = _diff_parent(guest.memory.checkpoint_log_base, pages, path) if diff else None
         with metered(progress, "suspend" if suspend else "checkpoint") as meter:
@@ -158,7 +158,7 @@ def _live_checkpoint(guest: GuestHandle, path: str, *, basic: Mapping[str, Any],
     started = time.perf_counter()
     guest.pause()
     try:
-        sections = guest.save_sections()
+        sections = list(guest.save_sections())
         harvests = memory.harvests
         try:
             capture = _core.LiveCapture(memory.core, copy_limit // PAGE_SIZE)

@@ -17,16 +17,48 @@ incoming migration failed; ``discard`` may also come with no restore at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..memory import GuestMemory
 from ..units import format_memsize
-from .section import Section
+from .section import Section, SectionError
 
 if TYPE_CHECKING:
     from ..devices.base import Device
     from ..vmm.vm import Vm
+
+
+class SectionLoader(Protocol):
+    """State taken in parts (``GuestHandle.section_loader``). ``add`` raises, naming the section,
+    for one the guest cannot take or that came before; ``restore`` checks the whole (nothing
+    missing) and loads it. Nothing changes the guest before ``restore``."""
+
+    def add(self, sections: Iterable[Section]) -> None: ...
+
+    def restore(self) -> None: ...
+
+
+class LoadAtEnd:
+    """A :class:`SectionLoader` for a guest that checks its state only whole: ``add`` refuses
+    a section name that came before and keeps the rest, ``restore`` hands them all to the
+    guest's ``restore_sections``."""
+
+    def __init__(self, guest: GuestHandle, *, what: str) -> None:
+        self.guest = guest
+        self.what = what
+        self.sections: list[Section] = []
+        self.names: set[str] = set()
+
+    def add(self, sections: Iterable[Section]) -> None:
+        for section in sections:
+            if section.name in self.names:
+                raise SectionError(f"{self.what}: section '{section.name}' came twice")
+            self.names.add(section.name)
+            self.sections.append(section)
+
+    def restore(self) -> None:
+        self.guest.restore_sections(self.sections, what=self.what)
 
 
 @runtime_checkable
@@ -50,8 +82,10 @@ class GuestHandle(Protocol):
     def resume(self) -> None:
         """Undo ``pause`` (a guest paused before ``pause`` stays paused)."""
 
-    def save_sections(self) -> list[Section]:
-        """All non-memory state, taken while paused."""
+    def save_sections(self) -> Iterable[Section]:
+        """All non-memory state, taken while paused, in order. It may take each section as it
+        is reached (a generator), so a migration sends the first while the rest are taken; the
+        guest stays paused until it is exhausted."""
 
     def check_sections(self, sections: list[Section], *, what: str) -> None:
         """Refuse sections this guest cannot take, naming ``what`` they came from (a checkpoint
@@ -64,6 +98,11 @@ class GuestHandle(Protocol):
     def restore_sections(self, sections: list[Section], *, what: str) -> None:
         """Load the state (checked first; errors name ``what``); the guest does not run until
         ``start_running``."""
+
+    def section_loader(self, *, what: str) -> SectionLoader:
+        """A loader for state that comes in parts (a migration's STATE_PARTs): ``add`` checks
+        what it can of each part as it comes, ``restore`` does what ``restore_sections`` does
+        with all of them. :class:`LoadAtEnd` keeps every check for ``restore``."""
 
     def throttle(self, fraction: float) -> None:
         """Auto-converge: let the vCPUs run only ``1 - fraction`` of the time (0.0 = full speed)."""

@@ -15,6 +15,7 @@ of them read does anything change.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..vmm.ioctl import Ioctl, SnapshotOp, SnapshotReq, VmRestoreTime, VmSnapshotMeta, vmm_error
@@ -98,14 +99,17 @@ def prepare_declarations() -> int:
 
 def save_sections(machine: Machine) -> list[Section]:
     """Every section of a paused machine, in order."""
+    return list(iter_sections(machine))
+
+
+def iter_sections(machine: Machine) -> Iterator[Section]:
+    """Every section of a paused machine, in order, each taken when it is reached."""
     vm = machine.vm
-    sections = []
     for k in KERNEL_SECTIONS:
         state = vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(k.req, SnapshotOp.SAVE))
-        sections.append(_section(k.name, k.state, state))
+        yield _section(k.name, k.state, state)
     for device in machine.devices:
-        sections.append(_section(device.name, device.STATE, device.save()))
-    return sections
+        yield _section(device.name, device.STATE, device.save())
 
 
 def _section(name: str, declared: type, state: Any) -> Section:
@@ -118,57 +122,91 @@ def _section(name: str, declared: type, state: Any) -> Section:
     return Section(name, declared.VERSION, persist.dump(state))
 
 
+class MachineSectionLoader:
+    """Sections read into their declared states as they come, then checked as a whole and
+    loaded: what a migration whose state comes in parts (protocol version 9) uses, so the
+    destination reads the first sections while the source still saves the rest.
+
+    ``add`` checks each section on its own (its name and version against the registry, its
+    payload read at its version) and refuses a name it has seen; ``check`` then checks the set
+    (no kernel or device section missing, the vCPU backend and count the machine's) and
+    returns the states; ``restore`` checks and loads them (``state.handle.SectionLoader`` is
+    the shape). Nothing changes the machine before ``restore``, and nothing that ``add`` or
+    ``check`` refuses changes it at all."""
+
+    def __init__(self, machine: Machine, *, what: str) -> None:
+        self.machine = machine
+        self.what = what
+        self.registry = section_registry(machine)
+        self.declarations = {k.name: k.state for k in KERNEL_SECTIONS} | {d.name: d.STATE for d in machine.devices}
+        self.states: dict[str, Any] = {}
+
+    def add(self, sections: Iterable[Section]) -> None:
+        what = self.what
+        for section in sections:
+            if section.name in self.states:
+                raise SectionError(f"{what}: section '{section.name}' came twice")
+            self.registry.check(section.name, section.version, what=what)
+            declared = self.declarations.get(section.name)
+            if declared is None:
+                raise SectionError(f"{what}: device '{section.name}' was saved but this VM has no such device (check -s/-l options)")
+            try:
+                self.states[section.name] = persist.load(declared, section.payload, section.version, where=f"section '{section.name}'")
+            except persist.PersistError as err:
+                raise SectionError(f"{what}: {err}") from None
+
+    def check(self) -> dict[str, Any]:
+        """Every section's state, once the set is complete; SectionError naming what is not."""
+        what, machine, states = self.what, self.machine, dict(self.states)
+        missing_kernel = [n for n in KERNEL_NAMES if n not in states and n not in OPTIONAL_KERNEL]
+        if missing_kernel:
+            raise SectionError(f"{what}: kernel section '{missing_kernel[0]}' is missing")
+        for name in sorted({d.name for d in machine.devices} - states.keys()):
+            raise SectionError(f"{what}: device '{name}' of this VM has no saved state (check -s/-l options)")
+        for name, default in OPTIONAL_KERNEL.items():
+            states.setdefault(name, default())
+        vm_state = states["vm"]
+        vm = machine.vm
+        if vm_state.accel != vm.accel:
+            raise SectionError(f"{what}: the guest ran on the {vm_state.accel} vCPU backend (--accel {vm_state.accel}); this VM runs "
+                               f"--accel {vm.accel}: a checkpoint or migration cannot change a guest's vCPU backend")
+        for key, value in {"ncpus": vm.ncpus, "vendor": vm.vendor, "tsc_mode": vm.tsc_mode}.items():
+            if getattr(vm_state, key) != value:
+                raise SectionError(f"{what}: section 'vm' has {key}={getattr(vm_state, key)!r}, this VM has {value!r}")
+        return states
+
+    def restore(self) -> None:
+        """Check the set (``check``), then load it into the machine, whose vCPUs are not running."""
+        states = self.check()
+        what = self.what
+        machine = self.machine
+        vm = machine.vm
+        for k in KERNEL_SECTIONS:
+            try:
+                vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(k.req, SnapshotOp.RESTORE, states[k.name]))
+            except OSError as err:
+                raise vmm_error(err.errno or errno.EINVAL, f"{what}: section '{k.name}': {err.strerror or err}") from None
+            if k.name == "vmcx":
+                # Guest time continues from the saved value before any timer is restored against it.
+                vm.ioctl(Ioctl.VM_RESTORE_TIME, VmRestoreTime())
+        for device in machine.devices:
+            try:
+                device.restore(states[device.name])
+            except (KeyError, TypeError, ValueError) as err:
+                raise vmm_error(errno.EINVAL, f"{what}: device '{device.name}': {err}") from None
+        machine.devices_restored()
+
+
 def check_sections(machine: Machine, sections: list[Section], *, what: str) -> dict[str, Any]:
     """Refuse sections this machine cannot take, before anything is restored; returns each
     section's state as its declared type, read at the section's version (defaults filled)."""
-    registry = section_registry(machine)
-    for section in sections:
-        registry.check(section.name, section.version, what=what)
-    names = [s.name for s in sections]
-    missing_kernel = [n for n in KERNEL_NAMES if n not in names and n not in OPTIONAL_KERNEL]
-    if missing_kernel:
-        raise SectionError(f"{what}: kernel section '{missing_kernel[0]}' is missing")
-    have = {d.name for d in machine.devices}
-    saved = {n for n in names if n not in KERNEL_NAMES}
-    for name in sorted(saved - have):
-        raise SectionError(f"{what}: device '{name}' was saved but this VM has no such device (check -s/-l options)")
-    for name in sorted(have - saved):
-        raise SectionError(f"{what}: device '{name}' of this VM has no saved state (check -s/-l options)")
-    declarations = {k.name: k.state for k in KERNEL_SECTIONS} | {d.name: d.STATE for d in machine.devices}
-    states = {}
-    for section in sections:
-        try:
-            states[section.name] = persist.load(declarations[section.name], section.payload, section.version, where=f"section '{section.name}'")
-        except persist.PersistError as err:
-            raise SectionError(f"{what}: {err}") from None
-    for name, default in OPTIONAL_KERNEL.items():
-        states.setdefault(name, default())
-    vm_state = states["vm"]
-    vm = machine.vm
-    if vm_state.accel != vm.accel:
-        raise SectionError(f"{what}: the guest ran on the {vm_state.accel} vCPU backend (--accel {vm_state.accel}); this VM runs "
-                           f"--accel {vm.accel}: a checkpoint or migration cannot change a guest's vCPU backend")
-    for key, value in {"ncpus": vm.ncpus, "vendor": vm.vendor, "tsc_mode": vm.tsc_mode}.items():
-        if getattr(vm_state, key) != value:
-            raise SectionError(f"{what}: section 'vm' has {key}={getattr(vm_state, key)!r}, this VM has {value!r}")
-    return states
+    loader = MachineSectionLoader(machine, what=what)
+    loader.add(sections)
+    return loader.check()
 
 
 def restore_sections(machine: Machine, sections: list[Section], *, what: str = "state") -> None:
     """Load sections into a machine whose vCPUs are not running; checks everything first."""
-    states = check_sections(machine, sections, what=what)
-    vm = machine.vm
-    for k in KERNEL_SECTIONS:
-        try:
-            vm.ioctl(Ioctl.VM_SNAPSHOT_REQ, VmSnapshotMeta(k.req, SnapshotOp.RESTORE, states[k.name]))
-        except OSError as err:
-            raise vmm_error(err.errno or errno.EINVAL, f"{what}: section '{k.name}': {err.strerror or err}") from None
-        if k.name == "vmcx":
-            # Guest time continues from the saved value before any timer is restored against it.
-            vm.ioctl(Ioctl.VM_RESTORE_TIME, VmRestoreTime())
-    for device in machine.devices:
-        try:
-            device.restore(states[device.name])
-        except (KeyError, TypeError, ValueError) as err:
-            raise vmm_error(errno.EINVAL, f"{what}: device '{device.name}': {err}") from None
-    machine.devices_restored()
+    loader = MachineSectionLoader(machine, what=what)
+    loader.add(sections)
+    loader.restore()
