@@ -85,17 +85,18 @@ def fault_points(log: Iterable[Message], *, actions: Iterable[str] = ACTIONS, co
     return points
 
 
-def _first(messages: list[Message], kind: str, phase: str, where=lambda m: True) -> Message:
+def _first(messages: list[Message], kinds: tuple[str, ...], phase: str, where=lambda m: True) -> Message:
     for m in messages:
-        if m.kind == kind and where(m):
+        if m.kind in kinds and where(m):
             return m
-    raise ValueError(f"phase {phase!r}: the log has no {kind} message that starts it")
+    raise ValueError(f"phase {phase!r}: the log has no {' or '.join(kinds)} message that starts it")
 
 
 def phase_point(log: Iterable[Message], phase: str, *, connection: int = 0) -> dict:
     """``direction`` and ``after_message`` of the boundary where the source enters ``phase``."""
     s2d, d2s = _of(log, "s2d", connection), _of(log, "d2s", connection)
-    starts = {"streams": "STREAMS", "state": "STATE", "commit": "COMMIT_REQUEST"}
+    # The state starts with its first part (protocol 9, where the source sends parts) or STATE.
+    starts = {"streams": ("STREAMS",), "state": ("STATE_PART", "STATE"), "commit": ("COMMIT_REQUEST",)}
     if phase in ("connect", "handshake"):
         return {"direction": "s2d", "after_message": 0}
     if phase in starts:
@@ -105,11 +106,11 @@ def phase_point(log: Iterable[Message], phase: str, *, connection: int = 0) -> d
             wanted = lambda m: P.decode_memory(m.payload).round == int(match.group(1))  # noqa: E731
         else:
             wanted = lambda m: bool(P.decode_memory(m.payload).flags & P.MemoryFlags.FINAL)  # noqa: E731
-        return {"direction": "s2d", "after_message": _first(s2d, "MEMORY", phase, wanted).index - 1}
+        return {"direction": "s2d", "after_message": _first(s2d, ("MEMORY",), phase, wanted).index - 1}
     if phase == "committed":
-        return {"direction": "s2d", "after_message": _first(s2d, "COMMITTED", phase).index}
+        return {"direction": "s2d", "after_message": _first(s2d, ("COMMITTED",), phase).index}
     if phase == "resumed":
-        return {"direction": "d2s", "after_message": _first(d2s, "RESUMED", phase).index}
+        return {"direction": "d2s", "after_message": _first(d2s, ("RESUMED",), phase).index}
     raise ValueError(f"unknown phase {phase!r}: one of connect, handshake, streams, round N, pause, final, state, "
                      "commit, committed, resumed")
 

@@ -635,7 +635,7 @@ def test_the_state_goes_in_parts_to_another_host_and_within_this_one_only_with_c
     from vmmpy.migration import source as source_module
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    spare = cpus >= source_module.PARTS_ON_ONE_HOST_CPUS
+    spare = cpus >= 4  # the documented rule (docs/migration-protocol.md, version 9)
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as near:
         assert source_module.state_in_parts(near) is spare

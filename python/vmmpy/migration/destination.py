@@ -40,7 +40,7 @@ from typing import Any
 from ..memory import GuestMemory, PageBatchError, PageBudget
 from ..progress import Ticker
 from ..state import SectionError, decode_sections, encode_sections
-from ..state.handle import GuestHandle, SectionLoader
+from ..state.handle import GuestHandle, LoadAtEnd, SectionLoader
 from ..state.section import MAX_SECTIONS
 from . import protocol as P
 from .convergence import MigrationParams
@@ -779,7 +779,8 @@ class _Receiver:
         """The next frame, of a type this state reads (or a narrower ``expected``); any other is
         refused from its header, by name and state. ABORT ends the session."""
         expected = expected or self._expected()
-        frame = P.read_frame(self.conn, max_state=self.params.max_state_bytes, allowed=expected,
+        # The state's frames share one bound (protocol 9: its parts together): what is left of it.
+        frame = P.read_frame(self.conn, max_state=self.params.max_state_bytes - self.stats.state_bytes, allowed=expected,
                              where=f" in state {self.state.value}")
         self.stats.bytes_total += len(frame.raw)
         if frame.type is P.MessageType.ABORT:
@@ -1142,14 +1143,13 @@ class _Receiver:
 
     def _take_state(self, blob: bytes, *, last: bool) -> None:
         """A STATE_PART (``last`` false) or STATE: its sections read and checked, nothing loaded.
-        The parts together are bounded as one STATE is: by max_state_bytes and MAX_SECTIONS (a
-        STATE_PART carries at least one section, so their count is bounded too)."""
+        The parts together are bounded as one STATE is: by max_state_bytes (``_read`` refuses
+        a frame longer than what is left of it from its header, before reading it) and by
+        MAX_SECTIONS (a STATE_PART carries at least one section, so their count is bounded too)."""
         t = time.monotonic()
         if not self.have_all_pages:
             raise ProtocolError("the state arrived before a round carrying all pages")
-        if self.stats.state_bytes + len(blob) > self.params.max_state_bytes:
-            raise ProtocolError(f"the state's parts come to more than max_state_bytes={self.params.max_state_bytes}")
-        self.stats.state_bytes += len(blob)
+        self.stats.state_bytes += len(blob)  # within max_state_bytes: _read bounds each frame by what is left of it
         try:
             sections = decode_sections(blob, what="migration stream")
         except SectionError as err:
@@ -1160,13 +1160,19 @@ class _Receiver:
         if self.state_sections > MAX_SECTIONS:
             raise ProtocolError(f"the state's parts carry more than the {MAX_SECTIONS} sections a state may have")
         if self.section_loader is None:
-            self.section_loader = self.adapter.section_loader(what="migration stream")
+            self.section_loader = self._new_loader()
         try:
             self.section_loader.add(sections)
         except Exception as err:
-            raise MigrationError(f"restoring the guest's state failed: {err}") from None
+            raise MigrationError(f"the guest's state was refused, nothing of it loaded: {err}") from None
         self.stats.state_parts += 1
         self.state_read_s += time.monotonic() - t
+
+    def _new_loader(self) -> SectionLoader:
+        """The guest handle's loader; for a handle written before ``section_loader`` (it
+        checks and loads the state whole), one that keeps every check for the end."""
+        make = getattr(self.adapter, "section_loader", None)
+        return make(what="migration stream") if make is not None else LoadAtEnd(self.adapter, what="migration stream")
 
     def _restore(self) -> None:
         """STATE, the last part, read: check the state whole and load it."""
@@ -1176,7 +1182,8 @@ class _Receiver:
         except Exception as err:
             raise MigrationError(f"restoring the guest's state failed: {err}") from None
         self.restored = True
-        # The reading of the parts before this one was beside the source's save of the rest.
+        # Reading the state as it came, all of it: from protocol 9 the parts before the last ran
+        # beside the source's save of the rest.
         self.stats.downtime_breakdown["state_read_ms"] = self.state_read_s * 1000
         self.stats.downtime_breakdown["restore_ms"] = (time.monotonic() - t) * 1000
         self._advance(P.MessageType.STATE)

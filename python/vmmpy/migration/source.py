@@ -113,9 +113,12 @@ def state_in_parts(sock: socket.socket) -> bool:
     (before TLS). To another host, always: its CPUs read the first parts while this one saves
     the rest. With both ends on this host, only where it has PARTS_ON_ONE_HOST_CPUS CPUs or more:
     the two overlap only where each has a CPU to itself. On a 2-CPU VM (live-idle, alternated
-    pairs, docs/performance.md, session 37) the parts took 0.23-0.35 ms off a quiet downtime of
-    3.3 ms, but beside a neighbour spinning on one CPU the destination's wake-ups took the CPU
-    the source was saving on, and the downtime's median rose by 0.41-0.75 ms in two runs of three."""
+    pairs, docs/performance.md, session 37) the parts took 0.22 ms off a downtime of 2.3 ms with
+    each end pinned to a CPU of its own, and 0.23-0.35 ms off 3.3 ms in two quiet sets of three
+    (+0.05 in the third); beside a neighbour spinning on one CPU the destination's wake-ups took
+    the CPU the source was saving on, and the downtime's median rose by 0.41-1.63 ms in three
+    sets of four. "This host" is what the addresses say: a destination in another network
+    namespace or container of this host, or behind a proxy, counts as another host."""
     here = sock.family == socket.AF_UNIX or peer_on_this_host(sock)
     return not here or len(os.sched_getaffinity(0)) >= PARTS_ON_ONE_HOST_CPUS
 
@@ -520,7 +523,7 @@ class _Source:
     def _send_state_part(self, msg_type: P.MessageType, sections: list[Section], sent: int) -> int:
         blob = encode_sections(sections)
         if sent + len(blob) > self.params.max_state_bytes:
-            upto = f" up to section '{sections[-1].name}'" if sections else ""
+            upto = f" up to section '{sections[-1].name}'" if sent and sections else ""
             raise MigrationError(f"device state is {sent + len(blob)} bytes{upto}, more than max_state_bytes={self.params.max_state_bytes}")
         self._send(msg_type, blob)
         self.stats.state_parts += 1
