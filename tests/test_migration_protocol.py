@@ -352,7 +352,7 @@ def test_random_bytes_are_refused_cleanly(data):
     check_outcome(data)
 
 
-@settings(FUZZ, max_examples=225)  # 75 of each kind of stream
+@settings(FUZZ, max_examples=225)  # about 75 of each kind of stream
 @given(st.data())
 def test_mutated_migration_streams_are_refused_cleanly_or_migrate_exactly(data):
     # A third of the examples mutate a version-4 stream whose page batch is LZ4-compressed: a
