@@ -44,7 +44,7 @@ def assert_arrived_exact(src: FakeGuest, dst: FakeGuest, *, prepared: bool = Tru
     assert dst.bad_pages() == []
 
 
-@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", key=True)
+@pytest.mark.covers(operation="migrate-live", guest="writer", via="engine")
 def test_a_live_migration_whose_state_comes_one_section_a_part_moves_the_guest_exactly(guests, monkeypatch):
     # The fake guest has two sections, fewer than a part holds: one a part sends STATE_PART, STATE.
     monkeypatch.setattr(P, "STATE_PART_SECTIONS", 1)
@@ -61,6 +61,7 @@ def test_a_live_migration_whose_state_comes_one_section_a_part_moves_the_guest_e
     assert_arrived_exact(src, dst)
 
 
+@pytest.mark.covers(operation="migrate-warm", guest="writer", via="engine", key=True)
 def test_warm_migration_moves_memory_and_writer_state_exactly(guests):
     src = guests("64M", work_pages=2048)
     dst = guests("64M", work_pages=2048, running=False)
