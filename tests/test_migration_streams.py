@@ -616,18 +616,36 @@ class _Connected:
 
 def test_a_connection_within_this_host_gets_the_local_buffers_and_one_to_another_host_keeps_its_own(monkeypatch):
     asked = []
-    monkeypatch.setattr(net, "set_buffers", lambda sock, size=net.SOCKET_BUFFER_BYTES: asked.append((sock, size)))
+    monkeypatch.setattr(net, "set_send_buffer", lambda sock, size=net.SOCKET_BUFFER_BYTES: asked.append((sock, size)))
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as near:
         far = _Connected("192.0.2.10", "198.51.100.7")
         for sock in (near, far, _Connected("192.0.2.10", "192.0.2.10"), _Connected("::1", "::1", socket.AF_INET6)):
-            net.fit_buffers(sock)
+            net.fit_send_buffer(sock)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
             assert not net.peer_on_this_host(unix)
     assert not net.peer_on_this_host(far), "another host's address"
     assert [size for _, size in asked] == [net.LOCAL_SOCKET_BUFFER_BYTES] * 3
     assert [sock for sock, _ in asked][0] is near and far not in [sock for sock, _ in asked]
     assert net.LOCAL_SOCKET_BUFFER_BYTES < net.SOCKET_BUFFER_BYTES
+
+
+def test_migration_sockets_leave_the_receive_buffer_to_the_kernel():
+    """Both ends size their send buffers and never the receive buffer: setting SO_RCVBUF locks it,
+    and a locked buffer on Linux 6.18 is advertised almost whole as the window, so a reader that
+    falls behind loses segments and waits out the sender's retransmission timer (session 38). A
+    socket whose receive buffer was never set reports the kernel's starting figure, not twice a
+    size asked for."""
+    with socket.socket() as fresh:
+        default = fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    listener = net.listen("127.0.0.1", 0)
+    with listener, net.connect("127.0.0.1", listener.getsockname()[1], timeout=5) as source:
+        conn, _ = listener.accept()
+        with conn:
+            net.fit_send_buffer(conn)
+            for sock in (source, conn):
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * net.LOCAL_SOCKET_BUFFER_BYTES
 
 
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8])

@@ -50,7 +50,7 @@ from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, Migratio
 from .net import (
     CancelWatcher,
     accepted_peer,
-    fit_buffers,
+    fit_send_buffer,
     for_page_requests,
     format_address,
     is_unix,
@@ -254,7 +254,7 @@ class Destination:
                             return None, "cancelled while listening"
                         return None, f"accept failed: {err.strerror or err}"
                     conn.setblocking(True)
-                    fit_buffers(conn)
+                    fit_send_buffer(conn)
                     self._serve_pending(conn, accepted_peer(conn, peer))
         finally:
             sel.close()
@@ -441,7 +441,7 @@ class Destination:
                 conn.close()  # as many as the waiting phase serves at once: a flood holds nothing
                 continue
 
-            fit_buffers(conn)
+            fit_send_buffer(conn)
             peer_name = accepted_peer(conn, peer)
 
             def serve(conn=conn, peer=peer_name) -> None:

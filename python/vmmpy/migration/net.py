@@ -34,28 +34,37 @@ from collections.abc import Callable
 from .errors import ConnectionLost, MigrationError, MigrationTimeout, peer_stalled
 
 DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
-#: Kernel send and receive buffers asked for on migration sockets, each stream's. With the
-#: defaults (16 KiB to start, autotuned) a round's single large sendmsg and the receiver's readv
-#: into guest memory ping-pong in small steps; 4 MiB buffers measured 1 GiB of pages over loopback
-#: at several times the default's rate. The kernel caps the request at net.core.wmem_max /
-#: rmem_max and then doubles it.
+#: Kernel send buffer asked for on migration sockets, each stream's. With the default (16 KiB to
+#: start, autotuned) a round's single large sendmsg and the receiver's readv into guest memory
+#: ping-pong in small steps; 4 MiB buffers measured 1 GiB of pages over loopback at several times
+#: the default's rate. The kernel caps the request at net.core.wmem_max and then doubles it.
+#:
+#: The receive buffer is left to the kernel's autotuning: asking for one (SO_RCVBUF) locks it, and
+#: Linux 6.18 advertises about 98 % of a locked buffer as the window (by the ratio of payload to
+#: memory the socket has seen). A reader that falls behind by a window, as one stream's does while
+#: the others hold both CPUs, lets the queue reach the buffer's limit, and the kernel drops the
+#: next segments where an unlocked buffer would grow. The receiver, waiting for a whole window
+#: (SO_RCVLOWAT), and the sender, its window full, then wait for the sender's retransmission timer
+#: (200 ms and more). Measured in session 38 (docs/performance.md): a warm ``--streams 4``
+#: migration over loopback on 2 CPUs lost segments in most runs and one stream sat out almost the
+#: whole round; with the receive buffer autotuned none were lost.
 SOCKET_BUFFER_BYTES = 4 << 20
 #: The same for a connection whose two ends are on one host (loopback, or this host's own
 #: address): bytes in flight are read again while still in the shared caches, where 4 streams of
-#: 4 MiB kept 32 MiB in flight. Alternated A/B over loopback, session 14 (docs/performance.md):
-#: 1 GiB wired with 4 streams 0.358 -> 0.320 s, 2 streams 0.355 -> 0.318 s, one 0.441 -> 0.397 s.
-#: A connection to another host keeps SOCKET_BUFFER_BYTES: its bandwidth-delay product was not
-#: measured, and a smaller window would only cap it.
+#: 4 MiB kept 32 MiB in flight. Alternated A/B over loopback, session 14 (docs/performance.md),
+#: when both buffers were set: 1 GiB wired with 4 streams 0.358 -> 0.320 s, 2 streams 0.355 ->
+#: 0.318 s, one 0.441 -> 0.397 s. A connection to another host keeps SOCKET_BUFFER_BYTES: its
+#: bandwidth-delay product was not measured, and a smaller window would only cap it.
 LOCAL_SOCKET_BUFFER_BYTES = 1 << 20
 
 
-def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
-    """Ask for ``size``-byte kernel send and receive buffers (best effort: capped by sysctls)."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, size)
-        except OSError:
-            pass
+def set_send_buffer(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
+    """Ask for a ``size``-byte kernel send buffer (best effort: capped by sysctls). The receive
+    buffer stays the kernel's to size (see SOCKET_BUFFER_BYTES)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        pass
 
 
 def peer_on_this_host(sock: socket.socket) -> bool:
@@ -70,11 +79,11 @@ def peer_on_this_host(sock: socket.socket) -> bool:
         return False
 
 
-def fit_buffers(sock: socket.socket) -> None:
-    """A connected TCP socket's buffers for where its peer is: LOCAL_SOCKET_BUFFER_BYTES on this
-    host, else SOCKET_BUFFER_BYTES (which listeners and new connections already have)."""
+def fit_send_buffer(sock: socket.socket) -> None:
+    """A connected TCP socket's send buffer for where its peer is: LOCAL_SOCKET_BUFFER_BYTES on
+    this host, else SOCKET_BUFFER_BYTES (which listeners and new connections already have)."""
     if peer_on_this_host(sock):
-        set_buffers(sock, LOCAL_SOCKET_BUFFER_BYTES)
+        set_send_buffer(sock, LOCAL_SOCKET_BUFFER_BYTES)
 
 
 UNIX_PREFIX = "unix:"
@@ -229,8 +238,8 @@ def connect(host: str, port: int, *, timeout: float) -> socket.socket:
     except OSError as err:
         raise ConnectionLost(f"cannot connect to {where}: {err.strerror or err}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    set_buffers(sock)
-    fit_buffers(sock)
+    set_send_buffer(sock)
+    fit_send_buffer(sock)
     return sock
 
 
@@ -364,7 +373,7 @@ def listen(host: str, port: int) -> socket.socket:
         listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
     except OSError as err:
         raise MigrationError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
-    set_buffers(listener)  # accepted connections inherit the buffer sizes and TCP_NODELAY
+    set_send_buffer(listener)  # accepted connections inherit the send buffer's size and TCP_NODELAY
     # The destination's small replies (CHALLENGE, ACCEPT, COMMIT_ACK) must leave at once: with
     # Nagle's algorithm COMMIT_ACK waited for the source's delayed ACK, tens of ms of downtime.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -42,7 +42,7 @@ from .errors import (
     Refused,
     receive_error,
 )
-from .net import CancelWatcher, buffered, connect, fit_buffers, format_address, set_io_timeout, shutdown_quietly
+from .net import CancelWatcher, buffered, connect, fit_send_buffer, format_address, set_io_timeout, shutdown_quietly
 
 #: Data connections the destination holds at once while waiting for their JOIN; more are closed.
 MAX_PENDING = 32
@@ -180,7 +180,7 @@ class JoinWindow:
             self._note(format_address(*peer[:2]), f"more than {MAX_PENDING} connections waiting to join")
             conn.close()
             return
-        fit_buffers(conn)
+        fit_send_buffer(conn)
         if self.wrap is not None:
             thread = threading.Thread(target=self._handshake, args=(conn, format_address(*peer[:2])), name="join-tls", daemon=True)
             with self._lock:
