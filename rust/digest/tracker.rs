@@ -439,7 +439,7 @@ fn refresh_threads(cpus: usize) -> usize {
 }
 
 fn default_threads() -> usize {
-    refresh_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    refresh_threads(crate::sched::usable_cpus())
 }
 
 /// A run of whole chunks of one segment, refreshed by one thread.

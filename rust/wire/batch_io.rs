@@ -134,7 +134,7 @@ const SHARED_INSTALL_WINDOW_PAGES: usize = 256;
 /// streams: the sender's hash window, or [`SHARED_INSTALL_WINDOW_PAGES`] for one of several
 /// streams with a CPU each.
 pub(crate) fn install_window_pages(streams: usize) -> usize {
-    if streams > 1 && streams <= std::thread::available_parallelism().map_or(1, |n| n.get()) {
+    if streams > 1 && streams <= crate::sched::usable_cpus() {
         SHARED_INSTALL_WINDOW_PAGES
     } else {
         HASH_WINDOW_PAGES
@@ -162,7 +162,7 @@ pub(crate) fn pipeline_installers() -> usize {
     if let Some(n) = FORCE_INSTALLERS.with(|n| n.get()) {
         return n;
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get()).min(PIPELINE_INSTALLERS)
+    crate::sched::usable_cpus().min(PIPELINE_INSTALLERS)
 }
 
 /// Staging pages a pipeline needs: one per page of every slot.

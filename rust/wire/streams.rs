@@ -205,7 +205,7 @@ pub fn recv_share<'a>(
     // A round's batches install into one registration (`memory::install`), begun by the first big
     // batch and ended with the share, before the guest can run.
     let _holds: Vec<_> = mem.segments().iter().filter_map(|seg| seg.hold_install()).collect();
-    // Both ask the kernel for the CPUs: once a share, not per batch.
+    // Both sized by the CPUs this process may use (`sched::usable_cpus`), once a share.
     let window = install_window_pages(streams);
     let installers = if streams <= 1 { pipeline_installers() } else { 1 }; // only a lone stream pipelines
     loop {
