@@ -6,7 +6,8 @@
 //!     cargo run --release --example tcp_ceiling -- BYTES STREAMS BUFFER [WAKE [SPAN]]
 //!
 //! BUFFER is the SO_SNDBUF/SO_RCVBUF asked for on every socket, or 0 to leave the kernel's
-//! autotuning alone. WAKE is how the receiver's reads wait: `any` (the default) returns whatever
+//! autotuning alone; `N/auto` asks for an N-byte SO_SNDBUF and leaves the receive buffer to the
+//! kernel, as vmmpy's migration sockets do since session 38 (a receive buffer set is locked). WAKE is how the receiver's reads wait: `any` (the default) returns whatever
 //! has arrived, so a reader that keeps up is woken for every segment; `whole` waits as vmmpy's
 //! receivers do (`WholeReads` in rust/wire/fdio.rs): it sets SO_RCVLOWAT to what its MiB still
 //! lacks, sleeps in poll() until that much is queued (or the stream ends) and then reads what is
@@ -184,10 +185,19 @@ impl Drop for Payload {
     }
 }
 
-fn send(bytes: u64, streams: usize, buffer: usize, wake: &str, span: usize) -> Result<f64, String> {
+/// BUFFER as (the senders' SO_SNDBUF, the receiver's SO_RCVBUF), 0 for the kernel's autotuning:
+/// `N` for both, `N/auto` for the send buffer alone.
+fn buffers(arg: &str) -> Option<(usize, usize)> {
+    match arg.strip_suffix("/auto") {
+        Some(send) => Some((send.parse().ok()?, 0)),
+        None => arg.parse().ok().map(|n| (n, n)),
+    }
+}
+
+fn send(bytes: u64, streams: usize, (buffer, receive_buffer): (usize, usize), wake: &str, span: usize) -> Result<f64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
-        .args(["receive", &streams.to_string(), &buffer.to_string(), wake])
+        .args(["receive", &streams.to_string(), &receive_buffer.to_string(), wake])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start the receiver: {e}"))?;
@@ -258,8 +268,8 @@ fn main() -> ExitCode {
         Some("whole") => Some("whole"),
         Some(_) => None,
     };
-    let usage = "usage: tcp_ceiling BYTES STREAMS BUFFER [any|whole [SPAN]] (BUFFER 0: kernel autotuning; whole: reads wait for \
-                 a whole MiB; SPAN: bytes of memory the senders read, 1 MiB by default)";
+    let usage = "usage: tcp_ceiling BYTES STREAMS BUFFER [any|whole [SPAN]] (BUFFER 0: kernel autotuning, N/auto: the send \
+                 buffer alone; whole: reads wait for a whole MiB; SPAN: bytes of memory the senders read, 1 MiB by default)";
     let result = match args.first().map(String::as_str) {
         Some("receive") => match (number(1), number(2), wake(3)) {
             (Some(streams), Some(buffer), Some(wake)) if streams > 0 => {
@@ -267,9 +277,15 @@ fn main() -> ExitCode {
             }
             _ => Err("receive STREAMS BUFFER [any|whole]".into()),
         },
-        _ => match (number(0), number(1), number(2), wake(3), args.get(4).map_or(Some(CHUNK as u64), |_| number(4))) {
-            (Some(bytes), Some(streams), Some(buffer), Some(wake), Some(span)) if streams > 0 && bytes > 0 && span > 0 => {
-                send(bytes, streams as usize, buffer as usize, wake, (span as usize).div_ceil(CHUNK) * CHUNK).map(Some)
+        _ => match (
+            number(0),
+            number(1),
+            args.get(2).and_then(|a| buffers(a)),
+            wake(3),
+            args.get(4).map_or(Some(CHUNK as u64), |_| number(4)),
+        ) {
+            (Some(bytes), Some(streams), Some(buffers), Some(wake), Some(span)) if streams > 0 && bytes > 0 && span > 0 => {
+                send(bytes, streams as usize, buffers, wake, (span as usize).div_ceil(CHUNK) * CHUNK).map(Some)
             }
             _ => Err(usage.into()),
         },

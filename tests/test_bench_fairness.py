@@ -152,6 +152,13 @@ def test_the_loopback_limit_is_a_native_two_process_ceiling():
     for streams in (1, 3):
         for wake in limits.CEILING_WAKES:
             assert limits.native_loopback(binary, (8 << 20) + 12345, streams, 0, wake) > 0
+    # every buffer setting the ceiling tries moves every byte, the send buffer alone ("N/auto",
+    # vmmpy's since session 38) too; a setting that is no size is refused
+    for buffer in limits.CEILING_BUFFERS:
+        assert limits.native_loopback(binary, (8 << 20) + 12345, 2, buffer, "whole") > 0
+    assert f"{limits.MIB}/auto" in limits.CEILING_BUFFERS
+    with pytest.raises(RuntimeError, match="usage"):
+        limits.native_loopback(binary, 8 << 20, 1, "lots/auto")
     fig = limits.loopback_ceiling(8 << 20, 1)
     assert fig.how.startswith("native, two processes") and "SO_RCVLOWAT" in fig.how and len(fig.values) == 1
     # the senders may read more memory than one MiB (a span that is not whole MiB is rounded
@@ -181,7 +188,7 @@ def test_each_run_of_the_ceiling_is_the_best_of_every_buffer_and_way_of_waiting(
 
     def fake(binary, size, streams, buffer, wake="any"):
         tried.append((buffer, wake))
-        return 5.0 if (buffer, wake) == (limits.MIB, "whole") else 1.0
+        return 5.0 if (buffer, wake) == (f"{limits.MIB}/auto", "whole") else 1.0
 
     monkeypatch.setattr(limits, "ceiling_binary", lambda: "tcp_ceiling")
     monkeypatch.setattr(limits, "native_loopback", fake)
@@ -201,7 +208,7 @@ def test_the_from_memory_ceiling_reads_as_much_memory_as_it_sends_and_is_reporte
 
     def fake(binary, size, streams, buffer, wake="any", span=limits.MIB):
         tried.append((streams, span, buffer, wake))
-        return 4.0 if (buffer, wake) == (0, "whole") else 2.0
+        return 4.0 if (buffer, wake) == ("0", "whole") else 2.0
 
     monkeypatch.setattr(limits, "ceiling_binary", lambda: "tcp_ceiling")
     monkeypatch.setattr(limits, "native_loopback", fake)

@@ -638,6 +638,9 @@ def test_migration_sockets_leave_the_receive_buffer_to_the_kernel():
     size asked for."""
     with socket.socket() as fresh:
         default = fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # What asking for the local send buffer gives on this host (net.core.wmem_max caps it).
+        fresh.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, net.LOCAL_SOCKET_BUFFER_BYTES)
+        local_send = fresh.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     listener = net.listen("127.0.0.1", 0)
     with listener, net.connect("127.0.0.1", listener.getsockname()[1], timeout=5) as source:
         conn, _ = listener.accept()
@@ -645,7 +648,28 @@ def test_migration_sockets_leave_the_receive_buffer_to_the_kernel():
             net.fit_send_buffer(conn)
             for sock in (source, conn):
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default
-                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * net.LOCAL_SOCKET_BUFFER_BYTES
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == local_send
+
+
+def test_no_migration_socket_asks_for_a_receive_buffer_on_any_path(guests, monkeypatch):
+    """The same, over a whole migration: the listener, the main connection and every data stream
+    the destination accepts, and the source's connections."""
+    asked = {socket.SO_RCVBUF: 0, socket.SO_SNDBUF: 0}
+    setsockopt = socket.socket.setsockopt
+
+    def recording(sock, level, option, *value):
+        if level == socket.SOL_SOCKET and option in asked:
+            asked[option] += 1
+        return setsockopt(sock, level, option, *value)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", recording)
+    src = guests("32M", work_pages=2048)
+    dst = guests("32M", work_pages=2048, running=False)
+    stats, dstats = migrate_pair(src, dst, live=False, key=KEY, dst_key=KEY, params=MigrationParams(streams=3))
+    assert stats.status == dstats.status == "completed", (stats.error, dstats.error)
+    assert stats.streams == dstats.streams == 3
+    assert asked[socket.SO_SNDBUF] >= 7, asked  # the listener and three connections a side: the recorder saw them
+    assert asked[socket.SO_RCVBUF] == 0, asked
 
 
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8])
