@@ -7,13 +7,14 @@
 //!
 //! BUFFER is the SO_SNDBUF/SO_RCVBUF asked for on every socket, or 0 to leave the kernel's
 //! autotuning alone; `N/auto` asks for an N-byte SO_SNDBUF and leaves the receive buffer to the
-//! kernel, as vmmpy's migration sockets do since session 38 (a receive buffer set is locked). WAKE is how the receiver's reads wait: `any` (the default) returns whatever
-//! has arrived, so a reader that keeps up is woken for every segment; `whole` waits as vmmpy's
-//! receivers do (`WholeReads` in rust/wire/fdio.rs): it sets SO_RCVLOWAT to what its MiB still
-//! lacks, sleeps in poll() until that much is queued (or the stream ends) and then reads what is
-//! there without blocking. On a VM, where every wake-up of an idle CPU costs the sender an
-//! interprocessor interrupt, `whole` moved 1 GiB over one stream up to three times faster than
-//! `any` (docs/performance.md, session 31), so a ceiling without it was no ceiling.
+//! kernel, as vmmpy's migration sockets do since session 38 (a receive buffer set is locked).
+//! WAKE is how the receiver's reads wait: `any` (the default) returns whatever has arrived, so a
+//! reader that keeps up is woken for every segment; `whole` waits as vmmpy's receivers do
+//! (`WholeReads` in rust/wire/fdio.rs): it sets SO_RCVLOWAT to what its MiB still lacks, sleeps
+//! in poll() until that much is queued (or the stream ends) and then reads what is there without
+//! blocking. On a VM, where every wake-up of an idle CPU costs the sender an interprocessor
+//! interrupt, `whole` moved 1 GiB over one stream up to three times faster than `any`
+//! (docs/performance.md, session 31), so a ceiling without it was no ceiling.
 //!
 //! SPAN is how much memory the senders read from, in bytes (rounded up to whole MiB; 1 MiB when
 //! left out). With 1 MiB every write sends the same cached MiB: the most the loopback itself

@@ -4,9 +4,10 @@ O_DIRECT disk writes, and populating fresh memory.
 
 The loopback figure is a ceiling: native code in two processes (``examples/tcp_ceiling.rs``,
 built here with cargo), each run the best of the kernel's buffer autotuning, 1 MiB and 4 MiB
-buffers, and a 1 MiB send buffer with the receive buffer autotuned (vmmpy's), each with reads that return what has arrived and with reads the kernel wakes once a whole
-MiB is queued (SO_RCVLOWAT, as vmmpy's receivers wait), a receive buffer that stays in cache and
-nothing else to do. A migration does strictly more, so a ratio above 1 against it is a measuring
+buffers, and a 1 MiB send buffer with the receive buffer autotuned (vmmpy's), each with reads
+that return what has arrived and with reads the kernel wakes once a whole MiB is queued
+(SO_RCVLOWAT, as vmmpy's receivers wait), a receive buffer that stays in cache and nothing else
+to do. A migration does strictly more, so a ratio above 1 against it is a measuring
 bug. Where cargo cannot build it, the Python measurement (one process, threads) stands in and its
 ``how`` says it is no ceiling.
 
