@@ -46,12 +46,13 @@ DEFAULT_PORT = 24983  # bhyve's DEFAULT_MIGRATION_PORT
 #: next segments where an unlocked buffer would grow. The receiver, waiting for a whole window
 #: (SO_RCVLOWAT), and the sender, its window full, then wait for the sender's retransmission timer
 #: (200 ms and more). Measured in session 38 (docs/performance.md): a warm ``--streams 4``
-#: migration over loopback on 2 CPUs lost segments in most runs and one stream sat out almost the
-#: whole round; with the receive buffer autotuned none were lost. The kernel grows a buffer only
-#: while its reader keeps up, to at most net.ipv4.tcp_rmem's largest (32 MiB on the VM measured,
-#: 6 MiB by default): a destination stopped mid-round may hold that much per stream, where a
-#: locked buffer held 2 MiB (8 MiB from another host); a connection nobody reads keeps the
-#: kernel's starting size (128 KiB) where it inherited the listener's locked 8 MiB before.
+#: migration over loopback on 2 CPUs lost segments in a quarter to all of the runs of a set, and
+#: one stream sat out almost the whole round; with the receive buffer autotuned none were lost.
+#: The kernel grows a buffer only while its reader keeps up, to at most net.ipv4.tcp_rmem's
+#: largest (32 MiB on the VM measured, 6 MiB by default): a destination stopped mid-round may hold
+#: that much per stream, where a locked buffer held 2 MiB (8 MiB from another host); a connection
+#: nobody reads keeps the kernel's starting size (128 KiB) where it inherited the listener's
+#: locked 8 MiB before.
 SOCKET_BUFFER_BYTES = 4 << 20
 #: The same for a connection whose two ends are on one host (loopback, or this host's own
 #: address): bytes in flight are read again while still in the shared caches, where 4 streams of
