@@ -1045,8 +1045,9 @@ class _Source:
         """A round that is not final ends when the destination has taken it, not when its pages
         are in this host's send buffers (megabytes of them, and more in the destination's
         receive buffers, which the kernel sizes): the throughput the convergence rule sees is the
-        real one, and the pause for the final round does not wait behind the destination's backlog. Version 8 says so
-        (ROUND_DONE); with an older destination, until the bytes reach its kernel, bounded."""
+        real one, and the pause for the final round does not wait behind the destination's
+        backlog. Version 8 says so (ROUND_DONE); with an older destination, until the bytes reach
+        its kernel, bounded."""
         socks = [self.chan.sock, *(chan.sock for chan in self.data)]
         if (self.stats.protocol_version or 1) < P.ROUND_DONE_VERSION:
             await_delivery(socks, DELIVERY_WAIT_S, stop=self.watcher.cancelled)
