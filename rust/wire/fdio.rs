@@ -159,7 +159,7 @@ pub(super) unsafe fn read_all_with(
     let fd = match link {
         Link::Fd(fd) => fd,
         // SAFETY: the caller's contract, passed on.
-        Link::Tls(tls) => return unsafe { tls.recv_iovecs(iovs, what) },
+        Link::Tls(tls) => return unsafe { tls.recv_iovecs(iovs, what, whole) },
     };
     let mut idx = 0;
     let mut got = 0u64;
@@ -249,11 +249,24 @@ pub(super) struct WholeReads {
     most: usize,
 }
 
+/// How a [`WholeReads`] sleep ended.
+pub(super) enum Woken {
+    /// What was missing is queued, or the stream ended, failed or was shut down: read now.
+    Ready,
+    /// A signal interrupted the wait.
+    Interrupted,
+    /// Nothing arrived for the socket's whole SO_RCVTIMEO.
+    TimedOut(Duration),
+}
+
 impl WholeReads {
-    /// For a socket fd, None for anything else (a TLS session or a pipe, read without it), waking
-    /// for at most `most` bytes at a time.
+    /// For a socket (a plain fd, or the socket under a TLS session), None for anything else (a
+    /// pipe, read without it), waking for at most `most` bytes at a time.
     pub(super) fn new(link: Link<'_>, most: usize) -> Option<WholeReads> {
-        let Link::Fd(fd) = link else { return None };
+        let fd = match link {
+            Link::Fd(fd) => fd,
+            Link::Tls(tls) => tls.fd(),
+        };
         let mut kind: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into the c_int we own; it fails for a non-socket.
@@ -293,10 +306,20 @@ impl WholeReads {
 
     /// Sleep until `missing` bytes (at most its window) are queued, or the stream ends,
     /// fails or is shut down; false if a signal interrupted the wait. The socket's SO_RCVTIMEO
-    /// without a byte arriving is a [`PageError::TimedOut`]. Bytes trickling in below the
-    /// low-water mark are the peer sending: the wait looks at the queue every quarter timeout, so
-    /// the timeout counts from (at most a quarter after) the last byte that arrived.
+    /// without a byte arriving is a [`PageError::TimedOut`].
     fn wait(&mut self, missing: usize, what: &str) -> Result<bool, PageError> {
+        match self.sleep(missing) {
+            Ok(Woken::Ready) => Ok(true),
+            Ok(Woken::Interrupted) => Ok(false),
+            Ok(Woken::TimedOut(timeout)) => Err(timed_out(self.fd, what, Direction::Receive, timeout)),
+            Err(err) => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
+        }
+    }
+
+    /// [`wait`](Self::wait), saying how it ended. Bytes trickling in below the low-water mark
+    /// are the peer sending: the sleep looks at the queue every quarter timeout, so the timeout
+    /// counts from (at most a quarter after) the last byte that arrived.
+    pub(super) fn sleep(&mut self, missing: usize) -> io::Result<Woken> {
         self.set_lowat(missing);
         let mut queued = self.queued();
         let mut since = Instant::now();
@@ -310,17 +333,17 @@ impl WholeReads {
                     if now != queued {
                         (queued, since) = (now, Instant::now());
                     } else if since.elapsed() >= timeout {
-                        return Err(timed_out(self.fd, what, Direction::Receive, timeout));
+                        return Ok(Woken::TimedOut(timeout));
                     }
                 }
                 n if n < 0 => {
                     let err = io::Error::last_os_error();
                     return match err.raw_os_error() {
-                        Some(libc::EINTR) => Ok(false),
-                        _ => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
+                        Some(libc::EINTR) => Ok(Woken::Interrupted),
+                        _ => Err(err),
                     };
                 }
-                _ => return Ok(true),
+                _ => return Ok(Woken::Ready),
             }
         }
     }

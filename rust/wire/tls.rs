@@ -9,7 +9,9 @@
 //! bytes is sealed from guest memory straight into one buffer of records (a record that gathers
 //! several parts is copied in and sealed in place), written with one send per `SEND_STEP`; a
 //! received record is opened straight into the reader's buffer when it fits there, and otherwise
-//! where it arrived and copied out. There is no relay thread and no socketpair.
+//! where it arrived and copied out. A page window is read as over a plain socket
+//! (`fdio::WholeReads`): the reader sleeps until the least ciphertext that can carry what it
+//! still wants has arrived, not for every segment. There is no relay thread and no socketpair.
 //!
 //! The socket stays the caller's: it owns the fd, sets its SO_SNDTIMEO / SO_RCVTIMEO (honoured as
 //! `stall` explains: a send's timeout counts from the last byte the peer took, a receive's from
@@ -46,12 +48,15 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection, WebPkiCli
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus};
 use rustls::{AlertDescription, CertificateError, ClientConfig, CommonState, RootCertStore, ServerConfig};
 
+use super::fdio::{WholeReads, Woken};
 use super::stall::{poll_ms, socket_timeout, timed_out, SendDeadline};
 use super::tls_records::{opened_len, record_len, RecordKey, Records, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_FRAGMENT, OVERHEAD};
 use crate::digest::{Direction, PageError};
 
-/// Ciphertext read from the socket at a time (at most): one syscall brings many records.
-const INBOX_BYTES: usize = 1 << 20;
+/// Ciphertext read from the socket at a time (at most): one syscall brings many records, and
+/// the records of a lone stream's 1 MiB receive window (`RECV_WINDOW_PAGES`) fit, 1.4 KiB
+/// longer than it.
+const INBOX_BYTES: usize = (1 << 20) + (64 << 10);
 /// Records sealed before they are written with one send: at most this much (and one record)
 /// ciphertext waits in memory, small enough to stay in a core's cache until the kernel copies it.
 /// While each record was copied in before it was sealed, 1 MiB took a fifth less CPU than 256
@@ -383,6 +388,9 @@ struct Inbox {
     /// Records opened straight into a reader's buffer, and where they arrived (for the tests).
     #[cfg(test)]
     opened: [u64; 2],
+    /// Reads of the socket that brought bytes (for the tests).
+    #[cfg(test)]
+    reads: u64,
 }
 
 /// The sending side: the records being built (written with one send per `SEND_STEP`) and the
@@ -749,6 +757,8 @@ impl TlsStream {
                 broken: None,
                 #[cfg(test)]
                 opened: [0; 2],
+                #[cfg(test)]
+                reads: 0,
             }),
             kernel: Mutex::new(kernel),
             update_wanted: AtomicBool::new(false),
@@ -953,6 +963,19 @@ impl TlsStream {
     /// overwritten: a record opened into `dst` leaves its inner content type and padding there
     /// (and, when it fails its tag, bytes of no meaning where its plaintext would have been).
     pub fn recv(&self, dst: &mut [u8], wait: Wait, peek: bool) -> Result<usize, RecvError> {
+        self.recv_wanting(dst, wait, peek, None)
+    }
+
+    /// [`recv`](Self::recv); with `lowat`, a reader that wants this many bytes more (`dst` and
+    /// what follows it, all sure to come) sleeps until their ciphertext has arrived, or as much
+    /// of it as the inbox holds, instead of being woken for every segment ([`WholeReads`]).
+    fn recv_wanting(
+        &self,
+        dst: &mut [u8],
+        wait: Wait,
+        peek: bool,
+        mut lowat: Option<(&mut WholeReads, usize)>,
+    ) -> Result<usize, RecvError> {
         if dst.is_empty() {
             return Ok(0);
         }
@@ -972,7 +995,7 @@ impl TlsStream {
             match self.take_plaintext(&mut inbox, dst, peek)? {
                 Some(n) if peek && n > 0 => continue, // now in the peek buffer
                 Some(n) => return Ok(n),
-                None => self.fill_inbox(&mut inbox, wait)?,
+                None => self.fill_inbox(&mut inbox, wait, lowat.as_mut().map(|(whole, want)| (&mut **whole, *want)))?,
             }
         }
     }
@@ -1143,15 +1166,47 @@ impl TlsStream {
     }
 
     /// Read more ciphertext from the socket (the caller holds the receive lock; every record
-    /// opened has been read).
-    fn fill_inbox(&self, inbox: &mut Inbox, wait: Wait) -> Result<(), RecvError> {
+    /// opened has been read); with `lowat`, once what the reader wants has arrived (see
+    /// [`recv_wanting`](Self::recv_wanting)).
+    fn fill_inbox(&self, inbox: &mut Inbox, wait: Wait, lowat: Option<(&mut WholeReads, usize)>) -> Result<(), RecvError> {
         self.check_attached().map_err(RecvError::Io)?;
         inbox.plain = 0..0;
-        if inbox.start == inbox.end {
+        // With `lowat`: the ciphertext of the bytes wanted, less what is already here, is sure to come.
+        let here = inbox.end - inbox.start;
+        let missing = lowat.as_ref().map_or(0, |&(_, want)| least_ciphertext(want).saturating_sub(here));
+        if here == 0 {
             (inbox.start, inbox.end) = (0, 0);
-        } else if inbox.end == inbox.buf.len() {
+        } else if inbox.end == inbox.buf.len() || inbox.buf.len() - inbox.end < missing {
+            // Room for one read of everything still missing: the part of a record here moves to the front.
             inbox.buf.copy_within(inbox.start..inbox.end, 0);
-            (inbox.start, inbox.end) = (0, inbox.end - inbox.start);
+            (inbox.start, inbox.end) = (0, here);
+        }
+        if let Some((whole, _)) = lowat {
+            let missing = missing.min(inbox.buf.len() - inbox.end);
+            loop {
+                match whole.sleep(missing).map_err(RecvError::Io)? {
+                    Woken::Ready => {}
+                    Woken::Interrupted => continue,
+                    Woken::TimedOut(timeout) => return Err(RecvError::TimedOut(timeout)),
+                }
+                let end = inbox.end;
+                match (Socket { fd: self.fd, keep: None }).read(&mut inbox.buf[end..]) {
+                    Ok(0) => inbox.eof = true,
+                    Ok(n) => {
+                        inbox.end += n;
+                        #[cfg(test)]
+                        {
+                            inbox.reads += 1;
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => continue,
+                    Err(e) => {
+                        self.fail(format!("the connection failed: {e}"));
+                        return Err(RecvError::Io(e));
+                    }
+                }
+                return Ok(());
+            }
         }
         let timeout = socket_timeout(self.fd, Direction::Receive);
         let mut since = Instant::now();
@@ -1164,6 +1219,10 @@ impl TlsStream {
                 }
                 Ok(n) => {
                     inbox.end += n;
+                    #[cfg(test)]
+                    {
+                        inbox.reads += 1;
+                    }
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1192,19 +1251,27 @@ impl TlsStream {
     ///
     /// # Safety
     /// Every iovec must describe memory writable for the whole call and not referenced as `&`/`&mut`.
-    pub unsafe fn recv_iovecs(&self, iovs: &[libc::iovec], what: &str) -> Result<u64, PageError> {
+    pub(super) unsafe fn recv_iovecs(
+        &self,
+        iovs: &[libc::iovec],
+        what: &str,
+        mut whole: Option<&mut WholeReads>,
+    ) -> Result<u64, PageError> {
         let mut got = 0u64;
+        let mut left: usize = iovs.iter().map(|v| v.iov_len).sum();
         for v in iovs {
             // SAFETY: the caller's contract: writable memory nobody else references.
             let buf = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) };
             let mut off = 0;
             while off < buf.len() {
-                let n = self.recv(&mut buf[off..], Wait::Timeout, false).map_err(|e| e.into_page_error(self.fd, what))?;
+                let lowat = whole.as_deref_mut().map(|w| (w, left));
+                let n = self.recv_wanting(&mut buf[off..], Wait::Timeout, false, lowat).map_err(|e| e.into_page_error(self.fd, what))?;
                 if n == 0 {
                     return Ok(got);
                 }
                 off += n;
                 got += n as u64;
+                left -= n;
             }
         }
         Ok(got)
@@ -1223,6 +1290,13 @@ impl TlsStream {
             .collect();
         self.send_parts_more(&parts, what, more)
     }
+}
+
+/// The fewest bytes of ciphertext that can carry `plain` bytes of application data: records
+/// hold at most MAX_FRAGMENT bytes of it each, and seal each into OVERHEAD bytes more (more where
+/// a peer pads them, or sends other records between).
+fn least_ciphertext(plain: usize) -> usize {
+    plain + plain.div_ceil(MAX_FRAGMENT) * OVERHEAD
 }
 
 /// Why a receive failed.

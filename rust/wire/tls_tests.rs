@@ -1,6 +1,6 @@
 use super::super::tls_records::{self, Aead, Backend};
 use super::*;
-use std::io::Write;
+use std::io::{Read, Write};
 
 #[test]
 fn alert_names_read_as_words() {
@@ -387,4 +387,179 @@ fn a_send_with_more_to_follow_waits_for_it_and_shares_its_records() {
 
 fn client_seq(end: &TlsStream) -> u64 {
     lock(&end.outbox).key.seq
+}
+
+// -- page windows read whole (SO_RCVLOWAT) over TCP --------------------------------------------------
+
+use super::super::fdio::{Link, WholeReads};
+use std::net::{TcpListener, TcpStream};
+
+/// (client, server, the sockets they run on) after a mutual TLS handshake over loopback TCP, the
+/// server's receive timeout `timeout` (a Unix socket's poll ignores the low-water mark).
+fn tcp_pair(timeout: Duration) -> (TlsStream, TlsStream, TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (b, _) = listener.accept().unwrap();
+    a.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    b.set_read_timeout(Some(timeout)).unwrap();
+    let server_fd = b.as_raw_fd();
+    let server = std::thread::spawn(move || {
+        let config = TlsIdentity::from_pem(Some(SERVER.0), Some(SERVER.1), CA).unwrap().server_config().unwrap();
+        TlsStream::handshake(server_fd, Side::Server { config }, Duration::from_secs(20)).unwrap()
+    });
+    let config = TlsIdentity::from_pem(Some(CLIENT.0), Some(CLIENT.1), CA).unwrap().client_config().unwrap();
+    let client =
+        TlsStream::handshake(a.as_raw_fd(), Side::Client { config, server_name: "localhost".into() }, Duration::from_secs(20)).unwrap();
+    (client, server.join().unwrap(), a, b)
+}
+
+/// Read `want` bytes as a page window is read (`recv_iovecs`, with the low-water mark when
+/// `whole`); the bytes, or the error, and the reads of the socket that brought bytes.
+fn read_window(server: &TlsStream, want: usize, whole: bool) -> (Result<Vec<u8>, PageError>, u64) {
+    let before = lock(&server.inbox).reads;
+    let mut got = vec![0u8; want];
+    let iov = [libc::iovec { iov_base: got.as_mut_ptr().cast(), iov_len: want }];
+    let mut marks = if whole { WholeReads::new(Link::Tls(server), want) } else { None };
+    assert_eq!(marks.is_some(), whole, "a TLS link's socket reads whole windows");
+    // SAFETY: the iovec is `got`, which nothing else references during the call.
+    let read = unsafe { server.recv_iovecs(&iov, "receiving page data", marks.as_mut()) };
+    drop(marks); // the mark goes back to 1 for the frames after a window
+    let reads = lock(&server.inbox).reads - before;
+    (read.map(|n| got[..n as usize].to_vec()), reads)
+}
+
+fn rcvlowat(fd: RawFd) -> libc::c_int {
+    let mut lowat: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the c_int we own.
+    assert_eq!(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut lowat as *mut libc::c_int).cast(), &mut len) }, 0);
+    lowat
+}
+
+#[test]
+fn over_tcp_a_tls_window_is_read_once_it_is_all_there_and_the_frames_after_it_byte_by_byte() {
+    // The window comes in 8 sends 40 ms apart, then a one-byte frame. Read whole, the reader
+    // sleeps until the last send's records are queued; read as it comes (the control), it wakes
+    // for each send.
+    let (client, server, _a, b) = tcp_pair(Duration::from_secs(20));
+    let window = pattern(1 << 20, 11);
+    for whole in [true, false] {
+        let (got, reads) = std::thread::scope(|s| {
+            s.spawn(|| {
+                for part in window.chunks(window.len() / 8) {
+                    client.send_parts(&[part], "sending").unwrap();
+                    std::thread::sleep(Duration::from_millis(40));
+                }
+                client.send_parts(&[b"!"], "sending").unwrap();
+            });
+            let (got, reads) = read_window(&server, window.len(), whole);
+            assert_eq!(rcvlowat(b.as_raw_fd()), 1, "the frames after a window are read as they come");
+            let mut one = [0u8; 1];
+            assert_eq!(server.recv(&mut one, Wait::Timeout, false).unwrap(), 1);
+            assert_eq!(&one, b"!");
+            (got.unwrap(), reads)
+        });
+        assert!(got == window, "whole: {whole}");
+        if whole {
+            assert!(reads <= 2, "read whole, the window took {reads} reads");
+        } else {
+            assert!(reads >= 4, "the control: read as it came, the window took only {reads} reads");
+        }
+    }
+}
+
+#[test]
+fn what_a_tls_reader_waits_for_is_never_more_than_the_ciphertext_sent() {
+    // The ciphertext of every send, read raw off the socket: at least the least_ciphertext of
+    // its bytes, and exactly that for full records (a mark one byte higher would wait there for
+    // bytes that never come).
+    let (client, _server, _a, b) = pair();
+    b.set_nonblocking(true).unwrap();
+    let data = pattern(5 * MAX_FRAGMENT + 321, 4);
+    let sends: [(Vec<&[u8]>, bool); 5] = [
+        (vec![&data[..4 * MAX_FRAGMENT]], true),
+        (data[..MAX_FRAGMENT * 3].chunks(MAX_FRAGMENT).collect(), true),
+        (vec![&data[..]], false),
+        (data[..40_000].chunks(997).collect(), false),
+        (vec![&data[..1]], false),
+    ];
+    for (parts, full) in sends {
+        let plain: usize = parts.iter().map(|p| p.len()).sum();
+        for part in &parts {
+            client.send_parts(&[part], "sending").unwrap();
+        }
+        let mut raw = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match (&b).read(&mut buf) {
+                Ok(n) => raw += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(raw >= least_ciphertext(plain), "{plain} bytes in {} sends: {raw} bytes of ciphertext", parts.len());
+        if full {
+            assert_eq!(raw, least_ciphertext(plain), "{plain} bytes in full records");
+        }
+    }
+}
+
+#[test]
+fn a_tls_reader_finishes_a_window_when_nothing_follows_it() {
+    // Exactly the window is sent, and then nothing until the reader answers: the window's last
+    // sleep must end on what did come. Full records, records of a few bytes, and a window whose
+    // first bytes were read as a frame from the middle of a record.
+    let (client, server, _a, _b) = tcp_pair(Duration::from_secs(10));
+    let window = pattern(64 * MAX_FRAGMENT, 5);
+    let sends: [Vec<&[u8]>; 3] = [vec![&window[..]], window[..40_000].chunks(997).collect(), vec![&window[..3 * MAX_FRAGMENT + 10]]];
+    for (i, parts) in sends.iter().enumerate() {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50)); // the reader is asleep on its mark by then
+                for part in parts {
+                    client.send_parts(&[part], "sending").unwrap();
+                }
+                let mut answer = [0u8; 2];
+                assert_eq!(client.recv(&mut answer, Wait::Timeout, false).unwrap(), 2);
+            });
+            let skip = if i == 2 { 100 } else { 0 };
+            let mut head = vec![0u8; skip];
+            let mut at = 0;
+            while at < skip {
+                at += server.recv(&mut head[at..], Wait::Timeout, false).unwrap();
+            }
+            assert!(head == window[..skip]);
+            let (got, _) = read_window(&server, total - skip, true);
+            let got = got.unwrap_or_else(|e| panic!("send set {i}: {e}"));
+            assert!(got == window[skip..total], "send set {i}");
+            server.send_parts(&[b"ok"], "answering").unwrap();
+        });
+    }
+}
+
+#[test]
+fn a_tls_window_trickling_in_below_its_mark_is_not_a_timeout_and_a_stopped_one_is() {
+    let (client, server, _a, _b) = tcp_pair(Duration::from_millis(600));
+    let window = pattern(16 * MAX_FRAGMENT, 9);
+    // Half at once, then a record every 200 ms (1.6 s in all, longer than the timeout): the
+    // peer is sending, so the read waits on.
+    let got = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (head, tail) = window.split_at(8 * MAX_FRAGMENT);
+            client.send_parts(&[head], "sending").unwrap();
+            for record in tail.chunks(MAX_FRAGMENT) {
+                std::thread::sleep(Duration::from_millis(200));
+                client.send_parts(&[record], "sending").unwrap();
+            }
+        });
+        read_window(&server, window.len(), true).0
+    });
+    assert!(got.unwrap() == window);
+    // Half, and then nothing: the read gives up one timeout after the last byte arrived.
+    let (got, _) = std::thread::scope(|s| {
+        s.spawn(|| client.send_parts(&[&window[..8 * MAX_FRAGMENT]], "sending").unwrap());
+        read_window(&server, window.len(), true)
+    });
+    assert!(matches!(got, Err(PageError::TimedOut { .. })), "{got:?}");
 }
