@@ -229,11 +229,12 @@ def warm_tls(streams: int = 1):
     def scenario(ctx: Context) -> list[Row]:
         image = random_image(ctx, 1)
         dest_args, tls = _throwaway_pki(ctx.work / "pki")
-        plain, secure, stats = [], [], []
+        plain, secure, stats, plain_cpu = [], [], [], []
         for _ in range(ctx.runs):
-            s, _ = migrate(ctx.work, "warmplain", source_args=["-r", image, "--pause-at=0"], dest_args=["-m", "1G"], live=False,
-                           params=params)
+            s, st = migrate(ctx.work, "warmplain", source_args=["-r", image, "--pause-at=0"], dest_args=["-m", "1G"], live=False,
+                            params=params)
             plain.append(s)
+            plain_cpu.append(st["cpu_seconds"])
             s, st = migrate(ctx.work, "warmtls", source_args=["-r", image, "--pause-at=0"], dest_args=["-m", "1G", *dest_args],
                             live=False, request={"tls": tls}, params=params)
             secure.append(s)
@@ -253,6 +254,11 @@ def warm_tls(streams: int = 1):
         if cipher:
             row.notes.append(f"the source's records by {cipher}")
             row.extra["records_cipher"] = cipher
+        # Both ends' CPU per GiB, each with what the destination spent populating while it waited:
+        # what TLS costs beyond plaintext, where the two share the host's CPUs.
+        tls_cpu, plain_fig = Figure([st["cpu_seconds"] for st in stats], "CPU-s/GiB"), Figure(plain_cpu, "CPU-s/GiB")
+        row.extra |= {"cpu_s_per_gib": tls_cpu.values, "plain_cpu_s_per_gib": plain_fig.values}
+        row.notes.append(f"both ends' CPU {tls_cpu.text()} (plain {plain_fig.text()}), the destination's populating included")
         ctx.results[row.scenario] = row
         return [row]
     return scenario
