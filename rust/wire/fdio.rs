@@ -172,9 +172,7 @@ pub(super) unsafe fn read_all_with(
                 unsafe { libc::readv(fd, iovs[idx..].as_ptr(), count as libc::c_int) }
             }
             Some(w) => {
-                if !w.wait(iovs[idx..].iter().map(|v| v.iov_len).sum(), what)? {
-                    continue; // interrupted
-                }
+                w.wait(iovs[idx..].iter().map(|v| v.iov_len).sum(), what)?;
                 // SAFETY: an all-zero msghdr is valid (no name, no control data).
                 let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
                 msg.msg_iov = iovs[idx..].as_mut_ptr();
@@ -238,7 +236,8 @@ pub(super) const SHARED_RECV_WINDOW_PAGES: usize = 512;
 /// then sleeps would wait for a whole low-water mark of *new* bytes, which may never come at the
 /// end of a stream. So the reader never sleeps inside a read: it sets the mark to exactly what is
 /// still missing, waits in poll() (woken when that much is queued, or on EOF, error, shutdown or
-/// memory pressure) and then reads without blocking, until the iovecs are full.
+/// memory pressure, or at a quarter of the receive timeout when fewer bytes came) and then reads
+/// without blocking, until the iovecs are full.
 pub(super) struct WholeReads {
     fd: RawFd,
     /// The socket's SO_RCVTIMEO (None: it has none).
@@ -251,10 +250,9 @@ pub(super) struct WholeReads {
 
 /// How a [`WholeReads`] sleep ended.
 pub(super) enum Woken {
-    /// What was missing is queued, or the stream ended, failed or was shut down: read now.
+    /// What was missing is queued, or bytes below the mark arrived, or the stream ended, failed
+    /// or was shut down: read now.
     Ready,
-    /// A signal interrupted the wait.
-    Interrupted,
     /// Nothing arrived for the socket's whole SO_RCVTIMEO.
     TimedOut(Duration),
 }
@@ -305,43 +303,42 @@ impl WholeReads {
     }
 
     /// Sleep until `missing` bytes (at most its window) are queued, or the stream ends,
-    /// fails or is shut down; false if a signal interrupted the wait. The socket's SO_RCVTIMEO
-    /// without a byte arriving is a [`PageError::TimedOut`].
-    fn wait(&mut self, missing: usize, what: &str) -> Result<bool, PageError> {
+    /// fails or is shut down. The socket's SO_RCVTIMEO without a byte arriving is a
+    /// [`PageError::TimedOut`].
+    fn wait(&mut self, missing: usize, what: &str) -> Result<(), PageError> {
         match self.sleep(missing) {
-            Ok(Woken::Ready) => Ok(true),
-            Ok(Woken::Interrupted) => Ok(false),
+            Ok(Woken::Ready) => Ok(()),
             Ok(Woken::TimedOut(timeout)) => Err(timed_out(self.fd, what, Direction::Receive, timeout)),
             Err(err) => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
         }
     }
 
-    /// [`wait`](Self::wait), saying how it ended. Bytes trickling in below the low-water mark
-    /// are the peer sending: the sleep looks at the queue every quarter timeout, so the timeout
-    /// counts from (at most a quarter after) the last byte that arrived.
+    /// [`wait`](Self::wait), saying how it ended. The sleep looks at the queue every quarter
+    /// timeout: bytes queued below the mark end it, so the reader takes them (a peer trickling,
+    /// or one that stopped short of the mark, as a TLS alert does) and the timeout counts from
+    /// (at most a quarter after) the last byte that arrived. A signal does not end it, nor move
+    /// its deadline.
     pub(super) fn sleep(&mut self, missing: usize) -> io::Result<Woken> {
         self.set_lowat(missing);
-        let mut queued = self.queued();
-        let mut since = Instant::now();
+        let since = Instant::now();
         loop {
             let ms = self.timeout.map_or(-1, |t| poll_ms((t / 4).min(t.saturating_sub(since.elapsed()))));
             let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
             // SAFETY: one pollfd of ours.
             match unsafe { libc::poll(&mut pfd, 1, ms) } {
                 0 => {
-                    let (now, timeout) = (self.queued(), self.timeout.unwrap_or_default());
-                    if now != queued {
-                        (queued, since) = (now, Instant::now());
+                    let timeout = self.timeout.unwrap_or_default();
+                    if self.queued() > 0 {
+                        return Ok(Woken::Ready);
                     } else if since.elapsed() >= timeout {
                         return Ok(Woken::TimedOut(timeout));
                     }
                 }
                 n if n < 0 => {
                     let err = io::Error::last_os_error();
-                    return match err.raw_os_error() {
-                        Some(libc::EINTR) => Ok(Woken::Interrupted),
-                        _ => Err(err),
-                    };
+                    if err.raw_os_error() != Some(libc::EINTR) {
+                        return Err(err);
+                    }
                 }
                 _ => return Ok(Woken::Ready),
             }

@@ -1184,10 +1184,8 @@ impl TlsStream {
         if let Some((whole, _)) = lowat {
             let missing = missing.min(inbox.buf.len() - inbox.end);
             loop {
-                match whole.sleep(missing).map_err(RecvError::Io)? {
-                    Woken::Ready => {}
-                    Woken::Interrupted => continue,
-                    Woken::TimedOut(timeout) => return Err(RecvError::TimedOut(timeout)),
+                if let Woken::TimedOut(timeout) = whole.sleep(missing).map_err(RecvError::Io)? {
+                    return Err(RecvError::TimedOut(timeout));
                 }
                 let end = inbox.end;
                 match (Socket { fd: self.fd, keep: None }).read(&mut inbox.buf[end..]) {

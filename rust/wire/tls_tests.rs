@@ -563,3 +563,70 @@ fn a_tls_window_trickling_in_below_its_mark_is_not_a_timeout_and_a_stopped_one_i
     });
     assert!(matches!(got, Err(PageError::TimedOut { .. })), "{got:?}");
 }
+
+#[test]
+fn signals_during_a_tls_window_do_not_put_off_its_timeout() {
+    // A peer that stopped half-way through a window, and a signal at the reader every 100 ms
+    // (without SA_RESTART, as a profiler's or an embedder's timer would be): the read still gives
+    // up about one timeout (600 ms) after the last byte, while the signals go on for up to 5 s.
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: a handler that does nothing, installed for a signal nothing else in the tests uses.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore as *const () as usize;
+        libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut());
+    }
+    let (client, server, _a, _b) = tcp_pair(Duration::from_millis(600));
+    let window = pattern(16 * MAX_FRAGMENT, 2);
+    client.send_parts(&[&window[..8 * MAX_FRAGMENT]], "sending").unwrap();
+    let done = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (got, signalled) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() } as usize).unwrap();
+            let got = read_window(&server, window.len(), true).0;
+            done.store(true, Ordering::SeqCst);
+            got
+        });
+        let thread = rx.recv().unwrap() as libc::pthread_t;
+        let mut signalled = 0;
+        while !done.load(Ordering::SeqCst) && signalled < 50 {
+            std::thread::sleep(Duration::from_millis(100));
+            if !done.load(Ordering::SeqCst) {
+                // SAFETY: the reader thread is alive until `done`, and SIGUSR2 has a handler.
+                unsafe { libc::pthread_kill(thread, libc::SIGUSR2) };
+                signalled += 1;
+            }
+        }
+        (reader.join().unwrap(), signalled)
+    });
+    assert!(matches!(got, Err(PageError::TimedOut { .. })), "{got:?}");
+    assert!(signalled < 50, "the read ended only once the signals stopped ({signalled} sent)");
+}
+
+#[test]
+fn an_alert_in_the_middle_of_a_tls_window_is_read_without_waiting_for_the_mark() {
+    // A peer ends (close_notify) or fails (a fatal alert) a quarter of the way through a window
+    // and leaves its socket open: the alert, far shorter than the mark, is read and reported
+    // within a quarter of the timeout, not taken for a silence.
+    for fatal in [false, true] {
+        let (client, server, _a, _b) = tcp_pair(Duration::from_secs(4));
+        let window = pattern(16 * MAX_FRAGMENT, 6);
+        client.send_parts(&[&window[..4 * MAX_FRAGMENT]], "sending").unwrap();
+        if fatal {
+            let mut outbox = lock(&client.outbox);
+            let mut alert = Vec::new();
+            outbox.key.seal_record(&mut alert, ALERT, &[2, 80]); // internal_error
+            send_some(client.fd(), &alert).unwrap();
+        } else {
+            client.close_notify();
+        }
+        let (got, _) = read_window(&server, window.len(), true);
+        match got {
+            Ok(bytes) if !fatal => assert!(bytes == window[..4 * MAX_FRAGMENT], "the bytes before close_notify"),
+            Err(PageError::Io { what, .. }) if fatal => assert!(what.contains("alert internal error"), "{what}"),
+            other => panic!("fatal: {fatal}: {other:?}"),
+        }
+    }
+}
