@@ -40,6 +40,18 @@ const SERVER: (&[u8], &[u8]) =
 const CLIENT: (&[u8], &[u8]) =
     (include_bytes!("../../tests/fixtures/tls/client.pem"), include_bytes!("../../tests/fixtures/tls/client.key"));
 
+/// (client, server) after a mutual TLS handshake over the connected sockets `client_fd` and `server_fd`.
+fn handshake(client_fd: RawFd, server_fd: RawFd) -> (TlsStream, TlsStream) {
+    let server = std::thread::spawn(move || {
+        let config = TlsIdentity::from_pem(Some(SERVER.0), Some(SERVER.1), CA).unwrap().server_config().unwrap();
+        TlsStream::handshake(server_fd, Side::Server { config }, Duration::from_secs(20)).unwrap()
+    });
+    let config = TlsIdentity::from_pem(Some(CLIENT.0), Some(CLIENT.1), CA).unwrap().client_config().unwrap();
+    let client =
+        TlsStream::handshake(client_fd, Side::Client { config, server_name: "localhost".into() }, Duration::from_secs(20)).unwrap();
+    (client, server.join().unwrap())
+}
+
 /// (client, server, the sockets they run on) after a mutual TLS handshake over a socketpair.
 pub(in crate::wire) fn pair() -> (TlsStream, TlsStream, UnixStream, UnixStream) {
     let (a, b) = UnixStream::pair().unwrap();
@@ -47,15 +59,8 @@ pub(in crate::wire) fn pair() -> (TlsStream, TlsStream, UnixStream, UnixStream) 
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     }
-    let server_fd = b.as_raw_fd();
-    let server = std::thread::spawn(move || {
-        let config = TlsIdentity::from_pem(Some(SERVER.0), Some(SERVER.1), CA).unwrap().server_config().unwrap();
-        TlsStream::handshake(server_fd, Side::Server { config }, Duration::from_secs(20)).unwrap()
-    });
-    let config = TlsIdentity::from_pem(Some(CLIENT.0), Some(CLIENT.1), CA).unwrap().client_config().unwrap();
-    let client =
-        TlsStream::handshake(a.as_raw_fd(), Side::Client { config, server_name: "localhost".into() }, Duration::from_secs(20)).unwrap();
-    (client, server.join().unwrap(), a, b)
+    let (client, server) = handshake(a.as_raw_fd(), b.as_raw_fd());
+    (client, server, a, b)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -402,15 +407,8 @@ fn tcp_pair(timeout: Duration) -> (TlsStream, TlsStream, TcpStream, TcpStream) {
     let (b, _) = listener.accept().unwrap();
     a.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     b.set_read_timeout(Some(timeout)).unwrap();
-    let server_fd = b.as_raw_fd();
-    let server = std::thread::spawn(move || {
-        let config = TlsIdentity::from_pem(Some(SERVER.0), Some(SERVER.1), CA).unwrap().server_config().unwrap();
-        TlsStream::handshake(server_fd, Side::Server { config }, Duration::from_secs(20)).unwrap()
-    });
-    let config = TlsIdentity::from_pem(Some(CLIENT.0), Some(CLIENT.1), CA).unwrap().client_config().unwrap();
-    let client =
-        TlsStream::handshake(a.as_raw_fd(), Side::Client { config, server_name: "localhost".into() }, Duration::from_secs(20)).unwrap();
-    (client, server.join().unwrap(), a, b)
+    let (client, server) = handshake(a.as_raw_fd(), b.as_raw_fd());
+    (client, server, a, b)
 }
 
 /// Read `want` bytes as a page window is read (`recv_iovecs`, with the low-water mark when
