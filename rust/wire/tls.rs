@@ -1181,34 +1181,18 @@ impl TlsStream {
             inbox.buf.copy_within(inbox.start..inbox.end, 0);
             (inbox.start, inbox.end) = (0, here);
         }
-        if let Some((whole, _)) = lowat {
-            let missing = missing.min(inbox.buf.len() - inbox.end);
-            loop {
-                if let Woken::TimedOut(timeout) = whole.sleep(missing).map_err(RecvError::Io)? {
-                    return Err(RecvError::TimedOut(timeout));
-                }
-                let end = inbox.end;
-                match (Socket { fd: self.fd, keep: None }).read(&mut inbox.buf[end..]) {
-                    Ok(0) => inbox.eof = true,
-                    Ok(n) => {
-                        inbox.end += n;
-                        #[cfg(test)]
-                        {
-                            inbox.reads += 1;
-                        }
-                    }
-                    Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => continue,
-                    Err(e) => {
-                        self.fail(format!("the connection failed: {e}"));
-                        return Err(RecvError::Io(e));
-                    }
-                }
-                return Ok(());
-            }
-        }
+        // With `lowat`, each read waits first until what is missing has arrived (or as much as
+        // the inbox holds); without, it reads what is there and waits only when nothing is.
+        let room = inbox.buf.len() - inbox.end;
+        let mut lowat = lowat.map(|(whole, _)| (whole, missing.min(room)));
         let timeout = socket_timeout(self.fd, Direction::Receive);
         let mut since = Instant::now();
         loop {
+            if let Some((whole, missing)) = lowat.as_mut() {
+                if let Woken::TimedOut(timeout) = whole.sleep(*missing).map_err(RecvError::Io)? {
+                    return Err(RecvError::TimedOut(timeout));
+                }
+            }
             let end = inbox.end;
             match (Socket { fd: self.fd, keep: None }).read(&mut inbox.buf[end..]) {
                 Ok(0) => {
@@ -1224,6 +1208,7 @@ impl TlsStream {
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && lowat.is_some() => {} // woken early: sleep again
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if wait == Wait::Never {
                         return Err(RecvError::Io(e));
