@@ -10,7 +10,7 @@
 //! kernel, as vmmpy's migration sockets do since session 38 (a receive buffer set is locked).
 //! WAKE is how the receiver's reads wait: `any` (the default) returns whatever has arrived, so a
 //! reader that keeps up is woken for every segment; `whole` waits as vmmpy's receivers do
-//! (`WholeReads` in rust/wire/fdio.rs): it sets SO_RCVLOWAT to what its MiB still lacks, sleeps
+//! (`WholeReads` in rust/wire/stall.rs): it sets SO_RCVLOWAT to what its MiB still lacks, sleeps
 //! in poll() until that much is queued (or the stream ends) and then reads what is there without
 //! blocking. On a VM, where every wake-up of an idle CPU costs the sender an interprocessor
 //! interrupt, `whole` moved 1 GiB over one stream up to three times faster than `any`

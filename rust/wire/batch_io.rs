@@ -30,9 +30,10 @@ use super::batch::{
 };
 use super::decompress::recv_lz4_payload;
 use super::fdio::{
-    read_all_with, read_exact, write_all, write_all_more, Link, WholeReads, HASH_WINDOW_PAGES, RECV_WINDOW_PAGES, SHARED_RECV_WINDOW_PAGES,
+    read_all_with, read_exact, write_all, write_all_more, Link, HASH_WINDOW_PAGES, RECV_WINDOW_PAGES, SHARED_RECV_WINDOW_PAGES,
 };
 use super::ready_ranges;
+use super::stall::WholeReads;
 use crate::digest::{DigestTracker, PageError};
 use crate::memory::{page_bytes, zeroed_pages, AlignedPage, GuestMemory, InstallGuard, MemoryError, Segment, PAGE_SIZE};
 use crate::progress::{self, Meter};
@@ -630,7 +631,7 @@ fn read_data_pages(
                 }
             });
         }
-        let mut whole = WholeReads::new(link, window * PAGE_SIZE);
+        let mut whole = WholeReads::new(link.fd(), window * PAGE_SIZE);
         let mut got = 0;
         for window in &windows {
             for &(first, pages) in window {
@@ -694,7 +695,7 @@ fn install_data_pages(
     staging: &mut [AlignedPage],
 ) -> Result<u64, PageError> {
     let most = windows.iter().map(|w| w.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum()).max().unwrap_or(1);
-    let mut whole = WholeReads::new(link, most);
+    let mut whole = WholeReads::new(link.fd(), most);
     let (mut got, mut counted) = (0u64, 0u64);
     for window in windows {
         let want: usize = window.iter().map(|&(_, pages)| pages * PAGE_SIZE).sum();
@@ -845,7 +846,7 @@ fn install_pipelined(
         }
         #[cfg(test)]
         PIPELINED.with(|n| n.set(n.get() + 1));
-        let mut whole = WholeReads::new(link, SLOT_PAGES * PAGE_SIZE);
+        let mut whole = WholeReads::new(link.fd(), SLOT_PAGES * PAGE_SIZE);
         let mut got = 0u64;
         let mut stream = Ok(()); // what the stream did: an error, or its end inside the page data
         for window in slots {

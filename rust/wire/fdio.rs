@@ -6,9 +6,8 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::time::{Duration, Instant};
 
-use super::stall::{poll_ms, socket_timeout, timed_out, would_block, SendDeadline};
+use super::stall::{would_block, SendDeadline, WholeReads};
 use super::tls::TlsStream;
 use crate::digest::{Direction, PageError};
 
@@ -30,6 +29,16 @@ pub(super) const HASH_WINDOW_PAGES: usize = 128;
 pub enum Link<'a> {
     Fd(RawFd),
     Tls(&'a TlsStream),
+}
+
+impl Link<'_> {
+    /// The fd the bytes move through: the socket under a TLS session.
+    pub(super) fn fd(self) -> RawFd {
+        match self {
+            Link::Fd(fd) => fd,
+            Link::Tls(tls) => tls.fd(),
+        }
+    }
 }
 
 impl From<RawFd> for Link<'_> {
@@ -223,132 +232,3 @@ pub(super) const RECV_WINDOW_PAGES: usize = 256;
 /// 3.90-4.06 against 4.12-4.23 GiB/s, `--streams 4` 3.49-4.18 against 3.90-4.31; one stream
 /// 3.71 and 4.23 against 3.08 and 2.44 (session 20).
 pub(super) const SHARED_RECV_WINDOW_PAGES: usize = 512;
-
-/// Reads from a socket that sleep until everything asked for (up to the reader's window) has
-/// arrived, instead of being woken for every segment.
-///
-/// Loopback TCP wakes a sleeping reader for each 64 KiB segment, and on a VM each wake-up of an
-/// idle CPU costs the sender an IPI: a warm 1 GiB migration between two processes on 2 vCPUs took
-/// 0.2 s in most runs and 0.5-0.7 s in about one of four, with the sender busy waking the
-/// receiver. With SO_RCVLOWAT the kernel wakes the reader once the bytes it needs are queued.
-///
-/// SO_RCVLOWAT counts only bytes not yet read, so a read that copies part of what it needs and
-/// then sleeps would wait for a whole low-water mark of *new* bytes, which may never come at the
-/// end of a stream. So the reader never sleeps inside a read: it sets the mark to exactly what is
-/// still missing, waits in poll() (woken when that much is queued, or on EOF, error, shutdown or
-/// memory pressure, or at a quarter of the receive timeout when fewer bytes came) and then reads
-/// without blocking, until the iovecs are full.
-pub(super) struct WholeReads {
-    fd: RawFd,
-    /// The socket's SO_RCVTIMEO (None: it has none).
-    timeout: Option<Duration>,
-    lowat: libc::c_int,
-    /// The most it asks to be woken for (SO_RCVLOWAT): the caller's window, so a read of a whole
-    /// payload at once (no tracker, no meter) still wakes a window's worth at a time.
-    most: usize,
-}
-
-/// How a [`WholeReads`] sleep ended.
-pub(super) enum Woken {
-    /// What was missing is queued, or bytes below the mark arrived, or the stream ended, failed
-    /// or was shut down: read now.
-    Ready,
-    /// Nothing arrived for the socket's whole SO_RCVTIMEO.
-    TimedOut(Duration),
-}
-
-impl WholeReads {
-    /// For a socket (a plain fd, or the socket under a TLS session), None for anything else (a
-    /// pipe, read without it), waking for at most `most` bytes at a time.
-    pub(super) fn new(link: Link<'_>, most: usize) -> Option<WholeReads> {
-        let fd = match link {
-            Link::Fd(fd) => fd,
-            Link::Tls(tls) => tls.fd(),
-        };
-        let mut kind: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into the c_int we own; it fails for a non-socket.
-        if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) } != 0 {
-            return None;
-        }
-        Some(WholeReads { fd, timeout: socket_timeout(fd, Direction::Receive), lowat: 1, most: most.max(1) })
-    }
-
-    fn set_lowat(&mut self, bytes: usize) {
-        let bytes = bytes.clamp(1, self.most) as libc::c_int;
-        if bytes != self.lowat {
-            // SAFETY: the option value is a c_int on our stack, passed with its size. A refusal
-            // only means the reader is woken earlier (poll then returns sooner; nothing hangs).
-            unsafe {
-                libc::setsockopt(
-                    self.fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVLOWAT,
-                    (&bytes as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            self.lowat = bytes;
-        }
-    }
-
-    /// Bytes queued on the socket, not yet read (FIONREAD).
-    fn queued(&self) -> libc::c_int {
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one c_int into ours.
-        if unsafe { libc::ioctl(self.fd, libc::FIONREAD, &mut n) } != 0 {
-            return 0;
-        }
-        n
-    }
-
-    /// Sleep until `missing` bytes (at most its window) are queued, or the stream ends,
-    /// fails or is shut down. The socket's SO_RCVTIMEO without a byte arriving is a
-    /// [`PageError::TimedOut`].
-    fn wait(&mut self, missing: usize, what: &str) -> Result<(), PageError> {
-        match self.sleep(missing) {
-            Ok(Woken::Ready) => Ok(()),
-            Ok(Woken::TimedOut(timeout)) => Err(timed_out(self.fd, what, Direction::Receive, timeout)),
-            Err(err) => Err(PageError::io(format!("{what} (fd {})", self.fd), err)),
-        }
-    }
-
-    /// [`wait`](Self::wait), saying how it ended. The sleep looks at the queue every quarter
-    /// timeout: bytes queued below the mark end it, so the reader takes them (a peer trickling,
-    /// or one that stopped short of the mark, as a TLS alert does) and the timeout counts from
-    /// (at most a quarter after) the last byte that arrived. A signal does not end it, nor move
-    /// its deadline.
-    pub(super) fn sleep(&mut self, missing: usize) -> io::Result<Woken> {
-        self.set_lowat(missing);
-        let since = Instant::now();
-        loop {
-            let ms = self.timeout.map_or(-1, |t| poll_ms((t / 4).min(t.saturating_sub(since.elapsed()))));
-            let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one pollfd of ours.
-            match unsafe { libc::poll(&mut pfd, 1, ms) } {
-                0 => {
-                    let timeout = self.timeout.unwrap_or_default();
-                    if self.queued() > 0 {
-                        return Ok(Woken::Ready);
-                    } else if since.elapsed() >= timeout {
-                        return Ok(Woken::TimedOut(timeout));
-                    }
-                }
-                n if n < 0 => {
-                    let err = io::Error::last_os_error();
-                    if err.raw_os_error() != Some(libc::EINTR) {
-                        return Err(err);
-                    }
-                }
-                _ => return Ok(Woken::Ready),
-            }
-        }
-    }
-}
-
-impl Drop for WholeReads {
-    /// Back to the default mark for whatever reads the socket next (the frames after a batch).
-    fn drop(&mut self) {
-        self.set_lowat(1);
-    }
-}

@@ -10,7 +10,7 @@
 //! several parts is copied in and sealed in place), written with one send per `SEND_STEP`; a
 //! received record is opened straight into the reader's buffer when it fits there, and otherwise
 //! where it arrived and copied out. A page window is read as over a plain socket
-//! (`fdio::WholeReads`): the reader sleeps until the least ciphertext that can carry what it
+//! (`stall::WholeReads`): the reader sleeps until the least ciphertext that can carry what it
 //! still wants has arrived, not for every segment. There is no relay thread and no socketpair.
 //!
 //! The socket stays the caller's: it owns the fd, sets its SO_SNDTIMEO / SO_RCVTIMEO (honoured as
@@ -48,8 +48,8 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection, WebPkiCli
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus};
 use rustls::{AlertDescription, CertificateError, ClientConfig, CommonState, RootCertStore, ServerConfig};
 
-use super::fdio::{WholeReads, Woken};
 use super::stall::{poll_ms, socket_timeout, timed_out, SendDeadline};
+use super::stall::{WholeReads, Woken};
 use super::tls_records::{opened_len, record_len, RecordKey, Records, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_FRAGMENT, OVERHEAD};
 use crate::digest::{Direction, PageError};
 

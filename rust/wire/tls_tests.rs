@@ -396,7 +396,7 @@ fn client_seq(end: &TlsStream) -> u64 {
 
 // -- page windows read whole (SO_RCVLOWAT) over TCP --------------------------------------------------
 
-use super::super::fdio::{Link, WholeReads};
+use super::super::stall::WholeReads;
 use std::net::{TcpListener, TcpStream};
 
 /// (client, server, the sockets they run on) after a mutual TLS handshake over loopback TCP, the
@@ -417,7 +417,7 @@ fn read_window(server: &TlsStream, want: usize, whole: bool) -> (Result<Vec<u8>,
     let before = lock(&server.inbox).reads;
     let mut got = vec![0u8; want];
     let iov = [libc::iovec { iov_base: got.as_mut_ptr().cast(), iov_len: want }];
-    let mut marks = if whole { WholeReads::new(Link::Tls(server), want) } else { None };
+    let mut marks = if whole { WholeReads::new(server.fd(), want) } else { None };
     assert_eq!(marks.is_some(), whole, "a TLS link's socket reads whole windows");
     // SAFETY: the iovec is `got`, which nothing else references during the call.
     let read = unsafe { server.recv_iovecs(&iov, "receiving page data", marks.as_mut()) };
