@@ -98,6 +98,8 @@ def _move_machine_over_streams(tag: str, live: bool, params: MigrationParams, ba
         assert stats.status == "completed", stats.error
         assert dstats.status == "completed", dstats.error
         assert stats.streams == dstats.streams == params.streams and stats.protocol_version >= P.STREAMS_VERSION
+        # Over loopback, with no cap, no more streams send at once than this process has CPUs.
+        assert stats.streams_at_once == min(params.streams, len(os.sched_getaffinity(0))), stats.streams_at_once
         round0 = stats.rounds[0]
         assert len(round0.stream_bytes) == params.streams and sum(round0.stream_bytes) == round0.bytes
         assert sum(1 for b in round0.stream_bytes if b > 4 * MiB) >= 2, f"round 0 was not spread: {round0.stream_bytes}"
@@ -686,6 +688,23 @@ def test_the_state_goes_in_parts_to_another_host_and_within_this_one_only_with_c
         assert source_module.state_in_parts(a) is spare, "a local migration's Unix socket is this host"
     assert source_module.state_in_parts(_Connected("192.0.2.10", "192.0.2.10")) is spare, "this host's own address"
     assert source_module.state_in_parts(_Connected("192.0.2.10", "198.51.100.7")) is True, "another host"
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8])
+def test_streams_take_turns_on_this_host_up_to_its_cpus_and_all_send_to_another_host_or_capped(monkeypatch, cpus):
+    from vmmpy.migration import source as source_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    at_once = source_module.streams_at_once
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as near:
+        assert [at_once(near, n, capped=False) for n in (1, 2, 4, 16)] == [min(n, cpus) for n in (1, 2, 4, 16)]
+        assert at_once(near, 4, capped=True) == 4, "each capped stream is paced to its share: all must send"
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert at_once(a, 4, capped=False) == min(4, cpus), "a Unix socket is this host"
+    assert at_once(_Connected("192.0.2.10", "192.0.2.10"), 4, capped=False) == min(4, cpus), "this host's own address"
+    assert at_once(_Connected("192.0.2.10", "198.51.100.7"), 4, capped=False) == 4, "another host: streams are for the network"
 
 
 def test_an_address_written_out_connects_without_a_name_lookup_and_a_name_still_resolves(monkeypatch):

@@ -467,6 +467,7 @@ def send_pages_multi(
     meter: ProgressMeter | None = None,
     compress: Compress = "off",
     link_rate: float | None = None,
+    at_once: int | None = None,
 ) -> dict[str, Any]: ...
 # ---- TLS ended in the core (rust/python/tls.rs) ---------------------------------------------------
 

@@ -430,7 +430,7 @@ class GuestMemory:
 
     def send_pages_multi(self, fds, *, all_pages: bool, detect_zero: bool = True, chunk_pages: int | None = None,
                          tracker: DigestTracker | None = None, meter: ProgressMeter | None = None, compress: str = "off",
-                         link_rate: float | None = None) -> dict:
+                         link_rate: float | None = None, at_once: int | None = None) -> dict:
         """One round over several fds at once (parallel streams): every page (``all_pages``, as
         ``send_all_pages``) or the dirty pages harvested and cleared once (as
         ``send_dirty_pages``, hashed into ``tracker`` on the way when given), cut into batches of at most
@@ -438,13 +438,15 @@ class GuestMemory:
         every fd's share ends with an empty batch. Returns the totals (end markers not counted)
         and ``streams``, the same per fd. A ``meter`` as for :meth:`send_dirty_pages`, advanced by
         every stream. ``compress`` and ``link_rate`` as for :meth:`send_dirty_pages`: each stream
-        compresses with a compressor of its own."""
+        compresses with a compressor of its own. ``at_once``: how many fds may have a batch going
+        at a time (default all); the streams take turns, in the order they asked, and all still
+        carry batches."""
         kwargs = {} if chunk_pages is None else {"chunk_pages": chunk_pages}
         if not all_pages:
             self._checkpoint_log_loses_sight()
         return _core.send_pages_multi(self.core, [_fileno(fd) for fd in fds], all_pages=all_pages,
                                       detect_zero=detect_zero, tracker=tracker, meter=meter, compress=compress,
-                                      link_rate=link_rate, **kwargs)
+                                      link_rate=link_rate, at_once=at_once, **kwargs)
 
     def recv_pages(self, fd, *, tracker: DigestTracker | None = None) -> dict[str, int]:
         """Receive one page batch into memory, checked whole before any byte is written.

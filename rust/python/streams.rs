@@ -84,10 +84,11 @@ fn recv_share<'py>(
 /// the round's pages once harvested, then advances as every stream writes. `compress` ("off",
 /// "lz4", "auto") gives each stream a compressor of its own, believing its stream carries an even
 /// share of `link_rate`; then `compress_attempts` and `link_rate` (the streams' measured rates
-/// added) are returned too, as `send_dirty_pages` returns them.
+/// added) are returned too, as `send_dirty_pages` returns them. `at_once`: how many fds may have a
+/// chunk going at a time (default all; the caller's policy, `wire::Sending::at_once`).
 #[pyfunction]
 #[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None, meter = None,
-                    compress = "off", link_rate = None))]
+                    compress = "off", link_rate = None, at_once = None))]
 #[allow(clippy::too_many_arguments)]
 fn send_pages_multi<'py>(
     py: Python<'py>,
@@ -100,6 +101,7 @@ fn send_pages_multi<'py>(
     meter: Option<PyRef<'py, PyProgressMeter>>,
     compress: &str,
     link_rate: Option<f64>,
+    at_once: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mode = wire::CompressMode::parse(compress).map_err(PyValueError::new_err)?;
     if fds.is_empty() || fds.len() > MAX_STREAMS {
@@ -107,6 +109,9 @@ fn send_pages_multi<'py>(
     }
     if chunk_pages == 0 {
         return Err(PyValueError::new_err("chunk_pages must be at least 1"));
+    }
+    if at_once == Some(0) {
+        return Err(PyValueError::new_err("at_once must be at least 1"));
     }
     let tracker = tracker_of(&memory, tracker)?;
     let mem = memory.inner.clone();
@@ -127,7 +132,8 @@ fn send_pages_multi<'py>(
             }
             let links: Vec<wire::Link<'_>> = ends.iter().map(OwnedEndpoint::link).collect();
             let share = link_rate.map(|r| r / links.len() as f64);
-            wire::send_chunks_compressed(&links, &mem, &chunks, tracker.as_deref(), meter.as_deref(), mode, share)
+            let how = wire::Sending { compress: mode, link_hint: share, at_once: at_once.unwrap_or(links.len()) };
+            wire::send_chunks_compressed(&links, &mem, &chunks, tracker.as_deref(), meter.as_deref(), how)
         })
         .map_err(page_error)?;
     let mut total = BatchTotals::default();

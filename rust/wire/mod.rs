@@ -39,7 +39,7 @@ pub use postcopy::{
     DEFAULT_CHUNK_SIZE as POSTCOPY_CHUNK, MAX_CHUNK_PAGES as POSTCOPY_MAX_CHUNK_PAGES,
 };
 pub use ranges::{build_ranges_from_bitmap, build_ranges_with_residency};
-pub use streams::{recv_share, send_chunks, send_chunks_compressed, PageBudget, MAX_STREAMS};
+pub use streams::{recv_share, send_chunks, send_chunks_compressed, PageBudget, Sending, MAX_STREAMS};
 pub use tls::{HandshakeFailure, IdentityError, RecvError, Side, TlsIdentity, TlsStream, Wait};
 
 use crate::digest::PageError;

@@ -16,10 +16,16 @@
 //! when the slowest stream's fixed share does. Every page of the round goes in exactly one chunk,
 //! so the receivers may write them in any order.
 //!
+//! The caller may let fewer streams send at once than there are ([`Sending::at_once`]): a stream
+//! takes a turn before each chunk, in the order the streams asked, and gives it back once the
+//! chunk is written. Every stream still carries chunks and ends its share; at most `at_once` of
+//! them have a chunk going at a time.
+//!
 //! This file decides nothing about which pages a round carries (the caller harvests), nor what a
 //! stream is beyond an fd the caller owns and keeps open for the call.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use super::batch::PageRange;
 use super::batch_io::{
@@ -56,22 +62,45 @@ pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
 ) -> Result<Vec<BatchTotals>, PageError> {
-    let sent = send_chunks_compressed(fds, mem, chunks, tracker, meter, CompressMode::Off, None)?;
+    let sent = send_chunks_compressed(fds, mem, chunks, tracker, meter, Sending::all(fds.len()))?;
     Ok(sent.into_iter().map(|(totals, _)| totals).collect())
 }
 
-/// [`send_chunks`], each stream sending its chunks through a compressor of its own in `mode`
-/// (none for `CompressMode::Off`) that believes its stream carries `link_hint` bytes/s. Returns
-/// each fd's totals and its compressor (attempts, the link rate it measured).
+/// How a round's streams send (see [`send_chunks_compressed`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Sending {
+    /// Each stream's compressor's mode; `CompressMode::Off` for none.
+    pub compress: CompressMode,
+    /// The bytes/s each stream's compressor believes its stream carries.
+    pub link_hint: Option<f64>,
+    /// How many streams may have a chunk going at once: at least 1; the fds' count or more lets
+    /// every stream send whenever it is free.
+    pub at_once: usize,
+}
+
+impl Sending {
+    /// Every one of `streams` streams sending whenever it is free, uncompressed.
+    pub fn all(streams: usize) -> Sending {
+        Sending { compress: CompressMode::Off, link_hint: None, at_once: streams }
+    }
+}
+
+/// [`send_chunks`], each stream sending its chunks through a compressor of its own in
+/// `how.compress` (none for `CompressMode::Off`) that believes its stream carries `how.link_hint`
+/// bytes/s, and at most `how.at_once` streams writing a chunk at a time. Returns each fd's totals
+/// and its compressor (attempts, the link rate it measured).
 pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     fds: &[L],
     mem: &GuestMemory,
     chunks: &[Vec<PageRange>],
     tracker: Option<&DigestTracker>,
     meter: Option<&Meter>,
-    mode: CompressMode,
-    link_hint: Option<f64>,
+    how: Sending,
 ) -> Result<Vec<(BatchTotals, Option<Compressor>)>, PageError> {
+    let Sending { compress: mode, link_hint, at_once } = how;
+    if at_once == 0 {
+        return Err(PageError::BadSendRanges { why: "0 streams sending at once; at least 1 must".into() });
+    }
     if fds.is_empty() || fds.len() > MAX_STREAMS {
         return Err(PageError::BadSendRanges { why: format!("{} streams; 1 to {MAX_STREAMS} may be used", fds.len()) });
     }
@@ -84,18 +113,29 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
+    let turns = Turns::new(at_once);
+    #[cfg(test)]
+    let sending = &AtomicUsize::new(0); // streams writing a chunk now; never more than `at_once`
     let results: Vec<Result<(BatchTotals, Option<Compressor>), PageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = fds
             .iter()
             .enumerate()
             .map(|(index, &fd)| {
                 let fd: Link<'a> = fd.into();
-                let (next, failed, first_failure) = (&next, &failed, &first_failure);
+                let (next, failed, first_failure, turns) = (&next, &failed, &first_failure, &turns);
                 scope.spawn(move || {
                     let mut totals = BatchTotals::default();
                     let mut compressor = (mode != CompressMode::Off).then(|| Compressor::new(mode, link_hint));
                     let outcome = (|| {
                         while !failed.load(Ordering::Relaxed) {
+                            // Held while this chunk (or the end marker) is written, given back
+                            // at the end of the iteration, or when a failure returns.
+                            let _turn = turns.take();
+                            if failed.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            #[cfg(test)]
+                            let _sending = tests::Writing::count(sending, at_once);
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             let Some(chunk) = chunks.get(i) else {
                                 // The end-of-round marker: an empty batch.
@@ -150,6 +190,45 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     match error {
         Some(e) => Err(e),
         None => Ok(out),
+    }
+}
+
+/// Turns to write a chunk, at most `at_once` held at a time, granted in the order they were asked
+/// for (a ticket each), so no stream waits for more than the chunks of those ahead of it: a
+/// stream's receiver waits for its next batch under the receive timeout.
+struct Turns {
+    at_once: u64,
+    /// Tickets given out, and turns given back.
+    counts: Mutex<(u64, u64)>,
+    changed: Condvar,
+}
+
+/// A turn, given back when dropped.
+struct Turn<'t>(&'t Turns);
+
+impl Turns {
+    fn new(at_once: usize) -> Turns {
+        Turns { at_once: at_once as u64, counts: Mutex::new((0, 0)), changed: Condvar::new() }
+    }
+
+    fn take(&self) -> Turn<'_> {
+        // A poisoned lock only means another stream's thread panicked holding it; the counts are
+        // still whole (each update is one statement).
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let ticket = counts.0;
+        counts.0 += 1;
+        // Ticket t goes once all but `at_once - 1` of the tickets before it have given theirs back.
+        while ticket >= counts.1 + self.at_once {
+            counts = self.changed.wait(counts).unwrap_or_else(|e| e.into_inner());
+        }
+        Turn(self)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        self.0.changed.notify_all();
     }
 }
 

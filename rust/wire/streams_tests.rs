@@ -2,6 +2,7 @@
 //! ended by an empty batch; a stream that fails names itself.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::*;
 use crate::memory::{GuestAddress, GuestMemory, MemoryOptions, PAGE_SIZE};
@@ -9,6 +10,24 @@ use crate::progress::Meter;
 use crate::wire::{build_ranges_from_bitmap, send_batch, split_batches, CompressMode, Compressor, PageRange};
 
 const MIB: u64 = 1 << 20;
+
+/// A stream writing a chunk in `send_chunks_compressed`: panics (failing that stream, so the
+/// round) when more than `at_once` are.
+pub(super) struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    pub(super) fn count(sending: &'a AtomicUsize, at_once: usize) -> Writing<'a> {
+        let now = sending.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(now <= at_once, "{now} streams writing a chunk at once, {at_once} allowed");
+        Writing(sending)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 fn guest(size: u64) -> GuestMemory {
     GuestMemory::new(&MemoryOptions::new(size)).unwrap()
@@ -484,5 +503,144 @@ fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader(
         );
         // 24 MiB do not fit a socket's buffer: the sender can only fail if the reader stopped early.
         assert!(sent.is_err(), "the reader read on to the end after an installer failed ({installers} installers)");
+    }
+}
+
+#[test]
+fn turns_let_at_once_streams_hold_one_and_the_next_wait() {
+    let turns = Turns::new(2);
+    let first = turns.take();
+    let second = turns.take(); // a second turn while the first is held: does not wait
+    let third_got = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            let t = turns.take();
+            third_got.store(true, Ordering::SeqCst);
+            t
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!third_got.load(Ordering::SeqCst), "a third turn was granted while two were held");
+        drop(second);
+        let third = waiter.join().unwrap();
+        assert!(third_got.load(Ordering::SeqCst));
+        drop((first, third));
+    });
+    assert_eq!(*turns.counts.lock().unwrap(), (3, 3), "every turn given back");
+}
+
+#[test]
+fn turns_go_in_the_order_they_were_asked_for() {
+    // One turn at a time. This thread holds it while another asks; this thread then gives it
+    // back and asks again at once: it must wait for the other's turn, not take its own again.
+    let turns = Turns::new(1);
+    let held = turns.take();
+    let other_done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let _t = turns.take();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            other_done.store(true, Ordering::SeqCst);
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while turns.counts.lock().unwrap().0 < 2 {
+            assert!(std::time::Instant::now() < deadline, "the other thread never asked");
+            std::thread::yield_now();
+        }
+        drop(held);
+        let _again = turns.take();
+        assert!(other_done.load(Ordering::SeqCst), "this thread took the turn again ahead of the one that asked first");
+    });
+}
+
+/// A round over four streams, at most `at_once` of them writing a batch at a time.
+fn four_streams_at_once(at_once: usize) -> (Vec<BatchTotals>, bool) {
+    let src = guest(16 * MIB);
+    let dst = guest(16 * MIB);
+    for p in 0..4096u64 {
+        src.write(GuestAddress(p * 4096), &[(p % 253) as u8 + 1; 4096]).unwrap();
+    }
+    let seg = &src.segments()[0];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 64);
+    let pairs: Vec<_> = (0..4).map(|_| socketpair()).collect();
+    let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
+    let budget = PageBudget::new(dst.segments()[0].pages() as u64);
+    let how = Sending { at_once, ..Sending::all(4) };
+    let sent = std::thread::scope(|scope| {
+        let readers: Vec<_> = pairs
+            .iter()
+            .map(|(_, b)| {
+                let (fd, dst, budget) = (b.as_raw_fd(), &dst, &budget);
+                scope.spawn(move || recv_share(fd, dst, None, budget, false, None, 4))
+            })
+            .collect();
+        let sent = send_chunks_compressed(&send_fds, &src, &chunks, None, None, how);
+        if sent.is_err() {
+            // Readers of the streams that sent no end marker would wait for one: end them.
+            for fd in &send_fds {
+                // SAFETY: shutting down a socket we own; it stays open.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+            }
+        }
+        let received: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        let Ok(sent) = sent else { panic!("at_once {at_once}: the round failed: {}", sent.err().unwrap()) };
+        for (s, r) in sent.iter().zip(received) {
+            assert_eq!(s.0.stats.data_pages, r.unwrap().stats.data_pages);
+        }
+        sent
+    });
+    let (mut a, mut b) = (vec![0u8; 16 * MIB as usize], vec![0u8; 16 * MIB as usize]);
+    src.read(GuestAddress(0), &mut a).unwrap();
+    dst.read(GuestAddress(0), &mut b).unwrap();
+    (sent.into_iter().map(|(t, _)| t).collect(), a == b)
+}
+
+#[test]
+fn streams_taking_turns_carry_a_round_exactly_and_each_carries_a_share() {
+    for at_once in [1, 2, 4, 16] {
+        let (sent, same) = four_streams_at_once(at_once);
+        assert!(same, "at_once {at_once}: destination memory differs");
+        assert_eq!(sent.iter().map(|t| t.stats.data_pages).sum::<u64>(), 4096, "at_once {at_once}");
+        if at_once < 4 {
+            // Turns go in the order asked, so no stream is starved of chunks (64 of them here).
+            assert!(sent.iter().all(|t| t.batches > 0), "at_once {at_once}: a stream carried nothing: {sent:?}");
+        }
+    }
+}
+
+#[test]
+fn streams_taking_turns_fail_on_a_closed_stream_and_refuse_none_at_once() {
+    let src = guest(4 * MIB);
+    src.write(GuestAddress(0), &vec![5u8; 4 * MIB as usize]).unwrap();
+    let seg = &src.segments()[0];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 16);
+    let (a0, b0) = socketpair();
+    let (a1, b1) = socketpair();
+    let (a2, b2) = socketpair();
+    drop(b1); // stream 1's peer is gone; streams 0 and 2 wait their turns behind it
+    let drains: Vec<_> = [b0, b2]
+        .into_iter()
+        .map(|b| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                // SAFETY: reading into a buffer we own.
+                while unsafe { libc::read(b.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
+            })
+        })
+        .collect();
+    let fds = [a0.as_raw_fd(), a1.as_raw_fd(), a2.as_raw_fd()];
+    let how = Sending { at_once: 1, ..Sending::all(3) };
+    let Err(err) = send_chunks_compressed(&fds, &src, &chunks, None, None, how) else { panic!("the round went through a closed stream") };
+    assert!(err.to_string().starts_with("stream 1: "), "{err}");
+    let Err(none) = send_chunks_compressed(&fds, &src, &chunks, None, None, Sending { at_once: 0, ..how }) else {
+        panic!("a round went with no stream allowed to send")
+    };
+    assert!(none.to_string().contains("at least 1"), "{none}");
+    drop((a0, a1, a2));
+    for d in drains {
+        d.join().unwrap();
     }
 }

@@ -144,6 +144,7 @@ class MigrationStats:
     peer: str | None = None
     protocol_version: int | None = None
     streams: int = 1  # connections that carried page batches
+    streams_at_once: int | None = None  # source, with parallel streams: how many sent a batch at a time
     policy: str | None = None
     downtime_target_ms: float | None = None  # live: the target the convergence rule aimed for
     bandwidth_cap: float | None = None  # bytes/s, None when the link was not capped
