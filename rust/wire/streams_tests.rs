@@ -33,6 +33,23 @@ fn guest(size: u64) -> GuestMemory {
     GuestMemory::new(&MemoryOptions::new(size)).unwrap()
 }
 
+/// The dirty pages of `src`'s first segment as ranges (zero pages found), its dirty bits cleared.
+fn dirty_ranges(src: &GuestMemory) -> Vec<PageRange> {
+    let seg = &src.segments()[0];
+    let mut words = vec![0u64; seg.pages().div_ceil(64)];
+    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
+    build_ranges_from_bitmap(seg, &words, true).unwrap()
+}
+
+/// A thread reading `fd` to its end and dropping what it reads.
+fn drain(fd: OwnedFd) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: reading into a buffer we own.
+        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
+    })
+}
+
 fn socketpair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fresh fds into the array we own.
@@ -96,18 +113,11 @@ fn a_round_over_three_streams_arrives_exactly() {
 fn a_closed_stream_fails_the_round_and_names_it() {
     let src = guest(4 * MIB);
     src.write(GuestAddress(0), &vec![5u8; 4 * MIB as usize]).unwrap();
-    let seg = &src.segments()[0];
-    let mut words = vec![0u64; seg.pages().div_ceil(64)];
-    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
-    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 16);
+    let chunks = split_batches(&dirty_ranges(&src), 16);
     let (a0, b0) = socketpair();
     let (a1, b1) = socketpair();
     drop(b1); // stream 1's peer is gone
-    let drain = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: reading into a buffer we own.
-        while unsafe { libc::read(b0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
-    });
+    let drain = drain(b0);
     let err = send_chunks(&[a0.as_raw_fd(), a1.as_raw_fd()], &src, &chunks, None, None).unwrap_err();
     assert!(err.to_string().starts_with("stream 1: "), "{err}");
     assert_eq!(err.errno(), libc::EPIPE);
@@ -559,10 +569,7 @@ fn four_streams_at_once(at_once: usize) -> (Vec<BatchTotals>, bool) {
     for p in 0..4096u64 {
         src.write(GuestAddress(p * 4096), &[(p % 253) as u8 + 1; 4096]).unwrap();
     }
-    let seg = &src.segments()[0];
-    let mut words = vec![0u64; seg.pages().div_ceil(64)];
-    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
-    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 64);
+    let chunks = split_batches(&dirty_ranges(&src), 64);
     let pairs: Vec<_> = (0..4).map(|_| socketpair()).collect();
     let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
     let budget = PageBudget::new(dst.segments()[0].pages() as u64);
@@ -613,24 +620,12 @@ fn streams_taking_turns_carry_a_round_exactly_and_each_carries_a_share() {
 fn streams_taking_turns_fail_on_a_closed_stream_and_refuse_none_at_once() {
     let src = guest(4 * MIB);
     src.write(GuestAddress(0), &vec![5u8; 4 * MIB as usize]).unwrap();
-    let seg = &src.segments()[0];
-    let mut words = vec![0u64; seg.pages().div_ceil(64)];
-    src.get_and_clear_dirty_segment(0, &mut words).unwrap();
-    let chunks = split_batches(&build_ranges_from_bitmap(seg, &words, true).unwrap(), 16);
+    let chunks = split_batches(&dirty_ranges(&src), 16);
     let (a0, b0) = socketpair();
     let (a1, b1) = socketpair();
     let (a2, b2) = socketpair();
     drop(b1); // stream 1's peer is gone; streams 0 and 2 wait their turns behind it
-    let drains: Vec<_> = [b0, b2]
-        .into_iter()
-        .map(|b| {
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 16];
-                // SAFETY: reading into a buffer we own.
-                while unsafe { libc::read(b.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
-            })
-        })
-        .collect();
+    let drains = [drain(b0), drain(b2)];
     let fds = [a0.as_raw_fd(), a1.as_raw_fd(), a2.as_raw_fd()];
     let how = Sending { at_once: 1, ..Sending::all(3) };
     let Err(err) = send_chunks_compressed(&fds, &src, &chunks, None, None, how) else { panic!("the round went through a closed stream") };
