@@ -19,13 +19,15 @@
 //! The caller may let fewer streams send at once than there are ([`Sending::at_once`]): a stream
 //! takes a turn before each chunk, in the order the streams asked, and gives it back once the
 //! chunk is written. Every stream still carries chunks and ends its share; at most `at_once` of
-//! them have a chunk going at a time.
+//! them have a chunk going at a time, until the chunks turn out slow (waiting on a network, not
+//! on CPUs: [`SLOW_TURNS`]), when every stream may go for the rest of the round.
 //!
 //! This file decides nothing about which pages a round carries (the caller harvests), nor what a
 //! stream is beyond an fd the caller owns and keeps open for the call.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::batch::PageRange;
 use super::batch_io::{
@@ -113,53 +115,62 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
-    let turns = Turns::new(at_once);
+    let turns = &Turns::new(at_once.min(fds.len()), SLOW_TURNS);
+    // Streams writing a chunk now, and the most at once: never more than `at_once` unless opened.
     #[cfg(test)]
-    let sending = &AtomicUsize::new(0); // streams writing a chunk now; never more than `at_once`
+    let (sending, most) = (&AtomicUsize::new(0), &AtomicUsize::new(0));
     let results: Vec<Result<(BatchTotals, Option<Compressor>), PageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = fds
             .iter()
             .enumerate()
             .map(|(index, &fd)| {
                 let fd: Link<'a> = fd.into();
-                let (next, failed, first_failure, turns) = (&next, &failed, &first_failure, &turns);
+                let (next, failed, first_failure) = (&next, &failed, &first_failure);
                 scope.spawn(move || {
                     let mut totals = BatchTotals::default();
                     let mut compressor = (mode != CompressMode::Off).then(|| Compressor::new(mode, link_hint));
                     let outcome = (|| {
                         while !failed.load(Ordering::Relaxed) {
-                            // Held while this chunk (or the end marker) is written, given back
-                            // at the end of the iteration, or when a failure returns.
-                            let _turn = turns.take();
+                            // Held while this chunk (or the end marker) is written.
+                            let turn = turns.take();
                             if failed.load(Ordering::Relaxed) {
                                 break;
                             }
                             #[cfg(test)]
-                            let _sending = tests::Writing::count(sending, at_once);
+                            let _sending = tests::Writing::count(sending, most, at_once, turns);
                             let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(chunk) = chunks.get(i) else {
+                            let sent = match chunks.get(i) {
                                 // The end-of-round marker: an empty batch.
-                                send_batch_metered(fd, mem, &[], None, meter)?;
-                                return Ok(());
+                                None => send_batch_metered(fd, mem, &[], None, meter).map(|_| true),
+                                Some(chunk) => match compressor.as_mut() {
+                                    Some(c) => c.send_ranges(fd, mem, chunk, tracker, |s| {
+                                        progress::advance(meter, s.data_pages + s.zero_pages, s.data_pages, s.wire_bytes);
+                                        totals.add(s)
+                                    }),
+                                    None => send_batch_metered(fd, mem, chunk, tracker, meter).map(|s| totals.add(s)),
+                                }
+                                .map(|()| false),
                             };
-                            match compressor.as_mut() {
-                                Some(c) => c.send_ranges(fd, mem, chunk, tracker, |s| {
-                                    progress::advance(meter, s.data_pages + s.zero_pages, s.data_pages, s.wire_bytes);
-                                    totals.add(s)
-                                })?,
-                                None => totals.add(send_batch_metered(fd, mem, chunk, tracker, meter)?),
+                            match sent {
+                                Ok(true) => return Ok(()),
+                                Ok(false) => {
+                                    #[cfg(test)]
+                                    drop(_sending);
+                                    drop(turn);
+                                }
+                                Err(err) => {
+                                    // Flagged before the turn goes on, so the stream it goes to
+                                    // sees the failure and writes nothing more: a stalled peer
+                                    // fails the round after one timeout, not one per stream.
+                                    failed.store(true, Ordering::Relaxed);
+                                    let _ = first_failure.compare_exchange(usize::MAX, index, Ordering::AcqRel, Ordering::Acquire);
+                                    return Err(err);
+                                }
                             }
                         }
                         Ok(())
                     })();
-                    match outcome {
-                        Ok(()) => Ok((totals, compressor)),
-                        Err(err) => {
-                            failed.store(true, Ordering::Relaxed);
-                            let _ = first_failure.compare_exchange(usize::MAX, index, Ordering::AcqRel, Ordering::Acquire);
-                            Err(on_stream(index, err))
-                        }
-                    }
+                    outcome.map(|()| (totals, compressor)).map_err(|err| on_stream(index, err))
                 })
             })
             .collect();
@@ -176,6 +187,8 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
             })
             .collect()
     });
+    #[cfg(test)]
+    tests::MOST_WRITING.with(|m| m.set(most.load(Ordering::SeqCst)));
     // The stream that failed first names the cause; the others' errors are its consequences.
     let first = first_failure.load(Ordering::Acquire);
     let mut out = Vec::with_capacity(results.len());
@@ -193,41 +206,80 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     }
 }
 
-/// Turns to write a chunk, at most `at_once` held at a time, granted in the order they were asked
-/// for (a ticket each), so no stream waits for more than the chunks of those ahead of it: a
-/// stream's receiver waits for its next batch under the receive timeout.
+/// How long the streams may go without one of them finishing a chunk before every stream may send
+/// at once. On one host a 16 MiB chunk takes milliseconds (4-16 ms at 1-4 GiB/s); a chunk that
+/// takes longer is waiting on the network (a tunnel to another host looks like this host by its
+/// addresses), where streams waiting for their turn would leave the link idle and their
+/// receivers waiting, under their receive timeout, for the next batch.
+const SLOW_TURNS: Duration = Duration::from_millis(100);
+
+/// Turns to write a chunk: at most `at_once` held at a time, granted in the order they were asked
+/// for (a ticket each), so no stream waits for more than the chunks of those ahead of it; and
+/// every stream may go at once from when [`SLOW_TURNS`] pass with no turn given back until the
+/// round ends.
 struct Turns {
     at_once: u64,
-    /// Tickets given out, and turns given back.
-    counts: Mutex<(u64, u64)>,
+    /// [`SLOW_TURNS`], but in tests.
+    slow: Duration,
+    state: Mutex<TurnsState>,
     changed: Condvar,
+}
+
+struct TurnsState {
+    /// Tickets given out.
+    tickets: u64,
+    /// Turns given back.
+    returned: u64,
+    /// When a turn was last given back (or the round began).
+    last_returned: Instant,
+    /// Every stream may go (the streams wait on the network).
+    open: bool,
 }
 
 /// A turn, given back when dropped.
 struct Turn<'t>(&'t Turns);
 
 impl Turns {
-    fn new(at_once: usize) -> Turns {
-        Turns { at_once: at_once as u64, counts: Mutex::new((0, 0)), changed: Condvar::new() }
+    fn new(at_once: usize, slow: Duration) -> Turns {
+        let state = TurnsState { tickets: 0, returned: 0, last_returned: Instant::now(), open: false };
+        Turns { at_once: at_once as u64, slow, state: Mutex::new(state), changed: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TurnsState> {
+        // A poisoned lock only means another stream's thread panicked holding it; the state is
+        // still whole (each update is one statement).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn take(&self) -> Turn<'_> {
-        // A poisoned lock only means another stream's thread panicked holding it; the counts are
-        // still whole (each update is one statement).
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let ticket = counts.0;
-        counts.0 += 1;
+        let mut state = self.lock();
+        let ticket = state.tickets;
+        state.tickets += 1;
         // Ticket t goes once all but `at_once - 1` of the tickets before it have given theirs back.
-        while ticket >= counts.1 + self.at_once {
-            counts = self.changed.wait(counts).unwrap_or_else(|e| e.into_inner());
+        // Saturating: a later ticket may go and give its turn back before this thread wakes to
+        // take the turn it was granted, and `returned + at_once` could overflow.
+        while !state.open && ticket.saturating_sub(state.returned) >= self.at_once {
+            state = self.changed.wait_timeout(state, self.slow).unwrap_or_else(|e| e.into_inner()).0;
+            if !state.open && state.last_returned.elapsed() >= self.slow {
+                state.open = true;
+                self.changed.notify_all();
+            }
         }
         Turn(self)
+    }
+
+    #[cfg(test)]
+    fn open(&self) -> bool {
+        self.lock().open
     }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.0.counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        let mut state = self.0.lock();
+        state.returned += 1;
+        state.last_returned = Instant::now();
+        drop(state);
         self.0.changed.notify_all();
     }
 }
