@@ -10,8 +10,9 @@ use crate::progress::Meter;
 use crate::wire::{build_ranges_from_bitmap, send_batch, split_batches, CompressMode, Compressor, PageRange};
 
 const MIB: u64 = 1 << 20;
-/// Turns that never open for slowness, in these tests.
-const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Turns that do not open for slowness within these tests: long enough never to, short enough that
+/// a turn never given back fails a test (the turns open, which it checks) instead of hanging it.
+const LONG: std::time::Duration = std::time::Duration::from_secs(30);
 
 thread_local! {
     /// The most streams the last `send_chunks_compressed` of this thread had writing a chunk at once.
@@ -526,7 +527,7 @@ fn an_install_failure_inside_a_pipelined_batch_is_returned_and_stops_the_reader(
 
 #[test]
 fn turns_let_at_once_streams_hold_one_and_the_next_wait() {
-    let turns = Turns::new(2, HOUR);
+    let turns = Turns::new(2, LONG);
     let first = turns.take();
     let second = turns.take(); // a second turn while the first is held: does not wait
     let third_got = AtomicBool::new(false);
@@ -551,7 +552,7 @@ fn turns_let_at_once_streams_hold_one_and_the_next_wait() {
 fn turns_go_in_the_order_they_were_asked_for() {
     // One turn at a time. This thread holds it while another asks; this thread then gives it
     // back and asks again at once: it must wait for the other's turn, not take its own again.
-    let turns = Turns::new(1, HOUR);
+    let turns = Turns::new(1, LONG);
     let held = turns.take();
     let other_done = AtomicBool::new(false);
     std::thread::scope(|scope| {
