@@ -598,7 +598,11 @@ def test_parallel_streams_over_mutual_tls_arrive_exact_and_a_plaintext_joiner_is
     assert stats.streams == dstats.streams == 3 and stats.compression == "lz4"
     assert sum(1 for n in dstats.notes if n.startswith("encrypted with TLSv1.3")) == 1, dstats.notes
     refusals = [n for n in dstats.notes if n.startswith("refused a data connection")]
-    assert len(refusals) == 1 and "TLS handshake failed" in refusals[0], dstats.notes
+    # Refused at its TLS handshake: failed there, or, where the three real streams joined before
+    # the intruder's handshake thread ran, still in it when the join window ended (the window then
+    # ends the handshake; either way nothing it sent was read as a JOIN).
+    assert len(refusals) == 1 and ("TLS handshake failed" in refusals[0]
+                                   or "TLS handshake was not done when the join window ended" in refusals[0]), dstats.notes
     dst.wait_for_progress(500)
     assert_arrived_exact(src, dst)
 
