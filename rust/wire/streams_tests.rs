@@ -50,6 +50,16 @@ fn dirty_ranges(src: &GuestMemory) -> Vec<PageRange> {
     build_ranges_from_bitmap(seg, &words, true).unwrap()
 }
 
+/// A guest of `size` whose first `pages` pages each hold a byte of their own (none zero), and an
+/// empty guest of the same size to receive them.
+fn source_and_empty(size: u64, pages: u64) -> (GuestMemory, GuestMemory) {
+    let src = guest(size);
+    for p in 0..pages {
+        src.write(GuestAddress(p * 4096), &[(p % 251) as u8 + 1; 4096]).unwrap();
+    }
+    (src, guest(size))
+}
+
 /// A thread reading `fd` to its end and dropping what it reads.
 fn drain(fd: OwnedFd) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -574,11 +584,7 @@ fn turns_go_in_the_order_they_were_asked_for() {
 
 /// A round over four streams, at most `at_once` of them writing a batch at a time.
 fn four_streams_at_once(at_once: usize) -> (Vec<BatchTotals>, bool) {
-    let src = guest(16 * MIB);
-    let dst = guest(16 * MIB);
-    for p in 0..4096u64 {
-        src.write(GuestAddress(p * 4096), &[(p % 253) as u8 + 1; 4096]).unwrap();
-    }
+    let (src, dst) = source_and_empty(16 * MIB, 4096);
     let chunks = split_batches(&dirty_ranges(&src), 64);
     let pairs: Vec<_> = (0..4).map(|_| socketpair()).collect();
     let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
@@ -696,11 +702,7 @@ fn slow_relay(from: std::os::fd::RawFd, to: OwnedFd) {
 fn streams_taking_turns_on_a_slow_link_all_send_and_arrive_exactly() {
     // Readers taking 16 KiB every 10 ms: each 256 KiB chunk takes longer than SLOW_TURNS, so the
     // streams stop waiting for each other (the link, not the CPUs, is what they wait on).
-    let src = guest(4 * MIB);
-    let dst = guest(4 * MIB);
-    for p in 0..768u64 {
-        src.write(GuestAddress(p * 4096), &[(p % 249) as u8 + 1; 4096]).unwrap();
-    }
+    let (src, dst) = source_and_empty(4 * MIB, 768);
     let chunks = split_batches(&dirty_ranges(&src), 64);
     let pairs: Vec<_> = (0..3).map(|_| socketpair()).collect();
     for (a, b) in &pairs {
