@@ -53,8 +53,8 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 
 /// Send `chunks` over `fds` in parallel, one thread per fd, each taking the next unsent chunk as
 /// one batch (hashing its pages into `tracker` on the way, when given); then each fd gets an empty batch ending its share of the round. Returns what each
-/// fd carried (in `fds` order). On the first failure the other streams take no further chunk and
-/// send no end marker; the error of the stream that failed first is returned, once every thread
+/// fd carried (in `fds` order). On the first failure (an error, or a stream's thread panicking)
+/// the other streams take no further chunk and send no end marker; the error of the stream that failed first is returned, once every thread
 /// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
 /// `meter`, when given, is told the chunks' pages first and advances as every stream writes.
 pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
@@ -133,12 +133,16 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
                         while !failed.load(Ordering::Relaxed) {
                             // Held while this chunk (or the end marker) is written.
                             let turn = turns.take();
+                            // Dropped before the turn, also when this thread panics.
+                            let _unwinding = FailOnUnwind { failed, first_failure, index };
                             if failed.load(Ordering::Relaxed) {
                                 break;
                             }
                             #[cfg(test)]
                             let _sending = tests::Writing::count(sending, most, at_once, turns);
                             let i = next.fetch_add(1, Ordering::Relaxed);
+                            #[cfg(test)]
+                            tests::panic_if_asked(chunks, i);
                             let sent = match chunks.get(i) {
                                 // The end-of-round marker: an empty batch.
                                 None => send_batch_metered(fd, mem, &[], None, meter).map(|_| true),
@@ -203,6 +207,25 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     match error {
         Some(e) => Err(e),
         None => Ok(out),
+    }
+}
+
+/// Held by a stream's thread while it holds a turn: if the thread panics (a bug), the round is
+/// failed, naming this stream, before the turn goes on, as an error is. Without it the other
+/// streams would carry every chunk left before the panic surfaced at the join, and the next
+/// stream would start a chunk the receivers can no longer use.
+struct FailOnUnwind<'a> {
+    failed: &'a AtomicBool,
+    first_failure: &'a AtomicUsize,
+    index: usize,
+}
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.failed.store(true, Ordering::Relaxed);
+            let _ = self.first_failure.compare_exchange(usize::MAX, self.index, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 }
 

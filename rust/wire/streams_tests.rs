@@ -19,6 +19,33 @@ thread_local! {
     pub(super) static MOST_WRITING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// The round (its chunks' address, unique while a test holds them, so tests running at once do
+/// not meet it) and the chunk whose sending thread panics as it takes it.
+static PANIC_AT: std::sync::Mutex<Option<(usize, usize)>> = std::sync::Mutex::new(None);
+
+const ASKED_FOR: &str = "a panic asked for by the test";
+
+pub(super) fn panic_if_asked(chunks: &[Vec<PageRange>], i: usize) {
+    if *PANIC_AT.lock().unwrap_or_else(|e| e.into_inner()) == Some((chunks.as_ptr() as usize, i)) {
+        panic!("chunk {i}: {ASKED_FOR}");
+    }
+}
+
+/// Panics asked for by a test say nothing: the default hook runs before the unwinding, and
+/// printing a backtrace (RUST_BACKTRACE) can take longer than `SLOW_TURNS`, so the turns would
+/// open before the round learns of the panic. Every other panic goes to the hook as before.
+fn quiet_asked_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload_as_str().is_some_and(|m| m.ends_with(ASKED_FOR)) {
+                before(info)
+            }
+        }));
+    });
+}
+
 /// A stream writing a chunk in `send_chunks_compressed`: panics (failing that stream, so the
 /// round) when more than `at_once` are, unless the turns were opened to all.
 pub(super) struct Writing<'a>(&'a AtomicUsize);
@@ -60,12 +87,19 @@ fn source_and_empty(size: u64, pages: u64) -> (GuestMemory, GuestMemory) {
     (src, guest(size))
 }
 
-/// A thread reading `fd` to its end and dropping what it reads.
-fn drain(fd: OwnedFd) -> std::thread::JoinHandle<()> {
+/// A thread reading `fd` to its end and dropping what it reads; it returns how many bytes it read.
+fn drain(fd: OwnedFd) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: reading into a buffer we own.
-        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
+        let mut total = 0u64;
+        loop {
+            // SAFETY: reading into a buffer we own.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if n <= 0 {
+                return total;
+            }
+            total += n as u64;
+        }
     })
 }
 
@@ -654,6 +688,30 @@ fn streams_taking_turns_fail_on_a_closed_stream_and_refuse_none_at_once() {
     for d in drains {
         d.join().unwrap();
     }
+}
+
+#[test]
+fn a_stream_whose_thread_panics_fails_the_round_and_the_others_take_no_more_chunks() {
+    let src = guest(8 * MIB);
+    src.write(GuestAddress(0), &vec![7u8; 8 * MIB as usize]).unwrap();
+    let chunks = split_batches(&dirty_ranges(&src), 16); // 128 chunks of 64 KiB
+    let pairs: Vec<_> = (0..4).map(|_| socketpair()).collect();
+    let fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
+    let (sends, peers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    let drains: Vec<_> = peers.into_iter().map(drain).collect();
+    // One turn at a time: chunks 0-3 go before the one that panics, and none may go after it.
+    // (Were the turns to open for slowness, at most the three other streams' chunks could be
+    // going with it.)
+    quiet_asked_panics();
+    *PANIC_AT.lock().unwrap() = Some((chunks.as_ptr() as usize, 4));
+    let sent = send_chunks_compressed(&fds, &src, &chunks, None, None, Sending { at_once: 1, ..Sending::all(4) });
+    *PANIC_AT.lock().unwrap() = None;
+    drop(sends);
+    let read: u64 = drains.into_iter().map(|d| d.join().unwrap()).sum();
+    let Err(err) = sent else { panic!("the round went through although a stream's thread panicked") };
+    assert!(err.to_string().contains("the sending thread panicked"), "{err}");
+    let chunk_bytes = 16 * PAGE_SIZE as u64;
+    assert!(read <= 7 * (chunk_bytes + 4096), "the other streams went on after the panic: {read} bytes read, chunks of {chunk_bytes}");
 }
 
 #[test]
