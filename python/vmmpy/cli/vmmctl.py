@@ -6,9 +6,11 @@ Every action talks to the guest's ``vmmrun`` process through its control socket 
 
 from __future__ import annotations
 
-from . import tool_environment
+from . import interrupts_end_quietly, interrupts_raise_again, tool_environment
 
 tool_environment()  # before anything loads numpy
+# Run as a module (python -m): Ctrl-C while the imports below load ends it without a traceback.
+_quiet_while_loading = __name__ == "__main__" and interrupts_end_quietly()
 
 import argparse
 import errno
@@ -873,4 +875,5 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    interrupts_raise_again(_quiet_while_loading)
     raise SystemExit(main())

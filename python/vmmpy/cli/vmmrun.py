@@ -12,9 +12,11 @@ transfer at once (exit 4, "stopped by SIGTERM ...").
 
 from __future__ import annotations
 
-from . import tool_environment
+from . import interrupts_end_quietly, interrupts_raise_again, tool_environment
 
 tool_environment()  # before anything loads numpy
+# Run as a module (python -m): Ctrl-C while the imports below load ends it without a traceback.
+_quiet_while_loading = __name__ == "__main__" and interrupts_end_quietly()
 
 import argparse
 import importlib
@@ -502,4 +504,5 @@ def load_meanwhile() -> None:
 
 
 if __name__ == "__main__":
+    interrupts_raise_again(_quiet_while_loading)
     raise SystemExit(main())
