@@ -23,8 +23,8 @@ pub use guest::{GuestMemory, MemoryOptions, HIGHMEM_BASE, LAZY_KERNEL_TRACKING_C
 pub use lazy::{ChunkFault, ChunkPart, ChunkSource, LazyImage, LazyStats, LoadOrigin, LoadPlan};
 #[cfg(test)]
 pub(crate) use prefault::INTERRUPT_EVERY;
+pub(crate) use prefault::{interrupted, steps as populate_steps, PageChooser};
 pub use prefault::{set_interrupt_check, PrefaultStats};
-pub(crate) use prefault::{steps as populate_steps, PageChooser};
 pub use segment::{Backing, InstallGuard, Segment, SegmentSpec};
 pub(crate) use stream::{page_bytes, page_bytes_mut, stream_fence, stream_page, stream_pages, zeroed_pages, AlignedPage};
 
@@ -40,3 +40,23 @@ mod lazy_tests;
 mod memfd_tests;
 #[cfg(test)]
 mod prefault_tests;
+
+/// For tests of long work that stops when the process is interrupted: the process's check
+/// ([`set_interrupt_check`], set once) answers per thread, so no other test's work sees it.
+#[cfg(test)]
+pub(crate) mod interrupts_for_tests {
+    thread_local! {
+        static HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn here() -> bool {
+        HERE.with(|h| h.get())
+    }
+
+    /// Whether this thread's long work from now on finds the process interrupted.
+    pub(crate) fn interrupt_this_thread(on: bool) {
+        // Only the first call in the process sets the check; every call sets the same one.
+        let _ = super::set_interrupt_check(here);
+        HERE.with(|h| h.set(on));
+    }
+}

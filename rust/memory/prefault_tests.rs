@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::dirty::TrackingChoice;
+use crate::memory::interrupts_for_tests::interrupt_this_thread;
 
 const MIB: u64 = 1 << 20;
 
@@ -289,28 +290,17 @@ fn a_populations_steps_cover_the_range_and_end_at_2_mib_addresses() {
     }
 }
 
-thread_local! {
-    /// Whether this test thread is "interrupted": the check the test below sets is process-wide
-    /// (set once), so it answers per thread and no other test's wiring sees it.
-    static INTERRUPTED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn interrupted_here() -> bool {
-    INTERRUPTED_HERE.with(|i| i.get())
-}
-
 /// Wiring a large guest takes seconds: an interrupt (Ctrl-C, through the embedder's check) stops
 /// it at the first check, with an error that says how far it got. Without an interrupt the same
 /// guest wires whole.
 #[test]
 fn wiring_stops_at_its_first_check_when_the_process_is_interrupted_and_says_how_far_it_got() {
-    assert!(set_interrupt_check(interrupted_here), "no other test sets the process's check");
     let check = INTERRUPT_EVERY as u64 * 2 * MIB; // populated by the first check, on 2 MiB-aligned memory
-    INTERRUPTED_HERE.with(|i| i.set(true));
+    interrupt_this_thread(true);
     let mut opts = MemoryOptions::new(8 * check);
     opts.wired = true;
     let err = GuestMemory::new(&opts).map(|_| ()).unwrap_err();
-    INTERRUPTED_HERE.with(|i| i.set(false));
+    interrupt_this_thread(false);
     assert!(matches!(err, MemoryError::Interrupted { .. }), "{err}");
     assert_eq!(err.errno(), libc::EINTR);
     let text = err.to_string();

@@ -21,7 +21,8 @@ use super::image::ImageLayout;
 use super::pagecache::{is_cold, CachePolicy, CacheRelease, ReleaseBehind};
 use crate::digest::{each_page_ahead, is_zero_page, resident_bitmap};
 use crate::memory::{
-    page_bytes_mut, populate_steps, stream_pages, zeroed_pages, GuestAddress, GuestMemory, PageChooser, Segment, PAGE_SIZE,
+    interrupted, page_bytes_mut, populate_steps, stream_pages, zeroed_pages, GuestAddress, GuestMemory, MemoryError, PageChooser, Segment,
+    PAGE_SIZE,
 };
 use crate::progress::{self, Meter};
 
@@ -31,6 +32,11 @@ use crate::progress::{self, Meter};
 /// at a third of the speed: an eager restore of 1 GiB took 0.43-0.48 s against 0.30-0.34 s (A/B
 /// on one host; docs/performance.md, session 24).
 const READ_PIECE: usize = 256 << 10;
+
+/// An eager restore asks whether the process was interrupted (`memory::set_interrupt_check`:
+/// Ctrl-C, on the main thread) after each this many bytes read: a large guest's read takes
+/// seconds, and Ctrl-C should not wait for all of it (a few milliseconds here, as wiring's).
+const INTERRUPT_BYTES: u64 = 64 << 20;
 
 /// A checkpoint writes guest memory in pieces of this size, each hashed right before it is
 /// written. Nothing gained from smaller ones (checkpoint to tmpfs 1.46-1.48 GiB/s with 256 KiB
@@ -467,7 +473,9 @@ pub fn read_memory_file_cached(
     // place with non-temporal stores (`stream_pages`): a read straight into guest memory would
     // read every line of it before writing it. A/B in docs/performance.md (session 27).
     let mut staging = zeroed_pages(READ_PIECE / PAGE_SIZE);
-    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+    // Set when the read stops early (interrupted, or failed): the populating thread stops too.
+    let stop = &std::sync::atomic::AtomicBool::new(false);
+    let read = std::thread::scope(|scope| -> Result<(), SnapshotError> {
         if populate {
             let (layout, extents) = (&layout, &extents);
             scope.spawn(move || {
@@ -477,55 +485,78 @@ pub fn read_memory_file_cached(
                         // for_each_part keeps each step inside the segment's mapping. A refused
                         // step ends this part: the reader faults the rest in itself.
                         for (off, step) in populate_steps(seg, seg_off, len) {
-                            if chooser.populate_step(seg, off, step).is_err() {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) || chooser.populate_step(seg, off, step).is_err() {
                                 break;
                             }
                         }
                         Ok(())
                     });
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
                 }
             });
         }
-        let mut pos = 0u64;
-        for &(start, end) in &extents {
-            stats.hole_bytes += start - pos;
-            if let Some(h) = hasher.as_mut() {
-                hash_hole(h, pos, start)?;
-            }
-            progress::advance(meter, (start - pos) / page, 0, 0);
-            let mut off = start;
-            while off < end {
-                let piece_end = (off + READ_PIECE as u64).min(end);
-                let piece = &mut page_bytes_mut(&mut staging)[..(piece_end - off) as usize];
-                // SAFETY: `piece` is writable memory of its length, borrowed mutably for the call.
-                unsafe { pread_all(fd, piece.as_mut_ptr(), piece.len(), off)? };
+        let read = (|| {
+            let mut pos = 0u64;
+            let mut unchecked = 0u64;
+            for &(start, end) in &extents {
+                stats.hole_bytes += start - pos;
                 if let Some(h) = hasher.as_mut() {
-                    h.data(piece);
+                    hash_hole(h, pos, start)?;
                 }
-                let mut at = 0;
-                layout.for_each_part(off, piece_end, |seg, seg_off, len| {
-                    seg.before_write(seg_off, len);
-                    // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping
-                    // (page-aligned, as the piece is); guest memory is never behind a Rust
-                    // reference, and the guest is not running.
-                    unsafe { stream_pages(seg.as_ptr().add(seg_off), &piece[at..at + len]) };
-                    at += len;
-                    Ok::<(), SnapshotError>(())
-                })?;
-                stats.bytes_read += piece_end - off;
-                behind.read_up_to(piece_end, piece_end - off);
-                progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
-                off = piece_end;
+                progress::advance(meter, (start - pos) / page, 0, 0);
+                let mut off = start;
+                while off < end {
+                    let piece_end = (off + READ_PIECE as u64).min(end);
+                    let piece = &mut page_bytes_mut(&mut staging)[..(piece_end - off) as usize];
+                    // SAFETY: `piece` is writable memory of its length, borrowed mutably for the call.
+                    unsafe { pread_all(fd, piece.as_mut_ptr(), piece.len(), off)? };
+                    if let Some(h) = hasher.as_mut() {
+                        h.data(piece);
+                    }
+                    let mut at = 0;
+                    layout.for_each_part(off, piece_end, |seg, seg_off, len| {
+                        seg.before_write(seg_off, len);
+                        // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping
+                        // (page-aligned, as the piece is); guest memory is never behind a Rust
+                        // reference, and the guest is not running.
+                        unsafe { stream_pages(seg.as_ptr().add(seg_off), &piece[at..at + len]) };
+                        at += len;
+                        Ok::<(), SnapshotError>(())
+                    })?;
+                    stats.bytes_read += piece_end - off;
+                    behind.read_up_to(piece_end, piece_end - off);
+                    progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
+                    off = piece_end;
+                    unchecked += READ_PIECE as u64;
+                    if unchecked >= INTERRUPT_BYTES {
+                        unchecked = 0;
+                        if interrupted() {
+                            let what = format!(
+                                "reading {} of memory from the checkpoint was interrupted after {}",
+                                about(data_bytes),
+                                about(stats.bytes_read)
+                            );
+                            return Err(SnapshotError::Memory(MemoryError::Interrupted { what }));
+                        }
+                    }
+                }
+                pos = end;
             }
-            pos = end;
+            stats.hole_bytes += total - pos;
+            if let Some(h) = hasher.as_mut() {
+                hash_hole(h, pos, total)?;
+            }
+            progress::advance(meter, (total - pos) / page, 0, 0);
+            Ok(())
+        })();
+        if read.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        stats.hole_bytes += total - pos;
-        if let Some(h) = hasher.as_mut() {
-            hash_hole(h, pos, total)?;
-        }
-        progress::advance(meter, (total - pos) / page, 0, 0);
-        Ok(())
-    })?;
+        read
+    });
+    read?;
     stats.cache_released = behind.released;
     // The rest of the file leaves the cache now, not after the checks below.
     drop(behind);
@@ -552,6 +583,20 @@ pub fn read_memory_file_cached(
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// "2 GiB", "1.9 GiB", "511.8 MiB": a size in the largest unit it reaches, to a tenth where it
+/// is not whole (`human_size` would say 2095108 KiB).
+fn about(bytes: u64) -> String {
+    for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= scale {
+            return match bytes.is_multiple_of(scale) {
+                true => format!("{} {unit}", bytes / scale),
+                false => format!("{:.1} {unit}", bytes as f64 / scale as f64),
+            };
+        }
+    }
+    format!("{bytes} B")
 }
 
 /// The data extents `(start, end)` of the file at `fd` within `start..end`, from

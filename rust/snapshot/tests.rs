@@ -334,3 +334,29 @@ fn packed_pages_are_the_runs_back_to_back_hashed_as_the_file_reads() {
         assert!(err.contains("is not inside the guest's 3328 pages after the previous run"), "{err}");
     }
 }
+
+/// A large guest's eager read takes seconds: an interrupt (Ctrl-C, through the embedder's check)
+/// stops it at the first check, 64 MiB in, with an error that says how far it got; the caller
+/// discards the memory. Not interrupted, the same file restores whole and verified.
+#[test]
+fn an_eager_restore_stops_at_its_first_check_when_the_process_is_interrupted_and_says_how_far_it_got() {
+    use crate::memory::interrupts_for_tests::interrupt_this_thread;
+    let size = 80 * MIB;
+    let opts = MemoryOptions::new(size);
+    let mem = GuestMemory::new(&opts).unwrap();
+    let fill: Vec<u8> = (0..MIB).map(|b| (b % 251) as u8 + 1).collect();
+    for at in (0..size).step_by(MIB as usize) {
+        mem.write(GuestAddress(at), &fill).unwrap();
+    }
+    let f = temp_file("interrupted");
+    let stats = write_memory_file(&mem, f.as_raw_fd(), CHUNK, None).unwrap();
+    interrupt_this_thread(true);
+    let fresh = GuestMemory::new(&opts).unwrap();
+    let err = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK)), None).map(|_| ()).unwrap_err();
+    interrupt_this_thread(false);
+    assert!(matches!(err, SnapshotError::Memory(crate::memory::MemoryError::Interrupted { .. })), "{err}");
+    assert_eq!(err.to_string(), "reading 80 MiB of memory from the checkpoint was interrupted after 64 MiB");
+    let fresh = GuestMemory::new(&opts).unwrap();
+    let read = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK)), None).unwrap();
+    assert!(read.verified && read.bytes_read == size, "every chunk read and matching its hash: {read:?}");
+}

@@ -385,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmmrun: {err.strerror or err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as err:
-        # Ctrl-C before the guest exists. Wiring stops for it at once (its message says how far
-        # it got); other steps, a restore's read of memory among them, when they return. Nothing
-        # was started, nothing is left.
+        # Ctrl-C before the guest exists. Wiring and an eager restore's read of memory stop for
+        # it within 64 MiB (the message says how far they got); other steps when they return.
+        # Nothing was started, nothing is left.
         name = config.name if config else args.vmname
         detail = f" ({err})" if str(err) else ""
         print(f"vmmrun: {name + ': ' if name else ''}stopped by SIGINT while {doing}{detail}; no guest ran", file=sys.stderr)
