@@ -291,7 +291,7 @@ def test_ctrl_c_while_a_tool_loads_ends_it_at_once_without_a_traceback(tool, how
     if how == "module":
         cmd = [sys.executable, "-m", f"vmmpy.cli.{tool}", "--help"]
     else:
-        cmd = [sys.executable, "-c", f"from vmmpy.cli import {tool}; {tool}()", "--help"]
+        cmd = [sys.executable, "-c", f"from vmmpy.cli.launch import {tool}; {tool}()", "--help"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 30
@@ -317,7 +317,7 @@ def test_ctrl_c_while_a_tool_loads_ends_it_at_once_without_a_traceback(tool, how
     assert out == "", "the signal came once the tool had run (its handler was gone as Python ended)"
     assert "Traceback" not in err and err == "", err
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert f'{tool} = "vmmpy.cli:{tool}"' in pyproject
+    assert f'{tool} = "vmmpy.cli.launch:{tool}"' in pyproject
 
 
 @pytest.mark.parametrize("tool", ["vmmrun", "vmmctl"])

@@ -44,13 +44,13 @@ IN_ROUNDS_FLAGS = ["--downtime-ms", "0.001", "--bandwidth", "100M", "--max-round
 class Pair:
     """A busy abtest source (src0) and an empty destination (dst0) listening on loopback."""
 
-    def __init__(self, tmp_path, *, sweeps=SWEEPS, listen_port=None, source_args=("--pause-at=1",)):
+    def __init__(self, tmp_path, *, sweeps=SWEEPS, listen_port=None, source_args=("--pause-at=1",), dest_args=()):
         self.tmp = tmp_path
         self.sweeps = sweeps
         self.port = listen_port or free_port()
         self.src_console, self.dst_console = tmp_path / "src.log", tmp_path / "dst.log"
         self.dest = start_vmmrun(tmp_path, "-m", "32M", "-l", f"com1,{self.dst_console}", "-R", f"127.0.0.1:{self.port}",
-                                 "--accept-timeout=30", "dst0")
+                                 "--accept-timeout=30", *dest_args, "dst0")
         self.source = start_vmmrun(tmp_path, *abtest_args(sweeps), "-l", f"com1,{self.src_console}", *source_args, "src0")
         self.result: dict | ControlError | None = None
         self.thread: threading.Thread | None = None
@@ -173,6 +173,25 @@ def test_a_stalled_destination_times_out_and_the_source_resumes(pair, tmp_path):
     # stderr is a pipe, not a terminal: one plain line per round before the failure.
     assert "round 0: " in err and "expected downtime" in err
     assert p.dest.wait(timeout=30) == -signal.SIGKILL
+    p.assert_source_finishes_alone()
+
+
+def test_a_stalled_source_times_out_a_destination_given_io_timeout_and_the_source_runs_on(pair):
+    """vmmrun -R --io-timeout sets the destination's waits as vmmctl's sets the source's: a source
+    stopped mid-round (SIGSTOP) fails the migration on the destination after 1 s of nothing, not
+    the default 30; once the source goes on, its migration fails too and its guest runs on."""
+    p = pair(sweeps=LONG_SWEEPS, dest_args=("--io-timeout", "1"))
+    p.start_live()
+    p.wait_in_rounds(1)
+    p.source.send_signal(signal.SIGSTOP)
+    try:
+        status = p.dest.wait(timeout=15)  # within the default io_timeout of 30 s, so it was 1 s
+    finally:
+        p.source.send_signal(signal.SIGCONT)
+    err = p.dest.stderr.read()
+    assert status == 4, err
+    assert "incoming migration failed" in err and "for 1 s" in err, err
+    assert "the guest keeps running here" in p.migration_error()
     p.assert_source_finishes_alone()
 
 

@@ -6,7 +6,8 @@ Every action talks to the guest's ``vmmrun`` process through its control socket 
 
 from __future__ import annotations
 
-from . import interrupts_end_quietly, interrupts_raise_again, tool_environment
+from . import tool_environment
+from .launch import interrupts_end_quietly, interrupts_raise_again
 
 tool_environment()  # before anything loads numpy
 # Run as a module (python -m): Ctrl-C while the imports below load ends it without a traceback.
@@ -296,11 +297,7 @@ def _migration_params(args: argparse.Namespace) -> dict[str, object]:
             raise ValueError(f"--recover-timeout must not be negative, got {args.recover_timeout:g}")
         params["recover_timeout"] = args.recover_timeout
     if args.io_timeout is not None:
-        if args.io_timeout <= 0:
-            raise ValueError(f"--io-timeout must be positive seconds, got {args.io_timeout:g}")
-        params["io_timeout"] = args.io_timeout
-        params["commit_timeout"] = args.io_timeout
-        params["handshake_timeout"] = min(args.io_timeout, MigrationParams().handshake_timeout)
+        params.update(MigrationParams.io_timeouts(args.io_timeout))
     return params
 
 

@@ -12,7 +12,8 @@ transfer at once (exit 4, "stopped by SIGTERM ...").
 
 from __future__ import annotations
 
-from . import interrupts_end_quietly, interrupts_raise_again, tool_environment
+from . import tool_environment
+from .launch import interrupts_end_quietly, interrupts_raise_again
 
 tool_environment()  # before anything loads numpy
 # Run as a module (python -m): Ctrl-C while the imports below load ends it without a traceback.
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from ..devices.registry import PCI_EMULATIONS
-from ..migration import MigrationError, parse_address
+from ..migration import MigrationError, MigrationParams, parse_address
 from ..migration.net import format_address, is_unix
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the source stops its guest, not during the migration; pages that arrive as zero are given back")
     p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with -R: how long to wait for the source to connect (default 300)")
+    p.add_argument("--io-timeout", type=float, metavar="SECONDS",
+                   help="with -R: give up on a source that sends or takes nothing for this long, as vmmctl --io-timeout "
+                        "does on the source: every receive and send and the commit fail the migration (its guest runs on "
+                        f"at the source), and a connection silent for the handshake (at most {MigrationParams.handshake_timeout:g} s) "
+                        f"is dropped while vmmrun waits on (default {MigrationParams.io_timeout:g})")
     p.add_argument("--take-name", action="store_true",
                    help="with -R unix:PATH: a live update's successor (vmmctl --live-update starts it): open the control "
                         "socket only once the guest has arrived and the old vmmrun of this VMNAME has let the name go")
@@ -304,6 +310,11 @@ def saved_differs(args: argparse.Namespace, saved: VmConfig) -> str | None:
     return "; ".join(f"the saved guest has {flag} {has}, {flag} {was} was given" for flag, has, was in given)
 
 
+def receive_params(args: argparse.Namespace) -> MigrationParams:
+    """The destination's waits (``--io-timeout``), the rest as MigrationParams has them."""
+    return MigrationParams(**(MigrationParams.io_timeouts(args.io_timeout) if args.io_timeout is not None else {}))
+
+
 def starting_what(args: argparse.Namespace) -> str:
     """What ``machine_for`` was doing, for a message about its being interrupted."""
     if args.restore:
@@ -374,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
+        if args.io_timeout is not None:
+            if not receive_at:
+                raise ConfigError("--io-timeout goes with -R HOST:PORT (the waits of a migration this vmmrun receives)")
+            MigrationParams.io_timeouts(args.io_timeout)  # a bad value is named before anything starts
         if args.take_name and not (receive_at and is_unix(receive_at[0])):
             raise ConfigError("--take-name is for a live update's successor: it goes with -R unix:PATH")
         doing = starting_what(args)
@@ -405,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module("numpy")
             # Listening before the control socket answers: a vmmctl that finds this VM (the
             # README's walk-through waits for --status) finds it ready for the source too.
-            commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel, populate=not args.no_populate)
+            commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel, populate=not args.no_populate,
+                                          params=receive_params(args))
         if not args.take_name:
             machine.serve(args.run_dir)
     except (MigrationError, OSError, KeyboardInterrupt) as err:

@@ -117,6 +117,16 @@ class MigrationParams:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
+    @staticmethod
+    def io_timeouts(seconds: float) -> dict[str, float]:
+        """The fields one ``--io-timeout SECONDS`` sets, on a source (vmmctl) or a destination
+        (vmmrun -R): every send and receive and the commit wait that long for the peer, the
+        handshake that long but at most its default (ValueError for seconds that are not
+        positive)."""
+        if not seconds > 0:
+            raise ValueError(f"--io-timeout must be positive seconds, got {seconds:g}")
+        return {"io_timeout": seconds, "commit_timeout": seconds, "handshake_timeout": min(seconds, MigrationParams.handshake_timeout)}
+
     def postcopy_after(self) -> int | None:
         """For ``postcopy="after=N"``: N; None for the other modes (ValueError for a bad one)."""
         mode = self.postcopy

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     # loads the source's on a thread once its guest runs): with their wire protocol (28 message
     # classes) they took 50 ms of every vmmrun start, a restore's included (docs/performance.md,
     # session 24).
-    from ..migration import Destination, MigrationHandle, MigrationStats
+    from ..migration import Destination, MigrationHandle, MigrationParams, MigrationStats
     from ..migration.tls import TlsConfig
 
 #: The basic metadata keys a checkpoint carries beside bhyve's (snapshot.files checks those):
@@ -293,14 +293,14 @@ class MachineCommands:
         self.destroyed_while_receiving = False  # vmmctl --destroy ended the wait or the receive
 
     def listen_for_migration(self, host: str, port: int, *, key: bytes | None, tls: TlsConfig | None,
-                             cancel: threading.Event, populate: bool = True) -> None:
+                             cancel: threading.Event, populate: bool = True, params: MigrationParams | None = None) -> None:
         """``vmmrun -R``: listen on ``host:port`` for one incoming migration into this (empty)
         machine (MigrationError if it cannot). vmmrun does it before its control socket answers,
         so whoever finds the VM there finds it listening too."""
         from ..migration import Destination
 
         self.incoming = Destination(MachineHandle.receiving(self.machine), host, port, key=key, tls=tls, cancel=cancel,
-                                    populate=populate)
+                                    populate=populate, params=params)
 
     def receive_migration(self, accept_timeout: float) -> MigrationStats:
         """Wait for the source :meth:`listen_for_migration` listens for and receive its guest;
