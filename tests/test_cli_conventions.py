@@ -238,7 +238,7 @@ def test_ctrl_c_while_vmmrun_restores_its_memory_ends_it_with_one_line(tmp_path)
     image = tmp_path / "big.ckp"
     build_image(str(image), memsize=2 * GiB, guest="console", guest_args={"ticks": "0", "every": "0"}, random_bytes=2 * GiB,
                 fill="text")
-    expected = (rf"vmmrun: r0: stopped by SIGINT while restoring '{re.escape(str(image))}' \(reading 2\.0 GiB of memory from "
+    expected = (rf"vmmrun: r0: stopped by SIGINT while restoring '{re.escape(str(image))}' \(reading 2(\.0)? GiB of memory from "
                 r"the checkpoint was interrupted after [0-9.]+ [MG]iB\); no guest ran\n")
     for _attempt in range(3):
         proc = subprocess.Popen(vmmrun_cmd(f"--run-dir={tmp_path}", "-l", "com1,/dev/null", "-r", str(image), "r0"),
@@ -258,6 +258,49 @@ def test_ctrl_c_while_vmmrun_restores_its_memory_ends_it_with_one_line(tmp_path)
             break
     assert status == 4, err
     assert re.fullmatch(expected, err), err
+
+
+@pytest.mark.parametrize("tool", ["vmmrun", "vmmctl"])
+@pytest.mark.parametrize("parent", ["terminal", "background"])
+def test_the_installed_commands_run_main_with_sigint_as_python_had_it(tool, parent):
+    """The installed command's launcher gives SIGINT back to Python's handler before main runs
+    (vmmctl --migrate turns Ctrl-C into a cancel with it), and leaves it ignored where the
+    shell started the command with SIGINT ignored (a background job): main sees what it would
+    have seen without the launcher."""
+    import signal
+
+    def sigint_as(parent_handler) -> None:
+        signal.signal(signal.SIGINT, parent_handler)
+
+    handler = signal.SIG_DFL if parent == "terminal" else signal.SIG_IGN
+    probe = (f"import signal, sys, vmmpy.cli.{tool} as tool; "
+             "tool.main = lambda: print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+             "signal.getsignal(signal.SIGINT) == signal.SIG_IGN) or 0; "
+             f"from vmmpy.cli.launch import {tool}; {tool}()")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: sigint_as(handler))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == (["True", "False"] if parent == "terminal" else ["False", "True"]), done.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300", "1000001"])
+def test_an_io_timeout_that_is_not_a_sane_wait_is_refused_by_both_tools_before_anything_starts(tmp_path, value):
+    """--io-timeout on vmmctl (the source) and vmmrun -R (the destination) maps to the same
+    waits, and a value that is not positive or too long for the socket and lock timeouts
+    (infinity overflowed them mid-handshake) is refused by name before either tool does a thing."""
+    from vmmpy.migration import MigrationParams
+
+    expected = f"--io-timeout must be positive seconds, at most 1000000; got {float(value)}"
+    run = subprocess.run([sys.executable, "-m", "vmmpy.cli.vmmrun", f"--run-dir={tmp_path}", "-m", "64M", "--io-timeout", value,
+                          "-R", "127.0.0.1:1", "d0"], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stderr) == (4, f"vmmrun: {expected}\n")
+    ctl = subprocess.run([sys.executable, "-m", "vmmpy.cli.vmmctl", f"--run-dir={tmp_path}", "--vm=nope", "--migrate", "127.0.0.1", "1",
+                          "--io-timeout", value], capture_output=True, text=True, timeout=60)
+    assert expected in ctl.stderr and ctl.returncode != 0, ctl.stderr
+    assert not list(tmp_path.iterdir()), "nothing was started"
+    with pytest.raises(ValueError, match="io_timeout must be positive seconds"):
+        MigrationParams(io_timeout=float(value))
+    assert MigrationParams.io_timeouts(1e6) == {"io_timeout": 1e6, "commit_timeout": 1e6, "handshake_timeout": 10.0}
 
 
 def _handles_sigint(pid: int) -> bool | None:

@@ -20,6 +20,12 @@ static INTERRUPTION: Mutex<Option<PyErr>> = Mutex::new(None);
 /// handlers (on the main thread; elsewhere there are none to run). One that raised, as Ctrl-C's
 /// does (KeyboardInterrupt), means interrupted; its exception is kept for [`memory_error`].
 pub fn python_interrupted() -> bool {
+    // Handlers run on the main thread only: elsewhere there is nothing to ask, and attaching
+    // would take the interpreter lock from whatever Python runs meanwhile.
+    // SAFETY: both calls only read the calling thread's and the process's ids.
+    if unsafe { libc::gettid() != libc::getpid() } {
+        return false;
+    }
     Python::attach(|py| match py.check_signals() {
         Ok(()) => false,
         Err(err) => {

@@ -473,7 +473,7 @@ pub fn read_memory_file_cached(
     // place with non-temporal stores (`stream_pages`): a read straight into guest memory would
     // read every line of it before writing it. A/B in docs/performance.md (session 27).
     let mut staging = zeroed_pages(READ_PIECE / PAGE_SIZE);
-    // Set when the read stops early (interrupted, or failed): the populating thread stops too.
+    // Set once the reader is done, however it ended: the populating thread stops then.
     let stop = &std::sync::atomic::AtomicBool::new(false);
     let read = std::thread::scope(|scope| -> Result<(), SnapshotError> {
         if populate {
@@ -497,6 +497,9 @@ pub fn read_memory_file_cached(
                 }
             });
         }
+        // However the read ends (done, failed, interrupted or panicking), the populating thread
+        // stops before the scope waits for it: what it would still populate is read or unused.
+        let _stop_populating = SetOnDrop(stop);
         let read = (|| {
             let mut pos = 0u64;
             let mut unchecked = 0u64;
@@ -528,8 +531,8 @@ pub fn read_memory_file_cached(
                     stats.bytes_read += piece_end - off;
                     behind.read_up_to(piece_end, piece_end - off);
                     progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
+                    unchecked += piece_end - off;
                     off = piece_end;
-                    unchecked += READ_PIECE as u64;
                     if unchecked >= INTERRUPT_BYTES {
                         unchecked = 0;
                         if interrupted() {
@@ -551,9 +554,6 @@ pub fn read_memory_file_cached(
             progress::advance(meter, (total - pos) / page, 0, 0);
             Ok(())
         })();
-        if read.is_err() {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         read
     });
     read?;
@@ -585,11 +585,21 @@ pub fn read_memory_file_cached(
     Ok(stats)
 }
 
+/// Sets its flag when dropped, on the way out of a scope whether it returns or unwinds.
+struct SetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// "2 GiB", "1.9 GiB", "511.8 MiB": a size in the largest unit it reaches, to a tenth where it
 /// is not whole (`human_size` would say 2095108 KiB).
 fn about(bytes: u64) -> String {
     for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes >= scale {
+        // 1 GiB less a page is "1.0 GiB", not "1024.0 MiB".
+        if (bytes as f64 / scale as f64 * 10.0).round() >= 10.0 {
             return match bytes.is_multiple_of(scale) {
                 true => format!("{} {unit}", bytes / scale),
                 false => format!("{:.1} {unit}", bytes as f64 / scale as f64),

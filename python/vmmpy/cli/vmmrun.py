@@ -204,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with -R: how long to wait for the source to connect (default 300)")
     p.add_argument("--io-timeout", type=float, metavar="SECONDS",
-                   help="with -R: give up on a source that sends or takes nothing for this long, as vmmctl --io-timeout "
-                        "does on the source: every receive and send and the commit fail the migration (its guest runs on "
-                        f"at the source), and a connection silent for the handshake (at most {MigrationParams.handshake_timeout:g} s) "
-                        f"is dropped while vmmrun waits on (default {MigrationParams.io_timeout:g})")
+                   help="with -R: how long a source may send or take nothing, as vmmctl --io-timeout is for the source. "
+                        "Before the commit a silent source fails the migration here (its guest runs on at the source); in "
+                        "the commit this vmmrun holds the guest in doubt instead; a connection silent through the handshake "
+                        f"(at most {MigrationParams.handshake_timeout:g} s) is dropped while vmmrun waits on "
+                        f"(default {MigrationParams.io_timeout:g})")
     p.add_argument("--take-name", action="store_true",
                    help="with -R unix:PATH: a live update's successor (vmmctl --live-update starts it): open the control "
                         "socket only once the guest has arrived and the old vmmrun of this VMNAME has let the name go")

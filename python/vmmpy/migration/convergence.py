@@ -38,6 +38,11 @@ POSTCOPY_MODES = ("auto", "manual", "after=N")
 COMPRESS_MODES = ("off", "lz4", "auto")
 
 
+#: The longest a migration's connect, handshake, send, receive or commit may wait (about 11.6
+#: days): longer waits (infinity among them) overflow the socket's and the locks' timeouts.
+MAX_WAIT_S = 1e6
+
+
 @dataclass
 class MigrationParams:
     """How a migration runs: what vmmctl's ``--migrate`` options set, and what
@@ -103,6 +108,10 @@ class MigrationParams:
             raise ValueError(f"bandwidth_cap must be positive bytes/s or None, got {self.bandwidth_cap}")
         if isinstance(self.streams, bool) or not isinstance(self.streams, int) or not 1 <= self.streams <= MAX_STREAMS:
             raise ValueError(f"streams must be a whole number from 1 to {MAX_STREAMS}, got {self.streams!r}")
+        for name in ("connect_timeout", "handshake_timeout", "io_timeout", "commit_timeout"):
+            wait = getattr(self, name)
+            if not 0 < wait <= MAX_WAIT_S:  # NaN too; past the cap the socket and lock waits overflow
+                raise ValueError(f"{name} must be positive seconds, at most {MAX_WAIT_S:.0f}; got {wait}")
         if self.resolve_timeout < 0:
             raise ValueError(f"resolve_timeout must not be negative, got {self.resolve_timeout}")
         if self.in_doubt_timeout is not None and self.in_doubt_timeout <= 0:
@@ -123,8 +132,8 @@ class MigrationParams:
         (vmmrun -R): every send and receive and the commit wait that long for the peer, the
         handshake that long but at most its default (ValueError for seconds that are not
         positive)."""
-        if not seconds > 0:
-            raise ValueError(f"--io-timeout must be positive seconds, got {seconds:g}")
+        if not 0 < seconds <= MAX_WAIT_S:
+            raise ValueError(f"--io-timeout must be positive seconds, at most {MAX_WAIT_S:.0f}; got {seconds}")
         return {"io_timeout": seconds, "commit_timeout": seconds, "handshake_timeout": min(seconds, MigrationParams.handshake_timeout)}
 
     def postcopy_after(self) -> int | None:
