@@ -112,6 +112,7 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
             m.add_total(s.data_pages + s.zero_pages, s.data_pages);
         }
     }
+    mark_panics();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
@@ -134,7 +135,7 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
                             // Held while this chunk (or the end marker) is written.
                             let turn = turns.take();
                             // Dropped before the turn, also when this thread panics.
-                            let _unwinding = FailOnUnwind { failed, first_failure, index };
+                            let _unwinding = FailOnUnwind::new(failed, first_failure, index);
                             if failed.load(Ordering::Relaxed) {
                                 break;
                             }
@@ -214,19 +215,61 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
 /// failed, naming this stream, before the turn goes on, as an error is. Without it the other
 /// streams would carry every chunk left before the panic surfaced at the join, and the next
 /// stream would start a chunk the receivers can no longer use.
+///
+/// The process's panic hook runs before the unwinding, and printing a backtrace there can take
+/// longer than [`SLOW_TURNS`], after which the turns open and the other streams go on. So the
+/// guard also registers the round with this thread, and a hook put in front of whatever hook
+/// the process has ([`mark_panics`]) marks it failed first. Should something replace that hook
+/// later, the drop still marks it, as the thread unwinds.
 struct FailOnUnwind<'a> {
     failed: &'a AtomicBool,
     first_failure: &'a AtomicUsize,
     index: usize,
 }
 
+impl<'a> FailOnUnwind<'a> {
+    fn new(failed: &'a AtomicBool, first_failure: &'a AtomicUsize, index: usize) -> FailOnUnwind<'a> {
+        HOLDING_TURN.with(|h| h.set(Some((failed as *const AtomicBool, first_failure as *const AtomicUsize, index))));
+        FailOnUnwind { failed, first_failure, index }
+    }
+}
+
 impl Drop for FailOnUnwind<'_> {
     fn drop(&mut self) {
+        HOLDING_TURN.with(|h| h.set(None));
         if std::thread::panicking() {
-            self.failed.store(true, Ordering::Relaxed);
-            let _ = self.first_failure.compare_exchange(usize::MAX, self.index, Ordering::AcqRel, Ordering::Acquire);
+            mark_failed(self.failed, self.first_failure, self.index);
         }
     }
+}
+
+fn mark_failed(failed: &AtomicBool, first_failure: &AtomicUsize, index: usize) {
+    failed.store(true, Ordering::Relaxed);
+    let _ = first_failure.compare_exchange(usize::MAX, index, Ordering::AcqRel, Ordering::Acquire);
+}
+
+thread_local! {
+    /// The round this thread holds a turn of (its failure flags and its stream), set and cleared
+    /// by [`FailOnUnwind`], which outlives every use: the hook reads it on this thread, before
+    /// the unwinding that drops the guard.
+    static HOLDING_TURN: std::cell::Cell<Option<(*const AtomicBool, *const AtomicUsize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Put a hook in front of the process's panic hook, once: a thread that panics while it holds a
+/// turn marks its round failed before the rest of the hook runs.
+fn mark_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(Some((failed, first_failure, index))) = HOLDING_TURN.try_with(|h| h.get()) {
+                // SAFETY: set by a FailOnUnwind of this thread, which is alive until the
+                // unwinding this hook precedes, and so are the flags it borrows.
+                unsafe { mark_failed(&*failed, &*first_failure, index) };
+            }
+            before(info)
+        }));
+    });
 }
 
 /// How long the streams may go without one of them finishing a chunk before every stream may send

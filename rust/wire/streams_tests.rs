@@ -23,27 +23,28 @@ thread_local! {
 /// not meet it) and the chunk whose sending thread panics as it takes it.
 static PANIC_AT: std::sync::Mutex<Option<(usize, usize)>> = std::sync::Mutex::new(None);
 
-const ASKED_FOR: &str = "a panic asked for by the test";
-
-pub(super) fn panic_if_asked(chunks: &[Vec<PageRange>], i: usize) {
-    if *PANIC_AT.lock().unwrap_or_else(|e| e.into_inner()) == Some((chunks.as_ptr() as usize, i)) {
-        panic!("chunk {i}: {ASKED_FOR}");
-    }
-}
-
-/// Panics asked for by a test say nothing: the default hook runs before the unwinding, and
-/// printing a backtrace (RUST_BACKTRACE) can take longer than `SLOW_TURNS`, so the turns would
-/// open before the round learns of the panic. Every other panic goes to the hook as before.
-fn quiet_asked_panics() {
+/// Panics asked for by a test take longer to report than `SLOW_TURNS`, as a backtrace printed by
+/// the process's hook (RUST_BACKTRACE) can: the hook that marks the round failed must run before
+/// that, or the turns open and the other streams go on. Installed once, around whatever hook is
+/// there; the streams' own marking runs first either way (installed earlier, it is the hook this
+/// one calls before sleeping; installed later, it wraps this one).
+fn slow_to_report_asked_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let before = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !info.payload_as_str().is_some_and(|m| m.ends_with(ASKED_FOR)) {
-                before(info)
+            before(info);
+            if info.payload_as_str().is_some_and(|m| m.ends_with("a panic asked for by the test")) {
+                std::thread::sleep(3 * SLOW_TURNS);
             }
         }));
     });
+}
+
+pub(super) fn panic_if_asked(chunks: &[Vec<PageRange>], i: usize) {
+    if *PANIC_AT.lock().unwrap_or_else(|e| e.into_inner()) == Some((chunks.as_ptr() as usize, i)) {
+        panic!("chunk {i}: a panic asked for by the test");
+    }
 }
 
 /// A stream writing a chunk in `send_chunks_compressed`: panics (failing that stream, so the
@@ -702,7 +703,7 @@ fn a_stream_whose_thread_panics_fails_the_round_and_the_others_take_no_more_chun
     // One turn at a time: chunks 0-3 go before the one that panics, and none may go after it.
     // (Were the turns to open for slowness, at most the three other streams' chunks could be
     // going with it.)
-    quiet_asked_panics();
+    slow_to_report_asked_panics();
     *PANIC_AT.lock().unwrap() = Some((chunks.as_ptr() as usize, 4));
     let sent = send_chunks_compressed(&fds, &src, &chunks, None, None, Sending { at_once: 1, ..Sending::all(4) });
     *PANIC_AT.lock().unwrap() = None;
