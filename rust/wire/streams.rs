@@ -52,10 +52,12 @@ fn on_stream(index: usize, err: PageError) -> PageError {
 }
 
 /// Send `chunks` over `fds` in parallel, one thread per fd, each taking the next unsent chunk as
-/// one batch (hashing its pages into `tracker` on the way, when given); then each fd gets an empty batch ending its share of the round. Returns what each
-/// fd carried (in `fds` order). On the first failure (an error, or a stream's thread panicking)
-/// the other streams take no further chunk and send no end marker; the error of the stream that failed first is returned, once every thread
-/// has finished (a blocked write ends by the fd's send timeout or by the peer going away).
+/// one batch (hashing its pages into `tracker` on the way, when given); then each fd gets an
+/// empty batch ending its share of the round. Returns what each fd carried (in `fds` order). On
+/// the first failure (an error, or a stream's thread panicking) the other streams take no
+/// further chunk and send no end marker; the error of the stream that failed first is returned,
+/// once every thread has finished (a blocked write ends by the fd's send timeout or by the peer
+/// going away).
 /// `meter`, when given, is told the chunks' pages first and advances as every stream writes.
 pub fn send_chunks<'a, L: Into<Link<'a>> + Copy + Sync>(
     fds: &[L],

@@ -10,4 +10,3 @@ def tool_environment() -> None:
     thread per CPU when numpy loads: about 0.1 s of CPU at every start, which a busy host pays in
     wall time (`vmmrun --help`, 9 runs each: 385 -> 285 ms of CPU). A value the user set is kept."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-

@@ -3,7 +3,7 @@
     vmmrun [-c NCPUS] [-m MEMSIZE] [-S] [-s SLOT,EMULATION[,CONF]]... [-l com1,stdio|FILE]
            [--guest NAME|FILE] [--guest-arg KEY=VALUE]... [--tsc host|instructions] [--idle sleep|skip]
            [--vendor intel|amd] [-r FILE [--key-file FILE] | -R HOST:PORT [--key-file FILE]
-           [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure]] VMNAME
+           [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--insecure] [--io-timeout S]] VMNAME
 
 Exit status follows bhyve(8): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error.
 SIGINT and SIGTERM power the guest off; with -R, before the guest runs, they end the wait or the

@@ -131,7 +131,7 @@ class MigrationParams:
         """The fields one ``--io-timeout SECONDS`` sets, on a source (vmmctl) or a destination
         (vmmrun -R): every send and receive and the commit wait that long for the peer, the
         handshake that long but at most its default (ValueError for seconds that are not
-        positive)."""
+        positive, or past MAX_WAIT_S)."""
         if not 0 < seconds <= MAX_WAIT_S:
             raise ValueError(f"--io-timeout must be positive seconds, at most {MAX_WAIT_S:.0f}; got {seconds}")
         return {"io_timeout": seconds, "commit_timeout": seconds, "handshake_timeout": min(seconds, MigrationParams.handshake_timeout)}
