@@ -475,7 +475,7 @@ pub fn read_memory_file_cached(
     let mut staging = zeroed_pages(READ_PIECE / PAGE_SIZE);
     // Set once the reader is done, however it ended: the populating thread stops then.
     let stop = &std::sync::atomic::AtomicBool::new(false);
-    let read = std::thread::scope(|scope| -> Result<(), SnapshotError> {
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
         if populate {
             let (layout, extents) = (&layout, &extents);
             scope.spawn(move || {
@@ -500,63 +500,59 @@ pub fn read_memory_file_cached(
         // However the read ends (done, failed, interrupted or panicking), the populating thread
         // stops before the scope waits for it: what it would still populate is read or unused.
         let _stop_populating = SetOnDrop(stop);
-        let read = (|| {
-            let mut pos = 0u64;
-            let mut unchecked = 0u64;
-            for &(start, end) in &extents {
-                stats.hole_bytes += start - pos;
-                if let Some(h) = hasher.as_mut() {
-                    hash_hole(h, pos, start)?;
-                }
-                progress::advance(meter, (start - pos) / page, 0, 0);
-                let mut off = start;
-                while off < end {
-                    let piece_end = (off + READ_PIECE as u64).min(end);
-                    let piece = &mut page_bytes_mut(&mut staging)[..(piece_end - off) as usize];
-                    // SAFETY: `piece` is writable memory of its length, borrowed mutably for the call.
-                    unsafe { pread_all(fd, piece.as_mut_ptr(), piece.len(), off)? };
-                    if let Some(h) = hasher.as_mut() {
-                        h.data(piece);
-                    }
-                    let mut at = 0;
-                    layout.for_each_part(off, piece_end, |seg, seg_off, len| {
-                        seg.before_write(seg_off, len);
-                        // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping
-                        // (page-aligned, as the piece is); guest memory is never behind a Rust
-                        // reference, and the guest is not running.
-                        unsafe { stream_pages(seg.as_ptr().add(seg_off), &piece[at..at + len]) };
-                        at += len;
-                        Ok::<(), SnapshotError>(())
-                    })?;
-                    stats.bytes_read += piece_end - off;
-                    behind.read_up_to(piece_end, piece_end - off);
-                    progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
-                    unchecked += piece_end - off;
-                    off = piece_end;
-                    if unchecked >= INTERRUPT_BYTES {
-                        unchecked = 0;
-                        if interrupted() {
-                            let what = format!(
-                                "reading {} of memory from the checkpoint was interrupted after {}",
-                                about(data_bytes),
-                                about(stats.bytes_read)
-                            );
-                            return Err(SnapshotError::Memory(MemoryError::Interrupted { what }));
-                        }
-                    }
-                }
-                pos = end;
-            }
-            stats.hole_bytes += total - pos;
+        let mut pos = 0u64;
+        let mut unchecked = 0u64;
+        for &(start, end) in &extents {
+            stats.hole_bytes += start - pos;
             if let Some(h) = hasher.as_mut() {
-                hash_hole(h, pos, total)?;
+                hash_hole(h, pos, start)?;
             }
-            progress::advance(meter, (total - pos) / page, 0, 0);
-            Ok(())
-        })();
-        read
-    });
-    read?;
+            progress::advance(meter, (start - pos) / page, 0, 0);
+            let mut off = start;
+            while off < end {
+                let piece_end = (off + READ_PIECE as u64).min(end);
+                let piece = &mut page_bytes_mut(&mut staging)[..(piece_end - off) as usize];
+                // SAFETY: `piece` is writable memory of its length, borrowed mutably for the call.
+                unsafe { pread_all(fd, piece.as_mut_ptr(), piece.len(), off)? };
+                if let Some(h) = hasher.as_mut() {
+                    h.data(piece);
+                }
+                let mut at = 0;
+                layout.for_each_part(off, piece_end, |seg, seg_off, len| {
+                    seg.before_write(seg_off, len);
+                    // SAFETY: for_each_part keeps `seg_off..seg_off+len` inside the segment's mapping
+                    // (page-aligned, as the piece is); guest memory is never behind a Rust
+                    // reference, and the guest is not running.
+                    unsafe { stream_pages(seg.as_ptr().add(seg_off), &piece[at..at + len]) };
+                    at += len;
+                    Ok::<(), SnapshotError>(())
+                })?;
+                stats.bytes_read += piece_end - off;
+                behind.read_up_to(piece_end, piece_end - off);
+                progress::advance(meter, (piece_end - off) / page, (piece_end - off) / page, piece_end - off);
+                unchecked += piece_end - off;
+                off = piece_end;
+                if unchecked >= INTERRUPT_BYTES {
+                    unchecked = 0;
+                    if interrupted() {
+                        let what = format!(
+                            "reading {} of memory from the checkpoint was interrupted after {}",
+                            about(data_bytes),
+                            about(stats.bytes_read)
+                        );
+                        return Err(SnapshotError::Memory(MemoryError::Interrupted { what }));
+                    }
+                }
+            }
+            pos = end;
+        }
+        stats.hole_bytes += total - pos;
+        if let Some(h) = hasher.as_mut() {
+            hash_hole(h, pos, total)?;
+        }
+        progress::advance(meter, (total - pos) / page, 0, 0);
+        Ok(())
+    })?;
     stats.cache_released = behind.released;
     // The rest of the file leaves the cache now, not after the checks below.
     drop(behind);
