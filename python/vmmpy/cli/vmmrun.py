@@ -311,11 +311,6 @@ def saved_differs(args: argparse.Namespace, saved: VmConfig) -> str | None:
     return "; ".join(f"the saved guest has {flag} {has}, {flag} {was} was given" for flag, has, was in given)
 
 
-def receive_params(args: argparse.Namespace) -> MigrationParams:
-    """The destination's waits (``--io-timeout``), the rest as MigrationParams has them."""
-    return MigrationParams(**(MigrationParams.io_timeouts(args.io_timeout) if args.io_timeout is not None else {}))
-
-
 def starting_what(args: argparse.Namespace) -> str:
     """What ``machine_for`` was doing, for a message about its being interrupted."""
     if args.restore:
@@ -369,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_guests:
         return list_guests()
     config: VmConfig | None = None
+    receive_params: MigrationParams | None = None  # -R: the destination's waits (--io-timeout)
     doing = "reading its options"  # what a Ctrl-C before the guest exists interrupted
     try:
         vmmrun_config.apply(args, vmmrun_config.read_sources(args.config_sources or []))
@@ -386,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         refusal = listen_policy_error(receive_at[0], key=key, tls=tls, insecure=args.insecure) if receive_at else None
         if refusal:
             raise ConfigError(f"-R {args.receive}: {refusal}")
-        if args.io_timeout is not None:
-            if not receive_at:
-                raise ConfigError("--io-timeout goes with -R HOST:PORT (the waits of a migration this vmmrun receives)")
-            MigrationParams.io_timeouts(args.io_timeout)  # a bad value is named before anything starts
+        if args.io_timeout is not None and not receive_at:
+            raise ConfigError("--io-timeout goes with -R HOST:PORT (the waits of a migration this vmmrun receives)")
+        if receive_at:  # a bad --io-timeout is named here, before anything starts
+            receive_params = MigrationParams(**(MigrationParams.io_timeouts(args.io_timeout) if args.io_timeout is not None else {}))
         if args.take_name and not (receive_at and is_unix(receive_at[0])):
             raise ConfigError("--take-name is for a live update's successor: it goes with -R unix:PATH")
         doing = starting_what(args)
@@ -422,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             # Listening before the control socket answers: a vmmctl that finds this VM (the
             # README's walk-through waits for --status) finds it ready for the source too.
             commands.listen_for_migration(*receive_at, key=key, tls=tls, cancel=cancel, populate=not args.no_populate,
-                                          params=receive_params(args))
+                                          params=receive_params)
         if not args.take_name:
             machine.serve(args.run_dir)
     except (MigrationError, OSError, KeyboardInterrupt) as err:
