@@ -626,12 +626,15 @@ def test_a_connection_within_this_host_gets_the_local_buffers_and_one_to_another
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as near:
         far = _Connected("192.0.2.10", "198.51.100.7")
-        for sock in (near, far, _Connected("192.0.2.10", "192.0.2.10"), _Connected("::1", "::1", socket.AF_INET6)):
+        # A dual-stack listener sees an IPv4 peer on loopback as ::ffff:127.0.0.1.
+        mapped = _Connected("2001:db8::5", "::ffff:127.0.0.1", socket.AF_INET6)
+        for sock in (near, far, _Connected("192.0.2.10", "192.0.2.10"), _Connected("::1", "::1", socket.AF_INET6), mapped):
             net.fit_send_buffer(sock)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
             assert not net.peer_on_this_host(unix)
     assert not net.peer_on_this_host(far), "another host's address"
-    assert [size for _, size in asked] == [net.LOCAL_SOCKET_BUFFER_BYTES] * 3
+    assert not net.peer_on_this_host(_Connected("2001:db8::5", "::ffff:198.51.100.7", socket.AF_INET6))
+    assert [size for _, size in asked] == [net.LOCAL_SOCKET_BUFFER_BYTES] * 4
     assert [sock for sock, _ in asked][0] is near and far not in [sock for sock, _ in asked]
     assert net.LOCAL_SOCKET_BUFFER_BYTES < net.SOCKET_BUFFER_BYTES
 

@@ -146,3 +146,7 @@ def test_listening_beyond_loopback_needs_a_key_or_mutual_tls(pki):
     assert listen_policy_error("10.0.0.2", key=None, tls=None, insecure=True) is None
     assert listen_policy_error("127.0.0.1", key=None, tls=None, insecure=False) is None
     assert listen_policy_error("::1", key=None, tls=None, insecure=False) is None
+    for loopback in ("localhost", "127.3.2.1", "::ffff:127.0.0.1", "::1%lo"):
+        assert listen_policy_error(loopback, key=None, tls=None, insecure=False) is None, loopback
+    for other in ("::ffff:10.0.0.2", "::", "0.0.0.0", "2001:db8::1", "vm-host.example"):
+        assert "lets anyone send a guest" in listen_policy_error(other, key=None, tls=None, insecure=False), other

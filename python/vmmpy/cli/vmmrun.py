@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ..devices.registry import PCI_EMULATIONS
 from ..migration import MigrationError, MigrationParams, parse_address
-from ..migration.net import format_address, is_unix
+from ..migration.net import format_address, is_loopback_address, is_unix
 from ..runtime.commands import MachineCommands, build_machine, restore_machine
 from ..runtime.config import (
     ACCELS,
@@ -280,19 +280,10 @@ def listen_policy_error(host: str, *, key: bytes | None, tls: TlsConfig | None, 
     """Why listening on ``host`` is refused, or None. A non-loopback address needs the source to
     authenticate: by the shared key, or by a certificate under mutual TLS (either will do: with
     TLS the CA vouches for the source). ``--insecure`` accepts neither."""
-    if key is not None or tls is not None or insecure or is_loopback(host) or is_unix(host):
+    if key is not None or tls is not None or insecure or is_loopback_address(host) or is_unix(host):
         return None
     return ("listening on a non-loopback address without --key-file or TLS (--tls-cert, --tls-key, --tls-ca) lets "
             "anyone send a guest; give a key or certificates, or --insecure to accept that")
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def saved_differs(args: argparse.Namespace, saved: VmConfig) -> str | None:

@@ -79,9 +79,23 @@ def peer_on_this_host(sock: socket.socket) -> bool:
         return False
     try:
         mine, theirs = sock.getsockname()[0], sock.getpeername()[0]
-        return theirs == mine or ipaddress.ip_address(theirs.split("%", 1)[0]).is_loopback
-    except (OSError, ValueError, IndexError, TypeError):
+    except (OSError, IndexError, TypeError):
         return False
+    return theirs == mine or is_loopback_address(theirs)
+
+
+def is_loopback_address(host: str) -> bool:
+    """Whether ``host`` names this host's loopback: ``localhost``, 127.0.0.0/8, ``::1``, or
+    127.0.0.0/8 written as an IPv4-mapped IPv6 address (``::ffff:127.0.0.1``, what a dual-stack
+    listener sees of an IPv4 peer), with or without an IPv6 zone (``%lo``)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def fit_send_buffer(sock: socket.socket) -> None:
