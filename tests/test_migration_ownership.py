@@ -289,6 +289,11 @@ def test_strangers_do_not_end_the_wait_and_a_slow_one_is_cut_at_the_handshake_de
     notes = "\n".join(dstats.notes)
     assert "did not become the migration" in notes and "authentication failed" in notes, notes
     assert "bad frame magic" in notes or "frame" in notes, notes
+    # The loris and the silent ones were cut by the destination, at their handshake deadline or
+    # when the wait ended, and it says so rather than that they closed the connection.
+    cut = [n for n in dstats.notes if "so this destination cut it" in n]
+    assert len(cut) == 4 and all(("its handshake did not finish within 1.5 s," in n or "its handshake was still going when the wait "
+                                  "ended," in n) for n in cut), notes
 
 
 def test_too_many_pending_connections_are_closed_unread_and_the_source_still_gets_through(guests):

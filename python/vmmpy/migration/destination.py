@@ -120,6 +120,7 @@ class Destination:
         self._wake_r, self._wake_w = socket.socketpair()
         self._claimed = False
         self._pending: dict[socket.socket, threading.Thread] = {}
+        self._deadlines: dict[socket.socket, HandshakeDeadline] = {}  # of the pending connections
         self._closed = False
         self._service: threading.Thread | None = None
         self._receiver: _Receiver | None = None
@@ -290,9 +291,9 @@ class Destination:
         """One connection while waiting: its whole handshake under one deadline; then a SPEC
         (a source: the first accepted takes the destination) or a RESOLVE (none is in doubt yet)."""
         receiver = _Receiver(self.adapter, conn, self.key, self.params, self.cancel, peer, self.tls, self.listener)
-        timer = threading.Timer(self.params.handshake_timeout, shutdown_quietly, args=(conn,))
-        timer.daemon = True
-        timer.start()
+        timer = HandshakeDeadline(conn, self.params.handshake_timeout)
+        with self._cond:
+            self._deadlines[conn] = timer
         won = False
         try:
             receiver.start()
@@ -329,10 +330,12 @@ class Destination:
                 self._pending.pop(conn, None)
             self._wake()  # the waiting loop stops accepting, then answers its SPEC
         except BaseException as err:
-            self._note_stranger(peer, receiver.failure_text(err))
+            self._note_stranger(peer, timer.why(receiver.failure_text(err)))
             receiver.tell_why(err)
         finally:
             timer.cancel()
+            with self._cond:
+                self._deadlines.pop(conn, None)
             if not won:
                 receiver.close_quietly()
                 with self._cond:
@@ -343,8 +346,12 @@ class Destination:
         with self._cond:
             self._closed = True
             pending = dict(self._pending)
+            deadlines = dict(self._deadlines)
         for conn in pending:
-            shutdown_quietly(conn)
+            if conn in deadlines:
+                deadlines[conn].cut("was still going when the wait ended")
+            else:  # its thread has not begun
+                shutdown_quietly(conn)
         for thread in pending.values():
             thread.join(5)
 
@@ -473,9 +480,7 @@ class Destination:
 
     def _resolve_connection(self, conn: socket.socket, peer: str) -> None:
         receiver = _Receiver(self.adapter, conn, self.key, self.params, None, peer, self.tls, None)
-        timer = threading.Timer(self.params.handshake_timeout, shutdown_quietly, args=(conn,))
-        timer.daemon = True
-        timer.start()
+        timer = HandshakeDeadline(conn, self.params.handshake_timeout)
         handed_over = False
         try:
             receiver.start()
@@ -494,7 +499,7 @@ class Destination:
                     self.released = True
                 self._note("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
         except BaseException as err:
-            self._note(f"a RESOLVE connection from {peer} failed: {receiver.failure_text(err)}")
+            self._note(f"a RESOLVE connection from {peer} failed: {timer.why(receiver.failure_text(err))}")
         finally:
             timer.cancel()
             if not handed_over:
@@ -622,6 +627,37 @@ def serve_connection(adapter: GuestHandle, conn: socket.socket, *, key: bytes | 
     window ends. Without one, STREAMS is refused."""
     return _Receiver(adapter, conn, key, params or MigrationParams(), cancel, peer, tls, listener).run()
 
+
+class HandshakeDeadline:
+    """A connection's whole handshake under one deadline, started at once: when it passes, or
+    when the destination stops waiting (:meth:`cut`), the connection is shut down, which wakes
+    whatever reads or writes it. A failure after that is the destination's doing, and :meth:`why`
+    says so rather than blaming the peer for the closed socket."""
+
+    def __init__(self, conn: socket.socket, seconds: float) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._timer = threading.Timer(seconds, self.cut, args=(f"did not finish within {seconds:g} s",))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cut(self, reason: str) -> None:
+        """Shut the connection down; ``reason`` completes "its handshake ..." (the first one given)."""
+        with self._lock:
+            if self._reason is None:
+                self._reason = reason
+        shutdown_quietly(self._conn)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def why(self, failure: str) -> str:
+        """``failure`` as the connection's failure, or, once the connection was cut, why first and
+        ``failure`` (what the cut looked like from inside) after it."""
+        with self._lock:
+            reason = self._reason
+        return failure if reason is None else f"its handshake {reason}, so this destination cut it ({failure})"
 
 class _Receiver:
     #: The protocol versions this destination speaks (a test plays an older destination).
