@@ -360,3 +360,39 @@ fn an_eager_restore_stops_at_its_first_check_when_the_process_is_interrupted_and
     let read = read_memory_file(&fresh, f.as_raw_fd(), Some((&stats.chunk_hashes, CHUNK)), None).unwrap();
     assert!(read.verified && read.bytes_read == size, "every chunk read and matching its hash: {read:?}");
 }
+
+#[test]
+fn an_interrupted_eager_restore_stops_populating_memory_it_will_not_read() {
+    use crate::memory::interrupts_for_tests::interrupt_this_thread;
+    use std::io::Write;
+    // Large enough that the thread populating ahead of the reader is far from done when the
+    // reader stops at its first check (64 MiB): here 64-106 MiB of the 1 GiB were resident then,
+    // and all of it when nothing told the thread to stop.
+    let size = 1024 * MIB;
+    let opts = MemoryOptions::new(size);
+    let f = temp_file("stops-populating");
+    let fill: Vec<u8> = (0..MIB).map(|b| (b % 241) as u8 + 1).collect();
+    let mut out = std::io::BufWriter::new(&f);
+    for _ in 0..size / MIB {
+        out.write_all(&fill).unwrap();
+    }
+    drop(out);
+    let fresh = GuestMemory::new(&opts).unwrap();
+    interrupt_this_thread(true);
+    let err = read_memory_file(&fresh, f.as_raw_fd(), None, None).map(|_| ()).unwrap_err();
+    interrupt_this_thread(false);
+    assert!(matches!(err, SnapshotError::Memory(crate::memory::MemoryError::Interrupted { .. })), "{err}");
+    // What the populating thread touched is resident; had nothing stopped it, all of it would be.
+    let mut resident = 0u64;
+    for seg in fresh.segments() {
+        let pages = seg.pages();
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the segment's mapping covers `pages` pages from its page-aligned start, and
+        // `vec` has a byte for each.
+        let rc = unsafe { libc::mincore(seg.as_ptr() as *mut libc::c_void, pages * PAGE_SIZE, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE as u64;
+    }
+    assert!(resident >= 64 * MIB, "the 64 MiB read are in place: {} MiB resident", resident / MIB);
+    assert!(resident <= size / 2, "populating went on after the reader stopped: {} of {} MiB resident", resident / MIB, size / MIB);
+}
