@@ -18,9 +18,11 @@
 //!
 //! The caller may let fewer streams send at once than there are ([`Sending::at_once`]): a stream
 //! takes a turn before each chunk, in the order the streams asked, and gives it back once the
-//! chunk is written. Every stream still carries chunks and ends its share; at most `at_once` of
-//! them have a chunk going at a time, until the chunks turn out slow (waiting on a network, not
-//! on CPUs: [`SLOW_TURNS`]), when every stream may go for the rest of the round.
+//! chunk is written, so at most `at_once` of them have a chunk going at a time. The streams past
+//! the first `at_once` stand down for the round once the first turn comes back quickly: they
+//! carry no chunk, only the end of their share ([`Turns::stands_down`]). If instead the chunks
+//! turn out slow (waiting on a network, not on CPUs: [`SLOW_TURNS`]), every stream may go for the
+//! rest of the round.
 //!
 //! This file decides nothing about which pages a round carries (the caller harvests), nor what a
 //! stream is beyond an fd the caller owns and keeps open for the call.
@@ -133,6 +135,9 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
                     let mut totals = BatchTotals::default();
                     let mut compressor = (mode != CompressMode::Off).then(|| Compressor::new(mode, link_hint));
                     let outcome = (|| {
+                        // A stream past the first `at_once` carries nothing this round, unless
+                        // the turns open for slowness before one comes back.
+                        let standing_down = index >= at_once && turns.stands_down();
                         while !failed.load(Ordering::Relaxed) {
                             // Held while this chunk (or the end marker) is written.
                             let turn = turns.take();
@@ -143,7 +148,7 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
                             }
                             #[cfg(test)]
                             let _sending = tests::Writing::count(sending, most, at_once, turns);
-                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let i = if standing_down { usize::MAX } else { next.fetch_add(1, Ordering::Relaxed) };
                             #[cfg(test)]
                             tests::panic_if_asked(chunks, i);
                             let sent = match chunks.get(i) {
@@ -196,6 +201,8 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     });
     #[cfg(test)]
     tests::MOST_WRITING.with(|m| m.set(most.load(Ordering::SeqCst)));
+    #[cfg(test)]
+    tests::OPENED.with(|o| o.set(turns.open()));
     // The stream that failed first names the cause; the others' errors are its consequences.
     let first = first_failure.load(Ordering::Acquire);
     let mut out = Vec::with_capacity(results.len());
@@ -284,7 +291,8 @@ const SLOW_TURNS: Duration = Duration::from_millis(100);
 /// Turns to write a chunk: at most `at_once` held at a time, granted in the order they were asked
 /// for (a ticket each), so no stream waits for more than the chunks of those ahead of it; and
 /// every stream may go at once from when [`SLOW_TURNS`] pass with no turn given back until the
-/// round ends.
+/// round ends. The streams past the first `at_once` ask whether to stand down first
+/// ([`Turns::stands_down`]).
 struct Turns {
     at_once: u64,
     /// [`SLOW_TURNS`], but in tests.
@@ -334,6 +342,29 @@ impl Turns {
             }
         }
         Turn(self)
+    }
+
+    /// For a stream past the first `at_once`, before it takes a turn: whether it stands down for
+    /// the round, carrying only the end of its share. It waits until a turn is given back (a
+    /// chunk went at the speed of the CPUs, which `at_once` streams already keep busy: it stands
+    /// down) or the turns open for slowness (the streams wait on a network: it goes with the
+    /// others). A failing stream gives its turn back too, and the caller then sends nothing.
+    ///
+    /// Alternating four streams two at a time ran a warm 1 GiB round 30 % slower on 2 CPUs than
+    /// two streams did, and these two carrying it all ran it as fast as two streams: A/B in
+    /// docs/performance.md, session 42. The streams that stand down end their share at once, so
+    /// their receivers wait on nothing; were they to wait for chunks they never get, a round
+    /// longer than the destination's receive timeout would fail them.
+    fn stands_down(&self) -> bool {
+        let mut state = self.lock();
+        while !state.open && state.returned == 0 {
+            state = self.changed.wait_timeout(state, self.slow).unwrap_or_else(|e| e.into_inner()).0;
+            if !state.open && state.returned == 0 && state.last_returned.elapsed() >= self.slow {
+                state.open = true;
+                self.changed.notify_all();
+            }
+        }
+        !state.open
     }
 
     #[cfg(test)]
