@@ -408,6 +408,29 @@ def test_a_stream_cut_mid_round_leaves_the_guest_running_on_the_source(guests, l
     assert_source_kept_guest(src)
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["warm", "live"])
+def test_a_stream_that_stood_down_and_is_cut_fails_the_round_and_the_guest_stays(guests, live):
+    """On this host, with no cap, a round is carried by as many streams as the source has CPUs,
+    and the others stand down, sending only the end of their share (rust/wire/streams.rs). Cut
+    such a stream one byte into what it sends after its JOIN: its end of round 0 (on a host with 3
+    CPUs or more it carries pages, and the cut is in those)."""
+    src = guests("128M", work_pages=24576)
+    dst = guests("128M", work_pages=24576, running=False)
+    src.wait_for_progress(24576)
+    params = MigrationParams(streams=3, io_timeout=5, handshake_timeout=5)
+    d = DestinationThread(dst, key=KEY, params=params)
+    join = P.encode_frame(P.MessageType.JOIN, P.encode_join(P.Join(2, bytes(P.TOKEN_SIZE), bytes(P.MAC_SIZE))))
+    proxy = StreamProxy((d.host, d.port), victim=2, cut_after=len(join) + 1)  # the JOIN and one byte after
+    try:
+        stats = migrate(src, "127.0.0.1", proxy.port, live=live, key=KEY, params=params)
+        dstats = d.join()
+    finally:
+        proxy.close()
+    assert stats.status == "failed" and "stream 2" in (stats.error or "") + (dstats.error or ""), (stats.error, dstats.error)
+    assert dstats.status == "failed" and dst.discarded and "start_running" not in dst.calls
+    assert_source_kept_guest(src)
+
+
 def test_a_stalled_stream_times_out_and_the_source_runs_on(guests):
     src = guests("64M", work_pages=8192)
     dst = guests("64M", work_pages=8192, running=False)

@@ -19,10 +19,10 @@
 //! The caller may let fewer streams send at once than there are ([`Sending::at_once`]): a stream
 //! takes a turn before each chunk, in the order the streams asked, and gives it back once the
 //! chunk is written, so at most `at_once` of them have a chunk going at a time. The streams past
-//! the first `at_once` stand down for the round once the first turn comes back quickly: they
-//! carry no chunk, only the end of their share ([`Turns::stands_down`]). If instead the chunks
-//! turn out slow (waiting on a network, not on CPUs: [`SLOW_TURNS`]), every stream may go for the
-//! rest of the round.
+//! the first `at_once` stand down for the round once [`STAND_DOWN_BYTES`] have gone quickly (or
+//! every chunk is taken): they carry no chunk, only the end of their share
+//! ([`Turns::stands_down`]). If instead the chunks turn out slow (waiting on a network, not on
+//! CPUs: [`SLOW_TURNS`]), every stream may go for the rest of the round.
 //!
 //! This file decides nothing about which pages a round carries (the caller harvests), nor what a
 //! stream is beyond an fd the caller owns and keeps open for the call.
@@ -118,6 +118,9 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
     }
     mark_panics();
     let next = AtomicUsize::new(0);
+    // Bytes of the chunks whose turns came back: what decides whether the streams past the first
+    // `at_once` stand down.
+    let moved = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_failure = AtomicUsize::new(usize::MAX);
     let turns = &Turns::new(at_once.min(fds.len()), SLOW_TURNS);
@@ -130,14 +133,19 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
             .enumerate()
             .map(|(index, &fd)| {
                 let fd: Link<'a> = fd.into();
-                let (next, failed, first_failure) = (&next, &failed, &first_failure);
+                let (next, failed, first_failure, moved) = (&next, &failed, &first_failure, &moved);
                 scope.spawn(move || {
                     let mut totals = BatchTotals::default();
                     let mut compressor = (mode != CompressMode::Off).then(|| Compressor::new(mode, link_hint));
                     let outcome = (|| {
                         // A stream past the first `at_once` carries nothing this round, unless
-                        // the turns open for slowness before one comes back.
-                        let standing_down = index >= at_once && turns.stands_down();
+                        // the turns open for slowness first.
+                        let standing_down = index >= at_once
+                            && turns.stands_down(|| {
+                                failed.load(Ordering::Relaxed)
+                                    || moved.load(Ordering::Relaxed) >= STAND_DOWN_BYTES
+                                    || next.load(Ordering::Relaxed) >= chunks.len()
+                            });
                         while !failed.load(Ordering::Relaxed) {
                             // Held while this chunk (or the end marker) is written.
                             let turn = turns.take();
@@ -149,6 +157,7 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
                             #[cfg(test)]
                             let _sending = tests::Writing::count(sending, most, at_once, turns);
                             let i = if standing_down { usize::MAX } else { next.fetch_add(1, Ordering::Relaxed) };
+                            let wire_before = totals.stats.wire_bytes;
                             #[cfg(test)]
                             tests::panic_if_asked(chunks, i);
                             let sent = match chunks.get(i) {
@@ -166,6 +175,7 @@ pub fn send_chunks_compressed<'a, L: Into<Link<'a>> + Copy + Sync>(
                             match sent {
                                 Ok(true) => return Ok(()),
                                 Ok(false) => {
+                                    moved.fetch_add(totals.stats.wire_bytes - wire_before, Ordering::Relaxed);
                                     #[cfg(test)]
                                     drop(_sending);
                                     drop(turn);
@@ -281,6 +291,14 @@ fn mark_panics() {
     });
 }
 
+/// How much of a round must go, turns taken and given back, before the streams past the first
+/// `at_once` stand down ([`Turns::stands_down`]): more than the buffers between here and a peer
+/// can take at once (a tunnel's or proxy's on this host as well as the sockets'), so that what
+/// went quickly went at the speed of the link, not of the buffers. On one host 64 MiB take 15-20
+/// ms; through a tunnel whose buffers took the first chunks the later ones are slow, and the
+/// turns open ([`SLOW_TURNS`]) before this much has gone.
+const STAND_DOWN_BYTES: u64 = 64 << 20;
+
 /// How long the streams may go without one of them finishing a chunk before every stream may send
 /// at once. On one host a 16 MiB chunk takes milliseconds (4-16 ms at 1-4 GiB/s); a chunk that
 /// takes longer is waiting on the network (a tunnel to another host looks like this host by its
@@ -345,26 +363,32 @@ impl Turns {
     }
 
     /// For a stream past the first `at_once`, before it takes a turn: whether it stands down for
-    /// the round, carrying only the end of its share. It waits until a turn is given back (a
-    /// chunk went at the speed of the CPUs, which `at_once` streams already keep busy: it stands
-    /// down) or the turns open for slowness (the streams wait on a network: it goes with the
-    /// others). A failing stream gives its turn back too, and the caller then sends nothing.
+    /// the round, carrying only the end of its share. It waits, looking again each time a turn
+    /// comes back, until `enough()` (the caller's: [`STAND_DOWN_BYTES`] went, every chunk is
+    /// taken, or the round failed), when it stands down, or until the turns open for slowness
+    /// (the streams wait on a network: it goes with the others).
     ///
     /// Alternating four streams two at a time ran a warm 1 GiB round 30 % slower on 2 CPUs than
     /// two streams did, and these two carrying it all ran it as fast as two streams: A/B in
-    /// docs/performance.md, session 42. The streams that stand down end their share at once, so
-    /// their receivers wait on nothing; were they to wait for chunks they never get, a round
-    /// longer than the destination's receive timeout would fail them.
-    fn stands_down(&self) -> bool {
+    /// docs/performance.md, session 42. The streams that stand down end their share once the
+    /// first 64 MiB are in, so their receivers wait milliseconds on one host; were they to wait
+    /// for chunks they never get, a round longer than the destination's receive timeout would
+    /// fail them.
+    fn stands_down(&self, enough: impl Fn() -> bool) -> bool {
         let mut state = self.lock();
-        while !state.open && state.returned == 0 {
+        loop {
+            if state.open {
+                return false;
+            }
+            if enough() {
+                return true;
+            }
             state = self.changed.wait_timeout(state, self.slow).unwrap_or_else(|e| e.into_inner()).0;
-            if !state.open && state.returned == 0 && state.last_returned.elapsed() >= self.slow {
+            if !state.open && state.last_returned.elapsed() >= self.slow {
                 state.open = true;
                 self.changed.notify_all();
             }
         }
-        !state.open
     }
 
     #[cfg(test)]

@@ -596,20 +596,25 @@ fn turns_let_at_once_streams_hold_one_and_the_next_wait() {
 }
 
 #[test]
-fn a_stream_past_at_once_stands_down_once_a_turn_comes_back_and_goes_if_the_turns_open_first() {
+fn a_stream_past_at_once_stands_down_once_enough_went_and_goes_if_the_turns_open_first() {
     let turns = Turns::new(1, LONG);
     let held = turns.take();
+    let enough = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let asked = scope.spawn(|| turns.stands_down());
+        let asked = scope.spawn(|| turns.stands_down(|| enough.load(Ordering::SeqCst)));
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!asked.is_finished(), "it decided before a turn came back or the turns opened");
+        assert!(!asked.is_finished(), "it decided before anything went or the turns opened");
         drop(held);
-        assert!(asked.join().unwrap(), "a turn came back quickly, yet it did not stand down");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!asked.is_finished(), "a turn came back, not enough went, and yet it decided");
+        enough.store(true, Ordering::SeqCst);
+        drop(turns.take()); // the next turn given back wakes it to look again
+        assert!(asked.join().unwrap(), "enough went quickly, yet it did not stand down");
     });
     // No turn comes back within the slow limit: the chunks wait on a network, and it goes.
     let slow = Turns::new(1, std::time::Duration::from_millis(50));
     let _stuck = slow.take();
-    assert!(!slow.stands_down(), "it stood down although the turns opened for slowness");
+    assert!(!slow.stands_down(|| false), "it stood down although the turns opened for slowness");
     assert!(slow.open());
 }
 
@@ -700,7 +705,7 @@ fn streams_taking_turns_fail_on_a_closed_stream_and_refuse_none_at_once() {
     let (a0, b0) = socketpair();
     let (a1, b1) = socketpair();
     let (a2, b2) = socketpair();
-    drop(b1); // stream 1's peer is gone; streams 0 and 2 wait their turns behind it
+    drop(b1); // stream 1's peer is gone: it stands down and fails on its end marker
     let drains = [drain(b0), drain(b2)];
     let fds = [a0.as_raw_fd(), a1.as_raw_fd(), a2.as_raw_fd()];
     let how = Sending { at_once: 1, ..Sending::all(3) };
@@ -760,9 +765,11 @@ fn turns_open_to_every_stream_once_none_is_given_back_for_a_while() {
     let _third = turns.take(); // open for the rest of the round: no wait
 }
 
-/// Copy `from` into `to` 16 KiB at a time, 10 ms apart (a slow link), until `from` ends.
-fn slow_relay(from: std::os::fd::RawFd, to: OwnedFd) {
+/// Copy `from` into `to`: the first `buffered` bytes at once (what a tunnel's buffers take), then
+/// 16 KiB at a time, 10 ms apart (a slow link), until `from` ends.
+fn slow_relay(from: std::os::fd::RawFd, to: OwnedFd, buffered: usize) {
     let mut buf = vec![0u8; 16 << 10];
+    let mut relayed = 0;
     loop {
         // SAFETY: reading into and writing from a buffer we own.
         let n = unsafe { libc::read(from, buf.as_mut_ptr().cast(), buf.len()) };
@@ -778,14 +785,18 @@ fn slow_relay(from: std::os::fd::RawFd, to: OwnedFd) {
             }
             done += w as usize;
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        relayed += n as usize;
+        if relayed > buffered {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
-#[test]
-fn streams_taking_turns_on_a_slow_link_all_send_and_arrive_exactly() {
-    // Readers taking 16 KiB every 10 ms: each 256 KiB chunk takes longer than SLOW_TURNS, so the
-    // streams stop waiting for each other (the link, not the CPUs, is what they wait on).
+/// A 3 MiB round in 256 KiB chunks over three streams, one at a time, through relays that take
+/// the first `buffered` bytes of each stream at once and then 1.6 MB/s: each chunk past those
+/// takes longer than SLOW_TURNS. Returns the batches each stream carried, once the destination's
+/// memory is checked to be the source's.
+fn round_over_a_slow_link(buffered: usize) -> Vec<u64> {
     let (src, dst) = source_and_empty(4 * MIB, 768);
     let chunks = split_batches(&dirty_ranges(&src), 64);
     let pairs: Vec<_> = (0..3).map(|_| socketpair()).collect();
@@ -798,13 +809,13 @@ fn streams_taking_turns_on_a_slow_link_all_send_and_arrive_exactly() {
     }
     let send_fds: Vec<_> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
     let budget = PageBudget::new(dst.segments()[0].pages() as u64);
-    std::thread::scope(|scope| {
+    let batches = std::thread::scope(|scope| {
         let readers: Vec<_> = pairs
             .iter()
             .map(|(_, b)| {
                 let (from, dst, budget) = (b.as_raw_fd(), &dst, &budget);
                 let (relay_in, read_end) = socketpair();
-                scope.spawn(move || slow_relay(from, relay_in));
+                scope.spawn(move || slow_relay(from, relay_in, buffered));
                 scope.spawn(move || recv_share(read_end.as_raw_fd(), dst, None, budget, false, None, 3))
             })
             .collect();
@@ -818,13 +829,28 @@ fn streams_taking_turns_on_a_slow_link_all_send_and_arrive_exactly() {
             r.join().unwrap().unwrap();
         }
         let sent = sent.map_err(|e| e.to_string()).unwrap();
-        // None stood down: the first chunk was still going when the turns opened.
-        let batches: Vec<_> = sent.iter().map(|(t, _)| t.batches).collect();
-        assert!(batches.iter().all(|&b| b > 0), "a stream carried nothing on a slow link: {batches:?} batches");
+        sent.iter().map(|(t, _)| t.batches).collect::<Vec<_>>()
     });
-    assert!(MOST_WRITING.with(|m| m.get()) > 1, "the streams still took turns on a slow link");
     let (mut a, mut b) = (vec![0u8; 4 * MIB as usize], vec![0u8; 4 * MIB as usize]);
     src.read(GuestAddress(0), &mut a).unwrap();
     dst.read(GuestAddress(0), &mut b).unwrap();
     assert!(a == b, "destination memory differs");
+    batches
+}
+
+#[test]
+fn streams_taking_turns_on_a_slow_link_all_send_and_arrive_exactly() {
+    // The first chunk is still going when the turns open: none stands down, all go at once.
+    let batches = round_over_a_slow_link(0);
+    assert!(batches.iter().all(|&b| b > 0), "a stream carried nothing on a slow link: {batches:?} batches");
+    assert!(MOST_WRITING.with(|m| m.get()) > 1, "the streams still took turns on a slow link");
+}
+
+#[test]
+fn a_slow_link_whose_buffers_take_the_first_chunks_at_once_still_gets_every_stream() {
+    // Through a tunnel's buffers the first chunks go as fast as on one host; the streams past the
+    // first must not stand down on the strength of them.
+    let batches = round_over_a_slow_link(640 << 10);
+    assert!(batches.iter().all(|&b| b > 0), "a stream stood down on a slow link: {batches:?} batches");
+    assert!(OPENED.with(|o| o.get()), "the turns never opened");
 }
