@@ -742,6 +742,38 @@ def test_streams_take_turns_on_this_host_up_to_its_cpus_and_all_send_to_another_
     assert at_once(_Connected("192.0.2.10", "198.51.100.7"), 4, capped=False) == 4, "another host: streams are for the network"
 
 
+@pytest.mark.parametrize("at_once", [None, 2], ids=["all", "two"])
+def test_a_rounds_link_rate_stays_what_the_streams_measured_round_after_round(at_once):
+    """The source feeds each round's ``link_rate`` (its streams' compressors' rates, added) to the
+    next. In small rounds, where no stream writes enough to measure the link, it must come back as
+    given, however many streams carried the round or stood down, not shrink or grow each round."""
+    from vmmpy.memory import GuestMemory, PageBudget
+
+    src, dst = GuestMemory(8 * MiB, dirty_tracking="soft"), GuestMemory(8 * MiB)
+    pairs = [socket.socketpair() for _ in range(4)]
+    rate = 1e9
+    try:
+        for round_number in range(4):
+            src.write(round_number * 4096, bytes([round_number + 1]) * 4096)  # one dirty page: one small batch
+            budget = PageBudget(2048)
+            got: list[dict] = []
+            readers = [threading.Thread(target=lambda b=b: got.append(dst.recv_share(b, budget=budget, compressed=True, streams=4)),
+                                        daemon=True) for _, b in pairs]
+            for t in readers:
+                t.start()
+            sent = src.send_pages_multi([a for a, _ in pairs], all_pages=False, compress="auto", link_rate=rate, at_once=at_once)
+            for t in readers:
+                t.join(10)
+            assert len(got) == 4 and sum(g["data_pages"] for g in got) == 1, got
+            assert sent["data_pages"] == 1 and len(sent["streams"]) == 4, sent
+            assert sent["link_rate"] == pytest.approx(1e9, rel=1e-9), f"round {round_number}: {sent['link_rate']}"
+            rate = sent["link_rate"]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 def test_an_address_written_out_connects_without_a_name_lookup_and_a_name_still_resolves(monkeypatch):
     """A process's first getaddrinfo() costs milliseconds (the C library reads its configuration),
     inside a source's migration setup: an IPv4 or IPv6 address is connected to as it is."""

@@ -439,8 +439,10 @@ class GuestMemory:
         and ``streams``, the same per fd. A ``meter`` as for :meth:`send_dirty_pages`, advanced by
         every stream. ``compress`` and ``link_rate`` as for :meth:`send_dirty_pages`: each stream
         compresses with a compressor of its own. ``at_once``: how many fds may have a batch going
-        at a time (default all); the streams take turns, in the order they asked, and all still
-        carry batches."""
+        at a time (default all); the streams take turns, in the order they asked, and those past
+        the first ``at_once`` stand down for the round, sending only the end of their share, once
+        64 MiB went quickly or every batch is taken (unless the batches go slowly first, when every
+        stream may go: ``wire::streams``)."""
         kwargs = {} if chunk_pages is None else {"chunk_pages": chunk_pages}
         if not all_pages:
             self._checkpoint_log_loses_sight()

@@ -83,10 +83,9 @@ fn recv_share<'py>(
 /// totals over all fds (end markers not counted) and `streams`, the same per fd. A `meter` learns
 /// the round's pages once harvested, then advances as every stream writes. `compress` ("off",
 /// "lz4", "auto") gives each stream a compressor of its own, believing its stream carries an even
-/// share of `link_rate` among the `at_once` that carry a quick round; then `compress_attempts`
-/// and `link_rate` (the measured rates of the streams that carried batches, added) are returned
-/// too, as `send_dirty_pages` returns them. `at_once`: how many fds may have a chunk going at a
-/// time (default all; the caller's policy, `wire::Sending::at_once`).
+/// share of `link_rate`; then `compress_attempts` and `link_rate` (the streams' measured rates
+/// added) are returned too, as `send_dirty_pages` returns them. `at_once`: how many fds may have a
+/// chunk going at a time (default all; the caller's policy, `wire::Sending::at_once`).
 #[pyfunction]
 #[pyo3(signature = (memory, fds, *, all_pages, detect_zero = true, chunk_pages = wire::BATCH_DATA_PAGES, tracker = None, meter = None,
                     compress = "off", link_rate = None, at_once = None))]
@@ -132,11 +131,8 @@ fn send_pages_multi<'py>(
                 chunks.extend(wire::split_batches(&ranges, chunk_pages));
             }
             let links: Vec<wire::Link<'_>> = ends.iter().map(OwnedEndpoint::link).collect();
-            // Past `at_once` streams stand down on a quick round (wire::streams), so each of the
-            // ones that carry it has about an `at_once`th of the link.
-            let at_once = at_once.unwrap_or(links.len());
-            let share = link_rate.map(|r| r / at_once.min(links.len()) as f64);
-            let how = wire::Sending { compress: mode, link_hint: share, at_once };
+            let share = link_rate.map(|r| r / links.len() as f64);
+            let how = wire::Sending { compress: mode, link_hint: share, at_once: at_once.unwrap_or(links.len()) };
             wire::send_chunks_compressed(&links, &mem, &chunks, tracker.as_deref(), meter.as_deref(), how)
         })
         .map_err(page_error)?;
@@ -148,16 +144,8 @@ fn send_pages_multi<'py>(
         list.append(totals_dict(py, t)?)?;
         if let Some(c) = compressor {
             attempts += c.attempts;
-            // A stream that carried nothing (it stood down) measured nothing: its compressor
-            // would only hand its hint back.
-            if t.batches > 0 {
-                rate = c.link_rate().map(|r| r + rate.unwrap_or(0.0)).or(rate);
-            }
+            rate = c.link_rate().map(|r| r + rate.unwrap_or(0.0)).or(rate);
         }
-    }
-    // No stream carried a batch (an empty round): the link is as the caller believed.
-    if rate.is_none() && per_stream.iter().all(|(t, _)| t.batches == 0) {
-        rate = link_rate;
     }
     let d = totals_dict(py, &total)?;
     d.set_item("streams", list)?;
