@@ -659,6 +659,7 @@ class HandshakeDeadline:
             reason = self._reason
         return failure if reason is None else f"its handshake {reason}, so this destination cut it ({failure})"
 
+
 class _Receiver:
     #: The protocol versions this destination speaks (a test plays an older destination).
     versions: tuple[int, ...] = P.PROTOCOL_VERSIONS

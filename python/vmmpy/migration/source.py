@@ -134,13 +134,12 @@ def streams_at_once(sock: socket.socket, streams: int, *, capped: bool) -> int:
     with all 4 (ahead in 10 of 10, 0.53 CPU-s against 0.59), wired 4.21 against 3.28, beside a
     neighbour spinning on one CPU 3.77 against 3.51; on a slower spell of the host the same day,
     even in four sets and 4 % slower (on 9 % less CPU) beside the neighbour. The streams past
-    these then stand down for the round once the first batch is in (``Turns::stands_down`` in
+    these then stand down for the round once 64 MiB went quickly (``Turns::stands_down`` in
     rust/wire/streams.rs; session 42: 3.80 GiB/s against 2.60 with all four taking turns, as fast
-    as 2 streams). "This host" is what
-    the addresses say, as for ``state_in_parts``, so a tunnel to another host (``ssh -L``, a
-    local proxy) looks like this host: the memory core then lets every stream go once 0.1 s
-    passes with no stream finishing a batch (``SLOW_TURNS`` in rust/wire/streams.rs), as on
-    such a link."""
+    as 2 streams). "This host" is what the addresses say, as for ``state_in_parts``, so a tunnel
+    to another host (``ssh -L``, a local proxy) looks like this host: the memory core then lets
+    every stream go once 0.1 s passes with no stream finishing a batch (``SLOW_TURNS`` in
+    rust/wire/streams.rs), as on such a link."""
     here = sock.family == socket.AF_UNIX or peer_on_this_host(sock)
     if not here or capped:
         return streams
