@@ -687,8 +687,9 @@ fn streams_taking_turns_carry_a_round_exactly_and_the_first_at_once_carry_all_of
         assert!(same, "at_once {at_once}: destination memory differs");
         assert_eq!(sent.iter().map(|t| t.stats.data_pages).sum::<u64>(), 4096, "at_once {at_once}");
         // Turns go in the order asked, so none of the first `at_once` streams is starved of
-        // chunks (64 of them here); the others stand down once the first chunk is in, unless the
-        // turns opened for slowness first (a host too busy to move a chunk in SLOW_TURNS).
+        // chunks (64 of them here); the others stand down once every chunk of this 16 MiB round
+        // is taken, unless the turns opened for slowness first (a host too busy to move a chunk
+        // in SLOW_TURNS).
         let carrying = at_once.min(4);
         assert!(sent[..carrying].iter().all(|t| t.batches > 0), "at_once {at_once}: a stream carried nothing: {sent:?}");
         if !opened {
