@@ -119,8 +119,8 @@ class Destination:
         self._stop_waiting = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._claimed = False
-        self._pending: dict[socket.socket, threading.Thread] = {}
-        self._deadlines: dict[socket.socket, HandshakeDeadline] = {}  # of the pending connections
+        # Connections in their handshake while waiting: the thread serving each, and its deadline.
+        self._pending: dict[socket.socket, tuple[threading.Thread, HandshakeDeadline]] = {}
         self._closed = False
         self._service: threading.Thread | None = None
         self._receiver: _Receiver | None = None
@@ -283,17 +283,17 @@ class Destination:
                 self._note_stranger(peer, f"closed unread: {MAX_PENDING} connections were already being served")
                 conn.close()
                 return
-            thread = threading.Thread(target=self._pending_connection, args=(conn, peer), name="migration-pending", daemon=True)
-            self._pending[conn] = thread
+            timer = HandshakeDeadline(conn, self.params.handshake_timeout)
+            thread = threading.Thread(target=self._pending_connection, args=(conn, peer, timer), name="migration-pending",
+                                      daemon=True)
+            self._pending[conn] = (thread, timer)
         thread.start()
 
-    def _pending_connection(self, conn: socket.socket, peer: str) -> None:
-        """One connection while waiting: its whole handshake under one deadline; then a SPEC
-        (a source: the first accepted takes the destination) or a RESOLVE (none is in doubt yet)."""
+    def _pending_connection(self, conn: socket.socket, peer: str, timer: HandshakeDeadline) -> None:
+        """One connection while waiting: its whole handshake under one deadline (``timer``); then
+        a SPEC (a source: the first accepted takes the destination) or a RESOLVE (none is in doubt
+        yet)."""
         receiver = _Receiver(self.adapter, conn, self.key, self.params, self.cancel, peer, self.tls, self.listener)
-        timer = HandshakeDeadline(conn, self.params.handshake_timeout)
-        with self._cond:
-            self._deadlines[conn] = timer
         won = False
         try:
             receiver.start()
@@ -334,8 +334,6 @@ class Destination:
             receiver.tell_why(err)
         finally:
             timer.cancel()
-            with self._cond:
-                self._deadlines.pop(conn, None)
             if not won:
                 receiver.close_quietly()
                 with self._cond:
@@ -345,14 +343,10 @@ class Destination:
         """Connections still in their handshake when the wait ends are cut and waited for."""
         with self._cond:
             self._closed = True
-            pending = dict(self._pending)
-            deadlines = dict(self._deadlines)
-        for conn in pending:
-            if conn in deadlines:
-                deadlines[conn].cut("was still going when the wait ended")
-            else:  # its thread has not begun
-                shutdown_quietly(conn)
-        for thread in pending.values():
+            pending = list(self._pending.values())
+        for _, timer in pending:
+            timer.cut("was still going when the wait ended")
+        for thread, _ in pending:
             thread.join(5)
 
     def _note_stranger(self, peer: str, why: str) -> None:
