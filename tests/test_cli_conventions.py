@@ -184,17 +184,22 @@ def _resident_bytes(pid: int) -> int:
         return 0  # gone, or a zombie that has no resident memory
 
 
-def _ctrl_c_once_resident(cmd: list[str], expected: str, preexec) -> tuple[int, str]:
-    """Start ``cmd``, send SIGINT once it holds 256 MiB (its long step under way) and return its
-    exit status and stderr. Where the signal landed elsewhere (stderr not ``expected``), a fresh
-    process tries again, at most three in all."""
+def _ctrl_c_once_resident(cmd: list[str], expected: str) -> tuple[int, str]:
+    """Start ``cmd`` with SIGINT as at a terminal, send SIGINT once it holds 256 MiB (its long
+    step under way) and return its exit status and stderr. Where the signal landed elsewhere
+    (stderr not ``expected``), a fresh process tries again, at most three in all."""
     import signal
     import time
 
     from .procs import stop
 
+    def sigint_as_at_a_terminal() -> None:
+        # A job a non-interactive shell starts in the background (CI's, say) inherits SIGINT
+        # ignored, and Python then installs no handler for it; from a terminal it is not.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     for _attempt in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_at_a_terminal)
         try:
             deadline = time.monotonic() + 60
             while proc.poll() is None and _resident_bytes(proc.pid) < 256 * MiB and time.monotonic() < deadline:
@@ -216,20 +221,13 @@ def test_ctrl_c_while_vmmrun_wires_its_memory_ends_it_with_one_line(tmp_path):
     and exits 4 with no traceback. The signal goes once wiring has begun, seen by the process's
     resident memory. Where it landed elsewhere (wiring highmem, or past it: the process then
     listens and says so) a fresh process tries again, a bounded number of times."""
-    import signal
-
     from .procs import free_port, vmmrun_cmd
-
-    def sigint_as_at_a_terminal() -> None:
-        # A job a non-interactive shell starts in the background (CI's, say) inherits SIGINT
-        # ignored, and Python then installs no handler for it; from a terminal it is not.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     expected = (r"vmmrun: w0: stopped by SIGINT while setting up its wired memory to receive a migration \(wiring 3 GiB "
                 r"for segment 'lowmem' was interrupted after [0-9.]+ [MG]iB\); no guest ran\n")
     port = free_port()
     status, err = _ctrl_c_once_resident(vmmrun_cmd(f"--run-dir={tmp_path}", "-S", "-m", "4G", "-R", f"127.0.0.1:{port}", "w0"),
-                                        expected, sigint_as_at_a_terminal)
+                                        expected)
     assert status == 4, err
     assert re.fullmatch(expected, err), err
 
@@ -240,8 +238,6 @@ def test_ctrl_c_while_vmmrun_restores_its_memory_ends_it_with_one_line(tmp_path)
     no traceback and runs no guest. The signal goes once the read has begun, seen by the
     process's resident memory; where it landed after the read (the guest then runs, and the
     signal powers it off) a fresh process tries again, a bounded number of times."""
-    import signal
-
     from tools.bench.images import build_image
 
     from .procs import vmmrun_cmd
@@ -252,7 +248,7 @@ def test_ctrl_c_while_vmmrun_restores_its_memory_ends_it_with_one_line(tmp_path)
     expected = (rf"vmmrun: r0: stopped by SIGINT while restoring '{re.escape(str(image))}' \(reading 2(\.0)? GiB of memory from "
                 r"the checkpoint was interrupted after [0-9.]+ [MG]iB\); no guest ran\n")
     status, err = _ctrl_c_once_resident(vmmrun_cmd(f"--run-dir={tmp_path}", "-l", "com1,/dev/null", "-r", str(image), "r0"),
-                                        expected, lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+                                        expected)
     assert status == 4, err
     assert re.fullmatch(expected, err), err
 
