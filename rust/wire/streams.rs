@@ -353,13 +353,20 @@ impl Turns {
         // Saturating: a later ticket may go and give its turn back before this thread wakes to
         // take the turn it was granted, and `returned + at_once` could overflow.
         while !state.open && ticket.saturating_sub(state.returned) >= self.at_once {
-            state = self.changed.wait_timeout(state, self.slow).unwrap_or_else(|e| e.into_inner()).0;
-            if !state.open && state.last_returned.elapsed() >= self.slow {
-                state.open = true;
-                self.changed.notify_all();
-            }
+            state = self.wait(state);
         }
         Turn(self)
+    }
+
+    /// Wait for a turn to come back, at most [`SLOW_TURNS`]; if none has for that long, open the
+    /// turns to every stream for the rest of the round.
+    fn wait<'s>(&'s self, state: MutexGuard<'s, TurnsState>) -> MutexGuard<'s, TurnsState> {
+        let mut state = self.changed.wait_timeout(state, self.slow).unwrap_or_else(|e| e.into_inner()).0;
+        if !state.open && state.last_returned.elapsed() >= self.slow {
+            state.open = true;
+            self.changed.notify_all();
+        }
+        state
     }
 
     /// For a stream past the first `at_once`, before it takes a turn: whether it stands down for
@@ -383,11 +390,7 @@ impl Turns {
             if enough() {
                 return true;
             }
-            state = self.changed.wait_timeout(state, self.slow).unwrap_or_else(|e| e.into_inner()).0;
-            if !state.open && state.last_returned.elapsed() >= self.slow {
-                state.open = true;
-                self.changed.notify_all();
-            }
+            state = self.wait(state);
         }
     }
 
