@@ -296,6 +296,27 @@ def test_strangers_do_not_end_the_wait_and_a_slow_one_is_cut_at_the_handshake_de
                                   "ended," in n) for n in cut), notes
 
 
+def test_a_cut_handshake_is_blamed_for_what_a_shutdown_causes_and_not_for_a_refusal_or_a_failed_key():
+    """The timer that cuts a handshake may fire while a connection is already on its way out
+    for a reason of its own: the note blames the cut only for what a shutdown can cause."""
+    from vmmpy.migration.destination import HandshakeDeadline
+    from vmmpy.migration.errors import AuthenticationError, ConnectionLost, ProtocolError, Refused
+
+    a, b = socket.socketpair()
+    with a, b:
+        timer = HandshakeDeadline(a, 60)
+        lost = ConnectionLost("peer closed the connection while sending a frame header")
+        assert timer.why(lost, str(lost)) == str(lost), "blamed on a cut that never came"
+        timer.cut("did not finish within 1.5 s")
+        timer.cancel()
+        assert b.recv(1) == b"", "the cut did not shut the connection down"
+        blamed = "its handshake did not finish within 1.5 s, so this destination cut it ({})"
+        for err in (lost, ProtocolError("peer closed the TLS connection during the handshake")):
+            assert timer.why(err, str(err)) == blamed.format(err)
+        for err in (AuthenticationError("authentication failed: wrong key"), Refused("another source is already migrating")):
+            assert timer.why(err, str(err)) == str(err)
+
+
 def test_too_many_pending_connections_are_closed_unread_and_the_source_still_gets_through(guests):
     from vmmpy.migration import destination
 

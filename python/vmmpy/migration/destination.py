@@ -46,7 +46,17 @@ from . import protocol as P
 from .convergence import MigrationParams
 from .digest import InBackground, Ready, tracker_digest
 from .downtime import DowntimeHold
-from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
+from .errors import (
+    Aborted,
+    AuthenticationError,
+    Cancelled,
+    ConnectionLost,
+    MigrationError,
+    MigrationTimeout,
+    ProtocolError,
+    Refused,
+    receive_error,
+)
 from .net import (
     CancelWatcher,
     accepted_peer,
@@ -330,7 +340,7 @@ class Destination:
                 self._pending.pop(conn, None)
             self._wake()  # the waiting loop stops accepting, then answers its SPEC
         except BaseException as err:
-            self._note_stranger(peer, timer.why(receiver.failure_text(err)))
+            self._note_stranger(peer, timer.why(err, receiver.failure_text(err)))
             receiver.tell_why(err)
         finally:
             timer.cancel()
@@ -493,7 +503,7 @@ class Destination:
                     self.released = True
                 self._note("the source confirmed it knows the guest runs here (RELEASED on a new connection)")
         except BaseException as err:
-            self._note(f"a RESOLVE connection from {peer} failed: {timer.why(receiver.failure_text(err))}")
+            self._note(f"a RESOLVE connection from {peer} failed: {timer.why(err, receiver.failure_text(err))}")
         finally:
             timer.cancel()
             if not handed_over:
@@ -646,12 +656,17 @@ class HandshakeDeadline:
     def cancel(self) -> None:
         self._timer.cancel()
 
-    def why(self, failure: str) -> str:
-        """``failure`` as the connection's failure, or, once the connection was cut, why first and
-        ``failure`` (what the cut looked like from inside) after it."""
+    def why(self, err: BaseException, failure: str) -> str:
+        """``failure`` (the text of ``err``) as the connection's failure, or, once the connection
+        was cut, why first and ``failure`` (what the cut looked like from inside) after it. A
+        refusal or a failed authentication is the peer's whatever the timer did: both are decided
+        from what the peer sent, which a shutdown cannot change, so a cut that came after one
+        (the timer firing on its way out) is not blamed for it."""
         with self._lock:
             reason = self._reason
-        return failure if reason is None else f"its handshake {reason}, so this destination cut it ({failure})"
+        if reason is None or isinstance(err, (Refused, AuthenticationError)):
+            return failure
+        return f"its handshake {reason}, so this destination cut it ({failure})"
 
 
 class _Receiver:
