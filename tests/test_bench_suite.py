@@ -138,6 +138,17 @@ def test_the_tls_scenario_makes_certificates_vmmrun_and_vmmctl_accept(tmp_path):
     assert records_cipher(["encrypted with TLSv1.3 (TLS13_AES_128_GCM_SHA256)"]) is None
 
 
+def test_the_tls_row_reads_the_sealing_rate_and_gives_what_a_serial_sender_reaches():
+    from tools.bench.scenarios import sealing_rate, serial_sealing_share
+
+    assert sealing_rate("ring (5.87 GiB/s a core here, aws-lc-rs 3.86)") == 5.87
+    assert sealing_rate("aws-lc-rs (10.56 GiB/s a core here, ring 7.16)") == 10.56
+    assert sealing_rate("aws-lc-rs") is None and sealing_rate(None) is None  # not chosen by timing: no figure
+    # 4 GiB/s plaintext and sealing at 12 a core: a GiB takes 0.25 + 0.0833 s, 0.75 x.
+    assert serial_sealing_share(4.0, 12.0) == pytest.approx(0.75)
+    assert serial_sealing_share(1.0, 12.0) > serial_sealing_share(4.0, 12.0) > serial_sealing_share(4.0, 6.0)
+
+
 def test_the_parallel_loopback_limit_carries_every_byte_over_each_stream():
     fig = limits.loopback_tcp_streams(8 * MIB, 2, 4, chunk=MIB)
     assert len(fig.values) == 2 and all(v > 0 for v in fig.values) and fig.unit == "GiB/s"

@@ -5,6 +5,7 @@ restore call), never the setup around it (images, process start-up)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -217,6 +218,22 @@ def records_cipher(notes: list[str]) -> str | None:
     return None
 
 
+def sealing_rate(cipher: str | None) -> float | None:
+    """GiB/s one core sealed with the library that seals the records, as the source timed it when
+    it chose (``records_cipher``'s "ring (5.87 GiB/s a core here, aws-lc-rs 3.86)"), or None where
+    the text gives no figure (a library the process did not choose by timing)."""
+    found = re.match(r"\S+ \(([0-9.]+) GiB/s a core here", cipher or "")
+    return float(found.group(1)) if found else None
+
+
+def serial_sealing_share(plain: float, sealing: float) -> float:
+    """x plaintext of a lone stream whose sending thread does what the plaintext one does and
+    seals every byte too, where the plaintext one is bound by its sending thread (as a lone
+    stream is here, docs/performance.md, session 41): a GiB takes 1/plain + 1/sealing seconds
+    there instead of 1/plain. What TLS can reach without moving the cipher to another CPU."""
+    return sealing / (sealing + plain)
+
+
 def warm_tls(streams: int = 1):
     """Warm 1 GiB over mutual TLS beside the same migration in plaintext, runs interleaved so a
     shared machine's load falls on both alike; with ``streams`` > 1 both over that many
@@ -254,6 +271,12 @@ def warm_tls(streams: int = 1):
         if cipher:
             row.notes.append(f"the source's records by {cipher}")
             row.extra["records_cipher"] = cipher
+        sealing = sealing_rate(cipher)
+        if streams == 1 and sealing:
+            share = serial_sealing_share(plain_rate.median, sealing)
+            row.extra["serial_sealing_share"] = round(share, 3)
+            row.notes.append(f"a sending thread that also seals every byte ({sealing:.2f} GiB/s a core) goes at most about {share:.2f} x "
+                             f"a plaintext one bound by its sending thread ({plain_rate.median:.2f} GiB/s here)")
         # Both ends' CPU per GiB, each with what the destination spent populating while it waited:
         # what TLS costs beyond plaintext, where the two share the host's CPUs.
         tls_cpu, plain_fig = Figure([st["cpu_seconds"] for st in stats], "CPU-s/GiB"), Figure(plain_cpu, "CPU-s/GiB")
