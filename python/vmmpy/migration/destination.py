@@ -48,7 +48,6 @@ from .digest import InBackground, Ready, tracker_digest
 from .downtime import DowntimeHold
 from .errors import (
     Aborted,
-    AuthenticationError,
     Cancelled,
     ConnectionLost,
     MigrationError,
@@ -659,12 +658,13 @@ class HandshakeDeadline:
     def why(self, err: BaseException, failure: str) -> str:
         """``failure`` (the text of ``err``) as the connection's failure, or, once the connection
         was cut, why first and ``failure`` (what the cut looked like from inside) after it. A
-        refusal or a failed authentication is the peer's whatever the timer did: both are decided
-        from what the peer sent, which a shutdown cannot change, so a cut that came after one
+        refusal (a wrong or missing key, a SPEC this guest cannot take, a destination already
+        taken) stands whatever the timer did: it is decided from a whole frame the peer sent or
+        from this destination's own state, never by the socket, so a cut that came after one
         (the timer firing on its way out) is not blamed for it."""
         with self._lock:
             reason = self._reason
-        if reason is None or isinstance(err, (Refused, AuthenticationError)):
+        if reason is None or isinstance(err, Refused):
             return failure
         return f"its handshake {reason}, so this destination cut it ({failure})"
 
