@@ -46,16 +46,7 @@ from . import protocol as P
 from .convergence import MigrationParams
 from .digest import InBackground, Ready, tracker_digest
 from .downtime import DowntimeHold
-from .errors import (
-    Aborted,
-    Cancelled,
-    ConnectionLost,
-    MigrationError,
-    MigrationTimeout,
-    ProtocolError,
-    Refused,
-    receive_error,
-)
+from .errors import Aborted, Cancelled, ConnectionLost, MigrationError, MigrationTimeout, ProtocolError, Refused, receive_error
 from .net import (
     CancelWatcher,
     accepted_peer,
